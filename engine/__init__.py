@@ -1,0 +1,1 @@
+"""Deep-Z engine: model, DPMs, optics simulator, training, evaluation and inference runtimes."""

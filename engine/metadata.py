@@ -1,0 +1,165 @@
+"""Model metadata and the one place where images and DPMs are normalised for the network.
+
+Every model file (PyTorch weights, ONNX, TensorRT plan) carries a `ModelMetadata`: what the
+network was trained on and how its inputs are scaled. Training, export and every runtime
+backend call `normalize_images`, `normalize_dpms` and `denormalize_images` from here, so the
+scaling cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METADATA_VERSION = 1
+ONNX_METADATA_KEY = "deepz_metadata"
+"""Key of the JSON-encoded `ModelMetadata` inside an ONNX model's `metadata_props`."""
+
+
+class ModelMetadataError(ValueError):
+    """A model file's metadata is missing or inconsistent."""
+
+
+class ModelMetadata(BaseModel):
+    """What a trained Deep-Z model needs at inference time, and how it was made."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: Literal[1] = Field(METADATA_VERSION, description="Metadata schema version.")
+    name: str = Field(description="Model name, e.g. 'deepz-slim-sim'.")
+    architecture: dict[str, Any] = Field(
+        description="Keyword arguments of `engine.model.DeepZ` that rebuild the network."
+    )
+    size_multiple: int = Field(
+        ge=1, description="Frame sides are padded to a multiple of this (2 ** number of pools)."
+    )
+    dz_range_um: tuple[float, float] = Field(
+        description="Axial refocusing distances (µm) seen in training, (min, max)."
+    )
+    dpm_scale_um: float = Field(
+        10.0, gt=0, description="The network's DPM channel is dpm_um / dpm_scale_um."
+    )
+    image_normalization: Literal["mean_std"] = Field(
+        "mean_std",
+        description="Per-frame (x - mean) / std; outputs are mapped back with the input's stats.",
+    )
+    pixel_size_um: float = Field(gt=0, description="Pixel size at the sample (µm).")
+    na: float = Field(gt=0, le=1.7, description="Numerical aperture of the objective.")
+    wavelength_um: float = Field(gt=0, description="Emission wavelength (µm).")
+    immersion_index: float = Field(1.0, ge=1.0, description="Immersion medium refractive index.")
+    sample_index: float = Field(1.33, ge=1.0, description="Sample refractive index.")
+    trained_on: str = Field("", description="What data the model saw.")
+    training_command: str = Field("", description="The command that trained it.")
+    commit: str = Field("", description="Source commit the model was trained from.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Free-form notes.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ModelMetadata:
+        lo, hi = self.dz_range_um
+        if not lo < hi:
+            raise ValueError(f"dz_range_um must be (min, max) with min < max, got {self.dz_range_um}")
+        return self
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (for side files and ONNX metadata_props)."""
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "model") -> ModelMetadata:
+        """Parse JSON metadata, raising `ModelMetadataError` that names `source` on any problem."""
+        try:
+            return cls.model_validate(json.loads(text))
+        except (json.JSONDecodeError, ValidationError) as exc:
+            raise ModelMetadataError(f"{source}: invalid Deep-Z metadata: {exc}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelMetadata:
+        """Read a metadata JSON file; a missing file is a `ModelMetadataError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelMetadataError(f"{path}: metadata file not found")
+        return cls.from_json(path.read_text(), source=str(path))
+
+
+def normalize_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale each frame of (N, H, W) camera counts to zero mean and unit std.
+
+    Returns the float32 normalised frames and the per-frame mean and std, shaped (N, 1, 1),
+    which `denormalize_images` needs to bring network outputs back to camera counts.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    mean = x.mean(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
+    std = x.std(axis=(-2, -1), keepdims=True, dtype=np.float64).astype(np.float32)
+    std = np.maximum(std, np.float32(1e-6))
+    return (x - mean) / std, mean, std
+
+
+def denormalize_images(planes: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Map normalised network outputs back to the input's intensity scale (float32)."""
+    return (np.asarray(planes, dtype=np.float32) * std + mean).astype(np.float32, copy=False)
+
+
+def normalize_dpms(dpms_um: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
+    """Convert DPMs in µm to the network's DPM channel (float32)."""
+    return (np.asarray(dpms_um, dtype=np.float32) / np.float32(metadata.dpm_scale_um)).astype(
+        np.float32, copy=False
+    )
+
+
+def padded_shape(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """Smallest (H, W) at least as large as the frame whose sides are multiples of `multiple`."""
+    return (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
+
+
+def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad the last two axes up to a multiple of `multiple` (no copy when already fine)."""
+    h, w = x.shape[-2:]
+    ph, pw = padded_shape(h, w, multiple)
+    if (ph, pw) == (h, w):
+        return x
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, ph - h), (0, pw - w)]
+    mode = "reflect" if ph - h < h and pw - w < w else "edge"
+    return np.pad(x, pad, mode=mode)
+
+
+def prepare_inputs(
+    images: np.ndarray, dpms_um: np.ndarray, metadata: ModelMetadata
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Build the network input (N, 2, H', W') float32 from raw frames and DPMs in µm.
+
+    `images` is (H, W) or (N, H, W) and is broadcast against `dpms_um` (N, H, W), so one frame
+    with N plane DPMs is the common live case. Returns the input and the per-frame mean and std.
+    """
+    images = np.asarray(images)
+    dpms_um = np.asarray(dpms_um)
+    if images.ndim == 2:
+        images = images[None]
+    if dpms_um.ndim == 2:
+        dpms_um = dpms_um[None]
+    if images.ndim != 3 or dpms_um.ndim != 3:
+        raise ValueError(
+            f"images and dpms_um must be (N, H, W); got {images.shape} and {dpms_um.shape}"
+        )
+    if images.shape[-2:] != dpms_um.shape[-2:]:
+        raise ValueError(
+            f"frame shape {images.shape[-2:]} does not match DPM shape {dpms_um.shape[-2:]}"
+        )
+    n = max(images.shape[0], dpms_um.shape[0])
+    if images.shape[0] not in (1, n) or dpms_um.shape[0] not in (1, n):
+        raise ValueError(
+            f"batch sizes do not broadcast: {images.shape[0]} images, {dpms_um.shape[0]} DPMs"
+        )
+    if not np.issubdtype(images.dtype, np.number) or np.iscomplexobj(images):
+        raise ValueError(f"images must be real numeric, got dtype {images.dtype}")
+    norm, mean, std = normalize_images(images)
+    dpm = normalize_dpms(dpms_um, metadata)
+    h, w = norm.shape[-2:]
+    x = np.empty((n, 2, h, w), dtype=np.float32)
+    x[:, 0] = norm
+    x[:, 1] = dpm
+    x = pad_to_multiple(x, metadata.size_multiple)
+    return np.ascontiguousarray(x), np.broadcast_to(mean, (n, 1, 1)), np.broadcast_to(std, (n, 1, 1))
