@@ -61,7 +61,7 @@ class ModelMetadata(BaseModel):
     def _check_range(self) -> ModelMetadata:
         lo, hi = self.dz_range_um
         if not lo < hi:
-            raise ValueError(f"dz_range_um must be (min, max) with min < max, got {self.dz_range_um}")
+            raise ValueError(f"dz_range_um must be (min, max) with min < max, not {(lo, hi)}")
         return self
 
     def to_json(self) -> str:
@@ -162,4 +162,6 @@ def prepare_inputs(
     x[:, 0] = norm
     x[:, 1] = dpm
     x = pad_to_multiple(x, metadata.size_multiple)
-    return np.ascontiguousarray(x), np.broadcast_to(mean, (n, 1, 1)), np.broadcast_to(std, (n, 1, 1))
+    mean = np.broadcast_to(mean, (n, 1, 1))
+    std = np.broadcast_to(std, (n, 1, 1))
+    return np.ascontiguousarray(x), mean, std
