@@ -29,7 +29,7 @@ class ModelMetadata(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format_version: Literal[1] = Field(METADATA_VERSION, description="Metadata schema version.")
+    format_version: Literal[1] = Field(1, description="Metadata schema version.")
     name: str = Field(description="Model name, e.g. 'deepz-slim-sim'.")
     architecture: dict[str, Any] = Field(
         description="Keyword arguments of `engine.model.DeepZ` that rebuild the network."
@@ -100,7 +100,8 @@ def normalize_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def denormalize_images(planes: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Map normalised network outputs back to the input's intensity scale (float32)."""
-    return (np.asarray(planes, dtype=np.float32) * std + mean).astype(np.float32, copy=False)
+    out: np.ndarray = (np.asarray(planes, dtype=np.float32) * std + mean).astype(np.float32)
+    return out
 
 
 def normalize_dpms(dpms_um: np.ndarray, metadata: ModelMetadata) -> np.ndarray:
@@ -122,8 +123,9 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     if (ph, pw) == (h, w):
         return x
     pad = [(0, 0)] * (x.ndim - 2) + [(0, ph - h), (0, pw - w)]
-    mode = "reflect" if ph - h < h and pw - w < w else "edge"
-    return np.pad(x, pad, mode=mode)
+    if ph - h < h and pw - w < w:
+        return np.pad(x, pad, mode="reflect")
+    return np.pad(x, pad, mode="edge")
 
 
 def prepare_inputs(
