@@ -1,0 +1,293 @@
+"""The Deep-Z generator (a residual U-Net) and its discriminator, as plain torch modules.
+
+The generator takes two channels, the normalised image and the normalised DPM (see
+`engine.metadata`), and returns one linear channel: the refocused image in the input image's
+normalised scale. Only Conv, ConvTranspose, MaxPool, Relu, Concat, Add and Pad are used, so the
+network exports to ONNX (opset 17+) and TensorRT. No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.metadata import ModelMetadata, ModelMetadataError
+
+__all__ = [
+    "PRESETS",
+    "DeepZ",
+    "Discriminator",
+    "build_model",
+    "load_model",
+    "metadata_path",
+    "save_model",
+]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The authors' released layout: a 2->25 stem, 6 levels (48 ... 1536) and 5 max-pools.
+    "paper": {"channels": (25, 48, 96, 192, 384, 768, 1536), "global_skip": False},
+    # Real-time default: an 8-channel stem, 6 levels (8 ... 256), 5 pools, about 2.2 M params.
+    "slim": {"channels": (8, 8, 16, 32, 64, 128, 256), "global_skip": True},
+}
+"""Named architectures: keyword arguments of `DeepZ` (``in_channels`` is always 2)."""
+
+
+def _conv3(cin: int, cout: int) -> nn.Conv2d:
+    """Return a 3x3 'same' convolution with bias."""
+    return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
+
+
+def _pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Zero-pad the channel axis of an (N, C, H, W) tensor up to `channels` (an ONNX Pad)."""
+    extra = channels - x.shape[1]
+    if extra == 0:
+        return x
+    return F.pad(x, (0, 0, 0, 0, 0, extra))
+
+
+class _DownBlock(nn.Module):
+    """Two 3x3 conv + ReLU; the input, zero-padded to the output channels, is added back."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        if cout < cin:
+            raise ValueError(f"down block needs cout >= cin for the residual, got {cin}->{cout}")
+        self.cout = cout
+        self.conv1 = _conv3(cin, cout)
+        self.conv2 = _conv3(cout, cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to (N, cin, H, W), returning (N, cout, H, W)."""
+        y = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return y + _pad_channels(x, self.cout)
+
+
+class _UpBlock(nn.Module):
+    """Stride-2 transposed conv, concat with the skip, two 3x3 conv + ReLU, plus a residual."""
+
+    def __init__(self, cin: int, cskip: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)
+        self.conv1 = _conv3(cout + cskip, cout)
+        self.conv2 = _conv3(cout, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Upsample (N, cin, h, w) to (N, cout, 2h, 2w) and merge the skip features."""
+        u = F.relu(self.up(x))
+        y = F.relu(self.conv2(F.relu(self.conv1(torch.cat([u, skip], dim=1)))))
+        return y + u
+
+
+class DeepZ(nn.Module):
+    """Deep-Z generator: (N, 2, H, W) image + DPM -> (N, 1, H, W) refocused image.
+
+    Parameters
+    ----------
+    in_channels
+        Input channels: 2 (normalised image, normalised DPM).
+    channels
+        Stem width followed by the width of each U-Net level, e.g. the paper's
+        ``(25, 48, 96, 192, 384, 768, 1536)``; the number of max-pools is ``len(channels) - 2``
+        and frame sides must be multiples of ``2 ** pools`` (`size_multiple`).
+    out_channels
+        Output channels (1: the refocused plane).
+    global_skip
+        Add the input image channel to the output, so the network predicts a correction; this
+        makes the identity (Δz = 0) free and training much faster.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 2,
+        channels: Sequence[int],
+        out_channels: int = 1,
+        global_skip: bool = True,
+    ) -> None:
+        super().__init__()
+        chans = [int(c) for c in channels]
+        if len(chans) < 2 or any(c < 1 for c in chans):
+            raise ValueError(
+                f"channels must be a stem width plus >= 1 level width, all >= 1; got {chans}"
+            )
+        if any(b < a for a, b in itertools.pairwise(chans[1:])):
+            raise ValueError(f"level widths must not decrease, got {chans[1:]}")
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}"
+            )
+        self.architecture: dict[str, Any] = {
+            "in_channels": int(in_channels),
+            "channels": chans,
+            "out_channels": int(out_channels),
+            "global_skip": bool(global_skip),
+        }
+        self.global_skip = bool(global_skip)
+        self.pools = len(chans) - 2
+        self.size_multiple = 2**self.pools
+        levels = chans[1:]
+        self.stem = _conv3(in_channels, chans[0])
+        self.down = nn.ModuleList(
+            [_DownBlock(a, b) for a, b in zip([chans[0], *levels[:-1]], levels, strict=True)]
+        )
+        self.ups = nn.ModuleList(
+            [_UpBlock(levels[i + 1], levels[i], levels[i]) for i in reversed(range(self.pools))]
+        )
+        self.head = _conv3(levels[0], out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Refocus (N, 2, H, W) float32 inputs (sides multiples of `size_multiple`)."""
+        y = F.relu(self.stem(x))
+        skips: list[torch.Tensor] = []
+        for i, block in enumerate(self.down):
+            if i > 0:
+                y = F.max_pool2d(y, kernel_size=2)
+            y = block(y)
+            skips.append(y)
+        for up, skip in zip(self.ups, reversed(skips[:-1]), strict=True):
+            y = up(y, skip)
+        out: torch.Tensor = self.head(y)
+        if self.global_skip:
+            out = out + x[:, :1]
+        return out
+
+    def count_parameters(self) -> int:
+        """Return the number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def flops_per_pixel(self) -> float:
+        """Return the forward FLOPs (2 x multiply-accumulates of convolutions) per input pixel."""
+        side = 2 * self.size_multiple
+        macs = 0.0
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            nonlocal macs
+            assert isinstance(module, nn.Conv2d | nn.ConvTranspose2d)
+            k = module.kernel_size[0] * module.kernel_size[1]
+            if isinstance(module, nn.ConvTranspose2d):
+                pixels = inputs[0].shape[-2] * inputs[0].shape[-1]
+            else:
+                pixels = output.shape[-2] * output.shape[-1]
+            macs += pixels * k * module.in_channels * module.out_channels / module.groups
+
+        handles = [
+            m.register_forward_hook(hook)
+            for m in self.modules()
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+        ]
+        try:
+            with torch.no_grad():
+                p = next(self.parameters())
+                self(torch.zeros(1, self.architecture["in_channels"], side, side, device=p.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return float(2.0 * macs / (side * side))
+
+
+def build_model(preset: Literal["slim", "paper"] = "slim", **overrides: Any) -> DeepZ:
+    """Build a `DeepZ` from a named preset, with keyword overrides (e.g. ``channels=...``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
+    kwargs = {**PRESETS[preset], **overrides}
+    return DeepZ(**kwargs)
+
+
+class Discriminator(nn.Module):
+    """LSGAN critic: a conv net over (N, C, H, W) images that ends in one score per sample.
+
+    Strided 3x3 convs with leaky ReLU halve the frame ``len(channels)`` times, then a global
+    average pool and a linear layer give an unbounded score (least-squares GAN targets 0 / 1).
+    """
+
+    def __init__(
+        self, *, in_channels: int = 1, channels: Sequence[int] = (16, 32, 64, 128)
+    ) -> None:
+        super().__init__()
+        chans = [int(c) for c in channels]
+        if not chans or any(c < 1 for c in chans):
+            raise ValueError(f"discriminator channels must be non-empty ints >= 1, got {chans}")
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for c in chans:
+            layers += [
+                nn.Conv2d(cin, c, 3, padding=1),
+                nn.LeakyReLU(0.2),
+                nn.Conv2d(c, c, 3, stride=2, padding=1),
+                nn.LeakyReLU(0.2),
+            ]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.score = nn.Linear(cin, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Score (N, C, H, W) images, returning (N,) float."""
+        f = self.features(x).mean(dim=(-2, -1))
+        out: torch.Tensor = self.score(f)[:, 0]
+        return out
+
+
+def metadata_path(weights: str | Path) -> Path:
+    """Return the metadata JSON that sits beside a weights file (``x.pt`` -> ``x.json``)."""
+    return Path(weights).with_suffix(".json")
+
+
+def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
+    """Write ``model``'s state_dict to `path` and `metadata` beside it; return the JSON path."""
+    if metadata.architecture != model.architecture:
+        raise ModelMetadataError(
+            f"metadata.architecture {metadata.architecture} != model {model.architecture}"
+        )
+    if metadata.size_multiple != model.size_multiple:
+        raise ModelMetadataError(
+            f"metadata.size_multiple {metadata.size_multiple} != model {model.size_multiple}"
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, path)
+    meta = metadata_path(path)
+    meta.write_text(metadata.to_json() + "\n")
+    return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DeepZ, ModelMetadata]:
+    """Load a state_dict and its metadata JSON; refuse missing or inconsistent metadata.
+
+    Raises `ModelMetadataError` when the JSON beside the weights is missing or invalid, when its
+    architecture does not build, when `size_multiple` disagrees with the architecture, or when
+    the state_dict does not match the architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    metadata = ModelMetadata.from_file(metadata_path(path))
+    try:
+        model = DeepZ(**metadata.architecture)
+    except (TypeError, ValueError) as exc:
+        raise ModelMetadataError(
+            f"{metadata_path(path)}: architecture {metadata.architecture} does not build: {exc}"
+        ) from exc
+    if model.size_multiple != metadata.size_multiple:
+        raise ModelMetadataError(
+            f"{metadata_path(path)}: size_multiple {metadata.size_multiple} does not match the "
+            f"architecture (2 ** {model.pools} = {model.size_multiple})"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ModelMetadataError(f"{path}: expected a state_dict, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelMetadataError(
+            f"{path}: weights do not match the architecture in {metadata_path(path)} "
+            f"({metadata.architecture}): {exc}"
+        ) from exc
+    model.to(device).eval()
+    return model, metadata
