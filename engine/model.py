@@ -43,9 +43,8 @@ def _conv3(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
 
 
-def _pad_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Zero-pad the channel axis of an (N, C, H, W) tensor up to `channels` (an ONNX Pad)."""
-    extra = channels - x.shape[1]
+def _pad_channels(x: torch.Tensor, extra: int) -> torch.Tensor:
+    """Append `extra` zero channels to an (N, C, H, W) tensor (a static ONNX Pad)."""
     if extra == 0:
         return x
     return F.pad(x, (0, 0, 0, 0, 0, extra))
@@ -58,14 +57,14 @@ class _DownBlock(nn.Module):
         super().__init__()
         if cout < cin:
             raise ValueError(f"down block needs cout >= cin for the residual, got {cin}->{cout}")
-        self.cout = cout
+        self.extra = cout - cin
         self.conv1 = _conv3(cin, cout)
         self.conv2 = _conv3(cout, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block to (N, cin, H, W), returning (N, cout, H, W)."""
         y = F.relu(self.conv2(F.relu(self.conv1(x))))
-        return y + _pad_channels(x, self.cout)
+        return y + _pad_channels(x, self.extra)
 
 
 class _UpBlock(nn.Module):
