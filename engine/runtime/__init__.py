@@ -1,0 +1,207 @@
+"""Inference backends behind one `Backend` protocol, and `load_backend` which picks one.
+
+Importing this package imports numpy and pydantic only: tensorrt, onnxruntime and torch are
+imported by the one module of the backend that is actually built, so the live daemon never
+pulls torch in.
+
+Examples
+--------
+>>> from engine.runtime import load_backend
+>>> backend = load_backend()  # shipped model, fastest backend available here
+>>> planes = backend.infer(frame, dpms_um)  # (H, W) counts, (N, H, W) µm -> (N, H, W) float32
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.runtime._base import (
+    DEFAULT_MAX_BATCH,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BackendOptions,
+    BaseBackend,
+)
+from engine.runtime._protocol import Backend, BackendError, Precision
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MODEL",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "Backend",
+    "BackendError",
+    "BackendOptions",
+    "BackendSpec",
+    "BaseBackend",
+    "Precision",
+    "available_backends",
+    "load_backend",
+    "select",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "deepz-slim.onnx"
+"""The shipped model, used when `load_backend` is given none."""
+
+
+def _installed(*modules: str) -> Callable[[], bool]:
+    """Return a check that all `modules` can be found (without importing them)."""
+
+    def check() -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+
+    return check
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One registry row: a backend's name, where its class lives and whether it can load here."""
+
+    name: str
+    module: str
+    class_name: str
+    is_available: Callable[[], bool]
+    install_hint: str
+
+    def load_class(self) -> Callable[[Path, BackendOptions], Backend]:
+        """Import the backend's module (and its heavy library) and return its class."""
+        cls: Callable[[Path, BackendOptions], Backend] = getattr(
+            importlib.import_module(self.module), self.class_name
+        )
+        return cls
+
+
+# ORDER MATTERS FOR "auto" SELECTION: fastest first.
+BACKENDS: list[BackendSpec] = [
+    BackendSpec(
+        "tensorrt",
+        "engine.runtime._tensorrt",
+        "TensorRTBackend",
+        _installed("tensorrt", "cuda"),
+        "tensorrt or cuda-python is not installed (pip install 'deepz-live[gpu]' on CUDA)",
+    ),
+    BackendSpec(
+        "onnxruntime",
+        "engine.runtime._onnxruntime",
+        "OnnxRuntimeBackend",
+        _installed("onnxruntime"),
+        "onnxruntime is not installed (pip install onnxruntime)",
+    ),
+    BackendSpec(
+        "torch",
+        "engine.runtime._torch",
+        "TorchBackend",
+        _installed("torch"),
+        "torch is not installed (pip install 'deepz-live[train]')",
+    ),
+]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends whose libraries are installed here, in selection order."""
+    return [spec.name for spec in BACKENDS if spec.is_available()]
+
+
+def _ordered(prefer: Sequence[str] | None) -> list[BackendSpec]:
+    """Registry rows in the order `prefer` gives (all of them, in registry order, for None)."""
+    by_name = {spec.name: spec for spec in BACKENDS}
+    if prefer is None:
+        return list(BACKENDS)
+    if isinstance(prefer, str):
+        prefer = [prefer]
+    unknown = [p for p in prefer if p not in by_name]
+    if unknown or not prefer:
+        raise ValueError(f"prefer must list backends from {list(by_name)}, got {list(prefer)}")
+    return [by_name[p] for p in prefer]
+
+
+def select(prefer: Sequence[str] | None = None) -> tuple[BackendSpec, dict[str, str]]:
+    """Pick the first backend of `prefer` (default: all, fastest first) installed here.
+
+    Returns the chosen spec and, for each backend passed over, why. Raises `BackendError`
+    when none is installed.
+    """
+    reasons: dict[str, str] = {}
+    for spec in _ordered(prefer):
+        if spec.is_available():
+            return spec, reasons
+        reasons[spec.name] = spec.install_hint
+    raise BackendError(f"no inference backend available: {reasons}")
+
+
+def load_backend(
+    model: str | Path | None = None,
+    prefer: Sequence[str] | None = None,
+    *,
+    precision: Precision = "fp32",
+    intra_op_threads: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    device: str | None = None,
+    frame_shape: tuple[int, int] | None = None,
+    cache_dir: str | Path | None = None,
+) -> Backend:
+    """Build the first backend of `prefer` that works here on `model`, logging why others didn't.
+
+    Parameters
+    ----------
+    model
+        An exported `.onnx` (all backends; torch uses the `.pt` beside it), a `.pt` (torch) or a
+        TensorRT `.plan`/`.engine` with its `.json` metadata beside it. None: the shipped model.
+    prefer
+        Backend names to try, in order; None tries all, fastest first.
+    precision
+        "fp32", "fp16" (TensorRT) or "int8"; a backend that cannot honour it is skipped.
+    intra_op_threads
+        CPU threads for onnxruntime and torch (None: all cores this process may use).
+    max_batch
+        Planes per network call (larger requests are split); the TensorRT profile's maximum.
+    device
+        "cpu", "cuda" or "cuda:N"; None picks the best one each backend has.
+    frame_shape
+        Typical (height, width), the optimum of the TensorRT shape profile.
+    cache_dir
+        Where TensorRT engines are cached (default `~/.cache/deepz-live/engines`).
+
+    Raises
+    ------
+    BackendError
+        No backend could load `model`; the message gives each one's reason.
+    """
+    path = Path(model) if model is not None else DEFAULT_MODEL
+    if not path.is_file():
+        raise BackendError(f"{path}: model file not found")
+    options = BackendOptions(
+        precision=precision,
+        intra_op_threads=intra_op_threads,
+        max_batch=max_batch,
+        device=device,
+        frame_shape=frame_shape,
+        cache_dir=Path(cache_dir) if cache_dir is not None else None,
+    )
+    reasons: dict[str, str] = {}
+    for spec in _ordered(prefer):
+        if not spec.is_available():
+            reasons[spec.name] = spec.install_hint
+            continue
+        try:
+            backend = spec.load_class()(path, options)
+        except BackendError as exc:
+            reasons[spec.name] = str(exc)
+            continue
+        except ImportError as exc:
+            reasons[spec.name] = f"import failed: {exc}"
+            continue
+        for name, why in reasons.items():
+            log.info("backend %s skipped: %s", name, why)
+        log.info("backend %s chosen: %r", spec.name, backend)
+        return backend
+    details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
+    raise BackendError(f"{path}: no backend could load this model ({details})")

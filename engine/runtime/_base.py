@@ -1,0 +1,208 @@
+"""What every backend shares: input checks, normalisation, padding, batching and the rate check.
+
+A backend subclasses `BaseBackend` and implements only `_run` on a ready network input
+(N, 2, H', W') float32; the scaling of images and DPMs comes from `engine.metadata` and
+nowhere else, so the backends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from engine.metadata import (
+    ONNX_METADATA_KEY,
+    ModelMetadata,
+    ModelMetadataError,
+    denormalize_images,
+    prepare_inputs,
+)
+from engine.runtime._protocol import BackendError, Precision
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+"""Name of the network input in exported models: (N, 2, H, W) float32, image and DPM."""
+OUTPUT_NAME = "output"
+"""Name of the network output in exported models: (N, 1, H, W) float32, the refocused plane."""
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+DEFAULT_MAX_BATCH = 64
+"""Planes per network call; larger requests are split. 41 planes (the paper's stack) fit."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Construction options common to all backends (see `engine.runtime.load_backend`)."""
+
+    precision: Precision = "fp32"
+    intra_op_threads: int | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+    device: str | None = None
+    frame_shape: tuple[int, int] | None = None
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Reject values no backend could honour, naming the option and what is allowed."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
+        if self.intra_op_threads is not None and self.intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be >= 1 or None, not {self.intra_op_threads}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, not {self.max_batch}")
+        if self.frame_shape is not None and (
+            len(self.frame_shape) != 2 or min(self.frame_shape) < 1
+        ):
+            raise ValueError(f"frame_shape must be (height, width) >= 1, not {self.frame_shape}")
+
+
+def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:
+    """Read the Deep-Z metadata from an ONNX model's `metadata_props`, or raise `BackendError`."""
+    text = props.get(ONNX_METADATA_KEY)
+    if text is None:
+        raise BackendError(
+            f"{source}: no Deep-Z metadata (metadata_props key {ONNX_METADATA_KEY!r} missing); "
+            "export the model with `python -m export onnx`"
+        )
+    try:
+        return ModelMetadata.from_json(text, source=source)
+    except ModelMetadataError as exc:
+        raise BackendError(str(exc)) from exc
+
+
+def check_io_shapes(
+    inputs: list[tuple[str, list[int | str | None]]],
+    outputs: list[tuple[str, list[int | str | None]]],
+    source: str,
+) -> None:
+    """Check a model has one (N, 2, H, W) input and one (N, 1, H, W) output, else `BackendError`.
+
+    Each entry is (name, shape) with symbolic or unknown dimensions as str or None.
+    """
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BackendError(
+            f"{source}: a Deep-Z model has 1 input and 1 output, this one has "
+            f"{[n for n, _ in inputs]} and {[n for n, _ in outputs]}"
+        )
+    for (name, shape), channels, what in ((inputs[0], 2, "input"), (outputs[0], 1, "output")):
+        if len(shape) != 4 or shape[1] != channels:
+            raise BackendError(
+                f"{source}: {what} {name!r} must be (N, {channels}, H, W), its shape is {shape}"
+            )
+
+
+def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate dtypes and ranks of `infer` inputs, with errors that name the problem."""
+    images = np.asarray(images)
+    dpms_um = np.asarray(dpms_um)
+    for label, arr in (("images", images), ("dpms_um", dpms_um)):
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{label} must be a real numeric array, got dtype {arr.dtype}")
+        if np.iscomplexobj(arr):
+            raise ValueError(f"{label} must be real, got complex dtype {arr.dtype}")
+        if arr.ndim not in (2, 3) or arr.size == 0:
+            raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
+    if not np.isfinite(dpms_um).all():
+        raise ValueError("dpms_um contains NaN or infinite values")
+    return images, dpms_um
+
+
+class BaseBackend:
+    """Shared `Backend` behaviour; subclasses set `name`, the attributes, and implement `_run`."""
+
+    name: ClassVar[str] = "base"
+    supported_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
+
+    def __init__(
+        self, model_path: Path | None, metadata: ModelMetadata, options: BackendOptions
+    ) -> None:
+        if options.precision not in self.supported_precisions:
+            raise BackendError(
+                f"{self.name} supports precision {self.supported_precisions}, "
+                f"not {options.precision!r}"
+            )
+        self.model_path = model_path
+        self.metadata = metadata
+        self.options = options
+        self.precision: Precision = options.precision
+        self.device = "cpu"
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
+        raise NotImplementedError
+
+    def infer(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
+        """Normalise, pad, run in chunks of `max_batch`, crop and map back (see `Backend`)."""
+        images, dpms_um = _check_arrays(images, dpms_um)
+        x, mean, std = prepare_inputs(images, dpms_um, self.metadata)
+        n = x.shape[0]
+        h, w = images.shape[-2:]
+        out = np.empty((n, h, w), dtype=np.float32)
+        step = self.options.max_batch
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            y = self._run(x[start:stop])
+            if y.shape[0] != stop - start or y.ndim != 4:
+                raise BackendError(f"{self.name}: network returned shape {y.shape}")
+            out[start:stop] = denormalize_images(
+                y[:, 0, :h, :w], mean[start:stop], std[start:stop]
+            )
+        return out
+
+    def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:
+        """Why this backend cannot take `frame_shape` × `n_planes` at all, or None."""
+        return None
+
+    def is_incompatible(
+        self, frame_shape: tuple[int, int], n_planes: int, rate_hz: float
+    ) -> Literal[False] | str:
+        """Check the shape, then time a few calls and compare with the requested rate."""
+        if len(frame_shape) != 2 or min(frame_shape) < 1 or n_planes < 1 or rate_hz <= 0:
+            return (
+                f"invalid request: frame_shape {frame_shape}, n_planes {n_planes}, "
+                f"rate_hz {rate_hz} (need positive sizes and rate)"
+            )
+        problem = self.shape_problem(frame_shape, n_planes)
+        if problem:
+            return problem
+        seconds = self.time_call(frame_shape, n_planes)
+        budget = 1.0 / rate_hz
+        if seconds > budget:
+            return (
+                f"{self.name} on {self.device} takes {seconds * 1e3:.1f} ms per frame for "
+                f"{n_planes} planes of {frame_shape[0]}×{frame_shape[1]} "
+                f"(at most {1 / seconds:.1f} Hz), but {rate_hz:g} Hz needs ≤ {budget * 1e3:.1f} ms"
+            )
+        return False
+
+    def time_call(
+        self, frame_shape: tuple[int, int], n_planes: int, repeats: int = 3, budget_s: float = 2.0
+    ) -> float:
+        """Return the median seconds of one `infer` of a frame with `n_planes` DPMs (warmed up)."""
+        rng = np.random.default_rng(0)
+        image = rng.integers(90, 4000, size=frame_shape, dtype=np.uint16)
+        lo, hi = self.metadata.dz_range_um
+        dz = np.linspace(lo, hi, n_planes, dtype=np.float32)
+        dpms = np.broadcast_to(dz[:, None, None], (n_planes, *frame_shape))
+        self.infer(image, dpms)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < repeats and (not times or time.perf_counter() < deadline):
+            t0 = time.perf_counter()
+            self.infer(image, dpms)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def close(self) -> None:
+        """Release resources; the default has none."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model_path}, precision={self.precision!r}, "
+            f"device={self.device!r})"
+        )

@@ -1,0 +1,141 @@
+"""ONNX Runtime backend: the CPU engine here, and CUDA / TensorRT execution providers where present.
+
+The session is tuned for one caller streaming same-shaped batches: all graph optimisations
+(conv + activation fusion, NCHWc layouts on x86), sequential execution, a fixed intra-op
+thread count, and I/O binding into output buffers kept per shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.runtime._base import (
+    BackendOptions,
+    BaseBackend,
+    check_io_shapes,
+    metadata_from_props,
+)
+from engine.runtime._protocol import BackendError
+
+log = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_MAX_CACHED_SHAPES = 4
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (the intra-op thread count when none is given)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """Session options for low-latency streaming inference with `threads` intra-op threads."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def _providers(device: str | None) -> list[str]:
+    """Choose execution providers for `device` ("cpu", "cuda", "cuda:N"; None: best here)."""
+    available = ort.get_available_providers()
+    if device is None or device.startswith("cuda"):
+        gpu = [p for p in _GPU_PROVIDERS if p in available]
+        if gpu:
+            return [*gpu, "CPUExecutionProvider"]
+        if device is not None:
+            raise BackendError(
+                f"onnxruntime has no CUDA provider here (available: {available}); "
+                "install onnxruntime-gpu or use device='cpu'"
+            )
+    elif device != "cpu":
+        raise BackendError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(BaseBackend):
+    """Runs an exported Deep-Z ONNX model with ONNX Runtime; metadata comes from the file."""
+
+    name = "onnxruntime"
+    supported_precisions = ("fp32",)
+
+    def __init__(self, model_path: Path, options: BackendOptions) -> None:
+        if model_path.suffix != ".onnx":
+            raise BackendError(
+                f"{model_path}: onnxruntime needs an .onnx model; "
+                "export one with `python -m export onnx`"
+            )
+        threads = options.intra_op_threads or default_threads()
+        providers = _providers(options.device)
+        try:
+            session = ort.InferenceSession(
+                str(model_path), sess_options=session_options(threads), providers=providers
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
+            raise BackendError(f"{model_path}: not a loadable ONNX model: {exc}") from exc
+        source = str(model_path)
+        metadata = metadata_from_props(session.get_modelmeta().custom_metadata_map, source)
+        check_io_shapes(
+            [(i.name, list(i.shape)) for i in session.get_inputs()],
+            [(o.name, list(o.shape)) for o in session.get_outputs()],
+            source,
+        )
+        super().__init__(model_path, metadata, options)
+        self._session = session
+        self._input = session.get_inputs()[0]
+        self._output = session.get_outputs()[0]
+        if self._input.type != "tensor(float)" or self._output.type != "tensor(float)":
+            raise BackendError(
+                f"{source}: input and output must be float32, they are "
+                f"{self._input.type} and {self._output.type}"
+            )
+        used = session.get_providers()[0]
+        on_gpu = used in _GPU_PROVIDERS
+        self.device = f"cuda ({used})" if on_gpu else f"cpu ({threads} threads)"
+        self._on_gpu = on_gpu
+        self._binding = session.io_binding()
+        self._outputs: dict[tuple[int, ...], np.ndarray] = {}
+        log.info("onnxruntime: %s on %s", model_path, self.device)
+
+    def _output_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Return the reusable output array for input `shape` (a few kept, oldest dropped)."""
+        buf = self._outputs.get(shape)
+        if buf is None:
+            if len(self._outputs) >= _MAX_CACHED_SHAPES:
+                self._outputs.pop(next(iter(self._outputs)))
+            buf = np.empty((shape[0], 1, *shape[2:]), dtype=np.float32)
+            self._outputs[shape] = buf
+        return buf
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Bind `x` in place and the cached output buffer, run, return the output."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        binding = self._binding
+        if self._on_gpu:
+            binding.bind_cpu_input(self._input.name, x)
+            binding.bind_output(self._output.name, "cuda")
+            self._session.run_with_iobinding(binding)
+            out: np.ndarray = binding.copy_outputs_to_cpu()[0]
+            return out
+        y = self._output_buffer(x.shape)
+        binding.bind_input(self._input.name, "cpu", 0, np.float32, list(x.shape), x.ctypes.data)
+        binding.bind_output(self._output.name, "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+        self._session.run_with_iobinding(binding)
+        return y
+
+    def close(self) -> None:
+        """Drop the session and the buffers."""
+        self._outputs.clear()
+        del self._binding
+        del self._session

@@ -1,0 +1,78 @@
+"""The one seam between callers and inference engines: the `Backend` protocol.
+
+The live worker, offline refocusing, the benchmarks and the tests all hold a `Backend` and
+never care whether TensorRT, ONNX Runtime or torch runs underneath.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from engine.metadata import ModelMetadata
+
+Precision = Literal["fp32", "fp16", "int8"]
+"""Numeric precision a backend runs the network in."""
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be built here: missing library, no device, or a bad model file.
+
+    The message names the model file (when there is one) and the problem.
+    """
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A compiled Deep-Z network that refocuses batches of (image, DPM) pairs.
+
+    Built once from a model file (by `engine.runtime.load_backend`) and then called from one
+    thread at a time; the worker owns it for its whole run. Construction fails with
+    `BackendError`; after that, `infer` only fails on bad input (`ValueError`) or on a device
+    fault (`BackendError`), and a failed call leaves the backend usable.
+    """
+
+    name: str
+    """Registry name: "tensorrt", "onnxruntime" or "torch"."""
+    metadata: ModelMetadata
+    """What the network was trained on and how its inputs are scaled."""
+    precision: Precision
+    """Numeric precision the network runs in."""
+    device: str
+    """Where it runs, in words (e.g. "cpu (2 threads)", "cuda:0 NVIDIA H100")."""
+
+    def infer(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
+        """Refocus `images` onto the surfaces given by `dpms_um`.
+
+        Parameters
+        ----------
+        images
+            (H, W) or (N, H, W) camera frames of any real numeric dtype; one frame broadcasts
+            over N DPMs (the live case: one frame, N planes).
+        dpms_um
+            (N, H, W) or (H, W) axial distances from the focal plane, in µm.
+
+        Returns
+        -------
+        numpy.ndarray
+            (N, H, W) float32 planes in the input's intensity scale. The inputs are not
+            modified; the returned array is new and owned by the caller.
+        """
+        ...
+
+    def is_incompatible(
+        self, frame_shape: tuple[int, int], n_planes: int, rate_hz: float
+    ) -> Literal[False] | str:
+        """Say, before acquisition starts, whether this backend can serve the request.
+
+        May run a short timed check (a few calls at `frame_shape` × `n_planes`). Returns False
+        when it fits, or a sentence saying why not (shape outside the engine's profile, or the
+        measured rate below `rate_hz`), which the daemon prints before refusing to start.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release device memory and sessions; the backend must not be used afterwards."""
+        ...

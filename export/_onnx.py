@@ -1,0 +1,249 @@
+"""Torch → ONNX export with dynamic planes / height / width, metadata inside, and a parity check.
+
+Order follows timm: torch forward → `torch.onnx.export` → `onnx.checker.check_model(full_check)`
+→ ONNX Runtime (with the runtime's own session options) → compare. The export fails when ONNX
+Runtime and torch disagree beyond float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch.export import Dim
+
+from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, prepare_inputs
+from engine.model import DeepZ, load_model
+from engine.runtime._base import INPUT_NAME, OUTPUT_NAME
+from engine.runtime._onnxruntime import session_options
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXPORT_INFO_KEY = "deepz_export"
+"""metadata_props key of the JSON export record (versions, opset, parity figures)."""
+PARITY_RTOL = 1e-4
+"""Allowed max |onnx - torch| as a fraction of max |torch| (float32 reorderings stay ~1e-6)."""
+PARITY_ATOL = 1e-5
+"""Absolute floor of the allowed error, for outputs near zero."""
+RANDOM_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 32, 32), (3, 64, 96), (2, 96, 64))
+"""(planes, height, width) of the random parity cases; odd shapes exercise dynamic axes."""
+
+
+class ParityError(RuntimeError):
+    """The exported model disagrees with torch beyond float32 tolerance."""
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """Error of ONNX Runtime against torch on one input."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    """max |onnx - torch| / max |torch|."""
+    ok: bool
+
+
+@dataclass
+class ParityReport:
+    """All parity cases of one export; `ok` when every case is within tolerance."""
+
+    cases: list[ParityCase] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every case passed."""
+        return all(c.ok for c in self.cases)
+
+    @property
+    def max_abs(self) -> float:
+        """Worst absolute error over all cases."""
+        return max((c.max_abs for c in self.cases), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        """Worst relative error over all cases."""
+        return max((c.max_rel for c in self.cases), default=0.0)
+
+    def table(self) -> str:
+        """One line per case, for the CLI."""
+        lines = [f"{'case':<22} {'shape':<20} {'max abs':>10} {'max rel':>10}  ok"]
+        for c in self.cases:
+            lines.append(
+                f"{c.name:<22} {c.shape!s:<20} {c.max_abs:>10.2e} {c.max_rel:>10.2e}  {c.ok}"
+            )
+        return "\n".join(lines)
+
+
+def _rename_dims(model: onnx.ModelProto) -> None:
+    """Give the dynamic axes readable names: planes, height, width (exporter writes '32*h')."""
+    names = {0: "planes", 2: "height", 3: "width"}
+    for value in (*model.graph.input, *model.graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and axis in names:
+                dim.dim_param = names[axis]
+
+
+def to_onnx_proto(model: DeepZ, opset: int = OPSET) -> onnx.ModelProto:
+    """Trace `model` to an ONNX model with dynamic planes, height and width (multiples of pools)."""
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17, not {opset}")
+    model = model.eval().float().cpu()
+    m = model.size_multiple
+    example = torch.zeros(2, 2, 2 * m, 3 * m)
+    dynamic = {"x": {0: Dim("planes", min=1, max=4096), 2: m * Dim("h"), 3: m * Dim("w")}}
+    program = torch.onnx.export(
+        model,
+        (example,),
+        None,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes=dynamic,
+        optimize=True,
+    )
+    if program is None:  # pragma: no cover - dynamo export always returns a program
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    _rename_dims(proto)
+    return proto
+
+
+def add_metadata(proto: onnx.ModelProto, metadata: ModelMetadata, info: dict[str, Any]) -> None:
+    """Store the model metadata and the export record in `metadata_props` (replacing old ones)."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    props[ONNX_METADATA_KEY] = metadata.to_json()
+    props[EXPORT_INFO_KEY] = json.dumps(info, sort_keys=True)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "deepz-live export"
+    proto.doc_string = f"Deep-Z {metadata.name}: (N, 2, H, W) image + DPM -> (N, 1, H, W)"
+
+
+def _compare(name: str, ref: np.ndarray, got: np.ndarray) -> ParityCase:
+    """Max absolute and relative error of `got` against `ref`, and whether within tolerance."""
+    err = float(np.max(np.abs(got.astype(np.float64) - ref)))
+    scale = float(np.max(np.abs(ref)))
+    ok = bool(np.isfinite(got).all()) and err <= PARITY_ATOL + PARITY_RTOL * scale
+    return ParityCase(name, tuple(ref.shape), err, err / max(scale, 1e-30), ok)
+
+
+def random_inputs(
+    metadata: ModelMetadata, shape: tuple[int, int, int], seed: int = 0
+) -> np.ndarray:
+    """Random network input (N, 2, H, W): normal image channel, DPM channel within the Δz range."""
+    rng = np.random.default_rng(seed)
+    n, h, w = shape
+    lo, hi = metadata.dz_range_um
+    x = np.empty((n, 2, h, w), dtype=np.float32)
+    x[:, 0] = rng.standard_normal((n, h, w))
+    x[:, 1] = rng.uniform(lo, hi, (n, 1, 1)) / metadata.dpm_scale_um
+    return x
+
+
+def simulated_inputs(metadata: ModelMetadata, side: int = 64) -> np.ndarray | None:
+    """Network input from the optics simulator (one frame, planes across Δz), or None if absent."""
+    try:
+        from engine.optics import simulate_focal_stack  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    frame = _simulated_frame(simulate_focal_stack, metadata, side)
+    lo, hi = metadata.dz_range_um
+    dz = np.linspace(lo, hi, 5, dtype=np.float32)
+    dpms = np.broadcast_to(dz[:, None, None], (dz.size, *frame.shape))
+    x, _, _ = prepare_inputs(frame, dpms, metadata)
+    return x
+
+
+def _simulated_frame(
+    simulate: Callable[..., Any], metadata: ModelMetadata, side: int
+) -> np.ndarray:
+    """Return the in-focus plane of a simulated focal stack (simulator's own defaults)."""
+    stack = np.asarray(simulate(shape=(side, side), z_um=[0.0], seed=0))
+    return np.asarray(stack.reshape(-1, side, side)[0], dtype=np.float32)
+
+
+def check_parity(
+    onnx_path: Path,
+    model: DeepZ,
+    metadata: ModelMetadata,
+    shapes: Sequence[tuple[int, int, int]] = RANDOM_SHAPES,
+) -> ParityReport:
+    """Compare ONNX Runtime (runtime session options) with torch on random and simulated inputs."""
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=session_options(1), providers=["CPUExecutionProvider"]
+    )
+    cases: list[tuple[str, np.ndarray]] = [
+        (f"random {n}x{h}x{w}", random_inputs(metadata, (n, h, w), seed=i))
+        for i, (n, h, w) in enumerate(shapes)
+    ]
+    sim = simulated_inputs(metadata)
+    if sim is not None:
+        cases.append(("simulated beads", sim))
+    else:
+        log.warning("engine.optics.simulate_focal_stack not available: simulated parity skipped")
+    report = ParityReport()
+    model = model.eval().float().cpu()
+    for name, x in cases:
+        with torch.inference_mode():
+            ref = model(torch.from_numpy(x)).numpy().astype(np.float64)
+        (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        report.cases.append(_compare(name, ref, np.asarray(got)))
+    return report
+
+
+def export_onnx(
+    model: DeepZ,
+    metadata: ModelMetadata,
+    out: str | Path,
+    *,
+    opset: int = OPSET,
+    source: str = "",
+) -> ParityReport:
+    """Export `model` to `out` with `metadata` inside, check it, and verify parity with torch.
+
+    Raises `ParityError` (and removes `out`) when ONNX Runtime disagrees with torch beyond
+    float32 tolerance; `onnx.checker.ValidationError` when the graph is invalid.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proto = to_onnx_proto(model, opset)
+    info: dict[str, Any] = {
+        "source": source,
+        "opset": opset,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "python": platform.python_version(),
+    }
+    add_metadata(proto, metadata, info)
+    onnx.save_model(proto, str(out))
+    onnx.checker.check_model(str(out), full_check=True)
+    report = check_parity(out, model, metadata)
+    if not report.ok:
+        out.unlink()
+        raise ParityError(f"{out}: ONNX disagrees with torch:\n{report.table()}")
+    info["parity"] = {"max_abs": report.max_abs, "max_rel": report.max_rel}
+    info["parity_cases"] = [asdict(c) for c in report.cases]
+    add_metadata(proto, metadata, info)
+    onnx.save_model(proto, str(out))
+    log.info("exported %s (max abs %.2e, max rel %.2e)", out, report.max_abs, report.max_rel)
+    return report
+
+
+def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) -> ParityReport:
+    """Export trained `.pt` weights (with their `.json` metadata beside them) to ONNX."""
+    model, metadata = load_model(weights)
+    return export_onnx(model, metadata, out, opset=opset, source=str(weights))
