@@ -1,0 +1,453 @@
+"""The run's recording: one OME-Zarr store (NGFF 0.5 on zarr v3) per run, written off-thread.
+
+Layout of ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``::
+
+    /                 plain group; attrs["deepz"]: run config, plane positions, which seqs are
+                      present in each image (half-open [start, stop) runs), the final summary
+    /raw              NGFF image (t, y, x); array /raw/0 uint16, one chunk per
+                      ``frames_per_chunk`` time points
+    /stacks           NGFF image (t, z, y, x); array /stacks/0 float32, one chunk per time point
+
+The time index is the camera sequence number, so a missing frame is a visible gap (zeros in
+the array and a hole in the presence runs). Frames and stacks are queued by the daemon's
+threads and written by one background thread; the queue is unbounded because the recorder
+never drops. A write error or a disk below ``min_free_mb`` stops writing, is logged once in
+plain words, and everything already written stays readable; the daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
+
+from live.metrics import format_seqs, seq_ranges
+
+if TYPE_CHECKING:
+    from live.protocol import Message
+
+__all__ = [
+    "COMPRESSIONS",
+    "RAW_PATH",
+    "STACKS_PATH",
+    "Recorder",
+    "RecorderSummary",
+    "missing_seqs",
+    "store_path",
+]
+
+log = logging.getLogger(__name__)
+
+RAW_PATH = "raw/0"
+"""Array of raw camera frames (t, y, x) inside the store."""
+STACKS_PATH = "stacks/0"
+"""Array of refocused stacks (t, z, y, x) inside the store."""
+COMPRESSIONS = ("none", "zstd", "blosc-lz4", "blosc-zstd", "gzip")
+"""Accepted values of ``recorder.compression``."""
+
+_ATTRS_EVERY_S = 2.0
+_INITIAL_T = 64
+_STOP = object()
+_SPACE = ("space", "micrometer")
+
+
+@dataclass(frozen=True)
+class RecorderSummary:
+    """What a closed recording holds and what it lacks."""
+
+    path: str
+    raw_frames: int
+    stacks: int
+    raw_missing: list[int] = field(default_factory=list)
+    stacks_missing: list[int] = field(default_factory=list)
+    unrecorded: int = 0
+    error: str | None = None
+
+    def line(self) -> str:
+        """Return one human line: counts, gaps by seq and any error."""
+        text = (
+            f"recording {self.path}: {self.raw_frames} raw frames, {self.stacks} stacks; "
+            f"raw gaps: {format_seqs(self.raw_missing)}; stack gaps: "
+            f"{format_seqs(self.stacks_missing)}"
+        )
+        if self.error:
+            text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
+        return text
+
+
+def store_path(directory: str | Path, output: str | Path | None = None) -> Path:
+    """Return the store path: `output` if it ends in ``.zarr``, else a timestamped store in it."""
+    if output is not None and str(output).rstrip("/").endswith(".zarr"):
+        return Path(output)
+    base = Path(output) if output is not None else Path(directory)
+    return base / f"{datetime.now():%Y%m%d-%H%M%S}.ome.zarr"
+
+
+def missing_seqs(present: Sequence[tuple[int, int]] | Sequence[Sequence[int]]) -> list[int]:
+    """Return the seqs absent between 0 and the last present seq, from presence runs."""
+    missing: list[int] = []
+    previous = 0
+    for start, stop in present:
+        missing.extend(range(previous, start))
+        previous = stop
+    return missing
+
+
+class Recorder:
+    """Writes raw frames and stacks of one run into one OME-Zarr store on a background thread.
+
+    `put_frame` / `put_stack` are called from any thread and never block; `close` (once,
+    from the daemon's shutdown, including after SIGINT/SIGTERM) drains the queue, finalises
+    the metadata and returns a `RecorderSummary`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        frame_shape: tuple[int, int],
+        pixel_size_um: float,
+        rate_hz: float,
+        planes_um: Sequence[float],
+        config: dict[str, Any] | None = None,
+        keep_raw: bool = True,
+        keep_stacks: bool = True,
+        frames_per_chunk: int = 1,
+        compression: str = "zstd",
+        min_free_mb: float = 0.0,
+    ) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(
+                f"recorder.compression {compression!r} is not supported; allowed: {COMPRESSIONS}"
+            )
+        if frames_per_chunk < 1:
+            raise ValueError(f"recorder.frames_per_chunk must be >= 1, got {frames_per_chunk}")
+        self.path = Path(path)
+        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self.planes_um = [float(p) for p in planes_um]
+        self.frames_per_chunk = frames_per_chunk
+        self.min_free_mb = min_free_mb
+        self.error: str | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._present: dict[str, set[int]] = {"raw": set(), "stacks": set()}
+        self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self._unrecorded = 0
+        self._lock = threading.Lock()
+        self._summary: RecorderSummary | None = None
+        self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+        self._raw = self._create_raw(pixel_size_um, rate_hz, compression) if keep_raw else None
+        self._stacks = (
+            self._create_stacks(pixel_size_um, rate_hz, compression) if keep_stacks else None
+        )
+        self._deepz: dict[str, Any] = {
+            "config": config,
+            "planes_um": self.planes_um,
+            "frame_shape": list(self.frame_shape),
+            "pixel_size_um": pixel_size_um,
+            "rate_hz": rate_hz,
+            "time_index": "camera sequence number",
+            "raw_present": [],
+            "stacks_present": [],
+            "complete": False,
+        }
+        self._write_attrs()
+        self._last_attrs = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+
+    # -- public, any thread --------------------------------------------------------------
+
+    def put_frame(self, message: Message) -> None:
+        """Queue one raw frame for writing (never blocks, never drops)."""
+        if self._raw is not None:
+            self._queue.put(("raw", message.header.seq, message.array))
+
+    def put_stack(self, message: Message) -> None:
+        """Queue one refocused stack for writing (never blocks, never drops)."""
+        if self._stacks is not None:
+            self._queue.put(("stacks", message.header.seq, message.array))
+
+    @property
+    def backlog(self) -> int:
+        """Items queued but not yet written."""
+        return self._queue.qsize()
+
+    def counts(self) -> tuple[int, int]:
+        """Return (raw frames, stacks) written so far."""
+        with self._lock:
+            return len(self._present["raw"]), len(self._present["stacks"])
+
+    def close(self, timeout_s: float | None = None) -> RecorderSummary:
+        """Drain the queue, flush partial chunks, write the final metadata; idempotent."""
+        if self._summary is not None:
+            return self._summary
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            left = self._queue.qsize()
+            self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
+            self._unrecorded += left
+        self._summary = self._finish()
+        return self._summary
+
+    # -- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Write queued items until the stop marker, then flush what is buffered."""
+        last_space_check = 0.0
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            if self.error is not None:
+                self._unrecorded += 1
+                continue
+            now = time.monotonic()
+            if self.min_free_mb > 0 and now - last_space_check > 1.0:
+                last_space_check = now
+                self._check_space()
+                if self.error is not None:
+                    self._unrecorded += 1
+                    continue
+            self._write(*item)
+            if now - self._last_attrs > _ATTRS_EVERY_S:
+                self._guarded(self._write_attrs, "metadata")
+                self._last_attrs = now
+        self._guarded(self._flush_blocks, "partial raw chunks")
+
+    def _write(self, kind: str, seq: int, array: np.ndarray) -> None:
+        """Write one item, turning any exception into the recorder's logged failure."""
+        try:
+            if kind == "raw":
+                self._write_raw(seq, array)
+            else:
+                self._write_stack(seq, array)
+        except Exception as err:  # any storage fault stops recording, not the run
+            self._unrecorded += 1
+            self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
+
+    def _write_raw(self, seq: int, frame: np.ndarray) -> None:
+        """Buffer a raw frame into its chunk block; write the block once it is full."""
+        assert self._raw is not None
+        self._check_shape("raw frame", seq, frame.shape, self.frame_shape)
+        k = self.frames_per_chunk
+        if k == 1:
+            self._grow(self._raw, seq)
+            self._raw[seq] = frame
+            self._mark("raw", seq)
+            return
+        block_index = seq // k
+        block, filled = self._blocks.setdefault(
+            block_index, (np.zeros((k, *self.frame_shape), self._raw.dtype), set())
+        )
+        block[seq % k] = frame
+        filled.add(seq)
+        if len(filled) == k:
+            self._write_block(block_index)
+        # Blocks far behind the newest one will not fill any more: write what they have.
+        for stale in [b for b in self._blocks if b < block_index - 2]:
+            self._write_block(stale)
+
+    def _write_block(self, block_index: int) -> None:
+        """Write the present rows of one buffered raw block and forget it."""
+        assert self._raw is not None
+        block, filled = self._blocks.pop(block_index)
+        k = self.frames_per_chunk
+        self._grow(self._raw, max(filled))
+        if len(filled) == k:
+            self._raw[block_index * k : (block_index + 1) * k] = block
+        else:
+            for seq in sorted(filled):
+                self._raw[seq] = block[seq % k]
+        for seq in filled:
+            self._mark("raw", seq)
+
+    def _flush_blocks(self) -> None:
+        """Write every partially filled raw block (at close)."""
+        for block_index in sorted(self._blocks):
+            self._write_block(block_index)
+
+    def _write_stack(self, seq: int, stack: np.ndarray) -> None:
+        """Write one stack as its own chunk."""
+        assert self._stacks is not None
+        expected = (len(self.planes_um), *self.frame_shape)
+        self._check_shape("stack", seq, stack.shape, expected)
+        self._grow(self._stacks, seq)
+        self._stacks[seq] = stack
+        self._mark("stacks", seq)
+
+    def _mark(self, kind: str, seq: int) -> None:
+        """Record that `seq` of `kind` is on disk."""
+        with self._lock:
+            self._present[kind].add(seq)
+
+    # -- metadata and failures -----------------------------------------------------------
+
+    def _create_raw(
+        self, pixel_size_um: float, rate_hz: float, compression: str
+    ) -> zarr.Array[Any]:
+        """Create the /raw NGFF image group and its (t, y, x) uint16 array."""
+        group = self._root.create_group("raw")
+        scale = [1 / rate_hz, pixel_size_um, pixel_size_um]
+        group.attrs["ome"] = _ngff_image("raw", ["t", "y", "x"], scale)
+        return group.create_array(
+            "0",
+            shape=(_INITIAL_T, *self.frame_shape),
+            chunks=(self.frames_per_chunk, *self.frame_shape),
+            dtype="uint16",
+            fill_value=0,
+            compressors=_compressors(compression),
+            dimension_names=["t", "y", "x"],
+        )
+
+    def _create_stacks(
+        self, pixel_size_um: float, rate_hz: float, compression: str
+    ) -> zarr.Array[Any]:
+        """Create the /stacks NGFF image group and its (t, z, y, x) float32 array."""
+        group = self._root.create_group("stacks")
+        planes = self.planes_um
+        dz = float(np.mean(np.diff(planes))) if len(planes) > 1 else 1.0
+        uniform = len(planes) < 3 or bool(np.allclose(np.diff(planes), dz, atol=1e-6))
+        scale = [1 / rate_hz, dz if uniform and dz > 0 else 1.0, *2 * [pixel_size_um]]
+        translation = [0.0, planes[0] if uniform and planes else 0.0, 0.0, 0.0]
+        group.attrs["ome"] = _ngff_image("stacks", ["t", "z", "y", "x"], scale, translation)
+        group.attrs["deepz"] = {"planes_um": planes, "uniform_planes": uniform}
+        return group.create_array(
+            "0",
+            shape=(_INITIAL_T, len(planes), *self.frame_shape),
+            chunks=(1, len(planes), *self.frame_shape),
+            dtype="float32",
+            fill_value=0.0,
+            compressors=_compressors(compression),
+            dimension_names=["t", "z", "y", "x"],
+        )
+
+    def _grow(self, array: zarr.Array[Any], seq: int) -> None:
+        """Make room for time index `seq` (capacity doubles; trimmed at close)."""
+        if seq >= array.shape[0]:
+            array.resize((max(seq + 1, 2 * array.shape[0]), *array.shape[1:]))
+
+    def _write_attrs(self, *, final: bool = False) -> None:
+        """Write presence runs (and at the end, completeness) into the root attrs."""
+        with self._lock:
+            self._deepz["raw_present"] = [list(r) for r in seq_ranges(list(self._present["raw"]))]
+            self._deepz["stacks_present"] = [
+                list(r) for r in seq_ranges(list(self._present["stacks"]))
+            ]
+        self._deepz["complete"] = final and self.error is None
+        self._deepz["error"] = self.error
+        self._root.attrs["deepz"] = self._deepz
+
+    def _check_space(self) -> None:
+        """Fail the recorder when the disk has less than ``min_free_mb`` free."""
+        free_mb = shutil.disk_usage(self.path).free / 2**20
+        if free_mb < self.min_free_mb:
+            self._fail(
+                f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "
+                f"{self.min_free_mb:.0f}"
+            )
+
+    def _check_shape(
+        self, what: str, seq: int, shape: tuple[int, ...], expected: tuple[int, ...]
+    ) -> None:
+        """Refuse an item whose shape does not match the store's."""
+        if tuple(shape) != tuple(expected):
+            raise ValueError(
+                f"{what} seq {seq} has shape {list(shape)}, store expects {list(expected)}"
+            )
+
+    def _fail(self, reason: str) -> None:
+        """Stop writing and log why, once; what is already written stays."""
+        if self.error is None:
+            self.error = reason
+            log.error(
+                "RECORDER STOPPED: %s. Data written so far is kept in %s; the run continues "
+                "without recording.",
+                reason,
+                self.path,
+            )
+
+    def _guarded(self, step: Any, what: str) -> None:
+        """Run a metadata/flush step, turning a storage error into the logged failure."""
+        try:
+            step()
+        except Exception as err:  # a storage fault must not kill the daemon
+            self._fail(f"writing {what} failed: {type(err).__name__}: {err}")
+
+    def _finish(self) -> RecorderSummary:
+        """Trim the arrays to the last seq and write the final metadata and summary."""
+        with self._lock:
+            raw, stacks = sorted(self._present["raw"]), sorted(self._present["stacks"])
+        for array, seqs in ((self._raw, raw), (self._stacks, stacks)):
+            if array is not None:
+                self._guarded(lambda a=array, s=seqs: _trim(a, s), "array shape")
+        summary = RecorderSummary(
+            path=str(self.path),
+            raw_frames=len(raw),
+            stacks=len(stacks),
+            raw_missing=missing_seqs(seq_ranges(raw)),
+            stacks_missing=missing_seqs(seq_ranges(stacks)),
+            unrecorded=self._unrecorded,
+            error=self.error,
+        )
+        self._deepz["summary"] = {
+            "raw_frames": summary.raw_frames,
+            "stacks": summary.stacks,
+            "raw_missing": summary.raw_missing,
+            "stacks_missing": summary.stacks_missing,
+            "unrecorded": summary.unrecorded,
+        }
+        self._guarded(lambda: self._write_attrs(final=True), "final metadata")
+        log.info(summary.line())
+        return summary
+
+
+def _trim(array: zarr.Array[Any], seqs: list[int]) -> None:
+    """Shrink the time axis of `array` to end at the last present seq."""
+    array.resize((seqs[-1] + 1 if seqs else 0, *array.shape[1:]))
+
+
+def _ngff_image(
+    name: str, axes: list[str], scale: list[float], translation: list[float] | None = None
+) -> dict[str, Any]:
+    """Return the NGFF 0.5 ``ome`` attribute of a single-resolution image whose array is "0"."""
+    units = {"t": ("time", "second")}
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    if translation is not None and any(translation):
+        transforms.append({"type": "translation", "translation": translation})
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    dict(zip(("name", "type", "unit"), (a, *units.get(a, _SPACE)), strict=True))
+                    for a in axes
+                ],
+                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
+            }
+        ],
+    }
+
+
+def _compressors(name: str) -> list[Any] | None:
+    """Map a ``recorder.compression`` name to zarr v3 codecs."""
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [ZstdCodec(level=1)]
+    if name == "gzip":
+        return [GzipCodec(level=1)]
+    cname: Literal["lz4", "zstd"] = "lz4" if name == "blosc-lz4" else "zstd"
+    return [BloscCodec(cname=cname, clevel=3, shuffle=BloscShuffle.bitshuffle)]
