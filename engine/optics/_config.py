@@ -1,0 +1,67 @@
+"""Settings of the simulated microscope: objective optics and camera.
+
+Defaults follow the Deep-Z C. elegans setup (Wu et al. 2019): a 20x/0.75 NA air objective,
+GFP emission, about 0.3 µm pixels at the sample, imaged on an sCMOS camera.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class OpticsConfig(BaseModel):
+    """Objective, wavelength and refractive indices of the simulated wide-field microscope.
+
+    Frozen (hashable), so PSFs computed from it can be cached.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    na: float = Field(0.75, gt=0.0, le=1.5, description="Numerical aperture of the objective.")
+    wavelength_um: float = Field(
+        0.52, gt=0.2, le=2.0, description="Emission wavelength (µm); 0.52 = GFP/GCaMP."
+    )
+    immersion_index: float = Field(
+        1.0, ge=1.0, le=2.0, description="Refractive index of the immersion medium (1.0 = air)."
+    )
+    sample_index: float = Field(
+        1.33, ge=1.0, le=2.0, description="Refractive index of the sample (1.33 = water)."
+    )
+    pixel_size_um: float = Field(
+        0.3, gt=0.0, le=10.0, description="Camera pixel size projected to the sample (µm)."
+    )
+    magnification: float = Field(
+        20.0, gt=0.0, le=200.0, description="Objective magnification (informational)."
+    )
+    particle_depth_um: float = Field(
+        5.0,
+        ge=0.0,
+        le=200.0,
+        description="Depth below the coverslip used for the index-mismatch aberration (µm).",
+    )
+
+
+class CameraConfig(BaseModel):
+    """sCMOS camera model: quantum efficiency, gain, offset, read noise and signal levels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    offset_counts: float = Field(100.0, ge=0.0, le=10000.0, description="Dark offset (counts).")
+    gain_counts_per_e: float = Field(
+        2.0, gt=0.0, le=100.0, description="Conversion gain (counts per photo-electron)."
+    )
+    read_noise_e: float = Field(
+        1.5, ge=0.0, le=100.0, description="RMS read noise per pixel (electrons)."
+    )
+    quantum_efficiency: float = Field(
+        0.7, gt=0.0, le=1.0, description="Fraction of photons converted to electrons."
+    )
+    peak_photons: float = Field(
+        1000.0,
+        gt=0.0,
+        le=1e6,
+        description="Photons per pixel at the centre of a bright in-focus neuron.",
+    )
+    background_photons: float = Field(
+        30.0, ge=0.0, le=1e6, description="Uniform diffuse background (photons per pixel)."
+    )

@@ -1,0 +1,89 @@
+"""Wide-field point spread functions (Gibson-Lanni, via `psfmodels`), cached.
+
+The PSF is indexed by defocus ``d = z_focus - z_object`` (µm): the axial distance from the point
+source to the focal plane, positive when the focal plane lies deeper (further from the
+objective) than the point. Each plane is normalised to unit sum (a thin plane of the wide-field
+PSF carries all the light of the point), so blurring conserves energy per plane. The
+refractive-index mismatch (air objective, watery sample) makes the PSF asymmetric about focus.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import psfmodels
+
+from engine.optics._config import OpticsConfig
+
+_OpticsKey = tuple[float, float, float, float, float, float]
+
+
+def _key(optics: OpticsConfig) -> _OpticsKey:
+    """Hashable tuple of the fields that shape the PSF."""
+    return (
+        optics.na,
+        optics.wavelength_um,
+        optics.immersion_index,
+        optics.sample_index,
+        optics.pixel_size_um,
+        optics.particle_depth_um,
+    )
+
+
+def _raw_psf(key: _OpticsKey, z_stage_um: np.ndarray, size_px: int) -> np.ndarray:
+    """Call psfmodels' scalar Gibson-Lanni model at nominal focus positions (float64)."""
+    na, wvl, ni, ns, dxy, pz = key
+    psf: np.ndarray = psfmodels.make_psf(
+        [float(z) for z in z_stage_um],
+        size_px,
+        dxy=dxy,
+        pz=pz,
+        NA=na,
+        wvl=wvl,
+        ns=ns,
+        ni=ni,
+        ni0=ni,
+        model="scalar",
+        normalize=False,
+    )
+    return psf
+
+
+@functools.lru_cache(maxsize=16)
+def _best_focus_um(key: _OpticsKey) -> float:
+    """Nominal focus position (psfmodels coordinates) where the PSF peak is brightest."""
+    pz = key[5]
+    coarse = pz + np.arange(-4.0, 4.0001, 0.1)
+    peaks = _raw_psf(key, coarse, 17)[:, 8, 8]
+    best = float(coarse[int(np.argmax(peaks))])
+    fine = best + np.arange(-0.1, 0.1001, 0.01)
+    peaks = _raw_psf(key, fine, 17)[:, 8, 8]
+    return float(fine[int(np.argmax(peaks))])
+
+
+@functools.lru_cache(maxsize=32)
+def _psf_cached(key: _OpticsKey, defocus_um: tuple[float, ...], size_px: int) -> np.ndarray:
+    """Unit-sum PSF planes at the given defocus values (read-only float32)."""
+    z_stage = _best_focus_um(key) + np.asarray(defocus_um, dtype=np.float64)
+    psf = _raw_psf(key, z_stage, size_px)
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    out = psf.astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def make_psf(optics: OpticsConfig, z_um: np.ndarray, size_px: int = 127) -> np.ndarray:
+    """Wide-field PSF (Z, size_px, size_px) float32 at defocus values `z_um` (µm).
+
+    ``z_um = z_focus - z_object``; 0 is best focus (brightest peak). The point sits at the
+    centre pixel ``size_px // 2`` (use an odd size). Every plane sums to 1. Results are cached,
+    so repeated calls with the same arguments are free; the returned array is read-only.
+    """
+    z = np.atleast_1d(np.asarray(z_um, dtype=np.float64))
+    if z.ndim != 1 or not np.all(np.isfinite(z)):
+        raise ValueError(f"z_um must be a 1-D array of finite defocus values, got {z_um!r}")
+    if size_px < 3:
+        raise ValueError(f"size_px must be >= 3, got {size_px}")
+    key = tuple(round(float(v), 6) for v in z)
+    return _psf_cached(_key(optics), key, int(size_px))
