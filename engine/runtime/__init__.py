@@ -147,6 +147,7 @@ def load_backend(
     device: str | None = None,
     frame_shape: tuple[int, int] | None = None,
     cache_dir: str | Path | None = None,
+    cuda_graph: bool = False,
 ) -> Backend:
     """Build the first backend of `prefer` that works here on `model`, logging why others didn't.
 
@@ -169,6 +170,8 @@ def load_backend(
         Typical (height, width), the optimum of the TensorRT shape profile.
     cache_dir
         Where TensorRT engines are cached (default `~/.cache/deepz-live/engines`).
+    cuda_graph
+        TensorRT: capture each input shape once as a CUDA graph and replay it.
 
     Raises
     ------
@@ -185,6 +188,7 @@ def load_backend(
         device=device,
         frame_shape=frame_shape,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        cuda_graph=cuda_graph,
     )
     reasons: dict[str, str] = {}
     for spec in _ordered(prefer):

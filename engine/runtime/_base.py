@@ -46,6 +46,7 @@ class BackendOptions:
     device: str | None = None
     frame_shape: tuple[int, int] | None = None
     cache_dir: Path | None = None
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         """Reject values no backend could honour, naming the option and what is allowed."""
@@ -130,6 +131,7 @@ class BaseBackend:
         self.metadata = metadata
         self.options = options
         self.precision: Precision = options.precision
+        self.max_batch = options.max_batch
         self.device = "cpu"
 
     def _run(self, x: np.ndarray) -> np.ndarray:
@@ -143,15 +145,13 @@ class BaseBackend:
         n = x.shape[0]
         h, w = images.shape[-2:]
         out = np.empty((n, h, w), dtype=np.float32)
-        step = self.options.max_batch
+        step = self.max_batch
         for start in range(0, n, step):
             stop = min(start + step, n)
             y = self._run(x[start:stop])
             if y.shape[0] != stop - start or y.ndim != 4:
                 raise BackendError(f"{self.name}: network returned shape {y.shape}")
-            out[start:stop] = denormalize_images(
-                y[:, 0, :h, :w], mean[start:stop], std[start:stop]
-            )
+            out[start:stop] = denormalize_images(y[:, 0, :h, :w], mean[start:stop], std[start:stop])
         return out
 
     def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:

@@ -1,0 +1,223 @@
+"""TensorRT backend: a cached engine on one CUDA stream, buffers bound once, pinned host memory.
+
+Given an `.onnx`, the engine comes from the cache of `export._cache` (built on first use, which
+takes minutes); given a cached `.plan`, it is loaded with the metadata beside it. Device buffers
+are sized for the profile's largest input and bound once; each call copies into pinned host
+memory, runs `execute_async_v3`, and copies back on the same stream. With `cuda_graph=True`
+each input shape is captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorrt as trt
+
+from engine.metadata import ModelMetadata, padded_shape
+from engine.runtime._base import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BackendOptions,
+    BaseBackend,
+    metadata_from_props,
+)
+from engine.runtime._protocol import BackendError
+
+log = logging.getLogger(__name__)
+
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+
+
+def onnx_metadata(path: Path) -> ModelMetadata:
+    """Read the Deep-Z metadata from an ONNX file's `metadata_props` (onnx, else onnxruntime)."""
+    try:
+        import onnx
+    except ImportError:
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
+        return metadata_from_props(session.get_modelmeta().custom_metadata_map, str(path))
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends for a corrupt file
+        raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
+    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def _host_array(ptr: int, count: int) -> np.ndarray:
+    """Wrap `count` float32 values of pinned host memory at `ptr` as a numpy array (no copy)."""
+    c_ptr = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(c_ptr, shape=(count,))
+
+
+class TensorRTBackend(BaseBackend):
+    """Runs a TensorRT engine built from the exported ONNX (FP16 or FP32) on one CUDA device."""
+
+    name = "tensorrt"
+    supported_precisions = ("fp32", "fp16")
+
+    def __init__(self, model_path: Path, options: BackendOptions) -> None:
+        from export._cache import read_plan_info
+        from export._tensorrt import build_cached, cuda_check, cudart
+
+        self._rt = cudart()
+        self._check = cuda_check
+        self._device_index = self._select_device(options.device)
+        if model_path.suffix == ".onnx":
+            metadata = onnx_metadata(model_path)
+            frames = [options.frame_shape] if options.frame_shape else None
+            try:
+                entry, _, built = build_cached(
+                    model_path,
+                    metadata,
+                    precision=options.precision,
+                    frame_shapes=frames,
+                    max_batch=options.max_batch,
+                    cache_dir=options.cache_dir,
+                )
+            except RuntimeError as exc:
+                raise BackendError(str(exc)) from exc
+            plan_path = entry.plan
+            log.info("tensorrt engine %s (%s)", plan_path, "built now" if built else "cached")
+        elif model_path.suffix in (".plan", ".engine"):
+            try:
+                _, metadata = read_plan_info(model_path)
+            except (FileNotFoundError, ValueError, KeyError) as exc:
+                raise BackendError(f"{model_path}: cannot read engine metadata: {exc}") from exc
+            plan_path = model_path
+        else:
+            raise BackendError(f"{model_path}: tensorrt needs an .onnx or a cached .plan")
+        super().__init__(plan_path, metadata, options)
+        self._setup_engine(plan_path)
+
+    def _select_device(self, device: str | None) -> int:
+        """Make the CUDA device named by `device` ("cuda", "cuda:N", None) current."""
+        device = device or "cuda"
+        if device == "cuda":
+            index = 0
+        elif device.startswith("cuda:") and device[5:].isdigit():
+            index = int(device[5:])
+        else:
+            raise BackendError(f"tensorrt runs on CUDA only, not device {device!r}")
+        try:
+            count = self._check(self._rt.cudaGetDeviceCount())
+        except RuntimeError as exc:
+            raise BackendError(f"tensorrt: no usable CUDA device ({exc})") from exc
+        if index >= count:
+            raise BackendError(f"tensorrt: CUDA device {index} requested, {count} present")
+        self._check(self._rt.cudaSetDevice(index))
+        return index
+
+    def _setup_engine(self, plan_path: Path) -> None:
+        """Deserialize the plan, allocate max-size buffers once and bind them."""
+        rt = self._rt
+        self._runtime = trt.Runtime(_LOGGER)
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            raise BackendError(f"{plan_path}: TensorRT cannot deserialize this engine")
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
+            raise BackendError(f"{plan_path}: engine tensors are {names}, need input and output")
+        lo, _, hi = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        self.min_shape = tuple(int(v) for v in lo)
+        self.max_shape = tuple(int(v) for v in hi)
+        self.max_batch = min(self.max_batch, self.max_shape[0])
+        self._context = self._engine.create_execution_context()
+        in_count = int(np.prod(self.max_shape))
+        out_count = in_count // 2
+        self._d_in = self._check(rt.cudaMalloc(in_count * 4))
+        self._d_out = self._check(rt.cudaMalloc(out_count * 4))
+        self._h_in_ptr = self._check(rt.cudaMallocHost(in_count * 4))
+        self._h_out_ptr = self._check(rt.cudaMallocHost(out_count * 4))
+        self._h_in = _host_array(self._h_in_ptr, in_count)
+        self._h_out = _host_array(self._h_out_ptr, out_count)
+        self._stream = self._check(rt.cudaStreamCreate())
+        self._context.set_tensor_address(INPUT_NAME, int(self._d_in))
+        self._context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
+        self._graphs: dict[tuple[int, ...], Any] = {}
+        self._shape: tuple[int, ...] | None = None
+        from export._tensorrt import gpu_name
+
+        self.device = f"cuda:{self._device_index} {gpu_name(self._device_index)}"
+
+    def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:
+        """Say why `frame_shape` lies outside the engine's profile (planes are split, so fit)."""
+        h, w = padded_shape(*frame_shape, self.metadata.size_multiple)
+        lo, hi = self.min_shape, self.max_shape
+        if not (lo[2] <= h <= hi[2] and lo[3] <= w <= hi[3]):
+            return (
+                f"frame {frame_shape} (padded {h}×{w}) is outside the TensorRT engine's profile "
+                f"{lo[2]}×{lo[3]} … {hi[2]}×{hi[3]}; rebuild with "
+                f"`python -m export tensorrt --frame-shape {frame_shape[0]} {frame_shape[1]}`"
+            )
+        return None
+
+    def _enqueue(self, nbytes_in: int, nbytes_out: int) -> None:
+        """Queue copy-in, execute and copy-out on the stream."""
+        rt = self._rt
+        h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._check(rt.cudaMemcpyAsync(self._d_in, self._h_in_ptr, nbytes_in, h2d, self._stream))
+        if not self._context.execute_async_v3(int(self._stream)):
+            raise BackendError("tensorrt: execute_async_v3 failed")
+        self._check(rt.cudaMemcpyAsync(self._h_out_ptr, self._d_out, nbytes_out, d2h, self._stream))
+
+    def _capture(self, shape: tuple[int, ...], nbytes_in: int, nbytes_out: int) -> Any:
+        """Capture one call at `shape` as an instantiated CUDA graph."""
+        rt = self._rt
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._check(rt.cudaStreamBeginCapture(self._stream, mode))
+        self._enqueue(nbytes_in, nbytes_out)
+        graph = self._check(rt.cudaStreamEndCapture(self._stream))
+        executable = self._check(rt.cudaGraphInstantiate(graph, 0))
+        self._check(rt.cudaGraphDestroy(graph))
+        return executable
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Copy `x` to pinned memory, run on the stream (or replay its graph), return the output."""
+        n, _, h, w = x.shape
+        if not (self.min_shape[2] <= h <= self.max_shape[2]) or not (
+            self.min_shape[3] <= w <= self.max_shape[3]
+        ):
+            raise ValueError(
+                f"padded frame {h}×{w} is outside the TensorRT profile "
+                f"{self.min_shape[2:]} … {self.max_shape[2:]}"
+            )
+        shape = tuple(x.shape)
+        if shape != self._shape:
+            if not self._context.set_input_shape(INPUT_NAME, shape):
+                raise BackendError(f"tensorrt: input shape {shape} rejected by the engine")
+            self._shape = shape
+        self._h_in[: x.size] = x.ravel()
+        nbytes_in, nbytes_out = x.nbytes, x.nbytes // 2
+        if self.options.cuda_graph:
+            graph = self._graphs.get(shape)
+            if graph is None:
+                self._enqueue(nbytes_in, nbytes_out)  # TensorRT needs one plain run per shape
+                self._check(self._rt.cudaStreamSynchronize(self._stream))
+                graph = self._graphs[shape] = self._capture(shape, nbytes_in, nbytes_out)
+            self._check(self._rt.cudaGraphLaunch(graph, self._stream))
+        else:
+            self._enqueue(nbytes_in, nbytes_out)
+        self._check(self._rt.cudaStreamSynchronize(self._stream))
+        return self._h_out[: n * h * w].reshape(n, 1, h, w)
+
+    def close(self) -> None:
+        """Free graphs, buffers and the stream; drop the engine."""
+        rt = self._rt
+        for graph in self._graphs.values():
+            rt.cudaGraphExecDestroy(graph)
+        self._graphs.clear()
+        rt.cudaStreamDestroy(self._stream)
+        rt.cudaFree(self._d_in)
+        rt.cudaFree(self._d_out)
+        rt.cudaFreeHost(self._h_in_ptr)
+        rt.cudaFreeHost(self._h_out_ptr)
+        del self._context, self._engine, self._runtime

@@ -1,0 +1,188 @@
+"""ONNX → TensorRT engine builder (TensorRT 10 Python API), with shape profiles and caches.
+
+The engine takes the ONNX model's float32 (N, 2, H, W) input with one optimisation profile
+spanning the plane batch (1 … max_batch) and the padded frame sizes asked for, FP16 or FP32
+kernels, a timing cache shared by all builds on one GPU model, and the engine cache of
+`export._cache`. This is the only export module that imports tensorrt (and cuda-python).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tensorrt as trt
+
+from engine.metadata import ModelMetadata, padded_shape
+from engine.runtime._base import DEFAULT_MAX_BATCH, INPUT_NAME
+from export._cache import CacheEntry, EngineCache, EngineKey, file_sha256
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAME_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (512, 512), (1024, 1024))
+"""Frame sizes an engine covers when none are given (the benchmark sizes)."""
+OPT_BATCH = 41
+"""Plane batch the kernels are tuned for: the paper's 41-plane stack."""
+WORKSPACE_BYTES = 4 << 30
+_LOGGER = trt.Logger(trt.Logger.WARNING)
+
+
+def cudart() -> Any:
+    """Return the CUDA runtime bindings of cuda-python (new and old module layouts)."""
+    try:
+        from cuda.bindings import runtime  # cuda-python >= 12.8
+    except ImportError:
+        from cuda import cudart as runtime  # type: ignore[no-redef]
+    return runtime
+
+
+def cuda_check(result: Any) -> Any:
+    """Unpack a cuda-python `(err, value...)` result, raising `RuntimeError` on a CUDA error."""
+    rt = cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != rt.cudaError_t.cudaSuccess:
+        _, name = rt.cudaGetErrorName(err)
+        raise RuntimeError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def gpu_name(device: int | None = None) -> str:
+    """Return the model name of CUDA device `device` (default: current), a cache-key part."""
+    rt = cudart()
+    index = cuda_check(rt.cudaGetDevice()) if device is None else device
+    props = cuda_check(rt.cudaGetDeviceProperties(index))
+    name = props.name
+    return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).strip("\0 ")
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One TensorRT optimisation profile for the network input (N, 2, H, W)."""
+
+    min_shape: tuple[int, int, int, int]
+    opt_shape: tuple[int, int, int, int]
+    max_shape: tuple[int, int, int, int]
+
+    def covers(self, n: int, height: int, width: int) -> bool:
+        """Say whether a padded input (n, 2, height, width) fits the profile."""
+        lo, hi = self.min_shape, self.max_shape
+        return lo[0] <= n <= hi[0] and lo[2] <= height <= hi[2] and lo[3] <= width <= hi[3]
+
+
+def make_profile(
+    metadata: ModelMetadata,
+    frame_shapes: Sequence[tuple[int, int]] | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> ShapeProfile:
+    """Build a profile covering 1 … `max_batch` planes and the padded `frame_shapes`.
+
+    The first frame shape and `min(OPT_BATCH, max_batch)` planes are the optimum the kernels
+    are timed at; the smallest and largest shapes bound H and W.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+    shapes = list(frame_shapes or DEFAULT_FRAME_SHAPES)
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"frame shapes must be (height, width) >= 1, got {shapes}")
+    m = metadata.size_multiple
+    padded = [padded_shape(h, w, m) for h, w in shapes]
+    opt_n = min(OPT_BATCH, max_batch)
+    return ShapeProfile(
+        min_shape=(1, 2, min(h for h, _ in padded), min(w for _, w in padded)),
+        opt_shape=(opt_n, 2, *padded[0]),
+        max_shape=(max_batch, 2, max(h for h, _ in padded), max(w for _, w in padded)),
+    )
+
+
+def _load_timing_cache(config: Any, path: Path) -> Any:
+    """Attach the timing cache at `path` (empty when missing or unreadable) to `config`."""
+    data = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s does not match this GPU/TensorRT; starting empty", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
+    return cache
+
+
+def build_engine(
+    onnx_path: str | Path,
+    profile: ShapeProfile,
+    *,
+    fp16: bool,
+    timing_cache: Path | None = None,
+    workspace_bytes: int = WORKSPACE_BYTES,
+) -> bytes:
+    """Parse the ONNX model and build a serialized engine for `profile` (FP16 if `fp16`)."""
+    onnx_path = Path(onnx_path)
+    builder = trt.Builder(_LOGGER)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, _LOGGER)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"{onnx_path}: TensorRT cannot parse the ONNX model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if fp16:
+        if not builder.platform_has_fast_fp16:
+            log.warning("this GPU has no fast FP16; building FP16 anyway")
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt = builder.create_optimization_profile()
+    opt.set_shape(INPUT_NAME, profile.min_shape, profile.opt_shape, profile.max_shape)
+    config.add_optimization_profile(opt)
+    cache = _load_timing_cache(config, timing_cache) if timing_cache else None
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
+    if cache is not None and timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(memoryview(cache.serialize())))
+    return bytes(memoryview(serialized))
+
+
+def build_cached(
+    onnx_path: str | Path,
+    metadata: ModelMetadata,
+    *,
+    precision: str = "fp16",
+    frame_shapes: Sequence[tuple[int, int]] | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    cache_dir: str | Path | None = None,
+    rebuild: bool = False,
+) -> tuple[CacheEntry, EngineKey, bool]:
+    """Return the cached engine for these options, building it first when missing.
+
+    Returns the cache entry, its key, and whether it was built now.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"TensorRT precision must be 'fp32' or 'fp16', not {precision!r}")
+    onnx_path = Path(onnx_path)
+    profile = make_profile(metadata, frame_shapes, max_batch)
+    gpu = gpu_name()
+    key = EngineKey(
+        gpu=gpu,
+        tensorrt=trt.__version__,
+        onnx_sha256=file_sha256(onnx_path),
+        precision=precision,
+        min_shape=profile.min_shape,
+        opt_shape=profile.opt_shape,
+        max_shape=profile.max_shape,
+    )
+    cache = EngineCache(cache_dir)
+    found = None if rebuild else cache.lookup(key, metadata.name)
+    if found is not None:
+        log.info("engine cache hit: %s", found.plan)
+        return found, key, False
+    log.info("building TensorRT %s engine for %s on %s (minutes)", precision, onnx_path, gpu)
+    plan = build_engine(
+        onnx_path,
+        profile,
+        fp16=precision == "fp16",
+        timing_cache=cache.timing_cache(gpu, trt.__version__),
+    )
+    return cache.store(key, metadata, plan, onnx_path), key, True
