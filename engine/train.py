@@ -1,0 +1,735 @@
+"""Train the Deep-Z generator on simulated focal stacks (and optional lab focus scans).
+
+``python -m engine.train --config configs/train_slim.toml [--resume] [--steps N] [--out DIR]``
+
+Pairs are an input plane at z0 and a target at z0 + Δz from one focal stack: uniform DPMs
+(target = the stack plane), and tilted / curved DPMs whose target is interpolated between
+planes along the surface. Inputs and targets are normalised only through `engine.metadata`:
+the target uses the INPUT frame's mean and std, so outputs map back with the input's stats.
+A pool of pre-simulated stacks is cropped into patches and partly refreshed every few hundred
+steps. Fixed seeds give the same run; checkpoints allow ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
+from engine.metadata import ModelMetadata, normalize_images
+from engine.model import PRESETS, DeepZ, Discriminator, build_model, save_model
+
+__all__ = [
+    "CameraRange",
+    "DataConfig",
+    "LabStackConfig",
+    "LossConfig",
+    "ModelConfig",
+    "Stack",
+    "TrainConfig",
+    "load_config",
+    "load_lab_stack",
+    "main",
+    "make_metadata",
+    "phase_correlation_shift",
+    "register_stack",
+    "sample_batch",
+    "simulated_stack",
+    "train",
+    "train_stack_seed",
+]
+
+SampleKind = Literal["worm", "beads", "mixed"]
+TRAIN_SEED_OFFSET = 1_000_000
+"""Simulated training stacks use seeds >= this; `engine.evaluate` uses seeds below it."""
+VALIDATION_SEED_OFFSET = 900_000
+
+
+class _Base(BaseModel):
+    """Strict pydantic base: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Base):
+    """Which generator to train: a preset with optional overrides."""
+
+    preset: Literal["slim", "paper"] = Field("slim", description="Named architecture.")
+    channels: list[int] | None = Field(None, description="Override: stem + level widths.")
+    global_skip: bool | None = Field(None, description="Override: add the input to the output.")
+
+    def build(self) -> DeepZ:
+        """Build the generator described by this section."""
+        overrides: dict[str, Any] = {}
+        if self.channels is not None:
+            overrides["channels"] = self.channels
+        if self.global_skip is not None:
+            overrides["global_skip"] = self.global_skip
+        return build_model(self.preset, **overrides)
+
+
+class LossConfig(_Base):
+    """Loss weights: pixel term + (MS-)SSIM + optional least-squares GAN."""
+
+    pixel: Literal["l1", "reversed_huber"] = Field("l1", description="Pixel loss kind.")
+    pixel_weight: float = Field(3.0, ge=0.0, description="Weight of the pixel loss.")
+    ssim_weight: float = Field(1.0, ge=0.0, description="Weight of (1 - MS-SSIM).")
+    ssim_scales: int = Field(3, ge=1, le=5, description="MS-SSIM scales (1 = plain SSIM).")
+    adversarial_weight: float = Field(0.0, ge=0.0, description="LSGAN weight; 0 disables D.")
+    adversarial_start_step: int = Field(0, ge=0, description="Step at which the GAN term starts.")
+
+
+class CameraRange(_Base):
+    """Ranges from which each simulated stack draws its signal and background levels."""
+
+    peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
+    background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
+
+
+class LabStackConfig(_Base):
+    """A lab's own focus-scanned stack (TIFF or OME-Zarr), used beside simulated stacks."""
+
+    path: Path = Field(description="TIFF file or OME-Zarr group / array holding (Z, H, W).")
+    z_step_um: float = Field(gt=0, description="Focus step between planes (µm).")
+    register_planes: bool = Field(True, description="Register planes by phase correlation (drift).")
+
+
+class DataConfig(_Base):
+    """Where training pairs come from and how they are cut."""
+
+    kinds: list[SampleKind] = Field(["worm", "beads", "mixed"], description="Sample kinds.")
+    kind_weights: list[float] | None = Field(None, description="Relative weight of each kind.")
+    stack_shape: tuple[int, int] = Field((256, 256), description="Simulated frame (H, W) px.")
+    z_step_um: float = Field(0.5, gt=0, description="Plane spacing of simulated stacks (µm).")
+    z_half_range_um: float = Field(16.0, gt=0, description="Stacks span ±this (µm).")
+    input_half_range_um: float = Field(6.0, ge=0, description="Input planes lie within ±this.")
+    dz_range_um: tuple[float, float] = Field((-10.0, 10.0), description="Refocus range (µm).")
+    surface_fraction: float = Field(0.3, ge=0, le=1, description="Share of non-uniform DPMs.")
+    max_tilt_um: float = Field(6.0, ge=0, description="Max DPM change across a patch, tilt.")
+    max_curvature_um: float = Field(4.0, ge=0, description="Max DPM bow across a patch.")
+    target: Literal["clean", "noisy"] = Field("clean", description="Target plane (clean: denoise).")
+    pool_size: int = Field(24, ge=1, description="Stacks kept in memory.")
+    refresh_every: int = Field(300, ge=1, description="Steps between pool refreshes.")
+    refresh_count: int = Field(4, ge=0, description="Stacks replaced per refresh.")
+    camera: CameraRange = Field(default_factory=CameraRange)  # type: ignore[arg-type]
+    lab_stacks: list[LabStackConfig] = Field([], description="Extra focus-scanned stacks.")
+    lab_fraction: float = Field(0.0, ge=0, le=1, description="Share of samples from lab stacks.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        lo, hi = self.dz_range_um
+        if not lo < hi:
+            raise ValueError(f"data.dz_range_um must be (min, max) with min < max, got {(lo, hi)}")
+        if self.kind_weights is not None and len(self.kind_weights) != len(self.kinds):
+            raise ValueError(
+                f"data.kind_weights has {len(self.kind_weights)} entries, "
+                f"data.kinds has {len(self.kinds)}"
+            )
+        if self.lab_fraction > 0 and not self.lab_stacks:
+            raise ValueError("data.lab_fraction > 0 needs at least one data.lab_stacks entry")
+        return self
+
+
+class TrainConfig(_Base):
+    """Everything one training run needs; loaded from TOML and saved with every checkpoint."""
+
+    name: str = Field("deepz-slim-sim", description="Model name written to the metadata.")
+    seed: int = Field(0, ge=0, description="Seed of weights, stacks and patch sampling.")
+    steps: int = Field(3000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(8, ge=1, description="Patches per step.")
+    patch_size: int = Field(128, ge=8, description="Patch side (px), multiple of size_multiple.")
+    lr: float = Field(1e-3, gt=0, description="Peak generator learning rate (Adam).")
+    lr_min: float = Field(2e-5, ge=0, description="Final learning rate (cosine decay).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    lr_d: float = Field(1e-5, gt=0, description="Discriminator learning rate.")
+    grad_clip: float = Field(1.0, gt=0, description="Max gradient norm of the generator.")
+    dpm_scale_um: float = Field(10.0, gt=0, description="DPM channel = dpm_um / this.")
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    loss: LossConfig = Field(default_factory=LossConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    optics: dict[str, Any] = Field({}, description="engine.optics.OpticsConfig overrides.")
+    camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
+    threads: int = Field(2, ge=1, description="torch CPU threads.")
+    amp: bool = Field(True, description="bfloat16 autocast on CUDA.")
+    checkpoint_every: int = Field(250, ge=1, description="Steps between checkpoints.")
+    validation_samples: int = Field(16, ge=1, description="Fixed held-out patches for val loss.")
+    max_wall_s: float | None = Field(None, gt=0, description="Stop early after this (s).")
+    out_dir: Path = Field(Path("runs/slim"), description="Checkpoints, curves and samples.")
+    weights_out: Path | None = Field(None, description="Where to write the final .pt + .json.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        chans = self.model.channels or PRESETS[self.model.preset]["channels"]
+        multiple = 2 ** (len(chans) - 2)
+        if self.patch_size % multiple:
+            raise ValueError(
+                f"patch_size {self.patch_size} must be a multiple of the model's size_multiple "
+                f"{multiple}"
+            )
+        if self.patch_size > min(self.data.stack_shape):
+            raise ValueError(
+                f"patch_size {self.patch_size} exceeds data.stack_shape {self.data.stack_shape}"
+            )
+        return self
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a TOML training config; unknown keys or bad values raise naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training config not found")
+    with path.open("rb") as f:
+        return TrainConfig.model_validate(tomllib.load(f))
+
+
+# ----------------------------------------------------------------------------- stacks
+
+
+@dataclass
+class Stack:
+    """One focal stack ready for pair sampling.
+
+    Attributes
+    ----------
+    z_um : (Z,) plane positions, increasing.
+    target : (Z, H, W) float32 target planes (noise-free counts for simulated stacks).
+    inputs : (K, H, W) camera frames usable as inputs; `input_index` maps them to planes.
+    input_index : (K,) plane index of each input frame.
+    mean, std : (K, 1, 1) per-input-frame normalisation from `normalize_images`.
+    """
+
+    z_um: np.ndarray
+    target: np.ndarray
+    inputs: np.ndarray
+    input_index: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _stack_from_planes(
+    z_um: np.ndarray, target: np.ndarray, frames: np.ndarray, input_half_range_um: float
+) -> Stack:
+    """Build a `Stack`, keeping as inputs only the frames within ±input_half_range_um of 0."""
+    idx = np.flatnonzero(np.abs(z_um) <= input_half_range_um + 1e-6)
+    if idx.size == 0:
+        raise ValueError(f"no plane lies within ±{input_half_range_um} µm of z = 0")
+    inputs = np.ascontiguousarray(frames[idx])
+    _, mean, std = normalize_images(inputs)
+    return Stack(z_um.astype(np.float64), target.astype(np.float32), inputs, idx, mean, std)
+
+
+def simulated_stack(
+    cfg: TrainConfig, seed: int, kind: SampleKind | None = None, shape: Sequence[int] | None = None
+) -> Stack:
+    """Simulate one focal stack with seed-drawn kind, signal and background levels."""
+    from engine.optics import CameraConfig, OpticsConfig, simulate_focal_stack
+
+    rng = np.random.default_rng(seed)
+    d = cfg.data
+    weights = np.asarray(d.kind_weights or [1.0] * len(d.kinds), dtype=np.float64)
+    chosen = d.kinds[int(rng.choice(len(d.kinds), p=weights / weights.sum()))]
+    kind = kind or chosen
+    lo, hi = d.camera.peak_photons
+    peak = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    background = float(rng.uniform(*d.camera.background_photons))
+    camera = CameraConfig(**{"peak_photons": peak, "background_photons": background, **cfg.camera})
+    n = round(d.z_half_range_um / d.z_step_um)
+    z = np.arange(-n, n + 1) * d.z_step_um
+    hw = tuple(shape or d.stack_shape)
+    fs = simulate_focal_stack(
+        kind,
+        shape=(int(hw[0]), int(hw[1])),
+        z_um=z,
+        optics=OpticsConfig(**cfg.optics),
+        camera=camera,
+        seed=seed,
+    )
+    target = fs.clean if d.target == "clean" else fs.images.astype(np.float32)
+    return _stack_from_planes(np.asarray(fs.z_um), target, fs.images, d.input_half_range_um)
+
+
+def train_stack_seed(seed: int, counter: int) -> int:
+    """Seed of the `counter`-th simulated training stack of a run seeded `seed`."""
+    return TRAIN_SEED_OFFSET + seed * 100_000 + counter
+
+
+def phase_correlation_shift(ref: np.ndarray, moving: np.ndarray) -> tuple[float, float]:
+    """Return the (dy, dx) shift that aligns `moving` onto `ref`, to 0.1 px (phase correlation)."""
+    a = np.fft.fft2(ref - ref.mean())
+    b = np.fft.fft2(moving - moving.mean())
+    r = a * np.conj(b)
+    r /= np.maximum(np.abs(r), 1e-12)
+    corr = np.fft.ifft2(r).real
+    py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    out = []
+    for p, n, axis in ((py, corr.shape[0], 0), (px, corr.shape[1], 1)):
+        cm = corr[(py - 1) % corr.shape[0], px] if axis == 0 else corr[py, (px - 1) % n]
+        cp = corr[(py + 1) % corr.shape[0], px] if axis == 0 else corr[py, (px + 1) % n]
+        c0 = corr[py, px]
+        den = cm - 2 * c0 + cp
+        frac = 0.5 * (cm - cp) / den if den != 0 else 0.0
+        shift = p + float(np.clip(frac, -0.5, 0.5))
+        out.append(shift - n if shift > n / 2 else shift)
+    return out[0], out[1]
+
+
+def register_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Register each plane of a (Z, H, W) stack to its neighbour, chained from the middle plane.
+
+    Neighbouring planes are alike even when far from focus, so plane-to-plane shifts are
+    accumulated outwards. Returns the registered float32 stack and the (Z, 2) shifts applied.
+    """
+    from scipy import ndimage
+
+    s = np.asarray(stack, dtype=np.float32)
+    mid = s.shape[0] // 2
+    shifts = np.zeros((s.shape[0], 2))
+    for order in (range(mid + 1, s.shape[0]), range(mid - 1, -1, -1)):
+        for i in order:
+            j = i - 1 if i > mid else i + 1
+            shifts[i] = shifts[j] + np.asarray(phase_correlation_shift(s[j], s[i]))
+    out = np.empty_like(s)
+    for i in range(s.shape[0]):
+        out[i] = ndimage.shift(s[i], shifts[i], order=1, mode="nearest")
+    return out, shifts
+
+
+def load_lab_stack(spec: LabStackConfig, input_half_range_um: float) -> Stack:
+    """Load a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr as a `Stack`.
+
+    Per-stack normalisation: the stack is scaled to float32 counts minus its 1st percentile
+    (dark level), one scale for all planes so the axial intensity profile is kept. z = 0 is
+    the middle plane. Targets are then the (noisy) planes themselves.
+    """
+    path = spec.path
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        data = np.asarray(tifffile.imread(path))
+    elif path.exists():
+        import zarr
+
+        node = zarr.open(str(path), mode="r")
+        arr = node["0"] if isinstance(node, zarr.Group) else node
+        data = np.asarray(arr[:])  # type: ignore[index]
+    else:
+        raise FileNotFoundError(f"{path}: lab stack not found (expected .tif/.tiff or OME-Zarr)")
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: lab stack must squeeze to (Z, H, W), got shape {data.shape}")
+    stack = data.astype(np.float32)
+    stack -= np.float32(np.percentile(stack, 1))
+    if spec.register_planes:
+        stack, _ = register_stack(stack)
+    z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * spec.z_step_um
+    return _stack_from_planes(z, stack, stack, input_half_range_um)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def _surface(rng: np.random.Generator, size: int, dz0: float, d: DataConfig) -> np.ndarray:
+    """Return a tilted and/or curved DPM (µm) over a size x size patch, centred on `dz0`."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1) - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    tilt = rng.uniform(-d.max_tilt_um, d.max_tilt_um)
+    bow = rng.uniform(-d.max_curvature_um, d.max_curvature_um) if rng.random() < 0.5 else 0.0
+    plane = tilt * (np.cos(angle) * xx + np.sin(angle) * yy)
+    curve = bow * (4 * (xx**2 + yy**2) - 2 / 3)
+    out: np.ndarray = (dz0 + plane + curve).astype(np.float32)
+    return out
+
+
+def _sample_along(stack: Stack, z_target: np.ndarray, y0: int, x0: int) -> np.ndarray:
+    """Interpolate the target stack linearly in z at per-pixel depths over a patch."""
+    size = z_target.shape[0]
+    z = stack.z_um
+    pos = np.interp(z_target, z, np.arange(z.size)).astype(np.float32)
+    lo = np.clip(np.floor(pos).astype(np.int64), 0, z.size - 2)
+    frac = pos - lo
+    rows = np.arange(y0, y0 + size)[:, None]
+    cols = np.arange(x0, x0 + size)[None, :]
+    a = stack.target[lo, rows, cols]
+    b = stack.target[lo + 1, rows, cols]
+    out: np.ndarray = (a * (1 - frac) + b * frac).astype(np.float32)
+    return out
+
+
+def _sample_one(
+    rng: np.random.Generator, stack: Stack, d: DataConfig, size: int, dpm_scale_um: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One (2, P, P) input and (1, P, P) target from `stack`, normalised via engine.metadata."""
+    k = int(rng.integers(stack.input_index.size))
+    i = int(stack.input_index[k])
+    z0 = float(stack.z_um[i])
+    lo = max(d.dz_range_um[0], float(stack.z_um[0]) - z0)
+    hi = min(d.dz_range_um[1], float(stack.z_um[-1]) - z0)
+    h, w = stack.target.shape[-2:]
+    y0 = int(rng.integers(h - size + 1))
+    x0 = int(rng.integers(w - size + 1))
+    if rng.random() < d.surface_fraction:
+        dpm = np.clip(_surface(rng, size, rng.uniform(lo, hi), d), lo, hi)
+        target = _sample_along(stack, z0 + dpm, y0, x0)
+    else:
+        choices = np.flatnonzero((stack.z_um - z0 >= lo - 1e-6) & (stack.z_um - z0 <= hi + 1e-6))
+        j = int(rng.choice(choices))
+        dpm = np.full((size, size), stack.z_um[j] - z0, dtype=np.float32)
+        target = stack.target[j, y0 : y0 + size, x0 : x0 + size]
+    frame = stack.inputs[k, y0 : y0 + size, x0 : x0 + size].astype(np.float32)
+    mean, std = stack.mean[k], stack.std[k]
+    x = np.stack([(frame - mean) / std, dpm / np.float32(dpm_scale_um)])
+    y = ((target - mean) / std)[None]
+    t = int(rng.integers(8))
+    x, y = np.rot90(x, t % 4, axes=(1, 2)), np.rot90(y, t % 4, axes=(1, 2))
+    if t >= 4:
+        x, y = x[:, :, ::-1], y[:, :, ::-1]
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.float32)
+
+
+def sample_batch(
+    rng: np.random.Generator,
+    pool: Sequence[Stack],
+    lab: Sequence[Stack],
+    cfg: TrainConfig,
+    n: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw a batch of (N, 2, P, P) inputs and (N, 1, P, P) targets from the stack pools."""
+    n = n or cfg.batch_size
+    xs, ys = [], []
+    for _ in range(n):
+        use_lab = bool(lab) and rng.random() < cfg.data.lab_fraction
+        src = lab if use_lab else pool
+        stack = src[int(rng.integers(len(src)))]
+        x, y = _sample_one(rng, stack, cfg.data, cfg.patch_size, cfg.dpm_scale_um)
+        xs.append(x)
+        ys.append(y)
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def _pool_counters(cfg: TrainConfig, step: int) -> list[int]:
+    """Which training-stack counters fill each pool slot at `step` (deterministic refresh)."""
+    d = cfg.data
+    slots = list(range(d.pool_size))
+    k = min(d.refresh_count, d.pool_size)
+    for r in range(1, step // d.refresh_every + 1):
+        for j in range(k):
+            slots[((r - 1) * k + j) % d.pool_size] = d.pool_size + (r - 1) * k + j
+    return slots
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_metadata(
+    cfg: TrainConfig, model: DeepZ, extra: dict[str, Any] | None = None
+) -> ModelMetadata:
+    """Describe a model trained with `cfg` (optics, ranges, command, commit)."""
+    from engine.optics import OpticsConfig
+
+    optics = OpticsConfig(**cfg.optics)
+    kinds = ", ".join(cfg.data.kinds)
+    trained_on = (
+        f"engine.optics simulated focal stacks ({kinds}; {cfg.data.stack_shape[0]}x"
+        f"{cfg.data.stack_shape[1]} px, z ±{cfg.data.z_half_range_um} µm step "
+        f"{cfg.data.z_step_um} µm, {cfg.data.target} targets, "
+        f"{cfg.data.surface_fraction:.0%} tilted/curved DPMs)"
+    )
+    if cfg.data.lab_stacks:
+        trained_on += f" + {len(cfg.data.lab_stacks)} lab stacks"
+    return ModelMetadata(
+        name=cfg.name,
+        architecture=model.architecture,
+        size_multiple=model.size_multiple,
+        dz_range_um=cfg.data.dz_range_um,
+        dpm_scale_um=cfg.dpm_scale_um,
+        pixel_size_um=optics.pixel_size_um,
+        na=optics.na,
+        wavelength_um=optics.wavelength_um,
+        immersion_index=optics.immersion_index,
+        sample_index=optics.sample_index,
+        trained_on=trained_on,
+        training_command=_command(),
+        commit=_git_commit(),
+        extra=extra or {},
+    )
+
+
+def _command() -> str:
+    """Return the command line that started this process, as `python -m engine.train ...`."""
+    args = ["python", "-m", "engine.train", *sys.argv[1:]]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _git_commit() -> str:
+    """Return the current git HEAD (empty when not in a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up then cosine decay from lr to lr_min, as a factor of lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    floor = cfg.lr_min / cfg.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _pixel_loss(kind: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error, or the reversed Huber (berHu) loss with c = 0.2 max|error|."""
+    err = (pred - target).abs()
+    if kind == "l1":
+        return err.mean()
+    c = (0.2 * err.max()).clamp_min(1e-6).detach()
+    return torch.where(err <= c, err, (err**2 + c**2) / (2 * c)).mean()
+
+
+def _generator_loss(
+    cfg: TrainConfig, pred: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted pixel + (1 - MS-SSIM) loss and its parts."""
+    pix = _pixel_loss(cfg.loss.pixel, pred, target)
+    if cfg.loss.ssim_scales == 1:
+        sim = ssim(pred.float(), target.float())
+    else:
+        sim = ms_ssim(pred.float(), target.float(), scales=cfg.loss.ssim_scales)
+    total = cfg.loss.pixel_weight * pix + cfg.loss.ssim_weight * (1 - sim)
+    return total, {"pixel": pix.item(), "ssim": sim.item()}
+
+
+def _save_plots(out: Path, history: list[dict[str, float]], samples: np.ndarray) -> None:
+    """Write loss_curve.png and samples.png (input / output / target rows) into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [h["step"] for h in history]
+    ax[0].plot(steps, [h["loss"] for h in history], label="train loss")
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax[0].plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax[0].set_xlabel("step")
+    ax[0].set_yscale("log")
+    ax[0].legend()
+    ax[1].plot(steps, [h["ssim"] for h in history], label="train MS-SSIM")
+    vs = [(h["step"], h["val_ssim"]) for h in history if "val_ssim" in h]
+    if vs:
+        ax[1].plot(*zip(*vs, strict=True), "o-", label="val MS-SSIM")
+    ax[1].set_xlabel("step")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=90)
+    plt.close(fig)
+    n = samples.shape[1]
+    fig, axes = plt.subplots(3, n, figsize=(2 * n, 6), squeeze=False)
+    for r, label in enumerate(("input", "Deep-Z", "target")):
+        for c in range(n):
+            axes[r, c].imshow(samples[r, c], cmap="gray")
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(out / "samples.png", dpi=80)
+    plt.close(fig)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    """Return the torch device for this run."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but no CUDA device is available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a fixed set of patches from stacks with validation seeds (never trained on)."""
+    stacks = [simulated_stack(cfg, VALIDATION_SEED_OFFSET + i) for i in range(2)]
+    rng = np.random.default_rng([cfg.seed, 7])
+    return sample_batch(rng, stacks, [], cfg, n=cfg.validation_samples)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
+    """Run (or resume) training as configured; return the trained generator (eval mode)."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model = cfg.model.build().to(device)
+    disc = Discriminator().to(device) if cfg.loss.adversarial_weight > 0 else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d) if disc is not None else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    step, history, wall_before = 0, [], 0.0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        if disc is not None and opt_d is not None and ck.get("disc") is not None:
+            disc.load_state_dict(ck["disc"])
+            opt_d.load_state_dict(ck["opt_d"])
+        step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    counters = _pool_counters(cfg, step)
+    pool = [simulated_stack(cfg, train_stack_seed(cfg.seed, c)) for c in counters]
+    lab = [load_lab_stack(s, cfg.data.input_half_range_um) for s in cfg.data.lab_stacks]
+    val_x, val_y = _validation_set(cfg)
+    val_x, val_y = val_x.to(device), val_y.to(device)
+    amp = cfg.amp and device.type == "cuda"
+    start = time.monotonic()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    while step < cfg.steps:
+        if step > 0 and step % cfg.data.refresh_every == 0:
+            new = _pool_counters(cfg, step)
+            for i, c in enumerate(new):
+                if c != counters[i]:
+                    pool[i] = simulated_stack(cfg, train_stack_seed(cfg.seed, c))
+            counters = new
+        rng = np.random.default_rng([cfg.seed, step])
+        x, y = sample_batch(rng, pool, lab, cfg)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x)
+        loss, parts = _generator_loss(cfg, pred.float(), y)
+        use_gan = disc is not None and opt_d is not None and step >= cfg.loss.adversarial_start_step
+        if use_gan and disc is not None and opt_d is not None:
+            d_loss = lsgan_d_loss(disc(y), disc(pred.detach().float()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()  # type: ignore[no-untyped-call]
+            opt_d.step()
+            g_adv = lsgan_g_loss(disc(pred.float()))
+            loss = loss + cfg.loss.adversarial_weight * g_adv
+            parts |= {"d": float(d_loss), "adv": float(g_adv)}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        history.append({"step": step, "loss": float(loss), **parts, "lr": sched.get_last_lr()[0]})
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{float(loss):.4f}", l1=f"{parts['pixel']:.4f}", ssim=f"{parts['ssim']:.3f}"
+        )
+        wall = wall_before + time.monotonic() - start
+        timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
+            _checkpoint(cfg, model, disc, opt, opt_d, sched, step, history, wall, val_x, val_y)
+        if timeout:
+            bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
+            break
+    bar.close()
+    model.eval()
+    wall = wall_before + time.monotonic() - start
+    if cfg.weights_out is not None:
+        extra = {
+            "steps": step,
+            "planned_steps": cfg.steps,
+            "wall_time_s": round(wall, 1),
+            "machine": f"{platform.machine()} {platform.processor() or ''} "
+            f"{os.cpu_count()} cores, torch threads {cfg.threads}, device {device.type}".strip(),
+            "parameters": model.count_parameters(),
+            "flops_per_pixel": model.flops_per_pixel(),
+            "final_val_loss": history[-1].get("val_loss"),
+            "train_config": json.loads(cfg.model_dump_json()),
+        }
+        save_model(model.cpu(), make_metadata(cfg, model, extra), cfg.weights_out)
+        model.to(device)
+    return model
+
+
+def _checkpoint(
+    cfg: TrainConfig,
+    model: DeepZ,
+    disc: Discriminator | None,
+    opt: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer | None,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    history: list[dict[str, float]],
+    wall: float,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+) -> None:
+    """Validate, then write checkpoint.pt, loss_curve.png and samples.png (atomically)."""
+    model.eval()
+    with torch.no_grad():
+        pred = model(val_x)
+        vloss, parts = _generator_loss(cfg, pred, val_y)
+    model.train()
+    history[-1] |= {"val_loss": float(vloss), "val_ssim": parts["ssim"]}
+    state = {
+        "model": model.state_dict(),
+        "disc": disc.state_dict() if disc is not None else None,
+        "opt": opt.state_dict(),
+        "opt_d": opt_d.state_dict() if opt_d is not None else None,
+        "sched": sched.state_dict(),
+        "step": step,
+        "history": history,
+        "wall_s": wall,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    tmp = cfg.out_dir / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(cfg.out_dir / "checkpoint.pt")
+    k = min(6, val_x.shape[0])
+    samples = np.stack(
+        [val_x[:k, 0].cpu().numpy(), pred[:k, 0].cpu().numpy(), val_y[:k, 0].cpu().numpy()]
+    )
+    _save_plots(cfg.out_dir, history, samples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: parse arguments, load the config and train."""
+    p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="TOML training config")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--out", type=Path, default=None, help="override out_dir")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.out is not None:
+        cfg.out_dir = args.out
+    model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
+    if cfg.weights_out is not None:
+        print(f"weights: {cfg.weights_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
