@@ -78,7 +78,7 @@ def grid_for_frame(shape: tuple[int, int], pixel_size_um: float, z_um: np.ndarra
 
 
 def frame_crop(grid: Grid, shape: tuple[int, int]) -> tuple[slice, slice]:
-    """The frame's rows and columns inside `grid` (see `grid_for_frame`)."""
+    """Return the frame's rows and columns inside `grid` (see `grid_for_frame`)."""
     my = round(-grid.y0_um / grid.pixel_size_um)
     mx = round(-grid.x0_um / grid.pixel_size_um)
     return slice(my, my + shape[0]), slice(mx, mx + shape[1])
@@ -163,17 +163,20 @@ def camera_counts(
     above ~20 photo-electrons per pixel), which the live time series uses.
     """
     electrons = np.maximum(photons, 0).astype(np.float32) * np.float32(camera.quantum_efficiency)
+    read_var = np.float32(camera.read_noise_e**2)
     if exact:
         noisy = rng.poisson(electrons).astype(np.float32)
+        if read_var > 0:
+            noisy += rng.standard_normal(electrons.shape, dtype=np.float32) * np.sqrt(read_var)
     else:
-        noise = rng.standard_normal(electrons.shape, dtype=np.float32)
-        noisy = electrons + noise * np.sqrt(electrons)
-    if camera.read_noise_e > 0:
-        noisy += rng.standard_normal(electrons.shape, dtype=np.float32) * np.float32(
-            camera.read_noise_e
-        )
-    counts = noisy * np.float32(camera.gain_counts_per_e) + np.float32(camera.offset_counts)
-    return np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        noisy = rng.standard_normal(electrons.shape, dtype=np.float32)
+        noisy *= np.sqrt(electrons + read_var)
+        noisy += electrons
+    noisy *= np.float32(camera.gain_counts_per_e)
+    noisy += np.float32(camera.offset_counts + 0.5)
+    np.clip(noisy, 0, 65535, out=noisy)
+    out: np.ndarray = noisy.astype(np.uint16)
+    return out
 
 
 def make_sample(
@@ -217,7 +220,7 @@ def make_sample(
 
 
 def default_z_um() -> np.ndarray:
-    """The default focal positions: -10 to +10 µm in 0.5 µm steps (41 planes)."""
+    """Return the default focal positions: -10 to +10 µm in 0.5 µm steps (41 planes)."""
     return np.round(np.arange(-10.0, 10.0001, 0.5), 6)
 
 

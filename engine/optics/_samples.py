@@ -89,7 +89,7 @@ class Extent:
 
 
 def worm_body(rng: np.random.Generator, frame_extent: Extent) -> WormBody:
-    """A random curved worm body crossing the frame along x, 22-28 µm thick."""
+    """Draw a random curved worm body crossing the frame along x, 22-28 µm thick."""
     height = frame_extent.y1_um - frame_extent.y0_um
     width = frame_extent.x1_um - frame_extent.x0_um
     return WormBody(
