@@ -188,10 +188,17 @@ class Recorder:
         with self._lock:
             return len(self._present["raw"]), len(self._present["stacks"])
 
-    def close(self, timeout_s: float | None = None) -> RecorderSummary:
-        """Drain the queue, flush partial chunks, write the final metadata; idempotent."""
+    def close(
+        self, timeout_s: float | None = None, run_summary: dict[str, Any] | None = None
+    ) -> RecorderSummary:
+        """Drain the queue, flush partial chunks, write the final metadata; idempotent.
+
+        `run_summary` (the daemon's summary, JSON-able) is stored in ``attrs["deepz"]``.
+        """
         if self._summary is not None:
             return self._summary
+        if run_summary is not None:
+            self._deepz["run_summary"] = run_summary
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
         if self._thread.is_alive():

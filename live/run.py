@@ -1,0 +1,601 @@
+"""The live daemon: ``python -m live.run --scope config.toml [--duration S] [--output PATH]``.
+
+Validates the config, picks the backend and says why others were skipped, runs a measured
+pre-flight (does rate × planes fit?), then wires source → router → worker(s) → collector →
+recorder / display, supervises them (a crashed worker is restarted, its frames counted as lost
+by seq), prints one status line per second, and on the end of `--duration`, the end of the
+source, SIGINT or SIGTERM shuts down in order and prints a summary. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zmq
+
+from live.metrics import Metrics, StatusPublisher, format_seqs
+from live.recorder import Recorder, RecorderSummary, store_path
+from live.router import Collector, Ledger, Router
+from live.worker import Plan, WorkerSpec, build_plan, worker_main
+
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.synchronize import Event as MpEvent
+
+    from live.config import ScopeConfig
+
+__all__ = ["Daemon", "Preflight", "RunSummary", "main", "preflight"]
+
+log = logging.getLogger("live.run")
+
+EXIT_BAD_CONFIG = 2
+EXIT_NO_FIT = 3
+EXIT_FAILED = 1
+_READY_TIMEOUT_S = 120.0
+_PREFLIGHT_CALLS = 3
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The measured pre-flight: time per frame for the planned planes, and what fits."""
+
+    backend: str
+    device: str
+    frame_shape: tuple[int, int]
+    n_planes: int
+    seconds_per_frame: float
+    workers: int
+    rate_hz: float
+
+    @property
+    def max_rate_hz(self) -> float:
+        """Highest frame rate the workers sustain at this plane count."""
+        return self.workers / self.seconds_per_frame
+
+    @property
+    def fits(self) -> bool:
+        """Whether the requested rate × planes fits the measured throughput."""
+        return self.rate_hz <= self.max_rate_hz
+
+    def max_planes(self) -> int:
+        """Planes per frame that would fit at the requested rate (linear in planes)."""
+        per_plane_s = self.seconds_per_frame / self.n_planes
+        return int(self.workers / (self.rate_hz * per_plane_s))
+
+    def line(self) -> str:
+        """Say plainly whether it fits and what would."""
+        h, w = self.frame_shape
+        head = (
+            f"pre-flight: {self.backend} on {self.device}: {self.n_planes} planes of {h}×{w} take "
+            f"{self.seconds_per_frame * 1e3:.1f} ms per frame → at most {self.max_rate_hz:.1f} Hz "
+            f"with {self.workers} worker(s); requested {self.rate_hz:g} Hz"
+        )
+        if self.fits:
+            return f"{head}: FITS ({self.rate_hz / self.max_rate_hz:.0%} of capacity)"
+        return (
+            f"{head}: DOES NOT FIT. At {self.rate_hz:g} Hz at most {self.max_planes()} planes fit; "
+            f"at {self.n_planes} planes at most {self.max_rate_hz:.1f} Hz. The overload policy "
+            "will skip frames (counted and named)."
+        )
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, losses by seq, latency, backend and where the data went."""
+
+    frames_acquired: int | None
+    frames_in: int
+    raw_recorded: int
+    stacks_written: int
+    skipped: list[int]
+    lost: list[int]
+    malformed: int
+    worker_restarts: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    backend: str
+    output: str | None
+    source: dict[str, Any] = field(default_factory=dict)
+    recorder: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = ""
+
+    def lines(self) -> list[str]:
+        """Render the human summary printed at shutdown."""
+        lat = (
+            f"{self.latency_p50_ms:.1f} / {self.latency_p99_ms:.1f} ms"
+            if self.latency_p50_ms is not None and self.latency_p99_ms is not None
+            else "n/a"
+        )
+        acquired = "?" if self.frames_acquired is None else str(self.frames_acquired)
+        return [
+            f"summary ({self.finish_reason}):",
+            f"  frames acquired   {acquired}"
+            f" (received {self.frames_in}, malformed {self.malformed})",
+            f"  raw frames recorded {self.raw_recorded}",
+            f"  stacks written    {self.stacks_written}",
+            f"  skipped           {len(self.skipped)} (seqs: {format_seqs(self.skipped)})",
+            f"  lost              {len(self.lost)} (seqs: {format_seqs(self.lost)}; "
+            f"worker restarts {self.worker_restarts})",
+            f"  latency p50/p99   {lat}",
+            f"  backend           {self.backend}",
+            f"  output            {self.output or 'not recorded'}",
+        ]
+
+
+def preflight(
+    backend: Any, plan: Plan, frame_shape: tuple[int, int], rate_hz: float, workers: int
+) -> Preflight:
+    """Time a few frames of the planned planes on `backend` (one warm-up call first)."""
+    frame = np.random.default_rng(0).integers(100, 2000, frame_shape, dtype=np.uint16)
+    backend.infer(frame, plan.dpms_um)
+    times = []
+    for _ in range(_PREFLIGHT_CALLS):
+        t0 = time.perf_counter()
+        backend.infer(frame, plan.dpms_um)
+        times.append(time.perf_counter() - t0)
+    return Preflight(
+        backend=backend.name,
+        device=str(getattr(backend, "device", "?")),
+        frame_shape=frame_shape,
+        n_planes=int(plan.dpms_um.shape[0]),
+        seconds_per_frame=float(np.median(times)),
+        workers=workers,
+        rate_hz=rate_hz,
+    )
+
+
+class Daemon:
+    """One live run: build, start, supervise and stop every part, in that order.
+
+    `source` is ``"config"`` (``live.sources.make_source(cfg)``) or None, for frames pushed
+    from outside to ``endpoints.frames`` (an external Micro-Manager hook, or a test).
+    """
+
+    def __init__(
+        self,
+        config: ScopeConfig,
+        *,
+        output: str | Path | None = None,
+        workers: int = 1,
+        source: str | None = "config",
+        preflight_check: bool = True,
+    ) -> None:
+        self.config = config
+        self.output = output
+        self.n_workers = workers
+        self.source_mode = source
+        self.preflight_check = preflight_check
+        self.metrics = Metrics()
+        self.ledger = Ledger(workers)
+        self.stop_requested = threading.Event()
+        self.finish_reason = "stopped"
+        self.backend_name = "?"
+        self.preflight_result: Preflight | None = None
+        self.recorder: Recorder | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._tmp = tempfile.TemporaryDirectory(prefix="deepz-")
+        self._mp = mp.get_context("spawn")
+        self._worker_stop: MpEvent = self._mp.Event()
+        self._procs: list[SpawnProcess | None] = [None] * workers
+        self._source_thread: threading.Thread | None = None
+        self._source_stop = threading.Event()
+        self._source_summary: Any = None
+        self._sender: Any = None
+        self._display: subprocess.Popen[bytes] | None = None
+        self._status: StatusPublisher | None = None
+        self._summary: RunSummary | None = None
+
+    # -- start -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Pick the backend, pre-flight, then start recorder, threads, workers and source."""
+        cfg = self.config
+        plan = build_plan(cfg)
+        self._choose_backend(plan)
+        self._start_recorder(plan)
+        ipc = Path(self._tmp.name)
+        self._worker_endpoints = [f"ipc://{ipc}/frames-{i}" for i in range(self.n_workers)]
+        self._stacks_in, self._events = f"ipc://{ipc}/stacks", f"ipc://{ipc}/events"
+        self.collector = Collector(
+            self._ctx,
+            stacks_in_endpoint=self._stacks_in,
+            events_endpoint=self._events,
+            stacks_pub_endpoint=cfg.endpoints.stacks,
+            ledger=self.ledger,
+            metrics=self.metrics,
+            recorder=self.recorder,
+        )
+        self.router = Router(
+            self._ctx,
+            frames_endpoint=cfg.endpoints.frames,
+            worker_endpoints=self._worker_endpoints,
+            ledger=self.ledger,
+            metrics=self.metrics,
+            recorder=self.recorder,
+            raw_endpoint=cfg.endpoints.recorder,
+        )
+        self._status = StatusPublisher(self._ctx, cfg.endpoints.status)
+        self.collector.start()
+        self.router.start()
+        for i in range(self.n_workers):
+            self._spawn(i)
+        self._wait_ready()
+        self._start_display()
+        self._start_source()
+
+    def _choose_backend(self, plan: Plan) -> None:
+        """Say which backend runs and why others were skipped; run the measured pre-flight."""
+        from engine.runtime import load_backend, select
+
+        cfg, engine = self.config, self.config.engine
+        spec, reasons = select(engine.backends)
+        skipped = "; ".join(f"{n} skipped: {why}" for n, why in reasons.items()) or "none skipped"
+        print(f"backend: {spec.name} chosen (first available of {engine.backends}); {skipped}")
+        self.backend_name = spec.name
+        if not self.preflight_check:
+            return
+        backend = load_backend(
+            engine.model_path,
+            prefer=engine.backends,
+            precision=engine.precision,
+            intra_op_threads=engine.intra_op_threads,
+            max_batch=engine.max_batch,
+            frame_shape=tuple(cfg.source.frame_shape),
+        )
+        try:
+            self.backend_name = f"{backend.name} on {backend.device}"
+            frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
+            self.preflight_result = preflight(
+                backend, plan, frame_shape, float(cfg.source.rate_hz), self.n_workers
+            )
+        finally:
+            backend.close()
+        print(self.preflight_result.line(), flush=True)
+
+    def _start_recorder(self, plan: Plan) -> None:
+        """Open the run's OME-Zarr store (when recording is enabled)."""
+        rc, src = self.config.recorder, self.config.source
+        if not rc.enabled:
+            return
+        n_planes = int(plan.dpms_um.shape[0])
+        self.recorder = Recorder(
+            store_path(rc.path, self.output),
+            frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
+            pixel_size_um=float(src.pixel_size_um),
+            rate_hz=float(src.rate_hz),
+            planes_um=plan.planes_um or [float(i) for i in range(n_planes)],
+            config=self.config.model_dump(mode="json"),
+            keep_raw=rc.keep_raw,
+            keep_stacks=rc.keep_stacks,
+            frames_per_chunk=rc.frames_per_chunk,
+            compression=rc.compression,
+            min_free_mb=rc.min_free_mb,
+        )
+        print(f"recording to {self.recorder.path}", flush=True)
+
+    def _spawn(self, i: int) -> None:
+        """Start worker `i` (its "ready" event marks it in the ledger)."""
+        spec = WorkerSpec(
+            worker_id=i,
+            frames_endpoint=self._worker_endpoints[i],
+            stacks_endpoint=self._stacks_in,
+            events_endpoint=self._events,
+            config=self.config.model_dump(mode="json"),
+        )
+        proc = self._mp.Process(
+            target=worker_main, args=(spec, self._worker_stop), name=f"deepz-worker-{i}"
+        )
+        proc.start()
+        self._procs[i] = proc
+
+    def _wait_ready(self) -> None:
+        """Wait until every worker has loaded its backend; fail if one dies first."""
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while len(self.ledger.ready_workers()) < self.n_workers:
+            for i, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive():
+                    raise RuntimeError(f"worker {i} exited (code {proc.exitcode}) while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers not ready after {_READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+
+    def _start_display(self) -> None:
+        """Start the optional viewer as its own process (it may drop stacks)."""
+        if not self.config.display.enabled:
+            return
+        command = [
+            sys.executable,
+            "-m",
+            "live.display",
+            "--endpoint",
+            self.config.endpoints.stacks,
+            "--max-fps",
+            str(self.config.display.max_fps),
+        ]
+        self._display = subprocess.Popen(command)
+
+    def _start_source(self) -> None:
+        """Start the configured source on its own thread, sending to ``endpoints.frames``."""
+        if self.source_mode is None:
+            return
+        from live.hook import FrameSender
+        from live.sources import make_source
+
+        source = make_source(self.config)
+        self._sender = FrameSender(self.config.endpoints.frames)
+
+        def run_source() -> None:
+            try:
+                self._source_summary = source.run(self._sender, self._source_stop)
+            except Exception:
+                log.exception("source failed")
+                self.finish_reason = "source failed"
+
+        self._source_thread = threading.Thread(target=run_source, name="source", daemon=True)
+        self._source_thread.start()
+
+    # -- supervise ---------------------------------------------------------------------
+
+    def supervise(self, duration_s: float | None = None, *, quiet: bool = False) -> None:
+        """Print status each second and restart dead workers until duration, source end or stop."""
+        t_end = None if duration_s is None else time.monotonic() + duration_s
+        next_status = time.monotonic() + 1.0
+        while not self.stop_requested.is_set():
+            if t_end is not None and time.monotonic() >= t_end:
+                self.finish_reason = f"duration {duration_s:g} s reached"
+                break
+            if self._source_thread is not None and not self._source_thread.is_alive():
+                if self.finish_reason == "stopped":
+                    self.finish_reason = "source finished"
+                break
+            self.check_workers()
+            if time.monotonic() >= next_status:
+                next_status += 1.0
+                snap = self._snapshot()
+                if self._status is not None:
+                    self._status.publish(snap)
+                if not quiet:
+                    print(snap.status_line(), flush=True)
+            self.stop_requested.wait(0.05)
+
+    def check_workers(self) -> None:
+        """Restart any worker that died, counting the frames it held as lost."""
+        for i, proc in enumerate(self._procs):
+            if proc is None or proc.is_alive() or self._worker_stop.is_set():
+                continue
+            self.ledger.set_ready(i, False)
+            lost = self.ledger.take(i)
+            self.metrics.lose(lost)
+            self.metrics.restart()
+            log.error(
+                "worker %d died (exit code %s); %d frames lost (seqs %s); restarting it",
+                i,
+                proc.exitcode,
+                len(lost),
+                format_seqs(lost),
+            )
+            self._spawn(i)
+
+    def _snapshot(self) -> Any:
+        """Sample gauges into the metrics and take a snapshot."""
+        raw, stacks = self.recorder.counts() if self.recorder is not None else (0, 0)
+        self.metrics.set_gauges(
+            queue_depth=self.ledger.outstanding(),
+            recorder_backlog=self.recorder.backlog if self.recorder is not None else 0,
+            raw_recorded=raw,
+            stacks_recorded=stacks,
+        )
+        return self.metrics.snapshot()
+
+    def worker_pids(self) -> list[int | None]:
+        """Return the process ids of the workers (for supervision tests)."""
+        return [p.pid if p is not None else None for p in self._procs]
+
+    # -- stop --------------------------------------------------------------------------
+
+    def stop(self, worker_timeout_s: float = 60.0) -> RunSummary:
+        """Stop in order: source, router (drained), workers (drained), collector, recorder."""
+        if self._summary is not None:
+            return self._summary
+        self._source_stop.set()
+        if self._source_thread is not None:
+            self._source_thread.join(10.0)
+        if self._sender is not None and hasattr(self._sender, "close"):
+            self._sender.close()
+        if hasattr(self, "router"):
+            self._quiesce_router()
+        self._worker_stop.set()
+        for i, proc in enumerate(self._procs):
+            if proc is None:
+                continue
+            proc.join(worker_timeout_s)
+            if proc.is_alive():
+                log.error("worker %d did not finish in %.0f s: terminating it", i, worker_timeout_s)
+                proc.terminate()
+                proc.join(5.0)
+        time.sleep(0.2)  # let the last stacks and events arrive before the collector stops
+        if hasattr(self, "collector"):
+            self.collector.stop_event.set()
+            self.collector.join(10.0)
+        for i in range(self.n_workers):
+            unfinished = self.ledger.take(i)
+            if unfinished:
+                log.error(
+                    "%d frames unfinished at shutdown (seqs %s)",
+                    len(unfinished),
+                    format_seqs(unfinished),
+                )
+                self.metrics.lose(unfinished)
+        self._summary = self._finish()
+        return self._summary
+
+    def _quiesce_router(self) -> None:
+        """Stop the router once no frame has arrived for a moment (the pipe is drained)."""
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() - self.router.last_receive < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.router.stop_event.set()
+        self.router.join(10.0)
+
+    def _finish(self) -> RunSummary:
+        """Close the recorder, the display and the sockets; build the summary."""
+        snap = self._snapshot()
+        rec: RecorderSummary | None = None
+        source = _as_dict(self._source_summary)
+        summary = RunSummary(
+            frames_acquired=_frames_acquired(source, snap.frames_in + snap.malformed),
+            frames_in=snap.frames_in,
+            raw_recorded=0,
+            stacks_written=0,
+            skipped=snap.skipped_seqs,
+            lost=snap.lost_seqs,
+            malformed=snap.malformed,
+            worker_restarts=snap.worker_restarts,
+            latency_p50_ms=snap.latency_p50_ms,
+            latency_p99_ms=snap.latency_p99_ms,
+            backend=self.backend_name,
+            output=str(self.recorder.path) if self.recorder is not None else None,
+            source=source,
+            finish_reason=self.finish_reason,
+        )
+        if self.recorder is not None:
+            rec = self.recorder.close(run_summary=_jsonable(asdict(summary)))
+            summary.raw_recorded, summary.stacks_written = rec.raw_frames, rec.stacks
+            summary.recorder = asdict(rec)
+        if self._display is not None:
+            self._display.terminate()
+        if self._status is not None:
+            self._status.publish(snap)
+            self._status.close()
+        self._ctx.term()
+        self._tmp.cleanup()
+        return summary
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """Return a source summary as a plain dict (dataclass, pydantic model, dict or None)."""
+    if value is None:
+        return {}
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    elif hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        result: dict[str, Any] = _jsonable(value)
+        return result
+    return {"summary": repr(value)}
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON (paths and odd types become strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _frames_acquired(source: dict[str, Any], received: int) -> int | None:
+    """Frames the source acquired, from its summary when it says, else what arrived."""
+    for key in ("frames_acquired", "frames", "acquired", "frames_sent", "sent"):
+        if isinstance(source.get(key), int):
+            return int(source[key])
+    return received if not source else None
+
+
+def _one_line(err: BaseException) -> str:
+    """Collapse an exception message to one line."""
+    return " ".join(str(err).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the daemon from the command line; returns the process exit code."""
+    parser = argparse.ArgumentParser(prog="python -m live.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--scope", required=True, type=Path, help="the run's config.toml")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds to run (default: until the source ends or SIGINT/SIGTERM)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="OME-Zarr store (*.zarr) or a folder for one (default recorder.path)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument(
+        "--require-fit",
+        action="store_true",
+        help="exit with code 3 when the pre-flight says rate × planes does not fit",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from live.config import load_config
+
+        config = load_config(args.scope)
+    except (OSError, ValueError) as err:
+        print(f"error: bad config {args.scope}: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return run(
+        config,
+        duration_s=args.duration,
+        output=args.output,
+        workers=args.workers,
+        require_fit=args.require_fit,
+    )
+
+
+def run(
+    config: ScopeConfig,
+    *,
+    duration_s: float | None,
+    output: Path | None,
+    workers: int,
+    require_fit: bool = False,
+) -> int:
+    """Run one daemon with SIGINT/SIGTERM wired to a clean stop; print the summary."""
+    daemon = Daemon(config, output=output, workers=workers)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        daemon.finish_reason = signal.Signals(signum).name
+        daemon.stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        daemon.start()
+        if require_fit and daemon.preflight_result and not daemon.preflight_result.fits:
+            daemon.finish_reason = "pre-flight: does not fit"
+            code = EXIT_NO_FIT
+        else:
+            daemon.supervise(duration_s)
+    except Exception as err:
+        log.exception("daemon failed")
+        daemon.finish_reason = f"failed: {_one_line(err)}"
+        code = EXIT_FAILED
+    finally:
+        summary = daemon.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    print("\n".join(summary.lines()), flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The Deep-Z worker process: PULL frames, refocus them with `engine.runtime`, PUSH stacks back.
+
+Started by `live.run` with multiprocessing's 'spawn' context (one process per worker, so the
+network runs beside, not inside, the daemon's I/O threads). A receive thread PULLs frames into
+a bounded `FrameQueue` that applies the overload policy; the main thread builds the plane plan
+once from the config, runs one frame at a time through the backend and PUSHes each stack (same
+seq, camera timestamp, latency stamp). Events (ready, skipped seqs, done, fatal error) go back
+as small JSON messages; nothing is pickled on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import zmq
+
+from live.protocol import Message, ProtocolError, decode, encode_stack
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Event as MpEvent
+
+__all__ = ["POLICIES", "FrameQueue", "Plan", "WorkerSpec", "build_plan", "worker_main"]
+
+log = logging.getLogger(__name__)
+
+Policy = Literal["every_frame", "latest"]
+POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
+"""Overload policies: keep every frame (bounded, latency grows) or keep only the newest."""
+
+_POLL_MS = 100
+_QUIET_S = 0.3
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; passed once through 'spawn' at process start."""
+
+    worker_id: int
+    frames_endpoint: str
+    """The router's PUSH endpoint for this worker (the worker connects its PULL)."""
+    stacks_endpoint: str
+    """The collector's PULL endpoint (the worker connects its PUSH)."""
+    events_endpoint: str
+    """The collector's event PULL endpoint (JSON events)."""
+    config: dict[str, Any]
+    """The run's `ScopeConfig.model_dump(mode="json")`; the worker validates it again."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What each frame is refocused onto: the DPMs and how stacks are labelled."""
+
+    dpms_um: np.ndarray
+    planes_um: list[float] | None
+    surface_id: str | None
+
+
+def build_plan(config: Any) -> Plan:
+    """Build the DPM plan once from a `ScopeConfig` (``config.planes.build``)."""
+    plan = config.planes.build(tuple(config.source.frame_shape), config.source.pixel_size_um)
+    dpms = np.ascontiguousarray(plan.dpms_um, dtype=np.float32)
+    z_um = getattr(plan, "z_um", None)
+    planes = None if z_um is None else [float(z) for z in np.asarray(z_um).ravel()]
+    if planes is not None and len(planes) != dpms.shape[0]:
+        planes = None
+    surface = getattr(plan, "surface_id", None)
+    return Plan(dpms, planes, surface if isinstance(surface, str) else None)
+
+
+class FrameQueue:
+    """Bounded hand-off from the receive thread to the inference thread, with the policy.
+
+    ``every_frame``: `put` waits while `max_frames` are queued (the ZeroMQ pipe then fills and
+    the router skips, counted there). ``latest``: `put` replaces whatever is queued, and the
+    replaced frames' seqs are recorded as skipped.
+    """
+
+    def __init__(self, policy: Policy, max_frames: int) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"overload.policy {policy!r} is not one of {POLICIES}")
+        self.policy = policy
+        self.max_frames = 1 if policy == "latest" else max(1, max_frames)
+        self._items: deque[Message] = deque()
+        self._skipped: list[int] = []
+        self._cond = threading.Condition()
+
+    def put(self, message: Message, stop: threading.Event | None = None) -> None:
+        """Queue a frame under the policy (may wait under ``every_frame``)."""
+        with self._cond:
+            if self.policy == "latest":
+                self._skipped.extend(m.header.seq for m in self._items)
+                self._items.clear()
+            while len(self._items) >= self.max_frames and not (stop and stop.is_set()):
+                self._cond.wait(0.1)
+            self._items.append(message)
+            self._cond.notify_all()
+
+    def get(self, timeout_s: float) -> Message | None:
+        """Take the oldest queued frame, or None after `timeout_s`."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout_s)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def take_skipped(self) -> list[int]:
+        """Return and forget the seqs skipped since the last call."""
+        with self._cond:
+            skipped, self._skipped = self._skipped, []
+            return skipped
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+
+def worker_main(spec: WorkerSpec, stop: MpEvent) -> None:
+    """Run one worker until `stop` is set and its queue is drained (process entry point)."""
+    logging.basicConfig(level=logging.INFO, format=f"worker {spec.worker_id}: %(message)s")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    events = _socket(ctx, zmq.PUSH, spec.events_endpoint)
+    try:
+        _serve(spec, stop, ctx, events)
+    except Exception as err:
+        _event(events, spec.worker_id, "error", message=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        events.close(linger=1000)
+        ctx.term()
+
+
+def _serve(
+    spec: WorkerSpec, stop: MpEvent, ctx: zmq.Context[zmq.Socket[bytes]], events: zmq.Socket[bytes]
+) -> None:
+    """Load the plan and backend, then receive, refocus and send until stopped and drained."""
+    from engine.runtime import load_backend
+    from live.config import ScopeConfig
+
+    config = ScopeConfig.model_validate(spec.config)
+    plan = build_plan(config)
+    engine = config.engine
+    backend = load_backend(
+        engine.model_path,
+        prefer=engine.backends,
+        precision=engine.precision,
+        intra_op_threads=engine.intra_op_threads,
+        max_batch=engine.max_batch,
+        frame_shape=tuple(config.source.frame_shape),
+    )
+    queue = FrameQueue(config.overload.policy, config.overload.max_queue_frames)
+    stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)
+    receiving = threading.Event()
+    receiving.set()
+    thread_stop = threading.Event()
+    receiver = threading.Thread(
+        target=_receive,
+        args=(ctx, spec.frames_endpoint, queue, stop, thread_stop, receiving),
+        name="receive",
+        daemon=True,
+    )
+    receiver.start()
+    _event(events, spec.worker_id, "ready", backend=backend.name, device=backend.device)
+    try:
+        done = 0
+        while receiving.is_set() or len(queue):
+            message = queue.get(0.1)
+            skipped = queue.take_skipped()
+            if skipped:
+                _event(events, spec.worker_id, "skipped", seqs=skipped)
+            if message is not None:
+                _send_stack(stacks, backend.infer(message.array, plan.dpms_um), message, plan)
+                done += 1
+        _event(events, spec.worker_id, "done", stacks=done)
+    finally:
+        thread_stop.set()
+        receiver.join(2.0)
+        stacks.close(linger=2000)
+        backend.close()
+
+
+def _receive(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    queue: FrameQueue,
+    stop: MpEvent,
+    thread_stop: threading.Event,
+    receiving: threading.Event,
+) -> None:
+    """PULL frames into `queue` until `stop` is set and the pipe has been quiet a moment."""
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    pull.rcvhwm = 2
+    pull.connect(endpoint)
+    quiet_since: float | None = None
+    try:
+        while not thread_stop.is_set():
+            if not pull.poll(_POLL_MS):
+                if stop.is_set():
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > _QUIET_S:
+                        break
+                continue
+            quiet_since = None
+            parts = pull.recv_multipart(copy=False)
+            try:
+                message = decode(parts)
+            except ProtocolError as err:  # the router validated it: this is a bug upstream
+                log.error("dropped malformed frame from the router: %s", err)
+                continue
+            queue.put(message, thread_stop)
+    finally:
+        pull.close()
+        receiving.clear()
+
+
+def _send_stack(socket: zmq.Socket[bytes], planes: np.ndarray, frame: Message, plan: Plan) -> None:
+    """Encode and PUSH one stack (blocking: the collector always drains)."""
+    header = frame.header
+    latency_ms = max(0.0, (time.time() - header.timestamp_s) * 1e3)
+    parts = encode_stack(
+        np.ascontiguousarray(planes, dtype=np.float32),
+        seq=header.seq,
+        timestamp_s=header.timestamp_s,
+        focus_um=header.focus_um,
+        planes_um=plan.planes_um,
+        surface_id=plan.surface_id,
+        latency_ms=latency_ms,
+    )
+    socket.send_multipart(parts, copy=False)
+
+
+def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
+    """Return a connected socket with linger 0 (sends are flushed explicitly at close)."""
+    socket = ctx.socket(kind)
+    socket.linger = 0
+    socket.connect(endpoint)
+    return socket
+
+
+def _event(socket: zmq.Socket[bytes], worker_id: int, event: str, **fields: Any) -> None:
+    """Send one JSON event to the daemon."""
+    payload = {"event": event, "worker": worker_id, **fields}
+    socket.send(json.dumps(payload, separators=(",", ":")).encode())
