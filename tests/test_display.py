@@ -1,0 +1,58 @@
+"""Display client: keeps only the newest stack from a real PUB socket and counts the drops."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zmq
+
+from live.display import LatestStack
+from live.protocol import encode_stack
+
+
+def test_latest_stack_keeps_newest_and_counts_drops() -> None:
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    client = LatestStack(f"tcp://127.0.0.1:{port}", ctx)
+    try:
+        probe = np.zeros((2, 16, 16), np.float32)
+        # PUB drops until the subscription has propagated: send probes until one arrives.
+        deadline = time.monotonic() + 10
+        while client.poll(50) is None:
+            assert time.monotonic() < deadline, "subscriber never connected"
+            pub.send_multipart(
+                encode_stack(probe, seq=0, timestamp_s=0.0, focus_um=0.0, latency_ms=0.0)
+            )
+        time.sleep(0.2)
+        client.poll(100)  # drain late probes
+        dropped_before = client.dropped
+        for seq in range(1, 4):
+            stack = np.full((2, 16, 16), seq, np.float32)
+            stack[1, 3, 3] = 10 * seq
+            pub.send_multipart(
+                encode_stack(
+                    stack,
+                    seq=seq,
+                    timestamp_s=1.0,
+                    focus_um=0.0,
+                    planes_um=[-1.0, 1.0],
+                    latency_ms=2.5,
+                ),
+                copy=False,
+            )
+        time.sleep(0.2)  # all three are waiting at the subscriber
+        view = client.poll(1000)
+        assert view is not None
+        assert view.seq == 3 and view.planes_um == (-1.0, 1.0) and view.latency_ms == 2.5
+        assert client.dropped - dropped_before == 2
+        assert view.max_projection.shape == (16, 16) and view.max_projection[3, 3] == 30
+        assert view.volume.flags.writeable
+        pub.send_multipart([b"{}", b""])
+        assert client.poll(500) is None and client.malformed == 1
+    finally:
+        client.close()
+        pub.close()
+        ctx.term()
