@@ -1,0 +1,238 @@
+"""Digital Propagation Matrices (DPMs): per-pixel refocusing distances in µm.
+
+A DPM is a float32 (H, W) array, the frame's shape, whose value at a pixel is the axial
+distance (µm) from the frame's focal plane to the wanted surface there. The sign follows the
+optics simulator's z axis (`engine.optics`): a DPM of +d asks for the plane whose focal
+position is ``z + d`` in a focal stack's `z_um` order (positive = deeper, further from the
+objective). A `VolumePlan` is an ordered list of DPMs with labels: the virtual stack the
+engine computes for each frame. Scaling µm to the network's input happens only in
+`normalize_dpms` (re-exported from `engine.metadata`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.metadata import normalize_dpms
+
+__all__ = [
+    "DPMError",
+    "VolumePlan",
+    "from_image",
+    "normalize_dpms",
+    "polynomial",
+    "tilted",
+    "uniform",
+    "validate_dpm",
+    "with_drift",
+]
+
+
+class DPMError(ValueError):
+    """A DPM or volume plan is unusable: wrong shape, not finite, or outside the model's range."""
+
+
+def _check_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """Validate a frame shape (H, W) of positive ints."""
+    if len(shape) != 2 or any(int(s) != s or s < 1 for s in shape):
+        raise DPMError(f"DPM shape must be (H, W) with positive integer sides, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def _coords_um(
+    shape: tuple[int, int], pixel_size_um: float, center: tuple[float, float] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return x (1, W) and y (H, 1) offsets in µm of pixel centres from `center` (row, col)."""
+    h, w = _check_shape(shape)
+    if not pixel_size_um > 0:
+        raise DPMError(f"pixel_size_um must be > 0, got {pixel_size_um}")
+    cy, cx = ((h - 1) / 2, (w - 1) / 2) if center is None else center
+    x = (np.arange(w, dtype=np.float64) - cx)[None, :] * pixel_size_um
+    y = (np.arange(h, dtype=np.float64) - cy)[:, None] * pixel_size_um
+    return x, y
+
+
+def uniform(shape: tuple[int, int], z_um: float) -> np.ndarray:
+    """Build a flat DPM: refocus the whole frame by `z_um`."""
+    if not np.isfinite(z_um):
+        raise DPMError(f"z_um must be finite, got {z_um}")
+    return np.full(_check_shape(shape), z_um, dtype=np.float32)
+
+
+def tilted(
+    shape: tuple[int, int],
+    z0_um: float,
+    slope_x: float,
+    slope_y: float,
+    *,
+    pixel_size_um: float,
+    center: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Build a tilted plane ``z0 + slope_x·x + slope_y·y`` (slopes in µm per µm).
+
+    x, y are µm from `center` (row, col in pixels; default the frame centre), x along columns
+    and y along rows, so `z0_um` is the value at the centre.
+    """
+    x, y = _coords_um(shape, pixel_size_um, center)
+    out: np.ndarray = (z0_um + slope_x * x + slope_y * y).astype(np.float32)
+    return out
+
+
+def polynomial(
+    shape: tuple[int, int],
+    coefficients: Sequence[float],
+    *,
+    pixel_size_um: float,
+    center: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Build a rotationally symmetric surface ``c0 + c1·r² + c2·r⁴ + …`` (r in µm from `center`).
+
+    With ``(z0, a)`` this is the usual field-curvature model; `center` is (row, col) in pixels,
+    the frame centre by default.
+    """
+    coeffs = [float(c) for c in coefficients]
+    if not coeffs or not all(np.isfinite(coeffs)):
+        raise DPMError(
+            f"coefficients must be a non-empty list of finite numbers, got {coefficients!r}"
+        )
+    x, y = _coords_um(shape, pixel_size_um, center)
+    r2 = x**2 + y**2
+    out = np.zeros(r2.shape)
+    for c in reversed(coeffs):
+        out = out * r2 + c
+    result: np.ndarray = out.astype(np.float32)
+    return result
+
+
+def with_drift(dpm_um: np.ndarray, offset_um: float) -> np.ndarray:
+    """Return the DPM shifted by a per-frame axial offset (e.g. measured focus drift)."""
+    if not np.isfinite(offset_um):
+        raise DPMError(f"offset_um must be finite, got {offset_um}")
+    out: np.ndarray = (np.asarray(dpm_um, dtype=np.float32) + np.float32(offset_um)).astype(
+        np.float32, copy=False
+    )
+    return out
+
+
+def from_image(path: str | Path) -> np.ndarray:
+    """Read a DPM (µm) from a single-plane TIFF image."""
+    import tifffile
+
+    path = Path(path)
+    if not path.is_file():
+        raise DPMError(f"DPM file not found: {path}")
+    try:
+        data = tifffile.imread(path)
+    except Exception as exc:
+        raise DPMError(f"{path}: cannot read DPM as TIFF: {exc}") from exc
+    data = np.squeeze(np.asarray(data))
+    if data.ndim != 2:
+        raise DPMError(f"{path}: a DPM image must be 2-D (H, W), got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise DPMError(f"{path}: DPM must be real numeric, got dtype {data.dtype}")
+    out: np.ndarray = data.astype(np.float32)
+    return out
+
+
+def validate_dpm(
+    dpm_um: np.ndarray,
+    frame_shape: tuple[int, int],
+    dz_range_um: tuple[float, float],
+    *,
+    allow_extrapolation: bool = False,
+) -> np.ndarray:
+    """Check a DPM against a frame and a model's trained range; return it as float32.
+
+    Raises `DPMError` when the shape differs from the frame, a value is not finite, or (unless
+    `allow_extrapolation`) a value lies outside `dz_range_um`, naming the offending range.
+    """
+    arr = np.asarray(dpm_um)
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise DPMError(f"DPM must be real numeric, got dtype {arr.dtype}")
+    if arr.shape != tuple(frame_shape):
+        raise DPMError(f"DPM shape {arr.shape} does not match the frame shape {tuple(frame_shape)}")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise DPMError(f"DPM has {int(np.sum(~np.isfinite(arr)))} non-finite values (NaN or inf)")
+    lo, hi = dz_range_um
+    vmin, vmax = float(arr.min()), float(arr.max())
+    if not allow_extrapolation and (vmin < lo or vmax > hi):
+        raise DPMError(
+            f"DPM values span [{vmin:g}, {vmax:g}] µm, outside the model's trained range "
+            f"[{lo:g}, {hi:g}] µm; set allow_extrapolation to refocus beyond it"
+        )
+    return arr
+
+
+def _z_label(z: float) -> str:
+    """Label of a uniform plane, e.g. ``z=+2.5um``."""
+    return f"z={z:+g}um"
+
+
+@dataclass(frozen=True)
+class VolumePlan:
+    """An ordered list of DPMs (P, H, W) float32 in µm with a label each.
+
+    `z_um` holds the plane offsets when every DPM is uniform (from `from_z`), else None.
+    """
+
+    dpms_um: np.ndarray
+    labels: tuple[str, ...]
+    z_um: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        d = self.dpms_um
+        if not isinstance(d, np.ndarray) or d.ndim != 3 or d.dtype != np.float32:
+            got = getattr(d, "shape", type(d).__name__), getattr(d, "dtype", None)
+            raise DPMError(f"VolumePlan.dpms_um must be a (P, H, W) float32 array, got {got}")
+        if d.shape[0] == 0:
+            raise DPMError("a VolumePlan needs at least one DPM")
+        if len(self.labels) != d.shape[0]:
+            raise DPMError(f"{len(self.labels)} labels for {d.shape[0]} DPMs")
+        if len(set(self.labels)) != len(self.labels):
+            raise DPMError(f"VolumePlan labels must be unique, got {self.labels}")
+        if self.z_um is not None and len(self.z_um) != d.shape[0]:
+            raise DPMError(f"{len(self.z_um)} z values for {d.shape[0]} DPMs")
+
+    def __len__(self) -> int:
+        return int(self.dpms_um.shape[0])
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(H, W) of the DPMs."""
+        return int(self.dpms_um.shape[1]), int(self.dpms_um.shape[2])
+
+    @classmethod
+    def from_z(cls, z_values: Sequence[float] | np.ndarray, shape: tuple[int, int]) -> VolumePlan:
+        """Build a plan of uniform planes at `z_values` (µm), labelled ``z=+2um`` etc."""
+        zs = tuple(float(z) for z in np.asarray(z_values, dtype=np.float64).reshape(-1))
+        dpms = (
+            np.stack([uniform(shape, z) for z in zs]) if zs else np.zeros((0, *shape), np.float32)
+        )
+        return cls(dpms.astype(np.float32, copy=False), tuple(_z_label(z) for z in zs), zs)
+
+    @classmethod
+    def from_dpms(cls, dpms_um: Sequence[np.ndarray], labels: Sequence[str]) -> VolumePlan:
+        """Build a plan of arbitrary DPMs (each (H, W), same shape) with their labels."""
+        arrays = [np.asarray(d, dtype=np.float32) for d in dpms_um]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DPMError(f"all DPMs of a plan must have the same shape, got {sorted(shapes)}")
+        return cls(np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.float32), tuple(labels))
+
+    def validate(
+        self,
+        frame_shape: tuple[int, int],
+        dz_range_um: tuple[float, float],
+        allow_extrapolation: bool = False,
+    ) -> None:
+        """Check every DPM with `validate_dpm`; the error names the failing plane's label."""
+        for label, dpm in zip(self.labels, self.dpms_um, strict=True):
+            try:
+                validate_dpm(dpm, frame_shape, dz_range_um, allow_extrapolation=allow_extrapolation)
+            except DPMError as exc:
+                raise DPMError(f"plane {label!r}: {exc}") from exc
