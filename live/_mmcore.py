@@ -1,0 +1,337 @@
+"""A real Micro-Manager core with a simulated camera, and the bridge pycromanager needs.
+
+pymmcore-plus's `UniMMCore` runs the real MMCore (C++) and lets devices be written in
+Python. `SimulatedCamera` is such a device (a `SimpleCameraDevice`) whose pixels come
+from a frame function, normally the optics simulator's moving, firing worm
+(`engine.optics.WormTimeSeries.frame`); `SimulatedFocusStage` is the Z drive it reads.
+`make_simulated_core` loads both into a `UniMMCore`, so acquisition code (snaps,
+sequence acquisitions, pymmcore-plus MDA, pycromanager's Python backend) runs
+unchanged against it.
+
+pycromanager's Python backend (`Engine`, `PythonBackendAcquisition`) expects the
+snake_case core that `mmpycorex` builds from a plain `pymmcore.CMMCore`; `SnakeCaseCore`
+maps those calls onto a `CMMCorePlus` (camelCase), and `pycromanager_backend` installs it
+as the active Python backend for the duration of a `with` block.
+
+This module imports pymmcore-plus (the ``mm`` extra) at import time; nothing else in
+`live` imports it at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:
+    from pymmcore_plus.experimental.unicore import (
+        SimpleCameraDevice,
+        StageDevice,
+        UniMMCore,
+    )
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the Micro-Manager sources need pymmcore-plus: pip install 'deepz-live[mm]'"
+    ) from exc
+
+__all__ = [
+    "META_FOCUS_UM",
+    "META_FRAME_INDEX",
+    "META_TIMESTAMP_S",
+    "FrameFn",
+    "SimulatedCamera",
+    "SimulatedFocusStage",
+    "SnakeCaseCore",
+    "TaggedImage",
+    "make_simulated_core",
+    "pycromanager_backend",
+]
+
+FrameFn = Callable[[int, float], np.ndarray]
+"""``frame_fn(index, focus_um) -> (H, W) uint16``: the pixels of camera frame `index`."""
+
+META_TIMESTAMP_S = "DeepZ-Timestamp-s"
+"""Image-metadata key: wall-clock time (``time.time()``) at which the frame was exposed."""
+META_FRAME_INDEX = "DeepZ-FrameIndex"
+"""Image-metadata key: the camera's own running frame counter (never reset by a sequence)."""
+META_FOCUS_UM = "DeepZ-Focus-um"
+"""Image-metadata key: the Z-drive position (µm) the frame was rendered at."""
+
+CAMERA_LABEL = "DeepZCamera"
+FOCUS_LABEL = "DeepZFocus"
+
+
+class SimulatedFocusStage(StageDevice):
+    """A Z drive that moves instantly; the simulated camera renders at its position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._position_um = 0.0
+
+    def set_position_um(self, val: float) -> None:
+        """Move to `val` µm (instantly)."""
+        self._position_um = float(val)
+
+    def get_position_um(self) -> float:
+        """Return the current position in µm."""
+        return self._position_um
+
+    def home(self) -> None:
+        """Move to 0 µm."""
+        self._position_um = 0.0
+
+    def stop(self) -> None:
+        """Nothing to stop: moves are instantaneous."""
+
+    def set_origin(self) -> None:
+        """Make the current position 0 µm."""
+        self._position_um = 0.0
+
+
+class SimulatedCamera(SimpleCameraDevice):
+    """A Micro-Manager camera whose frames come from `frame_fn`, paced like a real camera.
+
+    With `rate_hz` set, frame ``i`` of a sequence is delivered no earlier than
+    ``start + i / rate_hz`` (a camera running free at its frame rate); with ``rate_hz=None``
+    frames come as fast as `frame_fn` makes them. Each frame carries its exposure time
+    (`META_TIMESTAMP_S`), the camera's running frame index (`META_FRAME_INDEX`) and the
+    focus position it was rendered at (`META_FOCUS_UM`) in its image metadata.
+    """
+
+    def __init__(
+        self,
+        frame_fn: FrameFn,
+        frame_shape: tuple[int, int],
+        *,
+        rate_hz: float | None = None,
+        exposure_ms: float = 10.0,
+        focus: SimulatedFocusStage | None = None,
+    ) -> None:
+        super().__init__()
+        if len(frame_shape) != 2 or min(frame_shape) < 1:
+            raise ValueError(f"frame_shape must be (height, width) > 0, got {frame_shape!r}")
+        if rate_hz is not None and not rate_hz > 0:
+            raise ValueError(f"rate_hz must be > 0 or None (free-running), got {rate_hz!r}")
+        self._frame_fn = frame_fn
+        self._shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self._exposure_ms = float(exposure_ms)
+        self._focus = focus
+        self.rate_hz = rate_hz
+        self.frame_index = 0
+        self._next_due = 0.0
+
+    def get_exposure(self) -> float:
+        """Return the exposure time in ms."""
+        return self._exposure_ms
+
+    def set_exposure(self, exposure: float) -> None:
+        """Set the exposure time in ms (metadata only: the simulator sets brightness)."""
+        self._exposure_ms = float(exposure)
+
+    def sensor_shape(self) -> tuple[int, int]:
+        """Return the sensor shape (height, width)."""
+        return self._shape
+
+    def dtype(self) -> type[np.uint16]:
+        """Return the pixel type: 16-bit camera counts."""
+        return np.uint16
+
+    def start_sequence(self, n: int | None, get_buffer: Any) -> Iterator[Mapping[str, str]]:
+        """Start a (paced) sequence: the first frame is due now, then one every 1/rate_hz."""
+        self._next_due = time.perf_counter()
+        yield from super().start_sequence(n, get_buffer)
+
+    def snap(self, buffer: np.ndarray) -> Mapping[str, str]:
+        """Wait for the frame's due time (when paced), render it into `buffer`, tag it."""
+        if self.rate_hz is not None:
+            self._wait_until_due()
+        focus_um = self._focus.get_position_um() if self._focus is not None else 0.0
+        index = self.frame_index
+        stamp = time.time()
+        buffer[...] = self._frame_fn(index, focus_um)
+        self.frame_index += 1
+        return {
+            META_TIMESTAMP_S: repr(stamp),
+            META_FRAME_INDEX: str(index),
+            META_FOCUS_UM: repr(focus_um),
+        }
+
+    def _wait_until_due(self) -> None:
+        """Sleep until the next frame is due; a camera that fell behind restarts its clock."""
+        assert self.rate_hz is not None
+        period = 1.0 / self.rate_hz
+        now = time.perf_counter()
+        if self._next_due > now:
+            time.sleep(self._next_due - now)
+        elif now - self._next_due > period:
+            self._next_due = now  # late by more than a frame: do not burst to catch up
+        self._next_due += period
+
+
+def make_simulated_core(
+    frame_fn: FrameFn,
+    frame_shape: tuple[int, int],
+    *,
+    rate_hz: float | None = None,
+    exposure_ms: float = 10.0,
+    pixel_size_um: float = 1.0,
+) -> UniMMCore:
+    """Build a `UniMMCore` with `SimulatedCamera` as Core-Camera and a Z drive as Core-Focus.
+
+    The returned core is a real MMCore: snaps, sequence acquisitions and MDA runs go
+    through the C++ core's device bookkeeping, with the camera's pixels made in Python.
+    """
+    # Point the adapter search path at a folder without C++ adapters: this skips the
+    # search for a Micro-Manager installation (none is needed for Python devices).
+    core = UniMMCore(mm_path=str(Path(__file__).parent))
+    stage = SimulatedFocusStage()
+    camera = SimulatedCamera(
+        frame_fn, frame_shape, rate_hz=rate_hz, exposure_ms=exposure_ms, focus=stage
+    )
+    core.loadPyDevice(FOCUS_LABEL, stage)
+    core.loadPyDevice(CAMERA_LABEL, camera)
+    core.initializeDevice(FOCUS_LABEL)
+    core.initializeDevice(CAMERA_LABEL)
+    core.setFocusDevice(FOCUS_LABEL)
+    core.setCameraDevice(CAMERA_LABEL)
+    core.setExposure(exposure_ms)
+    core.setAutoShutter(False)  # there is no shutter device to open and close
+    core.definePixelSizeConfig("deepz")
+    core.setPixelSizeUm("deepz", pixel_size_um)
+    core.setPixelSizeConfig("deepz")
+    return core
+
+
+def simulated_camera(core: UniMMCore) -> SimulatedCamera:
+    """Return the `SimulatedCamera` loaded by `make_simulated_core` (for pacing changes)."""
+    device = core._pydevices[CAMERA_LABEL]  # no public getter in 0.18
+    if not isinstance(device, SimulatedCamera):
+        raise TypeError(f"{CAMERA_LABEL!r} is a {type(device).__name__}, not a SimulatedCamera")
+    return device
+
+
+# --------------------------------------------------------------------------- pycromanager
+
+
+class TaggedImage:
+    """The (tags, pixels) pair that pycromanager's acquisition engine passes along."""
+
+    def __init__(self, tags: dict[str, Any] | None, pix: np.ndarray | None) -> None:
+        self.tags = tags
+        self.pix = pix
+
+
+_Tagged = TaggedImage
+
+
+def _camel_to_snake(name: str) -> str:
+    """``getXYStageDevice`` -> ``get_xy_stage_device``: mmpycorex's renaming rule."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def _snake_names(cls: type) -> dict[str, str]:
+    """Map every snake_case name mmpycorex would give a method of `cls` to its real name."""
+    names: dict[str, str] = {}
+    for name in dir(cls):
+        if not name.startswith("_"):
+            names.setdefault(_camel_to_snake(name), name)
+    return names
+
+
+class SnakeCaseCore:
+    """The snake_case core API pycromanager's Python backend calls, mapped onto a CMMCorePlus.
+
+    mmpycorex builds that API by renaming a plain `pymmcore.CMMCore`'s methods; here every
+    ``snake_case`` attribute resolves to the wrapped core's ``camelCase`` method, so the same
+    engine drives a `UniMMCore` with Python devices. The few MMCoreJ-style helpers the
+    engine also uses (`TaggedImage`, `get_tagged_image`, `pop_next_tagged_image`) are
+    written out below.
+    """
+
+    TaggedImage = TaggedImage
+
+    def __init__(self, core: Any, *, empty_wait_s: float = 0.0005) -> None:
+        self.core = core
+        self._names = _snake_names(type(core))
+        self._empty_wait_s = empty_wait_s
+
+    def __getattr__(self, name: str) -> Any:
+        """Resolve ``snake_case`` (or already camelCase) names on the wrapped core."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        target = self._names.get(name, name)
+        try:
+            return getattr(self.core, target)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self.core).__name__} has no {target!r} (asked for {name!r})"
+            ) from None
+
+    def get_tagged_image(
+        self, cam_index: int, camera: str, height: int, width: int, *_: Any
+    ) -> _Tagged:
+        """Return the last snapped image with the tags the engine reads (as mmpycorex does)."""
+        pix = self.core.getImage()
+        tags: dict[str, Any] = {
+            "Camera": camera,
+            "Height": height,
+            "Width": width,
+            "CameraChannelIndex": cam_index,
+        }
+        return _Tagged(tags, pix)
+
+    def pop_next_tagged_image(self) -> _Tagged:
+        """Pop the oldest image of a running sequence, or raise IndexError if none is there.
+
+        The engine polls this in a tight loop while it waits; a short sleep when the buffer
+        is empty keeps that loop from starving the camera thread of the GIL.
+        """
+        if self.core.getRemainingImageCount() == 0:
+            time.sleep(self._empty_wait_s)
+        pix, md = self.core.popNextImageAndMD()
+        return _Tagged(dict(md), pix)
+
+
+_BACKEND_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pycromanager_backend(core: Any) -> Iterator[SnakeCaseCore]:
+    """Make `core` pycromanager's active Python-backend core inside the ``with`` block.
+
+    Does what ``pycromanager.start_headless(python_backend=True)`` does with a core it
+    built itself (register it with mmpycorex, start the acquisition `Engine` on it), but
+    with our `CMMCorePlus` behind a `SnakeCaseCore`. ``pycromanager.Acquisition(...)`` then
+    builds a `PythonBackendAcquisition` on it. On exit the engine is shut down and
+    unregistered, so a later block may use another core. One block at a time per process.
+    """
+    try:
+        from mmpycorex import launcher
+        from pycromanager.acquisition.acq_eng_py.internal.engine import Engine
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the pycromanager hook needs pycromanager: pip install 'deepz-live[mm]'"
+        ) from exc
+    if not _BACKEND_LOCK.acquire(blocking=False):
+        raise RuntimeError("a pycromanager backend is already active in this process")
+    snake = SnakeCaseCore(core)
+    try:
+        if Engine.get_instance() is not None:
+            raise RuntimeError("pycromanager's Engine is already running (start_headless?)")
+        launcher._PYMMCORES.append(snake)
+        engine = Engine(snake)
+        try:
+            yield snake
+        finally:
+            engine.shutdown()
+            del Engine.singleton
+            launcher._PYMMCORES.remove(snake)
+    finally:
+        _BACKEND_LOCK.release()
