@@ -49,9 +49,11 @@ MAX_HEADER_BYTES = 65536
 """A header longer than this is rejected before JSON parsing (it cannot be one of ours)."""
 
 _NDIM: dict[str, int] = {"frame": 2, "stack": 3}
+_WIRE_DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
 _REQUIRED = ("version", "kind", "seq", "timestamp_s", "shape", "dtype")
 _OPTIONAL = ("focus_um", "planes_um", "surface_id", "latency_ms")
 _KNOWN = frozenset(_REQUIRED + _OPTIONAL)
+_REQUIRED_SET = frozenset(_REQUIRED)
 
 Part = bytes | memoryview | zmq.Frame
 
@@ -119,7 +121,7 @@ class Header:
     @property
     def nbytes(self) -> int:
         """Length in bytes that the pixel buffer must have."""
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * _WIRE_DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +203,7 @@ def decode(frames: Sequence[Part]) -> Message:
             f"buffer length {buffer.nbytes} B does not match shape {list(header.shape)} of "
             f"{header.dtype} ({header.nbytes} B) for seq {header.seq}"
         )
-    dtype = np.dtype(header.dtype).newbyteorder("<")
-    array = np.frombuffer(buffer, dtype=dtype).reshape(header.shape)
+    array = np.frombuffer(buffer, dtype=_WIRE_DTYPES[header.dtype]).reshape(header.shape)
     array.flags.writeable = False  # a view of the received buffer: consumers must copy to edit
     return Message(header, array)
 
@@ -217,11 +218,11 @@ def parse_header(raw: bytes) -> Header:
         raise ProtocolError(f"header is not valid UTF-8 JSON: {err}") from None
     if not isinstance(fields, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(fields).__name__}")
-    missing = [k for k in _REQUIRED if k not in fields]
-    if missing:
-        raise ProtocolError(f"header is missing {missing}")
-    unknown = sorted(set(fields) - _KNOWN)
-    if unknown:
+    if not _KNOWN.issuperset(fields) or not fields.keys() >= _REQUIRED_SET:
+        missing = [k for k in _REQUIRED if k not in fields]
+        if missing:
+            raise ProtocolError(f"header is missing {missing}")
+        unknown = sorted(set(fields) - _KNOWN)
         raise ProtocolError(f"header has unknown fields {unknown}; allowed: {sorted(_KNOWN)}")
     if fields["version"] != PROTOCOL_VERSION or isinstance(fields["version"], bool):
         raise ProtocolError(
@@ -291,12 +292,16 @@ def _check_stack_fields(h: Header) -> None:
 
 def _is_int(value: object) -> bool:
     """Whether `value` is a JSON integer (bool excluded)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    kind = type(value)
+    return kind is int or (kind is not bool and isinstance(value, int | np.integer))
 
 
 def _is_number(value: object) -> bool:
     """Whether `value` is a finite real number (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    kind = type(value)
+    if kind is float or kind is int:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if kind is bool or not isinstance(value, int | float | np.integer | np.floating):
         return False
     return math.isfinite(float(value))
 

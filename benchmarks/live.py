@@ -1,0 +1,200 @@
+"""Live-service benchmarks: wire transport, and the whole daemon end to end.
+
+``python -m benchmarks.live [--quick] [--skip-e2e]``
+
+Transport: frames/s and GB/s of 512² and 2048² uint16 frames through the project's protocol
+(header encode + validated decode + zero-copy) against raw pyzmq multipart PUSH/PULL of the same
+buffers and a plain memcpy, in the same run, over ipc and loopback tcp. End to end: the daemon
+on the simulated scope with the shipped model for N seconds at a few rate × planes settings;
+zero raw frames lost and zero skipped counts as sustained. JSON goes to
+``benchmarks/results/live.json``; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from live.protocol import decode, encode_frame
+
+RESULTS = Path(__file__).resolve().parent / "results" / "live.json"
+
+
+@dataclass
+class TransportResult:
+    """One transport measurement."""
+
+    method: str
+    transport: str
+    side: int
+    frames: int
+    seconds: float
+    frames_per_s: float
+    gb_per_s: float
+
+
+def _memcpy(frame: np.ndarray, n: int) -> float:
+    """Seconds to copy `frame` `n` times into a preallocated buffer."""
+    dst = np.empty_like(frame)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        np.copyto(dst, frame)
+    return time.perf_counter() - t0
+
+
+def _send(endpoint: str, side: int, n: int, use_protocol: bool) -> None:
+    """Child process: PUSH `n` frames of `side`² uint16 to `endpoint` (blocking sends)."""
+    frame = np.random.default_rng(0).integers(0, 4096, (side, side), dtype=np.uint16)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.sndhwm = 16
+    push.connect(endpoint)
+    raw_header = b'{"seq":0}'
+    for seq in range(n):
+        if use_protocol:
+            parts = encode_frame(frame, seq=seq, timestamp_s=time.time())
+        else:
+            parts = [raw_header, frame.data.cast("B")]
+        push.send_multipart(parts, copy=False)
+    push.close(linger=-1)
+    ctx.term()
+
+
+def _pipe(side: int, n: int, endpoint: str, use_protocol: bool) -> float:
+    """Seconds per frame × n for frames PUSHed by another process and PULLed (and decoded) here.
+
+    The clock runs from the first to the last frame received, so process start is excluded.
+    """
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.linger = 0
+    pull.rcvhwm = 16
+    if endpoint.startswith("tcp"):
+        endpoint = f"{endpoint}:{pull.bind_to_random_port(endpoint)}"
+    else:
+        pull.bind(endpoint)
+    child = mp.get_context("spawn").Process(target=_send, args=(endpoint, side, n, use_protocol))
+    child.start()
+    checksum = 0
+    t0 = 0.0
+    for i in range(n):
+        parts = pull.recv_multipart(copy=False)
+        if i == 0:
+            t0 = time.perf_counter()
+        if use_protocol:
+            checksum += int(decode(parts).array[0, 0])
+        else:
+            checksum += len(parts[1].buffer)
+    seconds = time.perf_counter() - t0
+    child.join()
+    pull.close()
+    ctx.term()
+    return seconds * n / (n - 1)
+
+
+def transport(quick: bool) -> list[TransportResult]:
+    """Measure memcpy, raw pyzmq and the protocol for 512² and 2048² uint16, same run."""
+    results: list[TransportResult] = []
+    tmp = tempfile.mkdtemp(prefix="deepz-bench-")
+    for side in (512, 2048):
+        frame = np.random.default_rng(0).integers(0, 4096, (side, side), dtype=np.uint16)
+        n = (400 if quick else 3000) if side == 512 else (40 if quick else 300)
+        runs: list[tuple[str, str, float]] = [("memcpy", "-", _memcpy(frame, n))]
+        for transport_name, endpoint in (("ipc", f"ipc://{tmp}/bench"), ("tcp", "tcp://127.0.0.1")):
+            for _ in range(2):  # best of two: the machine is shared
+                raw = _pipe(side, n, endpoint, use_protocol=False)
+                proto = _pipe(side, n, endpoint, use_protocol=True)
+                runs += [("raw pyzmq", transport_name, raw), ("protocol", transport_name, proto)]
+        best: dict[tuple[str, str], float] = {}
+        for method, where, seconds in runs:
+            best[(method, where)] = min(seconds, best.get((method, where), float("inf")))
+        for (method, where), seconds in best.items():
+            results.append(
+                TransportResult(
+                    method, where, side, n, seconds, n / seconds, n * frame.nbytes / seconds / 1e9
+                )
+            )
+    return results
+
+
+def end_to_end(
+    settings: list[tuple[float, int]], seconds: float, side: int
+) -> list[dict[str, Any]]:
+    """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
+    rows = []
+    for rate_hz, planes in settings:
+        row = run_setting(rate_hz=rate_hz, planes=planes, seconds=seconds, side=side)
+        rows.append(row)
+        print(
+            f"  e2e {side}² {rate_hz:g} Hz × {planes} planes: in {row['frames_in']}, "
+            f"raw {row['raw_recorded']}, stacks {row['stacks_written']}, skipped "
+            f"{row['skipped']}, lost {row['lost']}, p50/p99 {row['latency_p50_ms']}/"
+            f"{row['latency_p99_ms']} ms -> {'SUSTAINED' if row['sustained'] else 'not sustained'}",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmarks, print a table and write the JSON results."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.live", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer frames, shorter e2e runs")
+    parser.add_argument("--skip-e2e", action="store_true", help="transport only")
+    parser.add_argument("--seconds", type=float, default=None, help="e2e seconds per setting")
+    parser.add_argument("--side", type=int, default=128, help="e2e frame side (pixels)")
+    parser.add_argument(
+        "--settings", default=None, help="e2e rate×planes list, e.g. '10x5,20x5,10x11'"
+    )
+    args = parser.parse_args(argv)
+    results = transport(args.quick)
+    raw = {(r.side, r.transport): r.gb_per_s for r in results if r.method == "raw pyzmq"}
+    print(f"{'method':<10} {'via':<4} {'side':>5} {'frames/s':>10} {'GB/s':>7} {'vs raw':>7}")
+    for r in results:
+        ratio = f"{r.gb_per_s / raw[(r.side, r.transport)]:.0%}" if r.transport != "-" else ""
+        print(
+            f"{r.method:<10} {r.transport:<4} {r.side:>5} {r.frames_per_s:>10.1f} "
+            f"{r.gb_per_s:>7.2f} {ratio:>7}"
+        )
+    e2e: list[dict[str, Any]] = []
+    if not args.skip_e2e:
+        default = "5x3,10x3,20x3,10x7" if args.quick else "5x5,10x5,20x5,40x5,10x11,20x11"
+        settings = [
+            (float(s.split("x")[0]), int(s.split("x")[1]))
+            for s in (args.settings or default).split(",")
+        ]
+        seconds = args.seconds or (8.0 if args.quick else 60.0)
+        e2e = end_to_end(settings, seconds, args.side)
+        sustained = [r for r in e2e if r["sustained"]]
+        if sustained:
+            top = max(sustained, key=lambda r: r["rate_hz"] * r["planes"])
+            print(
+                f"highest sustained: {top['rate_hz']:g} Hz × {top['planes']} planes at "
+                f"{args.side}² (p50 {top['latency_p50_ms']} ms, p99 {top['latency_p99_ms']} ms)"
+            )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "command": "python -m benchmarks.live" + (" --quick" if args.quick else ""),
+        "transport": [asdict(r) for r in results],
+        "end_to_end": e2e,
+    }
+    RESULTS.write_text(json.dumps(record, indent=2))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
