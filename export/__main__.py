@@ -42,13 +42,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _onnx(args: argparse.Namespace) -> int:
     """Run the ONNX export and print the parity table."""
+    from engine.metadata import ModelMetadataError
     from export._onnx import ParityError, export_weights
 
     out = args.out or args.weights.with_suffix(".onnx")
     try:
         report = export_weights(args.weights, out, opset=args.opset)
-    except ParityError as exc:
-        print(exc, file=sys.stderr)
+    except (ParityError, FileNotFoundError, ModelMetadataError, ValueError) as exc:
+        print(f"export failed: {exc}", file=sys.stderr)
         return 1
     print(report.table())
     print(f"wrote {out}  (max abs {report.max_abs:.2e}, max rel {report.max_rel:.2e})")

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tensorrt as trt
 
-from engine.metadata import ModelMetadata, padded_shape
+from engine.metadata import ModelMetadata
 from engine.runtime._base import DEFAULT_MAX_BATCH, INPUT_NAME
-from export._cache import CacheEntry, EngineCache, EngineKey, file_sha256
+from export._cache import (
+    CacheEntry,
+    EngineCache,
+    EngineKey,
+    ShapeProfile,
+    file_sha256,
+    make_profile,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FRAME_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (512, 512), (1024, 1024))
-"""Frame sizes an engine covers when none are given (the benchmark sizes)."""
-OPT_BATCH = 41
-"""Plane batch the kernels are tuned for: the paper's 41-plane stack."""
 WORKSPACE_BYTES = 4 << 30
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
@@ -58,45 +60,6 @@ def gpu_name(device: int | None = None) -> str:
     props = cuda_check(rt.cudaGetDeviceProperties(index))
     name = props.name
     return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).strip("\0 ")
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """One TensorRT optimisation profile for the network input (N, 2, H, W)."""
-
-    min_shape: tuple[int, int, int, int]
-    opt_shape: tuple[int, int, int, int]
-    max_shape: tuple[int, int, int, int]
-
-    def covers(self, n: int, height: int, width: int) -> bool:
-        """Say whether a padded input (n, 2, height, width) fits the profile."""
-        lo, hi = self.min_shape, self.max_shape
-        return lo[0] <= n <= hi[0] and lo[2] <= height <= hi[2] and lo[3] <= width <= hi[3]
-
-
-def make_profile(
-    metadata: ModelMetadata,
-    frame_shapes: Sequence[tuple[int, int]] | None = None,
-    max_batch: int = DEFAULT_MAX_BATCH,
-) -> ShapeProfile:
-    """Build a profile covering 1 … `max_batch` planes and the padded `frame_shapes`.
-
-    The first frame shape and `min(OPT_BATCH, max_batch)` planes are the optimum the kernels
-    are timed at; the smallest and largest shapes bound H and W.
-    """
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, not {max_batch}")
-    shapes = list(frame_shapes or DEFAULT_FRAME_SHAPES)
-    if any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ValueError(f"frame shapes must be (height, width) >= 1, got {shapes}")
-    m = metadata.size_multiple
-    padded = [padded_shape(h, w, m) for h, w in shapes]
-    opt_n = min(OPT_BATCH, max_batch)
-    return ShapeProfile(
-        min_shape=(1, 2, min(h for h, _ in padded), min(w for _, w in padded)),
-        opt_shape=(opt_n, 2, *padded[0]),
-        max_shape=(max_batch, 2, max(h for h, _ in padded), max(w for _, w in padded)),
-    )
 
 
 def _load_timing_cache(config: Any, path: Path) -> Any:

@@ -33,3 +33,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=gpu_reason))
         if not run_slow and "slow" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="slow test: run with --run-slow"))
+
+
+TINY_ARCHITECTURE = {"channels": (4, 4, 8, 16), "global_skip": True}
+"""A 3-level DeepZ (2 pools, sides multiples of 4): exports and runs in well under a second."""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A random tiny DeepZ saved as .pt + .json and exported to .onnx (parity-checked) once.
+
+    Returns {"pt": Path, "onnx": Path, "metadata": ModelMetadata}; torch is imported here
+    only, when a test asks for the fixture.
+    """
+    import torch
+
+    from engine.metadata import ModelMetadata
+    from engine.model import DeepZ, save_model
+    from export._onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = DeepZ(**TINY_ARCHITECTURE).eval()
+    metadata = ModelMetadata(
+        name="deepz-tiny-test",
+        architecture=model.architecture,
+        size_multiple=model.size_multiple,
+        dz_range_um=(-10.0, 10.0),
+        pixel_size_um=0.3,
+        na=0.75,
+        wavelength_um=0.52,
+        trained_on="nothing: random weights for tests",
+    )
+    root = tmp_path_factory.mktemp("tiny_model")
+    pt = root / "deepz-tiny.pt"
+    save_model(model, metadata, pt)
+    onnx_path = root / "deepz-tiny.onnx"
+    export_onnx(model, metadata, onnx_path, source="tests")
+    return {"pt": pt, "onnx": onnx_path, "metadata": metadata}

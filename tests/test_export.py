@@ -1,0 +1,181 @@
+"""export: torch -> ONNX (checker, dynamic axes, metadata, parity) and the engine cache."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engine.metadata import ONNX_METADATA_KEY, ModelMetadata
+from engine.model import DeepZ
+from engine.runtime import load_backend
+from export._cache import (
+    CACHE_ENV,
+    EngineCache,
+    EngineKey,
+    default_cache_dir,
+    file_sha256,
+    make_profile,
+    read_plan_info,
+)
+from export._onnx import EXPORT_INFO_KEY, check_parity, random_inputs
+
+from .conftest import TINY_ARCHITECTURE
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_onnx_is_valid_with_dynamic_axes(tiny_model_files: dict[str, object]) -> None:
+    proto = onnx.load_model(str(tiny_model_files["onnx"]))
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,) = proto.graph.input
+    (out,) = proto.graph.output
+    assert inp.name == "input" and out.name == "output"
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["planes", 2, "height", "width"]
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert dims == ["planes", 1, "height", "width"]
+
+
+def test_metadata_round_trip(tiny_model_files: dict[str, object]) -> None:
+    proto = onnx.load_model(str(tiny_model_files["onnx"]))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert ModelMetadata.from_json(props[ONNX_METADATA_KEY]) == tiny_model_files["metadata"]
+    info = json.loads(props[EXPORT_INFO_KEY])
+    assert info["opset"] >= 17 and info["torch"] == torch.__version__
+    names = [c["name"] for c in info["parity_cases"]]
+    assert any(n.startswith("random") for n in names) and "simulated worm" in names
+    assert info["parity"]["max_rel"] < 1e-4
+
+
+def test_parity_on_random_and_simulated_inputs(tiny_model_files: dict[str, object]) -> None:
+    model, metadata = _tiny(tiny_model_files)
+    report = check_parity(tiny_model_files["onnx"], model, metadata, shapes=[(2, 20, 36)])  # type: ignore[arg-type]
+    assert report.ok, report.table()
+    assert [c.name for c in report.cases] == ["random 2x20x36", "simulated worm"]
+    assert report.max_rel < 1e-5
+    assert "max abs" in report.table()
+
+
+def test_parity_detects_a_different_model(tiny_model_files: dict[str, object]) -> None:
+    model, metadata = _tiny(tiny_model_files)
+    with torch.no_grad():
+        model.head.bias.add_(1e-2)
+    report = check_parity(tiny_model_files["onnx"], model, metadata, shapes=[(1, 16, 16)])  # type: ignore[arg-type]
+    assert not report.ok
+    assert report.max_abs == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_random_inputs_cover_the_dz_range(tiny_model_files: dict[str, object]) -> None:
+    metadata = tiny_model_files["metadata"]
+    x = random_inputs(metadata, (64, 8, 8))  # type: ignore[arg-type]
+    assert x.shape == (64, 2, 8, 8) and x.dtype == np.float32
+    assert -1.0 <= x[:, 1].min() < -0.5 and 0.5 < x[:, 1].max() <= 1.0
+
+
+def test_cli_exports_weights(tmp_path: Path, tiny_model_files: dict[str, object]) -> None:
+    out = tmp_path / "cli.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", "--weights", str(tiny_model_files["pt"])]
+        + ["--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "simulated worm" in result.stdout and f"wrote {out}" in result.stdout
+    backend = load_backend(out, prefer=["onnxruntime"])
+    assert backend.metadata == tiny_model_files["metadata"]
+
+
+def test_cli_rejects_missing_weights(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "onnx", "--weights", str(tmp_path / "none.pt")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "none.pt: weights file not found" in result.stderr
+
+
+def _tiny(files: dict[str, object]) -> tuple[DeepZ, ModelMetadata]:
+    from engine.model import load_model
+
+    return load_model(files["pt"])  # type: ignore[arg-type]
+
+
+def _key(**changes: object) -> EngineKey:
+    fields: dict[str, object] = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "tensorrt": "10.9.0",
+        "onnx_sha256": "ab" * 32,
+        "precision": "fp16",
+        "min_shape": (1, 2, 256, 256),
+        "opt_shape": (41, 2, 512, 512),
+        "max_shape": (64, 2, 1024, 1024),
+    }
+    fields.update(changes)
+    return EngineKey(**fields)  # type: ignore[arg-type]
+
+
+def test_engine_key_changes_with_every_field() -> None:
+    base = _key()
+    assert base.digest() == _key().digest()
+    for change in (
+        {"gpu": "NVIDIA A100"},
+        {"tensorrt": "10.10.0"},
+        {"onnx_sha256": "cd" * 32},
+        {"precision": "fp32"},
+        {"max_shape": (41, 2, 1024, 1024)},
+    ):
+        assert _key(**change).digest() != base.digest(), change
+    assert "/" not in base.file_stem("deepz slim/v1")
+
+
+def test_engine_cache_store_lookup_and_plan_info(
+    tmp_path: Path, tiny_model_files: dict[str, object]
+) -> None:
+    metadata = tiny_model_files["metadata"]
+    cache = EngineCache(tmp_path / "engines")
+    key = _key(onnx_sha256=file_sha256(tiny_model_files["onnx"]))  # type: ignore[arg-type]
+    assert cache.lookup(key, metadata.name) is None  # type: ignore[attr-defined]
+    entry = cache.store(key, metadata, b"plan bytes", tiny_model_files["onnx"])  # type: ignore[arg-type]
+    assert cache.lookup(key, metadata.name) == entry  # type: ignore[attr-defined]
+    assert entry.plan.read_bytes() == b"plan bytes"
+    assert read_plan_info(entry.plan) == (key, metadata)
+    assert cache.lookup(_key(precision="fp32"), metadata.name) is None  # type: ignore[attr-defined]
+    assert "H100" in cache.timing_cache(key.gpu, key.tensorrt).name
+
+
+def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir().parts[-3:] == (".cache", "deepz-live", "engines")
+
+
+def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, object]) -> None:
+    metadata = tiny_model_files["metadata"]
+    profile = make_profile(metadata, [(510, 510), (250, 1030)], max_batch=64)  # type: ignore[arg-type]
+    assert profile.min_shape == (1, 2, 252, 512)
+    assert profile.opt_shape == (41, 2, 512, 512)
+    assert profile.max_shape == (64, 2, 512, 1032)
+    assert profile.covers(41, 512, 512) and not profile.covers(65, 512, 512)
+    assert make_profile(metadata, [(256, 256)], max_batch=8).opt_shape == (8, 2, 256, 256)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="frame shapes"):
+        make_profile(metadata, [(0, 5)])  # type: ignore[arg-type]
+
+
+def test_tiny_architecture_is_what_the_fixture_uses(tiny_model_files: dict[str, object]) -> None:
+    metadata = tiny_model_files["metadata"]
+    assert metadata.architecture["channels"] == list(TINY_ARCHITECTURE["channels"])  # type: ignore[attr-defined, index]

@@ -1,0 +1,277 @@
+"""engine.runtime: the Backend protocol on every backend installed here, selection, bad files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from engine.metadata import ONNX_METADATA_KEY, ModelMetadata
+from engine.runtime import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    Backend,
+    BackendError,
+    available_backends,
+    load_backend,
+    select,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+AVAILABLE = available_backends()
+
+
+def _frame(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 4000, size=shape, dtype=np.uint16)
+
+
+def _dpms(n: int, shape: tuple[int, int]) -> np.ndarray:
+    dz = np.linspace(-8.0, 8.0, n, dtype=np.float32)
+    return np.ascontiguousarray(np.broadcast_to(dz[:, None, None], (n, *shape)))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_files: dict[str, object]) -> Backend:
+    """The torch backend on the tiny model: the ground truth of every parity test."""
+    return load_backend(tiny_model_files["onnx"], prefer=["torch"])  # type: ignore[arg-type]
+
+
+class BackendTests:
+    """Contract tests every backend must pass; subclasses set `backend_name`."""
+
+    backend_name = ""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def backend(cls, tiny_model_files: dict[str, object]) -> Backend:
+        options = {"frame_shape": (64, 96)} if cls.backend_name == "tensorrt" else {}
+        return load_backend(
+            tiny_model_files["onnx"],  # type: ignore[arg-type]
+            prefer=[cls.backend_name],
+            max_batch=8,
+            **options,
+        )
+
+    def test_attributes(self, backend: Backend, tiny_model_files: dict[str, object]) -> None:
+        assert isinstance(backend, Backend)
+        assert backend.name == self.backend_name
+        assert backend.metadata == tiny_model_files["metadata"]
+        assert backend.precision == "fp32"
+        assert isinstance(backend.device, str) and backend.device
+
+    @pytest.mark.parametrize(
+        ("n_images", "n_planes", "shape"),
+        [(1, 5, (64, 96)), (3, 3, (50, 70)), (1, 1, (64, 96)), (2, 2, (33, 64))],
+    )
+    def test_parity_with_torch(
+        self,
+        backend: Backend,
+        reference: Backend,
+        n_images: int,
+        n_planes: int,
+        shape: tuple[int, int],
+    ) -> None:
+        images = np.stack([_frame(shape, seed=i) for i in range(n_images)])
+        dpms = _dpms(n_planes, shape)
+        got = backend.infer(images, dpms)
+        want = reference.infer(images, dpms)
+        assert got.shape == (n_planes, *shape)
+        assert got.dtype == np.float32
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * scale)
+
+    def test_output_follows_input_intensity_scale(self, backend: Backend) -> None:
+        frame = _frame((64, 96)).astype(np.float32)
+        dpms = _dpms(3, (64, 96))
+        planes = backend.infer(frame, dpms)
+        scaled = backend.infer(frame * 10.0 + 500.0, dpms)
+        np.testing.assert_allclose(scaled, planes * 10.0 + 500.0, rtol=1e-4, atol=1e-2)
+        assert not np.allclose(planes[0], planes[-1])
+
+    def test_any_numeric_dtype(self, backend: Backend) -> None:
+        frame = _frame((32, 32))
+        dpms = _dpms(2, (32, 32))
+        base = backend.infer(frame, dpms)
+        for dtype in (np.uint8, np.int32, np.float64):
+            got = backend.infer(frame.astype(dtype) if dtype != np.uint8 else frame // 16, dpms)
+            assert got.shape == base.shape and got.dtype == np.float32
+        np.testing.assert_allclose(
+            backend.infer(frame.astype(np.float64), dpms), base, rtol=0, atol=1e-3
+        )
+
+    def test_splits_batches_larger_than_max_batch(
+        self, backend: Backend, reference: Backend
+    ) -> None:
+        frame = _frame((32, 32))
+        dpms = _dpms(19, (32, 32))
+        got = backend.infer(frame, dpms)
+        np.testing.assert_allclose(
+            got, reference.infer(frame, dpms), rtol=0, atol=2e-5 * np.abs(got).max()
+        )
+
+    @pytest.mark.parametrize(
+        ("images", "dpms", "message"),
+        [
+            (np.zeros((8, 8), bool), np.zeros((1, 8, 8), np.float32), "dtype bool"),
+            (np.zeros((8, 8), complex), np.zeros((1, 8, 8), np.float32), "real"),
+            (np.zeros((1, 1, 8, 8)), np.zeros((1, 8, 8), np.float32), "(N, H, W)"),
+            (np.zeros((8, 8)), np.zeros((1, 8, 9), np.float32), "does not match"),
+            (np.zeros((2, 8, 8)), np.zeros((3, 8, 8), np.float32), "broadcast"),
+            (np.zeros((8, 8)), np.full((1, 8, 8), np.nan, np.float32), "NaN"),
+            (np.zeros((8, 8)), np.array(["a"] * 64).reshape(1, 8, 8), "dpms_um"),
+        ],
+    )
+    def test_bad_input_is_a_clear_value_error(
+        self, backend: Backend, images: np.ndarray, dpms: np.ndarray, message: str
+    ) -> None:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            backend.infer(images, dpms)
+
+    def test_rate_check(self, backend: Backend) -> None:
+        assert backend.is_incompatible((32, 32), 2, rate_hz=1e-3) is False
+        reason = backend.is_incompatible((32, 32), 2, rate_hz=1e9)
+        assert isinstance(reason, str) and "Hz" in reason
+        assert "invalid" in str(backend.is_incompatible((0, 32), 2, rate_hz=1.0))
+
+
+@pytest.mark.skipif("onnxruntime" not in AVAILABLE, reason="onnxruntime is not installed")
+class TestOnnxRuntime(BackendTests):
+    backend_name = "onnxruntime"
+
+
+@pytest.mark.skipif("torch" not in AVAILABLE, reason="torch is not installed")
+class TestTorch(BackendTests):
+    backend_name = "torch"
+
+
+@pytest.mark.gpu
+class TestTensorRT(BackendTests):
+    backend_name = "tensorrt"
+
+
+def test_registry_order_and_names() -> None:
+    assert [spec.name for spec in BACKENDS] == ["tensorrt", "onnxruntime", "torch"]
+    for spec in BACKENDS:
+        assert spec.is_available() == (
+            importlib.util.find_spec(spec.module.rsplit("._", 1)[0]) is not None
+            and spec.name in AVAILABLE
+        )
+
+
+def test_select_falls_back_and_says_why() -> None:
+    spec, reasons = select(["tensorrt", "onnxruntime", "torch"])
+    if "tensorrt" in AVAILABLE:
+        assert spec.name == "tensorrt" and not reasons
+    else:
+        assert spec.name == "onnxruntime"
+        assert "tensorrt" in reasons["tensorrt"] and "pip install" in reasons["tensorrt"]
+    assert select(["torch"])[0].name == "torch"
+    with pytest.raises(ValueError, match="prefer must list backends"):
+        select(["tensorflow"])
+
+
+def test_load_backend_falls_back_past_a_backend_that_cannot_load(
+    tiny_model_files: dict[str, object],
+) -> None:
+    pt = tiny_model_files["pt"]
+    backend = load_backend(pt, prefer=["onnxruntime", "torch"])  # type: ignore[arg-type]
+    assert backend.name == "torch"
+    with pytest.raises(BackendError, match=r"onnxruntime: .*needs an \.onnx model"):
+        load_backend(pt, prefer=["onnxruntime"])  # type: ignore[arg-type]
+
+
+def test_unsupported_precision_is_skipped(tiny_model_files: dict[str, object]) -> None:
+    with pytest.raises(BackendError, match="supports precision"):
+        load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], precision="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_backend(tiny_model_files["onnx"], precision="fp8")  # type: ignore[arg-type]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"nope\.onnx: model file not found"):
+        load_backend(tmp_path / "nope.onnx")
+
+
+def test_corrupt_file_names_file_and_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.onnx"
+    bad.write_bytes(b"\x08\x07garbage, not a protobuf" * 10)
+    with pytest.raises(BackendError, match=r"corrupt\.onnx.*not a loadable ONNX model"):
+        load_backend(bad, prefer=["onnxruntime"])
+
+
+def _save(graph_model: onnx.ModelProto, path: Path, metadata: ModelMetadata | None) -> Path:
+    if metadata is not None:
+        graph_model.metadata_props.add(key=ONNX_METADATA_KEY, value=metadata.to_json())
+    onnx.save_model(graph_model, str(path))
+    return path
+
+
+def _identity_model(in_channels: int, out_channels: int) -> onnx.ModelProto:
+    """A valid ONNX graph that is not a Deep-Z model: a 1x1 conv with the given channels."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", in_channels, "h", "w"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", out_channels, "h", "w"])
+    weight = helper.make_tensor(
+        "w",
+        TensorProto.FLOAT,
+        [out_channels, in_channels, 1, 1],
+        [1.0] * in_channels * out_channels,
+    )
+    node = helper.make_node("Conv", ["input", "w"], ["output"])
+    graph = helper.make_graph([node], "not-deepz", [x], [y], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_model_without_metadata(tmp_path: Path) -> None:
+    path = _save(_identity_model(2, 1), tmp_path / "nometa.onnx", None)
+    with pytest.raises(
+        BackendError, match=rf"nometa\.onnx: no Deep-Z metadata.*{ONNX_METADATA_KEY}"
+    ):
+        load_backend(path, prefer=["onnxruntime"])
+
+
+def test_model_with_wrong_inputs(tmp_path: Path, tiny_model_files: dict[str, object]) -> None:
+    metadata = tiny_model_files["metadata"]
+    path = _save(_identity_model(3, 1), tmp_path / "wrong.onnx", metadata)  # type: ignore[arg-type]
+    with pytest.raises(BackendError, match=r"wrong\.onnx: input 'input' must be \(N, 2, H, W\)"):
+        load_backend(path, prefer=["onnxruntime"])
+
+
+def test_model_with_bad_metadata(tmp_path: Path) -> None:
+    model = _identity_model(2, 1)
+    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps({"name": "x"}))
+    path = tmp_path / "badmeta.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(BackendError, match=r"badmeta\.onnx: invalid Deep-Z metadata"):
+        load_backend(path, prefer=["onnxruntime"])
+
+
+def test_runtime_never_imports_torch(tiny_model_files: dict[str, object]) -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from engine.runtime import load_backend\n"
+        f"b = load_backend({str(tiny_model_files['onnx'])!r}, prefer=['tensorrt', 'onnxruntime'])\n"
+        "b.infer(np.ones((16, 16), np.uint16), np.zeros((2, 16, 16), np.float32))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(b.name)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("onnxruntime", "tensorrt")
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="shipped ONNX model not exported yet")
+def test_shipped_model_loads_without_side_files() -> None:
+    backend = load_backend(prefer=["onnxruntime"])
+    assert backend.metadata.size_multiple >= 1
+    planes = backend.infer(_frame((64, 64)), _dpms(2, (64, 64)))
+    assert planes.shape == (2, 64, 64) and np.isfinite(planes).all()
