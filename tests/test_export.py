@@ -83,8 +83,10 @@ def test_random_inputs_cover_the_dz_range(tiny_model_files: dict[str, object]) -
 def test_cli_exports_weights(tmp_path: Path, tiny_model_files: dict[str, object]) -> None:
     out = tmp_path / "cli.onnx"
     result = subprocess.run(
-        [sys.executable, "-m", "export", "onnx", "--weights", str(tiny_model_files["pt"])]
-        + ["--out", str(out)],
+        [
+            *(sys.executable, "-m", "export", "onnx"),
+            *("--weights", str(tiny_model_files["pt"]), "--out", str(out)),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
