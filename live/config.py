@@ -1,0 +1,524 @@
+"""The scope configuration: one validated pydantic tree, read from a TOML file.
+
+`load_config("config.toml")` returns a `ScopeConfig` or raises `ConfigError` with one message
+that names each bad key (dotted path), its value and what is allowed. Units are in field names
+(`rate_hz`, `pixel_size_um`). Relative paths in the file are resolved against the file's
+folder, and referenced files (model, replay recording, Micro-Manager config, DPM images) must
+exist. `config.model_dump(mode="json")` is saved with every recording.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
+from engine.optics import CameraConfig, OpticsConfig
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_MODEL_PATH",
+    "ConfigError",
+    "DisplayConfig",
+    "EndpointsConfig",
+    "EngineConfig",
+    "MicroManagerConfig",
+    "OverloadConfig",
+    "PlanesConfig",
+    "RecorderConfig",
+    "ReplayConfig",
+    "ScopeConfig",
+    "SimulatorConfig",
+    "SourceConfig",
+    "SurfaceConfig",
+    "load_config",
+]
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-slim.onnx"
+"""The shipped model, used when `engine.model_path` is not set."""
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config.toml"
+"""The shipped scope file (simulated scope, shipped model, CPU backend)."""
+MAX_PLANES = 1000
+"""Most planes a volume plan may have (a guard against typos such as step_um = 0.0001)."""
+
+
+class ConfigError(ValueError):
+    """The scope configuration is unusable; the message names the key, value and what is allowed."""
+
+
+class _BaseModel(BaseModel):
+    """Base of every config section: unknown keys are errors and assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve a relative path against the config file's folder (``context["base_dir"]``)."""
+    if path is None or path.is_absolute():
+        return path
+    ctx = info.context if isinstance(info.context, dict) else {}
+    base = ctx.get("base_dir")
+    return (Path(base) / path).resolve() if base is not None else path
+
+
+def _existing_file(path: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve `path` and require that it is an existing file."""
+    path = _resolve(path, info)
+    if path is not None and not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+FrameSide = Annotated[int, Field(ge=8, le=16384)]
+
+
+class SimulatorConfig(_BaseModel):
+    """The simulated scope: optics, camera and sample of `engine.optics.WormTimeSeries`."""
+
+    optics: OpticsConfig = Field(
+        default_factory=OpticsConfig,
+        description="Objective and indices (its pixel_size_um follows source.pixel_size_um).",
+    )
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="sCMOS camera model.")
+    sample: Literal["worm", "beads"] = Field("worm", description="What the simulated scope sees.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Random seed of the sample and noise.")
+
+
+class ReplayConfig(_BaseModel):
+    """Replay of a recorded run (OME-Zarr store or TIFF stack) as if it came from a camera."""
+
+    path: Path | None = Field(None, description="Recording to replay (file or .zarr folder).")
+    rate_hz: float | None = Field(
+        None, gt=0, le=10000, description="Replay rate (Hz); None = the recording's own rate."
+    )
+    loop: bool = Field(False, description="Start again at the end instead of stopping.")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        v = _resolve(v, info)
+        if v is not None and not v.exists():
+            raise ValueError(f"recording not found: {v}")
+        return v
+
+
+class MicroManagerConfig(_BaseModel):
+    """A Micro-Manager camera (through pycromanager / pymmcore-plus)."""
+
+    config_file: Path | None = Field(
+        None, description="Micro-Manager hardware configuration (.cfg); None = demo config."
+    )
+    camera: str | None = Field(None, description="Camera device label; None = the core camera.")
+
+    @field_validator("config_file")
+    @classmethod
+    def _cfg_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+
+class SourceConfig(_BaseModel):
+    """Where frames come from, and their geometry and timing."""
+
+    kind: Literal["simulated", "micromanager", "replay"] = Field(
+        "simulated", description="Frame source."
+    )
+    frame_shape: tuple[FrameSide, FrameSide] = Field(
+        (256, 256), description="Frame size (height, width) in pixels."
+    )
+    pixel_size_um: float = Field(0.3, gt=0, le=100, description="Pixel size at the sample (µm).")
+    rate_hz: float = Field(5.0, gt=0, le=10000, description="Camera frame rate (Hz).")
+    exposure_ms: float = Field(10.0, gt=0, le=60000, description="Exposure time per frame (ms).")
+    frame_count: int | None = Field(
+        None, ge=1, description="Stop after this many frames; None = run until stopped."
+    )
+    simulator: SimulatorConfig = Field(
+        default_factory=SimulatorConfig, description="Settings of the simulated scope."
+    )
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Replay settings.")
+    micromanager: MicroManagerConfig = Field(
+        default_factory=MicroManagerConfig, description="Micro-Manager settings."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SourceConfig:
+        optics = self.simulator.optics
+        if "pixel_size_um" not in optics.model_fields_set:
+            if optics.pixel_size_um != self.pixel_size_um:
+                self.simulator.optics = optics.model_copy(
+                    update={"pixel_size_um": self.pixel_size_um}
+                )
+        elif optics.pixel_size_um != self.pixel_size_um:
+            raise ValueError(
+                f"source.simulator.optics.pixel_size_um = {optics.pixel_size_um} differs from "
+                f"source.pixel_size_um = {self.pixel_size_um}; set only source.pixel_size_um"
+            )
+        if self.kind == "replay" and self.replay.path is None:
+            raise ValueError("source.kind = 'replay' needs source.replay.path (the recording)")
+        return self
+
+
+Backend = Literal["tensorrt", "onnxruntime", "torch"]
+
+
+def _default_backends() -> list[Backend]:
+    """TensorRT where it is available, else ONNX Runtime."""
+    return ["tensorrt", "onnxruntime"]
+
+
+class EngineConfig(_BaseModel):
+    """The Deep-Z model and how it runs."""
+
+    model_path: Path | None = Field(
+        None, description="Model file (.onnx, .pt or TensorRT plan); None = the shipped model."
+    )
+    backends: list[Backend] = Field(
+        default_factory=_default_backends,
+        min_length=1,
+        description="Backends to try, in order of preference; the first available one runs.",
+    )
+    precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="Inference precision.")
+    max_batch: int = Field(16, ge=1, le=1024, description="Most (frame, DPM) pairs per call.")
+    intra_op_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for inference; None = backend default."
+    )
+    allow_extrapolation: bool = Field(
+        False, description="Allow DPMs outside the model's trained range (less accurate)."
+    )
+
+    @field_validator("model_path")
+    @classmethod
+    def _model_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[Backend]) -> list[Backend]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"backends must not repeat, got {v}")
+        return v
+
+    def resolved_model_path(self) -> Path:
+        """Return the model file to load: `model_path`, or the shipped model."""
+        return self.model_path if self.model_path is not None else DEFAULT_MODEL_PATH
+
+
+class SurfaceConfig(_BaseModel):
+    """A named surface to refocus onto (one DPM of the volume plan)."""
+
+    name: str = Field(min_length=1, max_length=64, description="Label of the plane in outputs.")
+    kind: Literal["plane", "tilted", "polynomial", "file"] = Field(
+        "plane", description="Surface type."
+    )
+    z0_um: float = Field(0.0, ge=-1000, le=1000, description="Offset at the frame centre (µm).")
+    slope_x: float = Field(0.0, ge=-10, le=10, description="Tilt along x (µm per µm).")
+    slope_y: float = Field(0.0, ge=-10, le=10, description="Tilt along y (µm per µm).")
+    coefficients: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Polynomial c0 + c1·r² + c2·r⁴ + … (µm, r in µm from the centre).",
+    )
+    path: Path | None = Field(None, description="Single-plane TIFF DPM in µm (kind = 'file').")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+    @model_validator(mode="after")
+    def _needs(self) -> SurfaceConfig:
+        if self.kind == "polynomial" and self.coefficients is None:
+            raise ValueError(f"surface {self.name!r} of kind 'polynomial' needs coefficients")
+        if self.kind == "file" and self.path is None:
+            raise ValueError(f"surface {self.name!r} of kind 'file' needs path")
+        return self
+
+    def build(self, frame_shape: tuple[int, int], pixel_size_um: float) -> np.ndarray:
+        """Build the surface's DPM (H, W) float32 in µm."""
+        if self.kind == "plane":
+            return uniform(frame_shape, self.z0_um)
+        if self.kind == "tilted":
+            return tilted(
+                frame_shape, self.z0_um, self.slope_x, self.slope_y, pixel_size_um=pixel_size_um
+            )
+        if self.kind == "polynomial":
+            return polynomial(frame_shape, self.coefficients or [0.0], pixel_size_um=pixel_size_um)
+        dpm = from_image(self.path or Path())
+        if dpm.shape != tuple(frame_shape):
+            raise DPMError(
+                f"surface {self.name!r}: DPM image {self.path} is {dpm.shape}, "
+                f"the frames are {tuple(frame_shape)}"
+            )
+        return dpm
+
+
+class PlanesConfig(_BaseModel):
+    """The virtual stack: exactly one of a z range, a list of z values, or named surfaces."""
+
+    z_min_um: float | None = Field(None, ge=-1000, le=1000, description="First plane (µm).")
+    z_max_um: float | None = Field(None, ge=-1000, le=1000, description="Last plane (µm).")
+    step_um: float | None = Field(None, gt=0, le=1000, description="Plane spacing (µm).")
+    z_um: list[Annotated[float, Field(ge=-1000, le=1000)]] | None = Field(
+        None, min_length=1, max_length=MAX_PLANES, description="Explicit plane offsets (µm)."
+    )
+    surfaces: list[SurfaceConfig] | None = Field(
+        None, min_length=1, max_length=MAX_PLANES, description="Named surfaces (DPMs)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PlanesConfig:
+        range_keys = [self.z_min_um, self.z_max_um, self.step_um]
+        given = [
+            name
+            for name, present in (
+                ("z_min_um/z_max_um/step_um", any(v is not None for v in range_keys)),
+                ("z_um", self.z_um is not None),
+                ("surfaces", self.surfaces is not None),
+            )
+            if present
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of z_min_um/z_max_um/step_um, z_um or surfaces; "
+                f"got {' and '.join(given) if given else 'none'}"
+            )
+        if given[0].startswith("z_min"):
+            if any(v is None for v in range_keys):
+                raise ValueError("a z range needs all of z_min_um, z_max_um and step_um")
+            lo, hi, step = typing.cast(tuple[float, float, float], tuple(range_keys))
+            if lo > hi:
+                raise ValueError(f"z_min_um = {lo} must be <= z_max_um = {hi}")
+            if (hi - lo) / step + 1 > MAX_PLANES:
+                raise ValueError(f"the z range gives more than {MAX_PLANES} planes; raise step_um")
+        if self.surfaces is not None:
+            names = [s.name for s in self.surfaces]
+            if len(set(names)) != len(names):
+                raise ValueError(f"surface names must be unique, got {names}")
+        return self
+
+    def plane_z_um(self) -> list[float] | None:
+        """Return the uniform plane offsets (µm), or None when the plan is made of surfaces."""
+        if self.z_um is not None:
+            return [float(z) for z in self.z_um]
+        if self.z_min_um is not None and self.z_max_um is not None and self.step_um is not None:
+            n = int(np.floor((self.z_max_um - self.z_min_um) / self.step_um + 1e-9)) + 1
+            return [round(self.z_min_um + i * self.step_um, 6) for i in range(n)]
+        return None
+
+    def build(self, frame_shape: tuple[int, int], pixel_size_um: float) -> VolumePlan:
+        """Build the volume plan (DPMs in µm, labels) for frames of `frame_shape`."""
+        shape = (int(frame_shape[0]), int(frame_shape[1]))
+        zs = self.plane_z_um()
+        if zs is not None:
+            return VolumePlan.from_z(zs, shape)
+        surfaces = self.surfaces or []
+        return VolumePlan.from_dpms(
+            [s.build(shape, pixel_size_um) for s in surfaces], [s.name for s in surfaces]
+        )
+
+
+def _zmq_address(v: str) -> str:
+    """Require a ZeroMQ endpoint such as ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/x``."""
+    if not v.startswith(("tcp://", "ipc://", "inproc://")) or len(v.split("://", 1)[1]) == 0:
+        raise ValueError(
+            f"not a ZeroMQ address (tcp://host:port, ipc://path, inproc://name): {v!r}"
+        )
+    return v
+
+
+class EndpointsConfig(_BaseModel):
+    """ZeroMQ addresses of the pipeline; loopback by default (nothing listens on the network)."""
+
+    frames: str = Field("tcp://127.0.0.1:5555", description="Camera frames (PUSH → PULL).")
+    stacks: str = Field("tcp://127.0.0.1:5556", description="Refocused stacks (PUB → SUB).")
+    recorder: str = Field("tcp://127.0.0.1:5557", description="Frames and stacks to the recorder.")
+    status: str = Field("tcp://127.0.0.1:5558", description="Status and metrics (PUB).")
+
+    @field_validator("frames", "stacks", "recorder", "status")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _zmq_address(v)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> EndpointsConfig:
+        addrs = [self.frames, self.stacks, self.recorder, self.status]
+        if len(set(addrs)) != len(addrs):
+            raise ValueError(f"endpoints must be distinct, got {addrs}")
+        return self
+
+
+class RecorderConfig(_BaseModel):
+    """What is saved (OME-Zarr) and where."""
+
+    enabled: bool = Field(True, description="Record the run.")
+    path: Path = Field(Path("runs"), description="Folder that receives one store per run.")
+    keep_raw: bool = Field(True, description="Save the raw camera frames.")
+    keep_stacks: bool = Field(True, description="Save the refocused stacks.")
+    frames_per_chunk: int = Field(1, ge=1, le=10000, description="Frames per Zarr chunk.")
+    compression: Literal["none", "zstd", "lz4"] = Field("lz4", description="Chunk compression.")
+    min_free_mb: int = Field(
+        500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, v: Path, info: ValidationInfo) -> Path:
+        return _resolve(v, info) or v
+
+
+class DisplayConfig(_BaseModel):
+    """The live viewer."""
+
+    enabled: bool = Field(False, description="Open a viewer window on the refocused stacks.")
+    max_fps: float = Field(10.0, gt=0, le=240, description="Most screen updates per second.")
+
+
+class OverloadConfig(_BaseModel):
+    """What happens when inference cannot keep up with the camera."""
+
+    policy: Literal["every_frame", "latest"] = Field(
+        "every_frame",
+        description="every_frame: refocus all, latency grows; latest: skip to the newest frame.",
+    )
+    max_queue_frames: int = Field(
+        256, ge=1, le=100000, description="Frames waiting for inference before the policy acts."
+    )
+
+
+def _default_planes() -> PlanesConfig:
+    """Nine planes from -8 to +8 µm."""
+    return PlanesConfig(z_min_um=-8.0, z_max_um=8.0, step_um=2.0)
+
+
+class ScopeConfig(_BaseModel):
+    """The whole scope file (`config.toml`), version 1."""
+
+    version: Literal[1] = Field(1, description="Config schema version.")
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Frame source.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Model and backend.")
+    planes: PlanesConfig = Field(default_factory=_default_planes, description="Virtual stack.")
+    endpoints: EndpointsConfig = Field(
+        default_factory=EndpointsConfig, description="ZeroMQ addresses."
+    )
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig, description="Recording.")
+    display: DisplayConfig = Field(default_factory=DisplayConfig, description="Viewer.")
+    overload: OverloadConfig = Field(default_factory=OverloadConfig, description="Overload policy.")
+
+    def volume_plan(self) -> VolumePlan:
+        """Build the planes' `VolumePlan` for this source's frame shape and pixel size."""
+        return self.planes.build(self.source.frame_shape, self.source.pixel_size_um)
+
+
+# -- loading and error messages ---------------------------------------------------------------
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """Find the pydantic model inside an annotation such as ``list[X] | None``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list, tuple, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _section(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Find the config model at `loc` (a path of keys from the root)."""
+    model: type[BaseModel] | None = ScopeConfig
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field is not None else None
+    return model
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """``("planes", "surfaces", 0, "kind")`` -> ``planes.surfaces[0].kind``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _short(value: Any) -> str:
+    """Return the repr of a value, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _describe(err: Any) -> str:
+    """One line for one pydantic error: key, value and what is allowed."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Literal/strict-type errors put the type name last in loc; drop tags that are not keys.
+    parent = _section(loc[:-1]) if loc else None
+    key = _dotted(loc)
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+        return f"unknown key {key} = {_short(err['input'])}; allowed keys here: {allowed}"
+    if err["type"] == "missing":
+        if loc and isinstance(loc[-1], int):
+            return f"{_dotted(loc[:-1])}: too few items (item [{loc[-1]}] is missing)"
+        return f"{key}: required key is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    model = _section(loc[:-1]) if loc and isinstance(loc[-1], str) else None
+    field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+    hint = f" ({field.description})" if field is not None and field.description else ""
+    return f"{key} = {_short(err['input'])}: {msg}{hint}"
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    """One message listing every error of a validation."""
+    lines = [_describe(e) for e in exc.errors(include_url=False)]
+    if len(lines) == 1:
+        return f"{source}: {lines[0]}"
+    return f"{source}: {len(lines)} problems:\n  - " + "\n  - ".join(lines)
+
+
+def validate_config(
+    data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
+) -> ScopeConfig:
+    """Validate a parsed TOML table strictly (no "5" for 5), raising `ConfigError`.
+
+    The table goes through JSON so that TOML arrays become tuples and strings become paths
+    while strict mode still refuses a string where a number belongs.
+    """
+    try:
+        text = json.dumps(data, default=str)
+        return ScopeConfig.model_validate_json(
+            text, strict=True, context={"base_dir": base_dir} if base_dir is not None else None
+        )
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load_config(path: str | Path) -> ScopeConfig:
+    """Read and validate a scope TOML file; any problem is one `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return validate_config(data, base_dir=path.resolve().parent, source=str(path))
