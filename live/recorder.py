@@ -53,8 +53,8 @@ RAW_PATH = "raw/0"
 """Array of raw camera frames (t, y, x) inside the store."""
 STACKS_PATH = "stacks/0"
 """Array of refocused stacks (t, z, y, x) inside the store."""
-COMPRESSIONS = ("none", "zstd", "blosc-lz4", "blosc-zstd", "gzip")
-"""Accepted values of ``recorder.compression``."""
+COMPRESSIONS = ("none", "zstd", "lz4", "blosc-lz4", "blosc-zstd", "gzip")
+"""Accepted values of ``recorder.compression`` ("lz4" is Blosc-LZ4 with bit shuffle)."""
 
 _ATTRS_EVERY_S = 2.0
 _INITIAL_T = 64
@@ -456,5 +456,5 @@ def _compressors(name: str) -> list[Any] | None:
         return [ZstdCodec(level=1)]
     if name == "gzip":
         return [GzipCodec(level=1)]
-    cname: Literal["lz4", "zstd"] = "lz4" if name == "blosc-lz4" else "zstd"
+    cname: Literal["lz4", "zstd"] = "zstd" if name == "blosc-zstd" else "lz4"
     return [BloscCodec(cname=cname, clevel=3, shuffle=BloscShuffle.bitshuffle)]

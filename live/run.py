@@ -254,7 +254,7 @@ class Daemon:
             precision=engine.precision,
             intra_op_threads=engine.intra_op_threads,
             max_batch=engine.max_batch,
-            frame_shape=tuple(cfg.source.frame_shape),
+            frame_shape=(int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1])),
         )
         try:
             self.backend_name = f"{backend.name} on {backend.device}"
@@ -507,9 +507,8 @@ def _jsonable(value: Any) -> Any:
 
 def _frames_acquired(source: dict[str, Any], received: int) -> int | None:
     """Frames the source acquired, from its summary when it says, else what arrived."""
-    for key in ("frames_acquired", "frames", "acquired", "frames_sent", "sent"):
-        if isinstance(source.get(key), int):
-            return int(source[key])
+    if isinstance(source.get("frames_sent"), int):
+        return int(source["frames_sent"]) + int(source.get("frames_dropped") or 0)
     return received if not source else None
 
 

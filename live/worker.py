@@ -55,7 +55,11 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class Plan:
-    """What each frame is refocused onto: the DPMs and how stacks are labelled."""
+    """What each frame is refocused onto: the DPMs and how stacks are labelled.
+
+    Uniform planes carry their offsets `planes_um`; surfaces carry their comma-joined labels as
+    `surface_id`.
+    """
 
     dpms_um: np.ndarray
     planes_um: list[float] | None
@@ -66,12 +70,9 @@ def build_plan(config: Any) -> Plan:
     """Build the DPM plan once from a `ScopeConfig` (``config.planes.build``)."""
     plan = config.planes.build(tuple(config.source.frame_shape), config.source.pixel_size_um)
     dpms = np.ascontiguousarray(plan.dpms_um, dtype=np.float32)
-    z_um = getattr(plan, "z_um", None)
-    planes = None if z_um is None else [float(z) for z in np.asarray(z_um).ravel()]
-    if planes is not None and len(planes) != dpms.shape[0]:
-        planes = None
-    surface = getattr(plan, "surface_id", None)
-    return Plan(dpms, planes, surface if isinstance(surface, str) else None)
+    if plan.z_um is not None:
+        return Plan(dpms, [float(z) for z in plan.z_um], None)
+    return Plan(dpms, None, ",".join(plan.labels))
 
 
 class FrameQueue:

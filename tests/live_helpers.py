@@ -1,0 +1,87 @@
+"""Helpers shared by the live-service tests: configs on free loopback ports, frame pushing."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from live.config import ScopeConfig, validate_config
+from live.protocol import encode_frame
+
+SIDE = 64
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def live_config(
+    tmp_path: Path,
+    model: Path,
+    *,
+    rate_hz: float = 20.0,
+    planes: list[float] | None = None,
+    policy: str = "every_frame",
+    max_queue_frames: int = 64,
+    frame_count: int | None = None,
+    side: int = SIDE,
+    **sections: dict[str, Any],
+) -> ScopeConfig:
+    """A small CPU config: `side`² simulated frames, the given model, free ports, records to tmp."""
+    data: dict[str, Any] = {
+        "source": {
+            "kind": "simulated",
+            "frame_shape": [side, side],
+            "rate_hz": rate_hz,
+            "exposure_ms": 5.0,
+            **({"frame_count": frame_count} if frame_count is not None else {}),
+        },
+        "engine": {"model_path": str(model), "backends": ["onnxruntime"], "intra_op_threads": 1},
+        "planes": {"z_um": planes or [-2.0, 0.0, 2.0]},
+        "endpoints": {
+            name: f"tcp://127.0.0.1:{free_port()}"
+            for name in ("frames", "stacks", "recorder", "status")
+        },
+        "recorder": {"path": str(tmp_path / "runs"), "compression": "lz4"},
+        "overload": {"policy": policy, "max_queue_frames": max_queue_frames},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return validate_config(data, source="test config")
+
+
+def push_frames(
+    endpoint: str,
+    seqs: list[int],
+    *,
+    side: int = SIDE,
+    rate_hz: float | None = None,
+    inject: dict[int, list[bytes]] | None = None,
+) -> None:
+    """PUSH frames with the given seqs (blocking sends), paced at `rate_hz` if given.
+
+    `inject` maps a position in `seqs` to a raw (malformed) message sent just before it.
+    """
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 5000
+    push.connect(endpoint)
+    rng = np.random.default_rng(0)
+    t0 = time.monotonic()
+    for i, seq in enumerate(seqs):
+        if inject and i in inject:
+            push.send_multipart(inject[i])
+        if rate_hz:
+            time.sleep(max(0.0, t0 + i / rate_hz - time.monotonic()))
+        frame = rng.integers(100, 1000, (side, side), dtype=np.uint16)
+        push.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()), copy=False)
+    push.close()
+    ctx.term()

@@ -1,0 +1,151 @@
+"""Worker: the overload policies of its queue, and a real worker process over real sockets."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from live.protocol import decode, encode_frame
+from live.worker import FrameQueue, WorkerSpec, build_plan, worker_main
+from tests.live_helpers import free_port, live_config
+
+
+def _message(seq: int):
+    return decode(encode_frame(np.full((4, 4), seq, np.uint16), seq=seq, timestamp_s=0.0))
+
+
+def test_every_frame_keeps_all_up_to_the_bound() -> None:
+    queue = FrameQueue("every_frame", 3)
+    for seq in range(3):
+        queue.put(_message(seq))
+    blocked = threading.Thread(target=queue.put, args=(_message(3),))
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive() and len(queue) == 3  # the fourth waits: nothing is dropped
+    got = [queue.get(1.0).header.seq for _ in range(4)]  # type: ignore[union-attr]
+    blocked.join(1.0)
+    assert got == [0, 1, 2, 3] and queue.take_skipped() == []
+    assert queue.get(0.01) is None
+
+
+def test_latest_keeps_only_the_newest_and_names_the_rest() -> None:
+    queue = FrameQueue("latest", 100)
+    for seq in range(5):
+        queue.put(_message(seq))
+    assert len(queue) == 1
+    assert queue.get(0.1).header.seq == 4  # type: ignore[union-attr]
+    assert queue.take_skipped() == [0, 1, 2, 3]
+    assert queue.take_skipped() == []
+    with pytest.raises(ValueError, match=r"overload\.policy 'oldest' is not one of"):
+        FrameQueue("oldest", 1)  # type: ignore[arg-type]
+
+
+class _Harness:
+    """The daemon's side of one worker: PUSH frames, PULL stacks and events, on loopback tcp."""
+
+    def __init__(self, config) -> None:
+        self.ctx = zmq.Context()
+        ports = [free_port() for _ in range(3)]
+        self.frames = self._bind(zmq.PUSH, ports[0])
+        self.frames.sndhwm = 1000
+        self.stacks = self._bind(zmq.PULL, ports[1])
+        self.events = self._bind(zmq.PULL, ports[2])
+        self.spec = WorkerSpec(
+            worker_id=0,
+            frames_endpoint=f"tcp://127.0.0.1:{ports[0]}",
+            stacks_endpoint=f"tcp://127.0.0.1:{ports[1]}",
+            events_endpoint=f"tcp://127.0.0.1:{ports[2]}",
+            config=config.model_dump(mode="json"),
+        )
+        spawn = mp.get_context("spawn")
+        self.stop = spawn.Event()
+        self.proc = spawn.Process(target=worker_main, args=(self.spec, self.stop))
+        self.proc.start()
+
+    def _bind(self, kind: int, port: int) -> zmq.Socket:
+        socket = self.ctx.socket(kind)
+        socket.linger = 0
+        socket.bind(f"tcp://127.0.0.1:{port}")
+        return socket
+
+    def event(self, timeout_ms: int = 60_000) -> dict:
+        assert self.events.poll(timeout_ms), "no event from the worker"
+        return json.loads(self.events.recv())
+
+    def close(self) -> None:
+        self.stop.set()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+        for s in (self.frames, self.stacks, self.events):
+            s.close()
+        self.ctx.term()
+
+
+def test_worker_process_refocuses_every_frame(tmp_path: Path, tiny_model_files) -> None:
+    from engine.runtime import load_backend
+
+    config = live_config(tmp_path, tiny_model_files["onnx"], planes=[-3.0, 0.0, 3.0])
+    harness = _Harness(config)
+    try:
+        ready = harness.event()
+        assert ready["event"] == "ready" and ready["backend"] == "onnxruntime"
+        rng = np.random.default_rng(1)
+        frames = [rng.integers(100, 3000, (64, 64), dtype=np.uint16) for _ in range(6)]
+        for seq, frame in enumerate(frames):
+            harness.frames.send_multipart(
+                encode_frame(frame, seq=seq, timestamp_s=time.time(), focus_um=1.5)
+            )
+        reference = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"])
+        dpms = build_plan(config).dpms_um
+        for seq, frame in enumerate(frames):
+            assert harness.stacks.poll(30_000)
+            msg = decode(harness.stacks.recv_multipart(copy=False))
+            assert msg.header.kind == "stack" and msg.header.seq == seq
+            assert msg.header.planes_um == (-3.0, 0.0, 3.0) and msg.header.focus_um == 1.5
+            assert msg.header.latency_ms is not None and msg.header.latency_ms >= 0
+            np.testing.assert_allclose(
+                msg.array, reference.infer(frame, dpms), rtol=1e-4, atol=1e-2
+            )
+        harness.stop.set()
+        assert harness.event()["event"] == "done"
+        harness.proc.join(30)
+        assert harness.proc.exitcode == 0
+    finally:
+        harness.close()
+
+
+def test_worker_latest_policy_accounts_for_every_frame(tmp_path: Path, tiny_model_files) -> None:
+    config = live_config(
+        tmp_path,
+        tiny_model_files["onnx"],
+        planes=[float(z) for z in range(-8, 9)],
+        policy="latest",
+    )
+    harness = _Harness(config)
+    try:
+        assert harness.event()["event"] == "ready"
+        sent = 60
+        for seq in range(sent):  # as fast as possible: far beyond the worker's capacity
+            frame = np.full((64, 64), 500 + seq, np.uint16)
+            harness.frames.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()))
+        harness.stop.set()
+        skipped: list[int] = []
+        while (event := harness.event())["event"] != "done":
+            if event["event"] == "skipped":
+                skipped += event["seqs"]
+        processed = []
+        while harness.stacks.poll(1000):
+            processed.append(decode(harness.stacks.recv_multipart(copy=False)).header.seq)
+        assert event["stacks"] == len(processed)
+        assert sorted(processed + skipped) == list(range(sent))  # each frame exactly once
+        assert skipped and processed[-1] == sent - 1  # overloaded, and the newest is refocused
+    finally:
+        harness.close()
