@@ -1,0 +1,201 @@
+"""The optics simulator: PSF against diffraction theory, image formation, camera, time series."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.optics import (
+    CameraConfig,
+    OpticsConfig,
+    WormTimeSeries,
+    default_z_um,
+    make_psf,
+    simulate_focal_stack,
+)
+from engine.optics._imaging import image_slices
+from engine.optics._samples import Grid, ObjectTable, rasterize
+
+
+def fwhm(profile: np.ndarray, step: float) -> float:
+    """Full width at half maximum of a single-peaked 1-D profile (linear interpolation)."""
+    p = profile / profile.max()
+    i = int(np.argmax(p))
+    left = i
+    while p[left] > 0.5:
+        left -= 1
+    right = i
+    while p[right] > 0.5:
+        right += 1
+    x_left = left + (0.5 - p[left]) / (p[left + 1] - p[left])
+    x_right = right - 1 + (p[right - 1] - 0.5) / (p[right - 1] - p[right])
+    return float((x_right - x_left) * step)
+
+
+def axial_theory_um(optics: OpticsConfig) -> float:
+    """Axial FWHM of a wide-field PSF: 0.88·λ / (n − sqrt(n² − NA²)), n = immersion index."""
+    n = optics.immersion_index
+    return 0.88 * optics.wavelength_um / (n - np.sqrt(n**2 - optics.na**2))
+
+
+def test_psf_lateral_fwhm_at_focus_matches_diffraction_limit():
+    optics = OpticsConfig(pixel_size_um=0.02)  # fine sampling to measure a 0.35 µm FWHM
+    psf = make_psf(optics, np.array([0.0]), 101)[0]
+    theory = 0.51 * optics.wavelength_um / optics.na
+    assert psf.shape == (101, 101) and psf.dtype == np.float32
+    assert np.unravel_index(np.argmax(psf), psf.shape) == (50, 50)
+    assert fwhm(psf[50], 0.02) == pytest.approx(theory, rel=0.10)
+    assert fwhm(psf[:, 50], 0.02) == pytest.approx(theory, rel=0.10)
+
+
+@pytest.mark.parametrize("immersion_index", [1.0, 1.33])
+def test_psf_axial_fwhm_matches_theory(immersion_index):
+    # Check: FWHM of the on-axis intensity vs defocus, within 15 % of 0.88·λ/(n − sqrt(n² − NA²))
+    # with n the immersion index: 1.35 µm for the 20x/0.75 air objective, 1.98 µm in water.
+    optics = OpticsConfig(pixel_size_um=0.1, immersion_index=immersion_index)
+    z = np.round(np.arange(-4.0, 4.0001, 0.05), 3)
+    on_axis = make_psf(optics, z, 33)[:, 16, 16]
+    assert z[int(np.argmax(on_axis))] == pytest.approx(0.0, abs=0.05)  # 0 = best focus
+    assert fwhm(on_axis, 0.05) == pytest.approx(axial_theory_um(optics), rel=0.15)
+
+
+def test_index_mismatch_makes_psf_asymmetric_about_focus():
+    z = np.array([-2.0, 2.0])
+    mismatched = make_psf(OpticsConfig(pixel_size_um=0.1), z, 65)
+    matched = make_psf(OpticsConfig(pixel_size_um=0.1, immersion_index=1.33), z, 65)
+    assert np.abs(matched[0] - matched[1]).sum() < 0.02  # symmetric when indices match
+    assert np.abs(mismatched[0] - mismatched[1]).sum() > 0.2  # asymmetric with air / water
+
+
+def test_psf_planes_have_unit_energy_and_are_cached():
+    optics = OpticsConfig()
+    z = default_z_um()
+    psf = make_psf(optics, z, 127)
+    np.testing.assert_allclose(psf.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert make_psf(optics, z, 127) is psf  # cached: repeated calls are free
+    assert not psf.flags.writeable
+    # a defocused plane is spread out: its peak is far below the in-focus peak
+    assert psf[0].max() < 0.05 * psf[20].max()
+
+
+def test_image_formation_conserves_energy_per_plane():
+    optics = OpticsConfig()
+    grid = Grid(0.0, 0.0, (256, 256), optics.pixel_size_um, np.arange(-2.0, 2.01, 0.5))
+    objects = ObjectTable(
+        x_um=np.array([38.4, 20.0]),
+        y_um=np.array([38.4, 50.0]),
+        z_um=np.array([0.3, -1.0]),
+        semi_axes_um=np.array([[1.2, 1.0, 1.1], [0.1, 0.1, 0.1]]),
+        angle_rad=np.array([0.4, 0.0]),
+        intensity=np.array([5e4, 2e3]),
+        kind=np.array(["nucleus", "bead"]),
+    )
+    density = rasterize(objects, grid)
+    assert density.sum() == pytest.approx(5.2e4, rel=1e-5)
+    planes = image_slices(density, grid.z_um, default_z_um(), optics)
+    assert planes.shape == (41, 256, 256)
+    np.testing.assert_allclose(planes.sum(axis=(1, 2), dtype=np.float64), 5.2e4, rtol=1e-4)
+
+
+def test_same_seed_same_stack_and_different_seed_differs():
+    z = np.array([-2.0, 0.0, 2.0])
+    a = simulate_focal_stack("mixed", shape=(64, 64), z_um=z, seed=3)
+    b = simulate_focal_stack("mixed", shape=(64, 64), z_um=z, seed=3)
+    c = simulate_focal_stack("mixed", shape=(64, 64), z_um=z, seed=4)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.clean, b.clean)
+    np.testing.assert_array_equal(a.objects.x_um, b.objects.x_um)
+    assert not np.array_equal(a.images, c.images)
+
+
+@pytest.fixture(scope="module")
+def worm_stack():
+    return simulate_focal_stack("worm", shape=(128, 256), seed=0)
+
+
+def test_worm_stack_shapes_truth_and_camera_scale(worm_stack):
+    s = worm_stack
+    cam = CameraConfig()
+    assert s.images.shape == s.clean.shape == (41, 128, 256)
+    assert s.images.dtype == np.uint16 and s.clean.dtype == np.float32
+    np.testing.assert_allclose(s.z_um, np.arange(-10, 10.01, 0.5))
+    assert s.pixel_size_um == pytest.approx(0.3)
+    nuclei = s.objects.kind == "nucleus"
+    assert nuclei.all() and len(s.objects) > 100
+    diameters = 2 * s.objects.semi_axes_um
+    assert diameters.min() >= 1.8 and diameters.max() <= 3.0
+    thickness = s.objects.z_um.max() - s.objects.z_um.min()
+    assert 15.0 <= thickness <= 30.0
+    assert s.clean.min() >= cam.offset_counts
+    # a bright in-focus nucleus is near peak_photons (QE · gain · photons above offset)
+    top = (s.clean.max() - cam.offset_counts) / (cam.quantum_efficiency * cam.gain_counts_per_e)
+    assert 0.2 * cam.peak_photons < top < 3 * cam.peak_photons
+
+
+def test_camera_noise_is_shot_plus_read_noise(worm_stack):
+    s = worm_stack
+    cam = CameraConfig()
+    residual = s.images.astype(np.float64) - s.clean
+    assert abs(residual.mean()) < 0.05 * residual.std()
+    # variance in counts² = gain · (clean − offset) + (gain · read noise)²
+    expected = (
+        cam.gain_counts_per_e * (s.clean - cam.offset_counts)
+        + (cam.gain_counts_per_e * cam.read_noise_e) ** 2
+    )
+    assert residual.var() == pytest.approx(expected.mean(), rel=0.05)
+
+
+def test_bead_in_focus_is_sharper_than_5um_off():
+    s = simulate_focal_stack("beads", shape=(128, 128), seed=1)
+    o = s.objects
+    px = s.pixel_size_um
+    cols, rows = o.x_um / px, o.y_um / px
+    inside = (cols > 20) & (cols < 108) & (rows > 20) & (rows < 108) & (np.abs(o.z_um) < 4.5)
+    candidates = np.flatnonzero(inside)
+    assert candidates.size > 0
+    for i in candidates:
+        others = np.hypot(cols - cols[i], rows - rows[i]) < 12
+        if others.sum() == 1:  # isolated
+            break
+    else:
+        pytest.fail("no isolated bead in the test stack")
+    r, c = round(rows[i]), round(cols[i])
+    focus = int(np.argmin(np.abs(s.z_um - o.z_um[i])))
+    off = int(np.argmin(np.abs(s.z_um - (o.z_um[i] + 5.0))))
+    offset = CameraConfig().offset_counts + 30 * 0.7 * 2  # offset + background
+    peak_in = s.clean[focus, r - 2 : r + 3, c - 2 : c + 3].max() - offset
+    peak_off = s.clean[off, r - 2 : r + 3, c - 2 : c + 3].max() - offset
+    assert peak_in > 10 * peak_off > 0
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="sample must be"):
+        simulate_focal_stack("cells", shape=(32, 32))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="z_um"):
+        simulate_focal_stack(shape=(32, 32), z_um=np.array([0.0, np.nan]))
+    with pytest.raises(ValueError, match="z_um"):
+        make_psf(OpticsConfig(), np.array([np.inf]), 33)
+    with pytest.raises(ValueError):
+        OpticsConfig(na=2.0)
+
+
+def test_worm_time_series_moves_fires_and_refocuses():
+    ts = WormTimeSeries((128, 128), seed=2, rate_hz=100.0)
+    f0 = ts.frame(0)
+    assert f0.shape == (128, 128) and f0.dtype == np.uint16
+    np.testing.assert_array_equal(f0, ts.frame(0))  # reproducible
+    t0, t1 = ts.truth(0), ts.truth(1500)  # 15 s apart
+    assert len(t0) == len(ts.objects) > 50
+    assert not np.allclose(t0.x_um, t1.x_um)  # body motion
+    assert not np.allclose(t0.intensity / t1.intensity, 1.0)  # activity changes
+    act = np.stack([ts.activity(i) for i in range(0, 3000, 10)])
+    assert act.min() >= 0.3 and act.max() > 0.8  # baseline plus calcium transients
+    # a nucleus is brightest when the focus is on it
+    px = ts.optics.pixel_size_um
+    rows, cols = np.round(t0.y_um / px).astype(int), np.round(t0.x_um / px).astype(int)
+    inside = (rows >= 3) & (rows < 125) & (cols >= 3) & (cols < 125)
+    i = int(np.flatnonzero(inside)[np.argmax(t0.intensity[inside])])
+    r, c = rows[i], cols[i]
+    on = ts.expected_photons(0, focus_um=float(t0.z_um[i]))[r - 3 : r + 4, c - 3 : c + 4]
+    away = ts.expected_photons(0, focus_um=float(t0.z_um[i]) + 6)[r - 3 : r + 4, c - 3 : c + 4]
+    assert on.max() > 1.5 * away.max()
