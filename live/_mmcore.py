@@ -124,6 +124,7 @@ class SimulatedCamera(SimpleCameraDevice):
         self._focus = focus
         self.rate_hz = rate_hz
         self.frame_index = 0
+        self.last_metadata: dict[str, str] = {}
         self._next_due = 0.0
 
     def get_exposure(self) -> float:
@@ -156,11 +157,12 @@ class SimulatedCamera(SimpleCameraDevice):
         stamp = time.time()
         buffer[...] = self._frame_fn(index, focus_um)
         self.frame_index += 1
-        return {
+        self.last_metadata = {
             META_TIMESTAMP_S: repr(stamp),
             META_FRAME_INDEX: str(index),
             META_FOCUS_UM: repr(focus_um),
         }
+        return self.last_metadata
 
     def _wait_until_due(self) -> None:
         """Sleep until the next frame is due; a camera that fell behind restarts its clock."""
@@ -277,7 +279,11 @@ class SnakeCaseCore:
     def get_tagged_image(
         self, cam_index: int, camera: str, height: int, width: int, *_: Any
     ) -> _Tagged:
-        """Return the last snapped image with the tags the engine reads (as mmpycorex does)."""
+        """Return the last snapped image with the tags the engine reads (as mmpycorex does).
+
+        Like MMCoreJ's tagged images, the tags also carry the focus position and, for a
+        Python camera that keeps them (`SimulatedCamera`), the camera's own frame tags.
+        """
         pix = self.core.getImage()
         tags: dict[str, Any] = {
             "Camera": camera,
@@ -285,7 +291,15 @@ class SnakeCaseCore:
             "Width": width,
             "CameraChannelIndex": cam_index,
         }
+        if self.core.getFocusDevice():
+            tags["ZPosition_um"] = self.core.getPosition()
+        is_py_device = getattr(self.core, "isPyDevice", None)
+        if is_py_device is not None and is_py_device(camera):
+            tags.update(getattr(self.core._pydevices[camera], "last_metadata", {}))
         return _Tagged(tags, pix)
+
+    def prepare_sequence_acquisition(self, camera: str) -> None:
+        """Do nothing: a no-op (and deprecated) since MMCore 11.13; the engine still calls it."""
 
     def pop_next_tagged_image(self) -> _Tagged:
         """Pop the oldest image of a running sequence, or raise IndexError if none is there.

@@ -60,7 +60,7 @@ MAX_DROPPED_SEQS = 100_000
 """`FrameSender.dropped_seqs` keeps the first this many dropped seqs; `dropped` counts all."""
 
 _ELAPSED_KEYS = ("ElapsedTime-ms",)
-_FOCUS_KEYS = ("ZPosition_um", "DeepZ-Focus-um", "Z-um")
+_FOCUS_KEYS = ("ZPosition_um", "ZPosition_um_Intended", "DeepZ-Focus-um")
 _TIMESTAMP_KEYS = ("DeepZ-Timestamp-s",)
 
 

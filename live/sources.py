@@ -1,0 +1,568 @@
+"""Frame sources behind one interface: the simulated scope, replay of a recording, Micro-Manager.
+
+Every source implements `Source` (``run(sender, stop) -> SourceSummary``) and is made from the
+config by `make_source`:
+
+- `SimulatedScope` (``source.kind = "simulated"``): the optics simulator's moving, firing worm
+  (`engine.optics.WormTimeSeries`) as the pixels of a Python camera inside a real
+  Micro-Manager core (pymmcore-plus `UniMMCore`), running a sequence acquisition paced at
+  ``rate_hz``; each frame carries the time it was exposed.
+- `ReplaySource` (``"replay"``): a recorded TIFF or OME-Zarr (this project's recordings, or any
+  NGFF image with axes t, y, x) sent at its original rate or a chosen one, optionally looped.
+- `MicroManagerSource` (``"micromanager"``): frames come from a Micro-Manager acquisition
+  through `live.hook`; with no ``config_file`` the daemon only listens (the external
+  application pushes), with one it runs that hardware configuration itself.
+
+pymmcore-plus is imported only when a Micro-Manager source runs (``pip install
+'deepz-live[mm]'``), so importing this module stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from live._protocol import Source, SourceSummary
+
+if TYPE_CHECKING:
+    from live.config import ScopeConfig
+    from live.hook import FrameSender
+
+__all__ = [
+    "SOURCE_KINDS",
+    "MicroManagerSource",
+    "Recording",
+    "ReplaySource",
+    "SimulatedScope",
+    "Source",
+    "SourceSummary",
+    "make_source",
+    "open_recording",
+]
+
+log = logging.getLogger(__name__)
+
+SOURCE_KINDS = ("simulated", "replay", "micromanager")
+"""Accepted values of ``source.kind``."""
+
+BANK_MB = 256.0
+"""Memory the simulated scope may spend on pre-rendered frames."""
+
+_EMPTY_POLL_S = 0.0005
+_ENDLESS = 2**31 - 1
+_TIME_UNITS_S = {"second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6, "minute": 60.0}
+
+FrameFn = Callable[[int, float], np.ndarray]
+
+
+class _Run:
+    """Counts one source run against a (possibly shared) sender and makes its summary."""
+
+    def __init__(self, name: str, sender: FrameSender) -> None:
+        self.name = name
+        self.sender = sender
+        self._sent0 = sender.sent
+        self._dropped0 = sender.dropped
+        self._seqs0 = len(sender.dropped_seqs)
+        self.start = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """Start timing now (after any set-up such as rendering or opening files)."""
+        self.start = time.perf_counter()
+
+    def summary(self) -> SourceSummary:
+        """Return what the sender did since this run began."""
+        duration = max(time.perf_counter() - self.start, 1e-9)
+        sent = self.sender.sent - self._sent0
+        dropped = self.sender.dropped - self._dropped0
+        return SourceSummary(
+            name=self.name,
+            frames_sent=sent,
+            frames_dropped=dropped,
+            dropped_seqs=tuple(self.sender.dropped_seqs[self._seqs0 :]),
+            duration_s=duration,
+            achieved_rate_hz=(sent + dropped) / duration,
+        )
+
+
+# ------------------------------------------------------------------ Micro-Manager cores
+
+
+def _stream_core(
+    run: _Run, core: Any, stop: threading.Event, frame_count: int | None
+) -> SourceSummary:
+    """Run a sequence acquisition on `core` and send every frame until stop or count.
+
+    Frames are popped from the core's circular buffer as they arrive. When `stop` is set
+    the camera stops and the frames already in the buffer are still sent: acquired frames
+    are never thrown away here.
+    """
+    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX, META_TIMESTAMP_S
+
+    run.restart_clock()
+    core.startSequenceAcquisition(frame_count or _ENDLESS, 0.0, True)
+    try:
+        while not stop.is_set():
+            if core.getRemainingImageCount() > 0:
+                _send_popped(run.sender, core, (META_FRAME_INDEX, META_TIMESTAMP_S, META_FOCUS_UM))
+            elif not core.isSequenceRunning():
+                break
+            else:
+                time.sleep(_EMPTY_POLL_S)
+    finally:
+        core.stopSequenceAcquisition()
+    while core.getRemainingImageCount() > 0:
+        _send_popped(run.sender, core, (META_FRAME_INDEX, META_TIMESTAMP_S, META_FOCUS_UM))
+    if core.isBufferOverflowed():
+        log.error("the core's circular buffer overflowed: the camera stopped early")
+    return run.summary()
+
+
+def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str, str]) -> None:
+    """Pop the oldest frame from the core and send it with its seq, timestamp and focus."""
+    image, meta = core.popNextImageAndMD()
+    index_key, stamp_key, focus_key = keys
+    seq = meta.get(index_key) or meta.get("ImageNumber")
+    stamp = meta.get(stamp_key)
+    focus = meta.get(focus_key)
+    sender.send(
+        image,
+        seq=int(seq) if seq not in (None, "") else None,
+        timestamp_s=float(stamp) if stamp else None,
+        focus_um=float(focus) if focus else 0.0,
+    )
+
+
+class _FrameBank:
+    """Simulator frames at one focus, rendered once each and played in a loop.
+
+    The optics simulator renders a 256² worm frame in about 14 ms on this project's 2-core
+    build machine: too slow to feed a 100 Hz camera live. The bank holds `n` consecutive
+    frames (n / rate_hz seconds of worm motion and firing) that the camera cycles; `fill`
+    renders them all up front, otherwise each is rendered on first use. Frames at another
+    focus are rendered live.
+    """
+
+    def __init__(self, render: FrameFn, n: int, focus_um: float = 0.0) -> None:
+        self._render = render
+        self.focus_um = focus_um
+        self.frames: list[np.ndarray | None] = [None] * n
+
+    def fill(self) -> None:
+        """Render every frame of the bank now."""
+        for i in range(len(self.frames)):
+            self(i, self.focus_um)
+
+    def __call__(self, index: int, focus_um: float) -> np.ndarray:
+        """Return frame `index` (from the bank when at the bank's focus)."""
+        if focus_um != self.focus_um:
+            return self._render(index, focus_um)
+        slot = index % len(self.frames)
+        frame = self.frames[slot]
+        if frame is None:
+            frame = self.frames[slot] = self._render(slot, focus_um)
+        return frame
+
+
+class SimulatedScope:
+    """The simulated microscope: a worm imaged by a Python camera in a real Micro-Manager core.
+
+    Parameters
+    ----------
+    frame_shape : (int, int)
+        Camera frame (height, width) in pixels.
+    rate_hz : float
+        Camera frame rate; frames are due every ``1 / rate_hz`` s and stamped when exposed.
+    frame_count : int, optional
+        Stop after this many frames (None: until `stop` is set).
+    exposure_ms, pixel_size_um : float
+        Reported by the core (exposure) and set as its pixel size.
+    frame_fn : callable, optional
+        ``frame_fn(index, focus_um) -> (H, W) uint16`` instead of the worm simulator (tests).
+    simulator : dict, optional
+        Keyword arguments of `engine.optics.WormTimeSeries` (``optics``, ``camera``, ``seed``).
+    bank_frames : int
+        How many consecutive worm frames to pre-render and cycle (capped by `BANK_MB`).
+    """
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        *,
+        rate_hz: float,
+        frame_count: int | None = None,
+        exposure_ms: float = 10.0,
+        pixel_size_um: float = 1.0,
+        frame_fn: FrameFn | None = None,
+        simulator: dict[str, Any] | None = None,
+        bank_frames: int = 100,
+    ) -> None:
+        _check_shape(frame_shape, "source.frame_shape")
+        _check_rate(rate_hz, "source.rate_hz")
+        if frame_count is not None and frame_count < 1:
+            raise ValueError(f"source.frame_count must be >= 1 or unset, got {frame_count}")
+        self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
+        self.rate_hz = float(rate_hz)
+        self.frame_count = frame_count
+        self.exposure_ms = exposure_ms
+        self.pixel_size_um = pixel_size_um
+        self.frame_fn = frame_fn
+        self.simulator = dict(simulator or {})
+        self.bank_frames = bank_frames
+        self.core: Any = None
+
+    def _worm_frames(self) -> FrameFn:
+        """Build the worm simulator's frame bank; pre-render it if live rendering is too slow."""
+        from engine.optics import WormTimeSeries
+
+        series = WormTimeSeries(self.frame_shape, rate_hz=self.rate_hz, **self.simulator)
+        frame_mb = math.prod(self.frame_shape) * 2 / 2**20
+        n = max(1, min(self.bank_frames, int(BANK_MB / frame_mb), self.frame_count or _ENDLESS))
+        bank = _FrameBank(series.frame, n)
+        started = time.perf_counter()
+        bank(0, bank.focus_um)
+        render_s = time.perf_counter() - started
+        if render_s * self.rate_hz > 0.5:  # live rendering would not keep the frame rate
+            bank.fill()
+            log.info(
+                "simulated scope: %d worm frames pre-rendered in %.1f s (a %.2f s loop at %g Hz)",
+                n,
+                time.perf_counter() - started,
+                n / self.rate_hz,
+                self.rate_hz,
+            )
+        return bank
+
+    def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
+        """Acquire frames from the simulated camera at ``rate_hz`` and send each one."""
+        from live._mmcore import make_simulated_core
+
+        run = _Run(self.name, sender)
+        self.core = make_simulated_core(
+            self.frame_fn or self._worm_frames(),
+            self.frame_shape,
+            rate_hz=self.rate_hz,
+            exposure_ms=self.exposure_ms,
+            pixel_size_um=self.pixel_size_um,
+        )
+        return _stream_core(run, self.core, stop, self.frame_count)
+
+
+class MicroManagerSource:
+    """Frames from Micro-Manager.
+
+    Without `config_file` the daemon only listens: a Micro-Manager acquisition elsewhere
+    (the desktop application with pycromanager, or a pymmcore-plus script) pushes frames to
+    ``endpoints.frames`` with `live.hook.pycromanager_image_process_fn` or
+    `live.hook.attach_to_pymmcore_plus`, and `run` just waits for `stop`. With `config_file`
+    this source loads that hardware configuration into a pymmcore-plus core (C++ device
+    adapters from a Micro-Manager installation, ``mmcore install``) and runs the camera's
+    sequence acquisition itself.
+    """
+
+    name = "micromanager"
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        config_file: str | Path | None = None,
+        camera: str | None = None,
+        frame_count: int | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.config_file = Path(config_file) if config_file else None
+        self.camera = camera
+        self.frame_count = frame_count
+        if self.config_file is not None and not self.config_file.is_file():
+            raise FileNotFoundError(
+                f"source.micromanager.config_file {str(self.config_file)!r} does not exist"
+            )
+
+    def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
+        """Listen (external acquisition) or run the configured core's camera."""
+        run = _Run(self.name, sender)
+        if self.config_file is None:
+            log.info(
+                "waiting for frames from Micro-Manager on %s: add "
+                "image_process_fn=live.hook.pycromanager_image_process_fn(%r) to your "
+                "pycromanager Acquisition",
+                self.endpoint,
+                self.endpoint,
+            )
+            stop.wait()
+            return run.summary()
+        try:
+            from pymmcore_plus.experimental.unicore import UniMMCore
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "source.micromanager.config_file needs pymmcore-plus: pip install 'deepz-live[mm]'"
+            ) from exc
+        core = UniMMCore()
+        core.loadSystemConfiguration(str(self.config_file))
+        if self.camera:
+            core.setCameraDevice(self.camera)
+        return _stream_core(run, core, stop, self.frame_count)
+
+
+# ------------------------------------------------------------------------------ replay
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Frames of a recording opened for replay.
+
+    Attributes
+    ----------
+    frames : array-like (T, H, W)
+        Indexable by time point; read lazily where the format allows.
+    indices : sequence of int
+        The time points that hold frames (all of them, except gaps in our recordings).
+    rate_hz : float or None
+        The original frame rate, when the file says.
+    """
+
+    frames: Any
+    indices: Sequence[int]
+    rate_hz: float | None
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """(H, W) of one frame."""
+        return (int(self.frames.shape[-2]), int(self.frames.shape[-1]))
+
+
+class ReplaySource:
+    """Replay a recorded TIFF or OME-Zarr as if a camera were acquiring it.
+
+    Frame ``t`` of the file is sent with ``seq = t`` (plus the file's length per completed
+    loop) at ``start + t / rate_hz``, stamped with the time it is sent. The rate is
+    `rate_hz` if given, else the file's own (ImageJ ``finterval``, NGFF time scale), else
+    `default_rate_hz`.
+    """
+
+    name = "replay"
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        rate_hz: float | None = None,
+        loop: bool = False,
+        frame_count: int | None = None,
+        default_rate_hz: float | None = None,
+        frame_shape: tuple[int, int] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.recording = open_recording(self.path)
+        if frame_shape is not None and tuple(frame_shape) != self.recording.frame_shape:
+            raise ValueError(
+                f"source.frame_shape {list(frame_shape)} does not match the frames of "
+                f"{str(self.path)!r}, which are {list(self.recording.frame_shape)}"
+            )
+        rate = rate_hz or self.recording.rate_hz or default_rate_hz
+        if rate is None:
+            raise ValueError(
+                f"{str(self.path)!r} does not say its frame rate: set source.replay.rate_hz"
+            )
+        _check_rate(rate, "source.replay.rate_hz")
+        self.rate_hz = float(rate)
+        self.loop = loop
+        self.frame_count = frame_count
+
+    def _schedule(self) -> Any:
+        """Yield (seq, index) in replay order, looping if asked, up to frame_count."""
+        indices = list(self.recording.indices)
+        period = len(self.recording.frames)
+        sent, lap = 0, 0
+        while True:
+            for t in indices:
+                if self.frame_count is not None and sent >= self.frame_count:
+                    return
+                yield lap * period + t, t
+                sent += 1
+            lap += 1
+            if not self.loop:
+                return
+
+    def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
+        """Send the recording's frames at the replay rate until done, count or stop."""
+        run = _Run(self.name, sender)
+        first: int | None = None
+        for seq, t in self._schedule():
+            frame = np.ascontiguousarray(self.recording.frames[t])
+            first = seq if first is None else first
+            due = run.start + (seq - first) / self.rate_hz
+            wait = due - time.perf_counter()
+            if wait > 0 and stop.wait(wait):
+                break
+            if stop.is_set():
+                break
+            sender.send(frame, seq=seq)
+        return run.summary()
+
+
+def open_recording(path: str | Path) -> Recording:
+    """Open a TIFF (``.tif``/``.tiff``) or a Zarr / OME-Zarr store for replay.
+
+    Raises
+    ------
+    ValueError
+        The file is not one of those formats, or its image is not (t, y, x).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"source.replay.path {str(path)!r} does not exist")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _open_tiff(path)
+    if path.is_dir():
+        return _open_zarr(path)
+    raise ValueError(
+        f"cannot replay {str(path)!r}: expected a .tif/.tiff file or a Zarr/OME-Zarr directory"
+    )
+
+
+def _open_tiff(path: Path) -> Recording:
+    """Read a TIFF stack (T, H, W) or single frame; the rate from ImageJ's ``finterval``."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        frames = _squeeze_to_tyx(series.asarray(), series.axes, str(path))
+        ij = tif.imagej_metadata or {}
+    interval = ij.get("finterval")
+    rate = 1.0 / float(interval) if interval else None
+    return Recording(frames, range(frames.shape[0]), rate)
+
+
+def _open_zarr(path: Path) -> Recording:
+    """Open our recording's ``raw`` image, any NGFF image, or a plain (T, H, W) array."""
+    import zarr
+
+    node = zarr.open(str(path), mode="r")
+    if isinstance(node, zarr.Array):
+        return Recording(_squeeze_to_tyx(node, None, str(path)), range(node.shape[0]), None)
+    present = None
+    deepz = node.attrs.get("deepz")
+    if "raw" in node and isinstance(deepz, dict):
+        present = deepz.get("raw_present")
+        node = node["raw"]
+    ome = node.attrs.get("ome", node.attrs)
+    multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
+    if not multiscales:
+        raise ValueError(
+            f"{str(path)!r} is a Zarr group without NGFF 'multiscales' metadata or a 'raw' image"
+        )
+    image = multiscales[0]
+    array = node[image["datasets"][0]["path"]]
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
+    frames = _squeeze_to_tyx(array, "".join(a[0].upper() for a in axes) or None, str(path))
+    indices: Sequence[int] = range(frames.shape[0])
+    if present is not None:
+        indices = [t for start, stop in present for t in range(start, stop) if t < frames.shape[0]]
+    return Recording(frames, indices, _ngff_rate_hz(image, axes))
+
+
+def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
+    """Frame rate from the NGFF time axis' unit and first dataset's scale, if both are there."""
+    if "t" not in axes:
+        return None
+    i = axes.index("t")
+    unit = image["axes"][i].get("unit") if isinstance(image["axes"][i], dict) else None
+    for transform in image["datasets"][0].get("coordinateTransformations", []):
+        if transform.get("type") == "scale" and unit in _TIME_UNITS_S:
+            step_s = float(transform["scale"][i]) * _TIME_UNITS_S[unit]
+            return 1.0 / step_s if step_s > 0 else None
+    return None
+
+
+def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
+    """Return `array` as (T, H, W): 2-D gains a T of 1, extra axes must have size 1."""
+    shape = tuple(array.shape)
+    if len(shape) == 2:
+        return np.asarray(array)[np.newaxis]
+    if len(shape) == 3:
+        return array
+    extra = [n for n in shape[:-2] if n != 1]
+    if len(extra) <= 1:
+        t = extra[0] if extra else 1
+        return np.asarray(array).reshape(t, *shape[-2:])
+    raise ValueError(
+        f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
+        "replay needs frames (t, y, x), other axes of size 1"
+    )
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def _check_shape(shape: Sequence[int], key: str) -> None:
+    """Raise ValueError naming `key` unless `shape` is two positive integers."""
+    if len(shape) != 2 or min(int(n) for n in shape) < 1:
+        raise ValueError(f"{key} must be [height, width] > 0, got {list(shape)}")
+
+
+def _check_rate(rate_hz: float, key: str) -> None:
+    """Raise ValueError naming `key` unless `rate_hz` is a positive finite number."""
+    if not (math.isfinite(rate_hz) and rate_hz > 0):
+        raise ValueError(f"{key} must be a positive number of Hz, got {rate_hz!r}")
+
+
+def _simulator_kwargs(sim: Any) -> dict[str, Any]:
+    """WormTimeSeries keyword arguments from the config's ``source.simulator`` section."""
+    kwargs: dict[str, Any] = {}
+    for key in ("optics", "camera", "seed"):
+        value = getattr(sim, key, None)
+        if value is not None:
+            kwargs[key] = value
+    sample = getattr(sim, "sample", "worm")
+    if sample not in (None, "worm"):
+        raise ValueError(
+            f"source.simulator.sample {sample!r} cannot be simulated live; allowed: 'worm'"
+        )
+    return kwargs
+
+
+def make_source(cfg: ScopeConfig) -> Source:
+    """Build the source that ``cfg.source.kind`` names, from the rest of the config."""
+    src = cfg.source
+    shape = (int(src.frame_shape[0]), int(src.frame_shape[1]))
+    if src.kind == "simulated":
+        return SimulatedScope(
+            shape,
+            rate_hz=float(src.rate_hz),
+            frame_count=src.frame_count,
+            exposure_ms=float(src.exposure_ms),
+            pixel_size_um=float(src.pixel_size_um),
+            simulator=_simulator_kwargs(src.simulator),
+        )
+    if src.kind == "replay":
+        if src.replay.path is None:
+            raise ValueError("source.kind = 'replay' needs source.replay.path (the recording)")
+        return ReplaySource(
+            src.replay.path,
+            rate_hz=src.replay.rate_hz,
+            loop=bool(src.replay.loop),
+            frame_count=src.frame_count,
+            default_rate_hz=float(src.rate_hz),
+            frame_shape=shape,
+        )
+    if src.kind == "micromanager":
+        mm = src.micromanager
+        return MicroManagerSource(
+            cfg.endpoints.frames,
+            config_file=mm.config_file,
+            camera=mm.camera,
+            frame_count=src.frame_count,
+        )
+    raise ValueError(f"source.kind {src.kind!r} is not known; allowed: {list(SOURCE_KINDS)}")

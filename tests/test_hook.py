@@ -1,0 +1,215 @@
+"""live.hook: FrameSender over real ZeroMQ, and the hooks inside real Micro-Manager acquisitions.
+
+The acquisitions run on a real MMCore (pymmcore-plus `UniMMCore`) with the simulated Python
+camera from `live._mmcore`: a real pycromanager `Acquisition` (Python backend, through the
+snake_case bridge) and a real pymmcore-plus MDA. Micro-Manager's Java application cannot be
+installed here, so its backend is not exercised.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from live.hook import FrameSender, attach_to_pymmcore_plus, pycromanager_image_process_fn
+from live.protocol import Message, decode
+
+pytest.importorskip("pymmcore_plus", reason="the Micro-Manager hooks need the mm extra")
+
+SHAPE = (32, 48)
+
+
+def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
+    """A frame that encodes its index in every pixel (and differs pixel to pixel)."""
+    ramp = np.arange(SHAPE[0] * SHAPE[1], dtype=np.uint32).reshape(SHAPE)
+    frame = ((ramp + 1009 * index) % 65521).astype(np.uint16)
+    frame[0, 0] = index
+    return frame
+
+
+@pytest.fixture
+def pull() -> tuple[zmq.Socket[bytes], str]:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+def receive(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 5000) -> list[Message]:
+    out = []
+    for _ in range(n):
+        assert sock.poll(timeout_ms), f"only {len(out)} of {n} messages arrived"
+        out.append(decode(sock.recv_multipart(copy=False)))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def core():
+    from live._mmcore import make_simulated_core
+
+    mmc = make_simulated_core(pattern, SHAPE, rate_hz=None, pixel_size_um=0.3)
+    yield mmc
+    mmc.unloadAllDevices()
+
+
+# ------------------------------------------------------------------------ FrameSender
+
+
+def test_sender_round_trip_seqs_pixels_and_fields(pull):
+    sock, endpoint = pull
+    with FrameSender(endpoint) as sender:
+        for i in range(20):
+            assert sender.send(pattern(i), timestamp_s=100.0 + i, focus_um=0.5 * i)
+        assert sender.send(pattern(99), seq=99)
+    msgs = receive(sock, 21)
+    assert [m.header.seq for m in msgs] == [*range(20), 99]
+    for i, m in enumerate(msgs[:20]):
+        np.testing.assert_array_equal(m.array, pattern(i))
+        assert m.header.timestamp_s == 100.0 + i
+        assert m.header.focus_um == 0.5 * i
+        assert m.header.kind == "frame" and m.header.dtype == "uint16"
+    assert abs(msgs[20].header.timestamp_s - time.time()) < 60  # defaulted to the clock
+    assert (sender.sent, sender.dropped, sender.dropped_seqs) == (21, 0, [])
+
+
+def test_sender_never_blocks_without_receiver_and_counts_every_frame():
+    sender = FrameSender(f"tcp://127.0.0.1:{free_port()}", hwm=4, linger_ms=0)
+    results = [sender.send(pattern(i)) for i in range(200)]
+    sender.close()
+    assert sender.sent + sender.dropped == 200
+    assert sender.dropped >= 190  # at most the HWM (+ in-flight) left the process queue
+    assert sender.dropped_seqs == [i for i, ok in enumerate(results) if not ok]
+    assert sender.dropped_seqs == list(range(200 - sender.dropped, 200))
+
+
+def test_sender_refuses_bad_frames_without_raising(pull):
+    sock, endpoint = pull
+    with FrameSender(endpoint) as sender:
+        assert not sender.send(np.zeros((2, 3, 4), np.uint16), seq=7)  # a stack is not a frame
+        assert not sender.send(np.zeros((4, 4), np.complex64), seq=8)  # dtype not allowed
+        assert sender.send(pattern(9), seq=9)
+    assert (sender.sent, sender.dropped, sender.dropped_seqs) == (1, 2, [7, 8])
+    assert receive(sock, 1)[0].header.seq == 9
+
+
+def test_sender_rejects_bad_hwm():
+    with pytest.raises(ValueError, match="hwm must be >= 1"):
+        FrameSender("tcp://127.0.0.1:5999", hwm=0)
+
+
+# --------------------------------------------------------------------- pycromanager
+
+
+def run_pycromanager(core, hook, events) -> object:
+    from pycromanager import Acquisition
+
+    from live._mmcore import pycromanager_backend
+
+    with pycromanager_backend(core), Acquisition(image_process_fn=hook) as acq:
+        acq.acquire(events)
+    return acq
+
+
+def test_pycromanager_acquisition_pushes_every_frame_and_keeps_it(core, pull):
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    n = 60
+    acq = run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=n))
+    hook.sender.close()
+    msgs = receive(sock, n)
+    assert [m.header.seq for m in msgs] == list(range(n))
+    first = int(msgs[0].array[0, 0])
+    for i, m in enumerate(msgs):
+        np.testing.assert_array_equal(m.array, pattern(first + i))
+    stamps = [m.header.timestamp_s for m in msgs]
+    assert stamps == sorted(stamps) and abs(stamps[-1] - time.time()) < 60
+    assert (hook.sender.sent, hook.sender.dropped) == (n, 0)
+    # the hook returned (image, metadata): Micro-Manager's own dataset still has every frame
+    dataset = acq.get_dataset()
+    for i in (0, n // 2, n - 1):
+        np.testing.assert_array_equal(dataset.read_image(time=i), msgs[i].array)
+
+
+def test_pycromanager_z_stack_carries_focus(core, pull):
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    events = multi_d_acquisition_events(num_time_points=2, z_start=-1.0, z_end=1.0, z_step=1.0)
+    run_pycromanager(core, hook, events)
+    hook.sender.close()
+    msgs = receive(sock, 6)
+    assert [m.header.seq for m in msgs] == list(range(6))
+    assert [m.header.focus_um for m in msgs] == [-1.0, 0.0, 1.0] * 2
+
+
+def test_pycromanager_hook_never_blocks_acquisition(core):
+    from pycromanager import multi_d_acquisition_events
+
+    hook = pycromanager_image_process_fn(f"tcp://127.0.0.1:{free_port()}", hwm=2)
+    n = 80
+    acq = run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=n))
+    hook.sender.close()
+    assert hook.sender.sent + hook.sender.dropped == n
+    assert hook.sender.dropped > 0
+    assert len(hook.sender.dropped_seqs) == hook.sender.dropped
+    assert acq.get_dataset().read_image(time=n - 1) is not None  # acquisition completed
+
+
+def test_pycromanager_backend_is_one_at_a_time(core):
+    from live._mmcore import pycromanager_backend
+
+    with pycromanager_backend(core) as snake:
+        assert snake.get_camera_device() == core.getCameraDevice()
+        assert snake.get_xy_stage_device() == ""  # getXYStageDevice: mmpycorex's renaming
+        with pytest.raises(RuntimeError, match="already active"), pycromanager_backend(core):
+            pass
+    with pycromanager_backend(core):  # released: a new block may start
+        pass
+
+
+def test_snake_case_core_names_the_missing_method(core):
+    from live._mmcore import SnakeCaseCore
+
+    snake = SnakeCaseCore(core)
+    assert snake.get_image_width() == SHAPE[1]
+    assert snake.getImageHeight() == SHAPE[0]  # camelCase passes through
+    with pytest.raises(AttributeError, match="no_such_method"):
+        snake.no_such_method()
+
+
+# ---------------------------------------------------------------------- pymmcore-plus
+
+
+def test_pymmcore_plus_mda_frame_ready(core, pull):
+    from useq import MDASequence
+
+    sock, endpoint = pull
+    sender = attach_to_pymmcore_plus(core, endpoint)
+    n = 50
+    core.mda.run(MDASequence(time_plan={"interval": 0, "loops": n}))
+    core.mda.run(MDASequence(z_plan={"range": 2.0, "step": 1.0}))
+    sender.close()
+    core.mda.run(MDASequence(time_plan={"interval": 0, "loops": 3}))  # disconnected: not sent
+    msgs = receive(sock, n + 3)
+    assert sock.poll(200) == 0
+    assert [m.header.seq for m in msgs] == list(range(n + 3))
+    first = int(msgs[0].array[0, 0])
+    for i, m in enumerate(msgs[:n]):
+        np.testing.assert_array_equal(m.array, pattern(first + i))
+    assert [m.header.focus_um for m in msgs[n:]] == [-1.0, 0.0, 1.0]
+    assert (sender.sent, sender.dropped) == (n + 3, 0)
