@@ -51,7 +51,9 @@ def test_with_drift_and_from_image(tmp_path):
     np.testing.assert_allclose(loaded, base)
     with pytest.raises(dpm.DPMError, match="not found"):
         dpm.from_image(tmp_path / "missing.tif")
-    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 8, 8), np.float32))
+    tifffile.imwrite(
+        tmp_path / "stack.tif", np.zeros((3, 8, 8), np.float32), photometric="minisblack"
+    )
     with pytest.raises(dpm.DPMError, match="2-D"):
         dpm.from_image(tmp_path / "stack.tif")
 
