@@ -1,0 +1,210 @@
+"""The scope configuration: the shipped file, every kind of error, paths and plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from pydantic import ValidationError
+
+from live.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_MODEL_PATH,
+    ConfigError,
+    ScopeConfig,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "scope.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_shipped_config_loads_and_is_the_embedded_default():
+    assert DEFAULT_CONFIG_PATH == REPO / "config.toml"
+    cfg = load_config(REPO / "config.toml")
+    assert cfg.source.kind == "simulated"
+    assert cfg.source.frame_shape == (256, 256)
+    assert cfg.engine.model_path is None
+    assert cfg.engine.resolved_model_path() == DEFAULT_MODEL_PATH
+    assert cfg.engine.backends == ["onnxruntime"]
+    assert cfg.endpoints.frames.startswith("tcp://127.0.0.1:")
+    plan = cfg.planes.build(cfg.source.frame_shape, cfg.source.pixel_size_um)
+    assert len(plan) == 9 and plan.z_um == tuple(float(z) for z in range(-8, 9, 2))
+    assert cfg.source.simulator.optics.pixel_size_um == cfg.source.pixel_size_um
+    assert cfg.recorder.path == REPO / "runs"  # relative to the file's folder
+    # saved with recordings: the JSON dump validates back to the same config
+    assert ScopeConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_empty_file_gives_all_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg == ScopeConfig.model_validate({}, context={"base_dir": tmp_path})
+    assert cfg.overload.policy == "every_frame"
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.toml"):
+        load_config("nope.toml")
+
+
+def test_toml_syntax_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"TOML syntax error.*line 2"):
+        load_config(write(tmp_path, "[source]\nrate_hz = = 5\n"))
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "[source]\nrate_hertz = 5\n"))
+    msg = str(err.value)
+    assert "unknown key source.rate_hertz = 5" in msg
+    assert "rate_hz" in msg and "pixel_size_um" in msg
+    with pytest.raises(ConfigError, match=r"unknown key cameras"):
+        load_config(write(tmp_path, "[cameras]\nx = 1\n"))
+
+
+def test_wrong_type_is_refused_not_coerced(tmp_path):
+    with pytest.raises(ConfigError, match=r"source.rate_hz = '5': Input should be a valid number"):
+        load_config(write(tmp_path, '[source]\nrate_hz = "5"\n'))
+    with pytest.raises(ConfigError, match=r"recorder.enabled = 'yes'.*valid boolean"):
+        load_config(write(tmp_path, '[recorder]\nenabled = "yes"\n'))
+    with pytest.raises(ConfigError, match=r"source.frame_shape: too few items"):
+        load_config(write(tmp_path, "[source]\nframe_shape = [256]\n"))
+
+
+def test_out_of_range_names_the_limit(tmp_path):
+    with pytest.raises(ConfigError, match=r"source.rate_hz = 0: Input should be greater than 0"):
+        load_config(write(tmp_path, "[source]\nrate_hz = 0\n"))
+    with pytest.raises(ConfigError, match=r"source.simulator.optics.na = 2.0: .*less than or"):
+        load_config(write(tmp_path, "[source.simulator.optics]\nna = 2.0\n"))
+    with pytest.raises(ConfigError, match=r"engine.max_batch = 0: .*greater than or equal to 1"):
+        load_config(write(tmp_path, "[engine]\nmax_batch = 0\n"))
+
+
+def test_bad_choice_lists_the_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"source.kind = 'camera'.*'simulated', 'micromanager'"):
+        load_config(write(tmp_path, '[source]\nkind = "camera"\n'))
+    with pytest.raises(ConfigError, match=r"engine.backends\[1\] = 'cuda'.*'tensorrt'"):
+        load_config(write(tmp_path, '[engine]\nbackends = ["onnxruntime", "cuda"]\n'))
+    with pytest.raises(ConfigError, match=r"version = 2: Input should be 1"):
+        load_config(write(tmp_path, "version = 2\n"))
+
+
+def test_missing_referenced_files(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"engine.model_path = 'm.onnx': file not found: .*m.onnx"
+    ):
+        load_config(write(tmp_path, '[engine]\nmodel_path = "m.onnx"\n'))
+    text = '[source]\nkind = "replay"\n[source.replay]\npath = "runs/old.zarr"\n'
+    with pytest.raises(ConfigError, match=r"source.replay.path = .*recording not found"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"source.micromanager.config_file = .*file not found"):
+        load_config(write(tmp_path, '[source.micromanager]\nconfig_file = "mm.cfg"\n'))
+    text = '[planes]\n[[planes.surfaces]]\nname = "s"\nkind = "file"\npath = "s.tif"\n'
+    with pytest.raises(ConfigError, match=r"planes.surfaces\[0\].path = 's.tif': file not found"):
+        load_config(write(tmp_path, text))
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.onnx").write_bytes(b"onnx")
+    (tmp_path / "old.zarr").mkdir()
+    text = (
+        '[source]\nkind = "replay"\n[source.replay]\npath = "old.zarr"\n'
+        '[engine]\nmodel_path = "models/m.onnx"\n[recorder]\npath = "out"\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.engine.model_path == tmp_path / "models" / "m.onnx"
+    assert cfg.engine.resolved_model_path() == tmp_path / "models" / "m.onnx"
+    assert cfg.source.replay.path == tmp_path / "old.zarr"
+    assert cfg.recorder.path == tmp_path / "out"
+
+
+def test_replay_needs_a_path_and_other_cross_checks(tmp_path):
+    with pytest.raises(ConfigError, match=r"source.kind = 'replay' needs source.replay.path"):
+        load_config(write(tmp_path, '[source]\nkind = "replay"\n'))
+    text = "[source]\npixel_size_um = 0.3\n[source.simulator.optics]\npixel_size_um = 0.5\n"
+    with pytest.raises(ConfigError, match=r"differs from source.pixel_size_um"):
+        load_config(write(tmp_path, text))
+    text = '[endpoints]\nframes = "tcp://127.0.0.1:6000"\nstacks = "tcp://127.0.0.1:6000"\n'
+    with pytest.raises(ConfigError, match="endpoints must be distinct"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"endpoints.status = 'localhost:1'.*ZeroMQ address"):
+        load_config(write(tmp_path, '[endpoints]\nstatus = "localhost:1"\n'))
+
+
+def test_several_errors_come_in_one_message(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, '[display]\nmax_fps = -1\n[overload]\npolicy = "drop"\n'))
+    msg = str(err.value)
+    assert "2 problems" in msg and "display.max_fps = -1" in msg
+    assert "overload.policy = 'drop'" in msg and "'every_frame' or 'latest'" in msg
+
+
+def test_planes_need_exactly_one_form(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"exactly one of .* got z_min_um/z_max_um/step_um and z_um"
+    ):
+        load_config(write(tmp_path, "[planes]\nz_um = [0.0]\nstep_um = 1.0\n"))
+    with pytest.raises(ConfigError, match=r"exactly one of .* got none"):
+        load_config(write(tmp_path, "[planes]\n"))
+    with pytest.raises(ConfigError, match="needs all of z_min_um, z_max_um and step_um"):
+        load_config(write(tmp_path, "[planes]\nz_min_um = -2.0\nz_max_um = 2.0\n"))
+    with pytest.raises(ConfigError, match=r"z_min_um = 3.0 must be <= z_max_um = 1.0"):
+        load_config(write(tmp_path, "[planes]\nz_min_um = 3.0\nz_max_um = 1.0\nstep_um = 1\n"))
+    text = '[planes]\n[[planes.surfaces]]\nname = "c"\nkind = "polynomial"\n'
+    with pytest.raises(ConfigError, match=r"planes.surfaces\[0\].*needs coefficients"):
+        load_config(write(tmp_path, text))
+
+
+def test_surfaces_build_a_plan(tmp_path):
+    tifffile.imwrite(tmp_path / "s.tif", np.full((32, 48), 1.5, np.float32))
+    text = """
+[source]
+frame_shape = [32, 48]
+pixel_size_um = 0.5
+[planes]
+[[planes.surfaces]]
+name = "flat"
+z0_um = -2.0
+[[planes.surfaces]]
+name = "tilt"
+kind = "tilted"
+slope_x = 0.1
+[[planes.surfaces]]
+name = "curve"
+kind = "polynomial"
+coefficients = [1.0, 0.01]
+[[planes.surfaces]]
+name = "measured"
+kind = "file"
+path = "s.tif"
+"""
+    cfg = load_config(write(tmp_path, text))
+    plan = cfg.volume_plan()
+    assert plan.labels == ("flat", "tilt", "curve", "measured")
+    assert plan.dpms_um.shape == (4, 32, 48)
+    assert np.all(plan.dpms_um[0] == -2.0)
+    assert plan.dpms_um[1, 0, -1] == pytest.approx(0.1 * 23.5 * 0.5)
+    assert plan.dpms_um[2].min() == pytest.approx(1.0 + 0.01 * 0.5 * 0.25, abs=1e-3)
+    assert np.all(plan.dpms_um[3] == 1.5)
+    plan.validate((32, 48), (-10.0, 10.0))
+
+
+def test_explicit_z_list(tmp_path):
+    cfg = load_config(write(tmp_path, "[planes]\nz_um = [-1.0, 0.5, 3]\n"))
+    assert cfg.volume_plan().z_um == (-1.0, 0.5, 3.0)
+
+
+def test_assignment_is_validated():
+    cfg = ScopeConfig()
+    cfg.source.rate_hz = 20.0
+    assert cfg.source.rate_hz == 20.0
+    with pytest.raises(ValidationError):
+        cfg.source.rate_hz = -1.0
