@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("H", "W"),
         help="frame size to cover; repeat for several (default 256², 512², 1024²)",
     )
-    trt_p.add_argument("--max-batch", type=int, default=41, help="most planes per call")
+    trt_p.add_argument("--max-batch", type=int, help="most planes per call (default 41)")
+    trt_p.add_argument(
+        "--scope", type=Path, help="config.toml: take source.frame_shape and engine.max_batch"
+    )
     trt_p.add_argument("--cache-dir", type=Path, help="engine cache (default ~/.cache/...)")
     trt_p.add_argument("--rebuild", action="store_true", help="build even when cached")
     return parser
@@ -56,19 +60,35 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scope_shapes(path: Path) -> tuple[tuple[int, int], int]:
+    """Read (source.frame_shape, engine.max_batch) from a scope config.toml."""
+    with path.open("rb") as f:
+        scope = tomllib.load(f)
+    try:
+        h, w = (int(v) for v in scope["source"]["frame_shape"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SystemExit(f"{path}: source.frame_shape must be [height, width] ({exc})") from exc
+    return (h, w), int(scope.get("engine", {}).get("max_batch", 41))
+
+
 def _tensorrt(args: argparse.Namespace) -> int:
     """Build or look up the TensorRT engine and print where it is."""
     from engine.runtime._tensorrt import onnx_metadata
     from export._tensorrt import build_cached
 
     metadata = onnx_metadata(args.onnx)
-    frames = [tuple(s) for s in args.frame_shape] if args.frame_shape else None
+    frames: list[tuple[int, int]] = [(h, w) for h, w in args.frame_shape or []]
+    max_batch = args.max_batch
+    if args.scope is not None:
+        scope_frame, scope_batch = _scope_shapes(args.scope)
+        frames.append(scope_frame)
+        max_batch = max_batch or scope_batch
     entry, key, built = build_cached(
         args.onnx,
         metadata,
         precision="fp16" if args.fp16 else "fp32",
-        frame_shapes=frames,
-        max_batch=args.max_batch,
+        frame_shapes=frames or None,
+        max_batch=max_batch or 41,
         cache_dir=args.cache_dir,
         rebuild=args.rebuild,
     )

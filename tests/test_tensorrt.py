@@ -1,0 +1,107 @@
+"""TensorRT: engine build, cache reuse, plan loading, FP32/FP16 parity and CUDA graphs (GPU only).
+
+Every test here is marked `gpu`; on a machine without TensorRT or a CUDA device they are skipped
+with the reason (see conftest). The backend's contract tests run in test_runtime.TestTensorRT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.runtime import Backend, load_backend
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = (64, 96)
+
+
+def _inputs(n: int, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    frame = rng.integers(100, 4000, size=shape, dtype=np.uint16)
+    dz = np.linspace(-8.0, 8.0, n, dtype=np.float32)
+    return frame, np.ascontiguousarray(np.broadcast_to(dz[:, None, None], (n, *shape)))
+
+
+@pytest.fixture(scope="module")
+def onnx_reference(tiny_model_files: dict[str, object]) -> Backend:
+    return load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], device="cpu")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+def _trt(files: dict[str, object], cache_dir: Path, **kw: object) -> Backend:
+    return load_backend(
+        files["onnx"],  # type: ignore[arg-type]
+        prefer=["tensorrt"],
+        frame_shape=SHAPE,
+        max_batch=8,
+        cache_dir=cache_dir,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 2e-3), ("fp16", 3e-2)])
+def test_parity_with_onnxruntime(
+    tiny_model_files: dict[str, object],
+    onnx_reference: Backend,
+    cache_dir: Path,
+    precision: str,
+    tolerance: float,
+) -> None:
+    backend = _trt(tiny_model_files, cache_dir, precision=precision)
+    assert backend.name == "tensorrt" and backend.precision == precision
+    assert backend.device.startswith("cuda:0")
+    frame, dpms = _inputs(11)  # more than max_batch: split in two calls
+    got = backend.infer(frame, dpms)
+    want = onnx_reference.infer(frame, dpms)
+    # TF32 (fp32 builds) and FP16 kernels: relative to the output's spread
+    spread = float(want.std())
+    assert np.abs(got - want).max() <= tolerance * spread * 10
+    assert np.abs(got - want).mean() <= tolerance * spread
+    backend.close()
+
+
+def test_engine_is_cached_and_plan_loads_alone(
+    tiny_model_files: dict[str, object], cache_dir: Path
+) -> None:
+    from engine.runtime._tensorrt import onnx_metadata
+    from export._tensorrt import build_cached
+
+    metadata = onnx_metadata(tiny_model_files["onnx"])  # type: ignore[arg-type]
+    kwargs = {"precision": "fp16", "frame_shapes": [SHAPE], "max_batch": 8, "cache_dir": cache_dir}
+    first, key, _ = build_cached(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
+    again, key2, built = build_cached(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
+    assert not built and again == first and key2 == key
+    assert cache_dir / first.plan.name == first.plan
+    assert any(p.name.startswith("timing-") for p in cache_dir.iterdir())
+    plan_backend = load_backend(first.plan, prefer=["tensorrt"])
+    assert plan_backend.metadata == metadata
+    frame, dpms = _inputs(3)
+    assert plan_backend.infer(frame, dpms).shape == (3, *SHAPE)
+
+
+def test_cuda_graph_matches_plain_run(tiny_model_files: dict[str, object], cache_dir: Path) -> None:
+    plain = _trt(tiny_model_files, cache_dir, precision="fp16")
+    graphed = _trt(tiny_model_files, cache_dir, precision="fp16", cuda_graph=True)
+    frame, dpms = _inputs(5)
+    want = plain.infer(frame, dpms)
+    for _ in range(3):  # capture on the first call, replay afterwards
+        np.testing.assert_array_equal(graphed.infer(frame, dpms), want)
+
+
+def test_frames_outside_the_profile_are_refused(
+    tiny_model_files: dict[str, object], cache_dir: Path
+) -> None:
+    backend = _trt(tiny_model_files, cache_dir, precision="fp16")
+    reason = backend.is_incompatible((512, 512), 41, rate_hz=1.0)
+    assert isinstance(reason, str) and "profile" in reason and "--frame-shape 512 512" in reason
+    frame, dpms = _inputs(2, (128, 128))
+    with pytest.raises(ValueError, match="outside the TensorRT profile"):
+        backend.infer(frame, dpms)
+    assert backend.is_incompatible(SHAPE, 8, rate_hz=1.0) is False
