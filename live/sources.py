@@ -383,7 +383,7 @@ class ReplaySource:
     def _schedule(self) -> Any:
         """Yield (seq, index) in replay order, looping if asked, up to frame_count."""
         indices = list(self.recording.indices)
-        period = len(self.recording.frames)
+        period = int(self.recording.frames.shape[0])
         sent, lap = 0, 0
         while True:
             for t in indices:
@@ -489,6 +489,11 @@ def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
 def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
     """Return `array` as (T, H, W): 2-D gains a T of 1, extra axes must have size 1."""
     shape = tuple(array.shape)
+    if axes is not None and len(axes) == len(shape) and axes[-2:].upper() != "YX":
+        raise ValueError(
+            f"cannot replay {where}: its image has axes {axes} (shape {list(shape)}); "
+            "replay needs the last two axes to be y, x (colour images are not supported)"
+        )
     if len(shape) == 2:
         return np.asarray(array)[np.newaxis]
     if len(shape) == 3:

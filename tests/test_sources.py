@@ -1,0 +1,286 @@
+"""live.sources: the simulated UniMMCore scope, TIFF / OME-Zarr replay, and make_source.
+
+Every test sends through a real FrameSender to a real PULL socket and checks what arrives:
+sequence numbers, order and pixels. No test asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zmq
+
+from live.config import validate_config
+from live.hook import FrameSender
+from live.protocol import Message, decode, encode_frame
+from live.sources import (
+    MicroManagerSource,
+    ReplaySource,
+    SimulatedScope,
+    Source,
+    SourceSummary,
+    make_source,
+    open_recording,
+)
+
+SHAPE = (24, 40)
+
+
+def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
+    """A frame whose first pixel is its index and whose other pixels depend on it."""
+    ramp = np.arange(SHAPE[0] * SHAPE[1], dtype=np.uint32).reshape(SHAPE)
+    frame = ((ramp * 7 + 1009 * index) % 65521).astype(np.uint16)
+    frame[0, 0] = index
+    return frame
+
+
+@pytest.fixture
+def pull():
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+def receive_all(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> list[Message]:
+    """Everything that arrives until the socket has been quiet for `quiet_ms`."""
+    out = []
+    while sock.poll(quiet_ms):
+        out.append(decode(sock.recv_multipart(copy=False)))
+    return out
+
+
+def run_source(source: Source, endpoint: str, stop: threading.Event | None = None):
+    sender = FrameSender(endpoint)
+    summary = source.run(sender, stop or threading.Event())
+    sender.close()
+    return summary
+
+
+# ---------------------------------------------------------------------- simulated scope
+
+
+def test_simulated_scope_streams_paced_frames_through_the_core(pull):
+    sock, endpoint = pull
+    scope = SimulatedScope(SHAPE, rate_hz=400.0, frame_count=40, frame_fn=pattern)
+    summary = run_source(scope, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(40))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, pattern(m.header.seq))
+    stamps = [m.header.timestamp_s for m in msgs]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 40  # stamped at exposure
+    assert isinstance(summary, SourceSummary)
+    assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("simulated", 40, 0)
+    assert summary.dropped_seqs == () and summary.achieved_rate_hz > 0
+    assert scope.core.getCameraDevice() == "DeepZCamera"  # a real MMCore ran it
+
+
+def test_simulated_scope_stops_on_event_and_sends_what_it_acquired(pull):
+    sock, endpoint = pull
+    stop = threading.Event()
+    scope = SimulatedScope(SHAPE, rate_hz=200.0, frame_fn=pattern)  # no frame_count: endless
+    result: list[SourceSummary] = []
+    thread = threading.Thread(target=lambda: result.append(run_source(scope, endpoint, stop)))
+    thread.start()
+    first = [decode(sock.recv_multipart(copy=False)) for _ in range(10)]
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    msgs = first + receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(len(msgs)))
+    assert result[0].frames_sent == len(msgs) >= 10 and result[0].frames_dropped == 0
+
+
+def test_simulated_scope_renders_the_worm(pull):
+    sock, endpoint = pull
+    cfg = validate_config({"source": {"frame_shape": [64, 64], "rate_hz": 50.0, "frame_count": 6}})
+    scope = make_source(cfg)
+    assert isinstance(scope, SimulatedScope)
+    summary = run_source(scope, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(6)) and summary.frames_sent == 6
+    frames = np.stack([m.array for m in msgs])
+    assert frames.dtype == np.uint16 and frames.shape == (6, 64, 64)
+    assert frames.std() > 0 and frames.max() > frames.min() + 10  # a lit sample over a dark level
+
+
+def test_simulated_scope_rejects_bad_settings():
+    with pytest.raises(ValueError, match=r"source.rate_hz must be a positive number"):
+        SimulatedScope(SHAPE, rate_hz=0.0)
+    with pytest.raises(ValueError, match=r"source.frame_shape must be \[height, width\]"):
+        SimulatedScope((0, 8), rate_hz=10.0)
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+def frames_of(n: int) -> np.ndarray:
+    return np.stack([pattern(i) for i in range(n)])
+
+
+def test_replay_tiff_in_order_with_pixels_and_original_rate(pull, tmp_path):
+    sock, endpoint = pull
+    data = frames_of(12)
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TYX", "finterval": 0.004})
+    source = ReplaySource(path)
+    assert source.rate_hz == pytest.approx(250.0)  # from ImageJ's frame interval
+    summary = run_source(source, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(12))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, data[m.header.seq])
+    assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("replay", 12, 0)
+
+
+def test_replay_tiff_at_chosen_rate_looped_to_a_frame_count(pull, tmp_path):
+    sock, endpoint = pull
+    data = frames_of(5)
+    path = tmp_path / "plain.tiff"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    source = ReplaySource(path, rate_hz=500.0, loop=True, frame_count=13)
+    run_source(source, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(13))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, data[m.header.seq % 5])
+
+
+def test_replay_ngff_image_written_by_ome_zarr(pull, tmp_path):
+    ome_zarr_writer = pytest.importorskip("ome_zarr.writer", reason="ome-zarr-py (dev extra)")
+    import zarr
+
+    sock, endpoint = pull
+    data = frames_of(9)
+    path = tmp_path / "ngff.zarr"
+    root = zarr.open_group(str(path), mode="w")
+    ome_zarr_writer.write_image(
+        data,
+        root,
+        axes="tyx",
+        scale_factors=[],
+        scale={"t": 2.5, "y": 0.3, "x": 0.3},
+        axes_units={"t": "millisecond", "y": "micrometer", "x": "micrometer"},
+    )
+    recording = open_recording(path)
+    assert recording.rate_hz == pytest.approx(400.0)  # 2.5 ms per time point
+    run_source(ReplaySource(path), endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(9))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, data[m.header.seq])
+
+
+def test_replay_our_recording_keeps_seqs_and_gaps(pull, tmp_path):
+    from live.recorder import Recorder
+
+    sock, endpoint = pull
+    path = tmp_path / "run.ome.zarr"
+    recorder = Recorder(
+        path,
+        frame_shape=SHAPE,
+        pixel_size_um=0.3,
+        rate_hz=200.0,
+        planes_um=[0.0],
+        keep_stacks=False,
+    )
+    present = [0, 1, 2, 4, 5, 7]  # seqs 3 and 6 were lost upstream
+    for seq in present:
+        recorder.put_frame(decode(encode_frame(pattern(seq), seq=seq, timestamp_s=1.0 * seq)))
+    recorder.close()
+    source = ReplaySource(path)
+    assert source.rate_hz == pytest.approx(200.0)
+    summary = run_source(source, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == present
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, pattern(m.header.seq))
+    assert summary.frames_sent == len(present)
+
+
+def test_replay_stops_on_event(pull, tmp_path):
+    sock, endpoint = pull
+    path = tmp_path / "long.tif"
+    tifffile.imwrite(path, frames_of(3), photometric="minisblack")
+    stop = threading.Event()
+    stop.set()
+    summary = run_source(ReplaySource(path, rate_hz=1.0, loop=True), endpoint, stop)
+    assert summary.frames_sent == 0 and receive_all(sock, 100) == []
+
+
+def test_replay_bad_inputs_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_recording(tmp_path / "nope.tif")
+    (tmp_path / "movie.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match=r"expected a \.tif/\.tiff file or a Zarr"):
+        open_recording(tmp_path / "movie.png")
+    multi = tmp_path / "multi.tif"
+    tifffile.imwrite(multi, np.zeros((3, 2, 8, 8), np.uint16), imagej=True)
+    with pytest.raises(ValueError, match=r"shape \[3, 2, 8, 8\].*needs frames \(t, y, x\)"):
+        open_recording(multi)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(ValueError, match=r"axes YXS.*last two axes to be y, x"):
+        open_recording(rgb)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((3, 8, 8), np.uint16), photometric="minisblack")
+    with pytest.raises(ValueError, match="does not say its frame rate"):
+        ReplaySource(plain)
+    with pytest.raises(ValueError, match=r"frame_shape \[16, 16\] does not match.*\[8, 8\]"):
+        ReplaySource(plain, rate_hz=10.0, frame_shape=(16, 16))
+
+
+# ------------------------------------------------------------------ config, Micro-Manager
+
+
+def test_make_source_from_config(tmp_path):
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, frames_of(4), photometric="minisblack")
+    replay = make_source(
+        validate_config(
+            {
+                "source": {
+                    "kind": "replay",
+                    "frame_shape": list(SHAPE),
+                    "rate_hz": 20.0,
+                    "replay": {"path": str(path), "loop": True},
+                }
+            }
+        )
+    )
+    assert isinstance(replay, ReplaySource) and replay.rate_hz == 20.0 and replay.loop
+    mm = make_source(validate_config({"source": {"kind": "micromanager"}}))
+    assert isinstance(mm, MicroManagerSource) and mm.config_file is None
+    with pytest.raises(ValueError, match="sample 'beads' cannot be simulated live"):
+        make_source(validate_config({"source": {"simulator": {"sample": "beads"}}}))
+
+
+def test_micromanager_source_listens_until_stopped(pull):
+    _sock, endpoint = pull
+    stop = threading.Event()
+    source = MicroManagerSource(endpoint)
+    threading.Timer(0.05, stop.set).start()
+    summary = run_source(source, endpoint, stop)
+    assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("micromanager", 0, 0)
+
+
+def test_importing_sources_and_hook_stays_light():
+    code = (
+        "import sys, live.sources, live.hook; "
+        "heavy = [m for m in ('pymmcore_plus', 'pycromanager', 'torch', 'engine.optics') "
+        "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
