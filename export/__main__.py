@@ -73,8 +73,16 @@ def _scope_shapes(path: Path) -> tuple[tuple[int, int], int]:
 
 def _tensorrt(args: argparse.Namespace) -> int:
     """Build or look up the TensorRT engine and print where it is."""
-    from engine.runtime._tensorrt import onnx_metadata
-    from export._tensorrt import build_cached
+    try:
+        from engine.runtime._tensorrt import onnx_metadata
+        from export._tensorrt import build_cached
+    except ImportError as exc:
+        print(
+            f"TensorRT is not usable here ({exc}); install it on a CUDA machine with "
+            "pip install 'deepz-live[gpu]'",
+            file=sys.stderr,
+        )
+        return 2
 
     metadata = onnx_metadata(args.onnx)
     frames: list[tuple[int, int]] = [(h, w) for h, w in args.frame_shape or []]

@@ -92,7 +92,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if fp16:
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):
             log.warning("this GPU has no fast FP16; building FP16 anyway")
         config.set_flag(trt.BuilderFlag.FP16)
     opt = builder.create_optimization_profile()
