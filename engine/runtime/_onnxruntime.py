@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the CPU engine here, and CUDA / TensorRT execution providers where present.
+"""ONNX Runtime backend: the CPU engine here, and the CUDA execution provider where present.
 
 The session is tuned for one caller streaming same-shaped batches: all graph optimisations
 (conv + activation fusion, NCHWc layouts on x86), sequential execution, a fixed intra-op
@@ -24,7 +24,9 @@ from engine.runtime._protocol import BackendError
 
 log = logging.getLogger(__name__)
 
-_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_GPU_PROVIDERS = ("CUDAExecutionProvider",)
+"""GPU providers used when present. ORT's TensorRT provider is left out on purpose: it rebuilds
+engines per input shape unless configured; the `tensorrt` backend is the TensorRT path."""
 _MAX_CACHED_SHAPES = 4
 
 
