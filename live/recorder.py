@@ -188,17 +188,15 @@ class Recorder:
         with self._lock:
             return len(self._present["raw"]), len(self._present["stacks"])
 
-    def close(
-        self, timeout_s: float | None = None, run_summary: dict[str, Any] | None = None
-    ) -> RecorderSummary:
-        """Drain the queue, flush partial chunks, write the final metadata; idempotent.
+    def add_run_summary(self, run_summary: dict[str, Any]) -> None:
+        """Store the daemon's JSON-able summary in ``attrs["deepz"]["run_summary"]`` (after close)."""
+        self._deepz["run_summary"] = run_summary
+        self._guarded(lambda: self._write_attrs(final=True), "run summary")
 
-        `run_summary` (the daemon's summary, JSON-able) is stored in ``attrs["deepz"]``.
-        """
+    def close(self, timeout_s: float | None = None) -> RecorderSummary:
+        """Drain the queue, flush partial chunks, write the final metadata; idempotent."""
         if self._summary is not None:
             return self._summary
-        if run_summary is not None:
-            self._deepz["run_summary"] = run_summary
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
         if self._thread.is_alive():

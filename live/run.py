@@ -473,9 +473,10 @@ class Daemon:
             finish_reason=self.finish_reason,
         )
         if self.recorder is not None:
-            rec = self.recorder.close(run_summary=_jsonable(asdict(summary)))
+            rec = self.recorder.close()
             summary.raw_recorded, summary.stacks_written = rec.raw_frames, rec.stacks
             summary.recorder = asdict(rec)
+            self.recorder.add_run_summary(_jsonable(asdict(summary)))
         if self._display is not None:
             self._display.terminate()
         if self._status is not None:

@@ -156,7 +156,7 @@ def _serve(
         precision=engine.precision,
         intra_op_threads=engine.intra_op_threads,
         max_batch=engine.max_batch,
-        frame_shape=tuple(config.source.frame_shape),
+        frame_shape=(int(config.source.frame_shape[0]), int(config.source.frame_shape[1])),
     )
     queue = FrameQueue(config.overload.policy, config.overload.max_queue_frames)
     stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,13 @@ def push_frames(
     side: int = SIDE,
     rate_hz: float | None = None,
     inject: dict[int, list[bytes]] | None = None,
+    stop: threading.Event | None = None,
+    sent: list[int] | None = None,
 ) -> None:
     """PUSH frames with the given seqs (blocking sends), paced at `rate_hz` if given.
 
-    `inject` maps a position in `seqs` to a raw (malformed) message sent just before it.
+    `inject` maps a position in `seqs` to a raw (malformed) message sent just before it;
+    `stop` ends early; `sent` collects the seqs sent.
     """
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -77,11 +81,15 @@ def push_frames(
     rng = np.random.default_rng(0)
     t0 = time.monotonic()
     for i, seq in enumerate(seqs):
+        if stop is not None and stop.is_set():
+            break
         if inject and i in inject:
             push.send_multipart(inject[i])
         if rate_hz:
             time.sleep(max(0.0, t0 + i / rate_hz - time.monotonic()))
         frame = rng.integers(100, 1000, (side, side), dtype=np.uint16)
         push.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()), copy=False)
+        if sent is not None:
+            sent.append(seq)
     push.close()
     ctx.term()

@@ -1,0 +1,233 @@
+"""The live daemon end to end: real sockets, a real worker process, a real OME-Zarr store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Reader
+
+from live.recorder import missing_seqs
+from live.run import Daemon
+from tests.live_helpers import live_config, push_frames
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read_store(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read raw and stacks with ome-zarr-py (independent reader) and the attrs with zarr."""
+    raw = np.asarray(next(iter(Reader(parse_url(f"{path}/raw"))())).data[0])
+    stacks = np.asarray(next(iter(Reader(parse_url(f"{path}/stacks"))())).data[0])
+    return raw, stacks, dict(zarr.open_group(path, mode="r").attrs["deepz"])
+
+
+def test_import_live_run_does_not_import_torch() -> None:
+    code = "import sys, live.run, live.worker, live.recorder; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_files) -> None:
+    config = live_config(tmp_path, tiny_model_files["onnx"], rate_hz=20.0, frame_count=30)
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr")
+    try:
+        daemon.start()
+        daemon.supervise(60.0, quiet=True)  # ends when the source has sent its 30 frames
+    finally:
+        summary = daemon.stop()
+    assert summary.finish_reason == "source finished"
+    assert summary.frames_acquired == 30 and summary.frames_in == 30
+    assert (summary.raw_recorded, summary.stacks_written) == (30, 30)
+    assert summary.skipped == [] and summary.lost == [] and summary.malformed == 0
+    raw, stacks, attrs = _read_store(str(tmp_path / "run.ome.zarr"))
+    assert raw.shape == (30, 64, 64) and stacks.shape == (30, 3, 64, 64)
+    assert attrs["raw_present"] == [[0, 30]] and attrs["stacks_present"] == [[0, 30]]
+    assert attrs["complete"] is True and attrs["config"]["source"]["frame_count"] == 30
+    assert attrs["run_summary"]["stacks_written"] == 30
+    assert all(frame.any() for frame in raw)  # every time point holds a real frame
+
+
+def test_overload_latest_policy_counts_exactly_and_malformed_are_logged(
+    tmp_path: Path, tiny_model_files, caplog: pytest.LogCaptureFixture
+) -> None:
+    planes = [float(z) for z in range(-10, 11)]
+    config = live_config(tmp_path, tiny_model_files["onnx"], planes=planes, policy="latest")
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
+    bad = {
+        10: [b"only one part"],
+        20: [b"{not json", b"\x00" * 8],
+        30: [
+            json.dumps(
+                {
+                    "version": 1,
+                    "kind": "frame",
+                    "seq": 5,
+                    "timestamp_s": 0.0,
+                    "shape": [64, 64],
+                    "dtype": "uint16",
+                }
+            ).encode(),
+            b"\x00" * 10,
+        ],
+    }
+    try:
+        daemon.start()
+        with caplog.at_level(logging.WARNING, logger="live.router"):
+            push_frames(config.endpoints.frames, list(range(120)), inject=bad)
+            daemon.supervise(1.0, quiet=True)
+    finally:
+        summary = daemon.stop()
+    assert summary.malformed == 3
+    assert caplog.text.count("malformed message dropped") == 3
+    assert "buffer length 10 B does not match shape [64, 64]" in caplog.text
+    assert summary.frames_in == 120 and summary.raw_recorded == 120 and summary.lost == []
+    assert summary.skipped, "120 frames of 21 planes at full speed must overload the CPU worker"
+    assert len(summary.skipped) + summary.stacks_written == 120
+    _, _, attrs = _read_store(str(tmp_path / "run.ome.zarr"))
+    stacked = (
+        set(range(120))
+        - set(missing_seqs(attrs["stacks_present"]))
+        - set(range(attrs["stacks_present"][-1][1], 120))
+    )
+    assert sorted(stacked | set(summary.skipped)) == list(range(120))  # each seq exactly once
+    assert not stacked & set(summary.skipped)
+
+
+def test_killed_worker_is_restarted_and_its_losses_counted(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    config = live_config(
+        tmp_path, tiny_model_files["onnx"], planes=[float(z) for z in range(-6, 7)]
+    )
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
+    stop, sent = threading.Event(), []
+    pusher = threading.Thread(
+        target=push_frames,
+        args=(config.endpoints.frames, list(range(100_000))),
+        kwargs={"rate_hz": 30.0, "stop": stop, "sent": sent},
+    )
+    try:
+        daemon.start()
+        pusher.start()
+        time.sleep(1.0)
+        (pid,) = daemon.worker_pids()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        daemon.supervise(0.5, quiet=True)
+        assert daemon.worker_pids()[0] != pid
+        deadline = time.monotonic() + 60
+        while not daemon.ledger.ready_workers():  # the new worker loads its backend
+            assert time.monotonic() < deadline
+            daemon.supervise(0.2, quiet=True)
+        restarted_at = len(sent)
+        daemon.supervise(1.5, quiet=True)
+        stop.set()
+        pusher.join()
+        daemon.supervise(0.5, quiet=True)
+    finally:
+        stop.set()
+        summary = daemon.stop()
+    n = len(sent)
+    assert summary.worker_restarts == 1
+    assert summary.frames_in == n and summary.raw_recorded == n
+    assert summary.stacks_written + len(summary.skipped) + len(summary.lost) == n
+    assert summary.lost or summary.skipped  # the crash cost frames, and they are named
+    _, _, attrs = _read_store(str(tmp_path / "run.ome.zarr"))
+    assert attrs["raw_present"] == [[0, n]]
+    last_stack = attrs["stacks_present"][-1][1] - 1
+    assert last_stack >= restarted_at  # the new worker took over
+
+
+def _write_toml(path: Path, data: dict[str, Any]) -> None:
+    """Write a nested dict of scalars and lists as TOML (enough for our configs)."""
+    lines: list[str] = []
+
+    def emit(table: dict[str, Any], prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {json.dumps(v)}" for k, v in scalars.items() if v is not None)
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(data, "")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_python_m_live_run_subprocess_stopped_by_sigint(tmp_path: Path, tiny_model_files) -> None:
+    config = live_config(tmp_path, tiny_model_files["onnx"], rate_hz=15.0)
+    data = config.model_dump(mode="json")
+    data["source"].pop("simulator")  # defaults, keeps the TOML small
+    scope = tmp_path / "scope.toml"
+    _write_toml(scope, data)
+    out_path = tmp_path / "cli.ome.zarr"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "live.run",
+            "--scope",
+            str(scope),
+            "--duration",
+            "60",
+            "--output",
+            str(out_path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if (
+            "stacks" in line
+            and line.startswith("[")
+            and " in 0 " not in line
+            and len([x for x in lines if x.startswith("[")]) >= 3
+        ):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text
+    assert "backend: onnxruntime chosen" in text
+    assert "pre-flight: onnxruntime" in text and ("FITS" in text or "DOES NOT FIT" in text)
+    assert "summary (SIGINT)" in text
+    raw, stacks, attrs = _read_store(str(out_path))
+    n = attrs["run_summary"]["frames_in"]
+    assert n > 0 and raw.shape[0] == n and attrs["raw_present"] == [[0, n]]
+    assert attrs["stacks_present"] == [[0, n]] and stacks.shape == (n, 3, 64, 64)
+    assert attrs["complete"] is True
+    assert f"raw frames recorded {n}" in text and f"stacks written    {n}" in text
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    scope = tmp_path / "bad.toml"
+    scope.write_text('[source]\nrate_hz = "fast"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "live.run", "--scope", str(scope)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "source.rate_hz" in err[0] and err[0].startswith("error: bad config")
