@@ -200,8 +200,11 @@ def load_backend(
         except BackendError as exc:
             reasons[spec.name] = str(exc)
             continue
-        except ImportError as exc:
+        except (ImportError, OSError) as exc:  # OSError: a shared library missing
             reasons[spec.name] = f"import failed: {exc}"
+            continue
+        except RuntimeError as exc:  # a CUDA / driver fault while building
+            reasons[spec.name] = f"{type(exc).__name__}: {exc}"
             continue
         for name, why in reasons.items():
             log.info("backend %s skipped: %s", name, why)
