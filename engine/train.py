@@ -170,7 +170,11 @@ class TrainConfig(_Base):
     amp: bool = Field(True, description="bfloat16 autocast on CUDA.")
     checkpoint_every: int = Field(250, ge=1, description="Steps between checkpoints.")
     validation_samples: int = Field(16, ge=1, description="Fixed held-out patches for val loss.")
-    max_wall_s: float | None = Field(None, gt=0, description="Stop early after this (s).")
+    max_wall_s: float | None = Field(None, gt=0, description="Stop after this wall time (s).")
+    schedule_by: Literal["steps", "wall"] = Field(
+        "steps",
+        description="LR decay by step count (reproducible) or by wall time (fixed budget).",
+    )
     out_dir: Path = Field(Path("runs/slim"), description="Checkpoints, curves and samples.")
     weights_out: Path | None = Field(None, description="Where to write the final .pt + .json.")
 
@@ -487,11 +491,17 @@ def _git_commit() -> str:
         return ""
 
 
-def _lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up then cosine decay from lr to lr_min, as a factor of lr."""
+def _lr_factor(cfg: TrainConfig, step: int, wall_s: float = 0.0) -> float:
+    """Linear warm-up then cosine decay from lr to lr_min, as a factor of lr.
+
+    Progress is step / steps, or with ``schedule_by = "wall"`` the larger of that and
+    wall_s / max_wall_s (for a fixed time budget on a shared machine).
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    if cfg.schedule_by == "wall" and cfg.max_wall_s is not None:
+        t = max(t, wall_s / cfg.max_wall_s)
     floor = cfg.lr_min / cfg.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
@@ -586,7 +596,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     disc = Discriminator().to(device) if cfg.loss.adversarial_weight > 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d) if disc is not None else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    for group in opt.param_groups:
+        group["lr"] = cfg.lr * _lr_factor(cfg, 0)
     step, history, wall_before = 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if resume:
@@ -595,7 +606,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
         if disc is not None and opt_d is not None and ck.get("disc") is not None:
             disc.load_state_dict(ck["disc"])
             opt_d.load_state_dict(ck["opt_d"])
@@ -636,9 +646,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        sched.step()
         step += 1
-        history.append({"step": step, "loss": float(loss), **parts, "lr": sched.get_last_lr()[0]})
+        wall = wall_before + time.monotonic() - start
+        lr = cfg.lr * _lr_factor(cfg, step, wall)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        history.append({"step": step, "loss": float(loss), **parts, "lr": lr})
         bar.update(1)
         bar.set_postfix(
             loss=f"{float(loss):.4f}", l1=f"{parts['pixel']:.4f}", ssim=f"{parts['ssim']:.3f}"
@@ -646,7 +659,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
         wall = wall_before + time.monotonic() - start
         timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
-            _checkpoint(cfg, model, disc, opt, opt_d, sched, step, history, wall, val_x, val_y)
+            _checkpoint(cfg, model, disc, opt, opt_d, step, history, wall, val_x, val_y)
         if timeout:
             bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
             break
@@ -676,7 +689,6 @@ def _checkpoint(
     disc: Discriminator | None,
     opt: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer | None,
-    sched: torch.optim.lr_scheduler.LRScheduler,
     step: int,
     history: list[dict[str, float]],
     wall: float,
@@ -695,7 +707,6 @@ def _checkpoint(
         "disc": disc.state_dict() if disc is not None else None,
         "opt": opt.state_dict(),
         "opt_d": opt_d.state_dict() if opt_d is not None else None,
-        "sched": sched.state_dict(),
         "step": step,
         "history": history,
         "wall_s": wall,
