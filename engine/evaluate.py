@@ -504,8 +504,8 @@ def _report(r: dict[str, Any], meta: ModelMetadata) -> str:
         f"{loc['n_neurons']} neurons: median error {loc['median_error_um']:.2f} µm, 90th "
         f"percentile {loc['p90_error_um']:.2f} µm. The same read-out on the true noise-free "
         f"stack (0.5 µm planes): median {loc['clean_stack_median_error_um']:.2f} µm, 90th "
-        f"percentile {loc['clean_stack_p90_error_um']:.2f} µm (neighbouring neurons and the method's own "
-        "limit).",
+        f"percentile {loc['clean_stack_p90_error_um']:.2f} µm (neighbouring neurons and the "
+        "method's own limit).",
         "",
         "![axial](axial_localisation.png)",
         "",
