@@ -17,6 +17,9 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -129,13 +132,114 @@ def transport(quick: bool) -> list[TransportResult]:
     return results
 
 
+_EXPORT_SLIM = """
+import sys
+import torch
+from engine.metadata import ModelMetadata
+from engine.model import build_model
+from export._onnx import export_onnx
+torch.manual_seed(0)
+model = build_model("slim").eval()
+meta = ModelMetadata(name="deepz-slim-random", architecture=model.architecture,
+    size_multiple=model.size_multiple, dz_range_um=(-10.0, 10.0), pixel_size_um=0.3, na=0.75,
+    wavelength_um=0.52, trained_on="nothing: random weights, same architecture as shipped")
+export_onnx(model, meta, sys.argv[1], source="benchmarks.live")
+"""
+
+
+def model_path() -> tuple[Path, str]:
+    """Return the shipped model, or a random-weight export of the same architecture (same speed).
+
+    The export runs in a subprocess so that this process, which hosts the daemon, never
+    imports torch.
+    """
+    from engine.runtime import DEFAULT_MODEL
+
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL, "shipped deepz-slim"
+    out = Path(tempfile.gettempdir()) / "deepz-bench" / "deepz-slim-random.onnx"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-c", _EXPORT_SLIM, str(out)], check=True)
+    return out, "random-weight deepz-slim (shipped weights not present)"
+
+
+def run_setting(
+    *, rate_hz: float, planes: int, seconds: float, side: int, model: Path
+) -> dict[str, Any]:
+    """Run the daemon on the simulated scope for `seconds` and return its counts and latency."""
+    from live.config import validate_config
+    from live.run import Daemon
+
+    tmp = Path(tempfile.mkdtemp(prefix="deepz-e2e-"))
+    half = (planes - 1) / 2
+    z_um = [round(-half + i, 3) for i in range(planes)]
+    config = validate_config(
+        {
+            "source": {
+                "kind": "simulated",
+                "frame_shape": [side, side],
+                "rate_hz": rate_hz,
+                "exposure_ms": min(10.0, 500.0 / rate_hz),
+            },
+            "engine": {"model_path": str(model), "backends": ["onnxruntime"]},
+            "planes": {"z_um": z_um},
+            "endpoints": {
+                n: f"ipc://{tmp}/{n}" for n in ("frames", "stacks", "recorder", "status")
+            },
+            "recorder": {"path": str(tmp)},
+            "overload": {"policy": "every_frame", "max_queue_frames": 64},
+        },
+        source="benchmark",
+    )
+    daemon = Daemon(config, output=tmp / "run.ome.zarr", preflight_check=False)
+    try:
+        daemon.start()
+        daemon.supervise(seconds, quiet=True)
+    finally:
+        summary = daemon.stop()
+    dropped = int(summary.source.get("frames_dropped") or 0)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "rate_hz": rate_hz,
+        "planes": planes,
+        "side": side,
+        "seconds": seconds,
+        "frames_acquired": summary.frames_acquired,
+        "frames_in": summary.frames_in,
+        "raw_recorded": summary.raw_recorded,
+        "stacks_written": summary.stacks_written,
+        "skipped": len(summary.skipped),
+        "lost": len(summary.lost),
+        "source_dropped": dropped,
+        "latency_p50_ms": _round(summary.latency_p50_ms),
+        "latency_p99_ms": _round(summary.latency_p99_ms),
+        "backend": summary.backend,
+        "sustained": (
+            summary.frames_in > 0
+            and not summary.skipped
+            and not summary.lost
+            and dropped == 0
+            and summary.raw_recorded == summary.frames_in == summary.stacks_written
+        ),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    """Round a latency for the table (None stays None)."""
+    return None if value is None else round(value, 1)
+
+
 def end_to_end(
     settings: list[tuple[float, int]], seconds: float, side: int
 ) -> list[dict[str, Any]]:
     """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
+    model, model_name = model_path()
+    print(f"end to end with {model_name}: {model}", flush=True)
     rows = []
     for rate_hz, planes in settings:
-        row = run_setting(rate_hz=rate_hz, planes=planes, seconds=seconds, side=side)
+        row = run_setting(rate_hz=rate_hz, planes=planes, seconds=seconds, side=side, model=model)
+        row["model"] = model_name
         rows.append(row)
         print(
             f"  e2e {side}² {rate_hz:g} Hz × {planes} planes: in {row['frames_in']}, "

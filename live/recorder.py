@@ -189,7 +189,7 @@ class Recorder:
             return len(self._present["raw"]), len(self._present["stacks"])
 
     def add_run_summary(self, run_summary: dict[str, Any]) -> None:
-        """Store the daemon's JSON-able summary in ``attrs["deepz"]["run_summary"]`` (after close)."""
+        """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close)."""
         self._deepz["run_summary"] = run_summary
         self._guarded(lambda: self._write_attrs(final=True), "run summary")
 
