@@ -284,3 +284,38 @@ def test_importing_sources_and_hook_stays_light():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _config_file_camera_class():
+    """A no-argument Python camera that a Micro-Manager config file can load (made lazily)."""
+    from live._mmcore import SimulatedCamera
+
+    class _Camera(SimulatedCamera):
+        def __init__(self) -> None:
+            super().__init__(pattern, SHAPE)
+
+    return _Camera
+
+
+def __getattr__(name: str):  # the config file names tests.test_sources.PatternCamera
+    if name == "PatternCamera":
+        return _config_file_camera_class()
+    raise AttributeError(name)
+
+
+def test_micromanager_source_runs_a_config_file(pull, tmp_path):
+    pytest.importorskip("pymmcore_plus", reason="the Micro-Manager source needs the mm extra")
+    sock, endpoint = pull
+    cfg = tmp_path / "scope.cfg"
+    cfg.write_text(
+        "#py pyDevice,Cam,tests.test_sources,PatternCamera\nProperty,Core,Initialize,1\n"
+    )
+    source = MicroManagerSource(endpoint, config_file=cfg, camera="Cam", frame_count=15)
+    summary = run_source(source, endpoint)
+    msgs = receive_all(sock)
+    assert [m.header.seq for m in msgs] == list(range(15))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, pattern(m.header.seq))
+    assert (summary.name, summary.frames_sent) == ("micromanager", 15)
+    with pytest.raises(FileNotFoundError, match=r"config_file .* does not exist"):
+        MicroManagerSource(endpoint, config_file=tmp_path / "missing.cfg")
