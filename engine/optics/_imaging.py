@@ -120,15 +120,101 @@ def image_slices(
     """Wide-field images (F, H, W) float32 of a sliced sample at each focal position.
 
     ``out[f] = Σ_s density[s] ⊛ PSF(focus_um[f] - slice_z_um[s])``, circular on the grid (the
-    grid's margin must cover the PSF radius). Empty slices are skipped.
+    grid's margin must cover the PSF radius). When the slices are evenly spaced and the focal
+    positions sit on the same lattice (the usual case), the sum over slices is a convolution
+    along z too and is done by FFT; otherwise each (plane, slice) pair is multiplied out.
     """
-    keep = np.flatnonzero(density.reshape(density.shape[0], -1).any(axis=1))
+    nonempty = np.flatnonzero(density.reshape(density.shape[0], -1).any(axis=1))
     shape = (int(density.shape[1]), int(density.shape[2]))
-    out = np.zeros((focus_um.size, *shape), dtype=np.float32)
-    if keep.size == 0:
-        return out
-    spectra = scipy.fft.rfft2(density[keep], workers=WORKERS)
-    d = np.round(focus_um[:, None] - slice_z_um[keep][None, :], 6)
+    if nonempty.size == 0:
+        return np.zeros((focus_um.size, *shape), dtype=np.float32)
+    first, last = int(nonempty[0]), int(nonempty[-1]) + 1
+    density, slice_z_um = density[first:last], slice_z_um[first:last]
+    lattice = _lattice(focus_um, slice_z_um)
+    spectra = scipy.fft.rfft2(density, workers=WORKERS)
+    if lattice is None:
+        planes = _sum_pairs(spectra, slice_z_um, focus_um, optics, shape)
+    else:
+        planes = _convolve_z(spectra, lattice, focus_um.size, optics, shape)
+    out: np.ndarray = scipy.fft.irfft2(planes, s=shape, workers=WORKERS).astype(
+        np.float32, copy=False
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class _Lattice:
+    """Focal positions on the slice lattice: ``focus[f] = z0 + step · (k[f] + phase)``."""
+
+    step: float
+    phase: float
+    k: np.ndarray
+
+
+def _lattice(focus_um: np.ndarray, slice_z_um: np.ndarray) -> _Lattice | None:
+    """Describe the focal positions on the slices' lattice, or None if they do not fit one."""
+    if slice_z_um.size < 2:
+        return None
+    step = float(slice_z_um[1] - slice_z_um[0])
+    if step <= 0 or not np.allclose(np.diff(slice_z_um), step, atol=1e-6):
+        return None
+    u = (focus_um - slice_z_um[0]) / step
+    phase = float(u[0] - np.floor(u[0]))
+    k = np.round(u - phase)
+    if not np.allclose(u - phase, k, atol=1e-6):
+        return None
+    return _Lattice(step, round(phase, 6), k.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=2)
+def _z_kernel(
+    optics: OpticsConfig,
+    shape: tuple[int, int],
+    step: float,
+    phase: float,
+    j0: int,
+    length: int,
+    n_fft: int,
+) -> np.ndarray:
+    """PSF transforms at defocus ``step·(j0 + q + phase)``, q < length, FFT'd along z."""
+    defocus = np.round(step * (j0 + np.arange(length) + phase), 6)
+    kernel = _otf(optics, defocus, shape)
+    out: np.ndarray = scipy.fft.fft(kernel, n=n_fft, axis=0, workers=WORKERS).astype(np.complex64)
+    out.flags.writeable = False
+    return out
+
+
+def _convolve_z(
+    spectra: np.ndarray,
+    lattice: _Lattice,
+    n_planes: int,
+    optics: OpticsConfig,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Sum over slices as a linear convolution along z (FFT), on the focal-position lattice."""
+    n_slices = spectra.shape[0]
+    k_min, k_max = int(lattice.k.min()), int(lattice.k.max())
+    j0 = k_min - (n_slices - 1)
+    length = k_max - j0 + 1
+    n_fft = scipy.fft.next_fast_len(length)
+    kernel = _z_kernel(optics, shape, lattice.step, lattice.phase, j0, length, n_fft)
+    spec_z = scipy.fft.fft(spectra, n=n_fft, axis=0, workers=WORKERS)
+    spec_z *= kernel
+    conv = scipy.fft.ifft(spec_z, axis=0, workers=WORKERS, overwrite_x=True)
+    planes: np.ndarray = conv[lattice.k - j0].astype(np.complex64, copy=False)
+    assert planes.shape[0] == n_planes
+    return planes
+
+
+def _sum_pairs(
+    spectra: np.ndarray,
+    slice_z_um: np.ndarray,
+    focus_um: np.ndarray,
+    optics: OpticsConfig,
+    shape: tuple[int, int],
+) -> np.ndarray:
+    """Sum over slices pair by pair (any focal positions); returns the planes' spectra."""
+    d = np.round(focus_um[:, None] - slice_z_um[None, :], 6)
     uniq, inv = np.unique(d, return_inverse=True)
     inv = inv.reshape(d.shape)
     otf = _otf(optics, uniq, shape)
@@ -137,12 +223,11 @@ def image_slices(
     planes = np.empty((focus_um.size, *acc.shape), dtype=np.complex64)
     for f in range(focus_um.size):
         np.multiply(otf[inv[f, 0]], spectra[0], out=acc)
-        for s in range(1, keep.size):
+        for s in range(1, spectra.shape[0]):
             np.multiply(otf[inv[f, s]], spectra[s], out=tmp)
             acc += tmp
         planes[f] = acc
-    out[:] = scipy.fft.irfft2(planes, s=shape, workers=WORKERS)
-    return out
+    return planes
 
 
 def expected_counts(photons: np.ndarray, camera: CameraConfig) -> np.ndarray:

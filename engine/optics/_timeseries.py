@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.fft
 import scipy.ndimage
+import scipy.sparse
 
 from engine.optics._config import CameraConfig, OpticsConfig
 from engine.optics._imaging import BODY_FRACTION, SLICE_UM, WORKERS, _otf, camera_counts
@@ -84,9 +85,10 @@ class WormTimeSeries:
         self.body = worm_body(rng, frame)
         self.objects = worm_nuclei(rng, self.body, extent, frame, self.camera, px)
         self._margin = PATCH_PX // 2 + MOTION_PX
+        self._canvas_shape = (h + 2 * self._margin, w + 2 * self._margin)
         self._rates_hz = rng.uniform(0.05, 0.5, len(self.objects))
         self._phases = rng.uniform(0, 2 * np.pi, 5)
-        self._boxes = self._nucleus_boxes()
+        self._nucleus_spectra()
         self._background = self._body_background()
         self._render = functools.lru_cache(maxsize=8)(self._render_uncached)
 
@@ -156,68 +158,91 @@ class WormTimeSeries:
         """Noise-free photons per pixel (H, W) float32 of frame `index` (before the camera)."""
         dx, dy, dz = self.motion_um(index)
         px = self.optics.pixel_size_um
-        sx, sy = round(dx / px), round(dy / px)
+        sx = int(np.clip(round(dx / px), -MOTION_PX, MOTION_PX))
+        sy = int(np.clip(round(dy / px), -MOTION_PX, MOTION_PX))
         focus_key = round((focus_um - dz) / FOCUS_STEP_UM)
-        footprints = self._render(focus_key)
+        canvas = self._render(focus_key) @ self.activity(index).astype(np.float32)
+        canvas = canvas.reshape(self._canvas_shape)
         m = self._margin
         h, w = self.shape
-        canvas = self._background[m - sy : m - sy + h, m - sx : m - sx + w].copy()
-        act = self.activity(index)
-        for i, fp in enumerate(footprints):
-            r0, c0 = fp.row + sy, fp.col + sx
-            ph, pw = fp.patch.shape
-            r1, c1 = min(r0 + ph, h), min(c0 + pw, w)
-            ra, ca = max(r0, 0), max(c0, 0)
-            if ra >= r1 or ca >= c1:
-                continue
-            canvas[ra:r1, ca:c1] += (
-                np.float32(act[i]) * fp.patch[ra - r0 : r1 - r0, ca - c0 : c1 - c0]
-            )
-        canvas += np.float32(self.camera.background_photons)
-        return canvas
+        window = (slice(m - sy, m - sy + h), slice(m - sx, m - sx + w))
+        out: np.ndarray = canvas[window] + self._background[window]
+        out += np.float32(self.camera.background_photons)
+        return out
 
     # -- rendering ----------------------------------------------------------------------------
 
-    def _nucleus_boxes(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
-        """Each nucleus rasterised in a small box: (row, col of the patch centre, z slices, box)."""
+    def _nucleus_spectra(self) -> None:
+        """Rasterise each nucleus into thin slices and keep their patch spectra for rendering.
+
+        Sets `_slice_z` (all slices' z, µm), `_spectra` (rfft2 of each slice centred in a
+        `PATCH_PX` patch), `_ranges` (each nucleus's slice range) and `_centres` (row, col).
+        """
         px = self.optics.pixel_size_um
-        boxes = []
-        for i in range(len(self.objects)):
-            o = self.objects
+        half = 12
+        o = self.objects
+        slabs: list[np.ndarray] = []
+        zs: list[np.ndarray] = []
+        self._ranges: list[tuple[int, int]] = []
+        self._centres: list[tuple[int, int]] = []
+        start = 0
+        for i in range(len(o)):
             row, col = round(o.y_um[i] / px), round(o.x_um[i] / px)
             c = o.semi_axes_um[i, 2]
             z0 = np.floor((o.z_um[i] - c) / SLICE_UM - 1) * SLICE_UM
             z1 = np.ceil((o.z_um[i] + c) / SLICE_UM + 1) * SLICE_UM
             slices = np.arange(z0, z1 + SLICE_UM / 2, SLICE_UM)
-            half = 12
             grid = Grid((col - half) * px, (row - half) * px, (2 * half, 2 * half), px, slices)
             one = o.replace(**{k: getattr(o, k)[i : i + 1] for k in o.__dataclass_fields__})
-            boxes.append((row, col, slices, rasterize(one, grid)))
-        return boxes
+            box = rasterize(one, grid)
+            keep = box.reshape(box.shape[0], -1).any(axis=1)
+            slabs.append(box[keep])
+            zs.append(slices[keep])
+            self._ranges.append((start, start + int(keep.sum())))
+            self._centres.append((row, col))
+            start += int(keep.sum())
+        batch = np.zeros((start, PATCH_PX, PATCH_PX), dtype=np.float32)
+        c0 = PATCH_PX // 2 - half
+        batch[:, c0 : c0 + 2 * half, c0 : c0 + 2 * half] = np.concatenate(slabs)
+        self._spectra = scipy.fft.rfft2(batch, workers=WORKERS).astype(np.complex64)
+        self._slice_z = np.concatenate(zs)
 
-    def _render_uncached(self, focus_key: int) -> list[_Footprint]:
+    def _render_uncached(self, focus_key: int) -> scipy.sparse.csc_matrix:
         """Footprints of all nuclei at effective focus ``focus_key · FOCUS_STEP_UM``."""
         focus = focus_key * FOCUS_STEP_UM
-        n_slices = sum(b[2].size for b in self._boxes)
-        batch = np.zeros((n_slices, PATCH_PX, PATCH_PX), dtype=np.float32)
-        defocus = np.empty(n_slices)
-        starts = np.empty(len(self._boxes), dtype=np.intp)
-        c0 = PATCH_PX // 2 - 12
-        k = 0
-        for i, (_, _, slices, box) in enumerate(self._boxes):
-            starts[i] = k
-            batch[k : k + slices.size, c0 : c0 + 24, c0 : c0 + 24] = box
-            defocus[k : k + slices.size] = focus - slices
-            k += slices.size
-        uniq, inv = np.unique(np.round(defocus, 6), return_inverse=True)
-        spectra = scipy.fft.rfft2(batch, workers=WORKERS)
-        spectra *= _otf(self.optics, uniq, (PATCH_PX, PATCH_PX))[inv]
-        summed = np.add.reduceat(spectra, starts, axis=0)
+        uniq, inv = np.unique(np.round(focus - self._slice_z, 6), return_inverse=True)
+        otf = _otf(self.optics, uniq, (PATCH_PX, PATCH_PX))
+        summed = np.empty((len(self._ranges), *self._spectra.shape[1:]), dtype=np.complex64)
+        tmp = np.empty(self._spectra.shape[1:], dtype=np.complex64)
+        for n, (a, b) in enumerate(self._ranges):
+            np.multiply(self._spectra[a], otf[inv[a]], out=summed[n])
+            for k in range(a + 1, b):
+                np.multiply(self._spectra[k], otf[inv[k]], out=tmp)
+                summed[n] += tmp
         patches = scipy.fft.irfft2(summed, s=(PATCH_PX, PATCH_PX), workers=WORKERS)
-        return [
-            self._crop(row, col, patch)
-            for (row, col, _, _), patch in zip(self._boxes, patches, strict=True)
-        ]
+        return self._footprint_matrix(
+            [self._crop(r, c, patch) for (r, c), patch in zip(self._centres, patches, strict=True)]
+        )
+
+    def _footprint_matrix(self, footprints: list[_Footprint]) -> scipy.sparse.csc_matrix:
+        """Sparse (canvas pixels × nuclei) matrix: canvas = matrix @ activity."""
+        m = self._margin
+        ch, cw = self._canvas_shape
+        pixels, values, counts = [], [], []
+        for fp in footprints:
+            ph, pw = fp.patch.shape
+            rows = np.arange(ph)[:, None] + (fp.row + m)
+            cols = np.arange(pw)[None, :] + (fp.col + m)
+            ok = (rows >= 0) & (rows < ch) & (cols >= 0) & (cols < cw)
+            pixels.append((rows * cw + cols)[ok])
+            values.append(fp.patch[ok])
+            counts.append(int(ok.sum()))
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        return scipy.sparse.csc_matrix(
+            (np.concatenate(values), np.concatenate(pixels), indptr),
+            shape=(ch * cw, len(footprints)),
+            dtype=np.float32,
+        )
 
     @staticmethod
     def _crop(row: int, col: int, patch: np.ndarray) -> _Footprint:
