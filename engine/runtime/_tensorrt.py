@@ -142,6 +142,7 @@ class TensorRTBackend(BaseBackend):
         self._context.set_tensor_address(INPUT_NAME, int(self._d_in))
         self._context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
         self._graphs: dict[tuple[int, ...], Any] = {}
+        self._use_graphs = self.options.cuda_graph
         self._shape: tuple[int, ...] | None = None
         from export._tensorrt import gpu_name
 
@@ -169,16 +170,23 @@ class TensorRTBackend(BaseBackend):
             raise BackendError("tensorrt: execute_async_v3 failed")
         self._check(rt.cudaMemcpyAsync(self._h_out_ptr, self._d_out, nbytes_out, d2h, self._stream))
 
-    def _capture(self, shape: tuple[int, ...], nbytes_in: int, nbytes_out: int) -> Any:
-        """Capture one call at `shape` as an instantiated CUDA graph."""
+    def _capture(self, nbytes_in: int, nbytes_out: int) -> Any | None:
+        """Capture one call as an instantiated CUDA graph; None (graphs off) if capture fails."""
         rt = self._rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         self._check(rt.cudaStreamBeginCapture(self._stream, mode))
-        self._enqueue(nbytes_in, nbytes_out)
-        graph = self._check(rt.cudaStreamEndCapture(self._stream))
-        executable = self._check(rt.cudaGraphInstantiate(graph, 0))
-        self._check(rt.cudaGraphDestroy(graph))
-        return executable
+        try:
+            self._enqueue(nbytes_in, nbytes_out)
+        finally:
+            graph = self._check(rt.cudaStreamEndCapture(self._stream))
+        try:
+            return self._check(rt.cudaGraphInstantiate(graph, 0))
+        except RuntimeError as exc:
+            log.warning("CUDA graph capture failed, running without graphs: %s", exc)
+            self._use_graphs = False
+            return None
+        finally:
+            rt.cudaGraphDestroy(graph)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Copy `x` to pinned memory, run on the stream (or replay its graph), return the output."""
@@ -197,12 +205,14 @@ class TensorRTBackend(BaseBackend):
             self._shape = shape
         self._h_in[: x.size] = x.ravel()
         nbytes_in, nbytes_out = x.nbytes, x.nbytes // 2
-        if self.options.cuda_graph:
-            graph = self._graphs.get(shape)
-            if graph is None:
-                self._enqueue(nbytes_in, nbytes_out)  # TensorRT needs one plain run per shape
-                self._check(self._rt.cudaStreamSynchronize(self._stream))
-                graph = self._graphs[shape] = self._capture(shape, nbytes_in, nbytes_out)
+        graph = self._graphs.get(shape) if self._use_graphs else None
+        if graph is None and self._use_graphs:
+            self._enqueue(nbytes_in, nbytes_out)  # TensorRT needs one plain run per shape
+            self._check(self._rt.cudaStreamSynchronize(self._stream))
+            graph = self._capture(nbytes_in, nbytes_out)
+            if graph is not None:
+                self._graphs[shape] = graph
+        if graph is not None:
             self._check(self._rt.cudaGraphLaunch(graph, self._stream))
         else:
             self._enqueue(nbytes_in, nbytes_out)
