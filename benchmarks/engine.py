@@ -206,6 +206,17 @@ def table(cases: Sequence[Case]) -> str:
     return "\n".join(lines)
 
 
+def speedups(cases: Sequence[Case], baseline: str = "torch") -> dict[str, dict[str, float]]:
+    """Return each backend's speed-up over `baseline` per "size x batch" both ran."""
+    base = {(c.size, c.batch): c.ms_per_frame for c in cases if c.backend == baseline}
+    out: dict[str, dict[str, float]] = {}
+    for c in cases:
+        ref = base.get((c.size, c.batch))
+        if c.backend != baseline and c.ms_per_frame and ref:
+            out.setdefault(c.backend, {})[f"{c.size}x{c.batch}"] = ref / c.ms_per_frame
+    return out
+
+
 def plot(cases: Sequence[Case], path: Path, title: str) -> None:
     """Plot planes/s against plane batch, one line per backend and frame size."""
     import matplotlib
@@ -304,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             case.peak_fraction = case.gflops / peak
     summary = table(cases)
     print(summary)
+    vs_torch = speedups(cases)
+    for name, ratios in vs_torch.items():
+        print(f"{name} vs torch eager: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     host = machine()
     result = {
@@ -313,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": {"path": str(model), "name": metadata.name, "flops_per_pixel": fpp},
         "matmul_gflops": {"before": peaks, "after": peaks_after, "peak_used": peak},
         "cases": [asdict(c) for c in cases],
+        "speedup_vs_torch": vs_torch,
         "table": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
