@@ -1,0 +1,168 @@
+"""Tests of engine.model: shapes, presets, gradients, overfitting, save/load checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.metadata import ModelMetadata, ModelMetadataError
+from engine.model import PRESETS, DeepZ, Discriminator, build_model, load_model, save_model
+
+TINY = {"channels": (4, 4, 8, 16), "global_skip": True}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _metadata(model: DeepZ) -> ModelMetadata:
+    return ModelMetadata(
+        name="tiny",
+        architecture=model.architecture,
+        size_multiple=model.size_multiple,
+        dz_range_um=(-10.0, 10.0),
+        pixel_size_um=0.3,
+        na=0.75,
+        wavelength_um=0.52,
+    )
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 32, 32), (3, 2, 64, 48), (2, 2, 16, 128)])
+def test_forward_shape_and_dtype(shape: tuple[int, int, int, int]) -> None:
+    torch.manual_seed(0)
+    model = DeepZ(**TINY)
+    out = model(torch.randn(*shape))
+    assert out.shape == (shape[0], 1, shape[2], shape[3])
+    assert out.dtype == torch.float32
+    assert model.size_multiple == 4
+
+
+def test_slim_preset_fits_real_time_budget() -> None:
+    model = build_model("slim")
+    params = model.count_parameters()
+    gflop_256 = model.flops_per_pixel() * 256 * 256 / 1e9
+    assert 1_000_000 <= params <= 3_000_000
+    assert gflop_256 <= 3.0
+    assert model.size_multiple == 2 ** (len(PRESETS["slim"]["channels"]) - 2)
+    out = model(torch.zeros(1, 2, 64, 96))
+    assert out.shape == (1, 1, 64, 96)
+
+
+def test_paper_preset_matches_released_layout() -> None:
+    model = build_model("paper")
+    assert model.size_multiple == 32
+    assert 77e6 < model.count_parameters() < 79e6
+
+
+def test_architecture_rebuilds_the_same_model() -> None:
+    model = build_model("slim", channels=(4, 4, 8), global_skip=False)
+    clone = DeepZ(**model.architecture)
+    assert clone.architecture == model.architecture
+    clone.load_state_dict(model.state_dict())
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="channels"):
+        DeepZ(channels=(8,))
+    with pytest.raises(ValueError, match="must not decrease"):
+        DeepZ(channels=(8, 16, 8))
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("huge")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        DeepZ((4, 4, 8))  # type: ignore[misc]
+
+
+def test_gradient_reaches_every_layer() -> None:
+    torch.manual_seed(0)
+    model = DeepZ(**TINY)
+    model(torch.randn(2, 2, 16, 16)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert float(p.grad.abs().sum()) > 0, name
+
+
+def test_global_skip_makes_a_zero_head_the_identity() -> None:
+    model = DeepZ(**TINY)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    x = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(model(x), x[:, :1])
+
+
+def test_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = DeepZ(channels=(8, 8, 16), global_skip=False)
+    x = torch.randn(2, 2, 16, 16)
+    y = torch.nn.functional.avg_pool2d(x[:, :1], 3, 1, 1) * 2 + x[:, 1:] * 0.5
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    first = torch.nn.functional.l1_loss(model(x), y).item()
+    for _ in range(120):
+        loss = torch.nn.functional.l1_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_discriminator_scores_each_sample() -> None:
+    d = Discriminator(channels=(4, 8))
+    assert d(torch.randn(3, 1, 32, 32)).shape == (3,)
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    model = DeepZ(**TINY).eval()
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    loaded, meta = load_model(path)
+    assert meta.architecture == model.architecture
+    x = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_refuses_missing_metadata(tmp_path) -> None:
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ModelMetadataError, match="metadata file not found"):
+        load_model(path)
+
+
+def test_load_refuses_architecture_that_does_not_match_weights(tmp_path) -> None:
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["architecture"]["channels"] = [4, 4, 8, 32]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ModelMetadataError, match="do not match the architecture"):
+        load_model(path)
+
+
+def test_load_refuses_inconsistent_size_multiple(tmp_path) -> None:
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["size_multiple"] = 32
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ModelMetadataError, match="size_multiple"):
+        load_model(path)
+
+
+def test_load_refuses_unbuildable_architecture(tmp_path) -> None:
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    meta["architecture"]["depth"] = 3
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ModelMetadataError, match="does not build"):
+        load_model(path)
