@@ -47,6 +47,7 @@ __all__ = [
     "SourceConfig",
     "SurfaceConfig",
     "load_config",
+    "validate_config",
 ]
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-slim.onnx"

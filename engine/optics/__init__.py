@@ -1,22 +1,47 @@
 """Wide-field fluorescence microscope simulator: PSFs, samples, focal stacks, time series.
 
-Training, evaluation and the simulated scope need images with known ground truth. Coordinates
-are in µm at the sample; z is along the optical axis, positive = deeper (further from the
-objective), and a focal stack's `z_um` are focal positions relative to the sample's reference
-plane, so the plane d µm deeper than plane i of a stack is at ``z_um[i] + d``.
+Training, evaluation and the simulated scope need images with known ground truth, since no
+real data can be downloaded here. Coordinates are in µm at the sample: x along columns and y
+along rows from the centre of the frame's top-left pixel; z along the optical axis, positive =
+deeper (further from the objective). A focal stack's `z_um` are focus positions relative to
+the sample's reference plane, as a focus drive reports them, so the plane d µm deeper than
+plane i is at ``z_um[i] + d`` and a Deep-Z training pair (input plane i, target plane j) has
+the DPM ``z_um[j] - z_um[i]``. With the default air objective on a watery sample, the
+refractive-index mismatch is in the PSF model (Gibson-Lanni, asymmetric about focus).
+
+The settings models (`OpticsConfig`, `CameraConfig`) import at once; the simulator itself
+(scipy, psfmodels) loads on first use, so configuration code stays light.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from engine.optics._config import CameraConfig, OpticsConfig
-from engine.optics._imaging import (
-    FocalStack,
-    camera_counts,
-    default_z_um,
-    expected_counts,
-    simulate_focal_stack,
-)
-from engine.optics._psf import make_psf
-from engine.optics._samples import ObjectTable
-from engine.optics._timeseries import WormTimeSeries
+
+if TYPE_CHECKING:
+    from engine.optics._imaging import (
+        FocalStack,
+        camera_counts,
+        default_z_um,
+        expected_counts,
+        simulate_focal_stack,
+    )
+    from engine.optics._psf import make_psf
+    from engine.optics._samples import ObjectTable
+    from engine.optics._timeseries import WormTimeSeries
+
+_LAZY = {
+    "FocalStack": "engine.optics._imaging",
+    "camera_counts": "engine.optics._imaging",
+    "default_z_um": "engine.optics._imaging",
+    "expected_counts": "engine.optics._imaging",
+    "simulate_focal_stack": "engine.optics._imaging",
+    "make_psf": "engine.optics._psf",
+    "ObjectTable": "engine.optics._samples",
+    "WormTimeSeries": "engine.optics._timeseries",
+}
 
 __all__ = [
     "CameraConfig",
@@ -30,3 +55,12 @@ __all__ = [
     "make_psf",
     "simulate_focal_stack",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the simulator's parts on first use (PEP 562)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine.optics' has no attribute {name!r}")
