@@ -32,12 +32,14 @@ PSF_SIZE_PX = 127
 """Side of the PSF kernel (pixels); covers the blur of a point ±20 µm out of focus at 0.3 µm."""
 SLICE_UM = 0.5
 """Thickness of the z slices a 3D sample is binned into (µm)."""
+SLICE_HALF_RANGE_UM = 15.0
+"""Samples are sliced over at least ±15 µm (worm bodies and bead layers fit inside)."""
 BODY_FRACTION = 0.1
 """Diffuse body autofluorescence through the worm's axis, as a fraction of `peak_photons`."""
 WORKERS = 2
 """Threads for scipy.fft."""
-_OTF_MAX_PLANES = 400
-"""Most cached PSF transforms per grid shape (about 0.6 MB each at 384²)."""
+_OTF_MAX_BYTES = 128 * 2**20
+"""Most memory kept for PSF transforms per grid shape (a 384² plane takes 0.6 MB)."""
 
 SampleKind = Literal["worm", "beads", "mixed"]
 
@@ -90,25 +92,32 @@ def _otf_store(optics: OpticsConfig, shape: tuple[int, int]) -> dict[float, np.n
     return {}
 
 
-def _otf(optics: OpticsConfig, defocus_um: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """rfft2 of the PSF planes at `defocus_um`, embedded centred at the origin of `shape`.
+def _embedded_otf(
+    optics: OpticsConfig, defocus_um: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
+    """rfft2 of the PSF planes at `defocus_um`, embedded centred at the origin of `shape`."""
+    size = PSF_SIZE_PX
+    h, w = shape
+    if size > h or size > w:
+        raise ValueError(f"grid {shape} smaller than the PSF ({size} px)")
+    psf = make_psf(optics, defocus_um, size)
+    emb = np.zeros((len(defocus_um), h, w), dtype=np.float32)
+    emb[:, :size, :size] = psf
+    emb = np.roll(emb, (-(size // 2), -(size // 2)), axis=(1, 2))
+    out: np.ndarray = scipy.fft.rfft2(emb, workers=WORKERS).astype(np.complex64)
+    return out
 
-    Planes are computed once per defocus value and kept (up to `_OTF_MAX_PLANES` per grid), so
-    stacks of different samples on the same z grid reuse them.
+
+def _otf(optics: OpticsConfig, defocus_um: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Like `_embedded_otf`, but each defocus value's plane is computed once and kept.
+
+    The store holds at most `_OTF_MAX_BYTES` per grid shape; when full it starts afresh.
     """
     store = _otf_store(optics, shape)
-    missing = [float(d) for d in defocus_um if float(d) not in store]
+    missing = sorted({float(d) for d in defocus_um} - store.keys())
     if missing:
-        size = PSF_SIZE_PX
-        h, w = shape
-        if size > h or size > w:
-            raise ValueError(f"grid {shape} smaller than the PSF ({size} px)")
-        psf = make_psf(optics, np.asarray(missing), size)
-        emb = np.zeros((len(missing), h, w), dtype=np.float32)
-        emb[:, :size, :size] = psf
-        emb = np.roll(emb, (-(size // 2), -(size // 2)), axis=(1, 2))
-        planes = scipy.fft.rfft2(emb, workers=WORKERS).astype(np.complex64)
-        if len(store) + len(missing) > _OTF_MAX_PLANES:
+        planes = _embedded_otf(optics, np.asarray(missing), shape)
+        if (len(store) + len(missing)) * planes[0].nbytes > _OTF_MAX_BYTES:
             store.clear()
         store.update(zip(missing, planes, strict=True))
     return np.stack([store[float(d)] for d in defocus_um])
@@ -124,12 +133,9 @@ def image_slices(
     positions sit on the same lattice (the usual case), the sum over slices is a convolution
     along z too and is done by FFT; otherwise each (plane, slice) pair is multiplied out.
     """
-    nonempty = np.flatnonzero(density.reshape(density.shape[0], -1).any(axis=1))
     shape = (int(density.shape[1]), int(density.shape[2]))
-    if nonempty.size == 0:
+    if not density.any():
         return np.zeros((focus_um.size, *shape), dtype=np.float32)
-    first, last = int(nonempty[0]), int(nonempty[-1]) + 1
-    density, slice_z_um = density[first:last], slice_z_um[first:last]
     lattice = _lattice(focus_um, slice_z_um)
     spectra = scipy.fft.rfft2(density, workers=WORKERS)
     if lattice is None:
@@ -178,7 +184,7 @@ def _z_kernel(
 ) -> np.ndarray:
     """PSF transforms at defocus ``step·(j0 + q + phase)``, q < length, FFT'd along z."""
     defocus = np.round(step * (j0 + np.arange(length) + phase), 6)
-    kernel = _otf(optics, defocus, shape)
+    kernel = _embedded_otf(optics, defocus, shape)
     out: np.ndarray = scipy.fft.fft(kernel, n=n_fft, axis=0, workers=WORKERS).astype(np.complex64)
     out.flags.writeable = False
     return out
@@ -292,8 +298,9 @@ def make_sample(
     if body is not None:
         top = np.append(top, -body.radius_um)
         bottom = np.append(bottom, body.radius_um)
-    z0 = np.floor(top.min() / SLICE_UM - 1) * SLICE_UM
-    z1 = np.ceil(bottom.max() / SLICE_UM + 1) * SLICE_UM
+    # A fixed slice range (unless the sample sticks out) keeps the z kernel cache warm.
+    z0 = min(-SLICE_HALF_RANGE_UM, np.floor(top.min() / SLICE_UM - 1) * SLICE_UM)
+    z1 = max(SLICE_HALF_RANGE_UM, np.ceil(bottom.max() / SLICE_UM + 1) * SLICE_UM)
     slices = np.arange(z0, z1 + SLICE_UM / 2, SLICE_UM)
     grid = Grid(grid.x0_um, grid.y0_um, grid.shape, px, slices)
     density = rasterize(objects, grid)

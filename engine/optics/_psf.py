@@ -62,7 +62,7 @@ def _best_focus_um(key: _OpticsKey) -> float:
     return float(fine[int(np.argmax(peaks))])
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)
 def _psf_cached(key: _OpticsKey, defocus_um: tuple[float, ...], size_px: int) -> np.ndarray:
     """Unit-sum PSF planes at the given defocus values (read-only float32)."""
     z_stage = _best_focus_um(key) + np.asarray(defocus_um, dtype=np.float64)
