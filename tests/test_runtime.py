@@ -280,3 +280,18 @@ def test_shipped_model_loads_without_side_files() -> None:
     assert backend.metadata.size_multiple >= 1
     planes = backend.infer(_frame((64, 64)), _dpms(2, (64, 64)))
     assert planes.shape == (2, 64, 64) and np.isfinite(planes).all()
+
+
+@pytest.mark.skipif(
+    not (DEFAULT_MODEL.is_file() and DEFAULT_MODEL.with_suffix(".pt").is_file()),
+    reason="shipped ONNX model or its .pt weights not present yet",
+)
+def test_shipped_onnx_matches_shipped_weights() -> None:
+    """The committed ONNX was exported from the committed weights (not stale)."""
+    onnx_backend = load_backend(prefer=["onnxruntime"], device="cpu")
+    torch_backend = load_backend(prefer=["torch"], device="cpu")
+    assert onnx_backend.metadata == torch_backend.metadata
+    frame, dpms = _frame((64, 64)), _dpms(3, (64, 64))
+    want = torch_backend.infer(frame, dpms)
+    got = onnx_backend.infer(frame, dpms)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
