@@ -29,7 +29,8 @@ from engine.optics._samples import (
 )
 
 PSF_SIZE_PX = 127
-"""Side of the PSF kernel (pixels); covers the blur of a point ±20 µm out of focus at 0.3 µm."""
+"""Side of the PSF kernel (pixels). At 0.3 µm pixels it holds 99 % of a point's light up to
+15 µm from focus and 93 % at 20 µm; each plane is renormalised to unit sum."""
 SLICE_UM = 0.5
 """Thickness of the z slices a 3D sample is binned into (µm)."""
 SLICE_HALF_RANGE_UM = 15.0
