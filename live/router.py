@@ -24,11 +24,13 @@ from live.protocol import ProtocolError, decode
 if TYPE_CHECKING:
     from live.recorder import Recorder
 
-__all__ = ["Collector", "Ledger", "Router"]
+__all__ = ["END_OF_FRAMES", "Collector", "Ledger", "Router"]
 
 log = logging.getLogger(__name__)
 
 _POLL_MS = 50
+END_OF_FRAMES = b"end-of-frames"
+"""One-part message the router sends a worker after its last frame (not a protocol message)."""
 _WORKER_HWM = 2
 
 
@@ -121,10 +123,32 @@ class Router(threading.Thread):
                 if self._pull.poll(_POLL_MS):
                     self._route(self._pull.recv_multipart(copy=False))
         finally:
-            for socket in [self._pull, *self._pushes]:
-                socket.close()
+            self._pull.close()
             if self._raw_pub is not None:
                 self._raw_pub.close()
+
+    def end_workers(self, timeout_s: float = 10.0) -> list[int]:
+        """After the router thread ended: queue `END_OF_FRAMES` behind every worker's frames.
+
+        A worker stops receiving when the marker arrives, so nothing still in the pipe is left
+        behind. Returns the workers that could not take the marker within `timeout_s`.
+        """
+        failed = []
+        for i, socket in enumerate(self._pushes):
+            socket.sndtimeo = int(timeout_s * 1000)
+            try:
+                socket.send(END_OF_FRAMES)
+            except zmq.Again:
+                failed.append(i)
+        return failed
+
+    def close_worker_sockets(self) -> None:
+        """Close the PUSH sockets to the workers, once the router thread and the workers ended.
+
+        Closing earlier would drop frames still queued for a busy worker.
+        """
+        for socket in self._pushes:
+            socket.close()
 
     def _route(self, parts: list[zmq.Frame]) -> None:
         """Handle one received message."""

@@ -418,6 +418,9 @@ class Daemon:
             self._sender.close()
         if hasattr(self, "router"):
             self._quiesce_router()
+            unreachable = self.router.end_workers()
+            if unreachable:
+                log.error("workers %s did not take the end-of-frames marker", unreachable)
         self._worker_stop.set()
         for i, proc in enumerate(self._procs):
             if proc is None:
@@ -427,7 +430,12 @@ class Daemon:
                 log.error("worker %d did not finish in %.0f s: terminating it", i, worker_timeout_s)
                 proc.terminate()
                 proc.join(5.0)
-        time.sleep(0.2)  # let the last stacks and events arrive before the collector stops
+        if hasattr(self, "router"):
+            self.router.close_worker_sockets()
+        deadline = time.monotonic() + 5.0
+        while self.ledger.outstanding() and time.monotonic() < deadline:
+            time.sleep(0.02)  # the last stacks and skip events are still on their way
+        time.sleep(0.1)
         if hasattr(self, "collector"):
             self.collector.stop_event.set()
             self.collector.join(10.0)

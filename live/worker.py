@@ -35,7 +35,9 @@ POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
 """Overload policies: keep every frame (bounded, latency grows) or keep only the newest."""
 
 _POLL_MS = 100
-_QUIET_S = 0.3
+_QUIET_S = 5.0
+END_OF_FRAMES = b"end-of-frames"
+"""The router's marker after a worker's last frame (kept equal to `live.router.END_OF_FRAMES`)."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def _receive(
     thread_stop: threading.Event,
     receiving: threading.Event,
 ) -> None:
-    """PULL frames into `queue` until `stop` is set and the pipe has been quiet a moment."""
+    """PULL frames into `queue` until the end marker, or `stop` and a quiet pipe (fallback)."""
     pull = ctx.socket(zmq.PULL)
     pull.linger = 0
     pull.rcvhwm = 2
@@ -213,6 +215,8 @@ def _receive(
                 continue
             quiet_since = None
             parts = pull.recv_multipart(copy=False)
+            if len(parts) == 1 and parts[0].bytes == END_OF_FRAMES:
+                break
             try:
                 message = decode(parts)
             except ProtocolError as err:  # the router validated it: this is a bug upstream

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from live.protocol import decode, encode_frame
-from live.worker import FrameQueue, WorkerSpec, build_plan, worker_main
+from live.worker import END_OF_FRAMES, FrameQueue, WorkerSpec, build_plan, worker_main
 from tests.live_helpers import free_port, live_config
 
 
@@ -114,7 +114,7 @@ def test_worker_process_refocuses_every_frame(tmp_path: Path, tiny_model_files) 
             np.testing.assert_allclose(
                 msg.array, reference.infer(frame, dpms), rtol=1e-4, atol=1e-2
             )
-        harness.stop.set()
+        harness.frames.send(END_OF_FRAMES)
         assert harness.event()["event"] == "done"
         harness.proc.join(30)
         assert harness.proc.exitcode == 0
@@ -136,7 +136,7 @@ def test_worker_latest_policy_accounts_for_every_frame(tmp_path: Path, tiny_mode
         for seq in range(sent):  # as fast as possible: far beyond the worker's capacity
             frame = np.full((64, 64), 500 + seq, np.uint16)
             harness.frames.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()))
-        harness.stop.set()
+        harness.frames.send(END_OF_FRAMES)
         skipped: list[int] = []
         while (event := harness.event())["event"] != "done":
             if event["event"] == "skipped":
