@@ -1,0 +1,219 @@
+"""Tests of engine.train: config validation, pair sampling, registration, lab stacks, training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+import tifffile
+import torch
+
+from engine.metadata import normalize_images
+from engine.model import load_model
+from engine.train import (
+    LabStackConfig,
+    TrainConfig,
+    _generator_loss,
+    _stack_from_planes,
+    _validation_set,
+    load_config,
+    load_lab_stack,
+    phase_correlation_shift,
+    register_stack,
+    sample_batch,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest (and steadiest on a shared CPU) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _blob_stack(n_z: int = 9, size: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic focal stack: Gaussian spots whose width grows with |z - z_spot|."""
+    rng = np.random.default_rng(seed)
+    z = np.arange(n_z, dtype=np.float64) - n_z // 2
+    yy, xx = np.mgrid[0:size, 0:size]
+    stack = np.full((n_z, size, size), 100.0, dtype=np.float32)
+    for _ in range(6):
+        y0, x0, z0 = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(-2, 2)
+        for i, zi in enumerate(z):
+            s = 1.5 + 0.8 * abs(zi - z0)
+            stack[i] += 2000 / s**2 * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / (2 * s * s))
+    return z, stack
+
+
+def _tiny_config(tmp_path: Path, **changes: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "steps": 40,
+        "batch_size": 4,
+        "patch_size": 32,
+        "lr": 1e-2,
+        "warmup_steps": 2,
+        "threads": 1,
+        "checkpoint_every": 20,
+        "validation_samples": 4,
+        "out_dir": str(tmp_path / "run"),
+        "model": {"preset": "slim", "channels": [8, 8, 16]},
+        "loss": {"ssim_scales": 1},
+        "data": {
+            "kinds": ["beads"],
+            "stack_shape": [48, 48],
+            "z_step_um": 1.0,
+            "z_half_range_um": 4.0,
+            "input_half_range_um": 1.0,
+            "dz_range_um": [-3.0, 3.0],
+            "pool_size": 2,
+            "refresh_every": 20,
+            "refresh_count": 1,
+        },
+    }
+    data = {**base["data"], **changes.pop("data", {})}  # type: ignore[dict-item]
+    base.update(changes)
+    base["data"] = data
+    return TrainConfig.model_validate(base)
+
+
+def test_shipped_config_loads() -> None:
+    cfg = load_config(REPO / "configs" / "train_slim.toml")
+    assert cfg.model.preset == "slim"
+    assert cfg.data.dz_range_um == (-10.0, 10.0)
+    load_config(REPO / "configs" / "train_gan.toml")
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = 10\nbatch_sise = 4\n")
+    with pytest.raises(pydantic.ValidationError, match="batch_sise"):
+        load_config(bad)
+    with pytest.raises(pydantic.ValidationError, match="size_multiple"):
+        TrainConfig.model_validate({"patch_size": 100})
+    with pytest.raises(pydantic.ValidationError, match="dz_range_um"):
+        TrainConfig.model_validate({"data": {"dz_range_um": [5, -5]}})
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_uniform_pairs_use_the_input_frames_statistics(tmp_path: Path) -> None:
+    z, clean = _blob_stack()
+    frames = np.random.default_rng(1).poisson(clean).astype(np.uint16)
+    stack = _stack_from_planes(z, clean, frames, input_half_range_um=1.0)
+    cfg = _tiny_config(tmp_path, data={"surface_fraction": 0.0, "dz_range_um": [-3, 3]})
+    cfg.patch_size = 48
+    x, y = sample_batch(np.random.default_rng(0), [stack], [], cfg, n=6)
+    assert x.shape == (6, 2, 48, 48) and y.shape == (6, 1, 48, 48)
+    assert x.dtype == torch.float32 and y.dtype == torch.float32
+    for b in range(6):
+        dz = float(x[b, 1, 0, 0]) * cfg.dpm_scale_um
+        assert torch.all(x[b, 1] == x[b, 1, 0, 0])
+        assert -3 - 1e-5 <= dz <= 3 + 1e-5
+        # undo the random rotation/flip by matching against all candidate input planes
+        matched = False
+        for _k, i in enumerate(stack.input_index):
+            _norm, mean, std = normalize_images(frames[i][None])
+            j = int(np.argmin(np.abs(z - (z[i] + dz))))
+            target = (clean[j] - mean[0]) / std[0]
+            for t in range(8):
+                a = np.rot90(target, t % 4)
+                a = a[:, ::-1] if t >= 4 else a
+                if np.allclose(y[b, 0].numpy(), a, atol=1e-4):
+                    matched = True
+        assert matched, f"sample {b}: target is not the plane Δz away in input-frame units"
+
+
+def test_surface_pairs_interpolate_between_planes(tmp_path: Path) -> None:
+    z, clean = _blob_stack()
+    stack = _stack_from_planes(z, clean, clean.astype(np.uint16), input_half_range_um=0.0)
+    cfg = _tiny_config(tmp_path, data={"surface_fraction": 1.0, "dz_range_um": [-3, 3]})
+    x, y = sample_batch(np.random.default_rng(3), [stack], [], cfg, n=4)
+    dpm = x[:, 1] * cfg.dpm_scale_um
+    assert float(dpm.amax()) <= 3 + 1e-5 and float(dpm.amin()) >= -3 - 1e-5
+    assert any(float(d.max() - d.min()) > 0.1 for d in dpm)
+    assert torch.isfinite(y).all()
+
+
+def test_same_seed_same_batch(tmp_path: Path) -> None:
+    z, clean = _blob_stack()
+    stack = _stack_from_planes(z, clean, clean.astype(np.uint16), input_half_range_um=1.0)
+    cfg = _tiny_config(tmp_path)
+    a = sample_batch(np.random.default_rng([0, 5]), [stack], [], cfg)
+    b = sample_batch(np.random.default_rng([0, 5]), [stack], [], cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_phase_correlation_finds_a_known_shift() -> None:
+    _, stack = _blob_stack(n_z=1, size=64)
+    moved = np.roll(stack[0], (3, -5), axis=(0, 1))
+    dy, dx = phase_correlation_shift(stack[0], moved)
+    assert abs(dy + 3) < 0.2 and abs(dx - 5) < 0.2
+
+
+def test_register_stack_removes_drift() -> None:
+    _, stack = _blob_stack(n_z=5, size=64)
+    drifted = np.stack([np.roll(p, (i, -i), axis=(0, 1)) for i, p in enumerate(stack)])
+    out, shifts = register_stack(drifted)
+    rel = shifts - shifts[2]
+    np.testing.assert_allclose(rel[:, 0], -(np.arange(5) - 2), atol=0.3)
+    np.testing.assert_allclose(rel[:, 1], np.arange(5) - 2, atol=0.3)
+    assert out.shape == stack.shape and out.dtype == np.float32
+
+
+def test_lab_stack_from_tiff_and_zarr(tmp_path: Path) -> None:
+    import zarr
+
+    _, stack = _blob_stack(n_z=7)
+    tif = tmp_path / "scan.tif"
+    tifffile.imwrite(tif, stack.astype(np.uint16))
+    s = load_lab_stack(LabStackConfig(path=tif, z_step_um=1.0), input_half_range_um=1.0)
+    assert s.target.shape == (7, 48, 48)
+    np.testing.assert_allclose(s.z_um, np.arange(7) - 3.0)
+    assert list(s.input_index) == [2, 3, 4]
+    root = zarr.open_group(str(tmp_path / "scan.ome.zarr"), mode="w")
+    root.create_array("0", data=stack[None].astype(np.uint16))
+    spec = LabStackConfig(path=tmp_path / "scan.ome.zarr", z_step_um=0.5, register_planes=False)
+    s2 = load_lab_stack(spec, input_half_range_um=10.0)
+    assert s2.inputs.shape == (7, 48, 48)
+    with pytest.raises(FileNotFoundError, match="lab stack"):
+        load_lab_stack(LabStackConfig(path=tmp_path / "nope", z_step_um=1), 1.0)
+
+
+def test_few_steps_lower_the_loss_and_write_artefacts(tmp_path: Path) -> None:
+    cfg = _tiny_config(tmp_path, weights_out=str(tmp_path / "w" / "tiny.pt"))
+    torch.manual_seed(cfg.seed)
+    initial = cfg.model.build()
+    model = train(cfg, progress=False)
+    x, y = _validation_set(cfg)
+    with torch.no_grad():
+        before, _ = _generator_loss(cfg, initial(x), y)
+        after, _ = _generator_loss(cfg, model(x), y)
+    assert float(after) < 0.9 * float(before)
+    out = cfg.out_dir
+    for name in ("checkpoint.pt", "loss_curve.png", "samples.png", "config.json"):
+        assert (out / name).is_file(), name
+    _loaded, meta = load_model(tmp_path / "w" / "tiny.pt")
+    assert meta.architecture == model.architecture
+    assert meta.extra["steps"] == 40
+    assert meta.dz_range_um == (-3.0, 3.0)
+    assert json.loads((tmp_path / "w" / "tiny.json").read_text())["name"] == cfg.name
+
+
+def test_same_seed_same_run_and_resume(tmp_path: Path) -> None:
+    a = train(_tiny_config(tmp_path / "a", steps=6, checkpoint_every=3), progress=False)
+    b = train(_tiny_config(tmp_path / "b", steps=6, checkpoint_every=3), progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    cfg = _tiny_config(tmp_path / "a", steps=8, checkpoint_every=3)
+    train(cfg, resume=True, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 8
+    assert [h["step"] for h in ck["history"]] == list(range(1, 9))
