@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date": datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "command": "python -m benchmarks.live" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python -m benchmarks.live", *(argv or sys.argv[1:])]),
         "transport": [asdict(r) for r in results],
         "end_to_end": e2e,
     }
