@@ -446,9 +446,9 @@ def _pool_counters(cfg: TrainConfig, step: int) -> list[int]:
 
 
 def make_metadata(
-    cfg: TrainConfig, model: DeepZ, extra: dict[str, Any] | None = None
+    cfg: TrainConfig, model: DeepZ, extra: dict[str, Any] | None = None, commit: str | None = None
 ) -> ModelMetadata:
-    """Describe a model trained with `cfg` (optics, ranges, command, commit)."""
+    """Describe a model trained with `cfg` (optics, ranges, command, commit; HEAD by default)."""
     from engine.optics import OpticsConfig
 
     optics = OpticsConfig(**cfg.optics)
@@ -474,7 +474,7 @@ def make_metadata(
         sample_index=optics.sample_index,
         trained_on=trained_on,
         training_command=_command(),
-        commit=_git_commit(),
+        commit=_git_commit() if commit is None else commit,
         extra=extra or {},
     )
 
@@ -594,6 +594,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     torch.set_flush_denormal(True)  # denormals slow CPU convs by 10x or more
     torch.manual_seed(cfg.seed)
     device = _device(cfg)
+    commit = _git_commit()  # the code this run started from
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     model = cfg.model.build().to(device)
@@ -684,7 +685,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
             "final_val_loss": history[-1].get("val_loss"),
             "train_config": json.loads(cfg.model_dump_json()),
         }
-        save_model(model.cpu(), make_metadata(cfg, model, extra), cfg.weights_out)
+        save_model(model.cpu(), make_metadata(cfg, model, extra, commit), cfg.weights_out)
         model.to(device)
     return model
 
