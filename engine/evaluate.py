@@ -219,6 +219,7 @@ def _bead_fwhm(model: DeepZ, meta: ModelMetadata, stacks: list[Any]) -> dict[str
         i0 = _plane_index(stack, 0.0)
         frame = stack.images[i0]
         h, w = frame.shape
+        cache: dict[float, np.ndarray] = {}
         xs, ys = np.asarray(obj.x_um)[sel], np.asarray(obj.y_um)[sel]
         for j, b in enumerate(sel):
             col, row = round(float(obj.x_um[b]) / px), round(float(obj.y_um[b]) / px)
@@ -230,7 +231,9 @@ def _bead_fwhm(model: DeepZ, meta: ModelMetadata, stacks: list[Any]) -> dict[str
             if abs(zt) > meta.dz_range_um[1] or zt < meta.dz_range_um[0]:
                 continue
             truth = stack.clean[_plane_index(stack, zt)]
-            out = refocus(model, meta, frame, np.full((1, h, w), zt, np.float32))[0]
+            if zt not in cache:
+                cache[zt] = refocus(model, meta, frame, np.full((1, h, w), zt, np.float32))[0]
+            out = cache[zt]
             win = np.s_[row - half : row + half + 1, col - half : col + half + 1]
             f_true = gaussian_fwhm_2d(truth[win], px)
             f_dz = gaussian_fwhm_2d(out[win], px)
