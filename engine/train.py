@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, normalize_images
-from engine.model import PRESETS, DeepZ, Discriminator, build_model, save_model
+from engine.model import PRESETS, DeepZ, Discriminator, build_model, load_model, save_model
 
 __all__ = [
     "CameraRange",
@@ -177,6 +177,9 @@ class TrainConfig(_Base):
     )
     out_dir: Path = Field(Path("runs/slim"), description="Checkpoints, curves and samples.")
     weights_out: Path | None = Field(None, description="Where to write the final .pt + .json.")
+    init_weights: Path | None = Field(
+        None, description="Start from these weights (.pt with its .json), e.g. to fine-tune."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -597,7 +600,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     commit = _git_commit()  # the code this run started from
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    model = cfg.model.build().to(device)
+    model = cfg.model.build()
+    if cfg.init_weights is not None and not resume:
+        init, _ = load_model(cfg.init_weights)
+        if init.architecture != model.architecture:
+            raise ValueError(
+                f"init_weights {cfg.init_weights} has architecture {init.architecture}, "
+                f"the config builds {model.architecture}"
+            )
+        model.load_state_dict(init.state_dict())
+    model = model.to(device)
     disc = Discriminator().to(device) if cfg.loss.adversarial_weight > 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr_d) if disc is not None else None
@@ -646,7 +658,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
             opt_d.step()
             g_adv = lsgan_g_loss(disc(pred.float()))
             loss = loss + cfg.loss.adversarial_weight * g_adv
-            parts |= {"d": float(d_loss), "adv": float(g_adv)}
+            parts |= {"d": d_loss.item(), "adv": g_adv.item()}
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -217,3 +217,24 @@ def test_same_seed_same_run_and_resume(tmp_path: Path) -> None:
     ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 8
     assert [h["step"] for h in ck["history"]] == list(range(1, 9))
+
+
+def test_gan_steps_and_fine_tune_from_weights(tmp_path: Path) -> None:
+    first = _tiny_config(tmp_path / "a", steps=3, checkpoint_every=3)
+    first.weights_out = tmp_path / "a" / "w.pt"
+    base = train(first, progress=False)
+    cfg = _tiny_config(
+        tmp_path / "b",
+        steps=3,
+        checkpoint_every=3,
+        init_weights=str(tmp_path / "a" / "w.pt"),
+        loss={"ssim_scales": 1, "adversarial_weight": 0.3, "adversarial_start_step": 1},
+    )
+    train(cfg, progress=False)
+    history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
+    assert "d" not in history[0] and "d" in history[1] and "adv" in history[2]
+    wrong = _tiny_config(tmp_path / "c", init_weights=str(tmp_path / "a" / "w.pt"))
+    wrong.model.channels = [4, 4, 8]
+    with pytest.raises(ValueError, match="init_weights"):
+        train(wrong, progress=False)
+    assert base.architecture["channels"] == [8, 8, 16]
