@@ -1,1 +1,1 @@
-"""Live acquisition service: config, wire protocol, hook, sources, worker, recorder, display, daemon."""
+"""Live acquisition service: config, wire protocol, hook, sources, worker, recorder, daemon."""
