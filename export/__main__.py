@@ -109,6 +109,8 @@ def _tensorrt(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` and run the chosen subcommand; return the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript"):  # the exporter's pass-by-pass chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     if args.command == "onnx":
         return _onnx(args)
