@@ -282,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="ONNX model (default: shipped, else random slim)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: all usable cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case (after warm-up)")
-    p.add_argument("--max-call-s", type=float, default=10.0, help="skip longer estimated calls")
+    p.add_argument("--max-call-s", type=float, default=15.0, help="skip longer estimated calls")
     p.add_argument("--trt-precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--out", type=Path, default=RESULTS / "engine.json")
     return p
