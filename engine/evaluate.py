@@ -403,7 +403,7 @@ def evaluate(
         "bead_fwhm_within_15pct": beads["median_abs_error_deepz"] <= 0.15,
     }
     result: dict[str, Any] = {
-        "weights": str(weights),
+        "weights": _display_path(weights),
         "model": meta.name,
         "parameters": model.count_parameters(),
         "flops_per_pixel": model.flops_per_pixel(),
@@ -424,6 +424,15 @@ def evaluate(
         )
         (out / "report.md").write_text(_report(result, meta))
     return result
+
+
+def _display_path(path: str | Path) -> str:
+    """Return `path` relative to the working directory when it lies below it."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
 
 
 def _json_default(o: Any) -> Any:
