@@ -232,12 +232,17 @@ def plot(cases: Sequence[Case], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = sorted({(c.backend, c.size) for c in cases if not c.skipped})
+    sizes = sorted({size for _, size in keys})
+    styles = ["-", "--", ":", "-."]
+    backends = sorted({backend for backend, _ in keys})
     for backend, size in keys:
         done = [c for c in cases if (c.backend, c.size) == (backend, size) and not c.skipped]
         ax.plot(
             [c.batch for c in done],
             [c.planes_per_s or 0.0 for c in done],
             marker="o",
+            color=f"C{sizes.index(size)}",
+            linestyle=styles[backends.index(backend) % len(styles)],
             label=f"{backend} {size}²",
         )
     ax.set_xscale("log")
