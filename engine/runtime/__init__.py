@@ -167,7 +167,8 @@ def load_backend(
     device
         "cpu", "cuda" or "cuda:N"; None picks the best one each backend has.
     frame_shape
-        Typical (height, width), the optimum of the TensorRT shape profile.
+        The camera's (height, width): TensorRT tunes its kernels for it and accepts frames up
+        to it (None: a profile from 256² to 1024²).
     cache_dir
         Where TensorRT engines are cached (default `~/.cache/deepz-live/engines`).
     cuda_graph

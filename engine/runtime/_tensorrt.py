@@ -72,7 +72,9 @@ class TensorRTBackend(BaseBackend):
         self._device_index = self._select_device(options.device)
         if model_path.suffix == ".onnx":
             metadata = onnx_metadata(model_path)
-            frames = [options.frame_shape] if options.frame_shape else None
+            # tuned at the camera's frame, accepting anything from one pad block up to it
+            smallest = (metadata.size_multiple, metadata.size_multiple)
+            frames = [options.frame_shape, smallest] if options.frame_shape else None
             try:
                 entry, _, built = build_cached(
                     model_path,
