@@ -142,7 +142,7 @@ class SourceConfig(_BaseModel):
         (256, 256), description="Frame size (height, width) in pixels."
     )
     pixel_size_um: float = Field(0.3, gt=0, le=100, description="Pixel size at the sample (µm).")
-    rate_hz: float = Field(5.0, gt=0, le=10000, description="Camera frame rate (Hz).")
+    rate_hz: float = Field(2.0, gt=0, le=10000, description="Camera frame rate (Hz).")
     exposure_ms: float = Field(10.0, gt=0, le=60000, description="Exposure time per frame (ms).")
     frame_count: int | None = Field(
         None, ge=1, description="Stop after this many frames; None = run until stopped."
