@@ -30,7 +30,7 @@ import zmq
 from live.metrics import Metrics, StatusPublisher, format_seqs
 from live.recorder import Recorder, RecorderSummary, store_path
 from live.router import Collector, Ledger, Router
-from live.worker import Plan, WorkerSpec, build_plan, worker_main
+from live.worker import Plan, WorkerSpec, build_plan, open_backend, worker_main
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -239,7 +239,7 @@ class Daemon:
 
     def _choose_backend(self, plan: Plan) -> None:
         """Say which backend runs and why others were skipped; run the measured pre-flight."""
-        from engine.runtime import load_backend, select
+        from engine.runtime import select
 
         cfg, engine = self.config, self.config.engine
         spec, reasons = select(engine.backends)
@@ -248,14 +248,7 @@ class Daemon:
         self.backend_name = spec.name
         if not self.preflight_check:
             return
-        backend = load_backend(
-            engine.model_path,
-            prefer=engine.backends,
-            precision=engine.precision,
-            intra_op_threads=engine.intra_op_threads,
-            max_batch=engine.max_batch,
-            frame_shape=(int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1])),
-        )
+        backend = open_backend(cfg)
         try:
             self.backend_name = f"{backend.name} on {backend.device}"
             frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))

@@ -77,6 +77,21 @@ def build_plan(config: Any) -> Plan:
     return Plan(dpms, None, ",".join(plan.labels))
 
 
+def open_backend(config: Any) -> Any:
+    """Load the inference backend a `ScopeConfig` asks for (the pre-flight and every worker)."""
+    from engine.runtime import load_backend
+
+    engine = config.engine
+    return load_backend(
+        engine.model_path,
+        prefer=engine.backends,
+        precision=engine.precision,
+        intra_op_threads=engine.intra_op_threads,
+        max_batch=engine.max_batch,
+        frame_shape=(int(config.source.frame_shape[0]), int(config.source.frame_shape[1])),
+    )
+
+
 class FrameQueue:
     """Bounded hand-off from the receive thread to the inference thread, with the policy.
 
@@ -146,20 +161,11 @@ def _serve(
     spec: WorkerSpec, stop: MpEvent, ctx: zmq.Context[zmq.Socket[bytes]], events: zmq.Socket[bytes]
 ) -> None:
     """Load the plan and backend, then receive, refocus and send until stopped and drained."""
-    from engine.runtime import load_backend
     from live.config import ScopeConfig
 
     config = ScopeConfig.model_validate(spec.config)
     plan = build_plan(config)
-    engine = config.engine
-    backend = load_backend(
-        engine.model_path,
-        prefer=engine.backends,
-        precision=engine.precision,
-        intra_op_threads=engine.intra_op_threads,
-        max_batch=engine.max_batch,
-        frame_shape=(int(config.source.frame_shape[0]), int(config.source.frame_shape[1])),
-    )
+    backend = open_backend(config)
     queue = FrameQueue(config.overload.policy, config.overload.max_queue_frames)
     stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)
     receiving = threading.Event()
