@@ -543,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # pymmcore-plus sets its own logger to DEBUG; its device chatter drowns the status lines.
+    logging.getLogger("pymmcore-plus").setLevel(logging.WARNING)
     try:
         from live.config import load_config
 
