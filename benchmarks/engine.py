@@ -108,20 +108,13 @@ def random_model(directory: Path) -> Path:
     """Export a random-weight slim model to `directory` (used until trained weights ship)."""
     import torch
 
-    from engine.model import build_model, save_model
+    from engine.model import build_model, save_model, untrained_metadata
     from export._onnx import export_onnx
 
     torch.manual_seed(0)
     model = build_model("slim").eval()
-    metadata = ModelMetadata(
-        name="deepz-slim-random",
-        architecture=model.architecture,
-        size_multiple=model.size_multiple,
-        dz_range_um=(-10.0, 10.0),
-        pixel_size_um=0.3,
-        na=0.75,
-        wavelength_um=0.52,
-        trained_on="nothing: random weights for benchmarking",
+    metadata = untrained_metadata(
+        model, "deepz-slim-random", "nothing: random weights for benchmarking"
     )
     save_model(model, metadata, directory / "deepz-slim.pt")
     path = directory / "deepz-slim.onnx"

@@ -232,6 +232,20 @@ class Discriminator(nn.Module):
         return out
 
 
+def untrained_metadata(model: DeepZ, name: str, trained_on: str = "") -> ModelMetadata:
+    """Metadata for a model with no training behind it (tests, benchmarks): the paper's optics."""
+    return ModelMetadata(
+        name=name,
+        architecture=model.architecture,
+        size_multiple=model.size_multiple,
+        dz_range_um=(-10.0, 10.0),
+        pixel_size_um=0.3,
+        na=0.75,
+        wavelength_um=0.52,
+        trained_on=trained_on,
+    )
+
+
 def metadata_path(weights: str | Path) -> Path:
     """Return the metadata JSON that sits beside a weights file (``x.pt`` -> ``x.json``)."""
     return Path(weights).with_suffix(".json")

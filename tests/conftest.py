@@ -48,22 +48,12 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
     """
     import torch
 
-    from engine.metadata import ModelMetadata
-    from engine.model import DeepZ, save_model
+    from engine.model import DeepZ, save_model, untrained_metadata
     from export._onnx import export_onnx
 
     torch.manual_seed(0)
     model = DeepZ(**TINY_ARCHITECTURE).eval()
-    metadata = ModelMetadata(
-        name="deepz-tiny-test",
-        architecture=model.architecture,
-        size_multiple=model.size_multiple,
-        dz_range_um=(-10.0, 10.0),
-        pixel_size_um=0.3,
-        na=0.75,
-        wavelength_um=0.52,
-        trained_on="nothing: random weights for tests",
-    )
+    metadata = untrained_metadata(model, "deepz-tiny-test", "nothing: random weights for tests")
     root = tmp_path_factory.mktemp("tiny_model")
     pt = root / "deepz-tiny.pt"
     save_model(model, metadata, pt)

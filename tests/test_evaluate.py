@@ -12,7 +12,7 @@ import torch
 from engine.evaluate import EvalSettings, evaluate, refocus, wiener_refocus
 from engine.metadata import ModelMetadata
 from engine.metrics import fwhm_1d, gaussian_fwhm_2d, pearson, psnr, ssim
-from engine.model import DeepZ, load_model, save_model
+from engine.model import DeepZ, load_model, save_model, untrained_metadata
 
 SHIPPED = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-slim.pt"
 
@@ -69,15 +69,7 @@ def test_fwhm_of_triangle_and_gaussian() -> None:
 
 
 def _tiny_metadata(model: DeepZ) -> ModelMetadata:
-    return ModelMetadata(
-        name="tiny",
-        architecture=model.architecture,
-        size_multiple=model.size_multiple,
-        dz_range_um=(-10.0, 10.0),
-        pixel_size_um=0.3,
-        na=0.75,
-        wavelength_um=0.52,
-    )
+    return untrained_metadata(model, "tiny")
 
 
 def test_wiener_refocus_keeps_the_in_focus_frame() -> None:

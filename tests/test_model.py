@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from engine.metadata import ModelMetadata, ModelMetadataError
-from engine.model import PRESETS, DeepZ, Discriminator, build_model, load_model, save_model
+from engine.model import (
+    PRESETS,
+    DeepZ,
+    Discriminator,
+    build_model,
+    load_model,
+    save_model,
+    untrained_metadata,
+)
 
 TINY = {"channels": (4, 4, 8, 16), "global_skip": True}
 
@@ -23,15 +31,7 @@ def _one_thread():
 
 
 def _metadata(model: DeepZ) -> ModelMetadata:
-    return ModelMetadata(
-        name="tiny",
-        architecture=model.architecture,
-        size_multiple=model.size_multiple,
-        dz_range_um=(-10.0, 10.0),
-        pixel_size_um=0.3,
-        na=0.75,
-        wavelength_um=0.52,
-    )
+    return untrained_metadata(model, "tiny")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 32, 32), (3, 2, 64, 48), (2, 2, 16, 128)])
