@@ -84,17 +84,24 @@ class _EvalStack:
     pixel_size_um: float
 
 
-def simulate_eval_stack(kind: str, seed: int, s: EvalSettings, metadata: ModelMetadata) -> Any:
-    """Simulate a held-out focal stack with the optics recorded in the model's metadata."""
-    from engine.optics import OpticsConfig, simulate_focal_stack
+def _optics_of(metadata: ModelMetadata) -> Any:
+    """Return the simulator's `OpticsConfig` for the optics a model was trained with."""
+    from engine.optics import OpticsConfig
 
-    optics = OpticsConfig(
+    return OpticsConfig(
         na=metadata.na,
         wavelength_um=metadata.wavelength_um,
         immersion_index=metadata.immersion_index,
         sample_index=metadata.sample_index,
         pixel_size_um=metadata.pixel_size_um,
     )
+
+
+def simulate_eval_stack(kind: str, seed: int, s: EvalSettings, metadata: ModelMetadata) -> Any:
+    """Simulate a held-out focal stack with the optics recorded in the model's metadata."""
+    from engine.optics import simulate_focal_stack
+
+    optics = _optics_of(metadata)
     n = round(s.z_half_range_um / s.z_step_um)
     z = np.arange(-n, n + 1) * s.z_step_um
     return simulate_focal_stack(kind, shape=s.shape, z_um=z, optics=optics, seed=seed)  # type: ignore[arg-type]
@@ -128,15 +135,9 @@ def refocus(
 
 def _otf(metadata: ModelMetadata, dz_um: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     """Return OTFs (len(dz), H, W) of the known wide-field PSF at defocus values dz (µm)."""
-    from engine.optics import OpticsConfig, make_psf
+    from engine.optics import make_psf
 
-    optics = OpticsConfig(
-        na=metadata.na,
-        wavelength_um=metadata.wavelength_um,
-        immersion_index=metadata.immersion_index,
-        sample_index=metadata.sample_index,
-        pixel_size_um=metadata.pixel_size_um,
-    )
+    optics = _optics_of(metadata)
     size = min(127, (min(shape) // 2) * 2 - 1)
     psf = make_psf(optics, np.asarray(dz_um, dtype=np.float64), size_px=size)
     full = np.zeros((len(dz_um), *shape), dtype=np.float64)
