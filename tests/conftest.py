@@ -1,12 +1,14 @@
-"""Shared pytest setup: the `gpu` and `slow` markers and their skip reasons."""
+"""Shared pytest setup: `gpu` and `slow` markers, and fixtures several test files use."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 import pytest
+import zmq
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,3 +62,24 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
     onnx_path = root / "deepz-tiny.onnx"
     export_onnx(model, metadata, onnx_path, source="tests")
     return {"pt": pt, "onnx": onnx_path, "metadata": metadata}
+
+
+@pytest.fixture
+def pull() -> Iterator[tuple[zmq.Socket[bytes], str]]:
+    """A PULL socket bound to a random loopback port, and its address."""
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    sock.close()
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """Tiny models run fastest (and steadiest on a shared CPU) on one torch thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

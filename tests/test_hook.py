@@ -31,16 +31,6 @@ def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
     return frame
 
 
-@pytest.fixture
-def pull() -> tuple[zmq.Socket[bytes], str]:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close()
-
-
 def receive(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 5000) -> list[Message]:
     out = []
     for _ in range(n):

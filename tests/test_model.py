@@ -21,13 +21,7 @@ from engine.model import (
 TINY = {"channels": (4, 4, 8, 16), "global_skip": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a shared CPU) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _metadata(model: DeepZ) -> ModelMetadata:

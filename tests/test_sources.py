@@ -40,16 +40,6 @@ def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
     return frame
 
 
-@pytest.fixture
-def pull():
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PULL)
-    sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, f"tcp://127.0.0.1:{port}"
-    sock.close()
-
-
 def receive_all(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> list[Message]:
     """Everything that arrives until the socket has been quiet for `quiet_ms`."""
     out = []
