@@ -173,12 +173,12 @@ class SourceConfig(_BaseModel):
         return self
 
 
-Backend = Literal["tensorrt", "onnxruntime", "torch"]
+Backend = Literal["tensorrt", "openvino", "onnxruntime", "torch"]
 
 
 def _default_backends() -> list[Backend]:
-    """TensorRT where it is available, else ONNX Runtime."""
-    return ["tensorrt", "onnxruntime"]
+    """TensorRT where it is available, else OpenVINO (when installed), else ONNX Runtime."""
+    return ["tensorrt", "openvino", "onnxruntime"]
 
 
 class EngineConfig(_BaseModel):

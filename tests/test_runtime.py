@@ -152,6 +152,11 @@ class TestOnnxRuntime(BackendTests):
     backend_name = "onnxruntime"
 
 
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino is not installed")
+class TestOpenVino(BackendTests):
+    backend_name = "openvino"
+
+
 @pytest.mark.skipif("torch" not in AVAILABLE, reason="torch is not installed")
 class TestTorch(BackendTests):
     backend_name = "torch"
@@ -163,7 +168,7 @@ class TestTensorRT(BackendTests):
 
 
 def test_registry_order_and_names() -> None:
-    assert [spec.name for spec in BACKENDS] == ["tensorrt", "onnxruntime", "torch"]
+    assert [spec.name for spec in BACKENDS] == ["tensorrt", "openvino", "onnxruntime", "torch"]
     for spec in BACKENDS:
         assert spec.is_available() == (
             importlib.util.find_spec(spec.module.rsplit("._", 1)[0]) is not None
@@ -205,11 +210,19 @@ def test_missing_file(tmp_path: Path) -> None:
         load_backend(tmp_path / "nope.onnx")
 
 
-def test_corrupt_file_names_file_and_problem(tmp_path: Path) -> None:
+ONNX_BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(name not in AVAILABLE, reason=f"{name} missing"))
+    for name in ("openvino", "onnxruntime")
+]
+"""The backends that read .onnx files directly; each must reject bad files the same way."""
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_corrupt_file_names_file_and_problem(tmp_path: Path, name: str) -> None:
     bad = tmp_path / "corrupt.onnx"
     bad.write_bytes(b"\x08\x07garbage, not a protobuf" * 10)
     with pytest.raises(BackendError, match=r"corrupt\.onnx.*not a loadable ONNX model"):
-        load_backend(bad, prefer=["onnxruntime"])
+        load_backend(bad, prefer=[name])
 
 
 def _save(graph_model: onnx.ModelProto, path: Path, metadata: ModelMetadata | None) -> Path:
@@ -234,28 +247,43 @@ def _identity_model(in_channels: int, out_channels: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_model_without_metadata(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_model_without_metadata(tmp_path: Path, name: str) -> None:
     path = _save(_identity_model(2, 1), tmp_path / "nometa.onnx", None)
     with pytest.raises(
         BackendError, match=rf"nometa\.onnx: no Deep-Z metadata.*{ONNX_METADATA_KEY}"
     ):
-        load_backend(path, prefer=["onnxruntime"])
+        load_backend(path, prefer=[name])
 
 
-def test_model_with_wrong_inputs(tmp_path: Path, tiny_model_files: dict[str, object]) -> None:
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_model_with_wrong_inputs(
+    tmp_path: Path, tiny_model_files: dict[str, object], name: str
+) -> None:
     metadata = tiny_model_files["metadata"]
     path = _save(_identity_model(3, 1), tmp_path / "wrong.onnx", metadata)  # type: ignore[arg-type]
     with pytest.raises(BackendError, match=r"wrong\.onnx: input 'input' must be \(N, 2, H, W\)"):
-        load_backend(path, prefer=["onnxruntime"])
+        load_backend(path, prefer=[name])
 
 
-def test_model_with_bad_metadata(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_model_with_bad_metadata(tmp_path: Path, name: str) -> None:
     model = _identity_model(2, 1)
     model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps({"name": "x"}))
     path = tmp_path / "badmeta.onnx"
     onnx.save_model(model, str(path))
     with pytest.raises(BackendError, match=r"badmeta\.onnx: invalid Deep-Z metadata"):
-        load_backend(path, prefer=["onnxruntime"])
+        load_backend(path, prefer=[name])
+
+
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino is not installed")
+def test_openvino_refuses_gpu_devices_and_non_onnx_files(
+    tiny_model_files: dict[str, object],
+) -> None:
+    with pytest.raises(BackendError, match="openvino runs on the CPU here"):
+        load_backend(tiny_model_files["onnx"], prefer=["openvino"], device="cuda")  # type: ignore[arg-type]
+    with pytest.raises(BackendError, match=r"openvino needs an \.onnx model"):
+        load_backend(tiny_model_files["pt"], prefer=["openvino"])  # type: ignore[arg-type]
 
 
 def test_runtime_never_imports_torch(tiny_model_files: dict[str, object]) -> None:

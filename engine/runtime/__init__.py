@@ -1,8 +1,8 @@
 """Inference backends behind one `Backend` protocol, and `load_backend` which picks one.
 
-Importing this package imports numpy and pydantic only: tensorrt, onnxruntime and torch are
-imported by the one module of the backend that is actually built, so the live daemon never
-pulls torch in.
+Importing this package imports numpy and pydantic only: tensorrt, openvino, onnxruntime and
+torch are imported by the one module of the backend that is actually built, so the live daemon
+never pulls torch in.
 
 Examples
 --------
@@ -87,6 +87,13 @@ BACKENDS: list[BackendSpec] = [
         "TensorRTBackend",
         _installed("tensorrt", "cuda"),
         "tensorrt or cuda-python is not installed (pip install 'deepz-live[gpu]' on CUDA)",
+    ),
+    BackendSpec(
+        "openvino",
+        "engine.runtime._openvino",
+        "OpenVinoBackend",
+        _installed("openvino", "onnx"),
+        "openvino is not installed (pip install 'deepz-live[openvino]')",
     ),
     BackendSpec(
         "onnxruntime",

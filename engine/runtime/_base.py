@@ -8,6 +8,7 @@ nowhere else, so the backends cannot drift apart.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +61,14 @@ class BackendOptions:
             len(self.frame_shape) != 2 or min(self.frame_shape) < 1
         ):
             raise ValueError(f"frame_shape must be (height, width) >= 1, not {self.frame_shape}")
+
+
+def default_threads() -> int:
+    """CPU cores this process may use (the intra-op thread count when none is given)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:

@@ -8,7 +8,6 @@ thread count, and I/O binding into output buffers kept per shape.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from engine.runtime._base import (
     BackendOptions,
     BaseBackend,
     check_io_shapes,
+    default_threads,
     metadata_from_props,
 )
 from engine.runtime._protocol import BackendError
@@ -28,14 +28,6 @@ _GPU_PROVIDERS = ("CUDAExecutionProvider",)
 """GPU providers used when present. ORT's TensorRT provider is left out on purpose: it rebuilds
 engines per input shape unless configured; the `tensorrt` backend is the TensorRT path."""
 _MAX_CACHED_SHAPES = 4
-
-
-def default_threads() -> int:
-    """CPU cores this process may use (the intra-op thread count when none is given)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def session_options(threads: int) -> ort.SessionOptions:
