@@ -6,6 +6,8 @@ from the reference (ground-truth) image unless given.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage, optimize
 
@@ -100,30 +102,51 @@ def fwhm_1d(profile: np.ndarray, spacing: float = 1.0) -> float:
     return float((xr - xl) * spacing)
 
 
-def gaussian_fwhm_2d(patch: np.ndarray, spacing: float = 1.0) -> float:
+def gaussian_fwhm_2d(
+    patch: np.ndarray, spacing: float = 1.0, *, centered: bool = False, min_snr: float = 0.0
+) -> float:
     """Lateral FWHM of a spot: fit an isotropic 2-D Gaussian plus offset to a small patch.
 
-    Returns 2 sqrt(2 ln 2) sigma times `spacing`; NaN when the fit fails.
+    Returns 2 sqrt(2 ln 2) sigma times `spacing`; NaN when the fit fails or sigma reaches the
+    patch size (no spot). With `centered`, the spot is known to sit at the patch centre: the
+    fit starts there and its centre may move at most 2 px, so it cannot lock onto a noise
+    pixel elsewhere. With `min_snr` > 0, a spot whose fitted amplitude is below `min_snr`
+    times the residual noise is "not resolved" (NaN): a bead blurred into the background has
+    no width to measure.
     """
     z = np.asarray(patch, dtype=np.float64)
     if z.ndim != 2:
         raise ValueError(f"patch must be 2-D, got shape {z.shape}")
     yy, xx = np.indices(z.shape, dtype=np.float64)
-    cy, cx = np.unravel_index(int(np.argmax(z)), z.shape)
+    coords = np.stack([yy.ravel(), xx.ravel()])
+    if centered:
+        cy, cx = (z.shape[0] - 1) / 2, (z.shape[1] - 1) / 2
+    else:
+        cy, cx = (float(v) for v in np.unravel_index(int(np.argmax(z)), z.shape))
+    size = float(max(z.shape))
 
     def model(coords: np.ndarray, a: float, y0: float, x0: float, s: float, c: float) -> np.ndarray:
         y, x = coords
         out: np.ndarray = a * np.exp(-((y - y0) ** 2 + (x - x0) ** 2) / (2 * s * s)) + c
         return out
 
-    p0 = [float(z.max() - z.min()), float(cy), float(cx), 1.5, float(z.min())]
+    span = float(z.max() - z.min())
+    p0 = [max(span, 1e-12), cy, cx, 1.5, float(z.min())]
+    lower = [0.0, cy - 2, cx - 2, 0.3, -np.inf] if centered else -np.inf
+    upper = [np.inf, cy + 2, cx + 2, size, np.inf] if centered else np.inf
     try:
-        popt, _ = optimize.curve_fit(
-            model, np.stack([yy.ravel(), xx.ravel()]), z.ravel(), p0=p0, maxfev=2000
-        )
-    except (RuntimeError, optimize.OptimizeWarning):
+        with warnings.catch_warnings():  # the covariance is not used; its warning is noise
+            warnings.simplefilter("ignore", optimize.OptimizeWarning)
+            popt, _ = optimize.curve_fit(
+                model, coords, z.ravel(), p0=p0, bounds=(lower, upper), maxfev=2000
+            )
+    except (RuntimeError, ValueError):
         return float("nan")
     s = abs(float(popt[3]))
-    if not np.isfinite(s) or s > max(z.shape):
+    if not np.isfinite(s) or s >= 0.99 * size:
         return float("nan")
+    if min_snr > 0:
+        noise = float(np.std(z.ravel() - model(coords, *popt)))
+        if popt[0] < min_snr * max(noise, 1e-12):
+            return float("nan")
     return float(2.0 * np.sqrt(2.0 * np.log(2.0)) * s * spacing)

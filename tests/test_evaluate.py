@@ -68,6 +68,20 @@ def test_fwhm_of_triangle_and_gaussian() -> None:
     assert gaussian_fwhm_2d(spot, spacing=0.3) == pytest.approx(2.3548 * 1.7 * 0.3, rel=1e-3)
 
 
+def test_centred_spot_fit_ignores_noise_and_refuses_no_spot() -> None:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[-6:7, -6:7]
+    spot = 40 * np.exp(-(xx**2 + yy**2) / (2 * 0.7**2)) + 10 + rng.normal(0, 1.0, xx.shape)
+    spot[1, 11] += 60  # a hot pixel brighter than the bead, away from the centre
+    # the free fit starts at the hot pixel and measures it; the centred fit finds the bead
+    assert gaussian_fwhm_2d(spot, spacing=1.0) < 2.3548 * 0.5
+    assert gaussian_fwhm_2d(spot, spacing=1.0, centered=True) == pytest.approx(
+        2.3548 * 0.7, rel=0.1
+    )
+    noise = 10 + rng.normal(0, 1.0, xx.shape)  # a bead blurred into the background
+    assert np.isnan(gaussian_fwhm_2d(noise, centered=True, min_snr=3.0))
+
+
 def _tiny_metadata(model: DeepZ) -> ModelMetadata:
     return untrained_metadata(model, "tiny")
 
