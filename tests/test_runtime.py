@@ -112,6 +112,19 @@ class BackendTests:
             backend.infer(frame.astype(np.float64), dpms), base, rtol=0, atol=1e-3
         )
 
+    def test_reused_buffers_carry_nothing_between_calls(self, backend: Backend) -> None:
+        shape = (64, 96)
+        first, second = _frame(shape, seed=1), _frame(shape, seed=2)
+        dpms, other_dpms = _dpms(3, shape), _dpms(3, shape)[::-1].copy()
+        expected = backend.infer(second, dpms).copy()
+        a = backend.infer(first, other_dpms)
+        b = backend.infer(second, dpms)  # same shape: the input buffer is reused
+        np.testing.assert_array_equal(b, expected)
+        assert not np.shares_memory(a, b)  # each call returns a new array the caller owns
+        unpadded = backend.infer(_frame((50, 70)), _dpms(3, (50, 70)))  # padded path between
+        assert unpadded.shape == (3, 50, 70)
+        np.testing.assert_array_equal(backend.infer(second, dpms), expected)
+
     def test_splits_batches_larger_than_max_batch(
         self, backend: Backend, reference: Backend
     ) -> None:

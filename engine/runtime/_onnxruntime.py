@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engine.runtime._base import (
+    MAX_CACHED_SHAPES,
     BackendOptions,
     BaseBackend,
     check_io_shapes,
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 _GPU_PROVIDERS = ("CUDAExecutionProvider",)
 """GPU providers used when present. ORT's TensorRT provider is left out on purpose: it rebuilds
 engines per input shape unless configured; the `tensorrt` backend is the TensorRT path."""
-_MAX_CACHED_SHAPES = 4
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -111,7 +111,7 @@ class OnnxRuntimeBackend(BaseBackend):
         """Return the reusable output array for input `shape` (a few kept, oldest dropped)."""
         buf = self._outputs.get(shape)
         if buf is None:
-            if len(self._outputs) >= _MAX_CACHED_SHAPES:
+            if len(self._outputs) >= MAX_CACHED_SHAPES:
                 self._outputs.pop(next(iter(self._outputs)))
             buf = np.empty((shape[0], 1, *shape[2:]), dtype=np.float32)
             self._outputs[shape] = buf
