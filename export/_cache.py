@@ -142,11 +142,14 @@ class EngineCache:
         """Write `plan` and its side file atomically (a crash never leaves half a plan)."""
         self.root.mkdir(parents=True, exist_ok=True)
         entry = self.entry(key, metadata.name)
-        tmp = entry.plan.with_suffix(".plan.tmp")
+        # per-process temporaries: workers starting together build and store the same key
+        tmp = entry.plan.with_suffix(f".plan.{os.getpid()}.tmp")
         tmp.write_bytes(plan)
         tmp.replace(entry.plan)
         info = {"key": asdict(key), "onnx": str(onnx_path), "metadata": metadata.model_dump()}
-        entry.info.write_text(json.dumps(info, indent=2) + "\n")
+        tmp = entry.info.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(entry.info)
         return entry
 
     def timing_cache(self, gpu: str, tensorrt: str) -> Path:

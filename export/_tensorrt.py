@@ -8,7 +8,9 @@ kernels, a timing cache shared by all builds on one GPU model, and the engine ca
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,23 @@ WORKSPACE_BYTES = 4 << 30
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
 
+@functools.cache
 def cudart() -> Any:
-    """Return the CUDA runtime bindings of cuda-python (new and old module layouts)."""
+    """Return the CUDA runtime bindings of cuda-python (new and old module layouts), once."""
     try:
-        from cuda.bindings import runtime  # cuda-python >= 12.8
+        from cuda.bindings import runtime  # cuda-python >= 12.6.1 (the only layout from 13.0)
     except ImportError:
-        from cuda import cudart as runtime  # type: ignore[no-redef]
+        from cuda import cudart as runtime  # type: ignore[no-redef]  # older cuda-python 12.x
     return runtime
+
+
+def native_handle(obj: Any) -> int:
+    """Return the address behind a cuda-python handle (a stream) as TensorRT takes it."""
+    try:  # int(handle) is deprecated from cuda-bindings 12.9.1 / 13.0
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
 
 
 def cuda_check(result: Any) -> Any:
@@ -62,15 +74,21 @@ def gpu_name(device: int | None = None) -> str:
     return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).strip("\0 ")
 
 
-def _load_timing_cache(config: Any, path: Path) -> Any:
+def _load_timing_cache(config: Any, path: Path) -> None:
     """Attach the timing cache at `path` (empty when missing or unreadable) to `config`."""
     data = path.read_bytes() if path.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    cache = config.create_timing_cache(data)  # None when the bytes are not a timing cache
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         log.warning("timing cache %s does not match this GPU/TensorRT; starting empty", path)
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=True)
-    return cache
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=True)
+
+
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Write the builder's updated timing cache to `path` atomically (workers build at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    tmp.replace(path)
 
 
 def build_engine(
@@ -83,6 +101,12 @@ def build_engine(
 ) -> bytes:
     """Parse the ONNX model and build a serialized engine for `profile` (FP16 if `fp16`)."""
     onnx_path = Path(onnx_path)
+    fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
+    if fp16 and fp16_flag is None:  # weakly typed precision flags are gone in TensorRT 11
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} has no FP16 builder flag (removed in TensorRT 11); "
+            "build with precision 'fp32' or install tensorrt 10.x"
+        )
     builder = trt.Builder(_LOGGER)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, _LOGGER)
@@ -94,17 +118,17 @@ def build_engine(
     if fp16:
         if not getattr(builder, "platform_has_fast_fp16", True):
             log.warning("this GPU has no fast FP16; building FP16 anyway")
-        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(fp16_flag)
     opt = builder.create_optimization_profile()
     opt.set_shape(INPUT_NAME, profile.min_shape, profile.opt_shape, profile.max_shape)
     config.add_optimization_profile(opt)
-    cache = _load_timing_cache(config, timing_cache) if timing_cache else None
+    if timing_cache is not None:
+        _load_timing_cache(config, timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
-    if cache is not None and timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        timing_cache.write_bytes(bytes(memoryview(cache.serialize())))
+    if timing_cache is not None:
+        _save_timing_cache(config, timing_cache)
     return bytes(memoryview(serialized))
 
 

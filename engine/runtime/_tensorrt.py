@@ -4,7 +4,7 @@ Given an `.onnx`, the engine comes from the cache of `export._cache` (built on f
 takes minutes); given a cached `.plan`, it is loaded with the metadata beside it. Device buffers
 are sized for the profile's largest input and bound once; each call copies into pinned host
 memory, runs `execute_async_v3`, and copies back on the same stream. With `cuda_graph=True`
-each input shape is captured once as a CUDA graph and replayed.
+a call is captured as a CUDA graph once its input shape repeats, and replayed while it stays.
 """
 
 from __future__ import annotations
@@ -119,6 +119,8 @@ class TensorRTBackend(BaseBackend):
 
     def _setup_engine(self, plan_path: Path) -> None:
         """Deserialize the plan, allocate max-size buffers once and bind them."""
+        from export._tensorrt import gpu_name, native_handle
+
         rt = self._rt
         self._runtime = trt.Runtime(_LOGGER)
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
@@ -127,11 +129,16 @@ class TensorRTBackend(BaseBackend):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
             raise BackendError(f"{plan_path}: engine tensors are {names}, need input and output")
+        dtypes = [self._engine.get_tensor_dtype(n) for n in names]
+        if any(d != trt.DataType.FLOAT for d in dtypes):  # the buffers below are float32
+            raise BackendError(f"{plan_path}: engine tensors {names} are {dtypes}, need float32")
         lo, _, hi = self._engine.get_tensor_profile_shape(INPUT_NAME, 0)
         self.min_shape = tuple(int(v) for v in lo)
         self.max_shape = tuple(int(v) for v in hi)
         self.max_batch = min(self.max_batch, self.max_shape[0])
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendError(f"{plan_path}: TensorRT cannot create an execution context")
         in_count = int(np.prod(self.max_shape))
         out_count = in_count // 2
         self._d_in = self._check(rt.cudaMalloc(in_count * 4))
@@ -141,13 +148,15 @@ class TensorRTBackend(BaseBackend):
         self._h_in = _host_array(self._h_in_ptr, in_count)
         self._h_out = _host_array(self._h_out_ptr, out_count)
         self._stream = self._check(rt.cudaStreamCreate())
+        self._stream_handle = native_handle(self._stream)
         self._context.set_tensor_address(INPUT_NAME, int(self._d_in))
         self._context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
-        self._graphs: dict[tuple[int, ...], Any] = {}
+        # one graph, for the current input shape: a graph replays the context state it was
+        # captured in, and set_input_shape changes that state (NVIDIA/TensorRT#3798)
+        self._graph: Any | None = None
         self._use_graphs = self.options.cuda_graph
         self._shape: tuple[int, ...] | None = None
-        from export._tensorrt import gpu_name
-
+        self._ran_plain = False  # a plain run at self._shape since it was set
         self.device = f"cuda:{self._device_index} {gpu_name(self._device_index)}"
 
     def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:
@@ -168,7 +177,7 @@ class TensorRTBackend(BaseBackend):
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self._check(rt.cudaMemcpyAsync(self._d_in, self._h_in_ptr, nbytes_in, h2d, self._stream))
-        if not self._context.execute_async_v3(int(self._stream)):
+        if not self._context.execute_async_v3(self._stream_handle):
             raise BackendError("tensorrt: execute_async_v3 failed")
         self._check(rt.cudaMemcpyAsync(self._h_out_ptr, self._d_out, nbytes_out, d2h, self._stream))
 
@@ -176,19 +185,27 @@ class TensorRTBackend(BaseBackend):
         """Capture one call as an instantiated CUDA graph; None (graphs off) if capture fails."""
         rt = self._rt
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        self._check(rt.cudaStreamBeginCapture(self._stream, mode))
+        graph = None
         try:
-            self._enqueue(nbytes_in, nbytes_out)
-        finally:
-            graph = self._check(rt.cudaStreamEndCapture(self._stream))
-        try:
-            return self._check(rt.cudaGraphInstantiate(graph, 0))
-        except RuntimeError as exc:
+            self._check(rt.cudaStreamBeginCapture(self._stream, mode))
+            try:
+                self._enqueue(nbytes_in, nbytes_out)
+            finally:  # always leave capture mode, or the stream stays unusable
+                graph = self._check(rt.cudaStreamEndCapture(self._stream))
+            return self._check(rt.cudaGraphInstantiate(graph, 0))  # CUDA 12: (graph, flags)
+        except RuntimeError as exc:  # CUDA errors and BackendError from the enqueue
             log.warning("CUDA graph capture failed, running without graphs: %s", exc)
             self._use_graphs = False
             return None
         finally:
-            rt.cudaGraphDestroy(graph)
+            if graph is not None:
+                rt.cudaGraphDestroy(graph)
+
+    def _drop_graph(self) -> None:
+        """Destroy the captured graph (its shape or context state no longer holds)."""
+        if self._graph is not None:
+            self._rt.cudaGraphExecDestroy(self._graph)
+            self._graph = None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Copy `x` to pinned memory, run on the stream (or replay its graph), return the output."""
@@ -202,31 +219,31 @@ class TensorRTBackend(BaseBackend):
             )
         shape = tuple(x.shape)
         if shape != self._shape:
+            self._drop_graph()
+            self._ran_plain = False
             if not self._context.set_input_shape(INPUT_NAME, shape):
+                self._shape = None
                 raise BackendError(f"tensorrt: input shape {shape} rejected by the engine")
             self._shape = shape
         self._h_in[: x.size] = x.ravel()
         nbytes_in, nbytes_out = x.nbytes, x.nbytes // 2
-        graph = self._graphs.get(shape) if self._use_graphs else None
-        if graph is None and self._use_graphs:
-            self._enqueue(nbytes_in, nbytes_out)  # TensorRT needs one plain run per shape
-            self._check(self._rt.cudaStreamSynchronize(self._stream))
-            graph = self._capture(nbytes_in, nbytes_out)
-            if graph is not None:
-                self._graphs[shape] = graph
-        if graph is not None:
-            self._check(self._rt.cudaGraphLaunch(graph, self._stream))
+        # TensorRT needs one plain run after a shape change before capture; alternating
+        # shapes (a remainder chunk) therefore run plain instead of recapturing every call
+        if self._use_graphs and self._graph is None and self._ran_plain:
+            self._graph = self._capture(nbytes_in, nbytes_out)
+        if self._graph is not None:
+            self._check(self._rt.cudaGraphLaunch(self._graph, self._stream))
         else:
             self._enqueue(nbytes_in, nbytes_out)
         self._check(self._rt.cudaStreamSynchronize(self._stream))
+        self._ran_plain = True
         return self._h_out[: n * h * w].reshape(n, 1, h, w)
 
     def close(self) -> None:
-        """Free graphs, buffers and the stream; drop the engine."""
+        """Free the graph, buffers and the stream (after its pending work); drop the engine."""
         rt = self._rt
-        for graph in self._graphs.values():
-            rt.cudaGraphExecDestroy(graph)
-        self._graphs.clear()
+        rt.cudaStreamSynchronize(self._stream)  # a failed call may have left copies queued
+        self._drop_graph()
         rt.cudaStreamDestroy(self._stream)
         rt.cudaFree(self._d_in)
         rt.cudaFree(self._d_out)
