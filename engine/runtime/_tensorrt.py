@@ -171,6 +171,17 @@ class TensorRTBackend(BaseBackend):
             )
         return None
 
+    def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:
+        """Let `infer` prepare the input straight in pinned host memory when one call takes it.
+
+        That saves a host copy of the whole input per frame (86 MB for 41 × 512²); `_run` sees
+        the input already at the pinned buffer's start and only queues the upload.
+        """
+        count = int(np.prod(shape))
+        if shape[0] <= self.max_batch and count <= self._h_in.size:
+            return self._h_in[:count].reshape(shape)
+        return super()._input_buffer(shape)
+
     def _enqueue(self, nbytes_in: int, nbytes_out: int) -> None:
         """Queue copy-in, execute and copy-out on the stream."""
         rt = self._rt
@@ -208,7 +219,7 @@ class TensorRTBackend(BaseBackend):
             self._graph = None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        """Copy `x` to pinned memory, run on the stream (or replay its graph), return the output."""
+        """Upload `x` (from pinned memory), run (or replay the graph) and return the output."""
         n, _, h, w = x.shape
         if not (self.min_shape[2] <= h <= self.max_shape[2]) or not (
             self.min_shape[3] <= w <= self.max_shape[3]
@@ -225,7 +236,8 @@ class TensorRTBackend(BaseBackend):
                 self._shape = None
                 raise BackendError(f"tensorrt: input shape {shape} rejected by the engine")
             self._shape = shape
-        self._h_in[: x.size] = x.ravel()
+        if x.ctypes.data != self._h_in_ptr:  # not prepared in place (padded or split)
+            self._h_in[: x.size] = x.ravel()
         nbytes_in, nbytes_out = x.nbytes, x.nbytes // 2
         # TensorRT needs one plain run after a shape change before capture; alternating
         # shapes (a remainder chunk) therefore run plain instead of recapturing every call
