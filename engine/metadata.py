@@ -144,13 +144,16 @@ def prepare_inputs(
     dpms_um: np.ndarray,
     metadata: ModelMetadata,
     out: np.ndarray | None = None,
+    dpms_in_out: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Build the network input (N, 2, H', W') float32 from raw frames and DPMs in µm.
 
     `images` is (H, W) or (N, H, W) and is broadcast against `dpms_um` (N, H, W), so one frame
     with N plane DPMs is the common live case. Returns the input and the per-frame mean and std.
     `out`, a reusable (N, 2, H, W) float32 buffer, saves an allocation (and its page faults)
-    per call when the frame needs no padding; the values are the same either way.
+    per call when the frame needs no padding; the values are the same either way. With
+    `dpms_in_out`, `out[:, 1]` already holds these DPMs (normalised by an earlier call) and only
+    the image channel is written.
     """
     images = np.asarray(images)
     dpms_um = np.asarray(dpms_um)
@@ -179,7 +182,9 @@ def prepare_inputs(
         raise ValueError(f"out must be float32 {(n, 2, h, w)}, got {out.dtype} {out.shape}")
     x = out if out is not None else np.empty((n, 2, h, w), dtype=np.float32)
     x[:, 0] = norm
-    if dpms_um.dtype == np.float32:  # straight into the buffer, no temporary
+    if dpms_in_out and out is not None:
+        pass
+    elif dpms_um.dtype == np.float32:  # straight into the buffer, no temporary
         np.divide(dpms_um, np.float32(metadata.dpm_scale_um), out=x[:, 1])
     else:
         x[:, 1] = normalize_dpms(dpms_um, metadata)

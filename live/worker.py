@@ -71,7 +71,8 @@ class Plan:
 def build_plan(config: Any) -> Plan:
     """Build the DPM plan once from a `ScopeConfig` (``config.planes.build``)."""
     plan = config.planes.build(tuple(config.source.frame_shape), config.source.pixel_size_um)
-    dpms = np.ascontiguousarray(plan.dpms_um, dtype=np.float32)
+    dpms = np.array(plan.dpms_um, dtype=np.float32, order="C")
+    dpms.setflags(write=False)  # frozen: backends then normalise these DPMs once, not per frame
     if plan.z_um is not None:
         return Plan(dpms, [float(z) for z in plan.z_um], None)
     return Plan(dpms, None, ",".join(plan.labels))

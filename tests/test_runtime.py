@@ -125,6 +125,24 @@ class BackendTests:
         assert unpadded.shape == (3, 50, 70)
         np.testing.assert_array_equal(backend.infer(second, dpms), expected)
 
+    def test_frozen_dpms_are_normalised_once_and_changes_are_seen(self, backend: Backend) -> None:
+        shape = (64, 96)
+        frame, other = _frame(shape, seed=4), _frame(shape, seed=5)
+        dpms = _dpms(3, shape)
+        expected = backend.infer(frame, dpms).copy()
+        frozen = dpms.copy()
+        frozen.setflags(write=False)
+        backend.infer(other, frozen)
+        np.testing.assert_array_equal(backend.infer(frame, frozen), expected)  # reused channel
+        flipped = np.array(frozen[::-1])
+        flipped.setflags(write=False)
+        got = backend.infer(frame, flipped)  # new frozen DPMs, same shape: channel rewritten
+        np.testing.assert_allclose(got, expected[::-1], rtol=0, atol=1e-5 * np.abs(got).max())
+        writable = dpms.copy()
+        backend.infer(frame, writable)
+        writable[:] = flipped  # changed in place: a writable array is never trusted
+        np.testing.assert_array_equal(backend.infer(frame, writable), backend.infer(frame, flipped))
+
     def test_splits_batches_larger_than_max_batch(
         self, backend: Backend, reference: Backend
     ) -> None:
