@@ -165,7 +165,13 @@ def model_path() -> tuple[Path, str]:
 
 
 def run_setting(
-    *, rate_hz: float, planes: int, seconds: float, side: int, model: Path
+    *,
+    rate_hz: float,
+    planes: int,
+    seconds: float,
+    side: int,
+    model: Path,
+    backends: list[str],
 ) -> dict[str, Any]:
     """Run the daemon on the simulated scope for `seconds` and return its counts and latency."""
     from live.config import validate_config
@@ -182,7 +188,7 @@ def run_setting(
                 "rate_hz": rate_hz,
                 "exposure_ms": min(10.0, 500.0 / rate_hz),
             },
-            "engine": {"model_path": str(model), "backends": ["onnxruntime"]},
+            "engine": {"model_path": str(model), "backends": backends},
             "planes": {"z_um": z_um},
             "endpoints": {
                 n: f"ipc://{tmp}/{n}" for n in ("frames", "stacks", "recorder", "status")
@@ -231,14 +237,21 @@ def _round(value: float | None) -> float | None:
 
 
 def end_to_end(
-    settings: list[tuple[float, int]], seconds: float, side: int
+    settings: list[tuple[float, int]], seconds: float, side: int, backends: list[str]
 ) -> list[dict[str, Any]]:
     """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
     model, model_name = model_path()
     print(f"end to end with {model_name}: {model}", flush=True)
     rows = []
     for rate_hz, planes in settings:
-        row = run_setting(rate_hz=rate_hz, planes=planes, seconds=seconds, side=side, model=model)
+        row = run_setting(
+            rate_hz=rate_hz,
+            planes=planes,
+            seconds=seconds,
+            side=side,
+            model=model,
+            backends=backends,
+        )
         row["model"] = model_name
         rows.append(row)
         print(
@@ -258,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-e2e", action="store_true", help="transport only")
     parser.add_argument("--seconds", type=float, default=None, help="e2e seconds per setting")
     parser.add_argument("--side", type=int, default=128, help="e2e frame side (pixels)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["openvino", "onnxruntime"],
+        help="engine.backends of the daemon under test (first available runs)",
+    )
     parser.add_argument(
         "--settings", default=None, help="e2e rate×planes list, e.g. '10x5,20x5,10x11'"
     )
@@ -279,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in (args.settings or default).split(",")
         ]
         seconds = args.seconds or (8.0 if args.quick else 60.0)
-        e2e = end_to_end(settings, seconds, args.side)
+        e2e = end_to_end(settings, seconds, args.side, args.backends)
         sustained = [r for r in e2e if r["sustained"]]
         if sustained:
             top = max(sustained, key=lambda r: r["rate_hz"] * r["planes"])

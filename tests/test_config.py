@@ -33,7 +33,7 @@ def test_shipped_config_loads_and_is_the_embedded_default():
     assert cfg.source.frame_shape == (256, 256)
     assert cfg.engine.model_path is None
     assert cfg.engine.resolved_model_path() == DEFAULT_MODEL_PATH
-    assert cfg.engine.backends == ["onnxruntime"]
+    assert cfg.engine.backends == ["openvino", "onnxruntime"]
     assert cfg.endpoints.frames.startswith("tcp://127.0.0.1:")
     plan = cfg.planes.build(cfg.source.frame_shape, cfg.source.pixel_size_um)
     assert len(plan) == 9 and plan.z_um == tuple(float(z) for z in range(-8, 9, 2))
