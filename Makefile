@@ -24,6 +24,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.optics
 	$(PY) -m benchmarks.engine
+	$(PY) -m benchmarks.host_path
 	$(PY) -m benchmarks.live
 
 clean:
