@@ -74,6 +74,14 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def require_onnx(model_path: Path, backend: str) -> None:
+    """Raise `BackendError` unless `model_path` is an .onnx file (what `backend` runs)."""
+    if model_path.suffix != ".onnx":
+        raise BackendError(
+            f"{model_path}: {backend} needs an .onnx model; export one with `python -m export onnx`"
+        )
+
+
 def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:
     """Read the Deep-Z metadata from an ONNX model's `metadata_props`, or raise `BackendError`."""
     text = props.get(ONNX_METADATA_KEY)

@@ -20,6 +20,7 @@ from engine.runtime._base import (
     check_io_shapes,
     default_threads,
     metadata_from_props,
+    require_onnx,
 )
 from engine.runtime._protocol import BackendError
 
@@ -70,11 +71,7 @@ class OnnxRuntimeBackend(BaseBackend):
     supported_precisions = ("fp32",)
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
-        if model_path.suffix != ".onnx":
-            raise BackendError(
-                f"{model_path}: onnxruntime needs an .onnx model; "
-                "export one with `python -m export onnx`"
-            )
+        require_onnx(model_path, self.name)
         threads = options.intra_op_threads or default_threads()
         providers = _providers(options.device)
         try:

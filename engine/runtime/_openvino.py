@@ -21,6 +21,7 @@ from engine.runtime._base import (
     check_io_shapes,
     default_threads,
     metadata_from_props,
+    require_onnx,
 )
 from engine.runtime._protocol import BackendError
 
@@ -60,11 +61,7 @@ class OpenVinoBackend(BaseBackend):
     supported_precisions = ("fp32",)
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
-        if model_path.suffix != ".onnx":
-            raise BackendError(
-                f"{model_path}: openvino needs an .onnx model; "
-                "export one with `python -m export onnx`"
-            )
+        require_onnx(model_path, self.name)
         if options.device not in (None, "cpu"):
             raise BackendError(f"openvino runs on the CPU here, not on {options.device!r}")
         if options.device is None and _cuda_for_onnxruntime():
