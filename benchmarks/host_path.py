@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.metadata import ModelMetadata
 from engine.runtime import DEFAULT_MODEL, BackendOptions, BaseBackend
-from engine.runtime._base import metadata_from_props
+from engine.runtime._base import onnx_metadata
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,14 +47,6 @@ class NullBackend(BaseBackend):
         if shape not in self._zeros:
             self._zeros[shape] = np.zeros(shape, dtype=np.float32)
         return self._zeros[shape]
-
-
-def shipped_metadata() -> ModelMetadata:
-    """The shipped model's metadata, read from the ONNX file (onnx only, no runtime)."""
-    import onnx
-
-    proto = onnx.load(str(DEFAULT_MODEL), load_external_data=False)
-    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(DEFAULT_MODEL))
 
 
 def time_case(
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_path", description=__doc__)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case")
     args = parser.parse_args(argv)
-    backend = NullBackend(shipped_metadata())
+    backend = NullBackend(onnx_metadata(DEFAULT_MODEL))
     rows = [
         time_case(backend, planes, side, frozen, args.repeats)
         for planes, side in ((9, 256), (41, 512))

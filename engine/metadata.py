@@ -182,12 +182,11 @@ def prepare_inputs(
         raise ValueError(f"out must be float32 {(n, 2, h, w)}, got {out.dtype} {out.shape}")
     x = out if out is not None else np.empty((n, 2, h, w), dtype=np.float32)
     x[:, 0] = norm
-    if dpms_in_out and out is not None:
-        pass
-    elif dpms_um.dtype == np.float32:  # straight into the buffer, no temporary
-        np.divide(dpms_um, np.float32(metadata.dpm_scale_um), out=x[:, 1])
-    else:
-        x[:, 1] = normalize_dpms(dpms_um, metadata)
+    if out is None or not dpms_in_out:
+        if dpms_um.dtype == np.float32:  # straight into the buffer, no temporary
+            np.divide(dpms_um, np.float32(metadata.dpm_scale_um), out=x[:, 1])
+        else:
+            x[:, 1] = normalize_dpms(dpms_um, metadata)
     x = pad_to_multiple(x, metadata.size_multiple)
     mean = np.broadcast_to(mean, (n, 1, 1))
     std = np.broadcast_to(std, (n, 1, 1))

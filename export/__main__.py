@@ -74,7 +74,7 @@ def _scope_shapes(path: Path) -> tuple[tuple[int, int], int]:
 def _tensorrt(args: argparse.Namespace) -> int:
     """Build or look up the TensorRT engine and print where it is."""
     try:
-        from engine.runtime._tensorrt import onnx_metadata
+        from engine.runtime._base import onnx_metadata
         from export._tensorrt import build_cached
     except ImportError as exc:
         print(

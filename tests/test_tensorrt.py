@@ -70,7 +70,7 @@ def test_parity_with_onnxruntime(
 def test_engine_is_cached_and_plan_loads_alone(
     tiny_model_files: dict[str, object], cache_dir: Path
 ) -> None:
-    from engine.runtime._tensorrt import onnx_metadata
+    from engine.runtime._base import onnx_metadata
     from export._tensorrt import build_cached
 
     metadata = onnx_metadata(tiny_model_files["onnx"])  # type: ignore[arg-type]

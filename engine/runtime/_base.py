@@ -117,6 +117,29 @@ def check_io_shapes(
             )
 
 
+def onnx_metadata(path: Path) -> ModelMetadata:
+    """Read the Deep-Z metadata from an ONNX file's `metadata_props` (onnx, else onnxruntime).
+
+    For backends whose engine does not expose `metadata_props` (TensorRT, OpenVINO); the
+    weights are left on disk.
+    """
+    try:
+        import onnx
+    except ImportError:
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
+        return metadata_from_props(session.get_modelmeta().custom_metadata_map, str(path))
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends for a corrupt file
+        raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
+    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
 def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate dtypes and ranks of `infer` inputs, with errors that name the problem."""
     images = np.asarray(images)
@@ -175,9 +198,7 @@ class BaseBackend:
         """Normalise, pad, run in chunks of `max_batch`, crop and map back (see `Backend`)."""
         images, dpms_um = _check_arrays(images, dpms_um)
         h, w = images.shape[-2:]
-        n = max(
-            images.shape[0] if images.ndim == 3 else 1, dpms_um.shape[0] if dpms_um.ndim == 3 else 1
-        )
+        n = max(a.shape[0] if a.ndim == 3 else 1 for a in (images, dpms_um))  # broadcast
         buf = self._input_buffer((n, 2, h, w))
         written = (buf.ctypes.data, buf.shape, dpms_um)
         reuse = (

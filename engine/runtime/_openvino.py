@@ -1,9 +1,9 @@
-"""OpenVINO backend: the faster CPU engine for large frames (about 1.25x ONNX Runtime at 512²).
+"""OpenVINO backend: the faster CPU engine (1.1-1.9x ONNX Runtime here, see benchmarks/engine.py).
 
 It compiles the exported ONNX once for the CPU with dynamic planes/height/width, one inference
 stream and a fixed thread count (latency, not throughput: the live worker sends one frame at a
 time). OpenVINO does not carry the ONNX `metadata_props` over, so the Deep-Z metadata is read
-from the file with `onnx` (weights left on disk).
+from the file by `onnx_metadata` (weights left on disk).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
 import openvino as ov
 
 from engine.runtime._base import (
@@ -20,7 +19,7 @@ from engine.runtime._base import (
     BaseBackend,
     check_io_shapes,
     default_threads,
-    metadata_from_props,
+    onnx_metadata,
     require_onnx,
 )
 from engine.runtime._protocol import BackendError
@@ -70,12 +69,7 @@ class OpenVinoBackend(BaseBackend):
                 "(pass device='cpu' to use openvino anyway)"
             )
         source = str(model_path)
-        try:
-            proto = onnx.load(source, load_external_data=False)
-        except Exception as exc:  # protobuf DecodeError and friends
-            raise BackendError(f"{model_path}: not a loadable ONNX model: {exc}") from exc
-        metadata = metadata_from_props({p.key: p.value for p in proto.metadata_props}, source)
-        del proto
+        metadata = onnx_metadata(model_path)
         threads = options.intra_op_threads or default_threads()
         core = ov.Core()
         try:

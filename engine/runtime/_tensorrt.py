@@ -17,38 +17,19 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from engine.metadata import ModelMetadata, padded_shape
+from engine.metadata import padded_shape
 from engine.runtime._base import (
     INPUT_NAME,
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
-    metadata_from_props,
+    onnx_metadata,
 )
 from engine.runtime._protocol import BackendError
 
 log = logging.getLogger(__name__)
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
-
-
-def onnx_metadata(path: Path) -> ModelMetadata:
-    """Read the Deep-Z metadata from an ONNX file's `metadata_props` (onnx, else onnxruntime)."""
-    try:
-        import onnx
-    except ImportError:
-        import onnxruntime as ort
-
-        try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
-        return metadata_from_props(session.get_modelmeta().custom_metadata_map, str(path))
-    try:
-        proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError and friends for a corrupt file
-        raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
-    return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
 def _host_array(ptr: int, count: int) -> np.ndarray:
