@@ -7,6 +7,13 @@ data, sent zero-copy. `decode` validates every header field and the buffer lengt
 makes an array, and raises `ProtocolError` naming the problem; callers count and log it and
 carry on. Nothing is ever pickled.
 
+Decoding is total: whatever bytes arrive (the frames endpoint may face a hostile or broken
+sender), `decode` and `parse_header` return a valid `Message` / `Header` or raise
+`ProtocolError`, never anything else, and cost time and memory bounded by the message size:
+the header is at most `MAX_HEADER_BYTES` of UTF-8, its JSON nests at most `MAX_JSON_DEPTH`
+deep, its numbers have bounded length, every field has a type and a range, and the pixel
+buffer is at most `MAX_FRAME_BYTES` (or the caller's ``max_bytes``).
+
 Send with ``socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)`` and receive with
 ``socket.recv_multipart(copy=False)``.
 """
@@ -15,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +32,10 @@ import zmq
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_JSON_DEPTH",
+    "MAX_SEQ",
     "PROTOCOL_VERSION",
     "Header",
     "Kind",
@@ -33,6 +44,7 @@ __all__ = [
     "decode",
     "encode_frame",
     "encode_stack",
+    "parse_header",
 ]
 
 PROTOCOL_VERSION = 1
@@ -47,6 +59,28 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
 
 MAX_HEADER_BYTES = 65536
 """A header longer than this is rejected before JSON parsing (it cannot be one of ours)."""
+
+MAX_JSON_DEPTH = 8
+"""Deepest bracket nesting a header may have; ours has 2 (the object, then shape/planes_um).
+
+Checked on the bytes before JSON parsing: the parser recurses once per level, and
+``"[" * 50000`` would otherwise raise `RecursionError`."""
+
+MAX_FRAME_BYTES = 2**30
+"""Largest pixel buffer `decode` accepts unless told otherwise (1 GiB; a float32 stack of
+41 planes of 2048² is 0.69 GB). Checked on the header before the buffer is looked at."""
+
+MAX_SEQ = 2**63 - 1
+"""Largest sequence number (fits an int64, as every consumer of seqs may store it)."""
+
+_MAX_INT_DIGITS = 20
+"""Longest integer literal a header may hold (2**64 has 20 digits). Bounding it keeps
+`int` below Python's int-string limit (4,300 digits: `ValueError`) and every int small enough
+to become a float (a 400-digit one would raise `OverflowError`)."""
+_MAX_FLOAT_CHARS = 64
+"""Longest float literal a header may hold (``repr`` of a float is at most 24 characters)."""
+_MAX_SHOWN = 60
+"""Error messages show at most this many characters of an offending value."""
 
 _NDIM: dict[str, int] = {"frame": 2, "stack": 3}
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(n).newbyteorder("<") for n in ALLOWED_DTYPES}
@@ -73,7 +107,7 @@ class Header:
     kind : {"frame", "stack"}
         A raw camera frame (H, W) or a refocused virtual stack (P, H, W).
     seq : int
-        Sequence number of the camera frame (>= 0); a stack carries the seq of its frame.
+        Sequence number of the camera frame (0 to `MAX_SEQ`); a stack carries its frame's.
     timestamp_s : float
         Camera timestamp of the frame, seconds (``time.time()`` clock for the simulated scope).
     shape, dtype
@@ -185,37 +219,89 @@ def encode_stack(
     return [header.to_json(), _buffer(array)]
 
 
-def decode(frames: Sequence[Part]) -> Message:
+def decode(frames: Sequence[Part], *, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Validate a received ``[header, pixels]`` message and view its pixels as an array.
+
+    Parameters
+    ----------
+    frames : sequence of bytes, memoryview or zmq.Frame
+        The received message parts.
+    max_bytes : int
+        Largest pixel buffer to accept (default `MAX_FRAME_BYTES`); a header declaring more is
+        rejected before the buffer is looked at.
 
     Raises
     ------
     ProtocolError
-        Wrong number of parts, unreadable or oversized header, wrong version, unknown kind or
-        dtype, bad field values, or a buffer whose length is not ``prod(shape) * itemsize``.
+        For anything but a valid message, and only this: wrong number or type of parts,
+        unreadable, oversized or too deeply nested header, wrong version, unknown kind or
+        dtype, bad field values, a frame over `max_bytes`, or a buffer whose length is not
+        ``prod(shape) * itemsize``.
     """
-    if len(frames) != 2:
-        raise ProtocolError(f"expected 2 message parts [header, pixels], got {len(frames)}")
-    header = parse_header(_header_bytes(frames[0]))
-    buffer = _buffer_view(frames[1])
-    if buffer.nbytes != header.nbytes:
-        raise ProtocolError(
-            f"buffer length {buffer.nbytes} B does not match shape {list(header.shape)} of "
-            f"{header.dtype} ({header.nbytes} B) for seq {header.seq}"
-        )
-    array = np.frombuffer(buffer, dtype=_WIRE_DTYPES[header.dtype]).reshape(header.shape)
-    array.flags.writeable = False  # a view of the received buffer: consumers must copy to edit
-    return Message(header, array)
+    with _only_protocol_errors():
+        if len(frames) != 2:
+            raise ProtocolError(f"expected 2 message parts [header, pixels], got {len(frames)}")
+        header = _parse_header(_part_view(frames[0], "header"))
+        if header.nbytes > max_bytes:
+            raise ProtocolError(
+                f"a {header.kind} of shape {_short(list(header.shape))} {header.dtype} is "
+                f"{_short(header.nbytes)} B, more than the maximum {max_bytes} B"
+            )
+        buffer = _part_view(frames[1], "pixels")
+        if buffer.nbytes != header.nbytes:
+            raise ProtocolError(
+                f"buffer length {buffer.nbytes} B does not match shape {list(header.shape)} of "
+                f"{header.dtype} ({header.nbytes} B) for seq {header.seq}"
+            )
+        if not buffer.c_contiguous:
+            raise ProtocolError("the pixels part is not a contiguous buffer")
+        if buffer.ndim != 1 or buffer.itemsize != 1:
+            buffer = buffer.cast("B")
+        array = np.frombuffer(buffer, dtype=_WIRE_DTYPES[header.dtype]).reshape(header.shape)
+        array.flags.writeable = False  # a view of the received buffer: consumers must copy to edit
+        return Message(header, array)
 
 
-def parse_header(raw: bytes) -> Header:
-    """Parse and validate a header frame; raises `ProtocolError` naming the bad field."""
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header is {len(raw)} B, longer than {MAX_HEADER_BYTES} B")
+def parse_header(raw: bytes | memoryview) -> Header:
+    """Parse and validate a header frame; raises only `ProtocolError`, naming the bad field."""
+    with _only_protocol_errors():
+        return _parse_header(raw)
+
+
+@contextmanager
+def _only_protocol_errors() -> Iterator[None]:
+    """Turn any exception other than `ProtocolError` into one (the safety net of decoding).
+
+    Every known way a message can be bad is checked and named by the code inside. This net is
+    for the ones nobody thought of: a receiving thread that catches `ProtocolError`, counts
+    and carries on must never die because a sender found a new kind of garbage.
+    """
     try:
-        fields = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProtocolError(f"header is not valid UTF-8 JSON: {err}") from None
+        yield
+    except ProtocolError:
+        raise
+    except Exception as err:  # deliberately broad: see above; the cause is kept for debugging
+        raise ProtocolError(
+            f"undecodable message ({type(err).__name__}: {_cut(str(err))})"
+        ) from err
+
+
+def _parse_header(view: bytes | memoryview) -> Header:
+    """Parse and validate a header frame (any exception may escape: see `parse_header`)."""
+    size = memoryview(view).nbytes
+    if size > MAX_HEADER_BYTES:  # checked before copying it out of a received buffer
+        raise ProtocolError(f"header is {size} B, longer than {MAX_HEADER_BYTES} B")
+    raw = bytes(view)
+    try:
+        text = str(raw, "utf-8")
+    except UnicodeDecodeError as err:
+        raise ProtocolError(f"header is not valid UTF-8 JSON: {_cut(str(err))}") from None
+    if _nests_deeper(raw, MAX_JSON_DEPTH):
+        raise ProtocolError(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        fields = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
+    except json.JSONDecodeError as err:
+        raise ProtocolError(f"header is not valid UTF-8 JSON: {_cut(str(err))}") from None
     if not isinstance(fields, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(fields).__name__}")
     if not _KNOWN.issuperset(fields) or not fields.keys() >= _REQUIRED_SET:
@@ -223,20 +309,21 @@ def parse_header(raw: bytes) -> Header:
         if missing:
             raise ProtocolError(f"header is missing {missing}")
         unknown = sorted(set(fields) - _KNOWN)
-        raise ProtocolError(f"header has unknown fields {unknown}; allowed: {sorted(_KNOWN)}")
-    if fields["version"] != PROTOCOL_VERSION or isinstance(fields["version"], bool):
         raise ProtocolError(
-            f"protocol version {fields['version']!r} is not supported (this is version "
+            f"header has unknown fields {_short(unknown)}; allowed: {sorted(_KNOWN)}"
+        )
+    version = fields["version"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {_short(version)} is not supported (this is version "
             f"{PROTOCOL_VERSION})"
         )
     shape = fields["shape"]
-    if not isinstance(shape, list) or not all(_is_int(n) for n in shape):
-        raise ProtocolError(f"shape must be a list of integers, got {shape!r}")
+    if not isinstance(shape, list):
+        raise ProtocolError(f"shape must be a list of integers, got {_short(shape)}")
     planes = fields.get("planes_um")
-    if planes is not None and (
-        not isinstance(planes, list) or not all(_is_number(p) for p in planes)
-    ):
-        raise ProtocolError(f"planes_um must be a list of numbers or null, got {planes!r}")
+    if planes is not None and not isinstance(planes, list):
+        raise ProtocolError(f"planes_um must be a list of numbers or null, got {_short(planes)}")
     header = Header(
         version=PROTOCOL_VERSION,
         kind=fields["kind"],
@@ -245,31 +332,82 @@ def parse_header(raw: bytes) -> Header:
         shape=tuple(shape),
         dtype=fields["dtype"],
         focus_um=fields.get("focus_um", 0.0),
-        planes_um=None if planes is None else tuple(float(p) for p in planes),
+        planes_um=None if planes is None else tuple(planes),
         surface_id=fields.get("surface_id"),
         latency_ms=fields.get("latency_ms"),
     )
     _check_header(header)
+    if header.planes_um is not None:  # checked finite numbers; JSON ints become floats here
+        header = replace(header, planes_um=tuple(float(p) for p in header.planes_um))
     return header
+
+
+def _nests_deeper(raw: bytes, limit: int) -> bool:
+    """Whether the brackets of JSON text `raw` (UTF-8) nest deeper than `limit`, outside strings.
+
+    Exact on any prefix of valid JSON, which is all a JSON parser recurses into (it stops at
+    the first invalid character), so a header that passes cannot make `json.loads` recurse
+    deeper than `limit`. Linear time: brackets inside strings are masked with a vectorised
+    scan of unescaped quotes (in UTF-8 every byte below 0x80 is the ASCII character itself).
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # cannot nest deeper than it has openers: the path every genuine header takes
+    text = np.frombuffer(raw, np.uint8)
+    index = np.arange(text.size)
+    backslash = text == ord("\\")
+    # Length of the run of backslashes ending at each byte; a quote after an odd run is escaped.
+    run = index - np.maximum.accumulate(np.where(backslash, -1, index))
+    escaped = np.concatenate(([False], run[:-1] % 2 == 1))
+    quote = (text == ord('"')) & ~escaped
+    in_string = np.cumsum(quote) % 2 == 1
+    step = np.zeros(text.size, np.int8)
+    step[(text == ord("[")) | (text == ord("{"))] = 1
+    step[(text == ord("]")) | (text == ord("}"))] = -1
+    step[in_string] = 0
+    return int(np.cumsum(step).max()) > limit
+
+
+def _parse_int(literal: str) -> int:
+    """`json.loads` hook for integer literals: refuse any longer than `_MAX_INT_DIGITS` digits."""
+    if len(literal.lstrip("-")) > _MAX_INT_DIGITS:
+        raise ProtocolError(
+            f"header has an integer of {len(literal)} characters (at most {_MAX_INT_DIGITS} digits)"
+        )
+    return int(literal)
+
+
+def _parse_float(literal: str) -> float:
+    """`json.loads` hook for float literals: refuse long ones (a too-large one becomes inf)."""
+    if len(literal) > _MAX_FLOAT_CHARS:
+        raise ProtocolError(
+            f"header has a number of {len(literal)} characters (at most {_MAX_FLOAT_CHARS})"
+        )
+    return float(literal)
 
 
 def _check_header(h: Header) -> None:
     """Check every field's type and range; raise `ProtocolError` naming the first bad one."""
     if not isinstance(h.kind, str) or h.kind not in _NDIM:
-        raise ProtocolError(f"kind must be 'frame' or 'stack', got {h.kind!r}")
+        raise ProtocolError(f"kind must be 'frame' or 'stack', got {_short(h.kind)}")
     if not _is_int(h.seq) or h.seq < 0:
-        raise ProtocolError(f"seq must be an integer >= 0, got {h.seq!r}")
+        raise ProtocolError(f"seq must be an integer >= 0, got {_short(h.seq)}")
+    if h.seq > MAX_SEQ:
+        raise ProtocolError(f"seq must be below 2**63, got {_short(h.seq)}")
     if not _is_number(h.timestamp_s):
-        raise ProtocolError(f"timestamp_s must be a finite number, got {h.timestamp_s!r}")
+        raise ProtocolError(f"timestamp_s must be a finite number, got {_short(h.timestamp_s)}")
+    if not all(_is_int(n) for n in h.shape):
+        raise ProtocolError(f"shape must be a list of integers, got {_short(list(h.shape))}")
     if len(h.shape) != _NDIM[h.kind] or any(n < 1 for n in h.shape):
         raise ProtocolError(
             f"a {h.kind} must have {_NDIM[h.kind]} dimensions of size >= 1, got shape "
-            f"{list(h.shape)}"
+            f"{_short(list(h.shape))}"
         )
     if not isinstance(h.dtype, str) or h.dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(f"dtype {h.dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+        raise ProtocolError(
+            f"dtype {_short(h.dtype)} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
+        )
     if not _is_number(h.focus_um):
-        raise ProtocolError(f"focus_um must be a finite number, got {h.focus_um!r}")
+        raise ProtocolError(f"focus_um must be a finite number, got {_short(h.focus_um)}")
     if h.kind == "frame" and (h.planes_um, h.surface_id, h.latency_ms) != (None, None, None):
         raise ProtocolError("a frame must not carry planes_um, surface_id or latency_ms")
     if h.kind == "stack":
@@ -283,11 +421,11 @@ def _check_stack_fields(h: Header) -> None:
             f"planes_um has {len(h.planes_um)} entries but the stack has {h.shape[0]} planes"
         )
     if h.planes_um is not None and not all(_is_number(p) for p in h.planes_um):
-        raise ProtocolError(f"planes_um must be finite numbers, got {list(h.planes_um)}")
+        raise ProtocolError(f"planes_um must be finite numbers, got {_short(list(h.planes_um))}")
     if h.surface_id is not None and not isinstance(h.surface_id, str):
-        raise ProtocolError(f"surface_id must be a string or null, got {h.surface_id!r}")
+        raise ProtocolError(f"surface_id must be a string or null, got {_short(h.surface_id)}")
     if h.latency_ms is None or not _is_number(h.latency_ms) or h.latency_ms < 0:
-        raise ProtocolError(f"a stack needs latency_ms >= 0, got {h.latency_ms!r}")
+        raise ProtocolError(f"a stack needs latency_ms >= 0, got {_short(h.latency_ms)}")
 
 
 def _is_int(value: object) -> bool:
@@ -297,13 +435,28 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    """Whether `value` is a finite real number (bool excluded)."""
-    kind = type(value)
-    if kind is float or kind is int:
-        return math.isfinite(value)  # type: ignore[arg-type]
-    if kind is bool or not isinstance(value, int | float | np.integer | np.floating):
+    """Whether `value` is a finite real number (bool excluded, and ints too big for a float)."""
+    if type(value) is bool or not isinstance(value, int | float | np.integer | np.floating):
         return False
-    return math.isfinite(float(value))
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def _short(value: object) -> str:
+    """Return ``repr(value)`` cut to `_MAX_SHOWN` characters, so error messages stay small."""
+    try:
+        return _cut(repr(value))
+    except ValueError:  # an int past Python's int-to-string limit
+        return f"<{type(value).__name__} too long to show>"
+
+
+def _cut(text: str) -> str:
+    """Return `text` cut to `_MAX_SHOWN` characters, saying how long it was."""
+    if len(text) <= _MAX_SHOWN:
+        return text
+    return f"{text[:_MAX_SHOWN]}… ({len(text)} characters)"
 
 
 def _as_wire_array(array: np.ndarray, kind: Kind) -> np.ndarray:
@@ -320,19 +473,19 @@ def _buffer(array: np.ndarray) -> memoryview:
     return array.data.cast("B")
 
 
-def _header_bytes(part: Part) -> bytes:
-    """Return the header frame as bytes, whatever container it arrived in."""
+def _part_view(part: Part, what: str) -> memoryview:
+    """Return a byte view of one received part (no copy); refuse anything that is not a buffer.
+
+    Checked explicitly because ``bytes(part)`` of an int would allocate that many bytes.
+    """
     if isinstance(part, zmq.Frame):
-        return part.bytes
-    return bytes(part)
-
-
-def _buffer_view(part: Part) -> memoryview:
-    """Return a flat byte view of the pixel frame, without copying."""
-    view = part.buffer if isinstance(part, zmq.Frame) else memoryview(part)
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    return view
+        return part.buffer
+    try:
+        return memoryview(part)
+    except TypeError:
+        raise ProtocolError(
+            f"the {what} part is a {type(part).__name__}, not a byte buffer"
+        ) from None
 
 
 _LITTLE = np.little_endian

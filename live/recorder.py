@@ -11,8 +11,19 @@ Layout of ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``::
 The time index is the camera sequence number, so a missing frame is a visible gap (zeros in
 the array and a hole in the presence runs). Frames and stacks are queued by the daemon's
 threads and written by one background thread; the queue is unbounded because the recorder
-never drops. A write error or a disk below ``min_free_mb`` stops writing, is logged once in
-plain words, and everything already written stays readable; the daemon keeps running.
+never drops a valid item. A write error or a disk below ``min_free_mb`` stops writing, is
+logged once in plain words, and everything already written stays readable; the daemon keeps
+running.
+
+Each seq is written at most once per image, and only items that fit the store are queued.
+`put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape;
+the dtype (a value that does not convert exactly to the store's dtype is never wrapped or
+rounded into it); that the seq is at most `seq_window` past the highest one accepted (a forged
+or corrupt seq must not make the arrays, the presence runs and the gap list grow without
+bound); and that the seq was not accepted before (the first item wins, a duplicate never
+overwrites it). An item that fails is rejected on its own, logged (the first few of each
+kind) and counted by kind (`REJECTIONS`) in `Recorder.rejections`, the summary and the
+store's attributes; recording goes on for the others.
 """
 
 from __future__ import annotations
@@ -40,9 +51,12 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPRESSIONS",
     "RAW_PATH",
+    "REJECTIONS",
+    "SEQ_WINDOW",
     "STACKS_PATH",
     "Recorder",
     "RecorderSummary",
+    "format_rejections",
     "missing_seqs",
     "store_path",
 ]
@@ -56,6 +70,19 @@ STACKS_PATH = "stacks/0"
 COMPRESSIONS = ("none", "zstd", "lz4", "blosc-lz4", "blosc-zstd", "gzip")
 """Accepted values of ``recorder.compression`` ("lz4" is Blosc-LZ4 with bit shuffle)."""
 
+SEQ_WINDOW = 10_000
+"""Default of `Recorder`'s ``seq_window``: how far past the highest accepted seq an item may be.
+
+At the 2 Hz default rate that is over 80 minutes of frames lost in a row; anything further is
+not a gap but a broken or forged seq."""
+REJECTIONS = ("duplicate", "beyond_window", "wrong_shape", "wrong_dtype")
+"""Why the recorder refuses an item (counted per image, ``"raw"`` and ``"stacks"``)."""
+
+_IMAGES = ("raw", "stacks")
+_DTYPES: dict[str, np.dtype[Any]] = {"raw": np.dtype(np.uint16), "stacks": np.dtype(np.float32)}
+"""The dtype of each image's array in the store."""
+_LOGGED_REJECTIONS = 10
+"""Rejections logged per image and kind; the rest are only counted."""
 _ATTRS_EVERY_S = 2.0
 _INITIAL_T = 64
 _STOP = object()
@@ -73,14 +100,22 @@ class RecorderSummary:
     stacks_missing: list[int] = field(default_factory=list)
     unrecorded: int = 0
     error: str | None = None
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def rejected_total(self) -> int:
+        """Items refused by the integrity checks, all images and kinds together."""
+        return sum(sum(kinds.values()) for kinds in self.rejected.values())
 
     def line(self) -> str:
-        """Return one human line: counts, gaps by seq and any error."""
+        """Return one human line: counts, gaps by seq, rejected items by kind and any error."""
         text = (
             f"recording {self.path}: {self.raw_frames} raw frames, {self.stacks} stacks; "
             f"raw gaps: {format_seqs(self.raw_missing)}; stack gaps: "
             f"{format_seqs(self.stacks_missing)}"
         )
+        if self.rejected_total:
+            text += f"; rejected: {format_rejections(self.rejected)}"
         if self.error:
             text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
         return text
@@ -92,6 +127,16 @@ def store_path(directory: str | Path, output: str | Path | None = None) -> Path:
         return Path(output)
     base = Path(output) if output is not None else Path(directory)
     return base / f"{datetime.now():%Y%m%d-%H%M%S}.ome.zarr"
+
+
+def format_rejections(rejected: dict[str, dict[str, int]]) -> str:
+    """Write non-zero rejection counts as e.g. ``raw 2 duplicate, 1 wrong_shape; stacks 1 ...``."""
+    parts = []
+    for image, kinds in rejected.items():
+        counts = ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n)
+        if counts:
+            parts.append(f"{image} {counts}")
+    return "; ".join(parts) if parts else "none"
 
 
 def missing_seqs(present: Sequence[tuple[int, int]] | Sequence[Sequence[int]]) -> list[int]:
@@ -109,7 +154,8 @@ class Recorder:
 
     `put_frame` / `put_stack` are called from any thread and never block; `close` (once,
     from the daemon's shutdown, including after SIGINT/SIGTERM) drains the queue, finalises
-    the metadata and returns a `RecorderSummary`.
+    the metadata and returns a `RecorderSummary`. ``seq_window`` bounds how far past the
+    highest accepted seq an item may be (see the module docstring).
     """
 
     def __init__(
@@ -126,6 +172,7 @@ class Recorder:
         frames_per_chunk: int = 1,
         compression: str = "zstd",
         min_free_mb: float = 0.0,
+        seq_window: int = SEQ_WINDOW,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -133,14 +180,25 @@ class Recorder:
             )
         if frames_per_chunk < 1:
             raise ValueError(f"recorder.frames_per_chunk must be >= 1, got {frames_per_chunk}")
+        if seq_window < 1:
+            raise ValueError(f"recorder seq_window must be >= 1, got {seq_window}")
         self.path = Path(path)
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.planes_um = [float(p) for p in planes_um]
+        self._item_shape = {
+            "raw": self.frame_shape,
+            "stacks": (len(self.planes_um), *self.frame_shape),
+        }
         self.frames_per_chunk = frames_per_chunk
         self.min_free_mb = min_free_mb
+        self.seq_window = seq_window
         self.error: str | None = None
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._present: dict[str, set[int]] = {"raw": set(), "stacks": set()}
+        self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
+        # Seqs queued or written (each at most once), the highest of them, and the refusals.
+        self._accepted: dict[str, set[int]] = {image: set() for image in _IMAGES}
+        self._highest = dict.fromkeys(_IMAGES, -1)
+        self._rejected = {image: dict.fromkeys(REJECTIONS, 0) for image in _IMAGES}
         self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._unrecorded = 0
         self._lock = threading.Lock()
@@ -168,15 +226,21 @@ class Recorder:
 
     # -- public, any thread --------------------------------------------------------------
 
-    def put_frame(self, message: Message) -> None:
-        """Queue one raw frame for writing (never blocks, never drops)."""
-        if self._raw is not None:
-            self._queue.put(("raw", message.header.seq, message.array))
+    def put_frame(self, message: Message) -> bool:
+        """Queue one raw frame for writing (never blocks, never drops a valid one).
 
-    def put_stack(self, message: Message) -> None:
-        """Queue one refocused stack for writing (never blocks, never drops)."""
-        if self._stacks is not None:
-            self._queue.put(("stacks", message.header.seq, message.array))
+        Returns whether it was queued: False when raw frames are not kept, or when it was
+        rejected (counted by kind; see the module docstring).
+        """
+        if self._raw is None:
+            return False
+        return self._put("raw", message)
+
+    def put_stack(self, message: Message) -> bool:
+        """Queue one refocused stack for writing; returns whether it was, like `put_frame`."""
+        if self._stacks is None:
+            return False
+        return self._put("stacks", message)
 
     @property
     def backlog(self) -> int:
@@ -187,6 +251,11 @@ class Recorder:
         """Return (raw frames, stacks) written so far."""
         with self._lock:
             return len(self._present["raw"]), len(self._present["stacks"])
+
+    def rejections(self) -> dict[str, dict[str, int]]:
+        """Return the items rejected so far, ``{image: {kind: count}}`` over `REJECTIONS`."""
+        with self._lock:
+            return {image: dict(kinds) for image, kinds in self._rejected.items()}
 
     def add_run_summary(self, run_summary: dict[str, Any]) -> None:
         """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close)."""
@@ -205,6 +274,57 @@ class Recorder:
             self._unrecorded += left
         self._summary = self._finish()
         return self._summary
+
+    # -- integrity checks, caller's thread ------------------------------------------------
+
+    def _put(self, image: str, message: Message) -> bool:
+        """Queue `message` for `image` if it fits the store and its seq is new and in the window.
+
+        Shape and dtype are checked first, so a malformed item never claims its seq.
+        """
+        seq, array = message.header.seq, message.array
+        shape, dtype = self._item_shape[image], _DTYPES[image]
+        if array.shape != shape:
+            self._reject(
+                image, "wrong_shape", seq, f"shape {list(array.shape)}, store expects {list(shape)}"
+            )
+            return False
+        converted = _exactly_as(array, dtype)
+        if converted is None:
+            self._reject(
+                image,
+                "wrong_dtype",
+                seq,
+                f"{array.dtype} values that do not convert exactly to {dtype}",
+            )
+            return False
+        with self._lock:
+            highest = self._highest[image]
+            fresh = seq not in self._accepted[image]
+            if fresh and seq <= highest + self.seq_window:
+                self._accepted[image].add(seq)
+                self._highest[image] = max(highest, seq)
+                self._queue.put((image, seq, converted))
+                return True
+        if fresh:
+            self._reject(
+                image,
+                "beyond_window",
+                seq,
+                f"more than {self.seq_window} past the highest seq accepted ({highest})",
+            )
+        else:
+            self._reject(image, "duplicate", seq, "already recorded; the first one is kept")
+        return False
+
+    def _reject(self, image: str, kind: str, seq: int, why: str) -> None:
+        """Count one refused item and log the first few of each kind."""
+        with self._lock:
+            self._rejected[image][kind] += 1
+            count = self._rejected[image][kind]
+        if count <= _LOGGED_REJECTIONS:
+            more = " (further ones are only counted)" if count == _LOGGED_REJECTIONS else ""
+            log.warning("recorder rejected %s seq %d (%s): %s%s", image, seq, kind, why, more)
 
     # -- writer thread -------------------------------------------------------------------
 
@@ -245,7 +365,6 @@ class Recorder:
     def _write_raw(self, seq: int, frame: np.ndarray) -> None:
         """Buffer a raw frame into its chunk block; write the block once it is full."""
         assert self._raw is not None
-        self._check_shape("raw frame", seq, frame.shape, self.frame_shape)
         k = self.frames_per_chunk
         if k == 1:
             self._grow(self._raw, seq)
@@ -286,8 +405,6 @@ class Recorder:
     def _write_stack(self, seq: int, stack: np.ndarray) -> None:
         """Write one stack as its own chunk."""
         assert self._stacks is not None
-        expected = (len(self.planes_um), *self.frame_shape)
-        self._check_shape("stack", seq, stack.shape, expected)
         self._grow(self._stacks, seq)
         self._stacks[seq] = stack
         self._mark("stacks", seq)
@@ -308,9 +425,9 @@ class Recorder:
         group.attrs["ome"] = _ngff_image("raw", ["t", "y", "x"], scale)
         return group.create_array(
             "0",
-            shape=(_INITIAL_T, *self.frame_shape),
-            chunks=(self.frames_per_chunk, *self.frame_shape),
-            dtype="uint16",
+            shape=(_INITIAL_T, *self._item_shape["raw"]),
+            chunks=(self.frames_per_chunk, *self._item_shape["raw"]),
+            dtype=_DTYPES["raw"],
             fill_value=0,
             compressors=_compressors(compression),
             dimension_names=["t", "y", "x"],
@@ -330,9 +447,9 @@ class Recorder:
         group.attrs["deepz"] = {"planes_um": planes, "uniform_planes": uniform}
         return group.create_array(
             "0",
-            shape=(_INITIAL_T, len(planes), *self.frame_shape),
-            chunks=(1, len(planes), *self.frame_shape),
-            dtype="float32",
+            shape=(_INITIAL_T, *self._item_shape["stacks"]),
+            chunks=(1, *self._item_shape["stacks"]),
+            dtype=_DTYPES["stacks"],
             fill_value=0.0,
             compressors=_compressors(compression),
             dimension_names=["t", "z", "y", "x"],
@@ -344,12 +461,13 @@ class Recorder:
             array.resize((max(seq + 1, 2 * array.shape[0]), *array.shape[1:]))
 
     def _write_attrs(self, *, final: bool = False) -> None:
-        """Write presence runs (and at the end, completeness) into the root attrs."""
+        """Write presence runs, rejection counts (and at the end, completeness) into the attrs."""
         with self._lock:
             self._deepz["raw_present"] = [list(r) for r in seq_ranges(list(self._present["raw"]))]
             self._deepz["stacks_present"] = [
                 list(r) for r in seq_ranges(list(self._present["stacks"]))
             ]
+        self._deepz["rejected"] = self.rejections()
         self._deepz["complete"] = final and self.error is None
         self._deepz["error"] = self.error
         self._root.attrs["deepz"] = self._deepz
@@ -361,15 +479,6 @@ class Recorder:
             self._fail(
                 f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "
                 f"{self.min_free_mb:.0f}"
-            )
-
-    def _check_shape(
-        self, what: str, seq: int, shape: tuple[int, ...], expected: tuple[int, ...]
-    ) -> None:
-        """Refuse an item whose shape does not match the store's."""
-        if tuple(shape) != tuple(expected):
-            raise ValueError(
-                f"{what} seq {seq} has shape {list(shape)}, store expects {list(expected)}"
             )
 
     def _fail(self, reason: str) -> None:
@@ -405,6 +514,7 @@ class Recorder:
             stacks_missing=missing_seqs(seq_ranges(stacks)),
             unrecorded=self._unrecorded,
             error=self.error,
+            rejected=self.rejections(),
         )
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,
@@ -412,10 +522,25 @@ class Recorder:
             "raw_missing": summary.raw_missing,
             "stacks_missing": summary.stacks_missing,
             "unrecorded": summary.unrecorded,
+            "rejected": summary.rejected,
         }
         self._guarded(lambda: self._write_attrs(final=True), "final metadata")
         log.info(summary.line())
         return summary
+
+
+def _exactly_as(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """Return `array` as `dtype` if every value converts exactly, else None.
+
+    A plain ``astype`` wraps or rounds silently (float32 1e9 becomes uint16 51712, int32 -5
+    becomes 65531): the raw frames are the experiment, so a value that does not survive the
+    round trip refuses the whole item instead.
+    """
+    if array.dtype == dtype:
+        return array
+    with np.errstate(invalid="ignore", over="ignore"):  # out-of-range casts are caught below
+        converted = array.astype(dtype)
+    return converted if np.array_equal(converted, array) else None
 
 
 def _trim(array: zarr.Array[Any], seqs: list[int]) -> None:

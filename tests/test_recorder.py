@@ -124,18 +124,29 @@ def test_disk_below_min_free_stops_recording_keeps_data_and_says_so(
     assert "min_free_mb" in root.attrs["deepz"]["error"]
 
 
-def test_write_error_is_logged_and_later_items_counted(tmp_path: Path) -> None:
+def test_write_error_is_logged_and_later_items_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A storage fault on seq 1 (injected; a wrong-shape frame is rejected on its own instead,
+    # see test_recorder_integrity.py) stops recording; what was written stays.
+    write = zarr.Array.__setitem__
+
+    def failing_write(array: zarr.Array, selection: object, value: object) -> None:
+        if isinstance(selection, int) and selection == 1:
+            raise OSError("injected write fault")
+        write(array, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_write)
     path = tmp_path / "run.ome.zarr"
     rec = _recorder(path)
-    rec.put_frame(_frame(0))
-    wrong = decode(encode_frame(np.zeros((8, 8), np.uint16), seq=1, timestamp_s=0.0))
-    rec.put_frame(wrong)
-    rec.put_frame(_frame(2))
+    for seq in range(3):
+        rec.put_frame(_frame(seq))
     summary = rec.close(timeout_s=30)
     assert summary.raw_frames == 1
     assert summary.unrecorded == 2
-    assert summary.error is not None and "raw frame seq 1 has shape [8, 8]" in summary.error
+    assert summary.error == "writing raw seq 1 failed: OSError: injected write fault"
     assert zarr.open_group(path, mode="r")["raw/0"][0, 0, 0] == 1000
+    assert zarr.open_group(path, mode="r").attrs["deepz"]["complete"] is False
 
 
 def test_store_path_and_bad_settings(tmp_path: Path) -> None:
