@@ -24,6 +24,26 @@ class ModelMetadataError(ValueError):
     """A model file's metadata is missing or inconsistent."""
 
 
+class VolumeOutput(BaseModel):
+    """How a volume model's output is read: object density on a depth grid (`engine.volume`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    depth_um: tuple[float, ...] = Field(
+        description="Depths (µm, relative to the focal plane) of the output channels, even steps."
+    )
+    psf_file: str = Field(
+        description="PSF bank (.npy) beside the model file, used to render planes from the density."
+    )
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> VolumeOutput:
+        z = np.asarray(self.depth_um)
+        if z.size < 2 or not np.allclose(np.diff(z), z[1] - z[0]) or z[1] <= z[0]:
+            raise ValueError("volume.depth_um must be >= 2 evenly increasing depths")
+        return self
+
+
 class ModelMetadata(BaseModel):
     """What a trained Deep-Z model needs at inference time, and how it was made."""
 
@@ -56,6 +76,9 @@ class ModelMetadata(BaseModel):
     training_command: str = Field("", description="The command that trained it.")
     commit: str = Field("", description="Source commit the model was trained from.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Free-form notes.")
+    volume: VolumeOutput | None = Field(
+        None, description="Set for volume models (one frame in, a density on depths out)."
+    )
 
     @model_validator(mode="after")
     def _check_range(self) -> ModelMetadata:

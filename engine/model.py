@@ -34,8 +34,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"channels": (25, 48, 96, 192, 384, 768, 1536), "global_skip": False},
     # Real-time default: an 8-channel stem, 6 levels (8 ... 256), 5 pools, about 2.2 M params.
     "slim": {"channels": (8, 8, 16, 32, 64, 128, 256), "global_skip": True},
+    # Volume Deep-Z: one frame in, the non-negative object density on 41 depths (-10 ... +10 µm,
+    # 0.5 µm) out, in one pass; planes and surfaces are rendered from it (`engine.volume`).
+    "volume": {
+        "in_channels": 1,
+        "channels": (24, 24, 32, 64, 96, 128, 192),
+        "out_channels": 41,
+        "global_skip": False,
+        "nonnegative": True,
+    },
 }
-"""Named architectures: keyword arguments of `DeepZ` (``in_channels`` is always 2)."""
+"""Named architectures: keyword arguments of `DeepZ` (``in_channels`` defaults to 2)."""
 
 
 def _conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -99,6 +108,8 @@ class DeepZ(nn.Module):
     global_skip
         Add the input image channel to the output, so the network predicts a correction; this
         makes the identity (Δz = 0) free and training much faster.
+    nonnegative
+        End with a ReLU: the output is a density (the volume model's object planes).
     """
 
     def __init__(
@@ -108,6 +119,7 @@ class DeepZ(nn.Module):
         channels: Sequence[int],
         out_channels: int = 1,
         global_skip: bool = True,
+        nonnegative: bool = False,
     ) -> None:
         super().__init__()
         chans = [int(c) for c in channels]
@@ -127,7 +139,10 @@ class DeepZ(nn.Module):
             "out_channels": int(out_channels),
             "global_skip": bool(global_skip),
         }
+        if nonnegative:  # only when set, so older models' metadata rebuilds unchanged
+            self.architecture["nonnegative"] = True
         self.global_skip = bool(global_skip)
+        self.nonnegative = bool(nonnegative)
         self.pools = len(chans) - 2
         self.size_multiple = 2**self.pools
         levels = chans[1:]
@@ -154,6 +169,8 @@ class DeepZ(nn.Module):
         out: torch.Tensor = self.head(y)
         if self.global_skip:
             out = out + x[:, :1]
+        if self.nonnegative:
+            out = F.relu(out)
         return out
 
     def count_parameters(self) -> int:
@@ -190,7 +207,7 @@ class DeepZ(nn.Module):
         return float(2.0 * macs / (side * side))
 
 
-def build_model(preset: Literal["slim", "paper"] = "slim", **overrides: Any) -> DeepZ:
+def build_model(preset: Literal["slim", "paper", "volume"] = "slim", **overrides: Any) -> DeepZ:
     """Build a `DeepZ` from a named preset, with keyword overrides (e.g. ``channels=...``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")

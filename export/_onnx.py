@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, prepare_inputs
+from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
 from engine.runtime._base import INPUT_NAME, OUTPUT_NAME
 from engine.runtime._onnxruntime import session_options
@@ -102,7 +103,7 @@ def to_onnx_proto(model: DeepZ, opset: int = OPSET) -> onnx.ModelProto:
         raise ValueError(f"opset must be >= 17, not {opset}")
     model = model.eval().float().cpu()
     m = model.size_multiple
-    example = torch.zeros(2, 2, 2 * m, 3 * m)
+    example = torch.zeros(2, int(model.architecture["in_channels"]), 2 * m, 3 * m)
     dynamic = {"x": {0: Dim("planes", min=1, max=4096), 2: m * Dim("h"), 3: m * Dim("w")}}
     with warnings.catch_warnings():  # the exporter's own deprecation chatter
         warnings.simplefilter("ignore", FutureWarning)
@@ -140,7 +141,11 @@ def add_metadata(proto: onnx.ModelProto, metadata: ModelMetadata, info: dict[str
     for key, value in props.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "deepz-live export"
-    proto.doc_string = f"Deep-Z {metadata.name}: (N, 2, H, W) image + DPM -> (N, 1, H, W)"
+    if metadata.volume is None:
+        proto.doc_string = f"Deep-Z {metadata.name}: (N, 2, H, W) image + DPM -> (N, 1, H, W)"
+    else:
+        depths = len(metadata.volume.depth_um)
+        proto.doc_string = f"Volume Deep-Z {metadata.name}: (N, 1, H, W) -> (N, {depths}, H, W)"
 
 
 def _compare(name: str, ref: np.ndarray, got: np.ndarray) -> ParityCase:
@@ -154,13 +159,15 @@ def _compare(name: str, ref: np.ndarray, got: np.ndarray) -> ParityCase:
 def random_inputs(
     metadata: ModelMetadata, shape: tuple[int, int, int], seed: int = 0
 ) -> np.ndarray:
-    """Random network input (N, 2, H, W): normal image channel, DPM channel within the Δz range."""
+    """Random network input: normal image channel (and DPM channel within the Δz range)."""
     rng = np.random.default_rng(seed)
     n, h, w = shape
     lo, hi = metadata.dz_range_um
-    x = np.empty((n, 2, h, w), dtype=np.float32)
+    channels = int(metadata.architecture.get("in_channels", 2))
+    x = np.empty((n, channels, h, w), dtype=np.float32)
     x[:, 0] = rng.standard_normal((n, h, w))
-    x[:, 1] = rng.uniform(lo, hi, (n, 1, 1)) / metadata.dpm_scale_um
+    if channels == 2:
+        x[:, 1] = rng.uniform(lo, hi, (n, 1, 1)) / metadata.dpm_scale_um
     return x
 
 
@@ -179,6 +186,8 @@ def simulated_inputs(metadata: ModelMetadata, side: int = 64) -> np.ndarray:
     frame = np.asarray(stack.images[0])
     lo, hi = metadata.dz_range_um
     dz = np.linspace(lo, hi, 5, dtype=np.float32)
+    if metadata.volume is not None:
+        return normalize_images(frame[None])[0][:, None]
     dpms = np.broadcast_to(dz[:, None, None], (dz.size, *frame.shape))
     x, _, _ = prepare_inputs(frame, dpms, metadata)
     return x
@@ -248,6 +257,15 @@ def export_onnx(
 
 
 def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) -> ParityReport:
-    """Export trained `.pt` weights (with their `.json` metadata beside them) to ONNX."""
+    """Export trained `.pt` weights (with their `.json` metadata beside them) to ONNX.
+
+    A volume model's PSF bank is copied beside the ONNX file when it is written elsewhere.
+    """
     model, metadata = load_model(weights)
-    return export_onnx(model, metadata, out, opset=opset, source=str(weights))
+    report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
+    if metadata.volume is not None:
+        src = Path(weights).parent / metadata.volume.psf_file
+        dst = Path(out).parent / metadata.volume.psf_file
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
+    return report

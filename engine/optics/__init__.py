@@ -23,10 +23,12 @@ from engine.optics._config import CameraConfig, OpticsConfig
 if TYPE_CHECKING:
     from engine.optics._imaging import (
         FocalStack,
+        VolumePair,
         camera_counts,
         default_z_um,
         expected_counts,
         simulate_focal_stack,
+        simulate_volume_pair,
     )
     from engine.optics._psf import make_psf
     from engine.optics._samples import ObjectTable
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "FocalStack": "engine.optics._imaging",
+    "VolumePair": "engine.optics._imaging",
+    "simulate_volume_pair": "engine.optics._imaging",
     "camera_counts": "engine.optics._imaging",
     "default_z_um": "engine.optics._imaging",
     "expected_counts": "engine.optics._imaging",
@@ -48,12 +52,14 @@ __all__ = [
     "FocalStack",
     "ObjectTable",
     "OpticsConfig",
+    "VolumePair",
     "WormTimeSeries",
     "camera_counts",
     "default_z_um",
     "expected_counts",
     "make_psf",
     "simulate_focal_stack",
+    "simulate_volume_pair",
 ]
 
 

@@ -22,9 +22,12 @@ from engine.metadata import (
     ModelMetadata,
     ModelMetadataError,
     denormalize_images,
+    normalize_images,
+    pad_to_multiple,
     prepare_inputs,
 )
 from engine.runtime._protocol import BackendError, Precision
+from engine.volume import Renderer, load_psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -96,21 +99,31 @@ def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:
         raise BackendError(str(exc)) from exc
 
 
+def io_channels(metadata: ModelMetadata) -> tuple[int, int]:
+    """Network input and output channels: (2, 1) per-plane models, (1, depths) volume models."""
+    arch = metadata.architecture
+    return int(arch.get("in_channels", 2)), int(arch.get("out_channels", 1))
+
+
 def check_io_shapes(
     inputs: list[tuple[str, list[int | str | None]]],
     outputs: list[tuple[str, list[int | str | None]]],
     source: str,
+    metadata: ModelMetadata,
 ) -> None:
-    """Check a model has one (N, 2, H, W) input and one (N, 1, H, W) output, else `BackendError`.
+    """Check a model has one (N, C, H, W) input and one output of the metadata's channels.
 
-    Each entry is (name, shape) with symbolic or unknown dimensions as str or None.
+    Per-plane models take (N, 2, H, W) image + DPM and return (N, 1, H, W); volume models take
+    (N, 1, H, W) and return (N, D, H, W) densities. Each entry is (name, shape) with symbolic or
+    unknown dimensions as str or None; otherwise `BackendError`.
     """
+    cin, cout = io_channels(metadata)
     if len(inputs) != 1 or len(outputs) != 1:
         raise BackendError(
             f"{source}: a Deep-Z model has 1 input and 1 output, this one has "
             f"{[n for n, _ in inputs]} and {[n for n, _ in outputs]}"
         )
-    for (name, shape), channels, what in ((inputs[0], 2, "input"), (outputs[0], 1, "output")):
+    for (name, shape), channels, what in ((inputs[0], cin, "input"), (outputs[0], cout, "output")):
         if len(shape) != 4 or shape[1] != channels:
             raise BackendError(
                 f"{source}: {what} {name!r} must be (N, {channels}, H, W), its shape is {shape}"
@@ -138,6 +151,18 @@ def onnx_metadata(path: Path) -> ModelMetadata:
     except Exception as exc:  # DecodeError and friends for a corrupt file
         raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
     return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
+
+
+def _volume_psf(model_path: Path | None, metadata: ModelMetadata) -> np.ndarray:
+    """Load a volume model's PSF bank from beside its model file, or raise `BackendError`."""
+    assert metadata.volume is not None
+    if model_path is None:
+        raise BackendError(f"{metadata.name}: a volume model needs its file to find its PSF bank")
+    path = Path(model_path).parent / metadata.volume.psf_file
+    try:
+        return load_psf_bank(path, len(metadata.volume.depth_um))
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{path}: cannot load the volume model's PSF bank: {exc}") from exc
 
 
 def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +214,10 @@ class BaseBackend:
         self._dpms_in_buffer: tuple[int, tuple[int, ...], np.ndarray] | None = None
         """(buffer address, buffer shape, DPM array) of the last call, when its DPMs were frozen:
         their normalised channel is still in that buffer and the next call may skip it."""
+        self._psf: np.ndarray | None = None
+        self._renderers: dict[tuple[int, int], Renderer] = {}
+        if metadata.volume is not None:
+            self._psf = _volume_psf(model_path, metadata)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
@@ -197,6 +226,8 @@ class BaseBackend:
     def infer(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
         """Normalise, pad, run in chunks of `max_batch`, crop and map back (see `Backend`)."""
         images, dpms_um = _check_arrays(images, dpms_um)
+        if self.metadata.volume is not None:
+            return self._infer_volume(images, dpms_um)
         h, w = images.shape[-2:]
         n = max(a.shape[0] if a.ndim == 3 else 1 for a in (images, dpms_um))  # broadcast
         buf = self._input_buffer((n, 2, h, w))
@@ -218,6 +249,76 @@ class BaseBackend:
             denormalize_images(
                 y[:, 0, :h, :w], mean[start:stop], std[start:stop], out=out[start:stop]
             )
+        return out
+
+    def volume(self, images: np.ndarray) -> np.ndarray:
+        """Volume models: the density (N, D, H, W) float32 counts of each frame, one pass each.
+
+        The depths are `metadata.volume.depth_um` relative to the frame's focal plane.
+        """
+        if self.metadata.volume is None:
+            raise BackendError(f"{self.metadata.name} is a per-plane model, not a volume model")
+        images = np.asarray(images)
+        if images.ndim == 2:
+            images = images[None]
+        n, h, w = images.shape
+        x, _, std = normalize_images(images)
+        x = pad_to_multiple(x[:, None], self.metadata.size_multiple)
+        out = np.empty((n, len(self.metadata.volume.depth_um), h, w), dtype=np.float32)
+        for start in range(0, n, self.max_batch):
+            stop = min(start + self.max_batch, n)
+            y = self._run(np.ascontiguousarray(x[start:stop]))
+            if y.shape[:2] != (stop - start, out.shape[1]) or y.ndim != 4:
+                raise BackendError(f"{self.name}: network returned shape {y.shape}")
+            np.multiply(y[:, :, :h, :w], std[start:stop, :, :, None], out=out[start:stop])
+        return out
+
+    def renderer(self, shape: tuple[int, int]) -> Renderer:
+        """Return the plane renderer of a volume model for one frame shape (kept for reuse)."""
+        if self._psf is None or self.metadata.volume is None:
+            raise BackendError(f"{self.metadata.name} is a per-plane model, not a volume model")
+        r = self._renderers.get(shape)
+        if r is None:
+            if len(self._renderers) >= MAX_CACHED_SHAPES:
+                self._renderers.pop(next(iter(self._renderers)))
+            r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape)
+            self._renderers[shape] = r
+        return r
+
+    def _infer_volume(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
+        """`infer` for volume models: one pass per frame, then each DPM rendered from it.
+
+        Uniform DPMs on the depth lattice are rendered as planes together; any other surface
+        is rendered on the grid planes it spans and interpolated per pixel.
+        """
+        frames = images if images.ndim == 3 else images[None]
+        dpms = dpms_um if dpms_um.ndim == 3 else dpms_um[None]
+        if frames.shape[-2:] != dpms.shape[-2:]:
+            raise ValueError(
+                f"frame shape {frames.shape[-2:]} does not match DPM shape {dpms.shape[-2:]}"
+            )
+        n = max(frames.shape[0], dpms.shape[0])
+        if frames.shape[0] not in (1, n) or dpms.shape[0] not in (1, n):
+            raise ValueError(
+                f"batch sizes do not broadcast: {frames.shape[0]} images, {dpms.shape[0]} DPMs"
+            )
+        density = self.volume(frames)
+        render = self.renderer((int(frames.shape[1]), int(frames.shape[2])))
+        step = render.step_um
+        out = np.empty((n, *frames.shape[1:]), dtype=np.float32)
+        for f in range(frames.shape[0]):
+            which = range(n) if frames.shape[0] == 1 else [f]
+            flat: list[int] = []
+            for i in which:
+                d = dpms[i if dpms.shape[0] > 1 else 0]
+                z = float(d.flat[0])
+                if np.all(d == d.flat[0]) and abs(z / step - round(z / step)) < 1e-6:
+                    flat.append(i)
+                else:
+                    out[i] = render.surface(density[f], frames[f], d)
+            if flat:
+                values = [float(dpms[i if dpms.shape[0] > 1 else 0].flat[0]) for i in flat]
+                out[flat] = render.planes(density[f], frames[f], np.array(values))
         return out
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:

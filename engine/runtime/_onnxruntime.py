@@ -19,6 +19,7 @@ from engine.runtime._base import (
     BaseBackend,
     check_io_shapes,
     default_threads,
+    io_channels,
     metadata_from_props,
     require_onnx,
 )
@@ -86,6 +87,7 @@ class OnnxRuntimeBackend(BaseBackend):
             [(i.name, list(i.shape)) for i in session.get_inputs()],
             [(o.name, list(o.shape)) for o in session.get_outputs()],
             source,
+            metadata,
         )
         super().__init__(model_path, metadata, options)
         self._session = session
@@ -101,6 +103,7 @@ class OnnxRuntimeBackend(BaseBackend):
         self.device = f"cuda ({used})" if on_gpu else f"cpu ({threads} threads)"
         self._on_gpu = on_gpu
         self._binding = session.io_binding()
+        self._out_channels = io_channels(metadata)[1]
         self._outputs: dict[tuple[int, ...], np.ndarray] = {}
         log.info("onnxruntime: %s on %s", model_path, self.device)
 
@@ -110,7 +113,7 @@ class OnnxRuntimeBackend(BaseBackend):
         if buf is None:
             if len(self._outputs) >= MAX_CACHED_SHAPES:
                 self._outputs.pop(next(iter(self._outputs)))
-            buf = np.empty((shape[0], 1, *shape[2:]), dtype=np.float32)
+            buf = np.empty((shape[0], self._out_channels, *shape[2:]), dtype=np.float32)
             self._outputs[shape] = buf
         return buf
 

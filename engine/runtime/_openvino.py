@@ -81,6 +81,7 @@ class OpenVinoBackend(BaseBackend):
             [(i.get_any_name(), _dims(i.get_partial_shape())) for i in compiled.inputs],
             [(o.get_any_name(), _dims(o.get_partial_shape())) for o in compiled.outputs],
             source,
+            metadata,
         )
         super().__init__(model_path, metadata, options)
         self._compiled = compiled

@@ -1,0 +1,647 @@
+"""Train the volume Deep-Z: one wide-field frame in, the sample's density on a depth grid out.
+
+``python -m engine.train_volume --config configs/train_volume.toml [--resume] [--steps N]``
+
+Why a second trainer: per-plane networks trained on pixel losses learnt the forward blur and not
+depth (see issue 9 and `docs/evaluation/report.md`). Here the network localises: it predicts
+the non-negative density ``O[d]`` at 41 depths relative to the focal plane, supervised directly
+by the simulator's ground truth (the density the frame was imaged from), so an in-focus bead at
+the wrong depth costs as much as a missing one. Two terms:
+
+- object loss: L1 between the predicted and true densities, both smoothed by a small 3D
+  Gaussian (σ 1 px, 1 slice) so a sub-voxel miss costs a little and a depth miss a lot;
+- render loss: L1 between wide-field planes rendered through the known PSF (`engine.volume`)
+  from the prediction and from the truth, at a few random Δz, so the planes users see are right.
+
+A curriculum starts bead-heavy (the depth cue is strongest for bright sparse points) and widens
+to worms. Each simulated sample draws its index-mismatch depth, so sources see different
+aberrations. On CPUs with AVX-512-BF16 / AMX the net runs under bfloat16 autocast in
+channels-last layout (2.5x faster here); checkpoints every few minutes allow ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.metadata import ModelMetadata, VolumeOutput, normalize_images
+from engine.model import DeepZ, build_model, save_model
+from engine.volume import defocus_index, depth_grid, psf_bank, save_psf_bank
+
+__all__ = [
+    "VolumeTrainConfig",
+    "bead_depth_errors",
+    "load_config",
+    "main",
+    "train",
+]
+
+SampleKind = Literal["worm", "beads", "mixed"]
+TRAIN_SEED_OFFSET = 2_000_000
+"""Volume training samples use seeds >= this; evaluation uses seeds below 1,000,000."""
+VALIDATION_SEED_OFFSET = 950_000
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VolumeDataConfig(_Base):
+    """Simulated samples: kinds, curriculum, focus positions, aberrations, signal levels."""
+
+    kinds: list[SampleKind] = Field(["beads", "worm", "mixed"], description="Sample kinds.")
+    kind_weights: list[float] = Field([0.35, 0.35, 0.30], description="Weights after warm-up.")
+    start_kind_weights: list[float] = Field(
+        [0.8, 0.1, 0.1], description="Weights at the start (curriculum: beads first)."
+    )
+    curriculum_fraction: float = Field(
+        0.2, ge=0, le=1, description="Share of the run over which the weights move to kind_weights."
+    )
+    stack_shape: tuple[int, int] = Field((256, 256), description="Simulated frame (H, W) px.")
+    focus_half_range_um: float = Field(2.0, ge=0, description="Frame focus within ±this (µm).")
+    frames_per_sample: int = Field(2, ge=1, description="Frames per sample (focus positions).")
+    particle_depths_um: list[float] = Field(
+        [2.0, 5.0, 10.0, 15.0], description="Index-mismatch depths drawn per sample (µm)."
+    )
+    peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
+    background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
+    pool_size: int = Field(24, ge=1, description="Samples kept in memory.")
+    refresh_every: int = Field(100, ge=1, description="Steps between pool refreshes.")
+    refresh_count: int = Field(2, ge=0, description="Samples replaced per refresh.")
+
+    @model_validator(mode="after")
+    def _check(self) -> VolumeDataConfig:
+        for name in ("kind_weights", "start_kind_weights"):
+            if len(getattr(self, name)) != len(self.kinds):
+                raise ValueError(f"data.{name} needs one weight per entry of data.kinds")
+        return self
+
+
+class VolumeLossConfig(_Base):
+    """Weights of the object and render terms."""
+
+    object_weight: float = Field(1.0, ge=0, description="Weight of the smoothed density L1.")
+    object_sigma_px: float = Field(1.0, gt=0, description="Lateral smoothing (px).")
+    object_sigma_slices: float = Field(1.0, gt=0, description="Axial smoothing (depth steps).")
+    render_weight: float = Field(1.0, ge=0, description="Weight of the rendered-plane L1.")
+    render_planes: int = Field(3, ge=1, description="Random Δz planes rendered per step.")
+    render_psf_px: int = Field(63, ge=3, description="PSF crop for the render loss (px, odd).")
+
+
+class VolumeTrainConfig(_Base):
+    """Everything one volume training run needs; saved with every checkpoint."""
+
+    name: str = Field("deepz-volume-sim", description="Model name written to the metadata.")
+    seed: int = Field(0, ge=0)
+    steps: int = Field(20000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    patch_size: int = Field(128, ge=32)
+    lr: float = Field(1e-3, gt=0)
+    lr_min: float = Field(2e-5, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    depth_half_range_um: float = Field(10.0, gt=0, description="Depth grid ±this (µm).")
+    channels: list[int] = Field([24, 24, 32, 64, 96, 128, 192], description="U-Net widths.")
+    threads: int = Field(2, ge=1)
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="CPU bfloat16 autocast.")
+    checkpoint_every: int = Field(500, ge=1)
+    max_wall_s: float | None = Field(None, gt=0, description="Stop after this wall time (s).")
+    schedule_by: Literal["steps", "wall"] = Field("steps")
+    out_dir: Path = Field(Path("runs/volume"))
+    weights_out: Path | None = Field(None, description="Final .pt (+ .json, .psf.npy).")
+    portable_checkpoint: Path | None = Field(
+        None, description="Also write the latest checkpoint here (committed; one file)."
+    )
+    optics: dict[str, Any] = Field({}, description="engine.optics.OpticsConfig overrides.")
+    camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
+    data: VolumeDataConfig = Field(default_factory=VolumeDataConfig)  # type: ignore[arg-type]
+    loss: VolumeLossConfig = Field(default_factory=VolumeLossConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _check(self) -> VolumeTrainConfig:
+        multiple = 2 ** (len(self.channels) - 2)
+        if self.patch_size % multiple or self.patch_size > min(self.data.stack_shape):
+            raise ValueError(
+                f"patch_size {self.patch_size} must be a multiple of {multiple} and fit "
+                f"data.stack_shape {self.data.stack_shape}"
+            )
+        return self
+
+    @property
+    def depth_um(self) -> np.ndarray:
+        """The model's depth grid (µm)."""
+        return depth_grid(self.depth_half_range_um)
+
+
+def load_config(path: str | Path) -> VolumeTrainConfig:
+    """Read a TOML volume-training config; unknown keys or bad values raise naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: training config not found")
+    with path.open("rb") as f:
+        return VolumeTrainConfig.model_validate(tomllib.load(f))
+
+
+def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
+    """Build the volume network of this config (preset 'volume', its widths and depths)."""
+    return build_model(
+        "volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size)
+    )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class Sample:
+    """One simulated sample: normalised frames and their density targets (same units)."""
+
+    def __init__(self, cfg: VolumeTrainConfig, seed: int, kind_weights: Sequence[float]) -> None:
+        from engine.optics import CameraConfig, OpticsConfig, simulate_volume_pair
+
+        rng = np.random.default_rng(seed)
+        d = cfg.data
+        w = np.asarray(kind_weights, dtype=np.float64)
+        kind = d.kinds[int(rng.choice(len(d.kinds), p=w / w.sum()))]
+        lo, hi = d.peak_photons
+        camera = CameraConfig(
+            **{
+                "peak_photons": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+                "background_photons": float(rng.uniform(*d.background_photons)),
+                **cfg.camera,
+            }
+        )
+        optics = OpticsConfig(
+            **{"particle_depth_um": float(rng.choice(d.particle_depths_um)), **cfg.optics}
+        )
+        n = round(d.focus_half_range_um / 0.5)
+        focus = rng.integers(-n, n + 1, d.frames_per_sample) * 0.5
+        pair = simulate_volume_pair(
+            kind,
+            shape=d.stack_shape,
+            focus_um=focus,
+            depth_um=cfg.depth_um,
+            optics=optics,
+            camera=camera,
+            seed=seed,
+        )
+        x, _, std = normalize_images(pair.frames)
+        self.kind = kind
+        self.inputs = x.astype(np.float32)
+        self.targets = (pair.objects_counts / std[:, :, :, None]).astype(np.float32)
+        self.pair = pair
+
+
+def _kind_weights(cfg: VolumeTrainConfig, progress: float) -> list[float]:
+    """Curriculum: start weights moving linearly to the final ones over curriculum_fraction."""
+    d = cfg.data
+    t = 1.0 if d.curriculum_fraction == 0 else min(progress / d.curriculum_fraction, 1.0)
+    return [a + (b - a) * t for a, b in zip(d.start_kind_weights, d.kind_weights, strict=True)]
+
+
+def sample_batch(
+    rng: np.random.Generator, pool: Sequence[Sample], cfg: VolumeTrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (N, 1, P, P) inputs and (N, D, P, P) densities, randomly cropped and turned."""
+    size = cfg.patch_size
+    xs, ys = [], []
+    for _ in range(cfg.batch_size):
+        s = pool[int(rng.integers(len(pool)))]
+        f = int(rng.integers(s.inputs.shape[0]))
+        h, w = s.inputs.shape[-2:]
+        y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        x = s.inputs[f, None, y0 : y0 + size, x0 : x0 + size]
+        y = s.targets[f, :, y0 : y0 + size, x0 : x0 + size]
+        t = int(rng.integers(8))  # the PSF is rotationally symmetric: 8 free copies
+        x, y = np.rot90(x, t % 4, axes=(1, 2)), np.rot90(y, t % 4, axes=(1, 2))
+        if t >= 4:
+            x, y = x[:, :, ::-1], y[:, :, ::-1]
+        xs.append(np.ascontiguousarray(x))
+        ys.append(np.ascontiguousarray(y))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _gauss_matrix(n: int, sigma: float) -> torch.Tensor:
+    """(n, n) Gaussian smoothing matrix (rows sum to 1 inside, zero beyond the edges)."""
+    i = torch.arange(n, dtype=torch.float32)
+    g = torch.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma) ** 2)
+    r = max(1, math.ceil(3 * sigma))
+    g = g * ((i[:, None] - i[None, :]).abs() <= r)
+    return g / g.sum(dim=1, keepdim=True).max()
+
+
+def smooth3d(v: torch.Tensor, sigma_px: float, sigma_slices: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (N, D, H, W) volumes along D, H and W (zero edges).
+
+    Done as three small matrix products, which CPUs run far faster than 1-channel convs.
+    """
+    n, d, h, w = v.shape
+    gz = _gauss_matrix(d, sigma_slices).to(v)
+    gh = _gauss_matrix(h, sigma_px).to(v)
+    gw = _gauss_matrix(w, sigma_px).to(v)
+    x = torch.matmul(gz, v.reshape(n, d, h * w)).reshape(n, d, h, w)
+    x = torch.matmul(gh, x)
+    return torch.matmul(x, gw.T)
+
+
+class TorchRenderer:
+    """Torch twin of `engine.volume.Renderer.planes` (without the residual) for patches.
+
+    For the loss, the PSF may be cropped (`crop_px`): prediction and truth are rendered the
+    same way, and a 63 px PSF makes the FFT grid of a 128 px patch 192 px instead of 256.
+    """
+
+    def __init__(
+        self, psf: np.ndarray, depth_um: np.ndarray, patch: int, crop_px: int | None = None
+    ) -> None:
+        if crop_px is not None and crop_px < psf.shape[-1]:
+            c, r = psf.shape[-1] // 2, crop_px // 2
+            psf = psf[:, c - r : c + r + 1, c - r : c + r + 1]
+        size = psf.shape[-1]
+        self.margin = size // 2
+        self.grid = _fast_len(patch + 2 * self.margin)
+        emb = torch.zeros(psf.shape[0], self.grid, self.grid)
+        emb[:, :size, :size] = torch.from_numpy(psf)
+        emb = torch.roll(emb, (-(size // 2), -(size // 2)), dims=(1, 2))
+        self.otf = torch.fft.rfft2(emb)
+        self.depth_um = depth_um
+
+    def render(self, objects: torch.Tensor, dz_um: np.ndarray) -> torch.Tensor:
+        """Planes (N, K, P, P) at defocus `dz_um` from (N, D, P, P) densities."""
+        h, w = objects.shape[-2:]
+        m = self.margin
+        pad = F.pad(objects.float(), (m, self.grid - w - m, m, self.grid - h - m))
+        spec = torch.fft.rfft2(pad)
+        j = torch.from_numpy(defocus_index(dz_um, self.depth_um))
+        out = torch.einsum("ndhw,kdhw->nkhw", spec, self.otf[j])
+        img: torch.Tensor = torch.fft.irfft2(out, s=(self.grid, self.grid))
+        return img[..., m : m + h, m : m + w]
+
+
+def _fast_len(n: int) -> int:
+    """Smallest 2^a·3^b >= n (a fast FFT size)."""
+    return min(int(2**a * 3**b) for a in range(16) for b in range(3) if 2**a * 3**b >= n)
+
+
+def volume_loss(
+    cfg: VolumeTrainConfig,
+    renderer: TorchRenderer,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    dz_um: np.ndarray,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Object + render loss of predicted densities against the truth, and its parts."""
+    lc = cfg.loss
+    obj = (
+        smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
+        - smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
+    ).abs().mean()
+    ren = (renderer.render(pred, dz_um) - renderer.render(target, dz_um)).abs().mean()
+    total = lc.object_weight * obj + lc.render_weight * ren
+    return total, {"object": obj.item(), "render": ren.item()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def bead_depth_errors(
+    density: np.ndarray, depth_um: np.ndarray, objects: Any, focus_um: float, margin_px: int = 8
+) -> np.ndarray:
+    """Per-bead depth error (µm) read from a predicted (D, H, W) density (NaN: nothing there).
+
+    The depth of a bead is where the density in a 3x3 window at its true xy peaks along the
+    grid, refined by a parabola through the peak and its neighbours.
+    """
+    d, h, w = density.shape
+    px = 0.3
+    errs = []
+    for i in np.flatnonzero(objects.kind == "bead"):
+        z = float(objects.z_um[i]) - focus_um
+        y, x = round(objects.y_um[i] / px), round(objects.x_um[i] / px)
+        if not (margin_px <= y < h - margin_px and margin_px <= x < w - margin_px):
+            continue
+        if abs(z) > depth_um[-1] - 0.5:
+            continue
+        profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
+        k = int(np.argmax(profile))
+        if profile[k] <= 0:
+            errs.append(np.nan)
+            continue
+        frac = 0.0
+        if 0 < k < d - 1:
+            a, b, c = profile[k - 1], profile[k], profile[k + 1]
+            den = a - 2 * b + c
+            frac = float(np.clip(0.5 * (a - c) / den, -0.5, 0.5)) if den < 0 else 0.0
+        est = depth_um[0] + (k + frac) * (depth_um[1] - depth_um[0])
+        errs.append(abs(est - z))
+    return np.asarray(errs, dtype=np.float64)
+
+
+class _Validation:
+    """Fixed full frames (never trained on): losses and the bead depth error of the model."""
+
+    def __init__(self, cfg: VolumeTrainConfig) -> None:
+        self.samples = [
+            Sample(cfg, VALIDATION_SEED_OFFSET + i, w)
+            for i, w in enumerate([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+        ]
+
+    def run(self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool) -> dict[str, float]:
+        errs: list[np.ndarray] = []
+        for s in self.samples:
+            x = torch.from_numpy(s.inputs[:1, None])
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = model(x).float()[0].numpy()
+            if s.kind != "worm":
+                e = bead_depth_errors(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
+                errs.append(e)
+        e = np.concatenate(errs) if errs else np.zeros(0)
+        found = e[np.isfinite(e)]
+        return {
+            "val_bead_depth_median_um": float(np.median(found)) if found.size else float("nan"),
+            "val_bead_depth_p90_um": (
+                float(np.percentile(found, 90)) if found.size else float("nan")
+            ),
+            "val_bead_within_1um": float(np.mean(found <= 1.0)) if found.size else 0.0,
+            "val_beads": float(e.size),
+        }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has native bfloat16 matmul (AVX-512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _lr(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    if cfg.schedule_by == "wall" and cfg.max_wall_s is not None:
+        t = max(t, wall_s / cfg.max_wall_s)
+    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
+    t = step / cfg.steps
+    if cfg.schedule_by == "wall" and cfg.max_wall_s is not None:
+        t = max(t, wall_s / cfg.max_wall_s)
+    return min(t, 1.0)
+
+
+def make_volume_metadata(
+    cfg: VolumeTrainConfig, model: DeepZ, psf_file: str, extra: dict[str, Any]
+) -> ModelMetadata:
+    """Describe a volume model trained with `cfg`."""
+    from engine.optics import OpticsConfig
+    from engine.train import _command, _git_commit
+
+    optics = OpticsConfig(**cfg.optics)
+    d = cfg.data
+    return ModelMetadata(
+        name=cfg.name,
+        architecture=model.architecture,
+        size_multiple=model.size_multiple,
+        dz_range_um=(-cfg.depth_half_range_um, cfg.depth_half_range_um),
+        pixel_size_um=optics.pixel_size_um,
+        na=optics.na,
+        wavelength_um=optics.wavelength_um,
+        immersion_index=optics.immersion_index,
+        sample_index=optics.sample_index,
+        trained_on=(
+            f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; scalar "
+            f"Gibson-Lanni PSF, index-mismatch depths {d.particle_depths_um} µm, focus within "
+            f"±{d.focus_half_range_um} µm)"
+        ),
+        training_command=_command().replace("engine.train ", "engine.train_volume "),
+        commit=_git_commit(),
+        volume=VolumeOutput(
+            depth_um=tuple(float(z) for z in cfg.depth_um), psf_file=psf_file
+        ),
+        extra=extra,
+    )
+
+
+def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
+    """Run (or resume) volume training; return the model (eval mode)."""
+    from tqdm import tqdm
+
+    from engine.optics import OpticsConfig
+
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(cfg.seed)
+    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_has_bf16())
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model: DeepZ = build_volume_model(cfg)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    step, history, wall_before = 0, [], 0.0
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        src = ckpt if ckpt.is_file() else cfg.portable_checkpoint
+        if src is None or not Path(src).is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} or portable_checkpoint")
+        ck = torch.load(src, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
+        print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um)
+    renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
+    d = cfg.data
+    counter = d.pool_size + (step // d.refresh_every) * d.refresh_count
+    weights = _kind_weights(cfg, _progress(cfg, step, wall_before))
+    pool = [
+        Sample(cfg, TRAIN_SEED_OFFSET + cfg.seed * 1_000_000 + counter - d.pool_size + i, weights)
+        for i in range(d.pool_size)
+    ]
+    val = _Validation(cfg)
+    start = time.monotonic()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    while step < cfg.steps:
+        wall = wall_before + time.monotonic() - start
+        if step > 0 and step % d.refresh_every == 0:
+            weights = _kind_weights(cfg, _progress(cfg, step, wall))
+            for _ in range(d.refresh_count):
+                seed = TRAIN_SEED_OFFSET + cfg.seed * 1_000_000 + counter
+                pool[counter % d.pool_size] = Sample(cfg, seed, weights)
+                counter += 1
+        rng = np.random.default_rng([cfg.seed, step])
+        x, y = sample_batch(rng, pool, cfg)
+        x = x.to(memory_format=torch.channels_last)
+        dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x)
+        loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        wall = wall_before + time.monotonic() - start
+        lr = _lr(cfg, step, wall)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
+        bar.update(1)
+        bar.set_postfix(obj=f"{parts['object']:.4f}", ren=f"{parts['render']:.4f}")
+        timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
+            model.eval()
+            history[-1] |= val.run(cfg, model, bf16)
+            model.train()
+            bar.write(
+                f"step {step} ({wall / 60:.1f} min): "
+                f"loss {np.mean([h['loss'] for h in history[-100:]]):.4f}"
+                f"  bead depth median {history[-1]['val_bead_depth_median_um']:.2f} µm, "
+                f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
+                f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}"
+            )
+            _checkpoint(cfg, model, opt, step, history, wall)
+        if timeout:
+            bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
+            break
+    bar.close()
+    model.eval()
+    if cfg.weights_out is not None:
+        save_volume_model(cfg, model, psf, history, step, bf16)
+    return model
+
+
+def save_volume_model(
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    psf: np.ndarray,
+    history: list[dict[str, float]],
+    step: int,
+    bf16: bool,
+) -> Path:
+    """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path."""
+    assert cfg.weights_out is not None
+    weights = Path(cfg.weights_out)
+    psf_path = weights.with_suffix(".psf.npy")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_psf_bank(psf, psf_path)
+    last_val = next((h for h in reversed(history) if "val_bead_depth_median_um" in h), {})
+    extra = {
+        "steps": step,
+        "wall_time_s": round(history[-1]["wall_s"], 1) if history else 0.0,
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {cfg.threads}, "
+        f"bf16 autocast {bf16}",
+        "parameters": model.count_parameters(),
+        "flops_per_pixel": model.flops_per_pixel(),
+        "validation": {k: v for k, v in last_val.items() if k.startswith("val_")},
+        "train_config": json.loads(cfg.model_dump_json()),
+    }
+    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    save_model(model.cpu(), make_volume_metadata(cfg, model, psf_path.name, extra), weights)
+    return weights
+
+
+def _checkpoint(
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
+    wall: float,
+) -> None:
+    """Write checkpoint.pt (atomically), the portable copy and loss_curve.png."""
+    state = {
+        "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+        "opt": opt.state_dict(),
+        "step": step,
+        "history": history,
+        "wall_s": wall,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    targets = [cfg.out_dir / "checkpoint.pt"]
+    if cfg.portable_checkpoint is not None:
+        targets.append(Path(cfg.portable_checkpoint))
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+    _plot(cfg.out_dir, history)
+
+
+def _plot(out: Path, history: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = np.array([h["step"] for h in history])
+    for key in ("object", "render"):
+        v = np.array([h[key] for h in history])
+        k = min(50, len(v))
+        ax[0].plot(steps[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    val = [h for h in history if "val_bead_depth_median_um" in h]
+    if val:
+        s = [h["step"] for h in val]
+        ax[1].plot(s, [h["val_bead_depth_median_um"] for h in val], "o-", label="median")
+        ax[1].plot(s, [h["val_bead_depth_p90_um"] for h in val], "o-", label="p90")
+        ax[1].set_ylabel("bead depth error (µm)")
+        ax[1].set_xlabel("step")
+        ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(
+        prog="python -m engine.train_volume", description=(__doc__ or "").split("\n")[0]
+    )
+    p.add_argument("--config", type=Path, required=True, help="TOML volume training config")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="override the number of steps")
+    p.add_argument("--out", type=Path, default=None, help="override out_dir")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.out is not None:
+        cfg.out_dir = args.out
+    model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
+    if cfg.weights_out is not None:
+        print(f"weights: {cfg.weights_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

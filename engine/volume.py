@@ -1,0 +1,188 @@
+"""Volume Deep-Z: one network pass gives the sample on a depth grid; planes are rendered from it.
+
+The per-plane Deep-Z network takes (frame, DPM) and returns one plane, so a 41-plane stack costs
+41 passes, and nothing forces the planes to agree with each other or with the optics. The volume
+model instead localises: from one frame it predicts the non-negative fluorophore density
+``O[d]`` at fixed depths ``depth_um[d]`` relative to the focal plane (in camera counts). A
+wide-field plane refocused by Δz is then what the microscope would see of that density,
+
+    plane(Δz) = Σ_d O[d] ⊛ PSF(Δz - depth_um[d])  +  background,
+
+with the model's own PSF (computed from its optics when it was trained and shipped beside it).
+So every plane is physically consistent, an object is sharp exactly at the depth where the
+network put it, and any DPM (tilted, curved, measured, drifting) is a per-pixel interpolation
+between rendered grid planes. Whatever the density does not explain at Δz = 0 (camera offset,
+diffuse background, objects outside the depth grid) is low-passed and added to every plane.
+
+This module is numpy only: the runtime uses it; training has its torch twin of `render` (same
+PSF bank, same indexing) in `engine.train_volume`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "DEPTH_STEP_UM",
+    "Renderer",
+    "defocus_index",
+    "depth_grid",
+    "load_psf_bank",
+    "psf_bank",
+    "save_psf_bank",
+]
+
+DEPTH_STEP_UM = 0.5
+"""Spacing of the depth grid and of renderable planes (µm): the simulator's slice lattice."""
+RESIDUAL_SIGMA_PX = 4.0
+"""Gaussian low-pass (px) of the unexplained part of the frame that is added to every plane."""
+
+
+def depth_grid(half_range_um: float = 10.0, step_um: float = DEPTH_STEP_UM) -> np.ndarray:
+    """Depths ``-half_range ... +half_range`` (µm) in `step_um` steps, float64."""
+    n = round(half_range_um / step_um)
+    if n < 1 or not np.isclose(n * step_um, half_range_um):
+        raise ValueError(f"half range {half_range_um} µm is not a multiple of {step_um} µm")
+    out: np.ndarray = np.round(np.arange(-n, n + 1) * step_um, 6)
+    return out
+
+
+def defocus_index(dz_um: np.ndarray, depth_um: np.ndarray) -> np.ndarray:
+    """Index into a PSF bank for rendering planes `dz_um` from object depths `depth_um`.
+
+    The bank of a D-depth grid holds defocus ``(j - (D - 1)) · step`` for j < 2D - 1, so
+    plane Δz sees depth d through ``PSF(Δz - depth_d)``. Returns (P, D) int64.
+    """
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    rel = (np.asarray(dz_um, dtype=np.float64)[:, None] - depth[None, :]) / step
+    j = np.round(rel).astype(np.int64) + depth.size - 1
+    if not np.allclose(rel, np.round(rel), atol=1e-4) or j.min() < 0 or j.max() > 2 * depth.size:
+        raise ValueError(f"planes {dz_um!r} are not on the {step} µm depth lattice within range")
+    return j
+
+
+def psf_bank(optics: object, depth_um: np.ndarray, size_px: int = 127) -> np.ndarray:
+    """PSF planes (2D-1, size, size) float32 at every defocus a D-depth grid needs (simulator)."""
+    from engine.optics import OpticsConfig, make_psf
+
+    if not isinstance(optics, OpticsConfig):
+        raise TypeError(f"optics must be an engine.optics.OpticsConfig, got {type(optics)}")
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    defocus = (np.arange(2 * depth.size - 1) - (depth.size - 1)) * step
+    return np.array(make_psf(optics, defocus, size_px), dtype=np.float32)
+
+
+def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:
+    """Write a PSF bank as float32 .npy (beside the model it belongs to)."""
+    path = Path(path)
+    np.save(path, np.asarray(psf, dtype=np.float32))
+    return path
+
+
+def load_psf_bank(path: str | Path, n_depths: int) -> np.ndarray:
+    """Read a PSF bank and check it fits an `n_depths` grid: (2·n_depths - 1, S, S), S odd."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: PSF bank of the volume model not found")
+    psf = np.load(path, allow_pickle=False)
+    if psf.ndim != 3 or psf.shape[0] != 2 * n_depths - 1 or psf.shape[1] != psf.shape[2]:
+        raise ValueError(f"{path}: PSF bank shape {psf.shape} does not fit {n_depths} depths")
+    if psf.shape[1] % 2 == 0 or not np.all(np.isfinite(psf)):
+        raise ValueError(f"{path}: PSF bank must have odd sides and finite values")
+    return np.ascontiguousarray(psf, dtype=np.float32)
+
+
+class Renderer:
+    """Render wide-field planes and surfaces from object volumes, for one frame shape.
+
+    The PSF transforms for the frame shape (plus a PSF-radius margin, so nothing wraps around)
+    are computed once here and reused for every frame.
+    """
+
+    def __init__(self, psf: np.ndarray, depth_um: np.ndarray, shape: tuple[int, int]) -> None:
+        import scipy.fft
+
+        self._fft = scipy.fft
+        self.depth_um = np.asarray(depth_um, dtype=np.float64)
+        self.step_um = float(self.depth_um[1] - self.depth_um[0])
+        self.shape = (int(shape[0]), int(shape[1]))
+        size = psf.shape[-1]
+        self.margin = size // 2
+        h, w = self.shape
+        self.grid = (
+            scipy.fft.next_fast_len(h + 2 * self.margin, real=True),
+            scipy.fft.next_fast_len(w + 2 * self.margin, real=True),
+        )
+        emb = np.zeros((psf.shape[0], *self.grid), dtype=np.float32)
+        emb[:, :size, :size] = psf
+        emb = np.roll(emb, (-(size // 2), -(size // 2)), axis=(1, 2))
+        self.otf = scipy.fft.rfft2(emb, workers=2).astype(np.complex64)
+        yy = np.fft.fftfreq(self.grid[0])[:, None]
+        xx = np.fft.rfftfreq(self.grid[1])[None, :]
+        s = RESIDUAL_SIGMA_PX
+        self._lowpass = np.exp(-2 * (np.pi * s) ** 2 * (yy**2 + xx**2)).astype(np.float32)
+        self._in_focus = int(np.argmin(np.abs(self.depth_um)))
+
+    def _spectra(self, objects: np.ndarray) -> np.ndarray:
+        """rfft2 of (D, H, W) objects, zero-padded into the render grid."""
+        m = self.margin
+        h, w = self.shape
+        pad = np.zeros((objects.shape[0], *self.grid), dtype=np.float32)
+        pad[:, m : m + h, m : m + w] = objects
+        out: np.ndarray = self._fft.rfft2(pad, workers=2).astype(np.complex64, copy=False)
+        return out
+
+    def _back(self, spectra: np.ndarray) -> np.ndarray:
+        """Inverse of `_spectra`: (P, grid) spectra to (P, H, W) float32 images."""
+        m = self.margin
+        h, w = self.shape
+        img = self._fft.irfft2(spectra, s=self.grid, workers=2)
+        out: np.ndarray = np.ascontiguousarray(img[:, m : m + h, m : m + w], dtype=np.float32)
+        return out
+
+    def render(self, objects: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        """Render the density's own light (P, H, W) float32 at defocus `dz_um` (lattice values)."""
+        objects = np.asarray(objects, dtype=np.float32)
+        j = defocus_index(np.atleast_1d(np.asarray(dz_um, dtype=np.float64)), self.depth_um)
+        spec = self._spectra(objects)
+        acc = np.empty((j.shape[0], *spec.shape[1:]), dtype=np.complex64)
+        tmp = np.empty(spec.shape[1:], dtype=np.complex64)
+        for p in range(j.shape[0]):
+            np.multiply(spec[0], self.otf[j[p, 0]], out=acc[p])
+            for d in range(1, spec.shape[0]):
+                np.multiply(spec[d], self.otf[j[p, d]], out=tmp)
+                acc[p] += tmp
+        return self._back(acc)
+
+    def planes(self, objects: np.ndarray, frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        """Planes (P, H, W) float32 counts at uniform defocus `dz_um` (on the depth lattice).
+
+        `objects` is the (D, H, W) density in counts; `frame` the (H, W) input it came from,
+        whose unexplained low-frequency part (offset, background, far objects) is added back.
+        """
+        dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
+        rendered = self.render(objects, np.append(dz, 0.0))
+        residual = np.asarray(frame, dtype=np.float32) - rendered[-1]
+        low = self._back(self._spectra(residual[None]) * self._lowpass)[0]
+        out: np.ndarray = rendered[:-1] + low
+        return out
+
+    def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
+        """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel."""
+        dpm = np.asarray(dpm_um, dtype=np.float64)
+        lo = np.floor(dpm.min() / self.step_um) * self.step_um
+        hi = np.ceil(dpm.max() / self.step_um) * self.step_um
+        z = np.round(np.arange(lo, hi + self.step_um / 2, self.step_um), 6)
+        stack = self.planes(objects, frame, z)
+        if z.size == 1:
+            return np.asarray(stack[0])
+        pos = np.clip((dpm - lo) / self.step_um, 0, z.size - 1)
+        i0 = np.minimum(np.floor(pos).astype(np.int64), z.size - 2)
+        frac = (pos - i0).astype(np.float32)
+        rows, cols = np.indices(dpm.shape)
+        out = stack[i0, rows, cols] * (1 - frac) + stack[i0 + 1, rows, cols] * frac
+        return np.asarray(out, dtype=np.float32)

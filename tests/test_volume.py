@@ -1,0 +1,170 @@
+"""The volume model's parts: simulated truth, plane rendering, training, runtime and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.optics import OpticsConfig, simulate_focal_stack, simulate_volume_pair
+from engine.volume import Renderer, defocus_index, depth_grid, load_psf_bank, psf_bank
+
+SHAPE = (96, 96)
+
+
+@pytest.fixture(scope="module")
+def psf() -> np.ndarray:
+    return psf_bank(OpticsConfig(), depth_grid())
+
+
+def test_depth_grid_and_defocus_index():
+    z = depth_grid()
+    assert z.size == 41 and z[0] == -10.0 and z[-1] == 10.0
+    j = defocus_index(np.array([0.0, 2.5]), z)
+    # plane 0 sees depth -10 through defocus +10 (index 60 of 81), depth +10 through -10 (20)
+    assert j.shape == (2, 41) and j[0, 0] == 60 and j[0, -1] == 20 and j[1, 20] == 45
+    with pytest.raises(ValueError, match="lattice"):
+        defocus_index(np.array([0.3]), z)
+
+
+def test_volume_pair_truth_images_to_the_frame(psf):
+    """Rendering the true density at Δz reproduces the simulator's own noise-free planes."""
+    seed, focus = 4, 0.0
+    pair = simulate_volume_pair("beads", shape=SHAPE, focus_um=np.array([focus]), seed=seed)
+    stack = simulate_focal_stack("beads", shape=SHAPE, z_um=np.array([0.0, 3.0]), seed=seed)
+    assert pair.frames.dtype == np.uint16 and pair.objects_counts.shape == (1, 41, *SHAPE)
+    # same seed, same sample: the noisy frame follows the stack's noise-free plane
+    assert np.corrcoef(pair.frames[0].ravel(), stack.clean[0].ravel())[0, 1] > 0.8
+    r = Renderer(psf, pair.depth_um, SHAPE)
+    planes = r.planes(pair.objects_counts[0], stack.clean[0], np.array([0.0, 3.0]))
+    inner = (slice(20, -20), slice(20, -20))  # objects outside the frame blur into its edges
+    for k in range(2):
+        truth = stack.clean[k][inner]
+        err = np.abs(planes[k][inner] - truth).max()
+        assert err < 0.02 * (truth.max() - truth.min()), (k, err)
+
+
+def test_surface_interpolates_between_planes(psf):
+    pair = simulate_volume_pair("beads", shape=SHAPE, seed=5)
+    r = Renderer(psf, pair.depth_um, SHAPE)
+    frame = pair.frames[0].astype(np.float32)
+    flat = r.surface(pair.objects_counts[0], frame, np.full(SHAPE, 2.0))
+    np.testing.assert_allclose(flat, r.planes(pair.objects_counts[0], frame, np.array([2.0]))[0])
+    tilt = np.tile(np.linspace(-4.0, 4.0, SHAPE[1]), (SHAPE[0], 1))
+    surf = r.surface(pair.objects_counts[0], frame, tilt)
+    assert surf.shape == SHAPE and np.isfinite(surf).all()
+
+
+def test_psf_bank_round_trip_and_bad_files(tmp_path: Path, psf):
+    from engine.volume import save_psf_bank
+
+    path = save_psf_bank(psf, tmp_path / "m.psf.npy")
+    np.testing.assert_array_equal(load_psf_bank(path, 41), psf)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_psf_bank(path, 21)
+    with pytest.raises(FileNotFoundError, match="PSF bank"):
+        load_psf_bank(tmp_path / "missing.npy", 41)
+
+
+def test_torch_renderer_matches_numpy(psf):
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import TorchRenderer
+
+    pair = simulate_volume_pair("beads", shape=(64, 64), seed=6)
+    dens = pair.objects_counts[0]
+    dz = np.array([-4.0, 0.0, 6.5])
+    got = TorchRenderer(psf, pair.depth_um, 64).render(torch.from_numpy(dens[None]), dz)[0]
+    want = Renderer(psf, pair.depth_um, (64, 64)).render(dens, dz)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-3 * float(want.max()))
+
+
+def _tiny_config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    from engine.train_volume import VolumeTrainConfig
+
+    return VolumeTrainConfig.model_validate(
+        {
+            "steps": 3,
+            "batch_size": 2,
+            "patch_size": 32,
+            "channels": [4, 4, 8, 8],
+            "threads": 1,
+            "bf16": "off",
+            "checkpoint_every": 2,
+            "warmup_steps": 1,
+            "out_dir": str(tmp_path / "run"),
+            "weights_out": str(tmp_path / "w" / "vol.pt"),
+            "data": {"stack_shape": [64, 64], "pool_size": 2, "frames_per_sample": 1},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import train
+
+    tmp = tmp_path_factory.mktemp("vol")
+    cfg = _tiny_config(tmp)
+    train(cfg, progress=False)
+    return Path(cfg.weights_out)  # type: ignore[arg-type]
+
+
+def test_training_writes_weights_psf_and_resumes(trained: Path):
+    from engine.metadata import ModelMetadata
+    from engine.train_volume import load_config, train  # noqa: F401
+
+    meta = ModelMetadata.from_file(trained.with_suffix(".json"))
+    assert meta.volume is not None and len(meta.volume.depth_um) == 41
+    assert (trained.parent / meta.volume.psf_file).is_file()
+    assert meta.architecture["in_channels"] == 1 and meta.architecture["nonnegative"] is True
+    val = meta.extra["validation"]
+    assert "val_bead_depth_median_um" in val
+
+
+def test_training_resume_continues(tmp_path: Path):
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.weights_out = None
+    train(cfg, progress=False)
+    cfg.steps = 5
+    train(cfg, resume=True, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5 and len(ck["history"]) == 5
+
+
+def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
+    """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
+    pytest.importorskip("onnx", reason="export extra not installed")
+    from engine.runtime import load_backend
+    from export._onnx import export_weights
+
+    onnx_path = tmp_path / "vol.onnx"
+    report = export_weights(trained, onnx_path)
+    assert report.ok
+    frame = simulate_volume_pair("beads", shape=(64, 64), seed=9).frames[0]
+    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
+    tilt = np.tile(np.linspace(-2.0, 2.0, 64, dtype=np.float32), (64, 1))[None]
+    results = {}
+    for name, path in (("torch", trained), ("onnxruntime", onnx_path)):
+        backend = load_backend(path, prefer=[name])
+        assert backend.name == name
+        results[name] = (backend.infer(frame, dpms), backend.infer(frame, tilt))
+        assert results[name][0].shape == (3, 64, 64) and results[name][1].shape == (1, 64, 64)
+    for a, b in zip(results["torch"], results["onnxruntime"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-2)
+
+
+def test_volume_backend_without_psf_bank_is_one_clear_error(trained: Path, tmp_path: Path):
+    import shutil
+
+    from engine.runtime import BackendError, load_backend
+
+    for name in ("vol.pt", "vol.json"):
+        shutil.copy(trained.parent / name, tmp_path / name)
+    with pytest.raises(BackendError, match="PSF bank"):
+        load_backend(tmp_path / "vol.pt", prefer=["torch"])
