@@ -1,0 +1,122 @@
+"""The independent held-out set (engine.heldout): its PSF, its samples and its read-outs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import heldout as H
+from engine.optics import OpticsConfig, make_psf
+
+SHAPE = (128, 128)
+
+
+@pytest.fixture(scope="module")
+def beads() -> H.IndependentSample:
+    return H.independent_sample("beads", 3, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def tilted() -> H.IndependentSample:
+    return H.independent_sample("tilted", 4, SHAPE)
+
+
+def test_samples_are_deterministic_and_well_formed(beads):
+    again = H.independent_sample("beads", 3, SHAPE)
+    np.testing.assert_array_equal(again.frame, beads.frame)
+    np.testing.assert_array_equal(again.planes, beads.planes)
+    np.testing.assert_array_equal(again.objects.z_um, beads.objects.z_um)
+    other = H.independent_sample("beads", 4, SHAPE)
+    assert not np.array_equal(other.frame, beads.frame)
+    assert beads.frame.shape == SHAPE and beads.frame.dtype == np.uint16
+    assert beads.planes.shape == (41, *SHAPE) and beads.planes.dtype == np.float32
+    np.testing.assert_allclose(beads.dz_um, np.arange(-10, 10.01, 0.5))
+    assert set(beads.objects.kind) == {"bead"}
+    assert np.all(np.abs(beads.objects.z_um) <= 10.0)
+    # the frame is the truth plane at focus 0 plus noise (zero-mean, a few counts)
+    resid = beads.frame.astype(np.float64) - beads.planes[20]
+    assert abs(resid.mean()) < 0.5
+    assert resid.std() == pytest.approx(beads.noise_sigma, rel=0.5)
+
+
+def test_spheres_have_the_stated_statistics():
+    s = H.independent_sample("spheres", 1, (64, 64))
+    assert set(s.objects.kind) == {"sphere"}
+    assert np.all((s.objects.radius_um >= 0.5) & (s.objects.radius_um <= 2.5))
+    assert s.planes.shape == (41, 64, 64) and np.all(np.isfinite(s.planes))
+
+
+def test_vectorial_psf_unit_sum_focus_and_differs_from_training_psf():
+    optics = H.IndependentOptics()
+    d = H.truth_dz_um()
+    psf = optics.psf(d, source_z_um=0.0)
+    np.testing.assert_allclose(psf.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert d[int(np.argmax(psf[:, 63, 63]))] == 0.0  # 0 = brightest on-axis peak
+    assert np.unravel_index(int(np.argmax(psf[20])), psf[20].shape) == (63, 63)
+    scalar = np.asarray(make_psf(OpticsConfig(), d, 127))
+
+    def rel(a: np.ndarray) -> float:
+        return float(np.linalg.norm(a - scalar) / np.linalg.norm(scalar))
+
+    # Measured relative L2 difference from the training simulator's scalar PSF (pz = 5 µm):
+    # 0.060 for a vectorial PSF at the same particle depth (source z = -7 µm, pz = 5 µm),
+    # 0.120 at z = 0 (pz = 12 µm), 0.27 at z = +10 (pz = 22 µm; 0.61 on the worst plane).
+    assert rel(np.asarray(optics.psf(d, source_z_um=-7.0))) > 0.04
+    assert rel(psf) > 0.08
+    assert rel(np.asarray(optics.psf(d, source_z_um=10.0))) > 0.2
+
+
+def test_truth_planes_score_perfectly_and_the_input_does_not(beads):
+    truth = H.truth_planes_fn(beads)
+    depth = H.summarise(H.bead_depth_errors(truth, beads))
+    assert depth["count"] >= 8 and depth["failures"] == 0
+    assert depth["median_um"] <= 0.5
+    ratios = H.bead_fwhm_ratios(truth, beads)
+    assert ratios.size >= 5
+    np.testing.assert_allclose(ratios, 1.0, atol=1e-6)
+    fwhm = H.summarise_ratios(ratios)
+    assert fwhm["fraction_within"] == 1.0
+    inp = H.summarise(H.bead_depth_errors(H.input_planes_fn, beads))
+    assert inp["count"] == depth["count"]
+    assert inp["median_um"] >= 2.0 and inp["within_1um"] <= 0.3
+    metrics = H.plane_metrics(H.input_planes_fn, beads, [-6.0, 0.0, 6.0])
+    assert [m["dz_um"] for m in metrics] == [-6.0, 0.0, 6.0]
+    assert all(np.isfinite(m["psnr"]) and -1 <= m["ssim"] <= 1 for m in metrics)
+
+
+def test_tilted_truth_surface_is_in_focus_and_input_is_not(tilted):
+    assert tilted.tilt is not None and tilted.dpm_um is not None and tilted.in_focus is not None
+    excursion = float(tilted.dpm_um.max() - tilted.dpm_um.min())
+    assert excursion <= 14.0 + 1e-6 and np.all(np.abs(tilted.dpm_um) <= 10.0)
+    np.testing.assert_allclose(
+        tilted.tilt.depth_um(tilted.objects.x_um, tilted.objects.y_um), tilted.objects.z_um
+    )
+    perfect = H.tilted_in_focus(H.surface_from_planes(H.truth_planes_fn(tilted)), tilted)
+    assert perfect.index.size >= 5
+    assert perfect.fraction == 1.0 and perfect.pearson > 0.999
+    raw = H.tilted_in_focus(H.input_surface_fn, tilted)
+    assert raw.fraction < 0.6 and raw.pearson < perfect.pearson
+
+
+def test_matched_filter_recovers_depths_of_scalar_psf_beads():
+    optics = OpticsConfig()
+    z_true = np.array([-8.0, -5.5, -2.0, 0.0, 2.5, 5.0, 8.5])
+    xy = np.array([[32, 32], [80, 32], [128, 32], [32, 96], [80, 96], [128, 96], [80, 144]])
+    frame = np.full((176, 160), 100.0)
+    psf = make_psf(optics, -z_true, 63)  # a bead at depth z seen at focus 0: defocus -z
+    for (x, y), p in zip(xy, psf, strict=True):
+        frame[y - 31 : y + 32, x - 31 : x + 32] += 20000.0 * p
+    frame = np.random.default_rng(0).poisson(frame).astype(np.uint16)
+    defocus = H.truth_dz_um()
+    bank = np.asarray(make_psf(optics, defocus, 63))
+    est = H.matched_filter_depth(frame, bank, defocus, xy.astype(float))
+    np.testing.assert_allclose(est, z_true, atol=1.0)
+
+
+def test_summaries_count_failures():
+    s = H.summarise(np.array([0.2, 0.4, np.nan, 3.0]))
+    assert s["count"] == 4 and s["failures"] == 1
+    assert s["within_0p5um"] == 0.5 and s["within_1um"] == 0.5
+    assert s["median_found_um"] == pytest.approx(0.4)
+    r = H.summarise_ratios(np.array([1.0, 1.1, 1.3, np.nan]))
+    assert r["unresolved"] == 1 and r["fraction_within"] == 0.5
