@@ -178,10 +178,14 @@ def _image_metrics(
     model: DeepZ, meta: ModelMetadata, stacks: list[Any], s: EvalSettings
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per (stack, input plane, Δz) metrics of Deep-Z, input and Wiener, plus example panels."""
+    from tqdm import tqdm
+
     rows: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
+    bar = tqdm(total=len(stacks) * len(s.input_z_um), desc="refocus", unit="frame")
     for stack in stacks:
         for z0 in s.input_z_um:
+            bar.update(1)
             i = _plane_index(stack, z0)
             frame = stack.images[i]
             dz = [d for d in s.dz_um if np.any(np.abs(stack.z_um - (z0 + d)) < 1e-6)]
@@ -206,6 +210,7 @@ def _image_metrics(
                             "truth": truth,
                         }
                     )
+    bar.close()
     return rows, examples
 
 
@@ -390,14 +395,20 @@ def _plots(
 
 def evaluate(
     weights: str | Path = DEFAULT_WEIGHTS,
-    out: str | Path | None = Path("docs/evaluation"),
+    out: str | Path | None = None,
     settings: EvalSettings | None = None,
 ) -> dict[str, Any]:
-    """Run the whole evaluation; write the report into `out` (unless None); return metrics."""
+    """Run the whole evaluation; write the report into `out` (unless None); return metrics.
+
+    Per-plane (DPM-input) models only; volume models and the object-level read-outs on the
+    independent held-out set are in `engine.fidelity`.
+    """
     t0 = time.monotonic()
     s = settings or EvalSettings()
     torch.set_num_threads(2)
     model, meta = load_model(weights)
+    if meta.volume is not None:
+        raise ValueError(f"{weights}: a volume model; evaluate it with python -m engine.fidelity")
     stacks = []
     for kind, seeds in s.seeds.items():
         for seed in seeds:
@@ -562,9 +573,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m engine.evaluate", description=__doc__.split("\n")[0]
     )
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="state_dict .pt")
-    p.add_argument("--out", type=Path, default=Path("docs/evaluation"), help="report folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="report folder (default: a new runs/evaluate-<time>; the shipped report is "
+        "docs/evaluation, written only when named here)",
+    )
     p.add_argument("--quick", action="store_true", help="one stack per kind, fewer Δz")
     args = p.parse_args(argv)
+    args.out = args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S")
     r = evaluate(args.weights, args.out, EvalSettings.quick() if args.quick else None)
     med = r["image_metrics"]["median"]
     loc, beads = r["axial_localisation"], r["bead_fwhm"]

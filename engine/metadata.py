@@ -35,6 +35,9 @@ class VolumeOutput(BaseModel):
     psf_file: str = Field(
         description="PSF bank (.npy) beside the model file, used to render planes from the density."
     )
+    modality: Literal["widefield", "confocal"] = Field(
+        "widefield", description="What the rendered planes show (the PSF bank's modality)."
+    )
 
     @model_validator(mode="after")
     def _check_grid(self) -> VolumeOutput:

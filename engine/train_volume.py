@@ -115,6 +115,11 @@ class VolumeTrainConfig(_Base):
     warmup_steps: int = Field(200, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     depth_half_range_um: float = Field(10.0, gt=0, description="Depth grid ±this (µm).")
+    target_modality: Literal["widefield", "confocal"] = Field(
+        "widefield",
+        description="Planes the model renders: wide-field (as the input) or confocal-like "
+        "(cross-modality: excitation x pinhole-detection PSF).",
+    )
     channels: list[int] = Field([24, 24, 32, 64, 96, 128, 192], description="U-Net widths.")
     threads: int = Field(2, ge=1)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="CPU bfloat16 autocast.")
@@ -158,9 +163,7 @@ def load_config(path: str | Path) -> VolumeTrainConfig:
 
 def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
     """Build the volume network of this config (preset 'volume', its widths and depths)."""
-    return build_model(
-        "volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size)
-    )
+    return build_model("volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size))
 
 
 # ----------------------------------------------------------------------------- data
@@ -309,9 +312,13 @@ def volume_loss(
     """Object + render loss of predicted densities against the truth, and its parts."""
     lc = cfg.loss
     obj = (
-        smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
-        - smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
-    ).abs().mean()
+        (
+            smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
+            - smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
+        )
+        .abs()
+        .mean()
+    )
     ren = (renderer.render(pred, dz_um) - renderer.render(target, dz_um)).abs().mean()
     total = lc.object_weight * obj + lc.render_weight * ren
     return total, {"object": obj.item(), "render": ren.item()}
@@ -438,7 +445,9 @@ def make_volume_metadata(
         training_command=_command().replace("engine.train ", "engine.train_volume "),
         commit=_git_commit(),
         volume=VolumeOutput(
-            depth_um=tuple(float(z) for z in cfg.depth_um), psf_file=psf_file
+            depth_um=tuple(float(z) for z in cfg.depth_um),
+            psf_file=psf_file,
+            modality=cfg.target_modality,
         ),
         extra=extra,
     )
@@ -471,7 +480,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um)
+    psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
     d = cfg.data
     counter = d.pool_size + (step // d.refresh_every) * d.refresh_count

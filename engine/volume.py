@@ -21,11 +21,13 @@ PSF bank, same indexing) in `engine.train_volume`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
     "DEPTH_STEP_UM",
+    "Modality",
     "Renderer",
     "defocus_index",
     "depth_grid",
@@ -64,8 +66,25 @@ def defocus_index(dz_um: np.ndarray, depth_um: np.ndarray) -> np.ndarray:
     return j
 
 
-def psf_bank(optics: object, depth_um: np.ndarray, size_px: int = 127) -> np.ndarray:
-    """PSF planes (2D-1, size, size) float32 at every defocus a D-depth grid needs (simulator)."""
+Modality = Literal["widefield", "confocal"]
+"""What the rendered planes look like: the wide-field input's own modality, or confocal."""
+EXCITATION_UM = 0.488
+"""Confocal excitation wavelength (µm): the 488 nm line for GFP / GCaMP."""
+
+
+def psf_bank(
+    optics: object,
+    depth_um: np.ndarray,
+    size_px: int = 127,
+    modality: Modality = "widefield",
+) -> np.ndarray:
+    """PSF planes (2D-1, size, size) float32 at every defocus a D-depth grid needs (simulator).
+
+    Wide-field planes each sum to 1 (a plane of the PSF carries all of a point's light). The
+    confocal PSF is the excitation PSF (488 nm) times the detection PSF (a point pinhole), the
+    cross-modality target of the paper (wide-field in, confocal-like out); it is normalised so
+    the in-focus plane sums to 1, and its planes dim away from focus (optical sectioning).
+    """
     from engine.optics import OpticsConfig, make_psf
 
     if not isinstance(optics, OpticsConfig):
@@ -73,7 +92,17 @@ def psf_bank(optics: object, depth_um: np.ndarray, size_px: int = 127) -> np.nda
     depth = np.asarray(depth_um, dtype=np.float64)
     step = float(depth[1] - depth[0])
     defocus = (np.arange(2 * depth.size - 1) - (depth.size - 1)) * step
-    return np.array(make_psf(optics, defocus, size_px), dtype=np.float32)
+    detection = np.array(make_psf(optics, defocus, size_px), dtype=np.float32)
+    if modality == "widefield":
+        return detection
+    if modality != "confocal":
+        raise ValueError(f"modality must be 'widefield' or 'confocal', not {modality!r}")
+    excitation = make_psf(
+        optics.model_copy(update={"wavelength_um": EXCITATION_UM}), defocus, size_px
+    )
+    conf = detection * excitation
+    out: np.ndarray = (conf / conf[depth.size - 1].sum()).astype(np.float32)
+    return out
 
 
 def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:

@@ -168,3 +168,28 @@ def test_volume_backend_without_psf_bank_is_one_clear_error(trained: Path, tmp_p
         shutil.copy(trained.parent / name, tmp_path / name)
     with pytest.raises(BackendError, match="PSF bank"):
         load_backend(tmp_path / "vol.pt", prefer=["torch"])
+
+
+def test_confocal_bank_sections_optically():
+    """Cross-modality target: excitation x detection PSF, dimmer away from focus than wide-field."""
+    z = depth_grid()
+    conf = psf_bank(OpticsConfig(), z, modality="confocal")
+    wide = psf_bank(OpticsConfig(), z)
+    sums = conf.sum(axis=(1, 2))
+    assert conf.shape == wide.shape and abs(sums[40] - 1.0) < 1e-5
+    assert sums[40 + 8] < 0.5 and sums[40 - 8] < 0.5  # 4 µm out of focus: sectioned
+    assert conf[40].max() > wide[40].max()  # narrower in focus (the shorter excitation)
+
+
+def test_training_to_confocal_targets(tmp_path: Path):
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.metadata import ModelMetadata
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.target_modality = "confocal"
+    train(cfg, progress=False)
+    meta = ModelMetadata.from_file(Path(cfg.weights_out).with_suffix(".json"))  # type: ignore[arg-type]
+    assert meta.volume is not None and meta.volume.modality == "confocal"
+    bank = np.load(Path(cfg.weights_out).parent / meta.volume.psf_file)  # type: ignore[arg-type]
+    assert bank[40].sum() == pytest.approx(1.0, abs=1e-4) and bank[0].sum() < 0.2
