@@ -94,7 +94,13 @@ class VolumeDataConfig(_Base):
 class VolumeLossConfig(_Base):
     """Weights of the object and render terms."""
 
-    object_weight: float = Field(1.0, ge=0, description="Weight of the smoothed density L1.")
+    object_loss: Literal["l1", "relative_mse"] = Field(
+        "relative_mse",
+        description="Density term: L1, or squared error relative to the target's mean square "
+        "(under doubt about depth, L1 predicts nothing; squared error spreads mass over the "
+        "candidates and sharpens it as evidence grows).",
+    )
+    object_weight: float = Field(1.0, ge=0, description="Weight of the smoothed density term.")
     object_sigma_px: float = Field(1.0, gt=0, description="Lateral smoothing (px).")
     object_sigma_slices: float = Field(1.0, gt=0, description="Axial smoothing (depth steps).")
     render_weight: float = Field(1.0, ge=0, description="Weight of the rendered-plane L1.")
@@ -311,15 +317,15 @@ def volume_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Object + render loss of predicted densities against the truth, and its parts."""
     lc = cfg.loss
-    obj = (
-        (
-            smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
-            - smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
-        )
-        .abs()
-        .mean()
-    )
-    ren = (renderer.render(pred, dz_um) - renderer.render(target, dz_um)).abs().mean()
+    sp = smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
+    st = smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
+    ren_t = renderer.render(target, dz_um)
+    ren = (renderer.render(pred, dz_um) - ren_t).abs().mean()
+    if lc.object_loss == "l1":
+        obj = (sp - st).abs().mean()
+    else:  # both terms relative to the target's size, so their weights compare
+        obj = ((sp - st) ** 2).mean() / ((st**2).mean() + 1e-6)
+        ren = ren / (ren_t.abs().mean() + 1e-6)
     total = lc.object_weight * obj + lc.render_weight * ren
     return total, {"object": obj.item(), "render": ren.item()}
 
@@ -573,6 +579,25 @@ def save_volume_model(
     return weights
 
 
+def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
+    """Write cfg.weights_out from a checkpoint (e.g. of a run stopped early); return its path."""
+    from engine.optics import OpticsConfig
+
+    if cfg.weights_out is None:
+        raise ValueError("the config has no weights_out to write")
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
+    ck_cfg.weights_out = cfg.weights_out
+    model = build_volume_model(ck_cfg)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    psf = psf_bank(
+        OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=ck_cfg.target_modality
+    )
+    bf16 = ck_cfg.bf16 == "on" or (ck_cfg.bf16 == "auto" and cpu_has_bf16())
+    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], bf16)
+
+
 def _checkpoint(
     cfg: VolumeTrainConfig,
     model: DeepZ,
@@ -639,12 +664,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the number of steps")
     p.add_argument("--out", type=Path, default=None, help="override out_dir")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--weights-from-checkpoint",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="write weights_out (+ .json, .psf.npy) from this checkpoint and exit (no training)",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.out is not None:
         cfg.out_dir = args.out
+    if args.weights_from_checkpoint is not None:
+        path = weights_from_checkpoint(cfg, args.weights_from_checkpoint)
+        print(f"weights: {path}")
+        return 0
     model = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
     if cfg.weights_out is not None:

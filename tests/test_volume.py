@@ -135,6 +135,15 @@ def test_training_resume_continues(tmp_path: Path):
     train(cfg, resume=True, progress=False)
     ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 5 and len(ck["history"]) == 5
+    # a run stopped early still yields loadable weights from its checkpoint
+    from engine.model import load_model
+    from engine.train_volume import weights_from_checkpoint
+
+    cfg.weights_out = tmp_path / "early" / "v.pt"
+    path = weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt")
+    model, meta = load_model(path)
+    assert meta.extra["steps"] == 5 and (path.parent / "v.psf.npy").is_file()
+    assert model.architecture["out_channels"] == 41
 
 
 def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
