@@ -9,6 +9,7 @@ exist. `config.model_dump(mode="json")` is saved with every recording.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 import types
@@ -43,9 +44,12 @@ __all__ = [
     "RecorderConfig",
     "ReplayConfig",
     "ScopeConfig",
+    "SecurityConfig",
     "SimulatorConfig",
     "SourceConfig",
     "SurfaceConfig",
+    "check_serving",
+    "is_loopback",
     "load_config",
     "validate_config",
 ]
@@ -341,8 +345,31 @@ def _zmq_address(v: str) -> str:
     return v
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether binding `endpoint` listens on this machine only (not on any network interface).
+
+    ``ipc://`` and ``inproc://`` are local. A ``tcp://`` endpoint is loopback only when its host
+    is ``localhost`` or a loopback address (``127.x.x.x``, ``[::1]``); everything else (``*``,
+    ``0.0.0.0``, ``[::]``, an interface name such as ``eth0``, a LAN address or a host name)
+    may be reachable from the network.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name
+        return False
+
+
 class EndpointsConfig(_BaseModel):
-    """ZeroMQ addresses of the pipeline; loopback by default (nothing listens on the network)."""
+    """ZeroMQ addresses of the pipeline; loopback by default (nothing listens on the network).
+
+    An endpoint that is not loopback (see `is_loopback`) needs CURVE keys (`SecurityConfig`).
+    """
 
     frames: str = Field("tcp://127.0.0.1:5555", description="Camera frames (PUSH → PULL).")
     stacks: str = Field("tcp://127.0.0.1:5556", description="Refocused stacks (PUB → SUB).")
@@ -361,6 +388,10 @@ class EndpointsConfig(_BaseModel):
             raise ValueError(f"endpoints must be distinct, got {addrs}")
         return self
 
+    def items(self) -> list[tuple[str, str]]:
+        """Return ``(name, address)`` of every endpoint."""
+        return [(name, getattr(self, name)) for name in ("frames", "stacks", "recorder", "status")]
+
 
 class RecorderConfig(_BaseModel):
     """What is saved (OME-Zarr) and where."""
@@ -374,11 +405,72 @@ class RecorderConfig(_BaseModel):
     min_free_mb: int = Field(
         500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."
     )
+    seq_window: int = Field(
+        10_000,
+        ge=1,
+        le=10**9,
+        description=(
+            "Refuse a frame whose seq is more than this past the highest one received "
+            "(a forged or corrupt seq, not a gap)."
+        ),
+    )
 
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, v: Path, info: ValidationInfo) -> Path:
         return _resolve(v, info) or v
+
+
+def _keys_location(v: Path | list[Path] | None, info: ValidationInfo) -> Path | list[Path] | None:
+    """Resolve a folder of public certificates, or a list of certificate files, and check it."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return [typing.cast(Path, _existing_file(p, info)) for p in v]
+    folder = typing.cast(Path, _resolve(v, info))
+    if not folder.is_dir():
+        raise ValueError(f"folder not found: {folder}")
+    return folder
+
+
+class SecurityConfig(_BaseModel):
+    """Who may talk to the daemon: ZeroMQ CURVE encryption and client keys (ZAP).
+
+    Endpoints beyond loopback always use CURVE, and the daemon refuses to start without keys;
+    loopback endpoints use it only with ``curve = "required"``. Make keys with
+    ``python -m live.keys KEYDIR``. The daemon needs `server_key` and `client_keys`; a client
+    (hook, display, status reader) needs `client_key` and `server_public_key`.
+    """
+
+    curve: Literal["auto", "required"] = Field(
+        "auto",
+        description=("auto: CURVE on endpoints beyond loopback only; required: on every endpoint."),
+    )
+    server_key: Path | None = Field(
+        None, description="The daemon's secret certificate (KEYDIR/server.key_secret)."
+    )
+    client_keys: Path | list[Path] | None = Field(
+        None,
+        description="Clients let in: a folder of public certificates (*.key) or a list of them.",
+    )
+    client_key: Path | None = Field(
+        None, description="This client's secret certificate (KEYDIR/client.key_secret)."
+    )
+    server_public_key: Path | None = Field(
+        None, description="The daemon's public certificate, for clients (KEYDIR/server.key)."
+    )
+
+    @field_validator("server_key", "client_key", "server_public_key")
+    @classmethod
+    def _key_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+    @field_validator("client_keys")
+    @classmethod
+    def _keys_exist(
+        cls, v: Path | list[Path] | None, info: ValidationInfo
+    ) -> Path | list[Path] | None:
+        return _keys_location(v, info)
 
 
 class DisplayConfig(_BaseModel):
@@ -418,10 +510,65 @@ class ScopeConfig(_BaseModel):
     recorder: RecorderConfig = Field(default_factory=RecorderConfig, description="Recording.")
     display: DisplayConfig = Field(default_factory=DisplayConfig, description="Viewer.")
     overload: OverloadConfig = Field(default_factory=OverloadConfig, description="Overload policy.")
+    security: SecurityConfig = Field(
+        default_factory=SecurityConfig, description="CURVE keys for endpoints off loopback."
+    )
 
     def volume_plan(self) -> VolumePlan:
         """Build the planes' `VolumePlan` for this source's frame shape and pixel size."""
         return self.planes.build(self.source.frame_shape, self.source.pixel_size_um)
+
+    def curve_endpoints(self) -> dict[str, str]:
+        """Return the endpoints (name → address) that use CURVE, in `EndpointsConfig` order.
+
+        Those beyond loopback, or every one with ``security.curve = "required"``.
+        """
+        required = self.security.curve == "required"
+        return {
+            name: address
+            for name, address in self.endpoints.items()
+            if required or not is_loopback(address)
+        }
+
+
+_MAKE_KEYS = "make keys with `python -m live.keys KEYDIR`"
+
+
+def check_serving(config: ScopeConfig) -> None:
+    """Raise `ConfigError` (one line) if the daemon cannot serve `config`'s endpoints safely.
+
+    Every CURVE endpoint (`ScopeConfig.curve_endpoints`) needs ``security.server_key`` and
+    ``security.client_keys``; the viewer the daemon starts also needs the client keys. The
+    check is separate from `validate_config` because clients read the same file and hold
+    only their own keys.
+    """
+    curve = config.curve_endpoints()
+    if not curve:
+        return
+    sec = config.security
+    missing = [
+        f"security.{key}" for key in ("server_key", "client_keys") if getattr(sec, key) is None
+    ]
+    if missing:
+        where = ", ".join(f"endpoints.{name} = {address!r}" for name, address in curve.items())
+        if sec.curve == "required":
+            why = "must use CURVE keys (security.curve = 'required')"
+        elif len(curve) == 1:
+            why = "is reachable beyond loopback and needs CURVE keys"
+        else:
+            why = "are reachable beyond loopback and need CURVE keys"
+        raise ConfigError(
+            f"{where} {why}, but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: {_MAKE_KEYS} and add the "
+            "[security] lines it prints to the config"
+        )
+    if config.display.enabled and "stacks" in curve:
+        for key in ("client_key", "server_public_key"):
+            if getattr(sec, key) is None:
+                raise ConfigError(
+                    f"display.enabled = true and endpoints.stacks uses CURVE, so the viewer "
+                    f"needs security.{key}: {_MAKE_KEYS}"
+                )
 
 
 # -- loading and error messages ---------------------------------------------------------------
@@ -480,6 +627,8 @@ def _describe(err: Any) -> str:
             return f"{_dotted(loc[:-1])}: too few items (item [{loc[-1]}] is missing)"
         return f"{key}: required key is missing"
     msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if not loc:
+        return msg
     model = _section(loc[:-1]) if loc and isinstance(loc[-1], str) else None
     field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
     hint = f" ({field.description})" if field is not None and field.description else ""

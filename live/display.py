@@ -3,7 +3,10 @@
 `LatestStack` is the GUI-free part (SUB on ``endpoints.stacks``, drain everything waiting and
 keep the newest, count what was dropped, compute slices and a max projection); the napari
 window (``pip install 'deepz-live[view]'``) is built on it by `main`. The display may drop
-stacks; the recorder never does. Run with ``python -m live.display --endpoint tcp://...``.
+stacks; the recorder never does. Run with ``python -m live.display --endpoint tcp://...``, or
+``python -m live.display --scope config.toml`` to take the endpoint and, when it uses CURVE,
+the client keys from the config (``--client-key`` / ``--server-key`` give key files directly).
+The SUB socket drops any message part larger than ``--max-message-bytes`` (``zmq.MAXMSGSIZE``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
 
-from live.protocol import Message, ProtocolError, decode
+from live.protocol import MAX_FRAME_BYTES, Message, ProtocolError, decode
+
+if TYPE_CHECKING:
+    from live.security import ClientKeys
 
 __all__ = ["LatestStack", "View", "main"]
 
@@ -38,15 +46,31 @@ class View:
 
 
 class LatestStack:
-    """SUB client that keeps only the newest stack (older waiting ones are dropped, counted)."""
+    """SUB client that keeps only the newest stack (older waiting ones are dropped, counted).
 
-    def __init__(self, endpoint: str, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    `max_message_bytes` is the socket's ``zmq.MAXMSGSIZE`` (a stack's size from
+    `live.protocol.max_part_bytes`; default the protocol's `MAX_FRAME_BYTES`); `keys` are the
+    CURVE client keys when the stacks endpoint uses CURVE.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        *,
+        max_message_bytes: int = MAX_FRAME_BYTES,
+        keys: ClientKeys | None = None,
+    ) -> None:
+        from live.security import connect_curve
+
         self._own_ctx = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
         self._sub.rcvhwm = 4
+        self._sub.maxmsgsize = max_message_bytes
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        connect_curve(self._sub, keys)
         self._sub.connect(endpoint)
         self.received = 0
         self.dropped = 0
@@ -93,9 +117,24 @@ class LatestStack:
 def main(argv: list[str] | None = None) -> int:
     """Open a napari window that shows the newest stack and its max projection."""
     parser = argparse.ArgumentParser(prog="python -m live.display", description=__doc__)
-    parser.add_argument("--endpoint", required=True, help="stacks PUB endpoint of the daemon")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--endpoint", help="stacks PUB endpoint of the daemon")
+    where.add_argument("--scope", type=Path, help="the daemon's config (endpoint and keys)")
+    parser.add_argument("--client-key", type=Path, help="CURVE client secret certificate")
+    parser.add_argument("--server-key", type=Path, help="the daemon's CURVE public certificate")
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_FRAME_BYTES,
+        help="largest message part accepted (default: the protocol's 1 GiB)",
+    )
     parser.add_argument("--max-fps", type=float, default=20.0, help="screen refresh limit")
     args = parser.parse_args(argv)
+    try:
+        endpoint, keys, max_bytes = _connection(args)
+    except ValueError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     try:
         import napari
     except ImportError:
@@ -105,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    client = LatestStack(args.endpoint)
+    client = LatestStack(endpoint, max_message_bytes=max_bytes, keys=keys)
     viewer = napari.Viewer(title="deepz-live")
     layers: dict[str, object] = {}
 
@@ -131,6 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     napari.run()
     client.close()
     return 0
+
+
+def _connection(args: argparse.Namespace) -> tuple[str, ClientKeys | None, int]:
+    """Return the endpoint, CURVE keys and size limit from the command line or the config."""
+    from live.config import load_config
+    from live.protocol import max_part_bytes
+    from live.security import client_keys, read_client_keys
+
+    if args.scope is not None:
+        config = load_config(args.scope)
+        plan_planes = len(config.volume_plan())
+        shape = (plan_planes, *config.source.frame_shape)
+        return config.endpoints.stacks, client_keys(config, "stacks"), max_part_bytes(shape)
+    if (args.client_key is None) != (args.server_key is None):
+        raise ValueError("give both --client-key and --server-key, or neither")
+    keys = None
+    if args.client_key is not None:
+        keys = read_client_keys(args.client_key, args.server_key)
+    return args.endpoint, keys, args.max_message_bytes
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ Two adapters put it into Micro-Manager acquisitions:
 
 - `attach_to_pymmcore_plus` connects a sender to ``core.mda.events.frameReady``.
 
+When the daemon's frames endpoint uses CURVE (it is reachable beyond loopback, or
+``security.curve = "required"``), the sender needs the client keys from the config:
+``FrameSender.for_config(load_config("config.toml"))`` or ``keys=client_keys(config,
+"frames")`` (`live.security`). A sender without the right keys never gets a frame through.
+
 Micro-Manager's Java application cannot be installed on the machine this project is built
 and tested on; the tests therefore run a real pycromanager `Acquisition` on its Python
 backend and a real pymmcore-plus MDA, both on a real MMCore (`pymmcore_plus` `UniMMCore`)
@@ -46,6 +51,9 @@ from live.protocol import encode_frame
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
+
+    from live.config import ScopeConfig
+    from live.security import ClientKeys
 
 __all__ = [
     "FrameSender",
@@ -79,6 +87,8 @@ class FrameSender:
         Context to make the socket in; the process-wide instance by default.
     linger_ms : int
         How long `close` waits for queued frames to leave.
+    keys : live.security.ClientKeys, optional
+        CURVE client keys, needed when the daemon's frames endpoint uses CURVE.
 
     Notes
     -----
@@ -95,7 +105,10 @@ class FrameSender:
         hwm: int = 2000,
         context: zmq.Context[Any] | None = None,
         linger_ms: int = 2000,
+        keys: ClientKeys | None = None,
     ) -> None:
+        from live.security import connect_curve
+
         if hwm < 1:
             raise ValueError(f"hwm must be >= 1 message, got {hwm}")
         self.endpoint = endpoint
@@ -110,7 +123,19 @@ class FrameSender:
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, linger_ms)
+        connect_curve(self._socket, keys)
         self._socket.connect(endpoint)
+
+    @classmethod
+    def for_config(cls, config: ScopeConfig, **kwargs: Any) -> FrameSender:
+        """Make a sender to the config's ``endpoints.frames``, with its CURVE keys if needed.
+
+        `kwargs` go to the constructor (``hwm``, ``context``, ``linger_ms``).
+        """
+        from live.security import client_keys
+
+        keys = client_keys(config, "frames")
+        return cls(config.endpoints.frames, keys=keys, **kwargs)
 
     def send(
         self,
@@ -240,14 +265,17 @@ def pycromanager_image_process_fn(
     hwm: int = 2000,
     seq_key: str | None = None,
     context: zmq.Context[Any] | None = None,
+    keys: ClientKeys | None = None,
 ) -> PycromanagerHook:
     """Make a pycromanager ``image_process_fn`` that pushes frames to `endpoint`.
 
     Pass it as ``Acquisition(..., image_process_fn=hook)``; it returns ``(image, metadata)``
     so Micro-Manager still stores the data. ``hook.sender`` holds the counts; close it after
-    the acquisition. See the module docstring for a complete example.
+    the acquisition. See the module docstring for a complete example. `keys`: CURVE client
+    keys when the endpoint uses CURVE (see the module docstring).
     """
-    return PycromanagerHook(FrameSender(endpoint, hwm=hwm, context=context), seq_key=seq_key)
+    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys)
+    return PycromanagerHook(sender, seq_key=seq_key)
 
 
 def attach_to_pymmcore_plus(
@@ -256,14 +284,16 @@ def attach_to_pymmcore_plus(
     *,
     hwm: int = 2000,
     context: zmq.Context[Any] | None = None,
+    keys: ClientKeys | None = None,
 ) -> FrameSender:
     """Send every frame of the core's MDA runs to `endpoint` (``mda.events.frameReady``).
 
     Seq counts frames from 0 across runs; the timestamp is the simulated camera's
     ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or 0).
-    Disconnect by closing the returned sender (``sender.close()``).
+    Disconnect by closing the returned sender (``sender.close()``). `keys`: CURVE client
+    keys when the endpoint uses CURVE (see the module docstring).
     """
-    sender = FrameSender(endpoint, hwm=hwm, context=context)
+    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys)
 
     def on_frame(image: np.ndarray, event: Any, meta: Mapping[str, Any]) -> None:
         """Send one MDA frame; runs on the MDA runner's thread."""

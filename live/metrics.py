@@ -1,8 +1,16 @@
-"""Live counters of the daemon: frames in, stacks out, skipped, lost, malformed, latency, rates.
+"""Live counters of the daemon: frames in, stacks out, skipped, lost, malformed, rejected, rates.
 
 One `Metrics` object is shared by the daemon's threads (every method takes its lock). It keeps
-the sequence numbers of skipped and lost frames, so losses are data, not just counts, and it
-renders one status line per second and a JSON snapshot for the status endpoint.
+the sequence numbers of skipped and lost frames as ranges (`SeqSet`), so losses are data, not
+just counts, and memory follows the number of gaps, not of frames. It renders one short status
+line per second and a JSON snapshot for the status endpoint; the snapshot carries at most
+`MAX_STATUS_RANGES` ranges of each seq list (the newest), so a status message stays small
+whatever a run loses.
+
+How the counts add up: every message on the frames endpoint is either malformed or a frame
+(``frames_in``); a frame is either rejected by the integrity checks (``rejected``, by kind)
+or admitted; an admitted frame is routed to a worker or skipped; and a routed frame comes
+back as a stack, is skipped by the worker's overload policy or is lost (its worker died).
 """
 
 from __future__ import annotations
@@ -10,18 +18,26 @@ from __future__ import annotations
 import json
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
+if TYPE_CHECKING:
+    from live.security import ClientKeys, ServerKeys
+
 __all__ = [
     "LATENCY_WINDOW",
+    "MAX_STATUS_BYTES",
+    "MAX_STATUS_RANGES",
     "Metrics",
+    "SeqSet",
     "Snapshot",
     "StatusPublisher",
+    "StatusReader",
     "format_seqs",
     "seq_ranges",
     "summary_dict",
@@ -29,6 +45,52 @@ __all__ = [
 
 LATENCY_WINDOW = 10_000
 """Latency percentiles are over the most recent this-many stacks."""
+MAX_STATUS_RANGES = 50
+"""A status snapshot carries at most this many (the newest) ranges of skipped / lost seqs."""
+MAX_STATUS_BYTES = 65536
+"""Largest status message a `StatusReader` accepts (a snapshot is well under 8 KB)."""
+
+
+class SeqSet:
+    """A set of sequence numbers kept as sorted, merged half-open ranges (not thread-safe).
+
+    Adding is O(log r + r) for r ranges and usually O(log r) (seqs mostly arrive in order),
+    and memory is O(r): a run that skips a million frames in a row holds one range.
+    """
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._stops: list[int] = []
+        self.count = 0
+
+    def add(self, seq: int) -> None:
+        """Add one seq (adding one already present changes nothing)."""
+        starts, stops = self._starts, self._stops
+        i = bisect_right(starts, seq)  # ranges [0, i) start at or before seq
+        if i and stops[i - 1] > seq:
+            return
+        joins_left = bool(i) and stops[i - 1] == seq
+        joins_right = i < len(starts) and starts[i] == seq + 1
+        if joins_left and joins_right:
+            stops[i - 1] = stops[i]
+            del starts[i], stops[i]
+        elif joins_left:
+            stops[i - 1] = seq + 1
+        elif joins_right:
+            starts[i] = seq
+        else:
+            starts.insert(i, seq)
+            stops.insert(i, seq + 1)
+        self.count += 1
+
+    def ranges(self, last: int | None = None) -> list[tuple[int, int]]:
+        """Return the ``(start, stop)`` ranges in order, only the `last` ones if given."""
+        pairs = list(zip(self._starts, self._stops, strict=True))
+        return pairs if last is None else pairs[max(0, len(pairs) - last) :]
+
+    def seqs(self) -> list[int]:
+        """Return every seq, sorted (for the end-of-run summary)."""
+        return [seq for start, stop in self.ranges() for seq in range(start, stop)]
 
 
 @dataclass(frozen=True)
@@ -51,22 +113,53 @@ class Snapshot:
     latency_p99_ms: float | None
     queue_depth: int
     recorder_backlog: int
-    skipped_seqs: list[int] = field(default_factory=list)
-    lost_seqs: list[int] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Frames refused by the integrity checks, by kind (`live.recorder.REJECTIONS`)."""
+    skipped_ranges: list[tuple[int, int]] = field(default_factory=list)
+    """The newest `MAX_STATUS_RANGES` half-open ranges of skipped seqs (all are counted)."""
+    lost_ranges: list[tuple[int, int]] = field(default_factory=list)
+    """The newest `MAX_STATUS_RANGES` half-open ranges of lost seqs (all are counted)."""
+    disk_free_mb: float | None = None
+    """Free space where the recording goes, MB (None when not recording)."""
+    disk_low: bool = False
+    """Whether `disk_free_mb` is below twice ``recorder.min_free_mb`` (shown in the status)."""
+
+    @property
+    def rejected_total(self) -> int:
+        """Frames refused by the integrity checks, all kinds together."""
+        return sum(self.rejected.values())
 
     def status_line(self) -> str:
-        """Render the one-line live status printed once per second."""
+        """Render the one-line live status printed once per second (short: under 100 characters).
+
+        ``in`` frames and their rate, ``stacks`` out and their rate; then only the non-zero
+        ones of ``skip``ped, ``lost``, malformed (``bad``) and ``rej``ected frames (or
+        ``no loss``); latency p50/p99; frames out at workers (``q``); the recorder's backlog
+        (``rec``) when it has one; and ``disk N MB!`` once free space nears
+        ``recorder.min_free_mb``.
+        """
         lat = (
-            f"{self.latency_p50_ms:.1f}/{self.latency_p99_ms:.1f} ms"
+            f"{self.latency_p50_ms:.0f}/{self.latency_p99_ms:.0f} ms"
             if self.latency_p50_ms is not None and self.latency_p99_ms is not None
             else "-"
         )
-        return (
-            f"[{self.elapsed_s:6.1f} s] in {self.frames_in} ({self.frames_per_s:.1f}/s) | "
-            f"stacks {self.stacks_out} ({self.stacks_per_s:.1f}/s) | skipped {self.skipped} | "
-            f"lost {self.lost} | malformed {self.malformed} | p50/p99 {lat} | "
-            f"queue {self.queue_depth} | rec backlog {self.recorder_backlog}"
+        counts = (
+            ("skip", self.skipped),
+            ("lost", self.lost),
+            ("bad", self.malformed),
+            ("rej", self.rejected_total),
         )
+        losses = " ".join(f"{name} {n}" for name, n in counts if n) or "no loss"
+        line = (
+            f"[{self.elapsed_s:4.0f}s] in {self.frames_in} {self.frames_per_s:.3g}/s | "
+            f"stacks {self.stacks_out} {self.stacks_per_s:.3g}/s | {losses} | {lat} | "
+            f"q {self.queue_depth}"
+        )
+        if self.recorder_backlog:
+            line += f" rec {self.recorder_backlog}"
+        if self.disk_low and self.disk_free_mb is not None:
+            line += f" | disk {self.disk_free_mb:.0f} MB!"
+        return line
 
     def to_json(self) -> bytes:
         """Serialise for the status endpoint."""
@@ -88,8 +181,11 @@ class Metrics:
         self.stacks_recorded = 0
         self.queue_depth = 0
         self.recorder_backlog = 0
-        self._skipped: list[int] = []
-        self._lost: list[int] = []
+        self.disk_free_mb: float | None = None
+        self.disk_low = False
+        self._rejected: dict[str, int] = {}
+        self._skipped = SeqSet()
+        self._lost = SeqSet()
         self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._last = (self._t0, 0, 0)
 
@@ -108,6 +204,11 @@ class Metrics:
         with self._lock:
             self.malformed += 1
 
+    def reject(self, kind: str) -> None:
+        """Count one frame refused by the integrity checks (`live.recorder.REJECTIONS`)."""
+        with self._lock:
+            self._rejected[kind] = self._rejected.get(kind, 0) + 1
+
     def stack_out(self, latency_ms: float) -> None:
         """Count one stack received from a worker and record its latency."""
         with self._lock:
@@ -117,12 +218,14 @@ class Metrics:
     def skip(self, seqs: list[int]) -> None:
         """Record frames that the overload policy did not refocus (by seq)."""
         with self._lock:
-            self._skipped.extend(seqs)
+            for seq in seqs:
+                self._skipped.add(seq)
 
     def lose(self, seqs: list[int]) -> None:
         """Record frames lost to a crashed worker or unfinished at shutdown (by seq)."""
         with self._lock:
-            self._lost.extend(seqs)
+            for seq in seqs:
+                self._lost.add(seq)
 
     def restart(self) -> None:
         """Count one worker restart."""
@@ -130,14 +233,33 @@ class Metrics:
             self.worker_restarts += 1
 
     def set_gauges(
-        self, *, queue_depth: int, recorder_backlog: int, raw_recorded: int, stacks_recorded: int
+        self,
+        *,
+        queue_depth: int,
+        recorder_backlog: int,
+        raw_recorded: int,
+        stacks_recorded: int,
+        disk_free_mb: float | None = None,
+        disk_low: bool = False,
     ) -> None:
-        """Update the values sampled from other components (queues, recorder)."""
+        """Update the values sampled from other components (queues, recorder, disk)."""
         with self._lock:
             self.queue_depth = queue_depth
             self.recorder_backlog = recorder_backlog
             self.raw_recorded = raw_recorded
             self.stacks_recorded = stacks_recorded
+            self.disk_free_mb = disk_free_mb
+            self.disk_low = disk_low
+
+    def skipped_seqs(self) -> list[int]:
+        """Return every skipped seq, sorted (for the summary; the snapshot carries ranges)."""
+        with self._lock:
+            return self._skipped.seqs()
+
+    def lost_seqs(self) -> list[int]:
+        """Return every lost seq, sorted (for the summary; the snapshot carries ranges)."""
+        with self._lock:
+            return self._lost.seqs()
 
     def snapshot(self, *, advance: bool = True) -> Snapshot:
         """Take a consistent snapshot; with `advance`, the rate window restarts here."""
@@ -153,8 +275,8 @@ class Metrics:
                 frames_in=self.frames_in,
                 frames_routed=self.frames_routed,
                 stacks_out=self.stacks_out,
-                skipped=len(self._skipped),
-                lost=len(self._lost),
+                skipped=self._skipped.count,
+                lost=self._lost.count,
                 malformed=self.malformed,
                 raw_recorded=self.raw_recorded,
                 stacks_recorded=self.stacks_recorded,
@@ -165,8 +287,11 @@ class Metrics:
                 latency_p99_ms=p99,
                 queue_depth=self.queue_depth,
                 recorder_backlog=self.recorder_backlog,
-                skipped_seqs=sorted(self._skipped),
-                lost_seqs=sorted(self._lost),
+                rejected=dict(self._rejected),
+                skipped_ranges=self._skipped.ranges(MAX_STATUS_RANGES),
+                lost_ranges=self._lost.ranges(MAX_STATUS_RANGES),
+                disk_free_mb=self.disk_free_mb,
+                disk_low=self.disk_low,
             )
 
 
@@ -200,12 +325,24 @@ def seq_ranges(seqs: list[int]) -> list[tuple[int, int]]:
 
 
 class StatusPublisher:
-    """PUB socket on ``endpoints.status`` that publishes each snapshot as JSON (topic-less)."""
+    """PUB socket on ``endpoints.status`` that publishes each snapshot as JSON (topic-less).
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+    With `keys` the socket is a CURVE server: only clients the daemon's ZAP handler lets in
+    (`live.security.Gatekeeper`) receive anything.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        keys: ServerKeys | None = None,
+    ) -> None:
+        from live.security import serve_curve
+
         self._socket = ctx.socket(zmq.PUB)
         self._socket.linger = 0
         self._socket.sndhwm = 10
+        serve_curve(self._socket, keys)
         self._socket.bind(endpoint)
 
     def publish(self, snapshot: Snapshot) -> None:
@@ -218,6 +355,57 @@ class StatusPublisher:
     def close(self) -> None:
         """Close the socket."""
         self._socket.close()
+
+
+class StatusReader:
+    """SUB client of the daemon's status endpoint: the newest snapshot as a dict.
+
+    Parameters
+    ----------
+    endpoint : str
+        ``endpoints.status`` of the daemon.
+    ctx : zmq.Context, optional
+        Context for the socket (a new one, closed with the reader, by default).
+    keys : live.security.ClientKeys, optional
+        CURVE keys when the endpoint uses CURVE (`live.security.client_keys(config,
+        "status")`).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        *,
+        keys: ClientKeys | None = None,
+    ) -> None:
+        from live.security import connect_curve
+
+        self._own_ctx = ctx is None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.maxmsgsize = MAX_STATUS_BYTES  # a hostile publisher cannot flood memory
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        connect_curve(self._sub, keys)
+        self._sub.connect(endpoint)
+
+    def latest(self, timeout_ms: int = 0) -> dict[str, Any] | None:
+        """Return the newest waiting snapshot (older ones are discarded), or None."""
+        newest: dict[str, Any] | None = None
+        while self._sub.poll(timeout_ms if newest is None else 0):
+            try:
+                value = json.loads(self._sub.recv())
+            except ValueError:  # not JSON: not from a daemon
+                continue
+            if isinstance(value, dict):
+                newest = value
+        return newest
+
+    def close(self) -> None:
+        """Close the socket (and the context if this reader made it)."""
+        self._sub.close()
+        if self._own_ctx:
+            self._ctx.term()
 
 
 def summary_dict(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:

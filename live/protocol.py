@@ -16,6 +16,12 @@ buffer is at most `MAX_FRAME_BYTES` (or the caller's ``max_bytes``).
 
 Send with ``socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)`` and receive with
 ``socket.recv_multipart(copy=False)``.
+
+Besides frames and stacks, two control messages travel between the daemon and its workers
+over private ipc sockets: `END_OF_FRAMES` (one part, after a worker's last frame) and worker
+events (one part, a small JSON object: `encode_event` / `decode_event`, as total as `decode`).
+`max_part_bytes` gives the largest message part a receiving socket should accept (its
+``zmq.MAXMSGSIZE``), so ZeroMQ itself drops anything bigger before it is buffered.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ import zmq
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "END_OF_FRAMES",
+    "EVENTS",
+    "MAX_EVENT_BYTES",
+    "MAX_EVENT_SEQS",
     "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_JSON_DEPTH",
@@ -42,8 +52,11 @@ __all__ = [
     "Message",
     "ProtocolError",
     "decode",
+    "decode_event",
+    "encode_event",
     "encode_frame",
     "encode_stack",
+    "max_part_bytes",
     "parse_header",
 ]
 
@@ -489,3 +502,87 @@ def _part_view(part: Part, what: str) -> memoryview:
 
 
 _LITTLE = np.little_endian
+
+
+# -- control messages between the daemon and its workers ----------------------------------------
+
+END_OF_FRAMES = b"end-of-frames"
+"""One-part message the router sends a worker after its last frame (not a frame message)."""
+
+EVENTS = frozenset({"ready", "skipped", "rejected", "done", "error"})
+"""Kinds of worker event: loaded its backend; seqs its overload policy skipped; seqs it refused
+(not a frame it can refocus); finished (with a stack count); failed (with a message)."""
+MAX_EVENT_SEQS = 1000
+"""Most seqs one event carries (`encode_event` callers split longer lists)."""
+MAX_EVENT_BYTES = 65536
+"""Largest event message (1000 seqs of 19 digits and the other fields fit)."""
+_MAX_EVENT_TEXT = 2000
+"""Longest text field of an event (an error message is cut to this)."""
+
+
+def encode_event(event: str, worker: int, **fields: Any) -> bytes:
+    """Encode one worker event as compact UTF-8 JSON ``{"event", "worker", **fields}``.
+
+    ``seqs`` (a list of ints, at most `MAX_EVENT_SEQS`) and short text or number fields are
+    what `decode_event` accepts; a ``message`` longer than `_MAX_EVENT_TEXT` is cut.
+    """
+    if event not in EVENTS:
+        raise ProtocolError(f"unknown event {event!r}; known: {sorted(EVENTS)}")
+    if isinstance(fields.get("message"), str):
+        fields["message"] = fields["message"][:_MAX_EVENT_TEXT]
+    payload = {"event": event, "worker": worker, **fields}
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_event(raw: bytes | memoryview | zmq.Frame) -> dict[str, Any]:
+    """Validate one worker event and return it as a dict; raises only `ProtocolError`.
+
+    The result has ``event`` (one of `EVENTS`), ``worker`` (an int >= 0) and, when present,
+    ``seqs`` (ints in 0..`MAX_SEQ`, at most `MAX_EVENT_SEQS`); other fields are short strings,
+    numbers, booleans or null.
+    """
+    with _only_protocol_errors():
+        view = _part_view(raw, "event")
+        if view.nbytes > MAX_EVENT_BYTES:
+            raise ProtocolError(f"event is {view.nbytes} B, longer than {MAX_EVENT_BYTES} B")
+        data = bytes(view)
+        if _nests_deeper(data, 2):
+            raise ProtocolError("event JSON nests deeper than 2 levels")
+        fields = json.loads(str(data, "utf-8"), parse_int=_parse_int, parse_float=_parse_float)
+        if not isinstance(fields, dict):
+            raise ProtocolError(f"an event must be a JSON object, got {type(fields).__name__}")
+        if fields.get("event") not in EVENTS:
+            raise ProtocolError(f"unknown event {_short(fields.get('event'))}")
+        worker = fields.get("worker")
+        if type(worker) is not int or worker < 0:
+            raise ProtocolError(f"event worker must be an integer >= 0, got {_short(worker)}")
+        seqs = fields.get("seqs", [])
+        if not isinstance(seqs, list) or len(seqs) > MAX_EVENT_SEQS:
+            raise ProtocolError(f"event seqs must be a list of at most {MAX_EVENT_SEQS} seqs")
+        if not all(_is_int(seq) and 0 <= seq <= MAX_SEQ for seq in seqs):
+            raise ProtocolError(f"event seqs must be integers in 0..2**63-1, got {_short(seqs)}")
+        for key, value in fields.items():
+            if key == "seqs":
+                continue
+            if isinstance(value, list | dict) or (
+                isinstance(value, str) and len(value) > _MAX_EVENT_TEXT
+            ):
+                raise ProtocolError(f"event field {_short(key)} is not a short scalar")
+        return fields
+
+
+def max_part_bytes(shape: Sequence[int], dtype: str | None = None) -> int:
+    """Largest message part a valid message of `shape` can have: its pixels or its header.
+
+    With `dtype` None the pixels are sized for the widest of `ALLOWED_DTYPES` (8 bytes), so
+    any dtype the protocol allows fits. Use it as a receiving socket's ``zmq.MAXMSGSIZE``:
+    ZeroMQ then drops (and disconnects) a peer that sends a bigger part before buffering it.
+    ZeroMQ applies the limit to each part, so it is the larger of the pixel buffer and
+    `MAX_HEADER_BYTES` (a header longer than that is refused by `decode` anyway).
+    """
+    itemsize = (
+        max(dt.itemsize for dt in _WIRE_DTYPES.values())
+        if dtype is None
+        else _WIRE_DTYPES[dtype].itemsize
+    )
+    return max(math.prod(int(n) for n in shape) * itemsize, MAX_HEADER_BYTES)

@@ -23,7 +23,10 @@ or corrupt seq must not make the arrays, the presence runs and the gap list grow
 bound); and that the seq was not accepted before (the first item wins, a duplicate never
 overwrites it). An item that fails is rejected on its own, logged (the first few of each
 kind) and counted by kind (`REJECTIONS`) in `Recorder.rejections`, the summary and the
-store's attributes; recording goes on for the others.
+store's attributes; recording goes on for the others. The rules live in `SeqGate`, one per
+image; the daemon's router admits raw frames through the recorder's (`Recorder.admit_frame`),
+or through a gate of its own when raw frames are not recorded, so a frame the store would
+refuse is not refocused or republished either.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
 
 from live.metrics import format_seqs, seq_ranges
+from live.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from live.protocol import Message
@@ -56,6 +60,7 @@ __all__ = [
     "STACKS_PATH",
     "Recorder",
     "RecorderSummary",
+    "SeqGate",
     "format_rejections",
     "missing_seqs",
     "store_path",
@@ -89,6 +94,76 @@ _STOP = object()
 _SPACE = ("space", "micrometer")
 
 
+class SeqGate:
+    """The integrity rules for the items of one image: shape, exact dtype, seq window, once only.
+
+    Thread-safe; `admit` decides in arrival order. It claims a seq only for an item that
+    passes the shape and dtype checks, so a malformed item never blocks the genuine one.
+
+    Parameters
+    ----------
+    image : str
+        Name used in log lines (``"raw"`` or ``"stacks"``).
+    shape : tuple of int
+        The shape every item must have.
+    dtype : numpy dtype
+        The stored dtype; an item must convert to it exactly (see `_exactly_as`).
+    seq_window : int
+        How far past the highest admitted seq an item may be (`SEQ_WINDOW` by default).
+    """
+
+    def __init__(
+        self, image: str, shape: tuple[int, ...], dtype: np.dtype[Any], seq_window: int
+    ) -> None:
+        if seq_window < 1:
+            raise ValueError(f"recorder seq_window must be >= 1, got {seq_window}")
+        self.image, self.shape, self.dtype, self.seq_window = image, shape, dtype, seq_window
+        self._lock = threading.Lock()
+        self._admitted: set[int] = set()
+        self._highest = -1
+        self._rejected = dict.fromkeys(REJECTIONS, 0)
+
+    def admit(self, message: Message) -> tuple[np.ndarray, None] | tuple[None, str]:
+        """Return ``(array as the stored dtype, None)`` for an admitted item, else ``(None, kind)``.
+
+        `kind` is one of `REJECTIONS`; the rejection is counted and the first few are logged.
+        """
+        seq, array = message.header.seq, message.array
+        if array.shape != self.shape:
+            why = f"shape {list(array.shape)}, store expects {list(self.shape)}"
+            return None, self._reject("wrong_shape", seq, why)
+        converted = _exactly_as(array, self.dtype)
+        if converted is None:
+            why = f"{array.dtype} values that do not convert exactly to {self.dtype}"
+            return None, self._reject("wrong_dtype", seq, why)
+        with self._lock:
+            highest = self._highest
+            fresh = seq not in self._admitted
+            if fresh and seq <= highest + self.seq_window:
+                self._admitted.add(seq)
+                self._highest = max(highest, seq)
+                return converted, None
+        if fresh:
+            why = f"more than {self.seq_window} past the highest seq accepted ({highest})"
+            return None, self._reject("beyond_window", seq, why)
+        return None, self._reject("duplicate", seq, "already recorded; the first one is kept")
+
+    def rejections(self) -> dict[str, int]:
+        """Return the items refused so far by kind (every kind of `REJECTIONS`)."""
+        with self._lock:
+            return dict(self._rejected)
+
+    def _reject(self, kind: str, seq: int, why: str) -> str:
+        """Count one refused item, log the first few of each kind, and return `kind`."""
+        with self._lock:
+            self._rejected[kind] += 1
+            count = self._rejected[kind]
+        if count <= _LOGGED_REJECTIONS:
+            more = " (further ones are only counted)" if count == _LOGGED_REJECTIONS else ""
+            log.warning("recorder rejected %s seq %d (%s): %s%s", self.image, seq, kind, why, more)
+        return kind
+
+
 @dataclass(frozen=True)
 class RecorderSummary:
     """What a closed recording holds and what it lacks."""
@@ -101,6 +176,8 @@ class RecorderSummary:
     unrecorded: int = 0
     error: str | None = None
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+    run_error: str | None = None
+    """Why the run failed outside the recorder (`Recorder.mark_incomplete`), if it did."""
 
     @property
     def rejected_total(self) -> int:
@@ -118,6 +195,8 @@ class RecorderSummary:
             text += f"; rejected: {format_rejections(self.rejected)}"
         if self.error:
             text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
+        if self.run_error:
+            text += f"; INCOMPLETE: {self.run_error}"
         return text
 
 
@@ -155,7 +234,9 @@ class Recorder:
     `put_frame` / `put_stack` are called from any thread and never block; `close` (once,
     from the daemon's shutdown, including after SIGINT/SIGTERM) drains the queue, finalises
     the metadata and returns a `RecorderSummary`. ``seq_window`` bounds how far past the
-    highest accepted seq an item may be (see the module docstring).
+    highest accepted seq an item may be (see the module docstring). The writer thread runs
+    under `supervisor` (the daemon's): if it fails unexpectedly the daemon hears of it, the
+    store is marked incomplete and what was still queued is counted as unrecorded.
     """
 
     def __init__(
@@ -173,6 +254,7 @@ class Recorder:
         compression: str = "zstd",
         min_free_mb: float = 0.0,
         seq_window: int = SEQ_WINDOW,
+        supervisor: Supervisor | None = None,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -180,8 +262,6 @@ class Recorder:
             )
         if frames_per_chunk < 1:
             raise ValueError(f"recorder.frames_per_chunk must be >= 1, got {frames_per_chunk}")
-        if seq_window < 1:
-            raise ValueError(f"recorder seq_window must be >= 1, got {seq_window}")
         self.path = Path(path)
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.planes_um = [float(p) for p in planes_um]
@@ -193,12 +273,13 @@ class Recorder:
         self.min_free_mb = min_free_mb
         self.seq_window = seq_window
         self.error: str | None = None
+        self.run_error: str | None = None
+        self._gates = {
+            image: SeqGate(image, self._item_shape[image], _DTYPES[image], seq_window)
+            for image in _IMAGES
+        }
         self._queue: queue.Queue[Any] = queue.Queue()
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
-        # Seqs queued or written (each at most once), the highest of them, and the refusals.
-        self._accepted: dict[str, set[int]] = {image: set() for image in _IMAGES}
-        self._highest = dict.fromkeys(_IMAGES, -1)
-        self._rejected = {image: dict.fromkeys(REJECTIONS, 0) for image in _IMAGES}
         self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._unrecorded = 0
         self._lock = threading.Lock()
@@ -221,7 +302,8 @@ class Recorder:
         }
         self._write_attrs()
         self._last_attrs = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._supervisor = supervisor or Supervisor()
+        self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
         self._thread.start()
 
     # -- public, any thread --------------------------------------------------------------
@@ -234,18 +316,43 @@ class Recorder:
         """
         if self._raw is None:
             return False
+        return self._put("raw", message) is None
+
+    def admit_frame(self, message: Message) -> str | None:
+        """Check one raw frame against the raw image's rules; queue it if raw frames are kept.
+
+        Returns None when the frame is admitted, else the rejection kind (one of
+        `REJECTIONS`, counted). Unlike `put_frame`, the checks run even when raw frames are
+        not kept, so the daemon's router can let through exactly the frames the store takes.
+        """
+        if self._raw is None:
+            return self._gates["raw"].admit(message)[1]
         return self._put("raw", message)
 
     def put_stack(self, message: Message) -> bool:
         """Queue one refocused stack for writing; returns whether it was, like `put_frame`."""
         if self._stacks is None:
             return False
-        return self._put("stacks", message)
+        return self._put("stacks", message) is None
+
+    @property
+    def keeps_raw(self) -> bool:
+        """Whether raw frames are recorded (``recorder.keep_raw``)."""
+        return self._raw is not None
+
+    @property
+    def keeps_stacks(self) -> bool:
+        """Whether stacks are recorded (``recorder.keep_stacks``)."""
+        return self._stacks is not None
 
     @property
     def backlog(self) -> int:
         """Items queued but not yet written."""
         return self._queue.qsize()
+
+    def free_mb(self) -> float:
+        """Return the free disk space where the store is, MB (for warnings and the status)."""
+        return shutil.disk_usage(self.path).free / 2**20
 
     def counts(self) -> tuple[int, int]:
         """Return (raw frames, stacks) written so far."""
@@ -254,8 +361,16 @@ class Recorder:
 
     def rejections(self) -> dict[str, dict[str, int]]:
         """Return the items rejected so far, ``{image: {kind: count}}`` over `REJECTIONS`."""
-        with self._lock:
-            return {image: dict(kinds) for image, kinds in self._rejected.items()}
+        return {image: gate.rejections() for image, gate in self._gates.items()}
+
+    def mark_incomplete(self, reason: str) -> None:
+        """Record that the run failed (`reason`): the store's final metadata says incomplete.
+
+        For failures outside the recorder (a dead daemon thread): what is queued is still
+        written, but ``complete`` stays false and ``run_error`` names the reason.
+        """
+        if self.run_error is None:
+            self.run_error = reason
 
     def add_run_summary(self, run_summary: dict[str, Any]) -> None:
         """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close)."""
@@ -272,61 +387,41 @@ class Recorder:
             left = self._queue.qsize()
             self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
             self._unrecorded += left
+        elif self.error is not None:  # the writer thread died: what it left was never written
+            self._unrecorded += self._drain()
         self._summary = self._finish()
         return self._summary
 
     # -- integrity checks, caller's thread ------------------------------------------------
 
-    def _put(self, image: str, message: Message) -> bool:
-        """Queue `message` for `image` if it fits the store and its seq is new and in the window.
-
-        Shape and dtype are checked first, so a malformed item never claims its seq.
-        """
-        seq, array = message.header.seq, message.array
-        shape, dtype = self._item_shape[image], _DTYPES[image]
-        if array.shape != shape:
-            self._reject(
-                image, "wrong_shape", seq, f"shape {list(array.shape)}, store expects {list(shape)}"
-            )
-            return False
-        converted = _exactly_as(array, dtype)
-        if converted is None:
-            self._reject(
-                image,
-                "wrong_dtype",
-                seq,
-                f"{array.dtype} values that do not convert exactly to {dtype}",
-            )
-            return False
-        with self._lock:
-            highest = self._highest[image]
-            fresh = seq not in self._accepted[image]
-            if fresh and seq <= highest + self.seq_window:
-                self._accepted[image].add(seq)
-                self._highest[image] = max(highest, seq)
-                self._queue.put((image, seq, converted))
-                return True
-        if fresh:
-            self._reject(
-                image,
-                "beyond_window",
-                seq,
-                f"more than {self.seq_window} past the highest seq accepted ({highest})",
-            )
-        else:
-            self._reject(image, "duplicate", seq, "already recorded; the first one is kept")
-        return False
-
-    def _reject(self, image: str, kind: str, seq: int, why: str) -> None:
-        """Count one refused item and log the first few of each kind."""
-        with self._lock:
-            self._rejected[image][kind] += 1
-            count = self._rejected[image][kind]
-        if count <= _LOGGED_REJECTIONS:
-            more = " (further ones are only counted)" if count == _LOGGED_REJECTIONS else ""
-            log.warning("recorder rejected %s seq %d (%s): %s%s", image, seq, kind, why, more)
+    def _put(self, image: str, message: Message) -> str | None:
+        """Queue `message` for `image` if its gate admits it; return None, or the rejection kind."""
+        converted, rejection = self._gates[image].admit(message)
+        if converted is not None:
+            self._queue.put((image, message.header.seq, converted))
+        return rejection
 
     # -- writer thread -------------------------------------------------------------------
+
+    def _supervised(self) -> None:
+        """Run `_run` under the supervisor: an unexpected error stops recording and the run."""
+        with self._supervisor.watch("recorder writer"):
+            try:
+                self._run()
+            except Exception as err:
+                if self.error is None:  # the supervisor logs it; close() counts what is left
+                    self.error = f"the writer thread failed: {type(err).__name__}: {err}"
+                raise
+
+    def _drain(self) -> int:
+        """Empty the queue (the writer is gone); return how many items it still held."""
+        left = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return left
+            left += item is not _STOP
 
     def _run(self) -> None:
         """Write queued items until the stop marker, then flush what is buffered."""
@@ -468,13 +563,14 @@ class Recorder:
                 list(r) for r in seq_ranges(list(self._present["stacks"]))
             ]
         self._deepz["rejected"] = self.rejections()
-        self._deepz["complete"] = final and self.error is None
+        self._deepz["complete"] = final and self.error is None and self.run_error is None
         self._deepz["error"] = self.error
+        self._deepz["run_error"] = self.run_error
         self._root.attrs["deepz"] = self._deepz
 
     def _check_space(self) -> None:
         """Fail the recorder when the disk has less than ``min_free_mb`` free."""
-        free_mb = shutil.disk_usage(self.path).free / 2**20
+        free_mb = self.free_mb()
         if free_mb < self.min_free_mb:
             self._fail(
                 f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "
@@ -515,6 +611,7 @@ class Recorder:
             unrecorded=self._unrecorded,
             error=self.error,
             rejected=self.rejections(),
+            run_error=self.run_error,
         )
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,

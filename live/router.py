@@ -1,37 +1,57 @@
 """The daemon's two I/O threads and the ledger that makes every frame's fate countable.
 
 `Router`: PULL frames from the sources, decode (a malformed message is counted and logged, never
-fatal), hand every raw frame to the recorder, then forward the received buffers unchanged
-(zero-copy) to a ready worker with a non-blocking PUSH; when every worker would block, the
-frame is skipped and named. `Collector`: PULL stacks from the workers into the recorder and the
-display PUB, and read the workers' JSON events. `Ledger` knows which seqs each worker holds, so
-a crashed worker's frames are counted as lost by seq.
+fatal), admit each frame through the integrity checks (`live.recorder.SeqGate`: shape, dtype,
+seq window, each seq once; the recorder queues it), then forward the received buffers unchanged
+(zero-copy) to a ready worker with a non-blocking PUSH and to the raw republish socket; when
+every worker would block, the frame is skipped and named. A rejected frame goes nowhere and is
+counted by kind. `Collector`: PULL stacks from the workers into the recorder and the display
+PUB, and read the workers' JSON events. `Ledger` knows which seqs each worker holds, so a
+crashed worker's frames are counted as lost by seq.
+
+Every receiving socket has ``zmq.MAXMSGSIZE`` set (`live.protocol.max_part_bytes`), so ZeroMQ
+drops an oversized message part, and disconnects its sender, before buffering it. Sockets on
+endpoints that use CURVE (`live.security`) are CURVE servers. Both threads run under the
+daemon's `live.supervisor.Supervisor`: an unexpected exception stops the run, not only the
+thread.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from live.metrics import Metrics, format_seqs
-from live.protocol import ProtocolError, decode
+from live.protocol import (
+    END_OF_FRAMES,
+    MAX_EVENT_BYTES,
+    MAX_FRAME_BYTES,
+    Message,
+    ProtocolError,
+    decode,
+    decode_event,
+)
+from live.security import ServerKeys, serve_curve
+from live.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from live.recorder import Recorder
 
-__all__ = ["END_OF_FRAMES", "Collector", "Ledger", "Router"]
+__all__ = ["END_OF_FRAMES", "Admit", "Collector", "Ledger", "Router"]
 
 log = logging.getLogger(__name__)
 
+Admit = Callable[[Message], str | None]
+"""Admission of one raw frame: None if admitted, else the rejection kind (already counted)."""
+
 _POLL_MS = 50
-END_OF_FRAMES = b"end-of-frames"
-"""One-part message the router sends a worker after its last frame (not a protocol message)."""
 _WORKER_HWM = 2
+_LOGGED_MALFORMED = 100
 
 
 class Ledger:
@@ -93,39 +113,60 @@ class Router(threading.Thread):
         worker_endpoints: list[str],
         ledger: Ledger,
         metrics: Metrics,
-        recorder: Recorder | None,
+        admit: Admit,
         raw_endpoint: str | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        max_part_bytes: int = MAX_FRAME_BYTES,
+        frames_keys: ServerKeys | None = None,
+        raw_keys: ServerKeys | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        """Bind the sockets (the thread starts with `start`).
+
+        `admit` decides which decoded frames go on (`live.recorder.Recorder.admit_frame` or
+        a `live.recorder.SeqGate`); `max_frame_bytes` is the largest pixel buffer `decode`
+        accepts and `max_part_bytes` the frames socket's ``zmq.MAXMSGSIZE`` (the daemon sizes
+        both from the frame shape, `live.protocol.max_part_bytes`);
+        `frames_keys` / `raw_keys` make the frames / raw republish socket a CURVE server.
+        """
         super().__init__(name="router", daemon=True)
         self.stop_event = threading.Event()
         self.last_receive = time.monotonic()
-        self._ctx, self._ledger, self._metrics, self._recorder = ctx, ledger, metrics, recorder
+        self._ctx, self._ledger, self._metrics, self._admit = ctx, ledger, metrics, admit
+        self._max_frame_bytes = max_frame_bytes
+        self._supervisor = supervisor or Supervisor()
         self._pull = ctx.socket(zmq.PULL)
         self._pull.linger = 0
+        self._pull.maxmsgsize = max_part_bytes
+        serve_curve(self._pull, frames_keys)
         self._pull.bind(frames_endpoint)
         self._pushes = [self._bound(zmq.PUSH, ep, _WORKER_HWM) for ep in worker_endpoints]
-        self._raw_pub = self._bound(zmq.PUB, raw_endpoint, 100) if raw_endpoint else None
+        self._raw_pub = self._bound(zmq.PUB, raw_endpoint, 100, raw_keys) if raw_endpoint else None
         self._next = 0
         self._malformed_logged = 0
 
-    def _bound(self, kind: int, endpoint: str, hwm: int) -> zmq.Socket[bytes]:
+    def _bound(
+        self, kind: int, endpoint: str, hwm: int, keys: ServerKeys | None = None
+    ) -> zmq.Socket[bytes]:
         """Return a socket of `kind` bound to `endpoint`, with a small send high-water mark."""
         socket = self._ctx.socket(kind)
         socket.linger = 0
         socket.sndhwm = hwm
+        serve_curve(socket, keys)
         socket.bind(endpoint)
         return socket
 
     def run(self) -> None:
         """Route until `stop_event` is set (sources are stopped first, so the pipe is drained)."""
-        try:
-            while not self.stop_event.is_set() or self._pull.poll(0):
-                if self._pull.poll(_POLL_MS):
-                    self._route(self._pull.recv_multipart(copy=False))
-        finally:
-            self._pull.close()
-            if self._raw_pub is not None:
-                self._raw_pub.close()
+        with self._supervisor.watch("router"):
+            try:
+                while not self.stop_event.is_set() or self._pull.poll(0):
+                    if self._pull.poll(_POLL_MS):
+                        self._route(self._pull.recv_multipart(copy=False))
+            finally:
+                self._pull.close()
+                if self._raw_pub is not None:
+                    self._raw_pub.close()
 
     def end_workers(self, timeout_s: float = 10.0) -> list[int]:
         """After the router thread ended: queue `END_OF_FRAMES` behind every worker's frames.
@@ -154,20 +195,22 @@ class Router(threading.Thread):
         """Handle one received message."""
         self.last_receive = time.monotonic()
         try:
-            message = decode(parts)
+            message = decode(parts, max_bytes=self._max_frame_bytes)
             if message.header.kind != "frame":
                 raise ProtocolError("expected kind 'frame' on the frames endpoint, got 'stack'")
         except ProtocolError as err:
             self._metrics.malformed_in()
             self._malformed_logged += 1
-            if self._malformed_logged <= 100:
+            if self._malformed_logged <= _LOGGED_MALFORMED:
                 log.warning(
                     "malformed message dropped (%d so far): %s", self._malformed_logged, err
                 )
             return
         self._metrics.frame_in()
-        if self._recorder is not None:
-            self._recorder.put_frame(message)
+        rejection = self._admit(message)  # the recorder queues an admitted frame here
+        if rejection is not None:  # counted and logged by the gate; not refocused, not republished
+            self._metrics.reject(rejection)
+            return
         if self._raw_pub is not None:
             _send_nowait(self._raw_pub, parts)
         seq = message.header.seq
@@ -201,15 +244,28 @@ class Collector(threading.Thread):
         ledger: Ledger,
         metrics: Metrics,
         recorder: Recorder | None,
+        max_stack_bytes: int = MAX_FRAME_BYTES,
+        stacks_keys: ServerKeys | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        """Bind the sockets (the thread starts with `start`).
+
+        `max_stack_bytes` is the stacks socket's ``zmq.MAXMSGSIZE``; `stacks_keys`
+        makes the stacks PUB a CURVE server.
+        """
         super().__init__(name="collector", daemon=True)
         self.stop_event = threading.Event()
         self.events: list[dict[str, Any]] = []
         self.event_arrived = threading.Condition()
         self._ledger, self._metrics, self._recorder = ledger, metrics, recorder
-        self._pull = _bind(ctx, zmq.PULL, stacks_in_endpoint)
-        self._events = _bind(ctx, zmq.PULL, events_endpoint)
-        self._pub = _bind(ctx, zmq.PUB, stacks_pub_endpoint) if stacks_pub_endpoint else None
+        self._supervisor = supervisor or Supervisor()
+        self._pull = _bind(ctx, zmq.PULL, stacks_in_endpoint, max_stack_bytes)
+        self._events = _bind(ctx, zmq.PULL, events_endpoint, MAX_EVENT_BYTES)
+        self._pub = (
+            _bind(ctx, zmq.PUB, stacks_pub_endpoint, keys=stacks_keys)
+            if stacks_pub_endpoint
+            else None
+        )
         if self._pub is not None:
             self._pub.sndhwm = 10
 
@@ -218,22 +274,23 @@ class Collector(threading.Thread):
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
-        try:
-            while True:
-                ready = dict(poller.poll(_POLL_MS))
-                if not ready and self.stop_event.is_set():
-                    break
-                if self._pull in ready:
-                    self._collect(self._pull.recv_multipart(copy=False))
-                if self._events in ready:
-                    self._event(json.loads(self._events.recv()))
-        finally:
-            for socket in (self._pull, self._events, self._pub):
-                if socket is not None:
-                    socket.close()
+        with self._supervisor.watch("collector"):
+            try:
+                while True:
+                    ready = dict(poller.poll(_POLL_MS))
+                    if not ready and self.stop_event.is_set():
+                        break
+                    if self._pull in ready:
+                        self._collect(self._pull.recv_multipart(copy=False))
+                    if self._events in ready:
+                        self._event(self._events.recv(copy=False))
+            finally:
+                for socket in (self._pull, self._events, self._pub):
+                    if socket is not None:
+                        socket.close()
 
     def _collect(self, parts: list[zmq.Frame]) -> None:
-        """Record one stack, settle its seq and republish it."""
+        """Record one stack, settle its seq and republish it (unless the recorder refused it)."""
         try:
             message = decode(parts)
         except ProtocolError as err:
@@ -242,15 +299,22 @@ class Collector(threading.Thread):
             return
         self._ledger.settle([message.header.seq])
         self._metrics.stack_out(message.header.latency_ms or 0.0)
-        if self._recorder is not None:
-            self._recorder.put_stack(message)
+        if self._recorder is not None and not self._recorder.put_stack(message):
+            if self._recorder.keeps_stacks:
+                return  # refused (duplicate, wrong shape...): counted by the recorder
         if self._pub is not None:
             _send_nowait(self._pub, parts)
 
-    def _event(self, event: dict[str, Any]) -> None:
-        """Apply one worker event (ready, skipped, done, error) and keep it for the supervisor."""
-        worker = int(event.get("worker", -1))
-        kind = event.get("event")
+    def _event(self, raw: zmq.Frame) -> None:
+        """Apply one worker event (ready, skipped, rejected, done, error) and keep it."""
+        try:
+            event = decode_event(raw)
+        except ProtocolError as err:
+            self._metrics.malformed_in()
+            log.error("malformed event from a worker dropped: %s", err)
+            return
+        worker = int(event["worker"])
+        kind = event["event"]
         if kind == "ready":
             self._ledger.set_ready(worker, True)
             log.info(
@@ -260,6 +324,13 @@ class Collector(threading.Thread):
             seqs = [int(s) for s in event.get("seqs", [])]
             self._ledger.settle(seqs)
             self._metrics.skip(seqs)
+        elif kind == "rejected":  # the router admits only frames a worker can take: a bug
+            seqs = [int(s) for s in event.get("seqs", [])]
+            self._ledger.settle(seqs)
+            self._metrics.lose(seqs)
+            log.error(
+                "worker %d refused frames %s: %s", worker, format_seqs(seqs), event.get("message")
+            )
         elif kind == "error":
             log.error("worker %d failed: %s", worker, event.get("message"))
         with self.event_arrived:
@@ -267,10 +338,21 @@ class Collector(threading.Thread):
             self.event_arrived.notify_all()
 
 
-def _bind(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
-    """Return a socket of `kind` bound to `endpoint` with linger 0."""
+def _bind(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    kind: int,
+    endpoint: str,
+    max_message_bytes: int = -1,
+    keys: ServerKeys | None = None,
+) -> zmq.Socket[bytes]:
+    """Return a socket of `kind` bound to `endpoint` with linger 0.
+
+    `max_message_bytes` is its ``zmq.MAXMSGSIZE`` (-1: none); `keys` make it a CURVE server.
+    """
     socket = ctx.socket(kind)
     socket.linger = 0
+    socket.maxmsgsize = max_message_bytes
+    serve_curve(socket, keys)
     socket.bind(endpoint)
     return socket
 

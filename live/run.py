@@ -3,8 +3,16 @@
 Validates the config, picks the backend and says why others were skipped, runs a measured
 pre-flight (does rate × planes fit?), then wires source → router → worker(s) → collector →
 recorder / display, supervises them (a crashed worker is restarted, its frames counted as lost
-by seq), prints one status line per second, and on the end of `--duration`, the end of the
-source, SIGINT or SIGTERM shuts down in order and prints a summary. Never imports torch.
+by seq; a daemon thread that fails stops the run with exit code 1 and the store marked
+incomplete, see `live.supervisor`), prints one status line per second, and on the end of
+`--duration`, the end of the source, SIGINT or SIGTERM shuts down in order and prints a
+summary. Never imports torch.
+
+Before anything starts, `Daemon.check` refuses, with one line and exit code 2, a config the
+daemon cannot serve safely: an endpoint beyond loopback without CURVE keys (`live.security`),
+an output store that already exists. Frames are admitted through the recording's integrity
+checks (`live.recorder.SeqGate`): a duplicate seq, a seq beyond ``recorder.seq_window`` or a
+frame of the wrong shape or dtype is counted by kind and goes nowhere.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from types import FrameType
@@ -27,9 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from live.metrics import Metrics, StatusPublisher, format_seqs
-from live.recorder import Recorder, RecorderSummary, store_path
+from live.config import ConfigError
+from live.metrics import Metrics, Snapshot, StatusPublisher, format_seqs
+from live.protocol import Message, max_part_bytes
+from live.recorder import Recorder, RecorderSummary, SeqGate, format_rejections, store_path
 from live.router import Collector, Ledger, Router
+from live.security import Gatekeeper, ServerKeys, ephemeral_client, server_keys
+from live.supervisor import Failure, Supervisor
 from live.worker import Plan, WorkerSpec, build_plan, open_backend, worker_main
 
 if TYPE_CHECKING:
@@ -112,19 +125,39 @@ class RunSummary:
     source: dict[str, Any] = field(default_factory=dict)
     recorder: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = ""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Frames refused by the integrity checks, by kind (not recorded, refocused or republished)."""
+    failures: list[str] = field(default_factory=list)
+    """Daemon threads that failed (`live.supervisor`); any makes the exit code non-zero."""
+    auth_denied: int = 0
+    """CURVE connection attempts refused for an unknown client key."""
+
+    @property
+    def rejected_total(self) -> int:
+        """Frames refused by the integrity checks, all kinds together."""
+        return sum(self.rejected.values())
 
     def lines(self) -> list[str]:
-        """Render the human summary printed at shutdown."""
+        """Render the human summary printed at shutdown.
+
+        The counts add up: frames received = admitted + rejected, and admitted frames are
+        raw frames recorded (when raw frames are kept and the recorder did not stop) and
+        stacks written + skipped + lost.
+        """
         lat = (
             f"{self.latency_p50_ms:.1f} / {self.latency_p99_ms:.1f} ms"
             if self.latency_p50_ms is not None and self.latency_p99_ms is not None
             else "n/a"
         )
         acquired = "?" if self.frames_acquired is None else str(self.frames_acquired)
-        return [
+        rejected = format_rejections({"frames": self.rejected}).removeprefix("frames ")
+        lines = [
             f"summary ({self.finish_reason}):",
             f"  frames acquired   {acquired}"
             f" (received {self.frames_in}, malformed {self.malformed})",
+            f"  rejected          {self.rejected_total}"
+            + (f" ({rejected})" if self.rejected_total else "")
+            + f"; admitted {self.frames_in - self.rejected_total}",
             f"  raw frames recorded {self.raw_recorded}",
             f"  stacks written    {self.stacks_written}",
             f"  skipped           {len(self.skipped)} (seqs: {format_seqs(self.skipped)})",
@@ -134,6 +167,11 @@ class RunSummary:
             f"  backend           {self.backend}",
             f"  output            {self.output or 'not recorded'}",
         ]
+        if self.auth_denied:
+            lines.append(f"  refused clients   {self.auth_denied} (unknown CURVE key)")
+        if self.failures:
+            lines.append(f"  FAILED            {'; '.join(self.failures)}")
+        return lines
 
 
 def preflight(
@@ -186,6 +224,15 @@ class Daemon:
         self.backend_name = "?"
         self.preflight_result: Preflight | None = None
         self.recorder: Recorder | None = None
+        self.failure: Failure | None = None
+        self.supervisor = Supervisor(on_failure=self._on_failure)
+        self.store: Path | None = (
+            store_path(config.recorder.path, output) if config.recorder.enabled else None
+        )
+        self._keys: ServerKeys | None = None
+        self._checked = False
+        self._n_planes = 0
+        self._gatekeeper: Gatekeeper | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._tmp = tempfile.TemporaryDirectory(prefix="deepz-")
         self._mp = mp.get_context("spawn")
@@ -201,12 +248,40 @@ class Daemon:
 
     # -- start -------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Refuse a run the daemon cannot serve safely, before anything starts (idempotent).
+
+        Raises `ConfigError` with one line: an endpoint that uses CURVE (beyond loopback, or
+        ``security.curve = "required"``) without keys or with unreadable ones, or an output
+        store that already exists. Loads the CURVE keys for `start`.
+        """
+        if self._checked:
+            return
+        self._keys = server_keys(self.config)
+        if self.store is not None and self.store.exists():
+            raise ConfigError(
+                f"the output store {self.store} already exists: give another --output or "
+                "move it away (a run never overwrites a recording)"
+            )
+        self._checked = True
+
     def start(self) -> None:
-        """Pick the backend, pre-flight, then start recorder, threads, workers and source."""
+        """Check, pick the backend, pre-flight, then start recorder, threads, workers, source."""
         cfg = self.config
+        self.check()
         plan = build_plan(cfg)
         self._choose_backend(plan)
+        if self._keys is not None:
+            # Before any socket binds: a CURVE server with no ZAP handler lets in any key.
+            self._gatekeeper = Gatekeeper(self._ctx, self._keys.allowed)
+        curve = cfg.curve_endpoints()
+
+        def keys_for(name: str) -> ServerKeys | None:
+            return self._keys if name in curve else None
+
         self._start_recorder(plan)
+        frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
+        n_planes = self._n_planes = int(plan.dpms_um.shape[0])
         ipc = Path(self._tmp.name)
         self._worker_endpoints = [f"ipc://{ipc}/frames-{i}" for i in range(self.n_workers)]
         self._stacks_in, self._events = f"ipc://{ipc}/stacks", f"ipc://{ipc}/events"
@@ -218,6 +293,9 @@ class Daemon:
             ledger=self.ledger,
             metrics=self.metrics,
             recorder=self.recorder,
+            max_stack_bytes=max_part_bytes((n_planes, *frame_shape), "float32"),
+            stacks_keys=keys_for("stacks"),
+            supervisor=self.supervisor,
         )
         self.router = Router(
             self._ctx,
@@ -225,10 +303,15 @@ class Daemon:
             worker_endpoints=self._worker_endpoints,
             ledger=self.ledger,
             metrics=self.metrics,
-            recorder=self.recorder,
+            admit=self._admission(frame_shape),
             raw_endpoint=cfg.endpoints.recorder,
+            max_frame_bytes=max_part_bytes(frame_shape),
+            max_part_bytes=max_part_bytes(frame_shape),
+            frames_keys=keys_for("frames"),
+            raw_keys=keys_for("recorder"),
+            supervisor=self.supervisor,
         )
-        self._status = StatusPublisher(self._ctx, cfg.endpoints.status)
+        self._status = StatusPublisher(self._ctx, cfg.endpoints.status, keys_for("status"))
         self.collector.start()
         self.router.start()
         for i in range(self.n_workers):
@@ -248,8 +331,9 @@ class Daemon:
         self.backend_name = spec.name
         if not self.preflight_check:
             return
-        backend = open_backend(cfg)
+        backend = _open_checked(cfg)
         try:
+            _check_planes(cfg, backend)
             self.backend_name = f"{backend.name} on {backend.device}"
             frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
             self.preflight_result = preflight(
@@ -259,14 +343,25 @@ class Daemon:
             backend.close()
         print(self.preflight_result.line(), flush=True)
 
+    def _admission(self, frame_shape: tuple[int, int]) -> Callable[[Message], str | None]:
+        """Return the router's admission check: the recorder's, or a gate of its own.
+
+        Either way the same rules (`SeqGate`) decide, so what is refocused and republished
+        is exactly what the store takes (or would take, when raw frames are not recorded).
+        """
+        if self.recorder is not None:
+            return self.recorder.admit_frame
+        gate = SeqGate("raw", frame_shape, np.dtype(np.uint16), self.config.recorder.seq_window)
+        return lambda message: gate.admit(message)[1]
+
     def _start_recorder(self, plan: Plan) -> None:
         """Open the run's OME-Zarr store (when recording is enabled)."""
         rc, src = self.config.recorder, self.config.source
-        if not rc.enabled:
+        if not rc.enabled or self.store is None:
             return
         n_planes = int(plan.dpms_um.shape[0])
         self.recorder = Recorder(
-            store_path(rc.path, self.output),
+            self.store,
             frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
             pixel_size_um=float(src.pixel_size_um),
             rate_hz=float(src.rate_hz),
@@ -277,8 +372,26 @@ class Daemon:
             frames_per_chunk=rc.frames_per_chunk,
             compression=rc.compression,
             min_free_mb=rc.min_free_mb,
+            seq_window=rc.seq_window,
+            supervisor=self.supervisor,
         )
         print(f"recording to {self.recorder.path}", flush=True)
+        free_mb = self.recorder.free_mb()
+        if free_mb < rc.min_free_mb:
+            log.warning(
+                "only %.0f MB free on %s, below recorder.min_free_mb = %d: recording will stop "
+                "at the first frame (free space, or lower recorder.min_free_mb)",
+                free_mb,
+                self.recorder.path,
+                rc.min_free_mb,
+            )
+        elif _disk_low(free_mb, rc.min_free_mb):
+            log.warning(
+                "only %.0f MB free on %s: recording stops below recorder.min_free_mb = %d",
+                free_mb,
+                self.recorder.path,
+                rc.min_free_mb,
+            )
 
     def _spawn(self, i: int) -> None:
         """Start worker `i` (its "ready" event marks it in the ledger)."""
@@ -310,15 +423,23 @@ class Daemon:
         """Start the optional viewer as its own process (it may drop stacks)."""
         if not self.config.display.enabled:
             return
+        cfg = self.config
+        shape = (self._n_planes, *cfg.source.frame_shape)
         command = [
             sys.executable,
             "-m",
             "live.display",
             "--endpoint",
-            self.config.endpoints.stacks,
+            cfg.endpoints.stacks,
             "--max-fps",
-            str(self.config.display.max_fps),
+            str(cfg.display.max_fps),
+            "--max-message-bytes",
+            str(max_part_bytes(shape, "float32")),
         ]
+        sec = cfg.security
+        if "stacks" in cfg.curve_endpoints() and sec.client_key and sec.server_public_key:
+            command += ["--client-key", str(sec.client_key)]
+            command += ["--server-key", str(sec.server_public_key)]
         self._display = subprocess.Popen(command)
 
     def _start_source(self) -> None:
@@ -329,14 +450,17 @@ class Daemon:
         from live.sources import make_source
 
         source = make_source(self.config)
-        self._sender = FrameSender(self.config.endpoints.frames)
+        keys = None
+        if self._keys is not None and "frames" in self.config.curve_endpoints():
+            # The daemon's own source is a CURVE client too, with a key made for this run.
+            keys = ephemeral_client(self._keys)
+            assert self._gatekeeper is not None
+            self._gatekeeper.allow(keys.public)
+        self._sender = FrameSender(self.config.endpoints.frames, keys=keys)
 
         def run_source() -> None:
-            try:
+            with self.supervisor.watch("source"):
                 self._source_summary = source.run(self._sender, self._source_stop)
-            except Exception:
-                log.exception("source failed")
-                self.finish_reason = "source failed"
 
         self._source_thread = threading.Thread(target=run_source, name="source", daemon=True)
         self._source_thread.start()
@@ -358,12 +482,28 @@ class Daemon:
             self.check_workers()
             if time.monotonic() >= next_status:
                 next_status += 1.0
-                snap = self._snapshot()
-                if self._status is not None:
-                    self._status.publish(snap)
-                if not quiet:
-                    print(snap.status_line(), flush=True)
+                with self.supervisor.watch("status publisher"):
+                    snap = self._snapshot()
+                    if self._status is not None:
+                        self._status.publish(snap)
+                    if not quiet:
+                        print(snap.status_line(), flush=True)
             self.stop_requested.wait(0.05)
+
+    def _on_failure(self, failure: Failure) -> None:
+        """Supervisor hook (the failing thread): stop the run, mark the store incomplete."""
+        if self.failure is None:
+            self.failure = failure
+            self.finish_reason = failure.reason()
+        if self.recorder is not None:
+            self.recorder.mark_incomplete(failure.reason())
+        self.stop_requested.set()
+
+    def fail(self, reason: str) -> None:
+        """Record that the run failed outside the supervised threads (start-up, main loop)."""
+        self.finish_reason = reason
+        if self.recorder is not None:
+            self.recorder.mark_incomplete(reason)
 
     def check_workers(self) -> None:
         """Restart any worker that died, counting the frames it held as lost."""
@@ -383,14 +523,18 @@ class Daemon:
             )
             self._spawn(i)
 
-    def _snapshot(self) -> Any:
+    def _snapshot(self) -> Snapshot:
         """Sample gauges into the metrics and take a snapshot."""
-        raw, stacks = self.recorder.counts() if self.recorder is not None else (0, 0)
+        rec = self.recorder
+        raw, stacks = rec.counts() if rec is not None else (0, 0)
+        free_mb = rec.free_mb() if rec is not None else None
         self.metrics.set_gauges(
             queue_depth=self.ledger.outstanding(),
-            recorder_backlog=self.recorder.backlog if self.recorder is not None else 0,
+            recorder_backlog=rec.backlog if rec is not None else 0,
             raw_recorded=raw,
             stacks_recorded=stacks,
+            disk_free_mb=free_mb,
+            disk_low=free_mb is not None and _disk_low(free_mb, self.config.recorder.min_free_mb),
         )
         return self.metrics.snapshot()
 
@@ -453,8 +597,11 @@ class Daemon:
         self.router.join(10.0)
 
     def _finish(self) -> RunSummary:
-        """Close the recorder, the display and the sockets; build the summary."""
+        """Publish the last status, close the recorder, display and sockets; build the summary."""
         snap = self._snapshot()
+        if self._status is not None:
+            with self.supervisor.watch("status publisher"):  # before the store is finalised
+                self._status.publish(snap)
         rec: RecorderSummary | None = None
         source = _as_dict(self._source_summary)
         summary = RunSummary(
@@ -462,8 +609,8 @@ class Daemon:
             frames_in=snap.frames_in,
             raw_recorded=0,
             stacks_written=0,
-            skipped=snap.skipped_seqs,
-            lost=snap.lost_seqs,
+            skipped=self.metrics.skipped_seqs(),
+            lost=self.metrics.lost_seqs(),
             malformed=snap.malformed,
             worker_restarts=snap.worker_restarts,
             latency_p50_ms=snap.latency_p50_ms,
@@ -472,6 +619,9 @@ class Daemon:
             output=str(self.recorder.path) if self.recorder is not None else None,
             source=source,
             finish_reason=self.finish_reason,
+            rejected=snap.rejected,
+            failures=[f.reason() for f in self.supervisor.failures],
+            auth_denied=self._gatekeeper.denied if self._gatekeeper is not None else 0,
         )
         if self.recorder is not None:
             rec = self.recorder.close()
@@ -481,8 +631,9 @@ class Daemon:
         if self._display is not None:
             self._display.terminate()
         if self._status is not None:
-            self._status.publish(snap)
             self._status.close()
+        if self._gatekeeper is not None:
+            self._gatekeeper.stop()
         self._ctx.term()
         self._tmp.cleanup()
         return summary
@@ -512,6 +663,38 @@ def _frames_acquired(source: dict[str, Any], received: int) -> int | None:
     if isinstance(source.get("frames_sent"), int):
         return int(source["frames_sent"]) + int(source.get("frames_dropped") or 0)
     return received if not source else None
+
+
+def _open_checked(config: ScopeConfig) -> Any:
+    """Open the configured backend; a model that cannot be loaded is a one-line `ConfigError`."""
+    try:
+        return open_backend(config)
+    except Exception as err:  # any loader's error: a corrupt file, a wrong format, ...
+        path = config.engine.resolved_model_path()
+        raise ConfigError(
+            f"engine.model_path {path}: the model cannot be loaded: {_one_line(err)[:300]}"
+        ) from err
+
+
+def _check_planes(config: ScopeConfig, backend: Any) -> None:
+    """Refuse planes beyond the model's trained dz range unless engine.allow_extrapolation."""
+    metadata = getattr(backend, "metadata", None)
+    if metadata is None or config.engine.allow_extrapolation:
+        return
+    from engine.dpm import DPMError
+
+    frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
+    try:
+        config.volume_plan().validate(frame_shape, tuple(metadata.dz_range_um))
+    except DPMError as err:
+        raise ConfigError(
+            f"planes: {_one_line(err)} (engine.allow_extrapolation in the config)"
+        ) from None
+
+
+def _disk_low(free_mb: float, min_free_mb: float) -> bool:
+    """Whether free space is below twice ``recorder.min_free_mb`` (warned about, and shown)."""
+    return min_free_mb > 0 and free_mb < 2 * min_free_mb
 
 
 def _one_line(err: BaseException) -> str:
@@ -574,6 +757,12 @@ def run(
 ) -> int:
     """Run one daemon with SIGINT/SIGTERM wired to a clean stop; print the summary."""
     daemon = Daemon(config, output=output, workers=workers)
+    try:
+        daemon.check()
+    except ConfigError as err:  # refused before anything started: one line, nothing to stop
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        daemon.stop()
+        return EXIT_BAD_CONFIG
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         daemon.finish_reason = signal.Signals(signum).name
@@ -588,15 +777,22 @@ def run(
             code = EXIT_NO_FIT
         else:
             daemon.supervise(duration_s)
+    except ConfigError as err:  # found while starting (e.g. the model): one line
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        daemon.fail(f"refused: {_one_line(err)}")
+        code = EXIT_BAD_CONFIG
     except Exception as err:
         log.exception("daemon failed")
-        daemon.finish_reason = f"failed: {_one_line(err)}"
+        daemon.fail(f"failed: {_one_line(err)}")
         code = EXIT_FAILED
     finally:
         summary = daemon.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    print("\n".join(summary.lines()), flush=True)
+    if daemon.failure is not None and code == 0:
+        code = EXIT_FAILED
+    if code != EXIT_BAD_CONFIG:
+        print("\n".join(summary.lines()), flush=True)
     return code
 
 

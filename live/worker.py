@@ -4,14 +4,21 @@ Started by `live.run` with multiprocessing's 'spawn' context (one process per wo
 network runs beside, not inside, the daemon's I/O threads). A receive thread PULLs frames into
 a bounded `FrameQueue` that applies the overload policy; the main thread builds the plane plan
 once from the config, runs one frame at a time through the backend and PUSHes each stack (same
-seq, camera timestamp, latency stamp). Events (ready, skipped seqs, done, fatal error) go back
-as small JSON messages; nothing is pickled on the wire.
+seq, camera timestamp, latency stamp). Events (ready, skipped seqs, refused seqs, done, fatal
+error) go back as small JSON messages (`live.protocol.encode_event`); nothing is pickled on the
+wire.
+
+A frame that is not the configured shape is refused on its own (reported as a "rejected"
+event; the daemon counts it as lost) and the worker carries on. The frames socket drops any
+message part bigger than a frame (``zmq.MAXMSGSIZE``). If the receive thread fails, the
+worker process exits non-zero after refocusing what it holds, so the daemon restarts it and
+counts its frames as lost; if the daemon itself disappears, the worker stops too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -21,12 +28,29 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import zmq
 
-from live.protocol import Message, ProtocolError, decode, encode_stack
+from live.protocol import (
+    END_OF_FRAMES,
+    MAX_EVENT_SEQS,
+    Message,
+    ProtocolError,
+    decode,
+    encode_event,
+    encode_stack,
+    max_part_bytes,
+)
 
 if TYPE_CHECKING:
     from multiprocessing.synchronize import Event as MpEvent
 
-__all__ = ["POLICIES", "FrameQueue", "Plan", "WorkerSpec", "build_plan", "worker_main"]
+__all__ = [
+    "END_OF_FRAMES",
+    "POLICIES",
+    "FrameQueue",
+    "Plan",
+    "WorkerSpec",
+    "build_plan",
+    "worker_main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +60,6 @@ POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
 
 _POLL_MS = 100
 _QUIET_S = 5.0
-END_OF_FRAMES = b"end-of-frames"
-"""The router's marker after a worker's last frame (kept equal to `live.router.END_OF_FRAMES`)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,7 @@ class FrameQueue:
         self.max_frames = 1 if policy == "latest" else max(1, max_frames)
         self._items: deque[Message] = deque()
         self._skipped: list[int] = []
+        self._refused: list[int] = []
         self._cond = threading.Condition()
 
     def put(self, message: Message, stop: threading.Event | None = None) -> None:
@@ -137,6 +160,17 @@ class FrameQueue:
         with self._cond:
             skipped, self._skipped = self._skipped, []
             return skipped
+
+    def refuse(self, seq: int) -> None:
+        """Record a frame that cannot be refocused (wrong shape); it is reported, not queued."""
+        with self._cond:
+            self._refused.append(seq)
+
+    def take_refused(self) -> list[int]:
+        """Return and forget the seqs refused since the last call."""
+        with self._cond:
+            refused, self._refused = self._refused, []
+            return refused
 
     def __len__(self) -> int:
         with self._cond:
@@ -172,9 +206,12 @@ def _serve(
     receiving = threading.Event()
     receiving.set()
     thread_stop = threading.Event()
+    frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
+    failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
         target=_receive,
-        args=(ctx, spec.frames_endpoint, queue, stop, thread_stop, receiving),
+        args=(ctx, spec.frames_endpoint, frame_shape, queue, stop, thread_stop, receiving),
+        kwargs={"failure": failure},
         name="receive",
         daemon=True,
     )
@@ -184,12 +221,15 @@ def _serve(
         done = 0
         while receiving.is_set() or len(queue):
             message = queue.get(0.1)
-            skipped = queue.take_skipped()
-            if skipped:
-                _event(events, spec.worker_id, "skipped", seqs=skipped)
+            _report(events, spec.worker_id, queue, frame_shape)
             if message is not None:
                 _send_stack(stacks, backend.infer(message.array, plan.dpms_um), message, plan)
                 done += 1
+        _report(events, spec.worker_id, queue, frame_shape)
+        if failure:  # exit non-zero: the daemon restarts this worker and counts what it held
+            raise RuntimeError(
+                f"receive thread failed: {type(failure[0]).__name__}: {failure[0]}"
+            ) from failure[0]
         _event(events, spec.worker_id, "done", stacks=done)
     finally:
         thread_stop.set()
@@ -198,23 +238,50 @@ def _serve(
         backend.close()
 
 
+def _report(
+    events: zmq.Socket[bytes], worker_id: int, queue: FrameQueue, frame_shape: tuple[int, int]
+) -> None:
+    """Send the seqs skipped and refused since the last report (main thread: owns `events`)."""
+    skipped = queue.take_skipped()
+    for i in range(0, len(skipped), MAX_EVENT_SEQS):
+        _event(events, worker_id, "skipped", seqs=skipped[i : i + MAX_EVENT_SEQS])
+    refused = queue.take_refused()
+    for i in range(0, len(refused), MAX_EVENT_SEQS):
+        why = f"not a frame of shape {list(frame_shape)}"
+        _event(events, worker_id, "rejected", seqs=refused[i : i + MAX_EVENT_SEQS], message=why)
+
+
 def _receive(
     ctx: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
+    frame_shape: tuple[int, int],
     queue: FrameQueue,
     stop: MpEvent,
     thread_stop: threading.Event,
     receiving: threading.Event,
+    *,
+    failure: list[BaseException],
 ) -> None:
-    """PULL frames into `queue` until the end marker, or `stop` and a quiet pipe (fallback)."""
-    pull = ctx.socket(zmq.PULL)
-    pull.linger = 0
-    pull.rcvhwm = 2
-    pull.connect(endpoint)
+    """PULL frames into `queue` until the end marker, or `stop` and a quiet pipe (fallback).
+
+    Also ends when the daemon process is gone (this worker would otherwise be orphaned). An
+    unexpected exception is logged and put in `failure` for the main thread, which then
+    makes the process exit non-zero (so the daemon restarts it).
+    """
+    daemon_pid = os.getppid()
+    pull: zmq.Socket[bytes] | None = None
     quiet_since: float | None = None
     try:
+        pull = ctx.socket(zmq.PULL)
+        pull.linger = 0
+        pull.rcvhwm = 2
+        pull.maxmsgsize = max_part_bytes(frame_shape)  # ZeroMQ drops anything bigger
+        pull.connect(endpoint)
         while not thread_stop.is_set():
             if not pull.poll(_POLL_MS):
+                if os.getppid() != daemon_pid:
+                    log.error("the daemon (pid %d) is gone: stopping", daemon_pid)
+                    break
                 if stop.is_set():
                     quiet_since = quiet_since or time.monotonic()
                     if time.monotonic() - quiet_since > _QUIET_S:
@@ -229,9 +296,22 @@ def _receive(
             except ProtocolError as err:  # the router validated it: this is a bug upstream
                 log.error("dropped malformed frame from the router: %s", err)
                 continue
+            if message.array.shape != frame_shape:  # the backend would fail on it: refuse it
+                log.error(
+                    "refused frame seq %d of shape %s (frames are %s)",
+                    message.header.seq,
+                    list(message.array.shape),
+                    list(frame_shape),
+                )
+                queue.refuse(message.header.seq)
+                continue
             queue.put(message, thread_stop)
+    except Exception as err:  # deliberately broad: handed to the main thread (see above)
+        log.exception("receive thread failed")
+        failure.append(err)
     finally:
-        pull.close()
+        if pull is not None:
+            pull.close()
         receiving.clear()
 
 
@@ -260,6 +340,5 @@ def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zm
 
 
 def _event(socket: zmq.Socket[bytes], worker_id: int, event: str, **fields: Any) -> None:
-    """Send one JSON event to the daemon."""
-    payload = {"event": event, "worker": worker_id, **fields}
-    socket.send(json.dumps(payload, separators=(",", ":")).encode())
+    """Send one JSON event to the daemon (`live.protocol.encode_event`)."""
+    socket.send(encode_event(event, worker_id, **fields))

@@ -208,3 +208,24 @@ def test_assignment_is_validated():
     assert cfg.source.rate_hz == 20.0
     with pytest.raises(ValidationError):
         cfg.source.rate_hz = -1.0
+
+
+def test_recorder_seq_window_is_validated(tmp_path):
+    assert load_config(write(tmp_path, "")).recorder.seq_window == 10_000
+    assert load_config(REPO / "config.toml").recorder.seq_window == 10_000
+    assert load_config(write(tmp_path, "[recorder]\nseq_window = 50\n")).recorder.seq_window == 50
+    with pytest.raises(
+        ConfigError, match=r"recorder\.seq_window = 0: .*greater than or equal to 1"
+    ):
+        load_config(write(tmp_path, "[recorder]\nseq_window = 0\n"))
+
+
+def test_security_keys_must_exist_and_default_to_keyless_loopback(tmp_path):
+    cfg = load_config(REPO / "config.toml")
+    assert cfg.security.curve == "auto" and cfg.curve_endpoints() == {}
+    with pytest.raises(ConfigError, match=r"security\.client_keys = .*folder not found"):
+        load_config(write(tmp_path, '[security]\nclient_keys = "nowhere"\n'))
+    with pytest.raises(ConfigError, match=r"security\.server_key = .*file not found"):
+        load_config(write(tmp_path, '[security]\nserver_key = "server.key_secret"\n'))
+    with pytest.raises(ConfigError, match=r"security\.curve = 'off'"):
+        load_config(write(tmp_path, '[security]\ncurve = "off"\n'))

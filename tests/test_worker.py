@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -48,9 +50,13 @@ def test_latest_keeps_only_the_newest_and_names_the_rest() -> None:
 
 
 class _Harness:
-    """The daemon's side of one worker: PUSH frames, PULL stacks and events, on loopback tcp."""
+    """The daemon's side of one worker: PUSH frames, PULL stacks and events, on loopback tcp.
 
-    def __init__(self, config) -> None:
+    With `in_process` the worker runs in a thread of this process (so a test can monkeypatch
+    it); `errors` then collects what `worker_main` raised.
+    """
+
+    def __init__(self, config, *, in_process: bool = False) -> None:
         self.ctx = zmq.Context()
         ports = [free_port() for _ in range(3)]
         self.frames = self._bind(zmq.PUSH, ports[0])
@@ -64,10 +70,20 @@ class _Harness:
             events_endpoint=f"tcp://127.0.0.1:{ports[2]}",
             config=config.model_dump(mode="json"),
         )
+        self.errors: list[BaseException] = []
         spawn = mp.get_context("spawn")
-        self.stop = spawn.Event()
-        self.proc = spawn.Process(target=worker_main, args=(self.spec, self.stop))
+        self.stop: Any = threading.Event() if in_process else spawn.Event()
+        target = self._run_in_thread if in_process else worker_main
+        self.proc: Any = (threading.Thread if in_process else spawn.Process)(
+            target=target, args=(self.spec, self.stop)
+        )
         self.proc.start()
+
+    def _run_in_thread(self, spec: WorkerSpec, stop: threading.Event) -> None:
+        try:
+            worker_main(spec, stop)  # type: ignore[arg-type]
+        except Exception as err:  # the process would exit non-zero with it
+            self.errors.append(err)
 
     def _bind(self, kind: int, port: int) -> zmq.Socket:
         socket = self.ctx.socket(kind)
@@ -82,7 +98,7 @@ class _Harness:
     def close(self) -> None:
         self.stop.set()
         self.proc.join(30)
-        if self.proc.is_alive():
+        if self.proc.is_alive() and hasattr(self.proc, "kill"):
             self.proc.kill()
         for s in (self.frames, self.stacks, self.events):
             s.close()
@@ -147,5 +163,73 @@ def test_worker_latest_policy_accounts_for_every_frame(tmp_path: Path, tiny_mode
         assert event["stacks"] == len(processed)
         assert sorted(processed + skipped) == list(range(sent))  # each frame exactly once
         assert skipped and processed[-1] == sent - 1  # overloaded, and the newest is refocused
+    finally:
+        harness.close()
+
+
+def test_worker_refuses_a_wrong_shape_frame_and_carries_on(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    harness = _Harness(config)
+    try:
+        assert harness.event()["event"] == "ready"
+        harness.frames.send_multipart(
+            encode_frame(np.ones((32, 64), np.uint16), seq=0, timestamp_s=0.0)
+        )
+        harness.frames.send_multipart(
+            encode_frame(np.ones((64, 64), np.uint16), seq=1, timestamp_s=0.0)
+        )
+        harness.frames.send(END_OF_FRAMES)
+        events = []
+        while (event := harness.event())["event"] != "done":
+            events.append(event)
+        assert [(e["event"], e["seqs"]) for e in events] == [("rejected", [0])]
+        assert "not a frame of shape [64, 64]" in events[0]["message"]
+        assert event["stacks"] == 1
+        assert decode(harness.stacks.recv_multipart(copy=False)).header.seq == 1
+        harness.proc.join(30)
+        assert harness.proc.exitcode == 0
+    finally:
+        harness.close()
+
+
+def test_a_failing_receive_thread_fails_the_worker_loudly(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def injected(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr("live.worker.decode", injected)
+    harness = _Harness(live_config(tmp_path, tiny_model_files["onnx"]), in_process=True)
+    try:
+        assert harness.event()["event"] == "ready"
+        harness.frames.send_multipart(
+            encode_frame(np.ones((64, 64), np.uint16), seq=0, timestamp_s=0.0)
+        )
+        event = harness.event()
+        assert event["event"] == "error"
+        assert (
+            event["message"] == "RuntimeError: receive thread failed: RuntimeError: injected fault"
+        )
+        harness.proc.join(30)
+        assert not harness.proc.is_alive() and len(harness.errors) == 1  # a non-zero exit
+    finally:
+        harness.close()
+
+
+def test_a_worker_whose_daemon_is_gone_stops(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.getppid()
+    calls = iter(range(10**9))
+    # The first call (at start) sees the daemon; later ones see it gone (reparented to init).
+    monkeypatch.setattr("live.worker.os.getppid", lambda: real if next(calls) == 0 else 1)
+    harness = _Harness(live_config(tmp_path, tiny_model_files["onnx"]), in_process=True)
+    try:
+        assert harness.event()["event"] == "ready"
+        assert harness.event()["event"] == "done"
+        harness.proc.join(30)
+        assert not harness.proc.is_alive() and harness.errors == []
     finally:
         harness.close()

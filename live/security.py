@@ -1,0 +1,207 @@
+"""Who may talk to the daemon: ZeroMQ CURVE keys on its endpoints and a ZAP allow-list.
+
+CURVE (ZeroMQ's public-key handshake, CurveZMQ) encrypts a connection and proves each side's
+key. A daemon endpoint that uses CURVE (`live.config.ScopeConfig.curve_endpoints`: every
+endpoint beyond loopback, or every one with ``security.curve = "required"``) is a CURVE
+*server* holding the daemon's secret key. A client (the hook's `live.hook.FrameSender`, the
+viewer, `live.metrics.StatusReader`) must know the server's public key and present a key pair
+of its own; the daemon's ZAP handler (`Gatekeeper`, pyzmq's `ThreadAuthenticator`) then lets
+in only the public keys listed in ``security.client_keys``. A client without keys fails the
+handshake and one with an unknown key is denied, so nothing either sends is ever delivered
+and nothing the daemon publishes reaches them.
+
+Keys are pyzmq certificate files made by ``python -m live.keys KEYDIR`` (`live.keys`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from live.config import ConfigError
+
+if TYPE_CHECKING:
+    from live.config import ScopeConfig
+
+__all__ = [
+    "ClientKeys",
+    "Gatekeeper",
+    "ServerKeys",
+    "client_keys",
+    "connect_curve",
+    "ephemeral_client",
+    "read_client_keys",
+    "serve_curve",
+    "server_keys",
+]
+
+log = logging.getLogger(__name__)
+
+_LOGGED_DENIALS = 10
+"""Denied connection attempts logged; the rest are only counted."""
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """The daemon's CURVE key pair and the client public keys it lets in (all Z85 text)."""
+
+    public: bytes
+    secret: bytes
+    allowed: frozenset[bytes]
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A client's CURVE key pair and the daemon's public key (all Z85 text)."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes | None]:
+    """Read one pyzmq certificate file; any problem is a one-line `ConfigError`."""
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{what}: cannot read CURVE certificate {path}: {err}") from None
+    if secret and secret_key is None:
+        raise ConfigError(
+            f"{what}: {path} holds no secret key (give the *.key_secret file, not *.key)"
+        )
+    if len(public) != 40 or (secret_key is not None and len(secret_key) != 40):
+        raise ConfigError(f"{what}: {path} does not hold 40-character Z85 CURVE keys")
+    return public, secret_key
+
+
+def _public_keys(location: Path | list[Path]) -> frozenset[bytes]:
+    """Read the client public keys of a folder (``*.key``) or a list of certificate files."""
+    files = sorted(location.glob("*.key")) if isinstance(location, Path) else location
+    keys = frozenset(_certificate(path, "security.client_keys", secret=False)[0] for path in files)
+    if not keys:
+        raise ConfigError(f"security.client_keys: no public certificates (*.key) in {location}")
+    return keys
+
+
+def server_keys(config: ScopeConfig) -> ServerKeys | None:
+    """Load the daemon's keys when any endpoint uses CURVE, else return None.
+
+    Raises `ConfigError` (one line) when keys are needed but not configured or unreadable.
+    """
+    if not config.curve_endpoints():
+        return None
+    from live.config import check_serving
+
+    check_serving(config)
+    sec = config.security
+    assert sec.server_key is not None and sec.client_keys is not None  # checked just above
+    public, secret = _certificate(sec.server_key, "security.server_key", secret=True)
+    assert secret is not None
+    return ServerKeys(public, secret, _public_keys(sec.client_keys))
+
+
+def client_keys(config: ScopeConfig, endpoint: str) -> ClientKeys | None:
+    """Load a client's keys for endpoint `endpoint` (``"frames"``, ``"stacks"``, ...).
+
+    Returns None when that endpoint does not use CURVE; raises `ConfigError` naming the
+    missing key when it does and ``security.client_key`` / ``server_public_key`` are not set.
+    """
+    if endpoint not in config.curve_endpoints():
+        return None
+    sec = config.security
+    for key in ("client_key", "server_public_key"):
+        if getattr(sec, key) is None:
+            raise ConfigError(
+                f"endpoints.{endpoint} uses CURVE, so a client needs security.{key} "
+                "(make keys with `python -m live.keys KEYDIR`)"
+            )
+    assert sec.client_key is not None and sec.server_public_key is not None
+    return read_client_keys(sec.client_key, sec.server_public_key)
+
+
+def read_client_keys(client_key: Path, server_public_key: Path) -> ClientKeys:
+    """Read a client's secret certificate and the daemon's public one (`ConfigError` if bad)."""
+    public, secret = _certificate(client_key, "security.client_key", secret=True)
+    server_public, _ = _certificate(server_public_key, "security.server_public_key", secret=False)
+    assert secret is not None
+    return ClientKeys(public, secret, server_public)
+
+
+def ephemeral_client(server: ServerKeys) -> ClientKeys:
+    """Make a fresh in-memory key pair for a client inside the daemon (its own source).
+
+    The caller must `Gatekeeper.allow` its public key; it is never written anywhere.
+    """
+    public, secret = zmq.curve_keypair()
+    return ClientKeys(public, secret, server.public)
+
+
+def serve_curve(socket: zmq.Socket[Any], keys: ServerKeys | None) -> None:
+    """Make `socket` a CURVE server (call before `bind`); nothing when `keys` is None."""
+    if keys is None:
+        return
+    socket.curve_secretkey = keys.secret
+    socket.curve_publickey = keys.public
+    socket.curve_server = True
+
+
+def connect_curve(socket: zmq.Socket[Any], keys: ClientKeys | None) -> None:
+    """Make `socket` a CURVE client of the daemon (call before `connect`); None: nothing."""
+    if keys is None:
+        return
+    socket.curve_secretkey = keys.secret
+    socket.curve_publickey = keys.public
+    socket.curve_serverkey = keys.server_public
+
+
+class Gatekeeper:
+    """The daemon's ZAP handler: lets in CURVE clients whose public key is on the allow-list.
+
+    Runs pyzmq's `ThreadAuthenticator` on the daemon's context (ZAP applies to every socket
+    of a context, and a CURVE server with no ZAP handler would let in any key, so it starts
+    before any socket binds). Other mechanisms pass through: the daemon's private ipc sockets
+    to its workers use none (NULL) and never listen on the network.
+
+    Parameters
+    ----------
+    ctx : zmq.Context
+        The daemon's context.
+    allowed : frozenset of bytes
+        Z85 public keys of the clients to let in (``security.client_keys``).
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], allowed: frozenset[bytes]) -> None:
+        self._allowed = set(allowed)
+        self._lock = threading.Lock()
+        self.denied = 0
+        self._auth = ThreadAuthenticator(ctx, log=logging.getLogger("live.security.zap"))
+        self._auth.start()
+        self._auth.configure_curve_callback("*", credentials_provider=self)
+
+    def allow(self, public: bytes) -> None:
+        """Add one more public key (Z85) to the allow-list."""
+        with self._lock:
+            self._allowed.add(public)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """Credentials hook of pyzmq (ZAP thread): whether the Z85 public `key` may connect."""
+        with self._lock:
+            if key in self._allowed:
+                return True
+            self.denied += 1
+            count = self.denied
+        if count <= _LOGGED_DENIALS:
+            more = " (further ones are only counted)" if count == _LOGGED_DENIALS else ""
+            log.warning("refused a CURVE client with an unknown key %s…%s", key[:8].decode(), more)
+        return False
+
+    def stop(self) -> None:
+        """Stop the ZAP thread (after the daemon's sockets are closed)."""
+        self._auth.stop()

@@ -1,0 +1,293 @@
+"""Authentication off loopback: CURVE keys, the ZAP allow-list, and the refusal to start without
+them. Real ZeroMQ sockets on 127.0.0.1 with CURVE forced on (``security.curve = "required"``)."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from live.config import ConfigError, ScopeConfig, check_serving, validate_config
+from live.display import LatestStack
+from live.hook import FrameSender
+from live.keys import make_keys
+from live.metrics import Metrics, StatusPublisher, StatusReader
+from live.protocol import max_part_bytes
+from live.recorder import SeqGate
+from live.router import Ledger, Router
+from live.run import Daemon
+from live.security import (
+    ClientKeys,
+    Gatekeeper,
+    client_keys,
+    connect_curve,
+    read_client_keys,
+    server_keys,
+)
+from live.supervisor import Supervisor
+from tests.live_helpers import SIDE, free_port, live_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    """Server keys and two allowed clients, made like ``python -m live.keys``."""
+    make_keys(tmp_path / "keys", ["client", "scope2"])
+    return tmp_path / "keys"
+
+
+def _secured(
+    tmp_path: Path, keydir: Path, model: Path | None = None, **sections: Any
+) -> ScopeConfig:
+    """A loopback config with CURVE required and the keys of `keydir`."""
+    security = {
+        "curve": "required",
+        "server_key": str(keydir / "server.key_secret"),
+        "client_keys": str(keydir / "clients"),
+        "client_key": str(keydir / "client.key_secret"),
+        "server_public_key": str(keydir / "server.key"),
+    }
+    if model is None:
+        endpoints = {
+            n: f"tcp://127.0.0.1:{free_port()}" for n in ("frames", "stacks", "recorder", "status")
+        }
+        return validate_config({"endpoints": endpoints, "security": security})
+    return live_config(tmp_path, model, security=security, **sections)
+
+
+def _wrong_keys(config: ScopeConfig) -> ClientKeys:
+    """A well-formed client key pair that is not on the daemon's allow-list."""
+    good = client_keys(config, "frames")
+    assert good is not None
+    public, secret = zmq.curve_keypair()
+    return ClientKeys(public, secret, good.server_public)
+
+
+class _SecuredRouter:
+    """The daemon's frames and raw-republish sockets as CURVE servers behind a Gatekeeper."""
+
+    def __init__(self, config: ScopeConfig) -> None:
+        keys = server_keys(config)
+        assert keys is not None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.gatekeeper = Gatekeeper(self.ctx, keys.allowed)
+        self.metrics = Metrics()
+        gate = SeqGate("raw", (SIDE, SIDE), np.dtype(np.uint16), 1000)
+        self.router = Router(
+            self.ctx,
+            frames_endpoint=config.endpoints.frames,
+            worker_endpoints=[],
+            ledger=Ledger(0),
+            metrics=self.metrics,
+            admit=lambda message: gate.admit(message)[1],
+            raw_endpoint=config.endpoints.recorder,
+            max_part_bytes=max_part_bytes((SIDE, SIDE)),
+            frames_keys=keys,
+            raw_keys=keys,
+            supervisor=Supervisor(),
+        )
+        self.router.start()
+
+    def close(self) -> None:
+        self.router.stop_event.set()
+        self.router.join(10)
+        self.router.close_worker_sockets()
+        self.gatekeeper.stop()
+        self.ctx.term()
+
+
+def _send(sender: FrameSender, seqs: range) -> None:
+    for seq in seqs:
+        sender.send(np.full((SIDE, SIDE), seq, np.uint16), seq=seq)
+
+
+def _frames_in_after(metrics: Metrics, expected: int, timeout_s: float) -> int:
+    """Wait up to `timeout_s` for `expected` frames; return how many arrived."""
+    deadline = time.monotonic() + timeout_s
+    while metrics.snapshot(advance=False).frames_in < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return metrics.snapshot(advance=False).frames_in
+
+
+def test_only_a_client_with_an_allowed_key_gets_frames_in(tmp_path: Path, keydir: Path) -> None:
+    config = _secured(tmp_path, keydir)
+    served = _SecuredRouter(config)
+    senders = {
+        "no keys": FrameSender(config.endpoints.frames, linger_ms=0),
+        "wrong key": FrameSender(config.endpoints.frames, linger_ms=0, keys=_wrong_keys(config)),
+    }
+    try:
+        _send(senders["no keys"], range(0, 5))
+        _send(senders["wrong key"], range(5, 10))
+        assert _frames_in_after(served.metrics, 1, 2.0) == 0  # nothing got through
+        assert served.gatekeeper.denied >= 1  # the wrong key was refused by ZAP
+        with FrameSender.for_config(config) as good:  # the config's client key
+            _send(good, range(10, 15))
+            assert _frames_in_after(served.metrics, 5, 10.0) == 5
+        # A second allowed client (from the same clients/ folder) works too.
+        scope2 = read_client_keys(keydir / "scope2.key_secret", keydir / "server.key")
+        with FrameSender(config.endpoints.frames, keys=scope2) as second:
+            _send(second, range(15, 17))
+            assert _frames_in_after(served.metrics, 7, 10.0) == 7
+        assert _frames_in_after(served.metrics, 8, 0.5) == 7  # still none of the refused ones
+    finally:
+        for sender in senders.values():
+            sender.close()
+        served.close()
+
+
+def test_published_frames_and_status_reach_only_allowed_clients(
+    tmp_path: Path, keydir: Path
+) -> None:
+    config = _secured(tmp_path, keydir)
+    served = _SecuredRouter(config)
+    good_keys = client_keys(config, "status")
+    status = StatusPublisher(served.ctx, config.endpoints.status, server_keys(config))
+    readers = {
+        "good": StatusReader(config.endpoints.status, keys=good_keys),
+        "none": StatusReader(config.endpoints.status),
+        "wrong": StatusReader(config.endpoints.status, keys=_wrong_keys(config)),
+    }
+    raw_subs: dict[str, zmq.Socket[bytes]] = {}
+    sub_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    for name, keys in (("good", good_keys), ("none", None), ("wrong", _wrong_keys(config))):
+        sub = sub_ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        connect_curve(sub, keys)
+        sub.connect(config.endpoints.recorder)
+        raw_subs[name] = sub
+    try:
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + 10
+        while "good" not in got:  # PUB drops until the subscription has arrived
+            assert time.monotonic() < deadline, "the allowed status reader never got a status"
+            status.publish(served.metrics.snapshot())
+            for name, reader in readers.items():
+                if (value := reader.latest(50)) is not None:
+                    got[name] = value
+        time.sleep(0.5)
+        with FrameSender.for_config(config) as sender:
+            _send(sender, range(3))
+            received = 0
+            while received < 3 and raw_subs["good"].poll(5000):
+                raw_subs["good"].recv_multipart()
+                received += 1
+        assert received == 3
+        assert set(got) == {"good"}
+        assert not raw_subs["none"].poll(300) and not raw_subs["wrong"].poll(300)
+    finally:
+        for reader in readers.values():
+            reader.close()
+        for sub in raw_subs.values():
+            sub.close()
+        sub_ctx.term()
+        status.close()
+        served.close()
+
+
+def test_a_daemon_with_curve_required_runs_its_own_source_and_serves_allowed_viewers(
+    tmp_path: Path, keydir: Path, tiny_model_files
+) -> None:
+    config = _secured(
+        tmp_path, keydir, tiny_model_files["onnx"], source={"frame_count": 40, "rate_hz": 20.0}
+    )
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", preflight_check=False)
+    viewer = LatestStack(config.endpoints.stacks, keys=client_keys(config, "stacks"))
+    stranger = LatestStack(config.endpoints.stacks)
+    try:
+        daemon.start()
+        seen = None
+        deadline = time.monotonic() + 60
+        while seen is None:
+            assert time.monotonic() < deadline, "the allowed viewer never got a stack"
+            daemon.supervise(0.2, quiet=True)
+            seen = viewer.poll(0)
+        daemon.supervise(30.0, quiet=True)  # until the source has sent its 40 frames
+        assert stranger.poll(100) is None and stranger.received == 0
+    finally:
+        summary = daemon.stop()
+        viewer.close()
+        stranger.close()
+    assert summary.failures == [] and summary.frames_acquired == 40
+    assert summary.frames_in == 40 and summary.raw_recorded == 40  # the daemon's own key works
+
+
+def test_no_keys_no_start_one_line_naming_the_endpoint(tmp_path: Path) -> None:
+    scope = tmp_path / "scope.toml"
+    scope.write_text(
+        f'[endpoints]\nframes = "tcp://0.0.0.0:{free_port()}"\n'
+        f'[recorder]\npath = "{tmp_path / "runs"}"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "live.run", "--scope", str(scope)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1, err
+    assert "endpoints.frames = 'tcp://0.0.0.0:" in err[0] and "python -m live.keys" in err[0]
+    assert out.stdout == "" and not (tmp_path / "runs").exists()  # refused before anything
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "*", "[::]", "eth0", "192.168.1.20", "scope-pc"])
+def test_every_non_loopback_bind_needs_keys_and_loopback_does_not(host: str) -> None:
+    config = validate_config({"endpoints": {"status": f"tcp://{host}:5999"}})
+    assert config.curve_endpoints() == {"status": f"tcp://{host}:5999"}
+    with pytest.raises(ConfigError, match=r"endpoints\.status = .* reachable beyond loopback"):
+        check_serving(config)
+    check_serving(validate_config({}))  # the loopback default needs no keys
+
+
+def test_curve_required_covers_loopback_and_clients_need_their_keys(tmp_path: Path) -> None:
+    config = validate_config({"security": {"curve": "required"}})
+    assert list(config.curve_endpoints()) == ["frames", "stacks", "recorder", "status"]
+    with pytest.raises(ConfigError, match=r"security\.curve = 'required'"):
+        check_serving(config)
+    with pytest.raises(ConfigError, match=r"a client needs security\.client_key"):
+        client_keys(config, "frames")
+    assert client_keys(validate_config({}), "frames") is None
+
+
+def test_key_files_are_checked(tmp_path: Path, keydir: Path) -> None:
+    base = {
+        "curve": "required",
+        "server_key": str(keydir / "server.key"),  # the public file, not the secret one
+        "client_keys": str(keydir / "clients"),
+    }
+    with pytest.raises(ConfigError, match="holds no secret key"):
+        server_keys(validate_config({"security": base}))
+    (tmp_path / "empty").mkdir()
+    base.update(server_key=str(keydir / "server.key_secret"), client_keys=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"no public certificates \(\*\.key\)"):
+        server_keys(validate_config({"security": base}))
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text('curve\n    public-key = "short"\n')
+    base.update(client_keys=[str(garbage)])
+    with pytest.raises(ConfigError, match="40-character Z85"):
+        server_keys(validate_config({"security": base}))
+
+
+def test_python_m_live_keys_makes_usable_keys_and_never_overwrites(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "live.keys", str(tmp_path / "k")]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("server.key", "server.key_secret", "clients/client.key", "client.key_secret"):
+        assert (tmp_path / "k" / name).is_file()
+    for name in ("server.key_secret", "client.key_secret"):
+        assert stat.S_IMODE((tmp_path / "k" / name).stat().st_mode) == 0o600
+    assert "[security]" in out.stdout and "server_key = " in out.stdout
+    assert f'client_keys = "{tmp_path / "k" / "clients"}"' in out.stdout
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already exist" in again.stderr

@@ -1,0 +1,181 @@
+"""Router and collector over real loopback sockets: size limits, admission, worker events."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from live.metrics import Metrics
+from live.protocol import (
+    MAX_EVENT_BYTES,
+    MAX_EVENT_SEQS,
+    MAX_HEADER_BYTES,
+    ProtocolError,
+    decode_event,
+    encode_event,
+    encode_frame,
+    max_part_bytes,
+)
+from live.recorder import SeqGate
+from live.router import Collector, Ledger, Router
+from live.supervisor import Supervisor
+from tests.live_helpers import SIDE, free_port
+
+
+def _endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def _wait(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+class _Routed:
+    """A router with no workers (admitted frames are skipped) and its own admission gate."""
+
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.endpoint = _endpoint()
+        self.metrics = Metrics()
+        self.gate = SeqGate("raw", (SIDE, SIDE), np.dtype(np.uint16), 100)
+        self.router = Router(
+            self.ctx,
+            frames_endpoint=self.endpoint,
+            worker_endpoints=[],
+            ledger=Ledger(0),
+            metrics=self.metrics,
+            admit=lambda message: self.gate.admit(message)[1],
+            max_frame_bytes=SIDE * SIDE * 8,
+            max_part_bytes=max_part_bytes((SIDE, SIDE)),
+            supervisor=Supervisor(),
+        )
+        self.router.start()
+
+    def push(self) -> zmq.Socket[bytes]:
+        socket = self.ctx.socket(zmq.PUSH)
+        socket.linger = 1000
+        socket.connect(self.endpoint)
+        return socket
+
+    def close(self) -> None:
+        self.router.stop_event.set()
+        self.router.join(10)
+        self.router.close_worker_sockets()
+        self.ctx.term()
+
+
+def _frame(seq: int) -> list[bytes | memoryview]:
+    return encode_frame(np.full((SIDE, SIDE), seq, np.uint16), seq=seq, timestamp_s=1.0)
+
+
+def test_an_oversized_message_is_dropped_by_zeromq_before_it_is_buffered() -> None:
+    routed = _Routed()
+    hostile, genuine = routed.push(), routed.push()
+    try:
+        limit = max_part_bytes((SIDE, SIDE))
+        assert limit == max(SIDE * SIDE * 8, MAX_HEADER_BYTES)
+        hostile.send_multipart([b"{}", b"\x00" * (limit + 1)])  # one part over the limit
+        hostile.send_multipart([b"x" * (8 * 2**20)])  # and 8 MiB in one part
+        for seq in range(3):
+            genuine.send_multipart(_frame(seq), copy=False)
+        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 3)
+        time.sleep(0.3)
+        snap = routed.metrics.snapshot(advance=False)
+        # Never received, so neither a frame nor a malformed message: ZeroMQ cut them off.
+        assert (snap.frames_in, snap.malformed, snap.skipped) == (3, 0, 3)
+        hostile.send_multipart(_frame(3), copy=False)  # the hostile peer may reconnect, fairly
+        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 4)
+    finally:
+        hostile.close()
+        genuine.close()
+        routed.close()
+
+
+def test_without_a_recorder_the_router_still_refuses_duplicates_and_far_seqs() -> None:
+    routed = _Routed()
+    push = routed.push()
+    try:
+        for seq in (0, 1, 1, 5000, 2):
+            push.send_multipart(_frame(seq), copy=False)
+        push.send_multipart(encode_frame(np.ones((SIDE, 3), np.uint16), seq=3, timestamp_s=1.0))
+        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 6)
+        snap = routed.metrics.snapshot(advance=False)
+        assert snap.rejected == {"duplicate": 1, "beyond_window": 1, "wrong_shape": 1}
+        assert snap.skipped == 3 and snap.skipped_ranges == [(0, 3)]  # only admitted frames
+    finally:
+        push.close()
+        routed.close()
+
+
+def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stacks, events = _endpoint(), _endpoint()
+    metrics, ledger = Metrics(), Ledger(1)
+    ledger.sent(0, 7)
+    ledger.sent(0, 8)
+    supervisor = Supervisor()
+    collector = Collector(
+        ctx,
+        stacks_in_endpoint=stacks,
+        events_endpoint=events,
+        stacks_pub_endpoint=None,
+        ledger=ledger,
+        metrics=metrics,
+        recorder=None,
+        supervisor=supervisor,
+    )
+    collector.start()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(events)
+    try:
+        for garbage in (b"[" * 50_000, b"{}", b'{"event": "ready", "worker": "x"}', b"\xff"):
+            push.send(garbage)
+        push.send(encode_event("skipped", 0, seqs=[7]))
+        push.send(encode_event("rejected", 0, seqs=[8], message="not a frame of shape [64, 64]"))
+        assert _wait(lambda: metrics.snapshot(advance=False).lost == 1)
+        snap = metrics.snapshot(advance=False)
+        assert (snap.malformed, snap.skipped, snap.lost) == (4, 1, 1)
+        assert ledger.outstanding() == 0 and collector.is_alive()
+        assert supervisor.failures == []
+    finally:
+        collector.stop_event.set()
+        collector.join(10)
+        push.close()
+        ctx.term()
+
+
+def test_events_round_trip_and_anything_else_is_a_protocol_error() -> None:
+    raw = encode_event("skipped", 2, seqs=list(range(MAX_EVENT_SEQS)))
+    assert len(raw) < MAX_EVENT_BYTES
+    assert decode_event(raw) == {"event": "skipped", "worker": 2, "seqs": list(range(1000))}
+    assert decode_event(encode_event("error", 0, message="x" * 10_000))["message"] == "x" * 2000
+    bad = [
+        b"",
+        b"null",
+        b"[1]",
+        b'{"event": "hello", "worker": 0}',
+        b'{"event": "done", "worker": -1}',
+        b'{"event": "done", "worker": true}',
+        b'{"event": "skipped", "worker": 0, "seqs": [-1]}',
+        b'{"event": "skipped", "worker": 0, "seqs": "1,2"}',
+        json.dumps({"event": "skipped", "worker": 0, "seqs": list(range(1001))}).encode(),
+        b'{"event": "done", "worker": 0, "extra": {"a": 1}}',
+        b'{"event": "done", "worker": 0, "stacks": 1' + b"0" * 30 + b"}",
+        b"[" * 50_000,
+        b"x" * (MAX_EVENT_BYTES + 1),
+    ]
+    for raw in bad:
+        with pytest.raises(ProtocolError):
+            decode_event(raw)
+    with pytest.raises(ProtocolError, match="unknown event"):
+        encode_event("hello", 0)

@@ -1,0 +1,92 @@
+"""Start-up refusals and warnings: one line and exit code 2 before anything is written, and a
+low-disk warning at start and in the status line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from live.config import ScopeConfig
+from live.run import EXIT_BAD_CONFIG, Daemon, _check_planes, run
+from live.worker import build_plan, open_backend
+from tests.live_helpers import live_config
+
+
+def _refused(
+    capsys: pytest.CaptureFixture[str], config: ScopeConfig, output: Path
+) -> tuple[str, str]:
+    """Run `config` and return stdout and the one line on stderr of its refusal."""
+    code = run(config, duration_s=5.0, output=output, workers=1)
+    out, err = capsys.readouterr()
+    assert code == EXIT_BAD_CONFIG, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return out, lines[0]
+
+
+def test_an_existing_store_is_refused_naming_it_before_the_preflight(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "run.ome.zarr"
+    store.mkdir()
+    (store / "keep.txt").write_text("an earlier recording")
+    out, line = _refused(capsys, live_config(tmp_path, tiny_model_files["onnx"]), store)
+    assert line == (
+        f"error: the output store {store} already exists: give another --output or move it "
+        "away (a run never overwrites a recording)"
+    )
+    assert "pre-flight" not in out and "backend" not in out  # refused before anything
+    assert (store / "keep.txt").read_text() == "an earlier recording"
+
+
+def test_a_corrupt_model_is_one_line_and_exit_2(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07 this is not a model " * 100)
+    config = live_config(tmp_path, corrupt)
+    _, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
+    assert line.startswith(f"error: engine.model_path {corrupt}: the model cannot be loaded: ")
+    assert not (tmp_path / "run.ome.zarr").exists()
+
+
+def test_planes_beyond_the_trained_range_are_refused_unless_extrapolation_is_allowed(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = live_config(tmp_path, tiny_model_files["onnx"], planes=[-20.0, 0.0, 20.0])
+    assert config.engine.allow_extrapolation is False
+    _, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
+    assert "outside the model's trained range [-10, 10]" in line
+    assert "engine.allow_extrapolation" in line and "'z=-20um'" in line
+    allowed = live_config(
+        tmp_path,
+        tiny_model_files["onnx"],
+        planes=[-20.0, 0.0, 20.0],
+        engine={"allow_extrapolation": True},
+    )
+    backend = open_backend(allowed)
+    try:
+        _check_planes(allowed, backend)  # no refusal
+    finally:
+        backend.close()
+
+
+def test_min_free_mb_beyond_the_disk_warns_at_start_and_shows_in_the_status(
+    tmp_path: Path, tiny_model_files, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"min_free_mb": 10**9})
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
+    try:
+        daemon.check()
+        with caplog.at_level(logging.WARNING, logger="live.run"):
+            daemon._start_recorder(build_plan(config))
+        snap = daemon._snapshot()
+    finally:
+        daemon.stop()
+    assert "below recorder.min_free_mb = 1000000000: recording will stop at the first frame" in (
+        caplog.text
+    )
+    assert snap.disk_low and snap.disk_free_mb is not None
+    assert f"| disk {snap.disk_free_mb:.0f} MB!" in snap.status_line()
