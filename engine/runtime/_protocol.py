@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from engine.metadata import ModelMetadata
+    from engine.volume import Renderer
 
 Precision = Literal["fp32", "fp16", "int8"]
 """Numeric precision a backend runs the network in."""
@@ -60,6 +61,18 @@ class Backend(Protocol):
             (N, H, W) float32 planes in the input's intensity scale. The inputs are not
             modified; the returned array is new and owned by the caller.
         """
+        ...
+
+    def volume(self, images: np.ndarray) -> np.ndarray:
+        """Volume models only: the (N, D, H, W) density of each frame on the model's depths.
+
+        One network pass per frame; `metadata.volume.depth_um` gives the depths (µm, relative
+        to the focal plane). Per-plane models raise `BackendError`.
+        """
+        ...
+
+    def renderer(self, shape: tuple[int, int]) -> Renderer:
+        """Volume models only: the renderer of planes and surfaces for one frame shape."""
         ...
 
     def is_incompatible(

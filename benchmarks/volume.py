@@ -1,0 +1,121 @@
+"""Cost of a volume from the volume model: one network pass, then planes rendered from it.
+
+``python -m benchmarks.volume [--model engine/weights/deepz-volume.onnx] [--sizes 256 512]
+[--planes 9 41] [--backends openvino onnxruntime]``
+
+For each backend and frame size: the network pass (frame -> density on 41 depths), the
+rendering of P uniform planes through the model's PSF (`engine.volume.Renderer`, numpy on the
+host), and the whole `infer` call, in ms per frame and planes per second. Compare with the
+per-plane model in `benchmarks/results/engine.json` (one network pass per plane). Writes
+``benchmarks/results/volume.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "volume.json"
+DEFAULT_MODEL = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.onnx"
+
+
+def cpu_name() -> str:
+    """The `lscpu` model name of this machine."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (allocations, kernel choice, PSF transforms)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def run(
+    model: Path, sizes: Sequence[int], planes: Sequence[int], backends: Sequence[str], repeats: int
+) -> list[dict[str, Any]]:
+    """Time network, rendering and `infer` for each backend, size and plane count."""
+    from engine.runtime import load_backend
+
+    rows: list[dict[str, Any]] = []
+    rng = np.random.default_rng(0)
+    for name in backends:
+        backend = load_backend(model, prefer=[name], intra_op_threads=2)
+        flops = float(backend.metadata.extra.get("flops_per_pixel", float("nan")))
+        for side in sizes:
+            frame = rng.integers(100, 3000, (side, side), dtype=np.uint16)
+            density = backend.volume(frame)[0]
+            render = backend.renderer((side, side))
+            net_ms = _median_ms(partial(backend.volume, frame), repeats)
+            for p in planes:
+                z = np.linspace(-8.0, 8.0, p) if p < 41 else np.arange(-10.0, 10.001, 0.5)
+                z = np.round(z * 2) / 2
+                dpms = np.broadcast_to(z.astype(np.float32)[:, None, None], (p, side, side))
+                render_ms = _median_ms(partial(render.planes, density, frame, z), repeats)
+                infer_ms = _median_ms(partial(backend.infer, frame, dpms), repeats)
+                rows.append(
+                    {
+                        "backend": name,
+                        "side": side,
+                        "planes": p,
+                        "network_ms": round(net_ms, 1),
+                        "render_ms": round(render_ms, 1),
+                        "infer_ms": round(infer_ms, 1),
+                        "frames_per_s": round(1e3 / infer_ms, 2),
+                        "planes_per_s": round(p * 1e3 / infer_ms, 1),
+                        "network_gflop_per_s": round(flops * side * side / net_ms / 1e6, 1),
+                    }
+                )
+                print(
+                    f"{name:<12} {side:>4}² × {p:>2}: network {net_ms:7.1f} ms, render "
+                    f"{render_ms:7.1f} ms, infer {infer_ms:7.1f} ms = {p * 1e3 / infer_ms:6.1f} "
+                    "planes/s",
+                    flush=True,
+                )
+        backend.close()
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.volume")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--planes", type=int, nargs="+", default=[9, 41])
+    p.add_argument("--backends", nargs="+", default=["openvino", "onnxruntime"])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    rows = run(args.model, args.sizes, args.planes, args.backends, args.repeats)
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": cpu_name(),
+        "model": str(args.model),
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written: {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
