@@ -1,0 +1,285 @@
+"""engine.refocus: the live run's stacks, a Dask LocalCluster, resume, fill-gaps, bad inputs.
+
+Small on purpose (64² frames, a handful of them, the shipped slim model on one ONNX Runtime
+thread): the whole file runs in well under a minute on two shared cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+from engine.refocus import MANIFEST, RefocusError, clear_backends, main, refocus_recording
+from engine.runtime import DEFAULT_MODEL, load_backend
+from live.protocol import decode, encode_frame, encode_stack
+from live.recorder import Recorder
+
+SIDE = 64
+PLANES = [-2.0, 0.0, 2.0]
+ORT = {"backend": "onnxruntime", "intra_op_threads": 1}
+
+
+def _frames(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(100, 1000, (n, SIDE, SIDE), dtype=np.uint16)
+
+
+def _record(
+    path: Path, raw_seqs: list[int], stack_seqs: list[int] = (), fill: float = 7.0
+) -> np.ndarray:
+    """A run store made by the project's Recorder: raw frames at `raw_seqs` and constant
+    stacks (value `fill`, easy to tell apart) at `stack_seqs`."""
+    frames = _frames(max(raw_seqs) + 1)
+    rec = Recorder(path, frame_shape=(SIDE, SIDE), pixel_size_um=0.3, rate_hz=2.0, planes_um=PLANES)
+    for seq in raw_seqs:
+        rec.put_frame(decode(encode_frame(frames[seq], seq=seq, timestamp_s=time.time())))
+    for seq in stack_seqs:
+        stack = np.full((len(PLANES), SIDE, SIDE), fill, np.float32)
+        parts = encode_stack(stack, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=0.0)
+        rec.put_stack(decode(parts))
+    rec.close()
+    return frames
+
+
+def _reference(frames: np.ndarray) -> np.ndarray:
+    """Refocus each frame in this process exactly as the live worker does."""
+    backend = load_backend(DEFAULT_MODEL, prefer=["onnxruntime"], intra_op_threads=1)
+    dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
+    dpms.setflags(write=False)
+    return np.stack([backend.infer(f, dpms) for f in frames])
+
+
+def _read(store: Path | str, path: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(store=str(store), path=path, mode="r")[...])
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    """A real dask.distributed LocalCluster: 2 worker processes of 1 thread each."""
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_backends() -> Iterator[None]:
+    yield
+    clear_backends()
+
+
+# ------------------------------------------------------------------ same stacks as live
+
+
+def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
+    """Record with the real daemon, refocus offline with the run's own settings, compare."""
+    from live.run import Daemon
+    from tests.live_helpers import live_config, push_frames
+
+    config = live_config(tmp_path, DEFAULT_MODEL, planes=PLANES)
+    store = tmp_path / "run.ome.zarr"
+    daemon = Daemon(config, output=store, source=None, preflight_check=False)
+    try:
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while not daemon.ledger.ready_workers():  # frames sent before it loads may be skipped
+            assert time.monotonic() < deadline
+            daemon.supervise(0.1, quiet=True)
+        push_frames(config.endpoints.frames, list(range(6)), rate_hz=10.0)
+        daemon.supervise(0.5, quiet=True)
+    finally:
+        live = daemon.stop()
+    assert live.stacks_written == 6
+    summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)  # the run's model,
+    # backend and planes, from the config stored in the run
+    assert (summary.frames_done, summary.backend) == (6, "onnxruntime")
+    assert summary.model["sha256"] and summary.model["name"]
+    offline, live_stacks = _read(store, "stacks_offline/0"), _read(store, "stacks/0")
+    assert offline.shape == live_stacks.shape == (6, 3, SIDE, SIDE)
+    scale = float(np.abs(live_stacks).max())
+    np.testing.assert_allclose(offline, live_stacks, rtol=1e-5, atol=1e-5 * scale)
+    attrs = zarr.open_group(str(store), mode="r")["stacks_offline"].attrs
+    assert attrs["deepz"]["plan_from"] == "the recording's config"
+    assert attrs["deepz"]["complete"] is True and attrs["deepz"]["present"] == [[0, 6]]
+    scale_t = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert scale_t[0]["scale"][:2] == [1 / 20.0, 2.0] and scale_t[1]["translation"][1] == -2.0
+
+
+# ------------------------------------------------------------------ a real LocalCluster
+
+
+def test_cluster_output_equals_local_and_resumes_only_damaged_chunks(
+    tmp_path: Path, client: Any
+) -> None:
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, [0, 1, 2, 4, 5])  # seq 3 lost by the camera
+    local = refocus_recording(store, planes=PLANES, out=tmp_path / "a.ome.zarr", **ORT)
+    dist = refocus_recording(
+        store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, **ORT
+    )
+    assert (local.frames_done, dist.frames_done, dist.frames_wanted) == (5, 5, 5)
+    assert dist.dashboard is not None and "distributed" in dist.scheduler
+    a, b = _read(tmp_path / "a.ome.zarr", "stacks/0"), _read(tmp_path / "b.ome.zarr", "stacks/0")
+    np.testing.assert_array_equal(a, b)
+    expected = _reference(frames[[0, 1, 2, 4, 5]])
+    np.testing.assert_allclose(b[[0, 1, 2, 4, 5]], expected, rtol=1e-5, atol=1e-3)
+    assert not b[3].any()  # the lost frame stays a visible gap
+
+    again = refocus_recording(
+        store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, **ORT
+    )
+    assert (again.frames_done, again.frames_skipped, again.chunks_skipped) == (0, 5, 5)
+
+    chunks = tmp_path / "b.ome.zarr" / "stacks" / "0" / "c"
+    (chunks / "1" / "0" / "0" / "0").unlink()  # a chunk lost
+    (chunks / "4" / "0" / "0" / "0").write_bytes(b"not zstd at all")  # a chunk damaged
+    fixed = refocus_recording(
+        store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, **ORT
+    )
+    assert (fixed.frames_done, fixed.frames_skipped, fixed.chunks_done) == (2, 3, 2)
+    np.testing.assert_array_equal(_read(tmp_path / "b.ome.zarr", "stacks/0"), a)
+    manifest = _read(tmp_path / "b.ome.zarr", f"stacks/{MANIFEST}")
+    assert manifest[3] == -1 and (manifest[[0, 1, 2, 4, 5]] >= 0).all()
+
+
+def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
+    tmp_path: Path, client: Any
+) -> None:
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, list(range(6)), stack_seqs=[0, 2], fill=7.0)  # live skipped 1, 3-5
+    summary = refocus_recording(store, fill_gaps=True, scheduler=client, **ORT)
+    assert (summary.frames_wanted, summary.frames_done) == (4, 4)
+    assert summary.image == "stacks/0"
+    stacks = _read(store, "stacks/0")
+    assert stacks.shape == (6, 3, SIDE, SIDE)  # grown from the live run's 3 time points
+    assert (stacks[[0, 2]] == 7.0).all()  # the live stacks are untouched
+    np.testing.assert_allclose(stacks[[1, 3, 4, 5]], _reference(frames[[1, 3, 4, 5]]), atol=1e-3)
+    deepz = zarr.open_group(str(store), mode="r").attrs["deepz"]
+    assert deepz["stacks_present"] == [[0, 6]] and deepz["summary"]["stacks_missing"] == []
+    assert deepz["filled_offline"][0]["seqs"] == [[1, 2], [3, 6]]
+    again = refocus_recording(store, fill_gaps=True, scheduler=client, **ORT)
+    assert (again.frames_wanted, again.frames_done) == (0, 0)
+    with pytest.raises(RefocusError, match="needs the live run's planes"):
+        refocus_recording(store, fill_gaps=True, planes=[-3.0, 0.0, 3.0], **ORT)
+
+
+# ------------------------------------------------------------------ inputs and errors
+
+
+def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
+    import tifffile
+
+    frames = _frames(3, seed=1)
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    ngff = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=3)
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}]
+    axes += [{"name": a, "type": "space"} for a in "zyx"]
+    ngff.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
+    }
+    ngff.create_array("0", data=frames[:, None, None], chunks=(1, 1, 1, SIDE, SIDE))
+    planes = [-3.0, 0.0, 1.0]  # not evenly spaced: the plane list lives in the attributes
+    for src, out in (("movie.tif", "t.ome.zarr"), ("img.ome.zarr", "n.ome.zarr")):
+        s = refocus_recording(
+            tmp_path / src, planes=planes, out=tmp_path / out, scheduler="sync", **ORT
+        )
+        assert s.frames_done == 3
+    t, n = _read(tmp_path / "t.ome.zarr", "stacks/0"), _read(tmp_path / "n.ome.zarr", "stacks/0")
+    np.testing.assert_array_equal(t, n)
+    attrs = zarr.open_group(str(tmp_path / "t.ome.zarr"), mode="r")["stacks"].attrs
+    assert attrs["deepz"]["planes_um"] == planes and attrs["deepz"]["uniform_planes"] is False
+    transforms = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert transforms == [{"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0]}]
+
+
+def test_bad_inputs_each_give_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tifffile
+
+    zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    volume = zarr.open_group(str(tmp_path / "vol.ome.zarr"), mode="w", zarr_format=3)
+    volume.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": [{"name": a} for a in "tzyx"], "datasets": [{"path": "0"}]}],
+    }
+    volume.create_array("0", shape=(2, 3, 8, 8), dtype="uint16")
+    zarr.create_array(str(tmp_path / "line.zarr"), shape=(10,), dtype="uint16")
+    tifffile.imwrite(tmp_path / "movie.tif", _frames(2), photometric="minisblack")
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1])
+    cases = [
+        (tmp_path / "nope.ome.zarr", {}, "no such recording"),
+        (tmp_path / "empty.zarr", {}, "no raw image"),
+        (tmp_path / "vol.ome.zarr", {}, "every axis other than t, y and x must have size 1"),
+        (tmp_path / "line.zarr", {}, "refocusing needs frames (t, y, x)"),
+        (store, {"model": tmp_path / "missing.onnx"}, "model file not found"),
+        (store, {"backend": "nonsense"}, "prefer must list backends"),
+        (store, {"planes": [50.0]}, "outside the model's trained range"),
+        (tmp_path / "movie.tif", {"fill_gaps": True}, "--fill-gaps needs a run of this project"),
+    ]
+    for source, kwargs, message in cases:
+        with pytest.raises(RefocusError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            refocus_recording(source, scheduler="sync", **{"planes": PLANES, **kwargs})
+    refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    with pytest.raises(RefocusError, match=r"exists from another refocusing .*plan_sha256"):
+        refocus_recording(store, planes=[-1.0, 1.0], scheduler="sync", **ORT)
+    assert main([str(tmp_path / "nope.ome.zarr"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no such recording" in err[0]
+
+
+def test_cli_overwrites_and_fills_nothing_on_a_complete_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1, 2], stack_seqs=[0, 1, 2])
+    args = [str(store), "--planes", "-1", "1", "--backend", "onnxruntime", "--threads", "1"]
+    assert main([*args, "--no-progress", "--chunk", "2"]) == 0
+    assert "refocused 3 frames (2 chunks)" in capsys.readouterr().out
+    assert main([*args, "--no-progress", "--planes", "0", "--overwrite"]) == 0
+    assert _read(store, "stacks_offline/0").shape == (3, 1, SIDE, SIDE)
+    assert main([str(store), "--fill-gaps", "--no-progress", "--backend", "onnxruntime"]) == 0
+    assert "refocused 0 frames" in capsys.readouterr().out
+
+
+def test_benchmark_runs_and_writes_its_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from benchmarks import refocus as bench
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--frames", "3", "--side", "64", "--planes", "3", "--backend", "onnxruntime"]
+    assert bench.main([*argv, "--threads", "1", "--skip-cluster"]) == 0
+    record = json.loads((tmp_path / "refocus.json").read_text())
+    assert record["cpu"] and len(record["rows"]) == 3
+    assert all(r["frames_per_s"] > 0 for r in record["rows"])
+
+
+def test_output_through_an_fsspec_url_resumes_like_a_directory(tmp_path: Path) -> None:
+    """memory:// goes through zarr's fsspec store, as s3:// or gs:// would (one process)."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1, 2])
+    url = f"memory://refocus-test-{tmp_path.name}/out.ome.zarr"
+    first = refocus_recording(store, planes=PLANES, out=url, scheduler="sync", **ORT)
+    again = refocus_recording(store, planes=PLANES, out=url, scheduler="sync", **ORT)
+    assert (first.frames_done, again.frames_skipped, again.store) == (3, 3, url)
+    refocus_recording(store, planes=PLANES, out=tmp_path / "o.zarr", scheduler="sync", **ORT)
+    np.testing.assert_array_equal(_read(url, "stacks/0"), _read(tmp_path / "o.zarr", "stacks/0"))
