@@ -671,8 +671,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="CKPT",
         help="write weights_out (+ .json, .psf.npy) from this checkpoint and exit (no training)",
     )
+    p.add_argument("--weights-out", type=Path, default=None, help="override weights_out")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
+    if args.weights_out is not None:
+        cfg.weights_out = args.weights_out
     if args.steps is not None:
         cfg.steps = args.steps
     if args.out is not None:
