@@ -202,3 +202,20 @@ def test_training_to_confocal_targets(tmp_path: Path):
     assert meta.volume is not None and meta.volume.modality == "confocal"
     bank = np.load(Path(cfg.weights_out).parent / meta.volume.psf_file)  # type: ignore[arg-type]
     assert bank[40].sum() == pytest.approx(1.0, abs=1e-4) and bank[0].sum() < 0.2
+
+
+def test_refocus_frames_onto_a_plan_with_drift(trained: Path):
+    """One call per frame stack; a drift offset of +1 µm equals asking for planes 1 µm deeper."""
+    from engine.dpm import VolumePlan
+    from engine.runtime import load_backend
+
+    backend = load_backend(trained, prefer=["torch"])
+    focus = np.array([0.0, 1.0])
+    frames = simulate_volume_pair("beads", shape=(64, 64), seed=9, focus_um=focus).frames
+    plan = VolumePlan.from_z([-2.0, 0.0, 2.0], (64, 64))
+    out = backend.refocus(frames, plan, offsets_um=np.array([0.0, 1.0]))
+    assert out.shape == (2, 3, 64, 64)
+    deeper = backend.infer(frames[1], VolumePlan.from_z([-1.0, 1.0, 3.0], (64, 64)).dpms_um)
+    np.testing.assert_allclose(out[1], deeper, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="offsets_um"):
+        backend.refocus(frames, plan, offsets_um=np.array([0.0]))

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
+from engine.dpm import VolumePlan
 from engine.metadata import (
     ONNX_METADATA_KEY,
     ModelMetadata,
@@ -284,6 +285,30 @@ class BaseBackend:
             r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape)
             self._renderers[shape] = r
         return r
+
+    def refocus(
+        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Refocus each frame onto every DPM of `plan`: (N, H, W) -> (N, P, H, W) float32.
+
+        The frame-level call of the daemon and offline refocusing. `offsets_um` (N,) shifts
+        every DPM of frame n by that many µm, e.g. minus the focus drift since the first frame,
+        so the virtual planes stay at fixed depths in the sample. A volume model runs its
+        network once per frame and renders the plan from the density; a per-plane model runs
+        once per (frame, DPM) pair.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        n = frames.shape[0]
+        off = np.zeros(n) if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
+        if off.shape != (n,) or not np.isfinite(off).all():
+            raise ValueError(f"offsets_um must be {n} finite values, got {offsets_um!r}")
+        out = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
+        for i in range(n):
+            dpms = plan.dpms_um if off[i] == 0 else plan.dpms_um + np.float32(off[i])
+            out[i] = self.infer(frames[i], dpms)
+        return out
 
     def _infer_volume(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
         """`infer` for volume models: one pass per frame, then each DPM rendered from it.

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
 
+    from engine.dpm import VolumePlan
     from engine.metadata import ModelMetadata
     from engine.volume import Renderer
 
@@ -60,6 +61,16 @@ class Backend(Protocol):
         numpy.ndarray
             (N, H, W) float32 planes in the input's intensity scale. The inputs are not
             modified; the returned array is new and owned by the caller.
+        """
+        ...
+
+    def refocus(
+        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Refocus (N, H, W) frames onto every DPM of `plan` -> (N, P, H, W) float32.
+
+        `offsets_um` (N,) shifts frame n's DPMs (drift correction). Volume models run the
+        network once per frame; per-plane models once per (frame, DPM).
         """
         ...
 
