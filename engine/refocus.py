@@ -10,7 +10,9 @@ stacks a live run skipped (``--fill-gaps``), or for a recording that was never r
 
 or from Python, `refocus_recording(...)`, which returns a `RefocusSummary`.
 
-Input: this project's run store (``raw/0`` (t, y, x), present seqs from the root attributes),
+Input: this project's run store (its raw image (t, y, x), ``0/0`` or in stores from before
+the collection layout ``raw/0``, with the present seqs from the root attributes; see
+`live.store`),
 any NGFF image whose axes are (t, y, x) (other axes of size 1 allowed), a plain Zarr array
 (T, H, W), or a TIFF stack. Output: an NGFF 0.5 image (t, z, y, x) float32 on zarr v3, indexed
 like the input's time axis (the camera sequence number for our runs), with the planes' z in its
@@ -86,7 +88,9 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE = "stacks_offline"
 """Name of the offline stacks image written beside ``raw`` in a run store."""
 FILL_IMAGE = "stacks"
-"""The live stacks image, which ``fill_gaps`` completes."""
+"""Group of the live stacks image in stores before the collection layout, and where
+``fill_gaps`` creates one when the run kept no stacks (otherwise it completes the run's own
+stacks image, wherever `live.store.image_groups` says it is)."""
 OUT_IMAGE = "stacks"
 """Name of the stacks image in a new store (``out``)."""
 MANIFEST = "refocus_done"
@@ -206,14 +210,15 @@ def open_input(path: str | Path) -> RawInput:
         return _zarr_input(text, "", node, None)
     attrs = dict(node.attrs)
     deepz = attrs.get("deepz")
-    if "raw" in node and isinstance(deepz, dict) and "raw_present" in deepz:
+    if isinstance(deepz, dict) and "raw_present" in deepz:
         return _run_input(text, node, deepz)
     ome = attrs.get("ome", attrs)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:
         raise RefocusError(
-            f"{text}: no raw image: a Zarr group with neither a 'raw' image (a run of this "
-            "project) nor NGFF 'multiscales' metadata"
+            f"{text}: no raw image: a Zarr group that is neither a run of this project nor "
+            "an NGFF image ('multiscales' metadata); for another OME-Zarr collection, give "
+            "the image inside it (e.g. STORE/0)"
         )
     image = multiscales[0]
     array_path = str(image["datasets"][0]["path"])
@@ -231,16 +236,26 @@ def open_input(path: str | Path) -> RawInput:
 
 
 def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
-    """Open a live run's store: ``raw/0`` and its presence runs from the root attributes."""
+    """Open a live run's store: its raw array and presence runs from the root attributes.
+
+    Where the raw image is comes from `live.store.array_path` (either store layout).
+    """
     import zarr
 
+    from live.store import array_path
+
+    path = array_path(deepz, "raw")
+    if path is None:
+        raise RefocusError(
+            f"{text}: this run kept no raw frames (recorder.keep_raw = false): nothing to refocus"
+        )
     try:
-        array = root["raw/0"]
+        array = root[path]
     except KeyError:
-        raise RefocusError(f"{text}: the run store has a 'raw' group but no raw/0 array") from None
+        raise RefocusError(f"{text}: the run store has no raw array {path}") from None
     if not isinstance(array, zarr.Array):
-        raise RefocusError(f"{text}: raw/0 is not an array")
-    inp = _zarr_input(text, "raw/0", array, ["t", "y", "x"])
+        raise RefocusError(f"{text}: {path} is not an array")
+    inp = _zarr_input(text, path, array, ["t", "y", "x"])
     present = tuple(
         t for start, stop in deepz.get("raw_present", []) for t in range(start, stop) if t < inp.n_t
     )
@@ -802,6 +817,13 @@ def _create_manifest(group: Any, n_blocks: int) -> None:
     )
 
 
+def _run_names(raw: RawInput) -> set[str]:
+    """Root names a run store's own data uses, which an offline image must not take."""
+    from live.store import reserved_names
+
+    return reserved_names(raw.run or {})
+
+
 def _prepare_output(
     raw: RawInput,
     plan: VolumePlan,
@@ -846,7 +868,7 @@ def _prepare_output(
             f"{raw.spec.path} is not a run of this project, so the stacks need their own store: "
             "give --out NEW.ome.zarr"
         )
-    if image == "raw" or (raw.is_run and store == raw.spec.path and image == FILL_IMAGE):
+    if image == "raw" or (raw.is_run and store == raw.spec.path and image in _run_names(raw)):
         raise RefocusError(
             f"the output image {image!r} would overwrite the run's own data: choose another --name"
         )
@@ -883,16 +905,19 @@ def _prepare_output(
 def _prepare_fill(
     root: Any, raw: RawInput, plan: VolumePlan, identity: dict[str, Any], deepz: dict[str, Any]
 ) -> _Output:
-    """Open (or create) the live ``stacks`` image for fill-gaps and check it fits the plan."""
+    """Open (or create) the live stacks image for fill-gaps and check it fits the plan."""
+    from live.store import image_groups
+
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     store = raw.spec.path
+    image = image_groups(raw.run or {}).get("stacks", FILL_IMAGE)
     group: Any
-    if FILL_IMAGE in root:
-        group = root[FILL_IMAGE]
+    if image in root:
+        group = root[image]
         array = group["0"]
         if tuple(array.shape[1:]) != shape[1:]:
             raise RefocusError(
-                f"{store}/stacks/0 holds stacks of shape {list(array.shape[1:])} (planes, y, x), "
+                f"{store}/{image}/0 holds stacks of shape {list(array.shape[1:])} (planes, y, x), "
                 f"but this plan gives {list(shape[1:])}: --fill-gaps needs the live run's planes"
             )
         live_z = dict(group.attrs.get("deepz", {})).get("planes_um")
@@ -902,7 +927,7 @@ def _prepare_fill(
             and not np.allclose(np.asarray(live_z, dtype=np.float64), plan.z_um)
         ):
             raise RefocusError(
-                f"{store}/stacks holds planes {live_z} µm, but this plan is {list(plan.z_um)}: "
+                f"{store}/{image} holds planes {live_z} µm, but this plan is {list(plan.z_um)}: "
                 "--fill-gaps needs the live run's planes (drop --planes / --scope)"
             )
         chunk = int(array.chunks[0])
@@ -910,8 +935,8 @@ def _prepare_fill(
             array.resize(shape)
     else:  # the live run kept no stacks: create the image as the recorder would have
         chunk = 1
-        group = root.create_group(FILL_IMAGE)
-        group.attrs["ome"] = _ngff_stacks(FILL_IMAGE, plan, raw)
+        group = root.create_group(image)
+        group.attrs["ome"] = _ngff_stacks(image, plan, raw)
         group.create_array(
             "0",
             shape=shape,
@@ -928,7 +953,7 @@ def _prepare_fill(
     attrs.setdefault("planes_um", list(plan.z_um) if plan.z_um is not None else None)
     attrs["fill_job"] = {**deepz, "job": identity}
     group.attrs["deepz"] = attrs
-    return _Output(store, FILL_IMAGE, chunk, n_blocks, True, group)
+    return _Output(store, image, chunk, n_blocks, True, group)
 
 
 def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[int]) -> None:

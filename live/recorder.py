@@ -1,19 +1,20 @@
 """The run's recording: one OME-Zarr store (NGFF 0.5 on zarr v3) per run, written off-thread.
 
-Layout of ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``::
-
-    /                 plain group; attrs["deepz"]: run config, plane positions, which seqs are
-                      present in each image (half-open [start, stop) runs), the final summary
-    /raw              NGFF image (t, y, x); array /raw/0 uint16, one chunk per
-                      ``frames_per_chunk`` time points
-    /stacks           NGFF image (t, z, y, x); array /stacks/0 float32, one chunk per time point
+The store is ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``, an OME-Zarr collection whose
+layout `live.store` defines: NGFF image ``/0`` holds the raw frames (t, y, x) uint16 and ``/1``
+the stacks (t, z | plane | surface, y, x) float32 (``/0`` when raw frames are not kept), each
+with an ``omero`` display window; ``/frames`` holds each frame's camera timestamp and focus;
+the root's ``attrs["deepz"]`` holds the run config, which seqs are present in each image
+(half-open [start, stop) runs) and the final summary.
 
 The time index is the camera sequence number, so a missing frame is a visible gap (zeros in
-the array and a hole in the presence runs). Frames and stacks are queued by the daemon's
-threads and written by one background thread; the queue is unbounded because the recorder
-never drops a valid item. A write error or a disk below ``min_free_mb`` stops writing, is
-logged once in plain words, and everything already written stays readable; the daemon keeps
-running.
+the array, NaN in the frame metadata and a hole in the presence runs). The time axis grows
+to exactly the highest seq written, so a store cut off by a crash has no trailing rows that
+were never written; the presence runs, frame metadata and display windows are written every
+`_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and
+written by one background thread; the queue is unbounded because the recorder never drops a
+valid item. A write error or a disk below ``min_free_mb`` stops writing, is logged once in
+plain words, and everything already written stays readable; the daemon keeps running.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
 `put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape;
@@ -47,6 +48,22 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
 
 from live.metrics import format_seqs, seq_ranges
+from live.store import (
+    DPMS_ARRAY,
+    FRAME_FIELDS,
+    FRAMES_GROUP,
+    LAYOUT_VERSION,
+    OME_GROUP,
+    ROLES,
+    StackAxis,
+    WindowSampler,
+    XmlImage,
+    collection_attrs,
+    image_axes,
+    ngff_image,
+    series_attrs,
+    write_ome_xml,
+)
 from live.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -54,10 +71,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPRESSIONS",
-    "RAW_PATH",
     "REJECTIONS",
     "SEQ_WINDOW",
-    "STACKS_PATH",
     "Recorder",
     "RecorderSummary",
     "SeqGate",
@@ -68,10 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RAW_PATH = "raw/0"
-"""Array of raw camera frames (t, y, x) inside the store."""
-STACKS_PATH = "stacks/0"
-"""Array of refocused stacks (t, z, y, x) inside the store."""
 COMPRESSIONS = ("none", "zstd", "lz4", "blosc-lz4", "blosc-zstd", "gzip")
 """Accepted values of ``recorder.compression`` ("lz4" is Blosc-LZ4 with bit shuffle)."""
 
@@ -83,15 +94,32 @@ not a gap but a broken or forged seq."""
 REJECTIONS = ("duplicate", "beyond_window", "wrong_shape", "wrong_dtype")
 """Why the recorder refuses an item (counted per image, ``"raw"`` and ``"stacks"``)."""
 
-_IMAGES = ("raw", "stacks")
+_IMAGES = ROLES
 _DTYPES: dict[str, np.dtype[Any]] = {"raw": np.dtype(np.uint16), "stacks": np.dtype(np.float32)}
 """The dtype of each image's array in the store."""
 _LOGGED_REJECTIONS = 10
 """Rejections logged per image and kind; the rest are only counted."""
 _ATTRS_EVERY_S = 2.0
-_INITIAL_T = 64
+"""How often the writer thread writes presence runs, frame metadata and display windows."""
+_FRAME_CHUNK = 1024
+"""Seqs per chunk of the per-frame metadata arrays."""
 _STOP = object()
-_SPACE = ("space", "micrometer")
+
+
+@dataclass
+class _Image:
+    """One NGFF image of the store as the writer keeps it: group, array, display samples."""
+
+    role: str
+    group: zarr.Group
+    array: zarr.Array[Any]
+    name: str
+    axes: list[dict[str, str]]
+    scale: list[float]
+    translation: list[float] | None
+    sampler: WindowSampler
+    windowed: bool = False
+    xml_t: int = -1
 
 
 class SeqGate:
@@ -237,6 +265,10 @@ class Recorder:
     highest accepted seq an item may be (see the module docstring). The writer thread runs
     under `supervisor` (the daemon's): if it fails unexpectedly the daemon hears of it, the
     store is marked incomplete and what was still queued is counted as unrecorded.
+
+    The stacks are either uniform or listed planes (`planes_um`, µm from focus) or named
+    `surfaces` with their DPMs `dpms_um` (P, H, W) µm, which are stored beside the stacks;
+    give exactly one of the two.
     """
 
     def __init__(
@@ -246,7 +278,9 @@ class Recorder:
         frame_shape: tuple[int, int],
         pixel_size_um: float,
         rate_hz: float,
-        planes_um: Sequence[float],
+        planes_um: Sequence[float] | None = None,
+        surfaces: Sequence[str] | None = None,
+        dpms_um: np.ndarray | None = None,
         config: dict[str, Any] | None = None,
         keep_raw: bool = True,
         keep_stacks: bool = True,
@@ -264,11 +298,24 @@ class Recorder:
             raise ValueError(f"recorder.frames_per_chunk must be >= 1, got {frames_per_chunk}")
         self.path = Path(path)
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
-        self.planes_um = [float(p) for p in planes_um]
+        self.stack_axis = StackAxis(
+            planes_um=None if planes_um is None else tuple(float(p) for p in planes_um),
+            surfaces=None if surfaces is None else tuple(str(s) for s in surfaces),
+            dpms_um=None if dpms_um is None else np.asarray(dpms_um, dtype=np.float32),
+        )
+        if (
+            self.stack_axis.dpms_um is not None
+            and self.stack_axis.dpms_um.shape[1:] != self.frame_shape
+        ):
+            raise ValueError(
+                f"DPMs of shape {list(self.stack_axis.dpms_um.shape[1:])} do not match frames "
+                f"of shape {list(self.frame_shape)}"
+            )
         self._item_shape = {
             "raw": self.frame_shape,
-            "stacks": (len(self.planes_um), *self.frame_shape),
+            "stacks": (len(self.stack_axis), *self.frame_shape),
         }
+        self.pixel_size_um, self.rate_hz = float(pixel_size_um), float(rate_hz)
         self.frames_per_chunk = frames_per_chunk
         self.min_free_mb = min_free_mb
         self.seq_window = seq_window
@@ -281,20 +328,32 @@ class Recorder:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
         self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
+        self._meta_pending: dict[int, tuple[float, float]] = {}  # on disk, metadata not yet
         self._unrecorded = 0
         self._lock = threading.Lock()
         self._summary: RecorderSummary | None = None
         self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        self._raw = self._create_raw(pixel_size_um, rate_hz, compression) if keep_raw else None
-        self._stacks = (
-            self._create_stacks(pixel_size_um, rate_hz, compression) if keep_stacks else None
+        self._root.attrs["ome"] = collection_attrs()
+        kept = [role for role, keep in (("raw", keep_raw), ("stacks", keep_stacks)) if keep]
+        self._images = {
+            role: self._create_image(role, str(i), compression) for i, role in enumerate(kept)
+        }
+        self._root.create_group(OME_GROUP).attrs["ome"] = series_attrs(
+            [image.group.basename for image in self._images.values()]
         )
+        self._frames = self._create_frames()
+        self._raw = self._images["raw"].array if keep_raw else None
+        self._stacks = self._images["stacks"].array if keep_stacks else None
         self._deepz: dict[str, Any] = {
+            "layout": LAYOUT_VERSION,
+            "images": {role: image.group.basename for role, image in self._images.items()},
+            "frames": FRAMES_GROUP,
             "config": config,
-            "planes_um": self.planes_um,
+            **self.stack_axis.attrs(),
             "frame_shape": list(self.frame_shape),
-            "pixel_size_um": pixel_size_um,
-            "rate_hz": rate_hz,
+            "pixel_size_um": self.pixel_size_um,
+            "rate_hz": self.rate_hz,
             "time_index": "camera sequence number",
             "raw_present": [],
             "stacks_present": [],
@@ -319,14 +378,19 @@ class Recorder:
         return self._put("raw", message) is None
 
     def admit_frame(self, message: Message) -> str | None:
-        """Check one raw frame against the raw image's rules; queue it if raw frames are kept.
+        """Check one raw frame against the raw image's rules; queue it (or its metadata).
 
         Returns None when the frame is admitted, else the rejection kind (one of
         `REJECTIONS`, counted). Unlike `put_frame`, the checks run even when raw frames are
-        not kept, so the daemon's router can let through exactly the frames the store takes.
+        not kept, so the daemon's router can let through exactly the frames the store takes;
+        an admitted frame's timestamp and focus are recorded either way.
         """
         if self._raw is None:
-            return self._gates["raw"].admit(message)[1]
+            rejection = self._gates["raw"].admit(message)[1]
+            if rejection is None:
+                header = message.header
+                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
+            return rejection
         return self._put("raw", message)
 
     def put_stack(self, message: Message) -> bool:
@@ -398,7 +462,8 @@ class Recorder:
         """Queue `message` for `image` if its gate admits it; return None, or the rejection kind."""
         converted, rejection = self._gates[image].admit(message)
         if converted is not None:
-            self._queue.put((image, message.header.seq, converted))
+            header = message.header
+            self._queue.put((image, header.seq, converted, header.timestamp_s, header.focus_um))
         return rejection
 
     # -- writer thread -------------------------------------------------------------------
@@ -421,7 +486,7 @@ class Recorder:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return left
-            left += item is not _STOP
+            left += item is not _STOP and item[0] != "frame"
 
     def _run(self) -> None:
         """Write queued items until the stop marker, then flush what is buffered."""
@@ -431,14 +496,14 @@ class Recorder:
             if item is _STOP:
                 break
             if self.error is not None:
-                self._unrecorded += 1
+                self._unrecorded += item[0] != "frame"
                 continue
             now = time.monotonic()
             if self.min_free_mb > 0 and now - last_space_check > 1.0:
                 last_space_check = now
                 self._check_space()
                 if self.error is not None:
-                    self._unrecorded += 1
+                    self._unrecorded += item[0] != "frame"
                     continue
             self._write(*item)
             if now - self._last_attrs > _ATTRS_EVERY_S:
@@ -446,16 +511,27 @@ class Recorder:
                 self._last_attrs = now
         self._guarded(self._flush_blocks, "partial raw chunks")
 
-    def _write(self, kind: str, seq: int, array: np.ndarray) -> None:
+    def _write(
+        self, kind: str, seq: int, array: np.ndarray | None, timestamp_s: float, focus_um: float
+    ) -> None:
         """Write one item, turning any exception into the recorder's logged failure."""
+        if kind == "frame":  # raw frames not kept: only the frame's metadata is recorded
+            with self._lock:
+                self._meta_pending[seq] = (timestamp_s, focus_um)
+            return
+        assert array is not None
         try:
             if kind == "raw":
+                with self._lock:
+                    self._frame_meta[seq] = (timestamp_s, focus_um)
                 self._write_raw(seq, array)
             else:
                 self._write_stack(seq, array)
         except Exception as err:  # any storage fault stops recording, not the run
             self._unrecorded += 1
             self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
+            return
+        self._images[kind].sampler.add(array)
 
     def _write_raw(self, seq: int, frame: np.ndarray) -> None:
         """Buffer a raw frame into its chunk block; write the block once it is full."""
@@ -505,58 +581,112 @@ class Recorder:
         self._mark("stacks", seq)
 
     def _mark(self, kind: str, seq: int) -> None:
-        """Record that `seq` of `kind` is on disk."""
+        """Record that `seq` of `kind` is on disk (a raw frame's metadata is then due)."""
         with self._lock:
             self._present[kind].add(seq)
+            if kind == "raw" and seq in self._frame_meta:
+                self._meta_pending[seq] = self._frame_meta.pop(seq)
 
     # -- metadata and failures -----------------------------------------------------------
 
-    def _create_raw(
-        self, pixel_size_um: float, rate_hz: float, compression: str
-    ) -> zarr.Array[Any]:
-        """Create the /raw NGFF image group and its (t, y, x) uint16 array."""
-        group = self._root.create_group("raw")
-        scale = [1 / rate_hz, pixel_size_um, pixel_size_um]
-        group.attrs["ome"] = _ngff_image("raw", ["t", "y", "x"], scale)
-        return group.create_array(
-            "0",
-            shape=(_INITIAL_T, *self._item_shape["raw"]),
-            chunks=(self.frames_per_chunk, *self._item_shape["raw"]),
-            dtype=_DTYPES["raw"],
-            fill_value=0,
-            compressors=_compressors(compression),
-            dimension_names=["t", "y", "x"],
+    def _create_image(self, role: str, group_path: str, compression: str) -> _Image:
+        """Create the NGFF image group of `role` and its empty time axis (grown per write)."""
+        group = self._root.create_group(group_path)
+        axis = self.stack_axis
+        z_scale, z0 = axis.scale_translation()
+        dt, px = 1 / self.rate_hz, self.pixel_size_um
+        scale = [dt, px, px] if role == "raw" else [dt, z_scale, px, px]
+        translation = None if role == "raw" else [0.0, z0, 0.0, 0.0]
+        shape = self._item_shape[role]
+        axes = image_axes(role, axis)
+        image = _Image(
+            role=role,
+            group=group,
+            array=group.create_array(
+                "0",
+                shape=(0, *shape),
+                chunks=(self.frames_per_chunk if role == "raw" else 1, *shape),
+                dtype=_DTYPES[role],
+                fill_value=0,
+                compressors=_compressors(compression),
+                dimension_names=[a["name"] for a in axes],
+            ),
+            name=role,
+            axes=axes,
+            scale=scale,
+            translation=translation,
+            sampler=WindowSampler(_DTYPES[role]),
+        )
+        self._write_image_attrs(image)
+        if role == "stacks":
+            group.attrs["deepz"] = axis.attrs()
+            if axis.dpms_um is not None:
+                dpms = group.create_array(
+                    DPMS_ARRAY,
+                    data=axis.dpms_um,
+                    chunks=axis.dpms_um.shape,
+                    compressors=_compressors(compression),
+                    dimension_names=["surface", "y", "x"],
+                )
+                dpms.attrs["deepz"] = {
+                    "unit": "micrometer",
+                    "surfaces": list(axis.surfaces or ()),
+                    "meaning": "per-pixel axial distance from the focal plane to the surface "
+                    "each stack plane was refocused onto (the Deep-Z DPM)",
+                }
+        return image
+
+    def _write_image_attrs(self, image: _Image) -> None:
+        """Write an image's NGFF metadata with its current display window."""
+        image.group.attrs["ome"] = ngff_image(
+            image.name, image.axes, image.scale, image.translation, image.sampler.window()
         )
 
-    def _create_stacks(
-        self, pixel_size_um: float, rate_hz: float, compression: str
-    ) -> zarr.Array[Any]:
-        """Create the /stacks NGFF image group and its (t, z, y, x) float32 array."""
-        group = self._root.create_group("stacks")
-        planes = self.planes_um
-        dz = float(np.mean(np.diff(planes))) if len(planes) > 1 else 1.0
-        uniform = len(planes) < 3 or bool(np.allclose(np.diff(planes), dz, atol=1e-6))
-        scale = [1 / rate_hz, dz if uniform and dz > 0 else 1.0, *2 * [pixel_size_um]]
-        translation = [0.0, planes[0] if uniform and planes else 0.0, 0.0, 0.0]
-        group.attrs["ome"] = _ngff_image("stacks", ["t", "z", "y", "x"], scale, translation)
-        group.attrs["deepz"] = {"planes_um": planes, "uniform_planes": uniform}
-        return group.create_array(
-            "0",
-            shape=(_INITIAL_T, *self._item_shape["stacks"]),
-            chunks=(1, *self._item_shape["stacks"]),
-            dtype=_DTYPES["stacks"],
-            fill_value=0.0,
-            compressors=_compressors(compression),
-            dimension_names=["t", "z", "y", "x"],
-        )
+    def _create_frames(self) -> dict[str, zarr.Array[Any]]:
+        """Create the per-seq frame metadata arrays (NaN until a frame's metadata is written)."""
+        group = self._root.create_group(FRAMES_GROUP)
+        group.attrs["deepz"] = {
+            "index": "camera sequence number (the t index of the images)",
+            "fields": FRAME_FIELDS,
+            "missing": "NaN: no frame recorded with that seq",
+        }
+        return {
+            name: group.create_array(
+                name,
+                shape=(0,),
+                chunks=(_FRAME_CHUNK,),
+                dtype=np.float64,
+                fill_value=float("nan"),
+                compressors=None,
+                dimension_names=["t"],
+            )
+            for name in FRAME_FIELDS
+        }
 
     def _grow(self, array: zarr.Array[Any], seq: int) -> None:
-        """Make room for time index `seq` (capacity doubles; trimmed at close)."""
+        """Grow the time axis to end exactly at `seq` (never rows that were not written)."""
         if seq >= array.shape[0]:
-            array.resize((max(seq + 1, 2 * array.shape[0]), *array.shape[1:]))
+            array.resize((seq + 1, *array.shape[1:]))
+
+    def _flush_frame_meta(self) -> None:
+        """Write the frame metadata that is due, one assignment per run of consecutive seqs."""
+        with self._lock:
+            pending, self._meta_pending = self._meta_pending, {}
+        if not pending:
+            return
+        try:
+            for start, stop in seq_ranges(list(pending)):
+                values = np.array([pending[s] for s in range(start, stop)], dtype=np.float64)
+                for i, array in enumerate(self._frames.values()):
+                    self._grow(array, stop - 1)
+                    array[start:stop] = values[:, i]
+        except BaseException:
+            with self._lock:  # not written: keep it for the next try
+                self._meta_pending = pending | self._meta_pending
+            raise
 
     def _write_attrs(self, *, final: bool = False) -> None:
-        """Write presence runs, rejection counts (and at the end, completeness) into the attrs."""
+        """Write presence runs, rejection counts, frame metadata, display windows, OME-XML."""
         with self._lock:
             self._deepz["raw_present"] = [list(r) for r in seq_ranges(list(self._present["raw"]))]
             self._deepz["stacks_present"] = [
@@ -566,7 +696,31 @@ class Recorder:
         self._deepz["complete"] = final and self.error is None and self.run_error is None
         self._deepz["error"] = self.error
         self._deepz["run_error"] = self.run_error
+        self._flush_frame_meta()
+        for image in self._images.values():
+            if len(image.sampler) and (final or not image.windowed):
+                self._write_image_attrs(image)  # the first frames' window, then the final one
+                image.windowed = True
+        if any(image.xml_t != image.array.shape[0] for image in self._images.values()):
+            write_ome_xml(self.path, [self._xml_image(image) for image in self._images.values()])
+            for image in self._images.values():
+                image.xml_t = image.array.shape[0]
         self._root.attrs["deepz"] = self._deepz
+
+    def _xml_image(self, image: _Image) -> XmlImage:
+        """Describe one image for METADATA.ome.xml as it is now."""
+        z_step = image.scale[1] if image.role == "stacks" and self.stack_axis.uniform else None
+        return XmlImage(
+            name=image.name,
+            dtype=_DTYPES[image.role].name,
+            size_t=int(image.array.shape[0]),
+            size_z=len(self.stack_axis) if image.role == "stacks" else 1,
+            size_y=self.frame_shape[0],
+            size_x=self.frame_shape[1],
+            pixel_size_um=self.pixel_size_um,
+            interval_s=1 / self.rate_hz,
+            z_step_um=z_step,
+        )
 
     def _check_space(self) -> None:
         """Fail the recorder when the disk has less than ``min_free_mb`` free."""
@@ -643,29 +797,6 @@ def _exactly_as(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
 def _trim(array: zarr.Array[Any], seqs: list[int]) -> None:
     """Shrink the time axis of `array` to end at the last present seq."""
     array.resize((seqs[-1] + 1 if seqs else 0, *array.shape[1:]))
-
-
-def _ngff_image(
-    name: str, axes: list[str], scale: list[float], translation: list[float] | None = None
-) -> dict[str, Any]:
-    """Return the NGFF 0.5 ``ome`` attribute of a single-resolution image whose array is "0"."""
-    units = {"t": ("time", "second")}
-    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
-    if translation is not None and any(translation):
-        transforms.append({"type": "translation", "translation": translation})
-    return {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": [
-                    dict(zip(("name", "type", "unit"), (a, *units.get(a, _SPACE)), strict=True))
-                    for a in axes
-                ],
-                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-            }
-        ],
-    }
 
 
 def _compressors(name: str) -> list[Any] | None:

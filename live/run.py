@@ -359,13 +359,15 @@ class Daemon:
         rc, src = self.config.recorder, self.config.source
         if not rc.enabled or self.store is None:
             return
-        n_planes = int(plan.dpms_um.shape[0])
+        surfaces = self.config.planes.surfaces  # a surface plan is recorded as surfaces + DPMs
         self.recorder = Recorder(
             self.store,
             frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
             pixel_size_um=float(src.pixel_size_um),
             rate_hz=float(src.rate_hz),
-            planes_um=plan.planes_um or [float(i) for i in range(n_planes)],
+            planes_um=plan.planes_um,
+            surfaces=None if plan.planes_um is not None else [s.name for s in surfaces or []],
+            dpms_um=None if plan.planes_um is not None else plan.dpms_um,
             config=self.config.model_dump(mode="json"),
             keep_raw=rc.keep_raw,
             keep_stacks=rc.keep_stacks,

@@ -446,22 +446,35 @@ def _open_tiff(path: Path) -> Recording:
 
 
 def _open_zarr(path: Path) -> Recording:
-    """Open our recording's ``raw`` image, any NGFF image, or a plain (T, H, W) array."""
+    """Open our recording's raw image, any NGFF image, or a plain (T, H, W) array.
+
+    A run store names its raw image's group (`live.store.image_groups`); another OME-Zarr
+    collection (``bioformats2raw.layout``) is replayed from its first image.
+    """
     import zarr
+
+    from live.store import image_groups
 
     node = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return Recording(_squeeze_to_tyx(node, None, str(path)), range(node.shape[0]), None)
-    present = None
-    deepz = node.attrs.get("deepz")
-    if "raw" in node and isinstance(deepz, dict):
+    present: Any = None
+    deepz: Any = node.attrs.get("deepz")
+    raw_group = image_groups(deepz).get("raw") if isinstance(deepz, dict) else None
+    if raw_group is not None and raw_group in node:
         present = deepz.get("raw_present")
-        node = node["raw"]
+        node = node[raw_group]
+    elif isinstance(deepz, dict) and "raw_present" in deepz:
+        raise ValueError(
+            f"cannot replay {str(path)!r}: this run kept no raw frames (recorder.keep_raw = false)"
+        )
+    elif "bioformats2raw.layout" in _as_dict(node.attrs.get("ome")) and "0" in node:
+        node = node["0"]
     ome = node.attrs.get("ome", node.attrs)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:
         raise ValueError(
-            f"{str(path)!r} is a Zarr group without NGFF 'multiscales' metadata or a 'raw' image"
+            f"{str(path)!r} is a Zarr group without NGFF 'multiscales' metadata or a raw image"
         )
     image = multiscales[0]
     array = node[image["datasets"][0]["path"]]
@@ -471,6 +484,11 @@ def _open_zarr(path: Path) -> Recording:
     if present is not None:
         indices = [t for start, stop in present for t in range(start, stop) if t < frames.shape[0]]
     return Recording(frames, indices, _ngff_rate_hz(image, axes))
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """Return `value` if it is a JSON object, else an empty dict."""
+    return value if isinstance(value, dict) else {}
 
 
 def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:

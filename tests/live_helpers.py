@@ -1,4 +1,4 @@
-"""Helpers shared by the live-service tests: configs on free loopback ports, frame pushing."""
+"""Helpers shared by the live-service tests: configs on free ports, frame pushing, stores."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 import zmq
 
 from live.config import ScopeConfig, validate_config
 from live.protocol import encode_frame
+from live.store import array_path
 
 SIDE = 64
 
@@ -93,3 +95,13 @@ def push_frames(
             sent.append(seq)
     push.close()
     ctx.term()
+
+
+def run_array(store: Path | str, role: str) -> zarr.Array:
+    """Open image `role` ("raw" or "stacks") of a run store, wherever its layout keeps it."""
+    root = zarr.open_group(str(store), mode="r")
+    path = array_path(root.attrs["deepz"], role)
+    assert path is not None, f"the run kept no {role} image"
+    array = root[path]
+    assert isinstance(array, zarr.Array)
+    return array

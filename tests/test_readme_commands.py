@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from tests.live_helpers import run_array
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -72,8 +74,7 @@ def test_main_job_runs_the_shipped_scope_and_records_every_frame(tmp_path: Path)
     assert attrs["raw_present"] == [[0, n]]
     assert attrs["stacks_present"] == [[0, n]]  # every_frame: a stack for every raw frame
     assert f"raw frames recorded {n}" in text
-    raw = zarr.open_array(str(out_path / "raw" / "0"), mode="r")
-    stacks = zarr.open_array(str(out_path / "stacks" / "0"), mode="r")
+    raw, stacks = run_array(out_path, "raw"), run_array(out_path, "stacks")
     assert raw.shape == (n, 256, 256) and raw.dtype == np.uint16
     assert stacks.shape == (n, 9, 256, 256)
     assert np.isfinite(np.asarray(stacks[n - 1])).all()

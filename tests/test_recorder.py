@@ -1,8 +1,19 @@
-"""Recorder: a real OME-Zarr store written on the background thread, read back independently."""
+"""Recorder: a real OME-Zarr store written on the background thread, read back independently.
+
+The layout is checked with the ecosystem's own readers: ome-zarr-py finds the images from the
+root of the collection, yaozarrs validates the whole store against OME-Zarr 0.5, ome-types
+parses METADATA.ome.xml; a SIGKILLed recorder leaves a store that says only true things.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +21,13 @@ import pytest
 import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
+from ome_zarr.utils import find_multiscales
 
 from live.protocol import Message, decode, encode_frame, encode_stack
 from live.recorder import Recorder, missing_seqs, store_path
+from tests.live_helpers import run_array
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPE = (64, 80)
 PLANES = [-2.0, 0.0, 2.0]
@@ -21,33 +36,51 @@ PLANES = [-2.0, 0.0, 2.0]
 def _frame(seq: int) -> Message:
     image = np.full(SHAPE, seq, np.uint16)
     image[0, 0] = 1000 + seq
-    return decode(encode_frame(image, seq=seq, timestamp_s=100.0 + seq, focus_um=0.0))
+    return decode(
+        encode_frame(image, seq=seq, timestamp_s=100.0 + seq / 8, focus_um=50.0 + seq / 10)
+    )
 
 
-def _stack(seq: int) -> Message:
-    planes = np.stack([np.full(SHAPE, seq + p, np.float32) for p in PLANES])
+def _stack(seq: int, planes_um: list[float] = PLANES) -> Message:
+    planes = np.stack([np.full(SHAPE, seq + p, np.float32) for p in planes_um])
     return decode(
         encode_stack(
             planes,
             seq=seq,
             timestamp_s=100.0 + seq,
             focus_um=0.0,
-            planes_um=PLANES,
             latency_ms=1.0,
         )
     )
 
 
 def _recorder(path: Path, **kwargs: object) -> Recorder:
+    kwargs.setdefault("planes_um", PLANES)
     return Recorder(
         path,
         frame_shape=SHAPE,
         pixel_size_um=0.5,
         rate_hz=20.0,
-        planes_um=PLANES,
         config={"source": {"kind": "test"}},
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def _validate(path: Path) -> None:
+    """Validate the whole store with yaozarrs (OME-Zarr 0.5), warnings included."""
+    yaozarrs = pytest.importorskip("yaozarrs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yaozarrs.validate_zarr_store(str(path))
+
+
+def _images_from_root(path: Path) -> dict[str, object]:
+    """Find the collection's images from its root with ome-zarr-py and read each with Reader."""
+    found = find_multiscales(path)  # what ``ome_zarr finder`` lists: OME/METADATA.ome.xml
+    nodes = {}
+    for image_path, name, _ in found:
+        nodes[name] = next(iter(Reader(parse_url(str(image_path)))()))
+    return nodes
 
 
 @pytest.mark.parametrize("frames_per_chunk", [1, 4])
@@ -68,7 +101,7 @@ def test_store_holds_every_frame_and_names_the_gaps(tmp_path: Path, frames_per_c
     assert "raw gaps: 5, 17" in summary.line()
 
     root = zarr.open_group(path, mode="r")
-    raw, stacks = root["raw/0"], root["stacks/0"]
+    raw, stacks = run_array(path, "raw"), run_array(path, "stacks")
     assert raw.shape == (23, *SHAPE) and raw.chunks == (frames_per_chunk, *SHAPE)
     assert stacks.shape == (22, 3, *SHAPE) and stacks.chunks == (1, 3, *SHAPE)
     for seq in raw_seqs:
@@ -81,30 +114,154 @@ def test_store_holds_every_frame_and_names_the_gaps(tmp_path: Path, frames_per_c
     assert deepz["planes_um"] == PLANES
     assert missing_seqs(deepz["raw_present"]) == [5, 17]
     assert deepz["summary"]["stacks_missing"] == [2, 5, 17]
+    timestamps, focus = root["frames/timestamp_s"][:], root["frames/focus_um"][:]
+    assert timestamps.shape == focus.shape == (23,)
+    np.testing.assert_array_equal(timestamps[raw_seqs], [100.0 + s / 8 for s in raw_seqs])
+    np.testing.assert_allclose(focus[raw_seqs], [50.0 + s / 10 for s in raw_seqs])
+    assert np.isnan(timestamps[[5, 17]]).all() and np.isnan(focus[[5, 17]]).all()
 
 
-def test_ome_zarr_py_reads_both_images_with_scales(tmp_path: Path) -> None:
+def test_ecosystem_readers_open_the_collection_from_its_root(tmp_path: Path) -> None:
     path = tmp_path / "run.ome.zarr"
-    rec = _recorder(path)
+    rec = _recorder(path, planes_um=[-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0])
+    rng = np.random.default_rng(0)
     for seq in range(6):
-        rec.put_frame(_frame(seq))
-        rec.put_stack(_stack(seq))
+        frame = rng.integers(200, 400, SHAPE, dtype=np.uint16)
+        frame[0, 0] = 60000  # one hot pixel must not set the window
+        rec.put_frame(decode(encode_frame(frame, seq=seq, timestamp_s=float(seq))))
+        stack = rng.normal(10.0, 1.0, (9, *SHAPE)).astype(np.float32)
+        rec.put_stack(
+            decode(encode_stack(stack, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0))
+        )
     rec.close(timeout_s=30)
 
-    raw_node = next(iter(Reader(parse_url(str(path / "raw")))()))
-    assert [a["name"] for a in raw_node.metadata["axes"]] == ["t", "y", "x"]
-    assert raw_node.metadata["axes"][0]["unit"] == "second"
-    assert raw_node.metadata["coordinateTransformations"][0][0]["scale"] == [0.05, 0.5, 0.5]
-    raw = np.asarray(raw_node.data[0])
-    assert raw.shape == (6, *SHAPE) and raw[4, 1, 1] == 4
+    root = zarr.open_group(path, mode="r")
+    assert root.attrs["ome"] == {"version": "0.5", "bioformats2raw.layout": 3}
+    assert root["OME"].attrs["ome"]["series"] == ["0", "1"]
+    _validate(path)
+    nodes = _images_from_root(path)
+    assert list(nodes) == ["raw", "stacks"]
 
-    stack_node = next(iter(Reader(parse_url(str(path / "stacks")))()))
-    axes = stack_node.metadata["axes"]
+    raw = nodes["raw"]
+    assert [a["name"] for a in raw.metadata["axes"]] == ["t", "y", "x"]
+    assert raw.metadata["axes"][0]["unit"] == "second"
+    assert raw.metadata["coordinateTransformations"][0] == [
+        {"type": "scale", "scale": [0.05, 0.5, 0.5]}
+    ]
+    assert np.asarray(raw.data[0]).shape == (6, *SHAPE)
+    ((start, end),) = raw.metadata["contrast_limits"]  # the omero window: the data, not 0-65535
+    assert 200 <= start < 210 and 390 < end < 400
+
+    stacks = nodes["stacks"]
+    axes = stacks.metadata["axes"]
     assert [(a["name"], a["type"], a["unit"]) for a in axes][1] == ("z", "space", "micrometer")
-    transforms = stack_node.metadata["coordinateTransformations"][0]
-    assert transforms[0]["scale"] == [0.05, 2.0, 0.5, 0.5]
-    assert transforms[1]["translation"] == [0.0, -2.0, 0.0, 0.0]
-    np.testing.assert_array_equal(np.asarray(stack_node.data[0])[3, :, 0, 0], [1.0, 3.0, 5.0])
+    scale, translation = stacks.metadata["coordinateTransformations"][0]
+    assert scale == {"type": "scale", "scale": [0.05, 2.0, 0.5, 0.5]}
+    assert translation == {"type": "translation", "translation": [0.0, -8.0, 0.0, 0.0]}
+    z = translation["translation"][1] + scale["scale"][1] * np.arange(9)
+    np.testing.assert_array_equal(z, [-8, -6, -4, -2, 0, 2, 4, 6, 8])  # µm about focus
+    ((start, end),) = stacks.metadata["contrast_limits"]
+    assert 5.0 < start < 8.0 and 12.0 < end < 15.0
+
+    ome_types = pytest.importorskip("ome_types")
+    xml = ome_types.from_xml((path / "OME" / "METADATA.ome.xml").read_text())
+    assert [image.name for image in xml.images] == ["raw", "stacks"]
+    assert [image.pixels.size_t for image in xml.images] == [6, 6]
+    assert (xml.images[1].pixels.size_z, xml.images[1].pixels.physical_size_z) == (9, 2.0)
+
+
+def test_surfaces_are_stored_as_surfaces_with_their_dpms(tmp_path: Path) -> None:
+    from engine.dpm import polynomial, tilted
+
+    dpms = np.stack(
+        [
+            tilted(SHAPE, 1.0, 0.1, 0.0, pixel_size_um=0.5),
+            polynomial(SHAPE, [2.0, 0.01], pixel_size_um=0.5),
+        ]
+    )
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, planes_um=None, surfaces=["tilt", "bowl"], dpms_um=dpms)
+    for seq in range(3):
+        rec.put_frame(_frame(seq))
+        rec.put_stack(_stack(seq, [0.0, 1.0]))
+    rec.close(timeout_s=30)
+
+    _validate(path)
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["stack_axis"] == "surface" and deepz["surfaces"] == ["tilt", "bowl"]
+    assert deepz["uniform_planes"] is False and deepz["planes_um"] is None
+    stacks = _images_from_root(path)["stacks"]
+    assert stacks.metadata["axes"][1] == {"name": "surface", "type": "surface"}  # no µm
+    assert stacks.metadata["coordinateTransformations"][0] == [
+        {"type": "scale", "scale": [0.05, 1.0, 0.5, 0.5]}
+    ]
+    stored = zarr.open_group(path, mode="r")[f"{deepz['images']['stacks']}/dpms_um"]
+    np.testing.assert_array_equal(stored[...], dpms)
+    assert stored.attrs["deepz"]["unit"] == "micrometer"
+    with pytest.raises(ValueError, match="2 surface names for 1 DPMs"):
+        _recorder(tmp_path / "x.ome.zarr", planes_um=None, surfaces=["a", "b"], dpms_um=dpms[:1])
+
+
+def test_uneven_planes_keep_their_z_in_the_attributes_not_a_false_scale(tmp_path: Path) -> None:
+    path = tmp_path / "run.ome.zarr"
+    planes = [-3.0, 0.0, 1.0]
+    rec = _recorder(path, planes_um=planes, keep_raw=False)
+    for seq in range(3):
+        assert rec.admit_frame(_frame(seq)) is None  # not kept, but its metadata is
+        rec.put_stack(_stack(seq, planes))
+    rec.close(timeout_s=30)
+
+    _validate(path)
+    root = zarr.open_group(path, mode="r")
+    deepz = root.attrs["deepz"]
+    assert deepz["images"] == {"stacks": "0"} and deepz["raw_present"] == []
+    assert deepz["planes_um"] == planes and deepz["uniform_planes"] is False
+    stacks = _images_from_root(path)["stacks"]
+    assert stacks.metadata["axes"][1] == {"name": "plane", "type": "plane"}
+    assert stacks.metadata["coordinateTransformations"][0][0]["scale"][1] == 1.0
+    np.testing.assert_array_equal(root["frames/timestamp_s"][:], [100.0, 100.125, 100.25])
+
+
+_CRASHER = """
+import sys, time
+import numpy as np
+from live.protocol import decode, encode_frame
+from live.recorder import Recorder
+rec = Recorder(sys.argv[1], frame_shape=(16, 16), pixel_size_um=0.5, rate_hz=20.0,
+               planes_um=[0.0])
+for seq in range(5):
+    frame = np.full((16, 16), 100 + seq, np.uint16)
+    rec.put_frame(decode(encode_frame(frame, seq=seq, timestamp_s=10.0 + seq, focus_um=2.0)))
+time.sleep(2.5)  # past one metadata interval
+rec.put_frame(decode(encode_frame(np.full((16, 16), 7, np.uint16), seq=5, timestamp_s=15.0)))
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_store_cut_off_by_sigkill_holds_no_false_rows(tmp_path: Path) -> None:
+    path = tmp_path / "run.ome.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
+        time.sleep(0.5)  # let the writer thread write seq 5
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    root = zarr.open_group(path, mode="r")
+    raw = run_array(path, "raw")
+    assert raw.shape[0] == 6  # no rows past the last frame written
+    assert [int(raw[s, 0, 0]) for s in range(6)] == [100, 101, 102, 103, 104, 7]
+    deepz = root.attrs["deepz"]
+    assert deepz["complete"] is False and "summary" not in deepz
+    present = [s for start, stop in deepz["raw_present"] for s in range(start, stop)]
+    assert present and set(present) <= set(range(6))  # may lag the arrays, never lead them
+    timestamps = root["frames/timestamp_s"][:]
+    np.testing.assert_array_equal(timestamps[present], [10.0 + s for s in present])
+    _validate(path)
 
 
 def test_disk_below_min_free_stops_recording_keeps_data_and_says_so(
@@ -145,7 +302,7 @@ def test_write_error_is_logged_and_later_items_counted(
     assert summary.raw_frames == 1
     assert summary.unrecorded == 2
     assert summary.error == "writing raw seq 1 failed: OSError: injected write fault"
-    assert zarr.open_group(path, mode="r")["raw/0"][0, 0, 0] == 1000
+    assert run_array(path, "raw")[0, 0, 0] == 1000
     assert zarr.open_group(path, mode="r").attrs["deepz"]["complete"] is False
 
 

@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 from live.protocol import MAX_SEQ, Message, decode, encode_frame, encode_stack
 from live.recorder import REJECTIONS, SEQ_WINDOW, missing_seqs
+from live.store import array_path
+from tests.live_helpers import run_array
 from tests.test_recorder import PLANES, SHAPE, _frame, _recorder, _stack
+
+
+def _array(root: zarr.Group, role: str) -> zarr.Array:
+    """The array of image `role` in an opened run store."""
+    array = root[str(array_path(root.attrs["deepz"], role))]
+    assert isinstance(array, zarr.Array)
+    return array
 
 
 def _raw(seq: int, image: np.ndarray) -> Message:
@@ -59,8 +68,8 @@ def test_a_duplicate_seq_is_rejected_and_the_first_frame_kept_bit_identical(
     assert summary.rejected["stacks"]["duplicate"] == 1
     root = zarr.open_group(path, mode="r")
     for seq, image in genuine.items():
-        assert root["raw/0"][seq].tobytes() == image.tobytes()
-    np.testing.assert_array_equal(root["stacks/0"][3, :, 0, 0], [1.0, 3.0, 5.0])
+        assert _array(root, "raw")[seq].tobytes() == image.tobytes()
+    np.testing.assert_array_equal(_array(root, "stacks")[3, :, 0, 0], [1.0, 3.0, 5.0])
     assert root.attrs["deepz"]["complete"] is True
 
 
@@ -85,7 +94,7 @@ def test_a_seq_far_ahead_is_rejected_and_the_store_does_not_grow(
     expected["raw"]["beyond_window"] = expected["stacks"]["beyond_window"] = 1
     assert summary.rejected == expected
     root = zarr.open_group(forged, mode="r")
-    assert root["raw/0"].shape == (5, *SHAPE) and root["stacks/0"].shape[0] == 5
+    assert _array(root, "raw").shape == (5, *SHAPE) and _array(root, "stacks").shape[0] == 5
     assert root.attrs["deepz"]["complete"] is True
     assert root.attrs["deepz"]["raw_present"] == [[0, 5]]
     assert _store_bytes(forged) == _store_bytes(control)
@@ -128,7 +137,7 @@ def test_a_wrong_shape_is_rejected_alone_and_recording_goes_on(tmp_path: Path) -
     assert summary.rejected["raw"]["wrong_shape"] == 1
     assert summary.rejected["stacks"]["wrong_shape"] == 2
     root = zarr.open_group(path, mode="r")
-    assert root["raw/0"][1, 0, 0] == 1001
+    assert _array(root, "raw")[1, 0, 0] == 1001
     assert root.attrs["deepz"]["complete"] is True
 
 
@@ -150,7 +159,7 @@ def test_raw_frames_that_do_not_convert_exactly_to_uint16_are_rejected(tmp_path:
 
     assert summary.rejected["raw"]["wrong_dtype"] == 4
     assert summary.raw_missing == [1, 2, 3, 4]  # truthful gaps, not wrapped values
-    raw = zarr.open_group(path, mode="r")["raw/0"]
+    raw = run_array(path, "raw")
     assert not raw[1:5].any()
     np.testing.assert_array_equal(raw[5], exact_float.astype(np.uint16))
     assert raw[5].dtype == np.uint16 and (raw[6] == 200).all()
@@ -206,7 +215,7 @@ def test_racing_threads_write_each_seq_exactly_once(tmp_path: Path) -> None:
     winners = {**won[0], **won[1]}
     assert len(won[0]) + len(won[1]) == len(winners) == n
     assert summary.raw_frames == n and summary.rejected["raw"]["duplicate"] == n
-    raw = zarr.open_group(path, mode="r")["raw/0"]
+    raw = run_array(path, "raw")
     for seq, thread in winners.items():
         assert raw[seq].tobytes() == images[thread][seq].tobytes()
 
@@ -254,7 +263,7 @@ def test_the_store_holds_the_first_valid_frame_of_every_seq(
     assert summary.error is None and summary.rejected["raw"] == counts
     assert summary.raw_frames == len(first)
     assert summary.raw_missing == sorted(set(range(max(first, default=-1) + 1)) - set(first))
-    raw = zarr.open_group(path, mode="r")["raw/0"]
+    raw = run_array(path, "raw")
     assert raw.shape[0] == max(first, default=-1) + 1
     for seq, image in first.items():
         assert raw[seq].tobytes() == image.tobytes()

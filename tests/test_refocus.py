@@ -16,10 +16,18 @@ import numpy as np
 import pytest
 import zarr
 
-from engine.refocus import MANIFEST, RefocusError, clear_backends, main, refocus_recording
+from engine.refocus import (
+    MANIFEST,
+    RefocusError,
+    clear_backends,
+    main,
+    open_input,
+    refocus_recording,
+)
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.protocol import decode, encode_frame, encode_stack
 from live.recorder import Recorder
+from tests.live_helpers import run_array
 
 SIDE = 64
 PLANES = [-2.0, 0.0, 2.0]
@@ -108,7 +116,7 @@ def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
     # backend and planes, from the config stored in the run
     assert (summary.frames_done, summary.backend) == (6, "onnxruntime")
     assert summary.model["sha256"] and summary.model["name"]
-    offline, live_stacks = _read(store, "stacks_offline/0"), _read(store, "stacks/0")
+    offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
     assert offline.shape == live_stacks.shape == (6, 3, SIDE, SIDE)
     scale = float(np.abs(live_stacks).max())
     np.testing.assert_allclose(offline, live_stacks, rtol=1e-5, atol=1e-5 * scale)
@@ -163,8 +171,8 @@ def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
     frames = _record(store, list(range(6)), stack_seqs=[0, 2], fill=7.0)  # live skipped 1, 3-5
     summary = refocus_recording(store, fill_gaps=True, scheduler=client, **ORT)
     assert (summary.frames_wanted, summary.frames_done) == (4, 4)
-    assert summary.image == "stacks/0"
-    stacks = _read(store, "stacks/0")
+    assert summary.image == "1/0"  # the run's own stacks image (live.store layout)
+    stacks = run_array(store, "stacks")[...]
     assert stacks.shape == (6, 3, SIDE, SIDE)  # grown from the live run's 3 time points
     assert (stacks[[0, 2]] == 7.0).all()  # the live stacks are untouched
     np.testing.assert_allclose(stacks[[1, 3, 4, 5]], _reference(frames[[1, 3, 4, 5]]), atol=1e-3)
@@ -242,6 +250,41 @@ def test_bad_inputs_each_give_one_clear_error(
     assert main([str(tmp_path / "nope.ome.zarr"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "no such recording" in err[0]
+
+
+def test_stores_of_the_earlier_layout_and_of_the_collection_layout_both_open(
+    tmp_path: Path,
+) -> None:
+    """A layout-1 run store (raw/0, stacks/0 at the root) still opens; the names of either
+    layout's own data are refused as an offline image name."""
+    frames = _frames(4)
+    legacy = zarr.open_group(str(tmp_path / "old.ome.zarr"), mode="w", zarr_format=3)
+    legacy.create_group("raw").create_array("0", data=frames, chunks=(1, SIDE, SIDE))
+    legacy.attrs["deepz"] = {"raw_present": [[0, 2], [3, 4]], "rate_hz": 4.0, "pixel_size_um": 0.3}
+    old = open_input(tmp_path / "old.ome.zarr")
+    assert (old.spec.array_path, old.present, old.rate_hz) == ("raw/0", (0, 1, 3), 4.0)
+
+    store = tmp_path / "new.ome.zarr"
+    _record(store, [0, 1, 3])
+    new = open_input(store)
+    assert (new.spec.array_path, new.present, new.pixel_size_um) == ("0/0", (0, 1, 3), 0.3)
+    for name in ("0", "1", "raw", "stacks", "frames", "OME"):
+        with pytest.raises(RefocusError, match="would overwrite the run's own data"):
+            refocus_recording(store, planes=PLANES, name=name, scheduler="sync", **ORT)
+
+    stacks_only = tmp_path / "stacks_only.ome.zarr"
+    rec = Recorder(
+        stacks_only,
+        frame_shape=(SIDE, SIDE),
+        pixel_size_um=0.3,
+        rate_hz=2.0,
+        planes_um=PLANES,
+        keep_raw=False,
+    )
+    rec.admit_frame(decode(encode_frame(frames[0], seq=0, timestamp_s=0.0)))
+    rec.close()
+    with pytest.raises(RefocusError, match="kept no raw frames"):
+        open_input(stacks_only)
 
 
 def test_cli_overwrites_and_fills_nothing_on_a_complete_run(

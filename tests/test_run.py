@@ -18,18 +18,23 @@ import pytest
 import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
+from ome_zarr.utils import find_multiscales
 
+from live.config import validate_config
 from live.recorder import missing_seqs
 from live.run import Daemon
+from live.worker import build_plan
 from tests.live_helpers import live_config, push_frames
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _read_store(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read raw and stacks with ome-zarr-py (independent reader) and the attrs with zarr."""
-    raw = np.asarray(next(iter(Reader(parse_url(f"{path}/raw"))())).data[0])
-    stacks = np.asarray(next(iter(Reader(parse_url(f"{path}/stacks"))())).data[0])
+    """Read raw and stacks with ome-zarr-py (independent reader: it finds the images from the
+    collection's root) and the attrs with zarr."""
+    images = {name: image for image, name, _ in find_multiscales(Path(path))}
+    raw = np.asarray(next(iter(Reader(parse_url(str(images["raw"])))())).data[0])
+    stacks = np.asarray(next(iter(Reader(parse_url(str(images["stacks"])))())).data[0])
     return raw, stacks, dict(zarr.open_group(path, mode="r").attrs["deepz"])
 
 
@@ -58,6 +63,35 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert attrs["complete"] is True and attrs["config"]["source"]["frame_count"] == 30
     assert attrs["run_summary"]["stacks_written"] == 30
     assert all(frame.any() for frame in raw)  # every time point holds a real frame
+
+
+def test_a_surface_plan_is_recorded_as_surfaces_with_its_dpms(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    data = live_config(tmp_path, tiny_model_files["onnx"], frame_count=4).model_dump(mode="json")
+    data["planes"] = {
+        "surfaces": [
+            {"name": "tilted", "kind": "tilted", "z0_um": 1.0, "slope_x": 0.05},
+            {"name": "flat", "z0_um": -1.0},
+        ]
+    }
+    config = validate_config(data, source="test config")
+    store = tmp_path / "run.ome.zarr"
+    daemon = Daemon(config, output=store)
+    try:
+        daemon.start()
+        daemon.supervise(60.0, quiet=True)  # ends when the source has sent its 4 frames
+    finally:
+        summary = daemon.stop()
+    assert (summary.raw_recorded, summary.stacks_written) == (4, 4)
+    _, stacks, attrs = _read_store(str(store))
+    assert stacks.shape == (4, 2, 64, 64)
+    assert attrs["stack_axis"] == "surface" and attrs["surfaces"] == ["tilted", "flat"]
+    assert attrs["uniform_planes"] is False and attrs["planes_um"] is None  # no fake z
+    dpms = zarr.open_group(str(store), mode="r")[f"{attrs['images']['stacks']}/dpms_um"][...]
+    np.testing.assert_array_equal(dpms, build_plan(config).dpms_um)
+    timestamps = zarr.open_group(str(store), mode="r")["frames/timestamp_s"][...]
+    assert timestamps.shape == (4,) and np.all(np.diff(timestamps) > 0)  # the camera's clock
 
 
 def test_overload_latest_policy_counts_exactly_and_malformed_are_logged(

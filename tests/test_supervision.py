@@ -15,7 +15,7 @@ import zarr
 from live.recorder import missing_seqs
 from live.run import EXIT_FAILED, run
 from live.supervisor import Supervisor
-from tests.live_helpers import live_config
+from tests.live_helpers import live_config, run_array
 
 # component name in the summary -> (object path to patch, calls before the fault)
 FAULTS: dict[str, tuple[str, int]] = {
@@ -69,12 +69,12 @@ def test_a_failing_thread_stops_the_run_non_zero_with_a_truthful_store(
     present = [s for start, stop in deepz["raw_present"] for s in range(start, stop)]
     assert len(present) == summary["raw_frames"]  # the record matches the arrays
     assert summary["raw_missing"] == missing_seqs(deepz["raw_present"])
-    assert root["raw/0"].shape[0] == (present[-1] + 1 if present else 0)
+    assert run_array(store, "raw").shape[0] == (present[-1] + 1 if present else 0)
     if component == "recorder writer":  # nothing after the fault was written, and it says so
         assert deepz["error"].startswith("the writer thread failed: RuntimeError")
         assert summary["raw_frames"] + summary["stacks"] <= after
     for seq in present:
-        assert np.asarray(root["raw/0"][seq]).any()  # a present seq holds a real frame
+        assert np.asarray(run_array(store, "raw")[seq]).any()  # a present seq holds a real frame
 
 
 def test_the_supervisor_reports_each_failure_once_with_its_component() -> None:
