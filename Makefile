@@ -8,7 +8,7 @@ DURATION ?= 20
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,export,openvino,mm,dev]'
+	$(PY) -m pip install -q -e '.[train,export,openvino,mm,dist,dev]'
 	touch $@
 
 ## run: the live daemon on the simulated scope with the shipped model, for DURATION seconds
