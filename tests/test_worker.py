@@ -222,9 +222,19 @@ def test_a_worker_whose_daemon_is_gone_stops(
     tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = os.getppid()
-    calls = iter(range(10**9))
-    # The first call (at start) sees the daemon; later ones see it gone (reparented to init).
-    monkeypatch.setattr("live.worker.os.getppid", lambda: real if next(calls) == 0 else 1)
+    seen: set[int] = set()
+
+    def getppid() -> int:
+        # Each thread's first call (the worker's at start) sees the daemon, later ones see it
+        # gone (reparented to init). Per thread: os.getppid is patched process-wide, and a
+        # thread left by an earlier test must not take the worker's first answer.
+        me = threading.get_ident()
+        if me in seen:
+            return 1
+        seen.add(me)
+        return real
+
+    monkeypatch.setattr("live.worker.os.getppid", getppid)
     harness = _Harness(live_config(tmp_path, tiny_model_files["onnx"]), in_process=True)
     try:
         assert harness.event()["event"] == "ready"
