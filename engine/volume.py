@@ -157,6 +157,11 @@ class Renderer:
         s = RESIDUAL_SIGMA_PX
         self._lowpass = np.exp(-2 * (np.pi * s) ** 2 * (yy**2 + xx**2)).astype(np.float32)
         self._in_focus = int(np.argmin(np.abs(self.depth_um)))
+        # Normalised convolution: the residual is low-passed inside the frame only (the grid
+        # around it is zero), so divide by the low-passed frame support; otherwise the
+        # residual (camera offset, background) would fade towards the frame's edges.
+        ones = np.ones((1, *self.shape), dtype=np.float32)
+        self._support = self._back(self._spectra(ones) * self._lowpass)[0]
 
     def _spectra(self, objects: np.ndarray) -> np.ndarray:
         """rfft2 of (D, H, W) objects, zero-padded into the render grid."""
@@ -206,7 +211,7 @@ class Renderer:
         dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
         rendered = self.render(objects, np.append(dz, 0.0))
         residual = np.asarray(frame, dtype=np.float32) - rendered[-1]
-        low = self._back(self._spectra(residual[None]) * self._lowpass)[0]
+        low = self._back(self._spectra(residual[None]) * self._lowpass)[0] / self._support
         out: np.ndarray = rendered[:-1] + low
         return out
 
