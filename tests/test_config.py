@@ -31,8 +31,10 @@ def test_shipped_config_loads_and_is_the_embedded_default():
     cfg = load_config(REPO / "config.toml")
     assert cfg.source.kind == "simulated"
     assert cfg.source.frame_shape == (256, 256)
-    assert cfg.engine.model_path is None
-    assert cfg.engine.resolved_model_path() == DEFAULT_MODEL_PATH
+    # the shipped scope runs the volume model; DEFAULT_MODEL_PATH stays the API's default
+    assert cfg.engine.resolved_model_path() == REPO / "engine" / "weights" / "deepz-volume.onnx"
+    assert DEFAULT_MODEL_PATH.is_file()
+    assert (REPO / "engine" / "weights" / "deepz-volume.psf.npy").is_file()
     assert cfg.engine.backends == ["openvino", "onnxruntime"]
     assert cfg.endpoints.frames.startswith("tcp://127.0.0.1:")
     plan = cfg.planes.build(cfg.source.frame_shape, cfg.source.pixel_size_um)
