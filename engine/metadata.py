@@ -165,6 +165,24 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(x, pad, mode="edge")
 
 
+def broadcast_count(images: np.ndarray, dpms_um: np.ndarray) -> int:
+    """Pairs that (N, H, W) frames and (N, H, W) DPMs make (one of either broadcasts), checked.
+
+    Raises `ValueError` naming the problem when the frame shapes differ or the counts do not
+    broadcast (neither 1 nor equal).
+    """
+    if images.shape[-2:] != dpms_um.shape[-2:]:
+        raise ValueError(
+            f"frame shape {images.shape[-2:]} does not match DPM shape {dpms_um.shape[-2:]}"
+        )
+    n = max(images.shape[0], dpms_um.shape[0])
+    if images.shape[0] not in (1, n) or dpms_um.shape[0] not in (1, n):
+        raise ValueError(
+            f"batch sizes do not broadcast: {images.shape[0]} images, {dpms_um.shape[0]} DPMs"
+        )
+    return int(n)
+
+
 def prepare_inputs(
     images: np.ndarray,
     dpms_um: np.ndarray,
@@ -191,15 +209,7 @@ def prepare_inputs(
         raise ValueError(
             f"images and dpms_um must be (N, H, W); got {images.shape} and {dpms_um.shape}"
         )
-    if images.shape[-2:] != dpms_um.shape[-2:]:
-        raise ValueError(
-            f"frame shape {images.shape[-2:]} does not match DPM shape {dpms_um.shape[-2:]}"
-        )
-    n = max(images.shape[0], dpms_um.shape[0])
-    if images.shape[0] not in (1, n) or dpms_um.shape[0] not in (1, n):
-        raise ValueError(
-            f"batch sizes do not broadcast: {images.shape[0]} images, {dpms_um.shape[0]} DPMs"
-        )
+    n = broadcast_count(images, dpms_um)
     if not np.issubdtype(images.dtype, np.number) or np.iscomplexobj(images):
         raise ValueError(f"images must be real numeric, got dtype {images.dtype}")
     norm, mean, std = normalize_images(images)

@@ -36,10 +36,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from engine.metadata import ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
+from engine.train import SampleKind, _Base
 from engine.volume import defocus_index, depth_grid, psf_bank, save_psf_bank
 
 __all__ = [
@@ -50,14 +51,9 @@ __all__ = [
     "train",
 ]
 
-SampleKind = Literal["worm", "beads", "mixed"]
 TRAIN_SEED_OFFSET = 2_000_000
 """Volume training samples use seeds >= this; evaluation uses seeds below 1,000,000."""
 VALIDATION_SEED_OFFSET = 950_000
-
-
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class VolumeDataConfig(_Base):

@@ -22,6 +22,7 @@ from engine.metadata import (
     ONNX_METADATA_KEY,
     ModelMetadata,
     ModelMetadataError,
+    broadcast_count,
     denormalize_images,
     normalize_images,
     pad_to_multiple,
@@ -318,15 +319,7 @@ class BaseBackend:
         """
         frames = images if images.ndim == 3 else images[None]
         dpms = dpms_um if dpms_um.ndim == 3 else dpms_um[None]
-        if frames.shape[-2:] != dpms.shape[-2:]:
-            raise ValueError(
-                f"frame shape {frames.shape[-2:]} does not match DPM shape {dpms.shape[-2:]}"
-            )
-        n = max(frames.shape[0], dpms.shape[0])
-        if frames.shape[0] not in (1, n) or dpms.shape[0] not in (1, n):
-            raise ValueError(
-                f"batch sizes do not broadcast: {frames.shape[0]} images, {dpms.shape[0]} DPMs"
-            )
+        n = broadcast_count(frames, dpms)
         density = self.volume(frames)
         render = self.renderer((int(frames.shape[1]), int(frames.shape[2])))
         step = render.step_um
