@@ -237,10 +237,14 @@ def _round(value: float | None) -> float | None:
 
 
 def end_to_end(
-    settings: list[tuple[float, int]], seconds: float, side: int, backends: list[str]
+    settings: list[tuple[float, int]],
+    seconds: float,
+    side: int,
+    backends: list[str],
+    model_file: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
-    model, model_name = model_path()
+    model, model_name = (model_file, model_file.name) if model_file else model_path()
     print(f"end to end with {model_name}: {model}", flush=True)
     rows = []
     for rate_hz, planes in settings:
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settings", default=None, help="e2e rate×planes list, e.g. '10x5,20x5,10x11'"
     )
+    parser.add_argument("--model", type=Path, default=None, help="model (default: deepz-slim)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to write")
     args = parser.parse_args(argv)
     results = transport(args.quick)
     raw = {(r.side, r.transport): r.gb_per_s for r in results if r.method == "raw pyzmq"}
@@ -298,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in (args.settings or default).split(",")
         ]
         seconds = args.seconds or (8.0 if args.quick else 60.0)
-        e2e = end_to_end(settings, seconds, args.side, args.backends)
+        e2e = end_to_end(settings, seconds, args.side, args.backends, args.model)
         sustained = [r for r in e2e if r["sustained"]]
         if sustained:
             top = max(sustained, key=lambda r: r["rate_hz"] * r["planes"])
@@ -306,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"highest sustained: {top['rate_hz']:g} Hz × {top['planes']} planes at "
                 f"{args.side}² (p50 {top['latency_p50_ms']} ms, p99 {top['latency_p99_ms']} ms)"
             )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "date": datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -314,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "transport": [asdict(r) for r in results],
         "end_to_end": e2e,
     }
-    RESULTS.write_text(json.dumps(record, indent=2))
-    print(f"wrote {RESULTS}")
+    args.results.write_text(json.dumps(record, indent=2))
+    print(f"wrote {args.results}")
     return 0
 
 

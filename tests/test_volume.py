@@ -219,3 +219,15 @@ def test_refocus_frames_onto_a_plan_with_drift(trained: Path):
     np.testing.assert_allclose(out[1], deeper, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="offsets_um"):
         backend.refocus(frames, plan, offsets_um=np.array([0.0]))
+
+
+def test_uniform_planes_off_the_lattice_are_interpolated(trained: Path):
+    """A plane between two depth-grid planes is their linear blend (rendered once, in a batch)."""
+    from engine.runtime import load_backend
+
+    backend = load_backend(trained, prefer=["torch"])
+    frame = simulate_volume_pair("beads", shape=(64, 64), seed=9).frames[0]
+    z = np.array([0.0, 0.25, 0.5, 10.0], np.float32)
+    out = backend.infer(frame, np.broadcast_to(z[:, None, None], (4, 64, 64)))
+    np.testing.assert_allclose(out[1], 0.5 * (out[0] + out[2]), rtol=1e-5, atol=1e-3)
+    assert np.isfinite(out[3]).all()  # the top of the grid needs no plane above it

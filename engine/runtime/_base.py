@@ -329,14 +329,22 @@ class BaseBackend:
             flat: list[int] = []
             for i in which:
                 d = dpms[i if dpms.shape[0] > 1 else 0]
-                z = float(d.flat[0])
-                if np.all(d == d.flat[0]) and abs(z / step - round(z / step)) < 1e-6:
+                if np.all(d == d.flat[0]):
                     flat.append(i)
                 else:
                     out[i] = render.surface(density[f], frames[f], d)
             if flat:
-                values = [float(dpms[i if dpms.shape[0] > 1 else 0].flat[0]) for i in flat]
-                out[flat] = render.planes(density[f], frames[f], np.array(values))
+                # Uniform planes: render the lattice planes around all of them once, then
+                # interpolate each plane between its two neighbours (exact on the lattice).
+                z = np.array([float(dpms[i if dpms.shape[0] > 1 else 0].flat[0]) for i in flat])
+                lo = np.floor(np.round(z / step, 6)).astype(np.int64)
+                frac = np.clip(z / step - lo, 0.0, 1.0).astype(np.float32)
+                between = frac >= 1e-6  # off the lattice: the next plane up is needed too
+                grid = np.unique(np.concatenate([lo, lo[between] + 1]))
+                planes = render.planes(density[f], frames[f], grid * step)
+                k0 = np.searchsorted(grid, lo)
+                for i, a0, t in zip(flat, k0, frac, strict=True):
+                    out[i] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
         return out
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:
