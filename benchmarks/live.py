@@ -178,8 +178,10 @@ def run_setting(
     from live.run import Daemon
 
     tmp = Path(tempfile.mkdtemp(prefix="deepz-e2e-"))
-    half = (planes - 1) / 2
-    z_um = [round(-half + i, 3) for i in range(planes)]
+    # 0.5 µm apart around focus: 41 planes span the trained ±10 µm (a volume model renders
+    # only inside its depth grid; 1 µm steps reached ±20 µm)
+    half = (planes - 1) / 4
+    z_um = [round(-half + 0.5 * i, 3) for i in range(planes)]
     config = validate_config(
         {
             "source": {
