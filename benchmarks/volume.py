@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,20 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.refocus import cpu_model
+
 RESULTS = Path(__file__).parent / "results" / "volume.json"
 DEFAULT_MODEL = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.onnx"
-
-
-def cpu_name() -> str:
-    """The `lscpu` model name of this machine."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -107,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(args.model, args.sizes, args.planes, args.backends, args.repeats)
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": cpu_name(),
+        "machine": cpu_model(),
         "model": str(args.model),
         "rows": rows,
     }

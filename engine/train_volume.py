@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 
 from engine.metadata import ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
-from engine.train import SampleKind, _Base
+from engine.train import SampleKind, _Base, _lr_factor
 from engine.volume import defocus_index, depth_grid, psf_bank, save_psf_bank
 
 __all__ = [
@@ -404,15 +404,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _lr(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    if cfg.schedule_by == "wall" and cfg.max_wall_s is not None:
-        t = max(t, wall_s / cfg.max_wall_s)
-    return cfg.lr_min + (cfg.lr - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
     t = step / cfg.steps
     if cfg.schedule_by == "wall" and cfg.max_wall_s is not None:
@@ -516,7 +507,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         opt.step()
         step += 1
         wall = wall_before + time.monotonic() - start
-        lr = _lr(cfg, step, wall)
+        lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
         for group in opt.param_groups:
             group["lr"] = lr
         history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
