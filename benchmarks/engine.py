@@ -109,7 +109,7 @@ def random_model(directory: Path) -> Path:
     import torch
 
     from engine.model import build_model, save_model, untrained_metadata
-    from export._onnx import export_onnx
+    from export import export_onnx
 
     torch.manual_seed(0)
     model = build_model("slim").eval()

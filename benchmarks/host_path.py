@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.metadata import ModelMetadata
-from engine.runtime import DEFAULT_MODEL, BackendOptions, BaseBackend
-from engine.runtime._base import onnx_metadata
+from engine.runtime import DEFAULT_MODEL, BackendOptions, BaseBackend, onnx_metadata
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

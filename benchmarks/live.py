@@ -137,7 +137,7 @@ import sys
 import torch
 from engine.metadata import ModelMetadata
 from engine.model import build_model
-from export._onnx import export_onnx
+from export import export_onnx
 torch.manual_seed(0)
 model = build_model("slim").eval()
 meta = ModelMetadata(name="deepz-slim-random", architecture=model.architecture,

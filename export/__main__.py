@@ -73,9 +73,10 @@ def _scope_shapes(path: Path) -> tuple[tuple[int, int], int]:
 
 def _tensorrt(args: argparse.Namespace) -> int:
     """Build or look up the TensorRT engine and print where it is."""
+    from engine.runtime import onnx_metadata
+
     try:
-        from engine.runtime._base import onnx_metadata
-        from export._tensorrt import build_cached
+        from engine.runtime import build_tensorrt_engine
     except ImportError as exc:
         print(
             f"TensorRT is not usable here ({exc}); install it on a CUDA machine with "
@@ -91,7 +92,7 @@ def _tensorrt(args: argparse.Namespace) -> int:
         scope_frame, scope_batch = _scope_shapes(args.scope)
         frames.append(scope_frame)
         max_batch = max_batch or scope_batch
-    entry, key, built = build_cached(
+    entry, key, built = build_tensorrt_engine(
         args.onnx,
         metadata,
         precision="fp16" if args.fp16 else "fp32",

@@ -25,8 +25,7 @@ from torch.export import Dim
 
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
-from engine.runtime._base import INPUT_NAME, OUTPUT_NAME
-from engine.runtime._onnxruntime import session_options
+from engine.runtime import INPUT_NAME, OUTPUT_NAME, session_options
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, obje
     import torch
 
     from engine.model import DeepZ, save_model, untrained_metadata
-    from export._onnx import export_onnx
+    from export import export_onnx
 
     torch.manual_seed(0)
     model = DeepZ(**TINY_ARCHITECTURE).eval()

@@ -1,7 +1,8 @@
-"""export: torch -> ONNX (checker, dynamic axes, metadata, parity) and the engine cache."""
+"""export: torch -> ONNX (checker, dynamic axes, metadata, parity) and its command line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,17 +16,8 @@ import torch
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata
 from engine.model import DeepZ
 from engine.runtime import load_backend
+from export import EXPORT_INFO_KEY, check_parity, random_inputs
 from export.__main__ import main
-from export._cache import (
-    CACHE_ENV,
-    EngineCache,
-    EngineKey,
-    default_cache_dir,
-    file_sha256,
-    make_profile,
-    read_plan_info,
-)
-from export._onnx import EXPORT_INFO_KEY, check_parity, random_inputs
 
 from .conftest import TINY_ARCHITECTURE
 
@@ -97,6 +89,14 @@ def test_cli_rejects_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "none.pt: weights file not found" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT installed")
+def test_cli_tensorrt_without_tensorrt_gives_the_install_hint(
+    tiny_model_files: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tensorrt", "--onnx", str(tiny_model_files["onnx"])]) == 2
+    assert "pip install 'deepz-live[gpu]'" in capsys.readouterr().err
+
+
 def test_cli_entry_point_runs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "export", "--help"], cwd=REPO, capture_output=True, text=True
@@ -108,68 +108,6 @@ def _tiny(files: dict[str, object]) -> tuple[DeepZ, ModelMetadata]:
     from engine.model import load_model
 
     return load_model(files["pt"])  # type: ignore[arg-type]
-
-
-def _key(**changes: object) -> EngineKey:
-    fields: dict[str, object] = {
-        "gpu": "NVIDIA H100 80GB HBM3",
-        "tensorrt": "10.9.0",
-        "onnx_sha256": "ab" * 32,
-        "precision": "fp16",
-        "min_shape": (1, 2, 256, 256),
-        "opt_shape": (41, 2, 512, 512),
-        "max_shape": (64, 2, 1024, 1024),
-    }
-    fields.update(changes)
-    return EngineKey(**fields)  # type: ignore[arg-type]
-
-
-def test_engine_key_changes_with_every_field() -> None:
-    base = _key()
-    assert base.digest() == _key().digest()
-    for change in (
-        {"gpu": "NVIDIA A100"},
-        {"tensorrt": "10.10.0"},
-        {"onnx_sha256": "cd" * 32},
-        {"precision": "fp32"},
-        {"max_shape": (41, 2, 1024, 1024)},
-    ):
-        assert _key(**change).digest() != base.digest(), change
-    assert "/" not in base.file_stem("deepz slim/v1")
-
-
-def test_engine_cache_store_lookup_and_plan_info(
-    tmp_path: Path, tiny_model_files: dict[str, object]
-) -> None:
-    metadata = tiny_model_files["metadata"]
-    cache = EngineCache(tmp_path / "engines")
-    key = _key(onnx_sha256=file_sha256(tiny_model_files["onnx"]))  # type: ignore[arg-type]
-    assert cache.lookup(key, metadata.name) is None  # type: ignore[attr-defined]
-    entry = cache.store(key, metadata, b"plan bytes", tiny_model_files["onnx"])  # type: ignore[arg-type]
-    assert cache.lookup(key, metadata.name) == entry  # type: ignore[attr-defined]
-    assert entry.plan.read_bytes() == b"plan bytes"
-    assert read_plan_info(entry.plan) == (key, metadata)
-    assert cache.lookup(_key(precision="fp32"), metadata.name) is None  # type: ignore[attr-defined]
-    assert "H100" in cache.timing_cache(key.gpu, key.tensorrt).name
-
-
-def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "x"))
-    assert default_cache_dir() == tmp_path / "x"
-    monkeypatch.delenv(CACHE_ENV)
-    assert default_cache_dir().parts[-3:] == (".cache", "deepz-live", "engines")
-
-
-def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, object]) -> None:
-    metadata = tiny_model_files["metadata"]
-    profile = make_profile(metadata, [(510, 510), (250, 1030)], max_batch=64)  # type: ignore[arg-type]
-    assert profile.min_shape == (1, 2, 252, 512)
-    assert profile.opt_shape == (41, 2, 512, 512)
-    assert profile.max_shape == (64, 2, 512, 1032)
-    assert profile.covers(41, 512, 512) and not profile.covers(65, 512, 512)
-    assert make_profile(metadata, [(256, 256)], max_batch=8).opt_shape == (8, 2, 256, 256)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="frame shapes"):
-        make_profile(metadata, [(0, 5)])  # type: ignore[arg-type]
 
 
 def test_tiny_architecture_is_what_the_fixture_uses(tiny_model_files: dict[str, object]) -> None:

@@ -1,7 +1,9 @@
-"""engine.runtime: the Backend protocol on every backend installed here, selection, bad files."""
+"""engine.runtime: the Backend protocol on every backend installed here, selection, bad files,
+and the TensorRT engine cache."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -19,8 +21,13 @@ from engine.runtime import (
     DEFAULT_MODEL,
     Backend,
     BackendError,
+    EngineCache,
+    EngineKey,
     available_backends,
+    default_cache_dir,
     load_backend,
+    make_profile,
+    read_plan_info,
     select,
 )
 
@@ -354,3 +361,72 @@ def test_shipped_onnx_matches_shipped_weights() -> None:
     want = torch_backend.infer(frame, dpms)
     got = onnx_backend.infer(frame, dpms)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+# the TensorRT engine cache (no tensorrt needed)
+
+
+def _sha256(path: object) -> str:
+    return hashlib.sha256(Path(str(path)).read_bytes()).hexdigest()
+
+
+def _key(**changes: object) -> EngineKey:
+    fields: dict[str, object] = {
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "tensorrt": "10.9.0",
+        "onnx_sha256": "ab" * 32,
+        "precision": "fp16",
+        "min_shape": (1, 2, 256, 256),
+        "opt_shape": (41, 2, 512, 512),
+        "max_shape": (64, 2, 1024, 1024),
+    }
+    fields.update(changes)
+    return EngineKey(**fields)  # type: ignore[arg-type]
+
+
+def test_engine_key_changes_with_every_field() -> None:
+    base = _key()
+    assert base.digest() == _key().digest()
+    for change in (
+        {"gpu": "NVIDIA A100"},
+        {"tensorrt": "10.10.0"},
+        {"onnx_sha256": "cd" * 32},
+        {"precision": "fp32"},
+        {"max_shape": (41, 2, 1024, 1024)},
+    ):
+        assert _key(**change).digest() != base.digest(), change
+    assert "/" not in base.file_stem("deepz slim/v1")
+
+
+def test_engine_cache_store_lookup_and_plan_info(
+    tmp_path: Path, tiny_model_files: dict[str, object]
+) -> None:
+    metadata = tiny_model_files["metadata"]
+    cache = EngineCache(tmp_path / "engines")
+    key = _key(onnx_sha256=_sha256(tiny_model_files["onnx"]))  # type: ignore[arg-type]
+    assert cache.lookup(key, metadata.name) is None  # type: ignore[attr-defined]
+    entry = cache.store(key, metadata, b"plan bytes", tiny_model_files["onnx"])  # type: ignore[arg-type]
+    assert cache.lookup(key, metadata.name) == entry  # type: ignore[attr-defined]
+    assert entry.plan.read_bytes() == b"plan bytes"
+    assert read_plan_info(entry.plan) == (key, metadata)
+    assert cache.lookup(_key(precision="fp32"), metadata.name) is None  # type: ignore[attr-defined]
+    assert "H100" in cache.timing_cache(key.gpu, key.tensorrt).name
+
+
+def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DEEPZ_ENGINE_CACHE", str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("DEEPZ_ENGINE_CACHE")
+    assert default_cache_dir().parts[-3:] == (".cache", "deepz-live", "engines")
+
+
+def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, object]) -> None:
+    metadata = tiny_model_files["metadata"]
+    profile = make_profile(metadata, [(510, 510), (250, 1030)], max_batch=64)  # type: ignore[arg-type]
+    assert profile.min_shape == (1, 2, 252, 512)
+    assert profile.opt_shape == (41, 2, 512, 512)
+    assert profile.max_shape == (64, 2, 512, 1032)
+    assert profile.covers(41, 512, 512) and not profile.covers(65, 512, 512)
+    assert make_profile(metadata, [(256, 256)], max_batch=8).opt_shape == (8, 2, 256, 256)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="frame shapes"):
+        make_profile(metadata, [(0, 5)])  # type: ignore[arg-type]

@@ -70,13 +70,12 @@ def test_parity_with_onnxruntime(
 def test_engine_is_cached_and_plan_loads_alone(
     tiny_model_files: dict[str, object], cache_dir: Path
 ) -> None:
-    from engine.runtime._base import onnx_metadata
-    from export._tensorrt import build_cached
+    from engine.runtime import build_tensorrt_engine, onnx_metadata
 
     metadata = onnx_metadata(tiny_model_files["onnx"])  # type: ignore[arg-type]
     kwargs = {"precision": "fp16", "frame_shapes": [SHAPE], "max_batch": 8, "cache_dir": cache_dir}
-    first, key, _ = build_cached(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
-    again, key2, built = build_cached(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
+    first, key, _ = build_tensorrt_engine(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
+    again, key2, built = build_tensorrt_engine(tiny_model_files["onnx"], metadata, **kwargs)  # type: ignore[arg-type]
     assert not built and again == first and key2 == key
     assert cache_dir / first.plan.name == first.plan
     assert any(p.name.startswith("timing-") for p in cache_dir.iterdir())

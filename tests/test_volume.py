@@ -150,7 +150,7 @@ def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
     """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
     pytest.importorskip("onnx", reason="export extra not installed")
     from engine.runtime import load_backend
-    from export._onnx import export_weights
+    from export import export_weights
 
     onnx_path = tmp_path / "vol.onnx"
     report = export_weights(trained, onnx_path)

@@ -1,8 +1,10 @@
-"""Inference backends behind one `Backend` protocol, and `load_backend` which picks one.
+"""Inference backends behind one `Backend` protocol, `load_backend` which picks one, engine cache.
 
 Importing this package imports numpy and pydantic only: tensorrt, openvino, onnxruntime and
 torch are imported by the one module of the backend that is actually built, so the live daemon
-never pulls torch in.
+never pulls torch in. The TensorRT engine cache (`EngineCache`, `read_plan_info`) lives here
+too, beside the backend that loads its plans; `session_options` (onnxruntime) and
+`build_tensorrt_engine` (tensorrt) import their library on first access (PEP 562).
 
 Examples
 --------
@@ -19,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from engine.runtime._base import (
     DEFAULT_MAX_BATCH,
@@ -26,8 +29,28 @@ from engine.runtime._base import (
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
+    onnx_metadata,
 )
 from engine.runtime._protocol import Backend, BackendError, Precision
+from engine.runtime._trt_cache import (
+    CacheEntry,
+    EngineCache,
+    EngineKey,
+    ShapeProfile,
+    default_cache_dir,
+    make_profile,
+    read_plan_info,
+)
+
+if TYPE_CHECKING:
+    from engine.runtime._onnxruntime import session_options
+    from engine.runtime._trt_build import build_tensorrt_engine
+
+_LAZY = {
+    "session_options": "engine.runtime._onnxruntime",
+    "build_tensorrt_engine": "engine.runtime._trt_build",
+}
+"""Public names whose module imports a heavy library, imported on first access."""
 
 __all__ = [
     "BACKENDS",
@@ -40,10 +63,20 @@ __all__ = [
     "BackendOptions",
     "BackendSpec",
     "BaseBackend",
+    "CacheEntry",
+    "EngineCache",
+    "EngineKey",
     "Precision",
+    "ShapeProfile",
     "available_backends",
+    "build_tensorrt_engine",
+    "default_cache_dir",
     "load_backend",
+    "make_profile",
+    "onnx_metadata",
+    "read_plan_info",
     "select",
+    "session_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,3 +253,20 @@ def load_backend(
         return backend
     details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
     raise BackendError(f"{path}: no backend could load this model ({details})")
+
+
+def __getattr__(name: str) -> Any:
+    """Import `session_options` or `build_tensorrt_engine` on first use (PEP 562).
+
+    Raises
+    ------
+    ImportError
+        The name's library (onnxruntime, tensorrt) is not installed here.
+    AttributeError
+        The package has no attribute `name`.
+    """
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine.runtime' has no attribute {name!r}")

@@ -1,10 +1,11 @@
 """TensorRT backend: a cached engine on one CUDA stream, buffers bound once, pinned host memory.
 
-Given an `.onnx`, the engine comes from the cache of `export._cache` (built on first use, which
-takes minutes); given a cached `.plan`, it is loaded with the metadata beside it. Device buffers
-are sized for the profile's largest input and bound once; each call copies into pinned host
-memory, runs `execute_async_v3`, and copies back on the same stream. With `cuda_graph=True`
-a call is captured as a CUDA graph once its input shape repeats, and replayed while it stays.
+Given an `.onnx`, the engine comes from the cache of `_trt_cache` (built by `_trt_build` on
+first use, which takes minutes); given a cached `.plan`, it is loaded with the metadata beside
+it. Device buffers are sized for the profile's largest input and bound once; each call copies
+into pinned host memory, runs `execute_async_v3`, and copies back on the same stream. With
+`cuda_graph=True` a call is captured as a CUDA graph once its input shape repeats, and replayed
+while it stays.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from engine.runtime._base import (
     onnx_metadata,
 )
 from engine.runtime._protocol import BackendError
+from engine.runtime._trt_build import (
+    build_tensorrt_engine,
+    cuda_check,
+    cudart,
+    gpu_name,
+    native_handle,
+)
+from engine.runtime._trt_cache import read_plan_info
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +54,6 @@ class TensorRTBackend(BaseBackend):
     supported_precisions = ("fp32", "fp16")
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
-        from export._cache import read_plan_info
-        from export._tensorrt import build_cached, cuda_check, cudart
-
         self._rt = cudart()
         self._check = cuda_check
         self._device_index = self._select_device(options.device)
@@ -57,7 +63,7 @@ class TensorRTBackend(BaseBackend):
             smallest = (metadata.size_multiple, metadata.size_multiple)
             frames = [options.frame_shape, smallest] if options.frame_shape else None
             try:
-                entry, _, built = build_cached(
+                entry, _, built = build_tensorrt_engine(
                     model_path,
                     metadata,
                     precision=options.precision,
@@ -100,8 +106,6 @@ class TensorRTBackend(BaseBackend):
 
     def _setup_engine(self, plan_path: Path) -> None:
         """Deserialize the plan, allocate max-size buffers once and bind them."""
-        from export._tensorrt import gpu_name, native_handle
-
         rt = self._rt
         self._runtime = trt.Runtime(_LOGGER)
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())

@@ -2,7 +2,8 @@
 
 An engine is only valid for the GPU model and TensorRT version that built it, and takes minutes
 to build, so the daemon builds once and reuses. Each plan has a `.json` beside it with its key
-and the model metadata, so a plan can be loaded without the ONNX. No tensorrt import here.
+and the model metadata, so a plan can be loaded without the ONNX. No tensorrt import here:
+`engine.runtime` re-exports this module, and machines without TensorRT import it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The engine takes the ONNX model's float32 (N, 2, H, W) input with one optimisation profile
 spanning the plane batch (1 … max_batch) and the padded frame sizes asked for, FP16 or FP32
 kernels, a timing cache shared by all builds on one GPU model, and the engine cache of
-`export._cache`. This is the only export module that imports tensorrt (and cuda-python).
+`engine.runtime._trt_cache`. It imports tensorrt, so `engine.runtime` reaches it lazily: as
+`build_tensorrt_engine`, and from the TensorRT backend. cuda-python is imported on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tensorrt as trt
 
 from engine.metadata import ModelMetadata
 from engine.runtime._base import DEFAULT_MAX_BATCH, INPUT_NAME
-from export._cache import (
+from engine.runtime._trt_cache import (
     CacheEntry,
     EngineCache,
     EngineKey,
@@ -132,7 +133,7 @@ def build_engine(
     return bytes(memoryview(serialized))
 
 
-def build_cached(
+def build_tensorrt_engine(
     onnx_path: str | Path,
     metadata: ModelMetadata,
     *,
@@ -142,9 +143,35 @@ def build_cached(
     cache_dir: str | Path | None = None,
     rebuild: bool = False,
 ) -> tuple[CacheEntry, EngineKey, bool]:
-    """Return the cached engine for these options, building it first when missing.
+    """Return the cached engine for these options, building it first when missing (minutes).
 
-    Returns the cache entry, its key, and whether it was built now.
+    Parameters
+    ----------
+    onnx_path
+        The exported model; its SHA-256 is part of the cache key.
+    metadata
+        The model's metadata (`onnx_metadata(onnx_path)`), stored beside the plan.
+    precision
+        "fp16" or "fp32" kernels.
+    frame_shapes
+        (height, width) frames the profile must cover; the first is the one kernels are tuned
+        at (None: `DEFAULT_FRAME_SHAPES`).
+    max_batch
+        Most planes per call (the profile's batch maximum).
+    cache_dir
+        Engine cache directory (None: `default_cache_dir()`).
+    rebuild
+        Build even when the cache holds a plan for this key.
+
+    Returns
+    -------
+    tuple[CacheEntry, EngineKey, bool]
+        The cache entry, its key, and whether it was built now.
+
+    Raises
+    ------
+    RuntimeError
+        TensorRT cannot parse the model or build the engine, or CUDA fails.
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"TensorRT precision must be 'fp32' or 'fp16', not {precision!r}")
