@@ -120,3 +120,15 @@ def test_summaries_count_failures():
     assert s["median_found_um"] == pytest.approx(0.4)
     r = H.summarise_ratios(np.array([1.0, 1.1, 1.3, np.nan]))
     assert r["unresolved"] == 1 and r["fraction_within"] == 0.5
+
+
+def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
+    spheres = H.independent_sample("spheres", 111, (192, 192))
+    truth = H.nucleus_depths(H.truth_planes_fn(spheres), spheres)
+    assert truth.index.size >= 5
+    assert set(spheres.objects.kind[truth.index]) == {"sphere"}
+    assert np.all(2 * spheres.objects.radius_um[truth.index] <= H.NUCLEUS_MAX_DIAMETER_UM)
+    on_truth = H.summarise(truth.errors)
+    assert on_truth["failures"] == 0 and on_truth["median_um"] < 0.5
+    on_input = H.summarise(H.nucleus_depths(H.input_planes_fn, spheres).errors)
+    assert on_input["median_um"] > 2.0  # a flat profile says nothing about depth
