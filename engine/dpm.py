@@ -21,6 +21,7 @@ from engine.metadata import normalize_dpms
 
 __all__ = [
     "DPMError",
+    "FocusLock",
     "VolumePlan",
     "from_image",
     "normalize_dpms",
@@ -236,3 +237,48 @@ class VolumePlan:
                 validate_dpm(dpm, frame_shape, dz_range_um, allow_extrapolation=allow_extrapolation)
             except DPMError as exc:
                 raise DPMError(f"plane {label!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class FocusLock:
+    """Keep a plan's planes at fixed depths in the sample while the stage focus moves.
+
+    The paper's drift correction, live: a frame taken with the stage at `focus_um` is refocused
+    onto the plan's DPMs shifted by ``-sign · (focus_um - reference_um)``, so a plane defined
+    ``d`` µm from the reference focus stays ``d`` µm from it in the sample. `sign` is +1 when a
+    larger stage position focuses deeper into the sample (the DPM's + direction), -1 when it
+    focuses shallower. The shift is clamped to [`min_offset_um`, `max_offset_um`], the range
+    that keeps every DPM inside the model's trained depths (`for_plan`); a clamped frame's planes
+    are then off by the excess, which `offset_um` reports.
+    """
+
+    reference_um: float
+    sign: float = 1.0
+    min_offset_um: float = -np.inf
+    max_offset_um: float = np.inf
+
+    @classmethod
+    def for_plan(
+        cls,
+        plan: VolumePlan,
+        reference_um: float,
+        sign: float = 1.0,
+        dz_range_um: tuple[float, float] | None = None,
+    ) -> FocusLock:
+        """Build the lock for `plan`, clamped so its DPMs stay within `dz_range_um` (if given)."""
+        if not np.isfinite(reference_um) or sign not in (1.0, -1.0):
+            raise DPMError(
+                f"focus lock needs a finite reference and sign ±1, got {reference_um}, {sign}"
+            )
+        if dz_range_um is None:
+            return cls(float(reference_um), float(sign))
+        lo, hi = float(plan.dpms_um.min()), float(plan.dpms_um.max())
+        return cls(float(reference_um), float(sign), dz_range_um[0] - lo, dz_range_um[1] - hi)
+
+    def offset_um(self, focus_um: float) -> tuple[float, float]:
+        """Return (DPM offset µm, excess µm clamped away) for a frame taken at `focus_um`."""
+        wanted = -self.sign * (float(focus_um) - self.reference_um)
+        if not np.isfinite(wanted):
+            raise DPMError(f"focus_um must be finite, got {focus_um}")
+        offset = min(max(wanted, self.min_offset_um), self.max_offset_um)
+        return offset, wanted - offset

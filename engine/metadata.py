@@ -9,6 +9,7 @@ scaling cannot drift between them.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +90,40 @@ class ModelMetadata(BaseModel):
         if not lo < hi:
             raise ValueError(f"dz_range_um must be (min, max) with min < max, not {(lo, hi)}")
         return self
+
+    def optics_mismatch(
+        self,
+        *,
+        pixel_size_um: float,
+        na: float | None = None,
+        wavelength_um: float | None = None,
+        rel_tol: float = 0.1,
+    ) -> list[str]:
+        """Say how a scope's optics differ from those this model was trained at.
+
+        A network learns the point-spread function of its training data: the same sample
+        imaged at another pixel size, NA or wavelength blurs differently, and the model then
+        refocuses it to wrong depths without any error. Each quantity given is compared with
+        the model's; values differing by more than `rel_tol` of the larger count. Returns one
+        reason per mismatched quantity (e.g. ``"model trained at 0.3 µm pixels, scope has
+        0.1 µm"``), in the order pixel size, NA, wavelength; empty when they agree. `na` and
+        `wavelength_um` None are not compared (the scope does not say).
+        """
+        reasons: list[str] = []
+        if not math.isclose(pixel_size_um, self.pixel_size_um, rel_tol=rel_tol):
+            reasons.append(
+                f"model trained at {self.pixel_size_um:g} µm pixels, scope has {pixel_size_um:g} µm"
+            )
+        if na is not None and not math.isclose(na, self.na, rel_tol=rel_tol):
+            reasons.append(f"model trained at NA {self.na:g}, scope has NA {na:g}")
+        if wavelength_um is not None and not math.isclose(
+            wavelength_um, self.wavelength_um, rel_tol=rel_tol
+        ):
+            reasons.append(
+                f"model trained at {self.wavelength_um:g} µm emission, scope has "
+                f"{wavelength_um:g} µm"
+            )
+        return reasons
 
     def to_json(self) -> str:
         """Serialise to a JSON string (for side files and ONNX metadata_props)."""

@@ -8,6 +8,11 @@ from a frame function, normally the optics simulator's moving, firing worm
 sequence acquisitions, pymmcore-plus MDA, pycromanager's Python backend) runs
 unchanged against it.
 
+A scope's own hardware configuration goes through `load_core` (Micro-Manager's demo
+configuration when none is given), `core_geometry` reads the frame shape after ROI and
+binning and the calibrated pixel size from it, and `park_core` / `claim_core` hand the core
+`live.config.resolve_geometry` loaded to the source, so the hardware is initialised once.
+
 pycromanager's Python backend (`Engine`, `PythonBackendAcquisition`) expects the
 snake_case core that `mmpycorex` builds from a plain `pymmcore.CMMCore`; `SnakeCaseCore`
 maps those calls onto a `CMMCorePlus` (camelCase), and `pycromanager_backend` installs it
@@ -24,12 +29,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 try:
+    from pymmcore_plus import DeviceType
     from pymmcore_plus.experimental.unicore import (
         SimpleCameraDevice,
         StageDevice,
@@ -41,15 +48,22 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = [
+    "BINNINGS",
+    "DEMO_CONFIG",
     "META_FOCUS_UM",
     "META_FRAME_INDEX",
     "META_TIMESTAMP_S",
+    "CoreGeometry",
     "FrameFn",
     "SimulatedCamera",
     "SimulatedFocusStage",
     "SnakeCaseCore",
     "TaggedImage",
+    "claim_core",
+    "core_geometry",
+    "load_core",
     "make_simulated_core",
+    "park_core",
     "pycromanager_backend",
 ]
 
@@ -68,6 +82,11 @@ MAX_LAG_S = 0.25
 
 CAMERA_LABEL = "DeepZCamera"
 FOCUS_LABEL = "DeepZFocus"
+
+BINNINGS = (1, 2, 4)
+"""Binning factors `SimulatedCamera` offers (its ``Binning`` property)."""
+DEMO_CONFIG = "MMConfig_demo.cfg"
+"""Micro-Manager's demo configuration, loaded when ``source.micromanager.config_file`` is unset."""
 
 
 class SimulatedFocusStage(StageDevice):
@@ -105,6 +124,11 @@ class SimulatedCamera(SimpleCameraDevice):
     frames come as fast as `frame_fn` makes them. Each frame carries its exposure time
     (`META_TIMESTAMP_S`), the camera's running frame index (`META_FRAME_INDEX`) and the
     focus position it was rendered at (`META_FOCUS_UM`) in its image metadata.
+
+    Like a real camera it has a ``Binning`` property (`BINNINGS`): with binning ``b`` a frame
+    is the sum of ``b × b`` blocks of `frame_fn`'s (clipped to 16 bits), so the core reports
+    a smaller image and a ``b`` times larger pixel; software ROI (`core.setROI`) is counted
+    in binned pixels and cleared when the binning changes.
     """
 
     def __init__(
@@ -129,6 +153,19 @@ class SimulatedCamera(SimpleCameraDevice):
         self.frame_index = 0
         self.last_metadata: dict[str, str] = {}
         self._next_due = 0.0
+        self._binning = 1  # no allowed-values list: .cfg files give "2", scripts give 2
+
+    def get_binning(self) -> int:
+        """Return the binning factor (1 = none)."""
+        return self._binning
+
+    def set_binning(self, value: int) -> None:
+        """Bin `value` × `value` sensor pixels into one; clears any ROI (it was in old pixels)."""
+        value = int(value)
+        if value not in BINNINGS or min(self._shape) // value < 1:
+            raise ValueError(f"binning {value} not offered by a {self._shape} sensor: {BINNINGS}")
+        self._binning = value
+        self.clear_roi()
 
     def get_exposure(self) -> float:
         """Return the exposure time in ms."""
@@ -139,8 +176,8 @@ class SimulatedCamera(SimpleCameraDevice):
         self._exposure_ms = float(exposure)
 
     def sensor_shape(self) -> tuple[int, int]:
-        """Return the sensor shape (height, width)."""
-        return self._shape
+        """Return the sensor shape (height, width) in binned pixels."""
+        return (self._shape[0] // self._binning, self._shape[1] // self._binning)
 
     def dtype(self) -> type[np.uint16]:
         """Return the pixel type: 16-bit camera counts."""
@@ -158,7 +195,8 @@ class SimulatedCamera(SimpleCameraDevice):
         focus_um = self._focus.get_position_um() if self._focus is not None else 0.0
         index = self.frame_index
         stamp = time.time()
-        buffer[...] = self._frame_fn(index, focus_um)
+        frame = self._frame_fn(index, focus_um)
+        buffer[...] = _bin(frame, self._binning) if self._binning > 1 else frame
         self.frame_index += 1
         self.last_metadata = {
             META_TIMESTAMP_S: repr(stamp),
@@ -181,6 +219,14 @@ class SimulatedCamera(SimpleCameraDevice):
         elif now - self._next_due > MAX_LAG_S:
             self._next_due = now
         self._next_due += 1.0 / self.rate_hz
+
+
+def _bin(frame: np.ndarray, factor: int) -> np.ndarray:
+    """Sum `factor` × `factor` blocks of `frame` (edges that do not fill a block are cut)."""
+    h, w = frame.shape[0] // factor, frame.shape[1] // factor
+    blocks = frame[: h * factor, : w * factor].reshape(h, factor, w, factor)
+    binned: np.ndarray = np.minimum(blocks.sum(axis=(1, 3), dtype=np.uint32), 65535)
+    return binned.astype(np.uint16)
 
 
 def make_simulated_core(
@@ -223,6 +269,146 @@ def simulated_camera(core: UniMMCore) -> SimulatedCamera:
     if not isinstance(device, SimulatedCamera):
         raise TypeError(f"{CAMERA_LABEL!r} is a {type(device).__name__}, not a SimulatedCamera")
     return device
+
+
+# ------------------------------------------------------------- configured cores, geometry
+
+
+@dataclass(frozen=True)
+class CoreGeometry:
+    """What a Micro-Manager core says about the frames its camera will deliver.
+
+    Attributes
+    ----------
+    camera : str
+        The core camera's label.
+    frame_shape : (int, int)
+        Image (height, width) in pixels, after ROI and binning (``getImageHeight/Width``).
+    pixel_size_um : float or None
+        Pixel size at the sample (µm), binning and magnifiers included (``getPixelSizeUm``);
+        None when no pixel size configuration matches the core's state.
+    pixel_config : str
+        The active pixel size configuration ("" when none).
+    binning : str
+        The camera's ``Binning`` property ("1" when it has none).
+    roi : (int, int, int, int)
+        The camera ROI ``(x, y, width, height)``.
+    bytes_per_pixel, components : int
+        Pixel format: 2 and 1 for the 16-bit grey frames the daemon takes.
+    """
+
+    camera: str
+    frame_shape: tuple[int, int]
+    pixel_size_um: float | None
+    pixel_config: str
+    binning: str
+    roi: tuple[int, int, int, int]
+    bytes_per_pixel: int
+    components: int
+
+
+def core_geometry(core: Any) -> CoreGeometry:
+    """Read the current camera's frame geometry and pixel size from a loaded core."""
+    camera = str(core.getCameraDevice())
+    if not camera:
+        raise ValueError("the Micro-Manager core has no camera (Core-Camera is not set)")
+    binning = core.getProperty(camera, "Binning") if core.hasProperty(camera, "Binning") else "1"
+    pixel = float(core.getPixelSizeUm())
+    x, y, w, h = (int(v) for v in core.getROI())
+    return CoreGeometry(
+        camera=camera,
+        frame_shape=(int(core.getImageHeight()), int(core.getImageWidth())),
+        pixel_size_um=pixel if pixel > 0 else None,
+        pixel_config=str(core.getCurrentPixelSizeConfig()),
+        binning=str(binning),
+        roi=(x, y, w, h),
+        bytes_per_pixel=int(core.getBytesPerPixel()),
+        components=int(core.getNumberOfComponents()),
+    )
+
+
+def _describe_config(config_file: Path | None) -> str:
+    """Name the configuration in messages."""
+    return str(config_file) if config_file is not None else f"Micro-Manager's {DEMO_CONFIG}"
+
+
+def load_core(config_file: Path | None = None, camera: str | None = None) -> UniMMCore:
+    """Load `config_file` into a new `UniMMCore` and select `camera`; one-line errors.
+
+    With `config_file` None this loads Micro-Manager's demo configuration (`DEMO_CONFIG`, what
+    pymmcore-plus' ``loadSystemConfiguration()`` loads by default) from the Micro-Manager
+    installation pymmcore-plus finds (``mmcore install``), and sets the demo camera to 16-bit
+    pixels (the daemon takes 16-bit frames). Raises `ValueError` whose message names the config
+    key and the problem: no installation, a configuration that fails to load, an unknown camera.
+    """
+    core = UniMMCore()
+    where = _describe_config(config_file)
+    try:
+        if config_file is None:
+            core.loadSystemConfiguration(DEMO_CONFIG)
+            _demo_camera_16bit(core)
+        else:
+            core.loadSystemConfiguration(str(config_file))
+    except FileNotFoundError:
+        if config_file is not None:
+            raise ValueError(f"source.micromanager.config_file {where} not found") from None
+        raise ValueError(
+            f"source.micromanager.config_file is not set, so the daemon loads {where}, but "
+            "no Micro-Manager installation with it was found: install one (`mmcore install`) "
+            "or set config_file to the scope's .cfg"
+        ) from None
+    except Exception as err:  # any device or syntax error of the file, from C++ or Python
+        text = " ".join(str(err).split())[:300]
+        raise ValueError(f"source.micromanager.config_file: {where} did not load: {text}") from None
+    if camera:
+        cameras = list(core.getLoadedDevicesOfType(DeviceType.Camera))
+        if camera not in cameras:
+            core.unloadAllDevices()
+            raise ValueError(
+                f"source.micromanager.camera = {camera!r} is not a camera of {where}; "
+                f"its cameras: {cameras}"
+            )
+        core.setCameraDevice(camera)
+    return core
+
+
+def _demo_camera_16bit(core: Any) -> None:
+    """Switch the demo camera to 16-bit pixels when it offers them (its default is 8-bit)."""
+    camera = core.getCameraDevice()
+    if camera and core.hasProperty(camera, "PixelType"):
+        if "16bit" in core.getAllowedPropertyValues(camera, "PixelType"):
+            core.setProperty(camera, "PixelType", "16bit")
+
+
+_PARKED: dict[tuple[str | None, str | None], UniMMCore] = {}
+_PARKED_LOCK = threading.Lock()
+
+
+def _park_key(config_file: Path | None, camera: str | None) -> tuple[str | None, str | None]:
+    """Key of a parked core: the resolved configuration file and the camera label."""
+    return (str(Path(config_file).resolve()) if config_file is not None else None, camera or None)
+
+
+def park_core(core: UniMMCore, config_file: Path | None, camera: str | None) -> None:
+    """Keep a core that `live.config.resolve_geometry` loaded, for the source to claim.
+
+    Loading a hardware configuration initialises every device (seconds on a real scope, and
+    some devices home or reset): the geometry is read from the same core the source then runs,
+    so it is loaded once and what was read is what runs. A core parked under the same key
+    before is unloaded.
+    """
+    with _PARKED_LOCK:
+        old = _PARKED.pop(_park_key(config_file, camera), None)
+        _PARKED[_park_key(config_file, camera)] = core
+    if old is not None and old is not core:
+        old.unloadAllDevices()
+
+
+def claim_core(config_file: Path | None, camera: str | None) -> UniMMCore:
+    """Take the core parked for `config_file` and `camera`, or load a new one (`load_core`)."""
+    with _PARKED_LOCK:
+        core = _PARKED.pop(_park_key(config_file, camera), None)
+    return core if core is not None else load_core(config_file, camera)
 
 
 # --------------------------------------------------------------------------- pycromanager

@@ -49,6 +49,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "open a napari window on a running daemon's stacks (extra: view)",
         "deepz-live view --scope config.toml",
     ),
+    "status": (
+        "live.status_client",
+        "print a running daemon's state, rates, losses and output, once or each second",
+        "deepz-live status --scope config.toml --once",
+    ),
 }
 """Command name -> (module whose ``main(argv)`` runs it, what it does, an example)."""
 

@@ -5,17 +5,22 @@ that names each bad key (dotted path), its value and what is allowed. Units are 
 (`rate_hz`, `pixel_size_um`). Relative paths in the file are resolved against the file's
 folder, and referenced files (model, replay recording, Micro-Manager config, DPM images) must
 exist. `config.model_dump(mode="json")` is saved with every recording.
+
+Two checks need more than the file: `resolve_geometry` takes the frame shape and pixel size
+from the daemon's own Micro-Manager core (and refuses values the file gives that the core
+contradicts), and `check_optics` compares the scope's optics with those a model was trained at.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
@@ -30,6 +35,10 @@ from pydantic import (
 
 from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
 from engine.optics import CameraConfig, OpticsConfig
+
+if TYPE_CHECKING:
+    from engine.metadata import ModelMetadata
+    from live._mmcore import CoreGeometry
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -48,9 +57,11 @@ __all__ = [
     "SimulatorConfig",
     "SourceConfig",
     "SurfaceConfig",
+    "check_optics",
     "check_serving",
     "is_loopback",
     "load_config",
+    "resolve_geometry",
     "validate_config",
 ]
 
@@ -112,6 +123,11 @@ class ReplayConfig(_BaseModel):
         None, gt=0, le=10000, description="Replay rate (Hz); None = the recording's own rate."
     )
     loop: bool = Field(False, description="Start again at the end instead of stopping.")
+    record_raw: bool = Field(
+        False,
+        description="Record the replayed raw frames again (they are in the recording already); "
+        "stacks are recorded either way.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -123,10 +139,29 @@ class ReplayConfig(_BaseModel):
 
 
 class MicroManagerConfig(_BaseModel):
-    """A Micro-Manager camera (through pycromanager / pymmcore-plus)."""
+    """A Micro-Manager camera: run by the daemon's own core, or pushed from an acquisition.
 
+    With ``acquisition = "core"`` the daemon loads `config_file` (Micro-Manager's demo
+    configuration when unset, as pymmcore-plus' ``loadSystemConfiguration()`` does) into a
+    pymmcore-plus core, reads the frame geometry from it (`resolve_geometry`) and runs the
+    camera's sequence acquisition. With ``"hook"`` a Micro-Manager acquisition elsewhere (the
+    desktop application with pycromanager, a pymmcore-plus script) pushes frames to
+    ``endpoints.frames`` through `live.hook` and the daemon only listens.
+    """
+
+    acquisition: Literal["core", "hook"] = Field(
+        "core",
+        description=(
+            "core: the daemon loads config_file into its own core and runs the camera; "
+            "hook: an acquisition elsewhere pushes frames through live.hook"
+        ),
+    )
     config_file: Path | None = Field(
-        None, description="Micro-Manager hardware configuration (.cfg); None = demo config."
+        None,
+        description=(
+            "Micro-Manager hardware configuration (.cfg) for acquisition = 'core'; "
+            "None = Micro-Manager's demo configuration (MMConfig_demo.cfg)."
+        ),
     )
     camera: str | None = Field(None, description="Camera device label; None = the core camera.")
 
@@ -134,6 +169,20 @@ class MicroManagerConfig(_BaseModel):
     @classmethod
     def _cfg_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return _existing_file(v, info)
+
+    @model_validator(mode="after")
+    def _core_only(self) -> MicroManagerConfig:
+        if self.acquisition == "hook" and self.config_file is not None:
+            raise ValueError(
+                "source.micromanager.config_file is loaded only with acquisition = 'core'; "
+                "with 'hook' the acquisition pushing the frames has its own configuration"
+            )
+        return self
+
+
+AUTO = "auto"
+"""Value of ``source.frame_shape`` / ``source.pixel_size_um`` that means "ask the core"."""
+_GEOMETRY_KEYS = ("frame_shape", "pixel_size_um")
 
 
 class SourceConfig(_BaseModel):
@@ -146,6 +195,24 @@ class SourceConfig(_BaseModel):
         (256, 256), description="Frame size (height, width) in pixels."
     )
     pixel_size_um: float = Field(0.3, gt=0, le=100, description="Pixel size at the sample (µm).")
+    objective_na: float | None = Field(
+        None,
+        gt=0,
+        le=1.7,
+        description=(
+            "Objective NA of a Micro-Manager or replayed scope, compared with the model's; "
+            "None = not checked (the simulated scope's is source.simulator.optics.na)."
+        ),
+    )
+    emission_wavelength_um: float | None = Field(
+        None,
+        gt=0.2,
+        le=2.0,
+        description=(
+            "Emission wavelength (µm), compared with the model's; None = not checked "
+            "(the simulated scope's is source.simulator.optics.wavelength_um)."
+        ),
+    )
     rate_hz: float = Field(2.0, gt=0, le=10000, description="Camera frame rate (Hz).")
     exposure_ms: float = Field(10.0, gt=0, le=60000, description="Exposure time per frame (ms).")
     frame_count: int | None = Field(
@@ -174,7 +241,28 @@ class SourceConfig(_BaseModel):
             )
         if self.kind == "replay" and self.replay.path is None:
             raise ValueError("source.kind = 'replay' needs source.replay.path (the recording)")
+        if self.kind == "micromanager" and self.micromanager.acquisition == "hook":
+            missing = [f"source.{k}" for k in _GEOMETRY_KEYS if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(
+                    f"source.micromanager.acquisition = 'hook' needs {' and '.join(missing)}: "
+                    "the daemon cannot ask a core in another process"
+                )
+        if self.kind == "simulated":
+            pairs = (("objective_na", "na"), ("emission_wavelength_um", "wavelength_um"))
+            for key, sim_key in pairs:
+                value, sim = getattr(self, key), getattr(self.simulator.optics, sim_key)
+                if value is not None and value != sim:
+                    raise ValueError(
+                        f"source.{key} = {value} differs from the simulated scope's "
+                        f"source.simulator.optics.{sim_key} = {sim}; set only the latter"
+                    )
         return self
+
+    @property
+    def geometry_from_core(self) -> bool:
+        """Whether frame shape and pixel size come from the daemon's Micro-Manager core."""
+        return self.kind == "micromanager" and self.micromanager.acquisition == "core"
 
 
 Backend = Literal["tensorrt", "openvino", "onnxruntime", "torch"]
@@ -203,6 +291,19 @@ class EngineConfig(_BaseModel):
     )
     allow_extrapolation: bool = Field(
         False, description="Allow DPMs outside the model's trained range (less accurate)."
+    )
+    optics_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse",
+        description=(
+            "When the model's pixel size, NA or wavelength differ from the scope's: refuse to "
+            "start, warn and run, or do not compare (check_optics)."
+        ),
+    )
+    optics_rel_tol: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Relative difference of pixel size, NA or wavelength that is a mismatch.",
     )
 
     @field_validator("model_path")
@@ -282,6 +383,19 @@ class PlanesConfig(_BaseModel):
     )
     surfaces: list[SurfaceConfig] | None = Field(
         None, min_length=1, max_length=MAX_PLANES, description="Named surfaces (DPMs)."
+    )
+    focus_lock_um: float | None = Field(
+        None,
+        ge=-100_000,
+        le=100_000,
+        description="Stage focus (µm) the planes are defined at. When set, each frame's planes "
+        "shift by its focus change from this value (frame header focus_um), so they stay at "
+        "fixed depths in the sample while the stage moves (drift correction); off when unset.",
+    )
+    stage_z_sign: Literal[1, -1] = Field(
+        1,
+        description="+1 when a larger stage focus position is deeper into the sample, -1 when "
+        "it is shallower (used by focus_lock_um).",
     )
 
     @model_validator(mode="after")
@@ -571,6 +685,153 @@ def check_serving(config: ScopeConfig) -> None:
                 )
 
 
+# -- geometry from the Micro-Manager core, and the model's optics ----------------------------
+
+
+def resolve_geometry(config: ScopeConfig) -> ScopeConfig:
+    """Return `config` with the frame geometry of the daemon's own Micro-Manager core.
+
+    Call it once, before anything else starts. For ``source.kind = "micromanager"`` with
+    ``acquisition = "core"`` it loads ``source.micromanager.config_file`` (the demo
+    configuration when unset), reads the camera's frame shape after ROI and binning and the
+    core's pixel size (binning and magnifiers included), and returns a copy whose
+    ``source.frame_shape`` and ``source.pixel_size_um`` are those. A value the file gives
+    that the core contradicts is a `ConfigError` saying which; a core without pixel size
+    calibration keeps the file's ``pixel_size_um``. The loaded core is parked for the source
+    (`live._mmcore.park_core`), so the hardware is initialised once. Any other source: `config`
+    itself.
+    """
+    src = config.source
+    if not src.geometry_from_core:
+        return config
+    try:
+        from live._mmcore import core_geometry, load_core, park_core
+    except ImportError:
+        raise ConfigError(
+            "source.kind = 'micromanager' needs pymmcore-plus: pip install 'deepz-live[mm]'"
+        ) from None
+    mm = src.micromanager
+    try:
+        core = load_core(mm.config_file, mm.camera)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        shape, pixel_size_um = _core_values(src, core_geometry(core))
+        resolved = config.model_copy(deep=True)
+        resolved.source.frame_shape = shape
+        resolved.source.pixel_size_um = pixel_size_um
+    except (ValueError, ValidationError) as err:
+        core.unloadAllDevices()
+        raise ConfigError(_one_line(err)) from None
+    park_core(core, mm.config_file, mm.camera)
+    return resolved
+
+
+def _one_line(err: Exception) -> str:
+    """Return an error's message (a validation error's first error) on one line."""
+    if isinstance(err, ValidationError):
+        return _describe(err.errors(include_url=False)[0])
+    return " ".join(str(err).split())
+
+
+def _core_values(src: SourceConfig, core: CoreGeometry) -> tuple[tuple[int, int], float]:
+    """Return the core's (frame_shape, pixel_size_um), checked against the file's values.
+
+    Raises `ConfigError` (one line) when the file contradicts the core or the camera's pixels
+    are not 16-bit grey.
+    """
+    where = f"the Micro-Manager camera {core.camera!r}"
+    if (core.bytes_per_pixel, core.components) != (2, 1):
+        raise ConfigError(
+            f"{where} gives {8 * core.bytes_per_pixel}-bit pixels with {core.components} "
+            "component(s); the daemon takes 16-bit grey frames: set the camera's PixelType "
+            "(or bit depth) in source.micromanager.config_file"
+        )
+    shape = (int(core.frame_shape[0]), int(core.frame_shape[1]))
+    optics = f"ROI {list(core.roi)}, binning {core.binning}"
+    if "frame_shape" in src.model_fields_set and tuple(src.frame_shape) != shape:
+        raise ConfigError(
+            f"source.frame_shape = {list(src.frame_shape)} differs from {where}, which gives "
+            f'{shape[0]}×{shape[1]} frames ({optics}): remove the key (or set "auto") to use '
+            "the camera's, or change the camera's ROI / binning"
+        )
+    typed = "pixel_size_um" in src.model_fields_set
+    if core.pixel_size_um is None:
+        if typed:
+            return shape, float(src.pixel_size_um)
+        raise ConfigError(
+            f"the Micro-Manager core has no pixel size calibration for its current state "
+            f"(camera {core.camera!r}): define a pixel size configuration in "
+            "source.micromanager.config_file, or set source.pixel_size_um"
+        )
+    pixel = float(core.pixel_size_um)
+    if typed and not math.isclose(src.pixel_size_um, pixel, rel_tol=1e-3):
+        raise ConfigError(
+            f"source.pixel_size_um = {src.pixel_size_um:g} differs from the Micro-Manager "
+            f"core's {pixel:g} µm (pixel size configuration {core.pixel_config!r}, {optics}): "
+            'remove the key (or set "auto") to use the core\'s, or fix the calibration'
+        )
+    return shape, pixel
+
+
+def _scope_optics(config: ScopeConfig) -> list[tuple[str, float | None]]:
+    """Return the scope's (config key, value) of pixel size, NA and emission wavelength."""
+    src = config.source
+    if src.kind == "simulated":
+        optics = src.simulator.optics
+        return [
+            ("source.pixel_size_um", src.pixel_size_um),
+            ("source.simulator.optics.na", optics.na),
+            ("source.simulator.optics.wavelength_um", optics.wavelength_um),
+        ]
+    return [
+        ("source.pixel_size_um", src.pixel_size_um),
+        ("source.objective_na", src.objective_na),
+        ("source.emission_wavelength_um", src.emission_wavelength_um),
+    ]
+
+
+def check_optics(config: ScopeConfig, metadata: ModelMetadata) -> str | None:
+    """Say, in one line, how the model's optics differ from the scope's; None if they agree.
+
+    Compares the pixel size, NA and emission wavelength the model was trained at (its
+    metadata) with the scope's (`source.pixel_size_um`, and the objective NA and wavelength:
+    the simulator's optics for a simulated scope, ``source.objective_na`` and
+    ``source.emission_wavelength_um`` otherwise, not compared while unset) within
+    ``engine.optics_rel_tol``. Returns None with ``engine.optics_check = "off"``. The caller
+    acts on the policy: ``"refuse"`` raises `ConfigError` with the line before anything
+    starts, ``"warn"`` logs it. Call `resolve_geometry` first: for a Micro-Manager core the
+    pixel size is the core's.
+    """
+    engine = config.engine
+    if engine.optics_check == "off":
+        return None
+    src = config.source
+    if src.geometry_from_core and "pixel_size_um" not in src.model_fields_set:
+        raise ValueError("check_optics needs the core's pixel size: call resolve_geometry first")
+    scope = _scope_optics(config)
+    reasons = metadata.optics_mismatch(
+        pixel_size_um=float(src.pixel_size_um),
+        na=scope[1][1],
+        wavelength_um=scope[2][1],
+        rel_tol=engine.optics_rel_tol,
+    )
+    if not reasons:
+        return None
+    keys = ", ".join(key for key, value in scope if value is not None)
+    then = (
+        "running anyway (engine.optics_check = 'warn')"
+        if engine.optics_check == "warn"
+        else "use a model trained for this scope, or set engine.optics_check = 'warn' to run anyway"
+    )
+    return (
+        f"engine.model_path {engine.resolved_model_path().name} ({metadata.name}) does not fit "
+        f"the scope: {'; '.join(reasons)} (scope from {keys}; tolerance "
+        f"engine.optics_rel_tol = {engine.optics_rel_tol:g}): its refocusing would be wrong; "
+        f"{then}"
+    )
+
+
 # -- loading and error messages ---------------------------------------------------------------
 
 
@@ -643,21 +904,42 @@ def _format(exc: ValidationError, source: str) -> str:
     return f"{source}: {len(lines)} problems:\n  - " + "\n  - ".join(lines)
 
 
+def _drop_auto(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Remove ``"auto"`` geometry values from `data` (they stay unset); return their keys."""
+    src = data.get("source")
+    if not isinstance(src, dict):
+        return data, []
+    auto = [k for k in _GEOMETRY_KEYS if src.get(k) == AUTO]
+    if not auto:
+        return data, []
+    kept = {k: v for k, v in src.items() if k not in auto}
+    return {**data, "source": kept}, [f"source.{k}" for k in auto]
+
+
 def validate_config(
     data: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
 ) -> ScopeConfig:
     """Validate a parsed TOML table strictly (no "5" for 5), raising `ConfigError`.
 
     The table goes through JSON so that TOML arrays become tuples and strings become paths
-    while strict mode still refuses a string where a number belongs.
+    while strict mode still refuses a string where a number belongs. ``source.frame_shape``
+    and ``source.pixel_size_um`` may say ``"auto"`` (the same as leaving them out) where the
+    daemon's own Micro-Manager core gives them (`resolve_geometry`).
     """
+    data, auto = _drop_auto(data)
     try:
         text = json.dumps(data, default=str)
-        return ScopeConfig.model_validate_json(
+        config = ScopeConfig.model_validate_json(
             text, strict=True, context={"base_dir": base_dir} if base_dir is not None else None
         )
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
+    if auto and not config.source.geometry_from_core:
+        raise ConfigError(
+            f'{source}: {auto[0]} = "auto" needs source.kind = "micromanager" with '
+            'source.micromanager.acquisition = "core" (a core the daemon can ask); give the value'
+        )
+    return config
 
 
 def load_config(path: str | Path) -> ScopeConfig:

@@ -24,6 +24,14 @@ Two adapters put it into Micro-Manager acquisitions:
 
 - `attach_to_pymmcore_plus` connects a sender to ``core.mda.events.frameReady``.
 
+Both take a time series of one channel at one z and one position: the daemon records frames
+by time point. A multi-dimensional acquisition (several channels, z planes, positions) is
+refused with one logged error, and its frames are not sent (Micro-Manager still saves them):
+a pymmcore-plus MDA when it starts (its ``MDASequence.sizes``), a pycromanager acquisition at
+the first frame whose ``Axes`` tag shows a second value of an axis other than time (the frames
+before it went out). ``sender.refused`` counts the frames not sent, ``sender.refusal`` says
+why. Use one hook per acquisition.
+
 When the daemon's frames endpoint uses CURVE (it is reachable beyond loopback, or
 ``security.curve = "required"``), the sender needs the client keys from the config:
 ``FrameSender.for_config(load_config("config.toml"))`` or ``keys=client_keys(config,
@@ -47,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from live.protocol import encode_frame
+from live.protocol import END_OF_FRAMES, encode_frame
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -56,6 +64,7 @@ if TYPE_CHECKING:
     from live.security import ClientKeys
 
 __all__ = [
+    "AxisGuard",
     "FrameSender",
     "PycromanagerHook",
     "attach_to_pymmcore_plus",
@@ -67,6 +76,8 @@ log = logging.getLogger(__name__)
 MAX_DROPPED_SEQS = 100_000
 """`FrameSender.dropped_seqs` keeps the first this many dropped seqs; `dropped` counts all."""
 
+_TIME_AXES = frozenset({"time", "t"})
+"""Axis names of time: pycromanager's ``Axes`` tag, useq's ``MDAEvent.index``."""
 _ELAPSED_KEYS = ("ElapsedTime-ms",)
 _FOCUS_KEYS = ("ZPosition_um", "ZPosition_um_Intended", "DeepZ-Focus-um")
 _TIMESTAMP_KEYS = ("DeepZ-Timestamp-s",)
@@ -94,8 +105,10 @@ class FrameSender:
     -----
     `send` never blocks and never raises for transport reasons. `sent` counts frames handed
     to ZeroMQ, `dropped` those it refused; the receiver's sequence numbers show anything lost
-    after that (e.g. frames still queued when `close`'s linger ran out). One thread should
-    own a sender; a lock makes occasional use from another thread safe.
+    after that (e.g. frames still queued when `close`'s linger ran out). `refused` counts
+    frames a hook did not offer because their acquisition was refused (`refusal` says why;
+    see `refuse`). One thread should own a sender; a lock makes occasional use from another
+    thread safe.
     """
 
     def __init__(
@@ -115,6 +128,8 @@ class FrameSender:
         self.sent = 0
         self.dropped = 0
         self.dropped_seqs: list[int] = []
+        self.refused = 0
+        self.refusal: str | None = None
         self._next_seq = 0
         self._linger_ms = linger_ms
         self._lock = threading.Lock()
@@ -168,11 +183,40 @@ class FrameSender:
             self.sent += 1
             return True
 
+    def refuse(self, reason: str) -> None:
+        """Count one frame not sent because its acquisition was refused; log each reason once.
+
+        Refused frames take no sequence number: they are not part of the time series.
+        """
+        with self._lock:
+            self.refused += 1
+            if reason == self.refusal:
+                return
+            self.refusal = reason
+        log.error("%s", reason)
+
     def _drop(self, seq: int) -> None:
         """Count a frame that was not sent and remember its seq (up to `MAX_DROPPED_SEQS`)."""
         self.dropped += 1
         if len(self.dropped_seqs) < MAX_DROPPED_SEQS:
             self.dropped_seqs.append(seq)
+
+    def end_stream(self, timeout_s: float = 10.0) -> bool:
+        """Send `live.protocol.END_OF_FRAMES` behind the frames already queued (may block).
+
+        Used by the daemon's own in-process source, whose router takes the marker as "all
+        this source sent has arrived"; on the public frames endpoint it is just a malformed
+        message. Returns False when it could not be queued within `timeout_s`.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._socket.sndtimeo = round(timeout_s * 1000)
+            try:
+                self._socket.send(END_OF_FRAMES)
+            except zmq.ZMQError:  # Again after the timeout, or a context being torn down
+                return False
+            return True
 
     def close(self) -> None:
         """Close the socket, waiting up to ``linger_ms`` for queued frames to leave."""
@@ -210,6 +254,49 @@ def _first_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float | 
     return None
 
 
+def _refusal(detail: str) -> str:
+    """Return the one-line message that refuses a multi-dimensional acquisition."""
+    return (
+        f"deepz hook: refusing a multi-dimensional acquisition ({detail}): live Deep-Z takes "
+        "a time series of one channel at one z and one position, and would record these "
+        "frames as consecutive time points; its frames are not sent (Micro-Manager still "
+        "saves them)"
+    )
+
+
+class AxisGuard:
+    """Refuse an acquisition whose frames vary along an axis other than time.
+
+    `check` takes a frame's axis positions (pycromanager's ``Axes`` tag, useq's
+    ``MDAEvent.index``) and remembers the first value of every axis other than time; the
+    first frame with another value refuses the acquisition for good. `expect` refuses up front
+    from an acquisition's axis sizes. `refusal` is the message, None while the acquisition
+    is a plain time series.
+    """
+
+    def __init__(self) -> None:
+        self.refusal: str | None = None
+        self._first: dict[str, Any] = {}
+
+    def expect(self, sizes: Mapping[str, int]) -> str | None:
+        """Start a new acquisition with these axis sizes; return the refusal, if any."""
+        self._first.clear()
+        varying = {k: int(n) for k, n in sizes.items() if k not in _TIME_AXES and int(n) > 1}
+        detail = ", ".join(f"{k}: {n}" for k, n in varying.items())
+        self.refusal = _refusal(detail) if varying else None
+        return self.refusal
+
+    def check(self, axes: Mapping[str, Any]) -> str | None:
+        """Return the refusal if this frame (or an earlier one) leaves the time series."""
+        if self.refusal is None:
+            for name, value in axes.items():
+                first = self._first.setdefault(str(name), value)
+                if name not in _TIME_AXES and value != first:
+                    self.refusal = _refusal(f"{name} {first!r}, then {value!r}")
+                    break
+        return self.refusal
+
+
 class PycromanagerHook:
     """A pycromanager ``image_process_fn`` that sends each frame and hands it back unchanged.
 
@@ -217,18 +304,26 @@ class PycromanagerHook:
     (0, 1, 2, ... in the order pycromanager delivers images). Timestamp: the simulated
     camera's ``DeepZ-Timestamp-s`` if present, else the acquisition's ``ElapsedTime-ms``
     anchored to the wall clock at the first frame, else the arrival time. Focus: the
-    ``ZPosition_um`` tag if present, else 0.
+    ``ZPosition_um`` tag if present, else 0. A frame whose ``Axes`` tag leaves the time series
+    (`AxisGuard`) refuses the acquisition: it and every later frame are counted in
+    ``sender.refused`` and not sent.
     """
 
     def __init__(self, sender: FrameSender, *, seq_key: str | None = None) -> None:
         self.sender = sender
         self.seq_key = seq_key
+        self.guard = AxisGuard()
         self._count = 0
         self._clock_offset_s: float | None = None
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, Any]:
         """Send `image` (never blocking, never raising) and return ``(image, metadata)``."""
         try:
+            axes = metadata.get("Axes")
+            refusal = self.guard.check(axes if isinstance(axes, Mapping) else {})
+            if refusal is not None:
+                self.sender.refuse(refusal)
+                return image, metadata
             self.sender.send(
                 image,
                 seq=self._seq(metadata),
@@ -289,14 +384,28 @@ def attach_to_pymmcore_plus(
     """Send every frame of the core's MDA runs to `endpoint` (``mda.events.frameReady``).
 
     Seq counts frames from 0 across runs; the timestamp is the simulated camera's
-    ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or 0).
+    ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or 0). A run
+    with more than one channel, z plane, position or grid tile (``MDASequence.sizes``, or
+    the events' ``index`` as they come) is refused (`AxisGuard`): its frames are counted in
+    ``sender.refused`` and not sent.
     Disconnect by closing the returned sender (``sender.close()``). `keys`: CURVE client
     keys when the endpoint uses CURVE (see the module docstring).
     """
     sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys)
+    guard = AxisGuard()
+
+    def on_start(sequence: Any, *_: Any) -> None:
+        """Check a new run's axis sizes before its first frame (`refuse` logs at that frame)."""
+        sizes = getattr(sequence, "sizes", None)
+        guard.expect(sizes if isinstance(sizes, Mapping) else {})
 
     def on_frame(image: np.ndarray, event: Any, meta: Mapping[str, Any]) -> None:
         """Send one MDA frame; runs on the MDA runner's thread."""
+        index = getattr(event, "index", None)
+        refusal = guard.check(index if isinstance(index, Mapping) else {})
+        if refusal is not None:
+            sender.refuse(refusal)
+            return
         camera_meta = meta.get("camera_metadata") or {}
         z_um = getattr(event, "z_pos", None)
         sender.send(
@@ -305,7 +414,9 @@ def attach_to_pymmcore_plus(
             focus_um=float(z_um) if z_um is not None else 0.0,
         )
 
-    signal = core.mda.events.frameReady
-    signal.connect(on_frame)
-    sender._on_close.append(lambda: signal.disconnect(on_frame))
+    events = core.mda.events
+    events.sequenceStarted.connect(on_start)
+    events.frameReady.connect(on_frame)
+    sender._on_close.append(lambda: events.frameReady.disconnect(on_frame))
+    sender._on_close.append(lambda: events.sequenceStarted.disconnect(on_start))
     return sender

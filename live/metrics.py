@@ -5,7 +5,10 @@ the sequence numbers of skipped and lost frames as ranges (`SeqSet`), so losses 
 just counts, and memory follows the number of gaps, not of frames. It renders one short status
 line per second and a JSON snapshot for the status endpoint; the snapshot carries at most
 `MAX_STATUS_RANGES` ranges of each seq list (the newest), so a status message stays small
-whatever a run loses.
+whatever a run loses. The snapshot also says where the run is (`RunState`), which backend
+refocuses and where the recording goes, so a client (`live.status_client`) needs nothing
+else; the latency of the last `LATENCY_WINDOW` stacks is kept with its arrival time for the
+end-of-run preview (`live.preview`).
 
 How the counts add up: every message on the frames endpoint is either malformed or a frame
 (``frames_in``); a frame is either rejected by the integrity checks (``rejected``, by kind)
@@ -21,12 +24,15 @@ import time
 from bisect import bisect_right
 from collections import deque
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from live.security import ClientKeys, ServerKeys
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "MAX_STATUS_BYTES",
     "MAX_STATUS_RANGES",
     "Metrics",
+    "RunState",
     "SeqSet",
     "Snapshot",
     "StatusPublisher",
@@ -44,11 +51,24 @@ __all__ = [
 ]
 
 LATENCY_WINDOW = 10_000
-"""Latency percentiles are over the most recent this-many stacks."""
+"""Latency percentiles (and `Metrics.latency_series`) are over the most recent this-many stacks."""
 MAX_STATUS_RANGES = 50
 """A status snapshot carries at most this many (the newest) ranges of skipped / lost seqs."""
 MAX_STATUS_BYTES = 65536
 """Largest status message a `StatusReader` accepts (a snapshot is well under 8 KB)."""
+
+
+class RunState(StrEnum):
+    """Where a daemon run is; the status snapshot carries it as its string value."""
+
+    STARTING = "starting"
+    """Choosing the backend, pre-flight, starting recorder, workers and source."""
+    RUNNING = "running"
+    """Frames flow; a status line each second."""
+    STOPPING = "stopping"
+    """Draining the pipeline and closing the recording."""
+    FINISHED = "finished"
+    """Everything is closed; the snapshot's counts are final."""
 
 
 class SeqSet:
@@ -123,6 +143,12 @@ class Snapshot:
     """Free space where the recording goes, MB (None when not recording)."""
     disk_low: bool = False
     """Whether `disk_free_mb` is below twice ``recorder.min_free_mb`` (shown in the status)."""
+    state: RunState = RunState.STARTING
+    """Where the run is (`Metrics.set_run_info`); a string value in the JSON."""
+    backend: str | None = None
+    """The backend refocusing the frames, e.g. ``"openvino on CPU"`` (None until chosen)."""
+    output: str | None = None
+    """The run's OME-Zarr store (None when nothing is recorded)."""
 
     @property
     def rejected_total(self) -> int:
@@ -186,7 +212,11 @@ class Metrics:
         self._rejected: dict[str, int] = {}
         self._skipped = SeqSet()
         self._lost = SeqSet()
-        self._latency_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.state = RunState.STARTING
+        self.backend: str | None = None
+        self.output: str | None = None
+        self._latency: deque[tuple[float, float]] = deque(maxlen=LATENCY_WINDOW)
+        """(seconds since start, latency ms) of the newest stacks, in arrival order."""
         self._last = (self._t0, 0, 0)
 
     def frame_in(self) -> None:
@@ -210,10 +240,10 @@ class Metrics:
             self._rejected[kind] = self._rejected.get(kind, 0) + 1
 
     def stack_out(self, latency_ms: float) -> None:
-        """Count one stack received from a worker and record its latency."""
+        """Count one stack received from a worker and record its latency and arrival time."""
         with self._lock:
             self.stacks_out += 1
-            self._latency_ms.append(latency_ms)
+            self._latency.append((time.monotonic() - self._t0, latency_ms))
 
     def skip(self, seqs: list[int]) -> None:
         """Record frames that the overload policy did not refocus (by seq)."""
@@ -251,6 +281,40 @@ class Metrics:
             self.disk_free_mb = disk_free_mb
             self.disk_low = disk_low
 
+    def set_run_info(
+        self,
+        *,
+        state: RunState | str | None = None,
+        backend: str | None = None,
+        output: str | Path | None = None,
+    ) -> None:
+        """Set where the run is, its backend and its output store (None leaves one unchanged).
+
+        Raises ValueError naming the allowed states for a `state` that is not a `RunState`.
+        """
+        try:
+            new_state = None if state is None else RunState(state)
+        except ValueError:
+            allowed = ", ".join(s.value for s in RunState)
+            raise ValueError(f"run state {state!r} is not one of: {allowed}") from None
+        with self._lock:
+            if new_state is not None:
+                self.state = new_state
+            if backend is not None:
+                self.backend = backend
+            if output is not None:
+                self.output = str(output)
+
+    def latency_series(self) -> tuple[np.ndarray, np.ndarray]:
+        """Return (seconds since start, latency ms) of the last `LATENCY_WINDOW` stacks.
+
+        Two float64 arrays of equal length in arrival order (empty before any stack), for a
+        picture of how latency moved during the run (`live.preview.write_preview`).
+        """
+        with self._lock:
+            pairs = np.array(self._latency, dtype=np.float64).reshape(-1, 2)
+        return pairs[:, 0].copy(), pairs[:, 1].copy()
+
     def skipped_seqs(self) -> list[int]:
         """Return every skipped seq, sorted (for the summary; the snapshot carries ranges)."""
         with self._lock:
@@ -269,7 +333,7 @@ class Metrics:
             dt = max(now - t_last, 1e-9)
             if advance:
                 self._last = (now, self.frames_in, self.stacks_out)
-            p50, p99 = _percentiles(self._latency_ms)
+            p50, p99 = _percentiles([ms for _, ms in self._latency])
             return Snapshot(
                 elapsed_s=now - self._t0,
                 frames_in=self.frames_in,
@@ -292,14 +356,17 @@ class Metrics:
                 lost_ranges=self._lost.ranges(MAX_STATUS_RANGES),
                 disk_free_mb=self.disk_free_mb,
                 disk_low=self.disk_low,
+                state=self.state,
+                backend=self.backend,
+                output=self.output,
             )
 
 
-def _percentiles(values: deque[float]) -> tuple[float | None, float | None]:
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
     """Return the p50 and p99 of `values`, or (None, None) when empty."""
     if not values:
         return None, None
-    p50, p99 = np.percentile(np.fromiter(values, float, len(values)), [50, 99])
+    p50, p99 = np.percentile(np.asarray(values, dtype=np.float64), [50, 99])
     return float(p50), float(p99)
 
 
@@ -352,9 +419,13 @@ class StatusPublisher:
         except zmq.Again:
             pass
 
-    def close(self) -> None:
-        """Close the socket."""
-        self._socket.close()
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket, first trying for up to `linger_ms` to send what is queued.
+
+        The default drops unsent snapshots at once; give a linger (e.g. 200 ms) after
+        publishing the final snapshot so that readers hear the run has finished.
+        """
+        self._socket.close(linger=linger_ms)
 
 
 class StatusReader:

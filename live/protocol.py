@@ -17,9 +17,13 @@ buffer is at most `MAX_FRAME_BYTES` (or the caller's ``max_bytes``).
 Send with ``socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)`` and receive with
 ``socket.recv_multipart(copy=False)``.
 
-Besides frames and stacks, two control messages travel between the daemon and its workers
-over private ipc sockets: `END_OF_FRAMES` (one part, after a worker's last frame) and worker
-events (one part, a small JSON object: `encode_event` / `decode_event`, as total as `decode`).
+Besides frames and stacks, control messages travel between the daemon, its workers and its
+own source, on private inproc / ipc sockets only: `END_OF_FRAMES` (one part: the daemon's own
+source after its last frame, and the router after a worker's last frame), `END_OF_STACKS`
+(one part: a worker after its last stack), credits (one part: a worker has room for more
+frames, `credit`) and worker events (one part, a small JSON object: `encode_event` /
+`decode_event`, as total as `decode`). Shutdown follows these markers: ZeroMQ keeps the order
+of messages on one socket, so whatever a marker follows has arrived when the marker does.
 `max_part_bytes` gives the largest message part a receiving socket should accept (its
 ``zmq.MAXMSGSIZE``), so ZeroMQ itself drops anything bigger before it is buffered.
 """
@@ -38,7 +42,9 @@ import zmq
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "CREDIT",
     "END_OF_FRAMES",
+    "END_OF_STACKS",
     "EVENTS",
     "MAX_EVENT_BYTES",
     "MAX_EVENT_SEQS",
@@ -47,16 +53,21 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_SEQ",
     "PROTOCOL_VERSION",
+    "WORKER_PREFETCH",
     "Header",
     "Kind",
     "Message",
     "ProtocolError",
+    "credit",
     "decode",
     "decode_event",
     "encode_event",
     "encode_frame",
     "encode_stack",
+    "end_of_stacks",
     "max_part_bytes",
+    "parse_credit",
+    "parse_end_of_stacks",
     "parse_header",
 ]
 
@@ -507,7 +518,52 @@ _LITTLE = np.little_endian
 # -- control messages between the daemon and its workers ----------------------------------------
 
 END_OF_FRAMES = b"end-of-frames"
-"""One-part message the router sends a worker after its last frame (not a frame message)."""
+"""One-part message after the last frame: from the daemon's in-process source to the router,
+and from the router to each worker. Honoured only on private (inproc / ipc) sockets: on the
+public frames endpoint it is a malformed message like any other."""
+END_OF_STACKS = b"end-of-stacks"
+"""Prefix of the one-part message a worker sends on its stacks socket after its last stack
+(`end_of_stacks`)."""
+
+
+WORKER_PREFETCH = 0
+"""Frames a worker holds beyond the one it is refocusing (its first credit is this + 1): none,
+so under the ``latest`` policy the frame it takes next is the newest there is; the cost is one
+credit round trip on ipc (well under a millisecond) per frame."""
+CREDIT = b"credit"
+"""Prefix of a worker's credit message (`credit`): room for that many more frames."""
+
+
+def credit(worker: int, frames: int, *, reset: bool = False) -> bytes:
+    """Return a credit message: worker `worker` can take `frames` more frames.
+
+    A worker sends ``reset=True`` with its first credit (a restarted worker holds nothing, so
+    whatever its predecessor was owed is void), then one credit per frame it finished.
+    """
+    return b"%s:%d:%d:%d" % (CREDIT, worker, frames, int(reset))
+
+
+def parse_credit(raw: bytes) -> tuple[int, int, bool] | None:
+    """Return (worker, frames, reset) of a credit message, or None if `raw` is not one."""
+    parts = raw.split(b":")
+    if len(parts) != 4 or parts[0] != CREDIT:
+        return None
+    if not all(n.isdigit() and len(n) <= 6 for n in parts[1:]):
+        return None
+    return int(parts[1]), int(parts[2]), parts[3] == b"1"
+
+
+def end_of_stacks(worker: int) -> bytes:
+    """Return worker `worker`'s end-of-stacks marker, ``b"end-of-stacks:<worker>"``."""
+    return b"%s:%d" % (END_OF_STACKS, worker)
+
+
+def parse_end_of_stacks(raw: bytes) -> int | None:
+    """Return the worker id of an end-of-stacks marker, or None if `raw` is not one."""
+    head, sep, tail = raw.partition(b":")
+    if head != END_OF_STACKS or not sep or not tail.isdigit() or len(tail) > 6:
+        return None
+    return int(tail)
 
 EVENTS = frozenset({"ready", "skipped", "rejected", "done", "error"})
 """Kinds of worker event: loaded its backend; seqs its overload policy skipped; seqs it refused

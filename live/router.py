@@ -1,13 +1,26 @@
 """The daemon's two I/O threads and the ledger that makes every frame's fate countable.
 
-`Router`: PULL frames from the sources, decode (a malformed message is counted and logged, never
-fatal), admit each frame through the integrity checks (`live.recorder.SeqGate`: shape, dtype,
-seq window, each seq once; the recorder queues it), then forward the received buffers unchanged
-(zero-copy) to a ready worker with a non-blocking PUSH and to the raw republish socket; when
-every worker would block, the frame is skipped and named. A rejected frame goes nowhere and is
-counted by kind. `Collector`: PULL stacks from the workers into the recorder and the display
-PUB, and read the workers' JSON events. `Ledger` knows which seqs each worker holds, so a
+`Router`: PULL frames from the sources (the public frames endpoint, and an inproc socket for the
+daemon's own source, which needs no TCP hop), decode (a malformed message is counted and logged,
+never fatal), admit each frame through the integrity checks (`live.recorder.SeqGate`: shape, dtype,
+seq window, each seq once; the recorder queues it), republish it raw, and queue it for
+inference. A rejected frame goes nowhere and is counted by kind.
+
+The router is the one place that skips frames. Workers take frames by credit: each says how many
+it has room for (`live.protocol.credit`: one at start, one per stack), and the router sends a
+worker a frame (the received buffers, zero-copy) only against a credit, so a send never blocks
+and a worker never drops. Frames waiting for a credit sit in the router's queue under the
+overload policy: ``every_frame`` keeps up to ``max_queue_frames`` and skips frames beyond it,
+``latest`` keeps one and skips the frame it replaces. Every skip is named by seq.
+
+`Collector`: PULL stacks from the workers into the recorder and the display PUB, and read the
+workers' JSON events. `Ledger` knows which seqs each worker holds, so a
 crashed worker's frames are counted as lost by seq.
+
+Both threads end by markers (`live.protocol`), not by quiet windows: the router once it is
+told to stop and its own source's `END_OF_FRAMES` has arrived (everything that source sent came
+before it), the collector once every worker that finished cleanly has sent "done" and
+`END_OF_STACKS` (each behind that worker's last event and stack).
 
 Every receiving socket has ``zmq.MAXMSGSIZE`` set (`live.protocol.max_part_bytes`), so ZeroMQ
 drops an oversized message part, and disconnects its sender, before buffering it. Sockets on
@@ -21,8 +34,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import zmq
 
@@ -35,6 +49,8 @@ from live.protocol import (
     ProtocolError,
     decode,
     decode_event,
+    parse_credit,
+    parse_end_of_stacks,
 )
 from live.security import ServerKeys, serve_curve
 from live.supervisor import Supervisor
@@ -42,7 +58,7 @@ from live.supervisor import Supervisor
 if TYPE_CHECKING:
     from live.recorder import Recorder
 
-__all__ = ["END_OF_FRAMES", "Admit", "Collector", "Ledger", "Router"]
+__all__ = ["END_OF_FRAMES", "POLICIES", "Admit", "Collector", "Ledger", "Policy", "Router"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +66,19 @@ Admit = Callable[[Message], str | None]
 """Admission of one raw frame: None if admitted, else the rejection kind (already counted)."""
 
 _POLL_MS = 50
-_WORKER_HWM = 2
+WORKER_HWM = 4
+"""Send high-water mark towards one worker; credits keep at most ``WORKER_PREFETCH + 1`` there."""
+Policy = Literal["every_frame", "latest"]
+POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
+"""Overload policies: keep every frame up to a bound (latency grows), or only the newest."""
+RAW_REPUBLISH_HWM = 100
+"""Raw frames queued for a slow subscriber of the raw republish socket before it misses some."""
+DISPLAY_HWM = 10
+"""Stacks queued for a slow display before it misses some (a display keeps up or skips)."""
 _LOGGED_MALFORMED = 100
+_DRAIN_AFTER_STOP = 10_000
+"""Most messages still queued on the public frames endpoint that the router takes after stop
+(a sender that keeps flooding cannot hold the daemon open)."""
 
 
 class Ledger:
@@ -115,11 +142,17 @@ class Router(threading.Thread):
         metrics: Metrics,
         admit: Admit,
         raw_endpoint: str | None = None,
+        source_endpoint: str | None = None,
+        credits_endpoint: str | None = None,
+        policy: Policy = "every_frame",
+        max_queue_frames: int = 256,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         max_part_bytes: int = MAX_FRAME_BYTES,
         frames_keys: ServerKeys | None = None,
         raw_keys: ServerKeys | None = None,
         supervisor: Supervisor | None = None,
+        worker_hwm: int = WORKER_HWM,
+        raw_hwm: int = RAW_REPUBLISH_HWM,
     ) -> None:
         """Bind the sockets (the thread starts with `start`).
 
@@ -128,10 +161,14 @@ class Router(threading.Thread):
         accepts and `max_part_bytes` the frames socket's ``zmq.MAXMSGSIZE`` (the daemon sizes
         both from the frame shape, `live.protocol.max_part_bytes`);
         `frames_keys` / `raw_keys` make the frames / raw republish socket a CURVE server.
+        `source_endpoint` (``inproc://…``, same context) is where the daemon's own source
+        sends; its `END_OF_FRAMES` tells the router that source is done. `credits_endpoint`
+        (ipc) is where workers send credits; `policy` and `max_queue_frames` govern the frames
+        waiting for one. `worker_hwm` and `raw_hwm` are the bounds of the outgoing edges.
         """
         super().__init__(name="router", daemon=True)
         self.stop_event = threading.Event()
-        self.last_receive = time.monotonic()
+        self.source_ended = threading.Event()
         self._ctx, self._ledger, self._metrics, self._admit = ctx, ledger, metrics, admit
         self._max_frame_bytes = max_frame_bytes
         self._supervisor = supervisor or Supervisor()
@@ -140,10 +177,33 @@ class Router(threading.Thread):
         self._pull.maxmsgsize = max_part_bytes
         serve_curve(self._pull, frames_keys)
         self._pull.bind(frames_endpoint)
-        self._pushes = [self._bound(zmq.PUSH, ep, _WORKER_HWM) for ep in worker_endpoints]
-        self._raw_pub = self._bound(zmq.PUB, raw_endpoint, 100, raw_keys) if raw_endpoint else None
+        self._source: zmq.Socket[bytes] | None = None
+        if source_endpoint is not None:
+            self._source = ctx.socket(zmq.PULL)
+            self._source.linger = 0
+            self._source.bind(source_endpoint)
+        else:
+            self.source_ended.set()  # no own source: nothing to wait for
+        self._pushes = [self._bound(zmq.PUSH, ep, worker_hwm) for ep in worker_endpoints]
+        self._raw_pub = (
+            self._bound(zmq.PUB, raw_endpoint, raw_hwm, raw_keys) if raw_endpoint else None
+        )
+        if policy not in POLICIES:
+            raise ValueError(f"overload.policy {policy!r} is not one of {POLICIES}")
+        self._policy = policy
+        self._max_waiting = 1 if policy == "latest" else max(1, max_queue_frames)
+        self._waiting: deque[tuple[int, list[zmq.Frame]]] = deque()
+        self._credit = [0] * len(worker_endpoints)
+        self._credits: zmq.Socket[bytes] | None = None
+        if credits_endpoint is not None:
+            self._credits = _bind(ctx, zmq.PULL, credits_endpoint, 64)
         self._next = 0
         self._malformed_logged = 0
+
+    @property
+    def waiting(self) -> int:
+        """Frames admitted and waiting for a worker's credit (a gauge: read from any thread)."""
+        return len(self._waiting)
 
     def _bound(
         self, kind: int, endpoint: str, hwm: int, keys: ServerKeys | None = None
@@ -157,16 +217,58 @@ class Router(threading.Thread):
         return socket
 
     def run(self) -> None:
-        """Route until `stop_event` is set (sources are stopped first, so the pipe is drained)."""
+        """Route until stopped and the own source's end marker has come; then drain and end.
+
+        After `stop_event` the router still takes what is already queued on the public
+        endpoint (at most `_DRAIN_AFTER_STOP` messages) and everything the own source sent
+        before its `END_OF_FRAMES`.
+        """
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        if self._source is not None:
+            poller.register(self._source, zmq.POLLIN)
+        if self._credits is not None:
+            poller.register(self._credits, zmq.POLLIN)
+        drained = 0
         with self._supervisor.watch("router"):
             try:
-                while not self.stop_event.is_set() or self._pull.poll(0):
-                    if self._pull.poll(_POLL_MS):
+                while True:
+                    stopping = self.stop_event.is_set()
+                    ready = dict(poller.poll(0 if stopping and not self._waiting else _POLL_MS))
+                    handled = False
+                    if self._credits is not None and self._credits in ready:
+                        self._take_credit(self._credits.recv())
+                        handled = True
+                    if self._source is not None and self._source in ready:
+                        self._from_source(self._source.recv_multipart(copy=False))
+                        handled = True
+                    if self._pull in ready and drained < _DRAIN_AFTER_STOP:
                         self._route(self._pull.recv_multipart(copy=False))
+                        drained += stopping
+                        handled = True
+                    self._dispatch()
+                    if stopping and not handled:
+                        if self._waiting and self._ledger.ready_workers():
+                            continue  # frames still wait for credits: refocus them first
+                        if self.source_ended.is_set():
+                            break
+                        self.source_ended.wait(_POLL_MS / 1000)  # the own source's marker
+                if self._waiting:
+                    left = [seq for seq, _ in self._waiting]
+                    self._waiting.clear()
+                    log.error("no worker left for %d waiting frames: skipped", len(left))
+                    self._metrics.skip(left)
             finally:
-                self._pull.close()
-                if self._raw_pub is not None:
-                    self._raw_pub.close()
+                for socket in (self._pull, self._source, self._raw_pub, self._credits):
+                    if socket is not None:
+                        socket.close()
+
+    def _from_source(self, parts: list[zmq.Frame]) -> None:
+        """Handle one message of the daemon's own source: a frame, or its end marker."""
+        if len(parts) == 1 and parts[0].bytes == END_OF_FRAMES:
+            self.source_ended.set()
+            return
+        self._route(parts)
 
     def end_workers(self, timeout_s: float = 10.0) -> list[int]:
         """After the router thread ended: queue `END_OF_FRAMES` behind every worker's frames.
@@ -193,7 +295,6 @@ class Router(threading.Thread):
 
     def _route(self, parts: list[zmq.Frame]) -> None:
         """Handle one received message."""
-        self.last_receive = time.monotonic()
         try:
             message = decode(parts, max_bytes=self._max_frame_bytes)
             if message.header.kind != "frame":
@@ -213,22 +314,58 @@ class Router(threading.Thread):
             return
         if self._raw_pub is not None:
             _send_nowait(self._raw_pub, parts)
-        seq = message.header.seq
-        for worker in self._rotation():
+        self._enqueue(message.header.seq, parts)
+
+    def _enqueue(self, seq: int, parts: list[zmq.Frame]) -> None:
+        """Queue an admitted frame for inference under the overload policy (skips named)."""
+        if not self._pushes:  # no workers at all: nothing will ever take it
+            self._metrics.skip([seq])
+            return
+        if self._policy == "latest" and self._waiting:
+            replaced = [s for s, _ in self._waiting]
+            self._waiting.clear()
+            self._metrics.skip(replaced)
+        elif len(self._waiting) >= self._max_waiting:
+            self._metrics.skip([seq])
+            return
+        self._waiting.append((seq, parts))
+        self._dispatch()
+
+    def _take_credit(self, raw: bytes) -> None:
+        """Apply one worker credit (a malformed one is logged: workers are this program)."""
+        parsed = parse_credit(raw)
+        if parsed is None or parsed[0] >= len(self._credit):
+            log.error("malformed credit from a worker dropped: %r", raw[:40])
+            return
+        worker, frames, reset = parsed
+        self._credit[worker] = frames if reset else self._credit[worker] + frames
+
+    def _dispatch(self) -> None:
+        """Send waiting frames, oldest first, to ready workers that have credit (round robin)."""
+        while self._waiting:
+            worker = self._next_worker()
+            if worker is None:
+                return
+            seq, parts = self._waiting.popleft()
             self._ledger.sent(worker, seq)  # before the send: a fast reply must find it
             if _send_nowait(self._pushes[worker], parts):
+                self._credit[worker] -= 1
                 self._metrics.frame_routed()
-                return
-            self._ledger.settle([seq])
-        self._metrics.skip([seq])
+            else:  # the pipe is full despite the credit (a worker restarting): try later
+                self._ledger.settle([seq])
+                self._credit[worker] = 0
+                self._waiting.appendleft((seq, parts))
 
-    def _rotation(self) -> list[int]:
-        """Return the ready workers, starting after the last one used (round robin)."""
-        ready = self._ledger.ready_workers()
+    def _next_worker(self) -> int | None:
+        """Return the next ready worker with credit, after the last one used; None if none."""
+        ready = [w for w in self._ledger.ready_workers() if self._credit[w] > 0]
         if not ready:
-            return []
-        self._next = (self._next + 1) % len(ready)
-        return ready[self._next :] + ready[: self._next]
+            return None
+        self._next = (self._next + 1) % len(self._credit)
+        later = [w for w in ready if w >= self._next]
+        worker = later[0] if later else ready[0]
+        self._next = worker
+        return worker
 
 
 class Collector(threading.Thread):
@@ -247,14 +384,21 @@ class Collector(threading.Thread):
         max_stack_bytes: int = MAX_FRAME_BYTES,
         stacks_keys: ServerKeys | None = None,
         supervisor: Supervisor | None = None,
+        display_hwm: int = DISPLAY_HWM,
     ) -> None:
         """Bind the sockets (the thread starts with `start`).
 
         `max_stack_bytes` is the stacks socket's ``zmq.MAXMSGSIZE``; `stacks_keys`
-        makes the stacks PUB a CURVE server.
+        makes the stacks PUB a CURVE server; `display_hwm` bounds its queue per display.
         """
         super().__init__(name="collector", daemon=True)
         self.stop_event = threading.Event()
+        self._expected: set[int] = set()
+        self._ended: set[int] = set()  # workers whose end-of-stacks marker arrived
+        self._done: set[int] = set()  # workers whose "done" event arrived
+        self._deadline = float("inf")
+        self.missing: list[int] = []
+        """Workers whose end markers had not arrived by the `finish` deadline."""
         self.events: list[dict[str, Any]] = []
         self.event_arrived = threading.Condition()
         self._ledger, self._metrics, self._recorder = ledger, metrics, recorder
@@ -267,10 +411,32 @@ class Collector(threading.Thread):
             else None
         )
         if self._pub is not None:
-            self._pub.sndhwm = 10
+            self._pub.sndhwm = display_hwm
+
+    def finish(self, workers: set[int], timeout_s: float = 10.0) -> None:
+        """End once every worker in `workers` has sent "done" and `END_OF_STACKS`.
+
+        Called after the workers exited: `workers` are the ones that exited cleanly (a killed
+        worker sends no markers; its frames are counted as lost from the ledger). Whatever
+        arrives before the markers is collected. After `timeout_s` the collector ends anyway
+        and names the workers whose markers are `missing`.
+        """
+        self._expected = set(workers)
+        self._deadline = time.monotonic() + timeout_s
+        self.stop_event.set()
+
+    def _finished(self) -> bool:
+        """Whether `finish` was called and every expected worker's markers arrived (or time)."""
+        if not self.stop_event.is_set():
+            return False
+        waiting = self._expected - (self._ended & self._done)
+        if waiting and time.monotonic() < self._deadline:
+            return False
+        self.missing = sorted(waiting)
+        return True
 
     def run(self) -> None:
-        """Collect until `stop_event` is set and nothing more is waiting."""
+        """Collect until `finish` (or `stop_event`) and the workers' end markers arrived."""
         poller = zmq.Poller()
         poller.register(self._pull, zmq.POLLIN)
         poller.register(self._events, zmq.POLLIN)
@@ -278,7 +444,7 @@ class Collector(threading.Thread):
             try:
                 while True:
                     ready = dict(poller.poll(_POLL_MS))
-                    if not ready and self.stop_event.is_set():
+                    if not ready and self._finished():
                         break
                     if self._pull in ready:
                         self._collect(self._pull.recv_multipart(copy=False))
@@ -291,6 +457,9 @@ class Collector(threading.Thread):
 
     def _collect(self, parts: list[zmq.Frame]) -> None:
         """Record one stack, settle its seq and republish it (unless the recorder refused it)."""
+        if len(parts) == 1 and (worker := parse_end_of_stacks(parts[0].bytes)) is not None:
+            self._ended.add(worker)
+            return
         try:
             message = decode(parts)
         except ProtocolError as err:
@@ -316,6 +485,8 @@ class Collector(threading.Thread):
         worker = int(event["worker"])
         kind = event["event"]
         if kind == "ready":
+            self._ended.discard(worker)  # a restarted worker: its markers are still to come
+            self._done.discard(worker)
             self._ledger.set_ready(worker, True)
             log.info(
                 "worker %d ready (%s on %s)", worker, event.get("backend"), event.get("device")
@@ -331,6 +502,8 @@ class Collector(threading.Thread):
             log.error(
                 "worker %d refused frames %s: %s", worker, format_seqs(seqs), event.get("message")
             )
+        elif kind == "done":
+            self._done.add(worker)
         elif kind == "error":
             log.error("worker %d failed: %s", worker, event.get("message"))
         with self.event_arrived:

@@ -28,7 +28,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -36,22 +37,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from live.config import ConfigError
-from live.metrics import Metrics, Snapshot, StatusPublisher, format_seqs
-from live.protocol import Message, max_part_bytes
+from live.config import ConfigError, check_optics, resolve_geometry
+from live.metrics import Metrics, RunState, Snapshot, StatusPublisher, format_seqs
+from live.protocol import WORKER_PREFETCH, Message, max_part_bytes
 from live.recorder import Recorder, RecorderSummary, SeqGate, format_rejections, store_path
-from live.router import Collector, Ledger, Router
-from live.security import Gatekeeper, ServerKeys, ephemeral_client, server_keys
+from live.router import DISPLAY_HWM, RAW_REPUBLISH_HWM, WORKER_HWM, Collector, Ledger, Router
+from live.security import Gatekeeper, ServerKeys, server_keys
 from live.supervisor import Failure, Supervisor
-from live.worker import Plan, WorkerSpec, build_plan, open_backend, worker_main
+from live.worker import WorkerSpec, build_plan, open_backend, worker_main
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
     from multiprocessing.synchronize import Event as MpEvent
 
+    from engine.dpm import VolumePlan
     from live.config import ScopeConfig
 
-__all__ = ["Daemon", "Preflight", "RunSummary", "main", "preflight"]
+__all__ = [
+    "Daemon",
+    "Edge",
+    "FinishReason",
+    "Preflight",
+    "RunSummary",
+    "compose",
+    "main",
+    "preflight",
+]
 
 log = logging.getLogger("live.run")
 
@@ -60,6 +71,80 @@ EXIT_NO_FIT = 3
 EXIT_FAILED = 1
 _READY_TIMEOUT_S = 120.0
 _PREFLIGHT_CALLS = 3
+_SOURCE_HWM = 2000
+"""Frames the daemon's own source may queue towards the router before it drops (and counts)."""
+
+
+class FinishReason(StrEnum):
+    """Why a run ended (`RunSummary.finish_reason`; its detail says more)."""
+
+    DURATION = "duration reached"
+    SOURCE_FINISHED = "source finished"
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+    NO_FIT = "pre-flight: does not fit"
+    REFUSED = "refused"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One connection of the daemon's graph: who sends what to whom, its bound and policy.
+
+    `bound` is the most messages the edge holds before its `policy` acts (None: unbounded,
+    watched as a gauge instead); `policy` says what happens then, and who counts it.
+    """
+
+    source: str
+    target: str
+    what: str
+    transport: str
+    bound: int | None
+    policy: str
+
+
+def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
+    """Return the daemon's wiring, in one place: every edge with its bound and overflow policy.
+
+    Nodes: ``source`` (the configured camera, simulator or replay, in-process) or an
+    external ``hook`` (Micro-Manager), ``router`` (decode, admit, route; its inference queue
+    applies `config.overload` and is the only place frames are skipped), ``worker[i]``
+    processes (inference; they take frames by credit), ``collector``, ``recorder`` (OME-Zarr
+    writer thread), ``display`` and ``status`` subscribers. `Daemon.start` builds the nodes
+    with these bounds; ``python -m live.run --scope config.toml --wiring`` prints the table.
+    """
+    ov = config.overload
+    waiting = (
+        "a new frame replaces the waiting one, which is skipped (counted)"
+        if ov.policy == "latest"
+        else "the new frame is skipped (counted)"
+    )
+    edges = [
+        Edge("source", "router", "frames", "inproc", _SOURCE_HWM, "source drops and counts"),
+        Edge("hook", "router", "frames", config.endpoints.frames, None, "hook drops and counts"),
+        Edge("router", "recorder", "raw frames", "in-process queue", None, "every frame"),
+        Edge("router", "raw subscribers", "raw frames", config.endpoints.recorder,
+             RAW_REPUBLISH_HWM, "a slow subscriber misses frames"),
+        Edge("router", "inference queue", "frames", f"router ({ov.policy})",
+             1 if ov.policy == "latest" else ov.max_queue_frames, waiting),
+    ]
+    for i in range(workers):
+        edges += [
+            Edge("inference queue", f"worker[{i}]", "frames", "ipc", WORKER_PREFETCH + 1,
+                 "by credit: sent only when the worker has room (never full)"),
+            Edge(f"worker[{i}]", "collector", "stacks, events", "ipc", None,
+                 "wait (the collector always drains)"),
+            Edge(f"worker[{i}]", "router", "credits", "ipc", None, "wait (the router drains)"),
+        ]
+    edges += [
+        Edge("collector", "recorder", "stacks", "in-process queue", None, "every stack"),
+        Edge("collector", "display", "stacks", config.endpoints.stacks, DISPLAY_HWM,
+             "a slow display misses stacks"),
+        Edge("daemon", "status readers", "snapshot / s", config.endpoints.status, 10,
+             "a slow reader misses snapshots"),
+    ]
+    return tuple(edges)
 
 
 @dataclass(frozen=True)
@@ -106,9 +191,12 @@ class Preflight:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSummary:
-    """What a run did: counts, losses by seq, latency, backend and where the data went."""
+    """What a run did: counts, losses by seq, latency, backend and where the data went.
+
+    Built once, when the run has ended (`Daemon.stop`), and never changed afterwards.
+    """
 
     frames_acquired: int | None
     frames_in: int
@@ -124,13 +212,17 @@ class RunSummary:
     output: str | None
     source: dict[str, Any] = field(default_factory=dict)
     recorder: dict[str, Any] = field(default_factory=dict)
-    finish_reason: str = ""
+    finish_reason: FinishReason = FinishReason.STOPPED
+    finish_detail: str = ""
+    """What the reason does not say: the duration, the failing thread and its error, ..."""
     rejected: dict[str, int] = field(default_factory=dict)
     """Frames refused by the integrity checks, by kind (not recorded, refocused or republished)."""
     failures: list[str] = field(default_factory=list)
     """Daemon threads that failed (`live.supervisor`); any makes the exit code non-zero."""
     auth_denied: int = 0
     """CURVE connection attempts refused for an unknown client key."""
+    preview: str | None = None
+    """The run's picture (``RUN.preview.png``: last frame and stack, latency, counts)."""
 
     @property
     def rejected_total(self) -> int:
@@ -151,8 +243,9 @@ class RunSummary:
         )
         acquired = "?" if self.frames_acquired is None else str(self.frames_acquired)
         rejected = format_rejections({"frames": self.rejected}).removeprefix("frames ")
+        why = f"{self.finish_reason}: {self.finish_detail}" if self.finish_detail else ""
         lines = [
-            f"summary ({self.finish_reason}):",
+            f"summary ({why or self.finish_reason}):",
             f"  frames acquired   {acquired}"
             f" (received {self.frames_in}, malformed {self.malformed})",
             f"  rejected          {self.rejected_total}"
@@ -167,6 +260,8 @@ class RunSummary:
             f"  backend           {self.backend}",
             f"  output            {self.output or 'not recorded'}",
         ]
+        if self.preview:
+            lines.append(f"  preview           {self.preview}")
         if self.auth_denied:
             lines.append(f"  refused clients   {self.auth_denied} (unknown CURVE key)")
         if self.failures:
@@ -175,7 +270,7 @@ class RunSummary:
 
 
 def preflight(
-    backend: Any, plan: Plan, frame_shape: tuple[int, int], rate_hz: float, workers: int
+    backend: Any, plan: VolumePlan, frame_shape: tuple[int, int], rate_hz: float, workers: int
 ) -> Preflight:
     """Time a few frames of the planned planes on `backend` (one warm-up call first)."""
     frame = np.random.default_rng(0).integers(100, 2000, frame_shape, dtype=np.uint16)
@@ -220,7 +315,9 @@ class Daemon:
         self.metrics = Metrics()
         self.ledger = Ledger(workers)
         self.stop_requested = threading.Event()
-        self.finish_reason = "stopped"
+        self.finish_reason = FinishReason.STOPPED
+        self.finish_detail = ""
+        self.edges = compose(config, workers)
         self.backend_name = "?"
         self.preflight_result: Preflight | None = None
         self.recorder: Recorder | None = None
@@ -229,12 +326,14 @@ class Daemon:
         self.store: Path | None = (
             store_path(config.recorder.path, output) if config.recorder.enabled else None
         )
+        self.metrics.set_run_info(state=RunState.STARTING, output=self.store)
         self._keys: ServerKeys | None = None
         self._checked = False
         self._n_planes = 0
         self._gatekeeper: Gatekeeper | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._tmp = tempfile.TemporaryDirectory(prefix="deepz-")
+        self._source_endpoint = f"inproc://deepz-source-{id(self)}"
         self._mp = mp.get_context("spawn")
         self._worker_stop: MpEvent = self._mp.Event()
         self._procs: list[SpawnProcess | None] = [None] * workers
@@ -263,12 +362,13 @@ class Daemon:
                 f"the output store {self.store} already exists: give another --output or "
                 "move it away (a run never overwrites a recording)"
             )
+        self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry
         self._checked = True
 
     def start(self) -> None:
         """Check, pick the backend, pre-flight, then start recorder, threads, workers, source."""
-        cfg = self.config
         self.check()
+        cfg = self.config
         plan = build_plan(cfg)
         self._choose_backend(plan)
         if self._keys is not None:
@@ -285,6 +385,8 @@ class Daemon:
         ipc = Path(self._tmp.name)
         self._worker_endpoints = [f"ipc://{ipc}/frames-{i}" for i in range(self.n_workers)]
         self._stacks_in, self._events = f"ipc://{ipc}/stacks", f"ipc://{ipc}/events"
+        self._credits = f"ipc://{ipc}/credits"
+        bound = {(e.source, e.target): e.bound for e in self.edges}
         self.collector = Collector(
             self._ctx,
             stacks_in_endpoint=self._stacks_in,
@@ -296,6 +398,7 @@ class Daemon:
             max_stack_bytes=max_part_bytes((n_planes, *frame_shape), "float32"),
             stacks_keys=keys_for("stacks"),
             supervisor=self.supervisor,
+            display_hwm=bound["collector", "display"] or DISPLAY_HWM,
         )
         self.router = Router(
             self._ctx,
@@ -305,11 +408,17 @@ class Daemon:
             metrics=self.metrics,
             admit=self._admission(frame_shape),
             raw_endpoint=cfg.endpoints.recorder,
+            source_endpoint=self._source_endpoint if self.source_mode else None,
+            credits_endpoint=self._credits,
+            policy=cfg.overload.policy,
+            max_queue_frames=cfg.overload.max_queue_frames,
             max_frame_bytes=max_part_bytes(frame_shape),
             max_part_bytes=max_part_bytes(frame_shape),
             frames_keys=keys_for("frames"),
             raw_keys=keys_for("recorder"),
             supervisor=self.supervisor,
+            worker_hwm=WORKER_HWM,
+            raw_hwm=bound["router", "raw subscribers"] or RAW_REPUBLISH_HWM,
         )
         self._status = StatusPublisher(self._ctx, cfg.endpoints.status, keys_for("status"))
         self.collector.start()
@@ -319,8 +428,9 @@ class Daemon:
         self._wait_ready()
         self._start_display()
         self._start_source()
+        self.metrics.set_run_info(state=RunState.RUNNING)
 
-    def _choose_backend(self, plan: Plan) -> None:
+    def _choose_backend(self, plan: VolumePlan) -> None:
         """Say which backend runs and why others were skipped; run the measured pre-flight."""
         from engine.runtime import select
 
@@ -329,12 +439,15 @@ class Daemon:
         skipped = "; ".join(f"{n} skipped: {why}" for n, why in reasons.items()) or "none skipped"
         print(f"backend: {spec.name} chosen (first available of {engine.backends}); {skipped}")
         self.backend_name = spec.name
+        self.metrics.set_run_info(backend=self.backend_name)
         if not self.preflight_check:
             return
         backend = _open_checked(cfg)
         try:
             _check_planes(cfg, backend)
+            _check_optics(cfg, backend)
             self.backend_name = f"{backend.name} on {backend.device}"
+            self.metrics.set_run_info(backend=self.backend_name)
             frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
             self.preflight_result = preflight(
                 backend, plan, frame_shape, float(cfg.source.rate_hz), self.n_workers
@@ -354,7 +467,7 @@ class Daemon:
         gate = SeqGate("raw", frame_shape, np.dtype(np.uint16), self.config.recorder.seq_window)
         return lambda message: gate.admit(message)[1]
 
-    def _start_recorder(self, plan: Plan) -> None:
+    def _start_recorder(self, plan: VolumePlan) -> None:
         """Open the run's OME-Zarr store (when recording is enabled)."""
         rc, src = self.config.recorder, self.config.source
         if not rc.enabled or self.store is None:
@@ -365,9 +478,9 @@ class Daemon:
             frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
             pixel_size_um=float(src.pixel_size_um),
             rate_hz=float(src.rate_hz),
-            planes_um=plan.planes_um,
-            surfaces=None if plan.planes_um is not None else [s.name for s in surfaces or []],
-            dpms_um=None if plan.planes_um is not None else plan.dpms_um,
+            planes_um=None if plan.z_um is None else list(plan.z_um),
+            surfaces=None if plan.z_um is not None else [s.name for s in surfaces or []],
+            dpms_um=None if plan.z_um is not None else plan.dpms_um,
             config=self.config.model_dump(mode="json"),
             keep_raw=rc.keep_raw,
             keep_stacks=rc.keep_stacks,
@@ -402,6 +515,7 @@ class Daemon:
             frames_endpoint=self._worker_endpoints[i],
             stacks_endpoint=self._stacks_in,
             events_endpoint=self._events,
+            credits_endpoint=self._credits,
             config=self.config.model_dump(mode="json"),
         )
         proc = self._mp.Process(
@@ -445,20 +559,20 @@ class Daemon:
         self._display = subprocess.Popen(command)
 
     def _start_source(self) -> None:
-        """Start the configured source on its own thread, sending to ``endpoints.frames``."""
+        """Start the configured source on its own thread, sending to the router in-process.
+
+        The source's frames take an inproc socket to the router (no TCP hop, no keys: it is
+        this process), and its `live.protocol.END_OF_FRAMES` after the last frame tells the
+        router that everything it sent has arrived.
+        """
         if self.source_mode is None:
             return
         from live.hook import FrameSender
         from live.sources import make_source
 
         source = make_source(self.config)
-        keys = None
-        if self._keys is not None and "frames" in self.config.curve_endpoints():
-            # The daemon's own source is a CURVE client too, with a key made for this run.
-            keys = ephemeral_client(self._keys)
-            assert self._gatekeeper is not None
-            self._gatekeeper.allow(keys.public)
-        self._sender = FrameSender(self.config.endpoints.frames, keys=keys)
+        hwm = {(e.source, e.target): e.bound for e in self.edges}["source", "router"]
+        self._sender = FrameSender(self._source_endpoint, context=self._ctx, hwm=hwm or 1)
 
         def run_source() -> None:
             with self.supervisor.watch("source"):
@@ -475,11 +589,11 @@ class Daemon:
         next_status = time.monotonic() + 1.0
         while not self.stop_requested.is_set():
             if t_end is not None and time.monotonic() >= t_end:
-                self.finish_reason = f"duration {duration_s:g} s reached"
+                self.finish_reason, self.finish_detail = FinishReason.DURATION, f"{duration_s:g} s"
                 break
             if self._source_thread is not None and not self._source_thread.is_alive():
-                if self.finish_reason == "stopped":
-                    self.finish_reason = "source finished"
+                if self.finish_reason is FinishReason.STOPPED:
+                    self.finish_reason = FinishReason.SOURCE_FINISHED
                 break
             self.check_workers()
             if time.monotonic() >= next_status:
@@ -492,20 +606,26 @@ class Daemon:
                         print(snap.status_line(), flush=True)
             self.stop_requested.wait(0.05)
 
+    def finish(self, reason: FinishReason, detail: str = "") -> None:
+        """Record why the run ends (the first reason given wins) and ask it to stop."""
+        if self.finish_reason is FinishReason.STOPPED:
+            self.finish_reason, self.finish_detail = reason, detail
+        self.stop_requested.set()
+
     def _on_failure(self, failure: Failure) -> None:
         """Supervisor hook (the failing thread): stop the run, mark the store incomplete."""
         if self.failure is None:
             self.failure = failure
-            self.finish_reason = failure.reason()
+            self.finish_reason, self.finish_detail = FinishReason.FAILED, failure.reason()
         if self.recorder is not None:
             self.recorder.mark_incomplete(failure.reason())
         self.stop_requested.set()
 
-    def fail(self, reason: str) -> None:
-        """Record that the run failed outside the supervised threads (start-up, main loop)."""
-        self.finish_reason = reason
+    def fail(self, reason: FinishReason, detail: str) -> None:
+        """Record that the run failed or was refused outside the supervised threads."""
+        self.finish_reason, self.finish_detail = reason, detail
         if self.recorder is not None:
-            self.recorder.mark_incomplete(reason)
+            self.recorder.mark_incomplete(f"{reason}: {detail}")
 
     def check_workers(self) -> None:
         """Restart any worker that died, counting the frames it held as lost."""
@@ -531,7 +651,7 @@ class Daemon:
         raw, stacks = rec.counts() if rec is not None else (0, 0)
         free_mb = rec.free_mb() if rec is not None else None
         self.metrics.set_gauges(
-            queue_depth=self.ledger.outstanding(),
+            queue_depth=self.ledger.outstanding() + self._router_waiting(),
             recorder_backlog=rec.backlog if rec is not None else 0,
             raw_recorded=raw,
             stacks_recorded=stacks,
@@ -540,6 +660,10 @@ class Daemon:
         )
         return self.metrics.snapshot()
 
+    def _router_waiting(self) -> int:
+        """Frames in the router's inference queue (0 before the router exists)."""
+        return self.router.waiting if hasattr(self, "router") else 0
+
     def worker_pids(self) -> list[int | None]:
         """Return the process ids of the workers (for supervision tests)."""
         return [p.pid if p is not None else None for p in self._procs]
@@ -547,20 +671,36 @@ class Daemon:
     # -- stop --------------------------------------------------------------------------
 
     def stop(self, worker_timeout_s: float = 60.0) -> RunSummary:
-        """Stop in order: source, router (drained), workers (drained), collector, recorder."""
+        """Stop in order, each part after the end marker of the one before it.
+
+        Source (joined; its end marker follows its last frame) → router (drains up to the
+        marker, then queues the marker behind each worker's last frame) → workers (refocus
+        what they hold, then send "done" and their end marker; joined) → collector (ends on
+        the markers of the workers that exited cleanly) → recorder (drains and finalises).
+        No sleeps: every wait is a join or a marker, with a timeout that is logged.
+        """
         if self._summary is not None:
             return self._summary
+        self.metrics.set_run_info(state=RunState.STOPPING)
         self._source_stop.set()
         if self._source_thread is not None:
             self._source_thread.join(10.0)
-        if self._sender is not None and hasattr(self._sender, "close"):
+            if self._source_thread.is_alive():
+                log.error("the source did not stop within 10 s; ending without its last frames")
+        if self._sender is not None:
+            router_alive = hasattr(self, "router") and self.router.is_alive()
+            if router_alive and not self._sender.end_stream():
+                log.error("the source's end-of-frames marker could not be queued")
+                self.router.source_ended.set()
             self._sender.close()
         if hasattr(self, "router"):
-            self._quiesce_router()
+            self.router.stop_event.set()
+            self.router.join(30.0)
             unreachable = self.router.end_workers()
-            if unreachable:
+            if unreachable:  # those end once their pipe is empty (see live.worker)
                 log.error("workers %s did not take the end-of-frames marker", unreachable)
-        self._worker_stop.set()
+                self._worker_stop.set()
+        clean = set()
         for i, proc in enumerate(self._procs):
             if proc is None:
                 continue
@@ -569,15 +709,16 @@ class Daemon:
                 log.error("worker %d did not finish in %.0f s: terminating it", i, worker_timeout_s)
                 proc.terminate()
                 proc.join(5.0)
+            elif proc.exitcode == 0:
+                clean.add(i)
+        self._worker_stop.set()
         if hasattr(self, "router"):
             self.router.close_worker_sockets()
-        deadline = time.monotonic() + 5.0
-        while self.ledger.outstanding() and time.monotonic() < deadline:
-            time.sleep(0.02)  # the last stacks and skip events are still on their way
-        time.sleep(0.1)
         if hasattr(self, "collector"):
-            self.collector.stop_event.set()
-            self.collector.join(10.0)
+            self.collector.finish(clean)
+            self.collector.join(30.0)
+            if self.collector.missing:
+                log.error("no end marker from workers %s", self.collector.missing)
         for i in range(self.n_workers):
             unfinished = self.ledger.take(i)
             if unfinished:
@@ -590,14 +731,6 @@ class Daemon:
         self._summary = self._finish()
         return self._summary
 
-    def _quiesce_router(self) -> None:
-        """Stop the router once no frame has arrived for a moment (the pipe is drained)."""
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() - self.router.last_receive < 0.3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.router.stop_event.set()
-        self.router.join(10.0)
-
     def _finish(self) -> RunSummary:
         """Publish the last status, close the recorder, display and sockets; build the summary."""
         snap = self._snapshot()
@@ -605,12 +738,14 @@ class Daemon:
             with self.supervisor.watch("status publisher"):  # before the store is finalised
                 self._status.publish(snap)
         rec: RecorderSummary | None = None
+        if self.recorder is not None:
+            rec = self.recorder.close()
         source = _as_dict(self._source_summary)
         summary = RunSummary(
             frames_acquired=_frames_acquired(source, snap.frames_in + snap.malformed),
             frames_in=snap.frames_in,
-            raw_recorded=0,
-            stacks_written=0,
+            raw_recorded=rec.raw_frames if rec is not None else 0,
+            stacks_written=rec.stacks if rec is not None else 0,
             skipped=self.metrics.skipped_seqs(),
             lost=self.metrics.lost_seqs(),
             malformed=snap.malformed,
@@ -620,25 +755,55 @@ class Daemon:
             backend=self.backend_name,
             output=str(self.recorder.path) if self.recorder is not None else None,
             source=source,
+            recorder=asdict(rec) if rec is not None else {},
             finish_reason=self.finish_reason,
+            finish_detail=self.finish_detail,
             rejected=snap.rejected,
             failures=[f.reason() for f in self.supervisor.failures],
             auth_denied=self._gatekeeper.denied if self._gatekeeper is not None else 0,
         )
         if self.recorder is not None:
-            rec = self.recorder.close()
-            summary.raw_recorded, summary.stacks_written = rec.raw_frames, rec.stacks
-            summary.recorder = asdict(rec)
+            preview = _write_preview_png(self.recorder.path, self.metrics, summary)
+            summary = replace(summary, preview=str(preview) if preview else None)
             self.recorder.add_run_summary(_jsonable(asdict(summary)))
         if self._display is not None:
             self._display.terminate()
+        self.metrics.set_run_info(state=RunState.FINISHED)
         if self._status is not None:
-            self._status.close()
+            with self.supervisor.watch("status publisher"):
+                self._status.publish(self._snapshot())
+            self._status.close(linger_ms=200)  # so status readers hear "finished"
         if self._gatekeeper is not None:
             self._gatekeeper.stop()
         self._ctx.term()
         self._tmp.cleanup()
         return summary
+
+
+def format_wiring(edges: tuple[Edge, ...]) -> str:
+    """Render `compose`'s edges as an aligned text table."""
+    rows = [("from", "to", "what", "transport", "bound", "when full")]
+    rows += [
+        (e.source, e.target, e.what, e.transport, str(e.bound or "-"), e.policy) for e in edges
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
+        for r in rows
+    )
+
+
+def _write_preview_png(store: Path, metrics: Metrics, summary: RunSummary) -> Path | None:
+    """Write ``RUN.preview.png`` beside the store; a failure is one warning, never the run's."""
+    try:
+        from live.preview import write_preview
+
+        return write_preview(
+            store, latency=metrics.latency_series(), summary_lines=summary.lines()
+        )
+    except Exception as err:  # a missing matplotlib or a drawing bug never fails the run
+        log.warning("no run preview: %s", _one_line(err))
+        return None
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -694,6 +859,17 @@ def _check_planes(config: ScopeConfig, backend: Any) -> None:
         ) from None
 
 
+def _check_optics(config: ScopeConfig, backend: Any) -> None:
+    """Refuse (or warn about, by ``engine.optics_check``) a model trained at other optics."""
+    metadata = getattr(backend, "metadata", None)
+    message = check_optics(config, metadata) if metadata is not None else None
+    if message is None:
+        return
+    if config.engine.optics_check == "refuse":
+        raise ConfigError(message)
+    log.warning("%s", message)
+
+
 def _disk_low(free_mb: float, min_free_mb: float) -> bool:
     """Whether free space is below twice ``recorder.min_free_mb`` (warned about, and shown)."""
     return min_free_mb > 0 and free_mb < 2 * min_free_mb
@@ -722,6 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument(
+        "--wiring",
+        action="store_true",
+        help="print the daemon's edges (bounds and overflow policies) for this config and exit",
+    )
+    parser.add_argument(
         "--require-fit",
         action="store_true",
         help="exit with code 3 when the pre-flight says rate × planes does not fit",
@@ -730,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # pymmcore-plus sets its own logger to DEBUG; its device chatter drowns the status lines.
     logging.getLogger("pymmcore-plus").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search chatter (preview)
     try:
         from live.config import load_config
 
@@ -740,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    if args.wiring:
+        print(format_wiring(compose(config, args.workers)))
+        return 0
     return run(
         config,
         duration_s=args.duration,
@@ -767,25 +952,24 @@ def run(
         return EXIT_BAD_CONFIG
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        daemon.finish_reason = signal.Signals(signum).name
-        daemon.stop_requested.set()
+        daemon.finish(FinishReason(signal.Signals(signum).name))
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
         daemon.start()
         if require_fit and daemon.preflight_result and not daemon.preflight_result.fits:
-            daemon.finish_reason = "pre-flight: does not fit"
+            daemon.finish(FinishReason.NO_FIT)
             code = EXIT_NO_FIT
         else:
             daemon.supervise(duration_s)
     except ConfigError as err:  # found while starting (e.g. the model): one line
         print(f"error: {_one_line(err)}", file=sys.stderr)
-        daemon.fail(f"refused: {_one_line(err)}")
+        daemon.fail(FinishReason.REFUSED, _one_line(err))
         code = EXIT_BAD_CONFIG
     except Exception as err:
         log.exception("daemon failed")
-        daemon.fail(f"failed: {_one_line(err)}")
+        daemon.fail(FinishReason.FAILED, _one_line(err))
         code = EXIT_FAILED
     finally:
         summary = daemon.stop()

@@ -36,7 +36,6 @@ __all__ = [
     "ServerKeys",
     "client_keys",
     "connect_curve",
-    "ephemeral_client",
     "read_client_keys",
     "serve_curve",
     "server_keys",
@@ -132,15 +131,6 @@ def read_client_keys(client_key: Path, server_public_key: Path) -> ClientKeys:
     server_public, _ = _certificate(server_public_key, "security.server_public_key", secret=False)
     assert secret is not None
     return ClientKeys(public, secret, server_public)
-
-
-def ephemeral_client(server: ServerKeys) -> ClientKeys:
-    """Make a fresh in-memory key pair for a client inside the daemon (its own source).
-
-    The caller must `Gatekeeper.allow` its public key; it is never written anywhere.
-    """
-    public, secret = zmq.curve_keypair()
-    return ClientKeys(public, secret, server.public)
 
 
 def serve_curve(socket: zmq.Socket[Any], keys: ServerKeys | None) -> None:

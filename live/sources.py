@@ -9,9 +9,10 @@ config by `make_source`:
   ``rate_hz``; each frame carries the time it was exposed.
 - `ReplaySource` (``"replay"``): a recorded TIFF or OME-Zarr (this project's recordings, or any
   NGFF image with axes t, y, x) sent at its original rate or a chosen one, optionally looped.
-- `MicroManagerSource` (``"micromanager"``): frames come from a Micro-Manager acquisition
-  through `live.hook`; with no ``config_file`` the daemon only listens (the external
-  application pushes), with one it runs that hardware configuration itself.
+- `MicroManagerSource` (``"micromanager"``): with ``acquisition = "core"`` the daemon runs a
+  Micro-Manager hardware configuration itself (``config_file``, or Micro-Manager's demo
+  configuration when unset); with ``"hook"`` a Micro-Manager acquisition elsewhere pushes
+  frames through `live.hook` and the daemon only listens.
 
 pymmcore-plus is imported only when a Micro-Manager source runs (``pip install
 'deepz-live[mm]'``), so importing this module stays light.
@@ -19,6 +20,7 @@ pymmcore-plus is imported only when a Micro-Manager source runs (``pip install
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import threading
@@ -26,11 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from live._protocol import Source, SourceSummary
+from live.seams import Source, SourceSummary
 
 if TYPE_CHECKING:
     from live.config import ScopeConfig
@@ -46,6 +48,7 @@ __all__ = [
     "SourceSummary",
     "make_source",
     "open_recording",
+    "replay_rate_hz",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,13 +264,16 @@ class SimulatedScope:
 class MicroManagerSource:
     """Frames from Micro-Manager.
 
-    Without `config_file` the daemon only listens: a Micro-Manager acquisition elsewhere
-    (the desktop application with pycromanager, or a pymmcore-plus script) pushes frames to
-    ``endpoints.frames`` with `live.hook.pycromanager_image_process_fn` or
-    `live.hook.attach_to_pymmcore_plus`, and `run` just waits for `stop`. With `config_file`
-    this source loads that hardware configuration into a pymmcore-plus core (C++ device
-    adapters from a Micro-Manager installation, ``mmcore install``) and runs the camera's
-    sequence acquisition itself.
+    With ``acquisition="core"`` this source loads `config_file` into a pymmcore-plus core
+    (Micro-Manager's demo configuration when None; C++ device adapters come from a
+    Micro-Manager installation, ``mmcore install``) and runs the camera's sequence
+    acquisition itself. The core `live.config.resolve_geometry` loaded to read the geometry
+    is claimed rather than loaded again (`live._mmcore.claim_core`), and its devices are
+    unloaded when the run ends. With ``acquisition="hook"`` the daemon only listens: a
+    Micro-Manager acquisition elsewhere (the desktop application with pycromanager, or a
+    pymmcore-plus script) pushes frames to ``endpoints.frames`` with
+    `live.hook.pycromanager_image_process_fn` or `live.hook.attach_to_pymmcore_plus`, and
+    `run` just waits for `stop`.
     """
 
     name = "micromanager"
@@ -276,11 +282,17 @@ class MicroManagerSource:
         self,
         endpoint: str,
         *,
+        acquisition: Literal["core", "hook"] = "core",
         config_file: str | Path | None = None,
         camera: str | None = None,
         frame_count: int | None = None,
     ) -> None:
+        if acquisition not in ("core", "hook"):
+            raise ValueError(
+                f"source.micromanager.acquisition must be 'core' or 'hook', got {acquisition!r}"
+            )
         self.endpoint = endpoint
+        self.acquisition = acquisition
         self.config_file = Path(config_file) if config_file else None
         self.camera = camera
         self.frame_count = frame_count
@@ -290,9 +302,9 @@ class MicroManagerSource:
             )
 
     def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
-        """Listen (external acquisition) or run the configured core's camera."""
+        """Run the configured core's camera, or listen for a hooked acquisition."""
         run = _Run(self.name, sender)
-        if self.config_file is None:
+        if self.acquisition == "hook":
             log.info(
                 "waiting for frames from Micro-Manager on %s: add "
                 "image_process_fn=live.hook.pycromanager_image_process_fn(%r) to your "
@@ -302,17 +314,13 @@ class MicroManagerSource:
             )
             stop.wait()
             return run.summary()
+        from live._mmcore import claim_core  # ImportError with the install hint without 'mm'
+
+        core = claim_core(self.config_file, self.camera)
         try:
-            from pymmcore_plus.experimental.unicore import UniMMCore
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError(
-                "source.micromanager.config_file needs pymmcore-plus: pip install 'deepz-live[mm]'"
-            ) from exc
-        core = UniMMCore()
-        core.loadSystemConfiguration(str(self.config_file))
-        if self.camera:
-            core.setCameraDevice(self.camera)
-        return _stream_core(run, core, stop, self.frame_count)
+            return _stream_core(run, core, stop, self.frame_count)
+        finally:
+            core.unloadAllDevices()  # release the hardware
 
 
 # ------------------------------------------------------------------------------ replay
@@ -330,11 +338,20 @@ class Recording:
         The time points that hold frames (all of them, except gaps in our recordings).
     rate_hz : float or None
         The original frame rate, when the file says.
+    timestamps_s, focus_um : array (T,) float64 or None
+        Each time point's camera timestamp and focus as recorded (this project's run stores
+        keep them in ``frames/``; NaN where a frame has none), or None when the file has none.
     """
 
     frames: Any
     indices: Sequence[int]
     rate_hz: float | None
+    timestamps_s: np.ndarray | None = None
+    focus_um: np.ndarray | None = None
+
+    def stamp(self, t: int) -> tuple[float | None, float | None]:
+        """Return the recorded (timestamp_s, focus_um) of time point `t`, None where unknown."""
+        return _recorded(self.timestamps_s, t), _recorded(self.focus_um, t)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -345,10 +362,15 @@ class Recording:
 class ReplaySource:
     """Replay a recorded TIFF or OME-Zarr as if a camera were acquiring it.
 
-    Frame ``t`` of the file is sent with ``seq = t`` (plus the file's length per completed
-    loop) at ``start + t / rate_hz``, stamped with the time it is sent. The rate is
-    `rate_hz` if given, else the file's own (ImageJ ``finterval``, NGFF time scale), else
-    `default_rate_hz`.
+    Frame ``t`` of the file is sent with the recording's own sequence number, ``seq = t``
+    (this project's stores are indexed by seq, so gaps stay gaps), and its own camera
+    timestamp and focus where the file has them (a run store's ``frames/timestamp_s`` and
+    ``frames/focus_um``); a file without them is stamped with the time each frame is sent and
+    focus 0. Frames go out at ``start + (seq - first seq) / rate_hz``. The rate is `rate_hz`
+    if given, else the file's own (ImageJ ``finterval``, NGFF time scale), else
+    `default_rate_hz` (`replay_rate_hz` says which, from a config). Each completed loop adds
+    the file's length to the seqs and the recording's duration to the timestamps, so a looped
+    replay never repeats a seq (the daemon would refuse it as a duplicate).
     """
 
     name = "replay"
@@ -398,6 +420,8 @@ class ReplaySource:
     def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
         """Send the recording's frames at the replay rate until done, count or stop."""
         run = _Run(self.name, sender)
+        period = int(self.recording.frames.shape[0])
+        lap_s = period / (self.recording.rate_hz or self.rate_hz)
         first: int | None = None
         for seq, t in self._schedule():
             frame = np.ascontiguousarray(self.recording.frames[t])
@@ -408,8 +432,46 @@ class ReplaySource:
                 break
             if stop.is_set():
                 break
-            sender.send(frame, seq=seq)
+            stamp, focus = self.recording.stamp(t)
+            if stamp is not None:
+                stamp += (seq // period) * lap_s
+            sender.send(frame, seq=seq, timestamp_s=stamp, focus_um=focus or 0.0)
         return run.summary()
+
+
+def replay_rate_hz(config: ScopeConfig) -> float:
+    """Return the rate (Hz) at which the configured source sends frames, for the pre-flight.
+
+    For ``source.kind = "replay"`` the rate `ReplaySource` will use: ``source.replay.rate_hz``,
+    else the recording's own rate, else ``source.rate_hz``; only the recording's metadata is
+    read. For any other source kind, ``source.rate_hz``.
+    """
+    src = config.source
+    if src.kind != "replay" or src.replay.path is None:
+        return float(src.rate_hz)
+    if src.replay.rate_hz is not None:
+        return float(src.replay.rate_hz)
+    own = _recording_rate_hz(Path(src.replay.path))
+    return float(own if own is not None else src.rate_hz)
+
+
+def _recording_rate_hz(path: Path) -> float | None:
+    """Return the frame rate a recording's metadata states (TIFF pages not read), or None."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            interval = (tif.imagej_metadata or {}).get("finterval")
+        return 1.0 / float(interval) if interval else None
+    return open_recording(path).rate_hz  # zarr reads lazily: metadata only
+
+
+def _recorded(values: np.ndarray | None, t: int) -> float | None:
+    """Return ``values[t]`` as a float, or None when absent, out of range or NaN."""
+    if values is None or not 0 <= t < values.shape[0]:
+        return None
+    value = float(values[t])
+    return value if math.isfinite(value) else None
 
 
 def open_recording(path: str | Path) -> Recording:
@@ -455,7 +517,7 @@ def _open_zarr(path: Path) -> Recording:
 
     from live.store import image_groups
 
-    node = zarr.open(str(path), mode="r")
+    node = root = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
         return Recording(_squeeze_to_tyx(node, None, str(path)), range(node.shape[0]), None)
     present: Any = None
@@ -483,7 +545,19 @@ def _open_zarr(path: Path) -> Recording:
     indices: Sequence[int] = range(frames.shape[0])
     if present is not None:
         indices = [t for start, stop in present for t in range(start, stop) if t < frames.shape[0]]
-    return Recording(frames, indices, _ngff_rate_hz(image, axes))
+    stamps, focus = _frame_metadata(root) if present is not None else (None, None)
+    return Recording(frames, indices, _ngff_rate_hz(image, axes), stamps, focus)
+
+
+def _frame_metadata(root: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Read a run store's per-seq camera timestamps and focus (`live.store.FRAMES_GROUP`)."""
+    from live.store import FRAMES_GROUP
+
+    def read(name: str) -> np.ndarray | None:
+        key = f"{FRAMES_GROUP}/{name}"
+        return np.asarray(root[key][:], dtype=np.float64) if key in root else None
+
+    return read("timestamp_s"), read("focus_um")
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -556,11 +630,28 @@ def _simulator_kwargs(sim: Any) -> dict[str, Any]:
     return kwargs
 
 
+def _require(modules: Sequence[str], what: str, extra: str) -> None:
+    """Raise `ConfigError` naming the extra to install when any of `modules` is missing."""
+    from live.config import ConfigError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"{what} needs {', '.join(missing)}, not installed here: "
+            f"pip install 'deepz-live[{extra}]'"
+        )
+
+
 def make_source(cfg: ScopeConfig) -> Source:
-    """Build the source that ``cfg.source.kind`` names, from the rest of the config."""
+    """Build the source that ``cfg.source.kind`` names, from the rest of the config.
+
+    Raises `live.config.ConfigError` with the install hint when the packages the source needs
+    are missing (the simulated scope needs the ``sim`` extra), before anything is started.
+    """
     src = cfg.source
     shape = (int(src.frame_shape[0]), int(src.frame_shape[1]))
     if src.kind == "simulated":
+        _require(("psfmodels", "pymmcore_plus"), "source.kind = 'simulated'", "sim")
         return SimulatedScope(
             shape,
             rate_hz=float(src.rate_hz),
@@ -582,8 +673,11 @@ def make_source(cfg: ScopeConfig) -> Source:
         )
     if src.kind == "micromanager":
         mm = src.micromanager
+        if mm.acquisition == "core":
+            _require(("pymmcore_plus",), "source.micromanager.acquisition = 'core'", "mm")
         return MicroManagerSource(
             cfg.endpoints.frames,
+            acquisition=mm.acquisition,
             config_file=mm.config_file,
             camera=mm.camera,
             frame_count=src.frame_count,

@@ -2,11 +2,27 @@
 
 Started by `live.run` with multiprocessing's 'spawn' context (one process per worker, so the
 network runs beside, not inside, the daemon's I/O threads). A receive thread PULLs frames into
-a bounded `FrameQueue` that applies the overload policy; the main thread builds the plane plan
-once from the config, runs one frame at a time through the backend and PUSHes each stack (same
-seq, camera timestamp, latency stamp). Events (ready, skipped seqs, refused seqs, done, fatal
-error) go back as small JSON messages (`live.protocol.encode_event`); nothing is pickled on the
-wire.
+a `FrameQueue`; the main thread builds the volume plan once from the config, runs one frame at a
+time through the backend and PUSHes each stack (same seq, camera timestamp, latency stamp).
+The worker takes frames by credit (`live.protocol.credit`): it tells the router it has room
+for ``WORKER_PREFETCH + 1`` frames when it starts and for one more after each stack, so it
+never holds more than that and never skips; the router owns the overload policy. Events
+(ready, refused seqs, done, fatal error) go back as small JSON messages
+(`live.protocol.encode_event`); nothing is pickled on the wire.
+
+A frame that is not the configured shape is refused on its own (reported as a "rejected"
+event; the daemon counts it as lost) and the worker carries on. The frames socket drops any
+message part bigger than a frame (``zmq.MAXMSGSIZE``). If the receive thread fails, the
+worker process exits non-zero after refocusing what it holds, so the daemon restarts it and
+counts its frames as lost; if the daemon itself disappears, the worker stops too. With
+``planes.focus_lock_um`` each frame's planes follow the stage focus in its header
+(`engine.dpm.FocusLock`), so they stay at fixed depths in the sample.
+
+Shutdown follows markers, not timers: the router queues `END_OF_FRAMES` behind a worker's last
+frame; the worker refocuses everything before it, reports, sends "done" and then its
+end-of-stacks marker behind its last stack, so the collector knows nothing of this worker is
+still on the way. Only when the marker cannot be delivered does the daemon set `stop`, and the
+worker ends once its pipe is empty.
 
 A frame that is not the configured shape is refused on its own (reported as a "rejected"
 event; the daemon counts it as lost) and the worker carries on. The frames socket drops any
@@ -23,19 +39,23 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
 
+from engine.dpm import FocusLock, VolumePlan, with_drift
 from live.protocol import (
     END_OF_FRAMES,
     MAX_EVENT_SEQS,
+    WORKER_PREFETCH,
     Message,
     ProtocolError,
+    credit,
     decode,
     encode_event,
     encode_stack,
+    end_of_stacks,
     max_part_bytes,
 )
 
@@ -44,9 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "END_OF_FRAMES",
-    "POLICIES",
     "FrameQueue",
-    "Plan",
     "WorkerSpec",
     "build_plan",
     "worker_main",
@@ -54,12 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Policy = Literal["every_frame", "latest"]
-POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
-"""Overload policies: keep every frame (bounded, latency grows) or keep only the newest."""
-
 _POLL_MS = 100
-_QUIET_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -73,31 +86,37 @@ class WorkerSpec:
     """The collector's PULL endpoint (the worker connects its PUSH)."""
     events_endpoint: str
     """The collector's event PULL endpoint (JSON events)."""
+    credits_endpoint: str
+    """The router's credit PULL endpoint (the worker connects a PUSH)."""
     config: dict[str, Any]
     """The run's `ScopeConfig.model_dump(mode="json")`; the worker validates it again."""
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What each frame is refocused onto: the DPMs and how stacks are labelled.
+def build_plan(config: Any) -> VolumePlan:
+    """Build the volume plan once from a `ScopeConfig` (``config.planes.build``), frozen.
 
-    Uniform planes carry their offsets `planes_um`; surfaces carry their comma-joined labels as
-    `surface_id`.
+    Its DPMs are read-only, so backends normalise them once, not per frame. Uniform planes
+    label stacks with their offsets (``plan.z_um``), surfaces with their comma-joined labels.
     """
-
-    dpms_um: np.ndarray
-    planes_um: list[float] | None
-    surface_id: str | None
-
-
-def build_plan(config: Any) -> Plan:
-    """Build the DPM plan once from a `ScopeConfig` (``config.planes.build``)."""
-    plan = config.planes.build(tuple(config.source.frame_shape), config.source.pixel_size_um)
+    plan: VolumePlan = config.volume_plan()
     dpms = np.array(plan.dpms_um, dtype=np.float32, order="C")
-    dpms.setflags(write=False)  # frozen: backends then normalise these DPMs once, not per frame
-    if plan.z_um is not None:
-        return Plan(dpms, [float(z) for z in plan.z_um], None)
-    return Plan(dpms, None, ",".join(plan.labels))
+    dpms.setflags(write=False)
+    return VolumePlan(dpms, plan.labels, plan.z_um)
+
+
+def focus_lock(config: Any, plan: VolumePlan, backend: Any) -> FocusLock | None:
+    """Return the plan's `engine.dpm.FocusLock` when ``planes.focus_lock_um`` is set, else None.
+
+    Clamped to the model's trained depths unless ``engine.allow_extrapolation``.
+    """
+    planes = config.planes
+    if planes.focus_lock_um is None:
+        return None
+    metadata = getattr(backend, "metadata", None)
+    dz_range = None
+    if metadata is not None and not config.engine.allow_extrapolation:
+        dz_range = (float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1]))
+    return FocusLock.for_plan(plan, planes.focus_lock_um, float(planes.stage_z_sign), dz_range)
 
 
 def open_backend(config: Any) -> Any:
@@ -116,31 +135,20 @@ def open_backend(config: Any) -> Any:
 
 
 class FrameQueue:
-    """Bounded hand-off from the receive thread to the inference thread, with the policy.
+    """Hand-off from the receive thread to the inference thread (FIFO).
 
-    ``every_frame``: `put` waits while `max_frames` are queued (the ZeroMQ pipe then fills and
-    the router skips, counted there). ``latest``: `put` replaces whatever is queued, and the
-    replaced frames' seqs are recorded as skipped.
+    Credits bound it: the router sends at most ``WORKER_PREFETCH`` frames beyond the one being
+    refocused, so it never holds more and needs no policy of its own.
     """
 
-    def __init__(self, policy: Policy, max_frames: int) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"overload.policy {policy!r} is not one of {POLICIES}")
-        self.policy = policy
-        self.max_frames = 1 if policy == "latest" else max(1, max_frames)
+    def __init__(self) -> None:
         self._items: deque[Message] = deque()
-        self._skipped: list[int] = []
         self._refused: list[int] = []
         self._cond = threading.Condition()
 
-    def put(self, message: Message, stop: threading.Event | None = None) -> None:
-        """Queue a frame under the policy (may wait under ``every_frame``)."""
+    def put(self, message: Message) -> None:
+        """Queue a frame (never waits)."""
         with self._cond:
-            if self.policy == "latest":
-                self._skipped.extend(m.header.seq for m in self._items)
-                self._items.clear()
-            while len(self._items) >= self.max_frames and not (stop and stop.is_set()):
-                self._cond.wait(0.1)
             self._items.append(message)
             self._cond.notify_all()
 
@@ -151,15 +159,7 @@ class FrameQueue:
                 self._cond.wait(timeout_s)
             if not self._items:
                 return None
-            item = self._items.popleft()
-            self._cond.notify_all()
-            return item
-
-    def take_skipped(self) -> list[int]:
-        """Return and forget the seqs skipped since the last call."""
-        with self._cond:
-            skipped, self._skipped = self._skipped, []
-            return skipped
+            return self._items.popleft()
 
     def refuse(self, seq: int) -> None:
         """Record a frame that cannot be refocused (wrong shape); it is reported, not queued."""
@@ -201,12 +201,15 @@ def _serve(
     config = ScopeConfig.model_validate(spec.config)
     plan = build_plan(config)
     backend = open_backend(config)
-    queue = FrameQueue(config.overload.policy, config.overload.max_queue_frames)
+    queue = FrameQueue()
     stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)
+    credits = _socket(ctx, zmq.PUSH, spec.credits_endpoint)
     receiving = threading.Event()
     receiving.set()
     thread_stop = threading.Event()
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
+    lock = focus_lock(config, plan, backend)
+    clamped = 0
     failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
         target=_receive,
@@ -217,35 +220,55 @@ def _serve(
     )
     receiver.start()
     _event(events, spec.worker_id, "ready", backend=backend.name, device=backend.device)
+    credits.send(credit(spec.worker_id, WORKER_PREFETCH + 1, reset=True))
     try:
         done = 0
         while receiving.is_set() or len(queue):
             message = queue.get(0.1)
-            _report(events, spec.worker_id, queue, frame_shape)
+            _report(events, credits, spec.worker_id, queue, frame_shape)
             if message is not None:
-                _send_stack(stacks, backend.infer(message.array, plan.dpms_um), message, plan)
+                dpms = plan.dpms_um
+                if lock is not None:  # planes fixed in the sample: follow the stage's focus
+                    offset, excess = lock.offset_um(message.header.focus_um)
+                    dpms = with_drift(dpms, offset) if offset else dpms
+                    if excess:
+                        clamped += 1
+                        if clamped == 1:
+                            log.warning(
+                                "focus %.2f µm is %.2f µm beyond the focus lock's range: planes "
+                                "clamped to the model's trained depths (counted in 'done')",
+                                message.header.focus_um,
+                                excess,
+                            )
+                _send_stack(stacks, backend.infer(message.array, dpms), message, plan)
+                credits.send(credit(spec.worker_id, 1))
                 done += 1
-        _report(events, spec.worker_id, queue, frame_shape)
+        _report(events, credits, spec.worker_id, queue, frame_shape)
         if failure:  # exit non-zero: the daemon restarts this worker and counts what it held
             raise RuntimeError(
                 f"receive thread failed: {type(failure[0]).__name__}: {failure[0]}"
             ) from failure[0]
-        _event(events, spec.worker_id, "done", stacks=done)
+        _event(events, spec.worker_id, "done", stacks=done, focus_clamped=clamped)
+        stacks.send(end_of_stacks(spec.worker_id))  # behind the last stack, same socket
     finally:
         thread_stop.set()
         receiver.join(2.0)
         stacks.close(linger=2000)
+        credits.close()
         backend.close()
 
 
 def _report(
-    events: zmq.Socket[bytes], worker_id: int, queue: FrameQueue, frame_shape: tuple[int, int]
+    events: zmq.Socket[bytes],
+    credits: zmq.Socket[bytes],
+    worker_id: int,
+    queue: FrameQueue,
+    frame_shape: tuple[int, int],
 ) -> None:
-    """Send the seqs skipped and refused since the last report (main thread: owns `events`)."""
-    skipped = queue.take_skipped()
-    for i in range(0, len(skipped), MAX_EVENT_SEQS):
-        _event(events, worker_id, "skipped", seqs=skipped[i : i + MAX_EVENT_SEQS])
+    """Report the seqs refused since the last call, and credit them back (main thread)."""
     refused = queue.take_refused()
+    if refused:
+        credits.send(credit(worker_id, len(refused)))
     for i in range(0, len(refused), MAX_EVENT_SEQS):
         why = f"not a frame of shape {list(frame_shape)}"
         _event(events, worker_id, "rejected", seqs=refused[i : i + MAX_EVENT_SEQS], message=why)
@@ -262,7 +285,7 @@ def _receive(
     *,
     failure: list[BaseException],
 ) -> None:
-    """PULL frames into `queue` until the end marker, or `stop` and a quiet pipe (fallback).
+    """PULL frames into `queue` until the end marker, or `stop` and an empty pipe (fallback).
 
     Also ends when the daemon process is gone (this worker would otherwise be orphaned). An
     unexpected exception is logged and put in `failure` for the main thread, which then
@@ -270,7 +293,6 @@ def _receive(
     """
     daemon_pid = os.getppid()
     pull: zmq.Socket[bytes] | None = None
-    quiet_since: float | None = None
     try:
         pull = ctx.socket(zmq.PULL)
         pull.linger = 0
@@ -282,12 +304,9 @@ def _receive(
                 if os.getppid() != daemon_pid:
                     log.error("the daemon (pid %d) is gone: stopping", daemon_pid)
                     break
-                if stop.is_set():
-                    quiet_since = quiet_since or time.monotonic()
-                    if time.monotonic() - quiet_since > _QUIET_S:
-                        break
+                if stop.is_set():  # set only when the end marker could not be delivered
+                    break
                 continue
-            quiet_since = None
             parts = pull.recv_multipart(copy=False)
             if len(parts) == 1 and parts[0].bytes == END_OF_FRAMES:
                 break
@@ -305,7 +324,7 @@ def _receive(
                 )
                 queue.refuse(message.header.seq)
                 continue
-            queue.put(message, thread_stop)
+            queue.put(message)
     except Exception as err:  # deliberately broad: handed to the main thread (see above)
         log.exception("receive thread failed")
         failure.append(err)
@@ -315,7 +334,9 @@ def _receive(
         receiving.clear()
 
 
-def _send_stack(socket: zmq.Socket[bytes], planes: np.ndarray, frame: Message, plan: Plan) -> None:
+def _send_stack(
+    socket: zmq.Socket[bytes], planes: np.ndarray, frame: Message, plan: VolumePlan
+) -> None:
     """Encode and PUSH one stack (blocking: the collector always drains)."""
     header = frame.header
     latency_ms = max(0.0, (time.time() - header.timestamp_s) * 1e3)
@@ -324,8 +345,8 @@ def _send_stack(socket: zmq.Socket[bytes], planes: np.ndarray, frame: Message, p
         seq=header.seq,
         timestamp_s=header.timestamp_s,
         focus_um=header.focus_um,
-        planes_um=plan.planes_um,
-        surface_id=plan.surface_id,
+        planes_um=None if plan.z_um is None else list(plan.z_um),
+        surface_id=None if plan.z_um is not None else ",".join(plan.labels),
         latency_ms=latency_ms,
     )
     socket.send_multipart(parts, copy=False)

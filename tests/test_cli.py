@@ -16,7 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_console_script_is_declared_and_every_command_has_a_module() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"] == {"deepz-live": "live.cli:main"}
-    assert list(COMMANDS) == ["run", "refocus", "train", "evaluate", "export", "keys", "view"]
+    assert list(COMMANDS) == [
+        "run",
+        "refocus",
+        "train",
+        "evaluate",
+        "export",
+        "keys",
+        "view",
+        "status",
+    ]
     for module, _, example in COMMANDS.values():
         assert importlib.util.find_spec(module) is not None, module
         assert example.startswith("deepz-live ")

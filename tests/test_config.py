@@ -231,3 +231,48 @@ def test_security_keys_must_exist_and_default_to_keyless_loopback(tmp_path):
         load_config(write(tmp_path, '[security]\nserver_key = "server.key_secret"\n'))
     with pytest.raises(ConfigError, match=r"security\.curve = 'off'"):
         load_config(write(tmp_path, '[security]\ncurve = "off"\n'))
+
+
+def test_micromanager_comment_says_what_an_unset_config_file_does(tmp_path):
+    text = (REPO / "config.toml").read_text(encoding="utf-8")
+    section = text.split("[source.micromanager]")[1].split("\n[")[0]
+    assert "# default: Micro-Manager's demo configuration" in section
+    assert 'acquisition = "core"' in section
+    # the shipped file switched to Micro-Manager: the daemon's own core, demo configuration,
+    # geometry from the core ("auto"); test_geometry loads it (or says no installation has it)
+    scope = text.replace('kind = "simulated"', 'kind = "micromanager"', 1)
+    scope = scope.replace("frame_shape = [256, 256]", 'frame_shape = "auto"', 1)
+    scope = scope.replace("pixel_size_um = 0.3 ", 'pixel_size_um = "auto" ', 1)
+    (tmp_path / "engine").symlink_to(REPO / "engine")
+    cfg = load_config(write(tmp_path, scope))
+    mm = cfg.source.micromanager
+    assert (mm.acquisition, mm.config_file, cfg.source.geometry_from_core) == ("core", None, True)
+    assert "frame_shape" not in cfg.source.model_fields_set
+    pytest.importorskip("pymmcore_plus", reason="the Micro-Manager core needs the mm extra")
+    from live._mmcore import DEMO_CONFIG
+
+    assert DEMO_CONFIG == "MMConfig_demo.cfg" and DEMO_CONFIG in section
+
+
+def test_a_real_scope_runs_the_shipped_volume_model_without_the_simulator():
+    """What `pip install 'deepz-live[mm]'` gives a real scope: no psfmodels (the `sim` extra)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['psfmodels'] = None\n"
+        "import numpy as np\n"
+        "from live.config import load_config, check_optics\n"
+        "from live.worker import build_plan, open_backend\n"
+        "cfg = load_config('config.toml')\n"
+        "cfg.engine.backends = ['onnxruntime']\n"
+        "cfg.source.frame_shape = (64, 64)\n"
+        "backend = open_backend(cfg)\n"
+        "planes = backend.infer(np.full((64, 64), 500, np.uint16), build_plan(cfg).dpms_um)\n"
+        "print(planes.shape, check_optics(cfg, backend.metadata))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(9, 64, 64) None"

@@ -116,3 +116,17 @@ def test_normalize_dpms_is_the_metadata_one():
         wavelength_um=0.52,
     )
     np.testing.assert_allclose(dpm.normalize_dpms(dpm.uniform((2, 2), 5.0), meta), 0.5)
+
+
+def test_focus_lock_follows_the_stage_and_clamps_to_the_trained_range() -> None:
+    from engine.dpm import FocusLock, VolumePlan
+
+    plan = VolumePlan.from_z([-4.0, 0.0, 6.0], (8, 8))
+    lock = FocusLock.for_plan(plan, reference_um=50.0, sign=1.0, dz_range_um=(-10.0, 10.0))
+    assert lock.offset_um(50.0) == (0.0, 0.0)
+    assert lock.offset_um(52.0) == (-2.0, 0.0)  # focus 2 um deeper: planes 2 um shallower
+    assert lock.offset_um(45.0) == (4.0, 1.0)  # +5 wanted, the +6 um plane allows +4
+    flipped = FocusLock.for_plan(plan, reference_um=50.0, sign=-1.0)
+    assert flipped.offset_um(52.0) == (2.0, 0.0)
+    with pytest.raises(dpm.DPMError, match="sign"):
+        FocusLock.for_plan(plan, reference_um=0.0, sign=2.0)

@@ -134,17 +134,52 @@ def test_pycromanager_acquisition_pushes_every_frame_and_keeps_it(core, pull):
         np.testing.assert_array_equal(dataset.read_image(time=i), msgs[i].array)
 
 
-def test_pycromanager_z_stack_carries_focus(core, pull):
+def test_pycromanager_time_series_carries_focus(core, pull):
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    core.setPosition(2.5)
+    hook = pycromanager_image_process_fn(endpoint)
+    run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=3))
+    hook.sender.close()
+    msgs = receive(sock, 3)
+    assert [m.header.focus_um for m in msgs] == [2.5] * 3
+    assert (hook.sender.refused, hook.sender.refusal) == (0, None)
+
+
+def test_pycromanager_z_stack_is_refused_and_still_saved(core, pull, caplog):
     from pycromanager import multi_d_acquisition_events
 
     sock, endpoint = pull
     hook = pycromanager_image_process_fn(endpoint)
     events = multi_d_acquisition_events(num_time_points=2, z_start=-1.0, z_end=1.0, z_step=1.0)
-    run_pycromanager(core, hook, events)
+    acq = run_pycromanager(core, hook, events)
     hook.sender.close()
-    msgs = receive(sock, 6)
-    assert [m.header.seq for m in msgs] == list(range(6))
-    assert [m.header.focus_um for m in msgs] == [-1.0, 0.0, 1.0] * 2
+    # the first frame (t 0, z 0) went out before the second z showed the stack: nothing after
+    msgs = receive(sock, 1)
+    assert sock.poll(200) == 0
+    assert msgs[0].header.focus_um == -1.0
+    assert (hook.sender.sent, hook.sender.refused, hook.sender.dropped) == (1, 5, 0)
+    assert hook.sender.refusal is not None
+    assert "refusing a multi-dimensional acquisition (z 0, then 1)" in hook.sender.refusal
+    refusals = [r for r in caplog.records if "multi-dimensional" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].levelname == "ERROR"  # logged once
+    assert acq.get_dataset().read_image(time=1, z=2) is not None  # Micro-Manager kept it all
+
+
+def test_axis_guard_takes_time_series_of_one_channel_only():
+    from live.hook import AxisGuard
+
+    guard = AxisGuard()
+    for t in range(3):
+        assert guard.check({"time": t, "channel": "GFP", "z": 0}) is None
+    refusal = guard.check({"time": 3, "channel": "RFP", "z": 0})
+    assert refusal is not None and "channel 'GFP', then 'RFP'" in refusal
+    assert guard.check({"time": 4, "channel": "GFP", "z": 0}) == refusal  # for good
+    assert guard.expect({"t": 100, "c": 1, "p": 1}) is None  # a new, plain time series
+    assert guard.check({"t": 0, "c": 0}) is None
+    refusal = guard.expect({"t": 10, "c": 2, "z": 5})
+    assert refusal is not None and "(c: 2, z: 5)" in refusal
 
 
 def test_pycromanager_hook_never_blocks_acquisition(core):
@@ -185,21 +220,28 @@ def test_snake_case_core_names_the_missing_method(core):
 # ---------------------------------------------------------------------- pymmcore-plus
 
 
-def test_pymmcore_plus_mda_frame_ready(core, pull):
+def test_pymmcore_plus_mda_frame_ready(core, pull, caplog):
     from useq import MDASequence
 
     sock, endpoint = pull
     sender = attach_to_pymmcore_plus(core, endpoint)
     n = 50
     core.mda.run(MDASequence(time_plan={"interval": 0, "loops": n}))
-    core.mda.run(MDASequence(z_plan={"range": 2.0, "step": 1.0}))
+    core.mda.run(MDASequence(z_plan={"range": 2.0, "step": 1.0}))  # refused: a z stack
+    core.mda.run(
+        MDASequence(
+            time_plan={"interval": 0, "loops": 2}, z_plan={"above": 0, "below": 0, "step": 1}
+        )
+    )
     sender.close()
     core.mda.run(MDASequence(time_plan={"interval": 0, "loops": 3}))  # disconnected: not sent
-    msgs = receive(sock, n + 3)
+    msgs = receive(sock, n + 2)
     assert sock.poll(200) == 0
-    assert [m.header.seq for m in msgs] == list(range(n + 3))
+    assert [m.header.seq for m in msgs] == list(range(n + 2))
     first = int(msgs[0].array[0, 0])
     for i, m in enumerate(msgs[:n]):
         np.testing.assert_array_equal(m.array, pattern(first + i))
-    assert [m.header.focus_um for m in msgs[n:]] == [-1.0, 0.0, 1.0]
-    assert (sender.sent, sender.dropped) == (n + 3, 0)
+    assert [m.header.focus_um for m in msgs[n:]] == [0.0, 0.0]  # one z plane is a time series
+    assert (sender.sent, sender.dropped, sender.refused) == (n + 2, 0, 3)
+    assert sender.refusal is not None and "(z: 3)" in sender.refusal
+    assert len([r for r in caplog.records if "multi-dimensional" in r.getMessage()]) == 1

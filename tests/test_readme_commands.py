@@ -66,7 +66,7 @@ def test_main_job_runs_the_shipped_scope_and_records_every_frame(tmp_path: Path)
     expected = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
     assert f"backend: {expected} chosen" in text
     assert "pre-flight:" in text
-    assert "summary (duration 6 s reached)" in text
+    assert "summary (duration reached: 6 s)" in text
     assert str(out_path) in text
     attrs = dict(zarr.open_group(str(out_path), mode="r").attrs["deepz"])
     n = attrs["run_summary"]["frames_in"]

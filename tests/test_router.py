@@ -15,6 +15,8 @@ from live.protocol import (
     MAX_EVENT_SEQS,
     MAX_HEADER_BYTES,
     ProtocolError,
+    credit,
+    decode,
     decode_event,
     encode_event,
     encode_frame,
@@ -179,3 +181,73 @@ def test_events_round_trip_and_anything_else_is_a_protocol_error() -> None:
             decode_event(raw)
     with pytest.raises(ProtocolError, match="unknown event"):
         encode_event("hello", 0)
+
+
+class _Credited:
+    """A router with one worker that the test plays: it PULLs frames and sends credits."""
+
+    def __init__(self, policy: str, max_queue_frames: int) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.endpoint, worker, credits = _endpoint(), _endpoint(), _endpoint()
+        self.metrics, self.ledger = Metrics(), Ledger(1)
+        self.ledger.set_ready(0, True)
+        self.gate = SeqGate("raw", (SIDE, SIDE), np.dtype(np.uint16), 1000)
+        self.router = Router(
+            self.ctx,
+            frames_endpoint=self.endpoint,
+            worker_endpoints=[worker],
+            ledger=self.ledger,
+            metrics=self.metrics,
+            admit=lambda message: self.gate.admit(message)[1],
+            credits_endpoint=credits,
+            policy=policy,  # type: ignore[arg-type]
+            max_queue_frames=max_queue_frames,
+            supervisor=Supervisor(),
+        )
+        self.router.start()
+        self.worker = self.ctx.socket(zmq.PULL)
+        self.worker.linger = 0
+        self.worker.connect(worker)
+        self.credits = self.ctx.socket(zmq.PUSH)
+        self.credits.linger = 1000
+        self.credits.connect(credits)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.linger = 1000
+        self.push.connect(self.endpoint)
+
+    def take(self) -> int:
+        """Receive the one frame the router sends against one credit; return its seq."""
+        assert self.worker.poll(10_000), "no frame for the credit"
+        return decode(self.worker.recv_multipart(copy=False)).header.seq
+
+    def close(self) -> None:
+        for socket in (self.worker, self.credits, self.push):
+            socket.close()
+        self.router.stop_event.set()
+        self.router.join(10)
+        self.router.close_worker_sockets()
+        self.ctx.term()
+
+
+@pytest.mark.parametrize("policy", ["latest", "every_frame"])
+def test_the_router_alone_applies_the_overload_policy_by_credit(policy: str) -> None:
+    routed = _Credited(policy, max_queue_frames=3)
+    try:
+        for seq in range(6):  # no credit yet: every frame waits in the router's queue
+            routed.push.send_multipart(_frame(seq), copy=False)
+        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 6)
+        assert not routed.worker.poll(200)  # nothing is sent without a credit
+        routed.credits.send(credit(0, 1, reset=True))
+        if policy == "latest":  # only the newest waited; the five it replaced are named
+            assert routed.take() == 5
+            assert routed.metrics.skipped_seqs() == [0, 1, 2, 3, 4]
+        else:  # the first three waited, oldest first; the three beyond the bound are named
+            got = [routed.take()]
+            for _ in range(2):
+                routed.credits.send(credit(0, 1))
+                got.append(routed.take())
+            assert got == [0, 1, 2] and routed.metrics.skipped_seqs() == [3, 4, 5]
+        assert not routed.worker.poll(200) and routed.router.waiting == 0
+        assert routed.ledger.outstanding() == (1 if policy == "latest" else 3)
+    finally:
+        routed.close()

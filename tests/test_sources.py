@@ -250,6 +250,11 @@ def test_make_source_from_config(tmp_path):
     assert isinstance(replay, ReplaySource) and replay.rate_hz == 20.0 and replay.loop
     mm = make_source(validate_config({"source": {"kind": "micromanager"}}))
     assert isinstance(mm, MicroManagerSource) and mm.config_file is None
+    assert mm.acquisition == "core"  # no config_file: Micro-Manager's demo configuration
+    hook = {"kind": "micromanager", "frame_shape": [8, 8], "pixel_size_um": 0.3}
+    hook["micromanager"] = {"acquisition": "hook"}
+    listener = make_source(validate_config({"source": hook}))
+    assert isinstance(listener, MicroManagerSource) and listener.acquisition == "hook"
     with pytest.raises(ValueError, match="sample 'beads' cannot be simulated live"):
         make_source(validate_config({"source": {"simulator": {"sample": "beads"}}}))
 
@@ -257,7 +262,7 @@ def test_make_source_from_config(tmp_path):
 def test_micromanager_source_listens_until_stopped(pull):
     _sock, endpoint = pull
     stop = threading.Event()
-    source = MicroManagerSource(endpoint)
+    source = MicroManagerSource(endpoint, acquisition="hook")
     threading.Timer(0.05, stop.set).start()
     summary = run_source(source, endpoint, stop)
     assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("micromanager", 0, 0)
@@ -274,6 +279,24 @@ def test_importing_sources_and_hook_stays_light():
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_simulated_scope_without_the_sim_extra_names_the_extra():
+    code = (
+        "import sys; sys.modules['psfmodels'] = None; "
+        "from live.config import ConfigError, validate_config; "
+        "from live.sources import make_source\n"
+        "try:\n    make_source(validate_config({}))\n"
+        "except ConfigError as err:\n    print(err)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == (
+        "source.kind = 'simulated' needs psfmodels, not installed here: "
+        "pip install 'deepz-live[sim]'"
+    )
 
 
 def _config_file_camera_class():

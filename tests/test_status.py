@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
-from live.metrics import MAX_STATUS_RANGES, Metrics, SeqSet, Snapshot, StatusPublisher, StatusReader
+from live.metrics import (
+    LATENCY_WINDOW,
+    MAX_STATUS_RANGES,
+    Metrics,
+    RunState,
+    SeqSet,
+    Snapshot,
+    StatusPublisher,
+    StatusReader,
+)
 from tests.live_helpers import free_port
 
 
@@ -57,6 +67,9 @@ def _snapshot(**changes: object) -> Snapshot:
         "rejected": {"duplicate": 12},
         "disk_free_mb": 612.0,
         "disk_low": True,
+        "state": RunState.RUNNING,
+        "backend": "tensorrt on NVIDIA H100 80GB HBM3 (fp16)",
+        "output": "/data/very/long/path/to/runs/20261125-101010.ome.zarr",
     }
     values.update(changes)
     return Snapshot(**values)  # type: ignore[arg-type]
@@ -110,4 +123,54 @@ def test_status_reader_ignores_what_is_not_a_snapshot(payload: bytes) -> None:
     finally:
         reader.close()
         pub.close()
+        ctx.term()
+
+
+def test_run_info_travels_in_the_snapshot_and_its_json() -> None:
+    metrics = Metrics()
+    assert metrics.snapshot().state == RunState.STARTING and metrics.snapshot().backend is None
+    metrics.set_run_info(state="running", backend="openvino on CPU", output=Path("runs/a.ome.zarr"))
+    metrics.set_run_info(state=RunState.STOPPING)  # what is not given stays as it was
+    status = json.loads(metrics.snapshot().to_json())
+    assert status["state"] == "stopping" and status["backend"] == "openvino on CPU"
+    assert status["output"] == str(Path("runs/a.ome.zarr"))
+    with pytest.raises(ValueError, match="run state 'paused' is not one of: starting, running"):
+        metrics.set_run_info(state="paused")
+    assert metrics.snapshot().state == RunState.STOPPING
+
+
+def test_latency_series_is_the_latency_window_with_arrival_times() -> None:
+    metrics = Metrics()
+    times, latency = metrics.latency_series()
+    assert times.shape == latency.shape == (0,)
+    for i in range(LATENCY_WINDOW + 5):
+        metrics.stack_out(float(i))
+    times, latency = metrics.latency_series()
+    assert latency.shape == times.shape == (LATENCY_WINDOW,)
+    assert latency[0] == 5.0 and latency[-1] == LATENCY_WINDOW + 4  # the newest ones
+    assert np.all(np.diff(times) >= 0) and times[0] >= 0
+    snap = metrics.snapshot()
+    assert snap.latency_p50_ms == pytest.approx(np.percentile(latency, 50))
+
+
+def test_the_final_snapshot_reaches_a_reader_when_the_publisher_lingers() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    publisher = StatusPublisher(ctx, endpoint)
+    reader = StatusReader(endpoint)
+    metrics = Metrics()
+    try:
+        deadline = time.monotonic() + 10
+        while reader.latest(100) is None:  # until the subscription has arrived
+            assert time.monotonic() < deadline, "status never arrived"
+            publisher.publish(metrics.snapshot())
+        metrics.set_run_info(state=RunState.FINISHED)
+        publisher.publish(metrics.snapshot())
+        publisher.close(linger_ms=2000)
+        final = reader.latest(5000)
+        while final is not None and final["state"] != "finished":
+            final = reader.latest(5000)
+        assert final is not None and final["state"] == "finished"
+    finally:
+        reader.close()
         ctx.term()

@@ -61,7 +61,7 @@ def test_a_failing_thread_stops_the_run_non_zero_with_a_truthful_store(
     out = capsys.readouterr().out
     reason = f"{component} thread failed: RuntimeError: injected fault"
     assert code == EXIT_FAILED
-    assert f"summary ({reason})" in out and f"FAILED            {reason}" in out
+    assert f"summary (failed: {reason})" in out and f"FAILED            {reason}" in out
     root = zarr.open_group(store, mode="r")
     deepz = root.attrs["deepz"]
     assert deepz["complete"] is False and deepz["run_error"] == reason

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import zmq
 
-from live.protocol import decode, encode_frame
+from live.protocol import (
+    WORKER_PREFETCH,
+    decode,
+    encode_frame,
+    parse_credit,
+    parse_end_of_stacks,
+)
 from live.worker import END_OF_FRAMES, FrameQueue, WorkerSpec, build_plan, worker_main
 from tests.live_helpers import free_port, live_config
 
@@ -23,30 +29,15 @@ def _message(seq: int):
     return decode(encode_frame(np.full((4, 4), seq, np.uint16), seq=seq, timestamp_s=0.0))
 
 
-def test_every_frame_keeps_all_up_to_the_bound() -> None:
-    queue = FrameQueue("every_frame", 3)
+def test_frame_queue_is_a_fifo_that_reports_refused_frames() -> None:
+    queue = FrameQueue()
     for seq in range(3):
         queue.put(_message(seq))
-    blocked = threading.Thread(target=queue.put, args=(_message(3),))
-    blocked.start()
-    blocked.join(0.3)
-    assert blocked.is_alive() and len(queue) == 3  # the fourth waits: nothing is dropped
-    got = [queue.get(1.0).header.seq for _ in range(4)]  # type: ignore[union-attr]
-    blocked.join(1.0)
-    assert got == [0, 1, 2, 3] and queue.take_skipped() == []
+    queue.refuse(7)
+    assert len(queue) == 3
+    assert [queue.get(1.0).header.seq for _ in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
     assert queue.get(0.01) is None
-
-
-def test_latest_keeps_only_the_newest_and_names_the_rest() -> None:
-    queue = FrameQueue("latest", 100)
-    for seq in range(5):
-        queue.put(_message(seq))
-    assert len(queue) == 1
-    assert queue.get(0.1).header.seq == 4  # type: ignore[union-attr]
-    assert queue.take_skipped() == [0, 1, 2, 3]
-    assert queue.take_skipped() == []
-    with pytest.raises(ValueError, match=r"overload\.policy 'oldest' is not one of"):
-        FrameQueue("oldest", 1)  # type: ignore[arg-type]
+    assert queue.take_refused() == [7] and queue.take_refused() == []
 
 
 class _Harness:
@@ -58,16 +49,18 @@ class _Harness:
 
     def __init__(self, config, *, in_process: bool = False) -> None:
         self.ctx = zmq.Context()
-        ports = [free_port() for _ in range(3)]
+        ports = [free_port() for _ in range(4)]
         self.frames = self._bind(zmq.PUSH, ports[0])
         self.frames.sndhwm = 1000
         self.stacks = self._bind(zmq.PULL, ports[1])
         self.events = self._bind(zmq.PULL, ports[2])
+        self.credits = self._bind(zmq.PULL, ports[3])
         self.spec = WorkerSpec(
             worker_id=0,
             frames_endpoint=f"tcp://127.0.0.1:{ports[0]}",
             stacks_endpoint=f"tcp://127.0.0.1:{ports[1]}",
             events_endpoint=f"tcp://127.0.0.1:{ports[2]}",
+            credits_endpoint=f"tcp://127.0.0.1:{ports[3]}",
             config=config.model_dump(mode="json"),
         )
         self.errors: list[BaseException] = []
@@ -100,7 +93,7 @@ class _Harness:
         self.proc.join(30)
         if self.proc.is_alive() and hasattr(self.proc, "kill"):
             self.proc.kill()
-        for s in (self.frames, self.stacks, self.events):
+        for s in (self.frames, self.stacks, self.events, self.credits):
             s.close()
         self.ctx.term()
 
@@ -138,31 +131,32 @@ def test_worker_process_refocuses_every_frame(tmp_path: Path, tiny_model_files) 
         harness.close()
 
 
-def test_worker_latest_policy_accounts_for_every_frame(tmp_path: Path, tiny_model_files) -> None:
-    config = live_config(
-        tmp_path,
-        tiny_model_files["onnx"],
-        planes=[float(z) for z in range(-8, 9)],
-        policy="latest",
-    )
+def test_worker_credits_one_frame_at_start_and_one_per_stack(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    planes = [float(z) for z in range(-8, 9)]
+    config = live_config(tmp_path, tiny_model_files["onnx"], planes=planes)
     harness = _Harness(config)
     try:
         assert harness.event()["event"] == "ready"
-        sent = 60
-        for seq in range(sent):  # as fast as possible: far beyond the worker's capacity
+        assert harness.credits.poll(30_000)
+        assert parse_credit(harness.credits.recv()) == (0, WORKER_PREFETCH + 1, True)
+        sent = 5
+        for seq in range(sent):  # more than it asked for: it still refocuses them all, in order
             frame = np.full((64, 64), 500 + seq, np.uint16)
             harness.frames.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()))
-        harness.frames.send(END_OF_FRAMES)
-        skipped: list[int] = []
-        while (event := harness.event())["event"] != "done":
-            if event["event"] == "skipped":
-                skipped += event["seqs"]
         processed = []
-        while harness.stacks.poll(1000):
+        for _ in range(sent):
+            assert harness.stacks.poll(30_000)
             processed.append(decode(harness.stacks.recv_multipart(copy=False)).header.seq)
-        assert event["stacks"] == len(processed)
-        assert sorted(processed + skipped) == list(range(sent))  # each frame exactly once
-        assert skipped and processed[-1] == sent - 1  # overloaded, and the newest is refocused
+            assert harness.credits.poll(30_000)
+            assert parse_credit(harness.credits.recv()) == (0, 1, False)
+        harness.frames.send(END_OF_FRAMES)
+        while (event := harness.event())["event"] != "done":
+            assert event["event"] != "skipped"  # skipping is the router's, never the worker's
+        assert harness.stacks.poll(30_000)
+        assert parse_end_of_stacks(harness.stacks.recv()) == 0  # behind the last stack
+        assert processed == list(range(sent)) and event["stacks"] == sent
     finally:
         harness.close()
 
@@ -246,7 +240,7 @@ def test_a_worker_whose_daemon_is_gone_stops(monkeypatch: pytest.MonkeyPatch) ->
     failure: list[BaseException] = []
     thread = threading.Thread(
         target=_receive,
-        args=(ctx, f"tcp://127.0.0.1:{port}", (64, 64), FrameQueue("every_frame", 8)),
+        args=(ctx, f"tcp://127.0.0.1:{port}", (64, 64), FrameQueue()),
         kwargs={
             "stop": stop,
             "thread_stop": thread_stop,
@@ -263,3 +257,41 @@ def test_a_worker_whose_daemon_is_gone_stops(monkeypatch: pytest.MonkeyPatch) ->
         thread.join(5)
         push.close()
         ctx.term()
+
+
+def test_focus_lock_keeps_the_planes_fixed_in_the_sample(tmp_path: Path, tiny_model_files) -> None:
+    from engine.runtime import load_backend
+
+    planes = [-2.0, 0.0, 2.0]
+    from live.config import validate_config
+
+    data = live_config(tmp_path, tiny_model_files["onnx"], planes=planes).model_dump(mode="json")
+    data["planes"].update(focus_lock_um=100.0, stage_z_sign=-1)
+    config = validate_config(data, source="test config")
+    harness = _Harness(config)
+    try:
+        assert harness.event()["event"] == "ready"
+        frame = np.random.default_rng(3).integers(100, 3000, (64, 64), dtype=np.uint16)
+        # the stage moved 1.5 um up (sign -1: a larger position is shallower): the planes
+        # move 1.5 um shallower relative to this frame's focus, to stay put in the sample
+        focus = {0: 100.0, 1: 101.5, 2: 1e4}
+        for seq, focus_um in focus.items():
+            harness.frames.send_multipart(
+                encode_frame(frame, seq=seq, timestamp_s=time.time(), focus_um=focus_um)
+            )
+        reference = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"])
+        dpms = build_plan(config).dpms_um
+        limit = reference.metadata.dz_range_um[1] - max(planes)  # the most the lock may shift
+        for seq, offset in ((0, 0.0), (1, 1.5), (2, limit)):
+            assert harness.stacks.poll(30_000)
+            msg = decode(harness.stacks.recv_multipart(copy=False))
+            assert msg.header.seq == seq and msg.header.planes_um == tuple(planes)
+            expected = reference.infer(frame, dpms + np.float32(offset))
+            np.testing.assert_allclose(msg.array, expected, rtol=1e-4, atol=1e-2)
+        harness.frames.send(END_OF_FRAMES)
+        done = harness.event()
+        while done["event"] != "done":
+            done = harness.event()
+        assert done["focus_clamped"] == 1  # frame 2's focus was beyond the model's range
+    finally:
+        harness.close()

@@ -1,0 +1,245 @@
+"""Frame geometry from the Micro-Manager core: `live.config.resolve_geometry` and the source.
+
+Each test writes a real Micro-Manager configuration file that loads a Python camera (this
+module's `GeometryCamera`, a `live._mmcore.SimulatedCamera`) into a real pymmcore-plus
+`UniMMCore`, with a pixel size calibration and binning as a scope's file has them. The
+daemon's path is driven end to end: `validate_config` → `resolve_geometry` → `make_source` →
+frames over a real ZeroMQ socket.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymmcore_plus", reason="the Micro-Manager core needs the mm extra")
+
+from live._mmcore import SimulatedCamera, core_geometry, make_simulated_core
+from live.config import (
+    ConfigError,
+    ScopeConfig,
+    load_config,
+    resolve_geometry,
+    validate_config,
+)
+from live.hook import FrameSender
+from live.protocol import decode
+from live.sources import MicroManagerSource, make_source
+
+SENSOR = (64, 96)
+
+
+def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
+    ramp = np.arange(SENSOR[0] * SENSOR[1], dtype=np.uint32).reshape(SENSOR)
+    return ((ramp * 3 + 101 * index) % 4000).astype(np.uint16)
+
+
+class GeometryCamera(SimulatedCamera):
+    """A no-argument camera that a configuration file can load; counts its instances."""
+
+    instances = 0
+
+    def __init__(self) -> None:
+        super().__init__(pattern, SENSOR)
+        type(self).instances += 1
+
+
+class ByteCamera(GeometryCamera):
+    """The same camera with 8-bit pixels."""
+
+    def dtype(self) -> type[np.uint8]:  # type: ignore[override]
+        return np.uint8
+
+
+def write_cfg(tmp_path: Path, *, camera: str = "GeometryCamera", extra: str = "") -> Path:
+    """A Micro-Manager .cfg: one Python camera, a 0.325 µm pixel size calibration."""
+    text = (
+        f"#py pyDevice,Cam,tests.test_geometry,{camera}\n"
+        "Property,Core,Initialize,1\n"
+        "#py Property,Core,Camera,Cam\n"
+        "ConfigPixelSize,Res20x,Core,TimeoutMs,5000\n"
+        "PixelSize_um,Res20x,0.325\n"
+        f"{extra}"
+    )
+    path = tmp_path / "scope.cfg"
+    path.write_text(text)
+    return path
+
+
+def mm_config(cfg_file: Path | None, **source: object) -> ScopeConfig:
+    mm = {"config_file": str(cfg_file)} if cfg_file is not None else {}
+    return validate_config({"source": {"kind": "micromanager", "micromanager": mm, **source}})
+
+
+def test_geometry_comes_from_the_core_and_the_core_is_loaded_once(tmp_path, pull):
+    sock, endpoint = pull
+    cfg_file = write_cfg(tmp_path)
+    config = mm_config(cfg_file, frame_count=6)
+    before = GeometryCamera.instances
+    resolved = resolve_geometry(config)
+    assert resolved.source.frame_shape == SENSOR
+    assert resolved.source.pixel_size_um == pytest.approx(0.325)
+    assert config.source.frame_shape == (256, 256)  # the input is left as it was
+    # what is saved with a recording validates back to the resolved geometry
+    assert ScopeConfig.model_validate(resolved.model_dump(mode="json")) == resolved
+    source = make_source(resolved)
+    assert isinstance(source, MicroManagerSource) and source.acquisition == "core"
+    with FrameSender(endpoint) as sender:
+        summary = source.run(sender, threading.Event())
+    msgs = [decode(sock.recv_multipart(copy=False)) for _ in range(6)]
+    assert summary.frames_sent == 6
+    assert all(m.array.shape == SENSOR for m in msgs)
+    np.testing.assert_array_equal(msgs[0].array, pattern(int(msgs[0].header.seq)))
+    assert GeometryCamera.instances == before + 1  # resolve_geometry's core ran the source
+
+
+def test_binning_in_the_file_shrinks_frames_and_grows_pixels(tmp_path, pull):
+    sock, endpoint = pull
+    cfg_file = write_cfg(tmp_path, extra="#py Property,Cam,Binning,2\n")
+    resolved = resolve_geometry(mm_config(cfg_file, frame_count=2))
+    assert resolved.source.frame_shape == (SENSOR[0] // 2, SENSOR[1] // 2)
+    assert resolved.source.pixel_size_um == pytest.approx(0.65)
+    with FrameSender(endpoint) as sender:
+        make_source(resolved).run(sender, threading.Event())
+    msg = decode(sock.recv_multipart(copy=False))
+    # a binned pixel is the sum of its 2 × 2 block of the sensor's frame
+    full = pattern(msg.header.seq).astype(np.uint32)
+    np.testing.assert_array_equal(msg.array, full.reshape(32, 2, 48, 2).sum(axis=(1, 3)))
+
+
+def test_core_geometry_reads_roi_and_binning():
+    core = make_simulated_core(pattern, SENSOR, pixel_size_um=0.3)
+    try:
+        core.setProperty(core.getCameraDevice(), "Binning", 2)
+        core.setROI(4, 2, 20, 10)
+        geometry = core_geometry(core)
+        assert geometry.frame_shape == (10, 20)
+        assert geometry.roi == (4, 2, 20, 10)
+        assert geometry.binning == "2"
+        assert geometry.pixel_size_um == pytest.approx(0.6)
+        assert (geometry.bytes_per_pixel, geometry.components) == (2, 1)
+        core.snapImage()
+        assert core.getImage().shape == (10, 20)
+    finally:
+        core.unloadAllDevices()
+
+
+def test_typed_values_that_agree_pass_and_auto_means_ask_the_core(tmp_path):
+    cfg_file = write_cfg(tmp_path)
+    agreed = resolve_geometry(mm_config(cfg_file, frame_shape=list(SENSOR), pixel_size_um=0.325))
+    assert (agreed.source.frame_shape, agreed.source.pixel_size_um) == (SENSOR, 0.325)
+    toml = tmp_path / "scope.toml"
+    toml.write_text(
+        '[source]\nkind = "micromanager"\nframe_shape = "auto"\npixel_size_um = "auto"\n'
+        '[source.micromanager]\nconfig_file = "scope.cfg"\n'
+    )
+    resolved = resolve_geometry(load_config(toml))
+    assert resolved.source.frame_shape == SENSOR
+    assert resolved.source.pixel_size_um == pytest.approx(0.325)
+
+
+def test_typed_values_that_disagree_name_the_key_and_the_core_value(tmp_path):
+    cfg_file = write_cfg(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        resolve_geometry(mm_config(cfg_file, frame_shape=[256, 256]))
+    msg = str(err.value)
+    assert msg.startswith("source.frame_shape = [256, 256] differs from the Micro-Manager")
+    assert "64×96" in msg and "binning 1" in msg and "\n" not in msg
+    with pytest.raises(ConfigError) as err:
+        resolve_geometry(mm_config(cfg_file, pixel_size_um=0.3))
+    msg = str(err.value)
+    assert msg.startswith("source.pixel_size_um = 0.3 differs from the Micro-Manager core's")
+    assert "0.325 µm" in msg and "'Res20x'" in msg
+
+
+def test_without_pixel_calibration_the_typed_pixel_size_is_needed(tmp_path):
+    cfg_file = tmp_path / "nopixel.cfg"
+    cfg_file.write_text(
+        "#py pyDevice,Cam,tests.test_geometry,GeometryCamera\n"
+        "Property,Core,Initialize,1\n#py Property,Core,Camera,Cam\n"
+    )
+    with pytest.raises(ConfigError, match=r"no pixel size calibration .*source.pixel_size_um"):
+        resolve_geometry(mm_config(cfg_file))
+    typed = resolve_geometry(mm_config(cfg_file, pixel_size_um=0.2))
+    assert (typed.source.frame_shape, typed.source.pixel_size_um) == (SENSOR, 0.2)
+
+
+def test_unusable_cameras_are_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"gives 8-bit pixels .* 16-bit grey frames"):
+        resolve_geometry(mm_config(write_cfg(tmp_path, camera="ByteCamera")))
+    cfg_file = write_cfg(tmp_path)
+    config = validate_config(
+        {
+            "source": {
+                "kind": "micromanager",
+                "micromanager": {"config_file": str(cfg_file), "camera": "Nope"},
+            }
+        }
+    )
+    with pytest.raises(ConfigError, match=r"camera = 'Nope' is not a camera of .*\['Cam'\]"):
+        resolve_geometry(config)
+    broken = tmp_path / "broken.cfg"
+    broken.write_text("Device,Cam,NoSuchAdapterLibrary,NoCamera\n")
+    with pytest.raises(ConfigError, match=r"config_file: .*broken.cfg did not load: "):
+        resolve_geometry(mm_config(broken))
+
+
+def test_no_config_file_loads_micromanagers_demo_configuration():
+    from pymmcore_plus import find_micromanager
+
+    config = mm_config(None)
+    assert config.source.micromanager.config_file is None
+    if find_micromanager() is None:  # this build machine: no Micro-Manager installation
+        with pytest.raises(ConfigError) as err:
+            resolve_geometry(config)
+        msg = str(err.value)
+        assert "config_file is not set" in msg and "MMConfig_demo.cfg" in msg
+        assert "mmcore install" in msg
+    else:  # the demo camera, switched to 16-bit
+        resolved = resolve_geometry(config)
+        assert resolved.source.frame_shape == (512, 512)
+        assert resolved.source.pixel_size_um > 0
+
+
+def test_other_sources_keep_their_typed_geometry():
+    config = validate_config({"source": {"frame_shape": [64, 64], "pixel_size_um": 0.5}})
+    assert resolve_geometry(config) is config
+    hook = validate_config(
+        {
+            "source": {
+                "kind": "micromanager",
+                "frame_shape": [64, 64],
+                "pixel_size_um": 0.5,
+                "micromanager": {"acquisition": "hook"},
+            }
+        }
+    )
+    assert resolve_geometry(hook) is hook
+
+
+def test_hook_and_auto_rules_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"'hook' needs source.frame_shape and source.pixel"):
+        validate_config(
+            {"source": {"kind": "micromanager", "micromanager": {"acquisition": "hook"}}}
+        )
+    with pytest.raises(ConfigError, match=r"config_file is loaded only with acquisition = 'core'"):
+        validate_config(
+            {
+                "source": {
+                    "kind": "micromanager",
+                    "frame_shape": [64, 64],
+                    "pixel_size_um": 0.5,
+                    "micromanager": {
+                        "acquisition": "hook",
+                        "config_file": str(write_cfg(tmp_path)),
+                    },
+                }
+            }
+        )
+    with pytest.raises(ConfigError, match=r'source.frame_shape = "auto" needs source.kind'):
+        validate_config({"source": {"frame_shape": "auto"}})
+    with pytest.raises(ConfigError, match=r"acquisition = 'camera': .* 'core' or 'hook'"):
+        validate_config({"source": {"micromanager": {"acquisition": "camera"}}})

@@ -1,0 +1,146 @@
+"""``deepz-live status``: the client against a real StatusPublisher on loopback ZeroMQ."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import zmq
+
+from live.cli import main as cli_main
+from live.config import load_config
+from live.keys import make_keys
+from live.metrics import Metrics, RunState, StatusPublisher
+from live.security import Gatekeeper, ServerKeys, server_keys
+from live.status_client import human_line, main
+from tests.live_helpers import free_port
+
+OUTPUT = "runs/20261125-101010.ome.zarr"
+
+
+@contextmanager
+def _publishing(
+    endpoint: str, metrics: Metrics, keys: ServerKeys | None = None
+) -> Iterator[threading.Event]:
+    """Publish `metrics` every 50 ms (PUB drops until a subscriber has joined); yield stop."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    gatekeeper = Gatekeeper(ctx, keys.allowed) if keys is not None else None
+    publisher = StatusPublisher(ctx, endpoint, keys)
+    stop = threading.Event()
+
+    def publish() -> None:
+        while not stop.wait(0.05):
+            publisher.publish(metrics.snapshot())
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        yield stop
+    finally:
+        stop.set()
+        thread.join(5)
+        publisher.close()
+        if gatekeeper is not None:
+            gatekeeper.stop()
+        ctx.term()
+
+
+def _running() -> Metrics:
+    metrics = Metrics()
+    metrics.frame_in()
+    metrics.stack_out(42.0)
+    metrics.set_run_info(state=RunState.RUNNING, backend="onnxruntime on CPU", output=OUTPUT)
+    return metrics
+
+
+def test_once_json_prints_the_daemons_state_backend_and_output(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with _publishing(endpoint, _running()):
+        code = main(["--endpoint", endpoint, "--once", "--json", "--timeout", "20"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(out) == 1
+    status = json.loads(out[0])
+    assert status["state"] == "running" and status["backend"] == "onnxruntime on CPU"
+    assert status["output"] == OUTPUT and status["frames_in"] == 1
+
+
+def test_the_human_line_follows_a_scope_config_and_stops_when_the_run_finishes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    scope = tmp_path / "scope.toml"
+    scope.write_text(f'[endpoints]\nstatus = "{endpoint}"\n')
+    metrics = _running()
+    metrics.set_run_info(state=RunState.FINISHED)
+    with _publishing(endpoint, metrics):
+        code = cli_main(["status", "--scope", str(scope), "--timeout", "20"])  # no --once
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(out) == 1
+    assert out[0].startswith("finished | onnxruntime on CPU | [") and out[0].endswith(OUTPUT)
+    assert "in 1 " in out[0] and "stacks 1 " in out[0] and "42/42 ms" in out[0]
+
+
+def test_curve_keys_come_from_the_config_when_the_endpoint_requires_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keydir = tmp_path / "keys"
+    make_keys(keydir, ["client"])
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    scope = tmp_path / "scope.toml"
+    scope.write_text(
+        f'[endpoints]\nstatus = "{endpoint}"\n\n[security]\ncurve = "required"\n'
+        'server_key = "keys/server.key_secret"\nclient_keys = "keys/clients"\n'
+        'client_key = "keys/client.key_secret"\nserver_public_key = "keys/server.key"\n'
+    )
+    keys = server_keys(load_config(scope))
+    assert keys is not None
+    with _publishing(endpoint, _running(), keys):
+        assert main(["--scope", str(scope), "--once", "--json", "--timeout", "20"]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "running"
+        # The same endpoint without keys hears nothing: the handshake fails.
+        assert main(["--endpoint", endpoint, "--once", "--timeout", "0.5"]) == 1
+
+
+def test_no_status_within_the_timeout_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # nobody publishes here
+    assert main(["--endpoint", endpoint, "--timeout", "0.3"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"no status from {endpoint} within 0.3 s (is the daemon running?)"
+    ]
+
+
+def test_a_bad_config_or_endpoint_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[endpoints]\nstatus = 5558\n")
+    assert main(["--scope", str(bad), "--once"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: bad config {bad}:") and "status" in err[0]
+    assert main(["--scope", str(tmp_path / "missing.toml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["--endpoint", "not-an-address", "--once"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot connect to 'not-an-address'")
+    with pytest.raises(SystemExit) as exc:
+        main(["--endpoint", "tcp://127.0.0.1:1", "--timeout", "0"])
+    assert exc.value.code == 2 and "must be > 0 seconds" in capsys.readouterr().err
+
+
+def test_help_shows_examples_and_odd_snapshots_are_shown_not_dropped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "deepz-live status --scope config.toml --once" in out
+    assert human_line({"frames_in": "many"}).startswith('status not understood: {"frames_in"')
