@@ -13,8 +13,13 @@ to exactly the highest seq written, so a store cut off by a crash has no trailin
 were never written; the presence runs, frame metadata and display windows are written every
 `_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and
 written by one background thread; the queue is unbounded because the recorder never drops a
-valid item. A write error or a disk below ``min_free_mb`` stops writing, is logged once in
-plain words, and everything already written stays readable; the daemon keeps running.
+valid item. A write error (a full disk: ``ENOSPC``, or any other) or a disk below
+``min_free_mb`` stops writing, is logged once in plain words, and everything already written
+stays readable; the daemon keeps running. The store then says so at once, not only at close:
+``error`` names the cause, ``complete`` is false, and the arrays and presence runs are cut
+back to exactly what is on disk. Saying so needs disk space too, so the recorder holds a
+`RESERVE_MB` file (``OME/.deepz-reserve``) from the start and deletes it at the first failure
+and at close: a disk filled to 0 bytes still gets its truthful final metadata.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
 `put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape;
@@ -33,6 +38,7 @@ refuse is not refocused or republished either.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -72,6 +78,9 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPRESSIONS",
     "REJECTIONS",
+    "RESERVE_MB",
+    "RESERVE_NAME",
+    "SEQ_LIST_KEYS",
     "SEQ_WINDOW",
     "Recorder",
     "RecorderSummary",
@@ -93,6 +102,17 @@ At the 2 Hz default rate that is over 80 minutes of frames lost in a row; anythi
 not a gap but a broken or forged seq."""
 REJECTIONS = ("duplicate", "beyond_window", "wrong_shape", "wrong_dtype")
 """Why the recorder refuses an item (counted per image, ``"raw"`` and ``"stacks"``)."""
+RESERVE_MB = 4.0
+"""Default disk space the recorder holds back for its final metadata (see the module docstring).
+
+The final writes are the root attributes (config, presence runs, gaps, summaries: tens of kB,
+more for a run with very many gaps), the images' array metadata, METADATA.ome.xml and the last
+per-frame metadata chunks; each is written to a new file and then renamed over the old one."""
+RESERVE_NAME = ".deepz-reserve"
+"""Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
+SEQ_LIST_KEYS = ("skipped", "lost", "recorder.raw_missing", "recorder.stacks_missing")
+"""Seq lists of the daemon's run summary that `Recorder.add_run_summary` stores as ranges
+(``a.b``: key ``b`` of the dict under ``a``)."""
 
 _IMAGES = ROLES
 _DTYPES: dict[str, np.dtype[Any]] = {"raw": np.dtype(np.uint16), "stacks": np.dtype(np.float32)}
@@ -181,6 +201,11 @@ class SeqGate:
         with self._lock:
             return dict(self._rejected)
 
+    def admitted(self) -> int:
+        """Return how many items were admitted (each seq counts once)."""
+        with self._lock:
+            return len(self._admitted)
+
     def _reject(self, kind: str, seq: int, why: str) -> str:
         """Count one refused item, log the first few of each kind, and return `kind`."""
         with self._lock:
@@ -202,10 +227,15 @@ class RecorderSummary:
     raw_missing: list[int] = field(default_factory=list)
     stacks_missing: list[int] = field(default_factory=list)
     unrecorded: int = 0
+    """Items admitted for recording that are not on disk (the recorder stopped first)."""
     error: str | None = None
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
     run_error: str | None = None
     """Why the run failed outside the recorder (`Recorder.mark_incomplete`), if it did."""
+    raw_gaps: list[tuple[int, int]] = field(default_factory=list)
+    """`raw_missing` as half-open ``(start, stop)`` ranges (the store's ``raw_gaps``)."""
+    stacks_gaps: list[tuple[int, int]] = field(default_factory=list)
+    """`stacks_missing` as half-open ``(start, stop)`` ranges (the store's ``stacks_gaps``)."""
 
     @property
     def rejected_total(self) -> int:
@@ -265,6 +295,7 @@ class Recorder:
     highest accepted seq an item may be (see the module docstring). The writer thread runs
     under `supervisor` (the daemon's): if it fails unexpectedly the daemon hears of it, the
     store is marked incomplete and what was still queued is counted as unrecorded.
+    ``reserve_mb`` of disk space is held back for the final metadata (`RESERVE_MB`; 0: none).
 
     The stacks are either uniform or listed planes (`planes_um`, µm from focus) or named
     `surfaces` with their DPMs `dpms_um` (P, H, W) µm, which are stored beside the stacks;
@@ -289,6 +320,7 @@ class Recorder:
         min_free_mb: float = 0.0,
         seq_window: int = SEQ_WINDOW,
         supervisor: Supervisor | None = None,
+        reserve_mb: float = RESERVE_MB,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -330,7 +362,8 @@ class Recorder:
         self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
         self._meta_pending: dict[int, tuple[float, float]] = {}  # on disk, metadata not yet
-        self._unrecorded = 0
+        self._meta_end = 0  # the frame metadata arrays are written up to here
+        self._failure_written = False
         self._lock = threading.Lock()
         self._summary: RecorderSummary | None = None
         self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
@@ -342,6 +375,8 @@ class Recorder:
         self._root.create_group(OME_GROUP).attrs["ome"] = series_attrs(
             [image.group.basename for image in self._images.values()]
         )
+        self._reserve: Path | None = self.path / OME_GROUP / RESERVE_NAME
+        _hold_space(self._reserve, int(reserve_mb * 2**20))
         self._frames = self._create_frames()
         self._raw = self._images["raw"].array if keep_raw else None
         self._stacks = self._images["stacks"].array if keep_stacks else None
@@ -437,8 +472,25 @@ class Recorder:
             self.run_error = reason
 
     def add_run_summary(self, run_summary: dict[str, Any]) -> None:
-        """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close)."""
-        self._deepz["run_summary"] = run_summary
+        """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close).
+
+        Its seq lists (`SEQ_LIST_KEYS`: every skipped and lost seq, and the recorder's missing
+        ones) are stored whole, as half-open ``[start, stop]`` ranges like the presence runs: a
+        run that skips a million frames in a row costs one range, not a million numbers.
+        """
+        stored = dict(run_summary)
+        for path in SEQ_LIST_KEYS:
+            parent, _, key = path.rpartition(".")
+            node = stored.get(parent) if parent else stored
+            if not isinstance(node, dict):
+                continue
+            if parent:  # a copy: the caller's dict is not changed
+                node = stored[parent] = dict(node)
+            seqs = node.get(key)
+            if isinstance(seqs, list) and all(type(s) is int for s in seqs):
+                node[key] = [list(r) for r in seq_ranges(seqs)]
+        stored["seq_lists"] = "half-open [start, stop] ranges"
+        self._deepz["run_summary"] = stored
         self._guarded(lambda: self._write_attrs(final=True), "run summary")
 
     def close(self, timeout_s: float | None = None) -> RecorderSummary:
@@ -450,9 +502,6 @@ class Recorder:
         if self._thread.is_alive():
             left = self._queue.qsize()
             self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
-            self._unrecorded += left
-        elif self.error is not None:  # the writer thread died: what it left was never written
-            self._unrecorded += self._drain()
         self._summary = self._finish()
         return self._summary
 
@@ -476,40 +525,51 @@ class Recorder:
             except Exception as err:
                 if self.error is None:  # the supervisor logs it; close() counts what is left
                     self.error = f"the writer thread failed: {type(err).__name__}: {err}"
+                    self._release_reserve()
+                    self._record_failure()
                 raise
 
-    def _drain(self) -> int:
-        """Empty the queue (the writer is gone); return how many items it still held."""
-        left = 0
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return left
-            left += item is not _STOP and item[0] != "frame"
-
     def _run(self) -> None:
-        """Write queued items until the stop marker, then flush what is buffered."""
+        """Write queued items until the stop marker, then flush what is buffered.
+
+        After a failure the remaining items are taken off the queue unwritten (`close` counts
+        them as unrecorded), and the store is told the truth once, at once (`_record_failure`).
+        """
         last_space_check = 0.0
         while True:
             item = self._queue.get()
             if item is _STOP:
                 break
             if self.error is not None:
-                self._unrecorded += item[0] != "frame"
+                self._record_failure()
                 continue
             now = time.monotonic()
             if self.min_free_mb > 0 and now - last_space_check > 1.0:
                 last_space_check = now
                 self._check_space()
                 if self.error is not None:
-                    self._unrecorded += item[0] != "frame"
+                    self._record_failure()
                     continue
             self._write(*item)
             if now - self._last_attrs > _ATTRS_EVERY_S:
                 self._guarded(self._write_attrs, "metadata")
                 self._last_attrs = now
-        self._guarded(self._flush_blocks, "partial raw chunks")
+            self._record_failure()
+        if self.error is None:
+            self._guarded(self._flush_blocks, "partial raw chunks")
+        self._record_failure()
+
+    def _record_failure(self) -> None:
+        """Once after a failure: cut the arrays back to what is on disk and write the attributes.
+
+        The reserve was deleted by `_fail`, so this has room even on a full disk; if the daemon
+        is killed later, the store already names the error and holds no false rows.
+        """
+        if self.error is None or self._failure_written:
+            return
+        self._failure_written = True
+        self._guarded(self._trim_all, "array shape")
+        self._guarded(self._write_attrs, "metadata")
 
     def _write(
         self, kind: str, seq: int, array: np.ndarray | None, timestamp_s: float, focus_um: float
@@ -528,7 +588,6 @@ class Recorder:
             else:
                 self._write_stack(seq, array)
         except Exception as err:  # any storage fault stops recording, not the run
-            self._unrecorded += 1
             self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
             return
         self._images[kind].sampler.add(array)
@@ -680,6 +739,7 @@ class Recorder:
                 for i, array in enumerate(self._frames.values()):
                     self._grow(array, stop - 1)
                     array[start:stop] = values[:, i]
+                self._meta_end = max(self._meta_end, stop)
         except BaseException:
             with self._lock:  # not written: keep it for the next try
                 self._meta_pending = pending | self._meta_pending
@@ -732,9 +792,10 @@ class Recorder:
             )
 
     def _fail(self, reason: str) -> None:
-        """Stop writing and log why, once; what is already written stays."""
+        """Stop writing and log why, once; free the reserve for the truthful final metadata."""
         if self.error is None:
             self.error = reason
+            self._release_reserve()
             log.error(
                 "RECORDER STOPPED: %s. Data written so far is kept in %s; the run continues "
                 "without recording.",
@@ -742,36 +803,71 @@ class Recorder:
                 self.path,
             )
 
+    def _release_reserve(self) -> None:
+        """Delete the reserve file (idempotent): its space is for the metadata written next."""
+        reserve, self._reserve = self._reserve, None
+        if reserve is not None:
+            try:
+                reserve.unlink(missing_ok=True)
+            except OSError as err:  # nothing more to free; the metadata writes will say if so
+                log.warning("could not delete the recorder's reserve %s: %s", reserve, err)
+
     def _guarded(self, step: Any, what: str) -> None:
-        """Run a metadata/flush step, turning a storage error into the logged failure."""
+        """Run a metadata/flush step, turning a storage error into the logged failure.
+
+        After the first failure a further one is logged too (once the reserve is spent the
+        store may not say everything), but it does not replace the first error.
+        """
         try:
             step()
         except Exception as err:  # a storage fault must not kill the daemon
-            self._fail(f"writing {what} failed: {type(err).__name__}: {err}")
+            reason = f"writing {what} failed: {type(err).__name__}: {err}"
+            if self.error is not None:
+                log.error("recorder: %s (after: %s)", reason, self.error)
+            self._fail(reason)
+
+    def _trim_all(self) -> None:
+        """Cut every time axis back to what is on disk: last present seq, last frame metadata."""
+        with self._lock:
+            ends = {role: max(self._present[role], default=-1) + 1 for role in _IMAGES}
+        for role, image in self._images.items():
+            _trim(image.array, ends[role])
+        for array in self._frames.values():
+            _trim(array, min(self._meta_end, array.shape[0]))
 
     def _finish(self) -> RecorderSummary:
-        """Trim the arrays to the last seq and write the final metadata and summary."""
+        """Trim the arrays to what is on disk and write the final metadata and summary.
+
+        Every admitted item of a kept image that is not on disk is counted as unrecorded,
+        whatever stopped it (a write error, the writer thread's death, a close timeout).
+        """
+        self._release_reserve()
+        self._guarded(self._trim_all, "array shape")
         with self._lock:
-            raw, stacks = sorted(self._present["raw"]), sorted(self._present["stacks"])
-        for array, seqs in ((self._raw, raw), (self._stacks, stacks)):
-            if array is not None:
-                self._guarded(lambda a=array, s=seqs: _trim(a, s), "array shape")
+            present = {role: sorted(self._present[role]) for role in _IMAGES}
+        gaps = {role: _gaps(seq_ranges(seqs)) for role, seqs in present.items()}
         summary = RecorderSummary(
             path=str(self.path),
-            raw_frames=len(raw),
-            stacks=len(stacks),
-            raw_missing=missing_seqs(seq_ranges(raw)),
-            stacks_missing=missing_seqs(seq_ranges(stacks)),
-            unrecorded=self._unrecorded,
+            raw_frames=len(present["raw"]),
+            stacks=len(present["stacks"]),
+            raw_missing=missing_seqs(seq_ranges(present["raw"])),
+            stacks_missing=missing_seqs(seq_ranges(present["stacks"])),
+            unrecorded=sum(
+                self._gates[role].admitted() - len(present[role]) for role in self._images
+            ),
             error=self.error,
             rejected=self.rejections(),
             run_error=self.run_error,
+            raw_gaps=gaps["raw"],
+            stacks_gaps=gaps["stacks"],
         )
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,
             "stacks": summary.stacks,
             "raw_missing": summary.raw_missing,
             "stacks_missing": summary.stacks_missing,
+            "raw_gaps": [list(r) for r in summary.raw_gaps],
+            "stacks_gaps": [list(r) for r in summary.stacks_gaps],
             "unrecorded": summary.unrecorded,
             "rejected": summary.rejected,
         }
@@ -794,9 +890,34 @@ def _exactly_as(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:
     return converted if np.array_equal(converted, array) else None
 
 
-def _trim(array: zarr.Array[Any], seqs: list[int]) -> None:
-    """Shrink the time axis of `array` to end at the last present seq."""
-    array.resize((seqs[-1] + 1 if seqs else 0, *array.shape[1:]))
+def _trim(array: zarr.Array[Any], length: int) -> None:
+    """Shrink the time axis of `array` to `length` rows (never grow it; no write if not needed)."""
+    if array.shape[0] > length:
+        array.resize((length, *array.shape[1:]))
+
+
+def _gaps(present: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Return the half-open ranges between 0 and the last present seq that are not present."""
+    gaps, previous = [], 0
+    for start, stop in present:
+        if start > previous:
+            gaps.append((previous, start))
+        previous = stop
+    return gaps
+
+
+def _hold_space(path: Path, nbytes: int) -> None:
+    """Write `nbytes` of incompressible bytes to `path`, so that the space is really taken.
+
+    Random bytes rather than zeros or ``fallocate``: a compressing or deduplicating file
+    system (btrfs, ZFS) would hold no space for those.
+    """
+    if nbytes <= 0:
+        return
+    block = os.urandom(min(nbytes, 2**20))
+    with path.open("wb") as f:
+        for start in range(0, nbytes, len(block)):
+            f.write(block[: nbytes - start])
 
 
 def _compressors(name: str) -> list[Any] | None:

@@ -73,6 +73,9 @@ POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
 """Overload policies: keep every frame up to a bound (latency grows), or only the newest."""
 RAW_REPUBLISH_HWM = 100
 """Raw frames queued for a slow subscriber of the raw republish socket before it misses some."""
+FRAMES_RCVHWM = 100
+"""Messages the public frames socket queues before ZeroMQ pushes back on the sender (1 s at
+100 Hz; the router takes each in well under a millisecond)."""
 DISPLAY_HWM = 10
 """Stacks queued for a slow display before it misses some (a display keeps up or skips)."""
 _LOGGED_MALFORMED = 100
@@ -175,6 +178,7 @@ class Router(threading.Thread):
         self._pull = ctx.socket(zmq.PULL)
         self._pull.linger = 0
         self._pull.maxmsgsize = max_part_bytes
+        self._pull.rcvhwm = FRAMES_RCVHWM  # bounds what a flooding sender can park in memory
         serve_curve(self._pull, frames_keys)
         self._pull.bind(frames_endpoint)
         self._source: zmq.Socket[bytes] | None = None

@@ -24,7 +24,6 @@ import multiprocessing as mp
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,9 +40,18 @@ from live.config import ConfigError, check_optics, resolve_geometry
 from live.metrics import Metrics, RunState, Snapshot, StatusPublisher, format_seqs
 from live.protocol import WORKER_PREFETCH, Message, max_part_bytes
 from live.recorder import Recorder, RecorderSummary, SeqGate, format_rejections, store_path
-from live.router import DISPLAY_HWM, RAW_REPUBLISH_HWM, WORKER_HWM, Collector, Ledger, Router
+from live.router import (
+    DISPLAY_HWM,
+    FRAMES_RCVHWM,
+    RAW_REPUBLISH_HWM,
+    WORKER_HWM,
+    Collector,
+    Ledger,
+    Router,
+)
 from live.security import Gatekeeper, ServerKeys, server_keys
-from live.supervisor import Failure, Supervisor
+from live.sources import replay_rate_hz
+from live.supervisor import Failure, Supervisor, make_ipc_dir, remove_stale_ipc_dirs
 from live.worker import WorkerSpec, build_plan, open_backend, worker_main
 
 if TYPE_CHECKING:
@@ -71,6 +79,9 @@ EXIT_NO_FIT = 3
 EXIT_FAILED = 1
 _READY_TIMEOUT_S = 120.0
 _PREFLIGHT_CALLS = 3
+_PRINTED_RANGES = 200
+"""The printed summary names up to this many ranges of skipped / lost seqs; the store's run
+summary (``attrs["deepz"]["summary"]``) keeps every one."""
 _SOURCE_HWM = 2000
 """Frames the daemon's own source may queue towards the router before it drops (and counts)."""
 
@@ -122,7 +133,8 @@ def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
     )
     edges = [
         Edge("source", "router", "frames", "inproc", _SOURCE_HWM, "source drops and counts"),
-        Edge("hook", "router", "frames", config.endpoints.frames, None, "hook drops and counts"),
+        Edge("hook", "router", "frames", config.endpoints.frames, FRAMES_RCVHWM,
+             "hook drops and counts"),
         Edge("router", "recorder", "raw frames", "in-process queue", None, "every frame"),
         Edge("router", "raw subscribers", "raw frames", config.endpoints.recorder,
              RAW_REPUBLISH_HWM, "a slow subscriber misses frames"),
@@ -253,8 +265,10 @@ class RunSummary:
             + f"; admitted {self.frames_in - self.rejected_total}",
             f"  raw frames recorded {self.raw_recorded}",
             f"  stacks written    {self.stacks_written}",
-            f"  skipped           {len(self.skipped)} (seqs: {format_seqs(self.skipped)})",
-            f"  lost              {len(self.lost)} (seqs: {format_seqs(self.lost)}; "
+            f"  skipped           {len(self.skipped)} "
+            f"(seqs: {format_seqs(self.skipped, limit=_PRINTED_RANGES)})",
+            f"  lost              {len(self.lost)} "
+            f"(seqs: {format_seqs(self.lost, limit=_PRINTED_RANGES)}; "
             f"worker restarts {self.worker_restarts})",
             f"  latency p50/p99   {lat}",
             f"  backend           {self.backend}",
@@ -332,7 +346,8 @@ class Daemon:
         self._n_planes = 0
         self._gatekeeper: Gatekeeper | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._tmp = tempfile.TemporaryDirectory(prefix="deepz-")
+        remove_stale_ipc_dirs()  # left by daemons that were killed (their pid is gone)
+        self._tmp = make_ipc_dir()
         self._source_endpoint = f"inproc://deepz-source-{id(self)}"
         self._mp = mp.get_context("spawn")
         self._worker_stop: MpEvent = self._mp.Event()
@@ -450,7 +465,7 @@ class Daemon:
             self.metrics.set_run_info(backend=self.backend_name)
             frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
             self.preflight_result = preflight(
-                backend, plan, frame_shape, float(cfg.source.rate_hz), self.n_workers
+                backend, plan, frame_shape, replay_rate_hz(cfg), self.n_workers
             )
         finally:
             backend.close()
@@ -477,12 +492,12 @@ class Daemon:
             self.store,
             frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
             pixel_size_um=float(src.pixel_size_um),
-            rate_hz=float(src.rate_hz),
+            rate_hz=replay_rate_hz(self.config),
             planes_um=None if plan.z_um is None else list(plan.z_um),
             surfaces=None if plan.z_um is not None else [s.name for s in surfaces or []],
             dpms_um=None if plan.z_um is not None else plan.dpms_um,
             config=self.config.model_dump(mode="json"),
-            keep_raw=rc.keep_raw,
+            keep_raw=rc.keep_raw and (src.kind != "replay" or src.replay.record_raw),
             keep_stacks=rc.keep_stacks,
             frames_per_chunk=rc.frames_per_chunk,
             compression=rc.compression,

@@ -73,6 +73,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100
+_LIVE_CLOCK_S = 60.0
+"""A frame timestamp further than this from now is not a live camera clock (a replay)."""
 
 
 @dataclass(frozen=True)
@@ -142,14 +144,16 @@ class FrameQueue:
     """
 
     def __init__(self) -> None:
-        self._items: deque[Message] = deque()
+        self._items: deque[tuple[Message, float]] = deque()
         self._refused: list[int] = []
         self._cond = threading.Condition()
+        self.received_s = 0.0
+        """Wall-clock time the frame last returned by `get` arrived at this worker."""
 
     def put(self, message: Message) -> None:
-        """Queue a frame (never waits)."""
+        """Queue a frame (never waits), stamped with its arrival time."""
         with self._cond:
-            self._items.append(message)
+            self._items.append((message, time.time()))
             self._cond.notify_all()
 
     def get(self, timeout_s: float) -> Message | None:
@@ -159,7 +163,8 @@ class FrameQueue:
                 self._cond.wait(timeout_s)
             if not self._items:
                 return None
-            return self._items.popleft()
+            message, self.received_s = self._items.popleft()
+            return message
 
     def refuse(self, seq: int) -> None:
         """Record a frame that cannot be refocused (wrong shape); it is reported, not queued."""
@@ -240,7 +245,8 @@ def _serve(
                                 message.header.focus_um,
                                 excess,
                             )
-                _send_stack(stacks, backend.infer(message.array, dpms), message, plan)
+                planes = backend.infer(message.array, dpms)
+                _send_stack(stacks, planes, message, plan, queue.received_s)
                 credits.send(credit(spec.worker_id, 1))
                 done += 1
         _report(events, credits, spec.worker_id, queue, frame_shape)
@@ -335,11 +341,23 @@ def _receive(
 
 
 def _send_stack(
-    socket: zmq.Socket[bytes], planes: np.ndarray, frame: Message, plan: VolumePlan
+    socket: zmq.Socket[bytes],
+    planes: np.ndarray,
+    frame: Message,
+    plan: VolumePlan,
+    received_s: float,
 ) -> None:
-    """Encode and PUSH one stack (blocking: the collector always drains)."""
+    """Encode and PUSH one stack (blocking: the collector always drains).
+
+    Latency is from the camera's timestamp when that is a live clock (within
+    `_LIVE_CLOCK_S` of now), else from the frame's arrival at this worker: a replayed
+    recording keeps its own, old timestamps.
+    """
     header = frame.header
-    latency_ms = max(0.0, (time.time() - header.timestamp_s) * 1e3)
+    now = time.time()
+    since_camera = now - header.timestamp_s
+    live = 0.0 <= since_camera < _LIVE_CLOCK_S
+    latency_ms = max(0.0, (since_camera if live else now - received_s) * 1e3)
     parts = encode_stack(
         np.ascontiguousarray(planes, dtype=np.float32),
         seq=header.seq,

@@ -1,18 +1,29 @@
 """The running daemon refuses forged and broken frames: not recorded, not refocused, not
-republished, counted by kind, and the counts add up (real sockets, a real worker, a real store)."""
+republished, counted by kind, and the counts add up (real sockets, a real worker, a real store).
+A SIGKILLed daemon's private ipc directory is found and removed by the next one."""
 
 from __future__ import annotations
 
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 import zmq
 
 from live.protocol import decode, encode_frame
 from live.run import Daemon
+from live.supervisor import make_ipc_dir, process_start_ticks, remove_stale_ipc_dirs
 from tests.live_helpers import SIDE, live_config, push_frames, run_array
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _parts(image: np.ndarray, seq: int) -> list[bytes]:
@@ -85,3 +96,85 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     assert stacked == set(range(30)) - set(summary.skipped)  # no forged frame was refocused
     assert not (np.asarray(run_array(store, "raw")[5]) == 7).all()
     assert attrs["rejected"]["raw"]["duplicate"] == 1
+
+
+_IPC_OWNER = """
+import sys, time
+from live.supervisor import make_ipc_dir
+ipc = make_ipc_dir(sys.argv[1])
+(ipc.path / "frames-0").write_bytes(b"")  # stands in for a socket file
+print(ipc.name, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_ipc_dir_of_a_sigkilled_daemon_is_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _IPC_OWNER, str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        killed = Path(proc.stdout.readline().strip())
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)  # reaped: the pid no longer exists
+    assert killed.is_dir() and killed.name.startswith(f"deepz-{proc.pid}-")
+    mine = make_ipc_dir(tmp_path)  # this process is alive: kept
+    start = process_start_ticks(os.getpid())
+    assert start is not None
+    reused = tmp_path / f"deepz-{os.getpid()}-{start + 1}-abcd1234"  # same pid, another start
+    legacy = tmp_path / "deepz-k2j4h5g6"  # an older daemon's: no owner in the name
+    unrelated = tmp_path / f"deepz-{proc.pid}-0-not-ours"
+    for folder in (reused, legacy, unrelated):
+        folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / f"deepz-{proc.pid}-1-linkdir0"  # a stale-looking name, but a link
+    link.symlink_to(elsewhere, target_is_directory=True)
+
+    removed = remove_stale_ipc_dirs(tmp_path)
+
+    assert sorted(removed) == sorted([killed, reused])
+    assert not killed.exists() and not reused.exists()
+    assert mine.path.is_dir() and legacy.is_dir() and unrelated.is_dir()
+    assert link.is_symlink() and elsewhere.is_dir()
+    with mine:  # used like tempfile.TemporaryDirectory
+        assert Path(mine.name) == mine.path
+    assert not mine.path.exists()
+    assert remove_stale_ipc_dirs(tmp_path) == []
+
+
+def test_ipc_dirs_go_to_the_temp_folder_by_default() -> None:
+    ipc = make_ipc_dir()
+    try:
+        assert ipc.path.parent == Path(tempfile.gettempdir())
+        assert ipc.path.name.startswith(f"deepz-{os.getpid()}-")
+        assert stat.S_IMODE(ipc.path.stat().st_mode) == 0o700
+        assert ipc.path not in remove_stale_ipc_dirs()  # its owner (this process) is alive
+    finally:
+        ipc.cleanup()
+
+
+def test_the_hostile_benchmark_core_accounts_for_every_fuzzed_message(tmp_path: Path) -> None:
+    # benchmarks.hostile at a tiny N: the real daemon (`python -m live.run`, simulated scope,
+    # shipped slim model) takes 300 fuzzed messages of every kind while its camera runs.
+    from benchmarks.hostile import KINDS, RSS_LIMIT_MB, Setup, hostile_run
+
+    setup = Setup(tmp_path)
+    if not setup.model.is_file():
+        pytest.skip(f"the shipped model {setup.model} is not here")
+    result = hostile_run(setup, 300, oversized_every=100)
+
+    assert result["settled"] and result["daemon_alive_at_end"] and result["exit_code"] == 0
+    assert result["accounting_exact"], result["accounting"]  # predicted == daemon's counters
+    assert result["messages"] == sum(result["by_kind"].values()) == 300
+    assert set(result["by_kind"]) <= set(KINDS) and result["oversized_dropped_by_zmq"] == 3
+    assert all(predicted > 0 for predicted, _ in result["accounting"].values())  # every kind
+    store = result["store"]
+    assert store["every_genuine_frame"] and store["bit_identical"] and store["complete"] is True
+    assert store["truthful"] and result["genuine_frames"] > 0
+    assert result["rss_mb"]["growth_peak"] < RSS_LIMIT_MB
+    assert result["passed"]

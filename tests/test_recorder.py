@@ -314,3 +314,38 @@ def test_store_path_and_bad_settings(tmp_path: Path) -> None:
         _recorder(tmp_path / "a.ome.zarr", compression="lzma")
     with pytest.raises(ValueError, match="frames_per_chunk must be >= 1"):
         _recorder(tmp_path / "b.ome.zarr", frames_per_chunk=0)
+
+
+def test_every_gap_and_every_skipped_or_lost_seq_is_stored_as_ranges(tmp_path: Path) -> None:
+    # Far more gaps than any printed line shows (format_seqs elides after 20 ranges): the store
+    # keeps every one, as half-open [start, stop] ranges.
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, keep_stacks=False)
+    present = [s for s in range(200) if s % 3 == 0]  # 66 gaps of two seqs each
+    for seq in present:
+        rec.put_frame(_frame(seq))
+    summary = rec.close(timeout_s=30)
+    gaps = [(s + 1, s + 3) for s in present[:-1]]
+    assert summary.raw_gaps == gaps
+    assert summary.raw_missing == [s for a, b in gaps for s in range(a, b)]
+    assert "… (46 more ranges)" in summary.line()  # the log line is short; the store is whole
+    skipped = [*range(5, 40), 41, 43, *range(100_000, 300_000)]
+    run_summary = {
+        "frames_in": 200,
+        "skipped": skipped,
+        "lost": [],
+        "backend": "x",
+        "recorder": {"raw_missing": summary.raw_missing, "error": None},
+    }
+    rec.add_run_summary(run_summary)
+    assert run_summary["skipped"] == skipped  # the caller's summary is left as it was
+
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["summary"]["raw_gaps"] == [list(g) for g in gaps]
+    assert missing_seqs(deepz["raw_present"]) == summary.raw_missing
+    run = deepz["run_summary"]
+    assert run["skipped"] == [[5, 40], [41, 42], [43, 44], [100_000, 300_000]]
+    assert run["lost"] == [] and run["frames_in"] == 200 and run["backend"] == "x"
+    assert run["recorder"] == {"raw_missing": [list(g) for g in gaps], "error": None}
+    assert run["seq_lists"] == "half-open [start, stop] ranges"
+    assert deepz["complete"] is True and not (path / "OME" / ".deepz-reserve").exists()

@@ -1,0 +1,223 @@
+"""A full disk stops the recording, never the run, and the store says exactly what it holds.
+
+The disk is a real one: a small tmpfs mounted for the test (needs root, or CAP_SYS_ADMIN; the
+tests skip, saying so, where mounting is not permitted). Writes fail with the kernel's own
+``ENOSPC``; the store must still end with ``error`` naming the cause, ``complete: false``, time
+axes that end at the last frame on disk, presence runs and frame metadata that match the
+pixels, and the recorder's reserve file gone. One test also runs where no tmpfs can be
+mounted: a quota on the zarr store's own write function (the file-system boundary every chunk
+and metadata write goes through) raises ``ENOSPC`` the same way.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+import zarr.storage._local as zarr_local
+
+from live.protocol import Message, decode, encode_frame, encode_stack
+from live.recorder import RESERVE_MB, RESERVE_NAME, Recorder, missing_seqs
+from live.run import Daemon
+from live.store import OME_GROUP
+from tests.live_helpers import SIDE, live_config, push_frames, run_array
+from tests.test_recorder import PLANES, SHAPE, _validate
+
+MIB = 2**20
+
+
+def _mount_tmpfs(where: Path, size_mb: int) -> None:
+    """Mount a tmpfs of `size_mb` at `where`, or skip the test saying why it cannot."""
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command: cannot make a small disk to fill")
+    where.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"mounting a {size_mb} MB tmpfs is not permitted here (needs root or "
+            f"CAP_SYS_ADMIN): {result.stderr.strip()}"
+        )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 6 MB file system (tmpfs), unmounted afterwards."""
+    where = tmp_path / "disk"
+    _mount_tmpfs(where, 6)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _noise_frame(seq: int) -> Message:
+    """An incompressible raw frame whose pixels follow from its seq."""
+    image = np.random.default_rng(seq).integers(0, 2**16, SHAPE, dtype=np.uint16)
+    return decode(encode_frame(image, seq=seq, timestamp_s=500.0 + seq / 4, focus_um=seq / 8))
+
+
+def _noise_stack(seq: int) -> Message:
+    planes = np.random.default_rng(10_000 + seq).random((len(PLANES), *SHAPE), np.float32)
+    parts = encode_stack(planes, seq=seq, timestamp_s=500.0 + seq / 4, focus_um=0.0, latency_ms=1.0)
+    return decode(parts)
+
+
+def _present(runs: list[list[int]]) -> list[int]:
+    return [s for start, stop in runs for s in range(start, stop)]
+
+
+def _fill(path: Path, n: int, **kwargs: Any) -> tuple[Recorder, list[int]]:
+    """Record `n` noise frames and stacks (a gap at seq 3) into `path`; return the seqs put."""
+    rec = Recorder(
+        path,
+        frame_shape=SHAPE,
+        pixel_size_um=0.5,
+        rate_hz=4.0,
+        planes_um=PLANES,
+        compression="none",
+        config={"source": {"kind": "test"}},
+        **kwargs,
+    )
+    seqs = [s for s in range(n) if s != 3]
+    for seq in seqs:
+        assert rec.put_frame(_noise_frame(seq))
+        assert rec.put_stack(_noise_stack(seq))
+    return rec, seqs
+
+
+def _assert_truthful(path: Path, summary: Any, seqs: list[int]) -> None:
+    """The store says exactly what is on disk, and every frame it lists is the one sent."""
+    root = zarr.open_group(path, mode="r")
+    deepz = root.attrs["deepz"]
+    assert deepz["complete"] is False
+    assert deepz["error"] == summary.error and "No space left on device" in summary.error
+    raw_seqs, stack_seqs = _present(deepz["raw_present"]), _present(deepz["stacks_present"])
+    assert summary.raw_frames == len(raw_seqs) > 0 and summary.stacks == len(stack_seqs)
+    assert set(raw_seqs) < set(seqs)  # some, not all, frames made it
+    # Time axes end exactly at the last item on disk: no rows that were never written.
+    raw, stacks = run_array(path, "raw"), run_array(path, "stacks")
+    assert raw.shape[0] == raw_seqs[-1] + 1
+    assert stacks.shape[0] == (stack_seqs[-1] + 1 if stack_seqs else 0)
+    for seq in raw_seqs:
+        assert raw[seq].tobytes() == _noise_frame(seq).array.tobytes()
+    for seq in stack_seqs:
+        assert stacks[seq].tobytes() == _noise_stack(seq).array.tobytes()
+    # Gaps are the real ones (seq 3) plus nothing else before the last frame on disk.
+    assert deepz["summary"]["raw_missing"] == missing_seqs(deepz["raw_present"])
+    assert deepz["summary"]["raw_gaps"] == ([[3, 4]] if raw_seqs[-1] > 3 else [])
+    # Every admitted item is either on disk or counted as not recorded.
+    assert summary.unrecorded == 2 * len(seqs) - len(raw_seqs) - len(stack_seqs)
+    assert deepz["summary"]["unrecorded"] == summary.unrecorded
+    # Frame metadata: known for every frame on disk, never for one that is not.
+    stamps = root["frames/timestamp_s"][:]
+    assert len(stamps) <= raw.shape[0]
+    for seq in range(len(stamps)):
+        expected = 500.0 + seq / 4 if seq in raw_seqs else np.nan
+        np.testing.assert_equal(stamps[seq], expected)
+    assert not (path / OME_GROUP / RESERVE_NAME).exists()
+
+
+@pytest.mark.parametrize("frames_per_chunk", [1, 4])
+def test_a_disk_filled_to_zero_bytes_leaves_a_truthful_store(
+    small_disk: Path, frames_per_chunk: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = small_disk / "run.ome.zarr"
+    with caplog.at_level(logging.ERROR, logger="live.recorder"):
+        rec, seqs = _fill(path, 120, frames_per_chunk=frames_per_chunk)  # ~9 MB for 6 MB
+        summary = rec.close(timeout_s=60)
+
+    assert summary.error is not None and summary.error.startswith("writing ")
+    assert [r.message.startswith("RECORDER STOPPED") for r in caplog.records] == [True]
+    _assert_truthful(path, summary, seqs)
+    # The disk really was full: what is free now is the reserve the recorder gave back.
+    assert shutil.disk_usage(small_disk).free < (RESERVE_MB + 0.5) * MIB
+    _validate(path)  # and the store is still valid OME-Zarr 0.5
+
+
+def test_the_failure_is_on_disk_before_close(small_disk: Path) -> None:
+    # A daemon killed after the disk filled up (no close) still leaves an error, not null.
+    path = small_disk / "run.ome.zarr"
+    rec, _ = _fill(path, 120)
+    deadline = time.monotonic() + 60
+    while zarr.open_group(path, mode="r").attrs["deepz"]["error"] is None:
+        assert time.monotonic() < deadline, "the failure never reached the store"
+        time.sleep(0.05)
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert rec.error is not None and deepz["error"] == rec.error
+    assert "No space left on device" in rec.error and deepz["complete"] is False
+    assert run_array(path, "raw").shape[0] == _present(deepz["raw_present"])[-1] + 1
+    rec.close(timeout_s=60)
+
+
+def test_enospc_at_the_store_boundary_without_a_small_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where no tmpfs can be mounted: every zarr write goes through zarr's LocalStore `_put`;
+    # a quota there counts the store's bytes on disk (the reserve file included) and raises
+    # the kernel's ENOSPC once a write would pass it.
+    path = tmp_path / "run.ome.zarr"
+    quota = 5 * MIB
+    put = zarr_local._put
+
+    def put_with_quota(file: Path, value: Any, exclusive: bool = False) -> int:
+        used = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if used + len(value.as_buffer_like()) > quota:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return put(file, value, exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", put_with_quota)
+    rec, seqs = _fill(path, 60)
+    summary = rec.close(timeout_s=60)
+    monkeypatch.undo()
+
+    _assert_truthful(path, summary, seqs)
+
+
+def test_the_daemon_keeps_running_when_its_disk_fills(small_disk: Path, tiny_model_files) -> None:
+    config = live_config(
+        small_disk.parent,
+        tiny_model_files["onnx"],
+        recorder={"compression": "none", "min_free_mb": 0},  # no early stop: fill it
+    )
+    store = small_disk / "run.ome.zarr"
+    daemon = Daemon(config, output=store, source=None, preflight_check=False)
+    n = 200  # 64² frames + 3-plane stacks: about 10 MB, for a 6 MB disk
+    try:
+        daemon.start()
+        push_frames(config.endpoints.frames, list(range(n)), rate_hz=40.0)
+        deadline = time.monotonic() + 120
+        while (snap := daemon.metrics.snapshot(advance=False)).stacks_out + snap.skipped < n:
+            assert time.monotonic() < deadline, snap
+            daemon.supervise(0.2, quiet=True)
+    finally:
+        summary = daemon.stop()
+
+    assert summary.failures == [] and summary.frames_in == n  # the run went on to the end
+    assert snap.stacks_out + snap.skipped == n and summary.stacks_written < snap.stacks_out
+    rec = summary.recorder
+    assert rec["error"] is not None and "No space left on device" in rec["error"]
+    deepz = zarr.open_group(store, mode="r").attrs["deepz"]
+    assert deepz["complete"] is False and deepz["error"] == rec["error"]
+    raw_seqs = _present(deepz["raw_present"])
+    assert len(raw_seqs) == summary.raw_recorded < n
+    assert raw_seqs == list(range(len(raw_seqs)))  # frames arrived in order: no holes
+    assert run_array(store, "raw").shape == (len(raw_seqs), SIDE, SIDE)
+    stacked = _present(deepz["stacks_present"])
+    assert run_array(store, "stacks").shape[0] == (stacked[-1] + 1 if stacked else 0)
+    unrecorded = (n - summary.raw_recorded) + (snap.stacks_out - summary.stacks_written)
+    assert rec["unrecorded"] == unrecorded
+    assert deepz["run_summary"]["frames_in"] == n  # the daemon's summary made it too

@@ -1,0 +1,164 @@
+"""Replay of a run store keeps the recording's own seqs, camera timestamps and focus, and says
+at which rate it will send (for the daemon's pre-flight).
+
+Each store is written by the project's real `Recorder`, replayed by `ReplaySource` through a
+real `FrameSender` to a real PULL socket, and what arrives is decoded and compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+import zmq
+
+from live.config import ScopeConfig, validate_config
+from live.hook import FrameSender
+from live.protocol import Message, decode, encode_frame
+from live.recorder import Recorder
+from live.sources import ReplaySource, open_recording, replay_rate_hz
+
+SHAPE = (16, 24)
+RATE_HZ = 400.0
+PRESENT = [2, 3, 4, 6, 7, 10]  # seqs 0, 1, 5, 8 and 9 never reached the recorder
+
+
+def _pixels(seq: int) -> np.ndarray:
+    return np.random.default_rng(seq).integers(0, 2**16, SHAPE, dtype=np.uint16)
+
+
+def _stamp(seq: int) -> float:
+    """A camera clock that is neither the replay's nor regular (jitter by seq)."""
+    return 1_700_000_000.0 + seq / 50 + (seq % 3) * 1e-4
+
+
+def _focus(seq: int) -> float:
+    return -3.25 + 0.125 * seq
+
+
+def _record(path: Path, seqs: list[int] = PRESENT) -> Path:
+    """Write a run store with the real recorder: raw frames of `seqs`, no stacks."""
+    recorder = Recorder(
+        path,
+        frame_shape=SHAPE,
+        pixel_size_um=0.3,
+        rate_hz=RATE_HZ,
+        planes_um=[0.0],
+        keep_stacks=False,
+    )
+    for seq in seqs:
+        parts = encode_frame(_pixels(seq), seq=seq, timestamp_s=_stamp(seq), focus_um=_focus(seq))
+        assert recorder.put_frame(decode(parts))
+    assert recorder.close(timeout_s=30).raw_frames == len(seqs)
+    return path
+
+
+def _replay(source: ReplaySource, endpoint: str) -> None:
+    """Run `source` to the end through a real sender connected to `endpoint`."""
+    sender = FrameSender(endpoint)
+    summary = source.run(sender, threading.Event())
+    sender.close()
+    assert summary.frames_dropped == 0 and summary.name == "replay"
+
+
+def _receive(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> list[Message]:
+    out = []
+    while sock.poll(quiet_ms):
+        out.append(decode(sock.recv_multipart(copy=False)))
+    return out
+
+
+def test_replay_sends_the_recordings_own_seqs_timestamps_and_focus(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path
+) -> None:
+    sock, endpoint = pull
+    store = _record(tmp_path / "run.ome.zarr")
+    source = ReplaySource(store)
+    assert source.rate_hz == pytest.approx(RATE_HZ)  # the store's own rate
+    _replay(source, endpoint)
+    msgs = _receive(sock)
+
+    assert [m.header.seq for m in msgs] == PRESENT  # gaps stay gaps, nothing renumbered
+    for m in msgs:
+        seq = m.header.seq
+        assert m.header.timestamp_s == _stamp(seq)  # exactly the camera's clock
+        assert m.header.focus_um == _focus(seq)
+        assert m.array.tobytes() == _pixels(seq).tobytes()
+
+
+def test_a_looped_replay_never_repeats_a_seq_and_keeps_its_clock(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path
+) -> None:
+    sock, endpoint = pull
+    store = _record(tmp_path / "run.ome.zarr")
+    period = PRESENT[-1] + 1  # the store's time axis ends at its last frame
+    source = ReplaySource(store, loop=True, frame_count=2 * len(PRESENT) + 1)
+    _replay(source, endpoint)
+    msgs = _receive(sock)
+
+    expected = [lap * period + s for lap in range(3) for s in PRESENT][: 2 * len(PRESENT) + 1]
+    assert [m.header.seq for m in msgs] == expected
+    for m in msgs:
+        lap, seq = divmod(m.header.seq, period)
+        assert m.header.timestamp_s == pytest.approx(_stamp(seq) + lap * period / RATE_HZ)
+        assert m.header.focus_um == _focus(seq)
+        assert m.array.tobytes() == _pixels(seq).tobytes()
+
+
+def test_frames_without_recorded_metadata_are_stamped_when_sent(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path
+) -> None:
+    sock, endpoint = pull
+    store = _record(tmp_path / "run.ome.zarr")
+    frames = zarr.open_group(store, mode="r+")["frames"]
+    frames["timestamp_s"][6] = np.nan  # as if the metadata of seq 6 never reached the disk
+    frames["focus_um"][6] = np.nan
+    before = time.time()
+    _replay(ReplaySource(store), endpoint)
+    after = time.time()
+    msgs = {m.header.seq: m for m in _receive(sock)}
+
+    assert sorted(msgs) == PRESENT
+    assert before <= msgs[6].header.timestamp_s <= after and msgs[6].header.focus_um == 0.0
+    assert msgs[7].header.timestamp_s == _stamp(7)
+    assert open_recording(store).stamp(6) == (None, None)
+    assert open_recording(store).stamp(99) == (None, None)  # beyond the arrays
+
+
+def test_replay_rate_for_the_preflight_and_record_raw_option(tmp_path: Path) -> None:
+    store = _record(tmp_path / "run.ome.zarr")
+    tiff = tmp_path / "movie.tif"
+    tifffile.imwrite(
+        tiff,
+        np.stack([_pixels(i) for i in range(3)]),
+        imagej=True,
+        metadata={"axes": "TYX", "finterval": 0.02},
+    )
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.stack([_pixels(i) for i in range(3)]), photometric="minisblack")
+
+    def config(replay: dict[str, object], kind: str = "replay") -> ScopeConfig:
+        return validate_config(
+            {
+                "source": {
+                    "kind": kind,
+                    "frame_shape": list(SHAPE),
+                    "rate_hz": 7.0,
+                    "replay": replay,
+                }
+            }
+        )
+
+    own = config({"path": str(store)})
+    assert replay_rate_hz(own) == pytest.approx(RATE_HZ)  # the recording's rate
+    assert replay_rate_hz(config({"path": str(store), "rate_hz": 25.0})) == 25.0
+    assert replay_rate_hz(config({"path": str(tiff)})) == pytest.approx(50.0)  # finterval
+    assert replay_rate_hz(config({"path": str(plain)})) == 7.0  # says nothing: source.rate_hz
+    assert replay_rate_hz(config({}, kind="simulated")) == 7.0
+    assert own.source.replay.record_raw is False  # raw frames are not recorded twice by default
+    assert config({"path": str(store), "record_raw": True}).source.replay.record_raw is True
