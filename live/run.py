@@ -924,6 +924,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # a library that lowers the root level later
+        handler.setLevel(logging.INFO)  # (pymmcore-plus does) must not flood the console
     # pymmcore-plus sets its own logger to DEBUG; its device chatter drowns the status lines.
     logging.getLogger("pymmcore-plus").setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search chatter (preview)
