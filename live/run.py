@@ -286,20 +286,24 @@ class RunSummary:
 def preflight(
     backend: Any, plan: VolumePlan, frame_shape: tuple[int, int], rate_hz: float, workers: int
 ) -> Preflight:
-    """Time a few frames of the planned planes on `backend` (one warm-up call first)."""
-    frame = np.random.default_rng(0).integers(100, 2000, frame_shape, dtype=np.uint16)
-    backend.infer(frame, plan.dpms_um)
-    times = []
-    for _ in range(_PREFLIGHT_CALLS):
-        t0 = time.perf_counter()
-        backend.infer(frame, plan.dpms_um)
-        times.append(time.perf_counter() - t0)
+    """Check the backend can take the plan at all, then time it (`Backend.time_call`).
+
+    A shape the backend cannot serve (e.g. beyond a TensorRT engine's profile,
+    `Backend.shape_problem`) is a `ConfigError`, raised before the store exists.
+    """
+    n_planes = len(plan)
+    problem = backend.shape_problem(frame_shape, n_planes)
+    if problem:
+        raise ConfigError(f"engine: {problem}")
+    seconds = backend.time_call(
+        frame_shape, n_planes, repeats=_PREFLIGHT_CALLS, dpms_um=plan.dpms_um
+    )
     return Preflight(
         backend=backend.name,
         device=str(getattr(backend, "device", "?")),
         frame_shape=frame_shape,
-        n_planes=int(plan.dpms_um.shape[0]),
-        seconds_per_frame=float(np.median(times)),
+        n_planes=n_planes,
+        seconds_per_frame=seconds,
         workers=workers,
         rate_hz=rate_hz,
     )

@@ -388,14 +388,26 @@ class BaseBackend:
         return False
 
     def time_call(
-        self, frame_shape: tuple[int, int], n_planes: int, repeats: int = 3, budget_s: float = 2.0
+        self,
+        frame_shape: tuple[int, int],
+        n_planes: int,
+        repeats: int = 3,
+        budget_s: float = 2.0,
+        dpms_um: np.ndarray | None = None,
     ) -> float:
-        """Return the median seconds of one `infer` of a frame with `n_planes` DPMs (warmed up)."""
+        """Return the median seconds of one `infer` of a frame with `n_planes` DPMs (warmed up).
+
+        The DPMs are `dpms_um` (the run's own plan: surfaces cost a volume model more than
+        lattice planes) or `n_planes` uniform planes spread over the trained range.
+        """
         rng = np.random.default_rng(0)
         image = rng.integers(90, 4000, size=frame_shape, dtype=np.uint16)
-        lo, hi = self.metadata.dz_range_um
-        dz = np.linspace(lo, hi, n_planes, dtype=np.float32)
-        dpms = np.broadcast_to(dz[:, None, None], (n_planes, *frame_shape))
+        if dpms_um is None:
+            lo, hi = self.metadata.dz_range_um
+            dz = np.linspace(lo, hi, n_planes, dtype=np.float32)
+            dpms: np.ndarray = np.broadcast_to(dz[:, None, None], (n_planes, *frame_shape))
+        else:
+            dpms = np.asarray(dpms_um, dtype=np.float32)
         self.infer(image, dpms)
         times: list[float] = []
         deadline = time.perf_counter() + budget_s

@@ -97,6 +97,25 @@ class Backend(Protocol):
         """
         ...
 
+    def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:
+        """Why this backend cannot take `frame_shape` × `n_planes` at all (None: it can).
+
+        No inference runs; the daemon's pre-flight refuses with this sentence before the
+        store is created.
+        """
+        ...
+
+    def time_call(
+        self,
+        frame_shape: tuple[int, int],
+        n_planes: int,
+        repeats: int = 3,
+        budget_s: float = 2.0,
+        dpms_um: np.ndarray | None = None,
+    ) -> float:
+        """Median seconds of one warmed-up `infer` of a frame with these DPMs (the pre-flight)."""
+        ...
+
     def close(self) -> None:
         """Release device memory and sessions; the backend must not be used afterwards."""
         ...
