@@ -430,3 +430,14 @@ def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, ob
     assert make_profile(metadata, [(256, 256)], max_batch=8).opt_shape == (8, 2, 256, 256)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="frame shapes"):
         make_profile(metadata, [(0, 5)])  # type: ignore[arg-type]
+
+
+def test_profile_of_a_volume_model_takes_the_image_alone() -> None:
+    from engine.runtime import onnx_metadata
+
+    shipped = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-volume.onnx"
+    metadata = onnx_metadata(shipped)
+    assert metadata.volume is not None
+    profile = make_profile(metadata, [(256, 256)], max_batch=4)
+    assert profile.min_shape[1] == profile.opt_shape[1] == profile.max_shape[1] == 1
+    assert profile.max_shape == (4, 1, 256, 256)

@@ -24,6 +24,7 @@ from engine.runtime._base import (
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
+    io_channels,
     onnx_metadata,
 )
 from engine.runtime._protocol import BackendError
@@ -124,8 +125,10 @@ class TensorRTBackend(BaseBackend):
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise BackendError(f"{plan_path}: TensorRT cannot create an execution context")
+        # per-plane models: (N, 2, H, W) in, (N, 1, H, W) out; volume models: 1 in, D out
+        self._cin, self._cout = io_channels(self.metadata)
         in_count = int(np.prod(self.max_shape))
-        out_count = in_count // 2
+        out_count = in_count // self._cin * self._cout
         self._d_in = self._check(rt.cudaMalloc(in_count * 4))
         self._d_out = self._check(rt.cudaMalloc(out_count * 4))
         self._h_in_ptr = self._check(rt.cudaMallocHost(in_count * 4))
@@ -223,7 +226,7 @@ class TensorRTBackend(BaseBackend):
             self._shape = shape
         if x.ctypes.data != self._h_in_ptr:  # not prepared in place (padded or split)
             self._h_in[: x.size] = x.ravel()
-        nbytes_in, nbytes_out = x.nbytes, x.nbytes // 2
+        nbytes_in, nbytes_out = x.nbytes, x.nbytes // self._cin * self._cout
         # TensorRT needs one plain run after a shape change before capture; alternating
         # shapes (a remainder chunk) therefore run plain instead of recapturing every call
         if self._use_graphs and self._graph is None and self._ran_plain:
@@ -234,7 +237,7 @@ class TensorRTBackend(BaseBackend):
             self._enqueue(nbytes_in, nbytes_out)
         self._check(self._rt.cudaStreamSynchronize(self._stream))
         self._ran_plain = True
-        return self._h_out[: n * h * w].reshape(n, 1, h, w)
+        return self._h_out[: n * self._cout * h * w].reshape(n, self._cout, h, w)
 
     def close(self) -> None:
         """Free the graph, buffers and the stream (after its pending work); drop the engine."""

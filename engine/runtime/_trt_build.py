@@ -1,6 +1,6 @@
 """ONNX → TensorRT engine builder (TensorRT 10 Python API), with shape profiles and caches.
 
-The engine takes the ONNX model's float32 (N, 2, H, W) input with one optimisation profile
+The engine takes the ONNX model's float32 (N, C, H, W) input with one optimisation profile
 spanning the plane batch (1 … max_batch) and the padded frame sizes asked for, FP16 or FP32
 kernels, a timing cache shared by all builds on one GPU model, and the engine cache of
 `engine.runtime._trt_cache`. It imports tensorrt, so `engine.runtime` reaches it lazily: as

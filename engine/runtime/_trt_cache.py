@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.metadata import ModelMetadata, padded_shape
-from engine.runtime._base import DEFAULT_MAX_BATCH
+from engine.runtime._base import DEFAULT_MAX_BATCH, io_channels
 
 DEFAULT_FRAME_SHAPES: tuple[tuple[int, int], ...] = ((256, 256), (512, 512), (1024, 1024))
 """Frame sizes an engine covers when none are given (the benchmark sizes)."""
@@ -52,14 +52,17 @@ def _slug(text: str) -> str:
 
 @dataclass(frozen=True)
 class ShapeProfile:
-    """One TensorRT optimisation profile for the network input (N, 2, H, W)."""
+    """One TensorRT optimisation profile for the network input (N, C, H, W).
+
+    C is 2 (image + DPM) for per-plane models and 1 (the image) for volume models.
+    """
 
     min_shape: tuple[int, int, int, int]
     opt_shape: tuple[int, int, int, int]
     max_shape: tuple[int, int, int, int]
 
     def covers(self, n: int, height: int, width: int) -> bool:
-        """Say whether a padded input (n, 2, height, width) fits the profile."""
+        """Say whether a padded input (n, C, height, width) fits the profile."""
         lo, hi = self.min_shape, self.max_shape
         return lo[0] <= n <= hi[0] and lo[2] <= height <= hi[2] and lo[3] <= width <= hi[3]
 
@@ -82,10 +85,11 @@ def make_profile(
     m = metadata.size_multiple
     padded = [padded_shape(h, w, m) for h, w in shapes]
     opt_n = min(OPT_BATCH, max_batch)
+    c = io_channels(metadata)[0]
     return ShapeProfile(
-        min_shape=(1, 2, min(h for h, _ in padded), min(w for _, w in padded)),
-        opt_shape=(opt_n, 2, *padded[0]),
-        max_shape=(max_batch, 2, max(h for h, _ in padded), max(w for _, w in padded)),
+        min_shape=(1, c, min(h for h, _ in padded), min(w for _, w in padded)),
+        opt_shape=(opt_n, c, *padded[0]),
+        max_shape=(max_batch, c, max(h for h, _ in padded), max(w for _, w in padded)),
     )
 
 
