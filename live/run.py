@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing as mp
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -381,6 +382,7 @@ class Daemon:
                 f"the output store {self.store} already exists: give another --output or "
                 "move it away (a run never overwrites a recording)"
             )
+        _check_endpoints_free(self.config)
         self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry
         self._checked = True
 
@@ -878,6 +880,36 @@ def _check_planes(config: ScopeConfig, backend: Any) -> None:
         ) from None
 
 
+def _check_endpoints_free(config: ScopeConfig) -> None:
+    """Refuse, before anything is created, a tcp endpoint another process already listens on.
+
+    Each port is bound and released once with a plain socket (closed synchronously, unlike a
+    ZeroMQ socket, so the daemon's own bind right after cannot race it); "address in use"
+    (typically a second daemon with the same config) becomes one `ConfigError` naming the
+    key. Hosts that do not resolve (an interface name) are left to ZeroMQ.
+    """
+    for name, address in config.endpoints.items():
+        if not address.startswith("tcp://"):
+            continue
+        host, _, port = address[len("tcp://") :].rpartition(":")
+        host = "0.0.0.0" if host == "*" else host.strip("[]")
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(
+                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+        except (OSError, ValueError):
+            continue
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
+            try:
+                probe.bind(where)
+            except OSError as err:
+                raise ConfigError(
+                    f"endpoints.{name} = {address!r} cannot be bound ({err.strerror}): another "
+                    "daemon may be running with this config; stop it or choose other endpoints"
+                ) from None
+
+
 def _check_optics(config: ScopeConfig, backend: Any) -> None:
     """Refuse (or warn about, by ``engine.optics_check``) a model trained at other optics."""
     metadata = getattr(backend, "metadata", None)
@@ -938,7 +970,9 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config(args.scope)
     except (OSError, ValueError) as err:
-        print(f"error: bad config {args.scope}: {_one_line(err)}", file=sys.stderr)
+        # ConfigError already names the file; several problems come one per line
+        text = str(err) if isinstance(err, ConfigError) else f"{args.scope}: {_one_line(err)}"
+        print(f"error: bad config: {text}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)

@@ -41,6 +41,22 @@ def test_an_existing_store_is_refused_naming_it_before_the_preflight(
     assert (store / "keep.txt").read_text() == "an earlier recording"
 
 
+def test_an_endpoint_in_use_is_refused_naming_the_key_before_anything(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    host, port = config.endpoints.stacks[len("tcp://") :].rsplit(":", 1)
+    with socket.socket() as other:  # another daemon's listener on the stacks port
+        other.bind((host, int(port)))
+        other.listen()
+        out, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
+    assert line.startswith(f"error: endpoints.stacks = {config.endpoints.stacks!r} cannot be bound")
+    assert "another daemon" in line and "backend" not in out
+    assert not (tmp_path / "run.ome.zarr").exists()  # nothing created
+
+
 def test_a_corrupt_model_is_one_line_and_exit_2(
     tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
 ) -> None:
