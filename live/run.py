@@ -965,6 +965,8 @@ def main(argv: list[str] | None = None) -> int:
     # pymmcore-plus sets its own logger to DEBUG; its device chatter drowns the status lines.
     logging.getLogger("pymmcore-plus").setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font search chatter (preview)
+    # the daemon says once which backend runs and why (its "backend:" and pre-flight lines)
+    logging.getLogger("engine.runtime").setLevel(logging.WARNING)
     try:
         from live.config import load_config
 

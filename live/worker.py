@@ -185,6 +185,7 @@ class FrameQueue:
 def worker_main(spec: WorkerSpec, stop: MpEvent) -> None:
     """Run one worker until `stop` is set and its queue is drained (process entry point)."""
     logging.basicConfig(level=logging.INFO, format=f"worker {spec.worker_id}: %(message)s")
+    logging.getLogger("engine.runtime").setLevel(logging.WARNING)  # its "ready" event says it
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     events = _socket(ctx, zmq.PUSH, spec.events_endpoint)
     try:
