@@ -515,6 +515,24 @@ class RecorderConfig(_BaseModel):
     keep_raw: bool = Field(True, description="Save the raw camera frames.")
     keep_stacks: bool = Field(True, description="Save the refocused stacks.")
     frames_per_chunk: int = Field(1, ge=1, le=10000, description="Frames per Zarr chunk.")
+    shard_s: float = Field(
+        1.0,
+        ge=0.0,
+        le=3600.0,
+        description=(
+            "Seconds of frames (at the source rate) per zarr v3 shard file, at most 128 MB "
+            "each. A shard is held in memory until full, at most max(2 s, 2 × shard_s): a "
+            "crash loses no more than that. 0: one file per chunk, written at once."
+        ),
+    )
+    stack_dtype: Literal["float16", "float32"] = Field(
+        "float16",
+        description=(
+            "Dtype of the stacks (camera counts) sent to the recorder and display and stored. "
+            "float16: half the bytes, rounding error at most 2^-11 (0.05 %) of each value, "
+            "values beyond ±65504 saturated and counted; float32: exact."
+        ),
+    )
     compression: Literal["none", "zstd", "lz4"] = Field("lz4", description="Chunk compression.")
     min_free_mb: int = Field(
         500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."

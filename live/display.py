@@ -7,6 +7,8 @@ stacks; the recorder never does. Run with ``python -m live.display --endpoint tc
 ``python -m live.display --scope config.toml`` to take the endpoint and, when it uses CURVE,
 the client keys from the config (``--client-key`` / ``--server-key`` give key files directly).
 The SUB socket drops any message part larger than ``--max-message-bytes`` (``zmq.MAXMSGSIZE``).
+Stacks arrive in ``recorder.stack_dtype`` (float16 by default); a `View` holds float32, which
+every napari layer and colormap handles (float16 textures are not supported everywhere).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class View:
-    """What the viewer shows for one stack: the volume, its max projection and live rates."""
+    """What the viewer shows for one stack: the volume (float32), its max projection, rates."""
 
     seq: int
     volume: np.ndarray
@@ -96,7 +98,8 @@ class LatestStack:
         now = time.monotonic()
         self._times = [t for t in self._times if now - t < 2.0] + [now]
         rate = (len(self._times) - 1) / max(now - self._times[0], 1e-9)
-        volume = np.array(newest.array)  # own the pixels: the view's buffer is ZeroMQ's
+        # Own the pixels (the message's buffer is ZeroMQ's), as float32 whatever the wire's.
+        volume = np.array(newest.array, dtype=np.float32)
         return View(
             seq=newest.header.seq,
             volume=volume,

@@ -298,6 +298,12 @@ class Metrics:
             allowed = ", ".join(s.value for s in RunState)
             raise ValueError(f"run state {state!r} is not one of: {allowed}") from None
         with self._lock:
+            if new_state is RunState.RUNNING and self.state is not RunState.RUNNING:
+                # the run's clock starts with acquisition, not with the warm-up before it
+                # (pre-flight, model loading): elapsed time and rates count from here
+                now = time.monotonic()
+                self._t0 = now
+                self._last = (now, self._last[1], self._last[2])
             if new_state is not None:
                 self.state = new_state
             if backend is not None:

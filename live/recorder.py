@@ -1,43 +1,58 @@
 """The run's recording: one OME-Zarr store (NGFF 0.5 on zarr v3) per run, written off-thread.
 
-The store is ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``, an OME-Zarr collection whose
-layout `live.store` defines: NGFF image ``/0`` holds the raw frames (t, y, x) uint16 and ``/1``
-the stacks (t, z | plane | surface, y, x) float32 (``/0`` when raw frames are not kept), each
-with an ``omero`` display window; ``/frames`` holds each frame's camera timestamp and focus;
-the root's ``attrs["deepz"]`` holds the run config, which seqs are present in each image
-(half-open [start, stop) runs) and the final summary.
+The store is ``<recorder.path>/<YYYYmmdd-HHMMSS>.ome.zarr``, an OME-Zarr collection whose layout
+`live.store` defines: NGFF image ``/0`` holds the raw frames (t, y, x) uint16 and ``/1`` the
+stacks (t, z | plane | surface, y, x) in camera counts as float16 or float32 (``stack_dtype``,
+``recorder.stack_dtype``; ``/0`` when raw frames are not kept), each with an ``omero`` display
+window; ``/frames`` holds each frame's camera timestamp and focus; the root's ``attrs["deepz"]``
+holds the run config, which seqs are present in each image (half-open [start, stop) runs) and
+the final summary.
 
-The time index is the camera sequence number, so a missing frame is a visible gap (zeros in
-the array, NaN in the frame metadata and a hole in the presence runs). The time axis grows
-to exactly the highest seq written, so a store cut off by a crash has no trailing rows that
-were never written; the presence runs, frame metadata and display windows are written every
-`_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and
-written by one background thread; the queue is unbounded because the recorder never drops a
-valid item. A write error (a full disk: ``ENOSPC``, or any other) or a disk below
-``min_free_mb`` stops writing, is logged once in plain words, and everything already written
-stays readable; the daemon keeps running. The store then says so at once, not only at close:
-``error`` names the cause, ``complete`` is false, and the arrays and presence runs are cut
-back to exactly what is on disk. Saying so needs disk space too, so the recorder holds a
-`RESERVE_MB` file (``OME/.deepz-reserve``) from the start and deletes it at the first failure
-and at close: a disk filled to 0 bytes still gets its truthful final metadata.
+The time index is the camera sequence number, so a missing frame is a visible gap (zeros in the
+array, NaN in the frame metadata and a hole in the presence runs). The time axis grows to
+exactly the highest seq written, so a store cut off by a crash has no trailing rows that were
+never written; the presence runs, frame metadata and display windows are written every
+`_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and written
+by one background thread; the queue is unbounded because the recorder never drops a valid item.
+
+Files: each array's time axis is cut into zarr v3 shards of about ``shard_s`` seconds of items
+at the run's rate (`live.store.shard_frames`; at most ``shard_mb`` MB each, one chunk of
+``frames_per_chunk`` raw frames or one stack inside them), so a 100 Hz run writes a few files a
+second, not two hundred. zarr rewrites a whole shard for any write into it, so the writer thread
+gathers a shard's items in memory and writes the shard once, when it is full. A shard that is
+not full after ``hold_s`` (items stopped coming, or come slower than the rate), that lies more
+than two shards behind the newest item (its missing items will not come), or that is still open
+at close is written with what it has, one write per run of consecutive seqs; a late item for it
+is merged in by a later write. What is held in memory is not yet "present" (below), so a crash
+loses at most that much and the store never claims it.
+
+A write error (a full disk: ``ENOSPC``, or any other) or a disk below ``min_free_mb`` stops
+writing, is logged once in plain words, and everything already written stays readable; the
+daemon keeps running. The store then says so at once, not only at close: ``error`` names the
+cause, ``complete`` is false, and the arrays and presence runs are cut back to exactly what is
+on disk. Saying so needs disk space too, so the recorder holds a `RESERVE_MB` file
+(``OME/.deepz-reserve``) from the start and deletes it at the first failure and at close: a disk
+filled to 0 bytes still gets its truthful final metadata.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
-`put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape;
-the dtype (a value that does not convert exactly to the store's dtype is never wrapped or
-rounded into it); that the seq is at most `seq_window` past the highest one accepted (a forged
-or corrupt seq must not make the arrays, the presence runs and the gap list grow without
-bound); and that the seq was not accepted before (the first item wins, a duplicate never
-overwrites it). An item that fails is rejected on its own, logged (the first few of each
-kind) and counted by kind (`REJECTIONS`) in `Recorder.rejections`, the summary and the
-store's attributes; recording goes on for the others. The rules live in `SeqGate`, one per
-image; the daemon's router admits raw frames through the recorder's (`Recorder.admit_frame`),
-or through a gate of its own when raw frames are not recorded, so a frame the store would
-refuse is not refocused or republished either.
+`put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape; the
+dtype (a raw value that does not convert exactly to uint16 is never wrapped or rounded into it;
+a stack, derived data, is rounded to the stacks' dtype, values beyond the float16 range
+saturated and counted, ``stack_values_clipped``, by `live.store.as_stack_dtype`); that the seq
+is at most `seq_window` past the highest one accepted (a forged or corrupt seq must not make the
+arrays, the presence runs and the gap list grow without bound); and that the seq was not
+accepted before (the first item wins, a duplicate never overwrites it). An item that fails is
+rejected on its own, logged (the first few of each kind) and counted by kind (`REJECTIONS`) in
+`Recorder.rejections`, the summary and the store's attributes; recording goes on for the others.
+The rules live in `SeqGate`, one per image; the daemon's router admits raw frames through the
+recorder's (`Recorder.admit_frame`), or through a gate of its own when raw frames are not
+recorded, so a frame the store would refuse is not refocused or republished either.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import shutil
@@ -61,13 +76,16 @@ from live.store import (
     LAYOUT_VERSION,
     OME_GROUP,
     ROLES,
+    STACK_DTYPES,
     StackAxis,
     WindowSampler,
     XmlImage,
+    as_stack_dtype,
     collection_attrs,
     image_axes,
     ngff_image,
     series_attrs,
+    shard_frames,
     write_ome_xml,
 )
 from live.supervisor import Supervisor
@@ -82,6 +100,8 @@ __all__ = [
     "RESERVE_NAME",
     "SEQ_LIST_KEYS",
     "SEQ_WINDOW",
+    "SHARD_MB",
+    "SHARD_S",
     "Recorder",
     "RecorderSummary",
     "SeqGate",
@@ -108,6 +128,14 @@ RESERVE_MB = 4.0
 The final writes are the root attributes (config, presence runs, gaps, summaries: tens of kB,
 more for a run with very many gaps), the images' array metadata, METADATA.ome.xml and the last
 per-frame metadata chunks; each is written to a new file and then renamed over the old one."""
+SHARD_S = 1.0
+"""Default of `Recorder`'s ``shard_s``: seconds of items per shard file (0: no shards)."""
+SHARD_MB = 128.0
+"""Default of `Recorder`'s ``shard_mb``: the largest shard, MB uncompressed.
+
+The writer holds up to about three shards per image in memory (the newest, and older ones a
+late item may still fill), so this bounds its memory: 41 planes of 512² float16 are 21 MB a
+stack, six stacks a shard."""
 RESERVE_NAME = ".deepz-reserve"
 """Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
 SEQ_LIST_KEYS = ("skipped", "lost", "recorder.raw_missing", "recorder.stacks_missing")
@@ -115,15 +143,29 @@ SEQ_LIST_KEYS = ("skipped", "lost", "recorder.raw_missing", "recorder.stacks_mis
 (``a.b``: key ``b`` of the dict under ``a``)."""
 
 _IMAGES = ROLES
-_DTYPES: dict[str, np.dtype[Any]] = {"raw": np.dtype(np.uint16), "stacks": np.dtype(np.float32)}
-"""The dtype of each image's array in the store."""
+_RAW_DTYPE = np.dtype(np.uint16)
+"""The raw image's dtype (the stacks' is `Recorder`'s ``stack_dtype``)."""
 _LOGGED_REJECTIONS = 10
 """Rejections logged per image and kind; the rest are only counted."""
 _ATTRS_EVERY_S = 2.0
 """How often the writer thread writes presence runs, frame metadata and display windows."""
 _FRAME_CHUNK = 1024
 """Seqs per chunk of the per-frame metadata arrays."""
+_STALE_SHARDS = 2
+"""A held shard this many shards behind the newest item of its image is written as it is."""
 _STOP = object()
+
+
+@dataclass
+class _Shard:
+    """One shard's items held by the writer thread until it is full (see the module docstring)."""
+
+    data: np.ndarray
+    """The shard's rows, (time points of a shard, *item shape); unfilled rows are zeros."""
+    filled: set[int] = field(default_factory=set)
+    """The seqs held in `data`."""
+    since: float = field(default_factory=time.monotonic)
+    """When the first of them arrived (monotonic s)."""
 
 
 @dataclass
@@ -143,7 +185,7 @@ class _Image:
 
 
 class SeqGate:
-    """The integrity rules for the items of one image: shape, exact dtype, seq window, once only.
+    """The integrity rules for the items of one image: shape, dtype, seq window, once only.
 
     Thread-safe; `admit` decides in arrival order. It claims a seq only for an item that
     passes the shape and dtype checks, so a malformed item never blocks the genuine one.
@@ -155,21 +197,33 @@ class SeqGate:
     shape : tuple of int
         The shape every item must have.
     dtype : numpy dtype
-        The stored dtype; an item must convert to it exactly (see `_exactly_as`).
+        The stored dtype; an item must convert to it exactly (see `_exactly_as`), unless
+        `exact` is false.
     seq_window : int
         How far past the highest admitted seq an item may be (`SEQ_WINDOW` by default).
+    exact : bool
+        False for stacks (derived data): an item is rounded to `dtype` instead, values beyond
+        its range saturated and counted (`live.store.as_stack_dtype`, `clipped`).
     """
 
     def __init__(
-        self, image: str, shape: tuple[int, ...], dtype: np.dtype[Any], seq_window: int
+        self,
+        image: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        seq_window: int,
+        *,
+        exact: bool = True,
     ) -> None:
         if seq_window < 1:
             raise ValueError(f"recorder seq_window must be >= 1, got {seq_window}")
         self.image, self.shape, self.dtype, self.seq_window = image, shape, dtype, seq_window
+        self.exact = exact
         self._lock = threading.Lock()
         self._admitted: set[int] = set()
         self._highest = -1
         self._rejected = dict.fromkeys(REJECTIONS, 0)
+        self._clipped = 0
 
     def admit(self, message: Message) -> tuple[np.ndarray, None] | tuple[None, str]:
         """Return ``(array as the stored dtype, None)`` for an admitted item, else ``(None, kind)``.
@@ -180,17 +234,36 @@ class SeqGate:
         if array.shape != self.shape:
             why = f"shape {list(array.shape)}, store expects {list(self.shape)}"
             return None, self._reject("wrong_shape", seq, why)
-        converted = _exactly_as(array, self.dtype)
+        clipped = 0
+        if self.exact:
+            converted = _exactly_as(array, self.dtype)
+        else:
+            converted, clipped = as_stack_dtype(array, self.dtype)
         if converted is None:
             why = f"{array.dtype} values that do not convert exactly to {self.dtype}"
             return None, self._reject("wrong_dtype", seq, why)
+        first_clip = False
         with self._lock:
             highest = self._highest
             fresh = seq not in self._admitted
-            if fresh and seq <= highest + self.seq_window:
+            admitted = fresh and seq <= highest + self.seq_window
+            if admitted:
                 self._admitted.add(seq)
                 self._highest = max(highest, seq)
-                return converted, None
+                first_clip = clipped > 0 and self._clipped == 0
+                self._clipped += clipped
+        if admitted:
+            if first_clip:
+                log.warning(
+                    "recorder: %s seq %d had %d values beyond the %s range (±%g): saturated "
+                    "there (further ones are only counted)",
+                    self.image,
+                    seq,
+                    clipped,
+                    self.dtype,
+                    float(np.finfo(self.dtype).max),
+                )
+            return converted, None
         if fresh:
             why = f"more than {self.seq_window} past the highest seq accepted ({highest})"
             return None, self._reject("beyond_window", seq, why)
@@ -205,6 +278,11 @@ class SeqGate:
         """Return how many items were admitted (each seq counts once)."""
         with self._lock:
             return len(self._admitted)
+
+    def clipped(self) -> int:
+        """Return how many values of admitted items were saturated (only when not `exact`)."""
+        with self._lock:
+            return self._clipped
 
     def _reject(self, kind: str, seq: int, why: str) -> str:
         """Count one refused item, log the first few of each kind, and return `kind`."""
@@ -236,6 +314,8 @@ class RecorderSummary:
     """`raw_missing` as half-open ``(start, stop)`` ranges (the store's ``raw_gaps``)."""
     stacks_gaps: list[tuple[int, int]] = field(default_factory=list)
     """`stacks_missing` as half-open ``(start, stop)`` ranges (the store's ``stacks_gaps``)."""
+    stack_values_clipped: int = 0
+    """Values of recorded stacks saturated at the stacks' dtype's range (float16: ±65504)."""
 
     @property
     def rejected_total(self) -> int:
@@ -251,6 +331,8 @@ class RecorderSummary:
         )
         if self.rejected_total:
             text += f"; rejected: {format_rejections(self.rejected)}"
+        if self.stack_values_clipped:
+            text += f"; {self.stack_values_clipped} stack values saturated"
         if self.error:
             text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
         if self.run_error:
@@ -296,6 +378,11 @@ class Recorder:
     under `supervisor` (the daemon's): if it fails unexpectedly the daemon hears of it, the
     store is marked incomplete and what was still queued is counted as unrecorded.
     ``reserve_mb`` of disk space is held back for the final metadata (`RESERVE_MB`; 0: none).
+    ``stack_dtype`` is the stacks' dtype in the store (one of `live.store.STACK_DTYPES`;
+    float32, lossless, unless told: the daemon passes ``recorder.stack_dtype``). ``shard_s``
+    and ``shard_mb`` size the shards (`SHARD_S`, `SHARD_MB`; ``shard_s = 0``: one file per
+    chunk) and ``hold_s`` is the longest a partial shard is held in memory (default twice
+    ``shard_s``, at least `_ATTRS_EVERY_S`); see the module docstring.
 
     The stacks are either uniform or listed planes (`planes_um`, µm from focus) or named
     `surfaces` with their DPMs `dpms_um` (P, H, W) µm, which are stored beside the stacks;
@@ -321,6 +408,10 @@ class Recorder:
         seq_window: int = SEQ_WINDOW,
         supervisor: Supervisor | None = None,
         reserve_mb: float = RESERVE_MB,
+        stack_dtype: str = "float32",
+        shard_s: float = SHARD_S,
+        shard_mb: float = SHARD_MB,
+        hold_s: float | None = None,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -328,6 +419,14 @@ class Recorder:
             )
         if frames_per_chunk < 1:
             raise ValueError(f"recorder.frames_per_chunk must be >= 1, got {frames_per_chunk}")
+        if stack_dtype not in STACK_DTYPES:
+            raise ValueError(
+                f"recorder.stack_dtype {stack_dtype!r} is not supported; allowed: {STACK_DTYPES}"
+            )
+        if not (shard_s >= 0 and shard_mb > 0):
+            raise ValueError(
+                f"recorder shard_s must be >= 0 and shard_mb > 0, got {shard_s}, {shard_mb}"
+            )
         self.path = Path(path)
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.stack_axis = StackAxis(
@@ -353,13 +452,37 @@ class Recorder:
         self.seq_window = seq_window
         self.error: str | None = None
         self.run_error: str | None = None
+        self.dtypes = {"raw": _RAW_DTYPE, "stacks": np.dtype(stack_dtype)}
+        """The dtype of each image's array in the store."""
+        chunk_t = {"raw": frames_per_chunk, "stacks": 1}
+        self.chunk_t = chunk_t
+        """Time points per chunk of each image."""
+        self.shard_t = {
+            role: shard_frames(
+                self._item_shape[role],
+                self.dtypes[role],
+                rate_hz=self.rate_hz,
+                shard_s=shard_s,
+                max_mb=shard_mb,
+                chunk=chunk_t[role],
+            )
+            for role in _IMAGES
+        }
+        """Time points per shard (per file) of each image; equal to `chunk_t`: not sharded."""
+        self.hold_s = max(_ATTRS_EVERY_S, 2 * shard_s) if hold_s is None else hold_s
         self._gates = {
-            image: SeqGate(image, self._item_shape[image], _DTYPES[image], seq_window)
+            image: SeqGate(
+                image,
+                self._item_shape[image],
+                self.dtypes[image],
+                seq_window,
+                exact=image == "raw",
+            )
             for image in _IMAGES
         }
         self._queue: queue.Queue[Any] = queue.Queue()
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
-        self._blocks: dict[int, tuple[np.ndarray, set[int]]] = {}
+        self._held: dict[str, dict[int, _Shard]] = {image: {} for image in _IMAGES}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
         self._meta_pending: dict[int, tuple[float, float]] = {}  # on disk, metadata not yet
         self._meta_end = 0  # the frame metadata arrays are written up to here
@@ -378,8 +501,9 @@ class Recorder:
         self._reserve: Path | None = self.path / OME_GROUP / RESERVE_NAME
         _hold_space(self._reserve, int(reserve_mb * 2**20))
         self._frames = self._create_frames()
-        self._raw = self._images["raw"].array if keep_raw else None
-        self._stacks = self._images["stacks"].array if keep_stacks else None
+        self._arrays = {role: image.array for role, image in self._images.items()}
+        self._raw = self._arrays.get("raw")
+        self._stacks = self._arrays.get("stacks")
         self._deepz: dict[str, Any] = {
             "layout": LAYOUT_VERSION,
             "images": {role: image.group.basename for role, image in self._images.items()},
@@ -390,6 +514,7 @@ class Recorder:
             "pixel_size_um": self.pixel_size_um,
             "rate_hz": self.rate_hz,
             "time_index": "camera sequence number",
+            "stack_dtype": stack_dtype,
             "raw_present": [],
             "stacks_present": [],
             "complete": False,
@@ -446,8 +571,15 @@ class Recorder:
 
     @property
     def backlog(self) -> int:
-        """Items queued but not yet written."""
+        """Items queued for the writer thread (not those it holds for a shard, `held`)."""
         return self._queue.qsize()
+
+    @property
+    def held(self) -> int:
+        """Items the writer thread holds in memory until their shard is full (approximate)."""
+        return sum(
+            len(s.filled) for shards in list(self._held.values()) for s in list(shards.values())
+        )
 
     def free_mb(self) -> float:
         """Return the free disk space where the store is, MB (for warnings and the status)."""
@@ -537,7 +669,10 @@ class Recorder:
         """
         last_space_check = 0.0
         while True:
-            item = self._queue.get()
+            try:  # wake up now and then: held shards and metadata are due even without items
+                item = self._queue.get(timeout=_ATTRS_EVERY_S / 2)
+            except queue.Empty:
+                item = None
             if item is _STOP:
                 break
             if self.error is not None:
@@ -550,13 +685,16 @@ class Recorder:
                 if self.error is not None:
                     self._record_failure()
                     continue
-            self._write(*item)
+            if item is not None:
+                self._write(*item)
+            if self.error is None:
+                self._write_held(held_since=now - self.hold_s)
             if now - self._last_attrs > _ATTRS_EVERY_S:
                 self._guarded(self._write_attrs, "metadata")
                 self._last_attrs = now
             self._record_failure()
         if self.error is None:
-            self._guarded(self._flush_blocks, "partial raw chunks")
+            self._write_held(held_since=math.inf)
         self._record_failure()
 
     def _record_failure(self) -> None:
@@ -584,60 +722,68 @@ class Recorder:
             if kind == "raw":
                 with self._lock:
                     self._frame_meta[seq] = (timestamp_s, focus_um)
-                self._write_raw(seq, array)
-            else:
-                self._write_stack(seq, array)
+            self._put_item(kind, seq, array)
         except Exception as err:  # any storage fault stops recording, not the run
             self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
             return
         self._images[kind].sampler.add(array)
 
-    def _write_raw(self, seq: int, frame: np.ndarray) -> None:
-        """Buffer a raw frame into its chunk block; write the block once it is full."""
-        assert self._raw is not None
-        k = self.frames_per_chunk
-        if k == 1:
-            self._grow(self._raw, seq)
-            self._raw[seq] = frame
-            self._mark("raw", seq)
+    def _put_item(self, role: str, seq: int, item: np.ndarray) -> None:
+        """Write one item, or hold it in its shard and write the shard once it is full.
+
+        Held shards more than `_STALE_SHARDS` behind this one are written as they are: the
+        items they lack are lost or late beyond use, and holding them would hold the memory.
+        """
+        n, array = self.shard_t[role], self._arrays[role]
+        if n == 1:  # one item per file: write it now
+            self._grow(array, seq)
+            array[seq] = item
+            self._mark(role, seq)
             return
-        block_index = seq // k
-        block, filled = self._blocks.setdefault(
-            block_index, (np.zeros((k, *self.frame_shape), self._raw.dtype), set())
-        )
-        block[seq % k] = frame
-        filled.add(seq)
-        if len(filled) == k:
-            self._write_block(block_index)
-        # Blocks far behind the newest one will not fill any more: write what they have.
-        for stale in [b for b in self._blocks if b < block_index - 2]:
-            self._write_block(stale)
+        held, index = self._held[role], seq // n
+        shard = held.get(index)
+        if shard is None:
+            shard = held[index] = _Shard(np.zeros((n, *item.shape), array.dtype))
+        shard.data[seq % n] = item
+        shard.filled.add(seq)
+        if len(shard.filled) == n:
+            self._write_shard(role, index)
+        for stale in [i for i in held if i < index - _STALE_SHARDS]:
+            self._write_shard(role, stale)
 
-    def _write_block(self, block_index: int) -> None:
-        """Write the present rows of one buffered raw block and forget it."""
-        assert self._raw is not None
-        block, filled = self._blocks.pop(block_index)
-        k = self.frames_per_chunk
-        self._grow(self._raw, max(filled))
-        if len(filled) == k:
-            self._raw[block_index * k : (block_index + 1) * k] = block
-        else:
-            for seq in sorted(filled):
-                self._raw[seq] = block[seq % k]
-        for seq in filled:
-            self._mark("raw", seq)
+    def _write_shard(self, role: str, index: int) -> None:
+        """Write the items held for one shard and forget them (raises on a storage error).
 
-    def _flush_blocks(self) -> None:
-        """Write every partially filled raw block (at close)."""
-        for block_index in sorted(self._blocks):
-            self._write_block(block_index)
+        A full shard is one write of the whole shard; a partial one is one write per run of
+        consecutive seqs, which zarr merges into what the shard file already holds (a late
+        item, or one after a partial write). Each run counts as present once it is written.
+        """
+        shard = self._held[role].pop(index)
+        array, n = self._arrays[role], self.shard_t[role]
+        self._grow(array, max(shard.filled))
+        base = index * n
+        for start, stop in seq_ranges(list(shard.filled)):
+            array[start:stop] = shard.data[start - base : stop - base]
+            for seq in range(start, stop):
+                self._mark(role, seq)
 
-    def _write_stack(self, seq: int, stack: np.ndarray) -> None:
-        """Write one stack as its own chunk."""
-        assert self._stacks is not None
-        self._grow(self._stacks, seq)
-        self._stacks[seq] = stack
-        self._mark("stacks", seq)
+    def _write_held(self, *, held_since: float) -> None:
+        """Write every shard held since before `held_since` (monotonic s), oldest first.
+
+        A storage error stops the recorder like any write error; what was held and not
+        written stays off the disk and counts as unrecorded.
+        """
+        for role, held in self._held.items():
+            for index in sorted(i for i, shard in held.items() if shard.since < held_since):
+                try:
+                    self._write_shard(role, index)
+                except Exception as err:  # any storage fault stops recording, not the run
+                    first, last = index * self.shard_t[role], (index + 1) * self.shard_t[role]
+                    self._fail(
+                        f"writing {role} seqs {first}-{last - 1} failed: "
+                        f"{type(err).__name__}: {err}"
+                    )
+                    return
 
     def _mark(self, kind: str, seq: int) -> None:
         """Record that `seq` of `kind` is on disk (a raw frame's metadata is then due)."""
@@ -658,14 +804,16 @@ class Recorder:
         translation = None if role == "raw" else [0.0, z0, 0.0, 0.0]
         shape = self._item_shape[role]
         axes = image_axes(role, axis)
+        chunk_t, shard_t = self.chunk_t[role], self.shard_t[role]
         image = _Image(
             role=role,
             group=group,
             array=group.create_array(
                 "0",
                 shape=(0, *shape),
-                chunks=(self.frames_per_chunk if role == "raw" else 1, *shape),
-                dtype=_DTYPES[role],
+                chunks=(chunk_t, *shape),
+                shards=None if shard_t == chunk_t else (shard_t, *shape),
+                dtype=self.dtypes[role],
                 fill_value=0,
                 compressors=_compressors(compression),
                 dimension_names=[a["name"] for a in axes],
@@ -674,7 +822,7 @@ class Recorder:
             axes=axes,
             scale=scale,
             translation=translation,
-            sampler=WindowSampler(_DTYPES[role]),
+            sampler=WindowSampler(self.dtypes[role]),
         )
         self._write_image_attrs(image)
         if role == "stacks":
@@ -753,6 +901,7 @@ class Recorder:
                 list(r) for r in seq_ranges(list(self._present["stacks"]))
             ]
         self._deepz["rejected"] = self.rejections()
+        self._deepz["stack_values_clipped"] = self._gates["stacks"].clipped()
         self._deepz["complete"] = final and self.error is None and self.run_error is None
         self._deepz["error"] = self.error
         self._deepz["run_error"] = self.run_error
@@ -772,7 +921,7 @@ class Recorder:
         z_step = image.scale[1] if image.role == "stacks" and self.stack_axis.uniform else None
         return XmlImage(
             name=image.name,
-            dtype=_DTYPES[image.role].name,
+            dtype=self.dtypes[image.role].name,
             size_t=int(image.array.shape[0]),
             size_z=len(self.stack_axis) if image.role == "stacks" else 1,
             size_y=self.frame_shape[0],
@@ -860,6 +1009,7 @@ class Recorder:
             run_error=self.run_error,
             raw_gaps=gaps["raw"],
             stacks_gaps=gaps["stacks"],
+            stack_values_clipped=self._gates["stacks"].clipped(),
         )
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,
@@ -870,6 +1020,7 @@ class Recorder:
             "stacks_gaps": [list(r) for r in summary.stacks_gaps],
             "unrecorded": summary.unrecorded,
             "rejected": summary.rejected,
+            "stack_values_clipped": summary.stack_values_clipped,
         }
         self._guarded(lambda: self._write_attrs(final=True), "final metadata")
         log.info(summary.line())

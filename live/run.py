@@ -931,9 +931,26 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
+_EXAMPLES = """\
+examples:
+  python -m live.run --scope config.toml --duration 20     simulated scope, 20 s, then a summary
+  python -m live.run --scope config.toml --output runs/a.ome.zarr
+  python -m live.run --scope config.toml --wiring          the edges, bounds and overflow policies
+  python -m live.status_client --scope config.toml         a running daemon's status, each second
+
+exit codes: 0 done, 1 a part failed (the store says why), 2 refused at start (one line),
+3 --require-fit and the pre-flight says rate x planes does not fit.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon from the command line; returns the process exit code."""
-    parser = argparse.ArgumentParser(prog="python -m live.run", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m live.run",
+        description="Run the live Deep-Z daemon: frames in, virtual volumes out, both recorded.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--scope", required=True, type=Path, help="the run's config.toml")
     parser.add_argument(
         "--duration",

@@ -347,20 +347,27 @@ def _send_stack(
     frame: Message,
     plan: VolumePlan,
     received_s: float,
-) -> None:
-    """Encode and PUSH one stack (blocking: the collector always drains).
+    stack_dtype: str = "float16",
+) -> int:
+    """Encode and PUSH one stack as `stack_dtype` (blocking: the collector always drains).
 
-    Latency is from the camera's timestamp when that is a live clock (within
-    `_LIVE_CLOCK_S` of now), else from the frame's arrival at this worker: a replayed
-    recording keeps its own, old timestamps.
+    The planes are cast once, here (``recorder.stack_dtype``, `live.store.as_stack_dtype`),
+    so the stack travels to the collector, the recorder and the display at that size; values
+    beyond the float16 range saturate at ±65504 counts. Returns how many did, for the caller
+    to count and report. Latency is from the camera's timestamp when that is a live clock
+    (within `_LIVE_CLOCK_S` of now), else from the frame's arrival at this worker: a
+    replayed recording keeps its own, old timestamps.
     """
+    from live.store import as_stack_dtype
+
     header = frame.header
+    stack, clipped = as_stack_dtype(planes, stack_dtype)
     now = time.time()
     since_camera = now - header.timestamp_s
     live = 0.0 <= since_camera < _LIVE_CLOCK_S
     latency_ms = max(0.0, (since_camera if live else now - received_s) * 1e3)
     parts = encode_stack(
-        np.ascontiguousarray(planes, dtype=np.float32),
+        stack,
         seq=header.seq,
         timestamp_s=header.timestamp_s,
         focus_um=header.focus_um,
@@ -369,6 +376,7 @@ def _send_stack(
         latency_ms=latency_ms,
     )
     socket.send_multipart(parts, copy=False)
+    return clipped
 
 
 def _socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str) -> zmq.Socket[bytes]:
