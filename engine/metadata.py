@@ -25,6 +25,11 @@ class ModelMetadataError(ValueError):
     """A model file's metadata is missing or inconsistent."""
 
 
+Modality = Literal["widefield", "confocal"]
+"""What a volume model's rendered planes look like: the wide-field input's own modality, or
+confocal (the paper's cross-modality target)."""
+
+
 class VolumeOutput(BaseModel):
     """How a volume model's output is read: object density on a depth grid (`engine.volume`)."""
 
@@ -36,7 +41,7 @@ class VolumeOutput(BaseModel):
     psf_file: str = Field(
         description="PSF bank (.npy) beside the model file, used to render planes from the density."
     )
-    modality: Literal["widefield", "confocal"] = Field(
+    modality: Modality = Field(
         "widefield", description="What the rendered planes show (the PSF bank's modality)."
     )
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from engine.metadata import ModelMetadata, VolumeOutput, normalize_images
+from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
 from engine.train import SampleKind, _Base, _lr_factor
 from engine.volume import defocus_index, depth_grid, psf_bank, save_psf_bank
@@ -117,7 +117,7 @@ class VolumeTrainConfig(_Base):
     warmup_steps: int = Field(200, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     depth_half_range_um: float = Field(10.0, gt=0, description="Depth grid ±this (µm).")
-    target_modality: Literal["widefield", "confocal"] = Field(
+    target_modality: Modality = Field(
         "widefield",
         description="Planes the model renders: wide-field (as the input) or confocal-like "
         "(cross-modality: excitation x pinhole-detection PSF).",

@@ -21,9 +21,10 @@ PSF bank, same indexing) in `engine.train_volume`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
+
+from engine.metadata import Modality
 
 __all__ = [
     "DEPTH_STEP_UM",
@@ -68,8 +69,6 @@ def defocus_index(dz_um: np.ndarray, depth_um: np.ndarray) -> np.ndarray:
     return j
 
 
-Modality = Literal["widefield", "confocal"]
-"""What the rendered planes look like: the wide-field input's own modality, or confocal."""
 EXCITATION_UM = 0.488
 """Confocal excitation wavelength (µm): the 488 nm line for GFP / GCaMP."""
 

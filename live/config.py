@@ -35,6 +35,7 @@ from pydantic import (
 
 from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
 from engine.optics import CameraConfig, OpticsConfig
+from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendName
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -65,8 +66,8 @@ __all__ = [
     "validate_config",
 ]
 
-DEFAULT_MODEL_PATH = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-slim.onnx"
-"""The shipped model, used when `engine.model_path` is not set."""
+DEFAULT_MODEL_PATH = DEFAULT_MODEL
+"""The shipped model, used when `engine.model_path` is not set (`engine.runtime.DEFAULT_MODEL`)."""
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config.toml"
 """The shipped scope file (simulated scope, shipped model, CPU backend)."""
 MAX_PLANES = 1000
@@ -265,7 +266,7 @@ class SourceConfig(_BaseModel):
         return self.kind == "micromanager" and self.micromanager.acquisition == "core"
 
 
-Backend = Literal["tensorrt", "openvino", "onnxruntime", "torch"]
+Backend = BackendName
 
 
 def _default_backends() -> list[Backend]:
@@ -285,7 +286,9 @@ class EngineConfig(_BaseModel):
         description="Backends to try, in order of preference; the first available one runs.",
     )
     precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="Inference precision.")
-    max_batch: int = Field(16, ge=1, le=1024, description="Most (frame, DPM) pairs per call.")
+    max_batch: int = Field(
+        DEFAULT_MAX_BATCH, ge=1, le=1024, description="Most (frame, DPM) pairs per call."
+    )
     intra_op_threads: int | None = Field(
         None, ge=1, le=1024, description="CPU threads for inference; None = backend default."
     )
@@ -612,10 +615,15 @@ class DisplayConfig(_BaseModel):
     max_fps: float = Field(10.0, gt=0, le=240, description="Most screen updates per second.")
 
 
+Policy = Literal["every_frame", "latest"]
+POLICIES: tuple[Policy, ...] = typing.get_args(Policy)
+"""Overload policies: keep every frame up to a bound (latency grows), or only the newest."""
+
+
 class OverloadConfig(_BaseModel):
     """What happens when inference cannot keep up with the camera."""
 
-    policy: Literal["every_frame", "latest"] = Field(
+    policy: Policy = Field(
         "every_frame",
         description="every_frame: refocus all, latency grows; latest: skip to the newest frame.",
     )

@@ -36,10 +36,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from live.config import POLICIES, Policy
 from live.metrics import Metrics, format_seqs
 from live.protocol import (
     END_OF_FRAMES,
@@ -68,9 +69,6 @@ Admit = Callable[[Message], str | None]
 _POLL_MS = 50
 WORKER_HWM = 4
 """Send high-water mark towards one worker; credits keep at most ``WORKER_PREFETCH + 1`` there."""
-Policy = Literal["every_frame", "latest"]
-POLICIES: tuple[Policy, ...] = ("every_frame", "latest")
-"""Overload policies: keep every frame up to a bound (latency grows), or only the newest."""
 RAW_REPUBLISH_HWM = 100
 """Raw frames queued for a slow subscriber of the raw republish socket before it misses some."""
 FRAMES_RCVHWM = 100

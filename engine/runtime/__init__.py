@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.runtime._base import (
     DEFAULT_MAX_BATCH,
@@ -60,6 +60,7 @@ __all__ = [
     "OUTPUT_NAME",
     "Backend",
     "BackendError",
+    "BackendName",
     "BackendOptions",
     "BackendSpec",
     "BaseBackend",
@@ -80,6 +81,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+BackendName = Literal["tensorrt", "openvino", "onnxruntime", "torch"]
+"""The backends of `BACKENDS`, by name (config files choose among these)."""
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "deepz-slim.onnx"
 """The shipped model, used when `load_backend` is given none."""
