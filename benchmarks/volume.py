@@ -5,7 +5,8 @@
 
 For each backend and frame size: the network pass (frame -> density on 41 depths), the
 rendering of P uniform planes through the model's PSF (`engine.volume.Renderer`, numpy on the
-host), and the whole `infer` call, in ms per frame and planes per second. Compare with the
+host), and the whole `infer` call, in ms per frame and planes per second; the network's
+achieved GFLOP/s against a float32 matmul peak measured in the same run. Compare with the
 per-plane model in `benchmarks/results/engine.json` (one network pass per plane). Writes
 ``benchmarks/results/volume.json``.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.engine import matmul_peak
 from benchmarks.refocus import cpu_model
 
 RESULTS = Path(__file__).parent / "results" / "volume.json"
@@ -93,10 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     rows = run(args.model, args.sizes, args.planes, args.backends, args.repeats)
+    peak = matmul_peak()  # same run, same load: the ratio is what compares across machines
+    for row in rows:
+        row["network_peak_fraction"] = round(row["network_gflop_per_s"] / peak["peak"], 3)
+    shares = {(r["backend"], r["side"]): r["network_peak_fraction"] for r in rows}
+    print(f"float32 matmul peak {peak['peak']:.0f} GFLOP/s; the network reaches")
+    for (backend, side), share in shares.items():
+        print(f"  {backend:<12} {side}²: {share:.0%} of it")
+    print("(FLOPs are the direct convolution's: a Winograd kernel can exceed 100 %)")
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": cpu_model(),
         "model": str(args.model),
+        "matmul_peak_gflop_per_s": peak,
         "rows": rows,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
