@@ -57,6 +57,9 @@ SOURCE_KINDS = ("simulated", "replay", "micromanager")
 """Accepted values of ``source.kind``."""
 
 BANK_MB = 256.0
+RING_BUFFER_S = 2.0
+"""Seconds of frames the camera's circular buffer holds (`ring_buffer_mb`)."""
+RING_MIN_MB = 16
 """Memory the simulated scope may spend on pre-rendered frames."""
 
 _EMPTY_POLL_S = 0.0005
@@ -99,17 +102,32 @@ class _Run:
 # ------------------------------------------------------------------ Micro-Manager cores
 
 
+def ring_buffer_mb(frame_bytes: int, rate_hz: float) -> int:
+    """Size of the camera's circular buffer: `RING_BUFFER_S` of frames, at least `RING_MIN_MB`.
+
+    The source pops frames as they arrive, so the buffer only has to bridge a stall of the
+    sending thread. Micro-Manager's Python core allocates 1 GiB by default, and its pages are
+    touched (resident) as the ring advances: sized here, the daemon's memory is flat after
+    the first lap (`benchmarks.soak`).
+    """
+    needed = RING_BUFFER_S * rate_hz * frame_bytes / 2**20
+    return max(RING_MIN_MB, math.ceil(needed))
+
+
 def _stream_core(
-    run: _Run, core: Any, stop: threading.Event, frame_count: int | None
+    run: _Run, core: Any, stop: threading.Event, frame_count: int | None, rate_hz: float
 ) -> SourceSummary:
     """Run a sequence acquisition on `core` and send every frame until stop or count.
 
-    Frames are popped from the core's circular buffer as they arrive. When `stop` is set
-    the camera stops and the frames already in the buffer are still sent: acquired frames
-    are never thrown away here.
+    Frames are popped from the core's circular buffer (`ring_buffer_mb` for `rate_hz`) as
+    they arrive. When `stop` is set the camera stops and the frames already in the buffer
+    are still sent: acquired frames are never thrown away here.
     """
     from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX, META_TIMESTAMP_S
 
+    mb = ring_buffer_mb(int(core.getImageBufferSize()), rate_hz)
+    core.setCircularBufferMemoryFootprint(mb)
+    log.info("camera ring buffer: %d MB (%.0f s of frames at %g Hz)", mb, RING_BUFFER_S, rate_hz)
     run.restart_clock()
     core.startSequenceAcquisition(frame_count or _ENDLESS, 0.0, True)
     try:
@@ -258,7 +276,7 @@ class SimulatedScope:
             exposure_ms=self.exposure_ms,
             pixel_size_um=self.pixel_size_um,
         )
-        return _stream_core(run, self.core, stop, self.frame_count)
+        return _stream_core(run, self.core, stop, self.frame_count, self.rate_hz)
 
 
 class MicroManagerSource:
@@ -286,6 +304,7 @@ class MicroManagerSource:
         config_file: str | Path | None = None,
         camera: str | None = None,
         frame_count: int | None = None,
+        rate_hz: float = 100.0,
     ) -> None:
         if acquisition not in ("core", "hook"):
             raise ValueError(
@@ -296,6 +315,7 @@ class MicroManagerSource:
         self.config_file = Path(config_file) if config_file else None
         self.camera = camera
         self.frame_count = frame_count
+        self.rate_hz = rate_hz
         if self.config_file is not None and not self.config_file.is_file():
             raise FileNotFoundError(
                 f"source.micromanager.config_file {str(self.config_file)!r} does not exist"
@@ -318,7 +338,7 @@ class MicroManagerSource:
 
         core = claim_core(self.config_file, self.camera)
         try:
-            return _stream_core(run, core, stop, self.frame_count)
+            return _stream_core(run, core, stop, self.frame_count, self.rate_hz)
         finally:
             core.unloadAllDevices()  # release the hardware
 
@@ -681,5 +701,6 @@ def make_source(cfg: ScopeConfig) -> Source:
             config_file=mm.config_file,
             camera=mm.camera,
             frame_count=src.frame_count,
+            rate_hz=src.rate_hz,
         )
     raise ValueError(f"source.kind {src.kind!r} is not known; allowed: {list(SOURCE_KINDS)}")
