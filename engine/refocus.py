@@ -553,7 +553,11 @@ def _frozen_dpms(job: Job) -> np.ndarray:
 
 
 def _crc(rows: np.ndarray) -> int:
-    """CRC-32 of a float32 block's bytes: the completion mark a rerun verifies."""
+    """CRC-32 of a block's values as float32 bytes: the completion mark a rerun verifies.
+
+    `rows` are the values as stored (float16 stacks widen exactly), so a block reads back
+    with the CRC it was written with, whatever the stored dtype.
+    """
     return zlib.crc32(np.ascontiguousarray(rows, dtype=np.float32).data)
 
 
@@ -581,9 +585,14 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     """Refocus one output chunk unless it is already written and verified (a Dask task).
 
     Reads the chunk's raw frames, runs ``backend.infer(frame, dpms)`` per present frame (the
-    live worker's call), writes the chunk (or only its rows, for fill-gaps) and then its CRC
-    into the manifest, so a chunk counts as done only once its data is on the store.
+    live worker's call), rounds the planes to the output's dtype (a live run's stacks may be
+    float16: `live.store.as_stack_dtype`, values beyond its range saturated and logged),
+    writes the chunk (or only its rows, for fill-gaps, one write per run of consecutive seqs:
+    a sharded array rewrites its shard for each) and then its CRC into the manifest, so a
+    chunk counts as done only once its data is on the store.
     """
+    from live.store import as_stack_dtype
+
     t_start = time.perf_counter()
     worker = f"{os.uname().nodename}:{os.getpid()}"
     out = _open_out(job.store, job.array_path)
@@ -597,10 +606,19 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     with lock:
         for seq in block.seqs:
             planes[seq - block.t0] = backend.infer(frames[seq - block.t0], dpms)
+    planes, clipped = as_stack_dtype(planes, out.dtype)
+    if clipped:
+        log.warning(
+            "%d values of frames %d-%d beyond the %s range: saturated",
+            clipped,
+            block.t0,
+            block.t1 - 1,
+            out.dtype,
+        )
     if job.rows_only:
         rows = planes[[s - block.t0 for s in block.seqs]]
-        for seq, row in zip(block.seqs, rows, strict=True):
-            out[seq] = row
+        for start, stop in _runs(block.seqs):
+            out[start:stop] = planes[start - block.t0 : stop - block.t0]
         mark = _crc(rows)
     else:
         out[block.t0 : block.t1] = planes
@@ -930,7 +948,9 @@ def _prepare_fill(
                 f"{store}/{image} holds planes {live_z} µm, but this plan is {list(plan.z_um)}: "
                 "--fill-gaps needs the live run's planes (drop --planes / --scope)"
             )
-        chunk = int(array.chunks[0])
+        # One task per file: a sharded array's tasks must not share a shard (each write
+        # rewrites the whole shard file, so two tasks in one shard would lose each other's).
+        chunk = int((array.shards or array.chunks)[0])
         if array.shape[0] < raw.n_t:
             array.resize(shape)
     else:  # the live run kept no stacks: create the image as the recorder would have

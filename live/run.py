@@ -416,7 +416,7 @@ class Daemon:
             ledger=self.ledger,
             metrics=self.metrics,
             recorder=self.recorder,
-            max_stack_bytes=max_part_bytes((n_planes, *frame_shape), "float32"),
+            max_stack_bytes=max_part_bytes((n_planes, *frame_shape), cfg.recorder.stack_dtype),
             stacks_keys=keys_for("stacks"),
             supervisor=self.supervisor,
             display_hwm=bound["collector", "display"] or DISPLAY_HWM,
@@ -506,6 +506,8 @@ class Daemon:
             keep_raw=rc.keep_raw and (src.kind != "replay" or src.replay.record_raw),
             keep_stacks=rc.keep_stacks,
             frames_per_chunk=rc.frames_per_chunk,
+            stack_dtype=rc.stack_dtype,
+            shard_s=rc.shard_s,
             compression=rc.compression,
             min_free_mb=rc.min_free_mb,
             seq_window=rc.seq_window,
@@ -571,7 +573,7 @@ class Daemon:
             "--max-fps",
             str(cfg.display.max_fps),
             "--max-message-bytes",
-            str(max_part_bytes(shape, "float32")),
+            str(max_part_bytes(shape, cfg.recorder.stack_dtype)),
         ]
         sec = cfg.security
         if "stacks" in cfg.curve_endpoints() and sec.client_key and sec.server_public_key:

@@ -31,12 +31,13 @@ ID); tools that only look for ``/0`` find the raw frames. The spec lets readers 
 groups under the root, which is where ``/frames`` lives.
 
 The stacks' dtype is ``recorder.stack_dtype``. float16 halves the bytes of every stack on the
-wire and on disk (at 100 Hz, 41 planes of 512², 2.2 GB/s instead of 4.4) for a rounding
-error of at most 2^-11 (4.9e-4) of each value, about ten times below the shot noise of even
-a full-well pixel; `as_stack_dtype` saturates values beyond ±65504 counts (overexposed
-frames can refocus above the camera's range) instead of letting them become infinite, and
-counts them. OME-XML has no half-float pixel type, so METADATA.ome.xml calls such an image
-``float``: the array's own ``data_type`` says float16, and that is what readers load.
+wire and on disk (at 100 Hz, 41 planes of 512², 2.2 GB/s instead of 4.3) for a rounding error of
+at most 2^-11 (4.9e-4) of each value, 8 to 11 times below the shot noise of even a pixel at
+65504 counts (0.4 to 0.55 % at 1 to 2 counts per electron); `as_stack_dtype` saturates values
+beyond ±65504 counts (overexposed frames can refocus above the camera's range) instead of
+letting them become infinite, and counts them. OME-XML has no half-float pixel type, so
+METADATA.ome.xml calls such an image ``float``: the array's own ``data_type`` says float16, and
+that is what readers load.
 
 Each array is a zarr v3 array whose time axis is cut into shards (one file per shard holding
 several frames' chunks, `shard_frames`), so a fast run does not make a file per frame.

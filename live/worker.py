@@ -215,7 +215,7 @@ def _serve(
     thread_stop = threading.Event()
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
     lock = focus_lock(config, plan, backend)
-    clamped = 0
+    clamped = saturated = 0
     failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
         target=_receive,
@@ -247,7 +247,17 @@ def _serve(
                                 excess,
                             )
                 planes = backend.infer(message.array, dpms)
-                _send_stack(stacks, planes, message, plan, queue.received_s)
+                clipped = _send_stack(
+                    stacks, planes, message, plan, queue.received_s, config.recorder.stack_dtype
+                )
+                if clipped and not saturated:
+                    log.warning(
+                        "stack values beyond ±65504 saturated in %s (seq %d): an overexposed "
+                        "frame; recorder.stack_dtype = 'float32' keeps them",
+                        config.recorder.stack_dtype,
+                        message.header.seq,
+                    )
+                saturated += clipped
                 credits.send(credit(spec.worker_id, 1))
                 done += 1
         _report(events, credits, spec.worker_id, queue, frame_shape)
@@ -255,7 +265,14 @@ def _serve(
             raise RuntimeError(
                 f"receive thread failed: {type(failure[0]).__name__}: {failure[0]}"
             ) from failure[0]
-        _event(events, spec.worker_id, "done", stacks=done, focus_clamped=clamped)
+        _event(
+            events,
+            spec.worker_id,
+            "done",
+            stacks=done,
+            focus_clamped=clamped,
+            stack_values_saturated=saturated,
+        )
         stacks.send(end_of_stacks(spec.worker_id))  # behind the last stack, same socket
     finally:
         thread_stop.set()

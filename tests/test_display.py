@@ -8,7 +8,7 @@ import numpy as np
 import zmq
 
 from live.display import LatestStack
-from live.protocol import encode_stack
+from live.protocol import encode_stack, max_part_bytes
 
 
 def test_latest_stack_keeps_newest_and_counts_drops() -> None:
@@ -52,6 +52,37 @@ def test_latest_stack_keeps_newest_and_counts_drops() -> None:
         assert view.volume.flags.writeable
         pub.send_multipart([b"{}", b""])
         assert client.poll(500) is None and client.malformed == 1
+    finally:
+        client.close()
+        pub.close()
+        ctx.term()
+
+
+def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
+    # Stacks travel as float16 (recorder.stack_dtype); the view widens them exactly.
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    shape = (3, 16, 16)
+    client = LatestStack(
+        f"tcp://127.0.0.1:{port}", ctx, max_message_bytes=max_part_bytes(shape, "float16")
+    )
+    stack = np.full(shape, 140.2, np.float16)
+    stack[2, 5, 5] = 65504.0  # a saturated pixel
+    try:
+        deadline = time.monotonic() + 10
+        view = None
+        while view is None:  # PUB drops until the subscription has propagated
+            assert time.monotonic() < deadline, "subscriber never connected"
+            pub.send_multipart(
+                encode_stack(stack, seq=7, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0)
+            )
+            view = client.poll(50)
+        assert view.volume.dtype == np.float32 and view.max_projection.dtype == np.float32
+        np.testing.assert_array_equal(view.volume, stack.astype(np.float32))
+        assert view.volume[0, 0, 0] == 140.25 and view.max_projection[5, 5] == 65504.0
+        assert client.malformed == 0
     finally:
         client.close()
         pub.close()

@@ -7,12 +7,12 @@ parses METADATA.ome.xml; a SIGKILLed recorder leaves a store that says only true
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -227,13 +227,18 @@ import sys, time
 import numpy as np
 from live.protocol import decode, encode_frame
 from live.recorder import Recorder
+# Shards of 20 frames (1 s at 20 Hz), held for at most 1 s: seqs 0-4 are written as a partial
+# shard, then seq 5 is merged into that shard file by a second write.
 rec = Recorder(sys.argv[1], frame_shape=(16, 16), pixel_size_um=0.5, rate_hz=20.0,
-               planes_um=[0.0])
+               planes_um=[0.0], hold_s=1.0)
 for seq in range(5):
     frame = np.full((16, 16), 100 + seq, np.uint16)
     rec.put_frame(decode(encode_frame(frame, seq=seq, timestamp_s=10.0 + seq, focus_um=2.0)))
-time.sleep(2.5)  # past one metadata interval
+time.sleep(2.5)  # past one metadata interval and the hold
+assert rec.counts()[0] == 5 and rec.shard_t["raw"] == 20
 rec.put_frame(decode(encode_frame(np.full((16, 16), 7, np.uint16), seq=5, timestamp_s=15.0)))
+while rec.counts()[0] < 6:  # held, then written
+    time.sleep(0.05)
 print("written", flush=True)
 time.sleep(60)
 """
@@ -246,7 +251,6 @@ def test_a_store_cut_off_by_sigkill_holds_no_false_rows(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
-        time.sleep(0.5)  # let the writer thread write seq 5
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -295,7 +299,7 @@ def test_write_error_is_logged_and_later_items_counted(
 
     monkeypatch.setattr(zarr.Array, "__setitem__", failing_write)
     path = tmp_path / "run.ome.zarr"
-    rec = _recorder(path)
+    rec = _recorder(path, shard_s=0)  # one file per frame, each written at once
     for seq in range(3):
         rec.put_frame(_frame(seq))
     summary = rec.close(timeout_s=30)
@@ -306,6 +310,36 @@ def test_write_error_is_logged_and_later_items_counted(
     assert zarr.open_group(path, mode="r").attrs["deepz"]["complete"] is False
 
 
+def test_a_failed_shard_write_loses_that_shard_only_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards of 20 frames (1 s at 20 Hz): the first is written whole; writing the second
+    # fails, so its 20 frames and every later one are unrecorded, and the store says so.
+    write = zarr.Array.__setitem__
+
+    def failing_write(array: zarr.Array, selection: object, value: object) -> None:
+        if isinstance(selection, slice) and selection.start == 20:
+            raise OSError("injected write fault")
+        write(array, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_write)
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, keep_stacks=False)
+    assert rec.shard_t["raw"] == 20
+    for seq in range(45):
+        rec.put_frame(_frame(seq))
+    summary = rec.close(timeout_s=30)
+    monkeypatch.undo()
+
+    assert (summary.raw_frames, summary.unrecorded) == (20, 25)
+    assert summary.error == "writing raw seq 39 failed: OSError: injected write fault"
+    raw = run_array(path, "raw")
+    assert raw.shape[0] == 20 and raw.shards == (20, *SHAPE)
+    assert [int(raw[s, 0, 0]) for s in range(20)] == [1000 + s for s in range(20)]
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["raw_present"] == [[0, 20]] and deepz["complete"] is False
+
+
 def test_store_path_and_bad_settings(tmp_path: Path) -> None:
     assert store_path(tmp_path, tmp_path / "x.ome.zarr") == tmp_path / "x.ome.zarr"
     made = store_path(tmp_path)
@@ -314,6 +348,10 @@ def test_store_path_and_bad_settings(tmp_path: Path) -> None:
         _recorder(tmp_path / "a.ome.zarr", compression="lzma")
     with pytest.raises(ValueError, match="frames_per_chunk must be >= 1"):
         _recorder(tmp_path / "b.ome.zarr", frames_per_chunk=0)
+    with pytest.raises(ValueError, match="stack_dtype 'uint16' is not supported"):
+        _recorder(tmp_path / "c.ome.zarr", stack_dtype="uint16")
+    with pytest.raises(ValueError, match="shard_s must be >= 0"):
+        _recorder(tmp_path / "d.ome.zarr", shard_s=-1.0)
 
 
 def test_every_gap_and_every_skipped_or_lost_seq_is_stored_as_ranges(tmp_path: Path) -> None:
@@ -349,3 +387,121 @@ def test_every_gap_and_every_skipped_or_lost_seq_is_stored_as_ranges(tmp_path: P
     assert run["recorder"] == {"raw_missing": [list(g) for g in gaps], "error": None}
     assert run["seq_lists"] == "half-open [start, stop] ranges"
     assert deepz["complete"] is True and not (path / "OME" / ".deepz-reserve").exists()
+
+
+def _counts_stack(seq: int, dtype: type = np.float32) -> Message:
+    """A stack in camera counts over the whole uint16 range, with sub-count detail."""
+    rng = np.random.default_rng(seq)
+    planes = rng.random((len(PLANES), *SHAPE)) * 65000 + rng.random((len(PLANES), *SHAPE))
+    planes = planes.astype(dtype)
+    planes[0, :4, :4] = [1.25, 99.5, 140.2, 65503.9]  # dim and bright values, kept finite
+    return decode(encode_stack(planes, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0))
+
+
+def test_float16_stacks_are_stored_as_float16_within_half_an_ulp(tmp_path: Path) -> None:
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, stack_dtype="float16")
+    sent = {seq: _counts_stack(seq) for seq in range(4)}  # float32 on the wire: rounded here
+    sent[4] = _counts_stack(4, np.float16)  # as the worker sends them: stored as they are
+    for message in sent.values():
+        assert rec.put_stack(message)
+    summary = rec.close(timeout_s=30)
+
+    assert summary.stacks == 5 and summary.rejected_total == 0
+    assert summary.stack_values_clipped == 0
+    stacks = run_array(path, "stacks")
+    assert stacks.dtype == np.float16
+    meta = json.loads((path / stacks.path / "zarr.json").read_text())
+    assert meta["data_type"] == "float16"
+    for seq, message in sent.items():
+        stored = stacks[seq].astype(np.float32)
+        exact = message.array.astype(np.float32)
+        # Round to nearest: at most half a float16 step, 2^-11 of the value (normal range).
+        assert np.all(np.abs(stored - exact) <= np.abs(exact) * 2.0**-11)
+        if seq == 4:
+            assert stacks[seq].tobytes() == message.array.tobytes()
+    assert stacks[0, 0, 0, 3] == 65504.0  # 65503.9 rounds to the top finite value, not inf
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["stack_dtype"] == "float16"
+    assert deepz["summary"]["stack_values_clipped"] == 0
+    ome_types = pytest.importorskip("ome_types")
+    xml = ome_types.from_xml((path / "OME" / "METADATA.ome.xml").read_text())
+    assert [image.pixels.type.value for image in xml.images] == ["uint16", "float"]
+    _validate(path)
+    stacks_node = _images_from_root(path)["stacks"]
+    assert np.asarray(stacks_node.data[0]).dtype == np.float16
+
+
+def test_stack_values_beyond_float16_saturate_and_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, stack_dtype="float16")
+    bright = np.full((len(PLANES), *SHAPE), 1000.0, np.float32)
+    bright[1, 2, :3] = [65520.0, 122_422.7, np.inf]  # an overexposed frame's refocused peak
+    bright[2, 0, 0] = -70_000.0
+    bright[2, 0, 1] = np.nan  # not a number stays not a number, and is not counted
+    with caplog.at_level(logging.WARNING, logger="live.recorder"):
+        for seq in range(3):
+            parts = encode_stack(bright, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0)
+            assert rec.put_stack(decode(parts))
+        assert not rec.put_stack(decode(parts))  # a duplicate: rejected, its values not counted
+        summary = rec.close(timeout_s=30)
+
+    assert summary.stack_values_clipped == 3 * 4 and summary.stacks == 3
+    assert "12 stack values saturated" in summary.line()
+    assert sum("beyond the float16 range" in r.message for r in caplog.records) == 1
+    stacks = run_array(path, "stacks")
+    np.testing.assert_array_equal(stacks[2, 1, 2, :4], [65504.0, 65504.0, 65504.0, 1000.0])
+    assert stacks[0, 2, 0, 0] == -65504.0 and np.isnan(stacks[0, 2, 0, 1])
+    assert np.isfinite(stacks[:][~np.isnan(stacks[:])]).all()
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["stack_values_clipped"] == deepz["summary"]["stack_values_clipped"] == 12
+
+
+def _files(array_dir: Path) -> int:
+    """Data files of one zarr array (chunk or shard objects; not its zarr.json)."""
+    return sum(1 for f in (array_dir / "c").rglob("*") if f.is_file())
+
+
+def test_shards_hold_many_frames_per_file_and_each_is_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 s shards at 20 Hz: 20 frames or stacks a file. In order at rate, each shard file is
+    # written exactly once (no rewrite per frame); the unsharded store has a file per frame.
+    import zarr.storage._local as zarr_local
+
+    puts: list[str] = []
+    put = zarr_local._put
+
+    def counting_put(file: Path, value: object, exclusive: bool = False) -> int:
+        puts.append(str(file))
+        return put(file, value, exclusive)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zarr_local, "_put", counting_put)
+    n = 40
+    stores = {}
+    for shard_s in (1.0, 0.0):
+        path = stores[shard_s] = tmp_path / f"shard-{shard_s}.ome.zarr"
+        rec = _recorder(path, shard_s=shard_s, stack_dtype="float16", compression="none")
+        for seq in range(n):
+            rec.put_frame(_frame(seq))
+            rec.put_stack(_stack(seq))
+        summary = rec.close(timeout_s=30)
+        assert (summary.raw_frames, summary.stacks, summary.error) == (n, n, None)
+    monkeypatch.undo()
+
+    sharded, plain = stores[1.0], stores[0.0]
+    raw, stacks = run_array(sharded, "raw"), run_array(sharded, "stacks")
+    assert raw.shards == (20, *SHAPE) and raw.chunks == (1, *SHAPE)
+    assert stacks.shards == (20, 3, *SHAPE) and stacks.chunks == (1, 3, *SHAPE)
+    assert run_array(plain, "raw").shards is None
+    for role in ("raw", "stacks"):
+        array = run_array(sharded, role)
+        assert _files(sharded / array.path) == n // 20  # 2 files, not 40
+        assert _files(plain / run_array(plain, role).path) == n
+        np.testing.assert_array_equal(array[:], run_array(plain, role)[:])
+        shard_puts = [p for p in puts if p.startswith(str(sharded / array.path / "c"))]
+        assert len(shard_puts) == n // 20  # each shard written once, whole
+    _validate(sharded)
+    assert list(_images_from_root(sharded)) == ["raw", "stacks"]

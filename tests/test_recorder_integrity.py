@@ -267,3 +267,35 @@ def test_the_store_holds_the_first_valid_frame_of_every_seq(
     assert raw.shape[0] == max(first, default=-1) + 1
     for seq, image in first.items():
         assert raw[seq].tobytes() == image.tobytes()
+
+
+def _stack_of(seq: int, planes: np.ndarray) -> Message:
+    return decode(encode_stack(planes, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0))
+
+
+def test_a_float16_store_rounds_stacks_of_any_real_dtype_and_keeps_the_other_rules(
+    tmp_path: Path,
+) -> None:
+    # Stacks are derived data: any real dtype is rounded into float16 (never "wrong_dtype"),
+    # but shape, once-only and the seq window still decide, and only admitted values count.
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, stack_dtype="float16", seq_window=10)
+    n = len(PLANES) * SHAPE[0] * SHAPE[1]
+    wide = np.full((len(PLANES), *SHAPE), 1000.1, np.float64)
+    counts = np.full((len(PLANES), *SHAPE), 70_000, np.int32)  # beyond float16: saturated
+    assert rec.put_stack(_stack_of(0, wide))
+    assert rec.put_stack(_stack_of(1, counts))
+    assert rec.put_stack(_stack_of(2, wide.astype(np.float16)))
+    assert not rec.put_stack(_stack_of(1, counts))  # duplicate: its values are not counted
+    assert not rec.put_stack(_stack_of(50, counts))  # beyond the window
+    assert not rec.put_stack(_stack_of(3, counts[:2]))  # wrong shape
+    summary = rec.close(timeout_s=30)
+
+    expected = _no_rejections()
+    expected["stacks"].update(duplicate=1, beyond_window=1, wrong_shape=1)
+    assert summary.rejected == expected and summary.stacks == 3
+    assert summary.stack_values_clipped == n
+    stacks = run_array(path, "stacks")
+    assert stacks.dtype == np.float16
+    assert (stacks[0] == np.float16(1000.1)).all() and (stacks[1] == 65504.0).all()
+    np.testing.assert_array_equal(stacks[2], stacks[0])

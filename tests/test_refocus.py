@@ -40,12 +40,24 @@ def _frames(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _record(
-    path: Path, raw_seqs: list[int], stack_seqs: list[int] = (), fill: float = 7.0
+    path: Path,
+    raw_seqs: list[int],
+    stack_seqs: list[int] = (),
+    fill: float = 7.0,
+    **recorder: Any,
 ) -> np.ndarray:
     """A run store made by the project's Recorder: raw frames at `raw_seqs` and constant
-    stacks (value `fill`, easy to tell apart) at `stack_seqs`."""
+    stacks (value `fill`, easy to tell apart) at `stack_seqs`; `recorder` are more of its
+    keyword arguments."""
     frames = _frames(max(raw_seqs) + 1)
-    rec = Recorder(path, frame_shape=(SIDE, SIDE), pixel_size_um=0.3, rate_hz=2.0, planes_um=PLANES)
+    rec = Recorder(
+        path,
+        frame_shape=(SIDE, SIDE),
+        pixel_size_um=0.3,
+        rate_hz=2.0,
+        planes_um=PLANES,
+        **recorder,
+    )
     for seq in raw_seqs:
         rec.put_frame(decode(encode_frame(frames[seq], seq=seq, timestamp_s=time.time())))
     for seq in stack_seqs:
@@ -118,8 +130,10 @@ def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
     assert summary.model["sha256"] and summary.model["name"]
     offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
     assert offline.shape == live_stacks.shape == (6, 3, SIDE, SIDE)
+    assert offline.dtype == np.float32 and config.recorder.stack_dtype == "float16"
+    # The live stacks travelled (and are stored) as float16: rounded by at most 2^-11.
     scale = float(np.abs(live_stacks).max())
-    np.testing.assert_allclose(offline, live_stacks, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
     attrs = zarr.open_group(str(store), mode="r")["stacks_offline"].attrs
     assert attrs["deepz"]["plan_from"] == "the recording's config"
     assert attrs["deepz"]["complete"] is True and attrs["deepz"]["present"] == [[0, 6]]
@@ -183,6 +197,31 @@ def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
     assert (again.frames_wanted, again.frames_done) == (0, 0)
     with pytest.raises(RefocusError, match="needs the live run's planes"):
         refocus_recording(store, fill_gaps=True, planes=[-3.0, 0.0, 3.0], **ORT)
+
+
+def test_fill_gaps_into_float16_shards_rounds_like_the_recorder_and_resumes(
+    tmp_path: Path,
+) -> None:
+    # Live stacks stored as float16 in shards of 4 (2 s at 2 Hz): the filled rows are rounded
+    # to float16, merged into the shards beside the live rows, and a rerun that finds their
+    # manifest marks verifies them (the CRC is of the values as stored) instead of redoing them.
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(
+        store, list(range(6)), stack_seqs=[0, 2], fill=7.0, stack_dtype="float16", shard_s=2.0
+    )
+    before = dict(zarr.open_group(str(store), mode="r").attrs["deepz"])
+    summary = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    assert (summary.frames_wanted, summary.frames_done) == (4, 4)
+    stacks = run_array(store, "stacks")
+    assert stacks.dtype == np.float16 and stacks.shards == (4, 3, SIDE, SIDE)
+    assert (stacks[[0, 2]] == 7.0).all()  # the live rows of the same shard are untouched
+    expected = _reference(frames[[1, 3, 4, 5]])
+    np.testing.assert_allclose(stacks[[1, 3, 4, 5]], expected, rtol=2.0**-11, atol=1e-6)
+    assert not np.array_equal(stacks[[1, 3, 4, 5]], expected)  # really rounded
+
+    zarr.open_group(str(store), mode="r+").attrs["deepz"] = before  # as if cut off before
+    again = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    assert (again.frames_wanted, again.frames_done, again.frames_skipped) == (4, 0, 4)
 
 
 # ------------------------------------------------------------------ inputs and errors

@@ -121,7 +121,7 @@ def test_worker_process_refocuses_every_frame(tmp_path: Path, tiny_model_files) 
             assert msg.header.planes_um == (-3.0, 0.0, 3.0) and msg.header.focus_um == 1.5
             assert msg.header.latency_ms is not None and msg.header.latency_ms >= 0
             np.testing.assert_allclose(
-                msg.array, reference.infer(frame, dpms), rtol=1e-4, atol=1e-2
+                msg.array, reference.infer(frame, dpms), rtol=2.0**-11 + 1e-4, atol=1e-2
             )
         harness.frames.send(END_OF_FRAMES)
         assert harness.event()["event"] == "done"
@@ -287,7 +287,7 @@ def test_focus_lock_keeps_the_planes_fixed_in_the_sample(tmp_path: Path, tiny_mo
             msg = decode(harness.stacks.recv_multipart(copy=False))
             assert msg.header.seq == seq and msg.header.planes_um == tuple(planes)
             expected = reference.infer(frame, dpms + np.float32(offset))
-            np.testing.assert_allclose(msg.array, expected, rtol=1e-4, atol=1e-2)
+            np.testing.assert_allclose(msg.array, expected, rtol=2.0**-11 + 1e-4, atol=1e-2)
         harness.frames.send(END_OF_FRAMES)
         done = harness.event()
         while done["event"] != "done":

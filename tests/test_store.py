@@ -1,0 +1,65 @@
+"""live.store's dtype and shard arithmetic: stacks cast to float16 without infinities, and
+shards sized by time, memory and chunk, on plain numpy arrays (no store needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from live.store import FLOAT16_MAX, as_stack_dtype, shard_frames
+
+
+def test_float16_saturates_at_65504_counts_and_counts_every_saturated_value() -> None:
+    values = np.array(
+        [1.0, 100.3, 65504.0, 65519.0, 65520.0, 122_422.7, -70_000.0, np.inf, -np.inf, np.nan],
+        np.float32,
+    )
+    out, clipped = as_stack_dtype(values.reshape(2, 5), "float16")
+    assert out.dtype == np.float16 and out.shape == (2, 5) and out.flags.c_contiguous
+    flat = out.ravel().astype(np.float32)
+    # 65519 rounds down to the top finite value; 65520 and beyond would be inf: saturated.
+    np.testing.assert_array_equal(
+        flat[:9], [1.0, 100.3125, FLOAT16_MAX, FLOAT16_MAX, FLOAT16_MAX, FLOAT16_MAX,
+                   -FLOAT16_MAX, FLOAT16_MAX, -FLOAT16_MAX]
+    )  # fmt: skip
+    assert np.isnan(flat[9]) and clipped == 5
+    assert FLOAT16_MAX == 65504.0
+
+
+def test_in_range_stacks_round_to_nearest_within_2_to_the_minus_11() -> None:
+    rng = np.random.default_rng(0)
+    stack = (rng.random((5, 32, 32)) * 65000 + 1).astype(np.float32)
+    stack[0, 0, :3] = [-3.7, 0.0, 6.1e-5]  # negative ringing, zero, the smallest normal
+    out, clipped = as_stack_dtype(stack, np.dtype("float16"))
+    assert clipped == 0
+    error = np.abs(out.astype(np.float32) - stack)
+    assert np.all(error <= np.abs(stack) * 2.0**-11)
+    np.testing.assert_array_equal(out, stack.astype(np.float16))  # numpy's own rounding
+
+
+def test_the_same_dtype_is_passed_through_and_other_inputs_are_cast() -> None:
+    stack = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    same, clipped = as_stack_dtype(stack, "float32")
+    assert same is stack and clipped == 0
+    strided = stack[:, :, ::2]
+    assert as_stack_dtype(strided, "float32")[0].flags.c_contiguous
+    counts = np.array([[0, 70_000, 2**31 - 1]], np.int64)
+    out, clipped = as_stack_dtype(counts, "float16")
+    np.testing.assert_array_equal(out, [[0.0, FLOAT16_MAX, FLOAT16_MAX]])
+    assert clipped == 2
+    empty, clipped = as_stack_dtype(np.zeros((0, 4), np.float32), "float16")
+    assert empty.shape == (0, 4) and clipped == 0
+    with pytest.raises(ValueError, match="stored as floats"):
+        as_stack_dtype(stack, "uint16")
+
+
+def test_shards_hold_about_shard_s_of_frames_within_the_memory_cap() -> None:
+    frame, stack = (512, 512), (41, 512, 512)  # 0.5 MB uint16; 20.5 MB float16
+    assert shard_frames(frame, "uint16", rate_hz=100, shard_s=1.0, max_mb=128) == 100
+    assert shard_frames(stack, "float16", rate_hz=100, shard_s=1.0, max_mb=128) == 6
+    assert shard_frames(stack, "float32", rate_hz=100, shard_s=1.0, max_mb=128) == 3
+    # A multiple of the chunk, at least one chunk; shard_s = 0 or a slow rate: one chunk.
+    assert shard_frames(frame, "uint16", rate_hz=100, shard_s=1.0, max_mb=128, chunk=8) == 96
+    assert shard_frames(frame, "uint16", rate_hz=2, shard_s=1.0, max_mb=128, chunk=4) == 4
+    assert shard_frames(frame, "uint16", rate_hz=100, shard_s=0.0, max_mb=128, chunk=4) == 4
+    assert shard_frames(stack, "float32", rate_hz=100, shard_s=1.0, max_mb=1) == 1
