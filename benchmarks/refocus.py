@@ -9,7 +9,7 @@ project's `Recorder` (lz4, one frame per chunk, as the shipped config), then tim
 - the engine: ``backend.infer(frame, dpms)`` over the same frames held in memory (warmed up,
   frozen DPMs: the live worker's call), before and after the offline runs (their mean is the
   reference, since the machine may be shared);
-- `engine.refocus.refocus_recording` on this machine with the ``sync`` scheduler (one
+- `live.refocus.refocus_recording` on this machine with the ``sync`` scheduler (one
   thread) and the default ``threads`` scheduler (2 threads sharing one backend: reading and
   writing overlap with inference); both use a backend already loaded and warmed up, as the
   engine row does. Overhead = 1 - offline / engine frames per second;
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.refocus import RefocusSummary, clear_backends, refocus_recording
 from engine.runtime import DEFAULT_MODEL, load_backend
+from live.refocus import RefocusSummary, clear_backends, refocus_recording
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "deepz-live run --scope config.toml --duration 20",
     ),
     "refocus": (
-        "engine.refocus",
+        "live.refocus",
         "refocus a recording offline, or fill the stacks a run skipped",
         "deepz-live refocus runs/RUN.ome.zarr --fill-gaps",
     ),

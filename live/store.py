@@ -1,7 +1,7 @@
 """The layout of a run store: one OME-Zarr 0.5 collection of NGFF images per run.
 
 This module says where everything is in a run store and builds its metadata; `live.recorder`
-writes the store live and `engine.refocus` reads it. Layout (zarr v3)::
+writes the store live and `live.refocus` reads it. Layout (zarr v3)::
 
     /                 attrs["ome"]: {"version": "0.5", "bioformats2raw.layout": 3};
                       attrs["deepz"]: run config, which group holds which image (``images``),

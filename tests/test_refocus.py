@@ -1,4 +1,4 @@
-"""engine.refocus: the live run's stacks, a Dask LocalCluster, resume, fill-gaps, bad inputs.
+"""live.refocus: the live run's stacks, a Dask LocalCluster, resume, fill-gaps, bad inputs.
 
 Small on purpose (64² frames, a handful of them, the shipped slim model on one ONNX Runtime
 thread): the whole file runs in well under a minute on two shared cores.
@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import zarr
 
-from engine.refocus import (
+from engine.runtime import DEFAULT_MODEL, load_backend
+from live.protocol import decode, encode_frame, encode_stack
+from live.recorder import Recorder
+from live.refocus import (
     MANIFEST,
     RefocusError,
     clear_backends,
@@ -24,9 +27,6 @@ from engine.refocus import (
     open_input,
     refocus_recording,
 )
-from engine.runtime import DEFAULT_MODEL, load_backend
-from live.protocol import decode, encode_frame, encode_stack
-from live.recorder import Recorder
 from tests.live_helpers import run_array
 
 SIDE = 64

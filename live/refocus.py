@@ -4,7 +4,7 @@ The raw frames of a run are the experiment; the virtual stacks are derived data.
 recomputes them after the fact, with another model, onto other planes or surfaces, to fill the
 stacks a live run skipped (``--fill-gaps``), or for a recording that was never refocused::
 
-    python -m engine.refocus RUN.ome.zarr [--model PATH] [--planes Z1 Z2 ... | --scope config.toml]
+    python -m live.refocus RUN.ome.zarr [--model PATH] [--planes Z1 Z2 ... | --scope config.toml]
         [--out PATH] [--name IMAGE] [--fill-gaps] [--scheduler threads|processes|sync|tcp://...]
         [--workers N] [--chunk N] [--backend NAME] [--threads N] [--overwrite]
 
@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.dpm import DPMError, VolumePlan
-from engine.runtime import DEFAULT_MODEL, BackendError, load_backend
+from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendError, load_backend
 
 if TYPE_CHECKING:
     from engine.runtime import Backend
@@ -441,7 +441,7 @@ class EngineSpec:
     prefer: tuple[str, ...] | None
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     intra_op_threads: int | None = None
-    max_batch: int = 64
+    max_batch: int = DEFAULT_MAX_BATCH
 
 
 _BACKENDS: dict[EngineSpec, tuple[Backend, threading.Lock]] = {}
@@ -1393,9 +1393,9 @@ class _Runner:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """Build the command line of ``python -m engine.refocus``."""
+    """Build the command line of ``python -m live.refocus``."""
     p = argparse.ArgumentParser(
-        prog="python -m engine.refocus",
+        prog="python -m live.refocus",
         description="Refocus a recording's raw frames offline into an NGFF stacks image.",
     )
     p.add_argument("source", help="run store (RUN.ome.zarr), NGFF (t, y, x) image or TIFF stack")
