@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -51,6 +50,7 @@ import numpy as np
 import zarr
 import zmq
 
+from benchmarks.machine import cpu_model
 from live.protocol import MAX_SEQ, ProtocolError, decode, encode_frame, max_part_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -901,16 +901,6 @@ def _ipc_dirs() -> set[Path]:
 # ---------------------------------------------------------------------------------- main
 
 
-def cpu_model() -> str:
-    """The CPU's model name from ``lscpu`` (the platform's processor string without it)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _table(main_run: dict[str, Any], kills: list[dict[str, Any]]) -> list[str]:

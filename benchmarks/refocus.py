@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,22 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import cpu_model
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.refocus import RefocusSummary, clear_backends, refocus_recording
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_model() -> str:
-    """The CPU's model name from ``lscpu`` (platform's processor string where it is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def make_recording(path: Path, frames: int, side: int, planes: list[float]) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from benchmarks.hostile import rss_mb
-from benchmarks.refocus import cpu_model
+from benchmarks.machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.engine import matmul_peak
-from benchmarks.refocus import cpu_model
+from benchmarks.machine import cpu_model
 
 RESULTS = Path(__file__).parent / "results" / "volume.json"
 DEFAULT_MODEL = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.onnx"

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.refocus import cpu_model
+from benchmarks.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOLUME_MODEL = Path(__file__).resolve().parent.parent / "engine" / "weights" / "deepz-volume.onnx"
