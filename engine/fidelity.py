@@ -114,7 +114,8 @@ def _model_method(path: Path) -> Method:
         return out
 
     kind = "volume" if backend.metadata.volume is not None else "per-plane"
-    return Method(f"{backend.metadata.name} ({kind}, {path.name})", planes, surface)
+    label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
+    return Method(label, planes, surface)
 
 
 def _wiener_method(reference: Path | None) -> Method:
@@ -246,14 +247,15 @@ def cross_modality(
     depth = None
     renderer: Renderer | None = None
     backends = []
-    for path in models:
-        prefer = ["torch"] if Path(path).suffix == ".pt" else ["openvino", "onnxruntime"]
+    for path in map(Path, models):
+        prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
         backend = load_backend(path, prefer=prefer)
         if backend.metadata.volume is not None:
-            backends.append(backend)
+            label = f"{backend.metadata.name} ({path.parent.name}/{path.name})"
+            backends.append((label, backend))
     for kind, kind_seeds in seeds.items():
         for seed in kind_seeds:
-            volume = backends[0].metadata.volume if backends else None
+            volume = backends[0][1].metadata.volume if backends else None
             d = np.asarray(volume.depth_um) if volume is not None else ho.truth_dz_um()
             pair = simulate_volume_pair(kind, shape=(256, 256), depth_um=d, seed=seed)  # type: ignore[arg-type]
             if renderer is None or depth is None or not np.array_equal(depth, d):
@@ -264,10 +266,11 @@ def cross_modality(
             frame = pair.frames[0]
             flat = np.asarray(frame, dtype=np.float32) - np.float32(pair.background_counts)
             candidates = {"unrefocused input (wide-field)": np.broadcast_to(flat, truth.shape)}
-            for backend in backends:
+            for label, backend in backends:
                 density = backend.volume(frame)[0]
-                name = f"{backend.metadata.name} density, confocal render"
-                candidates[name] = renderer.render(density, PLANE_DZ_UM)
+                candidates[f"{label}: density, confocal render"] = renderer.render(
+                    density, PLANE_DZ_UM
+                )
             for name, planes in candidates.items():
                 for k in range(truth.shape[0]):
                     peak = max(float(truth[k].max()), 1e-6)

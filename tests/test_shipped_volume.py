@@ -79,7 +79,7 @@ def test_cross_modality_confocal_render_beats_the_wide_field_input() -> None:
     from engine.fidelity import cross_modality
 
     r = cross_modality([WEIGHTS], {"beads": (41,), "worm": (43,)})
-    model = r["deepz-volume-sim density, confocal render"]
+    model = r["deepz-volume-sim (weights/deepz-volume.onnx): density, confocal render"]
     baseline = r["unrefocused input (wide-field)"]
     assert model["planes"] == baseline["planes"] == 22
     assert model["pearson_median"] > baseline["pearson_median"] + 0.05
