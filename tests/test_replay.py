@@ -162,3 +162,47 @@ def test_replay_rate_for_the_preflight_and_record_raw_option(tmp_path: Path) -> 
     assert replay_rate_hz(config({}, kind="simulated")) == 7.0
     assert own.source.replay.record_raw is False  # raw frames are not recorded twice by default
     assert config({"path": str(store), "record_raw": True}).source.replay.record_raw is True
+
+
+def test_the_daemon_replays_a_recording_without_recording_its_raw_frames_again(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    """End to end: stacks under the recording's own seqs and camera timestamps, no raw copy."""
+    from live.run import Daemon
+    from tests.live_helpers import live_config, run_array
+
+    side = 64
+    source = tmp_path / "source.ome.zarr"
+    recorder = Recorder(
+        source, frame_shape=(side, side), pixel_size_um=0.3, rate_hz=20.0, planes_um=[0.0],
+        keep_stacks=False,
+    )
+    seqs = [3, 4, 5, 8, 9]
+    for seq in seqs:
+        frame = np.random.default_rng(seq).integers(100, 3000, (side, side), dtype=np.uint16)
+        assert recorder.put_frame(decode(encode_frame(frame, seq=seq, timestamp_s=_stamp(seq))))
+    recorder.close(timeout_s=30)
+    data = live_config(tmp_path, tiny_model_files["onnx"]).model_dump(mode="json")
+    data["source"] = {
+        "kind": "replay",
+        "frame_shape": [side, side],
+        "rate_hz": 20.0,
+        "replay": {"path": str(source), "rate_hz": 10.0},
+    }
+    config = validate_config(data, source="test config")
+    out = tmp_path / "replayed.ome.zarr"
+    daemon = Daemon(config, output=out)
+    try:
+        daemon.start()
+        assert daemon.preflight_result is not None and daemon.preflight_result.rate_hz == 10.0
+        daemon.supervise(60.0, quiet=True)  # ends when the recording does
+    finally:
+        summary = daemon.stop()
+    assert summary.finish_reason == "source finished" and summary.lost == []
+    assert summary.raw_recorded == 0 and summary.stacks_written == len(seqs)
+    deepz = zarr.open_group(out, mode="r").attrs["deepz"]
+    present = [s for start, stop in deepz["stacks_present"] for s in range(start, stop)]
+    assert present == seqs  # the recording's own seqs, gaps kept
+    stamps = np.asarray(zarr.open_group(out, mode="r")["frames/timestamp_s"])
+    assert np.allclose(stamps[seqs], [_stamp(s) for s in seqs])  # its camera clock, not now
+    assert run_array(out, "stacks").shape[0] == max(seqs) + 1
