@@ -7,11 +7,14 @@ in one run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
 import subprocess
+import sys
+from typing import Any
 
-__all__ = ["cpu_model"]
+__all__ = ["cpu_model", "run_record"]
 
 
 def cpu_model() -> str:
@@ -24,3 +27,18 @@ def cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or f"{os.cpu_count()} CPUs"
+
+
+def run_record(
+    module: str, argv: list[str] | None, note: str | None, load_before: tuple[float, ...]
+) -> dict[str, Any]:
+    """Return the header every results JSON starts with: when, where, how loaded, which command."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "command": " ".join([f"python -m {module}", *(argv or sys.argv[1:])]),
+        "note": note,
+    }

@@ -23,13 +23,10 @@ date and the load average.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
 import json
 import logging
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import run_record
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.refocus import RefocusSummary, clear_backends, refocus_recording
 
@@ -193,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         speed = f"{r['speedup_vs_1_worker']:.2f}×" if "speedup_vs_1_worker" in r else ""
         print(f"{r['case']:<44} {r['frames_per_s']:>9.2f} {share:>10} {speed:>9}")
     record = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "command": " ".join(["python -m benchmarks.refocus", *(argv or sys.argv[1:])]),
-        "note": args.note,
+        **run_record("benchmarks.refocus", argv, args.note, load_before),
         "frames": args.frames,
         "side": args.side,
         "planes": planes,

@@ -31,13 +31,10 @@ random stacks instead; for tests and quick checks).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import run_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOLUME_MODEL = Path(__file__).resolve().parent.parent / "engine" / "weights" / "deepz-volume.onnx"
@@ -236,13 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     _print(args, model, errors, rows)
     record = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "command": " ".join(["python -m benchmarks.write", *(argv or sys.argv[1:])]),
-        "note": args.note,
+        **run_record("benchmarks.write", argv, args.note, load_before),
         "shape": list(shape),
         "planes": args.planes,
         "rate_hz": args.rate_hz,
