@@ -277,8 +277,10 @@ class FocusLock:
 
     def offset_um(self, focus_um: float) -> tuple[float, float]:
         """Return (DPM offset µm, excess µm clamped away) for a frame taken at `focus_um`."""
-        wanted = -self.sign * (float(focus_um) - self.reference_um)
-        if not np.isfinite(wanted):
+        if not np.isfinite(focus_um):
             raise DPMError(f"focus_um must be finite, got {focus_um}")
+        wanted = -self.sign * (float(focus_um) - self.reference_um)
         offset = min(max(wanted, self.min_offset_um), self.max_offset_um)
+        if not np.isfinite(offset):  # a focus so far off that even the difference overflows
+            offset = 0.0
         return offset, wanted - offset

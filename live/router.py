@@ -77,6 +77,9 @@ FRAMES_RCVHWM = 100
 DISPLAY_HWM = 10
 """Stacks queued for a slow display before it misses some (a display keeps up or skips)."""
 _LOGGED_MALFORMED = 100
+STALL_S = 10.0
+"""At stop, waiting frames are skipped once no worker has sent a credit for this long (a hung
+or killed worker must not hold the daemon open)."""
 _DRAIN_AFTER_STOP = 10_000
 """Most messages still queued on the public frames endpoint that the router takes after stop
 (a sender that keeps flooding cannot hold the daemon open)."""
@@ -232,6 +235,7 @@ class Router(threading.Thread):
         if self._credits is not None:
             poller.register(self._credits, zmq.POLLIN)
         drained = 0
+        last_credit = time.monotonic()
         with self._supervisor.watch("router"):
             try:
                 while True:
@@ -241,16 +245,20 @@ class Router(threading.Thread):
                     if self._credits is not None and self._credits in ready:
                         self._take_credit(self._credits.recv())
                         handled = True
+                        last_credit = time.monotonic()
                     if self._source is not None and self._source in ready:
                         self._from_source(self._source.recv_multipart(copy=False))
                         handled = True
-                    if self._pull in ready and drained < _DRAIN_AFTER_STOP:
+                    if self._pull in ready:
                         self._route(self._pull.recv_multipart(copy=False))
                         drained += stopping
                         handled = True
+                        if drained >= _DRAIN_AFTER_STOP:  # a sender still flooding: stop taking
+                            poller.unregister(self._pull)
                     self._dispatch()
                     if stopping and not handled:
-                        if self._waiting and self._ledger.ready_workers():
+                        stalled = time.monotonic() - last_credit > STALL_S
+                        if self._waiting and self._ledger.ready_workers() and not stalled:
                             continue  # frames still wait for credits: refocus them first
                         if self.source_ended.is_set():
                             break
@@ -258,7 +266,12 @@ class Router(threading.Thread):
                 if self._waiting:
                     left = [seq for seq, _ in self._waiting]
                     self._waiting.clear()
-                    log.error("no worker left for %d waiting frames: skipped", len(left))
+                    log.error(
+                        "%d frames still waited at stop with no worker taking them (none ready, "
+                        "or no credit for %.0f s): skipped",
+                        len(left),
+                        STALL_S,
+                    )
                     self._metrics.skip(left)
             finally:
                 for socket in (self._pull, self._source, self._raw_pub, self._credits):
@@ -344,8 +357,9 @@ class Router(threading.Thread):
 
     def _dispatch(self) -> None:
         """Send waiting frames, oldest first, to ready workers that have credit (round robin)."""
+        busy: set[int] = set()
         while self._waiting:
-            worker = self._next_worker()
+            worker = self._next_worker(busy)
             if worker is None:
                 return
             seq, parts = self._waiting.popleft()
@@ -353,14 +367,16 @@ class Router(threading.Thread):
             if _send_nowait(self._pushes[worker], parts):
                 self._credit[worker] -= 1
                 self._metrics.frame_routed()
-            else:  # the pipe is full despite the credit (a worker restarting): try later
+            else:  # no pipe yet (a restarted worker still connecting): keep its credit, retry
                 self._ledger.settle([seq])
-                self._credit[worker] = 0
+                busy.add(worker)
                 self._waiting.appendleft((seq, parts))
 
-    def _next_worker(self) -> int | None:
+    def _next_worker(self, exclude: set[int]) -> int | None:
         """Return the next ready worker with credit, after the last one used; None if none."""
-        ready = [w for w in self._ledger.ready_workers() if self._credit[w] > 0]
+        ready = [
+            w for w in self._ledger.ready_workers() if self._credit[w] > 0 and w not in exclude
+        ]
         if not ready:
             return None
         self._next = (self._next + 1) % len(self._credit)

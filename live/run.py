@@ -18,6 +18,7 @@ frame of the wrong shape or dtype is counted by kind and goes nowhere.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import multiprocessing as mp
@@ -351,7 +352,6 @@ class Daemon:
         self._n_planes = 0
         self._gatekeeper: Gatekeeper | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        remove_stale_ipc_dirs()  # left by daemons that were killed (their pid is gone)
         self._tmp = make_ipc_dir()
         self._source_endpoint = f"inproc://deepz-source-{id(self)}"
         self._mp = mp.get_context("spawn")
@@ -389,6 +389,7 @@ class Daemon:
     def start(self) -> None:
         """Check, pick the backend, pre-flight, then start recorder, threads, workers, source."""
         self.check()
+        remove_stale_ipc_dirs()  # left by daemons that were killed (their pid is gone)
         cfg = self.config
         plan = build_plan(cfg)
         self._choose_backend(plan)
@@ -716,13 +717,16 @@ class Daemon:
                 log.error("the source's end-of-frames marker could not be queued")
                 self.router.source_ended.set()
             self._sender.close()
-        if hasattr(self, "router"):
-            self.router.stop_event.set()
-            self.router.join(30.0)
+        elif hasattr(self, "router"):
+            self.router.source_ended.set()  # no own source (external hook, or start failed)
+        router_done = self._stop_router()
+        if router_done and hasattr(self, "router"):
             unreachable = self.router.end_workers()
             if unreachable:  # those end once their pipe is empty (see live.worker)
                 log.error("workers %s did not take the end-of-frames marker", unreachable)
                 self._worker_stop.set()
+        else:
+            self._worker_stop.set()
         clean = set()
         for i, proc in enumerate(self._procs):
             if proc is None:
@@ -735,7 +739,7 @@ class Daemon:
             elif proc.exitcode == 0:
                 clean.add(i)
         self._worker_stop.set()
-        if hasattr(self, "router"):
+        if router_done and hasattr(self, "router"):  # a running router owns its sockets
             self.router.close_worker_sockets()
         if hasattr(self, "collector"):
             self.collector.finish(clean)
@@ -753,6 +757,28 @@ class Daemon:
                 self.metrics.lose(unfinished)
         self._summary = self._finish()
         return self._summary
+
+    def _stop_router(self, limit_s: float = 600.0) -> bool:
+        """Stop the router and wait while it refocuses what waits; True once it has ended.
+
+        Frames already admitted keep their workers busy for a while under ``every_frame``
+        (up to ``max_queue_frames`` inferences): the wait is a join per second, marking dead
+        workers not ready so the router skips instead of waiting for their credits (it also
+        gives up on waiting frames after `live.router.STALL_S` without a credit).
+        """
+        if not hasattr(self, "router"):
+            return True
+        self.router.stop_event.set()
+        deadline = time.monotonic() + limit_s
+        while self.router.is_alive() and time.monotonic() < deadline:
+            self.router.join(1.0)
+            for i, proc in enumerate(self._procs):
+                if proc is not None and not proc.is_alive():
+                    self.ledger.set_ready(i, False)
+        if self.router.is_alive():
+            log.error("the router did not stop within %.0f s; its sockets are left open", limit_s)
+            return False
+        return True
 
     def _finish(self) -> RunSummary:
         """Publish the last status, close the recorder, display and sockets; build the summary."""
@@ -798,7 +824,10 @@ class Daemon:
             self._status.close(linger_ms=200)  # so status readers hear "finished"
         if self._gatekeeper is not None:
             self._gatekeeper.stop()
-        self._ctx.term()
+        if hasattr(self, "router") and self.router.is_alive():
+            self._ctx.destroy(linger=0)  # a stuck router thread must not hold the exit
+        else:
+            self._ctx.term()
         self._tmp.cleanup()
         return summary
 
@@ -894,22 +923,23 @@ def _check_endpoints_free(config: ScopeConfig) -> None:
         if not address.startswith("tcp://"):
             continue
         host, _, port = address[len("tcp://") :].rpartition(":")
+        v6 = host.startswith("[")  # ZeroMQ binds IPv4 unless the host is an IPv6 literal
         host = "0.0.0.0" if host == "*" else host.strip("[]")
+        family = socket.AF_INET6 if v6 else socket.AF_INET
         try:
-            family, kind, proto, _, where = socket.getaddrinfo(
-                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-        except (OSError, ValueError):
-            continue
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
-            try:
+            where = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
                 probe.bind(where)
-            except OSError as err:
-                raise ConfigError(
-                    f"endpoints.{name} = {address!r} cannot be bound ({err.strerror}): another "
-                    "daemon may be running with this config; stop it or choose other endpoints"
-                ) from None
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                continue  # not resolvable or not bindable here: ZeroMQ says why at bind
+            raise ConfigError(
+                f"endpoints.{name} = {address!r} cannot be bound ({err.strerror}): another "
+                "daemon may be running with this config; stop it or choose other endpoints"
+            ) from None
+        except ValueError:  # a port that is not a number (ZeroMQ's "*"): nothing to probe
+            continue
 
 
 def _check_optics(config: ScopeConfig, backend: Any) -> None:

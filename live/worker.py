@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
@@ -73,8 +74,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100
-_LIVE_CLOCK_S = 60.0
-"""A frame timestamp further than this from now is not a live camera clock (a replay)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +145,7 @@ class FrameQueue:
     def __init__(self) -> None:
         self._items: deque[tuple[Message, float]] = deque()
         self._refused: list[int] = []
+        self._dropped = 0
         self._cond = threading.Condition()
         self.received_s = 0.0
         """Wall-clock time the frame last returned by `get` arrived at this worker."""
@@ -177,6 +177,17 @@ class FrameQueue:
             refused, self._refused = self._refused, []
             return refused
 
+    def dropped(self) -> None:
+        """Record a message that was not a frame at all (no seq): only its credit is owed."""
+        with self._cond:
+            self._dropped += 1
+
+    def take_dropped(self) -> int:
+        """Return and forget how many messages were dropped since the last call."""
+        with self._cond:
+            dropped, self._dropped = self._dropped, 0
+            return dropped
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
@@ -184,6 +195,10 @@ class FrameQueue:
 
 def worker_main(spec: WorkerSpec, stop: MpEvent) -> None:
     """Run one worker until `stop` is set and its queue is drained (process entry point)."""
+    # Ctrl-C reaches the whole process group: the daemon drives a worker's shutdown (end
+    # marker, then "done"), so the worker must not die of the terminal's SIGINT first.
+    if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"worker {spec.worker_id}: %(message)s")
     logging.getLogger("engine.runtime").setLevel(logging.WARNING)  # its "ready" event says it
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -216,6 +231,7 @@ def _serve(
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
     lock = focus_lock(config, plan, backend)
     clamped = saturated = 0
+    live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's
     failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
         target=_receive,
@@ -248,7 +264,12 @@ def _serve(
                             )
                 planes = backend.infer(message.array, dpms)
                 clipped = _send_stack(
-                    stacks, planes, message, plan, queue.received_s, config.recorder.stack_dtype
+                    stacks,
+                    planes,
+                    message,
+                    plan,
+                    None if live_clock else queue.received_s,
+                    config.recorder.stack_dtype,
                 )
                 if clipped and not saturated:
                     log.warning(
@@ -291,8 +312,9 @@ def _report(
 ) -> None:
     """Report the seqs refused since the last call, and credit them back (main thread)."""
     refused = queue.take_refused()
-    if refused:
-        credits.send(credit(worker_id, len(refused)))
+    owed = len(refused) + queue.take_dropped()
+    if owed:
+        credits.send(credit(worker_id, owed))
     for i in range(0, len(refused), MAX_EVENT_SEQS):
         why = f"not a frame of shape {list(frame_shape)}"
         _event(events, worker_id, "rejected", seqs=refused[i : i + MAX_EVENT_SEQS], message=why)
@@ -338,6 +360,7 @@ def _receive(
                 message = decode(parts)
             except ProtocolError as err:  # the router validated it: this is a bug upstream
                 log.error("dropped malformed frame from the router: %s", err)
+                queue.dropped()  # its credit goes back, or the router would wait for it
                 continue
             if message.array.shape != frame_shape:  # the backend would fail on it: refuse it
                 log.error(
@@ -363,7 +386,7 @@ def _send_stack(
     planes: np.ndarray,
     frame: Message,
     plan: VolumePlan,
-    received_s: float,
+    received_s: float | None,
     stack_dtype: str = "float16",
 ) -> int:
     """Encode and PUSH one stack as `stack_dtype` (blocking: the collector always drains).
@@ -371,18 +394,15 @@ def _send_stack(
     The planes are cast once, here (``recorder.stack_dtype``, `live.store.as_stack_dtype`),
     so the stack travels to the collector, the recorder and the display at that size; values
     beyond the float16 range saturate at ±65504 counts. Returns how many did, for the caller
-    to count and report. Latency is from the camera's timestamp when that is a live clock
-    (within `_LIVE_CLOCK_S` of now), else from the frame's arrival at this worker: a
-    replayed recording keeps its own, old timestamps.
+    to count and report. Latency is from the camera's timestamp, or with `received_s` (a
+    replay, whose timestamps are the recording's) from the frame's arrival at this worker.
     """
     from live.store import as_stack_dtype
 
     header = frame.header
     stack, clipped = as_stack_dtype(planes, stack_dtype)
-    now = time.time()
-    since_camera = now - header.timestamp_s
-    live = 0.0 <= since_camera < _LIVE_CLOCK_S
-    latency_ms = max(0.0, (since_camera if live else now - received_s) * 1e3)
+    start = header.timestamp_s if received_s is None else received_s
+    latency_ms = max(0.0, (time.time() - start) * 1e3)
     parts = encode_stack(
         stack,
         seq=header.seq,
