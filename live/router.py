@@ -555,8 +555,3 @@ def _send_nowait(socket: zmq.Socket[bytes], parts: list[zmq.Frame]) -> bool:
     except zmq.Again:
         return False
     return True
-
-
-def describe_skips(seqs: list[int]) -> str:
-    """Return skipped seqs as compact ranges for log lines."""
-    return format_seqs(seqs)

@@ -408,7 +408,6 @@ class Daemon:
         self._worker_endpoints = [f"ipc://{ipc}/frames-{i}" for i in range(self.n_workers)]
         self._stacks_in, self._events = f"ipc://{ipc}/stacks", f"ipc://{ipc}/events"
         self._credits = f"ipc://{ipc}/credits"
-        bound = {(e.source, e.target): e.bound for e in self.edges}
         self.collector = Collector(
             self._ctx,
             stacks_in_endpoint=self._stacks_in,
@@ -420,7 +419,7 @@ class Daemon:
             max_stack_bytes=max_part_bytes((n_planes, *frame_shape), cfg.recorder.stack_dtype),
             stacks_keys=keys_for("stacks"),
             supervisor=self.supervisor,
-            display_hwm=bound["collector", "display"] or DISPLAY_HWM,
+            display_hwm=self._bound("collector", "display") or DISPLAY_HWM,
         )
         self.router = Router(
             self._ctx,
@@ -440,7 +439,7 @@ class Daemon:
             raw_keys=keys_for("recorder"),
             supervisor=self.supervisor,
             worker_hwm=WORKER_HWM,
-            raw_hwm=bound["router", "raw subscribers"] or RAW_REPUBLISH_HWM,
+            raw_hwm=self._bound("router", "raw subscribers") or RAW_REPUBLISH_HWM,
         )
         self._status = StatusPublisher(self._ctx, cfg.endpoints.status, keys_for("status"))
         self.collector.start()
@@ -451,6 +450,10 @@ class Daemon:
         self._start_display()
         self._start_source()
         self.metrics.set_run_info(state=RunState.RUNNING)
+
+    def _bound(self, source: str, target: str) -> int | None:
+        """Return the bound `compose` gives the edge from `source` to `target`."""
+        return next(e.bound for e in self.edges if (e.source, e.target) == (source, target))
 
     def _choose_backend(self, plan: VolumePlan) -> None:
         """Say which backend runs and why others were skipped; run the measured pre-flight."""
@@ -595,8 +598,8 @@ class Daemon:
         from live.sources import make_source
 
         source = make_source(self.config)
-        hwm = {(e.source, e.target): e.bound for e in self.edges}["source", "router"]
-        self._sender = FrameSender(self._source_endpoint, context=self._ctx, hwm=hwm or 1)
+        hwm = self._bound("source", "router") or 1
+        self._sender = FrameSender(self._source_endpoint, context=self._ctx, hwm=hwm)
 
         def run_source() -> None:
             with self.supervisor.watch("source"):

@@ -481,9 +481,14 @@ def _recording_rate_hz(path: Path) -> float | None:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            interval = (tif.imagej_metadata or {}).get("finterval")
-        return 1.0 / float(interval) if interval else None
+            return _tiff_rate_hz(tif)
     return open_recording(path).rate_hz  # zarr reads lazily: metadata only
+
+
+def _tiff_rate_hz(tif: Any) -> float | None:
+    """Return the frame rate of an open TIFF from ImageJ's ``finterval`` (s), or None."""
+    interval = (tif.imagej_metadata or {}).get("finterval")
+    return 1.0 / float(interval) if interval else None
 
 
 def _recorded(values: np.ndarray | None, t: int) -> float | None:
@@ -521,9 +526,7 @@ def _open_tiff(path: Path) -> Recording:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         frames = _squeeze_to_tyx(series.asarray(), series.axes, str(path))
-        ij = tif.imagej_metadata or {}
-    interval = ij.get("finterval")
-    rate = 1.0 / float(interval) if interval else None
+        rate = _tiff_rate_hz(tif)
     return Recording(frames, range(frames.shape[0]), rate)
 
 
