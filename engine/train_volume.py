@@ -102,6 +102,18 @@ class VolumeLossConfig(_Base):
     render_weight: float = Field(1.0, ge=0, description="Weight of the rendered-plane L1.")
     render_planes: int = Field(3, ge=1, description="Random Δz planes rendered per step.")
     render_psf_px: int = Field(63, ge=3, description="PSF crop for the render loss (px, odd).")
+    normalise: Literal["batch", "sample"] = Field(
+        "batch",
+        description="relative_mse: divide by the batch's target mean square, or by each "
+        "sample's own (a dim sample then weighs as much as a bright one; with 'batch' a sample "
+        "10x dimmer counts 100x less, and faint objects are the ones the model misses).",
+    )
+    far_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Density-term weight grows as 1 + far_weight * |depth| / half range: far "
+        "out-of-focus objects (faint rings in the frame) count more.",
+    )
 
 
 class VolumeTrainConfig(_Base):
@@ -132,6 +144,11 @@ class VolumeTrainConfig(_Base):
     weights_out: Path | None = Field(None, description="Final .pt (+ .json, .psf.npy).")
     portable_checkpoint: Path | None = Field(
         None, description="Also write the latest checkpoint here (committed; one file)."
+    )
+    init_from: Path | None = Field(
+        None,
+        description="Start from these weights (a volume .pt or a checkpoint) with a fresh "
+        "optimiser and schedule: fine-tuning with a changed recipe. --resume takes precedence.",
     )
     optics: dict[str, Any] = Field({}, description="engine.optics.OpticsConfig overrides.")
     camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
@@ -316,12 +333,20 @@ def volume_loss(
     sp = smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
     st = smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
     ren_t = renderer.render(target, dz_um)
-    ren = (renderer.render(pred, dz_um) - ren_t).abs().mean()
+    ren_err = (renderer.render(pred, dz_um) - ren_t).abs()
+    # (1, D, 1, 1) weights along the depth grid: 1 at focus, 1 + far_weight at the range's ends
+    depth = torch.as_tensor(np.abs(cfg.depth_um) / cfg.depth_half_range_um, dtype=sp.dtype)
+    wz = (1.0 + lc.far_weight * depth).reshape(1, -1, 1, 1)
     if lc.object_loss == "l1":
-        obj = (sp - st).abs().mean()
-    else:  # both terms relative to the target's size, so their weights compare
-        obj = ((sp - st) ** 2).mean() / ((st**2).mean() + 1e-6)
-        ren = ren / (ren_t.abs().mean() + 1e-6)
+        obj = ((sp - st).abs() * wz).mean()
+        ren = ren_err.mean()
+    elif lc.normalise == "batch":  # both terms relative to the target's size, so weights compare
+        obj = (((sp - st) ** 2) * wz).mean() / ((st**2).mean() + 1e-6)
+        ren = ren_err.mean() / (ren_t.abs().mean() + 1e-6)
+    else:  # the same, per sample, then averaged: every sample counts, however dim
+        per = (((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / ((st**2).mean(dim=(1, 2, 3)) + 1e-6)
+        obj = per.mean()
+        ren = (ren_err.mean(dim=(1, 2, 3)) / (ren_t.abs().mean(dim=(1, 2, 3)) + 1e-6)).mean()
     total = lc.object_weight * obj + lc.render_weight * ren
     return total, {"object": obj.item(), "render": ren.item()}
 
@@ -383,6 +408,11 @@ class _Validation:
         e = np.concatenate(errs) if errs else np.zeros(0)
         found = e[np.isfinite(e)]
         return {
+            # over all beads, a bead with no density in its column counting as a miss
+            "val_bead_found": float(found.size / e.size) if e.size else 0.0,
+            "val_bead_recall_1um": float(np.mean(np.nan_to_num(e, nan=np.inf) <= 1.0))
+            if e.size
+            else 0.0,
             "val_bead_depth_median_um": float(np.median(found)) if found.size else float("nan"),
             "val_bead_depth_p90_um": (
                 float(np.percentile(found, 90)) if found.size else float("nan")
@@ -472,6 +502,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         opt.load_state_dict(ck["opt"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
+    elif cfg.init_from is not None:
+        model.load_state_dict(_initial_weights(Path(cfg.init_from)))
+        print(f"initialised from {cfg.init_from} (fresh optimiser and schedule)")
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
@@ -523,7 +556,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 f"loss {np.mean([h['loss'] for h in history[-100:]]):.4f}"
                 f"  bead depth median {history[-1]['val_bead_depth_median_um']:.2f} µm, "
                 f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
-                f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}"
+                f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}, "
+                f"found {history[-1]['val_bead_found']:.0%}, "
+                f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}"
             )
             _checkpoint(cfg, model, opt, step, history, wall)
         if timeout:
@@ -534,6 +569,15 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     if cfg.weights_out is not None:
         save_volume_model(cfg, model, psf, history, step, bf16)
     return model
+
+
+def _initial_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Model state from a volume .pt (a plain state_dict) or a training checkpoint."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found")
+    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    state: dict[str, torch.Tensor] = loaded["model"] if "opt" in loaded else loaded
+    return state
 
 
 def save_volume_model(
