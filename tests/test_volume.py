@@ -146,6 +146,82 @@ def test_training_resume_continues(tmp_path: Path):
     assert model.architecture["out_channels"] == 41
 
 
+def test_per_sample_normalisation_counts_a_dim_sample_as_much_as_a_bright_one(psf):
+    """With 'batch', a sample 10x dimmer weighs 100x less; with 'sample', the same."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    target = torch.zeros(2, 41, 32, 32)
+    # one bright and one 10x dimmer sample (in frame-std units, as training sees them)
+    for n, scale in enumerate((1000.0, 100.0)):
+        for depth, row, col in ((8, 6, 9), (20, 16, 16), (30, 24, 10)):
+            target[n, depth, row, col] = scale
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    dz = np.array([0.0, 2.0])
+
+    def losses(normalise: str, missed: int) -> float:
+        cfg = VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"normalise": normalise}}
+        )
+        pred = target.clone()
+        pred[missed] = 0  # the model misses every object of one sample
+        return volume_loss(cfg, renderer, pred, target, dz)[1]["object"]
+
+    batch_bright, batch_dim = losses("batch", 0), losses("batch", 1)
+    assert batch_bright / batch_dim == pytest.approx(100, rel=1e-3)
+    assert losses("sample", 0) == pytest.approx(losses("sample", 1), rel=1e-4)
+
+
+def test_far_weight_makes_far_misses_cost_more(psf):
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 20, 16, 16] = 1.0  # in focus
+    target[0, 4, 10, 10] = 1.0  # 8 µm from focus (away from the grid's end, as smoothing sees it)
+    cost = {}
+    for far in (0.0, 1.0):
+        cfg = VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"far_weight": far}}
+        )
+        for depth in (4, 20):
+            pred = target.clone()
+            pred[0, depth] = 0
+            cost[far, depth] = volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1][
+                "object"
+            ]
+    assert cost[0.0, 4] == pytest.approx(cost[0.0, 20], rel=1e-3)  # unweighted: equal
+    assert cost[1.0, 4] / cost[0.0, 4] == pytest.approx(1.8, rel=1e-3)  # 1 + 8 µm / 10 µm
+    assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
+
+
+def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
+    """init_from loads a shipped .pt (or a checkpoint) with a fresh optimiser, at step 0."""
+    import torch
+
+    from engine.train_volume import build_volume_model, train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.steps, cfg.lr, cfg.weights_out = 1, 1e-12, None
+    cfg.init_from = trained
+    model = train(cfg, progress=False)
+    shipped = torch.load(trained, weights_only=True)
+    assert all(
+        torch.allclose(v, shipped[k], atol=1e-6) for k, v in model.state_dict().items()
+    )  # a learning rate of 1e-12 leaves the loaded weights as they were
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 1
+    cfg.init_from = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(cfg, progress=False)
+    assert build_volume_model(cfg) is not None
+
+
 def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
     """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
     pytest.importorskip("onnx", reason="export extra not installed")
