@@ -103,6 +103,26 @@ class SeqSet:
             stops.insert(i, seq + 1)
         self.count += 1
 
+    def discard(self, seq: int) -> bool:
+        """Remove one seq; return whether it was there (a range may split in two)."""
+        starts, stops = self._starts, self._stops
+        i = bisect_right(starts, seq) - 1  # the range that starts at or before seq
+        if i < 0 or stops[i] <= seq:
+            return False
+        start, stop = starts[i], stops[i]
+        if start == seq and stop == seq + 1:
+            del starts[i], stops[i]
+        elif start == seq:
+            starts[i] = seq + 1
+        elif stop == seq + 1:
+            stops[i] = seq
+        else:
+            stops[i] = seq
+            starts.insert(i + 1, seq + 1)
+            stops.insert(i + 1, stop)
+        self.count -= 1
+        return True
+
     def ranges(self, last: int | None = None) -> list[tuple[int, int]]:
         """Return the ``(start, stop)`` ranges in order, only the `last` ones if given."""
         pairs = list(zip(self._starts, self._stops, strict=True))
@@ -256,6 +276,14 @@ class Metrics:
         with self._lock:
             for seq in seqs:
                 self._lost.add(seq)
+
+    def found(self, seq: int) -> bool:
+        """Un-count a lost seq whose stack arrived after all; return whether it was counted.
+
+        Its worker sent the stack, then died before the collector read it: it is not lost.
+        """
+        with self._lock:
+            return self._lost.discard(seq)
 
     def restart(self) -> None:
         """Count one worker restart."""

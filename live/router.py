@@ -110,13 +110,19 @@ class Ledger:
             self._pending[worker].add(seq)
             self._owner[seq] = worker
 
-    def settle(self, seqs: list[int]) -> None:
-        """Forget seqs that came back as stacks or were reported skipped."""
+    def settle(self, seqs: list[int]) -> list[int]:
+        """Forget seqs that came back as stacks or were reported skipped; return those out.
+
+        A seq that was not out was already taken from a worker that died (or never sent).
+        """
+        owned = []
         with self._lock:
             for seq in seqs:
                 worker = self._owner.pop(seq, None)
                 if worker is not None:
                     self._pending[worker].discard(seq)
+                    owned.append(seq)
+        return owned
 
     def take(self, worker: int) -> list[int]:
         """Return and forget every seq still out at `worker` (it died, or the run ended)."""
@@ -126,6 +132,11 @@ class Ledger:
             for seq in seqs:
                 self._owner.pop(seq, None)
             return seqs
+
+    def pending(self, worker: int) -> list[int]:
+        """Return the seqs out at `worker` now, sorted."""
+        with self._lock:
+            return sorted(self._pending[worker])
 
     def outstanding(self) -> int:
         """Return how many frames are out at workers."""
@@ -484,7 +495,10 @@ class Collector(threading.Thread):
             self._metrics.malformed_in()
             log.error("malformed stack from a worker dropped: %s", err)
             return
-        self._ledger.settle([message.header.seq])
+        seq = message.header.seq
+        if not self._ledger.settle([seq]) and self._metrics.found(seq):
+            # sent just before its worker died, read after the daemon counted it lost
+            log.info("stack %d arrived after its worker died: recorded, not lost", seq)
         self._metrics.stack_out(message.header.latency_ms or 0.0)
         if self._recorder is not None and not self._recorder.put_stack(message):
             if self._recorder.keeps_stacks:

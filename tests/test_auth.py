@@ -19,10 +19,10 @@ from live.display import LatestStack
 from live.hook import FrameSender
 from live.keys import make_keys
 from live.metrics import Metrics, StatusPublisher, StatusReader
-from live.protocol import max_part_bytes
+from live.protocol import decode, max_part_bytes
 from live.recorder import SeqGate
 from live.router import Ledger, Router
-from live.run import Daemon
+from live.run import Daemon, FinishReason
 from live.security import (
     ClientKeys,
     Gatekeeper,
@@ -128,7 +128,10 @@ def test_only_a_client_with_an_allowed_key_gets_frames_in(tmp_path: Path, keydir
         _send(senders["no keys"], range(0, 5))
         _send(senders["wrong key"], range(5, 10))
         assert _frames_in_after(served.metrics, 1, 2.0) == 0  # nothing got through
-        assert served.gatekeeper.denied >= 1  # the wrong key was refused by ZAP
+        deadline = time.monotonic() + 10
+        while served.gatekeeper.denied < 1:  # the wrong key is refused by ZAP
+            assert time.monotonic() < deadline, "ZAP never refused the wrong key"
+            time.sleep(0.05)
         with FrameSender.for_config(config) as good:  # the config's client key
             _send(good, range(10, 15))
             assert _frames_in_after(served.metrics, 5, 10.0) == 5
@@ -174,14 +177,21 @@ def test_published_frames_and_status_reach_only_allowed_clients(
             for name, reader in readers.items():
                 if (value := reader.latest(50)) is not None:
                     got[name] = value
-        time.sleep(0.5)
         with FrameSender.for_config(config) as sender:
-            _send(sender, range(3))
-            received = 0
-            while received < 3 and raw_subs["good"].poll(5000):
-                raw_subs["good"].recv_multipart()
-                received += 1
-        assert received == 3
+            # PUB drops until the CURVE handshake and the subscription are through: probe
+            # with fresh seqs until one is republished, then send three more
+            probe = 0
+            while not raw_subs["good"].poll(200):
+                assert time.monotonic() < deadline + 10, "the allowed raw subscriber got nothing"
+                _send(sender, range(probe, probe + 1))
+                probe += 1
+            _send(sender, range(100, 103))
+            received = []
+            while len(received) < 3 and raw_subs["good"].poll(10_000):
+                seq = decode(raw_subs["good"].recv_multipart()).header.seq
+                if seq >= 100:  # a late probe is not one of the three
+                    received.append(seq)
+        assert received == [100, 101, 102]
         assert set(got) == {"good"}
         assert not raw_subs["none"].poll(300) and not raw_subs["wrong"].poll(300)
     finally:
@@ -197,9 +207,7 @@ def test_published_frames_and_status_reach_only_allowed_clients(
 def test_a_daemon_with_curve_required_runs_its_own_source_and_serves_allowed_viewers(
     tmp_path: Path, keydir: Path, tiny_model_files
 ) -> None:
-    config = _secured(
-        tmp_path, keydir, tiny_model_files["onnx"], source={"frame_count": 40, "rate_hz": 20.0}
-    )
+    config = _secured(tmp_path, keydir, tiny_model_files["onnx"], source={"rate_hz": 20.0})
     daemon = Daemon(config, output=tmp_path / "run.ome.zarr", preflight_check=False)
     viewer = LatestStack(config.endpoints.stacks, keys=client_keys(config, "stacks"))
     stranger = LatestStack(config.endpoints.stacks)
@@ -211,14 +219,16 @@ def test_a_daemon_with_curve_required_runs_its_own_source_and_serves_allowed_vie
             assert time.monotonic() < deadline, "the allowed viewer never got a stack"
             daemon.supervise(0.2, quiet=True)
             seen = viewer.poll(0)
-        daemon.supervise(30.0, quiet=True)  # until the source has sent its 40 frames
+        daemon.supervise(0.5, quiet=True)  # a few more stacks the stranger must not get
+        daemon.finish(FinishReason.STOPPED)
         assert stranger.poll(100) is None and stranger.received == 0
     finally:
         summary = daemon.stop()
         viewer.close()
         stranger.close()
-    assert summary.failures == [] and summary.frames_acquired == 40
-    assert summary.frames_in == 40 and summary.raw_recorded == 40  # the daemon's own key works
+    n = summary.frames_acquired
+    assert summary.failures == [] and n > 0
+    assert summary.frames_in == n and summary.raw_recorded == n  # the daemon's own key works
 
 
 def test_no_keys_no_start_one_line_naming_the_endpoint(tmp_path: Path) -> None:

@@ -234,7 +234,14 @@ rec = Recorder(sys.argv[1], frame_shape=(16, 16), pixel_size_um=0.5, rate_hz=20.
 for seq in range(5):
     frame = np.full((16, 16), 100 + seq, np.uint16)
     rec.put_frame(decode(encode_frame(frame, seq=seq, timestamp_s=10.0 + seq, focus_um=2.0)))
-time.sleep(2.5)  # past one metadata interval and the hold
+import zarr
+deadline = time.monotonic() + 60
+# wait (not a fixed sleep) until the partial shard is written and the presence record shows it
+while rec.counts()[0] < 5 or not zarr.open_group(sys.argv[1], mode="r").attrs["deepz"].get(
+    "raw_present"
+):
+    assert time.monotonic() < deadline, "seqs 0-4 were never written"
+    time.sleep(0.05)
 assert rec.counts()[0] == 5 and rec.shard_t["raw"] == 20
 rec.put_frame(decode(encode_frame(np.full((16, 16), 7, np.uint16), seq=5, timestamp_s=15.0)))
 while rec.counts()[0] < 6:  # held, then written

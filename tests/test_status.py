@@ -34,6 +34,31 @@ def test_seq_set_merges_ranges_in_any_order_and_counts_each_seq_once() -> None:
     assert seqs.ranges(last=1) == [(193, 199)]  # 199 % 7 == 3
 
 
+def test_seq_set_discard_splits_and_trims_ranges_like_a_set() -> None:
+    rng = np.random.default_rng(1)
+    seqs, model = SeqSet(), set()
+    for _ in range(3000):
+        seq = int(rng.integers(0, 80))
+        if rng.random() < 0.55:
+            seqs.add(seq)
+            model.add(seq)
+        else:
+            assert seqs.discard(seq) == (seq in model)
+            model.discard(seq)
+        assert seqs.count == len(model)
+    assert seqs.seqs() == sorted(model)
+    starts = [a for a, _ in seqs.ranges()]
+    stops = [b for _, b in seqs.ranges()]
+    assert all(b < a for a, b in zip(starts[1:], stops[:-1], strict=True))  # merged, apart
+
+
+def test_a_stack_read_after_its_worker_was_counted_dead_is_not_lost() -> None:
+    metrics = Metrics()
+    metrics.lose([7, 8, 9])  # the daemon took them from a worker that died
+    assert metrics.found(8) and not metrics.found(8) and not metrics.found(10)
+    assert metrics.lost_seqs() == [7, 9] and metrics.snapshot().lost == 2
+
+
 def test_status_message_carries_capped_ranges_however_many_frames_are_lost() -> None:
     metrics = Metrics()
     metrics.skip(list(range(0, 1_000_000)))  # a million in a row: one range
@@ -112,12 +137,12 @@ def test_status_reader_ignores_what_is_not_a_snapshot(payload: bytes) -> None:
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     reader = StatusReader(f"tcp://127.0.0.1:{port}", ctx)
     try:
-        time.sleep(0.3)  # let the subscription arrive (PUB drops before it)
-        pub.send(payload)
-        pub.send(b'{"frames_in": 3}')
-        deadline = time.monotonic() + 5
-        status = reader.latest(100)
-        while status is None and time.monotonic() < deadline:
+        deadline = time.monotonic() + 10
+        status = None
+        while status is None:  # PUB drops until the subscription has arrived: send again
+            assert time.monotonic() < deadline, "nothing arrived"
+            pub.send(payload)  # each time behind the bad payload, which must be ignored
+            pub.send(b'{"frames_in": 3}')
             status = reader.latest(100)
         assert status == {"frames_in": 3}
     finally:
