@@ -46,8 +46,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "view": (
         "live.display",
-        "open a napari window on a running daemon's stacks (extra: view)",
-        "deepz-live view --scope config.toml",
+        "open a napari window on a running daemon's stacks or a recording (extra: view)",
+        "deepz-live view runs/RUN.ome.zarr",
     ),
     "status": (
         "live.status_client",

@@ -118,9 +118,17 @@ class LatestStack:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Open a napari window that shows the newest stack and its max projection."""
-    parser = argparse.ArgumentParser(prog="python -m live.display", description=__doc__)
-    where = parser.add_mutually_exclusive_group(required=True)
+    """Open a napari window on a running daemon's newest stack, or on a recording."""
+    parser = argparse.ArgumentParser(
+        prog="python -m live.display",
+        description="Open a napari window on a running daemon's stacks (--endpoint / --scope) "
+        "or on a recording (RUN.ome.zarr: raw frames at the focal plane, stacks at their depth).",
+        epilog="examples:\n  deepz-live view --scope config.toml\n"
+        "  deepz-live view runs/RUN.ome.zarr",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("recording", nargs="?", type=Path, help="a run store to open")
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--endpoint", help="stacks PUB endpoint of the daemon")
     where.add_argument("--scope", type=Path, help="the daemon's config (endpoint and keys)")
     parser.add_argument("--client-key", type=Path, help="CURVE client secret certificate")
@@ -133,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-fps", type=float, default=20.0, help="screen refresh limit")
     args = parser.parse_args(argv)
+    if (args.recording is None) == (args.endpoint is None and args.scope is None):
+        parser.error("give a recording, or --endpoint / --scope of a running daemon")
+    if args.recording is not None:
+        from live.recording_view import show
+
+        return show(args.recording)
     try:
         endpoint, keys, max_bytes = _connection(args)
     except ValueError as err:

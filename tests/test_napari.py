@@ -40,13 +40,15 @@ PIXEL_UM = 0.3
 NAMES = {"raw": "raw: raw frames", "stacks": "stacks: refocused stacks"}
 """Layer names napari-ome-zarr gives: ``<multiscales name>: <omero channel label>``."""
 DROPS_TRANSLATION = (
-    "napari-ome-zarr 0.7-0.10 (zarr v3 reader, ome_zarr_reader.Multiscales.metadata) uses only "
+    "napari-ome-zarr 0.9-0.10 (ome_zarr_reader.Multiscales.metadata) uses only "
     "datasets[0].coordinateTransformations[0], the scale, and drops the NGFF translation that "
-    "puts the first plane at -4 µm; 0.6 applied it. Fix upstream: extend with all of them."
+    "puts the first plane at -4 µm (0.7-0.8 applied it, but name no axes); `deepz-live view` "
+    "shows it right (test_deepz_live_view_lines_up_raw_and_stacks_at_depth)"
 )
 RIGHT_ALIGNED = (
     "napari aligns layers by trailing axes: the raw (t, y, x) image lands on the stacks' "
-    "(z, y, x), so raw's t (0.5 s steps) shares the z slider with the 2 µm planes"
+    "(z, y, x), so raw's t (0.5 s steps) shares the z slider with the 2 µm planes; no "
+    "OME-Zarr 0.5 metadata aligns images of different dimensionality (`deepz-live view` does)"
 )
 
 
@@ -131,6 +133,25 @@ def test_the_stacks_planes_sit_at_their_z_offsets_from_focus(viewer) -> None:
 def test_the_z_slider_steps_through_the_planes(viewer) -> None:
     z_axis = viewer.dims.axis_labels.index("z")
     assert viewer.dims.range[z_axis].step == PLANES[1] - PLANES[0]
+
+
+def test_deepz_live_view_lines_up_raw_and_stacks_at_depth(store) -> None:
+    """What the plugin misses (the xfails above), `live.recording_view` gets right."""
+    from live.recording_view import open_recording
+
+    model = napari.components.ViewerModel()
+    raw, stacks = open_recording(model, store)
+    assert model.dims.axis_labels == ("t", "z", "y", "x")
+    z_axis = model.dims.axis_labels.index("z")
+    assert model.dims.range[z_axis].step == PLANES[1] - PLANES[0]  # z steps through planes
+    z = [stacks.data_to_world((0, i, 0, 0))[1] for i in range(len(PLANES))]
+    np.testing.assert_allclose(z, PLANES)
+    assert raw.data_to_world((0, 0, 0, 0))[1] == 0.0  # raw frames: the focal plane
+    t_axis = model.dims.axis_labels.index("t")
+    assert model.dims.range[t_axis].step == 0.5  # time is its own slider (2 Hz)
+    windows = _windows(store)
+    np.testing.assert_allclose(raw.contrast_limits, windows["raw"])
+    np.testing.assert_allclose(stacks.contrast_limits, windows["stacks"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,190 @@
+"""Open a recording in napari with its axes lined up and its planes at their true depth.
+
+napari-ome-zarr opens a run store at its root (the store is plain OME-Zarr 0.5), but two things
+are lost on the way today, both kept as strict xfails in ``tests/test_napari.py``:
+
+- napari-ome-zarr 0.9 and later apply only a dataset's first coordinate transform (the scale)
+  and drop the NGFF translation, so the stacks show z = 0 … 16 µm instead of −8 … +8 µm
+  (0.7 and 0.8 applied it but give the layers no axis names);
+- napari lines layers up by their trailing axes, so the raw (t, y, x) frames land on the
+  stacks' (z, y, x) and raw's time steps share the z slider with the planes.
+
+No valid OME-Zarr 0.5 metadata fixes either (a translation before the scale is invalid, and
+nothing in the spec aligns images of different dimensionality). So ``deepz-live view RUN``
+reads the same store and hands napari what is true: raw frames as (t, z, y, x) with one plane
+at z = 0 µm (the focal plane, which is what a raw frame is), the stacks at their z offsets from
+focus, each with the store's own scale, units, axis names and display window. `layer_specs` is
+the napari-free part (the tests check it without napari); `open_recording` adds the layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from live.store import image_groups
+
+__all__ = ["LayerSpec", "RecordingError", "layer_specs", "open_recording"]
+
+
+class RecordingError(ValueError):
+    """The path is not a run store this module can show (one line, naming the path)."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One napari image layer of a recording: the array and where its pixels sit.
+
+    ``array`` is the store's own (lazy) zarr array; when ``insert_axis`` is set, a length-1
+    axis goes in at that position before it is shown (raw frames get the stacks' z axis).
+    ``scale``, ``translate``, ``axis_labels`` and ``units`` are for the shown array.
+    """
+
+    role: str
+    name: str
+    array: Any
+    insert_axis: int | None
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    axis_labels: tuple[str, ...]
+    units: tuple[str | None, ...]
+    contrast_limits: tuple[float, float] | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape napari sees (with the inserted axis)."""
+        shape = list(self.array.shape)
+        if self.insert_axis is not None:
+            shape.insert(self.insert_axis, 1)
+        return tuple(shape)
+
+
+def _ome(node: Any, key: str = "ome") -> Any:
+    """Return a node's JSON attribute `key` (Any: the store's JSON is checked where used)."""
+    return node.attrs[key]
+
+
+def _transforms(multiscale: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """Scale and translation of a one-level NGFF image (translation zeros when absent)."""
+    scale: list[float] | None = None
+    translation: list[float] | None = None
+    for t in multiscale["datasets"][0].get("coordinateTransformations", []):
+        if t.get("type") == "scale":
+            scale = [float(v) for v in t["scale"]]
+        elif t.get("type") == "translation":
+            translation = [float(v) for v in t["translation"]]
+    if scale is None:
+        scale = [1.0] * len(multiscale["axes"])
+    return scale, translation or [0.0] * len(scale)
+
+
+def _focal_index(deepz: Mapping[str, Any]) -> float:
+    """Position of the focal plane (0 µm) along a non-metric stack axis (its index, or 0)."""
+    planes = deepz.get("planes_um")
+    if isinstance(planes, list) and 0.0 in planes:
+        return float(planes.index(0.0))
+    return 0.0
+
+
+def layer_specs(path: str | Path) -> list[LayerSpec]:
+    """Read a run store's images as napari layers: raw at the focal plane, stacks at depth.
+
+    Raises `RecordingError` (one line, naming the path) when the store cannot be opened or holds
+    no image.
+    """
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        deepz: dict[str, Any] = dict(_ome(root, "deepz"))
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
+        raise RecordingError(f"{path}: not a deepz-live recording ({err})") from None
+    groups = {role: group for role, group in image_groups(deepz).items() if group in root}
+    if not groups:
+        raise RecordingError(f"{path}: the recording holds no image")
+    stack_axis: dict[str, str] | None = None
+    stack_scale_z = 1.0
+    if "stacks" in groups:
+        ms = _ome(root[groups["stacks"]])["multiscales"][0]
+        stack_axis = dict(ms["axes"][1])
+        stack_scale_z = _transforms(ms)[0][1]
+    specs = []
+    for role, group in groups.items():
+        ome = _ome(root[group])
+        ms = ome["multiscales"][0]
+        axes = [dict(a) for a in ms["axes"]]
+        scale, translation = _transforms(ms)
+        insert = None
+        if role == "raw" and stack_axis is not None and len(axes) == 3:
+            # A raw frame is the focal plane: z = 0 µm, or the 0 µm entry of a plane list.
+            insert = 1
+            axes.insert(1, stack_axis)
+            scale.insert(1, stack_scale_z)
+            on_z = stack_axis.get("name") == "z"
+            translation.insert(1, 0.0 if on_z else _focal_index(deepz))
+        window = ome.get("omero", {}).get("channels", [{}])[0].get("window")
+        limits = None if window is None else (float(window["start"]), float(window["end"]))
+        label = ome.get("omero", {}).get("channels", [{}])[0].get("label", role)
+        specs.append(
+            LayerSpec(
+                role=role,
+                name=f"{role}: {label}",
+                array=root[f"{group}/{ms['datasets'][0]['path']}"],
+                insert_axis=insert,
+                scale=tuple(scale),
+                translate=tuple(translation),
+                axis_labels=tuple(str(a["name"]) for a in axes),
+                units=tuple(a.get("unit") for a in axes),
+                contrast_limits=limits,
+            )
+        )
+    return specs
+
+
+def open_recording(viewer: Any, path: str | Path) -> list[Any]:
+    """Add a recording's layers to a napari viewer (or `ViewerModel`); return the layers."""
+    import dask.array as da  # napari depends on dask: present wherever napari is
+
+    layers = []
+    for spec in layer_specs(path):
+        data = da.from_zarr(spec.array)  # type: ignore[no-untyped-call]
+        if spec.insert_axis is not None:
+            data = da.expand_dims(data, spec.insert_axis)
+        units = tuple(u if u is not None else "pixel" for u in spec.units)
+        layers.append(
+            viewer.add_image(
+                data,
+                name=spec.name,
+                scale=spec.scale,
+                translate=spec.translate,
+                axis_labels=spec.axis_labels,
+                units=units,
+                contrast_limits=spec.contrast_limits,
+            )
+        )
+    return layers
+
+
+def show(path: str | Path) -> int:
+    """Open a napari window on a recording (``deepz-live view RUN.ome.zarr``); exit status."""
+    import sys
+
+    try:
+        specs = layer_specs(path)
+    except RecordingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        import napari
+    except ImportError:
+        print("viewing a recording needs napari: pip install 'deepz-live[view]'", file=sys.stderr)
+        return 1
+    viewer = napari.Viewer(title=f"deepz-live: {Path(path).name}")
+    open_recording(viewer, path)
+    shapes = ", ".join(f"{s.role} {s.shape}" for s in specs)
+    print(f"opened {path}: {shapes}")
+    napari.run()
+    return 0
