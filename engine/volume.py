@@ -20,6 +20,7 @@ PSF bank, same indexing) in `engine.train_volume`.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,11 @@ EMPTY_DEPTH = 1e-6
 """A depth whose density peaks below this fraction of the volume's peak is not rendered."""
 RESIDUAL_SIGMA_PX = 4.0
 """Gaussian low-pass (px) of the unexplained part of the frame that is added to every plane."""
+DEPTH_FFT_MIN_PRODUCTS = 800
+"""Render by convolution along depth (FFTs over the depth axis) when planes x active depths is
+at least this; below it, the direct sum of products is cheaper. Measured on 2 EPYC cores, 256²,
+41 planes from 41 depths: direct 116 ms (78 ms on 2 threads), depth FFT 44.5 ms; the FFT costs
+about what 650 direct products do, whatever the number of planes."""
 
 
 def depth_grid(half_range_um: float = 10.0, step_um: float = DEPTH_STEP_UM) -> np.ndarray:
@@ -133,10 +139,18 @@ class Renderer:
     are computed once here and reused for every frame.
     """
 
-    def __init__(self, psf: np.ndarray, depth_um: np.ndarray, shape: tuple[int, int]) -> None:
+    def __init__(
+        self, psf: np.ndarray, depth_um: np.ndarray, shape: tuple[int, int], threads: int = 2
+    ) -> None:
         import scipy.fft
 
         self._fft = scipy.fft
+        self.threads = max(1, int(threads))
+        self._pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="render")
+            if self.threads > 1
+            else None
+        )
         self.depth_um = np.asarray(depth_um, dtype=np.float64)
         self.step_um = float(self.depth_um[1] - self.depth_um[0])
         self.shape = (int(shape[0]), int(shape[1]))
@@ -159,6 +173,8 @@ class Renderer:
         # Normalised convolution: the residual is low-passed inside the frame only (the grid
         # around it is zero), so divide by the low-passed frame support; otherwise the
         # residual (camera offset, background) would fade towards the frame's edges.
+        self._pad = np.zeros((0, *self.grid), dtype=np.float32)
+        self._depth_kernel: np.ndarray | None = None
         ones = np.ones((1, *self.shape), dtype=np.float32)
         self._support = self._back(self._spectra(ones) * self._lowpass)[0]
 
@@ -166,16 +182,43 @@ class Renderer:
         """rfft2 of (D, H, W) objects, zero-padded into the render grid."""
         m = self.margin
         h, w = self.shape
-        pad = np.zeros((objects.shape[0], *self.grid), dtype=np.float32)
+        n = objects.shape[0]
+        if self._pad.shape[0] < n:  # kept between calls: its margins stay zero
+            self._pad = np.zeros((n, *self.grid), dtype=np.float32)
+        pad = self._pad[:n]
         pad[:, m : m + h, m : m + w] = objects
-        out: np.ndarray = self._fft.rfft2(pad, workers=2).astype(np.complex64, copy=False)
+        out: np.ndarray = self._fft.rfft2(pad, workers=self.threads).astype(
+            np.complex64, copy=False
+        )
+        return out
+
+    def _convolve_depth(self, spec: np.ndarray, active: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Sum over depths of spec[d] · OTF(j - d) at bank rows `rows`, by FFTs along depth.
+
+        Plane p sees depth d through bank entry ``j = rows[p] - d`` (the Toeplitz structure of
+        a lattice), so the sum is a convolution along the depth axis. With the L = 2D - 1
+        entries of the bank, a circular convolution of length L is exact for every row in
+        [D - 1, L - 1] (the planes within the depth grid): no index wraps around there.
+        """
+        n_bank = self.otf.shape[0]
+        if self._depth_kernel is None:  # computed on first use: as large as the OTF bank
+            self._depth_kernel = self._fft.fft(self.otf, axis=0, workers=self.threads).astype(
+                np.complex64
+            )
+        padded = np.zeros((n_bank, *spec.shape[1:]), dtype=np.complex64)
+        padded[active] = spec
+        spectrum = self._fft.fft(padded, axis=0, workers=self.threads, overwrite_x=True)
+        spectrum *= self._depth_kernel
+        out: np.ndarray = self._fft.ifft(
+            spectrum, axis=0, workers=self.threads, overwrite_x=True
+        )[rows].astype(np.complex64, copy=False)
         return out
 
     def _back(self, spectra: np.ndarray) -> np.ndarray:
         """Inverse of `_spectra`: (P, grid) spectra to (P, H, W) float32 images."""
         m = self.margin
         h, w = self.shape
-        img = self._fft.irfft2(spectra, s=self.grid, workers=2)
+        img = self._fft.irfft2(spectra, s=self.grid, workers=self.threads)
         out: np.ndarray = np.ascontiguousarray(img[:, m : m + h, m : m + w], dtype=np.float32)
         return out
 
@@ -183,7 +226,9 @@ class Renderer:
         """Render the density's own light (P, H, W) float32 at defocus `dz_um` (lattice values).
 
         Depths whose density is empty (below 1e-6 of the peak) are skipped: sparse samples
-        occupy few of the 41 depths, and each one costs an FFT and P products.
+        occupy few of the 41 depths, and each one costs an FFT and P products. Many planes from
+        many depths are one convolution along depth (`_convolve_depth`, exact to float32
+        rounding); few are summed directly, the planes shared among the renderer's threads.
         """
         objects = np.asarray(objects, dtype=np.float32)
         j = defocus_index(np.atleast_1d(np.asarray(dz_um, dtype=np.float64)), self.depth_um)
@@ -192,13 +237,31 @@ class Renderer:
         if active.size == 0:
             return np.zeros((j.shape[0], *self.shape), dtype=np.float32)
         spec = self._spectra(objects[active])
+        n_bank = self.otf.shape[0]
+        rows = j[:, 0]  # bank entry of each plane at depth index 0
+        within = bool(np.all((rows >= objects.shape[0] - 1) & (rows <= n_bank - 1)))
+        if within and j.shape[0] * active.size >= DEPTH_FFT_MIN_PRODUCTS:
+            return self._back(self._convolve_depth(spec, active, rows))
         acc = np.empty((j.shape[0], *spec.shape[1:]), dtype=np.complex64)
-        tmp = np.empty(spec.shape[1:], dtype=np.complex64)
-        for p in range(j.shape[0]):
-            np.multiply(spec[0], self.otf[j[p, active[0]]], out=acc[p])
-            for k in range(1, active.size):
-                np.multiply(spec[k], self.otf[j[p, active[k]]], out=tmp)
-                acc[p] += tmp
+        jj = j[:, active]
+
+        def accumulate(planes: range) -> None:
+            # acc[p] = sum over depths k of spec[k] * OTF(plane p - depth k): memory-bound
+            # numpy passes, which release the GIL, so threads over planes use idle cores
+            tmp = np.empty(spec.shape[1:], dtype=np.complex64)
+            for p in planes:
+                np.multiply(spec[0], self.otf[jj[p, 0]], out=acc[p])
+                for k in range(1, active.size):
+                    np.multiply(spec[k], self.otf[jj[p, k]], out=tmp)
+                    acc[p] += tmp
+
+        n = j.shape[0]
+        if self._pool is None or n < 2:
+            accumulate(range(n))
+        else:
+            chunks = [range(i, n, self.threads) for i in range(self.threads)]
+            for future in [self._pool.submit(accumulate, c) for c in chunks]:
+                future.result()
         return self._back(acc)
 
     def planes(self, objects: np.ndarray, frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:

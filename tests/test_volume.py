@@ -56,6 +56,25 @@ def test_surface_interpolates_between_planes(psf):
     assert surf.shape == SHAPE and np.isfinite(surf).all()
 
 
+def test_depth_convolution_and_direct_sums_render_the_same_planes(psf, monkeypatch):
+    """The FFT-along-depth path (many planes) equals the direct sum (few), to float32 rounding."""
+    import engine.volume as volume
+
+    pair = simulate_volume_pair("mixed", shape=SHAPE, focus_um=[0.0], seed=4)
+    dens = pair.objects_counts[0]
+    z = depth_grid()
+    fast = Renderer(psf, pair.depth_um, SHAPE).render(dens, z)  # 41 x 41: by FFT
+    monkeypatch.setattr(volume, "DEPTH_FFT_MIN_PRODUCTS", 10**9)
+    for threads in (1, 2):
+        direct = Renderer(psf, pair.depth_um, SHAPE, threads=threads).render(dens, z)
+        np.testing.assert_allclose(fast, direct, atol=2e-5 * float(direct.max()))
+    some = z[::5]  # planes on the lattice, not all of them: rows picked from the convolution
+    monkeypatch.setattr(volume, "DEPTH_FFT_MIN_PRODUCTS", 1)
+    np.testing.assert_allclose(
+        Renderer(psf, pair.depth_um, SHAPE).render(dens, some), fast[::5], atol=2e-5 * fast.max()
+    )
+
+
 def test_psf_bank_round_trip_and_bad_files(tmp_path: Path, psf):
     from engine.volume import save_psf_bank
 

@@ -283,7 +283,8 @@ class BaseBackend:
         if r is None:
             if len(self._renderers) >= MAX_CACHED_SHAPES:
                 self._renderers.pop(next(iter(self._renderers)))
-            r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape)
+            threads = self.options.intra_op_threads or default_threads()
+            r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape, threads)
             self._renderers[shape] = r
         return r
 
