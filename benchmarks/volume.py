@@ -1,12 +1,14 @@
 """Cost of a volume from the volume model: one network pass, then planes rendered from it.
 
 ``python -m benchmarks.volume [--model engine/weights/deepz-volume.onnx] [--sizes 256 512]
-[--planes 9 41] [--backends openvino onnxruntime]``
+[--planes 9 41] [--backends openvino onnxruntime] [--precisions fp32 bf16]``
 
 For each backend and frame size: the network pass (frame -> density on 41 depths), the
 rendering of P uniform planes through the model's PSF (`engine.volume.Renderer`, numpy on the
 host), and the whole `infer` call, in ms per frame and planes per second; the network's
-achieved GFLOP/s against a float32 matmul peak measured in the same run. Compare with the
+achieved GFLOP/s against a float32 matmul peak measured in the same run (bfloat16 can pass
+it: the peak is float32's). A backend that cannot run a precision here (onnxruntime has no
+bf16; a CPU without AVX-512-BF16 / AMX neither) is skipped with its reason. Compare with the
 per-plane model in `benchmarks/results/engine.json` (one network pass per plane). Writes
 ``benchmarks/results/volume.json``.
 """
@@ -41,15 +43,29 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 def run(
-    model: Path, sizes: Sequence[int], planes: Sequence[int], backends: Sequence[str], repeats: int
+    model: Path,
+    sizes: Sequence[int],
+    planes: Sequence[int],
+    backends: Sequence[str],
+    repeats: int,
+    precisions: Sequence[str] = ("fp32",),
 ) -> list[dict[str, Any]]:
-    """Time network, rendering and `infer` for each backend, size and plane count."""
-    from engine.runtime import load_backend
+    """Time network, rendering and `infer` for each backend, precision, size and plane count."""
+    from engine.runtime import BackendError, load_backend
 
     rows: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)
-    for name in backends:
-        backend = load_backend(model, prefer=[name], intra_op_threads=2)
+    for name, precision in [(b, q) for b in backends for q in precisions]:
+        try:
+            backend = load_backend(
+                model,
+                prefer=[name],
+                intra_op_threads=2,
+                precision=precision,  # type: ignore[arg-type]
+            )
+        except BackendError as err:
+            print(f"{name} {precision}: skipped ({' '.join(str(err).split())})", flush=True)
+            continue
         flops = float(backend.metadata.extra.get("flops_per_pixel", float("nan")))
         for side in sizes:
             frame = rng.integers(100, 3000, (side, side), dtype=np.uint16)
@@ -65,6 +81,7 @@ def run(
                 rows.append(
                     {
                         "backend": name,
+                        "precision": precision,
                         "side": side,
                         "planes": p,
                         "network_ms": round(net_ms, 1),
@@ -76,7 +93,7 @@ def run(
                     }
                 )
                 print(
-                    f"{name:<12} {side:>4}² × {p:>2}: network {net_ms:7.1f} ms, render "
+                    f"{name:<12} {precision} {side:>4}² × {p:>2}: network {net_ms:7.1f} ms, render "
                     f"{render_ms:7.1f} ms, infer {infer_ms:7.1f} ms = {p * 1e3 / infer_ms:6.1f} "
                     "planes/s",
                     flush=True,
@@ -92,16 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--planes", type=int, nargs="+", default=[9, 41])
     p.add_argument("--backends", nargs="+", default=["openvino", "onnxruntime"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    rows = run(args.model, args.sizes, args.planes, args.backends, args.repeats)
+    rows = run(
+        args.model, args.sizes, args.planes, args.backends, args.repeats, args.precisions
+    )
     peak = matmul_peak()  # same run, same load: the ratio is what compares across machines
     for row in rows:
         row["network_peak_fraction"] = round(row["network_gflop_per_s"] / peak["peak"], 3)
-    shares = {(r["backend"], r["side"]): r["network_peak_fraction"] for r in rows}
+    shares = {
+        (r["backend"], r["precision"], r["side"]): r["network_peak_fraction"] for r in rows
+    }
     print(f"float32 matmul peak {peak['peak']:.0f} GFLOP/s; the network reaches")
-    for (backend, side), share in shares.items():
-        print(f"  {backend:<12} {side}²: {share:.0%} of it")
+    for (backend, precision, side), share in shares.items():
+        print(f"  {backend:<12} {precision} {side}²: {share:.0%} of it")
     print("(FLOPs are the direct convolution's: a Winograd kernel can exceed 100 %)")
     result = {
         "date": time.strftime("%Y-%m-%d"),

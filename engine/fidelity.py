@@ -34,6 +34,7 @@ import numpy as np
 
 from engine import heldout as ho
 from engine.metrics import pearson, ssim
+from engine.runtime import Precision
 
 __all__ = ["Method", "compare", "cross_modality", "main", "simulator_sample"]
 
@@ -97,12 +98,12 @@ def simulator_sample(
     )
 
 
-def _model_method(path: Path) -> Method:
+def _model_method(path: Path, precision: Precision = "fp32") -> Method:
     """Serve a model through `engine.runtime` (torch for .pt, the best ONNX backend else)."""
     from engine.runtime import load_backend
 
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
-    backend = load_backend(path, prefer=prefer)
+    backend = load_backend(path, prefer=prefer, precision=precision)
 
     def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
         dz = np.asarray(dz_um, dtype=np.float32)
@@ -115,6 +116,8 @@ def _model_method(path: Path) -> Method:
 
     kind = "volume" if backend.metadata.volume is not None else "per-plane"
     label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
+    if precision != "fp32":
+        label = f"{label} {precision}"
     return Method(label, planes, surface)
 
 
@@ -196,12 +199,16 @@ def _evaluate_set(
 
 
 def compare(
-    models: Sequence[Path], *, quick: bool = False, shape: tuple[int, int] = (256, 256)
+    models: Sequence[Path],
+    *,
+    quick: bool = False,
+    shape: tuple[int, int] = (256, 256),
+    precisions: Sequence[Precision] = ("fp32",),
 ) -> dict[str, Any]:
-    """Run every read-out for `models` and the baselines on both sets; return the results."""
+    """Run every read-out for `models` (at each precision) and the baselines on both sets."""
     from tqdm import tqdm
 
-    methods = [_model_method(Path(p)) for p in models]
+    methods = [_model_method(Path(p), q) for p in models for q in precisions]
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
     methods.append(_wiener_method(Path(models[0]) if models else None))
     methods.append(
@@ -389,6 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--models", type=Path, nargs="*", default=None, help=".pt or .onnx models")
     p.add_argument("--out", type=Path, default=None, help="report folder (default: new in runs/)")
     p.add_argument("--quick", action="store_true", help="one sample per set kind")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="serve each ONNX model at these precisions (bf16: OpenVINO on BF16 CPUs)",
+    )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"
     models = args.models
@@ -398,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     out = args.out or Path("runs") / time.strftime("fidelity-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    r = compare(models, quick=args.quick)
+    r = compare(models, quick=args.quick, precisions=args.precisions)
     r["cross_modality"] = cross_modality(models)
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
     text = report(r)

@@ -35,7 +35,7 @@ from pydantic import (
 
 from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
 from engine.optics import CameraConfig, OpticsConfig
-from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendName
+from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendName, Precision
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -285,7 +285,9 @@ class EngineConfig(_BaseModel):
         min_length=1,
         description="Backends to try, in order of preference; the first available one runs.",
     )
-    precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="Inference precision.")
+    precision: Precision = Field(
+        "fp32", description="Inference precision (bf16: OpenVINO on AVX-512-BF16 / AMX CPUs)."
+    )
     max_batch: int = Field(
         DEFAULT_MAX_BATCH, ge=1, le=1024, description="Most (frame, DPM) pairs per call."
     )

