@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DURATION ?= 20
 RUN_EXTRAS := openvino,sim
-TEST_EXTRAS := train,export,openvino,mm,dist,dev,sim
+TEST_EXTRAS := train,export,openvino,mm,dist,dev,sim,view
 
 .PHONY: run test lint bench clean
 
