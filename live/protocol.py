@@ -565,9 +565,10 @@ def parse_end_of_stacks(raw: bytes) -> int | None:
         return None
     return int(tail)
 
-EVENTS = frozenset({"ready", "skipped", "rejected", "done", "error"})
-"""Kinds of worker event: loaded its backend; seqs its overload policy skipped; seqs it refused
-(not a frame it can refocus); finished (with a stack count); failed (with a message)."""
+EVENTS = frozenset({"ready", "rejected", "done", "error"})
+"""Kinds of worker event: loaded its backend; seqs it refused (not a frame it can refocus);
+finished (with a stack count); failed (with a message). Workers never skip: the router is the
+one place that does (credit-based routing)."""
 MAX_EVENT_SEQS = 1000
 """Most seqs one event carries (`encode_event` callers split longer lists)."""
 MAX_EVENT_BYTES = 65536

@@ -111,7 +111,7 @@ class Ledger:
             self._owner[seq] = worker
 
     def settle(self, seqs: list[int]) -> list[int]:
-        """Forget seqs that came back as stacks or were reported skipped; return those out.
+        """Forget seqs that came back as stacks or were refused; return those that were out.
 
         A seq that was not out was already taken from a worker that died (or never sent).
         """
@@ -507,7 +507,7 @@ class Collector(threading.Thread):
             _send_nowait(self._pub, parts)
 
     def _event(self, raw: zmq.Frame) -> None:
-        """Apply one worker event (ready, skipped, rejected, done, error) and keep it."""
+        """Apply one worker event (ready, rejected, done, error) and keep it."""
         try:
             event = decode_event(raw)
         except ProtocolError as err:
@@ -523,10 +523,6 @@ class Collector(threading.Thread):
             log.info(
                 "worker %d ready (%s on %s)", worker, event.get("backend"), event.get("device")
             )
-        elif kind == "skipped":
-            seqs = [int(s) for s in event.get("seqs", [])]
-            self._ledger.settle(seqs)
-            self._metrics.skip(seqs)
         elif kind == "rejected":  # the router admits only frames a worker can take: a bug
             seqs = [int(s) for s in event.get("seqs", [])]
             self._ledger.settle(seqs)

@@ -142,11 +142,11 @@ def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None
     try:
         for garbage in (b"[" * 50_000, b"{}", b'{"event": "ready", "worker": "x"}', b"\xff"):
             push.send(garbage)
-        push.send(encode_event("skipped", 0, seqs=[7]))
-        push.send(encode_event("rejected", 0, seqs=[8], message="not a frame of shape [64, 64]"))
-        assert _wait(lambda: metrics.snapshot(advance=False).lost == 1)
+        push.send(b'{"event": "skipped", "worker": 0, "seqs": [7]}')  # no longer an event
+        push.send(encode_event("rejected", 0, seqs=[7, 8], message="not a frame of shape [64, 64]"))
+        assert _wait(lambda: metrics.snapshot(advance=False).lost == 2)
         snap = metrics.snapshot(advance=False)
-        assert (snap.malformed, snap.skipped, snap.lost) == (4, 1, 1)
+        assert (snap.malformed, snap.skipped, snap.lost) == (5, 0, 2)
         assert ledger.outstanding() == 0 and collector.is_alive()
         assert supervisor.failures == []
     finally:
@@ -157,9 +157,9 @@ def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None
 
 
 def test_events_round_trip_and_anything_else_is_a_protocol_error() -> None:
-    raw = encode_event("skipped", 2, seqs=list(range(MAX_EVENT_SEQS)))
+    raw = encode_event("rejected", 2, seqs=list(range(MAX_EVENT_SEQS)))
     assert len(raw) < MAX_EVENT_BYTES
-    assert decode_event(raw) == {"event": "skipped", "worker": 2, "seqs": list(range(1000))}
+    assert decode_event(raw) == {"event": "rejected", "worker": 2, "seqs": list(range(1000))}
     assert decode_event(encode_event("error", 0, message="x" * 10_000))["message"] == "x" * 2000
     bad = [
         b"",
@@ -168,9 +168,10 @@ def test_events_round_trip_and_anything_else_is_a_protocol_error() -> None:
         b'{"event": "hello", "worker": 0}',
         b'{"event": "done", "worker": -1}',
         b'{"event": "done", "worker": true}',
-        b'{"event": "skipped", "worker": 0, "seqs": [-1]}',
-        b'{"event": "skipped", "worker": 0, "seqs": "1,2"}',
-        json.dumps({"event": "skipped", "worker": 0, "seqs": list(range(1001))}).encode(),
+        b'{"event": "skipped", "worker": 0, "seqs": [1]}',  # not a worker event any more
+        b'{"event": "rejected", "worker": 0, "seqs": [-1]}',
+        b'{"event": "rejected", "worker": 0, "seqs": "1,2"}',
+        json.dumps({"event": "rejected", "worker": 0, "seqs": list(range(1001))}).encode(),
         b'{"event": "done", "worker": 0, "extra": {"a": 1}}',
         b'{"event": "done", "worker": 0, "stacks": 1' + b"0" * 30 + b"}",
         b"[" * 50_000,
