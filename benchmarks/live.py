@@ -172,6 +172,7 @@ def run_setting(
     side: int,
     model: Path,
     backends: list[str],
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Run the daemon on the simulated scope for `seconds` and return its counts and latency."""
     from live.config import validate_config
@@ -190,7 +191,7 @@ def run_setting(
                 "rate_hz": rate_hz,
                 "exposure_ms": min(10.0, 500.0 / rate_hz),
             },
-            "engine": {"model_path": str(model), "backends": backends},
+            "engine": {"model_path": str(model), "backends": backends, "precision": precision},
             "planes": {"z_um": z_um},
             "endpoints": {
                 n: f"ipc://{tmp}/{n}" for n in ("frames", "stacks", "recorder", "status")
@@ -212,6 +213,7 @@ def run_setting(
         "rate_hz": rate_hz,
         "planes": planes,
         "side": side,
+        "precision": precision,
         "seconds": seconds,
         "frames_acquired": summary.frames_acquired,
         "frames_in": summary.frames_in,
@@ -244,6 +246,7 @@ def end_to_end(
     side: int,
     backends: list[str],
     model_file: Path | None = None,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
     model, model_name = (model_file, model_file.name) if model_file else model_path()
@@ -257,11 +260,12 @@ def end_to_end(
             side=side,
             model=model,
             backends=backends,
+            precision=precision,
         )
         row["model"] = model_name
         rows.append(row)
         print(
-            f"  e2e {side}² {rate_hz:g} Hz × {planes} planes: in {row['frames_in']}, "
+            f"  e2e {side}² {rate_hz:g} Hz × {planes} planes ({precision}): in {row['frames_in']}, "
             f"raw {row['raw_recorded']}, stacks {row['stacks_written']}, skipped "
             f"{row['skipped']}, lost {row['lost']}, p50/p99 {row['latency_p50_ms']}/"
             f"{row['latency_p99_ms']} ms -> {'SUSTAINED' if row['sustained'] else 'not sustained'}",
@@ -287,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         "--settings", default=None, help="e2e rate×planes list, e.g. '10x5,20x5,10x11'"
     )
     parser.add_argument("--model", type=Path, default=None, help="model (default: deepz-slim)")
+    parser.add_argument(
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="engine.precision"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to write")
     args = parser.parse_args(argv)
     results = transport(args.quick)
@@ -306,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in (args.settings or default).split(",")
         ]
         seconds = args.seconds or (8.0 if args.quick else 60.0)
-        e2e = end_to_end(settings, seconds, args.side, args.backends, args.model)
+        e2e = end_to_end(
+            settings, seconds, args.side, args.backends, args.model, args.precision
+        )
         sustained = [r for r in e2e if r["sustained"]]
         if sustained:
             top = max(sustained, key=lambda r: r["rate_hz"] * r["planes"])
