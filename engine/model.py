@@ -47,6 +47,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named architectures: keyword arguments of `DeepZ` (``in_channels`` defaults to 2)."""
 
 
+TRAIN_LEAK = 0.01
+"""Negative slope of a nonnegative model's final ReLU while training (inference: plain ReLU)."""
+
+
 def _conv3(cin: int, cout: int) -> nn.Conv2d:
     """Return a 3x3 'same' convolution with bias."""
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1)
@@ -109,7 +113,10 @@ class DeepZ(nn.Module):
         Add the input image channel to the output, so the network predicts a correction; this
         makes the identity (Δz = 0) free and training much faster.
     nonnegative
-        End with a ReLU: the output is a density (the volume model's object planes).
+        End with a ReLU: the output is a density (the volume model's object planes). In
+        training mode the ReLU leaks (slope `TRAIN_LEAK`), so an output channel whose values
+        all went negative still gets a gradient and comes back: with a plain ReLU such depth
+        channels die for good and the density gathers on a comb of preferred depths.
     """
 
     def __init__(
@@ -170,7 +177,7 @@ class DeepZ(nn.Module):
         if self.global_skip:
             out = out + x[:, :1]
         if self.nonnegative:
-            out = F.relu(out)
+            out = F.leaky_relu(out, TRAIN_LEAK) if self.training else F.relu(out)
         return out
 
     def count_parameters(self) -> int:

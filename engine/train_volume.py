@@ -398,16 +398,22 @@ class _Validation:
 
     def run(self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool) -> dict[str, float]:
         errs: list[np.ndarray] = []
+        mass = np.zeros(cfg.depth_um.size)
         for s in self.samples:
             x = torch.from_numpy(s.inputs[:1, None])
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 pred = model(x).float()[0].numpy()
+            mass += pred.sum(axis=(1, 2))
             if s.kind != "worm":
                 e = bead_depth_errors(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
                 errs.append(e)
         e = np.concatenate(errs) if errs else np.zeros(0)
         found = e[np.isfinite(e)]
+        share = mass / max(float(mass.sum()), 1e-30)
         return {
+            # depth channels holding at least a fifth of an even share of the density: a model
+            # that gathers mass on a comb of preferred depths uses few (depth is quantised)
+            "val_depth_channels_used": float(np.mean(share >= 0.2 / share.size)),
             # over all beads, a bead with no density in its column counting as a miss
             "val_bead_found": float(found.size / e.size) if e.size else 0.0,
             "val_bead_recall_1um": float(np.mean(np.nan_to_num(e, nan=np.inf) <= 1.0))
@@ -558,7 +564,8 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
                 f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}, "
                 f"found {history[-1]['val_bead_found']:.0%}, "
-                f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}"
+                f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}, "
+                f"depth channels used {history[-1]['val_depth_channels_used']:.0%}"
             )
             _checkpoint(cfg, model, opt, step, history, wall)
         if timeout:

@@ -219,6 +219,24 @@ def test_far_weight_makes_far_misses_cost_more(psf):
     assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
 
 
+def test_a_density_channel_gone_negative_still_learns_in_training():
+    """The final ReLU leaks while training (a dead depth channel comes back), not at inference."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.model import build_model
+
+    model = build_model("volume", channels=(4, 4, 8), out_channels=3)
+    with torch.no_grad():
+        model.head.bias[1] = -100.0  # channel 1 negative everywhere: dead under a plain ReLU
+    x = torch.randn(1, 1, 16, 16)
+    model.eval()
+    assert model(x)[0, 1].abs().max() == 0 and model(x).min() >= 0
+    model.train()
+    model(x)[0, 1].sum().backward()
+    assert model.head.bias.grad is not None and model.head.bias.grad[1] > 0
+
+
 def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     """init_from loads a shipped .pt (or a checkpoint) with a fresh optimiser, at step 0."""
     import torch
