@@ -400,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--precisions",
         nargs="+",
         default=["fp32"],
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "auto"],
         help="serve each ONNX model at these precisions (bf16: OpenVINO on BF16 CPUs)",
     )
     args = p.parse_args(argv)

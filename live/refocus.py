@@ -65,7 +65,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.dpm import DPMError, VolumePlan
-from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendError, load_backend
+from engine.runtime import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MODEL,
+    BackendError,
+    Precision,
+    load_backend,
+)
 
 if TYPE_CHECKING:
     from engine.runtime import Backend
@@ -439,7 +445,7 @@ class EngineSpec:
 
     model: str
     prefer: tuple[str, ...] | None
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Precision = "fp32"
     intra_op_threads: int | None = None
     max_batch: int = DEFAULT_MAX_BATCH
 

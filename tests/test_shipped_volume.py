@@ -106,3 +106,16 @@ def test_bf16_on_openvino_stays_within_one_percent_of_fp32() -> None:
     bf16 = bf16_backend.volume(frame[None])
     assert np.abs(bf16 - fp32).sum() <= 0.01 * np.abs(fp32).sum()
     assert np.abs(bf16 - fp32).max() <= 0.02 * np.abs(fp32).max()
+
+
+def test_auto_precision_is_bf16_where_openvino_can_and_fp32_elsewhere() -> None:
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    import openvino as ov
+
+    from engine.runtime import load_backend
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    openvino = load_backend(WEIGHTS, prefer=["openvino"], precision="auto")
+    assert openvino.precision == ("bf16" if has_bf16 else "fp32")
+    onnxruntime = load_backend(WEIGHTS, prefer=["onnxruntime"], precision="auto")
+    assert onnxruntime.precision == "fp32"

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -37,7 +37,7 @@ INPUT_NAME = "input"
 """Name of the network input in exported models: (N, 2, H, W) float32, image and DPM."""
 OUTPUT_NAME = "output"
 """Name of the network output in exported models: (N, 1, H, W) float32, the refocused plane."""
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "int8")
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 MAX_CACHED_SHAPES = 2
 """Input (and output) buffers a backend keeps: one per recent (planes, height, width); live
 calls repeat one shape, and a 41 × 2048² input alone takes 1.4 GB."""
@@ -201,6 +201,8 @@ class BaseBackend:
     def __init__(
         self, model_path: Path | None, metadata: ModelMetadata, options: BackendOptions
     ) -> None:
+        if options.precision == "auto":  # a backend with a faster choice resolved it already
+            options = replace(options, precision="fp32")
         if options.precision not in self.supported_precisions:
             raise BackendError(
                 f"{self.name} supports precision {self.supported_precisions}, "

@@ -9,6 +9,7 @@ from the file by `onnx_metadata` (weights left on disk).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,10 @@ class OpenVinoBackend(BaseBackend):
         metadata = onnx_metadata(model_path)
         threads = options.intra_op_threads or default_threads()
         core = ov.Core()
-        if options.precision == "bf16" and "BF16" not in core.get_property(
-            "CPU", "OPTIMIZATION_CAPABILITIES"
-        ):
+        has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if options.precision == "auto":
+            options = replace(options, precision="bf16" if has_bf16 else "fp32")
+        if options.precision == "bf16" and not has_bf16:
             raise BackendError(
                 "this CPU has no bfloat16 instructions (AVX-512-BF16 or AMX): use precision "
                 "'fp32'"

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
     from engine.volume import Renderer
 
-Precision = Literal["fp32", "bf16", "fp16", "int8"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 """Numeric precision a backend runs the network in: bf16 on CPUs with AVX-512-BF16 or AMX
-(OpenVINO), fp16 / int8 on GPUs (TensorRT)."""
+(OpenVINO), fp16 / int8 on GPUs (TensorRT). "auto" asks each backend for its fastest precision
+that stays within 1 % of float32: bf16 where OpenVINO has the instructions, else fp32 (a
+backend reports the precision it chose as its `precision`)."""
 
 
 class BackendError(RuntimeError):
