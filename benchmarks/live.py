@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, default=None, help="model (default: deepz-slim)")
     parser.add_argument(
-        "--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="engine.precision"
+        "--precision", default="fp32", choices=["fp32", "bf16"], help="engine.precision"
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to write")
     args = parser.parse_args(argv)

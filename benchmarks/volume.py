@@ -81,7 +81,7 @@ def run(
                 rows.append(
                     {
                         "backend": name,
-                        "precision": precision,
+                        "precision": backend.precision,  # what "auto" resolved to
                         "side": side,
                         "planes": p,
                         "network_ms": round(net_ms, 1),
@@ -93,8 +93,9 @@ def run(
                     }
                 )
                 print(
-                    f"{name:<12} {precision} {side:>4}² × {p:>2}: network {net_ms:7.1f} ms, render "
-                    f"{render_ms:7.1f} ms, infer {infer_ms:7.1f} ms = {p * 1e3 / infer_ms:6.1f} "
+                    f"{name:<12} {backend.precision} {side:>4}² × {p:>2}: network "
+                    f"{net_ms:7.1f} ms, render {render_ms:7.1f} ms, infer {infer_ms:7.1f} ms = "
+                    f"{p * 1e3 / infer_ms:6.1f} "
                     "planes/s",
                     flush=True,
                 )

@@ -116,8 +116,8 @@ def _model_method(path: Path, precision: Precision = "fp32") -> Method:
 
     kind = "volume" if backend.metadata.volume is not None else "per-plane"
     label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
-    if precision != "fp32":
-        label = f"{label} {precision}"
+    if backend.precision != "fp32":
+        label = f"{label} {backend.precision}"
     return Method(label, planes, surface)
 
 
@@ -208,7 +208,12 @@ def compare(
     """Run every read-out for `models` (at each precision) and the baselines on both sets."""
     from tqdm import tqdm
 
-    methods = [_model_method(Path(p), q) for p in models for q in precisions]
+    methods = [
+        _model_method(Path(p), q)
+        for p in models
+        for q in precisions
+        if q == "fp32" or Path(p).suffix == ".onnx"  # other precisions: ONNX backends only
+    ]
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
     methods.append(_wiener_method(Path(models[0]) if models else None))
     methods.append(

@@ -344,9 +344,14 @@ def volume_loss(
         obj = (((sp - st) ** 2) * wz).mean() / ((st**2).mean() + 1e-6)
         ren = ren_err.mean() / (ren_t.abs().mean() + 1e-6)
     else:  # the same, per sample, then averaged: every sample counts, however dim
-        per = (((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / ((st**2).mean(dim=(1, 2, 3)) + 1e-6)
-        obj = per.mean()
-        ren = (ren_err.mean(dim=(1, 2, 3)) / (ren_t.abs().mean(dim=(1, 2, 3)) + 1e-6)).mean()
+        # (a crop with next to nothing in it must not weigh a million times the others: each
+        # denominator is at least 1e-3 of the batch's)
+        size = (st**2).mean(dim=(1, 2, 3))
+        size = torch.maximum(size, 1e-3 * size.mean()) + 1e-6
+        obj = ((((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / size).mean()
+        light = ren_t.abs().mean(dim=(1, 2, 3))
+        light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
+        ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
     total = lc.object_weight * obj + lc.render_weight * ren
     return total, {"object": obj.item(), "render": ren.item()}
 

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.recording is None) == (args.endpoint is None and args.scope is None):
         parser.error("give a recording, or --endpoint / --scope of a running daemon")
     if args.recording is not None:
+        if args.client_key or args.server_key:
+            parser.error("--client-key / --server-key are for a running daemon, not a recording")
         from live.recording_view import show
 
         return show(args.recording)

@@ -54,6 +54,8 @@ LATENCY_WINDOW = 10_000
 """Latency percentiles (and `Metrics.latency_series`) are over the most recent this-many stacks."""
 MAX_STATUS_RANGES = 50
 """A status snapshot carries at most this many (the newest) ranges of skipped / lost seqs."""
+_MAX_LATE = 10_000
+"""Most seqs remembered as arrived-before-lost (a handful at a time: one per dead worker)."""
 MAX_STATUS_BYTES = 65536
 """Largest status message a `StatusReader` accepts (a snapshot is well under 8 KB)."""
 
@@ -232,6 +234,7 @@ class Metrics:
         self._rejected: dict[str, int] = {}
         self._skipped = SeqSet()
         self._lost = SeqSet()
+        self._late: set[int] = set()
         self.state = RunState.STARTING
         self.backend: str | None = None
         self.output: str | None = None
@@ -272,18 +275,31 @@ class Metrics:
                 self._skipped.add(seq)
 
     def lose(self, seqs: list[int]) -> None:
-        """Record frames lost to a crashed worker or unfinished at shutdown (by seq)."""
-        with self._lock:
-            for seq in seqs:
-                self._lost.add(seq)
+        """Record frames lost to a crashed worker or unfinished at shutdown (by seq).
 
-    def found(self, seq: int) -> bool:
-        """Un-count a lost seq whose stack arrived after all; return whether it was counted.
-
-        Its worker sent the stack, then died before the collector read it: it is not lost.
+        A seq whose stack already arrived after its worker was taken (`late_stack`) is not
+        lost: the two calls race between the supervisor and the collector.
         """
         with self._lock:
-            return self._lost.discard(seq)
+            for seq in seqs:
+                if seq in self._late:
+                    self._late.discard(seq)
+                else:
+                    self._lost.add(seq)
+
+    def late_stack(self, seq: int) -> bool:
+        """Record a stack that arrived for a seq no longer out at a worker: it is not lost.
+
+        Its worker sent the stack, then died before the collector read it. If the seq was
+        already counted lost it is un-counted (return True); otherwise it is remembered, so the
+        supervisor's `lose` of the same seq, coming just after, does not count it.
+        """
+        with self._lock:
+            if self._lost.discard(seq):
+                return True
+            if len(self._late) < _MAX_LATE:
+                self._late.add(seq)
+            return False
 
     def restart(self) -> None:
         """Count one worker restart."""

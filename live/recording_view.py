@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from live.store import image_groups
@@ -82,12 +83,16 @@ def _transforms(multiscale: Mapping[str, Any]) -> tuple[list[float], list[float]
     return scale, translation or [0.0] * len(scale)
 
 
-def _focal_index(deepz: Mapping[str, Any]) -> float:
-    """Position of the focal plane (0 µm) along a non-metric stack axis (its index, or 0)."""
+def _focal_index(deepz: Mapping[str, Any]) -> int:
+    """Index of the plane nearest the focal plane (0 µm) on a non-metric stack axis.
+
+    Uneven plane lists: the plane nearest 0 µm (raw frames show there). Surfaces have no
+    plane at focus: the first one.
+    """
     planes = deepz.get("planes_um")
-    if isinstance(planes, list) and 0.0 in planes:
-        return float(planes.index(0.0))
-    return 0.0
+    if isinstance(planes, list) and planes:
+        return int(np.argmin(np.abs(np.asarray(planes, dtype=np.float64))))
+    return 0
 
 
 def layer_specs(path: str | Path) -> list[LayerSpec]:
@@ -98,19 +103,27 @@ def layer_specs(path: str | Path) -> list[LayerSpec]:
     """
     path = Path(path)
     try:
-        root = zarr.open_group(str(path), mode="r")
-        deepz: dict[str, Any] = dict(_ome(root, "deepz"))
-    except (FileNotFoundError, KeyError, ValueError, TypeError) as err:
-        raise RecordingError(f"{path}: not a deepz-live recording ({err})") from None
+        return _layer_specs(path)
+    except (FileNotFoundError, KeyError, IndexError, ValueError, TypeError) as err:
+        raise RecordingError(
+            f"{path}: not a deepz-live recording ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _layer_specs(path: Path) -> list[LayerSpec]:
+    """`layer_specs` without the error wrapping (a malformed store raises what it raises)."""
+    root = zarr.open_group(str(path), mode="r")
+    deepz: dict[str, Any] = dict(_ome(root, "deepz"))
     groups = {role: group for role, group in image_groups(deepz).items() if group in root}
     if not groups:
-        raise RecordingError(f"{path}: the recording holds no image")
+        raise ValueError("the recording holds no image")
     stack_axis: dict[str, str] | None = None
-    stack_scale_z = 1.0
+    stack_scale_z, stack_translate_z = 1.0, 0.0
     if "stacks" in groups:
         ms = _ome(root[groups["stacks"]])["multiscales"][0]
         stack_axis = dict(ms["axes"][1])
-        stack_scale_z = _transforms(ms)[0][1]
+        scale, translation = _transforms(ms)
+        stack_scale_z, stack_translate_z = scale[1], translation[1]
     specs = []
     for role, group in groups.items():
         ome = _ome(root[group])
@@ -124,7 +137,8 @@ def layer_specs(path: str | Path) -> list[LayerSpec]:
             axes.insert(1, stack_axis)
             scale.insert(1, stack_scale_z)
             on_z = stack_axis.get("name") == "z"
-            translation.insert(1, 0.0 if on_z else _focal_index(deepz))
+            index = _focal_index(deepz)
+            translation.insert(1, 0.0 if on_z else stack_translate_z + index * stack_scale_z)
         window = ome.get("omero", {}).get("channels", [{}])[0].get("window")
         limits = None if window is None else (float(window["start"]), float(window["end"]))
         label = ome.get("omero", {}).get("channels", [{}])[0].get("label", role)

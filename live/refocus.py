@@ -689,8 +689,8 @@ def _engine_choice(
     backend: str | None,
     scope: Any,
     raw: RawInput,
-) -> tuple[Path, tuple[str, ...] | None, int]:
-    """Model file, backend preference and max_batch, by precedence.
+) -> tuple[Path, tuple[str, ...] | None, int, Precision]:
+    """Model file, backend preference, max_batch and precision, by precedence.
 
     Explicit arguments first, then the scope config, then the run's stored config (so the
     default reproduces the live run's model and backend), then the shipped model and "auto".
@@ -719,7 +719,10 @@ def _engine_choice(
         prefer = tuple(str(b) for b in stored["backends"])
     else:
         prefer = None
-    return path, prefer, int(stored.get("max_batch") or 64)
+    precision = stored.get("precision", "fp32")
+    if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+        precision = "fp32"
+    return path, prefer, int(stored.get("max_batch") or 64), precision
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -1179,14 +1182,14 @@ def refocus_recording(
             log.warning("the run was not closed (still recording, or it crashed)")
         have = _expand(run.get("stacks_present", []))
         wanted = [t for t in raw.present if t not in have]
-    model_path, prefer, max_batch = _engine_choice(model, backend, scope_cfg, raw)
+    model_path, prefer, max_batch, precision = _engine_choice(model, backend, scope_cfg, raw)
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:
         threads = scope_cfg.engine.intra_op_threads
     try:
-        spec = EngineSpec(str(model_path.resolve()), prefer, "fp32", threads, max_batch)
+        spec = EngineSpec(str(model_path.resolve()), prefer, precision, threads, max_batch)
         driver_backend, _ = _backend(spec)
     except (BackendError, ValueError) as exc:
         raise RefocusError(f"model {model_path}: {exc}") from None
@@ -1195,8 +1198,10 @@ def refocus_recording(
         plan.validate(raw.frame_shape, meta.dz_range_um, allow_extrapolation)
     except DPMError as exc:
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
-    # Workers load exactly the backend chosen here, so every chunk is computed alike.
-    engine = EngineSpec(spec.model, (driver_backend.name,), "fp32", threads, max_batch)
+    # Workers load exactly the backend (and precision) chosen here: every chunk alike.
+    engine = EngineSpec(
+        spec.model, (driver_backend.name,), driver_backend.precision, threads, max_batch
+    )
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}

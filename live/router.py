@@ -496,7 +496,7 @@ class Collector(threading.Thread):
             log.error("malformed stack from a worker dropped: %s", err)
             return
         seq = message.header.seq
-        if not self._ledger.settle([seq]) and self._metrics.found(seq):
+        if not self._ledger.settle([seq]) and self._metrics.late_stack(seq):
             # sent just before its worker died, read after the daemon counted it lost
             log.info("stack %d arrived after its worker died: recorded, not lost", seq)
         self._metrics.stack_out(message.header.latency_ms or 0.0)

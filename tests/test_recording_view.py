@@ -45,18 +45,27 @@ def test_raw_frames_sit_at_the_focal_plane_and_stacks_at_their_depth(tmp_path: P
     assert np.asarray(raw.array[1]).max() == 1001  # the store's own array, unchanged
 
 
-def test_uneven_planes_keep_index_positions_with_raw_at_the_0_um_plane(tmp_path: Path) -> None:
-    planes = [-3.0, 0.0, 1.0]
+@pytest.mark.parametrize(("planes", "index"), [([-3.0, 0.0, 1.0], 1), ([-3.0, -0.5, 1.0], 1)])
+def test_uneven_planes_keep_index_positions_with_raw_at_the_plane_nearest_focus(
+    tmp_path: Path, planes: list[float], index: int
+) -> None:
     specs = {s.role: s for s in layer_specs(_record(tmp_path / "run.ome.zarr", planes_um=planes))}
     raw, stacks = specs["raw"], specs["stacks"]
     assert stacks.axis_labels[1] == "plane" and stacks.units[1] is None  # no invented µm
     assert stacks.scale[1] == 1.0 and stacks.translate[1] == 0.0
-    assert raw.translate[1] == 1.0  # index of the 0 µm plane
+    assert raw.translate[1] == index  # the plane nearest 0 µm
 
 
 def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="not a deepz-live recording"):
         layer_specs(tmp_path / "missing.ome.zarr")
+    store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)
+    import zarr
+
+    group = zarr.open_group(store / "1", mode="r+")
+    group.attrs["ome"] = {"version": "0.5", "multiscales": []}  # a damaged image
+    with pytest.raises(RecordingError, match="IndexError"):
+        layer_specs(store)
 
 
 def test_view_command_refuses_a_missing_recording_with_exit_2(tmp_path: Path, capsys) -> None:

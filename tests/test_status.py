@@ -55,8 +55,11 @@ def test_seq_set_discard_splits_and_trims_ranges_like_a_set() -> None:
 def test_a_stack_read_after_its_worker_was_counted_dead_is_not_lost() -> None:
     metrics = Metrics()
     metrics.lose([7, 8, 9])  # the daemon took them from a worker that died
-    assert metrics.found(8) and not metrics.found(8) and not metrics.found(10)
-    assert metrics.lost_seqs() == [7, 9] and metrics.snapshot().lost == 2
+    assert metrics.late_stack(8) and metrics.lost_seqs() == [7, 9]
+    # the other order: the stack arrives between the ledger's take and the daemon's lose
+    assert not metrics.late_stack(10)
+    metrics.lose([10, 11])
+    assert metrics.lost_seqs() == [7, 9, 11] and metrics.snapshot().lost == 3
 
 
 def test_status_message_carries_capped_ranges_however_many_frames_are_lost() -> None:

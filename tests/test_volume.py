@@ -61,9 +61,19 @@ def test_depth_convolution_and_direct_sums_render_the_same_planes(psf, monkeypat
     import engine.volume as volume
 
     pair = simulate_volume_pair("mixed", shape=SHAPE, focus_um=[0.0], seed=4)
-    dens = pair.objects_counts[0]
+    dens = pair.objects_counts[0].copy()
+    dens[3::4] = 0  # empty depths between occupied ones: they are skipped
     z = depth_grid()
-    fast = Renderer(psf, pair.depth_um, SHAPE).render(dens, z)  # 41 x 41: by FFT
+    calls = []
+    convolve = volume.Renderer._convolve_depth
+    monkeypatch.setattr(
+        volume.Renderer,
+        "_convolve_depth",
+        lambda self, *a: calls.append(1) or convolve(self, *a),
+    )
+    monkeypatch.setattr(volume, "DEPTH_FFT_MIN_PRODUCTS", 1)
+    fast = Renderer(psf, pair.depth_um, SHAPE).render(dens, z)
+    assert calls  # the FFT path ran
     monkeypatch.setattr(volume, "DEPTH_FFT_MIN_PRODUCTS", 10**9)
     for threads in (1, 2):
         direct = Renderer(psf, pair.depth_um, SHAPE, threads=threads).render(dens, z)

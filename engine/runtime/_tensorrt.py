@@ -61,6 +61,11 @@ class TensorRTBackend(BaseBackend):
         self._device_index = self._select_device(options.device)
         if options.precision == "auto":  # fp16 changes results more than 1 %: asked for, not auto
             options = replace(options, precision="fp32")
+        if options.precision not in self.supported_precisions:  # skipped, not a crash
+            raise BackendError(
+                f"tensorrt supports precision {self.supported_precisions}, "
+                f"not {options.precision!r}"
+            )
         if model_path.suffix == ".onnx":
             metadata = onnx_metadata(model_path)
             # tuned at the camera's frame, accepting anything from one pad block up to it
