@@ -199,14 +199,34 @@ def _screenshots(store: str, out: str) -> None:
         viewer.close()
 
 
-def test_a_screenshot_of_each_layer_shows_its_pixels(store, x_display, tmp_path) -> None:
-    out = tmp_path / "shots.npz"
+def _view_screenshots(store: str, out: str) -> None:
+    """Child process: `deepz-live view`'s layers, each alone, at z = 0 µm and z = -4 µm."""
+    from live.recording_view import open_recording
+
+    viewer = napari.Viewer(show=True)
+    try:
+        layers = open_recording(viewer, store)
+        z_axis = viewer.dims.axis_labels.index("z")
+        shots = {}
+        for z in (0.0, -4.0):
+            viewer.dims.set_point(z_axis, z)
+            for shown in layers:
+                for layer in layers:
+                    layer.visible = layer is shown
+                shots[f"{shown.name} @ {z:g}"] = viewer.screenshot(canvas_only=True, flash=False)
+        np.savez(out, **shots)
+    finally:
+        viewer.close()
+
+
+def _run_child(function: str, store: Path, out: Path, x_display: str, tmp_path: Path) -> None:
+    """Run `function` of this module in a child process drawing on `x_display`."""
     env = os.environ | {
         "DISPLAY": x_display,
         "QT_QPA_PLATFORM": "xcb",
         "NAPARI_CONFIG": str(tmp_path / "napari.yaml"),
     }
-    code = "import sys; from tests.test_napari import _screenshots; _screenshots(*sys.argv[1:])"
+    code = f"import sys; from tests.test_napari import {function}; {function}(*sys.argv[1:])"
     child = subprocess.run(
         [sys.executable, "-c", code, str(store), str(out)],
         cwd=REPO,
@@ -220,6 +240,26 @@ def test_a_screenshot_of_each_layer_shows_its_pixels(store, x_display, tmp_path)
         lines = [line for line in child.stderr.splitlines() if "xcb" in line]
         pytest.skip(f"Qt cannot draw on X here: {' '.join(lines[:2])}")
     assert child.returncode == 0, child.stderr[-3000:]
+
+
+def _shows_pixels(shot: np.ndarray) -> bool:
+    """Whether a canvas screenshot shows an image (not one flat colour)."""
+    return bool(shot[..., :3].astype(np.float64).std() > 10)
+
+
+def test_deepz_live_view_shows_raw_only_at_the_focal_plane(store, x_display, tmp_path) -> None:
+    out = tmp_path / "view.npz"
+    _run_child("_view_screenshots", store, out, x_display, tmp_path)
+    shots = dict(np.load(out))
+    raw, stacks = "raw: raw frames", "stacks: refocused stacks"
+    assert _shows_pixels(shots[f"{raw} @ 0"])  # the raw frame is the focal plane
+    assert not _shows_pixels(shots[f"{raw} @ -4"])  # and nowhere else in z
+    assert _shows_pixels(shots[f"{stacks} @ 0"]) and _shows_pixels(shots[f"{stacks} @ -4"])
+
+
+def test_a_screenshot_of_each_layer_shows_its_pixels(store, x_display, tmp_path) -> None:
+    out = tmp_path / "shots.npz"
+    _run_child("_screenshots", store, out, x_display, tmp_path)
     shots = dict(np.load(out))
     assert sorted(shots) == sorted(NAMES.values())
     for name, shot in shots.items():
