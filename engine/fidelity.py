@@ -153,6 +153,7 @@ def _evaluate_set(
     out: dict[str, Any] = {}
     for m in methods:
         depth: list[np.ndarray] = []
+        depth_true: list[np.ndarray] = []
         nuclei: list[np.ndarray] = []
         fwhm: list[np.ndarray] = []
         tilt_frac: list[float] = []
@@ -162,11 +163,15 @@ def _evaluate_set(
             progress.set_postfix_str(f"{m.name[:28]} · {s.kind} {s.seed}")
             if m.matched_filter:
                 if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                    depth.append(ho.matched_filter_bead_depths(s).errors)
+                    found = ho.matched_filter_bead_depths(s)
+                    depth.append(found.errors)
+                    depth_true.append(found.z_true_um)
                 progress.update(1)
                 continue
             if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                depth.append(ho.bead_depth_errors(m.planes, s))
+                found = ho.bead_depths(m.planes, s)
+                depth.append(found.errors)
+                depth_true.append(found.z_true_um)
                 fwhm.append(ho.bead_fwhm_ratios(m.planes, s))
             if (s.objects.kind == "sphere").any():
                 nuclei.append(ho.nucleus_depths(m.planes, s).errors)
@@ -181,6 +186,11 @@ def _evaluate_set(
         psnr_all = [v[1] for rows in planes.values() for v in rows]
         out[m.name] = {
             "bead_depth": _summ(depth, ho.summarise),
+            "bead_depth_by_distance": ho.by_distance(
+                np.concatenate(depth_true), np.concatenate(depth)
+            )
+            if depth
+            else [],
             "bead_fwhm": _summ(fwhm, ho.summarise_ratios),
             "nucleus_depth": _summ(nuclei, ho.summarise),
             "tilted_in_focus": float(np.mean(tilt_frac)) if tilt_frac else None,
@@ -307,6 +317,31 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None or not np.isfinite(v) else format(v, spec)
 
 
+def _distance_table(res: dict[str, Any]) -> list[str]:
+    """Markdown table: beads within 1 µm (found) by distance from focus, per method."""
+    key = "bead_depth_by_distance"
+    rows = {m: v[key] for m, v in res.items() if v.get(key)}
+    if not rows:
+        return []
+    bins = next(iter(rows.values()))
+    head = " | ".join(f"{b['lo_um']:g}–{b['hi_um']:g} µm (n {b['count']})" for b in bins)
+    lines = [
+        "Bead depth by distance from focus: share within 1 µm of all beads (share found, "
+        "median error of those found).",
+        "",
+        f"| method | {head} |",
+        "|---|" + "---|" * len(bins),
+    ]
+    for m, bs in rows.items():
+        cells = " | ".join(
+            f"{_fmt(b['within_1um'], '.0%')} ({_fmt(b['found'], '.0%')}, "
+            f"{_fmt(b['median_found_um'], '.2f')} µm)"
+            for b in bs
+        )
+        lines.append(f"| {m} | {cells} |")
+    return [*lines, ""]
+
+
 def report(r: dict[str, Any]) -> str:
     """Markdown tables of `compare`'s results."""
     lines = [
@@ -346,6 +381,7 @@ def report(r: dict[str, Any]) -> str:
                 f"| {_fmt(v['ssim_median'], '.3f')} | {_fmt(v['psnr_median'], '.2f')} |"
             )
         lines.append("")
+        lines += _distance_table(res)
     cm = r.get("cross_modality")
     if cm:
         lines += [

@@ -50,6 +50,7 @@ the matched filter's default PSF bank).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -924,6 +925,41 @@ def nucleus_depths(
         if profile.max() > MIN_PEAK_SIGMA * sample.noise_sigma / np.sqrt(disc.sum()):
             est[j] = _peak_position(profile.astype(np.float64), dz)
     return BeadDepths(index=index, z_true_um=obj.z_um[index], z_est_um=est)
+
+
+DISTANCE_BINS_UM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.5)
+"""Edges of the |depth from focus| bins of `by_distance` (µm)."""
+
+
+def by_distance(
+    z_true_um: np.ndarray, errors: np.ndarray, edges: Sequence[float] = DISTANCE_BINS_UM
+) -> list[dict[str, float]]:
+    """Bead depth read-out per |distance from focus| bin: how well depth is recovered where.
+
+    Per bin: the number of beads, the share found, the median error of those found and the
+    share within 1 µm of all of them (a bead not found is a failure). Far from focus a bead is
+    a faint ring, and the sign of its defocus shows only through the aberration's asymmetry.
+    """
+    dist = np.abs(np.asarray(z_true_um, dtype=np.float64))
+    err = np.asarray(errors, dtype=np.float64)
+    rows = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (dist >= lo) & (dist < hi)
+        e = err[sel]
+        found = e[np.isfinite(e)]
+        rows.append(
+            {
+                "lo_um": float(lo),
+                "hi_um": float(hi),
+                "count": int(sel.sum()),
+                "found": float(found.size / e.size) if e.size else float("nan"),
+                "median_found_um": float(np.median(found)) if found.size else float("nan"),
+                "within_1um": float(np.mean(np.nan_to_num(e, nan=np.inf) <= 1.0))
+                if e.size
+                else float("nan"),
+            }
+        )
+    return rows
 
 
 def bead_depth_errors(

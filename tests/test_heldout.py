@@ -132,3 +132,15 @@ def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
     assert on_truth["failures"] == 0 and on_truth["median_um"] < 0.5
     on_input = H.summarise(H.nucleus_depths(H.input_planes_fn, spheres).errors)
     assert on_input["median_um"] > 2.0  # a flat profile says nothing about depth
+
+
+def test_by_distance_bins_count_misses_as_failures() -> None:
+    z = np.array([0.5, -1.0, 3.0, -7.0, 9.0, 9.5])
+    err = np.array([0.2, 2.0, 0.5, np.nan, 0.3, np.nan])
+    rows = {(r["lo_um"], r["hi_um"]): r for r in H.by_distance(z, err)}
+    near = rows[(0.0, 2.0)]
+    assert near["count"] == 2 and near["found"] == 1.0 and near["within_1um"] == 0.5
+    far = rows[(8.0, 10.5)]
+    assert far["count"] == 2 and far["found"] == 0.5 and far["within_1um"] == 0.5
+    assert far["median_found_um"] == pytest.approx(0.3)
+    assert rows[(6.0, 8.0)]["found"] == 0.0 and rows[(4.0, 6.0)]["count"] == 0
