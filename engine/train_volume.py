@@ -108,6 +108,14 @@ class VolumeLossConfig(_Base):
         "sample's own (a dim sample then weighs as much as a bright one; with 'batch' a sample "
         "10x dimmer counts 100x less, and faint objects are the ones the model misses).",
     )
+    coarse_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the density term after heavy smoothing (coarse_sigma_*): "
+        "partial credit for density near a faint object, so recall can be learnt.",
+    )
+    coarse_sigma_px: float = Field(3.0, gt=0, description="Coarse lateral smoothing (px).")
+    coarse_sigma_slices: float = Field(3.0, gt=0, description="Coarse axial smoothing (steps).")
     far_weight: float = Field(
         0.0,
         ge=0,
@@ -321,6 +329,32 @@ def _fast_len(n: int) -> int:
     return min(int(2**a * 3**b) for a in range(16) for b in range(3) if 2**a * 3**b >= n)
 
 
+def _density_term(
+    cfg: VolumeTrainConfig,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    sigma_px: float,
+    sigma_slices: float,
+) -> torch.Tensor:
+    """Return the density term at one smoothing scale (L1, or squared error relative)."""
+    lc = cfg.loss
+    sp = smooth3d(pred, sigma_px, sigma_slices)
+    st = smooth3d(target, sigma_px, sigma_slices)
+    # (1, D, 1, 1) weights along the depth grid: 1 at focus, 1 + far_weight at the range's ends
+    depth = torch.as_tensor(np.abs(cfg.depth_um) / cfg.depth_half_range_um, dtype=sp.dtype)
+    wz = (1.0 + lc.far_weight * depth).reshape(1, -1, 1, 1)
+    if lc.object_loss == "l1":
+        return ((sp - st).abs() * wz).mean()
+    if lc.normalise == "batch":  # relative to the target's size, so the terms' weights compare
+        return (((sp - st) ** 2) * wz).mean() / ((st**2).mean() + 1e-6)
+    # the same, per sample, then averaged: every sample counts, however dim (a crop with next
+    # to nothing in it must not weigh a million times the others: each denominator is at
+    # least 1e-3 of the batch's)
+    size = (st**2).mean(dim=(1, 2, 3))
+    size = torch.maximum(size, 1e-3 * size.mean()) + 1e-6
+    return ((((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / size).mean()
+
+
 def volume_loss(
     cfg: VolumeTrainConfig,
     renderer: TorchRenderer,
@@ -328,32 +362,32 @@ def volume_loss(
     target: torch.Tensor,
     dz_um: np.ndarray,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Object + render loss of predicted densities against the truth, and its parts."""
+    """Object + render loss of predicted densities against the truth, and its parts.
+
+    With ``coarse_weight`` the density is also compared after heavy smoothing: density put a
+    few pixels or slices from a faint object then earns partial credit, where the fine term
+    alone gives next to no gradient and the network learns to put nothing there.
+    """
     lc = cfg.loss
-    sp = smooth3d(pred, lc.object_sigma_px, lc.object_sigma_slices)
-    st = smooth3d(target, lc.object_sigma_px, lc.object_sigma_slices)
+    obj = _density_term(cfg, pred, target, lc.object_sigma_px, lc.object_sigma_slices)
+    parts = {"object": obj.item()}
+    total = lc.object_weight * obj
+    if lc.coarse_weight > 0:
+        coarse = _density_term(cfg, pred, target, lc.coarse_sigma_px, lc.coarse_sigma_slices)
+        parts["coarse"] = coarse.item()
+        total = total + lc.coarse_weight * coarse
     ren_t = renderer.render(target, dz_um)
     ren_err = (renderer.render(pred, dz_um) - ren_t).abs()
-    # (1, D, 1, 1) weights along the depth grid: 1 at focus, 1 + far_weight at the range's ends
-    depth = torch.as_tensor(np.abs(cfg.depth_um) / cfg.depth_half_range_um, dtype=sp.dtype)
-    wz = (1.0 + lc.far_weight * depth).reshape(1, -1, 1, 1)
     if lc.object_loss == "l1":
-        obj = ((sp - st).abs() * wz).mean()
         ren = ren_err.mean()
-    elif lc.normalise == "batch":  # both terms relative to the target's size, so weights compare
-        obj = (((sp - st) ** 2) * wz).mean() / ((st**2).mean() + 1e-6)
+    elif lc.normalise == "batch":
         ren = ren_err.mean() / (ren_t.abs().mean() + 1e-6)
-    else:  # the same, per sample, then averaged: every sample counts, however dim
-        # (a crop with next to nothing in it must not weigh a million times the others: each
-        # denominator is at least 1e-3 of the batch's)
-        size = (st**2).mean(dim=(1, 2, 3))
-        size = torch.maximum(size, 1e-3 * size.mean()) + 1e-6
-        obj = ((((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / size).mean()
+    else:
         light = ren_t.abs().mean(dim=(1, 2, 3))
         light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
         ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
-    total = lc.object_weight * obj + lc.render_weight * ren
-    return total, {"object": obj.item(), "render": ren.item()}
+    parts["render"] = ren.item()
+    return total + lc.render_weight * ren, parts
 
 
 # ----------------------------------------------------------------------------- validation
@@ -677,8 +711,10 @@ def _plot(out: Path, history: list[dict[str, float]]) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     steps = np.array([h["step"] for h in history])
-    for key in ("object", "render"):
-        v = np.array([h[key] for h in history])
+    for key in ("object", "coarse", "render"):
+        if key not in history[-1]:
+            continue
+        v = np.array([h.get(key, np.nan) for h in history])
         k = min(50, len(v))
         ax[0].plot(steps[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
     ax[0].set_yscale("log")

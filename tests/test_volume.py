@@ -229,6 +229,29 @@ def test_far_weight_makes_far_misses_cost_more(psf):
     assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
 
 
+def test_the_coarse_term_gives_partial_credit_for_a_near_miss(psf):
+    """Density 2 px and a slice off a bead: the fine term scores it no better than nothing, the
+    coarse term as most of the way there (a gradient to follow towards faint objects)."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"coarse_weight": 1.0}}
+    )
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 10, 16, 16] = 1000.0
+    near = torch.zeros_like(target)
+    near[0, 11, 16, 18] = 1000.0
+    dz = np.array([0.0])
+    nothing = volume_loss(cfg, renderer, torch.zeros_like(target), target, dz)[1]
+    miss = volume_loss(cfg, renderer, near, target, dz)[1]
+    assert miss["object"] >= 0.9 * nothing["object"]  # the fine term: no credit
+    assert miss["coarse"] <= 0.5 * nothing["coarse"]  # the coarse term: most of the way
+
+
 def test_a_density_channel_gone_negative_still_learns_in_training():
     """The final ReLU leaks while training (a dead depth channel comes back), not at inference."""
     pytest.importorskip("torch", reason="training extra not installed")
