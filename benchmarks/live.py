@@ -173,6 +173,8 @@ def run_setting(
     model: Path,
     backends: list[str],
     precision: str = "fp32",
+    workers: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run the daemon on the simulated scope for `seconds` and return its counts and latency."""
     from live.config import validate_config
@@ -191,7 +193,12 @@ def run_setting(
                 "rate_hz": rate_hz,
                 "exposure_ms": min(10.0, 500.0 / rate_hz),
             },
-            "engine": {"model_path": str(model), "backends": backends, "precision": precision},
+            "engine": {
+                "model_path": str(model),
+                "backends": backends,
+                "precision": precision,
+                "intra_op_threads": threads,
+            },
             "planes": {"z_um": z_um},
             "endpoints": {
                 n: f"ipc://{tmp}/{n}" for n in ("frames", "stacks", "recorder", "status")
@@ -201,7 +208,7 @@ def run_setting(
         },
         source="benchmark",
     )
-    daemon = Daemon(config, output=tmp / "run.ome.zarr", preflight_check=False)
+    daemon = Daemon(config, output=tmp / "run.ome.zarr", preflight_check=False, workers=workers)
     try:
         daemon.start()
         daemon.supervise(seconds, quiet=True)
@@ -214,6 +221,8 @@ def run_setting(
         "planes": planes,
         "side": side,
         "precision": precision,
+        "workers": workers,
+        "threads": threads,
         "seconds": seconds,
         "frames_acquired": summary.frames_acquired,
         "frames_in": summary.frames_in,
@@ -247,6 +256,8 @@ def end_to_end(
     backends: list[str],
     model_file: Path | None = None,
     precision: str = "fp32",
+    workers: int = 1,
+    threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run the daemon on the simulated scope at each (rate_hz, planes) for `seconds`."""
     model, model_name = (model_file, model_file.name) if model_file else model_path()
@@ -261,11 +272,14 @@ def end_to_end(
             model=model,
             backends=backends,
             precision=precision,
+            workers=workers,
+            threads=threads,
         )
         row["model"] = model_name
         rows.append(row)
         print(
-            f"  e2e {side}² {rate_hz:g} Hz × {planes} planes ({precision}): in {row['frames_in']}, "
+            f"  e2e {side}² {rate_hz:g} Hz × {planes} planes ({precision}, {workers} worker(s)): "
+            f"in {row['frames_in']}, "
             f"raw {row['raw_recorded']}, stacks {row['stacks_written']}, skipped "
             f"{row['skipped']}, lost {row['lost']}, p50/p99 {row['latency_p50_ms']}/"
             f"{row['latency_p99_ms']} ms -> {'SUSTAINED' if row['sustained'] else 'not sustained'}",
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="engine.precision"
     )
+    parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    parser.add_argument("--threads", type=int, default=None, help="engine.intra_op_threads")
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON to write")
     args = parser.parse_args(argv)
     results = transport(args.quick)
@@ -314,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         seconds = args.seconds or (8.0 if args.quick else 60.0)
         e2e = end_to_end(
-            settings, seconds, args.side, args.backends, args.model, args.precision
+            settings,
+            seconds,
+            args.side,
+            args.backends,
+            args.model,
+            args.precision,
+            args.workers,
+            args.threads,
         )
         sustained = [r for r in e2e if r["sustained"]]
         if sustained:
