@@ -322,12 +322,12 @@ def register_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, shifts
 
 
-def load_lab_stack(spec: LabStackConfig, input_half_range_um: float) -> Stack:
-    """Load a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr as a `Stack`.
+def read_lab_stack(spec: LabStackConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Read a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr: (z_um, planes float32).
 
-    Per-stack normalisation: the stack is scaled to float32 counts minus its 1st percentile
-    (dark level), one scale for all planes so the axial intensity profile is kept. z = 0 is
-    the middle plane. Targets are then the (noisy) planes themselves.
+    The planes are in camera counts minus the stack's 1st percentile (dark level), one offset
+    for all planes so the axial intensity profile is kept, and registered by phase correlation
+    when `register_planes`. z = 0 is the middle plane. Both trainers read lab stacks here.
     """
     path = spec.path
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -350,6 +350,15 @@ def load_lab_stack(spec: LabStackConfig, input_half_range_um: float) -> Stack:
     if spec.register_planes:
         stack, _ = register_stack(stack)
     z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * spec.z_step_um
+    return z, stack
+
+
+def load_lab_stack(spec: LabStackConfig, input_half_range_um: float) -> Stack:
+    """Load a focus-scanned stack (`read_lab_stack`) as a `Stack` of the per-plane trainer.
+
+    Targets are the (noisy) planes themselves.
+    """
+    z, stack = read_lab_stack(spec)
     return _stack_from_planes(z, stack, stack, input_half_range_um)
 
 

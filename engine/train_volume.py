@@ -40,8 +40,15 @@ from pydantic import Field, model_validator
 
 from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
-from engine.train import SampleKind, _Base, _lr_factor
-from engine.volume import defocus_index, depth_grid, psf_bank, save_psf_bank
+from engine.train import LabStackConfig, SampleKind, _Base, _lr_factor, read_lab_stack
+from engine.volume import (
+    DEPTH_STEP_UM,
+    RESIDUAL_SIGMA_PX,
+    defocus_index,
+    depth_grid,
+    psf_bank,
+    save_psf_bank,
+)
 
 __all__ = [
     "VolumeTrainConfig",
@@ -78,12 +85,27 @@ class VolumeDataConfig(_Base):
     pool_size: int = Field(24, ge=1, description="Samples kept in memory.")
     refresh_every: int = Field(100, ge=1, description="Steps between pool refreshes.")
     refresh_count: int = Field(2, ge=0, description="Samples replaced per refresh.")
+    lab_stacks: list[LabStackConfig] = Field(
+        [], description="A lab's own focus-scanned stacks (no density truth: render loss only)."
+    )
+    lab_every: int = Field(
+        0, ge=0, description="Every N-th step trains on a lab stack (0: never)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> VolumeDataConfig:
         for name in ("kind_weights", "start_kind_weights"):
             if len(getattr(self, name)) != len(self.kinds):
                 raise ValueError(f"data.{name} needs one weight per entry of data.kinds")
+        if self.lab_every and not self.lab_stacks:
+            raise ValueError("data.lab_every > 0 needs at least one data.lab_stacks entry")
+        for spec in self.lab_stacks:
+            steps = spec.z_step_um / DEPTH_STEP_UM
+            if abs(steps - round(steps)) > 1e-6:
+                raise ValueError(
+                    f"data.lab_stacks: {spec.path} has z_step_um {spec.z_step_um}, not a multiple "
+                    f"of the depth grid's {DEPTH_STEP_UM} µm (planes are rendered on that grid)"
+                )
         return self
 
 
@@ -390,6 +412,93 @@ def volume_loss(
     return total + lc.render_weight * ren, parts
 
 
+class LabStack:
+    """A lab's focus-scanned stack for volume training: planes in counts, z in µm (middle 0)."""
+
+    def __init__(self, spec: LabStackConfig) -> None:
+        self.z_um, self.planes = read_lab_stack(spec)
+        self.path = spec.path
+
+
+def sample_lab_batch(
+    rng: np.random.Generator, stack: LabStack, cfg: VolumeTrainConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Cut a batch from one lab stack: one plane in, other planes of the same crop as targets.
+
+    Returns the normalised inputs (N, 1, P, P), the input frames and the target planes in the
+    density's units (counts / the frame's std; (N, 1, P, P) and (N, K, P, P)), and the K
+    target planes' Δz from the input (µm, on the depth grid, within its range).
+    """
+    size, d = cfg.patch_size, cfg.data
+    z = stack.z_um
+    h, w = stack.planes.shape[-2:]
+    if min(h, w) < size:
+        raise ValueError(f"{stack.path}: planes {h}x{w} are smaller than patch_size {size}")
+    inputs = np.flatnonzero(np.abs(z) <= d.focus_half_range_um + 1e-6)
+    i0 = int(rng.choice(inputs))
+    reach = np.flatnonzero((np.abs(z - z[i0]) <= cfg.depth_half_range_um + 1e-6) & (z != z[i0]))
+    k = min(cfg.loss.render_planes, reach.size)
+    if k == 0:
+        raise ValueError(f"{stack.path}: no other plane within the depth range of plane {i0}")
+    picked = np.sort(rng.choice(reach, k, replace=False))
+    xs, frames, ys = [], [], []
+    for _ in range(cfg.batch_size):
+        y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        crop = stack.planes[:, y0 : y0 + size, x0 : x0 + size]
+        t = int(rng.integers(8))
+        crop = np.rot90(crop, t % 4, axes=(1, 2))
+        if t >= 4:
+            crop = crop[:, :, ::-1]
+        frame = np.ascontiguousarray(crop[i0])
+        x, _, std = normalize_images(frame[None])
+        xs.append(x[0][None])
+        frames.append(frame[None] / std[0])
+        ys.append(np.ascontiguousarray(crop[picked]) / std[0])
+    dz = np.round((z[picked] - z[i0]) / DEPTH_STEP_UM) * DEPTH_STEP_UM
+    return (
+        torch.from_numpy(np.stack(xs).astype(np.float32)),
+        torch.from_numpy(np.stack(frames).astype(np.float32)),
+        torch.from_numpy(np.stack(ys).astype(np.float32)),
+        dz,
+    )
+
+
+def _gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) with reflected edges."""
+    r = max(1, math.ceil(3 * sigma_px))
+    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=img.dtype) / sigma_px) ** 2)
+    g = g / g.sum()
+    n, c, h, w = img.shape
+    x = F.pad(img.reshape(n * c, 1, h, w), (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, g.reshape(1, 1, 1, -1))
+    x = F.conv2d(x, g.reshape(1, 1, -1, 1))
+    return x.reshape(n, c, h, w)
+
+
+def lab_loss(
+    renderer: TorchRenderer,
+    pred: torch.Tensor,
+    frames: torch.Tensor,
+    targets: torch.Tensor,
+    dz_um: np.ndarray,
+    margin_px: int = 8,
+) -> torch.Tensor:
+    """Relative L1 between a lab stack's planes and the planes rendered from the density.
+
+    As the runtime renders them (`engine.volume.Renderer.planes`): the density's own light at
+    each Δz plus the low-passed part of the input frame that the density does not explain
+    (camera offset, diffuse background). Supervision without density truth: the optics the
+    model ships with tie every plane to the one density. Frame edges (`margin_px`), where
+    light from outside the crop is missing, are left out.
+    """
+    rendered = renderer.render(pred, np.concatenate([[0.0], dz_um]))
+    residual = _gaussian_blur(frames - rendered[:, :1], RESIDUAL_SIGMA_PX)
+    model_planes = rendered[:, 1:] + residual
+    m = margin_px
+    err = (model_planes - targets)[..., m:-m, m:-m].abs().mean()
+    return err / (targets[..., m:-m, m:-m].abs().mean() + 1e-6)
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -567,6 +676,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         for i in range(d.pool_size)
     ]
     val = _Validation(cfg)
+    labs = [LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
     start = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
@@ -579,12 +689,19 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 pool[counter % d.pool_size] = Sample(cfg, seed, weights)
                 counter += 1
         rng = np.random.default_rng([cfg.seed, step])
-        x, y = sample_batch(rng, pool, cfg)
-        x = x.to(memory_format=torch.channels_last)
-        dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = model(x)
-        loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
+        if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
+            x, frames, targets, dz = sample_lab_batch(rng, labs[int(rng.integers(len(labs)))], cfg)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = model(x.to(memory_format=torch.channels_last))
+            lab = lab_loss(renderer, pred.float(), frames, targets, dz)
+            loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
+        else:
+            x, y = sample_batch(rng, pool, cfg)
+            x = x.to(memory_format=torch.channels_last)
+            dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = model(x)
+            loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -596,7 +713,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             group["lr"] = lr
         history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
         bar.update(1)
-        bar.set_postfix(obj=f"{parts['object']:.4f}", ren=f"{parts['render']:.4f}")
+        bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
         timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
             model.eval()
@@ -717,13 +834,14 @@ def _plot(out: Path, history: list[dict[str, float]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    steps = np.array([h["step"] for h in history])
-    for key in ("object", "coarse", "render"):
-        if key not in history[-1]:
+    for key in ("object", "coarse", "render", "lab"):
+        rows = [h for h in history if key in h]
+        if not rows:
             continue
-        v = np.array([h.get(key, np.nan) for h in history])
+        v = np.array([h[key] for h in rows])
         k = min(50, len(v))
-        ax[0].plot(steps[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
+        at = np.array([h["step"] for h in rows])
+        ax[0].plot(at[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
     ax[0].legend()

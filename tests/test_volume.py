@@ -292,6 +292,73 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     assert build_volume_model(cfg) is not None
 
 
+def test_lab_loss_scores_the_true_density_above_none_and_a_depth_flipped_one(psf):
+    """Render-only supervision from a focal stack, as a lab's stack gives it: the sample's
+    true density explains the other planes; no density, or one at mirrored depths, does not."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.metadata import normalize_images
+    from engine.optics import CameraConfig
+    from engine.train_volume import TorchRenderer, lab_loss
+
+    pair = simulate_volume_pair(
+        "beads",
+        shape=(64, 64),
+        focus_um=[-2.0, 0.0, 2.0],
+        seed=3,
+        camera=CameraConfig(peak_photons=3000.0, background_photons=10.0),
+    )
+    frames = pair.frames.astype(np.float32)
+    _, _, std = normalize_images(frames[1:2])
+    frame = torch.from_numpy(frames[1:2][None] / std[0])
+    targets = torch.from_numpy(frames[[0, 2]][None] / std[0])  # the planes 2 µm either side
+    truth = torch.from_numpy(pair.objects_counts[1][None] / std[0])
+    renderer = TorchRenderer(psf, depth_grid(), 64, 63)
+    dz = np.array([-2.0, 2.0])
+    true = lab_loss(renderer, truth, frame, targets, dz).item()
+    assert true < 0.5 * lab_loss(renderer, torch.zeros_like(truth), frame, targets, dz).item()
+    assert true < 0.5 * lab_loss(renderer, truth.flip(1), frame, targets, dz).item()
+
+
+def test_training_on_a_lab_stack(tmp_path: Path):
+    """A lab's focus-scanned TIFF trains the volume model every other step (render loss)."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import tifffile
+
+    from engine.train_volume import VolumeTrainConfig, train
+
+    stack = simulate_focal_stack("beads", shape=(64, 64), z_um=np.arange(-3, 3.01, 0.5), seed=9)
+    tifffile.imwrite(tmp_path / "lab.tif", stack.images)
+    tiny = _tiny_config(tmp_path).model_dump()
+    lab = {"lab_stacks": [{"path": tmp_path / "lab.tif", "z_step_um": 0.5}], "lab_every": 2}
+    cfg = VolumeTrainConfig.model_validate(
+        tiny | {"steps": 4, "weights_out": None, "data": tiny["data"] | lab}
+    )
+    train(cfg, progress=False)
+    import torch
+
+    history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
+    lab = [h["lab"] for h in history if "lab" in h]
+    assert len(lab) == 2 and all(np.isfinite(lab))
+    assert all("object" in h for h in history if "lab" not in h)
+
+
+def test_lab_stacks_must_sit_on_the_depth_grid(tmp_path: Path):
+    pytest.importorskip("torch", reason="training extra not installed")
+    from pydantic import ValidationError
+
+    from engine.train_volume import VolumeTrainConfig
+
+    base = {"patch_size": 32, "channels": [4, 4, 8, 8]}
+    with pytest.raises(ValidationError, match="not a multiple of the depth grid"):
+        VolumeTrainConfig.model_validate(
+            base | {"data": {"lab_stacks": [{"path": "x.tif", "z_step_um": 0.3}], "lab_every": 2}}
+        )
+    with pytest.raises(ValidationError, match=r"needs at least one data\.lab_stacks"):
+        VolumeTrainConfig.model_validate(base | {"data": {"lab_every": 2}})
+
+
 def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
     """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
     pytest.importorskip("onnx", reason="export extra not installed")
