@@ -47,8 +47,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named architectures: keyword arguments of `DeepZ` (``in_channels`` defaults to 2)."""
 
 
-TRAIN_LEAK = 0.01
-"""Negative slope of a nonnegative model's final ReLU while training (inference: plain ReLU)."""
 
 
 def _conv3(cin: int, cout: int) -> nn.Conv2d:
@@ -113,10 +111,11 @@ class DeepZ(nn.Module):
         Add the input image channel to the output, so the network predicts a correction; this
         makes the identity (Δz = 0) free and training much faster.
     nonnegative
-        End with a ReLU: the output is a density (the volume model's object planes). In
-        training mode the ReLU leaks (slope `TRAIN_LEAK`), so an output channel whose values
-        all went negative still gets a gradient and comes back: with a plain ReLU such depth
-        channels die for good and the density gathers on a comb of preferred depths.
+        End with a ReLU: the output is a density (the volume model's object planes). With
+        ``train_leak`` > 0 the ReLU leaks while training (inference: plain ReLU), so an output
+        channel whose values all went negative still gets a gradient and comes back: with a
+        plain ReLU such depth channels die for good and the density gathers on a comb of
+        preferred depths. Off by default (the shipped model trained without it).
     """
 
     def __init__(
@@ -150,6 +149,7 @@ class DeepZ(nn.Module):
             self.architecture["nonnegative"] = True
         self.global_skip = bool(global_skip)
         self.nonnegative = bool(nonnegative)
+        self.train_leak = 0.0
         self.pools = len(chans) - 2
         self.size_multiple = 2**self.pools
         levels = chans[1:]
@@ -177,7 +177,8 @@ class DeepZ(nn.Module):
         if self.global_skip:
             out = out + x[:, :1]
         if self.nonnegative:
-            out = F.leaky_relu(out, TRAIN_LEAK) if self.training else F.relu(out)
+            leak = self.train_leak if self.training else 0.0
+            out = F.leaky_relu(out, leak) if leak else F.relu(out)
         return out
 
     def count_parameters(self) -> int:

@@ -165,6 +165,13 @@ class VolumeTrainConfig(_Base):
         "(cross-modality: excitation x pinhole-detection PSF).",
     )
     channels: list[int] = Field([24, 24, 32, 64, 96, 128, 192], description="U-Net widths.")
+    train_leak: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Negative slope of the final ReLU while training (dead depth channels come "
+        "back; it also leaves a low floor of density that widens rendered beads).",
+    )
     threads: int = Field(2, ge=1)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="CPU bfloat16 autocast.")
     checkpoint_every: int = Field(500, ge=1)
@@ -649,6 +656,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     model: DeepZ = build_volume_model(cfg)
+    model.train_leak = cfg.train_leak
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, history, wall_before = 0, [], 0.0

@@ -260,6 +260,7 @@ def test_a_density_channel_gone_negative_still_learns_in_training():
     from engine.model import build_model
 
     model = build_model("volume", channels=(4, 4, 8), out_channels=3)
+    model.train_leak = 0.01  # train_volume sets it from the config
     with torch.no_grad():
         model.head.bias[1] = -100.0  # channel 1 negative everywhere: dead under a plain ReLU
     x = torch.randn(1, 1, 16, 16)
