@@ -88,9 +88,7 @@ class VolumeDataConfig(_Base):
     lab_stacks: list[LabStackConfig] = Field(
         [], description="A lab's own focus-scanned stacks (no density truth: render loss only)."
     )
-    lab_every: int = Field(
-        0, ge=0, description="Every N-th step trains on a lab stack (0: never)."
-    )
+    lab_every: int = Field(0, ge=0, description="Every N-th step trains on a lab stack (0: never).")
 
     @model_validator(mode="after")
     def _check(self) -> VolumeDataConfig:
@@ -671,8 +669,15 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
     elif cfg.init_from is not None:
-        model.load_state_dict(_initial_weights(Path(cfg.init_from)))
-        print(f"initialised from {cfg.init_from} (fresh optimiser and schedule)")
+        state = _initial_weights(Path(cfg.init_from))
+        own = model.state_dict()
+        # layers whose shape changed (e.g. the head of a wider depth grid) start fresh
+        fresh = sorted(k for k, v in own.items() if k not in state or state[k].shape != v.shape)
+        model.load_state_dict(
+            {k: v for k, v in state.items() if k in own and k not in fresh}, strict=False
+        )
+        note = f"; fresh: {', '.join(fresh)}" if fresh else ""
+        print(f"initialised from {cfg.init_from} (fresh optimiser and schedule{note})")
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
@@ -800,9 +805,7 @@ def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
     model = build_volume_model(ck_cfg)
     model.load_state_dict(ck["model"])
     model.eval()
-    psf = psf_bank(
-        OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=ck_cfg.target_modality
-    )
+    psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=ck_cfg.target_modality)
     bf16 = ck_cfg.bf16 == "on" or (ck_cfg.bf16 == "auto" and cpu_has_bf16())
     return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], bf16)
 

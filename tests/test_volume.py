@@ -287,6 +287,13 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     )  # a learning rate of 1e-12 leaves the loaded weights as they were
     ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 1
+    # a wider depth grid (49 depths, ±12 µm): the body is loaded, the head starts fresh
+    wide = _tiny_config(tmp_path / "wide")
+    wide.steps, wide.lr, wide.weights_out = 1, 1e-12, None
+    wide.depth_half_range_um, wide.init_from = 12.0, trained
+    widened = train(wide, progress=False)
+    assert widened.head.weight.shape[0] == 49
+    assert torch.allclose(widened.stem.weight, shipped["stem.weight"], atol=1e-6)
     cfg.init_from = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(cfg, progress=False)
