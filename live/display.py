@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     """Open a napari window on a running daemon's newest stack, or on a recording."""
     parser = argparse.ArgumentParser(
         prog="python -m live.display",
-        description="Open a napari window on a running daemon's stacks (--endpoint / --scope) "
+        description="Open a napari window on a running daemon's stacks (--endpoint / --scope)\n"
         "or on a recording (RUN.ome.zarr: raw frames at the focal plane, stacks at their depth).",
         epilog="examples:\n  deepz-live view --scope config.toml\n"
         "  deepz-live view runs/RUN.ome.zarr",
