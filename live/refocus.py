@@ -24,7 +24,9 @@ store (``out``).
 How it runs: one task per output chunk (``chunk`` time points, 1 by default), so no two tasks
 ever write the same chunk object. A task reads its raw frames, refocuses each present one with
 ``Backend.infer(frame, dpms)`` exactly as the live worker does (same DPMs, one frame per call,
-so the same model and backend give the same stacks), writes the chunk, and then writes the
+so the same model and backend give the same stacks; a run whose planes followed the stage
+focus (``planes.focus_lock_um``) has each frame's DPMs shifted by the same `FocusLock` offset,
+computed from the focus recorded with the frame), writes the chunk, and then writes the
 chunk's CRC-32 into a small manifest array (``<image>/refocus_done``, one element per chunk,
 one object each). A rerun verifies each chunk the manifest names (it reads back, is finite and
 has that CRC) and skips it; a missing or damaged chunk is recomputed. Backends are loaded once
@@ -57,14 +59,14 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from engine.dpm import DPMError, VolumePlan
+from engine.dpm import DPMError, FocusLock, VolumePlan, with_drift
 from engine.runtime import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MODEL,
@@ -156,6 +158,9 @@ class RawInput:
         From the store's metadata, when it says.
     run
         ``attrs["deepz"]`` of this project's run store, else None.
+    focus_um
+        Each time point's recorded focus (run stores: ``frames/focus_um``, NaN where no
+        frame), else None.
     """
 
     spec: InputSpec
@@ -165,6 +170,7 @@ class RawInput:
     rate_hz: float | None = None
     pixel_size_um: float | None = None
     run: dict[str, Any] | None = None
+    focus_um: np.ndarray | None = None
 
     @property
     def is_run(self) -> bool:
@@ -248,7 +254,7 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
     """
     import zarr
 
-    from live.store import array_path
+    from live.store import array_path, frame_metadata
 
     path = array_path(deepz, "raw")
     if path is None:
@@ -275,6 +281,7 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
         float(rate) if rate else None,
         float(pixel) if pixel else None,
         deepz,
+        frame_metadata(root, "focus_um"),
     )
 
 
@@ -525,6 +532,8 @@ class Block:
     t0: int
     t1: int
     seqs: tuple[int, ...]
+    offsets_um: tuple[float, ...] | None = None
+    """Focus-locked runs: each seq's DPM offset (`engine.dpm.FocusLock`), µm; else None."""
 
 
 @dataclass(frozen=True)
@@ -609,9 +618,11 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     backend, lock = _backend(job.engine)
     dpms = _frozen_dpms(job)
     planes = np.zeros((block.t1 - block.t0, *dpms.shape), dtype=np.float32)
+    offsets = block.offsets_um or (0.0,) * len(block.seqs)
     with lock:
-        for seq in block.seqs:
-            planes[seq - block.t0] = backend.infer(frames[seq - block.t0], dpms)
+        for seq, offset in zip(block.seqs, offsets, strict=True):
+            shifted = with_drift(dpms, offset) if offset else dpms  # as the live worker does
+            planes[seq - block.t0] = backend.infer(frames[seq - block.t0], shifted)
     planes, clipped = as_stack_dtype(planes, out.dtype)
     if clipped:
         log.warning(
@@ -642,19 +653,37 @@ def warm_worker(engine: EngineSpec) -> str:
 # ----------------------------------------------------------------------------- plans
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The DPMs to refocus onto, where they came from, and the focus lock they follow, if any."""
+
+    plan: VolumePlan
+    source: str
+    focus_lock: tuple[float, float] | None = None
+    """(reference focus µm, stage z sign) of ``planes.focus_lock_um``, or None."""
+
+
+def _lock_of(planes: Any) -> tuple[float, float] | None:
+    """Return the focus lock of a validated `PlanesConfig`, or None when it has none."""
+    if planes.focus_lock_um is None:
+        return None
+    return float(planes.focus_lock_um), float(planes.stage_z_sign)
+
+
 def _plan_from_planes(
     planes: Sequence[float] | None,
     scope: Any,
     raw: RawInput,
-) -> tuple[VolumePlan, str]:
+) -> _Plan:
     """Build the plan from --planes, --scope, the run's stored config or its planes; say which."""
     shape = raw.frame_shape
     if planes is not None:
         if len(planes) == 0:
             raise RefocusError("--planes needs at least one z value (µm)")
-        return VolumePlan.from_z([float(z) for z in planes], shape), "--planes"
+        return _Plan(VolumePlan.from_z([float(z) for z in planes], shape), "--planes")
     if scope is not None:
-        return scope.planes.build(shape, float(scope.source.pixel_size_um)), "the scope config"
+        plan = scope.planes.build(shape, float(scope.source.pixel_size_um))
+        return _Plan(plan, "the scope config", _lock_of(scope.planes))
     run = raw.run or {}
     config = run.get("config")
     if isinstance(config, dict) and isinstance(config.get("planes"), dict):
@@ -663,11 +692,11 @@ def _plan_from_planes(
         try:
             stored = PlanesConfig.model_validate(config["planes"])
             pixel = raw.pixel_size_um or float(config.get("source", {}).get("pixel_size_um", 1.0))
-            return stored.build(shape, pixel), "the recording's config"
+            return _Plan(stored.build(shape, pixel), "the recording's config", _lock_of(stored))
         except (ValueError, OSError) as exc:
             log.warning("the recording's stored planes cannot be rebuilt (%s)", exc)
     if run.get("planes_um"):
-        return VolumePlan.from_z(run["planes_um"], shape), "the recording's planes"
+        return _Plan(VolumePlan.from_z(run["planes_um"], shape), "the recording's planes")
     raise RefocusError(
         f"{raw.spec.path}: the recording does not say which planes it was refocused onto: "
         "give --planes Z1 Z2 ... (µm) or --scope config.toml"
@@ -783,10 +812,15 @@ def _ngff_stacks(name: str, plan: VolumePlan, raw: RawInput) -> dict[str, Any]:
 
 
 def _identity(
-    raw: RawInput, plan: VolumePlan, model: dict[str, str], backend: str, chunk: int
+    raw: RawInput,
+    plan: VolumePlan,
+    model: dict[str, str],
+    backend: str,
+    chunk: int,
+    focus_lock: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Describe what must match for a rerun to resume an existing output image."""
-    return {
+    identity: dict[str, Any] = {
         "source": raw.spec.path,
         "source_image": raw.spec.array_path,
         "n_t": raw.n_t,
@@ -796,6 +830,9 @@ def _identity(
         "backend": backend,
         "chunk_t": chunk,
     }
+    if focus_lock is not None:  # only then: images written before the lock existed still resume
+        identity["focus_lock"] = _lock_attrs(focus_lock)
+    return identity
 
 
 def _compressors() -> list[Any]:
@@ -1079,19 +1116,74 @@ class RefocusSummary:
 # ----------------------------------------------------------------------------- driver
 
 
-def _blocks(wanted: Sequence[int], chunk: int) -> list[Block]:
-    """Group wanted time indices into output chunks of `chunk` time points."""
+def _blocks(
+    wanted: Sequence[int], chunk: int, offsets_um: np.ndarray | None = None
+) -> list[Block]:
+    """Group wanted time indices into output chunks of `chunk` time points.
+
+    Each block carries its seqs' focus-lock offsets when the plan follows the stage focus.
+    """
     by_block: dict[int, list[int]] = {}
     for t in wanted:
         by_block.setdefault(t // chunk, []).append(t)
     return [
-        Block(b, b * chunk, (b + 1) * chunk, tuple(seqs)) for b, seqs in sorted(by_block.items())
+        Block(
+            b,
+            b * chunk,
+            (b + 1) * chunk,
+            tuple(seqs),
+            None if offsets_um is None else tuple(float(offsets_um[t]) for t in seqs),
+        )
+        for b, seqs in sorted(by_block.items())
     ]
 
 
 def _clip_blocks(blocks: list[Block], n_t: int) -> list[Block]:
     """Clip the last block to the time axis."""
-    return [Block(b.index, b.t0, min(b.t1, n_t), b.seqs) for b in blocks]
+    return [replace(b, t1=min(b.t1, n_t)) for b in blocks]
+
+
+def _lock_offsets(
+    chosen: _Plan,
+    raw: RawInput,
+    dz_range_um: tuple[float, float],
+    allow_extrapolation: bool,
+) -> np.ndarray | None:
+    """Each time point's DPM offset (µm) when the plan follows the stage focus, else None.
+
+    The live worker's `engine.dpm.FocusLock`, built the same way (clamped to the model's
+    trained depths unless `allow_extrapolation`), applied to the focus recorded with each
+    frame, so a focus-locked run refocuses offline onto the planes it had live.
+    """
+    if chosen.focus_lock is None:
+        return None
+    if raw.focus_um is None:
+        raise RefocusError(
+            f"{raw.spec.path}: the planes follow the stage focus (planes.focus_lock_um) but the "
+            "recording holds no focus per frame: give --planes Z1 Z2 ... (µm) to refocus "
+            "without the lock"
+        )
+    reference, sign = chosen.focus_lock
+    lock = FocusLock.for_plan(
+        chosen.plan, reference, sign, None if allow_extrapolation else dz_range_um
+    )
+    offsets = np.zeros(raw.n_t, dtype=np.float64)
+    for t in raw.present:
+        focus = float(raw.focus_um[t]) if t < raw.focus_um.size else math.nan
+        if not math.isfinite(focus):
+            raise RefocusError(
+                f"{raw.spec.path}: frame {t} has no recorded focus, which its focus-locked "
+                "planes need: give --planes Z1 Z2 ... (µm) to refocus without the lock"
+            )
+        offsets[t] = lock.offset_um(focus)[0]
+    return offsets
+
+
+def _lock_attrs(lock: tuple[float, float] | None) -> dict[str, float] | None:
+    """Return the focus lock as stored in the output's attributes (None: fixed planes)."""
+    if lock is None:
+        return None
+    return {"reference_um": lock[0], "stage_z_sign": lock[1]}
 
 
 def refocus_recording(
@@ -1172,9 +1264,10 @@ def refocus_recording(
         )
     scope_cfg = _load_scope(scope) if scope is not None else None
     try:
-        plan, plan_from = _plan_from_planes(planes, scope_cfg, raw)
+        chosen = _plan_from_planes(planes, scope_cfg, raw)
     except DPMError as exc:
         raise RefocusError(f"planes: {exc}") from None
+    plan, plan_from = chosen.plan, chosen.source
     wanted = list(raw.present)
     if fill_gaps:
         run = raw.run or {}
@@ -1198,6 +1291,7 @@ def refocus_recording(
         plan.validate(raw.frame_shape, meta.dz_range_um, allow_extrapolation)
     except DPMError as exc:
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
+    offsets = _lock_offsets(chosen, raw, meta.dz_range_um, allow_extrapolation)
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = EngineSpec(
         spec.model, (driver_backend.name,), driver_backend.precision, threads, max_batch
@@ -1205,7 +1299,7 @@ def refocus_recording(
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}
-    identity = _identity(raw, plan, model_id, driver_backend.name, chunk)
+    identity = _identity(raw, plan, model_id, driver_backend.name, chunk, chosen.focus_lock)
     deepz = {
         "source": raw.spec.path,
         "source_image": raw.spec.array_path,
@@ -1214,6 +1308,7 @@ def refocus_recording(
         "labels": list(plan.labels),
         "uniform_planes": _plan_axes(plan)[0],
         "plan_from": plan_from,
+        "focus_lock": _lock_attrs(chosen.focus_lock),
         "model": model_id,
         "backend": driver_backend.name,
         "created": _now(),
@@ -1229,7 +1324,7 @@ def refocus_recording(
         identity=identity,
         deepz=deepz,
     )
-    blocks = _clip_blocks(_blocks(wanted, output.chunk), raw.n_t)
+    blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
     job = Job(
         raw.spec,
         engine,

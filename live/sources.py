@@ -538,7 +538,7 @@ def _open_zarr(path: Path) -> Recording:
     """
     import zarr
 
-    from live.store import image_groups
+    from live.store import frame_metadata, image_groups
 
     node = root = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
@@ -568,19 +568,10 @@ def _open_zarr(path: Path) -> Recording:
     indices: Sequence[int] = range(frames.shape[0])
     if present is not None:
         indices = [t for start, stop in present for t in range(start, stop) if t < frames.shape[0]]
-    stamps, focus = _frame_metadata(root) if present is not None else (None, None)
+    stamps = focus = None
+    if present is not None:  # a run store: each frame's camera timestamp and focus
+        stamps, focus = frame_metadata(root, "timestamp_s"), frame_metadata(root, "focus_um")
     return Recording(frames, indices, _ngff_rate_hz(image, axes), stamps, focus)
-
-
-def _frame_metadata(root: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Read a run store's per-seq camera timestamps and focus (`live.store.FRAMES_GROUP`)."""
-    from live.store import FRAMES_GROUP
-
-    def read(name: str) -> np.ndarray | None:
-        key = f"{FRAMES_GROUP}/{name}"
-        return np.asarray(root[key][:], dtype=np.float64) if key in root else None
-
-    return read("timestamp_s"), read("focus_um")
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

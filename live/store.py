@@ -77,6 +77,7 @@ __all__ = [
     "array_path",
     "as_stack_dtype",
     "collection_attrs",
+    "frame_metadata",
     "image_axes",
     "image_groups",
     "ngff_image",
@@ -200,6 +201,17 @@ def array_path(deepz: Mapping[str, Any], role: str) -> str | None:
     """Return the full-resolution array of image `role` (e.g. ``"0/0"``), or None if not kept."""
     group = image_groups(deepz).get(role)
     return None if group is None else f"{group}/0"
+
+
+def frame_metadata(root: Any, name: str) -> np.ndarray | None:
+    """Read one per-seq frame metadata array of a run store (`FRAME_FIELDS`), None if absent.
+
+    Indexed like the images' t axis (the camera sequence number); NaN where no frame.
+    """
+    if name not in FRAME_FIELDS:
+        raise ValueError(f"{name!r} is not a frame field; known: {sorted(FRAME_FIELDS)}")
+    key = f"{FRAMES_GROUP}/{name}"
+    return np.asarray(root[key][:], dtype=np.float64) if key in root else None
 
 
 def reserved_names(deepz: Mapping[str, Any]) -> set[str]:

@@ -23,12 +23,6 @@ frame; the worker refocuses everything before it, reports, sends "done" and then
 end-of-stacks marker behind its last stack, so the collector knows nothing of this worker is
 still on the way. Only when the marker cannot be delivered does the daemon set `stop`, and the
 worker ends once its pipe is empty.
-
-A frame that is not the configured shape is refused on its own (reported as a "rejected"
-event; the daemon counts it as lost) and the worker carries on. The frames socket drops any
-message part bigger than a frame (``zmq.MAXMSGSIZE``). If the receive thread fails, the
-worker process exits non-zero after refocusing what it holds, so the daemon restarts it and
-counts its frames as lost; if the daemon itself disappears, the worker stops too.
 """
 
 from __future__ import annotations

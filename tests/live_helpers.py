@@ -70,11 +70,13 @@ def push_frames(
     inject: dict[int, list[bytes]] | None = None,
     stop: threading.Event | None = None,
     sent: list[int] | None = None,
+    focus_um: list[float] | None = None,
 ) -> None:
     """PUSH frames with the given seqs (blocking sends), paced at `rate_hz` if given.
 
     `inject` maps a position in `seqs` to a raw (malformed) message sent just before it;
-    `stop` ends early; `sent` collects the seqs sent.
+    `stop` ends early; `sent` collects the seqs sent; `focus_um` gives each frame's focus
+    (header ``focus_um``, 0 if not given).
     """
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -90,7 +92,9 @@ def push_frames(
         if rate_hz:
             time.sleep(max(0.0, t0 + i / rate_hz - time.monotonic()))
         frame = rng.integers(100, 1000, (side, side), dtype=np.uint16)
-        push.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()), copy=False)
+        focus = 0.0 if focus_um is None else focus_um[i]
+        parts = encode_frame(frame, seq=seq, timestamp_s=time.time(), focus_um=focus)
+        push.send_multipart(parts, copy=False)
         if sent is not None:
             sent.append(seq)
     push.close()

@@ -141,6 +141,53 @@ def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
     assert scale_t[0]["scale"][:2] == [1 / 20.0, 2.0] and scale_t[1]["translation"][1] == -2.0
 
 
+def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Path) -> None:
+    """Planes that followed the stage focus live follow the recorded focus offline.
+
+    Each frame's DPMs were shifted by its focus change (`engine.dpm.FocusLock`); offline
+    refocusing rebuilds the same lock from the run's config and the focus recorded per frame,
+    so the stacks match the live ones, and differ from planes at a fixed focus.
+    """
+    from live.config import validate_config
+    from live.run import Daemon
+    from tests.live_helpers import live_config, push_frames
+
+    focus = [0.0, 0.5, -1.0, 1.5, 3.0, -2.5]
+    data = live_config(tmp_path, DEFAULT_MODEL, planes=PLANES).model_dump(mode="json")
+    data["planes"]["focus_lock_um"] = 0.0
+    config = validate_config(data, source="test config")
+    assert config.planes.focus_lock_um == 0.0 and config.planes.z_um == PLANES
+    store = tmp_path / "locked.ome.zarr"
+    daemon = Daemon(config, output=store, source=None, preflight_check=False)
+    try:
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while not daemon.ledger.ready_workers():
+            assert time.monotonic() < deadline
+            daemon.supervise(0.1, quiet=True)
+        push_frames(config.endpoints.frames, list(range(6)), rate_hz=10.0, focus_um=focus)
+        daemon.supervise(0.5, quiet=True)
+    finally:
+        live = daemon.stop()
+    assert live.stacks_written == 6
+    summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)
+    assert summary.frames_done == 6
+    offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
+    scale = float(np.abs(live_stacks).max())
+    np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
+    attrs = zarr.open_group(str(store), mode="r")["stacks_offline"].attrs["deepz"]
+    assert attrs["focus_lock"] == {"reference_um": 0.0, "stage_z_sign": 1.0}
+    # The same frames on fixed planes: equal where the focus stayed at the reference only.
+    fixed = refocus_recording(
+        store, planes=PLANES, name="fixed", scheduler="sync", intra_op_threads=1
+    )
+    assert fixed.frames_done == 6
+    unlocked = _read(store, "fixed/0")
+    np.testing.assert_allclose(unlocked[0], offline[0], rtol=1e-6, atol=1e-6 * scale)
+    for t in range(1, 6):
+        assert not np.allclose(unlocked[t], offline[t], rtol=1e-3, atol=1e-3 * scale), t
+
+
 # ------------------------------------------------------------------ a real LocalCluster
 
 
@@ -270,6 +317,11 @@ def test_bad_inputs_each_give_one_clear_error(
     tifffile.imwrite(tmp_path / "movie.tif", _frames(2), photometric="minisblack")
     store = tmp_path / "run.ome.zarr"
     _record(store, [0, 1])
+    locked = tmp_path / "locked.toml"  # the shipped config with its planes locked to the focus
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "config.toml").read_text(encoding="utf-8")
+    text = text.replace('"engine/weights/', f'"{repo}/engine/weights/')  # read from tmp_path
+    locked.write_text(text.replace("# focus_lock_um = 1250.0", "focus_lock_um = 0.0"), "utf-8")
     cases = [
         (tmp_path / "nope.ome.zarr", {}, "no such recording"),
         (tmp_path / "empty.zarr", {}, "no raw image"),
@@ -279,6 +331,7 @@ def test_bad_inputs_each_give_one_clear_error(
         (store, {"backend": "nonsense"}, "prefer must list backends"),
         (store, {"planes": [50.0]}, "outside the model's trained range"),
         (tmp_path / "movie.tif", {"fill_gaps": True}, "--fill-gaps needs a run of this project"),
+        (tmp_path / "movie.tif", {"planes": None, "scope": locked}, "holds no focus per frame"),
     ]
     for source, kwargs, message in cases:
         with pytest.raises(RefocusError, match=message.replace("(", r"\(").replace(")", r"\)")):
