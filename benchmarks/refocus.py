@@ -2,6 +2,7 @@
 
     python -m benchmarks.refocus [--frames 64] [--side 256] [--planes 9] [--backend openvino]
                                  [--threads 2] [--skip-cluster] [--note TEXT]
+                                 [--model PATH] [--results PATH]
 
 Makes a recording of `frames` simulated worm frames (`engine.optics.WormTimeSeries`) with the
 project's `Recorder` (lz4, one frame per chunk, as the shipped config), then times:
@@ -16,8 +17,10 @@ project's `Recorder` (lz4, one frame per chunk, as the shipped config), then tim
 - a ``dask.distributed`` LocalCluster of 1 and of 2 worker processes (1 thread each, backends
   on 1 intra-op thread, loaded on every worker before timing), against the engine on 1 thread.
 
-Prints a table and writes ``benchmarks/results/refocus.json`` with the CPU model (lscpu), the
-date and the load average.
+The model is the per-plane slim model unless ``--model`` names another (the shipped volume
+model: ``engine/weights/deepz-volume.onnx``). Prints a table and writes
+``benchmarks/results/refocus.json`` (or ``--results``) with the CPU model (lscpu), the date and
+the load average.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ def make_recording(path: Path, frames: int, side: int, planes: list[float]) -> n
     return data
 
 
-def engine_fps(frames: np.ndarray, planes: list[float], backend: str, threads: int) -> float:
+def engine_fps(
+    frames: np.ndarray, planes: list[float], backend: str, threads: int, model: Path
+) -> float:
     """Frames per second of ``backend.infer(frame, dpms)`` over `frames` (after 2 warm-ups)."""
-    b = load_backend(DEFAULT_MODEL, prefer=[backend], intra_op_threads=threads)
+    b = load_backend(model, prefer=[backend], intra_op_threads=threads)
     side = frames.shape[-1]
     dpms = np.array(
         np.broadcast_to(np.array(planes, np.float32)[:, None, None], (len(planes), side, side))
@@ -85,11 +90,18 @@ def engine_fps(frames: np.ndarray, planes: list[float], backend: str, threads: i
 
 
 def offline(
-    store: Path, planes: list[float], backend: str, threads: int, name: str, scheduler: Any
+    store: Path,
+    planes: list[float],
+    backend: str,
+    threads: int,
+    name: str,
+    scheduler: Any,
+    model: Path,
 ) -> RefocusSummary:
     """One offline run into a fresh image (``overwrite``), timed by its own summary."""
     return refocus_recording(
         store,
+        model=model,
         planes=planes,
         backend=backend,
         intra_op_threads=threads,
@@ -100,7 +112,7 @@ def offline(
 
 
 def cluster_fps(
-    store: Path, planes: list[float], backend: str, workers: int
+    store: Path, planes: list[float], backend: str, workers: int, model: Path
 ) -> tuple[float, float, str]:
     """Frames/s on a LocalCluster of `workers` processes (1 thread each); also its start time."""
     distributed: Any = importlib.import_module("distributed")
@@ -116,7 +128,7 @@ def cluster_fps(
         distributed.Client(cluster) as client,
     ):
         start = time.perf_counter() - t0
-        s = offline(store, planes, backend, 1, f"cluster{workers}", client)
+        s = offline(store, planes, backend, 1, f"cluster{workers}", client, model)
     return s.frames_per_s, start, s.scheduler
 
 
@@ -130,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads, local runs")
     parser.add_argument("--skip-cluster", action="store_true")
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. machine load)")
+    parser.add_argument(
+        "--model", type=Path, default=DEFAULT_MODEL, help="model file (default: the slim model)"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS / "refocus.json", help="JSON to write"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     planes = [float(z) for z in np.linspace(-8.0, 8.0, args.planes)]
@@ -141,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         warm = Path(tmp) / "warm.ome.zarr"
         make_recording(warm, 2, args.side, planes)
         t = args.threads
-        engine_a = engine_fps(frames, planes, args.backend, t)
-        offline(warm, planes, args.backend, t, "warm", "sync")  # load and warm the backend
-        sync = offline(store, planes, args.backend, t, "sync", "sync")
-        threads = offline(store, planes, args.backend, t, "threads", "threads")
-        engine_b = engine_fps(frames, planes, args.backend, t)
+        m = args.model
+        engine_a = engine_fps(frames, planes, args.backend, t, m)
+        offline(warm, planes, args.backend, t, "warm", "sync", m)  # load and warm the backend
+        sync = offline(store, planes, args.backend, t, "sync", "sync", m)
+        threads = offline(store, planes, args.backend, t, "threads", "threads", m)
+        engine_b = engine_fps(frames, planes, args.backend, t, m)
         clear_backends()
         engine = (engine_a + engine_b) / 2
         runs = [engine_a, engine_b]
@@ -161,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         if not args.skip_cluster:
-            engine1 = engine_fps(frames, planes, args.backend, 1)
+            engine1 = engine_fps(frames, planes, args.backend, 1, m)
             rows.append({"case": "engine, 1 thread", "frames_per_s": engine1})
-            one, start1, sched1 = cluster_fps(store, planes, args.backend, 1)
-            two, start2, sched2 = cluster_fps(store, planes, args.backend, 2)
+            one, start1, sched1 = cluster_fps(store, planes, args.backend, 1, m)
+            two, start2, sched2 = cluster_fps(store, planes, args.backend, 2, m)
             rows.append(
                 {
                     "case": "LocalCluster, 1 worker × 1 thread",
@@ -195,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         "side": args.side,
         "planes": planes,
         "backend": args.backend,
-        "model": str(DEFAULT_MODEL),
+        "model": str(args.model),
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "refocus.json"
+    out = args.results
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -406,6 +406,12 @@ def test_benchmark_runs_and_writes_its_json(
     record = json.loads((tmp_path / "refocus.json").read_text())
     assert record["cpu"] and len(record["rows"]) == 3
     assert all(r["frames_per_s"] > 0 for r in record["rows"])
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"  # the daemon's model, into another file
+    out = tmp_path / "volume.json"
+    argv += ["--threads", "1", "--skip-cluster", "--model", str(volume), "--results", str(out)]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["model"] == str(volume) and len(record["rows"]) == 3
 
 
 def test_output_through_an_fsspec_url_resumes_like_a_directory(tmp_path: Path) -> None:
