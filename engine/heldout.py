@@ -79,6 +79,7 @@ __all__ = [
     "bead_depths",
     "bead_fwhm",
     "bead_fwhm_ratios",
+    "bead_sites",
     "independent_sample",
     "input_planes_fn",
     "input_surface_fn",
@@ -757,6 +758,13 @@ FWHM_HALF_PX = 6
 """Gaussian fits use a 13x13 window centred on the bead's true position."""
 MIN_SPOT_SNR = 3.0
 """A refocused bead is resolved when its fitted amplitude is >= 3x the fit's residual."""
+
+
+def bead_sites(
+    sample: IndependentSample, min_sep_um: float = 3.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(object index, row, col) of the beads the read-outs score: inside the border, isolated."""
+    return _beads(sample, DEPTH_BORDER_PX, min_sep_um)
 
 
 def _beads(
