@@ -107,8 +107,10 @@ class FrameSender:
     to ZeroMQ, `dropped` those it refused; the receiver's sequence numbers show anything lost
     after that (e.g. frames still queued when `close`'s linger ran out). `refused` counts
     frames a hook did not offer because their acquisition was refused (`refusal` says why;
-    see `refuse`). One thread should own a sender; a lock makes occasional use from another
-    thread safe.
+    see `refuse`). `acquiring` is set by a source once its set-up (rendering frames, loading
+    a core) is done and acquisition begins: the daemon's run clock (elapsed time, rates,
+    ``--duration``) starts then. One thread should own a sender; a lock makes occasional use
+    from another thread safe.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class FrameSender:
         self.dropped_seqs: list[int] = []
         self.refused = 0
         self.refusal: str | None = None
+        self.acquiring = threading.Event()
         self._next_seq = 0
         self._linger_ms = linger_ms
         self._lock = threading.Lock()

@@ -361,6 +361,8 @@ class Daemon:
         self._source_stop = threading.Event()
         self._source_summary: Any = None
         self._sender: Any = None
+        self._started_s = 0.0  # monotonic s when start() started the source
+        self._running_since: float | None = None  # monotonic s when acquisition began
         self._display: subprocess.Popen[bytes] | None = None
         self._status: StatusPublisher | None = None
         self._summary: RunSummary | None = None
@@ -449,7 +451,8 @@ class Daemon:
         self._wait_ready()
         self._start_display()
         self._start_source()
-        self.metrics.set_run_info(state=RunState.RUNNING)
+        self._started_s = time.monotonic()
+        self._mark_running()
 
     def _bound(self, source: str, target: str) -> int | None:
         """Return the bound `compose` gives the edge from `source` to `target`."""
@@ -610,11 +613,40 @@ class Daemon:
 
     # -- supervise ---------------------------------------------------------------------
 
+    def _mark_running(self) -> None:
+        """Enter RUNNING once acquisition begins: the run clock starts then, not before.
+
+        The daemon's own source sets `FrameSender.acquiring` when its set-up (pre-rendering
+        simulator frames, loading a Micro-Manager configuration) is done; a daemon that only
+        listens for a hook is acquiring as soon as it listens. A source still setting up after
+        `_READY_TIMEOUT_S` starts the clock anyway, with a warning, so ``--duration`` ends.
+        """
+        if self._running_since is not None:
+            return
+        now = time.monotonic()
+        if self._sender is not None and not self._sender.acquiring.is_set():
+            if now - self._started_s < _READY_TIMEOUT_S:
+                return
+            log.warning(
+                "the source has not begun acquiring after %.0f s of set-up; the run clock "
+                "starts now",
+                _READY_TIMEOUT_S,
+            )
+        self._running_since = now
+        self.metrics.set_run_info(state=RunState.RUNNING)
+
     def supervise(self, duration_s: float | None = None, *, quiet: bool = False) -> None:
-        """Print status each second and restart dead workers until duration, source end or stop."""
-        t_end = None if duration_s is None else time.monotonic() + duration_s
+        """Print status each second and restart dead workers until duration, source end or stop.
+
+        `duration_s` counts from now, or from when acquisition begins if the source is still
+        setting up (its set-up is not part of the run's duration).
+        """
+        t_end: float | None = None
         next_status = time.monotonic() + 1.0
         while not self.stop_requested.is_set():
+            self._mark_running()
+            if t_end is None and duration_s is not None and self._running_since is not None:
+                t_end = time.monotonic() + duration_s
             if t_end is not None and time.monotonic() >= t_end:
                 self.finish_reason, self.finish_detail = FinishReason.DURATION, f"{duration_s:g} s"
                 break
@@ -629,7 +661,7 @@ class Daemon:
                     snap = self._snapshot()
                     if self._status is not None:
                         self._status.publish(snap)
-                    if not quiet:
+                    if not quiet and self._running_since is not None:  # not while setting up
                         print(snap.status_line(), flush=True)
             self.stop_requested.wait(0.05)
 

@@ -81,8 +81,13 @@ class _Run:
         self.start = time.perf_counter()
 
     def restart_clock(self) -> None:
-        """Start timing now (after any set-up such as rendering or opening files)."""
+        """Start timing now, after any set-up (rendering, opening files, loading a core).
+
+        Also tells the daemon that acquisition begins (`FrameSender.acquiring`), so its run
+        clock and ``--duration`` do not count the source's set-up.
+        """
         self.start = time.perf_counter()
+        self.sender.acquiring.set()
 
     def summary(self) -> SourceSummary:
         """Return what the sender did since this run began."""
@@ -332,6 +337,7 @@ class MicroManagerSource:
                 self.endpoint,
                 self.endpoint,
             )
+            run.restart_clock()  # the daemon is listening: that is this source's acquisition
             stop.wait()
             return run.summary()
         from live._mmcore import claim_core  # ImportError with the install hint without 'mm'
@@ -440,6 +446,7 @@ class ReplaySource:
     def run(self, sender: FrameSender, stop: threading.Event) -> SourceSummary:
         """Send the recording's frames at the replay rate until done, count or stop."""
         run = _Run(self.name, sender)
+        run.restart_clock()
         period = int(self.recording.frames.shape[0])
         lap_s = period / (self.recording.rate_hz or self.rate_hz)
         first: int | None = None

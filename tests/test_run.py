@@ -66,6 +66,51 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert all(frame.any() for frame in raw)  # every time point holds a real frame
 
 
+class _SlowSetUpSource:
+    """A source whose set-up (a camera warming up) lasts until released, then 3 frames."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.acquiring_at: float | None = None
+
+    def run(self, sender: Any, stop: threading.Event) -> None:
+        self.release.wait(60)
+        self.acquiring_at = time.monotonic()
+        sender.acquiring.set()  # what every source does when its set-up is done
+        for seq in range(3):
+            sender.send(np.full((64, 64), 100 + seq, np.uint16), seq=seq)
+
+
+def test_the_run_clock_starts_when_the_source_begins_acquiring(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's set-up is not part of the run: no RUNNING state, status line or
+    --duration before it begins acquiring (issue 13: warm-up not counted in --duration)."""
+    import live.sources
+
+    source = _SlowSetUpSource()
+    monkeypatch.setattr(live.sources, "make_source", lambda config: source)
+    config = live_config(tmp_path, tiny_model_files["onnx"], rate_hz=20.0)
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr")
+    try:
+        daemon.start()
+        assert daemon.metrics.snapshot().state == "starting"
+        supervising = threading.Thread(target=daemon.supervise, args=(0.05,), kwargs={"quiet": 1})
+        supervising.start()
+        supervising.join(0.5)  # a duration counted from start() would have ended by now
+        assert supervising.is_alive() and daemon.metrics.snapshot().state == "starting"
+        source.release.set()
+        supervising.join(30)
+        assert not supervising.is_alive()
+        assert daemon.metrics.snapshot().state == "running"
+        assert source.acquiring_at is not None and daemon._running_since is not None
+        assert daemon._running_since >= source.acquiring_at
+    finally:
+        source.release.set()
+        summary = daemon.stop()
+    assert summary.finish_reason in ("duration reached", "source finished")
+
+
 def test_a_surface_plan_is_recorded_as_surfaces_with_its_dpms(
     tmp_path: Path, tiny_model_files
 ) -> None:
