@@ -643,9 +643,12 @@ class Daemon:
         """
         t_end: float | None = None
         next_status = time.monotonic() + 1.0
+        running = self._running_since is not None
         while not self.stop_requested.is_set():
             self._mark_running()
-            if t_end is None and duration_s is not None and self._running_since is not None:
+            if not running and self._running_since is not None:  # acquisition began just now
+                running, next_status = True, self._running_since + 1.0
+            if t_end is None and duration_s is not None and running:
                 t_end = time.monotonic() + duration_s
             if t_end is not None and time.monotonic() >= t_end:
                 self.finish_reason, self.finish_detail = FinishReason.DURATION, f"{duration_s:g} s"
