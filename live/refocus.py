@@ -661,6 +661,8 @@ class _Plan:
     source: str
     focus_lock: tuple[float, float] | None = None
     """(reference focus µm, stage z sign) of ``planes.focus_lock_um``, or None."""
+    allow_extrapolation: bool = False
+    """The config's ``engine.allow_extrapolation``: the live run took the same planes then."""
 
 
 def _lock_of(planes: Any) -> tuple[float, float] | None:
@@ -683,7 +685,8 @@ def _plan_from_planes(
         return _Plan(VolumePlan.from_z([float(z) for z in planes], shape), "--planes")
     if scope is not None:
         plan = scope.planes.build(shape, float(scope.source.pixel_size_um))
-        return _Plan(plan, "the scope config", _lock_of(scope.planes))
+        allow = bool(scope.engine.allow_extrapolation)
+        return _Plan(plan, "the scope config", _lock_of(scope.planes), allow)
     run = raw.run or {}
     config = run.get("config")
     if isinstance(config, dict) and isinstance(config.get("planes"), dict):
@@ -692,7 +695,10 @@ def _plan_from_planes(
         try:
             stored = PlanesConfig.model_validate(config["planes"])
             pixel = raw.pixel_size_um or float(config.get("source", {}).get("pixel_size_um", 1.0))
-            return _Plan(stored.build(shape, pixel), "the recording's config", _lock_of(stored))
+            engine = config.get("engine")
+            allow = isinstance(engine, dict) and engine.get("allow_extrapolation") is True
+            plan = stored.build(shape, pixel)
+            return _Plan(plan, "the recording's config", _lock_of(stored), allow)
         except (ValueError, OSError) as exc:
             log.warning("the recording's stored planes cannot be rebuilt (%s)", exc)
     if run.get("planes_um"):
@@ -1236,7 +1242,8 @@ def refocus_recording(
     intra_op_threads
         CPU threads per backend (default: the backend's; use 1 with one worker per core).
     allow_extrapolation
-        Accept planes outside the model's trained range.
+        Accept planes outside the model's trained range (also when the scope config or the
+        recording's config says ``engine.allow_extrapolation``, as its live run did).
     overwrite
         Replace an existing output image made with another model, plan or source.
     progress
@@ -1287,6 +1294,7 @@ def refocus_recording(
     except (BackendError, ValueError) as exc:
         raise RefocusError(f"model {model_path}: {exc}") from None
     meta = driver_backend.metadata
+    allow_extrapolation = allow_extrapolation or chosen.allow_extrapolation
     try:
         plan.validate(raw.frame_shape, meta.dz_range_um, allow_extrapolation)
     except DPMError as exc:

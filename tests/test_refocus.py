@@ -188,6 +188,24 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
         assert not np.allclose(unlocked[t], offline[t], rtol=1e-3, atol=1e-3 * scale), t
 
 
+def test_a_run_that_allowed_extrapolation_refocuses_offline_with_its_own_planes(
+    tmp_path: Path,
+) -> None:
+    """The recording's config said engine.allow_extrapolation: its planes beyond the model's
+    trained range are taken offline as they were live (other recordings refuse them)."""
+    far = {"planes": {"z_um": [-2.0, 50.0]}, "engine": {"allow_extrapolation": True}}
+    store = tmp_path / "far.ome.zarr"
+    _record(store, [0, 1], config=far)
+    summary = refocus_recording(store, scheduler="sync", **ORT)
+    assert summary.frames_done == 2 and len(summary.planes) == 2
+    offline = _read(store, "stacks_offline/0")
+    assert offline.shape == (2, 2, SIDE, SIDE) and np.isfinite(offline).all()
+    strict = tmp_path / "strict.ome.zarr"
+    _record(strict, [0, 1], config={**far, "engine": {"allow_extrapolation": False}})
+    with pytest.raises(RefocusError, match="outside the model's trained range"):
+        refocus_recording(strict, scheduler="sync", **ORT)
+
+
 # ------------------------------------------------------------------ a real LocalCluster
 
 
