@@ -248,6 +248,19 @@ def compare(
     }
 
 
+def _on_grid(density: np.ndarray, depth_um: np.ndarray, grid_um: np.ndarray) -> np.ndarray | None:
+    """Return a (D, H, W) density on `depth_um` at the depths of `grid_um` only, or None.
+
+    Models with a wider depth grid (recipe 5: ±12 µm) are compared on the first model's
+    grid; density beyond it is left out, as the truth holds none there.
+    """
+    index = np.searchsorted(depth_um, grid_um)
+    inside = index < depth_um.size
+    if not inside.all() or not np.allclose(depth_um[index], grid_um, atol=1e-6):
+        return None
+    return np.ascontiguousarray(density[index])
+
+
 def cross_modality(
     models: Sequence[Path], seeds: dict[str, tuple[int, ...]] = CROSS_MODALITY_SEEDS
 ) -> dict[str, Any]:
@@ -289,7 +302,11 @@ def cross_modality(
             flat = np.asarray(frame, dtype=np.float32) - np.float32(pair.background_counts)
             candidates = {"unrefocused input (wide-field)": np.broadcast_to(flat, truth.shape)}
             for label, backend in backends:
-                density = backend.volume(frame)[0]
+                grid = backend.metadata.volume
+                assert grid is not None  # only volume models are in `backends`
+                density = _on_grid(backend.volume(frame)[0], np.asarray(grid.depth_um), d)
+                if density is None:  # a grid that does not hold the first model's depths
+                    continue
                 candidates[f"{label}: density, confocal render"] = renderer.render(
                     density, PLANE_DZ_UM
                 )
