@@ -2,7 +2,7 @@
 
     python -m benchmarks.refocus [--frames 64] [--side 256] [--planes 9] [--backend openvino]
                                  [--threads 2] [--skip-cluster] [--note TEXT]
-                                 [--model PATH] [--results PATH]
+                                 [--model PATH] [--results PATH] [--dtype float16]
 
 Makes a recording of `frames` simulated worm frames (`engine.optics.WormTimeSeries`) with the
 project's `Recorder` (lz4, one frame per chunk, as the shipped config), then times:
@@ -97,6 +97,7 @@ def offline(
     name: str,
     scheduler: Any,
     model: Path,
+    dtype: str = "float32",
 ) -> RefocusSummary:
     """One offline run into a fresh image (``overwrite``), timed by its own summary."""
     return refocus_recording(
@@ -108,11 +109,12 @@ def offline(
         overwrite=True,
         name=f"bench_{name}",
         scheduler=scheduler,
+        stack_dtype=dtype,
     )
 
 
 def cluster_fps(
-    store: Path, planes: list[float], backend: str, workers: int, model: Path
+    store: Path, planes: list[float], backend: str, workers: int, model: Path, dtype: str
 ) -> tuple[float, float, str]:
     """Frames/s on a LocalCluster of `workers` processes (1 thread each); also its start time."""
     distributed: Any = importlib.import_module("distributed")
@@ -128,7 +130,7 @@ def cluster_fps(
         distributed.Client(cluster) as client,
     ):
         start = time.perf_counter() - t0
-        s = offline(store, planes, backend, 1, f"cluster{workers}", client, model)
+        s = offline(store, planes, backend, 1, f"cluster{workers}", client, model, dtype)
     return s.frames_per_s, start, s.scheduler
 
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results", type=Path, default=RESULTS / "refocus.json", help="JSON to write"
     )
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     planes = [float(z) for z in np.linspace(-8.0, 8.0, args.planes)]
@@ -159,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         warm = Path(tmp) / "warm.ome.zarr"
         make_recording(warm, 2, args.side, planes)
         t = args.threads
-        m = args.model
+        m, dt = args.model, args.dtype
         engine_a = engine_fps(frames, planes, args.backend, t, m)
-        offline(warm, planes, args.backend, t, "warm", "sync", m)  # load and warm the backend
-        sync = offline(store, planes, args.backend, t, "sync", "sync", m)
-        threads = offline(store, planes, args.backend, t, "threads", "threads", m)
+        offline(warm, planes, args.backend, t, "warm", "sync", m, dt)  # load and warm it
+        sync = offline(store, planes, args.backend, t, "sync", "sync", m, dt)
+        threads = offline(store, planes, args.backend, t, "threads", "threads", m, dt)
         engine_b = engine_fps(frames, planes, args.backend, t, m)
         clear_backends()
         engine = (engine_a + engine_b) / 2
@@ -182,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_cluster:
             engine1 = engine_fps(frames, planes, args.backend, 1, m)
             rows.append({"case": "engine, 1 thread", "frames_per_s": engine1})
-            one, start1, sched1 = cluster_fps(store, planes, args.backend, 1, m)
-            two, start2, sched2 = cluster_fps(store, planes, args.backend, 2, m)
+            one, start1, sched1 = cluster_fps(store, planes, args.backend, 1, m, dt)
+            two, start2, sched2 = cluster_fps(store, planes, args.backend, 2, m, dt)
             rows.append(
                 {
                     "case": "LocalCluster, 1 worker × 1 thread",
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "planes": planes,
         "backend": args.backend,
         "model": str(args.model),
+        "dtype": args.dtype,
         "rows": rows,
     }
     out = args.results

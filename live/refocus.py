@@ -7,6 +7,7 @@ stacks a live run skipped (``--fill-gaps``), or for a recording that was never r
     python -m live.refocus RUN.ome.zarr [--model PATH] [--planes Z1 Z2 ... | --scope config.toml]
         [--out PATH] [--name IMAGE] [--fill-gaps] [--scheduler threads|processes|sync|tcp://...]
         [--workers N] [--chunk N] [--backend NAME] [--threads N] [--overwrite]
+        [--dtype float32|float16]
 
 or from Python, `refocus_recording(...)`, which returns a `RefocusSummary`.
 
@@ -14,7 +15,8 @@ Input: this project's run store (its raw image (t, y, x), ``0/0`` or in stores f
 the collection layout ``raw/0``, with the present seqs from the root attributes; see
 `live.store`),
 any NGFF image whose axes are (t, y, x) (other axes of size 1 allowed), a plain Zarr array
-(T, H, W), or a TIFF stack. Output: an NGFF 0.5 image (t, z, y, x) float32 on zarr v3, indexed
+(T, H, W), or a TIFF stack. Output: an NGFF 0.5 image (t, z, y, x) float32 (``--dtype float16``:
+as the live recorder stores stacks) on zarr v3, indexed
 like the input's time axis (the camera sequence number for our runs), with the planes' z in its
 axis transforms (uniform planes) or in its attributes (any other plan), and the model's name,
 file and sha256 in ``attrs["deepz"]["model"]``. It goes beside ``raw`` in the same run store
@@ -905,6 +907,7 @@ def _prepare_output(
     overwrite: bool,
     identity: dict[str, Any],
     deepz: dict[str, Any],
+    stack_dtype: str = "float32",
 ) -> _Output:
     """Create (or reopen and check, to resume) the stacks image and its manifest."""
     import zarr
@@ -948,7 +951,8 @@ def _prepare_output(
         group = root[image]
         old = dict(group.attrs.get("deepz", {})).get("job")
         if old != identity:
-            changed = sorted(k for k in identity if (old or {}).get(k) != identity[k])
+            keys = set(identity) | set(old or {})
+            changed = sorted(k for k in keys if (old or {}).get(k) != identity.get(k))
             raise RefocusError(
                 f"{store}/{image} exists from another refocusing (differs in {', '.join(changed)}"
                 "): pass --overwrite to replace it, or --name / --out for a new image"
@@ -963,7 +967,7 @@ def _prepare_output(
         "0",
         shape=shape,
         chunks=(chunk, *shape[1:]),
-        dtype="float32",
+        dtype=stack_dtype,
         fill_value=0.0,
         compressors=_compressors(),
         dimension_names=["t", "z", "y", "x"],
@@ -1209,6 +1213,7 @@ def refocus_recording(
     allow_extrapolation: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    stack_dtype: str = "float32",
 ) -> RefocusSummary:
     """Refocus a recording's raw frames chunk by chunk and write an NGFF stacks image.
 
@@ -1248,15 +1253,23 @@ def refocus_recording(
         Replace an existing output image made with another model, plan or source.
     progress
         Show a progress bar on stderr.
+    stack_dtype
+        ``"float32"`` or ``"float16"`` (as the live recorder stores stacks: half the bytes to
+        compress and write, values rounded by at most 2^-11 and saturated beyond ±65504) for a
+        new image; fill-gaps keeps the live image's dtype.
 
     Raises
     ------
     RefocusError
         Bad input, plan, model, backend or output; the message says which and what to do.
     """
+    from live.store import STACK_DTYPES
+
     t_setup = time.perf_counter()
     if chunk < 1:
         raise RefocusError(f"--chunk must be >= 1, got {chunk}")
+    if stack_dtype not in STACK_DTYPES:
+        raise RefocusError(f"--dtype must be one of {', '.join(STACK_DTYPES)}, got {stack_dtype!r}")
     if planes is not None and scope is not None:
         raise RefocusError("give --planes or --scope, not both")
     if fill_gaps and out is not None:
@@ -1308,6 +1321,8 @@ def refocus_recording(
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}
     identity = _identity(raw, plan, model_id, driver_backend.name, chunk, chosen.focus_lock)
+    if stack_dtype != "float32" and not fill_gaps:  # only then: older images still resume
+        identity["dtype"] = stack_dtype
     deepz = {
         "source": raw.spec.path,
         "source_image": raw.spec.array_path,
@@ -1330,6 +1345,7 @@ def refocus_recording(
         chunk=chunk,
         overwrite=overwrite,
         identity=identity,
+        stack_dtype=stack_dtype,
         deepz=deepz,
     )
     blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
@@ -1535,6 +1551,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op CPU threads per backend")
     p.add_argument("--extrapolate", action="store_true", help="allow planes beyond the model range")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output image")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="stacks dtype of a new image (float16: as the live recorder stores them)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -1559,6 +1581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             intra_op_threads=args.threads,
             allow_extrapolation=args.extrapolate,
             overwrite=args.overwrite,
+            stack_dtype=args.dtype,
             progress=not args.no_progress,
         )
     except RefocusError as exc:

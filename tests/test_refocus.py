@@ -206,6 +206,27 @@ def test_a_run_that_allowed_extrapolation_refocuses_offline_with_its_own_planes(
         refocus_recording(strict, scheduler="sync", **ORT)
 
 
+def test_float16_output_is_the_float32_output_rounded_and_resumes_as_such(tmp_path: Path) -> None:
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1, 2])
+    full = refocus_recording(store, planes=PLANES, name="f32", scheduler="sync", **ORT)
+    half = refocus_recording(
+        store, planes=PLANES, name="f16", scheduler="sync", stack_dtype="float16", **ORT
+    )
+    assert (full.frames_done, half.frames_done) == (3, 3)
+    f32, f16 = _read(store, "f32/0"), _read(store, "f16/0")
+    assert f32.dtype == np.float32 and f16.dtype == np.float16
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
+    again = refocus_recording(
+        store, planes=PLANES, name="f16", scheduler="sync", stack_dtype="float16", **ORT
+    )
+    assert again.frames_skipped == 3  # verified by the CRC of the stored float16 values
+    with pytest.raises(RefocusError, match=r"exists from another refocusing .*dtype"):
+        refocus_recording(store, planes=PLANES, name="f16", scheduler="sync", **ORT)
+    with pytest.raises(RefocusError, match="--dtype must be one of"):
+        refocus_recording(store, planes=PLANES, scheduler="sync", stack_dtype="int8", **ORT)
+
+
 # ------------------------------------------------------------------ a real LocalCluster
 
 
