@@ -47,8 +47,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named architectures: keyword arguments of `DeepZ` (``in_channels`` defaults to 2)."""
 
 
-
-
 def _conv3(cin: int, cout: int) -> nn.Conv2d:
     """Return a 3x3 'same' convolution with bias."""
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1)

@@ -432,23 +432,27 @@ _OPENED: dict[tuple[str, str, str], Any] = {}
 _OPENED_LOCK = threading.Lock()
 _MAX_OPENED = 12
 
+
+def _kept(key: tuple[str, str, str], make: Callable[[], Any]) -> Any:
+    """Return what `make` opens for `key`, once per process (the oldest dropped beyond a few)."""
+    with _OPENED_LOCK:
+        value = _OPENED.get(key)
+        if value is None:
+            if len(_OPENED) >= _MAX_OPENED:
+                _OPENED.pop(next(iter(_OPENED)))
+            value = _OPENED[key] = make()
+        return value
+
 _TIFFS: dict[tuple[str, int], _Frames] = {}
 _TIFFS_LOCK = threading.Lock()
 
 
-def _frames(spec: InputSpec, token: str = "") -> _Frames:
+def _frames(spec: InputSpec, token: str) -> _Frames:
     """Return a frame reader for `spec`: Zarr once per job (`token`), TIFFs kept per process."""
     if spec.kind == "zarr":
-        if not token:
-            return _Frames(spec)
         opened = (token, spec.path, f"frames:{spec.array_path}")
-        with _OPENED_LOCK:
-            frames = _OPENED.get(opened)
-            if frames is None:
-                if len(_OPENED) >= _MAX_OPENED:
-                    _OPENED.pop(next(iter(_OPENED)))
-                frames = _OPENED[opened] = _Frames(spec)
-            return frames  # type: ignore[no-any-return]
+        frames: _Frames = _kept(opened, lambda: _Frames(spec))
+        return frames
     key = (spec.path, Path(spec.path).stat().st_mtime_ns)
     with _TIFFS_LOCK:
         reader = _TIFFS.get(key)
@@ -540,7 +544,7 @@ class Job:
     manifest_path: str
     rows_only: bool
     """Write only the computed rows (fill-gaps: never touch the live stacks around them)."""
-    token: str = ""
+    token: str
     """Unique per job: the key under which each process keeps this job's opened arrays."""
 
 
@@ -596,7 +600,7 @@ def _crc(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows, dtype=np.float32).data)
 
 
-def _open_out(store: str, path: str, token: str = "") -> Any:
+def _open_out(store: str, path: str, token: str) -> Any:
     """Open an array of the output store for writing, once per job and process.
 
     Opening reads the array's zarr.json: one more store round trip per task, about 2 ms on a
@@ -605,16 +609,7 @@ def _open_out(store: str, path: str, token: str = "") -> Any:
     """
     import zarr
 
-    if not token:
-        return zarr.open_array(store=store, path=path, mode="r+")
-    key = (token, store, path)
-    with _OPENED_LOCK:
-        array = _OPENED.get(key)
-        if array is None:
-            if len(_OPENED) >= _MAX_OPENED:
-                _OPENED.pop(next(iter(_OPENED)))
-            array = _OPENED[key] = zarr.open_array(store=store, path=path, mode="r+")
-        return array
+    return _kept((token, store, path), lambda: zarr.open_array(store=store, path=path, mode="r+"))
 
 
 def _verified(job: Job, block: Block, out: Any, mark: int) -> bool:
