@@ -46,6 +46,7 @@ from engine.volume import (
     RESIDUAL_SIGMA_PX,
     defocus_index,
     depth_grid,
+    matched_filter_kernels,
     psf_bank,
     save_psf_bank,
 )
@@ -170,6 +171,15 @@ class VolumeTrainConfig(_Base):
         description="Negative slope of the final ReLU while training (dead depth channels come "
         "back; it also leaves a low floor of density that widens rendered beads).",
     )
+    primer_depths_um: list[float] = Field(
+        [],
+        description="Matched-filter primer channels at these object depths (µm; empty: none): "
+        "the frame correlated with the PSF at each defocus, fed to the stem beside the frame "
+        "(`engine.model.MatchedFilterPrimer`). Fine-tuning from a model without them starts "
+        "with their stem weights at zero, i.e. from the old model exactly.",
+    )
+    primer_bin: int = Field(4, ge=1, description="The primer bins the frame this much first.")
+    primer_kernel: int = Field(17, ge=3, description="Primer kernel side (binned px, odd).")
     threads: int = Field(2, ge=1)
     bf16: Literal["auto", "on", "off"] = Field("auto", description="CPU bfloat16 autocast.")
     checkpoint_every: int = Field(500, ge=1)
@@ -216,8 +226,29 @@ def load_config(path: str | Path) -> VolumeTrainConfig:
 
 
 def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
-    """Build the volume network of this config (preset 'volume', its widths and depths)."""
-    return build_model("volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size))
+    """Build the volume network of this config (preset 'volume', its widths and depths).
+
+    With ``primer_depths_um`` the matched-filter kernels are made here from the config's optics
+    (they then travel in the weights).
+    """
+    from engine.optics import OpticsConfig
+
+    primer = None
+    if cfg.primer_depths_um:
+        primer = {
+            "depths_um": cfg.primer_depths_um,
+            "bin": cfg.primer_bin,
+            "kernel": cfg.primer_kernel,
+        }
+    model = build_model(
+        "volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size), primer=primer
+    )
+    if model.primer is not None:
+        kernels = matched_filter_kernels(
+            OpticsConfig(**cfg.optics), cfg.primer_depths_um, cfg.primer_bin, cfg.primer_kernel
+        )
+        model.primer.kernels.copy_(torch.from_numpy(kernels))
+    return model
 
 
 # ----------------------------------------------------------------------------- data
@@ -669,7 +700,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
     elif cfg.init_from is not None:
-        state = _initial_weights(Path(cfg.init_from))
+        state = _widen_inputs(_initial_weights(Path(cfg.init_from)), model.state_dict())
         own = model.state_dict()
         # layers whose shape changed (e.g. the head of a wider depth grid) start fresh
         fresh = sorted(k for k, v in own.items() if k not in state or state[k].shape != v.shape)
@@ -752,6 +783,27 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     if cfg.weights_out is not None:
         save_volume_model(cfg, model, psf, history, step, bf16)
     return model
+
+
+def _widen_inputs(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Old weights with the stem widened to the new model's inputs (new channels at zero).
+
+    A model fine-tuned with primer channels it did not have starts as the old model exactly:
+    the frame's weights are copied, the added channels contribute nothing until trained. The
+    primer's kernels are the new model's own (made from the config's optics), never the old.
+    """
+    out = dict(state)
+    old, new = state.get("stem.weight"), own.get("stem.weight")
+    if old is not None and new is not None and old.shape != new.shape:
+        if old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]:
+            if old.shape[1] < new.shape[1]:
+                widened = torch.zeros_like(new)
+                widened[:, : old.shape[1]] = old
+                out["stem.weight"] = widened
+    out.pop("primer.kernels", None)
+    return out
 
 
 def _initial_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ PSF bank, same indexing) in `engine.train_volume`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,6 +78,32 @@ def defocus_index(dz_um: np.ndarray, depth_um: np.ndarray) -> np.ndarray:
     if not np.allclose(rel, np.round(rel), atol=1e-4) or outside:
         raise ValueError(f"planes {dz_um!r} are not on the {step} µm depth lattice within range")
     return j
+
+
+def matched_filter_kernels(
+    optics: object, depths_um: Sequence[float], bin: int, kernel: int
+) -> np.ndarray:
+    """(D, 1, kernel, kernel) float32 kernels of a `engine.model.MatchedFilterPrimer` (simulator).
+
+    Kernel d is the wide-field PSF a frame at focus 0 sees an object at depth d through,
+    ``PSF(-d)``, binned ``bin`` x ``bin`` as the primer bins the frame, then made zero-mean (a
+    flat or linear background gives no response) and unit-norm (responses compare across
+    depths).
+    """
+    from engine.optics import OpticsConfig, make_psf
+
+    if not isinstance(optics, OpticsConfig):
+        raise TypeError(f"optics must be an engine.optics.OpticsConfig, got {type(optics)}")
+    side = bin * kernel
+    psf = np.asarray(
+        make_psf(optics, -np.asarray(depths_um, dtype=np.float64), side - 1 + side % 2)
+    )
+    psf = np.pad(psf, ((0, 0), (0, side - psf.shape[-2]), (0, side - psf.shape[-1])))
+    binned = psf.reshape(len(psf), kernel, bin, kernel, bin).sum(axis=(2, 4))
+    binned -= binned.mean(axis=(1, 2), keepdims=True)
+    binned /= np.sqrt((binned**2).sum(axis=(1, 2), keepdims=True))
+    out: np.ndarray = binned[:, None].astype(np.float32)
+    return out
 
 
 EXCITATION_UM = 0.488

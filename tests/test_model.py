@@ -160,3 +160,34 @@ def test_load_refuses_unbuildable_architecture(tmp_path) -> None:
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ModelMetadataError, match="does not build"):
         load_model(path)
+
+
+def test_a_primer_travels_in_the_weights_and_sets_the_size_multiple(tmp_path) -> None:
+    """The primer's kernels are a buffer: saved and loaded with the weights, no optics needed."""
+    primer = {"depths_um": [-4.0, 4.0], "bin": 8, "kernel": 5}
+    model = DeepZ(**{**TINY, "in_channels": 1, "global_skip": False, "primer": primer}).eval()
+    assert model.size_multiple == 8  # lcm(2 ** 2 pools, bin 8)
+    assert model.stem.in_channels == 3  # the frame + 2 primer channels
+    assert model.architecture["primer"] == primer
+    assert model.primer is not None
+    model.primer.kernels.normal_()
+    path = tmp_path / "primed.pt"
+    save_model(model, _metadata(model), path)
+    loaded, _ = load_model(path)
+    x = torch.randn(1, 1, 32, 40)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.primer is not None
+    torch.testing.assert_close(loaded.primer.kernels, model.primer.kernels)
+
+
+@pytest.mark.parametrize(
+    "primer",
+    [
+        {"depths_um": [], "bin": 4, "kernel": 5},
+        {"depths_um": [3.0], "bin": 4, "kernel": 4},
+        {"x": 1},
+    ],
+)
+def test_a_bad_primer_is_named(primer: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="primer"):
+        DeepZ(**{**TINY, "primer": primer})

@@ -367,6 +367,60 @@ def test_lab_stacks_must_sit_on_the_depth_grid(tmp_path: Path):
         VolumeTrainConfig.model_validate(base | {"data": {"lab_every": 2}})
 
 
+def test_matched_filter_kernels_find_a_far_bead_at_its_depth():
+    """A bead 6 µm from focus answers most in the 6 µm channels; the kernels ignore a flat
+    background (zero mean) and compare across depths (unit norm)."""
+    import torch
+
+    from engine.model import MatchedFilterPrimer
+    from engine.optics import make_psf
+    from engine.volume import matched_filter_kernels
+
+    depths = [-6.0, -3.0, 3.0, 6.0]
+    kernels = matched_filter_kernels(OpticsConfig(), depths, bin=4, kernel=17)
+    assert kernels.shape == (4, 1, 17, 17)
+    np.testing.assert_allclose(kernels.sum(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose((kernels**2).sum(axis=(1, 2, 3)), 1.0, rtol=1e-5)
+    frame = np.zeros((128, 128), np.float32)
+    frame[32:95, 32:95] = 5000 * make_psf(OpticsConfig(), np.array([-6.0]), 63)[0]
+    frame += np.random.default_rng(0).normal(0.0, 0.01, frame.shape).astype(np.float32) + 7.0
+    primer = MatchedFilterPrimer(depths, bin=4, kernel=17)
+    primer.kernels.copy_(torch.from_numpy(kernels))
+    with torch.no_grad():
+        r = primer(torch.from_numpy(frame)[None, None])[0, :, 64, 64].numpy()
+    assert max(r[0], r[3]) > 1.2 * max(r[1], r[2])  # measured 1.44 (kernels 3 and 6 µm overlap)
+
+
+def test_a_primed_model_starts_as_the_old_one_and_exports(trained: Path, tmp_path: Path):
+    """Fine-tuning with primer channels starts from the old model exactly (their stem weights
+    at zero), and the primed model exports to ONNX with the same planes as torch."""
+    pytest.importorskip("onnx", reason="export extra not installed")
+    import torch
+
+    from engine.runtime import load_backend
+    from engine.train_volume import train
+    from export import export_weights
+
+    cfg = _tiny_config(tmp_path)
+    cfg.steps, cfg.lr, cfg.init_from = 1, 1e-12, trained
+    cfg.primer_depths_um, cfg.primer_kernel = [-6.0, 6.0], 5
+    model = train(cfg, progress=False)
+    assert model.primer is not None and model.stem.in_channels == 3
+    assert float(model.stem.weight[:, 1:].abs().max()) < 1e-6
+    frame = simulate_volume_pair("beads", shape=(64, 64), seed=9).frames[0]
+    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
+    old = load_backend(trained, prefer=["torch"]).infer(frame, dpms)
+    primed = load_backend(cfg.weights_out, prefer=["torch"])
+    np.testing.assert_allclose(primed.infer(frame, dpms), old, rtol=1e-4, atol=1e-3)
+    onnx_path = tmp_path / "primed.onnx"
+    assert export_weights(cfg.weights_out, onnx_path).ok
+    ort = load_backend(onnx_path, prefer=["onnxruntime"])
+    np.testing.assert_allclose(
+        ort.infer(frame, dpms), primed.infer(frame, dpms), rtol=1e-3, atol=1e-2
+    )
+    assert torch.load(cfg.weights_out, weights_only=True)["primer.kernels"].abs().sum() > 0
+
+
 def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
     """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
     pytest.importorskip("onnx", reason="export extra not installed")
