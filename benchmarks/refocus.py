@@ -98,6 +98,7 @@ def offline(
     scheduler: Any,
     model: Path,
     dtype: str = "float32",
+    chunk: int | None = None,
 ) -> RefocusSummary:
     """One offline run into a fresh image (``overwrite``), timed by its own summary."""
     return refocus_recording(
@@ -110,6 +111,7 @@ def offline(
         name=f"bench_{name}",
         scheduler=scheduler,
         stack_dtype=dtype,
+        chunk=chunk,
     )
 
 

@@ -23,10 +23,11 @@ file and sha256 in ``attrs["deepz"]["model"]``. It goes beside ``raw`` in the sa
 (``stacks_offline`` by default), into the live ``stacks`` image (``fill_gaps``), or into a new
 store (``out``).
 
-How it runs: one task per output chunk (``chunk`` time points, 1 by default), so no two tasks
-ever write the same chunk object. A task reads its raw frames, refocuses each present one with
-``Backend.infer(frame, dpms)`` exactly as the live worker does (same DPMs, one frame per call,
-so the same model and backend give the same stacks; a run whose planes followed the stage
+How it runs: one task per output chunk (``chunk`` time points; by default about 4 MiB of stacks,
+`auto_chunk`), so no two tasks ever write the same chunk object. A task reads its raw
+frames, refocuses each present one with ``Backend.infer(frame, dpms)`` exactly as the live
+worker does (same DPMs, one frame per call, so the same model and backend give the same
+stacks; a run whose planes followed the stage
 focus (``planes.focus_lock_um``) has each frame's DPMs shifted by the same `FocusLock` offset,
 computed from the focus recorded with the frame), writes the chunk, and then writes the
 chunk's CRC-32 into a small manifest array (``<image>/refocus_done``, one element per chunk,
@@ -108,6 +109,21 @@ MANIFEST = "refocus_done"
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 """Schedulers that run on this machine; anything else is a dask.distributed address."""
 _NOT_DONE = -1
+CHUNK_TARGET_BYTES = 4 * 2**20
+"""Stack bytes per output chunk when ``chunk`` is not given (`auto_chunk`)."""
+MAX_AUTO_CHUNK = 16
+
+
+def auto_chunk(stack_bytes: int) -> int:
+    """Time points per output chunk when not given: about `CHUNK_TARGET_BYTES` of stacks.
+
+    Each chunk costs a task and four store round trips (manifest check, raw read, chunk write,
+    CRC write), 2-5 ms each on a local disk and more on object storage, whatever its size: with
+    one 9 x 256² float16 stack (1.2 MB) per chunk they were a tenth of the volume model's time
+    per frame. Four such stacks per chunk share them; a 41 x 512² stack (21 MB) is a chunk of
+    its own. At most `MAX_AUTO_CHUNK`, so a viewer reading one time point reads little more.
+    """
+    return max(1, min(MAX_AUTO_CHUNK, round(CHUNK_TARGET_BYTES / max(stack_bytes, 1))))
 
 
 class RefocusError(ValueError):
@@ -935,8 +951,13 @@ def _prepare_output(
     identity: dict[str, Any],
     deepz: dict[str, Any],
     stack_dtype: str = "float32",
+    chunk_given: bool = True,
 ) -> _Output:
-    """Create (or reopen and check, to resume) the stacks image and its manifest."""
+    """Create (or reopen and check, to resume) the stacks image and its manifest.
+
+    Without a given chunk, a resumed image keeps its own (``identity`` is updated), so an
+    image written with another default still resumes.
+    """
     import zarr
 
     shape = (raw.n_t, len(plan), *raw.frame_shape)
@@ -977,6 +998,10 @@ def _prepare_output(
     if image in root and not overwrite:
         group = root[image]
         old = dict(group.attrs.get("deepz", {})).get("job")
+        if not chunk_given and isinstance(old, dict) and isinstance(old.get("chunk_t"), int):
+            chunk = max(1, old["chunk_t"])
+            identity["chunk_t"] = chunk
+            n_blocks = math.ceil(raw.n_t / chunk)
         if old != identity:
             keys = set(identity) | set(old or {})
             changed = sorted(k for k in keys if (old or {}).get(k) != identity.get(k))
@@ -1054,6 +1079,7 @@ def _prepare_fill(
         _create_manifest(group, n_blocks)
     attrs = dict(group.attrs.get("deepz", {}))
     attrs.setdefault("planes_um", list(plan.z_um) if plan.z_um is not None else None)
+    identity["chunk_t"] = chunk  # the live image's, whatever was asked
     attrs["fill_job"] = {**deepz, "job": identity}
     group.attrs["deepz"] = attrs
     return _Output(store, image, chunk, n_blocks, True, group)
@@ -1234,7 +1260,7 @@ def refocus_recording(
     fill_gaps: bool = False,
     scheduler: Any = "threads",
     workers: int | None = None,
-    chunk: int = 1,
+    chunk: int | None = None,
     backend: str | None = None,
     intra_op_threads: int | None = None,
     allow_extrapolation: bool = False,
@@ -1268,7 +1294,8 @@ def refocus_recording(
     workers
         Local threads or processes (default 2 threads, or one process per core).
     chunk
-        Time points per output chunk (= per task) for a new image.
+        Time points per output chunk (= per task) for a new image; default `auto_chunk` (an
+        image being resumed keeps its own).
     backend
         Backend name ("openvino", "onnxruntime", ...); default: the config's order, else auto.
     intra_op_threads
@@ -1293,7 +1320,7 @@ def refocus_recording(
     from live.store import STACK_DTYPES
 
     t_setup = time.perf_counter()
-    if chunk < 1:
+    if chunk is not None and chunk < 1:
         raise RefocusError(f"--chunk must be >= 1, got {chunk}")
     if stack_dtype not in STACK_DTYPES:
         raise RefocusError(f"--dtype must be one of {', '.join(STACK_DTYPES)}, got {stack_dtype!r}")
@@ -1347,6 +1374,10 @@ def refocus_recording(
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}
+    chunk_given = chunk is not None
+    if chunk is None:
+        itemsize = np.dtype(stack_dtype).itemsize
+        chunk = auto_chunk(len(plan) * math.prod(raw.frame_shape) * itemsize)
     identity = _identity(raw, plan, model_id, driver_backend.name, chunk, chosen.focus_lock)
     if stack_dtype != "float32" and not fill_gaps:  # only then: older images still resume
         identity["dtype"] = stack_dtype
@@ -1374,6 +1405,7 @@ def refocus_recording(
         identity=identity,
         stack_dtype=stack_dtype,
         deepz=deepz,
+        chunk_given=chunk_given,
     )
     blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
     job = Job(
@@ -1574,7 +1606,11 @@ def _parser() -> argparse.ArgumentParser:
         help="threads (default), processes, sync, or a dask.distributed address tcp://host:port",
     )
     p.add_argument("--workers", type=int, help="local threads or processes")
-    p.add_argument("--chunk", type=int, default=1, help="time points per output chunk (task)")
+    p.add_argument(
+        "--chunk",
+        type=int,
+        help="time points per output chunk (task); default about 4 MiB of stacks (at most 16)",
+    )
     p.add_argument("--backend", help="inference backend (openvino, onnxruntime, tensorrt, torch)")
     p.add_argument("--threads", type=int, help="intra-op CPU threads per backend")
     p.add_argument("--extrapolate", action="store_true", help="allow planes beyond the model range")

@@ -227,6 +227,24 @@ def test_float16_output_is_the_float32_output_rounded_and_resumes_as_such(tmp_pa
         refocus_recording(store, planes=PLANES, scheduler="sync", stack_dtype="int8", **ORT)
 
 
+def test_the_default_chunk_holds_about_4_mib_of_stacks(tmp_path: Path) -> None:
+    """Small stacks share a chunk (a task and its store round trips per chunk, not per frame);
+    a stack beyond 4 MiB is a chunk of its own; an explicit chunk is kept."""
+    from live.refocus import auto_chunk
+
+    assert auto_chunk(9 * 256 * 256 * 2) == 4  # 9 planes of 256², float16: 1.2 MB
+    assert auto_chunk(41 * 512 * 512 * 2) == 1
+    assert auto_chunk(100) == 16
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1, 2, 3, 4])
+    s = refocus_recording(store, planes=PLANES, name="auto", scheduler="sync", **ORT)
+    assert (s.frames_done, s.chunks_done) == (5, 1)
+    s = refocus_recording(store, planes=PLANES, name="two", scheduler="sync", chunk=2, **ORT)
+    assert (s.frames_done, s.chunks_done) == (5, 3)
+    assert _read(store, "two/0").shape[0] == 5
+    np.testing.assert_array_equal(_read(store, "two/0"), _read(store, "auto/0"))
+
+
 # ------------------------------------------------------------------ a real LocalCluster
 
 
@@ -236,8 +254,10 @@ def test_cluster_output_equals_local_and_resumes_only_damaged_chunks(
     store = tmp_path / "run.ome.zarr"
     frames = _record(store, [0, 1, 2, 4, 5])  # seq 3 lost by the camera
     local = refocus_recording(store, planes=PLANES, out=tmp_path / "a.ome.zarr", **ORT)
+    # one frame per chunk here, so a lost and a damaged chunk below cost a frame each (the
+    # local run's default puts all 5 in one chunk: the values are the same)
     dist = refocus_recording(
-        store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, **ORT
+        store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, chunk=1, **ORT
     )
     assert (local.frames_done, dist.frames_done, dist.frames_wanted) == (5, 5, 5)
     assert dist.dashboard is not None and "distributed" in dist.scheduler
@@ -247,7 +267,7 @@ def test_cluster_output_equals_local_and_resumes_only_damaged_chunks(
     np.testing.assert_allclose(b[[0, 1, 2, 4, 5]], expected, rtol=1e-5, atol=1e-3)
     assert not b[3].any()  # the lost frame stays a visible gap
 
-    again = refocus_recording(
+    again = refocus_recording(  # no chunk given: the image keeps its own
         store, planes=PLANES, out=tmp_path / "b.ome.zarr", scheduler=client, **ORT
     )
     assert (again.frames_done, again.frames_skipped, again.chunks_skipped) == (0, 5, 5)
