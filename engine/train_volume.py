@@ -143,6 +143,15 @@ class VolumeLossConfig(_Base):
         description="Density-term weight grows as 1 + far_weight * |depth| / half range: far "
         "out-of-focus objects (faint rings in the frame) count more.",
     )
+    column_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the column term: the density summed over depth (how much light "
+        "comes from each pixel's column, wherever in depth), relative squared error. It "
+        "rewards finding an object before placing it: the shipped model puts 2-6 % of a far "
+        "bead's mass anywhere in its column.",
+    )
+    column_sigma_px: float = Field(2.0, gt=0, description="Column term lateral smoothing (px).")
 
 
 class VolumeTrainConfig(_Base):
@@ -413,6 +422,18 @@ def _density_term(
     return ((((sp - st) ** 2) * wz).mean(dim=(1, 2, 3)) / size).mean()
 
 
+def _column_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Relative squared error of the density summed over depth, smoothed laterally.
+
+    Depth plays no part here, so a faint far object whose depth the network doubts still
+    earns the full gradient for putting its mass in the right column; the density term
+    places it in depth.
+    """
+    sp = smooth3d(pred.sum(dim=1, keepdim=True), sigma_px, 1.0)
+    st = smooth3d(target.sum(dim=1, keepdim=True), sigma_px, 1.0)
+    return ((sp - st) ** 2).mean() / ((st**2).mean() + 1e-6)
+
+
 def volume_loss(
     cfg: VolumeTrainConfig,
     renderer: TorchRenderer,
@@ -422,6 +443,7 @@ def volume_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Object + render loss of predicted densities against the truth, and its parts.
 
+    With ``column_weight`` the density summed over depth is compared too (`_column_term`).
     With ``coarse_weight`` the density is also compared after heavy smoothing: density put a
     few pixels or slices from a faint object then earns partial credit, where the fine term
     alone gives next to no gradient and the network learns to put nothing there.
@@ -434,6 +456,10 @@ def volume_loss(
         coarse = _density_term(cfg, pred, target, lc.coarse_sigma_px, lc.coarse_sigma_slices)
         parts["coarse"] = coarse.item()
         total = total + lc.coarse_weight * coarse
+    if lc.column_weight > 0:
+        col = _column_term(pred, target, lc.column_sigma_px)
+        parts["column"] = col.item()
+        total = total + lc.column_weight * col
     ren_t = renderer.render(target, dz_um)
     ren_err = (renderer.render(pred, dz_um) - ren_t).abs()
     if lc.object_loss == "l1":

@@ -229,6 +229,36 @@ def test_far_weight_makes_far_misses_cost_more(psf):
     assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
 
 
+def test_the_column_term_rewards_finding_an_object_at_any_depth(psf):
+    """A far bead put at the wrong depth costs nothing in the column term, a missed one all of
+    it; the density term scores the misplaced bead twice as badly as the missed one (a miss
+    plus a false bead), which is why, in doubt, it teaches the network to put nothing."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"column_weight": 1.0}}
+    )
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 20, 16, 16] = 1.0
+    target[0, 4, 10, 10] = 1.0  # 8 µm from focus
+    missed = target.clone()
+    missed[0, 4] = 0
+    misplaced = missed.clone()
+    misplaced[0, 36, 10, 10] = 1.0  # found, at -8 instead of +8 µm
+    parts = {
+        name: volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1]
+        for name, pred in (("truth", target), ("missed", missed), ("misplaced", misplaced))
+    }
+    assert parts["truth"]["column"] == pytest.approx(0.0, abs=1e-9)
+    assert parts["misplaced"]["column"] == pytest.approx(0.0, abs=1e-9)
+    assert parts["missed"]["column"] > 0.1
+    assert parts["misplaced"]["object"] == pytest.approx(2 * parts["missed"]["object"], rel=1e-3)
+
+
 def test_the_coarse_term_gives_partial_credit_for_a_near_miss(psf):
     """Density 2 px and a slice off a bead: the fine term scores it no better than nothing, the
     coarse term as most of the way there (a gradient to follow towards faint objects)."""
