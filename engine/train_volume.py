@@ -152,6 +152,15 @@ class VolumeLossConfig(_Base):
         "bead's mass anywhere in its column.",
     )
     column_sigma_px: float = Field(2.0, gt=0, description="Column term lateral smoothing (px).")
+    cdf_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the depth-CDF term: squared error of the density's running "
+        "sums along depth, from both ends (`_cdf_term`). Mass put d slices from the truth "
+        "costs in proportion to d, and less than missing it while d is under half the grid, "
+        "where the density term scores any misplacement as a miss plus a false object.",
+    )
+    cdf_sigma_px: float = Field(1.0, gt=0, description="Depth-CDF term lateral smoothing (px).")
 
 
 class VolumeTrainConfig(_Base):
@@ -434,6 +443,25 @@ def _column_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> t
     return ((sp - st) ** 2).mean() / ((st**2).mean() + 1e-6)
 
 
+def _cdf_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Relative squared error of the density's running sums along depth, from both ends.
+
+    Per pixel (after lateral smoothing) the running sum from the top and the one from the
+    bottom each differ from the truth's by the mass on the wrong side: mass misplaced by d
+    slices costs 2·d·m² in all, mass missed (D + 1)·m², so a guess in doubt pays, and a
+    closer guess pays more: a one-dimensional transport cost along depth.
+    """
+    sp = smooth3d(pred, sigma_px, 1e-3)  # 1e-3 slices: no smoothing along depth
+    st = smooth3d(target, sigma_px, 1e-3)
+    diff = sp - st
+    down = torch.cumsum(diff, dim=1)
+    up = torch.flip(torch.cumsum(torch.flip(diff, dims=[1]), dim=1), dims=[1])
+    t_down = torch.cumsum(st, dim=1)
+    t_up = torch.flip(torch.cumsum(torch.flip(st, dims=[1]), dim=1), dims=[1])
+    size = (t_down**2 + t_up**2).mean() + 1e-6
+    return (down**2 + up**2).mean() / size
+
+
 def volume_loss(
     cfg: VolumeTrainConfig,
     renderer: TorchRenderer,
@@ -443,7 +471,8 @@ def volume_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Object + render loss of predicted densities against the truth, and its parts.
 
-    With ``column_weight`` the density summed over depth is compared too (`_column_term`).
+    With ``column_weight`` the density summed over depth is compared too (`_column_term`), with
+    ``cdf_weight`` its running sums along depth (`_cdf_term`).
     With ``coarse_weight`` the density is also compared after heavy smoothing: density put a
     few pixels or slices from a faint object then earns partial credit, where the fine term
     alone gives next to no gradient and the network learns to put nothing there.
@@ -456,6 +485,10 @@ def volume_loss(
         coarse = _density_term(cfg, pred, target, lc.coarse_sigma_px, lc.coarse_sigma_slices)
         parts["coarse"] = coarse.item()
         total = total + lc.coarse_weight * coarse
+    if lc.cdf_weight > 0:
+        cdf = _cdf_term(pred, target, lc.cdf_sigma_px)
+        parts["cdf"] = cdf.item()
+        total = total + lc.cdf_weight * cdf
     if lc.column_weight > 0:
         col = _column_term(pred, target, lc.column_sigma_px)
         parts["column"] = col.item()

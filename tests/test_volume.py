@@ -259,6 +259,34 @@ def test_the_column_term_rewards_finding_an_object_at_any_depth(psf):
     assert parts["misplaced"]["object"] == pytest.approx(2 * parts["missed"]["object"], rel=1e-3)
 
 
+def test_the_cdf_term_costs_a_guess_by_its_distance_and_less_than_a_miss(psf):
+    """The depth-CDF term: a bead placed 1 or 4 slices off costs in proportion, both less than
+    missing it; the density term scores every misplacement as worse than the miss."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"cdf_weight": 1.0}}
+    )
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 4, 10, 10] = 1.0  # 8 µm from focus
+    preds = {"truth": target, "missed": torch.zeros_like(target)}
+    for off in (1, 4):
+        preds[f"off {off}"] = torch.zeros_like(target)
+        preds[f"off {off}"][0, 4 + off, 10, 10] = 1.0
+    parts = {
+        name: volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1]
+        for name, pred in preds.items()
+    }
+    assert parts["truth"]["cdf"] == pytest.approx(0.0, abs=1e-9)
+    assert parts["off 4"]["cdf"] == pytest.approx(4 * parts["off 1"]["cdf"], rel=1e-3)
+    assert parts["off 4"]["cdf"] < parts["missed"]["cdf"] / 2
+    assert parts["off 4"]["object"] > parts["missed"]["object"]
+
+
 def test_the_coarse_term_gives_partial_credit_for_a_near_miss(psf):
     """Density 2 px and a slice off a bead: the fine term scores it no better than nothing, the
     coarse term as most of the way there (a gradient to follow towards faint objects)."""
