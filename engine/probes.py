@@ -3,7 +3,7 @@
     python -m engine.probes [--model engine/weights/deepz-volume.onnx] [--samples 3]
                             [--out runs/probes.json]
 
-Two read-outs that `engine.fidelity` does not give, for the evaluation report (issue 9):
+Three read-outs that `engine.fidelity` does not give, for the evaluation report (issue 9):
 
 - **bead spread**: on the independent beads (`engine.heldout`, vectorial PSF), for each isolated
   bead the model finds (its 3x3 density column holds at least 5 % of the sample's strongest
@@ -17,13 +17,19 @@ Two read-outs that `engine.fidelity` does not give, for the evaluation report (i
   density's depth maximum, and the shift of the whole frame's density centroid, against `s`.
   A model that localises depth moves both by `s`; this is what an image-based drift estimate
   from the density would rest on.
+- **column mass by distance**: on the same beads, the density summed over *all* depths within
+  3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
+  focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
+  within 1 µm of the true depth. It separates a model that misses a far bead (little mass in
+  its column) from one that finds it and doubts its depth (mass in the column, elsewhere).
 
-Prints both tables and writes JSON. Takes about a minute on 2 CPU cores.
+Prints the tables and writes JSON. Takes about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,10 +43,12 @@ from engine.metrics import gaussian_fwhm_2d
 from engine.runtime import load_backend
 from engine.volume import load_psf_bank
 
-__all__ = ["bead_spread", "focus_response", "main"]
+__all__ = ["bead_spread", "column_mass", "focus_response", "main"]
 
 FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
+DISTANCE_BINS_UM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.5)
+"""Bins of a bead's distance from focus (µm), as in `engine.fidelity`'s by-distance table."""
 SHIFTS_UM = (-4.0, -2.0, 2.0, 4.0)
 """Sample shifts of the focus-response probe (µm; + = deeper)."""
 
@@ -96,6 +104,43 @@ def bead_spread(
     }
 
 
+def column_mass(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[dict[str, Any]]:
+    """Density near each bead (7x7 px, all depths) per unit brightness, by distance from focus.
+
+    Each bin's median is given relative to beads within 2 µm of focus, beside the median share
+    of that mass within 1 µm of the bead's depth.
+    """
+    depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
+    dist, mass, near = [], [], []
+    for s in samples:
+        density = backend.volume(s.frame)[0]
+        index, rows, cols = ho.bead_sites(s)
+        for i, r, c in zip(index, rows, cols, strict=True):
+            column = density[:, r - 3 : r + 4, c - 3 : c + 4].sum(axis=(1, 2))
+            z = float(s.objects.z_um[i])
+            dist.append(abs(z))
+            mass.append(float(column.sum()) / float(s.objects.intensity[i]))
+            total = float(column.sum())
+            near.append(float(column[np.abs(depth - z) <= 1.0].sum()) / total if total > 0 else 0)
+    d, m, n = np.asarray(dist), np.asarray(mass), np.asarray(near)
+    edges = DISTANCE_BINS_UM
+    in_focus = m[(d >= edges[0]) & (d < edges[1])]
+    ref = float(np.median(in_focus)) if in_focus.size else float("nan")
+    rows_out = []
+    for lo, hi in itertools.pairwise(edges):
+        sel = (d >= lo) & (d < hi)
+        rows_out.append(
+            {
+                "from_um": lo,
+                "to_um": hi,
+                "beads": int(sel.sum()),
+                "column_mass_vs_in_focus": float(np.median(m[sel]) / ref) if sel.any() else None,
+                "share_within_1um_of_depth": float(np.median(n[sel])) if sel.any() else None,
+            }
+        )
+    return rows_out
+
+
 def focus_response(backend: Any, side: int = 256, seed: int = 3) -> dict[str, Any]:
     """How the density of the simulated worm moves when the sample is shifted in depth."""
     from engine.optics import WormTimeSeries
@@ -148,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
     spread = bead_spread(backend, psf, samples)
     response = focus_response(backend)
+    columns = column_mass(backend, samples)
     print(f"{args.model} ({backend.name})")
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
@@ -164,8 +210,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['shift_um']:>+7.1f} {r['nuclei_shift_um_median']:>+14.2f} "
             f"{100 * r['nuclei_within_1um_of_shift']:>11.0f}% {r['centroid_shift_um']:>+9.2f}"
         )
+    print("column mass by distance from focus (all depths, 7x7 px, per unit brightness):")
+    print(f"{'distance':>11} {'beads':>6} {'vs 0-2 µm':>10} {'within 1 µm of depth':>21}")
+    for r in columns:
+        rel, share = r["column_mass_vs_in_focus"], r["share_within_1um_of_depth"]
+        print(
+            f"{r['from_um']:>4.0f}-{r['to_um']:<4g}µm {r['beads']:>6} "
+            f"{'-' if rel is None else f'{100 * rel:.0f}%':>10} "
+            f"{'-' if share is None else f'{100 * share:.0f}%':>21}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"model": str(args.model), "bead_spread": spread, "focus_response": response}
+    record = {
+        "model": str(args.model),
+        "bead_spread": spread,
+        "focus_response": response,
+        "column_mass": columns,
+    }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -40,3 +40,11 @@ def test_cli_writes_its_json(tmp_path: Path) -> None:
     assert probes.main(["--model", str(VOLUME), "--samples", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["bead_spread"]["beads_found"] >= 1 and len(record["focus_response"]["rows"]) == 4
+    bins = record["column_mass"]
+    assert [(b["from_um"], b["to_um"]) for b in bins] == list(
+        zip(probes.DISTANCE_BINS_UM, probes.DISTANCE_BINS_UM[1:], strict=False)
+    )
+    assert bins[0]["column_mass_vs_in_focus"] == 1.0  # the reference bin
+    for b in bins:
+        if b["beads"]:
+            assert b["column_mass_vs_in_focus"] >= 0 and 0 <= b["share_within_1um_of_depth"] <= 1
