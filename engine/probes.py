@@ -117,10 +117,9 @@ def column_mass(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[d
         index, rows, cols = ho.bead_sites(s)
         for i, r, c in zip(index, rows, cols, strict=True):
             column = density[:, r - 3 : r + 4, c - 3 : c + 4].sum(axis=(1, 2))
-            z = float(s.objects.z_um[i])
+            z, total = float(s.objects.z_um[i]), float(column.sum())
             dist.append(abs(z))
-            mass.append(float(column.sum()) / float(s.objects.intensity[i]))
-            total = float(column.sum())
+            mass.append(total / float(s.objects.intensity[i]))
             near.append(float(column[np.abs(depth - z) <= 1.0].sum()) / total if total > 0 else 0)
     d, m, n = np.asarray(dist), np.asarray(mass), np.asarray(near)
     edges = DISTANCE_BINS_UM

@@ -352,16 +352,19 @@ def _gauss_matrix(n: int, sigma: float) -> torch.Tensor:
     return g / g.sum(dim=1, keepdim=True).max()
 
 
-def smooth3d(v: torch.Tensor, sigma_px: float, sigma_slices: float) -> torch.Tensor:
+def smooth3d(v: torch.Tensor, sigma_px: float, sigma_slices: float | None) -> torch.Tensor:
     """Separable Gaussian smoothing of (N, D, H, W) volumes along D, H and W (zero edges).
 
     Done as three small matrix products, which CPUs run far faster than 1-channel convs.
+    ``sigma_slices=None`` smooths laterally only.
     """
     n, d, h, w = v.shape
-    gz = _gauss_matrix(d, sigma_slices).to(v)
+    x = v
+    if sigma_slices is not None:
+        gz = _gauss_matrix(d, sigma_slices).to(v)
+        x = torch.matmul(gz, v.reshape(n, d, h * w)).reshape(n, d, h, w)
     gh = _gauss_matrix(h, sigma_px).to(v)
     gw = _gauss_matrix(w, sigma_px).to(v)
-    x = torch.matmul(gz, v.reshape(n, d, h * w)).reshape(n, d, h, w)
     x = torch.matmul(gh, x)
     return torch.matmul(x, gw.T)
 
@@ -438,8 +441,8 @@ def _column_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> t
     earns the full gradient for putting its mass in the right column; the density term
     places it in depth.
     """
-    sp = smooth3d(pred.sum(dim=1, keepdim=True), sigma_px, 1.0)
-    st = smooth3d(target.sum(dim=1, keepdim=True), sigma_px, 1.0)
+    sp = smooth3d(pred.sum(dim=1, keepdim=True), sigma_px, None)
+    st = smooth3d(target.sum(dim=1, keepdim=True), sigma_px, None)
     return ((sp - st) ** 2).mean() / ((st**2).mean() + 1e-6)
 
 
@@ -451,15 +454,16 @@ def _cdf_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> torc
     slices costs 2·d·m² in all, mass missed (D + 1)·m², so a guess in doubt pays, and a
     closer guess pays more: a one-dimensional transport cost along depth.
     """
-    sp = smooth3d(pred, sigma_px, 1e-3)  # 1e-3 slices: no smoothing along depth
-    st = smooth3d(target, sigma_px, 1e-3)
-    diff = sp - st
-    down = torch.cumsum(diff, dim=1)
-    up = torch.flip(torch.cumsum(torch.flip(diff, dims=[1]), dim=1), dims=[1])
-    t_down = torch.cumsum(st, dim=1)
-    t_up = torch.flip(torch.cumsum(torch.flip(st, dims=[1]), dim=1), dims=[1])
-    size = (t_down**2 + t_up**2).mean() + 1e-6
-    return (down**2 + up**2).mean() / size
+    sp = smooth3d(pred, sigma_px, None)
+    st = smooth3d(target, sigma_px, None)
+
+    def both_ends_squared(v: torch.Tensor) -> torch.Tensor:
+        # running sums from the top, and from the bottom (= the total minus those above)
+        down = torch.cumsum(v, dim=1)
+        up = down[:, -1:] - down + v
+        return down**2 + up**2
+
+    return both_ends_squared(sp - st).mean() / (both_ends_squared(st).mean() + 1e-6)
 
 
 def volume_loss(
@@ -855,12 +859,15 @@ def _widen_inputs(
     """
     out = dict(state)
     old, new = state.get("stem.weight"), own.get("stem.weight")
-    if old is not None and new is not None and old.shape != new.shape:
-        if old.shape[0] == new.shape[0] and old.shape[2:] == new.shape[2:]:
-            if old.shape[1] < new.shape[1]:
-                widened = torch.zeros_like(new)
-                widened[:, : old.shape[1]] = old
-                out["stem.weight"] = widened
+    if (
+        old is not None
+        and new is not None
+        and old.shape[1] < new.shape[1]
+        and (old.shape[0], *old.shape[2:]) == (new.shape[0], *new.shape[2:])
+    ):
+        widened = torch.zeros_like(new)
+        widened[:, : old.shape[1]] = old
+        out["stem.weight"] = widened
     out.pop("primer.kernels", None)
     return out
 
