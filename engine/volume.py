@@ -307,10 +307,13 @@ class Renderer:
         whose unexplained low-frequency part (offset, background, far objects) is added back.
         """
         dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
-        rendered = self.render(objects, np.append(dz, 0.0))
-        residual = np.asarray(frame, dtype=np.float32) - rendered[-1]
+        at_focus = np.flatnonzero(np.abs(dz) < 1e-9)  # the plane at focus, if asked for
+        rendered = self.render(objects, dz if at_focus.size else np.append(dz, 0.0))
+        focus = rendered[at_focus[0]] if at_focus.size else rendered[-1]
+        residual = np.asarray(frame, dtype=np.float32) - focus
         low = self._back(self._spectra(residual[None]) * self._lowpass)[0] / self._support
-        out: np.ndarray = rendered[:-1] + low
+        out: np.ndarray = rendered[: dz.size]
+        out += low  # in place: the rendered planes are this call's own array
         return out
 
     def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
