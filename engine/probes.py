@@ -60,17 +60,28 @@ def _psf_fwhm_um(psf: np.ndarray, defocus_index: int, pixel_um: float) -> float:
     return gaussian_fwhm_2d(window, pixel_um, centered=True)
 
 
+def densities(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[np.ndarray]:
+    """Return the model's density (D, H, W) of each sample's frame.
+
+    One network pass per sample, shared by the probes that read beads.
+    """
+    return [backend.volume(s.frame)[0] for s in samples]
+
+
 def bead_spread(
-    backend: Any, psf: np.ndarray, samples: Sequence[ho.IndependentSample]
+    depth_um: np.ndarray,
+    psf: np.ndarray,
+    samples: Sequence[ho.IndependentSample],
+    volumes: Sequence[np.ndarray],
 ) -> dict[str, Any]:
     """Width, depth error and depth spread of the density of each found, isolated bead.
 
+    `volumes` are the model's densities of the samples (`densities`) on depths `depth_um`;
     `psf` is the model's PSF bank (its rendering widths are reported beside).
     """
-    depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
+    depth = np.asarray(depth_um, dtype=np.float64)
     width, error, spread = [], [], []
-    for s in samples:
-        density = backend.volume(s.frame)[0]
+    for s, density in zip(samples, volumes, strict=True):
         index, rows, cols = ho.bead_sites(s)
         columns = [
             density[:, r - 1 : r + 2, c - 1 : c + 2].sum(axis=(1, 2))
@@ -104,16 +115,18 @@ def bead_spread(
     }
 
 
-def column_mass(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[dict[str, Any]]:
+def column_mass(
+    depth_um: np.ndarray, samples: Sequence[ho.IndependentSample], volumes: Sequence[np.ndarray]
+) -> list[dict[str, Any]]:
     """Density near each bead (7x7 px, all depths) per unit brightness, by distance from focus.
 
-    Each bin's median is given relative to beads within 2 µm of focus, beside the median share
-    of that mass within 1 µm of the bead's depth.
+    `volumes` are the model's densities of the samples (`densities`) on depths `depth_um`. Each
+    bin's median is given relative to beads within 2 µm of focus, beside the median share of
+    that mass within 1 µm of the bead's depth.
     """
-    depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
+    depth = np.asarray(depth_um, dtype=np.float64)
     dist, mass, near = [], [], []
-    for s in samples:
-        density = backend.volume(s.frame)[0]
+    for s, density in zip(samples, volumes, strict=True):
         index, rows, cols = ho.bead_sites(s)
         for i, r, c in zip(index, rows, cols, strict=True):
             column = density[:, r - 3 : r + 4, c - 3 : c + 4].sum(axis=(1, 2))
@@ -190,9 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = [ho.independent_sample("beads", seed) for seed in range(args.samples)]
     volume = backend.metadata.volume
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
-    spread = bead_spread(backend, psf, samples)
+    depth = np.asarray(volume.depth_um)
+    volumes = densities(backend, samples)
+    spread = bead_spread(depth, psf, samples, volumes)
     response = focus_response(backend)
-    columns = column_mass(backend, samples)
+    columns = column_mass(depth, samples, volumes)
     print(f"{args.model} ({backend.name})")
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "

@@ -22,7 +22,9 @@ def test_bead_spread_and_focus_response_on_small_frames(tmp_path: Path) -> None:
     assert volume is not None
     psf = load_psf_bank(VOLUME.parent / volume.psf_file, len(volume.depth_um))
     samples = [ho.independent_sample("beads", seed, (128, 128)) for seed in range(2)]
-    spread = probes.bead_spread(backend, psf, samples)
+    spread = probes.bead_spread(
+        np.asarray(volume.depth_um), psf, samples, probes.densities(backend, samples)
+    )
     # The model's PSF is sharpest in focus: what makes depth spread widen a rendered bead.
     assert spread["psf_fwhm_um_at_1um"] > 1.5 * spread["psf_fwhm_um_in_focus"] > 0
     assert spread["beads_found"] >= 1
