@@ -108,6 +108,20 @@ def test_torch_renderer_matches_numpy(psf):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-3 * float(want.max()))
 
 
+def test_torch_renderer_light_is_the_mean_of_the_rendered_planes(psf):
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import TorchRenderer
+
+    pair = simulate_volume_pair("mixed", shape=(64, 64), seed=7)
+    dens = torch.from_numpy(pair.objects_counts[:1])
+    dz = np.array([-8.0, 0.5, 5.0])
+    renderer = TorchRenderer(psf, pair.depth_um, 64, 31)
+    rendered = renderer.render(dens, dz).mean(dim=(2, 3))
+    # the light inside the patch, not all of it: beads near the edges lose some
+    assert float(rendered.sum()) < float(dens.sum()) * len(dz) / 64**2
+    np.testing.assert_allclose(renderer.light(dens, dz).numpy(), rendered.numpy(), rtol=1e-4)
+
+
 def _tiny_config(tmp_path: Path):  # type: ignore[no-untyped-def]
     from engine.train_volume import VolumeTrainConfig
 
