@@ -19,3 +19,22 @@ def test_host_path_benchmark_writes_every_case(
     cases = {(c["planes"], c["side"], c["dpms"]) for c in record["cases"]}
     assert cases == {(p, s, d) for p, s in ((9, 256), (41, 512)) for d in ("writable", "frozen")}
     assert all(c["median_ms"] > 0 for c in record["cases"])
+
+
+def test_train_step_benchmark_times_every_phase(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="training extra not installed")
+    from benchmarks import train_step
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        "batch_size = 2\npatch_size = 32\nchannels = [4, 4, 8, 8]\n"
+        "[data]\nstack_shape = [64, 64]\nframes_per_sample = 1\n"
+    )
+    out = tmp_path / "train_step.json"
+    args = ["--config", str(config), "--steps", "2", "--threads", "1", "--precisions", "fp32"]
+    assert train_step.main([*args, "--results", str(out)]) == 0
+    record = json.loads(out.read_text())
+    (row,) = record["rows"]
+    assert set(row["ms"]) == set(train_step.PHASES) and row["batch_size"] == 2
+    assert all(v >= 0 for v in row["ms"].values()) and row["step_ms"] > 0
+    assert record["sample_s"] > 0

@@ -1,0 +1,129 @@
+"""Cost of one volume-training step, by phase: where a CPU training run spends its time.
+
+``python -m benchmarks.train_step [--config configs/train_volume.toml] [--steps 24]
+[--threads 2] [--precisions fp32 bf16]``
+
+A few simulated samples are made once (their cost, per sample, is reported apart: training
+makes two new ones every 100 steps), then ``--steps`` steps of the config's recipe are timed
+after a warm-up, split into drawing the batch, the network's forward pass, the loss
+(`engine.train_volume.volume_loss`: density, column and render terms), the backward pass and
+the optimiser. bf16 is the CPU's bfloat16 autocast with channels-last (where AVX-512-BF16 or
+AMX exists; skipped with its reason elsewhere). Writes ``benchmarks/results/train_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import cpu_model
+
+RESULTS = Path(__file__).parent / "results" / "train_step.json"
+DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "train_volume.toml"
+PHASES = ("batch", "forward", "loss", "backward", "optimiser")
+
+
+def run(
+    config: Path, steps: int, threads: int, precisions: Sequence[str], samples: int = 3
+) -> tuple[list[dict[str, Any]], float]:
+    """Time `steps` training steps per precision; return the rows and seconds per sample."""
+    import torch
+
+    from engine import train_volume as tv
+    from engine.optics import OpticsConfig
+    from engine.volume import psf_bank
+
+    torch.set_num_threads(threads)
+    cfg = tv.load_config(config)
+    psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
+    renderer = tv.TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
+    t0 = time.perf_counter()
+    pool = [tv.Sample(cfg, 7_000_000 + i, cfg.data.kind_weights) for i in range(samples)]
+    sample_s = (time.perf_counter() - t0) / samples
+    rows = []
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        if bf16 and not tv.cpu_has_bf16():
+            print("bf16: skipped (this CPU has neither AVX-512-BF16 nor AMX)", flush=True)
+            continue
+        torch.manual_seed(0)
+        model = tv.build_volume_model(cfg)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        spent = dict.fromkeys(PHASES, 0.0)
+        warmup = 3
+        for step in range(warmup + steps):
+            marks = [time.perf_counter()]
+            rng = np.random.default_rng([0, step])
+            x, y = tv.sample_batch(rng, pool, cfg)
+            x = x.to(memory_format=torch.channels_last)
+            dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
+            marks.append(time.perf_counter())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = model(x)
+            marks.append(time.perf_counter())
+            loss, _ = tv.volume_loss(cfg, renderer, pred.float(), y, dz)
+            marks.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            marks.append(time.perf_counter())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            marks.append(time.perf_counter())
+            if step >= warmup:
+                for phase, a, b in zip(PHASES, marks, marks[1:], strict=False):
+                    spent[phase] += b - a
+        ms = {phase: round(1e3 * s / steps, 1) for phase, s in spent.items()}
+        total = sum(spent.values()) / steps
+        rows.append(
+            {
+                "precision": precision,
+                "batch_size": cfg.batch_size,
+                "patch_size": cfg.patch_size,
+                "threads": threads,
+                "steps": steps,
+                "ms": ms,
+                "step_ms": round(1e3 * total, 1),
+                "steps_per_s": round(1 / total, 2),
+            }
+        )
+        print(
+            f"{precision}: {1e3 * total:6.1f} ms per step ({1 / total:.2f} steps/s): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()),
+            flush=True,
+        )
+    return rows, sample_s
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_step")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    rows, sample_s = run(args.config, args.steps, args.threads, args.precisions)
+    print(f"one simulated sample: {sample_s:.2f} s (two new ones every 100 steps)")
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": cpu_model(),
+        "config": str(args.config),
+        "sample_s": round(sample_s, 2),
+        "rows": rows,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written: {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
