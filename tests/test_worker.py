@@ -295,3 +295,30 @@ def test_focus_lock_keeps_the_planes_fixed_in_the_sample(tmp_path: Path, tiny_mo
         assert done["focus_clamped"] == 1  # frame 2's focus was beyond the model's range
     finally:
         harness.close()
+
+
+def test_warm_up_refocuses_frames_of_the_run_onto_its_plan(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    from engine.runtime import load_backend
+    from live.worker import WARMUP_CALLS, warm_up
+
+    class Counting:  # a real backend, its calls recorded
+        def __init__(self) -> None:
+            self.backend = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"])
+            self.calls: list[tuple[tuple[int, ...], np.dtype[Any], np.ndarray]] = []
+
+        def infer(self, frame: np.ndarray, dpms: np.ndarray) -> np.ndarray:
+            self.calls.append((frame.shape, frame.dtype, dpms))
+            out: np.ndarray = self.backend.infer(frame, dpms)
+            return out
+
+    plan = build_plan(live_config(tmp_path, tiny_model_files["onnx"], planes=[-2.0, 2.0]))
+    counting = Counting()
+    shape = plan.dpms_um.shape[-2:]  # the config's frame shape
+    warm_up(counting, shape, plan)
+    assert len(counting.calls) == WARMUP_CALLS >= 1
+    assert all(
+        s == shape and dtype == np.uint16 and dpms is plan.dpms_um
+        for s, dtype, dpms in counting.calls
+    )
