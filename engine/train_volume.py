@@ -426,7 +426,7 @@ class TorchRenderer:
         g = self.grid
         # rfft2 of the zero-padded patch, without padding it: along x with n = g (the
         # zeros are implicit), then along y over the patch's rows padded to g
-        dense = objects.float().contiguous()  # a channels-last network's output: 3x slower
+        dense = objects.float().contiguous()  # FFTs on channels-last rows run ~3x slower
         spec = torch.fft.fft(torch.fft.rfft(dense, n=g, dim=-1), n=g, dim=-2)
         j = defocus_index(dz_um, self.depth_um)
         # plane k = sum over depths d of spec[d] · OTF[j[k, d]], as elementwise products: an
