@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import run_record
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "train_volume.toml"
@@ -110,11 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    load_before = os.getloadavg()
+    command = None if argv is None else list(argv)
     rows, sample_s = run(args.config, args.steps, args.threads, args.precisions)
     print(f"one simulated sample: {sample_s:.2f} s (two new ones every 100 steps)")
     result = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": cpu_model(),
+        **run_record("benchmarks.train_step", command, None, load_before),
         "config": str(args.config),
         "sample_s": round(sample_s, 2),
         "rows": rows,

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import scipy.fft
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -389,8 +390,8 @@ class TorchRenderer:
             c, r = psf.shape[-1] // 2, crop_px // 2
             psf = psf[:, c - r : c + r + 1, c - r : c + r + 1]
         size = psf.shape[-1]
-        self.margin = size // 2
-        self.grid = _fast_len(patch + self.margin)
+        # the same grid rule as `Renderer`: one PSF radius of zeros after the patch
+        self.grid = scipy.fft.next_fast_len(patch + size // 2, real=True)
         emb = torch.zeros(psf.shape[0], self.grid, self.grid)
         emb[:, :size, :size] = torch.from_numpy(psf)
         emb = torch.roll(emb, (-(size // 2), -(size // 2)), dims=(1, 2))
@@ -436,17 +437,6 @@ class TorchRenderer:
         rows = torch.fft.ifft(out, dim=-2)[..., :h, :]
         img: torch.Tensor = torch.fft.irfft(rows, n=g, dim=-1)
         return img[..., :w]
-
-
-def _fast_len(n: int) -> int:
-    """Smallest 2^a·3^b·5^c >= n (a fast FFT size)."""
-    return min(
-        int(2**a * 3**b * 5**c)
-        for a in range(16)
-        for b in range(3)
-        for c in range(2)
-        if 2**a * 3**b * 5**c >= n
-    )
 
 
 def _density_term(

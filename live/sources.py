@@ -173,8 +173,8 @@ class _FrameBank:
     The optics simulator renders a 256² worm frame in about 14 ms on this project's 2-core
     build machine: too slow to feed a 100 Hz camera live. The bank holds `n` consecutive
     frames (n / rate_hz seconds of worm motion and firing) that the camera cycles; `fill`
-    renders them all up front, otherwise each is rendered on first use. Frames at another
-    focus are rendered live.
+    renders them all up front (the simulated scope does, before its camera starts), else each
+    is rendered on first use. Frames at another focus are rendered live.
     """
 
     def __init__(self, render: FrameFn, n: int, focus_um: float = 0.0) -> None:
