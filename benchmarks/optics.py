@@ -13,15 +13,14 @@ CPU time (all threads of this process) is recorded beside wall time, with the lo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import run_record
 from engine.optics import WormTimeSeries, simulate_focal_stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -81,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=2000, help="time-series frames to time")
     parser.add_argument("--out", type=Path, default=RESULTS / "optics.json")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
     stacks = [time_stack(256, args.repeats), time_stack(512, max(1, args.repeats // 2))]
     series = time_series(256, args.frames)
     print(f"{'case':<28}{'cold s':>10}{'warm s (median)':>18}{'warm CPU s':>12}")
@@ -97,14 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = {
         "benchmark": "optics",
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "load_avg_1min": round(os.getloadavg()[0], 2),
-        },
-        "command": "python -m benchmarks.optics",
+        **run_record("benchmarks.optics", argv, None, load_before),
         "stacks": stacks,
         "time_series": series,
     }

@@ -36,7 +36,6 @@ from typing import Any, Literal
 import numpy as np
 import scipy.fft
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
@@ -596,16 +595,17 @@ def sample_lab_batch(
     )
 
 
-def _gaussian_blur(img: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with reflected edges."""
-    r = max(1, math.ceil(3 * sigma_px))
-    g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=img.dtype) / sigma_px) ** 2)
-    g = g / g.sum()
+def lowpass_residual(img: torch.Tensor, sigma_px: float = RESIDUAL_SIGMA_PX) -> torch.Tensor:
+    """Gaussian low-pass of (N, C, H, W) inside the frame only, as `engine.volume.Renderer`.
+
+    Normalised convolution: `smooth3d` with zero edges, divided by the smoothed frame support,
+    so a flat residual (camera offset, background) stays flat up to the edges, as the runtime
+    adds it to every plane.
+    """
     n, c, h, w = img.shape
-    x = F.pad(img.reshape(n * c, 1, h, w), (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, g.reshape(1, 1, 1, -1))
-    x = F.conv2d(x, g.reshape(1, 1, -1, 1))
-    return x.reshape(n, c, h, w)
+    flat = smooth3d(img.reshape(n * c, 1, h, w), sigma_px, None)
+    support = smooth3d(torch.ones(1, 1, h, w, dtype=img.dtype), sigma_px, None)
+    return (flat / support).reshape(n, c, h, w)
 
 
 def lab_loss(
@@ -625,7 +625,7 @@ def lab_loss(
     light from outside the crop is missing, are left out.
     """
     rendered = renderer.render(pred, np.concatenate([[0.0], dz_um]))
-    residual = _gaussian_blur(frames - rendered[:, :1], RESIDUAL_SIGMA_PX)
+    residual = lowpass_residual(frames - rendered[:, :1])
     model_planes = rendered[:, 1:] + residual
     m = margin_px
     err = (model_planes - targets)[..., m:-m, m:-m].abs().mean()

@@ -578,3 +578,23 @@ def test_uniform_planes_off_the_lattice_are_interpolated(trained: Path):
     out = backend.infer(frame, np.broadcast_to(z[:, None, None], (4, 64, 64)))
     np.testing.assert_allclose(out[1], 0.5 * (out[0] + out[2]), rtol=1e-5, atol=1e-3)
     assert np.isfinite(out[3]).all()  # the top of the grid needs no plane above it
+
+
+def test_the_lab_loss_low_pass_is_the_runtimes(psf):
+    """The training twin of the runtime's residual low-pass (a normalised convolution inside
+    the frame): a frame with an offset and a gradient is low-passed the same way by both, up to
+    the edges, so the lab loss scores the planes a user will see."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import lowpass_residual
+
+    yy, xx = np.mgrid[:64, :64].astype(np.float32)
+    rng = np.random.default_rng(0)
+    frame = 400.0 + 2.0 * xx - yy + rng.normal(0, 5, (64, 64)).astype(np.float32)
+    runtime = Renderer(psf, depth_grid(), (64, 64), threads=1).planes(
+        np.zeros((41, 64, 64), np.float32), frame, np.array([0.0])
+    )[0]
+    twin = lowpass_residual(torch.from_numpy(frame)[None, None])[0, 0].numpy()
+    assert np.abs(twin - runtime).max() < 0.01 * np.abs(runtime).mean()
+    assert np.abs(twin[30:34, 30:34] - frame[30:34, 30:34].mean()).max() < 20.0
