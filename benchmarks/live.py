@@ -31,6 +31,7 @@ import numpy as np
 import zmq
 
 from benchmarks.machine import cpu_model
+from live.metrics import format_stage_times
 from live.protocol import decode, encode_frame
 
 RESULTS = Path(__file__).resolve().parent / "results" / "live.json"
@@ -249,6 +250,8 @@ def run_setting(
         "backend": summary.backend,
         "sustained": sustained,
         "steady": steady,
+        # where each worker's time went (refocus, send p50/p99 ms; busy share)
+        "worker_times": summary.worker_times,
     }
 
 
@@ -301,6 +304,8 @@ def end_to_end(
             + _verdict(row),
             flush=True,
         )
+        for times in row["worker_times"]:
+            print(f"    worker {times['worker']}: {format_stage_times(times)}", flush=True)
     return rows
 
 

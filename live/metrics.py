@@ -43,9 +43,11 @@ __all__ = [
     "RunState",
     "SeqSet",
     "Snapshot",
+    "StageTimes",
     "StatusPublisher",
     "StatusReader",
     "format_seqs",
+    "format_stage_times",
     "seq_ranges",
     "summary_dict",
 ]
@@ -410,6 +412,57 @@ class Metrics:
                 backend=self.backend,
                 output=self.output,
             )
+
+
+class StageTimes:
+    """Where a worker's time goes: per-frame durations of its stages, and how busy it was.
+
+    A worker times each frame's stages (the network and rendering, the cast and send) with
+    `add`; `fields` gives their p50 / p99 over the last `LATENCY_WINDOW` frames and the busy
+    share (time in any stage over the time from the first frame's start to the last one's
+    end), flat, for the worker's "done" event. Busy near 100 % means the worker is the
+    bottleneck; well below with a high latency means the time goes elsewhere (queues, other
+    processes on the same cores). One thread uses it (the worker's main thread).
+    """
+
+    def __init__(self, stages: tuple[str, ...]) -> None:
+        self._times: dict[str, deque[float]] = {s: deque(maxlen=LATENCY_WINDOW) for s in stages}
+        self._busy_s = 0.0
+        self._first: float | None = None
+        self._last: float | None = None
+
+    def add(self, stage: str, start_s: float, end_s: float) -> None:
+        """Count `stage` running from `start_s` to `end_s` (``time.perf_counter`` seconds)."""
+        self._times[stage].append((end_s - start_s) * 1e3)
+        self._busy_s += end_s - start_s
+        self._first = start_s if self._first is None else min(self._first, start_s)
+        self._last = end_s if self._last is None else max(self._last, end_s)
+
+    def fields(self) -> dict[str, float | None]:
+        """``{stage}_p50_ms``, ``{stage}_p99_ms`` per stage and ``busy`` (0-1; None if idle)."""
+        out: dict[str, float | None] = {}
+        for stage, times in self._times.items():
+            p50, p99 = _percentiles(list(times))
+            out[f"{stage}_p50_ms"] = None if p50 is None else round(p50, 2)
+            out[f"{stage}_p99_ms"] = None if p99 is None else round(p99, 2)
+        span = (self._last - self._first) if self._first is not None and self._last else 0.0
+        out["busy"] = round(min(self._busy_s / span, 1.0), 3) if span > 0 else None
+        return out
+
+
+def format_stage_times(times: dict[str, Any]) -> str:
+    """One line of a worker's stage times (`StageTimes.fields`, as its "done" event has them)."""
+
+    def ms(key: str) -> str:
+        v = times.get(key)
+        return "n/a" if not isinstance(v, int | float) else f"{v:.1f}"
+
+    busy = times.get("busy")
+    share = f"{100 * busy:.0f} %" if isinstance(busy, int | float) else "n/a"
+    return (
+        f"refocus p50/p99 {ms('refocus_p50_ms')} / {ms('refocus_p99_ms')} ms, send "
+        f"{ms('send_p50_ms')} / {ms('send_p99_ms')} ms; busy {share}"
+    )
 
 
 def _percentiles(values: list[float]) -> tuple[float | None, float | None]:

@@ -39,7 +39,14 @@ import numpy as np
 import zmq
 
 from live.config import ConfigError, check_optics, resolve_geometry
-from live.metrics import Metrics, RunState, Snapshot, StatusPublisher, format_seqs
+from live.metrics import (
+    Metrics,
+    RunState,
+    Snapshot,
+    StatusPublisher,
+    format_seqs,
+    format_stage_times,
+)
 from live.protocol import WORKER_PREFETCH, Message, max_part_bytes
 from live.recorder import Recorder, RecorderSummary, SeqGate, format_rejections, store_path
 from live.router import (
@@ -135,28 +142,70 @@ def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
     )
     edges = [
         Edge("source", "router", "frames", "inproc", _SOURCE_HWM, "source drops and counts"),
-        Edge("hook", "router", "frames", config.endpoints.frames, FRAMES_RCVHWM,
-             "hook drops and counts"),
+        Edge(
+            "hook",
+            "router",
+            "frames",
+            config.endpoints.frames,
+            FRAMES_RCVHWM,
+            "hook drops and counts",
+        ),
         Edge("router", "recorder", "raw frames", "in-process queue", None, "every frame"),
-        Edge("router", "raw subscribers", "raw frames", config.endpoints.recorder,
-             RAW_REPUBLISH_HWM, "a slow subscriber misses frames"),
-        Edge("router", "inference queue", "frames", f"router ({ov.policy})",
-             1 if ov.policy == "latest" else ov.max_queue_frames, waiting),
+        Edge(
+            "router",
+            "raw subscribers",
+            "raw frames",
+            config.endpoints.recorder,
+            RAW_REPUBLISH_HWM,
+            "a slow subscriber misses frames",
+        ),
+        Edge(
+            "router",
+            "inference queue",
+            "frames",
+            f"router ({ov.policy})",
+            1 if ov.policy == "latest" else ov.max_queue_frames,
+            waiting,
+        ),
     ]
     for i in range(workers):
         edges += [
-            Edge("inference queue", f"worker[{i}]", "frames", "ipc", WORKER_PREFETCH + 1,
-                 "by credit: sent only when the worker has room (never full)"),
-            Edge(f"worker[{i}]", "collector", "stacks, events", "ipc", None,
-                 "wait (the collector always drains)"),
+            Edge(
+                "inference queue",
+                f"worker[{i}]",
+                "frames",
+                "ipc",
+                WORKER_PREFETCH + 1,
+                "by credit: sent only when the worker has room (never full)",
+            ),
+            Edge(
+                f"worker[{i}]",
+                "collector",
+                "stacks, events",
+                "ipc",
+                None,
+                "wait (the collector always drains)",
+            ),
             Edge(f"worker[{i}]", "router", "credits", "ipc", None, "wait (the router drains)"),
         ]
     edges += [
         Edge("collector", "recorder", "stacks", "in-process queue", None, "every stack"),
-        Edge("collector", "display", "stacks", config.endpoints.stacks, DISPLAY_HWM,
-             "a slow display misses stacks"),
-        Edge("daemon", "status readers", "snapshot / s", config.endpoints.status, 10,
-             "a slow reader misses snapshots"),
+        Edge(
+            "collector",
+            "display",
+            "stacks",
+            config.endpoints.stacks,
+            DISPLAY_HWM,
+            "a slow display misses stacks",
+        ),
+        Edge(
+            "daemon",
+            "status readers",
+            "snapshot / s",
+            config.endpoints.status,
+            10,
+            "a slow reader misses snapshots",
+        ),
     ]
     return tuple(edges)
 
@@ -237,6 +286,9 @@ class RunSummary:
     """CURVE connection attempts refused for an unknown client key."""
     preview: str | None = None
     """The run's picture (``RUN.preview.png``: last frame and stack, latency, counts)."""
+    worker_times: list[dict[str, Any]] = field(default_factory=list)
+    """Per worker that finished, from its "done" event (`live.metrics.StageTimes`): refocus
+    (network and rendering) and send p50 / p99 ms, and its busy share."""
 
     @property
     def rejected_total(self) -> int:
@@ -273,6 +325,10 @@ class RunSummary:
             f"(seqs: {format_seqs(self.lost, limit=_PRINTED_RANGES)}; "
             f"worker restarts {self.worker_restarts})",
             f"  latency p50/p99   {lat}",
+            *(
+                f"  worker {t['worker']} time     {format_stage_times(t)}"
+                for t in self.worker_times
+            ),
             f"  backend           {self.backend}",
             f"  output            {self.output or 'not recorded'}",
         ]
@@ -818,6 +874,20 @@ class Daemon:
             return False
         return True
 
+    def _worker_times(self) -> list[dict[str, Any]]:
+        """Return the stage times each worker reported with "done" (its last one)."""
+        if not hasattr(self, "collector"):
+            return []
+        keys = ("refocus_p50_ms", "refocus_p99_ms", "send_p50_ms", "send_p99_ms", "busy")
+        last: dict[int, dict[str, Any]] = {}
+        for event in self.collector.events:
+            if event.get("event") == "done":
+                last[int(event["worker"])] = {
+                    "worker": int(event["worker"]),
+                    **{k: event.get(k) for k in keys},
+                }
+        return [last[w] for w in sorted(last)]
+
     def _finish(self) -> RunSummary:
         """Publish the last status, close the recorder, display and sockets; build the summary."""
         snap = self._snapshot()
@@ -848,6 +918,7 @@ class Daemon:
             rejected=snap.rejected,
             failures=[f.reason() for f in self.supervisor.failures],
             auth_denied=self._gatekeeper.denied if self._gatekeeper is not None else 0,
+            worker_times=self._worker_times(),
         )
         if self.recorder is not None:
             preview = _write_preview_png(self.recorder.path, self.metrics, summary)
@@ -888,9 +959,7 @@ def _write_preview_png(store: Path, metrics: Metrics, summary: RunSummary) -> Pa
     try:
         from live.preview import write_preview
 
-        return write_preview(
-            store, latency=metrics.latency_series(), summary_lines=summary.lines()
-        )
+        return write_preview(store, latency=metrics.latency_series(), summary_lines=summary.lines())
     except Exception as err:  # a missing matplotlib or a drawing bug never fails the run
         log.warning("no run preview: %s", _one_line(err))
         return None

@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from engine.dpm import FocusLock, VolumePlan, with_drift
+from live.metrics import StageTimes
 from live.protocol import (
     END_OF_FRAMES,
     MAX_EVENT_SEQS,
@@ -242,6 +243,7 @@ def _serve(
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
     lock = focus_lock(config, plan, backend)
     clamped = saturated = 0
+    stages = StageTimes(("refocus", "send"))  # reported with "done": where the time went
     live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's
     failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
@@ -274,7 +276,9 @@ def _serve(
                                 message.header.focus_um,
                                 excess,
                             )
+                t0 = time.perf_counter()
                 planes = backend.infer(message.array, dpms)
+                t1 = time.perf_counter()
                 clipped = _send_stack(
                     stacks,
                     planes,
@@ -283,6 +287,8 @@ def _serve(
                     None if live_clock else queue.received_s,
                     config.recorder.stack_dtype,
                 )
+                stages.add("refocus", t0, t1)
+                stages.add("send", t1, time.perf_counter())
                 if clipped and not saturated:
                     log.warning(
                         "stack values beyond ±65504 saturated in %s (seq %d): an overexposed "
@@ -305,6 +311,7 @@ def _serve(
             stacks=done,
             focus_clamped=clamped,
             stack_values_saturated=saturated,
+            **stages.fields(),
         )
         stacks.send(end_of_stacks(spec.worker_id))  # behind the last stack, same socket
     finally:

@@ -58,6 +58,9 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert summary.frames_acquired == 30 and summary.frames_in == 30
     assert (summary.raw_recorded, summary.stacks_written) == (30, 30)
     assert summary.skipped == [] and summary.lost == [] and summary.malformed == 0
+    (times,) = summary.worker_times  # one worker, its stage times from its "done" event
+    assert times["worker"] == 0 and 0 < times["refocus_p50_ms"] <= times["refocus_p99_ms"]
+    assert any(line.startswith("  worker 0 time") for line in summary.lines())
     raw, stacks, attrs = _read_store(str(tmp_path / "run.ome.zarr"))
     assert raw.shape == (30, 64, 64) and stacks.shape == (30, 3, 64, 64)
     assert attrs["raw_present"] == [[0, 30]] and attrs["stacks_present"] == [[0, 30]]

@@ -17,6 +17,7 @@ from live.metrics import (
     RunState,
     SeqSet,
     Snapshot,
+    StageTimes,
     StatusPublisher,
     StatusReader,
 )
@@ -202,3 +203,18 @@ def test_the_final_snapshot_reaches_a_reader_when_the_publisher_lingers() -> Non
     finally:
         reader.close()
         ctx.term()
+
+
+def test_stage_times_give_percentiles_per_stage_and_the_busy_share() -> None:
+    """Two frames a second apart, each 100 ms of refocus and 10 ms of send: p50s are those
+    durations, and the worker was busy 220 ms of the 1.11 s from first start to last end."""
+    times = StageTimes(("refocus", "send"))
+    assert times.fields()["busy"] is None and times.fields()["refocus_p50_ms"] is None
+    for start in (0.0, 1.0):
+        times.add("refocus", start, start + 0.1)
+        times.add("send", start + 0.1, start + 0.11)
+    fields = times.fields()
+    assert fields["refocus_p50_ms"] == pytest.approx(100.0)
+    assert fields["send_p99_ms"] == pytest.approx(10.0)
+    assert fields["busy"] == pytest.approx(0.22 / 1.11, abs=1e-3)
+    assert json.loads(json.dumps(fields)) == fields  # flat and JSON-able: a "done" event's fields

@@ -124,7 +124,12 @@ def test_worker_process_refocuses_every_frame(tmp_path: Path, tiny_model_files) 
                 msg.array, reference.infer(frame, dpms), rtol=2.0**-11 + 1e-4, atol=1e-2
             )
         harness.frames.send(END_OF_FRAMES)
-        assert harness.event()["event"] == "done"
+        done = harness.event()
+        assert done["event"] == "done" and done["stacks"] == 6
+        # where its time went: both stages timed for every frame, busy a share of the run
+        assert 0 < done["refocus_p50_ms"] <= done["refocus_p99_ms"]
+        assert 0 < done["send_p50_ms"] <= done["send_p99_ms"]
+        assert 0 < done["busy"] <= 1
         harness.proc.join(30)
         assert harness.proc.exitcode == 0
     finally:
