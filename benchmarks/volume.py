@@ -9,7 +9,10 @@ host), and the whole `infer` call, in ms per frame and planes per second; the ne
 achieved GFLOP/s against a float32 matmul peak measured in the same run (bfloat16 can pass
 it: the peak is float32's). A backend that cannot run a precision here (onnxruntime has no
 bf16; a CPU without AVX-512-BF16 / AMX neither) is skipped with its reason. Compare with the
-per-plane model in `benchmarks/results/engine.json` (one network pass per plane). Writes
+per-plane model in `benchmarks/results/engine.json` (one network pass per plane). With
+``--graph``, the whole refocus as one ONNX graph (`engine.render_graph`: the render as matrix
+products, for GPUs) is timed too, on ONNX Runtime's CPU provider (``graph_ms``), with its
+largest deviation from `infer` relative to the planes' peak. Writes
 ``benchmarks/results/volume.json``.
 """
 
@@ -49,6 +52,7 @@ def run(
     backends: Sequence[str],
     repeats: int,
     precisions: Sequence[str] = ("fp32",),
+    graph: bool = False,
 ) -> list[dict[str, Any]]:
     """Time network, rendering and `infer` for each backend, precision, size and plane count."""
     from engine.runtime import BackendError, load_backend
@@ -78,6 +82,7 @@ def run(
                 dpms = np.broadcast_to(z.astype(np.float32)[:, None, None], (p, side, side))
                 render_ms = _median_ms(partial(render.planes, density, frame, z), repeats)
                 infer_ms = _median_ms(partial(backend.infer, frame, dpms), repeats)
+                extra = _graph_row(model, backend, frame, z, dpms, repeats) if graph else {}
                 rows.append(
                     {
                         "backend": name,
@@ -90,6 +95,7 @@ def run(
                         "frames_per_s": round(1e3 / infer_ms, 2),
                         "planes_per_s": round(p * 1e3 / infer_ms, 1),
                         "network_gflop_per_s": round(flops * side * side / net_ms / 1e6, 1),
+                        **extra,
                     }
                 )
                 print(
@@ -103,6 +109,36 @@ def run(
     return rows
 
 
+def _graph_row(
+    model: Path, backend: Any, frame: np.ndarray, z: np.ndarray, dpms: np.ndarray, repeats: int
+) -> dict[str, Any]:
+    """Time the whole refocus as one ONNX graph on ONNX Runtime's CPU provider (2 threads)."""
+    import onnx
+    import onnxruntime as ort
+
+    from engine.render_graph import FRAME_NAME, planes_model
+    from engine.volume import load_psf_bank
+
+    volume = backend.metadata.volume
+    depth = np.asarray(volume.depth_um)
+    psf = load_psf_bank(model.parent / volume.psf_file, depth.size)
+    graph = planes_model(
+        onnx.load(str(model)), psf, depth, frame.shape, z, backend.metadata.size_multiple
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(
+        graph.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {FRAME_NAME: frame.astype(np.float32)[None, None]}
+    planes = session.run(None, feed)[0][0]
+    host = backend.infer(frame, dpms)
+    return {
+        "graph_ms": round(_median_ms(partial(session.run, None, feed), repeats), 1),
+        "graph_max_rel_dev": float(np.abs(planes - host).max() / np.abs(host).max()),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.volume")
@@ -112,16 +148,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backends", nargs="+", default=["openvino", "onnxruntime"])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--graph", action="store_true", help="also time engine.render_graph (ORT)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON to write")
     args = p.parse_args(argv)
     rows = run(
-        args.model, args.sizes, args.planes, args.backends, args.repeats, args.precisions
+        args.model,
+        args.sizes,
+        args.planes,
+        args.backends,
+        args.repeats,
+        args.precisions,
+        args.graph,
     )
     peak = matmul_peak()  # same run, same load: the ratio is what compares across machines
     for row in rows:
         row["network_peak_fraction"] = round(row["network_gflop_per_s"] / peak["peak"], 3)
-    shares = {
-        (r["backend"], r["precision"], r["side"]): r["network_peak_fraction"] for r in rows
-    }
+    shares = {(r["backend"], r["precision"], r["side"]): r["network_peak_fraction"] for r in rows}
     print(f"float32 matmul peak {peak['peak']:.0f} GFLOP/s; the network reaches")
     for (backend, precision, side), share in shares.items():
         print(f"  {backend:<12} {precision} {side}²: {share:.0%} of it")
@@ -133,9 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "matmul_peak_gflop_per_s": peak,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {RESULTS}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written: {args.results}")
     return 0
 
 

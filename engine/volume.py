@@ -193,9 +193,10 @@ class Renderer:
         # spread past an edge wraps around into those zeros and never onto the frame, so the
         # circular convolution is the linear one on the frame (a margin on both sides, as
         # before, was 1.4x the FFT area at 256²).
+        # (and at least the PSF's size, which a frame smaller than a PSF radius needs)
         self.grid = (
-            scipy.fft.next_fast_len(h + self.margin, real=True),
-            scipy.fft.next_fast_len(w + self.margin, real=True),
+            scipy.fft.next_fast_len(max(h + self.margin, size), real=True),
+            scipy.fft.next_fast_len(max(w + self.margin, size), real=True),
         )
         emb = np.zeros((psf.shape[0], *self.grid), dtype=np.float32)
         emb[:, :size, :size] = psf
@@ -244,9 +245,9 @@ class Renderer:
         padded[active] = spec
         spectrum = self._fft.fft(padded, axis=0, workers=self.threads, overwrite_x=True)
         spectrum *= self._depth_kernel
-        out: np.ndarray = self._fft.ifft(
-            spectrum, axis=0, workers=self.threads, overwrite_x=True
-        )[rows].astype(np.complex64, copy=False)
+        out: np.ndarray = self._fft.ifft(spectrum, axis=0, workers=self.threads, overwrite_x=True)[
+            rows
+        ].astype(np.complex64, copy=False)
         return out
 
     def _back(self, spectra: np.ndarray) -> np.ndarray:

@@ -353,9 +353,7 @@ def preflight(
     problem = backend.shape_problem(frame_shape, n_planes)
     if problem:
         raise ConfigError(f"engine: {problem}")
-    seconds = backend.time_call(
-        frame_shape, n_planes, repeats=_PREFLIGHT_CALLS, dpms_um=plan.dpms_um
-    )
+    seconds = backend.time_call(frame_shape, n_planes, repeats=_PREFLIGHT_CALLS, plan=plan)
     return Preflight(
         backend=backend.name,
         device=str(getattr(backend, "device", "?")),

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from engine.dpm import FocusLock, VolumePlan, with_drift
+from engine.dpm import FocusLock, VolumePlan
 from live.metrics import StageTimes
 from live.protocol import (
     END_OF_FRAMES,
@@ -114,7 +114,7 @@ def warm_up(backend: Any, frame_shape: tuple[int, int], plan: VolumePlan) -> Non
     rng = np.random.default_rng(0)
     for _ in range(WARMUP_CALLS):
         frame = rng.integers(100, 1000, frame_shape, dtype=np.uint16)  # noise: every depth
-        backend.infer(frame, plan.dpms_um)
+        backend.refocus(frame, plan)
 
 
 def focus_lock(config: Any, plan: VolumePlan, backend: Any) -> FocusLock | None:
@@ -263,10 +263,9 @@ def _serve(
             message = queue.get(0.1)
             _report(events, credits, spec.worker_id, queue, frame_shape)
             if message is not None:
-                dpms = plan.dpms_um
+                offset = 0.0
                 if lock is not None:  # planes fixed in the sample: follow the stage's focus
                     offset, excess = lock.offset_um(message.header.focus_um)
-                    dpms = with_drift(dpms, offset) if offset else dpms
                     if excess:
                         clamped += 1
                         if clamped == 1:
@@ -277,7 +276,7 @@ def _serve(
                                 excess,
                             )
                 t0 = time.perf_counter()
-                planes = backend.infer(message.array, dpms)
+                planes = backend.refocus(message.array, plan, np.array([offset]))[0]
                 t1 = time.perf_counter()
                 clipped = _send_stack(
                     stacks,

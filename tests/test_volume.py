@@ -566,6 +566,15 @@ def test_refocus_frames_onto_a_plan_with_drift(trained: Path):
     np.testing.assert_allclose(out[1], deeper, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="offsets_um"):
         backend.refocus(frames, plan, offsets_um=np.array([0.0]))
+    # the live worker's call: one frame, a drift between lattice planes; the planes are
+    # rendered from the density without reading the DPMs, the same as `infer` with them
+    one = backend.refocus(frames[1], plan, offsets_um=np.array([0.3]))
+    shifted = backend.infer(frames[1], plan.dpms_um + np.float32(0.3))
+    np.testing.assert_allclose(one[0], shifted, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="do not match the plan"):
+        backend.refocus(frames[:, :32], plan)
+    with pytest.raises(ValueError, match="numeric"):
+        backend.refocus(np.full((64, 64), "x"), plan)
 
 
 def test_uniform_planes_off_the_lattice_are_interpolated(trained: Path):
@@ -598,3 +607,14 @@ def test_the_lab_loss_low_pass_is_the_runtimes(psf):
     twin = lowpass_residual(torch.from_numpy(frame)[None, None])[0, 0].numpy()
     assert np.abs(twin - runtime).max() < 0.01 * np.abs(runtime).mean()
     assert np.abs(twin[30:34, 30:34] - frame[30:34, 30:34].mean()).max() < 20.0
+
+
+def test_a_frame_smaller_than_the_psf_renders_a_point_as_the_psf(psf):
+    """A small camera ROI (40 x 40 px, smaller than the 127 px PSF bank's planes) renders: a
+    point in focus comes out as the in-focus PSF around it (the FFT grid holds the PSF)."""
+    objects = np.zeros((41, 40, 40), np.float32)
+    objects[20, 20, 20] = 1.0  # depth 0 (the middle of the 41-depth grid)
+    plane = Renderer(psf, depth_grid(), (40, 40), threads=1).render(objects, np.array([0.0]))[0]
+    c = psf.shape[-1] // 2
+    expected = psf[psf.shape[0] // 2, c - 20 : c + 20, c - 20 : c + 20]
+    np.testing.assert_allclose(plane, expected, atol=1e-6 * float(psf.max()) + 1e-7)

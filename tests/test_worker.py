@@ -311,11 +311,11 @@ def test_warm_up_refocuses_frames_of_the_run_onto_its_plan(
     class Counting:  # a real backend, its calls recorded
         def __init__(self) -> None:
             self.backend = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"])
-            self.calls: list[tuple[tuple[int, ...], np.dtype[Any], np.ndarray]] = []
+            self.calls: list[tuple[tuple[int, ...], np.dtype[Any], Any]] = []
 
-        def infer(self, frame: np.ndarray, dpms: np.ndarray) -> np.ndarray:
-            self.calls.append((frame.shape, frame.dtype, dpms))
-            out: np.ndarray = self.backend.infer(frame, dpms)
+        def refocus(self, frame: np.ndarray, plan: Any) -> np.ndarray:
+            self.calls.append((frame.shape, frame.dtype, plan))
+            out: np.ndarray = self.backend.refocus(frame, plan)
             return out
 
     plan = build_plan(live_config(tmp_path, tiny_model_files["onnx"], planes=[-2.0, 2.0]))
@@ -324,6 +324,6 @@ def test_warm_up_refocuses_frames_of_the_run_onto_its_plan(
     warm_up(counting, shape, plan)
     assert len(counting.calls) == WARMUP_CALLS >= 1
     assert all(
-        s == shape and dtype == np.uint16 and dpms is plan.dpms_um
-        for s, dtype, dpms in counting.calls
+        s == shape and dtype == np.uint16 and called is plan
+        for s, dtype, called in counting.calls
     )

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -167,17 +168,21 @@ def _volume_psf(model_path: Path | None, metadata: ModelMetadata) -> np.ndarray:
         raise BackendError(f"{path}: cannot load the volume model's PSF bank: {exc}") from exc
 
 
+def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
+    """Validate the dtype and rank of one `infer` input, with an error that names the problem."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{label} must be a real numeric array, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{label} must be real, got complex dtype {arr.dtype}")
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
+    return arr
+
+
 def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate dtypes and ranks of `infer` inputs, with errors that name the problem."""
-    images = np.asarray(images)
-    dpms_um = np.asarray(dpms_um)
-    for label, arr in (("images", images), ("dpms_um", dpms_um)):
-        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
-            raise ValueError(f"{label} must be a real numeric array, got dtype {arr.dtype}")
-        if np.iscomplexobj(arr):
-            raise ValueError(f"{label} must be real, got complex dtype {arr.dtype}")
-        if arr.ndim not in (2, 3) or arr.size == 0:
-            raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
+    images, dpms_um = _check_array("images", images), _check_array("dpms_um", dpms_um)
     if not np.isfinite(dpms_um).all():
         raise ValueError("dpms_um contains NaN or infinite values")
     return images, dpms_um
@@ -301,13 +306,29 @@ class BaseBackend:
         network once per frame and renders the plan from the density; a per-plane model runs
         once per (frame, DPM) pair.
         """
-        frames = np.asarray(frames)
+        frames = _check_array("frames", frames)
         if frames.ndim == 2:
             frames = frames[None]
         n = frames.shape[0]
         off = np.zeros(n) if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
         if off.shape != (n,) or not np.isfinite(off).all():
             raise ValueError(f"offsets_um must be {n} finite values, got {offsets_um!r}")
+        if self.metadata.volume is not None and plan.z_um is not None:
+            if frames.shape[1:] != plan.frame_shape:
+                raise ValueError(
+                    f"frames {frames.shape[1:]} do not match the plan's {plan.frame_shape}"
+                )
+            # uniform planes: rendered straight from the density, the DPMs never read (their
+            # checks and per-plane uniformity test cost 15-25 ms of a 41 x 256² frame)
+            density = self.volume(frames)
+            render = self.renderer(plan.frame_shape)
+            z = np.asarray(plan.z_um, dtype=np.float64)
+            if n == 1:  # the live worker's call: the renderer's own array, no copy
+                return self._uniform_planes(render, density[0], frames[0], z + off[0])[None]
+            stacks = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
+            for i in range(n):
+                stacks[i] = self._uniform_planes(render, density[i], frames[i], z + off[i])
+            return stacks
         out = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
         for i in range(n):
             dpms = plan.dpms_um if off[i] == 0 else plan.dpms_um + np.float32(off[i])
@@ -325,7 +346,6 @@ class BaseBackend:
         n = broadcast_count(frames, dpms)
         density = self.volume(frames)
         render = self.renderer((int(frames.shape[1]), int(frames.shape[2])))
-        step = render.step_um
         out = np.empty((n, *frames.shape[1:]), dtype=np.float32)
         for f in range(frames.shape[0]):
             which = range(n) if frames.shape[0] == 1 else [f]
@@ -337,17 +357,32 @@ class BaseBackend:
                 else:
                     out[i] = render.surface(density[f], frames[f], d)
             if flat:
-                # Uniform planes: render the lattice planes around all of them once, then
-                # interpolate each plane between its two neighbours (exact on the lattice).
                 z = np.array([float(dpms[i if dpms.shape[0] > 1 else 0].flat[0]) for i in flat])
-                lo = np.floor(np.round(z / step, 6)).astype(np.int64)
-                frac = np.clip(z / step - lo, 0.0, 1.0).astype(np.float32)
-                between = frac >= 1e-6  # off the lattice: the next plane up is needed too
-                grid = np.unique(np.concatenate([lo, lo[between] + 1]))
-                planes = render.planes(density[f], frames[f], grid * step)
-                k0 = np.searchsorted(grid, lo)
-                for i, a0, t in zip(flat, k0, frac, strict=True):
-                    out[i] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
+                out[flat] = self._uniform_planes(render, density[f], frames[f], z)
+        return out
+
+    @staticmethod
+    def _uniform_planes(
+        render: Renderer, density: np.ndarray, frame: np.ndarray, z_um: np.ndarray
+    ) -> np.ndarray:
+        """Uniform planes (P, H, W) at `z_um` from one frame's density (lattice or between).
+
+        The lattice planes around all of them are rendered once, and each plane is
+        interpolated between its two neighbours (exact on the lattice). Planes that are all on
+        the lattice, ascending and distinct (the usual plan) are the rendered array itself.
+        """
+        step = render.step_um
+        lo = np.floor(np.round(z_um / step, 6)).astype(np.int64)
+        frac = np.clip(z_um / step - lo, 0.0, 1.0).astype(np.float32)
+        between = frac >= 1e-6  # off the lattice: the next plane up is needed too
+        grid = np.unique(np.concatenate([lo, lo[between] + 1]))
+        planes = render.planes(density, frame, grid * step)
+        if not between.any() and np.array_equal(grid, lo):
+            return planes
+        k0 = np.searchsorted(grid, lo)
+        out = np.empty((z_um.size, *planes.shape[1:]), dtype=np.float32)
+        for p, (a0, t) in enumerate(zip(k0, frac, strict=True)):
+            out[p] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
         return out
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:
@@ -397,26 +432,33 @@ class BaseBackend:
         repeats: int = 3,
         budget_s: float = 2.0,
         dpms_um: np.ndarray | None = None,
+        plan: VolumePlan | None = None,
     ) -> float:
-        """Return the median seconds of one `infer` of a frame with `n_planes` DPMs (warmed up).
+        """Return the median seconds of one call for a frame (warmed up).
 
-        The DPMs are `dpms_um` (the run's own plan: surfaces cost a volume model more than
-        lattice planes) or `n_planes` uniform planes spread over the trained range.
+        With `plan`, the call is `refocus` onto it (what the live worker runs: surfaces cost a
+        volume model more than lattice planes); else `infer` with `dpms_um`, or with
+        `n_planes` uniform planes spread over the trained range.
         """
         rng = np.random.default_rng(0)
         image = rng.integers(90, 4000, size=frame_shape, dtype=np.uint16)
-        if dpms_um is None:
-            lo, hi = self.metadata.dz_range_um
-            dz = np.linspace(lo, hi, n_planes, dtype=np.float32)
-            dpms: np.ndarray = np.broadcast_to(dz[:, None, None], (n_planes, *frame_shape))
+        call: Callable[[], object]
+        if plan is not None:
+            call = partial(self.refocus, image, plan)
         else:
-            dpms = np.asarray(dpms_um, dtype=np.float32)
-        self.infer(image, dpms)
+            if dpms_um is None:
+                lo, hi = self.metadata.dz_range_um
+                dz = np.linspace(lo, hi, n_planes, dtype=np.float32)
+                dpms: np.ndarray = np.broadcast_to(dz[:, None, None], (n_planes, *frame_shape))
+            else:
+                dpms = np.asarray(dpms_um, dtype=np.float32)
+            call = partial(self.infer, image, dpms)
+        call()
         times: list[float] = []
         deadline = time.perf_counter() + budget_s
         while len(times) < repeats and (not times or time.perf_counter() < deadline):
             t0 = time.perf_counter()
-            self.infer(image, dpms)
+            call()
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 

@@ -115,8 +115,13 @@ class Backend(Protocol):
         repeats: int = 3,
         budget_s: float = 2.0,
         dpms_um: np.ndarray | None = None,
+        plan: VolumePlan | None = None,
     ) -> float:
-        """Median seconds of one warmed-up `infer` of a frame with these DPMs (the pre-flight)."""
+        """Median seconds of one warmed-up call for a frame (the pre-flight).
+
+        The call is `refocus` onto `plan` when given (what the live worker runs), else
+        `infer` with these DPMs.
+        """
         ...
 
     def close(self) -> None:
