@@ -104,3 +104,29 @@ def test_frames_outside_the_profile_are_refused(
     with pytest.raises(ValueError, match="outside the TensorRT profile"):
         backend.infer(frame, dpms)
     assert backend.is_incompatible(SHAPE, 8, rate_hz=1.0) is False
+
+
+def test_planes_engine_refocuses_as_the_host_path(cache_dir: Path) -> None:
+    """The shipped volume model's whole refocus as one engine (`_trt_planes.PlanesEngine`:
+    network and render on the GPU) gives the CPU host path's planes; drift takes the shared
+    path (network on the GPU, render on the host) and agrees too."""
+    from engine.dpm import VolumePlan
+
+    model = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.onnx"
+    plan = VolumePlan.from_z([-8.0, -2.5, 0.0, 4.0], SHAPE)
+    cpu = load_backend(model, prefer=["onnxruntime"], device="cpu")
+    gpu = load_backend(
+        model, prefer=["tensorrt"], frame_shape=SHAPE, cache_dir=cache_dir, precision="fp32"
+    )
+    frame, _ = _inputs(1)
+    want = cpu.refocus(frame, plan)
+    got = gpu.refocus(frame, plan)  # builds the whole-refocus engine (minutes), then runs it
+    peak = float(np.abs(want).max())
+    assert got.shape == want.shape == (1, 4, *SHAPE)
+    assert np.abs(got - want).max() <= 1e-2 * peak  # TF32 matrix products
+    assert any(p.name.startswith("planes-") for p in cache_dir.iterdir())  # the graph, cached
+    drift = np.array([0.5])
+    np.testing.assert_allclose(
+        gpu.refocus(frame, plan, drift), cpu.refocus(frame, plan, drift), atol=1e-2 * peak
+    )
+    gpu.close()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
+from engine.dpm import VolumePlan
 from engine.metadata import padded_shape
 from engine.runtime._base import (
     INPUT_NAME,
@@ -37,6 +38,7 @@ from engine.runtime._trt_build import (
     native_handle,
 )
 from engine.runtime._trt_cache import read_plan_info
+from engine.runtime._trt_planes import PlanesEngine
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,57 @@ class TensorRTBackend(BaseBackend):
         else:
             raise BackendError(f"{model_path}: tensorrt needs an .onnx or a cached .plan")
         super().__init__(plan_path, metadata, options)
+        # a volume model given as ONNX can also be built whole (network + render) per plan
+        self._network_onnx = model_path if model_path.suffix == ".onnx" else None
+        self._planes: dict[tuple[tuple[int, int], tuple[float, ...]], PlanesEngine] = {}
         self._setup_engine(plan_path)
+
+    def refocus(
+        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`Backend.refocus`; a volume model's uniform planes run as one whole-refocus engine.
+
+        For a plan of uniform planes without drift offsets, the frame goes in and the planes
+        come out of one engine (`PlanesEngine`, built per frame shape and plan on first use);
+        the density never leaves the GPU. Anything else (surfaces, drift, a model loaded from
+        a .plan without its ONNX) takes the shared path: network here, render on the host.
+        """
+        off = None if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
+        whole = (
+            self.metadata.volume is not None
+            and plan.z_um is not None
+            and self._network_onnx is not None
+            and self._psf is not None
+            and (off is None or not off.any())
+        )
+        if not whole:
+            return super().refocus(frames, plan, offsets_um)
+        frames = np.asarray(frames)
+        if frames.ndim == 2:
+            frames = frames[None]
+        if frames.shape[1:] != plan.frame_shape or frames.dtype.kind not in "uif":
+            return super().refocus(frames, plan, offsets_um)  # its checks say what is wrong
+        assert plan.z_um is not None and self._network_onnx is not None and self._psf is not None
+        key = (plan.frame_shape, plan.z_um)
+        engine = self._planes.get(key)
+        if engine is None:
+            try:
+                engine = PlanesEngine(
+                    self._network_onnx,
+                    self.metadata,
+                    self._psf,
+                    plan.frame_shape,
+                    plan.z_um,
+                    precision=self.precision,
+                    cache_dir=self.options.cache_dir,
+                )
+            except RuntimeError as exc:
+                raise BackendError(f"tensorrt whole-refocus engine: {exc}") from exc
+            self._planes[key] = engine
+        out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=np.float32)
+        for i, frame in enumerate(frames):
+            out[i] = engine.run(frame)
+        return out
 
     def _select_device(self, device: str | None) -> int:
         """Make the CUDA device named by `device` ("cuda", "cuda:N", None) current."""
@@ -249,6 +301,9 @@ class TensorRTBackend(BaseBackend):
 
     def close(self) -> None:
         """Free the graph, buffers and the stream (after its pending work); drop the engine."""
+        for engine in self._planes.values():
+            engine.close()
+        self._planes.clear()
         rt = self._rt
         rt.cudaStreamSynchronize(self._stream)  # a failed call may have left copies queued
         self._drop_graph()

@@ -99,8 +99,13 @@ def build_engine(
     fp16: bool,
     timing_cache: Path | None = None,
     workspace_bytes: int = WORKSPACE_BYTES,
+    input_name: str = INPUT_NAME,
 ) -> bytes:
-    """Parse the ONNX model and build a serialized engine for `profile` (FP16 if `fp16`)."""
+    """Parse the ONNX model and build a serialized engine for `profile` (FP16 if `fp16`).
+
+    The profile is set on `input_name` (the network's input; a whole-refocus graph of
+    `engine.render_graph` has its static "frame" input, with min = opt = max).
+    """
     onnx_path = Path(onnx_path)
     fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
     if fp16 and fp16_flag is None:  # weakly typed precision flags are gone in TensorRT 11
@@ -121,7 +126,7 @@ def build_engine(
             log.warning("this GPU has no fast FP16; building FP16 anyway")
         config.set_flag(fp16_flag)
     opt = builder.create_optimization_profile()
-    opt.set_shape(INPUT_NAME, profile.min_shape, profile.opt_shape, profile.max_shape)
+    opt.set_shape(input_name, profile.min_shape, profile.opt_shape, profile.max_shape)
     config.add_optimization_profile(opt)
     if timing_cache is not None:
         _load_timing_cache(config, timing_cache)
