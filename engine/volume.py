@@ -228,20 +228,21 @@ class Renderer:
         for job in jobs:
             job.result()
 
-    def _spectra(self, objects: np.ndarray) -> np.ndarray:
-        """rfft2 of (D, H, W) objects, zero-padded into the render grid.
+    def _spectra(self, objects: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+        """rfft2 of (D, H, W) objects (those at indices `which`), zero-padded into the grid.
 
         One plane at a time per thread, through that thread's padded grid (kept between
         calls: its margins stay zero), so no padded copy of the whole stack is made.
         """
         h, w = self.shape
-        n = objects.shape[0]
+        index = np.arange(objects.shape[0]) if which is None else which
+        n = index.size
         out = np.empty((n, self.grid[0], self.grid[1] // 2 + 1), dtype=np.complex64)
 
         def work(first: int, stride: int) -> None:
             pad = self._pads[first]
             for i in range(first, n, stride):
-                pad[:h, :w] = objects[i]
+                pad[:h, :w] = objects[index[i]]
                 out[i] = self._fft.rfft2(pad, workers=1)
 
         self._each(work, n)
@@ -326,7 +327,7 @@ class Renderer:
         active = np.flatnonzero(peaks > EMPTY_DEPTH * max(float(peaks.max()), 1e-30))
         if active.size == 0:
             return None
-        spec = self._spectra(objects[active])
+        spec = self._spectra(objects, active)
         # defocus_index keeps every plane within the depth grid, where the circular
         # convolution along depth is exact; it pays for many planes from many depths
         if (
