@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -284,23 +285,30 @@ class Renderer:
         self._each(work, n_rows)
         return out
 
-    def _back(self, spectra: np.ndarray, add: np.ndarray | None = None) -> np.ndarray:
-        """Inverse of `_spectra`: (P, grid) spectra to (P, H, W) float32 images (+ `add`).
+    def _back(
+        self,
+        spectra: np.ndarray,
+        add: np.ndarray | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
+    ) -> np.ndarray:
+        """Inverse of `_spectra`: (P, grid) spectra to (P, H, W) images (+ `add`) of `dtype`.
 
         One plane at a time per thread: each is cropped (and `add`, an (H, W) image, added)
-        straight from its inverse transform, with no grid-sized copy of the whole stack.
+        straight from its inverse transform, with no grid-sized copy of the whole stack, and
+        written in `dtype` (float16 halves what is written; beyond its range: inf).
         """
         h, w = self.shape
         n = spectra.shape[0]
-        out = np.empty((n, h, w), dtype=np.float32)
+        out = np.empty((n, h, w), dtype=dtype)
 
         def work(first: int, stride: int) -> None:
-            for p in range(first, n, stride):
-                img = self._fft.irfft2(spectra[p], s=self.grid, workers=1)
-                if add is None:
-                    out[p] = img[:h, :w]
-                else:
-                    np.add(img[:h, :w], add, out=out[p])
+            with np.errstate(over="ignore"):  # float16 overflow: saturated by the caller
+                for p in range(first, n, stride):
+                    img = self._fft.irfft2(spectra[p], s=self.grid, workers=1)
+                    if add is None:
+                        out[p] = img[:h, :w]
+                    else:
+                        np.add(img[:h, :w], add, out=out[p])
 
         self._each(work, n)
         return out
@@ -357,11 +365,19 @@ class Renderer:
                 future.result()
         return acc
 
-    def planes(self, objects: np.ndarray, frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
-        """Planes (P, H, W) float32 counts at uniform defocus `dz_um` (on the depth lattice).
+    def planes(
+        self,
+        objects: np.ndarray,
+        frame: np.ndarray,
+        dz_um: np.ndarray,
+        dtype: type[np.floating[Any]] = np.float32,
+    ) -> np.ndarray:
+        """Planes (P, H, W) counts at uniform defocus `dz_um` (on the depth lattice).
 
         `objects` is the (D, H, W) density in counts; `frame` the (H, W) input it came from,
         whose unexplained low-frequency part (offset, background, far objects) is added back.
+        The planes are written in `dtype` as they are made (float16: what the daemon records,
+        without a cast of the whole stack afterwards; values beyond its range become inf).
         """
         dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
         at_focus = np.flatnonzero(np.abs(dz) < 1e-9)  # the plane at focus, if asked for
@@ -371,8 +387,9 @@ class Renderer:
         residual = frame if spec is None else frame - self._back(spec[f : f + 1])[0]
         low = self._back(self._spectra(residual[None]) * self._lowpass)[0] / self._support
         if spec is None:  # no density: every plane is the low-passed frame
-            return np.repeat(low[None], dz.size, axis=0)
-        return self._back(spec[: dz.size], add=low)  # the residual added as planes are cut
+            with np.errstate(over="ignore"):
+                return np.repeat(low[None], dz.size, axis=0).astype(dtype)
+        return self._back(spec[: dz.size], add=low, dtype=dtype)  # residual added as cut
 
     def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
         """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel."""

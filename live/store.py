@@ -120,7 +120,9 @@ _INF_BITS = {n: int(np.array(np.inf, f"f{n}").view(f"u{n}")) for n in (2, 4, 8)}
 """The bit pattern of +inf per float size in bytes (NaNs lie above it)."""
 
 
-def as_stack_dtype(stack: np.ndarray, dtype: str | np.dtype[Any]) -> tuple[np.ndarray, int]:
+def as_stack_dtype(
+    stack: np.ndarray, dtype: str | np.dtype[Any], *, saturate_same: bool = False
+) -> tuple[np.ndarray, int]:
     """Return `stack` as `dtype` (C-contiguous) and how many values were saturated.
 
     Values round to the nearest `dtype` value. One whose magnitude rounds past the largest
@@ -135,14 +137,22 @@ def as_stack_dtype(stack: np.ndarray, dtype: str | np.dtype[Any]) -> tuple[np.nd
         Planes of any real dtype, e.g. a backend's (P, H, W) float32.
     dtype : str or numpy dtype
         A floating dtype, one of `STACK_DTYPES`.
+    saturate_same : bool
+        Also saturate (and count) infinite values when `stack` already has `dtype`: planes a
+        backend rendered straight into float16 (`Backend.refocus(..., dtype=)`), whose cast
+        happened there; they are saturated in place. Otherwise such a stack is returned as
+        it is.
     """
     target = np.dtype(dtype)
     if not np.issubdtype(target, np.floating):
         raise ValueError(f"stacks are stored as floats ({STACK_DTYPES}), not {target}")
     if stack.dtype == target:
-        return np.ascontiguousarray(stack), 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.array(stack, dtype=target, order="C")  # a new array: ours to change
+        out = np.ascontiguousarray(stack)
+        if not saturate_same:
+            return out, 0
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.array(stack, dtype=target, order="C")  # a new array: ours to change
     if not out.size or _largest_bits(out) < _INF_BITS[target.itemsize]:
         return out, 0  # the common case, decided on integer bits: no inf (and no NaN)
     infinite = np.isinf(out)

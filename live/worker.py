@@ -244,6 +244,8 @@ def _serve(
     lock = focus_lock(config, plan, backend)
     clamped = saturated = 0
     stages = StageTimes(("refocus", "send"))  # reported with "done": where the time went
+    # planes come out of the backend in the recorded dtype: no cast of the whole stack here
+    stack_dtype = np.dtype(config.recorder.stack_dtype).type
     live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's
     failure: list[BaseException] = []  # the receive thread's exception, if it fails
     receiver = threading.Thread(
@@ -276,7 +278,9 @@ def _serve(
                                 excess,
                             )
                 t0 = time.perf_counter()
-                planes = backend.refocus(message.array, plan, np.array([offset]))[0]
+                planes = backend.refocus(
+                    message.array, plan, np.array([offset]), dtype=stack_dtype
+                )[0]
                 t1 = time.perf_counter()
                 clipped = _send_stack(
                     stacks,
@@ -409,16 +413,16 @@ def _send_stack(
 ) -> int:
     """Encode and PUSH one stack as `stack_dtype` (blocking: the collector always drains).
 
-    The planes are cast once, here (``recorder.stack_dtype``, `live.store.as_stack_dtype`),
-    so the stack travels to the collector, the recorder and the display at that size; values
-    beyond the float16 range saturate at ±65504 counts. Returns how many did, for the caller
-    to count and report. Latency is from the camera's timestamp, or with `received_s` (a
+    The planes arrive in ``recorder.stack_dtype`` (the backend rendered them in it) or are
+    cast here (`live.store.as_stack_dtype`), so the stack travels to the collector, the
+    recorder and the display at that size; values beyond the float16 range saturate at
+    ±65504 counts. Returns how many did, for the caller to count and report. Latency is from the camera's timestamp, or with `received_s` (a
     replay, whose timestamps are the recording's) from the frame's arrival at this worker.
     """
     from live.store import as_stack_dtype
 
     header = frame.header
-    stack, clipped = as_stack_dtype(planes, stack_dtype)
+    stack, clipped = as_stack_dtype(planes, stack_dtype, saturate_same=True)
     start = header.timestamp_s if received_s is None else received_s
     latency_ms = max(0.0, (time.time() - start) * 1e3)
     parts = encode_stack(

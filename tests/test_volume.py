@@ -618,3 +618,32 @@ def test_a_frame_smaller_than_the_psf_renders_a_point_as_the_psf(psf):
     c = psf.shape[-1] // 2
     expected = psf[psf.shape[0] // 2, c - 20 : c + 20, c - 20 : c + 20]
     np.testing.assert_allclose(plane, expected, atol=1e-6 * float(psf.max()) + 1e-7)
+
+
+def test_planes_rendered_straight_into_float16_are_the_float32_planes_rounded(trained: Path):
+    """What the daemon records: `refocus(dtype=np.float16)` writes each plane in float16 as
+    it is made; the values are float32's rounded to float16, and beyond its range inf (which
+    the worker saturates, `live.store.as_stack_dtype(saturate_same=True)`)."""
+    from engine.dpm import VolumePlan
+    from engine.runtime import load_backend
+    from live.store import as_stack_dtype
+
+    backend = load_backend(trained, prefer=["torch"])
+    frame = simulate_volume_pair("beads", shape=(64, 64), seed=9).frames[0]
+    plan = VolumePlan.from_z([-2.0, 0.0, 2.0], (64, 64))
+    full = backend.refocus(frame, plan)
+    half = backend.refocus(frame, plan, dtype=np.float16)
+    assert half.dtype == np.float16 and half.shape == full.shape
+    np.testing.assert_array_equal(half, full.astype(np.float16))
+    drifted = backend.refocus(frame, plan, np.array([0.25]), dtype=np.float16)  # interpolated
+    np.testing.assert_array_equal(
+        drifted, backend.refocus(frame, plan, np.array([0.25])).astype(np.float16)
+    )
+    gain = np.float32(2 * 65504 / float(full.max()))  # an overexposed frame: twice the range
+    bright = backend.refocus(frame * gain, plan, dtype=np.float16)[0]
+    assert np.isinf(bright).any()  # beyond 65504 counts
+    assert as_stack_dtype(bright, "float16")[1] == 0  # without: passed on as it is
+    infinite = int(np.isinf(bright).sum())
+    stack, clipped = as_stack_dtype(bright, "float16", saturate_same=True)  # in place
+    assert clipped == infinite > 0 and np.isfinite(stack).all()
+    assert float(np.abs(stack).max()) == 65504.0

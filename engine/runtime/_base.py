@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -296,15 +296,21 @@ class BaseBackend:
         return r
 
     def refocus(
-        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+        self,
+        frames: np.ndarray,
+        plan: VolumePlan,
+        offsets_um: np.ndarray | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> np.ndarray:
-        """Refocus each frame onto every DPM of `plan`: (N, H, W) -> (N, P, H, W) float32.
+        """Refocus each frame onto every DPM of `plan`: (N, H, W) -> (N, P, H, W) of `dtype`.
 
         The frame-level call of the daemon and offline refocusing. `offsets_um` (N,) shifts
         every DPM of frame n by that many µm, e.g. minus the focus drift since the first frame,
         so the virtual planes stay at fixed depths in the sample. A volume model runs its
-        network once per frame and renders the plan from the density; a per-plane model runs
-        once per (frame, DPM) pair.
+        network once per frame and renders the plan from the density (a plan of lattice
+        planes straight into `dtype`: float16, what the daemon records, saves a cast of the
+        whole stack; values beyond its range become inf); a per-plane model runs once per
+        (frame, DPM) pair, and its float32 result is cast.
         """
         frames = _check_array("frames", frames)
         if frames.ndim == 2:
@@ -324,16 +330,20 @@ class BaseBackend:
             render = self.renderer(plan.frame_shape)
             z = np.asarray(plan.z_um, dtype=np.float64)
             if n == 1:  # the live worker's call: the renderer's own array, no copy
-                return self._uniform_planes(render, density[0], frames[0], z + off[0])[None]
-            stacks = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
+                one = self._uniform_planes(render, density[0], frames[0], z + off[0], dtype)
+                return one[None]
+            stacks = np.empty((n, len(plan), *frames.shape[1:]), dtype=dtype)
             for i in range(n):
-                stacks[i] = self._uniform_planes(render, density[i], frames[i], z + off[i])
+                stacks[i] = self._uniform_planes(render, density[i], frames[i], z + off[i], dtype)
             return stacks
         out = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
         for i in range(n):
             dpms = plan.dpms_um if off[i] == 0 else plan.dpms_um + np.float32(off[i])
             out[i] = self.infer(frames[i], dpms)
-        return out
+        if out.dtype == dtype:
+            return out
+        with np.errstate(over="ignore"):  # float16: beyond its range becomes inf, as above
+            return out.astype(dtype)
 
     def _infer_volume(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
         """`infer` for volume models: one pass per frame, then each DPM rendered from it.
@@ -363,7 +373,11 @@ class BaseBackend:
 
     @staticmethod
     def _uniform_planes(
-        render: Renderer, density: np.ndarray, frame: np.ndarray, z_um: np.ndarray
+        render: Renderer,
+        density: np.ndarray,
+        frame: np.ndarray,
+        z_um: np.ndarray,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> np.ndarray:
         """Uniform planes (P, H, W) at `z_um` from one frame's density (lattice or between).
 
@@ -376,13 +390,14 @@ class BaseBackend:
         frac = np.clip(z_um / step - lo, 0.0, 1.0).astype(np.float32)
         between = frac >= 1e-6  # off the lattice: the next plane up is needed too
         grid = np.unique(np.concatenate([lo, lo[between] + 1]))
-        planes = render.planes(density, frame, grid * step)
         if not between.any() and np.array_equal(grid, lo):
-            return planes
+            return render.planes(density, frame, grid * step, dtype)
+        planes = render.planes(density, frame, grid * step)
         k0 = np.searchsorted(grid, lo)
-        out = np.empty((z_um.size, *planes.shape[1:]), dtype=np.float32)
-        for p, (a0, t) in enumerate(zip(k0, frac, strict=True)):
-            out[p] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
+        out = np.empty((z_um.size, *planes.shape[1:]), dtype=dtype)
+        with np.errstate(over="ignore"):
+            for p, (a0, t) in enumerate(zip(k0, frac, strict=True)):
+                out[p] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
         return out
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:

@@ -6,11 +6,11 @@ never care whether TensorRT, ONNX Runtime or torch runs underneath.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from engine.dpm import VolumePlan
     from engine.metadata import ModelMetadata
     from engine.volume import Renderer
@@ -68,12 +68,17 @@ class Backend(Protocol):
         ...
 
     def refocus(
-        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+        self,
+        frames: np.ndarray,
+        plan: VolumePlan,
+        offsets_um: np.ndarray | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> np.ndarray:
-        """Refocus (N, H, W) frames onto every DPM of `plan` -> (N, P, H, W) float32.
+        """Refocus (N, H, W) frames onto every DPM of `plan` -> (N, P, H, W) of `dtype`.
 
         `offsets_um` (N,) shifts frame n's DPMs (drift correction). Volume models run the
-        network once per frame; per-plane models once per (frame, DPM).
+        network once per frame; per-plane models once per (frame, DPM). `dtype` float16 (what
+        the daemon records) makes values beyond its range inf; the caller saturates them.
         """
         ...
 

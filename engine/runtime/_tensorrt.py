@@ -101,7 +101,11 @@ class TensorRTBackend(BaseBackend):
         self._setup_engine(plan_path)
 
     def refocus(
-        self, frames: np.ndarray, plan: VolumePlan, offsets_um: np.ndarray | None = None
+        self,
+        frames: np.ndarray,
+        plan: VolumePlan,
+        offsets_um: np.ndarray | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> np.ndarray:
         """`Backend.refocus`; a volume model's uniform planes run as one whole-refocus engine.
 
@@ -119,12 +123,12 @@ class TensorRTBackend(BaseBackend):
             and (off is None or not off.any())
         )
         if not whole:
-            return super().refocus(frames, plan, offsets_um)
+            return super().refocus(frames, plan, offsets_um, dtype)
         frames = np.asarray(frames)
         if frames.ndim == 2:
             frames = frames[None]
         if frames.shape[1:] != plan.frame_shape or frames.dtype.kind not in "uif":
-            return super().refocus(frames, plan, offsets_um)  # its checks say what is wrong
+            return super().refocus(frames, plan, offsets_um, dtype)  # its checks say why
         assert plan.z_um is not None and self._network_onnx is not None and self._psf is not None
         key = (plan.frame_shape, plan.z_um)
         engine = self._planes.get(key)
@@ -142,11 +146,12 @@ class TensorRTBackend(BaseBackend):
             except RuntimeError as exc:
                 raise BackendError(f"tensorrt whole-refocus engine: {exc}") from exc
             self._planes[key] = engine
-        if frames.shape[0] == 1:  # the live worker's call: the engine's own array, no copy
+        if frames.shape[0] == 1 and dtype == np.float32:  # the engine's own array, no copy
             return engine.run(frames[0])[None]
-        out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=np.float32)
-        for i, frame in enumerate(frames):
-            out[i] = engine.run(frame)
+        out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=dtype)
+        with np.errstate(over="ignore"):  # float16: beyond its range becomes inf
+            for i, frame in enumerate(frames):
+                out[i] = engine.run(frame)
         return out
 
     def _select_device(self, device: str | None) -> int:
