@@ -817,6 +817,10 @@ class Recorder:
                 fill_value=0,
                 compressors=_compressors(compression),
                 dimension_names=[a["name"] for a in axes],
+                # frames and stacks are never all fill value in practice, and which seqs are
+                # present is in the attributes: skip zarr's per-chunk emptiness test (a full
+                # comparison of every chunk, about 6 % of a core at 12 Hz x 41 x 256²)
+                config={"write_empty_chunks": True},
             ),
             name=role,
             axes=axes,

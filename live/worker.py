@@ -416,8 +416,9 @@ def _send_stack(
     The planes arrive in ``recorder.stack_dtype`` (the backend rendered them in it) or are
     cast here (`live.store.as_stack_dtype`), so the stack travels to the collector, the
     recorder and the display at that size; values beyond the float16 range saturate at
-    ±65504 counts. Returns how many did, for the caller to count and report. Latency is from the camera's timestamp, or with `received_s` (a
-    replay, whose timestamps are the recording's) from the frame's arrival at this worker.
+    ±65504 counts. Returns how many did, for the caller to count and report. Latency is
+    from the camera's timestamp, or with `received_s` (a replay, whose timestamps are the
+    recording's) from the frame's arrival at this worker.
     """
     from live.store import as_stack_dtype
 
