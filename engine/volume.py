@@ -229,8 +229,10 @@ class Renderer:
         for job in jobs:
             job.result()
 
-    def _spectra(self, objects: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
-        """rfft2 of (D, H, W) objects (those at indices `which`), zero-padded into the grid.
+    def _spectra(
+        self, objects: np.ndarray, which: np.ndarray | None = None, scale: float = 1.0
+    ) -> np.ndarray:
+        """rfft2 of `scale` x (D, H, W) objects (those at `which`), zero-padded into the grid.
 
         One plane at a time per thread, through that thread's padded grid (kept between
         calls: its margins stay zero), so no padded copy of the whole stack is made.
@@ -243,7 +245,7 @@ class Renderer:
         def work(first: int, stride: int) -> None:
             pad = self._pads[first]
             for i in range(first, n, stride):
-                pad[:h, :w] = objects[index[i]]
+                np.multiply(objects[index[i]], scale, out=pad[:h, :w])
                 out[i] = self._fft.rfft2(pad, workers=1)
 
         self._each(work, n)
@@ -321,8 +323,10 @@ class Renderer:
             return np.zeros((n, *self.shape), dtype=np.float32)
         return self._back(spec)
 
-    def _rendered_spectra(self, objects: np.ndarray, dz_um: np.ndarray) -> np.ndarray | None:
-        """Spectra (P, grid) of `render`'s planes; None when the density is empty.
+    def _rendered_spectra(
+        self, objects: np.ndarray, dz_um: np.ndarray, scale: float = 1.0
+    ) -> np.ndarray | None:
+        """Spectra (P, grid) of `render`'s planes of `scale` x `objects`; None when empty.
 
         Depths whose density is empty (below 1e-6 of the peak) are skipped: sparse samples
         occupy few of the 41 depths, and each one costs an FFT and P products. Many planes from
@@ -331,11 +335,11 @@ class Renderer:
         """
         objects = np.asarray(objects, dtype=np.float32)
         j = defocus_index(np.atleast_1d(np.asarray(dz_um, dtype=np.float64)), self.depth_um)
-        peaks = objects.reshape(objects.shape[0], -1).max(axis=1)
+        peaks = objects.max(axis=(1, 2))  # (a view's reshape would copy)
         active = np.flatnonzero(peaks > EMPTY_DEPTH * max(float(peaks.max()), 1e-30))
         if active.size == 0:
             return None
-        spec = self._spectra(objects, active)
+        spec = self._spectra(objects, active, scale)
         # defocus_index keeps every plane within the depth grid, where the circular
         # convolution along depth is exact; it pays for many planes from many depths
         if (
@@ -371,17 +375,23 @@ class Renderer:
         frame: np.ndarray,
         dz_um: np.ndarray,
         dtype: type[np.floating[Any]] = np.float32,
+        scale: float = 1.0,
     ) -> np.ndarray:
         """Planes (P, H, W) counts at uniform defocus `dz_um` (on the depth lattice).
 
-        `objects` is the (D, H, W) density in counts; `frame` the (H, W) input it came from,
-        whose unexplained low-frequency part (offset, background, far objects) is added back.
+        `objects` times `scale` is the (D, H, W) density in counts (a backend passes its
+        network's normalised output and the frame's std: the product is formed as each depth
+        is copied into the FFT grid, not as a pass of its own); `frame` the (H, W) input it came
+        from, whose unexplained low-frequency part (offset, background, far objects) is added
+        back.
         The planes are written in `dtype` as they are made (float16: what the daemon records,
         without a cast of the whole stack afterwards; values beyond its range become inf).
         """
         dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
         at_focus = np.flatnonzero(np.abs(dz) < 1e-9)  # the plane at focus, if asked for
-        spec = self._rendered_spectra(objects, dz if at_focus.size else np.append(dz, 0.0))
+        spec = self._rendered_spectra(
+            objects, dz if at_focus.size else np.append(dz, 0.0), scale
+        )
         f = int(at_focus[0]) if at_focus.size else dz.size
         frame = np.asarray(frame, dtype=np.float32)
         residual = frame if spec is None else frame - self._back(spec[f : f + 1])[0]

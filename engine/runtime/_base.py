@@ -326,15 +326,20 @@ class BaseBackend:
                 )
             # uniform planes: rendered straight from the density, the DPMs never read (their
             # checks and per-plane uniformity test cost 15-25 ms of a 41 x 256² frame)
-            density = self.volume(frames)
             render = self.renderer(plan.frame_shape)
             z = np.asarray(plan.z_um, dtype=np.float64)
-            if n == 1:  # the live worker's call: the renderer's own array, no copy
-                one = self._uniform_planes(render, density[0], frames[0], z + off[0], dtype)
-                return one[None]
-            stacks = np.empty((n, len(plan), *frames.shape[1:]), dtype=dtype)
+            stacks = None
             for i in range(n):
-                stacks[i] = self._uniform_planes(render, density[i], frames[i], z + off[i], dtype)
+                # the network's own output buffer and the frame's std: the renderer scales
+                # the density to counts as it copies each depth into its FFT grid
+                density, std = self._normalised_density(frames[i])
+                one = self._uniform_planes(render, density, frames[i], z + off[i], dtype, std)
+                if n == 1:  # the live worker's call: the renderer's own array, no copy
+                    return one[None]
+                if stacks is None:
+                    stacks = np.empty((n, *one.shape), dtype=dtype)
+                stacks[i] = one
+            assert stacks is not None
             return stacks
         out = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
         for i in range(n):
@@ -371,6 +376,21 @@ class BaseBackend:
                 out[flat] = self._uniform_planes(render, density[f], frames[f], z)
         return out
 
+    def _normalised_density(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
+        """Return one frame's (D, H, W) normalised density and the frame's std.
+
+        The density is a view of the backend's output, valid until its next call; the density
+        in counts is the two multiplied.
+        """
+        h, w = frame.shape
+        x, _, std = normalize_images(frame[None])
+        x = pad_to_multiple(x[:, None], self.metadata.size_multiple)
+        y = self._run(np.ascontiguousarray(x))
+        assert self.metadata.volume is not None
+        if y.shape[:2] != (1, len(self.metadata.volume.depth_um)) or y.ndim != 4:
+            raise BackendError(f"{self.name}: network returned shape {y.shape}")
+        return y[0, :, :h, :w], float(std[0, 0, 0])
+
     @staticmethod
     def _uniform_planes(
         render: Renderer,
@@ -378,6 +398,7 @@ class BaseBackend:
         frame: np.ndarray,
         z_um: np.ndarray,
         dtype: type[np.floating[Any]] = np.float32,
+        scale: float = 1.0,
     ) -> np.ndarray:
         """Uniform planes (P, H, W) at `z_um` from one frame's density (lattice or between).
 
@@ -391,8 +412,8 @@ class BaseBackend:
         between = frac >= 1e-6  # off the lattice: the next plane up is needed too
         grid = np.unique(np.concatenate([lo, lo[between] + 1]))
         if not between.any() and np.array_equal(grid, lo):
-            return render.planes(density, frame, grid * step, dtype)
-        planes = render.planes(density, frame, grid * step)
+            return render.planes(density, frame, grid * step, dtype, scale)
+        planes = render.planes(density, frame, grid * step, scale=scale)
         k0 = np.searchsorted(grid, lo)
         out = np.empty((z_um.size, *planes.shape[1:]), dtype=dtype)
         with np.errstate(over="ignore"):
