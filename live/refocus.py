@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from engine.dpm import DPMError, FocusLock, VolumePlan, with_drift
+from engine.dpm import DPMError, FocusLock, VolumePlan
 from engine.runtime import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MODEL,
@@ -553,7 +553,7 @@ class Job:
 
     source: InputSpec
     engine: EngineSpec
-    dpms_um: np.ndarray
+    plan: VolumePlan
     plan_token: str
     store: str
     array_path: str
@@ -587,24 +587,26 @@ class BlockResult:
     worker: str
 
 
-_DPMS: dict[str, np.ndarray] = {}
+_DPMS: dict[str, VolumePlan] = {}
 _DPMS_LOCK = threading.Lock()
 
 
-def _frozen_dpms(job: Job) -> np.ndarray:
-    """Return the job's DPMs read-only and owning their data (as the live worker passes them).
+def _frozen_plan(job: Job) -> VolumePlan:
+    """Return the job's plan with read-only DPMs owning their data (as the live worker's).
 
-    Backends then normalise the DPM channel once per process instead of once per frame.
+    Backends then normalise a per-plane model's DPM channel once per process instead of once
+    per frame.
     """
     with _DPMS_LOCK:
-        dpms = _DPMS.get(job.plan_token)
-        if dpms is None:
+        plan = _DPMS.get(job.plan_token)
+        if plan is None:
             if len(_DPMS) >= 4:
                 _DPMS.pop(next(iter(_DPMS)))
-            dpms = np.array(job.dpms_um, dtype=np.float32, order="C", copy=True)
+            dpms = np.array(job.plan.dpms_um, dtype=np.float32, order="C", copy=True)
             dpms.setflags(write=False)
-            _DPMS[job.plan_token] = dpms
-        return dpms
+            plan = VolumePlan(dpms, job.plan.labels, job.plan.z_um)
+            _DPMS[job.plan_token] = plan
+        return plan
 
 
 def _crc(rows: np.ndarray) -> int:
@@ -644,9 +646,10 @@ def _verified(job: Job, block: Block, out: Any, mark: int) -> bool:
 def refocus_block(job: Job, block: Block) -> BlockResult:
     """Refocus one output chunk unless it is already written and verified (a Dask task).
 
-    Reads the chunk's raw frames, runs ``backend.infer(frame, dpms)`` per present frame (the
-    live worker's call), rounds the planes to the output's dtype (a live run's stacks may be
-    float16: `live.store.as_stack_dtype`, values beyond its range saturated and logged),
+    Reads the chunk's raw frames, runs ``backend.refocus(frame, plan, offset, dtype)`` per
+    present frame (the live worker's call: planes made in the output's dtype; a live run's
+    stacks may be float16, `live.store.as_stack_dtype`, values beyond its range saturated and
+    logged),
     writes the chunk (or only its rows, for fill-gaps, one write per run of consecutive seqs:
     a sharded array rewrites its shard for each) and then its CRC into the manifest, so a
     chunk counts as done only once its data is on the store.
@@ -661,14 +664,15 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
         return BlockResult(block.index, block.seqs, True, time.perf_counter() - t_start, worker)
     frames = _frames(job.source, job.token).read(block.t0, block.t1)
     backend, lock = _backend(job.engine)
-    dpms = _frozen_dpms(job)
-    planes = np.zeros((block.t1 - block.t0, *dpms.shape), dtype=np.float32)
+    plan = _frozen_plan(job)
+    dtype = np.dtype(out.dtype).type
+    planes = np.zeros((block.t1 - block.t0, *plan.dpms_um.shape), dtype=dtype)
     offsets = block.offsets_um or (0.0,) * len(block.seqs)
     with lock:
         for seq, offset in zip(block.seqs, offsets, strict=True):
-            shifted = with_drift(dpms, offset) if offset else dpms  # as the live worker does
-            planes[seq - block.t0] = backend.infer(frames[seq - block.t0], shifted)
-    planes, clipped = as_stack_dtype(planes, out.dtype)
+            one = backend.refocus(frames[seq - block.t0], plan, np.array([offset]), dtype=dtype)
+            planes[seq - block.t0] = one[0]
+    planes, clipped = as_stack_dtype(planes, out.dtype, saturate_same=True)
     if clipped:
         log.warning(
             "%d values of frames %d-%d beyond the %s range: saturated",
@@ -1411,7 +1415,7 @@ def refocus_recording(
     job = Job(
         raw.spec,
         engine,
-        plan.dpms_um,
+        plan,
         identity["plan_sha256"],
         output.store,
         output.array_path,
