@@ -127,10 +127,17 @@ def planes_model(
 ) -> onnx.ModelProto:
     """Wrap an exported volume network into frame (1, 1, H, W) -> planes (1, P, H, W) counts.
 
-    `network` is the exported ONNX (input "input" (N, 1, H', W') normalised, output "output"
-    (N, D, H', W') normalised density), unchanged; the new nodes are prefixed ``rg_``.
+    `network` is the exported ONNX (one input (N, 1, H', W') normalised, one output
+    (N, D, H', W') normalised density; opset >= 18), unchanged; the new nodes are prefixed
+    ``rg_``.
     `dz_um` are the planes, on the model's depth lattice within its grid (`defocus_index`).
     """
+    opset = max((o.version for o in network.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < 18:  # ReduceMean takes its axes as an input from opset 18
+        raise ValueError(
+            f"the whole-refocus graph needs an ONNX opset >= 18; the model has {opset}"
+        )
+    net_in, net_out = network.graph.input[0].name, network.graph.output[0].name
     h, w = shape
     ph, pw = padded_shape(h, w, size_multiple)
     m = render_matrices(psf, depth_um, shape, dz_um)
@@ -163,11 +170,11 @@ def planes_model(
     if (ph, pw) != (h, w):  # as pad_to_multiple: reflect, or edge when the pad is that large
         mode = "reflect" if ph - h < h and pw - w < w else "edge"
         x = op("Pad", [x, const("pads", [0, 0, 0, 0, 0, 0, ph - h, pw - w])], "padded", mode=mode)
-    nodes.append(helper.make_node("Identity", [x], ["input"]))
+    nodes.append(helper.make_node("Identity", [x], [net_in]))
     # the network's nodes go here (below); its output is cropped and scaled back to counts
     crop = op(
         "Slice",
-        ["output", const("crop_start", [0, 0]), const("crop_end", [h, w]), hw],
+        [net_out, const("crop_start", [0, 0]), const("crop_end", [h, w]), hw],
         "density_n",
     )
     density = reshape(op("Mul", [crop, std], "density_1"), [n_depth, h, w], "density")
@@ -224,7 +231,7 @@ def planes_model(
         helper.make_node("Reshape", [out, const("out_shape", [1, n_out - 1, h, w])], [PLANES_NAME])
     )
 
-    split = next(i for i, n in enumerate(nodes) if n.output[0] == "input") + 1
+    split = next(i for i, n in enumerate(nodes) if n.output[0] == net_in) + 1
     net = network.graph
     graph = helper.make_graph(
         nodes[:split] + list(net.node) + nodes[split:],

@@ -172,8 +172,9 @@ class Renderer:
     """Render wide-field planes and surfaces from object volumes, for one frame shape.
 
     The PSF transforms for the frame shape (plus a PSF-radius margin, so nothing wraps around)
-    are computed once here and reused for every frame, as is the padded input buffer: one
-    renderer serves one thread at a time (a backend is called from one thread at a time too).
+    are computed once here and reused for every frame, as are the padded grids of its threads
+    (one each): one renderer serves one caller at a time (a backend is called from one thread
+    at a time too); its own threads split each call's planes and frequency rows.
     """
 
     def __init__(

@@ -445,7 +445,9 @@ class StageTimes:
             p50, p99 = _percentiles(list(times))
             out[f"{stage}_p50_ms"] = None if p50 is None else round(p50, 2)
             out[f"{stage}_p99_ms"] = None if p99 is None else round(p99, 2)
-        span = (self._last - self._first) if self._first is not None and self._last else 0.0
+        span = (
+            self._last - self._first if self._first is not None and self._last is not None else 0.0
+        )
         out["busy"] = round(min(self._busy_s / span, 1.0), 3) if span > 0 else None
         return out
 

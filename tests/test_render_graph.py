@@ -50,7 +50,7 @@ def test_the_graph_refocuses_as_the_host_path(shape: tuple[int, int]) -> None:
     assert planes[0, 0].std() < planes[0, 2].std()  # and it is a refocus: far planes are smoother
 
 
-def test_planes_off_the_depth_lattice_are_refused() -> None:
+def test_planes_off_the_depth_lattice_and_old_opsets_are_refused() -> None:
     backend = load_backend(MODEL, prefer=["onnxruntime"], intra_op_threads=1)
     meta = backend.metadata
     assert meta.volume is not None
@@ -58,3 +58,7 @@ def test_planes_off_the_depth_lattice_are_refused() -> None:
     psf = load_psf_bank(MODEL.parent / meta.volume.psf_file, depth.size)
     with pytest.raises(ValueError, match="depth lattice"):
         planes_model(onnx.load(str(MODEL)), psf, depth, (64, 64), [0.25], meta.size_multiple)
+    old = onnx.load(str(MODEL))
+    old.opset_import[0].version = 17  # ReduceMean's axes as an input need opset 18
+    with pytest.raises(ValueError, match="opset >= 18"):
+        planes_model(old, psf, depth, (64, 64), [0.0], meta.size_multiple)

@@ -647,3 +647,38 @@ def test_planes_rendered_straight_into_float16_are_the_float32_planes_rounded(tr
     stack, clipped = as_stack_dtype(bright, "float16", saturate_same=True)  # in place
     assert clipped == infinite > 0 and np.isfinite(stack).all()
     assert float(np.abs(stack).max()) == 65504.0
+
+
+def test_refocus_of_a_padded_frame_is_infer_on_it(trained: Path):
+    """A frame that is not a multiple of the network's 32 px (48 x 80, padded to 64 x 96):
+    the fast path crops the network's output as `infer` does."""
+    from engine.dpm import VolumePlan
+    from engine.runtime import load_backend
+
+    backend = load_backend(trained, prefer=["torch"])
+    frame = simulate_volume_pair("beads", shape=(48, 80), seed=4).frames[0]
+    plan = VolumePlan.from_z([-3.0, 0.0, 1.5], (48, 80))
+    np.testing.assert_allclose(
+        backend.refocus(frame, plan)[0], backend.infer(frame, plan.dpms_um), rtol=1e-5, atol=1e-3
+    )
+
+
+def test_the_renderers_threads_and_paths_agree(psf):
+    """An odd frame (100 x 50: a grid of 180 rows, not a multiple of the depth blocks): one
+    thread and two give the same planes; few planes (summed directly) equal the same planes of
+    the depth convolution; an empty density in float16 is the low-passed frame."""
+    rng = np.random.default_rng(2)
+    objects = np.zeros((41, 100, 50), np.float32)
+    objects[rng.integers(41, size=30), rng.integers(100, size=30), rng.integers(50, size=30)] = 50.0
+    frame = rng.uniform(90, 110, (100, 50)).astype(np.float32)
+    dz = depth_grid()
+    one = Renderer(psf, dz, (100, 50), threads=1)
+    two = Renderer(psf, dz, (100, 50), threads=2)
+    assert one.grid[0] % 8 != 0
+    np.testing.assert_array_equal(one.planes(objects, frame, dz), two.planes(objects, frame, dz))
+    few = two.render(objects, dz[[3, 20, 37]])  # 3 planes x 30 depths: the direct sum
+    np.testing.assert_allclose(few, two.render(objects, dz)[[3, 20, 37]], atol=1e-4 * 50)
+    empty = two.planes(np.zeros_like(objects), frame, dz[:2], dtype=np.float16)
+    assert empty.dtype == np.float16
+    np.testing.assert_allclose(empty[0], empty[1])
+    np.testing.assert_allclose(empty[0], frame.mean(), rtol=0.03)  # the noise low-passed

@@ -276,11 +276,20 @@ class BaseBackend:
         out = np.empty((n, len(self.metadata.volume.depth_um), h, w), dtype=np.float32)
         for start in range(0, n, self.max_batch):
             stop = min(start + self.max_batch, n)
-            y = self._run(np.ascontiguousarray(x[start:stop]))
-            if y.shape[:2] != (stop - start, out.shape[1]) or y.ndim != 4:
-                raise BackendError(f"{self.name}: network returned shape {y.shape}")
+            y = self._run_volume(x[start:stop])
             np.multiply(y[:, :, :h, :w], std[start:stop, :, :, None], out=out[start:stop])
         return out
+
+    def _run_volume(self, x: np.ndarray) -> np.ndarray:
+        """Run (n, 1, H', W') normalised frames; the (n, D, H', W') output, its shape checked.
+
+        The result may be the backend's own output buffer: valid until its next call.
+        """
+        assert self.metadata.volume is not None
+        y = self._run(np.ascontiguousarray(x))
+        if y.shape[:2] != (x.shape[0], len(self.metadata.volume.depth_um)) or y.ndim != 4:
+            raise BackendError(f"{self.name}: network returned shape {y.shape}")
+        return y
 
     def renderer(self, shape: tuple[int, int]) -> Renderer:
         """Return the plane renderer of a volume model for one frame shape (kept for reuse)."""
@@ -384,11 +393,7 @@ class BaseBackend:
         """
         h, w = frame.shape
         x, _, std = normalize_images(frame[None])
-        x = pad_to_multiple(x[:, None], self.metadata.size_multiple)
-        y = self._run(np.ascontiguousarray(x))
-        assert self.metadata.volume is not None
-        if y.shape[:2] != (1, len(self.metadata.volume.depth_um)) or y.ndim != 4:
-            raise BackendError(f"{self.name}: network returned shape {y.shape}")
+        y = self._run_volume(pad_to_multiple(x[:, None], self.metadata.size_multiple))
         return y[0, :, :h, :w], float(std[0, 0, 0])
 
     @staticmethod

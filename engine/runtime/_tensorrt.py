@@ -39,6 +39,7 @@ from engine.runtime._trt_build import (
 )
 from engine.runtime._trt_cache import read_plan_info
 from engine.runtime._trt_planes import PlanesEngine
+from engine.volume import defocus_index
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ def _host_array(ptr: int, count: int) -> np.ndarray:
     """Wrap `count` float32 values of pinned host memory at `ptr` as a numpy array (no copy)."""
     c_ptr = ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float))
     return np.ctypeslib.as_array(c_ptr, shape=(count,))
+
+
+def _on_lattice(z_um: tuple[float, ...], depth_um: list[float] | tuple[float, ...]) -> bool:
+    """Whether every plane lies on the model's depth lattice within its grid (else: host)."""
+    try:
+        defocus_index(np.asarray(z_um, dtype=np.float64), np.asarray(depth_um))
+    except ValueError:
+        return False
+    return True
 
 
 class TensorRTBackend(BaseBackend):
@@ -121,6 +131,9 @@ class TensorRTBackend(BaseBackend):
             and self._network_onnx is not None
             and self._psf is not None
             and (off is None or not off.any())
+            # float16 kernels would overflow on raw counts (their variance, the DFT sums)
+            and self.precision == "fp32"
+            and _on_lattice(plan.z_um, self.metadata.volume.depth_um)
         )
         if not whole:
             return super().refocus(frames, plan, offsets_um, dtype)
@@ -146,8 +159,8 @@ class TensorRTBackend(BaseBackend):
             except RuntimeError as exc:
                 raise BackendError(f"tensorrt whole-refocus engine: {exc}") from exc
             self._planes[key] = engine
-        if frames.shape[0] == 1 and dtype == np.float32:  # the engine's own array, no copy
-            return engine.run(frames[0])[None]
+        # copied out of the engine's buffer: the caller may still be sending the last result
+        # (the worker's zero-copy send) when the next frame runs
         out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=dtype)
         with np.errstate(over="ignore"):  # float16: beyond its range becomes inf
             for i, frame in enumerate(frames):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,12 @@ def planes_onnx(
     from engine.render_graph import planes_model
 
     assert metadata.volume is not None
-    tag = f"{file_sha256(network_onnx)}-{shape}-{z_um}".encode()
+    # everything the graph's constants come from: network, PSF bank, depths, padding, planes
+    psf_sha = hashlib.sha256(np.ascontiguousarray(psf, dtype=np.float32).tobytes()).hexdigest()
+    tag = (
+        f"{file_sha256(network_onnx)}-{psf_sha}-{list(metadata.volume.depth_um)}-"
+        f"{metadata.size_multiple}-{shape}-{z_um}"
+    ).encode()
     path = cache.root / f"planes-{hashlib.sha256(tag).hexdigest()[:16]}.onnx"
     if not path.is_file():
         model = planes_model(
@@ -57,7 +63,7 @@ def planes_onnx(
             metadata.size_multiple,
         )
         cache.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".onnx.tmp")
+        tmp = path.with_suffix(f".onnx.{os.getpid()}.tmp")  # workers may build at once
         onnx.save_model(model, str(tmp))  # under 2 GB: one file (about 130 MB at 512²)
         tmp.replace(path)
     return path
@@ -110,6 +116,8 @@ class PlanesEngine:
         if self._engine is None:
             raise RuntimeError(f"{entry.plan}: TensorRT cannot deserialize this engine")
         self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise RuntimeError(f"{entry.plan}: TensorRT cannot create an execution context")
         self.shape = (int(shape[0]), int(shape[1]))
         self.n_planes = len(z_um)
         h, w = self.shape
