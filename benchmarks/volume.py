@@ -5,7 +5,8 @@
 
 For each backend and frame size: the network pass (frame -> density on 41 depths), the
 rendering of P uniform planes through the model's PSF (`engine.volume.Renderer`, numpy on the
-host), and the whole `infer` call, in ms per frame and planes per second; the network's
+host), the whole `infer` call and `refocus` onto a plan of those planes (the daemon's call), in
+ms per frame, and planes per second (of `infer`); the network's
 achieved GFLOP/s against a float32 matmul peak measured in the same run (bfloat16 can pass
 it: the peak is float32's). A backend that cannot run a precision here (onnxruntime has no
 bf16; a CPU without AVX-512-BF16 / AMX neither) is skipped with its reason. Compare with the
@@ -55,6 +56,7 @@ def run(
     graph: bool = False,
 ) -> list[dict[str, Any]]:
     """Time network, rendering and `infer` for each backend, precision, size and plane count."""
+    from engine.dpm import VolumePlan
     from engine.runtime import BackendError, load_backend
 
     rows: list[dict[str, Any]] = []
@@ -82,6 +84,8 @@ def run(
                 dpms = np.broadcast_to(z.astype(np.float32)[:, None, None], (p, side, side))
                 render_ms = _median_ms(partial(render.planes, density, frame, z), repeats)
                 infer_ms = _median_ms(partial(backend.infer, frame, dpms), repeats)
+                plan = VolumePlan.from_z(z, (side, side))  # the daemon's call: refocus
+                refocus_ms = _median_ms(partial(backend.refocus, frame, plan), repeats)
                 extra = _graph_row(model, backend, frame, z, dpms, repeats) if graph else {}
                 rows.append(
                     {
@@ -92,6 +96,7 @@ def run(
                         "network_ms": round(net_ms, 1),
                         "render_ms": round(render_ms, 1),
                         "infer_ms": round(infer_ms, 1),
+                        "refocus_ms": round(refocus_ms, 1),
                         "frames_per_s": round(1e3 / infer_ms, 2),
                         "planes_per_s": round(p * 1e3 / infer_ms, 1),
                         "network_gflop_per_s": round(flops * side * side / net_ms / 1e6, 1),
@@ -100,7 +105,8 @@ def run(
                 )
                 print(
                     f"{name:<12} {backend.precision} {side:>4}² × {p:>2}: network "
-                    f"{net_ms:7.1f} ms, render {render_ms:7.1f} ms, infer {infer_ms:7.1f} ms = "
+                    f"{net_ms:7.1f} ms, render {render_ms:7.1f} ms, infer {infer_ms:7.1f} ms, "
+                    f"refocus {refocus_ms:7.1f} ms = "
                     f"{p * 1e3 / infer_ms:6.1f} "
                     "planes/s",
                     flush=True,
