@@ -180,8 +180,28 @@ def build_tensorrt_engine(
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"TensorRT precision must be 'fp32' or 'fp16', not {precision!r}")
-    onnx_path = Path(onnx_path)
     profile = make_profile(metadata, frame_shapes, max_batch)
+    return cached_engine(
+        onnx_path, metadata, profile, precision, EngineCache(cache_dir), rebuild=rebuild
+    )
+
+
+def cached_engine(
+    onnx_path: str | Path,
+    metadata: ModelMetadata,
+    profile: ShapeProfile,
+    precision: str,
+    cache: EngineCache,
+    *,
+    input_name: str = INPUT_NAME,
+    rebuild: bool = False,
+) -> tuple[CacheEntry, EngineKey, bool]:
+    """Return the cached engine of (ONNX, GPU, TensorRT, precision, profile), built if missing.
+
+    Returns the cache entry, its key and whether it was built now. The profile is set on
+    `input_name` (see `build_engine`).
+    """
+    onnx_path = Path(onnx_path)
     gpu = gpu_name()
     key = EngineKey(
         gpu=gpu,
@@ -192,7 +212,6 @@ def build_tensorrt_engine(
         opt_shape=profile.opt_shape,
         max_shape=profile.max_shape,
     )
-    cache = EngineCache(cache_dir)
     found = None if rebuild else cache.lookup(key, metadata.name)
     if found is not None:
         log.info("engine cache hit: %s", found.plan)
@@ -203,5 +222,6 @@ def build_tensorrt_engine(
         profile,
         fp16=precision == "fp16",
         timing_cache=cache.timing_cache(gpu, trt.__version__),
+        input_name=input_name,
     )
     return cache.store(key, metadata, plan, onnx_path), key, True

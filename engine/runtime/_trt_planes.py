@@ -16,7 +16,6 @@ test is `tests/test_tensorrt.py::test_planes_engine_refocuses_as_the_host_path`.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import numpy as np
 import tensorrt as trt
 
 from engine.metadata import ModelMetadata
-from engine.runtime._trt_build import build_engine, cuda_check, cudart, gpu_name, native_handle
-from engine.runtime._trt_cache import EngineCache, EngineKey, ShapeProfile, file_sha256
-
-log = logging.getLogger(__name__)
+from engine.runtime._trt_build import cached_engine, cuda_check, cudart, native_handle
+from engine.runtime._trt_cache import EngineCache, ShapeProfile, file_sha256
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
@@ -88,28 +85,14 @@ class PlanesEngine:
         cache = EngineCache(cache_dir)
         onnx_path = planes_onnx(network_onnx, metadata, psf, shape, z_um, cache)
         static = (1, 1, int(shape[0]), int(shape[1]))
-        gpu = gpu_name()
-        key = EngineKey(
-            gpu=gpu,
-            tensorrt=trt.__version__,
-            onnx_sha256=file_sha256(onnx_path),
-            precision=precision,
-            min_shape=static,
-            opt_shape=static,
-            max_shape=static,
+        entry, _, _ = cached_engine(
+            onnx_path,
+            metadata.model_copy(update={"name": f"{metadata.name}-planes"}),
+            ShapeProfile(static, static, static),
+            precision,
+            cache,
+            input_name=FRAME_NAME,
         )
-        name = f"{metadata.name}-planes"
-        entry = cache.lookup(key, name)
-        if entry is None:
-            log.info("building the whole-refocus TensorRT engine for %s (minutes)", shape)
-            plan = build_engine(
-                onnx_path,
-                ShapeProfile(static, static, static),
-                fp16=precision == "fp16",
-                timing_cache=cache.timing_cache(gpu, trt.__version__),
-                input_name=FRAME_NAME,
-            )
-            entry = cache.store(key, metadata.model_copy(update={"name": name}), plan, onnx_path)
         self._rt = cudart()
         self._runtime = trt.Runtime(_LOGGER)
         self._engine = self._runtime.deserialize_cuda_engine(entry.plan.read_bytes())
