@@ -46,11 +46,12 @@ EMPTY_DEPTH = 1e-6
 """A depth whose density peaks below this fraction of the volume's peak is not rendered."""
 RESIDUAL_SIGMA_PX = 4.0
 """Gaussian low-pass (px) of the unexplained part of the frame that is added to every plane."""
-DEPTH_FFT_MIN_PRODUCTS = 800
+DEPTH_FFT_MIN_PRODUCTS = 450
 """Render by convolution along depth (FFTs over the depth axis) when planes x active depths is
-at least this; below it, the direct sum of products is cheaper. Measured on 2 EPYC cores, 256²,
-41 planes from 41 depths: direct 116 ms (78 ms on 2 threads), depth FFT 44.5 ms; the FFT costs
-about what 650 direct products do, whatever the number of planes."""
+at least this; below it, the direct sum of products is cheaper. Measured on 2 AMX Xeon cores,
+256², 41 active depths, with the blocked depth convolution (session 9): 1 plane (and the one at
+focus) direct 11.6 ms against 23.0; 9 planes 22.8 against 23.4; 17 planes 33.9 against 26.5.
+The convolution costs about the same whatever the number of planes."""
 DEPTH_BLOCK_ROWS = 8
 """Frequency rows per block of the depth convolution (`Renderer._convolve_depth`): its
 transform, product and inverse then fit in a core's cache (81 x 8 x 289 complex64 = 1.5 MB at
