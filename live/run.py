@@ -342,18 +342,30 @@ class RunSummary:
 
 
 def preflight(
-    backend: Any, plan: VolumePlan, frame_shape: tuple[int, int], rate_hz: float, workers: int
+    backend: Any,
+    plan: VolumePlan,
+    frame_shape: tuple[int, int],
+    rate_hz: float,
+    workers: int,
+    stack_dtype: str = "float16",
 ) -> Preflight:
     """Check the backend can take the plan at all, then time it (`Backend.time_call`).
 
-    A shape the backend cannot serve (e.g. beyond a TensorRT engine's profile,
+    Timed as the worker runs it: `refocus` onto the plan, planes in `stack_dtype`. A shape
+    the backend cannot serve (e.g. beyond a TensorRT engine's profile,
     `Backend.shape_problem`) is a `ConfigError`, raised before the store exists.
     """
     n_planes = len(plan)
     problem = backend.shape_problem(frame_shape, n_planes)
     if problem:
         raise ConfigError(f"engine: {problem}")
-    seconds = backend.time_call(frame_shape, n_planes, repeats=_PREFLIGHT_CALLS, plan=plan)
+    seconds = backend.time_call(
+        frame_shape,
+        n_planes,
+        repeats=_PREFLIGHT_CALLS,
+        plan=plan,
+        dtype=np.dtype(stack_dtype).type,
+    )
     return Preflight(
         backend=backend.name,
         device=str(getattr(backend, "device", "?")),
@@ -532,7 +544,12 @@ class Daemon:
             self.metrics.set_run_info(backend=self.backend_name)
             frame_shape = (int(cfg.source.frame_shape[0]), int(cfg.source.frame_shape[1]))
             self.preflight_result = preflight(
-                backend, plan, frame_shape, replay_rate_hz(cfg), self.n_workers
+                backend,
+                plan,
+                frame_shape,
+                replay_rate_hz(cfg),
+                self.n_workers,
+                cfg.recorder.stack_dtype,
             )
         finally:
             backend.close()

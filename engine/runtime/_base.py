@@ -474,18 +474,19 @@ class BaseBackend:
         budget_s: float = 2.0,
         dpms_um: np.ndarray | None = None,
         plan: VolumePlan | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> float:
         """Return the median seconds of one call for a frame (warmed up).
 
-        With `plan`, the call is `refocus` onto it (what the live worker runs: surfaces cost a
-        volume model more than lattice planes); else `infer` with `dpms_um`, or with
-        `n_planes` uniform planes spread over the trained range.
+        With `plan`, the call is `refocus` onto it in `dtype` (what the live worker runs:
+        surfaces cost a volume model more than lattice planes); else `infer` with `dpms_um`,
+        or with `n_planes` uniform planes spread over the trained range.
         """
         rng = np.random.default_rng(0)
         image = rng.integers(90, 4000, size=frame_shape, dtype=np.uint16)
         call: Callable[[], object]
         if plan is not None:
-            call = partial(self.refocus, image, plan)
+            call = partial(self.refocus, image, plan, dtype=dtype)
         else:
             if dpms_um is None:
                 lo, hi = self.metadata.dz_range_um

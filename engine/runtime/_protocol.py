@@ -121,11 +121,12 @@ class Backend(Protocol):
         budget_s: float = 2.0,
         dpms_um: np.ndarray | None = None,
         plan: VolumePlan | None = None,
+        dtype: type[np.floating[Any]] = np.float32,
     ) -> float:
         """Median seconds of one warmed-up call for a frame (the pre-flight).
 
-        The call is `refocus` onto `plan` when given (what the live worker runs), else
-        `infer` with these DPMs.
+        The call is `refocus` onto `plan` in `dtype` when given (what the live worker runs),
+        else `infer` with these DPMs.
         """
         ...
 
