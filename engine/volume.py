@@ -379,7 +379,7 @@ class Renderer:
         dtype: type[np.floating[Any]] = np.float32,
         scale: float = 1.0,
     ) -> np.ndarray:
-        """Planes (P, H, W) counts at uniform defocus `dz_um` (on the depth lattice).
+        """Planes (P, H, W) counts at uniform defocus `dz_um` (within the depth grid).
 
         `objects` times `scale` is the (D, H, W) density in counts (a backend passes its
         network's normalised output and the frame's std: the product is formed as each depth
@@ -388,8 +388,33 @@ class Renderer:
         back.
         The planes are written in `dtype` as they are made (float16: what the daemon records,
         without a cast of the whole stack afterwards; values beyond its range become inf).
+        Planes off the depth lattice are the linear blend of their two lattice neighbours:
+        the lattice planes around all of them are rendered once (exact on the lattice).
         """
         dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
+        lo = np.floor(np.round(dz / self.step_um, 6)).astype(np.int64)
+        frac = np.clip(dz / self.step_um - lo, 0.0, 1.0).astype(np.float32)
+        between = frac >= 1e-6  # off the lattice: the next plane up is needed too
+        grid = np.unique(np.concatenate([lo, lo[between] + 1]))
+        if not between.any() and np.array_equal(grid, lo):  # the usual plan: rendered as is
+            return self._lattice_planes(objects, frame, dz, dtype, scale)
+        planes = self._lattice_planes(objects, frame, grid * self.step_um, np.float32, scale)
+        k0 = np.searchsorted(grid, lo)
+        out = np.empty((dz.size, *planes.shape[1:]), dtype=dtype)
+        with np.errstate(over="ignore"):  # float16: beyond its range becomes inf, as above
+            for p, (a0, t) in enumerate(zip(k0, frac, strict=True)):
+                out[p] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
+        return out
+
+    def _lattice_planes(
+        self,
+        objects: np.ndarray,
+        frame: np.ndarray,
+        dz: np.ndarray,
+        dtype: type[np.floating[Any]],
+        scale: float,
+    ) -> np.ndarray:
+        """`planes` for `dz` on the depth lattice: the density's light plus the residual."""
         at_focus = np.flatnonzero(np.abs(dz) < 1e-9)  # the plane at focus, if asked for
         spec = self._rendered_spectra(
             objects, dz if at_focus.size else np.append(dz, 0.0), scale

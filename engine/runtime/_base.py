@@ -337,19 +337,14 @@ class BaseBackend:
             # checks and per-plane uniformity test cost 15-25 ms of a 41 x 256² frame)
             render = self.renderer(plan.frame_shape)
             z = np.asarray(plan.z_um, dtype=np.float64)
-            stacks = None
+            stacks = []
             for i in range(n):
                 # the network's own output buffer and the frame's std: the renderer scales
                 # the density to counts as it copies each depth into its FFT grid
                 density, std = self._normalised_density(frames[i])
-                one = self._uniform_planes(render, density, frames[i], z + off[i], dtype, std)
-                if n == 1:  # the live worker's call: the renderer's own array, no copy
-                    return one[None]
-                if stacks is None:
-                    stacks = np.empty((n, *one.shape), dtype=dtype)
-                stacks[i] = one
-            assert stacks is not None
-            return stacks
+                stacks.append(render.planes(density, frames[i], z + off[i], dtype, std))
+            # one frame (the live worker's call): the renderer's own new array, no copy
+            return stacks[0][None] if n == 1 else np.stack(stacks)
         out = np.empty((n, len(plan), *frames.shape[1:]), dtype=np.float32)
         for i in range(n):
             dpms = plan.dpms_um if off[i] == 0 else plan.dpms_um + np.float32(off[i])
@@ -382,7 +377,7 @@ class BaseBackend:
                     out[i] = render.surface(density[f], frames[f], d)
             if flat:
                 z = np.array([float(dpms[i if dpms.shape[0] > 1 else 0].flat[0]) for i in flat])
-                out[flat] = self._uniform_planes(render, density[f], frames[f], z)
+                out[flat] = render.planes(density[f], frames[f], z)
         return out
 
     def _normalised_density(self, frame: np.ndarray) -> tuple[np.ndarray, float]:
@@ -395,36 +390,6 @@ class BaseBackend:
         x, _, std = normalize_images(frame[None])
         y = self._run_volume(pad_to_multiple(x[:, None], self.metadata.size_multiple))
         return y[0, :, :h, :w], float(std[0, 0, 0])
-
-    @staticmethod
-    def _uniform_planes(
-        render: Renderer,
-        density: np.ndarray,
-        frame: np.ndarray,
-        z_um: np.ndarray,
-        dtype: type[np.floating[Any]] = np.float32,
-        scale: float = 1.0,
-    ) -> np.ndarray:
-        """Uniform planes (P, H, W) at `z_um` from one frame's density (lattice or between).
-
-        The lattice planes around all of them are rendered once, and each plane is
-        interpolated between its two neighbours (exact on the lattice). Planes that are all on
-        the lattice, ascending and distinct (the usual plan) are the rendered array itself.
-        """
-        step = render.step_um
-        lo = np.floor(np.round(z_um / step, 6)).astype(np.int64)
-        frac = np.clip(z_um / step - lo, 0.0, 1.0).astype(np.float32)
-        between = frac >= 1e-6  # off the lattice: the next plane up is needed too
-        grid = np.unique(np.concatenate([lo, lo[between] + 1]))
-        if not between.any() and np.array_equal(grid, lo):
-            return render.planes(density, frame, grid * step, dtype, scale)
-        planes = render.planes(density, frame, grid * step, scale=scale)
-        k0 = np.searchsorted(grid, lo)
-        out = np.empty((z_um.size, *planes.shape[1:]), dtype=dtype)
-        with np.errstate(over="ignore"):
-            for p, (a0, t) in enumerate(zip(k0, frac, strict=True)):
-                out[p] = planes[a0] if t < 1e-6 else planes[a0] * (1 - t) + planes[a0 + 1] * t
-        return out
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:
         """Return the reusable network-input buffer for `shape` (a few kept, oldest dropped).

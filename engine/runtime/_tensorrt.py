@@ -26,6 +26,7 @@ from engine.runtime._base import (
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
+    _check_array,
     io_channels,
     onnx_metadata,
 )
@@ -137,11 +138,11 @@ class TensorRTBackend(BaseBackend):
         )
         if not whole:
             return super().refocus(frames, plan, offsets_um, dtype)
-        frames = np.asarray(frames)
+        frames = _check_array("frames", frames)
         if frames.ndim == 2:
             frames = frames[None]
-        if frames.shape[1:] != plan.frame_shape or frames.dtype.kind not in "uif":
-            return super().refocus(frames, plan, offsets_um, dtype)  # its checks say why
+        if frames.shape[1:] != plan.frame_shape:
+            return super().refocus(frames, plan, offsets_um, dtype)  # its check says why
         assert plan.z_um is not None and self._network_onnx is not None and self._psf is not None
         key = (plan.frame_shape, plan.z_um)
         engine = self._planes.get(key)
