@@ -202,6 +202,16 @@ class VolumePlan:
     def __len__(self) -> int:
         return int(self.dpms_um.shape[0])
 
+    def frozen(self) -> VolumePlan:
+        """Return this plan with its DPMs copied read-only (C order, owning their data).
+
+        Backends recognise such DPMs and normalise a per-plane model's DPM channel once,
+        not per frame (the live worker and offline refocusing hold their plan this way).
+        """
+        dpms = np.array(self.dpms_um, dtype=np.float32, order="C", copy=True)
+        dpms.setflags(write=False)
+        return VolumePlan(dpms, self.labels, self.z_um)
+
     @property
     def frame_shape(self) -> tuple[int, int]:
         """(H, W) of the DPMs."""

@@ -39,6 +39,7 @@ __all__ = [
     "LATENCY_WINDOW",
     "MAX_STATUS_BYTES",
     "MAX_STATUS_RANGES",
+    "WORKER_STAGES",
     "Metrics",
     "RunState",
     "SeqSet",
@@ -414,6 +415,11 @@ class Metrics:
             )
 
 
+WORKER_STAGES = ("refocus", "send")
+"""The stages a live worker times per frame: the backend's refocus (network and rendering),
+then the cast, encoding and send of the stack."""
+
+
 class StageTimes:
     """Where a worker's time goes: per-frame durations of its stages, and how busy it was.
 
@@ -437,6 +443,11 @@ class StageTimes:
         self._busy_s += end_s - start_s
         self._first = start_s if self._first is None else min(self._first, start_s)
         self._last = end_s if self._last is None else max(self._last, end_s)
+
+    @staticmethod
+    def field_names(stages: tuple[str, ...]) -> tuple[str, ...]:
+        """Return the names `fields` gives for `stages`, in its order."""
+        return (*(f"{s}_{q}_ms" for s in stages for q in ("p50", "p99")), "busy")
 
     def fields(self) -> dict[str, float | None]:
         """``{stage}_p50_ms``, ``{stage}_p99_ms`` per stage and ``busy`` (0-1; None if idle)."""

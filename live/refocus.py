@@ -587,8 +587,8 @@ class BlockResult:
     worker: str
 
 
-_DPMS: dict[str, VolumePlan] = {}
-_DPMS_LOCK = threading.Lock()
+_PLANS: dict[str, VolumePlan] = {}
+_PLANS_LOCK = threading.Lock()
 
 
 def _frozen_plan(job: Job) -> VolumePlan:
@@ -597,15 +597,12 @@ def _frozen_plan(job: Job) -> VolumePlan:
     Backends then normalise a per-plane model's DPM channel once per process instead of once
     per frame.
     """
-    with _DPMS_LOCK:
-        plan = _DPMS.get(job.plan_token)
+    with _PLANS_LOCK:
+        plan = _PLANS.get(job.plan_token)
         if plan is None:
-            if len(_DPMS) >= 4:
-                _DPMS.pop(next(iter(_DPMS)))
-            dpms = np.array(job.plan.dpms_um, dtype=np.float32, order="C", copy=True)
-            dpms.setflags(write=False)
-            plan = VolumePlan(dpms, job.plan.labels, job.plan.z_um)
-            _DPMS[job.plan_token] = plan
+            if len(_PLANS) >= 4:
+                _PLANS.pop(next(iter(_PLANS)))
+            plan = _PLANS[job.plan_token] = job.plan.frozen()
         return plan
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import zmq
 
 from engine.dpm import FocusLock, VolumePlan
-from live.metrics import StageTimes
+from live.metrics import WORKER_STAGES, StageTimes
 from live.protocol import (
     END_OF_FRAMES,
     MAX_EVENT_SEQS,
@@ -97,9 +97,7 @@ def build_plan(config: Any) -> VolumePlan:
     label stacks with their offsets (``plan.z_um``), surfaces with their comma-joined labels.
     """
     plan: VolumePlan = config.volume_plan()
-    dpms = np.array(plan.dpms_um, dtype=np.float32, order="C")
-    dpms.setflags(write=False)
-    return VolumePlan(dpms, plan.labels, plan.z_um)
+    return plan.frozen()
 
 
 def warm_up(backend: Any, frame_shape: tuple[int, int], plan: VolumePlan) -> None:
@@ -243,7 +241,7 @@ def _serve(
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
     lock = focus_lock(config, plan, backend)
     clamped = saturated = 0
-    stages = StageTimes(("refocus", "send"))  # reported with "done": where the time went
+    stages = StageTimes(WORKER_STAGES)  # reported with "done": where the time went
     # planes come out of the backend in the recorded dtype: no cast of the whole stack here
     stack_dtype = np.dtype(config.recorder.stack_dtype).type
     live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's

@@ -218,3 +218,4 @@ def test_stage_times_give_percentiles_per_stage_and_the_busy_share() -> None:
     assert fields["send_p99_ms"] == pytest.approx(10.0)
     assert fields["busy"] == pytest.approx(0.22 / 1.11, abs=1e-3)
     assert json.loads(json.dumps(fields)) == fields  # flat and JSON-able: a "done" event's fields
+    assert tuple(fields) == StageTimes.field_names(("refocus", "send"))
