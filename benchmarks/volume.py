@@ -5,8 +5,11 @@
 
 For each backend and frame size: the network pass (frame -> density on 41 depths), the
 rendering of P uniform planes through the model's PSF (`engine.volume.Renderer`, numpy on the
-host), the whole `infer` call and `refocus` onto a plan of those planes (the daemon's call), in
-ms per frame, and planes per second (of `infer`); the network's
+host, written in float16 as the daemon records them), the whole `infer` call and `refocus` onto
+a plan of those planes (the daemon's call, float16), in ms per frame, and planes per second (of
+`infer`); the CPU time of the network, the render and `refocus` (every thread of the process:
+``2000 / refocus_cpu_ms`` is the most frames per second 2 cores could refocus, before the
+daemon's own work); the network's
 achieved GFLOP/s against a float32 matmul peak measured in the same run (bfloat16 can pass
 it: the peak is float32's). A backend that cannot run a precision here (onnxruntime has no
 bf16; a CPU without AVX-512-BF16 / AMX neither) is skipped with its reason. Compare with the
@@ -37,13 +40,25 @@ DEFAULT_MODEL = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `fn` (ms), after one warm-up call."""
+    return _timed(fn, repeats)[0]
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time and median CPU time of `fn` (ms), after one warm-up call.
+
+    The CPU time is the whole process's, every thread's (the backend's and the renderer's
+    pools): what the call takes out of the machine, which bounds the rate a machine of N
+    cores can sustain (N x 1000 / CPU ms) whatever the threading.
+    """
     fn()  # warm-up (allocations, kernel choice, PSF transforms)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls) * 1e3), float(np.median(cpus) * 1e3)
 
 
 def run(
@@ -77,15 +92,19 @@ def run(
             frame = rng.integers(100, 3000, (side, side), dtype=np.uint16)
             density = backend.volume(frame)[0]
             render = backend.renderer((side, side))
-            net_ms = _median_ms(partial(backend.volume, frame), repeats)
+            net_ms, net_cpu = _timed(partial(backend.volume, frame), repeats)
             for p in planes:
                 z = np.linspace(-8.0, 8.0, p) if p < 41 else np.arange(-10.0, 10.001, 0.5)
                 z = np.round(z * 2) / 2
                 dpms = np.broadcast_to(z.astype(np.float32)[:, None, None], (p, side, side))
-                render_ms = _median_ms(partial(render.planes, density, frame, z), repeats)
+                render_ms, render_cpu = _timed(
+                    partial(render.planes, density, frame, z, np.float16), repeats
+                )
                 infer_ms = _median_ms(partial(backend.infer, frame, dpms), repeats)
                 plan = VolumePlan.from_z(z, (side, side))  # the daemon's call: refocus
-                refocus_ms = _median_ms(partial(backend.refocus, frame, plan), repeats)
+                refocus_ms, refocus_cpu = _timed(
+                    partial(backend.refocus, frame, plan, dtype=np.float16), repeats
+                )
                 extra = _graph_row(model, backend, frame, z, dpms, repeats) if graph else {}
                 rows.append(
                     {
@@ -97,6 +116,10 @@ def run(
                         "render_ms": round(render_ms, 1),
                         "infer_ms": round(infer_ms, 1),
                         "refocus_ms": round(refocus_ms, 1),
+                        "network_cpu_ms": round(net_cpu, 1),
+                        "render_cpu_ms": round(render_cpu, 1),
+                        "refocus_cpu_ms": round(refocus_cpu, 1),
+                        "ceiling_hz_2_cores": round(2e3 / refocus_cpu, 1),
                         "frames_per_s": round(1e3 / infer_ms, 2),
                         "planes_per_s": round(p * 1e3 / infer_ms, 1),
                         "network_gflop_per_s": round(flops * side * side / net_ms / 1e6, 1),
@@ -108,7 +131,8 @@ def run(
                     f"{net_ms:7.1f} ms, render {render_ms:7.1f} ms, infer {infer_ms:7.1f} ms, "
                     f"refocus {refocus_ms:7.1f} ms = "
                     f"{p * 1e3 / infer_ms:6.1f} "
-                    "planes/s",
+                    f"planes/s; CPU: network {net_cpu:.0f}, render {render_cpu:.0f}, refocus "
+                    f"{refocus_cpu:.0f} ms (2 cores: at most {2e3 / refocus_cpu:.1f} Hz)",
                     flush=True,
                 )
         backend.close()

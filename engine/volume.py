@@ -213,7 +213,6 @@ class Renderer:
         xx = np.fft.rfftfreq(self.grid[1])[None, :]
         s = RESIDUAL_SIGMA_PX
         self._lowpass = np.exp(-2 * (np.pi * s) ** 2 * (yy**2 + xx**2)).astype(np.float32)
-        self._in_focus = int(np.argmin(np.abs(self.depth_um)))
         # Normalised convolution: the residual is low-passed inside the frame only (the grid
         # around it is zero), so divide by the low-passed frame support; otherwise the
         # residual (camera offset, background) would fade towards the frame's edges.
