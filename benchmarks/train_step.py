@@ -1,14 +1,17 @@
 """Cost of one volume-training step, by phase: where a CPU training run spends its time.
 
 ``python -m benchmarks.train_step [--config configs/train_volume.toml] [--steps 24]
-[--threads 2] [--precisions fp32 bf16]``
+[--threads 2] [--precisions fp32 bf16] [--device cuda] [--batch-size 32]``
 
 A few simulated samples are made once (their cost, per sample, is reported apart: training
 makes two new ones every 100 steps), then ``--steps`` steps of the config's recipe are timed
 after a warm-up, split into drawing the batch, the network's forward pass, the loss
 (`engine.train_volume.volume_loss`: density, column and render terms), the backward pass and
 the optimiser. bf16 is the CPU's bfloat16 autocast with channels-last (where AVX-512-BF16 or
-AMX exists; skipped with its reason elsewhere). Writes ``benchmarks/results/train_step.json``.
+AMX exists; skipped with its reason elsewhere; on CUDA always). ``--device cuda`` times the
+same step on a GPU (each phase ends with a synchronisation, so the phases add up to the step),
+and ``--batch-size`` overrides the config's (a GPU wants larger batches). Writes
+``benchmarks/results/train_step.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ PHASES = ("batch", "forward", "loss", "backward", "optimiser")
 
 
 def run(
-    config: Path, steps: int, threads: int, precisions: Sequence[str], samples: int = 3
+    config: Path,
+    steps: int,
+    threads: int,
+    precisions: Sequence[str],
+    samples: int = 3,
+    device: str = "cpu",
+    batch_size: int | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Time `steps` training steps per precision; return the rows and seconds per sample."""
     import torch
@@ -42,41 +51,51 @@ def run(
 
     torch.set_num_threads(threads)
     cfg = tv.load_config(config)
+    cfg.device = device  # type: ignore[assignment]  # checked by training_device below
+    if batch_size is not None:
+        cfg.batch_size = batch_size
+    dev = tv.training_device(cfg)
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
-    renderer = tv.TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
+    renderer = tv.TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, dev)
+
+    def now() -> float:
+        if dev.type == "cuda":  # GPU work is queued: a phase ends when the device is done
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     t0 = time.perf_counter()
     pool = [tv.Sample(cfg, 7_000_000 + i, cfg.data.kind_weights) for i in range(samples)]
     sample_s = (time.perf_counter() - t0) / samples
     rows = []
     for precision in precisions:
         bf16 = precision == "bf16"
-        if bf16 and not tv.cpu_has_bf16():
+        if bf16 and dev.type == "cpu" and not tv.cpu_has_bf16():
             print("bf16: skipped (this CPU has neither AVX-512-BF16 nor AMX)", flush=True)
             continue
         torch.manual_seed(0)
         model = tv.build_volume_model(cfg)
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model = model.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         spent = dict.fromkeys(PHASES, 0.0)
         warmup = 3
         for step in range(warmup + steps):
-            marks = [time.perf_counter()]
+            marks = [now()]
             rng = np.random.default_rng([0, step])
             x, y = tv.sample_batch(rng, pool, cfg)
-            x = x.to(memory_format=torch.channels_last)
+            x, y = x.to(dev, memory_format=torch.channels_last), y.to(dev)
             dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
-            marks.append(time.perf_counter())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            marks.append(now())
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 pred = model(x)
-            marks.append(time.perf_counter())
+            marks.append(now())
             loss, _ = tv.volume_loss(cfg, renderer, pred.float(), y, dz)
-            marks.append(time.perf_counter())
+            marks.append(now())
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
-            marks.append(time.perf_counter())
+            marks.append(now())
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            marks.append(time.perf_counter())
+            marks.append(now())
             if step >= warmup:
                 for phase, a, b in zip(PHASES, marks, marks[1:], strict=False):
                     spent[phase] += b - a
@@ -85,6 +104,7 @@ def run(
         rows.append(
             {
                 "precision": precision,
+                "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 "batch_size": cfg.batch_size,
                 "patch_size": cfg.patch_size,
                 "threads": threads,
@@ -109,11 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     load_before = os.getloadavg()
     command = None if argv is None else list(argv)
-    rows, sample_s = run(args.config, args.steps, args.threads, args.precisions)
+    rows, sample_s = run(
+        args.config,
+        args.steps,
+        args.threads,
+        args.precisions,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
     print(f"one simulated sample: {sample_s:.2f} s (two new ones every 100 steps)")
     result = {
         **run_record("benchmarks.train_step", command, None, load_before),

@@ -199,14 +199,25 @@ class VolumeTrainConfig(_Base):
     primer_bin: int = Field(4, ge=1, description="The primer bins the frame this much first.")
     primer_kernel: int = Field(17, ge=3, description="Primer kernel side (binned px, odd).")
     threads: int = Field(2, ge=1)
-    bf16: Literal["auto", "on", "off"] = Field("auto", description="CPU bfloat16 autocast.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu",
+        description="Where the network and the loss run. The samples are simulated on the "
+        "CPU either way (numpy), in a pool refreshed every data.refresh_every steps.",
+    )
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="bfloat16 autocast ('auto': where the CPU has AVX-512-BF16 or AMX; on "
+        "CUDA, always).",
+    )
     checkpoint_every: int = Field(500, ge=1)
     max_wall_s: float | None = Field(None, gt=0, description="Stop after this wall time (s).")
     schedule_by: Literal["steps", "wall"] = Field("steps")
     out_dir: Path = Field(Path("runs/volume"))
     weights_out: Path | None = Field(None, description="Final .pt (+ .json, .psf.npy).")
     portable_checkpoint: Path | None = Field(
-        None, description="Also write the latest checkpoint here (committed; one file)."
+        None,
+        description="Also write the latest checkpoint here, slimmed to be committed (one "
+        "file; `portable_state`): --resume on a fresh machine continues from it.",
     )
     init_from: Path | None = Field(
         None,
@@ -383,7 +394,12 @@ class TorchRenderer:
     """
 
     def __init__(
-        self, psf: np.ndarray, depth_um: np.ndarray, patch: int, crop_px: int | None = None
+        self,
+        psf: np.ndarray,
+        depth_um: np.ndarray,
+        patch: int,
+        crop_px: int | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if crop_px is not None and crop_px < psf.shape[-1]:
             c, r = psf.shape[-1] // 2, crop_px // 2
@@ -394,7 +410,7 @@ class TorchRenderer:
         emb = torch.zeros(psf.shape[0], self.grid, self.grid)
         emb[:, :size, :size] = torch.from_numpy(psf)
         emb = torch.roll(emb, (-(size // 2), -(size // 2)), dims=(1, 2))
-        self.otf = torch.fft.rfft2(emb)
+        self.otf = torch.fft.rfft2(emb).to(device)
         self.depth_um = depth_um
         self._crop_light: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -409,7 +425,7 @@ class TorchRenderer:
         h, w = objects.shape[-2:]
         maps = self._crop_light.get((h, w))
         if maps is None:
-            inside = torch.zeros(self.grid, self.grid)
+            inside = torch.zeros(self.grid, self.grid, device=self.otf.device)
             inside[:h, :w] = 1.0
             corr = torch.fft.irfft2(
                 torch.fft.rfft2(inside) * self.otf.conj(), s=(self.grid, self.grid)
@@ -450,7 +466,9 @@ def _density_term(
     sp = smooth3d(pred, sigma_px, sigma_slices)
     st = smooth3d(target, sigma_px, sigma_slices)
     # (1, D, 1, 1) weights along the depth grid: 1 at focus, 1 + far_weight at the range's ends
-    depth = torch.as_tensor(np.abs(cfg.depth_um) / cfg.depth_half_range_um, dtype=sp.dtype)
+    depth = torch.as_tensor(
+        np.abs(cfg.depth_um) / cfg.depth_half_range_um, dtype=sp.dtype, device=sp.device
+    )
     wz = (1.0 + lc.far_weight * depth).reshape(1, -1, 1, 1)
     if lc.object_loss == "l1":
         return ((sp - st).abs() * wz).mean()
@@ -604,7 +622,7 @@ def lowpass_residual(img: torch.Tensor, sigma_px: float = RESIDUAL_SIGMA_PX) -> 
     """
     n, c, h, w = img.shape
     flat = smooth3d(img.reshape(n * c, 1, h, w), sigma_px, None)
-    support = smooth3d(torch.ones(1, 1, h, w, dtype=img.dtype), sigma_px, None)
+    support = smooth3d(torch.ones(1, 1, h, w, dtype=img.dtype, device=img.device), sigma_px, None)
     return (flat / support).reshape(n, c, h, w)
 
 
@@ -679,14 +697,16 @@ class _Validation:
             for i, w in enumerate([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
         ]
 
-    def run(self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool) -> dict[str, float]:
+    def run(
+        self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool, device: torch.device
+    ) -> dict[str, float]:
         errs: list[np.ndarray] = []
         depths: list[np.ndarray] = []
         mass = np.zeros(cfg.depth_um.size)
         for s in self.samples:
-            x = torch.from_numpy(s.inputs[:1, None])
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x).float()[0].numpy()
+            x = torch.from_numpy(s.inputs[:1, None]).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                pred = model(x).float()[0].cpu().numpy()
             mass += pred.sum(axis=(1, 2))
             if s.kind != "worm":
                 e, z = bead_depth_errors(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
@@ -725,6 +745,20 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_device(cfg: VolumeTrainConfig) -> torch.device:
+    """Return the torch device of `cfg.device`; raise ValueError naming it when missing."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' but torch sees no CUDA GPU here (use 'cpu')")
+    return torch.device(cfg.device)
+
+
+def uses_bf16(cfg: VolumeTrainConfig) -> bool:
+    """Whether `cfg` trains under bfloat16 autocast on its device."""
+    if cfg.bf16 != "auto":
+        return cfg.bf16 == "on"
+    return cfg.device == "cuda" or cpu_has_bf16()
 
 
 def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
@@ -778,12 +812,13 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
-    bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and cpu_has_bf16())
+    device = training_device(cfg)
+    bf16 = uses_bf16(cfg)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     model: DeepZ = build_volume_model(cfg)
     model.train_leak = cfg.train_leak
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, history, wall_before = 0, [], 0.0
     ckpt = out / "checkpoint.pt"
@@ -808,7 +843,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         print(f"initialised from {cfg.init_from} (fresh optimiser and schedule{note})")
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
-    renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px)
+    renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, device)
     d = cfg.data
     counter = d.pool_size + (step // d.refresh_every) * d.refresh_count
     weights = _kind_weights(cfg, _progress(cfg, step, wall_before))
@@ -832,15 +867,16 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         rng = np.random.default_rng([cfg.seed, step])
         if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
             x, frames, targets, dz = sample_lab_batch(rng, labs[int(rng.integers(len(labs)))], cfg)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            x, frames, targets = x.to(device), frames.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 pred = model(x.to(memory_format=torch.channels_last))
             lab = lab_loss(renderer, pred.float(), frames, targets, dz)
             loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
         else:
             x, y = sample_batch(rng, pool, cfg)
-            x = x.to(memory_format=torch.channels_last)
+            x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
             dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 pred = model(x)
             loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
         opt.zero_grad(set_to_none=True)
@@ -858,7 +894,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
             model.eval()
-            history[-1] |= val.run(cfg, model, bf16)
+            history[-1] |= val.run(cfg, model, bf16, device)
             model.train()
             bar.write(
                 f"step {step} ({wall / 60:.1f} min): "
@@ -933,8 +969,7 @@ def save_volume_model(
     extra = {
         "steps": step,
         "wall_time_s": round(history[-1]["wall_s"], 1) if history else 0.0,
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch threads {cfg.threads}, "
-        f"bf16 autocast {bf16}",
+        "machine": _machine(cfg, bf16),
         "parameters": model.count_parameters(),
         "flops_per_pixel": model.flops_per_pixel(),
         "validation": {k: v for k, v in last_val.items() if k.startswith("val_")},
@@ -943,6 +978,14 @@ def save_volume_model(
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     save_model(model.cpu(), make_volume_metadata(cfg, model, psf_path.name, extra), weights)
     return weights
+
+
+def _machine(cfg: VolumeTrainConfig, bf16: bool) -> str:
+    """Where a run trained, for the model's metadata."""
+    where = f"{platform.machine()} {os.cpu_count()} cores, torch threads {cfg.threads}"
+    if cfg.device == "cuda":  # (converted elsewhere from a checkpoint: the GPU is unknown)
+        where += f", GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cuda'}"
+    return f"{where}, bf16 autocast {bf16}"
 
 
 def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
@@ -958,8 +1001,7 @@ def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
     model.load_state_dict(ck["model"])
     model.eval()
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=ck_cfg.target_modality)
-    bf16 = ck_cfg.bf16 == "on" or (ck_cfg.bf16 == "auto" and cpu_has_bf16())
-    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], bf16)
+    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], uses_bf16(ck_cfg))
 
 
 def _checkpoint(
@@ -979,15 +1021,48 @@ def _checkpoint(
         "wall_s": wall,
         "config": json.loads(cfg.model_dump_json()),
     }
-    targets = [cfg.out_dir / "checkpoint.pt"]
+    targets = [(cfg.out_dir / "checkpoint.pt", state)]
     if cfg.portable_checkpoint is not None:
-        targets.append(Path(cfg.portable_checkpoint))
-    for path in targets:
+        targets.append((Path(cfg.portable_checkpoint), portable_state(state)))
+    for path, content in targets:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
+        torch.save(content, tmp)
         tmp.replace(path)
     _plot(cfg.out_dir, history)
+
+
+PORTABLE_HISTORY_EVERY = 100
+"""The committed checkpoint keeps every validation row of the history and every 100th step."""
+
+
+def portable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Return a checkpoint slimmed for the repository (the shipped one: 29.6 -> 18.5 MB).
+
+    The model stays float32, exactly. Adam's moment estimates are kept in bfloat16 (half their
+    bytes; `Optimizer.load_state_dict` casts them back to the parameters' float32 on resume,
+    a relative change of at most 2^-8 in each moment, against the noise of one step's
+    gradient), and the history keeps its validation rows and every 100th step (the loss
+    curve's shape). Why it matters: a lent GPU machine takes the whole tracked tree, at most
+    64 MiB with what a call carries, and the full checkpoint alone was 30 MB of it.
+    """
+    opt = state["opt"]
+    slim_opt = {
+        **opt,
+        "state": {
+            k: {
+                name: v.to(torch.bfloat16) if v.is_floating_point() and v.dim() > 0 else v
+                for name, v in entry.items()
+            }
+            for k, entry in opt["state"].items()
+        },
+    }
+    history = [
+        h
+        for h in state["history"]
+        if "val_bead_depth_median_um" in h or int(h["step"]) % PORTABLE_HISTORY_EVERY == 0
+    ]
+    return {**state, "opt": slim_opt, "history": history}
 
 
 def _plot(out: Path, history: list[dict[str, float]]) -> None:

@@ -1,4 +1,4 @@
-"""Shared pytest setup: `gpu` and `slow` markers, and fixtures several test files use."""
+"""Shared pytest setup: `gpu`, `cuda` and `slow` markers, and fixtures several test files use."""
 
 from __future__ import annotations
 
@@ -27,12 +27,27 @@ def _cuda_device_reason() -> str | None:
     return None
 
 
+def _torch_cuda_reason() -> str | None:
+    """Why torch cannot run on a CUDA device here, or None when it can."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (the train extra)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     gpu_reason = _cuda_device_reason()
+    # torch is imported only when a collected test needs the answer
+    cuda_reason = _torch_cuda_reason() if any("cuda" in i.keywords for i in items) else None
     run_slow = config.getoption("--run-slow")
     for item in items:
         if gpu_reason and "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=gpu_reason))
+        if cuda_reason and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=cuda_reason))
         if not run_slow and "slow" in item.keywords:
             item.add_marker(pytest.mark.skip(reason="slow test: run with --run-slow"))
 

@@ -38,3 +38,15 @@ def test_train_step_benchmark_times_every_phase(tmp_path: Path) -> None:
     assert set(row["ms"]) == set(train_step.PHASES) and row["batch_size"] == 2
     assert all(v >= 0 for v in row["ms"].values()) and row["step_ms"] > 0
     assert record["sample_s"] > 0
+
+
+@pytest.mark.cuda
+def test_gpu_volume_benchmark_times_network_and_render(tmp_path: Path) -> None:
+    from benchmarks import gpu_volume
+
+    out = tmp_path / "gpu_volume.json"
+    args = ["--sizes", "64", "--precisions", "bf16", "--repeats", "2", "--results", str(out)]
+    assert gpu_volume.main(args) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["side"] == 64 and row["planes"] == 41
+    assert row["network_ms"] > 0 and row["render_ms"] > 0 and row["frames_per_s"] > 0

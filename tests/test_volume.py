@@ -165,6 +165,33 @@ def test_training_writes_weights_psf_and_resumes(trained: Path):
     assert "val_bead_depth_median_um" in val
 
 
+@pytest.mark.cuda
+def test_training_on_cuda_writes_a_model_that_runs_on_the_cpu(tmp_path: Path):
+    import torch
+
+    from engine.model import load_model
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path).model_copy(update={"device": "cuda", "bf16": "auto"})
+    train(cfg, progress=False)
+    model, meta = load_model(cfg.weights_out)  # type: ignore[arg-type]
+    assert "GPU" in meta.extra["machine"] and "bf16 autocast True" in meta.extra["machine"]
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 41, 32, 32)
+
+
+def test_training_on_cuda_without_a_gpu_is_one_clear_error(tmp_path: Path):
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal cannot be seen here")
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path).model_copy(update={"device": "cuda"})
+    with pytest.raises(ValueError, match="device = 'cuda' but torch sees no CUDA GPU"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_training_resume_continues(tmp_path: Path):
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
@@ -187,6 +214,32 @@ def test_training_resume_continues(tmp_path: Path):
     model, meta = load_model(path)
     assert meta.extra["steps"] == 5 and (path.parent / "v.psf.npy").is_file()
     assert model.architecture["out_channels"] == 41
+
+
+def test_the_portable_checkpoint_is_slim_and_a_fresh_machine_resumes_from_it(tmp_path: Path):
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.weights_out = None
+    cfg.portable_checkpoint = tmp_path / "committed" / "v.ckpt.pt"
+    train(cfg, progress=False)
+    full = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    slim = torch.load(cfg.portable_checkpoint, weights_only=False)
+    for k, v in full["model"].items():  # the model exactly
+        assert torch.equal(slim["model"][k], v)
+    moments = [t for e in slim["opt"]["state"].values() for n, t in e.items() if n != "step"]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+    assert [h["step"] for h in slim["history"]] == [2, 3]  # the validation rows (checkpoints)
+    # a fresh machine: the run folder is gone, the committed file is there
+    (cfg.out_dir / "checkpoint.pt").unlink()
+    cfg.steps = 4
+    train(cfg, resume=True, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 4
+    assert all(t.dtype == torch.float32 for e in ck["opt"]["state"].values() for t in e.values())
 
 
 def test_per_sample_normalisation_counts_a_dim_sample_as_much_as_a_bright_one(psf):

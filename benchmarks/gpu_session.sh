@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU work of issues 9 and 11, prepared as one device call (a lent GPU machine has 15 min of
+# device time per session, start-up included; see docs/benchmarks.md, "GPU").
+#
+#   here, first:   bash benchmarks/gpu_session.sh prepare
+#   the call:      device run, command "bash benchmarks/gpu_session.sh", carry [".whl"],
+#                  timeout_s 600
+#
+# What the lent machine (nvidia-h200) offers and lacks, as its notes describe it: Python 3.12 with
+# CUDA torch, numpy, scipy, matplotlib, tqdm, pytest, pybind11, setuptools and a compiler; no
+# package registry; no pydantic or psfmodels (and psfmodels has no wheel for 3.12); no TensorRT
+# (its libraries, over 1 GB, are far beyond the 64 MiB a call may carry), so the daemon's GPU
+# path cannot run there and this call measures the same work in torch instead. `prepare` saves
+# what is missing into .whl/ (git-ignored): the pure wheels, pydantic-core for 3.12, and
+# psfmodels' source, which the call builds there.
+#
+# The call, in order, each step logged to $OUT/session.log and a failed step not stopping the
+# next (the `cuda` tests need the whole test environment, pyzmq included: not this call):
+#   1. the GPU and the environment (nvidia-smi, torch);
+#   2. `benchmarks.gpu_volume`: network + render of 41 planes per frame size (issue 11: the
+#      largest frame at 100 Hz x 41 on this GPU's side of the pipeline);
+#   3. `benchmarks.train_step --device cuda`: one training step by phase, batch 8 and 32;
+#   4. a training run (configs/train_volume_gpu.toml: recipe 12's loss from the shipped weights,
+#      batch 32, 300 s) whose weights come back in $OUT for `engine.fidelity` here (issue 9).
+set -u
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "prepare" ]; then
+    mkdir -p .whl
+    pip_get() {
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform any -d .whl "$@"
+    }
+    pip_get "pydantic==2.12.5" "pydantic-core==2.41.5" annotated-types typing-inspection \
+        "setuptools-scm==8.1.0"
+    python3 -m pip download -q --no-deps --no-binary=:all: -d .whl "psfmodels==0.3.3"
+    ls -la .whl
+    echo "tracked tree: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes" \
+        "+ .whl: $(du -sb .whl | cut -f1) bytes (a call carries at most 64 MiB = 67108864)"
+    exit 0
+fi
+
+OUT="${OUT:-runs/gpu-session}"  # what comes back: at most 8 files, so one log for all steps
+mkdir -p "$OUT"
+LOG="$OUT/session.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+step() {  # step NAME COMMAND...: run it, its output appended to the log, and say how it ended
+    local name=$1 t0=$SECONDS
+    shift
+    echo "== [$name] $*" >>"$LOG"
+    "$@" >>"$LOG" 2>&1
+    echo "[$name] exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+echo "== $(date -u +%FT%TZ)" | tee "$LOG"
+step install python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl \
+    .whl/typing_inspection-*.whl .whl/setuptools_scm-*.whl
+step psfmodels python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+    --target /tmp/site .whl/psfmodels-*.tar.gz
+step env bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
+step gpu_volume python3 -m benchmarks.gpu_volume --results "$OUT/gpu_volume.json"
+step train_step_b32 python3 -m benchmarks.train_step --config configs/train_volume_gpu.toml \
+    --device cuda --precisions bf16 --steps 20 --results "$OUT/train_step_b32.json"
+step train_step_b8 python3 -m benchmarks.train_step --config configs/train_volume_gpu.toml \
+    --device cuda --precisions bf16 --steps 20 --batch-size 8 --results "$OUT/train_step_b8.json"
+step train python3 -m engine.train_volume --config configs/train_volume_gpu.toml --no-progress
+cp runs/volume-gpu/deepz-volume.pt runs/volume-gpu/deepz-volume.json runs/volume-gpu/loss_curve.png \
+    "$OUT"/ 2>>"$LOG"
+tail -n 25 "$LOG"
+ls -la "$OUT"
