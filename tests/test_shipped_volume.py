@@ -119,3 +119,17 @@ def test_auto_precision_is_bf16_where_openvino_can_and_fp32_elsewhere() -> None:
     assert openvino.precision == ("bf16" if has_bf16 else "fp32")
     onnxruntime = load_backend(WEIGHTS, prefer=["onnxruntime"], precision="auto")
     assert onnxruntime.precision == "fp32"
+
+
+def test_the_committed_checkpoint_is_the_shipped_model_and_resumable() -> None:
+    """`--resume` on a fresh machine continues the shipped model, not some other run."""
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import VolumeTrainConfig
+
+    weights = WEIGHTS.with_suffix(".pt")
+    ck = torch.load(WEIGHTS.with_suffix(".ckpt.pt"), map_location="cpu", weights_only=False)
+    shipped = torch.load(weights, map_location="cpu", weights_only=True)
+    assert set(ck["model"]) == set(shipped)
+    assert all(torch.equal(ck["model"][k], v) for k, v in shipped.items())
+    cfg = VolumeTrainConfig.model_validate(ck["config"])  # its recipe still validates
+    assert cfg.portable_checkpoint is not None and ck["step"] > 0 and ck["opt"]["state"]
