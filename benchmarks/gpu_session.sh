@@ -33,6 +33,7 @@ if [ "${1:-}" = "prepare" ]; then
             --platform any -d .whl "$@"
     }
     pip_get "pydantic==2.12.5" "pydantic-core==2.41.5" annotated-types typing-inspection \
+        "typing-extensions>=4.15" \
         "setuptools-scm==8.1.0"
     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl "psfmodels==0.3.3"
     ls -la .whl
@@ -55,7 +56,7 @@ step() {  # step NAME COMMAND...: run it, its output appended to the log, and sa
 echo "== $(date -u +%FT%TZ)" | tee "$LOG"
 step install python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
     .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl \
-    .whl/typing_inspection-*.whl .whl/setuptools_scm-*.whl
+    .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl .whl/setuptools_scm-*.whl
 step psfmodels python3 -m pip install -q --no-index --no-deps --no-build-isolation \
     --target /tmp/site .whl/psfmodels-*.tar.gz
 step env bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
@@ -65,7 +66,8 @@ step train_step_b32 python3 -m benchmarks.train_step --config configs/train_volu
 step train_step_b8 python3 -m benchmarks.train_step --config configs/train_volume_gpu.toml \
     --device cuda --precisions bf16 --steps 20 --batch-size 8 --results "$OUT/train_step_b8.json"
 step train python3 -m engine.train_volume --config configs/train_volume_gpu.toml --no-progress
-cp runs/volume-gpu/deepz-volume.pt runs/volume-gpu/deepz-volume.json runs/volume-gpu/loss_curve.png \
-    "$OUT"/ 2>>"$LOG"
+# the weights with their metadata and PSF bank (export and engine.fidelity need all three): 8 files
+cp runs/volume-gpu/deepz-volume.pt runs/volume-gpu/deepz-volume.json \
+    runs/volume-gpu/deepz-volume.psf.npy runs/volume-gpu/loss_curve.png "$OUT"/ 2>>"$LOG"
 tail -n 25 "$LOG"
 ls -la "$OUT"

@@ -39,7 +39,7 @@ def run(
     threads: int,
     precisions: Sequence[str],
     samples: int = 3,
-    device: str = "cpu",
+    device: str | None = None,
     batch_size: int | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
     """Time `steps` training steps per precision; return the rows and seconds per sample."""
@@ -51,7 +51,8 @@ def run(
 
     torch.set_num_threads(threads)
     cfg = tv.load_config(config)
-    cfg.device = device  # type: ignore[assignment]  # checked by training_device below
+    if device is not None:  # else the config's own
+        cfg.device = device  # type: ignore[assignment]  # checked by training_device below
     if batch_size is not None:
         cfg.batch_size = batch_size
     dev = tv.training_device(cfg)
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="else the config's")
     p.add_argument("--batch-size", type=int, default=None, help="override the config's")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)

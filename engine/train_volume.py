@@ -16,7 +16,8 @@ the wrong depth costs as much as a missing one. Two terms:
 A curriculum starts bead-heavy (the depth cue is strongest for bright sparse points) and widens
 to worms. Each simulated sample draws its index-mismatch depth, so sources see different
 aberrations. On CPUs with AVX-512-BF16 / AMX the net runs under bfloat16 autocast in
-channels-last layout (2.5x faster here); checkpoints every few minutes allow ``--resume``.
+channels-last layout (2.5x faster here); ``device = "cuda"`` trains on a GPU (bf16 there too),
+the samples still simulated on the CPU; checkpoints every few minutes allow ``--resume``.
 """
 
 from __future__ import annotations
@@ -758,7 +759,9 @@ def uses_bf16(cfg: VolumeTrainConfig) -> bool:
     """Whether `cfg` trains under bfloat16 autocast on its device."""
     if cfg.bf16 != "auto":
         return cfg.bf16 == "on"
-    return cfg.device == "cuda" or cpu_has_bf16()
+    if cfg.device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
 
 
 def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
@@ -1047,11 +1050,12 @@ def portable_state(state: dict[str, Any]) -> dict[str, Any]:
     64 MiB with what a call carries, and the full checkpoint alone was 30 MB of it.
     """
     opt = state["opt"]
+    # on the CPU, so a machine without the GPU a run trained on can load it
     slim_opt = {
         **opt,
         "state": {
             k: {
-                name: v.to(torch.bfloat16) if v.is_floating_point() and v.dim() > 0 else v
+                name: (v.to(torch.bfloat16) if v.is_floating_point() and v.dim() > 0 else v).cpu()
                 for name, v in entry.items()
             }
             for k, entry in opt["state"].items()
@@ -1062,7 +1066,8 @@ def portable_state(state: dict[str, Any]) -> dict[str, Any]:
         for h in state["history"]
         if "val_bead_depth_median_um" in h or int(h["step"]) % PORTABLE_HISTORY_EVERY == 0
     ]
-    return {**state, "opt": slim_opt, "history": history}
+    model = {k: v.cpu() for k, v in state["model"].items()}
+    return {**state, "model": model, "opt": slim_opt, "history": history}
 
 
 def _plot(out: Path, history: list[dict[str, float]]) -> None:
