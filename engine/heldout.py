@@ -86,6 +86,7 @@ __all__ = [
     "matched_filter_bead_depths",
     "matched_filter_depth",
     "nucleus_depths",
+    "paired_hits",
     "plane_metrics",
     "summarise",
     "summarise_ratios",
@@ -94,6 +95,7 @@ __all__ = [
     "tilted_in_focus_fraction",
     "truth_dz_um",
     "truth_planes_fn",
+    "wilson_interval",
 ]
 
 PlanesFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -1251,6 +1253,46 @@ def matched_filter_bead_depths(
 # Summaries
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion `hits` / `n` (``(nan, nan)`` when n = 0).
+
+    With 149 beads, 51 % within 1 µm is 43-59 %: differences of a few beads between two models
+    are within it, which is why `paired_hits` compares models bead by bead.
+    """
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_hits(
+    errors_a: np.ndarray, errors_b: np.ndarray, within_um: float = 1.0
+) -> dict[str, float]:
+    """Compare two methods on the same beads: B's gains and losses against A, and a sign test.
+
+    `errors_a` and `errors_b` are absolute depth errors of the same beads in the same order
+    (NaN: not found). ``gained``: beads B places within `within_um` and A does not; ``lost``:
+    the reverse. ``p_value``: the two-sided exact binomial (sign) test on those discordant
+    beads, the chance of a split at least this uneven if the two were equally good.
+    """
+    a = np.nan_to_num(np.asarray(errors_a, dtype=np.float64).ravel(), nan=np.inf) <= within_um
+    b = np.nan_to_num(np.asarray(errors_b, dtype=np.float64).ravel(), nan=np.inf) <= within_um
+    if a.shape != b.shape:
+        raise ValueError(f"paired_hits needs the same beads: {a.size} against {b.size}")
+    gained, lost = int(np.sum(b & ~a)), int(np.sum(a & ~b))
+    n = gained + lost
+    k = min(gained, lost)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n if n else 1.0
+    return {
+        "beads": float(a.size),
+        "gained": float(gained),
+        "lost": float(lost),
+        "p_value": min(1.0, 2 * tail),
+    }
+
+
 def summarise(errors: np.ndarray) -> dict[str, float]:
     """Summary of absolute depth errors (µm); NaN entries are failures (bead not found).
 
@@ -1269,6 +1311,9 @@ def summarise(errors: np.ndarray) -> dict[str, float]:
         "median_um": float(np.median(filled)) if n else nan,
         "p90_um": float(np.percentile(filled, 90, method="higher")) if n else nan,
         "within_1um": float(np.mean(filled <= 1.0)) if n else nan,
+        # its 95 % interval (`wilson_interval`): what one more or one fewer bead is worth
+        "within_1um_lo": wilson_interval(int(np.sum(filled <= 1.0)), n)[0],
+        "within_1um_hi": wilson_interval(int(np.sum(filled <= 1.0)), n)[1],
         "within_0p5um": float(np.mean(filled <= 0.5)) if n else nan,
         "median_found_um": float(np.median(e[~fails])) if (~fails).any() else nan,
     }

@@ -122,6 +122,27 @@ def test_summaries_count_failures():
     assert r["unresolved"] == 1 and r["fraction_within"] == 0.5
 
 
+def test_the_share_within_1um_comes_with_its_95_percent_interval():
+    s = H.summarise(np.array([0.2, 0.4, np.nan, 3.0]))
+    assert 0 < s["within_1um_lo"] < 0.5 < s["within_1um_hi"] < 1
+    # 76 of 149 (the shipped model's beads within 1 µm): about 43-59 %, the textbook value
+    lo, hi = H.wilson_interval(76, 149)
+    assert lo == pytest.approx(0.431, abs=2e-3) and hi == pytest.approx(0.590, abs=2e-3)
+    assert H.wilson_interval(0, 10)[0] == 0 and H.wilson_interval(10, 10)[1] == 1
+
+
+def test_paired_hits_counts_beads_gained_and_lost_and_tests_the_split():
+    a = np.array([0.2, 3.0, np.nan, 0.5, 2.0, 0.1])
+    b = np.array([0.3, 0.4, 0.9, 2.5, 2.2, 0.1])
+    pair = H.paired_hits(a, b)
+    assert (pair["gained"], pair["lost"], pair["beads"]) == (2, 1, 6)
+    assert pair["p_value"] == 1.0  # 2 against 1 is no evidence either way
+    ten = H.paired_hits(np.full(10, np.nan), np.zeros(10))  # ten gained, none lost
+    assert ten["p_value"] == pytest.approx(2 / 2**10)
+    with pytest.raises(ValueError, match="the same beads"):
+        H.paired_hits(a, b[:3])
+
+
 def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
     spheres = H.independent_sample("spheres", 111, (192, 192))
     truth = H.nucleus_depths(H.truth_planes_fn(spheres), spheres)
@@ -144,3 +165,16 @@ def test_by_distance_bins_count_misses_as_failures() -> None:
     assert far["count"] == 2 and far["found"] == 0.5 and far["within_1um"] == 0.5
     assert far["median_found_um"] == pytest.approx(0.3)
     assert rows[(6.0, 8.0)]["found"] == 0.0 and rows[(4.0, 6.0)]["count"] == 0
+
+
+def test_the_fidelity_report_compares_models_bead_by_bead():
+    from engine.fidelity import _paired_table
+
+    errors = {"shipped": [0.2, 3.0, np.nan, 0.5], "recipe": [0.3, 0.4, 0.9, 2.5]}
+    res = {
+        m: {"bead_errors_um": e, "bead_depth": H.summarise(np.array(e))} for m, e in errors.items()
+    }
+    lines = _paired_table(res)
+    (row,) = [line for line in lines if line.startswith("| recipe |")]
+    assert row.split("|")[3:5] == [" 2 ", " 1 "]  # gained, lost against the shipped model
+    assert "(" in row and "–" in row  # the share's interval
