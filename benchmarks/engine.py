@@ -22,7 +22,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import datetime as dt
-import json
 import logging
 import platform
 import statistics
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import write_results
 from engine.metadata import ModelMetadata, padded_shape
 from engine.runtime import (
     DEFAULT_MODEL,
@@ -335,8 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup_vs_torch": vs_torch,
         "table": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     png = args.out.with_suffix(".png")
     plot(cases, png, f"{metadata.name}, {host['cpu']}, {when}")
     print(f"wrote {args.out} and {png}")

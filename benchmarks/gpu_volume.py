@@ -21,7 +21,6 @@ does.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import run_record
+from benchmarks.machine import run_record, write_results
 
 RESULTS = Path(__file__).parent / "results" / "gpu_volume.json"
 DEFAULT_WEIGHTS = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.pt"
@@ -145,9 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "weights": str(args.weights),
         "rows": rows,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {args.results}")
+    write_results(args.results, result)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.machine import write_results
 from engine.metadata import ModelMetadata
 from engine.runtime import DEFAULT_MODEL, BackendOptions, BaseBackend, onnx_metadata
 
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.host_path",
         "cases": rows,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(out, record)
     return 0
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import zarr
 import zmq
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, write_results
 from live.protocol import MAX_SEQ, ProtocolError, decode, encode_frame, max_part_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -984,9 +984,7 @@ def main(argv: list[str] | None = None) -> int:
         "kills": kills,
         "passed": main_run["passed"] and all(k["passed"] for k in kills),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {args.results}")
+    write_results(args.results, record)
     return 0 if record["passed"] else 1
 
 

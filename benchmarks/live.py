@@ -13,7 +13,6 @@ zero raw frames lost and zero skipped counts as sustained. JSON goes to
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, write_results
 from live.metrics import format_stage_times
 from live.protocol import decode, encode_frame
 
@@ -376,8 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "transport": [asdict(r) for r in results],
         "end_to_end": e2e,
     }
-    args.results.write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.results}")
+    write_results(args.results, record)
     return 0
 
 

@@ -8,13 +8,15 @@ in one run.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_model", "run_record"]
+__all__ = ["cpu_model", "run_record", "write_results"]
 
 
 def cpu_model() -> str:
@@ -42,3 +44,11 @@ def run_record(
         "command": " ".join([f"python -m {module}", *(argv or sys.argv[1:])]),
         "note": note,
     }
+
+
+def write_results(path: Path, record: dict[str, Any]) -> Path:
+    """Write a benchmark's results JSON (its folder made if needed) and say where; return it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -13,14 +13,13 @@ CPU time (all threads of this process) is recorded beside wall time, with the lo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import run_record
+from benchmarks.machine import run_record, write_results
 from engine.optics import WormTimeSeries, simulate_focal_stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "stacks": stacks,
         "time_series": series,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(args.out, result)
     return 0
 
 

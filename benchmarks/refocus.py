@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import run_record
+from benchmarks.machine import run_record, write_results
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.refocus import RefocusSummary, clear_backends, refocus_recording
 
@@ -223,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "rows": rows,
     }
-    out = args.results
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.results, record)
     return 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from benchmarks.hostile import rss_mb
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, value in rows:
         print(f"{name:32s} {value}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(r, indent=1, default=str) + "\n")
-    print(f"written: {args.results}")
+    write_results(args.results, r)
     return 0 if r["passed"] else 1
 
 

@@ -17,7 +17,6 @@ and ``--batch-size`` overrides the config's (a GPU wants larger batches). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import run_record
+from benchmarks.machine import run_record, write_results
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "train_volume.toml"
@@ -151,9 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample_s": round(sample_s, 2),
         "rows": rows,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {args.results}")
+    write_results(args.results, result)
     return 0
 
 

@@ -23,7 +23,6 @@ largest deviation from `infer` relative to the planes' peak. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.engine import matmul_peak
-from benchmarks.machine import cpu_model
+from benchmarks.machine import cpu_model, write_results
 
 RESULTS = Path(__file__).parent / "results" / "volume.json"
 DEFAULT_MODEL = Path(__file__).parents[1] / "engine" / "weights" / "deepz-volume.onnx"
@@ -205,9 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "matmul_peak_gflop_per_s": peak,
         "rows": rows,
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written: {args.results}")
+    write_results(args.results, result)
     return 0
 
 

@@ -31,7 +31,6 @@ random stacks instead; for tests and quick checks).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import run_record
+from benchmarks.machine import run_record, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOLUME_MODEL = Path(__file__).resolve().parent.parent / "engine" / "weights" / "deepz-volume.onnx"
@@ -242,10 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype_error": errors,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "write.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(RESULTS / "write.json", record)
     return 0
 
 
