@@ -1305,15 +1305,16 @@ def summarise(errors: np.ndarray) -> dict[str, float]:
     filled = np.where(fails, np.inf, e)
     n = int(e.size)
     nan = math.nan
+    # the share within 1 µm and its 95 % interval: what one more or one fewer bead is worth
+    lo, hi = wilson_interval(int(np.sum(filled <= 1.0)), n)
     return {
         "count": float(n),
         "failures": float(fails.sum()),
         "median_um": float(np.median(filled)) if n else nan,
         "p90_um": float(np.percentile(filled, 90, method="higher")) if n else nan,
         "within_1um": float(np.mean(filled <= 1.0)) if n else nan,
-        # its 95 % interval (`wilson_interval`): what one more or one fewer bead is worth
-        "within_1um_lo": wilson_interval(int(np.sum(filled <= 1.0)), n)[0],
-        "within_1um_hi": wilson_interval(int(np.sum(filled <= 1.0)), n)[1],
+        "within_1um_lo": lo,
+        "within_1um_hi": hi,
         "within_0p5um": float(np.mean(filled <= 0.5)) if n else nan,
         "median_found_um": float(np.median(e[~fails])) if (~fails).any() else nan,
     }
