@@ -19,11 +19,26 @@ from live.store import array_path
 SIDE = 64
 
 
+def free_ports(count: int) -> list[int]:
+    """Return `count` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All sockets stay bound until every port is drawn: asking the kernel for one port at a
+    time may hand back the same port twice once the first socket is closed (a CI run hit
+    exactly that: two endpoints on one port).
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def live_config(
@@ -50,8 +65,10 @@ def live_config(
         "engine": {"model_path": str(model), "backends": ["onnxruntime"], "intra_op_threads": 1},
         "planes": {"z_um": planes or [-2.0, 0.0, 2.0]},
         "endpoints": {
-            name: f"tcp://127.0.0.1:{free_port()}"
-            for name in ("frames", "stacks", "recorder", "status")
+            name: f"tcp://127.0.0.1:{port}"
+            for name, port in zip(
+                ("frames", "stacks", "recorder", "status"), free_ports(4), strict=True
+            )
         },
         "recorder": {"path": str(tmp_path / "runs"), "compression": "lz4"},
         "overload": {"policy": policy, "max_queue_frames": max_queue_frames},

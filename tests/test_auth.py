@@ -32,7 +32,7 @@ from live.security import (
     server_keys,
 )
 from live.supervisor import Supervisor
-from tests.live_helpers import SIDE, free_port, live_config
+from tests.live_helpers import SIDE, free_port, free_ports, live_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,8 +56,9 @@ def _secured(
         "server_public_key": str(keydir / "server.key"),
     }
     if model is None:
+        names = ("frames", "stacks", "recorder", "status")
         endpoints = {
-            n: f"tcp://127.0.0.1:{free_port()}" for n in ("frames", "stacks", "recorder", "status")
+            n: f"tcp://127.0.0.1:{port}" for n, port in zip(names, free_ports(4), strict=True)
         }
         return validate_config({"endpoints": endpoints, "security": security})
     return live_config(tmp_path, model, security=security, **sections)

@@ -8,7 +8,6 @@ installed here, so its backend is not exercised.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -17,6 +16,7 @@ import zmq
 
 from live.hook import FrameSender, attach_to_pymmcore_plus, pycromanager_image_process_fn
 from live.protocol import Message, decode
+from tests.live_helpers import free_port
 
 pytest.importorskip("pymmcore_plus", reason="the Micro-Manager hooks need the mm extra")
 
@@ -37,12 +37,6 @@ def receive(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 5000) -> list[Mes
         assert sock.poll(timeout_ms), f"only {len(out)} of {n} messages arrived"
         out.append(decode(sock.recv_multipart(copy=False)))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -25,11 +25,15 @@ from live.protocol import (
 from live.recorder import SeqGate
 from live.router import Collector, Ledger, Router
 from live.supervisor import Supervisor
-from tests.live_helpers import SIDE, free_port
+from tests.live_helpers import SIDE, free_ports
+
+
+def _endpoints(count: int) -> list[str]:
+    return [f"tcp://127.0.0.1:{port}" for port in free_ports(count)]
 
 
 def _endpoint() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"
+    return _endpoints(1)[0]
 
 
 def _wait(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -120,7 +124,7 @@ def test_without_a_recorder_the_router_still_refuses_duplicates_and_far_seqs() -
 
 def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    stacks, events = _endpoint(), _endpoint()
+    stacks, events = _endpoints(2)
     metrics, ledger = Metrics(), Ledger(1)
     ledger.sent(0, 7)
     ledger.sent(0, 8)
@@ -189,7 +193,7 @@ class _Credited:
 
     def __init__(self, policy: str, max_queue_frames: int) -> None:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.endpoint, worker, credits = _endpoint(), _endpoint(), _endpoint()
+        self.endpoint, worker, credits = _endpoints(3)
         self.metrics, self.ledger = Metrics(), Ledger(1)
         self.ledger.set_ready(0, True)
         self.gate = SeqGate("raw", (SIDE, SIDE), np.dtype(np.uint16), 1000)

@@ -22,7 +22,7 @@ from live.protocol import (
     parse_end_of_stacks,
 )
 from live.worker import END_OF_FRAMES, FrameQueue, WorkerSpec, build_plan, worker_main
-from tests.live_helpers import free_port, live_config
+from tests.live_helpers import free_ports, live_config
 
 
 def _message(seq: int):
@@ -49,7 +49,7 @@ class _Harness:
 
     def __init__(self, config, *, in_process: bool = False) -> None:
         self.ctx = zmq.Context()
-        ports = [free_port() for _ in range(4)]
+        ports = free_ports(4)
         self.frames = self._bind(zmq.PUSH, ports[0])
         self.frames.sndhwm = 1000
         self.stacks = self._bind(zmq.PULL, ports[1])
