@@ -293,12 +293,14 @@ class Renderer:
         spectra: np.ndarray,
         add: np.ndarray | None = None,
         dtype: type[np.floating[Any]] = np.float32,
+        skip: int | None = None,
     ) -> np.ndarray:
         """Inverse of `_spectra`: (P, grid) spectra to (P, H, W) images (+ `add`) of `dtype`.
 
         One plane at a time per thread: each is cropped (and `add`, an (H, W) image, added)
         straight from its inverse transform, with no grid-sized copy of the whole stack, and
-        written in `dtype` (float16 halves what is written; beyond its range: inf).
+        written in `dtype` (float16 halves what is written; beyond its range: inf). Plane
+        `skip` is left unwritten (the caller has it already).
         """
         h, w = self.shape
         n = spectra.shape[0]
@@ -307,6 +309,8 @@ class Renderer:
         def work(first: int, stride: int) -> None:
             with np.errstate(over="ignore"):  # float16 overflow: saturated by the caller
                 for p in range(first, n, stride):
+                    if p == skip:
+                        continue
                     img = self._fft.irfft2(spectra[p], s=self.grid, workers=1)
                     if add is None:
                         out[p] = img[:h, :w]
@@ -420,12 +424,20 @@ class Renderer:
         )
         f = int(at_focus[0]) if at_focus.size else dz.size
         frame = np.asarray(frame, dtype=np.float32)
-        residual = frame if spec is None else frame - self._back(spec[f : f + 1])[0]
-        low = self._back(self._spectra(residual[None]) * self._lowpass)[0] / self._support
         if spec is None:  # no density: every plane is the low-passed frame
+            low = self._back(self._spectra(frame[None]) * self._lowpass)[0] / self._support
             with np.errstate(over="ignore"):
                 return np.repeat(low[None], dz.size, axis=0).astype(dtype)
-        return self._back(spec[: dz.size], add=low, dtype=dtype)  # residual added as cut
+        focus = self._back(spec[f : f + 1])[0]  # the density's light at focus, in float32
+        low = self._back(self._spectra((frame - focus)[None]) * self._lowpass)[0] / self._support
+        # the residual added as each plane is cut; the focus plane, if asked for, is not
+        # transformed a second time
+        asked = f if f < dz.size else None
+        out = self._back(spec[: dz.size], add=low, dtype=dtype, skip=asked)
+        if asked is not None:
+            with np.errstate(over="ignore"):
+                np.add(focus, low, out=out[asked], casting="unsafe")
+        return out
 
     def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
         """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel."""
