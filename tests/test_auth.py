@@ -129,18 +129,18 @@ def test_only_a_client_with_an_allowed_key_gets_frames_in(tmp_path: Path, keydir
         _send(senders["no keys"], range(0, 5))
         _send(senders["wrong key"], range(5, 10))
         assert _frames_in_after(served.metrics, 1, 2.0) == 0  # nothing got through
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a loaded CI machine is slow
         while served.gatekeeper.denied < 1:  # the wrong key is refused by ZAP
             assert time.monotonic() < deadline, "ZAP never refused the wrong key"
             time.sleep(0.05)
         with FrameSender.for_config(config) as good:  # the config's client key
             _send(good, range(10, 15))
-            assert _frames_in_after(served.metrics, 5, 10.0) == 5
+            assert _frames_in_after(served.metrics, 5, 60.0) == 5
         # A second allowed client (from the same clients/ folder) works too.
         scope2 = read_client_keys(keydir / "scope2.key_secret", keydir / "server.key")
         with FrameSender(config.endpoints.frames, keys=scope2) as second:
             _send(second, range(15, 17))
-            assert _frames_in_after(served.metrics, 7, 10.0) == 7
+            assert _frames_in_after(served.metrics, 7, 60.0) == 7
         assert _frames_in_after(served.metrics, 8, 0.5) == 7  # still none of the refused ones
     finally:
         for sender in senders.values():
@@ -171,7 +171,7 @@ def test_published_frames_and_status_reach_only_allowed_clients(
         raw_subs[name] = sub
     try:
         got: dict[str, Any] = {}
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # generous: a loaded CI machine is slow
         while "good" not in got:  # PUB drops until the subscription has arrived
             assert time.monotonic() < deadline, "the allowed status reader never got a status"
             status.publish(served.metrics.snapshot())
@@ -183,12 +183,12 @@ def test_published_frames_and_status_reach_only_allowed_clients(
             # with fresh seqs until one is republished, then send three more
             probe = 0
             while not raw_subs["good"].poll(200):
-                assert time.monotonic() < deadline + 10, "the allowed raw subscriber got nothing"
+                assert time.monotonic() < deadline + 60, "the allowed raw subscriber got nothing"
                 _send(sender, range(probe, probe + 1))
                 probe += 1
             _send(sender, range(100, 103))
             received = []
-            while len(received) < 3 and raw_subs["good"].poll(10_000):
+            while len(received) < 3 and raw_subs["good"].poll(30_000):
                 seq = decode(raw_subs["good"].recv_multipart()).header.seq
                 if seq >= 100:  # a late probe is not one of the three
                     received.append(seq)

@@ -31,7 +31,8 @@ def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
     return frame
 
 
-def receive(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 5000) -> list[Message]:
+def receive(sock: zmq.Socket[bytes], n: int, timeout_ms: int = 30_000) -> list[Message]:
+    """Receive `n` messages, each waited for up to `timeout_ms` (generous: CI can be slow)."""
     out = []
     for _ in range(n):
         assert sock.poll(timeout_ms), f"only {len(out)} of {n} messages arrived"

@@ -233,7 +233,7 @@ def _run_child(function: str, store: Path, out: Path, x_display: str, tmp_path: 
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,  # napari and Qt import slowly on a loaded CI machine
         check=False,
     )
     if 'Could not load the Qt platform plugin "xcb"' in child.stderr:

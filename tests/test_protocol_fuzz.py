@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -31,7 +31,9 @@ from live.protocol import (
     parse_header,
 )
 
-FUZZ = settings(max_examples=300, deadline=None)
+# No wall-clock limits (a loaded CI machine is slow): no per-example deadline, and no
+# "data generation is too slow" health check, which times the first examples' generation.
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MAX_ERROR_CHARS = 400
 """No error message may be longer, whatever the message held."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from live.protocol import MAX_SEQ, Message, decode, encode_frame, encode_stack
@@ -220,7 +220,7 @@ def test_racing_threads_write_each_seq_exactly_once(tmp_path: Path) -> None:
         assert raw[seq].tobytes() == images[thread][seq].tobytes()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     puts=st.lists(
         st.tuples(

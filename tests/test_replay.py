@@ -66,8 +66,16 @@ def _replay(source: ReplaySource, endpoint: str) -> None:
     assert summary.frames_dropped == 0 and summary.name == "replay"
 
 
-def _receive(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> list[Message]:
+def _receive(
+    sock: zmq.Socket[bytes], expected: int, quiet_ms: int = 500, timeout_ms: int = 30_000
+) -> list[Message]:
+    """The first `expected` messages, each waited for up to `timeout_ms` (the sender may still
+    be connecting, and a loaded CI machine is slow), then anything more until the socket has
+    been quiet for `quiet_ms`."""
     out = []
+    while len(out) < expected:
+        assert sock.poll(timeout_ms), f"only {len(out)} of {expected} messages arrived"
+        out.append(decode(sock.recv_multipart(copy=False)))
     while sock.poll(quiet_ms):
         out.append(decode(sock.recv_multipart(copy=False)))
     return out
@@ -81,7 +89,7 @@ def test_replay_sends_the_recordings_own_seqs_timestamps_and_focus(
     source = ReplaySource(store)
     assert source.rate_hz == pytest.approx(RATE_HZ)  # the store's own rate
     _replay(source, endpoint)
-    msgs = _receive(sock)
+    msgs = _receive(sock, len(PRESENT))
 
     assert [m.header.seq for m in msgs] == PRESENT  # gaps stay gaps, nothing renumbered
     for m in msgs:
@@ -99,7 +107,7 @@ def test_a_looped_replay_never_repeats_a_seq_and_keeps_its_clock(
     period = PRESENT[-1] + 1  # the store's time axis ends at its last frame
     source = ReplaySource(store, loop=True, frame_count=2 * len(PRESENT) + 1)
     _replay(source, endpoint)
-    msgs = _receive(sock)
+    msgs = _receive(sock, 2 * len(PRESENT) + 1)
 
     expected = [lap * period + s for lap in range(3) for s in PRESENT][: 2 * len(PRESENT) + 1]
     assert [m.header.seq for m in msgs] == expected
@@ -121,7 +129,7 @@ def test_frames_without_recorded_metadata_are_stamped_when_sent(
     before = time.time()
     _replay(ReplaySource(store), endpoint)
     after = time.time()
-    msgs = {m.header.seq: m for m in _receive(sock)}
+    msgs = {m.header.seq: m for m in _receive(sock, len(PRESENT))}
 
     assert sorted(msgs) == PRESENT
     assert before <= msgs[6].header.timestamp_s <= after and msgs[6].header.focus_um == 0.0

@@ -36,7 +36,8 @@ def _endpoint() -> str:
     return _endpoints(1)[0]
 
 
-def _wait(condition, timeout_s: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait(condition, timeout_s: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    """Wait for `condition`, with a generous deadline (a loaded CI machine is slow)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -93,8 +94,15 @@ def test_an_oversized_message_is_dropped_by_zeromq_before_it_is_buffered() -> No
         hostile.send_multipart([b"x" * (8 * 2**20)])  # and 8 MiB in one part
         for seq in range(3):
             genuine.send_multipart(_frame(seq), copy=False)
-        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 3)
-        time.sleep(0.3)
+        # frame_in() is counted before the frame is skipped (in the router thread): wait for
+        # both, or a snapshot taken between the two would see a skip missing
+        assert _wait(
+            lambda: (
+                (snap := routed.metrics.snapshot(advance=False)).frames_in == 3
+                and snap.skipped == 3
+            )
+        )
+        time.sleep(0.3)  # room for a wrongly counted hostile message to show up
         snap = routed.metrics.snapshot(advance=False)
         # Never received, so neither a frame nor a malformed message: ZeroMQ cut them off.
         assert (snap.frames_in, snap.malformed, snap.skipped) == (3, 0, 3)
@@ -113,7 +121,14 @@ def test_without_a_recorder_the_router_still_refuses_duplicates_and_far_seqs() -
         for seq in (0, 1, 1, 5000, 2):
             push.send_multipart(_frame(seq), copy=False)
         push.send_multipart(encode_frame(np.ones((SIDE, 3), np.uint16), seq=3, timestamp_s=1.0))
-        assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 6)
+        # each frame is counted in before it is rejected or skipped: wait until all six
+        # have a fate, or a snapshot taken in between would miss the last one's
+        assert _wait(
+            lambda: (
+                (s := routed.metrics.snapshot(advance=False)).frames_in == 6
+                and s.skipped + s.rejected_total == 6
+            )
+        )
         snap = routed.metrics.snapshot(advance=False)
         assert snap.rejected == {"duplicate": 1, "beyond_window": 1, "wrong_shape": 1}
         assert snap.skipped == 3 and snap.skipped_ranges == [(0, 3)]  # only admitted frames

@@ -103,7 +103,7 @@ def test_the_run_clock_starts_when_the_source_begins_acquiring(
         supervising.join(0.5)  # a duration counted from start() would have ended by now
         assert supervising.is_alive() and daemon.metrics.snapshot().state == "starting"
         source.release.set()
-        supervising.join(30)
+        supervising.join(60)
         assert not supervising.is_alive()
         assert daemon.metrics.snapshot().state == "running"
         assert source.acquiring_at is not None and daemon._running_since is not None
@@ -203,7 +203,7 @@ def test_overload_latest_policy_counts_exactly_and_malformed_are_logged(
 
 def _wait_until(daemon: Daemon, condition: Callable[[], bool], what: str) -> None:
     """Supervise the daemon until `condition` holds (a generous deadline: CI machines are slow)."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         daemon.supervise(0.05, quiet=True)
@@ -246,7 +246,15 @@ def test_killed_worker_is_restarted_and_its_losses_counted(
     try:
         daemon.start()
         pusher.start()
-        time.sleep(1.0)
+        # Not a fixed sleep: stopping a worker that is still starting (a spawned process
+        # importing and loading its model, slow on a loaded machine) finds it holding nothing
+        # in every try. Wait until it is ready and refocusing.
+        _wait_until(daemon, lambda: bool(daemon.ledger.ready_workers()), "the worker is ready")
+        _wait_until(
+            daemon,
+            lambda: daemon.metrics.snapshot(advance=False).stacks_out > 0,
+            "the first stacks",
+        )
         (pid,) = daemon.worker_pids()
         assert pid is not None
         held = _stop_holding_a_frame(daemon, pid)

@@ -40,9 +40,16 @@ def pattern(index: int, focus_um: float = 0.0) -> np.ndarray:
     return frame
 
 
-def receive_all(sock: zmq.Socket[bytes], quiet_ms: int = 500) -> list[Message]:
-    """Everything that arrives until the socket has been quiet for `quiet_ms`."""
+def receive_all(
+    sock: zmq.Socket[bytes], expected: int = 0, quiet_ms: int = 500, timeout_ms: int = 30_000
+) -> list[Message]:
+    """Everything that arrives: the first `expected` messages, each waited for up to
+    `timeout_ms` (the sender's socket may still be connecting, and a loaded CI machine is
+    slow), then anything more until the socket has been quiet for `quiet_ms`."""
     out = []
+    while len(out) < expected:
+        assert sock.poll(timeout_ms), f"only {len(out)} of {expected} messages arrived"
+        out.append(decode(sock.recv_multipart(copy=False)))
     while sock.poll(quiet_ms):
         out.append(decode(sock.recv_multipart(copy=False)))
     return out
@@ -62,7 +69,7 @@ def test_simulated_scope_streams_paced_frames_through_the_core(pull):
     sock, endpoint = pull
     scope = SimulatedScope(SHAPE, rate_hz=400.0, frame_count=40, frame_fn=pattern)
     summary = run_source(scope, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 40)
     assert [m.header.seq for m in msgs] == list(range(40))
     for m in msgs:
         np.testing.assert_array_equal(m.array, pattern(m.header.seq))
@@ -83,9 +90,9 @@ def test_simulated_scope_stops_on_event_and_sends_what_it_acquired(pull):
     thread.start()
     first = [decode(sock.recv_multipart(copy=False)) for _ in range(10)]
     stop.set()
-    thread.join(10)
+    thread.join(60)
     assert not thread.is_alive()
-    msgs = first + receive_all(sock)
+    msgs = first + receive_all(sock, result[0].frames_sent - 10)
     assert [m.header.seq for m in msgs] == list(range(len(msgs)))
     assert result[0].frames_sent == len(msgs) >= 10 and result[0].frames_dropped == 0
 
@@ -96,7 +103,7 @@ def test_simulated_scope_renders_the_worm(pull):
     scope = make_source(cfg)
     assert isinstance(scope, SimulatedScope)
     summary = run_source(scope, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 6)
     assert [m.header.seq for m in msgs] == list(range(6)) and summary.frames_sent == 6
     frames = np.stack([m.array for m in msgs])
     assert frames.dtype == np.uint16 and frames.shape == (6, 64, 64)
@@ -125,7 +132,7 @@ def test_replay_tiff_in_order_with_pixels_and_original_rate(pull, tmp_path):
     source = ReplaySource(path)
     assert source.rate_hz == pytest.approx(250.0)  # from ImageJ's frame interval
     summary = run_source(source, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 12)
     assert [m.header.seq for m in msgs] == list(range(12))
     for m in msgs:
         np.testing.assert_array_equal(m.array, data[m.header.seq])
@@ -139,7 +146,7 @@ def test_replay_tiff_at_chosen_rate_looped_to_a_frame_count(pull, tmp_path):
     tifffile.imwrite(path, data, photometric="minisblack")
     source = ReplaySource(path, rate_hz=500.0, loop=True, frame_count=13)
     run_source(source, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 13)
     assert [m.header.seq for m in msgs] == list(range(13))
     for m in msgs:
         np.testing.assert_array_equal(m.array, data[m.header.seq % 5])
@@ -164,7 +171,7 @@ def test_replay_ngff_image_written_by_ome_zarr(pull, tmp_path):
     recording = open_recording(path)
     assert recording.rate_hz == pytest.approx(400.0)  # 2.5 ms per time point
     run_source(ReplaySource(path), endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 9)
     assert [m.header.seq for m in msgs] == list(range(9))
     for m in msgs:
         np.testing.assert_array_equal(m.array, data[m.header.seq])
@@ -190,7 +197,7 @@ def test_replay_our_recording_keeps_seqs_and_gaps(pull, tmp_path):
     source = ReplaySource(path)
     assert source.rate_hz == pytest.approx(200.0)
     summary = run_source(source, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, len(present))
     assert [m.header.seq for m in msgs] == present
     for m in msgs:
         np.testing.assert_array_equal(m.array, pattern(m.header.seq))
@@ -204,7 +211,7 @@ def test_replay_stops_on_event(pull, tmp_path):
     stop = threading.Event()
     stop.set()
     summary = run_source(ReplaySource(path, rate_hz=1.0, loop=True), endpoint, stop)
-    assert summary.frames_sent == 0 and receive_all(sock, 100) == []
+    assert summary.frames_sent == 0 and receive_all(sock, quiet_ms=100) == []
 
 
 def test_replay_bad_inputs_say_what_is_wrong(tmp_path):
@@ -325,7 +332,7 @@ def test_micromanager_source_runs_a_config_file(pull, tmp_path):
     )
     source = MicroManagerSource(endpoint, config_file=cfg, camera="Cam", frame_count=15)
     summary = run_source(source, endpoint)
-    msgs = receive_all(sock)
+    msgs = receive_all(sock, 15)
     assert [m.header.seq for m in msgs] == list(range(15))
     for m in msgs:
         np.testing.assert_array_equal(m.array, pattern(m.header.seq))

@@ -42,7 +42,7 @@ def _publishing(
         yield stop
     finally:
         stop.set()
-        thread.join(5)
+        thread.join(30)
         publisher.close()
         if gatekeeper is not None:
             gatekeeper.stop()
@@ -62,7 +62,7 @@ def test_once_json_prints_the_daemons_state_backend_and_output(
 ) -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with _publishing(endpoint, _running()):
-        code = main(["--endpoint", endpoint, "--once", "--json", "--timeout", "20"])
+        code = main(["--endpoint", endpoint, "--once", "--json", "--timeout", "60"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and len(out) == 1
     status = json.loads(out[0])
@@ -79,7 +79,7 @@ def test_the_human_line_follows_a_scope_config_and_stops_when_the_run_finishes(
     metrics = _running()
     metrics.set_run_info(state=RunState.FINISHED)
     with _publishing(endpoint, metrics):
-        code = cli_main(["status", "--scope", str(scope), "--timeout", "20"])  # no --once
+        code = cli_main(["status", "--scope", str(scope), "--timeout", "60"])  # no --once
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and len(out) == 1
     assert out[0].startswith("finished | onnxruntime on CPU | [") and out[0].endswith(OUTPUT)
@@ -101,7 +101,7 @@ def test_curve_keys_come_from_the_config_when_the_endpoint_requires_them(
     keys = server_keys(load_config(scope))
     assert keys is not None
     with _publishing(endpoint, _running(), keys):
-        assert main(["--scope", str(scope), "--once", "--json", "--timeout", "20"]) == 0
+        assert main(["--scope", str(scope), "--once", "--json", "--timeout", "60"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "running"
         # The same endpoint without keys hears nothing: the handshake fails.
         assert main(["--endpoint", endpoint, "--once", "--timeout", "0.5"]) == 1

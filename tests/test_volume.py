@@ -384,6 +384,7 @@ def test_a_density_channel_gone_negative_still_learns_in_training():
 
     from engine.model import build_model
 
+    torch.manual_seed(0)  # the weights and the input below are random: the same each run
     model = build_model("volume", channels=(4, 4, 8), out_channels=3)
     model.train_leak = 0.01  # train_volume sets it from the config
     with torch.no_grad():

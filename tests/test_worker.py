@@ -186,6 +186,7 @@ def test_worker_refuses_a_wrong_shape_frame_and_carries_on(
         assert [(e["event"], e["seqs"]) for e in events] == [("rejected", [0])]
         assert "not a frame of shape [64, 64]" in events[0]["message"]
         assert event["stacks"] == 1
+        assert harness.stacks.poll(30_000)  # the stack travels apart from the "done" event
         assert decode(harness.stacks.recv_multipart(copy=False)).header.seq == 1
         harness.proc.join(30)
         assert harness.proc.exitcode == 0
