@@ -17,6 +17,11 @@ Three read-outs that `engine.fidelity` does not give, for the evaluation report 
   density's depth maximum, and the shift of the whole frame's density centroid, against `s`.
   A model that localises depth moves both by `s`; this is what an image-based drift estimate
   from the density would rest on.
+- **FWHM ceiling**: the fidelity report's bead FWHM read-out (`engine.heldout.bead_fwhm`) when
+  the density is the truth itself: each bead a point, deposited tri-linearly on the model's depth
+  grid (as the training targets are) or snapped to the nearest voxel, rendered through the
+  model's own PSF bank and renderer. It says how much of the FWHM target the rendering allows
+  at all, and how sharp (laterally, in depth) a density must be to meet it.
 - **column mass by distance**: on the same beads, the density summed over *all* depths within
   3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
   focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
@@ -31,7 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +46,9 @@ from scipy import ndimage as ndi
 from engine import heldout as ho
 from engine.metrics import gaussian_fwhm_2d
 from engine.runtime import load_backend
-from engine.volume import load_psf_bank
+from engine.volume import Renderer, load_psf_bank
 
-__all__ = ["bead_spread", "column_mass", "focus_response", "main"]
+__all__ = ["bead_spread", "column_mass", "focus_response", "fwhm_ceiling", "main", "point_density"]
 
 FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
@@ -113,6 +118,69 @@ def bead_spread(
             np.mean([_psf_fwhm_um(psf, centre + d, px) for d in (-one_um, one_um)])
         ),
     }
+
+
+def point_density(
+    sample: ho.IndependentSample, depth_um: np.ndarray, *, subvoxel: bool = True
+) -> np.ndarray:
+    """(D, H, W) density of a sample's beads as points on `depth_um` (µm from the frame's focus).
+
+    ``subvoxel``: each bead's brightness split tri-linearly over the 8 voxels around it (how the
+    training targets are made, `engine.optics`); else all of it on the nearest voxel.
+    """
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    h, w = sample.frame.shape
+    px = sample.pixel_size_um
+    out = np.zeros((depth.size, h, w), dtype=np.float32)
+    o = sample.objects
+    for i in np.flatnonzero(o.kind == "bead"):
+        pos = np.array([(o.z_um[i] - depth[0]) / step, o.y_um[i] / px, o.x_um[i] / px])
+        base = np.floor(pos) if subvoxel else np.round(pos)
+        frac = pos - base if subvoxel else np.zeros(3)
+        for corner in itertools.product((0, 1), repeat=3):
+            weight = float(np.prod([f if c else 1 - f for c, f in zip(corner, frac, strict=True)]))
+            z, y, x = (int(b) + c for b, c in zip(base, corner, strict=True))
+            if weight > 0 and 0 <= z < depth.size and 0 <= y < h and 0 <= x < w:
+                out[z, y, x] += float(o.intensity[i]) * weight
+    return out
+
+
+def _rendered(
+    renderer: Renderer, density: np.ndarray, background: np.ndarray
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Return a planes function (frame, Δz) -> planes rendering a fixed density (frame unused)."""
+
+    def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        out: np.ndarray = renderer.render(density, np.asarray(dz_um)) + background
+        return out
+
+    return planes
+
+
+def fwhm_ceiling(
+    depth_um: np.ndarray, psf: np.ndarray, samples: Sequence[ho.IndependentSample]
+) -> dict[str, Any]:
+    """Run the bead FWHM read-out on the true density, rendered by the model's own renderer.
+
+    For sub-voxel (tri-linear) and nearest-voxel points (`point_density`): the share of beads
+    within 15 % of the truth's FWHM and the median ratio, as `engine.fidelity` reports them.
+    """
+    depth = np.asarray(depth_um, dtype=np.float64)
+    out: dict[str, Any] = {}
+    for label, subvoxel in (("subvoxel", True), ("nearest_voxel", False)):
+        ratios = []
+        for s in samples:
+            renderer = Renderer(psf, depth, s.frame.shape, threads=1)
+            density = point_density(s, depth, subvoxel=subvoxel)
+            ratios.append(ho.bead_fwhm_ratios(_rendered(renderer, density, s.background), s))
+        r = np.concatenate(ratios)
+        out[label] = {
+            "beads": int(r.size),
+            "within_15pct": float(np.mean(np.abs(r - 1) <= 0.15)) if r.size else None,
+            "ratio_median": float(np.nanmedian(r)) if r.size else None,
+        }
+    return out
 
 
 def column_mass(
@@ -208,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spread = bead_spread(depth, psf, samples, volumes)
     response = focus_response(backend)
     columns = column_mass(depth, samples, volumes)
+    ceiling = fwhm_ceiling(depth, psf, samples)
     print(f"{args.model} ({backend.name})")
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
@@ -216,6 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{spread['depth_sd_um_median']:.2f} µm; model PSF FWHM "
         f"{spread['psf_fwhm_um_in_focus']:.2f} µm in focus, "
         f"{spread['psf_fwhm_um_at_1um']:.2f} µm at 1 µm defocus"
+    )
+    print(
+        "FWHM ceiling (the true beads as points, the model's own rendering): within 15 % "
+        + ", ".join(
+            f"{100 * v['within_15pct']:.0f}% {k.replace('_', ' ')} (median ratio "
+            f"{v['ratio_median']:.2f}, {v['beads']} beads)"
+            for k, v in ceiling.items()
+        )
     )
     print(f"focus response ({response['nuclei']} bright nuclei of the simulated worm):")
     print(f"{'shift':>7} {'nuclei median':>14} {'within 1 µm':>12} {'centroid':>9}")
@@ -239,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bead_spread": spread,
         "focus_response": response,
         "column_mass": columns,
+        "fwhm_ceiling": ceiling,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
