@@ -23,6 +23,7 @@ the samples still simulated on the CPU; checkpoints every few minutes allow ``--
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -364,6 +365,16 @@ def _gauss_matrix(n: int, sigma: float) -> torch.Tensor:
     return g / g.sum(dim=1, keepdim=True).max()
 
 
+@functools.lru_cache(maxsize=64)
+def _gauss_on(n: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Return `_gauss_matrix` on a device, made once per size, scale, device and dtype.
+
+    A loss step needs six; on a GPU each would otherwise be built on the host and copied
+    every step.
+    """
+    return _gauss_matrix(n, sigma).to(device=device, dtype=dtype)
+
+
 def smooth3d(v: torch.Tensor, sigma_px: float, sigma_slices: float | None) -> torch.Tensor:
     """Separable Gaussian smoothing of (N, D, H, W) volumes along D, H and W (zero edges).
 
@@ -373,10 +384,10 @@ def smooth3d(v: torch.Tensor, sigma_px: float, sigma_slices: float | None) -> to
     n, d, h, w = v.shape
     x = v
     if sigma_slices is not None:
-        gz = _gauss_matrix(d, sigma_slices).to(v)
+        gz = _gauss_on(d, sigma_slices, v.device, v.dtype)
         x = torch.matmul(gz, v.reshape(n, d, h * w)).reshape(n, d, h, w)
-    gh = _gauss_matrix(h, sigma_px).to(v)
-    gw = _gauss_matrix(w, sigma_px).to(v)
+    gh = _gauss_on(h, sigma_px, v.device, v.dtype)
+    gw = _gauss_on(w, sigma_px, v.device, v.dtype)
     x = torch.matmul(gh, x)
     return torch.matmul(x, gw.T)
 
@@ -432,7 +443,7 @@ class TorchRenderer:
                 torch.fft.rfft2(inside) * self.otf.conj(), s=(self.grid, self.grid)
             )
             maps = self._crop_light[(h, w)] = corr[:, :h, :w].reshape(len(self.otf), -1)
-        j = torch.from_numpy(defocus_index(dz_um, self.depth_um))
+        j = torch.from_numpy(defocus_index(dz_um, self.depth_um)).to(maps.device)
         flat = objects.float().reshape(*objects.shape[:2], -1)
         total = torch.einsum("ndx,kdx->nk", flat, maps[j])
         return total / (h * w)
@@ -445,10 +456,10 @@ class TorchRenderer:
         # zeros are implicit), then along y over the patch's rows padded to g
         dense = objects.float().contiguous()  # FFTs on channels-last rows run ~3x slower
         spec = torch.fft.fft(torch.fft.rfft(dense, n=g, dim=-1), n=g, dim=-2)
-        j = defocus_index(dz_um, self.depth_um)
+        j = torch.from_numpy(defocus_index(dz_um, self.depth_um)).to(self.otf.device)
         # plane k = sum over depths d of spec[d] · OTF[j[k, d]], as elementwise products: an
         # einsum here runs as one tiny complex matmul per frequency, 5x slower with its copies
-        out = torch.stack([(spec * self.otf[torch.from_numpy(jk)]).sum(dim=1) for jk in j], 1)
+        out = torch.stack([(spec * self.otf[jk]).sum(dim=1) for jk in j], 1)
         # irfft2, keeping only the patch: back along y, drop the rows beyond it, then along x
         rows = torch.fft.ifft(out, dim=-2)[..., :h, :]
         img: torch.Tensor = torch.fft.irfft(rows, n=g, dim=-1)
