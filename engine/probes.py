@@ -21,7 +21,8 @@ Three read-outs that `engine.fidelity` does not give, for the evaluation report 
   the density is the truth itself: each bead a point, deposited tri-linearly on the model's depth
   grid (as the training targets are) or snapped to the nearest voxel, rendered through the
   model's own PSF bank and renderer. It says how much of the FWHM target the rendering allows
-  at all, and how sharp (laterally, in depth) a density must be to meet it.
+  at all; and the bead spread of those points (the truth's density FWHM and depth SD), which
+  says how sharp, laterally and in depth, the model's density must be to meet it.
 - **column mass by distance**: on the same beads, the density summed over *all* depths within
   3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
   focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
@@ -277,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     response = focus_response(backend)
     columns = column_mass(depth, samples, volumes)
     ceiling = fwhm_ceiling(depth, psf, samples)
+    truth = bead_spread(depth, psf, samples, [point_density(s, depth) for s in samples])
     print(f"{args.model} ({backend.name})")
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
@@ -285,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{spread['depth_sd_um_median']:.2f} µm; model PSF FWHM "
         f"{spread['psf_fwhm_um_in_focus']:.2f} µm in focus, "
         f"{spread['psf_fwhm_um_at_1um']:.2f} µm at 1 µm defocus"
+    )
+    print(
+        f"  the truth's points on the same grid: density FWHM "
+        f"{truth['density_fwhm_um_median']:.2f} µm, depth SD {truth['depth_sd_um_median']:.2f} µm"
     )
     print(
         "FWHM ceiling (the true beads as points, the model's own rendering): within 15 % "
@@ -317,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "focus_response": response,
         "column_mass": columns,
         "fwhm_ceiling": ceiling,
+        "bead_spread_truth": truth,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

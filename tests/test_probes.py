@@ -42,6 +42,9 @@ def test_cli_writes_its_json(tmp_path: Path) -> None:
     assert probes.main(["--model", str(VOLUME), "--samples", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["bead_spread"]["beads_found"] >= 1 and len(record["focus_response"]["rows"]) == 4
+    truth = record["bead_spread_truth"]  # the true points: narrower than the model's PSF
+    assert 0 < truth["density_fwhm_um_median"] < truth["psf_fwhm_um_in_focus"]
+    assert record["fwhm_ceiling"]["subvoxel"]["beads"] >= 1
     bins = record["column_mass"]
     assert [(b["from_um"], b["to_um"]) for b in bins] == list(
         zip(probes.DISTANCE_BINS_UM, probes.DISTANCE_BINS_UM[1:], strict=False)
