@@ -55,6 +55,7 @@ from engine.volume import (
 
 __all__ = [
     "VolumeTrainConfig",
+    "bead_density_fwhm",
     "bead_depth_errors",
     "load_config",
     "main",
@@ -665,6 +666,25 @@ def lab_loss(
 # ----------------------------------------------------------------------------- validation
 
 
+def _scored_beads(
+    shape: tuple[int, ...], depth_um: np.ndarray, objects: Any, focus_um: float, margin_px: int
+) -> list[tuple[float, int, int]]:
+    """(depth from focus in µm, row, col) of the beads validation scores.
+
+    Beads at least `margin_px` inside the frame and within the depth grid (less half a step).
+    """
+    h, w = shape[-2:]
+    px = 0.3
+    out = []
+    for i in np.flatnonzero(objects.kind == "bead"):
+        z = float(objects.z_um[i]) - focus_um
+        y, x = round(objects.y_um[i] / px), round(objects.x_um[i] / px)
+        if margin_px <= y < h - margin_px and margin_px <= x < w - margin_px:
+            if abs(z) <= depth_um[-1] - 0.5:
+                out.append((z, int(y), int(x)))
+    return out
+
+
 def bead_depth_errors(
     density: np.ndarray, depth_um: np.ndarray, objects: Any, focus_um: float, margin_px: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -674,16 +694,9 @@ def bead_depth_errors(
     The depth of a bead is where the density in a 3x3 window at its true xy peaks along the
     grid, refined by a parabola through the peak and its neighbours.
     """
-    d, h, w = density.shape
-    px = 0.3
+    d = density.shape[0]
     errs, depths = [], []
-    for i in np.flatnonzero(objects.kind == "bead"):
-        z = float(objects.z_um[i]) - focus_um
-        y, x = round(objects.y_um[i] / px), round(objects.x_um[i] / px)
-        if not (margin_px <= y < h - margin_px and margin_px <= x < w - margin_px):
-            continue
-        if abs(z) > depth_um[-1] - 0.5:
-            continue
+    for z, y, x in _scored_beads(density.shape, depth_um, objects, focus_um, margin_px):
         depths.append(z)
         profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
         k = int(np.argmax(profile))
@@ -700,6 +713,31 @@ def bead_depth_errors(
     return np.asarray(errs, dtype=np.float64), np.asarray(depths, dtype=np.float64)
 
 
+def bead_density_fwhm(
+    density: np.ndarray, depth_um: np.ndarray, objects: Any, focus_um: float, margin_px: int = 8
+) -> np.ndarray:
+    """Lateral FWHM (µm) of the density of each found bead, at its peak depth (NaN: not found).
+
+    The beads of `bead_depth_errors`; an isotropic Gaussian fitted in a 13x13 window at the
+    bead's true xy (`engine.metrics.gaussian_fwhm_2d`), on the depth where its 3x3 column
+    peaks. Rendered beads are as wide as this width and the PSF's together, so this says,
+    during training, whether the density is as sharp as the truth's (tri-linear points:
+    about 0.2 µm; `engine.probes`).
+    """
+    from engine.metrics import gaussian_fwhm_2d
+
+    out = []
+    for _, y, x in _scored_beads(density.shape, depth_um, objects, focus_um, margin_px):
+        profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
+        k = int(np.argmax(profile))
+        if profile[k] <= 0:
+            out.append(np.nan)
+            continue
+        window = density[k, y - 6 : y + 7, x - 6 : x + 7]
+        out.append(gaussian_fwhm_2d(window, 0.3, centered=True))
+    return np.asarray(out, dtype=np.float64)
+
+
 class _Validation:
     """Fixed full frames (never trained on): losses and the bead depth error of the model."""
 
@@ -708,12 +746,23 @@ class _Validation:
             Sample(cfg, VALIDATION_SEED_OFFSET + i, w)
             for i, w in enumerate([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
         ]
+        # the same read-out on the truth's own density (frame 0 of each pair): the goal
+        widths = [
+            bead_density_fwhm(
+                s.pair.objects_counts[0], cfg.depth_um, s.pair.objects, s.pair.focus_um[0]
+            )
+            for s in self.samples
+            if s.kind != "worm"
+        ]
+        truth = np.concatenate(widths) if widths else np.zeros(0)
+        self.truth_fwhm_um = float(np.nanmedian(truth)) if np.isfinite(truth).any() else np.nan
 
     def run(
         self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool, device: torch.device
     ) -> dict[str, float]:
         errs: list[np.ndarray] = []
         depths: list[np.ndarray] = []
+        widths: list[np.ndarray] = []
         mass = np.zeros(cfg.depth_um.size)
         for s in self.samples:
             x = torch.from_numpy(s.inputs[:1, None]).to(device)
@@ -724,11 +773,16 @@ class _Validation:
                 e, z = bead_depth_errors(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
                 errs.append(e)
                 depths.append(z)
+                widths.append(
+                    bead_density_fwhm(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
+                )
         e = np.concatenate(errs) if errs else np.zeros(0)
         far = np.abs(np.concatenate(depths)) > 6.0 if depths else np.zeros(0, dtype=bool)
         hits = np.nan_to_num(e, nan=np.inf) <= 1.0
         found = e[np.isfinite(e)]
         share = mass / max(float(mass.sum()), 1e-30)
+        fwhm = np.concatenate(widths) if widths else np.zeros(0)
+        fwhm = fwhm[np.isfinite(fwhm)]
         return {
             # depth channels holding at least a fifth of an even share of the density: a model
             # that gathers mass on a comb of preferred depths uses few (depth is quantised)
@@ -744,6 +798,10 @@ class _Validation:
             ),
             "val_bead_within_1um": float(np.mean(found <= 1.0)) if found.size else 0.0,
             "val_beads": float(e.size),
+            # found beads' density width at their peak depth, against the truth's (the
+            # rendered bead FWHM follows it: sessions 10-11)
+            "val_density_fwhm_um": float(np.median(fwhm)) if fwhm.size else float("nan"),
+            "val_truth_density_fwhm_um": self.truth_fwhm_um,
         }
 
 
@@ -919,7 +977,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 f"found {history[-1]['val_bead_found']:.0%}, "
                 f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}, "
                 f"beyond 6 µm {history[-1]['val_far_recall_1um']:.0%}, "
-                f"depth channels used {history[-1]['val_depth_channels_used']:.0%}"
+                f"depth channels used {history[-1]['val_depth_channels_used']:.0%}, "
+                f"density FWHM {history[-1]['val_density_fwhm_um']:.2f} µm "
+                f"(truth {history[-1]['val_truth_density_fwhm_um']:.2f})"
             )
             _checkpoint(cfg, model, opt, step, history, wall)
         if timeout:

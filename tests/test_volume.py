@@ -163,6 +163,26 @@ def test_training_writes_weights_psf_and_resumes(trained: Path):
     assert meta.architecture["in_channels"] == 1 and meta.architecture["nonnegative"] is True
     val = meta.extra["validation"]
     assert "val_bead_depth_median_um" in val
+    assert "val_density_fwhm_um" in val and "val_truth_density_fwhm_um" in val
+
+
+def test_validation_reads_a_blurred_density_as_wider_than_the_truth():
+    pytest.importorskip("torch", reason="training extra not installed")
+    from scipy.ndimage import gaussian_filter
+
+    from engine.optics import simulate_volume_pair
+    from engine.train_volume import bead_density_fwhm
+    from engine.volume import depth_grid
+
+    depth = depth_grid()
+    pair = simulate_volume_pair("beads", shape=(96, 96), depth_um=depth, seed=3)
+    truth = pair.objects_counts[0]
+    sharp = bead_density_fwhm(truth, depth, pair.objects, 0.0)
+    wide = bead_density_fwhm(gaussian_filter(truth, (0, 1.5, 1.5)), depth, pair.objects, 0.0)
+    assert np.isfinite(sharp).sum() >= 3
+    # tri-linear points are about a pixel (0.3 µm) wide; smoothing by 1.5 px widens them
+    assert np.nanmedian(sharp) < 0.35
+    assert np.nanmedian(wide) > 2 * np.nanmedian(sharp)
 
 
 @pytest.mark.cuda
