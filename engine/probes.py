@@ -168,14 +168,18 @@ def fwhm_ceiling(
     within 15 % of the truth's FWHM and the median ratio, as `engine.fidelity` reports them.
     """
     depth = np.asarray(depth_um, dtype=np.float64)
-    out: dict[str, Any] = {}
-    for label, subvoxel in (("subvoxel", True), ("nearest_voxel", False)):
-        ratios = []
-        for s in samples:
-            renderer = Renderer(psf, depth, s.frame.shape, threads=1)
+    modes = {"subvoxel": True, "nearest_voxel": False}
+    ratios: dict[str, list[np.ndarray]] = {label: [] for label in modes}
+    for s in samples:
+        renderer = Renderer(psf, depth, s.frame.shape, threads=1)  # its OTFs: once per sample
+        for label, subvoxel in modes.items():
             density = point_density(s, depth, subvoxel=subvoxel)
-            ratios.append(ho.bead_fwhm_ratios(_rendered(renderer, density, s.background), s))
-        r = np.concatenate(ratios)
+            ratios[label].append(
+                ho.bead_fwhm_ratios(_rendered(renderer, density, s.background), s)
+            )
+    out: dict[str, Any] = {}
+    for label in modes:
+        r = np.concatenate(ratios[label])
         out[label] = {
             "beads": int(r.size),
             "within_15pct": float(np.mean(np.abs(r - 1) <= 0.15)) if r.size else None,

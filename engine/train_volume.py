@@ -666,6 +666,10 @@ def lab_loss(
 # ----------------------------------------------------------------------------- validation
 
 
+VALIDATION_PIXEL_UM = 0.3
+"""Pixel size of the validation frames (µm): the simulator's default, as the configs train."""
+
+
 def _scored_beads(
     shape: tuple[int, ...], depth_um: np.ndarray, objects: Any, focus_um: float, margin_px: int
 ) -> list[tuple[float, int, int]]:
@@ -674,7 +678,7 @@ def _scored_beads(
     Beads at least `margin_px` inside the frame and within the depth grid (less half a step).
     """
     h, w = shape[-2:]
-    px = 0.3
+    px = VALIDATION_PIXEL_UM
     out = []
     for i in np.flatnonzero(objects.kind == "bead"):
         z = float(objects.z_um[i]) - focus_um
@@ -683,6 +687,13 @@ def _scored_beads(
             if abs(z) <= depth_um[-1] - 0.5:
                 out.append((z, int(y), int(x)))
     return out
+
+
+def _column_peak(density: np.ndarray, y: int, x: int) -> tuple[np.ndarray, int | None]:
+    """Return the 3x3 density column at (y, x) summed per depth, and its peak (None: empty)."""
+    profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
+    k = int(np.argmax(profile))
+    return profile, (k if profile[k] > 0 else None)
 
 
 def bead_depth_errors(
@@ -698,9 +709,8 @@ def bead_depth_errors(
     errs, depths = [], []
     for z, y, x in _scored_beads(density.shape, depth_um, objects, focus_um, margin_px):
         depths.append(z)
-        profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
-        k = int(np.argmax(profile))
-        if profile[k] <= 0:
+        profile, k = _column_peak(density, y, x)
+        if k is None:
             errs.append(np.nan)
             continue
         frac = 0.0
@@ -728,13 +738,12 @@ def bead_density_fwhm(
 
     out = []
     for _, y, x in _scored_beads(density.shape, depth_um, objects, focus_um, margin_px):
-        profile = density[:, y - 1 : y + 2, x - 1 : x + 2].sum(axis=(1, 2))
-        k = int(np.argmax(profile))
-        if profile[k] <= 0:
+        _, k = _column_peak(density, y, x)
+        if k is None:
             out.append(np.nan)
             continue
         window = density[k, y - 6 : y + 7, x - 6 : x + 7]
-        out.append(gaussian_fwhm_2d(window, 0.3, centered=True))
+        out.append(gaussian_fwhm_2d(window, VALIDATION_PIXEL_UM, centered=True))
     return np.asarray(out, dtype=np.float64)
 
 
