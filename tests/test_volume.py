@@ -316,6 +316,39 @@ def test_far_weight_makes_far_misses_cost_more(psf):
     assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
 
 
+def test_render_planes_follow_the_truths_mass_when_asked():
+    """With render_at_objects, the render term's planes are drawn mostly where objects are in
+    focus; with 0 the draw is uniform and ignores the truth; always distinct depths."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import VolumeTrainConfig, render_depths
+
+    target = torch.zeros(2, 41, 16, 16)
+    target[:, 30, 8, 8] = 1.0  # every object at depth index 30 (+5 µm)
+    hits = {}
+    for share in (0.0, 0.75, 1.0):
+        cfg = VolumeTrainConfig.model_validate(
+            {
+                "patch_size": 32,
+                "channels": [4, 4, 8, 8],
+                "loss": {"render_planes": 2, "render_at_objects": share},
+            }
+        )
+        rng = np.random.default_rng(0)
+        draws = [render_depths(rng, cfg, target) for _ in range(400)]
+        assert all(len(set(d.tolist())) == 2 and set(d) <= set(cfg.depth_um) for d in draws)
+        hits[share] = np.mean([cfg.depth_um[30] in d for d in draws])
+    assert hits[0.0] < 0.1  # 2 of 41 depths: about 5 %
+    assert hits[0.75] > 0.85  # 3/4 of each draw on it (plus the uniform share)
+    assert hits[1.0] == 1.0
+    empty = torch.zeros_like(target)  # nothing in the patch: the draw falls back to uniform
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"render_at_objects": 1.0}}
+    )
+    assert len(render_depths(np.random.default_rng(1), cfg, empty)) == cfg.loss.render_planes
+
+
 def test_the_column_term_rewards_finding_an_object_at_any_depth(psf):
     """A far bead put at the wrong depth costs nothing in the column term, a missed one all of
     it; the density term scores the misplaced bead twice as badly as the missed one (a miss
