@@ -23,6 +23,11 @@ Three read-outs that `engine.fidelity` does not give, for the evaluation report 
   model's own PSF bank and renderer. It says how much of the FWHM target the rendering allows
   at all; and the bead spread of those points (the truth's density FWHM and depth SD), which
   says how sharp, laterally and in depth, the model's density must be to meet it.
+- **tilted plane, split**: `engine.fidelity`'s tilted-plane read-out (a bead is in focus when
+  its peak on the DPM surface is within 20 % of the all-in-focus truth's) with the misses split
+  into too dim and too bright, for the model and for the truth's own points rendered by the
+  model's renderer (the ceiling). Sharpening a density after the network moves dim beads up and
+  the rest over the top: the split says which way a recipe misses.
 - **column mass by distance**: on the same beads, the density summed over *all* depths within
   3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
   focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
@@ -49,7 +54,15 @@ from engine.metrics import gaussian_fwhm_2d
 from engine.runtime import load_backend
 from engine.volume import Renderer, load_psf_bank
 
-__all__ = ["bead_spread", "column_mass", "focus_response", "fwhm_ceiling", "main", "point_density"]
+__all__ = [
+    "bead_spread",
+    "column_mass",
+    "focus_response",
+    "fwhm_ceiling",
+    "main",
+    "point_density",
+    "tilted_split",
+]
 
 FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
@@ -188,6 +201,47 @@ def fwhm_ceiling(
     return out
 
 
+def _ratio_summary(ratios: np.ndarray) -> dict[str, Any]:
+    """Share of peak ratios in focus (within `ho.IN_FOCUS_TOLERANCE` of 1), below and above."""
+    r, tol = np.asarray(ratios, dtype=np.float64), ho.IN_FOCUS_TOLERANCE
+    if r.size == 0:
+        return {"beads": 0, "in_focus": None, "too_dim": None, "too_bright": None}
+    return {
+        "beads": int(r.size),
+        "in_focus": float(np.mean(np.abs(r - 1) <= tol)),
+        "too_dim": float(np.mean(r < 1 - tol)),
+        "too_bright": float(np.mean(r > 1 + tol)),
+        "ratio_median": float(np.median(r)),
+        "ratio_quartiles": [float(np.quantile(r, 0.25)), float(np.quantile(r, 0.75))],
+    }
+
+
+def tilted_split(
+    backend: Any, psf: np.ndarray, samples: Sequence[ho.IndependentSample]
+) -> dict[str, Any]:
+    """Score the tilted plane as `engine.fidelity` does, misses split into too dim and too bright.
+
+    "model": the backend's surface on each sample's DPM, as `engine.fidelity` scores it;
+    "truth_points": the true beads as sub-voxel points (`point_density`) rendered by the
+    model's renderer over the same surface, the most the rendering allows.
+    """
+    assert backend.metadata.volume is not None
+    depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    model, truth = [], []
+    for s in samples:
+        t = ho.tilted_in_focus(lambda f, d: backend.infer(f, d[None])[0], s)
+        model.append(t.peak_refocused / t.peak_truth)
+        renderer = Renderer(psf, depth, s.frame.shape, threads=1)
+        points = _rendered(renderer, point_density(s, depth), s.background)
+        c = ho.tilted_in_focus(ho.surface_from_planes(points, step), s)
+        truth.append(c.peak_refocused / c.peak_truth)
+    return {
+        "model": _ratio_summary(np.concatenate(model)),
+        "truth_points": _ratio_summary(np.concatenate(truth)),
+    }
+
+
 def column_mass(
     depth_um: np.ndarray, samples: Sequence[ho.IndependentSample], volumes: Sequence[np.ndarray]
 ) -> list[dict[str, Any]]:
@@ -283,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns = column_mass(depth, samples, volumes)
     ceiling = fwhm_ceiling(depth, psf, samples)
     truth = bead_spread(depth, psf, samples, [point_density(s, depth) for s in samples])
+    tilted = tilted_split(
+        backend, psf, [ho.independent_sample("tilted", seed) for seed in range(args.samples)]
+    )
     print(f"{args.model} ({backend.name})")
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
@@ -302,6 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{100 * v['within_15pct']:.0f}% {k.replace('_', ' ')} (median ratio "
             f"{v['ratio_median']:.2f}, {v['beads']} beads)"
             for k, v in ceiling.items()
+        )
+    )
+    print(
+        "tilted plane (peak on the DPM surface within 20 % of the truth's): "
+        + "; ".join(
+            f"{k.replace('_', ' ')} {100 * v['in_focus']:.0f}% in focus, "
+            f"{100 * v['too_dim']:.0f}% too dim, {100 * v['too_bright']:.0f}% too bright "
+            f"(median ratio {v['ratio_median']:.2f}, {v['beads']} beads)"
+            for k, v in tilted.items()
         )
     )
     print(f"focus response ({response['nuclei']} bright nuclei of the simulated worm):")
@@ -328,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "column_mass": columns,
         "fwhm_ceiling": ceiling,
         "bead_spread_truth": truth,
+        "tilted_split": tilted,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")
