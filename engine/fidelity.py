@@ -122,15 +122,7 @@ def _model_method(path: Path, precision: Precision = "fp32") -> Method:
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
     backend = load_backend(path, prefer=prefer, precision=precision)
 
-    def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
-        dz = np.asarray(dz_um, dtype=np.float32)
-        dpms = np.broadcast_to(dz[:, None, None], (dz.size, *frame.shape))
-        return backend.infer(frame, dpms)
-
-    def surface(frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
-        out: np.ndarray = backend.infer(frame, np.asarray(dpm_um, dtype=np.float32)[None])[0]
-        return out
-
+    planes, surface = ho.refocus_fns(backend)
     kind = "volume" if backend.metadata.volume is not None else "per-plane"
     label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
     if backend.precision != "fp32":

@@ -54,7 +54,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import psfmodels
@@ -88,6 +88,7 @@ __all__ = [
     "nucleus_depths",
     "paired_hits",
     "plane_metrics",
+    "refocus_fns",
     "summarise",
     "summarise_ratios",
     "surface_from_planes",
@@ -710,6 +711,30 @@ def input_surface_fn(frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
     """Return the frame itself (float32) on any surface: the 'unrefocused input' baseline."""
     out: np.ndarray = np.asarray(frame, dtype=np.float32).copy()
     return out
+
+
+class _Refocuser(Protocol):
+    def infer(self, frame: np.ndarray, dpms: np.ndarray) -> np.ndarray: ...
+
+
+def refocus_fns(backend: _Refocuser) -> tuple[PlanesFn, SurfaceFn]:
+    """Return a model's refocusing as the read-outs take it: uniform planes, one DPM surface.
+
+    `backend` is anything with `infer(frame, dpms (N, H, W) µm) -> (N, H, W)`, as every
+    `engine.runtime` backend has; one home for how a model is scored, so every report and
+    probe scores it the same way.
+    """
+
+    def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        dz = np.asarray(dz_um, dtype=np.float32)
+        dpms = np.broadcast_to(dz[:, None, None], (dz.size, *frame.shape))
+        return backend.infer(frame, dpms)
+
+    def surface(frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
+        out: np.ndarray = backend.infer(frame, np.asarray(dpm_um, dtype=np.float32)[None])[0]
+        return out
+
+    return planes, surface
 
 
 def truth_planes_fn(sample: IndependentSample) -> PlanesFn:

@@ -228,9 +228,10 @@ def tilted_split(
     assert backend.metadata.volume is not None
     depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
     step = float(depth[1] - depth[0])
+    _, surface = ho.refocus_fns(backend)
     model, truth = [], []
     for s in samples:
-        t = ho.tilted_in_focus(lambda f, d: backend.infer(f, d[None])[0], s)
+        t = ho.tilted_in_focus(surface, s)
         model.append(t.peak_refocused / t.peak_truth)
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
         points = _rendered(renderer, point_density(s, depth), s.background)
@@ -362,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     print(
-        "tilted plane (peak on the DPM surface within 20 % of the truth's): "
+        f"tilted plane (peak on the DPM surface within {100 * ho.IN_FOCUS_TOLERANCE:.0f} % of "
+        "the truth's): "
         + "; ".join(
             f"{k.replace('_', ' ')} {100 * v['in_focus']:.0f}% in focus, "
             f"{100 * v['too_dim']:.0f}% too dim, {100 * v['too_bright']:.0f}% too bright "

@@ -541,10 +541,11 @@ def render_depths(
 ) -> np.ndarray:
     """Δz (µm) of the planes the render term scores this step, drawn without replacement.
 
-    With ``render_at_objects`` = a, depth d is drawn with probability (1 − a)/D + a · m_d / Σm,
-    m_d the batch's true density at depth d: a plane at an object's own depth is where the
-    rendered object is sharp, so it is where a density too wide laterally, or placed a slice
-    off, costs most. A uniform draw spends most planes on depths with nothing in focus.
+    With ``render_at_objects`` = a, each draw picks depth d with weight (1 − a)/D + a · m_d / Σm
+    (m_d the batch's true density at depth d), renormalised over the depths not yet drawn. A
+    plane at an object's own depth is where the rendered object is sharp, so it is where a
+    density too wide laterally, or placed a slice off, costs most. A uniform draw spends most
+    planes on depths with nothing in focus.
     """
     depth = cfg.depth_um
     k = cfg.loss.render_planes
@@ -882,9 +883,13 @@ def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
 
 
 def make_volume_metadata(
-    cfg: VolumeTrainConfig, model: DeepZ, psf_file: str, extra: dict[str, Any]
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    psf_file: str,
+    extra: dict[str, Any],
+    modality: Modality | None = None,
 ) -> ModelMetadata:
-    """Describe a volume model trained with `cfg`."""
+    """Describe a volume model trained with `cfg`, rendering `modality` (default: the trained)."""
     from engine.optics import OpticsConfig
     from engine.train import _command, _git_commit
 
@@ -903,14 +908,14 @@ def make_volume_metadata(
         trained_on=(
             f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; scalar "
             f"Gibson-Lanni PSF, index-mismatch depths {d.particle_depths_um} µm, focus within "
-            f"±{d.focus_half_range_um} µm)"
+            f"±{d.focus_half_range_um} µm; {cfg.target_modality} render targets)"
         ),
         training_command=_command().replace("engine.train ", "engine.train_volume "),
         commit=_git_commit(),
         volume=VolumeOutput(
             depth_um=tuple(float(z) for z in cfg.depth_um),
             psf_file=psf_file,
-            modality=cfg.target_modality,
+            modality=modality or cfg.target_modality,
         ),
         extra=extra,
     )
@@ -1073,8 +1078,12 @@ def save_volume_model(
     history: list[dict[str, float]],
     step: int,
     bf16: bool,
+    modality: Modality | None = None,
 ) -> Path:
-    """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path."""
+    """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path.
+
+    `modality` names the PSF bank's (`psf`'s) modality when it is not the one trained.
+    """
     assert cfg.weights_out is not None
     weights = Path(cfg.weights_out)
     psf_path = weights.with_suffix(".psf.npy")
@@ -1091,7 +1100,8 @@ def save_volume_model(
         "train_config": json.loads(cfg.model_dump_json()),
     }
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    save_model(model.cpu(), make_volume_metadata(cfg, model, psf_path.name, extra), weights)
+    meta = make_volume_metadata(cfg, model, psf_path.name, extra, modality)
+    save_model(model.cpu(), meta, weights)
     return weights
 
 
@@ -1103,8 +1113,15 @@ def _machine(cfg: VolumeTrainConfig, bf16: bool) -> str:
     return f"{where}, bf16 autocast {bf16}"
 
 
-def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
-    """Write cfg.weights_out from a checkpoint (e.g. of a run stopped early); return its path."""
+def weights_from_checkpoint(
+    cfg: VolumeTrainConfig, checkpoint: Path, render_modality: Modality | None = None
+) -> Path:
+    """Write cfg.weights_out from a checkpoint (e.g. of a run stopped early); return its path.
+
+    The network predicts where the light comes from, whatever the microscope; only the PSF bank
+    it is rendered through has a modality. `render_modality` writes the bank of another one
+    than was trained (a confocal-trained model served wide-field, or the reverse).
+    """
     from engine.optics import OpticsConfig
 
     if cfg.weights_out is None:
@@ -1115,8 +1132,10 @@ def weights_from_checkpoint(cfg: VolumeTrainConfig, checkpoint: Path) -> Path:
     model = build_volume_model(ck_cfg)
     model.load_state_dict(ck["model"])
     model.eval()
-    psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=ck_cfg.target_modality)
-    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], uses_bf16(ck_cfg))
+    modality = render_modality or ck_cfg.target_modality
+    psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
+    bf16 = uses_bf16(ck_cfg)
+    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], bf16, modality)
 
 
 def _checkpoint(
@@ -1231,6 +1250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="write weights_out (+ .json, .psf.npy) from this checkpoint and exit (no training)",
     )
     p.add_argument("--weights-out", type=Path, default=None, help="override weights_out")
+    p.add_argument(
+        "--render-modality",
+        choices=["widefield", "confocal"],
+        default=None,
+        help="with --weights-from-checkpoint: the PSF bank to render through (default: trained)",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     if args.weights_out is not None:
@@ -1240,7 +1265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         cfg.out_dir = args.out
     if args.weights_from_checkpoint is not None:
-        path = weights_from_checkpoint(cfg, args.weights_from_checkpoint)
+        path = weights_from_checkpoint(cfg, args.weights_from_checkpoint, args.render_modality)
         print(f"weights: {path}")
         return 0
     model = train(cfg, resume=args.resume, progress=not args.no_progress)

@@ -234,6 +234,15 @@ def test_training_resume_continues(tmp_path: Path):
     model, meta = load_model(path)
     assert meta.extra["steps"] == 5 and (path.parent / "v.psf.npy").is_file()
     assert model.architecture["out_channels"] == 41
+    # the same density served through another microscope's PSF bank (cross-modality)
+    cfg.weights_out = tmp_path / "confocal" / "v.pt"
+    other = weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt", render_modality="confocal")
+    _, other_meta = load_model(other)
+    assert meta.volume is not None and other_meta.volume is not None
+    assert (meta.volume.modality, other_meta.volume.modality) == ("widefield", "confocal")
+    assert other_meta.extra["train_config"]["target_modality"] == "widefield"
+    wide, conf = np.load(path.parent / "v.psf.npy"), np.load(other.parent / "v.psf.npy")
+    assert wide.shape == conf.shape and not np.allclose(wide, conf)
 
 
 def test_the_portable_checkpoint_is_slim_and_a_fresh_machine_resumes_from_it(tmp_path: Path):
