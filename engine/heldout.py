@@ -146,6 +146,15 @@ class IndependentOptics:
     pixel_size_um: float = 0.3
     base_depth_um: float = 12.0
     aberration_step_um: float = 1.0
+    pinhole_au: float | None = None
+    """None: wide-field. Otherwise a confocal PSF, the cross-modality truth, made unlike the
+    simulator's (scalar, point pinhole): the vectorial excitation PSF times the vectorial
+    detection PSF seen through a round pinhole of this diameter in Airy units, both aberrated."""
+    excitation_wavelength_um: float = 0.488
+
+    def __post_init__(self) -> None:
+        if self.pinhole_au is not None and not self.pinhole_au > 0:
+            raise ValueError(f"pinhole_au must be > 0 (or None: wide-field), not {self.pinhole_au}")
 
     def aberration_bin(self, z_um: float) -> int:
         """Index of the aberration depth bin a source at depth `z_um` falls in."""
@@ -178,7 +187,11 @@ class IndependentOptics:
 
 
 def _raw_psf(
-    optics: IndependentOptics, pz: float, z_stage_um: Sequence[float] | np.ndarray, size_px: int
+    optics: IndependentOptics,
+    pz: float,
+    z_stage_um: Sequence[float] | np.ndarray,
+    size_px: int,
+    wavelength_um: float | None = None,
 ) -> np.ndarray:
     """Call psfmodels' vectorial model at nominal focus positions `z_stage_um` (float64)."""
     psf: np.ndarray = psfmodels.make_psf(
@@ -187,7 +200,7 @@ def _raw_psf(
         dxy=optics.pixel_size_um,
         pz=pz,
         NA=optics.na,
-        wvl=optics.wavelength_um,
+        wvl=optics.wavelength_um if wavelength_um is None else wavelength_um,
         ns=optics.sample_index,
         ni=optics.immersion_index,
         ni0=optics.immersion_index,
@@ -216,12 +229,44 @@ def _best_focus(optics: IndependentOptics, pz: float) -> float:
 def _psf_planes(
     optics: IndependentOptics, pz: float, defocus_um: tuple[float, ...], size_px: int
 ) -> np.ndarray:
-    """Unit-sum vectorial PSF planes at `defocus_um` from the best focus of depth `pz`."""
+    """Vectorial PSF planes at `defocus_um` from the best focus of depth `pz`.
+
+    Wide-field planes each sum to 1; confocal ones (`optics.pinhole_au`) are scaled so the
+    in-focus plane sums to 1 and dim away from focus (optical sectioning).
+    """
     best = _best_focus(optics, pz)
-    psf = _raw_psf(optics, pz, [best + d for d in defocus_um], size_px)
-    psf /= psf.sum(axis=(1, 2), keepdims=True)
+    stage = [best + d for d in defocus_um]
+    psf = _raw_psf(optics, pz, stage, size_px)
+    if optics.pinhole_au is None:
+        psf /= psf.sum(axis=(1, 2), keepdims=True)
+    else:
+        psf = _confocal(optics, pz, stage, psf)
+        psf /= _confocal(optics, pz, [best], _raw_psf(optics, pz, [best], size_px)).sum()
     out = psf.astype(np.float32)
     out.flags.writeable = False
+    return out
+
+
+def _confocal(
+    optics: IndependentOptics, pz: float, stage: Sequence[float], detection: np.ndarray
+) -> np.ndarray:
+    """Confocal PSF planes: excitation × (detection ⊛ pinhole disc), unnormalised (float64).
+
+    The pinhole, `optics.pinhole_au` Airy units across (1 AU = 1.22 λ/NA at the emission
+    wavelength, in sample coordinates), is a disc integrated over 4 × 4 sub-pixels.
+    """
+    assert optics.pinhole_au is not None
+    excitation = _raw_psf(optics, pz, stage, detection.shape[-1], optics.excitation_wavelength_um)
+    radius_px = 0.5 * optics.pinhole_au * 1.22 * optics.wavelength_um / optics.na
+    radius_px /= optics.pixel_size_um
+    half = math.ceil(radius_px)
+    sub = (np.arange(4 * (2 * half + 1)) + 0.5) / 4 - (half + 0.5)
+    inside = (sub[:, None] ** 2 + sub[None, :] ** 2 <= radius_px**2).astype(np.float64)
+    disc = inside.reshape(2 * half + 1, 4, 2 * half + 1, 4).sum(axis=(1, 3))
+    if disc.sum() == 0:  # a pinhole smaller than a sub-pixel: a point
+        disc[half, half] = 1.0
+    seen = np.stack([ndimage.convolve(p, disc / disc.sum(), mode="constant") for p in detection])
+    out: np.ndarray = excitation * seen
     return out
 
 

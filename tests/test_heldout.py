@@ -66,6 +66,21 @@ def test_vectorial_psf_unit_sum_focus_and_differs_from_training_psf():
     assert rel(np.asarray(optics.psf(d, source_z_um=10.0))) > 0.2
 
 
+def test_confocal_psf_sections_and_its_pinhole_is_not_the_simulators_point():
+    """The independent confocal truth: in focus sums to 1 and dims away from focus; a 1 AU
+    pinhole sections less than the simulator's point pinhole (made another way)."""
+    d = H.truth_dz_um()
+    one_au = H.IndependentOptics(pinhole_au=1.0).psf(d)
+    point = H.IndependentOptics(pinhole_au=0.01).psf(d)
+    s_one, s_point = one_au.sum(axis=(1, 2)), point.sum(axis=(1, 2))
+    np.testing.assert_allclose([s_one[20], s_point[20]], 1.0, rtol=1e-5)
+    # measured: 1 AU 0.32 / 0.10 / 0.025 of the in-focus light at 1 / 2 / 4 µm
+    assert s_one[16] < 0.15 and s_one[24] < 0.15 and s_one[12] < 0.05
+    assert np.all(s_point[[12, 16, 18, 22, 24, 28]] < s_one[[12, 16, 18, 22, 24, 28]])
+    with pytest.raises(ValueError, match="pinhole_au must be > 0"):
+        H.IndependentOptics(pinhole_au=0.0)
+
+
 def test_truth_planes_score_perfectly_and_the_input_does_not(beads):
     truth = H.truth_planes_fn(beads)
     depth = H.summarise(H.bead_depth_errors(truth, beads))
