@@ -66,8 +66,6 @@ __all__ = [
 
 FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
-DISTANCE_BINS_UM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.5)
-"""Bins of a bead's distance from focus (µm), as in `engine.fidelity`'s by-distance table."""
 SHIFTS_UM = (-4.0, -2.0, 2.0, 4.0)
 """Sample shifts of the focus-response probe (µm; + = deeper)."""
 
@@ -263,7 +261,7 @@ def column_mass(
             mass.append(total / float(s.objects.intensity[i]))
             near.append(float(column[np.abs(depth - z) <= 1.0].sum()) / total if total > 0 else 0)
     d, m, n = np.asarray(dist), np.asarray(mass), np.asarray(near)
-    edges = DISTANCE_BINS_UM
+    edges = ho.DISTANCE_BINS_UM
     in_focus = m[(d >= edges[0]) & (d < edges[1])]
     ref = float(np.median(in_focus)) if in_focus.size else float("nan")
     rows_out = []

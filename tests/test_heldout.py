@@ -66,6 +66,15 @@ def test_vectorial_psf_unit_sum_focus_and_differs_from_training_psf():
     assert rel(np.asarray(optics.psf(d, source_z_um=10.0))) > 0.2
 
 
+def test_within_range_summarises_only_the_beads_near_focus():
+    z = np.array([0.5, -1.0, 3.0, -5.0, 7.0, -9.0])
+    err = np.array([0.1, 0.2, 0.4, np.nan, 2.0, np.nan])  # NaN: not found
+    near, mid = H.within_range(z, err, (4.0, 6.0))
+    assert (near["range_um"], near["count"], near["failures"]) == (4.0, 3, 0)
+    assert near["median_um"] == 0.2 and near["p90_um"] == 0.4 and near["within_1um"] == 1.0
+    assert (mid["count"], mid["failures"], mid["p90_um"]) == (4, 1, np.inf)
+
+
 def test_confocal_psf_sections_and_its_pinhole_is_not_the_simulators_point():
     """The independent confocal truth: in focus sums to 1 and dims away from focus; a 1 AU
     pinhole sections less than the simulator's point pinhole (made another way)."""

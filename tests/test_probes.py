@@ -48,7 +48,7 @@ def test_cli_writes_its_json(tmp_path: Path) -> None:
     assert record["fwhm_ceiling"]["subvoxel"]["beads"] >= 1
     bins = record["column_mass"]
     assert [(b["from_um"], b["to_um"]) for b in bins] == list(
-        zip(probes.DISTANCE_BINS_UM, probes.DISTANCE_BINS_UM[1:], strict=False)
+        zip(ho.DISTANCE_BINS_UM, ho.DISTANCE_BINS_UM[1:], strict=False)
     )
     assert bins[0]["column_mass_vs_in_focus"] == 1.0  # the reference bin
     for b in bins:
