@@ -128,6 +128,13 @@ def _model_method(path: Path, precision: Precision = "fp32") -> Method:
 
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
     backend = load_backend(path, prefer=prefer, precision=precision)
+    volume = backend.metadata.volume
+    if volume is not None and volume.modality != "widefield":
+        raise ValueError(
+            f"{path}: renders {volume.modality} planes, and the truths here are wide-field; "
+            "score its density wide-field: python -m engine.train_volume --config CFG "
+            "--weights-from-checkpoint CKPT --render-modality widefield --weights-out W.pt"
+        )
 
     planes, surface = ho.refocus_fns(backend)
     kind = "volume" if backend.metadata.volume is not None else "per-plane"
@@ -200,20 +207,14 @@ def _evaluate_set(
             progress.update(1)
         ssim_all = [v[0] for rows in planes.values() for v in rows]
         psnr_all = [v[1] for rows in planes.values() for v in rows]
+        errors = np.concatenate(depth) if depth else np.zeros(0)
+        z_true = np.concatenate(depth_true) if depth else np.zeros(0)
         out[m.name] = {
             "bead_depth": _summ(depth, ho.summarise),
             # per bead, in the samples' order: what `paired` compares methods on
-            "bead_errors_um": np.concatenate(depth).tolist() if depth else [],
-            "bead_depth_by_distance": ho.by_distance(
-                np.concatenate(depth_true), np.concatenate(depth)
-            )
-            if depth
-            else [],
-            "bead_depth_within_range": ho.within_range(
-                np.concatenate(depth_true), np.concatenate(depth)
-            )
-            if depth
-            else [],
+            "bead_errors_um": errors.tolist(),
+            "bead_depth_by_distance": ho.by_distance(z_true, errors) if depth else [],
+            "bead_depth_within_range": ho.within_range(z_true, errors) if depth else [],
             "bead_fwhm": _summ(fwhm, ho.summarise_ratios),
             "nucleus_depth": _summ(nuclei, ho.summarise),
             "tilted_in_focus": float(np.mean(tilt_frac)) if tilt_frac else None,
@@ -316,15 +317,23 @@ def _cross_modality_samples(
             truth = renderer.render(pair.objects_counts[0], PLANE_DZ_UM)
             yield "simulator", f"{kind} {seed}", frame, flat, truth
     confocal = ho.IndependentOptics(pinhole_au=CONFOCAL_PINHOLE_AU)
-    index = np.searchsorted(ho.truth_dz_um(), PLANE_DZ_UM - 1e-6)
     for kind, seeds in independent.items():
         for seed in seeds:
-            wide = ho.independent_sample(kind, seed)  # type: ignore[arg-type]
-            conf = ho.independent_sample(kind, seed, optics=confocal)  # type: ignore[arg-type]
-            # one seed draws the same objects whatever the optics (drawn before imaging)
-            assert np.array_equal(wide.objects.z_um, conf.objects.z_um)
+            shape = renderer.shape
+            wide = ho.independent_sample(kind, seed, shape)  # type: ignore[arg-type]
+            conf = ho.independent_sample(kind, seed, shape, optics=confocal)  # type: ignore[arg-type]
+            # one seed draws the same objects whatever the pinhole (drawn before imaging)
+            a, b = wide.objects, conf.objects
+            if not all(
+                np.array_equal(getattr(a, f), getattr(b, f))
+                for f in ("x_um", "y_um", "z_um", "radius_um", "intensity")
+            ):
+                raise RuntimeError(f"{kind} {seed}: the confocal truth drew other objects")
             flat = np.asarray(wide.frame, dtype=np.float32) - wide.background
-            truth = conf.planes[index] - conf.background[None]
+            on_grid = _on_grid(conf.planes, conf.dz_um, PLANE_DZ_UM)
+            if on_grid is None:
+                raise RuntimeError(f"the truth planes do not hold Δz = {PLANE_DZ_UM.tolist()}")
+            truth = on_grid - conf.background[None]
             yield "independent", f"{kind} {seed}", wide.frame, flat, truth
 
 
@@ -343,7 +352,8 @@ def cross_modality(
     pinhole, other sample statistics). The baseline is the background-subtracted wide-field
     input. Scale-free scores: Pearson r, and SSIM after scaling each plane by the truth's peak.
     Each model's training modality is recorded: a wide-field-trained model's density rendered
-    confocally measures how much of the sample the density holds.
+    confocally measures how much of the sample the density holds. Empty if no model is a
+    volume model (the baseline alone says nothing).
     """
     from engine.optics import OpticsConfig
     from engine.runtime import load_backend
@@ -404,7 +414,10 @@ def cross_modality(
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None or not np.isfinite(v) else format(v, spec)
+    """Format a figure: "–" where there is none, "∞" where too many beads were not found."""
+    if v is None or np.isnan(v):
+        return "–"
+    return "∞" if np.isinf(v) else format(v, spec)
 
 
 def _paired_table(res: dict[str, Any]) -> list[str]:
@@ -441,7 +454,10 @@ def _paired_table(res: dict[str, Any]) -> list[str]:
 
 
 def _distance_table(res: dict[str, Any]) -> list[str]:
-    """Markdown table: beads within 1 µm (found) by distance from focus, per method."""
+    """Markdown tables per method: beads within 1 µm (found) by distance from focus.
+
+    A second table gives the depth error over the beads within ±4 / ±6 µm of focus.
+    """
     key = "bead_depth_by_distance"
     rows = {m: v[key] for m, v in res.items() if v.get(key)}
     if not rows:

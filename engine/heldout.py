@@ -37,7 +37,9 @@ How the set differs from the training simulator (`engine.optics`):
 Coordinates follow `engine.optics`: x along columns and y along rows (µm) from the centre of
 the top-left pixel, z along the optical axis (+ deeper). Each sample holds one camera frame at
 focus 0 and the noise-free wide-field planes at focus -10 ... +10 µm (0.5 µm steps), the
-"truth" a refocused plane is compared with.
+"truth" a refocused plane is compared with. With `IndependentOptics(pinhole_au=...)` the same
+objects are imaged confocally instead (vectorial excitation × detection through a finite
+pinhole): the cross-modality truth, made unlike the simulator's scalar point-pinhole one.
 
 The read-outs take a refocusing *function*, not a model (`PlanesFn`, `SurfaceFn`), so a
 network, the unrefocused input (`input_planes_fn`) or the noise-free truth itself
@@ -53,7 +55,7 @@ import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -64,6 +66,8 @@ from scipy import ndimage, optimize
 from engine.metrics import gaussian_fwhm_2d, pearson, psnr, ssim
 
 __all__ = [
+    "DISTANCE_BINS_UM",
+    "RANGES_UM",
     "BeadDepths",
     "BeadFwhm",
     "HeldoutCamera",
@@ -80,6 +84,7 @@ __all__ = [
     "bead_fwhm",
     "bead_fwhm_ratios",
     "bead_sites",
+    "by_distance",
     "independent_sample",
     "input_planes_fn",
     "input_surface_fn",
@@ -87,6 +92,7 @@ __all__ = [
     "matched_filter_depth",
     "nucleus_depths",
     "paired_hits",
+    "pinhole_disc",
     "plane_metrics",
     "refocus_fns",
     "summarise",
@@ -154,8 +160,11 @@ class IndependentOptics:
     excitation_wavelength_um: float = 0.488
 
     def __post_init__(self) -> None:
-        if self.pinhole_au is not None and not self.pinhole_au > 0:
-            raise ValueError(f"pinhole_au must be > 0 (or None: wide-field), not {self.pinhole_au}")
+        if self.pinhole_au is not None and not 0 < self.pinhole_au < 10:
+            raise ValueError(
+                f"pinhole_au must be in (0, 10) Airy units (or None: wide-field), "
+                f"not {self.pinhole_au}"
+            )
 
     def aberration_bin(self, z_um: float) -> int:
         """Index of the aberration depth bin a source at depth `z_um` falls in."""
@@ -176,7 +185,8 @@ class IndependentOptics:
         """Vectorial PSF (Q, size, size) float32 of a source at depth `source_z_um`.
 
         ``defocus_um = z_focus - z_object``; 0 is that source's best focus. The point sits at
-        the centre pixel (use an odd size); every plane sums to 1. Cached and read-only.
+        the centre pixel (use an odd size); every wide-field plane sums to 1 (confocal: the in-focus
+        plane does, the others dim). Cached and read-only.
         """
         d = np.atleast_1d(np.asarray(defocus_um, dtype=np.float64))
         if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
@@ -235,16 +245,39 @@ def _psf_planes(
     Wide-field planes each sum to 1; confocal ones (`optics.pinhole_au`) are scaled so the
     in-focus plane sums to 1 and dim away from focus (optical sectioning).
     """
-    best = _best_focus(optics, pz)
+    best = _best_focus(replace(optics, pinhole_au=None), pz)  # the emission's focus
     stage = [best + d for d in defocus_um]
     psf = _raw_psf(optics, pz, stage, size_px)
     if optics.pinhole_au is None:
         psf /= psf.sum(axis=(1, 2), keepdims=True)
     else:
         psf = _confocal(optics, pz, stage, psf)
-        psf /= _confocal(optics, pz, [best], _raw_psf(optics, pz, [best], size_px)).sum()
+        if 0.0 in defocus_um:
+            psf /= psf[defocus_um.index(0.0)].sum()
+        else:
+            psf /= _confocal(optics, pz, [best], _raw_psf(optics, pz, [best], size_px)).sum()
     out = psf.astype(np.float32)
     out.flags.writeable = False
+    return out
+
+
+def pinhole_disc(optics: IndependentOptics) -> np.ndarray:
+    """Return the pinhole in sample pixels: a unit-sum disc `optics.pinhole_au` AU across.
+
+    1 AU = 1.22 λ/NA at the emission wavelength; each pixel holds the share of its 4 × 4
+    sub-pixel centres inside the disc (a pinhole narrower than a sub-pixel is one pixel).
+    """
+    if optics.pinhole_au is None:
+        raise ValueError("a wide-field IndependentOptics (pinhole_au None) has no pinhole")
+    radius_px = 0.5 * optics.pinhole_au * 1.22 * optics.wavelength_um / optics.na
+    radius_px /= optics.pixel_size_um
+    half = math.ceil(radius_px)
+    sub = (np.arange(4 * (2 * half + 1)) + 0.5) / 4 - (half + 0.5)
+    inside = (sub[:, None] ** 2 + sub[None, :] ** 2 <= radius_px**2).astype(np.float64)
+    disc = inside.reshape(2 * half + 1, 4, 2 * half + 1, 4).sum(axis=(1, 3))
+    if disc.sum() == 0:
+        disc[half, half] = 1.0
+    out: np.ndarray = disc / disc.sum()
     return out
 
 
@@ -253,20 +286,12 @@ def _confocal(
 ) -> np.ndarray:
     """Confocal PSF planes: excitation × (detection ⊛ pinhole disc), unnormalised (float64).
 
-    The pinhole, `optics.pinhole_au` Airy units across (1 AU = 1.22 λ/NA at the emission
-    wavelength, in sample coordinates), is a disc integrated over 4 × 4 sub-pixels.
+    The detection PSF is seen through `pinhole_disc` (sample coordinates); the excitation PSF
+    is the same vectorial, aberrated model at `optics.excitation_wavelength_um`.
     """
-    assert optics.pinhole_au is not None
     excitation = _raw_psf(optics, pz, stage, detection.shape[-1], optics.excitation_wavelength_um)
-    radius_px = 0.5 * optics.pinhole_au * 1.22 * optics.wavelength_um / optics.na
-    radius_px /= optics.pixel_size_um
-    half = math.ceil(radius_px)
-    sub = (np.arange(4 * (2 * half + 1)) + 0.5) / 4 - (half + 0.5)
-    inside = (sub[:, None] ** 2 + sub[None, :] ** 2 <= radius_px**2).astype(np.float64)
-    disc = inside.reshape(2 * half + 1, 4, 2 * half + 1, 4).sum(axis=(1, 3))
-    if disc.sum() == 0:  # a pinhole smaller than a sub-pixel: a point
-        disc[half, half] = 1.0
-    seen = np.stack([ndimage.convolve(p, disc / disc.sum(), mode="constant") for p in detection])
+    disc = pinhole_disc(optics)
+    seen = np.stack([ndimage.convolve(p, disc, mode="constant") for p in detection])
     out: np.ndarray = excitation * seen
     return out
 
@@ -297,7 +322,7 @@ class HeldoutObjects:
     x_um, y_um, z_um : (N,) centre positions (µm); z relative to the frame's focus, + deeper.
     radius_um : (N,) sphere radius (0 for sub-resolution beads).
     intensity : (N,) integrated signal of the object in one plane (camera counts above the
-        background), i.e. what the object adds to a wide-field plane summed over all pixels.
+        background), i.e. what the object adds to an in-focus plane summed over all pixels.
     kind : (N,) ``"bead"`` or ``"sphere"``.
     """
 
@@ -350,7 +375,8 @@ class IndependentSample:
     ----------
     kind, seed : what was drawn, and with which seed (same seed, same sample).
     frame : (H, W) uint16 camera frame at focus 0, with noise.
-    planes : (41, H, W) float32 noise-free wide-field planes at `dz_um`, in the frame's counts
+    planes : (41, H, W) float32 noise-free planes at `dz_um` (wide-field, or confocal with a
+        pinhole), in the frame's counts
         (offset and background included, no noise): what a perfect refocus returns.
     dz_um : (41,) focus positions of `planes` relative to the frame's focus (µm, + deeper).
     objects : ground-truth objects.
@@ -760,7 +786,9 @@ def input_surface_fn(frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
 
 
 class _Refocuser(Protocol):
-    def infer(self, frame: np.ndarray, dpms: np.ndarray) -> np.ndarray: ...
+    """What `refocus_fns` needs of a model: `engine.runtime.Backend.infer`."""
+
+    def infer(self, images: np.ndarray, dpms_um: np.ndarray, /) -> np.ndarray: ...
 
 
 def refocus_fns(backend: _Refocuser) -> tuple[PlanesFn, SurfaceFn]:
@@ -1398,7 +1426,7 @@ RANGES_UM = (4.0, 6.0)
 def within_range(
     z_true_um: np.ndarray, errors: np.ndarray, ranges_um: Sequence[float] = RANGES_UM
 ) -> list[dict[str, float]]:
-    """`summarise` over the beads within ±r of focus, for each r in `ranges_um`.
+    """`summarise` over the beads closer than r to focus (|z| < r), for each r in `ranges_um`.
 
     The targets ask for every bead over ±10 µm; this says how far from focus one frame gives
     depth to a stated accuracy (the median and p90, beads not found counting as failures).

@@ -1082,7 +1082,8 @@ def save_volume_model(
 ) -> Path:
     """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path.
 
-    `modality` names the PSF bank's (`psf`'s) modality when it is not the one trained.
+    `modality` must name `psf`'s modality when it is not the one trained (the caller built
+    `psf`; `weights_from_checkpoint` is the one place that does so).
     """
     assert cfg.weights_out is not None
     weights = Path(cfg.weights_out)
@@ -1257,6 +1258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --weights-from-checkpoint: the PSF bank to render through (default: trained)",
     )
     args = p.parse_args(argv)
+    if args.render_modality is not None and args.weights_from_checkpoint is None:
+        p.error("--render-modality applies to --weights-from-checkpoint only")
     cfg = load_config(args.config)
     if args.weights_out is not None:
         cfg.weights_out = args.weights_out

@@ -77,16 +77,23 @@ def test_within_range_summarises_only_the_beads_near_focus():
 
 def test_confocal_psf_sections_and_its_pinhole_is_not_the_simulators_point():
     """The independent confocal truth: in focus sums to 1 and dims away from focus; a 1 AU
-    pinhole sections less than the simulator's point pinhole (made another way)."""
+    pinhole (the held-out truth's) sections less than a point pinhole (the simulator's kind)."""
+    optics = H.IndependentOptics(pinhole_au=1.0)
+    disc = H.pinhole_disc(optics)  # 1 AU = 1.22 * 0.52 / 0.75 µm = 2.82 px across
+    np.testing.assert_allclose(disc, disc.T)
+    assert disc.shape == (5, 5) and abs(disc.sum() - 1) < 1e-9
+    assert 5.5 < 1 / disc.max() < 6.5  # the disc's area in px: pi * 1.41² = 6.2
     d = H.truth_dz_um()
-    one_au = H.IndependentOptics(pinhole_au=1.0).psf(d)
+    one_au = optics.psf(d)
     point = H.IndependentOptics(pinhole_au=0.01).psf(d)
     s_one, s_point = one_au.sum(axis=(1, 2)), point.sum(axis=(1, 2))
     np.testing.assert_allclose([s_one[20], s_point[20]], 1.0, rtol=1e-5)
     # measured: 1 AU 0.32 / 0.10 / 0.025 of the in-focus light at 1 / 2 / 4 µm
-    assert s_one[16] < 0.15 and s_one[24] < 0.15 and s_one[12] < 0.05
+    assert s_one[16] < 0.15 and s_one[24] < 0.15 and s_one[12] < 0.05 and s_one[28] < 0.05
     assert np.all(s_point[[12, 16, 18, 22, 24, 28]] < s_one[[12, 16, 18, 22, 24, 28]])
-    with pytest.raises(ValueError, match="pinhole_au must be > 0"):
+    wide = H.IndependentOptics().psf(d)  # confocal in focus: narrower, so a higher peak
+    assert one_au[20].max() > 1.3 * wide[20].max()
+    with pytest.raises(ValueError, match=r"pinhole_au must be in \(0, 10\)"):
         H.IndependentOptics(pinhole_au=0.0)
 
 
