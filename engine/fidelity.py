@@ -72,6 +72,8 @@ CROSS_MODALITY_SEEDS: dict[str, tuple[int, ...]] = {"beads": (41, 42), "worm": (
 """Simulator samples (held-out seeds) of the cross-modality (confocal) comparison."""
 CROSS_MODALITY_INDEPENDENT: dict[str, tuple[int, ...]] = {"beads": (101, 102), "spheres": (111,)}
 """Independent samples of the cross-modality comparison (confocal truth made another way)."""
+CEILING = "the true beads as points, confocal render (the most a density can score)"
+"""Cross-modality reference row: the truth's own points through the models' renderer."""
 CONFOCAL_PINHOLE_AU = 1.0
 """Pinhole of the independent confocal truth (Airy units); the simulator's is a point."""
 
@@ -293,10 +295,12 @@ def _cross_modality_samples(
     simulator: dict[str, tuple[int, ...]],
     independent: dict[str, tuple[int, ...]],
     renderer: Renderer,
-) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (set, sample, wide-field frame, its background-free copy, confocal truth planes).
+) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yield (set, sample, wide-field frame, background-free frame, confocal truth, points).
 
-    The truth is at `PLANE_DZ_UM`, background-free. Simulator: the true density rendered by
+    "points": the true beads as points on the renderer's depths (independent bead samples;
+    else None), the reference a density is scored against. The truth is at `PLANE_DZ_UM`,
+    background-free. Simulator: the true density rendered by
     `renderer`, the simulator's confocal PSF bank (scalar, point pinhole: what a
     confocal-trained model learns). Independent: the objects of the held-out wide-field frame
     imaged with `heldout.IndependentOptics(pinhole_au=CONFOCAL_PINHOLE_AU)` (vectorial,
@@ -315,7 +319,7 @@ def _cross_modality_samples(
             frame = pair.frames[0]
             flat = np.asarray(frame, dtype=np.float32) - np.float32(pair.background_counts)
             truth = renderer.render(pair.objects_counts[0], PLANE_DZ_UM)
-            yield "simulator", f"{kind} {seed}", frame, flat, truth
+            yield "simulator", f"{kind} {seed}", frame, flat, truth, None
     confocal = ho.IndependentOptics(pinhole_au=CONFOCAL_PINHOLE_AU)
     for kind, seeds in independent.items():
         for seed in seeds:
@@ -334,7 +338,9 @@ def _cross_modality_samples(
             if on_grid is None:
                 raise RuntimeError(f"the truth planes do not hold Δz = {PLANE_DZ_UM.tolist()}")
             truth = on_grid - conf.background[None]
-            yield "independent", f"{kind} {seed}", wide.frame, flat, truth
+            beads_only = bool((wide.objects.kind == "bead").all())
+            points = ho.point_density(wide, renderer.depth_um) if beads_only else None
+            yield "independent", f"{kind} {seed}", wide.frame, flat, truth, points
 
 
 def cross_modality(
@@ -377,9 +383,12 @@ def cross_modality(
     renderer = Renderer(psf_bank(OpticsConfig(), depth, modality="confocal"), depth, (256, 256))
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {}
     samples: dict[str, list[str]] = {}
-    for which, name, frame, flat, truth in _cross_modality_samples(seeds, independent, renderer):
+    pairs = _cross_modality_samples(seeds, independent, renderer)
+    for which, name, frame, flat, truth, points in pairs:
         samples.setdefault(which, []).append(name)
         candidates = {"unrefocused input (wide-field)": np.broadcast_to(flat, truth.shape)}
+        if points is not None:  # how far the render's PSF is from the truth's (bead samples)
+            candidates[CEILING] = renderer.render(points, PLANE_DZ_UM)
         for label, backend in backends:
             grid = backend.metadata.volume
             assert grid is not None  # only volume models are in `backends`

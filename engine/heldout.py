@@ -94,6 +94,7 @@ __all__ = [
     "paired_hits",
     "pinhole_disc",
     "plane_metrics",
+    "point_density",
     "refocus_fns",
     "summarise",
     "summarise_ratios",
@@ -859,6 +860,32 @@ FWHM_HALF_PX = 6
 """Gaussian fits use a 13x13 window centred on the bead's true position."""
 MIN_SPOT_SNR = 3.0
 """A refocused bead is resolved when its fitted amplitude is >= 3x the fit's residual."""
+
+
+def point_density(
+    sample: IndependentSample, depth_um: np.ndarray, *, subvoxel: bool = True
+) -> np.ndarray:
+    """Return the (D, H, W) density of a sample's beads as points on `depth_um` (µm from focus).
+
+    ``subvoxel``: each bead's brightness split tri-linearly over the 8 voxels around it (how the
+    training targets are made, `engine.optics`); else all of it on the nearest voxel.
+    """
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    h, w = sample.frame.shape
+    px = sample.pixel_size_um
+    out = np.zeros((depth.size, h, w), dtype=np.float32)
+    o = sample.objects
+    for i in np.flatnonzero(o.kind == "bead"):
+        pos = np.array([(o.z_um[i] - depth[0]) / step, o.y_um[i] / px, o.x_um[i] / px])
+        base = np.floor(pos) if subvoxel else np.round(pos)
+        frac = pos - base if subvoxel else np.zeros(3)
+        for corner in itertools.product((0, 1), repeat=3):
+            weight = float(np.prod([f if c else 1 - f for c, f in zip(corner, frac, strict=True)]))
+            z, y, x = (int(b) + c for b, c in zip(base, corner, strict=True))
+            if weight > 0 and 0 <= z < depth.size and 0 <= y < h and 0 <= x < w:
+                out[z, y, x] += float(o.intensity[i]) * weight
+    return out
 
 
 def bead_sites(

@@ -60,7 +60,6 @@ __all__ = [
     "focus_response",
     "fwhm_ceiling",
     "main",
-    "point_density",
     "tilted_split",
 ]
 
@@ -132,32 +131,6 @@ def bead_spread(
     }
 
 
-def point_density(
-    sample: ho.IndependentSample, depth_um: np.ndarray, *, subvoxel: bool = True
-) -> np.ndarray:
-    """(D, H, W) density of a sample's beads as points on `depth_um` (µm from the frame's focus).
-
-    ``subvoxel``: each bead's brightness split tri-linearly over the 8 voxels around it (how the
-    training targets are made, `engine.optics`); else all of it on the nearest voxel.
-    """
-    depth = np.asarray(depth_um, dtype=np.float64)
-    step = float(depth[1] - depth[0])
-    h, w = sample.frame.shape
-    px = sample.pixel_size_um
-    out = np.zeros((depth.size, h, w), dtype=np.float32)
-    o = sample.objects
-    for i in np.flatnonzero(o.kind == "bead"):
-        pos = np.array([(o.z_um[i] - depth[0]) / step, o.y_um[i] / px, o.x_um[i] / px])
-        base = np.floor(pos) if subvoxel else np.round(pos)
-        frac = pos - base if subvoxel else np.zeros(3)
-        for corner in itertools.product((0, 1), repeat=3):
-            weight = float(np.prod([f if c else 1 - f for c, f in zip(corner, frac, strict=True)]))
-            z, y, x = (int(b) + c for b, c in zip(base, corner, strict=True))
-            if weight > 0 and 0 <= z < depth.size and 0 <= y < h and 0 <= x < w:
-                out[z, y, x] += float(o.intensity[i]) * weight
-    return out
-
-
 def _rendered(
     renderer: Renderer, density: np.ndarray, background: np.ndarray
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -184,7 +157,7 @@ def fwhm_ceiling(
     for s in samples:
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)  # its OTFs: once per sample
         for label, subvoxel in modes.items():
-            density = point_density(s, depth, subvoxel=subvoxel)
+            density = ho.point_density(s, depth, subvoxel=subvoxel)
             ratios[label].append(
                 ho.bead_fwhm_ratios(_rendered(renderer, density, s.background), s)
             )
@@ -232,7 +205,7 @@ def tilted_split(
         t = ho.tilted_in_focus(surface, s)
         model.append(t.peak_refocused / t.peak_truth)
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
-        points = _rendered(renderer, point_density(s, depth), s.background)
+        points = _rendered(renderer, ho.point_density(s, depth), s.background)
         c = ho.tilted_in_focus(ho.surface_from_planes(points, step), s)
         truth.append(c.peak_refocused / c.peak_truth)
     return {
@@ -335,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     response = focus_response(backend)
     columns = column_mass(depth, samples, volumes)
     ceiling = fwhm_ceiling(depth, psf, samples)
-    truth = bead_spread(depth, psf, samples, [point_density(s, depth) for s in samples])
+    truth = bead_spread(depth, psf, samples, [ho.point_density(s, depth) for s in samples])
     tilted = tilted_split(
         backend, psf, [ho.independent_sample("tilted", seed) for seed in range(args.samples)]
     )

@@ -67,7 +67,7 @@ def test_the_true_density_rendered_by_the_model_meets_the_fwhm_target() -> None:
     psf = load_psf_bank(VOLUME.parent / volume.psf_file, len(depth))
     samples = [ho.independent_sample("beads", seed, (128, 128)) for seed in range(2)]
     s = samples[0]
-    density = probes.point_density(s, depth)
+    density = ho.point_density(s, depth)
     o, px = s.objects, s.pixel_size_um
     # beads well inside the frame and the depth grid keep all their brightness
     inside = (o.kind == "bead") & (np.abs(o.z_um) <= 9.5)
