@@ -297,6 +297,13 @@ class EngineConfig(_BaseModel):
     allow_extrapolation: bool = Field(
         False, description="Allow DPMs outside the model's trained range (less accurate)."
     )
+    render_modality: Literal["widefield", "confocal"] | None = Field(
+        None,
+        description=(
+            "Volume models: render the virtual planes wide-field or confocal-like (the paper's "
+            "cross-modality output) from the same density; None = the model's own PSF bank."
+        ),
+    )
     optics_check: Literal["refuse", "warn", "off"] = Field(
         "refuse",
         description=(

@@ -142,6 +142,7 @@ def open_backend(config: Any) -> Any:
         intra_op_threads=engine.intra_op_threads,
         max_batch=engine.max_batch,
         frame_shape=(int(config.source.frame_shape[0]), int(config.source.frame_shape[1])),
+        render_modality=engine.render_modality,
     )
 
 

@@ -98,6 +98,20 @@ def test_bad_choice_lists_the_choices(tmp_path):
         load_config(write(tmp_path, "version = 2\n"))
 
 
+def test_render_modality_picks_the_psf_bank_the_planes_go_through(tmp_path):
+    from live.worker import open_backend
+
+    assert load_config(write(tmp_path, "")).engine.render_modality is None
+    with pytest.raises(ConfigError, match=r"engine.render_modality = 'sted'.*'confocal'"):
+        load_config(write(tmp_path, '[engine]\nrender_modality = "sted"\n'))
+    volume = (REPO / "engine" / "weights" / "deepz-volume.onnx").as_posix()
+    text = f'[engine]\nmodel_path = "{volume}"\nrender_modality = "confocal"\n'
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.engine.render_modality == "confocal"
+    backend = open_backend(cfg)  # the same network, confocal-like planes
+    assert backend.metadata.volume is not None and backend.metadata.volume.modality == "confocal"
+
+
 def test_missing_referenced_files(tmp_path):
     with pytest.raises(
         ConfigError, match=r"engine.model_path = 'm.onnx': file not found: .*m.onnx"

@@ -148,3 +148,52 @@ def test_the_committed_checkpoint_is_the_shipped_model_and_resumable() -> None:
     assert all(torch.equal(ck["model"][k], v) for k, v in shipped.items())
     cfg = VolumeTrainConfig.model_validate(ck["config"])  # its recipe still validates
     assert cfg.portable_checkpoint is not None and ck["step"] > 0 and ck["opt"]["state"]
+
+
+def test_the_same_density_renders_confocal_planes_when_asked() -> None:
+    """Cross-modality at serving time: `render_modality="confocal"` renders the shipped
+    wide-field model's density through the confocal PSF bank its training optics make."""
+    from engine.optics import OpticsConfig, simulate_volume_pair
+    from engine.runtime import load_backend
+    from engine.volume import Renderer, psf_bank
+
+    prefer = ["openvino", "onnxruntime"]
+    wide = load_backend(WEIGHTS, prefer=prefer)
+    same = load_backend(WEIGHTS, prefer=prefer, render_modality="widefield")
+    conf = load_backend(WEIGHTS, prefer=prefer, render_modality="confocal")
+    assert wide.metadata.volume is not None and conf.metadata.volume is not None
+    assert (wide.metadata.volume.modality, conf.metadata.volume.modality) == (
+        "widefield",
+        "confocal",
+    )
+    depth = np.asarray(wide.metadata.volume.depth_um)
+    frame = simulate_volume_pair("beads", shape=(96, 96), depth_um=depth, seed=41).frames[0]
+    dpms = np.array([[[0.0]], [[4.0]]], dtype=np.float32) * np.ones((1, 96, 96), np.float32)
+    np.testing.assert_array_equal(wide.infer(frame, dpms), same.infer(frame, dpms))
+    planes = conf.infer(frame, dpms)
+    # the training optics of the shipped model are the defaults (its train_config's {})
+    expected = Renderer(psf_bank(OpticsConfig(), depth, modality="confocal"), depth, (96, 96))
+    density = conf.volume(frame)[0]
+    np.testing.assert_allclose(
+        planes, expected.planes(density, frame, np.array([0.0, 4.0])), rtol=1e-4, atol=1e-2
+    )
+    assert not np.allclose(planes, wide.infer(frame, dpms), rtol=0.05)
+
+
+def test_a_model_without_training_optics_cannot_render_another_modality(tmp_path: Path) -> None:
+    pytest.importorskip("torch", reason="the .pt backend needs torch (the training extra)")
+    import json
+    import shutil
+
+    from engine.runtime import BackendError, load_backend
+
+    src = WEIGHTS.with_suffix(".pt")
+    for suffix in (".pt", ".psf.npy"):
+        shutil.copy(WEIGHTS.parent / f"deepz-volume{suffix}", tmp_path / f"m{suffix}")
+    meta = json.loads(src.with_suffix(".json").read_text())
+    meta["extra"].pop("train_config")
+    meta["volume"]["psf_file"] = "m.psf.npy"
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    assert load_backend(tmp_path / "m.pt", prefer=["torch"]).metadata.volume is not None
+    with pytest.raises(BackendError, match="records no training optics"):
+        load_backend(tmp_path / "m.pt", prefer=["torch"], render_modality="confocal")

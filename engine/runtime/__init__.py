@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from engine.metadata import Modality
 from engine.runtime._base import (
     DEFAULT_MAX_BATCH,
     INPUT_NAME,
@@ -192,6 +193,7 @@ def load_backend(
     frame_shape: tuple[int, int] | None = None,
     cache_dir: str | Path | None = None,
     cuda_graph: bool = False,
+    render_modality: Modality | None = None,
 ) -> Backend:
     """Build the first backend of `prefer` that works here on `model`, logging why others didn't.
 
@@ -219,6 +221,9 @@ def load_backend(
         Where TensorRT engines are cached (default `~/.cache/deepz-live/engines`).
     cuda_graph
         TensorRT: capture each input shape once as a CUDA graph and replay it.
+    render_modality
+        Volume models: "widefield" or "confocal" planes (cross-modality: wide-field in,
+        confocal-like out) from the same density; None: the model's own PSF bank.
 
     Raises
     ------
@@ -236,6 +241,7 @@ def load_backend(
         frame_shape=frame_shape,
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         cuda_graph=cuda_graph,
+        render_modality=render_modality,
     )
     reasons: dict[str, str] = {}
     for spec in _ordered(prefer):

@@ -21,6 +21,7 @@ import numpy as np
 from engine.dpm import VolumePlan
 from engine.metadata import (
     ONNX_METADATA_KEY,
+    Modality,
     ModelMetadata,
     ModelMetadataError,
     broadcast_count,
@@ -30,7 +31,7 @@ from engine.metadata import (
     prepare_inputs,
 )
 from engine.runtime._protocol import BackendError, Precision
-from engine.volume import Renderer, load_psf_bank
+from engine.volume import Renderer, load_psf_bank, psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class BackendOptions:
     frame_shape: tuple[int, int] | None = None
     cache_dir: Path | None = None
     cuda_graph: bool = False
+    render_modality: Modality | None = None
+    """A volume model's planes: None renders them through its own PSF bank; "widefield" or
+    "confocal" through that modality's (`_volume_psf`), the paper's cross-modality output."""
 
     def __post_init__(self) -> None:
         """Reject values no backend could honour, naming the option and what is allowed."""
@@ -156,16 +160,41 @@ def onnx_metadata(path: Path) -> ModelMetadata:
     return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
-def _volume_psf(model_path: Path | None, metadata: ModelMetadata) -> np.ndarray:
-    """Load a volume model's PSF bank from beside its model file, or raise `BackendError`."""
+def _volume_psf(
+    model_path: Path | None, metadata: ModelMetadata, modality: Modality | None = None
+) -> np.ndarray:
+    """Load a volume model's PSF bank from beside its model file, or raise `BackendError`.
+
+    For another `modality` than the bank's, the bank is made anew with the optics the model
+    trained with (`extra.train_config.optics`, `engine.volume.psf_bank`), the same function and
+    optics that made the shipped file: the network predicts where the light comes from, and
+    only this bank decides whether its planes look wide-field or confocal.
+    """
     assert metadata.volume is not None
     if model_path is None:
         raise BackendError(f"{metadata.name}: a volume model needs its file to find its PSF bank")
     path = Path(model_path).parent / metadata.volume.psf_file
     try:
-        return load_psf_bank(path, len(metadata.volume.depth_um))
+        psf = load_psf_bank(path, len(metadata.volume.depth_um))
     except (OSError, ValueError) as exc:
         raise BackendError(f"{path}: cannot load the volume model's PSF bank: {exc}") from exc
+    if modality is None or modality == metadata.volume.modality:
+        return psf
+    from engine.optics import OpticsConfig
+
+    train_config = metadata.extra.get("train_config")
+    if not isinstance(train_config, dict) or not isinstance(train_config.get("optics"), dict):
+        raise BackendError(
+            f"{model_path}: its metadata records no training optics to make a {modality} PSF "
+            "bank from; write one with python -m engine.train_volume --weights-from-checkpoint "
+            f"CKPT --render-modality {modality}"
+        )
+    try:
+        optics = OpticsConfig(**train_config["optics"])
+    except ValueError as exc:
+        raise BackendError(f"{model_path}: its training optics are not valid: {exc}") from exc
+    depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
+    return psf_bank(optics, depth, size_px=psf.shape[-1], modality=modality)
 
 
 def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
@@ -226,7 +255,10 @@ class BaseBackend:
         self._psf: np.ndarray | None = None
         self._renderers: dict[tuple[int, int], Renderer] = {}
         if metadata.volume is not None:
-            self._psf = _volume_psf(model_path, metadata)
+            self._psf = _volume_psf(model_path, metadata, options.render_modality)
+            if options.render_modality is not None:  # what the rendered planes now show
+                volume = metadata.volume.model_copy(update={"modality": options.render_modality})
+                self.metadata = metadata.model_copy(update={"volume": volume})
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
