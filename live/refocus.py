@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.dpm import DPMError, FocusLock, VolumePlan
+from engine.metadata import Modality
 from engine.runtime import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MODEL,
@@ -491,6 +492,7 @@ class EngineSpec:
     precision: Precision = "fp32"
     intra_op_threads: int | None = None
     max_batch: int = DEFAULT_MAX_BATCH
+    render_modality: Modality | None = None
 
 
 _BACKENDS: dict[EngineSpec, tuple[Backend, threading.Lock]] = {}
@@ -512,6 +514,7 @@ def _backend(spec: EngineSpec) -> tuple[Backend, threading.Lock]:
                 precision=spec.precision,
                 intra_op_threads=spec.intra_op_threads,
                 max_batch=spec.max_batch,
+                render_modality=spec.render_modality,
             )
             entry = _BACKENDS[spec] = (backend, threading.Lock())
         return entry
@@ -770,8 +773,8 @@ def _engine_choice(
     backend: str | None,
     scope: Any,
     raw: RawInput,
-) -> tuple[Path, tuple[str, ...] | None, int, Precision]:
-    """Model file, backend preference, max_batch and precision, by precedence.
+) -> tuple[Path, tuple[str, ...] | None, int, Precision, Modality | None]:
+    """Model file, backend preference, max_batch, precision and render modality, by precedence.
 
     Explicit arguments first, then the scope config, then the run's stored config (so the
     default reproduces the live run's model and backend), then the shipped model and "auto".
@@ -803,7 +806,10 @@ def _engine_choice(
     precision = stored.get("precision", "fp32")
     if precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
         precision = "fp32"
-    return path, prefer, int(stored.get("max_batch") or 64), precision
+    modality = stored.get("render_modality")
+    if modality not in ("widefield", "confocal"):
+        modality = None
+    return path, prefer, int(stored.get("max_batch") or 64), precision, modality
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -1350,14 +1356,18 @@ def refocus_recording(
             log.warning("the run was not closed (still recording, or it crashed)")
         have = _expand(run.get("stacks_present", []))
         wanted = [t for t in raw.present if t not in have]
-    model_path, prefer, max_batch, precision = _engine_choice(model, backend, scope_cfg, raw)
+    model_path, prefer, max_batch, precision, modality = _engine_choice(
+        model, backend, scope_cfg, raw
+    )
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:
         threads = scope_cfg.engine.intra_op_threads
     try:
-        spec = EngineSpec(str(model_path.resolve()), prefer, precision, threads, max_batch)
+        spec = EngineSpec(
+            str(model_path.resolve()), prefer, precision, threads, max_batch, modality
+        )
         driver_backend, _ = _backend(spec)
     except (BackendError, ValueError) as exc:
         raise RefocusError(f"model {model_path}: {exc}") from None
@@ -1370,11 +1380,13 @@ def refocus_recording(
     offsets = _lock_offsets(chosen, raw, meta.dz_range_um, allow_extrapolation)
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = EngineSpec(
-        spec.model, (driver_backend.name,), driver_backend.precision, threads, max_batch
+        spec.model, (driver_backend.name,), driver_backend.precision, threads, max_batch, modality
     )
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}
+    if meta.volume is not None:  # what the stacks show: wide-field or confocal-like planes
+        model_id["render_modality"] = meta.volume.modality
     chunk_given = chunk is not None
     if chunk is None:
         itemsize = np.dtype(stack_dtype).itemsize

@@ -493,3 +493,29 @@ def test_output_through_an_fsspec_url_resumes_like_a_directory(tmp_path: Path) -
     assert (first.frames_done, again.frames_skipped, again.store) == (3, 3, url)
     refocus_recording(store, planes=PLANES, out=tmp_path / "o.zarr", scheduler="sync", **ORT)
     np.testing.assert_array_equal(_read(url, "stacks/0"), _read(tmp_path / "o.zarr", "stacks/0"))
+
+
+def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: Path) -> None:
+    """`[engine] render_modality = "confocal"` reaches offline refocusing as it reaches the
+    daemon: the volume model's density, rendered through the confocal PSF bank."""
+    import tifffile
+
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    frames = _frames(2, seed=3)
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    scope = tmp_path / "scope.toml"
+    text = f'[engine]\nrender_modality = "confocal"\n[planes]\nz_um = {PLANES}\n'
+    scope.write_text(text, encoding="utf-8")
+    s = refocus_recording(
+        tmp_path / "movie.tif",
+        model=volume,
+        scope=scope,
+        out=tmp_path / "c.ome.zarr",
+        scheduler="sync",
+        **ORT,
+    )
+    assert s.frames_done == 2 and s.model["render_modality"] == "confocal"
+    confocal = load_backend(volume, prefer=["onnxruntime"], render_modality="confocal")
+    dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
+    expected = np.stack([confocal.infer(f, dpms) for f in frames])
+    np.testing.assert_allclose(_read(tmp_path / "c.ome.zarr", "stacks/0"), expected, rtol=1e-5)
