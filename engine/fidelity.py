@@ -462,53 +462,53 @@ def _paired_table(res: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _per_bin_table(
+    res: dict[str, Any],
+    key: str,
+    caption: str,
+    head: Callable[[dict[str, Any]], str],
+    cell: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """Markdown table of the per-bin rows each method has under `key` (none: no table)."""
+    rows = {m: v[key] for m, v in res.items() if v.get(key)}
+    if not rows:
+        return []
+    bins = next(iter(rows.values()))
+    lines = [
+        caption,
+        "",
+        f"| method | {' | '.join(head(b) for b in bins)} |",
+        "|---|" + "---|" * len(bins),
+    ]
+    lines += [f"| {m} | {' | '.join(cell(b) for b in bs)} |" for m, bs in rows.items()]
+    return [*lines, ""]
+
+
 def _distance_table(res: dict[str, Any]) -> list[str]:
     """Markdown tables per method: beads within 1 µm (found) by distance from focus.
 
     A second table gives the depth error over the beads within ±4 / ±6 µm of focus.
     """
-    key = "bead_depth_by_distance"
-    rows = {m: v[key] for m, v in res.items() if v.get(key)}
-    if not rows:
-        return []
-    bins = next(iter(rows.values()))
-    head = " | ".join(f"{b['lo_um']:g}–{b['hi_um']:g} µm (n {b['count']})" for b in bins)
-    lines = [
+    by_distance = _per_bin_table(
+        res,
+        "bead_depth_by_distance",
         "Bead depth by distance from focus: share within 1 µm of all beads (share found, "
         "median error of those found).",
-        "",
-        f"| method | {head} |",
-        "|---|" + "---|" * len(bins),
-    ]
-    for m, bs in rows.items():
-        cells = " | ".join(
-            f"{_fmt(b['within_1um'], '.0%')} ({_fmt(b['found'], '.0%')}, "
-            f"{_fmt(b['median_found_um'], '.2f')} µm)"
-            for b in bs
-        )
-        lines.append(f"| {m} | {cells} |")
-    lines.append("")
-    key = "bead_depth_within_range"
-    ranged = {m: v[key] for m, v in res.items() if v.get(key)}
-    if ranged:
-        bins = next(iter(ranged.values()))
-        head = " | ".join(f"within ±{b['range_um']:g} µm (n {int(b['count'])})" for b in bins)
-        lines += [
-            "Bead depth near focus: median / p90 error (µm) and share within 1 µm of the beads "
-            "within a distance of focus (not found = failure): how far one frame gives depth.",
-            "",
-            f"| method | {head} |",
-            "|---|" + "---|" * len(bins),
-        ]
-        for m, bs in ranged.items():
-            cells = " | ".join(
-                f"{_fmt(b['median_um'], '.2f')} / {_fmt(b['p90_um'], '.2f')}, "
-                f"{_fmt(b['within_1um'], '.0%')}"
-                for b in bs
-            )
-            lines.append(f"| {m} | {cells} |")
-        lines.append("")
-    return lines
+        lambda b: f"{b['lo_um']:g}–{b['hi_um']:g} µm (n {b['count']})",
+        lambda b: f"{_fmt(b['within_1um'], '.0%')} ({_fmt(b['found'], '.0%')}, "
+        f"{_fmt(b['median_found_um'], '.2f')} µm)",
+    )
+    if not by_distance:
+        return []
+    return by_distance + _per_bin_table(
+        res,
+        "bead_depth_within_range",
+        "Bead depth near focus: median / p90 error (µm) and share within 1 µm of the beads "
+        "within a distance of focus (not found = failure): how far one frame gives depth.",
+        lambda b: f"within ±{b['range_um']:g} µm (n {int(b['count'])})",
+        lambda b: f"{_fmt(b['median_um'], '.2f')} / {_fmt(b['p90_um'], '.2f')}, "
+        f"{_fmt(b['within_1um'], '.0%')}",
+    )
 
 
 def report(r: dict[str, Any]) -> str:
