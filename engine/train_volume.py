@@ -173,6 +173,21 @@ class VolumeLossConfig(_Base):
         "where the density term scores any misplacement as a miss plus a false object.",
     )
     cdf_sigma_px: float = Field(1.0, gt=0, description="Depth-CDF term lateral smoothing (px).")
+    depth_nll_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the depth-likelihood term (`_depth_nll_term`): each column's "
+        "density, normalised to a distribution over depth, scored by its KL divergence from "
+        "the truth's, weighted by the truth's mass there. How much mass a column holds plays "
+        "no part, so a doubted depth is scored as a likelihood (a broad guess costs less than "
+        "a wrong sharp one, and nothing like a miss plus a false object).",
+    )
+    depth_nll_sigma_px: float = Field(
+        1.0, gt=0, description="Depth-likelihood term lateral smoothing (px)."
+    )
+    depth_nll_sigma_slices: float = Field(
+        0.75, gt=0, description="Depth-likelihood term axial smoothing (depth steps)."
+    )
 
 
 class VolumeTrainConfig(_Base):
@@ -536,6 +551,31 @@ def _cdf_term(pred: torch.Tensor, target: torch.Tensor, sigma_px: float) -> torc
     return both_ends_squared(sp - st).mean() / (both_ends_squared(st).mean() + 1e-6)
 
 
+def _depth_nll_term(
+    pred: torch.Tensor, target: torch.Tensor, sigma_px: float, sigma_slices: float
+) -> torch.Tensor:
+    """Mass-weighted KL divergence of each column's depth distribution from the truth's.
+
+    After smoothing, each pixel's truth column p(z) and predicted column q(z) are normalised
+    over depth; KL(p ‖ q) is averaged over pixels with the truth's column mass as weight, so
+    it is 0 when every column puts its light at the right depths in the right proportions,
+    whatever the amount (the column and density terms score the amount). q is floored at
+    every depth by 1 % of the predicted column's mean and 1 % of the true one's: no depth's
+    log-likelihood falls far below log(1/(100·D)), so a sharp wrong guess costs a bounded
+    amount; an empty column reads as a uniform guess, log(D) − H(p), cheaper than a sharp wrong
+    one and dearer than a broad right one; and, with the mass weight, a column's gradient does
+    not grow as its object dims.
+    """
+    sp = smooth3d(pred, sigma_px, sigma_slices).clamp_min(0.0)
+    st = smooth3d(target, sigma_px, sigma_slices).clamp_min(0.0)
+    mass = st.sum(dim=1, keepdim=True)
+    p = st / (mass + 1e-12)
+    floor = 1e-2 * (sp.mean(dim=1, keepdim=True) + mass / sp.shape[1]) + 1e-12
+    q = (sp + floor) / (sp + floor).sum(dim=1, keepdim=True)
+    kl = (p * (torch.log(p + 1e-12) - torch.log(q))).sum(dim=1, keepdim=True)
+    return (kl * mass).sum() / (mass.sum() + 1e-12)
+
+
 def render_depths(
     rng: np.random.Generator, cfg: VolumeTrainConfig, target: torch.Tensor
 ) -> np.ndarray:
@@ -570,7 +610,8 @@ def volume_loss(
     """Object + render loss of predicted densities against the truth, and its parts.
 
     With ``column_weight`` the density summed over depth is compared too (`_column_term`), with
-    ``cdf_weight`` its running sums along depth (`_cdf_term`).
+    ``cdf_weight`` its running sums along depth (`_cdf_term`), with ``depth_nll_weight`` each
+    column's distribution over depth (`_depth_nll_term`).
     With ``coarse_weight`` the density is also compared after heavy smoothing: density put a
     few pixels or slices from a faint object then earns partial credit, where the fine term
     alone gives next to no gradient and the network learns to put nothing there.
@@ -594,6 +635,10 @@ def volume_loss(
         col = _column_term(pred, target, lc.column_sigma_px)
         parts["column"] = col.item()
         total = total + lc.column_weight * col
+    if lc.depth_nll_weight > 0:
+        nll = _depth_nll_term(pred, target, lc.depth_nll_sigma_px, lc.depth_nll_sigma_slices)
+        parts["depth_nll"] = nll.item()
+        total = total + lc.depth_nll_weight * nll
     # rendering is linear: one render of the error, and the truth's light without rendering it
     ren_err = renderer.render(pred - target, dz_um).abs()
     if lc.object_loss == "l1":

@@ -422,6 +422,45 @@ def test_the_cdf_term_costs_a_guess_by_its_distance_and_less_than_a_miss(psf):
     assert parts["off 4"]["object"] > parts["missed"]["object"]
 
 
+def test_the_depth_likelihood_term_scores_where_not_how_much(psf):
+    """The depth-likelihood term: a bead at its depth scores (near) 0 at any brightness; a broad
+    guess around it costs less than an empty column, which costs less than a sharp wrong
+    guess; and nothing depends on the bead's own brightness."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"depth_nll_weight": 1.0}}
+    )
+
+    def scored(brightness: float) -> dict[str, float]:
+        target = torch.zeros(1, 41, 32, 32)
+        target[0, 8, 10, 10] = brightness  # 6 µm from focus
+        preds = {"empty": torch.zeros_like(target)}
+        for name, depths, share in (
+            ("right", [8], 0.1),
+            ("broad", range(5, 12), 1 / 7),
+            ("wrong", [14], 1.0),
+        ):
+            preds[name] = torch.zeros_like(target)
+            for k in depths:
+                preds[name][0, k, 10, 10] = brightness * share
+        return {
+            name: volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1]["depth_nll"]
+            for name, pred in preds.items()
+        }
+
+    bright, dim = scored(1.0), scored(1e-3)
+    assert bright["right"] < 0.1
+    assert bright["right"] < bright["broad"] < bright["empty"] < bright["wrong"]
+    assert 1.0 < bright["empty"] < np.log(41)  # a uniform guess: log(D) less the truth's entropy
+    for name in bright:
+        assert dim[name] == pytest.approx(bright[name], rel=1e-3)
+
+
 def test_the_coarse_term_gives_partial_credit_for_a_near_miss(psf):
     """Density 2 px and a slice off a bead: the fine term scores it no better than nothing, the
     coarse term as most of the way there (a gradient to follow towards faint objects)."""
