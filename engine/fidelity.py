@@ -179,6 +179,7 @@ def _evaluate_set(
     for m in methods:
         depth: list[np.ndarray] = []
         depth_true: list[np.ndarray] = []
+        depth_est: list[np.ndarray] = []
         nuclei: list[np.ndarray] = []
         fwhm: list[np.ndarray] = []
         tilt_frac: list[float] = []
@@ -191,12 +192,14 @@ def _evaluate_set(
                     found = ho.matched_filter_bead_depths(s)
                     depth.append(found.errors)
                     depth_true.append(found.z_true_um)
+                    depth_est.append(found.z_est_um)
                 progress.update(1)
                 continue
             if (s.objects.kind == "bead").any() and s.kind != "tilted":
                 found = ho.bead_depths(m.planes, s)
                 depth.append(found.errors)
                 depth_true.append(found.z_true_um)
+                depth_est.append(found.z_est_um)
                 fwhm.append(ho.bead_fwhm_ratios(m.planes, s))
             if (s.objects.kind == "sphere").any():
                 nuclei.append(ho.nucleus_depths(m.planes, s).errors)
@@ -211,11 +214,14 @@ def _evaluate_set(
         psnr_all = [v[1] for rows in planes.values() for v in rows]
         errors = np.concatenate(depth) if depth else np.zeros(0)
         z_true = np.concatenate(depth_true) if depth else np.zeros(0)
+        z_est = np.concatenate(depth_est) if depth else np.zeros(0)
         out[m.name] = {
             "bead_depth": _summ(depth, ho.summarise),
             # per bead, in the samples' order: what `paired` compares methods on
             "bead_errors_um": errors.tolist(),
-            "bead_depth_by_distance": ho.by_distance(z_true, errors) if depth else [],
+            "bead_depth_by_distance": ho.by_distance(z_true, errors, z_est_um=z_est)
+            if depth
+            else [],
             "bead_depth_within_range": ho.within_range(z_true, errors) if depth else [],
             "bead_fwhm": _summ(fwhm, ho.summarise_ratios),
             "nucleus_depth": _summ(nuclei, ho.summarise),
@@ -395,9 +401,7 @@ def cross_modality(
             density = _on_grid(backend.volume(frame)[0], np.asarray(grid.depth_um), depth)
             if density is None:  # a grid that does not hold the first model's depths
                 continue
-            candidates[f"{label}: density, confocal render"] = renderer.render(
-                density, PLANE_DZ_UM
-            )
+            candidates[f"{label}: density, confocal render"] = renderer.render(density, PLANE_DZ_UM)
         for method, planes in candidates.items():
             for k in range(truth.shape[0]):
                 peak = max(float(truth[k].max()), 1e-6)
@@ -493,10 +497,15 @@ def _distance_table(res: dict[str, Any]) -> list[str]:
         res,
         "bead_depth_by_distance",
         "Bead depth by distance from focus: share within 1 µm of all beads (share found, "
-        "median error of those found).",
+        "median error of those found; share put at the mirror depth, the other side of focus, "
+        "where recorded).",
         lambda b: f"{b['lo_um']:g}–{b['hi_um']:g} µm (n {b['count']})",
-        lambda b: f"{_fmt(b['within_1um'], '.0%')} ({_fmt(b['found'], '.0%')}, "
-        f"{_fmt(b['median_found_um'], '.2f')} µm)",
+        lambda b: (
+            f"{_fmt(b['within_1um'], '.0%')} ({_fmt(b['found'], '.0%')}, "
+            f"{_fmt(b['median_found_um'], '.2f')} µm"
+            + (f"; mirror {_fmt(b['at_mirror'], '.0%')}" if "at_mirror" in b else "")
+            + ")"
+        ),
     )
     if not by_distance:
         return []
@@ -506,8 +515,10 @@ def _distance_table(res: dict[str, Any]) -> list[str]:
         "Bead depth near focus: median / p90 error (µm) and share within 1 µm of the beads "
         "within a distance of focus (not found = failure): how far one frame gives depth.",
         lambda b: f"within ±{b['range_um']:g} µm (n {int(b['count'])})",
-        lambda b: f"{_fmt(b['median_um'], '.2f')} / {_fmt(b['p90_um'], '.2f')}, "
-        f"{_fmt(b['within_1um'], '.0%')}",
+        lambda b: (
+            f"{_fmt(b['median_um'], '.2f')} / {_fmt(b['p90_um'], '.2f')}, "
+            f"{_fmt(b['within_1um'], '.0%')}"
+        ),
     )
 
 

@@ -1068,33 +1068,46 @@ DISTANCE_BINS_UM = (0.0, 2.0, 4.0, 6.0, 8.0, 10.5)
 
 
 def by_distance(
-    z_true_um: np.ndarray, errors: np.ndarray, edges: Sequence[float] = DISTANCE_BINS_UM
+    z_true_um: np.ndarray,
+    errors: np.ndarray,
+    edges: Sequence[float] = DISTANCE_BINS_UM,
+    z_est_um: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Bead depth read-out per |distance from focus| bin: how well depth is recovered where.
 
     Per bin: the number of beads, the share found, the median error of those found and the
     share within 1 µm of all of them (a bead not found is a failure). Far from focus a bead is
-    a faint ring, and the sign of its defocus shows only through the aberration's asymmetry.
+    a faint ring, and the sign of its defocus shows only through the aberration's asymmetry
+    (`engine.depth_bound`); with the signed estimates `z_est_um`, each bin also gives the
+    share of its beads put at the mirror depth (more than 1 µm from the truth, within 1 µm of
+    its reflection through focus).
     """
     dist = np.abs(np.asarray(z_true_um, dtype=np.float64))
     err = np.asarray(errors, dtype=np.float64)
+    mirrored = None
+    if z_est_um is not None:
+        est = np.asarray(z_est_um, dtype=np.float64)
+        z = np.asarray(z_true_um, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            mirrored = (np.abs(est + z) <= 1.0) & ~(np.abs(est - z) <= 1.0)
     rows = []
     for lo, hi in itertools.pairwise(edges):
         sel = (dist >= lo) & (dist < hi)
         e = err[sel]
         found = e[np.isfinite(e)]
-        rows.append(
-            {
-                "lo_um": float(lo),
-                "hi_um": float(hi),
-                "count": int(sel.sum()),
-                "found": float(found.size / e.size) if e.size else float("nan"),
-                "median_found_um": float(np.median(found)) if found.size else float("nan"),
-                "within_1um": float(np.mean(np.nan_to_num(e, nan=np.inf) <= 1.0))
-                if e.size
-                else float("nan"),
-            }
-        )
+        row = {
+            "lo_um": float(lo),
+            "hi_um": float(hi),
+            "count": int(sel.sum()),
+            "found": float(found.size / e.size) if e.size else float("nan"),
+            "median_found_um": float(np.median(found)) if found.size else float("nan"),
+            "within_1um": float(np.mean(np.nan_to_num(e, nan=np.inf) <= 1.0))
+            if e.size
+            else float("nan"),
+        }
+        if mirrored is not None:
+            row["at_mirror"] = float(mirrored[sel].mean()) if e.size else float("nan")
+        rows.append(row)
     return rows
 
 

@@ -196,6 +196,20 @@ def test_by_distance_bins_count_misses_as_failures() -> None:
     assert far["count"] == 2 and far["found"] == 0.5 and far["within_1um"] == 0.5
     assert far["median_found_um"] == pytest.approx(0.3)
     assert rows[(6.0, 8.0)]["found"] == 0.0 and rows[(4.0, 6.0)]["count"] == 0
+    assert "at_mirror" not in near  # only with the signed estimates
+
+
+def test_by_distance_counts_beads_put_the_other_side_of_focus() -> None:
+    """A bead 8 µm above focus read 8.3 µm below it is at the mirror; one read at its own depth,
+    one read elsewhere and one not found are not; near focus the two depths overlap and a
+    right answer is never called a mirror."""
+    z = np.array([8.0, -9.0, 7.0, 9.5, 0.3])
+    est = np.array([-8.3, -9.2, 2.0, np.nan, -0.2])
+    rows = {(r["lo_um"], r["hi_um"]): r for r in H.by_distance(z, np.abs(est - z), z_est_um=est)}
+    far = rows[(8.0, 10.5)]
+    assert far["count"] == 3 and far["at_mirror"] == pytest.approx(1 / 3)
+    assert rows[(6.0, 8.0)]["at_mirror"] == 0.0
+    assert rows[(0.0, 2.0)]["at_mirror"] == 0.0 and rows[(0.0, 2.0)]["within_1um"] == 1.0
 
 
 def test_the_fidelity_report_compares_models_bead_by_bead():
