@@ -18,8 +18,14 @@ metadata; the simulator's defaults where none is recorded) and the simulator's c
   the index-mismatch aberration tells them apart), so for every depth this finds the depth at
   least `--min-separation-um` away whose image, with its brightness and background refitted,
   is closest in Kullback–Leibler divergence, and the error rate of the ideal two-way test
-  between them, Φ(−√(2·KL)/2) (Gaussian approximation of the shot and read noise). No
-  estimator, however trained, confuses the two less often.
+  between them, Φ(−√(2·KL)/2) (Gaussian approximation of the shot and read noise, the true
+  depth's variance for both). That is the Bayes error with the two depths equally likely:
+  an estimator may favour one side and do better there, but not on both sides at once, so
+  averaged over a pair no estimator, however trained, confuses them less often.
+
+These are the *training simulator's* optics and camera (scalar PSF, uniform background); the
+independent hold-out (vectorial PSF, another camera and background, `engine.heldout`) has its
+own bound, near this one for the same nominal optics but not computed here.
 
 Beads of the simulator are 1,500–4,500 photons (3 × `peak_photons` × U(0.5, 1.5)); the table
 shows the median and both ends. Prints the table, writes JSON and a plot. Seconds on a CPU.
@@ -34,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import nnls
 from scipy.special import ndtr
 
 from engine.optics import CameraConfig, OpticsConfig, make_psf
@@ -45,7 +52,8 @@ DEFOCUS_UM = tuple(float(z) for z in np.arange(-10.0, 10.01, 1.0))
 BEAD_PHOTONS = (1500.0, 3000.0, 4500.0)
 """The simulator's bead brightness: both ends and the middle of 3 × peak_photons × U(0.5, 1.5)."""
 _STEP_UM = 0.25
-"""Grid of candidate depths for the mirror search, and half the finite-difference step × 4."""
+"""Grid of candidate depths for the mirror search (µm); the depth derivative of the Cramér–Rao
+bound is a central difference of ±_STEP_UM / 5."""
 _CROP_PX = 127
 """PSF crop: a bead 10 µm out of focus is a ring about 23 px in radius at 0.3 µm pixels."""
 
@@ -86,7 +94,8 @@ def _closest_alternative(
         # the alternative's own brightness and background, fitted by weighted least squares
         design = np.stack([qe * bank[j], np.full_like(bank[j], qe)], axis=1)
         root_w = np.sqrt(weight)
-        coef = np.linalg.lstsq(design * root_w[:, None], mean_e * root_w, rcond=None)[0]
+        # non-negative: a negative brightness or background would mimic the bead too well
+        coef = nnls(design * root_w[:, None], mean_e * root_w)[0]
         kl = 0.5 * float(np.sum((design @ coef - mean_e) ** 2 * weight))
         if kl < best:
             best, best_z = kl, float(grid_um[j])
@@ -135,9 +144,10 @@ def confused_share(rows: Sequence[dict[str, Any]], within_um: float) -> float:
     """Mean ideal error rate over the rows with |defocus| ≤ within_um (every brightness).
 
     With depths and brightnesses spread evenly, as the simulator draws them, this is the share
-    of beads that even the ideal observer puts at the wrong one of two depths ≥ 1 µm apart (for
-    a mirror, about twice the bead's defocus): a floor under the share of beads any estimator
-    misplaces by that much.
+    of beads that even the ideal observer puts at the wrong one of two depths ≥ 1 µm apart: a
+    floor under the share of beads any estimator misplaces by at least half that separation
+    (for a mirror, about the bead's defocus). It is fair as a mean because each mirror pair
+    stands in the rows on both sides of focus; near focus the pairs overlap.
     """
     rates = [r["ideal_error_rate"] for r in rows if abs(r["defocus_um"]) <= within_um + 1e-9]
     if not rates:

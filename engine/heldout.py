@@ -1078,9 +1078,9 @@ def by_distance(
     Per bin: the number of beads, the share found, the median error of those found and the
     share within 1 µm of all of them (a bead not found is a failure). Far from focus a bead is
     a faint ring, and the sign of its defocus shows only through the aberration's asymmetry
-    (`engine.depth_bound`); with the signed estimates `z_est_um`, each bin also gives the
-    share of its beads put at the mirror depth (more than 1 µm from the truth, within 1 µm of
-    its reflection through focus).
+    (`engine.depth_bound` bounds it for the training simulator's optics); with the signed
+    estimates `z_est_um`, each bin also gives the share of its beads put at the mirror depth
+    (more than 1 µm from the truth, within 1 µm of its reflection through focus).
     """
     dist = np.abs(np.asarray(z_true_um, dtype=np.float64))
     err = np.asarray(errors, dtype=np.float64)
@@ -1088,6 +1088,8 @@ def by_distance(
     if z_est_um is not None:
         est = np.asarray(z_est_um, dtype=np.float64)
         z = np.asarray(z_true_um, dtype=np.float64)
+        if est.shape != z.shape:
+            raise ValueError(f"z_est_um has shape {est.shape}, z_true_um {z.shape}")
         with np.errstate(invalid="ignore"):
             mirrored = (np.abs(est + z) <= 1.0) & ~(np.abs(est - z) <= 1.0)
     rows = []

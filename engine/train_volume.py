@@ -559,12 +559,15 @@ def _depth_nll_term(
     After smoothing, each pixel's truth column p(z) and predicted column q(z) are normalised
     over depth; KL(p ‖ q) is averaged over pixels with the truth's column mass as weight, so
     it is 0 when every column puts its light at the right depths in the right proportions,
-    whatever the amount (the column and density terms score the amount). q is floored at
+    nearly whatever the amount (the column and density terms score the amount). q is floored at
     every depth by 1 % of the predicted column's mean and 1 % of the true one's: no depth's
     log-likelihood falls far below log(1/(100·D)), so a sharp wrong guess costs a bounded
     amount; an empty column reads as a uniform guess, log(D) − H(p), cheaper than a sharp wrong
     one and dearer than a broad right one; and, with the mass weight, a column's gradient does
-    not grow as its object dims.
+    not grow as its object dims. The floor's share tied to the truth's mass leaves a small
+    pull towards more mass: a bead placed right scores 0.017 at the truth's brightness, 0.009
+    at ten times it and 0.09 at a tenth (one bead, D = 41); the column term, which scores the
+    amount squared, holds that in check.
     """
     sp = smooth3d(pred, sigma_px, sigma_slices).clamp_min(0.0)
     st = smooth3d(target, sigma_px, sigma_slices).clamp_min(0.0)

@@ -423,13 +423,14 @@ def test_the_cdf_term_costs_a_guess_by_its_distance_and_less_than_a_miss(psf):
 
 
 def test_the_depth_likelihood_term_scores_where_not_how_much(psf):
-    """The depth-likelihood term: a bead at its depth scores (near) 0 at any brightness; a broad
-    guess around it costs less than an empty column, which costs less than a sharp wrong
-    guess; and nothing depends on the bead's own brightness."""
+    """The depth-likelihood term: a bead at its depth scores near 0, at the truth's brightness
+    or a tenth of it; a broad guess around it costs less than an empty column, which costs less
+    than a sharp wrong guess; scaling truth and prediction together changes nothing; and in
+    one batch an empty column under a dim bead is pushed as hard as one under a bright bead."""
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
 
-    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, _depth_nll_term, volume_loss
 
     renderer = TorchRenderer(psf, depth_grid(), 32, 15)
     cfg = VolumeTrainConfig.model_validate(
@@ -441,7 +442,8 @@ def test_the_depth_likelihood_term_scores_where_not_how_much(psf):
         target[0, 8, 10, 10] = brightness  # 6 µm from focus
         preds = {"empty": torch.zeros_like(target)}
         for name, depths, share in (
-            ("right", [8], 0.1),
+            ("right", [8], 1.0),
+            ("right, a tenth", [8], 0.1),
             ("broad", range(5, 12), 1 / 7),
             ("wrong", [14], 1.0),
         ):
@@ -454,11 +456,20 @@ def test_the_depth_likelihood_term_scores_where_not_how_much(psf):
         }
 
     bright, dim = scored(1.0), scored(1e-3)
-    assert bright["right"] < 0.1
-    assert bright["right"] < bright["broad"] < bright["empty"] < bright["wrong"]
+    assert bright["right"] < 0.05
+    assert bright["right"] < bright["right, a tenth"] < 0.15
+    assert bright["right, a tenth"] < bright["broad"] < bright["empty"] < bright["wrong"]
     assert 1.0 < bright["empty"] < np.log(41)  # a uniform guess: log(D) less the truth's entropy
     for name in bright:
         assert dim[name] == pytest.approx(bright[name], rel=1e-3)
+
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 8, 8, 8] = 1.0
+    target[0, 30, 24, 24] = 1e-3
+    pred = torch.zeros_like(target, requires_grad=True)
+    _depth_nll_term(pred, target, 1.0, 0.75).backward()
+    push_bright, push_dim = -pred.grad[0, 8, 8, 8], -pred.grad[0, 30, 24, 24]
+    assert push_bright > 0 and push_dim == pytest.approx(push_bright.item(), rel=1e-2)
 
 
 def test_the_coarse_term_gives_partial_credit_for_a_near_miss(psf):
