@@ -43,6 +43,7 @@ import numpy as np
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
+from engine.metadata import ModelMetadata
 from engine.optics import CameraConfig, OpticsConfig, make_psf
 
 __all__ = ["DEFOCUS_UM", "confused_share", "depth_bound", "main"]
@@ -90,10 +91,10 @@ def _closest_alternative(
     mean_e = qe * (photons * bank[index] + camera.background_photons)
     weight = 1.0 / (mean_e + camera.read_noise_e**2)
     best, best_z = np.inf, float("nan")
+    root_w = np.sqrt(weight)
     for j in np.flatnonzero(np.abs(grid_um - grid_um[index]) >= min_separation_um - 1e-9):
         # the alternative's own brightness and background, fitted by weighted least squares
         design = np.stack([qe * bank[j], np.full_like(bank[j], qe)], axis=1)
-        root_w = np.sqrt(weight)
         # non-negative: a negative brightness or background would mimic the bead too well
         coef = nnls(design * root_w[:, None], mean_e * root_w)[0]
         kl = 0.5 * float(np.sum((design @ coef - mean_e) ** 2 * weight))
@@ -119,11 +120,11 @@ def depth_bound(
     hi = max(defocus_um) + 2.0
     grid = np.round(np.arange(lo, hi + 1e-9, _STEP_UM), 6)
     bank = make_psf(optics, grid, _CROP_PX).astype(np.float64).reshape(grid.size, -1)
+    h = _STEP_UM / 5
     rows = []
     for n in photons:
         for z in defocus_um:
             index = int(np.argmin(np.abs(grid - z)))
-            h = _STEP_UM / 5
             near = make_psf(optics, np.array([z - h, z + h]), _CROP_PX).astype(np.float64)
             sd = _fisher_sd(near[0].ravel(), bank[index], near[1].ravel(), h, float(n), camera)
             alt, kl = _closest_alternative(bank, grid, index, float(n), camera, min_separation_um)
@@ -157,9 +158,7 @@ def confused_share(rows: Sequence[dict[str, Any]], within_um: float) -> float:
 
 def _optics_of(model_json: Path) -> OpticsConfig:
     """Return the optics a volume model was trained for (simulator defaults if none recorded)."""
-    meta = json.loads(model_json.read_text())
-    optics = meta.get("extra", {}).get("train_config", {}).get("optics", {})
-    return OpticsConfig(**optics)
+    return OpticsConfig(**(ModelMetadata.from_file(model_json).training_optics or {}))
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -130,6 +130,17 @@ class ModelMetadata(BaseModel):
             )
         return reasons
 
+    @property
+    def training_optics(self) -> dict[str, Any] | None:
+        """The optics settings the model trained with, or None where none are recorded.
+
+        They are `extra.train_config.optics`: fields of `engine.optics.OpticsConfig`, where {}
+        means its defaults.
+        """
+        train_config = self.extra.get("train_config")
+        optics = train_config.get("optics") if isinstance(train_config, dict) else None
+        return optics if isinstance(optics, dict) else None
+
     def to_json(self) -> str:
         """Serialise to a JSON string (for side files and ONNX metadata_props)."""
         return self.model_dump_json(indent=2)

@@ -182,15 +182,15 @@ def _volume_psf(
         return psf
     from engine.optics import OpticsConfig
 
-    train_config = metadata.extra.get("train_config")
-    if not isinstance(train_config, dict) or not isinstance(train_config.get("optics"), dict):
+    recorded = metadata.training_optics
+    if recorded is None:
         raise BackendError(
             f"{model_path}: its metadata records no training optics to make a {modality} PSF "
             "bank from; write one with python -m engine.train_volume --weights-from-checkpoint "
             f"CKPT --render-modality {modality}"
         )
     try:
-        optics = OpticsConfig(**train_config["optics"])
+        optics = OpticsConfig(**recorded)
     except ValueError as exc:
         raise BackendError(f"{model_path}: its training optics are not valid: {exc}") from exc
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
