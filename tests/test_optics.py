@@ -67,6 +67,35 @@ def test_index_mismatch_makes_psf_asymmetric_about_focus():
     assert np.abs(mismatched[0] - mismatched[1]).sum() > 0.2  # asymmetric with air / water
 
 
+def test_depth_dependent_aberration_images_each_source_through_its_own_depth():
+    """With the option, a point at depth z images exactly as without it at particle depth
+    base + z (the direct per-slice sum agrees with the z-convolution path), so a point at
+    z = 0 as without the option and one 6 µm out of focus differently."""
+    base = OpticsConfig(particle_depth_um=10.0)
+    deep = base.model_copy(update={"depth_dependent_aberration": True})
+    assert deep.at_depth(-15.0).particle_depth_um == 0.0  # clipped at the coverslip
+    assert deep.at_depth(6.0).particle_depth_um == 16.0 and base.at_depth(6.0) is base
+    slices = np.arange(-8.0, 8.01, 0.5)
+    focus = np.array([0.0, 1.5])
+
+    def point_at(z: float) -> np.ndarray:
+        density = np.zeros((slices.size, 160, 160), dtype=np.float32)
+        density[int(np.argmin(np.abs(slices - z))), 80, 80] = 1000.0
+        return density
+
+    for z in (6.0, -6.0, 0.0):
+        got = image_slices(point_at(z), slices, focus, deep)
+        own = OpticsConfig(particle_depth_um=10.0 + z)
+        want = image_slices(point_at(z), slices, focus, own)
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(want.max()))
+
+    for z, changed in ((0.0, False), (6.0, True), (-6.0, True)):
+        with_option = image_slices(point_at(z), slices, focus, deep)
+        without = image_slices(point_at(z), slices, focus, base)
+        change = float(np.abs(with_option - without).sum() / without.sum())
+        assert (change > 0.05) == changed, (z, change)
+
+
 def test_psf_planes_have_unit_energy_and_are_cached():
     optics = OpticsConfig()
     z = default_z_um()

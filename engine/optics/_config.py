@@ -39,6 +39,28 @@ class OpticsConfig(BaseModel):
         le=200.0,
         description="Depth below the coverslip used for the index-mismatch aberration (µm).",
     )
+    depth_dependent_aberration: bool = Field(
+        False,
+        description="Image each source with the index-mismatch aberration of its own depth, "
+        "particle_depth_um + z (clipped at the coverslip), as a real thick sample does, "
+        "instead of particle_depth_um's for every source; particle_depth_um is then the depth "
+        "of z = 0 below the coverslip, and a bead deeper in the sample shows more of the "
+        "asymmetry that tells it from its mirror across focus. Image formation only: "
+        "`make_psf` (and a volume model's PSF bank) stays particle_depth_um's.",
+    )
+
+    def at_depth(self, z_um: float) -> OpticsConfig:
+        """Return the optics a source at depth `z_um` sees (µm, + deeper, from z = 0).
+
+        With `depth_dependent_aberration`, those of particle depth ``particle_depth_um + z``
+        (clipped at the coverslip, 0) for that source alone; otherwise these optics.
+        """
+        if not self.depth_dependent_aberration:
+            return self
+        depth = max(round(self.particle_depth_um + float(z_um), 6), 0.0)
+        return self.model_copy(
+            update={"particle_depth_um": depth, "depth_dependent_aberration": False}
+        )
 
 
 class CameraConfig(BaseModel):
