@@ -39,6 +39,7 @@ import numpy as np
 import scipy.fft
 import torch
 from pydantic import Field, model_validator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
@@ -82,7 +83,9 @@ class VolumeDataConfig(_Base):
     focus_half_range_um: float = Field(2.0, ge=0, description="Frame focus within ±this (µm).")
     frames_per_sample: int = Field(2, ge=1, description="Frames per sample (focus positions).")
     particle_depths_um: list[float] = Field(
-        [2.0, 5.0, 10.0, 15.0], description="Index-mismatch depths drawn per sample (µm)."
+        [2.0, 5.0, 10.0, 15.0],
+        description="Index-mismatch depths drawn per sample (µm); with "
+        "optics.depth_dependent_aberration, the depth of z = 0 below the coverslip.",
     )
     peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
     background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
@@ -202,6 +205,15 @@ class VolumeTrainConfig(_Base):
     lr_min: float = Field(2e-5, ge=0)
     warmup_steps: int = Field(200, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights with this decay per "
+        "step (0: none). Validation reads the average and the run writes it: at batch 8 on a "
+        "CPU each step's gradient is noisy, and the average of the last ~1/(1 - decay) steps' "
+        "weights sits nearer the bottom of the valley than any one of them.",
+    )
     depth_half_range_um: float = Field(10.0, gt=0, description="Depth grid ±this (µm).")
     target_modality: Modality = Field(
         "widefield",
@@ -943,6 +955,11 @@ def make_volume_metadata(
 
     optics = OpticsConfig(**cfg.optics)
     d = cfg.data
+    aberration = (
+        "each source's index-mismatch aberration at its own depth, depth of z = 0"
+        if optics.depth_dependent_aberration
+        else "index-mismatch depths"
+    )
     return ModelMetadata(
         name=cfg.name,
         architecture=model.architecture,
@@ -955,7 +972,7 @@ def make_volume_metadata(
         sample_index=optics.sample_index,
         trained_on=(
             f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; scalar "
-            f"Gibson-Lanni PSF, index-mismatch depths {d.particle_depths_um} µm, focus within "
+            f"Gibson-Lanni PSF, {aberration} {d.particle_depths_um} µm, focus within "
             f"±{d.focus_half_range_um} µm; {cfg.target_modality} render targets)"
         ),
         training_command=_command().replace("engine.train ", "engine.train_volume "),
@@ -987,6 +1004,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step, history, wall_before = 0, [], 0.0
+    ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
     if resume:
         src = ckpt if ckpt.is_file() else cfg.portable_checkpoint
@@ -996,6 +1014,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
+        ema_state = ck.get("ema")
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
     elif cfg.init_from is not None:
         state = _widen_inputs(_initial_weights(Path(cfg.init_from)), model.state_dict())
@@ -1007,6 +1026,14 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         )
         note = f"; fresh: {', '.join(fresh)}" if fresh else ""
         print(f"initialised from {cfg.init_from} (fresh optimiser and schedule{note})")
+    ema = _averaged(model, cfg.ema_decay)
+    if ema is not None and resume:
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+        else:  # a checkpoint of a run without the average: it starts from the weights
+            print("the checkpoint has no weight average: it starts from the weights")
+    # the network validation reads and the run writes: the average where one is kept
+    served: DeepZ = model if ema is None else ema.module  # type: ignore[assignment]
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, device)
@@ -1049,6 +1076,8 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         wall = wall_before + time.monotonic() - start
         lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
@@ -1059,8 +1088,8 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
         timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
-            model.eval()
-            history[-1] |= val.run(cfg, model, bf16, device)
+            served.eval()
+            history[-1] |= val.run(cfg, served, bf16, device)
             model.train()
             bar.write(
                 f"step {step} ({wall / 60:.1f} min): "
@@ -1075,15 +1104,32 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 f"density FWHM {history[-1]['val_density_fwhm_um']:.2f} µm "
                 f"(truth {history[-1]['val_truth_density_fwhm_um']:.2f})"
             )
-            _checkpoint(cfg, model, opt, step, history, wall)
+            _checkpoint(cfg, model, opt, step, history, wall, ema)
         if timeout:
             bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
             break
     bar.close()
-    model.eval()
+    served.eval()
     if cfg.weights_out is not None:
-        save_volume_model(cfg, model, psf, history, step, bf16)
-    return model
+        save_volume_model(cfg, served, psf, history, step, bf16)
+    return served
+
+
+def _averaged(model: DeepZ, decay: float) -> AveragedModel | None:
+    """Return an exponential moving average of `model`'s weights (torch's), or None for 0."""
+    if decay <= 0:
+        return None
+    average = get_ema_multi_avg_fn(decay)  # type: ignore[no-untyped-call]
+    return AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
+def served_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Return the weights a checkpoint serves: the weight average where the run kept one."""
+    if "ema" not in checkpoint:
+        state: dict[str, torch.Tensor] = checkpoint["model"]
+        return state
+    prefix = "module."
+    return {k[len(prefix) :]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
 
 
 def _widen_inputs(
@@ -1115,7 +1161,7 @@ def _initial_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
     loaded = torch.load(path, map_location="cpu", weights_only=False)
-    state: dict[str, torch.Tensor] = loaded["model"] if "opt" in loaded else loaded
+    state: dict[str, torch.Tensor] = served_state(loaded) if "opt" in loaded else loaded
     return state
 
 
@@ -1179,7 +1225,7 @@ def weights_from_checkpoint(
     ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(served_state(ck))
     model.eval()
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
@@ -1194,9 +1240,10 @@ def _checkpoint(
     step: int,
     history: list[dict[str, float]],
     wall: float,
+    ema: AveragedModel | None = None,
 ) -> None:
     """Write checkpoint.pt (atomically), the portable copy and loss_curve.png."""
-    state = {
+    state: dict[str, Any] = {
         "model": {k: v.contiguous() for k, v in model.state_dict().items()},
         "opt": opt.state_dict(),
         "step": step,
@@ -1204,6 +1251,8 @@ def _checkpoint(
         "wall_s": wall,
         "config": json.loads(cfg.model_dump_json()),
     }
+    if ema is not None:
+        state["ema"] = {k: v.contiguous() for k, v in ema.state_dict().items()}
     targets = [(cfg.out_dir / "checkpoint.pt", state)]
     if cfg.portable_checkpoint is not None:
         targets.append((Path(cfg.portable_checkpoint), portable_state(state)))
@@ -1247,7 +1296,10 @@ def portable_state(state: dict[str, Any]) -> dict[str, Any]:
         if "val_bead_depth_median_um" in h or int(h["step"]) % PORTABLE_HISTORY_EVERY == 0
     ]
     model = {k: v.cpu() for k, v in state["model"].items()}
-    return {**state, "model": model, "opt": slim_opt, "history": history}
+    out = {**state, "model": model, "opt": slim_opt, "history": history}
+    if "ema" in state:  # the average stays float32 too: it is what the run serves
+        out["ema"] = {k: v.cpu() for k, v in state["ema"].items()}
+    return out
 
 
 def _plot(out: Path, history: list[dict[str, float]]) -> None:

@@ -277,6 +277,45 @@ def test_the_portable_checkpoint_is_slim_and_a_fresh_machine_resumes_from_it(tmp
     assert all(t.dtype == torch.float32 for e in ck["opt"]["state"].values() for t in e.values())
 
 
+def test_a_weight_average_is_what_the_run_serves_and_it_resumes(tmp_path: Path):
+    """With ema_decay the run keeps torch's moving average of its weights beside them: the
+    checkpoint holds both, the written weights are the average (from a run and from its
+    checkpoint alike), and a resumed run continues the average rather than restarting it."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.model import load_model
+    from engine.train_volume import served_state, train, weights_from_checkpoint
+
+    cfg = _tiny_config(tmp_path)
+    cfg.ema_decay = 0.5
+    cfg.lr = 1e-2  # steps large enough that the average visibly lags the weights
+    cfg.portable_checkpoint = tmp_path / "committed" / "v.ckpt.pt"
+    served = train(cfg, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    average = served_state(ck)
+    assert int(ck["ema"]["n_averaged"]) == 3
+    assert set(average) == set(ck["model"])
+    assert any(not torch.equal(average[k], v) for k, v in ck["model"].items())
+    for k, v in served.state_dict().items():
+        assert torch.equal(v.contiguous(), average[k])
+    written, _ = load_model(Path(cfg.weights_out))  # type: ignore[arg-type]
+    for k, v in written.state_dict().items():
+        assert torch.equal(v, average[k])
+    cfg.weights_out = tmp_path / "from_ckpt" / "v.pt"
+    again, _ = load_model(weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt"))
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, average[k])
+    slim = torch.load(cfg.portable_checkpoint, weights_only=False)
+    assert all(torch.equal(slim["ema"][k], v) for k, v in ck["ema"].items())
+    # resumed: the average goes on counting from where it stopped
+    cfg.steps = 5
+    cfg.weights_out = None
+    train(cfg, resume=True, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5 and int(ck["ema"]["n_averaged"]) == 5
+
+
 def test_per_sample_normalisation_counts_a_dim_sample_as_much_as_a_bright_one(psf):
     """With 'batch', a sample 10x dimmer weighs 100x less; with 'sample', the same."""
     pytest.importorskip("torch", reason="training extra not installed")
