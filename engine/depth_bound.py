@@ -1,7 +1,7 @@
 """How well one wide-field frame can tell a bead's depth at all: the information bound.
 
     python -m engine.depth_bound [--model engine/weights/deepz-volume.json]
-                                 [--out runs/depth_bound]
+                                 [--optics model|independent] [--out runs/depth_bound]
 
 Any estimator — a network, the matched filter, a fit — reads a bead's depth from the photons
 of one frame. Two numbers bound how well it can do, for an isolated bead of known lateral
@@ -23,40 +23,86 @@ metadata; the simulator's defaults where none is recorded) and the simulator's c
   an estimator may favour one side and do better there, but not on both sides at once, so
   averaged over a pair no estimator, however trained, confuses them less often.
 
-These are the *training simulator's* optics and camera (scalar PSF, uniform background); the
-independent hold-out (vectorial PSF, another camera and background, `engine.heldout`) has its
-own bound, near this one for the same nominal optics but not computed here.
-
-Beads of the simulator are 1,500–4,500 photons (3 × `peak_photons` × U(0.5, 1.5)); the table
-shows the median and both ends. Prints the table, writes JSON and a plot. Seconds on a CPU.
+`--optics model` (the default) bounds the *training simulator's* beads: the model's optics,
+the scalar PSF at one aberration depth, the simulator's camera and uniform background, beads of
+1,500–4,500 photons (3 × `peak_photons` × U(0.5, 1.5)). `--particle-depth-um` and
+`--depth-dependent-aberration` change the aberration: how often a far bead is confused with
+its mirror depends mostly on how deep below the coverslip the sample lies (session 15: 15 % of
+beads over ±10 µm at 5 µm, 7 % at 12 µm), since the index-mismatch aberration is what breaks
+the symmetry about focus. `--optics independent` bounds the
+independent hold-out's beads (`engine.heldout`): the vectorial PSF whose index-mismatch
+aberration follows each source's own depth (so a bead and its mirror see different
+aberrations), 2 e⁻ read noise with the 1-count offset pattern added as noise (an estimator does
+not know it), the middle of its 8–16 e⁻ background taken as uniform, beads of 700–3,500 e⁻
+(log-uniform). The table shows both ends of the brightness and its middle. Prints the table,
+writes JSON and a plot. Seconds on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
+from engine.heldout import HeldoutCamera, IndependentOptics
 from engine.metadata import ModelMetadata
 from engine.optics import CameraConfig, OpticsConfig, make_psf
 
-__all__ = ["DEFOCUS_UM", "confused_share", "depth_bound", "main"]
+__all__ = [
+    "DEFOCUS_UM",
+    "BoundCase",
+    "Detection",
+    "confused_share",
+    "depth_bound",
+    "independent_case",
+    "main",
+    "simulator_case",
+]
 
 DEFOCUS_UM = tuple(float(z) for z in np.arange(-10.0, 10.01, 1.0))
 """Bead defocus values the table reports (µm, `make_psf` convention: focus − bead)."""
 BEAD_PHOTONS = (1500.0, 3000.0, 4500.0)
 """The simulator's bead brightness: both ends and the middle of 3 × peak_photons × U(0.5, 1.5)."""
+INDEPENDENT_BEAD_E = (700.0, float(np.sqrt(700.0 * 3500.0)), 3500.0)
+"""The hold-out's bead signal (e⁻): both ends and the geometric middle of its log-uniform draw."""
 _STEP_UM = 0.25
 """Grid of candidate depths for the mirror search (µm); the depth derivative of the Cramér–Rao
 bound is a central difference of ±_STEP_UM / 5."""
 _CROP_PX = 127
 """PSF crop: a bead 10 µm out of focus is a ring about 23 px in radius at 0.3 µm pixels."""
+
+
+ImagesFn = Callable[[np.ndarray], np.ndarray]
+"""(defocus_um (n,), focus − bead) -> (n, H, W) float64 images of one bead, each summing to 1."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The camera's side of the bound: what turns a bead's photons into noisy electrons."""
+
+    quantum_efficiency: float
+    background_photons: float
+    """Uniform background per pixel (photons; e⁻ when the efficiency is 1)."""
+    read_noise_e: float
+
+
+@dataclass(frozen=True)
+class BoundCase:
+    """One set of beads to bound: how a bead images, the camera, and the brightness to report."""
+
+    name: str
+    images: ImagesFn
+    detection: Detection
+    photons: tuple[float, ...]
+    describe: dict[str, Any]
+    """What the case stands for, recorded in the JSON."""
 
 
 def _fisher_sd(
@@ -65,7 +111,7 @@ def _fisher_sd(
     psf_plus: np.ndarray,
     h_um: float,
     photons: float,
-    camera: CameraConfig,
+    camera: Detection,
 ) -> float:
     """Cramér–Rao standard deviation (µm) of depth, brightness and background unknown."""
     qe = camera.quantum_efficiency
@@ -83,7 +129,7 @@ def _closest_alternative(
     grid_um: np.ndarray,
     index: int,
     photons: float,
-    camera: CameraConfig,
+    camera: Detection,
     min_separation_um: float,
 ) -> tuple[float, float]:
     """(depth, KL in nats) of the candidate ≥ min_separation_um away that best mimics the bead."""
@@ -103,29 +149,86 @@ def _closest_alternative(
     return best_z, best
 
 
+def simulator_case(optics: OpticsConfig, camera: CameraConfig) -> BoundCase:
+    """Return the simulator's beads: scalar PSF of `optics`, `camera`, 1,500–4,500 photons.
+
+    A bead at defocus d lies at depth −d; with `optics.depth_dependent_aberration` it is
+    imaged with its own depth's aberration (`OpticsConfig.at_depth`), as the simulator does.
+    """
+
+    def images(defocus_um: np.ndarray) -> np.ndarray:
+        if not optics.depth_dependent_aberration:
+            return make_psf(optics, defocus_um, _CROP_PX).astype(np.float64)
+        return np.stack(
+            [make_psf(optics.at_depth(-float(d)), np.array([d]), _CROP_PX)[0] for d in defocus_um]
+        ).astype(np.float64)
+
+    return BoundCase(
+        name="simulator",
+        images=images,
+        detection=Detection(
+            camera.quantum_efficiency, camera.background_photons, camera.read_noise_e
+        ),
+        photons=BEAD_PHOTONS,
+        describe={"optics": optics.model_dump(), "camera": camera.model_dump()},
+    )
+
+
+def independent_case(
+    optics: IndependentOptics | None = None, camera: HeldoutCamera | None = None
+) -> BoundCase:
+    """Return the independent hold-out's beads (`engine.heldout`), signal in e⁻ (efficiency 1).
+
+    A bead at depth z (defocus d = −z) is imaged with the aberration of its own depth, as the
+    hold-out renders it, so its mirror's ring differs by both the defocus sign and the
+    aberration. The hold-out's fixed offset pattern is unknown to an estimator: it counts as
+    read noise, added in quadrature; its background, smooth but uneven, is taken at the middle
+    of its range and uniform.
+    """
+    opt = optics or IndependentOptics()
+    cam = camera or HeldoutCamera()
+
+    def images(defocus_um: np.ndarray) -> np.ndarray:
+        return np.stack(
+            [opt.psf(np.array([d]), source_z_um=-float(d), size_px=_CROP_PX)[0] for d in defocus_um]
+        ).astype(np.float64)
+
+    pattern_e = cam.offset_pattern_counts / cam.gain_counts_per_e
+    return BoundCase(
+        name="independent",
+        images=images,
+        detection=Detection(
+            1.0, float(np.mean(cam.background_e)), float(np.hypot(cam.read_noise_e, pattern_e))
+        ),
+        photons=INDEPENDENT_BEAD_E,
+        describe={"optics": asdict(opt), "camera": asdict(cam)},
+    )
+
+
 def depth_bound(
-    optics: OpticsConfig,
-    camera: CameraConfig,
-    photons: Sequence[float] = BEAD_PHOTONS,
+    case: BoundCase,
+    photons: Sequence[float] | None = None,
     defocus_um: Sequence[float] = DEFOCUS_UM,
     min_separation_um: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One row per (photons, defocus): the local bound and the closest mirror depth.
 
-    Each row: ``photons``, ``defocus_um``, ``crlb_um`` (Cramér–Rao SD of depth),
-    ``alternative_um`` (the depth ≥ ``min_separation_um`` away that best mimics the bead),
-    ``kl_nats`` and ``ideal_error_rate`` (of the ideal test between the two).
+    Each row: ``photons`` (the case's brightness unless given), ``defocus_um``, ``crlb_um``
+    (Cramér–Rao SD of depth), ``alternative_um`` (the depth ≥ ``min_separation_um`` away that
+    best mimics the bead), ``kl_nats`` and ``ideal_error_rate`` (of the ideal test between the
+    two).
     """
     lo = min(defocus_um) - 2.0
     hi = max(defocus_um) + 2.0
     grid = np.round(np.arange(lo, hi + 1e-9, _STEP_UM), 6)
-    bank = make_psf(optics, grid, _CROP_PX).astype(np.float64).reshape(grid.size, -1)
+    bank = case.images(grid).reshape(grid.size, -1)
     h = _STEP_UM / 5
+    camera = case.detection
     rows = []
-    for n in photons:
+    for n in case.photons if photons is None else photons:
         for z in defocus_um:
             index = int(np.argmin(np.abs(grid - z)))
-            near = make_psf(optics, np.array([z - h, z + h]), _CROP_PX).astype(np.float64)
+            near = case.images(np.array([z - h, z + h]))
             sd = _fisher_sd(near[0].ravel(), bank[index], near[1].ravel(), h, float(n), camera)
             alt, kl = _closest_alternative(bank, grid, index, float(n), camera, min_separation_um)
             rows.append(
@@ -161,7 +264,7 @@ def _optics_of(model_json: Path) -> OpticsConfig:
     return OpticsConfig(**(ModelMetadata.from_file(model_json).training_optics or {}))
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,12 +274,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for n in sorted({r["photons"] for r in rows}):
         mine = [r for r in rows if r["photons"] == n]
         z = [r["defocus_um"] for r in mine]
-        ax1.plot(z, [r["crlb_um"] for r in mine], marker="o", label=f"{n:.0f} photons")
+        ax1.plot(
+            z,
+            [r["crlb_um"] for r in mine],
+            marker="o",
+            label=f"{n:.0f} photons" if name == "simulator" else f"{n:.0f} e⁻",
+        )
         ax2.plot(z, [100 * r["ideal_error_rate"] for r in mine], marker="o", label=f"{n:.0f}")
     ax1.set(xlabel="bead defocus (µm)", ylabel="Cramér–Rao SD of depth (µm)", yscale="log")
-    ax1.set_title("local precision", fontsize=10)
+    ax1.set_title(f"local precision ({name} beads)", fontsize=10)
     ax2.set(xlabel="bead defocus (µm)", ylabel="ideal observer's error rate (%)", ylim=(0, 50))
-    ax2.set_title("confused with a depth ≥ 1 µm away (the mirror)", fontsize=10)
+    ax2.set_title("confused with a depth ≥ 1 µm away (often the mirror)", fontsize=10)
     ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -189,18 +297,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the bound for a model's training optics; write JSON and a plot."""
     parser = argparse.ArgumentParser(prog="python -m engine.depth_bound", description=__doc__)
     parser.add_argument("--model", type=Path, default=Path("engine/weights/deepz-volume.json"))
+    parser.add_argument(
+        "--optics",
+        choices=("model", "independent"),
+        default="model",
+        help="model: the model's training optics and the simulator's beads and camera; "
+        "independent: the independent hold-out's (engine.heldout; --model is not read)",
+    )
+    parser.add_argument(
+        "--particle-depth-um",
+        type=float,
+        help="--optics model: the aberration depth instead of the model's (µm below the "
+        "coverslip); how far a bead's side of focus shows depends on it",
+    )
+    parser.add_argument(
+        "--depth-dependent-aberration",
+        action="store_true",
+        help="--optics model: each bead aberrated at its own depth (particle depth + z)",
+    )
     parser.add_argument("--min-separation-um", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("runs/depth_bound"))
     args = parser.parse_args(argv)
-    model_json = args.model.with_suffix(".json")
-    if not model_json.is_file():
-        parser.error(f"{model_json}: no model metadata there")
-    optics, camera = _optics_of(model_json), CameraConfig()
-    rows = depth_bound(optics, camera, min_separation_um=args.min_separation_um)
-    print(
-        f"optics of {model_json}: NA {optics.na}, {optics.wavelength_um} µm, "
-        f"n {optics.immersion_index} -> {optics.sample_index}, {optics.pixel_size_um} µm pixels"
-    )
+    which: Literal["model", "independent"] = args.optics
+    record: dict[str, Any] = {"case": which}
+    changes: dict[str, Any] = {}  # to the model's optics, from the options
+    if which == "model":
+        model_json = args.model.with_suffix(".json")
+        if not model_json.is_file():
+            parser.error(f"{model_json}: no model metadata there")
+        optics = _optics_of(model_json)
+        if args.particle_depth_um is not None:
+            changes["particle_depth_um"] = args.particle_depth_um
+        if args.depth_dependent_aberration:
+            changes["depth_dependent_aberration"] = True
+        optics = OpticsConfig(**(optics.model_dump() | changes))
+        case = simulator_case(optics, CameraConfig())
+        record["model"] = str(model_json)
+        own_depth = " + each bead's own depth"
+        print(
+            f"optics of {model_json}: NA {optics.na}, {optics.wavelength_um} µm, "
+            f"n {optics.immersion_index} -> {optics.sample_index}, "
+            f"{optics.pixel_size_um} µm pixels, aberration at {optics.particle_depth_um} µm"
+            f"{own_depth if optics.depth_dependent_aberration else ''}; "
+            "the simulator's camera and beads"
+        )
+    else:
+        case = independent_case()
+        print(
+            "the independent hold-out's optics (vectorial PSF, depth-dependent aberration), "
+            "camera and beads (signal in e⁻)"
+        )
+    rows = depth_bound(case, min_separation_um=args.min_separation_um)
     print(f"{'photons':>8} {'defocus':>8} {'CRLB SD':>8} {'mirror':>7} {'KL':>6} {'ideal err':>9}")
     for r in rows:
         print(
@@ -215,17 +362,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ", ".join(f"{100 * v:.0f} % within ±{k} µm" for k, v in shares.items())
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "model": str(model_json),
-        "optics": optics.model_dump(),
-        "camera": camera.model_dump(),
+    record |= case.describe | {
+        "detection": asdict(case.detection),
         "min_separation_um": args.min_separation_um,
         "confused_share_within_um": shares,
         "rows": rows,
     }
-    (args.out / "depth_bound.json").write_text(json.dumps(record, indent=2) + "\n")
-    _plot(rows, args.out / "depth_bound.png")
-    print(f"wrote {args.out / 'depth_bound.json'} and depth_bound.png")
+    stem = "depth_bound" if which == "model" else "depth_bound_independent"
+    if which == "model" and changes:
+        stem += "_" + "_".join(
+            f"pz{v:g}" if k == "particle_depth_um" else "depthdep" for k, v in changes.items()
+        )
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    _plot(rows, args.out / f"{stem}.png", case.name)
+    print(f"wrote {args.out / stem}.json and {stem}.png")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The information bound on depth from one frame (`engine.depth_bound`), simulator optics."""
+"""The information bound on depth from one frame (`engine.depth_bound`): simulator and hold-out."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import pytest
 
 pytest.importorskip("psfmodels", reason="the PSF needs the sim extra (psfmodels)")
 
-from engine.depth_bound import confused_share, depth_bound
+from engine.depth_bound import confused_share, depth_bound, independent_case, simulator_case
 from engine.optics import CameraConfig, OpticsConfig
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, float]]:
     return depth_bound(
-        OpticsConfig(), CameraConfig(), photons=(1000.0, 4000.0), defocus_um=(-8.0, -2.0, 2.0, 8.0)
+        simulator_case(OpticsConfig(), CameraConfig()),
+        photons=(1000.0, 4000.0),
+        defocus_um=(-8.0, -2.0, 2.0, 8.0),
     )
 
 
@@ -51,3 +53,42 @@ def test_a_far_bead_is_mistaken_for_its_mirror(rows):
     assert confused_share(rows, 2.0) < confused_share(rows, 8.0)
     with pytest.raises(ValueError, match="no rows"):
         confused_share(rows, 1.0)
+
+
+def test_deeper_aberration_tells_a_far_bead_from_its_mirror():
+    """The index-mismatch aberration is what breaks the symmetry about focus, so on average
+    over both sides and the simulator's brightness a far bead is confused with its mirror
+    less often the deeper the sample lies; with each bead aberrated at its own depth, a bead
+    in the focal plane images as without it and a far one differently."""
+
+    def rows_at(depth: float) -> list[dict[str, float]]:
+        optics = OpticsConfig(particle_depth_um=depth)
+        return depth_bound(
+            simulator_case(optics, CameraConfig()), defocus_um=(-8.0, -4.0, 0.0, 4.0, 8.0)
+        )
+
+    shallow, deep = rows_at(5.0), rows_at(15.0)
+    assert confused_share(deep, 8.0) < 0.6 * confused_share(shallow, 8.0)
+    optics = OpticsConfig(particle_depth_um=15.0)
+    own_case = simulator_case(
+        optics.model_copy(update={"depth_dependent_aberration": True}), CameraConfig()
+    )
+    same_case = simulator_case(optics, CameraConfig())
+    at = np.array([0.0, 8.0])
+    own, same = own_case.images(at), same_case.images(at)
+    np.testing.assert_array_equal(own[0], same[0])
+    assert np.abs(own[1] - same[1]).sum() > 0.05
+
+
+def test_the_hold_out_is_bounded_with_its_own_optics_and_camera():
+    """The independent set's case: its vectorial PSF, its read noise with the unknown offset
+    pattern added in quadrature, its beads' brightness; a far bead's depth is bounded
+    more loosely than a near one's."""
+    case = independent_case()
+    assert case.detection.quantum_efficiency == 1.0
+    assert case.detection.read_noise_e == pytest.approx(np.hypot(2.0, 1.0 / 0.8))
+    assert case.photons[0] == 700.0 and case.photons[-1] == 3500.0
+    rows = depth_bound(case, photons=(1565.0,), defocus_um=(-2.0, -8.0))
+    near, far = rows
+    assert 0 < near["crlb_um"] < far["crlb_um"] < 1.0
+    assert near["ideal_error_rate"] < 0.01 <= far["ideal_error_rate"] < 0.5
