@@ -1209,9 +1209,15 @@ def _machine(cfg: VolumeTrainConfig, bf16: bool) -> str:
 
 
 def weights_from_checkpoint(
-    cfg: VolumeTrainConfig, checkpoint: Path, render_modality: Modality | None = None
+    cfg: VolumeTrainConfig,
+    checkpoint: Path,
+    render_modality: Modality | None = None,
+    average: bool = True,
 ) -> Path:
     """Write cfg.weights_out from a checkpoint (e.g. of a run stopped early); return its path.
+
+    The weights are the run's weight average where it kept one (`served_state`); with
+    ``average=False`` its raw weights, to measure what the average did.
 
     The network predicts where the light comes from, whatever the microscope; only the PSF bank
     it is rendered through has a modality. `render_modality` writes the bank of another one
@@ -1225,7 +1231,7 @@ def weights_from_checkpoint(
     ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
-    model.load_state_dict(served_state(ck))
+    model.load_state_dict(served_state(ck) if average else ck["model"])
     model.eval()
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
@@ -1357,9 +1363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="with --weights-from-checkpoint: the PSF bank to render through (default: trained)",
     )
+    p.add_argument(
+        "--raw-weights",
+        action="store_true",
+        help="with --weights-from-checkpoint: the run's raw weights, not its weight average",
+    )
     args = p.parse_args(argv)
     if args.render_modality is not None and args.weights_from_checkpoint is None:
         p.error("--render-modality applies to --weights-from-checkpoint only")
+    if args.raw_weights and args.weights_from_checkpoint is None:
+        p.error("--raw-weights applies to --weights-from-checkpoint only")
     cfg = load_config(args.config)
     if args.weights_out is not None:
         cfg.weights_out = args.weights_out
@@ -1368,7 +1381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:
         cfg.out_dir = args.out
     if args.weights_from_checkpoint is not None:
-        path = weights_from_checkpoint(cfg, args.weights_from_checkpoint, args.render_modality)
+        path = weights_from_checkpoint(
+            cfg, args.weights_from_checkpoint, args.render_modality, not args.raw_weights
+        )
         print(f"weights: {path}")
         return 0
     model = train(cfg, resume=args.resume, progress=not args.no_progress)

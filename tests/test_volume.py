@@ -306,6 +306,10 @@ def test_a_weight_average_is_what_the_run_serves_and_it_resumes(tmp_path: Path):
     again, _ = load_model(weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt"))
     for k, v in again.state_dict().items():
         assert torch.equal(v, average[k])
+    cfg.weights_out = tmp_path / "raw" / "v.pt"
+    raw, _ = load_model(weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt", average=False))
+    for k, v in raw.state_dict().items():
+        assert torch.equal(v, ck["model"][k])
     slim = torch.load(cfg.portable_checkpoint, weights_only=False)
     assert all(torch.equal(slim["ema"][k], v) for k, v in ck["ema"].items())
     # resumed: the average goes on counting from where it stopped
