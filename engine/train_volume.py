@@ -1032,6 +1032,8 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             ema.load_state_dict(ema_state)
         else:  # a checkpoint of a run without the average: it starts from the weights
             print("the checkpoint has no weight average: it starts from the weights")
+    elif ema_state is not None:
+        print("ema_decay = 0: the checkpoint's weight average is dropped; the raw weights go on")
     # the network validation reads and the run writes: the average where one is kept
     served: DeepZ = model if ema is None else ema.module  # type: ignore[assignment]
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -1173,8 +1175,12 @@ def save_volume_model(
     step: int,
     bf16: bool,
     modality: Modality | None = None,
+    raw: bool = False,
 ) -> Path:
     """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path.
+
+    The metadata's ``extra.weights`` says which were written: ``"average"`` (the run's weight
+    average), ``"raw"`` (its raw weights though it kept an average) or ``"trained"``.
 
     `modality` must name `psf`'s modality when it is not the one trained (the caller built
     `psf`; `weights_from_checkpoint` is the one place that does so).
@@ -1191,6 +1197,7 @@ def save_volume_model(
         "machine": _machine(cfg, bf16),
         "parameters": model.count_parameters(),
         "flops_per_pixel": model.flops_per_pixel(),
+        "weights": "raw" if raw else ("average" if cfg.ema_decay > 0 else "trained"),
         "validation": {k: v for k, v in last_val.items() if k.startswith("val_")},
         "train_config": json.loads(cfg.model_dump_json()),
     }
@@ -1231,12 +1238,17 @@ def weights_from_checkpoint(
     ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
-    model.load_state_dict(served_state(ck) if average else ck["model"])
+    raw = not average and "ema" in ck
+    model.load_state_dict(ck["model"] if raw else served_state(ck))
     model.eval()
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
     bf16 = uses_bf16(ck_cfg)
-    return save_volume_model(ck_cfg, model, psf, ck["history"], ck["step"], bf16, modality)
+    # validation read the average: its numbers do not describe the raw weights
+    history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in ck["history"]]
+    return save_volume_model(
+        ck_cfg, model, psf, history if raw else ck["history"], ck["step"], bf16, modality, raw
+    )
 
 
 def _checkpoint(
@@ -1276,6 +1288,9 @@ PORTABLE_HISTORY_EVERY = 100
 
 def portable_state(state: dict[str, Any]) -> dict[str, Any]:
     """Return a checkpoint slimmed for the repository (the shipped one: 29.6 -> 18.5 MB).
+
+    A run with a weight average (`ema_decay`) keeps it in float32 too: one model's size more
+    (9.2 MB for the shipped network).
 
     The model stays float32, exactly. Adam's moment estimates are kept in bfloat16 (half their
     bytes; `Optimizer.load_state_dict` casts them back to the parameters' float32 on resume,

@@ -307,9 +307,13 @@ def test_a_weight_average_is_what_the_run_serves_and_it_resumes(tmp_path: Path):
     for k, v in again.state_dict().items():
         assert torch.equal(v, average[k])
     cfg.weights_out = tmp_path / "raw" / "v.pt"
-    raw, _ = load_model(weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt", average=False))
+    raw, raw_meta = load_model(
+        weights_from_checkpoint(cfg, cfg.out_dir / "checkpoint.pt", average=False)
+    )
     for k, v in raw.state_dict().items():
         assert torch.equal(v, ck["model"][k])
+    assert raw_meta.extra["weights"] == "raw" and raw_meta.extra["validation"] == {}
+    assert load_model(Path(tmp_path / "from_ckpt" / "v.pt"))[1].extra["weights"] == "average"
     slim = torch.load(cfg.portable_checkpoint, weights_only=False)
     assert all(torch.equal(slim["ema"][k], v) for k, v in ck["ema"].items())
     # resumed: the average goes on counting from where it stopped

@@ -22,6 +22,7 @@ from engine.optics._config import CameraConfig, OpticsConfig
 
 if TYPE_CHECKING:
     from engine.optics._imaging import (
+        SLICE_UM,
         FocalStack,
         VolumePair,
         camera_counts,
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from engine.optics._timeseries import WormTimeSeries
 
 _LAZY = {
+    "SLICE_UM": "engine.optics._imaging",
     "FocalStack": "engine.optics._imaging",
     "VolumePair": "engine.optics._imaging",
     "simulate_volume_pair": "engine.optics._imaging",
@@ -48,6 +50,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "SLICE_UM",
     "CameraConfig",
     "FocalStack",
     "ObjectTable",

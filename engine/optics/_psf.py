@@ -50,7 +50,7 @@ def _raw_psf(key: _OpticsKey, z_stage_um: np.ndarray, size_px: int) -> np.ndarra
     return psf
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=1024)  # one float per aberration depth: depth-dependent imaging
 def _best_focus_um(key: _OpticsKey) -> float:
     """Nominal focus position (psfmodels coordinates) where the PSF peak is brightest."""
     pz = key[5]
