@@ -324,6 +324,26 @@ def test_a_weight_average_is_what_the_run_serves_and_it_resumes(tmp_path: Path):
     assert ck["step"] == 5 and int(ck["ema"]["n_averaged"]) == 5
 
 
+def test_a_run_without_an_average_resumes_into_one(tmp_path: Path):
+    """Turning the average on when resuming a run that kept none starts it from the resumed
+    weights: after two more steps it has averaged two, and it serves the average."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import served_state, train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.weights_out = None
+    train(cfg, progress=False)
+    assert "ema" not in torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    cfg.ema_decay, cfg.steps = 0.5, 5
+    served = train(cfg, resume=True, progress=False)
+    ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 5 and int(ck["ema"]["n_averaged"]) == 2
+    for k, v in served.state_dict().items():
+        assert torch.equal(v.contiguous(), served_state(ck)[k])
+
+
 def test_per_sample_normalisation_counts_a_dim_sample_as_much_as_a_bright_one(psf):
     """With 'batch', a sample 10x dimmer weighs 100x less; with 'sample', the same."""
     pytest.importorskip("torch", reason="training extra not installed")
