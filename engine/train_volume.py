@@ -1244,11 +1244,10 @@ def weights_from_checkpoint(
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
     bf16 = uses_bf16(ck_cfg)
-    # validation read the average: its numbers do not describe the raw weights
-    history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in ck["history"]]
-    return save_volume_model(
-        ck_cfg, model, psf, history if raw else ck["history"], ck["step"], bf16, modality, raw
-    )
+    history = ck["history"]
+    if raw:  # validation read the average: its numbers do not describe the raw weights
+        history = [{k: v for k, v in h.items() if not k.startswith("val_")} for h in history]
+    return save_volume_model(ck_cfg, model, psf, history, ck["step"], bf16, modality, raw)
 
 
 def _checkpoint(

@@ -139,12 +139,11 @@ def image_slices(
     shape = (int(density.shape[1]), int(density.shape[2]))
     if not density.any():
         return np.zeros((focus_um.size, *shape), dtype=np.float32)
-    lattice = _lattice(focus_um, slice_z_um)
     spectra = scipy.fft.rfft2(density, workers=WORKERS)
     if optics.depth_dependent_aberration:
         occupied = np.asarray(density.reshape(density.shape[0], -1).any(axis=1))
         planes = _sum_aberrated(spectra, slice_z_um, focus_um, optics, shape, occupied)
-    elif lattice is None:
+    elif (lattice := _lattice(focus_um, slice_z_um)) is None:
         planes = _sum_pairs(spectra, slice_z_um, focus_um, optics, shape)
     else:
         planes = _convolve_z(spectra, lattice, focus_um.size, optics, shape)
