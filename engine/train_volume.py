@@ -87,6 +87,14 @@ class VolumeDataConfig(_Base):
         description="Index-mismatch depths drawn per sample (µm); with "
         "optics.depth_dependent_aberration, the depth of z = 0 below the coverslip.",
     )
+    psf_models: list[Literal["scalar", "vectorial"]] = Field(
+        ["scalar"],
+        min_length=1,
+        description="psfmodels' PSF models the frames are imaged with, one drawn per sample "
+        "(`OpticsConfig.psf_model`). The model's PSF bank stays the config's optics' (scalar "
+        "unless optics.psf_model is set), and so do the render targets: only the input "
+        "frames change, so the network learns depth cues that hold across PSF models.",
+    )
     peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
     background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
     pool_size: int = Field(24, ge=1, description="Samples kept in memory.")
@@ -102,6 +110,8 @@ class VolumeDataConfig(_Base):
         for name in ("kind_weights", "start_kind_weights"):
             if len(getattr(self, name)) != len(self.kinds):
                 raise ValueError(f"data.{name} needs one weight per entry of data.kinds")
+        if len(set(self.psf_models)) != len(self.psf_models):
+            raise ValueError(f"data.psf_models lists a model twice: {self.psf_models}")
         if self.lab_every and not self.lab_stacks:
             raise ValueError("data.lab_every > 0 needs at least one data.lab_stacks entry")
         for spec in self.lab_stacks:
@@ -340,9 +350,12 @@ class Sample:
                 **cfg.camera,
             }
         )
-        optics = OpticsConfig(
-            **{"particle_depth_um": float(rng.choice(d.particle_depths_um)), **cfg.optics}
-        )
+        drawn: dict[str, Any] = {"particle_depth_um": float(rng.choice(d.particle_depths_um))}
+        if len(d.psf_models) > 1:  # no draw for one model: earlier recipes' samples unchanged
+            drawn["psf_model"] = d.psf_models[int(rng.integers(len(d.psf_models)))]
+        elif d.psf_models != ["scalar"]:
+            drawn["psf_model"] = d.psf_models[0]
+        optics = OpticsConfig(**{**drawn, **cfg.optics})
         n = round(d.focus_half_range_um / 0.5)
         focus = rng.integers(-n, n + 1, d.frames_per_sample) * 0.5
         pair = simulate_volume_pair(
@@ -356,6 +369,7 @@ class Sample:
         )
         x, _, std = normalize_images(pair.frames)
         self.kind = kind
+        self.optics = optics
         self.inputs = x.astype(np.float32)
         self.targets = (pair.objects_counts / std[:, :, :, None]).astype(np.float32)
         self.pair = pair
@@ -960,6 +974,9 @@ def make_volume_metadata(
         if optics.depth_dependent_aberration
         else "index-mismatch depths"
     )
+    psf_names = " and ".join(
+        {"scalar": "scalar Gibson-Lanni", "vectorial": "vectorial"}[m] for m in d.psf_models
+    )
     return ModelMetadata(
         name=cfg.name,
         architecture=model.architecture,
@@ -971,8 +988,8 @@ def make_volume_metadata(
         immersion_index=optics.immersion_index,
         sample_index=optics.sample_index,
         trained_on=(
-            f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; scalar "
-            f"Gibson-Lanni PSF, {aberration} {d.particle_depths_um} µm, focus within "
+            f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; "
+            f"{psf_names} PSF, {aberration} {d.particle_depths_um} µm, focus within "
             f"±{d.focus_half_range_um} µm; {cfg.target_modality} render targets)"
         ),
         training_command=_command().replace("engine.train ", "engine.train_volume "),

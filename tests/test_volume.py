@@ -921,3 +921,34 @@ def test_the_renderers_threads_and_paths_agree(psf):
     assert empty.dtype == np.float16
     np.testing.assert_allclose(empty[0], empty[1])
     np.testing.assert_allclose(empty[0], frame.mean(), rtol=0.03)  # the noise low-passed
+
+
+def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path):
+    pytest.importorskip("torch", reason="training extra not installed")
+    from pydantic import ValidationError
+
+    from engine.train_volume import (
+        Sample,
+        VolumeTrainConfig,
+        build_volume_model,
+        make_volume_metadata,
+    )
+
+    def config(models: list[str]) -> VolumeTrainConfig:
+        data = {"stack_shape": [64, 64], "psf_models": models, "kinds": ["beads"]}
+        data |= {"kind_weights": [1.0], "start_kind_weights": [1.0]}
+        return VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "data": data}
+        )
+
+    both = config(["scalar", "vectorial"])
+    drawn = [Sample(both, seed, [1.0]).optics.psf_model for seed in range(8)]
+    assert set(drawn) == {"scalar", "vectorial"}
+    scalar, vectorial = (Sample(config([m]), 3, [1.0]) for m in ("scalar", "vectorial"))
+    assert (scalar.optics.psf_model, vectorial.optics.psf_model) == ("scalar", "vectorial")
+    np.testing.assert_array_equal(scalar.pair.objects_counts, vectorial.pair.objects_counts)
+    assert not np.allclose(scalar.inputs, vectorial.inputs, atol=1e-3)  # other frames
+    with pytest.raises(ValidationError, match="lists a model twice"):
+        config(["vectorial", "vectorial"])
+    meta = make_volume_metadata(both, build_volume_model(both), "psf.npy", {})
+    assert "scalar Gibson-Lanni and vectorial PSF" in meta.trained_on

@@ -6,6 +6,8 @@ GFP emission, about 0.3 µm pixels at the sample, imaged on an sCMOS camera.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -47,6 +49,13 @@ class OpticsConfig(BaseModel):
         "of z = 0 below the coverslip, and a bead deeper in the sample shows more of the "
         "asymmetry that tells it from its mirror across focus. Image formation only: "
         "`make_psf` (and a volume model's PSF bank) stays particle_depth_um's.",
+    )
+
+    psf_model: Literal["scalar", "vectorial"] = Field(
+        "scalar",
+        description="psfmodels' PSF model the frames are imaged with: 'scalar' (Gibson-Lanni) "
+        "or 'vectorial' (Aguet et al. 2009). A volume model's PSF bank is made from these "
+        "optics as written in its training config (scalar unless set there).",
     )
 
     def at_depth(self, z_um: float) -> OpticsConfig:

@@ -1,22 +1,26 @@
-"""Wide-field point spread functions (Gibson-Lanni, via `psfmodels`), cached.
+"""Wide-field point spread functions (via `psfmodels`: scalar Gibson-Lanni or vectorial), cached.
 
 The PSF is indexed by defocus ``d = z_focus - z_object`` (µm): the axial distance from the point
 source to the focal plane, positive when the focal plane lies deeper (further from the
 objective) than the point. Each plane is normalised to unit sum (a thin plane of the wide-field
 PSF carries all the light of the point), so blurring conserves energy per plane. The
 refractive-index mismatch (air objective, watery sample) makes the PSF asymmetric about focus.
+`OpticsConfig.psf_model` picks psfmodels' scalar Gibson-Lanni model (the default, and what a
+volume model's PSF bank is made of) or its vectorial model (Aguet et al. 2009; polarisation and
+high-angle effects), so training data can come from both.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import numpy as np
 import psfmodels
 
 from engine.optics._config import OpticsConfig
 
-_OpticsKey = tuple[float, float, float, float, float, float]
+_OpticsKey = tuple[float, float, float, float, float, float, Literal["scalar", "vectorial"]]
 
 
 def _key(optics: OpticsConfig) -> _OpticsKey:
@@ -28,12 +32,13 @@ def _key(optics: OpticsConfig) -> _OpticsKey:
         optics.sample_index,
         optics.pixel_size_um,
         optics.particle_depth_um,
+        optics.psf_model,
     )
 
 
 def _raw_psf(key: _OpticsKey, z_stage_um: np.ndarray, size_px: int) -> np.ndarray:
-    """Call psfmodels' scalar Gibson-Lanni model at nominal focus positions (float64)."""
-    na, wvl, ni, ns, dxy, pz = key
+    """Call psfmodels' scalar or vectorial model at nominal focus positions (float64)."""
+    na, wvl, ni, ns, dxy, pz, model = key
     psf: np.ndarray = psfmodels.make_psf(
         [float(z) for z in z_stage_um],
         size_px,
@@ -44,7 +49,7 @@ def _raw_psf(key: _OpticsKey, z_stage_um: np.ndarray, size_px: int) -> np.ndarra
         ns=ns,
         ni=ni,
         ni0=ni,
-        model="scalar",
+        model=model,
         normalize=False,
     )
     return psf
@@ -53,7 +58,7 @@ def _raw_psf(key: _OpticsKey, z_stage_um: np.ndarray, size_px: int) -> np.ndarra
 @functools.lru_cache(maxsize=1024)  # one float per aberration depth: depth-dependent imaging
 def _best_focus_um(key: _OpticsKey) -> float:
     """Nominal focus position (psfmodels coordinates) where the PSF peak is brightest."""
-    pz = key[5]
+    pz = float(key[5])
     coarse = pz + np.arange(-4.0, 4.0001, 0.1)
     peaks = _raw_psf(key, coarse, 17)[:, 8, 8]
     best = float(coarse[int(np.argmax(peaks))])
