@@ -1,6 +1,6 @@
-"""Compare refocusing methods on two held-out sets, by objects first and pixels second.
+"""Compare refocusing methods on held-out sets, by objects first and pixels second.
 
-``python -m engine.fidelity [--models M.pt|M.onnx ...] [--out DIR] [--quick | --large]``
+``python -m engine.fidelity [--models M.pt|M.onnx ...] [--out DIR] [--quick | --large] [--pupil]``
 
 Methods: each model given (served through `engine.runtime`, exactly as the daemon runs it), and
 the classical baselines: the unrefocused input, a Wiener refocus with the known PSF and, for
@@ -10,6 +10,9 @@ depth only, the matched filter. Sets:
   mixed), the model's own PSF model: how well it learnt what it was taught;
 - **independent**: `engine.heldout` (vectorial PSF, depth-dependent aberration, spheres, beads
   and tilted bead planes, another camera): what the targets are judged on.
+- **pupil** (``--pupil``): the independent set's objects and camera imaged through a third PSF
+  model, `engine.heldout`'s pupil-function PSF with the objective's own Zernike aberrations:
+  independent still for a model that trained on psfmodels' vectorial PSF as well as the scalar.
 
 Read-outs per set and method: bead depth from one frame (median, p90, within 1 µm, not
 found), nucleus ("neuron") depth from one frame for spheres of 1-4 µm (the worm's nuclei in
@@ -246,12 +249,14 @@ def compare(
     sample_set: Literal["quick", "default", "large"] = "default",
     shape: tuple[int, int] = (256, 256),
     precisions: Sequence[Precision] = ("fp32",),
+    pupil: bool = False,
 ) -> dict[str, Any]:
-    """Run every read-out for `models` (at each precision) and the baselines on both sets.
+    """Run every read-out for `models` (at each precision) and the baselines on each set.
 
     `sample_set` picks the held-out seeds: "quick" (a smoke run), "default" (the figures in the
     docs) or "large" (about 2.5x the beads, for deciding whether a candidate beats the shipped
-    model: see `SEED_SETS`).
+    model: see `SEED_SETS`). `pupil` adds the "pupil" set: the independent seeds imaged through
+    the pupil-function PSF (`heldout.IndependentOptics(psf_model="pupil")`).
     """
     from tqdm import tqdm
 
@@ -272,6 +277,13 @@ def compare(
         sets["simulator"] += [simulator_sample(kind, s, shape) for s in seeds]
     for kind, seeds in ind_seeds.items():
         sets["independent"] += [ho.independent_sample(kind, s, shape) for s in seeds]  # type: ignore[arg-type]
+    if pupil:
+        optics = ho.IndependentOptics(psf_model="pupil")
+        sets["pupil"] = [
+            ho.independent_sample(kind, s, shape, optics=optics)  # type: ignore[arg-type]
+            for kind, seeds in ind_seeds.items()
+            for s in seeds
+        ]
     total = len(methods) * sum(len(v) for v in sets.values())
     t0 = time.perf_counter()
     with tqdm(total=total, unit="sample", desc="fidelity", dynamic_ncols=True) as bar:
@@ -635,6 +647,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["fp32", "bf16", "auto"],
         help="serve each ONNX model at these precisions (bf16: OpenVINO on BF16 CPUs)",
     )
+    p.add_argument(
+        "--pupil",
+        action="store_true",
+        help="add a third set: the independent seeds through the pupil-function PSF",
+    )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"
     models = args.models
@@ -647,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample_set: Literal["quick", "default", "large"] = (
         "quick" if args.quick else "large" if args.large else "default"
     )
-    r = compare(models, sample_set=sample_set, precisions=args.precisions)
+    r = compare(models, sample_set=sample_set, precisions=args.precisions, pupil=args.pupil)
     r["cross_modality"] = cross_modality(models)
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
     text = report(r)
