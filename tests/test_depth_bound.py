@@ -92,3 +92,20 @@ def test_the_hold_out_is_bounded_with_its_own_optics_and_camera():
     near, far = rows
     assert 0 < near["crlb_um"] < far["crlb_um"] < 1.0
     assert near["ideal_error_rate"] < 0.01 <= far["ideal_error_rate"] < 0.5
+
+
+def test_the_hold_out_is_bounded_through_its_pupil_psf_too():
+    """`--optics pupil`: the same beads and camera through the third PSF model, whose
+    astigmatism stretches a bead along one diagonal before focus and the other after."""
+    from engine.heldout import IndependentOptics
+
+    pupil = independent_case(IndependentOptics(psf_model="pupil"))
+    assert pupil.name == "independent, pupil PSF" and independent_case().name == "independent"
+    d = np.array([-2.0, 2.0])
+    images = pupil.images(d)
+    np.testing.assert_allclose(images.sum(axis=(1, 2)), 1.0, atol=0.02)  # a crop of unit sum
+    assert not np.allclose(images, independent_case().images(d), atol=1e-3)
+    c = images.shape[-1] // 2
+    y, x = np.mgrid[-c : c + 1, -c : c + 1]
+    skew = (images * x * y).sum(axis=(1, 2)) / images.sum(axis=(1, 2))
+    assert skew[0] * skew[1] < 0
