@@ -10,7 +10,11 @@ How the set differs from the training simulator (`engine.optics`):
 
 * **PSF model.** psfmodels' *vectorial* model (Aguet et al. 2009) instead of the scalar
   Gibson-Lanni model, with its own best-focus search (a coarse scan of the on-axis intensity
-  refined by Brent's method, instead of a fixed 0.1 / 0.01 µm grid search).
+  refined by Brent's method, instead of a fixed 0.1 / 0.01 µm grid search). With
+  ``IndependentOptics(psf_model="pupil")`` the same objects and camera are imaged through a
+  third model, a scalar pupil-function PSF computed here by FFT with the objective's own
+  astigmatism, coma and spherical aberration (`engine.fidelity --pupil`): still independent
+  for a model trained on psfmodels' vectorial PSF as well as the scalar one.
 * **Depth-dependent aberration.** A source at depth z (µm, + deeper, relative to the frame's
   focal plane) sees the index-mismatch aberration of particle depth
   ``pz = base_depth_um + z`` (base 12 µm, so 2-22 µm over ±10 µm, quantised to 1 µm; the
@@ -139,7 +143,7 @@ def truth_dz_um() -> np.ndarray:
 
 @dataclass(frozen=True)
 class IndependentOptics:
-    """Nominal optics of the held-out set and its vectorial, depth-aberrated PSF.
+    """Nominal optics of the held-out set and its depth-aberrated PSF (vectorial or pupil).
 
     Same nominal values as `engine.optics.OpticsConfig`'s defaults; `base_depth_um` is the
     depth below the coverslip of the frame's focal plane, so a source at depth z sees the
@@ -161,16 +165,26 @@ class IndependentOptics:
     excitation_wavelength_um: float = 0.488
     psf_model: Literal["vectorial", "pupil"] = "vectorial"
     """"vectorial": psfmodels' vectorial model (the default set). "pupil": a scalar
-    pupil-function model computed here by FFT (`_pupil_psf`), with an aplanatic emission
-    apodisation, Fresnel transmission at the sample / immersion interface, pixel-area
-    integration and the objective's own fixed aberrations (`zernike_waves`): a third PSF model,
-    neither the training simulator's nor psfmodels', for models that trained on both of theirs."""
+    pupil-function model computed here by FFT (`_pupil_psf`), with the aplanatic 1 / sqrt(cos)
+    amplitude (psfmodels' convention), Fresnel transmission at the sample / immersion
+    interface, pixel-area integration and the objective's own fixed aberrations
+    (`zernike_waves`): a third PSF model, neither the training simulator's nor psfmodels', for
+    models that trained on both of theirs."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
     """"pupil" only: RMS waves of oblique astigmatism, horizontal coma and primary spherical
-    aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all, a Strehl
-    ratio of about 0.84: a good objective, not a perfect one."""
+    aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all: a good
+    objective, not a perfect one. The spherical term adds to the index mismatch's, so the
+    in-focus peak is 0.83 (2 µm deep) to 0.77 (12 µm) of the unaberrated pupil model's, and
+    the coma moves the in-focus centroid 0.24 px along -x (the truth planes share it)."""
 
     def __post_init__(self) -> None:
+        if self.psf_model not in ("vectorial", "pupil"):
+            raise ValueError(f"psf_model must be 'vectorial' or 'pupil', not {self.psf_model!r}")
+        if len(self.zernike_waves) != 3:
+            raise ValueError(
+                "zernike_waves must be 3 RMS amplitudes (astigmatism, coma, spherical), "
+                f"not {self.zernike_waves!r}"
+            )
         if self.pinhole_au is not None and not 0 < self.pinhole_au < 10:
             raise ValueError(
                 f"pinhole_au must be in (0, 10) Airy units (or None: wide-field), "
@@ -193,7 +207,7 @@ class IndependentOptics:
     def psf(
         self, defocus_um: np.ndarray, source_z_um: float = 0.0, size_px: int = PSF_SIZE_PX
     ) -> np.ndarray:
-        """Vectorial PSF (Q, size, size) float32 of a source at depth `source_z_um`.
+        """Return the set's PSF (Q, size, size) float32 of a source at depth `source_z_um`.
 
         ``defocus_um = z_focus - z_object``; 0 is that source's best focus. The point sits at
         the centre pixel (use an odd size); every wide-field plane sums to 1 (confocal: the in-focus
@@ -314,7 +328,7 @@ def _best_focus(optics: IndependentOptics, pz: float) -> float:
 def _psf_planes(
     optics: IndependentOptics, pz: float, defocus_um: tuple[float, ...], size_px: int
 ) -> np.ndarray:
-    """Vectorial PSF planes at `defocus_um` from the best focus of depth `pz`.
+    """Compute the set's PSF planes at `defocus_um` from the best focus of depth `pz`.
 
     Wide-field planes each sum to 1; confocal ones (`optics.pinhole_au`) are scaled so the
     in-focus plane sums to 1 and dim away from focus (optical sectioning).

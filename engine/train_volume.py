@@ -91,9 +91,9 @@ class VolumeDataConfig(_Base):
         ["scalar"],
         min_length=1,
         description="psfmodels' PSF models the frames are imaged with, one drawn per sample "
-        "(`OpticsConfig.psf_model`). The model's PSF bank stays the config's optics' (scalar "
-        "unless optics.psf_model is set), and so do the render targets: only the input "
-        "frames change, so the network learns depth cues that hold across PSF models.",
+        "(`OpticsConfig.psf_model`). The model's PSF bank stays the config's optics' "
+        "(scalar), and so do the render targets: only the input frames change, so the "
+        "network learns depth cues that hold across PSF models. Not with optics.psf_model.",
     )
     peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
     background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
@@ -285,6 +285,11 @@ class VolumeTrainConfig(_Base):
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of {multiple} and fit "
                 f"data.stack_shape {self.data.stack_shape}"
+            )
+        if "psf_model" in self.optics and self.data.psf_models != ["scalar"]:
+            raise ValueError(
+                "optics.psf_model and data.psf_models both name the frames' PSF model: set "
+                "optics.psf_model (the PSF bank's too) or data.psf_models (the frames' only)"
             )
         return self
 

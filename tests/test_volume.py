@@ -950,5 +950,9 @@ def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path)
     assert not np.allclose(scalar.inputs, vectorial.inputs, atol=1e-3)  # other frames
     with pytest.raises(ValidationError, match="lists a model twice"):
         config(["vectorial", "vectorial"])
+    with pytest.raises(ValidationError, match="both name the frames' PSF model"):
+        VolumeTrainConfig.model_validate(
+            {"optics": {"psf_model": "vectorial"}, "data": {"psf_models": ["vectorial"]}}
+        )
     meta = make_volume_metadata(both, build_volume_model(both), "psf.npy", {})
     assert "scalar Gibson-Lanni and vectorial PSF" in meta.trained_on
