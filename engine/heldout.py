@@ -278,13 +278,17 @@ def _pupil_psf(
     freq = np.fft.fftfreq(n, d=optics.pixel_size_um / q)  # cycles per µm
     kx, ky = np.meshgrid(freq, freq)  # x along columns, y along rows
     sine = np.hypot(kx, ky) * wvl  # n · sin θ, the same in every medium (Snell)
-    inside = sine <= optics.na
+    # the pupil's rim shaded over one sample (the share of each sample inside it): a hard rim
+    # on this grid is 4 % off a 2048² grid's PSF at 20 µm of defocus, a shaded one 2.4 %
+    step = wvl * float(freq[1] - freq[0])
+    rim = np.clip((optics.na - sine) / step + 0.5, 0.0, 1.0)
+    inside = rim > 0
     ni, ns = optics.immersion_index, optics.sample_index
     cos_i = np.sqrt(np.clip(1.0 - (sine / ni) ** 2, 0.0, None))
     cos_s = np.sqrt(np.clip(1.0 - (sine / ns) ** 2, 0.0, None))
     t_s = 2 * ns * cos_s / np.maximum(ns * cos_s + ni * cos_i, 1e-9)
     t_p = 2 * ns * cos_s / np.maximum(ni * cos_s + ns * cos_i, 1e-9)
-    amplitude = np.where(inside, 0.5 * (t_s + t_p) / np.sqrt(np.maximum(cos_i, 1e-6)), 0.0)
+    amplitude = rim * 0.5 * (t_s + t_p) / np.sqrt(np.maximum(cos_i, 1e-6))
     rho = np.where(inside, sine / optics.na, 0.0)
     phi = np.arctan2(ky, kx)
     astig, coma, spherical = optics.zernike_waves
