@@ -266,16 +266,44 @@ def _pupil_psf(
     The same index-mismatch physics as Gibson-Lanni (a source `pz` µm below the coverslip in
     the sample medium, the focus at `z_stage_um` in psfmodels' axial convention, so defocus
     means the same in every set), computed another way: the optical path difference
-    ``pz · ns · cos θs − (z − pz (1 − ni / ns)) · ni · cos θi`` is written on a sampled pupil, with
-    the objective's Zernike aberrations, the 1 / sqrt(cos θi) amplitude of an aplanatic
-    objective collecting a point's light and the mean of the s and p Fresnel transmissions at
-    the sample / immersion interface, then Fourier-transformed to the image at a third of a
-    pixel and summed over each pixel.
+    ``pz · ns · cos θs − (z − pz (1 − ni / ns)) · ni · cos θi`` is written on a sampled pupil
+    (`_pupil`), then Fourier-transformed to the image at a third of a pixel and summed over
+    each pixel.
     """
     wvl = optics.wavelength_um if wavelength_um is None else wavelength_um
     q = _PUPIL_OVERSAMPLE
     n = max(_PUPIL_GRID, scipy.fft.next_fast_len(size_px * q + 2 * q))
-    freq = np.fft.fftfreq(n, d=optics.pixel_size_um / q)  # cycles per µm
+    base, cos_i = _pupil(optics, pz, wvl, n)
+    k0 = 2 * np.pi / wvl
+    ni, ns = optics.immersion_index, optics.sample_index
+    # psfmodels counts z from the coverslip with a source's paraxial focal shift taken out
+    # (its best focus lies near 0.94 pz, where the stage alone would put it near 0.69 pz)
+    paraxial_shift = pz * (1.0 - ni / ns)
+    side = size_px * q
+    start = n // 2 - side // 2
+    out = np.empty((len(z_stage_um), size_px, size_px), dtype=np.float64)
+    for i, z in enumerate(z_stage_um):
+        stage = float(z) - paraxial_shift
+        field = scipy.fft.ifft2(base * np.exp(-1j * k0 * stage * ni * cos_i))
+        intensity = np.fft.fftshift(np.abs(field) ** 2)[start : start + side, start : start + side]
+        out[i] = intensity.reshape(size_px, q, size_px, q).sum(axis=(1, 3))
+    return out
+
+
+@functools.lru_cache(maxsize=4)  # a best-focus search asks for one plane at a time, ~15 times
+def _pupil(
+    optics: IndependentOptics, pz: float, wavelength_um: float, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Build the n² pupil of a source `pz` deep (stage at 0) and cos θ in the immersion.
+
+    The pupil carries the objective's Zernike aberrations, the 1 / sqrt(cos θi) amplitude of an
+    aplanatic objective collecting a point's light and the mean of the s and p Fresnel
+    transmissions at the sample / immersion interface; the stage's defocus phase is
+    ``k0 · z · ni · cos θi`` on top. Built once per (optics, depth, wavelength): it costs six
+    times one plane's FFT. Read-only.
+    """
+    wvl = wavelength_um
+    freq = np.fft.fftfreq(n, d=optics.pixel_size_um / _PUPIL_OVERSAMPLE)  # cycles per µm
     kx, ky = np.meshgrid(freq, freq)  # x along columns, y along rows
     sine = np.hypot(kx, ky) * wvl  # n · sin θ, the same in every medium (Snell)
     # the pupil's rim shaded over one sample (the share of each sample inside it): a hard rim
@@ -299,18 +327,9 @@ def _pupil_psf(
     )
     k0 = 2 * np.pi / wvl
     base = amplitude * np.exp(1j * (2 * np.pi * zernike + k0 * pz * ns * cos_s))
-    # psfmodels counts z from the coverslip with a source's paraxial focal shift taken out
-    # (its best focus lies near 0.94 pz, where the stage alone would put it near 0.69 pz)
-    paraxial_shift = pz * (1.0 - ni / ns)
-    side = size_px * q
-    start = n // 2 - side // 2
-    out = np.empty((len(z_stage_um), size_px, size_px), dtype=np.float64)
-    for i, z in enumerate(z_stage_um):
-        stage = float(z) - paraxial_shift
-        field = scipy.fft.ifft2(base * np.exp(-1j * k0 * stage * ni * cos_i))
-        intensity = np.fft.fftshift(np.abs(field) ** 2)[start : start + side, start : start + side]
-        out[i] = intensity.reshape(size_px, q, size_px, q).sum(axis=(1, 3))
-    return out
+    base.flags.writeable = False
+    cos_i.flags.writeable = False
+    return base, cos_i
 
 
 @functools.lru_cache(maxsize=256)
