@@ -275,11 +275,11 @@ def compare(
     sets: dict[str, list[ho.IndependentSample]] = {"simulator": [], "independent": []}
     for kind, seeds in sim_seeds.items():
         sets["simulator"] += [simulator_sample(kind, s, shape) for s in seeds]
-    for kind, seeds in ind_seeds.items():
-        sets["independent"] += [ho.independent_sample(kind, s, shape) for s in seeds]  # type: ignore[arg-type]
+    independent = {"independent": ho.IndependentOptics()}
     if pupil:
-        optics = ho.IndependentOptics(psf_model="pupil")
-        sets["pupil"] = [
+        independent["pupil"] = ho.IndependentOptics(psf_model="pupil")
+    for name, optics in independent.items():  # the same samples through each PSF model
+        sets[name] = [
             ho.independent_sample(kind, s, shape, optics=optics)  # type: ignore[arg-type]
             for kind, seeds in ind_seeds.items()
             for s in seeds

@@ -355,11 +355,11 @@ class Sample:
                 **cfg.camera,
             }
         )
-        drawn: dict[str, Any] = {"particle_depth_um": float(rng.choice(d.particle_depths_um))}
-        if len(d.psf_models) > 1:  # no draw for one model: earlier recipes' samples unchanged
-            drawn["psf_model"] = d.psf_models[int(rng.integers(len(d.psf_models)))]
-        elif d.psf_models != ["scalar"]:
-            drawn["psf_model"] = d.psf_models[0]
+        models = d.psf_models  # no draw for one model: earlier recipes' samples unchanged
+        drawn: dict[str, Any] = {
+            "particle_depth_um": float(rng.choice(d.particle_depths_um)),
+            "psf_model": models[int(rng.integers(len(models)))] if len(models) > 1 else models[0],
+        }
         optics = OpticsConfig(**{**drawn, **cfg.optics})
         n = round(d.focus_half_range_um / 0.5)
         focus = rng.integers(-n, n + 1, d.frames_per_sample) * 0.5
