@@ -81,7 +81,8 @@ def run(
         for step in range(warmup + steps):
             marks = [now()]
             rng = np.random.default_rng([0, step])
-            x, y = tv.sample_batch(rng, pool, cfg)
+            batch = tv.sample_batch(rng, pool, cfg)
+            x, y = batch.inputs, batch.targets
             x, y = x.to(dev, memory_format=torch.channels_last), y.to(dev)
             dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
             marks.append(now())

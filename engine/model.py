@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.detection import DETECTION_CHANNELS, P_BIAS, Detections, decode, splat
 from engine.metadata import ModelMetadata, ModelMetadataError
 
 __all__ = [
@@ -163,6 +164,11 @@ class DeepZ(nn.Module):
         Optional ``{"depths_um": [...], "bin": 4, "kernel": 17}``: `MatchedFilterPrimer`
         channels computed from the image inside the network and fed to the stem beside it.
         The model's inputs do not change (``in_channels`` counts only what the caller feeds).
+    detection
+        Optional ``{"z_first_um": -10, "z_step_um": 0.5, "brightness_scale": 100}`` (volume
+        models only): a second head gives DECODE-style point-source detections
+        (`engine.detection`), which `forward` splats onto the depth grid and adds to the
+        density, so the output is one density volume either way; `detect` returns both.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class DeepZ(nn.Module):
         global_skip: bool = True,
         nonnegative: bool = False,
         primer: dict[str, Any] | None = None,
+        detection: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         chans = [int(c) for c in channels]
@@ -206,6 +213,19 @@ class DeepZ(nn.Module):
                 "bin": self.primer.bin,
                 "kernel": int(self.primer.kernels.shape[-1]),
             }
+        self.detection: dict[str, float] | None = None
+        if detection is not None:  # likewise: only detection models record it
+            if not nonnegative or set(detection) != {
+                "z_first_um",
+                "z_step_um",
+                "brightness_scale",
+            }:
+                raise ValueError(
+                    "detection needs a non-negative (volume) model and exactly z_first_um, "
+                    f"z_step_um and brightness_scale; got {detection}"
+                )
+            self.detection = {k: float(v) for k, v in detection.items()}
+            self.architecture["detection"] = dict(self.detection)
         self.global_skip = bool(global_skip)
         self.nonnegative = bool(nonnegative)
         self.train_leak = 0.0
@@ -222,9 +242,39 @@ class DeepZ(nn.Module):
             [_UpBlock(levels[i + 1], levels[i], levels[i]) for i in reversed(range(self.pools))]
         )
         self.head = _conv3(levels[0], out_channels)
+        self.detect_head: nn.Conv2d | None = None
+        if self.detection is not None:
+            head = _conv3(levels[0], DETECTION_CHANNELS)
+            assert head.bias is not None
+            with torch.no_grad():  # start near silent: the density channels alone
+                head.weight.mul_(0.1)
+                head.bias.zero_()
+                head.bias[0] = P_BIAS
+            self.detect_head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Refocus (N, 2, H, W) float32 inputs (sides multiples of `size_multiple`)."""
+        return self.detect(x)[0]
+
+    def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, Detections | None]:
+        """Return the output (as `forward`) and, for a detection model, its detections."""
+        y = self._features(x)
+        out: torch.Tensor = self.head(y)
+        if self.global_skip:
+            out = out + x[:, :1]
+        if self.nonnegative:
+            leak = self.train_leak if self.training else 0.0
+            out = F.leaky_relu(out, leak) if leak else F.relu(out)
+        if self.detect_head is None or self.detection is None:
+            return out, None
+        g = self.detection
+        first, step = g["z_first_um"], g["z_step_um"]
+        det = decode(self.detect_head(y), first, first + step * (out.shape[1] - 1))
+        points = splat(det, first, step, out.shape[1], g["brightness_scale"])
+        return out.float() + points, det
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the U-Net's full-resolution features, which the heads read."""
         stem_in = x if self.primer is None else torch.cat([x, self.primer(x[:, :1])], dim=1)
         y = F.relu(self.stem(stem_in))
         skips: list[torch.Tensor] = []
@@ -235,13 +285,7 @@ class DeepZ(nn.Module):
             skips.append(y)
         for up, skip in zip(self.ups, reversed(skips[:-1]), strict=True):
             y = up(y, skip)
-        out: torch.Tensor = self.head(y)
-        if self.global_skip:
-            out = out + x[:, :1]
-        if self.nonnegative:
-            leak = self.train_leak if self.training else 0.0
-            out = F.leaky_relu(out, leak) if leak else F.relu(out)
-        return out
+        return y
 
     def count_parameters(self) -> int:
         """Return the number of trainable parameters."""

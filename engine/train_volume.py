@@ -33,7 +33,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import scipy.fft
@@ -41,6 +41,7 @@ import torch
 from pydantic import Field, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from engine.detection import detection_loss
 from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
 from engine.train import LabStackConfig, SampleKind, _Base, _lr_factor, read_lab_stack
@@ -54,7 +55,11 @@ from engine.volume import (
     save_psf_bank,
 )
 
+if TYPE_CHECKING:
+    from engine.optics import VolumePair
+
 __all__ = [
+    "VolumeBatch",
     "VolumeTrainConfig",
     "bead_density_fwhm",
     "bead_depth_errors",
@@ -201,6 +206,12 @@ class VolumeLossConfig(_Base):
     depth_nll_sigma_slices: float = Field(
         0.75, gt=0, description="Depth-likelihood term axial smoothing (depth steps)."
     )
+    detection_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the detection head's loss (DECODE's count and Gaussian-mixture "
+        "likelihood of the true beads; `engine.detection.detection_loss`). Needs detection.",
+    )
 
 
 class VolumeTrainConfig(_Base):
@@ -245,6 +256,20 @@ class VolumeTrainConfig(_Base):
         "(`engine.model.MatchedFilterPrimer`). Fine-tuning from a model without them starts "
         "with their stem weights at zero, i.e. from the old model exactly.",
     )
+    detection: bool = Field(
+        False,
+        description="Add a DECODE-style point-source head (`engine.detection`): per pixel the "
+        "probability of a bead, its sub-pixel offset, continuous depth and brightness, trained "
+        "with a likelihood (loss.detection_weight) and splatted onto the depth grid, so the "
+        "served model returns one density as before. Fine-tuning from a model without it "
+        "starts with the head nearly silent.",
+    )
+    brightness_scale: float = Field(
+        100.0,
+        gt=0,
+        description="Detections' brightness unit (density units; a simulated bead in a "
+        "normalised frame holds about 70-130).",
+    )
     primer_bin: int = Field(4, ge=1, description="The primer bins the frame this much first.")
     primer_kernel: int = Field(17, ge=3, description="Primer kernel side (binned px, odd).")
     threads: int = Field(2, ge=1)
@@ -286,6 +311,8 @@ class VolumeTrainConfig(_Base):
                 f"patch_size {self.patch_size} must be a multiple of {multiple} and fit "
                 f"data.stack_shape {self.data.stack_shape}"
             )
+        if self.loss.detection_weight > 0 and not self.detection:
+            raise ValueError("loss.detection_weight > 0 needs detection = true (the head)")
         if "psf_model" in self.optics and self.data.psf_models != ["scalar"]:
             raise ValueError(
                 "optics.psf_model and data.psf_models both name the frames' PSF model: set "
@@ -323,8 +350,19 @@ def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
             "bin": cfg.primer_bin,
             "kernel": cfg.primer_kernel,
         }
+    detection = None
+    if cfg.detection:
+        detection = {
+            "z_first_um": float(cfg.depth_um[0]),
+            "z_step_um": DEPTH_STEP_UM,
+            "brightness_scale": cfg.brightness_scale,
+        }
     model = build_model(
-        "volume", channels=tuple(cfg.channels), out_channels=int(cfg.depth_um.size), primer=primer
+        "volume",
+        channels=tuple(cfg.channels),
+        out_channels=int(cfg.depth_um.size),
+        primer=primer,
+        detection=detection,
     )
     if model.primer is not None:
         kernels = matched_filter_kernels(
@@ -377,7 +415,39 @@ class Sample:
         self.optics = optics
         self.inputs = x.astype(np.float32)
         self.targets = (pair.objects_counts / std[:, :, :, None]).astype(np.float32)
+        per_photon = camera.quantum_efficiency * camera.gain_counts_per_e
+        self.sources = point_sources(pair, optics.pixel_size_um, per_photon / std.ravel(), cfg)
         self.pair = pair
+
+
+def point_sources(
+    pair: VolumePair, pixel_size_um: float, units_per_photon: np.ndarray, cfg: VolumeTrainConfig
+) -> list[np.ndarray]:
+    """Return the detection head's truth: per frame, the beads in the depth grid, (M, 4).
+
+    Each row is x, y (frame pixels, pixel centres at integers), depth (µm from the frame's
+    focus) and brightness: the bead's density total in the frame's normalised units
+    (`units_per_photon[f]` per photon), over ``brightness_scale``. Beads are the simulator's
+    points (splatted sub-voxel); nuclei and the worm body stay the density channels' work.
+    """
+    o = pair.objects
+    bead = o.kind == "bead"
+    first, last = float(cfg.depth_um[0]), float(cfg.depth_um[-1])
+    out = []
+    for f, focus in enumerate(pair.focus_um):
+        z = o.z_um[bead] - focus
+        keep = (z >= first) & (z <= last)
+        rows = np.stack(
+            [
+                o.x_um[bead][keep] / pixel_size_um,
+                o.y_um[bead][keep] / pixel_size_um,
+                z[keep],
+                o.intensity[bead][keep] * units_per_photon[f] / cfg.brightness_scale,
+            ],
+            axis=1,
+        )
+        out.append(rows.astype(np.float32).reshape(-1, 4))
+    return out
 
 
 def _kind_weights(cfg: VolumeTrainConfig, progress: float) -> list[float]:
@@ -387,12 +457,35 @@ def _kind_weights(cfg: VolumeTrainConfig, progress: float) -> list[float]:
     return [a + (b - a) * t for a, b in zip(d.start_kind_weights, d.kind_weights, strict=True)]
 
 
+class VolumeBatch(NamedTuple):
+    """A training batch: patches, their densities and their beads.
+
+    Inputs (N, 1, P, P), densities (N, D, P, P), the beads as (N, M, 4) source rows (x, y in
+    patch pixels, depth, brightness; `point_sources`) and an (N, M) mask of the real rows.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    sources: torch.Tensor
+    mask: torch.Tensor
+
+
+def _turn_points(rows: np.ndarray, turns: int, flip: bool, size: int) -> np.ndarray:
+    """Source rows moved as `np.rot90(patch, turns, axes=(1, 2))` then an x flip move pixels."""
+    rows = rows.copy()
+    for _ in range(turns):  # rot90 once: new[i, j] = old[j, size - 1 - i]
+        rows[:, 0], rows[:, 1] = rows[:, 1].copy(), size - 1 - rows[:, 0]
+    if flip:
+        rows[:, 0] = size - 1 - rows[:, 0]
+    return rows
+
+
 def sample_batch(
     rng: np.random.Generator, pool: Sequence[Sample], cfg: VolumeTrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (N, 1, P, P) inputs and (N, D, P, P) densities, randomly cropped and turned."""
+) -> VolumeBatch:
+    """Draw a batch of patches, randomly cropped and turned, with their beads (`VolumeBatch`)."""
     size = cfg.patch_size
-    xs, ys = [], []
+    xs, ys, points = [], [], []
     for _ in range(cfg.batch_size):
         s = pool[int(rng.integers(len(pool)))]
         f = int(rng.integers(s.inputs.shape[0]))
@@ -400,13 +493,27 @@ def sample_batch(
         y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
         x = s.inputs[f, None, y0 : y0 + size, x0 : x0 + size]
         y = s.targets[f, :, y0 : y0 + size, x0 : x0 + size]
+        rows = s.sources[f] - np.array([x0, y0, 0, 0], dtype=np.float32)
+        inside = (rows[:, :2] >= -0.5).all(1) & (rows[:, :2] < size - 0.5).all(1)
         t = int(rng.integers(8))  # the PSF is rotationally symmetric: 8 free copies
         x, y = np.rot90(x, t % 4, axes=(1, 2)), np.rot90(y, t % 4, axes=(1, 2))
         if t >= 4:
             x, y = x[:, :, ::-1], y[:, :, ::-1]
         xs.append(np.ascontiguousarray(x))
         ys.append(np.ascontiguousarray(y))
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        points.append(_turn_points(rows[inside], t % 4, t >= 4, size))
+    m = max(1, max(len(p) for p in points))
+    sources = np.zeros((len(points), m, 4), dtype=np.float32)
+    mask = np.zeros((len(points), m), dtype=np.float32)
+    for i, p in enumerate(points):
+        sources[i, : len(p)] = p
+        mask[i, : len(p)] = 1.0
+    return VolumeBatch(
+        torch.from_numpy(np.stack(xs)),
+        torch.from_numpy(np.stack(ys)),
+        torch.from_numpy(sources),
+        torch.from_numpy(mask),
+    )
 
 
 # ----------------------------------------------------------------------------- losses
@@ -1090,12 +1197,18 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             lab = lab_loss(renderer, pred.float(), frames, targets, dz)
             loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
         else:
-            x, y = sample_batch(rng, pool, cfg)
-            x, y = x.to(device, memory_format=torch.channels_last), y.to(device)
+            batch = sample_batch(rng, pool, cfg)
+            x = batch.inputs.to(device, memory_format=torch.channels_last)
+            y = batch.targets.to(device)
             dz = render_depths(rng, cfg, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x)
+                pred, det = model.detect(x)
             loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
+            if det is not None and cfg.loss.detection_weight > 0:
+                sources, mask = batch.sources.to(device), batch.mask.to(device)
+                found, found_parts = detection_loss(det, sources, mask)
+                loss = loss + cfg.loss.detection_weight * found
+                parts |= found_parts
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

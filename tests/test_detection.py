@@ -1,0 +1,161 @@
+"""The DECODE-style detection head: splat, likelihood, batches of beads, training and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training extra not installed")
+
+from engine.detection import Detections, count_term, decode, detection_loss, gmm_term, splat  # noqa: E402
+from engine.volume import depth_grid  # noqa: E402
+
+H = W = 24
+DEPTHS = depth_grid()
+
+
+def _one_source(p_where: tuple[int, int], x: float, y: float, z: float, n: float) -> Detections:
+    """Detections with p = 1 at one pixel (offsets x, y; depth z; brightness n), 0 elsewhere."""
+    p = torch.zeros(1, 1, H, W)
+    p[0, 0, p_where[0], p_where[1]] = 1.0
+    full = torch.ones(1, 1, H, W)
+    return Detections(
+        p=p, x=full * x, y=full * y, z=full * z, n=full * n, sigma=torch.full((1, 4, H, W), 0.2)
+    )
+
+
+def test_splat_puts_a_detections_light_at_its_sub_voxel_position():
+    det = _one_source((10, 12), x=0.3, y=-0.2, z=1.25, n=2.0)
+    vol = splat(det, float(DEPTHS[0]), 0.5, DEPTHS.size, brightness_scale=100.0)[0].numpy()
+    assert vol.shape == (DEPTHS.size, H, W)
+    assert vol.sum() == pytest.approx(200.0, rel=1e-5)  # p * n * scale, all of it
+    d, r, c = np.indices(vol.shape)
+    centre = [(vol * a).sum() / vol.sum() for a in (d, r, c)]
+    np.testing.assert_allclose(centre, [(1.25 + 10) / 0.5, 9.8, 12.3], atol=1e-5)
+    assert (vol > 0).sum() == 8  # tri-linear: the 8 voxels around it, no more
+
+
+def test_splat_loses_only_what_falls_off_the_frame():
+    det = _one_source((0, 5), x=0.0, y=-0.5, z=0.0, n=1.0)
+    vol = splat(det, float(DEPTHS[0]), 0.5, DEPTHS.size, brightness_scale=1.0)
+    assert float(vol.sum()) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_decode_keeps_offsets_depths_and_sigmas_in_range():
+    raw = torch.randn(2, 9, 8, 8) * 20
+    det = decode(raw, -10.0, 10.0)
+    assert float(det.x.abs().max()) <= 1 and float(det.y.abs().max()) <= 1
+    assert float(det.z.min()) >= -10 and float(det.z.max()) <= 10
+    assert float(det.sigma.min()) >= 0.01 - 1e-6 and float(det.n.min()) >= 0
+    assert float(det.p.min()) >= 0 and float(det.p.max()) <= 1
+
+
+def test_the_likelihood_prefers_the_true_depth_and_the_count_the_true_number():
+    sources = torch.tensor([[[12.3, 9.8, 1.25, 2.0]]])
+    mask = torch.ones(1, 1)
+    nll = {
+        dz: float(gmm_term(_one_source((10, 12), 0.3, -0.2, 1.25 + dz, 2.0), sources, mask)[0])
+        for dz in (0.0, 0.25, 1.0)
+    }
+    assert nll[0.0] < nll[0.25] < nll[1.0]
+    # sigma 0.2 µm: a quarter micron off costs (0.25 / 0.2)^2 / 2 nats more, exactly
+    assert nll[0.25] - nll[0.0] == pytest.approx(0.78125, rel=1e-4)
+    det = _one_source((10, 12), 0.3, -0.2, 1.25, 2.0)
+    one, three = (float(count_term(det, torch.tensor([c]))[0]) for c in (1.0, 3.0))
+    assert one < three
+
+
+def test_padding_rows_cost_nothing():
+    det = _one_source((10, 12), 0.3, -0.2, 1.25, 2.0)
+    real = torch.tensor([[[12.3, 9.8, 1.25, 2.0]]])
+    padded = torch.tensor([[[12.3, 9.8, 1.25, 2.0], [0.0, 0.0, 0.0, 0.0]]])
+    a, _ = detection_loss(det, real, torch.ones(1, 1))
+    b, _ = detection_loss(det, padded, torch.tensor([[1.0, 0.0]]))
+    assert float(a) == pytest.approx(float(b), rel=1e-6)
+
+
+def _config(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]
+    from engine.train_volume import VolumeTrainConfig
+
+    return VolumeTrainConfig.model_validate(
+        {
+            "steps": 3,
+            "batch_size": 2,
+            "patch_size": 32,
+            "channels": [4, 4, 8, 8],
+            "threads": 1,
+            "bf16": "off",
+            "checkpoint_every": 2,
+            "warmup_steps": 1,
+            "out_dir": str(tmp_path / "run"),
+            "weights_out": str(tmp_path / "w" / "vol.pt"),
+            "detection": True,
+            "loss": {"detection_weight": 0.05},
+            "data": {"stack_shape": [64, 64], "pool_size": 2, "frames_per_sample": 2},
+            **extra,
+        }
+    )
+
+
+def test_a_batchs_beads_follow_its_patches_crop_and_turns(tmp_path: Path):
+    """Every bead row of a batch sits where its patch's density holds that bead's light."""
+    from engine.train_volume import Sample, sample_batch
+
+    cfg = _config(tmp_path)
+    pool = [Sample(cfg, 2_000_000 + i, [1.0, 0.0, 0.0]) for i in range(2)]
+    checked = 0
+    for seed in range(6):  # 48 patches: every one of the 8 turns many times over
+        b = sample_batch(np.random.default_rng(seed), pool, cfg)
+        for i in range(cfg.batch_size):
+            for x, y, z, n in b.sources[i][b.mask[i] > 0].tolist():
+                r, c = round(y), round(x)
+                if not (1 <= r < cfg.patch_size - 1 and 1 <= c < cfg.patch_size - 1):
+                    continue  # part of its light is outside the patch
+                k = int(np.floor((z - DEPTHS[0]) / 0.5))
+                light = float(b.targets[i, k : k + 2, r - 1 : r + 2, c - 1 : c + 2].sum())
+                # other beads may add to a 2 x 3 x 3 box, never take away
+                assert light >= 0.99 * n * cfg.brightness_scale
+                checked += 1
+    assert checked > 50
+
+
+def test_the_weight_needs_the_head(tmp_path: Path):
+    from engine.train_volume import VolumeTrainConfig
+
+    with pytest.raises(ValueError, match="needs detection = true"):
+        VolumeTrainConfig.model_validate({"loss": {"detection_weight": 0.1}})
+
+
+def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: Path):
+    """Training with the head runs and logs its terms; a fresh head adds next to nothing to
+    the density; the served model (density + splat) exports to ONNX with the same planes."""
+    pytest.importorskip("onnx", reason="export extra not installed")
+    from engine.model import load_model
+    from engine.runtime import load_backend
+    from engine.train_volume import train
+    from export import export_weights
+
+    cfg = _config(tmp_path)
+    model = train(cfg, progress=False)
+    assert model.detect_head is not None
+    history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
+    assert {"count", "gmm"} <= set(history[0])
+    loaded, meta = load_model(cfg.weights_out)  # type: ignore[arg-type]
+    assert meta.architecture["detection"]["brightness_scale"] == cfg.brightness_scale
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        served, det = loaded.detect(x)
+        density = torch.relu(loaded.head(loaded._features(x)))
+    assert det is not None
+    extra = served - density  # the splat: p stays near its start of 3e-4 after 3 steps
+    assert float(extra.min()) >= 0
+    assert float(extra.sum()) < 0.01 * 64 * 64 * cfg.brightness_scale
+    frame = np.random.default_rng(1).poisson(50, (64, 64)).astype(np.uint16)
+    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
+    onnx_path = tmp_path / "det.onnx"
+    assert export_weights(cfg.weights_out, onnx_path).ok
+    ort = load_backend(onnx_path, prefer=["onnxruntime"])
+    pt = load_backend(cfg.weights_out, prefer=["torch"])
+    np.testing.assert_allclose(ort.infer(frame, dpms), pt.infer(frame, dpms), rtol=1e-3, atol=1e-2)
