@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "DETECTION_CHANNELS",
+    "DETECTION_HIDDEN",
     "Detections",
     "count_term",
     "decode",
@@ -42,6 +43,9 @@ __all__ = [
 
 DETECTION_CHANNELS = 9
 """Raw channels of the detection head: p logit, dx, dy, z, N, and the four sigmas."""
+
+DETECTION_HIDDEN = 32
+"""Width of the head's hidden layer."""
 
 P_BIAS = -8.0
 """Initial bias of the p logit: p = 3e-4 everywhere, so a fine-tuned model starts as its

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.detection import DETECTION_CHANNELS, P_BIAS, Detections, decode, splat
+from engine.detection import DETECTION_CHANNELS, DETECTION_HIDDEN, P_BIAS, Detections, decode, splat
 from engine.metadata import ModelMetadata, ModelMetadataError
 
 __all__ = [
@@ -242,15 +242,16 @@ class DeepZ(nn.Module):
             [_UpBlock(levels[i + 1], levels[i], levels[i]) for i in reversed(range(self.pools))]
         )
         self.head = _conv3(levels[0], out_channels)
-        self.detect_head: nn.Conv2d | None = None
+        self.detect_head: nn.Sequential | None = None
         if self.detection is not None:
-            head = _conv3(levels[0], DETECTION_CHANNELS)
-            assert head.bias is not None
+            # as DECODE's output heads: a hidden 3x3 layer, then 1x1 to the nine numbers
+            last = nn.Conv2d(DETECTION_HIDDEN, DETECTION_CHANNELS, kernel_size=1)
+            assert last.bias is not None
             with torch.no_grad():  # start near silent: the density channels alone
-                head.weight.mul_(0.1)
-                head.bias.zero_()
-                head.bias[0] = P_BIAS
-            self.detect_head = head
+                last.weight.mul_(0.1)
+                last.bias.zero_()
+                last.bias[0] = P_BIAS
+            self.detect_head = nn.Sequential(_conv3(levels[0], DETECTION_HIDDEN), nn.ELU(), last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Refocus (N, 2, H, W) float32 inputs (sides multiples of `size_multiple`)."""

@@ -264,6 +264,12 @@ class VolumeTrainConfig(_Base):
         "served model returns one density as before. Fine-tuning from a model without it "
         "starts with the head nearly silent.",
     )
+    detection_lr_factor: float = Field(
+        10.0,
+        gt=0,
+        description="The detection head learns at this multiple of lr: fine-tuned from a "
+        "trained network it starts from nothing (at 1x, 1,500 steps found a fifth of the beads).",
+    )
     brightness_scale: float = Field(
         100.0,
         gt=0,
@@ -1131,7 +1137,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     model: DeepZ = build_volume_model(cfg)
     model.train_leak = cfg.train_leak
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
     step, history, wall_before = 0, [], 0.0
     ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
@@ -1219,7 +1225,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         wall = wall_before + time.monotonic() - start
         lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_factor", 1.0)
         history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
@@ -1250,6 +1256,20 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     if cfg.weights_out is not None:
         save_volume_model(cfg, served, psf, history, step, bf16)
     return served
+
+
+def _param_groups(model: DeepZ, cfg: VolumeTrainConfig) -> list[dict[str, Any]]:
+    """Return the optimiser's groups: the detection head, and everything else.
+
+    The head is fresh on a trained network, so it learns at ``detection_lr_factor`` times lr.
+    """
+    head = [p for n, p in model.named_parameters() if n.startswith("detect_head.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("detect_head.")]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr_factor": 1.0}]
+    if head:
+        factor = cfg.detection_lr_factor
+        groups.append({"params": head, "lr": cfg.lr * factor, "lr_factor": factor})
+    return groups
 
 
 def _averaged(model: DeepZ, decay: float) -> AveragedModel | None:
