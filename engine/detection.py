@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,7 @@ __all__ = [
     "decode",
     "detection_loss",
     "gmm_term",
+    "localise",
     "splat",
 ]
 
@@ -182,3 +184,39 @@ def detection_loss(
     count = count_term(det, counts).mean()
     gmm = gmm_term(det, sources, mask).mean() / counts.mean().clamp(min=1.0)
     return count + gmm, {"count": count.item(), "gmm": gmm.item()}
+
+
+LOCALISE_THRESHOLD = 0.5
+"""`localise` keeps a pixel whose 3 x 3 neighbourhood holds at least this much p."""
+
+
+def localise(det: Detections, threshold: float = LOCALISE_THRESHOLD) -> list[np.ndarray]:
+    """Read the detections out as a list of sources per frame, as DECODE's post-processing.
+
+    A source is a local maximum of p summed over 3 x 3 pixels holding at least `threshold`
+    (> 0; ties go to the pixel with the most p);
+    its position, depth and brightness are the p-weighted means over those 9 pixels (each
+    pixel's own estimate: pixel + offset). Returns per frame a (K, 5) float32 array of rows
+    x, y (px), z (µm), n (``brightness_scale`` units) and the summed p.
+    """
+    p = det.p[:, 0].detach().float()
+    pooled = F.avg_pool2d(p[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] * 9
+    # a source shared by a 2 x 2 block gives four equal sums: the pixel of the most p wins
+    score = pooled + 1e-3 * p
+    peak = (score == F.max_pool2d(score[:, None], 3, stride=1, padding=1)[:, 0]) & (
+        pooled >= threshold
+    )
+    h, w = p.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    fields = [det.x[:, 0] + xs, det.y[:, 0] + ys, det.z[:, 0], det.n[:, 0]]
+
+    def weighted(v: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d((p * v.detach().float())[:, None], 3, 1, 1)[:, 0] * 9 / pooled
+
+    means = [weighted(v) for v in fields]
+    out = []
+    for b in range(p.shape[0]):
+        rows, cols = torch.nonzero(peak[b], as_tuple=True)
+        columns = [m[b, rows, cols] for m in means] + [pooled[b, rows, cols]]
+        out.append(torch.stack(columns, dim=1).numpy().astype(np.float32).reshape(-1, 5))
+    return out

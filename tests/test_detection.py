@@ -9,7 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="training extra not installed")
 
-from engine.detection import Detections, count_term, decode, detection_loss, gmm_term, splat  # noqa: E402
+from engine.detection import (  # noqa: E402
+    Detections,
+    count_term,
+    decode,
+    detection_loss,
+    gmm_term,
+    localise,
+    splat,
+)
 from engine.volume import depth_grid  # noqa: E402
 
 H = W = 24
@@ -67,6 +75,24 @@ def test_the_likelihood_prefers_the_true_depth_and_the_count_the_true_number():
     assert one < three
 
 
+def test_localise_reads_a_source_spread_over_pixels_as_one():
+    """p shared by four pixels whose offsets all point at one place: one source, there."""
+    p = torch.zeros(1, 1, H, W)
+    p[0, 0, 5:7, 8:10] = torch.tensor([[0.4, 0.2], [0.2, 0.1]])
+    xs = torch.arange(W, dtype=torch.float32).expand(H, W)
+    ys = torch.arange(H, dtype=torch.float32)[:, None].expand(H, W)
+    x = (8.3 - xs).clamp(-1, 1)[None, None]  # every pixel near it points at (8.3, 5.4)
+    y = (5.4 - ys).clamp(-1, 1)[None, None]
+    z = torch.full((1, 1, H, W), -3.0)
+    z[0, 0, 5, 8] = -2.0  # the most likely pixel says -2, the others -3: weighted -2.44
+    n = torch.full((1, 1, H, W), 1.5)
+    det = Detections(p=p, x=x, y=y, z=z, n=n, sigma=torch.ones(1, 4, H, W))
+    (found,) = localise(det)
+    assert found.shape == (1, 5)
+    np.testing.assert_allclose(found[0], [8.3, 5.4, -3 + 0.4 / 0.9, 1.5, 0.9], atol=1e-5)
+    assert localise(det, threshold=0.95)[0].shape == (0, 5)
+
+
 def test_padding_rows_cost_nothing():
     det = _one_source((10, 12), 0.3, -0.2, 1.25, 2.0)
     real = torch.tensor([[[12.3, 9.8, 1.25, 2.0]]])
@@ -121,6 +147,16 @@ def test_a_batchs_beads_follow_its_patches_crop_and_turns(tmp_path: Path):
     assert checked > 50
 
 
+def test_the_head_probe_refuses_a_model_without_a_head():
+    from engine import heldout as ho
+    from engine import probes
+    from engine.runtime import DEFAULT_MODEL
+
+    weights = DEFAULT_MODEL.parent / "deepz-volume.pt"
+    with pytest.raises(ValueError, match="no detection head"):
+        probes.head_localisations(weights, [ho.independent_sample("beads", 0, (64, 64))])
+
+
 def test_the_weight_needs_the_head(tmp_path: Path):
     from engine.train_volume import VolumeTrainConfig
 
@@ -132,6 +168,8 @@ def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: 
     """Training with the head runs and logs its terms; a fresh head adds next to nothing to
     the density; the served model (density + splat) exports to ONNX with the same planes."""
     pytest.importorskip("onnx", reason="export extra not installed")
+    from engine import heldout as ho
+    from engine import probes
     from engine.model import load_model
     from engine.runtime import load_backend
     from engine.train_volume import train
@@ -140,6 +178,10 @@ def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: 
     cfg = _config(tmp_path)
     model = train(cfg, progress=False)
     assert model.detect_head is not None
+    samples = [ho.independent_sample("beads", 0, (64, 64))]
+    head = probes.head_localisations(cfg.weights_out, samples)  # type: ignore[arg-type]
+    assert head["beads"] >= 1 and 0 <= head["found"] <= 1 and head["false_per_frame"] >= 0
+    assert sum(r["beads"] for r in head["by_distance"]) == head["beads"]
     history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
     assert {"count", "gmm"} <= set(history[0])
     loaded, meta = load_model(cfg.weights_out)  # type: ignore[arg-type]
