@@ -19,6 +19,7 @@ from engine.detection import (  # noqa: E402
     splat,
 )
 from engine.volume import depth_grid  # noqa: E402
+from tests.test_volume import _tiny_config  # noqa: E402
 
 H = W = 24
 DEPTHS = depth_grid()
@@ -102,25 +103,14 @@ def test_padding_rows_cost_nothing():
     assert float(a) == pytest.approx(float(b), rel=1e-6)
 
 
-def _config(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]
-    from engine.train_volume import VolumeTrainConfig
-
-    return VolumeTrainConfig.model_validate(
-        {
-            "steps": 3,
-            "batch_size": 2,
-            "patch_size": 32,
-            "channels": [4, 4, 8, 8],
-            "threads": 1,
-            "bf16": "off",
-            "checkpoint_every": 2,
-            "warmup_steps": 1,
-            "out_dir": str(tmp_path / "run"),
-            "weights_out": str(tmp_path / "w" / "vol.pt"),
+def _config(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """test_volume's tiny config with the head on and two frames per sample."""
+    cfg = _tiny_config(tmp_path)
+    return cfg.model_copy(
+        update={
             "detection": True,
-            "loss": {"detection_weight": 0.05},
-            "data": {"stack_shape": [64, 64], "pool_size": 2, "frames_per_sample": 2},
-            **extra,
+            "loss": cfg.loss.model_copy(update={"detection_weight": 0.05}),
+            "data": cfg.data.model_copy(update={"frames_per_sample": 2}),
         }
     )
 
