@@ -106,15 +106,27 @@ def _shift(v: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def splat(
-    det: Detections, z_first_um: float, z_step_um: float, n_depths: int, brightness_scale: float
+    det: Detections,
+    z_first_um: float,
+    z_step_um: float,
+    n_depths: int,
+    brightness_scale: float,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """Density (B, D, H, W) of the detections: each pixel's p * N put tri-linearly at its source.
 
     Depth: hat weights max(0, 1 - |z_index - d|) over the D grid depths. Lateral: the bilinear
     weights of the offset over the pixel and its neighbours (offsets are within ±1 px).
     Each pixel's mass is conserved unless it falls off the frame's edge.
+
+    With `min_p` > 0 only pixels whose 3 x 3 neighbourhood holds at least that much p (as
+    `localise` counts a source) give mass: the sure detections, without the haze of low p that
+    every pixel carries (summed over a frame, that haze is light at every depth of every column).
     """
     mass = det.p * det.n * brightness_scale
+    if min_p > 0:
+        pooled = F.avg_pool2d(det.p, 3, stride=1, padding=1, count_include_pad=True) * 9
+        mass = mass * (pooled >= min_p).to(mass.dtype)
     index = (det.z - z_first_um) / z_step_um
     grid = torch.arange(n_depths, dtype=mass.dtype, device=mass.device).view(1, -1, 1, 1)
     volume = mass * torch.relu(1 - (index - grid).abs())

@@ -169,6 +169,8 @@ class DeepZ(nn.Module):
         models only): a second head gives DECODE-style point-source detections
         (`engine.detection`), which `forward` splats onto the depth grid and adds to the
         density, so the output is one density volume either way; `detect` returns both.
+        An optional ``"serve_min_p"`` splats, when served (eval mode), only the detections
+        whose 3 x 3 neighbourhood holds that much p (`engine.detection.splat`).
     """
 
     def __init__(
@@ -215,14 +217,11 @@ class DeepZ(nn.Module):
             }
         self.detection: dict[str, float] | None = None
         if detection is not None:  # likewise: only detection models record it
-            if not nonnegative or set(detection) != {
-                "z_first_um",
-                "z_step_um",
-                "brightness_scale",
-            }:
+            needed = {"z_first_um", "z_step_um", "brightness_scale"}
+            if not nonnegative or not needed <= set(detection) <= needed | {"serve_min_p"}:
                 raise ValueError(
-                    "detection needs a non-negative (volume) model and exactly z_first_um, "
-                    f"z_step_um and brightness_scale; got {detection}"
+                    "detection needs a non-negative (volume) model, z_first_um, z_step_um and "
+                    f"brightness_scale, and optionally serve_min_p; got {detection}"
                 )
             self.detection = {k: float(v) for k, v in detection.items()}
             self.architecture["detection"] = dict(self.detection)
@@ -271,7 +270,10 @@ class DeepZ(nn.Module):
         g = self.detection
         first, step = g["z_first_um"], g["z_step_um"]
         det = decode(self.detect_head(y), first, first + step * (out.shape[1] - 1))
-        points = splat(det, first, step, out.shape[1], g["brightness_scale"])
+        # served (eval) output: only the sure detections, if the model says so; training sees
+        # every pixel's p * N, so the density terms teach p and N everywhere
+        min_p = 0.0 if self.training else g.get("serve_min_p", 0.0)
+        points = splat(det, first, step, out.shape[1], g["brightness_scale"], min_p)
         return out.float() + points, det
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:

@@ -270,6 +270,20 @@ class VolumeTrainConfig(_Base):
         description="The detection head learns at this multiple of lr: fine-tuned from a "
         "trained network it starts from nothing (at 1x, 1,500 steps found a fifth of the beads).",
     )
+    detection_serve_min_p: float = Field(
+        0.0,
+        ge=0,
+        le=9,
+        description="Serve (eval mode) only the detections whose 3 x 3 neighbourhood holds this "
+        "much p (0: every pixel's p * N, as trained): without it the low p every pixel keeps "
+        "is light at every depth of every column.",
+    )
+    freeze_trunk: bool = Field(
+        False,
+        description="Train the detection head alone, on the detection loss alone, with the rest "
+        "of the network (from init_from or the checkpoint) frozen: the served density stays "
+        "as it was and the head learns on its features, at a third of a full step's cost.",
+    )
     brightness_scale: float = Field(
         100.0,
         gt=0,
@@ -319,6 +333,13 @@ class VolumeTrainConfig(_Base):
             )
         if self.loss.detection_weight > 0 and not self.detection:
             raise ValueError("loss.detection_weight > 0 needs detection = true (the head)")
+        if self.freeze_trunk and (
+            not self.detection or self.loss.detection_weight <= 0 or self.data.lab_every
+        ):
+            raise ValueError(
+                "freeze_trunk trains the detection head alone: it needs detection = true, "
+                "loss.detection_weight > 0 and no lab stacks (data.lab_every = 0)"
+            )
         if "psf_model" in self.optics and self.data.psf_models != ["scalar"]:
             raise ValueError(
                 "optics.psf_model and data.psf_models both name the frames' PSF model: set "
@@ -363,6 +384,8 @@ def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
             "z_step_um": DEPTH_STEP_UM,
             "brightness_scale": cfg.brightness_scale,
         }
+        if cfg.detection_serve_min_p > 0:  # only when set: older models rebuild unchanged
+            detection["serve_min_p"] = cfg.detection_serve_min_p
     model = build_model(
         "volume",
         channels=tuple(cfg.channels),
@@ -1137,6 +1160,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     model: DeepZ = build_volume_model(cfg)
     model.train_leak = cfg.train_leak
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.freeze_trunk and model.detect_head is not None:  # the head alone learns
+        model.requires_grad_(False)
+        model.detect_head.requires_grad_(True)
     opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
     step, history, wall_before = 0, [], 0.0
     ema_state: dict[str, torch.Tensor] | None = None
@@ -1209,7 +1235,10 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             dz = render_depths(rng, cfg, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 pred, det = model.detect(x)
-            loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
+            if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
+                loss, parts = torch.zeros((), device=device), {}
+            else:
+                loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz)
             if det is not None and cfg.loss.detection_weight > 0:
                 sources, mask = batch.sources.to(device), batch.mask.to(device)
                 found, found_parts = detection_loss(det, sources, mask)
@@ -1262,10 +1291,12 @@ def _param_groups(model: DeepZ, cfg: VolumeTrainConfig) -> list[dict[str, Any]]:
     """Return the optimiser's groups: the detection head, and everything else.
 
     The head is fresh on a trained network, so it learns at ``detection_lr_factor`` times lr.
+    Frozen parameters (``freeze_trunk``) are left out.
     """
-    head = [p for n, p in model.named_parameters() if n.startswith("detect_head.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("detect_head.")]
-    groups: list[dict[str, Any]] = [{"params": rest, "lr_factor": 1.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if n.startswith("detect_head.")]
+    rest = [p for n, p in named if not n.startswith("detect_head.")]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr_factor": 1.0}] if rest else []
     if head:
         factor = cfg.detection_lr_factor
         groups.append({"params": head, "lr": cfg.lr * factor, "lr_factor": factor})
@@ -1494,7 +1525,8 @@ def _plot(out: Path, history: list[dict[str, float]]) -> None:
         ax[0].plot(at[k - 1 :], np.convolve(v, np.ones(k) / k, mode="valid"), label=key)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("step")
-    ax[0].legend()
+    if ax[0].lines:  # a head trained alone (freeze_trunk) has no density terms to show
+        ax[0].legend()
     val = [h for h in history if "val_bead_depth_median_um" in h]
     if val:
         s = [h["step"] for h in val]

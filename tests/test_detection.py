@@ -52,6 +52,19 @@ def test_splat_loses_only_what_falls_off_the_frame():
     assert float(vol.sum()) == pytest.approx(0.5, rel=1e-5)
 
 
+def test_splat_serves_only_the_sure_detections():
+    """With min_p, the low p every pixel keeps (here 0.01) gives no light away from a source."""
+    det = _one_source((10, 12), x=0.0, y=0.0, z=1.0, n=1.0)
+    p = det.p * 0.9 + 0.01  # a sure source at (10, 12) on a haze of 0.01
+    det = Detections(p=p, x=det.x, y=det.y, z=det.z, n=det.n, sigma=det.sigma)
+    every = splat(det, float(DEPTHS[0]), 0.5, DEPTHS.size, brightness_scale=1.0)[0]
+    sure = splat(det, float(DEPTHS[0]), 0.5, DEPTHS.size, brightness_scale=1.0, min_p=0.5)[0]
+    assert float(every.sum()) == pytest.approx(0.9 + 0.01 * H * W, rel=1e-5)
+    # kept: the source's pixel and the haze of the pixels whose 3 x 3 neighbourhood holds it
+    assert float(sure.sum()) == pytest.approx(0.91 + 8 * 0.01, rel=1e-5)
+    assert float(sure[:, :8].sum()) == 0 and float(sure[:, :, :10].sum()) == 0
+
+
 def test_decode_keeps_offsets_depths_and_sigmas_in_range():
     raw = torch.randn(2, 9, 8, 8) * 20
     det = decode(raw, -10.0, 10.0)
@@ -191,3 +204,37 @@ def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: 
     ort = load_backend(onnx_path, prefer=["onnxruntime"])
     pt = load_backend(cfg.weights_out, prefer=["torch"])
     np.testing.assert_allclose(ort.infer(frame, dpms), pt.infer(frame, dpms), rtol=1e-3, atol=1e-2)
+
+
+def test_a_frozen_network_trains_its_head_alone_and_serves_only_sure_detections(tmp_path: Path):
+    """freeze_trunk: the density layers stay the init's exactly, only the detection loss is
+    logged; serve_min_p travels in the metadata, and a head still near p = 3e-4 everywhere
+    adds nothing at all to the served density (training mode still splats every pixel)."""
+    from engine.model import load_model
+    from engine.train_volume import VolumeTrainConfig, train
+
+    base = _tiny_config(tmp_path / "base")
+    train(base, progress=False)
+    cfg = _config(tmp_path).model_copy(
+        update={"init_from": base.weights_out, "freeze_trunk": True, "detection_serve_min_p": 0.5}
+    )
+    cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"detection_weight": 1.0})})
+    train(cfg, progress=False)
+    init, _ = load_model(base.weights_out)  # type: ignore[arg-type]
+    model, meta = load_model(cfg.weights_out)  # type: ignore[arg-type]
+    assert meta.architecture["detection"]["serve_min_p"] == 0.5
+    trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("detect_head.")}
+    assert trunk.keys() == init.state_dict().keys()
+    for k, v in init.state_dict().items():
+        assert torch.equal(trunk[k], v), k
+    history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
+    assert {"count", "gmm"} <= set(history[-1]) and "object" not in history[-1]
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        served = model(x)
+        density = torch.relu(model.head(model._features(x)))
+        assert torch.equal(served, density)
+        model.train()
+        assert float((model(x) - density).sum()) > 0  # training splats every pixel's p * N
+    with pytest.raises(ValueError, match="freeze_trunk trains the detection head alone"):
+        VolumeTrainConfig.model_validate({"freeze_trunk": True})
