@@ -105,6 +105,11 @@ def _shift(v: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return v
 
 
+def _neighbourhood_p(p: torch.Tensor) -> torch.Tensor:
+    """Sum of p over each pixel's 3 x 3 neighbourhood, (B, 1, H, W): how sure a source is there."""
+    return F.avg_pool2d(p, 3, stride=1, padding=1, count_include_pad=True) * 9
+
+
 def splat(
     det: Detections,
     z_first_um: float,
@@ -125,8 +130,7 @@ def splat(
     """
     mass = det.p * det.n * brightness_scale
     if min_p > 0:
-        pooled = F.avg_pool2d(det.p, 3, stride=1, padding=1, count_include_pad=True) * 9
-        mass = mass * (pooled >= min_p).to(mass.dtype)
+        mass = mass * (_neighbourhood_p(det.p) >= min_p).to(mass.dtype)
     index = (det.z - z_first_um) / z_step_um
     grid = torch.arange(n_depths, dtype=mass.dtype, device=mass.device).view(1, -1, 1, 1)
     volume = mass * torch.relu(1 - (index - grid).abs())
@@ -212,7 +216,7 @@ def localise(det: Detections, threshold: float = LOCALISE_THRESHOLD) -> list[np.
     x, y (px), z (µm), n (``brightness_scale`` units) and the summed p.
     """
     p = det.p[:, 0].detach().float()
-    pooled = F.avg_pool2d(p[:, None], 3, stride=1, padding=1, count_include_pad=True)[:, 0] * 9
+    pooled = _neighbourhood_p(p[:, None])[:, 0]
     # a source shared by a 2 x 2 block gives four equal sums: the pixel of the most p wins
     score = pooled + 1e-3 * p
     peak = (score == F.max_pool2d(score[:, None], 3, stride=1, padding=1)[:, 0]) & (
