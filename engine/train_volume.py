@@ -809,17 +809,22 @@ def volume_loss(
         nll = _depth_nll_term(pred, target, lc.depth_nll_sigma_px, lc.depth_nll_sigma_slices)
         parts["depth_nll"] = nll.item()
         total = total + lc.depth_nll_weight * nll
-    # rendering is linear: one render of the error, and the truth's light without rendering it
-    ren_err = renderer.render(pred - target, dz_um).abs()
-    if lc.object_loss == "l1":
-        ren = ren_err.mean()
-    elif lc.normalise == "batch":
-        ren = ren_err.mean() / (renderer.light(target, dz_um).mean() + 1e-6)
-    else:
-        light = renderer.light(target, dz_um).mean(dim=1)
-        light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
-        ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
+    # at weight 0 the render term is still logged (how far the planes drift without it), but
+    # outside the graph: no backward pass through the renderer
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lc.render_weight > 0):
+        # rendering is linear: one render of the error, and the truth's light without rendering
+        ren_err = renderer.render(pred - target, dz_um).abs()
+        if lc.object_loss == "l1":
+            ren = ren_err.mean()
+        elif lc.normalise == "batch":
+            ren = ren_err.mean() / (renderer.light(target, dz_um).mean() + 1e-6)
+        else:
+            light = renderer.light(target, dz_um).mean(dim=1)
+            light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
+            ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
     parts["render"] = ren.item()
+    if lc.render_weight == 0:
+        return total, parts
     return total + lc.render_weight * ren, parts
 
 

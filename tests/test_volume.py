@@ -431,6 +431,46 @@ def test_render_planes_follow_the_truths_mass_when_asked():
     assert len(render_depths(np.random.default_rng(1), cfg, empty)) == cfg.loss.render_planes
 
 
+def test_a_render_weight_of_zero_logs_the_render_term_and_leaves_it_out(psf):
+    """Recipe 23's ablation: at render weight 0 the loss is the density terms alone (and their
+    gradient), while the render term is still computed and logged, as at any other weight."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 20, 16, 16] = 1.0
+    losses = {}
+    for weight in (0.0, 1.0):
+        cfg = VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"render_weight": weight}}
+        )
+        pred = torch.zeros_like(target)
+        pred[0, 24, 16, 16] = 1.0  # the bead found 2 µm off
+        pred.requires_grad_(True)
+        loss, parts = volume_loss(cfg, renderer, pred, target, np.array([0.0, 2.0]))
+        loss.backward()
+        assert pred.grad is not None
+        losses[weight] = (loss.item(), parts, pred.grad.clone())
+    off, parts_off, grad_off = losses[0.0]
+    on, parts_on, _ = losses[1.0]
+    assert parts_off["render"] == pytest.approx(parts_on["render"]) and parts_off["render"] > 0
+    assert off == pytest.approx(parts_off["object"])
+    assert on == pytest.approx(parts_on["object"] + parts_on["render"])
+    only_density = torch.zeros_like(target)
+    only_density[0, 24, 16, 16] = 1.0
+    only_density.requires_grad_(True)
+    from engine.train_volume import _density_term
+
+    lc = cfg.loss
+    term = _density_term(cfg, only_density, target, lc.object_sigma_px, lc.object_sigma_slices)
+    term.backward()
+    assert only_density.grad is not None
+    assert torch.allclose(grad_off, only_density.grad)
+
+
 def test_the_column_term_rewards_finding_an_object_at_any_depth(psf):
     """A far bead put at the wrong depth costs nothing in the column term, a missed one all of
     it; the density term scores the misplaced bead twice as badly as the missed one (a miss
