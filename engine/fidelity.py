@@ -4,7 +4,8 @@
 
 Methods: each model given (served through `engine.runtime`, exactly as the daemon runs it), and
 the classical baselines: the unrefocused input, a Wiener refocus with the known PSF and, for
-depth only, the matched filter. Sets:
+depth only, the matched filter told where each bead is, with the model's training PSF and, on
+the independent sets, with the set's own PSF (the maximum-likelihood depth of a lone bead). Sets:
 
 - **simulator**: the training simulator (`engine.optics`) with held-out seeds (beads, worm,
   mixed), the model's own PSF model: how well it learnt what it was taught;
@@ -76,6 +77,9 @@ CROSS_MODALITY_SEEDS: dict[str, tuple[int, ...]] = {"beads": (41, 42), "worm": (
 """Simulator samples (held-out seeds) of the cross-modality (confocal) comparison."""
 CROSS_MODALITY_INDEPENDENT: dict[str, tuple[int, ...]] = {"beads": (101, 102), "spheres": (111,)}
 """Independent samples of the cross-modality comparison (confocal truth made another way)."""
+OWN_PSF_FILTER = "matched filter, the set's own PSF (depth only)"
+"""The matched filter told each bead's position and the set's exact PSF: the maximum-likelihood
+depth of a lone bead (independent sets only; the reference for what a frame holds)."""
 CEILING = "the true beads as points, confocal render (the most a density can score)"
 """Cross-modality reference row: the truth's own points through the models' renderer."""
 CONFOCAL_PINHOLE_AU = 1.0
@@ -90,6 +94,9 @@ class Method:
     planes: ho.PlanesFn
     surface: ho.SurfaceFn
     matched_filter: bool = False
+    own_psf: bool = False
+    """With `matched_filter`: the set's own PSF (`heldout.own_psf_bank`) instead of the model's
+    training PSF; on the sets whose optics are known here (the independent ones) only."""
 
 
 def simulator_sample(
@@ -189,6 +196,14 @@ def _evaluate_set(
     out: dict[str, Any] = {}
     snr_of: dict[int, np.ndarray] = {}  # per sample: its scored beads' SNR, the same for all
 
+    banks: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def own_bank() -> tuple[np.ndarray, np.ndarray]:
+        assert optics is not None
+        if not banks:
+            banks.append(ho.own_psf_bank(optics))
+        return banks[0]
+
     def snr(k: int, found: ho.BeadDepths) -> np.ndarray:
         if optics is None:
             return np.zeros(0)
@@ -209,8 +224,12 @@ def _evaluate_set(
         for k, s in enumerate(samples):
             progress.set_postfix_str(f"{m.name[:28]} · {s.kind} {s.seed}")
             if m.matched_filter:
+                if m.own_psf and optics is None:  # the simulator set: its PSF is the model's
+                    progress.update(1)
+                    continue
                 if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                    found = ho.matched_filter_bead_depths(s)
+                    bank = own_bank() if m.own_psf else (None, None)
+                    found = ho.matched_filter_bead_depths(s, *bank)
                     depth.append(found.errors)
                     depth_true.append(found.z_true_um)
                     depth_est.append(found.z_est_um)
@@ -293,6 +312,15 @@ def compare(
     methods.append(_wiener_method(Path(models[0]) if models else None))
     methods.append(
         Method("matched filter (depth only)", ho.input_planes_fn, ho.input_surface_fn, True)
+    )
+    methods.append(
+        Method(
+            OWN_PSF_FILTER,
+            ho.input_planes_fn,
+            ho.input_surface_fn,
+            matched_filter=True,
+            own_psf=True,
+        )
     )
     sim_seeds, ind_seeds = SEED_SETS[sample_set]
     sets: dict[str, list[ho.IndependentSample]] = {"simulator": [], "independent": []}
@@ -606,6 +634,8 @@ def report(r: dict[str, Any]) -> str:
         ]
         for m, v in res.items():
             d, f, n = v["bead_depth"], v["bead_fwhm"], v.get("nucleus_depth", {})
+            if not d and v["ssim_median"] is None:  # nothing measured on this set
+                continue
             nucleus = (
                 f"{_fmt(n.get('median_um'), '.2f')}, {_fmt(n.get('within_1um'), '.0%')}, "
                 f"{int(n.get('failures', 0))} of {int(n.get('count', 0))}"

@@ -98,6 +98,7 @@ __all__ = [
     "matched_filter_bead_depths",
     "matched_filter_depth",
     "nucleus_depths",
+    "own_psf_bank",
     "paired_hits",
     "pinhole_disc",
     "plane_metrics",
@@ -1529,6 +1530,20 @@ def matched_filter_depth(
         if 0 <= r < h and 0 <= c < w:
             out[j] = -_peak_position(scores[:, r, c], d)
     return out
+
+
+def own_psf_bank(optics: IndependentOptics) -> tuple[np.ndarray, np.ndarray]:
+    """(bank, defocus) of the set's own PSF for `matched_filter_bead_depths`.
+
+    One plane per candidate depth z on the truth grid, each the PSF a source at z is seen
+    through at focus 0 with its own depth's aberration (``optics.psf(-z, z)``), ordered by
+    increasing defocus -z. With it the matched filter, told where each bead is, is the
+    maximum-likelihood depth of a lone bead of unknown brightness under white noise: the
+    reference the model cannot be held to beat where its own PSF is not the set's.
+    """
+    defocus = truth_dz_um()
+    bank = np.stack([np.asarray(optics.psf(np.array([d]), -float(d)))[0] for d in defocus])
+    return bank, defocus
 
 
 def matched_filter_bead_depths(
