@@ -901,8 +901,6 @@ def _ipc_dirs() -> set[Path]:
 # ---------------------------------------------------------------------------------- main
 
 
-
-
 def _table(main_run: dict[str, Any], kills: list[dict[str, Any]]) -> list[str]:
     """Render the human summary."""
     rss = main_run["rss_mb"]

@@ -299,8 +299,7 @@ def end_to_end(
             f"in {row['frames_in']}, "
             f"raw {row['raw_recorded']}, stacks {row['stacks_written']}, skipped "
             f"{row['skipped']}, lost {row['lost']}, p50/p99 {row['latency_p50_ms']}/"
-            f"{row['latency_p99_ms']} ms -> "
-            + _verdict(row),
+            f"{row['latency_p99_ms']} ms -> " + _verdict(row),
             flush=True,
         )
         for times in row["worker_times"]:

@@ -43,8 +43,6 @@ from live.refocus import RefocusSummary, clear_backends, refocus_recording
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-
-
 def make_recording(path: Path, frames: int, side: int, planes: list[float]) -> np.ndarray:
     """Record `frames` worm frames into a run store with the project's Recorder; return them."""
     from engine.optics import WormTimeSeries

@@ -130,12 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     r |= {"minutes": args.minutes, "cpu": cpu_model(), "date": datetime.now().isoformat()}
     rows = [
         ("exit code / finish", f"{r['exit_code']} / {r['finish']}"),
-        ("frames acquired / raw / stacks", f"{r['frames_acquired']} / {r['raw_recorded']} / "
-         f"{r['stacks']}"),
+        (
+            "frames acquired / raw / stacks",
+            f"{r['frames_acquired']} / {r['raw_recorded']} / {r['stacks']}",
+        ),
         ("skipped / lost", f"{r['skipped']} / {r['lost']}"),
         ("daemon RSS start → end (MB)", f"{r['daemon_mb_start']} → {r['daemon_mb_end']}"),
-        ("RSS slope, 2nd half (MB/min)", f"daemon {r['daemon_slope_mb_per_min']:.3f}, "
-         f"worker {r['worker_slope_mb_per_min']:.3f}"),
+        (
+            "RSS slope, 2nd half (MB/min)",
+            f"daemon {r['daemon_slope_mb_per_min']:.3f}, worker {r['worker_slope_mb_per_min']:.3f}",
+        ),
         ("passed", str(r["passed"])),
     ]
     for name, value in rows:

@@ -419,9 +419,7 @@ class Renderer:
     ) -> np.ndarray:
         """`planes` for `dz` on the depth lattice: the density's light plus the residual."""
         at_focus = np.flatnonzero(np.abs(dz) < 1e-9)  # the plane at focus, if asked for
-        spec = self._rendered_spectra(
-            objects, dz if at_focus.size else np.append(dz, 0.0), scale
-        )
+        spec = self._rendered_spectra(objects, dz if at_focus.size else np.append(dz, 0.0), scale)
         f = int(at_focus[0]) if at_focus.size else dz.size
         frame = np.asarray(frame, dtype=np.float32)
         if spec is None:  # no density: every plane is the low-passed frame

@@ -565,6 +565,7 @@ def parse_end_of_stacks(raw: bytes) -> int | None:
         return None
     return int(tail)
 
+
 EVENTS = frozenset({"ready", "rejected", "done", "error"})
 """Kinds of worker event: loaded its backend; seqs it refused (not a frame it can refocus);
 finished (with a stack count); failed (with a message). Workers never skip: the router is the

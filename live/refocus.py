@@ -460,6 +460,7 @@ def _kept(key: tuple[str, str, str], make: Callable[[], Any]) -> Any:
             value = _OPENED[key] = make()
         return value
 
+
 _TIFFS: dict[tuple[str, int], _Frames] = {}
 _TIFFS_LOCK = threading.Lock()
 
@@ -1186,9 +1187,7 @@ class RefocusSummary:
 # ----------------------------------------------------------------------------- driver
 
 
-def _blocks(
-    wanted: Sequence[int], chunk: int, offsets_um: np.ndarray | None = None
-) -> list[Block]:
+def _blocks(wanted: Sequence[int], chunk: int, offsets_um: np.ndarray | None = None) -> list[Block]:
     """Group wanted time indices into output chunks of `chunk` time points.
 
     Each block carries its seqs' focus-lock offsets when the plan follows the stage focus.

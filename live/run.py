@@ -144,28 +144,70 @@ def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
     )
     edges = [
         Edge("source", "router", "frames", "inproc", _SOURCE_HWM, "source drops and counts"),
-        Edge("hook", "router", "frames", config.endpoints.frames, FRAMES_RCVHWM,
-             "hook drops and counts"),
+        Edge(
+            "hook",
+            "router",
+            "frames",
+            config.endpoints.frames,
+            FRAMES_RCVHWM,
+            "hook drops and counts",
+        ),
         Edge("router", "recorder", "raw frames", "in-process queue", None, "every frame"),
-        Edge("router", "raw subscribers", "raw frames", config.endpoints.recorder,
-             RAW_REPUBLISH_HWM, "a slow subscriber misses frames"),
-        Edge("router", "inference queue", "frames", f"router ({ov.policy})",
-             1 if ov.policy == "latest" else ov.max_queue_frames, waiting),
+        Edge(
+            "router",
+            "raw subscribers",
+            "raw frames",
+            config.endpoints.recorder,
+            RAW_REPUBLISH_HWM,
+            "a slow subscriber misses frames",
+        ),
+        Edge(
+            "router",
+            "inference queue",
+            "frames",
+            f"router ({ov.policy})",
+            1 if ov.policy == "latest" else ov.max_queue_frames,
+            waiting,
+        ),
     ]
     for i in range(workers):
         edges += [
-            Edge("inference queue", f"worker[{i}]", "frames", "ipc", WORKER_PREFETCH + 1,
-                 "by credit: sent only when the worker has room (never full)"),
-            Edge(f"worker[{i}]", "collector", "stacks, events", "ipc", None,
-                 "wait (the collector always drains)"),
+            Edge(
+                "inference queue",
+                f"worker[{i}]",
+                "frames",
+                "ipc",
+                WORKER_PREFETCH + 1,
+                "by credit: sent only when the worker has room (never full)",
+            ),
+            Edge(
+                f"worker[{i}]",
+                "collector",
+                "stacks, events",
+                "ipc",
+                None,
+                "wait (the collector always drains)",
+            ),
             Edge(f"worker[{i}]", "router", "credits", "ipc", None, "wait (the router drains)"),
         ]
     edges += [
         Edge("collector", "recorder", "stacks", "in-process queue", None, "every stack"),
-        Edge("collector", "display", "stacks", config.endpoints.stacks, DISPLAY_HWM,
-             "a slow display misses stacks"),
-        Edge("daemon", "status readers", "snapshot / s", config.endpoints.status, 10,
-             "a slow reader misses snapshots"),
+        Edge(
+            "collector",
+            "display",
+            "stacks",
+            config.endpoints.stacks,
+            DISPLAY_HWM,
+            "a slow display misses stacks",
+        ),
+        Edge(
+            "daemon",
+            "status readers",
+            "snapshot / s",
+            config.endpoints.status,
+            10,
+            "a slow reader misses snapshots",
+        ),
     ]
     return tuple(edges)
 
@@ -934,9 +976,7 @@ def _write_preview_png(store: Path, metrics: Metrics, summary: RunSummary) -> Pa
     try:
         from live.preview import write_preview
 
-        return write_preview(
-            store, latency=metrics.latency_series(), summary_lines=summary.lines()
-        )
+        return write_preview(store, latency=metrics.latency_series(), summary_lines=summary.lines())
     except Exception as err:  # a missing matplotlib or a drawing bug never fails the run
         log.warning("no run preview: %s", _one_line(err))
         return None

@@ -182,7 +182,11 @@ def test_the_daemon_replays_a_recording_without_recording_its_raw_frames_again(
     side = 64
     source = tmp_path / "source.ome.zarr"
     recorder = Recorder(
-        source, frame_shape=(side, side), pixel_size_um=0.3, rate_hz=20.0, planes_um=[0.0],
+        source,
+        frame_shape=(side, side),
+        pixel_size_um=0.3,
+        rate_hz=20.0,
+        planes_um=[0.0],
         keep_stacks=False,
     )
     seqs = [3, 4, 5, 8, 9]

@@ -96,9 +96,10 @@ def test_cross_modality_confocal_render_beats_the_wide_field_input() -> None:
     # against the independent confocal truth (measured 0.97; recipe 12 0.39 on beads 101-102)
     ceiling = r["independent"][CEILING]
     assert ceiling["pearson_median"] > 0.9
-    assert ceiling["pearson_median"] > r["independent"][f"{label}: density, confocal render"][
-        "pearson_median"
-    ]
+    assert (
+        ceiling["pearson_median"]
+        > r["independent"][f"{label}: density, confocal render"]["pearson_median"]
+    )
 
 
 def test_bf16_on_openvino_stays_within_one_percent_of_fp32() -> None:

@@ -325,6 +325,5 @@ def test_warm_up_refocuses_frames_of_the_run_onto_its_plan(
     warm_up(counting, shape, plan)
     assert len(counting.calls) == WARMUP_CALLS >= 1
     assert all(
-        s == shape and dtype == np.uint16 and called is plan
-        for s, dtype, called in counting.calls
+        s == shape and dtype == np.uint16 and called is plan for s, dtype, called in counting.calls
     )

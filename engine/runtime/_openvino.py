@@ -83,14 +83,11 @@ class OpenVinoBackend(BaseBackend):
             options = replace(options, precision="bf16" if has_bf16 else "fp32")
         if options.precision == "bf16" and not has_bf16:
             raise BackendError(
-                "this CPU has no bfloat16 instructions (AVX-512-BF16 or AMX): use precision "
-                "'fp32'"
+                "this CPU has no bfloat16 instructions (AVX-512-BF16 or AMX): use precision 'fp32'"
             )
         try:
             model = core.read_model(source)
-            compiled = core.compile_model(
-                model, "CPU", compile_options(threads, options.precision)
-            )
+            compiled = core.compile_model(model, "CPU", compile_options(threads, options.precision))
         except RuntimeError as exc:
             raise BackendError(f"{model_path}: openvino cannot compile this model: {exc}") from exc
         check_io_shapes(
