@@ -194,7 +194,8 @@ def _evaluate_set(
     read-out is also binned by each bead's SNR (`engine.heldout.bead_snr`).
     """
     out: dict[str, Any] = {}
-    snr_of: dict[int, np.ndarray] = {}  # per sample: its scored beads' SNR, the same for all
+    # per sample: its scored beads and their SNR (every method scores the same beads)
+    snr_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     banks: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -207,9 +208,9 @@ def _evaluate_set(
     def snr(k: int, found: ho.BeadDepths) -> np.ndarray:
         if optics is None:
             return np.zeros(0)
-        if k not in snr_of:
-            snr_of[k] = ho.bead_snr(samples[k], found.index, optics)
-        return snr_of[k]
+        if k not in snr_of or not np.array_equal(snr_of[k][0], found.index):
+            snr_of[k] = (found.index, ho.bead_snr(samples[k], found.index, optics))
+        return snr_of[k][1]
 
     for m in methods:
         depth: list[np.ndarray] = []

@@ -261,6 +261,35 @@ def test_the_matched_filter_with_the_sets_own_psf_places_beads_near_focus(beads)
     assert np.median(found.errors[near]) <= 0.25
 
 
+def test_the_fidelity_report_bins_beads_by_snr_where_the_optics_are_known(beads):
+    """`engine.fidelity._evaluate_set` with a set's optics: every method's beads binned by SNR
+    (the bins count every scored bead), the own-PSF matched filter scored; without optics (the
+    simulator set) neither, and the report leaves that filter's row out."""
+    from engine import fidelity as F
+
+    methods = [
+        F.Method("unrefocused input", H.input_planes_fn, H.input_surface_fn),
+        F.Method(F.OWN_PSF_FILTER, H.input_planes_fn, H.input_surface_fn, True, own_psf=True),
+    ]
+
+    class Bar:
+        def set_postfix_str(self, _: str) -> None: ...
+        def update(self, _: int) -> None: ...
+
+    with_optics = F._evaluate_set(methods, [beads], Bar(), H.IndependentOptics())
+    for name in (m.name for m in methods):
+        rows = with_optics[name]["bead_depth_by_snr"]
+        assert sum(r["count"] for r in rows) == with_optics[name]["bead_depth"]["count"] > 0
+    assert with_optics[F.OWN_PSF_FILTER]["bead_depth"]["failures"] == 0
+    without = F._evaluate_set(methods, [beads], Bar())
+    assert without["unrefocused input"]["bead_depth_by_snr"] == []
+    assert without[F.OWN_PSF_FILTER]["bead_depth"] == {}
+    text = F.report(
+        {"results": {"simulator": without}, "sets": {"simulator": ["beads 3"]}, "seconds": 0.0}
+    )
+    assert F.OWN_PSF_FILTER not in text and "unrefocused input" in text
+
+
 def test_by_snr_bins_count_misses_as_failures() -> None:
     snr = np.array([3.0, 6.0, 7.0, 25.0, 40.0])
     err = np.array([np.nan, 0.4, 3.0, 0.1, np.nan])
