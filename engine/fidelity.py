@@ -197,13 +197,11 @@ def _evaluate_set(
     # per sample: its scored beads and their SNR (every method scores the same beads)
     snr_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    banks: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def own_bank() -> tuple[np.ndarray, np.ndarray]:
-        assert optics is not None
-        if not banks:
-            banks.append(ho.own_psf_bank(optics))
-        return banks[0]
+    own_bank = (
+        ho.own_psf_bank(optics)
+        if optics is not None and any(m.own_psf for m in methods)
+        else (None, None)
+    )
 
     def snr(k: int, found: ho.BeadDepths) -> np.ndarray:
         if optics is None:
@@ -229,8 +227,7 @@ def _evaluate_set(
                     progress.update(1)
                     continue
                 if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                    bank = own_bank() if m.own_psf else (None, None)
-                    found = ho.matched_filter_bead_depths(s, *bank)
+                    found = ho.matched_filter_bead_depths(s, *(own_bank if m.own_psf else ()))
                     depth.append(found.errors)
                     depth_true.append(found.z_true_um)
                     depth_est.append(found.z_est_um)

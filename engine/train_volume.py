@@ -823,8 +823,6 @@ def volume_loss(
             light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
             ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
     parts["render"] = ren.item()
-    if lc.render_weight == 0:
-        return total, parts
     return total + lc.render_weight * ren, parts
 
 
