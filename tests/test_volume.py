@@ -398,6 +398,40 @@ def test_far_weight_makes_far_misses_cost_more(psf):
     assert cost[1.0, 20] / cost[0.0, 20] < 1.05  # in focus: about 1
 
 
+def test_compressed_terms_cost_a_faint_miss_about_what_a_bright_one_does(psf):
+    """Squared error weighs a miss by brightness squared; compressed, by its log (recipe 24)."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, compress, volume_loss
+
+    v = torch.tensor([0.0, 0.01, 100.0])
+    assert torch.equal(compress(v, 0.0), v)  # off: the densities themselves
+    c = compress(v, 1.0)
+    assert c[0] == 0 and c[1] == pytest.approx(0.01, rel=1e-2)  # linear well below the scale
+    assert c[2] == pytest.approx(np.log(101.0), rel=1e-6)  # logarithmic well above it
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 12, 8, 8] = 300.0  # a bright bead
+    target[0, 28, 22, 22] = 10.0  # a bead 30x fainter
+    cost = {}
+    for scale in (0.0, 0.1):
+        cfg = VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"compress_scale": scale}}
+        )
+        for depth in (12, 28):
+            pred = target.clone()
+            pred[0, depth] = 0  # that bead missed
+            cost[scale, depth] = volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1][
+                "object"
+            ]
+    assert cost[0.0, 12] / cost[0.0, 28] == pytest.approx(900, rel=1e-3)  # 30 squared
+    # compressed (at recipe 24's scale), the bright miss still costs more, but some 20 times
+    # (the smoothed bright bead has more voxels above the scale), not 900
+    assert 1 < cost[0.1, 12] / cost[0.1, 28] < 30
+
+
 def test_render_planes_follow_the_truths_mass_when_asked():
     """With render_at_objects, the render term's planes are drawn mostly where objects are in
     focus; with 0 the draw is uniform and ignores the truth; always distinct depths."""
