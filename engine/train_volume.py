@@ -192,7 +192,8 @@ class VolumeLossConfig(_Base):
         "than another costs 19x as much, not 900x. Below c the error stays absolute, so "
         "faint stray mass in empty space costs little. In the targets' normalised units a "
         "bead's smoothed peak is 1.5-65 (median 16), a worm nucleus's 2-5. 0 compares the "
-        "densities themselves.",
+        "densities themselves. Tried at 0.1 (recipe 24, docs/evaluation/volume.md): worse "
+        "on the hold-out, faint beads dropped, since faint haze is priced like them.",
     )
     cdf_weight: float = Field(
         0.0,
