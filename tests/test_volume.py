@@ -432,6 +432,47 @@ def test_compressed_terms_cost_a_faint_miss_about_what_a_bright_one_does(psf):
     assert 1 < cost[0.1, 12] / cost[0.1, 28] < 30
 
 
+def test_source_term_costs_a_faint_miss_what_a_bright_one_does_and_ignores_haze(psf):
+    """The per-source term (recipe 26) scores each true bead once, whatever its brightness,
+    and nothing away from the beads: stray faint mass is the density terms' to price."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"source_weight": 1.0}}
+    )
+    depth = cfg.depth_um
+    renderer = TorchRenderer(psf, depth, 32, 15)
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 12, 8, 8] = 300.0  # a bright bead
+    target[0, 28, 22, 22] = 10.0  # a bead 30x fainter
+    rows = torch.tensor([[[8.0, 8.0, depth[12], 300.0], [22.0, 22.0, depth[28], 10.0]]])
+    beads = (rows, torch.ones(1, 2))
+
+    def parts(pred: torch.Tensor) -> dict[str, float]:
+        return volume_loss(cfg, renderer, pred, target, np.array([0.0]), beads)[1]
+
+    assert parts(target.clone())["source"] == pytest.approx(0.0, abs=1e-9)
+    miss = {}
+    for z in (12, 28):
+        pred = target.clone()
+        pred[0, z] = 0
+        miss[z] = parts(pred)
+    assert miss[12]["source"] == pytest.approx(miss[28]["source"], rel=1e-4)  # 0.5 each
+    assert miss[12]["object"] / miss[28]["object"] == pytest.approx(900, rel=1e-3)
+    haze = target.clone()
+    haze[0, :, 2, 28] = 1.0  # faint mass in an empty column, far from both beads
+    assert parts(haze)["source"] == pytest.approx(0.0, abs=1e-6)
+    assert parts(haze)["object"] > 0
+    moved = target.clone()
+    moved[0, 28], moved[0, 20, 22, 22] = 0, 10.0  # the faint bead put 4 µm off its depth
+    assert parts(moved)["source"] > 0.49  # no credit: as good as missed
+    # without the batch's beads, or at weight 0, there is no such part
+    assert "source" not in volume_loss(cfg, renderer, target, target, np.array([0.0]))[1]
+
+
 def test_render_planes_follow_the_truths_mass_when_asked():
     """With render_at_objects, the render term's planes are drawn mostly where objects are in
     focus; with 0 the draw is uniform and ignores the truth; always distinct depths."""
