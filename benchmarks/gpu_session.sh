@@ -20,8 +20,8 @@
 #   2. `benchmarks.gpu_volume`: network + render of 41 planes per frame size (issue 11: the
 #      largest frame at 100 Hz x 41 on this GPU's side of the pipeline);
 #   3. `benchmarks.train_step --device cuda`: one training step by phase, batch 8 and 32;
-#   4. a training run (configs/train_volume_gpu.toml: recipe 12's loss + recipe 26's per-source
-#      term, from the shipped weights, batch 32, 300 s) whose weights come back in $OUT for `engine.fidelity` here (issue 9).
+#   4. a training run (configs/train_volume_gpu.toml: recipe 12's loss from the shipped weights,
+#      batch 32, 300 s) whose weights come back in $OUT for `engine.fidelity` here (issue 9).
 set -u
 cd "$(dirname "$0")/.."
 

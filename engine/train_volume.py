@@ -227,9 +227,9 @@ class VolumeLossConfig(_Base):
         "truth's, as a relative squared error, every bead counting the same however faint. "
         "Paid only at true sources, so the haze the network leaves where it is unsure is not "
         "priced by it (the density term prices that): where recipe 24's compression priced "
-        "faint haze like a faint bead, this term sees only the beads. At 1 (recipe 26, "
-        "docs/evaluation/volume.md): the simulator and the vectorial hold-out up together "
-        "(beads within 1 µm +3 / +2 points), the pupil-PSF hold-out level.",
+        "faint haze like a faint bead, this term sees only the beads. At 1 (recipes 26, 27, "
+        "docs/evaluation/volume.md): the training simulator's beads within 1 µm +3 points, "
+        "the hold-out sets made another way level, their tilted plane down.",
     )
     source_sigma_px: float = Field(
         1.0, gt=0, description="Per-source window's lateral Gaussian sigma (px)."
