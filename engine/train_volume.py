@@ -806,14 +806,14 @@ def source_masses(
     """
     h, w = v.shape[-2:]
     dt, dev = v.dtype, v.device
-    step = float(depth_um[1] - depth_um[0]) if depth_um.size > 1 else 1.0
     xs = torch.arange(w, dtype=dt, device=dev)
     ys = torch.arange(h, dtype=dt, device=dev)
     zs = torch.as_tensor(depth_um, dtype=dt, device=dev)
     sources = sources.to(dt)
     wx = torch.exp(-0.5 * ((xs - sources[..., 0:1]) / sigma_px) ** 2)  # (N, M, W)
     wy = torch.exp(-0.5 * ((ys - sources[..., 1:2]) / sigma_px) ** 2)  # (N, M, H)
-    wz = torch.exp(-0.5 * ((zs - sources[..., 2:3]) / (sigma_slices * step)) ** 2)  # (N, M, D)
+    # (N, M, D); sigma_slices in steps of the grid, which depth_grid spaces by DEPTH_STEP_UM
+    wz = torch.exp(-0.5 * ((zs - sources[..., 2:3]) / (sigma_slices * DEPTH_STEP_UM)) ** 2)
     # contract depth first, then rows, then columns: (N, M, H, W) is the largest intermediate
     per_plane = torch.einsum("ndyx,nmd->nmyx", v, wz)
     return torch.einsum("nmyx,nmy,nmx->nm", per_plane, wy, wx)
@@ -1346,14 +1346,13 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             dz = render_depths(rng, cfg, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 pred, det = model.detect(x)
+            beads = (batch.sources.to(device), batch.mask.to(device))
             if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
                 loss, parts = torch.zeros((), device=device), {}
             else:
-                beads = (batch.sources.to(device), batch.mask.to(device))
                 loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz, beads)
             if det is not None and cfg.loss.detection_weight > 0:
-                sources, mask = batch.sources.to(device), batch.mask.to(device)
-                found, found_parts = detection_loss(det, sources, mask)
+                found, found_parts = detection_loss(det, *beads)
                 loss = loss + cfg.loss.detection_weight * found
                 parts |= found_parts
         opt.zero_grad(set_to_none=True)
