@@ -51,21 +51,38 @@ step() {  # step NAME COMMAND...: run it, its output appended to the log, and sa
     shift
     echo "== [$name] $*" >>"$LOG"
     "$@" >>"$LOG" 2>&1
-    echo "[$name] exit $? after $((SECONDS - t0)) s" | tee -a "$LOG"
+    echo "[$name] exit $? after $((SECONDS - t0)) s (call at $SECONDS s)" | tee -a "$LOG"
 }
+# The call has 600 s; each step is bounded so that a hang in one cannot eat the training's time,
+# and the training gets what is left (BUDGET_S less a margin for its start and its last save).
+# QUICK=1 (a second call in a session) skips the environment and the network benchmarks and
+# times only the training step before training.
+BUDGET_S=${BUDGET_S:-540}
+QUICK=${QUICK:-0}
+MARGIN_S=${MARGIN_S:-90}
 echo "== $(date -u +%FT%TZ)" | tee "$LOG"
-step install python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl \
+step install timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl \
     .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl .whl/setuptools_scm-*.whl
-step psfmodels python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+step psfmodels timeout 120 python3 -m pip install -q --no-index --no-deps --no-build-isolation \
     --target /tmp/site .whl/psfmodels-*.tar.gz
-step env bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"'
-step gpu_volume python3 -m benchmarks.gpu_volume --results "$OUT/gpu_volume.json"
-step train_step_b32 python3 -m benchmarks.train_step --config configs/train_volume_gpu.toml \
-    --device cuda --precisions bf16 --steps 20 --results "$OUT/train_step_b32.json"
-step train_step_b8 python3 -m benchmarks.train_step --config configs/train_volume_gpu.toml \
-    --device cuda --precisions bf16 --steps 20 --batch-size 8 --results "$OUT/train_step_b8.json"
-step train python3 -m engine.train_volume --config configs/train_volume_gpu.toml --no-progress
+[ "$QUICK" = 1 ] || step env timeout 60 bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+    python3 -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())"
+    python3 -c "import tensorrt" 2>&1 | tail -1; lscpu | grep -i "model name"'
+[ "$QUICK" = 1 ] || step gpu_volume timeout 120 python3 -m benchmarks.gpu_volume --results "$OUT/gpu_volume.json"
+step train_step_b32 timeout 90 python3 -m benchmarks.train_step \
+    --config configs/train_volume_gpu.toml --device cuda --precisions bf16 --steps 20 \
+    --results "$OUT/train_step_b32.json"
+[ "$QUICK" = 1 ] || step train_step_b8 timeout 60 python3 -m benchmarks.train_step \
+    --config configs/train_volume_gpu.toml --device cuda --precisions bf16 --steps 20 \
+    --batch-size 8 --results "$OUT/train_step_b8.json"
+# the training's wall time: what is left of the budget, less ~90 s for building its sample pool
+# and validation set (CPU work) and its last validation and save; never more than the config's
+wall=$((BUDGET_S - SECONDS - MARGIN_S))
+[ "$wall" -gt 300 ] && wall=300
+sed "s/^max_wall_s = .*/max_wall_s = $wall/" configs/train_volume_gpu.toml >/tmp/train_gpu.toml
+step train timeout $((BUDGET_S - SECONDS + MARGIN_S / 2)) python3 -m engine.train_volume \
+    --config /tmp/train_gpu.toml --no-progress
 # the weights with their metadata and PSF bank (export and engine.fidelity need all three): 8 files
 cp runs/volume-gpu/deepz-volume.pt runs/volume-gpu/deepz-volume.json \
     runs/volume-gpu/deepz-volume.psf.npy runs/volume-gpu/loss_curve.png "$OUT"/ 2>>"$LOG"

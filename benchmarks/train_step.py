@@ -4,7 +4,8 @@
 [--threads 2] [--precisions fp32 bf16] [--device cuda] [--batch-size 32]``
 
 A few simulated samples are made once (their cost, per sample, is reported apart: training
-makes two new ones every 100 steps), then ``--steps`` steps of the config's recipe are timed
+makes ``data.refresh_count`` new ones every ``data.refresh_every`` steps, in worker processes
+where ``data.workers`` asks), then ``--steps`` steps of the config's recipe are timed
 after a warm-up, split into drawing the batch, the network's forward pass, the loss
 (`engine.train_volume.volume_loss`: density, column and render terms), the backward pass and
 the optimiser. bf16 is the CPU's bfloat16 autocast with channels-last (where AVX-512-BF16 or
@@ -81,9 +82,8 @@ def run(
         for step in range(warmup + steps):
             marks = [now()]
             rng = np.random.default_rng([0, step])
-            batch = tv.sample_batch(rng, pool, cfg)
-            x, y = batch.inputs, batch.targets
-            x, y = x.to(dev, memory_format=torch.channels_last), y.to(dev)
+            batch = tv.sample_batch(rng, pool, cfg, dev)  # cut and turned on the device
+            x, y = batch.inputs.contiguous(memory_format=torch.channels_last), batch.targets
             dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
             marks.append(now())
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -144,7 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
-    print(f"one simulated sample: {sample_s:.2f} s (two new ones every 100 steps)")
+    from engine.train_volume import load_config
+
+    d = load_config(args.config).data
+    print(
+        f"one simulated sample: {sample_s:.2f} s ({d.refresh_count} new ones every "
+        f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)"
+    )
     result = {
         **run_record("benchmarks.train_step", command, None, load_before),
         "config": str(args.config),

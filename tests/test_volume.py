@@ -212,6 +212,39 @@ def test_training_on_cuda_without_a_gpu_is_one_clear_error(tmp_path: Path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_worker_processes_simulate_what_the_loop_would_and_a_run_uses_them(tmp_path: Path):
+    """`SampleFeed` with a worker hands over exactly the sample the loop simulates itself (same
+    seed, same weights), a sample travels without its device copies, and a run that refreshes
+    its pool every step from a worker trains and writes its weights."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import pickle
+
+    import torch
+
+    from engine.train_volume import SampleFeed, train
+
+    cfg = _tiny_config(tmp_path)
+    data = cfg.data.model_copy(update={"workers": 1, "refresh_every": 1, "refresh_count": 1})
+    ahead_cfg = cfg.model_copy(update={"data": data})
+    inline, ahead = SampleFeed(cfg), SampleFeed(ahead_cfg)
+    try:
+        a = inline.submit(2_000_001, [0.2, 0.5, 0.3])()
+        b = ahead.submit(2_000_001, [0.2, 0.5, 0.3])()
+    finally:
+        ahead.close()
+    assert a.kind == b.kind
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+    np.testing.assert_array_equal(a.targets, b.targets)
+    for fa, fb in zip(a.sources, b.sources, strict=True):
+        np.testing.assert_array_equal(fa, fb)
+    x, _ = a.tensors(torch.device("cpu"))
+    assert np.shares_memory(x.numpy(), a.inputs)  # the CPU's copy is the array itself
+    assert pickle.loads(pickle.dumps(a))._tensors == {}
+
+    train(ahead_cfg, progress=False)  # 3 steps, two refreshes, each from the worker
+    assert Path(ahead_cfg.weights_out).is_file()  # type: ignore[arg-type]
+
+
 def test_training_resume_continues(tmp_path: Path):
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
