@@ -67,6 +67,12 @@ def run(
     t0 = time.perf_counter()
     pool = [tv.Sample(cfg, 7_000_000 + i, cfg.data.kind_weights) for i in range(samples)]
     sample_s = (time.perf_counter() - t0) / samples
+    d = cfg.data
+    print(
+        f"one simulated sample: {sample_s:.2f} s ({d.refresh_count} new ones every "
+        f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)",
+        flush=True,
+    )
     rows = []
     for precision in precisions:
         bf16 = precision == "bf16"
@@ -143,13 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.precisions,
         device=args.device,
         batch_size=args.batch_size,
-    )
-    from engine.train_volume import load_config
-
-    d = load_config(args.config).data
-    print(
-        f"one simulated sample: {sample_s:.2f} s ({d.refresh_count} new ones every "
-        f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)"
     )
     result = {
         **run_record("benchmarks.train_step", command, None, load_before),

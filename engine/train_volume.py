@@ -538,6 +538,12 @@ class SampleFeed:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
 
+    def __enter__(self) -> SampleFeed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def point_sources(
     pair: VolumePair, pixel_size_um: float, units_per_photon: np.ndarray, cfg: VolumeTrainConfig
@@ -1325,6 +1331,8 @@ def make_volume_metadata(
 
 def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
     """Run (or resume) volume training; return the model (eval mode)."""
+    from tqdm import tqdm
+
     from engine.optics import OpticsConfig
 
     torch.set_num_threads(cfg.threads)
@@ -1377,132 +1385,98 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, device)
-    feed = SampleFeed(cfg)
-    try:
-        return _train_loop(
-            cfg,
-            model,
-            served,
-            opt,
-            ema,
-            feed,
-            renderer,
-            psf,
-            step,
-            history,
-            wall_before,
-            bf16,
-            device,
-            progress,
+    with SampleFeed(cfg) as feed:  # its workers (if any) stop however the loop ends
+        d = cfg.data
+        first_seed = TRAIN_SEED_OFFSET + cfg.seed * 1_000_000
+        counter = d.pool_size + (step // d.refresh_every) * d.refresh_count
+        weights = _kind_weights(cfg, _progress(cfg, step, wall_before))
+        made = [
+            feed.submit(first_seed + counter - d.pool_size + i, weights) for i in range(d.pool_size)
+        ]
+        val = _Validation(cfg)  # (with workers, built while they simulate the pool)
+        pool = [get() for get in made]
+        # the next refresh's samples, simulated while the steps before it run (with workers);
+        # their kind weights are those of the refresh before, a curriculum one refresh behind
+        ahead = [feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)]
+        labs = [LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
+        start = time.monotonic()
+        bar = tqdm(
+            total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
         )
-    finally:
-        feed.close()
-
-
-def _train_loop(
-    cfg: VolumeTrainConfig,
-    model: DeepZ,
-    served: DeepZ,
-    opt: torch.optim.Optimizer,
-    ema: AveragedModel | None,
-    feed: SampleFeed,
-    renderer: TorchRenderer,
-    psf: np.ndarray,
-    step: int,
-    history: list[dict[str, Any]],
-    wall_before: float,
-    bf16: bool,
-    device: torch.device,
-    progress: bool,
-) -> DeepZ:
-    """Run the steps of `train` from `step` on, with its samples from `feed`."""
-    from tqdm import tqdm
-
-    d = cfg.data
-    first_seed = TRAIN_SEED_OFFSET + cfg.seed * 1_000_000
-    counter = d.pool_size + (step // d.refresh_every) * d.refresh_count
-    weights = _kind_weights(cfg, _progress(cfg, step, wall_before))
-    made = [
-        feed.submit(first_seed + counter - d.pool_size + i, weights) for i in range(d.pool_size)
-    ]
-    val = _Validation(cfg)  # (with workers, built while they simulate the pool)
-    pool = [get() for get in made]
-    # the next refresh's samples, simulated while the steps before it run (with workers);
-    # their kind weights are those of the refresh before, a curriculum one refresh behind
-    ahead = [feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)]
-    labs = [LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
-    start = time.monotonic()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    model.train()
-    while step < cfg.steps:
-        wall = wall_before + time.monotonic() - start
-        if step > 0 and step % d.refresh_every == 0:
-            for get in ahead:
-                pool[counter % d.pool_size] = get()
-                counter += 1
-            weights = _kind_weights(cfg, _progress(cfg, step, wall))
-            ahead = [feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)]
-        rng = np.random.default_rng([cfg.seed, step])
-        if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
-            x, frames, targets, dz = sample_lab_batch(rng, labs[int(rng.integers(len(labs)))], cfg)
-            x, frames, targets = x.to(device), frames.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x.to(memory_format=torch.channels_last))
-            lab = lab_loss(renderer, pred.float(), frames, targets, dz)
-            loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
-        else:
-            batch = sample_batch(rng, pool, cfg, device)
-            x = batch.inputs.contiguous(memory_format=torch.channels_last)
-            y = batch.targets
-            dz = render_depths(rng, cfg, y)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred, det = model.detect(x)
-            beads = (batch.sources, batch.mask)
-            if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
-                loss, parts = torch.zeros((), device=device), {}
+        model.train()
+        while step < cfg.steps:
+            wall = wall_before + time.monotonic() - start
+            if step > 0 and step % d.refresh_every == 0:
+                for get in ahead:
+                    pool[counter % d.pool_size] = get()
+                    counter += 1
+                weights = _kind_weights(cfg, _progress(cfg, step, wall))
+                ahead = [
+                    feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)
+                ]
+            rng = np.random.default_rng([cfg.seed, step])
+            if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
+                x, frames, targets, dz = sample_lab_batch(
+                    rng, labs[int(rng.integers(len(labs)))], cfg
+                )
+                x, frames, targets = x.to(device), frames.to(device), targets.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred = model(x.to(memory_format=torch.channels_last))
+                lab = lab_loss(renderer, pred.float(), frames, targets, dz)
+                loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
             else:
-                loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz, beads)
-            if det is not None and cfg.loss.detection_weight > 0:
-                found, found_parts = detection_loss(det, *beads)
-                loss = loss + cfg.loss.detection_weight * found
-                parts |= found_parts
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        step += 1
-        wall = wall_before + time.monotonic() - start
-        lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_factor", 1.0)
-        history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
-        timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
-            served.eval()
-            history[-1] |= val.run(cfg, served, bf16, device)
-            model.train()
-            bar.write(
-                f"step {step} ({wall / 60:.1f} min): "
-                f"loss {np.mean([h['loss'] for h in history[-100:]]):.4f}"
-                f"  bead depth median {history[-1]['val_bead_depth_median_um']:.2f} µm, "
-                f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
-                f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}, "
-                f"found {history[-1]['val_bead_found']:.0%}, "
-                f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}, "
-                f"beyond 6 µm {history[-1]['val_far_recall_1um']:.0%}, "
-                f"depth channels used {history[-1]['val_depth_channels_used']:.0%}, "
-                f"density FWHM {history[-1]['val_density_fwhm_um']:.2f} µm "
-                f"(truth {history[-1]['val_truth_density_fwhm_um']:.2f})"
-            )
-            _checkpoint(cfg, model, opt, step, history, wall, ema)
-        if timeout:
-            bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
-            break
-    bar.close()
+                batch = sample_batch(rng, pool, cfg, device)
+                x = batch.inputs.contiguous(memory_format=torch.channels_last)
+                y = batch.targets
+                dz = render_depths(rng, cfg, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred, det = model.detect(x)
+                beads = (batch.sources, batch.mask)
+                if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
+                    loss, parts = torch.zeros((), device=device), {}
+                else:
+                    loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz, beads)
+                if det is not None and cfg.loss.detection_weight > 0:
+                    found, found_parts = detection_loss(det, *beads)
+                    loss = loss + cfg.loss.detection_weight * found
+                    parts |= found_parts
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            step += 1
+            wall = wall_before + time.monotonic() - start
+            lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
+            for group in opt.param_groups:
+                group["lr"] = lr * group.get("lr_factor", 1.0)
+            history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+            timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
+                served.eval()
+                history[-1] |= val.run(cfg, served, bf16, device)
+                model.train()
+                bar.write(
+                    f"step {step} ({wall / 60:.1f} min): "
+                    f"loss {np.mean([h['loss'] for h in history[-100:]]):.4f}"
+                    f"  bead depth median {history[-1]['val_bead_depth_median_um']:.2f} µm, "
+                    f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
+                    f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}, "
+                    f"found {history[-1]['val_bead_found']:.0%}, "
+                    f"recall (<= 1 µm of all) {history[-1]['val_bead_recall_1um']:.0%}, "
+                    f"beyond 6 µm {history[-1]['val_far_recall_1um']:.0%}, "
+                    f"depth channels used {history[-1]['val_depth_channels_used']:.0%}, "
+                    f"density FWHM {history[-1]['val_density_fwhm_um']:.2f} µm "
+                    f"(truth {history[-1]['val_truth_density_fwhm_um']:.2f})"
+                )
+                _checkpoint(cfg, model, opt, step, history, wall, ema)
+            if timeout:
+                bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
+                break
+        bar.close()
     served.eval()
     if cfg.weights_out is not None:
         save_volume_model(cfg, served, psf, history, step, bf16)
