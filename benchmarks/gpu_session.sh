@@ -9,6 +9,11 @@
 #                  training gets ~400 s (session 23 measured them)
 #   a second call: "QUICK=1 BUDGET_S=270 MARGIN_S=50 bash benchmarks/gpu_session.sh", timeout_s
 #                  300, with at least ~330 s of device time left (start-up ~35 s)
+#   continuing:    "CONTINUE=1 BUDGET_S=240 MARGIN_S=50 bash benchmarks/gpu_session.sh", timeout_s
+#                  270, sent within the 30 s the machine stays warm after a call: that machine
+#                  still has the last call's runs/volume-gpu (git-ignored files stay) and its
+#                  /tmp/site, so it trains on from those weights with no start-up, no install
+#                  and no tests (session 24: 4,828 more steps in a 219 s call)
 #
 # Session 23 (an H200) ran it: 431 s, every step exit 0; see docs/benchmarks.md.
 #
@@ -69,18 +74,26 @@ BUDGET_S=${BUDGET_S:-540}
 QUICK=${QUICK:-0}
 MARGIN_S=${MARGIN_S:-90}
 echo "== $(date -u +%FT%TZ)" | tee "$LOG"
+CONTINUE=${CONTINUE:-0}
+if [ "$CONTINUE" = 1 ]; then
+    [ -f runs/volume-gpu/deepz-volume.pt ] || { echo "CONTINUE=1: no runs/volume-gpu here (the machine went back?)" | tee -a "$LOG"; exit 1; }
+    QUICK=1
+    cp runs/volume-gpu/deepz-volume.pt /tmp/continue.pt
+fi
+python3 -c "import pydantic, psfmodels" 2>/dev/null || {
 step install timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile \
     --target /tmp/site .whl/pydantic-*.whl .whl/pydantic_core-*.whl .whl/annotated_types-*.whl \
     .whl/typing_inspection-*.whl .whl/typing_extensions-*.whl .whl/setuptools_scm-*.whl
 step psfmodels timeout 120 python3 -m pip install -q --no-index --no-deps --no-build-isolation \
     --target /tmp/site .whl/psfmodels-*.tar.gz
+}
 [ "$QUICK" = 1 ] || step env timeout 60 bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
     python3 -c "import onnxruntime as o; print(\"onnxruntime\", o.__version__, o.get_available_providers())"
     python3 -c "import tensorrt" 2>&1 | tail -1; lscpu | grep -i "model name"'
 [ "$QUICK" = 1 ] || step gpu_volume timeout 120 python3 -m benchmarks.gpu_volume --results "$OUT/gpu_volume.json"
 # the two `cuda` tests: without tests/conftest.py (it imports pyzmq, which the call cannot carry:
 # the tree and the wheels fill the 64 MiB), so their markers are plain marks and they run unskipped
-step cuda_tests timeout 120 python3 -m pytest --noconftest -p no:cacheprovider -o addopts=-ra \
+[ "$CONTINUE" = 1 ] || step cuda_tests timeout 120 python3 -m pytest --noconftest -p no:cacheprovider -o addopts=-ra \
     -m cuda tests/test_volume.py tests/test_benchmarks.py
 [ "$QUICK" = 1 ] || step train_step_b32 timeout 90 python3 -m benchmarks.train_step \
     --config configs/train_volume_gpu.toml --device cuda --precisions bf16 --steps 20 \
@@ -92,7 +105,10 @@ step cuda_tests timeout 120 python3 -m pytest --noconftest -p no:cacheprovider -
 # and validation set (CPU work) and its last validation and save; at most 480 s
 wall=$((BUDGET_S - SECONDS - MARGIN_S))
 [ "$wall" -gt 480 ] && wall=480
-sed "s/^max_wall_s = .*/max_wall_s = $wall/" configs/train_volume_gpu.toml >/tmp/train_gpu.toml
+init=$(grep '^init_from' configs/train_volume_gpu.toml)
+[ "$CONTINUE" = 1 ] && init='init_from = "/tmp/continue.pt"'
+sed -e "s/^max_wall_s = .*/max_wall_s = $wall/" -e "s#^init_from = .*#$init#" \
+    configs/train_volume_gpu.toml >/tmp/train_gpu.toml
 step train timeout $((BUDGET_S - SECONDS + MARGIN_S / 2)) python3 -m engine.train_volume \
     --config /tmp/train_gpu.toml --no-progress
 # the weights with their metadata and PSF bank (export and engine.fidelity need all three): 8 files
