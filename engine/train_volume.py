@@ -1459,9 +1459,10 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 served.eval()
                 history[-1] |= val.run(cfg, served, bf16, device)
                 model.train()
+                # (`checkpoint_from_weights` leaves one row without a loss)
                 bar.write(
                     f"step {step} ({wall / 60:.1f} min): "
-                    f"loss {np.mean([h['loss'] for h in history[-100:]]):.4f}"
+                    f"loss {np.mean([h['loss'] for h in history[-100:] if 'loss' in h]):.4f}"
                     f"  bead depth median {history[-1]['val_bead_depth_median_um']:.2f} µm, "
                     f"p90 {history[-1]['val_bead_depth_p90_um']:.2f} µm, "
                     f"within 1 µm {history[-1]['val_bead_within_1um']:.0%}, "
@@ -1632,6 +1633,50 @@ def weights_from_checkpoint(
     return save_volume_model(ck_cfg, model, psf, history, ck["step"], bf16, modality, raw)
 
 
+def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
+    """Write cfg.portable_checkpoint for weights whose run's checkpoint stayed behind.
+
+    A lent GPU call returns files of at most 16 MB and a portable checkpoint is 18.5 MB, so a
+    GPU run's weights come back without their optimiser state. This writes the checkpoint
+    `--resume` needs to continue them on a fresh machine: the weights exactly; Adam's state as
+    a fresh optimiser's after one step with zero gradients (both moments zero, so the weights
+    are unchanged and the next step is a fresh Adam's first); the step count and wall time
+    from the weights' metadata (``extra``); the validation history of the run, as the weights'
+    metadata keeps it (its last row); and ``cfg`` as the recipe to resume with.
+    """
+    from engine.model import load_model
+
+    if cfg.portable_checkpoint is None:
+        raise ValueError("the config has no portable_checkpoint to write")
+    loaded, meta = load_model(weights)
+    model = build_volume_model(cfg)
+    model.load_state_dict(loaded.state_dict())
+    opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: creates Adam's state with zero moments, moves nothing
+    opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    extra = meta.extra
+    step, wall = int(extra.get("steps", 0)), float(extra.get("wall_time_s", 0.0))
+    last = {k: float(v) for k, v in dict(extra.get("validation", {})).items()}
+    state: dict[str, Any] = {
+        "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+        "opt": opt.state_dict(),
+        "step": step,
+        "history": [{"step": float(step), **last}] if last else [],
+        "wall_s": wall,
+        "config": json.loads(cfg.model_dump_json()),
+    }
+    path = Path(cfg.portable_checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(portable_state(state), tmp)
+    tmp.replace(path)
+    return path
+
+
 def _checkpoint(
     cfg: VolumeTrainConfig,
     model: DeepZ,
@@ -1755,6 +1800,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--weights-out", type=Path, default=None, help="override weights_out")
     p.add_argument(
+        "--checkpoint-from-weights",
+        type=Path,
+        default=None,
+        metavar="WEIGHTS",
+        help="write portable_checkpoint for these weights (a GPU run's, whose checkpoint "
+        "could not come back) with a fresh optimiser, and exit (no training)",
+    )
+    p.add_argument(
         "--render-modality",
         choices=["widefield", "confocal"],
         default=None,
@@ -1777,6 +1830,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.steps = args.steps
     if args.out is not None:
         cfg.out_dir = args.out
+    if args.checkpoint_from_weights is not None:
+        print(f"checkpoint: {checkpoint_from_weights(cfg, args.checkpoint_from_weights)}")
+        return 0
     if args.weights_from_checkpoint is not None:
         path = weights_from_checkpoint(
             cfg, args.weights_from_checkpoint, args.render_modality, not args.raw_weights

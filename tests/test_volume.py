@@ -310,6 +310,38 @@ def test_the_portable_checkpoint_is_slim_and_a_fresh_machine_resumes_from_it(tmp
     assert all(t.dtype == torch.float32 for e in ck["opt"]["state"].values() for t in e.values())
 
 
+def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(tmp_path: Path):
+    """A GPU run's weights come back without their checkpoint (a call returns files of at most
+    16 MB): `checkpoint_from_weights` writes one holding the weights exactly, with a fresh
+    optimiser whose first resumed step is a fresh Adam's, and `--resume` continues from it."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.model import load_model
+    from engine.train_volume import checkpoint_from_weights, train
+
+    cfg = _tiny_config(tmp_path)
+    train(cfg, progress=False)
+    weights = Path(cfg.weights_out)  # type: ignore[arg-type]
+    (cfg.out_dir / "checkpoint.pt").unlink()  # only the weights came back
+    cfg.portable_checkpoint = tmp_path / "committed" / "v.ckpt.pt"
+    checkpoint_from_weights(cfg, weights)
+    ck = torch.load(cfg.portable_checkpoint, weights_only=False)
+    trained, _ = load_model(weights)
+    for k, v in trained.state_dict().items():
+        assert torch.equal(ck["model"][k], v)
+    moments = [t for e in ck["opt"]["state"].values() for n, t in e.items() if n != "step"]
+    assert moments and all(not t.float().any() for t in moments)
+    assert ck["step"] == 3 and ck["history"][-1]["step"] == 3
+    assert "val_bead_depth_median_um" in ck["history"][-1]
+    cfg.steps = 5
+    train(cfg, resume=True, progress=False)
+    assert torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["step"] == 5
+    cfg.portable_checkpoint = None
+    with pytest.raises(ValueError, match="no portable_checkpoint"):
+        checkpoint_from_weights(cfg, weights)
+
+
 def test_a_weight_average_is_what_the_run_serves_and_it_resumes(tmp_path: Path):
     """With ema_decay the run keeps torch's moving average of its weights beside them: the
     checkpoint holds both, the written weights are the average (from a run and from its
