@@ -1404,16 +1404,23 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
         )
         model.train()
+        # where this run's wall time goes, printed at its end: a GPU run's loop reached half its
+        # step benchmark's rate (docs/benchmarks.md, sessions 23-24) and this says whether the
+        # pool's refreshes or the validations take the rest, or the steps themselves
+        spent = {"refresh": 0.0, "validation and checkpoints": 0.0}
+        first_step = step
         while step < cfg.steps:
             wall = wall_before + time.monotonic() - start
             if step > 0 and step % d.refresh_every == 0:
-                for get in ahead:
+                t0 = time.monotonic()
+                for get in ahead:  # waits for the workers' samples if they are not done yet
                     pool[counter % d.pool_size] = get()
                     counter += 1
                 weights = _kind_weights(cfg, _progress(cfg, step, wall))
                 ahead = [
                     feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)
                 ]
+                spent["refresh"] += time.monotonic() - t0
             rng = np.random.default_rng([cfg.seed, step])
             if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
                 x, frames, targets, dz = sample_lab_batch(
@@ -1456,6 +1463,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
             timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
+                t0 = time.monotonic()
                 served.eval()
                 history[-1] |= val.run(cfg, served, bf16, device)
                 model.train()
@@ -1474,10 +1482,19 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                     f"(truth {history[-1]['val_truth_density_fwhm_um']:.2f})"
                 )
                 _checkpoint(cfg, model, opt, step, history, wall, ema)
+                spent["validation and checkpoints"] += time.monotonic() - t0
             if timeout:
                 bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
                 break
         bar.close()
+        total = time.monotonic() - start
+        stepping = total - sum(spent.values())
+        bar.write(
+            f"{step - first_step} steps in {total:.0f} s: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items())
+            + f", the steps {stepping:.0f} s ({(step - first_step) / max(stepping, 1e-9):.1f}"
+            " steps/s)"
+        )
     served.eval()
     if cfg.weights_out is not None:
         save_volume_model(cfg, served, psf, history, step, bf16)
