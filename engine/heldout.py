@@ -104,6 +104,7 @@ __all__ = [
     "plane_metrics",
     "point_density",
     "refocus_fns",
+    "sign_test",
     "summarise",
     "summarise_ratios",
     "surface_from_planes",
@@ -1599,8 +1600,20 @@ def paired_hits(
     """
     a = np.nan_to_num(np.asarray(errors_a, dtype=np.float64).ravel(), nan=np.inf) <= within_um
     b = np.nan_to_num(np.asarray(errors_b, dtype=np.float64).ravel(), nan=np.inf) <= within_um
+    return sign_test(a, b)
+
+
+def sign_test(hits_a: np.ndarray, hits_b: np.ndarray) -> dict[str, float]:
+    """B's gains and losses against A on the same items (booleans: a hit), with a sign test.
+
+    ``gained``: items B hits and A misses; ``lost``: the reverse; ``p_value``: the two-sided
+    exact binomial test on those discordant items (`paired_hits` for bead depths; the tilted
+    plane's beads in focus in `engine.fidelity`).
+    """
+    a = np.asarray(hits_a, dtype=bool).ravel()
+    b = np.asarray(hits_b, dtype=bool).ravel()
     if a.shape != b.shape:
-        raise ValueError(f"paired_hits needs the same beads: {a.size} against {b.size}")
+        raise ValueError(f"a paired comparison needs the same beads: {a.size} against {b.size}")
     gained, lost = int(np.sum(b & ~a)), int(np.sum(a & ~b))
     n = gained + lost
     k = min(gained, lost)

@@ -306,14 +306,27 @@ def test_the_fidelity_report_compares_models_bead_by_bead():
     from engine.fidelity import _paired_table
 
     errors = {"shipped": [0.2, 3.0, np.nan, 0.5], "recipe": [0.3, 0.4, 0.9, 2.5]}
+    tilted = {
+        "shipped": [True, True, False, False, True],
+        "recipe": [True, False, True, True, True],
+    }
     res = {
-        m: {"bead_errors_um": e, "bead_depth": H.summarise(np.array(e))} for m, e in errors.items()
+        m: {
+            "bead_errors_um": e,
+            "bead_depth": H.summarise(np.array(e)),
+            "tilted_beads_in_focus": tilted[m],
+        }
+        for m, e in errors.items()
     }
     lines = _paired_table(res)
-    (row,) = [line for line in lines if line.startswith("| recipe |")]
-    cells = [c.strip() for c in row.split("|")[2:-1]]
+    depth_row, tilted_row = [line for line in lines if line.startswith("| recipe |")]
+    cells = [c.strip() for c in depth_row.split("|")[2:-1]]
     assert cells[1] == "2 / 1" and cells[4] == "1 / 1"  # within 1 and 0.5 µm: gained / lost
     assert cells[0].startswith("75% (") and cells[3].startswith("50% (")  # with intervals
+    # the tilted plane's beads in focus, compared the same way: 2 gained, 1 lost of 5
+    cells = [c.strip() for c in tilted_row.split("|")[2:-1]]
+    assert cells[0].startswith("80% (") and cells[0].endswith("of 5")
+    assert cells[1] == "2 / 1" and cells[2] == "1"
 
 
 def test_pupil_psf_keeps_psfmodels_focus_and_adds_the_objectives_aberrations():
