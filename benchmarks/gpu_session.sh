@@ -15,7 +15,8 @@
 #                  /tmp/site, so it trains on from those weights with no start-up, no install
 #                  and no tests (session 24: 4,828 more steps in a 219 s call)
 #
-# Session 23 (an H200) ran it: 431 s, every step exit 0; see docs/benchmarks.md.
+# Session 23 (an H200) ran it: 431 s, every step exit 0; session 24: QUICK=1 BUDGET_S=570 (511 s),
+# then CONTINUE=1 at once (219 s); see docs/benchmarks.md.
 #
 # What the lent machine (nvidia-h200) offers and lacks, as its notes describe it: Python 3.12 with
 # CUDA torch, numpy, scipy, matplotlib, tqdm, pytest, pybind11, setuptools and a compiler; no
