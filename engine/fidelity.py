@@ -521,19 +521,24 @@ def _paired_table(res: dict[str, Any]) -> list[str]:
     base = np.asarray(res[first]["bead_errors_um"], dtype=np.float64)
     for m in names:
         errors = np.asarray(res[m]["bead_errors_um"], dtype=np.float64)
-        n = int(errors.size)
         cells = []
         for within in (1.0, 0.5):
-            hits = int(np.sum(np.nan_to_num(errors, nan=np.inf) <= within))
-            lo, hi = ho.wilson_interval(hits, n)
-            cells.append(f"{hits / max(n, 1):.0%} ({lo:.0%}–{hi:.0%})")
-            if m == first:
-                cells += ["–", "–"]
-                continue
-            pair = ho.paired_hits(base, errors, within)
-            cells += [f"{int(pair['gained'])} / {int(pair['lost'])}", f"{pair['p_value']:.2g}"]
+            cells.append(_share_cell(np.nan_to_num(errors, nan=np.inf) <= within))
+            cells += ["–", "–"] if m == first else _pair_cells(ho.paired_hits(base, errors, within))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, "", *_paired_tilted_table(res)]
+
+
+def _share_cell(hits: np.ndarray) -> str:
+    """Format the share of hits with its 95 % (Wilson) interval."""
+    n, k = int(hits.size), int(np.sum(hits))
+    lo, hi = ho.wilson_interval(k, n)
+    return f"{k / max(n, 1):.0%} ({lo:.0%}–{hi:.0%})"
+
+
+def _pair_cells(pair: dict[str, float]) -> list[str]:
+    """Format a sign test (`heldout.sign_test`) as two cells: gained / lost, and p."""
+    return [f"{int(pair['gained'])} / {int(pair['lost'])}", f"{pair['p_value']:.2g}"]
 
 
 def _paired_tilted_table(res: dict[str, Any]) -> list[str]:
@@ -556,13 +561,8 @@ def _paired_tilted_table(res: dict[str, Any]) -> list[str]:
     ]
     for m in names:
         hits = np.asarray(res[m]["tilted_beads_in_focus"], dtype=bool)
-        lo, hi = ho.wilson_interval(int(hits.sum()), hits.size)
-        cells = [f"{hits.mean():.0%} ({lo:.0%}–{hi:.0%}) of {hits.size}"]
-        if m == first:
-            cells += ["–", "–"]
-        else:
-            pair = ho.sign_test(base, hits)
-            cells += [f"{int(pair['gained'])} / {int(pair['lost'])}", f"{pair['p_value']:.2g}"]
+        cells = [f"{_share_cell(hits)} of {hits.size}"]
+        cells += ["–", "–"] if m == first else _pair_cells(ho.sign_test(base, hits))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -1678,19 +1678,9 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     extra = meta.extra
     step, wall = int(extra.get("steps", 0)), float(extra.get("wall_time_s", 0.0))
     last = {k: float(v) for k, v in dict(extra.get("validation", {})).items()}
-    state: dict[str, Any] = {
-        "model": {k: v.contiguous() for k, v in model.state_dict().items()},
-        "opt": opt.state_dict(),
-        "step": step,
-        "history": [{"step": float(step), **last}] if last else [],
-        "wall_s": wall,
-        "config": json.loads(cfg.model_dump_json()),
-    }
+    history = [{"step": float(step), **last}] if last else []
     path = Path(cfg.portable_checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(portable_state(state), tmp)
-    tmp.replace(path)
+    _save_atomically(path, portable_state(_training_state(cfg, model, opt, step, history, wall)))
     return path
 
 
@@ -1704,6 +1694,23 @@ def _checkpoint(
     ema: AveragedModel | None = None,
 ) -> None:
     """Write checkpoint.pt (atomically), the portable copy and loss_curve.png."""
+    state = _training_state(cfg, model, opt, step, history, wall, ema)
+    _save_atomically(cfg.out_dir / "checkpoint.pt", state)
+    if cfg.portable_checkpoint is not None:
+        _save_atomically(Path(cfg.portable_checkpoint), portable_state(state))
+    _plot(cfg.out_dir, history)
+
+
+def _training_state(
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    opt: torch.optim.Optimizer,
+    step: int,
+    history: list[dict[str, float]],
+    wall: float,
+    ema: AveragedModel | None = None,
+) -> dict[str, Any]:
+    """Return what a checkpoint holds: weights, optimiser, step, history, wall, recipe, average."""
     state: dict[str, Any] = {
         "model": {k: v.contiguous() for k, v in model.state_dict().items()},
         "opt": opt.state_dict(),
@@ -1714,15 +1721,15 @@ def _checkpoint(
     }
     if ema is not None:
         state["ema"] = {k: v.contiguous() for k, v in ema.state_dict().items()}
-    targets = [(cfg.out_dir / "checkpoint.pt", state)]
-    if cfg.portable_checkpoint is not None:
-        targets.append((Path(cfg.portable_checkpoint), portable_state(state)))
-    for path, content in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(content, tmp)
-        tmp.replace(path)
-    _plot(cfg.out_dir, history)
+    return state
+
+
+def _save_atomically(path: Path, content: dict[str, Any]) -> None:
+    """torch.save to a temporary file beside `path`, then rename: a crash leaves the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(content, tmp)
+    tmp.replace(path)
 
 
 PORTABLE_HISTORY_EVERY = 100
