@@ -7,30 +7,31 @@ A few simulated samples are made once (their cost, per sample, is reported apart
 makes ``data.refresh_count`` new ones every ``data.refresh_every`` steps, in worker processes
 where ``data.workers`` asks), then ``--steps`` steps of the config's recipe are timed
 after a warm-up, split into drawing the batch, the network's forward pass, the loss
-(`engine.train_volume.volume_loss`: density, column and render terms), the backward pass and
-the optimiser. bf16 is the CPU's bfloat16 autocast with channels-last (where AVX-512-BF16 or
-AMX exists; skipped with its reason elsewhere; on CUDA always). ``--device cuda`` times the
-same step on a GPU (each phase ends with a synchronisation, so the phases add up to the step),
-and ``--batch-size`` overrides the config's (a GPU wants larger batches). Writes
+(`engine.train_volume.volume_loss_terms`: the terms the config weighs), the backward pass and
+the optimiser with the weight average where the config keeps one. The step is the training
+loop's own (`engine.train_volume.training_step`), so what is timed is what `train` runs; what
+the loop adds (the pool's refreshes, validations, checkpoints) it prints at a run's end. bf16
+is the CPU's bfloat16 autocast with channels-last (where AVX-512-BF16 or AMX exists; skipped
+with its reason elsewhere; on CUDA always). ``--device cuda`` times the same step on a GPU
+(each phase ends with a synchronisation, so the phases add up to the step), and
+``--batch-size`` overrides the config's (a GPU wants larger batches). Writes
 ``benchmarks/results/train_step.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from benchmarks.machine import run_record, write_results
 
 RESULTS = Path(__file__).parent / "results" / "train_step.json"
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "train_volume.toml"
-PHASES = ("batch", "forward", "loss", "backward", "optimiser")
 
 
 def run(
@@ -73,6 +74,11 @@ def run(
         f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)",
         flush=True,
     )
+    marks: list[float] = []  # the clock at a step's start and at the end of each phase
+
+    def mark(_: str) -> None:
+        marks.append(now())
+
     rows = []
     for precision in precisions:
         bf16 = precision == "bf16"
@@ -82,29 +88,18 @@ def run(
         torch.manual_seed(0)
         model = tv.build_volume_model(cfg)
         model = model.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        spent = dict.fromkeys(PHASES, 0.0)
+        model.train()
+        opt = tv.build_optimiser(cfg, model)
+        ema = tv.weight_average(model, cfg.ema_decay)
+        spent = dict.fromkeys(tv.PHASES, 0.0)
         warmup = 3
         for step in range(warmup + steps):
-            marks = [now()]
-            rng = np.random.default_rng([0, step])
-            batch = tv.sample_batch(rng, pool, cfg, dev)  # cut and turned on the device
-            x, y = batch.inputs.contiguous(memory_format=torch.channels_last), batch.targets
-            dz = rng.choice(cfg.depth_um, cfg.loss.render_planes, replace=False)
-            marks.append(now())
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x)
-            marks.append(now())
-            loss, _ = tv.volume_loss(cfg, renderer, pred.float(), y, dz)
-            marks.append(now())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            marks.append(now())
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            marks.append(now())
+            marks[:] = [now()]
+            # the training loop's own step (`train_volume.training_step`); each phase's end
+            # is marked as it comes
+            tv.training_step(cfg, model, opt, renderer, pool, step, dev, bf16, ema=ema, mark=mark)
             if step >= warmup:
-                for phase, a, b in zip(PHASES, marks, marks[1:], strict=False):
+                for phase, (a, b) in zip(tv.PHASES, itertools.pairwise(marks), strict=True):
                     spent[phase] += b - a
         ms = {phase: round(1e3 * s / steps, 1) for phase, s in spent.items()}
         total = sum(spent.values()) / steps

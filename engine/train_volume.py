@@ -437,6 +437,7 @@ def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
             OpticsConfig(**cfg.optics), cfg.primer_depths_um, cfg.primer_bin, cfg.primer_kernel
         )
         model.primer.kernels.copy_(torch.from_numpy(kernels))
+    model.train_leak = cfg.train_leak  # (in training mode only; served models never leak)
     return model
 
 
@@ -485,7 +486,10 @@ class Sample:
         self.targets = (pair.objects_counts / std[:, :, :, None]).astype(np.float32)
         per_photon = camera.quantum_efficiency * camera.gain_counts_per_e
         self.sources = point_sources(pair, optics.pixel_size_um, per_photon / std.ravel(), cfg)
-        self.pair = pair
+        # the truth's objects and the frames' focus (validation reads beads from them); not
+        # the pair itself, whose density duplicates `targets` (it doubled what a worker sends)
+        self.objects = pair.objects
+        self.focus_um = pair.focus_um
         self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -643,11 +647,20 @@ def sample_batch(
         sources[i, : len(p)] = p
         mask[i, : len(p)] = 1.0
     return VolumeBatch(
-        torch.stack(xs),
-        torch.stack(ys),
-        torch.from_numpy(sources).to(dev),
-        torch.from_numpy(mask).to(dev),
+        torch.stack(xs), torch.stack(ys), _to_device(sources, dev), _to_device(mask, dev)
     )
+
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Return a small host array on `device`, without waiting for the GPU where there is one.
+
+    A copy from ordinary (pageable) host memory waits for every kernel queued before it; from
+    pinned memory it is queued like one (torch's pinned allocator keeps the buffer until done).
+    """
+    t = torch.from_numpy(a)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -909,13 +922,14 @@ def _source_term(
     the windows is scored. A bead's truth mass is floored at 1 % of the batch's mean so a
     bead at the very edge of the patch or the grid cannot dominate.
     """
-    if mask.sum() == 0:
-        return pred.sum() * 0.0  # no beads in this batch (worm crops): no term, same graph
+    # no branch on the bead count (a branch reads it from the device: a sync per step); a batch
+    # of worm crops has no beads, an all-zero mask, and the term is then exactly 0
+    count = mask.sum().clamp_min(1.0)
     p = source_masses(pred, sources, depth_um, sigma_px, sigma_slices)
     t = source_masses(target, sources, depth_um, sigma_px, sigma_slices)
-    t_mean = (t * mask).sum() / mask.sum()
+    t_mean = (t * mask).sum() / count
     size = torch.maximum(t, 1e-2 * t_mean) ** 2 + 1e-12
-    return (((p - t) ** 2 / size) * mask).sum() / mask.sum()
+    return (((p - t) ** 2 / size) * mask).sum() / count
 
 
 def render_depths(
@@ -950,7 +964,35 @@ def volume_loss(
     dz_um: np.ndarray,
     sources: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Object + render loss of predicted densities against the truth, and its parts as numbers.
+
+    `volume_loss_terms` with its parts read (one device sync for all of them).
+    """
+    total, terms = volume_loss_terms(cfg, renderer, pred, target, dz_um, sources)
+    return total, read_parts(terms)
+
+
+def read_parts(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Return a dict of 0-d tensors as numbers, read from the device in one go."""
+    if not terms:
+        return {}
+    values = torch.stack([v.detach().float() for v in terms.values()]).tolist()
+    return dict(zip(terms, values, strict=True))
+
+
+def volume_loss_terms(
+    cfg: VolumeTrainConfig,
+    renderer: TorchRenderer,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    dz_um: np.ndarray,
+    sources: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Object + render loss of predicted densities against the truth, and its parts.
+
+    The parts stay on the device, detached: reading one (``.item()``) waits for the GPU's
+    queue to drain, and the training loop reads them in batches (`read_parts`) so the host
+    can queue the next steps meanwhile.
 
     With ``source_weight`` and ``sources`` (the batch's bead rows and their mask,
     `VolumeBatch`) each true bead's windowed mass is scored too (`_source_term`).
@@ -967,29 +1009,29 @@ def volume_loss(
     # (H, W) planes, whose FFTs and matrix products are several times slower on that layout
     pred = pred.float().contiguous()
     obj = _density_term(cfg, pred, target, lc.object_sigma_px, lc.object_sigma_slices)
-    parts = {"object": obj.item()}
+    parts = {"object": obj.detach()}
     total = lc.object_weight * obj
     if lc.coarse_weight > 0:
         coarse = _density_term(cfg, pred, target, lc.coarse_sigma_px, lc.coarse_sigma_slices)
-        parts["coarse"] = coarse.item()
+        parts["coarse"] = coarse.detach()
         total = total + lc.coarse_weight * coarse
     if lc.cdf_weight > 0:
         cdf = _cdf_term(pred, target, lc.cdf_sigma_px)
-        parts["cdf"] = cdf.item()
+        parts["cdf"] = cdf.detach()
         total = total + lc.cdf_weight * cdf
     if lc.column_weight > 0:
         col = _column_term(pred, target, lc.column_sigma_px, lc.compress_scale)
-        parts["column"] = col.item()
+        parts["column"] = col.detach()
         total = total + lc.column_weight * col
     if lc.depth_nll_weight > 0:
         nll = _depth_nll_term(pred, target, lc.depth_nll_sigma_px, lc.depth_nll_sigma_slices)
-        parts["depth_nll"] = nll.item()
+        parts["depth_nll"] = nll.detach()
         total = total + lc.depth_nll_weight * nll
     if lc.source_weight > 0 and sources is not None:
         src = _source_term(
             pred, target, *sources, cfg.depth_um, lc.source_sigma_px, lc.source_sigma_slices
         )
-        parts["source"] = src.item()
+        parts["source"] = src.detach()
         total = total + lc.source_weight * src
     # at weight 0 the render term is still logged (how far the planes drift without it), but
     # outside the graph: no backward pass through the renderer
@@ -1004,7 +1046,7 @@ def volume_loss(
             light = renderer.light(target, dz_um).mean(dim=1)
             light = torch.maximum(light, 1e-3 * light.mean()) + 1e-6
             ren = (ren_err.mean(dim=(1, 2, 3)) / light).mean()
-    parts["render"] = ren.item()
+    parts["render"] = ren.detach()
     return total + lc.render_weight * ren, parts
 
 
@@ -1190,9 +1232,7 @@ class _Validation:
         ]
         # the same read-out on the truth's own density (frame 0 of each pair): the goal
         widths = [
-            bead_density_fwhm(
-                s.pair.objects_counts[0], cfg.depth_um, s.pair.objects, s.pair.focus_um[0]
-            )
+            bead_density_fwhm(s.targets[0], cfg.depth_um, s.objects, s.focus_um[0])
             for s in self.samples
             if s.kind != "worm"
         ]
@@ -1212,12 +1252,10 @@ class _Validation:
                 pred = model(x).float()[0].cpu().numpy()
             mass += pred.sum(axis=(1, 2))
             if s.kind != "worm":
-                e, z = bead_depth_errors(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
+                e, z = bead_depth_errors(pred, cfg.depth_um, s.objects, s.focus_um[0])
                 errs.append(e)
                 depths.append(z)
-                widths.append(
-                    bead_density_fwhm(pred, cfg.depth_um, s.pair.objects, s.pair.focus_um[0])
-                )
+                widths.append(bead_density_fwhm(pred, cfg.depth_um, s.objects, s.focus_um[0]))
         e = np.concatenate(errs) if errs else np.zeros(0)
         far = np.abs(np.concatenate(depths)) > 6.0 if depths else np.zeros(0, dtype=bool)
         hits = np.nan_to_num(e, nan=np.inf) <= 1.0
@@ -1329,6 +1367,101 @@ def make_volume_metadata(
     )
 
 
+def training_step(
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    opt: torch.optim.Optimizer,
+    renderer: TorchRenderer,
+    pool: Sequence[Sample],
+    step: int,
+    device: torch.device,
+    bf16: bool,
+    labs: Sequence[LabStack] = (),
+    ema: AveragedModel | None = None,
+    mark: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the loop's step number `step` (counted from 0); return its loss and parts.
+
+    The one home of a training step, which `train` loops over and `benchmarks.train_step`
+    times: a batch (from the pool, or every ``lab_every``-th step a lab stack's), the forward
+    pass, the loss, the backward pass, and the optimiser with its weight average. The values
+    come back on the device, unread ("loss" first): reading one waits for the GPU's queue.
+    `mark`, where given, is called with each phase's name as it ends (``PHASES``).
+    """
+
+    def done(phase: str) -> None:
+        if mark is not None:
+            mark(phase)
+
+    rng = np.random.default_rng([cfg.seed, step])
+    d = cfg.data
+    if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
+        x, frames, targets, dz = sample_lab_batch(rng, labs[int(rng.integers(len(labs)))], cfg)
+        x, frames, targets = x.to(device), frames.to(device), targets.to(device)
+        done("batch")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(x.to(memory_format=torch.channels_last))
+        done("forward")
+        lab = lab_loss(renderer, pred.float(), frames, targets, dz)
+        loss, parts = cfg.loss.render_weight * lab, {"lab": lab.detach()}
+    else:
+        batch = sample_batch(rng, pool, cfg, device)
+        x = batch.inputs.contiguous(memory_format=torch.channels_last)
+        dz = render_depths(rng, cfg, batch.targets)
+        done("batch")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred, det = model.detect(x)
+        done("forward")
+        beads = (batch.sources, batch.mask)
+        if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
+            loss, parts = torch.zeros((), device=device), {}
+        else:
+            loss, parts = volume_loss_terms(cfg, renderer, pred.float(), batch.targets, dz, beads)
+        if det is not None and cfg.loss.detection_weight > 0:
+            found, found_parts = detection_loss(det, *beads)
+            loss = loss + cfg.loss.detection_weight * found
+            parts |= {k: torch.tensor(v, device=device) for k, v in found_parts.items()}
+    done("loss")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    done("backward")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    if ema is not None:
+        ema.update_parameters(model)
+    done("optimiser")
+    return {"loss": loss.detach(), **parts}
+
+
+PHASES = ("batch", "forward", "loss", "backward", "optimiser")
+
+READ_EVERY = 50
+"""`train` reads its steps' loss values from the device every this many steps."""
+
+
+def _read_rows(
+    unread: list[tuple[dict[str, float], dict[str, torch.Tensor]]],
+    history: list[dict[str, float]],
+) -> dict[str, float]:
+    """Append the unread steps' rows to `history` with their values read; return the last's.
+
+    One device sync for all of them. `unread` is emptied.
+    """
+    keyed = {f"{i} {k}": v for i, (_, values) in enumerate(unread) for k, v in values.items()}
+    numbers = iter(read_parts(keyed).values())
+    last: dict[str, float] = {}
+    for row, values in unread:
+        last = {k: next(numbers) for k in values}
+        history.append(row | last)
+    unread.clear()
+    return last
+
+
+def build_optimiser(cfg: VolumeTrainConfig, model: DeepZ) -> torch.optim.Adam:
+    """Return the run's optimiser: Adam over the trainable weights (`_param_groups`)."""
+    return torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+
+
 def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
     """Run (or resume) volume training; return the model (eval mode)."""
     from tqdm import tqdm
@@ -1343,12 +1476,11 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     model: DeepZ = build_volume_model(cfg)
-    model.train_leak = cfg.train_leak
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     if cfg.freeze_trunk and model.detect_head is not None:  # the head alone learns
         model.requires_grad_(False)
         model.detect_head.requires_grad_(True)
-    opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+    opt = build_optimiser(cfg, model)
     step, history, wall_before = 0, [], 0.0
     ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
@@ -1372,7 +1504,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         )
         note = f"; fresh: {', '.join(fresh)}" if fresh else ""
         print(f"initialised from {cfg.init_from} (fresh optimiser and schedule{note})")
-    ema = _averaged(model, cfg.ema_decay)
+    ema = weight_average(model, cfg.ema_decay)
     if ema is not None and resume:
         if ema_state is not None:
             ema.load_state_dict(ema_state)
@@ -1409,6 +1541,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         # pool's refreshes or the validations take the rest, or the steps themselves
         spent = {"refresh": 0.0, "validation and checkpoints": 0.0}
         first_step = step
+        # each step's loss values stay on the device until READ_EVERY steps are due, then are
+        # read in one go: a read is a host sync, and 7 a step kept a GPU from running ahead
+        unread: list[tuple[dict[str, float], dict[str, torch.Tensor]]] = []
         while step < cfg.steps:
             wall = wall_before + time.monotonic() - start
             if step > 0 and step % d.refresh_every == 0:
@@ -1421,48 +1556,20 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                     feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)
                 ]
                 spent["refresh"] += time.monotonic() - t0
-            rng = np.random.default_rng([cfg.seed, step])
-            if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
-                x, frames, targets, dz = sample_lab_batch(
-                    rng, labs[int(rng.integers(len(labs)))], cfg
-                )
-                x, frames, targets = x.to(device), frames.to(device), targets.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = model(x.to(memory_format=torch.channels_last))
-                lab = lab_loss(renderer, pred.float(), frames, targets, dz)
-                loss, parts = cfg.loss.render_weight * lab, {"lab": lab.item()}
-            else:
-                batch = sample_batch(rng, pool, cfg, device)
-                x = batch.inputs.contiguous(memory_format=torch.channels_last)
-                y = batch.targets
-                dz = render_depths(rng, cfg, y)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred, det = model.detect(x)
-                beads = (batch.sources, batch.mask)
-                if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
-                    loss, parts = torch.zeros((), device=device), {}
-                else:
-                    loss, parts = volume_loss(cfg, renderer, pred.float(), y, dz, beads)
-                if det is not None and cfg.loss.detection_weight > 0:
-                    found, found_parts = detection_loss(det, *beads)
-                    loss = loss + cfg.loss.detection_weight * found
-                    parts |= found_parts
-            opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
+            values = training_step(cfg, model, opt, renderer, pool, step, device, bf16, labs, ema)
             step += 1
             wall = wall_before + time.monotonic() - start
             lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_factor", 1.0)
-            history.append({"step": step, "loss": loss.item(), **parts, "lr": lr, "wall_s": wall})
+            unread.append(({"step": step, "lr": lr, "wall_s": wall}, values))
             bar.update(1)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
             timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout:
+            validate = step % cfg.checkpoint_every == 0 or step == cfg.steps or timeout
+            if validate or len(unread) >= READ_EVERY:
+                parts = _read_rows(unread, history)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items() if k != "loss"})
+            if validate:
                 t0 = time.monotonic()
                 served.eval()
                 history[-1] |= val.run(cfg, served, bf16, device)
@@ -1487,6 +1594,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
                 bar.write(f"stopping at step {step}: max_wall_s = {cfg.max_wall_s} reached")
                 break
         bar.close()
+        _read_rows(unread, history)  # (empty unless the loop was left early)
         total = time.monotonic() - start
         stepping = total - sum(spent.values())
         bar.write(
@@ -1517,7 +1625,7 @@ def _param_groups(model: DeepZ, cfg: VolumeTrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def _averaged(model: DeepZ, decay: float) -> AveragedModel | None:
+def weight_average(model: DeepZ, decay: float) -> AveragedModel | None:
     """Return an exponential moving average of `model`'s weights (torch's), or None for 0."""
     if decay <= 0:
         return None
@@ -1668,7 +1776,7 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     loaded, meta = load_model(weights)
     model = build_volume_model(cfg)
     model.load_state_dict(loaded.state_dict())
-    opt = torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
+    opt = build_optimiser(cfg, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -245,19 +245,30 @@ def test_worker_processes_simulate_what_the_loop_would_and_a_run_uses_them(tmp_p
     assert Path(ahead_cfg.weights_out).is_file()  # type: ignore[arg-type]
 
 
-def test_training_resume_continues(tmp_path: Path):
+def test_training_resume_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
 
+    from engine import train_volume
     from engine.train_volume import train
 
+    # the loop reads its steps' losses from the device in batches: here every 2 steps, and at
+    # each checkpoint (every 5 steps, and a run's last): steps 1-2 are read as a batch, 3 at
+    # the first run's end, 4-5 at the resumed run's checkpoint
+    monkeypatch.setattr(train_volume, "READ_EVERY", 2)
     cfg = _tiny_config(tmp_path)
     cfg.weights_out = None
+    cfg.checkpoint_every = 5
     train(cfg, progress=False)
     cfg.steps = 5
     train(cfg, resume=True, progress=False)
     ck = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 5 and len(ck["history"]) == 5
+    # every step's row, in order, with its loss and the parts it sums
+    assert [h["step"] for h in ck["history"]] == [1, 2, 3, 4, 5]
+    for h in ck["history"]:
+        assert {"loss", "object", "render", "lr", "wall_s"} <= set(h)
+        assert np.isfinite(h["loss"]) and h["loss"] > 0
     # a run stopped early still yields loadable weights from its checkpoint
     from engine.model import load_model
     from engine.train_volume import weights_from_checkpoint
@@ -536,6 +547,20 @@ def test_source_term_costs_a_faint_miss_what_a_bright_one_does_and_ignores_haze(
     assert parts(moved)["source"] > 0.49  # no credit: as good as missed
     # without the batch's beads, or at weight 0, there is no such part
     assert "source" not in volume_loss(cfg, renderer, target, target, np.array([0.0]))[1]
+    # a batch with no beads (worm crops: one all-zero padding row) costs exactly nothing,
+    # with a gradient of zeros, not NaN
+    pred = haze.clone().requires_grad_(True)
+    empty = (torch.zeros(1, 1, 4), torch.zeros(1, 1))
+    assert volume_loss(cfg, renderer, pred, target, np.array([0.0]), empty)[1]["source"] == 0.0
+    source_only = VolumeTrainConfig.model_validate(
+        {
+            "patch_size": 32,
+            "channels": [4, 4, 8, 8],
+            "loss": {"source_weight": 1.0, "object_weight": 0.0, "render_weight": 0.0},
+        }
+    )
+    volume_loss(source_only, renderer, pred, target, np.array([0.0]), empty)[0].backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
 
 
 def test_render_planes_follow_the_truths_mass_when_asked():
@@ -1126,7 +1151,10 @@ def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path)
     assert set(drawn) == {"scalar", "vectorial"}
     scalar, vectorial = (Sample(config([m]), 3, [1.0]) for m in ("scalar", "vectorial"))
     assert (scalar.optics.psf_model, vectorial.optics.psf_model) == ("scalar", "vectorial")
-    np.testing.assert_array_equal(scalar.pair.objects_counts, vectorial.pair.objects_counts)
+    for axis in ("x_um", "y_um", "z_um", "intensity"):  # the same sample, other optics
+        np.testing.assert_array_equal(
+            getattr(scalar.objects, axis), getattr(vectorial.objects, axis)
+        )
     assert not np.allclose(scalar.inputs, vectorial.inputs, atol=1e-3)  # other frames
     with pytest.raises(ValidationError, match="lists a model twice"):
         config(["vectorial", "vectorial"])
