@@ -51,6 +51,7 @@ INDEPENDENT_SEEDS: dict[str, tuple[int, ...]] = {
     "beads": (101, 102, 103),
     "spheres": (111, 112),
     "tilted": (201, 202, 203),
+    "ganglion": (121, 122),
 }
 QUICK_SIMULATOR: dict[str, tuple[int, ...]] = {"beads": (21,)}
 QUICK_INDEPENDENT: dict[str, tuple[int, ...]] = {"beads": (101,), "tilted": (201,)}
@@ -63,6 +64,7 @@ LARGE_INDEPENDENT: dict[str, tuple[int, ...]] = {
     "beads": (101, 102, 103, 104, 105, 106, 107, 108),
     "spheres": (111, 112, 113, 114),
     "tilted": (201, 202, 203, 204, 205, 206),
+    "ganglion": (121, 122, 123, 124),
 }
 """``--large``: about 2.5x the default's beads (a share within 1 µm of 50 % is then known to
 about ±5 points, not ±8), for deciding whether a candidate beats the shipped model."""
@@ -71,6 +73,11 @@ SEED_SETS = {
     "default": (SIMULATOR_SEEDS, INDEPENDENT_SEEDS),
     "large": (LARGE_SIMULATOR, LARGE_INDEPENDENT),
 }
+CROWDED_MIN_GAP_UM = 1.0
+"""The "ganglion" samples' nuclei are scored when 1 µm or more from another's surface (the
+isolated spheres: 1.5 µm). On their noise-free truth planes the read-out then scores a median
+of 0.15 µm (92 % within 1 µm; `tests/test_heldout.py`); at 0.5 µm the neighbours' light mixes
+in (p90 2 µm on the truth)."""
 PLANE_DZ_UM = np.arange(-10.0, 10.001, 2.0)
 """Δz where SSIM / PSNR are measured (µm)."""
 CROSS_MODALITY_SEEDS: dict[str, tuple[int, ...]] = {"beads": (41, 42), "worm": (43,)}
@@ -216,6 +223,7 @@ def _evaluate_set(
         depth_true: list[np.ndarray] = []
         depth_est: list[np.ndarray] = []
         nuclei: list[np.ndarray] = []
+        crowded: list[np.ndarray] = []
         fwhm: list[np.ndarray] = []
         tilt_frac: list[float] = []
         tilt_r: list[float] = []
@@ -242,7 +250,10 @@ def _evaluate_set(
                 depth_est.append(found.z_est_um)
                 depth_snr.append(snr(k, found))
                 fwhm.append(ho.bead_fwhm_ratios(m.planes, s))
-            if (s.objects.kind == "sphere").any():
+            if s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
+                gap = CROWDED_MIN_GAP_UM
+                crowded.append(ho.nucleus_depths(m.planes, s, min_gap_um=gap).errors)
+            elif (s.objects.kind == "sphere").any():
                 nuclei.append(ho.nucleus_depths(m.planes, s).errors)
             if s.kind == "tilted":
                 t = ho.tilted_in_focus(m.surface, s)
@@ -270,6 +281,7 @@ def _evaluate_set(
             else [],
             "bead_fwhm": _summ(fwhm, ho.summarise_ratios),
             "nucleus_depth": _summ(nuclei, ho.summarise),
+            "crowded_nucleus_depth": _summ(crowded, ho.summarise),
             "tilted_in_focus": float(np.mean(tilt_frac)) if tilt_frac else None,
             "tilted_pearson": float(np.mean(tilt_r)) if tilt_r else None,
             # per tilted-plane bead, in the samples' order: in focus or not (`_paired_table`)
@@ -643,6 +655,31 @@ def _distance_table(res: dict[str, Any]) -> list[str]:
     )
 
 
+def _crowded_table(res: dict[str, Any]) -> list[str]:
+    """Return the table of the "ganglion" samples' crowded nuclei per method ([]: none)."""
+    rows = [
+        (m, v["crowded_nucleus_depth"]) for m, v in res.items() if v.get("crowded_nucleus_depth")
+    ]
+    if not rows:
+        return []
+    lines = [
+        'Crowded nuclei (the independent "ganglion" samples: 1.5-4 µm nuclei in 2-4 ganglia '
+        "inside a dim worm body, each scored when at least "
+        f"{CROWDED_MIN_GAP_UM:g} µm from another's surface; the noise-free truth planes score "
+        "0.15 µm):",
+        "",
+        "| method | nucleus depth median / p90 (µm) | within 1 µm | not found |",
+        "|---|---|---|---|",
+    ]
+    for m, c in rows:
+        lines.append(
+            f"| {m} | {_fmt(c.get('median_um'), '.2f')} / {_fmt(c.get('p90_um'), '.2f')} "
+            f"| {_fmt(c.get('within_1um'), '.0%')} "
+            f"| {int(c.get('failures', 0))} of {int(c.get('count', 0))} |"
+        )
+    return [*lines, ""]
+
+
 def report(r: dict[str, Any]) -> str:
     """Markdown tables of `compare`'s results."""
     lines = [
@@ -684,6 +721,7 @@ def report(r: dict[str, Any]) -> str:
                 f"| {_fmt(v['ssim_median'], '.3f')} | {_fmt(v['psnr_median'], '.2f')} |"
             )
         lines.append("")
+        lines += _crowded_table(res)
         lines += _paired_table(res)
         lines += _distance_table(res)
     cm = r.get("cross_modality")

@@ -31,8 +31,12 @@ How the set differs from the training simulator (`engine.optics`):
 * **Samples.** "spheres": 10-40 filled spheres of 1-5 µm diameter, brightness over a 10x
   range; "beads": 20-80 sub-resolution points per 256² frame at uniform depth in ±10 µm,
   brightness over 5x (log-uniform); "tilted": beads on a tilted plane with 6-14 µm of depth
-  excursion across the frame. The training set has worms with 2-3 µm nuclei and 30-60 beads
-  with 3x brightness spread, and no tilted layers.
+  excursion across the frame; "ganglion": a worm's head lying in the frame, a dim body
+  autofluorescence (a tube 14-20 µm thick, in any direction, its axis tilted in depth) with
+  40-90 spherical nuclei of 1.5-4 µm clustered in 2-4 ganglia along it (the crowded neurons of
+  live C. elegans imaging). The training set has worms with 2-3 µm ellipsoidal nuclei spread
+  evenly through a tube 22-28 µm thick along x at z = 0, 30-60 beads with 3x brightness
+  spread, and no tilted layers.
 * **Camera and background.** Poisson shot noise plus Gaussian read noise (2.0 e⁻) at gain
   0.8 counts/e⁻ and offset 400 counts, a per-pixel offset pattern, and a weak smooth
   non-uniform background (8-16 e⁻ with a gradient and a broad blob), unlike the training
@@ -120,7 +124,7 @@ PlanesFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(frame (H, W) uint16, dz_um (P,) float) -> (P, H, W) float32 refocused planes in counts."""
 SurfaceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(frame (H, W) uint16, dpm (H, W) µm) -> (H, W) float32 image refocused onto the DPM."""
-SampleKind = Literal["spheres", "beads", "tilted"]
+SampleKind = Literal["spheres", "beads", "tilted", "ganglion"]
 
 SLICE_UM = 0.5
 """Axial sampling of the objects and of the PSF defocus lattice (µm)."""
@@ -130,7 +134,7 @@ MARGIN_PX = 32
 """Objects are drawn this far outside the frame too, so light from outside blurs in."""
 FOCUS_HALF_RANGE_UM = 10.0
 """The truth planes span ±10 µm around the frame's focus."""
-_KIND_CODE: dict[str, int] = {"spheres": 1, "beads": 2, "tilted": 3}
+_KIND_CODE: dict[str, int] = {"spheres": 1, "beads": 2, "tilted": 3, "ganglion": 4}
 _REFERENCE_AREA_PX = 256 * 256
 """Object counts are given per 256² frame and scale with the frame's area."""
 
@@ -439,7 +443,8 @@ class HeldoutObjects:
     radius_um : (N,) sphere radius (0 for sub-resolution beads).
     intensity : (N,) integrated signal of the object in one plane (camera counts above the
         background), i.e. what the object adds to an in-focus plane summed over all pixels.
-    kind : (N,) ``"bead"`` or ``"sphere"``.
+    kind : (N,) ``"bead"``, ``"sphere"`` (a nucleus) or ``"body"`` (a ganglion sample's dim
+        autofluorescent body, drawn as overlapping filled spheres; never scored).
     """
 
     x_um: np.ndarray
@@ -596,6 +601,79 @@ def _draw_tilted(
     xy = _xy(rng, n, shape, px)
     z = plane.depth_um(xy[:, 0], xy[:, 1])
     return np.column_stack([xy, z]), _log_uniform(rng, 700.0, 3500.0, n), plane
+
+
+def _draw_ganglion(
+    rng: np.random.Generator, shape: tuple[int, int], px: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Draw a worm's head: a dim body tube, 40-90 nuclei per 256² frame in ganglia.
+
+    The body's axis crosses the frame near its centre in a random direction, its depth
+    tilting by up to ±2 µm over the frame (around a centre depth of ±3 µm); its radius is
+    7-10 µm and its autofluorescence is drawn as filled spheres of that radius every 0.75
+    radius along the axis (centre column 30-80 e⁻ each, so 40-110 e⁻ where they overlap).
+    Nuclei (radius 0.75-2 µm, centre column 120-720 e⁻, log-uniform) sit inside the tube around
+    2-4 ganglion centres along the axis (Gaussian spread 4-7 µm along it, anywhere across it),
+    at least 0.3 µm apart surface to surface, within ±9.5 µm of focus.
+
+    Returns (n, 3) centres, (n,) radii, (n,) signal in e⁻ and (n,) flags of the body spheres.
+    """
+    h, w = shape
+    centre = np.array([(w - 1) * px / 2, (h - 1) * px / 2]) + rng.uniform(-0.1, 0.1, 2) * (
+        np.array([w, h]) * px
+    )
+    theta = rng.uniform(0.0, np.pi)
+    u = np.array([np.cos(theta), np.sin(theta)])
+    half_len = 0.5 * math.hypot(w, h) * px + MARGIN_PX * px
+    z_mid = rng.uniform(-3.0, 3.0)
+    slope = rng.uniform(-2.0, 2.0) / (0.5 * math.hypot(w, h) * px)  # µm of depth per µm
+
+    def on_axis(t: np.ndarray) -> np.ndarray:
+        """(len(t), 3) points of the axis at distances t (µm) from the centre."""
+        xy = centre[None, :] + t[:, None] * u[None, :]
+        return np.column_stack([xy, z_mid + slope * t])
+
+    tube = rng.uniform(7.0, 10.0)
+    steps = np.arange(-half_len, half_len + 1e-9, 0.75 * tube)
+    body_xyz = on_axis(steps)
+    body_column = rng.uniform(30.0, 80.0, steps.size)
+    body_e = body_column * (2.0 / 3.0) * np.pi * tube**2 / px**2
+
+    # the axis direction and the two across it (one in the frame's plane, one along z, tilted)
+    along = np.array([u[0], u[1], slope]) / math.sqrt(1.0 + slope**2)
+    side = np.array([-u[1], u[0], 0.0])
+    up = np.cross(along, side)
+    ganglia = rng.uniform(-0.8, 0.8, int(rng.integers(2, 5))) * (half_len - MARGIN_PX * px)
+    spread = rng.uniform(4.0, 7.0, ganglia.size)
+    n = _count(rng, 40, 90, shape)
+    centres: list[np.ndarray] = []
+    radii: list[float] = []
+    for _ in range(100 * n):
+        if len(centres) == n:
+            break
+        r = float(rng.uniform(0.75, 2.0))
+        g = int(rng.integers(ganglia.size))
+        t = ganglia[g] + rng.normal(0.0, spread[g])
+        a, b = rng.uniform(-1.0, 1.0, 2)
+        reach = tube - r - 0.5  # the nucleus stays inside the tube
+        if a * a + b * b > 1.0 or reach <= 0:
+            continue
+        c = on_axis(np.array([t]))[0] + reach * (a * side + b * up)
+        if abs(c[2]) > FOCUS_HALF_RANGE_UM - 0.5:
+            continue
+        if all(np.linalg.norm(c - p) > r + q + 0.3 for p, q in zip(centres, radii, strict=True)):
+            centres.append(c)
+            radii.append(r)
+    xyz = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    rad = np.asarray(radii, dtype=np.float64)
+    nucleus_e = _log_uniform(rng, 120.0, 720.0, rad.size) * (2.0 / 3.0) * np.pi * rad**2 / px**2
+    body = np.r_[np.ones(steps.size, dtype=bool), np.zeros(rad.size, dtype=bool)]
+    return (
+        np.vstack([body_xyz, xyz]),
+        np.r_[np.full(steps.size, tube), rad],
+        np.r_[body_e, nucleus_e],
+        body,
+    )
 
 
 def _background_e(
@@ -807,7 +885,8 @@ def independent_sample(
 
     Parameters
     ----------
-    kind : "spheres", "beads" or "tilted" (see the module docstring for the statistics).
+    kind : "spheres", "beads", "tilted" or "ganglion" (the module docstring has the
+        statistics of each).
     seed : random seed; each kind has its own stream.
     shape : (H, W) of the frame; object counts scale with its area (given per 256²).
     optics, camera : override the held-out optics or camera.
@@ -818,7 +897,7 @@ def independent_sample(
         The noisy frame at focus 0, the 41 noise-free truth planes and the object table.
     """
     if kind not in _KIND_CODE:
-        raise ValueError(f"kind must be 'spheres', 'beads' or 'tilted', not {kind!r}")
+        raise ValueError(f"kind must be 'spheres', 'beads', 'tilted' or 'ganglion', not {kind!r}")
     if len(shape) != 2 or min(shape) < 32:
         raise ValueError(f"shape must be (H, W) with sides >= 32, got {shape!r}")
     shape = (int(shape[0]), int(shape[1]))
@@ -827,8 +906,11 @@ def independent_sample(
     px = optics.pixel_size_um
     rng = np.random.default_rng((0x5EED, _KIND_CODE[kind], int(seed)))
     tilt: TiltedPlane | None = None
+    body = None
     if kind == "spheres":
         xyz, radius, signal_e = _draw_spheres(rng, shape, px)
+    elif kind == "ganglion":
+        xyz, radius, signal_e, body = _draw_ganglion(rng, shape, px)
     elif kind == "beads":
         xyz, signal_e = _draw_beads(rng, shape, px)
         radius = np.zeros(len(signal_e))
@@ -861,7 +943,11 @@ def independent_sample(
         z_um=xyz[:, 2].copy(),
         radius_um=np.asarray(radius, dtype=np.float64),
         intensity=np.asarray(signal_e, dtype=np.float64) * camera.gain_counts_per_e,
-        kind=np.where(np.asarray(radius) > 0, "sphere", "bead").astype("<U6"),
+        kind=np.where(
+            body if body is not None else False,
+            "body",
+            np.where(np.asarray(radius) > 0, "sphere", "bead"),
+        ).astype("<U6"),
     )
     dpm = in_focus = None
     if tilt is not None:

@@ -186,6 +186,31 @@ def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
     assert on_input["median_um"] > 2.0  # a flat profile says nothing about depth
 
 
+def test_ganglion_nuclei_are_crowded_in_a_body_and_the_read_out_holds_on_the_truth():
+    """The "ganglion" samples: nuclei packed in a dim worm body; the crowded-nucleus read-out
+    (`fidelity.CROWDED_MIN_GAP_UM`) is right on the noise-free truth and not on the input."""
+    from engine.fidelity import CROWDED_MIN_GAP_UM
+
+    s = H.independent_sample("ganglion", 121, (160, 160))
+    o = s.objects
+    assert set(o.kind) == {"body", "sphere"}
+    nuclei, body = o.kind == "sphere", o.kind == "body"
+    assert np.all((o.radius_um[nuclei] >= 0.75) & (o.radius_um[nuclei] <= 2.0))
+    assert np.all(np.abs(o.z_um[nuclei]) <= 9.5) and np.all(o.radius_um[body] >= 7.0)
+    # crowded: every nucleus's nearest neighbour within a few µm, none overlapping
+    xyz = np.column_stack([o.x_um, o.y_um, o.z_um])[nuclei]
+    r = o.radius_um[nuclei]
+    gaps = np.linalg.norm(xyz[:, None] - xyz[None], axis=2) - r[:, None] - r[None]
+    np.fill_diagonal(gaps, np.inf)
+    assert gaps.min() > 0.3 - 1e-9 and np.median(gaps.min(axis=1)) < 2.0
+    truth = H.nucleus_depths(H.truth_planes_fn(s), s, min_gap_um=CROWDED_MIN_GAP_UM)
+    assert truth.index.size >= 5 and set(o.kind[truth.index]) == {"sphere"}
+    on_truth = H.summarise(truth.errors)
+    assert on_truth["failures"] == 0 and on_truth["median_um"] < 0.5
+    on_input = H.nucleus_depths(H.input_planes_fn, s, min_gap_um=CROWDED_MIN_GAP_UM)
+    assert H.summarise(on_input.errors)["median_um"] > 2.0
+
+
 def test_by_distance_bins_count_misses_as_failures() -> None:
     z = np.array([0.5, -1.0, 3.0, -7.0, 9.0, 9.5])
     err = np.array([0.2, 2.0, 0.5, np.nan, 0.3, np.nan])
