@@ -45,6 +45,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from engine.detection import detection_loss
 from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
 from engine.model import DeepZ, build_model, save_model
+from engine.optics import WormConfig
 from engine.train import LabStackConfig, SampleKind, _Base, _lr_factor, read_lab_stack
 from engine.volume import (
     DEPTH_STEP_UM,
@@ -103,6 +104,11 @@ class VolumeDataConfig(_Base):
     )
     peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
     background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
+    worm: WormConfig = Field(
+        default_factory=WormConfig,
+        description="How the worm samples are drawn: nucleus sizes, the body's depth "
+        "(`engine.optics.WormConfig`; default: the original worm).",
+    )
     pool_size: int = Field(24, ge=1, description="Samples kept in memory.")
     refresh_every: int = Field(100, ge=1, description="Steps between pool refreshes.")
     refresh_count: int = Field(2, ge=0, description="Samples replaced per refresh.")
@@ -352,6 +358,14 @@ class VolumeTrainConfig(_Base):
         description="Also write the latest checkpoint here, slimmed to be committed (one "
         "file; `portable_state`): --resume on a fresh machine continues from it.",
     )
+    resume_from: Path | None = Field(
+        None,
+        description="Where --resume starts when out_dir has no checkpoint yet (a fresh "
+        "machine), read and never written: the committed engine/weights/deepz-volume.ckpt.pt, "
+        "so continuing the shipped model cannot overwrite it with a run that may not ship "
+        "(the run writes portable_checkpoint; copy it there when its weights ship). Default: "
+        "portable_checkpoint.",
+    )
     init_from: Path | None = Field(
         None,
         description="Start from these weights (a volume .pt or a checkpoint) with a fresh "
@@ -478,6 +492,7 @@ class Sample:
             optics=optics,
             camera=camera,
             seed=seed,
+            worm=d.worm,
         )
         x, _, std = normalize_images(pair.frames)
         self.kind = kind
@@ -1341,6 +1356,12 @@ def make_volume_metadata(
     psf_names = " and ".join(
         {"scalar": "scalar Gibson-Lanni", "vectorial": "vectorial"}[m] for m in d.psf_models
     )
+    worm = ""  # said only where the worm is not the original one
+    if d.worm.nucleus_diameter_um is not None:
+        lo, hi = d.worm.nucleus_diameter_um
+        worm += f"; worm nuclei {lo:g}-{hi:g} µm"
+    if d.worm.axis_depth_um > 0:
+        worm += f"; worm axis within ±{d.worm.axis_depth_um:g} µm of mid-plane"
     return ModelMetadata(
         name=cfg.name,
         architecture=model.architecture,
@@ -1354,7 +1375,7 @@ def make_volume_metadata(
         trained_on=(
             f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; "
             f"{psf_names} PSF, {aberration} {d.particle_depths_um} µm, focus within "
-            f"±{d.focus_half_range_um} µm; {cfg.target_modality} render targets)"
+            f"±{d.focus_half_range_um} µm{worm}; {cfg.target_modality} render targets)"
         ),
         training_command=_command().replace("engine.train ", "engine.train_volume "),
         commit=_git_commit(),
@@ -1485,9 +1506,11 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
     if resume:
-        src = ckpt if ckpt.is_file() else cfg.portable_checkpoint
+        src = ckpt if ckpt.is_file() else (cfg.resume_from or cfg.portable_checkpoint)
         if src is None or not Path(src).is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} or portable_checkpoint")
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"
+            )
         ck = torch.load(src, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])

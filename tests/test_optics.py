@@ -239,3 +239,46 @@ def test_the_vectorial_psf_model_is_unit_sum_and_not_the_scalar_one():
     # measured: 7 % lower in-focus peak (polarisation at high angles), a different ring
     assert vectorial[1, 31, 31] < 0.97 * scalar[1, 31, 31]
     assert np.linalg.norm(vectorial - scalar) > 0.03 * np.linalg.norm(scalar)
+
+
+def test_worm_config_widens_nucleus_sizes_and_moves_the_body_off_the_mid_plane():
+    """`WormConfig` (issue 9: train on nuclei of 1-4 µm): its default is the original worm,
+    sample for sample; with options the nuclei span the asked sizes, packed without overlap,
+    and the body's axis (its nuclei and its autofluorescence) moves in depth."""
+    from pydantic import ValidationError
+
+    from engine.optics import WormConfig, simulate_volume_pair
+
+    depth = np.arange(-10, 10.01, 0.5)
+
+    def pair(worm: WormConfig | None, seed: int = 5):
+        return simulate_volume_pair("worm", shape=(96, 96), depth_um=depth, seed=seed, worm=worm)
+
+    original, default = pair(None), pair(WormConfig())
+    np.testing.assert_array_equal(original.frames, default.frames)
+    np.testing.assert_array_equal(original.objects_counts, default.objects_counts)
+
+    wide = pair(WormConfig(nucleus_diameter_um=(1.5, 4.0)))
+    o = wide.objects
+    diameters = 2 * o.semi_axes_um.mean(axis=1)
+    assert diameters.min() < 2.0 and diameters.max() > 3.0  # beyond the original 2-3 µm
+    assert np.all((2 * o.semi_axes_um >= 1.5 * 0.9 - 1e-9) & (2 * o.semi_axes_um <= 4.0 * 1.1))
+    xyz = np.column_stack([o.x_um, o.y_um, o.z_um])
+    r = o.semi_axes_um.max(axis=1)
+    dist = np.linalg.norm(xyz[:, None] - xyz[None], axis=2)
+    np.fill_diagonal(dist, np.inf)
+    # packed: centres at least 0.3 µm further apart than their drawn radii (each semi-axis
+    # within 10 % of its nucleus's drawn radius, so that radius >= the largest / 1.1)
+    assert np.all(dist > (r[:, None] + r[None]) / 1.1 + 0.3 - 1e-9)
+
+    # the body's axis off the mid-plane: nuclei and autofluorescence follow it
+    shifted = [pair(WormConfig(axis_depth_um=6.0), seed) for seed in range(6)]
+    mids = [float(np.mean(p.objects.z_um)) for p in shifted]
+    assert max(np.abs(mids)) > 1.5  # the mid-planes of six draws within ±6 µm
+    p = shifted[int(np.argmax(np.abs(mids)))]
+    column = p.objects_counts[0].sum(axis=(1, 2))  # the truth's mass per depth
+    centre = float(np.sum(column * depth) / column.sum())
+    assert np.sign(centre) == np.sign(mids[int(np.argmax(np.abs(mids)))])
+
+    with pytest.raises(ValidationError, match="nucleus_diameter_um"):
+        WormConfig(nucleus_diameter_um=(4.0, 1.5))

@@ -345,9 +345,15 @@ def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(tmp_pa
     assert moments and all(not t.float().any() for t in moments)
     assert ck["step"] == 3 and ck["history"][-1]["step"] == 3
     assert "val_bead_depth_median_um" in ck["history"][-1]
+    # the committed checkpoint is read (resume_from), never written: the run writes its own
+    committed = cfg.portable_checkpoint
+    before = committed.read_bytes()
+    cfg.resume_from, cfg.portable_checkpoint = committed, tmp_path / "run" / "v.ckpt.pt"
     cfg.steps = 5
     train(cfg, resume=True, progress=False)
     assert torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert committed.read_bytes() == before
+    assert torch.load(cfg.portable_checkpoint, weights_only=False)["step"] == 5
     cfg.portable_checkpoint = None
     with pytest.raises(ValueError, match="no portable_checkpoint"):
         checkpoint_from_weights(cfg, weights)

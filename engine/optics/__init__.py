@@ -9,8 +9,8 @@ plane i is at ``z_um[i] + d`` and a Deep-Z training pair (input plane i, target 
 the DPM ``z_um[j] - z_um[i]``. With the default air objective on a watery sample, the
 refractive-index mismatch is in the PSF model (Gibson-Lanni, asymmetric about focus).
 
-The settings models (`OpticsConfig`, `CameraConfig`) import at once; the simulator itself
-(scipy, psfmodels) loads on first use, so configuration code stays light.
+The settings models (`OpticsConfig`, `CameraConfig`, `WormConfig`) import at once; the
+simulator itself (scipy, psfmodels) loads on first use, so configuration code stays light.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from engine.optics._config import CameraConfig, OpticsConfig
+from engine.optics._config import CameraConfig, OpticsConfig, WormConfig
 
 if TYPE_CHECKING:
     from engine.optics._imaging import (
@@ -56,6 +56,7 @@ __all__ = [
     "ObjectTable",
     "OpticsConfig",
     "VolumePair",
+    "WormConfig",
     "WormTimeSeries",
     "camera_counts",
     "default_z_um",

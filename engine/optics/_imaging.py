@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import scipy.fft
 
-from engine.optics._config import CameraConfig, OpticsConfig
+from engine.optics._config import CameraConfig, OpticsConfig, WormConfig
 from engine.optics._psf import make_psf
 from engine.optics._samples import (
     Extent,
@@ -303,8 +303,12 @@ def make_sample(
     optics: OpticsConfig,
     camera: CameraConfig,
     rng: np.random.Generator,
+    worm: WormConfig | None = None,
 ) -> tuple[ObjectTable, Grid, np.ndarray]:
-    """Draw a sample, and rasterise it: (objects, grid, photon density (S, H, W))."""
+    """Draw a sample, and rasterise it: (objects, grid, photon density (S, H, W)).
+
+    `worm` shapes the worm of "worm" and "mixed" samples (default: the original worm).
+    """
     if sample not in ("worm", "beads", "mixed"):
         raise ValueError(f"sample must be 'worm', 'beads' or 'mixed', not {sample!r}")
     px = optics.pixel_size_um
@@ -315,16 +319,16 @@ def make_sample(
     tables: list[ObjectTable] = []
     body = None
     if sample in ("worm", "mixed"):
-        body = worm_body(rng, frame)
-        tables.append(worm_nuclei(rng, body, extent, frame, camera, px))
+        body = worm_body(rng, frame, worm)
+        tables.append(worm_nuclei(rng, body, extent, frame, camera, px, worm))
     if sample in ("beads", "mixed"):
         tables.append(beads(rng, extent, frame, camera))
     objects = ObjectTable.concat(*tables)
     top = objects.z_um - objects.semi_axes_um[:, 2]
     bottom = objects.z_um + objects.semi_axes_um[:, 2]
     if body is not None:
-        top = np.append(top, -body.radius_um)
-        bottom = np.append(bottom, body.radius_um)
+        top = np.append(top, body.z_mid_um - body.radius_um)
+        bottom = np.append(bottom, body.z_mid_um + body.radius_um)
     # A fixed slice range (unless the sample sticks out) keeps the z kernel cache warm.
     z0 = min(-SLICE_HALF_RANGE_UM, np.floor(top.min() / SLICE_UM - 1) * SLICE_UM)
     z1 = max(SLICE_HALF_RANGE_UM, np.ceil(bottom.max() / SLICE_UM + 1) * SLICE_UM)
@@ -417,11 +421,13 @@ def simulate_volume_pair(
     optics: OpticsConfig | None = None,
     camera: CameraConfig | None = None,
     seed: int = 0,
+    worm: WormConfig | None = None,
 ) -> VolumePair:
     """Simulate frames of a random sample with its density on a depth grid around each focus.
 
     Focus positions and depths must lie on the simulator's 0.5 µm slice lattice, so the truth
     is the very density the frames were imaged from (no resampling). Same `seed`, same pair.
+    `worm` shapes a worm sample's body and nuclei (default: the original worm).
     """
     optics = optics or OpticsConfig()
     camera = camera or CameraConfig()
@@ -433,7 +439,7 @@ def simulate_volume_pair(
             raise ValueError(f"{name} must be non-empty multiples of {SLICE_UM} µm, got {v!r}")
     shape = (int(shape[0]), int(shape[1]))
     rng = np.random.default_rng(seed)
-    objects, grid, density = make_sample(sample, shape, optics, camera, rng)
+    objects, grid, density = make_sample(sample, shape, optics, camera, rng, worm)
     rows, cols = frame_crop(grid, shape)
     photons = image_slices(density, grid.z_um, focus, optics)[:, rows, cols]
     photons += np.float32(camera.background_photons)

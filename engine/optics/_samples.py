@@ -8,11 +8,12 @@ object list into photon densities on a grid of thin z slices for image formation
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.optics._config import CameraConfig
+from engine.optics._config import CameraConfig, WormConfig
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,14 @@ class ObjectTable:
 
 @dataclass(frozen=True)
 class WormBody:
-    """A curved tube lying on its side: centre line y = y_mid + amp·sin(k·x + phase), z = 0."""
+    """A curved tube lying on its side: centre line y = y_mid + amp·sin(k·x + phase), z = z_mid."""
 
     y_mid_um: float
     amp_um: float
     k_per_um: float
     phase: float
     radius_um: float
+    z_mid_um: float = 0.0
 
     def axis_distance_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Approximate in-plane distance (µm) from points to the centre line."""
@@ -88,17 +90,27 @@ class Extent:
     y1_um: float
 
 
-def worm_body(rng: np.random.Generator, frame_extent: Extent) -> WormBody:
-    """Draw a random curved worm body crossing the frame along x, 22-28 µm thick."""
+def worm_body(
+    rng: np.random.Generator, frame_extent: Extent, worm: WormConfig | None = None
+) -> WormBody:
+    """Draw a random curved worm body crossing the frame along x, 22-28 µm thick.
+
+    Its axis lies at the mid-plane, or with ``worm.axis_depth_um`` at a depth drawn within
+    ±that (drawn last: the original worm's draws are unchanged).
+    """
     height = frame_extent.y1_um - frame_extent.y0_um
     width = frame_extent.x1_um - frame_extent.x0_um
-    return WormBody(
+    body = WormBody(
         y_mid_um=frame_extent.y0_um + height * rng.uniform(0.4, 0.6),
         amp_um=height * rng.uniform(0.05, 0.15),
         k_per_um=2 * np.pi / (width * rng.uniform(1.5, 3.0)),
         phase=rng.uniform(0, 2 * np.pi),
         radius_um=rng.uniform(11.0, 14.0),
     )
+    if worm is None or worm.axis_depth_um == 0:
+        return body
+    depth = worm.axis_depth_um
+    return dataclasses.replace(body, z_mid_um=float(rng.uniform(-depth, depth)))
 
 
 def worm_nuclei(
@@ -108,33 +120,52 @@ def worm_nuclei(
     frame_extent: Extent,
     camera: CameraConfig,
     pixel_size_um: float,
+    worm: WormConfig | None = None,
 ) -> ObjectTable:
     """100-200 nuclei (in the frame) of 2-3 µm diameter packed inside the worm body.
 
     Nuclei are spread through the body's volume (rejection sampling, at least 2.8 µm apart),
-    with log-normal brightness and a GCaMP-like snapshot activity between 0.3 and 1.
+    with log-normal brightness and a GCaMP-like snapshot activity between 0.3 and 1. With
+    ``worm.nucleus_diameter_um`` their sizes span that range instead, each at least 0.3 µm
+    from its neighbours' surfaces.
     """
+    sizes = None if worm is None else worm.nucleus_diameter_um
     frame_len = frame_extent.x1_um - frame_extent.x0_um
     n_frame = int(rng.integers(100, 201))
     n_total = round(n_frame * (extent.x1_um - extent.x0_um) / frame_len)
     pts: list[tuple[float, float, float]] = []
+    diameters: list[float] = []
     r_max = 0.85 * body.radius_um
     tries = 0
     while len(pts) < n_total and tries < 200 * n_total:
         tries += 1
+        d = 0.0 if sizes is None else float(rng.uniform(*sizes))
         x = rng.uniform(extent.x0_um, extent.x1_um)
         off, z = rng.uniform(-r_max, r_max, size=2)
         if off**2 + z**2 > r_max**2:
             continue
         arg = body.k_per_um * x + body.phase
         y = body.y_mid_um + body.amp_um * np.sin(arg) + off
-        if all((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 > 2.8**2 for p in pts):
+        z += body.z_mid_um
+        if sizes is None:  # centre to centre at least 2.8 µm
+            free = all((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 > 2.8**2 for p in pts)
+        else:  # surface to surface at least 0.3 µm
+            free = all(
+                (x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 > ((d + e) / 2 + 0.3) ** 2
+                for p, e in zip(pts, diameters, strict=True)
+            )
+        if free:
             pts.append((x, float(y), float(z)))
+            diameters.append(d)
     xyz = np.asarray(pts, dtype=np.float64).reshape(-1, 3)
     n = xyz.shape[0]
-    axes = np.stack(
-        [rng.uniform(1.0, 1.5, n), rng.uniform(0.9, 1.3, n), rng.uniform(1.0, 1.4, n)], axis=1
-    )
+    if sizes is None:
+        axes = np.stack(
+            [rng.uniform(1.0, 1.5, n), rng.uniform(0.9, 1.3, n), rng.uniform(1.0, 1.4, n)], axis=1
+        )
+    else:  # ellipsoids within ±10 % of each drawn diameter
+        half = np.asarray(diameters)[:, None] / 2
+        axes = half * rng.uniform(0.9, 1.1, (n, 3))
     brightness = rng.lognormal(0.0, 0.3, n) * rng.uniform(0.3, 1.0, n)
     return ObjectTable(
         x_um=xyz[:, 0],
@@ -280,7 +311,7 @@ def body_density(body: WormBody, grid: Grid, photons_per_um: float) -> np.ndarra
     per_voxel = np.float32(photons_per_um * grid.dz_um)
     radius = np.float32(body.radius_um)
     for s, z in enumerate(grid.z_um):
-        r = np.sqrt(d2 + np.float32(z) ** 2)
+        r = np.sqrt(d2 + np.float32(z - body.z_mid_um) ** 2)
         np.clip(np.float32(0.5) + (radius - r) / np.float32(px), 0.0, 1.0, out=out[s])
         out[s] *= per_voxel
     return out
