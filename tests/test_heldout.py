@@ -388,3 +388,19 @@ def test_pupil_psf_keeps_psfmodels_focus_and_adds_the_objectives_aberrations():
         H.IndependentOptics(psf_model="scalar")  # type: ignore[arg-type]
     # and it is another model than psfmodels' vectorial one (dimmer in focus: aberrated)
     assert psf[1].max() < 0.9 * vectorial.psf(d)[1].max()
+
+
+def test_the_fidelity_report_gives_each_methods_psnr_gain_frame_by_frame():
+    """The pooled PSNR median follows the set's mix of sample kinds; the report also gives the
+    gain over the input frame by frame, which does not (median, lowest, highest)."""
+    from engine.fidelity import _frame_gain_lines
+
+    res = {
+        "model": {"psnr_per_frame": [40.0, 31.0, 30.0]},
+        "unrefocused input": {"psnr_per_frame": [35.0, 26.0, 27.0]},
+        "matched filter": {"psnr_per_frame": []},  # depth only: no planes, no line
+    }
+    (line, blank) = _frame_gain_lines(res)
+    assert "3 frames" in line and "model: +5.00 dB (+3.00 … +5.00)." in line
+    assert "matched filter" not in line and blank == ""
+    assert _frame_gain_lines({"model": {"psnr_per_frame": [40.0]}}) == []  # no input scored
