@@ -74,6 +74,7 @@ def run(
         f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)",
         flush=True,
     )
+    labs = [tv.LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
     marks: list[float] = []  # the clock at a step's start and at the end of each phase
 
     def mark(_: str) -> None:
@@ -97,7 +98,7 @@ def run(
             marks[:] = [now()]
             # the training loop's own step (`train_volume.training_step`); each phase's end
             # is marked as it comes
-            tv.training_step(cfg, model, opt, renderer, pool, step, dev, bf16, ema=ema, mark=mark)
+            tv.training_step(cfg, model, opt, renderer, pool, step, dev, bf16, labs, ema, mark)
             if step >= warmup:
                 for phase, (a, b) in zip(tv.PHASES, itertools.pairwise(marks), strict=True):
                     spent[phase] += b - a

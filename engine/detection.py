@@ -190,16 +190,17 @@ def gmm_term(det: Detections, sources: torch.Tensor, mask: torch.Tensor) -> torc
 
 def detection_loss(
     det: Detections, sources: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Count term plus localisation term, each averaged per patch, and the parts.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Count term plus localisation term, each averaged per patch, and the parts (detached).
 
     The localisation term is divided by the batch's mean source count, so its weight against
-    the density terms does not swing with how crowded a batch is.
+    the density terms does not swing with how crowded a batch is. The parts stay on the
+    device, unread (the training loop reads them in batches: a read waits for the GPU).
     """
     counts = mask.sum(1)
     count = count_term(det, counts).mean()
     gmm = gmm_term(det, sources, mask).mean() / counts.mean().clamp(min=1.0)
-    return count + gmm, {"count": count.item(), "gmm": gmm.item()}
+    return count + gmm, {"count": count.detach(), "gmm": gmm.detach()}
 
 
 LOCALISE_THRESHOLD = 0.5

@@ -360,11 +360,11 @@ class VolumeTrainConfig(_Base):
     )
     resume_from: Path | None = Field(
         None,
-        description="Where --resume starts when out_dir has no checkpoint yet (a fresh "
-        "machine), read and never written: the committed engine/weights/deepz-volume.ckpt.pt, "
-        "so continuing the shipped model cannot overwrite it with a run that may not ship "
-        "(the run writes portable_checkpoint; copy it there when its weights ship). Default: "
-        "portable_checkpoint.",
+        description="Where --resume starts when the run has no checkpoint of its own yet "
+        "(neither out_dir's nor portable_checkpoint: a fresh machine), read and never "
+        "written: the committed engine/weights/deepz-volume.ckpt.pt, so continuing the "
+        "shipped model cannot overwrite it with a run that may not ship (the run writes "
+        "portable_checkpoint; copy it there when its weights ship).",
     )
     init_from: Path | None = Field(
         None,
@@ -1241,6 +1241,10 @@ class _Validation:
     """Fixed full frames (never trained on): losses and the bead depth error of the model."""
 
     def __init__(self, cfg: VolumeTrainConfig) -> None:
+        # the original worm whatever the recipe's (`data.worm`): every recipe's validation
+        # reads the same frames, so its figures compare across recipes
+        data = cfg.data.model_copy(update={"worm": WormConfig()})
+        cfg = cfg.model_copy(update={"data": data})
         self.samples = [
             Sample(cfg, VALIDATION_SEED_OFFSET + i, w)
             for i, w in enumerate([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
@@ -1441,7 +1445,7 @@ def training_step(
         if det is not None and cfg.loss.detection_weight > 0:
             found, found_parts = detection_loss(det, *beads)
             loss = loss + cfg.loss.detection_weight * found
-            parts |= {k: torch.tensor(v, device=device) for k, v in found_parts.items()}
+            parts |= found_parts
     done("loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
@@ -1479,7 +1483,14 @@ def _read_rows(
 
 
 def build_optimiser(cfg: VolumeTrainConfig, model: DeepZ) -> torch.optim.Adam:
-    """Return the run's optimiser: Adam over the trainable weights (`_param_groups`)."""
+    """Return the run's optimiser: Adam over the weights the config trains (`_param_groups`).
+
+    With ``freeze_trunk`` (and a detection head) the rest of `model` is frozen here first, so
+    every caller (the run, the step benchmark, `checkpoint_from_weights`) trains the same set.
+    """
+    if cfg.freeze_trunk and model.detect_head is not None:  # the head alone learns
+        model.requires_grad_(False)
+        model.detect_head.requires_grad_(True)
     return torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
 
 
@@ -1498,15 +1509,15 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     model: DeepZ = build_volume_model(cfg)
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if cfg.freeze_trunk and model.detect_head is not None:  # the head alone learns
-        model.requires_grad_(False)
-        model.detect_head.requires_grad_(True)
     opt = build_optimiser(cfg, model)
     step, history, wall_before = 0, [], 0.0
     ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
     if resume:
-        src = ckpt if ckpt.is_file() else (cfg.resume_from or cfg.portable_checkpoint)
+        # this run's own checkpoints first (the full one, then the portable one it writes),
+        # then where a fresh machine starts
+        mine = [p for p in (ckpt, cfg.portable_checkpoint) if p is not None and Path(p).is_file()]
+        src = mine[0] if mine else (cfg.resume_from or cfg.portable_checkpoint)
         if src is None or not Path(src).is_file():
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"

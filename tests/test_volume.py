@@ -321,7 +321,9 @@ def test_the_portable_checkpoint_is_slim_and_a_fresh_machine_resumes_from_it(tmp
     assert all(t.dtype == torch.float32 for e in ck["opt"]["state"].values() for t in e.values())
 
 
-def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(tmp_path: Path):
+def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
     """A GPU run's weights come back without their checkpoint (a call returns files of at most
     16 MB): `checkpoint_from_weights` writes one holding the weights exactly, with a fresh
     optimiser whose first resumed step is a fresh Adam's, and `--resume` continues from it."""
@@ -354,6 +356,12 @@ def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(tmp_pa
     assert torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["step"] == 5
     assert committed.read_bytes() == before
     assert torch.load(cfg.portable_checkpoint, weights_only=False)["step"] == 5
+    # a run's own portable checkpoint outranks resume_from (its full one gone, say)
+    (cfg.out_dir / "checkpoint.pt").unlink()
+    cfg.steps = 6
+    capsys.readouterr()
+    train(cfg, resume=True, progress=False)
+    assert f"resumed from {cfg.portable_checkpoint} at step 5" in capsys.readouterr().out
     cfg.portable_checkpoint = None
     with pytest.raises(ValueError, match="no portable_checkpoint"):
         checkpoint_from_weights(cfg, weights)

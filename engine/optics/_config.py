@@ -113,8 +113,8 @@ class WormConfig(BaseModel):
     nucleus_diameter_um: tuple[float, float] | None = Field(
         None,
         description="Range of the nuclei's diameters (µm), drawn uniformly, each nucleus an "
-        "ellipsoid within ±10 % of it, packed at least 0.3 µm apart surface to surface. None: "
-        "the original 2-3 µm ellipsoids at least 2.8 µm apart centre to centre.",
+        "ellipsoid within ±10 % of it, centres at least the two drawn radii + 0.3 µm apart. "
+        "None: the original 2-3 µm ellipsoids at least 2.8 µm apart centre to centre.",
     )
     axis_depth_um: float = Field(
         0.0,

@@ -126,8 +126,11 @@ def worm_nuclei(
 
     Nuclei are spread through the body's volume (rejection sampling, at least 2.8 µm apart),
     with log-normal brightness and a GCaMP-like snapshot activity between 0.3 and 1. With
-    ``worm.nucleus_diameter_um`` their sizes span that range instead, each at least 0.3 µm
-    from its neighbours' surfaces.
+    ``worm.nucleus_diameter_um`` their sizes span that range instead: each centre at least
+    0.3 µm plus the two drawn radii from its neighbours', then each semi-axis within ±10 % of
+    the drawn radius (so surfaces may come closer than 0.3 µm, never overlapping for ranges up
+    to 4 µm); centres stay within 0.85 of the body's radius, so the largest nuclei may bulge
+    a fraction of a µm out of it (recipe 34 trained on exactly this).
     """
     sizes = None if worm is None else worm.nucleus_diameter_um
     frame_len = frame_extent.x1_um - frame_extent.x0_um
