@@ -404,3 +404,20 @@ def test_the_fidelity_report_gives_each_methods_psnr_gain_frame_by_frame():
     assert "3 frames" in line and "model: +5.00 dB (+3.00 … +5.00)." in line
     assert "matched filter" not in line and blank == ""
     assert _frame_gain_lines({"model": {"psnr_per_frame": [40.0]}}) == []  # no input scored
+
+
+def test_the_fidelity_figure_of_crowded_nuclei_is_drawn_where_there_are_some(tmp_path):
+    from engine.fidelity import _plot_crowded
+
+    nuclei = {"z_true_um": [-6.0, 2.0, 7.5], "z_est_um": [5.5, 2.1, float("nan")]}
+    r = {
+        "results": {
+            "independent": {"model": {"crowded_nuclei": nuclei}, "filter": {}},
+            "simulator": {"model": {"crowded_nuclei": {}}},
+        }
+    }
+    path = tmp_path / "crowded.png"
+    assert _plot_crowded(r, path) and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not _plot_crowded({"results": {"simulator": {"model": {}}}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
