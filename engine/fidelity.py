@@ -793,6 +793,11 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(method: str, width: int = 36) -> str:
+    """Return a method's name for a legend: its end, where models' names (files) differ."""
+    return method if len(method) <= width else "…" + method[-(width - 1) :]
+
+
 def _plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -805,8 +810,10 @@ def _plot(r: dict[str, Any], path: Path) -> None:
             if not v["per_dz"]:
                 continue
             dz = [float(k) for k in v["per_dz"]]
-            axes[2 * i].plot(dz, [p["ssim"] for p in v["per_dz"].values()], "o-", label=m[:32])
-            axes[2 * i + 1].plot(dz, [p["psnr"] for p in v["per_dz"].values()], "o-", label=m[:32])
+            axes[2 * i].plot(dz, [p["ssim"] for p in v["per_dz"].values()], "o-", label=_short(m))
+            axes[2 * i + 1].plot(
+                dz, [p["psnr"] for p in v["per_dz"].values()], "o-", label=_short(m)
+            )
         axes[2 * i].set_title(f"{name}: SSIM")
         axes[2 * i + 1].set_title(f"{name}: PSNR (dB)")
         for ax in axes[2 * i : 2 * i + 2]:
@@ -842,7 +849,7 @@ def _plot_crowded(r: dict[str, Any], path: Path) -> bool:
         for m, c in methods.items():
             true, est = np.asarray(c["z_true_um"]), np.asarray(c["z_est_um"], dtype=float)
             shown = np.where(np.isfinite(est), est, -edge)
-            ax.plot(true, shown, ".", ms=4, alpha=0.7, label=m[:32])
+            ax.plot(true, shown, ".", ms=4, alpha=0.7, label=_short(m))
         ax.plot([-edge, edge], [-edge, edge], "k-", lw=0.6)
         ax.plot([-edge, edge], [edge, -edge], "k:", lw=0.6)
         ax.set(xlim=(-edge, edge), ylim=(-edge - 0.5, edge), aspect="equal")
