@@ -555,6 +555,21 @@ def _draw_beads(
     return np.column_stack([xy, z]), _log_uniform(rng, 700.0, 3500.0, n)
 
 
+def _clear_of(c: np.ndarray, r: float, centres: list[np.ndarray], radii: list[float]) -> bool:
+    """Whether a sphere at `c` of radius `r` keeps 0.3 µm from every sphere drawn so far."""
+    return all(np.linalg.norm(c - p) > r + q + 0.3 for p, q in zip(centres, radii, strict=True))
+
+
+def _sphere_e(column_e: np.ndarray, radius_um: float | np.ndarray, px: float) -> np.ndarray:
+    """Return the total signal (e⁻) of filled spheres from their centre column's.
+
+    A sphere whose pixel column through the centre holds `column_e` sends
+    ``column · (2/3)·π·r² / px²`` in all.
+    """
+    out: np.ndarray = column_e * (2.0 / 3.0) * np.pi * radius_um**2 / px**2
+    return out
+
+
 def _draw_spheres(
     rng: np.random.Generator, shape: tuple[int, int], px: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -572,13 +587,12 @@ def _draw_spheres(
             break
         r = float(rng.uniform(0.5, 2.5))
         c = np.append(_xy(rng, 1, shape, px)[0], rng.uniform(-10.0, 10.0))
-        if all(np.linalg.norm(c - p) > r + q + 0.3 for p, q in zip(centres, radii, strict=True)):
+        if _clear_of(c, r, centres, radii):
             centres.append(c)
             radii.append(r)
     xyz = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
     rad = np.asarray(radii, dtype=np.float64)
-    column = _log_uniform(rng, 80.0, 800.0, rad.size)
-    return xyz, rad, column * (2.0 / 3.0) * np.pi * rad**2 / px**2
+    return xyz, rad, _sphere_e(_log_uniform(rng, 80.0, 800.0, rad.size), rad, px)
 
 
 def _draw_tilted(
@@ -637,7 +651,7 @@ def _draw_ganglion(
     steps = np.arange(-half_len, half_len + 1e-9, 0.75 * tube)
     body_xyz = on_axis(steps)
     body_column = rng.uniform(30.0, 80.0, steps.size)
-    body_e = body_column * (2.0 / 3.0) * np.pi * tube**2 / px**2
+    body_e = _sphere_e(body_column, tube, px)
 
     # the axis direction and the two across it (one in the frame's plane, one along z, tilted)
     along = np.array([u[0], u[1], slope]) / math.sqrt(1.0 + slope**2)
@@ -661,12 +675,12 @@ def _draw_ganglion(
         c = on_axis(np.array([t]))[0] + reach * (a * side + b * up)
         if abs(c[2]) > FOCUS_HALF_RANGE_UM - 0.5:
             continue
-        if all(np.linalg.norm(c - p) > r + q + 0.3 for p, q in zip(centres, radii, strict=True)):
+        if _clear_of(c, r, centres, radii):
             centres.append(c)
             radii.append(r)
     xyz = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
     rad = np.asarray(radii, dtype=np.float64)
-    nucleus_e = _log_uniform(rng, 120.0, 720.0, rad.size) * (2.0 / 3.0) * np.pi * rad**2 / px**2
+    nucleus_e = _sphere_e(_log_uniform(rng, 120.0, 720.0, rad.size), rad, px)
     body = np.r_[np.ones(steps.size, dtype=bool), np.zeros(rad.size, dtype=bool)]
     return (
         np.vstack([body_xyz, xyz]),

@@ -1517,7 +1517,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         # this run's own checkpoints first (the full one, then the portable one it writes),
         # then where a fresh machine starts
         mine = [p for p in (ckpt, cfg.portable_checkpoint) if p is not None and Path(p).is_file()]
-        src = mine[0] if mine else (cfg.resume_from or cfg.portable_checkpoint)
+        src = mine[0] if mine else cfg.resume_from
         if src is None or not Path(src).is_file():
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"

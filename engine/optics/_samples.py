@@ -152,7 +152,7 @@ def worm_nuclei(
         z += body.z_mid_um
         if sizes is None:  # centre to centre at least 2.8 µm
             free = all((x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 > 2.8**2 for p in pts)
-        else:  # surface to surface at least 0.3 µm
+        else:  # the two drawn radii and 0.3 µm apart
             free = all(
                 (x - p[0]) ** 2 + (y - p[1]) ** 2 + (z - p[2]) ** 2 > ((d + e) / 2 + 0.3) ** 2
                 for p, e in zip(pts, diameters, strict=True)
