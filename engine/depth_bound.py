@@ -1,7 +1,8 @@
 """How well one wide-field frame can tell a bead's depth at all: the information bound.
 
     python -m engine.depth_bound [--model engine/weights/deepz-volume.json]
-                                 [--optics model|independent|pupil] [--out runs/depth_bound]
+                                 [--optics model|independent|pupil] [--nucleus-radius-um R]
+                                 [--out runs/depth_bound]
 
 Any estimator — a network, the matched filter, a fit — reads a bead's depth from the photons
 of one frame. Two numbers bound how well it can do, for an isolated bead of known lateral
@@ -36,7 +37,10 @@ aberrations), 2 e⁻ read noise with the 1-count offset pattern added as noise (
 not know it), the middle of its 8–16 e⁻ background taken as uniform, beads of 700–3,500 e⁻
 (log-uniform). `--optics pupil` bounds the same beads and camera through the hold-out's third
 PSF model, the pupil-function PSF with the objective's own astigmatism, coma and spherical
-aberration (`heldout.IndependentOptics(psf_model="pupil")`). The table shows both ends of the
+aberration (`heldout.IndependentOptics(psf_model="pupil")`). With either, `--nucleus-radius-um`
+bounds the hold-out's nuclei instead (`nucleus_case`): a filled sphere imaged as the hold-out
+images it, with the brightness its crowded nuclei are drawn with, in a uniform body glow; alone,
+so a floor under what a crowd allows. The table shows both ends of the
 brightness and its middle. Prints the table, writes JSON and a plot. Seconds on a CPU
 (a minute or two for the pupil model).
 """
@@ -54,7 +58,7 @@ import numpy as np
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
-from engine.heldout import HeldoutCamera, IndependentOptics
+from engine.heldout import HeldoutCamera, IndependentOptics, sphere_image
 from engine.metadata import ModelMetadata
 from engine.optics import SLICE_UM, CameraConfig, OpticsConfig, make_psf
 
@@ -66,6 +70,7 @@ __all__ = [
     "depth_bound",
     "independent_case",
     "main",
+    "nucleus_case",
     "simulator_case",
 ]
 
@@ -75,6 +80,14 @@ BEAD_PHOTONS = (1500.0, 3000.0, 4500.0)
 """The simulator's bead brightness: both ends and the middle of 3 × peak_photons × U(0.5, 1.5)."""
 INDEPENDENT_BEAD_E = (700.0, float(np.sqrt(700.0 * 3500.0)), 3500.0)
 """The hold-out's bead signal (e⁻): both ends and the geometric middle of its log-uniform draw."""
+NUCLEUS_RADII_UM = (0.75, 1.0, 1.5, 2.0)
+"""Nucleus radii the table reports (µm): the hold-out's crowded nuclei are 0.75-2 µm."""
+NUCLEUS_COLUMN_E = (120.0, float(np.sqrt(120.0 * 720.0)), 720.0)
+"""The hold-out's nucleus brightness, as the signal of the pixel column through its centre
+(e⁻): both ends and the geometric middle of its log-uniform draw (`heldout._draw_ganglion`)."""
+BODY_E = 60.0
+"""The worm body's autofluorescence under a nucleus (e⁻ per pixel, taken as uniform): the
+hold-out's body tube is 40-110 e⁻ on its axis where its spheres overlap, less off it."""
 _STEP_UM = 0.25
 """Grid of candidate depths for the mirror search (µm); the depth derivative of the Cramér–Rao
 bound is a central difference of ±_STEP_UM / 5."""
@@ -217,6 +230,53 @@ def independent_case(
     )
 
 
+def nucleus_case(
+    radius_um: float,
+    optics: IndependentOptics | None = None,
+    camera: HeldoutCamera | None = None,
+    body_e: float = BODY_E,
+) -> BoundCase:
+    """Return the independent hold-out's nuclei of one radius: filled spheres in a worm's body.
+
+    A nucleus at depth z (defocus d = −z) is imaged exactly as the hold-out images it
+    (`heldout.sphere_image`: 0.5 µm slabs, each through its own depth's aberrated PSF). Its
+    brightness is reported as the hold-out draws it, by the centre column's signal
+    (`NUCLEUS_COLUMN_E`), converted to the sphere's total; the background is the camera's
+    (as in `independent_case`) plus the body's autofluorescence `body_e`, both uniform. The
+    nucleus is alone: its neighbours in a ganglion only make it harder, so this is a floor
+    under the error of any estimator on the crowded nuclei.
+    """
+    opt = optics or IndependentOptics()
+    cam = camera or HeldoutCamera()
+    px = opt.pixel_size_um
+    name = f"nucleus r {radius_um:g} µm" + ("" if opt.psf_model == "vectorial" else ", pupil")
+
+    def images(defocus_um: np.ndarray) -> np.ndarray:
+        return np.stack(
+            [sphere_image(opt, radius_um, -float(d), _CROP_PX) for d in defocus_um]
+        ).astype(np.float64)
+
+    pattern_e = cam.offset_pattern_counts / cam.gain_counts_per_e
+    total = tuple(float(c * (2.0 / 3.0) * np.pi * radius_um**2 / px**2) for c in NUCLEUS_COLUMN_E)
+    return BoundCase(
+        name=name,
+        images=images,
+        detection=Detection(
+            1.0,
+            float(np.mean(cam.background_e)) + body_e,
+            float(np.hypot(cam.read_noise_e, pattern_e)),
+        ),
+        photons=total,
+        describe={
+            "optics": asdict(opt),
+            "camera": asdict(cam),
+            "nucleus_radius_um": radius_um,
+            "column_e": list(NUCLEUS_COLUMN_E),
+            "body_e": body_e,
+        },
+    )
+
+
 def depth_bound(
     case: BoundCase,
     photons: Sequence[float] | None = None,
@@ -293,9 +353,11 @@ def _plot(rows: list[dict[str, Any]], path: Path, name: str) -> None:
             label=f"{n:.0f} photons" if name == "simulator" else f"{n:.0f} e⁻",
         )
         ax2.plot(z, [100 * r["ideal_error_rate"] for r in mine], marker="o", label=f"{n:.0f}")
-    ax1.set(xlabel="bead defocus (µm)", ylabel="Cramér–Rao SD of depth (µm)", yscale="log")
-    ax1.set_title(f"local precision ({name} beads)", fontsize=10)
-    ax2.set(xlabel="bead defocus (µm)", ylabel="ideal observer's error rate (%)", ylim=(0, 50))
+    what = name if name.startswith("nucleus") else f"{name} beads"
+    xlabel = ("nucleus" if name.startswith("nucleus") else "bead") + " defocus (µm)"
+    ax1.set(xlabel=xlabel, ylabel="Cramér–Rao SD of depth (µm)", yscale="log")
+    ax1.set_title(f"local precision ({what})", fontsize=10)
+    ax2.set(xlabel=xlabel, ylabel="ideal observer's error rate (%)", ylim=(0, 50))
     ax2.set_title("confused with a depth ≥ 1 µm away (often the mirror)", fontsize=10)
     ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
@@ -329,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="--optics model: each bead aberrated at its own depth (particle depth + z), or "
         "not (default: as the model trained)",
     )
+    parser.add_argument(
+        "--nucleus-radius-um",
+        type=float,
+        help="--optics independent or pupil: bound the hold-out's nuclei of this radius "
+        "(filled spheres in a worm's body, `nucleus_case`) instead of its beads",
+    )
     parser.add_argument("--min-separation-um", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=Path("runs/depth_bound"))
     args = parser.parse_args(argv)
@@ -337,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.particle_depth_um is not None or args.depth_dependent_aberration is not None
     ):
         parser.error("--particle-depth-um and --depth-dependent-aberration apply to --optics model")
+    if which == "model" and args.nucleus_radius_um is not None:
+        parser.error("--nucleus-radius-um applies to --optics independent or pupil")
+    if args.nucleus_radius_um is not None and not 0 < args.nucleus_radius_um <= 5:
+        parser.error(f"--nucleus-radius-um must be in (0, 5] µm, not {args.nucleus_radius_um}")
     record: dict[str, Any] = {"case": which}
     if which == "model":
         model_json = args.model.with_suffix(".json")
@@ -361,10 +433,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     else:
         psf_model: Literal["vectorial", "pupil"] = "pupil" if which == "pupil" else "vectorial"
-        case = independent_case(IndependentOptics(psf_model=psf_model))
+        ind = IndependentOptics(psf_model=psf_model)
+        if args.nucleus_radius_um is None:
+            case = independent_case(ind)
+            what = "beads (signal in e⁻)"
+        else:
+            case = nucleus_case(args.nucleus_radius_um, ind)
+            what = (
+                f"nuclei of radius {args.nucleus_radius_um:g} µm in a body of {BODY_E:g} e⁻ "
+                f"(total signal in e⁻ from a centre column of {NUCLEUS_COLUMN_E[0]:.0f}-"
+                f"{NUCLEUS_COLUMN_E[-1]:.0f} e⁻)"
+            )
         print(
             f"the independent hold-out's optics ({psf_model} PSF, depth-dependent aberration), "
-            "camera and beads (signal in e⁻)"
+            f"camera and {what}"
         )
     rows = depth_bound(case, min_separation_um=args.min_separation_um)
     print(f"{'photons':>8} {'defocus':>8} {'CRLB SD':>8} {'mirror':>7} {'KL':>6} {'ideal err':>9}")
@@ -376,7 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     shares = {f"{r:g}": confused_share(rows, r) for r in (4.0, 6.0, 10.0)}
     print(
-        "beads even the ideal observer confuses with a depth ≥ "
+        f"{'beads' if args.nucleus_radius_um is None else 'nuclei'} even the ideal observer "
+        "confuses with a depth ≥ "
         f"{args.min_separation_um:g} µm away: "
         + ", ".join(f"{100 * v:.0f} % within ±{k} µm" for k, v in shares.items())
     )
@@ -388,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
     }
     stem = "depth_bound" if which == "model" else f"depth_bound_{which}"
+    if args.nucleus_radius_um is not None:
+        stem += f"_nucleus_r{args.nucleus_radius_um:g}"
     if which == "model":  # named by the optics bounded, whatever the model's own are
         if optics.particle_depth_um != OpticsConfig().particle_depth_um:
             stem += f"_pz{optics.particle_depth_um:g}"

@@ -108,7 +108,9 @@ __all__ = [
     "plane_metrics",
     "point_density",
     "refocus_fns",
+    "render_objects",
     "sign_test",
+    "sphere_image",
     "summarise",
     "summarise_ratios",
     "surface_from_planes",
@@ -855,7 +857,7 @@ def _render_sphere(
     _add_clipped(out, img, r0 - kk // 2 - s // 2, c0 - kk // 2 - s // 2)
 
 
-def _render(
+def render_objects(
     xyz_um: np.ndarray,
     radius_um: np.ndarray,
     signal_e: np.ndarray,
@@ -863,7 +865,13 @@ def _render(
     optics: IndependentOptics,
     focus_um: np.ndarray,
 ) -> np.ndarray:
-    """Noise-free signal (F, H, W) float32 in e⁻ of all objects at each focus position."""
+    """Noise-free signal (F, H, W) float32 in e⁻ of objects at each focus position.
+
+    The one home for how the hold-out images its objects: a point source (radius 0) through
+    its depth's PSF, a filled sphere as 0.5 µm slabs, each through its own depth's PSF.
+    Positions (x, y, z) in µm, x along columns from pixel 0's centre, z deeper; `signal_e` is
+    each object's total signal.
+    """
     out = np.zeros((focus_um.size, *shape), dtype=np.float32)
     lattice = _PsfLattice(optics, focus_um)
     px = optics.pixel_size_um
@@ -874,6 +882,37 @@ def _render(
         else:
             _render_point(out, lattice, pos, float(e))
     return out
+
+
+def sphere_image(
+    optics: IndependentOptics,
+    radius_um: float,
+    z_um: float,
+    size_px: int = PSF_SIZE_PX,
+    offset_px: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Noise-free image (size, size) float32 at focus 0 of one filled sphere of total signal 1.
+
+    The sphere's centre sits at depth `z_um` under the centre pixel, moved by `offset_px`
+    (x, y; a fraction of a pixel, say), and is drawn as every
+    hold-out frame draws its spheres (0.5 µm slabs, each through its own depth's PSF), so
+    `engine.depth_bound` bounds a nucleus with the very images the hold-out scores. Light that
+    falls off the crop is lost, as it would be off a camera.
+    """
+    if radius_um <= 0 or size_px < 3 or size_px % 2 == 0:
+        raise ValueError(f"need radius_um > 0 and an odd size_px >= 3, got {radius_um}, {size_px}")
+    c = (size_px - 1) / 2
+    x, y = ((c + float(o)) * optics.pixel_size_um for o in offset_px)
+    out = render_objects(
+        np.array([[x, y, float(z_um)]]),
+        np.array([float(radius_um)]),
+        np.array([1.0]),
+        (size_px, size_px),
+        optics,
+        np.array([0.0]),
+    )
+    image: np.ndarray = out[0]
+    return image
 
 
 def _interp_planes(planes: np.ndarray, dz_um: np.ndarray, depth: np.ndarray) -> np.ndarray:
@@ -932,7 +971,7 @@ def independent_sample(
         xyz, signal_e, tilt = _draw_tilted(rng, shape, px)
         radius = np.zeros(len(signal_e))
     dz = truth_dz_um()
-    photo_e = _render(xyz, radius, signal_e, shape, optics, dz)
+    photo_e = render_objects(xyz, radius, signal_e, shape, optics, dz)
     bg_e = _background_e(rng, shape, camera)
     gain = np.float32(camera.gain_counts_per_e)
     offset = np.float32(camera.offset_counts)

@@ -421,3 +421,19 @@ def test_the_fidelity_figure_of_crowded_nuclei_is_drawn_where_there_are_some(tmp
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not _plot_crowded({"results": {"simulator": {"model": {}}}}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_sphere_images_as_the_hold_out_draws_it_and_a_tiny_one_as_its_psf():
+    """`sphere_image` is the hold-out's own sphere rendering (what `engine.depth_bound` bounds
+    a nucleus with): unit total, and a 0.1 µm sphere is the point spread function of its depth;
+    in focus a 2 µm one spreads its light far wider. Bad sizes are refused."""
+    optics = H.IndependentOptics()
+    tiny = H.sphere_image(optics, 0.1, 3.0, 63)
+    assert abs(float(tiny.sum()) - 1.0) < 0.02
+    psf = optics.psf(np.array([-3.0]), source_z_um=3.0, size_px=63)[0]
+    assert np.corrcoef(tiny.ravel(), psf.ravel())[0, 1] > 0.99
+    in_focus = H.sphere_image(optics, 0.1, 0.0, 63), H.sphere_image(optics, 2.0, 0.0, 63)
+    assert in_focus[1].max() < 0.2 * in_focus[0].max()
+    for bad in ((0.0, 63), (1.0, 64)):
+        with pytest.raises(ValueError, match="radius_um"):
+            H.sphere_image(optics, *bad[:1], 0.0, bad[1])
