@@ -151,11 +151,13 @@ def oracle_nucleus_depths(
     iterations: int = 5000,
     sweeps: int = 3,
     noise_free: bool = False,
+    know_body: bool = True,
 ) -> OracleFit:
     """Fit every nucleus's depth in a ganglion frame, knowing all but depths and brightness.
 
     `optics` must be the ones the sample was imaged with. ``noise_free`` fits the truth plane
     at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs.
+    ``know_body=False`` leaves the body's glow to the smooth background: what knowing it is worth.
     """
     cam = camera or ho.HeldoutCamera()
     obj, px = sample.objects, sample.pixel_size_um
@@ -164,7 +166,7 @@ def oracle_nucleus_depths(
     image = (source.astype(np.float64) - cam.offset_counts) / cam.gain_counts_per_e
     variance = np.maximum(image, 1.0) + cam.read_noise_e**2  # Poisson + read noise, in e⁻²
     body = obj.kind == "body"
-    if body.any():  # the oracle knows the body's glow exactly
+    if know_body and body.any():  # the oracle knows the body's glow exactly
         xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])[body]
         glow = ho.render_objects(
             xyz,
@@ -278,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--noise-free", action="store_true", help="fit the noise-free truth")
     parser.add_argument(
+        "--body-unknown",
+        action="store_true",
+        help="do not subtract the body's glow (the smooth background must take it)",
+    )
+    parser.add_argument(
         "--compare",
         type=Path,
         help="a fidelity.json (`engine.fidelity`) scored on the same frames: each method's "
@@ -287,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error(f"--iterations must be >= 1, not {args.iterations}")
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds must be >= 0, not {min(args.seeds)}")
     compare: dict[str, Any] | None = None
     if args.compare is not None:
         try:
@@ -301,7 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         sample = ho.independent_sample("ganglion", seed, optics=optics)
         fit = oracle_nucleus_depths(
-            sample, optics, iterations=args.iterations, noise_free=args.noise_free
+            sample,
+            optics,
+            iterations=args.iterations,
+            noise_free=args.noise_free,
+            know_body=not args.body_unknown,
         )
         fits.append(fit)
         summary = ho.summarise(fit.depths.errors)
@@ -327,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pooled = ho.summarise(errors)
     bins = ho.by_distance(z, errors, z_est_um=est)
     print(
-        f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}: "
+        f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}"
+        f"{', body unknown' if args.body_unknown else ''}: "
         f"{pooled['count']:.0f} crowded nuclei, median {pooled['median_um']:.2f} µm, "
         f"within 1 µm {100 * pooled['within_1um']:.0f} % "
         f"[{100 * pooled['within_1um_lo']:.0f}–{100 * pooled['within_1um_hi']:.0f}], "
@@ -342,10 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_set = "independent" if psf == "vectorial" else "pupil"
         _print_comparison(compare.get(record_set, {}), record_set, z, est)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}.json"
+    stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
+    path = args.out / f"{stem}{'_body_unknown' if args.body_unknown else ''}.json"
     record = {
         "psf_model": psf,
         "noise_free": args.noise_free,
+        "body_known": not args.body_unknown,
         "iterations": args.iterations,
         "grid_um": GRID_UM.tolist(),
         "pooled": pooled,

@@ -47,10 +47,21 @@ def test_the_oracle_reads_a_noise_free_crowd():
     assert fit.relative_residual < 0.05
 
 
-def test_the_command_refuses_a_bad_iteration_count(capsys):
-    with pytest.raises(SystemExit):
-        main(["--iterations", "0"])
-    assert "--iterations must be >= 1" in capsys.readouterr().err
+def test_the_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    """A bad iteration count, a negative seed or a --compare file that is no fidelity report
+    each get one line naming the problem, before any fitting."""
+    not_json = tmp_path / "fidelity.json"
+    not_json.write_text("{")
+    cases = (
+        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--seeds", "-1"], "--seeds must be >= 0"),
+        (["--compare", str(not_json)], "not a fidelity report's JSON"),
+        (["--compare", str(tmp_path / "missing.json")], "not a fidelity report's JSON"),
+    )
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_the_comparison_pairs_a_models_nuclei_with_the_oracles(capsys):
