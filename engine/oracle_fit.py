@@ -1,7 +1,8 @@
 """What a crowd allows: crowded nuclei's depths from one frame, by a fit told all but depth.
 
     python -m engine.oracle_fit [--psf vectorial|pupil] [--seeds 121 122 123 124]
-                                [--iterations 5000] [--noise-free] [--out runs/oracle_fit]
+                                [--iterations 5000] [--noise-free] [--body known|shape|unknown]
+                                [--compare fidelity.json] [--out runs/oracle_fit]
 
 `engine.depth_bound` bounds a nucleus alone. In a worm's head the nuclei crowd into ganglia,
 and a far nucleus's defocused ring lies over its neighbours: does one frame still hold each
@@ -22,7 +23,9 @@ another's surface, in the frame).
 What the number means: it is an estimator, not a bound. Where it puts a nucleus within 1 µm
 and a model does not, the frame held that depth (given the rest) and the model missed it;
 where it errs, the crowd may hide the depth, or the fit stopped short of the best reading
-(`--noise-free` shows how much the fit itself loses). Minutes per frame on a CPU.
+(`--noise-free` shows how much the fit itself loses). `--body shape` tells it only where the
+body's spheres lie, `--body unknown` nothing of the body: what knowing the glow is worth.
+Minutes per frame on a CPU.
 """
 
 from __future__ import annotations
@@ -41,12 +44,17 @@ from tqdm import tqdm
 
 from engine import heldout as ho
 
-__all__ = ["GRID_UM", "OracleFit", "fit_nnls", "main", "oracle_nucleus_depths"]
+__all__ = ["GRID_UM", "BodyKnowledge", "OracleFit", "fit_nnls", "main", "oracle_nucleus_depths"]
 
 GRID_UM = np.round(np.arange(-10.5, 10.51, 0.5), 6)
 """Depths every nucleus is offered at (µm): the hold-out's ±9.5 µm with a margin."""
 _HALF_PX = 31
 """Half-size of a nucleus's template (px): its ring 10.5 µm out of focus fits in 63²."""
+BodyKnowledge = Literal["known", "shape", "unknown"]
+"""What the fit is told of the body's glow: "known", the glow itself (subtracted); "shape",
+where each of the body's spheres lies and how large it is, not how bright (one free column
+each: what a network sees of the body's outline); "unknown", nothing (the smooth background
+must take it)."""
 _MIN_GAP_UM = 1.0
 """Nuclei closer than this to another's surface are not scored: as `fidelity.CROWDED_MIN_GAP_UM`
 (a test holds them equal; importing the report would import its runtimes)."""
@@ -151,13 +159,13 @@ def oracle_nucleus_depths(
     iterations: int = 5000,
     sweeps: int = 3,
     noise_free: bool = False,
-    know_body: bool = True,
+    body: BodyKnowledge = "known",
 ) -> OracleFit:
     """Fit every nucleus's depth in a ganglion frame, knowing all but depths and brightness.
 
     `optics` must be the ones the sample was imaged with. ``noise_free`` fits the truth plane
-    at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs.
-    ``know_body=False`` leaves the body's glow to the smooth background: what knowing it is worth.
+    at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs. `body`:
+    how much the fit is told of the body's glow (`BodyKnowledge`).
     """
     cam = camera or ho.HeldoutCamera()
     obj, px = sample.objects, sample.pixel_size_um
@@ -165,18 +173,22 @@ def oracle_nucleus_depths(
     source = sample.planes[int(np.argmin(np.abs(sample.dz_um)))] if noise_free else sample.frame
     image = (source.astype(np.float64) - cam.offset_counts) / cam.gain_counts_per_e
     variance = np.maximum(image, 1.0) + cam.read_noise_e**2  # Poisson + read noise, in e⁻²
-    body = obj.kind == "body"
-    if know_body and body.any():  # the oracle knows the body's glow exactly
-        xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])[body]
+    in_body = np.flatnonzero(obj.kind == "body")
+    xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])
+    smooth = _background_columns(shape)
+    if body == "known" and in_body.size:  # the glow itself, subtracted
+        signal = obj.intensity[in_body] / cam.gain_counts_per_e
         glow = ho.render_objects(
-            xyz,
-            obj.radius_um[body],
-            obj.intensity[body] / cam.gain_counts_per_e,
-            shape,
-            optics,
-            np.zeros(1),
-        )[0]
-        image = image - glow
+            xyz[in_body], obj.radius_um[in_body], signal, shape, optics, np.zeros(1)
+        )
+        image = image - glow[0]
+    elif body == "shape" and in_body.size:  # each body sphere's image, its brightness fitted
+        one = np.ones(1)
+        glows = [
+            ho.render_objects(xyz[[j]], obj.radius_um[[j]], one, shape, optics, np.zeros(1))
+            for j in in_body
+        ]
+        smooth = np.column_stack([smooth, *(g[0].ravel() for g in glows)])
     k = 2 * _HALF_PX + 1
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -202,18 +214,16 @@ def oracle_nucleus_depths(
     dictionary = sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(h * w, n)
     )
-    design = sp.hstack([dictionary, sp.csr_matrix(_background_columns(shape))]).tocsr()
+    design = sp.hstack([dictionary, sp.csr_matrix(smooth)]).tocsr()
     weight = 1.0 / np.sqrt(variance.ravel())
     design = sp.diags(weight) @ design
     # unit columns: one step size suits every column, however bright or dim its template
     norm = np.sqrt(np.asarray(design.multiply(design).sum(axis=0)).ravel())
     norm[norm == 0] = 1.0
-    coef, _ = fit_nnls(
-        (design @ sp.diags(1.0 / norm)).tocsr(), image.ravel() * weight, n, iterations
-    )
-    scaled = (design @ sp.diags(1.0 / norm)).tocsc()
+    scaled = (design @ sp.diags(1.0 / norm)).tocsr()
     b = image.ravel() * weight
-    depth, rel = _polish(scaled, b, coef, np.asarray(owner), n, sweeps)
+    coef, _ = fit_nnls(scaled, b, n, iterations)
+    depth, rel = _polish(scaled.tocsc(), b, coef, np.asarray(owner), n, sweeps)
     scored = _scored(sample)
     est = np.array([depth.get(int(i), np.nan) for i in scored])
     return OracleFit(
@@ -280,9 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--noise-free", action="store_true", help="fit the noise-free truth")
     parser.add_argument(
-        "--body-unknown",
-        action="store_true",
-        help="do not subtract the body's glow (the smooth background must take it)",
+        "--body",
+        choices=("known", "shape", "unknown"),
+        default="known",
+        help="what the fit is told of the body's glow: the glow itself, its spheres' places and "
+        "sizes (brightness fitted), or nothing",
     )
     parser.add_argument(
         "--compare",
@@ -314,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             optics,
             iterations=args.iterations,
             noise_free=args.noise_free,
-            know_body=not args.body_unknown,
+            body=args.body,
         )
         fits.append(fit)
         summary = ho.summarise(fit.depths.errors)
@@ -341,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bins = ho.by_distance(z, errors, z_est_um=est)
     print(
         f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}"
-        f"{', body unknown' if args.body_unknown else ''}: "
+        f"{'' if args.body == 'known' else f', body {args.body}'}: "
         f"{pooled['count']:.0f} crowded nuclei, median {pooled['median_um']:.2f} µm, "
         f"within 1 µm {100 * pooled['within_1um']:.0f} % "
         f"[{100 * pooled['within_1um_lo']:.0f}–{100 * pooled['within_1um_hi']:.0f}], "
@@ -357,11 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_comparison(compare.get(record_set, {}), record_set, z, est)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
-    path = args.out / f"{stem}{'_body_unknown' if args.body_unknown else ''}.json"
+    path = args.out / f"{stem}{'' if args.body == 'known' else f'_body_{args.body}'}.json"
     record = {
         "psf_model": psf,
         "noise_free": args.noise_free,
-        "body_known": not args.body_unknown,
+        "body": args.body,
         "iterations": args.iterations,
         "grid_um": GRID_UM.tolist(),
         "pooled": pooled,
