@@ -2,7 +2,8 @@
 
     python -m engine.oracle_fit [--psf vectorial|pupil] [--seeds 121 122 123 124]
                                 [--iterations 5000] [--noise-free] [--body known|shape|unknown]
-                                [--compare fidelity.json] [--out runs/oracle_fit]
+                                [--fit-psf vectorial|pupil] [--compare fidelity.json]
+                                [--out runs/oracle_fit]
 
 `engine.depth_bound` bounds a nucleus alone. In a worm's head the nuclei crowd into ganglia,
 and a far nucleus's defocused ring lies over its neighbours: does one frame still hold each
@@ -163,7 +164,8 @@ def oracle_nucleus_depths(
 ) -> OracleFit:
     """Fit every nucleus's depth in a ganglion frame, knowing all but depths and brightness.
 
-    `optics` must be the ones the sample was imaged with. ``noise_free`` fits the truth plane
+    `optics` are what the fit believes: the ones the sample was imaged with, or others to ask
+    what wrong optics cost. ``noise_free`` fits the truth plane
     at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs. `body`:
     how much the fit is told of the body's glow (`BodyKnowledge`).
     """
@@ -281,6 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.oracle_fit", description=__doc__)
     parser.add_argument("--psf", choices=("vectorial", "pupil"), default="vectorial")
     parser.add_argument(
+        "--fit-psf",
+        choices=("vectorial", "pupil"),
+        help="the PSF model the fit believes (default: --psf, the frames' own); the other one "
+        "asks how much a fit through slightly wrong optics loses",
+    )
+    parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
@@ -316,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--compare {args.compare}: not a fidelity report's JSON ({exc})")
     psf: Literal["vectorial", "pupil"] = args.psf
     optics = ho.IndependentOptics(psf_model=psf)
+    fit_psf: Literal["vectorial", "pupil"] = args.fit_psf or psf
+    fit_optics = ho.IndependentOptics(psf_model=fit_psf)
     fits: list[OracleFit] = []
     frames: list[dict[str, Any]] = []
     for seed in tqdm(args.seeds, desc=f"oracle fit ({psf})", unit="frame"):
@@ -323,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sample = ho.independent_sample("ganglion", seed, optics=optics)
         fit = oracle_nucleus_depths(
             sample,
-            optics,
+            fit_optics,
             iterations=args.iterations,
             noise_free=args.noise_free,
             body=args.body,
@@ -353,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bins = ho.by_distance(z, errors, z_est_um=est)
     print(
         f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}"
+        f"{'' if fit_psf == psf else f', fitted through the {fit_psf} PSF'}"
         f"{'' if args.body == 'known' else f', body {args.body}'}: "
         f"{pooled['count']:.0f} crowded nuclei, median {pooled['median_um']:.2f} µm, "
         f"within 1 µm {100 * pooled['within_1um']:.0f} % "
@@ -369,9 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_comparison(compare.get(record_set, {}), record_set, z, est)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
+    stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
     path = args.out / f"{stem}{'' if args.body == 'known' else f'_body_{args.body}'}.json"
     record = {
         "psf_model": psf,
+        "fit_psf_model": fit_psf,
         "noise_free": args.noise_free,
         "body": args.body,
         "iterations": args.iterations,
