@@ -84,6 +84,7 @@ __all__ = [
     "IndependentOptics",
     "IndependentSample",
     "PlanesFn",
+    "PsfModel",
     "SampleKind",
     "SurfaceFn",
     "TiltedFocus",
@@ -712,6 +713,34 @@ def _background_e(
 # Image formation: each object on its own
 
 
+class PsfModel(Protocol):
+    """What imaging objects needs of optics.
+
+    `IndependentOptics`, or another model a fit believes in (`engine.oracle_fit` images
+    spheres through the training simulator's PSF).
+    """
+
+    @property
+    def pixel_size_um(self) -> float:
+        """Pixel size at the sample (µm)."""
+        ...
+
+    @property
+    def aberration_step_um(self) -> float:
+        """Depth step (µm) between the aberration bins sources are imaged with."""
+        ...
+
+    def aberration_bin(self, z_um: float) -> int:
+        """Index of the aberration depth bin a source at depth `z_um` falls in."""
+        ...
+
+    def psf(
+        self, defocus_um: np.ndarray, source_z_um: float = 0.0, size_px: int = PSF_SIZE_PX
+    ) -> np.ndarray:
+        """PSF (Q, size, size) of a source at `source_z_um`, ``defocus = focus - object``."""
+        ...
+
+
 class _PsfLattice:
     """Depth-aberrated PSFs on the 0.5 µm slice lattice for the truth focus positions.
 
@@ -719,7 +748,7 @@ class _PsfLattice:
     covers every defocus ``focus - z_slice`` that bin's slices need.
     """
 
-    def __init__(self, optics: IndependentOptics, focus_um: np.ndarray) -> None:
+    def __init__(self, optics: PsfModel, focus_um: np.ndarray) -> None:
         self.optics = optics
         self.focus_um = np.asarray(focus_um, dtype=np.float64)
         self._banks: dict[int, tuple[float, np.ndarray]] = {}
@@ -862,7 +891,7 @@ def render_objects(
     radius_um: np.ndarray,
     signal_e: np.ndarray,
     shape: tuple[int, int],
-    optics: IndependentOptics,
+    optics: PsfModel,
     focus_um: np.ndarray,
 ) -> np.ndarray:
     """Noise-free signal (F, H, W) float32 in e⁻ of objects at each focus position.
@@ -885,7 +914,7 @@ def render_objects(
 
 
 def sphere_image(
-    optics: IndependentOptics,
+    optics: PsfModel,
     radius_um: float,
     z_um: float,
     size_px: int = PSF_SIZE_PX,

@@ -2,7 +2,7 @@
 
     python -m engine.oracle_fit [--psf vectorial|pupil] [--seeds 121 122 123 124]
                                 [--iterations 5000] [--noise-free] [--body known|shape|unknown]
-                                [--fit-psf vectorial|pupil] [--compare fidelity.json]
+                                [--fit-psf vectorial|pupil|simulator] [--compare fidelity.json]
                                 [--out runs/oracle_fit]
 
 `engine.depth_bound` bounds a nucleus alone. In a worm's head the nuclei crowd into ganglia,
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,8 +45,18 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from engine import heldout as ho
+from engine.optics import OpticsConfig, make_psf
 
-__all__ = ["GRID_UM", "BodyKnowledge", "OracleFit", "fit_nnls", "main", "oracle_nucleus_depths"]
+__all__ = [
+    "GRID_UM",
+    "BodyKnowledge",
+    "OracleFit",
+    "SimulatorOptics",
+    "fit_nnls",
+    "fit_optics_for",
+    "main",
+    "oracle_nucleus_depths",
+]
 
 GRID_UM = np.round(np.arange(-10.5, 10.51, 0.5), 6)
 """Depths every nucleus is offered at (µm): the hold-out's ±9.5 µm with a margin."""
@@ -72,6 +83,52 @@ class OracleFit:
     """Nuclei in the fit (all those whose template reaches the frame)."""
     relative_residual: float
     """Weighted residual norm over the frame's, at the end: near the noise level if it fits."""
+
+
+@dataclass(frozen=True)
+class SimulatorOptics:
+    """The training simulator's scalar PSF (`engine.optics.make_psf`) as a `heldout.PsfModel`.
+
+    What a model trained on the simulator believes about the optics, so a fit through it asks
+    what a physics refinement of a model's output would get through the model's own optics.
+    One aberration for every source (at `config.particle_depth_um`), as the simulator draws a
+    sample's sources.
+    """
+
+    config: OpticsConfig
+
+    @property
+    def pixel_size_um(self) -> float:
+        """Pixel size at the sample (µm)."""
+        return self.config.pixel_size_um
+
+    @property
+    def aberration_step_um(self) -> float:
+        """Depth step of the bins the renderer caches PSFs by (each bin's are the same)."""
+        return 1.0
+
+    def aberration_bin(self, z_um: float) -> int:
+        """Return the bin of depth `z_um` (the renderer's cache key; every bin: one aberration)."""
+        return math.floor(z_um + 0.5)
+
+    def psf(
+        self, defocus_um: np.ndarray, source_z_um: float = 0.0, size_px: int = ho.PSF_SIZE_PX
+    ) -> np.ndarray:
+        """Scalar PSF (Q, size, size) at `defocus_um` (focus − object), the same at any depth."""
+        return make_psf(self.config, np.asarray(defocus_um, dtype=np.float64), size_px)
+
+
+def fit_optics_for(psf: Literal["vectorial", "pupil", "simulator"]) -> ho.PsfModel:
+    """Return the optics a fit believes: a hold-out PSF model, or the simulator's at its depth.
+
+    "simulator": the training simulator's defaults (the hold-out's nominal optics: same NA,
+    wavelength, indices and pixel) with the aberration of the hold-out's focal-plane depth
+    (`IndependentOptics.base_depth_um`, 12 µm; a user knows roughly how deep they image).
+    """
+    if psf == "simulator":
+        depth = ho.IndependentOptics().base_depth_um
+        return SimulatorOptics(OpticsConfig(particle_depth_um=depth))
+    return ho.IndependentOptics(psf_model=psf)
 
 
 def fit_nnls(
@@ -154,7 +211,7 @@ def _background_columns(shape: tuple[int, int]) -> np.ndarray:
 
 def oracle_nucleus_depths(
     sample: ho.IndependentSample,
-    optics: ho.IndependentOptics,
+    optics: ho.PsfModel,
     camera: ho.HeldoutCamera | None = None,
     *,
     iterations: int = 5000,
@@ -284,9 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--psf", choices=("vectorial", "pupil"), default="vectorial")
     parser.add_argument(
         "--fit-psf",
-        choices=("vectorial", "pupil"),
-        help="the PSF model the fit believes (default: --psf, the frames' own); the other one "
-        "asks how much a fit through slightly wrong optics loses",
+        choices=("vectorial", "pupil", "simulator"),
+        help="the PSF model the fit believes (default: --psf, the frames' own); another asks "
+        "what wrong optics cost; 'simulator': the training simulator's scalar PSF, what a "
+        "model trained there believes",
     )
     parser.add_argument(
         "--seeds",
@@ -324,8 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--compare {args.compare}: not a fidelity report's JSON ({exc})")
     psf: Literal["vectorial", "pupil"] = args.psf
     optics = ho.IndependentOptics(psf_model=psf)
-    fit_psf: Literal["vectorial", "pupil"] = args.fit_psf or psf
-    fit_optics = ho.IndependentOptics(psf_model=fit_psf)
+    fit_psf: Literal["vectorial", "pupil", "simulator"] = args.fit_psf or psf
+    fit_optics = fit_optics_for(fit_psf)
     fits: list[OracleFit] = []
     frames: list[dict[str, Any]] = []
     for seed in tqdm(args.seeds, desc=f"oracle fit ({psf})", unit="frame"):

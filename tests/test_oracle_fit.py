@@ -86,3 +86,21 @@ def test_the_comparison_pairs_a_models_nuclei_with_the_oracles(capsys):
     assert "model: within 1 µm 40 % (beyond 4 µm from focus 0 %)" in out
     assert "the oracle places 3 it misses, misses 1 it places" in out
     assert "other: other nuclei than these (1 against 5): not paired" in out
+
+
+def test_a_fit_can_believe_the_training_simulators_optics():
+    """`--fit-psf simulator`: spheres imaged through the simulator's scalar PSF at the set's
+    depth (`SimulatorOptics`, a `heldout.PsfModel`): a tiny one is that PSF, the same at
+    every depth."""
+    from engine.optics import OpticsConfig, make_psf
+    from engine.oracle_fit import SimulatorOptics, fit_optics_for
+
+    optics = fit_optics_for("simulator")
+    assert isinstance(optics, SimulatorOptics) and optics.config.particle_depth_um == 12.0
+    assert isinstance(fit_optics_for("pupil"), ho.IndependentOptics)
+    psf = make_psf(OpticsConfig(particle_depth_um=12.0), np.array([-3.0]), 63)[0]
+    tiny = ho.sphere_image(optics, 0.1, 3.0, 63)
+    assert abs(float(tiny.sum()) - 1.0) < 0.02
+    assert np.corrcoef(tiny.ravel(), psf.ravel())[0, 1] > 0.99
+    # one aberration at every depth: the PSF of a source 8 µm deeper is the same function
+    assert np.array_equal(optics.psf(np.array([2.0]), 0.0), optics.psf(np.array([2.0]), 8.0))
