@@ -101,7 +101,7 @@ ImagesFn = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Detection:
-    """The camera's side of the bound: what turns a bead's photons into noisy electrons."""
+    """The camera's side of the bound: what turns an object's photons into noisy electrons."""
 
     quantum_efficiency: float
     background_photons: float
@@ -111,7 +111,7 @@ class Detection:
 
 @dataclass(frozen=True)
 class BoundCase:
-    """One set of beads to bound: how a bead images, the camera, and the brightness to report."""
+    """One set of objects to bound (beads or nuclei): how one images, the camera, brightness."""
 
     name: str
     images: ImagesFn
