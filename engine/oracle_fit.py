@@ -165,9 +165,9 @@ def _polish(
     The convex fit may spread a nucleus over several depths (its mirror among them). Each
     step takes one nucleus out of the model and puts it back at the single grid depth (and
     non-negative brightness) that most lowers the weighted residual, the others held; the
-    background is refitted after each sweep. No step raises the residual, so the sweeps only
-    improve on the fit's own best reading. Returns ({nucleus: depth refined by a parabola
-    through the residual drops around the best}, ‖A x − b‖ / ‖b‖).
+    background is refitted after each sweep. The first sweep may raise the residual (a nucleus
+    the convex fit spread over depths gets one); after it no step does. Returns ({nucleus:
+    depth refined by a parabola through the residual drops around the best}, ‖A x − b‖ / ‖b‖).
     """
     x = x.copy()
     r = b - a @ x
