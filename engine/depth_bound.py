@@ -50,7 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +58,7 @@ import numpy as np
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
-from engine.heldout import HeldoutCamera, IndependentOptics, sphere_image
+from engine.heldout import HeldoutCamera, IndependentOptics, sphere_image, sphere_signal_e
 from engine.metadata import ModelMetadata
 from engine.optics import SLICE_UM, CameraConfig, OpticsConfig, make_psf
 
@@ -80,8 +80,6 @@ BEAD_PHOTONS = (1500.0, 3000.0, 4500.0)
 """The simulator's bead brightness: both ends and the middle of 3 × peak_photons × U(0.5, 1.5)."""
 INDEPENDENT_BEAD_E = (700.0, float(np.sqrt(700.0 * 3500.0)), 3500.0)
 """The hold-out's bead signal (e⁻): both ends and the geometric middle of its log-uniform draw."""
-NUCLEUS_RADII_UM = (0.75, 1.0, 1.5, 2.0)
-"""Nucleus radii the table reports (µm): the hold-out's crowded nuclei are 0.75-2 µm."""
 NUCLEUS_COLUMN_E = (120.0, float(np.sqrt(120.0 * 720.0)), 720.0)
 """The hold-out's nucleus brightness, as the signal of the pixel column through its centre
 (e⁻): both ends and the geometric middle of its log-uniform draw (`heldout._draw_ganglion`)."""
@@ -247,8 +245,7 @@ def nucleus_case(
     under the error of any estimator on the crowded nuclei.
     """
     opt = optics or IndependentOptics()
-    cam = camera or HeldoutCamera()
-    px = opt.pixel_size_um
+    beads = independent_case(opt, camera)  # the same camera, as the hold-out's beads see it
     name = f"nucleus r {radius_um:g} µm" + ("" if opt.psf_model == "vectorial" else ", pupil")
 
     def images(defocus_um: np.ndarray) -> np.ndarray:
@@ -256,20 +253,16 @@ def nucleus_case(
             [sphere_image(opt, radius_um, -float(d), _CROP_PX) for d in defocus_um]
         ).astype(np.float64)
 
-    pattern_e = cam.offset_pattern_counts / cam.gain_counts_per_e
-    total = tuple(float(c * (2.0 / 3.0) * np.pi * radius_um**2 / px**2) for c in NUCLEUS_COLUMN_E)
+    column = np.asarray(NUCLEUS_COLUMN_E)
+    total = sphere_signal_e(column, radius_um, opt.pixel_size_um)
+    background = beads.detection.background_photons + body_e
     return BoundCase(
         name=name,
         images=images,
-        detection=Detection(
-            1.0,
-            float(np.mean(cam.background_e)) + body_e,
-            float(np.hypot(cam.read_noise_e, pattern_e)),
-        ),
-        photons=total,
-        describe={
-            "optics": asdict(opt),
-            "camera": asdict(cam),
+        detection=replace(beads.detection, background_photons=background),
+        photons=tuple(float(t) for t in total),
+        describe=beads.describe
+        | {
             "nucleus_radius_um": radius_um,
             "column_e": list(NUCLEUS_COLUMN_E),
             "body_e": body_e,

@@ -73,11 +73,6 @@ SEED_SETS = {
     "default": (SIMULATOR_SEEDS, INDEPENDENT_SEEDS),
     "large": (LARGE_SIMULATOR, LARGE_INDEPENDENT),
 }
-CROWDED_MIN_GAP_UM = 1.0
-"""The "ganglion" samples' nuclei are scored when 1 µm or more from another's surface (the
-isolated spheres: 1.5 µm). On their noise-free truth planes the read-out then scores a median
-of 0.15 µm (92 % within 1 µm; `tests/test_heldout.py`); at 0.5 µm the neighbours' light mixes
-in (p90 2 µm on the truth)."""
 PLANE_DZ_UM = np.arange(-10.0, 10.001, 2.0)
 """Δz where SSIM / PSNR are measured (µm)."""
 CROSS_MODALITY_SEEDS: dict[str, tuple[int, ...]] = {"beads": (41, 42), "worm": (43,)}
@@ -253,7 +248,7 @@ def _evaluate_set(
                 depth_snr.append(snr(k, found))
                 fwhm.append(ho.bead_fwhm_ratios(m.planes, s))
             if s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
-                nuclei_z = ho.nucleus_depths(m.planes, s, min_gap_um=CROWDED_MIN_GAP_UM)
+                nuclei_z = ho.nucleus_depths(m.planes, s, min_gap_um=ho.CROWDED_MIN_GAP_UM)
                 crowded.append(nuclei_z.errors)
                 crowded_z.append((nuclei_z.z_true_um, nuclei_z.z_est_um))
             elif (s.objects.kind == "sphere").any():
@@ -706,7 +701,7 @@ def _crowded_table(res: dict[str, Any]) -> list[str]:
     lines = [
         'Crowded nuclei (the independent "ganglion" samples: 1.5-4 µm nuclei in 2-4 ganglia '
         "inside a dim worm body, each scored when at least "
-        f"{CROWDED_MIN_GAP_UM:g} µm from another's surface; the noise-free truth planes score "
+        f"{ho.CROWDED_MIN_GAP_UM:g} µm from another's surface; the noise-free truth planes score "
         "0.15 µm):",
         "",
         "| method | nucleus depth median / p90 (µm) | within 1 µm | not found |",

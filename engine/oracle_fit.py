@@ -18,8 +18,8 @@ First a convex fit: every nucleus is offered at every depth of a 0.5 µm grid ov
 non-negative sum of those columns plus the background, weighted by each pixel's noise
 variance (FISTA). That fit may spread a nucleus over several depths, its mirror among them;
 Gauss–Seidel sweeps then give each nucleus the one depth that best explains what the others
-leave (`_polish`). Its errors are scored on the nuclei the fidelity report scores (1 µm from
-another's surface, in the frame).
+leave (`_polish`). Its errors are scored on the nuclei the fidelity report scores
+(`heldout.scored_nuclei`, `CROWDED_MIN_GAP_UM` from another's surface, in the frame).
 
 What the number means: it is an estimator, not a bound. Where it puts a nucleus within 1 µm
 and a model does not, the frame held that depth (given the rest) and the model missed it;
@@ -67,9 +67,6 @@ BodyKnowledge = Literal["known", "shape", "unknown"]
 where each of the body's spheres lies and how large it is, not how bright (one free column
 each: what a network sees of the body's outline); "unknown", nothing (the smooth background
 must take it)."""
-_MIN_GAP_UM = 1.0
-"""Nuclei closer than this to another's surface are not scored: as `fidelity.CROWDED_MIN_GAP_UM`
-(a test holds them equal; importing the report would import its runtimes)."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +280,7 @@ def oracle_nucleus_depths(
     b = image.ravel() * weight
     coef, _ = fit_nnls(scaled, b, n, iterations)
     depth, rel = _polish(scaled.tocsc(), b, coef, np.asarray(owner), n, sweeps)
-    scored = _scored(sample)
+    scored = ho.scored_nuclei(sample, min_gap_um=ho.CROWDED_MIN_GAP_UM)
     est = np.array([depth.get(int(i), np.nan) for i in scored])
     return OracleFit(
         depths=ho.BeadDepths(index=scored, z_true_um=obj.z_um[scored], z_est_um=est),
@@ -291,15 +288,6 @@ def oracle_nucleus_depths(
         nuclei=nuclei,
         relative_residual=rel,
     )
-
-
-def _scored(sample: ho.IndependentSample) -> np.ndarray:
-    """Rows of the nuclei the fidelity report scores in this frame (its own selection)."""
-
-    def nothing(frame: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        return np.zeros((dz.size, *frame.shape), dtype=np.float32)
-
-    return ho.nucleus_depths(nothing, sample, min_gap_um=_MIN_GAP_UM).index
 
 
 def _print_comparison(

@@ -188,9 +188,7 @@ def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
 
 def test_ganglion_nuclei_are_crowded_in_a_body_and_the_read_out_holds_on_the_truth():
     """The "ganglion" samples: nuclei packed in a dim worm body; the crowded-nucleus read-out
-    (`fidelity.CROWDED_MIN_GAP_UM`) is right on the noise-free truth and not on the input."""
-    from engine.fidelity import CROWDED_MIN_GAP_UM
-
+    (`heldout.CROWDED_MIN_GAP_UM`) is right on the noise-free truth and not on the input."""
     s = H.independent_sample("ganglion", 121, (160, 160))
     o = s.objects
     assert set(o.kind) == {"body", "sphere"}
@@ -203,11 +201,11 @@ def test_ganglion_nuclei_are_crowded_in_a_body_and_the_read_out_holds_on_the_tru
     gaps = np.linalg.norm(xyz[:, None] - xyz[None], axis=2) - r[:, None] - r[None]
     np.fill_diagonal(gaps, np.inf)
     assert gaps.min() > 0.3 - 1e-9 and np.median(gaps.min(axis=1)) < 2.0
-    truth = H.nucleus_depths(H.truth_planes_fn(s), s, min_gap_um=CROWDED_MIN_GAP_UM)
+    truth = H.nucleus_depths(H.truth_planes_fn(s), s, min_gap_um=H.CROWDED_MIN_GAP_UM)
     assert truth.index.size >= 5 and set(o.kind[truth.index]) == {"sphere"}
     on_truth = H.summarise(truth.errors)
     assert on_truth["failures"] == 0 and on_truth["median_um"] < 0.5
-    on_input = H.nucleus_depths(H.input_planes_fn, s, min_gap_um=CROWDED_MIN_GAP_UM)
+    on_input = H.nucleus_depths(H.input_planes_fn, s, min_gap_um=H.CROWDED_MIN_GAP_UM)
     assert H.summarise(on_input.errors)["median_um"] > 2.0
 
 

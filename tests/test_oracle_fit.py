@@ -31,14 +31,10 @@ def test_the_oracle_reads_a_noise_free_crowd():
     """On the noise-free truth of a small ganglion frame, knowing where each nucleus is, its
     size, the body and the optics, the fit puts most scored nuclei within 1 µm of their depth;
     it scores the nuclei the fidelity report scores. Not told the body, it places far fewer."""
-    from engine.fidelity import CROWDED_MIN_GAP_UM
-    from engine.oracle_fit import _MIN_GAP_UM
-
-    assert _MIN_GAP_UM == CROWDED_MIN_GAP_UM
     optics = ho.IndependentOptics()
     sample = ho.independent_sample("ganglion", 1, (96, 96), optics=optics)
     fit = oracle_nucleus_depths(sample, optics, iterations=1500, noise_free=True)
-    truth = ho.nucleus_depths(ho.truth_planes_fn(sample), sample, min_gap_um=CROWDED_MIN_GAP_UM)
+    truth = ho.nucleus_depths(ho.truth_planes_fn(sample), sample, min_gap_um=ho.CROWDED_MIN_GAP_UM)
     np.testing.assert_array_equal(fit.depths.index, truth.index)
     assert fit.depths.index.size >= 6 and fit.nuclei > fit.depths.index.size
     errors = fit.depths.errors
