@@ -1,7 +1,9 @@
 """What a crowd allows: crowded nuclei's depths from one frame, by a fit told all but depth.
 
     python -m engine.oracle_fit [--psf vectorial|pupil] [--seeds 121 122 123 124]
-                                [--iterations 5000] [--noise-free] [--body known|shape|unknown]
+                                [--iterations 5000] [--noise-free]
+                                [--body known|shape|model|blobs|unknown]
+                                [--radius known|nominal|fitted] [--body-clip 25]
                                 [--fit-psf vectorial|pupil|simulator] [--compare fidelity.json]
                                 [--out runs/oracle_fit]
 
@@ -26,6 +28,9 @@ and a model does not, the frame held that depth (given the rest) and the model m
 where it errs, the crowd may hide the depth, or the fit stopped short of the best reading
 (`--noise-free` shows how much the fit itself loses). `--body shape` tells it only where the
 body's spheres lie, `--body unknown` nothing of the body: what knowing the glow is worth.
+What a fit at serve time could know instead: `--body model` offers the glow a volume model's
+faint density gives (the shipped model's by default), `--body blobs` a generic lattice of broad
+non-negative blobs for any diffuse glow, `--radius nominal|fitted` withholds the radii.
 Minutes per frame on a CPU.
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,18 +61,35 @@ __all__ = [
     "fit_nnls",
     "fit_optics_for",
     "main",
+    "model_body_glow",
     "oracle_nucleus_depths",
+    "summarise",
 ]
 
 GRID_UM = np.round(np.arange(-10.5, 10.51, 0.5), 6)
 """Depths every nucleus is offered at (µm): the hold-out's ±9.5 µm with a margin."""
 _HALF_PX = 31
 """Half-size of a nucleus's template (px): its ring 10.5 µm out of focus fits in 63²."""
-BodyKnowledge = Literal["known", "shape", "unknown"]
+BodyKnowledge = Literal["known", "shape", "model", "blobs", "unknown"]
 """What the fit is told of the body's glow: "known", the glow itself (subtracted); "shape",
 where each of the body's spheres lies and how large it is, not how bright (one free column
-each: what a network sees of the body's outline); "unknown", nothing (the smooth background
+each: what a network sees of the body's outline); "model", the glow of a volume model's faint
+density (`model_body_glow`), its brightness fitted; "blobs", nothing, but any diffuse glow is
+offered as a non-negative lattice of broad Gaussians (`BLOB_SPACING_UM`): a generic prior a
+serve-time fit could use, tailored to no sample; "unknown", nothing (the smooth background
 must take it)."""
+RadiusKnowledge = Literal["known", "nominal", "fitted"]
+"""What the fit is told of each nucleus's radius: "known", the truth; "nominal", nothing (every
+nucleus drawn with `NOMINAL_RADIUS_UM`); "fitted", nothing, but each nucleus is offered at
+every radius of `RADII_UM` too and the polish keeps the best (radius, depth)."""
+NOMINAL_RADIUS_UM = 1.25
+"""The radius a fit assumes when it is told none (µm): mid-range of C. elegans head nuclei."""
+RADII_UM = (0.8, 1.2, 1.75)
+"""Radii (µm) a "fitted" nucleus is offered at."""
+MODEL_BODY_CLIP_COUNTS = 25.0
+"""Density (camera counts per voxel) below which a volume model's density counts as body."""
+BLOB_SPACING_UM = 5.0
+"""Lattice step of the "blobs" body prior (µm); each blob is a Gaussian of SD the same."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +152,13 @@ def fit_optics_for(psf: Literal["vectorial", "pupil", "simulator"]) -> ho.PsfMod
 
 
 def fit_nnls(
-    a: sp.csr_matrix, b: np.ndarray, nonneg: int, iterations: int
+    a: sp.csr_matrix,
+    b: np.ndarray,
+    nonneg: int,
+    iterations: int,
+    x0: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Solve min ‖A x − b‖² with x[:nonneg] ≥ 0 (the rest free) by FISTA.
+    """Solve min ‖A x − b‖² with x[:nonneg] ≥ 0 (the rest free) by FISTA, from `x0` or zero.
 
     Returns (x, ‖A x − b‖ / ‖b‖). The step is 1 / L, L the largest eigenvalue of AᵀA by power
     iteration (30 rounds, then 1 % more for safety).
@@ -142,7 +169,8 @@ def fit_nnls(
         v = at @ (a @ v)
         v /= np.linalg.norm(v)
     lipschitz = 1.01 * float(np.linalg.norm(at @ (a @ v)))
-    x = np.zeros(a.shape[1])
+    x = np.zeros(a.shape[1]) if x0 is None else np.array(x0, dtype=np.float64)
+    x[:nonneg] = np.maximum(x[:nonneg], 0.0)
     y = x.copy()
     t = 1.0
     for _ in range(iterations):
@@ -155,24 +183,34 @@ def fit_nnls(
 
 
 def _polish(
-    a: sp.csc_matrix, b: np.ndarray, x: np.ndarray, owner: np.ndarray, n: int, sweeps: int
+    a: sp.csc_matrix,
+    b: np.ndarray,
+    x: np.ndarray,
+    owner: np.ndarray,
+    n: int,
+    sweeps: int,
+    bg_nonneg: int = 0,
 ) -> tuple[dict[int, float], float]:
     """One depth per nucleus, from the convex fit: Gauss–Seidel sweeps over the nuclei.
 
     The convex fit may spread a nucleus over several depths (its mirror among them). Each
     step takes one nucleus out of the model and puts it back at the single grid depth (and
     non-negative brightness) that most lowers the weighted residual, the others held; the
-    background is refitted after each sweep. The first sweep may raise the residual (a nucleus
-    the convex fit spread over depths gets one); after it no step does. Returns ({nucleus:
-    depth refined by a parabola through the residual drops around the best}, ‖A x − b‖ / ‖b‖).
+    background is refitted after each sweep (its first `bg_nonneg` columns kept ≥ 0). A
+    nucleus's columns run over `GRID_UM` once per radius it is offered at. The first sweep may
+    raise the residual (a nucleus the convex fit spread over depths gets one); after it no step
+    does. Returns ({nucleus: depth refined by a parabola through the residual drops around the
+    best}, ‖A x − b‖ / ‖b‖).
     """
     x = x.copy()
     r = b - a @ x
     nuclei = list(dict.fromkeys(owner.tolist()))
     cols = {i: np.flatnonzero(owner == i) for i in nuclei}
     background = np.arange(n, a.shape[1])
-    bg = a[:, background].toarray()
+    bg = a[:, background]
+    bg_dense = None if bg_nonneg else bg.toarray()
     depth: dict[int, float] = {}
+    g = GRID_UM.size
     for _ in range(max(sweeps, 1)):
         for i in nuclei:
             c = cols[i]
@@ -184,15 +222,18 @@ def _polish(
             k = int(np.argmax(drop))
             x[c[k]] = max(float(dot[k]), 0.0)
             r -= block[:, [k]] @ x[c[[k]]]
-            z = float(GRID_UM[k])
-            if 0 < k < GRID_UM.size - 1:
+            z = float(GRID_UM[k % g])
+            if 0 < k % g < g - 1:
                 d0, d1, d2 = drop[k - 1 : k + 2]
                 den = d0 - 2 * d1 + d2
                 if den < 0:
                     z += 0.5 * float(GRID_UM[1] - GRID_UM[0]) * float((d0 - d2) / den)
             depth[i] = z
         r += bg @ x[background]
-        x[background] = np.linalg.lstsq(bg, r, rcond=None)[0]
+        if bg_dense is not None:
+            x[background] = np.linalg.lstsq(bg_dense, r, rcond=None)[0]
+        else:
+            x[background] = fit_nnls(bg.tocsr(), r, bg_nonneg, 300, x0=x[background])[0]
         r -= bg @ x[background]
     return depth, float(np.linalg.norm(r) / np.linalg.norm(b))
 
@@ -206,6 +247,64 @@ def _background_columns(shape: tuple[int, int]) -> np.ndarray:
     return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
 
 
+def _blob_columns(shape: tuple[int, int], pixel_size_um: float) -> sp.csr_matrix:
+    """(H·W, K) non-negative lattice of Gaussians (SD and step `BLOB_SPACING_UM`) over the frame.
+
+    A generic diffuse-glow prior: smooth enough to leave a nucleus's defocused ring to the
+    nuclei's columns, dense enough to follow a body's outline a few µm wide. The lattice runs
+    a step past each edge, so glow entering the frame from outside is covered.
+    """
+    h, w = shape
+    step = BLOB_SPACING_UM / pixel_size_um
+    reach = math.ceil(3 * step)
+    yy, xx = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    cols: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    centres = [
+        (cy, cx)
+        for cy in np.arange(-step, h + step, step)
+        for cx in np.arange(-step, w + step, step)
+    ]
+    for j, (cy, cx) in enumerate(centres):
+        ry, rx = round(cy), round(cx)
+        g = np.exp(-((yy + ry - cy) ** 2 + (xx + rx - cx) ** 2) / (2 * step * step))
+        fr, fc = (yy + ry).ravel(), (xx + rx).ravel()
+        ok = (fr >= 0) & (fr < h) & (fc >= 0) & (fc < w)
+        rows.append(fr[ok] * w + fc[ok])
+        cols.append(np.full(int(ok.sum()), j))
+        vals.append(g.ravel()[ok])
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(h * w, len(centres)),
+    )
+
+
+def model_body_glow(
+    backend: Any, frame: np.ndarray, clip_counts: float = MODEL_BODY_CLIP_COUNTS
+) -> np.ndarray:
+    """Return the body's glow at focus (H, W, counts above offset) as a volume model sees it.
+
+    The shipped volume model explains a worm body's diffuse glow with faint density spread
+    through the body (a comb of voxels a few counts each) and the nuclei with compact bright
+    blobs (hundreds of counts). Its voxels below `clip_counts` are taken as body and rendered
+    at focus through the model's own PSF, then smoothed (Gaussian, 3 px) to even out the comb.
+    """
+    from scipy import ndimage as ndi
+
+    from engine.volume import Renderer, load_psf_bank
+
+    volume = backend.metadata.volume
+    if volume is None:
+        raise ValueError(f"{backend.name} is a per-plane model; the body needs a volume model")
+    density = backend.volume(frame)[0]
+    psf = load_psf_bank(Path(backend.model_path).parent / volume.psf_file, len(volume.depth_um))
+    renderer = Renderer(psf, np.asarray(volume.depth_um), frame.shape, threads=1)
+    faint = np.where(density < clip_counts, density, 0.0).astype(np.float32)
+    glow: np.ndarray = ndi.gaussian_filter(renderer.render(faint, np.zeros(1))[0], 3.0)
+    return glow
+
+
 def oracle_nucleus_depths(
     sample: ho.IndependentSample,
     optics: ho.PsfModel,
@@ -215,13 +314,17 @@ def oracle_nucleus_depths(
     sweeps: int = 3,
     noise_free: bool = False,
     body: BodyKnowledge = "known",
+    radius: RadiusKnowledge = "known",
+    body_glow_counts: np.ndarray | None = None,
 ) -> OracleFit:
     """Fit every nucleus's depth in a ganglion frame, knowing all but depths and brightness.
 
     `optics` are what the fit believes: the ones the sample was imaged with, or others to ask
     what wrong optics cost. ``noise_free`` fits the truth plane
     at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs. `body`:
-    how much the fit is told of the body's glow (`BodyKnowledge`).
+    how much the fit is told of the body's glow (`BodyKnowledge`); `radius`, of each nucleus's
+    radius (`RadiusKnowledge`). `body_glow_counts` (H, W): the glow a "model" body offers, in
+    camera counts above offset (`model_body_glow`).
     """
     cam = camera or ho.HeldoutCamera()
     obj, px = sample.objects, sample.pixel_size_um
@@ -245,6 +348,12 @@ def oracle_nucleus_depths(
             for j in in_body
         ]
         smooth = np.column_stack([smooth, *(g[0].ravel() for g in glows)])
+    elif body == "model":
+        if body_glow_counts is None or body_glow_counts.shape != shape:
+            raise ValueError(f"a 'model' body needs body_glow_counts of shape {shape}")
+        glow_e = np.asarray(body_glow_counts, dtype=np.float64) / cam.gain_counts_per_e
+        smooth = np.column_stack([smooth, glow_e.ravel()])
+    blobs = _blob_columns(shape, px) if body == "blobs" else sp.csr_matrix((h * w, 0))
     k = 2 * _HALF_PX + 1
     rows: list[np.ndarray] = []
     cols: list[np.ndarray] = []
@@ -257,8 +366,13 @@ def oracle_nucleus_depths(
         if not (-_HALF_PX < ri < h + _HALF_PX and -_HALF_PX < ci < w + _HALF_PX):
             continue
         nuclei += 1
-        for z in GRID_UM:
-            t = ho.sphere_image(optics, float(obj.radius_um[i]), float(z), k, (x - ci, y - ri))
+        radii = {
+            "known": (float(obj.radius_um[i]),),
+            "nominal": (NOMINAL_RADIUS_UM,),
+            "fitted": RADII_UM,
+        }[radius]
+        for r_um, z in ((r_um, z) for r_um in radii for z in GRID_UM):
+            t = ho.sphere_image(optics, r_um, float(z), k, (x - ci, y - ri))
             ty, tx = np.nonzero(t > 1e-7)
             fr, fc = ty + ri - _HALF_PX, tx + ci - _HALF_PX
             ok = (fr >= 0) & (fr < h) & (fc >= 0) & (fc < w)
@@ -270,7 +384,7 @@ def oracle_nucleus_depths(
     dictionary = sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(h * w, n)
     )
-    design = sp.hstack([dictionary, sp.csr_matrix(smooth)]).tocsr()
+    design = sp.hstack([dictionary, blobs, sp.csr_matrix(smooth)]).tocsr()
     weight = 1.0 / np.sqrt(variance.ravel())
     design = sp.diags(weight) @ design
     # unit columns: one step size suits every column, however bright or dim its template
@@ -278,8 +392,9 @@ def oracle_nucleus_depths(
     norm[norm == 0] = 1.0
     scaled = (design @ sp.diags(1.0 / norm)).tocsr()
     b = image.ravel() * weight
-    coef, _ = fit_nnls(scaled, b, n, iterations)
-    depth, rel = _polish(scaled.tocsc(), b, coef, np.asarray(owner), n, sweeps)
+    m = blobs.shape[1]
+    coef, _ = fit_nnls(scaled, b, n + m, iterations)
+    depth, rel = _polish(scaled.tocsc(), b, coef, np.asarray(owner), n, sweeps, bg_nonneg=m)
     scored = ho.scored_nuclei(sample, min_gap_um=ho.CROWDED_MIN_GAP_UM)
     est = np.array([depth.get(int(i), np.nan) for i in scored])
     return OracleFit(
@@ -323,6 +438,104 @@ def _print_comparison(
         print(f"  the fidelity report has no crowded nuclei in its {set_name!r} set")
 
 
+def _label(record: dict[str, Any]) -> str:
+    """Name one fit's JSON by what it was told and what it was not."""
+    told = []
+    if record.get("noise_free"):
+        told.append("noise-free")
+    # the first fits (session 26) wrote only whether the glow was known
+    body = record.get("body", "known" if record.get("body_known", True) else "unknown")
+    clip = record.get("body_clip_counts")
+    told.append(
+        {
+            "known": "body's glow told",
+            "shape": "body's spheres told",
+            "model": f"body from the model's density (< {clip:g} counts)" if clip else "",
+            "blobs": "body: a lattice of blobs",
+            "unknown": "body unknown",
+        }.get(body, f"body {body}")
+    )
+    radius = record.get("radius", "known")
+    told.append(
+        {"known": "radii told", "nominal": "radii unknown", "fitted": "radii fitted"}[radius]
+    )
+    fit_psf = record.get("fit_psf_model", record["psf_model"])
+    if fit_psf != record["psf_model"]:
+        told.append(f"through the {fit_psf} PSF")
+    return f"{record['psf_model']} frames: " + ", ".join(told)
+
+
+def summarise(
+    folder: Path, compare: dict[str, Any] | None = None, plot: Path | None = None
+) -> list[dict[str, Any]]:
+    """Every fit's JSON in `folder` (and a fidelity report's methods, paired) in one table.
+
+    Returns rows (label, nuclei, median, within 1 µm, within 1 µm beyond 4 µm from focus),
+    best first; with `plot`, draws them as bars (what a fit must be told, at a glance).
+    """
+    rows: list[dict[str, Any]] = []
+    truth: dict[str, np.ndarray] = {}
+    for path in sorted(folder.glob("oracle_fit_*.json")):
+        record = json.loads(path.read_text())
+        z = np.asarray(record["nuclei"]["z_true_um"], dtype=np.float64)
+        err = np.abs(np.asarray(record["nuclei"]["z_est_um"], dtype=np.float64) - z)
+        truth.setdefault(record["psf_model"], z)
+        rows.append(_row(_label(record), z, err))
+    for psf, record_set in (("vectorial", "independent"), ("pupil", "pupil")):
+        if psf not in truth:
+            continue
+        for name, result in (compare or {}).get(record_set, {}).items():
+            nuclei = result.get("crowded_nuclei") or {}
+            z = np.asarray(nuclei.get("z_true_um", []), dtype=np.float64)
+            if z.shape != truth[psf].shape or not np.allclose(z, truth[psf]):
+                continue  # other nuclei than the fits': no row
+            err = np.abs(np.asarray(nuclei["z_est_um"], dtype=np.float64) - z)
+            rows.append(_row(f"{psf} frames: {name}", z, err, model=True))
+    rows.sort(key=lambda r: -r["within_1um"])
+    if plot is not None and rows:
+        _plot_summary(rows, plot)
+    return rows
+
+
+def _row(label: str, z: np.ndarray, err: np.ndarray, model: bool = False) -> dict[str, Any]:
+    hits = np.nan_to_num(err, nan=np.inf) <= 1.0
+    far = np.abs(z) >= 4.0
+    return {
+        "label": label,
+        "model": model,
+        "nuclei": int(z.size),
+        "median_um": float(np.median(np.nan_to_num(err, nan=np.inf))),
+        "within_1um": float(np.mean(hits)),
+        "within_1um_far": float(np.mean(hits[far])) if far.any() else float("nan"),
+    }
+
+
+def _plot_summary(rows: list[dict[str, Any]], path: Path) -> None:
+    """Bars: share within 1 µm, all nuclei and those beyond 4 µm from focus; models hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.2))
+    y = np.arange(len(rows))[::-1]
+    all_ = [100 * r["within_1um"] for r in rows]
+    far = [100 * r["within_1um_far"] for r in rows]
+    hatch = ["//" if r["model"] else "" for r in rows]
+    ax.barh(y + 0.2, all_, 0.4, color="tab:blue", hatch=hatch, label="all crowded nuclei")
+    ax.barh(y - 0.2, far, 0.4, color="tab:orange", hatch=hatch, label="beyond 4 µm from focus")
+    ax.set_yticks(y, [textwrap.fill(r["label"], 60) for r in rows], fontsize=7)
+    ax.set_xlabel("within 1 µm of the true depth (%)")
+    ax.set_xlim(0, 100)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(
+        "Crowded nuclei from one frame: what a fit must be told (hatched: a model)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Fit the ganglion frames; print the depth errors by distance from focus; write JSON."""
     parser = argparse.ArgumentParser(prog="python -m engine.oracle_fit", description=__doc__)
@@ -345,10 +558,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--noise-free", action="store_true", help="fit the noise-free truth")
     parser.add_argument(
         "--body",
-        choices=("known", "shape", "unknown"),
+        choices=("known", "shape", "model", "blobs", "unknown"),
         default="known",
         help="what the fit is told of the body's glow: the glow itself, its spheres' places and "
-        "sizes (brightness fitted), or nothing",
+        "sizes (brightness fitted), nothing but a lattice of broad non-negative blobs offered "
+        "for any diffuse glow, or nothing; 'model': the glow of a volume model's faint "
+        "density (--body-model, --body-clip), brightness fitted",
+    )
+    parser.add_argument("--body-model", type=Path, default=Path("engine/weights/deepz-volume.onnx"))
+    parser.add_argument(
+        "--body-clip",
+        type=float,
+        default=MODEL_BODY_CLIP_COUNTS,
+        help="density (counts per voxel) below which the model's density counts as body",
+    )
+    parser.add_argument(
+        "--radius",
+        choices=("known", "nominal", "fitted"),
+        default="known",
+        help=f"what the fit is told of each nucleus's radius: the truth, nothing (all drawn "
+        f"{NOMINAL_RADIUS_UM} µm), or nothing but each offered at {RADII_UM} µm",
     )
     parser.add_argument(
         "--compare",
@@ -357,6 +586,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "crowded nuclei beside the oracle's, nucleus by nucleus",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/oracle_fit"))
+    parser.add_argument(
+        "--summarise",
+        type=Path,
+        metavar="DIR",
+        help="fit nothing: tabulate every fit's JSON in DIR (with --compare's methods, paired "
+        "by nucleus) and draw DIR/summary.png",
+    )
     args = parser.parse_args(argv)
     if args.iterations < 1:
         parser.error(f"--iterations must be >= 1, not {args.iterations}")
@@ -368,10 +604,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare = json.loads(args.compare.read_text())["results"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             parser.error(f"--compare {args.compare}: not a fidelity report's JSON ({exc})")
+    if args.summarise is not None:
+        if not args.summarise.is_dir():
+            parser.error(f"--summarise {args.summarise}: not a folder")
+        rows = summarise(args.summarise, compare, args.summarise / "summary.png")
+        for r in rows:
+            print(
+                f"{r['label']}: {r['nuclei']} nuclei, median {r['median_um']:.2f} µm, "
+                f"within 1 µm {100 * r['within_1um']:.0f} % "
+                f"(beyond 4 µm {100 * r['within_1um_far']:.0f} %)"
+            )
+        print(f"wrote {args.summarise / 'summary.png'}" if rows else "no fits found")
+        return 0
     psf: Literal["vectorial", "pupil"] = args.psf
     optics = ho.IndependentOptics(psf_model=psf)
     fit_psf: Literal["vectorial", "pupil", "simulator"] = args.fit_psf or psf
     fit_optics = fit_optics_for(fit_psf)
+    backend = None
+    if args.body == "model":
+        from engine.runtime import load_backend
+
+        backend = load_backend(args.body_model)
     fits: list[OracleFit] = []
     frames: list[dict[str, Any]] = []
     for seed in tqdm(args.seeds, desc=f"oracle fit ({psf})", unit="frame"):
@@ -383,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             iterations=args.iterations,
             noise_free=args.noise_free,
             body=args.body,
+            radius=args.radius,
+            body_glow_counts=None
+            if backend is None
+            else model_body_glow(backend, sample.frame, args.body_clip),
         )
         fits.append(fit)
         summary = ho.summarise(fit.depths.errors)
@@ -410,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}"
         f"{'' if fit_psf == psf else f', fitted through the {fit_psf} PSF'}"
-        f"{'' if args.body == 'known' else f', body {args.body}'}: "
+        f"{'' if args.body == 'known' else f', body {args.body}'}"
+        f"{'' if args.radius == 'known' else f', radius {args.radius}'}: "
         f"{pooled['count']:.0f} crowded nuclei, median {pooled['median_um']:.2f} µm, "
         f"within 1 µm {100 * pooled['within_1um']:.0f} % "
         f"[{100 * pooled['within_1um_lo']:.0f}–{100 * pooled['within_1um_hi']:.0f}], "
@@ -427,12 +685,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
     stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
-    path = args.out / f"{stem}{'' if args.body == 'known' else f'_body_{args.body}'}.json"
+    stem += "" if args.body == "known" else f"_body_{args.body}"
+    stem += f"{args.body_clip:g}" if args.body == "model" else ""
+    path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
     record = {
         "psf_model": psf,
         "fit_psf_model": fit_psf,
         "noise_free": args.noise_free,
         "body": args.body,
+        "radius": args.radius,
+        "body_model": str(args.body_model) if args.body == "model" else None,
+        "body_clip_counts": args.body_clip if args.body == "model" else None,
         "iterations": args.iterations,
         "grid_um": GRID_UM.tolist(),
         "pooled": pooled,

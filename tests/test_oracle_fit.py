@@ -100,3 +100,94 @@ def test_a_fit_can_believe_the_training_simulators_optics():
     assert np.corrcoef(tiny.ravel(), psf.ravel())[0, 1] > 0.99
     # one aberration at every depth: the PSF of a source 8 µm deeper is the same function
     assert np.array_equal(optics.psf(np.array([2.0]), 0.0), optics.psf(np.array([2.0]), 8.0))
+
+
+def test_the_polish_reads_depth_and_radius_blocks_alike():
+    """A nucleus offered at two radii has 2 x len(GRID_UM) columns; the polish gives it the
+    depth of its best column whichever radius block that lies in."""
+    from engine.oracle_fit import GRID_UM, _polish
+
+    rng = np.random.default_rng(5)
+    g = GRID_UM.size
+    a = rng.random((400, 2 * g + 1))
+    a[:, -1] = 1.0  # the background: a constant
+    a /= np.linalg.norm(a, axis=0)
+    truth = g + 7  # the second radius, the 8th depth
+    b = 3.0 * a[:, truth] + 0.5 * a[:, -1]
+    owner = np.zeros(2 * g, dtype=int)
+    depth, rel = _polish(sp.csc_matrix(a), b, np.zeros(2 * g + 1), owner, 2 * g, sweeps=30)
+    assert abs(depth[0] - GRID_UM[7]) < 0.25 and rel < 1e-4
+
+
+def test_the_body_prior_lattice_covers_the_frame_with_non_negative_blobs():
+    """`--body blobs`: broad non-negative Gaussians a step apart, past every edge, so every
+    pixel is covered about equally (no hole a nucleus's ring would have to fill)."""
+    from engine.oracle_fit import BLOB_SPACING_UM, _blob_columns
+
+    columns = _blob_columns((96, 96), 0.3)
+    per_side = len(np.arange(-BLOB_SPACING_UM / 0.3, 96 + BLOB_SPACING_UM / 0.3, 5.0 / 0.3))
+    assert columns.shape == (96 * 96, per_side**2) and columns.min() >= 0.0
+    cover = np.asarray(columns.sum(axis=1)).ravel()
+    assert cover.min() > 0.5 * cover.max()
+
+
+def test_the_shipped_model_sees_the_body_and_a_fit_can_be_offered_its_glow():
+    """`--body model`: the shipped volume model's faint density, rendered at focus, follows the
+    body's true glow on a small ganglion frame; offered the true glow the same way (its
+    brightness fitted), the fit places the nuclei as well as when told it; a glow of the
+    wrong shape is refused in one line."""
+    from engine.oracle_fit import model_body_glow
+    from engine.runtime import load_backend
+
+    optics = ho.IndependentOptics()
+    sample = ho.independent_sample("ganglion", 1, (96, 96), optics=optics)
+    obj = sample.objects
+    body = np.flatnonzero(obj.kind == "body")
+    xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])
+    glow = ho.render_objects(
+        xyz[body], obj.radius_um[body], obj.intensity[body], (96, 96), optics, np.zeros(1)
+    )[0]
+    seen = model_body_glow(load_backend("engine/weights/deepz-volume.onnx"), sample.frame)
+    assert seen.shape == (96, 96) and seen.min() >= 0.0
+    assert np.corrcoef(seen.ravel(), glow.ravel())[0, 1] > 0.9
+    offered = oracle_nucleus_depths(
+        sample, optics, iterations=1500, noise_free=True, body="model", body_glow_counts=glow * 3
+    )
+    assert np.mean(offered.depths.errors <= 1.0) >= 0.75
+    with pytest.raises(ValueError, match="body_glow_counts of shape"):
+        oracle_nucleus_depths(sample, optics, iterations=10, body="model")
+
+
+def test_the_summary_tabulates_every_fit_and_pairs_a_model_on_the_same_nuclei(tmp_path):
+    """`--summarise DIR`: one row per fit's JSON (labelled by what it was told, the first
+    fits' format too), a compared model's row only where its nuclei are the fits', best
+    first, and the bar chart written."""
+    import json
+
+    from engine.oracle_fit import summarise
+
+    z = [-8.0, -5.0, 0.5, 6.0]
+    fits = {
+        "oracle_fit_vectorial.json": {"body": "shape", "radius": "fitted", "est": [-8, -5, 0.5, 6]},
+        "oracle_fit_vectorial_body_unknown.json": {"body_known": False, "est": [8, -5, 3.5, -6]},
+    }
+    for name, told in fits.items():
+        record = {"psf_model": "vectorial", "noise_free": False, **told}
+        record["nuclei"] = {"z_true_um": z, "z_est_um": record.pop("est")}
+        (tmp_path / name).write_text(json.dumps(record))
+    compare = {
+        "independent": {
+            "model": {"crowded_nuclei": {"z_true_um": z, "z_est_um": [-8, 5, 3.0, 6]}},
+            "elsewhere": {"crowded_nuclei": {"z_true_um": [1.0], "z_est_um": [1.0]}},
+        }
+    }
+    rows = summarise(tmp_path, compare, tmp_path / "summary.png")
+    labels = [r["label"] for r in rows]
+    assert labels == [
+        "vectorial frames: body's spheres told, radii fitted",
+        "vectorial frames: model",
+        "vectorial frames: body unknown, radii told",
+    ]
+    assert [r["within_1um"] for r in rows] == [1.0, 0.5, 0.25]
+    assert rows[1]["model"] and rows[2]["within_1um_far"] == pytest.approx(1 / 3)
+    assert (tmp_path / "summary.png").stat().st_size > 0
