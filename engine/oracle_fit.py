@@ -48,6 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
+from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from engine import heldout as ho
@@ -290,8 +291,6 @@ def model_body_glow(
     blobs (hundreds of counts). Its voxels below `clip_counts` are taken as body and rendered
     at focus through the model's own PSF, then smoothed (Gaussian, 3 px) to even out the comb.
     """
-    from scipy import ndimage as ndi
-
     from engine.volume import Renderer, load_psf_bank
 
     volume = backend.metadata.volume
@@ -316,6 +315,8 @@ def oracle_nucleus_depths(
     body: BodyKnowledge = "known",
     radius: RadiusKnowledge = "known",
     body_glow_counts: np.ndarray | None = None,
+    glow_error_e: float = 0.0,
+    error_seed: int = 0,
 ) -> OracleFit:
     """Fit every nucleus's depth in a ganglion frame, knowing all but depths and brightness.
 
@@ -324,7 +325,9 @@ def oracle_nucleus_depths(
     at focus 0 instead of the camera frame: what the fit itself (grid, solver) costs. `body`:
     how much the fit is told of the body's glow (`BodyKnowledge`); `radius`, of each nucleus's
     radius (`RadiusKnowledge`). `body_glow_counts` (H, W): the glow a "model" body offers, in
-    camera counts above offset (`model_body_glow`).
+    camera counts above offset (`model_body_glow`). `glow_error_e` > 0 (a "known" body): how
+    well must the glow be known? The true glow plus a smooth error field of that RMS (e⁻ per
+    pixel; white noise from `error_seed` smoothed over 8 px), offered with its brightness fitted.
     """
     cam = camera or ho.HeldoutCamera()
     obj, px = sample.objects, sample.pixel_size_um
@@ -339,8 +342,15 @@ def oracle_nucleus_depths(
         signal = obj.intensity[in_body] / cam.gain_counts_per_e
         glow = ho.render_objects(
             xyz[in_body], obj.radius_um[in_body], signal, shape, optics, np.zeros(1)
-        )
-        image = image - glow[0]
+        )[0].astype(np.float64)
+        if glow_error_e > 0:
+            noise = np.random.default_rng(error_seed).standard_normal(shape)
+            field = ndi.gaussian_filter(noise, 8.0)
+            smooth = np.column_stack(
+                [smooth, (glow + field * (glow_error_e / field.std())).ravel()]
+            )
+        else:
+            image = image - glow
     elif body == "shape" and in_body.size:  # each body sphere's image, its brightness fitted
         one = np.ones(1)
         glows = [
@@ -446,9 +456,10 @@ def _label(record: dict[str, Any]) -> str:
     # the first fits (session 26) wrote only whether the glow was known
     body = record.get("body", "known" if record.get("body_known", True) else "unknown")
     clip = record.get("body_clip_counts")
+    error = record.get("glow_error_e") or 0.0
     told.append(
         {
-            "known": "body's glow told",
+            "known": f"body's glow told to {error:g} e⁻/px RMS" if error else "body's glow told",
             "shape": "body's spheres told",
             "model": f"body from the model's density (< {clip:g} counts)" if clip else "",
             "blobs": "body: a lattice of blobs",
@@ -567,6 +578,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--body-model", type=Path, default=Path("engine/weights/deepz-volume.onnx"))
     parser.add_argument(
+        "--glow-error-e",
+        type=float,
+        default=0.0,
+        help="with --body known: offer the true glow plus a smooth error field of this RMS "
+        "(e- per pixel), its brightness fitted: how well must the body be known?",
+    )
+    parser.add_argument(
         "--body-clip",
         type=float,
         default=MODEL_BODY_CLIP_COUNTS,
@@ -594,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "by nucleus) and draw DIR/summary.png",
     )
     args = parser.parse_args(argv)
+    if args.glow_error_e < 0 or (args.glow_error_e > 0 and args.body != "known"):
+        parser.error(f"--glow-error-e must be >= 0 and goes with --body known, not {args.body}")
     if args.iterations < 1:
         parser.error(f"--iterations must be >= 1, not {args.iterations}")
     if min(args.seeds) < 0:
@@ -640,6 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             body_glow_counts=None
             if backend is None
             else model_body_glow(backend, sample.frame, args.body_clip),
+            glow_error_e=args.glow_error_e,
+            error_seed=seed,
         )
         fits.append(fit)
         summary = ho.summarise(fit.depths.errors)
@@ -687,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
     stem += "" if args.body == "known" else f"_body_{args.body}"
     stem += f"{args.body_clip:g}" if args.body == "model" else ""
+    stem += f"_glow_error_{args.glow_error_e:g}e" if args.glow_error_e > 0 else ""
     path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
     record = {
         "psf_model": psf,
@@ -696,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "radius": args.radius,
         "body_model": str(args.body_model) if args.body == "model" else None,
         "body_clip_counts": args.body_clip if args.body == "model" else None,
+        "glow_error_e": args.glow_error_e,
         "iterations": args.iterations,
         "grid_um": GRID_UM.tolist(),
         "pooled": pooled,

@@ -53,6 +53,8 @@ def test_the_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
     not_json.write_text("{")
     cases = (
         (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--glow-error-e", "-1"], "--glow-error-e must be >= 0"),
+        (["--glow-error-e", "2", "--body", "shape"], "goes with --body known, not shape"),
         (["--seeds", "-1"], "--seeds must be >= 0"),
         (["--compare", str(not_json)], "not a fidelity report's JSON"),
         (["--compare", str(tmp_path / "missing.json")], "not a fidelity report's JSON"),
@@ -134,8 +136,8 @@ def test_the_body_prior_lattice_covers_the_frame_with_non_negative_blobs():
 def test_the_shipped_model_sees_the_body_and_a_fit_can_be_offered_its_glow():
     """`--body model`: the shipped volume model's faint density, rendered at focus, follows the
     body's true glow on a small ganglion frame; offered the true glow the same way (its
-    brightness fitted), the fit places the nuclei as well as when told it; a glow of the
-    wrong shape is refused in one line."""
+    brightness fitted), or with a small error (`--glow-error-e`), the fit places the nuclei as
+    well as when told it; a glow of the wrong shape is refused in one line."""
     from engine.oracle_fit import model_body_glow
     from engine.runtime import load_backend
 
@@ -154,6 +156,9 @@ def test_the_shipped_model_sees_the_body_and_a_fit_can_be_offered_its_glow():
         sample, optics, iterations=1500, noise_free=True, body="model", body_glow_counts=glow * 3
     )
     assert np.mean(offered.depths.errors <= 1.0) >= 0.75
+    # the true glow with a small smooth error, its brightness fitted: the same
+    near = oracle_nucleus_depths(sample, optics, iterations=1500, noise_free=True, glow_error_e=0.1)
+    assert np.mean(near.depths.errors <= 1.0) >= 0.75
     with pytest.raises(ValueError, match="body_glow_counts of shape"):
         oracle_nucleus_depths(sample, optics, iterations=10, body="model")
 
