@@ -522,7 +522,7 @@ def _row(label: str, z: np.ndarray, err: np.ndarray, model: bool = False) -> dic
 
 
 def _plot_summary(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bars: share within 1 µm, all nuclei and those beyond 4 µm from focus; models hatched."""
+    """Bars: share within 1 µm, all nuclei and those beyond 4 µm from focus; methods hatched."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -539,9 +539,8 @@ def _plot_summary(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("within 1 µm of the true depth (%)")
     ax.set_xlim(0, 100)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(
-        "Crowded nuclei from one frame: what a fit must be told (hatched: a model)", fontsize=9
-    )
+    title = "Crowded nuclei from one frame: what a fit must be told"
+    ax.set_title(f"{title} (hatched: the fidelity report's methods)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -690,7 +689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"oracle fit, {psf} PSF{', noise-free' if args.noise_free else ''}"
         f"{'' if fit_psf == psf else f', fitted through the {fit_psf} PSF'}"
         f"{'' if args.body == 'known' else f', body {args.body}'}"
-        f"{'' if args.radius == 'known' else f', radius {args.radius}'}: "
+        f"{'' if args.radius == 'known' else f', radius {args.radius}'}"
+        f"{f', glow told to {args.glow_error_e:g} e⁻/px' if args.glow_error_e else ''}: "
         f"{pooled['count']:.0f} crowded nuclei, median {pooled['median_um']:.2f} µm, "
         f"within 1 µm {100 * pooled['within_1um']:.0f} % "
         f"[{100 * pooled['within_1um_lo']:.0f}–{100 * pooled['within_1um_hi']:.0f}], "
