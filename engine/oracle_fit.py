@@ -4,8 +4,9 @@
                                 [--iterations 5000] [--noise-free]
                                 [--body known|shape|model|blobs|unknown]
                                 [--radius known|nominal|fitted] [--body-clip 25]
-                                [--fit-psf vectorial|pupil|simulator] [--compare fidelity.json]
-                                [--out runs/oracle_fit]
+                                [--glow-error-e RMS] [--fit-psf vectorial|pupil|simulator]
+                                [--compare fidelity.json] [--out runs/oracle_fit]
+    python -m engine.oracle_fit --summarise DIR [--compare fidelity.json]
 
 `engine.depth_bound` bounds a nucleus alone. In a worm's head the nuclei crowd into ganglia,
 and a far nucleus's defocused ring lies over its neighbours: does one frame still hold each
@@ -30,7 +31,9 @@ where it errs, the crowd may hide the depth, or the fit stopped short of the bes
 body's spheres lie, `--body unknown` nothing of the body: what knowing the glow is worth.
 What a fit at serve time could know instead: `--body model` offers the glow a volume model's
 faint density gives (the shipped model's by default), `--body blobs` a generic lattice of broad
-non-negative blobs for any diffuse glow, `--radius nominal|fitted` withholds the radii.
+non-negative blobs for any diffuse glow, `--glow-error-e` the true glow with a smooth error
+(how well must the body be known?), `--radius nominal|fitted` withholds the radii.
+`--summarise` puts every fit's JSON in a folder into one table and a bar chart.
 Minutes per frame on a CPU.
 """
 
@@ -287,9 +290,10 @@ def model_body_glow(
     """Return the body's glow at focus (H, W, counts above offset) as a volume model sees it.
 
     The shipped volume model explains a worm body's diffuse glow with faint density spread
-    through the body (a comb of voxels a few counts each) and the nuclei with compact bright
-    blobs (hundreds of counts). Its voxels below `clip_counts` are taken as body and rendered
-    at focus through the model's own PSF, then smoothed (Gaussian, 3 px) to even out the comb.
+    through the body (a comb of voxels, mostly below 25 counts, in bands a few depth slices
+    apart) and the nuclei with compact bright blobs (hundreds of counts). Its voxels below
+    `clip_counts` are taken as body and rendered at focus through the model's own PSF, then
+    smoothed (Gaussian, 3 px) to even out the comb.
     """
     from engine.volume import Renderer, load_psf_bank
 
