@@ -68,6 +68,7 @@ __all__ = [
     "model_body_glow",
     "oracle_nucleus_depths",
     "summarise",
+    "true_body_glow_e",
 ]
 
 GRID_UM = np.round(np.arange(-10.5, 10.51, 0.5), 6)
@@ -322,6 +323,26 @@ def model_body_glow(
     return glow
 
 
+def true_body_glow_e(
+    sample: ho.IndependentSample, optics: ho.PsfModel, camera: ho.HeldoutCamera | None = None
+) -> np.ndarray:
+    """Return the body's glow at focus (H, W) float64 in e⁻ per pixel: its spheres alone.
+
+    Rendered through `optics` (the frame's own, or those a fit believes); zeros without a body.
+    """
+    cam = camera or ho.HeldoutCamera()
+    obj = sample.objects
+    in_body = np.flatnonzero(obj.kind == "body")
+    if not in_body.size:
+        return np.zeros(sample.frame.shape)
+    xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])[in_body]
+    signal = obj.intensity[in_body] / cam.gain_counts_per_e
+    glow: np.ndarray = ho.render_objects(
+        xyz, obj.radius_um[in_body], signal, sample.frame.shape, optics, np.zeros(1)
+    )[0].astype(np.float64)
+    return glow
+
+
 def oracle_nucleus_depths(
     sample: ho.IndependentSample,
     optics: ho.PsfModel,
@@ -357,10 +378,7 @@ def oracle_nucleus_depths(
     xyz = np.column_stack([obj.x_um, obj.y_um, obj.z_um])
     smooth = _background_columns(shape)
     if body == "known" and in_body.size:  # the glow itself, subtracted
-        signal = obj.intensity[in_body] / cam.gain_counts_per_e
-        glow = ho.render_objects(
-            xyz[in_body], obj.radius_um[in_body], signal, shape, optics, np.zeros(1)
-        )[0].astype(np.float64)
+        glow = true_body_glow_e(sample, optics, cam)
         if glow_error_e > 0:
             noise = np.random.default_rng(error_seed).standard_normal(shape)
             field = ndi.gaussian_filter(noise, 8.0)
@@ -471,12 +489,17 @@ def _label(record: dict[str, Any]) -> str:
     # the first fits (session 26) wrote only whether the glow was known
     body = record.get("body", "known" if record.get("body_known", True) else "unknown")
     clip = record.get("body_clip_counts")
+    glow_file = record.get("body_glow_file")
     error = record.get("glow_error_e") or 0.0
     told.append(
         {
             "known": f"body's glow told to {error:g} e⁻/px RMS" if error else "body's glow told",
             "shape": "body's spheres told",
-            "model": f"body from the model's density (< {clip:g} counts)" if clip else "",
+            "model": f"body from {Path(glow_file).stem}"
+            if glow_file
+            else f"body from the model's density (< {clip:g} counts)"
+            if clip
+            else "",
             "blobs": "body: a lattice of blobs",
             "unknown": "body unknown",
         }.get(body, f"body {body}")
@@ -600,6 +623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(e- per pixel), its brightness fitted: how well must the body be known?",
     )
     parser.add_argument(
+        "--body-glow",
+        type=Path,
+        help="with --body model: the glow offered, read from this .npz (arrays seed_<n>, counts "
+        "above offset, the frame's shape; e.g. `engine.body_probe glow`) instead of a model's "
+        "faint density",
+    )
+    parser.add_argument(
         "--body-clip",
         type=float,
         default=MODEL_BODY_CLIP_COUNTS,
@@ -629,6 +659,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.glow_error_e < 0 or (args.glow_error_e > 0 and args.body != "known"):
         parser.error(f"--glow-error-e must be >= 0 and goes with --body known, not {args.body}")
+    glows: dict[str, np.ndarray] | None = None
+    if args.body_glow is not None:
+        if args.body != "model":
+            parser.error(f"--body-glow goes with --body model, not {args.body}")
+        try:
+            with np.load(args.body_glow) as f:
+                glows = {k: np.asarray(f[k]) for k in f.files}
+        except (OSError, ValueError) as exc:
+            parser.error(f"--body-glow {args.body_glow}: not a readable .npz ({exc})")
+        missing = [s for s in args.seeds if f"seed_{s}" not in glows]
+        if missing:
+            parser.error(f"--body-glow {args.body_glow}: no glow for seeds {missing}")
     if args.iterations < 1:
         parser.error(f"--iterations must be >= 1, not {args.iterations}")
     if min(args.seeds) < 0:
@@ -656,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fit_psf: Literal["vectorial", "pupil", "simulator"] = args.fit_psf or psf
     fit_optics = fit_optics_for(fit_psf)
     backend = None
-    if args.body == "model":
+    if args.body == "model" and glows is None:
         from engine.runtime import load_backend
 
         backend = load_backend(args.body_model)
@@ -672,7 +714,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             noise_free=args.noise_free,
             body=args.body,
             radius=args.radius,
-            body_glow_counts=None
+            body_glow_counts=glows[f"seed_{seed}"]
+            if glows is not None
+            else None
             if backend is None
             else model_body_glow(backend, sample.frame, args.body_clip),
             glow_error_e=args.glow_error_e,
@@ -724,7 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
     stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
     stem += "" if args.body == "known" else f"_body_{args.body}"
-    stem += f"{args.body_clip:g}" if args.body == "model" else ""
+    if args.body == "model":
+        stem += f"_{args.body_glow.stem}" if args.body_glow else f"{args.body_clip:g}"
     stem += f"_glow_error_{args.glow_error_e:g}e" if args.glow_error_e > 0 else ""
     path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
     record = {
@@ -733,8 +778,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "noise_free": args.noise_free,
         "body": args.body,
         "radius": args.radius,
-        "body_model": str(args.body_model) if args.body == "model" else None,
-        "body_clip_counts": args.body_clip if args.body == "model" else None,
+        "body_model": str(args.body_model) if args.body == "model" and not glows else None,
+        "body_clip_counts": args.body_clip if args.body == "model" and not glows else None,
+        "body_glow_file": str(args.body_glow) if glows else None,
         "glow_error_e": args.glow_error_e,
         "iterations": args.iterations,
         "grid_um": GRID_UM.tolist(),

@@ -58,7 +58,7 @@ from engine.volume import (
 )
 
 if TYPE_CHECKING:
-    from engine.optics import VolumePair
+    from engine.optics import CameraConfig, OpticsConfig, VolumePair
 
 __all__ = [
     "VolumeBatch",
@@ -458,32 +458,48 @@ def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
 # ----------------------------------------------------------------------------- data
 
 
+def draw_imaging(
+    cfg: VolumeTrainConfig, seed: int, kind_weights: Sequence[float]
+) -> tuple[SampleKind, OpticsConfig, CameraConfig, np.ndarray]:
+    """Draw what a training sample of `seed` is imaged with: kind, optics, camera, focus (µm).
+
+    The config's ranges (brightness log-uniform, background uniform, the index-mismatch depth
+    and PSF model from their lists, focus on the 0.5 µm lattice within the half range); one
+    home for these draws, so a sample of a seed is the same wherever it is made.
+    """
+    from engine.optics import CameraConfig, OpticsConfig
+
+    rng = np.random.default_rng(seed)
+    d = cfg.data
+    w = np.asarray(kind_weights, dtype=np.float64)
+    kind = d.kinds[int(rng.choice(len(d.kinds), p=w / w.sum()))]
+    lo, hi = d.peak_photons
+    camera = CameraConfig(
+        **{
+            "peak_photons": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
+            "background_photons": float(rng.uniform(*d.background_photons)),
+            **cfg.camera,
+        }
+    )
+    models = d.psf_models  # no draw for one model: earlier recipes' samples unchanged
+    drawn: dict[str, Any] = {
+        "particle_depth_um": float(rng.choice(d.particle_depths_um)),
+        "psf_model": models[int(rng.integers(len(models)))] if len(models) > 1 else models[0],
+    }
+    optics = OpticsConfig(**{**drawn, **cfg.optics})
+    n = round(d.focus_half_range_um / 0.5)
+    focus = rng.integers(-n, n + 1, d.frames_per_sample) * 0.5
+    return kind, optics, camera, focus
+
+
 class Sample:
     """One simulated sample: normalised frames and their density targets (same units)."""
 
     def __init__(self, cfg: VolumeTrainConfig, seed: int, kind_weights: Sequence[float]) -> None:
-        from engine.optics import CameraConfig, OpticsConfig, simulate_volume_pair
+        from engine.optics import simulate_volume_pair
 
-        rng = np.random.default_rng(seed)
+        kind, optics, camera, focus = draw_imaging(cfg, seed, kind_weights)
         d = cfg.data
-        w = np.asarray(kind_weights, dtype=np.float64)
-        kind = d.kinds[int(rng.choice(len(d.kinds), p=w / w.sum()))]
-        lo, hi = d.peak_photons
-        camera = CameraConfig(
-            **{
-                "peak_photons": float(np.exp(rng.uniform(np.log(lo), np.log(hi)))),
-                "background_photons": float(rng.uniform(*d.background_photons)),
-                **cfg.camera,
-            }
-        )
-        models = d.psf_models  # no draw for one model: earlier recipes' samples unchanged
-        drawn: dict[str, Any] = {
-            "particle_depth_um": float(rng.choice(d.particle_depths_um)),
-            "psf_model": models[int(rng.integers(len(models)))] if len(models) > 1 else models[0],
-        }
-        optics = OpticsConfig(**{**drawn, **cfg.optics})
-        n = round(d.focus_half_range_um / 0.5)
-        focus = rng.integers(-n, n + 1, d.frames_per_sample) * 0.5
         pair = simulate_volume_pair(
             kind,
             shape=d.stack_shape,

@@ -282,3 +282,26 @@ def test_worm_config_widens_nucleus_sizes_and_moves_the_body_off_the_mid_plane()
 
     with pytest.raises(ValidationError, match="nucleus_diameter_um"):
         WormConfig(nucleus_diameter_um=(4.0, 1.5))
+
+
+def test_the_body_glow_is_imaged_apart_and_leaves_the_pair_unchanged():
+    """`simulate_volume_pair(body_glow=True)` (session 28: what a model must tell from the
+    nuclei's light): the worm body's diffuse glow alone in each frame, a part of the frame's
+    signal, with the frames and truth exactly as without it; a bead sample has none."""
+    from engine.optics import simulate_volume_pair
+
+    focus, depth = np.array([0.0, 1.5]), np.zeros(1)
+    plain = simulate_volume_pair("worm", shape=(96, 96), focus_um=focus, depth_um=depth, seed=2)
+    pair = simulate_volume_pair(
+        "worm", shape=(96, 96), focus_um=focus, depth_um=depth, seed=2, body_glow=True
+    )
+    assert plain.body_counts is None and pair.body_counts is not None
+    np.testing.assert_array_equal(plain.frames, pair.frames)
+    np.testing.assert_array_equal(plain.objects_counts, pair.objects_counts)
+    glow = pair.body_counts
+    assert glow.shape == (2, 96, 96) and glow.min() >= 0.0
+    signal = pair.frames.astype(np.float64).mean(axis=(1, 2)) - pair.background_counts
+    share = glow.mean(axis=(1, 2)) / signal
+    assert np.all((share > 0.05) & (share < 0.5))  # the body is there, the nuclei dominate
+    beads = simulate_volume_pair("beads", shape=(96, 96), depth_um=depth, seed=1, body_glow=True)
+    assert beads.body_counts is not None and not beads.body_counts.any()

@@ -47,10 +47,13 @@ def test_the_oracle_reads_a_noise_free_crowd():
 
 
 def test_the_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
-    """A bad iteration count, a negative seed or a --compare file that is no fidelity report
-    each get one line naming the problem, before any fitting."""
+    """A bad iteration count, a negative seed, a --compare file that is no fidelity report or a
+    --body-glow file that is unreadable or lacks a frame each get one line naming the problem,
+    before any fitting."""
     not_json = tmp_path / "fidelity.json"
     not_json.write_text("{")
+    glows = tmp_path / "glow.npz"
+    np.savez(glows, seed_121=np.zeros((4, 4)))
     cases = (
         (["--iterations", "0"], "--iterations must be >= 1"),
         (["--glow-error-e", "-1"], "--glow-error-e must be >= 0"),
@@ -58,6 +61,9 @@ def test_the_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         (["--seeds", "-1"], "--seeds must be >= 0"),
         (["--compare", str(not_json)], "not a fidelity report's JSON"),
         (["--compare", str(tmp_path / "missing.json")], "not a fidelity report's JSON"),
+        (["--body-glow", str(glows)], "--body-glow goes with --body model, not known"),
+        (["--body", "model", "--body-glow", str(not_json)], "not a readable .npz"),
+        (["--body", "model", "--body-glow", str(glows)], "no glow for seeds [122, 123, 124]"),
     )
     for argv, message in cases:
         with pytest.raises(SystemExit):

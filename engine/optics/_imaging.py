@@ -410,6 +410,9 @@ class VolumePair:
     objects_counts: np.ndarray
     objects: ObjectTable
     background_counts: float
+    body_counts: np.ndarray | None = None
+    """(F, H, W) float32: the worm body's diffuse glow alone in each frame (noise-free counts,
+    no offset or background), when asked for (``body_glow=True``); zeros without a body."""
 
 
 def simulate_volume_pair(
@@ -422,12 +425,15 @@ def simulate_volume_pair(
     camera: CameraConfig | None = None,
     seed: int = 0,
     worm: WormConfig | None = None,
+    body_glow: bool = False,
 ) -> VolumePair:
     """Simulate frames of a random sample with its density on a depth grid around each focus.
 
     Focus positions and depths must lie on the simulator's 0.5 µm slice lattice, so the truth
     is the very density the frames were imaged from (no resampling). Same `seed`, same pair.
-    `worm` shapes a worm sample's body and nuclei (default: the original worm).
+    `worm` shapes a worm sample's body and nuclei (default: the original worm). `body_glow`
+    also images the body's diffuse density alone (`VolumePair.body_counts`): what a model must
+    tell apart from the nuclei's light (the frames and truth are unchanged).
     """
     optics = optics or OpticsConfig()
     camera = camera or CameraConfig()
@@ -451,6 +457,10 @@ def simulate_volume_pair(
     for f in range(focus.size):
         for k in np.flatnonzero(inside[f]):
             np.multiply(density[index[f, k], rows, cols], scale, out=truth[f, k])
+    body_counts = None
+    if body_glow:  # the body is what the density holds beyond the objects' own rasters
+        body = np.maximum(density - rasterize(objects, grid), 0.0)
+        body_counts = image_slices(body, grid.z_um, focus, optics)[:, rows, cols] * scale
     return VolumePair(
         frames=frames,
         focus_um=focus,
@@ -458,4 +468,5 @@ def simulate_volume_pair(
         objects_counts=truth,
         objects=objects,
         background_counts=float(camera.background_photons * scale + camera.offset_counts),
+        body_counts=body_counts,
     )
