@@ -305,3 +305,31 @@ def test_the_body_glow_is_imaged_apart_and_leaves_the_pair_unchanged():
     assert np.all((share > 0.05) & (share < 0.5))  # the body is there, the nuclei dominate
     beads = simulate_volume_pair("beads", shape=(96, 96), depth_um=depth, seed=1, body_glow=True)
     assert beads.body_counts is not None and not beads.body_counts.any()
+
+
+def test_a_textured_body_is_patchy_with_the_same_mean_and_the_default_draws_nothing():
+    """`WormConfig.body_texture_sd` (session 28): the body's glow is modulated by a smooth
+    log-normal field, patchier inside the body but about as bright on average, never
+    negative; the nuclei are drawn as without it; 0 keeps the uniform tube; a reversed patch
+    range is refused."""
+    from pydantic import ValidationError
+
+    from engine.optics import WormConfig, simulate_volume_pair
+
+    def glow(worm: WormConfig | None, seed: int):
+        return simulate_volume_pair(
+            "worm", shape=(128, 128), depth_um=np.zeros(1), seed=seed, worm=worm, body_glow=True
+        )
+
+    for seed in (3, 4, 5):
+        plain, textured = glow(None, seed), glow(WormConfig(body_texture_sd=1.0), seed)
+        np.testing.assert_array_equal(plain.objects.z_um, textured.objects.z_um)
+        a, b = plain.body_counts[0], textured.body_counts[0]
+        inside = a > 0.5 * a.max()
+        assert b.min() >= 0.0 and 0.5 < b[inside].mean() / a[inside].mean() < 2.0
+        # patchy: the body's own contrast rises (the plain tube's is its curved profile only)
+        assert b[inside].std() / b[inside].mean() > 1.3 * a[inside].std() / a[inside].mean()
+    none = glow(WormConfig(body_texture_sd=0.0), 3)
+    np.testing.assert_array_equal(none.frames, glow(None, 3).frames)
+    with pytest.raises(ValidationError, match="body_texture_um"):
+        WormConfig(body_texture_sd=0.5, body_texture_um=(6.0, 2.0))

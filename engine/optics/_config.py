@@ -124,9 +124,29 @@ class WormConfig(BaseModel):
         "sample's mid-plane (0: on it, as originally).",
     )
 
+    body_texture_sd: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.5,
+        description="The body's autofluorescence is modulated by a smooth random log-normal "
+        "field whose relative SD each worm draws uniformly within [0, this] (0: a uniform "
+        "tube, as originally). Real bodies are not uniform (gut granules, pharynx, "
+        "cuticle); the independent hold-out's ganglion body is a string of spheres of "
+        "different brightness (session 28), which a model trained on uniform tubes reads as "
+        "a uniform tube.",
+    )
+    body_texture_um: tuple[float, float] = Field(
+        (2.0, 6.0),
+        description="Range of the texture's Gaussian smoothing scale (µm), drawn uniformly "
+        "per worm: the size of the body's brighter and dimmer patches.",
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> WormConfig:
         d = self.nucleus_diameter_um
         if d is not None and not 0.5 <= d[0] <= d[1] <= 6.0:
             raise ValueError(f"nucleus_diameter_um must be 0.5 <= low <= high <= 6, got {d}")
+        t = self.body_texture_um
+        if not 0.5 <= t[0] <= t[1] <= 20.0:
+            raise ValueError(f"body_texture_um must be 0.5 <= low <= high <= 20, got {t}")
         return self

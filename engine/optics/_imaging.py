@@ -23,6 +23,7 @@ from engine.optics._samples import (
     ObjectTable,
     beads,
     body_density,
+    body_texture,
     rasterize,
     worm_body,
     worm_nuclei,
@@ -336,9 +337,11 @@ def make_sample(
     grid = Grid(grid.x0_um, grid.y0_um, grid.shape, px, slices)
     density = rasterize(objects, grid)
     if body is not None:
-        density += body_density(
-            body, grid, BODY_FRACTION * camera.peak_photons / (2 * body.radius_um)
-        )
+        glow = body_density(body, grid, BODY_FRACTION * camera.peak_photons / (2 * body.radius_um))
+        if worm is not None and worm.body_texture_sd > 0:  # no draws otherwise: samples unchanged
+            sd = float(rng.uniform(0.0, worm.body_texture_sd))
+            glow *= body_texture(rng, grid, sd, float(rng.uniform(*worm.body_texture_um)))
+        density += glow
     return objects, grid, density
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from engine.optics._config import CameraConfig, WormConfig
 
@@ -296,6 +297,33 @@ def _ellipsoid(
     norm = occ.sum()
     if norm > 0:
         out[z0:z1, y0:y1, x0:x1] += (occ * (total / norm)).astype(np.float32)
+
+
+TEXTURE_VOXEL_UM = 1.0
+"""Voxel (µm) on which `body_texture` draws its field before interpolating it to the grid: it
+is smoothed over at least 0.5 µm, so the coarse lattice loses nothing that matters and costs
+a hundredth of the grid's voxels."""
+
+
+def body_texture(rng: np.random.Generator, grid: Grid, sd: float, smooth_um: float) -> np.ndarray:
+    """Return a smooth random brightness field (S, H, W) float32 on `grid`: log-normal, mean 1.
+
+    White noise on a `TEXTURE_VOXEL_UM` lattice is smoothed with a Gaussian of `smooth_um`,
+    scaled to unit SD, interpolated (tri-linear) to the grid, and mapped through
+    ``exp(sd·g - sd²/2)``: non-negative, mean one, relative SD about `sd`.
+    """
+    h, w = grid.shape
+    extent = (grid.z_um.size * grid.dz_um, h * grid.pixel_size_um, w * grid.pixel_size_um)
+    coarse = tuple(max(2, int(np.ceil(e / TEXTURE_VOXEL_UM)) + 1) for e in extent)
+    field = ndi.gaussian_filter(
+        rng.standard_normal(coarse), smooth_um / TEXTURE_VOXEL_UM, mode="wrap"
+    )
+    field /= max(float(field.std()), 1e-12)
+    target = (grid.z_um.size, h, w)
+    g = ndi.zoom(field, [t / c for t, c in zip(target, coarse, strict=True)], order=1)
+    g = g[: target[0], : target[1], : target[2]].astype(np.float32)
+    out: np.ndarray = np.exp(np.float32(sd) * g - np.float32(sd * sd / 2))
+    return out
 
 
 def body_density(body: WormBody, grid: Grid, photons_per_um: float) -> np.ndarray:
