@@ -2,7 +2,8 @@
 
     python -m engine.body_probe train [--weights engine/weights/deepz-volume.pt]
                                       [--config configs/train_volume_v31.toml] [--samples 160]
-                                      [--minutes 30] [--threads 1] [--out runs/body-probe]
+                                      [--minutes 30] [--steps N] [--threads 1]
+                                      [--out runs/body-probe]
     python -m engine.body_probe glow [--head runs/body-probe/head.pt] [--psf vectorial|pupil]
                                      [--seeds 121 122 123 124] [--out runs/body-probe]
 
@@ -95,20 +96,24 @@ def _inputs(model: DeepZ, x: np.ndarray) -> torch.Tensor:
 
 
 def probe_samples(
-    config: Path, count: int, first_seed: int = PROBE_SEED
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    config: Path,
+    count: int,
+    first_seed: int = PROBE_SEED,
+    kind_weights: dict[str, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Simulate `count` training-like samples: normalised frames, normalised glow, e⁻ per unit.
 
-    Returns (F, H, W) frames and body glows in the frames' normalised units, and (F,) the e⁻
-    one normalised unit holds in each frame (its std over the camera gain).
+    Returns (F, H, W) frames and body glows in the frames' normalised units, (F,) the e⁻ one
+    normalised unit holds in each frame (its std over the camera gain), and (F, H, W) the
+    camera frames themselves. `kind_weights` default: `KIND_WEIGHTS`.
     """
     from engine.optics import simulate_volume_pair
     from engine.train_volume import draw_imaging, load_config
 
     cfg = load_config(config)
-    kinds = [k for k in KIND_WEIGHTS if k in cfg.data.kinds]
-    weights = [KIND_WEIGHTS[k] if k in kinds else 0.0 for k in cfg.data.kinds]
-    frames, glows, e_per_unit = [], [], []
+    wanted = KIND_WEIGHTS if kind_weights is None else kind_weights
+    weights = [wanted.get(k, 0.0) for k in cfg.data.kinds]
+    frames, glows, e_per_unit, raw = [], [], [], []
     for seed in tqdm(range(first_seed, first_seed + count), desc="simulating", unit="sample"):
         kind, optics, camera, focus = draw_imaging(cfg, seed, weights)
         pair = simulate_volume_pair(
@@ -127,17 +132,29 @@ def probe_samples(
         frames.append(x)
         glows.append(pair.body_counts / std)
         e_per_unit.append(std.ravel() / camera.gain_counts_per_e)
+        raw.append(pair.frames)
     return (
         np.concatenate(frames).astype(np.float32),
         np.concatenate(glows).astype(np.float32),
         np.concatenate(e_per_unit).astype(np.float64),
+        np.concatenate(raw),
     )
 
 
 def train(
-    weights: Path, config: Path, samples: int, minutes: float, out: Path, seed: int = 0
+    weights: Path,
+    config: Path,
+    samples: int,
+    minutes: float,
+    out: Path,
+    seed: int = 0,
+    steps: int | None = None,
 ) -> Path:
-    """Fit a `BodyHead` on `weights`' frozen features; resume from ``out/head.pt``; return it."""
+    """Fit a `BodyHead` on `weights`' frozen features; resume from ``out/head.pt``; return it.
+
+    Stops after `minutes` of training or at step `steps`, whichever comes first (a step count
+    compares heads trained on a busy machine).
+    """
     model, _ = load_model(weights)
     model.eval()
     ckpt_path = out / "head.pt"
@@ -150,7 +167,7 @@ def train(
         opt.load_state_dict(saved["optimiser"])
         state = {"step": saved["step"], "history": saved["history"]}
         print(f"resuming {ckpt_path} at step {state['step']}")
-    x, glow, e_unit = probe_samples(config, samples)
+    x, glow, e_unit, _ = probe_samples(config, samples)
     frames = len(x)
     held = max(2, frames // 8)  # the last samples' frames: scored, never trained on
     print(f"features of {frames} frames ({held} held back) ...", flush=True)
@@ -161,7 +178,11 @@ def train(
     deadline = time.monotonic() + 60 * minutes
     last_save = time.monotonic()
     bar = tqdm(desc="training the head", unit="step", initial=state["step"], mininterval=10)
-    while time.monotonic() < deadline:
+
+    def running() -> bool:
+        return time.monotonic() < deadline and (steps is None or state["step"] < steps)
+
+    while running():
         idx = rng.integers(0, frames - held, BATCH)
         ys, xs = rng.integers(0, h - PATCH + 1, BATCH), rng.integers(0, w - PATCH + 1, BATCH)
         inp = torch.stack(
@@ -179,7 +200,7 @@ def train(
         opt.step()
         state["step"] += 1
         bar.update()
-        if state["step"] % 200 == 0 or time.monotonic() >= deadline:
+        if state["step"] % 200 == 0 or not running():
             with torch.no_grad():
                 pred = torch.cat(
                     [head(feats[i : i + 2].float()) for i in range(frames - held, frames, 2)]
@@ -188,16 +209,21 @@ def train(
             rms = float(np.sqrt(np.mean(err**2)))
             state["history"].append({"step": state["step"], "loss": loss.item(), "held_rms_e": rms})
             bar.set_postfix(loss=f"{loss.item():.4f}", held_rms_e=f"{rms:.2f}")
-        if time.monotonic() - last_save > 120 or time.monotonic() >= deadline:
-            _save(ckpt_path, head, opt, state, weights)
+        if time.monotonic() - last_save > 120 or not running():
+            _save(ckpt_path, head, opt, state, weights, config)
             last_save = time.monotonic()
     bar.close()
-    _save(ckpt_path, head, opt, state, weights)
+    _save(ckpt_path, head, opt, state, weights, config)
     return ckpt_path
 
 
 def _save(
-    path: Path, head: BodyHead, opt: torch.optim.Optimizer, state: dict[str, Any], weights: Path
+    path: Path,
+    head: BodyHead,
+    opt: torch.optim.Optimizer,
+    state: dict[str, Any],
+    weights: Path,
+    config: Path,
 ) -> None:
     """Write the head's checkpoint atomically (a killed run leaves the last whole one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +233,7 @@ def _save(
             "head": head.state_dict(),
             "optimiser": opt.state_dict(),
             "weights": str(weights),
+            "config": str(config),
             "features": head.features,
             **state,
         },
@@ -257,23 +284,59 @@ def glow_error(estimate_e: np.ndarray, truth_e: np.ndarray) -> dict[str, float]:
     }
 
 
+def measure_simulator(
+    head_path: Path, config: Path, count: int, density_model: Path
+) -> dict[str, dict[str, float]]:
+    """Return the median glow errors of the head and of the model's faint density on worms.
+
+    `count` fresh worm samples of `config` (neither trained on nor held back in training): the
+    same scores on the training simulator's own bodies, beside the hold-out's.
+    """
+    from engine.oracle_fit import model_body_glow
+    from engine.runtime import load_backend
+
+    model, head, _ = _load_head(head_path)
+    backend = load_backend(density_model)
+    x, glow, e_unit, raw = probe_samples(config, count, PROBE_SEED + 100_000, {"worm": 1.0})
+    rows: dict[str, list[dict[str, float]]] = {"head": [], "model_density": []}
+    for f in range(len(x)):
+        truth = glow[f].astype(np.float64) * e_unit[f]
+        mine = predict_glow(model, head, raw[f])
+        # counts per e⁻ of this frame: its std in counts over its std in e⁻
+        gain = float(raw[f].astype(np.float64).std()) / e_unit[f]
+        rows["head"].append(glow_error(mine / gain, truth))
+        rows["model_density"].append(glow_error(model_body_glow(backend, raw[f]) / gain, truth))
+    return {
+        who: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for who, rs in rows.items()
+    }
+
+
+def _load_head(path: Path) -> tuple[DeepZ, BodyHead, dict[str, Any]]:
+    """Return the frozen network, the trained head (both in eval mode) and the checkpoint."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model, _ = load_model(saved["weights"])
+    head = BodyHead(int(saved["features"]))
+    head.load_state_dict(saved["head"])
+    return model.eval(), head.eval(), saved
+
+
 def measure(
     head_path: Path,
     psf: Literal["vectorial", "pupil"],
     seeds: Sequence[int],
     out: Path,
     density_model: Path,
+    simulator_samples: int = 0,
 ) -> dict[str, Any]:
-    """Score the head (and the model's faint density) on ganglion frames; write npz, JSON, png."""
+    """Score the head (and the model's faint density) on ganglion frames; write npz, JSON, png.
+
+    With `simulator_samples` > 0, also on that many fresh samples of the head's own training
+    config (`measure_simulator`).
+    """
     from engine.oracle_fit import model_body_glow, true_body_glow_e
     from engine.runtime import load_backend
 
-    saved = torch.load(head_path, map_location="cpu", weights_only=False)
-    model, _ = load_model(saved["weights"])
-    model.eval()
-    head = BodyHead(int(saved["features"]))
-    head.load_state_dict(saved["head"])
-    head.eval()
+    model, head, saved = _load_head(head_path)
     backend = load_backend(density_model)
     optics = ho.IndependentOptics(psf_model=psf)
     cam = ho.HeldoutCamera()
@@ -314,6 +377,13 @@ def measure(
             for who in ("head", "model_density")
         },
     }
+    if simulator_samples > 0:
+        config = Path(saved.get("config", "configs/train_volume_v31.toml"))
+        record["simulator"] = {
+            "config": str(config),
+            "samples": simulator_samples,
+            **measure_simulator(head_path, config, simulator_samples, density_model),
+        }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     _plot(shown, [r["seed"] for r in rows], out / f"{stem}.png")
     return record
@@ -368,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--config", type=Path, default=Path("configs/train_volume_v31.toml"))
     t.add_argument("--samples", type=int, default=160)
     t.add_argument("--minutes", type=float, default=30.0)
+    t.add_argument("--steps", type=int, help="stop at this step (default: only --minutes)")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", type=Path, default=Path("runs/body-probe"))
     g = sub.add_parser("glow", help="score the head on the ganglion frames; write their glows")
@@ -376,19 +447,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--seeds", type=int, nargs="+", default=[121, 122, 123, 124])
     g.add_argument("--density-model", type=Path, default=Path("engine/weights/deepz-volume.onnx"))
     g.add_argument("--out", type=Path, default=Path("runs/body-probe"))
+    g.add_argument(
+        "--simulator-samples",
+        type=int,
+        default=4,
+        help="also score this many fresh worm samples of the head's training config (0: none)",
+    )
     args = parser.parse_args(argv)
     if args.command == "train":
-        if args.samples < 2 or args.minutes <= 0 or args.threads < 1:
-            parser.error("--samples must be >= 2, --minutes > 0 and --threads >= 1")
+        if args.samples < 2 or args.minutes <= 0 or args.threads < 1 or (args.steps or 1) < 1:
+            parser.error("--samples must be >= 2, --minutes > 0, --steps and --threads >= 1")
         if not args.weights.is_file() or not args.config.is_file():
             parser.error(f"{args.weights} or {args.config}: not found")
         torch.set_num_threads(args.threads)
-        path = train(args.weights, args.config, args.samples, args.minutes, args.out)
+        path = train(
+            args.weights, args.config, args.samples, args.minutes, args.out, steps=args.steps
+        )
         print(f"wrote {path}")
         return 0
     if not args.head.is_file():
         parser.error(f"--head {args.head}: not found (run `python -m engine.body_probe train`)")
-    record = measure(args.head, args.psf, args.seeds, args.out, args.density_model)
+    record = measure(
+        args.head, args.psf, args.seeds, args.out, args.density_model, args.simulator_samples
+    )
     med = record["median"]
     print(
         f"{args.psf} ganglion frames, median over {len(args.seeds)}: head RMS "
@@ -397,6 +478,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{med['model_density']['rms_e']:.2f} ({med['model_density']['surface_rms_e']:.2f}); "
         f"the true glow's mean {med['head']['truth_mean_e']:.1f} e⁻/px"
     )
+    if "simulator" in record:
+        sim = record["simulator"]
+        print(
+            f"the training simulator's worms ({sim['samples']} samples of {sim['config']}): head "
+            f"RMS {sim['head']['rms_e']:.2f} e⁻/px ({sim['head']['surface_rms_e']:.2f}); the "
+            f"model's faint density {sim['model_density']['rms_e']:.2f} "
+            f"({sim['model_density']['surface_rms_e']:.2f}); the true glow's mean "
+            f"{sim['head']['truth_mean_e']:.1f} e⁻/px"
+        )
     print(f"wrote {args.out}/body_glow_{args.psf}.{{npz,json,png}}")
     return 0
 

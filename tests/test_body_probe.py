@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.body_probe import BodyHead, glow_error, main, predict_glow, train
+from engine.body_probe import BodyHead, glow_error, main, measure, predict_glow, train
 from engine.model import load_model
 
 
@@ -61,3 +61,22 @@ def test_the_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_the_measure_writes_what_the_oracle_fit_reads(tmp_path):
+    """`glow`: a (briefly trained) head scored on a ganglion frame and on the simulator's own
+    worms, beside the model's faint density, in e⁻ per pixel; the frame's glow is written under
+    the key `engine.oracle_fit --body-glow` reads (seed_<n>, the frame's shape), with a JSON
+    and a picture."""
+    pytest.importorskip("psfmodels", reason="the hold-out's PSF needs the sim extra (psfmodels)")
+    head = train(
+        "engine/weights/deepz-volume.pt", "configs/train_volume_v31.toml", 2, 0.03, tmp_path
+    )
+    record = measure(head, "vectorial", [1], tmp_path, "engine/weights/deepz-volume.onnx", 1)
+    with np.load(tmp_path / "body_glow_vectorial.npz") as f:
+        assert f.files == ["seed_1"] and f["seed_1"].shape == (256, 256)
+    for who in ("head", "model_density"):
+        scores = record["frames"][0][who]
+        assert scores["truth_mean_e"] > 1.0 and scores["surface_rms_e"] <= scores["rms_e"]
+        assert np.isfinite(record["simulator"][who]["surface_rms_e"])
+    assert (tmp_path / "body_glow_vectorial.png").stat().st_size > 0
