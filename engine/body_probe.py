@@ -26,7 +26,9 @@ a body made of overlapping spheres, through a vectorial or pupil PSF the network
 e⁻ per pixel against the true glow (`engine.oracle_fit.true_body_glow_e`): raw, and after the
 best brightness and smooth quadratic surface, which a fit absorbs. The shipped model's own
 faint-density glow (`oracle_fit.model_body_glow`) is scored beside it. It writes the glow images
-for ``engine.oracle_fit --body model --body-glow``, a JSON and a picture.
+for ``engine.oracle_fit --body model --body-glow``, a JSON and a picture. ``--head`` may also
+name a body model's weights (`engine.train_volume` with ``body = true``: a network trained
+with its own body head), scored the same way.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from tqdm import tqdm
 
 from engine import heldout as ho
 from engine.metadata import normalize_images
-from engine.model import DeepZ, load_model
+from engine.model import DeepZ, load_model, metadata_path
 
 __all__ = ["BodyHead", "glow_error", "main", "predict_glow", "probe_samples"]
 
@@ -242,11 +244,21 @@ def _save(
     tmp.replace(path)
 
 
-def predict_glow(model: DeepZ, head: BodyHead, frame: np.ndarray) -> np.ndarray:
-    """Return the head's body glow at focus (H, W) in camera counts above offset for one frame."""
+def predict_glow(model: DeepZ, head: BodyHead | None, frame: np.ndarray) -> np.ndarray:
+    """Return the body glow at focus (H, W) in camera counts above offset for one frame.
+
+    From the probe's `head` on the frozen `model`, or (`head` None) from a body model's own
+    head (`DeepZ` with ``body``, trained with it: `engine.train_volume` ``body = true``).
+    """
     x, _, std = normalize_images(frame[None].astype(np.float32))
     with torch.no_grad():
-        pred = head(_inputs(model, x).float())[0, 0].numpy()
+        if head is not None:
+            pred = head(_inputs(model, x).float())[0, 0].numpy()
+        else:
+            _, _, body = model.outputs(torch.from_numpy(x[:, None]))
+            if body is None:
+                raise ValueError("the model has no body head and no probe head was given")
+            pred = body[0, 0].numpy()
     out: np.ndarray = pred.astype(np.float64) * float(std.ravel()[0])
     return out
 
@@ -311,8 +323,22 @@ def measure_simulator(
     }
 
 
-def _load_head(path: Path) -> tuple[DeepZ, BodyHead, dict[str, Any]]:
-    """Return the frozen network, the trained head (both in eval mode) and the checkpoint."""
+def _load_head(path: Path) -> tuple[DeepZ, BodyHead | None, dict[str, Any]]:
+    """Return the network, the probe's head (None for a body model's own) and a record.
+
+    `path` is a probe checkpoint (``train``'s head.pt) or a body model's weights (a volume
+    .pt with its JSON, trained with ``body = true``); both come back in eval mode.
+    """
+    if metadata_path(path).is_file():
+        model, meta = load_model(path)
+        if not meta.architecture.get("body"):
+            raise ValueError(f"{path}: a volume model without a body head (body = true)")
+        config = meta.extra.get("train_config", {}).get("name", "")
+        return (
+            model.eval(),
+            None,
+            {"weights": str(path), "step": meta.extra.get("steps"), "config_name": config},
+        )
     saved = torch.load(path, map_location="cpu", weights_only=False)
     model, _ = load_model(saved["weights"])
     head = BodyHead(int(saved["features"]))
@@ -442,7 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--out", type=Path, default=Path("runs/body-probe"))
     g = sub.add_parser("glow", help="score the head on the ganglion frames; write their glows")
-    g.add_argument("--head", type=Path, default=Path("runs/body-probe/head.pt"))
+    g.add_argument(
+        "--head",
+        type=Path,
+        default=Path("runs/body-probe/head.pt"),
+        help="a probe head (`train`'s head.pt) or a body model's weights (a volume .pt trained "
+        "with body = true: its own head)",
+    )
     g.add_argument("--psf", choices=("vectorial", "pupil"), default="vectorial")
     g.add_argument("--seeds", type=int, nargs="+", default=[121, 122, 123, 124])
     g.add_argument("--density-model", type=Path, default=Path("engine/weights/deepz-volume.onnx"))

@@ -33,6 +33,9 @@ __all__ = [
     "save_model",
 ]
 
+BODY_HIDDEN = 32
+"""Channels of the body head's hidden layers (`DeepZ` with ``body``)."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The authors' released layout: a 2->25 stem, 6 levels (48 ... 1536) and 5 max-pools.
     "paper": {"channels": (25, 48, 96, 192, 384, 768, 1536), "global_skip": False},
@@ -171,6 +174,11 @@ class DeepZ(nn.Module):
         density, so the output is one density volume either way; `detect` returns both.
         An optional ``"serve_min_p"`` splats, when served (eval mode), only the detections
         whose 3 x 3 neighbourhood holds that much p (`engine.detection.splat`).
+    body
+        Volume models only: a second head gives the worm body's diffuse glow at focus, (N, 1,
+        H, W) in the frame's normalised units (`outputs`), trained against the simulator's
+        body imaged alone, so the network must tell the body's light from the nuclei's
+        (session 28). The served output (`forward`, the ONNX graph) stays the density.
     """
 
     def __init__(
@@ -183,6 +191,7 @@ class DeepZ(nn.Module):
         nonnegative: bool = False,
         primer: dict[str, Any] | None = None,
         detection: dict[str, float] | None = None,
+        body: bool = False,
     ) -> None:
         super().__init__()
         chans = [int(c) for c in channels]
@@ -225,6 +234,10 @@ class DeepZ(nn.Module):
                 )
             self.detection = {k: float(v) for k, v in detection.items()}
             self.architecture["detection"] = dict(self.detection)
+        if body:  # likewise: only body models record it
+            if not nonnegative:
+                raise ValueError("a body head needs a non-negative (volume) model")
+            self.architecture["body"] = True
         self.global_skip = bool(global_skip)
         self.nonnegative = bool(nonnegative)
         self.train_leak = 0.0
@@ -251,6 +264,16 @@ class DeepZ(nn.Module):
                 last.bias.zero_()
                 last.bias[0] = P_BIAS
             self.detect_head = nn.Sequential(_conv3(levels[0], DETECTION_HIDDEN), nn.ELU(), last)
+        self.body_head: nn.Sequential | None = None
+        if body:
+            # the glow is smooth and wide: dilated layers look ~15 px around, beside the trunk's
+            self.body_head = nn.Sequential(
+                _conv3(levels[0], BODY_HIDDEN),
+                nn.ELU(),
+                nn.Conv2d(BODY_HIDDEN, BODY_HIDDEN, 3, padding=4, dilation=4),
+                nn.ELU(),
+                nn.Conv2d(BODY_HIDDEN, 1, kernel_size=1),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Refocus (N, 2, H, W) float32 inputs (sides multiples of `size_multiple`)."""
@@ -258,7 +281,18 @@ class DeepZ(nn.Module):
 
     def detect(self, x: torch.Tensor) -> tuple[torch.Tensor, Detections | None]:
         """Return the output (as `forward`) and, for a detection model, its detections."""
+        out, det, _ = self.outputs(x)
+        return out, det
+
+    def outputs(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, Detections | None, torch.Tensor | None]:
+        """Return the output (as `forward`), the detections and the body's glow.
+
+        Each where the model has that head (else None): one pass through the trunk for all.
+        """
         y = self._features(x)
+        body = None if self.body_head is None else self.body_head(y)
         out: torch.Tensor = self.head(y)
         if self.global_skip:
             out = out + x[:, :1]
@@ -266,7 +300,7 @@ class DeepZ(nn.Module):
             leak = self.train_leak if self.training else 0.0
             out = F.leaky_relu(out, leak) if leak else F.relu(out)
         if self.detect_head is None or self.detection is None:
-            return out, None
+            return out, None, body
         g = self.detection
         first, step = g["z_first_um"], g["z_step_um"]
         det = decode(self.detect_head(y), first, first + step * (out.shape[1] - 1))
@@ -274,7 +308,7 @@ class DeepZ(nn.Module):
         # every pixel's p * N, so the density terms teach p and N everywhere
         min_p = 0.0 if self.training else g.get("serve_min_p", 0.0)
         points = splat(det, first, step, out.shape[1], g["brightness_scale"], min_p)
-        return out.float() + points, det
+        return out.float() + points, det, body
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the U-Net's full-resolution features, which the heads read."""

@@ -495,7 +495,7 @@ def _label(record: dict[str, Any]) -> str:
         {
             "known": f"body's glow told to {error:g} e⁻/px RMS" if error else "body's glow told",
             "shape": "body's spheres told",
-            "model": f"body from {Path(glow_file).stem}"
+            "model": f"body from {Path(glow_file).parent.name}/{Path(glow_file).stem}"
             if glow_file
             else f"body from the model's density (< {clip:g} counts)"
             if clip
@@ -769,7 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
     stem += "" if args.body == "known" else f"_body_{args.body}"
     if args.body == "model":
-        stem += f"_{args.body_glow.stem}" if args.body_glow else f"{args.body_clip:g}"
+        glow = args.body_glow
+        stem += f"_{glow.parent.name}_{glow.stem}" if glow else f"{args.body_clip:g}"
     stem += f"_glow_error_{args.glow_error_e:g}e" if args.glow_error_e > 0 else ""
     path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
     record = {

@@ -65,6 +65,7 @@ __all__ = [
     "VolumeTrainConfig",
     "bead_density_fwhm",
     "bead_depth_errors",
+    "body_term",
     "load_config",
     "main",
     "train",
@@ -257,6 +258,12 @@ class VolumeLossConfig(_Base):
         description="Weight of the detection head's loss (DECODE's count and Gaussian-mixture "
         "likelihood of the true beads; `engine.detection.detection_loss`). Needs detection.",
     )
+    body_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the body head's term (`_body_term`): its glow against the "
+        "worm body's imaged alone, as a relative squared error over the batch. Needs body.",
+    )
 
 
 class VolumeTrainConfig(_Base):
@@ -335,6 +342,14 @@ class VolumeTrainConfig(_Base):
         description="Detections' brightness unit (density units; a simulated bead in a "
         "normalised frame holds about 70-130).",
     )
+    body: bool = Field(
+        False,
+        description="A second head gives the worm body's glow at focus (`DeepZ` body), trained "
+        "against the simulator's body imaged alone (loss.body_weight): session 28 found the "
+        "shipped trunk's features give the glow to ~1 e⁻/px on the simulator's uniform "
+        "bodies but not on textured ones or the hold-out's, and a fit needs it to ~1 e⁻ to "
+        "place crowded nuclei. The served density is unchanged.",
+    )
     primer_bin: int = Field(4, ge=1, description="The primer bins the frame this much first.")
     primer_kernel: int = Field(17, ge=3, description="Primer kernel side (binned px, odd).")
     threads: int = Field(2, ge=1)
@@ -386,6 +401,10 @@ class VolumeTrainConfig(_Base):
             )
         if self.loss.detection_weight > 0 and not self.detection:
             raise ValueError("loss.detection_weight > 0 needs detection = true (the head)")
+        if (self.loss.body_weight > 0) != self.body:
+            raise ValueError(
+                "body = true and loss.body_weight > 0 go together (the head, its term)"
+            )
         if self.freeze_trunk and (
             not self.detection or self.loss.detection_weight <= 0 or self.data.lab_every
         ):
@@ -445,6 +464,7 @@ def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
         out_channels=int(cfg.depth_um.size),
         primer=primer,
         detection=detection,
+        body=cfg.body,
     )
     if model.primer is not None:
         kernels = matched_filter_kernels(
@@ -509,6 +529,7 @@ class Sample:
             camera=camera,
             seed=seed,
             worm=d.worm,
+            body_glow=cfg.body,
         )
         x, _, std = normalize_images(pair.frames)
         self.kind = kind
@@ -521,7 +542,13 @@ class Sample:
         # the pair itself, whose density duplicates `targets` (it doubled what a worker sends)
         self.objects = pair.objects
         self.focus_um = pair.focus_um
+        # the body's glow alone (F, H, W), in the frames' normalised units: a body model's
+        # second target
+        self.body = (
+            None if pair.body_counts is None else (pair.body_counts / std).astype(np.float32)
+        )
         self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._body: dict[torch.device, torch.Tensor] = {}
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Return inputs and targets on `device`, copied there once (CPU: shared, no copy).
@@ -536,9 +563,17 @@ class Sample:
             )
         return self._tensors[device]
 
+    def body_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """Return the body's glow on `device` (copied there once), or None without it."""
+        if self.body is None:
+            return None
+        if device not in self._body:
+            self._body[device] = torch.from_numpy(self.body).to(device)
+        return self._body[device]
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (to and from `SampleFeed`'s workers) without its device copies."""
-        return {**self.__dict__, "_tensors": {}}
+        return {**self.__dict__, "_tensors": {}, "_body": {}}
 
 
 class SampleFeed:
@@ -621,13 +656,15 @@ class VolumeBatch(NamedTuple):
     """A training batch: patches, their densities and their beads.
 
     Inputs (N, 1, P, P), densities (N, D, P, P), the beads as (N, M, 4) source rows (x, y in
-    patch pixels, depth, brightness; `point_sources`) and an (N, M) mask of the real rows.
+    patch pixels, depth, brightness; `point_sources`) and an (N, M) mask of the real rows;
+    for a body model, the body's glow alone (N, 1, P, P).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     sources: torch.Tensor
     mask: torch.Tensor
+    body: torch.Tensor | None = None
 
 
 def _turn_points(rows: np.ndarray, turns: int, flip: bool, size: int) -> np.ndarray:
@@ -653,10 +690,11 @@ def sample_batch(
     """
     dev = torch.device("cpu") if device is None else device
     size = cfg.patch_size
-    xs, ys, points = [], [], []
+    xs, ys, points, bodies = [], [], [], []
     for _ in range(cfg.batch_size):
         s = pool[int(rng.integers(len(pool)))]
         inputs, targets = s.tensors(dev)
+        glow = s.body_tensor(dev)
         f = int(rng.integers(s.inputs.shape[0]))
         h, w = s.inputs.shape[-2:]
         y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
@@ -668,6 +706,9 @@ def sample_batch(
         x, y = torch.rot90(x, t % 4, dims=(1, 2)), torch.rot90(y, t % 4, dims=(1, 2))
         if t >= 4:
             x, y = x.flip(2), y.flip(2)
+        if glow is not None:
+            b = torch.rot90(glow[f, None, y0 : y0 + size, x0 : x0 + size], t % 4, dims=(1, 2))
+            bodies.append(b.flip(2) if t >= 4 else b)
         xs.append(x)
         ys.append(y)
         points.append(_turn_points(rows[inside], t % 4, t >= 4, size))
@@ -678,7 +719,11 @@ def sample_batch(
         sources[i, : len(p)] = p
         mask[i, : len(p)] = 1.0
     return VolumeBatch(
-        torch.stack(xs), torch.stack(ys), _to_device(sources, dev), _to_device(mask, dev)
+        torch.stack(xs),
+        torch.stack(ys),
+        _to_device(sources, dev),
+        _to_device(mask, dev),
+        torch.stack(bodies) if len(bodies) == len(xs) else None,
     )
 
 
@@ -961,6 +1006,20 @@ def _source_term(
     t_mean = (t * mask).sum() / count
     size = torch.maximum(t, 1e-2 * t_mean) ** 2 + 1e-12
     return (((p - t) ** 2 / size) * mask).sum() / count
+
+
+def body_term(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Return the body head's term: its glow's squared error relative to the batch's glow power.
+
+    A batch of bead samples, with no body, is priced against a floor (`BODY_FLOOR`).
+    """
+    return ((pred - truth) ** 2).sum() / (truth**2).sum().clamp_min(BODY_FLOOR * truth.numel())
+
+
+BODY_FLOOR = 0.01
+"""Least mean squared glow (normalised units) `body_term` divides by: a batch with no body
+(beads only) still pays for glow the head draws, as if a faint body were there (a worm's glow
+is about 0.3-1 of a frame's std)."""
 
 
 def render_depths(
@@ -1281,11 +1340,17 @@ class _Validation:
         depths: list[np.ndarray] = []
         widths: list[np.ndarray] = []
         mass = np.zeros(cfg.depth_um.size)
+        body_err, body_power = 0.0, 0.0
         for s in self.samples:
             x = torch.from_numpy(s.inputs[:1, None]).to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(x).float()[0].cpu().numpy()
+                out, _, body = model.outputs(x)
+                pred = out.float()[0].cpu().numpy()
             mass += pred.sum(axis=(1, 2))
+            if body is not None and s.body is not None and s.kind != "beads":
+                glow = body.float()[0, 0].cpu().numpy()
+                body_err += float(((glow - s.body[0]) ** 2).sum())
+                body_power += float((s.body[0] ** 2).sum())
             if s.kind != "worm":
                 e, z = bead_depth_errors(pred, cfg.depth_um, s.objects, s.focus_um[0])
                 errs.append(e)
@@ -1298,7 +1363,9 @@ class _Validation:
         share = mass / max(float(mass.sum()), 1e-30)
         fwhm = np.concatenate(widths) if widths else np.zeros(0)
         fwhm = fwhm[np.isfinite(fwhm)]
-        return {
+        # a body model's glow on the worm frames, RMS error over the glow's RMS
+        body_row = {"val_body_relative_rms": (body_err / body_power) ** 0.5} if body_power else {}
+        return body_row | {
             # depth channels holding at least a fifth of an even share of the density: a model
             # that gathers mass on a comb of preferred depths uses few (depth is quantised)
             "val_depth_channels_used": float(np.mean(share >= 0.2 / share.size)),
@@ -1451,7 +1518,7 @@ def training_step(
         dz = render_depths(rng, cfg, batch.targets)
         done("batch")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred, det = model.detect(x)
+            pred, det, body = model.outputs(x)
         done("forward")
         beads = (batch.sources, batch.mask)
         if cfg.freeze_trunk:  # the density is frozen: its terms would only pull the splat
@@ -1462,6 +1529,10 @@ def training_step(
             found, found_parts = detection_loss(det, *beads)
             loss = loss + cfg.loss.detection_weight * found
             parts |= found_parts
+        if body is not None and batch.body is not None and cfg.loss.body_weight > 0:
+            glow = body_term(body.float(), batch.body)
+            loss = loss + cfg.loss.body_weight * glow
+            parts["body"] = glow.detach()
     done("loss")
     opt.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]

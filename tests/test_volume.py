@@ -1178,3 +1178,61 @@ def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path)
         )
     meta = make_volume_metadata(both, build_volume_model(both), "psf.npy", {})
     assert "scalar Gibson-Lanni and vectorial PSF" in meta.trained_on
+
+
+def test_a_body_model_learns_the_bodys_glow_beside_its_density_and_serves_the_density(
+    tmp_path: Path,
+):
+    """`body = true` (session 28): the batch's body glow is cut and turned exactly as its
+    frame; training logs the body term and validates the glow; the written model rebuilds its
+    body head, serves the same density through `forward` and exports to ONNX with planes
+    equal to torch's. A head without its term, or the term without the head, is refused."""
+    pytest.importorskip("onnx", reason="export extra not installed")
+    import torch
+    from pydantic import ValidationError
+
+    from engine.model import load_model
+    from engine.runtime import load_backend
+    from engine.train_volume import Sample, VolumeTrainConfig, sample_batch, train
+    from export import export_weights
+
+    cfg = _tiny_config(tmp_path)
+    cfg = VolumeTrainConfig.model_validate(
+        cfg.model_dump() | {"body": True, "loss": {"body_weight": 1.0}, "steps": 4}
+    )
+    # alignment: a sample whose frames are its own body glow gives inputs == body
+    worm = Sample(cfg, 5, [0.0, 1.0, 0.0])
+    assert worm.kind == "worm" and worm.body is not None and worm.body.max() > 0.1
+    worm.inputs = worm.body.copy()
+    batch = sample_batch(np.random.default_rng(0), [worm], cfg)
+    assert batch.body is not None and batch.body.shape == batch.inputs.shape
+    torch.testing.assert_close(batch.body, batch.inputs)
+
+    model = train(cfg, progress=False)
+    assert model.body_head is not None
+    history = torch.load(cfg.out_dir / "checkpoint.pt", weights_only=False)["history"]
+    assert all("body" in row and np.isfinite(row["body"]) for row in history)
+    assert np.isfinite(history[-1]["val_body_relative_rms"])
+    loaded, meta = load_model(cfg.weights_out)  # type: ignore[arg-type]
+    assert meta.architecture["body"] is True and loaded.body_head is not None
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        density, _, glow = loaded.eval().outputs(x)
+        torch.testing.assert_close(loaded(x), density)
+    assert glow is not None and glow.shape == (1, 1, 64, 64)
+    frame = np.random.default_rng(1).poisson(50, (64, 64)).astype(np.uint16)
+    # the body probe scores a body model's own head: its glow in counts, one per pixel
+    from engine.body_probe import predict_glow
+
+    counts = predict_glow(loaded, None, frame)
+    assert counts.shape == (64, 64) and np.isfinite(counts).all()
+    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
+    onnx_path = tmp_path / "body.onnx"
+    assert export_weights(cfg.weights_out, onnx_path).ok
+    ort = load_backend(onnx_path, prefer=["onnxruntime"])
+    pt = load_backend(cfg.weights_out, prefer=["torch"])
+    np.testing.assert_allclose(ort.infer(frame, dpms), pt.infer(frame, dpms), rtol=1e-3, atol=1e-2)
+
+    for bad in ({"body": True}, {"loss": {"body_weight": 1.0}}):
+        with pytest.raises(ValidationError, match="go together"):
+            VolumeTrainConfig.model_validate(_tiny_config(tmp_path).model_dump() | bad)
