@@ -15,6 +15,10 @@
 #                  /tmp/site, so it trains on from those weights with no start-up, no install
 #                  and no tests (session 24: 4,828 more steps in a 219 s call)
 #
+#   another recipe: TRAIN_CONFIG=configs/train_volume_gpu_body.toml (default
+#                  configs/train_volume_gpu.toml); its out_dir must be runs/volume-gpu, where
+#                  the weights are collected and CONTINUE finds them
+#
 # Session 23 (an H200) ran it: 431 s, every step exit 0; session 24: QUICK=1 BUDGET_S=570 (511 s),
 # then CONTINUE=1 at once (219 s); see docs/benchmarks.md.
 #
@@ -76,6 +80,7 @@ QUICK=${QUICK:-0}
 MARGIN_S=${MARGIN_S:-90}
 echo "== $(date -u +%FT%TZ)" | tee "$LOG"
 CONTINUE=${CONTINUE:-0}
+TRAIN_CONFIG=${TRAIN_CONFIG:-configs/train_volume_gpu.toml}
 if [ "$CONTINUE" = 1 ]; then
     [ -f runs/volume-gpu/deepz-volume.pt ] || { echo "CONTINUE=1: no runs/volume-gpu here (the machine went back?)" | tee -a "$LOG"; exit 1; }
     QUICK=1
@@ -100,19 +105,19 @@ step psfmodels timeout 120 python3 -m pip install -q --no-index --no-deps --no-b
 # (`training_step`, the per-source term included), so beside the run's own split of its wall time
 # it says what the loop adds to its steps
 [ "$CONTINUE" = 1 ] || step train_step_b32 timeout 90 python3 -m benchmarks.train_step \
-    --config configs/train_volume_gpu.toml --device cuda --precisions bf16 --steps 20 \
+    --config "$TRAIN_CONFIG" --device cuda --precisions bf16 --steps 20 \
     --results "$OUT/train_step_b32.json"
 [ "$QUICK" = 1 ] || step train_step_b8 timeout 60 python3 -m benchmarks.train_step \
-    --config configs/train_volume_gpu.toml --device cuda --precisions bf16 --steps 20 \
+    --config "$TRAIN_CONFIG" --device cuda --precisions bf16 --steps 20 \
     --batch-size 8 --results "$OUT/train_step_b8.json"
 # the training's wall time: what is left of the budget, less MARGIN_S for building its pool
 # and validation set (CPU work) and its last validation and save; at most 480 s
 wall=$((BUDGET_S - SECONDS - MARGIN_S))
 [ "$wall" -gt 480 ] && wall=480
-init=$(grep '^init_from' configs/train_volume_gpu.toml)
+init=$(grep '^init_from' "$TRAIN_CONFIG")
 [ "$CONTINUE" = 1 ] && init='init_from = "/tmp/continue.pt"'
 sed -e "s/^max_wall_s = .*/max_wall_s = $wall/" -e "s#^init_from = .*#$init#" \
-    configs/train_volume_gpu.toml >/tmp/train_gpu.toml
+    "$TRAIN_CONFIG" >/tmp/train_gpu.toml
 step train timeout $((BUDGET_S - SECONDS + MARGIN_S / 2)) python3 -m engine.train_volume \
     --config /tmp/train_gpu.toml --no-progress
 # the weights with their metadata and PSF bank (export and engine.fidelity need all three): 8 files

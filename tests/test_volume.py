@@ -1236,3 +1236,17 @@ def test_a_body_model_learns_the_bodys_glow_beside_its_density_and_serves_the_de
     for bad in ({"body": True}, {"loss": {"body_weight": 1.0}}):
         with pytest.raises(ValidationError, match="go together"):
             VolumeTrainConfig.model_validate(_tiny_config(tmp_path).model_dump() | bad)
+
+
+def test_every_shipped_volume_config_loads():
+    """Each recipe under configs/ (the GPU ones, the body recipe's, the probe's) validates, so
+    a command the docs give does not stop at its config."""
+    from engine.train_volume import load_config
+
+    paths = [
+        *sorted(Path("configs").glob("train_volume*.toml")),
+        Path("configs/body_probe_textured.toml"),
+    ]
+    assert len(paths) >= 30
+    body = {p.name for p in paths if load_config(p).body}
+    assert body == {"train_volume_v35.toml", "train_volume_gpu_body.toml"}
