@@ -55,8 +55,16 @@ if [ "${1:-}" = "prepare" ]; then
         "setuptools-scm==8.1.0"
     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl "psfmodels==0.3.3"
     ls -la .whl
-    echo "tracked tree: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes" \
-        "+ .whl: $(du -sb .whl | cut -f1) bytes (a call carries at most 64 MiB = 67108864)"
+    tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+    wheels=$(du -sb .whl | cut -f1)
+    echo "tracked tree: $tree bytes + .whl: $wheels bytes (a call carries at most 64 MiB = 67108864)"
+    # session 28: the tree (64.4 MB) and the wheels no longer fit together; the per-plane
+    # model's weights (17 MB) are not used by the call, so they leave the working tree for it
+    if [ $((tree + wheels)) -gt 66000000 ]; then
+        echo "over the limit: before the call, mv engine/weights/deepz-slim.pt" \
+            "engine/weights/deepz-slim.onnx /tmp/ (the call does not use them); after it," \
+            "git checkout -- engine/weights"
+    fi
     exit 0
 fi
 
