@@ -171,7 +171,8 @@ def train(
         print(f"resuming {ckpt_path} at step {state['step']}")
     x, glow, e_unit, _ = probe_samples(config, samples)
     frames = len(x)
-    held = max(2, frames // 8)  # the last samples' frames: scored, never trained on
+    # the last samples' frames: scored, never trained on (at least one frame left to train)
+    held = min(max(2, frames // 8), frames - 1)
     print(f"features of {frames} frames ({held} held back) ...", flush=True)
     feats = _inputs(model, x)
     target = torch.from_numpy(glow[:, None])
