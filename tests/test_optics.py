@@ -311,7 +311,7 @@ def test_a_textured_body_is_patchy_with_the_same_mean_and_the_default_draws_noth
     """`WormConfig.body_texture_sd` (session 28): the body's glow is modulated by a smooth
     log-normal field, patchier inside the body but about as bright on average, never
     negative; the nuclei are drawn as without it; 0 keeps the uniform tube; a reversed patch
-    range is refused."""
+    range is refused. `body_brightness` scales the same body by a factor within its range."""
     from pydantic import ValidationError
 
     from engine.optics import WormConfig, simulate_volume_pair
@@ -329,7 +329,15 @@ def test_a_textured_body_is_patchy_with_the_same_mean_and_the_default_draws_noth
         assert b.min() >= 0.0 and 0.5 < b[inside].mean() / a[inside].mean() < 2.0
         # patchy: the body's own contrast rises (the plain tube's is its curved profile only)
         assert b[inside].std() / b[inside].mean() > 1.3 * a[inside].std() / a[inside].mean()
-    none = glow(WormConfig(body_texture_sd=0.0), 3)
+    none = glow(WormConfig(body_texture_sd=0.0, body_brightness=(1.0, 1.0)), 3)
     np.testing.assert_array_equal(none.frames, glow(None, 3).frames)
     with pytest.raises(ValidationError, match="body_texture_um"):
         WormConfig(body_texture_sd=0.5, body_texture_um=(6.0, 2.0))
+    # `body_brightness`: the same body, brighter or dimmer by a factor within the range
+    for seed in (3, 4):
+        ratio = glow(WormConfig(body_brightness=(0.5, 2.5)), seed).body_counts.sum() / (
+            glow(None, seed).body_counts.sum()
+        )
+        assert 0.5 - 1e-4 <= ratio <= 2.5 + 1e-4 and abs(ratio - 1.0) > 1e-3
+    with pytest.raises(ValidationError, match="body_brightness"):
+        WormConfig(body_brightness=(2.0, 1.0))

@@ -341,6 +341,8 @@ def make_sample(
         if worm is not None and worm.body_texture_sd > 0:  # no draws otherwise: samples unchanged
             sd = float(rng.uniform(0.0, worm.body_texture_sd))
             glow *= body_texture(rng, grid, sd, float(rng.uniform(*worm.body_texture_um)))
+        if worm is not None and worm.body_brightness != (1.0, 1.0):  # likewise
+            glow *= np.float32(np.exp(rng.uniform(*np.log(worm.body_brightness))))
         density += glow
     return objects, grid, density
 
