@@ -38,7 +38,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from engine import heldout as ho
 from engine.metadata import normalize_images
 from engine.model import DeepZ, load_model, metadata_path
 
-__all__ = ["BodyHead", "glow_error", "main", "predict_glow", "probe_samples"]
+__all__ = ["BodyHead", "ProbeFrames", "glow_error", "main", "predict_glow", "probe_samples"]
 
 HIDDEN = 32
 """Channels of the head's hidden layers."""
@@ -97,17 +97,30 @@ def _inputs(model: DeepZ, x: np.ndarray) -> torch.Tensor:
     return torch.cat(out)
 
 
+class ProbeFrames(NamedTuple):
+    """Simulated frames for the probe, F of them (`probe_samples`)."""
+
+    inputs: np.ndarray
+    """(F, H, W) float32 frames in their normalised units (what the network reads)."""
+    glow: np.ndarray
+    """(F, H, W) float32 the body's glow alone, in the same normalised units."""
+    e_per_unit: np.ndarray
+    """(F,) the e⁻ one normalised unit holds in each frame (its std over the camera gain)."""
+    gain: np.ndarray
+    """(F,) each frame's camera gain (counts per e⁻)."""
+    frames: np.ndarray
+    """(F, H, W) uint16 the camera frames themselves."""
+
+
 def probe_samples(
     config: Path,
     count: int,
     first_seed: int = PROBE_SEED,
     kind_weights: dict[str, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Simulate `count` training-like samples: normalised frames, normalised glow, e⁻ per unit.
+) -> ProbeFrames:
+    """Simulate `count` training-like samples with their bodies imaged alone (`ProbeFrames`).
 
-    Returns (F, H, W) frames and body glows in the frames' normalised units, (F,) the e⁻ one
-    normalised unit holds in each frame (its std over the camera gain), and (F, H, W) the
-    camera frames themselves. `kind_weights` default: `KIND_WEIGHTS`.
+    `kind_weights` default: `KIND_WEIGHTS`.
     """
     from engine.optics import simulate_volume_pair
     from engine.train_volume import draw_imaging, load_config
@@ -115,7 +128,7 @@ def probe_samples(
     cfg = load_config(config)
     wanted = KIND_WEIGHTS if kind_weights is None else kind_weights
     weights = [wanted.get(k, 0.0) for k in cfg.data.kinds]
-    frames, glows, e_per_unit, raw = [], [], [], []
+    frames, glows, e_per_unit, gains, raw = [], [], [], [], []
     for seed in tqdm(range(first_seed, first_seed + count), desc="simulating", unit="sample"):
         kind, optics, camera, focus = draw_imaging(cfg, seed, weights)
         pair = simulate_volume_pair(
@@ -134,12 +147,14 @@ def probe_samples(
         frames.append(x)
         glows.append(pair.body_counts / std)
         e_per_unit.append(std.ravel() / camera.gain_counts_per_e)
+        gains.append(np.full(len(x), camera.gain_counts_per_e))
         raw.append(pair.frames)
-    return (
-        np.concatenate(frames).astype(np.float32),
-        np.concatenate(glows).astype(np.float32),
-        np.concatenate(e_per_unit).astype(np.float64),
-        np.concatenate(raw),
+    return ProbeFrames(
+        inputs=np.concatenate(frames).astype(np.float32),
+        glow=np.concatenate(glows).astype(np.float32),
+        e_per_unit=np.concatenate(e_per_unit).astype(np.float64),
+        gain=np.concatenate(gains).astype(np.float64),
+        frames=np.concatenate(raw),
     )
 
 
@@ -169,7 +184,7 @@ def train(
         opt.load_state_dict(saved["optimiser"])
         state = {"step": saved["step"], "history": saved["history"]}
         print(f"resuming {ckpt_path} at step {state['step']}")
-    x, glow, e_unit, _ = probe_samples(config, samples)
+    x, glow, e_unit, _, _ = probe_samples(config, samples)
     frames = len(x)
     # the last samples' frames: scored, never trained on (at least one frame left to train)
     held = min(max(2, frames // 8), frames - 1)
@@ -305,20 +320,25 @@ def measure_simulator(
     `count` fresh worm samples of `config` (neither trained on nor held back in training): the
     same scores on the training simulator's own bodies, beside the hold-out's.
     """
-    from engine.oracle_fit import model_body_glow
     from engine.runtime import load_backend
 
     model, head, _ = _load_head(head_path)
-    backend = load_backend(density_model)
-    x, glow, e_unit, raw = probe_samples(config, count, PROBE_SEED + 100_000, {"worm": 1.0})
+    return _score_simulator(model, head, load_backend(density_model), config, count)
+
+
+def _score_simulator(
+    model: DeepZ, head: BodyHead | None, backend: Any, config: Path, count: int
+) -> dict[str, dict[str, float]]:
+    """`measure_simulator` with the network, head and density model already loaded."""
+    from engine.oracle_fit import model_body_glow
+
+    sim = probe_samples(config, count, PROBE_SEED + 100_000, {"worm": 1.0})
     rows: dict[str, list[dict[str, float]]] = {"head": [], "model_density": []}
-    for f in range(len(x)):
-        truth = glow[f].astype(np.float64) * e_unit[f]
-        mine = predict_glow(model, head, raw[f])
-        # counts per e⁻ of this frame: its std in counts over its std in e⁻
-        gain = float(raw[f].astype(np.float64).std()) / e_unit[f]
-        rows["head"].append(glow_error(mine / gain, truth))
-        rows["model_density"].append(glow_error(model_body_glow(backend, raw[f]) / gain, truth))
+    for f, raw in enumerate(sim.frames):
+        truth = sim.glow[f].astype(np.float64) * sim.e_per_unit[f]
+        mine = predict_glow(model, head, raw)
+        rows["head"].append(glow_error(mine / sim.gain[f], truth))
+        rows["model_density"].append(glow_error(model_body_glow(backend, raw) / sim.gain[f], truth))
     return {
         who: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for who, rs in rows.items()
     }
@@ -409,7 +429,7 @@ def measure(
         record["simulator"] = {
             "config": str(config),
             "samples": simulator_samples,
-            **measure_simulator(head_path, config, simulator_samples, density_model),
+            **_score_simulator(model, head, backend, config, simulator_samples),
         }
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     _plot(shown, [r["seed"] for r in rows], out / f"{stem}.png")

@@ -707,6 +707,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in tqdm(args.seeds, desc=f"oracle fit ({psf})", unit="frame"):
         start = time.perf_counter()
         sample = ho.independent_sample("ganglion", seed, optics=optics)
+        offered = None  # the glow a "model" body offers: from --body-glow, or the model's
+        if glows is not None:
+            offered = glows[f"seed_{seed}"]
+        elif backend is not None:
+            offered = model_body_glow(backend, sample.frame, args.body_clip)
         fit = oracle_nucleus_depths(
             sample,
             fit_optics,
@@ -714,11 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             noise_free=args.noise_free,
             body=args.body,
             radius=args.radius,
-            body_glow_counts=glows[f"seed_{seed}"]
-            if glows is not None
-            else None
-            if backend is None
-            else model_body_glow(backend, sample.frame, args.body_clip),
+            body_glow_counts=offered,
             glow_error_e=args.glow_error_e,
             error_seed=seed,
         )

@@ -261,7 +261,7 @@ class VolumeLossConfig(_Base):
     body_weight: float = Field(
         0.0,
         ge=0,
-        description="Weight of the body head's term (`_body_term`): its glow against the "
+        description="Weight of the body head's term (`body_term`): its glow against the "
         "worm body's imaged alone, as a relative squared error over the batch. Needs body.",
     )
 
@@ -667,6 +667,15 @@ class VolumeBatch(NamedTuple):
     body: torch.Tensor | None = None
 
 
+def _turn(patch: torch.Tensor, t: int) -> torch.Tensor:
+    """Return a (C, P, P) patch turned by copy `t` of 8 of the square's symmetries.
+
+    rot90 ``t % 4`` times, then (t >= 4) an x flip; `_turn_points` moves points the same way.
+    """
+    turned = torch.rot90(patch, t % 4, dims=(1, 2))
+    return turned.flip(2) if t >= 4 else turned
+
+
 def _turn_points(rows: np.ndarray, turns: int, flip: bool, size: int) -> np.ndarray:
     """Source rows moved as `np.rot90(patch, turns, axes=(1, 2))` then an x flip move pixels."""
     rows = rows.copy()
@@ -698,19 +707,13 @@ def sample_batch(
         f = int(rng.integers(s.inputs.shape[0]))
         h, w = s.inputs.shape[-2:]
         y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
-        x = inputs[f, None, y0 : y0 + size, x0 : x0 + size]
-        y = targets[f, :, y0 : y0 + size, x0 : x0 + size]
         rows = s.sources[f] - np.array([x0, y0, 0, 0], dtype=np.float32)
         inside = (rows[:, :2] >= -0.5).all(1) & (rows[:, :2] < size - 0.5).all(1)
         t = int(rng.integers(8))  # the PSF is rotationally symmetric: 8 free copies
-        x, y = torch.rot90(x, t % 4, dims=(1, 2)), torch.rot90(y, t % 4, dims=(1, 2))
-        if t >= 4:
-            x, y = x.flip(2), y.flip(2)
+        xs.append(_turn(inputs[f, None, y0 : y0 + size, x0 : x0 + size], t))
+        ys.append(_turn(targets[f, :, y0 : y0 + size, x0 : x0 + size], t))
         if glow is not None:
-            b = torch.rot90(glow[f, None, y0 : y0 + size, x0 : x0 + size], t % 4, dims=(1, 2))
-            bodies.append(b.flip(2) if t >= 4 else b)
-        xs.append(x)
-        ys.append(y)
+            bodies.append(_turn(glow[f, None, y0 : y0 + size, x0 : x0 + size], t))
         points.append(_turn_points(rows[inside], t % 4, t >= 4, size))
     m = max(1, max(len(p) for p in points))
     sources = np.zeros((len(points), m, 4), dtype=np.float32)

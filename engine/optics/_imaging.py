@@ -305,10 +305,12 @@ def make_sample(
     camera: CameraConfig,
     rng: np.random.Generator,
     worm: WormConfig | None = None,
-) -> tuple[ObjectTable, Grid, np.ndarray]:
-    """Draw a sample, and rasterise it: (objects, grid, photon density (S, H, W)).
+) -> tuple[ObjectTable, Grid, np.ndarray, np.ndarray | None]:
+    """Draw a sample, and rasterise it: (objects, grid, photon density (S, H, W), body).
 
-    `worm` shapes the worm of "worm" and "mixed" samples (default: the original worm).
+    `worm` shapes the worm of "worm" and "mixed" samples (default: the original worm). The
+    density holds everything; `body` is the worm body's diffuse part of it alone (None
+    without a body), for those who image the body apart (`simulate_volume_pair`).
     """
     if sample not in ("worm", "beads", "mixed"):
         raise ValueError(f"sample must be 'worm', 'beads' or 'mixed', not {sample!r}")
@@ -336,6 +338,7 @@ def make_sample(
     slices = np.arange(z0, z1 + SLICE_UM / 2, SLICE_UM)
     grid = Grid(grid.x0_um, grid.y0_um, grid.shape, px, slices)
     density = rasterize(objects, grid)
+    glow = None
     if body is not None:
         glow = body_density(body, grid, BODY_FRACTION * camera.peak_photons / (2 * body.radius_um))
         if worm is not None and worm.body_texture_sd > 0:  # no draws otherwise: samples unchanged
@@ -344,7 +347,7 @@ def make_sample(
         if worm is not None and worm.body_brightness != (1.0, 1.0):  # likewise
             glow *= np.float32(np.exp(rng.uniform(*np.log(worm.body_brightness))))
         density += glow
-    return objects, grid, density
+    return objects, grid, density, glow
 
 
 def default_z_um() -> np.ndarray:
@@ -377,7 +380,7 @@ def simulate_focal_stack(
     shape = (int(shape[0]), int(shape[1]))
     focus = z + float(focus_um)
     rng = np.random.default_rng(seed)
-    objects, grid, density = make_sample(sample, shape, optics, camera, rng)
+    objects, grid, density, _ = make_sample(sample, shape, optics, camera, rng)
     rows, cols = frame_crop(grid, shape)
     photons = image_slices(density, grid.z_um, focus, optics)[:, rows, cols]
     photons += np.float32(camera.background_photons)
@@ -450,7 +453,7 @@ def simulate_volume_pair(
             raise ValueError(f"{name} must be non-empty multiples of {SLICE_UM} µm, got {v!r}")
     shape = (int(shape[0]), int(shape[1]))
     rng = np.random.default_rng(seed)
-    objects, grid, density = make_sample(sample, shape, optics, camera, rng, worm)
+    objects, grid, density, body = make_sample(sample, shape, optics, camera, rng, worm)
     rows, cols = frame_crop(grid, shape)
     photons = image_slices(density, grid.z_um, focus, optics)[:, rows, cols]
     photons += np.float32(camera.background_photons)
@@ -463,9 +466,10 @@ def simulate_volume_pair(
         for k in np.flatnonzero(inside[f]):
             np.multiply(density[index[f, k], rows, cols], scale, out=truth[f, k])
     body_counts = None
-    if body_glow:  # the body is what the density holds beyond the objects' own rasters
-        body = np.maximum(density - rasterize(objects, grid), 0.0)
-        body_counts = image_slices(body, grid.z_um, focus, optics)[:, rows, cols] * scale
+    if body_glow:
+        body_counts = np.zeros((focus.size, *shape), dtype=np.float32)
+        if body is not None:
+            body_counts[:] = image_slices(body, grid.z_um, focus, optics)[:, rows, cols] * scale
     return VolumePair(
         frames=frames,
         focus_um=focus,
