@@ -20,6 +20,7 @@ from engine.detection import (  # noqa: E402
 )
 from engine.volume import depth_grid  # noqa: E402
 from tests.test_volume import _tiny_config  # noqa: E402
+from tests.volume_helpers import assert_onnx_serves_like_torch  # noqa: E402
 
 H = W = 24
 DEPTHS = depth_grid()
@@ -174,9 +175,7 @@ def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: 
     from engine import heldout as ho
     from engine import probes
     from engine.model import load_model
-    from engine.runtime import load_backend
     from engine.train_volume import train
-    from export import export_weights
 
     cfg = _config(tmp_path)
     model = train(cfg, progress=False)
@@ -197,13 +196,7 @@ def test_a_detection_model_trains_starts_near_its_density_and_exports(tmp_path: 
     extra = served - density  # the splat: p stays near its start of 3e-4 after 3 steps
     assert float(extra.min()) >= 0
     assert float(extra.sum()) < 0.01 * 64 * 64 * cfg.brightness_scale
-    frame = np.random.default_rng(1).poisson(50, (64, 64)).astype(np.uint16)
-    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
-    onnx_path = tmp_path / "det.onnx"
-    assert export_weights(cfg.weights_out, onnx_path).ok
-    ort = load_backend(onnx_path, prefer=["onnxruntime"])
-    pt = load_backend(cfg.weights_out, prefer=["torch"])
-    np.testing.assert_allclose(ort.infer(frame, dpms), pt.infer(frame, dpms), rtol=1e-3, atol=1e-2)
+    assert_onnx_serves_like_torch(cfg.weights_out, tmp_path / "det.onnx")
 
 
 def test_a_frozen_network_trains_its_head_alone_and_serves_only_sure_detections(tmp_path: Path):

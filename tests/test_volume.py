@@ -9,6 +9,7 @@ import pytest
 
 from engine.optics import OpticsConfig, simulate_focal_stack, simulate_volume_pair
 from engine.volume import Renderer, defocus_index, depth_grid, load_psf_bank, psf_bank
+from tests.volume_helpers import assert_onnx_serves_like_torch
 
 SHAPE = (96, 96)
 
@@ -929,7 +930,6 @@ def test_a_primed_model_starts_as_the_old_one_and_exports(trained: Path, tmp_pat
 
     from engine.runtime import load_backend
     from engine.train_volume import train
-    from export import export_weights
 
     cfg = _tiny_config(tmp_path)
     cfg.steps, cfg.lr, cfg.init_from = 1, 1e-12, trained
@@ -942,12 +942,7 @@ def test_a_primed_model_starts_as_the_old_one_and_exports(trained: Path, tmp_pat
     old = load_backend(trained, prefer=["torch"]).infer(frame, dpms)
     primed = load_backend(cfg.weights_out, prefer=["torch"])
     np.testing.assert_allclose(primed.infer(frame, dpms), old, rtol=1e-4, atol=1e-3)
-    onnx_path = tmp_path / "primed.onnx"
-    assert export_weights(cfg.weights_out, onnx_path).ok
-    ort = load_backend(onnx_path, prefer=["onnxruntime"])
-    np.testing.assert_allclose(
-        ort.infer(frame, dpms), primed.infer(frame, dpms), rtol=1e-3, atol=1e-2
-    )
+    assert_onnx_serves_like_torch(cfg.weights_out, tmp_path / "primed.onnx", frame)
     assert torch.load(cfg.weights_out, weights_only=True)["primer.kernels"].abs().sum() > 0
 
 
@@ -1192,9 +1187,7 @@ def test_a_body_model_learns_the_bodys_glow_beside_its_density_and_serves_the_de
     from pydantic import ValidationError
 
     from engine.model import load_model
-    from engine.runtime import load_backend
     from engine.train_volume import Sample, VolumeTrainConfig, sample_batch, train
-    from export import export_weights
 
     cfg = _tiny_config(tmp_path)
     cfg = VolumeTrainConfig.model_validate(
@@ -1226,12 +1219,7 @@ def test_a_body_model_learns_the_bodys_glow_beside_its_density_and_serves_the_de
 
     counts = predict_glow(loaded, None, frame)
     assert counts.shape == (64, 64) and np.isfinite(counts).all()
-    dpms = np.stack([np.full((64, 64), z, np.float32) for z in (-3.0, 0.0, 1.5)])
-    onnx_path = tmp_path / "body.onnx"
-    assert export_weights(cfg.weights_out, onnx_path).ok
-    ort = load_backend(onnx_path, prefer=["onnxruntime"])
-    pt = load_backend(cfg.weights_out, prefer=["torch"])
-    np.testing.assert_allclose(ort.infer(frame, dpms), pt.infer(frame, dpms), rtol=1e-3, atol=1e-2)
+    assert_onnx_serves_like_torch(cfg.weights_out, tmp_path / "body.onnx", frame)
 
     for bad in ({"body": True}, {"loss": {"body_weight": 1.0}}):
         with pytest.raises(ValidationError, match="go together"):
