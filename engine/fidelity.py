@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -99,6 +100,13 @@ class Method:
     own_psf: bool = False
     """With `matched_filter`: the set's own PSF (`heldout.own_psf_bank`) instead of the model's
     training PSF; on the sets whose optics are known here (the independent ones) only."""
+    volume: bool = False
+    """A volume model's (it has a PSF bank to render through)."""
+    measured_psf: Path | None = None
+    """A volume model (this file) whose planes are rendered through a PSF bank measured from a
+    simulated bead slide of each independent set's optics (`_measured_psf_method`), as a lab
+    would serve it on its own microscope; on the independent sets only (`planes` and
+    `surface` are unused)."""
 
 
 def simulator_sample(
@@ -156,7 +164,36 @@ def _model_method(path: Path, precision: Precision = "fp32") -> Method:
     label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
     if backend.precision != "fp32":
         label = f"{label} {backend.precision}"
-    return Method(label, planes, surface)
+    return Method(label, planes, surface, volume=kind == "volume")
+
+
+MEASURED_PSF_FIELDS = 6
+"""Fields of the simulated bead slide a measured PSF bank averages (about 18 beads)."""
+
+
+def _measured_psf_method(path: Path, optics: ho.IndependentOptics, workdir: Path) -> Method:
+    """Serve a volume model through a bank measured from a bead slide of `optics`.
+
+    The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
+    measured by `engine.psf_calibration.measure_psf_bank` from its frames alone, as a lab
+    measures its microscope; the set's PSF function is never handed over.
+    """
+    from engine.psf_calibration import slide_bank
+    from engine.runtime import load_backend
+
+    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    volume = load_backend(path, prefer=prefer).metadata.volume
+    if volume is None:
+        raise ValueError(f"{path}: a per-plane model has no PSF bank to measure")
+    depth = np.asarray(volume.depth_um, dtype=np.float64)
+    bank = slide_bank(
+        optics, n_depths=depth.size, step_um=float(depth[1] - depth[0]), fields=MEASURED_PSF_FIELDS
+    ).bank
+    bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
+    np.save(bank_path, bank)
+    backend = load_backend(path, prefer=prefer, psf_bank=bank_path)
+    planes, surface = ho.refocus_fns(backend)
+    return Method(f"{path.stem} + measured PSF", planes, surface, measured_psf=path)
 
 
 def _wiener_method(reference: Path | None) -> Method:
@@ -212,7 +249,11 @@ def _evaluate_set(
             snr_of[k] = (found.index, ho.bead_snr(samples[k], found.index, optics))
         return snr_of[k][1]
 
+    workdir = tempfile.TemporaryDirectory(prefix="fidelity-psf-")
     for m in methods:
+        if m.measured_psf is not None and optics is not None:  # this set's microscope's bank
+            served = _measured_psf_method(m.measured_psf, optics, Path(workdir.name))
+            m = replace(served, name=m.name)
         depth: list[np.ndarray] = []
         depth_snr: list[np.ndarray] = []
         depth_true: list[np.ndarray] = []
@@ -228,6 +269,9 @@ def _evaluate_set(
         frame_psnr: list[float] = []  # per sample: its median PSNR over Δz
         for k, s in enumerate(samples):
             progress.set_postfix_str(f"{m.name[:28]} · {s.kind} {s.seed}")
+            if m.measured_psf is not None and optics is None:  # its PSF is the model's own
+                progress.update(1)
+                continue
             if m.matched_filter:
                 if m.own_psf and optics is None:  # the simulator set: its PSF is the model's
                     progress.update(1)
@@ -305,6 +349,7 @@ def _evaluate_set(
                 for dz, rows in sorted(planes.items())
             },
         }
+    workdir.cleanup()
     return out
 
 
@@ -315,22 +360,37 @@ def compare(
     shape: tuple[int, int] = (256, 256),
     precisions: Sequence[Precision] = ("fp32",),
     pupil: bool = False,
+    measured_psf: bool = False,
 ) -> dict[str, Any]:
     """Run every read-out for `models` (at each precision) and the baselines on each set.
 
     `sample_set` picks the held-out seeds: "quick" (a smoke run), "default" (the figures in the
     docs) or "large" (about 2.5x the beads, for deciding whether a candidate beats the shipped
     model: see `SEED_SETS`). `pupil` adds the "pupil" set: the independent seeds imaged through
-    the pupil-function PSF (`heldout.IndependentOptics(psf_model="pupil")`).
+    the pupil-function PSF (`heldout.IndependentOptics(psf_model="pupil")`). `measured_psf`
+    adds each volume model (fp32) served through a PSF bank measured from a simulated bead
+    slide of each independent set's optics (`_measured_psf_method`; not on the simulator set).
     """
     from tqdm import tqdm
 
-    methods = [
-        _model_method(Path(p), q)
+    served = [
+        (Path(p), q, _model_method(Path(p), q))
         for p in models
         for q in precisions
         if q == "fp32" or Path(p).suffix == ".onnx"  # other precisions: ONNX backends only
     ]
+    methods = [m for _, _, m in served]
+    if measured_psf:
+        methods += [
+            Method(
+                f"{m.name} + measured PSF",
+                ho.input_planes_fn,  # unused: each independent set serves its own
+                ho.input_surface_fn,
+                measured_psf=p,
+            )
+            for p, q, m in served
+            if q == "fp32" and m.volume
+        ]
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
     methods.append(_wiener_method(Path(models[0]) if models else None))
     methods.append(
@@ -883,6 +943,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="add a third set: the independent seeds through the pupil-function PSF",
     )
+    p.add_argument(
+        "--measured-psf",
+        action="store_true",
+        help="also serve each volume model through a PSF bank measured from a simulated bead "
+        "slide of each independent set's optics (engine.psf_calibration)",
+    )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"
     models = args.models
@@ -895,7 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample_set: Literal["quick", "default", "large"] = (
         "quick" if args.quick else "large" if args.large else "default"
     )
-    r = compare(models, sample_set=sample_set, precisions=args.precisions, pupil=args.pupil)
+    r = compare(
+        models,
+        sample_set=sample_set,
+        precisions=args.precisions,
+        pupil=args.pupil,
+        measured_psf=args.measured_psf,
+    )
     r["cross_modality"] = cross_modality(models)
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
     text = report(r)

@@ -80,6 +80,7 @@ __all__ = [
     "SNR_BINS",
     "BeadDepths",
     "BeadFwhm",
+    "BeadSlide",
     "HeldoutCamera",
     "HeldoutObjects",
     "IndependentOptics",
@@ -95,6 +96,7 @@ __all__ = [
     "bead_fwhm",
     "bead_fwhm_ratios",
     "bead_sites",
+    "bead_slide",
     "bead_snr",
     "by_distance",
     "by_snr",
@@ -1052,6 +1054,88 @@ def independent_sample(
         dpm_um=dpm,
         in_focus=in_focus,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class BeadSlide:
+    """A focus-scanned stack of one field of a bead slide: what a lab images to measure its PSF.
+
+    Attributes
+    ----------
+    stack : (F, H, W) uint16 camera frames, one per focus position.
+    focus_um : (F,) focus positions (µm, + deeper), uniform steps.
+    objects : the beads (x, y, z in µm; z relative to the slide's layer).
+    """
+
+    stack: np.ndarray
+    focus_um: np.ndarray
+    objects: HeldoutObjects
+
+
+SLIDE_FOCUS_UM = np.round(np.arange(-24.0, 24.0001, SLICE_UM), 6)
+"""Focus positions of a bead slide's stack: ±24 µm in 0.5 µm steps, past the ±20 µm of defocus
+a ±10 µm volume model renders with by the 2.5 µm `engine.psf_calibration` asks of a scan to
+undo the beads' split between depth slices."""
+
+
+def bead_slide(
+    seed: int,
+    *,
+    optics: IndependentOptics | None = None,
+    camera: HeldoutCamera | None = None,
+    shape: tuple[int, int] = (320, 320),
+    focus_um: np.ndarray = SLIDE_FOCUS_UM,
+) -> BeadSlide:
+    """Image one field of a calibration slide through the held-out optics, focus-scanned.
+
+    The slide a lab uses to measure its microscope's PSF: sub-resolution beads, bright
+    (2-6·10⁴ e⁻ each) and sparse (up to 4 per field, at least 130 px apart and 64 px from the
+    edges, so each bead's light to 20 µm of defocus stays its own), in a thin layer (±0.25 µm)
+    at the depth of the held-out frames' focal plane (`base_depth_um`), so they see the
+    aberration those frames' in-focus sources see. The held-out camera, its background and a
+    per-pixel offset pattern fixed over the stack, fresh shot and read noise in every frame.
+    Seeds are a stream of their own: no bead of the held-out samples is on a slide.
+    """
+    optics = optics or IndependentOptics()
+    camera = camera or HeldoutCamera()
+    if len(shape) != 2 or min(shape) < 2 * 64 + 1:
+        raise ValueError(f"shape must be (H, W) with sides > 128 px, got {shape!r}")
+    focus = np.asarray(focus_um, dtype=np.float64)
+    if focus.ndim != 1 or focus.size < 2 or not np.all(np.diff(focus) > 0):
+        raise ValueError("focus_um must be a 1-D increasing array of at least 2 positions")
+    h, w = int(shape[0]), int(shape[1])
+    px = optics.pixel_size_um
+    rng = np.random.default_rng((0x5EED, 0x511DE, int(seed)))
+    centres: list[np.ndarray] = []
+    for _ in range(200):  # rejection sampling: at most 4 beads, far apart
+        c = rng.uniform(64, [w - 1 - 64, h - 1 - 64])
+        if all(np.hypot(*(c - o)) >= 130 for o in centres):
+            centres.append(c)
+        if len(centres) == 4:
+            break
+    n = len(centres)
+    xyz = np.column_stack([np.array(centres) * px, rng.uniform(-0.25, 0.25, n)])
+    signal_e = rng.uniform(2e4, 6e4, n)
+    photo_e = render_objects(xyz, np.zeros(n), signal_e, (h, w), optics, focus)
+    bg_e = _background_e(rng, (h, w), camera)
+    pattern = rng.standard_normal((h, w), dtype=np.float32) * np.float32(
+        camera.offset_pattern_counts
+    )
+    gain, offset = np.float32(camera.gain_counts_per_e), np.float32(camera.offset_counts)
+    stack = np.empty(photo_e.shape, dtype=np.uint16)
+    for k in range(focus.size):  # one plane at a time: a whole float stack is not needed
+        electrons = rng.poisson(np.maximum(photo_e[k] + bg_e, 0.0)).astype(np.float32)
+        electrons += rng.standard_normal((h, w), dtype=np.float32) * np.float32(camera.read_noise_e)
+        stack[k] = np.clip(np.round(electrons * gain + offset + pattern), 0, 65535)
+    objects = HeldoutObjects(
+        x_um=xyz[:, 0].copy(),
+        y_um=xyz[:, 1].copy(),
+        z_um=xyz[:, 2].copy(),
+        radius_um=np.zeros(n),
+        intensity=signal_e * camera.gain_counts_per_e,
+        kind=np.full(n, "bead", dtype="<U6"),
+    )
+    return BeadSlide(stack=stack, focus_um=focus, objects=objects)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,6 +304,14 @@ class EngineConfig(_BaseModel):
             "cross-modality output) from the same density; None = the model's own PSF bank."
         ),
     )
+    psf_bank: Path | None = Field(
+        None,
+        description=(
+            "Volume models: render the planes through this PSF bank (.npy), your microscope's "
+            "measured from a bead slide (python -m engine.psf_calibration), instead of the "
+            "model's own; None = the model's own. Wide-field only."
+        ),
+    )
     optics_check: Literal["refuse", "warn", "off"] = Field(
         "refuse",
         description=(
@@ -318,10 +326,19 @@ class EngineConfig(_BaseModel):
         description="Relative difference of pixel size, NA or wavelength that is a mismatch.",
     )
 
-    @field_validator("model_path")
+    @field_validator("model_path", "psf_bank")
     @classmethod
     def _model_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return _existing_file(v, info)
+
+    @model_validator(mode="after")
+    def _psf_bank_is_widefield(self) -> EngineConfig:
+        if self.psf_bank is not None and self.render_modality == "confocal":
+            raise ValueError(
+                "psf_bank is a measured wide-field PSF; it cannot render confocal planes "
+                "(leave out psf_bank or render_modality)"
+            )
+        return self
 
     @field_validator("backends")
     @classmethod

@@ -143,6 +143,7 @@ def open_backend(config: Any) -> Any:
         max_batch=engine.max_batch,
         frame_shape=(int(config.source.frame_shape[0]), int(config.source.frame_shape[1])),
         render_modality=engine.render_modality,
+        psf_bank=engine.psf_bank,
     )
 
 

@@ -112,6 +112,29 @@ def test_render_modality_picks_the_psf_bank_the_planes_go_through(tmp_path):
     assert backend.metadata.volume is not None and backend.metadata.volume.modality == "confocal"
 
 
+def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path):
+    from live.worker import open_backend
+
+    assert load_config(write(tmp_path, "")).engine.psf_bank is None
+    with pytest.raises(ConfigError, match="engine.psf_bank.*file not found"):
+        load_config(write(tmp_path, '[engine]\npsf_bank = "nowhere.npy"\n'))
+    volume = REPO / "engine" / "weights" / "deepz-volume.onnx"
+    own = np.load(volume.parent / "deepz-volume.psf.npy")
+    np.save(tmp_path / "scope.npy", own[::-1].copy())  # a "measured" bank: the mirror image
+    text = f'[engine]\nmodel_path = "{volume.as_posix()}"\npsf_bank = "scope.npy"\n'
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.engine.psf_bank == (tmp_path / "scope.npy").resolve()
+    backend = open_backend(cfg)
+    frame = np.full((64, 64), 500, dtype=np.uint16)
+    frame[30:33, 30:33] = 4000
+    plane = np.full((64, 64), 3.0, dtype=np.float32)  # 3 µm above: the mirror bank differs
+    mirrored = backend.infer(frame, plane)
+    plain = open_backend(load_config(write(tmp_path, f'[engine]\nmodel_path = "{volume}"\n')))
+    assert not np.allclose(mirrored, plain.infer(frame, plane))
+    with pytest.raises(ConfigError, match="cannot render confocal planes"):
+        load_config(write(tmp_path, text + 'render_modality = "confocal"\n'))
+
+
 def test_missing_referenced_files(tmp_path):
     with pytest.raises(
         ConfigError, match=r"engine.model_path = 'm.onnx': file not found: .*m.onnx"

@@ -194,6 +194,7 @@ def load_backend(
     cache_dir: str | Path | None = None,
     cuda_graph: bool = False,
     render_modality: Modality | None = None,
+    psf_bank: str | Path | None = None,
 ) -> Backend:
     """Build the first backend of `prefer` that works here on `model`, logging why others didn't.
 
@@ -224,6 +225,10 @@ def load_backend(
     render_modality
         Volume models: "widefield" or "confocal" planes (cross-modality: wide-field in,
         confocal-like out) from the same density; None: the model's own PSF bank.
+    psf_bank
+        Volume models: render the planes through this measured PSF bank (.npy, written by
+        `python -m engine.psf_calibration` from a bead slide) instead of the model's own: the
+        density is the network's, the PSF the microscope's. Wide-field only.
 
     Raises
     ------
@@ -242,6 +247,7 @@ def load_backend(
         cache_dir=Path(cache_dir) if cache_dir is not None else None,
         cuda_graph=cuda_graph,
         render_modality=render_modality,
+        psf_bank=Path(psf_bank) if psf_bank is not None else None,
     )
     reasons: dict[str, str] = {}
     for spec in _ordered(prefer):

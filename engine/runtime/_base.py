@@ -61,6 +61,9 @@ class BackendOptions:
     render_modality: Modality | None = None
     """A volume model's planes: None renders them through its own PSF bank; "widefield" or
     "confocal" through that modality's (`_volume_psf`), the paper's cross-modality output."""
+    psf_bank: Path | None = None
+    """A volume model's planes rendered through this bank (.npy) instead of its own: the
+    microscope's PSF measured from a bead slide (`engine.psf_calibration`); wide-field only."""
 
     def __post_init__(self) -> None:
         """Reject values no backend could honour, naming the option and what is allowed."""
@@ -70,6 +73,11 @@ class BackendOptions:
             raise ValueError(f"intra_op_threads must be >= 1 or None, not {self.intra_op_threads}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, not {self.max_batch}")
+        if self.psf_bank is not None and self.render_modality not in (None, "widefield"):
+            raise ValueError(
+                "psf_bank is a measured wide-field PSF; it cannot render "
+                f"{self.render_modality} planes (leave one of them out)"
+            )
         if self.frame_shape is not None and (
             len(self.frame_shape) != 2 or min(self.frame_shape) < 1
         ):
@@ -161,9 +169,15 @@ def onnx_metadata(path: Path) -> ModelMetadata:
 
 
 def _volume_psf(
-    model_path: Path | None, metadata: ModelMetadata, modality: Modality | None = None
+    model_path: Path | None,
+    metadata: ModelMetadata,
+    modality: Modality | None = None,
+    measured: Path | None = None,
 ) -> np.ndarray:
     """Load a volume model's PSF bank from beside its model file, or raise `BackendError`.
+
+    With `measured`, that bank instead (a microscope's, `engine.psf_calibration`), checked to
+    fit the model's depth grid and to be a PSF: non-negative planes of unit sum.
 
     For another `modality` than the bank's, the bank is made anew with the optics the model
     trained with (`extra.train_config.optics`, `engine.volume.psf_bank`), the same function and
@@ -171,6 +185,8 @@ def _volume_psf(
     only this bank decides whether its planes look wide-field or confocal.
     """
     assert metadata.volume is not None
+    if measured is not None:
+        return _measured_psf(Path(measured), len(metadata.volume.depth_um))
     if model_path is None:
         raise BackendError(f"{metadata.name}: a volume model needs its file to find its PSF bank")
     path = Path(model_path).parent / metadata.volume.psf_file
@@ -195,6 +211,21 @@ def _volume_psf(
         raise BackendError(f"{model_path}: its training optics are not valid: {exc}") from exc
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
     return psf_bank(optics, depth, size_px=psf.shape[-1], modality=modality)
+
+
+def _measured_psf(path: Path, n_depths: int) -> np.ndarray:
+    """Load a measured PSF bank for an `n_depths` model, or raise `BackendError` naming why."""
+    try:
+        psf = load_psf_bank(path, n_depths)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{path}: cannot load the measured PSF bank: {exc}") from exc
+    sums = psf.sum(axis=(1, 2))
+    if psf.min() < 0 or not np.allclose(sums, 1.0, atol=1e-3):
+        raise BackendError(
+            f"{path}: a PSF bank's planes must be non-negative and each sum to 1 (sums "
+            f"{sums.min():.4g} … {sums.max():.4g}); write it with python -m engine.psf_calibration"
+        )
+    return psf
 
 
 def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
@@ -255,7 +286,7 @@ class BaseBackend:
         self._psf: np.ndarray | None = None
         self._renderers: dict[tuple[int, int], Renderer] = {}
         if metadata.volume is not None:
-            self._psf = _volume_psf(model_path, metadata, options.render_modality)
+            self._psf = _volume_psf(model_path, metadata, options.render_modality, options.psf_bank)
             if options.render_modality is not None:  # what the rendered planes now show
                 volume = metadata.volume.model_copy(update={"modality": options.render_modality})
                 self.metadata = metadata.model_copy(update={"volume": volume})

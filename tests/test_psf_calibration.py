@@ -1,0 +1,250 @@
+"""A PSF bank measured from bead stacks (`engine.psf_calibration`) and served in its model's place.
+
+The measurement is checked two ways: on stacks made by the renderer's own convention from a
+known astigmatic bank (it must come back), and on the hold-out's simulated bead slide, against
+the hold-out's PSF and against the tilted-plane ceiling the model's own bank cannot reach.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import heldout as H
+from engine import psf_calibration as C
+from engine.runtime import BackendError, load_backend
+from engine.volume import load_psf_bank
+
+MODEL = Path("engine/weights/deepz-volume.onnx")
+SIDE = 31
+N_DEPTHS = 9  # ±4 µm of defocus at 0.5 µm: a small bank, quick stacks
+STEP = 0.5
+
+
+def astigmatic_bank(n_depths: int = N_DEPTHS, side: int = SIDE) -> np.ndarray:
+    """A known bank unlike a round PSF: Gaussians stretched along x before focus, y after."""
+    d = (np.arange(2 * n_depths - 1) - (n_depths - 1)) * STEP
+    yy, xx = np.indices((side, side)) - side // 2
+    sx = 0.9 * np.sqrt(1 + ((d - 0.6) / 1.5) ** 2)
+    sy = 0.9 * np.sqrt(1 + ((d + 0.6) / 1.5) ** 2)
+    sx, sy = sx[:, None, None], sy[:, None, None]
+    bank = np.exp(-(xx[None] ** 2) / (2 * sx**2) - yy[None] ** 2 / (2 * sy**2))
+    out: np.ndarray = (bank / bank.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
+    return out
+
+
+def stack_of_beads(
+    bank: np.ndarray,
+    beads: list[tuple[float, float, float]],
+    frames: int,
+    shape: tuple[int, int] = (200, 200),
+    signal: float = 5e4,
+    noise: bool = False,
+) -> np.ndarray:
+    """Frames at focus index 0..frames-1 of beads (row, col, frame-unit depth), by the model's
+    convention: each bead split bilinearly between pixels and linearly between depth slices,
+    every part imaged through the bank (a plane per step of defocus)."""
+    n = (bank.shape[0] + 1) // 2
+    half = bank.shape[-1] // 2
+    out = np.full((frames, *shape), 100.0)
+    for row, col, z in beads:
+        r0, c0, z0 = int(np.floor(row)), int(np.floor(col)), int(np.floor(z))
+        fy, fx, fz = row - r0, col - c0, z - z0
+        for dz, wz in ((0, 1 - fz), (1, fz)):
+            for dy, wy in ((0, 1 - fy), (1, fy)):
+                for dx, wx in ((0, 1 - fx), (1, fx)):
+                    for j in range(frames):
+                        k = j - (z0 + dz) + (n - 1)  # defocus = focus - slice, in steps
+                        if 0 <= k < bank.shape[0]:
+                            r, c = r0 + dy, c0 + dx
+                            out[j, r - half : r + half + 1, c - half : c + half + 1] += (
+                                signal * wz * wy * wx * bank[k]
+                            )
+    if noise:
+        out = np.random.default_rng(0).poisson(out).astype(np.float64)
+    return np.clip(np.round(out), 0, 65535).astype(np.uint16)  # a 16-bit camera saturates
+
+
+BEADS = [(40.3, 45.7, 14.2), (45.6, 150.2, 13.5), (150.8, 42.4, 14.8), (155.1, 160.9, 13.9)]
+"""Four beads 100+ px apart, at sub-pixel and sub-step offsets, near the middle of 28 frames."""
+
+
+def test_a_known_bank_comes_back_from_its_own_beads() -> None:
+    bank = astigmatic_bank()
+    frames = 28  # the beads' focus ±13 frames: past the bank's ±8 steps plus the split's pad
+    focus = np.arange(frames) * STEP
+    stack = stack_of_beads(bank, BEADS, frames)
+    m = C.measure_psf_bank([stack], focus, n_depths=N_DEPTHS, step_um=STEP, side_px=SIDE)
+    assert m.beads == 4 and m.measured.all()
+    np.testing.assert_allclose(m.bank.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    l1 = np.abs(m.bank - bank).sum(axis=(1, 2))
+    assert l1.max() < 0.05, l1  # every plane, the astigmatism's turn included
+    centre = N_DEPTHS - 1
+    assert abs(m.bank[centre].max() / bank[centre].max() - 1) < 0.03
+    # the beads' focus is read to a fraction of a step
+    true_focus = sorted(b[2] * STEP for b in BEADS)
+    np.testing.assert_allclose(sorted(m.bead_focus_um), true_focus, atol=0.06)
+
+
+def test_a_scan_off_the_banks_step_is_read_between_frames() -> None:
+    bank = astigmatic_bank()
+    focus = np.arange(28) * STEP
+    stack = stack_of_beads(bank, BEADS, 28)
+    # every other frame: a 1 µm scan for a 0.5 µm bank, read between frames
+    m = C.measure_psf_bank([stack[::2]], focus[::2], n_depths=N_DEPTHS, step_um=STEP, side_px=SIDE)
+    assert m.measured.all()
+    assert np.abs(m.bank - bank).sum(axis=(1, 2)).max() < 0.25
+
+
+def test_a_short_scan_takes_the_rest_from_a_reference_or_is_refused() -> None:
+    bank = astigmatic_bank()
+    stack = stack_of_beads(bank, BEADS, 28)[8:21]  # focus ±3 frames around the beads
+    focus = np.arange(8, 21) * STEP
+    with pytest.raises(C.CalibrationError, match=r"scan .* too, or give a reference bank"):
+        C.measure_psf_bank([stack], focus, n_depths=N_DEPTHS, step_um=STEP, side_px=SIDE)
+    reference = np.full_like(bank, 1.0 / SIDE**2)
+    m = C.measure_psf_bank(
+        [stack], focus, n_depths=N_DEPTHS, step_um=STEP, side_px=SIDE, reference=reference
+    )
+    assert 0 < m.measured.sum() < m.measured.size
+    np.testing.assert_allclose(m.bank[~m.measured], reference[~m.measured])
+    assert m.measured[N_DEPTHS - 1]  # focus itself is measured
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s, f: ([s[:, :20, :20]], f), "smaller than"),
+        (lambda s, f: ([s[:-1]], f), "one frame per focus"),
+        (lambda s, f: ([s], f * f), "equal steps"),
+        (lambda s, f: ([s], f[:2]), "at least 3"),
+        (lambda s, f: ([], f), "no stacks"),
+        (lambda s, f: ([np.full_like(s, 100)], f), r"found 0 usable bead"),
+        (
+            lambda s, f: ([np.random.default_rng(1).poisson(100, s.shape).astype(np.uint16)], f),
+            r"found 0 usable bead",
+        ),
+    ],
+)
+def test_bad_stacks_get_one_line_naming_the_problem(change, message) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_of_beads(astigmatic_bank(), BEADS, 28)
+    stacks, focus = change(stack, np.arange(28) * STEP)
+    with pytest.raises(C.CalibrationError, match=message) as info:
+        C.measure_psf_bank(stacks, focus, n_depths=N_DEPTHS, step_um=STEP, side_px=SIDE)
+    assert "\n" not in str(info.value)
+
+
+def test_saturated_and_crowded_beads_are_left_out() -> None:
+    bank = astigmatic_bank()
+    beads = [*BEADS, (48.0, 52.0, 14.0)]  # a fifth bead 10 px from the first
+    stack = stack_of_beads(bank, beads, 28)
+    sites, why = C.find_beads(stack, SIDE)
+    assert len(sites) == 3 and why["near another bead"] == 2
+    bright = stack_of_beads(bank, BEADS, 28, signal=2e6)  # the in-focus peak clips at 65535
+    sites, why = C.find_beads(bright, SIDE)
+    assert sites == [] and why["saturated"] == 4
+
+
+def test_read_stack_takes_npy_tiff_and_zarr_and_refuses_the_rest(tmp_path: Path) -> None:
+    import tifffile
+    import zarr
+
+    stack = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
+    np.save(tmp_path / "s.npy", stack[None, None])  # (t, c, z, y, x) with t = c = 1
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    zarr.create_array(str(tmp_path / "s.zarr"), data=stack)
+    for name in ("s.npy", "s.tif", "s.zarr"):
+        np.testing.assert_array_equal(C.read_stack(tmp_path / name), stack)
+    np.save(tmp_path / "flat.npy", stack[0])
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    for name, message in (
+        ("flat.npy", r"must be \(focus, height, width\)"),
+        ("junk.tif", "cannot read a stack"),
+        ("missing.npy", "no such stack"),
+    ):
+        with pytest.raises(C.CalibrationError, match=message):
+            C.read_stack(tmp_path / name)
+
+
+def test_a_slide_of_the_holdout_gives_its_psf_better_than_the_training_bank() -> None:
+    """The hold-out's bead slide through the vectorial PSF: the measured bank is nearer the
+    set's PSF than the model's own near focus, where a refocused bead's peak is decided."""
+    optics = H.IndependentOptics()
+    m = C.slide_bank(optics, n_depths=41, step_um=STEP, fields=4)
+    assert m.beads >= 9 and m.measured.all()
+    truth = np.asarray(optics.psf(m.defocus_um, 0.0, 127))
+    own = load_psf_bank(MODEL.parent / "deepz-volume.psf.npy", 41)
+    near = slice(40 - 4, 40 + 5)  # ±2 µm
+    measured_l1 = np.abs(m.bank[near] - truth[near]).sum(axis=(1, 2))
+    own_l1 = np.abs(own[near] - truth[near]).sum(axis=(1, 2))
+    assert measured_l1.mean() < 0.7 * own_l1.mean(), (measured_l1, own_l1)
+    assert abs(m.bank[40].max() / truth[40].max() - 1) < 0.1  # the in-focus peak
+    assert abs(C.in_focus_fwhm_um(m.bank, 0.3) / C.in_focus_fwhm_um(truth, 0.3) - 1) < 0.06
+
+
+@pytest.mark.slow
+def test_the_measured_bank_lifts_the_tilted_plane_ceiling_on_the_pupil_set() -> None:
+    """The true beads as points, rendered through the model's own bank, peak ~38 % above the
+    pupil set's truth: none of a tilted plane's beads in focus. Through the bank measured from
+    the pupil set's slide, nearly all are (measured: 0 % -> 99-100 %)."""
+    from engine import probes
+
+    optics = H.IndependentOptics(psf_model="pupil")
+    measured = C.slide_bank(optics, n_depths=41, step_um=STEP, fields=4).bank
+    own = load_psf_bank(MODEL.parent / "deepz-volume.psf.npy", 41)
+    backend = load_backend(MODEL, prefer=["onnxruntime"])
+    samples = [H.independent_sample("tilted", s, optics=optics) for s in (201, 202)]
+    with_own = probes.tilted_split(backend, own, samples)["truth_points"]
+    with_measured = probes.tilted_split(backend, measured, samples)["truth_points"]
+    assert with_own["too_bright"] > 0.9
+    assert with_measured["in_focus"] > 0.9
+
+
+def test_the_runtime_renders_through_a_measured_bank_and_refuses_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    own = load_psf_bank(MODEL.parent / "deepz-volume.psf.npy", 41)
+    wider = np.stack([np.roll(p, 0) for p in own])
+    wider = (wider + np.roll(wider, 1, axis=2) + np.roll(wider, -1, axis=2)) / 3  # blurred in x
+    np.save(tmp_path / "wide.npy", wider.astype(np.float32))
+    frame = H.independent_sample("beads", 101, (64, 64)).frame
+    dpm = np.zeros((64, 64), dtype=np.float32)
+    plain = load_backend(MODEL, prefer=["onnxruntime"]).infer(frame, dpm)
+    served = load_backend(MODEL, prefer=["onnxruntime"], psf_bank=tmp_path / "wide.npy")
+    through = served.infer(frame, dpm)
+    assert through.max() < plain.max()  # the same density, a wider PSF: dimmer peaks
+    np.testing.assert_allclose(through.sum(), plain.sum(), rtol=2e-3)  # the same light
+    bad = {
+        "shape.npy": own[:10],
+        "negative.npy": own - 1e-3,
+        "unnormalised.npy": own * 2,
+    }
+    for name, bank in bad.items():
+        np.save(tmp_path / name, bank.astype(np.float32))
+        with pytest.raises(BackendError, match="PSF bank") as info:
+            load_backend(MODEL, prefer=["onnxruntime"], psf_bank=tmp_path / name)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="cannot render confocal"):
+        load_backend(MODEL, psf_bank=tmp_path / "wide.npy", render_modality="confocal")
+
+
+def test_the_command_measures_a_slide_and_writes_bank_json_and_picture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "psf.npy"
+    assert C.main(["--slide", "vectorial", "--fields", "3", "--out", str(out)]) == 0
+    bank = np.load(out)
+    assert bank.shape == (81, 127, 127)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["beads"] >= 6 and summary["filled_from_reference"] == 0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "beads averaged" in capsys.readouterr().out
+    # a stack that is not a bead stack: one line, exit 2
+    np.save(tmp_path / "flat.npy", np.full((30, 200, 200), 100, dtype=np.uint16))
+    assert C.main([str(tmp_path / "flat.npy"), "--step-um", "0.5", "--out", str(out)]) == 2
+    assert "usable bead" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        C.main([str(tmp_path / "flat.npy")])  # no --step-um
