@@ -494,6 +494,7 @@ class EngineSpec:
     intra_op_threads: int | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     render_modality: Modality | None = None
+    psf_bank: str | None = None
 
 
 _BACKENDS: dict[EngineSpec, tuple[Backend, threading.Lock]] = {}
@@ -516,6 +517,7 @@ def _backend(spec: EngineSpec) -> tuple[Backend, threading.Lock]:
                 intra_op_threads=spec.intra_op_threads,
                 max_batch=spec.max_batch,
                 render_modality=spec.render_modality,
+                psf_bank=spec.psf_bank,
             )
             entry = _BACKENDS[spec] = (backend, threading.Lock())
         return entry
@@ -774,11 +776,13 @@ def _engine_choice(
     backend: str | None,
     scope: Any,
     raw: RawInput,
-) -> tuple[Path, tuple[str, ...] | None, int, Precision, Modality | None]:
-    """Model file, backend preference, max_batch, precision and render modality, by precedence.
+    psf_bank: str | Path | None = None,
+) -> tuple[Path, tuple[str, ...] | None, int, Precision, Modality | None, Path | None]:
+    """Model file, backend preference, max_batch, precision, render modality and PSF bank.
 
     Explicit arguments first, then the scope config, then the run's stored config (so the
-    default reproduces the live run's model and backend), then the shipped model and "auto".
+    default reproduces the live run's model, backend and measured PSF bank), then the shipped
+    model and "auto".
     """
     stored: dict[str, Any] = {}
     run_config = (raw.run or {}).get("config")
@@ -810,7 +814,15 @@ def _engine_choice(
     modality = stored.get("render_modality")
     if modality not in ("widefield", "confocal"):
         modality = None
-    return path, prefer, int(stored.get("max_batch") or 64), precision, modality
+    bank: Path | None = None
+    if psf_bank is not None:
+        bank = Path(psf_bank)
+    elif isinstance(stored.get("psf_bank"), str):
+        bank = Path(stored["psf_bank"])
+        if not bank.is_file():
+            log.warning("the recording's PSF bank %s is not here: using the model's own", bank)
+            bank = None
+    return path, prefer, int(stored.get("max_batch") or 64), precision, modality, bank
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -891,6 +903,12 @@ def _identity(
     }
     if focus_lock is not None:  # only then: images written before the lock existed still resume
         identity["focus_lock"] = _lock_attrs(focus_lock)
+    # The same network through another PSF bank makes other planes: a resume must not mix
+    # them. Only when not the default, so images written before these keys still resume.
+    if model.get("render_modality", "widefield") != "widefield":
+        identity["render_modality"] = model["render_modality"]
+    if "psf_bank_sha256" in model:
+        identity["psf_bank_sha256"] = model["psf_bank_sha256"]
     return identity
 
 
@@ -1273,6 +1291,7 @@ def refocus_recording(
     overwrite: bool = False,
     progress: bool = False,
     stack_dtype: str = "float32",
+    psf_bank: str | Path | None = None,
 ) -> RefocusSummary:
     """Refocus a recording's raw frames chunk by chunk and write an NGFF stacks image.
 
@@ -1283,6 +1302,9 @@ def refocus_recording(
         TIFF stack (a path, or a URL zarr opens through fsspec).
     model
         Model file (default: the scope config's, else the run's own, else the shipped model).
+    psf_bank
+        Volume models: a measured PSF bank to render the planes through (default: the scope
+        config's, else the run's own, else the model's own bank; `engine.psf_calibration`).
     planes, scope
         Plane offsets in µm, or a scope config whose ``[planes]`` (and ``[engine]``) to use;
         default: the run's own planes.
@@ -1355,17 +1377,20 @@ def refocus_recording(
             log.warning("the run was not closed (still recording, or it crashed)")
         have = _expand(run.get("stacks_present", []))
         wanted = [t for t in raw.present if t not in have]
-    model_path, prefer, max_batch, precision, modality = _engine_choice(
-        model, backend, scope_cfg, raw
+    model_path, prefer, max_batch, precision, modality, bank = _engine_choice(
+        model, backend, scope_cfg, raw, psf_bank
     )
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
+    if bank is not None and not bank.is_file():
+        raise RefocusError(f"{bank}: PSF bank file not found")
+    bank_str = str(bank.resolve()) if bank is not None else None
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:
         threads = scope_cfg.engine.intra_op_threads
     try:
         spec = EngineSpec(
-            str(model_path.resolve()), prefer, precision, threads, max_batch, modality
+            str(model_path.resolve()), prefer, precision, threads, max_batch, modality, bank_str
         )
         driver_backend, _ = _backend(spec)
     except (BackendError, ValueError) as exc:
@@ -1379,13 +1404,22 @@ def refocus_recording(
     offsets = _lock_offsets(chosen, raw, meta.dz_range_um, allow_extrapolation)
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = EngineSpec(
-        spec.model, (driver_backend.name,), driver_backend.precision, threads, max_batch, modality
+        spec.model,
+        (driver_backend.name,),
+        driver_backend.precision,
+        threads,
+        max_batch,
+        modality,
+        bank_str,
     )
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
     model_id = {"name": meta.name, "file": str(model_path), "sha256": _sha256(model_path)}
     if meta.volume is not None:  # what the stacks show: wide-field or confocal-like planes
         model_id["render_modality"] = meta.volume.modality
+    if bank is not None:  # through a measured PSF: other planes, so another identity to resume
+        model_id["psf_bank"] = str(bank)
+        model_id["psf_bank_sha256"] = _sha256(bank)
     chunk_given = chunk is not None
     if chunk is None:
         itemsize = np.dtype(stack_dtype).itemsize
@@ -1624,6 +1658,10 @@ def _parser() -> argparse.ArgumentParser:
         help="time points per output chunk (task); default about 4 MiB of stacks (at most 16)",
     )
     p.add_argument("--backend", help="inference backend (openvino, onnxruntime, tensorrt, torch)")
+    p.add_argument(
+        "--psf-bank",
+        help="render through this measured PSF bank (.npy, python -m engine.psf_calibration)",
+    )
     p.add_argument("--threads", type=int, help="intra-op CPU threads per backend")
     p.add_argument("--extrapolate", action="store_true", help="allow planes beyond the model range")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output image")
@@ -1659,6 +1697,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             stack_dtype=args.dtype,
             progress=not args.no_progress,
+            psf_bank=args.psf_bank,
         )
     except RefocusError as exc:
         print(f"error: {exc}", file=sys.stderr)

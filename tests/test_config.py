@@ -116,7 +116,7 @@ def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path
     from live.worker import open_backend
 
     assert load_config(write(tmp_path, "")).engine.psf_bank is None
-    with pytest.raises(ConfigError, match="engine.psf_bank.*file not found"):
+    with pytest.raises(ConfigError, match=r"engine\.psf_bank.*file not found"):
         load_config(write(tmp_path, '[engine]\npsf_bank = "nowhere.npy"\n'))
     volume = REPO / "engine" / "weights" / "deepz-volume.onnx"
     own = np.load(volume.parent / "deepz-volume.psf.npy")

@@ -519,3 +519,29 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
     expected = np.stack([confocal.infer(f, dpms) for f in frames])
     np.testing.assert_allclose(_read(tmp_path / "c.ome.zarr", "stacks/0"), expected, rtol=1e-5)
+
+
+def test_a_measured_psf_bank_reaches_offline_refocusing_and_its_identity(tmp_path: Path) -> None:
+    """`--psf-bank` (or `[engine] psf_bank`) renders the recording through a measured PSF, as
+    the daemon does; the bank's hash joins the output's identity, so a resume with another
+    bank is refused rather than mixing planes of two PSFs."""
+    import tifffile
+
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    own = np.load(volume.parent / "deepz-volume.psf.npy")
+    blurred = (own + np.roll(own, 1, axis=2) + np.roll(own, -1, axis=2)) / 3  # a wider "scope"
+    np.save(tmp_path / "scope.npy", blurred.astype(np.float32))
+    frames = _frames(2, seed=4)
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    out = tmp_path / "m.ome.zarr"
+    kw: dict[str, Any] = {"model": volume, "planes": PLANES, "scheduler": "sync", **ORT}
+    s = refocus_recording(tmp_path / "movie.tif", out=out, psf_bank=tmp_path / "scope.npy", **kw)
+    assert s.frames_done == 2 and s.model["psf_bank_sha256"]
+    served = load_backend(volume, prefer=["onnxruntime"], psf_bank=tmp_path / "scope.npy")
+    dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
+    expected = np.stack([served.infer(f, dpms) for f in frames])
+    np.testing.assert_allclose(_read(out, "stacks/0"), expected, rtol=1e-5)
+    with pytest.raises(RefocusError, match="differs in psf_bank_sha256"):  # its own bank
+        refocus_recording(tmp_path / "movie.tif", out=out, **kw)
+    with pytest.raises(RefocusError, match="PSF bank file not found"):
+        refocus_recording(tmp_path / "movie.tif", out=tmp_path / "n.zarr", psf_bank="no.npy", **kw)
