@@ -1,7 +1,7 @@
 """Diagnostic probes of a volume model: where rendered beads get their width, and depth response.
 
     python -m engine.probes [--model engine/weights/deepz-volume.onnx] [--samples 3]
-                            [--out runs/probes.json]
+                            [--pupil] [--measured-psf] [--out runs/probes.json]
 
 Three read-outs that `engine.fidelity` does not give, for the evaluation report (issue 9):
 
@@ -378,14 +378,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the .pt of a model with a detection head: also probe the head's own read-out",
     )
+    parser.add_argument(
+        "--pupil",
+        action="store_true",
+        help="image the independent samples through the pupil-function PSF (a third PSF model)",
+    )
+    parser.add_argument(
+        "--measured-psf",
+        action="store_true",
+        help="render the model's planes and the truth's points through a PSF bank measured "
+        "from a simulated bead slide of the samples' optics (engine.psf_calibration), not the "
+        "model's own",
+    )
     args = parser.parse_args(argv)
     backend = load_backend(args.model)
     if backend.metadata.volume is None:
         parser.error(f"{args.model} is a per-plane model; the probes need a volume model")
-    samples = [ho.independent_sample("beads", seed) for seed in range(args.samples)]
+    optics = ho.IndependentOptics(psf_model="pupil" if args.pupil else "vectorial")
+    samples = [ho.independent_sample("beads", seed, optics=optics) for seed in range(args.samples)]
     volume = backend.metadata.volume
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
     depth = np.asarray(volume.depth_um)
+    if args.measured_psf:  # the samples' microscope's PSF, measured as a lab would
+        from engine.psf_calibration import slide_bank
+
+        psf = slide_bank(optics, n_depths=depth.size, step_um=float(depth[1] - depth[0])).bank
+        bank_path = args.out.with_name(f"{args.out.stem}-psf.npy")
+        bank_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(bank_path, psf)
+        backend = load_backend(args.model, psf_bank=bank_path)
     volumes = densities(backend, samples)
     spread = bead_spread(depth, psf, samples, volumes)
     response = focus_response(backend)
@@ -393,9 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceiling = fwhm_ceiling(depth, psf, samples)
     truth = bead_spread(depth, psf, samples, [ho.point_density(s, depth) for s in samples])
     tilted = tilted_split(
-        backend, psf, [ho.independent_sample("tilted", seed) for seed in range(args.samples)]
+        backend,
+        psf,
+        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)],
     )
-    print(f"{args.model} ({backend.name})")
+    rendered_by = "a PSF bank measured from a bead slide" if args.measured_psf else "its own bank"
+    print(
+        f"{args.model} ({backend.name}); {optics.psf_model} samples, planes through {rendered_by}"
+    )
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
         f"{spread['density_fwhm_um_median']:.2f} µm at its peak depth, peak depth error "
@@ -469,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": str(args.model),
+        "samples_psf_model": optics.psf_model,
+        "psf_bank": "measured" if args.measured_psf else "model's own",
         "bead_spread": spread,
         "focus_response": response,
         "column_mass": columns,

@@ -97,3 +97,16 @@ def test_the_tilted_split_scores_the_true_points_in_focus_and_a_bit_bright() -> 
     assert truth["in_focus"] >= 0.7 and 1.0 < truth["ratio_median"] < 1.3
     for v in (truth, model):
         assert v["in_focus"] + v["too_dim"] + v["too_bright"] == pytest.approx(1.0)
+
+
+def test_cli_probes_the_pupil_set_through_a_measured_bank(tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    argv = ["--model", str(VOLUME), "--samples", "1", "--pupil", "--measured-psf"]
+    assert probes.main([*argv, "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["samples_psf_model"] == "pupil" and record["psf_bank"] == "measured"
+    bank = np.load(tmp_path / "p-psf.npy")  # the bank it measured and rendered through
+    assert bank.shape == (81, 127, 127)
+    # the true beads as points, through the measured bank: in focus on the tilted plane (through
+    # the model's own bank every one is too bright: tests/test_psf_calibration.py)
+    assert record["tilted_split"]["truth_points"]["in_focus"] > 0.9

@@ -185,7 +185,6 @@ def test_a_slide_of_the_holdout_gives_its_psf_better_than_the_training_bank() ->
     assert abs(C.in_focus_fwhm_um(m.bank, 0.3) / C.in_focus_fwhm_um(truth, 0.3) - 1) < 0.06
 
 
-@pytest.mark.slow
 def test_the_measured_bank_lifts_the_tilted_plane_ceiling_on_the_pupil_set() -> None:
     """The true beads as points, rendered through the model's own bank, peak ~38 % above the
     pupil set's truth: none of a tilted plane's beads in focus. Through the bank measured from
