@@ -558,9 +558,11 @@ def _figure(measurement: PsfMeasurement, reference: np.ndarray | None, path: Pat
     c = measurement.bank.shape[-1] // 2
     d = measurement.defocus_um
     for (label, bank), row in zip(banks, axes, strict=True):
-        xz = bank[:, c, :] ** 0.5  # square root: the rings far from focus stay visible
+        xz = bank[:, c, :] / np.maximum(bank[:, c, :].max(axis=1, keepdims=True), 1e-12)
         row[0].imshow(xz.T, aspect="auto", cmap="magma", extent=(d[0], d[-1], -c, c))
-        row[0].set(xlabel="defocus (µm)", ylabel="x (px)", title=f"{label}: XZ (√ intensity)")
+        row[0].set(
+            xlabel="defocus (µm)", ylabel="x (px)", title=f"{label}: XZ, each defocus to its peak"
+        )
         row[1].imshow(bank[(bank.shape[0] - 1) // 2, c - 8 : c + 9, c - 8 : c + 9], cmap="magma")
         row[1].set(title=f"{label}: in focus, peak {bank[(bank.shape[0] - 1) // 2].max():.3f}")
         row[1].axis("off")
