@@ -387,6 +387,8 @@ def measure_psf_bank(
             raise CalibrationError(
                 f"stack {i} is {s.shape}; it must be ({focus.size}, H, W), one frame per focus"
             )
+        if np.issubdtype(s.dtype, np.floating) and not np.all(np.isfinite(s)):
+            raise CalibrationError(f"stack {i} holds NaN or infinite values")
         if min(s.shape[1:]) < side_px:
             raise CalibrationError(
                 f"stack {i}'s frames ({s.shape[1]}x{s.shape[2]}) are smaller than the "

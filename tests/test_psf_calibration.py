@@ -122,6 +122,7 @@ def test_a_short_scan_takes_the_rest_from_a_reference_or_is_refused() -> None:
         (lambda s, f: ([s], f * f), "equal steps"),
         (lambda s, f: ([s], f[:2]), "at least 3"),
         (lambda s, f: ([], f), "no stacks"),
+        (lambda s, f: ([np.where(s > 1000, np.nan, s.astype(np.float32))], f), "NaN"),
         (lambda s, f: ([np.full_like(s, 100)], f), r"found 0 usable bead"),
         (
             lambda s, f: ([np.random.default_rng(1).poisson(100, s.shape).astype(np.uint16)], f),
