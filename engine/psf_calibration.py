@@ -69,8 +69,10 @@ if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
 
 __all__ = [
+    "CalibrationError",
     "PsfMeasurement",
     "find_beads",
+    "in_focus_fwhm_um",
     "main",
     "measure_psf_bank",
     "read_stack",
@@ -249,14 +251,21 @@ def _parabola_peak(values: np.ndarray, k: int) -> float:
     return float(k + 0.5 * (a - c) / den) if den < 0 else float(k)
 
 
+def _rim(side_px: int) -> np.ndarray:
+    """Mask (S, S) of a crop's outer `RIM_PX` pixels: where a bead's light does not reach."""
+    half = side_px // 2
+    yy, xx = np.indices((side_px, side_px)) - half
+    out: np.ndarray = np.maximum(np.abs(yy), np.abs(xx)) > half - RIM_PX
+    return out
+
+
 def _bead_crop(stack: np.ndarray, row: int, col: int, side_px: int) -> np.ndarray:
     """Cut a bead's (F, S, S) crop, each plane less its rim's median (its background)."""
     half = side_px // 2
     crop = np.asarray(
         stack[:, row - half : row + half + 1, col - half : col + half + 1], dtype=np.float64
     )
-    yy, xx = np.indices((side_px, side_px)) - half
-    rim = np.maximum(np.abs(yy), np.abs(xx)) > half - RIM_PX
+    rim = _rim(side_px)
     crop -= np.median(crop[:, rim], axis=1)[:, None, None]
     return crop
 
@@ -314,9 +323,7 @@ def _clean(plane: np.ndarray) -> np.ndarray:
     bead's light is spread over thousands of pixels, that is most of the cleaning.
     """
     side = plane.shape[-1]
-    half = side // 2
-    yy, xx = np.indices(plane.shape) - half
-    rim = np.maximum(np.abs(yy), np.abs(xx)) > half - RIM_PX
+    rim = _rim(side)
     noise = float(np.var(plane[rim]))
     spectrum = np.fft.fft2(plane)
     k = np.fft.fftfreq(side)
