@@ -534,6 +534,8 @@ class Daemon:
         spec, reasons = select(engine.backends)
         skipped = "; ".join(f"{n} skipped: {why}" for n, why in reasons.items()) or "none skipped"
         print(f"backend: {spec.name} chosen (first available of {engine.backends}); {skipped}")
+        if engine.psf_bank is not None:  # planes unlike the model's own: say so where rates are
+            print(f"planes rendered through the measured PSF bank {engine.psf_bank}")
         self.backend_name = spec.name
         self.metrics.set_run_info(backend=self.backend_name)
         if not self.preflight_check:
