@@ -175,20 +175,15 @@ def _measured_psf_method(path: Path, optics: ho.IndependentOptics, workdir: Path
     """Serve a volume model through a bank measured from a bead slide of `optics`.
 
     The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
-    measured by `engine.psf_calibration.measure_psf_bank` from its frames alone, as a lab
-    measures its microscope; the set's PSF function is never handed over.
+    measured by `engine.psf_calibration` from its frames alone, as a lab measures its
+    microscope; the set's PSF function is never handed over.
     """
-    from engine.psf_calibration import slide_bank
+    from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
-    volume = load_backend(path, prefer=prefer).metadata.volume
-    if volume is None:
-        raise ValueError(f"{path}: a per-plane model has no PSF bank to measure")
-    depth = np.asarray(volume.depth_um, dtype=np.float64)
-    bank = slide_bank(
-        optics, n_depths=depth.size, step_um=float(depth[1] - depth[0]), fields=MEASURED_PSF_FIELDS
-    ).bank
+    metadata = load_backend(path, prefer=prefer).metadata
+    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
     bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
     np.save(bank_path, bank)
     backend = load_backend(path, prefer=prefer, psf_bank=bank_path)
@@ -249,10 +244,11 @@ def _evaluate_set(
             snr_of[k] = (found.index, ho.bead_snr(samples[k], found.index, optics))
         return snr_of[k][1]
 
-    workdir = tempfile.TemporaryDirectory(prefix="fidelity-psf-")
     for m in methods:
         if m.measured_psf is not None and optics is not None:  # this set's microscope's bank
-            served = _measured_psf_method(m.measured_psf, optics, Path(workdir.name))
+            # the backend holds the bank once loaded: its file lives only as long as that
+            with tempfile.TemporaryDirectory(prefix="fidelity-psf-") as workdir:
+                served = _measured_psf_method(m.measured_psf, optics, Path(workdir))
             m = replace(served, name=m.name)
         depth: list[np.ndarray] = []
         depth_snr: list[np.ndarray] = []
@@ -349,7 +345,6 @@ def _evaluate_set(
                 for dz, rows in sorted(planes.items())
             },
         }
-    workdir.cleanup()
     return out
 
 

@@ -400,9 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
     depth = np.asarray(volume.depth_um)
     if args.measured_psf:  # the samples' microscope's PSF, measured as a lab would
-        from engine.psf_calibration import slide_bank
+        from engine.psf_calibration import slide_bank_for
 
-        psf = slide_bank(optics, n_depths=depth.size, step_um=float(depth[1] - depth[0])).bank
+        psf = slide_bank_for(args.model, backend.metadata, optics).bank
         bank_path = args.out.with_name(f"{args.out.stem}-psf.npy")
         bank_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(bank_path, psf)

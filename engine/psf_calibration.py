@@ -38,9 +38,11 @@ How a bank is measured (`measure_psf_bank`), each step a choice a newcomer can c
    and the bank is the least-squares solution over all beads, frequency by frequency
    (`_split_bank`; beads at different fractions of a pixel or step fill in each other's
    nulls). For a real bead the split is a model convention, not its optics; the same solution
-   then is the beads' shift-and-average, read in the model's convention. A scan that does not
-   step as the bank or does not reach 2.5 µm past its range is read between frames instead
-   (`_interpolated_bank`: the lateral split undone, the depth one not).
+   then is the beads' shift-and-average, read in the model's convention. This needs a scan
+   that steps as the bank and reaches Z_PAD + 1 steps past its range around each bead used
+   (beads short of that are left out, counted); a scan that does not, or too few such beads,
+   is read between frames instead (`_interpolated_bank`: the lateral split undone, the depth
+   one not). `PsfMeasurement.method` says which.
 4. **Clean**: each plane's noise is shrunk by a Wiener filter on rings of spatial frequency
    (noise power from the rim, where no light is), the pixels where its light is are kept
    (those a 2-px Gaussian lifts above 3 noise SDs, grown by 3 px), negatives set to zero, and
@@ -60,13 +62,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
 
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
+    from engine.metadata import ModelMetadata
 
 __all__ = [
     "CalibrationError",
@@ -77,6 +80,7 @@ __all__ = [
     "measure_psf_bank",
     "read_stack",
     "slide_bank",
+    "slide_bank_for",
 ]
 
 RIM_PX = 3
@@ -112,6 +116,9 @@ class PsfMeasurement:
     measured : (2D-1,) True where the plane is measured, False where it came from the
         reference bank (the stacks did not reach that defocus).
     beads : beads averaged.
+    method : "split": the scan stepped as the bank and reached past it around each bead, and
+        the beads' split between depth slices was undone too (`_split_bank`); "interpolated":
+        each defocus read between frames (`_interpolated_bank`).
     rejected : why the other maxima were left out (reason -> count).
     bead_focus_um : each averaged bead's best focus in the stacks' focus coordinates.
     """
@@ -120,6 +127,7 @@ class PsfMeasurement:
     defocus_um: np.ndarray
     measured: np.ndarray
     beads: int
+    method: Literal["split", "interpolated"]
     rejected: dict[str, int] = field(default_factory=dict)
     bead_focus_um: list[float] = field(default_factory=list)
 
@@ -128,6 +136,7 @@ class PsfMeasurement:
         centre = (self.bank.shape[0] - 1) // 2
         out: dict[str, Any] = {
             "beads": self.beads,
+            "method": self.method,
             "rejected": self.rejected,
             "planes": int(self.bank.shape[0]),
             "side_px": int(self.bank.shape[-1]),
@@ -190,7 +199,7 @@ def read_stack(path: Path) -> np.ndarray:
     data = np.asarray(data)
     while data.ndim > 3 and data.shape[0] == 1:
         data = data[0]
-    if data.ndim != 3 or not np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_:
+    if data.ndim != 3 or data.dtype.kind not in "iuf":
         raise CalibrationError(
             f"{path}: a stack must be (focus, height, width) numbers, got {data.shape} {data.dtype}"
         )
@@ -374,9 +383,12 @@ def measure_psf_bank(
         not reach the defocus the bank needs and no reference is given; one line says which.
     """
     focus = np.asarray(focus_um, dtype=np.float64)
-    if n_depths < 2 or step_um <= 0 or side_px < 9 or side_px % 2 == 0:
+    least = 2 * CENTROID_HALF_PX + 1
+    if not (n_depths >= 2 and np.isfinite(step_um) and step_um > 0) or not (
+        side_px >= least and side_px % 2 == 1
+    ):
         raise CalibrationError(
-            f"need n_depths >= 2, step_um > 0 and an odd side_px >= 9, got "
+            f"need n_depths >= 2, a finite step_um > 0 and an odd side_px >= {least}, got "
             f"{n_depths}, {step_um}, {side_px}"
         )
     if focus.ndim != 1 or focus.size < 3 or not np.all(np.isfinite(focus)):
@@ -389,7 +401,10 @@ def measure_psf_bank(
         )
     if not stacks:
         raise CalibrationError("no stacks given")
+    stacks = [np.asarray(s) for s in stacks]
     for i, s in enumerate(stacks):
+        if s.dtype.kind not in "iuf":
+            raise CalibrationError(f"stack {i} is {s.dtype}; camera frames are real numbers")
         if s.ndim != 3 or s.shape[0] != focus.size:
             raise CalibrationError(
                 f"stack {i} is {s.shape}; it must be ({focus.size}, H, W), one frame per focus"
@@ -407,7 +422,7 @@ def measure_psf_bank(
         raise CalibrationError(
             f"the reference bank is {reference.shape}, not ({planes}, {side_px}, {side_px})"
         )
-    f_step = float(steps[0])
+    f_step = float(steps.mean())
     rejected: dict[str, int] = {}
     found: list[tuple[int, int, int, float, float, float, float]] = []  # stack, row, col, fit
     for i, stack in enumerate(stacks):
@@ -427,17 +442,23 @@ def measure_psf_bank(
             + ". Image sparser or more fields, keep the beads off the frame's edges and below "
             "saturation"
         )
-    bead_focus = [float(focus[0] + b[3] * f_step) for b in found]
     # Undo the depth split too when the scan steps as the bank does and reaches past the bank's
-    # range around every bead (Z_PAD frames more each side, where the circular transform's wrap
-    # lands); otherwise read each defocus between frames.
+    # range around a bead (Z_PAD frames more each side, where the circular transform's wrap
+    # lands): with enough such beads, those alone; otherwise read each defocus between frames.
     reach = (n_depths - 1 + Z_PAD + 1) * step_um
-    if abs(f_step - step_um) <= 1e-6 * step_um and all(
-        focus[0] + reach <= z <= focus[-1] - reach for z in bead_focus
-    ):
+    reaching = [
+        b for b in found if focus[0] + reach <= focus[0] + b[3] * f_step <= focus[-1] - reach
+    ]
+    method: Literal["split", "interpolated"] = "interpolated"
+    if abs(f_step - step_um) <= 1e-3 * step_um and len(reaching) >= min_beads:
+        method = "split"
+        if len(reaching) < len(found):
+            rejected["scan short of the depth split around it"] = len(found) - len(reaching)
+        found = reaching
         bank, measured = _split_bank(stacks, found, n_depths, side_px)
     else:
         bank, measured = _interpolated_bank(stacks, found, focus, defocus, side_px)
+    bead_focus = [float(focus[0] + b[3] * f_step) for b in found]
     if not measured.all():
         missing = defocus[~measured]
         if reference is None:
@@ -448,10 +469,10 @@ def measure_psf_bank(
             )
         bank[~measured] = reference[~measured]
     sums = bank.sum(axis=(1, 2), keepdims=True)
-    if np.any(sums <= 0):
+    if not np.all(sums > 0):  # NaN too
         raise CalibrationError("a measured plane holds no light; image brighter beads")
     out = (bank / sums).astype(np.float32)
-    return PsfMeasurement(out, defocus, measured, len(found), rejected, bead_focus)
+    return PsfMeasurement(out, defocus, measured, len(found), method, rejected, bead_focus)
 
 
 def _split_bank(
@@ -550,6 +571,29 @@ def slide_bank(
         n_depths=n_depths,
         step_um=step_um,
         side_px=side_px,
+    )
+
+
+def slide_bank_for(
+    model: Path, metadata: ModelMetadata, optics: IndependentOptics, *, fields: int = 6
+) -> PsfMeasurement:
+    """`slide_bank` shaped as volume `model`'s own bank: its depth grid and its bank's side.
+
+    What `engine.fidelity --measured-psf` and `engine.probes --measured-psf` serve a model
+    through on a held-out set (`optics`), so both measure it alike.
+    """
+    from engine.volume import load_psf_bank
+
+    if metadata.volume is None:
+        raise CalibrationError(f"{model}: a per-plane model has no PSF bank to measure")
+    depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
+    own = load_psf_bank(Path(model).parent / metadata.volume.psf_file, depth.size)
+    return slide_bank(
+        optics,
+        n_depths=depth.size,
+        step_um=float(depth[1] - depth[0]),
+        side_px=int(own.shape[-1]),
+        fields=fields,
     )
 
 
@@ -670,7 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _figure(result, reference, args.out.with_suffix(".png"))
     left_out = ", ".join(f"{v} {k}" for k, v in result.rejected.items() if v)
     print(
-        f"{result.beads} beads averaged ({left_out or 'none left out'}); "
+        f"{result.beads} beads averaged ({left_out or 'none left out'}; depth split "
+        f"{'undone' if result.method == 'split' else 'not undone: read between frames'}); "
         f"in focus FWHM {summary['in_focus_fwhm_um']:.3f} µm, peak {summary['in_focus_peak']:.4f} "
         f"(the model's own {summary['reference_in_focus_fwhm_um']:.3f} µm, "
         f"{summary['reference_in_focus_peak']:.4f}); "

@@ -156,17 +156,51 @@ def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def load_psf_bank(path: str | Path, n_depths: int) -> np.ndarray:
-    """Read a PSF bank and check it fits an `n_depths` grid: (2·n_depths - 1, S, S), S odd."""
+MAX_PSF_SIDE_PX = 511
+"""Largest PSF bank side accepted (px): 77 µm at 0.15 µm pixels; the shipped bank is 127."""
+
+
+def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = False) -> np.ndarray:
+    """Read a PSF bank and check it fits an `n_depths` grid: (2·n_depths - 1, S, S), S odd.
+
+    `n_depths` None checks all but the grid (an odd number of planes): what a scope config can
+    check before the model is loaded.
+
+    With `measured` (a microscope's bank, `engine.psf_calibration`, not one a model shipped
+    with) it must also be a wide-field PSF: non-negative planes that each sum to 1. Any file
+    that is not such a bank raises ValueError (FileNotFoundError when missing) with one line.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: PSF bank of the volume model not found")
-    psf = np.load(path, allow_pickle=False)
-    if psf.ndim != 3 or psf.shape[0] != 2 * n_depths - 1 or psf.shape[1] != psf.shape[2]:
-        raise ValueError(f"{path}: PSF bank shape {psf.shape} does not fit {n_depths} depths")
-    if psf.shape[1] % 2 == 0 or not np.all(np.isfinite(psf)):
-        raise ValueError(f"{path}: PSF bank must have odd sides and finite values")
-    return np.ascontiguousarray(psf, dtype=np.float32)
+        raise FileNotFoundError(f"{path}: PSF bank not found")
+    try:
+        psf = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: not a .npy PSF bank ({exc})") from exc
+    if not isinstance(psf, np.ndarray) or psf.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: a PSF bank must be one real numeric .npy array")
+    planes = 2 * n_depths - 1 if n_depths is not None else None
+    if (
+        psf.ndim != 3
+        or psf.shape[1] != psf.shape[2]
+        or (psf.shape[0] != planes if planes is not None else psf.shape[0] % 2 == 0)
+    ):
+        fits = f"{n_depths} depths" if n_depths is not None else "any depth grid (2D - 1 planes)"
+        raise ValueError(f"{path}: PSF bank shape {psf.shape} does not fit {fits}")
+    if psf.shape[1] % 2 == 0 or psf.shape[1] > MAX_PSF_SIDE_PX or not np.all(np.isfinite(psf)):
+        raise ValueError(
+            f"{path}: PSF bank must have odd sides up to {MAX_PSF_SIDE_PX} px and finite values"
+        )
+    out = np.ascontiguousarray(psf, dtype=np.float32)
+    if measured:
+        sums = out.sum(axis=(1, 2), dtype=np.float64)
+        if out.min() < 0 or not np.allclose(sums, 1.0, atol=1e-3):
+            raise ValueError(
+                f"{path}: a PSF bank's planes must be non-negative and each sum to 1 (sums "
+                f"{sums.min():.4g} … {sums.max():.4g}); write it with python -m "
+                "engine.psf_calibration"
+            )
+    return out
 
 
 class Renderer:

@@ -35,7 +35,13 @@ from pydantic import (
 
 from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
 from engine.optics import CameraConfig, OpticsConfig
-from engine.runtime import DEFAULT_MAX_BATCH, DEFAULT_MODEL, BackendName, Precision
+from engine.runtime import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MODEL,
+    BackendName,
+    BackendOptions,
+    Precision,
+)
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -326,18 +332,25 @@ class EngineConfig(_BaseModel):
         description="Relative difference of pixel size, NA or wavelength that is a mismatch.",
     )
 
-    @field_validator("model_path", "psf_bank")
+    @field_validator("model_path")
     @classmethod
     def _model_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return _existing_file(v, info)
 
+    @field_validator("psf_bank")
+    @classmethod
+    def _psf_bank_is_a_bank(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        path = _existing_file(v, info)
+        if path is not None:  # all but the depth grid, which the model's load checks
+            from engine.volume import load_psf_bank
+
+            load_psf_bank(path, None, measured=True)
+        return path
+
     @model_validator(mode="after")
-    def _psf_bank_is_widefield(self) -> EngineConfig:
-        if self.psf_bank is not None and self.render_modality == "confocal":
-            raise ValueError(
-                "psf_bank is a measured wide-field PSF; it cannot render confocal planes "
-                "(leave out psf_bank or render_modality)"
-            )
+    def _backend_options_agree(self) -> EngineConfig:
+        # the runtime's own rule (a measured bank is wide-field), checked at load, not at start
+        BackendOptions(render_modality=self.render_modality, psf_bank=self.psf_bank)
         return self
 
     @field_validator("backends")

@@ -818,10 +818,7 @@ def _engine_choice(
     if psf_bank is not None:
         bank = Path(psf_bank)
     elif isinstance(stored.get("psf_bank"), str):
-        bank = Path(stored["psf_bank"])
-        if not bank.is_file():
-            log.warning("the recording's PSF bank %s is not here: using the model's own", bank)
-            bank = None
+        bank = Path(stored["psf_bank"])  # a missing one is refused by the caller
     return path, prefer, int(stored.get("max_batch") or 64), precision, modality, bank
 
 
@@ -1023,7 +1020,12 @@ def _prepare_output(
     group: Any
     if image in root and not overwrite:
         group = root[image]
-        old = dict(group.attrs.get("deepz", {})).get("job")
+        stored = dict(group.attrs.get("deepz", {}))
+        old = stored.get("job")
+        # an image written before the job recorded its render modality: the model's says it
+        modality = dict(stored.get("model") or {}).get("render_modality", "widefield")
+        if isinstance(old, dict) and "render_modality" not in old and modality != "widefield":
+            old = {**old, "render_modality": modality}
         if not chunk_given and isinstance(old, dict) and isinstance(old.get("chunk_t"), int):
             chunk = max(1, old["chunk_t"])
             identity["chunk_t"] = chunk
@@ -1383,7 +1385,10 @@ def refocus_recording(
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
     if bank is not None and not bank.is_file():
-        raise RefocusError(f"{bank}: PSF bank file not found")
+        raise RefocusError(
+            f"{bank}: PSF bank file not found (the planes were to go through it: pass "
+            "--psf-bank with its copy; a run's own bank is not swapped for the model's silently)"
+        )
     bank_str = str(bank.resolve()) if bank is not None else None
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:

@@ -133,6 +133,13 @@ def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path
     assert not np.allclose(mirrored, plain.infer(frame, plane))
     with pytest.raises(ConfigError, match="cannot render confocal planes"):
         load_config(write(tmp_path, text + 'render_modality = "confocal"\n'))
+    np.save(tmp_path / "twice.npy", own * 2)  # not a PSF: planes summing to 2
+    np.savez(tmp_path / "bank.npz", own=own)  # not a .npy array at all
+    for name, why in (("twice.npy", "each sum to 1"), ("bank.npz", "one real numeric")):
+        bad = f'[engine]\nmodel_path = "{volume.as_posix()}"\npsf_bank = "{name}"\n'
+        with pytest.raises(ConfigError, match=rf"engine\.psf_bank.*{why}") as info:
+            load_config(write(tmp_path, bad))
+        assert "\n" not in str(info.value)
 
 
 def test_missing_referenced_files(tmp_path):

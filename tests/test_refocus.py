@@ -519,6 +519,20 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
     expected = np.stack([confocal.infer(f, dpms) for f in frames])
     np.testing.assert_allclose(_read(tmp_path / "c.ome.zarr", "stacks/0"), expected, rtol=1e-5)
+    # an image written before the job recorded its modality still resumes (its model says it)
+    group = zarr.open_group(str(tmp_path / "c.ome.zarr"), mode="r+")["stacks"]
+    deepz = dict(group.attrs["deepz"])
+    deepz["job"] = {k: v for k, v in deepz["job"].items() if k != "render_modality"}
+    group.attrs["deepz"] = deepz
+    again = refocus_recording(
+        tmp_path / "movie.tif",
+        model=volume,
+        scope=scope,
+        out=tmp_path / "c.ome.zarr",
+        scheduler="sync",
+        **ORT,
+    )
+    assert again.frames_skipped == 2
 
 
 def test_a_measured_psf_bank_reaches_offline_refocusing_and_its_identity(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ class BackendOptions:
         if self.psf_bank is not None and self.render_modality not in (None, "widefield"):
             raise ValueError(
                 "psf_bank is a measured wide-field PSF; it cannot render "
-                f"{self.render_modality} planes (leave one of them out)"
+                f"{self.render_modality} planes (leave out psf_bank or render_modality)"
             )
         if self.frame_shape is not None and (
             len(self.frame_shape) != 2 or min(self.frame_shape) < 1
@@ -216,16 +216,9 @@ def _volume_psf(
 def _measured_psf(path: Path, n_depths: int) -> np.ndarray:
     """Load a measured PSF bank for an `n_depths` model, or raise `BackendError` naming why."""
     try:
-        psf = load_psf_bank(path, n_depths)
+        return load_psf_bank(path, n_depths, measured=True)
     except (OSError, ValueError) as exc:
-        raise BackendError(f"{path}: cannot load the measured PSF bank: {exc}") from exc
-    sums = psf.sum(axis=(1, 2))
-    if psf.min() < 0 or not np.allclose(sums, 1.0, atol=1e-3):
-        raise BackendError(
-            f"{path}: a PSF bank's planes must be non-negative and each sum to 1 (sums "
-            f"{sums.min():.4g} … {sums.max():.4g}); write it with python -m engine.psf_calibration"
-        )
-    return psf
+        raise BackendError(f"engine.psf_bank {exc}") from exc
 
 
 def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
@@ -285,10 +278,17 @@ class BaseBackend:
         their normalised channel is still in that buffer and the next call may skip it."""
         self._psf: np.ndarray | None = None
         self._renderers: dict[tuple[int, int], Renderer] = {}
+        if metadata.volume is None and options.psf_bank is not None:
+            raise BackendError(
+                f"engine.psf_bank {options.psf_bank}: {metadata.name} is a per-plane model; "
+                "a PSF bank is for volume models"
+            )
         if metadata.volume is not None:
             self._psf = _volume_psf(model_path, metadata, options.render_modality, options.psf_bank)
-            if options.render_modality is not None:  # what the rendered planes now show
-                volume = metadata.volume.model_copy(update={"modality": options.render_modality})
+            # what the rendered planes now show (a measured bank is wide-field)
+            shown = "widefield" if options.psf_bank is not None else options.render_modality
+            if shown is not None:
+                volume = metadata.volume.model_copy(update={"modality": shown})
                 self.metadata = metadata.model_copy(update={"volume": volume})
 
     def _run(self, x: np.ndarray) -> np.ndarray:
