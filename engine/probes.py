@@ -58,6 +58,7 @@ from scipy import ndimage as ndi
 
 from engine import heldout as ho
 from engine.metrics import gaussian_fwhm_2d
+from engine.psf_calibration import plane_fwhm_um, slide_bank_for
 from engine.runtime import load_backend
 from engine.volume import Renderer, load_psf_bank
 
@@ -75,13 +76,6 @@ FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
 SHIFTS_UM = (-4.0, -2.0, 2.0, 4.0)
 """Sample shifts of the focus-response probe (µm; + = deeper)."""
-
-
-def _psf_fwhm_um(psf: np.ndarray, defocus_index: int, pixel_um: float) -> float:
-    """Lateral FWHM (µm) of one slice of a PSF bank, fitted in a 13x13 window at its centre."""
-    c = psf.shape[-1] // 2
-    window = psf[defocus_index, c - 6 : c + 7, c - 6 : c + 7]
-    return gaussian_fwhm_2d(window, pixel_um, centered=True)
 
 
 def densities(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[np.ndarray]:
@@ -132,9 +126,9 @@ def bead_spread(
         "density_fwhm_um_median": float(np.nanmedian(width)) if width else None,
         "peak_depth_error_um_median_abs": float(np.median(np.abs(error))) if error else None,
         "depth_sd_um_median": float(np.median(spread)) if spread else None,
-        "psf_fwhm_um_in_focus": _psf_fwhm_um(psf, centre, px),
+        "psf_fwhm_um_in_focus": plane_fwhm_um(psf, centre, px),
         "psf_fwhm_um_at_1um": float(
-            np.mean([_psf_fwhm_um(psf, centre + d, px) for d in (-one_um, one_um)])
+            np.mean([plane_fwhm_um(psf, centre + d, px) for d in (-one_um, one_um)])
         ),
     }
 
@@ -400,8 +394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
     depth = np.asarray(volume.depth_um)
     if args.measured_psf:  # the samples' microscope's PSF, measured as a lab would
-        from engine.psf_calibration import slide_bank_for
-
         psf = slide_bank_for(args.model, backend.metadata, optics).bank
         bank_path = args.out.with_name(f"{args.out.stem}-psf.npy")
         bank_path.parent.mkdir(parents=True, exist_ok=True)

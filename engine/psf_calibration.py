@@ -78,6 +78,7 @@ __all__ = [
     "in_focus_fwhm_um",
     "main",
     "measure_psf_bank",
+    "plane_fwhm_um",
     "read_stack",
     "slide_bank",
     "slide_bank_for",
@@ -157,13 +158,18 @@ def _span(values: np.ndarray) -> list[float] | None:
     return [float(values.min()), float(values.max())] if values.size else None
 
 
-def in_focus_fwhm_um(bank: np.ndarray, pixel_size_um: float) -> float:
-    """FWHM (µm) of a bank's in-focus plane, from its second moment (a Gaussian's FWHM)."""
+def plane_fwhm_um(bank: np.ndarray, index: int, pixel_size_um: float) -> float:
+    """Lateral FWHM (µm) of plane `index` of a PSF bank: a Gaussian fitted to its central 13x13."""
     from engine.metrics import gaussian_fwhm_2d
 
-    plane = bank[(bank.shape[0] - 1) // 2]
-    c = plane.shape[-1] // 2
-    return float(gaussian_fwhm_2d(plane[c - 4 : c + 5, c - 4 : c + 5])) * pixel_size_um
+    c = bank.shape[-1] // 2
+    window = bank[index, c - 6 : c + 7, c - 6 : c + 7]
+    return float(gaussian_fwhm_2d(window, pixel_size_um, centered=True))
+
+
+def in_focus_fwhm_um(bank: np.ndarray, pixel_size_um: float) -> float:
+    """Lateral FWHM (µm) of a bank's in-focus plane (`plane_fwhm_um` at defocus 0)."""
+    return plane_fwhm_um(bank, (bank.shape[0] - 1) // 2, pixel_size_um)
 
 
 def read_stack(path: Path) -> np.ndarray:
@@ -424,7 +430,9 @@ def measure_psf_bank(
         )
     f_step = float(steps.mean())
     rejected: dict[str, int] = {}
-    found: list[tuple[int, int, int, float, float, float, float]] = []  # stack, row, col, fit
+    # stack, row, col and the fit: the crops are cut again where they are summed, so only one
+    # bead's (F, S, S) float64 crop is held at a time (about 11 MB for a 97-frame scan)
+    found: list[tuple[int, int, int, float, float, float, float]] = []
     for i, stack in enumerate(stacks):
         sites, why = find_beads(stack, side_px)
         for reason, n in why.items():

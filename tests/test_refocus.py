@@ -506,14 +506,8 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     scope = tmp_path / "scope.toml"
     text = f'[engine]\nrender_modality = "confocal"\n[planes]\nz_um = {PLANES}\n'
     scope.write_text(text, encoding="utf-8")
-    s = refocus_recording(
-        tmp_path / "movie.tif",
-        model=volume,
-        scope=scope,
-        out=tmp_path / "c.ome.zarr",
-        scheduler="sync",
-        **ORT,
-    )
+    kw: dict[str, Any] = {"model": volume, "scope": scope, "scheduler": "sync", **ORT}
+    s = refocus_recording(tmp_path / "movie.tif", out=tmp_path / "c.ome.zarr", **kw)
     assert s.frames_done == 2 and s.model["render_modality"] == "confocal"
     confocal = load_backend(volume, prefer=["onnxruntime"], render_modality="confocal")
     dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
@@ -524,14 +518,7 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     deepz = dict(group.attrs["deepz"])
     deepz["job"] = {k: v for k, v in deepz["job"].items() if k != "render_modality"}
     group.attrs["deepz"] = deepz
-    again = refocus_recording(
-        tmp_path / "movie.tif",
-        model=volume,
-        scope=scope,
-        out=tmp_path / "c.ome.zarr",
-        scheduler="sync",
-        **ORT,
-    )
+    again = refocus_recording(tmp_path / "movie.tif", out=tmp_path / "c.ome.zarr", **kw)
     assert again.frames_skipped == 2
 
 
