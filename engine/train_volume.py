@@ -412,6 +412,9 @@ class VolumeTrainConfig(_Base):
                 "freeze_trunk trains the detection head alone: it needs detection = true, "
                 "loss.detection_weight > 0 and no lab stacks (data.lab_every = 0)"
             )
+        from engine.optics import OpticsConfig
+
+        OpticsConfig(**self.optics)  # its fields checked at load (a bank's file: at the run)
         if "psf_model" in self.optics and self.data.psf_models != ["scalar"]:
             raise ValueError(
                 "optics.psf_model and data.psf_models both name the frames' PSF model: set "
@@ -1425,6 +1428,13 @@ def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
     return min(t, 1.0)
 
 
+def _file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (a measured PSF bank named in a model's metadata)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def make_volume_metadata(
     cfg: VolumeTrainConfig,
     model: DeepZ,
@@ -1446,6 +1456,12 @@ def make_volume_metadata(
     psf_names = " and ".join(
         {"scalar": "scalar Gibson-Lanni", "vectorial": "vectorial"}[m] for m in d.psf_models
     )
+    if optics.psf_model != "scalar":  # the optics name the frames' PSF (and the bank's)
+        psf_names = (
+            f"measured ({optics.psf_bank}, sha256 {_file_sha256(str(optics.psf_bank))[:12]})"
+            if optics.psf_model == "measured"
+            else "vectorial"
+        )
     worm = ""  # said only where the worm is not the original one
     if d.worm.nucleus_diameter_um is not None:
         lo, hi = d.worm.nucleus_diameter_um
@@ -1584,12 +1600,31 @@ def build_optimiser(cfg: VolumeTrainConfig, model: DeepZ) -> torch.optim.Adam:
     return torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
 
 
+def check_measured_bank(cfg: VolumeTrainConfig) -> None:
+    """Read and check a measured PSF bank the optics name (ValueError, one line, if unfit).
+
+    Not at config load: a recipe's config names a bank made by a command (its header says
+    which), and loads on a machine that has not made it yet. Before a run, though, so a wrong
+    path fails at the start, not when the first sample is imaged.
+    """
+    from engine.optics import OpticsConfig
+    from engine.volume import load_psf_bank
+
+    optics = OpticsConfig(**cfg.optics)
+    if optics.psf_model == "measured":
+        try:
+            load_psf_bank(str(optics.psf_bank), None, measured=True)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"optics.psf_bank: {exc}") from exc
+
+
 def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
     """Run (or resume) volume training; return the model (eval mode)."""
     from tqdm import tqdm
 
     from engine.optics import OpticsConfig
 
+    check_measured_bank(cfg)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
@@ -2086,6 +2121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.steps = args.steps
     if args.out is not None:
         cfg.out_dir = args.out
+    try:
+        check_measured_bank(cfg)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.checkpoint_from_weights is not None:
         print(f"checkpoint: {checkpoint_from_weights(cfg, args.checkpoint_from_weights)}")
         return 0

@@ -241,6 +241,50 @@ def test_the_vectorial_psf_model_is_unit_sum_and_not_the_scalar_one():
     assert np.linalg.norm(vectorial - scalar) > 0.03 * np.linalg.norm(scalar)
 
 
+def test_a_measured_bank_images_as_its_planes_and_the_scalar_model_stands_in_beyond(tmp_path):
+    """psf_model "measured" (issue 9, session 30: training through a lab's measured PSF): a
+    bank holding the scalar model's own planes images exactly as the scalar model does, inside
+    its range and beyond it (the fallback), cropped or padded to any side; a bank that is not
+    the scalar one gives other frames; misuse gets one line."""
+    from pydantic import ValidationError
+
+    from engine.volume import psf_bank
+
+    depth = np.arange(-4.0, 4.001, 0.5)  # 17 depths: a bank of 33 planes, ±8 µm
+    bank = psf_bank(OpticsConfig(), depth, size_px=63)
+    path = tmp_path / "bank.npy"
+    np.save(path, bank)
+    measured = OpticsConfig(psf_model="measured", psf_bank=str(path))
+    z = np.arange(-12.0, 12.01, 0.5)  # beyond ±8 µm: the scalar model of the same optics
+    for side in (31, 63):
+        np.testing.assert_allclose(
+            make_psf(measured, z, side), make_psf(OpticsConfig(), z, side), atol=2e-6
+        )
+    padded = make_psf(measured, np.array([0.0, 3.0]), 127)  # zeros around the bank's 63 px
+    np.testing.assert_allclose(padded[:, 32:95, 32:95], bank[[16, 22]], atol=1e-7)
+    np.testing.assert_allclose(padded.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    # another PSF in the bank: astigmatism-like, wider along x at + defocus
+    skewed = bank.copy()
+    skewed[17:] = (skewed[17:] + np.roll(skewed[17:], 2, axis=2)) / 2
+    np.save(tmp_path / "skewed.npy", skewed)
+    other = OpticsConfig(psf_model="measured", psf_bank=str(tmp_path / "skewed.npy"))
+    stack = simulate_focal_stack("beads", shape=(96, 96), z_um=np.array([0.0]), seed=1)
+    other_stack = simulate_focal_stack(
+        "beads", shape=(96, 96), z_um=np.array([0.0]), seed=1, optics=other
+    )
+    assert not np.allclose(stack.clean, other_stack.clean, rtol=1e-3)
+    with pytest.raises(ValidationError, match="psf_bank is needed"):
+        OpticsConfig(psf_model="measured")
+    with pytest.raises(ValidationError, match="psf_bank is needed"):
+        OpticsConfig(psf_bank=str(path))
+    with pytest.raises(ValidationError, match="depth_dependent_aberration"):
+        OpticsConfig(psf_model="measured", psf_bank=str(path), depth_dependent_aberration=True)
+    with pytest.raises(ValueError, match=r"not on the measured bank's 0\.5 µm step"):
+        make_psf(measured, np.array([0.25]))
+    with pytest.raises(FileNotFoundError, match="PSF bank not found"):
+        make_psf(OpticsConfig(psf_model="measured", psf_bank=str(tmp_path / "none.npy")), z)
+
+
 def test_worm_config_widens_nucleus_sizes_and_moves_the_body_off_the_mid_plane():
     """`WormConfig` (issue 9: train on nuclei of 1-4 µm): its default is the original worm,
     sample for sample; with options the nuclei span the asked sizes, packed without overlap,

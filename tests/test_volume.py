@@ -1175,6 +1175,50 @@ def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path)
     assert "scalar Gibson-Lanni and vectorial PSF" in meta.trained_on
 
 
+def test_training_through_a_measured_bank_images_renders_and_ships_that_bank(tmp_path: Path):
+    """optics psf_model "measured" (session 30): a lab's measured bank is what the frames are
+    imaged through, what the render term renders through and the bank the model ships with
+    (its planes, where the bank reaches); its metadata names the bank and its hash. A missing
+    bank stops the run at its start with one line (the CLI: exit 2), not at the first sample."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.metadata import ModelMetadata
+    from engine.optics import OpticsConfig
+    from engine.train_volume import Sample, main, train
+    from engine.volume import load_psf_bank, psf_bank
+
+    cfg = _tiny_config(tmp_path)
+    # a "measured" bank: the scalar one made wider (a softer objective), ±5 µm only
+    bank = psf_bank(OpticsConfig(), np.arange(-2.5, 2.51, 0.5), size_px=63)
+    bank = (bank + np.roll(bank, 1, axis=1) + np.roll(bank, 1, axis=2)) / 3
+    path = tmp_path / "measured.npy"
+    np.save(path, bank)
+    cfg.optics = {"psf_model": "measured", "psf_bank": str(path)}
+    measured = Sample(cfg, 4, [0.35, 0.35, 0.30])
+    cfg_scalar = _tiny_config(tmp_path)
+    scalar = Sample(cfg_scalar, 4, [0.35, 0.35, 0.30])
+    for axis in ("x_um", "y_um", "z_um", "intensity"):  # the same sample
+        np.testing.assert_array_equal(
+            getattr(measured.objects, axis), getattr(scalar.objects, axis)
+        )
+    assert not np.allclose(measured.inputs, scalar.inputs, atol=1e-3)  # imaged through another PSF
+    train(cfg, progress=False)
+    meta = ModelMetadata.from_file(Path(str(cfg.weights_out)).with_suffix(".json"))
+    assert meta.volume is not None
+    served = load_psf_bank(Path(str(cfg.weights_out)).parent / meta.volume.psf_file, 41)
+    c = served.shape[-1] // 2
+    np.testing.assert_allclose(served[30:51, c - 31 : c + 32, c - 31 : c + 32], bank, atol=1e-6)
+    assert f"measured ({path}, sha256 " in meta.trained_on
+    cfg.optics = {"psf_model": "measured", "psf_bank": str(tmp_path / "gone.npy")}
+    with pytest.raises(ValueError, match=r"optics.psf_bank: .*gone.npy: PSF bank not found"):
+        train(cfg, progress=False)
+    toml = tmp_path / "gone.toml"
+    toml.write_text(
+        f'out_dir = "{tmp_path / "run2"}"\n[optics]\npsf_model = "measured"\n'
+        f'psf_bank = "{tmp_path / "gone.npy"}"\n'
+    )
+    assert main(["--config", str(toml)]) == 2
+
+
 def test_a_body_model_learns_the_bodys_glow_beside_its_density_and_serves_the_density(
     tmp_path: Path,
 ):

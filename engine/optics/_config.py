@@ -51,12 +51,34 @@ class OpticsConfig(BaseModel):
         "`make_psf` (and a volume model's PSF bank) stays particle_depth_um's.",
     )
 
-    psf_model: Literal["scalar", "vectorial"] = Field(
+    psf_model: Literal["scalar", "vectorial", "measured"] = Field(
         "scalar",
-        description="psfmodels' PSF model the frames are imaged with: 'scalar' (Gibson-Lanni) "
-        "or 'vectorial' (Aguet et al. 2009). A volume model's PSF bank is made from these "
-        "optics as written in its training config (scalar unless set there).",
+        description="The PSF the frames are imaged with: psfmodels' 'scalar' (Gibson-Lanni) "
+        "or 'vectorial' (Aguet et al. 2009), or 'measured': the bank in `psf_bank`, measured "
+        "from a microscope's bead slide (`engine.psf_calibration`). A volume model's PSF bank "
+        "is made from these optics as written in its training config (scalar unless set there).",
     )
+    psf_bank: str | None = Field(
+        None,
+        description="With psf_model 'measured': a measured PSF bank (.npy, (2D-1, S, S), plane "
+        "i at defocus (i - D + 1)·psf_bank_step_um, each plane summing to 1), as "
+        "`python -m engine.psf_calibration` writes it. Defocus beyond its planes falls back to "
+        "the scalar model of these optics.",
+    )
+    psf_bank_step_um: float = Field(
+        0.5, gt=0.0, le=10.0, description="Defocus step between the planes of psf_bank (µm)."
+    )
+
+    @model_validator(mode="after")
+    def _check_bank(self) -> OpticsConfig:
+        if (self.psf_model == "measured") != (self.psf_bank is not None):
+            raise ValueError("optics.psf_bank is needed with psf_model 'measured', and only then")
+        if self.psf_model == "measured" and self.depth_dependent_aberration:
+            raise ValueError(
+                "optics: a measured PSF bank is one PSF for every depth; it cannot be combined "
+                "with depth_dependent_aberration"
+            )
+        return self
 
     def at_depth(self, z_um: float) -> OpticsConfig:
         """Return the optics a source at depth `z_um` sees (µm, + deeper, from z = 0).

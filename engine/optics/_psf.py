@@ -7,7 +7,9 @@ PSF carries all the light of the point), so blurring conserves energy per plane.
 refractive-index mismatch (air objective, watery sample) makes the PSF asymmetric about focus.
 `OpticsConfig.psf_model` picks psfmodels' scalar Gibson-Lanni model (the default, and what a
 volume model's PSF bank is made of) or its vectorial model (Aguet et al. 2009; polarisation and
-high-angle effects), so training data can come from both.
+high-angle effects), so training data can come from both; 'measured' reads the planes of a
+bank measured from a microscope's bead slide (`engine.psf_calibration`), so a model can be
+trained through the microscope it will serve.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ _OpticsKey = tuple[float, float, float, float, float, float, Literal["scalar", "
 
 
 def _key(optics: OpticsConfig) -> _OpticsKey:
-    """Hashable tuple of the fields that shape the PSF."""
+    """Hashable tuple of the fields that shape a psfmodels PSF (not a measured bank's)."""
+    if optics.psf_model == "measured":
+        raise ValueError("a measured PSF bank is read from its file, not made by psfmodels")
     return (
         optics.na,
         optics.wavelength_um,
@@ -32,7 +36,7 @@ def _key(optics: OpticsConfig) -> _OpticsKey:
         optics.sample_index,
         optics.pixel_size_um,
         optics.particle_depth_um,
-        optics.psf_model,
+        "vectorial" if optics.psf_model == "vectorial" else "scalar",
     )
 
 
@@ -91,4 +95,48 @@ def make_psf(optics: OpticsConfig, z_um: np.ndarray, size_px: int = 127) -> np.n
     if size_px < 3:
         raise ValueError(f"size_px must be >= 3, got {size_px}")
     key = tuple(round(float(v), 6) for v in z)
+    if optics.psf_model == "measured":
+        return _measured_cached(optics, key, int(size_px))
     return _psf_cached(_key(optics), key, int(size_px))
+
+
+@functools.lru_cache(maxsize=2)
+def _bank(path: str) -> np.ndarray:
+    """Read a measured bank, checked by `engine.volume.load_psf_bank` (their one home)."""
+    from engine.volume import load_psf_bank
+
+    return load_psf_bank(path, None, measured=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _measured_cached(
+    optics: OpticsConfig, defocus_um: tuple[float, ...], size_px: int
+) -> np.ndarray:
+    """Unit-sum planes of `optics.psf_bank` at the given defocus values (read-only float32).
+
+    Each defocus must sit on the bank's step; beyond its planes (a lab's slide is scanned over
+    a finite range) the scalar model of the same optics stands in, as the far, faint wings of
+    a sample matter little. The bank is cropped or zero-padded to `size_px` and renormalised.
+    """
+    assert optics.psf_bank is not None  # OpticsConfig's validator: measured needs a bank
+    bank = _bank(optics.psf_bank)
+    half = (bank.shape[0] - 1) // 2
+    steps = np.asarray(defocus_um) / optics.psf_bank_step_um
+    index = np.round(steps).astype(np.int64)
+    if not np.allclose(steps, index, atol=1e-4):
+        raise ValueError(
+            f"defocus {defocus_um} is not on the measured bank's {optics.psf_bank_step_um} µm step"
+        )
+    side = bank.shape[-1]
+    out = np.zeros((len(defocus_um), size_px, size_px), dtype=np.float32)
+    c, r = size_px // 2, side // 2
+    keep = min(c, r)  # half-side copied: the bank cropped or padded to size_px
+    inside = np.abs(index) <= half
+    planes = bank[index[inside] + half, r - keep : r + keep + 1, r - keep : r + keep + 1]
+    out[inside, c - keep : c + keep + 1, c - keep : c + keep + 1] = planes
+    if not inside.all():
+        scalar = optics.model_copy(update={"psf_model": "scalar", "psf_bank": None})
+        out[~inside] = make_psf(scalar, np.asarray(defocus_um)[~inside], size_px)
+    out /= out.sum(axis=(1, 2), keepdims=True)
+    out.flags.writeable = False
+    return out
