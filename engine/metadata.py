@@ -8,6 +8,7 @@ scaling cannot drift between them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 METADATA_VERSION = 1
 ONNX_METADATA_KEY = "deepz_metadata"
 """Key of the JSON-encoded `ModelMetadata` inside an ONNX model's `metadata_props`."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Return the hex SHA-256 of a file's bytes (read in 1 MiB blocks).
+
+    The one home of a file's identity: a model, a PSF bank or an ONNX a TensorRT engine was
+    built from, as recorded in metadata, run stores and engine caches.
+    """
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ModelMetadataError(ValueError):

@@ -43,7 +43,13 @@ from pydantic import Field, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.detection import detection_loss
-from engine.metadata import Modality, ModelMetadata, VolumeOutput, normalize_images
+from engine.metadata import (
+    Modality,
+    ModelMetadata,
+    VolumeOutput,
+    file_sha256,
+    normalize_images,
+)
 from engine.model import DeepZ, build_model, save_model
 from engine.optics import WormConfig
 from engine.train import LabStackConfig, SampleKind, _Base, _lr_factor, read_lab_stack
@@ -1428,13 +1434,6 @@ def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
     return min(t, 1.0)
 
 
-def _file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes (a measured PSF bank named in a model's metadata)."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def make_volume_metadata(
     cfg: VolumeTrainConfig,
     model: DeepZ,
@@ -1458,7 +1457,7 @@ def make_volume_metadata(
     )
     if optics.psf_model != "scalar":  # the optics name the frames' PSF (and the bank's)
         psf_names = (
-            f"measured ({optics.psf_bank}, sha256 {_file_sha256(str(optics.psf_bank))[:12]})"
+            f"measured ({optics.psf_bank}, sha256 {file_sha256(str(optics.psf_bank))[:12]})"
             if optics.psf_model == "measured"
             else "vectorial"
         )

@@ -386,7 +386,9 @@ class Recorder:
 
     The stacks are either uniform or listed planes (`planes_um`, µm from focus) or named
     `surfaces` with their DPMs `dpms_um` (P, H, W) µm, which are stored beside the stacks;
-    give exactly one of the two.
+    give exactly one of the two. ``engine_files`` names the files the stacks came from, each
+    ``{"path": ..., "sha256": ...}`` (the daemon's model and measured PSF bank): a config
+    holds paths, whose files may change after the run.
     """
 
     def __init__(
@@ -400,6 +402,7 @@ class Recorder:
         surfaces: Sequence[str] | None = None,
         dpms_um: np.ndarray | None = None,
         config: dict[str, Any] | None = None,
+        engine_files: dict[str, dict[str, str]] | None = None,
         keep_raw: bool = True,
         keep_stacks: bool = True,
         frames_per_chunk: int = 1,
@@ -509,6 +512,7 @@ class Recorder:
             "images": {role: image.group.basename for role, image in self._images.items()},
             "frames": FRAMES_GROUP,
             "config": config,
+            "engine_files": engine_files or {},
             **self.stack_axis.attrs(),
             "frame_shape": list(self.frame_shape),
             "pixel_size_um": self.pixel_size_um,

@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine.dpm import DPMError, FocusLock, VolumePlan
-from engine.metadata import Modality
+from engine.metadata import Modality, file_sha256
 from engine.runtime import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MODEL,
@@ -537,11 +537,7 @@ def clear_backends() -> None:
 @functools.lru_cache(maxsize=16)
 def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
     """SHA-256 of a file (cached on path, modification time and size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _sha256(path: Path) -> str:
@@ -820,6 +816,41 @@ def _engine_choice(
     elif isinstance(stored.get("psf_bank"), str):
         bank = Path(stored["psf_bank"])  # a missing one is refused by the caller
     return path, prefer, int(stored.get("max_batch") or 64), precision, modality, bank
+
+
+def _recorded_sha256(raw: RawInput, role: str, path: Path) -> str | None:
+    """Return the SHA-256 the live run recorded for its `role` file at `path` (or None).
+
+    `role` is "model" or "psf_bank"; None when the run recorded none (older runs, other stores)
+    or another path. The attrs come from disk, so every level is checked for its type.
+    """
+    files = (raw.run or {}).get("engine_files")
+    entry = files.get(role) if isinstance(files, dict) else None
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return None
+    if not isinstance(entry.get("path"), str) or Path(entry["path"]) != path:
+        return None
+    return str(entry["sha256"])
+
+
+def _check_recorded(raw: RawInput, model: Path | None, bank: Path | None) -> None:
+    """Refuse a run's PSF bank that changed since the run; warn of a changed model.
+
+    A bank changed in place would put this refocus's planes through another PSF than the live
+    stacks', silently; pass ``--psf-bank`` to mean it. A changed model is a common, deliberate
+    choice (a newer model at the same path), so it is only said.
+    """
+    if bank is not None and (want := _recorded_sha256(raw, "psf_bank", bank)) is not None:
+        have = _sha256(bank)
+        if have != want:
+            raise RefocusError(
+                f"{bank}: this PSF bank changed since the run was recorded through it (sha256 "
+                f"{have[:12]}, recorded {want[:12]}); pass --psf-bank {bank} to refocus through "
+                "it as it is now"
+            )
+    if model is not None and (want := _recorded_sha256(raw, "model", model)) is not None:
+        if _sha256(model) != want:
+            log.warning("%s changed since the run was recorded with it: refocusing with it", model)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -1389,6 +1420,8 @@ def refocus_recording(
             f"{bank}: PSF bank file not found (the planes were to go through it: pass "
             "--psf-bank with its copy; a run's own bank is not swapped for the model's silently)"
         )
+    if psf_bank is None and scope_cfg is None:  # the run's own files: are they as recorded?
+        _check_recorded(raw, model_path if model is None else None, bank)
     bank_str = str(bank.resolve()) if bank is not None else None
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
+from engine.metadata import file_sha256
 from live.config import ConfigError, check_optics, resolve_geometry
 from live.metrics import (
     WORKER_STAGES,
@@ -570,6 +571,18 @@ class Daemon:
         gate = SeqGate("raw", frame_shape, np.dtype(np.uint16), self.config.recorder.seq_window)
         return lambda message: gate.admit(message)[1]
 
+    def _engine_files(self) -> dict[str, dict[str, str]]:
+        """Path and SHA-256 of the model and measured PSF bank the stacks are made with.
+
+        Recorded beside the config (which holds only paths): refocusing the run later through
+        a bank that changed since would mix two PSFs' planes, so `live.refocus` checks it.
+        """
+        engine = self.config.engine
+        files = {"model": engine.resolved_model_path()}
+        if engine.psf_bank is not None:
+            files["psf_bank"] = engine.psf_bank
+        return {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in files.items()}
+
     def _start_recorder(self, plan: VolumePlan) -> None:
         """Open the run's OME-Zarr store (when recording is enabled)."""
         rc, src = self.config.recorder, self.config.source
@@ -585,6 +598,7 @@ class Daemon:
             surfaces=None if plan.z_um is not None else [s.name for s in surfaces or []],
             dpms_um=None if plan.z_um is not None else plan.dpms_um,
             config=self.config.model_dump(mode="json"),
+            engine_files=self._engine_files(),
             keep_raw=rc.keep_raw and (src.kind != "replay" or src.replay.record_raw),
             keep_stacks=rc.keep_stacks,
             frames_per_chunk=rc.frames_per_chunk,

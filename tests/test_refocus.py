@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import zarr
 
+from engine.metadata import file_sha256
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.protocol import decode, encode_frame, encode_stack
 from live.recorder import Recorder
@@ -520,6 +521,34 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     group.attrs["deepz"] = deepz
     again = refocus_recording(tmp_path / "movie.tif", out=tmp_path / "c.ome.zarr", **kw)
     assert again.frames_skipped == 2
+
+
+def test_a_runs_psf_bank_changed_since_the_run_is_refused_unless_named(tmp_path: Path) -> None:
+    """The daemon records its model's and bank's hashes beside the config (paths only); a
+    refocus that takes the run's own bank refuses one changed since, with one line naming
+    --psf-bank, which takes it as it is now. Records that are not what the daemon writes
+    (older runs, hostile attrs) are ignored, never fatal."""
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    bank = tmp_path / "scope.npy"
+    own = np.load(volume.parent / "deepz-volume.psf.npy")
+    np.save(bank, ((own + np.roll(own, 1, axis=2) + np.roll(own, -1, axis=2)) / 3))
+    files = {"psf_bank": {"path": str(bank), "sha256": file_sha256(bank)}}
+    store = tmp_path / "run.ome.zarr"
+    config = {"engine": {"model_path": str(volume), "psf_bank": str(bank)}}
+    _record(store, [0, 1], config=config, engine_files=files)
+    kw: dict[str, Any] = {"planes": PLANES, "scheduler": "sync", **ORT}
+    first = refocus_recording(store, out=tmp_path / "a.ome.zarr", **kw)
+    assert first.frames_done == 2 and first.model["psf_bank_sha256"] == files["psf_bank"]["sha256"]
+    np.save(bank, own)  # the file replaced after the run: another PSF at the same path
+    with pytest.raises(RefocusError, match=r"scope.npy: this PSF bank changed since the run"):
+        refocus_recording(store, out=tmp_path / "b.ome.zarr", **kw)
+    named = refocus_recording(store, out=tmp_path / "b.ome.zarr", psf_bank=bank, **kw)
+    assert named.model["psf_bank_sha256"] == file_sha256(bank)
+    root = zarr.open_group(str(store), mode="r+")
+    for hostile in ("text", {"psf_bank": "text"}, {"psf_bank": {"path": 3, "sha256": []}}):
+        root.attrs["deepz"] = {**dict(root.attrs["deepz"]), "engine_files": hostile}
+        again = refocus_recording(store, out=tmp_path / f"h{len(str(hostile))}.ome.zarr", **kw)
+        assert again.frames_done == 2
 
 
 def test_a_measured_psf_bank_reaches_offline_refocusing_and_its_identity(tmp_path: Path) -> None:

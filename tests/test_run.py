@@ -21,6 +21,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr.utils import find_multiscales
 
+from engine.metadata import file_sha256
 from live.config import validate_config
 from live.recorder import missing_seqs
 from live.run import Daemon
@@ -66,6 +67,11 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert attrs["raw_present"] == [[0, 30]] and attrs["stacks_present"] == [[0, 30]]
     assert attrs["complete"] is True and attrs["config"]["source"]["frame_count"] == 30
     assert attrs["run_summary"]["stacks_written"] == 30
+    model = attrs["engine_files"]["model"]  # the config holds a path; this, what was in it
+    assert (
+        model["sha256"] == file_sha256(tiny_model_files["onnx"])
+        and "psf_bank" not in attrs["engine_files"]
+    )
     assert all(frame.any() for frame in raw)  # every time point holds a real frame
 
 

@@ -18,14 +18,13 @@ from typing import Any
 
 import tensorrt as trt
 
-from engine.metadata import ModelMetadata
+from engine.metadata import ModelMetadata, file_sha256
 from engine.runtime._base import DEFAULT_MAX_BATCH, INPUT_NAME
 from engine.runtime._trt_cache import (
     CacheEntry,
     EngineCache,
     EngineKey,
     ShapeProfile,
-    file_sha256,
     make_profile,
 )
 

@@ -36,15 +36,6 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "deepz-live" / "engines"
 
 
-def file_sha256(path: str | Path) -> str:
-    """Return the hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _slug(text: str) -> str:
     """Make `text` safe as part of a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import tensorrt as trt
 
-from engine.metadata import ModelMetadata
+from engine.metadata import ModelMetadata, file_sha256
 from engine.runtime._trt_build import cached_engine, cuda_check, cudart, native_handle
-from engine.runtime._trt_cache import EngineCache, ShapeProfile, file_sha256
+from engine.runtime._trt_cache import EngineCache, ShapeProfile
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
