@@ -420,7 +420,12 @@ class VolumeTrainConfig(_Base):
             )
         from engine.optics import OpticsConfig
 
-        OpticsConfig(**self.optics)  # its fields checked at load (a bank's file: at the run)
+        optics = OpticsConfig(**self.optics)  # its fields at load (a bank's file: at the run)
+        if optics.psf_model == "measured" and self.target_modality != "widefield":
+            raise ValueError(
+                "optics.psf_model 'measured' renders wide-field targets only: a measured bank "
+                "has no excitation PSF for confocal ones"
+            )
         if "psf_model" in self.optics and self.data.psf_models != ["scalar"]:
             raise ValueError(
                 "optics.psf_model and data.psf_models both name the frames' PSF model: set "
@@ -1599,22 +1604,31 @@ def build_optimiser(cfg: VolumeTrainConfig, model: DeepZ) -> torch.optim.Adam:
     return torch.optim.Adam(_param_groups(model, cfg), lr=cfg.lr)
 
 
-def check_measured_bank(cfg: VolumeTrainConfig) -> None:
-    """Read and check a measured PSF bank the optics name (ValueError, one line, if unfit).
+def check_measured_bank(cfg: VolumeTrainConfig) -> str | None:
+    """Check a measured PSF bank the optics name; return its SHA-256 (None without one).
 
-    Not at config load: a recipe's config names a bank made by a command (its header says
-    which), and loads on a machine that has not made it yet. Before a run, though, so a wrong
-    path fails at the start, not when the first sample is imaged.
+    Raises ValueError with one line if it is unfit: missing, not a bank, or its step off the
+    simulator's slices. Not at config load: a recipe's config names a bank made by a command
+    (its header says which), and loads on a machine that has not made it yet. Before a run,
+    though, so a wrong bank fails at the start, not when the first sample is imaged.
     """
-    from engine.optics import OpticsConfig
+    from engine.optics import SLICE_UM, OpticsConfig
     from engine.volume import load_psf_bank
 
     optics = OpticsConfig(**cfg.optics)
-    if optics.psf_model == "measured":
-        try:
-            load_psf_bank(str(optics.psf_bank), None, measured=True)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"optics.psf_bank: {exc}") from exc
+    if optics.psf_model != "measured":
+        return None
+    ratio = SLICE_UM / optics.psf_bank_step_um
+    if abs(ratio - round(ratio)) > 1e-6:
+        raise ValueError(
+            f"optics.psf_bank_step_um {optics.psf_bank_step_um} µm does not divide the "
+            f"simulator's {SLICE_UM} µm slices"
+        )
+    try:
+        load_psf_bank(str(optics.psf_bank), None, measured=True)
+        return file_sha256(str(optics.psf_bank))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"optics.psf_bank: {exc}") from exc
 
 
 def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
@@ -1623,7 +1637,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
 
     from engine.optics import OpticsConfig
 
-    check_measured_bank(cfg)
+    bank_sha256 = check_measured_bank(cfg)
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
@@ -1651,6 +1665,12 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         opt.load_state_dict(ck["opt"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         ema_state = ck.get("ema")
+        if ck.get("psf_bank_sha256", bank_sha256) != bank_sha256:  # older checkpoints: none
+            raise ValueError(
+                f"optics.psf_bank: {src} was trained through another PSF bank (sha256 "
+                f"{str(ck['psf_bank_sha256'])[:12]}) than the config's now "
+                f"({str(bank_sha256)[:12]}); a resume would mix two microscopes"
+            )
         print(f"resumed from {src} at step {step} ({wall_before / 60:.0f} min trained)")
     elif cfg.init_from is not None:
         state = _widen_inputs(_initial_weights(Path(cfg.init_from)), model.state_dict())
@@ -1985,6 +2005,8 @@ def _training_state(
         "wall_s": wall,
         "config": json.loads(cfg.model_dump_json()),
     }
+    if cfg.optics.get("psf_model") == "measured":  # the bank's content, checked on resume
+        state["psf_bank_sha256"] = file_sha256(str(cfg.optics["psf_bank"]))
     if ema is not None:
         state["ema"] = {k: v.contiguous() for k, v in ema.state_dict().items()}
     return state

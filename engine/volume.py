@@ -141,6 +141,11 @@ def psf_bank(
         return detection
     if modality != "confocal":
         raise ValueError(f"modality must be 'widefield' or 'confocal', not {modality!r}")
+    if optics.psf_model == "measured":  # one emission PSF: no excitation PSF to multiply
+        raise ValueError(
+            "a confocal PSF bank is made from a PSF model; a measured wide-field bank has no "
+            "excitation PSF to make one from"
+        )
     excitation = make_psf(
         optics.model_copy(update={"wavelength_um": EXCITATION_UM}), defocus, size_px
     )

@@ -56,6 +56,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -541,7 +542,7 @@ def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
 
 
 def _sha256(path: Path) -> str:
-    """SHA-256 of the model file: its identity in the output metadata and the resume check."""
+    """SHA-256 of a model or PSF bank file: its identity in the output metadata and resume check."""
     st = path.stat()
     return _sha256_cached(str(path), st.st_mtime_ns, st.st_size)
 
@@ -827,6 +828,8 @@ def _recorded_sha256(raw: RawInput, role: str, path: Path) -> str | None:
     files = (raw.run or {}).get("engine_files")
     entry = files.get(role) if isinstance(files, dict) else None
     if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return None
+    if re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is None:  # not a hash: nothing to check
         return None
     if not isinstance(entry.get("path"), str) or Path(entry["path"]) != path:
         return None

@@ -581,7 +581,13 @@ class Daemon:
         files = {"model": engine.resolved_model_path()}
         if engine.psf_bank is not None:
             files["psf_bank"] = engine.psf_bank
-        return {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in files.items()}
+        out: dict[str, dict[str, str]] = {}
+        for role, path in files.items():
+            try:
+                out[role] = {"path": str(path), "sha256": file_sha256(path)}
+            except OSError as exc:  # loaded a moment ago; the recording matters more than this
+                log.warning("cannot hash the %s %s for the run's record: %s", role, path, exc)
+        return out
 
     def _start_recorder(self, plan: VolumePlan) -> None:
         """Open the run's OME-Zarr store (when recording is enabled)."""

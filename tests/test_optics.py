@@ -273,6 +273,16 @@ def test_a_measured_bank_images_as_its_planes_and_the_scalar_model_stands_in_bey
         "beads", shape=(96, 96), z_um=np.array([0.0]), seed=1, optics=other
     )
     assert not np.allclose(stack.clean, other_stack.clean, rtol=1e-3)
+    even = make_psf(measured, np.array([0.0]), 62)  # an even side: the centre pixel is 31
+    np.testing.assert_allclose(
+        even[0, 1:62, 1:62], bank[16, 1:62, 1:62] / bank[16, 1:62, 1:62].sum(), atol=1e-7
+    )
+    fine = OpticsConfig(psf_model="measured", psf_bank=str(path), psf_bank_step_um=0.25)
+    np.testing.assert_allclose(make_psf(fine, np.array([1.0]), 63)[0], bank[20], atol=1e-7)
+    with pytest.raises(ValueError, match="no excitation PSF"):
+        psf_bank(measured, depth, size_px=63, modality="confocal")
+    np.save(path, bank[::-1].copy())  # measured again to the same file: read again
+    np.testing.assert_allclose(make_psf(measured, np.array([3.0]), 63)[0], bank[10], atol=1e-7)
     with pytest.raises(ValidationError, match="psf_bank is needed"):
         OpticsConfig(psf_model="measured")
     with pytest.raises(ValidationError, match="psf_bank is needed"):

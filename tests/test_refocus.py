@@ -523,7 +523,9 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     assert again.frames_skipped == 2
 
 
-def test_a_runs_psf_bank_changed_since_the_run_is_refused_unless_named(tmp_path: Path) -> None:
+def test_a_runs_psf_bank_changed_since_the_run_is_refused_unless_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The daemon records its model's and bank's hashes beside the config (paths only); a
     refocus that takes the run's own bank refuses one changed since, with one line naming
     --psf-bank, which takes it as it is now. Records that are not what the daemon writes
@@ -545,10 +547,28 @@ def test_a_runs_psf_bank_changed_since_the_run_is_refused_unless_named(tmp_path:
     named = refocus_recording(store, out=tmp_path / "b.ome.zarr", psf_bank=bank, **kw)
     assert named.model["psf_bank_sha256"] == file_sha256(bank)
     root = zarr.open_group(str(store), mode="r+")
-    for hostile in ("text", {"psf_bank": "text"}, {"psf_bank": {"path": 3, "sha256": []}}):
+    other = "0" * 64
+    for i, hostile in enumerate(
+        [
+            "text",
+            ["psf_bank"],
+            {"psf_bank": "text"},
+            {"psf_bank": {"path": 3, "sha256": []}},
+            {"psf_bank": {"path": str(bank), "sha256": "not a hash"}},
+            {"psf_bank": {"path": str(tmp_path / "elsewhere.npy"), "sha256": other}},
+        ]
+    ):
         root.attrs["deepz"] = {**dict(root.attrs["deepz"]), "engine_files": hostile}
-        again = refocus_recording(store, out=tmp_path / f"h{len(str(hostile))}.ome.zarr", **kw)
+        again = refocus_recording(store, out=tmp_path / f"h{i}.ome.zarr", **kw)
         assert again.frames_done == 2
+    # a model changed at the recorded path is a deliberate choice: said, not refused
+    root.attrs["deepz"] = {
+        **dict(root.attrs["deepz"]),
+        "engine_files": {"model": {"path": str(volume), "sha256": other}},
+    }
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        assert refocus_recording(store, out=tmp_path / "m.ome.zarr", **kw).frames_done == 2
+    assert "changed since the run was recorded with it" in caplog.text
 
 
 def test_a_measured_psf_bank_reaches_offline_refocusing_and_its_identity(tmp_path: Path) -> None:

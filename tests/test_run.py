@@ -68,10 +68,9 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert attrs["complete"] is True and attrs["config"]["source"]["frame_count"] == 30
     assert attrs["run_summary"]["stacks_written"] == 30
     model = attrs["engine_files"]["model"]  # the config holds a path; this, what was in it
-    assert (
-        model["sha256"] == file_sha256(tiny_model_files["onnx"])
-        and "psf_bank" not in attrs["engine_files"]
-    )
+    assert model["path"] == str(tiny_model_files["onnx"])
+    assert model["sha256"] == file_sha256(tiny_model_files["onnx"])
+    assert "psf_bank" not in attrs["engine_files"]
     assert all(frame.any() for frame in raw)  # every time point holds a real frame
 
 

@@ -1181,9 +1181,11 @@ def test_training_through_a_measured_bank_images_renders_and_ships_that_bank(tmp
     (its planes, where the bank reaches); its metadata names the bank and its hash. A missing
     bank stops the run at its start with one line (the CLI: exit 2), not at the first sample."""
     pytest.importorskip("torch", reason="training extra not installed")
+    from pydantic import ValidationError
+
     from engine.metadata import ModelMetadata
     from engine.optics import OpticsConfig
-    from engine.train_volume import Sample, main, train
+    from engine.train_volume import Sample, VolumeTrainConfig, main, train
     from engine.volume import load_psf_bank, psf_bank
 
     cfg = _tiny_config(tmp_path)
@@ -1208,6 +1210,14 @@ def test_training_through_a_measured_bank_images_renders_and_ships_that_bank(tmp
     c = served.shape[-1] // 2
     np.testing.assert_allclose(served[30:51, c - 31 : c + 32, c - 31 : c + 32], bank, atol=1e-6)
     assert f"measured ({path}, sha256 " in meta.trained_on
+    # the run's checkpoint knows its bank: a resume through a bank measured again is refused
+    np.save(path, np.roll(bank, 1, axis=0))
+    with pytest.raises(ValueError, match="trained through another PSF bank"):
+        train(cfg, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"does not divide the simulator's 0\.5 µm slices"):
+        train(cfg.model_copy(update={"optics": {**cfg.optics, "psf_bank_step_um": 0.3}}))
+    with pytest.raises(ValidationError, match="renders wide-field targets only"):
+        VolumeTrainConfig.model_validate({"optics": cfg.optics, "target_modality": "confocal"})
     cfg.optics = {"psf_model": "measured", "psf_bank": str(tmp_path / "gone.npy")}
     with pytest.raises(ValueError, match=r"optics.psf_bank: .*gone.npy: PSF bank not found"):
         train(cfg, progress=False)

@@ -63,7 +63,9 @@ class OpticsConfig(BaseModel):
         description="With psf_model 'measured': a measured PSF bank (.npy, (2D-1, S, S), plane "
         "i at defocus (i - D + 1)·psf_bank_step_um, each plane summing to 1), as "
         "`python -m engine.psf_calibration` writes it. Defocus beyond its planes falls back to "
-        "the scalar model of these optics.",
+        "the scalar model of these optics. Image formation keeps the planes' transforms per "
+        "optics, that is per path: a bank rewritten in place reaches a running process's "
+        "frames only after a restart.",
     )
     psf_bank_step_um: float = Field(
         0.5, gt=0.0, le=10.0, description="Defocus step between the planes of psf_bank (µm)."

@@ -15,6 +15,7 @@ trained through the microscope it will serve.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -96,21 +97,39 @@ def make_psf(optics: OpticsConfig, z_um: np.ndarray, size_px: int = 127) -> np.n
         raise ValueError(f"size_px must be >= 3, got {size_px}")
     key = tuple(round(float(v), 6) for v in z)
     if optics.psf_model == "measured":
-        return _measured_cached(optics, key, int(size_px))
+        assert optics.psf_bank is not None  # OpticsConfig's validator: measured needs a bank
+        return _measured_cached(optics, _bank_identity(optics.psf_bank), key, int(size_px))
     return _psf_cached(_key(optics), key, int(size_px))
 
 
 @functools.lru_cache(maxsize=2)
-def _bank(path: str) -> np.ndarray:
-    """Read a measured bank, checked by `engine.volume.load_psf_bank` (their one home)."""
+def _bank(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    """Read a measured bank, checked by `engine.volume.load_psf_bank` (their one home).
+
+    Cached on the resolved path, modification time and size: a bank measured again to the
+    same file is read again.
+    """
     from engine.volume import load_psf_bank
 
     return load_psf_bank(path, None, measured=True)
 
 
+def _bank_identity(path: str) -> tuple[str, int, int]:
+    """Return a bank file's (resolved path, mtime_ns, size): what its planes are cached on."""
+    resolved = Path(path).resolve()
+    try:
+        st = resolved.stat()
+    except OSError:
+        raise FileNotFoundError(f"{path}: PSF bank not found") from None
+    return str(resolved), st.st_mtime_ns, st.st_size
+
+
 @functools.lru_cache(maxsize=8)
 def _measured_cached(
-    optics: OpticsConfig, defocus_um: tuple[float, ...], size_px: int
+    optics: OpticsConfig,
+    identity: tuple[str, int, int],
+    defocus_um: tuple[float, ...],
+    size_px: int,
 ) -> np.ndarray:
     """Unit-sum planes of `optics.psf_bank` at the given defocus values (read-only float32).
 
@@ -118,8 +137,7 @@ def _measured_cached(
     a finite range) the scalar model of the same optics stands in, as the far, faint wings of
     a sample matter little. The bank is cropped or zero-padded to `size_px` and renormalised.
     """
-    assert optics.psf_bank is not None  # OpticsConfig's validator: measured needs a bank
-    bank = _bank(optics.psf_bank)
+    bank = _bank(*identity)
     half = (bank.shape[0] - 1) // 2
     steps = np.asarray(defocus_um) / optics.psf_bank_step_um
     index = np.round(steps).astype(np.int64)
@@ -130,7 +148,7 @@ def _measured_cached(
     side = bank.shape[-1]
     out = np.zeros((len(defocus_um), size_px, size_px), dtype=np.float32)
     c, r = size_px // 2, side // 2
-    keep = min(c, r)  # half-side copied: the bank cropped or padded to size_px
+    keep = min((size_px - 1) // 2, r)  # half-side copied: the bank cropped or padded
     inside = np.abs(index) <= half
     planes = bank[index[inside] + half, r - keep : r + keep + 1, r - keep : r + keep + 1]
     out[inside, c - keep : c + keep + 1, c - keep : c + keep + 1] = planes

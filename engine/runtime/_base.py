@@ -210,7 +210,10 @@ def _volume_psf(
     except ValueError as exc:
         raise BackendError(f"{model_path}: its training optics are not valid: {exc}") from exc
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
-    return psf_bank(optics, depth, size_px=psf.shape[-1], modality=modality)
+    try:
+        return psf_bank(optics, depth, size_px=psf.shape[-1], modality=modality)
+    except (OSError, ValueError) as exc:
+        raise BackendError(f"{model_path}: no {modality} PSF bank: {exc}") from exc
 
 
 def _measured_psf(path: Path, n_depths: int) -> np.ndarray:
