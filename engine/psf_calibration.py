@@ -52,6 +52,12 @@ How a bank is measured (`measure_psf_bank`), each step a choice a newcomer can c
 
 A measured bank is one PSF for every depth, as the model's own is: it carries the aberration at
 the slide's depth, so a lab images its slide at the depth it will image at.
+
+A bank can also be trained through: ``[optics] psf_model = "measured"``, ``psf_bank = ...`` in
+a volume training config images the simulated training frames through it and makes it the
+model's own bank (`engine.optics.OpticsConfig`; `configs/train_volume_v37.toml`), so the
+network learns that microscope's defocus, as Deep-Z itself was trained per microscope. Measure
+that bank from other slide fields than the ones a model is judged with (``--first-seed``).
 """
 
 from __future__ import annotations
