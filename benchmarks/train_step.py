@@ -75,10 +75,12 @@ def run(
         flush=True,
     )
     labs = [tv.LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
-    marks: list[float] = []  # the clock at a step's start and at the end of each phase
+    # the clock at a step's start and at the end of each phase, with the phase's name (with
+    # grad_accumulation > 1 a step runs batch .. backward once per batch, then the optimiser)
+    marks: list[tuple[str, float]] = []
 
-    def mark(_: str) -> None:
-        marks.append(now())
+    def mark(phase: str) -> None:
+        marks.append((phase, now()))
 
     rows = []
     for precision in precisions:
@@ -95,12 +97,12 @@ def run(
         spent = dict.fromkeys(tv.PHASES, 0.0)
         warmup = 3
         for step in range(warmup + steps):
-            marks[:] = [now()]
+            marks[:] = [("start", now())]
             # the training loop's own step (`train_volume.training_step`); each phase's end
             # is marked as it comes
             tv.training_step(cfg, model, opt, renderer, pool, step, dev, bf16, labs, ema, mark)
             if step >= warmup:
-                for phase, (a, b) in zip(tv.PHASES, itertools.pairwise(marks), strict=True):
+                for (_, a), (phase, b) in itertools.pairwise(marks):
                     spent[phase] += b - a
         ms = {phase: round(1e3 * s / steps, 1) for phase, s in spent.items()}
         total = sum(spent.values()) / steps
@@ -109,6 +111,7 @@ def run(
                 "precision": precision,
                 "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                 "batch_size": cfg.batch_size,
+                "grad_accumulation": cfg.grad_accumulation,
                 "patch_size": cfg.patch_size,
                 "threads": threads,
                 "steps": steps,

@@ -279,6 +279,15 @@ class VolumeTrainConfig(_Base):
     seed: int = Field(0, ge=0)
     steps: int = Field(20000, ge=1)
     batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        description="Batches whose gradients one optimiser step averages: batch_size x this "
+        "patches a step. On a CPU four batches of 8 run faster than one of 32 (2.2 against "
+        "3.4 s a step on 2 AMD EPYC cores, session 31) and make nearly the GPU recipe's step "
+        "of 32 (no layer looks across a batch; the relative_mse term divides each batch of 8 "
+        "by its own targets' mean square).",
+    )
     patch_size: int = Field(128, ge=32)
     lr: float = Field(1e-3, gt=0)
     lr_min: float = Field(2e-5, ge=0)
@@ -1498,33 +1507,20 @@ def make_volume_metadata(
     )
 
 
-def training_step(
+def batch_loss(
     cfg: VolumeTrainConfig,
     model: DeepZ,
-    opt: torch.optim.Optimizer,
     renderer: TorchRenderer,
     pool: Sequence[Sample],
     step: int,
     device: torch.device,
     bf16: bool,
-    labs: Sequence[LabStack] = (),
-    ema: AveragedModel | None = None,
-    mark: Callable[[str], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Run the loop's step number `step` (counted from 0); return its loss and parts.
-
-    The one home of a training step, which `train` loops over and `benchmarks.train_step`
-    times: a batch (from the pool, or every ``lab_every``-th step a lab stack's), the forward
-    pass, the loss, the backward pass, and the optimiser with its weight average. The values
-    come back on the device, unread ("loss" first): reading one waits for the GPU's queue.
-    `mark`, where given, is called with each phase's name as it ends (``PHASES``).
-    """
-
-    def done(phase: str) -> None:
-        if mark is not None:
-            mark(phase)
-
-    rng = np.random.default_rng([cfg.seed, step])
+    labs: Sequence[LabStack],
+    key: list[int],
+    done: Callable[[str], None],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch of `training_step`: drawn with the seed `key`, run forward; its loss and parts."""
+    rng = np.random.default_rng(key)
     d = cfg.data
     if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
         x, frames, targets, dz = sample_lab_batch(rng, labs[int(rng.integers(len(labs)))], cfg)
@@ -1556,16 +1552,54 @@ def training_step(
             glow = body_term(body.float(), batch.body)
             loss = loss + cfg.loss.body_weight * glow
             parts["body"] = glow.detach()
-    done("loss")
+    return loss, parts
+
+
+def training_step(
+    cfg: VolumeTrainConfig,
+    model: DeepZ,
+    opt: torch.optim.Optimizer,
+    renderer: TorchRenderer,
+    pool: Sequence[Sample],
+    step: int,
+    device: torch.device,
+    bf16: bool,
+    labs: Sequence[LabStack] = (),
+    ema: AveragedModel | None = None,
+    mark: Callable[[str], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run the loop's step number `step` (counted from 0); return its loss and parts.
+
+    The one home of a training step, which `train` loops over and `benchmarks.train_step`
+    times: a batch (from the pool, or every ``lab_every``-th step a lab stack's), the forward
+    pass, the loss, the backward pass — ``grad_accumulation`` times, the gradients averaged —
+    and the optimiser with its weight average. The values (the batches' means) come back on
+    the device, unread ("loss" first): reading one waits for the GPU's queue.
+    `mark`, where given, is called with each phase's name as it ends (``PHASES``).
+    """
+
+    def done(phase: str) -> None:
+        if mark is not None:
+            mark(phase)
+
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    done("backward")
+    total: dict[str, torch.Tensor] = {}
+    for part in range(cfg.grad_accumulation):
+        # batch 0 keeps the seed a step had before accumulation existed: runs stay reproducible
+        key = [cfg.seed, step] if part == 0 else [cfg.seed, step, part]
+        loss, parts = batch_loss(cfg, model, renderer, pool, step, device, bf16, labs, key, done)
+        done("loss")
+        (loss / cfg.grad_accumulation).backward()  # type: ignore[no-untyped-call]
+        done("backward")
+        for k, v in {"loss": loss.detach(), **parts}.items():
+            share = v / cfg.grad_accumulation
+            total[k] = share if part == 0 else total[k] + share
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     if ema is not None:
         ema.update_parameters(model)
     done("optimiser")
-    return {"loss": loss.detach(), **parts}
+    return total
 
 
 PHASES = ("batch", "forward", "loss", "backward", "optimiser")

@@ -21,15 +21,17 @@ def test_host_path_benchmark_writes_every_case(
     assert all(c["median_ms"] > 0 for c in record["cases"])
 
 
-def test_train_step_benchmark_times_every_phase(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_train_step_benchmark_times_every_phase(tmp_path: Path, accumulation: int) -> None:
+    """Each phase is timed, also when a step runs several batches before its optimiser."""
     pytest.importorskip("torch", reason="training extra not installed")
     from benchmarks import train_step
     from engine.train_volume import PHASES
 
     config = tmp_path / "tiny.toml"
     config.write_text(
-        "batch_size = 2\npatch_size = 32\nchannels = [4, 4, 8, 8]\n"
-        "[data]\nstack_shape = [64, 64]\nframes_per_sample = 1\n"
+        f"batch_size = 2\ngrad_accumulation = {accumulation}\npatch_size = 32\n"
+        "channels = [4, 4, 8, 8]\n[data]\nstack_shape = [64, 64]\nframes_per_sample = 1\n"
     )
     out = tmp_path / "train_step.json"
     args = ["--config", str(config), "--steps", "2", "--threads", "1", "--precisions", "fp32"]
@@ -37,6 +39,7 @@ def test_train_step_benchmark_times_every_phase(tmp_path: Path) -> None:
     record = json.loads(out.read_text())
     (row,) = record["rows"]
     assert set(row["ms"]) == set(PHASES) and row["batch_size"] == 2
+    assert row["grad_accumulation"] == accumulation
     assert all(v >= 0 for v in row["ms"].values()) and row["step_ms"] > 0
     assert record["sample_s"] > 0
 

@@ -1292,3 +1292,46 @@ def test_every_shipped_volume_config_loads():
     assert len(paths) >= 30
     body = {p.name for p in paths if load_config(p).body}
     assert body == {"train_volume_v35.toml", "train_volume_gpu_body.toml"}
+
+
+def test_an_accumulated_step_averages_its_batches_gradients(tmp_path: Path, psf):
+    """grad_accumulation = 2: the optimiser sees the mean of two batches' gradients, the first
+    batch drawn as a step without accumulation draws it (runs before it stay reproducible)."""
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    from engine import train_volume as tv
+
+    base = _tiny_config(tmp_path)
+    cfg = base.model_copy(update={"grad_accumulation": 2, "grad_clip": 1e9})
+    dev = torch.device("cpu")
+    renderer = tv.TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, dev)
+    pool = [tv.Sample(cfg, 9_000 + i, cfg.data.kind_weights) for i in range(2)]
+
+    def fresh():  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = tv.build_volume_model(cfg)
+        return model, tv.build_optimiser(cfg, model)
+
+    model, opt = fresh()
+    values = tv.training_step(cfg, model, opt, renderer, pool, 5, dev, False)
+    stepped = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    by_hand, _ = fresh()
+    losses = []
+    for key in ([cfg.seed, 5], [cfg.seed, 5, 1]):
+        loss, _ = tv.batch_loss(
+            cfg, by_hand, renderer, pool, 5, dev, False, (), key, lambda _: None
+        )
+        (loss / 2).backward()
+        losses.append(float(loss.detach()))
+    expected = [p.grad for p in by_hand.parameters() if p.grad is not None]
+
+    assert len(stepped) == len(expected) > 0
+    for a, b in zip(stepped, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert losses[0] != losses[1]  # two different batches
+    assert float(values["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+    # the first batch is the one a step without accumulation draws
+    single, _ = tv.batch_loss(
+        base, fresh()[0], renderer, pool, 5, dev, False, (), [base.seed, 5], lambda _: None
+    )
+    assert float(single) == pytest.approx(losses[0], rel=1e-5)
