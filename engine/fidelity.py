@@ -107,6 +107,8 @@ class Method:
     simulated bead slide of each independent set's optics (`_measured_psf_method`), as a lab
     would serve it on its own microscope; on the independent sets only (`planes` and
     `surface` are unused)."""
+    point_fit: bool = False
+    """With `measured_psf`: served with the point fit through that bank (`engine.point_fit`)."""
 
 
 def simulator_sample(
@@ -145,12 +147,18 @@ def simulator_sample(
     )
 
 
-def _model_method(path: Path, precision: Precision = "fp32") -> Method:
-    """Serve a model through `engine.runtime` (torch for .pt, the best ONNX backend else)."""
+def _model_method(path: Path, precision: Precision = "fp32", point_fit: bool = False) -> Method:
+    """Serve a model through `engine.runtime` (torch for .pt, the best ONNX backend else).
+
+    `point_fit`: a volume model's beads refitted to the frame through its own bank
+    (`engine.point_fit`).
+    """
+    from engine.point_fit import PointFit
     from engine.runtime import load_backend
 
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
-    backend = load_backend(path, prefer=prefer, precision=precision)
+    fit = PointFit() if point_fit else None
+    backend = load_backend(path, prefer=prefer, precision=precision, point_fit=fit)
     volume = backend.metadata.volume
     if volume is not None and volume.modality != "widefield":
         raise ValueError(
@@ -164,6 +172,8 @@ def _model_method(path: Path, precision: Precision = "fp32") -> Method:
     label = f"{backend.metadata.name} ({kind}, {path.parent.name}/{path.name})"
     if backend.precision != "fp32":
         label = f"{label} {backend.precision}"
+    if point_fit:
+        label = f"{label} + point fit"
     return Method(label, planes, surface, volume=kind == "volume")
 
 
@@ -171,13 +181,17 @@ MEASURED_PSF_FIELDS = 6
 """Fields of the simulated bead slide a measured PSF bank averages (about 18 beads)."""
 
 
-def _measured_psf_method(path: Path, optics: ho.IndependentOptics, workdir: Path) -> Method:
+def _measured_psf_method(
+    path: Path, optics: ho.IndependentOptics, workdir: Path, point_fit: bool = False
+) -> Method:
     """Serve a volume model through a bank measured from a bead slide of `optics`.
 
     The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
     measured by `engine.psf_calibration` from its frames alone, as a lab measures its
-    microscope; the set's PSF function is never handed over.
+    microscope; the set's PSF function is never handed over. `point_fit`: its beads refitted
+    to the frame through that bank (`engine.point_fit`).
     """
+    from engine.point_fit import PointFit
     from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
@@ -186,9 +200,11 @@ def _measured_psf_method(path: Path, optics: ho.IndependentOptics, workdir: Path
     bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
     bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
     np.save(bank_path, bank)
-    backend = load_backend(path, prefer=prefer, psf_bank=bank_path)
+    fit = PointFit() if point_fit else None
+    backend = load_backend(path, prefer=prefer, psf_bank=bank_path, point_fit=fit)
     planes, surface = ho.refocus_fns(backend)
-    return Method(f"{path.stem} + measured PSF", planes, surface, measured_psf=path)
+    label = f"{path.stem} + measured PSF" + (" + point fit" if point_fit else "")
+    return Method(label, planes, surface, measured_psf=path, point_fit=point_fit)
 
 
 def _wiener_method(reference: Path | None) -> Method:
@@ -248,7 +264,7 @@ def _evaluate_set(
         if m.measured_psf is not None and optics is not None:  # this set's microscope's bank
             # the backend holds the bank once loaded: its file lives only as long as that
             with tempfile.TemporaryDirectory(prefix="fidelity-psf-") as workdir:
-                served = _measured_psf_method(m.measured_psf, optics, Path(workdir))
+                served = _measured_psf_method(m.measured_psf, optics, Path(workdir), m.point_fit)
             m = replace(served, name=m.name)
         depth: list[np.ndarray] = []
         depth_snr: list[np.ndarray] = []
@@ -356,6 +372,7 @@ def compare(
     precisions: Sequence[Precision] = ("fp32",),
     pupil: bool = False,
     measured_psf: bool = False,
+    point_fit: bool = False,
 ) -> dict[str, Any]:
     """Run every read-out for `models` (at each precision) and the baselines on each set.
 
@@ -365,6 +382,9 @@ def compare(
     the pupil-function PSF (`heldout.IndependentOptics(psf_model="pupil")`). `measured_psf`
     adds each volume model (fp32) served through a PSF bank measured from a simulated bead
     slide of each independent set's optics (`_measured_psf_method`; not on the simulator set).
+    `point_fit` adds each volume model (fp32) served with its beads refitted to the frame
+    (`engine.point_fit`): through its own bank, and through the measured banks with
+    `measured_psf`.
     """
     from tqdm import tqdm
 
@@ -375,16 +395,20 @@ def compare(
         if q == "fp32" or Path(p).suffix == ".onnx"  # other precisions: ONNX backends only
     ]
     methods = [m for _, _, m in served]
+    volumes = [(p, m) for p, q, m in served if q == "fp32" and m.volume]
+    if point_fit:
+        methods += [_model_method(p, "fp32", point_fit=True) for p, _ in volumes]
     if measured_psf:
         methods += [
             Method(
-                f"{m.name} + measured PSF",
+                f"{m.name} + measured PSF" + (" + point fit" if fit else ""),
                 ho.input_planes_fn,  # unused: each independent set serves its own
                 ho.input_surface_fn,
                 measured_psf=p,
+                point_fit=fit,
             )
-            for p, q, m in served
-            if q == "fp32" and m.volume
+            for fit in ([False, True] if point_fit else [False])
+            for p, m in volumes
         ]
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
     methods.append(_wiener_method(Path(models[0]) if models else None))
@@ -944,6 +968,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also serve each volume model through a PSF bank measured from a simulated bead "
         "slide of each independent set's optics (engine.psf_calibration)",
     )
+    p.add_argument(
+        "--point-fit",
+        action="store_true",
+        help="also serve each volume model with its beads refitted to the frame through the "
+        "bank it renders with (engine.point_fit; about a second per frame)",
+    )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"
     models = args.models
@@ -962,6 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         precisions=args.precisions,
         pupil=args.pupil,
         measured_psf=args.measured_psf,
+        point_fit=args.point_fit,
     )
     r["cross_modality"] = cross_modality(models)
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")

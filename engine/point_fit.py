@@ -1,0 +1,304 @@
+"""Serve-time point fit: a volume model's beads refitted to the frame through its PSF bank.
+
+A volume model's density holds a found bead about twice as wide as the truth's points, both
+laterally and in depth (`engine.probes`: 0.38 against 0.21 µm FWHM), and a wide density
+renders a wide, dim bead: at 2–4 µm from focus half the beads of a tilted plane come out more
+than 20 % too dim, though the density's mass there is right (session 31). The network has done
+the hard part — it found the bead, on the right side of focus, within a slice or two — and
+what is left is what a fit does well when it is started near the answer: one point's image
+through the microscope's PSF, matched to the frame. Single-molecule localisation works this
+way (a detector, then a PSF fit per spot); so does the Deep-Z paper's bead analysis.
+
+How (`fit_points`), each step one a newcomer can check:
+
+1. **Blobs.** Local maxima of the density (3 × 3 × 3) at least `PointFit.min_peak_sigma`
+   frame-noise SDs high, brightest first; each takes the 5 × 5 × 5 window around it of what
+   the brighter ones left. A blob is *point-like* when its lateral SD is at most
+   `max_sd_px`, its depth SD at most `max_sd_slices` (a found bead's density: 0.3–0.8 px,
+   0.4–1 slices; a nucleus 2 µm across: over 1.5 px) and the 3 × 3 × 3 voxels around its
+   maximum hold at least `min_core` of the window's mass. Extended objects and the density
+   between blobs stay as the network made them.
+2. **Fit.** For each point-like blob, in a patch of ±`PATCH_HALF_PX`: the frame, minus the
+   model's plane at focus (everything the density explains, through the bank, with the
+   renderer's low-pass residual: camera offset, background, missed objects), plus the blob's
+   own light, is one point's image and an offset. Its brightness and the offset come from
+   least squares at each candidate position, and the position is the candidate that
+   explains most of the patch: depth within
+   ±`depth_search_slices` of the blob's centroid in 0.1-slice steps, then the lateral
+   position within ±0.5 px in 0.1-px steps, then both once more. A point's image is what
+   the model's renderer makes of it: the bank's planes for the slices and pixels around it,
+   weighted tri-linearly (the convention the density's training targets and a measured bank
+   share, `engine.psf_calibration`).
+3. **Replace.** The blob becomes a point of the fitted brightness at the fitted position,
+   split tri-linearly onto the grid; a fit that finds no positive brightness leaves the blob
+   as it was. `passes` = 2 fits every blob again with the first pass's points as the other
+   beads' light.
+
+The fit trusts the bank: through a bank that is not the microscope's (the training
+simulator's on another objective) it fits the wrong PSF. Serve it through a bank measured on
+the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs about a
+second per 256² frame of beads in numpy on one core — offline refocusing and evaluation, not
+the 100 Hz live path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.signal import convolve2d
+
+from engine.volume import Renderer, defocus_index
+
+__all__ = ["PATCH_HALF_PX", "PointFit", "PointFitResult", "fit_points", "frame_noise_sd"]
+
+PATCH_HALF_PX = 20
+"""Half side of the patch a point is fitted in (px): a bead 6 µm from focus spreads over a
+ring about 13 px in radius through the shipped optics (NA 0.75, 0.3 µm pixels)."""
+WINDOW_HALF = 2
+BACKGROUND_SIGMA_PX = 16.0
+"""The fit's background: what the density's light leaves unexplained in the frame, smoothed
+by this Gaussian (px). Much wider than a bead's ring, so a blob that starts too dim does not
+have its missing light taken for background (the renderer's own residual, 4 px, kept a fit
+started at 70 % of a bead 3 µm from focus at 70–80 %; this one at 87–100 %)."""
+"""A blob's window: ±2 slices and ±2 px around its maximum."""
+
+
+@dataclass(frozen=True)
+class PointFit:
+    """Settings of the serve-time point fit (`fit_points`)."""
+
+    max_sd_px: float = 1.3
+    """A blob is point-like up to this lateral SD of its density (px)."""
+    max_sd_slices: float = 2.0
+    """... and up to this SD in depth (depth-grid slices)."""
+    min_core: float = 0.5
+    """... and hold at least this share of its window's mass in the 3 × 3 × 3 voxels around
+    its maximum (a found bead: 0.9–1; a nucleus in a crowd, or a bump in a worm's body: 0.1–0.3;
+    session 31, `docs/evaluation/volume.md`)."""
+    min_peak_sigma: float = 6.0
+    """A blob's maximum must be this many frame-noise SDs (`frame_noise_sd`)."""
+    depth_search_slices: float = 2.0
+    """Depth searched on each side of the blob's centroid (slices)."""
+    passes: int = 2
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot describe a fit, naming the field."""
+        for name in ("max_sd_px", "max_sd_slices", "min_peak_sigma", "depth_search_slices"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PointFit.{name} must be > 0, not {getattr(self, name)!r}")
+        if not 0 <= self.min_core <= 1:
+            raise ValueError(f"PointFit.min_core must be within 0..1, not {self.min_core!r}")
+        if self.passes < 1:
+            raise ValueError(f"PointFit.passes must be >= 1, not {self.passes!r}")
+
+
+@dataclass(frozen=True)
+class PointFitResult:
+    """A density with its point-like blobs refitted, and what the fit did."""
+
+    density: np.ndarray
+    """(D, H, W) float32 counts."""
+    blobs: int
+    """Point-like blobs found."""
+    fitted: int
+    """Of those, replaced by a fitted point (the rest kept as the network made them)."""
+
+
+@dataclass
+class _Blob:
+    box: tuple[int, int, int, int, int, int]  # z0, z1, r0, r1, c0, c1 of its window
+    window: np.ndarray  # the density it took
+    point: tuple[float, float, float, float] | None = None  # brightness, slice, row, col
+
+
+def frame_noise_sd(frame: np.ndarray) -> float:
+    """Robust SD of a frame's pixel noise (counts), from neighbouring pixels' differences.
+
+    Objects are smooth over two pixels next to noise that is not, so the median absolute
+    difference of horizontal neighbours, over √2 and the normal's 0.6745, is the noise's SD
+    on a frame of sparse objects (a camera's read noise with the background's shot noise).
+    """
+    diff = np.diff(np.asarray(frame, dtype=np.float64), axis=1)
+    mad = float(np.median(np.abs(diff - np.median(diff))))
+    return max(mad / (0.6745 * float(np.sqrt(2.0))), 1e-6)
+
+
+def _blobs(density: np.ndarray, fit: PointFit, min_peak: float) -> tuple[np.ndarray, list[_Blob]]:
+    """Split `density` into what is left and its point-like blobs (step 1 of the module)."""
+    rest = density.copy()
+    d, h, w = density.shape
+    peaks = (density == ndi.maximum_filter(density, size=3)) & (density >= min_peak)
+    zs, rs, cs = np.nonzero(peaks)
+    found: list[_Blob] = []
+    for i in np.argsort(-density[zs, rs, cs], kind="stable"):
+        z, r, c = int(zs[i]), int(rs[i]), int(cs[i])
+        if rest[z, r, c] < min_peak:  # taken by a brighter blob's window
+            continue
+        k = WINDOW_HALF
+        z0, z1, r0, r1 = max(z - k, 0), min(z + k + 1, d), max(r - k, 0), min(r + k + 1, h)
+        c0, c1 = max(c - k, 0), min(c + k + 1, w)
+        win = rest[z0:z1, r0:r1, c0:c1]
+        mass = float(win.sum())
+        zz, yy, xx = np.meshgrid(
+            np.arange(z0, z1), np.arange(r0, r1), np.arange(c0, c1), indexing="ij"
+        )
+        cz, cy, cx = (float((win * a).sum()) / mass for a in (zz, yy, xx))
+        sd_z = np.sqrt(float((win * (zz - cz) ** 2).sum()) / mass)
+        sd_xy = np.sqrt(float((win * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum()) / (2 * mass))
+        core = float(
+            rest[max(z - 1, 0) : z + 2, max(r - 1, 0) : r + 2, max(c - 1, 0) : c + 2].sum()
+        )
+        if sd_xy > fit.max_sd_px or sd_z > fit.max_sd_slices or core < fit.min_core * mass:
+            continue
+        found.append(_Blob((z0, z1, r0, r1, c0, c1), win.copy()))
+        rest[z0:z1, r0:r1, c0:c1] = 0
+    return rest, found
+
+
+def _splat(volume: np.ndarray, mass: float, z: float, r: float, c: float) -> None:
+    """Add a point of `mass` at continuous (slice, row, col), split tri-linearly, in place."""
+    d, h, w = volume.shape
+    fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
+    az, ar, ac = z - fz, r - fr, c - fc
+    for dz, wz in ((0, 1 - az), (1, az)):
+        for dr, wr in ((0, 1 - ar), (1, ar)):
+            for dc, wc in ((0, 1 - ac), (1, ac)):
+                k, y, x = fz + dz, fr + dr, fc + dc
+                if 0 <= k < d and 0 <= y < h and 0 <= x < w and wz * wr * wc > 0:
+                    volume[k, y, x] += mass * wz * wr * wc
+
+
+class _Patch:
+    """One blob's patch of the frame, and the images of points in it through the bank."""
+
+    def __init__(
+        self, psf: np.ndarray, seen: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> None:
+        self.psf, self.seen, self.rows, self.cols = psf, seen, rows, cols
+        self.centre = psf.shape[-1] // 2
+
+    def at(self, k: int, r: int, c: int) -> np.ndarray:
+        """Image in the patch of a unit point at slice k, pixel (r, c)."""
+        o, (r0, r1), (c0, c1) = self.centre, self.rows, self.cols
+        plane = self.psf[self.seen[k]]  # the bank plane a source at slice k is seen through
+        out: np.ndarray = plane[o + r0 - r : o + r1 - r, o + c0 - c : o + c1 - c]
+        return out
+
+    def point(self, z: float, r: float, c: float) -> np.ndarray:
+        """Image in the patch of a unit point at continuous (slice, row, col), as rendered."""
+        fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
+        az, ar, ac = z - fz, r - fr, c - fc
+        out = np.zeros((self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]))
+        for dz, wz in ((0, 1 - az), (1, az)):
+            if wz <= 0 or not 0 <= fz + dz < self.seen.size:
+                continue
+            for dr, wr in ((0, 1 - ar), (1, ar)):
+                for dc, wc in ((0, 1 - ac), (1, ac)):
+                    if wr * wc > 0:
+                        out += wz * wr * wc * self.at(fz + dz, fr + dr, fc + dc)
+        return out
+
+    def window(self, blob: _Blob) -> np.ndarray:
+        """Image in the patch of a blob's window of density (each slice one 2-D convolution)."""
+        z0, _, r0, r1, c0, c1 = blob.box
+        o, (p0, p1), (q0, q1) = self.centre, self.rows, self.cols
+        out = np.zeros((p1 - p0, q1 - q0))
+        for k, plane in enumerate(blob.window):
+            # the bank plane over every pixel the window's pixels shift it to: a 'valid'
+            # convolution with the window's slice places each pixel's PSF in the patch
+            psf = self.psf[self.seen[z0 + k]]
+            span = psf[o + p0 - r1 + 1 : o + p1 - r0, o + q0 - c1 + 1 : o + q1 - c0]
+            out += convolve2d(span, plane, mode="valid")
+        return out
+
+
+def _best(
+    patch: _Patch, data: np.ndarray, candidates: list[tuple[float, float, float]]
+) -> tuple[tuple[float, float, float], float]:
+    """Return the candidate whose point image, scaled and offset, best explains `data`."""
+    t = np.stack([patch.point(*p).ravel() for p in candidates])
+    tc = t - t.mean(axis=1, keepdims=True)
+    y = data.ravel() - data.mean()
+    cov = tc @ y
+    var = np.maximum((tc * tc).sum(axis=1), 1e-12)
+    score = np.where(cov > 0, cov**2 / var, -np.inf)
+    i = int(np.argmax(score))
+    return candidates[i], float(cov[i] / var[i])
+
+
+def fit_points(
+    density: np.ndarray,
+    frame: np.ndarray,
+    renderer: Renderer,
+    psf: np.ndarray,
+    fit: PointFit | None = None,
+) -> PointFitResult:
+    """Refit a volume model's point-like blobs to its frame through `psf` (see the module).
+
+    `density` is the (D, H, W) density in counts on `renderer`'s depth grid, `frame` the
+    (H, W) frame it came from, `renderer` one built on `psf` (the bank the planes are served
+    through: the model's own or a measured one) for the frame's shape.
+    """
+    fit = fit or PointFit()
+    dens = np.maximum(np.asarray(density, dtype=np.float32), 0)
+    if dens.ndim != 3 or dens.shape[1:] != frame.shape or dens.shape[1:] != renderer.shape:
+        raise ValueError(
+            f"density {dens.shape}, frame {frame.shape} and renderer {renderer.shape} disagree"
+        )
+    d, h, w = dens.shape
+    seen = defocus_index(np.zeros(1), renderer.depth_um)[0]
+    rest, blobs = _blobs(dens, fit, fit.min_peak_sigma * frame_noise_sd(frame))
+    pixels = np.asarray(frame, dtype=np.float64)
+    steps = np.arange(-5, 6) / 10  # ±0.5 px in 0.1 px
+    for _ in range(fit.passes):
+        current = rest.copy()
+        for b in blobs:
+            if b.point is None:
+                z0, z1, r0, r1, c0, c1 = b.box
+                current[z0:z1, r0:r1, c0:c1] += b.window
+            else:
+                _splat(current, *b.point)
+        # the frame as the model explains it: its light, and a background that is what the
+        # light leaves unexplained, smoothed well beyond a bead's ring (else a dim start's
+        # missing light would be taken for background and keep the fit dim)
+        light = renderer.render(current, np.zeros(1))[0]
+        model = light + ndi.gaussian_filter(pixels - light, BACKGROUND_SIGMA_PX, mode="nearest")
+        for b in blobs:
+            z0, z1, r0, r1, c0, c1 = b.box
+            if b.point is None:  # start at the window's centroid
+                win = b.window
+                grid = np.meshgrid(
+                    np.arange(z0, z1), np.arange(r0, r1), np.arange(c0, c1), indexing="ij"
+                )
+                mass = float(win.sum())
+                cz, cy, cx = (float((win * g).sum()) / mass for g in grid)
+            else:
+                _, cz, cy, cx = b.point
+            ry, rx = round(cy), round(cx)
+            rows = (max(ry - PATCH_HALF_PX, 0), min(ry + PATCH_HALF_PX + 1, h))
+            cols = (max(rx - PATCH_HALF_PX, 0), min(rx + PATCH_HALF_PX + 1, w))
+            patch = _Patch(psf, seen, rows, cols)
+            own = patch.window(b) if b.point is None else b.point[0] * patch.point(cz, cy, cx)
+            data = pixels[rows[0] : rows[1], cols[0] : cols[1]]
+            data = data - model[rows[0] : rows[1], cols[0] : cols[1]] + own
+            z, y, x, scale = cz, cy, cx, float("nan")
+            depths = np.arange(cz - fit.depth_search_slices, cz + fit.depth_search_slices, 0.1)
+            depths = np.unique(np.clip(np.append(depths, cz), 0, d - 1))
+            for _ in range(2):
+                (z, _, _), scale = _best(patch, data, [(float(u), y, x) for u in depths])
+                shifts = [(z, cy + a, cx + b) for a in steps for b in steps]
+                (_, y, x), scale = _best(patch, data, shifts)
+            if np.isfinite(scale) and scale > 0:
+                b.point = (scale, z, y, x)
+    out = rest
+    fitted = 0
+    for b in blobs:
+        if b.point is None:
+            z0, z1, r0, r1, c0, c1 = b.box
+            out[z0:z1, r0:r1, c0:c1] += b.window
+        else:
+            _splat(out, *b.point)
+            fitted += 1
+    return PointFitResult(density=out, blobs=len(blobs), fitted=fitted)
