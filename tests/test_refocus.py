@@ -595,3 +595,25 @@ def test_a_measured_psf_bank_reaches_offline_refocusing_and_its_identity(tmp_pat
         refocus_recording(tmp_path / "movie.tif", out=out, **kw)
     with pytest.raises(RefocusError, match="PSF bank file not found"):
         refocus_recording(tmp_path / "movie.tif", out=tmp_path / "n.zarr", psf_bank="no.npy", **kw)
+
+
+def test_the_point_fit_reaches_offline_refocusing_and_its_identity(tmp_path: Path) -> None:
+    """`--point-fit` serves the recording as `load_backend(point_fit=...)` does, and the fit
+    joins the output's identity: a resume without it is refused, not mixed."""
+    import tifffile
+
+    from engine.point_fit import PointFit
+
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    frames = _frames(2, seed=5)
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    out = tmp_path / "p.ome.zarr"
+    kw: dict[str, Any] = {"model": volume, "planes": PLANES, "scheduler": "sync", **ORT}
+    s = refocus_recording(tmp_path / "movie.tif", out=out, point_fit=True, **kw)
+    assert s.frames_done == 2 and s.model["point_fit"] == repr(PointFit())
+    served = load_backend(volume, prefer=["onnxruntime"], point_fit=PointFit())
+    dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
+    expected = np.stack([served.infer(f, dpms) for f in frames])
+    np.testing.assert_allclose(_read(out, "stacks/0"), expected, rtol=1e-5, atol=1e-3)
+    with pytest.raises(RefocusError, match="differs in point_fit"):
+        refocus_recording(tmp_path / "movie.tif", out=out, **kw)
