@@ -57,6 +57,13 @@ PATCH_HALF_PX = 20
 """Half side of the patch a point is fitted in (px): a bead 6 µm from focus spreads over a
 ring about 13 px in radius through the shipped optics (NA 0.75, 0.3 µm pixels)."""
 WINDOW_HALF = 2
+WIDER_PX = (1.0, 2.0)
+"""Blurs (Gaussian SD, px) a point must explain the frame better than to stay a point."""
+HEDGE = 0.25
+"""Mass on the other side of focus, as a share of a blob's, that marks it hedged (`_hedged`)."""
+SHAPE_MARGIN = 10.0
+"""How much more of the frame (in one pixel's residual variance) another shape must explain
+than the point, for the blob to be kept."""
 BACKGROUND_SIGMA_PX = 16.0
 """The fit's background: what the density's light leaves unexplained in the frame, smoothed
 by this Gaussian (px). Much wider than a bead's ring, so a blob that starts too dim does not
@@ -214,18 +221,41 @@ class _Patch:
         return out
 
 
-def _best(
-    patch: _Patch, data: np.ndarray, candidates: list[tuple[float, float, float]]
-) -> tuple[tuple[float, float, float], float]:
-    """Return the candidate whose point image, scaled and offset, best explains `data`."""
-    t = np.stack([patch.point(*p).ravel() for p in candidates])
+def _explained(images: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit `data` by each of `images` (N, ...) times a scale, plus an offset (least squares).
+
+    Returns the variance each explains (0 where its best scale is not positive) and the scales.
+    """
+    t = images.reshape(images.shape[0], -1)
     tc = t - t.mean(axis=1, keepdims=True)
     y = data.ravel() - data.mean()
     cov = tc @ y
     var = np.maximum((tc * tc).sum(axis=1), 1e-12)
-    score = np.where(cov > 0, cov**2 / var, -np.inf)
+    return np.where(cov > 0, cov**2 / var, 0.0), cov / var
+
+
+def _best(
+    patch: _Patch, data: np.ndarray, candidates: list[tuple[float, float, float]]
+) -> tuple[tuple[float, float, float], float, float]:
+    """Return the candidate whose point image best explains `data`, its scale and score."""
+    score, scale = _explained(np.stack([patch.point(*p) for p in candidates]), data)
     i = int(np.argmax(score))
-    return candidates[i], float(cov[i] / var[i])
+    return candidates[i], float(scale[i]), float(score[i])
+
+
+def _hedged(density: np.ndarray, blob: _Blob, focus: float, row: int, col: int) -> bool:
+    """Say whether the network hedged this bead: `HEDGE` of its mass again across focus.
+
+    That is, in its column on the other side of focus (outside its window). Near focus a point
+    and its mirror image look alike in the frame, so a fit would re-split the two by noise;
+    the network's split carries what it read from the aberration, and is kept.
+    """
+    z0, z1 = blob.box[0], blob.box[1]
+    column = density[:, max(row - 1, 0) : row + 2, max(col - 1, 0) : col + 2].sum(axis=(1, 2))
+    column[z0:z1] = 0
+    index = np.arange(column.size)
+    other = index < focus if (z0 + z1 - 1) / 2 >= focus else index > focus
+    return float(column[other].sum()) >= HEDGE * float(blob.window.sum())
 
 
 def fit_points(
@@ -249,6 +279,7 @@ def fit_points(
         )
     d, h, w = dens.shape
     seen = defocus_index(np.zeros(1), renderer.depth_um)[0]
+    focus = float(np.interp(0.0, renderer.depth_um, np.arange(d)))  # slice index of focus
     rest, blobs = _blobs(dens, fit, fit.min_peak_sigma * frame_noise_sd(frame))
     pixels = np.asarray(frame, dtype=np.float64)
     steps = np.arange(-5, 6) / 10  # ±0.5 px in 0.1 px
@@ -277,21 +308,44 @@ def fit_points(
             else:
                 _, cz, cy, cx = b.point
             ry, rx = round(cy), round(cx)
+            if _hedged(dens, b, focus, ry, rx):
+                continue
             rows = (max(ry - PATCH_HALF_PX, 0), min(ry + PATCH_HALF_PX + 1, h))
             cols = (max(rx - PATCH_HALF_PX, 0), min(rx + PATCH_HALF_PX + 1, w))
             patch = _Patch(psf, seen, rows, cols)
-            own = patch.window(b) if b.point is None else b.point[0] * patch.point(cz, cy, cx)
+            blob = patch.window(b)  # the network's blob, as the frame would show it
+            own = blob if b.point is None else b.point[0] * patch.point(cz, cy, cx)
             data = pixels[rows[0] : rows[1], cols[0] : cols[1]]
             data = data - model[rows[0] : rows[1], cols[0] : cols[1]] + own
-            z, y, x, scale = cz, cy, cx, float("nan")
-            depths = np.arange(cz - fit.depth_search_slices, cz + fit.depth_search_slices, 0.1)
+            z, y, x, scale, score = cz, cy, cx, float("nan"), 0.0
+            # never across focus: which side a bead is on the network reads far better than
+            # a fit near focus can (there a point and its mirror image look alike)
+            reach = fit.depth_search_slices
+            lo = cz - reach if cz < focus else max(cz - reach, focus)
+            hi = cz + reach if cz > focus else min(cz + reach, focus)
+            depths = np.arange(lo, hi + 1e-9, 0.1)
             depths = np.unique(np.clip(np.append(depths, cz), 0, d - 1))
             for _ in range(2):
-                (z, _, _), scale = _best(patch, data, [(float(u), y, x) for u in depths])
-                shifts = [(z, cy + a, cx + b) for a in steps for b in steps]
-                (_, y, x), scale = _best(patch, data, shifts)
-            if np.isfinite(scale) and scale > 0:
+                (z, _, _), scale, score = _best(patch, data, [(float(u), y, x) for u in depths])
+                shifts = [(z, cy + dr, cx + dc) for dr in steps for dc in steps]
+                (_, y, x), scale, score = _best(patch, data, shifts)
+            # a point only where no other shape explains the frame clearly better: not the
+            # blob, nor a point blurred by a pixel or two (a nucleus 1-4 µm across, which the
+            # network may hold as a compact blob, is wider than a point in the frame).
+            # "Clearly": by more than SHAPE_MARGIN times the variance of one pixel's residual,
+            # so noise alone does not turn a defocused bead's broad ring into a blob.
+            point = patch.point(z, y, x)
+            others = np.stack([blob, *(ndi.gaussian_filter(point, s) for s in WIDER_PX)])
+            rival = float(_explained(others, data)[0].max())
+            residual = max(float(((data - data.mean()) ** 2).sum()) - score, 0.0) / data.size
+            if np.isfinite(scale) and scale > 0 and rival - score <= SHAPE_MARGIN * residual:
                 b.point = (scale, z, y, x)
+                new = scale * point
+            else:
+                b.point, new = None, blob
+            # the next blobs see this one as it now is (two blobs that share a bead's light,
+            # a bead and its hedge on the other side of focus, would each take all of it)
+            model[rows[0] : rows[1], cols[0] : cols[1]] += new - own
     out = rest
     fitted = 0
     for b in blobs:
