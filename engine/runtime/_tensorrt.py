@@ -123,7 +123,8 @@ class TensorRTBackend(BaseBackend):
         For a plan of uniform planes without drift offsets, the frame goes in and the planes
         come out of one engine (`PlanesEngine`, built per frame shape and plan on first use);
         the density never leaves the GPU. Anything else (surfaces, drift, a model loaded from
-        a .plan without its ONNX) takes the shared path: network here, render on the host.
+        a .plan without its ONNX, the point fit) takes the shared path: network here, render
+        on the host.
         """
         off = None if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
         whole = (
@@ -132,6 +133,7 @@ class TensorRTBackend(BaseBackend):
             and self._network_onnx is not None
             and self._psf is not None
             and (off is None or not off.any())
+            and self.options.point_fit is None  # the fit runs on the host, between the two
             # float16 kernels would overflow on raw counts (their variance, the DFT sums)
             and self.precision == "fp32"
             and _on_lattice(plan.z_um, self.metadata.volume.depth_um)
