@@ -18,27 +18,33 @@ How (`fit_points`), each step one a newcomer can check:
    0.4–1 slices; a nucleus 2 µm across: over 1.5 px) and the 3 × 3 × 3 voxels around its
    maximum hold at least `min_core` of the window's mass. Extended objects and the density
    between blobs stay as the network made them.
-2. **Fit.** For each point-like blob, in a patch of ±`PATCH_HALF_PX`: the frame, minus the
-   model's plane at focus (everything the density explains, through the bank, with the
-   renderer's low-pass residual: camera offset, background, missed objects), plus the blob's
-   own light, is one point's image and an offset. Its brightness and the offset come from
-   least squares at each candidate position, and the position is the candidate that
-   explains most of the patch: depth within
-   ±`depth_search_slices` of the blob's centroid in 0.1-slice steps, then the lateral
-   position within ±0.5 px in 0.1-px steps, then both once more. A point's image is what
-   the model's renderer makes of it: the bank's planes for the slices and pixels around it,
-   weighted tri-linearly (the convention the density's training targets and a measured bank
-   share, `engine.psf_calibration`).
-3. **Replace.** The blob becomes a point of the fitted brightness at the fitted position,
-   split tri-linearly onto the grid; a fit that finds no positive brightness leaves the blob
-   as it was. `passes` = 2 fits every blob again with the first pass's points as the other
-   beads' light.
+2. **Fit.** For each point-like blob, brightest first, in a patch of ±`PATCH_HALF_PX`: the
+   frame, minus the light of the rest of the model (the density rendered at focus through the
+   bank, each blob as it now stands) and a background (what that light leaves unexplained,
+   smoothed by `BACKGROUND_SIGMA_PX`), is one point's image and an offset. Its brightness and
+   the offset come from least squares at each candidate position, and the position is the
+   candidate that explains most of the patch: depth within ±`depth_search_slices` of the
+   blob's centroid in 0.1-slice steps, on the network's side of focus (near focus a point
+   and its mirror image look alike), then the lateral position within ±0.5 px in 0.1-px
+   steps, then both once more. A point's image is what the model's renderer makes of it: the
+   bank's planes for the slices and pixels around it, weighted tri-linearly (the convention
+   the density's training targets and a measured bank share, `engine.psf_calibration`).
+3. **Replace, or keep.** The blob becomes a point of the fitted brightness at the fitted
+   position, split tri-linearly onto the grid — unless the fit found no positive brightness,
+   the network hedged the bead (`HEDGE` of its mass again across focus: its split is kept), or
+   the blob itself or a point blurred by `WIDER_PX` explains the patch clearly better
+   (`SHAPE_MARGIN`: a nucleus the network holds as a compact blob stays a blob). The model is
+   updated as each blob is decided, so two blobs never both take one bead's light;
+   `passes` = 2 fits every blob again against the first pass's result.
+
+Each rule is there because the evaluation without it was worse (`docs/evaluation/volume.md`,
+session 31): through a measured bank the shipped model's tilted plane 57 / 41 → 64 / 64 % and
+FWHM within 15 % 31 / 27 → 44 / 43 % (vectorial / pupil held-out sets), bead depth level.
 
 The fit trusts the bank: through a bank that is not the microscope's (the training
 simulator's on another objective) it fits the wrong PSF. Serve it through a bank measured on
-the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs about a
-second per 256² frame of beads in numpy on one core — offline refocusing and evaluation, not
-the 100 Hz live path.
+the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs 1–3 s per
+256² frame in numpy on one core — offline refocusing and evaluation, not the 100 Hz live path.
 """
 
 from __future__ import annotations
@@ -57,8 +63,10 @@ PATCH_HALF_PX = 20
 """Half side of the patch a point is fitted in (px): a bead 6 µm from focus spreads over a
 ring about 13 px in radius through the shipped optics (NA 0.75, 0.3 µm pixels)."""
 WINDOW_HALF = 2
+"""A blob's window: ±2 slices and ±2 px around its maximum."""
 WIDER_PX = (1.0, 2.0)
-"""Blurs (Gaussian SD, px) a point must explain the frame better than to stay a point."""
+"""Blurs (Gaussian SD, px) of the fitted point's image: if one of them (or the blob) explains
+the patch clearly better than the sharp point, the object is wider than a point, and stays."""
 HEDGE = 0.25
 """Mass on the other side of focus, as a share of a blob's, that marks it hedged (`_hedged`)."""
 SHAPE_MARGIN = 10.0
@@ -69,7 +77,6 @@ BACKGROUND_SIGMA_PX = 16.0
 by this Gaussian (px). Much wider than a bead's ring, so a blob that starts too dim does not
 have its missing light taken for background (the renderer's own residual, 4 px, kept a fit
 started at 70 % of a bead 3 µm from focus at 70–80 %; this one at 87–100 %)."""
-"""A blob's window: ±2 slices and ±2 px around its maximum."""
 
 
 @dataclass(frozen=True)
