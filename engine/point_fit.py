@@ -184,6 +184,18 @@ def _splat(volume: np.ndarray, mass: float, z: float, r: float, c: float) -> Non
                     volume[k, y, x] += mass * wz * wr * wc
 
 
+def _assemble(rest: np.ndarray, blobs: list[_Blob]) -> np.ndarray:
+    """Return the density: what no blob took, each blob as its window or its fitted point."""
+    out = rest.copy()
+    for b in blobs:
+        if b.point is None:
+            z0, z1, r0, r1, c0, c1 = b.box
+            out[z0:z1, r0:r1, c0:c1] += b.window
+        else:
+            _splat(out, *b.point)
+    return out
+
+
 class _Patch:
     """One blob's patch of the frame, and the images of points in it through the bank."""
 
@@ -291,13 +303,7 @@ def fit_points(
     pixels = np.asarray(frame, dtype=np.float64)
     steps = np.arange(-5, 6) / 10  # ±0.5 px in 0.1 px
     for _ in range(fit.passes):
-        current = rest.copy()
-        for b in blobs:
-            if b.point is None:
-                z0, z1, r0, r1, c0, c1 = b.box
-                current[z0:z1, r0:r1, c0:c1] += b.window
-            else:
-                _splat(current, *b.point)
+        current = _assemble(rest, blobs)
         # the frame as the model explains it: its light, and a background that is what the
         # light leaves unexplained, smoothed well beyond a bead's ring (else a dim start's
         # missing light would be taken for background and keep the fit dim)
@@ -353,13 +359,5 @@ def fit_points(
             # the next blobs see this one as it now is (two blobs that share a bead's light,
             # a bead and its hedge on the other side of focus, would each take all of it)
             model[rows[0] : rows[1], cols[0] : cols[1]] += new - own
-    out = rest
-    fitted = 0
-    for b in blobs:
-        if b.point is None:
-            z0, z1, r0, r1, c0, c1 = b.box
-            out[z0:z1, r0:r1, c0:c1] += b.window
-        else:
-            _splat(out, *b.point)
-            fitted += 1
-    return PointFitResult(density=out, blobs=len(blobs), fitted=fitted)
+    fitted = sum(b.point is not None for b in blobs)
+    return PointFitResult(density=_assemble(rest, blobs), blobs=len(blobs), fitted=fitted)
