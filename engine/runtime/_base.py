@@ -69,7 +69,7 @@ class BackendOptions:
     point_fit: PointFit | None = None
     """A volume model's point-like blobs (beads) refitted to the frame through the bank its
     planes are rendered through before they are rendered (`engine.point_fit`): sharper,
-    better-placed beads, at about a second per 256² frame; offline use, not live."""
+    better-placed beads, at 1-3 s per 256² frame; offline use, not live."""
 
     def __post_init__(self) -> None:
         """Reject values no backend could honour, naming the option and what is allowed."""
@@ -474,7 +474,9 @@ class BaseBackend:
         if self._psf is None or self.options.point_fit is None:  # not a volume model's call
             return density
         # a report reads one frame several times (planes, depths, surfaces): fit it once
-        key = hashlib.blake2b(np.ascontiguousarray(frame).tobytes(), digest_size=16).digest()
+        digest = hashlib.blake2b(np.ascontiguousarray(frame).tobytes(), digest_size=16)
+        digest.update(repr(frame.shape).encode())
+        key = digest.digest()
         if self._fit_memo is not None and self._fit_memo[0] == key:
             return self._fit_memo[1]
         fitted = fit_points(density, frame, render, self._psf, self.options.point_fit).density
