@@ -55,6 +55,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.signal import convolve2d
 
+from engine.optics import deposit_point
 from engine.volume import Renderer, defocus_index
 
 __all__ = ["PATCH_HALF_PX", "PointFit", "PointFitResult", "fit_points", "frame_noise_sd"]
@@ -171,19 +172,6 @@ def _blobs(density: np.ndarray, fit: PointFit, min_peak: float) -> tuple[np.ndar
     return rest, found
 
 
-def _splat(volume: np.ndarray, mass: float, z: float, r: float, c: float) -> None:
-    """Add a point of `mass` at continuous (slice, row, col), split tri-linearly, in place."""
-    d, h, w = volume.shape
-    fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
-    az, ar, ac = z - fz, r - fr, c - fc
-    for dz, wz in ((0, 1 - az), (1, az)):
-        for dr, wr in ((0, 1 - ar), (1, ar)):
-            for dc, wc in ((0, 1 - ac), (1, ac)):
-                k, y, x = fz + dz, fr + dr, fc + dc
-                if 0 <= k < d and 0 <= y < h and 0 <= x < w and wz * wr * wc > 0:
-                    volume[k, y, x] += mass * wz * wr * wc
-
-
 def _assemble(rest: np.ndarray, blobs: list[_Blob]) -> np.ndarray:
     """Return the density: what no blob took, each blob as its window or its fitted point."""
     out = rest.copy()
@@ -192,7 +180,7 @@ def _assemble(rest: np.ndarray, blobs: list[_Blob]) -> np.ndarray:
             z0, z1, r0, r1, c0, c1 = b.box
             out[z0:z1, r0:r1, c0:c1] += b.window
         else:
-            _splat(out, *b.point)
+            deposit_point(out, *b.point)
     return out
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         simulate_volume_pair,
     )
     from engine.optics._psf import make_psf
-    from engine.optics._samples import ObjectTable
+    from engine.optics._samples import ObjectTable, deposit_point
     from engine.optics._timeseries import WormTimeSeries
 
 _LAZY = {
@@ -46,6 +46,7 @@ _LAZY = {
     "simulate_focal_stack": "engine.optics._imaging",
     "make_psf": "engine.optics._psf",
     "ObjectTable": "engine.optics._samples",
+    "deposit_point": "engine.optics._samples",
     "WormTimeSeries": "engine.optics._timeseries",
 }
 
@@ -60,6 +61,7 @@ __all__ = [
     "WormTimeSeries",
     "camera_counts",
     "default_z_um",
+    "deposit_point",
     "expected_counts",
     "make_psf",
     "simulate_focal_stack",

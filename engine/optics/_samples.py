@@ -251,14 +251,18 @@ def rasterize(objects: ObjectTable, grid: Grid, photon_scale: float = 1.0) -> np
         gz = (objects.z_um[i] - grid.z_um[0]) / dz
         a, b, c = objects.semi_axes_um[i]
         if max(a, b) < px and c < dz:
-            _splat(out, gx, gy, gz, total)
+            deposit_point(out, total, gz, gy, gx)
         else:
             _ellipsoid(out, gx, gy, gz, (a / px, b / px, c / dz), objects.angle_rad[i], total)
     return out
 
 
-def _splat(out: np.ndarray, gx: float, gy: float, gz: float, total: float) -> None:
-    """Tri-linear deposit of a point of `total` photons at grid position (gz, gy, gx)."""
+def deposit_point(out: np.ndarray, total: float, gz: float, gy: float, gx: float) -> None:
+    """Add a point of `total` at continuous grid position (gz, gy, gx), split tri-linearly.
+
+    The one home of how a volume holds a point: the training targets' beads and the point
+    fit's refitted beads (`engine.point_fit`) alike. In place; voxels off the grid are skipped.
+    """
     s_count, h, w = out.shape
     iz, iy, ix = int(np.floor(gz)), int(np.floor(gy)), int(np.floor(gx))
     fz, fy, fx = gz - iz, gy - iy, gx - ix
