@@ -15,6 +15,10 @@ the independent sets, with the set's own PSF (the maximum-likelihood depth of a 
   model, `engine.heldout`'s pupil-function PSF with the objective's own Zernike aberrations:
   independent still for a model that trained on psfmodels' vectorial PSF as well as the scalar.
 
+With ``--measured-psf --point-fit`` the independent sets also get a reference row, the point fit
+started at the true beads (`FIT_CEILING`): what a local fit of each frame reaches once the
+network's part (finding each bead, on its side of focus) is done perfectly.
+
 Read-outs per set and method: bead depth from one frame (median, p90, within 1 µm, not
 found; on the independent sets also by each bead's SNR, `engine.heldout.bead_snr`), nucleus
 ("neuron") depth from one frame for spheres of 1-4 µm (the worm's nuclei in
@@ -83,6 +87,11 @@ CROSS_MODALITY_INDEPENDENT: dict[str, tuple[int, ...]] = {"beads": (101, 102), "
 OWN_PSF_FILTER = "matched filter, the set's own PSF (depth only)"
 """The matched filter told each bead's position and the set's exact PSF: the maximum-likelihood
 depth of a lone bead (independent sets only; the reference for what a frame holds)."""
+FIT_CEILING = "point fit from the true beads, measured PSF (what a frame holds)"
+"""The point fit (`engine.point_fit`) started at each bead's true position and brightness, fitted
+to the frame through the measured bank: what a local fit of this frame reaches when the
+network's part (finding each bead, on the right side of focus) is done perfectly. Beads and
+tilted planes of the independent sets only (with ``--measured-psf --point-fit``)."""
 CEILING = "the true beads as points, confocal render (the most a density can score)"
 """Cross-modality reference row: the truth's own points through the models' renderer."""
 CONFOCAL_PINHOLE_AU = 1.0
@@ -109,6 +118,9 @@ class Method:
     `surface` are unused)."""
     point_fit: bool = False
     """With `measured_psf`: served with the point fit through that bank (`engine.point_fit`)."""
+    fit_from_truth: Path | None = None
+    """The `FIT_CEILING` reference, through the measured bank this volume model would be served
+    with (`_fit_from_truth`; independent sets only; `planes` and `surface` are unused)."""
 
 
 def simulator_sample(
@@ -207,6 +219,43 @@ def _measured_psf_method(
     return Method(label, planes, surface, measured_psf=path, point_fit=point_fit)
 
 
+def _fit_from_truth(
+    path: Path, optics: ho.IndependentOptics
+) -> Callable[[ho.IndependentSample], tuple[ho.PlanesFn, ho.SurfaceFn]]:
+    """Return the `FIT_CEILING` reference's refocus functions for each sample of `optics`.
+
+    The bank is the one `_measured_psf_method` serves `path` through; each sample's density is
+    its true beads as points on the model's depth grid (`heldout.point_density`), refitted to
+    the sample's frame by `engine.point_fit` (its defaults), and rendered as the backend would.
+    """
+    from engine.point_fit import fit_points
+    from engine.psf_calibration import slide_bank_for
+    from engine.runtime import load_backend
+    from engine.volume import Renderer
+
+    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    metadata = load_backend(path, prefer=prefer).metadata
+    if metadata.volume is None:
+        raise ValueError(f"{path} is not a volume model: it has no depth grid to fit on")
+    depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
+    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+
+    def fns(sample: ho.IndependentSample) -> tuple[ho.PlanesFn, ho.SurfaceFn]:
+        renderer = Renderer(bank, depth, sample.frame.shape, threads=1)
+        start = ho.point_density(sample, depth)
+        density = fit_points(start, sample.frame, renderer, bank).density
+
+        def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+            return renderer.planes(density, frame, dz_um)
+
+        def surface(frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
+            return renderer.surface(density, frame, dpm_um)
+
+        return planes, surface
+
+    return fns
+
+
 def _wiener_method(reference: Path | None) -> Method:
     """Classical Wiener refocus with the training PSF (engine.evaluate.wiener_refocus)."""
     from engine.evaluate import wiener_refocus
@@ -266,6 +315,11 @@ def _evaluate_set(
             with tempfile.TemporaryDirectory(prefix="fidelity-psf-") as workdir:
                 served = _measured_psf_method(m.measured_psf, optics, Path(workdir), m.point_fit)
             m = replace(served, name=m.name)
+        from_truth = (
+            _fit_from_truth(m.fit_from_truth, optics)
+            if m.fit_from_truth is not None and optics is not None
+            else None
+        )
         depth: list[np.ndarray] = []
         depth_snr: list[np.ndarray] = []
         depth_true: list[np.ndarray] = []
@@ -296,24 +350,35 @@ def _evaluate_set(
                     depth_snr.append(snr(k, found))
                 progress.update(1)
                 continue
+            planes_fn, surface_fn = m.planes, m.surface
+            if m.fit_from_truth is not None:  # a reference for the beads' read-outs only
+                if from_truth is None or not (s.objects.kind == "bead").any():
+                    progress.update(1)
+                    continue
+                planes_fn, surface_fn = from_truth(s)
             if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                found = ho.bead_depths(m.planes, s)
+                found = ho.bead_depths(planes_fn, s)
                 depth.append(found.errors)
                 depth_true.append(found.z_true_um)
                 depth_est.append(found.z_est_um)
                 depth_snr.append(snr(k, found))
-                fwhm.append(ho.bead_fwhm_ratios(m.planes, s))
-            if s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
+                fwhm.append(ho.bead_fwhm_ratios(planes_fn, s))
+            if m.fit_from_truth is not None:  # beads only: its density holds no nuclei
+                pass
+            elif s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
                 nuclei_z = ho.nucleus_depths(m.planes, s, min_gap_um=ho.CROWDED_MIN_GAP_UM)
                 crowded.append(nuclei_z.errors)
                 crowded_z.append((nuclei_z.z_true_um, nuclei_z.z_est_um))
             elif (s.objects.kind == "sphere").any():
                 nuclei.append(ho.nucleus_depths(m.planes, s).errors)
             if s.kind == "tilted":
-                t = ho.tilted_in_focus(m.surface, s)
+                t = ho.tilted_in_focus(surface_fn, s)
                 tilt_frac.append(t.fraction)
                 tilt_beads.append(t.in_focus)
                 tilt_r.append(t.pearson)
+            if m.fit_from_truth is not None:  # its planes hold the beads only: no pixel scores
+                progress.update(1)
+                continue
             rows = ho.plane_metrics(m.planes, s, PLANE_DZ_UM)
             for row in rows:
                 planes.setdefault(float(row["dz_um"]), []).append((row["ssim"], row["psnr"]))
@@ -410,6 +475,15 @@ def compare(
             for fit in ([False, True] if point_fit else [False])
             for p, m in volumes
         ]
+        if point_fit and volumes:
+            methods.append(
+                Method(
+                    FIT_CEILING,
+                    ho.input_planes_fn,
+                    ho.input_surface_fn,
+                    fit_from_truth=volumes[0][0],
+                )
+            )
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
     methods.append(_wiener_method(Path(models[0]) if models else None))
     methods.append(
