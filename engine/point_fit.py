@@ -58,7 +58,14 @@ from scipy.signal import convolve2d
 from engine.optics import deposit_point
 from engine.volume import Renderer, defocus_index
 
-__all__ = ["PATCH_HALF_PX", "PointFit", "PointFitResult", "fit_points", "frame_noise_sd"]
+__all__ = [
+    "PATCH_HALF_PX",
+    "PointFit",
+    "PointFitResult",
+    "fit_points",
+    "frame_noise_sd",
+    "point_image",
+]
 
 PATCH_HALF_PX = 20
 """Half side of the patch a point is fitted in (px): a bead 6 µm from focus spreads over a
@@ -226,6 +233,23 @@ class _Patch:
             span = psf[o + p0 - r1 + 1 : o + p1 - r0, o + q0 - c1 + 1 : o + q1 - c0]
             out += convolve2d(span, plane, mode="valid")
         return out
+
+
+def point_image(
+    psf: np.ndarray,
+    depth_um: np.ndarray,
+    position: tuple[float, float, float],
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+) -> np.ndarray:
+    """Image at focus of a unit point, in the frame's `rows` × `cols` window, as rendered.
+
+    `position` is (slice, row, col), continuous, on the depth grid `depth_um` whose planes
+    `psf` (a bank, as `Renderer` takes it) renders; the point is split tri-linearly as the
+    renderer and `engine.optics.deposit_point` split it. What the fit compares with the frame.
+    """
+    seen = defocus_index(np.zeros(1), np.asarray(depth_um, dtype=np.float64))[0]
+    return _Patch(psf, seen, rows, cols).point(*position)
 
 
 def _explained(images: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

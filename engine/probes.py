@@ -28,6 +28,14 @@ Three read-outs that `engine.fidelity` does not give, for the evaluation report 
   into too dim and too bright, for the model and for the truth's own points rendered by the
   model's renderer (the ceiling). Sharpening a density after the network moves dim beads up and
   the rest over the top: the split says which way a recipe misses.
+- **placement bound**: how precisely the tilted read-out asks a bead to be placed, and how
+  precisely one frame can place it. The true beads as points, rendered as in the split above,
+  moved by a fixed error (laterally, in depth, in brightness): the in-focus PSF spans about a
+  pixel, so a bead's peak pixel follows its sub-pixel position closely. Then each bead moved by
+  a draw of the least error any unbiased estimator can have from the frame (the Cramér–Rao
+  bound: the Fisher information of brightness, depth, row, column and an offset, its image
+  through the bank as `engine.point_fit.point_image` renders it, white noise of the frame's
+  SD; optimistic, the bead's own shot noise and its neighbours' overlap left out).
 - **column mass by distance**: on the same beads, the density summed over *all* depths within
   3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
   focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
@@ -69,6 +77,7 @@ __all__ = [
     "fwhm_ceiling",
     "head_localisations",
     "main",
+    "placement_bound",
     "tilted_split",
 ]
 
@@ -76,6 +85,18 @@ FOUND_FRACTION = 0.05
 """A bead counts as found when its 3x3 density column holds this share of the strongest one."""
 SHIFTS_UM = (-4.0, -2.0, 2.0, 4.0)
 """Sample shifts of the focus-response probe (µm; + = deeper)."""
+PLACEMENT_ERRORS: dict[str, tuple[float, float, float]] = {
+    "exact": (0.0, 0.0, 0.0),
+    "lateral 0.1 px": (0.1, 0.0, 0.0),
+    "lateral 0.2 px": (0.2, 0.0, 0.0),
+    "lateral 0.3 px": (0.3, 0.0, 0.0),
+    "depth 0.3 µm": (0.0, 0.3, 0.0),
+    "brightness 10 %": (0.0, 0.0, 0.1),
+}
+"""Fixed errors of the placement probe: lateral (px, random direction), depth (µm, random
+sign), brightness (fraction, random sign)."""
+FISHER_HALF_PX = 20
+"""Half side of the window a bead's Fisher information is summed over (its ring at 6 µm fits)."""
 
 
 def densities(backend: Any, samples: Sequence[ho.IndependentSample]) -> list[np.ndarray]:
@@ -211,6 +232,133 @@ def tilted_split(
     return {
         "model": _ratio_summary(np.concatenate(model)),
         "truth_points": _ratio_summary(np.concatenate(truth)),
+    }
+
+
+def _cramer_rao(
+    psf: np.ndarray, depth_um: np.ndarray, sample: ho.IndependentSample, i: int, noise_sd: float
+) -> np.ndarray | None:
+    """Covariance bound of (brightness, slice, row, col, offset) of bead `i`, or None at a border.
+
+    The image and its derivatives through the bank as the point fit renders them: the depth
+    derivative a difference of the images half a slice either side, the lateral ones the
+    image's own gradient (the image of a shifted point is the shifted image).
+    """
+    from engine.point_fit import point_image
+
+    o, step = sample.objects, float(depth_um[1] - depth_um[0])
+    h, w = sample.frame.shape
+    z = (float(o.z_um[i]) - float(depth_um[0])) / step
+    r, c = float(o.y_um[i]) / sample.pixel_size_um, float(o.x_um[i]) / sample.pixel_size_um
+    ri, ci, k = round(r), round(c), FISHER_HALF_PX
+    if not (k <= ri < h - k and k <= ci < w - k):
+        return None
+    rows, cols = (ri - k, ri + k + 1), (ci - k, ci + k + 1)
+    brightness = float(o.intensity[i])
+    image = point_image(psf, depth_um, (z, r, c), rows, cols)
+    lo, hi = max(z - 0.5, 0.0), min(z + 0.5, depth_um.size - 1.0)
+    d_slice = (
+        point_image(psf, depth_um, (hi, r, c), rows, cols)
+        - point_image(psf, depth_um, (lo, r, c), rows, cols)
+    ) / (hi - lo)
+    g_row, g_col = np.gradient(image)
+    jac = np.stack(
+        [
+            image.ravel(),
+            brightness * d_slice.ravel(),
+            -brightness * g_row.ravel(),
+            -brightness * g_col.ravel(),
+            np.ones(image.size),
+        ],
+        axis=1,
+    )
+    cov: np.ndarray = np.linalg.inv(jac.T @ jac / noise_sd**2)
+    return cov
+
+
+def placement_bound(
+    depth_um: np.ndarray,
+    psf: np.ndarray,
+    samples: Sequence[ho.IndependentSample],
+    draws: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score the tilted read-out with the true beads placed with known errors (the probe).
+
+    `samples` are "tilted" samples. Returns the share in focus for each of `PLACEMENT_ERRORS`,
+    for `draws` Cramér–Rao draws per sample ("cramer_rao"), and the bound's lateral (px) and
+    depth (µm) SDs by distance from focus (`heldout.DISTANCE_BINS_UM`).
+    """
+    from engine.optics import deposit_point
+    from engine.point_fit import frame_noise_sd
+
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    rng = np.random.default_rng(seed)
+    shares: dict[str, list[float]] = {label: [] for label in (*PLACEMENT_ERRORS, "cramer_rao")}
+    dist, sd_px, sd_um = [], [], []
+
+    def score(s: ho.IndependentSample, renderer: Renderer, moves: np.ndarray) -> float:
+        """Share in focus with bead k at truth + moves[k] (brightness, slice, row, col)."""
+        o, density = s.objects, np.zeros((depth.size, *s.frame.shape), dtype=np.float32)
+        for k, i in enumerate(np.flatnonzero(o.kind == "bead")):
+            b, z, r, c = moves[k] + (
+                float(o.intensity[i]),
+                (float(o.z_um[i]) - depth[0]) / step,
+                float(o.y_um[i]) / s.pixel_size_um,
+                float(o.x_um[i]) / s.pixel_size_um,
+            )
+            deposit_point(density, max(b, 0.0), float(np.clip(z, 0, depth.size - 1)), r, c)
+        surface = ho.surface_from_planes(_rendered(renderer, density, s.background), step)
+        return ho.tilted_in_focus(surface, s).fraction
+
+    for s in samples:
+        renderer = Renderer(psf, depth, s.frame.shape, threads=1)
+        beads = np.flatnonzero(s.objects.kind == "bead")
+        for label, (lateral, axial, gain) in PLACEMENT_ERRORS.items():
+            angle = rng.uniform(0, 2 * np.pi, beads.size)
+            sign = rng.choice((-1.0, 1.0), (beads.size, 2))
+            moves = np.stack(
+                [
+                    sign[:, 0] * gain * s.objects.intensity[beads],
+                    sign[:, 1] * axial / step,
+                    lateral * np.sin(angle),
+                    lateral * np.cos(angle),
+                ],
+                axis=1,
+            )
+            shares[label].append(score(s, renderer, moves))
+        noise = frame_noise_sd(s.frame)
+        bounds = [_cramer_rao(psf, depth, s, int(i), noise) for i in beads]
+        for i, cov in zip(beads, bounds, strict=True):
+            if cov is not None:
+                dist.append(abs(float(s.objects.z_um[i])))
+                sd_px.append(float(np.sqrt((cov[2, 2] + cov[3, 3]) / 2)))
+                sd_um.append(step * float(np.sqrt(cov[1, 1])))
+        for _ in range(draws):
+            moves = np.array(
+                [
+                    np.zeros(4) if cov is None else rng.multivariate_normal(np.zeros(5), cov)[:4]
+                    for cov in bounds
+                ]
+            ).reshape(-1, 4)
+            shares["cramer_rao"].append(score(s, renderer, moves))
+    d, px, um = np.asarray(dist), np.asarray(sd_px), np.asarray(sd_um)
+    by_distance = []
+    for lo, hi in itertools.pairwise(ho.DISTANCE_BINS_UM):
+        sel = (d >= lo) & (d < hi)
+        by_distance.append(
+            {
+                "from_um": lo,
+                "to_um": hi,
+                "beads": int(sel.sum()),
+                "lateral_sd_px_median": float(np.median(px[sel])) if sel.any() else None,
+                "depth_sd_um_median": float(np.median(um[sel])) if sel.any() else None,
+            }
+        )
+    return {
+        "in_focus": {k: float(np.mean(v)) for k, v in shares.items()},
+        "cramer_rao_by_distance": by_distance,
     }
 
 
@@ -410,6 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         psf,
         [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)],
     )
+    placement = placement_bound(
+        depth,
+        psf,
+        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)],
+    )
     rendered_by = "a PSF bank measured from a bead slide" if args.measured_psf else "its own bank"
     print(
         f"{args.model} ({backend.name}); {optics.psf_model} samples, planes through {rendered_by}"
@@ -442,6 +595,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{100 * v['too_dim']:.0f}% too dim, {100 * v['too_bright']:.0f}% too bright "
             f"(median ratio {v['ratio_median']:.2f}, {v['beads']} beads)"
             for k, v in tilted.items()
+        )
+    )
+    print(
+        "tilted plane, the true beads placed with errors: "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in placement["in_focus"].items())
+    )
+    print(
+        "  Cramér-Rao bound, lateral SD (px) / depth SD (µm) by distance from focus: "
+        + ", ".join(
+            f"{r['from_um']:g}-{r['to_um']:g} µm ({r['beads']}): "
+            + (
+                "-"
+                if r["lateral_sd_px_median"] is None
+                else f"{r['lateral_sd_px_median']:.2f} / {r['depth_sd_um_median']:.2f}"
+            )
+            for r in placement["cramer_rao_by_distance"]
         )
     )
     print(f"focus response ({response['nuclei']} bright nuclei of the simulated worm):")
@@ -495,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fwhm_ceiling": ceiling,
         "bead_spread_truth": truth,
         "tilted_split": tilted,
+        "placement_bound": placement,
         "detection_head": head,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")
