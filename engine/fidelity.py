@@ -1046,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--point-fit",
         action="store_true",
         help="also serve each volume model with its beads refitted to the frame through the "
-        "bank it renders with (engine.point_fit; about a second per frame)",
+        "bank it renders with (engine.point_fit; under a second per frame)",
     )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"

@@ -43,8 +43,10 @@ FWHM within 15 % 31 / 27 → 44 / 43 % (vectorial / pupil held-out sets), bead d
 
 The fit trusts the bank: through a bank that is not the microscope's (the training
 simulator's on another objective) it fits the wrong PSF. Serve it through a bank measured on
-the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs 1–3 s per
-256² frame in numpy on one core — offline refocusing and evaluation, not the 100 Hz live path.
+the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs 0.3–0.9 s
+per 256² frame in numpy on one core (the candidates of each search built at once from the
+bank windows they share, `_Patch.points`) — offline refocusing and evaluation, not the 100 Hz
+live path.
 """
 
 from __future__ import annotations
@@ -209,16 +211,39 @@ class _Patch:
 
     def point(self, z: float, r: float, c: float) -> np.ndarray:
         """Image in the patch of a unit point at continuous (slice, row, col), as rendered."""
-        fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
-        az, ar, ac = z - fz, r - fr, c - fc
-        out = np.zeros((self.rows[1] - self.rows[0], self.cols[1] - self.cols[0]))
-        for dz, wz in ((0, 1 - az), (1, az)):
-            if wz <= 0 or not 0 <= fz + dz < self.seen.size:
-                continue
-            for dr, wr in ((0, 1 - ar), (1, ar)):
-                for dc, wc in ((0, 1 - ac), (1, ac)):
-                    if wr * wc > 0:
-                        out += wz * wr * wc * self.at(fz + dz, fr + dr, fc + dc)
+        out: np.ndarray = self.points([(z, r, c)])[0]
+        return out
+
+    def points(self, candidates: list[tuple[float, float, float]]) -> np.ndarray:
+        """Images (N, ...) of unit points at continuous (slice, row, col) each, as rendered.
+
+        Each point is split tri-linearly over the 8 voxels around it (as the renderer and
+        `engine.optics.deposit_point` split it), each voxel seen through its slice's bank plane.
+        Candidates near one another share most of those corners, so each corner's bank window
+        is cut once and every candidate is a weighted sum of them.
+        """
+        weights: dict[tuple[int, int, int], int] = {}  # corner -> column of `mix`
+        rows: list[tuple[int, int, float]] = []  # (candidate, column, weight)
+        for n, (z, r, c) in enumerate(candidates):
+            fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
+            az, ar, ac = z - fz, r - fr, c - fc
+            for dz, wz in ((0, 1 - az), (1, az)):
+                if wz <= 0 or not 0 <= fz + dz < self.seen.size:
+                    continue
+                for dr, wr in ((0, 1 - ar), (1, ar)):
+                    for dc, wc in ((0, 1 - ac), (1, ac)):
+                        if wr * wc > 0:
+                            key = (fz + dz, fr + dr, fc + dc)
+                            col = weights.setdefault(key, len(weights))
+                            rows.append((n, col, wz * wr * wc))
+        shape = (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
+        if not weights:
+            return np.zeros((len(candidates), *shape))
+        corners = np.stack([self.at(*key) for key in weights]).reshape(len(weights), -1)
+        mix = np.zeros((len(candidates), len(weights)))
+        for n, col, w in rows:
+            mix[n, col] += w
+        out: np.ndarray = (mix @ corners).reshape(len(candidates), *shape)
         return out
 
     def window(self, blob: _Blob) -> np.ndarray:
@@ -269,7 +294,7 @@ def _best(
     patch: _Patch, data: np.ndarray, candidates: list[tuple[float, float, float]]
 ) -> tuple[tuple[float, float, float], float, float]:
     """Return the candidate whose point image best explains `data`, its scale and score."""
-    score, scale = _explained(np.stack([patch.point(*p) for p in candidates]), data)
+    score, scale = _explained(patch.points(candidates), data)
     i = int(np.argmax(score))
     return candidates[i], float(scale[i]), float(score[i])
 
