@@ -28,14 +28,15 @@ Three read-outs that `engine.fidelity` does not give, for the evaluation report 
   into too dim and too bright, for the model and for the truth's own points rendered by the
   model's renderer (the ceiling). Sharpening a density after the network moves dim beads up and
   the rest over the top: the split says which way a recipe misses.
-- **placement bound**: how precisely the tilted read-out asks a bead to be placed, and how
-  precisely one frame can place it. The true beads as points, rendered as in the split above,
-  moved by a fixed error (laterally, in depth, in brightness): the in-focus PSF spans about a
-  pixel, so a bead's peak pixel follows its sub-pixel position closely. Then each bead moved by
-  a draw of the least error any unbiased estimator can have from the frame (the Cramér–Rao
-  bound: the Fisher information of brightness, depth, row, column and an offset, its image
-  through the bank as `engine.point_fit.point_image` renders it, white noise of the frame's
-  SD; optimistic, the bead's own shot noise and its neighbours' overlap left out).
+- **placement bound**: how precisely the tilted and FWHM read-outs ask a bead to be placed,
+  and how precisely one frame can place it. The true beads as points, rendered as in the split
+  above, moved by a fixed error (laterally, in depth, in brightness): the in-focus PSF spans
+  about a pixel, so a bead's peak pixel and width follow its sub-pixel position closely. Then
+  each bead moved by a draw of the least error any unbiased estimator can have from the frame
+  (the Cramér–Rao bound: the Fisher information of brightness, depth, row, column and an
+  offset, its image through the bank as `engine.point_fit.point_image` renders it, white noise
+  of the frame's SD; optimistic, the bead's own shot noise and its neighbours' overlap left
+  out).
 - **column mass by distance**: on the same beads, the density summed over *all* depths within
   3 px of each isolated bead, per unit of the bead's brightness, by the bead's distance from
   focus, as a share of the same for beads within 2 µm of focus; and the share of that mass
@@ -283,11 +284,13 @@ def placement_bound(
     draws: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Score the tilted read-out with the true beads placed with known errors (the probe).
+    """Score the beads' read-outs with the true beads placed with known errors (the probe).
 
-    `samples` are "tilted" samples. Returns the share in focus for each of `PLACEMENT_ERRORS`,
-    for `draws` Cramér–Rao draws per sample ("cramer_rao"), and the bound's lateral (px) and
-    depth (µm) SDs by distance from focus (`heldout.DISTANCE_BINS_UM`).
+    `samples`: "tilted" samples are scored by the tilted read-out (beads in focus), the others
+    with beads by the FWHM read-out (beads within 15 % of the truth's width), each pooled over
+    its beads. Returns each read-out's share for every one of `PLACEMENT_ERRORS` and for
+    `draws` Cramér–Rao draws per sample ("cramer_rao"), and the bound's lateral (px) and depth
+    (µm) SDs by distance from focus (`heldout.DISTANCE_BINS_UM`).
     """
     from engine.optics import deposit_point
     from engine.point_fit import frame_noise_sd
@@ -295,11 +298,15 @@ def placement_bound(
     depth = np.asarray(depth_um, dtype=np.float64)
     step = float(depth[1] - depth[0])
     rng = np.random.default_rng(seed)
-    shares: dict[str, list[float]] = {label: [] for label in (*PLACEMENT_ERRORS, "cramer_rao")}
+    labels = (*PLACEMENT_ERRORS, "cramer_rao")
+    hits: dict[str, dict[str, list[np.ndarray]]] = {
+        "tilted_in_focus": {label: [] for label in labels},
+        "fwhm_within_15pct": {label: [] for label in labels},
+    }
     dist, sd_px, sd_um = [], [], []
 
-    def score(s: ho.IndependentSample, renderer: Renderer, moves: np.ndarray) -> float:
-        """Share in focus with bead k at truth + moves[k] (brightness, slice, row, col)."""
+    def score(s: ho.IndependentSample, renderer: Renderer, moves: np.ndarray) -> np.ndarray:
+        """Per scored bead, its read-out's verdict with bead k at truth + moves[k]."""
         o, density = s.objects, np.zeros((depth.size, *s.frame.shape), dtype=np.float32)
         for k, i in enumerate(np.flatnonzero(o.kind == "bead")):
             b, z, r, c = moves[k] + (
@@ -309,10 +316,18 @@ def placement_bound(
                 float(o.x_um[i]) / s.pixel_size_um,
             )
             deposit_point(density, max(b, 0.0), float(np.clip(z, 0, depth.size - 1)), r, c)
-        surface = ho.surface_from_planes(_rendered(renderer, density, s.background), step)
-        return ho.tilted_in_focus(surface, s).fraction
+        planes = _rendered(renderer, density, s.background)
+        if s.kind == "tilted":
+            verdict: np.ndarray = ho.tilted_in_focus(
+                ho.surface_from_planes(planes, step), s
+            ).in_focus
+            return verdict
+        ratios = np.nan_to_num(ho.bead_fwhm_ratios(planes, s), nan=np.inf)
+        within: np.ndarray = np.abs(ratios - 1) <= 0.15
+        return within
 
-    for s in samples:
+    for s in (s for s in samples if (s.objects.kind == "bead").any()):
+        readout = hits["tilted_in_focus" if s.kind == "tilted" else "fwhm_within_15pct"]
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
         beads = np.flatnonzero(s.objects.kind == "bead")
         for label, (lateral, axial, gain) in PLACEMENT_ERRORS.items():
@@ -327,7 +342,7 @@ def placement_bound(
                 ],
                 axis=1,
             )
-            shares[label].append(score(s, renderer, moves))
+            readout[label].append(score(s, renderer, moves))
         noise = frame_noise_sd(s.frame)
         bounds = [_cramer_rao(psf, depth, s, int(i), noise) for i in beads]
         for i, cov in zip(beads, bounds, strict=True):
@@ -342,7 +357,7 @@ def placement_bound(
                     for cov in bounds
                 ]
             ).reshape(-1, 4)
-            shares["cramer_rao"].append(score(s, renderer, moves))
+            readout["cramer_rao"].append(score(s, renderer, moves))
     d, px, um = np.asarray(dist), np.asarray(sd_px), np.asarray(sd_um)
     by_distance = []
     for lo, hi in itertools.pairwise(ho.DISTANCE_BINS_UM):
@@ -356,10 +371,13 @@ def placement_bound(
                 "depth_sd_um_median": float(np.median(um[sel])) if sel.any() else None,
             }
         )
-    return {
-        "in_focus": {k: float(np.mean(v)) for k, v in shares.items()},
-        "cramer_rao_by_distance": by_distance,
+    out: dict[str, Any] = {
+        name: {k: float(np.mean(np.concatenate(v))) for k, v in shares.items()}
+        for name, shares in hits.items()
+        if all(shares.values())
     }
+    out["cramer_rao_by_distance"] = by_distance
+    return out
 
 
 def column_mass(
@@ -561,7 +579,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     placement = placement_bound(
         depth,
         psf,
-        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)],
+        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)]
+        + samples,
     )
     rendered_by = "a PSF bank measured from a bead slide" if args.measured_psf else "its own bank"
     print(
@@ -597,10 +616,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, v in tilted.items()
         )
     )
-    print(
-        "tilted plane, the true beads placed with errors: "
-        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in placement["in_focus"].items())
-    )
+    for name, what in (("tilted_in_focus", "tilted plane"), ("fwhm_within_15pct", "FWHM")):
+        print(
+            f"{what}, the true beads placed with errors: "
+            + ", ".join(f"{k} {100 * v:.0f}%" for k, v in placement[name].items())
+        )
     print(
         "  Cramér-Rao bound, lateral SD (px) / depth SD (µm) by distance from focus: "
         + ", ".join(
