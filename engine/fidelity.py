@@ -47,6 +47,7 @@ from engine.metrics import pearson, ssim
 from engine.runtime import Precision
 
 if TYPE_CHECKING:
+    from engine.metadata import ModelMetadata
     from engine.volume import Renderer
 
 __all__ = ["Method", "compare", "cross_modality", "main", "simulator_sample"]
@@ -193,23 +194,34 @@ MEASURED_PSF_FIELDS = 6
 """Fields of the simulated bead slide a measured PSF bank averages (about 18 beads)."""
 
 
-def _measured_psf_method(
-    path: Path, optics: ho.IndependentOptics, workdir: Path, point_fit: bool = False
-) -> Method:
-    """Serve a volume model through a bank measured from a bead slide of `optics`.
+def _measured_bank(path: Path, optics: ho.IndependentOptics) -> tuple[ModelMetadata, np.ndarray]:
+    """Return a volume model's metadata and the bank measured from a bead slide of `optics`.
 
     The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
     measured by `engine.psf_calibration` from its frames alone, as a lab measures its
-    microscope; the set's PSF function is never handed over. `point_fit`: its beads refitted
-    to the frame through that bank (`engine.point_fit`).
+    microscope; the set's PSF function is never handed over.
     """
-    from engine.point_fit import PointFit
     from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
     prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
     metadata = load_backend(path, prefer=prefer).metadata
-    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+    return metadata, slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+
+
+def _measured_psf_method(
+    path: Path, optics: ho.IndependentOptics, workdir: Path, point_fit: bool = False
+) -> Method:
+    """Serve a volume model through a bank measured from a bead slide of `optics`.
+
+    The bank is `_measured_bank`'s. `point_fit`: its beads refitted to the frame through that
+    bank (`engine.point_fit`).
+    """
+    from engine.point_fit import PointFit
+    from engine.runtime import load_backend
+
+    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    _, bank = _measured_bank(path, optics)
     bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
     np.save(bank_path, bank)
     fit = PointFit() if point_fit else None
@@ -224,21 +236,18 @@ def _fit_from_truth(
 ) -> Callable[[ho.IndependentSample], tuple[ho.PlanesFn, ho.SurfaceFn]]:
     """Return the `FIT_CEILING` reference's refocus functions for each sample of `optics`.
 
-    The bank is the one `_measured_psf_method` serves `path` through; each sample's density is
-    its true beads as points on the model's depth grid (`heldout.point_density`), refitted to
-    the sample's frame by `engine.point_fit` (its defaults), and rendered as the backend would.
+    The bank is `_measured_bank`'s, the one `_measured_psf_method` serves through; each
+    sample's density is its true beads as points on the model's depth grid
+    (`heldout.point_density`), refitted to the sample's frame by `engine.point_fit` (its
+    defaults), and rendered as the backend would.
     """
     from engine.point_fit import fit_points
-    from engine.psf_calibration import slide_bank_for
-    from engine.runtime import load_backend
     from engine.volume import Renderer
 
-    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
-    metadata = load_backend(path, prefer=prefer).metadata
+    metadata, bank = _measured_bank(path, optics)
     if metadata.volume is None:
         raise ValueError(f"{path} is not a volume model: it has no depth grid to fit on")
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
-    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
 
     def fns(sample: ho.IndependentSample) -> tuple[ho.PlanesFn, ho.SurfaceFn]:
         renderer = Renderer(bank, depth, sample.frame.shape, threads=1)
@@ -363,14 +372,13 @@ def _evaluate_set(
                 depth_est.append(found.z_est_um)
                 depth_snr.append(snr(k, found))
                 fwhm.append(ho.bead_fwhm_ratios(planes_fn, s))
-            if m.fit_from_truth is not None:  # beads only: its density holds no nuclei
-                pass
-            elif s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
-                nuclei_z = ho.nucleus_depths(m.planes, s, min_gap_um=ho.CROWDED_MIN_GAP_UM)
-                crowded.append(nuclei_z.errors)
-                crowded_z.append((nuclei_z.z_true_um, nuclei_z.z_est_um))
-            elif (s.objects.kind == "sphere").any():
-                nuclei.append(ho.nucleus_depths(m.planes, s).errors)
+            if m.fit_from_truth is None:  # (the fit from the truth's density holds beads only)
+                if s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
+                    nuclei_z = ho.nucleus_depths(planes_fn, s, min_gap_um=ho.CROWDED_MIN_GAP_UM)
+                    crowded.append(nuclei_z.errors)
+                    crowded_z.append((nuclei_z.z_true_um, nuclei_z.z_est_um))
+                elif (s.objects.kind == "sphere").any():
+                    nuclei.append(ho.nucleus_depths(planes_fn, s).errors)
             if s.kind == "tilted":
                 t = ho.tilted_in_focus(surface_fn, s)
                 tilt_frac.append(t.fraction)
@@ -379,7 +387,7 @@ def _evaluate_set(
             if m.fit_from_truth is not None:  # its planes hold the beads only: no pixel scores
                 progress.update(1)
                 continue
-            rows = ho.plane_metrics(m.planes, s, PLANE_DZ_UM)
+            rows = ho.plane_metrics(planes_fn, s, PLANE_DZ_UM)
             for row in rows:
                 planes.setdefault(float(row["dz_um"]), []).append((row["ssim"], row["psnr"]))
             frame_psnr.append(float(np.median([row["psnr"] for row in rows])))
