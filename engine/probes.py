@@ -194,6 +194,24 @@ def fwhm_ceiling(
     return out
 
 
+def _by_distance(
+    distance_um: np.ndarray, **columns: Callable[[np.ndarray], float]
+) -> list[dict[str, Any]]:
+    """Rows per bin of `heldout.DISTANCE_BINS_UM`: its edges, its beads, and each column.
+
+    `distance_um` is each bead's distance from focus; a column is a function of the bin's
+    selection mask over those beads (None for an empty bin).
+    """
+    d = np.asarray(distance_um, dtype=np.float64)
+    rows: list[dict[str, Any]] = []
+    for lo, hi in itertools.pairwise(ho.DISTANCE_BINS_UM):
+        sel = (d >= lo) & (d < hi)
+        row: dict[str, Any] = {"from_um": lo, "to_um": hi, "beads": int(sel.sum())}
+        row.update({name: fn(sel) if sel.any() else None for name, fn in columns.items()})
+        rows.append(row)
+    return rows
+
+
 def _ratio_summary(ratios: np.ndarray) -> dict[str, Any]:
     """Share of peak ratios in focus (within `ho.IN_FOCUS_TOLERANCE` of 1), below and above."""
     r, tol = np.asarray(ratios, dtype=np.float64), ho.IN_FOCUS_TOLERANCE
@@ -358,19 +376,12 @@ def placement_bound(
                 ]
             ).reshape(-1, 4)
             readout["cramer_rao"].append(score(s, renderer, moves))
-    d, px, um = np.asarray(dist), np.asarray(sd_px), np.asarray(sd_um)
-    by_distance = []
-    for lo, hi in itertools.pairwise(ho.DISTANCE_BINS_UM):
-        sel = (d >= lo) & (d < hi)
-        by_distance.append(
-            {
-                "from_um": lo,
-                "to_um": hi,
-                "beads": int(sel.sum()),
-                "lateral_sd_px_median": float(np.median(px[sel])) if sel.any() else None,
-                "depth_sd_um_median": float(np.median(um[sel])) if sel.any() else None,
-            }
-        )
+    px, um = np.asarray(sd_px), np.asarray(sd_um)
+    by_distance = _by_distance(
+        np.asarray(dist),
+        lateral_sd_px_median=lambda sel: float(np.median(px[sel])),
+        depth_sd_um_median=lambda sel: float(np.median(um[sel])),
+    )
     out: dict[str, Any] = {
         name: {k: float(np.mean(np.concatenate(v))) for k, v in shares.items()}
         for name, shares in hits.items()
@@ -403,19 +414,11 @@ def column_mass(
     edges = ho.DISTANCE_BINS_UM
     in_focus = m[(d >= edges[0]) & (d < edges[1])]
     ref = float(np.median(in_focus)) if in_focus.size else float("nan")
-    rows_out = []
-    for lo, hi in itertools.pairwise(edges):
-        sel = (d >= lo) & (d < hi)
-        rows_out.append(
-            {
-                "from_um": lo,
-                "to_um": hi,
-                "beads": int(sel.sum()),
-                "column_mass_vs_in_focus": float(np.median(m[sel]) / ref) if sel.any() else None,
-                "share_within_1um_of_depth": float(np.median(n[sel])) if sel.any() else None,
-            }
-        )
-    return rows_out
+    return _by_distance(
+        d,
+        column_mass_vs_in_focus=lambda sel: float(np.median(m[sel]) / ref),
+        share_within_1um_of_depth=lambda sel: float(np.median(n[sel])),
+    )
 
 
 def head_localisations(weights: Path, samples: Sequence[ho.IndependentSample]) -> dict[str, Any]:
@@ -463,18 +466,11 @@ def head_localisations(weights: Path, samples: Sequence[ho.IndependentSample]) -
             depth_err.append(abs(float(found[k, 2] - obj.z_um[i])) if hit else np.inf)
             lateral.append(float(d[k]) * px if hit else np.inf)
     dist_a, err, lat = np.asarray(dist), np.asarray(depth_err), np.asarray(lateral)
-    rows = []
-    for lo, hi in itertools.pairwise(ho.DISTANCE_BINS_UM):
-        sel = (dist_a >= lo) & (dist_a < hi)
-        rows.append(
-            {
-                "from_um": lo,
-                "to_um": hi,
-                "beads": int(sel.sum()),
-                "found": float(np.isfinite(err[sel]).mean()) if sel.any() else None,
-                "within_1um": float((err[sel] <= 1.0).mean()) if sel.any() else None,
-            }
-        )
+    rows = _by_distance(
+        dist_a,
+        found=lambda sel: float(np.isfinite(err[sel]).mean()),
+        within_1um=lambda sel: float((err[sel] <= 1.0).mean()),
+    )
     ok = np.isfinite(err)
     return {
         "beads": int(err.size),
