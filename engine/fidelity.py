@@ -169,7 +169,7 @@ def _model_method(path: Path, precision: Precision = "fp32", point_fit: bool = F
     from engine.point_fit import PointFit
     from engine.runtime import load_backend
 
-    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    prefer = _prefer(path)
     fit = PointFit() if point_fit else None
     backend = load_backend(path, prefer=prefer, precision=precision, point_fit=fit)
     volume = backend.metadata.volume
@@ -194,6 +194,11 @@ MEASURED_PSF_FIELDS = 6
 """Fields of the simulated bead slide a measured PSF bank averages (about 18 beads)."""
 
 
+def _prefer(path: Path) -> list[str]:
+    """Return the backends a model file is served by: torch for a .pt, else the ONNX runtimes."""
+    return ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+
+
 def _measured_bank(path: Path, optics: ho.IndependentOptics) -> tuple[ModelMetadata, np.ndarray]:
     """Return a volume model's metadata and the bank measured from a bead slide of `optics`.
 
@@ -204,7 +209,7 @@ def _measured_bank(path: Path, optics: ho.IndependentOptics) -> tuple[ModelMetad
     from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
-    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    prefer = _prefer(path)
     metadata = load_backend(path, prefer=prefer).metadata
     return metadata, slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
 
@@ -220,7 +225,7 @@ def _measured_psf_method(
     from engine.point_fit import PointFit
     from engine.runtime import load_backend
 
-    prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+    prefer = _prefer(path)
     _, bank = _measured_bank(path, optics)
     bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
     np.save(bank_path, bank)
@@ -626,7 +631,7 @@ def cross_modality(
     backends = []
     trained: dict[str, str] = {}
     for path in map(Path, models):
-        prefer = ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
+        prefer = _prefer(path)
         backend = load_backend(path, prefer=prefer)
         if backend.metadata.volume is not None:
             label = f"{backend.metadata.name} ({path.parent.name}/{path.name})"

@@ -1658,6 +1658,8 @@ class TiltedFocus:
 
 IN_FOCUS_TOLERANCE = 0.2
 """A bead is in focus when its refocused peak is within 20 % of the all-in-focus truth."""
+FWHM_TOLERANCE = 0.15
+"""A bead's width is right when its refocused FWHM is within 15 % of the truth's (the target)."""
 
 
 def _peak(img: np.ndarray, row: int, col: int) -> float:
@@ -1945,7 +1947,7 @@ def within_range(
     return [{"range_um": float(r), **summarise(err[dist < r])} for r in ranges_um]
 
 
-def summarise_ratios(ratios: np.ndarray, tolerance: float = 0.15) -> dict[str, float]:
+def summarise_ratios(ratios: np.ndarray, tolerance: float = FWHM_TOLERANCE) -> dict[str, float]:
     """Summary of FWHM ratios: NaN (unresolved) counts as outside the tolerance."""
     r = np.asarray(ratios, dtype=np.float64).ravel()
     ok = np.isfinite(r)

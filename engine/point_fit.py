@@ -273,6 +273,13 @@ def point_image(
     `psf` (a bank, as `Renderer` takes it) renders; the point is split tri-linearly as the
     renderer and `engine.optics.deposit_point` split it. What the fit compares with the frame.
     """
+    side, o = psf.shape[-1], psf.shape[-1] // 2
+    for (lo, hi), at in ((rows, position[1]), (cols, position[2])):
+        first = int(np.floor(at))  # the point's corners: this pixel and the next
+        if o + lo - (first + 1) < 0 or o + hi - first > side:
+            raise ValueError(
+                f"window {lo}..{hi} reaches past the bank's {side}-px planes around {at:g}"
+            )
     seen = defocus_index(np.zeros(1), np.asarray(depth_um, dtype=np.float64))[0]
     return _Patch(psf, seen, rows, cols).point(*position)
 

@@ -188,7 +188,7 @@ def fwhm_ceiling(
         r = np.concatenate(ratios[label])
         out[label] = {
             "beads": int(r.size),
-            "within_15pct": float(np.mean(np.abs(r - 1) <= 0.15)) if r.size else None,
+            "within_15pct": float(np.mean(np.abs(r - 1) <= ho.FWHM_TOLERANCE)) if r.size else None,
             "ratio_median": float(np.nanmedian(r)) if r.size else None,
         }
     return out
@@ -255,9 +255,11 @@ def tilted_split(
 
 
 def _cramer_rao(
-    psf: np.ndarray, depth_um: np.ndarray, sample: ho.IndependentSample, i: int, noise_sd: float
+    depth_um: np.ndarray, psf: np.ndarray, sample: ho.IndependentSample, i: int, noise_sd: float
 ) -> np.ndarray | None:
-    """Covariance bound of (brightness, slice, row, col, offset) of bead `i`, or None at a border.
+    """Covariance bound of (brightness, slice, row, col, offset) of bead `i`, or None.
+
+    None for a bead too near the frame's border or outside the depth grid.
 
     The image and its derivatives through the bank as the point fit renders them: the depth
     derivative a difference of the images half a slice either side, the lateral ones the
@@ -270,7 +272,7 @@ def _cramer_rao(
     z = (float(o.z_um[i]) - float(depth_um[0])) / step
     r, c = float(o.y_um[i]) / sample.pixel_size_um, float(o.x_um[i]) / sample.pixel_size_um
     ri, ci, k = round(r), round(c), FISHER_HALF_PX
-    if not (k <= ri < h - k and k <= ci < w - k):
+    if not (k <= ri < h - k and k <= ci < w - k and 0 <= z <= depth_um.size - 1):
         return None
     rows, cols = (ri - k, ri + k + 1), (ci - k, ci + k + 1)
     brightness = float(o.intensity[i])
@@ -291,8 +293,11 @@ def _cramer_rao(
         ],
         axis=1,
     )
-    cov: np.ndarray = np.linalg.inv(jac.T @ jac / noise_sd**2)
-    return cov
+    # a pseudo-inverse: at focus the depth derivative all but vanishes (a point and its
+    # mirror look alike), and the depth bound there is large rather than a failed inverse
+    cov: np.ndarray = np.linalg.pinv(jac.T @ jac / noise_sd**2, hermitian=True)
+    symmetric: np.ndarray = (cov + cov.T) / 2
+    return symmetric
 
 
 def placement_bound(
@@ -313,6 +318,8 @@ def placement_bound(
     from engine.optics import deposit_point
     from engine.point_fit import frame_noise_sd
 
+    if draws < 1:
+        raise ValueError(f"placement_bound needs at least one Cramér-Rao draw, not {draws!r}")
     depth = np.asarray(depth_um, dtype=np.float64)
     step = float(depth[1] - depth[0])
     rng = np.random.default_rng(seed)
@@ -341,7 +348,7 @@ def placement_bound(
             ).in_focus
             return verdict
         ratios = np.nan_to_num(ho.bead_fwhm_ratios(planes, s), nan=np.inf)
-        within: np.ndarray = np.abs(ratios - 1) <= 0.15
+        within: np.ndarray = np.abs(ratios - 1) <= ho.FWHM_TOLERANCE
         return within
 
     for s in (s for s in samples if (s.objects.kind == "bead").any()):
@@ -362,7 +369,7 @@ def placement_bound(
             )
             readout[label].append(score(s, renderer, moves))
         noise = frame_noise_sd(s.frame)
-        bounds = [_cramer_rao(psf, depth, s, int(i), noise) for i in beads]
+        bounds = [_cramer_rao(depth, psf, s, int(i), noise) for i in beads]
         for i, cov in zip(beads, bounds, strict=True):
             if cov is not None:
                 dist.append(abs(float(s.objects.z_um[i])))
@@ -567,17 +574,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns = column_mass(depth, samples, volumes)
     ceiling = fwhm_ceiling(depth, psf, samples)
     truth = bead_spread(depth, psf, samples, [ho.point_density(s, depth) for s in samples])
-    tilted = tilted_split(
-        backend,
-        psf,
-        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)],
-    )
-    placement = placement_bound(
-        depth,
-        psf,
-        [ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)]
-        + samples,
-    )
+    tilted_samples = [
+        ho.independent_sample("tilted", seed, optics=optics) for seed in range(args.samples)
+    ]
+    tilted = tilted_split(backend, psf, tilted_samples)
+    placement = placement_bound(depth, psf, [*tilted_samples, *samples])
     rendered_by = "a PSF bank measured from a bead slide" if args.measured_psf else "its own bank"
     print(
         f"{args.model} ({backend.name}); {optics.psf_model} samples, planes through {rendered_by}"

@@ -9,7 +9,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from engine.optics import OpticsConfig
-from engine.point_fit import PointFit, fit_points, frame_noise_sd
+from engine.point_fit import PointFit, fit_points, frame_noise_sd, point_image
 from engine.volume import Renderer, depth_grid, psf_bank
 
 SHAPE = (96, 96)
@@ -196,3 +196,20 @@ def test_the_fidelity_report_measures_what_a_frame_holds_by_a_fit_from_the_truth
     assert out["bead_depth"]["median_um"] <= 0.3
     assert out["nucleus_depth"] == {} and out["psnr_per_frame"] == []
     assert F._evaluate_set([method], samples[:1], Bar())[F.FIT_CEILING]["bead_depth"] == {}
+
+
+def test_the_fits_point_image_is_what_the_renderer_makes_of_the_point(
+    renderer: Renderer, bank: np.ndarray
+) -> None:
+    """`point_image`, the image the fit matches to the frame, equals the renderer's image at
+    focus of the same point split tri-linearly (one convention for both); a window reaching
+    past the bank's planes is refused rather than wrapped."""
+    for z, r, c in ((12.3, 40.6, 51.2), (30.0, 48.0, 47.5), (0.4, 45.1, 44.9)):
+        window = (int(r) - 20, int(r) + 21), (int(c) - 20, int(c) + 21)
+        image = point_image(bank, depth_grid(), (z, r, c), *window)
+        rendered = renderer.render(_point(z, r, c, 1.0), np.zeros(1))[0]
+        (r0, r1), (c0, c1) = window
+        np.testing.assert_allclose(image, rendered[r0:r1, c0:c1], atol=1e-6)
+    half = bank.shape[-1] // 2
+    with pytest.raises(ValueError, match="reaches past"):
+        point_image(bank, depth_grid(), (10.0, 40.0, 40.0), (40 - half - 1, 41), (20, 61))
