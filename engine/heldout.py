@@ -95,6 +95,7 @@ __all__ = [
     "bead_depths",
     "bead_fwhm",
     "bead_fwhm_ratios",
+    "bead_grid_positions",
     "bead_sites",
     "bead_slide",
     "bead_snr",
@@ -1232,6 +1233,24 @@ MIN_SPOT_SNR = 3.0
 """A refocused bead is resolved when its fitted amplitude is >= 3x the fit's residual."""
 
 
+def bead_grid_positions(
+    sample: IndependentSample, depth_um: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return a sample's beads (object indices) and their (N, 3) continuous grid positions.
+
+    A position is (slice on the uniform depth grid `depth_um`, row, col), as a density holds
+    the bead: what `point_density` deposits and a fit or a bound on the bead starts from.
+    """
+    depth = np.asarray(depth_um, dtype=np.float64)
+    step = float(depth[1] - depth[0])
+    o, px = sample.objects, sample.pixel_size_um
+    index = np.flatnonzero(o.kind == "bead")
+    positions = np.stack(
+        [(o.z_um[index] - depth[0]) / step, o.y_um[index] / px, o.x_um[index] / px], axis=1
+    ).reshape(-1, 3)
+    return index, positions
+
+
 def point_density(
     sample: IndependentSample, depth_um: np.ndarray, *, subvoxel: bool = True
 ) -> np.ndarray:
@@ -1240,20 +1259,16 @@ def point_density(
     ``subvoxel``: each bead's brightness split tri-linearly over the 8 voxels around it (how the
     training targets are made, `engine.optics`); else all of it on the nearest voxel.
     """
-    depth = np.asarray(depth_um, dtype=np.float64)
-    step = float(depth[1] - depth[0])
     h, w = sample.frame.shape
-    px = sample.pixel_size_um
-    out = np.zeros((depth.size, h, w), dtype=np.float32)
+    out = np.zeros((np.size(depth_um), h, w), dtype=np.float32)
     o = sample.objects
-    for i in np.flatnonzero(o.kind == "bead"):
-        pos = np.array([(o.z_um[i] - depth[0]) / step, o.y_um[i] / px, o.x_um[i] / px])
+    for i, pos in zip(*bead_grid_positions(sample, depth_um), strict=True):
         base = np.floor(pos) if subvoxel else np.round(pos)
         frac = pos - base if subvoxel else np.zeros(3)
         for corner in itertools.product((0, 1), repeat=3):
             weight = float(np.prod([f if c else 1 - f for c, f in zip(corner, frac, strict=True)]))
             z, y, x = (int(b) + c for b, c in zip(base, corner, strict=True))
-            if weight > 0 and 0 <= z < depth.size and 0 <= y < h and 0 <= x < w:
+            if weight > 0 and 0 <= z < out.shape[0] and 0 <= y < h and 0 <= x < w:
                 out[z, y, x] += float(o.intensity[i]) * weight
     return out
 

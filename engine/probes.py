@@ -255,11 +255,16 @@ def tilted_split(
 
 
 def _cramer_rao(
-    depth_um: np.ndarray, psf: np.ndarray, sample: ho.IndependentSample, i: int, noise_sd: float
+    depth_um: np.ndarray,
+    psf: np.ndarray,
+    shape: tuple[int, int],
+    bead: np.ndarray,
+    noise_sd: float,
 ) -> np.ndarray | None:
-    """Covariance bound of (brightness, slice, row, col, offset) of bead `i`, or None.
+    """Covariance bound of (brightness, slice, row, col, offset) of a bead, or None.
 
-    None for a bead too near the frame's border or outside the depth grid.
+    `bead` is its (brightness, slice, row, col) on the depth grid of a frame of `shape`; None
+    for a bead too near the frame's border or outside the depth grid.
 
     The image and its derivatives through the bank as the point fit renders them: the depth
     derivative a difference of the images half a slice either side, the lateral ones the
@@ -267,15 +272,12 @@ def _cramer_rao(
     """
     from engine.point_fit import point_image
 
-    o, step = sample.objects, float(depth_um[1] - depth_um[0])
-    h, w = sample.frame.shape
-    z = (float(o.z_um[i]) - float(depth_um[0])) / step
-    r, c = float(o.y_um[i]) / sample.pixel_size_um, float(o.x_um[i]) / sample.pixel_size_um
+    brightness, z, r, c = (float(v) for v in bead)
+    h, w = shape
     ri, ci, k = round(r), round(c), FISHER_HALF_PX
     if not (k <= ri < h - k and k <= ci < w - k and 0 <= z <= depth_um.size - 1):
         return None
     rows, cols = (ri - k, ri + k + 1), (ci - k, ci + k + 1)
-    brightness = float(o.intensity[i])
     image = point_image(psf, depth_um, (z, r, c), rows, cols)
     lo, hi = max(z - 0.5, 0.0), min(z + 0.5, depth_um.size - 1.0)
     d_slice = (
@@ -330,16 +332,12 @@ def placement_bound(
     }
     dist, sd_px, sd_um = [], [], []
 
-    def score(s: ho.IndependentSample, renderer: Renderer, moves: np.ndarray) -> np.ndarray:
-        """Per scored bead, its read-out's verdict with bead k at truth + moves[k]."""
-        o, density = s.objects, np.zeros((depth.size, *s.frame.shape), dtype=np.float32)
-        for k, i in enumerate(np.flatnonzero(o.kind == "bead")):
-            b, z, r, c = moves[k] + (
-                float(o.intensity[i]),
-                (float(o.z_um[i]) - depth[0]) / step,
-                float(o.y_um[i]) / s.pixel_size_um,
-                float(o.x_um[i]) / s.pixel_size_um,
-            )
+    def score(
+        s: ho.IndependentSample, renderer: Renderer, beads: np.ndarray, moves: np.ndarray
+    ) -> np.ndarray:
+        """Per scored bead, its read-out's verdict with bead k at beads[k] + moves[k]."""
+        density = np.zeros((depth.size, *s.frame.shape), dtype=np.float32)
+        for b, z, r, c in beads + moves:
             deposit_point(density, max(b, 0.0), float(np.clip(z, 0, depth.size - 1)), r, c)
         planes = _rendered(renderer, density, s.background)
         if s.kind == "tilted":
@@ -354,23 +352,25 @@ def placement_bound(
     for s in (s for s in samples if (s.objects.kind == "bead").any()):
         readout = hits["tilted_in_focus" if s.kind == "tilted" else "fwhm_within_15pct"]
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
-        beads = np.flatnonzero(s.objects.kind == "bead")
+        index, positions = ho.bead_grid_positions(s, depth)
+        beads = np.column_stack([s.objects.intensity[index], positions])  # the truth
         for label, (lateral, axial, gain) in PLACEMENT_ERRORS.items():
-            angle = rng.uniform(0, 2 * np.pi, beads.size)
-            sign = rng.choice((-1.0, 1.0), (beads.size, 2))
+            angle = rng.uniform(0, 2 * np.pi, index.size)
+            sign = rng.choice((-1.0, 1.0), (index.size, 2))
             moves = np.stack(
                 [
-                    sign[:, 0] * gain * s.objects.intensity[beads],
+                    sign[:, 0] * gain * beads[:, 0],
                     sign[:, 1] * axial / step,
                     lateral * np.sin(angle),
                     lateral * np.cos(angle),
                 ],
                 axis=1,
             )
-            readout[label].append(score(s, renderer, moves))
+            readout[label].append(score(s, renderer, beads, moves))
         noise = frame_noise_sd(s.frame)
-        bounds = [_cramer_rao(depth, psf, s, int(i), noise) for i in beads]
-        for i, cov in zip(beads, bounds, strict=True):
+        shape = (s.frame.shape[0], s.frame.shape[1])
+        bounds = [_cramer_rao(depth, psf, shape, bead, noise) for bead in beads]
+        for i, cov in zip(index, bounds, strict=True):
             if cov is not None:
                 dist.append(abs(float(s.objects.z_um[i])))
                 sd_px.append(float(np.sqrt((cov[2, 2] + cov[3, 3]) / 2)))
@@ -382,7 +382,7 @@ def placement_bound(
                     for cov in bounds
                 ]
             ).reshape(-1, 4)
-            readout["cramer_rao"].append(score(s, renderer, moves))
+            readout["cramer_rao"].append(score(s, renderer, beads, moves))
     px, um = np.asarray(sd_px), np.asarray(sd_um)
     by_distance = _by_distance(
         np.asarray(dist),
