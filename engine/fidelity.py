@@ -32,6 +32,7 @@ with the all-in-focus truth), and SSIM / PSNR per
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -199,19 +200,22 @@ def _prefer(path: Path) -> list[str]:
     return ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
 
 
+@functools.lru_cache(maxsize=4)
 def _measured_bank(path: Path, optics: ho.IndependentOptics) -> tuple[ModelMetadata, np.ndarray]:
     """Return a volume model's metadata and the bank measured from a bead slide of `optics`.
 
     The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
     measured by `engine.psf_calibration` from its frames alone, as a lab measures its
-    microscope; the set's PSF function is never handed over.
+    microscope; the set's PSF function is never handed over. Measured once per model and
+    optics (the served methods and the fit from the truth of one set share it; read only).
     """
     from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
-    prefer = _prefer(path)
-    metadata = load_backend(path, prefer=prefer).metadata
-    return metadata, slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+    metadata = load_backend(path, prefer=_prefer(path)).metadata
+    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+    bank.setflags(write=False)  # shared by every caller of the cache
+    return metadata, bank
 
 
 def _measured_psf_method(
