@@ -302,14 +302,19 @@ def _summ(
 def _evaluate_set(
     methods: Sequence[Method],
     samples: Sequence[ho.IndependentSample],
-    progress: Any,
     optics: ho.IndependentOptics | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """All read-outs of every method on one set of samples.
 
     With the set's `optics` (the independent sets, whose PSF is known here), the bead depth
-    read-out is also binned by each bead's SNR (`engine.heldout.bead_snr`).
+    read-out is also binned by each bead's SNR (`engine.heldout.bead_snr`). `progress`: a
+    tqdm bar advanced by one per method and sample (None: a silent one).
     """
+    if progress is None:
+        from tqdm import tqdm
+
+        progress = tqdm(disable=True)
     out: dict[str, Any] = {}
     # per sample: its scored beads and their SNR (every method scores the same beads)
     snr_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -534,7 +539,7 @@ def compare(
     t0 = time.perf_counter()
     with tqdm(total=total, unit="sample", desc="fidelity", dynamic_ncols=True) as bar:
         results = {
-            name: _evaluate_set(methods, samples, bar, set_optics[name])
+            name: _evaluate_set(methods, samples, set_optics[name], bar)
             for name, samples in sets.items()
         }
     return {

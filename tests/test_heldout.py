@@ -295,16 +295,12 @@ def test_the_fidelity_report_bins_beads_by_snr_where_the_optics_are_known(beads)
         F.Method(F.OWN_PSF_FILTER, H.input_planes_fn, H.input_surface_fn, True, own_psf=True),
     ]
 
-    class Bar:
-        def set_postfix_str(self, _: str) -> None: ...
-        def update(self, _: int) -> None: ...
-
-    with_optics = F._evaluate_set(methods, [beads], Bar(), H.IndependentOptics())
+    with_optics = F._evaluate_set(methods, [beads], H.IndependentOptics())
     for name in (m.name for m in methods):
         rows = with_optics[name]["bead_depth_by_snr"]
         assert sum(r["count"] for r in rows) == with_optics[name]["bead_depth"]["count"] > 0
     assert with_optics[F.OWN_PSF_FILTER]["bead_depth"]["failures"] == 0
-    without = F._evaluate_set(methods, [beads], Bar())
+    without = F._evaluate_set(methods, [beads])
     assert without["unrefocused input"]["bead_depth_by_snr"] == []
     assert without[F.OWN_PSF_FILTER]["bead_depth"] == {}
     text = F.report(

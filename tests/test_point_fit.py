@@ -187,15 +187,11 @@ def test_the_fidelity_report_measures_what_a_frame_holds_by_a_fit_from_the_truth
         independent_sample("spheres", 111, optics=optics),
     ]
 
-    class Bar:
-        def set_postfix_str(self, _: str) -> None: ...
-        def update(self, _: int) -> None: ...
-
-    out = F._evaluate_set([method], samples, Bar(), optics)[F.FIT_CEILING]
+    out = F._evaluate_set([method], samples, optics)[F.FIT_CEILING]
     assert out["bead_depth"]["count"] >= 10
     assert out["bead_depth"]["median_um"] <= 0.3
     assert out["nucleus_depth"] == {} and out["psnr_per_frame"] == []
-    assert F._evaluate_set([method], samples[:1], Bar())[F.FIT_CEILING]["bead_depth"] == {}
+    assert F._evaluate_set([method], samples[:1])[F.FIT_CEILING]["bead_depth"] == {}
 
 
 def test_the_fits_point_image_is_what_the_renderer_makes_of_the_point(
