@@ -90,6 +90,11 @@ EXIT_BAD_CONFIG = 2
 EXIT_NO_FIT = 3
 EXIT_FAILED = 1
 _READY_TIMEOUT_S = 120.0
+RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 30.0)
+"""Wait before restarting a worker that died, by how many times in a row it died within
+`_STABLE_S` of its start: at once the first time, then longer, so a worker that cannot run
+(or a stream that kills it) is not respawned twenty times a second."""
+_STABLE_S = 60.0
 _PREFLIGHT_CALLS = 3
 _PRINTED_RANGES = 200
 """The printed summary names up to this many ranges of skipped / lost seqs; the store's run
@@ -426,6 +431,9 @@ class Daemon:
         self._mp = mp.get_context("spawn")
         self._worker_stop: MpEvent = self._mp.Event()
         self._procs: list[SpawnProcess | None] = [None] * workers
+        self._spawned_s = [0.0] * workers  # monotonic s each worker was last started
+        self._quick_deaths = [0] * workers  # deaths in a row within _STABLE_S of a start
+        self._respawn_at: list[float | None] = [None] * workers  # a dead worker's restart time
         self._source_thread: threading.Thread | None = None
         self._source_stop = threading.Event()
         self._source_summary: Any = None
@@ -648,6 +656,7 @@ class Daemon:
         )
         proc.start()
         self._procs[i] = proc
+        self._spawned_s[i] = time.monotonic()
 
     def _wait_ready(self) -> None:
         """Wait until every worker has loaded its backend; fail if one dies first."""
@@ -785,22 +794,39 @@ class Daemon:
             self.recorder.mark_incomplete(f"{reason}: {detail}")
 
     def check_workers(self) -> None:
-        """Restart any worker that died, counting the frames it held as lost."""
+        """Restart any worker that died, counting the frames it held as lost.
+
+        A worker that dies again soon after its start is restarted after a wait that grows
+        (`RESTART_BACKOFF_S`); meanwhile the router skips frames for want of its credits.
+        """
+        now = time.monotonic()
         for i, proc in enumerate(self._procs):
             if proc is None or proc.is_alive() or self._worker_stop.is_set():
                 continue
-            self.ledger.set_ready(i, False)
-            lost = self.ledger.take(i)
-            self.metrics.lose(lost)
-            self.metrics.restart()
-            log.error(
-                "worker %d died (exit code %s); %d frames lost (seqs %s); restarting it",
-                i,
-                proc.exitcode,
-                len(lost),
-                format_seqs(lost),
-            )
-            self._spawn(i)
+            if self._respawn_at[i] is None:  # found dead just now
+                self.ledger.set_ready(i, False)
+                lost = self.ledger.take(i)
+                self.metrics.lose(lost)
+                quick = now - self._spawned_s[i] < _STABLE_S
+                self._quick_deaths[i] = self._quick_deaths[i] + 1 if quick else 1
+                steps = RESTART_BACKOFF_S
+                wait = steps[min(self._quick_deaths[i] - 1, len(steps) - 1)]
+                self._respawn_at[i] = now + wait
+                log.error(
+                    "worker %d died (exit code %s); %d frames lost (seqs %s); restarting it%s",
+                    i,
+                    proc.exitcode,
+                    len(lost),
+                    format_seqs(lost),
+                    f" in {wait:g} s (it died {self._quick_deaths[i]} times in a row)"
+                    if wait
+                    else "",
+                )
+            respawn_at = self._respawn_at[i]
+            if respawn_at is not None and now >= respawn_at:
+                self.metrics.restart()
+                self._respawn_at[i] = None
+                self._spawn(i)
 
     def _snapshot(self) -> Snapshot:
         """Sample gauges into the metrics and take a snapshot."""

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 _POLL_MS = 100
 WARMUP_CALLS = 2
 """Synthetic frames each worker refocuses before it says it is ready (`warm_up`)."""
+MAX_LATENCY_MS = 86_400_000.0
+"""A stack's reported latency is capped at a day (`_send_stack`): beyond it the camera's clock
+is not this machine's, and the number only has to stay finite."""
 
 
 @dataclass(frozen=True)
@@ -282,14 +285,24 @@ def _serve(
                     message.array, plan, np.array([offset]), dtype=stack_dtype
                 )[0]
                 t1 = time.perf_counter()
-                clipped = _send_stack(
-                    stacks,
-                    planes,
-                    message,
-                    plan,
-                    None if live_clock else queue.received_s,
-                    config.recorder.stack_dtype,
-                )
+                try:
+                    clipped = _send_stack(
+                        stacks,
+                        planes,
+                        message,
+                        plan,
+                        None if live_clock else queue.received_s,
+                        config.recorder.stack_dtype,
+                    )
+                except ProtocolError as err:  # this frame's header makes no stack: it costs
+                    # this frame only (reported and credited back), not the worker and the
+                    # frames it holds
+                    why = f"no stack could be made: {err}"
+                    _event(
+                        events, spec.worker_id, "rejected", seqs=[message.header.seq], message=why
+                    )
+                    credits.send(credit(spec.worker_id, 1))
+                    continue
                 stages.add("refocus", t0, t1)
                 stages.add("send", t1, time.perf_counter())
                 if clipped and not saturated:
@@ -425,7 +438,9 @@ def _send_stack(
     header = frame.header
     stack, clipped = as_stack_dtype(planes, stack_dtype, saturate_same=True)
     start = header.timestamp_s if received_s is None else received_s
-    latency_ms = max(0.0, (time.time() - start) * 1e3)
+    # a camera clock far from this one (or a forged timestamp) gives a latency that means
+    # nothing, but it must stay a finite number or the stack could not be encoded
+    latency_ms = min(max(0.0, (time.time() - start) * 1e3), MAX_LATENCY_MS)
     parts = encode_stack(
         stack,
         seq=header.seq,

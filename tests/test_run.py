@@ -235,6 +235,52 @@ def _stop_holding_a_frame(daemon: Daemon, pid: int) -> list[int]:
     raise AssertionError("the stopped worker never held a frame in 50 tries")
 
 
+def test_a_worker_that_keeps_dying_is_restarted_ever_later(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies soon after each start (a model that cannot run, a stream that kills
+    it) is restarted at once the first time, then after `RESTART_BACKOFF_S`, not every 50 ms."""
+    from live.run import RESTART_BACKOFF_S
+
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
+    clock = [1000.0]
+    monkeypatch.setattr("live.run.time.monotonic", lambda: clock[0])
+
+    class Dead:
+        exitcode = 1
+
+        def is_alive(self) -> bool:
+            return False
+
+    spawned: list[float] = []
+
+    def spawn(i: int) -> None:
+        spawned.append(clock[0])
+        daemon._procs[i] = Dead()  # type: ignore[assignment]
+        daemon._spawned_s[i] = clock[0]
+
+    monkeypatch.setattr(daemon, "_spawn", spawn)
+    try:
+        spawn(0)
+        spawned.clear()
+        for _ in range(400):  # 40 s of the daemon's checks, 0.1 s apart
+            daemon.check_workers()
+            clock[0] += 0.1
+        starts = np.round(np.array(spawned) - 1000.0, 1)
+        waits = np.diff(np.concatenate([[0.0], starts]))
+        # each restart waits the next step of the back-off (the first at once)
+        expected = [
+            RESTART_BACKOFF_S[min(k, len(RESTART_BACKOFF_S) - 1)] for k in range(len(waits))
+        ]
+        np.testing.assert_allclose(waits, expected, atol=0.25)  # within a check or two
+        assert len(spawned) == 4  # 0, 1, 5 and 30 s on: not 400
+        assert daemon.metrics.snapshot(advance=False).worker_restarts == len(spawned)
+    finally:
+        daemon._ctx.term()
+        daemon._tmp.cleanup()
+
+
 def test_killed_worker_is_restarted_and_its_losses_counted(
     tmp_path: Path, tiny_model_files
 ) -> None:

@@ -16,6 +16,7 @@ import zmq
 
 from live.protocol import (
     WORKER_PREFETCH,
+    ProtocolError,
     decode,
     encode_frame,
     parse_credit,
@@ -190,6 +191,81 @@ def test_worker_refuses_a_wrong_shape_frame_and_carries_on(
         assert decode(harness.stacks.recv_multipart(copy=False)).header.seq == 1
         harness.proc.join(30)
         assert harness.proc.exitcode == 0
+    finally:
+        harness.close()
+
+
+def test_a_frame_from_a_far_away_clock_still_gives_its_stack(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    """A timestamp any finite number (the protocol allows it) gives a finite latency, capped,
+    rather than an infinite one that no stack can carry: the frame is refocused, the worker
+    carries on."""
+    from live.worker import MAX_LATENCY_MS
+
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    harness = _Harness(config)
+    try:
+        assert harness.event()["event"] == "ready"
+        for seq, stamp in enumerate((-1e308, 1e308, time.time())):
+            frame = np.full((64, 64), 500, np.uint16)
+            harness.frames.send_multipart(encode_frame(frame, seq=seq, timestamp_s=stamp))
+        latencies = []
+        for seq in range(3):
+            assert harness.stacks.poll(30_000)
+            msg = decode(harness.stacks.recv_multipart(copy=False))
+            assert msg.header.seq == seq
+            latencies.append(msg.header.latency_ms)
+        assert latencies[0] == MAX_LATENCY_MS and latencies[1] == 0.0
+        assert 0.0 <= latencies[2] < MAX_LATENCY_MS
+        harness.frames.send(END_OF_FRAMES)
+        while (event := harness.event())["event"] != "done":
+            assert event["event"] != "rejected"
+        assert event["stacks"] == 3
+    finally:
+        harness.close()
+
+
+def test_a_frame_that_makes_no_stack_costs_that_frame_only(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a frame's stack cannot be encoded, the frame is reported rejected and credited back;
+    the worker does not die with the frames it holds."""
+    import live.worker as W
+
+    real = W.encode_stack
+
+    def refuse_seq_1(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["seq"] == 1:
+            raise ProtocolError("injected: this frame's header makes no stack")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(W, "encode_stack", refuse_seq_1)
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    harness = _Harness(config, in_process=True)
+    try:
+        assert harness.event()["event"] == "ready"
+        for seq in range(3):
+            frame = np.full((64, 64), 500 + seq, np.uint16)
+            harness.frames.send_multipart(encode_frame(frame, seq=seq, timestamp_s=time.time()))
+        harness.frames.send(END_OF_FRAMES)
+        events = []
+        while (event := harness.event())["event"] != "done":
+            events.append(event)
+        assert [(e["event"], e["seqs"]) for e in events] == [("rejected", [1])]
+        assert "injected" in events[0]["message"]
+        assert event["stacks"] == 2
+        seqs = []
+        for _ in range(2):
+            assert harness.stacks.poll(30_000)
+            seqs.append(decode(harness.stacks.recv_multipart(copy=False)).header.seq)
+        assert seqs == [0, 2]
+        credits = []
+        while harness.credits.poll(1000):
+            credits.append(parse_credit(harness.credits.recv()))
+        assert sum(n for _, n, reset in credits if not reset) == 3  # every frame credited back
+        harness.proc.join(30)
+        assert not harness.errors
     finally:
         harness.close()
 
