@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -487,40 +488,48 @@ class Daemon:
         self._worker_endpoints = [f"ipc://{ipc}/frames-{i}" for i in range(self.n_workers)]
         self._stacks_in, self._events = f"ipc://{ipc}/stacks", f"ipc://{ipc}/events"
         self._credits = f"ipc://{ipc}/credits"
-        self.collector = Collector(
-            self._ctx,
-            stacks_in_endpoint=self._stacks_in,
-            events_endpoint=self._events,
-            stacks_pub_endpoint=cfg.endpoints.stacks,
-            ledger=self.ledger,
-            metrics=self.metrics,
-            recorder=self.recorder,
-            max_stack_bytes=max_part_bytes((n_planes, *frame_shape), cfg.recorder.stack_dtype),
-            stacks_keys=keys_for("stacks"),
-            supervisor=self.supervisor,
-            display_hwm=self._bound("collector", "display") or DISPLAY_HWM,
+        stacks = f"the collector's sockets (endpoints.stacks = {cfg.endpoints.stacks!r})"
+        with _binding(stacks):
+            self.collector = Collector(
+                self._ctx,
+                stacks_in_endpoint=self._stacks_in,
+                events_endpoint=self._events,
+                stacks_pub_endpoint=cfg.endpoints.stacks,
+                ledger=self.ledger,
+                metrics=self.metrics,
+                recorder=self.recorder,
+                max_stack_bytes=max_part_bytes((n_planes, *frame_shape), cfg.recorder.stack_dtype),
+                stacks_keys=keys_for("stacks"),
+                supervisor=self.supervisor,
+                display_hwm=self._bound("collector", "display") or DISPLAY_HWM,
+            )
+        router = (
+            f"the router's sockets (endpoints.frames = {cfg.endpoints.frames!r}, "
+            f"endpoints.recorder = {cfg.endpoints.recorder!r})"
         )
-        self.router = Router(
-            self._ctx,
-            frames_endpoint=cfg.endpoints.frames,
-            worker_endpoints=self._worker_endpoints,
-            ledger=self.ledger,
-            metrics=self.metrics,
-            admit=self._admission(frame_shape),
-            raw_endpoint=cfg.endpoints.recorder,
-            source_endpoint=self._source_endpoint if self.source_mode else None,
-            credits_endpoint=self._credits,
-            policy=cfg.overload.policy,
-            max_queue_frames=cfg.overload.max_queue_frames,
-            max_frame_bytes=max_part_bytes(frame_shape),
-            max_part_bytes=max_part_bytes(frame_shape),
-            frames_keys=keys_for("frames"),
-            raw_keys=keys_for("recorder"),
-            supervisor=self.supervisor,
-            worker_hwm=WORKER_HWM,
-            raw_hwm=self._bound("router", "raw subscribers") or RAW_REPUBLISH_HWM,
-        )
-        self._status = StatusPublisher(self._ctx, cfg.endpoints.status, keys_for("status"))
+        with _binding(router):
+            self.router = Router(
+                self._ctx,
+                frames_endpoint=cfg.endpoints.frames,
+                worker_endpoints=self._worker_endpoints,
+                ledger=self.ledger,
+                metrics=self.metrics,
+                admit=self._admission(frame_shape),
+                raw_endpoint=cfg.endpoints.recorder,
+                source_endpoint=self._source_endpoint if self.source_mode else None,
+                credits_endpoint=self._credits,
+                policy=cfg.overload.policy,
+                max_queue_frames=cfg.overload.max_queue_frames,
+                max_frame_bytes=max_part_bytes(frame_shape),
+                max_part_bytes=max_part_bytes(frame_shape),
+                frames_keys=keys_for("frames"),
+                raw_keys=keys_for("recorder"),
+                supervisor=self.supervisor,
+                worker_hwm=WORKER_HWM,
+                raw_hwm=self._bound("router", "raw subscribers") or RAW_REPUBLISH_HWM,
+            )
+        with _binding(f"endpoints.status = {cfg.endpoints.status!r}"):
+            self._status = StatusPublisher(self._ctx, cfg.endpoints.status, keys_for("status"))
         self.collector.start()
         self.router.start()
         for i in range(self.n_workers):
@@ -879,7 +888,10 @@ class Daemon:
         elif hasattr(self, "router"):
             self.router.source_ended.set()  # no own source (external hook, or start failed)
         router_done = self._stop_router()
-        if router_done and hasattr(self, "router"):
+        # a start that failed part way may have made the router or collector and not started
+        # it: such a thread is not joined, and its sockets go with the context (`_finish`)
+        router_ran = hasattr(self, "router") and self.router.ident is not None
+        if router_done and router_ran:
             unreachable = self.router.end_workers()
             if unreachable:  # those end once their pipe is empty (see live.worker)
                 log.error("workers %s did not take the end-of-frames marker", unreachable)
@@ -898,9 +910,9 @@ class Daemon:
             elif proc.exitcode == 0:
                 clean.add(i)
         self._worker_stop.set()
-        if router_done and hasattr(self, "router"):  # a running router owns its sockets
+        if router_done and router_ran:  # a running router owns its sockets
             self.router.close_worker_sockets()
-        if hasattr(self, "collector"):
+        if hasattr(self, "collector") and self.collector.ident is not None:
             self.collector.finish(clean)
             self.collector.join(30.0)
             if self.collector.missing:
@@ -998,12 +1010,31 @@ class Daemon:
             self._status.close(linger_ms=200)  # so status readers hear "finished"
         if self._gatekeeper is not None:
             self._gatekeeper.stop()
-        if hasattr(self, "router") and self.router.is_alive():
-            self._ctx.destroy(linger=0)  # a stuck router thread must not hold the exit
+        started = all(
+            hasattr(self, name) and getattr(self, name).ident is not None
+            for name in ("router", "collector")
+        )
+        if not started or self.router.is_alive():
+            # a stuck router thread, or sockets of a start that failed part way (made and
+            # never run), must not hold the exit: term() would wait for them for ever
+            self._ctx.destroy(linger=0)
         else:
             self._ctx.term()
         self._tmp.cleanup()
         return summary
+
+
+@contextmanager
+def _binding(what: str) -> Iterator[None]:
+    """Turn a socket that cannot bind into a one-line config error naming `what`.
+
+    A port in use or a missing ipc folder: `what` names the endpoints the daemon was asked to
+    bind, so the user sees which config key to change.
+    """
+    try:
+        yield
+    except zmq.ZMQError as err:
+        raise ConfigError(f"cannot bind {what}: {err}") from err
 
 
 def format_wiring(edges: tuple[Edge, ...]) -> str:

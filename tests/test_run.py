@@ -235,6 +235,30 @@ def _stop_holding_a_frame(daemon: Daemon, pid: int) -> list[int]:
     raise AssertionError("the stopped worker never held a frame in 50 tries")
 
 
+@pytest.mark.parametrize("endpoint", ["frames", "stacks", "status"])
+def test_an_endpoint_that_cannot_bind_is_one_line_and_the_store_is_finished(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str], endpoint: str
+) -> None:
+    """A start that fails part way (here a socket that cannot bind, after the recorder has
+    opened its store and, for the status endpoint, after the router and collector were made)
+    gives one line naming the endpoint, exits as a config error and still closes the store:
+    no thread that never started is joined, no socket left open holds the exit."""
+    from live.run import EXIT_BAD_CONFIG, run
+
+    bad = f"ipc://{tmp_path}/no-such-folder/{endpoint}"
+    config = live_config(tmp_path, tiny_model_files["onnx"], endpoints={endpoint: bad})
+    store = tmp_path / "run.ome.zarr"
+    code = run(config, duration_s=1.0, output=store, workers=1)
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_CONFIG
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"endpoints.{endpoint} = {bad!r}" in lines[0], err
+    assert "Traceback" not in err
+    attrs = dict(zarr.open_group(str(store), mode="r").attrs["deepz"])
+    assert attrs["complete"] is False and attrs["run_error"].startswith("refused: cannot bind")
+    assert attrs["run_summary"]["finish_reason"] == "refused"
+
+
 def test_a_worker_that_keeps_dying_is_restarted_ever_later(
     tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
