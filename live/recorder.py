@@ -264,6 +264,21 @@ class SeqGate:
                     float(np.finfo(self.dtype).max),
                 )
             return converted, None
+        if fresh and highest < 0:  # nothing recorded yet: the stream itself starts too far
+            with self._lock:
+                first = self._rejected["beyond_window"] == 0
+            if first:  # one clear line, whatever the warnings' count: nothing will be recorded
+                log.error(
+                    "recorder: the %s stream starts at seq %d, beyond the first "
+                    "recorder.seq_window = %d seqs (the store's time index is the seq): "
+                    "nothing is recorded until its seqs start near 0 (restart the sender) or "
+                    "recorder.seq_window is raised",
+                    self.image,
+                    seq,
+                    self.seq_window,
+                )
+            why = f"the stream starts beyond the first {self.seq_window} seqs"
+            return None, self._reject("beyond_window", seq, why)
         if fresh:
             why = f"more than {self.seq_window} past the highest seq accepted ({highest})"
             return None, self._reject("beyond_window", seq, why)

@@ -100,9 +100,17 @@ def test_a_seq_far_ahead_is_rejected_and_the_store_does_not_grow(
     assert _store_bytes(forged) == _store_bytes(control)
 
 
-def test_the_window_counts_from_the_highest_seq_accepted(tmp_path: Path) -> None:
+def test_the_window_counts_from_the_highest_seq_accepted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     rec = _recorder(tmp_path / "run.ome.zarr", seq_window=10)
-    assert not rec.put_frame(_frame(10))  # nothing accepted yet: seqs 0..9 are in the window
+    with caplog.at_level("ERROR", logger="live.recorder"):
+        assert not rec.put_frame(_frame(10))  # nothing accepted yet: seqs 0..9 are in the window
+        assert not rec.put_frame(_frame(11))
+    # a stream that starts beyond the window records nothing: one error line says so, and how
+    # to change it (not only warnings that stop after a few)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "starts at seq 10" in line and "recorder.seq_window = 10" in line
     assert rec.put_frame(_frame(9))
     assert rec.put_frame(_frame(19))  # 9 + 10: the edge of the window
     assert not rec.put_frame(_frame(30))
@@ -110,7 +118,7 @@ def test_the_window_counts_from_the_highest_seq_accepted(tmp_path: Path) -> None
     assert rec.put_frame(_frame(3))  # late frames behind the highest are always welcome
     summary = rec.close(timeout_s=30)
     assert summary.raw_frames == 4
-    assert summary.rejected["raw"]["beyond_window"] == 2
+    assert summary.rejected["raw"]["beyond_window"] == 3
     assert summary.raw_missing == sorted(set(range(29)) - {3, 9, 19})
     with pytest.raises(ValueError, match="seq_window must be >= 1"):
         _recorder(tmp_path / "bad.ome.zarr", seq_window=0)
