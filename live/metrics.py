@@ -582,8 +582,8 @@ class StatusReader:
         while self._sub.poll(timeout_ms if newest is None else 0):
             try:
                 value = json.loads(self._sub.recv())
-            except ValueError:  # not JSON: not from a daemon
-                continue
+            except (ValueError, RecursionError):  # not JSON (or nested past the parser's
+                continue  # stack): not from a daemon
             if isinstance(value, dict):
                 newest = value
         return newest

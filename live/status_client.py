@@ -61,7 +61,7 @@ def human_line(status: dict[str, Any]) -> str:
     try:
         snapshot = _as_snapshot(status)
         middle = snapshot.status_line()
-    except (TypeError, ValueError):
+    except Exception:  # any field of the wrong kind (a hostile or other-version snapshot)
         return f"status not understood: {json.dumps(status, separators=(',', ':'))[:300]}"
     state = snapshot.state if "state" in status else "?"  # a daemon older than run states
     output = snapshot.output or "not recorded"

@@ -133,7 +133,10 @@ def test_status_reader_gets_the_newest_snapshot_over_a_real_socket() -> None:
         ctx.term()
 
 
-@pytest.mark.parametrize("payload", [b"\xff not json", json.dumps([1, 2]).encode()])
+@pytest.mark.parametrize(
+    "payload",
+    [b"\xff not json", json.dumps([1, 2]).encode(), b"[" * 5_000],  # the last: too deep to parse
+)
 def test_status_reader_ignores_what_is_not_a_snapshot(payload: bytes) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,7 @@ def test_help_shows_examples_and_odd_snapshots_are_shown_not_dropped(
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "deepz-live status --scope config.toml --once" in out
     assert human_line({"frames_in": "many"}).startswith('status not understood: {"frames_in"')
+    # a field of another kind anywhere in a full snapshot: shown, not raised
+    full = asdict(Metrics().snapshot())
+    for field, odd in (("rejected", 5), ("elapsed_s", None)):
+        assert human_line({**full, field: odd}).startswith("status not understood: {")
