@@ -668,7 +668,10 @@ class Daemon:
         self._spawned_s[i] = time.monotonic()
 
     def _wait_ready(self) -> None:
-        """Wait until every worker has loaded its backend; fail if one dies first."""
+        """Wait until every worker has loaded its backend; fail if one dies first.
+
+        A stop asked for meanwhile (Ctrl-C while a model loads) ends the wait at once.
+        """
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while len(self.ledger.ready_workers()) < self.n_workers:
             for i, proc in enumerate(self._procs):
@@ -676,7 +679,8 @@ class Daemon:
                     raise RuntimeError(f"worker {i} exited (code {proc.exitcode}) while starting")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers not ready after {_READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
+            if self.stop_requested.wait(0.05):
+                return
 
     def _start_display(self) -> None:
         """Start the optional viewer as its own process (it may drop stacks)."""
@@ -708,7 +712,7 @@ class Daemon:
         this process), and its `live.protocol.END_OF_FRAMES` after the last frame tells the
         router that everything it sent has arrived.
         """
-        if self.source_mode is None:
+        if self.source_mode is None or self.stop_requested.is_set():  # stopped while starting
             return
         from live.hook import FrameSender
         from live.sources import make_source

@@ -259,6 +259,25 @@ def test_an_endpoint_that_cannot_bind_is_one_line_and_the_store_is_finished(
     assert attrs["run_summary"]["finish_reason"] == "refused"
 
 
+def test_a_stop_asked_for_while_the_workers_load_ends_the_start(
+    tmp_path: Path, tiny_model_files
+) -> None:
+    """Ctrl-C while the models load: the start does not wait for the workers to be ready and
+    the camera is never started; the run ends as asked, its store closed."""
+    from live.run import FinishReason
+
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", preflight_check=False)
+    daemon.finish(FinishReason.SIGINT)  # before start: as if the signal came while it loads
+    try:
+        daemon.start()
+        assert daemon._source_thread is None  # no frame was acquired
+    finally:
+        summary = daemon.stop()
+    assert summary.finish_reason == FinishReason.SIGINT
+    assert summary.frames_in == 0 and summary.lost == []
+
+
 def test_a_worker_that_keeps_dying_is_restarted_ever_later(
     tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
 ) -> None:
