@@ -106,6 +106,7 @@ __all__ = [
     "RecorderSummary",
     "SeqGate",
     "format_rejections",
+    "gap_ranges",
     "missing_seqs",
     "store_path",
 ]
@@ -1017,7 +1018,7 @@ class Recorder:
         self._guarded(self._trim_all, "array shape")
         with self._lock:
             present = {role: sorted(self._present[role]) for role in _IMAGES}
-        gaps = {role: _gaps(seq_ranges(seqs)) for role, seqs in present.items()}
+        gaps = {role: gap_ranges(seq_ranges(seqs)) for role, seqs in present.items()}
         summary = RecorderSummary(
             path=str(self.path),
             raw_frames=len(present["raw"]),
@@ -1037,8 +1038,8 @@ class Recorder:
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,
             "stacks": summary.stacks,
-            "raw_missing": summary.raw_missing,
-            "stacks_missing": summary.stacks_missing,
+            # the gaps as ranges only: a list of every missing seq can be as long as the
+            # seqs are far apart (a forged stream: up to seq_window a frame)
             "raw_gaps": [list(r) for r in summary.raw_gaps],
             "stacks_gaps": [list(r) for r in summary.stacks_gaps],
             "unrecorded": summary.unrecorded,
@@ -1070,8 +1071,11 @@ def _trim(array: zarr.Array[Any], length: int) -> None:
         array.resize((length, *array.shape[1:]))
 
 
-def _gaps(present: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Return the half-open ranges between 0 and the last present seq that are not present."""
+def gap_ranges(present: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """Return the half-open ranges between 0 and the last present seq that are not present.
+
+    `present` is sorted half-open (start, stop) runs, as a store's ``raw_present`` holds them.
+    """
     gaps, previous = [], 0
     for start, stop in present:
         if start > previous:

@@ -1156,6 +1156,8 @@ def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[i
     """Write presence (and for fill-gaps the run's root attributes) once tasks are over."""
     import zarr
 
+    from live.recorder import gap_ranges
+
     if output.fill:
         root: Any = zarr.open_group(store=output.store, mode="r+")
         deepz = dict(root.attrs["deepz"])
@@ -1164,9 +1166,8 @@ def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[i
         if isinstance(deepz.get("summary"), dict):
             summary = dict(deepz["summary"])
             summary["stacks"] = len(present)
-            summary["stacks_missing"] = [
-                t for t in range(max(present, default=-1) + 1) if t not in present
-            ]
+            summary["stacks_gaps"] = [list(g) for g in gap_ranges(_runs(present))]
+            summary.pop("stacks_missing", None)  # stores before session 33 listed every seq
             deepz["summary"] = summary
         filled = list(deepz.get("filled_offline", []))
         if done:

@@ -308,7 +308,7 @@ def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
     assert (stacks[[0, 2]] == 7.0).all()  # the live stacks are untouched
     np.testing.assert_allclose(stacks[[1, 3, 4, 5]], _reference(frames[[1, 3, 4, 5]]), atol=1e-3)
     deepz = zarr.open_group(str(store), mode="r").attrs["deepz"]
-    assert deepz["stacks_present"] == [[0, 6]] and deepz["summary"]["stacks_missing"] == []
+    assert deepz["stacks_present"] == [[0, 6]] and deepz["summary"]["stacks_gaps"] == []
     assert deepz["filled_offline"][0]["seqs"] == [[1, 2], [3, 6]]
     again = refocus_recording(store, fill_gaps=True, scheduler=client, **ORT)
     assert (again.frames_wanted, again.frames_done) == (0, 0)

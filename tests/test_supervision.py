@@ -68,7 +68,8 @@ def test_a_failing_thread_stops_the_run_non_zero_with_a_truthful_store(
     summary = deepz["summary"]
     present = [s for start, stop in deepz["raw_present"] for s in range(start, stop)]
     assert len(present) == summary["raw_frames"]  # the record matches the arrays
-    assert summary["raw_missing"] == missing_seqs(deepz["raw_present"])
+    gaps = [s for a, b in summary["raw_gaps"] for s in range(a, b)]
+    assert gaps == missing_seqs(deepz["raw_present"])
     assert run_array(store, "raw").shape[0] == (present[-1] + 1 if present else 0)
     if component == "recorder writer":  # nothing after the fault was written, and it says so
         assert deepz["error"].startswith("the writer thread failed: RuntimeError")
