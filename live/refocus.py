@@ -253,6 +253,22 @@ def open_input(path: str | Path) -> RawInput:
             "an NGFF image ('multiscales' metadata); for another OME-Zarr collection, give "
             "the image inside it (e.g. STORE/0)"
         )
+    try:
+        return _ngff_input(text, node, multiscales)
+    except RefocusError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        # the metadata is the store's, as hostile as any input: a missing key or a value of
+        # another kind anywhere in it is one line
+        raise RefocusError(
+            f"{text}: malformed NGFF 'multiscales' metadata ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+def _ngff_input(text: str, node: Any, multiscales: Any) -> RawInput:
+    """Open the first image an NGFF group's 'multiscales' metadata names (see `open_input`)."""
+    import zarr
+
     image = multiscales[0]
     array_path = str(image["datasets"][0]["path"])
     array: Any = node.get(array_path)

@@ -384,6 +384,16 @@ def test_bad_inputs_each_give_one_clear_error(
     }
     volume.create_array("0", shape=(2, 3, 8, 8), dtype="uint16")
     zarr.create_array(str(tmp_path / "line.zarr"), shape=(10,), dtype="uint16")
+    odd_ngff = {  # the store's metadata is input too: any key missing or of another kind
+        "no-datasets": [{"axes": [{"name": "t"}]}],
+        "empty-datasets": [{"datasets": []}],
+        "nameless-axis": [{"axes": [{"unit": "second"}], "datasets": [{"path": "0"}]}],
+        "a-dict": {"datasets": [{"path": "0"}]},
+    }
+    for name, multiscales in odd_ngff.items():
+        group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
+        group.create_array("0", shape=(2, 8, 8), dtype="uint16")
     tifffile.imwrite(tmp_path / "movie.tif", _frames(2), photometric="minisblack")
     store = tmp_path / "run.ome.zarr"
     _record(store, [0, 1])
@@ -397,6 +407,10 @@ def test_bad_inputs_each_give_one_clear_error(
         (tmp_path / "empty.zarr", {}, "no raw image"),
         (tmp_path / "vol.ome.zarr", {}, "every axis other than t, y and x must have size 1"),
         (tmp_path / "line.zarr", {}, "refocusing needs frames (t, y, x)"),
+        *(
+            (tmp_path / f"{name}.zarr", {}, "malformed NGFF 'multiscales' metadata")
+            for name in odd_ngff
+        ),
         (store, {"model": tmp_path / "missing.onnx"}, "model file not found"),
         (store, {"backend": "nonsense"}, "prefer must list backends"),
         (store, {"planes": [50.0]}, "outside the model's trained range"),

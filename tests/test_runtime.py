@@ -170,6 +170,9 @@ class BackendTests:
             (np.zeros((2, 8, 8)), np.zeros((3, 8, 8), np.float32), "broadcast"),
             (np.zeros((8, 8)), np.full((1, 8, 8), np.nan, np.float32), "NaN"),
             (np.zeros((8, 8)), np.array(["a"] * 64).reshape(1, 8, 8), "dpms_um"),
+            # one bad pixel would make every output value NaN: refused, not served
+            (np.where(np.eye(8) > 0, np.inf, 0.0), np.zeros((1, 8, 8)), "images holds 8 NaN"),
+            (np.zeros((8, 8)), np.full((1, 8, 8), 1e300), "beyond"),  # inf as float32
         ],
     )
     def test_bad_input_is_a_clear_value_error(
@@ -311,6 +314,35 @@ def test_model_with_bad_metadata(tmp_path: Path, name: str) -> None:
     path = tmp_path / "badmeta.onnx"
     onnx.save_model(model, str(path))
     with pytest.raises(BackendError, match=r"badmeta\.onnx: invalid Deep-Z metadata"):
+        load_backend(path, prefer=[name])
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
+@pytest.mark.parametrize(
+    ("architecture", "volume", "message"),
+    [
+        ({"in_channels": None}, False, "in_channels / out_channels must be whole numbers"),
+        ({"out_channels": "x"}, False, "in_channels / out_channels must be whole numbers"),
+        ({}, True, "a volume model takes 1 channel"),  # a per-plane net said to be a volume one
+    ],
+)
+def test_metadata_that_contradicts_the_network_is_one_backend_error(
+    tmp_path: Path,
+    tiny_model_files: dict[str, object],
+    name: str,
+    architecture: dict[str, object],
+    volume: bool,
+    message: str,
+) -> None:
+    from engine.metadata import VolumeOutput
+
+    metadata = tiny_model_files["metadata"]
+    assert isinstance(metadata, ModelMetadata)
+    update: dict[str, object] = {"architecture": {**metadata.architecture, **architecture}}
+    if volume:
+        update["volume"] = VolumeOutput(depth_um=[-1.0, -0.5, 0.0, 0.5, 1.0], psf_file="psf.npy")
+    path = _save(_identity_model(2, 1), tmp_path / "odd.onnx", metadata.model_copy(update=update))
+    with pytest.raises(BackendError, match=message):
         load_backend(path, prefer=[name])
 
 

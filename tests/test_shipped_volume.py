@@ -69,6 +69,23 @@ def test_tilted_dpm_sharpens_tilted_beads(backend):
 FOUND_MEDIAN_TOLERANCE_UM = 0.75
 
 
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        (np.zeros(64), r"images must be \(H, W\) or \(N, H, W\)"),
+        (np.zeros((1, 1, 64, 64)), r"images must be \(H, W\) or \(N, H, W\)"),
+        (np.zeros((0, 64, 64)), "non-empty"),
+        (np.array([["a"] * 64] * 64), "real numeric"),
+        (np.where(np.eye(64) > 0, np.nan, 100.0), "images holds 64 NaN"),
+    ],
+)
+def test_the_volume_call_refuses_bad_frames_with_one_line(backend, frames, message) -> None:
+    """`volume` checks its frames as `infer` does: no unpacking error, no silent empty or
+    all-NaN density."""
+    with pytest.raises(ValueError, match=message):
+        backend.volume(frames)
+
+
 def test_cross_modality_confocal_render_beats_the_wide_field_input() -> None:
     """Wide-field in, confocal-like out: the density rendered confocally is closer to the truth.
 

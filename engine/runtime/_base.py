@@ -45,6 +45,8 @@ PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 MAX_CACHED_SHAPES = 2
 """Input (and output) buffers a backend keeps: one per recent (planes, height, width); live
 calls repeat one shape, and a 41 × 2048² input alone takes 1.4 GB."""
+MAX_DPM_UM = 1e4
+"""A DPM beyond ±1 cm is not a focal distance (and past float32's range it would become inf)."""
 DEFAULT_MAX_BATCH = 64
 """Planes per network call; larger requests are split. 41 planes (the paper's stack) fit."""
 
@@ -126,9 +128,27 @@ def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:
 
 
 def io_channels(metadata: ModelMetadata) -> tuple[int, int]:
-    """Network input and output channels: (2, 1) per-plane models, (1, depths) volume models."""
+    """Network input and output channels: (2, 1) per-plane models, (1, depths) volume models.
+
+    Raises `BackendError` when the metadata's ``architecture`` gives them as anything but
+    whole numbers, or when they disagree with its ``volume`` section (a volume model takes
+    the frame alone and returns one channel a depth).
+    """
     arch = metadata.architecture
-    return int(arch.get("in_channels", 2)), int(arch.get("out_channels", 1))
+    raw = (arch.get("in_channels", 2), arch.get("out_channels", 1))
+    if not all(type(v) is int or (isinstance(v, float) and v.is_integer()) for v in raw):
+        raise BackendError(
+            f"{metadata.name}: architecture in_channels / out_channels must be whole numbers, "
+            f"got {raw[0]!r} / {raw[1]!r}"
+        )
+    channels = (int(raw[0]), int(raw[1]))
+    if metadata.volume is not None and channels != (1, len(metadata.volume.depth_um)):
+        raise BackendError(
+            f"{metadata.name}: a volume model takes 1 channel and returns one a depth "
+            f"({len(metadata.volume.depth_um)}), but its architecture says {channels[0]} in, "
+            f"{channels[1]} out"
+        )
+    return channels
 
 
 def check_io_shapes(
@@ -244,14 +264,19 @@ def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"{label} must be real, got complex dtype {arr.dtype}")
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
+    # one NaN or infinite pixel spreads through every convolution to the whole output: refuse
+    # it rather than return a stack of NaN (integer camera frames cannot hold one: no cost)
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{label} holds {bad} NaN or infinite value(s)")
     return arr
 
 
 def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validate dtypes and ranks of `infer` inputs, with errors that name the problem."""
     images, dpms_um = _check_array("images", images), _check_array("dpms_um", dpms_um)
-    if not np.isfinite(dpms_um).all():
-        raise ValueError("dpms_um contains NaN or infinite values")
+    if np.abs(dpms_um).max() > MAX_DPM_UM:  # (a float64 1e300 is finite, and inf as float32)
+        raise ValueError(f"dpms_um holds values beyond ±{MAX_DPM_UM:g} µm")
     return images, dpms_um
 
 
@@ -351,7 +376,7 @@ class BaseBackend:
         """
         if self.metadata.volume is None:
             raise BackendError(f"{self.metadata.name} is a per-plane model, not a volume model")
-        images = np.asarray(images)
+        images = _check_array("images", images)
         if images.ndim == 2:
             images = images[None]
         n, h, w = images.shape
