@@ -689,7 +689,15 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     offsets = block.offsets_um or (0.0,) * len(block.seqs)
     with lock:
         for seq, offset in zip(block.seqs, offsets, strict=True):
-            one = backend.refocus(frames[seq - block.t0], plan, np.array([offset]), dtype=dtype)
+            frame = frames[seq - block.t0]
+            if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+                # no stack from a frame with NaN or infinite pixels (the network would spread
+                # them over every plane): its planes stay NaN, which `_verified` never counts
+                # as done, so each run says so again rather than the store hiding it
+                log.warning("frame %d holds NaN or infinite pixels: its planes are left NaN", seq)
+                planes[seq - block.t0] = np.nan
+                continue
+            one = backend.refocus(frame, plan, np.array([offset]), dtype=dtype)
             planes[seq - block.t0] = one[0]
     planes, clipped = as_stack_dtype(planes, out.dtype, saturate_same=True)
     if clipped:

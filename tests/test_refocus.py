@@ -371,6 +371,26 @@ def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
     assert transforms == [{"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0]}]
 
 
+def test_a_frame_with_nan_pixels_costs_that_frame_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A float recording with a NaN pixel: that frame's planes are NaN (no value, and the
+    chunk is never counted as done), a warning names it, every other frame is refocused."""
+    import tifffile
+
+    frames = _frames(3).astype(np.float32)
+    frames[1, 5, 5] = np.nan
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    out = tmp_path / "out.ome.zarr"
+    with caplog.at_level("WARNING", logger="live.refocus"):
+        refocus_recording(tmp_path / "movie.tif", planes=PLANES, out=out, scheduler="sync", **ORT)
+    assert any("frame 1 holds NaN or infinite pixels" in r.getMessage() for r in caplog.records)
+    stacks = np.asarray(zarr.open_array(str(out), path="stacks/0", mode="r")[...])
+    assert np.isnan(stacks[1]).all()
+    good = _reference(frames[[0, 2]])
+    np.testing.assert_allclose(stacks[[0, 2]], good.reshape(stacks[[0, 2]].shape), atol=1e-2)
+
+
 def test_bad_inputs_each_give_one_clear_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
