@@ -78,7 +78,9 @@ class ModelMetadata(BaseModel):
         description="Keyword arguments of `engine.model.DeepZ` that rebuild the network."
     )
     size_multiple: int = Field(
-        ge=1, description="Frame sides are padded to a multiple of this (2 ** number of pools)."
+        ge=1,
+        le=4096,
+        description="Frame sides are padded to a multiple of this (2 ** number of pools).",
     )
     dz_range_um: tuple[float, float] = Field(
         description="Axial refocusing distances (µm) seen in training, (min, max)."
@@ -173,7 +175,11 @@ class ModelMetadata(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise ModelMetadataError(f"{path}: metadata file not found")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelMetadataError(f"{path}: cannot read the metadata JSON ({exc})") from exc
+        return cls.from_json(text, source=str(path))
 
 
 def normalize_images(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

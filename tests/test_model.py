@@ -129,6 +129,22 @@ def test_load_refuses_missing_metadata(tmp_path) -> None:
         load_model(path)
 
 
+def test_metadata_that_is_not_utf8_or_pads_absurdly_is_a_metadata_error(tmp_path) -> None:
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    meta_path = path.with_suffix(".json")
+    good = meta_path.read_bytes()
+    meta_path.write_bytes(b"\xff\xfe" + good)  # not UTF-8
+    with pytest.raises(ModelMetadataError, match="cannot read the metadata JSON"):
+        ModelMetadata.from_file(meta_path)
+    meta = json.loads(good)
+    meta["size_multiple"] = 2**40  # frames padded to a terabyte a side
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelMetadataError, match="size_multiple"):
+        ModelMetadata.from_file(meta_path)
+
+
 def test_load_refuses_architecture_that_does_not_match_weights(tmp_path) -> None:
     model = DeepZ(**TINY)
     path = tmp_path / "m.pt"
