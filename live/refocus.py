@@ -244,7 +244,14 @@ def open_input(path: str | Path) -> RawInput:
     attrs = dict(node.attrs)
     deepz = attrs.get("deepz")
     if isinstance(deepz, dict) and "raw_present" in deepz:
-        return _run_input(text, node, deepz)
+        try:
+            return _run_input(text, node, deepz)
+        except RefocusError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise RefocusError(
+                f"{text}: malformed run metadata ('deepz' attributes: {type(exc).__name__}: {exc})"
+            ) from None
     ome = attrs.get("ome", attrs)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:

@@ -410,6 +410,10 @@ def test_bad_inputs_each_give_one_clear_error(
         "nameless-axis": [{"axes": [{"unit": "second"}], "datasets": [{"path": "0"}]}],
         "a-dict": {"datasets": [{"path": "0"}]},
     }
+    odd_run = tmp_path / "odd-run.ome.zarr"  # a run of this project, its attributes broken
+    _record(odd_run, [0, 1])
+    group = zarr.open_group(str(odd_run), mode="r+")
+    group.attrs["deepz"] = {**dict(group.attrs["deepz"]), "raw_present": [[0]], "rate_hz": "x"}
     for name, multiscales in odd_ngff.items():
         group = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
         group.attrs["ome"] = {"version": "0.5", "multiscales": multiscales}
@@ -431,6 +435,7 @@ def test_bad_inputs_each_give_one_clear_error(
             (tmp_path / f"{name}.zarr", {}, "malformed NGFF 'multiscales' metadata")
             for name in odd_ngff
         ),
+        (odd_run, {}, "malformed run metadata"),
         (store, {"model": tmp_path / "missing.onnx"}, "model file not found"),
         (store, {"backend": "nonsense"}, "prefer must list backends"),
         (store, {"planes": [50.0]}, "outside the model's trained range"),
