@@ -82,7 +82,11 @@ def defocus_index(dz_um: np.ndarray, depth_um: np.ndarray) -> np.ndarray:
     j = np.round(rel).astype(np.int64) + depth.size - 1
     outside = j.min() < 0 or j.max() > 2 * depth.size - 2  # the bank holds 2D - 1 defocus
     if not np.allclose(rel, np.round(rel), atol=1e-4) or outside:
-        raise ValueError(f"planes {dz_um!r} are not on the {step} µm depth lattice within range")
+        dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
+        raise ValueError(
+            f"planes {dz.min():g} … {dz.max():g} µm ({dz.size}) are not all on the {step:g} µm "
+            f"depth lattice within {depth[0]:g} … {depth[-1]:g} µm"
+        )
     return j
 
 

@@ -229,3 +229,12 @@ def test_a_model_without_training_optics_cannot_render_another_modality(tmp_path
     assert load_backend(tmp_path / "m.pt", prefer=["torch"]).metadata.volume is not None
     with pytest.raises(BackendError, match="records no training optics"):
         load_backend(tmp_path / "m.pt", prefer=["torch"], render_modality="confocal")
+
+
+def test_a_dpm_beyond_the_depth_grid_is_named_with_its_span(backend) -> None:
+    """A surface past ±10 µm is refused naming its span and the grid's, not a dump of the
+    lattice planes it would have needed."""
+    frame = np.full((64, 64), 100, np.uint16)
+    tilted = np.linspace(0.0, 30.0, 64 * 64).reshape(1, 64, 64)
+    with pytest.raises(ValueError, match="dpms_um spans 0 … 30 µm; this volume model renders"):
+        backend.infer(frame, tilted)

@@ -474,6 +474,13 @@ class BaseBackend:
         frames = images if images.ndim == 3 else images[None]
         dpms = dpms_um if dpms_um.ndim == 3 else dpms_um[None]
         n = broadcast_count(frames, dpms)
+        assert self.metadata.volume is not None
+        lo, hi = self.metadata.volume.depth_um[0], self.metadata.volume.depth_um[-1]
+        if float(dpms.min()) < lo - 1e-6 or float(dpms.max()) > hi + 1e-6:
+            raise ValueError(
+                f"dpms_um spans {float(dpms.min()):g} … {float(dpms.max()):g} µm; this volume "
+                f"model renders {lo:g} … {hi:g} µm from the focal plane"
+            )
         density = self.volume(frames)
         render = self.renderer((int(frames.shape[1]), int(frames.shape[2])))
         if self.options.point_fit is not None:
