@@ -47,6 +47,7 @@ standard ``image_process_fn`` and works the same with the Java backend.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -55,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from live.protocol import END_OF_FRAMES, encode_frame
+from live.protocol import END_OF_FRAMES, MAX_SEQ, encode_frame
 
 if TYPE_CHECKING:
     from pymmcore_plus import CMMCorePlus
@@ -68,6 +69,8 @@ __all__ = [
     "FrameSender",
     "PycromanagerHook",
     "attach_to_pymmcore_plus",
+    "frame_number",
+    "metadata_float",
     "pycromanager_image_process_fn",
 ]
 
@@ -244,17 +247,40 @@ class FrameSender:
         self.close()
 
 
-def _first_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
-    """Return the first of `keys` in `metadata` that parses as a float, else None."""
+def metadata_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float | None:
+    """Return the first of `keys` in `metadata` that parses as a finite float, else None.
+
+    Micro-Manager's metadata is text a device adapter wrote: "NaN" or "inf" there is no value
+    (one NaN elapsed time would fix the hook's clock offset at NaN for the whole run).
+    """
     for key in keys:
         value = metadata.get(key)
         if value is None or value == "":
             continue
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             continue
+        if math.isfinite(number):
+            return number
     return None
+
+
+def frame_number(value: object) -> int | None:
+    """`value` as a frame number (a whole number 0 … `MAX_SEQ`, or text of one), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | np.integer):
+        number = int(value)
+    else:
+        try:
+            as_float = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not math.isfinite(as_float) or not as_float.is_integer():
+            return None
+        number = int(as_float)
+    return number if 0 <= number <= MAX_SEQ else None
 
 
 def _refusal(detail: str) -> str:
@@ -327,29 +353,36 @@ class PycromanagerHook:
             if refusal is not None:
                 self.sender.refuse(refusal)
                 return image, metadata
+            seq = self._seq(metadata)
+            if seq is None:
+                self.sender.refuse(
+                    f"deepz hook: metadata {self.seq_key!r} does not hold a frame number (a whole "
+                    "number >= 0): such frames are not sent, counted as refused"
+                )
+                return image, metadata
             self.sender.send(
                 image,
-                seq=self._seq(metadata),
+                seq=seq,
                 timestamp_s=self._timestamp(metadata),
-                focus_um=_first_float(metadata, _FOCUS_KEYS) or 0.0,
+                focus_um=metadata_float(metadata, _FOCUS_KEYS) or 0.0,
             )
         except Exception:  # a hook that raises aborts the user's acquisition: never do that
             log.exception("deepz hook failed on a frame; acquisition continues")
         self._count += 1
         return image, metadata
 
-    def _seq(self, metadata: Mapping[str, Any]) -> int:
-        """Return the frame's sequence number (see the class docstring)."""
+    def _seq(self, metadata: Mapping[str, Any]) -> int | None:
+        """Return the frame's sequence number (see the class docstring); None if unreadable."""
         if self.seq_key is not None and self.seq_key in metadata:
-            return int(metadata[self.seq_key])
+            return frame_number(metadata[self.seq_key])
         return self._count
 
     def _timestamp(self, metadata: Mapping[str, Any]) -> float:
         """Return the frame's wall-clock time (see the class docstring)."""
-        stamp = _first_float(metadata, _TIMESTAMP_KEYS)
+        stamp = metadata_float(metadata, _TIMESTAMP_KEYS)
         if stamp is not None:
             return stamp
-        elapsed_ms = _first_float(metadata, _ELAPSED_KEYS)
+        elapsed_ms = metadata_float(metadata, _ELAPSED_KEYS)
         if elapsed_ms is None:
             return time.time()
         if self._clock_offset_s is None:
@@ -413,7 +446,7 @@ def attach_to_pymmcore_plus(
         z_um = getattr(event, "z_pos", None)
         sender.send(
             image,
-            timestamp_s=_first_float(camera_meta, _TIMESTAMP_KEYS),
+            timestamp_s=metadata_float(camera_meta, _TIMESTAMP_KEYS),
             focus_um=float(z_um) if z_um is not None else 0.0,
         )
 

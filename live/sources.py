@@ -157,16 +157,18 @@ def _stream_core(
 
 def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str, str]) -> None:
     """Pop the oldest frame from the core and send it with its seq, timestamp and focus."""
+    from live.hook import frame_number, metadata_float
+
     image, meta = core.popNextImageAndMD()
     index_key, stamp_key, focus_key = keys
+    # the core's metadata is text a device adapter wrote: a value that is not a number is no
+    # value (the sender's own count, the arrival time, focus 0), never the end of the stream
     seq = meta.get(index_key) or meta.get("ImageNumber")
-    stamp = meta.get(stamp_key)
-    focus = meta.get(focus_key)
     sender.send(
         image,
-        seq=int(seq) if seq not in (None, "") else None,
-        timestamp_s=float(stamp) if stamp else None,
-        focus_um=float(focus) if focus else 0.0,
+        seq=frame_number(seq) if seq not in (None, "") else None,
+        timestamp_s=metadata_float(meta, (stamp_key,)),
+        focus_um=metadata_float(meta, (focus_key,)) or 0.0,
     )
 
 
@@ -648,12 +650,7 @@ def _simulator_kwargs(sim: Any) -> dict[str, Any]:
         value = getattr(sim, key, None)
         if value is not None:
             kwargs[key] = value
-    sample = getattr(sim, "sample", "worm")
-    if sample not in (None, "worm"):
-        raise ValueError(
-            f"source.simulator.sample {sample!r} cannot be simulated live; allowed: 'worm'"
-        )
-    return kwargs
+    return kwargs  # (source.simulator.sample is "worm": the config allows nothing else)
 
 
 def _require(modules: Sequence[str], what: str, extra: str) -> None:

@@ -162,6 +162,36 @@ def test_pycromanager_z_stack_is_refused_and_still_saved(core, pull, caplog):
     assert acq.get_dataset().read_image(time=1, z=2) is not None  # Micro-Manager kept it all
 
 
+def test_the_hook_reads_micro_managers_metadata_as_untrusted_text(pull):
+    """Metadata a device adapter wrote: "NaN" is no value (the next key, or the clock, serves),
+    a frame number may be text of a whole number, and one that is not refuses that frame
+    (counted) without a traceback or a lost acquisition."""
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint, seq_key="ImageNumber")
+    frames = [
+        {
+            "ImageNumber": "0",
+            "ElapsedTime-ms": "NaN",
+            "ZPosition_um": "nan",
+            "ZPosition_um_Intended": "5.0",
+        },
+        {"ImageNumber": "1.0", "ElapsedTime-ms": "1000"},
+        {"ImageNumber": "x12", "ElapsedTime-ms": "2000"},
+        {"ImageNumber": "2", "ElapsedTime-ms": "3000"},
+    ]
+    for i, metadata in enumerate(frames):
+        image, meta = hook(pattern(i), dict(metadata))
+        assert meta == metadata and image is not None  # Micro-Manager still stores it
+    hook.sender.close()
+    msgs = receive(sock, 3)
+    assert [m.header.seq for m in msgs] == [0, 1, 2]
+    assert msgs[0].header.focus_um == 5.0  # the NaN reading did not win over the intended one
+    assert all(np.isfinite(m.header.timestamp_s) for m in msgs)
+    # the clock offset came from the first finite elapsed time, not from the NaN one
+    assert msgs[2].header.timestamp_s - msgs[1].header.timestamp_s == pytest.approx(2.0)
+    assert (hook.sender.sent, hook.sender.refused, hook.sender.dropped) == (3, 1, 0)
+
+
 def test_axis_guard_takes_time_series_of_one_channel_only():
     from live.hook import AxisGuard
 
