@@ -167,6 +167,8 @@ def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:
 
 MAX_PSF_SIDE_PX = 511
 """Largest PSF bank side accepted (px): 77 µm at 0.15 µm pixels; the shipped bank is 127."""
+MAX_PSF_PLANES = 1023
+"""Most planes a PSF bank may hold (2·D - 1 for a depth grid of D; the shipped one has 81)."""
 
 
 def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = False) -> np.ndarray:
@@ -183,7 +185,9 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
     if not path.is_file():
         raise FileNotFoundError(f"{path}: PSF bank not found")
     try:
-        psf = np.load(path, allow_pickle=False)
+        # mapped, not read: the header's shape is checked before any data is (a forged header
+        # could ask for terabytes), and a file shorter than its header says is refused here
+        psf = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{path}: not a .npy PSF bank ({exc})") from exc
     if not isinstance(psf, np.ndarray) or psf.dtype.kind not in "iuf":
@@ -196,11 +200,13 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
     ):
         fits = f"{n_depths} depths" if n_depths is not None else "any depth grid (2D - 1 planes)"
         raise ValueError(f"{path}: PSF bank shape {psf.shape} does not fit {fits}")
+    if psf.shape[0] > MAX_PSF_PLANES:
+        raise ValueError(f"{path}: PSF bank of {psf.shape[0]} planes (at most {MAX_PSF_PLANES})")
     if psf.shape[1] % 2 == 0 or psf.shape[1] > MAX_PSF_SIDE_PX or not np.all(np.isfinite(psf)):
         raise ValueError(
             f"{path}: PSF bank must have odd sides up to {MAX_PSF_SIDE_PX} px and finite values"
         )
-    out = np.ascontiguousarray(psf, dtype=np.float32)
+    out = np.array(psf, dtype=np.float32, order="C")  # read into memory (a copy of the map)
     if measured:
         sums = out.sum(axis=(1, 2), dtype=np.float64)
         if out.min() < 0 or not np.allclose(sums, 1.0, atol=1e-3):

@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FiniteFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -118,7 +119,9 @@ class SimulatorConfig(_BaseModel):
         description="Objective and indices (its pixel_size_um follows source.pixel_size_um).",
     )
     camera: CameraConfig = Field(default_factory=CameraConfig, description="sCMOS camera model.")
-    sample: Literal["worm", "beads"] = Field("worm", description="What the simulated scope sees.")
+    sample: Literal["worm"] = Field(
+        "worm", description="What the simulated scope sees (the live simulator has a worm only)."
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Random seed of the sample and noise.")
 
 
@@ -375,7 +378,7 @@ class SurfaceConfig(_BaseModel):
     z0_um: float = Field(0.0, ge=-1000, le=1000, description="Offset at the frame centre (µm).")
     slope_x: float = Field(0.0, ge=-10, le=10, description="Tilt along x (µm per µm).")
     slope_y: float = Field(0.0, ge=-10, le=10, description="Tilt along y (µm per µm).")
-    coefficients: list[float] | None = Field(
+    coefficients: list[FiniteFloat] | None = Field(
         None,
         min_length=1,
         description="Polynomial c0 + c1·r² + c2·r⁴ + … (µm, r in µm from the centre).",

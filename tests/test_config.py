@@ -135,7 +135,11 @@ def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path
         load_config(write(tmp_path, text + 'render_modality = "confocal"\n'))
     np.save(tmp_path / "twice.npy", own * 2)  # not a PSF: planes summing to 2
     np.savez(tmp_path / "bank.npz", own=own)  # not a .npy array at all
-    for name, why in (("twice.npy", "each sum to 1"), ("bank.npz", "one real numeric")):
+    with open(tmp_path / "forged.npy", "wb") as f:  # a header asking for 1.5 TiB, no data
+        header = {"descr": "<f4", "fortran_order": False, "shape": (100001, 2001, 2001)}
+        np.lib.format.write_array_header_1_0(f, header)
+    cases = [("twice.npy", "each sum to 1"), ("bank.npz", "one real numeric")]
+    for name, why in [*cases, ("forged.npy", "not a .npy PSF bank")]:
         bad = f'[engine]\nmodel_path = "{volume.as_posix()}"\npsf_bank = "{name}"\n'
         with pytest.raises(ConfigError, match=rf"engine\.psf_bank.*{why}") as info:
             load_config(write(tmp_path, bad))
@@ -191,6 +195,12 @@ def test_several_errors_come_in_one_message(tmp_path):
     msg = str(err.value)
     assert "2 problems" in msg and "display.max_fps = -1" in msg
     assert "overload.policy = 'drop'" in msg and "'every_frame' or 'latest'" in msg
+
+
+def test_polynomial_coefficients_must_be_finite(tmp_path):
+    text = '[planes]\nsurfaces = [{name = "p", kind = "polynomial", coefficients = [0.0, nan]}]\n'
+    with pytest.raises(ConfigError, match=r"coefficients\[1\] = nan.*finite"):
+        load_config(write(tmp_path, text))
 
 
 def test_planes_need_exactly_one_form(tmp_path):

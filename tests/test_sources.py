@@ -16,7 +16,7 @@ import pytest
 import tifffile
 import zmq
 
-from live.config import validate_config
+from live.config import ConfigError, validate_config
 from live.hook import FrameSender
 from live.protocol import Message, decode, encode_frame
 from live.sources import (
@@ -262,8 +262,8 @@ def test_make_source_from_config(tmp_path):
     hook["micromanager"] = {"acquisition": "hook"}
     listener = make_source(validate_config({"source": hook}))
     assert isinstance(listener, MicroManagerSource) and listener.acquisition == "hook"
-    with pytest.raises(ValueError, match="sample 'beads' cannot be simulated live"):
-        make_source(validate_config({"source": {"simulator": {"sample": "beads"}}}))
+    with pytest.raises(ConfigError, match=r"source\.simulator\.sample = 'beads'.*'worm'"):
+        validate_config({"source": {"simulator": {"sample": "beads"}}})  # refused at load
 
 
 def test_micromanager_source_listens_until_stopped(pull):
