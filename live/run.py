@@ -21,6 +21,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import multiprocessing as mp
 import signal
 import socket
@@ -91,6 +92,8 @@ EXIT_BAD_CONFIG = 2
 EXIT_NO_FIT = 3
 EXIT_FAILED = 1
 _READY_TIMEOUT_S = 120.0
+MAX_WORKERS = 64
+"""Most worker processes `--workers` may ask for (each loads the model; 2 fill these 2 cores)."""
 RESTART_BACKOFF_S = (0.0, 1.0, 5.0, 30.0)
 """Wait before restarting a worker that died, by how many times in a row it died within
 `_STABLE_S` of its start: at once the first time, then longer, so a worker that cannot run
@@ -1232,8 +1235,14 @@ def main(argv: list[str] | None = None) -> int:
         text = str(err) if isinstance(err, ConfigError) else f"{args.scope}: {_one_line(err)}"
         print(f"error: bad config: {text}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+    if not 1 <= args.workers <= MAX_WORKERS:
+        print(f"error: --workers must be 1 … {MAX_WORKERS}, got {args.workers}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        print(
+            f"error: --duration must be a number of seconds > 0, got {args.duration}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_CONFIG
     if args.wiring:
         print(format_wiring(compose(config, args.workers)))

@@ -106,3 +106,25 @@ def test_min_free_mb_beyond_the_disk_warns_at_start_and_shows_in_the_status(
     )
     assert snap.disk_low and snap.disk_free_mb is not None
     assert f"| disk {snap.disk_free_mb:.0f} MB!" in snap.status_line()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--duration", "nan"], "--duration must be a number of seconds > 0, got nan"),
+        (["--duration", "-5"], "--duration must be a number of seconds > 0, got -5.0"),
+        (["--workers", "0"], "--workers must be 1 … 64, got 0"),
+        (["--workers", "100000"], "--workers must be 1 … 64, got 100000"),
+    ],
+)
+def test_bad_command_line_numbers_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """Before anything starts: a NaN duration never ends a run, a negative one starts it all to
+    stop at once, 100,000 workers would each load the model."""
+    from live.run import main
+
+    scope = tmp_path / "scope.toml"
+    scope.write_text("")  # the defaults: a valid config
+    assert main(["--scope", str(scope), *flags]) == EXIT_BAD_CONFIG
+    assert capsys.readouterr().err.strip() == f"error: {message}"
