@@ -79,6 +79,11 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "config.toml"
 """The shipped scope file (simulated scope, shipped model, CPU backend)."""
 MAX_PLANES = 1000
 """Most planes a volume plan may have (a guard against typos such as step_um = 0.0001)."""
+MAX_STACK_GIB = 4.0
+"""Largest virtual stack in float32 (planes × frame): the plan's DPMs alone are that size, and
+each worker renders one (41 planes of 2048² are 0.69 GB)."""
+MAX_QUEUE_GIB = 8.0
+"""Most frames the router may hold waiting (``overload.max_queue_frames`` × a uint16 frame)."""
 
 
 class ConfigError(ValueError):
@@ -241,9 +246,18 @@ class SourceConfig(_BaseModel):
         optics = self.simulator.optics
         if "pixel_size_um" not in optics.model_fields_set:
             if optics.pixel_size_um != self.pixel_size_um:
-                self.simulator.optics = optics.model_copy(
-                    update={"pixel_size_um": self.pixel_size_um}
-                )
+                # validated, not copied: the optics' own bounds hold for the value it inherits
+                fields = optics.model_dump(exclude_unset=True)
+                try:
+                    self.simulator.optics = OpticsConfig.model_validate(
+                        {**fields, "pixel_size_um": self.pixel_size_um}
+                    )
+                except ValidationError as err:
+                    why = err.errors()[0]["msg"]
+                    raise ValueError(
+                        f"source.pixel_size_um = {self.pixel_size_um} does not fit the simulator's "
+                        f"optics: {why}"
+                    ) from None
         elif optics.pixel_size_um != self.pixel_size_um:
             raise ValueError(
                 f"source.simulator.optics.pixel_size_um = {optics.pixel_size_um} differs from "
@@ -695,6 +709,25 @@ class ScopeConfig(_BaseModel):
     security: SecurityConfig = Field(
         default_factory=SecurityConfig, description="CURVE keys for endpoints off loopback."
     )
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> ScopeConfig:
+        h, w = self.source.frame_shape
+        zs = self.planes.plane_z_um()
+        n = len(zs) if zs is not None else len(self.planes.surfaces or [])
+        stack_gib = n * h * w * 4 / 2**30
+        if stack_gib > MAX_STACK_GIB:
+            raise ValueError(
+                f"{n} planes of {h}x{w} px make {stack_gib:.1f} GiB a stack (at most "
+                f"{MAX_STACK_GIB:g}): fewer planes or a smaller source.frame_shape"
+            )
+        queue_gib = self.overload.max_queue_frames * h * w * 2 / 2**30
+        if queue_gib > MAX_QUEUE_GIB:
+            raise ValueError(
+                f"overload.max_queue_frames = {self.overload.max_queue_frames} frames of {h}x{w} "
+                f"px could hold {queue_gib:.1f} GiB (at most {MAX_QUEUE_GIB:g}): fewer frames"
+            )
+        return self
 
     def volume_plan(self) -> VolumePlan:
         """Build the planes' `VolumePlan` for this source's frame shape and pixel size."""

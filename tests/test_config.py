@@ -203,6 +203,19 @@ def test_polynomial_coefficients_must_be_finite(tmp_path):
         load_config(write(tmp_path, text))
 
 
+def test_a_config_that_cannot_fit_in_memory_or_the_optics_is_one_line(tmp_path):
+    """Refused at load, naming the keys, rather than a MemoryError (or a silent bound) at start."""
+    huge = "[source]\nframe_shape = [16384, 16384]\n[planes]\n"
+    huge += "z_min_um = -10.0\nz_max_um = 10.0\nstep_um = 0.05\n"
+    with pytest.raises(ConfigError, match=r"401 planes of 16384x16384 px make 401\.0 GiB a stack"):
+        load_config(write(tmp_path, huge))
+    queue = "[source]\nframe_shape = [8192, 8192]\n[overload]\nmax_queue_frames = 100000\n"
+    with pytest.raises(ConfigError, match=r"max_queue_frames = 100000 .* could hold"):
+        load_config(write(tmp_path, queue))
+    with pytest.raises(ConfigError, match=r"pixel_size_um = 50\.0 does not fit the simulator"):
+        load_config(write(tmp_path, "[source]\npixel_size_um = 50.0\n"))
+
+
 def test_planes_need_exactly_one_form(tmp_path):
     with pytest.raises(
         ConfigError, match=r"exactly one of .* got z_min_um/z_max_um/step_um and z_um"
