@@ -474,7 +474,11 @@ class Daemon:
         self.check()
         remove_stale_ipc_dirs()  # left by daemons that were killed (their pid is gone)
         cfg = self.config
-        plan = build_plan(cfg)
+        try:
+            plan = build_plan(cfg)
+        except ValueError as err:  # a surface that cannot be built for these frames (a DPM
+            # file of another shape): the config's, one line (DPMError is a ValueError)
+            raise ConfigError(f"planes: {_one_line(err)}") from err
         self._choose_backend(plan)
         if self._keys is not None:
             # Before any socket binds: a CURVE server with no ZAP handler lets in any key.

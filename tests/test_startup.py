@@ -128,3 +128,21 @@ def test_bad_command_line_numbers_are_one_line_and_exit_2(
     scope.write_text("")  # the defaults: a valid config
     assert main(["--scope", str(scope), *flags]) == EXIT_BAD_CONFIG
     assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_a_dpm_file_of_another_shape_is_one_config_line(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A surface read from a DPM file that does not match the frames is the config's problem,
+    said in one line before anything starts (not a traceback and exit 1)."""
+    import numpy as np
+    import tifffile
+
+    from live.config import validate_config
+
+    tifffile.imwrite(tmp_path / "dpm.tif", np.zeros((32, 48), np.float32))
+    base = live_config(tmp_path, tiny_model_files["onnx"]).model_dump(mode="json")
+    surfaces = [{"name": "measured", "kind": "file", "path": str(tmp_path / "dpm.tif")}]
+    config = validate_config({**base, "planes": {"surfaces": surfaces}}, source="test config")
+    _, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
+    assert line.startswith("error: planes: ") and "(32, 48)" in line, line
