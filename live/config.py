@@ -245,7 +245,13 @@ class SourceConfig(_BaseModel):
     def _consistent(self) -> SourceConfig:
         optics = self.simulator.optics
         if "pixel_size_um" not in optics.model_fields_set:
-            if optics.pixel_size_um != self.pixel_size_um:
+            if optics.pixel_size_um != self.pixel_size_um and self.kind != "simulated":
+                # a real scope's pixels may be past what the simulator models: carried along
+                # unchecked, as the simulator is not used
+                self.simulator.optics = optics.model_copy(
+                    update={"pixel_size_um": self.pixel_size_um}
+                )
+            elif optics.pixel_size_um != self.pixel_size_um:
                 # validated, not copied: the optics' own bounds hold for the value it inherits
                 fields = optics.model_dump(exclude_unset=True)
                 try:

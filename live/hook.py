@@ -272,6 +272,8 @@ def frame_number(value: object) -> int | None:
         return None
     if isinstance(value, int | np.integer):
         number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        number = int(value)  # exact, however large (a float would round past 2**53)
     else:
         try:
             as_float = float(value)  # type: ignore[arg-type]

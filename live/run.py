@@ -542,6 +542,8 @@ class Daemon:
         for i in range(self.n_workers):
             self._spawn(i)
         self._wait_ready()
+        if self.stop_requested.is_set():  # stopped while the models loaded: nothing to show
+            return
         self._start_display()
         self._start_source()
         self._started_s = time.monotonic()
@@ -719,7 +721,7 @@ class Daemon:
         this process), and its `live.protocol.END_OF_FRAMES` after the last frame tells the
         router that everything it sent has arrived.
         """
-        if self.source_mode is None or self.stop_requested.is_set():  # stopped while starting
+        if self.source_mode is None:
             return
         from live.hook import FrameSender
         from live.sources import make_source

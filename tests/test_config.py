@@ -214,6 +214,10 @@ def test_a_config_that_cannot_fit_in_memory_or_the_optics_is_one_line(tmp_path):
         load_config(write(tmp_path, queue))
     with pytest.raises(ConfigError, match=r"pixel_size_um = 50\.0 does not fit the simulator"):
         load_config(write(tmp_path, "[source]\npixel_size_um = 50.0\n"))
+    # a real scope is not held to the simulator's optics: 13 µm pixels (binned, low power)
+    real = '[source]\nkind = "micromanager"\nframe_shape = [512, 512]\npixel_size_um = 13.0\n'
+    real += '[source.micromanager]\nacquisition = "hook"\n'
+    assert load_config(write(tmp_path, real)).source.pixel_size_um == 13.0
 
 
 def test_planes_need_exactly_one_form(tmp_path):

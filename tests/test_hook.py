@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import zmq
 
-from live.hook import FrameSender, attach_to_pymmcore_plus, pycromanager_image_process_fn
+from live.hook import (
+    FrameSender,
+    attach_to_pymmcore_plus,
+    frame_number,
+    pycromanager_image_process_fn,
+)
 from live.protocol import Message, decode
 from tests.live_helpers import free_port
 
@@ -190,6 +195,8 @@ def test_the_hook_reads_micro_managers_metadata_as_untrusted_text(pull):
     # the clock offset came from the first finite elapsed time, not from the NaN one
     assert msgs[2].header.timestamp_s - msgs[1].header.timestamp_s == pytest.approx(2.0)
     assert (hook.sender.sent, hook.sender.refused, hook.sender.dropped) == (3, 1, 0)
+    assert frame_number("9007199254740993") == 9007199254740993  # exact past 2**53
+    assert frame_number("-1") is None and frame_number(True) is None
 
 
 def test_axis_guard_takes_time_series_of_one_channel_only():

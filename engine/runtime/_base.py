@@ -255,7 +255,7 @@ def _measured_psf(path: Path, n_depths: int) -> np.ndarray:
         raise BackendError(f"engine.psf_bank {exc}") from exc
 
 
-def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
+def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndarray:
     """Validate the dtype and rank of one `infer` input, with an error that names the problem."""
     arr = np.asarray(arr)
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
@@ -266,18 +266,19 @@ def _check_array(label: str, arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
     # one NaN or infinite pixel spreads through every convolution to the whole output: refuse
     # it rather than return a stack of NaN (integer camera frames cannot hold one: no cost)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+    if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{label} holds {bad} NaN or infinite value(s)")
     return arr
 
 
 def _check_arrays(images: np.ndarray, dpms_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate dtypes and ranks of `infer` inputs, with errors that name the problem."""
-    images, dpms_um = _check_array("images", images), _check_array("dpms_um", dpms_um)
-    if np.abs(dpms_um).max() > MAX_DPM_UM:  # (a float64 1e300 is finite, and inf as float32)
-        raise ValueError(f"dpms_um holds values beyond ±{MAX_DPM_UM:g} µm")
-    return images, dpms_um
+    """Validate dtypes and ranks of `infer` inputs, with errors that name the problem.
+
+    The DPMs' values are checked by `BaseBackend._dpm_span` (once for a frozen plan).
+    """
+    images = _check_array("images", images)
+    return images, _check_array("dpms_um", dpms_um, finite=False)
 
 
 def _frozen(a: np.ndarray) -> bool:
@@ -313,6 +314,8 @@ class BaseBackend:
         self.device = "cpu"
         self._inputs: dict[tuple[int, int, int, int], np.ndarray] = {}
         self._dpms_in_buffer: tuple[int, tuple[int, ...], np.ndarray] | None = None
+        self._span: tuple[np.ndarray, tuple[float, float]] | None = None
+        """(frozen DPM array, its `_dpm_span`): the last frozen plan checked."""
         """(buffer address, buffer shape, DPM array) of the last call, when its DPMs were frozen:
         their normalised channel is still in that buffer and the next call may skip it."""
         self._psf: np.ndarray | None = None
@@ -341,10 +344,36 @@ class BaseBackend:
         """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
         raise NotImplementedError
 
+    def _dpm_span(self, dpms_um: np.ndarray) -> tuple[float, float]:
+        """Return the DPMs' (min, max) µm; refuse NaN, infinite or beyond ±`MAX_DPM_UM`.
+
+        Two reductions and no temporary (a float64 1e300 is finite but inf as float32, so the
+        bound is checked, not only finiteness). A frozen array (the live worker's plan, the
+        same every frame) is checked on its first call only.
+        """
+        if self._span is not None and self._span[0] is dpms_um:
+            return self._span[1]
+        lo, hi = float(dpms_um.min()), float(dpms_um.max())
+        if not (-MAX_DPM_UM <= lo and hi <= MAX_DPM_UM):  # NaN fails both comparisons
+            raise ValueError(
+                f"dpms_um holds NaN, infinite or values beyond ±{MAX_DPM_UM:g} µm "
+                f"(min {lo:g}, max {hi:g})"
+            )
+        if _frozen(dpms_um):
+            self._span = (dpms_um, (lo, hi))
+        return lo, hi
+
     def infer(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
         """Normalise, pad, run in chunks of `max_batch`, crop and map back (see `Backend`)."""
         images, dpms_um = _check_arrays(images, dpms_um)
+        lo, hi = self._dpm_span(dpms_um)
         if self.metadata.volume is not None:
+            grid = self.metadata.volume.depth_um
+            if lo < grid[0] - 1e-6 or hi > grid[-1] + 1e-6:
+                raise ValueError(
+                    f"dpms_um spans {lo:g} … {hi:g} µm; this volume model renders "
+                    f"{grid[0]:g} … {grid[-1]:g} µm from the focal plane"
+                )
             return self._infer_volume(images, dpms_um)
         h, w = images.shape[-2:]
         n = max(a.shape[0] if a.ndim == 3 else 1 for a in (images, dpms_um))  # broadcast
@@ -474,13 +503,6 @@ class BaseBackend:
         frames = images if images.ndim == 3 else images[None]
         dpms = dpms_um if dpms_um.ndim == 3 else dpms_um[None]
         n = broadcast_count(frames, dpms)
-        assert self.metadata.volume is not None
-        lo, hi = self.metadata.volume.depth_um[0], self.metadata.volume.depth_um[-1]
-        if float(dpms.min()) < lo - 1e-6 or float(dpms.max()) > hi + 1e-6:
-            raise ValueError(
-                f"dpms_um spans {float(dpms.min()):g} … {float(dpms.max()):g} µm; this volume "
-                f"model renders {lo:g} … {hi:g} µm from the focal plane"
-            )
         density = self.volume(frames)
         render = self.renderer((int(frames.shape[1]), int(frames.shape[2])))
         if self.options.point_fit is not None:
