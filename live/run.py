@@ -439,6 +439,7 @@ class Daemon:
         self._quick_deaths = [0] * workers  # deaths in a row within _STABLE_S of a start
         self._respawn_at: list[float | None] = [None] * workers  # a dead worker's restart time
         self._source_thread: threading.Thread | None = None
+        self._source: Any = None  # a replay's source, opened by `check` (see there)
         self._source_stop = threading.Event()
         self._source_summary: Any = None
         self._sender: Any = None
@@ -454,8 +455,9 @@ class Daemon:
         """Refuse a run the daemon cannot serve safely, before anything starts (idempotent).
 
         Raises `ConfigError` with one line: an endpoint that uses CURVE (beyond loopback, or
-        ``security.curve = "required"``) without keys or with unreadable ones, or an output
-        store that already exists. Loads the CURVE keys for `start`.
+        ``security.curve = "required"``) without keys or with unreadable ones, an output
+        store that already exists, or a recording to replay that cannot be. Loads the CURVE
+        keys and opens the replay's recording for `start`.
         """
         if self._checked:
             return
@@ -467,6 +469,15 @@ class Daemon:
             )
         _check_endpoints_free(self.config)
         self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry
+        if self.source_mode is not None and self.config.source.kind == "replay":
+            from live.sources import make_source
+
+            # the recording is opened now, not once the workers are up: a file that cannot be
+            # replayed (truncated, another frame shape, no frames) is refused before anything
+            try:
+                self._source = make_source(self.config)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"source.replay.path: {_one_line(err)}") from err
         self._checked = True
 
     def start(self) -> None:
@@ -726,7 +737,7 @@ class Daemon:
         from live.hook import FrameSender
         from live.sources import make_source
 
-        source = make_source(self.config)
+        source = self._source if self._source is not None else make_source(self.config)
         hwm = self._bound("source", "router") or 1
         self._sender = FrameSender(self._source_endpoint, context=self._ctx, hwm=hwm)
 

@@ -507,7 +507,7 @@ def _tiff_rate_hz(tif: Any) -> float | None:
 
 def _recorded(values: np.ndarray | None, t: int) -> float | None:
     """Return ``values[t]`` as a float, or None when absent, out of range or NaN."""
-    if values is None or not 0 <= t < values.shape[0]:
+    if values is None or values.ndim != 1 or not 0 <= t < values.shape[0]:
         return None
     value = float(values[t])
     return value if math.isfinite(value) else None
@@ -524,13 +524,30 @@ def open_recording(path: str | Path) -> Recording:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"source.replay.path {str(path)!r} does not exist")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        return _open_tiff(path)
-    if path.is_dir():
-        return _open_zarr(path)
-    raise ValueError(
-        f"cannot replay {str(path)!r}: expected a .tif/.tiff file or a Zarr/OME-Zarr directory"
+    if path.suffix.lower() not in (".tif", ".tiff") and not path.is_dir():
+        raise ValueError(
+            f"cannot replay {str(path)!r}: expected a .tif/.tiff file or a Zarr/OME-Zarr directory"
+        )
+    try:
+        recording = _open_tiff(path) if path.is_file() else _open_zarr(path)
+        if not recording.indices:
+            raise ValueError(f"cannot replay {str(path)!r}: it holds no frames")
+        first = np.asarray(recording.frames[recording.indices[0]])
+    except Exception as err:  # the file is input: any reader's or attribute's failure
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise  # ours: it names the file and what is wrong
+        raise ValueError(f"cannot replay {str(path)!r}: {type(err).__name__}: {err}") from err
+    # the daemon records raw frames as uint16 camera counts and refuses any other value
+    # (`live.recorder`): a recording of others would replay with nothing recorded
+    counts = first.dtype.kind in "ui" or (
+        first.dtype.kind == "f" and bool(np.all(np.isfinite(first) & (first == np.round(first))))
     )
+    if not counts or (first.size and (first.min() < 0 or first.max() > 65535)):
+        raise ValueError(
+            f"cannot replay {str(path)!r}: its frames are not camera counts (whole numbers "
+            f"0 … 65535; the first frame is {first.dtype}, {first.min():g} … {first.max():g})"
+        )
+    return recording
 
 
 def _open_tiff(path: Path) -> Recording:
@@ -580,8 +597,10 @@ def _open_zarr(path: Path) -> Recording:
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
     frames = _squeeze_to_tyx(array, "".join(a[0].upper() for a in axes) or None, str(path))
     indices: Sequence[int] = range(frames.shape[0])
-    if present is not None:
-        indices = [t for start, stop in present for t in range(start, stop) if t < frames.shape[0]]
+    if present is not None:  # half-open runs; clipped to the array (a forged one is no loop)
+        n = int(frames.shape[0])
+        runs = [(int(a), int(b)) for a, b in present]
+        indices = [t for a, b in runs for t in range(max(a, 0), min(b, n))]
     stamps = focus = None
     if present is not None:  # a run store: each frame's camera timestamp and focus
         stamps, focus = frame_metadata(root, "timestamp_s"), frame_metadata(root, "focus_um")

@@ -218,3 +218,59 @@ def test_the_daemon_replays_a_recording_without_recording_its_raw_frames_again(
     stamps = np.asarray(zarr.open_group(out, mode="r")["frames/timestamp_s"])
     assert np.allclose(stamps[seqs], [_stamp(s) for s in seqs])  # its camera clock, not now
     assert run_array(out, "stacks").shape[0] == max(seqs) + 1
+
+
+def test_a_recording_that_cannot_be_replayed_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Every file given to replay is input: truncated, empty, not camera counts, forged
+    presence ranges or metadata of another shape — one ValueError naming the file, and a
+    forged range is clipped to the array rather than looped over."""
+    import tifffile
+
+    good = np.random.default_rng(0).integers(0, 4000, (5, *SHAPE), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "movie.tif", good, photometric="minisblack")
+    data = (tmp_path / "movie.tif").read_bytes()
+    (tmp_path / "truncated.tif").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.tif").write_text("not a TIFF")
+    tifffile.imwrite(tmp_path / "halves.tif", np.full((3, *SHAPE), 0.5, np.float32))
+    store = _record(tmp_path / "run.ome.zarr")
+    forged = zarr.open_group(store, mode="r+")
+    deepz = dict(forged.attrs["deepz"])
+    for name, attrs in (
+        ("empty", {"raw_present": []}),
+        ("odd-present", {"raw_present": [["a", "b"]]}),
+    ):
+        copy = tmp_path / f"{name}.ome.zarr"
+        _record(copy)
+        zarr.open_group(copy, mode="r+").attrs["deepz"] = {**deepz, **attrs}
+    cases = {
+        "truncated.tif": "cannot replay",
+        "text.tif": "cannot replay",
+        "halves.tif": "not camera counts",
+        "empty.ome.zarr": "holds no frames",
+        "odd-present.ome.zarr": "cannot replay",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=message) as info:
+            open_recording(tmp_path / name)
+        assert name in str(info.value) and "\n" not in str(info.value)
+    forged.attrs["deepz"] = {**deepz, "raw_present": [[0, 10**15]]}  # would loop for ever
+    assert list(open_recording(store).indices) == list(range(PRESENT[-1] + 1))
+
+
+def test_the_daemon_refuses_a_recording_it_cannot_replay_before_it_starts(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another frame shape than the config's: one config line, exit 2, no worker started."""
+    from live.run import EXIT_BAD_CONFIG, run
+    from tests.live_helpers import live_config
+
+    store = _record(tmp_path / "source.ome.zarr")  # 16 x 24 frames
+    data = live_config(tmp_path, tiny_model_files["onnx"]).model_dump(mode="json")
+    data["source"] = {"kind": "replay", "frame_shape": [64, 64], "replay": {"path": str(store)}}
+    config = validate_config(data, source="test config")
+    code = run(config, duration_s=5.0, output=tmp_path / "out.ome.zarr", workers=1)
+    out, err = capsys.readouterr()
+    assert code == EXIT_BAD_CONFIG
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: source.replay.path: source.frame_shape [64, 64] does not match")
+    assert "worker" not in out and not (tmp_path / "out.ome.zarr").exists()
