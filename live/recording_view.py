@@ -104,7 +104,8 @@ def layer_specs(path: str | Path) -> list[LayerSpec]:
     path = Path(path)
     try:
         return _layer_specs(path)
-    except (FileNotFoundError, KeyError, IndexError, ValueError, TypeError) as err:
+    except (FileNotFoundError, KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+        # (the store's attributes are input: a value of another kind anywhere in them)
         raise RecordingError(
             f"{path}: not a deepz-live recording ({type(err).__name__}: {err})"
         ) from None

@@ -63,8 +63,15 @@ def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
     import zarr
 
     group = zarr.open_group(store / "1", mode="r+")
+    intact = dict(group.attrs["ome"])
     group.attrs["ome"] = {"version": "0.5", "multiscales": []}  # a damaged image
     with pytest.raises(RecordingError, match="IndexError"):
+        layer_specs(store)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"datasets": ["0"]}]}  # not a dict
+    with pytest.raises(RecordingError, match="not a deepz-live recording"):
+        layer_specs(store)
+    group.attrs["ome"] = {**intact, "omero": "x"}  # a field of another kind
+    with pytest.raises(RecordingError, match="AttributeError"):
         layer_specs(store)
 
 
