@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.metadata import ModelMetadata, denormalize_images, prepare_inputs
+from engine.metadata import (
+    ModelMetadata,
+    ModelMetadataError,
+    denormalize_images,
+    prepare_inputs,
+)
 from engine.metrics import gaussian_fwhm_2d, pearson, psnr, ssim
 from engine.model import DeepZ, load_model
 
@@ -583,7 +589,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one stack per kind, fewer Δz")
     args = p.parse_args(argv)
     args.out = args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S")
-    r = evaluate(args.weights, args.out, EvalSettings.quick() if args.quick else None)
+    try:
+        r = evaluate(args.weights, args.out, EvalSettings.quick() if args.quick else None)
+    except (FileNotFoundError, ModelMetadataError) as exc:  # the model given: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     med = r["image_metrics"]["median"]
     loc, beads = r["axial_localisation"], r["bead_fwhm"]
     print(

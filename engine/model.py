@@ -460,7 +460,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
             f"{metadata_path(path)}: size_multiple {metadata.size_multiple} does not match the "
             f"architecture (2 ** {model.pools} = {model.size_multiple})"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+        raise ModelMetadataError(
+            f"{path}: not a loadable PyTorch weights file ({type(exc).__name__})"
+        ) from exc
     if not isinstance(state, dict):
         raise ModelMetadataError(f"{path}: expected a state_dict, got {type(state).__name__}")
     try:

@@ -145,6 +145,24 @@ def test_metadata_that_is_not_utf8_or_pads_absurdly_is_a_metadata_error(tmp_path
         ModelMetadata.from_file(meta_path)
 
 
+def test_a_weights_file_torch_cannot_read_is_a_metadata_error_and_exit_2(tmp_path, capsys) -> None:
+    """Truncated or foreign .pt files: one line naming the file, from the loader and the CLIs
+    that take a .pt (`python -m engine.evaluate`), not torch's traceback."""
+    from engine.evaluate import main as evaluate_main
+
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    good = path.read_bytes()
+    for content in (b"not weights at all", good[: len(good) // 2]):
+        path.write_bytes(content)
+        with pytest.raises(ModelMetadataError, match=r"m\.pt: not a loadable PyTorch weights"):
+            load_model(path)
+    assert evaluate_main(["--weights", str(path), "--quick", "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {path}: not a loadable")
+    assert not (tmp_path / "r").exists()
+
+
 def test_load_refuses_architecture_that_does_not_match_weights(tmp_path) -> None:
     model = DeepZ(**TINY)
     path = tmp_path / "m.pt"
