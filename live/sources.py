@@ -425,12 +425,21 @@ class ReplaySource:
                 f"source.frame_shape {list(frame_shape)} does not match the frames of "
                 f"{str(self.path)!r}, which are {list(self.recording.frame_shape)}"
             )
-        rate = rate_hz or self.recording.rate_hz or default_rate_hz
+        own = self.recording.rate_hz
+        rate = rate_hz or own or default_rate_hz
         if rate is None:
             raise ValueError(
                 f"{str(self.path)!r} does not say its frame rate: set source.replay.rate_hz"
             )
-        _check_rate(rate, "source.replay.rate_hz")
+        # name where the rate came from: a file's own (ImageJ finterval, NGFF scale) can be bad
+        where = (
+            "source.replay.rate_hz"
+            if rate_hz
+            else f"the frame rate of {str(self.path)!r}"
+            if own
+            else "source.rate_hz"
+        )
+        _check_rate(rate, where)
         self.rate_hz = float(rate)
         self.loop = loop
         self.frame_count = frame_count
@@ -556,8 +565,13 @@ def _open_tiff(path: Path) -> Recording:
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        frames = _squeeze_to_tyx(series.asarray(), series.axes, str(path))
-        rate = _tiff_rate_hz(tif)
+        axes, rate = series.axes, _tiff_rate_hz(tif)
+        pixels: np.ndarray
+        try:  # mapped where the file allows (uncompressed, contiguous): frames read as sent
+            pixels = tifffile.memmap(path, mode="r")
+        except ValueError:  # compressed or scattered: read whole
+            pixels = series.asarray()
+    frames = _squeeze_to_tyx(pixels, axes, str(path))
     return Recording(frames, range(frames.shape[0]), rate)
 
 
@@ -628,6 +642,8 @@ def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
 def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
     """Return `array` as (T, H, W): 2-D gains a T of 1, extra axes must have size 1."""
     shape = tuple(array.shape)
+    if len(shape) < 2:
+        raise ValueError(f"cannot replay {where}: its image has shape {list(shape)}, not frames")
     if axes is not None and len(axes) == len(shape) and axes[-2:].upper() != "YX":
         raise ValueError(
             f"cannot replay {where}: its image has axes {axes} (shape {list(shape)}); "
@@ -637,14 +653,33 @@ def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
         return np.asarray(array)[np.newaxis]
     if len(shape) == 3:
         return array
-    extra = [n for n in shape[:-2] if n != 1]
+    extra = [i for i, n in enumerate(shape[:-2]) if n != 1]
     if len(extra) <= 1:
-        t = extra[0] if extra else 1
-        return np.asarray(array).reshape(t, *shape[-2:])
+        return _Frames(array, extra[0] if extra else None)
     raise ValueError(
         f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
         "replay needs frames (t, y, x), other axes of size 1"
     )
+
+
+class _Frames:
+    """A (T, H, W) view of an array whose other leading axes have size 1.
+
+    Read a frame at a time: a reshape would read the whole recording into memory first.
+    """
+
+    def __init__(self, array: Any, t_axis: int | None) -> None:
+        self.array, self.t_axis = array, t_axis
+        t = int(array.shape[t_axis]) if t_axis is not None else 1
+        self.shape = (t, int(array.shape[-2]), int(array.shape[-1]))
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        index = [0] * (len(self.array.shape) - 2)
+        if self.t_axis is not None:
+            index[self.t_axis] = t
+        elif t != 0:
+            raise IndexError(f"time point {t} of a recording of one frame")
+        return np.asarray(self.array[tuple(index)])
 
 
 # ------------------------------------------------------------------------------ config

@@ -231,7 +231,10 @@ def test_a_recording_that_cannot_be_replayed_is_one_line_naming_it(tmp_path: Pat
     data = (tmp_path / "movie.tif").read_bytes()
     (tmp_path / "truncated.tif").write_bytes(data[: len(data) // 2])
     (tmp_path / "text.tif").write_text("not a TIFF")
-    tifffile.imwrite(tmp_path / "halves.tif", np.full((3, *SHAPE), 0.5, np.float32))
+    halves = np.full((3, *SHAPE), 0.5, np.float32)
+    tifffile.imwrite(tmp_path / "halves.tif", halves, photometric="minisblack")
+    zarr.create_array(str(tmp_path / "line.zarr"), shape=(10,), dtype="uint16")
+    tifffile.imwrite(tmp_path / "backwards.tif", good, imagej=True, metadata={"finterval": -0.1})
     store = _record(tmp_path / "run.ome.zarr")
     forged = zarr.open_group(store, mode="r+")
     deepz = dict(forged.attrs["deepz"])
@@ -248,6 +251,7 @@ def test_a_recording_that_cannot_be_replayed_is_one_line_naming_it(tmp_path: Pat
         "halves.tif": "not camera counts",
         "empty.ome.zarr": "holds no frames",
         "odd-present.ome.zarr": "cannot replay",
+        "line.zarr": "not frames",
     }
     for name, message in cases.items():
         with pytest.raises(ValueError, match=message) as info:
@@ -255,6 +259,10 @@ def test_a_recording_that_cannot_be_replayed_is_one_line_naming_it(tmp_path: Pat
         assert name in str(info.value) and "\n" not in str(info.value)
     forged.attrs["deepz"] = {**deepz, "raw_present": [[0, 10**15]]}  # would loop for ever
     assert list(open_recording(store).indices) == list(range(PRESENT[-1] + 1))
+    with pytest.raises(ValueError, match=r"the frame rate of .*backwards\.tif.* got -10"):
+        ReplaySource(tmp_path / "backwards.tif")  # the file's own rate, named as the file's
+    # an uncompressed TIFF is mapped, not read whole: a long recording replays in bounded memory
+    assert isinstance(open_recording(tmp_path / "movie.tif").frames, np.memmap)
 
 
 def test_the_daemon_refuses_a_recording_it_cannot_replay_before_it_starts(
