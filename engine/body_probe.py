@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from engine import heldout as ho
 from engine.metadata import normalize_images
-from engine.model import DeepZ, load_model, metadata_path
+from engine.model import DeepZ, load_model, metadata_path, read_checkpoint
 
 __all__ = ["BodyHead", "ProbeFrames", "glow_error", "main", "predict_glow", "probe_samples"]
 
@@ -179,7 +179,7 @@ def train(
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     state: dict[str, Any] = {"step": 0, "history": []}
     if ckpt_path.is_file():
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = read_checkpoint(ckpt_path)
         head.load_state_dict(saved["head"])
         opt.load_state_dict(saved["optimiser"])
         state = {"step": saved["step"], "history": saved["history"]}
@@ -360,7 +360,7 @@ def _load_head(path: Path) -> tuple[DeepZ, BodyHead | None, dict[str, Any]]:
             None,
             {"weights": str(path), "step": meta.extra.get("steps"), "config_name": config},
         )
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(path)
     model, _ = load_model(saved["weights"])
     head = BodyHead(int(saved["features"]))
     head.load_state_dict(saved["head"])

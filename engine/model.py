@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "load_model",
     "metadata_path",
+    "read_checkpoint",
     "save_model",
 ]
 
@@ -438,6 +439,25 @@ def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
     return meta
 
 
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """Read a weights file or training checkpoint: tensors and plain values, never code.
+
+    ``torch.load`` with ``weights_only=True``: a pickled file can otherwise run any code it
+    holds, and checkpoints travel between machines (a committed one resumes a run). Raises
+    `ModelMetadataError` naming the file when it is missing or torch cannot read it
+    (truncated, not a torch file, or holding objects other than tensors and plain values).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelMetadataError(f"{path}: file not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+        raise ModelMetadataError(
+            f"{path}: not a loadable PyTorch weights file ({type(exc).__name__})"
+        ) from exc
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DeepZ, ModelMetadata]:
     """Load a state_dict and its metadata JSON; refuse missing or inconsistent metadata.
 
@@ -460,12 +480,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
             f"{metadata_path(path)}: size_multiple {metadata.size_multiple} does not match the "
             f"architecture (2 ** {model.pools} = {model.size_multiple})"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
-        raise ModelMetadataError(
-            f"{path}: not a loadable PyTorch weights file ({type(exc).__name__})"
-        ) from exc
+    state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise ModelMetadataError(f"{path}: expected a state_dict, got {type(state).__name__}")
     try:

@@ -25,15 +25,23 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
-from engine.metadata import ModelMetadata, normalize_images
-from engine.model import PRESETS, DeepZ, Discriminator, build_model, load_model, save_model
+from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images
+from engine.model import (
+    PRESETS,
+    DeepZ,
+    Discriminator,
+    build_model,
+    load_model,
+    read_checkpoint,
+    save_model,
+)
 
 __all__ = [
     "CameraRange",
@@ -65,6 +73,9 @@ class _Base(BaseModel):
     """Strict pydantic base: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_C = TypeVar("_C", bound=BaseModel)
 
 
 class ModelConfig(_Base):
@@ -197,13 +208,41 @@ class TrainConfig(_Base):
         return self
 
 
+class TrainConfigError(ValueError):
+    """A training config or command line that cannot be used; the message is one line."""
+
+
+def read_config(path: str | Path, schema: type[_C]) -> _C:
+    """Read a TOML training config into `schema`; any problem is one `TrainConfigError` line.
+
+    The file's name, then the key and what is wrong with it (the first of pydantic's errors,
+    with how many more there are), or where its TOML stops parsing.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise TrainConfigError(f"{path}: cannot read the training config ({exc.strerror})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TrainConfigError(f"{path}: not a TOML file ({exc})") from exc
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise TrainConfigError(f"{path}: {validation_line(exc)}") from exc
+
+
+def validation_line(exc: ValidationError) -> str:
+    """Return the first of a pydantic error's problems in one line: key, value and message."""
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{key} = {first.get('input')!r}: {first['msg']}{more}"
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config; unknown keys or bad values raise naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: training config not found")
-    with path.open("rb") as f:
-        return TrainConfig.model_validate(tomllib.load(f))
+    return read_config(path, TrainConfig)
 
 
 # ----------------------------------------------------------------------------- stacks
@@ -629,7 +668,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = read_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         if disc is not None and opt_d is not None and ck.get("disc") is not None:
@@ -759,12 +798,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="override out_dir")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    cfg = load_config(args.config)
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.out is not None:
-        cfg.out_dir = args.out
-    model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        cfg = load_config(args.config)
+        if args.steps is not None:
+            cfg.steps = args.steps
+        if args.out is not None:
+            cfg.out_dir = args.out
+    except ValidationError as exc:  # an override the config's schema refuses
+        print(f"error: {args.config}: {validation_line(exc)}", file=sys.stderr)
+        return 2
+    except TrainConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, ModelMetadataError) as exc:  # a checkpoint or stack it names
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
     if cfg.weights_out is not None:
         print(f"weights: {cfg.weights_out}")

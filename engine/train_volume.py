@@ -31,7 +31,6 @@ import os
 import platform
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -39,20 +38,29 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import scipy.fft
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.detection import detection_loss
 from engine.metadata import (
     Modality,
     ModelMetadata,
+    ModelMetadataError,
     VolumeOutput,
     file_sha256,
     normalize_images,
 )
-from engine.model import DeepZ, build_model, save_model
+from engine.model import DeepZ, build_model, read_checkpoint, save_model
 from engine.optics import WormConfig
-from engine.train import LabStackConfig, SampleKind, _Base, _lr_factor, read_lab_stack
+from engine.train import (
+    LabStackConfig,
+    SampleKind,
+    _Base,
+    _lr_factor,
+    read_config,
+    read_lab_stack,
+    validation_line,
+)
 from engine.volume import (
     DEPTH_STEP_UM,
     RESIDUAL_SIGMA_PX,
@@ -450,11 +458,7 @@ class VolumeTrainConfig(_Base):
 
 def load_config(path: str | Path) -> VolumeTrainConfig:
     """Read a TOML volume-training config; unknown keys or bad values raise naming the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: training config not found")
-    with path.open("rb") as f:
-        return VolumeTrainConfig.model_validate(tomllib.load(f))
+    return read_config(path, VolumeTrainConfig)
 
 
 def build_volume_model(cfg: VolumeTrainConfig) -> DeepZ:
@@ -1694,7 +1698,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             raise FileNotFoundError(
                 f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"
             )
-        ck = torch.load(src, map_location="cpu", weights_only=False)
+        ck = read_checkpoint(src)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
@@ -1882,7 +1886,7 @@ def _initial_weights(path: Path) -> dict[str, torch.Tensor]:
     """Model state from a volume .pt (a plain state_dict) or a training checkpoint."""
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
-    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    loaded = read_checkpoint(path)
     state: dict[str, torch.Tensor] = served_state(loaded) if "opt" in loaded else loaded
     return state
 
@@ -1954,7 +1958,7 @@ def weights_from_checkpoint(
 
     if cfg.weights_out is None:
         raise ValueError("the config has no weights_out to write")
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(checkpoint)
     ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
@@ -2169,28 +2173,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--render-modality applies to --weights-from-checkpoint only")
     if args.raw_weights and args.weights_from_checkpoint is None:
         p.error("--raw-weights applies to --weights-from-checkpoint only")
-    cfg = load_config(args.config)
-    if args.weights_out is not None:
-        cfg.weights_out = args.weights_out
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.out is not None:
-        cfg.out_dir = args.out
     try:
+        cfg = load_config(args.config)
+        if args.weights_out is not None:
+            cfg.weights_out = args.weights_out
+        if args.steps is not None:
+            cfg.steps = args.steps
+        if args.out is not None:
+            cfg.out_dir = args.out
         check_measured_bank(cfg)
-    except ValueError as exc:
+    except ValidationError as exc:  # an override the config's schema refuses
+        print(f"error: {args.config}: {validation_line(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # TrainConfigError, and a measured bank that does not fit
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.checkpoint_from_weights is not None:
-        print(f"checkpoint: {checkpoint_from_weights(cfg, args.checkpoint_from_weights)}")
-        return 0
-    if args.weights_from_checkpoint is not None:
-        path = weights_from_checkpoint(
-            cfg, args.weights_from_checkpoint, args.render_modality, not args.raw_weights
-        )
-        print(f"weights: {path}")
-        return 0
-    model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        if args.checkpoint_from_weights is not None:
+            print(f"checkpoint: {checkpoint_from_weights(cfg, args.checkpoint_from_weights)}")
+            return 0
+        if args.weights_from_checkpoint is not None:
+            path = weights_from_checkpoint(
+                cfg, args.weights_from_checkpoint, args.render_modality, not args.raw_weights
+            )
+            print(f"weights: {path}")
+            return 0
+        model = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, ModelMetadataError) as exc:  # a checkpoint or file it names
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
     if cfg.weights_out is not None:
         print(f"weights: {cfg.weights_out}")

@@ -16,6 +16,7 @@ from engine.model import load_model
 from engine.train import (
     LabStackConfig,
     TrainConfig,
+    TrainConfigError,
     _generator_loss,
     _stack_from_planes,
     _validation_set,
@@ -88,14 +89,42 @@ def test_shipped_config_loads() -> None:
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = 10\nbatch_sise = 4\n")
-    with pytest.raises(pydantic.ValidationError, match="batch_sise"):
+    with pytest.raises(TrainConfigError, match=r"bad\.toml: batch_sise = 4: Extra inputs"):
         load_config(bad)
     with pytest.raises(pydantic.ValidationError, match="size_multiple"):
         TrainConfig.model_validate({"patch_size": 100})
     with pytest.raises(pydantic.ValidationError, match="dz_range_um"):
         TrainConfig.model_validate({"data": {"dz_range_um": [5, -5]}})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(TrainConfigError, match=r"missing\.toml: cannot read the training config"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_the_training_clis_say_a_bad_config_or_checkpoint_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both training commands: a TOML that does not parse, a key of the wrong type, a refused
+    override, a truncated checkpoint to resume from — one line naming the file, exit 2, and
+    nothing trained. A checkpoint is read as tensors and plain values only (never code)."""
+    from engine.train import main as train_main
+    from engine.train_volume import main as volume_main
+
+    (tmp_path / "syntax.toml").write_text("steps = = 3\n")
+    (tmp_path / "wrong.toml").write_text('steps = "many"\n')
+    ok = tmp_path / "ok.toml"
+    ok.write_text(f'out_dir = "{(tmp_path / "run").as_posix()}"\nsteps = 2\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"PK\x03\x04 a truncated zip")
+    cases = [
+        (["--config", str(tmp_path / "syntax.toml")], "syntax.toml: not a TOML file"),
+        (["--config", str(tmp_path / "wrong.toml")], "wrong.toml: steps = 'many'"),
+        (["--config", str(ok), "--steps", "-1"], "ok.toml: steps = -1"),
+        (["--config", str(ok), "--resume"], "checkpoint.pt: not a loadable PyTorch weights"),
+    ]
+    for main in (train_main, volume_main):
+        for args, message in cases:
+            assert main([*args, "--no-progress"]) == 2, args
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error: ") and message in err and "\n" not in err, err
 
 
 def test_uniform_pairs_use_the_input_frames_statistics(tmp_path: Path) -> None:
