@@ -1715,6 +1715,11 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         own = model.state_dict()
         # layers whose shape changed (e.g. the head of a wider depth grid) start fresh
         fresh = sorted(k for k, v in own.items() if k not in state or state[k].shape != v.shape)
+        if len(fresh) > len(own) // 2:  # not this network's weights: a run from scratch
+            raise ModelMetadataError(  # would pass for a fine-tune
+                f"init_from: {cfg.init_from} fits {len(own) - len(fresh)} of this network's "
+                f"{len(own)} tensors: not weights of this architecture"
+            )
         model.load_state_dict(
             {k: v for k, v in state.items() if k in own and k not in fresh}, strict=False
         )

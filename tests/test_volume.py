@@ -828,6 +828,11 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     cfg.init_from = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(cfg, progress=False)
+    # weights of another network (here one tensor of it) would pass for a fine-tune
+    torch.save({"stem.weight": shipped["stem.weight"]}, tmp_path / "foreign.pt")
+    cfg.init_from = tmp_path / "foreign.pt"
+    with pytest.raises(ValueError, match=r"fits 1 of this network's \d+ tensors"):
+        train(cfg, progress=False)
     assert build_volume_model(cfg) is not None
 
 
