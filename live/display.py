@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class LatestStack:
         while self._sub.poll(timeout_ms if newest is None else 0):
             try:
                 message = decode(self._sub.recv_multipart(copy=False))
+                if message.header.kind != "stack":  # a frame on the stacks endpoint
+                    raise ProtocolError(f"expected a stack, got a {message.header.kind}")
             except ProtocolError as err:
                 self.malformed += 1
                 log.warning("malformed stack ignored: %s", err)
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-fps", type=float, default=20.0, help="screen refresh limit")
     args = parser.parse_args(argv)
+    if args.max_message_bytes < 1:
+        parser.error(f"--max-message-bytes must be >= 1, not {args.max_message_bytes}")
+    if not (math.isfinite(args.max_fps) and 0 < args.max_fps <= 1000):
+        parser.error(
+            f"--max-fps must be a number of frames a second in (0, 1000], not {args.max_fps}"
+        )
     if (args.recording is None) == (args.endpoint is None and args.scope is None):
         parser.error("give a recording, or --endpoint / --scope of a running daemon")
     if args.recording is not None:

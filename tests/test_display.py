@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 import zmq
 
 from live.display import LatestStack
-from live.protocol import encode_stack, max_part_bytes
+from live.protocol import encode_frame, encode_stack, max_part_bytes
 
 
 def test_latest_stack_keeps_newest_and_counts_drops() -> None:
@@ -53,6 +54,9 @@ def test_latest_stack_keeps_newest_and_counts_drops() -> None:
         assert view.volume.flags.writeable
         pub.send_multipart([b"{}", b""])
         assert client.poll(500) is None and client.malformed == 1
+        frame = encode_frame(np.zeros((16, 16), np.uint16), seq=9, timestamp_s=0.0)
+        pub.send_multipart(frame)  # a camera frame on the stacks endpoint: not a stack
+        assert client.poll(500) is None and client.malformed == 2
     finally:
         client.close()
         pub.close()
@@ -88,3 +92,21 @@ def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
         client.close()
         pub.close()
         ctx.term()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-message-bytes", "-5"], "--max-message-bytes must be >= 1"),
+        (["--max-fps", "nan"], "--max-fps must be a number of frames a second"),
+        (["--max-fps", "0"], "--max-fps must be a number of frames a second"),
+    ],
+)
+def test_the_viewers_limits_are_checked(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from live.display import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--endpoint", "tcp://127.0.0.1:5999", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
