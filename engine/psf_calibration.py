@@ -676,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("stacks need --step-um, their focus step (µm, > 0)")
     if args.fields < 1:
         parser.error(f"--fields must be >= 1, not {args.fields}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, not {args.first_seed}")
     if args.out.suffix != ".npy":
         parser.error(f"--out must name a .npy file, not {args.out}")
     from engine.metadata import ModelMetadata

@@ -269,3 +269,6 @@ def test_the_command_measures_a_slide_and_writes_bank_json_and_picture(
     assert "usable bead" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         C.main([str(tmp_path / "flat.npy")])  # no --step-um
+    with pytest.raises(SystemExit) as exc:  # seeds are a stream from 0: a negative one is no field
+        C.main(["--slide", "vectorial", "--first-seed", "-1"])
+    assert exc.value.code == 2 and "--first-seed must be >= 0" in capsys.readouterr().err
