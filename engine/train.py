@@ -29,7 +29,14 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images
@@ -76,6 +83,28 @@ class _Base(BaseModel):
 
 
 _C = TypeVar("_C", bound=BaseModel)
+
+
+def validation_line(exc: ValidationError) -> str:
+    """Return the first of a pydantic error's problems in one line: key, value and message."""
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{key} = {first.get('input')!r}: {first['msg']}{more}"
+
+
+def camera_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    """Check a config's ``camera`` table against `engine.optics.CameraConfig` at load.
+
+    (Not when the first sample is simulated, minutes into a run.)
+    """
+    from engine.optics import CameraConfig
+
+    try:
+        CameraConfig.model_validate(v)
+    except ValidationError as exc:
+        raise ValueError(f"camera.{validation_line(exc)}") from None
+    return v
 
 
 class ModelConfig(_Base):
@@ -176,6 +205,8 @@ class TrainConfig(_Base):
     data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
     optics: dict[str, Any] = Field({}, description="engine.optics.OpticsConfig overrides.")
     camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
+
+    _camera = field_validator("camera")(camera_overrides)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
     threads: int = Field(2, ge=1, description="torch CPU threads.")
     amp: bool = Field(True, description="bfloat16 autocast on CUDA.")
@@ -230,14 +261,6 @@ def read_config(path: str | Path, schema: type[_C]) -> _C:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise TrainConfigError(f"{path}: {validation_line(exc)}") from exc
-
-
-def validation_line(exc: ValidationError) -> str:
-    """Return the first of a pydantic error's problems in one line: key, value and message."""
-    first = exc.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{key} = {first.get('input')!r}: {first['msg']}{more}"
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import scipy.fft
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.detection import detection_loss
@@ -57,6 +57,7 @@ from engine.train import (
     SampleKind,
     _Base,
     _lr_factor,
+    camera_overrides,
     read_config,
     read_lab_stack,
     validation_line,
@@ -411,6 +412,7 @@ class VolumeTrainConfig(_Base):
     )
     optics: dict[str, Any] = Field({}, description="engine.optics.OpticsConfig overrides.")
     camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
+    _camera = field_validator("camera")(camera_overrides)
     data: VolumeDataConfig = Field(default_factory=VolumeDataConfig)  # type: ignore[arg-type]
     loss: VolumeLossConfig = Field(default_factory=VolumeLossConfig)  # type: ignore[arg-type]
 

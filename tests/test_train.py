@@ -110,6 +110,7 @@ def test_the_training_clis_say_a_bad_config_or_checkpoint_in_one_line(
 
     (tmp_path / "syntax.toml").write_text("steps = = 3\n")
     (tmp_path / "wrong.toml").write_text('steps = "many"\n')
+    (tmp_path / "camera.toml").write_text("[camera]\nread_noise = 1.0\n")  # not a key of it
     ok = tmp_path / "ok.toml"
     ok.write_text(f'out_dir = "{(tmp_path / "run").as_posix()}"\nsteps = 2\n')
     (tmp_path / "run").mkdir()
@@ -117,6 +118,7 @@ def test_the_training_clis_say_a_bad_config_or_checkpoint_in_one_line(
     cases = [
         (["--config", str(tmp_path / "syntax.toml")], "syntax.toml: not a TOML file"),
         (["--config", str(tmp_path / "wrong.toml")], "wrong.toml: steps = 'many'"),
+        (["--config", str(tmp_path / "camera.toml")], "camera.read_noise = 1.0: Extra inputs"),
         (["--config", str(ok), "--steps", "-1"], "ok.toml: steps = -1"),
         (["--config", str(ok), "--resume"], "checkpoint.pt: not a loadable PyTorch weights"),
     ]
