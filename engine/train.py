@@ -263,6 +263,22 @@ def read_config(path: str | Path, schema: type[_C]) -> _C:
         raise TrainConfigError(f"{path}: {validation_line(exc)}") from exc
 
 
+def configure(path: str | Path, schema: type[_C], **overrides: Any) -> _C:
+    """Read `path` into `schema` and set the command line's `overrides` (None: not given).
+
+    Any problem, in the file or in an override the schema refuses, is one `TrainConfigError`
+    line naming the file: what both training commands need before anything runs.
+    """
+    cfg = read_config(path, schema)
+    try:
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+    except ValidationError as exc:
+        raise TrainConfigError(f"{path}: {validation_line(exc)}") from None
+    return cfg
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a TOML training config; unknown keys or bad values raise naming the key."""
     return read_config(path, TrainConfig)
@@ -822,14 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        if args.steps is not None:
-            cfg.steps = args.steps
-        if args.out is not None:
-            cfg.out_dir = args.out
-    except ValidationError as exc:  # an override the config's schema refuses
-        print(f"error: {args.config}: {validation_line(exc)}", file=sys.stderr)
-        return 2
+        cfg = configure(args.config, TrainConfig, steps=args.steps, out_dir=args.out)
     except TrainConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import scipy.fft
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.detection import detection_loss
@@ -58,9 +58,9 @@ from engine.train import (
     _Base,
     _lr_factor,
     camera_overrides,
+    configure,
     read_config,
     read_lab_stack,
-    validation_line,
 )
 from engine.volume import (
     DEPTH_STEP_UM,
@@ -2181,17 +2181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.raw_weights and args.weights_from_checkpoint is None:
         p.error("--raw-weights applies to --weights-from-checkpoint only")
     try:
-        cfg = load_config(args.config)
-        if args.weights_out is not None:
-            cfg.weights_out = args.weights_out
-        if args.steps is not None:
-            cfg.steps = args.steps
-        if args.out is not None:
-            cfg.out_dir = args.out
+        cfg = configure(
+            args.config,
+            VolumeTrainConfig,
+            weights_out=args.weights_out,
+            steps=args.steps,
+            out_dir=args.out,
+        )
         check_measured_bank(cfg)
-    except ValidationError as exc:  # an override the config's schema refuses
-        print(f"error: {args.config}: {validation_line(exc)}", file=sys.stderr)
-        return 2
     except ValueError as exc:  # TrainConfigError, and a measured bank that does not fit
         print(f"error: {exc}", file=sys.stderr)
         return 2

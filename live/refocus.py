@@ -62,7 +62,8 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -244,14 +245,8 @@ def open_input(path: str | Path) -> RawInput:
     attrs = dict(node.attrs)
     deepz = attrs.get("deepz")
     if isinstance(deepz, dict) and "raw_present" in deepz:
-        try:
+        with _malformed(text, "run metadata ('deepz' attributes)"):
             return _run_input(text, node, deepz)
-        except RefocusError:
-            raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise RefocusError(
-                f"{text}: malformed run metadata ('deepz' attributes: {type(exc).__name__}: {exc})"
-            ) from None
     ome = attrs.get("ome", attrs)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:
@@ -260,16 +255,23 @@ def open_input(path: str | Path) -> RawInput:
             "an NGFF image ('multiscales' metadata); for another OME-Zarr collection, give "
             "the image inside it (e.g. STORE/0)"
         )
-    try:
+    with _malformed(text, "NGFF 'multiscales' metadata"):
         return _ngff_input(text, node, multiscales)
+
+
+@contextmanager
+def _malformed(text: str, what: str) -> Iterator[None]:
+    """Turn a store's metadata that is not what it should be into one `RefocusError` line.
+
+    The metadata is the store's, as hostile as any input: a missing key or a value of another
+    kind anywhere in it (`what` names which part) is refused naming the store.
+    """
+    try:
+        yield
     except RefocusError:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        # the metadata is the store's, as hostile as any input: a missing key or a value of
-        # another kind anywhere in it is one line
-        raise RefocusError(
-            f"{text}: malformed NGFF 'multiscales' metadata ({type(exc).__name__}: {exc})"
-        ) from None
+        raise RefocusError(f"{text}: malformed {what} ({type(exc).__name__}: {exc})") from None
 
 
 def _ngff_input(text: str, node: Any, multiscales: Any) -> RawInput:
