@@ -42,6 +42,7 @@ __all__ = [
     "SOURCE_KINDS",
     "MicroManagerSource",
     "Recording",
+    "ReplayError",
     "ReplaySource",
     "SimulatedScope",
     "Source",
@@ -522,37 +523,42 @@ def _recorded(values: np.ndarray | None, t: int) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class ReplayError(ValueError):
+    """A recording that cannot be replayed; the message names the file and why, in one line."""
+
+
 def open_recording(path: str | Path) -> Recording:
     """Open a TIFF (``.tif``/``.tiff``) or a Zarr / OME-Zarr store for replay.
 
     Raises
     ------
-    ValueError
-        The file is not one of those formats, or its image is not (t, y, x).
+    ReplayError
+        The file is not one of those formats, cannot be read, holds no frames, its image is
+        not (t, y, x) or its values are not camera counts.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"source.replay.path {str(path)!r} does not exist")
     if path.suffix.lower() not in (".tif", ".tiff") and not path.is_dir():
-        raise ValueError(
+        raise ReplayError(
             f"cannot replay {str(path)!r}: expected a .tif/.tiff file or a Zarr/OME-Zarr directory"
         )
     try:
         recording = _open_tiff(path) if path.is_file() else _open_zarr(path)
         if not recording.indices:
-            raise ValueError(f"cannot replay {str(path)!r}: it holds no frames")
+            raise ReplayError(f"cannot replay {str(path)!r}: it holds no frames")
         first = np.asarray(recording.frames[recording.indices[0]])
+    except ReplayError:  # ours: it names the file and what is wrong
+        raise
     except Exception as err:  # the file is input: any reader's or attribute's failure
-        if isinstance(err, ValueError) and str(path) in str(err):
-            raise  # ours: it names the file and what is wrong
-        raise ValueError(f"cannot replay {str(path)!r}: {type(err).__name__}: {err}") from err
+        raise ReplayError(f"cannot replay {str(path)!r}: {type(err).__name__}: {err}") from err
     # the daemon records raw frames as uint16 camera counts and refuses any other value
     # (`live.recorder`): a recording of others would replay with nothing recorded
     counts = first.dtype.kind in "ui" or (
         first.dtype.kind == "f" and bool(np.all(np.isfinite(first) & (first == np.round(first))))
     )
     if not counts or (first.size and (first.min() < 0 or first.max() > 65535)):
-        raise ValueError(
+        raise ReplayError(
             f"cannot replay {str(path)!r}: its frames are not camera counts (whole numbers "
             f"0 … 65535; the first frame is {first.dtype}, {first.min():g} … {first.max():g})"
         )
@@ -595,7 +601,7 @@ def _open_zarr(path: Path) -> Recording:
         present = deepz.get("raw_present")
         node = node[raw_group]
     elif isinstance(deepz, dict) and "raw_present" in deepz:
-        raise ValueError(
+        raise ReplayError(
             f"cannot replay {str(path)!r}: this run kept no raw frames (recorder.keep_raw = false)"
         )
     elif "bioformats2raw.layout" in _as_dict(node.attrs.get("ome")) and "0" in node:
@@ -603,7 +609,7 @@ def _open_zarr(path: Path) -> Recording:
     ome = node.attrs.get("ome", node.attrs)
     multiscales = ome.get("multiscales") if isinstance(ome, dict) else None
     if not multiscales:
-        raise ValueError(
+        raise ReplayError(
             f"{str(path)!r} is a Zarr group without NGFF 'multiscales' metadata or a raw image"
         )
     image = multiscales[0]
@@ -643,9 +649,9 @@ def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
     """Return `array` as (T, H, W): 2-D gains a T of 1, extra axes must have size 1."""
     shape = tuple(array.shape)
     if len(shape) < 2:
-        raise ValueError(f"cannot replay {where}: its image has shape {list(shape)}, not frames")
+        raise ReplayError(f"cannot replay {where}: its image has shape {list(shape)}, not frames")
     if axes is not None and len(axes) == len(shape) and axes[-2:].upper() != "YX":
-        raise ValueError(
+        raise ReplayError(
             f"cannot replay {where}: its image has axes {axes} (shape {list(shape)}); "
             "replay needs the last two axes to be y, x (colour images are not supported)"
         )
@@ -656,7 +662,7 @@ def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
     extra = [i for i, n in enumerate(shape[:-2]) if n != 1]
     if len(extra) <= 1:
         return _Frames(array, extra[0] if extra else None)
-    raise ValueError(
+    raise ReplayError(
         f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
         "replay needs frames (t, y, x), other axes of size 1"
     )
