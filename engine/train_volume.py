@@ -264,6 +264,14 @@ class VolumeLossConfig(_Base):
     source_sigma_px: float = Field(
         1.0, gt=0, description="Per-source window's lateral Gaussian sigma (px)."
     )
+    source_far_weight: float = Field(
+        0.0,
+        ge=0,
+        description="In the per-source term a bead counts 1 + source_far_weight * |depth| / "
+        "half range (a weighted mean over the batch's beads): the beads 4 µm or more from "
+        "focus are the ones the shipped model misses (docs/evaluation/volume.md, session 32), "
+        "and each counts once however faint, like an in-focus one. Recipe 40.",
+    )
     source_sigma_slices: float = Field(
         1.0, gt=0, description="Per-source window's axial Gaussian sigma (depth steps)."
     )
@@ -1022,13 +1030,15 @@ def _source_term(
     depth_um: np.ndarray,
     sigma_px: float,
     sigma_slices: float,
+    far_weight: float = 0.0,
 ) -> torch.Tensor:
     """Mean over the true beads of the relative squared error of their windowed masses.
 
     Each bead counts once, whatever its brightness: missing a faint one costs what missing a
     bright one does (the density term weighs a miss by brightness squared). Nothing outside
     the windows is scored. A bead's truth mass is floored at 1 % of the batch's mean so a
-    bead at the very edge of the patch or the grid cannot dominate.
+    bead at the very edge of the patch or the grid cannot dominate. With ``far_weight`` k a
+    bead at depth z weighs 1 + k·|z|/half range in a weighted mean (k = 0: the plain mean).
     """
     # no branch on the bead count (a branch reads it from the device: a sync per step); a batch
     # of worm crops has no beads, an all-zero mask, and the term is then exactly 0
@@ -1037,7 +1047,9 @@ def _source_term(
     t = source_masses(target, sources, depth_um, sigma_px, sigma_slices)
     t_mean = (t * mask).sum() / count
     size = torch.maximum(t, 1e-2 * t_mean) ** 2 + 1e-12
-    return (((p - t) ** 2 / size) * mask).sum() / count
+    half_range = float(np.abs(depth_um).max())
+    weight = mask * (1.0 + far_weight * sources[..., 2].to(mask.dtype).abs() / half_range)
+    return (((p - t) ** 2 / size) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def body_term(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -1151,7 +1163,13 @@ def volume_loss_terms(
         total = total + lc.depth_nll_weight * nll
     if lc.source_weight > 0 and sources is not None:
         src = _source_term(
-            pred, target, *sources, cfg.depth_um, lc.source_sigma_px, lc.source_sigma_slices
+            pred,
+            target,
+            *sources,
+            cfg.depth_um,
+            lc.source_sigma_px,
+            lc.source_sigma_slices,
+            lc.source_far_weight,
         )
         parts["source"] = src.detach()
         total = total + lc.source_weight * src

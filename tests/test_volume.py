@@ -578,6 +578,42 @@ def test_source_term_costs_a_faint_miss_what_a_bright_one_does_and_ignores_haze(
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
 
 
+def test_source_far_weight_makes_a_far_miss_cost_more(psf):
+    """With source_far_weight k a bead at depth z weighs 1 + k·|z|/10 µm in the per-source
+    term's mean (recipe 40): at k = 2 missing a bead at +10 µm costs three times what missing
+    one in focus does; at k = 0 the two cost the same, as before."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 20, 8, 8] = 50.0  # in focus (0 µm)
+    target[0, 40, 22, 22] = 50.0  # at the grid's end (+10 µm)
+    cost = {}
+    for k in (0.0, 2.0):
+        cfg = VolumeTrainConfig.model_validate(
+            {
+                "patch_size": 32,
+                "channels": [4, 4, 8, 8],
+                "loss": {"source_weight": 1.0, "source_far_weight": k},
+            }
+        )
+        depth = cfg.depth_um
+        renderer = TorchRenderer(psf, depth, 32, 15)
+        rows = torch.tensor([[[8.0, 8.0, depth[20], 50.0], [22.0, 22.0, depth[40], 50.0]]])
+        for z in (20, 40):
+            pred = target.clone()
+            pred[0, z] = 0
+            parts = volume_loss(
+                cfg, renderer, pred, target, np.array([0.0]), (rows, torch.ones(1, 2))
+            )[1]
+            cost[k, z] = float(parts["source"])
+    assert cost[0.0, 20] == pytest.approx(cost[0.0, 40], rel=1e-4)  # 0.5 each
+    assert cost[2.0, 20] == pytest.approx(0.25, rel=1e-3)  # weights 1 and 3: 1 / 4
+    assert cost[2.0, 40] == pytest.approx(0.75, rel=1e-3)  # 3 / 4
+
+
 def test_render_planes_follow_the_truths_mass_when_asked():
     """With render_at_objects, the render term's planes are drawn mostly where objects are in
     focus; with 0 the draw is uniform and ignores the truth; always distinct depths."""
