@@ -31,6 +31,7 @@ import numpy as np
 import zmq
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from live.security import ClientKeys, ServerKeys
@@ -47,6 +48,7 @@ __all__ = [
     "StageTimes",
     "StatusPublisher",
     "StatusReader",
+    "format_ranges",
     "format_seqs",
     "format_stage_times",
     "seq_ranges",
@@ -488,8 +490,13 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
 
 def format_seqs(seqs: list[int], limit: int = 20) -> str:
     """Write sorted seqs as compact ranges, e.g. ``3-7, 9, 12-13``, eliding after `limit` ranges."""
+    return format_ranges(seq_ranges(seqs), limit)
+
+
+def format_ranges(runs: Sequence[tuple[int, int]], limit: int = 20) -> str:
+    """Write half-open ``(start, stop)`` runs as `format_seqs` writes their seqs."""
     ranges: list[str] = []
-    for start, stop in seq_ranges(seqs):
+    for start, stop in runs:
         ranges.append(str(start) if stop == start + 1 else f"{start}-{stop - 1}")
     if len(ranges) > limit:
         return ", ".join(ranges[:limit]) + f", … ({len(ranges) - limit} more ranges)"

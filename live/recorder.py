@@ -68,7 +68,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
 
-from live.metrics import format_seqs, seq_ranges
+from live.metrics import format_ranges, seq_ranges
 from live.store import (
     DPMS_ARRAY,
     FRAME_FIELDS,
@@ -139,9 +139,9 @@ late item may still fill), so this bounds its memory: 41 planes of 512² float16
 stack, six stacks a shard."""
 RESERVE_NAME = ".deepz-reserve"
 """Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
-SEQ_LIST_KEYS = ("skipped", "lost", "recorder.raw_missing", "recorder.stacks_missing")
-"""Seq lists of the daemon's run summary that `Recorder.add_run_summary` stores as ranges
-(``a.b``: key ``b`` of the dict under ``a``)."""
+SEQ_LIST_KEYS = ("skipped", "lost")
+"""Seq lists of the daemon's run summary that `Recorder.add_run_summary` stores as ranges (the
+recorder's own gaps are ranges already)."""
 
 _IMAGES = ROLES
 _RAW_DTYPE = np.dtype(np.uint16)
@@ -318,8 +318,6 @@ class RecorderSummary:
     path: str
     raw_frames: int
     stacks: int
-    raw_missing: list[int] = field(default_factory=list)
-    stacks_missing: list[int] = field(default_factory=list)
     unrecorded: int = 0
     """Items admitted for recording that are not on disk (the recorder stopped first)."""
     error: str | None = None
@@ -327,9 +325,11 @@ class RecorderSummary:
     run_error: str | None = None
     """Why the run failed outside the recorder (`Recorder.mark_incomplete`), if it did."""
     raw_gaps: list[tuple[int, int]] = field(default_factory=list)
-    """`raw_missing` as half-open ``(start, stop)`` ranges (the store's ``raw_gaps``)."""
+    """Seqs with no raw frame, between 0 and the last one recorded, as half-open ``(start,
+    stop)`` ranges (the store's ``raw_gaps``). Ranges only: a list of every missing seq can
+    be as long as the seqs are far apart (a forged stream: up to ``seq_window`` a frame)."""
     stacks_gaps: list[tuple[int, int]] = field(default_factory=list)
-    """`stacks_missing` as half-open ``(start, stop)`` ranges (the store's ``stacks_gaps``)."""
+    """Seqs with no stack, as `raw_gaps` (the store's ``stacks_gaps``)."""
     stack_values_clipped: int = 0
     """Values of recorded stacks saturated at the stacks' dtype's range (float16: ±65504)."""
 
@@ -342,8 +342,8 @@ class RecorderSummary:
         """Return one human line: counts, gaps by seq, rejected items by kind and any error."""
         text = (
             f"recording {self.path}: {self.raw_frames} raw frames, {self.stacks} stacks; "
-            f"raw gaps: {format_seqs(self.raw_missing)}; stack gaps: "
-            f"{format_seqs(self.stacks_missing)}"
+            f"raw gaps: {format_ranges(self.raw_gaps)}; stack gaps: "
+            f"{format_ranges(self.stacks_gaps)}"
         )
         if self.rejected_total:
             text += f"; rejected: {format_rejections(self.rejected)}"
@@ -626,21 +626,15 @@ class Recorder:
     def add_run_summary(self, run_summary: dict[str, Any]) -> None:
         """Store the daemon's summary in ``attrs["deepz"]["run_summary"]`` (call after close).
 
-        Its seq lists (`SEQ_LIST_KEYS`: every skipped and lost seq, and the recorder's missing
-        ones) are stored whole, as half-open ``[start, stop]`` ranges like the presence runs: a
-        run that skips a million frames in a row costs one range, not a million numbers.
+        Its seq lists (`SEQ_LIST_KEYS`: every skipped and lost seq) are stored whole, as
+        half-open ``[start, stop]`` ranges like the presence runs: a run that skips a million
+        frames in a row costs one range, not a million numbers.
         """
         stored = dict(run_summary)
-        for path in SEQ_LIST_KEYS:
-            parent, _, key = path.rpartition(".")
-            node = stored.get(parent) if parent else stored
-            if not isinstance(node, dict):
-                continue
-            if parent:  # a copy: the caller's dict is not changed
-                node = stored[parent] = dict(node)
-            seqs = node.get(key)
+        for key in SEQ_LIST_KEYS:
+            seqs = stored.get(key)
             if isinstance(seqs, list) and all(type(s) is int for s in seqs):
-                node[key] = [list(r) for r in seq_ranges(seqs)]
+                stored[key] = [list(r) for r in seq_ranges(seqs)]
         stored["seq_lists"] = "half-open [start, stop] ranges"
         self._deepz["run_summary"] = stored
         self._guarded(lambda: self._write_attrs(final=True), "run summary")
@@ -1023,8 +1017,6 @@ class Recorder:
             path=str(self.path),
             raw_frames=len(present["raw"]),
             stacks=len(present["stacks"]),
-            raw_missing=missing_seqs(seq_ranges(present["raw"])),
-            stacks_missing=missing_seqs(seq_ranges(present["stacks"])),
             unrecorded=sum(
                 self._gates[role].admitted() - len(present[role]) for role in self._images
             ),
@@ -1038,8 +1030,6 @@ class Recorder:
         self._deepz["summary"] = {
             "raw_frames": summary.raw_frames,
             "stacks": summary.stacks,
-            # the gaps as ranges only: a list of every missing seq can be as long as the
-            # seqs are far apart (a forged stream: up to seq_window a frame)
             "raw_gaps": [list(r) for r in summary.raw_gaps],
             "stacks_gaps": [list(r) for r in summary.stacks_gaps],
             "unrecorded": summary.unrecorded,

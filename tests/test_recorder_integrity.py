@@ -20,6 +20,11 @@ from tests.live_helpers import run_array
 from tests.test_recorder import PLANES, SHAPE, _frame, _recorder, _stack
 
 
+def _seqs(gaps: list[tuple[int, int]]) -> list[int]:
+    """Every seq of half-open gap ranges, in order."""
+    return [s for a, b in gaps for s in range(a, b)]
+
+
 def _array(root: zarr.Group, role: str) -> zarr.Array:
     """The array of image `role` in an opened run store."""
     array = root[str(array_path(root.attrs["deepz"], role))]
@@ -89,7 +94,7 @@ def test_a_seq_far_ahead_is_rejected_and_the_store_does_not_grow(
         summary = rec.close(timeout_s=30)
 
     assert summary.error is None and (summary.raw_frames, summary.stacks) == (5, 5)
-    assert summary.raw_missing == [] and summary.stacks_missing == []
+    assert summary.raw_gaps == [] and summary.stacks_gaps == []
     expected = _no_rejections()
     expected["raw"]["beyond_window"] = expected["stacks"]["beyond_window"] = 1
     assert summary.rejected == expected
@@ -119,7 +124,7 @@ def test_the_window_counts_from_the_highest_seq_accepted(
     summary = rec.close(timeout_s=30)
     assert summary.raw_frames == 4
     assert summary.rejected["raw"]["beyond_window"] == 3
-    assert summary.raw_missing == sorted(set(range(29)) - {3, 9, 19})
+    assert _seqs(summary.raw_gaps) == sorted(set(range(29)) - {3, 9, 19})
     with pytest.raises(ValueError, match="seq_window must be >= 1"):
         _recorder(tmp_path / "bad.ome.zarr", seq_window=0)
 
@@ -141,7 +146,7 @@ def test_a_wrong_shape_is_rejected_alone_and_recording_goes_on(tmp_path: Path) -
 
     assert summary.error is None and summary.unrecorded == 0
     assert (summary.raw_frames, summary.stacks) == (6, 5)
-    assert summary.raw_missing == [] and summary.stacks_missing == []
+    assert summary.raw_gaps == [] and summary.stacks_gaps == []
     assert summary.rejected["raw"]["wrong_shape"] == 1
     assert summary.rejected["stacks"]["wrong_shape"] == 2
     root = zarr.open_group(path, mode="r")
@@ -166,7 +171,7 @@ def test_raw_frames_that_do_not_convert_exactly_to_uint16_are_rejected(tmp_path:
     summary = rec.close(timeout_s=30)
 
     assert summary.rejected["raw"]["wrong_dtype"] == 4
-    assert summary.raw_missing == [1, 2, 3, 4]  # truthful gaps, not wrapped values
+    assert _seqs(summary.raw_gaps) == [1, 2, 3, 4]  # truthful gaps, not wrapped values
     raw = run_array(path, "raw")
     assert not raw[1:5].any()
     np.testing.assert_array_equal(raw[5], exact_float.astype(np.uint16))
@@ -270,7 +275,7 @@ def test_the_store_holds_the_first_valid_frame_of_every_seq(
 
     assert summary.error is None and summary.rejected["raw"] == counts
     assert summary.raw_frames == len(first)
-    assert summary.raw_missing == sorted(set(range(max(first, default=-1) + 1)) - set(first))
+    assert _seqs(summary.raw_gaps) == sorted(set(range(max(first, default=-1) + 1)) - set(first))
     raw = run_array(path, "raw")
     assert raw.shape[0] == max(first, default=-1) + 1
     for seq, image in first.items():
