@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -31,28 +32,60 @@ SERVER_NAME = "server"
 def make_keys(directory: Path, clients: list[str]) -> list[Path]:
     """Create the server keys (unless present) and one key pair per client; return new files.
 
-    Raises `FileExistsError` if a client's files already exist.
+    Everything is checked before anything is written: raises `ValueError` for a client name
+    that is not a plain file name, and `FileExistsError` if a client's files already exist or
+    the server's public certificate is there without its secret (never silently replaced:
+    clients hold a copy). The folder is made owner-only and every file is created under a
+    umask of 077, so a secret is never readable by others, not even for a moment; the public
+    certificates are then opened to reading (they are meant to be copied).
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    for name in clients:
+        if not _NAME.fullmatch(name) or name == SERVER_NAME:
+            raise ValueError(
+                f"client name {name!r}: letters, digits, '_', '-' and '.' only, not {SERVER_NAME!r}"
+            )
+    if len(set(clients)) != len(clients):
+        raise ValueError(f"client names given twice: {clients}")
+    server_public = directory / f"{SERVER_NAME}.key"
+    has_server = (directory / f"{SERVER_NAME}.key_secret").exists()
+    if server_public.exists() and not has_server:
+        raise FileExistsError(
+            f"{server_public} exists without its secret {SERVER_NAME}.key_secret: move it "
+            "away to make new server keys (clients hold a copy of the old one)"
+        )
     allowed = directory / "clients"
-    allowed.mkdir(exist_ok=True)
-    made: list[Path] = []
-    if not (directory / f"{SERVER_NAME}.key_secret").exists():
-        made += _create(directory, SERVER_NAME)
     for name in clients:
         public, secret = allowed / f"{name}.key", directory / f"{name}.key_secret"
         if public.exists() or secret.exists() or (directory / f"{name}.key").exists():
             raise FileExistsError(f"keys for client {name!r} already exist in {directory}")
+    if not directory.exists():
+        directory.mkdir(parents=True, mode=0o700)
+    allowed.mkdir(exist_ok=True)
+    made: list[Path] = []
+    if not has_server:
+        made += _create(directory, SERVER_NAME)
+    for name in clients:
         created = _create(directory, name)
-        shutil.move(directory / f"{name}.key", public)
+        public = allowed / f"{name}.key"
+        shutil.move(created[0], public)
         made += [public, created[1]]
     return made
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""A client name: one plain file name (no folder, no '..' escaping KEYDIR)."""
+
+
 def _create(directory: Path, name: str) -> list[Path]:
-    """Create NAME.key and NAME.key_secret in `directory`; the secret becomes owner-only."""
-    public, secret = zmq.auth.create_certificates(directory, name)
-    os.chmod(secret, 0o600)
+    """Create NAME.key (readable) and NAME.key_secret (owner-only) in `directory`."""
+    # pyzmq writes the files under the process umask and has no mode argument: a umask of
+    # 077 makes the secret owner-only from its first byte, not after a chmod
+    old = os.umask(0o077)
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(public, 0o644)
     return [Path(public), Path(secret)]
 
 
@@ -72,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         made = make_keys(args.directory, clients)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     for path in made:
         print(f"wrote {path}")
     keydir = args.directory.resolve()

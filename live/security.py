@@ -16,13 +16,16 @@ Keys are pyzmq certificate files made by ``python -m live.keys KEYDIR`` (`live.k
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.auth
+import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
 from live.config import ConfigError
@@ -52,7 +55,7 @@ class ServerKeys:
     """The daemon's CURVE key pair and the client public keys it lets in (all Z85 text)."""
 
     public: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)  # never in a log line or a traceback's locals
     allowed: frozenset[bytes]
 
 
@@ -61,7 +64,7 @@ class ClientKeys:
     """A client's CURVE key pair and the daemon's public key (all Z85 text)."""
 
     public: bytes
-    secret: bytes
+    secret: bytes = field(repr=False)
     server_public: bytes
 
 
@@ -75,8 +78,25 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
         raise ConfigError(
             f"{what}: {path} holds no secret key (give the *.key_secret file, not *.key)"
         )
-    if len(public) != 40 or (secret_key is not None and len(secret_key) != 40):
-        raise ConfigError(f"{what}: {path} does not hold 40-character Z85 CURVE keys")
+    try:  # a key that is not 32 bytes of Z85 fails only at bind or connect, as "Invalid argument"
+        if len(public) != 40 or len(zmq.utils.z85.decode(public)) != 32:
+            raise ValueError
+        if secret_key is not None and (
+            len(secret_key) != 40 or zmq.curve_public(secret_key) != public
+        ):
+            raise ValueError
+    except (ValueError, KeyError, zmq.ZMQError):  # z85 raises KeyError on a foreign character
+        raise ConfigError(
+            f"{what}: {path} does not hold a valid CURVE key pair (40-character Z85 keys, "
+            "the public one made from the secret one)"
+        ) from None
+    if secret and os.name == "posix":
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:  # as ssh refuses a private key others can read
+            raise ConfigError(
+                f"{what}: {path} can be read by other users (mode {mode:04o}); "
+                f"make it owner-only: chmod 600 {path}"
+            )
     return public, secret_key
 
 

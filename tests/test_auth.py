@@ -288,6 +288,52 @@ def test_key_files_are_checked(tmp_path: Path, keydir: Path) -> None:
     base.update(client_keys=[str(garbage)])
     with pytest.raises(ConfigError, match="40-character Z85"):
         server_keys(validate_config({"security": base}))
+    # 40 characters that are not Z85 passed a length check, to fail at bind as "Invalid argument"
+    garbage.write_text(f'curve\n    public-key = "{"~" * 40}"\n')
+    with pytest.raises(ConfigError, match=r"garbage\.key does not hold a valid CURVE key"):
+        server_keys(validate_config({"security": base}))
+    # a secret file whose public line is another key's
+    text = (keydir / "client.key_secret").read_text()
+    other = (keydir / "clients" / "scope2.key").read_text().split('public-key = "')[1][:40]
+    mixed = tmp_path / "mixed.key_secret"
+    mixed.write_text(text.replace(text.split('public-key = "')[1][:40], other))
+    mixed.chmod(0o600)
+    with pytest.raises(ConfigError, match="the public one made from the secret one"):
+        read_client_keys(mixed, keydir / "server.key")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_a_secret_key_others_can_read_is_refused(keydir: Path) -> None:
+    """As ssh refuses a private key others can read: one line naming the file and the fix."""
+    secret = keydir / "client.key_secret"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"can be read by other users \(mode 0644\).*chmod 600"):
+        read_client_keys(secret, keydir / "server.key")
+    secret.chmod(0o600)
+    keys = read_client_keys(secret, keydir / "server.key")
+    assert keys.secret.decode() not in repr(keys)  # never in a log line or a traceback
+
+
+def test_make_keys_checks_everything_before_writing(tmp_path: Path) -> None:
+    keydir = tmp_path / "k"
+    for bad in ("../escaped", "a/b", "server", ""):
+        with pytest.raises(ValueError, match="client name"):
+            make_keys(keydir, ["ok", bad])
+        assert not keydir.exists()  # nothing written, not even the server keys
+    made = make_keys(keydir, ["scope"])
+    assert stat.S_IMODE(keydir.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {
+        "server.key": 0o644,
+        "server.key_secret": 0o600,
+        "scope.key": 0o644,
+        "scope.key_secret": 0o600,
+    }
+    (keydir / "server.key_secret").unlink()  # the public one is left: clients hold a copy
+    before = (keydir / "server.key").read_bytes()
+    with pytest.raises(FileExistsError, match="exists without its secret"):
+        make_keys(keydir, ["other"])
+    assert (keydir / "server.key").read_bytes() == before
+    assert not (keydir / "other.key_secret").exists()
 
 
 def test_python_m_live_keys_makes_usable_keys_and_never_overwrites(tmp_path: Path) -> None:
@@ -301,4 +347,4 @@ def test_python_m_live_keys_makes_usable_keys_and_never_overwrites(tmp_path: Pat
     assert "[security]" in out.stdout and "server_key = " in out.stdout
     assert f'client_keys = "{tmp_path / "k" / "clients"}"' in out.stdout
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "already exist" in again.stderr
+    assert again.returncode == 2 and "already exist" in again.stderr
