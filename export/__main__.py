@@ -3,7 +3,7 @@
 Examples
 --------
 python -m export onnx --weights engine/weights/deepz-slim.pt --out engine/weights/deepz-slim.onnx
-python -m export tensorrt --onnx engine/weights/deepz-slim.onnx --fp16 --frame-shape 512 512
+python -m export tensorrt --onnx engine/weights/deepz-volume.onnx --scope config.toml
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.metadata import ModelMetadata
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("H", "W"),
         help="frame size to cover; repeat for several (default 256², 512², 1024²)",
     )
-    trt_p.add_argument("--max-batch", type=int, help="most planes per call (default 41)")
     trt_p.add_argument(
-        "--scope", type=Path, help="config.toml: take source.frame_shape and engine.max_batch"
+        "--max-batch", type=int, help="most inputs per call (default: the runtime's, 64)"
+    )
+    trt_p.add_argument(
+        "--scope",
+        type=Path,
+        help="config.toml: build what the daemon asks for with it (source.frame_shape, "
+        "engine.max_batch, engine.precision)",
     )
     trt_p.add_argument("--cache-dir", type=Path, help="engine cache (default ~/.cache/...)")
     trt_p.add_argument("--rebuild", action="store_true", help="build even when cached")
@@ -45,35 +54,89 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    """Run the ONNX export and print the parity table."""
+    """Run the ONNX export and print the parity table.
+
+    Exit 2 for input that cannot be exported (a missing or unreadable model, an output path
+    that cannot be written), 1 when the export itself fails its checks.
+    """
+    import onnx
+
     from engine.metadata import ModelMetadataError
     from export._onnx import ParityError, export_weights
 
     out = args.out or args.weights.with_suffix(".onnx")
     try:
         report = export_weights(args.weights, out, opset=args.opset)
-    except (ParityError, FileNotFoundError, ModelMetadataError, ValueError) as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
+    except (ParityError, onnx.checker.ValidationError) as exc:
+        print(f"export failed, {out} left as it was: {exc}", file=sys.stderr)
         return 1
+    except (OSError, ModelMetadataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(report.table())
     print(f"wrote {out}  (max abs {report.max_abs:.2e}, max rel {report.max_rel:.2e})")
     return 0
 
 
-def _scope_shapes(path: Path) -> tuple[tuple[int, int], int]:
-    """Read (source.frame_shape, engine.max_batch) from a scope config.toml."""
-    with path.open("rb") as f:
-        scope = tomllib.load(f)
+def _scope_engine(path: Path) -> tuple[tuple[int, int], int, str]:
+    """Read (source.frame_shape, engine.max_batch, engine.precision) from a scope config.toml.
+
+    Raises `ValueError` (one line) for a file that cannot be read or a frame shape that is
+    not two sizes ("auto" is read from the camera at start: give --frame-shape instead).
+    """
+    from engine.runtime import DEFAULT_MAX_BATCH
+
     try:
-        h, w = (int(v) for v in scope["source"]["frame_shape"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SystemExit(f"{path}: source.frame_shape must be [height, width] ({exc})") from exc
-    return (h, w), int(scope.get("engine", {}).get("max_batch", 41))
+        with path.open("rb") as f:
+            scope = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the scope config: {exc}") from None
+    shape = scope.get("source", {}).get("frame_shape", (256, 256))
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape)):
+        raise ValueError(
+            f"{path}: source.frame_shape is {shape!r}, not [height, width] (a shape read from "
+            "the camera at start: give --frame-shape H W)"
+        )
+    engine = scope.get("engine", {})
+    max_batch = engine.get("max_batch", DEFAULT_MAX_BATCH)
+    if type(max_batch) is not int:
+        raise ValueError(f"{path}: engine.max_batch is {max_batch!r}, not a whole number")
+    return (shape[0], shape[1]), max_batch, str(engine.get("precision", "fp32"))
+
+
+def engine_request(
+    args: argparse.Namespace, metadata: ModelMetadata
+) -> tuple[list[tuple[int, int]] | None, int, str]:
+    """Return the frame shapes, max batch and precision to build for, as the backend would.
+
+    With ``--scope`` these are what the daemon's `TensorRTBackend` asks for with that config
+    (`engine.runtime.serving_frame_shapes`, the config's max batch and precision), so the
+    engine built here is the cached one the daemon finds; ``--frame-shape`` adds shapes,
+    ``--max-batch`` and ``--fp16`` override.
+    """
+    from engine.runtime import DEFAULT_MAX_BATCH, serving_frame_shapes
+
+    shapes: list[tuple[int, int]] = [(h, w) for h, w in args.frame_shape or []]
+    max_batch, precision = DEFAULT_MAX_BATCH, "fp32"
+    if args.scope is not None:
+        frame, max_batch, scope_precision = _scope_engine(args.scope)
+        shapes.insert(0, frame)
+        precision = "fp16" if scope_precision == "fp16" else "fp32"  # "auto" is fp32 there
+    if args.max_batch is not None:
+        max_batch = args.max_batch
+    if args.fp16:
+        precision = "fp16"
+    if not shapes:
+        return None, max_batch, precision
+    first = serving_frame_shapes(metadata, shapes[0])
+    assert first is not None
+    return [*shapes, *first[1:]], max_batch, precision
 
 
 def _tensorrt(args: argparse.Namespace) -> int:
-    """Build or look up the TensorRT engine and print where it is."""
-    from engine.runtime import onnx_metadata
+    """Build or look up the TensorRT engine and print where it is (exit 2: bad input)."""
+    from engine.metadata import ModelMetadataError
+    from engine.runtime import BackendError, onnx_metadata
 
     try:
         from engine.runtime import build_tensorrt_engine
@@ -84,23 +147,24 @@ def _tensorrt(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-
-    metadata = onnx_metadata(args.onnx)
-    frames: list[tuple[int, int]] = [(h, w) for h, w in args.frame_shape or []]
-    max_batch = args.max_batch
-    if args.scope is not None:
-        scope_frame, scope_batch = _scope_shapes(args.scope)
-        frames.append(scope_frame)
-        max_batch = max_batch or scope_batch
-    entry, key, built = build_tensorrt_engine(
-        args.onnx,
-        metadata,
-        precision="fp16" if args.fp16 else "fp32",
-        frame_shapes=frames or None,
-        max_batch=max_batch or 41,
-        cache_dir=args.cache_dir,
-        rebuild=args.rebuild,
-    )
+    try:
+        metadata = onnx_metadata(args.onnx)
+        frames, max_batch, precision = engine_request(args, metadata)
+        entry, key, built = build_tensorrt_engine(
+            args.onnx,
+            metadata,
+            precision=precision,
+            frame_shapes=frames,
+            max_batch=max_batch,
+            cache_dir=args.cache_dir,
+            rebuild=args.rebuild,
+        )
+    except (OSError, ValueError, BackendError, ModelMetadataError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # TensorRT could not build it
+        print(f"TensorRT build failed: {exc}", file=sys.stderr)
+        return 1
     state = "built" if built else "cached"
     print(f"{state}: {entry.plan}\n  gpu {key.gpu}, TensorRT {key.tensorrt}, {key.precision}")
     print(f"  profile min {key.min_shape} opt {key.opt_shape} max {key.max_shape}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import warnings
@@ -227,11 +228,31 @@ def export_onnx(
 ) -> ParityReport:
     """Export `model` to `out` with `metadata` inside, check it, and verify parity with torch.
 
-    Raises `ParityError` (and removes `out`) when ONNX Runtime disagrees with torch beyond
-    float32 tolerance; `onnx.checker.ValidationError` when the graph is invalid.
+    Raises `ParityError` when ONNX Runtime disagrees with torch beyond float32 tolerance,
+    `onnx.checker.ValidationError` when the graph is invalid, `ValueError` when `out` is not
+    an ``.onnx`` path; in each case `out` is left as it was (the model is written beside it
+    and moved over it only once it passed).
     """
     out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"{out}: the output must be an .onnx file")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # written, checked and parity-tested beside `out`, then moved over it in one step: a failed
+    # export leaves the model it was to replace as it was, and a reader never sees half a file
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        report = _export_checked(model, metadata, tmp, opset=opset, source=source)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s (max abs %.2e, max rel %.2e)", out, report.max_abs, report.max_rel)
+    return report
+
+
+def _export_checked(
+    model: DeepZ, metadata: ModelMetadata, out: Path, *, opset: int, source: str
+) -> ParityReport:
+    """`export_onnx`'s work on the file `out` itself: export, check, parity, final metadata."""
     proto = to_onnx_proto(model, opset)
     info: dict[str, Any] = {
         "source": source,
@@ -245,13 +266,11 @@ def export_onnx(
     onnx.checker.check_model(str(out), full_check=True)
     report = check_parity(out, model, metadata)
     if not report.ok:
-        out.unlink()
-        raise ParityError(f"{out}: ONNX disagrees with torch:\n{report.table()}")
+        raise ParityError(f"ONNX disagrees with torch:\n{report.table()}")
     info["parity"] = {"max_abs": report.max_abs, "max_rel": report.max_rel}
     info["parity_cases"] = [asdict(c) for c in report.cases]
     add_metadata(proto, metadata, info)
     onnx.save_model(proto, str(out))
-    log.info("exported %s (max abs %.2e, max rel %.2e)", out, report.max_abs, report.max_rel)
     return report
 
 
@@ -260,6 +279,8 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
 
     A volume model's PSF bank is copied beside the ONNX file when it is written elsewhere.
     """
+    if Path(out).resolve() == Path(weights).resolve():
+        raise ValueError(f"{out}: the output would overwrite the weights it is made from")
     model, metadata = load_model(weights)
     report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
     if metadata.volume is not None:

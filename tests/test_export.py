@@ -85,8 +85,68 @@ def test_cli_exports_weights(
 
 
 def test_cli_rejects_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["onnx", "--weights", str(tmp_path / "none.pt")]) == 1
+    assert main(["onnx", "--weights", str(tmp_path / "none.pt")]) == 2
     assert "none.pt: weights file not found" in capsys.readouterr().err
+
+
+def test_cli_never_overwrites_the_weights_or_writes_another_kind(
+    tmp_path: Path, tiny_model_files: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = Path(str(tiny_model_files["pt"]))
+    before = weights.read_bytes()
+    assert main(["onnx", "--weights", str(weights), "--out", str(weights)]) == 2
+    assert "would overwrite the weights" in capsys.readouterr().err
+    assert main(["onnx", "--weights", str(weights), "--out", str(tmp_path / "m.pt")]) == 2
+    assert "must be an .onnx file" in capsys.readouterr().err
+    assert weights.read_bytes() == before and not (tmp_path / "m.pt").exists()
+    directory = tmp_path / "a.onnx"
+    directory.mkdir()  # an output that cannot be written: one line, not a traceback
+    assert main(["onnx", "--weights", str(weights), "--out", str(directory)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_failed_export_leaves_the_model_it_was_to_replace(
+    tmp_path: Path,
+    tiny_model_files: dict[str, object],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The model is written beside the output and moved over it only once it passed: before,
+    a parity failure deleted the output, the shipped ONNX included."""
+    from export import ParityReport
+
+    out = tmp_path / "shipped.onnx"
+    out.write_bytes(Path(str(tiny_model_files["onnx"])).read_bytes())
+    before = out.read_bytes()
+    monkeypatch.setattr(ParityReport, "ok", property(lambda self: False))  # a failed check
+    assert main(["onnx", "--weights", str(tiny_model_files["pt"]), "--out", str(out)]) == 1
+    assert "left as it was" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shipped.onnx"]  # no temporary left
+
+
+def test_tensorrt_cli_with_a_scope_asks_for_the_daemons_engine(
+    tmp_path: Path, tiny_model_files: dict[str, object]
+) -> None:
+    """``export tensorrt --scope`` builds the profile `TensorRTBackend` asks for with that
+    config (its frame down to one pad block, the runtime's max batch), so the daemon finds
+    the engine in the cache instead of building its own for minutes."""
+    import argparse
+
+    from engine.runtime import DEFAULT_MAX_BATCH, make_profile, serving_frame_shapes
+    from export.__main__ import engine_request
+
+    metadata = tiny_model_files["metadata"]
+    scope = tmp_path / "scope.toml"
+    scope.write_text('[source]\nframe_shape = [200, 300]\n[engine]\nprecision = "fp16"\n')
+    args = argparse.Namespace(frame_shape=None, scope=scope, max_batch=None, fp16=False)
+    frames, max_batch, precision = engine_request(args, metadata)  # type: ignore[arg-type]
+    daemon = make_profile(metadata, serving_frame_shapes(metadata, (200, 300)), DEFAULT_MAX_BATCH)  # type: ignore[arg-type]
+    assert make_profile(metadata, frames, max_batch) == daemon  # type: ignore[arg-type]
+    assert precision == "fp16"
+    scope.write_text('[source]\nframe_shape = "auto"\n')
+    with pytest.raises(ValueError, match="give --frame-shape"):
+        engine_request(args, metadata)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT installed")

@@ -130,3 +130,25 @@ def test_planes_engine_refocuses_as_the_host_path(cache_dir: Path) -> None:
         gpu.refocus(frame, plan, drift), cpu.refocus(frame, plan, drift), atol=1e-2 * peak
     )
     gpu.close()
+
+
+def test_a_cached_plan_cut_short_is_rebuilt_once(
+    tiny_model_files: dict[str, object],
+    onnx_reference: Backend,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A plan the cache holds but TensorRT cannot read (a power loss before the disk had it
+    all) is built anew with one warning; before, TensorRT was skipped at every start."""
+    first = _trt(tiny_model_files, tmp_path)
+    first.close()
+    (plan,) = tmp_path.glob("*.plan")
+    plan.write_bytes(plan.read_bytes()[:1000])
+    with caplog.at_level("WARNING", logger="engine.runtime"):
+        backend = _trt(tiny_model_files, tmp_path)
+    assert backend.name == "tensorrt"
+    assert any("cannot be read; rebuilding" in r.getMessage() for r in caplog.records)
+    frame, dpms = _inputs(3)
+    want = onnx_reference.infer(frame, dpms)
+    assert np.abs(backend.infer(frame, dpms) - want).max() <= 2e-2 * float(want.std()) * 10
+    backend.close()

@@ -42,6 +42,7 @@ from engine.runtime._trt_cache import (
     default_cache_dir,
     make_profile,
     read_plan_info,
+    serving_frame_shapes,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ __all__ = [
     "onnx_metadata",
     "read_plan_info",
     "select",
+    "serving_frame_shapes",
     "session_options",
 ]
 

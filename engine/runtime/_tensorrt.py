@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,13 +39,17 @@ from engine.runtime._trt_build import (
     gpu_name,
     native_handle,
 )
-from engine.runtime._trt_cache import read_plan_info
+from engine.runtime._trt_cache import read_plan_info, serving_frame_shapes
 from engine.runtime._trt_planes import PlanesEngine
 from engine.volume import defocus_index
 
 log = logging.getLogger(__name__)
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
+
+
+class _UnreadablePlan(BackendError):
+    """A plan file TensorRT cannot deserialize (cut short, or from another TensorRT)."""
 
 
 def _host_array(ptr: int, count: int) -> np.ndarray:
@@ -79,24 +84,30 @@ class TensorRTBackend(BaseBackend):
                 f"tensorrt supports precision {self.supported_precisions}, "
                 f"not {options.precision!r}"
             )
+        rebuild: Callable[[bool], tuple[Path, bool]] | None = None  # for a cached plan
         if model_path.suffix == ".onnx":
             metadata = onnx_metadata(model_path)
-            # tuned at the camera's frame, accepting anything from one pad block up to it
-            smallest = (metadata.size_multiple, metadata.size_multiple)
-            frames = [options.frame_shape, smallest] if options.frame_shape else None
-            try:
-                entry, _, built = build_tensorrt_engine(
-                    model_path,
-                    metadata,
-                    precision=options.precision,
-                    frame_shapes=frames,
-                    max_batch=options.max_batch,
-                    cache_dir=options.cache_dir,
-                )
-            except RuntimeError as exc:
-                raise BackendError(str(exc)) from exc
-            plan_path = entry.plan
-            log.info("tensorrt engine %s (%s)", plan_path, "built now" if built else "cached")
+            frames = serving_frame_shapes(metadata, options.frame_shape)
+
+            def build(rebuild: bool) -> tuple[Path, bool]:
+                try:
+                    entry, _, built = build_tensorrt_engine(
+                        model_path,
+                        metadata,
+                        precision=options.precision,
+                        frame_shapes=frames,
+                        max_batch=options.max_batch,
+                        cache_dir=options.cache_dir,
+                        rebuild=rebuild,
+                    )
+                except RuntimeError as exc:
+                    raise BackendError(str(exc)) from exc
+                log.info("tensorrt engine %s (%s)", entry.plan, "built now" if built else "cached")
+                return entry.plan, built
+
+            plan_path, built = build(rebuild=False)
+            if not built:
+                rebuild = build
         elif model_path.suffix in (".plan", ".engine"):
             try:
                 _, metadata = read_plan_info(model_path)
@@ -108,8 +119,18 @@ class TensorRTBackend(BaseBackend):
         super().__init__(plan_path, metadata, options)
         # a volume model given as ONNX can also be built whole (network + render) per plan
         self._network_onnx = model_path if model_path.suffix == ".onnx" else None
-        self._planes: dict[tuple[tuple[int, int], tuple[float, ...]], PlanesEngine] = {}
-        self._setup_engine(plan_path)
+        # per (frame shape, planes): its engine, or None where building one failed
+        self._planes: dict[tuple[tuple[int, int], tuple[float, ...]], PlanesEngine | None] = {}
+        try:
+            self._setup_engine(plan_path)
+        except _UnreadablePlan:
+            if rebuild is None:
+                raise
+            # a cached plan cut short (a power loss before the disk had it all) would turn
+            # TensorRT off for good, the cache serving it again at every start: built anew once
+            log.warning("%s: cached TensorRT plan cannot be read; rebuilding it", plan_path)
+            plan_path, _ = rebuild(True)
+            self._setup_engine(plan_path)
 
     def refocus(
         self,
@@ -147,10 +168,9 @@ class TensorRTBackend(BaseBackend):
             return super().refocus(frames, plan, offsets_um, dtype)  # its check says why
         assert plan.z_um is not None and self._network_onnx is not None and self._psf is not None
         key = (plan.frame_shape, plan.z_um)
-        engine = self._planes.get(key)
-        if engine is None:
+        if key not in self._planes:
             try:
-                engine = PlanesEngine(
+                self._planes[key] = PlanesEngine(
                     self._network_onnx,
                     self.metadata,
                     self._psf,
@@ -160,8 +180,13 @@ class TensorRTBackend(BaseBackend):
                     cache_dir=self.options.cache_dir,
                 )
             except RuntimeError as exc:
-                raise BackendError(f"tensorrt whole-refocus engine: {exc}") from exc
-            self._planes[key] = engine
+                # remembered: not a minutes-long build tried again on every frame; the shared
+                # path (network here, render on the host) serves this plan instead
+                log.warning("tensorrt whole-refocus engine failed (%s); using the host render", exc)
+                self._planes[key] = None
+        engine = self._planes[key]
+        if engine is None:
+            return super().refocus(frames, plan, offsets_um, dtype)
         # copied out of the engine's buffer: the caller may still be sending the last result
         # (the worker's zero-copy send) when the next frame runs
         out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=dtype)
@@ -190,11 +215,19 @@ class TensorRTBackend(BaseBackend):
 
     def _setup_engine(self, plan_path: Path) -> None:
         """Deserialize the plan, allocate max-size buffers once and bind them."""
-        rt = self._rt
         self._runtime = trt.Runtime(_LOGGER)
         self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self._engine is None:
-            raise BackendError(f"{plan_path}: TensorRT cannot deserialize this engine")
+            raise _UnreadablePlan(f"{plan_path}: TensorRT cannot deserialize this engine")
+        self._bind(plan_path)
+
+    def _bind(self, plan_path: Path) -> None:
+        """Check the engine's tensors, make its context, allocate max-size buffers, bind them.
+
+        What was allocated is freed again if a later step fails (the backend is then skipped
+        and the next one tried: a volume model's buffers can be gigabytes).
+        """
+        rt = self._rt
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
             raise BackendError(f"{plan_path}: engine tensors are {names}, need input and output")
@@ -212,13 +245,23 @@ class TensorRTBackend(BaseBackend):
         self._cin, self._cout = io_channels(self.metadata)
         in_count = int(np.prod(self.max_shape))
         out_count = in_count // self._cin * self._cout
-        self._d_in = self._check(rt.cudaMalloc(in_count * 4))
-        self._d_out = self._check(rt.cudaMalloc(out_count * 4))
-        self._h_in_ptr = self._check(rt.cudaMallocHost(in_count * 4))
-        self._h_out_ptr = self._check(rt.cudaMallocHost(out_count * 4))
+        made: list[tuple[Callable[[Any], Any], Any]] = []  # (free, handle), to undo on failure
+        try:
+            self._d_in = self._check(rt.cudaMalloc(in_count * 4))
+            made.append((rt.cudaFree, self._d_in))
+            self._d_out = self._check(rt.cudaMalloc(out_count * 4))
+            made.append((rt.cudaFree, self._d_out))
+            self._h_in_ptr = self._check(rt.cudaMallocHost(in_count * 4))
+            made.append((rt.cudaFreeHost, self._h_in_ptr))
+            self._h_out_ptr = self._check(rt.cudaMallocHost(out_count * 4))
+            made.append((rt.cudaFreeHost, self._h_out_ptr))
+            self._stream = self._check(rt.cudaStreamCreate())
+        except BaseException:
+            for free, handle in reversed(made):
+                free(handle)
+            raise
         self._h_in = _host_array(self._h_in_ptr, in_count)
         self._h_out = _host_array(self._h_out_ptr, out_count)
-        self._stream = self._check(rt.cudaStreamCreate())
         self._stream_handle = native_handle(self._stream)
         self._context.set_tensor_address(INPUT_NAME, int(self._d_in))
         self._context.set_tensor_address(OUTPUT_NAME, int(self._d_out))
@@ -325,7 +368,8 @@ class TensorRTBackend(BaseBackend):
     def close(self) -> None:
         """Free the graph, buffers and the stream (after its pending work); drop the engine."""
         for engine in self._planes.values():
-            engine.close()
+            if engine is not None:
+                engine.close()
         self._planes.clear()
         rt = self._rt
         rt.cudaStreamSynchronize(self._stream)  # a failed call may have left copies queued

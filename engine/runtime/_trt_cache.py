@@ -58,6 +58,21 @@ class ShapeProfile:
         return lo[0] <= n <= hi[0] and lo[2] <= height <= hi[2] and lo[3] <= width <= hi[3]
 
 
+def serving_frame_shapes(
+    metadata: ModelMetadata, frame_shape: tuple[int, int] | None
+) -> list[tuple[int, int]] | None:
+    """Frame shapes the TensorRT backend builds for a camera frame (None: the defaults).
+
+    Tuned at the camera's frame, accepting anything from one pad block up to it. One home:
+    the backend and ``python -m export tensorrt --scope`` both ask for this, so an engine
+    built ahead of time is the cached one the daemon finds.
+    """
+    if frame_shape is None:
+        return None
+    m = metadata.size_multiple
+    return [(int(frame_shape[0]), int(frame_shape[1])), (m, m)]
+
+
 def make_profile(
     metadata: ModelMetadata,
     frame_shapes: Sequence[tuple[int, int]] | None = None,

@@ -108,8 +108,16 @@ class PlanesEngine:
         self._out = np.empty((self.n_planes, h, w), np.float32)
         rt = self._rt
         self._d_in = cuda_check(rt.cudaMalloc(self._in.nbytes))
-        self._d_out = cuda_check(rt.cudaMalloc(self._out.nbytes))
-        self._stream = cuda_check(rt.cudaStreamCreate())
+        try:  # freed again if a later step fails: the caller falls back and carries on
+            self._d_out = cuda_check(rt.cudaMalloc(self._out.nbytes))
+            try:
+                self._stream = cuda_check(rt.cudaStreamCreate())
+            except BaseException:
+                rt.cudaFree(self._d_out)
+                raise
+        except BaseException:
+            rt.cudaFree(self._d_in)
+            raise
         self._stream_handle = native_handle(self._stream)
         self._context.set_tensor_address(FRAME_NAME, int(self._d_in))
         self._context.set_tensor_address(PLANES_NAME, int(self._d_out))
