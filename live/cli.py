@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "evaluate": (
         "engine.evaluate",
-        "write the model fidelity report (extra: train)",
+        "write the per-plane evaluation report (volume models: python -m engine.fidelity)",
         "deepz-live evaluate --out docs/evaluation",
     ),
     "export": (
