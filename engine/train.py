@@ -58,6 +58,8 @@ __all__ = [
     "ModelConfig",
     "Stack",
     "TrainConfig",
+    "command_line",
+    "git_commit",
     "load_config",
     "load_lab_stack",
     "main",
@@ -563,19 +565,19 @@ def make_metadata(
         immersion_index=optics.immersion_index,
         sample_index=optics.sample_index,
         trained_on=trained_on,
-        training_command=_command(),
-        commit=_git_commit() if commit is None else commit,
+        training_command=command_line(),
+        commit=git_commit() if commit is None else commit,
         extra=extra or {},
     )
 
 
-def _command() -> str:
-    """Return the command line that started this process, as `python -m engine.train ...`."""
-    args = ["python", "-m", "engine.train", *sys.argv[1:]]
+def command_line(module: str = "engine.train") -> str:
+    """Return the command line that started this process, as ``python -m MODULE ...``."""
+    args = ["python", "-m", module, *sys.argv[1:]]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """Return the current git HEAD (empty when not in a git checkout)."""
     try:
         return subprocess.run(
@@ -684,9 +686,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     torch.set_flush_denormal(True)  # denormals slow CPU convs by 10x or more
     torch.manual_seed(cfg.seed)
     device = _device(cfg)
-    commit = _git_commit()  # the code this run started from
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # the code this run started from
+    out = cfg.out_dir  # made once the start is checked: a refused run leaves no empty folder
     model = cfg.model.build()
     if cfg.init_weights is not None and not resume:
         init, _ = load_model(cfg.init_weights)
@@ -714,6 +715,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
             disc.load_state_dict(ck["disc"])
             opt_d.load_state_dict(ck["opt_d"])
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     counters = _pool_counters(cfg, step)
     pool = [simulated_stack(cfg, train_stack_seed(cfg.seed, c)) for c in counters]

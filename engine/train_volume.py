@@ -1481,7 +1481,7 @@ def make_volume_metadata(
 ) -> ModelMetadata:
     """Describe a volume model trained with `cfg`, rendering `modality` (default: the trained)."""
     from engine.optics import OpticsConfig
-    from engine.train import _command, _git_commit
+    from engine.train import command_line, git_commit
 
     optics = OpticsConfig(**cfg.optics)
     d = cfg.data
@@ -1520,8 +1520,8 @@ def make_volume_metadata(
             f"{psf_names} PSF, {aberration} {d.particle_depths_um} µm, focus within "
             f"±{d.focus_half_range_um} µm{worm}; {cfg.target_modality} render targets)"
         ),
-        training_command=_command().replace("engine.train ", "engine.train_volume "),
-        commit=_git_commit(),
+        training_command=command_line("engine.train_volume"),
+        commit=git_commit(),
         volume=VolumeOutput(
             depth_um=tuple(float(z) for z in cfg.depth_um),
             psf_file=psf_file,
@@ -1701,8 +1701,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     torch.manual_seed(cfg.seed)
     device = training_device(cfg)
     bf16 = uses_bf16(cfg)
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.out_dir  # made once the start is checked: a refused run leaves no empty folder
     model: DeepZ = build_volume_model(cfg)
     model = model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = build_optimiser(cfg, model)
@@ -1755,6 +1754,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         print("ema_decay = 0: the checkpoint's weight average is dropped; the raw weights go on")
     # the network validation reads and the run writes: the average where one is kept
     served: DeepZ = model if ema is None else ema.module  # type: ignore[assignment]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
     renderer = TorchRenderer(psf, cfg.depth_um, cfg.patch_size, cfg.loss.render_psf_px, device)

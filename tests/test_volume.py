@@ -842,7 +842,7 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     """init_from loads a shipped .pt (or a checkpoint) with a fresh optimiser, at step 0."""
     import torch
 
-    from engine.train_volume import build_volume_model, train
+    from engine.train_volume import train
 
     cfg = _tiny_config(tmp_path)
     cfg.steps, cfg.lr, cfg.weights_out = 1, 1e-12, None
@@ -861,7 +861,7 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     widened = train(wide, progress=False)
     assert widened.head.weight.shape[0] == 49
     assert torch.allclose(widened.stem.weight, shipped["stem.weight"], atol=1e-6)
-    cfg.init_from = tmp_path / "missing.pt"
+    cfg.init_from, cfg.out_dir = tmp_path / "missing.pt", tmp_path / "refused"
     with pytest.raises(FileNotFoundError, match="init_from"):
         train(cfg, progress=False)
     # weights of another network (here one tensor of it) would pass for a fine-tune
@@ -869,7 +869,7 @@ def test_training_starts_from_given_weights(trained: Path, tmp_path: Path):
     cfg.init_from = tmp_path / "foreign.pt"
     with pytest.raises(ValueError, match=r"fits 1 of this network's \d+ tensors"):
         train(cfg, progress=False)
-    assert build_volume_model(cfg) is not None
+    assert not cfg.out_dir.exists()  # a run refused at its start leaves no empty folder
 
 
 def test_lab_loss_scores_the_true_density_above_none_and_a_depth_flipped_one(psf):
