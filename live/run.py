@@ -468,6 +468,15 @@ class Daemon:
                 "move it away (a run never overwrites a recording)"
             )
         _check_endpoints_free(self.config)
+        # the workers' ipc sockets live in a folder of the temp dir: too deep a TMPDIR would
+        # fail their bind in start(), where the error would seem to be a configured endpoint's
+        longest = f"{self._tmp.name}/frames-{self.n_workers - 1}"  # the longest ipc path
+        if len(longest) > _IPC_PATH_MAX:
+            raise ConfigError(
+                f"the daemon's ipc socket folder {self._tmp.name} is too deep for a socket path "
+                f"({len(longest)} characters, at most {_IPC_PATH_MAX}): set TMPDIR to a "
+                "shorter folder"
+            )
         self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry
         if self.source_mode is not None and self.config.source.kind == "replay":
             from live.sources import make_source
@@ -1046,6 +1055,10 @@ class Daemon:
             self._ctx.term()
         self._tmp.cleanup()
         return summary
+
+
+_IPC_PATH_MAX: int = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
+"""Longest ipc socket path the OS takes (Linux: 107 characters, ``sockaddr_un.sun_path``)."""
 
 
 @contextmanager

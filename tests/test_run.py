@@ -259,6 +259,31 @@ def test_an_endpoint_that_cannot_bind_is_one_line_and_the_store_is_finished(
     assert attrs["run_summary"]["finish_reason"] == "refused"
 
 
+def test_a_temp_folder_too_deep_for_ipc_sockets_is_one_line_before_anything_starts(
+    tmp_path: Path,
+    tiny_model_files,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The workers' ipc sockets live under TMPDIR; a path past the OS's 107 characters failed
+    their bind, reported as the configured endpoints' fault. Now refused at check, no store."""
+    import tempfile
+
+    from live.run import EXIT_BAD_CONFIG, run
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    store = tmp_path / "run.ome.zarr"
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    code = run(config, duration_s=1.0, output=store, workers=1)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == EXIT_BAD_CONFIG and len(lines) == 1, err
+    assert "too deep for a socket path" in lines[0] and "set TMPDIR" in lines[0]
+    assert not store.exists() and not list(deep.iterdir())  # nothing made, nothing left
+
+
 def test_a_stop_asked_for_while_the_workers_load_ends_the_start(
     tmp_path: Path, tiny_model_files
 ) -> None:
