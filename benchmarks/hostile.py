@@ -242,10 +242,19 @@ class Fuzzer:
                 self.seen.add(seq)
                 self._seen_list.append(seq)
 
-    def wait_for_genuine(self, timeout_s: float = 30.0) -> None:
-        """Wait until the daemon has republished at least one genuine frame."""
+    def wait_for_genuine(self, count: int = 1, timeout_s: float = 60.0) -> None:
+        """Wait until the daemon has republished `count` genuine frames (`TimeoutError` if not).
+
+        Counted in frames rather than waited in seconds: a daemon slow to warm up on a loaded
+        machine is still warm (its models loaded, its buffers made) once frames flow.
+        """
         deadline = time.monotonic() + timeout_s
-        while not self.seen and time.monotonic() < deadline:
+        while len(self.seen) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the daemon republished {len(self.seen)} genuine frames in {timeout_s:g} s, "
+                    f"{count} awaited"
+                )
             if self._sub.poll(100):
                 self._learn()
 
@@ -674,6 +683,11 @@ class Setup:
         return daemon, config, store
 
 
+_WARM_FRAMES = 10
+"""Genuine frames republished before the memory baseline is taken: by then every worker has
+refocused and the recorder has written, so their first allocations are in the baseline."""
+
+
 def hostile_run(setup: Setup, messages: int, *, oversized_every: int = 1000) -> dict[str, Any]:
     """Run the daemon under `messages` fuzzed messages; return the accounting and memory."""
     daemon, config, store = setup.start("fuzz")
@@ -685,8 +699,7 @@ def hostile_run(setup: Setup, messages: int, *, oversized_every: int = 1000) -> 
         setup.seed,
     )
     try:
-        fuzzer.wait_for_genuine()
-        time.sleep(1.0)
+        fuzzer.wait_for_genuine(count=_WARM_FRAMES)  # the baseline once the daemon is warm
         start_mb = rss_mb(daemon.pid)
         workers_start = [rss_mb(p) for p in daemon.workers()]
         sampler.start()

@@ -51,7 +51,9 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     raw_sub.connect(config.endpoints.recorder)
     try:
         daemon.start()
-        time.sleep(0.3)  # let the subscription reach the daemon's PUB
+        # a SUB joins a PUB asynchronously: what is published before it joined is not sent
+        # (the first of the second's frames, at 30 Hz, leave it ample time to join)
+        time.sleep(0.3)
         push_frames(config.endpoints.frames, list(range(30)), inject=inject, rate_hz=30.0)
         deadline = time.monotonic() + 60
         while (snap := daemon.metrics.snapshot(advance=False)).stacks_out + snap.skipped < 30:
@@ -85,6 +87,7 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     assert "admitted 30" in text
     # Republished: genuine frames only (PUB may drop, never forge).
     seqs = [m.header.seq for m in republished]
+    assert seqs, "nothing republished: the checks below would pass on nothing"
     assert len(seqs) == len(set(seqs)) and set(seqs) <= set(range(30))
     assert all(not (m.array == 7).all() for m in republished)
     # The store: the first frame of seq 5 kept bit-identical, truthful presence, complete.

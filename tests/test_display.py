@@ -86,6 +86,7 @@ def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
             view = client.poll(50)
         assert view.volume.dtype == np.float32 and view.max_projection.dtype == np.float32
         np.testing.assert_array_equal(view.volume, stack.astype(np.float32))
+        # 140.2 as float16 is 140.25 (steps of 1/8 there); 65504 is float16's largest value
         assert view.volume[0, 0, 0] == 140.25 and view.max_projection[5, 5] == 65504.0
         assert client.malformed == 0
     finally:

@@ -128,7 +128,6 @@ def test_settings_that_cannot_describe_a_fit_are_refused(renderer: Renderer) -> 
 def test_the_runtime_serves_the_fit_and_refuses_it_where_it_cannot() -> None:
     """load_backend(point_fit=...) renders the fitted density; per-plane models and confocal
     planes refuse it with one line."""
-    pytest.importorskip("onnxruntime", reason="the CPU runtime extra is not installed")
     from engine.heldout import IndependentOptics, independent_sample
     from engine.runtime import BackendError, load_backend
 
@@ -154,7 +153,6 @@ def test_the_runtime_serves_the_fit_and_refuses_it_where_it_cannot() -> None:
 def test_the_fidelity_report_serves_each_volume_model_with_the_fit_too() -> None:
     """`engine.fidelity --point-fit`: the shipped model with its beads refitted renders them
     nearer their true width than without (a held-out bead frame made another way)."""
-    pytest.importorskip("onnxruntime", reason="the CPU runtime extra is not installed")
     from engine import fidelity as F
     from engine.heldout import IndependentOptics, bead_fwhm_ratios, independent_sample
 
@@ -174,7 +172,6 @@ def test_the_fidelity_report_measures_what_a_frame_holds_by_a_fit_from_the_truth
     bank measured for that set's microscope, places a held-out frame's beads as well as the
     frame allows (median well within the 0.5 µm target); it scores beads only (a spheres frame
     and pixel scores are left out) and needs the set's optics (none on the simulator set)."""
-    pytest.importorskip("onnxruntime", reason="the CPU runtime extra is not installed")
     from engine import fidelity as F
     from engine import heldout as H
     from engine.heldout import IndependentOptics, independent_sample

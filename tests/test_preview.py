@@ -13,8 +13,7 @@ from live.preview import FIGSIZE_IN, NOTHING_RECORDED, PANELS, PREVIEW_DPI, writ
 from live.protocol import decode, encode_frame, encode_stack
 from live.recorder import Recorder
 
-pytest.importorskip("matplotlib")
-Image = pytest.importorskip("PIL.Image")
+Image = pytest.importorskip("PIL.Image", reason="Pillow (matplotlib's dependency) not installed")
 
 SHAPE = (48, 64)
 PLANES = [-2.0, 0.0, 2.0, 4.0]

@@ -213,7 +213,10 @@ def test_racing_threads_write_each_seq_exactly_once(tmp_path: Path) -> None:
     n, won = 60, [dict[int, int](), dict[int, int]()]
     images = [[_noise(1000 * t + s) for s in range(n)] for t in (0, 1)]
 
+    start = threading.Barrier(2)  # both threads in their loops together: a real race
+
     def put_all(thread: int) -> None:
+        start.wait(timeout=60)
         for seq in range(n):
             if rec.put_frame(_raw(seq, images[thread][seq])):
                 won[thread][seq] = thread

@@ -102,12 +102,11 @@ def test_an_oversized_message_is_dropped_by_zeromq_before_it_is_buffered() -> No
                 and snap.skipped == 3
             )
         )
-        time.sleep(0.3)  # room for a wrongly counted hostile message to show up
-        snap = routed.metrics.snapshot(advance=False)
-        # Never received, so neither a frame nor a malformed message: ZeroMQ cut them off.
-        assert (snap.frames_in, snap.malformed, snap.skipped) == (3, 0, 3)
         hostile.send_multipart(_frame(3), copy=False)  # the hostile peer may reconnect, fairly
         assert _wait(lambda: routed.metrics.snapshot(advance=False).frames_in == 4)
+        # Frame 3 came after the oversized messages on the same peer, so any of them the router
+        # had counted would show by now (no timed wait): ZeroMQ cut them off, never received.
+        assert routed.metrics.snapshot(advance=False).malformed == 0
     finally:
         hostile.close()
         genuine.close()

@@ -103,9 +103,20 @@ def test_the_run_clock_starts_when_the_source_begins_acquiring(
     try:
         daemon.start()
         assert daemon.metrics.snapshot().state == "starting"
+        loops = [0]
+        check_workers = daemon.check_workers
+
+        def counted() -> None:  # once per supervise loop, each of which waits 0.05 s
+            loops[0] += 1
+            check_workers()
+
+        monkeypatch.setattr(daemon, "check_workers", counted)
         supervising = threading.Thread(target=daemon.supervise, args=(0.05,), kwargs={"quiet": 1})
         supervising.start()
-        supervising.join(0.5)  # a duration counted from start() would have ended by now
+        deadline = time.monotonic() + 60
+        while loops[0] < 20:  # 20 loops: over 1 s, twenty durations counted from start()
+            assert time.monotonic() < deadline and supervising.is_alive()
+            time.sleep(0.01)
         assert supervising.is_alive() and daemon.metrics.snapshot().state == "starting"
         source.release.set()
         supervising.join(60)

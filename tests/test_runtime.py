@@ -18,7 +18,6 @@ from onnx import TensorProto, helper
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata
 from engine.runtime import (
     BACKENDS,
-    DEFAULT_MODEL,
     Backend,
     BackendError,
     EngineCache,
@@ -202,6 +201,13 @@ class TestOpenVino(BackendTests):
 class TestTorch(BackendTests):
     backend_name = "torch"
 
+    @pytest.mark.skip(
+        reason="the torch backend is the parity reference itself; its agreement with ONNX "
+        "Runtime and OpenVINO is what their classes check"
+    )
+    def test_parity_with_torch(self) -> None:  # type: ignore[override]
+        raise AssertionError("skipped")
+
 
 @pytest.mark.gpu
 class TestTensorRT(BackendTests):
@@ -210,11 +216,13 @@ class TestTensorRT(BackendTests):
 
 def test_registry_order_and_names() -> None:
     assert [spec.name for spec in BACKENDS] == ["tensorrt", "openvino", "onnxruntime", "torch"]
+    libraries = {"tensorrt": "tensorrt", "openvino": "openvino", "onnxruntime": "onnxruntime"}
     for spec in BACKENDS:
-        assert spec.is_available() == (
-            importlib.util.find_spec(spec.module.rsplit("._", 1)[0]) is not None
-            and spec.name in AVAILABLE
-        )
+        library = libraries.get(spec.name, "torch")
+        # offered only where its library is installed (TensorRT also needs a CUDA device)
+        assert spec.is_available() <= (importlib.util.find_spec(library) is not None)
+        if spec.name != "tensorrt":
+            assert spec.is_available() == (importlib.util.find_spec(library) is not None)
 
 
 def test_select_falls_back_and_says_why() -> None:
@@ -372,7 +380,6 @@ def test_runtime_never_imports_torch(tiny_model_files: dict[str, object]) -> Non
     assert out.stdout.strip() in ("onnxruntime", "tensorrt")
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="shipped ONNX model not exported yet")
 def test_shipped_model_loads_without_side_files() -> None:
     backend = load_backend(prefer=["onnxruntime"])
     assert backend.metadata.size_multiple >= 1
@@ -380,10 +387,6 @@ def test_shipped_model_loads_without_side_files() -> None:
     assert planes.shape == (2, 64, 64) and np.isfinite(planes).all()
 
 
-@pytest.mark.skipif(
-    not (DEFAULT_MODEL.is_file() and DEFAULT_MODEL.with_suffix(".pt").is_file()),
-    reason="shipped ONNX model or its .pt weights not present yet",
-)
 def test_shipped_onnx_matches_shipped_weights() -> None:
     """The committed ONNX was exported from the committed weights (not stale)."""
     onnx_backend = load_backend(prefer=["onnxruntime"], device="cpu")
@@ -455,6 +458,9 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, object]) -> None:
     metadata = tiny_model_files["metadata"]
     profile = make_profile(metadata, [(510, 510), (250, 1030)], max_batch=64)  # type: ignore[arg-type]
+    # sides padded up to the tiny model's size_multiple of 4 (510 -> 512, 250 -> 252,
+    # 1030 -> 1032); the first shape at OPT_BATCH (41, the live plan's planes) is the optimum
+    assert metadata.size_multiple == 4  # type: ignore[attr-defined]
     assert profile.min_shape == (1, 2, 252, 512)
     assert profile.opt_shape == (41, 2, 512, 512)
     assert profile.max_shape == (64, 2, 512, 1032)

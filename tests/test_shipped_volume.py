@@ -238,3 +238,18 @@ def test_a_dpm_beyond_the_depth_grid_is_named_with_its_span(backend) -> None:
     tilted = np.linspace(0.0, 30.0, 64 * 64).reshape(1, 64, 64)
     with pytest.raises(ValueError, match="dpms_um spans 0 … 30 µm; this volume model renders"):
         backend.infer(frame, tilted)
+
+
+def test_the_shipped_onnx_is_the_shipped_weights() -> None:
+    """The ONNX the daemon serves was exported from the committed .pt (not stale): the same
+    density from both, ONNX Runtime against torch, on a held-out frame."""
+    pytest.importorskip("torch", reason="the .pt backend needs torch (the training extra)")
+    from engine.runtime import load_backend
+
+    onnx_backend = load_backend(WEIGHTS, prefer=["onnxruntime"], device="cpu")
+    torch_backend = load_backend(WEIGHTS.with_suffix(".pt"), prefer=["torch"], device="cpu")
+    assert onnx_backend.metadata == torch_backend.metadata
+    frame = ho.independent_sample("beads", 301, SHAPE).frame[None]
+    want = torch_backend.volume(frame)
+    got = onnx_backend.volume(frame)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))

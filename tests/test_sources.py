@@ -77,7 +77,10 @@ def test_simulated_scope_streams_paced_frames_through_the_core(pull):
     assert stamps == sorted(stamps) and len(set(stamps)) == 40  # stamped at exposure
     assert isinstance(summary, SourceSummary)
     assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("simulated", 40, 0)
-    assert summary.dropped_seqs == () and summary.achieved_rate_hz > 0
+    assert summary.dropped_seqs == ()
+    # the rate is the frames over the run's duration, which spans at least the exposures
+    assert summary.achieved_rate_hz == pytest.approx(40 / summary.duration_s)
+    assert summary.duration_s >= stamps[-1] - stamps[0]
     assert scope.core.getCameraDevice() == "DeepZCamera"  # a real MMCore ran it
 
 
@@ -272,6 +275,7 @@ def test_micromanager_source_listens_until_stopped(pull):
     source = MicroManagerSource(endpoint, acquisition="hook")
     threading.Timer(0.05, stop.set).start()
     summary = run_source(source, endpoint, stop)
+    assert stop.is_set()  # it returned because it was stopped, not on its own
     assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("micromanager", 0, 0)
 
 
