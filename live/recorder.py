@@ -812,10 +812,11 @@ class Recorder:
         """Create the NGFF image group of `role` and its empty time axis (grown per write)."""
         group = self._root.create_group(group_path)
         axis = self.stack_axis
-        z_scale, z0 = axis.scale_translation()
         dt, px = 1 / self.rate_hz, self.pixel_size_um
-        scale = [dt, px, px] if role == "raw" else [dt, z_scale, px, px]
-        translation = None if role == "raw" else [0.0, z0, 0.0, 0.0]
+        scale: list[float] = [dt, px, px]
+        translation: list[float] | None = None
+        if role == "stacks":
+            scale, translation = axis.transform(dt, px)
         shape = self._item_shape[role]
         axes = image_axes(role, axis)
         chunk_t, shard_t = self.chunk_t[role], self.shard_t[role]

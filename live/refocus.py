@@ -84,6 +84,7 @@ from engine.runtime import (
 
 if TYPE_CHECKING:
     from engine.runtime import Backend
+    from live.store import XmlImage
 
 __all__ = [
     "DEFAULT_IMAGE",
@@ -911,42 +912,35 @@ def _expand(runs: Iterable[Sequence[int]]) -> set[int]:
     return {t for start, stop in runs for t in range(int(start), int(stop))}
 
 
-def _plan_axes(plan: VolumePlan) -> tuple[bool, float, float]:
-    """(uniform, z step, first z) of a plan: uniform planes go into the NGFF z transform."""
-    if plan.z_um is None:
-        return False, 1.0, 0.0
-    zs = np.asarray(plan.z_um, dtype=np.float64)
-    if zs.size == 1:
-        return True, 1.0, float(zs[0])
-    steps = np.diff(zs)
-    uniform = bool(steps[0] > 0 and np.allclose(steps, steps[0], atol=1e-6))
-    return uniform, float(steps[0]) if uniform else 1.0, float(zs[0]) if uniform else 0.0
+def _stacks_metadata(
+    name: str, plan: VolumePlan, raw: RawInput, dtype: str
+) -> tuple[dict[str, Any], list[str], XmlImage]:
+    """NGFF ``ome`` attribute, dimension names and OME-XML entry of an offline stacks image.
 
+    Built as the live recorder builds its stacks image (`live.store.StackAxis`): evenly spaced
+    planes are a ``z`` axis in µm from the first plane, uneven planes and surfaces a custom
+    axis with no unit, never invented z positions. A source without a rate or pixel size (a
+    TIFF) gets 1 s and 1 µm, as NGFF's default scale.
+    """
+    from live.store import StackAxis, XmlImage, image_axes, ngff_image
 
-def _ngff_stacks(name: str, plan: VolumePlan, raw: RawInput) -> dict[str, Any]:
-    """NGFF 0.5 ``ome`` attribute of a (t, z, y, x) stacks image whose array is "0"."""
-    uniform, dz, z0 = _plan_axes(plan)
+    axis = StackAxis.from_plan(plan.z_um, plan.labels, plan.dpms_um)
     dt = 1.0 / raw.rate_hz if raw.rate_hz else 1.0
     px = raw.pixel_size_um or 1.0
-    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [dt, dz, px, px]}]
-    if uniform and z0 != 0.0:
-        transforms.append({"type": "translation", "translation": [0.0, z0, 0.0, 0.0]})
-    space = {"type": "space", "unit": "micrometer"}
-    return {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": [
-                    {"name": "t", "type": "time", "unit": "second"},
-                    {"name": "z", **space},
-                    {"name": "y", **space},
-                    {"name": "x", **space},
-                ],
-                "datasets": [{"path": "0", "coordinateTransformations": transforms}],
-            }
-        ],
-    }
+    axes = image_axes("stacks", axis)
+    scale, translation = axis.transform(dt, px)
+    xml = XmlImage(
+        name=name,
+        dtype=dtype,
+        size_t=raw.n_t,
+        size_z=len(plan),
+        size_y=raw.frame_shape[0],
+        size_x=raw.frame_shape[1],
+        pixel_size_um=px,
+        interval_s=dt,
+        z_step_um=scale[1] if axis.uniform else None,
+    )
+    return ngff_image(name, axes, scale, translation), [a["name"] for a in axes], xml
 
 
 def _identity(
@@ -1002,6 +996,8 @@ class _Output:
     n_blocks: int
     fill: bool
     group: Any = None
+    name: str = ""
+    """The image's name (its role in the store's ``deepz.images``); `image` is its group."""
 
     @property
     def array_path(self) -> str:
@@ -1055,6 +1051,8 @@ def _prepare_output(
     """
     import zarr
 
+    from live.store import image_groups, register_image
+
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     root: Any
     if fill_gaps:
@@ -1074,23 +1072,28 @@ def _prepare_output(
                 "source_image": raw.spec.array_path,
                 "time_index": "the source's time index (camera sequence number for runs)",
             }
-        image = name or OUT_IMAGE
+        name = name or OUT_IMAGE
     elif raw.is_run:
         store = raw.spec.path
         root = zarr.open_group(store=store, mode="r+")
-        image = name or DEFAULT_IMAGE
+        name = name or DEFAULT_IMAGE
     else:
         raise RefocusError(
             f"{raw.spec.path} is not a run of this project, so the stacks need their own store: "
             "give --out NEW.ome.zarr"
         )
-    if image == "raw" or (raw.is_run and store == raw.spec.path and image in _run_names(raw)):
+    if name == "raw" or (raw.is_run and store == raw.spec.path and name in _run_names(raw)):
         raise RefocusError(
-            f"the output image {image!r} would overwrite the run's own data: choose another --name"
+            f"the output image {name!r} would overwrite the run's own data: choose another --name"
         )
+    ome, dimensions, xml = _stacks_metadata(name, plan, raw, stack_dtype)
+    # its group: where a rerun finds it (the images listed in the store, or a group of that
+    # name from before images were listed); a new image gets its group when it is created
+    known = image_groups(dict(root.attrs.get("deepz", {})))
+    image = known.get(name) or (name if name in root and name not in known.values() else None)
     n_blocks = math.ceil(raw.n_t / chunk)
     group: Any
-    if image in root and not overwrite:
+    if image is not None and image in root and not overwrite:
         group = root[image]
         stored = dict(group.attrs.get("deepz", {}))
         old = stored.get("job")
@@ -1106,14 +1109,19 @@ def _prepare_output(
             keys = set(identity) | set(old or {})
             changed = sorted(k for k in keys if (old or {}).get(k) != identity.get(k))
             raise RefocusError(
-                f"{store}/{image} exists from another refocusing (differs in {', '.join(changed)}"
-                "): pass --overwrite to replace it, or --name / --out for a new image"
+                f"{store}/{image} ({name}) exists from another refocusing (differs in "
+                f"{', '.join(changed)}): pass --overwrite to replace it, or --name / --out for "
+                "a new image"
             )
         if "0" not in group or MANIFEST not in group or group["0"].shape[0] != raw.n_t:
-            raise RefocusError(f"{store}/{image} is incomplete or damaged: pass --overwrite")
-        return _Output(store, image, chunk, n_blocks, False, group)
+            raise RefocusError(
+                f"{store}/{image} ({name}) is incomplete or damaged: pass --overwrite"
+            )
+        register_image(root, _xml_folder(store), name, xml)  # an image from before: listed now
+        return _Output(store, image, chunk, n_blocks, False, group, name)
+    image = register_image(root, _xml_folder(store), name, xml)
     group = root.create_group(image, overwrite=True)
-    group.attrs["ome"] = _ngff_stacks(image, plan, raw)
+    group.attrs["ome"] = ome
     group.attrs["deepz"] = {**deepz, "job": identity, "present": [], "complete": False}
     group.create_array(
         "0",
@@ -1122,10 +1130,19 @@ def _prepare_output(
         dtype=stack_dtype,
         fill_value=0.0,
         compressors=_compressors(),
-        dimension_names=["t", "z", "y", "x"],
+        dimension_names=dimensions,
     )
     _create_manifest(group, n_blocks)
-    return _Output(store, image, chunk, n_blocks, False, group)
+    return _Output(store, image, chunk, n_blocks, False, group, name)
+
+
+def _xml_folder(store: str) -> Path | None:
+    """Return the local store an added image's XML entry is written into (None: a URL).
+
+    A store behind a URL keeps its images in ``OME/series`` and ``deepz.images`` only: the
+    XML file is written on local disk alone (`live.store.write_ome_xml`).
+    """
+    return None if _is_url(store) else Path(store)
 
 
 def _prepare_fill(
@@ -1162,9 +1179,13 @@ def _prepare_fill(
         if array.shape[0] < raw.n_t:
             array.resize(shape)
     else:  # the live run kept no stacks: create the image as the recorder would have
+        from live.store import register_image
+
         chunk = 1
+        ome, dimensions, xml = _stacks_metadata("stacks", plan, raw, "float32")
+        image = register_image(root, _xml_folder(store), "stacks", xml)
         group = root.create_group(image)
-        group.attrs["ome"] = _ngff_stacks(image, plan, raw)
+        group.attrs["ome"] = ome
         group.create_array(
             "0",
             shape=shape,
@@ -1172,7 +1193,7 @@ def _prepare_fill(
             dtype="float32",
             fill_value=0.0,
             compressors=_compressors(),
-            dimension_names=["t", "z", "y", "x"],
+            dimension_names=dimensions,
         )
     n_blocks = math.ceil(raw.n_t / chunk)
     if MANIFEST not in group or group[MANIFEST].shape != (n_blocks,):
@@ -1182,7 +1203,7 @@ def _prepare_fill(
     identity["chunk_t"] = chunk  # the live image's, whatever was asked
     attrs["fill_job"] = {**deepz, "job": identity}
     group.attrs["deepz"] = attrs
-    return _Output(store, image, chunk, n_blocks, True, group)
+    return _Output(store, image, chunk, n_blocks, True, group, "stacks")
 
 
 def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[int]) -> None:
@@ -1230,8 +1251,10 @@ class RefocusSummary:
 
     Attributes
     ----------
-    store, image
-        Where the stacks are: the store and the image's array path (e.g. ``stacks_offline/0``).
+    store, image, name
+        Where the stacks are: the store, the image's array path (e.g. ``2/0``: offline images
+        take the next numbered group of the store's collection) and the image's name (e.g.
+        ``stacks_offline``; the store's ``deepz.images`` maps names to groups).
     frames_wanted
         Frames this run was asked for (present raw frames, or for fill-gaps the missing stacks).
     frames_done, frames_skipped
@@ -1260,6 +1283,7 @@ class RefocusSummary:
     planes: tuple[str, ...]
     scheduler: str
     dashboard: str | None = None
+    name: str = ""
 
     @property
     def frames_per_s(self) -> float:
@@ -1273,7 +1297,7 @@ class RefocusSummary:
             f"{self.frames_skipped} already done, of {self.frames_wanted} wanted, in "
             f"{self.seconds:.1f} s ({self.frames_per_s:.2f} frames/s; setup "
             f"{self.setup_seconds:.1f} s) with {self.model['name']} on {self.backend} "
-            f"[{self.scheduler}] -> {self.store}/{self.image}"
+            f"[{self.scheduler}] -> {self.store}/{self.image} ({self.name})"
         )
 
 
@@ -1425,7 +1449,7 @@ def refocus_recording(
     RefocusError
         Bad input, plan, model, backend or output; the message says which and what to do.
     """
-    from live.store import STACK_DTYPES
+    from live.store import STACK_DTYPES, StackAxis
 
     t_setup = time.perf_counter()
     if chunk is not None and chunk < 1:
@@ -1528,7 +1552,7 @@ def refocus_recording(
         "time_index": "the source's time index (camera sequence number for runs)",
         "planes_um": list(plan.z_um) if plan.z_um is not None else None,
         "labels": list(plan.labels),
-        "uniform_planes": _plan_axes(plan)[0],
+        "uniform_planes": StackAxis.from_plan(plan.z_um, plan.labels, plan.dpms_um).uniform,
         "plan_from": plan_from,
         "focus_lock": _lock_attrs(chosen.focus_lock),
         "model": model_id,
@@ -1573,6 +1597,7 @@ def refocus_recording(
         source=raw.spec.path,
         store=output.store,
         image=output.array_path,
+        name=output.name,
         frames_wanted=len(wanted),
         frames_done=sum(len(r.seqs) for r in computed),
         frames_skipped=sum(len(r.seqs) for r in skipped),

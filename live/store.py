@@ -17,8 +17,11 @@ writes the store live and `live.refocus` reads it. Layout (zarr v3)::
                       timestamp_s (camera clock) and focus_um (stage z); NaN where no frame
 
 When raw frames are not kept, the stacks image is ``/0``; ``attrs["deepz"]["images"]`` always
-names the group of each image (`image_groups`), and stores written before this layout (images
-at ``/raw`` and ``/stacks``, no ``images`` key) are read through the same function.
+names the group of each image (`image_groups`). Images added after the run (offline refocusing,
+``--fill-gaps`` of a run that kept no stacks) take the next numbered group and are listed there,
+in ``OME/series`` and in METADATA.ome.xml (`register_image`). Stores written before this
+layout (images at ``/raw`` and ``/stacks``, no ``images`` key) are read through the same
+function.
 
 Why this layout: the OME-Zarr 0.5 specification keeps several images in one store only as a
 ``bioformats2raw.layout`` collection (section "bioformats2raw.layout (transitional)"): without
@@ -43,7 +46,8 @@ Each array is a zarr v3 array whose time axis is cut into shards (one file per s
 several frames' chunks, `shard_frames`), so a fast run does not make a file per frame.
 
 The stack axis is honest: evenly spaced planes are a ``space`` axis ``z`` in micrometres with
-the first plane as its translation (so a viewer shows −8 … +8 µm, not 0 … 16); uneven plane
+the first plane as its translation (so ome-zarr-py places the planes at −8 … +8 µm, not
+0 … 16; napari-ome-zarr 0.9 and later read only the scale, README "Known gaps"); uneven plane
 lists and surfaces get a custom axis (``plane`` / ``surface``) with scale 1 and no unit, their
 z values or DPMs in the attributes and arrays beside them, never invented z positions.
 """
@@ -83,6 +87,7 @@ __all__ = [
     "ngff_image",
     "ome_xml",
     "omero",
+    "register_image",
     "reserved_names",
     "series_attrs",
     "shard_frames",
@@ -302,6 +307,24 @@ class StackAxis:
         step = self.planes_um[1] - self.planes_um[0] if len(self.planes_um) > 1 else 1.0
         return float(step), float(self.planes_um[0])
 
+    @classmethod
+    def from_plan(
+        cls, z_um: Sequence[float] | None, labels: Sequence[str], dpms_um: np.ndarray
+    ) -> StackAxis:
+        """Return the axis of stacks refocused onto a plan: its planes' z, or its surfaces."""
+        if z_um is not None:
+            return cls(planes_um=tuple(float(z) for z in z_um))
+        return cls(
+            surfaces=tuple(str(label) for label in labels),
+            dpms_um=np.asarray(dpms_um, dtype=np.float32),
+        )
+
+    def transform(self, interval_s: float, pixel_size_um: float) -> tuple[list[float], list[float]]:
+        """Return (scale, translation) of a (t, this axis, y, x) stacks image."""
+        z_scale, z0 = self.scale_translation()
+        px = float(pixel_size_um)
+        return [float(interval_s), z_scale, px, px], [0.0, z0, 0.0, 0.0]
+
     def attrs(self) -> dict[str, Any]:
         """Return the stack axis for ``attrs["deepz"]``: what each index along it is."""
         return {
@@ -448,47 +471,119 @@ def ome_xml(images: Sequence[XmlImage]) -> str:
     ET.register_namespace("", _OME_NS)
     root = ET.Element(f"{{{_OME_NS}}}OME", {"Creator": "deepz-live"})
     for i, image in enumerate(images):
-        node = ET.SubElement(root, f"{{{_OME_NS}}}Image", {"ID": f"Image:{i}", "Name": image.name})
-        pixels: dict[str, str] = {
-            "ID": f"Pixels:{i}",
-            "DimensionOrder": "XYZCT",
-            "Type": _XML_TYPES[image.dtype],
-            "SizeX": str(image.size_x),
-            "SizeY": str(image.size_y),
-            "SizeZ": str(image.size_z),
-            "SizeC": "1",
-            "SizeT": str(max(1, image.size_t)),
-            "PhysicalSizeX": repr(image.pixel_size_um),
-            "PhysicalSizeXUnit": "µm",
-            "PhysicalSizeY": repr(image.pixel_size_um),
-            "PhysicalSizeYUnit": "µm",
-            "TimeIncrement": repr(image.interval_s),
-            "TimeIncrementUnit": "s",
-        }
-        if image.z_step_um is not None:
-            pixels |= {"PhysicalSizeZ": repr(image.z_step_um), "PhysicalSizeZUnit": "µm"}
-        px = ET.SubElement(node, f"{{{_OME_NS}}}Pixels", pixels)
-        ET.SubElement(
-            px,
-            f"{{{_OME_NS}}}Channel",
-            {
-                "ID": f"Channel:{i}:0",
-                "Name": _LABELS.get(image.name, image.name),
-                "SamplesPerPixel": "1",
-            },
-        )
-        ET.SubElement(px, f"{{{_OME_NS}}}MetadataOnly")
+        root.append(_xml_image(str(i), image))
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
+
+
+def _xml_image(group: str, image: XmlImage) -> ET.Element:
+    """Return the ``<Image>`` element of `image`, stored in group `group` (ID ``Image:group``)."""
+    node = ET.Element(f"{{{_OME_NS}}}Image", {"ID": f"Image:{group}", "Name": image.name})
+    pixels: dict[str, str] = {
+        "ID": f"Pixels:{group}",
+        "DimensionOrder": "XYZCT",
+        "Type": _XML_TYPES[image.dtype],
+        "SizeX": str(image.size_x),
+        "SizeY": str(image.size_y),
+        "SizeZ": str(image.size_z),
+        "SizeC": "1",
+        "SizeT": str(max(1, image.size_t)),
+        "PhysicalSizeX": repr(image.pixel_size_um),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": repr(image.pixel_size_um),
+        "PhysicalSizeYUnit": "µm",
+        "TimeIncrement": repr(image.interval_s),
+        "TimeIncrementUnit": "s",
+    }
+    if image.z_step_um is not None:
+        pixels |= {"PhysicalSizeZ": repr(image.z_step_um), "PhysicalSizeZUnit": "µm"}
+    px = ET.SubElement(node, f"{{{_OME_NS}}}Pixels", pixels)
+    ET.SubElement(
+        px,
+        f"{{{_OME_NS}}}Channel",
+        {
+            "ID": f"Channel:{group}:0",
+            "Name": _LABELS.get(image.name, image.name),
+            "SamplesPerPixel": "1",
+        },
+    )
+    ET.SubElement(px, f"{{{_OME_NS}}}MetadataOnly")
+    return node
+
+
+def register_image(root: Any, store: Path | None, role: str, image: XmlImage) -> str:
+    """Add image `role` to a store's collection; return its group path.
+
+    For images added after the run (offline refocusing, ``--fill-gaps``): the image gets the
+    next free numbered group and is listed in ``attrs["deepz"]["images"]``, in ``OME/series``
+    and (a local `store`) in ``OME/METADATA.ome.xml``, in the same order, as the
+    bioformats2raw layout asks ("every multiscales group MUST represent exactly one OME-XML
+    Image in the same order as either the series index or the group numbers"). A role already
+    listed keeps its group (its XML entry is rewritten: `image` may have changed); a group of
+    that name from before images were registered (an older offline image) is listed as it is.
+    `root` is the store's root zarr group, opened for writing; a store that is not yet a
+    collection (a new ``--out`` store) becomes one.
+    """
+    deepz = dict(root.attrs.get("deepz", {}))
+    if isinstance(deepz.get("images"), Mapping):
+        images = image_groups(deepz)
+    else:  # layout 1, or a new store: only the groups that exist
+        images = {r: g for r, g in image_groups(deepz).items() if g in root}
+    group = images.get(role)
+    if group is None:
+        if role in root and role not in reserved_names(deepz):
+            group = role  # an offline image written before images were registered
+        else:
+            n = 0
+            while str(n) in root or str(n) in images.values():
+                n += 1
+            group = str(n)
+        images[role] = group
+        deepz["images"] = images
+        root.attrs["deepz"] = deepz
+    if "ome" not in root.attrs:
+        root.attrs["ome"] = collection_attrs()
+    ome_group = root.require_group(OME_GROUP)
+    series = list(dict(ome_group.attrs.get("ome", {})).get("series", []))
+    if group not in series:
+        series.append(group)
+        ome_group.attrs["ome"] = series_attrs(series)
+    if store is not None:
+        _put_xml_image(store, group, image)
+    return group
+
+
+def _put_xml_image(store: Path, group: str, image: XmlImage) -> None:
+    """Replace or append the ``<Image>`` of `group` in a local store's METADATA.ome.xml."""
+    ET.register_namespace("", _OME_NS)
+    path = store / OME_GROUP / "METADATA.ome.xml"
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):  # none yet (a new store), or unreadable: made anew
+        root = ET.Element(f"{{{_OME_NS}}}OME", {"Creator": "deepz-live"})
+    node = _xml_image(group, image)
+    for i, child in enumerate(list(root)):
+        if child.tag.endswith("Image") and child.get("ID") == f"Image:{group}":
+            root.remove(child)
+            root.insert(i, node)
+            break
+    else:
+        images = [i for i, c in enumerate(root) if c.tag.endswith("Image")]
+        root.insert(images[-1] + 1 if images else 0, node)  # after the images, before anything else
+    _write_atomic(path, ET.tostring(root, encoding="unicode", xml_declaration=True))
 
 
 def write_ome_xml(store: Path, images: Sequence[XmlImage]) -> None:
     """Write ``OME/METADATA.ome.xml`` of a local store atomically (a reader never sees half)."""
-    folder = store / OME_GROUP
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".METADATA.", suffix=".tmp")
+    _write_atomic(store / OME_GROUP / "METADATA.ome.xml", ome_xml(images))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and one rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(ome_xml(images))
-        os.replace(tmp, folder / "METADATA.ome.xml")
+            f.write(text)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -88,7 +88,34 @@ def _until_all_in(daemon: Any, n: int) -> None:
 
 
 def _read(store: Path | str, path: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(store=str(store), path=path, mode="r")[...])
+    """Read ``NAME/0`` of a store: NAME an image's name (its group from ``deepz.images``)."""
+    name, _, rest = path.partition("/")
+    return np.asarray(zarr.open_array(store=str(store), path=f"{_group(store, name)}/{rest}")[...])
+
+
+def _assert_collection(store: Path, images: dict[str, str]) -> None:
+    """The store is one OME-Zarr 0.5 collection of exactly `images` (name: group), in order:
+    in ``deepz.images``, ``OME/series`` and METADATA.ome.xml alike, so yaozarrs validates it
+    and ome-zarr-py's finder (image i is group i) lists each image under its name."""
+    from ome_zarr.utils import find_multiscales
+
+    from live.store import image_groups
+
+    root = zarr.open_group(str(store), mode="r")
+    assert image_groups(dict(root.attrs["deepz"])) == images
+    assert root["OME"].attrs["ome"]["series"] == list(images.values())
+    found = [(Path(path).name, name) for path, name, _ in find_multiscales(store)]
+    assert found == [(group, name) for name, group in images.items()]
+    yaozarrs = pytest.importorskip("yaozarrs", reason="the OME-Zarr validator is not installed")
+    yaozarrs.validate_zarr_store(str(store))
+
+
+def _group(store: Path | str, name: str) -> str:
+    """The group of image `name` in a store (offline images take numbered groups)."""
+    from live.store import image_groups
+
+    deepz = dict(zarr.open_group(str(store), mode="r").attrs.get("deepz", {}))
+    return image_groups(deepz).get(name, name)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +172,10 @@ def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
     # The live stacks travelled (and are stored) as float16: rounded by at most 2^-11.
     scale = float(np.abs(live_stacks).max())
     np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
-    attrs = zarr.open_group(str(store), mode="r")["stacks_offline"].attrs
+    attrs = zarr.open_group(str(store), mode="r")[_group(store, "stacks_offline")].attrs
+    # the offline image is one more image of the run's collection, found the way the live
+    # ones are (OME/series, OME/METADATA.ome.xml, deepz.images), in the next numbered group
+    _assert_collection(store, {"raw": "0", "stacks": "1", "stacks_offline": "2"})
     assert attrs["deepz"]["plan_from"] == "the recording's config"
     assert attrs["deepz"]["complete"] is True and attrs["deepz"]["present"] == [[0, 6]]
     scale_t = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
@@ -186,7 +216,7 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
     offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
     scale = float(np.abs(live_stacks).max())
     np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
-    attrs = zarr.open_group(str(store), mode="r")["stacks_offline"].attrs["deepz"]
+    attrs = zarr.open_group(str(store), mode="r")[_group(store, "stacks_offline")].attrs["deepz"]
     assert attrs["focus_lock"] == {"reference_um": 0.0, "stage_z_sign": 1.0}
     # The same frames on fixed planes: equal where the focus stayed at the reference only.
     fixed = refocus_recording(
@@ -283,7 +313,7 @@ def test_cluster_output_equals_local_and_resumes_only_damaged_chunks(
     )
     assert (again.frames_done, again.frames_skipped, again.chunks_skipped) == (0, 5, 5)
 
-    chunks = tmp_path / "b.ome.zarr" / "stacks" / "0" / "c"
+    chunks = tmp_path / "b.ome.zarr" / _group(tmp_path / "b.ome.zarr", "stacks") / "0" / "c"
     (chunks / "1" / "0" / "0" / "0").unlink()  # a chunk lost
     (chunks / "4" / "0" / "0" / "0").write_bytes(b"not zstd at all")  # a chunk damaged
     fixed = refocus_recording(
@@ -344,6 +374,20 @@ def test_fill_gaps_into_float16_shards_rounds_like_the_recorder_and_resumes(
 # ------------------------------------------------------------------ inputs and errors
 
 
+def test_fill_gaps_on_a_run_that_kept_no_stacks_adds_them_to_its_collection(
+    tmp_path: Path,
+) -> None:
+    """A run that kept raw frames only: --fill-gaps makes its stacks image as the recorder
+    would have, in the next numbered group, listed where readers look (before, an unlisted
+    group ``stacks`` that `live.store.array_path` and every OME-Zarr reader missed)."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, list(range(3)), keep_stacks=False)
+    summary = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    assert summary.frames_done == 3 and summary.image == "1/0" and summary.name == "stacks"
+    _assert_collection(store, {"raw": "0", "stacks": "1"})
+    np.testing.assert_allclose(run_array(store, "stacks")[...], _reference(frames), rtol=1e-5)
+
+
 def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
     import tifffile
 
@@ -365,10 +409,16 @@ def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
         assert s.frames_done == 3
     t, n = _read(tmp_path / "t.ome.zarr", "stacks/0"), _read(tmp_path / "n.ome.zarr", "stacks/0")
     np.testing.assert_array_equal(t, n)
-    attrs = zarr.open_group(str(tmp_path / "t.ome.zarr"), mode="r")["stacks"].attrs
+    out = tmp_path / "t.ome.zarr"
+    attrs = zarr.open_group(str(out), mode="r")[_group(out, "stacks")].attrs
     assert attrs["deepz"]["planes_um"] == planes and attrs["deepz"]["uniform_planes"] is False
-    transforms = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    multiscale = attrs["ome"]["multiscales"][0]
+    transforms = multiscale["datasets"][0]["coordinateTransformations"]
     assert transforms == [{"type": "scale", "scale": [1.0, 1.0, 1.0, 1.0]}]
+    # uneven planes are indices along a custom axis, as the live recorder writes them: no z
+    # positions a reader would place 0, 1, 2 µm apart
+    assert multiscale["axes"][1] == {"name": "plane", "type": "plane"}
+    _assert_collection(out, {"stacks": "0"})
 
 
 def test_a_frame_with_nan_pixels_costs_that_frame_and_says_so(
@@ -385,7 +435,7 @@ def test_a_frame_with_nan_pixels_costs_that_frame_and_says_so(
     with caplog.at_level("WARNING", logger="live.refocus"):
         refocus_recording(tmp_path / "movie.tif", planes=PLANES, out=out, scheduler="sync", **ORT)
     assert any("frame 1 holds NaN or infinite pixels" in r.getMessage() for r in caplog.records)
-    stacks = np.asarray(zarr.open_array(str(out), path="stacks/0", mode="r")[...])
+    stacks = _read(out, "stacks/0")
     assert np.isnan(stacks[1]).all()
     good = _reference(frames[[0, 2]])
     np.testing.assert_allclose(stacks[[0, 2]], good.reshape(stacks[[0, 2]].shape), atol=1e-2)
@@ -554,7 +604,8 @@ def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: P
     expected = np.stack([confocal.infer(f, dpms) for f in frames])
     np.testing.assert_allclose(_read(tmp_path / "c.ome.zarr", "stacks/0"), expected, rtol=1e-5)
     # an image written before the job recorded its modality still resumes (its model says it)
-    group = zarr.open_group(str(tmp_path / "c.ome.zarr"), mode="r+")["stacks"]
+    out = tmp_path / "c.ome.zarr"
+    group = zarr.open_group(str(out), mode="r+")[_group(out, "stacks")]
     deepz = dict(group.attrs["deepz"])
     deepz["job"] = {k: v for k, v in deepz["job"].items() if k != "render_modality"}
     group.attrs["deepz"] = deepz
