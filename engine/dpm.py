@@ -283,6 +283,11 @@ class FocusLock:
         if dz_range_um is None:
             return cls(float(reference_um), float(sign))
         lo, hi = float(plan.dpms_um.min()), float(plan.dpms_um.max())
+        if hi - lo > dz_range_um[1] - dz_range_um[0]:
+            raise DPMError(
+                f"the planes span {lo:g} … {hi:g} µm, wider than the depths the focus lock may "
+                f"shift them within ({dz_range_um[0]:g} … {dz_range_um[1]:g} µm)"
+            )
         return cls(float(reference_um), float(sign), dz_range_um[0] - lo, dz_range_um[1] - hi)
 
     def offset_um(self, focus_um: float) -> tuple[float, float]:

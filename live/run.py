@@ -66,7 +66,7 @@ from live.router import (
 from live.security import Gatekeeper, ServerKeys, server_keys
 from live.sources import replay_rate_hz
 from live.supervisor import Failure, Supervisor, make_ipc_dir, remove_stale_ipc_dirs
-from live.worker import WorkerSpec, build_plan, open_backend, worker_main
+from live.worker import WorkerSpec, build_plan, focus_lock, open_backend, worker_main
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -1136,19 +1136,35 @@ def _open_checked(config: ScopeConfig) -> Any:
 
 
 def _check_planes(config: ScopeConfig, backend: Any) -> None:
-    """Refuse planes beyond the model's trained dz range unless engine.allow_extrapolation."""
+    """Refuse planes the model cannot serve, before anything starts.
+
+    Every DPM must be finite. A per-plane model's planes must lie in its trained dz range
+    unless ``engine.allow_extrapolation``; a volume model's within its depth grid, always: it
+    renders only there, so the flag cannot widen it (before, the flag skipped the check and
+    the pre-flight's first call died with a traceback).
+    """
     metadata = getattr(backend, "metadata", None)
-    if metadata is None or config.engine.allow_extrapolation:
+    if metadata is None:
         return
     from engine.dpm import DPMError
 
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
+    allow = config.engine.allow_extrapolation
+    span = (float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1]))
+    hint = " (engine.allow_extrapolation in the config)"
+    if metadata.volume is not None:
+        grid = metadata.volume.depth_um
+        span, allow = (float(grid[0]), float(grid[-1])), False
+        hint = " (a volume model renders only within its depth grid)"
     try:
-        config.volume_plan().validate(frame_shape, tuple(metadata.dz_range_um))
+        plan = config.volume_plan()
+        plan.validate(frame_shape, span, allow_extrapolation=allow)
     except DPMError as err:
-        raise ConfigError(
-            f"planes: {_one_line(err)} (engine.allow_extrapolation in the config)"
-        ) from None
+        raise ConfigError(f"planes: {_one_line(err)}{hint}") from None
+    try:  # built here as each worker builds it: a lock it cannot make would end every worker
+        focus_lock(config, plan, backend)
+    except DPMError as err:
+        raise ConfigError(f"planes.focus_lock_um: {_one_line(err)}") from None
 
 
 def _check_endpoints_free(config: ScopeConfig) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from engine.dpm import FocusLock, VolumePlan
+from engine.runtime import BackendError
 from live.metrics import WORKER_STAGES, StageTimes
 from live.protocol import (
     END_OF_FRAMES,
@@ -121,14 +122,20 @@ def warm_up(backend: Any, frame_shape: tuple[int, int], plan: VolumePlan) -> Non
 def focus_lock(config: Any, plan: VolumePlan, backend: Any) -> FocusLock | None:
     """Return the plan's `engine.dpm.FocusLock` when ``planes.focus_lock_um`` is set, else None.
 
-    Clamped to the model's trained depths unless ``engine.allow_extrapolation``.
+    Clamped to the model's trained depths, or with ``engine.allow_extrapolation`` to the
+    DPMs the runtime takes (±`engine.runtime.MAX_DPM_UM`); a volume model's always to its
+    depth grid (it renders nowhere else: an unclamped lock failed every frame).
     """
+    from engine.runtime import MAX_DPM_UM
+
     planes = config.planes
     if planes.focus_lock_um is None:
         return None
     metadata = getattr(backend, "metadata", None)
-    dz_range = None
-    if metadata is not None and not config.engine.allow_extrapolation:
+    dz_range = (-MAX_DPM_UM, MAX_DPM_UM)
+    if metadata is not None and metadata.volume is not None:
+        dz_range = (float(metadata.volume.depth_um[0]), float(metadata.volume.depth_um[-1]))
+    elif metadata is not None and not config.engine.allow_extrapolation:
         dz_range = (float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1]))
     return FocusLock.for_plan(plan, planes.focus_lock_um, float(planes.stage_z_sign), dz_range)
 
@@ -269,21 +276,33 @@ def _serve(
             _report(events, credits, spec.worker_id, queue, frame_shape)
             if message is not None:
                 offset = 0.0
-                if lock is not None:  # planes fixed in the sample: follow the stage's focus
-                    offset, excess = lock.offset_um(message.header.focus_um)
-                    if excess:
-                        clamped += 1
-                        if clamped == 1:
-                            log.warning(
-                                "focus %.2f µm is %.2f µm beyond the focus lock's range: planes "
-                                "clamped to the model's trained depths (counted in 'done')",
-                                message.header.focus_um,
-                                excess,
-                            )
                 t0 = time.perf_counter()
-                planes = backend.refocus(
-                    message.array, plan, np.array([offset]), dtype=stack_dtype
-                )[0]
+                try:
+                    if lock is not None:  # planes fixed in the sample: follow the stage's focus
+                        offset, excess = lock.offset_um(message.header.focus_um)
+                        if excess:
+                            clamped += 1
+                            if clamped == 1:
+                                log.warning(
+                                    "focus %.2f µm is %.2f µm beyond the focus lock's range: "
+                                    "planes clamped to the model's trained depths (counted)",
+                                    message.header.focus_um,
+                                    excess,
+                                )
+                    t0 = time.perf_counter()
+                    planes = backend.refocus(
+                        message.array, plan, np.array([offset]), dtype=stack_dtype
+                    )[0]
+                except (ValueError, BackendError) as err:  # this frame cannot be refocused
+                    # (a DPM the model refuses): it costs this frame, reported and credited
+                    # back, not the worker and the frames it holds (the pre-flight refuses a
+                    # plan that fails every frame)
+                    why = f"cannot be refocused: {err}"
+                    _event(
+                        events, spec.worker_id, "rejected", seqs=[message.header.seq], message=why
+                    )
+                    credits.send(credit(spec.worker_id, 1))
+                    continue
                 t1 = time.perf_counter()
                 try:
                     clipped = _send_stack(

@@ -130,3 +130,8 @@ def test_focus_lock_follows_the_stage_and_clamps_to_the_trained_range() -> None:
     assert flipped.offset_um(52.0) == (2.0, 0.0)
     with pytest.raises(dpm.DPMError, match="sign"):
         FocusLock.for_plan(plan, reference_um=0.0, sign=2.0)
+    # planes wider than the range leave the lock no room: refused, not a lower bound above
+    # the upper one (which shifted the planes even at the reference focus)
+    wide = VolumePlan.from_z([-8.0, 8.0], (8, 8))
+    with pytest.raises(dpm.DPMError, match=r"span -8 … 8 µm, wider than .* \(-5 … 5 µm\)"):
+        FocusLock.for_plan(wide, reference_um=50.0, dz_range_um=(-5.0, 5.0))

@@ -89,6 +89,20 @@ def test_planes_beyond_the_trained_range_are_refused_unless_extrapolation_is_all
         backend.close()
 
 
+def test_a_volume_model_is_held_to_its_depth_grid_even_when_extrapolation_is_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A volume model renders only within its depth grid (±10 µm): allow_extrapolation
+    cannot widen that. Before, the flag skipped the check and the pre-flight's first call died
+    with a traceback (exit 1); now one config line, exit 2, before the store is made."""
+    volume = Path(__file__).resolve().parents[1] / "engine" / "weights" / "deepz-volume.onnx"
+    config = live_config(tmp_path, volume, planes=[0.0, 12.0], engine={"allow_extrapolation": True})
+    store = tmp_path / "run.ome.zarr"
+    _, line = _refused(capsys, config, store)
+    assert line.startswith("error: planes: ") and "renders only within its depth grid" in line
+    assert not store.exists()
+
+
 def test_min_free_mb_beyond_the_disk_warns_at_start_and_shows_in_the_status(
     tmp_path: Path, tiny_model_files, caplog: pytest.LogCaptureFixture
 ) -> None:

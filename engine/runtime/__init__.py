@@ -28,6 +28,7 @@ from engine.point_fit import PointFit
 from engine.runtime._base import (
     DEFAULT_MAX_BATCH,
     INPUT_NAME,
+    MAX_DPM_UM,
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MODEL",
     "INPUT_NAME",
+    "MAX_DPM_UM",
     "OUTPUT_NAME",
     "Backend",
     "BackendError",
