@@ -136,6 +136,9 @@ def from_image(path: str | Path) -> np.ndarray:
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise DPMError(f"{path}: DPM must be real numeric, got dtype {data.dtype}")
     out: np.ndarray = data.astype(np.float32)
+    if not np.isfinite(out).all():  # NaN, or beyond float32's range once cast
+        bad = int(out.size - np.count_nonzero(np.isfinite(out)))
+        raise DPMError(f"{path}: the DPM holds {bad} NaN or infinite value(s)")
     return out
 
 

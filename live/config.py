@@ -416,6 +416,28 @@ class SurfaceConfig(_BaseModel):
             raise ValueError(f"surface {self.name!r} of kind 'polynomial' needs coefficients")
         if self.kind == "file" and self.path is None:
             raise ValueError(f"surface {self.name!r} of kind 'file' needs path")
+        # a setting its kind does not use would be dropped without a word (a tilt given
+        # without kind = "tilted" refocused onto a flat plane)
+        uses = {
+            "plane": {"z0_um"},
+            "tilted": {"z0_um", "slope_x", "slope_y"},
+            "polynomial": {"coefficients"},
+            "file": {"path"},
+        }[self.kind]
+        defaults = {
+            "z0_um": 0.0,
+            "slope_x": 0.0,
+            "slope_y": 0.0,
+            "coefficients": None,
+            "path": None,
+        }
+        # values, not keys given: a config written out whole (model_dump) names every key
+        unused = sorted(k for k, v in defaults.items() if k not in uses and getattr(self, k) != v)
+        if unused:
+            raise ValueError(
+                f"surface {self.name!r} of kind {self.kind!r} does not use {', '.join(unused)}"
+                + (" (kind = 'tilted' for a tilt)" if {"slope_x", "slope_y"} & set(unused) else "")
+            )
         return self
 
     def build(self, frame_shape: tuple[int, int], pixel_size_um: float) -> np.ndarray:
@@ -490,8 +512,13 @@ class PlanesConfig(_BaseModel):
                 raise ValueError(f"the z range gives more than {MAX_PLANES} planes; raise step_um")
         if self.surfaces is not None:
             names = [s.name for s in self.surfaces]
-            if len(set(names)) != len(names):
-                raise ValueError(f"surface names must be unique, got {names}")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"surface names must be unique; given more than once: {twice}")
+        zs = self.plane_z_um()
+        if zs is not None and len(set(zs)) != len(zs):
+            twice_z = sorted({z for z in zs if zs.count(z) > 1})[:10]
+            raise ValueError(f"each plane once: z_um given more than once: {twice_z}")
         return self
 
     def plane_z_um(self) -> list[float] | None:
@@ -827,6 +854,9 @@ def resolve_geometry(config: ScopeConfig) -> ScopeConfig:
         resolved = config.model_copy(deep=True)
         resolved.source.frame_shape = shape
         resolved.source.pixel_size_um = pixel_size_um
+        # validated whole again: the checks across sections (a stack or a queue too large for
+        # memory) saw the default frame shape, not the camera's
+        resolved = type(config).model_validate(resolved.model_dump(mode="json"))
     except (ValueError, ValidationError) as err:
         core.unloadAllDevices()
         raise ConfigError(_one_line(err)) from None

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
+from engine.dpm import DPMError
 from live.config import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_MODEL_PATH,
@@ -234,6 +235,13 @@ def test_planes_need_exactly_one_form(tmp_path):
     text = '[planes]\n[[planes.surfaces]]\nname = "c"\nkind = "polynomial"\n'
     with pytest.raises(ConfigError, match=r"planes.surfaces\[0\].*needs coefficients"):
         load_config(write(tmp_path, text))
+    # a setting its kind does not use is refused, not dropped: this tilt made a flat plane
+    text = '[planes]\n[[planes.surfaces]]\nname = "t"\nslope_x = 0.5\n'
+    with pytest.raises(ConfigError, match=r"kind 'plane' does not use slope_x .*kind = 'tilted'"):
+        load_config(write(tmp_path, text))
+    # a plane given twice: named once, in one short line (1000 planes gave 10,000 characters)
+    with pytest.raises(ConfigError, match=r"z_um given more than once: \[0.0\] "):
+        load_config(write(tmp_path, f"[planes]\nz_um = [0.0, {', '.join(['0.0'] * 999)}]\n"))
 
 
 def test_surfaces_build_a_plan(tmp_path):
@@ -268,6 +276,13 @@ path = "s.tif"
     assert plan.dpms_um[2].min() == pytest.approx(1.0 + 0.01 * 0.5 * 0.25, abs=1e-3)
     assert np.all(plan.dpms_um[3] == 1.5)
     plan.validate((32, 48), (-10.0, 10.0))
+    # written out whole and read back (as workers and the run store do): the same plan
+    again = ScopeConfig.model_validate(cfg.model_dump(mode="json")).volume_plan()
+    np.testing.assert_array_equal(again.dpms_um, plan.dpms_um)
+    # a DPM file with a NaN is refused when the plan is built, naming the file
+    tifffile.imwrite(tmp_path / "s.tif", np.full((32, 48), np.nan, np.float32))
+    with pytest.raises(DPMError, match=r"s\.tif: the DPM holds 1536 NaN"):
+        cfg.volume_plan()
 
 
 def test_explicit_z_list(tmp_path):
