@@ -266,6 +266,10 @@ class Preflight:
         )
 
 
+_WORKER_COUNTS = ("focus_clamped", "stack_values_saturated")
+"""Counts each worker reports with "done" that the summary adds up and prints when not 0."""
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """What a run did: counts, losses by seq, latency, backend and where the data went.
@@ -300,7 +304,12 @@ class RunSummary:
     """The run's picture (``RUN.preview.png``: last frame and stack, latency, counts)."""
     worker_times: list[dict[str, Any]] = field(default_factory=list)
     """Per worker that finished, from its "done" event (`live.metrics.StageTimes`): refocus
-    (network and rendering) and send p50 / p99 ms, and its busy share."""
+    (network and rendering) and send p50 / p99 ms, its busy share, and its counts
+    (`_WORKER_COUNTS`: frames whose focus lock was clamped, stack values saturated)."""
+
+    def worker_count(self, key: str) -> int:
+        """Sum one of `_WORKER_COUNTS` over the workers that finished."""
+        return sum(int(t.get(key) or 0) for t in self.worker_times)
 
     @property
     def rejected_total(self) -> int:
@@ -344,6 +353,16 @@ class RunSummary:
             f"  backend           {self.backend}",
             f"  output            {self.output or 'not recorded'}",
         ]
+        if clamped := self.worker_count("focus_clamped"):
+            lines.append(
+                f"  focus clamped     {clamped} frames (the stage beyond the focus lock's range: "
+                "planes held at the model's trained depths)"
+            )
+        if saturated := self.worker_count("stack_values_saturated"):
+            lines.append(
+                f"  saturated         {saturated} stack values (beyond ±65504: "
+                "recorder.stack_dtype = 'float32' keeps them)"
+            )
         if self.preview:
             lines.append(f"  preview           {self.preview}")
         if self.auth_denied:
@@ -985,10 +1004,10 @@ class Daemon:
         return True
 
     def _worker_times(self) -> list[dict[str, Any]]:
-        """Return the stage times each worker reported with "done" (its last one)."""
+        """Return what each worker reported with "done" (its last one): stage times and counts."""
         if not hasattr(self, "collector"):
             return []
-        keys = StageTimes.field_names(WORKER_STAGES)
+        keys = [*StageTimes.field_names(WORKER_STAGES), *_WORKER_COUNTS]
         last: dict[int, dict[str, Any]] = {}
         for event in self.collector.events:
             if event.get("event") == "done":

@@ -285,7 +285,8 @@ def _serve(
                             if clamped == 1:
                                 log.warning(
                                     "focus %.2f µm is %.2f µm beyond the focus lock's range: "
-                                    "planes clamped to the model's trained depths (counted)",
+                                    "planes clamped to the model's trained depths (counted in "
+                                    "the summary)",
                                     message.header.focus_um,
                                     excess,
                                 )

@@ -193,7 +193,7 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
     from live.run import Daemon
     from tests.live_helpers import live_config, push_frames
 
-    focus = [0.0, 0.5, -1.0, 1.5, 3.0, -2.5]
+    focus = [0.0, 0.5, -1.0, 1.5, 3.0, -2.5, 20.0]  # the last beyond the lock's reach
     data = live_config(tmp_path, DEFAULT_MODEL, planes=PLANES).model_dump(mode="json")
     data["planes"]["focus_lock_um"] = 0.0
     config = validate_config(data, source="test config")
@@ -206,13 +206,16 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
         while not daemon.ledger.ready_workers():
             assert time.monotonic() < deadline
             daemon.supervise(0.1, quiet=True)
-        push_frames(config.endpoints.frames, list(range(6)), rate_hz=10.0, focus_um=focus)
-        _until_all_in(daemon, 6)
+        push_frames(config.endpoints.frames, list(range(7)), rate_hz=10.0, focus_um=focus)
+        _until_all_in(daemon, 7)
     finally:
         live = daemon.stop()
-    assert live.stacks_written == 6
+    assert live.stacks_written == 7
+    # planes ±2 µm in a ±10 µm model: the lock shifts at most 8 µm, so 20 µm is clamped
+    assert live.worker_count("focus_clamped") == 1
+    assert any(line.startswith("  focus clamped     1 frames") for line in live.lines())
     summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)
-    assert summary.frames_done == 6
+    assert summary.frames_done == 7
     offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
     scale = float(np.abs(live_stacks).max())
     np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
@@ -222,7 +225,7 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
     fixed = refocus_recording(
         store, planes=PLANES, name="fixed", scheduler="sync", intra_op_threads=1
     )
-    assert fixed.frames_done == 6
+    assert fixed.frames_done == 7
     unlocked = _read(store, "fixed/0")
     np.testing.assert_allclose(unlocked[0], offline[0], rtol=1e-6, atol=1e-6 * scale)
     for t in range(1, 6):
