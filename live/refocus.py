@@ -783,7 +783,7 @@ def _plan_from_planes(
             pixel = raw.pixel_size_um or float(config.get("source", {}).get("pixel_size_um", 1.0))
             engine = config.get("engine")
             allow = isinstance(engine, dict) and engine.get("allow_extrapolation") is True
-            plan = stored.build(shape, pixel)
+            plan = _recorded_surfaces(raw, stored) or stored.build(shape, pixel)
             return _Plan(plan, "the recording's config", _lock_of(stored), allow)
         except (ValueError, OSError) as exc:
             log.warning("the recording's stored planes cannot be rebuilt (%s)", exc)
@@ -793,6 +793,29 @@ def _plan_from_planes(
         f"{raw.spec.path}: the recording does not say which planes it was refocused onto: "
         "give --planes Z1 Z2 ... (µm) or --scope config.toml"
     )
+
+
+def _recorded_surfaces(raw: RawInput, stored: Any) -> VolumePlan | None:
+    """Return the surfaces a run refocused onto live, as its store holds them (None: not kept).
+
+    A surface from a file is rebuilt from that file only when the run kept no stacks: the
+    file may have changed since (the DPMs the live stacks were made with are beside them).
+    """
+    import zarr
+
+    from live.store import DPMS_ARRAY, image_groups
+
+    group = image_groups(raw.run or {}).get("stacks")
+    if stored.surfaces is None or group is None:
+        return None
+    names = [s.name for s in stored.surfaces]
+    try:
+        dpms = np.asarray(zarr.open_array(store=raw.spec.path, path=f"{group}/{DPMS_ARRAY}")[...])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None
+    if dpms.shape != (len(names), *raw.frame_shape):
+        return None
+    return VolumePlan.from_dpms(list(dpms.astype(np.float32)), names)
 
 
 def _load_scope(path: str | Path) -> Any:

@@ -391,6 +391,38 @@ def test_fill_gaps_on_a_run_that_kept_no_stacks_adds_them_to_its_collection(
     np.testing.assert_allclose(run_array(store, "stacks")[...], _reference(frames), rtol=1e-5)
 
 
+def test_a_surface_run_refocuses_offline_onto_the_surfaces_it_recorded(tmp_path: Path) -> None:
+    """A run onto a surface from a file: offline refocusing takes the DPMs the run stored
+    beside its stacks, not the file as it is now (rewritten since, it gave other stacks and
+    still said "the recording's config")."""
+    import tifffile
+
+    surface = tmp_path / "surface.tif"
+    tifffile.imwrite(surface, np.full((SIDE, SIDE), 2.0, np.float32))
+    planes = {"surfaces": [{"name": "s", "kind": "file", "path": str(surface)}]}
+    store = tmp_path / "run.ome.zarr"
+    frames = _frames(2)
+    rec = Recorder(
+        store,
+        frame_shape=(SIDE, SIDE),
+        pixel_size_um=0.3,
+        rate_hz=2.0,
+        surfaces=["s"],
+        dpms_um=np.full((1, SIDE, SIDE), 2.0, np.float32),
+        config={"planes": planes},
+    )
+    for seq in range(2):
+        rec.put_frame(decode(encode_frame(frames[seq], seq=seq, timestamp_s=time.time())))
+    rec.close()
+    tifffile.imwrite(surface, np.full((SIDE, SIDE), -5.0, np.float32))  # the file changed since
+    summary = refocus_recording(store, scheduler="sync", **ORT)
+    assert summary.frames_done == 2
+    backend = load_backend(DEFAULT_MODEL, prefer=["onnxruntime"], intra_op_threads=1)
+    live_dpm = np.full((1, SIDE, SIDE), 2.0, np.float32)
+    expected = np.stack([backend.infer(f, live_dpm) for f in frames])
+    np.testing.assert_allclose(_read(store, "stacks_offline/0"), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
     import tifffile
 
