@@ -164,7 +164,7 @@ class FrameSender:
         *,
         seq: int | None = None,
         timestamp_s: float | None = None,
-        focus_um: float = 0.0,
+        focus_um: float | None = None,
     ) -> bool:
         """Send one (H, W) frame now or drop it; return whether ZeroMQ took it.
 
@@ -177,7 +177,12 @@ class FrameSender:
             self._next_seq = seq + 1
             stamp = time.time() if timestamp_s is None else float(timestamp_s)
             try:
-                parts = encode_frame(image, seq=seq, timestamp_s=stamp, focus_um=float(focus_um))
+                parts = encode_frame(
+                    image,
+                    seq=seq,
+                    timestamp_s=stamp,
+                    focus_um=None if focus_um is None else float(focus_um),
+                )
                 self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self._drop(seq)
@@ -366,7 +371,7 @@ class PycromanagerHook:
                 image,
                 seq=seq,
                 timestamp_s=self._timestamp(metadata),
-                focus_um=metadata_float(metadata, _FOCUS_KEYS) or 0.0,
+                focus_um=metadata_float(metadata, _FOCUS_KEYS),  # None: the scope did not say
             )
         except Exception:  # a hook that raises aborts the user's acquisition: never do that
             log.exception("deepz hook failed on a frame; acquisition continues")

@@ -136,8 +136,9 @@ class Header:
         Camera timestamp of the frame, seconds (``time.time()`` clock for the simulated scope).
     shape, dtype
         Array shape and numpy dtype name of the buffer (one of `ALLOWED_DTYPES`).
-    focus_um : float
-        Focus (stage z) position of the frame, µm.
+    focus_um : float or None
+        Focus (stage z) position of the frame, µm; None when the scope did not say (left out
+        of the header; a focus lock cannot place such a frame's planes).
     planes_um : tuple of float or None
         Stacks only: the axial distance of each plane from the focal plane, µm.
     surface_id : str or None
@@ -152,7 +153,7 @@ class Header:
     timestamp_s: float
     shape: tuple[int, ...]
     dtype: str
-    focus_um: float = 0.0
+    focus_um: float | None = None
     planes_um: tuple[float, ...] | None = None
     surface_id: str | None = None
     latency_ms: float | None = None
@@ -166,8 +167,9 @@ class Header:
             "timestamp_s": self.timestamp_s,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "focus_um": self.focus_um,
         }
+        if self.focus_um is not None:
+            fields["focus_um"] = self.focus_um
         if self.planes_um is not None:
             fields["planes_um"] = list(self.planes_um)
         if self.surface_id is not None:
@@ -191,7 +193,7 @@ class Message:
 
 
 def encode_frame(
-    array: np.ndarray, *, seq: int, timestamp_s: float, focus_um: float = 0.0
+    array: np.ndarray, *, seq: int, timestamp_s: float, focus_um: float | None = 0.0
 ) -> list[bytes | memoryview]:
     """Encode one raw camera frame (H, W) as ``[header, pixels]``; the pixels are not copied.
 
@@ -217,7 +219,7 @@ def encode_stack(
     *,
     seq: int,
     timestamp_s: float,
-    focus_um: float,
+    focus_um: float | None,
     planes_um: Sequence[float] | None = None,
     surface_id: str | None = None,
     latency_ms: float,
@@ -355,7 +357,7 @@ def _parse_header(view: bytes | memoryview) -> Header:
         timestamp_s=fields["timestamp_s"],
         shape=tuple(shape),
         dtype=fields["dtype"],
-        focus_um=fields.get("focus_um", 0.0),
+        focus_um=fields.get("focus_um"),
         planes_um=None if planes is None else tuple(planes),
         surface_id=fields.get("surface_id"),
         latency_ms=fields.get("latency_ms"),
@@ -430,7 +432,7 @@ def _check_header(h: Header) -> None:
         raise ProtocolError(
             f"dtype {_short(h.dtype)} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
         )
-    if not _is_number(h.focus_um):
+    if h.focus_um is not None and not _is_number(h.focus_um):
         raise ProtocolError(f"focus_um must be a finite number, got {_short(h.focus_um)}")
     if h.kind == "frame" and (h.planes_um, h.surface_id, h.latency_ms) != (None, None, None):
         raise ProtocolError("a frame must not carry planes_um, surface_id or latency_ms")

@@ -569,7 +569,8 @@ class Recorder:
             rejection = self._gates["raw"].admit(message)[1]
             if rejection is None:
                 header = message.header
-                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
+                focus = math.nan if header.focus_um is None else header.focus_um  # NaN: unknown
+                self._queue.put(("frame", header.seq, None, header.timestamp_s, focus))
             return rejection
         return self._put("raw", message)
 
@@ -658,7 +659,8 @@ class Recorder:
         converted, rejection = self._gates[image].admit(message)
         if converted is not None:
             header = message.header
-            self._queue.put((image, header.seq, converted, header.timestamp_s, header.focus_um))
+            focus = math.nan if header.focus_um is None else header.focus_um  # NaN: unknown
+            self._queue.put((image, header.seq, converted, header.timestamp_s, focus))
         return rejection
 
     # -- writer thread -------------------------------------------------------------------

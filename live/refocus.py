@@ -700,6 +700,9 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     with lock:
         for seq, offset in zip(block.seqs, offsets, strict=True):
             frame = frames[seq - block.t0]
+            if not math.isfinite(offset):  # no recorded focus for a focus lock (said once)
+                planes[seq - block.t0] = np.nan
+                continue
             if frame.dtype.kind == "f" and not np.isfinite(frame).all():
                 # no stack from a frame with NaN or infinite pixels (the network would spread
                 # them over every plane): its planes stay NaN, which `_verified` never counts
@@ -1377,14 +1380,23 @@ def _lock_offsets(
         chosen.plan, reference, sign, None if allow_extrapolation else dz_range_um
     )
     offsets = np.zeros(raw.n_t, dtype=np.float64)
+    unknown = []
     for t in raw.present:
         focus = float(raw.focus_um[t]) if t < raw.focus_um.size else math.nan
-        if not math.isfinite(focus):
-            raise RefocusError(
-                f"{raw.spec.path}: frame {t} has no recorded focus, which its focus-locked "
-                "planes need: give --planes Z1 Z2 ... (µm) to refocus without the lock"
-            )
-        offsets[t] = lock.offset_um(focus)[0]
+        if math.isfinite(focus):
+            offsets[t] = lock.offset_um(focus)[0]
+        else:  # the scope did not say: no planes for it, as live (the worker rejected it)
+            offsets[t] = math.nan
+            unknown.append(t)
+    if unknown:
+        from live.metrics import format_seqs
+
+        log.warning(
+            "%d frames (%s) have no recorded focus, which focus-locked planes need: their planes "
+            "are left NaN (--planes Z1 Z2 ... refocuses without the lock)",
+            len(unknown),
+            format_seqs(unknown),
+        )
     return offsets
 
 

@@ -163,13 +163,13 @@ def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str, str]) -> 
     image, meta = core.popNextImageAndMD()
     index_key, stamp_key, focus_key = keys
     # the core's metadata is text a device adapter wrote: a value that is not a number is no
-    # value (the sender's own count, the arrival time, focus 0), never the end of the stream
+    # value (the sender's own count, the arrival time, no focus), never the end of the stream
     seq = meta.get(index_key) or meta.get("ImageNumber")
     sender.send(
         image,
         seq=frame_number(seq) if seq not in (None, "") else None,
         timestamp_s=metadata_float(meta, (stamp_key,)),
-        focus_um=metadata_float(meta, (focus_key,)) or 0.0,
+        focus_um=metadata_float(meta, (focus_key,)),  # None: the core did not say
     )
 
 
@@ -479,7 +479,7 @@ class ReplaySource:
             stamp, focus = self.recording.stamp(t)
             if stamp is not None:
                 stamp += (seq // period) * lap_s
-            sender.send(frame, seq=seq, timestamp_s=stamp, focus_um=focus or 0.0)
+            sender.send(frame, seq=seq, timestamp_s=stamp, focus_um=focus)
         return run.summary()
 
 

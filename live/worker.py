@@ -279,6 +279,11 @@ def _serve(
                 t0 = time.perf_counter()
                 try:
                     if lock is not None:  # planes fixed in the sample: follow the stage's focus
+                        if message.header.focus_um is None:
+                            raise ValueError(
+                                "no stage focus in its header: the focus lock cannot place "
+                                "its planes"
+                            )
                         offset, excess = lock.offset_um(message.header.focus_um)
                         if excess:
                             clamped += 1

@@ -191,6 +191,8 @@ def test_the_hook_reads_micro_managers_metadata_as_untrusted_text(pull):
     msgs = receive(sock, 3)
     assert [m.header.seq for m in msgs] == [0, 1, 2]
     assert msgs[0].header.focus_um == 5.0  # the NaN reading did not win over the intended one
+    # no Z position at all: no focus, not 0 µm (a focus lock would read 0 as a stage move)
+    assert msgs[1].header.focus_um is None and msgs[2].header.focus_um is None
     assert all(np.isfinite(m.header.timestamp_s) for m in msgs)
     # the clock offset came from the first finite elapsed time, not from the NaN one
     assert msgs[2].header.timestamp_s - msgs[1].header.timestamp_s == pytest.approx(2.0)

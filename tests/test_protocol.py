@@ -141,6 +141,18 @@ def test_malformed_messages_raise_a_named_protocol_error(parts: list[bytes], mat
         decode(parts)
 
 
+def test_a_frame_without_a_focus_says_so() -> None:
+    """No stage focus is no focus_um in the header, read back as None (it was 0 µm, which a
+    focus lock takes for a stage 0 µm from its reference); a focus given is kept, 0 included."""
+    frame = np.zeros((4, 4), np.uint16)
+    unknown = encode_frame(frame, seq=1, timestamp_s=1.0, focus_um=None)
+    assert b"focus_um" not in bytes(unknown[0])
+    assert decode(unknown).header.focus_um is None
+    assert decode(encode_frame(frame, seq=1, timestamp_s=1.0, focus_um=0.0)).header.focus_um == 0.0
+    raw = b'{"version":1,"kind":"frame","seq":1,"timestamp_s":1,"shape":[4,4],"dtype":"uint16",'
+    assert decode([raw + b'"focus_um":null}', bytes(32)]).header.focus_um is None
+
+
 def test_nan_in_header_is_rejected() -> None:
     raw = b'{"version":1,"kind":"frame","seq":1,"timestamp_s":NaN,"shape":[4,4],"dtype":"uint16"}'
     with pytest.raises(ProtocolError, match="timestamp_s must be a finite number"):

@@ -423,6 +423,35 @@ def test_a_surface_run_refocuses_offline_onto_the_surfaces_it_recorded(tmp_path:
     np.testing.assert_allclose(_read(store, "stacks_offline/0"), expected, rtol=1e-5, atol=1e-4)
 
 
+def test_a_focus_locked_frame_without_a_focus_costs_that_frame_offline(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A frame the scope sent without a stage focus: live, the focus lock rejected it; offline,
+    its planes are left NaN with a warning and every other frame is refocused (before, one
+    such frame refused the whole job)."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _frames(3)
+    rec = Recorder(
+        store,
+        frame_shape=(SIDE, SIDE),
+        pixel_size_um=0.3,
+        rate_hz=2.0,
+        planes_um=PLANES,
+        config={"planes": {"z_um": PLANES, "focus_lock_um": 0.0}},
+    )
+    for seq, focus in enumerate((0.0, None, 1.0)):
+        parts = encode_frame(frames[seq], seq=seq, timestamp_s=time.time(), focus_um=focus)
+        rec.put_frame(decode(parts))
+    rec.close()
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        summary = refocus_recording(store, scheduler="sync", **ORT)
+    assert summary.frames_done == 3
+    assert any("1 frames (1) have no recorded focus" in r.getMessage() for r in caplog.records)
+    stacks = _read(store, "stacks_offline/0")
+    assert np.isnan(stacks[1]).all() and np.isfinite(stacks[[0, 2]]).all()
+    np.testing.assert_allclose(stacks[0], _reference(frames[:1])[0], rtol=1e-5, atol=1e-4)
+
+
 def test_tiff_and_ngff_inputs_and_non_uniform_planes(tmp_path: Path) -> None:
     import tifffile
 

@@ -132,7 +132,7 @@ def test_frames_without_recorded_metadata_are_stamped_when_sent(
     msgs = {m.header.seq: m for m in _receive(sock, len(PRESENT))}
 
     assert sorted(msgs) == PRESENT
-    assert before <= msgs[6].header.timestamp_s <= after and msgs[6].header.focus_um == 0.0
+    assert before <= msgs[6].header.timestamp_s <= after and msgs[6].header.focus_um is None
     assert msgs[7].header.timestamp_s == _stamp(7)
     assert open_recording(store).stamp(6) == (None, None)
     assert open_recording(store).stamp(99) == (None, None)  # beyond the arrays

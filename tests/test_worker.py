@@ -370,6 +370,15 @@ def test_focus_lock_keeps_the_planes_fixed_in_the_sample(tmp_path: Path, tiny_mo
             assert msg.header.seq == seq and msg.header.planes_um == tuple(planes)
             expected = reference.infer(frame, dpms + np.float32(offset))
             np.testing.assert_allclose(msg.array, expected, rtol=2.0**-11 + 1e-4, atol=1e-2)
+        # a frame whose header holds no focus: the lock cannot place its planes, so that frame
+        # is rejected (reported, credited back), not refocused as if the stage were at 0 µm
+        harness.frames.send_multipart(
+            encode_frame(frame, seq=3, timestamp_s=time.time(), focus_um=None)
+        )
+        event = harness.event()
+        while event["event"] != "rejected":
+            event = harness.event()
+        assert event["seqs"] == [3] and "no stage focus" in event["message"]
         harness.frames.send(END_OF_FRAMES)
         done = harness.event()
         while done["event"] != "done":
