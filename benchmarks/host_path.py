@@ -18,13 +18,14 @@ import datetime as dt
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import write_results
+from benchmarks.machine import cpu_model, write_results
 from engine.metadata import ModelMetadata
 from engine.runtime import DEFAULT_MODEL, BackendOptions, BaseBackend, onnx_metadata
 
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     """Time every case, print a table and write the JSON."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_path", description=__doc__)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per case")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS / "host_path.json", help="results JSON to write"
+    )
     args = parser.parse_args(argv)
     backend = NullBackend(onnx_metadata(DEFAULT_MODEL))
     rows = [
@@ -90,16 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         case = f"{r['planes']} × {r['side']}²"
         print(f"{case:<16} {r['dpms']:<9} {r['median_ms']:>10.2f} {r['min_ms']:>8.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "host_path.json"
     record = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "load_average": os.getloadavg(),
-        "command": "python -m benchmarks.host_path",
+        "cpu": cpu_model(),
+        "command": " ".join(["python -m benchmarks.host_path", *(argv or sys.argv[1:])]),
         "cases": rows,
     }
-    write_results(out, record)
+    write_results(args.results, record)
     return 0
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_model", "run_record", "write_results"]
+__all__ = ["code_version", "cpu_model", "run_record", "write_results"]
 
 
 def cpu_model() -> str:
@@ -46,9 +48,55 @@ def run_record(
     }
 
 
-def write_results(path: Path, record: dict[str, Any]) -> Path:
-    """Write a benchmark's results JSON (its folder made if needed) and say where; return it."""
+def code_version() -> dict[str, Any]:
+    """Return the git commit the benchmark ran and whether the tree had changes (None: no git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changed)}
+
+
+def write_results(path: Path, record: dict[str, Any], *, measured: bool = True) -> Path:
+    """Write a benchmark's results JSON atomically and say where; return the path written.
+
+    The record gains the code it measured (`code_version`). NaN and infinities become null (a
+    JSON file a strict parser reads). A run that measured nothing or failed (``measured``
+    false) never replaces results already there: it is written beside them as
+    ``NAME.failed.json``, so committed figures are not lost to a loaded machine or a typo.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    if not measured and path.exists():
+        path = path.with_name(f"{path.stem}.failed.json")
+        print(f"this run measured nothing or failed: {path.name} written beside the results")
+    text = json.dumps(_finite({**record, "code": code_version()}), indent=1, default=str)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     print(f"wrote {path}")
     return path
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -171,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         engine = (engine_a + engine_b) / 2
         runs = [engine_a, engine_b]
         rows.append({"case": f"engine, {t} threads", "frames_per_s": engine, "runs": runs})
+        served_by = f"{sync.backend} on {sync.device}"  # what ran, not only what was asked
         for label, s in (("offline, sync", sync), ("offline, threads (2)", threads)):
             rows.append(
                 {
                     "case": f"{label}, backend {t} threads",
+                    "served_by": f"{s.backend} on {s.device}",
                     "frames_per_s": s.frames_per_s,
                     "share_of_engine": s.frames_per_s / engine,
                     "overhead": 1 - s.frames_per_s / engine,
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "case": "LocalCluster, 2 workers × 1 thread",
                     "frames_per_s": two,
-                    "speedup_vs_1_worker": two / one,
+                    "speedup_vs_1_worker": two / one if one > 0 else None,
                     "cluster_start_s": start2,
                     "scheduler": sched2,
                 }
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<44} {'frames/s':>9} {'vs engine':>10} {'speed-up':>9}")
     for r in rows:
         share = f"{100 * r['share_of_engine']:.1f} %" if "share_of_engine" in r else ""
-        speed = f"{r['speedup_vs_1_worker']:.2f}×" if "speedup_vs_1_worker" in r else ""
+        speedup = r.get("speedup_vs_1_worker")
+        speed = f"{speedup:.2f}×" if speedup is not None else ""
         print(f"{r['case']:<44} {r['frames_per_s']:>9.2f} {share:>10} {speed:>9}")
     record = {
         **run_record("benchmarks.refocus", argv, args.note, load_before),
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "side": args.side,
         "planes": planes,
         "backend": args.backend,
+        "served_by": served_by,
         "model": str(args.model),
         "dtype": args.dtype,
         "rows": rows,

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, value in rows:
         print(f"{name:32s} {value}")
-    write_results(args.results, r)
+    write_results(args.results, r, measured=bool(r["passed"]))
     return 0 if r["passed"] else 1
 
 

@@ -1003,6 +1003,22 @@ class Daemon:
             return False
         return True
 
+    def _served_by(self) -> str:
+        """Return the backend the workers loaded, as their "ready" events said it.
+
+        Else the one chosen at start: without the pre-flight that is only the first installed
+        of ``engine.backends``, which a worker may have failed to load and fallen back from.
+        """
+        if hasattr(self, "collector"):
+            ready = {
+                f"{e.get('backend')} on {e.get('device')}"
+                for e in self.collector.events
+                if e.get("event") == "ready"
+            }
+            if ready:
+                return "; ".join(sorted(ready))
+        return self.backend_name
+
     def _worker_times(self) -> list[dict[str, Any]]:
         """Return what each worker reported with "done" (its last one): stage times and counts."""
         if not hasattr(self, "collector"):
@@ -1038,7 +1054,7 @@ class Daemon:
             worker_restarts=snap.worker_restarts,
             latency_p50_ms=snap.latency_p50_ms,
             latency_p99_ms=snap.latency_p99_ms,
-            backend=self.backend_name,
+            backend=self._served_by(),
             output=str(self.recorder.path) if self.recorder is not None else None,
             source=source,
             recorder=asdict(rec) if rec is not None else {},

@@ -10,11 +10,8 @@ import pytest
 from benchmarks import host_path
 
 
-def test_host_path_benchmark_writes_every_case(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(host_path, "RESULTS", tmp_path)
-    assert host_path.main(["--repeats", "1"]) == 0
+def test_host_path_benchmark_writes_every_case(tmp_path: Path) -> None:
+    assert host_path.main(["--repeats", "1", "--results", str(tmp_path / "host_path.json")]) == 0
     record = json.loads((tmp_path / "host_path.json").read_text())
     cases = {(c["planes"], c["side"], c["dpms"]) for c in record["cases"]}
     assert cases == {(p, s, d) for p, s in ((9, 256), (41, 512)) for d in ("writable", "frozen")}
@@ -54,3 +51,22 @@ def test_gpu_volume_benchmark_times_network_and_render(tmp_path: Path) -> None:
     (row,) = json.loads(out.read_text())["rows"]
     assert row["side"] == 64 and row["planes"] == 41
     assert row["network_ms"] > 0 and row["render_ms"] > 0 and row["frames_per_s"] > 0
+
+
+def test_results_are_written_whole_and_a_failed_run_never_replaces_them(tmp_path: Path) -> None:
+    """`benchmarks.machine.write_results`: the code measured is recorded, NaN becomes null (a
+    strict JSON parser reads the file), and a run that measured nothing or failed goes beside
+    the results as NAME.failed.json instead of over them."""
+    from benchmarks.machine import write_results
+
+    path = tmp_path / "x.json"
+    write_results(path, {"rows": [{"ms": 1.5, "slope": float("nan")}]})
+    good = path.read_text()
+    record = json.loads(good, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert record["rows"] == [{"ms": 1.5, "slope": None}]
+    assert set(record["code"]) == {"commit", "dirty"}
+    failed = write_results(path, {"rows": []}, measured=False)
+    assert failed == tmp_path / "x.failed.json" and path.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.failed.json", "x.json"]
+    fresh = tmp_path / "new.json"  # nothing to protect yet: written where asked
+    assert write_results(fresh, {"rows": []}, measured=False) == fresh

@@ -69,6 +69,8 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     ctx.term()
 
     assert summary.frames_in == 35 and summary.malformed == 0
+    # the backend the worker loaded, from its "ready" event (not only the one asked for)
+    assert summary.backend.startswith("onnxruntime on "), summary.backend
     assert summary.rejected == {
         "duplicate": 1,
         "beyond_window": 1,
