@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ __all__ = [
     "metadata_path",
     "read_checkpoint",
     "save_model",
+    "write_checkpoint",
 ]
 
 BODY_HIDDEN = 32
@@ -431,12 +433,43 @@ def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
             f"metadata.size_multiple {metadata.size_multiple} != model {model.size_multiple}"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, path)
+    write_checkpoint(path, state)  # a crash while saving leaves the weights there were
     meta = metadata_path(path)
     meta.write_text(metadata.to_json() + "\n")
     return meta
+
+
+def write_checkpoint(path: str | Path, content: Any) -> None:
+    """Write weights or a training checkpoint so that `path` is always whole.
+
+    Saved to a temporary file beside `path`, flushed to the disk, then renamed over it: a
+    process killed, or a machine losing power, while saving leaves the previous file (a
+    rename alone can leave an empty file after a power loss on some file systems). A save
+    that fails (a full disk) removes its temporary file and raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as f:
+            torch.save(content, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself, on the disk
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened (some platforms): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -48,6 +48,7 @@ from engine.model import (
     load_model,
     read_checkpoint,
     save_model,
+    write_checkpoint,
 )
 
 __all__ = [
@@ -820,9 +821,7 @@ def _checkpoint(
         "wall_s": wall,
         "config": json.loads(cfg.model_dump_json()),
     }
-    tmp = cfg.out_dir / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(cfg.out_dir / "checkpoint.pt")
+    write_checkpoint(cfg.out_dir / "checkpoint.pt", state)
     k = min(6, val_x.shape[0])
     samples = np.stack(
         [val_x[:k, 0].cpu().numpy(), pred[:k, 0].cpu().numpy(), val_y[:k, 0].cpu().numpy()]

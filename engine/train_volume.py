@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 import scipy.fft
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from engine.detection import detection_loss
@@ -50,7 +50,7 @@ from engine.metadata import (
     file_sha256,
     normalize_images,
 )
-from engine.model import DeepZ, build_model, read_checkpoint, save_model
+from engine.model import DeepZ, build_model, read_checkpoint, save_model, write_checkpoint
 from engine.optics import WormConfig
 from engine.train import (
     LabStackConfig,
@@ -1709,17 +1709,15 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     ema_state: dict[str, torch.Tensor] | None = None
     ckpt = out / "checkpoint.pt"
     if resume:
-        # this run's own checkpoints first (the full one, then the portable one it writes),
-        # then where a fresh machine starts
-        mine = [p for p in (ckpt, cfg.portable_checkpoint) if p is not None and Path(p).is_file()]
-        src = mine[0] if mine else cfg.resume_from
-        if src is None or not Path(src).is_file():
-            raise FileNotFoundError(
-                f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"
-            )
-        ck = read_checkpoint(src)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        src, ck = _resume_checkpoint(cfg, ckpt)
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ModelMetadataError(
+                f"--resume: {src} does not fit this config's network "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         ema_state = ck.get("ema")
         if ck.get("psf_bank_sha256", bank_sha256) != bank_sha256:  # older checkpoints: none
@@ -1761,13 +1759,17 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     with SampleFeed(cfg) as feed:  # its workers (if any) stop however the loop ends
         d = cfg.data
         first_seed = TRAIN_SEED_OFFSET + cfg.seed * 1_000_000
-        counter = d.pool_size + (step // d.refresh_every) * d.refresh_count
+        # the pool as an unbroken run holds it at `step`: the refreshes before it (the loop
+        # makes the one at `step` itself), each sample in its slot (counter % pool size); with
+        # a curriculum its samples take the kind weights of `step`, not of when first drawn
+        counter = d.pool_size + (max(step - 1, 0) // d.refresh_every) * d.refresh_count
         weights = _kind_weights(cfg, _progress(cfg, step, wall_before))
         made = [
             feed.submit(first_seed + counter - d.pool_size + i, weights) for i in range(d.pool_size)
         ]
         val = _Validation(cfg)  # (with workers, built while they simulate the pool)
         pool = [get() for get in made]
+        pool = [pool[(j - counter) % d.pool_size] for j in range(d.pool_size)]
         # the next refresh's samples, simulated while the steps before it run (with workers);
         # their kind weights are those of the refresh before, a curriculum one refresh behind
         ahead = [feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)]
@@ -2029,8 +2031,61 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     last = {k: float(v) for k, v in dict(extra.get("validation", {})).items()}
     history = [{"step": float(step), **last}] if last else []
     path = Path(cfg.portable_checkpoint)
-    _save_atomically(path, portable_state(_training_state(cfg, model, opt, step, history, wall)))
+    write_checkpoint(path, portable_state(_training_state(cfg, model, opt, step, history, wall)))
     return path
+
+
+RECIPE_KEYS = (
+    "loss",
+    "optics",
+    "target_modality",
+    "depth_half_range_um",
+    "channels",
+    "primer_depths_um",
+    "detection",
+    "body",
+)
+"""What a resumed run must share with its checkpoint: its network and what it learns. A run
+that changes them is a new recipe, started from the weights with ``init_from``."""
+
+
+def _resume_checkpoint(cfg: VolumeTrainConfig, ckpt: Path) -> tuple[Path, dict[str, Any]]:
+    """Return the checkpoint `--resume` continues from, and where it was read.
+
+    This run's own checkpoint first, then the portable copy it writes, then ``resume_from``
+    (where a fresh machine starts): one that cannot be read is said and the next one tried.
+    A checkpoint of another recipe (`RECIPE_KEYS`) is refused with one line naming what
+    differs.
+    """
+    paths = [p for p in (ckpt, cfg.portable_checkpoint, cfg.resume_from) if p is not None]
+    found = [Path(p) for p in dict.fromkeys(paths) if Path(p).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint at {ckpt}, nor at resume_from or portable_checkpoint"
+        )
+    for i, path in enumerate(found):
+        try:
+            ck: dict[str, Any] = read_checkpoint(path)
+        except ModelMetadataError as err:
+            if i == len(found) - 1:
+                raise
+            print(f"warning: {err}; trying {found[i + 1]}", file=sys.stderr)
+            continue
+        stored = ck.get("config")
+        try:  # filled in with today's defaults: keys added since then are not changes
+            old = VolumeTrainConfig.model_validate(stored).model_dump(mode="json")
+        except ValidationError:
+            old = None  # a config this code no longer reads: the weights' fit decides
+        if old is not None:
+            new = cfg.model_dump(mode="json")
+            changed = [k for k in RECIPE_KEYS if old.get(k) != new.get(k)]
+            if changed:
+                raise ModelMetadataError(
+                    f"--resume: {path} was trained with another {', '.join(changed)} than "
+                    "this config's; a changed recipe starts from the weights (init_from)"
+                )
+        return path, ck
+    raise AssertionError("unreachable: the last checkpoint either loads or raises")
 
 
 def _checkpoint(
@@ -2042,12 +2097,29 @@ def _checkpoint(
     wall: float,
     ema: AveragedModel | None = None,
 ) -> None:
-    """Write checkpoint.pt (atomically), the portable copy and loss_curve.png."""
+    """Write checkpoint.pt (whole or not at all), the portable copy and loss_curve.png.
+
+    A checkpoint that cannot be written (a full or read-only disk) is one warning, and the
+    run goes on: the last one written stays whole, and the next checkpoint tries again.
+    """
     state = _training_state(cfg, model, opt, step, history, wall, ema)
-    _save_atomically(cfg.out_dir / "checkpoint.pt", state)
+    targets = [(cfg.out_dir / "checkpoint.pt", state)]
     if cfg.portable_checkpoint is not None:
-        _save_atomically(Path(cfg.portable_checkpoint), portable_state(state))
-    _plot(cfg.out_dir, history)
+        targets.append((Path(cfg.portable_checkpoint), portable_state(state)))
+    for path, content in targets:
+        try:
+            write_checkpoint(path, content)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
+            print(
+                f"warning: step {step}: {path} could not be written ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]}); training goes on, the last checkpoint "
+                "stands",
+                file=sys.stderr,
+            )
+    try:
+        _plot(cfg.out_dir, history)
+    except OSError as err:
+        print(f"warning: step {step}: loss curve not written ({err})", file=sys.stderr)
 
 
 def _training_state(
@@ -2073,14 +2145,6 @@ def _training_state(
     if ema is not None:
         state["ema"] = {k: v.contiguous() for k, v in ema.state_dict().items()}
     return state
-
-
-def _save_atomically(path: Path, content: dict[str, Any]) -> None:
-    """torch.save to a temporary file beside `path`, then rename: a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(content, tmp)
-    tmp.replace(path)
 
 
 PORTABLE_HISTORY_EVERY = 100
