@@ -331,6 +331,24 @@ def test_a_resumed_run_is_the_run_unbroken(tmp_path: Path):
         assert torch.equal(v, b["model"][k]), k
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_not_the_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A checkpoint the disk refuses (here the portable copy's path is a folder; a full or
+    read-only disk alike) costs a warning: the run goes on and the other checkpoint stands."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import train
+
+    cfg = _tiny_config(tmp_path)
+    cfg.weights_out, cfg.portable_checkpoint = None, tmp_path / "taken"
+    (tmp_path / "taken").mkdir()
+    train(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "taken could not be written" in err and "training goes on" in err
+    assert (cfg.out_dir / "checkpoint.pt").is_file()
+    assert not list(tmp_path.glob("*.tmp"))  # no partial file left behind
+
+
 def test_resume_refuses_another_recipe_and_falls_back_from_a_broken_checkpoint(tmp_path: Path):
     """--resume continues the same recipe only: another loss is one line (a changed recipe
     starts from the weights); a checkpoint cut short is said and the portable copy used."""
