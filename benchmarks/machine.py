@@ -50,9 +50,15 @@ def run_record(
 
 def code_version() -> dict[str, Any]:
     """Return the git commit the benchmark ran and whether the tree had changes (None: no git)."""
+    repo = Path(__file__).resolve().parents[1]  # this checkout, wherever it is run from
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+            cwd=repo,
         ).stdout.strip()
         changed = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -60,6 +66,7 @@ def code_version() -> dict[str, Any]:
             text=True,
             check=True,
             timeout=10,
+            cwd=repo,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -78,11 +85,13 @@ def write_results(path: Path, record: dict[str, Any], *, measured: bool = True) 
     if not measured and path.exists():
         path = path.with_name(f"{path.stem}.failed.json")
         print(f"this run measured nothing or failed: {path.name} written beside the results")
-    text = json.dumps(_finite({**record, "code": code_version()}), indent=1, default=str)
+    full = {**record, "measured": measured, "code": code_version()}
+    text = json.dumps(_finite(full), indent=1, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep committed results from others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

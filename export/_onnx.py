@@ -234,7 +234,7 @@ def export_onnx(
     and moved over it only once it passed).
     """
     out = Path(out)
-    if out.suffix != ".onnx":
+    if out.suffix.lower() != ".onnx":
         raise ValueError(f"{out}: the output must be an .onnx file")
     out.parent.mkdir(parents=True, exist_ok=True)
     # written, checked and parity-tested beside `out`, then moved over it in one step: a failed

@@ -427,7 +427,7 @@ def attach_to_pymmcore_plus(
     """Send every frame of the core's MDA runs to `endpoint` (``mda.events.frameReady``).
 
     Seq counts frames from 0 across runs; the timestamp is the simulated camera's
-    ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or 0). A run
+    ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or none). A run
     with more than one channel, z plane, position or grid tile (``MDASequence.sizes``, or
     the events' ``index`` as they come) is refused (`AxisGuard`): its frames are counted in
     ``sender.refused`` and not sent.
@@ -454,7 +454,7 @@ def attach_to_pymmcore_plus(
         sender.send(
             image,
             timestamp_s=metadata_float(camera_meta, _TIMESTAMP_KEYS),
-            focus_um=float(z_um) if z_um is not None else 0.0,
+            focus_um=float(z_um) if z_um is not None else None,  # None: no z in the plan
         )
 
     events = core.mda.events

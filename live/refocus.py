@@ -697,11 +697,13 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     dtype = np.dtype(out.dtype).type
     planes = np.zeros((block.t1 - block.t0, *plan.dpms_um.shape), dtype=dtype)
     offsets = block.offsets_um or (0.0,) * len(block.seqs)
+    unfinished: set[int] = set()
     with lock:
         for seq, offset in zip(block.seqs, offsets, strict=True):
             frame = frames[seq - block.t0]
             if not math.isfinite(offset):  # no recorded focus for a focus lock (said once)
                 planes[seq - block.t0] = np.nan
+                unfinished.add(seq)
                 continue
             if frame.dtype.kind == "f" and not np.isfinite(frame).all():
                 # no stack from a frame with NaN or infinite pixels (the network would spread
@@ -709,6 +711,7 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
                 # as done, so each run says so again rather than the store hiding it
                 log.warning("frame %d holds NaN or infinite pixels: its planes are left NaN", seq)
                 planes[seq - block.t0] = np.nan
+                unfinished.add(seq)
                 continue
             one = backend.refocus(frame, plan, np.array([offset]), dtype=dtype)
             planes[seq - block.t0] = one[0]
@@ -730,7 +733,10 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
         out[block.t0 : block.t1] = planes
         mark = _crc(planes)
     manifest[block.index] = mark
-    return BlockResult(block.index, block.seqs, False, time.perf_counter() - t_start, worker)
+    # frames left NaN (no focus for the lock, NaN pixels) are not done: not present in a
+    # filled run, and the image not complete
+    refocused = tuple(s for s in block.seqs if s not in unfinished)
+    return BlockResult(block.index, refocused, False, time.perf_counter() - t_start, worker)
 
 
 def warm_worker(engine: EngineSpec) -> str:
@@ -1364,9 +1370,12 @@ def _lock_offsets(
     """Each time point's DPM offset (µm) when the plan follows the stage focus, else None.
 
     The live worker's `engine.dpm.FocusLock`, built the same way (clamped to the model's
-    trained depths unless `allow_extrapolation`), applied to the focus recorded with each
-    frame, so a focus-locked run refocuses offline onto the planes it had live.
+    trained depths, or with `allow_extrapolation` to the DPMs the runtime takes), applied to
+    the focus recorded with each frame, so a focus-locked run refocuses offline onto the
+    planes it had live. A frame with no recorded focus gets NaN (no planes, as live).
     """
+    from engine.runtime import MAX_DPM_UM
+
     if chosen.focus_lock is None:
         return None
     if raw.focus_um is None:
@@ -1377,7 +1386,10 @@ def _lock_offsets(
         )
     reference, sign = chosen.focus_lock
     lock = FocusLock.for_plan(
-        chosen.plan, reference, sign, None if allow_extrapolation else dz_range_um
+        chosen.plan,
+        reference,
+        sign,
+        (-MAX_DPM_UM, MAX_DPM_UM) if allow_extrapolation else dz_range_um,
     )
     offsets = np.zeros(raw.n_t, dtype=np.float64)
     unknown = []
@@ -1388,6 +1400,11 @@ def _lock_offsets(
         else:  # the scope did not say: no planes for it, as live (the worker rejected it)
             offsets[t] = math.nan
             unknown.append(t)
+    if unknown and len(unknown) == len(raw.present):
+        raise RefocusError(
+            f"{raw.spec.path}: the planes follow the stage focus (planes.focus_lock_um) but no "
+            "frame has a recorded focus: give --planes Z1 Z2 ... (µm) to refocus without the lock"
+        )
     if unknown:
         from live.metrics import format_seqs
 
@@ -1548,11 +1565,14 @@ def refocus_recording(
         raise RefocusError(f"model {model_path}: {exc}") from None
     meta = driver_backend.metadata
     allow_extrapolation = allow_extrapolation or chosen.allow_extrapolation
+    span = tuple(meta.dz_range_um)
+    if meta.volume is not None:  # a volume model renders only within its grid, as live
+        span, allow_extrapolation = (meta.volume.depth_um[0], meta.volume.depth_um[-1]), False
     try:
-        plan.validate(raw.frame_shape, meta.dz_range_um, allow_extrapolation)
+        plan.validate(raw.frame_shape, (float(span[0]), float(span[1])), allow_extrapolation)
     except DPMError as exc:
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
-    offsets = _lock_offsets(chosen, raw, meta.dz_range_um, allow_extrapolation)
+    offsets = _lock_offsets(chosen, raw, (float(span[0]), float(span[1])), allow_extrapolation)
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = EngineSpec(
         spec.model,

@@ -80,6 +80,8 @@ _LOGGED_MALFORMED = 100
 STALL_S = 10.0
 """At stop, waiting frames are skipped once no worker has sent a credit for this long (a hung
 or killed worker must not hold the daemon open)."""
+_LOGGED_REFUSALS = 10
+"""Frames a worker refused that are logged one by one; the rest are counted (lost)."""
 _DRAIN_AFTER_STOP = 10_000
 """Most messages still queued on the public frames endpoint that the router takes after stop
 (a sender that keeps flooding cannot hold the daemon open)."""
@@ -425,6 +427,7 @@ class Collector(threading.Thread):
         self._expected: set[int] = set()
         self._ended: set[int] = set()  # workers whose end-of-stacks marker arrived
         self._done: set[int] = set()  # workers whose "done" event arrived
+        self._refusals = 0  # "rejected" events from workers (logged up to _LOGGED_REFUSALS)
         self._deadline = float("inf")
         self.missing: list[int] = []
         """Workers whose end markers had not arrived by the `finish` deadline."""
@@ -523,13 +526,22 @@ class Collector(threading.Thread):
             log.info(
                 "worker %d ready (%s on %s)", worker, event.get("backend"), event.get("device")
             )
-        elif kind == "rejected":  # the router admits only frames a worker can take: a bug
+        elif kind == "rejected":  # a frame a worker could not refocus (no focus for a lock)
             seqs = [int(s) for s in event.get("seqs", [])]
             self._ledger.settle(seqs)
             self._metrics.lose(seqs)
-            log.error(
-                "worker %d refused frames %s: %s", worker, format_seqs(seqs), event.get("message")
-            )
+            self._refusals += 1
+            if self._refusals <= _LOGGED_REFUSALS:  # at frame rate, a log line each would flood
+                more = (
+                    " (further ones are only counted)" if self._refusals == _LOGGED_REFUSALS else ""
+                )
+                log.error(
+                    "worker %d refused frames %s: %s%s",
+                    worker,
+                    format_seqs(seqs),
+                    event.get("message"),
+                    more,
+                )
         elif kind == "done":
             self._done.add(worker)
         elif kind == "error":

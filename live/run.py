@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import os
 import signal
 import socket
 import subprocess
@@ -490,10 +491,10 @@ class Daemon:
         # the workers' ipc sockets live in a folder of the temp dir: too deep a TMPDIR would
         # fail their bind in start(), where the error would seem to be a configured endpoint's
         longest = f"{self._tmp.name}/frames-{self.n_workers - 1}"  # the longest ipc path
-        if len(longest) > _IPC_PATH_MAX:
+        if len(os.fsencode(longest)) > _IPC_PATH_MAX:  # the OS counts bytes
             raise ConfigError(
                 f"the daemon's ipc socket folder {self._tmp.name} is too deep for a socket path "
-                f"({len(longest)} characters, at most {_IPC_PATH_MAX}): set TMPDIR to a "
+                f"({len(os.fsencode(longest))} bytes, at most {_IPC_PATH_MAX}): set TMPDIR to a "
                 "shorter folder"
             )
         self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,18 +86,21 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
             len(secret_key) != 40 or zmq.curve_public(secret_key) != public
         ):
             raise ValueError
-    except (ValueError, KeyError, zmq.ZMQError):  # z85 raises KeyError on a foreign character
+    except (ValueError, KeyError, struct.error, zmq.ZMQError):  # z85: KeyError on a foreign
+        # character, struct.error on a group of five that overflows 32 bits
         raise ConfigError(
             f"{what}: {path} does not hold a valid CURVE key pair (40-character Z85 keys, "
             "the public one made from the secret one)"
         ) from None
     if secret and os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:  # as ssh refuses a private key others can read
+        if mode & 0o007:  # as ssh refuses a private key anyone can read
             raise ConfigError(
-                f"{what}: {path} can be read by other users (mode {mode:04o}); "
+                f"{what}: {path} can be read by every user (mode {mode:04o}); "
                 f"make it owner-only: chmod 600 {path}"
             )
+        if mode & 0o070:  # a group may be meant to share it (root:deepz 0640): said, not refused
+            log.warning("%s: %s can be read by its group (mode %04o)", what, path, mode)
     return public, secret_key
 
 

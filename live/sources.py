@@ -400,8 +400,8 @@ class ReplaySource:
     (this project's stores are indexed by seq, so gaps stay gaps), and its own camera
     timestamp and focus where the file has them (a run store's ``frames/timestamp_s`` and
     ``frames/focus_um``); a file without them is stamped with the time each frame is sent and
-    focus 0. Frames go out at ``start + (seq - first seq) / rate_hz``. The rate is `rate_hz`
-    if given, else the file's own (ImageJ ``finterval``, NGFF time scale), else
+    sent with no focus. Frames go out at ``start + (seq - first seq) / rate_hz``. The rate is
+    `rate_hz` if given, else the file's own (ImageJ ``finterval``, NGFF time scale), else
     `default_rate_hz` (`replay_rate_hz` says which, from a config). Each completed loop adds
     the file's length to the seqs and the recording's duration to the timestamps, so a looped
     replay never repeats a seq (the daemon would refuse it as a duplicate).

@@ -54,6 +54,7 @@ z values or DPMs in the attributes and arrays beside them, never invented z posi
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -93,6 +94,8 @@ __all__ = [
     "shard_frames",
     "write_ome_xml",
 ]
+
+log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 2
 """``attrs["deepz"]["layout"]`` of this layout (stores without the key are layout 1)."""
@@ -230,8 +233,14 @@ def frame_metadata(root: Any, name: str) -> np.ndarray | None:
 
 
 def reserved_names(deepz: Mapping[str, Any]) -> set[str]:
-    """Return the root names a run store's own data uses (other images must not take them)."""
-    return {*image_groups(deepz).values(), *_LEGACY_GROUPS.values(), OME_GROUP, FRAMES_GROUP}
+    """Return the root names a run store's own data uses (other images must not take them).
+
+    The run's own images (``raw``, ``stacks``), not the offline ones listed beside them: a
+    rerun of an offline image finds and resumes it.
+    """
+    groups = image_groups(deepz)
+    own = {groups[role] for role in ROLES if role in groups}
+    return {*own, *ROLES, *_LEGACY_GROUPS.values(), OME_GROUP, FRAMES_GROUP}
 
 
 def collection_attrs() -> dict[str, Any]:
@@ -543,22 +552,32 @@ def register_image(root: Any, store: Path | None, role: str, image: XmlImage) ->
     if "ome" not in root.attrs:
         root.attrs["ome"] = collection_attrs()
     ome_group = root.require_group(OME_GROUP)
-    series = list(dict(ome_group.attrs.get("ome", {})).get("series", []))
+    ome = dict(ome_group.attrs.get("ome", {}))
+    # a store with images but no series yet (layout 1): the images it has come first
+    series = list(ome.get("series", [g for g in images.values() if g != group and g in root]))
     if group not in series:
         series.append(group)
         ome_group.attrs["ome"] = series_attrs(series)
     if store is not None:
-        _put_xml_image(store, group, image)
+        _put_xml_image(store, group, image, fresh=series == [group])
     return group
 
 
-def _put_xml_image(store: Path, group: str, image: XmlImage) -> None:
-    """Replace or append the ``<Image>`` of `group` in a local store's METADATA.ome.xml."""
+def _put_xml_image(store: Path, group: str, image: XmlImage, *, fresh: bool) -> None:
+    """Replace or append the ``<Image>`` of `group` in a local store's METADATA.ome.xml.
+
+    ``fresh``: the image is the collection's only one, so a missing file is made anew; else
+    a missing or unreadable file is left so (one XML image paired with another group's place
+    in the series would mislabel it) and said.
+    """
     ET.register_namespace("", _OME_NS)
     path = store / OME_GROUP / "METADATA.ome.xml"
     try:
         root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError):  # none yet (a new store), or unreadable: made anew
+    except (OSError, ET.ParseError) as err:
+        if not fresh:
+            log.warning("%s cannot be read (%s): %s is not added to it", path, err, image.name)
+            return
         root = ET.Element(f"{{{_OME_NS}}}OME", {"Creator": "deepz-live"})
     node = _xml_image(group, image)
     for i, child in enumerate(list(root)):

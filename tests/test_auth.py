@@ -289,9 +289,10 @@ def test_key_files_are_checked(tmp_path: Path, keydir: Path) -> None:
     with pytest.raises(ConfigError, match="40-character Z85"):
         server_keys(validate_config({"security": base}))
     # 40 characters that are not Z85 passed a length check, to fail at bind as "Invalid argument"
-    garbage.write_text(f'curve\n    public-key = "{"~" * 40}"\n')
-    with pytest.raises(ConfigError, match=r"garbage\.key does not hold a valid CURVE key"):
-        server_keys(validate_config({"security": base}))
+    for text in ("~" * 40, "#" * 40):  # a foreign character; Z85 whose groups overflow 32 bits
+        garbage.write_text(f'curve\n    public-key = "{text}"\n')
+        with pytest.raises(ConfigError, match=r"garbage\.key does not hold a valid CURVE key"):
+            server_keys(validate_config({"security": base}))
     # a secret file whose public line is another key's
     text = (keydir / "client.key_secret").read_text()
     other = (keydir / "clients" / "scope2.key").read_text().split('public-key = "')[1][:40]
@@ -303,12 +304,19 @@ def test_key_files_are_checked(tmp_path: Path, keydir: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
-def test_a_secret_key_others_can_read_is_refused(keydir: Path) -> None:
-    """As ssh refuses a private key others can read: one line naming the file and the fix."""
+def test_a_secret_key_others_can_read_is_refused(
+    keydir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As ssh refuses a private key anyone can read: one line naming the file and the fix. A
+    key its group can read (root:deepz 0640, a shared service account) is said, not refused."""
     secret = keydir / "client.key_secret"
     secret.chmod(0o644)
-    with pytest.raises(ConfigError, match=r"can be read by other users \(mode 0644\).*chmod 600"):
+    with pytest.raises(ConfigError, match=r"can be read by every user \(mode 0644\).*chmod 600"):
         read_client_keys(secret, keydir / "server.key")
+    secret.chmod(0o640)
+    with caplog.at_level("WARNING", logger="live.security"):
+        read_client_keys(secret, keydir / "server.key")
+    assert any("can be read by its group (mode 0640)" in r.getMessage() for r in caplog.records)
     secret.chmod(0o600)
     keys = read_client_keys(secret, keydir / "server.key")
     assert keys.secret.decode() not in repr(keys)  # never in a log line or a traceback

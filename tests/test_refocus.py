@@ -445,7 +445,7 @@ def test_a_focus_locked_frame_without_a_focus_costs_that_frame_offline(
     rec.close()
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
         summary = refocus_recording(store, scheduler="sync", **ORT)
-    assert summary.frames_done == 3
+    assert summary.frames_done == 2  # the frame with no focus is not done
     assert any("1 frames (1) have no recorded focus" in r.getMessage() for r in caplog.records)
     stacks = _read(store, "stacks_offline/0")
     assert np.isnan(stacks[1]).all() and np.isfinite(stacks[[0, 2]]).all()
@@ -497,7 +497,13 @@ def test_a_frame_with_nan_pixels_costs_that_frame_and_says_so(
     tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
     out = tmp_path / "out.ome.zarr"
     with caplog.at_level("WARNING", logger="live.refocus"):
-        refocus_recording(tmp_path / "movie.tif", planes=PLANES, out=out, scheduler="sync", **ORT)
+        summary = refocus_recording(
+            tmp_path / "movie.tif", planes=PLANES, out=out, scheduler="sync", **ORT
+        )
+    assert summary.frames_done == 2  # the NaN frame is not done, nor the image complete
+    group = zarr.open_group(str(out), mode="r")[_group(out, "stacks")]
+    assert group.attrs["deepz"]["present"] == [[0, 1], [2, 3]]
+    assert group.attrs["deepz"]["complete"] is False
     assert any("frame 1 holds NaN or infinite pixels" in r.getMessage() for r in caplog.records)
     stacks = _read(out, "stacks/0")
     assert np.isnan(stacks[1]).all()
