@@ -50,27 +50,21 @@ def run_record(
 
 def code_version() -> dict[str, Any]:
     """Return the git commit the benchmark ran and whether the tree had changes (None: no git)."""
-    repo = Path(__file__).resolve().parents[1]  # this checkout, wherever it is run from
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-            cwd=repo,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-            cwd=repo,
-        ).stdout.strip()
+        commit = _git("rev-parse", "HEAD")
+        changed = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(changed)}
+
+
+def _git(*args: str) -> str:
+    """Run git in this checkout (wherever the benchmark was started from); its stdout."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["git", *args], capture_output=True, text=True, check=True, timeout=10, cwd=repo
+    )
+    return done.stdout.strip()
 
 
 def write_results(path: Path, record: dict[str, Any], *, measured: bool = True) -> Path:
