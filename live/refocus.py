@@ -79,6 +79,7 @@ from engine.runtime import (
     DEFAULT_MODEL,
     BackendError,
     Precision,
+    depth_limits,
     load_backend,
 )
 
@@ -1364,18 +1365,15 @@ def _clip_blocks(blocks: list[Block], n_t: int) -> list[Block]:
 def _lock_offsets(
     chosen: _Plan,
     raw: RawInput,
-    dz_range_um: tuple[float, float],
-    allow_extrapolation: bool,
+    limits_um: tuple[float, float],
 ) -> np.ndarray | None:
     """Each time point's DPM offset (µm) when the plan follows the stage focus, else None.
 
-    The live worker's `engine.dpm.FocusLock`, built the same way (clamped to the model's
-    trained depths, or with `allow_extrapolation` to the DPMs the runtime takes), applied to
-    the focus recorded with each frame, so a focus-locked run refocuses offline onto the
-    planes it had live. A frame with no recorded focus gets NaN (no planes, as live).
+    The live worker's `engine.dpm.FocusLock`, built the same way (clamped to the DPM values
+    the model serves, `engine.runtime.depth_limits`), applied to the focus recorded with each
+    frame, so a focus-locked run refocuses offline onto the planes it had live. A frame with
+    no recorded focus gets NaN (no planes, as live).
     """
-    from engine.runtime import MAX_DPM_UM
-
     if chosen.focus_lock is None:
         return None
     if raw.focus_um is None:
@@ -1385,12 +1383,7 @@ def _lock_offsets(
             "without the lock"
         )
     reference, sign = chosen.focus_lock
-    lock = FocusLock.for_plan(
-        chosen.plan,
-        reference,
-        sign,
-        (-MAX_DPM_UM, MAX_DPM_UM) if allow_extrapolation else dz_range_um,
-    )
+    lock = FocusLock.for_plan(chosen.plan, reference, sign, limits_um)
     offsets = np.zeros(raw.n_t, dtype=np.float64)
     unknown = []
     for t in raw.present:
@@ -1565,14 +1558,15 @@ def refocus_recording(
         raise RefocusError(f"model {model_path}: {exc}") from None
     meta = driver_backend.metadata
     allow_extrapolation = allow_extrapolation or chosen.allow_extrapolation
-    span = tuple(meta.dz_range_um)
-    if meta.volume is not None:  # a volume model renders only within its grid, as live
-        span, allow_extrapolation = (meta.volume.depth_um[0], meta.volume.depth_um[-1]), False
-    try:
-        plan.validate(raw.frame_shape, (float(span[0]), float(span[1])), allow_extrapolation)
+    try:  # as the live daemon checks its planes (`live.run`): the same limits
+        plan.validate(
+            raw.frame_shape,
+            depth_limits(meta),
+            allow_extrapolation and meta.volume is None,
+        )
     except DPMError as exc:
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
-    offsets = _lock_offsets(chosen, raw, (float(span[0]), float(span[1])), allow_extrapolation)
+    offsets = _lock_offsets(chosen, raw, depth_limits(meta, allow_extrapolation))
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = EngineSpec(
         spec.model,

@@ -1183,18 +1183,20 @@ def _check_planes(config: ScopeConfig, backend: Any) -> None:
     if metadata is None:
         return
     from engine.dpm import DPMError
+    from engine.runtime import depth_limits
 
     frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
-    allow = config.engine.allow_extrapolation
-    span = (float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1]))
-    hint = " (engine.allow_extrapolation in the config)"
-    if metadata.volume is not None:
-        grid = metadata.volume.depth_um
-        span, allow = (float(grid[0]), float(grid[-1])), False
-        hint = " (a volume model renders only within its depth grid)"
+    volume = metadata.volume is not None
+    # extrapolating, a per-plane model's range is the runtime's to refuse, frame by frame
+    allow = config.engine.allow_extrapolation and not volume
+    hint = (
+        " (a volume model renders only within its depth grid)"
+        if volume
+        else " (engine.allow_extrapolation in the config)"
+    )
     try:
         plan = config.volume_plan()
-        plan.validate(frame_shape, span, allow_extrapolation=allow)
+        plan.validate(frame_shape, depth_limits(metadata), allow_extrapolation=allow)
     except DPMError as err:
         raise ConfigError(f"planes: {_one_line(err)}{hint}") from None
     try:  # built here as each worker builds it: a lock it cannot make would end every worker

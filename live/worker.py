@@ -126,17 +126,17 @@ def focus_lock(config: Any, plan: VolumePlan, backend: Any) -> FocusLock | None:
     DPMs the runtime takes (±`engine.runtime.MAX_DPM_UM`); a volume model's always to its
     depth grid (it renders nowhere else: an unclamped lock failed every frame).
     """
-    from engine.runtime import MAX_DPM_UM
+    from engine.runtime import MAX_DPM_UM, depth_limits
 
     planes = config.planes
     if planes.focus_lock_um is None:
         return None
     metadata = getattr(backend, "metadata", None)
-    dz_range = (-MAX_DPM_UM, MAX_DPM_UM)
-    if metadata is not None and metadata.volume is not None:
-        dz_range = (float(metadata.volume.depth_um[0]), float(metadata.volume.depth_um[-1]))
-    elif metadata is not None and not config.engine.allow_extrapolation:
-        dz_range = (float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1]))
+    dz_range = (
+        (-MAX_DPM_UM, MAX_DPM_UM)
+        if metadata is None
+        else depth_limits(metadata, config.engine.allow_extrapolation)
+    )
     return FocusLock.for_plan(plan, planes.focus_lock_um, float(planes.stage_z_sign), dz_range)
 
 

@@ -32,6 +32,7 @@ from engine.runtime._base import (
     OUTPUT_NAME,
     BackendOptions,
     BaseBackend,
+    depth_limits,
     onnx_metadata,
 )
 from engine.runtime._protocol import Backend, BackendError, Precision
@@ -77,6 +78,7 @@ __all__ = [
     "available_backends",
     "build_tensorrt_engine",
     "default_cache_dir",
+    "depth_limits",
     "load_backend",
     "make_profile",
     "onnx_metadata",

@@ -51,6 +51,21 @@ DEFAULT_MAX_BATCH = 64
 """Planes per network call; larger requests are split. 41 planes (the paper's stack) fit."""
 
 
+def depth_limits(metadata: ModelMetadata, allow_extrapolation: bool = False) -> tuple[float, float]:
+    """Return the DPM values (µm) a model serves, lowest and highest.
+
+    A volume model's depth grid, always: it renders nowhere else, so extrapolation cannot
+    widen it. A per-plane model's trained dz range, or with `allow_extrapolation` what the
+    runtime takes (±`MAX_DPM_UM`). One home for the daemon's start-up check, its workers'
+    focus lock and offline refocusing, which must agree.
+    """
+    if metadata.volume is not None:
+        return float(metadata.volume.depth_um[0]), float(metadata.volume.depth_um[-1])
+    if allow_extrapolation:
+        return -MAX_DPM_UM, MAX_DPM_UM
+    return float(metadata.dz_range_um[0]), float(metadata.dz_range_um[1])
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """Construction options common to all backends (see `engine.runtime.load_backend`)."""
