@@ -569,8 +569,7 @@ class Recorder:
             rejection = self._gates["raw"].admit(message)[1]
             if rejection is None:
                 header = message.header
-                focus = math.nan if header.focus_um is None else header.focus_um  # NaN: unknown
-                self._queue.put(("frame", header.seq, None, header.timestamp_s, focus))
+                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
             return rejection
         return self._put("raw", message)
 
@@ -659,8 +658,7 @@ class Recorder:
         converted, rejection = self._gates[image].admit(message)
         if converted is not None:
             header = message.header
-            focus = math.nan if header.focus_um is None else header.focus_um  # NaN: unknown
-            self._queue.put((image, header.seq, converted, header.timestamp_s, focus))
+            self._queue.put((image, header.seq, converted, header.timestamp_s, header.focus_um))
         return rejection
 
     # -- writer thread -------------------------------------------------------------------
@@ -726,9 +724,15 @@ class Recorder:
         self._guarded(self._write_attrs, "metadata")
 
     def _write(
-        self, kind: str, seq: int, array: np.ndarray | None, timestamp_s: float, focus_um: float
+        self,
+        kind: str,
+        seq: int,
+        array: np.ndarray | None,
+        timestamp_s: float,
+        focus_um: float | None,
     ) -> None:
         """Write one item, turning any exception into the recorder's logged failure."""
+        focus_um = math.nan if focus_um is None else focus_um  # NaN: the scope did not say
         if kind == "frame":  # raw frames not kept: only the frame's metadata is recorded
             with self._lock:
                 self._meta_pending[seq] = (timestamp_s, focus_um)

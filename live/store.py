@@ -480,11 +480,11 @@ def ome_xml(images: Sequence[XmlImage]) -> str:
     ET.register_namespace("", _OME_NS)
     root = ET.Element(f"{{{_OME_NS}}}OME", {"Creator": "deepz-live"})
     for i, image in enumerate(images):
-        root.append(_xml_image(str(i), image))
+        root.append(_xml_element(str(i), image))
     return ET.tostring(root, encoding="unicode", xml_declaration=True)
 
 
-def _xml_image(group: str, image: XmlImage) -> ET.Element:
+def _xml_element(group: str, image: XmlImage) -> ET.Element:
     """Return the ``<Image>`` element of `image`, stored in group `group` (ID ``Image:group``)."""
     node = ET.Element(f"{{{_OME_NS}}}Image", {"ID": f"Image:{group}", "Name": image.name})
     pixels: dict[str, str] = {
@@ -579,7 +579,7 @@ def _put_xml_image(store: Path, group: str, image: XmlImage, *, fresh: bool) -> 
             log.warning("%s cannot be read (%s): %s is not added to it", path, err, image.name)
             return
         root = ET.Element(f"{{{_OME_NS}}}OME", {"Creator": "deepz-live"})
-    node = _xml_image(group, image)
+    node = _xml_element(group, image)
     for i, child in enumerate(list(root)):
         if child.tag.endswith("Image") and child.get("ID") == f"Image:{group}":
             root.remove(child)
