@@ -189,6 +189,15 @@ class IndependentOptics:
     interface, pixel-area integration and the objective's own fixed aberrations
     (`zernike_waves`): a third PSF model, neither the training simulator's nor psfmodels', for
     models that trained on both of theirs."""
+    point_render: Literal["split", "subpixel"] = "split"
+    """How a point source (a bead) lands on the camera. "split": its PSF placed at the four
+    nearest pixel centres with bilinear weights, as the training simulator places points too
+    (at a pixel corner the in-focus peak is then 0.38 of a centred one's, against about 0.6
+    for the light a camera's pixels really collect: the PSF is sampled at 0.3 µm, under
+    Nyquist's 0.17). "subpixel": the PSF computed at a third of a pixel, moved to the third of
+    a pixel nearest the point (placement within 0.05 µm) and summed over each pixel's area,
+    as a camera images a point; the truth planes and a bead slide are made the same way.
+    Wide-field only."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
     """"pupil" only: RMS waves of oblique astigmatism, horizontal coma and primary spherical
     aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all: a good
@@ -204,6 +213,12 @@ class IndependentOptics:
                 "zernike_waves must be 3 RMS amplitudes (astigmatism, coma, spherical), "
                 f"not {self.zernike_waves!r}"
             )
+        if self.point_render not in ("split", "subpixel"):
+            raise ValueError(
+                f"point_render must be 'split' or 'subpixel', not {self.point_render!r}"
+            )
+        if self.point_render == "subpixel" and self.pinhole_au is not None:
+            raise ValueError("point_render='subpixel' is wide-field only (pinhole_au=None)")
         if self.pinhole_au is not None and not 0 < self.pinhole_au < 10:
             raise ValueError(
                 f"pinhole_au must be in (0, 10) Airy units (or None: wide-field), "
@@ -240,6 +255,27 @@ class IndependentOptics:
         key = tuple(round(float(v), 6) for v in d)
         return _psf_planes(self, self.particle_depth_um(float(source_z_um)), key, int(size_px))
 
+    def psf_subpixel(
+        self, defocus_um: np.ndarray, source_z_um: float = 0.0, size_px: int = PSF_SIZE_PX
+    ) -> np.ndarray:
+        """Return the PSF at a third of a pixel: (Q, 3·size, 3·size) float32, wide-field.
+
+        The light each third of a pixel collects, the point at the middle of the centre pixel's
+        3 × 3 block; summed over 3 × 3 blocks it is a pixel PSF like `psf`'s (the pupil model's
+        exactly, the vectorial one's within psfmodels' own pixel integration, 1-2 % L1), and
+        every plane sums to 1. What `point_render="subpixel"` images points with. Cached.
+        """
+        d = np.atleast_1d(np.asarray(defocus_um, dtype=np.float64))
+        if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
+            raise ValueError(f"defocus_um must be a 1-D array of finite values, got {defocus_um!r}")
+        if size_px < 3 or size_px % 2 == 0:
+            raise ValueError(f"size_px must be odd and >= 3, got {size_px}")
+        if self.pinhole_au is not None:
+            raise ValueError("psf_subpixel is wide-field only (pinhole_au=None)")
+        key = tuple(round(float(v), 6) for v in d)
+        pz = self.particle_depth_um(float(source_z_um))
+        return _psf_planes_subpixel(self, pz, key, int(size_px))
+
 
 def _raw_psf(
     optics: IndependentOptics,
@@ -247,14 +283,20 @@ def _raw_psf(
     z_stage_um: Sequence[float] | np.ndarray,
     size_px: int,
     wavelength_um: float | None = None,
+    subpixel: bool = False,
 ) -> np.ndarray:
-    """Compute the set's PSF at nominal focus positions `z_stage_um` (float64, unnormalised)."""
+    """Compute the set's PSF at nominal focus positions `z_stage_um` (float64, unnormalised).
+
+    `subpixel`: (Z, 3·size, 3·size) samples at a third of a pixel instead, whose 3 × 3 sums
+    are the pixels (psfmodels' vectorial model sampled there without its own oversampling).
+    """
     if optics.psf_model == "pupil":
-        return _pupil_psf(optics, pz, z_stage_um, size_px, wavelength_um)
+        return _pupil_psf(optics, pz, z_stage_um, size_px, wavelength_um, subpixel)
+    q = _PUPIL_OVERSAMPLE if subpixel else 1
     psf: np.ndarray = psfmodels.make_psf(
         [float(z) for z in z_stage_um],
-        size_px,
-        dxy=optics.pixel_size_um,
+        size_px * q,
+        dxy=optics.pixel_size_um / q,
         pz=pz,
         NA=optics.na,
         wvl=optics.wavelength_um if wavelength_um is None else wavelength_um,
@@ -263,6 +305,7 @@ def _raw_psf(
         ni0=optics.immersion_index,
         model="vectorial",
         normalize=False,
+        **({"oversample_factor": 1} if subpixel else {}),
     )
     return psf
 
@@ -279,8 +322,12 @@ def _pupil_psf(
     z_stage_um: Sequence[float] | np.ndarray,
     size_px: int,
     wavelength_um: float | None = None,
+    subpixel: bool = False,
 ) -> np.ndarray:
     """Scalar pupil-function PSF (Z, size, size) float64, unnormalised, by FFT.
+
+    `subpixel`: (Z, 3·size, 3·size), the intensity at a third of a pixel before each pixel's
+    3 × 3 sum.
 
     The same index-mismatch physics as Gibson-Lanni (a source `pz` µm below the coverslip in
     the sample medium, the focus at `z_stage_um` in psfmodels' axial convention, so defocus
@@ -300,12 +347,13 @@ def _pupil_psf(
     paraxial_shift = pz * (1.0 - ni / ns)
     side = size_px * q
     start = n // 2 - side // 2
-    out = np.empty((len(z_stage_um), size_px, size_px), dtype=np.float64)
+    out_side = side if subpixel else size_px
+    out = np.empty((len(z_stage_um), out_side, out_side), dtype=np.float64)
     for i, z in enumerate(z_stage_um):
         stage = float(z) - paraxial_shift
         field = scipy.fft.ifft2(base * np.exp(-1j * k0 * stage * ni * cos_i))
         intensity = np.fft.fftshift(np.abs(field) ** 2)[start : start + side, start : start + side]
-        out[i] = intensity.reshape(size_px, q, size_px, q).sum(axis=(1, 3))
+        out[i] = intensity if subpixel else intensity.reshape(size_px, q, size_px, q).sum((1, 3))
     return out
 
 
@@ -386,6 +434,19 @@ def _psf_planes(
             psf /= psf[defocus_um.index(0.0)].sum()
         else:
             psf /= _confocal(optics, pz, [best], _raw_psf(optics, pz, [best], size_px)).sum()
+    out = psf.astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=8)  # each bank is 9 times a pixel bank's size (25 MB for 45 planes)
+def _psf_planes_subpixel(
+    optics: IndependentOptics, pz: float, defocus_um: tuple[float, ...], size_px: int
+) -> np.ndarray:
+    """Wide-field PSF planes at a third of a pixel (`IndependentOptics.psf_subpixel`)."""
+    best = _best_focus(optics, pz)
+    psf = _raw_psf(optics, pz, [best + d for d in defocus_um], size_px, subpixel=True)
+    psf /= psf.sum(axis=(1, 2), keepdims=True)
     out = psf.astype(np.float32)
     out.flags.writeable = False
     return out
@@ -758,20 +819,26 @@ class _PsfLattice:
     def __init__(self, optics: PsfModel, focus_um: np.ndarray) -> None:
         self.optics = optics
         self.focus_um = np.asarray(focus_um, dtype=np.float64)
-        self._banks: dict[int, tuple[float, np.ndarray]] = {}
+        self.subpixel = isinstance(optics, IndependentOptics) and optics.point_render == "subpixel"
+        self._banks: dict[tuple[int, bool], tuple[float, np.ndarray]] = {}
         self._otfs: dict[tuple[int, int], np.ndarray] = {}
 
-    def _bank(self, b: int) -> tuple[float, np.ndarray]:
+    def _bank(self, b: int, subpixel: bool = False) -> tuple[float, np.ndarray]:
         """(first defocus, PSF planes on the 0.5 µm lattice) for aberration bin b."""
-        if b not in self._banks:
+        if (b, subpixel) not in self._banks:
             q = self.optics.aberration_step_um
             zc = b * q
             d0 = math.floor((self.focus_um.min() - zc - q / 2) / SLICE_UM) * SLICE_UM
             d1 = math.ceil((self.focus_um.max() - zc + q / 2) / SLICE_UM) * SLICE_UM
             n = round((d1 - d0) / SLICE_UM) + 1
             defocus = np.round(d0 + SLICE_UM * np.arange(n), 6)
-            self._banks[b] = (d0, self.optics.psf(defocus, zc, PSF_SIZE_PX))
-        return self._banks[b]
+            if subpixel:
+                assert isinstance(self.optics, IndependentOptics)  # self.subpixel says so
+                bank = self.optics.psf_subpixel(defocus, zc, PSF_SIZE_PX)
+            else:
+                bank = self.optics.psf(defocus, zc, PSF_SIZE_PX)
+            self._banks[(b, subpixel)] = (d0, bank)
+        return self._banks[(b, subpixel)]
 
     def _index(self, z_slice: float) -> tuple[int, np.ndarray]:
         """(bin, bank index of every focus position) for a slice at depth `z_slice`."""
@@ -780,10 +847,13 @@ class _PsfLattice:
         idx = np.round((self.focus_um - z_slice - d0) / SLICE_UM).astype(np.int64)
         return b, idx
 
-    def planes(self, z_slice: float) -> np.ndarray:
-        """PSF (F, S, S) seen at every focus position from a source slice at `z_slice`."""
+    def planes(self, z_slice: float, subpixel: bool = False) -> np.ndarray:
+        """PSF (F, S, S) seen at every focus position from a source slice at `z_slice`.
+
+        `subpixel`: (F, 3S, 3S) at a third of a pixel (`IndependentOptics.psf_subpixel`).
+        """
         b, idx = self._index(z_slice)
-        out: np.ndarray = self._bank(b)[1][idx]
+        out: np.ndarray = self._bank(b, subpixel)[1][idx]
         return out
 
     def otf(self, z_slice: float, canvas: int) -> np.ndarray:
@@ -813,13 +883,20 @@ def _add_clipped(out: np.ndarray, patch: np.ndarray, row0: int, col0: int) -> No
 def _render_point(
     out: np.ndarray, lattice: _PsfLattice, xyz_px: tuple[float, float, float], signal_e: float
 ) -> None:
-    """Image a point source: linear between its two depth slices, bilinear in x and y."""
+    """Image a point source: linear between its two depth slices, bilinear in x and y.
+
+    With `IndependentOptics.point_render` "subpixel" the point is placed to a third of a pixel
+    on the finer PSF and each pixel sums the light on its area (`_render_point_subpixel`).
+    """
     col, row, z = xyz_px
     z0 = math.floor(z / SLICE_UM) * SLICE_UM
     w1 = (z - z0) / SLICE_UM
-    kernel = lattice.planes(z0) * np.float32(1.0 - w1)
+    kernel = lattice.planes(z0, lattice.subpixel) * np.float32(1.0 - w1)
     if w1 > 1e-9:
-        kernel += lattice.planes(z0 + SLICE_UM) * np.float32(w1)
+        kernel += lattice.planes(z0 + SLICE_UM, lattice.subpixel) * np.float32(w1)
+    if lattice.subpixel:
+        _render_point_subpixel(out, kernel, row, col, signal_e)
+        return
     r0, c0 = math.floor(row), math.floor(col)
     fy, fx = row - r0, col - c0
     f, s, _ = kernel.shape
@@ -829,6 +906,27 @@ def _render_point(
             if wy * wx > 0:
                 patch[:, dy : dy + s, dx : dx + s] += kernel * np.float32(wy * wx * signal_e)
     _add_clipped(out, patch, r0 - s // 2, c0 - s // 2)
+
+
+def _render_point_subpixel(
+    out: np.ndarray, fine: np.ndarray, row: float, col: float, signal_e: float
+) -> None:
+    """Add a point at (row, col) px imaged through `fine` (F, 3S, 3S), the PSF at px / 3.
+
+    Pixel r spans thirds 3r - 1 … 3r + 1, so the point goes to third u = round(3 · row) of
+    pixel (u + 1) // 3 at phase u - 3 · pixel ∈ {-1, 0, 1}; the PSF is moved by that phase
+    (zero-filled at the edge, where it is dark) and summed over each pixel's 3 × 3 thirds.
+    """
+    q = _PUPIL_OVERSAMPLE
+    f, side, _ = fine.shape
+    s = side // q
+    u, v = round(q * row), round(q * col)
+    r, c = (u + 1) // q, (v + 1) // q
+    py, px = u - q * r, v - q * c
+    moved = np.zeros((f, side + 2, side + 2), dtype=np.float32)
+    moved[:, 1 + py : 1 + py + side, 1 + px : 1 + px + side] = fine
+    patch = moved[:, 1 : 1 + side, 1 : 1 + side].reshape(f, s, q, s, q).sum(axis=(2, 4))
+    _add_clipped(out, patch * np.float32(signal_e), r - s // 2, c - s // 2)
 
 
 _SUB = (np.arange(4) + 0.5) / 4 - 0.5

@@ -431,3 +431,48 @@ def test_a_sphere_images_as_the_hold_out_draws_it_and_a_tiny_one_as_its_psf():
     for bad in ((0.0, 63), (1.0, 64)):
         with pytest.raises(ValueError, match="radius_um"):
             H.sphere_image(optics, *bad[:1], 0.0, bad[1])
+
+
+@pytest.mark.parametrize("psf_model", ["vectorial", "pupil"])
+def test_subpixel_psf_sums_to_the_pixel_psf(psf_model):
+    optics = H.IndependentOptics(psf_model=psf_model, point_render="subpixel")
+    d = np.array([0.0, 6.0])
+    fine = optics.psf_subpixel(d, 0.0, 31)
+    assert fine.shape == (2, 93, 93)
+    np.testing.assert_allclose(fine.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    binned = fine.reshape(2, 31, 3, 31, 3).sum(axis=(2, 4))
+    l1 = np.abs(binned - optics.psf(d, 0.0, 31)).sum(axis=(1, 2))
+    # the pupil model sums the very same thirds; psfmodels integrates its pixels its own way
+    assert np.all(l1 < (1e-5 if psf_model == "pupil" else 0.03)), l1
+
+
+def _one_point(render: str, row: float, col: float) -> np.ndarray:
+    optics = H.IndependentOptics(point_render=render)  # type: ignore[arg-type]
+    xyz = np.array([[col * optics.pixel_size_um, row * optics.pixel_size_um, 0.0]])
+    image: np.ndarray = H.render_objects(
+        xyz, np.zeros(1), np.ones(1), (41, 41), optics, np.zeros(1)
+    )[0]
+    return image
+
+
+def test_subpixel_points_keep_their_light_and_peak_where_a_camera_sees_them():
+    rows, cols = np.indices((41, 41))
+    centred = _one_point("subpixel", 20.0, 20.0)
+    np.testing.assert_allclose(centred, _one_point("split", 20.0, 20.0), atol=1e-6)
+    for fy, fx in [(0.5, 0.5), (0.25, 0.4), (0.9, 0.1)]:
+        sub = _one_point("subpixel", 20 + fy, 20 + fx)
+        split = _one_point("split", 20 + fy, 20 + fx)
+        assert sub.sum() == pytest.approx(centred.sum(), rel=1e-4)  # 41² keeps 99 %
+        # placed to a third of a pixel: the centroid within 1/6 px (+ the PSF's own asymmetry)
+        cy, cx = (sub * rows).sum() / sub.sum(), (sub * cols).sum() / sub.sum()
+        assert abs(cy - 20 - fy) <= 1 / 6 + 0.01 and abs(cx - 20 - fx) <= 1 / 6 + 0.01
+        # a pixel collects the light on its area: off-centre points peak higher than the
+        # four-pixel split makes them, and never above a centred point
+        assert split.max() < sub.max() <= centred.max() + 1e-6
+
+
+def test_subpixel_points_refuse_a_confocal_pinhole():
+    with pytest.raises(ValueError, match="wide-field only"):
+        H.IndependentOptics(point_render="subpixel", pinhole_au=1.0)
+    with pytest.raises(ValueError, match="point_render"):
+        H.IndependentOptics(point_render="exact")  # type: ignore[arg-type]
