@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
     from pathlib import Path
 
     from live.security import ClientKeys, ServerKeys
@@ -503,8 +503,8 @@ def format_ranges(runs: Sequence[tuple[int, int]], limit: int = 20) -> str:
     return ", ".join(ranges) if ranges else "none"
 
 
-def seq_ranges(seqs: list[int]) -> list[tuple[int, int]]:
-    """Collapse seqs into sorted half-open ``(start, stop)`` runs."""
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Collapse seqs into sorted half-open ``(start, stop)`` runs (a store's presence format)."""
     runs: list[tuple[int, int]] = []
     for s in sorted(set(seqs)):
         if runs and runs[-1][1] == s:

@@ -930,14 +930,10 @@ def _check_recorded(raw: RawInput, model: Path | None, bank: Path | None) -> Non
 
 
 def _runs(seqs: Iterable[int]) -> list[list[int]]:
-    """Half-open [start, stop) runs of sorted unique ints (the recorder's presence format)."""
-    runs: list[list[int]] = []
-    for s in sorted(set(seqs)):
-        if runs and runs[-1][1] == s:
-            runs[-1][1] = s + 1
-        else:
-            runs.append([s, s + 1])
-    return runs
+    """Half-open [start, stop) runs of `seqs` as JSON lists (`live.metrics.seq_ranges`)."""
+    from live.metrics import seq_ranges  # zmq and the status socket stay out of Dask workers
+
+    return [list(r) for r in seq_ranges(seqs)]
 
 
 def _expand(runs: Iterable[Sequence[int]]) -> set[int]:
