@@ -56,7 +56,7 @@ from live.protocol import MAX_SEQ, ProtocolError, decode, encode_frame, max_part
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "hostile.json"
 RSS_LIMIT_MB = 50.0
-"""Largest growth of the daemon's resident memory the benchmark accepts (peak - start)."""
+"""Largest growth of the daemon's resident memory the benchmark accepts (peak - start, MiB)."""
 KINDS = (
     "random_bytes",
     "mutated_header",
@@ -502,7 +502,10 @@ def _cmdline(pid: int) -> str:
 
 
 def rss_mb(pid: int) -> float | None:
-    """Return VmRSS of `pid` in MB from /proc/PID/status, or None once it is gone."""
+    """Return VmRSS of `pid` in MiB from /proc/PID/status, or None once it is gone.
+
+    The results' keys say ``_mb`` (kept for older results files); the values are MiB.
+    """
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -936,9 +939,9 @@ def _table(main_run: dict[str, Any], kills: list[dict[str, Any]]) -> list[str]:
         f"{main_run['exit_code']}; genuine frames {main_run['genuine_frames']} recorded "
         f"exactly once: {store.get('every_genuine_frame')}, bit-identical: "
         f"{store['bit_identical']}; store complete: {store['complete']}",
-        f"daemon RSS: start {rss['start']} MB, peak {rss['peak']} MB, end {rss['end']} MB "
-        f"(growth {rss['growth_peak']} MB, limit {RSS_LIMIT_MB:g}); worker peak "
-        f"{rss['workers_peak']} MB",
+        f"daemon RSS: start {rss['start']} MiB, peak {rss['peak']} MiB, end {rss['end']} MiB "
+        f"(growth {rss['growth_peak']} MiB, limit {RSS_LIMIT_MB:g}); worker peak "
+        f"{rss['workers_peak']} MiB",
         f"RESULT: {'PASS' if main_run['passed'] else 'FAIL'}",
     ]
     for k in kills:

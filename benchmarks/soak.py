@@ -41,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 SAMPLE_S = 10.0
 """Seconds between memory samples."""
 SLOPE_LIMIT_MB_PER_MIN = 0.5
-"""Largest RSS growth over the run's second half counted as flat (MB per minute)."""
+"""Largest RSS growth over the run's second half counted as flat (MiB per minute)."""
 
 
 def _children(pid: int) -> list[int]:
@@ -54,7 +54,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _slope(t_s: list[float], mb: list[float]) -> float:
-    """Least-squares slope (MB per minute) over the second half of the samples."""
+    """Least-squares slope (MiB per minute) over the second half of the samples."""
     half = len(t_s) // 2
     if len(t_s) - half < 3:
         return float("nan")
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['frames_acquired']} / {r['raw_recorded']} / {r['stacks']}",
         ),
         ("skipped / lost", f"{r['skipped']} / {r['lost']}"),
-        ("daemon RSS start → end (MB)", f"{r['daemon_mb_start']} → {r['daemon_mb_end']}"),
+        ("daemon RSS start → end (MiB)", f"{r['daemon_mb_start']} → {r['daemon_mb_end']}"),
         (
-            "RSS slope, 2nd half (MB/min)",
+            "RSS slope, 2nd half (MiB/min)",
             f"daemon {r['daemon_slope_mb_per_min']:.3f}, worker {r['worker_slope_mb_per_min']:.3f}",
         ),
         ("passed", str(r["passed"])),
