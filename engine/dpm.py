@@ -11,6 +11,8 @@ engine computes for each frame. Scaling µm to the network's input happens only 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +216,17 @@ class VolumePlan:
         dpms = np.array(self.dpms_um, dtype=np.float32, order="C", copy=True)
         dpms.setflags(write=False)
         return VolumePlan(dpms, self.labels, self.z_um)
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of the plan: its labels, offsets and every DPM value.
+
+        Two builds of one config give the same digest unless a surface's DPM file changed in
+        between (the daemon's workers build their plan again and compare it with this).
+        """
+        h = hashlib.sha256(json.dumps([self.labels, self.z_um]).encode())
+        h.update(np.ascontiguousarray(self.dpms_um, dtype=np.float32).tobytes())
+        h.update(repr(self.dpms_um.shape).encode())
+        return h.hexdigest()
 
     @property
     def frame_shape(self) -> tuple[int, int]:

@@ -448,6 +448,7 @@ class Daemon:
         self._keys: ServerKeys | None = None
         self._checked = False
         self._n_planes = 0
+        self._plan_sha256: str | None = None  # the recorded plan's, set by start()
         self._gatekeeper: Gatekeeper | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._tmp = make_ipc_dir()
@@ -519,6 +520,7 @@ class Daemon:
         except ValueError as err:  # a surface that cannot be built for these frames (a DPM
             # file of another shape): the config's, one line (DPMError is a ValueError)
             raise ConfigError(f"planes: {_one_line(err)}") from err
+        self._plan_sha256 = plan.digest()  # each worker builds it again and must match
         self._choose_backend(plan)
         if self._keys is not None:
             # Before any socket binds: a CURVE server with no ZAP handler lets in any key.
@@ -609,7 +611,7 @@ class Daemon:
             return
         backend = _open_checked(cfg)
         try:
-            _check_planes(cfg, backend)
+            _check_planes(cfg, backend, plan)
             _check_optics(cfg, backend)
             self.backend_name = f"{backend.name} on {backend.device}"
             self.metrics.set_run_info(backend=self.backend_name)
@@ -708,6 +710,7 @@ class Daemon:
             events_endpoint=self._events,
             credits_endpoint=self._credits,
             config=self.config.model_dump(mode="json"),
+            plan_sha256=self._plan_sha256,
         )
         proc = self._mp.Process(
             target=worker_main, args=(spec, self._worker_stop), name=f"deepz-worker-{i}"
@@ -1171,8 +1174,8 @@ def _open_checked(config: ScopeConfig) -> Any:
         ) from err
 
 
-def _check_planes(config: ScopeConfig, backend: Any) -> None:
-    """Refuse planes the model cannot serve, before anything starts.
+def _check_planes(config: ScopeConfig, backend: Any, plan: VolumePlan) -> None:
+    """Refuse planes (the run's `plan`) the model cannot serve, before anything starts.
 
     Every DPM must be finite. A per-plane model's planes must lie in its trained dz range
     unless ``engine.allow_extrapolation``; a volume model's within its depth grid, always: it
@@ -1195,7 +1198,6 @@ def _check_planes(config: ScopeConfig, backend: Any) -> None:
         else " (engine.allow_extrapolation in the config)"
     )
     try:
-        plan = config.volume_plan()
         plan.validate(frame_shape, depth_limits(metadata), allow_extrapolation=allow)
     except DPMError as err:
         raise ConfigError(f"planes: {_one_line(err)}{hint}") from None

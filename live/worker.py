@@ -92,6 +92,10 @@ class WorkerSpec:
     """The router's credit PULL endpoint (the worker connects a PUSH)."""
     config: dict[str, Any]
     """The run's `ScopeConfig.model_dump(mode="json")`; the worker validates it again."""
+    plan_sha256: str | None = None
+    """`VolumePlan.digest()` of the plan the daemon recorded; the worker builds its own from
+    the config and refuses to serve another (a surface's DPM file changed since). None: not
+    checked."""
 
 
 def build_plan(config: Any) -> VolumePlan:
@@ -243,6 +247,12 @@ def _serve(
 
     config = ScopeConfig.model_validate(spec.config)
     plan = build_plan(config)
+    if spec.plan_sha256 is not None and plan.digest() != spec.plan_sha256:
+        # the stacks would not be the planes the store records beside them
+        raise RuntimeError(
+            "the planes changed since the daemon started (a surface's DPM file was rewritten): "
+            "restart the daemon"
+        )
     backend = open_backend(config)
     queue = FrameQueue()
     stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)

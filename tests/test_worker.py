@@ -48,7 +48,7 @@ class _Harness:
     it); `errors` then collects what `worker_main` raised.
     """
 
-    def __init__(self, config, *, in_process: bool = False) -> None:
+    def __init__(self, config, *, in_process: bool = False, plan_sha256: str | None = None) -> None:
         self.ctx = zmq.Context()
         ports = free_ports(4)
         self.frames = self._bind(zmq.PUSH, ports[0])
@@ -63,6 +63,7 @@ class _Harness:
             events_endpoint=f"tcp://127.0.0.1:{ports[2]}",
             credits_endpoint=f"tcp://127.0.0.1:{ports[3]}",
             config=config.model_dump(mode="json"),
+            plan_sha256=plan_sha256,
         )
         self.errors: list[BaseException] = []
         spawn = mp.get_context("spawn")
@@ -290,6 +291,25 @@ def test_a_failing_receive_thread_fails_the_worker_loudly(
         )
         harness.proc.join(30)
         assert not harness.proc.is_alive() and len(harness.errors) == 1  # a non-zero exit
+    finally:
+        harness.close()
+
+
+def test_a_worker_refuses_a_plan_other_than_the_daemons(tmp_path: Path, tiny_model_files) -> None:
+    """A worker builds the plan again from the config; planes other than those the daemon
+    recorded (a surface's DPM file rewritten since) end it with one line, before serving."""
+    config = live_config(tmp_path, tiny_model_files["onnx"], planes=[-3.0, 0.0, 3.0])
+    recorded = build_plan(config).digest()
+    assert build_plan(config).digest() == recorded  # a rebuild of the same config matches
+    other = live_config(tmp_path, tiny_model_files["onnx"], planes=[-3.0, 0.0, 2.5])
+    assert build_plan(other).digest() != recorded
+    harness = _Harness(other, in_process=True, plan_sha256=recorded)
+    try:
+        event = harness.event()
+        assert event["event"] == "error"
+        assert "the planes changed since the daemon started" in event["message"]
+        harness.proc.join(30)
+        assert not harness.proc.is_alive() and len(harness.errors) == 1
     finally:
         harness.close()
 
