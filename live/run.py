@@ -1157,7 +1157,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _frames_acquired(source: dict[str, Any], received: int) -> int | None:
-    """Frames the source acquired, from its summary when it says, else what arrived."""
+    """Frames the source acquired, from its summary when it says, else what arrived.
+
+    A source that only listened for a hook's frames (``external``) acquired none itself: the
+    frames that arrived are what is known of the acquisition.
+    """
+    if source.get("external"):
+        return received
     if isinstance(source.get("frames_sent"), int):
         return int(source["frames_sent"]) + int(source.get("frames_dropped") or 0)
     return received if not source else None

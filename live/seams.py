@@ -35,6 +35,10 @@ class SourceSummary:
         Wall-clock time from the first frame due to the end of the run.
     achieved_rate_hz : float
         ``(frames_sent + frames_dropped) / duration_s``: the rate frames were produced at.
+    external : bool
+        The frames came from outside the daemon (a Micro-Manager hook pushing to
+        ``endpoints.frames``): this source only listened, so what was acquired is not known
+        here (the frames that arrived and their seqs' gaps say it).
     """
 
     name: str
@@ -43,6 +47,7 @@ class SourceSummary:
     dropped_seqs: tuple[int, ...]
     duration_s: float
     achieved_rate_hz: float
+    external: bool = False
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -149,11 +149,24 @@ def _stream_core(
                 time.sleep(_EMPTY_POLL_S)
     finally:
         core.stopSequenceAcquisition()
-    while core.getRemainingImageCount() > 0:
+    while core.getRemainingImageCount() > 0:  # acquired frames are sent even when it failed
         _send_popped(run.sender, core, (META_FRAME_INDEX, META_TIMESTAMP_S, META_FOCUS_UM))
-    if core.isBufferOverflowed():
-        log.error("the core's circular buffer overflowed: the camera stopped early")
-    return run.summary()
+    summary = run.summary()
+    acquired = summary.frames_sent + summary.frames_dropped
+    if not stop.is_set() and (frame_count is None or acquired < frame_count):
+        # the camera stopped by itself: its own thread failed (pymmcore-plus only logs that)
+        # or the ring overflowed. A failed source, not a finished run: the daemon says so.
+        why = (
+            "the core's circular buffer overflowed"
+            if core.isBufferOverflowed()
+            else "the camera failed (its error is logged above)"
+        )
+        wanted = "" if frame_count is None else f" of {frame_count}"
+        raise RuntimeError(
+            f"the camera's sequence acquisition stopped by itself after {acquired}{wanted} "
+            f"frames: {why}"
+        )
+    return summary
 
 
 def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str, str]) -> None:
@@ -347,7 +360,7 @@ class MicroManagerSource:
             )
             run.restart_clock()  # the daemon is listening: that is this source's acquisition
             stop.wait()
-            return run.summary()
+            return replace(run.summary(), external=True)
         from live._mmcore import claim_core  # ImportError with the install hint without 'mm'
 
         core = claim_core(self.config_file, self.camera)

@@ -57,9 +57,10 @@ def receive_all(
 
 def run_source(source: Source, endpoint: str, stop: threading.Event | None = None):
     sender = FrameSender(endpoint)
-    summary = source.run(sender, stop or threading.Event())
-    sender.close()
-    return summary
+    try:
+        return source.run(sender, stop or threading.Event())
+    finally:
+        sender.close()
 
 
 # ---------------------------------------------------------------------- simulated scope
@@ -98,6 +99,25 @@ def test_simulated_scope_stops_on_event_and_sends_what_it_acquired(pull):
     msgs = first + receive_all(sock, result[0].frames_sent - 10)
     assert [m.header.seq for m in msgs] == list(range(len(msgs)))
     assert result[0].frames_sent == len(msgs) >= 10 and result[0].frames_dropped == 0
+
+
+# the camera's own thread (pymmcore-plus's) raising is what this test makes happen
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_camera_that_fails_mid_run_fails_the_source_after_sending_what_it_acquired(pull):
+    """The camera's thread is pymmcore-plus's own, which only logs its error and stops the
+    sequence: the source must not report that as a finished run (the daemon would exit 0
+    and mark the store complete)."""
+    sock, endpoint = pull
+
+    def failing(index: int, focus_um: float = 0.0) -> np.ndarray:
+        if index == 5:
+            raise RuntimeError("camera fell over")
+        return pattern(index, focus_um)
+
+    scope = SimulatedScope(SHAPE, rate_hz=200.0, frame_fn=failing)  # endless: never stopped
+    with pytest.raises(RuntimeError, match="stopped by itself after 5 frames: the camera failed"):
+        run_source(scope, endpoint)
+    assert [m.header.seq for m in receive_all(sock, 5)] == [0, 1, 2, 3, 4]
 
 
 def test_simulated_scope_renders_the_worm(pull):
@@ -277,6 +297,7 @@ def test_micromanager_source_listens_until_stopped(pull):
     summary = run_source(source, endpoint, stop)
     assert stop.is_set()  # it returned because it was stopped, not on its own
     assert (summary.name, summary.frames_sent, summary.frames_dropped) == ("micromanager", 0, 0)
+    assert summary.external  # the hook's frames are not this source's: acquired is not 0
 
 
 def test_importing_sources_and_hook_stays_light():
@@ -343,3 +364,16 @@ def test_micromanager_source_runs_a_config_file(pull, tmp_path):
     assert (summary.name, summary.frames_sent) == ("micromanager", 15)
     with pytest.raises(FileNotFoundError, match=r"config_file .* does not exist"):
         MicroManagerSource(endpoint, config_file=tmp_path / "missing.cfg")
+
+
+def test_a_hook_listeners_run_counts_the_frames_that_arrived_as_acquired():
+    """In hook mode the daemon's source sends nothing itself: the summary's "frames acquired"
+    is what arrived from the hook, not the listener's 0 (and a source that sent counts its own)."""
+    from dataclasses import asdict
+
+    from live.run import _frames_acquired
+
+    listened = SourceSummary("micromanager", 0, 0, (), 10.0, 0.0, external=True)
+    assert _frames_acquired(asdict(listened), 500) == 500
+    sent = SourceSummary("simulated", 30, 2, (7, 9), 1.0, 32.0)
+    assert _frames_acquired(asdict(sent), 25) == 32
