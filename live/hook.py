@@ -30,12 +30,23 @@ refused with one logged error, and its frames are not sent (Micro-Manager still 
 a pymmcore-plus MDA when it starts (its ``MDASequence.sizes``), a pycromanager acquisition at
 the first frame whose ``Axes`` tag shows a second value of an axis other than time (the frames
 before it went out). ``sender.refused`` counts the frames not sent, ``sender.refusal`` says
-why. Use one hook per acquisition.
+why.
+
+A frame's seq is its time index (pycromanager's ``Axes`` tag, useq's ``MDAEvent.index``), so
+a time point Micro-Manager lost is a gap the daemon counts. The daemon records a seq once:
+a second acquisition into the same daemon run continues the numbering — `attach_to_pymmcore_plus`
+does so by itself, a pycromanager hook takes ``first_seq`` (``first_seq=hook.sender.next_seq``
+of the previous one).
+
+The hooks' senders queue frames only to a daemon that is connected (ZeroMQ's
+``IMMEDIATE``): with none listening, frames are dropped and counted (one warning says so)
+instead of piling up in the acquisition's memory.
 
 When the daemon's frames endpoint uses CURVE (it is reachable beyond loopback, or
 ``security.curve = "required"``), the sender needs the client keys from the config:
-``FrameSender.for_config(load_config("config.toml"))`` or ``keys=client_keys(config,
-"frames")`` (`live.security`). A sender without the right keys never gets a frame through.
+``FrameSender.for_config(load_config("config.toml"), endpoint="tcp://scope-pc:5555")`` or
+``keys=client_keys(config, "frames")`` (`live.security`). A sender without the right keys
+never gets a frame through.
 
 Micro-Manager's Java application cannot be installed on the machine this project is built
 and tested on; the tests therefore run a real pycromanager `Acquisition` on its Python
@@ -51,7 +62,9 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -70,6 +83,7 @@ __all__ = [
     "PycromanagerHook",
     "attach_to_pymmcore_plus",
     "frame_number",
+    "frame_time_s",
     "metadata_float",
     "pycromanager_image_process_fn",
 ]
@@ -84,6 +98,10 @@ _TIME_AXES = frozenset({"time", "t"})
 _ELAPSED_KEYS = ("ElapsedTime-ms",)
 _FOCUS_KEYS = ("ZPosition_um", "ZPosition_um_Intended", "DeepZ-Focus-um")
 _TIMESTAMP_KEYS = ("DeepZ-Timestamp-s",)
+_RECEIVED_KEY = "TimeReceivedByCore"
+"""MMCore's per-frame wall-clock time (local, ``2026-12-05 21:44:23.260571``)."""
+CONNECT_TIMEOUT_S = 2.0
+"""How long a hook's sender waits for the daemon when it is made (then it warns)."""
 
 
 class FrameSender:
@@ -100,9 +118,15 @@ class FrameSender:
     context : zmq.Context, optional
         Context to make the socket in; the process-wide instance by default.
     linger_ms : int
-        How long `close` waits for queued frames to leave.
+        How long queued frames may still leave after `close` (ZeroMQ's linger: `close` itself
+        returns at once; the context sends them in the background for up to this long).
     keys : live.security.ClientKeys, optional
         CURVE client keys, needed when the daemon's frames endpoint uses CURVE.
+    immediate : bool
+        Queue frames only to a connected daemon (ZeroMQ's ``IMMEDIATE``): with none, a send
+        drops the frame (counted) instead of holding up to `hwm` frames in memory. Then the
+        constructor waits up to `connect_timeout_s` for the daemon's handshake and logs one
+        warning without it. The hooks set it; the daemon's own in-process source does not.
 
     Notes
     -----
@@ -124,11 +148,14 @@ class FrameSender:
         context: zmq.Context[Any] | None = None,
         linger_ms: int = 2000,
         keys: ClientKeys | None = None,
+        immediate: bool = False,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         from live.security import connect_curve
 
         if hwm < 1:
             raise ValueError(f"hwm must be >= 1 message, got {hwm}")
+        _refuse_bind_address(endpoint)
         self.endpoint = endpoint
         self.sent = 0
         self.dropped = 0
@@ -141,22 +168,63 @@ class FrameSender:
         self._lock = threading.Lock()
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
+        self._warned_drop = False
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.SNDHWM, hwm)
-        self._socket.setsockopt(zmq.LINGER, linger_ms)
-        connect_curve(self._socket, keys)
-        self._socket.connect(endpoint)
+        try:
+            self._socket.setsockopt(zmq.SNDHWM, hwm)
+            self._socket.setsockopt(zmq.LINGER, linger_ms)
+            self._socket.setsockopt(zmq.IMMEDIATE, int(immediate))
+            connect_curve(self._socket, keys)
+            # watched from before connect, so a handshake that completes at once is seen
+            monitor = (
+                self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                if immediate
+                else None
+            )
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as err:
+            self._socket.close(linger=0)
+            raise ValueError(f"frames endpoint {endpoint!r}: {err}") from None
+        if monitor is not None:
+            try:
+                if not monitor.poll(round(connect_timeout_s * 1000)):
+                    log.warning(
+                        "no daemon answered at %s within %g s (not running, another address, "
+                        "or CURVE keys it refuses): frames are dropped, and counted, until one "
+                        "does",
+                        endpoint,
+                        connect_timeout_s,
+                    )
+            finally:
+                self._socket.disable_monitor()
+                monitor.close(linger=0)
 
     @classmethod
-    def for_config(cls, config: ScopeConfig, **kwargs: Any) -> FrameSender:
+    def for_config(
+        cls, config: ScopeConfig, endpoint: str | None = None, **kwargs: Any
+    ) -> FrameSender:
         """Make a sender to the config's ``endpoints.frames``, with its CURVE keys if needed.
 
-        `kwargs` go to the constructor (``hwm``, ``context``, ``linger_ms``).
+        `endpoint` is the daemon's address as this machine reaches it, where the config's is
+        an address the daemon binds (``tcp://*:5555``, ``tcp://0.0.0.0:5555``: refused, with
+        one line asking for it). `kwargs` go to the constructor (``hwm``, ``context``,
+        ``linger_ms``, ``immediate``).
         """
         from live.security import client_keys
 
         keys = client_keys(config, "frames")
-        return cls(config.endpoints.frames, keys=keys, **kwargs)
+        try:
+            return cls(endpoint or config.endpoints.frames, keys=keys, **kwargs)
+        except ValueError as err:
+            if endpoint is None:
+                raise ValueError(f"endpoints.frames: {err}") from None
+            raise
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next frame gets when `send` is not given one."""
+        with self._lock:
+            return self._next_seq
 
     def send(
         self,
@@ -186,6 +254,14 @@ class FrameSender:
                 self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self._drop(seq)
+                if not self._warned_drop:  # once: a drop per frame would flood the log
+                    self._warned_drop = True
+                    log.warning(
+                        "frames to %s are being dropped (counted): the daemon is not "
+                        "receiving them (not connected, or not keeping up); first seq %d",
+                        self.endpoint,
+                        seq,
+                    )
                 return False
             except (zmq.ZMQError, ValueError) as err:
                 self._drop(seq)
@@ -230,7 +306,7 @@ class FrameSender:
             return True
 
     def close(self) -> None:
-        """Close the socket, waiting up to ``linger_ms`` for queued frames to leave."""
+        """Close the socket; frames still queued may leave for up to ``linger_ms`` after."""
         while self._on_close:
             self._on_close.pop()()
         with self._lock:
@@ -271,14 +347,36 @@ def metadata_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float 
     return None
 
 
+def frame_time_s(metadata: Mapping[str, Any]) -> float | None:
+    """Return a frame's wall-clock time (s since the epoch) from its metadata, else None.
+
+    The simulated camera's ``DeepZ-Timestamp-s`` (exact), else MMCore's per-frame
+    ``TimeReceivedByCore`` (local time; when the frame reached the core's buffer). Not
+    ``ElapsedTime-ms`` first: pycromanager's engine writes one value per acquisition event,
+    so a hardware-sequenced time series would have one time for all its frames.
+    """
+    stamp = metadata_float(metadata, _TIMESTAMP_KEYS)
+    if stamp is not None:
+        return stamp
+    text = metadata.get(_RECEIVED_KEY)
+    if isinstance(text, str):
+        try:
+            return datetime.fromisoformat(text.strip()).timestamp()  # naive: local time
+        except (ValueError, OverflowError, OSError):
+            return None
+    return None
+
+
 def frame_number(value: object) -> int | None:
     """`value` as a frame number (a whole number 0 … `MAX_SEQ`, or text of one), else None."""
     if isinstance(value, bool):
         return None
+    text = value.strip() if isinstance(value, str) else ""
+    digits = text[1:] if text.startswith("+") else text
     if isinstance(value, int | np.integer):
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
-        number = int(value)  # exact, however large (a float would round past 2**53)
+    elif digits.isascii() and digits.isdigit():  # not "²" or "++5", which int() refuses
+        number = int(digits)  # exact, however large (a float would round past 2**53)
     else:
         try:
             as_float = float(value)  # type: ignore[arg-type]
@@ -336,18 +434,25 @@ class AxisGuard:
 class PycromanagerHook:
     """A pycromanager ``image_process_fn`` that sends each frame and hands it back unchanged.
 
-    Seq: ``int(metadata[seq_key])`` when `seq_key` is given, else this hook's own counter
-    (0, 1, 2, ... in the order pycromanager delivers images). Timestamp: the simulated
-    camera's ``DeepZ-Timestamp-s`` if present, else the acquisition's ``ElapsedTime-ms``
-    anchored to the wall clock at the first frame, else the arrival time. Focus: the
-    ``ZPosition_um`` tag if present, else 0. A frame whose ``Axes`` tag leaves the time series
+    Seq: ``int(metadata[seq_key])`` when `seq_key` is given, else `first_seq` plus the frame's
+    time index (the ``Axes`` tag's ``time``: a time point lost is a gap), else `first_seq`
+    plus this hook's own count of frames. Timestamp: `frame_time_s` (the simulated camera's
+    tag, else the core's ``TimeReceivedByCore``), else the acquisition's ``ElapsedTime-ms``
+    anchored to the wall clock at the first frame, else the arrival time. Focus: the first
+    finite of ``ZPosition_um``, ``ZPosition_um_Intended``, ``DeepZ-Focus-um``, else none (the
+    scope did not say; never 0). A frame whose ``Axes`` tag leaves the time series
     (`AxisGuard`) refuses the acquisition: it and every later frame are counted in
     ``sender.refused`` and not sent.
     """
 
-    def __init__(self, sender: FrameSender, *, seq_key: str | None = None) -> None:
+    def __init__(
+        self, sender: FrameSender, *, seq_key: str | None = None, first_seq: int = 0
+    ) -> None:
+        if not 0 <= first_seq <= MAX_SEQ:
+            raise ValueError(f"first_seq must be 0 … {MAX_SEQ}, got {first_seq}")
         self.sender = sender
         self.seq_key = seq_key
+        self.first_seq = first_seq
         self.guard = AxisGuard()
         self._count = 0
         self._clock_offset_s: float | None = None
@@ -382,11 +487,14 @@ class PycromanagerHook:
         """Return the frame's sequence number (see the class docstring); None if unreadable."""
         if self.seq_key is not None and self.seq_key in metadata:
             return frame_number(metadata[self.seq_key])
-        return self._count
+        axes = metadata.get("Axes")
+        t = _time_index(axes) if isinstance(axes, Mapping) else None
+        seq = self.first_seq + (self._count if t is None else t)
+        return seq if seq <= MAX_SEQ else None
 
     def _timestamp(self, metadata: Mapping[str, Any]) -> float:
         """Return the frame's wall-clock time (see the class docstring)."""
-        stamp = metadata_float(metadata, _TIMESTAMP_KEYS)
+        stamp = frame_time_s(metadata)
         if stamp is not None:
             return stamp
         elapsed_ms = metadata_float(metadata, _ELAPSED_KEYS)
@@ -404,16 +512,18 @@ def pycromanager_image_process_fn(
     seq_key: str | None = None,
     context: zmq.Context[Any] | None = None,
     keys: ClientKeys | None = None,
+    first_seq: int = 0,
 ) -> PycromanagerHook:
     """Make a pycromanager ``image_process_fn`` that pushes frames to `endpoint`.
 
     Pass it as ``Acquisition(..., image_process_fn=hook)``; it returns ``(image, metadata)``
     so Micro-Manager still stores the data. ``hook.sender`` holds the counts; close it after
     the acquisition. See the module docstring for a complete example. `keys`: CURVE client
-    keys when the endpoint uses CURVE (see the module docstring).
+    keys when the endpoint uses CURVE (see the module docstring). `first_seq`: the seq of
+    time point 0 (a second acquisition into the same daemon run starts past the first's).
     """
-    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys)
-    return PycromanagerHook(sender, seq_key=seq_key)
+    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys, immediate=True)
+    return PycromanagerHook(sender, seq_key=seq_key, first_seq=first_seq)
 
 
 def attach_to_pymmcore_plus(
@@ -426,21 +536,26 @@ def attach_to_pymmcore_plus(
 ) -> FrameSender:
     """Send every frame of the core's MDA runs to `endpoint` (``mda.events.frameReady``).
 
-    Seq counts frames from 0 across runs; the timestamp is the simulated camera's
-    ``DeepZ-Timestamp-s`` or the arrival time; focus is the event's ``z_pos`` (or none). A run
-    with more than one channel, z plane, position or grid tile (``MDASequence.sizes``, or
-    the events' ``index`` as they come) is refused (`AxisGuard`): its frames are counted in
-    ``sender.refused`` and not sent.
+    Seq: the event's time index (``index["t"]``, so a lost time point is a gap) after the
+    last seq of the previous runs (numbering continues from run to run), else the sender's
+    count. Timestamp: `frame_time_s` of the camera's metadata, else the arrival time. Focus:
+    the event's ``z_pos``, else the stage position pymmcore-plus recorded with the frame
+    (``position["z"]``), else the camera's focus tag, else none. A run with more than one
+    channel, z plane, position or grid tile (``MDASequence.sizes``, or the events' ``index``
+    as they come) is refused (`AxisGuard`): its frames are counted in ``sender.refused`` and
+    not sent.
     Disconnect by closing the returned sender (``sender.close()``). `keys`: CURVE client
     keys when the endpoint uses CURVE (see the module docstring).
     """
-    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys)
+    sender = FrameSender(endpoint, hwm=hwm, context=context, keys=keys, immediate=True)
     guard = AxisGuard()
+    run_first_seq = [0]  # the seq of this run's time point 0
 
     def on_start(sequence: Any, *_: Any) -> None:
         """Check a new run's axis sizes before its first frame (`refuse` logs at that frame)."""
         sizes = getattr(sequence, "sizes", None)
         guard.expect(sizes if isinstance(sizes, Mapping) else {})
+        run_first_seq[0] = sender.next_seq
 
     def on_frame(image: np.ndarray, event: Any, meta: Mapping[str, Any]) -> None:
         """Send one MDA frame; runs on the MDA runner's thread."""
@@ -450,11 +565,12 @@ def attach_to_pymmcore_plus(
             sender.refuse(refusal)
             return
         camera_meta = meta.get("camera_metadata") or {}
-        z_um = getattr(event, "z_pos", None)
+        t = _time_index(index) if isinstance(index, Mapping) else None
         sender.send(
             image,
-            timestamp_s=metadata_float(camera_meta, _TIMESTAMP_KEYS),
-            focus_um=float(z_um) if z_um is not None else None,  # None: no z in the plan
+            seq=None if t is None else run_first_seq[0] + t,
+            timestamp_s=frame_time_s(camera_meta),
+            focus_um=_mda_focus(event, meta, camera_meta),
         )
 
     events = core.mda.events
@@ -463,3 +579,42 @@ def attach_to_pymmcore_plus(
     sender._on_close.append(lambda: events.frameReady.disconnect(on_frame))
     sender._on_close.append(lambda: events.sequenceStarted.disconnect(on_start))
     return sender
+
+
+def _time_index(axes: Mapping[str, Any]) -> int | None:
+    """Return the time index of a frame's axes (``time`` or ``t``) if it is a frame number."""
+    for name in _TIME_AXES:
+        if name in axes:
+            return frame_number(axes[name])
+    return None
+
+
+def _mda_focus(event: Any, meta: Mapping[str, Any], camera_meta: Mapping[str, Any]) -> float | None:
+    """Return a pymmcore-plus frame's focus (µm): the plan's z, the stage's, the camera's tag.
+
+    A plain time series has no z in its plan (``event.z_pos`` None) but pymmcore-plus records
+    the stage with each snapped frame (``meta["position"]["z"]``); a hardware-sequenced one
+    has neither, and only a camera that tags its frames (the simulated one) says.
+    """
+    position = meta.get("position")
+    for value in (
+        getattr(event, "z_pos", None),
+        position.get("z") if isinstance(position, Mapping) else None,
+    ):
+        number = metadata_float({"z": value}, ("z",))
+        if number is not None:
+            return number
+    return metadata_float(camera_meta, _FOCUS_KEYS)
+
+
+def _refuse_bind_address(endpoint: str) -> None:
+    """Refuse an address a daemon binds but a sender cannot reach: ``*``, ``0.0.0.0``, ``::``."""
+    if not endpoint.startswith("tcp://"):
+        return
+    host = urlsplit(endpoint).hostname or endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    if host.strip("[]") in ("*", "0.0.0.0", "::"):
+        raise ValueError(
+            f"{endpoint!r} is an address the daemon binds (every interface), not one to send "
+            "to: give the daemon's host, e.g. tcp://scope-pc:5555 (FrameSender.for_config's "
+            "endpoint)"
+        )

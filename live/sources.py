@@ -132,7 +132,7 @@ def _stream_core(
     they arrive. When `stop` is set the camera stops and the frames already in the buffer
     are still sent: acquired frames are never thrown away here.
     """
-    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX, META_TIMESTAMP_S
+    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX
 
     mb = ring_buffer_mb(int(core.getImageBufferSize()), rate_hz)
     core.setCircularBufferMemoryFootprint(mb)
@@ -142,7 +142,7 @@ def _stream_core(
     try:
         while not stop.is_set():
             if core.getRemainingImageCount() > 0:
-                _send_popped(run.sender, core, (META_FRAME_INDEX, META_TIMESTAMP_S, META_FOCUS_UM))
+                _send_popped(run.sender, core, (META_FRAME_INDEX, META_FOCUS_UM))
             elif not core.isSequenceRunning():
                 break
             else:
@@ -150,7 +150,7 @@ def _stream_core(
     finally:
         core.stopSequenceAcquisition()
     while core.getRemainingImageCount() > 0:  # acquired frames are sent even when it failed
-        _send_popped(run.sender, core, (META_FRAME_INDEX, META_TIMESTAMP_S, META_FOCUS_UM))
+        _send_popped(run.sender, core, (META_FRAME_INDEX, META_FOCUS_UM))
     summary = run.summary()
     acquired = summary.frames_sent + summary.frames_dropped
     if not stop.is_set() and (frame_count is None or acquired < frame_count):
@@ -169,19 +169,23 @@ def _stream_core(
     return summary
 
 
-def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str, str]) -> None:
-    """Pop the oldest frame from the core and send it with its seq, timestamp and focus."""
-    from live.hook import frame_number, metadata_float
+def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str]) -> None:
+    """Pop the oldest frame from the core and send it with its seq, timestamp and focus.
+
+    The timestamp is `live.hook.frame_time_s` (the camera's own, else when the frame reached
+    the core), not the time it is popped: frames held in the ring through a stall keep theirs.
+    """
+    from live.hook import frame_number, frame_time_s, metadata_float
 
     image, meta = core.popNextImageAndMD()
-    index_key, stamp_key, focus_key = keys
+    index_key, focus_key = keys
     # the core's metadata is text a device adapter wrote: a value that is not a number is no
     # value (the sender's own count, the arrival time, no focus), never the end of the stream
     seq = meta.get(index_key) or meta.get("ImageNumber")
     sender.send(
         image,
         seq=frame_number(seq) if seq not in (None, "") else None,
-        timestamp_s=metadata_float(meta, (stamp_key,)),
+        timestamp_s=frame_time_s(meta),
         focus_um=metadata_float(meta, (focus_key,)),  # None: the core did not say
     )
 

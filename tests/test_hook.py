@@ -199,6 +199,61 @@ def test_the_hook_reads_micro_managers_metadata_as_untrusted_text(pull):
     assert (hook.sender.sent, hook.sender.refused, hook.sender.dropped) == (3, 1, 0)
     assert frame_number("9007199254740993") == 9007199254740993  # exact past 2**53
     assert frame_number("-1") is None and frame_number(True) is None
+    # digits str.isdigit() takes and int() does not: no value, not an exception
+    assert frame_number("²") is None and frame_number("++5") is None
+    assert frame_number("+5") == 5 and frame_number(" 7 ") == 7
+
+
+def test_frame_time_is_the_cameras_or_the_cores_per_frame_time():
+    """Not ElapsedTime-ms first: pycromanager writes one per event, so a hardware-sequenced
+    series would carry one time for all its frames."""
+    from datetime import datetime
+
+    from live.hook import frame_time_s
+
+    received = "2026-12-05 21:44:23.260571"
+    local = datetime(2026, 12, 5, 21, 44, 23, 260571).timestamp()
+    assert frame_time_s({"TimeReceivedByCore": received, "ElapsedTime-ms": "0"}) == local
+    assert frame_time_s({"DeepZ-Timestamp-s": "12.5", "TimeReceivedByCore": received}) == 12.5
+    assert frame_time_s({"TimeReceivedByCore": "yesterday"}) is None
+    assert frame_time_s({"ElapsedTime-ms": "10"}) is None
+
+
+def test_pycromanager_sequenced_frames_keep_their_own_times(core, pull):
+    """A real camera writes no DeepZ tag: each frame's time is the core's, not the event's."""
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+
+    def real_camera(image: np.ndarray, metadata: dict) -> tuple:
+        metadata = {k: v for k, v in metadata.items() if k != "DeepZ-Timestamp-s"}
+        return hook(image, metadata)
+
+    run_pycromanager(core, real_camera, multi_d_acquisition_events(num_time_points=4))
+    hook.sender.close()
+    stamps = [m.header.timestamp_s for m in receive(sock, 4)]
+    assert stamps == sorted(set(stamps))  # one time each, in order
+
+
+def test_a_second_pycromanager_acquisition_continues_the_numbering(core, pull):
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    first = pycromanager_image_process_fn(endpoint)
+    run_pycromanager(core, first, multi_d_acquisition_events(num_time_points=3))
+    first.sender.close()
+    second = pycromanager_image_process_fn(endpoint, first_seq=first.sender.next_seq)
+    run_pycromanager(core, second, multi_d_acquisition_events(num_time_points=2))
+    second.sender.close()
+    # two connections, fair-queued at the receiver: no seq twice (the daemon would refuse it)
+    assert sorted(m.header.seq for m in receive(sock, 5)) == [0, 1, 2, 3, 4]
+
+
+def test_a_sender_refuses_an_address_only_a_daemon_can_bind():
+    for endpoint in ("tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://[::]:5555"):
+        with pytest.raises(ValueError, match="an address the daemon binds"):
+            FrameSender(endpoint)
 
 
 def test_axis_guard_takes_time_series_of_one_channel_only():
@@ -216,15 +271,18 @@ def test_axis_guard_takes_time_series_of_one_channel_only():
     assert refusal is not None and "(c: 2, z: 5)" in refusal
 
 
-def test_pycromanager_hook_never_blocks_acquisition(core):
+def test_pycromanager_hook_never_blocks_acquisition(core, caplog):
+    """No daemon listening: the hook says so once, drops and counts every frame (none pile up
+    in the acquisition's memory), and the acquisition runs to its end."""
     from pycromanager import multi_d_acquisition_events
 
     hook = pycromanager_image_process_fn(f"tcp://127.0.0.1:{free_port()}", hwm=2)
+    assert any("no daemon answered" in r.getMessage() for r in caplog.records)
     n = 80
     acq = run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=n))
     hook.sender.close()
-    assert hook.sender.sent + hook.sender.dropped == n
-    assert hook.sender.dropped > 0
+    assert (hook.sender.sent, hook.sender.dropped) == (0, n)
+    assert len([r for r in caplog.records if "are being dropped" in r.getMessage()]) == 1
     assert len(hook.sender.dropped_seqs) == hook.sender.dropped
     last = acq.get_dataset().read_image(time=n - 1)  # the acquisition ran to its last frame
     assert last.shape == (core.getImageHeight(), core.getImageWidth())
@@ -253,6 +311,35 @@ def test_snake_case_core_names_the_missing_method(core):
 
 
 # ---------------------------------------------------------------------- pymmcore-plus
+
+
+def test_pymmcore_plus_time_series_carries_the_stage_focus_and_its_gaps(pull):
+    """A plain time series has no z in its plan: the focus is the stage's, recorded with each
+    frame (a focus lock needs it). A time point the camera failed to snap is a seq gap."""
+    from useq import MDASequence
+
+    from live._mmcore import make_simulated_core
+
+    calls = [0]
+
+    def flaky(index: int, focus_um: float = 0.0) -> np.ndarray:
+        calls[0] += 1
+        if calls[0] == 3:  # a real camera's failed snap
+            raise RuntimeError("camera timeout")
+        return pattern(index, focus_um)
+
+    core = make_simulated_core(flaky, SHAPE, rate_hz=None)
+    try:
+        sock, endpoint = pull
+        core.setPosition(2.5)
+        sender = attach_to_pymmcore_plus(core, endpoint)
+        core.mda.run(MDASequence(time_plan={"interval": 0.01, "loops": 5}))
+        sender.close()
+        msgs = receive(sock, 4)
+        assert [m.header.seq for m in msgs] == [0, 1, 3, 4]  # t 2 was lost: a gap
+        assert [m.header.focus_um for m in msgs] == [2.5] * 4
+    finally:
+        core.unloadAllDevices()
 
 
 def test_pymmcore_plus_mda_frame_ready(core, pull, caplog):
