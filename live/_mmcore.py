@@ -65,6 +65,7 @@ __all__ = [
     "make_simulated_core",
     "park_core",
     "pycromanager_backend",
+    "release_parked",
 ]
 
 FrameFn = Callable[[int, float], np.ndarray]
@@ -402,6 +403,21 @@ def park_core(core: UniMMCore, config_file: Path | None, camera: str | None) -> 
         _PARKED[_park_key(config_file, camera)] = core
     if old is not None and old is not core:
         old.unloadAllDevices()
+
+
+def release_parked() -> int:
+    """Unload every core parked and never claimed; return how many.
+
+    A daemon whose start fails after `live.config.resolve_geometry` loaded the hardware (a
+    pre-flight refusal, a port in use, a model that cannot load) never reaches its source:
+    its `stop` releases the devices here rather than at interpreter exit.
+    """
+    with _PARKED_LOCK:
+        cores = list(_PARKED.values())
+        _PARKED.clear()
+    for core in cores:
+        core.unloadAllDevices()
+    return len(cores)
 
 
 def claim_core(config_file: Path | None, camera: str | None) -> UniMMCore:

@@ -935,6 +935,9 @@ class Daemon:
             self._source_thread.join(10.0)
             if self._source_thread.is_alive():
                 log.error("the source did not stop within 10 s; ending without its last frames")
+        mmcore = sys.modules.get("live._mmcore")  # loaded only when a core was
+        if mmcore is not None:  # a core loaded for the geometry that no source claimed
+            mmcore.release_parked()
         if self._sender is not None:
             router_alive = hasattr(self, "router") and self.router.is_alive()
             if router_alive and not self._sender.end_stream():

@@ -96,6 +96,19 @@ def test_geometry_comes_from_the_core_and_the_core_is_loaded_once(tmp_path, pull
     assert GeometryCamera.instances == before + 1  # resolve_geometry's core ran the source
 
 
+def test_a_core_loaded_for_the_geometry_and_never_claimed_is_released(tmp_path):
+    """A daemon whose start fails after the geometry loaded the hardware never runs its
+    source: its stop unloads the parked core (`live._mmcore.release_parked`)."""
+    from live._mmcore import _PARKED, release_parked
+
+    resolve_geometry(mm_config(write_cfg(tmp_path), frame_count=6))
+    parked = list(_PARKED.values())
+    assert len(parked) == 1 and "Cam" in parked[0].getLoadedDevices()
+    assert release_parked() == 1
+    assert not _PARKED and "Cam" not in parked[0].getLoadedDevices()
+    assert release_parked() == 0
+
+
 def test_binning_in_the_file_shrinks_frames_and_grows_pixels(tmp_path, pull):
     sock, endpoint = pull
     cfg_file = write_cfg(tmp_path, extra="#py Property,Cam,Binning,2\n")
