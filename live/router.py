@@ -419,7 +419,8 @@ class Collector(threading.Thread):
     ) -> None:
         """Bind the sockets (the thread starts with `start`).
 
-        `max_stack_bytes` is the stacks socket's ``zmq.MAXMSGSIZE``; `stacks_keys`
+        `max_stack_bytes` is the stacks socket's ``zmq.MAXMSGSIZE`` and the largest stack
+        `decode` takes (the run's, which may pass the protocol's 1 GiB default); `stacks_keys`
         makes the stacks PUB a CURVE server; `display_hwm` bounds its queue per display.
         """
         super().__init__(name="collector", daemon=True)
@@ -435,6 +436,7 @@ class Collector(threading.Thread):
         self.event_arrived = threading.Condition()
         self._ledger, self._metrics, self._recorder = ledger, metrics, recorder
         self._supervisor = supervisor or Supervisor()
+        self._max_stack_bytes = max_stack_bytes  # the config allows stacks over 1 GiB
         self._pull = _bind(ctx, zmq.PULL, stacks_in_endpoint, max_stack_bytes)
         self._events = _bind(ctx, zmq.PULL, events_endpoint, MAX_EVENT_BYTES)
         self._pub = (
@@ -493,7 +495,7 @@ class Collector(threading.Thread):
             self._ended.add(worker)
             return
         try:
-            message = decode(parts)
+            message = decode(parts, max_bytes=self._max_stack_bytes)
         except ProtocolError as err:
             self._metrics.malformed_in()
             log.error("malformed stack from a worker dropped: %s", err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from live.protocol import (
     decode_event,
     encode_event,
     encode_frame,
+    encode_stack,
     max_part_bytes,
 )
 from live.recorder import SeqGate
@@ -167,6 +169,55 @@ def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None
         assert (snap.malformed, snap.skipped, snap.lost) == (5, 0, 2)
         assert ledger.outstanding() == 0 and collector.is_alive()
         assert supervisor.failures == []
+    finally:
+        collector.stop_event.set()
+        collector.join(10)
+        push.close()
+        ctx.term()
+
+
+def test_the_collector_decodes_stacks_up_to_the_runs_size_not_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The config allows stacks up to 4 GiB (41 planes of 4096² float16 are 1.3 GiB): the
+    collector must not hold them to the protocol's 1 GiB default, or it refuses every one."""
+    import live.router
+
+    limits: list[int] = []
+
+    def spy(parts: Any, *, max_bytes: int = live.router.MAX_FRAME_BYTES) -> Any:
+        limits.append(max_bytes)
+        return decode(parts, max_bytes=max_bytes)
+
+    monkeypatch.setattr(live.router, "decode", spy)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stacks, events = _endpoints(2)
+    metrics, ledger = Metrics(), Ledger(1)
+    ledger.sent(0, 4)
+    limit = max_part_bytes((41, 4096, 4096), "float16")
+    assert limit > live.router.MAX_FRAME_BYTES
+    collector = Collector(
+        ctx,
+        stacks_in_endpoint=stacks,
+        events_endpoint=events,
+        stacks_pub_endpoint=None,
+        ledger=ledger,
+        metrics=metrics,
+        recorder=None,
+        max_stack_bytes=limit,
+    )
+    collector.start()
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 1000
+    push.connect(stacks)
+    try:
+        planes = np.zeros((2, 8, 8), np.float16)
+        stack = encode_stack(
+            planes, seq=4, timestamp_s=0.0, focus_um=None, planes_um=(0.0, 1.0), latency_ms=1.0
+        )
+        push.send_multipart(stack)
+        assert _wait(lambda: ledger.outstanding() == 0)
+        assert limits == [limit] and metrics.snapshot(advance=False).malformed == 0
     finally:
         collector.stop_event.set()
         collector.join(10)
