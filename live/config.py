@@ -530,6 +530,11 @@ class PlanesConfig(_BaseModel):
             return [round(self.z_min_um + i * self.step_um, 6) for i in range(n)]
         return None
 
+    def count(self) -> int:
+        """Return how many planes a stack holds, without building any DPM."""
+        zs = self.plane_z_um()
+        return len(zs) if zs is not None else len(self.surfaces or [])
+
     def build(self, frame_shape: tuple[int, int], pixel_size_um: float) -> VolumePlan:
         """Build the volume plan (DPMs in µm, labels) for frames of `frame_shape`."""
         shape = (int(frame_shape[0]), int(frame_shape[1]))
@@ -746,8 +751,7 @@ class ScopeConfig(_BaseModel):
     @model_validator(mode="after")
     def _fits_in_memory(self) -> ScopeConfig:
         h, w = self.source.frame_shape
-        zs = self.planes.plane_z_um()
-        n = len(zs) if zs is not None else len(self.planes.surfaces or [])
+        n = self.planes.count()
         stack_gib = n * h * w * 4 / 2**30
         if stack_gib > MAX_STACK_GIB:
             raise ValueError(

@@ -1,14 +1,18 @@
 """Optional viewer client: subscribe to stacks, keep only the newest volume, show it.
 
 `LatestStack` is the GUI-free part (SUB on ``endpoints.stacks``, drain everything waiting and
-keep the newest, count what was dropped, compute slices and a max projection); the napari
-window (``pip install 'deepz-live[view]'``) is built on it by `main`. The display may drop
-stacks; the recorder never does. Run with ``python -m live.display --endpoint tcp://...``, or
-``python -m live.display --scope config.toml`` to take the endpoint and, when it uses CURVE,
-the client keys from the config (``--client-key`` / ``--server-key`` give key files directly).
-The SUB socket drops any message part larger than ``--max-message-bytes`` (``zmq.MAXMSGSIZE``).
-Stacks arrive in ``recorder.stack_dtype`` (float16 by default); a `View` holds float32, which
-every napari layer and colormap handles (float16 textures are not supported everywhere).
+keep the newest, count the stacks that arrived but were not shown, compute slices and a max
+projection); the napari window (``pip install 'deepz-live[view]'``) is built on it by `main`.
+The display may drop stacks; the recorder never does. Run with ``python -m live.display
+--endpoint tcp://...`` (``--client-key`` / ``--server-key`` give CURVE key files, and
+``--max-message-bytes`` the largest stack accepted), or ``python -m live.display --scope
+config.toml`` to take the endpoint, the CURVE client keys when it uses CURVE, and the largest
+stack from the config (those flags are then refused: the config says it).
+The SUB socket drops any message part larger than the limit (``zmq.MAXMSGSIZE``), and `decode`
+refuses a stack declared larger. Stacks arrive in ``recorder.stack_dtype`` (float16 by
+default); a `View` holds float32, which every napari layer and colormap handles (float16
+textures are not supported everywhere). The window's contrast follows the stacks shown until
+the user sets it by hand (`AutoContrast`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import logging
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -28,16 +33,38 @@ import zmq
 from live.protocol import MAX_FRAME_BYTES, Message, ProtocolError, decode
 
 if TYPE_CHECKING:
+    from live.config import ScopeConfig
     from live.security import ClientKeys
 
-__all__ = ["LatestStack", "View", "main"]
+__all__ = [
+    "LATE_MESSAGES",
+    "RATE_WINDOW_S",
+    "AutoContrast",
+    "LatestStack",
+    "View",
+    "main",
+    "refresh_interval_ms",
+    "stack_bytes",
+]
 
 log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 2.0
+"""`View.stacks_per_s` is the arrival rate over about the last this-many seconds."""
+LATE_MESSAGES = 64
+"""Most messages `LatestStack.poll` reads once its timeout has passed (16 times the socket's
+receive high-water mark of 4 stacks)."""
 
 
 @dataclass(frozen=True)
 class View:
-    """What the viewer shows for one stack: the volume (float32), its max projection, rates."""
+    """What the viewer shows for one stack: the volume (float32), its max projection, counts.
+
+    ``stacks_per_s`` is the rate stacks reached the viewer (every one received, shown or not);
+    ``not_shown`` is how many received stacks a newer one replaced before the screen refreshed.
+    Stacks lost before they reached the viewer (ZeroMQ's high-water marks drop them unseen,
+    and skipped frames never make one) are in neither.
+    """
 
     seq: int
     volume: np.ndarray
@@ -45,15 +72,17 @@ class View:
     planes_um: tuple[float, ...] | None
     latency_ms: float | None
     stacks_per_s: float
-    dropped: int
+    not_shown: int
 
 
 class LatestStack:
-    """SUB client that keeps only the newest stack (older waiting ones are dropped, counted).
+    """SUB client that keeps only the newest stack (older waiting ones are counted, not shown).
 
-    `max_message_bytes` is the socket's ``zmq.MAXMSGSIZE`` (a stack's size from
-    `live.protocol.max_part_bytes`; default the protocol's `MAX_FRAME_BYTES`); `keys` are the
-    CURVE client keys when the stacks endpoint uses CURVE.
+    `max_message_bytes` is the socket's ``zmq.MAXMSGSIZE`` and the largest pixel buffer
+    `decode` accepts (a stack's size from `live.protocol.max_part_bytes`; default the
+    protocol's `MAX_FRAME_BYTES`); `keys` are the CURVE client keys when the stacks endpoint
+    uses CURVE. Raises `zmq.ZMQError` when `endpoint` cannot be connected to (not a ZeroMQ
+    address, ``tcp://*:5556``), after closing the socket (and a context it made).
     """
 
     def __init__(
@@ -69,38 +98,61 @@ class LatestStack:
         self._own_ctx = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.linger = 0
-        self._sub.rcvhwm = 4
-        self._sub.maxmsgsize = max_message_bytes
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        connect_curve(self._sub, keys)
-        self._sub.connect(endpoint)
+        try:
+            self._sub.linger = 0
+            self._sub.rcvhwm = 4
+            self._sub.maxmsgsize = max_message_bytes
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            connect_curve(self._sub, keys)
+            self._sub.connect(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self._max_bytes = max_message_bytes
         self.received = 0
-        self.dropped = 0
+        """Stacks received (each valid stack message that reached the viewer)."""
+        self.shown = 0
+        """Views returned by `poll` (one per poll that received a stack)."""
         self.malformed = 0
-        self._times: list[float] = []
+        # (monotonic time of a poll, stacks it received): the arrival rate's window
+        self._polls: deque[tuple[float, int]] = deque()
+
+    @property
+    def not_shown(self) -> int:
+        """Stacks received but replaced by a newer one before a `poll` returned them."""
+        return self.received - self.shown
 
     def poll(self, timeout_ms: int = 0) -> View | None:
-        """Drain every waiting stack and return a `View` of the newest, or None if none came."""
+        """Drain the waiting stacks and return a `View` of the newest, or None if none came.
+
+        Waits up to `timeout_ms` in all for a stack (malformed messages do not restart the
+        wait); past that, at most `LATE_MESSAGES` more waiting messages are read, so a flood
+        cannot hold the screen's refresh (the rest wait for the next poll).
+        """
         newest: Message | None = None
-        while self._sub.poll(timeout_ms if newest is None else 0):
+        got = late = 0
+        deadline = time.monotonic() + timeout_ms / 1000
+        while late < LATE_MESSAGES:
+            left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if not self._sub.poll(left_ms if newest is None and left_ms > 0 else 0):
+                break
+            if left_ms <= 0:
+                late += 1
             try:
-                message = decode(self._sub.recv_multipart(copy=False))
+                message = decode(self._sub.recv_multipart(copy=False), max_bytes=self._max_bytes)
                 if message.header.kind != "stack":  # a frame on the stacks endpoint
                     raise ProtocolError(f"expected a stack, got a {message.header.kind}")
             except ProtocolError as err:
                 self.malformed += 1
                 log.warning("malformed stack ignored: %s", err)
                 continue
-            self.received += 1
-            if newest is not None:
-                self.dropped += 1
+            got += 1
             newest = message
+        self.received += got
+        rate = self._arrival_rate(got)
         if newest is None:
             return None
-        now = time.monotonic()
-        self._times = [t for t in self._times if now - t < 2.0] + [now]
-        rate = (len(self._times) - 1) / max(now - self._times[0], 1e-9)
+        self.shown += 1
         # Own the pixels (the message's buffer is ZeroMQ's), as float32 whatever the wire's.
         volume = np.array(newest.array, dtype=np.float32)
         return View(
@@ -110,14 +162,108 @@ class LatestStack:
             planes_um=newest.header.planes_um,
             latency_ms=newest.header.latency_ms,
             stacks_per_s=rate,
-            dropped=self.dropped,
+            not_shown=self.not_shown,
         )
+
+    def _arrival_rate(self, got: int) -> float:
+        """Record that this poll received `got` stacks; return stacks/s over `RATE_WINDOW_S`.
+
+        A stack received now arrived after the previous poll, so the rate is what the polls
+        since the oldest one kept received, over the time since it: polls within the window,
+        and always the previous one (after a long pause the rate is over the pause).
+        """
+        now = time.monotonic()
+        self._polls.append((now, got))
+        while len(self._polls) > 2 and now - self._polls[0][0] > RATE_WINDOW_S:
+            self._polls.popleft()
+        since = self._polls[0][0]
+        arrived = sum(n for _, n in self._polls) - self._polls[0][1]
+        return arrived / (now - since) if now > since else 0.0
 
     def close(self) -> None:
         """Close the socket (and the context if this object made it)."""
         self._sub.close()
         if self._own_ctx:
             self._ctx.term()
+
+
+class AutoContrast:
+    """Keeps a live napari image layer's contrast on the data it shows, until the user sets it.
+
+    napari (0.9) keeps an image layer's contrast limits and their slider range at the first
+    data's when ``layer.data`` is replaced, so a stack brighter than the first one shows
+    saturated for good. `update`, called after each new data, sets the limits to the data's
+    display window (`live.store.WindowSampler`: the 0.1–99.9 percentiles of a subsample of
+    about `PIXELS` values, cheap at any stack size) and the range to the sampled min … max, but
+    only when an end moved by more than `TOLERANCE` of the shown span, so the picture does
+    not flicker with the noise. Limits the user set by hand (they differ from what `update`
+    set last) are kept from then on; the range only widens to take in new data.
+    """
+
+    PIXELS = 65536
+    TOLERANCE = 0.1
+
+    def __init__(self) -> None:
+        self._set: tuple[float, float] | None = None
+
+    def update(self, layer: Any, data: np.ndarray) -> None:
+        """Follow `data` (now `layer`'s) with `layer`'s contrast limits, unless set by hand."""
+        from live.store import WindowSampler
+
+        sampler = WindowSampler(data.dtype, first=0, last=1, pixels=self.PIXELS)
+        sampler.add(data)
+        window = sampler.window()
+        start, end, low, high = (window[k] for k in ("start", "end", "min", "max"))
+        current = _pair(layer.contrast_limits)
+        shown_low, shown_high = _pair(layer.contrast_limits_range)
+        if self._set is not None and not np.allclose(current, self._set):  # set by hand
+            wider = (min(shown_low, low), max(shown_high, high))
+            if wider != (shown_low, shown_high):
+                layer.contrast_limits_range = wider
+            return
+        tolerance = self.TOLERANCE * (current[1] - current[0])
+        if (
+            self._set is None
+            or abs(start - current[0]) > tolerance
+            or abs(end - current[1]) > tolerance
+        ):
+            layer.contrast_limits_range = (low, high)
+            layer.contrast_limits = (start, end)
+        self._set = _pair(layer.contrast_limits)
+
+
+def _pair(values: Any) -> tuple[float, float]:
+    """Return a napari (low, high) pair (a list or tuple) as two floats."""
+    low, high = values
+    return float(low), float(high)
+
+
+class _Screen:
+    """The napari side of `main`: a viewer's volume and projection layers, and its title."""
+
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+        self.layers: dict[str, Any] = {}
+        self._contrast: dict[str, AutoContrast] = {}
+
+    def show(self, view: View) -> None:
+        """Put `view` on the screen: new layer data, its contrast, and the counts as title."""
+        for name, data in (("volume", view.volume), ("max projection", view.max_projection)):
+            if name in self.layers:
+                self.layers[name].data = data
+            else:
+                self.layers[name] = self.viewer.add_image(data, name=name)
+                self._contrast[name] = AutoContrast()
+            self._contrast[name].update(self.layers[name], data)
+        self.viewer.title = (
+            f"deepz-live seq {view.seq} | {view.stacks_per_s:.1f} stacks/s received | "
+            f"latency {view.latency_ms or 0:.1f} ms | not shown {view.not_shown}"
+        )
+
+
+def refresh_interval_ms(max_fps: float) -> int:
+    """Return the screen timer's interval for at most `max_fps` refreshes a second (>= 1 ms)."""
+    return max(1, round(1000 / max_fps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,18 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recording", nargs="?", type=Path, help="a run store to open")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--endpoint", help="stacks PUB endpoint of the daemon")
-    where.add_argument("--scope", type=Path, help="the daemon's config (endpoint and keys)")
+    where.add_argument(
+        "--scope", type=Path, help="the daemon's config (endpoint, keys and stack size)"
+    )
     parser.add_argument("--client-key", type=Path, help="CURVE client secret certificate")
     parser.add_argument("--server-key", type=Path, help="the daemon's CURVE public certificate")
     parser.add_argument(
         "--max-message-bytes",
         type=int,
-        default=MAX_FRAME_BYTES,
-        help="largest message part accepted (default: the protocol's 1 GiB)",
+        help="largest message part accepted with --endpoint (default: the protocol's 1 GiB)",
     )
     parser.add_argument("--max-fps", type=float, default=20.0, help="screen refresh limit")
     args = parser.parse_args(argv)
-    if args.max_message_bytes < 1:
+    if args.max_message_bytes is not None and args.max_message_bytes < 1:
         parser.error(f"--max-message-bytes must be >= 1, not {args.max_message_bytes}")
     if not (math.isfinite(args.max_fps) and 0 < args.max_fps <= 1000):
         parser.error(
@@ -152,17 +299,44 @@ def main(argv: list[str] | None = None) -> int:
         )
     if (args.recording is None) == (args.endpoint is None and args.scope is None):
         parser.error("give a recording, or --endpoint / --scope of a running daemon")
+    daemon_only = [
+        flag
+        for flag, value in (
+            ("--client-key", args.client_key),
+            ("--server-key", args.server_key),
+            ("--max-message-bytes", args.max_message_bytes),
+        )
+        if value is not None
+    ]
     if args.recording is not None:
-        if args.client_key or args.server_key:
-            parser.error("--client-key / --server-key are for a running daemon, not a recording")
+        if daemon_only:
+            parser.error(f"{' / '.join(daemon_only)}: for a running daemon, not a recording")
         from live.recording_view import show
 
         return show(args.recording)
+    if args.scope is not None and daemon_only:
+        parser.error(
+            f"{' / '.join(daemon_only)}: not with --scope, whose config gives the keys and "
+            "the stack size (use --endpoint)"
+        )
     try:
         endpoint, keys, max_bytes = _connection(args)
     except ValueError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    try:
+        client = LatestStack(endpoint, max_message_bytes=max_bytes, keys=keys)
+    except zmq.ZMQError as err:  # not a ZeroMQ address, or a wildcard such as tcp://*:5556
+        print(f"error: cannot connect to {endpoint!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run_window(client, args.max_fps)
+    finally:
+        client.close()
+
+
+def _run_window(client: LatestStack, max_fps: float) -> int:
+    """Show `client`'s newest stack in a napari window, at most `max_fps` times a second."""
     try:
         import napari
     except ImportError:
@@ -172,51 +346,64 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    client = LatestStack(endpoint, max_message_bytes=max_bytes, keys=keys)
-    viewer = napari.Viewer(title="deepz-live")
-    layers: dict[str, object] = {}
+    screen = _Screen(napari.Viewer(title="deepz-live"))
 
     def refresh() -> None:
         view = client.poll(0)
-        if view is None:
-            return
-        for name, data in (("volume", view.volume), ("max projection", view.max_projection)):
-            if name in layers:
-                layers[name].data = data  # type: ignore[attr-defined]
-            else:
-                layers[name] = viewer.add_image(data, name=name)
-        viewer.title = (
-            f"deepz-live seq {view.seq} | {view.stacks_per_s:.1f} stacks/s | "
-            f"latency {view.latency_ms or 0:.1f} ms | dropped {view.dropped}"
-        )
+        if view is not None:
+            screen.show(view)
 
     from qtpy.QtCore import QTimer
 
     timer = QTimer()
     timer.timeout.connect(refresh)
-    timer.start(int(1000 / max(args.max_fps, 1.0)))
+    timer.start(refresh_interval_ms(max_fps))
     napari.run()
-    client.close()
+    timer.stop()
     return 0
 
 
 def _connection(args: argparse.Namespace) -> tuple[str, ClientKeys | None, int]:
     """Return the endpoint, CURVE keys and size limit from the command line or the config."""
-    from live.config import load_config
-    from live.protocol import max_part_bytes
-    from live.security import client_keys, read_client_keys
+    from live.security import client_connection
 
-    if args.scope is not None:
-        config = load_config(args.scope)
-        plan_planes = len(config.volume_plan())
-        shape = (plan_planes, *config.source.frame_shape)
-        return config.endpoints.stacks, client_keys(config, "stacks"), max_part_bytes(shape)
-    if (args.client_key is None) != (args.server_key is None):
-        raise ValueError("give both --client-key and --server-key, or neither")
-    keys = None
-    if args.client_key is not None:
-        keys = read_client_keys(args.client_key, args.server_key)
-    return args.endpoint, keys, args.max_message_bytes
+    if args.scope is None:
+        endpoint, keys = client_connection(
+            "stacks",
+            config=None,
+            endpoint=args.endpoint,
+            client_key=args.client_key,
+            server_key=args.server_key,
+        )
+        limit = MAX_FRAME_BYTES if args.max_message_bytes is None else args.max_message_bytes
+        return endpoint, keys, limit
+    from live.config import load_config
+
+    config = load_config(args.scope)
+    endpoint, keys = client_connection(
+        "stacks", config=config, endpoint=None, client_key=None, server_key=None
+    )
+    return endpoint, keys, stack_bytes(config)
+
+
+def stack_bytes(config: ScopeConfig) -> int:
+    """Return the largest stack message part a daemon running `config` sends.
+
+    It is the viewer's ``zmq.MAXMSGSIZE`` and `decode`'s limit, in ``recorder.stack_dtype``
+    (what the daemon sends). Planes are counted, not built (`PlanesConfig.count`). The frame
+    shape is the file's, except where the daemon takes it from its Micro-Manager core
+    (``source.frame_shape`` left out or ``"auto"``): only the camera knows it then, so the
+    limit is the largest stack any config allows (`MAX_STACK_GIB` in float32).
+    """
+    from live.config import MAX_STACK_GIB
+    from live.protocol import max_part_bytes
+
+    dtype = config.recorder.stack_dtype
+    source = config.source
+    if source.geometry_from_core and "frame_shape" not in source.model_fields_set:
+        float32_pixels = int(MAX_STACK_GIB * 2**30) // np.dtype(np.float32).itemsize
+        return max_part_bytes((float32_pixels,), dtype)
+    return max_part_bytes((config.planes.count(), *source.frame_shape), dtype)
 
 
 if __name__ == "__main__":

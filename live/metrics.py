@@ -19,6 +19,7 @@ back as a stack, is skipped by the worker's overload policy or is lost (its work
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from bisect import bisect_right
@@ -563,6 +564,12 @@ class StatusReader:
     keys : live.security.ClientKeys, optional
         CURVE keys when the endpoint uses CURVE (`live.security.client_keys(config,
         "status")`).
+
+    Raises
+    ------
+    zmq.ZMQError
+        `endpoint` cannot be connected to (not a ZeroMQ address, ``tcp://*:5558``); the socket
+        is closed (and a context this reader made terminated) first.
     """
 
     def __init__(
@@ -577,16 +584,34 @@ class StatusReader:
         self._own_ctx = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
-        self._sub.linger = 0
-        self._sub.maxmsgsize = MAX_STATUS_BYTES  # a hostile publisher cannot flood memory
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-        connect_curve(self._sub, keys)
-        self._sub.connect(endpoint)
+        try:
+            self._sub.linger = 0
+            self._sub.maxmsgsize = MAX_STATUS_BYTES  # a hostile publisher cannot flood memory
+            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+            connect_curve(self._sub, keys)
+            self._sub.connect(endpoint)
+        except BaseException:
+            self.close()
+            raise
 
     def latest(self, timeout_ms: int = 0) -> dict[str, Any] | None:
-        """Return the newest waiting snapshot (older ones are discarded), or None."""
+        """Return the newest snapshot that arrives within `timeout_ms`, or None.
+
+        Older waiting snapshots are discarded. The wait is one deadline: messages that are not
+        snapshots (not JSON, not an object) are skipped without restarting it, so a publisher
+        sending junk cannot keep a caller such as ``deepz-live status --timeout`` waiting.
+        Past the deadline at most `_LATE_MESSAGES` more waiting messages are read, so even a
+        flood ends the call.
+        """
+        deadline = time.monotonic() + timeout_ms / 1000
         newest: dict[str, Any] | None = None
-        while self._sub.poll(timeout_ms if newest is None else 0):
+        late = 0
+        while late < _LATE_MESSAGES:
+            left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if not self._sub.poll(left_ms if newest is None and left_ms > 0 else 0):
+                break
+            if left_ms <= 0:
+                late += 1
             try:
                 value = json.loads(self._sub.recv())
             except (ValueError, RecursionError):  # not JSON (or nested past the parser's
@@ -600,6 +625,11 @@ class StatusReader:
         self._sub.close()
         if self._own_ctx:
             self._ctx.term()
+
+
+_LATE_MESSAGES = 1000
+"""Most messages `StatusReader.latest` reads once its deadline has passed: as many as a SUB
+socket queues by default (ZeroMQ's receive high-water mark), so what waited is drained."""
 
 
 def summary_dict(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:

@@ -17,8 +17,7 @@ missing matplotlib is an `ImportError` whose message is one line the caller can 
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from live.store import FRAMES_GROUP, image_groups
+from live.store import FRAMES_GROUP, image_groups, write_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -331,19 +330,14 @@ def _limits(image: np.ndarray) -> tuple[float, float]:
 
 
 def _save(fig: Figure, out: Path, description: str) -> Path:
-    """Write the PNG atomically (temp file, then rename) with `description` in its metadata."""
+    """Write the PNG atomically (`live.store.write_atomic`) with `description` in its metadata."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(
-            tmp,
-            format="png",
-            dpi=PREVIEW_DPI,
-            metadata={"Title": out.stem, "Description": description, "Software": "deepz-live"},
-        )
-        Path(tmp).replace(out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    fig.savefig(
+        png,
+        format="png",
+        dpi=PREVIEW_DPI,
+        metadata={"Title": out.stem, "Description": description, "Software": "deepz-live"},
+    )
+    write_atomic(out, png.getvalue())
     return out

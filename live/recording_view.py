@@ -12,13 +12,19 @@ are lost on the way today, both kept as strict xfails in ``tests/test_napari.py`
 No valid OME-Zarr 0.5 metadata fixes either (a translation before the scale is invalid, and
 nothing in the spec aligns images of different dimensionality). So ``deepz-live view RUN``
 reads the same store and hands napari what is true: raw frames as (t, z, y, x) with one plane
-at z = 0 µm (the focal plane, which is what a raw frame is), the stacks at their z offsets from
-focus, each with the store's own scale, units, axis names and display window. `layer_specs` is
-the napari-free part (the tests check it without napari); `open_recording` adds the layers.
+at z = 0 µm (the focal plane, which is what a raw frame is; the z axis is the live stacks', or
+when the run kept none the first other image's, such as the ``stacks_offline`` that
+``live.refocus RUN`` writes), the stacks at their z offsets from focus, each with the store's
+own scale, units, axis names and display window. A store whose values napari would refuse (a
+scale that is not finite and > 0, one that does not match the array's axes, an empty display
+window, a dataset path naming a group) is a one-line `RecordingError` before any window
+opens. `layer_specs` is the napari-free part (the tests check it without napari);
+`open_recording` adds the layers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,13 +89,70 @@ def _transforms(multiscale: Mapping[str, Any]) -> tuple[list[float], list[float]
     return scale, translation or [0.0] * len(scale)
 
 
-def _focal_index(deepz: Mapping[str, Any]) -> int:
+@dataclass(frozen=True)
+class _Image:
+    """One image of the store, checked: its array, axes, placement and display window."""
+
+    array: Any
+    axes: list[dict[str, Any]]
+    scale: list[float]
+    translation: list[float]
+    window: tuple[float, float] | None
+    label: str
+    deepz: dict[str, Any]
+    """The image group's own ``attrs["deepz"]`` (a stacks image's ``planes_um``), or {}."""
+
+
+def _image(root: Any, group: str, role: str) -> _Image:
+    """Read and check image `group`: every value napari would refuse is a one-line ValueError.
+
+    The array must be an array (not a group); axes, scale and translation one per array axis;
+    scale finite and > 0, translation finite; the display window finite with start < end.
+    """
+    node = root[group]
+    ome = _ome(node)
+    ms = ome["multiscales"][0]
+    axes = [dict(a) for a in ms["axes"]]
+    path = f"{group}/{ms['datasets'][0]['path']}"
+    array = root[path]
+    if not isinstance(array, zarr.Array):
+        raise ValueError(f"image {group!r}: dataset {path!r} is not an array")
+    scale, translation = _transforms(ms)
+    ndim = array.ndim
+    for what, values in (("axes", axes), ("scale", scale), ("translation", translation)):
+        if len(values) != ndim:
+            raise ValueError(
+                f"image {group!r}: {what} has {len(values)} entries for a {ndim}-D array"
+            )
+    if not all(math.isfinite(v) and v > 0 for v in scale):
+        raise ValueError(f"image {group!r}: scale {scale} is not all finite and > 0")
+    if not all(math.isfinite(v) for v in translation):
+        raise ValueError(f"image {group!r}: translation {translation} is not all finite")
+    channel = ome.get("omero", {}).get("channels", [{}])[0]
+    window = channel.get("window")
+    limits = None if window is None else (float(window["start"]), float(window["end"]))
+    if limits is not None and not (all(map(math.isfinite, limits)) and limits[0] < limits[1]):
+        raise ValueError(
+            f"image {group!r}: display window {list(limits)} is not finite start < end"
+        )
+    own = node.attrs.get("deepz", {})
+    return _Image(
+        array=array,
+        axes=axes,
+        scale=scale,
+        translation=translation,
+        window=limits,
+        label=str(channel.get("label", role)),
+        deepz=dict(own) if isinstance(own, Mapping) else {},
+    )
+
+
+def _focal_index(planes: Any) -> int:
     """Index of the plane nearest the focal plane (0 µm) on a non-metric stack axis.
 
     Uneven plane lists: the plane nearest 0 µm (raw frames show there). Surfaces have no
     plane at focus: the first one.
     """
-    planes = deepz.get("planes_um")
     if isinstance(planes, list) and planes:
         return int(np.argmin(np.abs(np.asarray(planes, dtype=np.float64))))
     return 0
@@ -118,53 +181,54 @@ def _layer_specs(path: Path) -> list[LayerSpec]:
     groups = {role: group for role, group in image_groups(deepz).items() if group in root}
     if not groups:
         raise ValueError("the recording holds no image")
-    stack_axis: dict[str, str] | None = None
-    stack_scale_z, stack_translate_z = 1.0, 0.0
-    if "stacks" in groups:
-        ms = _ome(root[groups["stacks"]])["multiscales"][0]
-        stack_axis = dict(ms["axes"][1])
-        scale, translation = _transforms(ms)
-        stack_scale_z, stack_translate_z = scale[1], translation[1]
+    images = {role: _image(root, group, role) for role, group in groups.items()}
+    # Raw frames take the z axis of the live stacks, else of the first other image (the
+    # offline stacks `live.refocus RUN` writes when the run kept none).
+    z_role = "stacks" if "stacks" in images else next((r for r in images if r != "raw"), None)
     specs = []
-    for role, group in groups.items():
-        ome = _ome(root[group])
-        ms = ome["multiscales"][0]
-        axes = [dict(a) for a in ms["axes"]]
-        scale, translation = _transforms(ms)
+    for role, image in images.items():
+        axes, scale, translation = image.axes, list(image.scale), list(image.translation)
         insert = None
-        if role == "raw" and stack_axis is not None and len(axes) == 3:
+        z_image = images[z_role] if z_role is not None else None
+        if role == "raw" and z_image is not None and len(axes) == 3 and len(z_image.axes) == 4:
             # A raw frame is the focal plane: z = 0 µm, or the 0 µm entry of a plane list.
             insert = 1
-            axes.insert(1, stack_axis)
-            scale.insert(1, stack_scale_z)
-            on_z = stack_axis.get("name") == "z"
-            index = _focal_index(deepz)
-            translation.insert(1, 0.0 if on_z else stack_translate_z + index * stack_scale_z)
-        window = ome.get("omero", {}).get("channels", [{}])[0].get("window")
-        limits = None if window is None else (float(window["start"]), float(window["end"]))
-        label = ome.get("omero", {}).get("channels", [{}])[0].get("label", role)
+            z_axis, z_scale, z_translate = z_image.axes[1], z_image.scale[1], z_image.translation[1]
+            axes = [axes[0], z_axis, *axes[1:]]
+            scale.insert(1, z_scale)
+            on_z = z_axis.get("name") == "z"
+            planes = z_image.deepz.get("planes_um", deepz.get("planes_um"))
+            translation.insert(1, 0.0 if on_z else z_translate + _focal_index(planes) * z_scale)
         specs.append(
             LayerSpec(
                 role=role,
-                name=f"{role}: {label}",
-                array=root[f"{group}/{ms['datasets'][0]['path']}"],
+                name=f"{role}: {image.label}",
+                array=image.array,
                 insert_axis=insert,
                 scale=tuple(scale),
                 translate=tuple(translation),
                 axis_labels=tuple(str(a["name"]) for a in axes),
                 units=tuple(a.get("unit") for a in axes),
-                contrast_limits=limits,
+                contrast_limits=image.window,
             )
         )
     return specs
 
 
 def open_recording(viewer: Any, path: str | Path) -> list[Any]:
-    """Add a recording's layers to a napari viewer (or `ViewerModel`); return the layers."""
+    """Add a recording's layers to a napari viewer (or `ViewerModel`); return the layers.
+
+    Raises `RecordingError` (one line) when the store is not a recording `layer_specs` reads.
+    """
+    return _add_layers(viewer, layer_specs(path))
+
+
+def _add_layers(viewer: Any, specs: list[LayerSpec]) -> list[Any]:
+    """Add one napari image layer per spec (lazy: dask reads the chunks napari shows)."""
     import dask.array as da  # napari depends on dask: present wherever napari is
 
     layers = []
-    for spec in layer_specs(path):
+    for spec in specs:
         data = da.from_zarr(spec.array)  # type: ignore[no-untyped-call]
         if spec.insert_axis is not None:
             data = da.expand_dims(data, spec.insert_axis)
@@ -184,7 +248,11 @@ def open_recording(viewer: Any, path: str | Path) -> list[Any]:
 
 
 def show(path: str | Path) -> int:
-    """Open a napari window on a recording (``deepz-live view RUN.ome.zarr``); exit status."""
+    """Open a napari window on a recording (``deepz-live view RUN.ome.zarr``); exit status.
+
+    A store that is not a recording, or whose pixels cannot be read when its layers are added
+    (napari reads the shown planes then: a corrupt chunk), is one line on stderr and exit 2.
+    """
     import sys
 
     try:
@@ -198,8 +266,18 @@ def show(path: str | Path) -> int:
         print("viewing a recording needs napari: pip install 'deepz-live[view]'", file=sys.stderr)
         return 1
     viewer = napari.Viewer(title=f"deepz-live: {Path(path).name}")
-    open_recording(viewer, path)
+    try:
+        _add_layers(viewer, specs)
+    except Exception as err:  # the store's bytes are input: a codec, zarr or napari error
+        viewer.close()
+        print(f"error: {_cannot_show(path, err)}", file=sys.stderr)
+        return 2
     shapes = ", ".join(f"{s.role} {s.shape}" for s in specs)
     print(f"opened {path}: {shapes}")
     napari.run()
     return 0
+
+
+def _cannot_show(path: str | Path, err: Exception) -> str:
+    """One line saying why the layers of recording `path` could not be shown."""
+    return " ".join(f"{path}: cannot show the recording ({type(err).__name__}: {err})".split())

@@ -38,6 +38,7 @@ __all__ = [
     "ClientKeys",
     "Gatekeeper",
     "ServerKeys",
+    "client_connection",
     "client_keys",
     "connect_curve",
     "read_client_keys",
@@ -155,6 +156,35 @@ def read_client_keys(client_key: Path, server_public_key: Path) -> ClientKeys:
     server_public, _ = _certificate(server_public_key, "security.server_public_key", secret=False)
     assert secret is not None
     return ClientKeys(public, secret, server_public)
+
+
+def client_connection(
+    name: str,
+    *,
+    config: ScopeConfig | None,
+    endpoint: str | None,
+    client_key: Path | None,
+    server_key: Path | None,
+) -> tuple[str, ClientKeys | None]:
+    """Return the address and CURVE keys a command-line client connects to endpoint `name` with.
+
+    The one place ``deepz-live view`` and ``deepz-live status`` turn ``--scope`` or
+    ``--endpoint`` / ``--client-key`` / ``--server-key`` into a connection. With `config` (a
+    loaded ``--scope``) both come from it: ``endpoints.<name>`` and, when that endpoint uses
+    CURVE, `client_keys`; the callers refuse key files given beside ``--scope``. Without it,
+    `endpoint` with both key files or neither. Raises `ConfigError` (a ValueError) with one line
+    when the keys are half given or cannot be read.
+    """
+    if config is not None:
+        return str(getattr(config.endpoints, name)), client_keys(config, name)
+    if endpoint is None:
+        raise ConfigError("give --scope CONFIG or --endpoint URL")
+    if (client_key is None) != (server_key is None):
+        raise ConfigError("give both --client-key and --server-key, or neither")
+    keys = None
+    if client_key is not None and server_key is not None:
+        keys = read_client_keys(client_key, server_key)
+    return endpoint, keys
 
 
 def serve_curve(socket: zmq.Socket[Any], keys: ServerKeys | None) -> None:

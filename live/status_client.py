@@ -6,7 +6,8 @@ prints one line per snapshot: run state, backend, the daemon's own status line (
 frames in and stacks out with their rates, losses, latency p50/p99, queue) and the output
 store. ``--json`` prints each snapshot as one JSON object per line instead, for scripts;
 ``--once`` prints the first one and exits. The client stops by itself once the daemon says
-``finished``, and exits 1 with one line when nothing arrives for ``--timeout`` seconds.
+``finished``, and exits 1 with one line when no snapshot arrives for ``--timeout`` seconds
+(whatever else does: a message that is not a snapshot does not restart the wait).
 
 With ``--scope`` the endpoint, and the CURVE client keys when the status endpoint uses CURVE
 (`live.security.client_keys`), come from the daemon's config; ``--endpoint`` with
@@ -128,26 +129,28 @@ def _positive_seconds(text: str) -> float:
 def _connection(args: argparse.Namespace) -> tuple[str, ClientKeys | None]:
     """Return the status endpoint and CURVE keys from the config or the command line.
 
-    Raises ValueError (``live.config.ConfigError`` is one) with one line when the config or
-    the keys cannot be read.
+    `live.security.client_connection` does it (as for ``deepz-live view``). Raises ValueError
+    (``live.config.ConfigError`` is one) with one line when the config or the keys cannot be
+    read.
     """
-    from live.security import client_keys, read_client_keys
+    from live.security import client_connection
 
+    config = None
     if args.scope is not None:
         from live.config import load_config
 
         config = load_config(args.scope)
-        return config.endpoints.status, client_keys(config, "status")
-    if (args.client_key is None) != (args.server_key is None):
-        raise ValueError("give both --client-key and --server-key, or neither")
-    keys = None
-    if args.client_key is not None:
-        keys = read_client_keys(args.client_key, args.server_key)
-    return str(args.endpoint), keys
+    return client_connection(
+        "status",
+        config=config,
+        endpoint=args.endpoint,
+        client_key=args.client_key,
+        server_key=args.server_key,
+    )
 
 
 def _watch(reader: StatusReader, args: argparse.Namespace, endpoint: str) -> int:
-    """Print each snapshot as it arrives until --once, ``finished`` or --timeout of silence."""
+    """Print each snapshot as it arrives until --once, ``finished`` or --timeout without one."""
     timeout_ms = max(1, round(args.timeout * 1000))
     while True:
         status = reader.latest(timeout_ms)
@@ -165,7 +168,13 @@ def _watch(reader: StatusReader, args: argparse.Namespace, endpoint: str) -> int
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``deepz-live status``; returns 0, 1 (no status in time) or 2 (bad config)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.scope is not None and (args.client_key or args.server_key):
+        parser.error(
+            "--client-key / --server-key go with --endpoint; with --scope the keys "
+            "come from the config's [security]"
+        )
     try:
         endpoint, keys = _connection(args)
     except ValueError as err:

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import secrets
 import threading
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -92,6 +92,7 @@ __all__ = [
     "reserved_names",
     "series_attrs",
     "shard_frames",
+    "write_atomic",
     "write_ome_xml",
 ]
 
@@ -588,21 +589,30 @@ def _put_xml_image(store: Path, group: str, image: XmlImage, *, fresh: bool) -> 
     else:
         images = [i for i, c in enumerate(root) if c.tag.endswith("Image")]
         root.insert(images[-1] + 1 if images else 0, node)  # after the images, before anything else
-    _write_atomic(path, ET.tostring(root, encoding="unicode", xml_declaration=True))
+    write_atomic(path, ET.tostring(root, encoding="unicode", xml_declaration=True))
 
 
 def write_ome_xml(store: Path, images: Sequence[XmlImage]) -> None:
     """Write ``OME/METADATA.ome.xml`` of a local store atomically (a reader never sees half)."""
-    _write_atomic(store / OME_GROUP / "METADATA.ome.xml", ome_xml(images))
+    write_atomic(store / OME_GROUP / "METADATA.ome.xml", ome_xml(images))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it and one rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write `content` (text as UTF-8) to `path` through a temporary file beside it and one rename.
+
+    A reader sees the old file or the whole new one, never half. The temporary file is created
+    with mode 0o666, which the kernel reduces by the umask, so the result has the mode a plain
+    ``open(path, "w")`` would give (``mkstemp``'s owner-only 0o600 would hide a preview or the
+    store's metadata from the group or users who read the rest of the store); the umask is not
+    changed (a process-wide setting other threads create files under).
+    """
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -121,3 +123,14 @@ def test_bad_input_and_a_missing_matplotlib_are_one_clear_line(
     with pytest.raises(ImportError, match=r"needs matplotlib \(pip install matplotlib\)") as err:
         write_preview(tmp_path / "nothing.ome.zarr")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+def test_the_preview_gets_the_mode_of_a_plain_file_not_owner_only(tmp_path: Path) -> None:
+    store = _store(tmp_path / "run.ome.zarr", 1)
+    previous = os.umask(0o022)
+    try:
+        out = write_preview(store)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # readable like the store beside it

@@ -6,10 +6,15 @@ same layers in napari's `ViewerModel` when the view extra is installed.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import zarr
 
 from live.recorder import Recorder
 from live.recording_view import RecordingError, layer_specs
@@ -60,10 +65,8 @@ def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="not a deepz-live recording"):
         layer_specs(tmp_path / "missing.ome.zarr")
     store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)
-    import zarr
-
     group = zarr.open_group(store / "1", mode="r+")
-    intact = dict(group.attrs["ome"])
+    intact: dict[str, Any] = json.loads(json.dumps(group.attrs["ome"]))
     group.attrs["ome"] = {"version": "0.5", "multiscales": []}  # a damaged image
     with pytest.raises(RecordingError, match="IndexError"):
         layer_specs(store)
@@ -75,9 +78,103 @@ def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
         layer_specs(store)
 
 
-def test_view_command_refuses_a_missing_recording_with_exit_2(tmp_path: Path, capsys) -> None:
+def test_view_command_refuses_a_missing_recording_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from live.display import main
 
     assert main([str(tmp_path / "nope.ome.zarr")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.ome.zarr" in err[0]
+
+
+def _set_ome(store: Path, group: str, change: Callable[[dict[str, Any]], None]) -> None:
+    node = zarr.open_group(store / group, mode="r+")
+    ome = json.loads(json.dumps(node.attrs["ome"]))  # a deep copy
+    change(ome)
+    node.attrs["ome"] = ome
+
+
+def _transform(ome: dict[str, Any], kind: str, values: list[float]) -> None:
+    dataset = ome["multiscales"][0]["datasets"][0]
+    dataset["coordinateTransformations"] = [
+        t for t in dataset["coordinateTransformations"] if t["type"] != kind
+    ] + [{"type": kind, kind: values}]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: _transform(o, "scale", [0.05, 0.0, 0.5, 0.5]), "scale [0.05, 0.0, 0.5, 0.5]"),
+        (lambda o: _transform(o, "scale", [0.05, 2.0, -0.5, 0.5]), "is not all finite and > 0"),
+        (lambda o: _transform(o, "scale", [1.0, 1.0]), "scale has 2 entries for a 4-D array"),
+        (lambda o: _transform(o, "translation", [0.0, -4.0]), "translation has 2 entries"),
+        (
+            lambda o: o["omero"]["channels"][0].update(window={"start": 5, "end": 1}),
+            "display window [5.0, 1.0] is not finite start < end",
+        ),
+        (
+            lambda o: o["omero"]["channels"][0].update(window={"start": 2, "end": 2}),
+            "display window [2.0, 2.0]",
+        ),
+        (lambda o: o["multiscales"][0]["datasets"][0].update(path=""), "is not an array"),
+    ],
+)
+def test_values_napari_would_refuse_are_one_line_before_a_window_opens(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)
+    _set_ome(store, "1", change)  # the stacks image
+    with pytest.raises(RecordingError) as exc:
+        layer_specs(store)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    assert str(exc.value).startswith(f"{store}: not a deepz-live recording (ValueError: image '1'")
+
+
+def test_raw_frames_take_the_z_axis_of_offline_stacks_when_the_run_kept_no_live_ones(
+    tmp_path: Path,
+) -> None:
+    # `live.refocus RUN` of a run that kept only raw frames writes role stacks_offline.
+    store = _record(tmp_path / "run.ome.zarr", planes_um=[-3.0, -0.5, 1.0])  # uneven: index axis
+    root = zarr.open_group(store, mode="r+")
+    deepz: dict[str, Any] = json.loads(json.dumps(root.attrs["deepz"]))
+    deepz["images"] = {"raw": "0", "stacks_offline": "1"}
+    deepz["planes_um"] = None  # the live run's planes: the offline image says its own
+    root.attrs["deepz"] = deepz
+    specs = {s.role: s for s in layer_specs(store)}
+    raw, offline = specs["raw"], specs["stacks_offline"]
+    assert raw.shape == (3, 1, 64, 80) and raw.insert_axis == 1
+    assert raw.axis_labels == offline.axis_labels == ("t", "plane", "y", "x")
+    assert raw.translate[1] == 1  # the offline stacks' plane nearest 0 µm (-0.5)
+    np.testing.assert_allclose(raw.scale, offline.scale)
+
+
+def test_unreadable_pixels_are_one_line_and_exit_2_from_the_view_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # no Qt app here may reach for one
+    napari = pytest.importorskip("napari", reason="napari is not installed: pip install '.[view]'")
+    from live.recording_view import show
+
+    closed: list[bool] = []
+
+    class Window(napari.components.ViewerModel):  # type: ignore[misc, name-defined]
+        """A napari window without Qt: the viewer's model, and a close that is recorded."""
+
+        def __init__(self, title: str) -> None:
+            super().__init__(title=title)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(napari, "Viewer", Window)
+    monkeypatch.setattr(napari, "run", lambda: None)
+    assert show(_record(tmp_path / "intact.ome.zarr", planes_um=PLANES)) == 0 and not closed
+    capsys.readouterr()
+    store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)  # not one napari has cached
+    for chunk in (store / "1" / "0").rglob("*"):
+        if chunk.is_file() and chunk.name != "zarr.json":
+            chunk.write_bytes(b"garbage")  # every chunk of the stacks corrupt
+    assert show(store) == 2 and closed == [True]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {store}: cannot show the recording (")

@@ -15,7 +15,7 @@ import zmq
 from live.cli import main as cli_main
 from live.config import load_config
 from live.keys import make_keys
-from live.metrics import Metrics, RunState, StatusPublisher
+from live.metrics import Metrics, RunState, StatusPublisher, StatusReader
 from live.security import Gatekeeper, ServerKeys, server_keys
 from live.status_client import human_line, main
 from tests.live_helpers import free_port
@@ -149,3 +149,63 @@ def test_help_shows_examples_and_odd_snapshots_are_shown_not_dropped(
     full = asdict(Metrics().snapshot())
     for field, odd in (("rejected", 5), ("elapsed_s", None)):
         assert human_line({**full, field: odd}).startswith("status not understood: {")
+
+
+def test_junk_on_the_endpoint_does_not_hold_off_the_timeout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A publisher sending what is not a snapshot, without pause: --timeout still ends the wait.
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop, ran_out = threading.Event(), threading.Event()
+
+    def junk() -> None:
+        for _ in range(3000):  # 30 s or more: far past the 0.3 s timeout, however slow
+            if stop.wait(0.01):
+                return
+            pub.send(b"not json")
+        ran_out.set()
+
+    thread = threading.Thread(target=junk, daemon=True)
+    thread.start()
+    try:
+        code = main(["--endpoint", f"tcp://127.0.0.1:{port}", "--once", "--timeout", "0.3"])
+        assert not ran_out.is_set(), "the client waited until the junk stopped"
+    finally:
+        stop.set()
+        thread.join(30)
+        pub.close()
+        ctx.term()
+    assert code == 1 and capsys.readouterr().err.startswith("no status from tcp://127.0.0.1:")
+
+
+def test_a_reader_that_cannot_connect_closes_its_socket(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    with pytest.raises(zmq.ZMQError) as failed:
+        StatusReader("tcp://*:5558", ctx)  # a wildcard is for bind, not connect
+    # The error's traceback holds the half-made object, as a logged or kept error would: the
+    # socket must be closed by then, not left to the garbage collector.
+    terminated = threading.Thread(target=ctx.term, daemon=True)  # blocks on an open socket
+    terminated.start()
+    terminated.join(30)  # generous: it returns at once when the socket was closed
+    assert not terminated.is_alive(), "the socket of the failed connect was left open"
+    assert failed.traceback  # (kept alive until here)
+    assert main(["--endpoint", "tcp://*:5558", "--once"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot connect to 'tcp://*:5558': ")
+
+
+@pytest.mark.parametrize(
+    "flags", [["--client-key", "c.key_secret", "--server-key", "s.key"], ["--client-key", "c"]]
+)
+def test_key_files_are_refused_beside_a_scope_that_gives_the_keys(
+    flags: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--scope", "missing.toml", *flags])  # refused before the file is read
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exc.value.code == 2 and "--client-key / --server-key go with --endpoint" in err

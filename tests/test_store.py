@@ -3,10 +3,14 @@ shards sized by time, memory and chunk, on plain numpy arrays (no store needed).
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from live.store import FLOAT16_MAX, as_stack_dtype, shard_frames
+from live.store import FLOAT16_MAX, as_stack_dtype, shard_frames, write_atomic
 
 
 def test_float16_saturates_at_65504_counts_and_counts_every_saturated_value() -> None:
@@ -63,3 +67,38 @@ def test_shards_hold_about_shard_s_of_frames_within_the_memory_cap() -> None:
     assert shard_frames(frame, "uint16", rate_hz=2, shard_s=1.0, max_mb=128, chunk=4) == 4
     assert shard_frames(frame, "uint16", rate_hz=100, shard_s=0.0, max_mb=128, chunk=4) == 4
     assert shard_frames(stack, "float32", rate_hz=100, shard_s=1.0, max_mb=1) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and the umask are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_atomic_write_has_the_mode_of_a_plain_open_not_owner_only(
+    tmp_path: Path, umask: int
+) -> None:
+    text, png = tmp_path / "METADATA.ome.xml", tmp_path / "run.preview.png"
+    png.write_bytes(b"the old picture")
+    previous = os.umask(umask)
+    try:
+        write_atomic(text, "<OME>1 µm</OME>")
+        write_atomic(png, b"\x89PNG the new picture")
+    finally:
+        os.umask(previous)
+    assert text.read_text(encoding="utf-8") == "<OME>1 µm</OME>"
+    assert png.read_bytes() == b"\x89PNG the new picture"
+    for path in (text, png):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [text.name, png.name]  # no temp left
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "METADATA.ome.xml"
+    path.write_text("old")
+
+    def fail(src: object, dst: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("live.store.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
