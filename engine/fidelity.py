@@ -49,6 +49,7 @@ from engine.runtime import Precision
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
+    from engine.optics import Lateral
     from engine.volume import Renderer
 
 __all__ = ["Method", "compare", "cross_modality", "main", "simulator_sample"]
@@ -120,6 +121,9 @@ class Method:
     `surface` are unused)."""
     point_fit: bool = False
     """With `measured_psf`: served with the point fit through that bank (`engine.point_fit`)."""
+    fit_lateral: Lateral = "linear"
+    """How the point fit holds a point between pixels (`PointFit.lateral`); a measured bank
+    the fit serves through is measured in the same convention."""
     fit_from_truth: Path | None = None
     """The `FIT_CEILING` reference, through the measured bank this volume model would be served
     with (`_fit_from_truth`; independent sets only; `planes` and `surface` are unused)."""
@@ -161,17 +165,22 @@ def simulator_sample(
     )
 
 
-def _model_method(path: Path, precision: Precision = "fp32", point_fit: bool = False) -> Method:
+def _model_method(
+    path: Path,
+    precision: Precision = "fp32",
+    point_fit: bool = False,
+    fit_lateral: Lateral = "linear",
+) -> Method:
     """Serve a model through `engine.runtime` (torch for .pt, the best ONNX backend else).
 
     `point_fit`: a volume model's beads refitted to the frame through its own bank
-    (`engine.point_fit`).
+    (`engine.point_fit`), holding points as `fit_lateral` says.
     """
     from engine.point_fit import PointFit
     from engine.runtime import load_backend
 
     prefer = _prefer(path)
-    fit = PointFit() if point_fit else None
+    fit = PointFit(lateral=fit_lateral) if point_fit else None
     backend = load_backend(path, prefer=prefer, precision=precision, point_fit=fit)
     volume = backend.metadata.volume
     if volume is not None and volume.modality != "widefield":
@@ -187,8 +196,13 @@ def _model_method(path: Path, precision: Precision = "fp32", point_fit: bool = F
     if backend.precision != "fp32":
         label = f"{label} {backend.precision}"
     if point_fit:
-        label = f"{label} + point fit"
-    return Method(label, planes, surface, volume=kind == "volume")
+        label = f"{label} + point fit" + _lateral_label(fit_lateral)
+    return Method(label, planes, surface, volume=kind == "volume", fit_lateral=fit_lateral)
+
+
+def _lateral_label(lateral: Lateral) -> str:
+    """Name a fit's lateral convention in a method's label (nothing for the default)."""
+    return " (spline)" if lateral == "spline" else ""
 
 
 MEASURED_PSF_FIELDS = 6
@@ -201,47 +215,60 @@ def _prefer(path: Path) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _measured_bank(path: Path, optics: ho.IndependentOptics) -> tuple[ModelMetadata, np.ndarray]:
+def _measured_bank(
+    path: Path, optics: ho.IndependentOptics, lateral: Lateral = "linear"
+) -> tuple[ModelMetadata, np.ndarray]:
     """Return a volume model's metadata and the bank measured from a bead slide of `optics`.
 
     The slide (`heldout.bead_slide`, its own seeds) is imaged through the set's optics and
     measured by `engine.psf_calibration` from its frames alone, as a lab measures its
-    microscope; the set's PSF function is never handed over. Measured once per model and
-    optics (the served methods and the fit from the truth of one set share it; read only).
+    microscope; the set's PSF function is never handed over. Measured once per model, optics
+    and lateral convention (the served methods and the fit from the truth of one set share
+    it; read only).
     """
     from engine.psf_calibration import slide_bank_for
     from engine.runtime import load_backend
 
     metadata = load_backend(path, prefer=_prefer(path)).metadata
-    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS).bank
+    bank = slide_bank_for(path, metadata, optics, fields=MEASURED_PSF_FIELDS, lateral=lateral).bank
     bank.setflags(write=False)  # shared by every caller of the cache
     return metadata, bank
 
 
 def _measured_psf_method(
-    path: Path, optics: ho.IndependentOptics, workdir: Path, point_fit: bool = False
+    path: Path,
+    optics: ho.IndependentOptics,
+    workdir: Path,
+    point_fit: bool = False,
+    fit_lateral: Lateral = "linear",
 ) -> Method:
     """Serve a volume model through a bank measured from a bead slide of `optics`.
 
     The bank is `_measured_bank`'s. `point_fit`: its beads refitted to the frame through that
-    bank (`engine.point_fit`).
+    bank (`engine.point_fit`), holding points as `fit_lateral` says (the bank measured in that
+    convention; without the fit, the density's own: linear).
     """
     from engine.point_fit import PointFit
     from engine.runtime import load_backend
 
     prefer = _prefer(path)
-    _, bank = _measured_bank(path, optics)
-    bank_path = workdir / f"{optics.psf_model}-{path.stem}.npy"
+    lateral: Lateral = fit_lateral if point_fit else "linear"
+    _, bank = _measured_bank(path, optics, lateral)
+    bank_path = workdir / f"{optics.psf_model}-{lateral}-{path.stem}.npy"
     np.save(bank_path, bank)
-    fit = PointFit() if point_fit else None
+    fit = PointFit(lateral=lateral) if point_fit else None
     backend = load_backend(path, prefer=prefer, psf_bank=bank_path, point_fit=fit)
     planes, surface = ho.refocus_fns(backend)
-    label = f"{path.stem} + measured PSF" + (" + point fit" if point_fit else "")
-    return Method(label, planes, surface, measured_psf=path, point_fit=point_fit)
+    label = f"{path.stem} + measured PSF" + (
+        " + point fit" + _lateral_label(lateral) if point_fit else ""
+    )
+    return Method(
+        label, planes, surface, measured_psf=path, point_fit=point_fit, fit_lateral=lateral
+    )
 
 
 def _fit_from_truth(
-    path: Path, optics: ho.IndependentOptics
+    path: Path, optics: ho.IndependentOptics, lateral: Lateral = "linear"
 ) -> Callable[[ho.IndependentSample], tuple[ho.PlanesFn, ho.SurfaceFn]]:
     """Return the `FIT_CEILING` reference's refocus functions for each sample of `optics`.
 
@@ -250,10 +277,10 @@ def _fit_from_truth(
     (`heldout.point_density`), refitted to the sample's frame by `engine.point_fit` (its
     defaults), and rendered as the backend would.
     """
-    from engine.point_fit import fit_points
+    from engine.point_fit import PointFit, fit_points
     from engine.volume import Renderer
 
-    metadata, bank = _measured_bank(path, optics)
+    metadata, bank = _measured_bank(path, optics, lateral)
     if metadata.volume is None:
         raise ValueError(f"{path} is not a volume model: it has no depth grid to fit on")
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
@@ -261,7 +288,7 @@ def _fit_from_truth(
     def fns(sample: ho.IndependentSample) -> tuple[ho.PlanesFn, ho.SurfaceFn]:
         renderer = Renderer(bank, depth, sample.frame.shape, threads=1)
         start = ho.point_density(sample, depth)
-        density = fit_points(start, sample.frame, renderer, bank).density
+        density = fit_points(start, sample.frame, renderer, bank, PointFit(lateral=lateral)).density
 
         def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
             return renderer.planes(density, frame, dz_um)
@@ -336,10 +363,12 @@ def _evaluate_set(
         if m.measured_psf is not None and optics is not None:  # this set's microscope's bank
             # the backend holds the bank once loaded: its file lives only as long as that
             with tempfile.TemporaryDirectory(prefix="fidelity-psf-") as workdir:
-                served = _measured_psf_method(m.measured_psf, optics, Path(workdir), m.point_fit)
+                served = _measured_psf_method(
+                    m.measured_psf, optics, Path(workdir), m.point_fit, m.fit_lateral
+                )
             m = replace(served, name=m.name)
         from_truth = (
-            _fit_from_truth(m.fit_from_truth, optics)
+            _fit_from_truth(m.fit_from_truth, optics, m.fit_lateral)
             if m.fit_from_truth is not None and optics is not None
             else None
         )
@@ -461,6 +490,7 @@ def compare(
     measured_psf: bool = False,
     point_fit: bool = False,
     point_render: Literal["split", "subpixel"] = "split",
+    fit_lateral: Lateral = "linear",
 ) -> dict[str, Any]:
     """Run every read-out for `models` (at each precision) and the baselines on each set.
 
@@ -474,7 +504,8 @@ def compare(
     (`engine.point_fit`): through its own bank, and through the measured banks with
     `measured_psf`. `point_render` is how the independent sets (and their bead slides) image a
     bead (`heldout.IndependentOptics.point_render`: "subpixel" as a camera does, "split" as
-    the training simulator does); the simulator set keeps its own.
+    the training simulator does); the simulator set keeps its own. `fit_lateral`: how the point
+    fit holds a point (`PointFit.lateral`; "spline" renders beads as a camera images them).
     """
     from tqdm import tqdm
 
@@ -487,15 +518,19 @@ def compare(
     methods = [m for _, _, m in served]
     volumes = [(p, m) for p, q, m in served if q == "fp32" and m.volume]
     if point_fit:
-        methods += [_model_method(p, "fp32", point_fit=True) for p, _ in volumes]
+        methods += [
+            _model_method(p, "fp32", point_fit=True, fit_lateral=fit_lateral) for p, _ in volumes
+        ]
     if measured_psf:
         methods += [
             Method(
-                f"{m.name} + measured PSF" + (" + point fit" if fit else ""),
+                f"{m.name} + measured PSF"
+                + (" + point fit" + _lateral_label(fit_lateral) if fit else ""),
                 ho.input_planes_fn,  # unused: each independent set serves its own
                 ho.input_surface_fn,
                 measured_psf=p,
                 point_fit=fit,
+                fit_lateral=fit_lateral,
             )
             for fit in ([False, True] if point_fit else [False])
             for p, m in volumes
@@ -507,6 +542,7 @@ def compare(
                     ho.input_planes_fn,
                     ho.input_surface_fn,
                     fit_from_truth=volumes[0][0],
+                    fit_lateral=fit_lateral,
                 )
             )
     methods.append(Method("unrefocused input", ho.input_planes_fn, ho.input_surface_fn))
@@ -1086,6 +1122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="image the independent sets' beads as a camera does (the PSF placed to a third of "
         "a pixel, summed over each pixel), not split between four pixels as in training",
     )
+    p.add_argument(
+        "--fit-lateral",
+        choices=("linear", "spline"),
+        default="linear",
+        help="with --point-fit: hold each fitted point between pixels split bilinearly "
+        "(linear, the density's convention) or on a cubic-spline kernel (spline: it renders "
+        "a bead as a camera images it; the measured banks are measured the same way)",
+    )
     args = p.parse_args(argv)
     weights = Path(__file__).parent / "weights"
     models = args.models
@@ -1106,6 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured_psf=args.measured_psf,
         point_fit=args.point_fit,
         point_render="subpixel" if args.subpixel_points else "split",
+        fit_lateral=args.fit_lateral,
     )
     r["cross_modality"] = cross_modality(models)
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")

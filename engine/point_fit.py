@@ -57,7 +57,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.signal import convolve2d
 
-from engine.optics import deposit_point
+from engine.optics import SPLINE_TAPS, Lateral, deposit_point, spline_taps
 from engine.volume import Renderer, defocus_index
 
 __all__ = [
@@ -106,9 +106,18 @@ class PointFit:
     depth_search_slices: float = 2.0
     """Depth searched on each side of the blob's centroid (slices)."""
     passes: int = 2
+    lateral: Lateral = "linear"
+    """How a fitted point sits between pixels (`engine.optics.deposit_point`): "linear", split
+    between the four pixels around it as the training targets hold a point; "spline", a
+    cubic-spline kernel that renders the bank's pixel PSF moved to the point, as a camera
+    images a point between its pixels (the split renders one at a pixel corner 25 % dim in
+    focus, out of any tilted-plane or FWHM tolerance: session 35). Serve "spline" through a
+    bank measured in the same convention (`engine.psf_calibration --lateral spline`)."""
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot describe a fit, naming the field."""
+        if self.lateral not in ("linear", "spline"):
+            raise ValueError(f"PointFit.lateral must be 'linear' or 'spline', not {self.lateral!r}")
         for name in ("max_sd_px", "max_sd_slices", "min_peak_sigma", "depth_search_slices"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"PointFit.{name} must be > 0, not {getattr(self, name)!r}")
@@ -181,7 +190,7 @@ def _blobs(density: np.ndarray, fit: PointFit, min_peak: float) -> tuple[np.ndar
     return rest, found
 
 
-def _assemble(rest: np.ndarray, blobs: list[_Blob]) -> np.ndarray:
+def _assemble(rest: np.ndarray, blobs: list[_Blob], lateral: Lateral) -> np.ndarray:
     """Return the density: what no blob took, each blob as its window or its fitted point."""
     out = rest.copy()
     for b in blobs:
@@ -189,7 +198,7 @@ def _assemble(rest: np.ndarray, blobs: list[_Blob]) -> np.ndarray:
             z0, z1, r0, r1, c0, c1 = b.box
             out[z0:z1, r0:r1, c0:c1] += b.window
         else:
-            deposit_point(out, *b.point)
+            deposit_point(out, *b.point, lateral=lateral)
     return out
 
 
@@ -197,9 +206,15 @@ class _Patch:
     """One blob's patch of the frame, and the images of points in it through the bank."""
 
     def __init__(
-        self, psf: np.ndarray, seen: np.ndarray, rows: tuple[int, int], cols: tuple[int, int]
+        self,
+        psf: np.ndarray,
+        seen: np.ndarray,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        lateral: Lateral = "linear",
     ) -> None:
         self.psf, self.seen, self.rows, self.cols = psf, seen, rows, cols
+        self.lateral = lateral
         self.centre = psf.shape[-1] // 2
 
     def at(self, k: int, r: int, c: int) -> np.ndarray:
@@ -217,11 +232,13 @@ class _Patch:
     def points(self, candidates: list[tuple[float, float, float]]) -> np.ndarray:
         """Images (N, ...) of unit points at continuous (slice, row, col) each, as rendered.
 
-        Each point is split tri-linearly over the 8 voxels around it (as the renderer and
-        `engine.optics.deposit_point` split it), each voxel seen through its slice's bank plane.
-        Candidates near one another share most of those corners, so each corner's bank window
+        Each point is held as `engine.optics.deposit_point` holds it (``lateral``), each voxel
+        seen through its slice's bank plane. Split tri-linearly over the 8 voxels around it,
+        candidates near one another share most of those corners, so each corner's bank window
         is cut once and every candidate is a weighted sum of them.
         """
+        if self.lateral == "spline":
+            return self._spline_points(candidates)
         weights: dict[tuple[int, int, int], int] = {}  # corner -> column of `mix`
         rows: list[tuple[int, int, float]] = []  # (candidate, column, weight)
         for n, (z, r, c) in enumerate(candidates):
@@ -246,6 +263,39 @@ class _Patch:
         out: np.ndarray = (mix @ corners).reshape(len(candidates), *shape)
         return out
 
+    def _spline_points(self, candidates: list[tuple[float, float, float]]) -> np.ndarray:
+        """`points` for ``lateral = "spline"``: each slice's bank window convolved with the taps.
+
+        A point at row ri + fy holds ``spline_taps(fy)[m]`` on row ri + m, so its image is the
+        bank plane placed at pixel (ri, ci), cut SPLINE_TAPS px wider than the patch, convolved
+        along each axis with the taps (the same sum the renderer does over those voxels).
+        """
+        t, o = SPLINE_TAPS, self.centre
+        (p0, p1), (q0, q1) = self.rows, self.cols
+        out = np.zeros((len(candidates), p1 - p0, q1 - q0))
+        # candidates that share a slice and a base pixel share the bank window: one group
+        # is one pair of einsums over the window's (2t + 1) shifted views along each axis
+        groups: dict[tuple[int, int, int], list[tuple[int, float, np.ndarray, np.ndarray]]] = {}
+        for n, (z, r, c) in enumerate(candidates):
+            fz, ri, ci = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
+            ty, tx = spline_taps(r - ri), spline_taps(c - ci)
+            az = z - fz
+            for dz, wz in ((0, 1 - az), (1, az)):
+                if wz > 0 and 0 <= fz + dz < self.seen.size:
+                    groups.setdefault((fz + dz, ri, ci), []).append((n, wz, ty, tx))
+        for (k, ri, ci), members in groups.items():
+            plane = self.psf[self.seen[k]]
+            u = plane[o + p0 - t - ri : o + p1 + t - ri, o + q0 - t - ci : o + q1 + t - ci]
+            index = np.array([m[0] for m in members])
+            ty = np.stack([m[2] for m in members])[:, ::-1]  # tap m sits m rows down
+            tx = np.stack([m[3] for m in members])[:, ::-1]
+            rows = np.lib.stride_tricks.sliding_window_view(u, p1 - p0, axis=0)  # (2t+1, Q', P)
+            v = np.einsum("nm,mqp->npq", ty, rows)  # (N, P, Q + 2t)
+            cols = np.lib.stride_tricks.sliding_window_view(v, q1 - q0, axis=2)  # (N, P, 2t+1, Q)
+            image = np.einsum("nk,npkq->npq", tx, cols)
+            np.add.at(out, index, image * np.array([m[1] for m in members])[:, None, None])
+        return out
+
     def window(self, blob: _Blob) -> np.ndarray:
         """Image in the patch of a blob's window of density (each slice one 2-D convolution)."""
         z0, _, r0, r1, c0, c1 = blob.box
@@ -266,22 +316,25 @@ def point_image(
     position: tuple[float, float, float],
     rows: tuple[int, int],
     cols: tuple[int, int],
+    lateral: Lateral = "linear",
 ) -> np.ndarray:
     """Image at focus of a unit point, in the frame's `rows` × `cols` window, as rendered.
 
     `position` is (slice, row, col), continuous, on the depth grid `depth_um` whose planes
-    `psf` (a bank, as `Renderer` takes it) renders; the point is split tri-linearly as the
-    renderer and `engine.optics.deposit_point` split it. What the fit compares with the frame.
+    `psf` (a bank, as `Renderer` takes it) renders; the point is held as
+    `engine.optics.deposit_point` holds it (`lateral`) and the renderer renders it. What the
+    fit compares with the frame.
     """
     side, o = psf.shape[-1], psf.shape[-1] // 2
+    reach = (0, 1) if lateral == "linear" else (-SPLINE_TAPS, SPLINE_TAPS)
     for (lo, hi), at in ((rows, position[1]), (cols, position[2])):
-        first = int(np.floor(at))  # the point's corners: this pixel and the next
-        if o + lo - (first + 1) < 0 or o + hi - first > side:
+        first = int(np.floor(at))  # the pixels the point is held on: first + reach
+        if o + lo - (first + reach[1]) < 0 or o + hi - (first + reach[0]) > side:
             raise ValueError(
                 f"window {lo}..{hi} reaches past the bank's {side}-px planes around {at:g}"
             )
     seen = defocus_index(np.zeros(1), np.asarray(depth_um, dtype=np.float64))[0]
-    return _Patch(psf, seen, rows, cols).point(*position)
+    return _Patch(psf, seen, rows, cols, lateral).point(*position)
 
 
 def _explained(images: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,7 +400,7 @@ def fit_points(
     pixels = np.asarray(frame, dtype=np.float64)
     steps = np.arange(-5, 6) / 10  # ±0.5 px in 0.1 px
     for _ in range(fit.passes):
-        current = _assemble(rest, blobs)
+        current = _assemble(rest, blobs, fit.lateral)
         # the frame as the model explains it: its light, and a background that is what the
         # light leaves unexplained, smoothed well beyond a bead's ring (else a dim start's
         # missing light would be taken for background and keep the fit dim)
@@ -369,7 +422,7 @@ def fit_points(
                 continue
             rows = (max(ry - PATCH_HALF_PX, 0), min(ry + PATCH_HALF_PX + 1, h))
             cols = (max(rx - PATCH_HALF_PX, 0), min(rx + PATCH_HALF_PX + 1, w))
-            patch = _Patch(psf, seen, rows, cols)
+            patch = _Patch(psf, seen, rows, cols, fit.lateral)
             blob = patch.window(b)  # the network's blob, as the frame would show it
             own = blob if b.point is None else b.point[0] * patch.point(cz, cy, cx)
             data = pixels[rows[0] : rows[1], cols[0] : cols[1]]
@@ -404,4 +457,6 @@ def fit_points(
             # a bead and its hedge on the other side of focus, would each take all of it)
             model[rows[0] : rows[1], cols[0] : cols[1]] += new - own
     fitted = sum(b.point is not None for b in blobs)
-    return PointFitResult(density=_assemble(rest, blobs), blobs=len(blobs), fitted=fitted)
+    return PointFitResult(
+        density=_assemble(rest, blobs, fit.lateral), blobs=len(blobs), fitted=fitted
+    )

@@ -77,6 +77,7 @@ from scipy import ndimage as ndi
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
     from engine.metadata import ModelMetadata
+    from engine.optics import Lateral
 
 __all__ = [
     "CalibrationError",
@@ -138,6 +139,8 @@ class PsfMeasurement:
     method: Literal["split", "interpolated"]
     rejected: dict[str, int] = field(default_factory=dict)
     bead_focus_um: list[float] = field(default_factory=list)
+    lateral: Lateral = "linear"
+    """How the bank's user holds a point between pixels (`measure_psf_bank`'s `lateral`)."""
 
     def summary(self, pixel_size_um: float, reference: np.ndarray | None = None) -> dict[str, Any]:
         """Summarise for JSON: beads, measured range, in-focus FWHM and peak, beside a reference."""
@@ -145,6 +148,7 @@ class PsfMeasurement:
         out: dict[str, Any] = {
             "beads": self.beads,
             "method": self.method,
+            "lateral": self.lateral,
             "rejected": self.rejected,
             "planes": int(self.bank.shape[0]),
             "side_px": int(self.bank.shape[-1]),
@@ -331,15 +335,29 @@ def _bead_fit(crop: np.ndarray) -> tuple[float, float, float, float] | None:
     return focus_index, dy, dx, brightness
 
 
-def _splat_transfer(dy: float, dx: float, side_px: int) -> np.ndarray:
-    """Transfer function (S, S) of a point `dy, dx` px from the centre pixel, split bilinearly.
+def _splat_transfer(dy: float, dx: float, side_px: int, lateral: Lateral = "linear") -> np.ndarray:
+    """Transfer function (S, S) of a point `dy, dx` px from the centre pixel, as held.
 
     A volume model's density holds a point as its training targets do: split over the pixels
     around it with bilinear weights. The bank is what that split, convolved with it, turns
     into the bead's image; so each bead's image is undone by this split, not by an exact shift
-    (the two agree for a bead on a pixel's centre).
+    (the two agree for a bead on a pixel's centre). With `lateral` "spline" the point is held
+    on `engine.optics.spline_taps` instead (the convention of a point fit that renders
+    camera-like beads, `PointFit.lateral`): the bank is then the pixel PSF those taps move.
     """
     k = np.fft.fftfreq(side_px)
+    if lateral == "spline":
+        from engine.optics import SPLINE_TAPS, spline_taps
+
+        def axis(d: float) -> np.ndarray:
+            first = int(np.floor(d))
+            taps = spline_taps(d - first)
+            at = first + np.arange(-SPLINE_TAPS, SPLINE_TAPS + 1)
+            out: np.ndarray = (taps[:, None] * np.exp(-2j * np.pi * np.outer(at, k))).sum(0)
+            return out
+
+        spline: np.ndarray = axis(dy)[:, None] * axis(dx)[None, :]
+        return spline
     hy = (1 - abs(dy)) + abs(dy) * np.exp(-2j * np.pi * k * np.sign(dy))
     hx = (1 - abs(dx)) + abs(dx) * np.exp(-2j * np.pi * k * np.sign(dx))
     out: np.ndarray = hy[:, None] * hx[None, :]
@@ -383,6 +401,7 @@ def measure_psf_bank(
     side_px: int = 127,
     reference: np.ndarray | None = None,
     min_beads: int = 3,
+    lateral: Lateral = "linear",
 ) -> PsfMeasurement:
     """Measure a (2·n_depths - 1, side, side) PSF bank from focus-scanned bead stacks.
 
@@ -398,6 +417,8 @@ def measure_psf_bank(
     reference : a bank of the same shape to take the defocus the stacks do not reach from
         (the model's own); None refuses such stacks.
     min_beads : fewer beads than this is refused (a bank of one bead is that bead's noise).
+    lateral : how the bank's user holds a point between pixels (`_splat_transfer`): "linear"
+        for a model's density as it comes, "spline" for a point fit with ``lateral="spline"``.
 
     Raises
     ------
@@ -480,9 +501,9 @@ def measure_psf_bank(
         if len(reaching) < len(found):
             rejected["scan short of the depth split around it"] = len(found) - len(reaching)
         found = reaching
-        bank, measured = _split_bank(stacks, found, n_depths, side_px)
+        bank, measured = _split_bank(stacks, found, n_depths, side_px, lateral)
     else:
-        bank, measured = _interpolated_bank(stacks, found, focus, defocus, side_px)
+        bank, measured = _interpolated_bank(stacks, found, focus, defocus, side_px, lateral)
     bead_focus = [float(focus[0] + b[3] * f_step) for b in found]
     if not measured.all():
         missing = defocus[~measured]
@@ -497,7 +518,7 @@ def measure_psf_bank(
     if not np.all(sums > 0):  # NaN too
         raise CalibrationError("a measured plane holds no light; image brighter beads")
     out = (bank / sums).astype(np.float32)
-    return PsfMeasurement(out, defocus, measured, len(found), method, rejected, bead_focus)
+    return PsfMeasurement(out, defocus, measured, len(found), method, rejected, bead_focus, lateral)
 
 
 def _split_bank(
@@ -505,6 +526,7 @@ def _split_bank(
     found: Sequence[tuple[int, int, int, float, float, float, float]],
     n_depths: int,
     side_px: int,
+    lateral: Lateral = "linear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 3 where the scan steps as the bank: least squares in 3-D, every plane measured.
 
@@ -527,7 +549,7 @@ def _split_bank(
         # padded plane p holds defocus (p - Z_PAD - (n_depths - 1)) steps from frame j0
         frames = j0 + np.arange(length) - Z_PAD - (n_depths - 1)
         hz = (1 - t) + t * np.exp(-2j * np.pi * kz)
-        h = hz * _splat_transfer(dy, dx, side_px)[None]
+        h = hz * _splat_transfer(dy, dx, side_px, lateral)[None]
         num += np.conj(h) * np.fft.fftn(crop[frames])
         den += brightness * np.abs(h) ** 2
         total += brightness
@@ -543,6 +565,7 @@ def _interpolated_bank(
     focus: np.ndarray,
     defocus: np.ndarray,
     side_px: int,
+    lateral: Lateral = "linear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Step 3 for any other scan: each defocus read between frames, least squares in 2-D.
 
@@ -562,7 +585,7 @@ def _interpolated_bank(
         i0 = np.minimum(np.floor(pos[inside]).astype(np.int64), focus.size - 2)
         frac = (pos[inside] - i0)[:, None, None]
         resampled = crop[i0] * (1 - frac) + crop[i0 + 1] * frac
-        h = _splat_transfer(dy, dx, side_px)
+        h = _splat_transfer(dy, dx, side_px, lateral)
         num[inside] += np.conj(h)[None] * np.fft.fft2(resampled)
         den[inside] += brightness * (np.abs(h) ** 2)[None]
         weight[inside] += brightness
@@ -581,11 +604,13 @@ def slide_bank(
     side_px: int = 127,
     fields: int = 6,
     first_seed: int = 0,
+    lateral: Lateral = "linear",
 ) -> PsfMeasurement:
     """Measure a bank from a simulated bead slide of a held-out set's `optics`.
 
     `fields` fields of `engine.heldout.bead_slide` (about 3 beads each), measured as a lab's
     stacks are: only the slide's frames reach `measure_psf_bank`, not the optics' PSF.
+    `lateral`: `measure_psf_bank`'s.
     """
     from engine import heldout as ho
 
@@ -596,11 +621,17 @@ def slide_bank(
         n_depths=n_depths,
         step_um=step_um,
         side_px=side_px,
+        lateral=lateral,
     )
 
 
 def slide_bank_for(
-    model: Path, metadata: ModelMetadata, optics: IndependentOptics, *, fields: int = 6
+    model: Path,
+    metadata: ModelMetadata,
+    optics: IndependentOptics,
+    *,
+    fields: int = 6,
+    lateral: Lateral = "linear",
 ) -> PsfMeasurement:
     """`slide_bank` shaped as volume `model`'s own bank: its depth grid and its bank's side.
 
@@ -619,6 +650,7 @@ def slide_bank_for(
         step_um=float(depth[1] - depth[0]),
         side_px=int(own.shape[-1]),
         fields=fields,
+        lateral=lateral,
     )
 
 
@@ -679,6 +711,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path("engine/weights/deepz-volume.onnx"),
         help="the volume model the bank is for (its depth grid and own bank)",
     )
+    parser.add_argument(
+        "--lateral",
+        choices=("linear", "spline"),
+        default="linear",
+        help="how the bank's user holds a point between pixels: 'linear' for a model's density "
+        "(default), 'spline' for a point fit that renders camera-like beads (PointFit.lateral)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/psf-measured/psf.npy"))
     args = parser.parse_args(argv)
     if bool(args.stacks) == bool(args.slide):
@@ -724,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 side_px=side,
                 fields=args.fields,
                 first_seed=args.first_seed,
+                lateral=args.lateral,
             )
         else:
             stacks = [read_stack(p) for p in args.stacks]
@@ -731,7 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = -(f - 1) * args.step_um / 2 if args.start_um is None else args.start_um
             focus = start + args.step_um * np.arange(f)
             result = measure_psf_bank(
-                stacks, focus, n_depths=n, step_um=step, side_px=side, reference=reference
+                stacks,
+                focus,
+                n_depths=n,
+                step_um=step,
+                side_px=side,
+                reference=reference,
+                lateral=args.lateral,
             )
     except CalibrationError as exc:
         print(f"error: {exc}", file=sys.stderr)

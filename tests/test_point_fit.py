@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from engine.optics import OpticsConfig
+from engine.optics import OpticsConfig, deposit_point
 from engine.point_fit import PointFit, fit_points, frame_noise_sd, point_image
-from engine.volume import Renderer, depth_grid, psf_bank
+from engine.volume import Renderer, defocus_index, depth_grid, psf_bank
 
 SHAPE = (96, 96)
 OFFSET = 100.0  # camera offset and background (counts)
@@ -26,9 +26,13 @@ def renderer(bank: np.ndarray) -> Renderer:
     return Renderer(bank, depth_grid(), SHAPE, threads=1)
 
 
-def _point(z: float, r: float, c: float, mass: float) -> np.ndarray:
-    """A density of one point at continuous (slice, row, col), split tri-linearly."""
+def _point(z: float, r: float, c: float, mass: float, lateral: str = "linear") -> np.ndarray:
+    """A density of one point at continuous (slice, row, col), split tri-linearly (or, with
+    `lateral` "spline", held on the cubic-spline kernel laterally: engine.optics.deposit_point)."""
     out = np.zeros((depth_grid().size, *SHAPE), dtype=np.float32)
+    if lateral == "spline":
+        deposit_point(out, mass, z, r, c, lateral="spline")
+        return out
     fz, fr, fc = int(z), int(r), int(c)
     az, ar, ac = z - fz, r - fr, c - fc
     for dz, wz in ((0, 1 - az), (1, az)):
@@ -52,15 +56,17 @@ def _frame(renderer: Renderer, truth: np.ndarray, seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("depth_um", [0.6, 3.3, -4.7])
 @pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("lateral", ["linear", "spline"])
 def test_a_wide_misplaced_bead_comes_back_as_the_point_the_frame_shows(
-    renderer: Renderer, bank: np.ndarray, depth_um: float, noise: bool
+    renderer: Renderer, bank: np.ndarray, depth_um: float, noise: bool, lateral: str
 ) -> None:
     """The network's bead: a slice and a half-pixel off, 30 % too dim and twice as wide. The
     fit puts it where the frame's light says, as bright as it is, as a point: exactly on a
     noise-free frame; within 0.1 µm and 8 % on a noisy one (a bright bead: how well a dim
-    one is placed is the noise's to say, and the evaluation's to measure)."""
+    one is placed is the noise's to say, and the evaluation's to measure). The frame's bead is
+    held as the fit holds points (`lateral`): split, or on the spline kernel."""
     z_true = (depth_um + 10.0) / 0.5  # slice index on the ±10 µm, 0.5 µm grid
-    truth = _point(z_true, 47.3, 51.6, 10000.0)
+    truth = _point(z_true, 47.3, 51.6, 10000.0, lateral)
     if noise:
         frame = _frame(renderer, truth, seed=1)
     else:
@@ -68,7 +74,7 @@ def test_a_wide_misplaced_bead_comes_back_as_the_point_the_frame_shows(
     guess = _point(z_true + 0.9, 47.3 + 0.4, 51.6 - 0.3, 7000.0)
     guess = gaussian_filter(guess, (0.6, 0.5, 0.5)).astype(np.float32)
 
-    out = fit_points(guess, frame, renderer, bank)
+    out = fit_points(guess, frame, renderer, bank, PointFit(lateral=lateral))  # type: ignore[arg-type]
 
     assert out.blobs == 1 and out.fitted == 1
     mass, z, r, c = _centroid(out.density)
@@ -76,8 +82,9 @@ def test_a_wide_misplaced_bead_comes_back_as_the_point_the_frame_shows(
     assert mass == pytest.approx(10000.0, rel=tol_mass)
     assert abs(z - z_true) <= tol_px * 0.3 / 0.5  # 0.1 µm: a slice is 0.5 µm, a pixel 0.3
     assert abs(r - 47.3) <= tol_px and abs(c - 51.6) <= tol_px
-    # a point: its mass on the 8 voxels around it, not a blob
-    assert (out.density > 1e-3 * mass).sum() <= 8
+    # a point: its mass on the 8 voxels around it (the spline's 2 x 11 x 11), not a blob
+    held = 8 if lateral == "linear" else 2 * 11 * 11
+    assert (np.abs(out.density) > 1e-3 * mass).sum() <= held
 
 
 def test_extended_objects_and_faint_density_are_left_as_they_are(
@@ -206,3 +213,30 @@ def test_the_fits_point_image_is_what_the_renderer_makes_of_the_point(
     half = bank.shape[-1] // 2
     with pytest.raises(ValueError, match="reaches past"):
         point_image(bank, depth_grid(), (10.0, 40.0, 40.0), (40 - half - 1, 41), (20, 61))
+
+
+def test_a_spline_points_image_is_what_the_renderer_makes_of_it_and_is_the_psf_moved(
+    renderer: Renderer, bank: np.ndarray
+) -> None:
+    """With ``lateral = "spline"`` the fit's image of a point is the renderer's image of that
+    point deposited on the spline kernel, and that is the bank's plane moved to the point by
+    cubic-spline interpolation: a camera-like bead between pixels, not a four-pixel split."""
+    from scipy import ndimage
+
+    for z, r, c in ((12.3, 40.6, 51.2), (20.0, 48.5, 47.5), (0.4, 45.1, 44.9)):
+        window = (int(r) - 20, int(r) + 21), (int(c) - 20, int(c) + 21)
+        image = point_image(bank, depth_grid(), (z, r, c), *window, lateral="spline")
+        rendered = renderer.render(_point(z, r, c, 1.0, "spline"), np.zeros(1))[0]
+        (r0, r1), (c0, c1) = window
+        np.testing.assert_allclose(image, rendered[r0:r1, c0:c1], atol=1e-6)
+    # in focus, a bead at a pixel corner: the moved PSF (spline) keeps the centred peak's
+    # height within a few %, the split loses a quarter or more
+    focus = int(np.argmin(np.abs(depth_grid())))
+    plane = bank[int(defocus_index(np.zeros(1), depth_grid())[0][focus])]
+    window = (28, 69), (28, 69)
+    spline = point_image(bank, depth_grid(), (focus, 48.5, 48.5), *window, lateral="spline")
+    split = point_image(bank, depth_grid(), (focus, 48.5, 48.5), *window)
+    moved = ndimage.shift(plane, (0.5, 0.5), order=3, mode="constant")
+    o = plane.shape[0] // 2
+    np.testing.assert_allclose(spline, moved[o - 20 : o + 21, o - 20 : o + 21], atol=2e-3)
+    assert split.max() < 0.8 * spline.max()

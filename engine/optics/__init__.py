@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         simulate_volume_pair,
     )
     from engine.optics._psf import make_psf
-    from engine.optics._samples import ObjectTable, deposit_point
+    from engine.optics._samples import SPLINE_TAPS, Lateral, ObjectTable, deposit_point, spline_taps
     from engine.optics._timeseries import WormTimeSeries
 
 _LAZY = {
@@ -47,13 +47,18 @@ _LAZY = {
     "make_psf": "engine.optics._psf",
     "ObjectTable": "engine.optics._samples",
     "deposit_point": "engine.optics._samples",
+    "spline_taps": "engine.optics._samples",
+    "SPLINE_TAPS": "engine.optics._samples",
+    "Lateral": "engine.optics._samples",
     "WormTimeSeries": "engine.optics._timeseries",
 }
 
 __all__ = [
     "SLICE_UM",
+    "SPLINE_TAPS",
     "CameraConfig",
     "FocalStack",
+    "Lateral",
     "ObjectTable",
     "OpticsConfig",
     "VolumePair",
@@ -66,6 +71,7 @@ __all__ = [
     "make_psf",
     "simulate_focal_stack",
     "simulate_volume_pair",
+    "spline_taps",
 ]
 
 
