@@ -1351,16 +1351,29 @@ def bead_grid_positions(
 
 
 def point_density(
-    sample: IndependentSample, depth_um: np.ndarray, *, subvoxel: bool = True
+    sample: IndependentSample,
+    depth_um: np.ndarray,
+    *,
+    subvoxel: bool = True,
+    lateral: Literal["linear", "spline"] = "linear",
 ) -> np.ndarray:
     """Return the (D, H, W) density of a sample's beads as points on `depth_um` (µm from focus).
 
     ``subvoxel``: each bead's brightness split tri-linearly over the 8 voxels around it (how the
     training targets are made, `engine.optics`); else all of it on the nearest voxel.
+    ``lateral="spline"``: held laterally on the cubic-spline kernel instead
+    (`engine.optics.deposit_point`, the convention of a point fit that renders beads as a
+    camera images them), linearly in depth.
     """
     h, w = sample.frame.shape
     out = np.zeros((np.size(depth_um), h, w), dtype=np.float32)
     o = sample.objects
+    if lateral == "spline":
+        from engine.optics import deposit_point  # the models' convention, not the set's imaging
+
+        for i, (gz, gy, gx) in zip(*bead_grid_positions(sample, depth_um), strict=True):
+            deposit_point(out, float(o.intensity[i]), gz, gy, gx, lateral="spline")
+        return out
     for i, pos in zip(*bead_grid_positions(sample, depth_um), strict=True):
         base = np.floor(pos) if subvoxel else np.round(pos)
         frac = pos - base if subvoxel else np.zeros(3)

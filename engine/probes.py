@@ -60,7 +60,7 @@ import itertools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -172,16 +172,21 @@ def fwhm_ceiling(
 ) -> dict[str, Any]:
     """Run the bead FWHM read-out on the true density, rendered by the model's own renderer.
 
-    For sub-voxel (tri-linear) and nearest-voxel points (`point_density`): the share of beads
-    within 15 % of the truth's FWHM and the median ratio, as `engine.fidelity` reports them.
+    For sub-voxel (tri-linear), nearest-voxel and spline-held points (`point_density`): the
+    share of beads within 15 % of the truth's FWHM and the median ratio, as `engine.fidelity`
+    reports them.
     """
     depth = np.asarray(depth_um, dtype=np.float64)
-    modes = {"subvoxel": True, "nearest_voxel": False}
+    modes: dict[str, tuple[bool, Literal["linear", "spline"]]] = {
+        "subvoxel": (True, "linear"),
+        "nearest_voxel": (False, "linear"),
+        "spline": (True, "spline"),
+    }
     ratios: dict[str, list[np.ndarray]] = {label: [] for label in modes}
     for s in samples:
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)  # its OTFs: once per sample
-        for label, subvoxel in modes.items():
-            density = ho.point_density(s, depth, subvoxel=subvoxel)
+        for label, (subvoxel, lateral) in modes.items():
+            density = ho.point_density(s, depth, subvoxel=subvoxel, lateral=lateral)
             ratios[label].append(ho.bead_fwhm_ratios(_rendered(renderer, density, s.background), s))
     out: dict[str, Any] = {}
     for label in modes:
@@ -234,23 +239,29 @@ def tilted_split(
 
     "model": the backend's surface on each sample's DPM, as `engine.fidelity` scores it;
     "truth_points": the true beads as sub-voxel points (`point_density`) rendered by the
-    model's renderer over the same surface, the most the rendering allows.
+    model's renderer over the same surface, the most the rendering allows;
+    "truth_points_spline": the same held on the spline kernel (a point fit's
+    ``lateral="spline"``), the most a render of camera-like beads allows.
     """
     assert backend.metadata.volume is not None
     depth = np.asarray(backend.metadata.volume.depth_um, dtype=np.float64)
     step = float(depth[1] - depth[0])
     _, surface = ho.refocus_fns(backend)
-    model, truth = [], []
+    model: list[np.ndarray] = []
+    truth: dict[str, list[np.ndarray]] = {"linear": [], "spline": []}
     for s in samples:
         t = ho.tilted_in_focus(surface, s)
         model.append(t.peak_refocused / t.peak_truth)
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
-        points = _rendered(renderer, ho.point_density(s, depth), s.background)
-        c = ho.tilted_in_focus(ho.surface_from_planes(points, step), s)
-        truth.append(c.peak_refocused / c.peak_truth)
+        for lateral, ratios in truth.items():
+            density = ho.point_density(s, depth, lateral=lateral)  # type: ignore[arg-type]
+            points = _rendered(renderer, density, s.background)
+            c = ho.tilted_in_focus(ho.surface_from_planes(points, step), s)
+            ratios.append(c.peak_refocused / c.peak_truth)
     return {
         "model": _ratio_summary(np.concatenate(model)),
-        "truth_points": _ratio_summary(np.concatenate(truth)),
+        "truth_points": _ratio_summary(np.concatenate(truth["linear"])),
+        "truth_points_spline": _ratio_summary(np.concatenate(truth["spline"])),
     }
 
 
@@ -553,11 +564,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "from a simulated bead slide of the samples' optics (engine.psf_calibration), not the "
         "model's own",
     )
+    parser.add_argument(
+        "--subpixel-points",
+        action="store_true",
+        help="image the samples' (and the slide's) beads as a camera does, not split between "
+        "four pixels (heldout.IndependentOptics.point_render)",
+    )
     args = parser.parse_args(argv)
     backend = load_backend(args.model)
     if backend.metadata.volume is None:
         parser.error(f"{args.model} is a per-plane model; the probes need a volume model")
-    optics = ho.IndependentOptics(psf_model="pupil" if args.pupil else "vectorial")
+    optics = ho.IndependentOptics(
+        psf_model="pupil" if args.pupil else "vectorial",
+        point_render="subpixel" if args.subpixel_points else "split",
+    )
     samples = [ho.independent_sample("beads", seed, optics=optics) for seed in range(args.samples)]
     volume = backend.metadata.volume
     psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
@@ -581,7 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     placement = placement_bound(depth, psf, [*tilted_samples, *samples])
     rendered_by = "a PSF bank measured from a bead slide" if args.measured_psf else "its own bank"
     print(
-        f"{args.model} ({backend.name}); {optics.psf_model} samples, planes through {rendered_by}"
+        f"{args.model} ({backend.name}); {optics.psf_model} samples (beads {optics.point_render}), "
+        f"planes through {rendered_by}"
     )
     print(
         f"bead spread ({spread['beads_found']} found beads): density FWHM "
@@ -674,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {
         "model": str(args.model),
         "samples_psf_model": optics.psf_model,
+        "samples_point_render": optics.point_render,
         "psf_bank": "measured" if args.measured_psf else "model's own",
         "bead_spread": spread,
         "focus_response": response,

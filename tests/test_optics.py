@@ -395,3 +395,28 @@ def test_a_textured_body_is_patchy_with_the_same_mean_and_the_default_draws_noth
         assert 0.5 - 1e-4 <= ratio <= 2.5 + 1e-4 and abs(ratio - 1.0) > 1e-3
     with pytest.raises(ValidationError, match="body_brightness"):
         WormConfig(body_brightness=(2.0, 1.0))
+
+
+def test_a_spline_held_point_is_the_crop_of_one_on_a_larger_grid_near_and_past_the_edges():
+    """`deposit_point(..., lateral="spline")` keeps the kernel's part on the grid, wherever the
+    point is: inside, at an edge, or far enough off it to leave nothing (a negative slice stop
+    once counted from the far edge and put light on the other side)."""
+    from engine.optics import deposit_point, spline_taps
+
+    np.testing.assert_allclose(spline_taps(0.37).sum(), 1.0)
+    for row, col in [
+        (-13.0, 5.0),
+        (5.0, -13.0),
+        (30.0, 5.0),
+        (5.0, 24.5),
+        (-3.2, -2.7),
+        (9.6, 9.4),
+    ]:
+        grid = np.zeros((2, 20, 20))
+        larger = np.zeros((2, 60, 60))
+        deposit_point(grid, 1.0, 0.5, row, col, lateral="spline")
+        deposit_point(larger, 1.0, 0.5, row + 20, col + 20, lateral="spline")
+        np.testing.assert_allclose(grid, larger[:, 20:40, 20:40], atol=1e-12)
+    assert larger.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="lateral"):
+        deposit_point(grid, 1.0, 0.5, 3.0, 3.0, lateral="cubic")  # type: ignore[arg-type]

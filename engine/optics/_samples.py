@@ -309,13 +309,15 @@ def deposit_point(
     if lateral == "spline":
         block = np.outer(spline_taps(fy), spline_taps(fx)) * total
         r0, c0 = iy - SPLINE_TAPS, ix - SPLINE_TAPS
-        rs, cs = (
-            slice(max(r0, 0), min(r0 + block.shape[0], h)),
-            slice(max(c0, 0), min(c0 + block.shape[1], w)),
-        )
-        part = block[rs.start - r0 : rs.stop - r0, cs.start - c0 : cs.stop - c0]
+        # the part of the kernel on the grid (none for a point far off it: stops kept >= 0,
+        # where a negative one would count from the grid's far edge)
+        r1, c1 = min(r0 + block.shape[0], h), min(c0 + block.shape[1], w)
+        if r1 <= max(r0, 0) or c1 <= max(c0, 0):
+            return
+        rs, cs = slice(max(r0, 0), r1), slice(max(c0, 0), c1)
+        part = block[rs.start - r0 : r1 - r0, cs.start - c0 : c1 - c0]
         for dzi, wz in ((0, 1 - fz), (1, fz)):
-            if wz > 0 and 0 <= iz + dzi < s_count and part.size:
+            if wz > 0 and 0 <= iz + dzi < s_count:
                 out[iz + dzi, rs, cs] += (wz * part).astype(out.dtype, copy=False)
         return
     if lateral != "linear":
