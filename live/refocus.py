@@ -84,6 +84,7 @@ from engine.runtime import (
 )
 
 if TYPE_CHECKING:
+    from engine.optics import Lateral
     from engine.runtime import Backend
     from live.store import XmlImage
 
@@ -524,7 +525,8 @@ class EngineSpec:
     max_batch: int = DEFAULT_MAX_BATCH
     render_modality: Modality | None = None
     psf_bank: str | None = None
-    point_fit: bool = False
+    point_fit: Lateral | None = None
+    """The point fit's lateral convention (`PointFit.lateral`), None: no fit."""
 
 
 _BACKENDS: dict[EngineSpec, tuple[Backend, threading.Lock]] = {}
@@ -548,7 +550,7 @@ def _backend(spec: EngineSpec) -> tuple[Backend, threading.Lock]:
                 max_batch=spec.max_batch,
                 render_modality=spec.render_modality,
                 psf_bank=spec.psf_bank,
-                point_fit=PointFit() if spec.point_fit else None,
+                point_fit=None if spec.point_fit is None else PointFit(lateral=spec.point_fit),
             )
             entry = _BACKENDS[spec] = (backend, threading.Lock())
         return entry
@@ -1433,6 +1435,7 @@ def refocus_recording(
     stack_dtype: str = "float32",
     psf_bank: str | Path | None = None,
     point_fit: bool = False,
+    point_fit_lateral: Lateral = "linear",
 ) -> RefocusSummary:
     """Refocus a recording's raw frames chunk by chunk and write an NGFF stacks image.
 
@@ -1450,6 +1453,9 @@ def refocus_recording(
         Volume models: refit each frame's beads to the frame through that bank before the
         planes are rendered (`engine.point_fit`): sharper, better-placed beads, at about a
         second a frame on one core (the live daemon does not; offline it can).
+    point_fit_lateral
+        How the fit holds a bead between pixels (`PointFit.lateral`): "spline" renders beads
+        as a camera images them (serve it through a bank measured with ``--lateral spline``).
     planes, scope
         Plane offsets in µm, or a scope config whose ``[planes]`` (and ``[engine]``) to use;
         default: the run's own planes.
@@ -1547,7 +1553,7 @@ def refocus_recording(
             max_batch,
             modality,
             bank_str,
-            point_fit,
+            point_fit_lateral if point_fit else None,
         )
         driver_backend, _ = _backend(spec)
     except (BackendError, ValueError) as exc:
@@ -1572,7 +1578,7 @@ def refocus_recording(
         max_batch,
         modality,
         bank_str,
-        point_fit,
+        point_fit_lateral if point_fit else None,
     )
     with _BACKENDS_LOCK:
         _BACKENDS.setdefault(engine, _BACKENDS[spec])
@@ -1583,7 +1589,7 @@ def refocus_recording(
         model_id["psf_bank"] = str(bank)
         model_id["psf_bank_sha256"] = _sha256(bank)
     if point_fit:  # other planes again: beads refitted (the fit's settings, to resume alike)
-        model_id["point_fit"] = repr(PointFit())
+        model_id["point_fit"] = repr(PointFit(lateral=point_fit_lateral))
     chunk_given = chunk is not None
     if chunk is None:
         itemsize = np.dtype(stack_dtype).itemsize
@@ -1833,6 +1839,14 @@ def _parser() -> argparse.ArgumentParser:
         help="refit each frame's beads to it through the PSF bank before rendering "
         "(engine.point_fit; about a second a frame)",
     )
+    p.add_argument(
+        "--point-fit-lateral",
+        choices=("linear", "spline"),
+        default="linear",
+        help="with --point-fit: hold each bead between pixels split (linear) or on a "
+        "cubic-spline kernel (spline: beads rendered as a camera images them; measure the "
+        "bank with engine.psf_calibration --lateral spline)",
+    )
     p.add_argument("--threads", type=int, help="intra-op CPU threads per backend")
     p.add_argument("--extrapolate", action="store_true", help="allow planes beyond the model range")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output image")
@@ -1870,6 +1884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             psf_bank=args.psf_bank,
             point_fit=args.point_fit,
+            point_fit_lateral=args.point_fit_lateral,
         )
     except RefocusError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -777,3 +777,15 @@ def test_the_point_fit_reaches_offline_refocusing_and_its_identity(tmp_path: Pat
     np.testing.assert_allclose(_read(out, "stacks/0"), expected, rtol=1e-5, atol=1e-3)
     with pytest.raises(RefocusError, match="differs in point_fit"):
         refocus_recording(tmp_path / "movie.tif", out=out, **kw)
+    # the spline convention is another fit: served as load_backend serves it, another identity
+    with pytest.raises(RefocusError, match="differs in point_fit"):
+        refocus_recording(
+            tmp_path / "movie.tif", out=out, point_fit=True, point_fit_lateral="spline", **kw
+        )
+    spline = tmp_path / "s.ome.zarr"
+    refocus_recording(
+        tmp_path / "movie.tif", out=spline, point_fit=True, point_fit_lateral="spline", **kw
+    )
+    served = load_backend(volume, prefer=["onnxruntime"], point_fit=PointFit(lateral="spline"))
+    expected = np.stack([served.infer(f, dpms) for f in frames])
+    np.testing.assert_allclose(_read(spline, "stacks/0"), expected, rtol=1e-5, atol=1e-3)
