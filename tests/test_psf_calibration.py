@@ -323,3 +323,25 @@ def test_the_command_measures_a_slide_and_writes_bank_json_and_picture(
     with pytest.raises(SystemExit) as exc:  # seeds are a stream from 0: a negative one is no field
         C.main(["--slide", "vectorial", "--first-seed", "-1"])
     assert exc.value.code == 2 and "--first-seed must be >= 0" in capsys.readouterr().err
+
+
+def test_a_bank_measured_for_the_other_point_convention_is_named_when_the_fit_serves_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The calibration's JSON records its lateral convention; a point fit holding points the
+    other way is told in one warning (its beads would come out too sharp or too soft)."""
+    import shutil
+
+    from engine.point_fit import PointFit
+
+    bank = tmp_path / "psf.npy"
+    shutil.copy(MODEL.parent / "deepz-volume.psf.npy", bank)
+    bank.with_suffix(".json").write_text(json.dumps({"lateral": "linear"}))
+    with caplog.at_level("WARNING", logger="engine.runtime"):
+        load_backend(MODEL, prefer=["onnxruntime"], psf_bank=bank, point_fit=PointFit())
+        assert not [r for r in caplog.records if "measured for" in r.getMessage()]
+        load_backend(
+            MODEL, prefer=["onnxruntime"], psf_bank=bank, point_fit=PointFit(lateral="spline")
+        )
+    warned = [r.getMessage() for r in caplog.records if "measured for" in r.getMessage()]
+    assert len(warned) == 1 and "--lateral spline" in warned[0] and "too sharp" in warned[0]

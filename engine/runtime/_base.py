@@ -270,6 +270,32 @@ def _measured_psf(path: Path, n_depths: int) -> np.ndarray:
         raise BackendError(f"engine.psf_bank {exc}") from exc
 
 
+def _warn_lateral(bank: Path, lateral: str) -> None:
+    """Log when a measured bank was measured for another point convention than the fit's.
+
+    `engine.psf_calibration` records its ``lateral`` in the JSON beside the bank: a bank
+    measured for split points, served to a fit that holds them on the spline kernel (or the
+    reverse), renders beads too sharp or too soft. A bank without the record is not judged.
+    """
+    import json
+
+    try:
+        recorded = json.loads(Path(bank).with_suffix(".json").read_text()).get("lateral")
+    except (OSError, ValueError, AttributeError):
+        return
+    if recorded in ("linear", "spline") and recorded != lateral:
+        log.warning(
+            "PSF bank %s was measured for %s points (engine.psf_calibration --lateral %s) and the "
+            "point fit holds them %s: beads come out too %s; measure it again with --lateral %s",
+            bank,
+            recorded,
+            recorded,
+            lateral,
+            "sharp" if lateral == "spline" else "soft",
+            lateral,
+        )
+
+
 def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndarray:
     """Validate the dtype and rank of one `infer` input, with an error that names the problem."""
     arr = np.asarray(arr)
@@ -349,6 +375,8 @@ class BaseBackend:
             )
         if metadata.volume is not None:
             self._psf = _volume_psf(model_path, metadata, options.render_modality, options.psf_bank)
+            if options.psf_bank is not None and options.point_fit is not None:
+                _warn_lateral(options.psf_bank, options.point_fit.lateral)
             # what the rendered planes now show (a measured bank is wide-field)
             shown = "widefield" if options.psf_bank is not None else options.render_modality
             if shown is not None:
