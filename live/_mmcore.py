@@ -25,6 +25,7 @@ This module imports pymmcore-plus (the ``mm`` extra) at import time; nothing els
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 import time
@@ -67,6 +68,8 @@ __all__ = [
     "pycromanager_backend",
     "release_parked",
 ]
+
+log = logging.getLogger(__name__)
 
 FrameFn = Callable[[int, float], np.ndarray]
 """``frame_fn(index, focus_um) -> (H, W) uint16``: the pixels of camera frame `index`."""
@@ -405,19 +408,24 @@ def park_core(core: UniMMCore, config_file: Path | None, camera: str | None) -> 
         old.unloadAllDevices()
 
 
-def release_parked() -> int:
-    """Unload every core parked and never claimed; return how many.
+def release_parked(config_file: Path | None, camera: str | None) -> bool:
+    """Unload the core parked for `config_file` and `camera` and never claimed; say if one was.
 
     A daemon whose start fails after `live.config.resolve_geometry` loaded the hardware (a
     pre-flight refusal, a port in use, a model that cannot load) never reaches its source:
-    its `stop` releases the devices here rather than at interpreter exit.
+    its `stop` releases its own core here rather than at interpreter exit (another daemon's
+    in the same process stays parked). A device that fails to unload is logged, not raised:
+    the rest of the daemon's shutdown still runs.
     """
     with _PARKED_LOCK:
-        cores = list(_PARKED.values())
-        _PARKED.clear()
-    for core in cores:
+        core = _PARKED.pop(_park_key(config_file, camera), None)
+    if core is None:
+        return False
+    try:
         core.unloadAllDevices()
-    return len(cores)
+    except Exception as exc:  # a device adapter's error (a lost serial link): said, not fatal
+        log.error("unloading the Micro-Manager core's devices failed: %s", exc)
+    return True
 
 
 def claim_core(config_file: Path | None, camera: str | None) -> UniMMCore:

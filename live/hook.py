@@ -34,9 +34,9 @@ why.
 
 A frame's seq is its time index (pycromanager's ``Axes`` tag, useq's ``MDAEvent.index``), so
 a time point Micro-Manager lost is a gap the daemon counts. The daemon records a seq once:
-a second acquisition into the same daemon run continues the numbering — `attach_to_pymmcore_plus`
-does so by itself, a pycromanager hook takes ``first_seq`` (``first_seq=hook.sender.next_seq``
-of the previous one).
+a second acquisition into the same daemon run continues the numbering: `attach_to_pymmcore_plus`
+and a reused pycromanager hook do so by themselves, a new pycromanager hook takes
+``first_seq`` (``first_seq=hook.sender.next_seq`` of the previous one).
 
 The hooks' senders queue frames only to a daemon that is connected (ZeroMQ's
 ``IMMEDIATE``): with none listening, frames are dropped and counted (one warning says so)
@@ -373,6 +373,8 @@ def frame_number(value: object) -> int | None:
         return None
     text = value.strip() if isinstance(value, str) else ""
     digits = text[1:] if text.startswith("+") else text
+    if isinstance(value, str) and not value.isascii():
+        return None  # "٣" or "５": digits to float() and int(), not to a camera's metadata
     if isinstance(value, int | np.integer):
         number = int(value)
     elif digits.isascii() and digits.isdigit():  # not "²" or "++5", which int() refuses
@@ -435,8 +437,10 @@ class PycromanagerHook:
     """A pycromanager ``image_process_fn`` that sends each frame and hands it back unchanged.
 
     Seq: ``int(metadata[seq_key])`` when `seq_key` is given, else `first_seq` plus the frame's
-    time index (the ``Axes`` tag's ``time``: a time point lost is a gap), else `first_seq`
-    plus this hook's own count of frames. Timestamp: `frame_time_s` (the simulated camera's
+    time index (the ``Axes`` tag's ``time``: a time point lost is a gap; a time index not above
+    the last one starts a new acquisition, numbered on after the last frame sent, so one hook
+    serves several acquisitions into one daemon run), else `first_seq` plus this hook's own
+    count of frames. Timestamp: `frame_time_s` (the simulated camera's
     tag, else the core's ``TimeReceivedByCore``), else the acquisition's ``ElapsedTime-ms``
     anchored to the wall clock at the first frame, else the arrival time. Focus: the first
     finite of ``ZPosition_um``, ``ZPosition_um_Intended``, ``DeepZ-Focus-um``, else none (the
@@ -456,6 +460,8 @@ class PycromanagerHook:
         self.guard = AxisGuard()
         self._count = 0
         self._clock_offset_s: float | None = None
+        self._base = first_seq  # the seq of time point 0 of the acquisition under way
+        self._last_t: int | None = None
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, Any]:
         """Send `image` (never blocking, never raising) and return ``(image, metadata)``."""
@@ -489,8 +495,15 @@ class PycromanagerHook:
             return frame_number(metadata[self.seq_key])
         axes = metadata.get("Axes")
         t = _time_index(axes) if isinstance(axes, Mapping) else None
-        seq = self.first_seq + (self._count if t is None else t)
-        return seq if seq <= MAX_SEQ else None
+        if t is None:
+            seq = self.first_seq + self._count
+        else:
+            if self._last_t is not None and t <= self._last_t:
+                # time went back: the hook serves a new acquisition, numbered on after the last
+                self._base = self.sender.next_seq - t
+            self._last_t = t
+            seq = self._base + t
+        return seq if 0 <= seq <= MAX_SEQ else None
 
     def _timestamp(self, metadata: Mapping[str, Any]) -> float:
         """Return the frame's wall-clock time (see the class docstring)."""

@@ -936,8 +936,9 @@ class Daemon:
             if self._source_thread.is_alive():
                 log.error("the source did not stop within 10 s; ending without its last frames")
         mmcore = sys.modules.get("live._mmcore")  # loaded only when a core was
-        if mmcore is not None:  # a core loaded for the geometry that no source claimed
-            mmcore.release_parked()
+        if mmcore is not None and self.config.source.kind == "micromanager":
+            mm = self.config.source.micromanager  # its core, loaded for the geometry, unclaimed
+            mmcore.release_parked(mm.config_file, mm.camera)
         if self._sender is not None:
             router_alive = hasattr(self, "router") and self.router.is_alive()
             if router_alive and not self._sender.end_stream():

@@ -101,12 +101,34 @@ def test_a_core_loaded_for_the_geometry_and_never_claimed_is_released(tmp_path):
     source: its stop unloads the parked core (`live._mmcore.release_parked`)."""
     from live._mmcore import _PARKED, release_parked
 
-    resolve_geometry(mm_config(write_cfg(tmp_path), frame_count=6))
+    cfg_file = write_cfg(tmp_path)
+    resolve_geometry(mm_config(cfg_file, frame_count=6))
     parked = list(_PARKED.values())
     assert len(parked) == 1 and "Cam" in parked[0].getLoadedDevices()
-    assert release_parked() == 1
+    assert not release_parked(tmp_path / "other.cfg", None)  # another daemon's: left parked
+    assert release_parked(cfg_file, None)
     assert not _PARKED and "Cam" not in parked[0].getLoadedDevices()
-    assert release_parked() == 0
+    assert not release_parked(cfg_file, None)
+
+
+def test_a_parked_core_that_fails_to_unload_is_logged_not_raised(tmp_path, caplog):
+    """Unloading is part of a daemon's stop: a device's error there must not end the stop."""
+    from live._mmcore import _PARKED, release_parked
+
+    cfg_file = write_cfg(tmp_path)
+    resolve_geometry(mm_config(cfg_file, frame_count=6))
+    (core,) = _PARKED.values()
+    real = core.unloadAllDevices
+
+    def failing() -> None:
+        raise RuntimeError('Error in device "Stage": serial port lost')
+
+    core.unloadAllDevices = failing  # type: ignore[method-assign]
+    try:
+        assert release_parked(cfg_file, None)
+    finally:
+        real()
+    assert any("serial port lost" in r.getMessage() for r in caplog.records)
 
 
 def test_binning_in_the_file_shrinks_frames_and_grows_pixels(tmp_path, pull):

@@ -202,6 +202,7 @@ def test_the_hook_reads_micro_managers_metadata_as_untrusted_text(pull):
     # digits str.isdigit() takes and int() does not: no value, not an exception
     assert frame_number("²") is None and frame_number("++5") is None
     assert frame_number("+5") == 5 and frame_number(" 7 ") == 7
+    assert frame_number("٣") is None and frame_number("５") is None  # float() takes these
 
 
 def test_frame_time_is_the_cameras_or_the_cores_per_frame_time():
@@ -248,6 +249,17 @@ def test_a_second_pycromanager_acquisition_continues_the_numbering(core, pull):
     second.sender.close()
     # two connections, fair-queued at the receiver: no seq twice (the daemon would refuse it)
     assert sorted(m.header.seq for m in receive(sock, 5)) == [0, 1, 2, 3, 4]
+
+
+def test_a_reused_pycromanager_hook_numbers_its_second_acquisition_on(core, pull):
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=3))
+    run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=2))
+    hook.sender.close()
+    assert [m.header.seq for m in receive(sock, 5)] == [0, 1, 2, 3, 4]
 
 
 def test_a_sender_refuses_an_address_only_a_daemon_can_bind():
