@@ -214,7 +214,7 @@ def _prefer(path: Path) -> list[str]:
     return ["torch"] if path.suffix == ".pt" else ["openvino", "onnxruntime"]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)  # models × sets × conventions
 def _measured_bank(
     path: Path, optics: ho.IndependentOptics, lateral: Lateral = "linear"
 ) -> tuple[ModelMetadata, np.ndarray]:
@@ -275,7 +275,7 @@ def _fit_from_truth(
     The bank is `_measured_bank`'s, the one `_measured_psf_method` serves through; each
     sample's density is its true beads as points on the model's depth grid
     (`heldout.point_density`), refitted to the sample's frame by `engine.point_fit` (its
-    defaults), and rendered as the backend would.
+    defaults, holding points as `lateral` says), and rendered as the backend would.
     """
     from engine.point_fit import PointFit, fit_points
     from engine.volume import Renderer
@@ -538,7 +538,7 @@ def compare(
         if point_fit and volumes:
             methods.append(
                 Method(
-                    FIT_CEILING,
+                    FIT_CEILING + _lateral_label(fit_lateral),
                     ho.input_planes_fn,
                     ho.input_surface_fn,
                     fit_from_truth=volumes[0][0],
@@ -585,6 +585,7 @@ def compare(
         "methods": [m.name for m in methods],
         "sets": {k: [f"{s.kind} {s.seed}" for s in v] for k, v in sets.items()},
         "point_render": point_render,
+        "fit_lateral": fit_lateral,
         "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -1131,6 +1132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a bead as a camera images it; the measured banks are measured the same way)",
     )
     args = p.parse_args(argv)
+    if args.fit_lateral != "linear" and not args.point_fit:
+        p.error("--fit-lateral is how --point-fit holds beads: give --point-fit too")
     weights = Path(__file__).parent / "weights"
     models = args.models
     if models is None:

@@ -64,7 +64,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import psfmodels
@@ -72,6 +72,9 @@ import scipy.fft
 from scipy import ndimage, optimize
 
 from engine.metrics import gaussian_fwhm_2d, pearson, psnr, ssim
+
+if TYPE_CHECKING:
+    from engine.optics import Lateral
 
 __all__ = [
     "CROWDED_MIN_GAP_UM",
@@ -192,12 +195,14 @@ class IndependentOptics:
     point_render: Literal["split", "subpixel"] = "split"
     """How a point source (a bead) lands on the camera. "split": its PSF placed at the four
     nearest pixel centres with bilinear weights, as the training simulator places points too
-    (at a pixel corner the in-focus peak is then 0.38 of a centred one's, against about 0.6
+    (at a pixel corner the in-focus peak is then 0.38 of a centred one's, against about 0.5
     for the light a camera's pixels really collect: the PSF is sampled at 0.3 µm, under
     Nyquist's 0.17). "subpixel": the PSF computed at a third of a pixel, moved to the third of
     a pixel nearest the point (placement within 0.05 µm) and summed over each pixel's area,
     as a camera images a point; the truth planes and a bead slide are made the same way.
-    Wide-field only."""
+    No bead then lies more than 1/3 px from a pixel centre (a camera's may lie 1/2 px off,
+    where its peak is lowest: 0.73 of a centred one's at 1/3 px, about 0.5 at the corner), so
+    the set is a little easier than a camera on the hardest beads. Wide-field only."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
     """"pupil" only: RMS waves of oblique astigmatism, horizontal coma and primary spherical
     aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all: a good
@@ -1355,7 +1360,7 @@ def point_density(
     depth_um: np.ndarray,
     *,
     subvoxel: bool = True,
-    lateral: Literal["linear", "spline"] = "linear",
+    lateral: Lateral = "linear",
 ) -> np.ndarray:
     """Return the (D, H, W) density of a sample's beads as points on `depth_um` (µm from focus).
 
@@ -1369,6 +1374,8 @@ def point_density(
     out = np.zeros((np.size(depth_um), h, w), dtype=np.float32)
     o = sample.objects
     if lateral == "spline":
+        if not subvoxel:
+            raise ValueError("lateral='spline' holds a point between voxels: subvoxel only")
         from engine.optics import deposit_point  # the models' convention, not the set's imaging
 
         for i, (gz, gy, gx) in zip(*bead_grid_positions(sample, depth_um), strict=True):

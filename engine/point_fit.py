@@ -28,11 +28,14 @@ How (`fit_points`), each step one a newcomer can check:
    and its mirror image look alike), then the lateral position within ±0.5 px in 0.1-px
    steps, then both once more. A point's image is what the model's renderer makes of it: the
    bank's planes for the slices and pixels around it, weighted tri-linearly (the convention
-   the density's training targets and a measured bank share, `engine.psf_calibration`).
+   the density's training targets and a measured bank share, `engine.psf_calibration`), or
+   with ``PointFit.lateral = "spline"`` linearly in depth and on the cubic-spline kernel
+   laterally (`engine.optics.spline_taps`: a bead as a camera images it between pixels).
 3. **Replace, or keep.** The blob becomes a point of the fitted brightness at the fitted
-   position, split tri-linearly onto the grid — unless the fit found no positive brightness,
-   the network hedged the bead (`HEDGE` of its mass again across focus: its split is kept), or
-   the blob itself or a point blurred by `WIDER_PX` explains the patch clearly better
+   position, held on the grid as the fit held it (`engine.optics.deposit_point`) — unless
+   the fit found no positive brightness, the network hedged the bead (`HEDGE` of its mass
+   again across focus: its split is kept), or the blob itself or a point blurred by
+   `WIDER_PX` explains the patch clearly better
    (`SHAPE_MARGIN`: a nucleus the network holds as a compact blob stays a blob). The model is
    updated as each blob is decided, so two blobs never both take one bead's light;
    `passes` = 2 fits every blob again against the first pass's result.
@@ -212,9 +215,11 @@ class _Patch:
         rows: tuple[int, int],
         cols: tuple[int, int],
         lateral: Lateral = "linear",
+        shape: tuple[int, int] | None = None,
     ) -> None:
         self.psf, self.seen, self.rows, self.cols = psf, seen, rows, cols
         self.lateral = lateral
+        self.shape = shape  # the frame's (H, W): a spline point's taps off it are not held
         self.centre = psf.shape[-1] // 2
 
     def at(self, k: int, r: int, c: int) -> np.ndarray:
@@ -268,7 +273,8 @@ class _Patch:
 
         A point at row ri + fy holds ``spline_taps(fy)[m]`` on row ri + m, so its image is the
         bank plane placed at pixel (ri, ci), cut SPLINE_TAPS px wider than the patch, convolved
-        along each axis with the taps (the same sum the renderer does over those voxels).
+        along each axis with the taps (the same sum the renderer does over those voxels). Taps
+        that fall off the frame (`shape`) are left out, as `deposit_point` leaves them out.
         """
         t, o = SPLINE_TAPS, self.centre
         (p0, p1), (q0, q1) = self.rows, self.cols
@@ -279,6 +285,10 @@ class _Patch:
         for n, (z, r, c) in enumerate(candidates):
             fz, ri, ci = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
             ty, tx = spline_taps(r - ri), spline_taps(c - ci)
+            if self.shape is not None:  # the taps the frame holds
+                m = np.arange(-t, t + 1)
+                ty = np.where((ri + m >= 0) & (ri + m < self.shape[0]), ty, 0.0)
+                tx = np.where((ci + m >= 0) & (ci + m < self.shape[1]), tx, 0.0)
             az = z - fz
             for dz, wz in ((0, 1 - az), (1, az)):
                 if wz > 0 and 0 <= fz + dz < self.seen.size:
@@ -317,13 +327,15 @@ def point_image(
     rows: tuple[int, int],
     cols: tuple[int, int],
     lateral: Lateral = "linear",
+    shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Image at focus of a unit point, in the frame's `rows` × `cols` window, as rendered.
 
     `position` is (slice, row, col), continuous, on the depth grid `depth_um` whose planes
     `psf` (a bank, as `Renderer` takes it) renders; the point is held as
     `engine.optics.deposit_point` holds it (`lateral`) and the renderer renders it. What the
-    fit compares with the frame.
+    fit compares with the frame. `shape`: the frame's (H, W), where a spline point near its edge
+    loses the taps that fall off it.
     """
     side, o = psf.shape[-1], psf.shape[-1] // 2
     reach = (0, 1) if lateral == "linear" else (-SPLINE_TAPS, SPLINE_TAPS)
@@ -334,7 +346,7 @@ def point_image(
                 f"window {lo}..{hi} reaches past the bank's {side}-px planes around {at:g}"
             )
     seen = defocus_index(np.zeros(1), np.asarray(depth_um, dtype=np.float64))[0]
-    return _Patch(psf, seen, rows, cols, lateral).point(*position)
+    return _Patch(psf, seen, rows, cols, lateral, shape).point(*position)
 
 
 def _explained(images: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -389,6 +401,10 @@ def fit_points(
     """
     fit = fit or PointFit()
     dens = np.maximum(np.asarray(density, dtype=np.float32), 0)
+    need = 2 * (PATCH_HALF_PX + SPLINE_TAPS + 1) + 1  # a spline point's window, cut from a plane
+    if fit.lateral == "spline" and psf.shape[-1] < need:  # zero beyond a narrow bank: exact
+        pad = (need - psf.shape[-1]) // 2
+        psf = np.pad(psf, ((0, 0), (pad, pad), (pad, pad)))
     if dens.ndim != 3 or dens.shape[1:] != frame.shape or dens.shape[1:] != renderer.shape:
         raise ValueError(
             f"density {dens.shape}, frame {frame.shape} and renderer {renderer.shape} disagree"
@@ -422,7 +438,7 @@ def fit_points(
                 continue
             rows = (max(ry - PATCH_HALF_PX, 0), min(ry + PATCH_HALF_PX + 1, h))
             cols = (max(rx - PATCH_HALF_PX, 0), min(rx + PATCH_HALF_PX + 1, w))
-            patch = _Patch(psf, seen, rows, cols, fit.lateral)
+            patch = _Patch(psf, seen, rows, cols, fit.lateral, (h, w))
             blob = patch.window(b)  # the network's blob, as the frame would show it
             own = blob if b.point is None else b.point[0] * patch.point(cz, cy, cx)
             data = pixels[rows[0] : rows[1], cols[0] : cols[1]]

@@ -349,15 +349,13 @@ def camera_ceiling(
                     fwhm[lateral].append(ho.bead_fwhm_ratios(rendered, sample))
     out: dict[str, dict[str, Any]] = {}
     for lateral in ("linear", "spline"):
-        r = np.concatenate(fwhm[lateral]) if fwhm[lateral] else np.zeros(0)
-        r = r[np.isfinite(r)]
+        # unresolved beads (NaN) count as misses, as engine.fidelity counts them
+        r = ho.summarise_ratios(np.concatenate(fwhm[lateral]) if fwhm[lateral] else np.zeros(0))
         out[lateral] = {
             "tilted": _ratio_summary(np.concatenate(tilted[lateral])) if tilted[lateral] else None,
-            "fwhm_beads": int(r.size),
-            "fwhm_within_15pct": float(np.mean(np.abs(r - 1) <= ho.FWHM_TOLERANCE))
-            if r.size
-            else None,
-            "fwhm_ratio_median": float(np.median(r)) if r.size else None,
+            "fwhm_beads": int(r["count"]),
+            "fwhm_within_15pct": r["fraction_within"],
+            "fwhm_ratio_median": r["median_ratio"],
         }
     return out
 
@@ -627,6 +625,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "own PSF (camera_ceiling; the vectorial set, --pupil the pupil set)",
     )
     args = parser.parse_args(argv)
+    if args.camera_ceiling and (
+        args.weights or args.measured_psf or args.subpixel_points or args.samples != 3
+    ):
+        parser.error(
+            "--camera-ceiling takes the larger set's samples, camera-like, through the set's own "
+            "PSF: --pupil and --out only"
+        )
     if args.camera_ceiling:
         from engine.fidelity import LARGE_INDEPENDENT
 

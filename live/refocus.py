@@ -1589,7 +1589,9 @@ def refocus_recording(
         model_id["psf_bank"] = str(bank)
         model_id["psf_bank_sha256"] = _sha256(bank)
     if point_fit:  # other planes again: beads refitted (the fit's settings, to resume alike)
-        model_id["point_fit"] = repr(PointFit(lateral=point_fit_lateral))
+        # the linear fit's identity as it was before `lateral` existed: its outputs resume
+        fit = repr(PointFit(lateral=point_fit_lateral))
+        model_id["point_fit"] = fit.replace(", lateral='linear'", "")
     chunk_given = chunk is not None
     if chunk is None:
         itemsize = np.dtype(stack_dtype).itemsize
@@ -1862,7 +1864,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; a `RefocusError` prints one line and exits 2."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.point_fit_lateral != "linear" and not args.point_fit:
+        parser.error("--point-fit-lateral is how --point-fit holds beads: give --point-fit too")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = refocus_recording(

@@ -174,6 +174,14 @@ def test_the_fidelity_report_serves_each_volume_model_with_the_fit_too() -> None
     assert fitted_err < plain_err
 
 
+def test_the_fidelity_command_refuses_a_fit_convention_without_the_fit() -> None:
+    from engine import fidelity as F
+
+    with pytest.raises(SystemExit) as exit_info:
+        F.main(["--quick", "--fit-lateral", "spline"])
+    assert exit_info.value.code == 2
+
+
 def test_the_fidelity_report_measures_what_a_frame_holds_by_a_fit_from_the_truth() -> None:
     """`engine.fidelity`'s `FIT_CEILING`: the point fit started at the true beads, through the
     bank measured for that set's microscope, places a held-out frame's beads as well as the
@@ -223,11 +231,15 @@ def test_a_spline_points_image_is_what_the_renderer_makes_of_it_and_is_the_psf_m
     cubic-spline interpolation: a camera-like bead between pixels, not a four-pixel split."""
     from scipy import ndimage
 
-    for z, r, c in ((12.3, 40.6, 51.2), (20.0, 48.5, 47.5), (0.4, 45.1, 44.9)):
-        window = (int(r) - 20, int(r) + 21), (int(c) - 20, int(c) + 21)
-        image = point_image(bank, depth_grid(), (z, r, c), *window, lateral="spline")
+    for z, r, c in ((12.3, 40.6, 51.2), (20.0, 48.5, 47.5), (0.4, 45.1, 44.9), (5.0, 94.7, 1.3)):
+        window = (
+            (max(int(r) - 20, 0), min(int(r) + 21, SHAPE[0])),
+            (max(int(c) - 20, 0), int(c) + 21),
+        )
+        image = point_image(bank, depth_grid(), (z, r, c), *window, "spline", SHAPE)
         rendered = renderer.render(_point(z, r, c, 1.0, "spline"), np.zeros(1))[0]
         (r0, r1), (c0, c1) = window
+        # at the frame's edge too: the taps off the frame are neither held nor fitted
         np.testing.assert_allclose(image, rendered[r0:r1, c0:c1], atol=1e-6)
     # in focus, a bead at a pixel corner: the moved PSF (spline) keeps the centred peak's
     # height within a few %, the split loses a quarter or more
@@ -240,3 +252,19 @@ def test_a_spline_points_image_is_what_the_renderer_makes_of_it_and_is_the_psf_m
     o = plane.shape[0] // 2
     np.testing.assert_allclose(spline, moved[o - 20 : o + 21, o - 20 : o + 21], atol=2e-3)
     assert split.max() < 0.8 * spline.max()
+
+
+def test_a_spline_fit_serves_a_bank_narrower_than_its_window(bank: np.ndarray) -> None:
+    """A measured bank may be narrow (an odd side of 11 px and up): the spline fit cuts its
+    candidates' windows from the planes padded with the zeros beyond them (was a traceback)."""
+    narrow = np.ascontiguousarray(bank[:, 40:87, 40:87])  # 47 px
+    narrow /= narrow.sum(axis=(1, 2), keepdims=True)
+    renderer = Renderer(narrow, depth_grid(), SHAPE, threads=1)
+    truth = _point(26.0, 47.3, 51.6, 10000.0, "spline")
+    frame = renderer.render(truth, np.zeros(1))[0] + OFFSET
+    guess = gaussian_filter(_point(26.6, 47.6, 51.4, 7000.0), (0.6, 0.5, 0.5)).astype(np.float32)
+    out = fit_points(guess, frame, renderer, narrow, PointFit(lateral="spline"))
+    assert out.fitted == 1
+    mass, z, r, c = _centroid(out.density)
+    assert mass == pytest.approx(10000.0, rel=0.01)
+    assert abs(z - 26.0) <= 0.05 and abs(r - 47.3) <= 0.05 and abs(c - 51.6) <= 0.05

@@ -160,3 +160,12 @@ def test_camera_like_beads_need_points_held_on_the_spline_kernel() -> None:
     assert spline["in_focus"] >= 0.8
     assert spline["in_focus"] >= linear["in_focus"] + 0.2
     assert linear["too_dim"] > linear["too_bright"]  # the split's misses are dim beads
+
+
+def test_flags_the_camera_ceiling_would_ignore_are_refused_and_spline_points_are_subvoxel() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        probes.main(["--camera-ceiling", "--subpixel-points"])
+    assert exit_info.value.code == 2
+    sample = ho.independent_sample("beads", 0, (64, 64))
+    with pytest.raises(ValueError, match="subvoxel only"):
+        ho.point_density(sample, ho.truth_dz_um(), subvoxel=False, lateral="spline")

@@ -770,7 +770,11 @@ def test_the_point_fit_reaches_offline_refocusing_and_its_identity(tmp_path: Pat
     out = tmp_path / "p.ome.zarr"
     kw: dict[str, Any] = {"model": volume, "planes": PLANES, "scheduler": "sync", **ORT}
     s = refocus_recording(tmp_path / "movie.tif", out=out, point_fit=True, **kw)
-    assert s.frames_done == 2 and s.model["point_fit"] == repr(PointFit())
+    # the linear fit's identity is as before `lateral` existed: older outputs still resume
+    assert s.frames_done == 2 and s.model["point_fit"] == (
+        "PointFit(max_sd_px=1.3, max_sd_slices=2.0, min_core=0.5, min_peak_sigma=6.0, "
+        "depth_search_slices=2.0, passes=2)"
+    )
     served = load_backend(volume, prefer=["onnxruntime"], point_fit=PointFit())
     dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
     expected = np.stack([served.infer(f, dpms) for f in frames])
@@ -782,6 +786,9 @@ def test_the_point_fit_reaches_offline_refocusing_and_its_identity(tmp_path: Pat
         refocus_recording(
             tmp_path / "movie.tif", out=out, point_fit=True, point_fit_lateral="spline", **kw
         )
+    with pytest.raises(SystemExit) as exit_info:  # a flag that would be ignored
+        main([str(tmp_path / "movie.tif"), "--point-fit-lateral", "spline"])
+    assert exit_info.value.code == 2
     spline = tmp_path / "s.ome.zarr"
     refocus_recording(
         tmp_path / "movie.tif", out=spline, point_fit=True, point_fit_lateral="spline", **kw
