@@ -84,7 +84,7 @@ def test_planes_beyond_the_trained_range_are_refused_unless_extrapolation_is_all
     )
     backend = open_backend(allowed)
     try:
-        _check_planes(allowed, backend)  # no refusal
+        _check_planes(allowed, backend, build_plan(allowed))  # no refusal
     finally:
         backend.close()
 
