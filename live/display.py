@@ -93,20 +93,17 @@ class LatestStack:
         max_message_bytes: int = MAX_FRAME_BYTES,
         keys: ClientKeys | None = None,
     ) -> None:
-        from live.security import connect_curve
+        from live.security import subscriber
 
         self._own_ctx = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
-        try:
-            self._sub.linger = 0
-            self._sub.rcvhwm = 4
-            self._sub.maxmsgsize = max_message_bytes
-            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-            connect_curve(self._sub, keys)
-            self._sub.connect(endpoint)
+        try:  # keep only a few stacks: the newest is what is shown
+            self._sub = subscriber(
+                self._ctx, endpoint, keys, max_message_bytes=max_message_bytes, rcvhwm=4
+            )
         except BaseException:
-            self.close()
+            if self._own_ctx:
+                self._ctx.term()
             raise
         self._max_bytes = max_message_bytes
         self.received = 0

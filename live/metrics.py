@@ -579,19 +579,15 @@ class StatusReader:
         *,
         keys: ClientKeys | None = None,
     ) -> None:
-        from live.security import connect_curve
+        from live.security import subscriber
 
         self._own_ctx = ctx is None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
-        self._sub = self._ctx.socket(zmq.SUB)
         try:
-            self._sub.linger = 0
-            self._sub.maxmsgsize = MAX_STATUS_BYTES  # a hostile publisher cannot flood memory
-            self._sub.setsockopt(zmq.SUBSCRIBE, b"")
-            connect_curve(self._sub, keys)
-            self._sub.connect(endpoint)
+            self._sub = subscriber(self._ctx, endpoint, keys, max_message_bytes=MAX_STATUS_BYTES)
         except BaseException:
-            self.close()
+            if self._own_ctx:
+                self._ctx.term()
             raise
 
     def latest(self, timeout_ms: int = 0) -> dict[str, Any] | None:

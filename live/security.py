@@ -205,6 +205,37 @@ def connect_curve(socket: zmq.Socket[Any], keys: ClientKeys | None) -> None:
     socket.curve_serverkey = keys.server_public
 
 
+def subscriber(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    keys: ClientKeys | None,
+    *,
+    max_message_bytes: int,
+    rcvhwm: int | None = None,
+) -> zmq.Socket[bytes]:
+    """Return a SUB socket taking every message the daemon publishes on `endpoint`.
+
+    A CURVE client with `keys` (None: none); linger 0, so a reader's close drops what still
+    waits; message parts over `max_message_bytes` dropped by ZeroMQ before they are buffered
+    (a hostile publisher cannot fill memory); `rcvhwm` messages queued (None: ZeroMQ's
+    default). The viewer's and the status reader's one set-up. Raises `zmq.ZMQError` when
+    `endpoint` cannot be connected to (``tcp://*:5556``), after closing the socket.
+    """
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.linger = 0
+        if rcvhwm is not None:
+            sub.rcvhwm = rcvhwm
+        sub.maxmsgsize = max_message_bytes
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        connect_curve(sub, keys)
+        sub.connect(endpoint)
+    except BaseException:
+        sub.close(linger=0)
+        raise
+    return sub
+
+
 class Gatekeeper:
     """The daemon's ZAP handler: lets in CURVE clients whose public key is on the allow-list.
 
