@@ -252,12 +252,7 @@ class IndependentOptics:
         the centre pixel (use an odd size); every wide-field plane sums to 1 (confocal: the in-focus
         plane does, the others dim). Cached and read-only.
         """
-        d = np.atleast_1d(np.asarray(defocus_um, dtype=np.float64))
-        if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
-            raise ValueError(f"defocus_um must be a 1-D array of finite values, got {defocus_um!r}")
-        if size_px < 3 or size_px % 2 == 0:
-            raise ValueError(f"size_px must be odd and >= 3, got {size_px}")
-        key = tuple(round(float(v), 6) for v in d)
+        key = _defocus_key(defocus_um, size_px)
         return _psf_planes(self, self.particle_depth_um(float(source_z_um)), key, int(size_px))
 
     def psf_subpixel(
@@ -270,16 +265,21 @@ class IndependentOptics:
         exactly, the vectorial one's within psfmodels' own pixel integration, 1-2 % L1), and
         every plane sums to 1. What `point_render="subpixel"` images points with. Cached.
         """
-        d = np.atleast_1d(np.asarray(defocus_um, dtype=np.float64))
-        if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
-            raise ValueError(f"defocus_um must be a 1-D array of finite values, got {defocus_um!r}")
-        if size_px < 3 or size_px % 2 == 0:
-            raise ValueError(f"size_px must be odd and >= 3, got {size_px}")
+        key = _defocus_key(defocus_um, size_px)
         if self.pinhole_au is not None:
             raise ValueError("psf_subpixel is wide-field only (pinhole_au=None)")
-        key = tuple(round(float(v), 6) for v in d)
         pz = self.particle_depth_um(float(source_z_um))
         return _psf_planes_subpixel(self, pz, key, int(size_px))
+
+
+def _defocus_key(defocus_um: np.ndarray, size_px: int) -> tuple[float, ...]:
+    """Check a PSF request (finite 1-D defocus, an odd side >= 3); return its cache key."""
+    d = np.atleast_1d(np.asarray(defocus_um, dtype=np.float64))
+    if d.ndim != 1 or d.size == 0 or not np.all(np.isfinite(d)):
+        raise ValueError(f"defocus_um must be a 1-D array of finite values, got {defocus_um!r}")
+    if size_px < 3 or size_px % 2 == 0:
+        raise ValueError(f"size_px must be odd and >= 3, got {size_px}")
+    return tuple(round(float(v), 6) for v in d)
 
 
 def _raw_psf(

@@ -60,7 +60,7 @@ import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -70,6 +70,9 @@ from engine.metrics import gaussian_fwhm_2d
 from engine.psf_calibration import plane_fwhm_um, slide_bank_for
 from engine.runtime import load_backend
 from engine.volume import Renderer, load_psf_bank
+
+if TYPE_CHECKING:
+    from engine.optics import Lateral
 
 __all__ = [
     "bead_spread",
@@ -177,7 +180,7 @@ def fwhm_ceiling(
     reports them.
     """
     depth = np.asarray(depth_um, dtype=np.float64)
-    modes: dict[str, tuple[bool, Literal["linear", "spline"]]] = {
+    modes: dict[str, tuple[bool, Lateral]] = {
         "subvoxel": (True, "linear"),
         "nearest_voxel": (False, "linear"),
         "spline": (True, "spline"),
@@ -248,13 +251,13 @@ def tilted_split(
     step = float(depth[1] - depth[0])
     _, surface = ho.refocus_fns(backend)
     model: list[np.ndarray] = []
-    truth: dict[str, list[np.ndarray]] = {"linear": [], "spline": []}
+    truth: dict[Lateral, list[np.ndarray]] = {"linear": [], "spline": []}
     for s in samples:
         t = ho.tilted_in_focus(surface, s)
         model.append(t.peak_refocused / t.peak_truth)
         renderer = Renderer(psf, depth, s.frame.shape, threads=1)
         for lateral, ratios in truth.items():
-            density = ho.point_density(s, depth, lateral=lateral)  # type: ignore[arg-type]
+            density = ho.point_density(s, depth, lateral=lateral)
             points = _rendered(renderer, density, s.background)
             c = ho.tilted_in_focus(ho.surface_from_planes(points, step), s)
             ratios.append(c.peak_refocused / c.peak_truth)
@@ -332,14 +335,15 @@ def camera_ceiling(
     bank = np.asarray(
         camera.psf((np.arange(planes) - (depth.size - 1)) * ho.SLICE_UM, 0.0), dtype=np.float32
     )
-    tilted: dict[str, list[np.ndarray]] = {"linear": [], "spline": []}
-    fwhm: dict[str, list[np.ndarray]] = {"linear": [], "spline": []}
+    laterals: tuple[Lateral, ...] = ("linear", "spline")
+    tilted: dict[Lateral, list[np.ndarray]] = {lateral: [] for lateral in laterals}
+    fwhm: dict[Lateral, list[np.ndarray]] = {lateral: [] for lateral in laterals}
     for kind in ("tilted", "beads"):
         for seed in seeds.get(kind, ()):
             sample = ho.independent_sample(kind, seed, optics=camera)  # type: ignore[arg-type]
             renderer = Renderer(bank, depth, sample.frame.shape, threads=1)
-            for lateral in ("linear", "spline"):
-                density = ho.point_density(sample, depth, lateral=lateral)  # type: ignore[arg-type]
+            for lateral in laterals:
+                density = ho.point_density(sample, depth, lateral=lateral)
                 rendered = _rendered(renderer, density, sample.background)
                 if kind == "tilted":
                     surface = ho.surface_from_planes(rendered, ho.SLICE_UM)
@@ -348,7 +352,7 @@ def camera_ceiling(
                 else:
                     fwhm[lateral].append(ho.bead_fwhm_ratios(rendered, sample))
     out: dict[str, dict[str, Any]] = {}
-    for lateral in ("linear", "spline"):
+    for lateral in laterals:
         # unresolved beads (NaN) count as misses, as engine.fidelity counts them
         r = ho.summarise_ratios(np.concatenate(fwhm[lateral]) if fwhm[lateral] else np.zeros(0))
         out[lateral] = {

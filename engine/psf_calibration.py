@@ -345,23 +345,19 @@ def _splat_transfer(dy: float, dx: float, side_px: int, lateral: Lateral = "line
     on `engine.optics.spline_taps` instead (the convention of a point fit that renders
     camera-like beads, `PointFit.lateral`): the bank is then the pixel PSF those taps move.
     """
+    from engine.optics import lateral_weights
+
     k = np.fft.fftfreq(side_px)
-    if lateral == "spline":
-        from engine.optics import SPLINE_TAPS, spline_taps
 
-        def axis(d: float) -> np.ndarray:
-            first = int(np.floor(d))
-            taps = spline_taps(d - first)
-            at = first + np.arange(-SPLINE_TAPS, SPLINE_TAPS + 1)
-            out: np.ndarray = (taps[:, None] * np.exp(-2j * np.pi * np.outer(at, k))).sum(0)
-            return out
+    def axis(d: float) -> np.ndarray:
+        first = int(np.floor(d))
+        offset, weights = lateral_weights(d - first, lateral)
+        at = first + offset + np.arange(weights.size)
+        out: np.ndarray = (weights[:, None] * np.exp(-2j * np.pi * np.outer(at, k))).sum(0)
+        return out
 
-        spline: np.ndarray = axis(dy)[:, None] * axis(dx)[None, :]
-        return spline
-    hy = (1 - abs(dy)) + abs(dy) * np.exp(-2j * np.pi * k * np.sign(dy))
-    hx = (1 - abs(dx)) + abs(dx) * np.exp(-2j * np.pi * k * np.sign(dx))
-    out: np.ndarray = hy[:, None] * hx[None, :]
-    return out
+    transfer: np.ndarray = axis(dy)[:, None] * axis(dx)[None, :]
+    return transfer
 
 
 def _clean(plane: np.ndarray) -> np.ndarray:

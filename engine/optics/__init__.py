@@ -32,7 +32,14 @@ if TYPE_CHECKING:
         simulate_volume_pair,
     )
     from engine.optics._psf import make_psf
-    from engine.optics._samples import SPLINE_TAPS, Lateral, ObjectTable, deposit_point, spline_taps
+    from engine.optics._samples import (
+        SPLINE_TAPS,
+        Lateral,
+        ObjectTable,
+        deposit_point,
+        lateral_weights,
+        spline_taps,
+    )
     from engine.optics._timeseries import WormTimeSeries
 
 _LAZY = {
@@ -48,6 +55,7 @@ _LAZY = {
     "ObjectTable": "engine.optics._samples",
     "deposit_point": "engine.optics._samples",
     "spline_taps": "engine.optics._samples",
+    "lateral_weights": "engine.optics._samples",
     "SPLINE_TAPS": "engine.optics._samples",
     "Lateral": "engine.optics._samples",
     "WormTimeSeries": "engine.optics._timeseries",
@@ -68,6 +76,7 @@ __all__ = [
     "default_z_um",
     "deposit_point",
     "expected_counts",
+    "lateral_weights",
     "make_psf",
     "simulate_focal_stack",
     "simulate_volume_pair",

@@ -291,6 +291,21 @@ def spline_taps(frac: float) -> np.ndarray:
     return _spline_taps_cached(round(float(frac), 3))
 
 
+def lateral_weights(frac: float, lateral: Lateral) -> tuple[int, np.ndarray]:
+    """Return how a point `frac` px (0 <= frac < 1) past pixel 0 is held along one axis.
+
+    (offset of the first weight from pixel 0, weights): ``"linear"`` puts 1 - frac on pixel 0
+    and frac on pixel 1 (the training targets' split); ``"spline"`` puts `spline_taps` on
+    pixels -SPLINE_TAPS … +SPLINE_TAPS. The one home of both conventions: `deposit_point`
+    deposits with them, `engine.psf_calibration` undoes them.
+    """
+    if lateral == "spline":
+        return -SPLINE_TAPS, spline_taps(frac)
+    if lateral != "linear":
+        raise ValueError(f"lateral must be 'linear' or 'spline', not {lateral!r}")
+    return 0, np.array([1.0 - frac, frac])
+
+
 def deposit_point(
     out: np.ndarray, total: float, gz: float, gy: float, gx: float, lateral: Lateral = "linear"
 ) -> None:
@@ -298,36 +313,28 @@ def deposit_point(
 
     The one home of how a volume holds a point: the training targets' beads and the point
     fit's refitted beads (`engine.point_fit`) alike. Along depth it is split linearly between
-    the two slices around it; laterally ``"linear"`` splits it bilinearly between the four
-    pixels around it (the training targets), ``"spline"`` spreads it over the
-    (2·SPLINE_TAPS + 1)² pixels around it with `spline_taps` (a point that renders as a camera
-    images it). In place; voxels off the grid are skipped.
+    the two slices around it; laterally as `lateral_weights` says: ``"linear"`` splits it
+    bilinearly between the four pixels around it (the training targets), ``"spline"`` spreads
+    it over the (2·SPLINE_TAPS + 1)² pixels around it (a point that renders as a camera images
+    it). In place; voxels off the grid are skipped.
     """
     s_count, h, w = out.shape
     iz, iy, ix = int(np.floor(gz)), int(np.floor(gy)), int(np.floor(gx))
-    fz, fy, fx = gz - iz, gy - iy, gx - ix
-    if lateral == "spline":
-        block = np.outer(spline_taps(fy), spline_taps(fx)) * total
-        r0, c0 = iy - SPLINE_TAPS, ix - SPLINE_TAPS
-        # the part of the kernel on the grid (none for a point far off it: stops kept >= 0,
-        # where a negative one would count from the grid's far edge)
-        r1, c1 = min(r0 + block.shape[0], h), min(c0 + block.shape[1], w)
-        if r1 <= max(r0, 0) or c1 <= max(c0, 0):
-            return
-        rs, cs = slice(max(r0, 0), r1), slice(max(c0, 0), c1)
-        part = block[rs.start - r0 : r1 - r0, cs.start - c0 : c1 - c0]
-        for dzi, wz in ((0, 1 - fz), (1, fz)):
-            if wz > 0 and 0 <= iz + dzi < s_count:
-                out[iz + dzi, rs, cs] += (wz * part).astype(out.dtype, copy=False)
+    fz = gz - iz
+    dy, wy = lateral_weights(gy - iy, lateral)
+    dx, wx = lateral_weights(gx - ix, lateral)
+    block = np.outer(wy, wx) * total
+    r0, c0 = iy + dy, ix + dx
+    # the part of the block on the grid (none for a point far off it: stops kept >= 0, where
+    # a negative one would count from the grid's far edge)
+    r1, c1 = min(r0 + block.shape[0], h), min(c0 + block.shape[1], w)
+    if r1 <= max(r0, 0) or c1 <= max(c0, 0):
         return
-    if lateral != "linear":
-        raise ValueError(f"lateral must be 'linear' or 'spline', not {lateral!r}")
+    rs, cs = slice(max(r0, 0), r1), slice(max(c0, 0), c1)
+    part = block[rs.start - r0 : r1 - r0, cs.start - c0 : c1 - c0]
     for dzi, wz in ((0, 1 - fz), (1, fz)):
-        for dyi, wy in ((0, 1 - fy), (1, fy)):
-            for dxi, wx in ((0, 1 - fx), (1, fx)):
-                z, y, x = iz + dzi, iy + dyi, ix + dxi
-                if 0 <= z < s_count and 0 <= y < h and 0 <= x < w:
-                    out[z, y, x] += total * wz * wy * wx
+        if wz > 0 and 0 <= iz + dzi < s_count:
+            out[iz + dzi, rs, cs] += (wz * part).astype(out.dtype, copy=False)
 
 
 def _ellipsoid(
