@@ -51,7 +51,7 @@ from engine.metadata import (
     normalize_images,
 )
 from engine.model import DeepZ, build_model, read_checkpoint, save_model, write_checkpoint
-from engine.optics import WormConfig
+from engine.optics import Lateral, WormConfig
 from engine.train import (
     LabStackConfig,
     SampleKind,
@@ -117,6 +117,13 @@ class VolumeDataConfig(_Base):
         "(`OpticsConfig.psf_model`). The model's PSF bank stays the config's optics' "
         "(scalar), and so do the render targets: only the input frames change, so the "
         "network learns depth cues that hold across PSF models. Not with optics.psf_model.",
+    )
+    frame_points: Lateral = Field(
+        "linear",
+        description="How the input frames are imaged from a bead between pixels "
+        "(`engine.optics.simulate_volume_pair`): 'linear' from the truth's own bilinear split "
+        "(a bead at a pixel corner about 25 % dim in focus), 'spline' as a camera images it "
+        "(within 1-2 %). The density targets keep the split either way.",
     )
     peak_photons: tuple[float, float] = Field((300.0, 3000.0), description="Log-uniform range.")
     background_photons: tuple[float, float] = Field((10.0, 100.0), description="Uniform range.")
@@ -567,6 +574,7 @@ class Sample:
             seed=seed,
             worm=d.worm,
             body_glow=cfg.body,
+            frame_points=d.frame_points,
         )
         x, _, std = normalize_images(pair.frames)
         self.kind = kind
@@ -1499,12 +1507,14 @@ def make_volume_metadata(
             if optics.psf_model == "measured"
             else "vectorial"
         )
-    worm = ""  # said only where the worm is not the original one
+    notes = ""  # said only where the worm or the frames are not the original ones
     if d.worm.nucleus_diameter_um is not None:
         lo, hi = d.worm.nucleus_diameter_um
-        worm += f"; worm nuclei {lo:g}-{hi:g} µm"
+        notes += f"; worm nuclei {lo:g}-{hi:g} µm"
     if d.worm.axis_depth_um > 0:
-        worm += f"; worm axis within ±{d.worm.axis_depth_um:g} µm of mid-plane"
+        notes += f"; worm axis within ±{d.worm.axis_depth_um:g} µm of mid-plane"
+    if d.frame_points != "linear":
+        notes += f"; frames' beads on the {d.frame_points} kernel"
     return ModelMetadata(
         name=cfg.name,
         architecture=model.architecture,
@@ -1518,7 +1528,7 @@ def make_volume_metadata(
         trained_on=(
             f"engine.optics simulated frames + true densities ({', '.join(d.kinds)}; "
             f"{psf_names} PSF, {aberration} {d.particle_depths_um} µm, focus within "
-            f"±{d.focus_half_range_um} µm{worm}; {cfg.target_modality} render targets)"
+            f"±{d.focus_half_range_um} µm{notes}; {cfg.target_modality} render targets)"
         ),
         training_command=command_line("engine.train_volume"),
         commit=git_commit(),

@@ -1292,6 +1292,46 @@ def test_samples_draw_their_psf_model_and_only_the_frames_change(tmp_path: Path)
     assert "scalar Gibson-Lanni and vectorial PSF" in meta.trained_on
 
 
+def test_frames_held_on_the_spline_kernel_reach_training_with_the_targets_unchanged() -> None:
+    """data.frame_points "spline" (session 36) changes what the network sees, a bead as a
+    camera images it, and not what it learns to place: the density targets stay the split's.
+    The model's metadata says so; an unknown convention is refused at config time."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    from pydantic import ValidationError
+
+    from engine.train_volume import (
+        Sample,
+        VolumeTrainConfig,
+        build_volume_model,
+        make_volume_metadata,
+    )
+
+    def config(points: str) -> VolumeTrainConfig:
+        data = {"stack_shape": [64, 64], "kinds": ["beads"], "frame_points": points}
+        data |= {"kind_weights": [1.0], "start_kind_weights": [1.0]}
+        return VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "data": data}
+        )
+
+    split, spline = (Sample(config(p), 3, [1.0]) for p in ("linear", "spline"))
+    np.testing.assert_array_equal(split.objects.x_um, spline.objects.x_um)
+    # the same density, in each frame's own normalised units (a per-frame scale)
+    for f in range(split.targets.shape[0]):
+        lit = split.targets[f] > 1e-3
+        ratio = spline.targets[f][lit] / split.targets[f][lit]
+        assert lit.sum() > 100 and np.ptp(ratio) < 1e-4 * ratio.mean()
+        np.testing.assert_array_equal(spline.targets[f][~lit] <= 1e-3, True)
+    assert not np.allclose(split.inputs, spline.inputs, atol=1e-3)
+    cfg = config("spline")
+    meta = make_volume_metadata(cfg, build_volume_model(cfg), "psf.npy", {})
+    assert "frames' beads on the spline kernel" in meta.trained_on
+    plain = config("linear")
+    described = make_volume_metadata(plain, build_volume_model(plain), "psf.npy", {})
+    assert "kernel" not in described.trained_on
+    with pytest.raises(ValidationError, match="frame_points"):
+        config("cubic")
+
+
 def test_training_through_a_measured_bank_images_renders_and_ships_that_bank(tmp_path: Path):
     """optics psf_model "measured" (session 30): a lab's measured bank is what the frames are
     imaged through, what the render term renders through and the bank the model ships with

@@ -20,10 +20,12 @@ from engine.optics._psf import make_psf
 from engine.optics._samples import (
     Extent,
     Grid,
+    Lateral,
     ObjectTable,
     beads,
     body_density,
     body_texture,
+    is_point,
     rasterize,
     worm_body,
     worm_nuclei,
@@ -434,6 +436,7 @@ def simulate_volume_pair(
     seed: int = 0,
     worm: WormConfig | None = None,
     body_glow: bool = False,
+    frame_points: Lateral = "linear",
 ) -> VolumePair:
     """Simulate frames of a random sample with its density on a depth grid around each focus.
 
@@ -442,6 +445,14 @@ def simulate_volume_pair(
     `worm` shapes a worm sample's body and nuclei (default: the original worm). `body_glow`
     also images the body's diffuse density alone (`VolumePair.body_counts`): what a model must
     tell apart from the nuclei's light (the frames and truth are unchanged).
+
+    `frame_points` is how the frames' image formation holds a bead between pixels
+    (`deposit_point`): ``"linear"`` splits it between the four pixels around it, as the truth
+    does, so the frames are imaged from the truth itself; ``"spline"`` holds it on the
+    cubic-spline kernel, whose image is the pixel PSF moved to the bead (within 1–2 % of the
+    light a camera's pixels collect; the split leaves a bead at a pixel corner about 25 % dim in
+    focus: session 35). The truth keeps the split either way: it is the density the network
+    learns to place, and a serve-time fit refits beads to the frame (`engine.point_fit`).
     """
     optics = optics or OpticsConfig()
     camera = camera or CameraConfig()
@@ -451,11 +462,17 @@ def simulate_volume_pair(
         steps = v / SLICE_UM
         if v.size == 0 or not np.allclose(steps, np.round(steps), atol=1e-6):
             raise ValueError(f"{name} must be non-empty multiples of {SLICE_UM} µm, got {v!r}")
+    if frame_points not in ("linear", "spline"):
+        raise ValueError(f"frame_points must be 'linear' or 'spline', not {frame_points!r}")
     shape = (int(shape[0]), int(shape[1]))
     rng = np.random.default_rng(seed)
     objects, grid, density, body = make_sample(sample, shape, optics, camera, rng, worm)
     rows, cols = frame_crop(grid, shape)
-    photons = image_slices(density, grid.z_um, focus, optics)[:, rows, cols]
+    imaged = density
+    if frame_points != "linear":
+        points = objects.take(is_point(objects, grid))
+        imaged = density + rasterize(points, grid, lateral=frame_points) - rasterize(points, grid)
+    photons = image_slices(imaged, grid.z_um, focus, optics)[:, rows, cols]
     photons += np.float32(camera.background_photons)
     frames = camera_counts(photons, camera, rng)
     scale = np.float32(camera.quantum_efficiency * camera.gain_counts_per_e)

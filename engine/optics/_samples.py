@@ -55,6 +55,10 @@ class ObjectTable:
         fields.update(changes)
         return ObjectTable(**fields)
 
+    def take(self, rows: np.ndarray) -> ObjectTable:
+        """Copy holding only `rows` (a boolean mask or indices)."""
+        return ObjectTable(**{n: getattr(self, n)[rows] for n in self.__dataclass_fields__})
+
     @staticmethod
     def concat(*tables: ObjectTable) -> ObjectTable:
         """Stack several tables into one."""
@@ -234,16 +238,29 @@ class Grid:
         return float(self.z_um[1] - self.z_um[0]) if self.z_um.size > 1 else 1.0
 
 
-def rasterize(objects: ObjectTable, grid: Grid, photon_scale: float = 1.0) -> np.ndarray:
+def is_point(objects: ObjectTable, grid: Grid) -> np.ndarray:
+    """(N,) bool: the objects smaller than a voxel (beads), which `rasterize` deposits as points."""
+    axes = objects.semi_axes_um
+    out: np.ndarray = (np.maximum(axes[:, 0], axes[:, 1]) < grid.pixel_size_um) & (
+        axes[:, 2] < grid.dz_um
+    )
+    return out
+
+
+def rasterize(
+    objects: ObjectTable, grid: Grid, photon_scale: float = 1.0, lateral: Lateral = "linear"
+) -> np.ndarray:
     """Photon density (S, H, W) float32 of `objects` on `grid`; each object's sum = intensity.
 
-    Ellipsoids get a one-voxel soft edge; objects smaller than a voxel (beads) are splatted
-    (bi-/tri-linear), so positions are sub-voxel accurate. `photon_scale` multiplies all.
+    Ellipsoids get a one-voxel soft edge; objects smaller than a voxel (beads, `is_point`) are
+    deposited as points (`deposit_point` with `lateral`: the bilinear split by default), so
+    positions are sub-voxel accurate. `photon_scale` multiplies all.
     """
     s_count = grid.z_um.size
     h, w = grid.shape
     out = np.zeros((s_count, h, w), dtype=np.float32)
     px, dz = grid.pixel_size_um, grid.dz_um
+    point = is_point(objects, grid)
     for i in range(len(objects)):
         total = float(objects.intensity[i]) * photon_scale
         if total <= 0:
@@ -251,10 +268,10 @@ def rasterize(objects: ObjectTable, grid: Grid, photon_scale: float = 1.0) -> np
         gx = (objects.x_um[i] - grid.x0_um) / px
         gy = (objects.y_um[i] - grid.y0_um) / px
         gz = (objects.z_um[i] - grid.z_um[0]) / dz
-        a, b, c = objects.semi_axes_um[i]
-        if max(a, b) < px and c < dz:
-            deposit_point(out, total, gz, gy, gx)
+        if point[i]:
+            deposit_point(out, total, gz, gy, gx, lateral)
         else:
+            a, b, c = objects.semi_axes_um[i]
             _ellipsoid(out, gx, gy, gz, (a / px, b / px, c / dz), objects.angle_rad[i], total)
     return out
 
