@@ -947,8 +947,9 @@ def report(r: dict[str, Any]) -> str:
     ]
     if r.get("point_render") == "subpixel":
         lines += [
-            "The independent sets image each bead to a third of a pixel, each pixel summing",
-            "the light on its area (`--subpixel-points`), not split between four pixels.",
+            "The independent sets image each bead where it lies, the PSF computed at a third of",
+            "a pixel and each pixel summing the light on its area (`--subpixel-points`), not",
+            "split between four pixels.",
             "",
         ]
     for name, res in r["results"].items():
@@ -1120,8 +1121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--subpixel-points",
         action="store_true",
-        help="image the independent sets' beads as a camera does (the PSF placed to a third of "
-        "a pixel, summed over each pixel), not split between four pixels as in training",
+        help="image the independent sets' beads as a camera does (the PSF computed at a third "
+        "of a pixel, moved to the bead, summed over each pixel), not split between four pixels",
     )
     p.add_argument(
         "--fit-lateral",

@@ -197,12 +197,12 @@ class IndependentOptics:
     nearest pixel centres with bilinear weights, as the training simulator places points too
     (at a pixel corner the in-focus peak is then 0.38 of a centred one's, against about 0.5
     for the light a camera's pixels really collect: the PSF is sampled at 0.3 µm, under
-    Nyquist's 0.17). "subpixel": the PSF computed at a third of a pixel, moved to the third of
-    a pixel nearest the point (placement within 0.05 µm) and summed over each pixel's area,
-    as a camera images a point; the truth planes and a bead slide are made the same way.
-    No bead then lies more than 1/3 px from a pixel centre (a camera's may lie 1/2 px off,
-    where its peak is lowest: 0.73 of a centred one's at 1/3 px, about 0.5 at the corner), so
-    the set is a little easier than a camera on the hardest beads. Wide-field only."""
+    Nyquist's 0.17). "subpixel": the PSF computed at a third of a pixel, moved to the point
+    (to the nearest third, then by the rest with a Fourier shift, exact at that sampling) and
+    summed over each pixel's area, as a camera images a point; the truth planes and a bead
+    slide are made the same way. A bead at a pixel corner then peaks 0.49 of a centred one's
+    in focus, a third of a pixel off 0.73 (session 36; session 35's sets stopped at the
+    nearest third, so no bead lay more than 1/3 px from a pixel centre). Wide-field only."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
     """"pupil" only: RMS waves of oblique astigmatism, horizontal coma and primary spherical
     aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all: a good
@@ -920,7 +920,9 @@ def _render_point_subpixel(
 
     Pixel r spans thirds 3r - 1 … 3r + 1, so the point goes to third u = round(3 · row) of
     pixel (u + 1) // 3 at phase u - 3 · pixel ∈ {-1, 0, 1}; the PSF is moved by that phase
-    (zero-filled at the edge, where it is dark) and summed over each pixel's 3 × 3 thirds.
+    (zero-filled at the edge, where it is dark) and by what is left, under half a third, with
+    a Fourier shift: at a third of a pixel (0.1 µm) the PSF is sampled past its Nyquist rate
+    (2 NA / λ), so the shift is exact. Then each pixel sums its 3 × 3 thirds.
     """
     q = _PUPIL_OVERSAMPLE
     f, side, _ = fine.shape
@@ -928,10 +930,24 @@ def _render_point_subpixel(
     u, v = round(q * row), round(q * col)
     r, c = (u + 1) // q, (v + 1) // q
     py, px = u - q * r, v - q * c
+    fine = _fourier_shift(fine, q * row - u, q * col - v)
     moved = np.zeros((f, side + 2, side + 2), dtype=np.float32)
     moved[:, 1 + py : 1 + py + side, 1 + px : 1 + px + side] = fine
     patch = moved[:, 1 : 1 + side, 1 : 1 + side].reshape(f, s, q, s, q).sum(axis=(2, 4))
     _add_clipped(out, patch * np.float32(signal_e), r - s // 2, c - s // 2)
+
+
+def _fourier_shift(planes: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """Move each of `planes` (F, H, W) by (dy, dx) samples (a linear phase; light kept)."""
+    if abs(dy) < 1e-6 and abs(dx) < 1e-6:
+        return planes
+    h, w = planes.shape[-2:]
+    ky = np.fft.fftfreq(h)[:, None]
+    kx = np.fft.rfftfreq(w)[None, :]
+    spectrum = scipy.fft.rfft2(planes)
+    spectrum *= np.exp(-2j * np.pi * (ky * dy + kx * dx))
+    moved: np.ndarray = scipy.fft.irfft2(spectrum, s=(h, w)).astype(np.float32)
+    return moved
 
 
 _SUB = (np.arange(4) + 0.5) / 4 - 0.5
