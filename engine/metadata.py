@@ -67,6 +67,23 @@ class VolumeOutput(BaseModel):
         return self
 
 
+def architecture_size_multiple(architecture: dict[str, Any]) -> int | None:
+    """Return the frame-side multiple a `DeepZ` architecture needs, or None if it does not say.
+
+    ``2 ** pools`` (one pool per level after the first of ``channels``), and a multiple of the
+    matched-filter primer's bin where it has one, as `DeepZ.size_multiple` computes it. None
+    where ``channels`` is not a list of at least two widths (nothing to check against).
+    """
+    channels = architecture.get("channels")
+    if not isinstance(channels, list) or len(channels) < 2:
+        return None
+    primer = architecture.get("primer")
+    bin_ = primer.get("bin", 1) if isinstance(primer, dict) else 1
+    if type(bin_) is not int or bin_ < 1:
+        return None
+    return math.lcm(2 ** (len(channels) - 2), bin_)
+
+
 class ModelMetadata(BaseModel):
     """What a trained Deep-Z model needs at inference time, and how it was made."""
 
@@ -106,10 +123,18 @@ class ModelMetadata(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_range(self) -> ModelMetadata:
+    def _check(self) -> ModelMetadata:
         lo, hi = self.dz_range_um
         if not lo < hi:
             raise ValueError(f"dz_range_um must be (min, max) with min < max, not {(lo, hi)}")
+        need = architecture_size_multiple(self.architecture)
+        if need is not None and self.size_multiple != need:
+            # a wrong multiple pads frames to sides the network cannot take: the engines then
+            # fail deep inside (onnxruntime: mismatched Concat dimensions) on every frame
+            raise ValueError(
+                f"size_multiple {self.size_multiple} does not match the architecture, whose "
+                f"frame sides must be multiples of {need}"
+            )
         return self
 
     def optics_mismatch(

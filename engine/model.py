@@ -10,7 +10,6 @@ with a matched-filter primer, AveragePool and a nearest Resize), so the network 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.detection import DETECTION_CHANNELS, DETECTION_HIDDEN, P_BIAS, Detections, decode, splat
-from engine.metadata import ModelMetadata, ModelMetadataError
+from engine.metadata import ModelMetadata, ModelMetadataError, architecture_size_multiple
 
 __all__ = [
     "PRESETS",
@@ -246,7 +245,9 @@ class DeepZ(nn.Module):
         self.train_leak = 0.0
         self.pools = len(chans) - 2
         # the primer bins the frame, so sides must also be multiples of its bin
-        self.size_multiple = math.lcm(2**self.pools, self.primer.bin if self.primer else 1)
+        multiple = architecture_size_multiple(self.architecture)
+        assert multiple is not None  # channels are recorded above
+        self.size_multiple = multiple
         levels = chans[1:]
         primed = self.primer.channels if self.primer is not None else 0
         self.stem = _conv3(in_channels + primed, chans[0])

@@ -185,6 +185,24 @@ def test_load_refuses_inconsistent_size_multiple(tmp_path) -> None:
         load_model(path)
 
 
+def test_metadata_whose_size_multiple_the_architecture_contradicts_is_refused() -> None:
+    """Any loader (ONNX, OpenVINO, TensorRT side files, not only torch's) refuses a
+    `size_multiple` the network cannot take: frames padded to it fail deep inside the engine
+    on every call (review 36: onnxruntime's "mismatched dimensions" from a Concat node)."""
+    from engine.metadata import architecture_size_multiple
+
+    model = DeepZ(**TINY)
+    meta = json.loads(_metadata(model).to_json())
+    assert architecture_size_multiple(meta["architecture"]) == model.size_multiple
+    assert architecture_size_multiple({"channels": [8, 8, 16, 32, 64, 128, 256]}) == 32
+    primed = {"channels": [8, 8, 16], "primer": {"bin": 3}}  # 2 ** 1 pools, a bin of 3
+    assert architecture_size_multiple(primed) == 6
+    assert architecture_size_multiple({}) is None  # nothing to check against
+    meta["size_multiple"] = model.size_multiple * 2
+    with pytest.raises(ModelMetadataError, match="does not match the architecture, whose frame"):
+        ModelMetadata.from_json(json.dumps(meta))
+
+
 def test_load_refuses_unbuildable_architecture(tmp_path) -> None:
     model = DeepZ(**TINY)
     path = tmp_path / "m.pt"

@@ -180,6 +180,21 @@ class BackendTests:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             backend.infer(images, dpms)
 
+    def test_an_engine_failure_is_one_backend_error(
+        self, backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`infer` raises `ValueError` or `BackendError` only (the live worker counts those
+        against one frame); an engine's own failure (onnxruntime raises a bare RuntimeError)
+        becomes one line naming the backend and the input it failed on."""
+
+        def fail(x: np.ndarray) -> np.ndarray:
+            raise RuntimeError("Concat node: mismatched dimensions")
+
+        monkeypatch.setattr(backend, "_run", fail)
+        frame, dpms = np.zeros((32, 32)), np.zeros((2, 32, 32), np.float32)
+        with pytest.raises(BackendError, match=rf"^{backend.name}: the network failed on input"):
+            backend.infer(frame, dpms)
+
     def test_rate_check(self, backend: Backend) -> None:
         assert backend.is_incompatible((32, 32), 2, rate_hz=1e-3) is False
         reason = backend.is_incompatible((32, 32), 2, rate_hz=1e9)

@@ -94,6 +94,25 @@ def test_cuda_graph_matches_plain_run(tiny_model_files: dict[str, object], cache
         np.testing.assert_array_equal(graphed.infer(frame, dpms), want)
 
 
+def test_padded_frames_with_a_frozen_plan_match_onnxruntime_frame_after_frame(
+    tiny_model_files: dict[str, object], onnx_reference: Backend, cache_dir: Path
+) -> None:
+    """A frame the network must see padded, served with the live worker's frozen DPMs: the
+    DPMs are written once and reused, so they must not sit in the pinned buffer the padded
+    input is copied over (review 36: from the second frame on the network read the previous
+    frame's padded input as its DPMs)."""
+    backend = _trt(tiny_model_files, cache_dir, precision="fp32")
+    shape = (SHAPE[0] - 14, SHAPE[1] - 6)  # padded back to SHAPE
+    frame, dpms = _inputs(3, shape)
+    dpms.flags.writeable = False  # a frozen plan, as `VolumePlan.frozen` hands the worker
+    spread = float(onnx_reference.infer(frame, dpms).std())
+    for k in range(3):
+        moved = np.roll(frame, 7 * k, axis=1)
+        got, want = backend.infer(moved, dpms), onnx_reference.infer(moved, dpms)
+        assert np.abs(got - want).max() <= 2e-3 * spread * 10, f"frame {k}"
+    backend.close()
+
+
 def test_frames_outside_the_profile_are_refused(
     tiny_model_files: dict[str, object], cache_dir: Path
 ) -> None:

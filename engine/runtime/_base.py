@@ -387,6 +387,22 @@ class BaseBackend:
         """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
         raise NotImplementedError
 
+    def _network(self, x: np.ndarray) -> np.ndarray:
+        """`_run`, its engine's own failures as one `BackendError` line naming the backend.
+
+        The runtimes raise their own types (onnxruntime a bare RuntimeError, e.g. for a graph
+        that cannot take this input size); `infer` promises `ValueError` or `BackendError`
+        only, which is what the live worker counts against one frame.
+        """
+        try:
+            return self._run(x)
+        except (ValueError, BackendError):
+            raise
+        except Exception as exc:  # any engine failure, re-raised as ours
+            raise BackendError(
+                f"{self.name}: the network failed on input {tuple(x.shape)}: {exc}"
+            ) from exc
+
     def _dpm_span(self, dpms_um: np.ndarray) -> tuple[float, float]:
         """Return the DPMs' (min, max) µm; refuse NaN, infinite or beyond ±`MAX_DPM_UM`.
 
@@ -433,7 +449,7 @@ class BaseBackend:
         step = self.max_batch
         for start in range(0, n, step):
             stop = min(start + step, n)
-            y = self._run(x[start:stop])
+            y = self._network(x[start:stop])
             if y.shape[0] != stop - start or y.ndim != 4:
                 raise BackendError(f"{self.name}: network returned shape {y.shape}")
             denormalize_images(
@@ -467,7 +483,7 @@ class BaseBackend:
         The result may be the backend's own output buffer: valid until its next call.
         """
         assert self.metadata.volume is not None
-        y = self._run(np.ascontiguousarray(x))
+        y = self._network(np.ascontiguousarray(x))
         if y.shape[:2] != (x.shape[0], len(self.metadata.volume.depth_um)) or y.ndim != 4:
             raise BackendError(f"{self.name}: network returned shape {y.shape}")
         return y

@@ -289,10 +289,14 @@ class TensorRTBackend(BaseBackend):
         """Let `infer` prepare the input straight in pinned host memory when one call takes it.
 
         That saves a host copy of the whole input per frame (86 MB for 41 × 512²); `_run` sees
-        the input already at the pinned buffer's start and only queues the upload.
+        the input already at the pinned buffer's start and only queues the upload. Not for a
+        frame that must be padded: `infer` then runs a padded copy, which `_run` writes over
+        the pinned buffer, and a frozen plan's DPMs, written once and reused from the buffer
+        `infer` was given, would be read back as the last frame's padded input.
         """
         count = int(np.prod(shape))
-        if shape[0] <= self.max_batch and count <= self._h_in.size:
+        unpadded = padded_shape(*shape[2:], self.metadata.size_multiple) == shape[2:]
+        if unpadded and shape[0] <= self.max_batch and count <= self._h_in.size:
             return self._h_in[:count].reshape(shape)
         return super()._input_buffer(shape)
 
