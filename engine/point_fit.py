@@ -401,8 +401,10 @@ def fit_points(
     """
     fit = fit or PointFit()
     dens = np.maximum(np.asarray(density, dtype=np.float32), 0)
-    need = 2 * (PATCH_HALF_PX + SPLINE_TAPS + 1) + 1  # a spline point's window, cut from a plane
-    if fit.lateral == "spline" and psf.shape[-1] < need:  # zero beyond a narrow bank: exact
+    # the widest window a candidate is cut from a plane with (a spline point's: the linear
+    # one's is narrower); a narrow bank is zero beyond its side, so padding it is exact
+    need = 2 * (PATCH_HALF_PX + SPLINE_TAPS + 1) + 1
+    if psf.shape[-1] < need:
         pad = (need - psf.shape[-1]) // 2
         psf = np.pad(psf, ((0, 0), (pad, pad), (pad, pad)))
     if dens.ndim != 3 or dens.shape[1:] != frame.shape or dens.shape[1:] != renderer.shape:

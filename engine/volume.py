@@ -44,6 +44,9 @@ DEPTH_STEP_UM = 0.5
 """Spacing of the depth grid and of renderable planes (µm): the simulator's slice lattice."""
 EMPTY_DEPTH = 1e-6
 """A depth whose density peaks below this fraction of the volume's peak is not rendered."""
+RANGE_TOLERANCE_UM = 1e-6
+"""How far beyond the depth grid's ends a requested plane or DPM may lie (float rounding of a
+tilted or shifted plan): served as the end plane. `BaseBackend.infer` accepts the same."""
 RESIDUAL_SIGMA_PX = 4.0
 """Gaussian low-pass (px) of the unexplained part of the frame that is added to every plane."""
 DEPTH_FFT_MIN_PRODUCTS = 450
@@ -443,7 +446,7 @@ class Renderer:
         Planes off the depth lattice are the linear blend of their two lattice neighbours:
         the lattice planes around all of them are rendered once (exact on the lattice).
         """
-        dz = np.atleast_1d(np.asarray(dz_um, dtype=np.float64))
+        dz = self._onto_range(np.atleast_1d(np.asarray(dz_um, dtype=np.float64)))
         lo = np.floor(np.round(dz / self.step_um, 6)).astype(np.int64)
         frac = np.clip(dz / self.step_um - lo, 0.0, 1.0).astype(np.float32)
         between = frac >= 1e-6  # off the lattice: the next plane up is needed too
@@ -486,11 +489,22 @@ class Renderer:
                 np.add(focus, low, out=out[asked], casting="unsafe")
         return out
 
+    def _onto_range(self, dz: np.ndarray) -> np.ndarray:
+        """`dz` with values at most `RANGE_TOLERANCE_UM` beyond the grid's ends put on them.
+
+        A float64 tilted plan from -10 to 10 µm ends at 10.000000000000002: without this it
+        asked for a plane past the grid and was refused with a message about the lattice.
+        Values further out are left for the lattice check to refuse.
+        """
+        ends = np.clip(dz, self.depth_um[0], self.depth_um[-1])
+        out: np.ndarray = np.where(np.abs(dz - ends) <= RANGE_TOLERANCE_UM, ends, dz)
+        return out
+
     def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
         """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel."""
-        dpm = np.asarray(dpm_um, dtype=np.float64)
-        lo = np.floor(dpm.min() / self.step_um) * self.step_um
-        hi = np.ceil(dpm.max() / self.step_um) * self.step_um
+        dpm = self._onto_range(np.asarray(dpm_um, dtype=np.float64))
+        lo = np.floor(np.round(dpm.min() / self.step_um, 6)) * self.step_um
+        hi = np.ceil(np.round(dpm.max() / self.step_um, 6)) * self.step_um
         z = np.round(np.arange(lo, hi + self.step_um / 2, self.step_um), 6)
         stack = self.planes(objects, frame, z)
         if z.size == 1:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from engine.optics import OpticsConfig, deposit_point
+from engine.optics import Lateral, OpticsConfig, deposit_point
 from engine.point_fit import PointFit, fit_points, frame_noise_sd, point_image
 from engine.volume import Renderer, defocus_index, depth_grid, psf_bank
 
@@ -254,16 +254,21 @@ def test_a_spline_points_image_is_what_the_renderer_makes_of_it_and_is_the_psf_m
     assert split.max() < 0.8 * spline.max()
 
 
-def test_a_spline_fit_serves_a_bank_narrower_than_its_window(bank: np.ndarray) -> None:
-    """A measured bank may be narrow (an odd side of 11 px and up): the spline fit cuts its
-    candidates' windows from the planes padded with the zeros beyond them (was a traceback)."""
-    narrow = np.ascontiguousarray(bank[:, 40:87, 40:87])  # 47 px
+@pytest.mark.parametrize(("lateral", "side"), [("spline", 47), ("linear", 31), ("spline", 31)])
+def test_a_fit_serves_a_bank_narrower_than_its_window(
+    bank: np.ndarray, lateral: Lateral, side: int
+) -> None:
+    """A measured bank may be narrow (an odd side of 11 px and up): the fit cuts its
+    candidates' windows from the planes padded with the zeros beyond them. It was a traceback,
+    the spline fit's under 53 px and (review 36) the linear fit's under 45, at every frame."""
+    cut = (bank.shape[-1] - side) // 2
+    narrow = np.ascontiguousarray(bank[:, cut : cut + side, cut : cut + side])
     narrow /= narrow.sum(axis=(1, 2), keepdims=True)
     renderer = Renderer(narrow, depth_grid(), SHAPE, threads=1)
-    truth = _point(26.0, 47.3, 51.6, 10000.0, "spline")
+    truth = _point(26.0, 47.3, 51.6, 10000.0, lateral)
     frame = renderer.render(truth, np.zeros(1))[0] + OFFSET
     guess = gaussian_filter(_point(26.6, 47.6, 51.4, 7000.0), (0.6, 0.5, 0.5)).astype(np.float32)
-    out = fit_points(guess, frame, renderer, narrow, PointFit(lateral="spline"))
+    out = fit_points(guess, frame, renderer, narrow, PointFit(lateral=lateral))
     assert out.fitted == 1
     mass, z, r, c = _centroid(out.density)
     assert mass == pytest.approx(10000.0, rel=0.01)

@@ -57,6 +57,25 @@ def test_surface_interpolates_between_planes(psf):
     assert surf.shape == SHAPE and np.isfinite(surf).all()
 
 
+def test_planes_and_surfaces_a_rounding_past_the_grid_ends_are_served_as_the_ends(psf):
+    """A float64 tilted plan from -10 to 10 µm may end at 10.000000000000002, and a shifted
+    one 1e-6 µm past the grid: `infer` accepts those (review 36), and the renderer serves them
+    as the end planes rather than asking for a plane past the grid. Further out is refused."""
+    pair = simulate_volume_pair("beads", shape=SHAPE, seed=5)
+    r = Renderer(psf, pair.depth_um, SHAPE)
+    frame, dens = pair.frames[0].astype(np.float32), pair.objects_counts[0]
+    ends = r.planes(dens, frame, np.array([-10.0, 10.0]))
+    np.testing.assert_array_equal(r.planes(dens, frame, np.array([-10 - 8e-7, 10 + 8e-7])), ends)
+    tilt = np.tile(np.linspace(-10.0, 10.0, SHAPE[1]), (SHAPE[0], 1))
+    tilt[:, -1] = np.nextafter(10.0, 11.0)
+    tilt[:, 0] = -10.0 - 9e-7
+    surf = r.surface(dens, frame, tilt)
+    np.testing.assert_allclose(surf[:, -1], ends[1][:, -1], rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(surf[:, 0], ends[0][:, 0], rtol=1e-6, atol=1e-3)
+    with pytest.raises(ValueError, match="lattice"):
+        r.planes(dens, frame, np.array([10.001]))
+
+
 def test_depth_convolution_and_direct_sums_render_the_same_planes(psf, monkeypatch):
     """The FFT-along-depth path (many planes) equals the direct sum (few), to float32 rounding."""
     import engine.volume as volume

@@ -33,7 +33,7 @@ from engine.metadata import (
 )
 from engine.point_fit import PointFit, fit_points
 from engine.runtime._protocol import BackendError, Precision
-from engine.volume import Renderer, load_psf_bank, psf_bank
+from engine.volume import RANGE_TOLERANCE_UM, Renderer, load_psf_bank, psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ class BaseBackend:
         lo, hi = self._dpm_span(dpms_um)
         if self.metadata.volume is not None:
             grid = self.metadata.volume.depth_um
-            if lo < grid[0] - 1e-6 or hi > grid[-1] + 1e-6:
+            if lo < grid[0] - RANGE_TOLERANCE_UM or hi > grid[-1] + RANGE_TOLERANCE_UM:
                 raise ValueError(
                     f"dpms_um spans {lo:g} … {hi:g} µm; this volume model renders "
                     f"{grid[0]:g} … {grid[-1]:g} µm from the focal plane"
