@@ -180,8 +180,9 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
     `n_depths` None checks all but the grid (an odd number of planes): what a scope config can
     check before the model is loaded.
 
-    With `measured` (a microscope's bank, `engine.psf_calibration`, not one a model shipped
-    with) it must also be a wide-field PSF: non-negative planes that each sum to 1. Any file
+    Every bank must be non-negative. With `measured` (a microscope's bank,
+    `engine.psf_calibration`, not one a model shipped with) it must also be a wide-field PSF:
+    planes that each sum to 1 (a model's own confocal bank dims off focus). Any file
     that is not such a bank raises ValueError (FileNotFoundError when missing) with one line.
     """
     path = Path(path)
@@ -210,6 +211,8 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
             f"{path}: PSF bank must have odd sides up to {MAX_PSF_SIDE_PX} px and finite values"
         )
     out = np.array(psf, dtype=np.float32, order="C")  # read into memory (a copy of the map)
+    if out.min() < 0:  # light: a model's own bank too (a confocal one's planes sum below 1)
+        raise ValueError(f"{path}: a PSF bank's planes must be non-negative (min {out.min():.3g})")
     if measured:
         sums = out.sum(axis=(1, 2), dtype=np.float64)
         if out.min() < 0 or not np.allclose(sums, 1.0, atol=1e-3):
@@ -272,6 +275,12 @@ class Renderer:
         self._depth_kernel: np.ndarray | None = None
         ones = np.ones((1, *self.shape), dtype=np.float32)
         self._support = self._back(self._spectra(ones) * self._lowpass)[0]
+
+    def close(self) -> None:
+        """Stop the render threads (idle between calls); the renderer is not used after."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _each(self, work: Callable[[int, int], None], n: int) -> None:
         """Run ``work(first, stride)`` over n items on the renderer's threads (or inline)."""

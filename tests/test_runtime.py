@@ -148,6 +148,17 @@ class BackendTests:
         backend.infer(frame, writable)
         writable[:] = flipped  # changed in place: a writable array is never trusted
         np.testing.assert_array_equal(backend.infer(frame, writable), backend.infer(frame, flipped))
+        # nor one frozen, served, then made writeable and changed (review 36: its old check and
+        # channel were reused, so NaN DPMs went through as the old planes)
+        thawed = dpms.copy()
+        thawed.setflags(write=False)
+        backend.infer(frame, thawed)
+        thawed.setflags(write=True)
+        thawed[:] = flipped
+        np.testing.assert_array_equal(backend.infer(frame, thawed), backend.infer(frame, flipped))
+        thawed[0, 0, 0] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            backend.infer(frame, thawed)
 
     def test_splits_batches_larger_than_max_batch(
         self, backend: Backend, reference: Backend
@@ -172,6 +183,9 @@ class BackendTests:
             # one bad pixel would make every output value NaN: refused, not served
             (np.where(np.eye(8) > 0, np.inf, 0.0), np.zeros((1, 8, 8)), "images holds 8 NaN"),
             (np.zeros((8, 8)), np.full((1, 8, 8), 1e300), "beyond"),  # inf as float32
+            # finite, but its square overflows the float32 normalisation: all-NaN planes
+            (np.where(np.eye(8) > 0, 1e38, 0.0), np.zeros((1, 8, 8)), "images holds values"),
+            (np.full((8, 8), -(2**62), np.int64), np.zeros((1, 8, 8)), "not camera counts"),
         ],
     )
     def test_bad_input_is_a_clear_value_error(
@@ -461,6 +475,14 @@ def test_engine_cache_store_lookup_and_plan_info(
     assert read_plan_info(entry.plan) == (key, metadata)
     assert cache.lookup(_key(precision="fp32"), metadata.name) is None  # type: ignore[attr-defined]
     assert "H100" in cache.timing_cache(key.gpu, key.tensorrt).name
+    # a side file that is not a plan's metadata is one ValueError naming it (review 36: a
+    # JSON list escaped as TypeError, past the loader, which catches its own errors only)
+    side = entry.plan.with_suffix(".json")
+    good = json.loads(side.read_text())
+    for text in ("[1]", "not json", "{}", json.dumps({**good, "key": {"gpu": 1}}), "\udc80"):
+        side.write_text(text, encoding="utf-8", errors="surrogateescape")
+        with pytest.raises(ValueError, match=rf"{side.name}: not a cached plan's metadata"):
+            read_plan_info(entry.plan)
 
 
 def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -253,3 +253,37 @@ def test_the_shipped_onnx_is_the_shipped_weights() -> None:
     want = torch_backend.volume(frame)
     got = onnx_backend.volume(frame)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_closing_a_backend_stops_its_render_threads() -> None:
+    """`close()` releases a volume model's renderers (review 36: their threads and FFT grids,
+    hundreds of MB at 1024², lived on until the backend was collected)."""
+    import threading
+
+    from engine.runtime import load_backend
+
+    def render_threads() -> int:
+        return sum(t.name.startswith("render") for t in threading.enumerate())
+
+    before = render_threads()
+    backend = load_backend(WEIGHTS, prefer=["onnxruntime"], intra_op_threads=2)
+    frame = np.full(SHAPE, 500, dtype=np.uint16)
+    backend.infer(frame, np.zeros((2, *SHAPE), dtype=np.float32))  # a renderer, 2 threads
+    assert render_threads() > before
+    backend.close()
+    assert render_threads() == before
+
+
+def test_a_models_own_bank_holding_negative_light_is_refused_at_load(tmp_path: Path) -> None:
+    """A model's own bank need not sum to 1 per plane (a confocal one dims off focus), but it
+    must be light: a negated bank loaded and rendered negative planes (review 36)."""
+    import shutil
+
+    from engine.runtime import BackendError, load_backend
+
+    model = tmp_path / WEIGHTS.name
+    shutil.copy(WEIGHTS, model)
+    bank = np.load(WEIGHTS.with_suffix(".psf.npy"))
+    np.save(tmp_path / "deepz-volume.psf.npy", -bank)
+    with pytest.raises(BackendError, match="must be non-negative"):
+        load_backend(model, prefer=["onnxruntime"])

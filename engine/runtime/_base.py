@@ -296,6 +296,11 @@ def _warn_lateral(bank: Path, lateral: str) -> None:
         )
 
 
+MAX_PIXEL = 1e15
+"""Largest |value| a frame may hold: squared and summed over a frame in float32 (3.4e38) it
+stays finite, and no camera counts near it."""
+
+
 def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndarray:
     """Validate the dtype and rank of one `infer` input, with an error that names the problem."""
     arr = np.asarray(arr)
@@ -306,10 +311,19 @@ def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndar
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
     # one NaN or infinite pixel spreads through every convolution to the whole output: refuse
-    # it rather than return a stack of NaN (integer camera frames cannot hold one: no cost)
-    if finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(f"{label} holds {bad} NaN or infinite value(s)")
+    # it rather than return a stack of NaN; so does one beyond MAX_PIXEL, whose square
+    # overflows the frame's float32 normalisation (8-32-bit integer camera frames can hold
+    # neither: no cost)
+    if finite and (arr.dtype.kind == "f" or arr.dtype.itemsize > 4):
+        lo, hi = float(arr.min()), float(arr.max())
+        if not (-MAX_PIXEL <= lo and hi <= MAX_PIXEL):  # NaN fails both comparisons
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                raise ValueError(f"{label} holds {bad} NaN or infinite value(s)")
+            raise ValueError(
+                f"{label} holds values beyond ±{MAX_PIXEL:g} (min {lo:g}, max {hi:g}): "
+                "not camera counts"
+            )
     return arr
 
 
@@ -410,7 +424,8 @@ class BaseBackend:
         bound is checked, not only finiteness). A frozen array (the live worker's plan, the
         same every frame) is checked on its first call only.
         """
-        if self._span is not None and self._span[0] is dpms_um:
+        # the same object, still frozen: one made writeable again since may hold anything
+        if self._span is not None and self._span[0] is dpms_um and _frozen(dpms_um):
             return self._span[1]
         lo, hi = float(dpms_um.min()), float(dpms_um.max())
         if not (-MAX_DPM_UM <= lo and hi <= MAX_DPM_UM):  # NaN fails both comparisons
@@ -442,6 +457,7 @@ class BaseBackend:
             self._dpms_in_buffer is not None
             and self._dpms_in_buffer[:2] == written[:2]
             and self._dpms_in_buffer[2] is dpms_um
+            and _frozen(dpms_um)
         )
         x, mean, std = prepare_inputs(images, dpms_um, self.metadata, out=buf, dpms_in_out=reuse)
         self._dpms_in_buffer = written if _frozen(dpms_um) else None
@@ -686,7 +702,14 @@ class BaseBackend:
         return float(np.median(times))
 
     def close(self) -> None:
-        """Release resources; the default has none."""
+        """Release resources: here a volume model's renderers.
+
+        Their threads and FFT grids (hundreds of MB at 1024²); each backend releases its
+        engine's own after calling this.
+        """
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers.clear()
 
     def __repr__(self) -> str:
         return (

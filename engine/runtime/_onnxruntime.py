@@ -135,6 +135,7 @@ class OnnxRuntimeBackend(BaseBackend):
 
     def close(self) -> None:
         """Drop the session and the buffers."""
+        super().close()
         self._outputs.clear()
         del self._binding
         del self._session

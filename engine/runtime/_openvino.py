@@ -115,5 +115,6 @@ class OpenVinoBackend(BaseBackend):
 
     def close(self) -> None:
         """Drop the infer request and the compiled model."""
+        super().close()
         del self._request
         del self._compiled

@@ -371,6 +371,7 @@ class TensorRTBackend(BaseBackend):
 
     def close(self) -> None:
         """Free the graph, buffers and the stream (after its pending work); drop the engine."""
+        super().close()
         for engine in self._planes.values():
             if engine is not None:
                 engine.close()

@@ -73,4 +73,5 @@ class TorchBackend(BaseBackend):
 
     def close(self) -> None:
         """Drop the module (frees CUDA memory once collected)."""
+        super().close()
         del self._model

@@ -169,22 +169,31 @@ class EngineCache:
 
 
 def read_plan_info(plan: str | Path) -> tuple[EngineKey, ModelMetadata]:
-    """Read the key and metadata stored beside a cached plan (`x.plan` -> `x.json`)."""
+    """Read the key and metadata stored beside a cached plan (`x.plan` -> `x.json`).
+
+    A missing file is `FileNotFoundError`; anything else wrong with it (not JSON, a list, a
+    missing or malformed field) one `ValueError` naming the file.
+    """
     info_path = Path(plan).with_suffix(".json")
     if not info_path.is_file():
         raise FileNotFoundError(f"{plan}: its metadata file {info_path.name} is missing")
-    info = json.loads(info_path.read_text())
-    raw: dict[str, Any] = dict(info["key"])
-    key = EngineKey(
-        gpu=str(raw["gpu"]),
-        tensorrt=str(raw["tensorrt"]),
-        onnx_sha256=str(raw["onnx_sha256"]),
-        precision=str(raw["precision"]),
-        min_shape=_shape4(raw["min_shape"]),
-        opt_shape=_shape4(raw["opt_shape"]),
-        max_shape=_shape4(raw["max_shape"]),
-    )
-    return key, ModelMetadata.model_validate(info["metadata"])
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        raw: dict[str, Any] = dict(info["key"])
+        key = EngineKey(
+            gpu=str(raw["gpu"]),
+            tensorrt=str(raw["tensorrt"]),
+            onnx_sha256=str(raw["onnx_sha256"]),
+            precision=str(raw["precision"]),
+            min_shape=_shape4(raw["min_shape"]),
+            opt_shape=_shape4(raw["opt_shape"]),
+            max_shape=_shape4(raw["max_shape"]),
+        )
+        return key, ModelMetadata.model_validate(info["metadata"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # ValueError: JSON, pydantic
+        raise ValueError(
+            f"{info_path}: not a cached plan's metadata ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _shape4(value: Any) -> tuple[int, int, int, int]:
