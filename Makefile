@@ -8,7 +8,7 @@ DURATION ?= 20
 RUN_EXTRAS := openvino,sim
 TEST_EXTRAS := train,export,openvino,mm,dist,dev,sim,view
 
-.PHONY: run test lint bench clean
+.PHONY: run test bench clean
 
 # Install `.[EXTRAS]` into the venv (made if missing) and say how long it took.
 define install

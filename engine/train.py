@@ -186,6 +186,11 @@ class DataConfig(_Base):
             )
         if self.lab_fraction > 0 and not self.lab_stacks:
             raise ValueError("data.lab_fraction > 0 needs at least one data.lab_stacks entry")
+        if self.lab_stacks and self.lab_fraction == 0:  # loaded, named in the metadata, unused
+            raise ValueError(
+                "data.lab_stacks are listed but data.lab_fraction is 0, so none would be drawn: "
+                "set data.lab_fraction (the share of samples from them)"
+            )
         return self
 
 

@@ -156,6 +156,11 @@ class VolumeDataConfig(_Base):
             raise ValueError(f"data.psf_models lists a model twice: {self.psf_models}")
         if self.lab_every and not self.lab_stacks:
             raise ValueError("data.lab_every > 0 needs at least one data.lab_stacks entry")
+        if self.lab_stacks and not self.lab_every:  # loaded, unused
+            raise ValueError(
+                "data.lab_stacks are listed but data.lab_every is 0, so none would be trained "
+                "on: set data.lab_every (every N-th step a lab stack)"
+            )
         for spec in self.lab_stacks:
             steps = spec.z_step_um / DEPTH_STEP_UM
             if abs(steps - round(steps)) > 1e-6:

@@ -584,7 +584,9 @@ class EndpointsConfig(_BaseModel):
 
     frames: str = Field("tcp://127.0.0.1:5555", description="Camera frames (PUSH → PULL).")
     stacks: str = Field("tcp://127.0.0.1:5556", description="Refocused stacks (PUB → SUB).")
-    recorder: str = Field("tcp://127.0.0.1:5557", description="Frames and stacks to the recorder.")
+    recorder: str = Field(
+        "tcp://127.0.0.1:5557", description="Raw frames republished to outside subscribers (PUB)."
+    )
     status: str = Field("tcp://127.0.0.1:5558", description="Status and metrics (PUB).")
 
     @field_validator("frames", "stacks", "recorder", "status")

@@ -95,6 +95,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         TrainConfig.model_validate({"patch_size": 100})
     with pytest.raises(pydantic.ValidationError, match="dz_range_um"):
         TrainConfig.model_validate({"data": {"dz_range_um": [5, -5]}})
+    # lab stacks listed but never drawn (review 36: loaded and named in the metadata, unused)
+    with pytest.raises(pydantic.ValidationError, match=r"data\.lab_fraction is 0"):
+        TrainConfig.model_validate({"data": {"lab_stacks": [{"path": "x.tif", "z_step_um": 1}]}})
     with pytest.raises(TrainConfigError, match=r"missing\.toml: cannot read the training config"):
         load_config(tmp_path / "missing.toml")
 

@@ -1032,6 +1032,11 @@ def test_lab_stacks_must_sit_on_the_depth_grid(tmp_path: Path):
         )
     with pytest.raises(ValidationError, match=r"needs at least one data\.lab_stacks"):
         VolumeTrainConfig.model_validate(base | {"data": {"lab_every": 2}})
+    # listed but never trained on (review 36): refused rather than loaded for nothing
+    with pytest.raises(ValidationError, match=r"data\.lab_every is 0"):
+        VolumeTrainConfig.model_validate(
+            base | {"data": {"lab_stacks": [{"path": "x.tif", "z_step_um": 0.5}]}}
+        )
 
 
 def test_matched_filter_kernels_find_a_far_bead_at_its_depth():
