@@ -27,6 +27,7 @@ from torch.export import Dim
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
 from engine.runtime import INPUT_NAME, OUTPUT_NAME, session_options
+from engine.volume import load_psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,16 @@ PARITY_RTOL = 1e-4
 """Allowed max |onnx - torch| as a fraction of max |torch| (float32 reorderings stay ~1e-6)."""
 PARITY_ATOL = 1e-5
 """Absolute floor of the allowed error, for outputs near zero."""
-RANDOM_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 32, 32), (3, 64, 96), (2, 96, 64))
-"""(planes, height, width) of the random parity cases; odd shapes exercise dynamic axes."""
+
+
+def random_shapes(size_multiple: int) -> tuple[tuple[int, int, int], ...]:
+    """(planes, height, width) of the random parity cases, sides multiples of the network's.
+
+    Non-square and of several sizes to exercise the dynamic axes: (1, 32, 32), (3, 64, 96)
+    and (2, 96, 64) for the shipped networks' 32.
+    """
+    m = size_multiple
+    return ((1, m, m), (3, 2 * m, 3 * m), (2, 3 * m, 2 * m))
 
 
 class ParityError(RuntimeError):
@@ -171,9 +180,16 @@ def random_inputs(
     return x
 
 
-def simulated_inputs(metadata: ModelMetadata, side: int = 64) -> np.ndarray:
-    """Network input from the optics simulator: one worm frame, 5 planes across the Δz range."""
+def simulated_inputs(metadata: ModelMetadata, side: int | None = None) -> np.ndarray:
+    """Network input from the optics simulator: one worm frame, 5 planes across the Δz range.
+
+    `side` defaults to the smallest multiple of the network's `size_multiple` from 64 px.
+    """
     from engine.optics import OpticsConfig, simulate_focal_stack
+
+    if side is None:
+        m = metadata.size_multiple
+        side = m * -(-64 // m)
 
     optics = OpticsConfig(
         na=min(metadata.na, 1.5),
@@ -197,9 +213,14 @@ def check_parity(
     onnx_path: Path,
     model: DeepZ,
     metadata: ModelMetadata,
-    shapes: Sequence[tuple[int, int, int]] = RANDOM_SHAPES,
+    shapes: Sequence[tuple[int, int, int]] | None = None,
 ) -> ParityReport:
-    """Compare ONNX Runtime (runtime session options) with torch on random and simulated inputs."""
+    """Compare ONNX Runtime (runtime session options) with torch on random and simulated inputs.
+
+    `shapes` default to `random_shapes` of the model's `size_multiple`.
+    """
+    if shapes is None:
+        shapes = random_shapes(metadata.size_multiple)
     session = ort.InferenceSession(
         str(onnx_path), sess_options=session_options(1), providers=["CPUExecutionProvider"]
     )
@@ -282,10 +303,15 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
     if Path(out).resolve() == Path(weights).resolve():
         raise ValueError(f"{out}: the output would overwrite the weights it is made from")
     model, metadata = load_model(weights)
-    report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
+    src = None
     if metadata.volume is not None:
+        # the bank is checked before the ONNX replaces `out`: a missing or broken bank leaves
+        # the model there as it was, not a new model beside an old (or no) bank
         src = Path(weights).parent / metadata.volume.psf_file
-        dst = Path(out).parent / metadata.volume.psf_file
+        load_psf_bank(src, len(metadata.volume.depth_um))
+    report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
+    if src is not None:
+        dst = Path(out).parent / src.name
         if src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)
     return report

@@ -57,6 +57,19 @@ def test_parity_on_random_and_simulated_inputs(tiny_model_files: dict[str, objec
     assert "max abs" in report.table()
 
 
+def test_parity_shapes_follow_the_networks_size_multiple(tmp_path: Path) -> None:
+    """A network of 7 pools takes sides of 128: the parity cases are cut to its multiple
+    (review 36: fixed 32-px cases made its export a torch traceback)."""
+    from engine.model import untrained_metadata
+    from export import export_onnx
+
+    model = DeepZ(in_channels=2, channels=[4] * 9, out_channels=1).eval()
+    assert model.size_multiple == 128
+    report = export_onnx(model, untrained_metadata(model, "deep"), tmp_path / "deep.onnx")
+    assert report.ok, report.table()
+    assert report.cases[0].shape[-2:] == (128, 128)
+
+
 def test_parity_detects_a_different_model(tiny_model_files: dict[str, object]) -> None:
     model, metadata = _tiny(tiny_model_files)
     with torch.no_grad():

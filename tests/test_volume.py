@@ -1087,6 +1087,30 @@ def test_a_primed_model_starts_as_the_old_one_and_exports(trained: Path, tmp_pat
     assert torch.load(cfg.weights_out, weights_only=True)["primer.kernels"].abs().sum() > 0
 
 
+def test_a_volume_export_without_its_bank_leaves_the_model_it_was_to_replace(
+    trained: Path, tmp_path: Path
+):
+    """The bank is checked before the new ONNX replaces the output (review 36: the ONNX was
+    written first, then the bank copy failed, leaving a new model beside no bank)."""
+    pytest.importorskip("onnx", reason="export extra not installed")
+    import shutil
+
+    from export import export_weights
+
+    weights = tmp_path / "w" / trained.name
+    weights.parent.mkdir()
+    for f in trained.parent.glob(trained.stem + ".*"):
+        shutil.copy(f, weights.parent / f.name)
+    bank = next(weights.parent.glob("*.psf.npy"))
+    bank.unlink()
+    out = tmp_path / "vol.onnx"
+    out.write_bytes(b"the model it was to replace")
+    with pytest.raises(FileNotFoundError, match="PSF bank not found"):
+        export_weights(weights, out)
+    assert out.read_bytes() == b"the model it was to replace"
+    assert not (tmp_path / bank.name).exists()
+
+
 def test_backends_serve_volume_models(trained: Path, tmp_path: Path):
     """torch and ONNX Runtime give the same planes through `infer`; ONNX parity holds."""
     pytest.importorskip("onnx", reason="export extra not installed")

@@ -215,7 +215,7 @@ def load_backend(
         Backend names to try, in order; None tries all, fastest first.
     precision
         "fp32"; "bf16" (OpenVINO on CPUs with AVX-512-BF16 / AMX); "fp16" (TensorRT) or
-        "int8"; "auto": each backend's fastest within 1 % of fp32 (bf16 where OpenVINO can,
+        "int8"; "auto": each backend's fastest about 1 % from fp32 (bf16 where OpenVINO can,
         else fp32). A backend that cannot honour the precision is skipped.
     intra_op_threads
         CPU threads for onnxruntime and torch (None: all cores this process may use).
