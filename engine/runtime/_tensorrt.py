@@ -28,6 +28,7 @@ from engine.runtime._base import (
     BackendOptions,
     BaseBackend,
     _check_array,
+    check_io_shapes,
     io_channels,
     onnx_metadata,
 )
@@ -231,6 +232,18 @@ class TensorRTBackend(BaseBackend):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         if sorted(names) != sorted([INPUT_NAME, OUTPUT_NAME]):
             raise BackendError(f"{plan_path}: engine tensors are {names}, need input and output")
+
+        # the buffers below are sized from the metadata's channels: an engine whose own
+        # channels differ (a plan beside another model's side file) would write past them
+        def dims(name: str) -> list[int | str | None]:
+            return [int(d) if d >= 0 else None for d in self._engine.get_tensor_shape(name)]
+
+        check_io_shapes(
+            [(INPUT_NAME, dims(INPUT_NAME))],
+            [(OUTPUT_NAME, dims(OUTPUT_NAME))],
+            str(plan_path),
+            self.metadata,
+        )
         dtypes = [self._engine.get_tensor_dtype(n) for n in names]
         if any(d != trt.DataType.FLOAT for d in dtypes):  # the buffers below are float32
             raise BackendError(f"{plan_path}: engine tensors {names} are {dtypes}, need float32")
