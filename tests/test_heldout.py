@@ -479,3 +479,33 @@ def test_subpixel_points_refuse_a_confocal_pinhole():
         H.IndependentOptics(point_render="subpixel", pinhole_au=1.0)
     with pytest.raises(ValueError, match="point_render"):
         H.IndependentOptics(point_render="exact")  # type: ignore[arg-type]
+
+
+def test_a_refocusing_with_no_objects_scores_high_ssim_and_finds_no_bead(beads):
+    """The pixel targets' floor (review 36): the frame's smooth background at every Δz holds
+    no object, yet on a sparse frame its SSIM beats the unrefocused input's. So the report
+    carries it as a row, and a pixel figure counts only above it."""
+    dz = np.arange(-10.0, 10.001, 2.0)
+    blank = H.plane_metrics(H.background_planes_fn, beads, dz)
+    given = H.plane_metrics(H.input_planes_fn, beads, dz)
+    assert np.median([r["ssim"] for r in blank]) > np.median([r["ssim"] for r in given])
+    assert np.median([r["ssim"] for r in blank]) > 0.9
+    errors = H.bead_depth_errors(H.background_planes_fn, beads)
+    assert errors.size > 0 and np.all(np.isnan(errors))  # NaN: not found (no peak anywhere)
+    surface = H.background_surface_fn(beads.frame, np.zeros(beads.frame.shape))
+    np.testing.assert_array_equal(surface, H.background_planes_fn(beads.frame, np.zeros(1))[0])
+
+
+def test_the_fresh_seeds_were_never_used_for_development():
+    """`engine.fidelity --fresh` (review 36): its seeds share none with the sets models were
+    chosen and the point fit tuned on, kind by kind."""
+    from engine import fidelity as F
+
+    used = [F.SEED_SETS[k] for k in ("quick", "default", "large")]
+    used += [(F.CROSS_MODALITY_SEEDS, F.CROSS_MODALITY_INDEPENDENT)]
+    fresh_sim, fresh_ind = F.SEED_SETS["fresh"]
+    for sim, ind in used:
+        for fresh, old in ((fresh_sim, sim), (fresh_ind, ind)):
+            for kind, seeds in fresh.items():
+                assert not set(seeds) & set(old.get(kind, ())), kind
+    assert sum(map(len, fresh_ind.values())) == sum(map(len, F.LARGE_INDEPENDENT.values()))
