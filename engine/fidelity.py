@@ -109,10 +109,11 @@ CROSS_MODALITY_INDEPENDENT: dict[str, tuple[int, ...]] = {"beads": (101, 102), "
 OWN_PSF_FILTER = "matched filter, the set's own PSF (depth only)"
 """The matched filter told each bead's position and the set's exact PSF: the maximum-likelihood
 depth of a lone bead (independent sets only; the reference for what a frame holds)."""
-FIT_CEILING = "point fit from the true beads, measured PSF (what a frame holds)"
+FIT_CEILING = "point fit from the true beads, measured PSF (reference, not a bound)"
 """The point fit (`engine.point_fit`) started at each bead's true position and brightness, fitted
-to the frame through the measured bank: what a local fit of this frame reaches when the
-network's part (finding each bead, on the right side of focus) is done perfectly. Beads and
+to the frame through the measured bank: what this local fit of this frame reaches when the
+network's part (finding each bead, on the right side of focus) is done perfectly. One
+estimator through an imperfect bank, not a bound on what the frame holds (review 36). Beads and
 tilted planes of the independent sets only (with ``--measured-psf --point-fit``)."""
 CEILING = "the true beads as points, confocal render (the most a density can score)"
 """Cross-modality reference row: the truth's own points through the models' renderer."""
