@@ -53,6 +53,7 @@ import argparse
 import functools
 import hashlib
 import importlib
+import itertools
 import logging
 import math
 import os
@@ -67,7 +68,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 import numpy as np
 
@@ -95,6 +96,7 @@ __all__ = [
     "RawInput",
     "RefocusError",
     "RefocusSummary",
+    "RefocusTaskError",
     "clear_backends",
     "main",
     "open_input",
@@ -135,6 +137,13 @@ def auto_chunk(stack_bytes: int) -> int:
 
 class RefocusError(ValueError):
     """Refocusing cannot start: a bad input, model, plan or output. The message says which."""
+
+
+class RefocusTaskError(RuntimeError):
+    """A chunk task failed: its raw frames cannot be read. The message names chunk and seqs.
+
+    Raised in the task, wherever it runs, so it is one picklable message.
+    """
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -247,7 +256,7 @@ def open_input(path: str | Path) -> RawInput:
         return _zarr_input(text, "", node, None)
     attrs = dict(node.attrs)
     deepz = attrs.get("deepz")
-    if isinstance(deepz, dict) and "raw_present" in deepz:
+    if _is_run(deepz):
         with _malformed(text, "run metadata ('deepz' attributes)"):
             return _run_input(text, node, deepz)
     ome = attrs.get("ome", attrs)
@@ -260,6 +269,11 @@ def open_input(path: str | Path) -> RawInput:
         )
     with _malformed(text, "NGFF 'multiscales' metadata"):
         return _ngff_input(text, node, multiscales)
+
+
+def _is_run(deepz: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether a store's root ``deepz`` attribute is a live run's (raw frames and presence)."""
+    return isinstance(deepz, dict) and "raw_present" in deepz
 
 
 @contextmanager
@@ -320,6 +334,7 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
     present = tuple(
         t for start, stop in deepz.get("raw_present", []) for t in range(start, stop) if t < inp.n_t
     )
+    _check_stored(text, array, present)
     rate = deepz.get("rate_hz")
     pixel = deepz.get("pixel_size_um")
     return RawInput(
@@ -334,20 +349,75 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
     )
 
 
+def _check_stored(text: str, array: Any, present: Sequence[int]) -> None:
+    """Refuse a run whose raw array lacks an object (chunk or shard file) holding present seqs.
+
+    zarr reads a missing object as its fill value, so a deleted or lost file would be
+    refocused as zero frames and the output called complete. The recorder writes every object
+    (``write_empty_chunks``) and lists a seq as present only once it is on disk, so a missing
+    one is damage: refused, naming the seqs, rather than treated as frames the camera lost
+    (the run's attributes say they were recorded; which of the two to believe is the user's
+    call, not this tool's).
+    """
+    from zarr.core.sync import sync
+
+    from live.metrics import format_seqs
+
+    outer = array.shards or array.chunks  # what one file holds
+    per_file = int(outer[0])
+    grid = [math.ceil(n / c) for n, c in zip(array.shape, outer, strict=True)]
+    prefix = f"{array.store_path.path}/" if array.store_path.path else ""
+
+    async def listed() -> set[str]:
+        keys = array.store_path.store.list_prefix(prefix)
+        return {key.removeprefix(prefix) async for key in keys}
+
+    stored = sync(listed())
+    lost = {
+        index
+        for index in {t // per_file for t in present}
+        if not all(
+            array.metadata.encode_chunk_key((index, *rest)) in stored
+            for rest in itertools.product(*(range(n) for n in grid[1:]))
+        )
+    }
+    missing = [t for t in present if t // per_file in lost]
+    if missing:
+        raise RefocusError(
+            f"{text}: the raw frames of seqs {format_seqs(missing)} are listed as recorded but "
+            "their chunk files are missing from the store (damaged or partly copied): restore "
+            "them, or refocus a copy whose raw_present leaves them out"
+        )
+
+
 def _zarr_input(text: str, array_path: str, array: Any, axes: list[str] | None) -> RawInput:
     """Describe a Zarr array as frames, or raise `RefocusError` when it is not (t, y, x)."""
     shape = tuple(int(n) for n in array.shape)
-    dtype = np.dtype(array.dtype)
-    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
-        raise RefocusError(f"{text}: image dtype {array.dtype} is not a real number type")
-    t_axis = _t_axis(shape, axes, f"{text}/{array_path}" if array_path else text)
+    where = f"{text}/{array_path}" if array_path else text
+    _check_dtype(array.dtype, where)
+    t_axis = _t_axis(shape, axes, where)
     n_t = shape[t_axis] if len(shape) > 2 else 1
     spec = InputSpec(text, "zarr", array_path, t_axis, len(shape))
     return RawInput(spec, n_t, (shape[-2], shape[-1]), tuple(range(n_t)))
 
 
+def _check_dtype(dtype: Any, where: str) -> None:
+    """Refuse an image whose pixels are not real numbers (bool, complex, text ...).
+
+    Checked when the input is opened, Zarr and TIFF alike, so a task never meets pixels the
+    backend cannot take.
+    """
+    kind = np.dtype(dtype)
+    if not np.issubdtype(kind, np.number) or np.issubdtype(kind, np.complexfloating):
+        raise RefocusError(f"{where}: image dtype {kind} is not a real number type")
+
+
 def _t_axis(shape: tuple[int, ...], axes: list[str] | None, where: str) -> int:
-    """Return the time axis of an image: frames need (t, y, x), other axes of size 1."""
+    """Return the time axis of an image: frames need (t, y, x), other axes of size 1.
+
+    With named axes (NGFF), the frames' axis must be the one named ``t``: a (z, y, x) image
+    is one volume, not a time series, and its planes are not frames to refocus.
+    """
     described = f"shape {list(shape)}" + (f", axes {''.join(axes)}" if axes else "")
     if len(shape) < 2 or min(shape) < 1:
         raise RefocusError(
@@ -364,13 +434,19 @@ def _t_axis(shape: tuple[int, ...], axes: list[str] | None, where: str) -> int:
     if len(shape) == 2:
         return 0
     lead = list(range(len(shape) - 2))
-    named_t = [i for i in lead if axes is not None and len(axes) == len(shape) and axes[i] == "t"]
+    named = axes is not None and len(axes) == len(shape)
+    named_t = [i for i in lead if named and axes is not None and axes[i].lower() == "t"]
     big = [i for i in lead if shape[i] > 1]
     t = named_t[0] if named_t else (big[0] if big else 0)
     if any(i != t for i in big):
         raise RefocusError(
             f"{where}: image has {described}; refocusing needs frames (t, y, x): every axis "
             "other than t, y and x must have size 1"
+        )
+    if named and not named_t and big and axes is not None:
+        raise RefocusError(
+            f"{where}: image has {described}; its axis {axes[t]!r} is not time: refocusing "
+            "needs frames along an axis named t"
         )
     return t
 
@@ -384,9 +460,11 @@ def _open_tiff_input(path: Path) -> RawInput:
             series = tif.series[0]
             shape = tuple(int(n) for n in series.shape)
             axes = series.axes
+            dtype = series.dtype
             ij = tif.imagej_metadata or {}
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, ...
         raise RefocusError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    _check_dtype(dtype, str(path))
     named = ["y" if a == "Y" else "x" if a == "X" else "t" for a in axes.upper()]
     if len(shape) >= 3 and sum(1 for n in shape[:-2] if n > 1) > 1:
         raise RefocusError(
@@ -662,6 +740,35 @@ def _open_out(store: str, path: str, token: str) -> Any:
     return _kept((token, store, path), lambda: zarr.open_array(store=store, path=path, mode="r+"))
 
 
+def _mark(manifest: Any, index: int) -> int:
+    """Return chunk `index`'s manifest entry: its CRC, or `_NOT_DONE` when unset or unreadable.
+
+    An entry that does not decode (a truncated or emptied object) says nothing about the chunk,
+    so the chunk is recomputed, and its entry written again, like one never done.
+    """
+    try:
+        return int(manifest[index])
+    except Exception:  # zarr raises several types for an object that does not decode
+        return _NOT_DONE
+
+
+def _read_frames(job: Job, block: Block) -> np.ndarray:
+    """Read a block's raw frames, or raise `RefocusTaskError` naming the chunk and its seqs.
+
+    A damaged input (a raw chunk that fails its checksum, a truncated TIFF) fails in the task
+    that reads it, wherever that runs: the error says where, in one line, not as a traceback.
+    """
+    from live.metrics import format_seqs
+
+    try:
+        return _frames(job.source, job.token).read(block.t0, block.t1)
+    except Exception as exc:  # zarr and tifffile raise many types for damaged data
+        raise RefocusTaskError(
+            f"{job.source.path}: cannot read the raw frames of chunk {block.index} (seqs "
+            f"{format_seqs(list(block.seqs))}): {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def _verified(job: Job, block: Block, out: Any, mark: int) -> bool:
     """Whether the chunk's data reads back, is finite and has the manifest's CRC."""
     if mark == _NOT_DONE:
@@ -692,9 +799,9 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     worker = f"{os.uname().nodename}:{os.getpid()}"
     out = _open_out(job.store, job.array_path, job.token)
     manifest = _open_out(job.store, job.manifest_path, job.token)
-    if _verified(job, block, out, int(manifest[block.index])):
+    if _verified(job, block, out, _mark(manifest, block.index)):
         return BlockResult(block.index, block.seqs, True, time.perf_counter() - t_start, worker)
-    frames = _frames(job.source, job.token).read(block.t0, block.t1)
+    frames = _read_frames(job, block)
     backend, lock = _backend(job.engine)
     plan = _frozen_plan(job)
     dtype = np.dtype(out.dtype).type
@@ -716,7 +823,15 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
                 planes[seq - block.t0] = np.nan
                 unfinished.add(seq)
                 continue
-            one = backend.refocus(frame, plan, np.array([offset]), dtype=dtype)
+            try:
+                one = backend.refocus(frame, plan, np.array([offset]), dtype=dtype)
+            except (ValueError, BackendError) as exc:  # this frame cannot be refocused (a
+                # pixel beyond what the backend takes ...): it costs this frame, as live
+                # (`live.worker`), left NaN and not done, not the job
+                log.warning("frame %d cannot be refocused (%s): its planes are left NaN", seq, exc)
+                planes[seq - block.t0] = np.nan
+                unfinished.add(seq)
+                continue
             planes[seq - block.t0] = one[0]
     planes, clipped = as_stack_dtype(planes, out.dtype, saturate_same=True)
     if clipped:
@@ -736,8 +851,8 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
         out[block.t0 : block.t1] = planes
         mark = _crc(planes)
     manifest[block.index] = mark
-    # frames left NaN (no focus for the lock, NaN pixels) are not done: not present in a
-    # filled run, and the image not complete
+    # frames left NaN (no focus for the lock, NaN pixels, refused by the backend) are not
+    # done: not present in a filled run, and the image not complete
     refocused = tuple(s for s in block.seqs if s not in unfinished)
     return BlockResult(block.index, refocused, False, time.perf_counter() - t_start, worker)
 
@@ -787,11 +902,9 @@ def _plan_from_planes(
         return _Plan(plan, "the scope config", _lock_of(scope.planes), allow)
     run = raw.run or {}
     config = run.get("config")
-    if isinstance(config, dict) and isinstance(config.get("planes"), dict):
-        from live.config import PlanesConfig
-
+    stored = _stored_planes(raw)
+    if isinstance(config, dict) and stored is not None:
         try:
-            stored = PlanesConfig.model_validate(config["planes"])
             pixel = raw.pixel_size_um or float(config.get("source", {}).get("pixel_size_um", 1.0))
             engine = config.get("engine")
             allow = isinstance(engine, dict) and engine.get("allow_extrapolation") is True
@@ -805,6 +918,80 @@ def _plan_from_planes(
         f"{raw.spec.path}: the recording does not say which planes it was refocused onto: "
         "give --planes Z1 Z2 ... (µm) or --scope config.toml"
     )
+
+
+def _stored_planes(raw: RawInput) -> Any | None:
+    """Return the run's stored ``[planes]`` config, validated (a `PlanesConfig`), or None.
+
+    None when the recording stored none (older runs, other stores) or one that does not
+    validate (said: the recorded planes are used instead).
+    """
+    config = (raw.run or {}).get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("planes"), dict):
+        return None
+    from live.config import PlanesConfig
+
+    try:
+        return PlanesConfig.model_validate(config["planes"])
+    except ValueError as exc:
+        log.warning("the recording's stored planes cannot be rebuilt (%s)", exc)
+        return None
+
+
+def _check_fill_plan(raw: RawInput, chosen: _Plan) -> None:
+    """Refuse a --fill-gaps plan that is not the live run's: other DPMs or another focus lock.
+
+    The filled stacks go into the live image beside the live ones, so they must be the same
+    planes: every DPM value is compared with the run's (the DPMs stored beside its stacks for
+    surfaces, else its recorded plane offsets; the plan digest the daemon's workers check is
+    not stored in the run), and the focus lock with the one in its stored config.
+    """
+    import zarr
+
+    from live.store import DPMS_ARRAY, image_groups
+
+    run = raw.run or {}
+    plan, shape = chosen.plan, raw.frame_shape
+    group = image_groups(run).get("stacks")
+    live: VolumePlan | None = None
+    if group is not None and isinstance(run.get("surfaces"), list):
+        try:
+            dpms = zarr.open_array(store=raw.spec.path, path=f"{group}/{DPMS_ARRAY}", mode="r")
+            live = VolumePlan.from_dpms(list(np.asarray(dpms[...])), run["surfaces"])
+        except (FileNotFoundError, KeyError, ValueError, DPMError):
+            live = None
+    elif isinstance(run.get("planes_um"), list):
+        with _malformed(raw.spec.path, "run metadata ('deepz' planes_um)"):
+            live = VolumePlan.from_z([float(z) for z in run["planes_um"]], shape)
+    same = True
+    if live is not None:
+        same = live.dpms_um.shape == plan.dpms_um.shape and bool(
+            np.allclose(live.dpms_um, plan.dpms_um, rtol=0.0, atol=1e-5)
+        )
+    elif isinstance(run.get("surfaces"), list):  # surfaces whose DPMs the run did not keep
+        same = plan.z_um is None and list(plan.labels) == [str(n) for n in run["surfaces"]]
+    if not same:
+        was = ", ".join(live.labels if live is not None else map(str, run["surfaces"]))
+        raise RefocusError(
+            f"{raw.spec.path}: the live run refocused onto {was}, but this plan is "
+            f"{', '.join(plan.labels)} (from {chosen.source}): --fill-gaps needs the live run's "
+            "planes (drop --planes / --scope)"
+        )
+    stored = _stored_planes(raw)
+    lock = _lock_of(stored) if stored is not None else None
+    if chosen.focus_lock != lock:
+        raise RefocusError(
+            f"{raw.spec.path}: the live run had {_lock_said(lock)}, but this plan has "
+            f"{_lock_said(chosen.focus_lock)} (from {chosen.source}): --fill-gaps needs the "
+            "live run's planes and focus lock (drop --planes / --scope)"
+        )
+
+
+def _lock_said(lock: tuple[float, float] | None) -> str:
+    """Say in words whether planes are fixed or follow the stage focus (and from where)."""
+    if lock is None:
+        return "fixed planes"
+    return f"planes locked to the stage focus (reference {lock[0]} µm, stage z sign {lock[1]})"
 
 
 def _recorded_surfaces(raw: RawInput, stored: Any) -> VolumePlan | None:
@@ -846,12 +1033,15 @@ def _engine_choice(
     scope: Any,
     raw: RawInput,
     psf_bank: str | Path | None = None,
+    fill_gaps: bool = False,
 ) -> tuple[Path, tuple[str, ...] | None, int, Precision, Modality | None, Path | None]:
     """Model file, backend preference, max_batch, precision, render modality and PSF bank.
 
     Explicit arguments first, then the scope config, then the run's stored config (so the
     default reproduces the live run's model, backend and measured PSF bank), then the shipped
-    model and "auto".
+    model and "auto". A configured model that is not here falls back to the shipped model,
+    said, except for `fill_gaps`: its stacks go into the run's live image beside the live
+    run's, so another model there is refused (``--model`` chooses one deliberately).
     """
     stored: dict[str, Any] = {}
     run_config = (raw.run or {}).get("config")
@@ -865,8 +1055,14 @@ def _engine_choice(
         path = Path(model)
     elif stored.get("model_path"):
         path = Path(stored["model_path"])
+        whose = "the scope config's" if scope is not None else "the recording's"
+        if not path.is_file() and fill_gaps:
+            raise RefocusError(
+                f"{path}: {whose} model is not here, and --fill-gaps does not fill the live "
+                "stacks with another model silently: pass --model to choose one"
+            )
         if not path.is_file():
-            log.warning("the recording's model %s is not here: using the shipped model", path)
+            log.warning("%s model %s is not here: using the shipped model", whose, path)
             path = DEFAULT_MODEL
     else:
         path = DEFAULT_MODEL
@@ -908,12 +1104,15 @@ def _recorded_sha256(raw: RawInput, role: str, path: Path) -> str | None:
     return str(entry["sha256"])
 
 
-def _check_recorded(raw: RawInput, model: Path | None, bank: Path | None) -> None:
+def _check_recorded(
+    raw: RawInput, model: Path | None, bank: Path | None, fill_gaps: bool = False
+) -> None:
     """Refuse a run's PSF bank that changed since the run; warn of a changed model.
 
     A bank changed in place would put this refocus's planes through another PSF than the live
     stacks', silently; pass ``--psf-bank`` to mean it. A changed model is a common, deliberate
-    choice (a newer model at the same path), so it is only said.
+    choice (a newer model at the same path), so it is only said; but `fill_gaps` writes beside
+    the live stacks, which that model did not make, so there it is refused (``--model``).
     """
     if bank is not None and (want := _recorded_sha256(raw, "psf_bank", bank)) is not None:
         have = _sha256(bank)
@@ -924,7 +1123,14 @@ def _check_recorded(raw: RawInput, model: Path | None, bank: Path | None) -> Non
                 "it as it is now"
             )
     if model is not None and (want := _recorded_sha256(raw, "model", model)) is not None:
-        if _sha256(model) != want:
+        have = _sha256(model)
+        if have != want and fill_gaps:
+            raise RefocusError(
+                f"{model}: this model changed since the run was recorded with it (sha256 "
+                f"{have[:12]}, recorded {want[:12]}), and --fill-gaps does not fill the live "
+                f"stacks with another model silently: pass --model {model} to choose it"
+            )
+        if have != want:
             log.warning("%s changed since the run was recorded with it: refocusing with it", model)
 
 
@@ -1006,6 +1212,12 @@ def _identity(
     return identity
 
 
+def _differs(old: Any, new: dict[str, Any]) -> list[str]:
+    """Return the keys in which a recorded job identity (any JSON, or None) differs from `new`."""
+    before: dict[str, Any] = old if isinstance(old, dict) else {}
+    return sorted(k for k in set(before) | set(new) if before.get(k) != new.get(k))
+
+
 def _compressors() -> list[Any]:
     """Output codecs: Blosc-LZ4 with bit shuffle (the shipped config's recorder codec).
 
@@ -1054,13 +1266,6 @@ def _create_manifest(group: Any, n_blocks: int) -> None:
     )
 
 
-def _run_names(raw: RawInput) -> set[str]:
-    """Root names a run store's own data uses, which an offline image must not take."""
-    from live.store import reserved_names
-
-    return reserved_names(raw.run or {})
-
-
 def _prepare_output(
     raw: RawInput,
     plan: VolumePlan,
@@ -1074,6 +1279,7 @@ def _prepare_output(
     deepz: dict[str, Any],
     stack_dtype: str = "float32",
     chunk_given: bool = True,
+    wanted: Sequence[int] = (),
 ) -> _Output:
     """Create (or reopen and check, to resume) the stacks image and its manifest.
 
@@ -1082,13 +1288,13 @@ def _prepare_output(
     """
     import zarr
 
-    from live.store import image_groups, register_image
+    from live.store import image_groups, register_image, reserved_names
 
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     root: Any
     if fill_gaps:
         root = zarr.open_group(store=raw.spec.path, mode="r+")
-        return _prepare_fill(root, raw, plan, identity, deepz)
+        return _prepare_fill(root, raw, plan, identity, deepz, wanted, overwrite)
     if out is not None:
         store = _local(out)
         if not _is_url(store):
@@ -1113,9 +1319,11 @@ def _prepare_output(
             f"{raw.spec.path} is not a run of this project, so the stacks need their own store: "
             "give --out NEW.ome.zarr"
         )
-    if name == "raw" or (raw.is_run and store == raw.spec.path and name in _run_names(raw)):
+    target = root.attrs.get("deepz")  # any run's store, the source's or another (--out)
+    if name == "raw" or (_is_run(target) and name in reserved_names(target)):
         raise RefocusError(
-            f"the output image {name!r} would overwrite the run's own data: choose another --name"
+            f"the output image {name!r} would overwrite the run's own data in {store}: choose "
+            "another --name"
         )
     ome, dimensions, xml = _stacks_metadata(name, plan, raw, stack_dtype)
     # its group: where a rerun finds it (the images listed in the store, or a group of that
@@ -1137,12 +1345,10 @@ def _prepare_output(
             identity["chunk_t"] = chunk
             n_blocks = math.ceil(raw.n_t / chunk)
         if old != identity:
-            keys = set(identity) | set(old or {})
-            changed = sorted(k for k in keys if (old or {}).get(k) != identity.get(k))
             raise RefocusError(
                 f"{store}/{image} ({name}) exists from another refocusing (differs in "
-                f"{', '.join(changed)}): pass --overwrite to replace it, or --name / --out for "
-                "a new image"
+                f"{', '.join(_differs(old, identity))}): pass --overwrite to replace it, or "
+                "--name / --out for a new image"
             )
         if "0" not in group or MANIFEST not in group or group["0"].shape[0] != raw.n_t:
             raise RefocusError(
@@ -1177,9 +1383,20 @@ def _xml_folder(store: str) -> Path | None:
 
 
 def _prepare_fill(
-    root: Any, raw: RawInput, plan: VolumePlan, identity: dict[str, Any], deepz: dict[str, Any]
+    root: Any,
+    raw: RawInput,
+    plan: VolumePlan,
+    identity: dict[str, Any],
+    deepz: dict[str, Any],
+    wanted: Sequence[int],
+    overwrite: bool,
 ) -> _Output:
-    """Open (or create) the live stacks image for fill-gaps and check it fits the plan."""
+    """Open (or create) the live stacks image for fill-gaps and check it fits the plan.
+
+    The fill's identity (`_identity`: model, PSF bank, point fit, modality, plan, focus lock,
+    backend) is recorded beside its manifest (``fill_job``): a fill resumes only the chunks a
+    fill of the same identity marked (`_fill_manifest_resumes`).
+    """
     from live.store import image_groups
 
     shape = (raw.n_t, len(plan), *raw.frame_shape)
@@ -1194,25 +1411,23 @@ def _prepare_fill(
                 f"{store}/{image}/0 holds stacks of shape {list(array.shape[1:])} (planes, y, x), "
                 f"but this plan gives {list(shape[1:])}: --fill-gaps needs the live run's planes"
             )
-        live_z = dict(group.attrs.get("deepz", {})).get("planes_um")
-        if (
-            plan.z_um is not None
-            and live_z is not None
-            and not np.allclose(np.asarray(live_z, dtype=np.float64), plan.z_um)
-        ):
-            raise RefocusError(
-                f"{store}/{image} holds planes {live_z} µm, but this plan is {list(plan.z_um)}: "
-                "--fill-gaps needs the live run's planes (drop --planes / --scope)"
-            )
         # One task per file: a sharded array's tasks must not share a shard (each write
         # rewrites the whole shard file, so two tasks in one shard would lose each other's).
         chunk = int((array.shards or array.chunks)[0])
+        identity["chunk_t"] = chunk  # the live image's, whatever was asked
+        n_blocks = math.ceil(raw.n_t / chunk)
+        resumes = _fill_manifest_resumes(
+            group, identity, wanted, n_blocks, overwrite, f"{store}/{image}"
+        )
         if array.shape[0] < raw.n_t:
             array.resize(shape)
     else:  # the live run kept no stacks: create the image as the recorder would have
         from live.store import register_image
 
         chunk = 1
+        identity["chunk_t"] = chunk
+        n_blocks = raw.n_t
+        resumes = False
         ome, dimensions, xml = _stacks_metadata("stacks", plan, raw, "float32")
         image = register_image(root, _xml_folder(store), "stacks", xml)
         group = root.create_group(image)
@@ -1226,19 +1441,61 @@ def _prepare_fill(
             compressors=_compressors(),
             dimension_names=dimensions,
         )
-    n_blocks = math.ceil(raw.n_t / chunk)
-    if MANIFEST not in group or group[MANIFEST].shape != (n_blocks,):
+    if not resumes:
         _create_manifest(group, n_blocks)
     attrs = dict(group.attrs.get("deepz", {}))
     attrs.setdefault("planes_um", list(plan.z_um) if plan.z_um is not None else None)
-    identity["chunk_t"] = chunk  # the live image's, whatever was asked
     attrs["fill_job"] = {**deepz, "job": identity}
     group.attrs["deepz"] = attrs
     return _Output(store, image, chunk, n_blocks, True, group, "stacks")
 
 
-def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[int]) -> None:
-    """Write presence (and for fill-gaps the run's root attributes) once tasks are over."""
+def _fill_manifest_resumes(
+    group: Any,
+    identity: dict[str, Any],
+    wanted: Sequence[int],
+    n_blocks: int,
+    overwrite: bool,
+    where: str,
+) -> bool:
+    """Whether an earlier fill's manifest may be resumed (False: it is to be made afresh).
+
+    Its marks are trusted only under the identity recorded beside them (``fill_job``): an
+    interrupted fill resumed with another model (or bank, plan, lock ...) would otherwise keep
+    the first model's rows and record the second's name. With marks on chunks this fill wants
+    that is refused unless `overwrite` (then they are computed again); marks on no wanted
+    chunk are dropped, so every mark in the manifest belongs to the recorded identity.
+    """
+    from live.metrics import format_seqs
+
+    if MANIFEST not in group or group[MANIFEST].shape != (n_blocks,):
+        return False
+    previous = dict(group.attrs.get("deepz", {})).get("fill_job")
+    old = previous.get("job") if isinstance(previous, dict) else None
+    if old == identity:
+        return True
+    chunk = int(identity["chunk_t"])
+    manifest = group[MANIFEST]
+    blocks = {t // chunk for t in wanted}
+    marked = {b for b in blocks if _mark(manifest, b) != _NOT_DONE}
+    if marked and not overwrite:
+        seqs = [t for t in wanted if t // chunk in marked]
+        raise RefocusError(
+            f"{where}: an earlier --fill-gaps wrote the stacks of seqs {format_seqs(seqs)} "
+            f"with another model or plan (differs in {', '.join(_differs(old, identity))}): "
+            "pass --overwrite to compute them again with this one"
+        )
+    return False
+
+
+def _finish_output(
+    output: _Output, raw: RawInput, done: set[int], wanted: set[int], model: dict[str, str]
+) -> None:
+    """Write presence (and for fill-gaps the run's root attributes) once tasks are over.
+
+    Each fill is listed in the run's ``filled_offline`` with its seqs, date and `model` (the
+    identity `refocus_recording` records): the live stacks may then come from two models.
+    """
     import zarr
 
     from live.recorder import gap_ranges
@@ -1256,7 +1513,7 @@ def _finish_output(output: _Output, raw: RawInput, done: set[int], wanted: set[i
             deepz["summary"] = summary
         filled = list(deepz.get("filled_offline", []))
         if done:
-            filled.append({"seqs": _runs(done), "date": _now()})
+            filled.append({"seqs": _runs(done), "date": _now(), "model": model})
         deepz["filled_offline"] = filled
         root.attrs["deepz"] = deepz
         return
@@ -1466,7 +1723,9 @@ def refocus_recording(
         in a new one).
     fill_gaps
         Compute only the seqs present in raw but missing from the live ``stacks`` image, into
-        that image, and update the run's presence attributes.
+        that image, and update the run's presence attributes (each fill listed with its model
+        in ``filled_offline``). Only onto the live run's planes and focus lock; the run's
+        model file gone or changed since is refused rather than replaced (give `model`).
     scheduler
         ``"threads"``, ``"processes"``, ``"sync"``, a ``dask.distributed`` scheduler address, or
         a ``distributed.Client``.
@@ -1483,7 +1742,9 @@ def refocus_recording(
         Accept planes outside the model's trained range (also when the scope config or the
         recording's config says ``engine.allow_extrapolation``, as its live run did).
     overwrite
-        Replace an existing output image made with another model, plan or source.
+        Replace an existing output image made with another model, plan or source (for
+        `fill_gaps`: compute again the stacks an interrupted fill with another model, bank,
+        plan or backend wrote, instead of refusing to resume it).
     progress
         Show a progress bar on stderr.
     stack_dtype
@@ -1495,6 +1756,8 @@ def refocus_recording(
     ------
     RefocusError
         Bad input, plan, model, backend or output; the message says which and what to do.
+    RefocusTaskError
+        A chunk task could not read its raw frames (a damaged file); the chunks done are kept.
     """
     from live.store import STACK_DTYPES, StackAxis
 
@@ -1523,13 +1786,14 @@ def refocus_recording(
     plan, plan_from = chosen.plan, chosen.source
     wanted = list(raw.present)
     if fill_gaps:
+        _check_fill_plan(raw, chosen)
         run = raw.run or {}
         if run.get("summary") is None:
             log.warning("the run was not closed (still recording, or it crashed)")
         have = _expand(run.get("stacks_present", []))
         wanted = [t for t in raw.present if t not in have]
     model_path, prefer, max_batch, precision, modality, bank = _engine_choice(
-        model, backend, scope_cfg, raw, psf_bank
+        model, backend, scope_cfg, raw, psf_bank, fill_gaps
     )
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
@@ -1538,8 +1802,9 @@ def refocus_recording(
             f"{bank}: PSF bank file not found (the planes were to go through it: pass "
             "--psf-bank with its copy; a run's own bank is not swapped for the model's silently)"
         )
-    if psf_bank is None and scope_cfg is None:  # the run's own files: are they as recorded?
-        _check_recorded(raw, model_path if model is None else None, bank)
+    if scope_cfg is None:  # the run's own files: are they as recorded?
+        own_bank = bank if psf_bank is None else None
+        _check_recorded(raw, model_path if model is None else None, own_bank, fill_gaps)
     bank_str = str(bank.resolve()) if bank is not None else None
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:
@@ -1612,38 +1877,41 @@ def refocus_recording(
         "backend": driver_backend.name,
         "created": _now(),
     }
-    output = _prepare_output(
-        raw,
-        plan,
-        out=out,
-        name=name,
-        fill_gaps=fill_gaps,
-        chunk=chunk,
-        overwrite=overwrite,
-        identity=identity,
-        stack_dtype=stack_dtype,
-        deepz=deepz,
-        chunk_given=chunk_given,
-    )
-    blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
-    job = Job(
-        raw.spec,
-        engine,
-        plan,
-        identity["plan_sha256"],
-        output.store,
-        output.array_path,
-        output.manifest_path,
-        output.fill,
-        uuid.uuid4().hex,
-    )
+    # The scheduler is checked (and a cluster reached) before the output is touched: a
+    # refusal here leaves no empty image registered in the store's collection.
     runner = _Runner(scheduler, workers, progress)
     try:
+        output = _prepare_output(
+            raw,
+            plan,
+            out=out,
+            name=name,
+            fill_gaps=fill_gaps,
+            chunk=chunk,
+            overwrite=overwrite,
+            identity=identity,
+            stack_dtype=stack_dtype,
+            deepz=deepz,
+            chunk_given=chunk_given,
+            wanted=wanted,
+        )
+        blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
+        job = Job(
+            raw.spec,
+            engine,
+            plan,
+            identity["plan_sha256"],
+            output.store,
+            output.array_path,
+            output.manifest_path,
+            output.fill,
+            uuid.uuid4().hex,
+        )
         results, task_s = runner(job, blocks, len(wanted))
     finally:
         runner.close()
     done = {s for r in results for s in r.seqs}
-    _finish_output(output, raw, done, set(wanted))
+    _finish_output(output, raw, done, set(wanted), model_id)
     computed = [r for r in results if not r.skipped]
     skipped = [r for r in results if r.skipped]
     summary = RefocusSummary(
@@ -1851,7 +2119,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, help="intra-op CPU threads per backend")
     p.add_argument("--extrapolate", action="store_true", help="allow planes beyond the model range")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output image")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output image (--fill-gaps: recompute the stacks an "
+        "interrupted fill made with another model or plan)",
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "float16"),
@@ -1863,7 +2136,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; a `RefocusError` prints one line and exits 2."""
+    """Run the command line; an error prints one line (no traceback) and exits non-zero.
+
+    A refusal (`RefocusError`) exits 2; a failed chunk task (`RefocusTaskError`) exits 1.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.point_fit_lateral != "linear" and not args.point_fit:
@@ -1894,9 +2170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RefocusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RefocusTaskError as exc:  # the chunks done so far are kept: a rerun resumes
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(summary.line())
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the importable module's main, not this copy's: the tasks it sends to other processes
+    # (`refocus_block`, `warm_worker`) are then pickled by reference to ``live.refocus``, not
+    # by value from ``__main__`` with its module globals (whose locks do not pickle).
+    from live.refocus import main as _main
+
+    raise SystemExit(_main())

@@ -7,6 +7,8 @@ thread): the whole file runs in well under a minute on two shared cores.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +77,13 @@ def _reference(frames: np.ndarray) -> np.ndarray:
     dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
     dpms.setflags(write=False)
     return np.stack([backend.infer(f, dpms) for f in frames])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m live.refocus ARGS`` in a fresh interpreter, as a user runs it."""
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "live.refocus", *args]
+    return subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300)
 
 
 def _until_all_in(daemon: Any, n: int) -> None:
@@ -328,6 +337,37 @@ def test_cluster_output_equals_local_and_resumes_only_damaged_chunks(
     assert manifest[3] == -1 and (manifest[[0, 1, 2, 4, 5]] >= 0).all()
 
 
+def _cli_args(store: Path, name: str) -> list[str]:
+    """The command line refocusing `store` onto PLANES into image `name`, a chunk a frame."""
+    planes = [str(z) for z in PLANES]
+    return [str(store), "--planes", *planes, "--name", name, "--chunk", "1", "--no-progress"]
+
+
+def test_the_command_line_runs_on_a_process_pool(tmp_path: Path) -> None:
+    """``python -m live.refocus --scheduler processes``: the tasks go to the pool by reference
+    to the importable module (run as ``__main__`` they were pickled by value with the module's
+    locks: "TypeError: cannot pickle '_thread.lock' object")."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, [0, 1, 2])
+    ort = ["--backend", "onnxruntime", "--threads", "1"]
+    done = _cli(*_cli_args(store, "procs"), *ort, "--scheduler", "processes", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert "refocused 3 frames (3 chunks)" in done.stdout and "[dask processes" in done.stdout
+    np.testing.assert_allclose(_read(store, "procs/0"), _reference(frames), rtol=1e-5, atol=1e-3)
+
+
+def test_the_command_line_runs_on_a_dask_cluster(tmp_path: Path, client: Any) -> None:
+    """``python -m live.refocus --scheduler tcp://...``: the model is loaded on each worker and
+    the chunks run there, sent as on the process pool (they failed to pickle alike)."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, [0, 1, 2])
+    ort = ["--backend", "onnxruntime", "--threads", "1"]
+    done = _cli(*_cli_args(store, "dist"), *ort, "--scheduler", client.scheduler.address)
+    assert done.returncode == 0, done.stderr
+    assert "refocused 3 frames (3 chunks)" in done.stdout and "dask.distributed" in done.stdout
+    np.testing.assert_allclose(_read(store, "dist/0"), _reference(frames), rtol=1e-5, atol=1e-3)
+
+
 def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
     tmp_path: Path, client: Any
 ) -> None:
@@ -372,6 +412,101 @@ def test_fill_gaps_into_float16_shards_rounds_like_the_recorder_and_resumes(
     zarr.open_group(str(store), mode="r+").attrs["deepz"] = before  # as if cut off before
     again = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
     assert (again.frames_wanted, again.frames_done, again.frames_skipped) == (4, 0, 4)
+
+
+def test_an_interrupted_fill_resumes_only_with_the_model_that_began_it(tmp_path: Path) -> None:
+    """A fill cut off before it recorded its seqs left rows and manifest marks made by one
+    model: a rerun with another model is refused (it used to keep the first model's rows and
+    record its own name), --overwrite computes them again with it, and each fill lists the
+    model that made its rows."""
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, list(range(4)), stack_seqs=[0, 2])
+    before = dict(zarr.open_group(str(store), mode="r").attrs["deepz"])
+    first = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    assert first.frames_done == 2
+    [entry] = zarr.open_group(str(store), mode="r").attrs["deepz"]["filled_offline"]
+    assert entry["seqs"] == [[1, 2], [3, 4]] and entry["model"] == first.model
+    zarr.open_group(str(store), mode="r+").attrs["deepz"] = before  # as if cut off before
+    with pytest.raises(RefocusError, match=r"seqs 1, 3 with another model .*model_sha256"):
+        refocus_recording(store, fill_gaps=True, model=volume, scheduler="sync", **ORT)
+    second = refocus_recording(
+        store, fill_gaps=True, model=volume, overwrite=True, scheduler="sync", **ORT
+    )
+    assert (second.frames_done, second.frames_skipped) == (2, 0)
+    served = load_backend(volume, prefer=["onnxruntime"], intra_op_threads=1)
+    dpms = np.array(np.broadcast_to(np.float32(PLANES)[:, None, None], (3, SIDE, SIDE)))
+    expected = np.stack([served.infer(f, dpms) for f in frames[[1, 3]]])
+    np.testing.assert_allclose(run_array(store, "stacks")[[1, 3]], expected, rtol=1e-5, atol=1e-3)
+    [entry] = zarr.open_group(str(store), mode="r").attrs["deepz"]["filled_offline"]
+    assert entry["model"]["sha256"] == second.model["sha256"] != first.model["sha256"]
+
+
+def test_fill_gaps_never_swaps_the_runs_model_silently(tmp_path: Path) -> None:
+    """--fill-gaps writes beside the live stacks: a run whose model file is gone (the shipped
+    model filled it, under a warning) or changed since (only said) is refused with one line
+    naming --model, and nothing is written; --model fills with the model chosen."""
+    gone = tmp_path / "run-gone.ome.zarr"
+    _record(gone, [0, 1], stack_seqs=[0], config={"engine": {"model_path": str(tmp_path / "x")}})
+    with pytest.raises(RefocusError, match=r"the recording's model is not here.*pass --model"):
+        refocus_recording(gone, fill_gaps=True, scheduler="sync", **ORT)
+    changed = tmp_path / "run-changed.ome.zarr"
+    files = {"model": {"path": str(DEFAULT_MODEL), "sha256": "0" * 64}}
+    engine = {"engine": {"model_path": str(DEFAULT_MODEL)}}
+    _record(changed, [0, 1], stack_seqs=[0], config=engine, engine_files=files)
+    with pytest.raises(RefocusError, match=r"changed since the run .*pass --model"):
+        refocus_recording(changed, fill_gaps=True, scheduler="sync", **ORT)
+    for store in (gone, changed):
+        deepz = zarr.open_group(str(store), mode="r").attrs["deepz"]
+        assert deepz["stacks_present"] == [[0, 1]] and "filled_offline" not in deepz
+    chosen = refocus_recording(
+        changed, fill_gaps=True, model=DEFAULT_MODEL, scheduler="sync", **ORT
+    )
+    assert chosen.frames_done == 1
+
+
+def test_fill_gaps_refuses_planes_or_a_focus_lock_other_than_the_live_runs(
+    tmp_path: Path,
+) -> None:
+    """Every DPM value is compared with the run's (a surface run filled onto a flat plane of
+    the same shape was accepted), and the focus lock (a locked run filled onto fixed planes
+    was accepted); the run's own plan still fills."""
+    from live.config import PlanesConfig
+
+    frames = _frames(3)
+    tilted = {"surfaces": [{"name": "tilt", "kind": "tilted", "slope_x": 0.1}]}
+    locked = {"z_um": PLANES, "focus_lock_um": 0.0}
+    for name, planes, wrong, refused in (
+        ("surface", tilted, [0.0], r"onto tilt, but this plan is z=\+0um"),
+        ("locked", locked, PLANES, "had planes locked to the stage focus .* fixed planes"),
+    ):
+        plan = PlanesConfig.model_validate(planes).build((SIDE, SIDE), 0.3)
+        store = tmp_path / f"{name}.ome.zarr"
+        kind: dict[str, Any] = (
+            {"planes_um": PLANES}
+            if plan.z_um is not None
+            else {"surfaces": list(plan.labels), "dpms_um": plan.dpms_um}
+        )
+        rec = Recorder(
+            store,
+            frame_shape=(SIDE, SIDE),
+            pixel_size_um=0.3,
+            rate_hz=2.0,
+            config={"planes": planes},
+            **kind,
+        )
+        for seq in range(3):
+            parts = encode_frame(frames[seq], seq=seq, timestamp_s=time.time(), focus_um=0.5)
+            rec.put_frame(decode(parts))
+        stack = np.full((len(plan), SIDE, SIDE), 7.0, np.float32)
+        rec.put_stack(
+            decode(encode_stack(stack, seq=0, timestamp_s=0.0, focus_um=0.5, latency_ms=0.0))
+        )
+        rec.close()
+        with pytest.raises(RefocusError, match=f"{refused}.*needs the live run's planes"):
+            refocus_recording(store, fill_gaps=True, planes=wrong, scheduler="sync", **ORT)
+        own = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+        assert (own.frames_done, own.planes) == (2, plan.labels)
 
 
 # ------------------------------------------------------------------ inputs and errors
@@ -606,6 +741,33 @@ def test_stores_of_the_earlier_layout_and_of_the_collection_layout_both_open(
     rec.close()
     with pytest.raises(RefocusError, match="kept no raw frames"):
         open_input(stacks_only)
+
+
+def test_out_into_another_run_never_takes_its_own_images(tmp_path: Path) -> None:
+    """``--out OTHER_RUN`` keeps that run's own images as the source run's are kept (with
+    --overwrite it used to replace the other run's live stacks)."""
+    source, other = tmp_path / "a.ome.zarr", tmp_path / "b.ome.zarr"
+    _record(source, [0, 1])
+    _record(other, [0, 1], stack_seqs=[0, 1])
+    for name in ("stacks", "raw", "0", "1", "frames"):
+        with pytest.raises(RefocusError, match=r"would overwrite the run's own data in .*b\.ome"):
+            refocus_recording(source, planes=PLANES, out=other, name=name, overwrite=True, **ORT)
+    assert (run_array(other, "stacks")[...] == 7.0).all()
+    _assert_collection(other, {"raw": "0", "stacks": "1"})
+
+
+def test_a_refused_scheduler_leaves_the_store_as_it_was(tmp_path: Path) -> None:
+    """The scheduler is checked before the output is made: --workers 0 or an unknown scheduler
+    used to leave an empty image registered in the run's collection."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1])
+    for kwargs, message in (
+        ({"workers": 0}, "--workers must be >= 1"),
+        ({"scheduler": "nonsense"}, "scheduler must be one of|needs dask.distributed"),
+    ):
+        with pytest.raises(RefocusError, match=message):
+            refocus_recording(store, planes=PLANES, **kwargs, **ORT)
+    _assert_collection(store, {"raw": "0", "stacks": "1"})
 
 
 def test_cli_overwrites_and_fills_nothing_on_a_complete_run(

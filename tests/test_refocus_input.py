@@ -1,0 +1,151 @@
+"""live.refocus on damaged or odd inputs: each is one line and a non-zero exit, never a
+traceback, or costs only the frames it damages.
+
+Small on purpose, as tests/test_refocus.py (whose recordings these are: the project's
+Recorder, 64² frames, the shipped slim model on one ONNX Runtime thread).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from live.refocus import MANIFEST, RefocusError, main, refocus_recording
+from tests.test_refocus import ORT, PLANES, SIDE, _frames, _group, _read, _record, _reference
+
+CLI = ["--planes", "0", "--scheduler", "sync", "--backend", "onnxruntime", "--threads", "1"]
+
+
+def _one_error_line(capsys: pytest.CaptureFixture[str], *words: str) -> None:
+    """What the command line printed on stderr is one ``error:`` line holding `words`."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err[0]
+
+
+def test_a_run_missing_a_raw_chunk_file_is_refused_naming_its_seqs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """zarr reads a missing chunk file as zeros: the run was refocused as zero frames and its
+    output marked complete. The recorder writes every chunk and lists a seq as present only
+    once it is on disk, so a missing file is damage: refused, naming the seqs it held."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(6)))
+    raw = zarr.open_array(str(store), path="0/0", mode="r")
+    assert raw.shards == (2, SIDE, SIDE)  # two frames a file: the second file holds seqs 2-3
+    (store / "0" / "0" / "c" / "1" / "0" / "0").unlink()
+    with pytest.raises(RefocusError, match=r"seqs 2-3 are listed as recorded but their chunk"):
+        refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert main([str(store), *CLI, "--no-progress"]) == 2
+    _one_error_line(capsys, "seqs 2-3", "missing")
+
+
+def test_a_damaged_raw_chunk_fails_its_task_in_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A raw chunk file that does not decode fails the task that reads it: one line naming
+    the chunk and its seqs and exit 1 (was a zarr traceback); the chunks done are kept."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(4)))
+    (store / "0" / "0" / "c" / "1" / "0" / "0").write_bytes(b"not a shard at all")
+    assert main([str(store), *CLI, "--chunk", "2", "--no-progress"]) == 1
+    _one_error_line(capsys, "cannot read the raw frames of chunk 1 (seqs 2-3)")
+
+
+def test_tiffs_that_cannot_be_refocused_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TIFF of bool or complex pixels is refused when opened, as a Zarr input is (exit 2);
+    one cut short fails the task that reads it (exit 1): one line each, no traceback."""
+    import tifffile
+
+    frames = _frames(3)
+    tifffile.imwrite(tmp_path / "bool.tif", frames > 500, photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "complex.tif", frames.astype(np.complex64), photometric="minisblack"
+    )
+    tifffile.imwrite(tmp_path / "whole.tif", frames, photometric="minisblack")
+    data = (tmp_path / "whole.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    for name, code, words in (
+        ("bool", 2, ("bool.tif", "dtype bool is not a real number type")),
+        ("complex", 2, ("complex.tif", "dtype complex64 is not a real number type")),
+        ("cut", 1, ("cut.tif", "cannot read the raw frames of chunk 0 (seqs 0-2)")),
+    ):
+        out = tmp_path / f"{name}.ome.zarr"
+        argv = [str(tmp_path / f"{name}.tif"), "--out", str(out), *CLI, "--no-progress"]
+        assert main(argv) == code
+        _one_error_line(capsys, *words)
+
+
+def test_a_frame_the_backend_refuses_costs_that_frame_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A float frame with a pixel at 1e20 (no camera count): the backend refuses it, as live
+    (`live.worker`), so its planes stay NaN with a warning naming it and why, and every other
+    frame is refocused (it was a traceback that lost the job)."""
+    import tifffile
+
+    frames = _frames(3).astype(np.float32)
+    frames[1, 3, 3] = 1e20
+    tifffile.imwrite(tmp_path / "movie.tif", frames, photometric="minisblack")
+    out = tmp_path / "out.ome.zarr"
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        summary = refocus_recording(
+            tmp_path / "movie.tif", planes=PLANES, out=out, scheduler="sync", **ORT
+        )
+    assert summary.frames_done == 2
+    warned = [r.getMessage() for r in caplog.records if "cannot be refocused" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("frame 1 cannot be refocused (")
+    assert "1e+20" in warned[0]  # the backend's reason
+    group = zarr.open_group(str(out), mode="r")[_group(out, "stacks")]
+    assert group.attrs["deepz"]["present"] == [[0, 1], [2, 3]]
+    assert group.attrs["deepz"]["complete"] is False
+    stacks = _read(out, "stacks/0")
+    assert np.isnan(stacks[1]).all()
+    good = _reference(frames[[0, 2]])
+    np.testing.assert_allclose(stacks[[0, 2]], good, rtol=1e-5, atol=1e-2)
+
+
+def test_an_unreadable_manifest_entry_means_that_chunk_is_not_done(tmp_path: Path) -> None:
+    """A manifest entry emptied on disk (a 0-byte object) made the rerun a traceback: it says
+    nothing about its chunk, so that chunk is computed again and its entry rewritten."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(4)))
+    first = refocus_recording(store, planes=PLANES, chunk=2, scheduler="sync", **ORT)
+    assert first.chunks_done == 2
+    group = _group(store, "stacks_offline")
+    (store / group / MANIFEST / "c" / "0").write_bytes(b"")
+    again = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert (again.chunks_done, again.frames_done, again.chunks_skipped) == (1, 2, 1)
+    third = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert (third.chunks_done, third.chunks_skipped) == (0, 2)
+
+
+def test_an_ngff_volume_without_a_time_axis_is_refused(tmp_path: Path) -> None:
+    """An NGFF (z, y, x) image is one volume, not a time series: its planes were refocused as
+    frames. The frames' axis must be the one named t."""
+    image = zarr.open_group(str(tmp_path / "zyx.ome.zarr"), mode="w", zarr_format=3)
+    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x"}]
+    image.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
+    }
+    image.create_array("0", data=_frames(3), chunks=(1, SIDE, SIDE))
+    with pytest.raises(RefocusError, match=r"axes zyx; its axis 'z' is not time"):
+        refocus_recording(tmp_path / "zyx.ome.zarr", planes=PLANES, out=tmp_path / "o.zarr", **ORT)
+    single = zarr.open_group(str(tmp_path / "cyx.ome.zarr"), mode="w", zarr_format=3)
+    axes[0] = {"name": "c", "type": "channel"}  # one plane of a named axis: one frame, as before
+    single.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
+    }
+    single.create_array("0", data=_frames(1), chunks=(1, SIDE, SIDE))
+    summary = refocus_recording(
+        tmp_path / "cyx.ome.zarr", planes=PLANES, out=tmp_path / "c.zarr", scheduler="sync", **ORT
+    )
+    assert summary.frames_done == 1
