@@ -509,11 +509,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
         raise ModelMetadataError(
             f"{metadata_path(path)}: architecture {metadata.architecture} does not build: {exc}"
         ) from exc
-    if model.size_multiple != metadata.size_multiple:
-        raise ModelMetadataError(
-            f"{metadata_path(path)}: size_multiple {metadata.size_multiple} does not match the "
-            f"architecture (2 ** {model.pools} = {model.size_multiple})"
-        )
+    # size_multiple against the architecture: checked by the metadata itself (any loader)
     state = read_checkpoint(path)
     if not isinstance(state, dict):
         raise ModelMetadataError(f"{path}: expected a state_dict, got {type(state).__name__}")

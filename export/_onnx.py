@@ -303,15 +303,14 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
     if Path(out).resolve() == Path(weights).resolve():
         raise ValueError(f"{out}: the output would overwrite the weights it is made from")
     model, metadata = load_model(weights)
-    src = None
+    bank: tuple[Path, Path] | None = None  # (from, to)
     if metadata.volume is not None:
         # the bank is checked before the ONNX replaces `out`: a missing or broken bank leaves
         # the model there as it was, not a new model beside an old (or no) bank
-        src = Path(weights).parent / metadata.volume.psf_file
-        load_psf_bank(src, len(metadata.volume.depth_um))
+        name = metadata.volume.psf_file
+        bank = (Path(weights).parent / name, Path(out).parent / name)
+        load_psf_bank(bank[0], len(metadata.volume.depth_um))
     report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
-    if src is not None:
-        dst = Path(out).parent / src.name
-        if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
+    if bank is not None and bank[0].resolve() != bank[1].resolve():
+        shutil.copyfile(*bank)
     return report

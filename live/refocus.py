@@ -302,7 +302,13 @@ def _ngff_input(text: str, node: Any, multiscales: Any) -> RawInput:
         raise RefocusError(
             f"{text}: its NGFF metadata names array {array_path!r}, which is missing"
         )
-    axes = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
+    # an axis of NGFF type "time" is the frames' axis whatever its name ("t", "time", ...)
+    axes = [
+        "t"
+        if isinstance(a, dict) and a.get("type") == "time"
+        else (a["name"] if isinstance(a, dict) else str(a))
+        for a in image.get("axes", [])
+    ]
     inp = _zarr_input(text, array_path, array, axes or None)
     scale = _ngff_scale(image, array.ndim)
     rate = _ngff_rate_hz(image, axes, scale)
@@ -363,13 +369,19 @@ def _check_stored(text: str, array: Any, present: Sequence[int]) -> None:
 
     from live.metrics import format_seqs
 
+    store = array.store_path.store
+    if not present:
+        return
+    if not store.supports_listing:  # e.g. plain HTTP: the files cannot be listed, only read
+        log.warning("%s: its store cannot list files; missing raw chunks are not checked", text)
+        return
     outer = array.shards or array.chunks  # what one file holds
     per_file = int(outer[0])
     grid = [math.ceil(n / c) for n, c in zip(array.shape, outer, strict=True)]
     prefix = f"{array.store_path.path}/" if array.store_path.path else ""
 
     async def listed() -> set[str]:
-        keys = array.store_path.store.list_prefix(prefix)
+        keys = store.list_prefix(prefix)
         return {key.removeprefix(prefix) async for key in keys}
 
     stored = sync(listed())
@@ -639,7 +651,9 @@ def clear_backends() -> None:
     with _OPENED_LOCK:
         _OPENED.clear()
     with _BACKENDS_LOCK:
-        for backend, lock in _BACKENDS.values():
+        # one backend may be kept under two keys (asked for by name and as chosen): closed once
+        unique = {id(backend): (backend, lock) for backend, lock in _BACKENDS.values()}
+        for backend, lock in unique.values():
             with lock:
                 backend.close()
         _BACKENDS.clear()
@@ -1574,6 +1588,15 @@ class RefocusSummary:
     name: str = ""
 
     @property
+    def frames_left(self) -> int:
+        """Wanted frames neither refocused nor already done: left NaN.
+
+        The warnings say why: no stage focus for a lock, NaN pixels, a frame the backend
+        refused.
+        """
+        return self.frames_wanted - self.frames_done - self.frames_skipped
+
+    @property
     def frames_per_s(self) -> float:
         """Frames refocused per second of task wall time (0 when none was computed)."""
         return self.frames_done / self.seconds if self.frames_done and self.seconds > 0 else 0.0
@@ -1586,6 +1609,7 @@ class RefocusSummary:
             f"{self.seconds:.1f} s ({self.frames_per_s:.2f} frames/s; setup "
             f"{self.setup_seconds:.1f} s) with {self.model['name']} on {self.backend} "
             f"[{self.scheduler}] -> {self.store}/{self.image} ({self.name})"
+            + (f"; {self.frames_left} left NaN (see the warnings)" if self.frames_left else "")
         )
 
 
@@ -2174,7 +2198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary.line())
-    return 0
+    # frames left NaN cost those frames (a lock without focus, a frame the backend refuses);
+    # a run that made none of its wanted frames failed as a whole
+    return 1 if summary.frames_wanted and summary.frames_left == summary.frames_wanted else 0
 
 
 if __name__ == "__main__":

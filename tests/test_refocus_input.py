@@ -109,6 +109,12 @@ def test_a_frame_the_backend_refuses_costs_that_frame_and_says_so(
     assert np.isnan(stacks[1]).all()
     good = _reference(frames[[0, 2]])
     np.testing.assert_allclose(stacks[[0, 2]], good, rtol=1e-5, atol=1e-2)
+    assert summary.frames_left == 1 and "1 left NaN" in summary.line()
+    # every frame refused: the command fails as a whole (review 36: it said 0 frames, rc 0)
+    frames[:, 3, 3] = 1e20
+    tifffile.imwrite(tmp_path / "bad.tif", frames, photometric="minisblack")
+    argv = [str(tmp_path / "bad.tif"), "--out", str(tmp_path / "bad.ome.zarr"), *CLI]
+    assert main([*argv, "--no-progress"]) == 1
 
 
 def test_an_unreadable_manifest_entry_means_that_chunk_is_not_done(tmp_path: Path) -> None:
@@ -149,3 +155,15 @@ def test_an_ngff_volume_without_a_time_axis_is_refused(tmp_path: Path) -> None:
         tmp_path / "cyx.ome.zarr", planes=PLANES, out=tmp_path / "c.zarr", scheduler="sync", **ORT
     )
     assert summary.frames_done == 1
+    # an axis of NGFF type "time" is the frames' axis whatever its name
+    timed = zarr.open_group(str(tmp_path / "time.ome.zarr"), mode="w", zarr_format=3)
+    axes[0] = {"name": "time", "type": "time"}
+    timed.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
+    }
+    timed.create_array("0", data=_frames(3), chunks=(1, SIDE, SIDE))
+    summary = refocus_recording(
+        tmp_path / "time.ome.zarr", planes=PLANES, out=tmp_path / "t.zarr", scheduler="sync", **ORT
+    )
+    assert summary.frames_done == 3

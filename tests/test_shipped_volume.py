@@ -262,16 +262,17 @@ def test_closing_a_backend_stops_its_render_threads() -> None:
 
     from engine.runtime import load_backend
 
-    def render_threads() -> int:
-        return sum(t.name.startswith("render") for t in threading.enumerate())
+    def render_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("render")}
 
-    before = render_threads()
+    before = render_threads()  # other tests' backends may hold (and drop) some meanwhile
     backend = load_backend(WEIGHTS, prefer=["onnxruntime"], intra_op_threads=2)
     frame = np.full(SHAPE, 500, dtype=np.uint16)
     backend.infer(frame, np.zeros((2, *SHAPE), dtype=np.float32))  # a renderer, 2 threads
-    assert render_threads() > before
+    started = render_threads() - before
+    assert started
     backend.close()
-    assert render_threads() == before
+    assert not any(t.is_alive() for t in started)
 
 
 def test_a_models_own_bank_holding_negative_light_is_refused_at_load(tmp_path: Path) -> None:

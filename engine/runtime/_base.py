@@ -297,8 +297,9 @@ def _warn_lateral(bank: Path, lateral: str) -> None:
 
 
 MAX_PIXEL = 1e15
-"""Largest |value| a frame may hold: squared and summed over a frame in float32 (3.4e38) it
-stays finite, and no camera counts near it."""
+"""Largest |value| a frame may hold. The network's normalisation is float64, but a volume
+model's planes are rendered in float32 (3.4e38) by FFT sums over the frame: a pixel near 1e38
+makes every plane NaN. No camera counts come near 1e15, which leaves a wide margin."""
 
 
 def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndarray:
@@ -311,9 +312,8 @@ def _check_array(label: str, arr: np.ndarray, *, finite: bool = True) -> np.ndar
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise ValueError(f"{label} must be (H, W) or (N, H, W) and non-empty, got {arr.shape}")
     # one NaN or infinite pixel spreads through every convolution to the whole output: refuse
-    # it rather than return a stack of NaN; so does one beyond MAX_PIXEL, whose square
-    # overflows the frame's float32 normalisation (8-32-bit integer camera frames can hold
-    # neither: no cost)
+    # it rather than return a stack of NaN; so does one beyond MAX_PIXEL, which overflows the
+    # float32 render (8-32-bit integer camera frames can hold neither: no cost)
     if finite and (arr.dtype.kind == "f" or arr.dtype.itemsize > 4):
         lo, hi = float(arr.min()), float(arr.max())
         if not (-MAX_PIXEL <= lo and hi <= MAX_PIXEL):  # NaN fails both comparisons
@@ -340,7 +340,9 @@ def _frozen(a: np.ndarray) -> bool:
     """Whether `a` cannot change: read-only and owning its data (not a view of a writable one).
 
     Callers that refocus every frame onto the same planes (the live worker) pass such an array,
-    so its normalised DPM channel is written once, not per frame.
+    so its normalised DPM channel is written once, not per frame. An array made writeable,
+    changed and frozen again cannot be told from the one checked before: freeze a new array
+    for new planes (as `engine.dpm.VolumePlan.frozen` does), never refreeze one.
     """
     return not a.flags.writeable and a.flags.owndata
 
@@ -408,8 +410,15 @@ class BaseBackend:
         that cannot take this input size); `infer` promises `ValueError` or `BackendError`
         only, which is what the live worker counts against one frame.
         """
+        return self._engine_call(self._run, x)
+
+    def _engine_call(self, run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Call an engine on `x`, its own failures re-raised as one `BackendError` line.
+
+        The one home of that conversion: `_network`, and TensorRT's whole-refocus engine.
+        """
         try:
-            return self._run(x)
+            return run(x)
         except (ValueError, BackendError):
             raise
         except Exception as exc:  # any engine failure, re-raised as ours
@@ -510,8 +519,8 @@ class BaseBackend:
             raise BackendError(f"{self.metadata.name} is a per-plane model, not a volume model")
         r = self._renderers.get(shape)
         if r is None:
-            if len(self._renderers) >= MAX_CACHED_SHAPES:
-                self._renderers.pop(next(iter(self._renderers)))
+            if len(self._renderers) >= MAX_CACHED_SHAPES:  # its threads stopped, as in close
+                self._renderers.pop(next(iter(self._renderers))).close()
             threads = self.options.intra_op_threads or default_threads()
             r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape, threads)
             self._renderers[shape] = r

@@ -193,7 +193,7 @@ class TensorRTBackend(BaseBackend):
         out = np.empty((frames.shape[0], len(plan), *plan.frame_shape), dtype=dtype)
         with np.errstate(over="ignore"):  # float16: beyond its range becomes inf
             for i, frame in enumerate(frames):
-                out[i] = engine.run(frame)
+                out[i] = self._engine_call(engine.run, frame)
         return out
 
     def _select_device(self, device: str | None) -> int:
