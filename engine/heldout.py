@@ -1287,8 +1287,7 @@ def background_planes_fn(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
     says something about refocusing only where it beats this row.
     """
     dz = np.atleast_1d(np.asarray(dz_um))
-    img = _smooth_background(np.asarray(frame, dtype=np.float32)).astype(np.float32)
-    out: np.ndarray = np.repeat(img[None], dz.size, axis=0)
+    out: np.ndarray = np.repeat(background_surface_fn(frame, dz)[None], dz.size, axis=0)
     return out
 
 

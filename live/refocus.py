@@ -960,21 +960,16 @@ def _check_fill_plan(raw: RawInput, chosen: _Plan) -> None:
     surfaces, else its recorded plane offsets; the plan digest the daemon's workers check is
     not stored in the run), and the focus lock with the one in its stored config.
     """
-    import zarr
-
-    from live.store import DPMS_ARRAY, image_groups
-
     run = raw.run or {}
     plan, shape = chosen.plan, raw.frame_shape
-    group = image_groups(run).get("stacks")
     live: VolumePlan | None = None
-    if group is not None and isinstance(run.get("surfaces"), list):
+    dpms = _kept_dpms(raw) if isinstance(run.get("surfaces"), list) else None
+    if dpms is not None:
         try:
-            dpms = zarr.open_array(store=raw.spec.path, path=f"{group}/{DPMS_ARRAY}", mode="r")
-            live = VolumePlan.from_dpms(list(np.asarray(dpms[...])), run["surfaces"])
-        except (FileNotFoundError, KeyError, ValueError, DPMError):
+            live = VolumePlan.from_dpms(list(dpms), run["surfaces"])
+        except DPMError:
             live = None
-    elif isinstance(run.get("planes_um"), list):
+    elif isinstance(run.get("planes_um"), list):  # a run records planes_um or surfaces
         with _malformed(raw.spec.path, "run metadata ('deepz' planes_um)"):
             live = VolumePlan.from_z([float(z) for z in run["planes_um"]], shape)
     same = True
@@ -1014,21 +1009,32 @@ def _recorded_surfaces(raw: RawInput, stored: Any) -> VolumePlan | None:
     A surface from a file is rebuilt from that file only when the run kept no stacks: the
     file may have changed since (the DPMs the live stacks were made with are beside them).
     """
+    if stored.surfaces is None:
+        return None
+    names = [s.name for s in stored.surfaces]
+    dpms = _kept_dpms(raw)
+    if dpms is None or dpms.shape != (len(names), *raw.frame_shape):
+        return None
+    return VolumePlan.from_dpms(list(dpms.astype(np.float32)), names)
+
+
+def _kept_dpms(raw: RawInput) -> np.ndarray | None:
+    """Return the DPMs a surface run's live stacks were made with, as its store keeps them.
+
+    None when the run kept no stacks or no DPMs beside them (or they cannot be read).
+    """
     import zarr
 
     from live.store import DPMS_ARRAY, image_groups
 
     group = image_groups(raw.run or {}).get("stacks")
-    if stored.surfaces is None or group is None:
+    if group is None:
         return None
-    names = [s.name for s in stored.surfaces]
     try:
-        dpms = np.asarray(zarr.open_array(store=raw.spec.path, path=f"{group}/{DPMS_ARRAY}")[...])
+        path = f"{group}/{DPMS_ARRAY}"
+        return np.asarray(zarr.open_array(store=raw.spec.path, path=path, mode="r")[...])
     except (FileNotFoundError, KeyError, ValueError):
         return None
-    if dpms.shape != (len(names), *raw.frame_shape):
-        return None
-    return VolumePlan.from_dpms(list(dpms.astype(np.float32)), names)
 
 
 def _load_scope(path: str | Path) -> Any:

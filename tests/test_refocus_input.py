@@ -132,38 +132,33 @@ def test_an_unreadable_manifest_entry_means_that_chunk_is_not_done(tmp_path: Pat
     assert (third.chunks_done, third.chunks_skipped) == (0, 2)
 
 
-def test_an_ngff_volume_without_a_time_axis_is_refused(tmp_path: Path) -> None:
-    """An NGFF (z, y, x) image is one volume, not a time series: its planes were refocused as
-    frames. The frames' axis must be the one named t."""
-    image = zarr.open_group(str(tmp_path / "zyx.ome.zarr"), mode="w", zarr_format=3)
-    axes = [{"name": "z", "type": "space"}, {"name": "y", "type": "space"}, {"name": "x"}]
+def _ngff(path: Path, lead: dict[str, str], n: int) -> Path:
+    """Write an NGFF image of `n` frames whose leading axis is `lead` (then y, x)."""
+    image = zarr.open_group(str(path), mode="w", zarr_format=3)
+    axes = [lead, {"name": "y", "type": "space"}, {"name": "x"}]
     image.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
     }
-    image.create_array("0", data=_frames(3), chunks=(1, SIDE, SIDE))
+    image.create_array("0", data=_frames(n), chunks=(1, SIDE, SIDE))
+    return path
+
+
+def test_an_ngff_volume_without_a_time_axis_is_refused(tmp_path: Path) -> None:
+    """An NGFF (z, y, x) image is one volume, not a time series: its planes were refocused as
+    frames. The frames' axis must be the one named t."""
+    zyx = _ngff(tmp_path / "zyx.ome.zarr", {"name": "z", "type": "space"}, 3)
     with pytest.raises(RefocusError, match=r"axes zyx; its axis 'z' is not time"):
-        refocus_recording(tmp_path / "zyx.ome.zarr", planes=PLANES, out=tmp_path / "o.zarr", **ORT)
-    single = zarr.open_group(str(tmp_path / "cyx.ome.zarr"), mode="w", zarr_format=3)
-    axes[0] = {"name": "c", "type": "channel"}  # one plane of a named axis: one frame, as before
-    single.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
-    }
-    single.create_array("0", data=_frames(1), chunks=(1, SIDE, SIDE))
+        refocus_recording(zyx, planes=PLANES, out=tmp_path / "o.zarr", **ORT)
+    # one plane of a named axis: one frame, as before
+    cyx = _ngff(tmp_path / "cyx.ome.zarr", {"name": "c", "type": "channel"}, 1)
     summary = refocus_recording(
-        tmp_path / "cyx.ome.zarr", planes=PLANES, out=tmp_path / "c.zarr", scheduler="sync", **ORT
+        cyx, planes=PLANES, out=tmp_path / "c.zarr", scheduler="sync", **ORT
     )
     assert summary.frames_done == 1
     # an axis of NGFF type "time" is the frames' axis whatever its name
-    timed = zarr.open_group(str(tmp_path / "time.ome.zarr"), mode="w", zarr_format=3)
-    axes[0] = {"name": "time", "type": "time"}
-    timed.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{"axes": axes, "datasets": [{"path": "0"}]}],
-    }
-    timed.create_array("0", data=_frames(3), chunks=(1, SIDE, SIDE))
+    timed = _ngff(tmp_path / "time.ome.zarr", {"name": "time", "type": "time"}, 3)
     summary = refocus_recording(
-        tmp_path / "time.ome.zarr", planes=PLANES, out=tmp_path / "t.zarr", scheduler="sync", **ORT
+        timed, planes=PLANES, out=tmp_path / "t.zarr", scheduler="sync", **ORT
     )
     assert summary.frames_done == 3

@@ -403,19 +403,13 @@ class BaseBackend:
         """Run the network on (n, 2, H', W') float32, n <= max_batch; return (n, 1, H', W')."""
         raise NotImplementedError
 
-    def _network(self, x: np.ndarray) -> np.ndarray:
-        """`_run`, its engine's own failures as one `BackendError` line naming the backend.
-
-        The runtimes raise their own types (onnxruntime a bare RuntimeError, e.g. for a graph
-        that cannot take this input size); `infer` promises `ValueError` or `BackendError`
-        only, which is what the live worker counts against one frame.
-        """
-        return self._engine_call(self._run, x)
-
     def _engine_call(self, run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
         """Call an engine on `x`, its own failures re-raised as one `BackendError` line.
 
-        The one home of that conversion: `_network`, and TensorRT's whole-refocus engine.
+        The engine is `_run`, or TensorRT's whole-refocus engine. The runtimes raise their
+        own types (onnxruntime a bare RuntimeError, e.g. for a graph that cannot take this
+        input size); `infer` promises `ValueError` or `BackendError` only, which is what the
+        live worker counts against one frame.
         """
         try:
             return run(x)
@@ -474,7 +468,7 @@ class BaseBackend:
         step = self.max_batch
         for start in range(0, n, step):
             stop = min(start + step, n)
-            y = self._network(x[start:stop])
+            y = self._engine_call(self._run, x[start:stop])
             if y.shape[0] != stop - start or y.ndim != 4:
                 raise BackendError(f"{self.name}: network returned shape {y.shape}")
             denormalize_images(
@@ -508,7 +502,7 @@ class BaseBackend:
         The result may be the backend's own output buffer: valid until its next call.
         """
         assert self.metadata.volume is not None
-        y = self._network(np.ascontiguousarray(x))
+        y = self._engine_call(self._run, np.ascontiguousarray(x))
         if y.shape[:2] != (x.shape[0], len(self.metadata.volume.depth_um)) or y.ndim != 4:
             raise BackendError(f"{self.name}: network returned shape {y.shape}")
         return y
