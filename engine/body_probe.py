@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import heldout as ho
+from engine.files import atomic_write
 from engine.metadata import normalize_images
 from engine.model import DeepZ, load_model, metadata_path, read_checkpoint
 
@@ -245,19 +246,15 @@ def _save(
 ) -> None:
     """Write the head's checkpoint atomically (a killed run leaves the last whole one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "head": head.state_dict(),
-            "optimiser": opt.state_dict(),
-            "weights": str(weights),
-            "config": str(config),
-            "features": head.features,
-            **state,
-        },
-        tmp,
-    )
-    tmp.replace(path)
+    checkpoint = {
+        "head": head.state_dict(),
+        "optimiser": opt.state_dict(),
+        "weights": str(weights),
+        "config": str(config),
+        "features": head.features,
+        **state,
+    }
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def predict_glow(model: DeepZ, head: BodyHead | None, frame: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ with a matched-filter primer, AveragePool and a nearest Resize), so the network 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.detection import DETECTION_CHANNELS, DETECTION_HIDDEN, P_BIAS, Detections, decode, splat
+from engine.files import atomic_write
 from engine.metadata import ModelMetadata, ModelMetadataError, architecture_size_multiple
 
 __all__ = [
@@ -444,33 +444,14 @@ def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
 def write_checkpoint(path: str | Path, content: Any) -> None:
     """Write weights or a training checkpoint so that `path` is always whole.
 
-    Saved to a temporary file beside `path`, flushed to the disk, then renamed over it: a
-    process killed, or a machine losing power, while saving leaves the previous file (a
-    rename alone can leave an empty file after a power loss on some file systems). A save
-    that fails (a full disk) removes its temporary file and raises.
+    ``torch.save`` through `engine.files.atomic_write`: saved beside `path`, flushed to the
+    disk, then renamed over it, so a process killed, or a machine losing power, while saving
+    leaves the previous file (a rename alone can leave an empty file after a power loss on
+    some file systems). A save that fails (a full disk) removes its temporary file and raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("wb") as f:
-            torch.save(content, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # the rename itself, on the disk
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened (some platforms): the rename stands
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda tmp: torch.save(content, tmp))
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import warnings
@@ -24,6 +23,7 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
+from engine.files import atomic_write
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
 from engine.runtime import INPUT_NAME, OUTPUT_NAME, session_options
@@ -260,12 +260,9 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     # written, checked and parity-tested beside `out`, then moved over it in one step: a failed
     # export leaves the model it was to replace as it was, and a reader never sees half a file
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        report = _export_checked(model, metadata, tmp, opset=opset, source=source)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    report = atomic_write(
+        out, lambda tmp: _export_checked(model, metadata, tmp, opset=opset, source=source)
+    )
     log.info("exported %s (max abs %.2e, max rel %.2e)", out, report.max_abs, report.max_rel)
     return report
 

@@ -55,8 +55,6 @@ z values or DPMs in the attributes and arrays beside them, never invented z posi
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import threading
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -66,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engine.files import atomic_write_bytes
 
 __all__ = [
     "DPMS_ARRAY",
@@ -598,21 +598,12 @@ def write_ome_xml(store: Path, images: Sequence[XmlImage]) -> None:
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write `content` (text as UTF-8) to `path` through a temporary file beside it and one rename.
+    """Write `content` (text as UTF-8) to one of the store's side files, atomically for readers.
 
-    A reader sees the old file or the whole new one, never half. The temporary file is created
-    with mode 0o666, which the kernel reduces by the umask, so the result has the mode a plain
-    ``open(path, "w")`` would give (``mkstemp``'s owner-only 0o600 would hide a preview or the
-    store's metadata from the group or users who read the rest of the store); the umask is not
-    changed (a process-wide setting other threads create files under).
+    `engine.files.atomic_write_bytes` (a reader sees the old file or the whole new one, with
+    the mode a plain ``open(path, "w")`` gives) without its fsyncs: the recorder's writer thread
+    rewrites METADATA.ome.xml every few seconds, and a flush to the disk there can wait behind
+    the shards' dirty pages, which are not flushed either (the store as a whole is not).
     """
     data = content.encode("utf-8") if isinstance(content, str) else content
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, durable=False)

@@ -98,7 +98,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(
     def fail(src: object, dst: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("live.store.os.replace", fail)
+    monkeypatch.setattr("engine.files.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]

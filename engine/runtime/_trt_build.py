@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import tensorrt as trt
 
+from engine.files import atomic_write_bytes
 from engine.metadata import ModelMetadata, file_sha256
 from engine.runtime._base import DEFAULT_MAX_BATCH, INPUT_NAME
 from engine.runtime._trt_cache import (
@@ -86,9 +86,7 @@ def _load_timing_cache(config: Any, path: Path) -> None:
 def _save_timing_cache(config: Any, path: Path) -> None:
     """Write the builder's updated timing cache to `path` atomically (workers build at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    tmp.replace(path)
+    atomic_write_bytes(path, bytes(memoryview(config.get_timing_cache().serialize())))
 
 
 def build_engine(

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.files import atomic_write_bytes, atomic_write_text
 from engine.metadata import ModelMetadata, padded_shape
 from engine.runtime._base import DEFAULT_MAX_BATCH, io_channels
 
@@ -153,14 +154,11 @@ class EngineCache:
         """Write `plan` and its side file atomically (a crash never leaves half a plan)."""
         self.root.mkdir(parents=True, exist_ok=True)
         entry = self.entry(key, metadata.name)
-        # per-process temporaries: workers starting together build and store the same key
-        tmp = entry.plan.with_suffix(f".plan.{os.getpid()}.tmp")
-        tmp.write_bytes(plan)
-        tmp.replace(entry.plan)
+        # workers starting together build and store the same key: each write has its own
+        # temporary; both are flushed to the disk (minutes of build survive a power loss)
+        atomic_write_bytes(entry.plan, plan)
         info = {"key": asdict(key), "onnx": str(onnx_path), "metadata": metadata.model_dump()}
-        tmp = entry.info.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(entry.info)
+        atomic_write_text(entry.info, json.dumps(info, indent=2) + "\n")
         return entry
 
     def timing_cache(self, gpu: str, tensorrt: str) -> Path:

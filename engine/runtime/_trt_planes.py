@@ -16,12 +16,12 @@ test is `tests/test_tensorrt.py::test_planes_engine_refocuses_as_the_host_path`.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import tensorrt as trt
 
+from engine.files import atomic_write
 from engine.metadata import ModelMetadata, file_sha256
 from engine.runtime._trt_build import cached_engine, cuda_check, cudart, native_handle
 from engine.runtime._trt_cache import EngineCache, ShapeProfile
@@ -60,9 +60,9 @@ def planes_onnx(
             metadata.size_multiple,
         )
         cache.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".onnx.{os.getpid()}.tmp")  # workers may build at once
-        onnx.save_model(model, str(tmp))  # under 2 GB: one file (about 130 MB at 512²)
-        tmp.replace(path)
+        # workers may build at once: each writes its own temporary; under 2 GB, so one file
+        # (about 130 MB at 512²)
+        atomic_write(path, lambda tmp: onnx.save_model(model, str(tmp)))
     return path
 
 
