@@ -35,6 +35,11 @@ one object each). A rerun verifies each chunk the manifest names (it reads back,
 has that CRC) and skips it; a missing or damaged chunk is recomputed. Backends are loaded once
 per process and kept in a module-level cache keyed by model file and backend options.
 
+One job writes a store at a time: from before it opens its output until it has written its
+presence, the driver holds a lock file (`LOCK_FILE`: its pid and host, under ``flock``) in a
+local output store, and a second job there is refused naming the first; the lock of a job
+killed on this machine is taken over, said. A store behind a URL is not locked (said).
+
 Schedulers: ``"threads"`` (default: a Dask thread pool of `workers` threads sharing one backend
 under a lock, so reading, compressing and writing overlap with inference), ``"processes"`` (a
 Dask process pool, one backend per process), ``"sync"`` (one thread, for debugging), or the
@@ -50,6 +55,7 @@ schedulers fall back to a plain loop over the same chunk tasks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -57,6 +63,7 @@ import itertools
 import logging
 import math
 import os
+import platform
 import re
 import sys
 import threading
@@ -64,7 +71,6 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,6 +98,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_IMAGE",
     "LOCAL_SCHEDULERS",
+    "LOCK_FILE",
     "MANIFEST",
     "RawInput",
     "RefocusError",
@@ -115,6 +122,8 @@ OUT_IMAGE = "stacks"
 """Name of the stacks image in a new store (``out``)."""
 MANIFEST = "refocus_done"
 """Per-chunk completion array inside the output image group: CRC-32 of the chunk, or -1."""
+LOCK_FILE = ".refocus.lock"
+"""Lock file inside a local output store while a job writes it (pid, host, start; `_write_lock`)."""
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 """Schedulers that run on this machine; anything else is a dask.distributed address."""
 _NOT_DONE = -1
@@ -237,7 +246,7 @@ def open_input(path: str | Path) -> RawInput:
         p = Path(text)
         if not p.exists():
             raise RefocusError(f"{text}: no such recording (file or directory not found)")
-        p = p.resolve()  # one spelling of the path: it is part of a resumable job's identity
+        p = p.resolve()  # one spelling: it names an input, or tells one that is its own output
         text = str(p)
         if p.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff_input(p)
@@ -276,7 +285,7 @@ def _is_run(deepz: Any) -> TypeGuard[dict[str, Any]]:
     return isinstance(deepz, dict) and "raw_present" in deepz
 
 
-@contextmanager
+@contextlib.contextmanager
 def _malformed(text: str, what: str) -> Iterator[None]:
     """Turn a store's metadata that is not what it should be into one `RefocusError` line.
 
@@ -521,7 +530,14 @@ def _ngff_rate_hz(
 
 
 class _Frames:
-    """Reads blocks of frames (n, H, W) from an `InputSpec`, in the process that runs a task."""
+    """Reads blocks of frames (n, H, W) from an `InputSpec`, in the process that runs a task.
+
+    A TIFF with a page per frame is read page by page. One whose pages hold several frames
+    (an ImageJ hyperstack "truncated" to one IFD, as ImageJ and tifffile write stacks beyond
+    4 GB; a volumetric page) is memory-mapped when its pixels lie uncompressed in one run of
+    the file, so each block reads its own frames and processes share the page cache. Only
+    compressed or scattered data, which cannot be mapped, is read whole, once per process.
+    """
 
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
@@ -542,8 +558,8 @@ class _Frames:
             self._pages = len(series.pages) == n_t and series.keyframe.shape[-2:] == tuple(
                 series.shape[-2:]
             )
-            if not self._pages:  # one page holds several frames: read the series once
-                self._array = series.asarray()
+            if not self._pages:  # one page holds several frames
+                self._array = _mapped_or_whole(spec.path, series)
 
     def read(self, t0: int, t1: int) -> np.ndarray:
         """Return frames ``t0 .. t1 - 1`` as an (n, H, W) array of the stored dtype."""
@@ -556,12 +572,34 @@ class _Frames:
             return np.asarray(self._array[...])[np.newaxis]
         index: list[Any] = [0] * (spec.ndim - 2) + [slice(None), slice(None)]
         index[spec.t_axis] = slice(t0, t1)
-        return np.asarray(self._array[tuple(index)])
+        block = self._array[tuple(index)]
+        if isinstance(block, np.memmap):  # read now, in native byte order: no view of the file
+            return np.array(block, dtype=block.dtype.newbyteorder("="))
+        return np.asarray(block)
 
     def close(self) -> None:
         """Close a TIFF file handle."""
         if self._tif is not None:
             self._tif.close()
+
+
+def _mapped_or_whole(path: str, series: Any) -> np.ndarray:
+    """Return a TIFF's first series memory-mapped (read-only), or read whole if it cannot be.
+
+    tifffile maps a series whose pixels are uncompressed and contiguous in the file
+    (``series.dataoffset``); compressed, tiled or scattered pixels have no such run of bytes,
+    so they are decoded into memory at once (`_Frames` keeps them for the process).
+    """
+    import tifffile
+
+    if series.dataoffset is not None:
+        try:
+            mapped: np.ndarray = tifffile.memmap(path, series=0, mode="r")
+        except (ValueError, OSError):  # e.g. a file cut short of its pixels: read, and fail, whole
+            pass
+        else:
+            return mapped
+    return np.asarray(series.asarray())
 
 
 _OPENED: dict[tuple[str, str, str], Any] = {}
@@ -810,7 +848,7 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     from live.store import as_stack_dtype
 
     t_start = time.perf_counter()
-    worker = f"{os.uname().nodename}:{os.getpid()}"
+    worker = f"{_host()}:{os.getpid()}"
     out = _open_out(job.store, job.array_path, job.token)
     manifest = _open_out(job.store, job.manifest_path, job.token)
     if _verified(job, block, out, _mark(manifest, block.index)):
@@ -903,8 +941,13 @@ def _plan_from_planes(
     planes: Sequence[float] | None,
     scope: Any,
     raw: RawInput,
+    stored: Any | None = None,
 ) -> _Plan:
-    """Build the plan from --planes, --scope, the run's stored config or its planes; say which."""
+    """Build the plan from --planes, --scope, the run's stored config or its planes; say which.
+
+    `stored` is the run's ``[planes]`` config as `_stored_planes` validated it (validated once
+    per job by the caller: a broken one is said once).
+    """
     shape = raw.frame_shape
     if planes is not None:
         if len(planes) == 0:
@@ -916,7 +959,6 @@ def _plan_from_planes(
         return _Plan(plan, "the scope config", _lock_of(scope.planes), allow)
     run = raw.run or {}
     config = run.get("config")
-    stored = _stored_planes(raw)
     if isinstance(config, dict) and stored is not None:
         try:
             pixel = raw.pixel_size_um or float(config.get("source", {}).get("pixel_size_um", 1.0))
@@ -952,7 +994,7 @@ def _stored_planes(raw: RawInput) -> Any | None:
         return None
 
 
-def _check_fill_plan(raw: RawInput, chosen: _Plan) -> None:
+def _check_fill_plan(raw: RawInput, chosen: _Plan, stored: Any | None) -> None:
     """Refuse a --fill-gaps plan that is not the live run's: other DPMs or another focus lock.
 
     The filled stacks go into the live image beside the live ones, so they must be the same
@@ -986,7 +1028,6 @@ def _check_fill_plan(raw: RawInput, chosen: _Plan) -> None:
             f"{', '.join(plan.labels)} (from {chosen.source}): --fill-gaps needs the live run's "
             "planes (drop --planes / --scope)"
         )
-    stored = _stored_planes(raw)
     lock = _lock_of(stored) if stored is not None else None
     if chosen.focus_lock != lock:
         raise RefocusError(
@@ -1154,6 +1195,185 @@ def _check_recorded(
             log.warning("%s changed since the run was recorded with it: refocusing with it", model)
 
 
+# ----------------------------------------------------------------------------- output lock
+
+
+@dataclass(frozen=True)
+class _Holder:
+    """Who holds an output store's lock, as its lock file says (`LOCK_FILE`)."""
+
+    pid: int
+    host: str
+    started: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}, since {self.started}"
+
+
+def _host() -> str:
+    """Return the name of this machine, as lock files and task results give it."""
+    return platform.node()
+
+
+def _read_holder(fd: int) -> _Holder | None:
+    """Return the holder a lock file names, or None when it is empty or not one of ours."""
+    import json
+
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096) or b"null")
+        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]))
+    except (ValueError, TypeError, KeyError):  # empty, cut short or hostile: names no one
+        return None
+
+
+def _write_holder(fd: int) -> None:
+    """Write this process into its lock file, on disk (hosts sharing the store read it)."""
+    import json
+
+    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": _now()})
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, text.encode())
+    os.fsync(fd)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts).
+
+    On Windows ``os.kill`` would end the process, not probe it: there any pid counts as alive
+    (a left lock file is then deleted by hand, as its refusal says).
+    """
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _flock(fd: int) -> bool | None:
+    """Take the kernel's exclusive lock on `fd` without waiting: True, False (held), None.
+
+    None: the file system has no locks (some network or FUSE mounts) or the OS has no
+    ``flock`` (Windows); the lock file's holder then decides alone.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed or replaced since)."""
+    try:
+        here, there = os.fstat(fd), path.stat()
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _busy(store: str, holder: _Holder | None) -> RefocusError:
+    """Return the refusal of a store another job is writing, naming that job."""
+    who = holder or "one that has not said who it is yet"
+    return RefocusError(
+        f"{store} is being written by another refocusing job ({who}): wait for it to end"
+    )
+
+
+def _take_over(store: str, path: Path, holder: _Holder | None, locked: bool) -> None:
+    """Refuse the store while its lock file names a job that may still run; else take it.
+
+    The lock file is left behind by a job that was killed (SIGKILL, a lost machine). `locked`:
+    the kernel's lock on it was free, so no process on this machine holds it (whatever its pid
+    is now, a pid being reused); a job on another host cannot be checked from here (a network
+    file system's locks may be local only), so it is refused until the user deletes the file.
+    """
+    if holder is None:
+        return
+    if holder.host != _host():
+        raise RefocusError(
+            f"{store} is locked by a refocusing job on another host ({holder}) that cannot be "
+            f"checked from here: if it has ended, delete {path}"
+        )
+    if not locked and _alive(holder.pid):
+        raise _busy(store, holder)
+    log.warning(
+        "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
+        store,
+        holder,
+    )
+
+
+def _acquire(store: str, path: Path) -> int:
+    """Open and lock `path` for this job; return its descriptor, or raise `RefocusError`."""
+    for _ in range(5):  # again only when another job removed the file we had opened
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = _flock(fd)
+            if locked is False:
+                raise _busy(store, _read_holder(fd))
+            if locked and not _same_file(fd, path):
+                os.close(fd)  # the holder removed it as we opened it: lock the new one
+                continue
+            _take_over(store, path, _read_holder(fd), bool(locked))
+            _write_holder(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise RefocusError(f"{store}: its lock file {path} keeps changing: is another job starting?")
+
+
+@contextlib.contextmanager
+def _write_lock(store: str) -> Iterator[None]:
+    """Hold the output store's lock (`LOCK_FILE`) while the job writes it: one job a store.
+
+    Two jobs writing one store at once would interleave chunks and manifest marks and each
+    rewrite the store's image list. The driver holds the lock (a file inside the store with
+    its pid and host, under the kernel's ``flock``) from before the output is opened until
+    its presence is written; tasks, in whatever process or cluster, never touch it. A second
+    job is refused naming the holder; a lock left by a job killed on this machine is taken
+    over, said. A store behind a URL has no lock files (object stores have no locks): it is
+    said once and not guarded.
+    """
+    if _is_url(store):
+        log.warning(
+            "%s: a store behind a URL cannot be locked: another job writing it is not refused",
+            store,
+        )
+        yield
+        return
+    folder = Path(store)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RefocusError(f"{store}: cannot open or create the output store: {exc}") from None
+    path = folder / LOCK_FILE
+    fd = _acquire(store, path)
+    try:
+        yield
+    finally:
+        # removed while still locked: a job that opened it meanwhile sees it gone and retries
+        if _same_file(fd, path):
+            path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:  # a new store the job never got to write: not left behind empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -1200,17 +1420,31 @@ def _stacks_metadata(
     return ngff_image(name, axes, scale, translation), [a["name"] for a in axes], xml
 
 
+IN_STORE = "."
+"""A job identity's ``source`` when the input is the output store itself (`_identity`)."""
+
+
 def _identity(
     raw: RawInput,
     plan: VolumePlan,
     model: dict[str, str],
     backend: str,
     chunk: int,
-    focus_lock: tuple[float, float] | None = None,
+    focus_lock: tuple[float, float] | None,
+    store: str,
 ) -> dict[str, Any]:
-    """Describe what must match for a rerun to resume an existing output image."""
+    """Describe what must match for a rerun to resume an existing output image.
+
+    What defines the stacks: the input, the plan's DPMs, the model's and PSF bank's hashes,
+    the backend, the chunking. Not where the directories happen to be: an input that is the
+    output `store` itself (a run's offline image, fill-gaps) is `IN_STORE`, so a run store
+    moved, renamed or copied whole resumes its jobs. Another input (a TIFF, another store) is
+    named by its absolute path: its output store may move, but a moved input is refused as
+    another one (its path is all that tells two recordings of one shape apart; --overwrite
+    recomputes).
+    """
     identity: dict[str, Any] = {
-        "source": raw.spec.path,
+        "source": IN_STORE if raw.spec.path == store else raw.spec.path,
         "source_image": raw.spec.array_path,
         "n_t": raw.n_t,
         "frame_shape": list(raw.frame_shape),
@@ -1230,6 +1464,18 @@ def _identity(
     if "point_fit" in model:  # beads refitted: other planes again
         identity["point_fit"] = model["point_fit"]
     return identity
+
+
+def _as_now(old: Any, store: str) -> Any:
+    """Return a recorded job identity in today's terms, so outputs written before resume.
+
+    Before `IN_STORE`, an input that was the output store itself was named by its absolute
+    path: that path, where the store still is, is `IN_STORE` now. Such an output moved since
+    is refused (its old path cannot tell its own store from another input): --overwrite.
+    """
+    if isinstance(old, dict) and old.get("source") == store:
+        return {**old, "source": IN_STORE}
+    return old
 
 
 def _differs(old: Any, new: dict[str, Any]) -> list[str]:
@@ -1286,10 +1532,30 @@ def _create_manifest(group: Any, n_blocks: int) -> None:
     )
 
 
+def _output_store(raw: RawInput, out: str | Path | None) -> str:
+    """Return the store a job writes, one spelling of it: `out`, else the run store itself.
+
+    Raises
+    ------
+    RefocusError
+        The input is not a run of this project and no `out` was given.
+    """
+    if out is None:
+        if not raw.is_run:
+            raise RefocusError(
+                f"{raw.spec.path} is not a run of this project, so the stacks need their own "
+                "store: give --out NEW.ome.zarr"
+            )
+        return raw.spec.path
+    store = _local(out)
+    return store if _is_url(store) else str(Path(store).resolve())
+
+
 def _prepare_output(
     raw: RawInput,
     plan: VolumePlan,
     *,
+    store: str,
     out: str | Path | None,
     name: str | None,
     fill_gaps: bool,
@@ -1313,12 +1579,9 @@ def _prepare_output(
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     root: Any
     if fill_gaps:
-        root = zarr.open_group(store=raw.spec.path, mode="r+")
+        root = zarr.open_group(store=store, mode="r+")
         return _prepare_fill(root, raw, plan, identity, deepz, wanted, overwrite)
     if out is not None:
-        store = _local(out)
-        if not _is_url(store):
-            store = str(Path(store).resolve())
         try:
             root = zarr.open_group(store=store, mode="a", zarr_format=3)
         except Exception as exc:
@@ -1330,15 +1593,9 @@ def _prepare_output(
                 "time_index": "the source's time index (camera sequence number for runs)",
             }
         name = name or OUT_IMAGE
-    elif raw.is_run:
-        store = raw.spec.path
+    else:
         root = zarr.open_group(store=store, mode="r+")
         name = name or DEFAULT_IMAGE
-    else:
-        raise RefocusError(
-            f"{raw.spec.path} is not a run of this project, so the stacks need their own store: "
-            "give --out NEW.ome.zarr"
-        )
     target = root.attrs.get("deepz")  # any run's store, the source's or another (--out)
     if name == "raw" or (_is_run(target) and name in reserved_names(target)):
         raise RefocusError(
@@ -1355,7 +1612,7 @@ def _prepare_output(
     if image is not None and image in root and not overwrite:
         group = root[image]
         stored = dict(group.attrs.get("deepz", {}))
-        old = stored.get("job")
+        old = _as_now(stored.get("job"), store)
         # an image written before the job recorded its render modality: the model's says it
         modality = dict(stored.get("model") or {}).get("render_modality", "widefield")
         if isinstance(old, dict) and "render_modality" not in old and modality != "widefield":
@@ -1374,6 +1631,8 @@ def _prepare_output(
             raise RefocusError(
                 f"{store}/{image} ({name}) is incomplete or damaged: pass --overwrite"
             )
+        if stored.get("job") != identity:  # recorded in today's terms: it resumes when moved
+            group.attrs["deepz"] = {**stored, "job": identity}
         register_image(root, _xml_folder(store), name, xml)  # an image from before: listed now
         return _Output(store, image, chunk, n_blocks, False, group, name)
     image = register_image(root, _xml_folder(store), name, xml)
@@ -1437,7 +1696,7 @@ def _prepare_fill(
         identity["chunk_t"] = chunk  # the live image's, whatever was asked
         n_blocks = math.ceil(raw.n_t / chunk)
         resumes = _fill_manifest_resumes(
-            group, identity, wanted, n_blocks, overwrite, f"{store}/{image}"
+            group, identity, wanted, n_blocks, overwrite, store, f"{store}/{image}"
         )
         if array.shape[0] < raw.n_t:
             array.resize(shape)
@@ -1476,6 +1735,7 @@ def _fill_manifest_resumes(
     wanted: Sequence[int],
     n_blocks: int,
     overwrite: bool,
+    store: str,
     where: str,
 ) -> bool:
     """Whether an earlier fill's manifest may be resumed (False: it is to be made afresh).
@@ -1491,7 +1751,7 @@ def _fill_manifest_resumes(
     if MANIFEST not in group or group[MANIFEST].shape != (n_blocks,):
         return False
     previous = dict(group.attrs.get("deepz", {})).get("fill_job")
-    old = previous.get("job") if isinstance(previous, dict) else None
+    old = _as_now(previous.get("job") if isinstance(previous, dict) else None, store)
     if old == identity:
         return True
     chunk = int(identity["chunk_t"])
@@ -1809,14 +2069,17 @@ def refocus_recording(
             "their presence in the root attributes)"
         )
     scope_cfg = _load_scope(scope) if scope is not None else None
+    # the run's stored [planes], validated once: the plan and the fill check both need it
+    own = fill_gaps or (planes is None and scope_cfg is None)
+    stored = _stored_planes(raw) if own else None
     try:
-        chosen = _plan_from_planes(planes, scope_cfg, raw)
+        chosen = _plan_from_planes(planes, scope_cfg, raw, stored)
     except DPMError as exc:
         raise RefocusError(f"planes: {exc}") from None
     plan, plan_from = chosen.plan, chosen.source
     wanted = list(raw.present)
     if fill_gaps:
-        _check_fill_plan(raw, chosen)
+        _check_fill_plan(raw, chosen, stored)
         run = raw.run or {}
         if run.get("summary") is None:
             log.warning("the run was not closed (still recording, or it crashed)")
@@ -1891,7 +2154,8 @@ def refocus_recording(
     if chunk is None:
         itemsize = np.dtype(stack_dtype).itemsize
         chunk = auto_chunk(len(plan) * math.prod(raw.frame_shape) * itemsize)
-    identity = _identity(raw, plan, model_id, driver_backend.name, chunk, chosen.focus_lock)
+    store = _output_store(raw, out)
+    identity = _identity(raw, plan, model_id, driver_backend.name, chunk, chosen.focus_lock, store)
     if stack_dtype != "float32" and not fill_gaps:  # only then: older images still resume
         identity["dtype"] = stack_dtype
     deepz = {
@@ -1911,37 +2175,39 @@ def refocus_recording(
     # refusal here leaves no empty image registered in the store's collection.
     runner = _Runner(scheduler, workers, progress)
     try:
-        output = _prepare_output(
-            raw,
-            plan,
-            out=out,
-            name=name,
-            fill_gaps=fill_gaps,
-            chunk=chunk,
-            overwrite=overwrite,
-            identity=identity,
-            stack_dtype=stack_dtype,
-            deepz=deepz,
-            chunk_given=chunk_given,
-            wanted=wanted,
-        )
-        blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
-        job = Job(
-            raw.spec,
-            engine,
-            plan,
-            identity["plan_sha256"],
-            output.store,
-            output.array_path,
-            output.manifest_path,
-            output.fill,
-            uuid.uuid4().hex,
-        )
-        results, task_s = runner(job, blocks, len(wanted))
+        with _write_lock(store):
+            output = _prepare_output(
+                raw,
+                plan,
+                store=store,
+                out=out,
+                name=name,
+                fill_gaps=fill_gaps,
+                chunk=chunk,
+                overwrite=overwrite,
+                identity=identity,
+                stack_dtype=stack_dtype,
+                deepz=deepz,
+                chunk_given=chunk_given,
+                wanted=wanted,
+            )
+            blocks = _clip_blocks(_blocks(wanted, output.chunk, offsets), raw.n_t)
+            job = Job(
+                raw.spec,
+                engine,
+                plan,
+                identity["plan_sha256"],
+                output.store,
+                output.array_path,
+                output.manifest_path,
+                output.fill,
+                uuid.uuid4().hex,
+            )
+            results, task_s = runner(job, blocks, len(wanted))
+            done = {s for r in results for s in r.seqs}
+            _finish_output(output, raw, done, set(wanted), model_id)
     finally:
         runner.close()
-    done = {s for r in results for s in r.seqs}
-    _finish_output(output, raw, done, set(wanted), model_id)
     computed = [r for r in results if not r.skipped]
     skipped = [r for r in results if r.skipped]
     summary = RefocusSummary(

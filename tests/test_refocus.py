@@ -509,6 +509,24 @@ def test_fill_gaps_refuses_planes_or_a_focus_lock_other_than_the_live_runs(
         assert (own.frames_done, own.planes) == (2, plan.labels)
 
 
+def test_a_broken_stored_planes_config_is_said_once_in_a_fill(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose stored ``[planes]`` config does not validate: --fill-gaps falls back to the
+    planes the run recorded and says so once (the plan and the fill check each validated it,
+    saying it twice)."""
+    store = tmp_path / "run.ome.zarr"
+    broken = {"planes": {"z_um": "not planes"}}
+    frames = _record(store, list(range(3)), stack_seqs=[0], config=broken)
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        summary = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    said = [r.getMessage() for r in caplog.records]
+    assert len([m for m in said if "stored planes cannot be rebuilt" in m]) == 1, said
+    assert summary.frames_done == 2 and summary.planes == ("z=-2um", "z=+0um", "z=+2um")
+    stacks = run_array(store, "stacks")[[1, 2]]
+    np.testing.assert_allclose(stacks, _reference(frames[[1, 2]]), rtol=1e-5, atol=1e-3)
+
+
 # ------------------------------------------------------------------ inputs and errors
 
 

@@ -162,3 +162,44 @@ def test_an_ngff_volume_without_a_time_axis_is_refused(tmp_path: Path) -> None:
         timed, planes=PLANES, out=tmp_path / "t.zarr", scheduler="sync", **ORT
     )
     assert summary.frames_done == 3
+
+
+def test_a_truncated_imagej_hyperstack_is_mapped_and_read_block_by_block(tmp_path: Path) -> None:
+    """An ImageJ hyperstack truncated to one IFD (as ImageJ writes stacks beyond 4 GB) holds
+    every frame in one page: it is memory-mapped and each block reads its own frames (it was
+    read whole into every process), big-endian too; it refocuses as the same frames do. A
+    compressed page of several frames cannot be mapped: it is still read whole, as before."""
+    import tifffile
+
+    from live.refocus import _Frames, open_input
+
+    frames = _frames(5, seed=2)
+    ij = {"axes": "TYX", "finterval": 0.5}
+    tifffile.imwrite(tmp_path / "ij.tif", frames, imagej=True, truncate=True, metadata=ij)
+    tifffile.imwrite(
+        tmp_path / "be.tif", frames, imagej=True, truncate=True, metadata=ij, byteorder=">"
+    )
+    tifffile.imwrite(
+        tmp_path / "vol.tif", frames, volumetric=True, tile=(16, 16), compression="zlib"
+    )
+    for name, mapped in (("ij", True), ("be", True), ("vol", False)):
+        with tifffile.TiffFile(tmp_path / f"{name}.tif") as tif:
+            assert len(tif.pages) == 1 and tif.series[0].shape == frames.shape
+        raw = open_input(tmp_path / f"{name}.tif")
+        assert raw.n_t == 5 and raw.present == tuple(range(5))
+        reader = _Frames(raw.spec)
+        try:
+            assert isinstance(reader._array, np.memmap) is mapped, name
+            for t0, t1 in ((0, 2), (2, 5), (4, 5)):
+                block = reader.read(t0, t1)
+                assert type(block) is np.ndarray and block.dtype == np.dtype("uint16")
+                np.testing.assert_array_equal(block, frames[t0:t1])
+        finally:
+            reader.close()
+    assert open_input(tmp_path / "ij.tif").rate_hz == 2.0
+    summary = refocus_recording(
+        tmp_path / "ij.tif", planes=PLANES, out=tmp_path / "ij.ome.zarr", chunk=2, **ORT
+    )
+    assert (summary.frames_done, summary.chunks_done) == (5, 3)
+    stacks = _read(tmp_path / "ij.ome.zarr", "stacks/0")
+    np.testing.assert_allclose(stacks, _reference(frames), rtol=1e-5, atol=1e-3)

@@ -1,0 +1,268 @@
+"""live.refocus: one job writes a store at a time (its lock file), and a moved store resumes.
+
+Small on purpose, as tests/test_refocus.py (whose recordings these are: the project's
+Recorder, 64² frames, the shipped slim model on one ONNX Runtime thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+
+import live.refocus as refocus
+from live.refocus import (
+    LOCK_FILE,
+    MANIFEST,
+    RefocusError,
+    RefocusTaskError,
+    main,
+    refocus_recording,
+)
+from live.store import image_groups
+from tests.test_refocus import ORT, PLANES, _frames, _group, _read, _record, _reference
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = os.uname().nodename
+
+
+def _images(store: Path) -> dict[str, str]:
+    """The images a store lists (name: group)."""
+    return image_groups(dict(zarr.open_group(str(store), mode="r").attrs["deepz"]))
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[Any]:
+    """Start another process that holds a store's lock until the test lets it go.
+
+    Yields a function: ``hold(store)`` starts it and returns once the lock is taken.
+    """
+    started: list[subprocess.Popen[str]] = []
+    code = (
+        "import sys\n"
+        "from live.refocus import _write_lock\n"
+        "with _write_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+
+    def hold(store: Path) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(store)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in started:
+        if proc.poll() is None:
+            proc.communicate(timeout=60)  # closes its stdin: it lets the lock go and exits
+
+
+def _dead_pid() -> int:
+    """A pid of this machine whose process has ended."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def _leave_lock(store: Path, pid: int, host: str = HOST) -> None:
+    """Leave a lock file in `store` as a job killed before it removed its own would."""
+    text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
+    (store / LOCK_FILE).write_text(text, encoding="utf-8")
+
+
+# ------------------------------------------------------------------ one writer per store
+
+
+def test_a_second_job_on_a_store_being_written_is_refused_naming_the_holder(
+    tmp_path: Path, holder: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another process writing the run store: a job into it (its offline image or its gaps)
+    is refused in one line naming the store and that process, and touches nothing; a job
+    that only reads it, into another store, runs; once the holder ends, the job runs."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, [0, 1, 2], stack_seqs=[0])
+    before = dict(zarr.open_group(str(store), mode="r").attrs["deepz"])
+    proc = holder(store)
+    said = re.escape(f"{store} is being written by another refocusing job (pid {proc.pid} on ")
+    for kwargs in ({"planes": PLANES}, {"fill_gaps": True}):
+        with pytest.raises(RefocusError, match=said + re.escape(HOST)):
+            refocus_recording(store, scheduler="sync", **kwargs, **ORT)
+    argv = [str(store), "--planes", "0", "--backend", "onnxruntime", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match("error: " + said, err[0]), err
+    assert dict(zarr.open_group(str(store), mode="r").attrs["deepz"]) == before
+    elsewhere = refocus_recording(
+        store, planes=PLANES, out=tmp_path / "o.ome.zarr", scheduler="sync", **ORT
+    )
+    assert elsewhere.frames_done == 3
+
+    proc.communicate(timeout=60)
+    assert not (store / LOCK_FILE).exists()
+    done = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert done.frames_done == 3
+    np.testing.assert_allclose(_read(store, "stacks_offline/0"), _reference(frames), atol=1e-3)
+
+
+def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job killed on this machine left its lock file: the next job takes it over with a
+    warning naming it; one left by a job on another host, which cannot be checked from here,
+    is refused naming the file to delete."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1])
+    dead = _dead_pid()
+    _leave_lock(store, dead)
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        summary = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert summary.frames_done == 2
+    taken = [r.getMessage() for r in caplog.records if "taking over the lock" in r.getMessage()]
+    assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0], caplog.text
+    assert not (store / LOCK_FILE).exists()
+
+    _leave_lock(store, dead, host="another-host.invalid")
+    message = f"{store} is locked by a refocusing job on another host (pid {dead} on another-host"
+    with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*" + LOCK_FILE):
+        refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert (store / LOCK_FILE).exists()  # not ours to remove
+
+
+def test_without_kernel_locks_the_lock_files_pid_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without ``flock`` (some network mounts) the lock file's holder alone
+    decides: a live process of this machine holds the store, a dead one's lock is taken."""
+    monkeypatch.setattr(refocus, "_flock", lambda fd: None)
+    store = tmp_path / "out.ome.zarr"
+    store.mkdir()
+    _leave_lock(store, os.getpid())
+    with (
+        pytest.raises(RefocusError, match=f"pid {os.getpid()} on {re.escape(HOST)}"),
+        refocus._write_lock(str(store)),
+    ):
+        pass
+    _leave_lock(store, _dead_pid())
+    with refocus._write_lock(str(store)):
+        held = json.loads((store / LOCK_FILE).read_text(encoding="utf-8"))
+        assert (held["pid"], held["host"]) == (os.getpid(), HOST)
+    assert not (store / LOCK_FILE).exists()
+
+
+def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the chunk tasks run (here on a process pool) the lock file names the driver; it
+    is gone after a job that finished, one refused while preparing its output, and one whose
+    task failed. A store behind a URL is not locked, said once."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(4)))
+    seen: list[dict[str, Any]] = []
+    run_tasks = refocus._Runner.__call__
+
+    def watched(self: Any, job: Any, blocks: Any, frames: int) -> Any:
+        seen.append(json.loads((Path(job.store) / LOCK_FILE).read_text(encoding="utf-8")))
+        return run_tasks(self, job, blocks, frames)
+
+    monkeypatch.setattr(refocus._Runner, "__call__", watched)
+    kw: dict[str, Any] = {"planes": PLANES, "chunk": 2, **ORT}
+    done = refocus_recording(store, scheduler="processes", workers=2, **kw)
+    assert done.frames_done == 4 and "processes" in done.scheduler
+    assert [(s["pid"], s["host"]) for s in seen] == [(os.getpid(), HOST)]
+    assert not (store / LOCK_FILE).exists()
+    monkeypatch.undo()
+
+    with pytest.raises(RefocusError, match="exists from another refocusing"):
+        refocus_recording(store, planes=[0.0], chunk=2, scheduler="sync", **ORT)
+    assert not (store / LOCK_FILE).exists()
+
+    url = f"memory://refocus-guard-{tmp_path.name}/out.ome.zarr"
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        refocus_recording(store, out=url, scheduler="sync", **kw)
+    said = [r.getMessage() for r in caplog.records if "cannot be locked" in r.getMessage()]
+    assert said == [
+        f"{url}: a store behind a URL cannot be locked: another job writing it is not refused"
+    ]
+
+    (store / "0" / "0" / "c" / "1" / "0" / "0").write_bytes(b"not a shard at all")
+    with pytest.raises(RefocusTaskError, match="cannot read the raw frames of chunk 1"):
+        refocus_recording(store, name="again", scheduler="sync", **kw)
+    assert not (store / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------ a moved store resumes
+
+
+def test_a_moved_run_store_resumes_its_offline_job_and_its_fill(tmp_path: Path) -> None:
+    """A job's identity names an input that is the output store itself as that store, not by
+    its path: a run store renamed or copied whole resumes its offline image and an
+    interrupted fill (both were refused, "differs in source"). An image written before, whose
+    identity holds the store's path, resumes where it is and is then recorded as such."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, list(range(4)), stack_seqs=[0])
+    first = refocus_recording(store, planes=PLANES, chunk=1, scheduler="sync", **ORT)
+    assert first.frames_done == 4
+    group = zarr.open_group(str(store), mode="r+")[_group(store, "stacks_offline")]
+    deepz = dict(group.attrs["deepz"])
+    group.attrs["deepz"] = {**deepz, "job": {**deepz["job"], "source": str(store.resolve())}}
+    legacy = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert (legacy.frames_done, legacy.frames_skipped) == (0, 4)
+    group = zarr.open_group(str(store), mode="r+")[_group(store, "stacks_offline")]
+    assert group.attrs["deepz"]["job"]["source"] == "."
+
+    group[MANIFEST][2:] = -1  # as if cut off after two chunks
+    moved = tmp_path / "elsewhere" / "renamed.ome.zarr"
+    moved.parent.mkdir()
+    store.rename(moved)
+    again = refocus_recording(moved, planes=PLANES, scheduler="sync", **ORT)
+    assert (again.frames_done, again.frames_skipped) == (2, 2)
+    np.testing.assert_allclose(_read(moved, "stacks_offline/0"), _reference(frames), atol=1e-3)
+
+    before = dict(zarr.open_group(str(moved), mode="r").attrs["deepz"])
+    fill = refocus_recording(moved, fill_gaps=True, scheduler="sync", **ORT)
+    assert fill.frames_done == 3
+    zarr.open_group(str(moved), mode="r+").attrs["deepz"] = before  # cut off before its seqs
+    copy = tmp_path / "copy.ome.zarr"
+    shutil.copytree(moved, copy)
+    resumed = refocus_recording(copy, fill_gaps=True, scheduler="sync", **ORT)
+    assert (resumed.frames_wanted, resumed.frames_done, resumed.frames_skipped) == (3, 0, 3)
+
+
+def test_another_input_into_a_moved_output_is_still_refused(tmp_path: Path) -> None:
+    """Another recording into an existing image is refused, the store's own image included;
+    an output store moved away from its external input still resumes (the input's path)."""
+    import tifffile
+
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(3)))
+    tifffile.imwrite(tmp_path / "other.tif", _frames(3, seed=9), photometric="minisblack")
+    kw: dict[str, Any] = {"planes": PLANES, "scheduler": "sync", **ORT}
+    refocus_recording(store, **kw)
+    out = tmp_path / "out.ome.zarr"
+    refocus_recording(store, out=out, **kw)
+    for target, name in ((store, "stacks_offline"), (out, "stacks")):
+        with pytest.raises(
+            RefocusError, match=r"exists from another refocusing \(differs in source\b"
+        ):
+            refocus_recording(tmp_path / "other.tif", out=target, name=name, **kw)
+    out.rename(tmp_path / "out-moved.ome.zarr")
+    again = refocus_recording(store, out=tmp_path / "out-moved.ome.zarr", **kw)
+    assert (again.frames_done, again.frames_skipped) == (0, 3)
