@@ -130,8 +130,9 @@ class Method:
     surface: ho.SurfaceFn
     matched_filter: bool = False
     own_psf: bool = False
-    """With `matched_filter`: the set's own PSF (`heldout.own_psf_bank`) instead of the model's
-    training PSF; on the sets whose optics are known here (the independent ones) only."""
+    """With `matched_filter`: the set's own optics, each bead's own image at every candidate
+    depth (`heldout.own_psf_bead_depths`), instead of the model's training PSF; on the sets
+    whose optics are known here (the independent ones) only."""
     volume: bool = False
     """A volume model's (it has a PSF bank to render through)."""
     measured_psf: Path | None = None
@@ -366,12 +367,6 @@ def _evaluate_set(
     # per sample: its scored beads and their SNR (every method scores the same beads)
     snr_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    own_bank = (
-        ho.own_psf_bank(optics)
-        if optics is not None and any(m.own_psf for m in methods)
-        else (None, None)
-    )
-
     def snr(k: int, found: ho.BeadDepths) -> np.ndarray:
         if optics is None:
             return np.zeros(0)
@@ -414,7 +409,11 @@ def _evaluate_set(
                     progress.update(1)
                     continue
                 if (s.objects.kind == "bead").any() and s.kind != "tilted":
-                    found = ho.matched_filter_bead_depths(s, *(own_bank if m.own_psf else ()))
+                    found = (
+                        ho.own_psf_bead_depths(s, optics)
+                        if m.own_psf and optics is not None
+                        else ho.matched_filter_bead_depths(s)
+                    )
                     depth.append(found.errors)
                     depth_true.append(found.z_true_um)
                     depth_est.append(found.z_est_um)
