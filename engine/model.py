@@ -19,11 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.detection import DETECTION_CHANNELS, DETECTION_HIDDEN, P_BIAS, Detections, decode, splat
-from engine.files import atomic_write
-from engine.metadata import ModelMetadata, ModelMetadataError, architecture_size_multiple
+from engine.files import atomic_write, atomic_write_text
+from engine.metadata import (
+    ModelMetadata,
+    ModelMetadataError,
+    architecture_size_multiple,
+    file_sha256,
+)
 
 __all__ = [
     "PRESETS",
+    "WEIGHTS_SHA256",
     "DeepZ",
     "Discriminator",
     "MatchedFilterPrimer",
@@ -423,8 +429,25 @@ def metadata_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+WEIGHTS_SHA256 = "weights_sha256"
+"""Key in a saved model's metadata JSON (``extra``) naming the SHA-256 of the weights beside it.
+
+It ties the pair together: the two files are replaced one after the other, and a save cut
+between them leaves new weights beside the old JSON, which `load_model` then refuses.
+"""
+
+
 def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
-    """Write ``model``'s state_dict to `path` and `metadata` beside it; return the JSON path."""
+    """Write ``model``'s state_dict to `path` and `metadata` beside it; return the JSON path.
+
+    Each file is written atomically (`engine.files.atomic_write`: the old file or the new one,
+    never half of one), the weights first, then the JSON naming their SHA-256
+    (`WEIGHTS_SHA256`). The JSON is the save's last step: a crash before it leaves the new
+    weights beside the previous JSON, which names other weights, or beside none (a first
+    save), and `load_model` refuses either, naming the file, rather than reading the weights
+    with another model's depths and optics. Written the other way round, new metadata beside
+    old weights of the same architecture would read as a model without a word.
+    """
     if metadata.architecture != model.architecture:
         raise ModelMetadataError(
             f"metadata.architecture {metadata.architecture} != model {model.architecture}"
@@ -435,9 +458,16 @@ def save_model(model: DeepZ, metadata: ModelMetadata, path: str | Path) -> Path:
         )
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_checkpoint(path, state)  # a crash while saving leaves the weights there were
+
+    def write(tmp: Path) -> str:
+        torch.save(state, tmp)
+        return file_sha256(tmp)  # the bytes renamed into place, not whatever is there later
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha256 = atomic_write(path, write)  # a crash while saving leaves the weights there were
     meta = metadata_path(path)
-    meta.write_text(metadata.to_json() + "\n")
+    extra = {**metadata.extra, WEIGHTS_SHA256: sha256}
+    atomic_write_text(meta, metadata.model_copy(update={"extra": extra}).to_json() + "\n")
     return meta
 
 
@@ -477,8 +507,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
     """Load a state_dict and its metadata JSON; refuse missing or inconsistent metadata.
 
     Raises `ModelMetadataError` when the JSON beside the weights is missing or invalid, when its
-    architecture does not build, when `size_multiple` disagrees with the architecture, or when
-    the state_dict does not match the architecture.
+    architecture does not build, when `size_multiple` disagrees with the architecture, when
+    the state_dict does not match the architecture, or when the JSON names other weights
+    (`WEIGHTS_SHA256`: a save cut between its two files; a JSON that names none, from before,
+    is taken as it is). The metadata returned is the one saved, without that key.
     """
     path = Path(path)
     if not path.is_file():
@@ -501,5 +533,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
             f"{path}: weights do not match the architecture in {metadata_path(path)} "
             f"({metadata.architecture}): {exc}"
         ) from exc
+    recorded = metadata.extra.get(WEIGHTS_SHA256)
+    if recorded is not None:  # checked last: a file torch cannot read is said as such first
+        actual = file_sha256(path)
+        if actual != recorded:
+            raise ModelMetadataError(
+                f"{path}: these weights (sha256 {actual[:12]}…) are not the ones "
+                f"{metadata_path(path)} describes ({str(recorded)[:12]}…): a save interrupted "
+                "between the two files? Save the model again"
+            )
+        extra = {k: v for k, v in metadata.extra.items() if k != WEIGHTS_SHA256}
+        metadata = metadata.model_copy(update={"extra": extra})
     model.to(device).eval()
     return model, metadata

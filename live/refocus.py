@@ -33,12 +33,14 @@ computed from the focus recorded with the frame), writes the chunk, and then wri
 chunk's CRC-32 into a small manifest array (``<image>/refocus_done``, one element per chunk,
 one object each). A rerun verifies each chunk the manifest names (it reads back, is finite and
 has that CRC) and skips it; a missing or damaged chunk is recomputed. Backends are loaded once
-per process and kept in a module-level cache keyed by model file and backend options.
+per process and kept in a module-level cache keyed by model file and backend options; the
+plan's DPMs reach each process once too, not with every task (`Job`).
 
 One job writes a store at a time: from before it opens its output until it has written its
-presence, the driver holds a lock file (`LOCK_FILE`: its pid and host, under ``flock``) in a
-local output store, and a second job there is refused naming the first; the lock of a job
-killed on this machine is taken over, said. A store behind a URL is not locked (said).
+presence, the driver holds the store's lock file (`live.store_lock`: ``<store>.refocus.lock``
+beside a local output store, its pid and host), and a second job there is refused naming the
+first; the lock of a job killed on this machine is taken over, said. A store behind a URL is
+not locked (said).
 
 Schedulers: ``"threads"`` (default: a Dask thread pool of `workers` threads sharing one backend
 under a lock, so reading, compressing and writing overlap with inference), ``"processes"`` (a
@@ -89,6 +91,7 @@ from engine.runtime import (
     depth_limits,
     load_backend,
 )
+from live.store_lock import StoreLocked, write_lock
 
 if TYPE_CHECKING:
     from engine.optics import Lateral
@@ -98,7 +101,6 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_IMAGE",
     "LOCAL_SCHEDULERS",
-    "LOCK_FILE",
     "MANIFEST",
     "RawInput",
     "RefocusError",
@@ -122,8 +124,6 @@ OUT_IMAGE = "stacks"
 """Name of the stacks image in a new store (``out``)."""
 MANIFEST = "refocus_done"
 """Per-chunk completion array inside the output image group: CRC-32 of the chunk, or -1."""
-LOCK_FILE = ".refocus.lock"
-"""Lock file inside a local output store while a job writes it (pid, host, start; `_write_lock`)."""
 LOCAL_SCHEDULERS = ("threads", "processes", "sync")
 """Schedulers that run on this machine; anything else is a dask.distributed address."""
 _NOT_DONE = -1
@@ -714,12 +714,20 @@ def _sha256(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a chunk task needs; sent once to each process (picklable)."""
+    """Everything a chunk task needs (picklable); each process gets the plan's DPMs once.
+
+    Threads share the driver's job. A process pool's tasks each get `without_plan`: the pool's
+    scheduler pickles a task's inputs with every task, and the DPMs are the bulk of a job (41
+    planes of 2048² are 690 MB, uniform planes included), so they reach each pool process once,
+    as it starts (`_install_plan`). A cluster's workers get the whole job once each (scattered).
+    """
 
     source: InputSpec
     engine: EngineSpec
-    plan: VolumePlan
+    plan: VolumePlan | None
+    """The DPMs; None in a process pool's tasks, whose process holds them (`_install_plan`)."""
     plan_token: str
+    """The plan's digest: the key under which each process keeps it frozen (`_frozen_plan`)."""
     store: str
     array_path: str
     manifest_path: str
@@ -727,6 +735,10 @@ class Job:
     """Write only the computed rows (fill-gaps: never touch the live stacks around them)."""
     token: str
     """Unique per job: the key under which each process keeps this job's opened arrays."""
+
+    def without_plan(self) -> Job:
+        """Return this job without its DPMs: about 1 kB whatever the plan (`Job`, why)."""
+        return replace(self, plan=None)
 
 
 @dataclass(frozen=True)
@@ -759,16 +771,38 @@ _PLANS_LOCK = threading.Lock()
 def _frozen_plan(job: Job) -> VolumePlan:
     """Return the job's plan with read-only DPMs owning their data (as the live worker's).
 
-    Backends then normalise a per-plane model's DPM channel once per process instead of once
-    per frame.
+    Kept per process under the plan's token, so backends normalise a per-plane model's DPM
+    channel once per process instead of once per frame; a job sent without its plan
+    (`Job.without_plan`) finds it there, installed when its pool process started.
     """
     with _PLANS_LOCK:
         plan = _PLANS.get(job.plan_token)
         if plan is None:
-            if len(_PLANS) >= 4:
-                _PLANS.pop(next(iter(_PLANS)))
-            plan = _PLANS[job.plan_token] = job.plan.frozen()
+            if job.plan is None:  # a pool whose processes did not run `_install_plan`
+                raise RuntimeError(
+                    f"chunk task in process {os.getpid()} without the plan's DPMs: this "
+                    "process was not given them when it started"
+                )
+            plan = _keep_plan(job.plan_token, job.plan)
         return plan
+
+
+def _keep_plan(token: str, plan: VolumePlan) -> VolumePlan:
+    """Keep `plan` frozen under `token` (the oldest of a few dropped); call under the lock."""
+    if len(_PLANS) >= 4:
+        _PLANS.pop(next(iter(_PLANS)))
+    frozen = _PLANS[token] = plan.frozen()
+    return frozen
+
+
+def _install_plan(token: str, plan: VolumePlan) -> None:
+    """Keep a job's plan in this process before it runs any task (a process pool's initializer).
+
+    Its arguments are pickled once per pool process (or inherited, forked), not per task.
+    """
+    with _PLANS_LOCK:
+        if token not in _PLANS:
+            _keep_plan(token, plan)
 
 
 def _crc(rows: np.ndarray) -> int:
@@ -1198,154 +1232,19 @@ def _check_recorded(
 # ----------------------------------------------------------------------------- output lock
 
 
-@dataclass(frozen=True)
-class _Holder:
-    """Who holds an output store's lock, as its lock file says (`LOCK_FILE`)."""
-
-    pid: int
-    host: str
-    started: str
-
-    def __str__(self) -> str:
-        return f"pid {self.pid} on {self.host}, since {self.started}"
-
-
 def _host() -> str:
-    """Return the name of this machine, as lock files and task results give it."""
+    """Return the name of this machine, as task results name their worker."""
     return platform.node()
-
-
-def _read_holder(fd: int) -> _Holder | None:
-    """Return the holder a lock file names, or None when it is empty or not one of ours."""
-    import json
-
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 4096) or b"null")
-        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]))
-    except (ValueError, TypeError, KeyError):  # empty, cut short or hostile: names no one
-        return None
-
-
-def _write_holder(fd: int) -> None:
-    """Write this process into its lock file, on disk (hosts sharing the store read it)."""
-    import json
-
-    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": _now()})
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, text.encode())
-    os.fsync(fd)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (one of another user counts).
-
-    On Windows ``os.kill`` would end the process, not probe it: there any pid counts as alive
-    (a left lock file is then deleted by hand, as its refusal says).
-    """
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _flock(fd: int) -> bool | None:
-    """Take the kernel's exclusive lock on `fd` without waiting: True, False (held), None.
-
-    None: the file system has no locks (some network or FUSE mounts) or the OS has no
-    ``flock`` (Windows); the lock file's holder then decides alone.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return None
-    return True
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    """Whether `path` still names the file open as `fd` (not removed or replaced since)."""
-    try:
-        here, there = os.fstat(fd), path.stat()
-    except OSError:
-        return False
-    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-
-
-def _busy(store: str, holder: _Holder | None) -> RefocusError:
-    """Return the refusal of a store another job is writing, naming that job."""
-    who = holder or "one that has not said who it is yet"
-    return RefocusError(
-        f"{store} is being written by another refocusing job ({who}): wait for it to end"
-    )
-
-
-def _take_over(store: str, path: Path, holder: _Holder | None, locked: bool) -> None:
-    """Refuse the store while its lock file names a job that may still run; else take it.
-
-    The lock file is left behind by a job that was killed (SIGKILL, a lost machine). `locked`:
-    the kernel's lock on it was free, so no process on this machine holds it (whatever its pid
-    is now, a pid being reused); a job on another host cannot be checked from here (a network
-    file system's locks may be local only), so it is refused until the user deletes the file.
-    """
-    if holder is None:
-        return
-    if holder.host != _host():
-        raise RefocusError(
-            f"{store} is locked by a refocusing job on another host ({holder}) that cannot be "
-            f"checked from here: if it has ended, delete {path}"
-        )
-    if not locked and _alive(holder.pid):
-        raise _busy(store, holder)
-    log.warning(
-        "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
-        store,
-        holder,
-    )
-
-
-def _acquire(store: str, path: Path) -> int:
-    """Open and lock `path` for this job; return its descriptor, or raise `RefocusError`."""
-    for _ in range(5):  # again only when another job removed the file we had opened
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            locked = _flock(fd)
-            if locked is False:
-                raise _busy(store, _read_holder(fd))
-            if locked and not _same_file(fd, path):
-                os.close(fd)  # the holder removed it as we opened it: lock the new one
-                continue
-            _take_over(store, path, _read_holder(fd), bool(locked))
-            _write_holder(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-    raise RefocusError(f"{store}: its lock file {path} keeps changing: is another job starting?")
 
 
 @contextlib.contextmanager
 def _write_lock(store: str) -> Iterator[None]:
-    """Hold the output store's lock (`LOCK_FILE`) while the job writes it: one job a store.
+    """Hold the output store's lock (`live.store_lock`) while the job writes it.
 
-    Two jobs writing one store at once would interleave chunks and manifest marks and each
-    rewrite the store's image list. The driver holds the lock (a file inside the store with
-    its pid and host, under the kernel's ``flock``) from before the output is opened until
-    its presence is written; tasks, in whatever process or cluster, never touch it. A second
-    job is refused naming the holder; a lock left by a job killed on this machine is taken
-    over, said. A store behind a URL has no lock files (object stores have no locks): it is
-    said once and not guarded.
+    The driver holds it from before the output is opened until its presence is written;
+    tasks, in whatever process or cluster, never touch it. A second job is refused in one
+    line naming the holder. A store behind a URL has no lock files (object stores have no
+    locks): said, and not guarded.
     """
     if _is_url(store):
         log.warning(
@@ -1354,24 +1253,12 @@ def _write_lock(store: str) -> Iterator[None]:
         )
         yield
         return
-    folder = Path(store)
-    created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RefocusError(f"{store}: cannot open or create the output store: {exc}") from None
-    path = folder / LOCK_FILE
-    fd = _acquire(store, path)
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(write_lock(store))
+        except StoreLocked as exc:
+            raise RefocusError(str(exc)) from None
         yield
-    finally:
-        # removed while still locked: a job that opened it meanwhile sees it gone and retries
-        if _same_file(fd, path):
-            path.unlink(missing_ok=True)
-        os.close(fd)
-        if created:  # a new store the job never got to write: not left behind empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -2310,6 +2197,16 @@ class _Runner:
         n = 1 if kind == "sync" else n
         self.description = f"dask {kind}, {n} worker{'s' if n > 1 else ''}"
         run_id = uuid.uuid4().hex[:8]
+        options: dict[str, Any] = {}
+        configured = dask.config.get("pool", None) or dask.config.get(
+            "multiprocessing.initializer", None
+        )
+        if kind == "processes" and job.plan is not None and not configured:
+            # dask's process pool pickles each task with the values of its inputs, the job
+            # among them: the DPMs go to each pool process once, as it starts, instead (with
+            # a pool or initializer of the user's dask config, each task gets the whole job)
+            options["initializer"] = functools.partial(_install_plan, job.plan_token, job.plan)
+            job = job.without_plan()
         job_d = dask.delayed(job, name=f"refocus-job-{run_id}", traverse=False)
         tasks = [
             dask.delayed(refocus_block, pure=False)(
@@ -2324,7 +2221,7 @@ class _Runner:
 
         t0 = time.perf_counter()
         with callbacks.Callback(posttask=posttask):
-            results = list(dask.compute(*tasks, scheduler=kind, num_workers=n))
+            results = list(dask.compute(*tasks, scheduler=kind, num_workers=n, **options))
         return results, time.perf_counter() - t0
 
     def _distributed(

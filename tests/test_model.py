@@ -243,3 +243,68 @@ def test_a_primer_travels_in_the_weights_and_sets_the_size_multiple(tmp_path) ->
 def test_a_bad_primer_is_named(primer: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="primer"):
         DeepZ(**{**TINY, "primer": primer})
+
+
+def test_a_saved_pair_names_its_weights_and_loads_with_the_metadata_given(tmp_path) -> None:
+    """Both files written atomically (no temporary left), the JSON naming the weights' SHA-256;
+    `load_model` gives back the metadata as saved, without that key."""
+    from engine.metadata import file_sha256
+    from engine.model import WEIGHTS_SHA256
+
+    model = DeepZ(**TINY)
+    path = tmp_path / "sub" / "m.pt"
+    metadata = _metadata(model)
+    meta_path = save_model(model, metadata, path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["m.json", "m.pt"]
+    assert json.loads(meta_path.read_text())["extra"] == {WEIGHTS_SHA256: file_sha256(path)}
+    assert load_model(path)[1] == metadata
+
+
+def test_a_save_cut_between_weights_and_metadata_is_refused_at_load(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights are replaced first and the JSON last: a crash between the two (here, the
+    JSON's write failing) leaves new weights beside the old JSON, whole, which names the old
+    weights, and loading refuses rather than reading them as the old model; a first save cut
+    there leaves no JSON, refused too. Saved again, the pair loads."""
+    import engine.model
+
+    path = tmp_path / "m.pt"
+    old = DeepZ(**TINY)
+    save_model(old, _metadata(old), path)
+    old_json = path.with_suffix(".json").read_bytes()
+    torch.manual_seed(1)
+    new = DeepZ(**TINY)  # the same architecture: its weights would load beside the old JSON
+
+    def crash(*_: object, **__: object) -> None:
+        raise OSError("killed between the two files")
+
+    monkeypatch.setattr(engine.model, "atomic_write_text", crash)
+    with pytest.raises(OSError, match="killed"):
+        save_model(new, untrained_metadata(new, "retrained"), path)
+    assert path.with_suffix(".json").read_bytes() == old_json
+    with pytest.raises(ModelMetadataError, match=r"m\.pt: these weights .* are not the ones"):
+        load_model(path)
+    first = tmp_path / "first.pt"
+    with pytest.raises(OSError, match="killed"):
+        save_model(new, _metadata(new), first)
+    with pytest.raises(ModelMetadataError, match="metadata file not found"):
+        load_model(first)
+    monkeypatch.undo()
+    save_model(new, untrained_metadata(new, "retrained"), path)
+    loaded, meta = load_model(path)
+    assert meta.name == "retrained"
+    x = torch.randn(1, 2, 16, 16)
+    torch.testing.assert_close(loaded.eval()(x), new.eval()(x))
+
+
+def test_metadata_from_before_the_weights_were_named_still_loads(tmp_path) -> None:
+    from engine.model import WEIGHTS_SHA256
+
+    model = DeepZ(**TINY)
+    path = tmp_path / "m.pt"
+    save_model(model, _metadata(model), path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    del meta["extra"][WEIGHTS_SHA256]
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    assert load_model(path)[1] == _metadata(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -23,7 +24,6 @@ import zarr
 
 import live.refocus as refocus
 from live.refocus import (
-    LOCK_FILE,
     MANIFEST,
     RefocusError,
     RefocusTaskError,
@@ -31,10 +31,11 @@ from live.refocus import (
     refocus_recording,
 )
 from live.store import image_groups
+from live.store_lock import lock_path
 from tests.test_refocus import ORT, PLANES, _frames, _group, _read, _record, _reference
 
 REPO = Path(__file__).resolve().parents[1]
-HOST = os.uname().nodename
+HOST = platform.node()
 
 
 def _images(store: Path) -> dict[str, str]:
@@ -85,7 +86,7 @@ def _dead_pid() -> int:
 def _leave_lock(store: Path, pid: int, host: str = HOST) -> None:
     """Leave a lock file in `store` as a job killed before it removed its own would."""
     text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
-    (store / LOCK_FILE).write_text(text, encoding="utf-8")
+    lock_path(store).write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------ one writer per store
@@ -116,7 +117,7 @@ def test_a_second_job_on_a_store_being_written_is_refused_naming_the_holder(
     assert elsewhere.frames_done == 3
 
     proc.communicate(timeout=60)
-    assert not (store / LOCK_FILE).exists()
+    assert not lock_path(store).exists()
     done = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
     assert done.frames_done == 3
     np.testing.assert_allclose(_read(store, "stacks_offline/0"), _reference(frames), atol=1e-3)
@@ -137,34 +138,13 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
     assert summary.frames_done == 2
     taken = [r.getMessage() for r in caplog.records if "taking over the lock" in r.getMessage()]
     assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0], caplog.text
-    assert not (store / LOCK_FILE).exists()
+    assert not lock_path(store).exists()
 
     _leave_lock(store, dead, host="another-host.invalid")
-    message = f"{store} is locked by a refocusing job on another host (pid {dead} on another-host"
-    with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*" + LOCK_FILE):
+    message = f"{store} is locked by a refocusing job that cannot be checked from here (pid {dead}"
+    with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*refocus.lock"):
         refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
-    assert (store / LOCK_FILE).exists()  # not ours to remove
-
-
-def test_without_kernel_locks_the_lock_files_pid_decides(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On a file system without ``flock`` (some network mounts) the lock file's holder alone
-    decides: a live process of this machine holds the store, a dead one's lock is taken."""
-    monkeypatch.setattr(refocus, "_flock", lambda fd: None)
-    store = tmp_path / "out.ome.zarr"
-    store.mkdir()
-    _leave_lock(store, os.getpid())
-    with (
-        pytest.raises(RefocusError, match=f"pid {os.getpid()} on {re.escape(HOST)}"),
-        refocus._write_lock(str(store)),
-    ):
-        pass
-    _leave_lock(store, _dead_pid())
-    with refocus._write_lock(str(store)):
-        held = json.loads((store / LOCK_FILE).read_text(encoding="utf-8"))
-        assert (held["pid"], held["host"]) == (os.getpid(), HOST)
-    assert not (store / LOCK_FILE).exists()
+    assert lock_path(store).exists()  # not ours to remove
 
 
 def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
@@ -179,7 +159,7 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     run_tasks = refocus._Runner.__call__
 
     def watched(self: Any, job: Any, blocks: Any, frames: int) -> Any:
-        seen.append(json.loads((Path(job.store) / LOCK_FILE).read_text(encoding="utf-8")))
+        seen.append(json.loads(lock_path(job.store).read_text(encoding="utf-8")))
         return run_tasks(self, job, blocks, frames)
 
     monkeypatch.setattr(refocus._Runner, "__call__", watched)
@@ -187,12 +167,12 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     done = refocus_recording(store, scheduler="processes", workers=2, **kw)
     assert done.frames_done == 4 and "processes" in done.scheduler
     assert [(s["pid"], s["host"]) for s in seen] == [(os.getpid(), HOST)]
-    assert not (store / LOCK_FILE).exists()
+    assert not lock_path(store).exists()
     monkeypatch.undo()
 
     with pytest.raises(RefocusError, match="exists from another refocusing"):
         refocus_recording(store, planes=[0.0], chunk=2, scheduler="sync", **ORT)
-    assert not (store / LOCK_FILE).exists()
+    assert not lock_path(store).exists()
 
     url = f"memory://refocus-guard-{tmp_path.name}/out.ome.zarr"
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
@@ -205,7 +185,7 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     (store / "0" / "0" / "c" / "1" / "0" / "0").write_bytes(b"not a shard at all")
     with pytest.raises(RefocusTaskError, match="cannot read the raw frames of chunk 1"):
         refocus_recording(store, name="again", scheduler="sync", **kw)
-    assert not (store / LOCK_FILE).exists()
+    assert not lock_path(store).exists()
 
 
 # ------------------------------------------------------------------ a moved store resumes

@@ -11,11 +11,13 @@ while it stays.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import tensorrt as trt
@@ -48,6 +50,31 @@ log = logging.getLogger(__name__)
 
 _LOGGER = trt.Logger(trt.Logger.WARNING)
 
+PLANES_ENGINES_KEPT = 4
+"""Whole-refocus engines (`PlanesEngine`) a backend keeps: the most recently used.
+
+Each holds GPU memory of its own (its activations, frame and planes: the planes of 41 × 2048²
+alone are 690 MB), so a daemon whose planes are retuned through a day would otherwise hold one
+per plan it ever ran until the GPU is full. Four let a user go back and forth between a few
+plans without waiting; a plan pushed out comes back from the engine cache on disk (loaded in
+seconds, not built again).
+"""
+
+
+class _Closable(Protocol):
+    """Something holding resources until its `close` (a `PlanesEngine`: GPU memory)."""
+
+    def close(self) -> None:
+        """Free what it holds; it is not used again."""
+
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V", bound=_Closable)
+
+
+_PlanesKey = tuple[tuple[int, int], tuple[float, ...]]
+"""A whole-refocus engine's key: (frame shape, plane offsets µm)."""
+
 
 class _UnreadablePlan(BackendError):
     """A plan file TensorRT cannot deserialize (cut short, or from another TensorRT)."""
@@ -66,6 +93,45 @@ def _on_lattice(z_um: tuple[float, ...], depth_um: list[float] | tuple[float, ..
     except ValueError:
         return False
     return True
+
+
+class _Recent(Generic[_K, _V]):
+    """The `limit` most recently used values by key; a value pushed out is closed at once.
+
+    The oldest is closed before a new value is made, so no more than `limit` values hold GPU
+    memory at any time (a new engine is not allocated beside the one it replaces). Called from
+    the backend's one calling thread (`Backend`), so unlocked.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.limit = limit
+        self._values: OrderedDict[_K, _V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self) -> list[_K]:
+        """Return the kept keys, least recently used first."""
+        return list(self._values)
+
+    def get(self, key: _K, make: Callable[[], _V]) -> _V:
+        """Return `key`'s value, made by `make` when not kept; a failing `make` keeps nothing."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        while len(self._values) >= self.limit:
+            _, old = self._values.popitem(last=False)
+            old.close()
+        value = self._values[key] = make()
+        return value
+
+    def clear(self) -> None:
+        """Close every value, oldest first, and forget them."""
+        while self._values:
+            _, old = self._values.popitem(last=False)
+            old.close()
 
 
 class TensorRTBackend(BaseBackend):
@@ -120,8 +186,10 @@ class TensorRTBackend(BaseBackend):
         super().__init__(plan_path, metadata, options)
         # a volume model given as ONNX can also be built whole (network + render) per plan
         self._network_onnx = model_path if model_path.suffix == ".onnx" else None
-        # per (frame shape, planes): its engine, or None where building one failed
-        self._planes: dict[tuple[tuple[int, int], tuple[float, ...]], PlanesEngine | None] = {}
+        # whole-refocus engines per (frame shape, planes), the few most recently used, and
+        # the keys whose engine failed to build (a few floats each: kept, never retried)
+        self._planes: _Recent[_PlanesKey, PlanesEngine] = _Recent(PLANES_ENGINES_KEPT)
+        self._planes_failed: set[_PlanesKey] = set()
         try:
             self._setup_engine(plan_path)
         except _UnreadablePlan:
@@ -144,9 +212,10 @@ class TensorRTBackend(BaseBackend):
 
         For a plan of uniform planes without drift offsets, the frame goes in and the planes
         come out of one engine (`PlanesEngine`, built per frame shape and plan on first use);
-        the density never leaves the GPU. Anything else (surfaces, drift, a model loaded from
-        a .plan without its ONNX, the point fit) takes the shared path: network here, render
-        on the host.
+        the density never leaves the GPU. The `PLANES_ENGINES_KEPT` most recently used plans
+        keep their engines; an older one's is closed, its GPU memory freed. Anything else
+        (surfaces, drift, a model loaded from a .plan without its ONNX, the point fit) takes
+        the shared path: network here, render on the host.
         """
         off = None if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
         whole = (
@@ -169,24 +238,25 @@ class TensorRTBackend(BaseBackend):
             return super().refocus(frames, plan, offsets_um, dtype)  # its check says why
         assert plan.z_um is not None and self._network_onnx is not None and self._psf is not None
         key = (plan.frame_shape, plan.z_um)
-        if key not in self._planes:
-            try:
-                self._planes[key] = PlanesEngine(
-                    self._network_onnx,
-                    self.metadata,
-                    self._psf,
-                    plan.frame_shape,
-                    plan.z_um,
-                    precision=self.precision,
-                    cache_dir=self.options.cache_dir,
-                )
-            except RuntimeError as exc:
-                # remembered: not a minutes-long build tried again on every frame; the shared
-                # path (network here, render on the host) serves this plan instead
-                log.warning("tensorrt whole-refocus engine failed (%s); using the host render", exc)
-                self._planes[key] = None
-        engine = self._planes[key]
-        if engine is None:
+        if key in self._planes_failed:
+            return super().refocus(frames, plan, offsets_um, dtype)
+        make = functools.partial(
+            PlanesEngine,
+            self._network_onnx,
+            self.metadata,
+            self._psf,
+            plan.frame_shape,
+            plan.z_um,
+            precision=self.precision,
+            cache_dir=self.options.cache_dir,
+        )
+        try:
+            engine = self._planes.get(key, make)
+        except RuntimeError as exc:
+            # remembered: not a minutes-long build tried again on every frame; the shared
+            # path (network here, render on the host) serves this plan instead
+            log.warning("tensorrt whole-refocus engine failed (%s); using the host render", exc)
+            self._planes_failed.add(key)
             return super().refocus(frames, plan, offsets_um, dtype)
         # copied out of the engine's buffer: the caller may still be sending the last result
         # (the worker's zero-copy send) when the next frame runs
@@ -385,10 +455,7 @@ class TensorRTBackend(BaseBackend):
     def close(self) -> None:
         """Free the graph, buffers and the stream (after its pending work); drop the engine."""
         super().close()
-        for engine in self._planes.values():
-            if engine is not None:
-                engine.close()
-        self._planes.clear()
+        self._planes.clear()  # closes each whole-refocus engine
         rt = self._rt
         rt.cudaStreamSynchronize(self._stream)  # a failed call may have left copies queued
         self._drop_graph()

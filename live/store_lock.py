@@ -1,0 +1,246 @@
+"""One writer a store: the lock file an offline refocusing job holds while it writes a store.
+
+Two jobs writing one OME-Zarr store at once would interleave chunks and completion marks and
+each rewrite the store's image list. So a job's driver holds ``<store>.refocus.lock`` (beside
+the store, not in it: zarr would list a foreign file in the hierarchy) from before it opens the
+output until it has written its presence. The file holds the holder's pid, host and start time;
+chunk tasks, in whatever process or cluster, never touch it.
+
+How a second job is refused, and when a lock left behind is taken over:
+
+- Where the file system has the kernel's ``flock`` (Linux, macOS, most local disks), the
+  kernel lock decides: held means another job runs (refused, naming it); free means nobody on
+  this machine holds it, so a file left by a killed job is taken over, said. A file naming
+  another host is refused, naming the file to delete: a network file system's locks may be
+  local only, so the other job cannot be checked from here.
+- Without it (Windows, some network or FUSE mounts) the file's existence is the lock: it is
+  created exclusively, and one left behind is taken over only when it names a process of this
+  machine that has ended (never on Windows, where no process can be probed without side
+  effects); otherwise the refusal names the file to delete.
+
+A store behind a URL (object stores have no locks) is not guarded; the caller says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+__all__ = ["LOCK_SUFFIX", "StoreLocked", "lock_path", "write_lock"]
+
+log = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".refocus.lock"
+"""Appended to a store's path to name its lock file (``run.ome.zarr.refocus.lock``)."""
+_TRIES = 5
+"""Attempts to take a lock file that another job removes or creates as this one opens it."""
+
+
+class StoreLocked(Exception):
+    """Another job writes the store, or may: one line naming it and what to do."""
+
+
+@dataclass(frozen=True)
+class _Holder:
+    """Who holds a store's lock, as its lock file says."""
+
+    pid: int
+    host: str
+    started: str
+
+    def __str__(self) -> str:
+        return f"pid {self.pid} on {self.host}, since {self.started}"
+
+
+def lock_path(store: str | os.PathLike[str]) -> Path:
+    """Return the lock file of a local `store`: beside it, its name plus `LOCK_SUFFIX`."""
+    path = Path(store)
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def write_lock(store: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold `store`'s lock file for the block, or raise `StoreLocked` naming its holder.
+
+    The store need not exist yet; its parent folder is made if missing. Released (the file
+    removed) however the block ends.
+    """
+    path = lock_path(store)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreLocked(f"{store}: cannot make the folder of its lock file: {exc}") from None
+    fd, kernel = _acquire(str(store), path)
+    try:
+        yield
+    finally:
+        _release(fd, path, kernel)
+
+
+def _acquire(store: str, path: Path) -> tuple[int, bool]:
+    """Open, lock and claim `path`; return its descriptor and whether the kernel locks it."""
+    for _ in range(_TRIES):
+        try:  # created here: nobody held it; else opened as it stands
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:  # its holder removed it as we looked: look again
+                continue
+            except OSError as exc:
+                raise StoreLocked(f"{store}: cannot open its lock file {path}: {exc}") from None
+        except OSError as exc:
+            raise StoreLocked(f"{store}: cannot create its lock file {path}: {exc}") from None
+        try:
+            kernel = _flock(fd)
+            if kernel is False:
+                raise _busy(store, path, _read_holder(fd), checked=True)
+            if not _same_file(fd, path):  # removed or replaced since we opened it: again
+                os.close(fd)
+                continue
+            if not created:
+                _take_over(store, path, _read_holder(fd), kernel is True)
+            _write_holder(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        return fd, kernel is True
+    raise StoreLocked(f"{store}: its lock file {path} keeps changing: is another job starting?")
+
+
+def _release(fd: int, path: Path, kernel: bool) -> None:
+    """Remove our lock file and close it; a failure to remove is said, never raised.
+
+    Under the kernel's lock the file is removed before it is closed: a job that opened it
+    meanwhile gets the lock only after the close, sees the file gone and tries again. Windows
+    cannot remove a file that is open, so there it is closed first.
+    """
+    try:
+        ours = _same_file(fd, path)
+        if not kernel:
+            os.close(fd)
+        if ours:
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove the lock file %s: %s (delete it by hand)", path, exc)
+    finally:
+        if kernel:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _take_over(store: str, path: Path, holder: _Holder | None, kernel_free: bool) -> None:
+    """Refuse a lock file that names a job that may still run; else say it is taken over.
+
+    `kernel_free`: the kernel's lock on the file was free, so no process of this machine
+    holds it (whatever its pid means now: pids are reused).
+    """
+    if holder is not None and holder.host != _host():
+        raise _busy(store, path, holder, checked=False)
+    if kernel_free or (holder is not None and not _alive(holder.pid)):
+        log.warning(
+            "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
+            store,
+            holder or "it had not said who it was",
+        )
+        return
+    raise _busy(store, path, holder, checked=holder is not None and os.name != "nt")
+
+
+def _busy(store: str, path: Path, holder: _Holder | None, *, checked: bool) -> StoreLocked:
+    """Return the refusal of a store another job writes, naming it and what to do.
+
+    `checked`: that job is known to run (the kernel's lock, or its pid alive here); else it
+    cannot be checked from here, and the file to delete once it has ended is named.
+    """
+    who = holder or "one that has not said who it is yet"
+    if checked:
+        return StoreLocked(
+            f"{store} is being written by another refocusing job ({who}): wait for it to end"
+        )
+    return StoreLocked(
+        f"{store} is locked by a refocusing job that cannot be checked from here ({who}): if "
+        f"it has ended, delete {path}"
+    )
+
+
+def _flock(fd: int) -> bool | None:
+    """Take the kernel's exclusive lock on `fd` without waiting: True, False (held), None.
+
+    None: the OS has no ``flock`` (Windows) or the file system refuses it (some network or
+    FUSE mounts).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (not removed or replaced since)."""
+    try:
+        here, there = os.fstat(fd), path.stat()
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _read_holder(fd: int) -> _Holder | None:
+    """Return the holder a lock file names, or None when it is empty or not one of ours."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = json.loads(os.read(fd, 4096) or b"null")
+        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]))
+    except (OSError, ValueError, TypeError, KeyError):  # empty, cut short or hostile
+        return None
+
+
+def _write_holder(fd: int) -> None:
+    """Write this process into its lock file, on disk (hosts sharing the store read it)."""
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": started})
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, text.encode())
+    os.fsync(fd)
+
+
+def _host() -> str:
+    """Return the name of this machine, as lock files name it."""
+    return platform.node()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user's counts).
+
+    On Windows ``os.kill`` would end the process, not probe it: there any pid counts as alive.
+    A pid no process can have (negative, zero, too large) is not alive.
+    """
+    if os.name == "nt":
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):  # a pid beyond what the OS can hold: no process has it
+        return False
+    return True

@@ -1,0 +1,206 @@
+"""live.store_lock: one writer a store, with the kernel's locks and without them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import live.store_lock as sl
+from live.store_lock import StoreLocked, lock_path, write_lock
+
+REPO = Path(__file__).resolve().parents[1]
+HOST = platform.node()
+
+
+@pytest.fixture
+def holder() -> Iterator[Any]:
+    """Start another process that holds a store's lock until the test lets it go."""
+    started: list[subprocess.Popen[str]] = []
+    code = (
+        "import sys\n"
+        "from live.store_lock import write_lock\n"
+        "with write_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+
+    def hold(store: Path) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(store)],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in started:
+        if proc.poll() is None:
+            proc.communicate(timeout=60)  # closes its stdin: it lets the lock go and exits
+
+
+def _dead_pid() -> int:
+    """A pid of this machine whose process has ended."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def _leave(store: Path, pid: int, host: str = HOST) -> None:
+    """Leave a lock file as a job killed before it removed its own would."""
+    text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
+    lock_path(store).write_text(text, encoding="utf-8")
+
+
+def test_the_lock_is_beside_the_store_and_names_its_holder_while_held(tmp_path: Path) -> None:
+    """Beside the store (zarr lists nothing foreign inside it), made with its parent folder,
+    naming this process while held, gone after, also after the block raised."""
+    store = tmp_path / "new" / "run.ome.zarr"
+    assert lock_path(store) == tmp_path / "new" / "run.ome.zarr.refocus.lock"
+    with write_lock(store):
+        held = json.loads(lock_path(store).read_text(encoding="utf-8"))
+        assert (held["pid"], held["host"]) == (os.getpid(), HOST)
+        assert not store.exists()  # the lock makes no store
+    assert not lock_path(store).exists()
+    with pytest.raises(KeyError), write_lock(store):
+        raise KeyError("the job failed")
+    assert not lock_path(store).exists()
+
+
+def test_a_store_another_process_holds_is_refused_naming_it(tmp_path: Path, holder: Any) -> None:
+    store = tmp_path / "run.ome.zarr"
+    proc = holder(store)
+    said = f"{store} is being written by another refocusing job (pid {proc.pid} on {HOST}"
+    with pytest.raises(StoreLocked, match=re.escape(said)), write_lock(store):
+        pass
+    proc.communicate(timeout=60)
+    assert not lock_path(store).exists()
+    with write_lock(store):
+        assert lock_path(store).exists()
+
+
+def test_a_lock_left_behind_is_taken_over_here_and_refused_from_another_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = tmp_path / "run.ome.zarr"
+    dead = _dead_pid()
+    _leave(store, dead)
+    with caplog.at_level(logging.WARNING, logger="live.store_lock"), write_lock(store):
+        pass
+    taken = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
+    assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0]
+    assert not lock_path(store).exists()
+    _leave(store, dead, host="another-host.invalid")
+    message = f"cannot be checked from here (pid {dead} on another-host.invalid"
+    with (
+        pytest.raises(StoreLocked, match=re.escape(message) + ".*delete .*refocus.lock"),
+        write_lock(store),
+    ):
+        pass
+    assert lock_path(store).exists()  # not ours to remove
+
+
+def test_without_kernel_locks_the_file_is_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ``flock`` (Windows, some network mounts): a live process of this machine holds the
+    store; a dead one's file is taken over; an empty file (a job that has not written itself
+    yet) and a pid no process can have are handled; two jobs never both get the store."""
+    monkeypatch.setattr(sl, "_flock", lambda fd: None)
+    store = tmp_path / "out.ome.zarr"
+    _leave(store, os.getpid())
+    with (
+        pytest.raises(StoreLocked, match=f"being written .*pid {os.getpid()} on {HOST}"),
+        write_lock(store),
+    ):
+        pass
+    _leave(store, _dead_pid())
+    with write_lock(store):
+        held = json.loads(lock_path(store).read_text(encoding="utf-8"))
+        assert held["pid"] == os.getpid()
+        # a second job meanwhile, in this very process: its file exists and names us
+        with pytest.raises(StoreLocked, match="being written"), write_lock(store):
+            pass
+    assert not lock_path(store).exists()
+    lock_path(store).write_text("", encoding="utf-8")
+    with pytest.raises(StoreLocked, match=r"not said who it is yet.*delete"), write_lock(store):
+        pass
+    _leave(store, 2**80)  # hostile: no process can have it (os.kill would overflow)
+    with write_lock(store):
+        pass
+
+    # two jobs at once: both try to create the file; exactly one gets it
+    lock_path(store).unlink(missing_ok=True)
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def job() -> None:
+        barrier.wait()
+        try:
+            with write_lock(store):
+                results.append("held")
+                barrier_inner.wait(timeout=10)
+        except StoreLocked:
+            results.append("refused")
+            barrier_inner.wait(timeout=10)
+
+    barrier_inner = threading.Barrier(2)
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results) == ["held", "refused"]
+
+
+def test_without_kernel_locks_the_file_is_closed_before_it_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows cannot remove an open file: where there is no kernel lock the release closes
+    the descriptor first; a removal that fails is said, not raised, and the descriptor is
+    closed all the same."""
+    monkeypatch.setattr(sl, "_flock", lambda fd: None)
+    store = tmp_path / "run.ome.zarr"
+    opened: list[int] = []
+    real_open = os.open
+
+    def tracking_open(*args: Any, **kwargs: Any) -> int:
+        fd = real_open(*args, **kwargs)
+        opened.append(fd)
+        return fd
+
+    def unlink_refused_while_open(self: Path, missing_ok: bool = False) -> None:
+        for fd in opened:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # closed already, as Windows needs
+        raise PermissionError("[WinError 32] in use")
+
+    monkeypatch.setattr(sl.os, "open", tracking_open)
+    monkeypatch.setattr(Path, "unlink", unlink_refused_while_open)
+    with write_lock(store):
+        pass
+    monkeypatch.undo()
+    assert lock_path(store).exists()  # left, and said: the next job names it
+
+
+def test_a_store_whose_lock_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    with pytest.raises(StoreLocked, match="cannot make the folder of its lock file") as info:
+        with write_lock(blocker / "run.ome.zarr"):
+            pass
+    assert "\n" not in str(info.value)
