@@ -279,8 +279,9 @@ class _Patch:
         t, o = SPLINE_TAPS, self.centre
         (p0, p1), (q0, q1) = self.rows, self.cols
         out = np.zeros((len(candidates), p1 - p0, q1 - q0))
-        # candidates that share a slice and a base pixel share the bank window: one group
-        # is one pair of einsums over the window's (2t + 1) shifted views along each axis
+        # candidates that share a slice and a base pixel share the bank window: one group is
+        # one matrix product along the rows (every candidate's taps at once) and one batched
+        # product along the columns (each candidate's taps with the window's 2t + 1 shifts)
         groups: dict[tuple[int, int, int], list[tuple[int, float, np.ndarray, np.ndarray]]] = {}
         for n, (z, r, c) in enumerate(candidates):
             fz, ri, ci = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
@@ -296,14 +297,14 @@ class _Patch:
         for (k, ri, ci), members in groups.items():
             plane = self.psf[self.seen[k]]
             u = plane[o + p0 - t - ri : o + p1 + t - ri, o + q0 - t - ci : o + q1 + t - ci]
-            index = np.array([m[0] for m in members])
+            index = np.array([m[0] for m in members])  # each candidate once: one slice a group
             ty = np.stack([m[2] for m in members])[:, ::-1]  # tap m sits m rows down
             tx = np.stack([m[3] for m in members])[:, ::-1]
             rows = np.lib.stride_tricks.sliding_window_view(u, p1 - p0, axis=0)  # (2t+1, Q', P)
-            v = np.einsum("nm,mqp->npq", ty, rows)  # (N, P, Q + 2t)
+            v = np.tensordot(ty, rows, axes=(1, 0)).transpose(0, 2, 1)  # (N, P, Q + 2t)
             cols = np.lib.stride_tricks.sliding_window_view(v, q1 - q0, axis=2)  # (N, P, 2t+1, Q)
-            image = np.einsum("nk,npkq->npq", tx, cols)
-            np.add.at(out, index, image * np.array([m[1] for m in members])[:, None, None])
+            image = np.matmul(tx[:, None, None, :], cols)[:, :, 0, :]  # (N, P, Q)
+            out[index] += image * np.array([m[1] for m in members])[:, None, None]
         return out
 
     def window(self, blob: _Blob) -> np.ndarray:
