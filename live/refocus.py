@@ -1520,9 +1520,9 @@ def _prepare_output(
             )
         if stored.get("job") != identity:  # recorded in today's terms: it resumes when moved
             group.attrs["deepz"] = {**stored, "job": identity}
-        register_image(root, _xml_folder(store), name, xml)  # an image from before: listed now
+        register_image(root, _xml_store(store), name, xml)  # an image from before: listed now
         return _Output(store, image, chunk, n_blocks, False, group, name)
-    image = register_image(root, _xml_folder(store), name, xml)
+    image = register_image(root, _xml_store(store), name, xml)
     group = root.create_group(image, overwrite=True)
     group.attrs["ome"] = ome
     group.attrs["deepz"] = {**deepz, "job": identity, "present": [], "complete": False}
@@ -1539,13 +1539,9 @@ def _prepare_output(
     return _Output(store, image, chunk, n_blocks, False, group, name)
 
 
-def _xml_folder(store: str) -> Path | None:
-    """Return the local store an added image's XML entry is written into (None: a URL).
-
-    A store behind a URL keeps its images in ``OME/series`` and ``deepz.images`` only: the
-    XML file is written on local disk alone (`live.store.write_ome_xml`).
-    """
-    return None if _is_url(store) else Path(store)
+def _xml_store(store: str) -> Path | str:
+    """Return where an added image's XML entry goes: the local store's folder, or its URL."""
+    return store if _is_url(store) else Path(store)
 
 
 def _prepare_fill(
@@ -1595,7 +1591,7 @@ def _prepare_fill(
         n_blocks = raw.n_t
         resumes = False
         ome, dimensions, xml = _stacks_metadata("stacks", plan, raw, "float32")
-        image = register_image(root, _xml_folder(store), "stacks", xml)
+        image = register_image(root, _xml_store(store), "stacks", xml)
         group = root.create_group(image)
         group.attrs["ome"] = ome
         group.create_array(

@@ -520,12 +520,13 @@ def _xml_element(group: str, image: XmlImage) -> ET.Element:
     return node
 
 
-def register_image(root: Any, store: Path | None, role: str, image: XmlImage) -> str:
+def register_image(root: Any, store: Path | str | None, role: str, image: XmlImage) -> str:
     """Add image `role` to a store's collection; return its group path.
 
     For images added after the run (offline refocusing, ``--fill-gaps``): the image gets the
     next free numbered group and is listed in ``attrs["deepz"]["images"]``, in ``OME/series``
-    and (a local `store`) in ``OME/METADATA.ome.xml``, in the same order, as the
+    and in ``OME/METADATA.ome.xml`` of `store` (a local folder, or an fsspec URL such as
+    ``s3://…``, whose file is one object written whole; None: no XML), in the same order, as the
     bioformats2raw layout asks ("every multiscales group MUST represent exactly one OME-XML
     Image in the same order as either the series index or the group numbers"). A role already
     listed keeps its group (its XML entry is rewritten: `image` may have changed); a group of
@@ -564,17 +565,22 @@ def register_image(root: Any, store: Path | None, role: str, image: XmlImage) ->
     return group
 
 
-def _put_xml_image(store: Path, group: str, image: XmlImage, *, fresh: bool) -> None:
-    """Replace or append the ``<Image>`` of `group` in a local store's METADATA.ome.xml.
+def _put_xml_image(store: Path | str, group: str, image: XmlImage, *, fresh: bool) -> None:
+    """Replace or append the ``<Image>`` of `group` in a store's METADATA.ome.xml.
 
     ``fresh``: the image is the collection's only one, so a missing file is made anew; else
     a missing or unreadable file is left so (one XML image paired with another group's place
-    in the series would mislabel it) and said.
+    in the series would mislabel it) and said. A local store's file is replaced atomically; a
+    URL's through fsspec (an object store writes an object whole).
     """
     ET.register_namespace("", _OME_NS)
-    path = store / OME_GROUP / "METADATA.ome.xml"
+    path: Path | str
+    if isinstance(store, str):
+        path = f"{store.rstrip('/')}/{OME_GROUP}/METADATA.ome.xml"
+    else:
+        path = store / OME_GROUP / "METADATA.ome.xml"
     try:
-        root = ET.parse(path).getroot()
+        root = ET.fromstring(_read_bytes(path))
     except (OSError, ET.ParseError) as err:
         if not fresh:
             log.warning("%s cannot be read (%s): %s is not added to it", path, err, image.name)
@@ -589,7 +595,25 @@ def _put_xml_image(store: Path, group: str, image: XmlImage, *, fresh: bool) -> 
     else:
         images = [i for i, c in enumerate(root) if c.tag.endswith("Image")]
         root.insert(images[-1] + 1 if images else 0, node)  # after the images, before anything else
-    write_atomic(path, ET.tostring(root, encoding="unicode", xml_declaration=True))
+    text = ET.tostring(root, encoding="unicode", xml_declaration=True)
+    if isinstance(path, Path):
+        write_atomic(path, text)
+    else:
+        import fsspec
+
+        with fsspec.open(path, "wb") as f:
+            f.write(text.encode("utf-8"))
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    """Read a local file, or an fsspec URL's object (its missing object: FileNotFoundError)."""
+    if isinstance(path, Path):
+        return path.read_bytes()
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        data: bytes = f.read()
+    return data
 
 
 def write_ome_xml(store: Path, images: Sequence[XmlImage]) -> None:

@@ -833,6 +833,13 @@ def test_output_through_an_fsspec_url_resumes_like_a_directory(tmp_path: Path) -
     assert (first.frames_done, again.frames_skipped, again.store) == (3, 3, url)
     refocus_recording(store, planes=PLANES, out=tmp_path / "o.zarr", scheduler="sync", **ORT)
     np.testing.assert_array_equal(_read(url, "stacks/0"), _read(tmp_path / "o.zarr", "stacks/0"))
+    # the bioformats2raw layout's XML lists the image behind the URL as it does on disk
+    import fsspec
+
+    with fsspec.open(f"{url}/OME/METADATA.ome.xml", "rb") as f:
+        remote = f.read()
+    assert remote == (tmp_path / "o.zarr" / "OME" / "METADATA.ome.xml").read_bytes()
+    assert b'ID="Image:0"' in remote
 
 
 def test_a_scope_config_asking_for_confocal_planes_gets_them_offline(tmp_path: Path) -> None:
