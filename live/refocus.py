@@ -795,11 +795,15 @@ def _keep_plan(token: str, plan: VolumePlan) -> VolumePlan:
     return frozen
 
 
-def _install_plan(token: str, plan: VolumePlan) -> None:
+def _install_plan(token: str, box: list[VolumePlan]) -> None:
     """Keep a job's plan in this process before it runs any task (a process pool's initializer).
 
-    Its arguments are pickled once per pool process (or inherited, forked), not per task.
+    Its arguments are pickled once per pool process (or inherited, forked), not per task. The
+    plan comes in a one-item list that this empties: the pool keeps its initializer's
+    arguments for the process's life, and would otherwise hold a second copy of the DPMs
+    beside the frozen one (twice the plan in every process).
     """
+    plan = box.pop()
     with _PLANS_LOCK:
         if token not in _PLANS:
             _keep_plan(token, plan)
@@ -2201,7 +2205,7 @@ class _Runner:
             # dask's process pool pickles each task with the values of its inputs, the job
             # among them: the DPMs go to each pool process once, as it starts, instead (with
             # a pool or initializer of the user's dask config, each task gets the whole job)
-            options["initializer"] = functools.partial(_install_plan, job.plan_token, job.plan)
+            options["initializer"] = functools.partial(_install_plan, job.plan_token, [job.plan])
             job = job.without_plan()
         job_d = dask.delayed(job, name=f"refocus-job-{run_id}", traverse=False)
         tasks = [

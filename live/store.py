@@ -575,10 +575,10 @@ def _put_xml_image(store: Path | str, group: str, image: XmlImage, *, fresh: boo
     """
     ET.register_namespace("", _OME_NS)
     path: Path | str
-    if isinstance(store, str):
+    if isinstance(store, str) and "://" in store:
         path = f"{store.rstrip('/')}/{OME_GROUP}/METADATA.ome.xml"
-    else:
-        path = store / OME_GROUP / "METADATA.ome.xml"
+    else:  # a local folder, however spelled
+        path = Path(store) / OME_GROUP / "METADATA.ome.xml"
     try:
         root = ET.fromstring(_read_bytes(path))
     except (OSError, ET.ParseError) as err:

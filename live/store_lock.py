@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,7 +107,15 @@ def _acquire(store: str, path: Path) -> tuple[int, bool]:
                 os.close(fd)
                 continue
             if not created:
-                _take_over(store, path, _read_holder(fd), kernel is True)
+                holder = _read_holder(fd)
+                _check_stale(store, path, holder, kernel is True)
+                if kernel is not True:  # nothing makes taking it over exclusive: set it aside
+                    stale = os.fstat(fd)
+                    os.close(fd)
+                    if _set_aside(path, stale):
+                        _said_taken(store, holder)
+                    continue  # and create it anew: one job's exclusive create wins
+                _said_taken(store, holder)
             _write_holder(fd)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -137,8 +146,8 @@ def _release(fd: int, path: Path, kernel: bool) -> None:
                 os.close(fd)
 
 
-def _take_over(store: str, path: Path, holder: _Holder | None, kernel_free: bool) -> None:
-    """Refuse a lock file that names a job that may still run; else say it is taken over.
+def _check_stale(store: str, path: Path, holder: _Holder | None, kernel_free: bool) -> None:
+    """Refuse a lock file that names a job that may still run; return if it is stale.
 
     `kernel_free`: the kernel's lock on the file was free, so no process of this machine
     holds it (whatever its pid means now: pids are reused).
@@ -146,13 +155,39 @@ def _take_over(store: str, path: Path, holder: _Holder | None, kernel_free: bool
     if holder is not None and holder.host != _host():
         raise _busy(store, path, holder, checked=False)
     if kernel_free or (holder is not None and not _alive(holder.pid)):
-        log.warning(
-            "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
-            store,
-            holder or "it had not said who it was",
-        )
         return
     raise _busy(store, path, holder, checked=holder is not None and os.name != "nt")
+
+
+def _set_aside(path: Path, stale: os.stat_result) -> bool:
+    """Move a stale lock file out of the way; False if another job got there first.
+
+    Without the kernel's lock two jobs may both find the same stale file; renaming it is
+    atomic, so one of them moves it. A job that finds it moved a file that is not the one it
+    read (another job's fresh lock, made since) puts it back.
+    """
+    aside = path.with_name(f"{path.name}.{secrets.token_hex(8)}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    moved = os.stat(aside)
+    if (moved.st_dev, moved.st_ino) != (stale.st_dev, stale.st_ino):
+        with contextlib.suppress(OSError):  # Windows: a newer lock there already stays
+            os.rename(aside, path)
+        return False
+    with contextlib.suppress(OSError):
+        aside.unlink()
+    return True
+
+
+def _said_taken(store: str, holder: _Holder | None) -> None:
+    """Say that a lock left by a job that ended is taken over."""
+    log.warning(
+        "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
+        store,
+        holder or "it had not said who it was",
+    )
 
 
 def _busy(store: str, path: Path, holder: _Holder | None, *, checked: bool) -> StoreLocked:

@@ -204,3 +204,44 @@ def test_a_store_whose_lock_cannot_be_made_is_one_line(tmp_path: Path) -> None:
         with write_lock(blocker / "run.ome.zarr"):
             pass
     assert "\n" not in str(info.value)
+
+
+def test_without_kernel_locks_one_of_two_jobs_takes_over_a_stale_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two jobs find the same stale lock file at once (each has read its dead holder before
+    either acts): setting it aside is atomic, so one job takes the store and the other is
+    refused naming it; only the winner says it took the lock over."""
+    monkeypatch.setattr(sl, "_flock", lambda fd: None)
+    store = tmp_path / "run.ome.zarr"
+    _leave(store, _dead_pid())
+    both_read = threading.Barrier(2, timeout=10)
+    check = sl._check_stale
+
+    def check_then_wait(*args: Any) -> None:
+        check(*args)
+        both_read.wait()
+
+    monkeypatch.setattr(sl, "_check_stale", check_then_wait)
+    results: list[str] = []
+    inside = threading.Barrier(2, timeout=10)
+
+    def job() -> None:
+        try:
+            with write_lock(store):
+                results.append("held")
+                inside.wait()
+        except StoreLocked:
+            results.append("refused")
+            inside.wait()
+
+    threads = [threading.Thread(target=job) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="live.store_lock"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert sorted(results) == ["held", "refused"]
+    assert sum("taking over" in r.getMessage() for r in caplog.records) == 1
+    assert not lock_path(store).exists()
+    assert list(tmp_path.glob("*.stale")) == []

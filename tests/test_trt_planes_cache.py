@@ -78,6 +78,25 @@ def test_the_least_recently_used_value_is_closed_before_a_new_one_is_made(
     assert [k for what, k in events if what == "made"] == sorted(
         k for what, k in events if what == "closed"
     )  # every engine made was closed exactly once (close asserts "once")
+
+
+def test_an_engine_that_fails_to_close_is_said_not_blamed_on_the_new_plan(
+    trt_mod: ModuleType, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Freeing the oldest engine's buffers fails (a CUDA error): the new engine is made all
+    the same and the failure is one warning, not the new plan's error."""
+
+    class _Stuck(_Engine):
+        def close(self) -> None:
+            raise RuntimeError("CUDA error 700 freeing buffers")
+
+    events: list[tuple[str, Any]] = []
+    kept = trt_mod._Recent(1)
+    kept.get("old", lambda: _Stuck("old", events))
+    with caplog.at_level("WARNING"):
+        new = kept.get("new", lambda: _Engine("new", events))
+    assert kept.keys() == ["new"] and new.key == "new"
+    assert any("CUDA error 700" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="limit"):
         trt_mod._Recent(0)
 

@@ -123,7 +123,7 @@ class _Recent(Generic[_K, _V]):
             return self._values[key]
         while len(self._values) >= self.limit:
             _, old = self._values.popitem(last=False)
-            old.close()
+            _close_quietly(old)
         value = self._values[key] = make()
         return value
 
@@ -131,7 +131,19 @@ class _Recent(Generic[_K, _V]):
         """Close every value, oldest first, and forget them."""
         while self._values:
             _, old = self._values.popitem(last=False)
-            old.close()
+            _close_quietly(old)
+
+
+def _close_quietly(value: Any) -> None:
+    """Close a value pushed out; its failure is said, not raised into the call that made room.
+
+    A make that then fails has already cost the value it replaced: the rule that no more than
+    `limit` hold GPU memory at once comes first.
+    """
+    try:
+        value.close()
+    except Exception as exc:  # a CUDA error freeing old buffers is not the new plan's failure
+        log.warning("closing a TensorRT whole-refocus engine failed: %s", exc)
 
 
 class TensorRTBackend(BaseBackend):
