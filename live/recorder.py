@@ -51,6 +51,7 @@ recorded, so a frame the store would refuse is not refocused or republished eith
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -88,6 +89,7 @@ from live.store import (
     shard_frames,
     write_ome_xml,
 )
+from live.store_lock import RECORDER_ROLE, write_lock
 from live.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -508,42 +510,50 @@ class Recorder:
         self._failure_written = False
         self._lock = threading.Lock()
         self._summary: RecorderSummary | None = None
-        self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
-        self._root.attrs["ome"] = collection_attrs()
-        kept = [role for role, keep in (("raw", keep_raw), ("stacks", keep_stacks)) if keep]
-        self._images = {
-            role: self._create_image(role, str(i), compression) for i, role in enumerate(kept)
-        }
-        self._root.create_group(OME_GROUP).attrs["ome"] = series_attrs(
-            [image.group.basename for image in self._images.values()]
-        )
-        self._reserve: Path | None = self.path / OME_GROUP / RESERVE_NAME
-        _hold_space(self._reserve, int(reserve_mb * 2**20))
-        self._frames = self._create_frames()
-        self._arrays = {role: image.array for role, image in self._images.items()}
-        self._raw = self._arrays.get("raw")
-        self._stacks = self._arrays.get("stacks")
-        self._deepz: dict[str, Any] = {
-            "layout": LAYOUT_VERSION,
-            "images": {role: image.group.basename for role, image in self._images.items()},
-            "frames": FRAMES_GROUP,
-            "config": config,
-            "engine_files": engine_files or {},
-            **self.stack_axis.attrs(),
-            "frame_shape": list(self.frame_shape),
-            "pixel_size_um": self.pixel_size_um,
-            "rate_hz": self.rate_hz,
-            "time_index": "camera sequence number",
-            "stack_dtype": stack_dtype,
-            "raw_present": [],
-            "stacks_present": [],
-            "complete": False,
-        }
-        self._write_attrs()
-        self._last_attrs = time.monotonic()
-        self._supervisor = supervisor or Supervisor()
-        self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
-        self._thread.start()
+        # the run's store is this recorder's alone while it records: an offline job into it
+        # (its gaps, an offline image) is refused until close() has finalised it
+        self._store_lock = contextlib.ExitStack()
+        self._store_lock.enter_context(write_lock(self.path, RECORDER_ROLE))
+        try:
+            self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+            self._root.attrs["ome"] = collection_attrs()
+            kept = [role for role, keep in (("raw", keep_raw), ("stacks", keep_stacks)) if keep]
+            self._images = {
+                role: self._create_image(role, str(i), compression) for i, role in enumerate(kept)
+            }
+            self._root.create_group(OME_GROUP).attrs["ome"] = series_attrs(
+                [image.group.basename for image in self._images.values()]
+            )
+            self._reserve: Path | None = self.path / OME_GROUP / RESERVE_NAME
+            _hold_space(self._reserve, int(reserve_mb * 2**20))
+            self._frames = self._create_frames()
+            self._arrays = {role: image.array for role, image in self._images.items()}
+            self._raw = self._arrays.get("raw")
+            self._stacks = self._arrays.get("stacks")
+            self._deepz: dict[str, Any] = {
+                "layout": LAYOUT_VERSION,
+                "images": {role: image.group.basename for role, image in self._images.items()},
+                "frames": FRAMES_GROUP,
+                "config": config,
+                "engine_files": engine_files or {},
+                **self.stack_axis.attrs(),
+                "frame_shape": list(self.frame_shape),
+                "pixel_size_um": self.pixel_size_um,
+                "rate_hz": self.rate_hz,
+                "time_index": "camera sequence number",
+                "stack_dtype": stack_dtype,
+                "raw_present": [],
+                "stacks_present": [],
+                "complete": False,
+            }
+            self._write_attrs()
+            self._last_attrs = time.monotonic()
+            self._supervisor = supervisor or Supervisor()
+            self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self._store_lock.close()
+            raise
 
     # -- public, any thread --------------------------------------------------------------
 
@@ -639,9 +649,15 @@ class Recorder:
         self._deepz["run_summary"] = stored
         self._guarded(lambda: self._write_attrs(final=True), "run summary")
 
-    def close(self, timeout_s: float | None = None) -> RecorderSummary:
-        """Drain the queue, flush partial chunks, write the final metadata; idempotent."""
+    def close(self, timeout_s: float | None = None, *, keep_lock: bool = False) -> RecorderSummary:
+        """Drain the queue, flush partial chunks, write the final metadata; idempotent.
+
+        The store's lock (`live.store_lock`) is then let go, unless `keep_lock`: the daemon
+        keeps it while it adds the run summary and preview, then calls `release`.
+        """
         if self._summary is not None:
+            if not keep_lock:
+                self.release()
             return self._summary
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
@@ -649,7 +665,13 @@ class Recorder:
             left = self._queue.qsize()
             self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
         self._summary = self._finish()
+        if not keep_lock:
+            self.release()
         return self._summary
+
+    def release(self) -> None:
+        """Let the store go (its lock file removed): offline jobs may write it now; idempotent."""
+        self._store_lock.close()
 
     # -- integrity checks, caller's thread ------------------------------------------------
 

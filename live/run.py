@@ -66,6 +66,7 @@ from live.router import (
 )
 from live.security import Gatekeeper, ServerKeys, server_keys
 from live.sources import replay_rate_hz
+from live.store_lock import StoreLocked
 from live.supervisor import Failure, Supervisor, make_ipc_dir, remove_stale_ipc_dirs
 from live.worker import WorkerSpec, build_plan, focus_lock, open_backend, worker_main
 
@@ -657,13 +658,11 @@ class Daemon:
                 log.warning("cannot hash the %s %s for the run's record: %s", role, path, exc)
         return out
 
-    def _start_recorder(self, plan: VolumePlan) -> None:
-        """Open the run's OME-Zarr store (when recording is enabled)."""
+    def _open_recorder(self, plan: VolumePlan, surfaces: Any) -> Recorder:
+        """Make the run's `Recorder` (it creates the store and holds its lock while it records)."""
         rc, src = self.config.recorder, self.config.source
-        if not rc.enabled or self.store is None:
-            return
-        surfaces = self.config.planes.surfaces  # a surface plan is recorded as surfaces + DPMs
-        self.recorder = Recorder(
+        assert self.store is not None  # _start_recorder returns first without one
+        return Recorder(
             self.store,
             frame_shape=(int(src.frame_shape[0]), int(src.frame_shape[1])),
             pixel_size_um=float(src.pixel_size_um),
@@ -683,6 +682,17 @@ class Daemon:
             seq_window=rc.seq_window,
             supervisor=self.supervisor,
         )
+
+    def _start_recorder(self, plan: VolumePlan) -> None:
+        """Open the run's OME-Zarr store (when recording is enabled)."""
+        rc = self.config.recorder
+        if not rc.enabled or self.store is None:
+            return
+        surfaces = self.config.planes.surfaces  # a surface plan is recorded as surfaces + DPMs
+        try:
+            self.recorder = self._open_recorder(plan, surfaces)
+        except StoreLocked as exc:  # an offline job writing a store at the output's path
+            raise ConfigError(str(exc)) from None
         print(f"recording to {self.recorder.path}", flush=True)
         free_mb = self.recorder.free_mb()
         if free_mb < rc.min_free_mb:
@@ -1048,8 +1058,8 @@ class Daemon:
             with self.supervisor.watch("status publisher"):  # before the store is finalised
                 self._status.publish(snap)
         rec: RecorderSummary | None = None
-        if self.recorder is not None:
-            rec = self.recorder.close()
+        if self.recorder is not None:  # the store stays the recorder's until the summary is in
+            rec = self.recorder.close(keep_lock=True)
         source = _as_dict(self._source_summary)
         summary = RunSummary(
             frames_acquired=_frames_acquired(source, snap.frames_in + snap.malformed),
@@ -1074,9 +1084,12 @@ class Daemon:
             worker_times=self._worker_times(),
         )
         if self.recorder is not None:
-            preview = _write_preview_png(self.recorder.path, self.metrics, summary)
-            summary = replace(summary, preview=str(preview) if preview else None)
-            self.recorder.add_run_summary(_jsonable(asdict(summary)))
+            try:
+                preview = _write_preview_png(self.recorder.path, self.metrics, summary)
+                summary = replace(summary, preview=str(preview) if preview else None)
+                self.recorder.add_run_summary(_jsonable(asdict(summary)))
+            finally:
+                self.recorder.release()
         if self._display is not None:
             self._display.terminate()
         self.metrics.set_run_info(state=RunState.FINISHED)

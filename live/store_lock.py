@@ -1,10 +1,12 @@
-"""One writer a store: the lock file an offline refocusing job holds while it writes a store.
+"""One writer a store: the lock file a writer of a run's store holds while it writes it.
 
-Two jobs writing one OME-Zarr store at once would interleave chunks and completion marks and
-each rewrite the store's image list. So a job's driver holds ``<store>.refocus.lock`` (beside
-the store, not in it: zarr would list a foreign file in the hierarchy) from before it opens the
-output until it has written its presence. The file holds the holder's pid, host and start time;
-chunk tasks, in whatever process or cluster, never touch it.
+Two writers of one OME-Zarr store at once would interleave chunks and completion marks and
+each rewrite the store's image list: two offline refocusing jobs, or one beside the live
+recorder still writing the run. So each holds ``<store>.refocus.lock`` (beside the store, not
+in it: zarr would list a foreign file in the hierarchy) while it writes: the live recorder from
+opening the run's store until it has finalised it, an offline job's driver from before it opens
+its output until it has written its presence (chunk tasks, in whatever process or cluster,
+never touch it). The file names the holder: what it is, its pid, host and start time.
 
 How a second job is refused, and when a lock left behind is taken over:
 
@@ -34,7 +36,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-__all__ = ["LOCK_SUFFIX", "StoreLocked", "lock_path", "write_lock"]
+__all__ = [
+    "LOCK_SUFFIX",
+    "RECORDER_ROLE",
+    "REFOCUS_ROLE",
+    "StoreLocked",
+    "lock_path",
+    "write_lock",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,8 @@ class _Holder:
     pid: int
     host: str
     started: str
+    role: str = "another job"
+    """What holds it, as a refusal names it ("the live recorder", "another refocusing job")."""
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}, since {self.started}"
@@ -66,26 +77,33 @@ def lock_path(store: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + LOCK_SUFFIX)
 
 
+REFOCUS_ROLE = "another refocusing job"
+"""How a refusal names an offline refocusing job holding the lock (`write_lock`'s default)."""
+RECORDER_ROLE = "the live recorder"
+"""How a refusal names the daemon's recorder holding the lock of the run it records."""
+
+
 @contextlib.contextmanager
-def write_lock(store: str | os.PathLike[str]) -> Iterator[None]:
+def write_lock(store: str | os.PathLike[str], role: str = REFOCUS_ROLE) -> Iterator[None]:
     """Hold `store`'s lock file for the block, or raise `StoreLocked` naming its holder.
 
-    The store need not exist yet; its parent folder is made if missing. Released (the file
-    removed) however the block ends.
+    `role` is what this writer is, as another's refusal will name it. The store need not
+    exist yet; its parent folder is made if missing. Released (the file removed) however the
+    block ends.
     """
     path = lock_path(store)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreLocked(f"{store}: cannot make the folder of its lock file: {exc}") from None
-    fd, kernel = _acquire(str(store), path)
+    fd, kernel = _acquire(str(store), path, role)
     try:
         yield
     finally:
         _release(fd, path, kernel)
 
 
-def _acquire(store: str, path: Path) -> tuple[int, bool]:
+def _acquire(store: str, path: Path, role: str) -> tuple[int, bool]:
     """Open, lock and claim `path`; return its descriptor and whether the kernel locks it."""
     for _ in range(_TRIES):
         try:  # created here: nobody held it; else opened as it stands
@@ -116,7 +134,7 @@ def _acquire(store: str, path: Path) -> tuple[int, bool]:
                         _said_taken(store, holder)
                     continue  # and create it anew: one job's exclusive create wins
                 _said_taken(store, holder)
-            _write_holder(fd)
+            _write_holder(fd, role)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -196,14 +214,13 @@ def _busy(store: str, path: Path, holder: _Holder | None, *, checked: bool) -> S
     `checked`: that job is known to run (the kernel's lock, or its pid alive here); else it
     cannot be checked from here, and the file to delete once it has ended is named.
     """
+    role = holder.role if holder is not None else "another job"
     who = holder or "one that has not said who it is yet"
     if checked:
-        return StoreLocked(
-            f"{store} is being written by another refocusing job ({who}): wait for it to end"
-        )
+        return StoreLocked(f"{store} is being written by {role} ({who}): wait for it to end")
     return StoreLocked(
-        f"{store} is locked by a refocusing job that cannot be checked from here ({who}): if "
-        f"it has ended, delete {path}"
+        f"{store} is locked by {role} that cannot be checked from here ({who}): if it has "
+        f"ended, delete {path}"
     )
 
 
@@ -240,15 +257,16 @@ def _read_holder(fd: int) -> _Holder | None:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         data = json.loads(os.read(fd, 4096) or b"null")
-        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]))
+        role = str(data.get("role", "another job"))[:80]  # hostile: a line, not a page
+        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]), role)
     except (OSError, ValueError, TypeError, KeyError):  # empty, cut short or hostile
         return None
 
 
-def _write_holder(fd: int) -> None:
+def _write_holder(fd: int, role: str) -> None:
     """Write this process into its lock file, on disk (hosts sharing the store read it)."""
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": started})
+    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": started, "role": role})
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, text.encode())

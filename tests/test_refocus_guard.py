@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
     assert not lock_path(store).exists()
 
     _leave_lock(store, dead, host="another-host.invalid")
-    message = f"{store} is locked by a refocusing job that cannot be checked from here (pid {dead}"
+    message = f"{store} is locked by another job that cannot be checked from here (pid {dead}"
     with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*refocus.lock"):
         refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
     assert lock_path(store).exists()  # not ours to remove
@@ -186,6 +187,45 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     with pytest.raises(RefocusTaskError, match="cannot read the raw frames of chunk 1"):
         refocus_recording(store, name="again", scheduler="sync", **kw)
     assert not lock_path(store).exists()
+
+
+def test_the_live_recorder_holds_its_runs_store_until_the_run_is_finalised(
+    tmp_path: Path,
+) -> None:
+    """While the recorder writes a run (frames in, not yet closed), an offline job into that
+    store, its gaps or an offline image, is refused naming the recorder (it would rewrite the
+    image list the recorder rewrites); reading the run into another store is allowed; once
+    the recorder has closed, the job runs."""
+    from live.protocol import decode, encode_frame
+    from live.recorder import Recorder
+    from tests.test_refocus import SIDE
+
+    store = tmp_path / "run.ome.zarr"
+    _record(tmp_path / "done.ome.zarr", [0])  # a closed recorder leaves no lock behind
+    assert not lock_path(tmp_path / "done.ome.zarr").exists()
+    frames = _frames(2)
+    rec = Recorder(
+        store, frame_shape=(SIDE, SIDE), pixel_size_um=0.3, rate_hz=2.0, planes_um=PLANES
+    )
+    try:
+        for seq in range(2):
+            rec.put_frame(decode(encode_frame(frames[seq], seq=seq, timestamp_s=0.0)))
+        for _ in range(600):  # until the writer thread has put them in the store's attributes
+            if zarr.open_group(str(store), mode="r").attrs["deepz"]["raw_present"]:
+                break
+            threading.Event().wait(0.05)
+        said = re.escape(f"{store} is being written by the live recorder (pid {os.getpid()} on ")
+        for kwargs in ({"planes": PLANES}, {"fill_gaps": True}):
+            with pytest.raises(RefocusError, match=said):
+                refocus_recording(store, scheduler="sync", **kwargs, **ORT)
+        rec.close(keep_lock=True)  # finalised, the daemon still adding its summary
+        with pytest.raises(RefocusError, match=said):
+            refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    finally:
+        rec.close()
+    assert not lock_path(store).exists()
+    done = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
+    assert done.frames_done == 2
 
 
 # ------------------------------------------------------------------ a moved store resumes

@@ -105,7 +105,7 @@ def test_a_lock_left_behind_is_taken_over_here_and_refused_from_another_host(
     assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0]
     assert not lock_path(store).exists()
     _leave(store, dead, host="another-host.invalid")
-    message = f"cannot be checked from here (pid {dead} on another-host.invalid"
+    message = f"another job that cannot be checked from here (pid {dead} on another-host.invalid"
     with (
         pytest.raises(StoreLocked, match=re.escape(message) + ".*delete .*refocus.lock"),
         write_lock(store),
