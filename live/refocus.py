@@ -37,7 +37,7 @@ per process and kept in a module-level cache keyed by model file and backend opt
 plan's DPMs reach each process once too, not with every task (`Job`).
 
 One job writes a store at a time: from before it opens its output until it has written its
-presence, the driver holds the store's lock file (`live.store_lock`: ``<store>.refocus.lock``
+presence, the driver holds the store's lock file (`live.store_lock`: ``<store>.writer.lock``
 beside a local output store, its pid and host), and a second job there is refused naming the
 first; the lock of a job killed on this machine is taken over, said. A store behind a URL is
 not locked (said).

@@ -2,7 +2,7 @@
 
 Two writers of one OME-Zarr store at once would interleave chunks and completion marks and
 each rewrite the store's image list: two offline refocusing jobs, or one beside the live
-recorder still writing the run. So each holds ``<store>.refocus.lock`` (beside the store, not
+recorder still writing the run. So each holds ``<store>.writer.lock`` (beside the store, not
 in it: zarr would list a foreign file in the hierarchy) while it writes: the live recorder from
 opening the run's store until it has finalised it, an offline job's driver from before it opens
 its output until it has written its presence (chunk tasks, in whatever process or cluster,
@@ -47,8 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LOCK_SUFFIX = ".refocus.lock"
-"""Appended to a store's path to name its lock file (``run.ome.zarr.refocus.lock``)."""
+LOCK_SUFFIX = ".writer.lock"
+"""Appended to a store's path to name its lock file (``run.ome.zarr.writer.lock``)."""
 _TRIES = 5
 """Attempts to take a lock file that another job removes or creates as this one opens it."""
 

@@ -143,7 +143,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
 
     _leave_lock(store, dead, host="another-host.invalid")
     message = f"{store} is locked by another job that cannot be checked from here (pid {dead}"
-    with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*refocus.lock"):
+    with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*writer.lock"):
         refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
     assert lock_path(store).exists()  # not ours to remove
 

@@ -70,7 +70,7 @@ def test_the_lock_is_beside_the_store_and_names_its_holder_while_held(tmp_path: 
     """Beside the store (zarr lists nothing foreign inside it), made with its parent folder,
     naming this process while held, gone after, also after the block raised."""
     store = tmp_path / "new" / "run.ome.zarr"
-    assert lock_path(store) == tmp_path / "new" / "run.ome.zarr.refocus.lock"
+    assert lock_path(store) == tmp_path / "new" / "run.ome.zarr.writer.lock"
     with write_lock(store):
         held = json.loads(lock_path(store).read_text(encoding="utf-8"))
         assert (held["pid"], held["host"]) == (os.getpid(), HOST)
@@ -107,7 +107,7 @@ def test_a_lock_left_behind_is_taken_over_here_and_refused_from_another_host(
     _leave(store, dead, host="another-host.invalid")
     message = f"another job that cannot be checked from here (pid {dead} on another-host.invalid"
     with (
-        pytest.raises(StoreLocked, match=re.escape(message) + ".*delete .*refocus.lock"),
+        pytest.raises(StoreLocked, match=re.escape(message) + ".*delete .*writer.lock"),
         write_lock(store),
     ):
         pass
