@@ -257,6 +257,8 @@ def _read_holder(fd: int) -> _Holder | None:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         data = json.loads(os.read(fd, 4096) or b"null")
+        if not isinstance(data, dict):
+            return None
         role = str(data.get("role", "another job"))[:80]  # hostile: a line, not a page
         return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]), role)
     except (OSError, ValueError, TypeError, KeyError):  # empty, cut short or hostile

@@ -139,6 +139,10 @@ def test_without_kernel_locks_the_file_is_the_lock(
     lock_path(store).write_text("", encoding="utf-8")
     with pytest.raises(StoreLocked, match=r"not said who it is yet.*delete"), write_lock(store):
         pass
+    for hostile in ("[1, 2]", '"text"', '{"pid": "x"}'):  # not a holder: names no one
+        lock_path(store).write_text(hostile, encoding="utf-8")
+        with pytest.raises(StoreLocked, match="not said who it is yet"), write_lock(store):
+            pass
     _leave(store, 2**80)  # hostile: no process can have it (os.kill would overflow)
     with write_lock(store):
         pass
