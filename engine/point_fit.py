@@ -46,10 +46,11 @@ FWHM within 15 % 31 / 27 → 44 / 43 % (vectorial / pupil held-out sets), bead d
 
 The fit trusts the bank: through a bank that is not the microscope's (the training
 simulator's on another objective) it fits the wrong PSF. Serve it through a bank measured on
-the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). It costs 0.3–0.9 s
-per 256² frame in numpy on one core (the candidates of each search built at once from the
-bank windows they share, `_Patch.points`) — offline refocusing and evaluation, not the 100 Hz
-live path.
+the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). Beyond the network's
+0.14 s, it costs 0.4–0.55 s per 256² frame of beads or nuclei holding points split between
+pixels, 0.85–1.9 s holding them on the spline kernel, in numpy on one thread (2-core AMD
+EPYC, session 37; the candidates of each search built at once from the bank windows they
+share, `_Patch.points`) — offline refocusing and evaluation, not the 100 Hz live path.
 """
 
 from __future__ import annotations
