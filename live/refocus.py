@@ -685,9 +685,11 @@ def _backend(spec: EngineSpec) -> tuple[Backend, threading.Lock]:
 
 
 def clear_backends() -> None:
-    """Close and forget every backend (and opened array) this process has cached."""
+    """Close and forget every backend, opened array and frozen plan this process has cached."""
     with _OPENED_LOCK:
         _OPENED.clear()
+    with _PLANS_LOCK:  # up to a few plans' DPMs (GBs for 41 x 2048²) in a long-lived process
+        _PLANS.clear()
     with _BACKENDS_LOCK:
         # one backend may be kept under two keys (asked for by name and as chosen): closed once
         unique = {id(backend): (backend, lock) for backend, lock in _BACKENDS.values()}

@@ -124,3 +124,13 @@ def test_a_surface_run_on_a_process_pool_sends_no_dpms_per_task_and_equals_the_r
     expected = np.stack([backend.infer(f, live) for f in frames])
     stacks = np.asarray(zarr.open_array(store=summary.store, path=summary.image, mode="r")[...])
     np.testing.assert_allclose(stacks, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_clear_backends_forgets_the_frozen_plans_too() -> None:
+    """A long-lived process (a notebook running many jobs) lets go of the plans' DPMs."""
+    import live.refocus as refocus
+
+    refocus._install_plan("c" * 64, [_surface_plan(2, SIDE)])
+    assert "c" * 64 in refocus._PLANS
+    clear_backends()
+    assert refocus._PLANS == {}
