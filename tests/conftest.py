@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -98,3 +101,36 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def lock_holder() -> Iterator[Any]:
+    """Start another process that holds a store's lock (`live.store_lock`) until the test ends.
+
+    Yields a function: ``hold(store)`` starts it and returns once the lock is taken.
+    """
+    started: list[subprocess.Popen[str]] = []
+    code = (
+        "import sys\n"
+        "from live.store_lock import write_lock\n"
+        "with write_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+
+    def hold(store: Path) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(store)],
+            cwd=Path(__file__).resolve().parents[1],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        started.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in started:
+        if proc.poll() is None:
+            proc.communicate(timeout=60)  # closes its stdin: it lets the lock go and exits

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import platform
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,7 @@ import zmq
 from live.config import ScopeConfig, validate_config
 from live.protocol import encode_frame
 from live.store import array_path
+from live.store_lock import lock_path
 
 SIDE = 64
 
@@ -126,3 +131,20 @@ def run_array(store: Path | str, role: str) -> zarr.Array:
     array = root[path]
     assert isinstance(array, zarr.Array)
     return array
+
+
+HOST = platform.node()
+"""This machine's name, as store lock files name it."""
+
+
+def dead_pid() -> int:
+    """A pid of this machine whose process has ended."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    return ended.pid
+
+
+def leave_lock(store: Path, pid: int, host: str = HOST) -> None:
+    """Leave `store`'s lock file as a writer killed before it removed its own would."""
+    text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
+    lock_path(store).write_text(text, encoding="utf-8")

@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
 import shutil
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +29,8 @@ from live.refocus import (
 )
 from live.store import image_groups
 from live.store_lock import lock_path
+from tests.live_helpers import HOST, dead_pid, leave_lock
 from tests.test_refocus import ORT, PLANES, _frames, _group, _read, _record, _reference
-
-REPO = Path(__file__).resolve().parents[1]
-HOST = platform.node()
 
 
 def _images(store: Path) -> dict[str, str]:
@@ -44,57 +38,11 @@ def _images(store: Path) -> dict[str, str]:
     return image_groups(dict(zarr.open_group(str(store), mode="r").attrs["deepz"]))
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Any]:
-    """Start another process that holds a store's lock until the test lets it go.
-
-    Yields a function: ``hold(store)`` starts it and returns once the lock is taken.
-    """
-    started: list[subprocess.Popen[str]] = []
-    code = (
-        "import sys\n"
-        "from live.refocus import _write_lock\n"
-        "with _write_lock(sys.argv[1]):\n"
-        "    print('held', flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
-
-    def hold(store: Path) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(store)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        return proc
-
-    yield hold
-    for proc in started:
-        if proc.poll() is None:
-            proc.communicate(timeout=60)  # closes its stdin: it lets the lock go and exits
-
-
-def _dead_pid() -> int:
-    """A pid of this machine whose process has ended."""
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    return ended.pid
-
-
-def _leave_lock(store: Path, pid: int, host: str = HOST) -> None:
-    """Leave a lock file in `store` as a job killed before it removed its own would."""
-    text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
-    lock_path(store).write_text(text, encoding="utf-8")
-
-
 # ------------------------------------------------------------------ one writer per store
 
 
 def test_a_second_job_on_a_store_being_written_is_refused_naming_the_holder(
-    tmp_path: Path, holder: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, lock_holder: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Another process writing the run store: a job into it (its offline image or its gaps)
     is refused in one line naming the store and that process, and touches nothing; a job
@@ -102,7 +50,7 @@ def test_a_second_job_on_a_store_being_written_is_refused_naming_the_holder(
     store = tmp_path / "run.ome.zarr"
     frames = _record(store, [0, 1, 2], stack_seqs=[0])
     before = dict(zarr.open_group(str(store), mode="r").attrs["deepz"])
-    proc = holder(store)
+    proc = lock_holder(store)
     said = re.escape(f"{store} is being written by another refocusing job (pid {proc.pid} on ")
     for kwargs in ({"planes": PLANES}, {"fill_gaps": True}):
         with pytest.raises(RefocusError, match=said + re.escape(HOST)):
@@ -132,8 +80,8 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
     is refused naming the file to delete."""
     store = tmp_path / "run.ome.zarr"
     _record(store, [0, 1])
-    dead = _dead_pid()
-    _leave_lock(store, dead)
+    dead = dead_pid()
+    leave_lock(store, dead)
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
         summary = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
     assert summary.frames_done == 2
@@ -141,7 +89,7 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
     assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0], caplog.text
     assert not lock_path(store).exists()
 
-    _leave_lock(store, dead, host="another-host.invalid")
+    leave_lock(store, dead, host="another-host.invalid")
     message = f"{store} is locked by another job that cannot be checked from here (pid {dead}"
     with pytest.raises(RefocusError, match=re.escape(message) + ".*delete .*writer.lock"):
         refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import re
-import subprocess
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,52 +14,7 @@ import pytest
 
 import live.store_lock as sl
 from live.store_lock import StoreLocked, lock_path, write_lock
-
-REPO = Path(__file__).resolve().parents[1]
-HOST = platform.node()
-
-
-@pytest.fixture
-def holder() -> Iterator[Any]:
-    """Start another process that holds a store's lock until the test lets it go."""
-    started: list[subprocess.Popen[str]] = []
-    code = (
-        "import sys\n"
-        "from live.store_lock import write_lock\n"
-        "with write_lock(sys.argv[1]):\n"
-        "    print('held', flush=True)\n"
-        "    sys.stdin.read()\n"
-    )
-
-    def hold(store: Path) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(store)],
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(proc)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-        return proc
-
-    yield hold
-    for proc in started:
-        if proc.poll() is None:
-            proc.communicate(timeout=60)  # closes its stdin: it lets the lock go and exits
-
-
-def _dead_pid() -> int:
-    """A pid of this machine whose process has ended."""
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    return ended.pid
-
-
-def _leave(store: Path, pid: int, host: str = HOST) -> None:
-    """Leave a lock file as a job killed before it removed its own would."""
-    text = json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00"})
-    lock_path(store).write_text(text, encoding="utf-8")
+from tests.live_helpers import HOST, dead_pid, leave_lock
 
 
 def test_the_lock_is_beside_the_store_and_names_its_holder_while_held(tmp_path: Path) -> None:
@@ -81,9 +32,11 @@ def test_the_lock_is_beside_the_store_and_names_its_holder_while_held(tmp_path: 
     assert not lock_path(store).exists()
 
 
-def test_a_store_another_process_holds_is_refused_naming_it(tmp_path: Path, holder: Any) -> None:
+def test_a_store_another_process_holds_is_refused_naming_it(
+    tmp_path: Path, lock_holder: Any
+) -> None:
     store = tmp_path / "run.ome.zarr"
-    proc = holder(store)
+    proc = lock_holder(store)
     said = f"{store} is being written by another refocusing job (pid {proc.pid} on {HOST}"
     with pytest.raises(StoreLocked, match=re.escape(said)), write_lock(store):
         pass
@@ -97,14 +50,14 @@ def test_a_lock_left_behind_is_taken_over_here_and_refused_from_another_host(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = tmp_path / "run.ome.zarr"
-    dead = _dead_pid()
-    _leave(store, dead)
+    dead = dead_pid()
+    leave_lock(store, dead)
     with caplog.at_level(logging.WARNING, logger="live.store_lock"), write_lock(store):
         pass
     taken = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
     assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0]
     assert not lock_path(store).exists()
-    _leave(store, dead, host="another-host.invalid")
+    leave_lock(store, dead, host="another-host.invalid")
     message = f"another job that cannot be checked from here (pid {dead} on another-host.invalid"
     with (
         pytest.raises(StoreLocked, match=re.escape(message) + ".*delete .*writer.lock"),
@@ -122,13 +75,13 @@ def test_without_kernel_locks_the_file_is_the_lock(
     yet) and a pid no process can have are handled; two jobs never both get the store."""
     monkeypatch.setattr(sl, "_flock", lambda fd: None)
     store = tmp_path / "out.ome.zarr"
-    _leave(store, os.getpid())
+    leave_lock(store, os.getpid())
     with (
         pytest.raises(StoreLocked, match=f"being written .*pid {os.getpid()} on {HOST}"),
         write_lock(store),
     ):
         pass
-    _leave(store, _dead_pid())
+    leave_lock(store, dead_pid())
     with write_lock(store):
         held = json.loads(lock_path(store).read_text(encoding="utf-8"))
         assert held["pid"] == os.getpid()
@@ -143,7 +96,7 @@ def test_without_kernel_locks_the_file_is_the_lock(
         lock_path(store).write_text(hostile, encoding="utf-8")
         with pytest.raises(StoreLocked, match="not said who it is yet"), write_lock(store):
             pass
-    _leave(store, 2**80)  # hostile: no process can have it (os.kill would overflow)
+    leave_lock(store, 2**80)  # hostile: no process can have it (os.kill would overflow)
     with write_lock(store):
         pass
 
@@ -218,7 +171,7 @@ def test_without_kernel_locks_one_of_two_jobs_takes_over_a_stale_lock(
     refused naming it; only the winner says it took the lock over."""
     monkeypatch.setattr(sl, "_flock", lambda fd: None)
     store = tmp_path / "run.ome.zarr"
-    _leave(store, _dead_pid())
+    leave_lock(store, dead_pid())
     both_read = threading.Barrier(2, timeout=10)
     check = sl._check_stale
 
