@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from live.supervisor import process_exists
+
 __all__ = [
     "LOCK_SUFFIX",
     "RECORDER_ROLE",
@@ -172,7 +174,7 @@ def _check_stale(store: str, path: Path, holder: _Holder | None, kernel_free: bo
     """
     if holder is not None and holder.host != _host():
         raise _busy(store, path, holder, checked=False)
-    if kernel_free or (holder is not None and not _alive(holder.pid)):
+    if kernel_free or (holder is not None and not process_exists(holder.pid)):
         return
     raise _busy(store, path, holder, checked=holder is not None and os.name != "nt")
 
@@ -278,24 +280,3 @@ def _write_holder(fd: int, role: str) -> None:
 def _host() -> str:
     """Return the name of this machine, as lock files name it."""
     return platform.node()
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (one of another user's counts).
-
-    On Windows ``os.kill`` would end the process, not probe it: there any pid counts as alive.
-    A pid no process can have (negative, zero, too large) is not alive.
-    """
-    if os.name == "nt":
-        return True
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, OSError):  # a pid beyond what the OS can hold: no process has it
-        return False
-    return True

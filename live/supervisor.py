@@ -37,6 +37,7 @@ __all__ = [
     "IpcDir",
     "Supervisor",
     "make_ipc_dir",
+    "process_exists",
     "process_start_ticks",
     "remove_stale_ipc_dirs",
 ]
@@ -202,8 +203,14 @@ def _own_directory(entry: os.DirEntry[str]) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
-def _alive(pid: int, start_ticks: int) -> bool:
-    """Whether process `pid` exists and (when both are known) started at `start_ticks`."""
+def process_exists(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user's counts).
+
+    On Windows ``os.kill`` would end the process, not probe it: there any pid counts as
+    running. A pid no process can have (zero, negative, beyond what the OS holds) does not.
+    """
+    if os.name == "nt":
+        return True
     if pid <= 0:
         return False
     try:
@@ -212,5 +219,14 @@ def _alive(pid: int, start_ticks: int) -> bool:
         return False
     except PermissionError:  # it exists, under another user
         return True
+    except (OverflowError, OSError):  # a pid beyond what the OS can hold: no process has it
+        return False
+    return True
+
+
+def _alive(pid: int, start_ticks: int) -> bool:
+    """Whether process `pid` exists and (when both are known) started at `start_ticks`."""
+    if not process_exists(pid):
+        return False
     now = process_start_ticks(pid)
     return start_ticks == 0 or now is None or now == start_ticks
