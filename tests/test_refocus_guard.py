@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import zarr
 
-import live.refocus as refocus
 from live.refocus import (
     MANIFEST,
     RefocusError,
@@ -27,6 +26,7 @@ from live.refocus import (
     main,
     refocus_recording,
 )
+from live.refocus.driver import _Runner
 from live.store import image_groups
 from live.store_lock import lock_path
 from tests.live_helpers import HOST, dead_pid, leave_lock
@@ -105,13 +105,13 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     store = tmp_path / "run.ome.zarr"
     _record(store, list(range(4)))
     seen: list[dict[str, Any]] = []
-    run_tasks = refocus._Runner.__call__
+    run_tasks = _Runner.__call__
 
     def watched(self: Any, job: Any, blocks: Any, frames: int) -> Any:
         seen.append(json.loads(lock_path(job.store).read_text(encoding="utf-8")))
         return run_tasks(self, job, blocks, frames)
 
-    monkeypatch.setattr(refocus._Runner, "__call__", watched)
+    monkeypatch.setattr(_Runner, "__call__", watched)
     kw: dict[str, Any] = {"planes": PLANES, "chunk": 2, **ORT}
     done = refocus_recording(store, scheduler="processes", workers=2, **kw)
     assert done.frames_done == 4 and "processes" in done.scheduler

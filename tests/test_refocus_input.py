@@ -171,7 +171,8 @@ def test_a_truncated_imagej_hyperstack_is_mapped_and_read_block_by_block(tmp_pat
     compressed page of several frames cannot be mapped: it is still read whole, as before."""
     import tifffile
 
-    from live.refocus import _Frames, open_input
+    from live.refocus import open_input
+    from live.refocus.inputs import _Frames
 
     frames = _frames(5, seed=2)
     ij = {"axes": "TYX", "finterval": 0.5}

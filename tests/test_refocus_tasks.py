@@ -21,14 +21,9 @@ from engine.dpm import VolumePlan, tilted
 from engine.runtime import DEFAULT_MODEL, load_backend
 from live.protocol import decode, encode_frame
 from live.recorder import Recorder
-from live.refocus import (
-    Block,
-    EngineSpec,
-    InputSpec,
-    Job,
-    clear_backends,
-    refocus_recording,
-)
+from live.refocus import clear_backends, refocus_recording
+from live.refocus.inputs import InputSpec
+from live.refocus.tasks import Block, EngineSpec, Job
 
 SIDE = 64
 TASK_BYTES = 4096
@@ -128,9 +123,9 @@ def test_a_surface_run_on_a_process_pool_sends_no_dpms_per_task_and_equals_the_r
 
 def test_clear_backends_forgets_the_frozen_plans_too() -> None:
     """A long-lived process (a notebook running many jobs) lets go of the plans' DPMs."""
-    import live.refocus as refocus
+    from live.refocus import tasks
 
-    refocus._install_plan("c" * 64, [_surface_plan(2, SIDE)])
-    assert "c" * 64 in refocus._PLANS
+    tasks.install_plan("c" * 64, [_surface_plan(2, SIDE)])
+    assert "c" * 64 in tasks._PLANS
     clear_backends()
-    assert refocus._PLANS == {}
+    assert tasks._PLANS == {}
