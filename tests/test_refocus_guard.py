@@ -214,6 +214,50 @@ def test_a_moved_run_store_resumes_its_offline_job_and_its_fill(tmp_path: Path) 
     assert (resumed.frames_wanted, resumed.frames_done, resumed.frames_skipped) == (3, 0, 3)
 
 
+def test_a_moved_tiff_input_resumes_and_one_rewritten_in_place_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An external input is known by its path and a fingerprint of its frames: moved, its
+    interrupted job resumes (said, and the new path recorded); the same path holding other
+    frames of the same shape is refused, where the path alone let it resume. An image begun
+    before the fingerprint resumes at the same path and is recorded with it."""
+    import tifffile
+
+    frames = _frames(4, seed=3)
+    movie = tmp_path / "movie.tif"
+    tifffile.imwrite(movie, frames, photometric="minisblack")
+    out = tmp_path / "movie.ome.zarr"
+    kw: dict[str, Any] = {"planes": PLANES, "chunk": 1, "scheduler": "sync", "out": out, **ORT}
+    assert refocus_recording(movie, **kw).frames_done == 4
+    group = zarr.open_group(str(out), mode="r+")[_group(out, "stacks")]
+    job = dict(group.attrs["deepz"]["job"])
+    assert job["source"] == str(movie.resolve()) and len(job["source_frames_sha256"]) == 64
+
+    legacy = {k: v for k, v in job.items() if k != "source_frames_sha256"}
+    group.attrs["deepz"] = {**group.attrs["deepz"], "job": legacy}  # begun before the key
+    group[MANIFEST][2:] = -1  # as if cut off after two chunks
+    resumed = refocus_recording(movie, **kw)
+    assert (resumed.frames_done, resumed.frames_skipped) == (2, 2)
+    assert zarr.open_group(str(out), mode="r")[_group(out, "stacks")].attrs["deepz"]["job"] == job
+
+    group = zarr.open_group(str(out), mode="r+")[_group(out, "stacks")]
+    group[MANIFEST][3:] = -1
+    moved = tmp_path / "archive" / "movie-renamed.tif"
+    moved.parent.mkdir()
+    movie.rename(moved)
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        again = refocus_recording(moved, **kw)
+    assert (again.frames_done, again.frames_skipped) == (1, 3)
+    assert "the same frames" in caplog.text and str(movie.resolve()) in caplog.text
+    np.testing.assert_allclose(_read(out, "stacks/0"), _reference(frames), atol=1e-3)
+    job = zarr.open_group(str(out), mode="r")[_group(out, "stacks")].attrs["deepz"]["job"]
+    assert job["source"] == str(moved.resolve())
+
+    tifffile.imwrite(moved, _frames(4, seed=4), photometric="minisblack")  # same shape, new frames
+    with pytest.raises(RefocusError, match=r"differs in source_frames_sha256\)"):
+        refocus_recording(moved, **kw)
+
+
 def test_another_input_into_a_moved_output_is_still_refused(tmp_path: Path) -> None:
     """Another recording into an existing image is refused, the store's own image included;
     an output store moved away from its external input still resumes (the input's path)."""

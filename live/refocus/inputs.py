@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
@@ -442,6 +443,39 @@ class _Frames:
         """Close a TIFF file handle."""
         if self._tif is not None:
             self._tif.close()
+
+
+def frames_sha256(raw: RawInput) -> str:
+    """Return a fingerprint of a recording's frames: what tells it from another of its shape.
+
+    SHA-256 over the time length, the frame shape, and the dtype and bytes of the first,
+    middle and last present frames, read as the tasks read them: a few frames, so a job's
+    start stays quick (a compressed multi-frame TIFF, which cannot be mapped, is read whole,
+    as its tasks do). A recording moved or copied elsewhere keeps it; another recording, or
+    this path rewritten with other frames, does not. A frame that cannot be read counts as
+    unreadable here, not as an error: the task that needs it fails naming its chunk, and the
+    readable chunks are still refocused.
+    """
+    digest = hashlib.sha256(f"{raw.n_t} {raw.frame_shape}".encode())
+    present = raw.present
+    picks = sorted({present[0], present[len(present) // 2], present[-1]}) if present else []
+    reader: _Frames | None = None
+    try:
+        reader = _Frames(raw.spec)
+        for t in picks:
+            try:
+                frame = np.ascontiguousarray(reader.read(t, t + 1))
+            except Exception:  # zarr and tifffile raise many types for damaged data
+                digest.update(f"{t} unreadable".encode())
+                continue
+            digest.update(f"{t} {frame.dtype.str}".encode())
+            digest.update(frame.tobytes())
+    except Exception:  # the file does not open as the tasks open it: they will say so
+        digest.update(b"unopenable")
+    finally:
+        if reader is not None:
+            reader.close()
+    return digest.hexdigest()
 
 
 def _mapped_or_whole(path: str, series: Any) -> np.ndarray:

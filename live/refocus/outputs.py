@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.dpm import VolumePlan
 from live.refocus.errors import RefocusError
-from live.refocus.inputs import RawInput, is_run_attrs, is_url, local_path
+from live.refocus.inputs import RawInput, frames_sha256, is_run_attrs, is_url, local_path
 from live.refocus.plans import lock_attrs
 from live.refocus.tasks import MANIFEST, NOT_DONE, expand_runs, manifest_entry, seq_runs
 from live.store_lock import StoreLocked, write_lock
@@ -115,12 +115,12 @@ def job_identity(
     the backend, the chunking. Not where the directories happen to be: an input that is the
     output `store` itself (a run's offline image, fill-gaps) is `IN_STORE`, so a run store
     moved, renamed or copied whole resumes its jobs. Another input (a TIFF, another store) is
-    named by its absolute path: its output store may move, but a moved input is refused as
-    another one (its path is all that tells two recordings of one shape apart; --overwrite
-    recomputes).
+    named by its absolute path and its frames' fingerprint (`frames_sha256`, a few frames
+    read): moved, it resumes (`_as_now`); rewritten in place with other frames, it is refused.
     """
+    in_store = raw.spec.path == store
     identity: dict[str, Any] = {
-        "source": IN_STORE if raw.spec.path == store else raw.spec.path,
+        "source": IN_STORE if in_store else raw.spec.path,
         "source_image": raw.spec.array_path,
         "n_t": raw.n_t,
         "frame_shape": list(raw.frame_shape),
@@ -129,6 +129,8 @@ def job_identity(
         "backend": backend,
         "chunk_t": chunk,
     }
+    if not in_store:
+        identity["source_frames_sha256"] = frames_sha256(raw)
     if focus_lock is not None:  # only then: images written before the lock existed still resume
         identity["focus_lock"] = lock_attrs(focus_lock)
     # The same network through another PSF bank makes other planes: a resume must not mix
@@ -142,15 +144,33 @@ def job_identity(
     return identity
 
 
-def _as_now(old: Any, store: str) -> Any:
+def _as_now(old: Any, store: str, new: dict[str, Any]) -> Any:
     """Return a recorded job identity in today's terms, so outputs written before resume.
 
-    Before `IN_STORE`, an input that was the output store itself was named by its absolute
-    path: that path, where the store still is, is `IN_STORE` now. Such an output moved since
-    is refused (its old path cannot tell its own store from another input): --overwrite.
+    - Before `IN_STORE`, an input that was the output store itself was named by its absolute
+      path: that path, where the store still is, is `IN_STORE` now. Such an output moved since
+      is refused (its old path cannot tell its own store from another input): --overwrite.
+    - Before ``source_frames_sha256``, another input was named by its path alone: at the same
+      path it is taken as the same frames (and recorded with their fingerprint from now on).
+    - An input at another path with the recorded fingerprint is the same recording, moved:
+      said, and resumed (its new path recorded).
     """
-    if isinstance(old, dict) and old.get("source") == store:
-        return {**old, "source": IN_STORE}
+    if not isinstance(old, dict):
+        return old
+    if old.get("source") == store:
+        old = {**old, "source": IN_STORE}
+    key = "source_frames_sha256"
+    if key in new and key not in old and old.get("source") == new.get("source"):
+        old = {**old, key: new[key]}
+    if key in new and old.get(key) == new[key] and old.get("source") != new["source"]:
+        log.warning(
+            "%s: the input was %s when this image was begun; the same frames (sha256 %s...): "
+            "resuming",
+            new["source"],
+            old.get("source"),
+            new[key][:12],
+        )
+        old = {**old, "source": new["source"]}
     return old
 
 
@@ -288,7 +308,7 @@ def prepare_output(
     if image is not None and image in root and not overwrite:
         group = root[image]
         stored = dict(group.attrs.get("deepz", {}))
-        old = _as_now(stored.get("job"), store)
+        old = _as_now(stored.get("job"), store, identity)
         # an image written before the job recorded its render modality: the model's says it
         modality = dict(stored.get("model") or {}).get("render_modality", "widefield")
         if isinstance(old, dict) and "render_modality" not in old and modality != "widefield":
@@ -423,7 +443,7 @@ def _fill_manifest_resumes(
     if MANIFEST not in group or group[MANIFEST].shape != (n_blocks,):
         return False
     previous = dict(group.attrs.get("deepz", {})).get("fill_job")
-    old = _as_now(previous.get("job") if isinstance(previous, dict) else None, store)
+    old = _as_now(previous.get("job") if isinstance(previous, dict) else None, store, identity)
     if old == identity:
         return True
     chunk = int(identity["chunk_t"])
