@@ -248,7 +248,7 @@ def test_a_moved_tiff_input_resumes_and_one_rewritten_in_place_is_refused(
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
         again = refocus_recording(moved, **kw)
     assert (again.frames_done, again.frames_skipped) == (1, 3)
-    assert "the same frames" in caplog.text and str(movie.resolve()) in caplog.text
+    assert "the same recording" in caplog.text and str(movie.resolve()) in caplog.text
     np.testing.assert_allclose(_read(out, "stacks/0"), _reference(frames), atol=1e-3)
     job = zarr.open_group(str(out), mode="r")[_group(out, "stacks")].attrs["deepz"]["job"]
     assert job["source"] == str(moved.resolve())
@@ -256,6 +256,41 @@ def test_a_moved_tiff_input_resumes_and_one_rewritten_in_place_is_refused(
     tifffile.imwrite(moved, _frames(4, seed=4), photometric="minisblack")  # same shape, new frames
     with pytest.raises(RefocusError, match=r"differs in source_frames_sha256\)"):
         refocus_recording(moved, **kw)
+
+
+def test_a_run_input_resumes_after_a_damaged_frame_is_restored_or_more_are_listed(
+    tmp_path: Path,
+) -> None:
+    """A run store read into another store is known by its first present frame: a chunk
+    that could not be read when the job began (the fingerprint left out, the path alone
+    compared) resumes once restored, and frames the run lists as present later (its presence
+    catching up with its raw array) do not make it another recording. Both were refused as
+    "differs in source_frames_sha256" when the fingerprint read the last present frame and
+    counted unreadable frames in."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(8)))
+    shard = store / "0" / "0" / "c" / "0" / "0" / "0"  # seqs 0-1
+    good = shard.read_bytes()
+    shard.write_bytes(b"not a shard at all")
+    out = tmp_path / "out.ome.zarr"
+    kw: dict[str, Any] = {"planes": PLANES, "out": out, "chunk": 2, "scheduler": "sync", **ORT}
+    with pytest.raises(RefocusTaskError, match="chunk 0"):
+        refocus_recording(store, **kw)
+    shard.write_bytes(good)
+    resumed = refocus_recording(store, **kw)
+    assert (resumed.frames_done, resumed.frames_skipped) == (2, 6)
+
+    root = zarr.open_group(str(store), mode="r+")
+    full = dict(root.attrs["deepz"])
+    root.attrs["deepz"] = {**full, "raw_present": [[0, 6]]}  # the listing behind the array
+    late = tmp_path / "late.ome.zarr"
+    first = refocus_recording(store, **{**kw, "out": late})
+    assert first.frames_done == 6
+    group = zarr.open_group(str(late), mode="r+")[_group(late, "stacks")]
+    group[MANIFEST][1:] = -1  # cut off after its first chunk
+    root.attrs["deepz"] = full  # the run closed: seqs 6-7 listed, n_t unchanged
+    again = refocus_recording(store, **{**kw, "out": late})
+    assert (again.frames_done, again.frames_skipped) == (6, 2)
 
 
 def test_another_input_into_a_moved_output_is_still_refused(tmp_path: Path) -> None:

@@ -445,36 +445,42 @@ class _Frames:
             self._tif.close()
 
 
-def frames_sha256(raw: RawInput) -> str:
-    """Return a fingerprint of a recording's frames: what tells it from another of its shape.
+FINGERPRINT_WINDOW_BYTES = 64 * 2**10
+"""Bytes of a TIFF read at its start, middle and end for its fingerprint (`frames_sha256`)."""
 
-    SHA-256 over the time length, the frame shape, and the dtype and bytes of the first,
-    middle and last present frames, read as the tasks read them: a few frames, so a job's
-    start stays quick (a compressed multi-frame TIFF, which cannot be mapped, is read whole,
-    as its tasks do). A recording moved or copied elsewhere keeps it; another recording, or
-    this path rewritten with other frames, does not. A frame that cannot be read counts as
-    unreadable here, not as an error: the task that needs it fails naming its chunk, and the
-    readable chunks are still refocused.
+
+def frames_sha256(raw: RawInput) -> str | None:
+    """Return a fingerprint of a recording: what tells it from another of its shape, cheaply.
+
+    SHA-256 over the time length and frame shape, and
+    - a TIFF: its size and its bytes at the start, middle and end (`FINGERPRINT_WINDOW_BYTES`
+      each; nothing decoded, so a compressed stack is not read whole here);
+    - a run store: its first present frame (written once, never again; which frames are
+      listed as present grows while the run records, so later ones would not stay put);
+    - another Zarr array: its first, middle and last frames.
+    A recording moved or copied elsewhere keeps it; another recording, or the same path
+    rewritten with other frames, does not. None when those bytes cannot be read now: the job
+    is then known by its path alone, and the task that needs a damaged frame says so.
     """
     digest = hashlib.sha256(f"{raw.n_t} {raw.frame_shape}".encode())
-    present = raw.present
-    picks = sorted({present[0], present[len(present) // 2], present[-1]}) if present else []
-    reader: _Frames | None = None
     try:
+        if raw.spec.kind == "tiff":
+            with open(raw.spec.path, "rb") as f:
+                size = f.seek(0, 2)
+                digest.update(f"{size}".encode())
+                for at in (0, size // 2, size - FINGERPRINT_WINDOW_BYTES):
+                    f.seek(max(at, 0))
+                    digest.update(f.read(FINGERPRINT_WINDOW_BYTES))
+            return digest.hexdigest()
+        present = raw.present
+        middle_last = () if raw.is_run else (present[len(present) // 2], present[-1])
         reader = _Frames(raw.spec)
-        for t in picks:
-            try:
-                frame = np.ascontiguousarray(reader.read(t, t + 1))
-            except Exception:  # zarr and tifffile raise many types for damaged data
-                digest.update(f"{t} unreadable".encode())
-                continue
+        for t in sorted({present[0], *middle_last}):
+            frame = np.ascontiguousarray(reader.read(t, t + 1))
             digest.update(f"{t} {frame.dtype.str}".encode())
             digest.update(frame.tobytes())
-    except Exception:  # the file does not open as the tasks open it: they will say so
-        digest.update(b"unopenable")
-    finally:
-        if reader is not None:
-            reader.close()
+    except Exception:  # zarr and the OS raise many types for damaged or unreachable data
+        return None
     return digest.hexdigest()
 
 

@@ -129,8 +129,8 @@ def job_identity(
         "backend": backend,
         "chunk_t": chunk,
     }
-    if not in_store:
-        identity["source_frames_sha256"] = frames_sha256(raw)
+    if not in_store and (fingerprint := frames_sha256(raw)) is not None:
+        identity["source_frames_sha256"] = fingerprint
     if focus_lock is not None:  # only then: images written before the lock existed still resume
         identity["focus_lock"] = lock_attrs(focus_lock)
     # The same network through another PSF bank makes other planes: a resume must not mix
@@ -150,8 +150,10 @@ def _as_now(old: Any, store: str, new: dict[str, Any]) -> Any:
     - Before `IN_STORE`, an input that was the output store itself was named by its absolute
       path: that path, where the store still is, is `IN_STORE` now. Such an output moved since
       is refused (its old path cannot tell its own store from another input): --overwrite.
-    - Before ``source_frames_sha256``, another input was named by its path alone: at the same
-      path it is taken as the same frames (and recorded with their fingerprint from now on).
+    - An input at the recorded path is compared by its fingerprint (``source_frames_sha256``)
+      only where both identities hold one: an image begun before the fingerprint, or when
+      the input's sampled bytes could not be read, is known by the path alone (and recorded
+      with the fingerprint once there is one).
     - An input at another path with the recorded fingerprint is the same recording, moved:
       said, and resumed (its new path recorded).
     """
@@ -160,11 +162,14 @@ def _as_now(old: Any, store: str, new: dict[str, Any]) -> Any:
     if old.get("source") == store:
         old = {**old, "source": IN_STORE}
     key = "source_frames_sha256"
-    if key in new and key not in old and old.get("source") == new.get("source"):
-        old = {**old, key: new[key]}
-    if key in new and old.get(key) == new[key] and old.get("source") != new["source"]:
+    if old.get("source") == new.get("source"):
+        if key not in old or key not in new:
+            old = {k: v for k, v in old.items() if k != key}
+            if key in new:
+                old[key] = new[key]
+    elif key in new and old.get(key) == new[key]:
         log.warning(
-            "%s: the input was %s when this image was begun; the same frames (sha256 %s...): "
+            "%s: the input was %s when this image was begun; the same recording (sha256 %s...): "
             "resuming",
             new["source"],
             old.get("source"),
