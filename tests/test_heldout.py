@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine import heldout as H
+from engine.heldout.readouts import NUCLEUS_MAX_DIAMETER_UM
 from engine.optics import OpticsConfig, make_psf
 
 SHAPE = (128, 128)
@@ -179,7 +180,7 @@ def test_nucleus_depth_read_out_is_right_on_the_truth_and_wrong_on_the_input():
     truth = H.nucleus_depths(H.truth_planes_fn(spheres), spheres)
     assert truth.index.size >= 5
     assert set(spheres.objects.kind[truth.index]) == {"sphere"}
-    assert np.all(2 * spheres.objects.radius_um[truth.index] <= H.NUCLEUS_MAX_DIAMETER_UM)
+    assert np.all(2 * spheres.objects.radius_um[truth.index] <= NUCLEUS_MAX_DIAMETER_UM)
     on_truth = H.summarise(truth.errors)
     assert on_truth["failures"] == 0 and on_truth["median_um"] < 0.5
     on_input = H.summarise(H.nucleus_depths(H.input_planes_fn, spheres).errors)
