@@ -1,7 +1,7 @@
 """Independent held-out evaluation set and object-level read-outs for Deep-Z refocusing.
 
 A Deep-Z model is easy to overrate on data made by the simulator it was trained on: it can
-learn the simulator's quirks rather than the optics. This module makes held-out data another
+learn the simulator's quirks rather than the optics. This package makes held-out data another
 way, with the same nominal microscope (20x/0.75 NA air objective, watery sample n = 1.33,
 0.52 µm emission, 0.3 µm pixels), and judges a refocusing method by what it does to objects
 (bead depth, bead width, a tilted bead plane) rather than by pixel scores alone.

@@ -1,6 +1,6 @@
 """Offline refocusing of recordings: raw frames in, an NGFF stacks image out, by Dask chunks.
 
-The raw frames of a run are the experiment; the virtual stacks are derived data. This module
+The raw frames of a run are the experiment; the virtual stacks are derived data. This package
 recomputes them after the fact, with another model, onto other planes or surfaces, to fill the
 stacks a live run skipped (``--fill-gaps``), or for a recording that was never refocused::
 
