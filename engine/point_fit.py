@@ -27,10 +27,13 @@ How (`fit_points`), each step one a newcomer can check:
    blob's centroid in 0.1-slice steps, on the network's side of focus (near focus a point
    and its mirror image look alike), then the lateral position within ±0.5 px in 0.1-px
    steps, then both once more. A point's image is what the model's renderer makes of it: the
-   bank's planes for the slices and pixels around it, weighted tri-linearly (the convention
-   the density's training targets and a measured bank share, `engine.psf_calibration`), or
-   with ``PointFit.lateral = "spline"`` linearly in depth and on the cubic-spline kernel
-   laterally (`engine.optics.spline_taps`: a bead as a camera images it between pixels).
+   bank's planes for the voxels it is held on, linearly between the two slices around it and
+   laterally on its taps (`engine.optics.lateral_weights`, as `deposit_point` holds it):
+   split between the four pixels around it (the convention the density's training targets
+   and a measured bank share, `engine.psf_calibration`), or with
+   ``PointFit.lateral = "spline"`` on the cubic-spline kernel (`engine.optics.spline_taps`:
+   a bead as a camera images it between pixels). Both are one separable product of the
+   bank's planes with those taps (`_Patch.points`).
 3. **Replace, or keep.** The blob becomes a point of the fitted brightness at the fitted
    position, held on the grid as the fit held it (`engine.optics.deposit_point`) — unless
    the fit found no positive brightness, the network hedged the bead (`HEDGE` of its mass
@@ -47,10 +50,12 @@ FWHM within 15 % 31 / 27 → 44 / 43 % (vectorial / pupil held-out sets), bead d
 The fit trusts the bank: through a bank that is not the microscope's (the training
 simulator's on another objective) it fits the wrong PSF. Serve it through a bank measured on
 the microscope (`engine.psf_calibration`, `load_backend(psf_bank=...)`). Beyond the network's
-0.14 s, it costs 0.4–0.55 s per 256² frame of beads or nuclei holding points split between
-pixels, 0.85–1.9 s holding them on the spline kernel, in numpy on one thread (2-core AMD
-EPYC, session 37; the candidates of each search built at once from the bank windows they
-share, `_Patch.points`) — offline refocusing and evaluation, not the 100 Hz live path.
+0.14 s, it costs 0.35–0.6 s per 256² frame of beads or nuclei holding points split between
+pixels and 0.4–0.8 s holding them on the spline kernel, in numpy on one thread (2-core AMD
+EPYC, shared; held-out bead and sphere frames through the shipped model; session 37's
+separate spline path took 0.85–1.9 s): the candidates of each search are built at once from
+the bank windows they share, one separable product for either convention (`_Patch.points`)
+— offline refocusing and evaluation, not the 100 Hz live path.
 """
 
 from __future__ import annotations
@@ -58,10 +63,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 from scipy import ndimage as ndi
 from scipy.signal import convolve2d
 
-from engine.optics import SPLINE_TAPS, Lateral, deposit_point, spline_taps
+from engine.optics import SPLINE_TAPS, Lateral, deposit_point, lateral_weights
 from engine.volume import Renderer, defocus_index
 
 __all__ = [
@@ -206,6 +212,16 @@ def _assemble(rest: np.ndarray, blobs: list[_Blob], lateral: Lateral) -> np.ndar
     return out
 
 
+def _reach(lateral: Lateral) -> tuple[int, int]:
+    """Return the first and last pixel a point is held on laterally, from the one below it.
+
+    (0, 1) for ``"linear"``, (-SPLINE_TAPS, SPLINE_TAPS) for ``"spline"``: where
+    `engine.optics.lateral_weights` puts its weights.
+    """
+    first, taps = lateral_weights(0.0, lateral)
+    return first, first + taps.size - 1
+
+
 class _Patch:
     """One blob's patch of the frame, and the images of points in it through the bank."""
 
@@ -220,15 +236,8 @@ class _Patch:
     ) -> None:
         self.psf, self.seen, self.rows, self.cols = psf, seen, rows, cols
         self.lateral = lateral
-        self.shape = shape  # the frame's (H, W): a spline point's taps off it are not held
+        self.shape = shape  # the frame's (H, W): a point's taps off it are not held
         self.centre = psf.shape[-1] // 2
-
-    def at(self, k: int, r: int, c: int) -> np.ndarray:
-        """Image in the patch of a unit point at slice k, pixel (r, c)."""
-        o, (r0, r1), (c0, c1) = self.centre, self.rows, self.cols
-        plane = self.psf[self.seen[k]]  # the bank plane a source at slice k is seen through
-        out: np.ndarray = plane[o + r0 - r : o + r1 - r, o + c0 - c : o + c1 - c]
-        return out
 
     def point(self, z: float, r: float, c: float) -> np.ndarray:
         """Image in the patch of a unit point at continuous (slice, row, col), as rendered."""
@@ -238,74 +247,89 @@ class _Patch:
     def points(self, candidates: list[tuple[float, float, float]]) -> np.ndarray:
         """Images (N, ...) of unit points at continuous (slice, row, col) each, as rendered.
 
-        Each point is held as `engine.optics.deposit_point` holds it (``lateral``), each voxel
-        seen through its slice's bank plane. Split tri-linearly over the 8 voxels around it,
-        candidates near one another share most of those corners, so each corner's bank window
-        is cut once and every candidate is a weighted sum of them.
+        Each point is held as `engine.optics.deposit_point` holds it: linearly between the two
+        slices around it, and along rows and columns on its ``lateral`` taps
+        (`engine.optics.lateral_weights`: 1 - f and f on its pixel and the next, or the
+        cubic-spline kernel's 2·SPLINE_TAPS + 1 around it; taps off the frame, `shape`, left
+        out as `deposit_point` leaves them out), each voxel seen through its slice's bank plane
+        (the sum the renderer does over those voxels). So its image is a separable product:
+        its slices' bank planes, cut as much wider than the patch as its taps reach, convolved
+        along the columns with its column taps, then summed over depth and rows with its slice
+        weights times its row taps. Candidates whose pixels lie in one 2 × 2 block (a search's
+        ±0.5 px) share those windows: the column pass is one matrix product over the distinct
+        columns they sit at, and the depth-and-row pass one for each of those columns.
         """
-        if self.lateral == "spline":
-            return self._spline_points(candidates)
-        weights: dict[tuple[int, int, int], int] = {}  # corner -> column of `mix`
-        rows: list[tuple[int, int, float]] = []  # (candidate, column, weight)
-        for n, (z, r, c) in enumerate(candidates):
-            fz, fr, fc = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
-            az, ar, ac = z - fz, r - fr, c - fc
-            for dz, wz in ((0, 1 - az), (1, az)):
-                if wz <= 0 or not 0 <= fz + dz < self.seen.size:
-                    continue
-                for dr, wr in ((0, 1 - ar), (1, ar)):
-                    for dc, wc in ((0, 1 - ac), (1, ac)):
-                        if wr * wc > 0:
-                            key = (fz + dz, fr + dr, fc + dc)
-                            col = weights.setdefault(key, len(weights))
-                            rows.append((n, col, wz * wr * wc))
-        shape = (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0])
-        if not weights:
-            return np.zeros((len(candidates), *shape))
-        corners = np.stack([self.at(*key) for key in weights]).reshape(len(weights), -1)
-        mix = np.zeros((len(candidates), len(weights)))
-        for n, col, w in rows:
-            mix[n, col] += w
-        out: np.ndarray = (mix @ corners).reshape(len(candidates), *shape)
+        first, _ = _reach(self.lateral)
+        o, (p0, p1), (q0, q1) = self.centre, self.rows, self.cols
+        h, w = p1 - p0, q1 - q0
+        out = np.zeros((len(candidates), h, w))
+        if not candidates:
+            return out
+        at = np.asarray(candidates, dtype=np.float64).reshape(-1, 3)
+        base = np.floor(at).astype(np.int64)
+        frac = at - base
+        ty, tx = self._taps(frac[:, 1], base[:, 1], 0), self._taps(frac[:, 2], base[:, 2], 1)
+        reach = ty.shape[1]
+        # each candidate on the slice below it (1 - f) and the one above (f), where it is held
+        slices = base[:, :1] + np.arange(2)
+        wz = np.stack([1 - frac[:, 0], frac[:, 0]], axis=1)
+        held = (wz > 0) & (slices >= 0) & (slices < self.seen.size)
+        cell = (base[:, 1:] - base[:, 1:].min(axis=0)) // 2
+        _, group = np.unique(cell[:, 0] * (cell[:, 1].max() + 1) + cell[:, 1], return_inverse=True)
+        group = group.ravel()
+        for members in np.split(
+            np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1]
+        ):
+            ks = np.unique(slices[members][held[members]])  # the group's slices
+            if not ks.size:
+                continue
+            depth = np.zeros((members.size, ks.size))  # each candidate's weight on each
+            for j in (0, 1):
+                on = held[members, j]
+                depth[on, np.searchsorted(ks, slices[members[on], j])] = wz[members[on], j]
+            r, c = base[members, 1], base[members, 2]
+            r0, c0 = int(r.min()), int(c.min())
+            ny, nx = reach + int(r.max()) - r0, reach + int(c.max()) - c0  # the group's taps
+            # tap i sits on pixel r0 + first + i and moves the plane there: in the window cut
+            # for all of them it is the shift ny - 1 - i (the taps reversed)
+            u = self.psf[
+                self.seen[ks],
+                o + p0 - (r0 + first + ny - 1) : o + p1 - (r0 + first),
+                o + q0 - (c0 + first + nx - 1) : o + q1 - (c0 + first),
+            ]  # (S, h + ny - 1, w + nx - 1)
+            n = np.arange(members.size)[:, None]
+            wy = np.zeros((members.size, ny))
+            wy[n, ny - 1 - (r - r0)[:, None] - np.arange(reach)] = ty[members]
+            rows = (depth[:, :, None] * wy[:, None, :]).reshape(members.size, -1)  # (N, S·ny)
+            # along the columns once for each distinct column the candidates sit at
+            _, one, column = np.unique(at[members, 2], return_index=True, return_inverse=True)
+            wx = np.zeros((one.size, nx))
+            b = np.arange(one.size)[:, None]
+            wx[b, nx - 1 - (c[one] - c0)[:, None] - np.arange(reach)] = tx[members[one]]
+            sz, sr, sc = u.strides
+            shifts = as_strided(u, (ks.size, h + ny - 1, w, nx), (sz, sr, sc, sc), writeable=False)
+            moved = np.tensordot(wx, shifts, axes=(1, 3))  # (B, S, h + ny - 1, w)
+            sz, sr, sc = moved.strides[1:]
+            column = column.ravel()
+            for k in range(one.size):  # then along depth and rows, each column's candidates
+                sel = members[column == k]
+                win = as_strided(moved[k], (ks.size, ny, h, w), (sz, sr, sr, sc), writeable=False)
+                out[sel] = (rows[column == k] @ win.reshape(-1, h * w)).reshape(-1, h, w)
         return out
 
-    def _spline_points(self, candidates: list[tuple[float, float, float]]) -> np.ndarray:
-        """`points` for ``lateral = "spline"``: each slice's bank window convolved with the taps.
+    def _taps(self, frac: np.ndarray, base: np.ndarray, axis: int) -> np.ndarray:
+        """(N, L) lateral taps along `axis` of points `frac` px past pixels `base`, on the frame.
 
-        A point at row ri + fy holds ``spline_taps(fy)[m]`` on row ri + m, so its image is the
-        bank plane placed at pixel (ri, ci), cut SPLINE_TAPS px wider than the patch, convolved
-        along each axis with the taps (the same sum the renderer does over those voxels). Taps
-        that fall off the frame (`shape`) are left out, as `deposit_point` leaves them out.
+        As `engine.optics.lateral_weights` gives them (one call for each distinct `frac`: a
+        search's candidates share a few), with those on pixels off the frame (`shape`) zeroed.
         """
-        t, o = SPLINE_TAPS, self.centre
-        (p0, p1), (q0, q1) = self.rows, self.cols
-        out = np.zeros((len(candidates), p1 - p0, q1 - q0))
-        # candidates that share a slice and a base pixel share the bank window: one group is
-        # one matrix product along the rows (every candidate's taps at once) and one batched
-        # product along the columns (each candidate's taps with the window's 2t + 1 shifts)
-        groups: dict[tuple[int, int, int], list[tuple[int, float, np.ndarray, np.ndarray]]] = {}
-        for n, (z, r, c) in enumerate(candidates):
-            fz, ri, ci = int(np.floor(z)), int(np.floor(r)), int(np.floor(c))
-            ty, tx = spline_taps(r - ri), spline_taps(c - ci)
-            if self.shape is not None:  # the taps the frame holds
-                m = np.arange(-t, t + 1)
-                ty = np.where((ri + m >= 0) & (ri + m < self.shape[0]), ty, 0.0)
-                tx = np.where((ci + m >= 0) & (ci + m < self.shape[1]), tx, 0.0)
-            az = z - fz
-            for dz, wz in ((0, 1 - az), (1, az)):
-                if wz > 0 and 0 <= fz + dz < self.seen.size:
-                    groups.setdefault((fz + dz, ri, ci), []).append((n, wz, ty, tx))
-        for (k, ri, ci), members in groups.items():
-            plane = self.psf[self.seen[k]]
-            u = plane[o + p0 - t - ri : o + p1 + t - ri, o + q0 - t - ci : o + q1 + t - ci]
-            index = np.array([m[0] for m in members])  # each candidate once: one slice a group
-            ty = np.stack([m[2] for m in members])[:, ::-1]  # tap m sits m rows down
-            tx = np.stack([m[3] for m in members])[:, ::-1]
-            rows = np.lib.stride_tricks.sliding_window_view(u, p1 - p0, axis=0)  # (2t+1, Q', P)
-            v = np.tensordot(ty, rows, axes=(1, 0)).transpose(0, 2, 1)  # (N, P, Q + 2t)
-            cols = np.lib.stride_tricks.sliding_window_view(v, q1 - q0, axis=2)  # (N, P, 2t+1, Q)
-            image = np.matmul(tx[:, None, None, :], cols)[:, :, 0, :]  # (N, P, Q)
-            out[index] += image * np.array([m[1] for m in members])[:, None, None]
+        values, which = np.unique(frac, return_inverse=True)
+        taps = np.stack([lateral_weights(float(f), self.lateral)[1] for f in values])
+        out: np.ndarray = taps[which.ravel()]
+        if self.shape is not None:
+            first, last = _reach(self.lateral)
+            pixel = base[:, None] + np.arange(first, last + 1)
+            out = np.where((pixel >= 0) & (pixel < self.shape[axis]), out, 0.0)
         return out
 
     def window(self, blob: _Blob) -> np.ndarray:
@@ -336,11 +360,11 @@ def point_image(
     `position` is (slice, row, col), continuous, on the depth grid `depth_um` whose planes
     `psf` (a bank, as `Renderer` takes it) renders; the point is held as
     `engine.optics.deposit_point` holds it (`lateral`) and the renderer renders it. What the
-    fit compares with the frame. `shape`: the frame's (H, W), where a spline point near its edge
+    fit compares with the frame. `shape`: the frame's (H, W), where a point near its edge
     loses the taps that fall off it.
     """
     side, o = psf.shape[-1], psf.shape[-1] // 2
-    reach = (0, 1) if lateral == "linear" else (-SPLINE_TAPS, SPLINE_TAPS)
+    reach = _reach(lateral)
     for (lo, hi), at in ((rows, position[1]), (cols, position[2])):
         first = int(np.floor(at))  # the pixels the point is held on: first + reach
         if o + lo - (first + reach[1]) < 0 or o + hi - (first + reach[0]) > side:
@@ -404,7 +428,8 @@ def fit_points(
     fit = fit or PointFit()
     dens = np.maximum(np.asarray(density, dtype=np.float32), 0)
     # the widest window a candidate is cut from a plane with (a spline point's: the linear
-    # one's is narrower); a narrow bank is zero beyond its side, so padding it is exact
+    # one's and a blob's, `_Patch.window`, are narrower); a narrow bank is zero beyond its
+    # side, so padding it is exact
     need = 2 * (PATCH_HALF_PX + SPLINE_TAPS + 1) + 1
     if psf.shape[-1] < need:
         pad = (need - psf.shape[-1]) // 2

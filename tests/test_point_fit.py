@@ -273,3 +273,33 @@ def test_a_fit_serves_a_bank_narrower_than_its_window(
     mass, z, r, c = _centroid(out.density)
     assert mass == pytest.approx(10000.0, rel=0.01)
     assert abs(z - 26.0) <= 0.05 and abs(r - 47.3) <= 0.05 and abs(c - 51.6) <= 0.05
+
+
+@pytest.mark.parametrize("lateral", ["linear", "spline"])
+def test_the_fits_candidates_are_the_renderers_images_of_the_points_it_deposits(
+    renderer: Renderer, bank: np.ndarray, lateral: Lateral
+) -> None:
+    """The images the fit builds at once for a search's candidates (`_Patch.points`: one
+    separable product of the bank's planes with each point's taps, for either convention)
+    are, each, the renderer's image of that point held as `deposit_point` holds it: between
+    slices and pixels, at the last slice, and at the frame's corner, where the taps that fall
+    off the frame are neither held nor fitted."""
+    from engine.point_fit import _Patch
+
+    seen = defocus_index(np.zeros(1), depth_grid())[0]
+    last = depth_grid().size - 1
+    rows, cols = (0, 21), (SHAPE[1] - 26, SHAPE[1])
+    candidates = [
+        (12.3, 4.6, 88.2),
+        (float(last), 3.0, 90.0),
+        (last - 0.4, 0.2, 95.7),
+        (25.0, -0.3, 94.0),
+        (7.75, 1.45, 95.05),
+        (7.75, 0.95, 94.55),
+    ]
+    images = _Patch(bank, seen, rows, cols, lateral, SHAPE).points(candidates)
+    for image, (z, r, c) in zip(images, candidates, strict=True):
+        volume = np.zeros((depth_grid().size, *SHAPE), dtype=np.float32)
+        deposit_point(volume, 1.0, z, r, c, lateral)
+        rendered = renderer.render(volume, np.zeros(1))[0]
+        np.testing.assert_allclose(image, rendered[rows[0] : rows[1], cols[0] : cols[1]], atol=1e-6)
