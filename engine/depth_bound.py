@@ -82,7 +82,8 @@ INDEPENDENT_BEAD_E = (700.0, float(np.sqrt(700.0 * 3500.0)), 3500.0)
 """The hold-out's bead signal (e⁻): both ends and the geometric middle of its log-uniform draw."""
 NUCLEUS_COLUMN_E = (120.0, float(np.sqrt(120.0 * 720.0)), 720.0)
 """The hold-out's nucleus brightness, as the signal of the pixel column through its centre
-(e⁻): both ends and the geometric middle of its log-uniform draw (`engine.heldout.samples.draw_ganglion`)."""
+(e⁻): both ends and the geometric middle of its log-uniform draw
+(`engine.heldout.samples.draw_ganglion`)."""
 BODY_E = 60.0
 """The worm body's autofluorescence under a nucleus (e⁻ per pixel, taken as uniform): the
 hold-out's body tube is 40-110 e⁻ on its axis where its spheres overlap, less off it."""
