@@ -269,13 +269,12 @@ def test_training_resume_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
 
-    from engine import train_volume
-    from engine.train_volume import train
+    from engine.train_volume import loop, train
 
     # the loop reads its steps' losses from the device in batches: here every 2 steps, and at
     # each checkpoint (every 5 steps, and a run's last): steps 1-2 are read as a batch, 3 at
     # the first run's end, 4-5 at the resumed run's checkpoint
-    monkeypatch.setattr(train_volume, "READ_EVERY", 2)
+    monkeypatch.setattr(loop, "READ_EVERY", 2)
     cfg = _tiny_config(tmp_path)
     cfg.weights_out = None
     cfg.checkpoint_every = 5
@@ -773,7 +772,7 @@ def test_a_render_weight_of_zero_logs_the_render_term_and_leaves_it_out(psf):
     only_density = torch.zeros_like(target)
     only_density[0, 24, 16, 16] = 1.0
     only_density.requires_grad_(True)
-    from engine.train_volume import _density_term
+    from engine.train_volume.losses import _density_term
 
     lc = cfg.loss
     term = _density_term(cfg, only_density, target, lc.object_sigma_px, lc.object_sigma_slices)
@@ -848,7 +847,8 @@ def test_the_depth_likelihood_term_scores_where_not_how_much(psf):
     pytest.importorskip("torch", reason="training extra not installed")
     import torch
 
-    from engine.train_volume import TorchRenderer, VolumeTrainConfig, _depth_nll_term, volume_loss
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+    from engine.train_volume.losses import _depth_nll_term
 
     renderer = TorchRenderer(psf, depth_grid(), 32, 15)
     cfg = VolumeTrainConfig.model_validate(
