@@ -389,8 +389,8 @@ def independent_sample(
 
     Parameters
     ----------
-    kind : "spheres", "beads", "tilted" or "ganglion" (the module docstring has the
-        statistics of each).
+    kind : "spheres", "beads", "tilted" or "ganglion" (the `engine.heldout` package
+        docstring has the statistics of each).
     seed : random seed; each kind has its own stream.
     shape : (H, W) of the frame; object counts scale with its area (given per 256²).
     optics, camera : override the held-out optics or camera.

@@ -1,4 +1,8 @@
-"""The command line: ``python -m engine.train_volume``, and the loss-curve plot."""
+"""Train the volume Deep-Z: one wide-field frame in, the sample's density on a depth grid out.
+
+The command line, ``python -m engine.train_volume`` (`main`); its first line above is the
+``--help`` description.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop: device and precision, one step, the optimiser, `train`."""
+"""The training loop: one step (`training_step`) and the run (`train`)."""
 
 from __future__ import annotations
 
