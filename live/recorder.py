@@ -611,9 +611,17 @@ class Recorder:
             len(s.filled) for shards in list(self._held.values()) for s in list(shards.values())
         )
 
-    def free_mb(self) -> float:
-        """Return the free disk space where the store is, MB (for warnings and the status)."""
-        return shutil.disk_usage(self.path).free / 2**20
+    def free_mb(self) -> float | None:
+        """Return the free disk space where the store is, MB (for warnings and the status).
+
+        None when the file system cannot say: the store's folder is gone (a disk unplugged or
+        unmounted) or unreachable (a stale network mount). The status shows no figure then;
+        the writer thread's own check (`_check_space`) stops recording, naming why.
+        """
+        try:
+            return shutil.disk_usage(self.path).free / 2**20
+        except OSError:
+            return None
 
     def counts(self) -> tuple[int, int]:
         """Return (raw frames, stacks) written so far."""
@@ -979,8 +987,15 @@ class Recorder:
         )
 
     def _check_space(self) -> None:
-        """Fail the recorder when the disk has less than ``min_free_mb`` free."""
-        free_mb = self.free_mb()
+        """Fail the recorder when the disk has less than ``min_free_mb`` free, or cannot say."""
+        try:
+            free_mb = shutil.disk_usage(self.path).free / 2**20
+        except OSError as err:  # the folder gone or unreachable: nothing more will be written
+            self._fail(
+                f"cannot read the free space of {self.path} ({type(err).__name__}: {err}): "
+                "the store's folder is gone or unreachable"
+            )
+            return
         if free_mb < self.min_free_mb:
             self._fail(
                 f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "

@@ -91,6 +91,7 @@ class Ledger:
     """Which seqs are out at which worker, and which workers are ready (thread-safe)."""
 
     def __init__(self, n_workers: int) -> None:
+        self.n_workers = n_workers
         self._lock = threading.Lock()
         self._pending: list[set[int]] = [set() for _ in range(n_workers)]
         self._ready = [False] * n_workers
@@ -520,6 +521,14 @@ class Collector(threading.Thread):
             log.error("malformed event from a worker dropped: %s", err)
             return
         worker = int(event["worker"])
+        if worker >= self._ledger.n_workers:  # well formed, but no worker of this run
+            self._metrics.malformed_in()
+            log.error(
+                "event from worker %d dropped: this run has %d workers",
+                worker,
+                self._ledger.n_workers,
+            )
+            return
         kind = event["event"]
         if kind == "ready":
             self._ended.discard(worker)  # a restarted worker: its markers are still to come

@@ -695,6 +695,8 @@ class Daemon:
             raise ConfigError(str(exc)) from None
         print(f"recording to {self.recorder.path}", flush=True)
         free_mb = self.recorder.free_mb()
+        if free_mb is None:  # just created and already unreadable: its first write will say why
+            return
         if free_mb < rc.min_free_mb:
             log.warning(
                 "only %.0f MB free on %s, below recorder.min_free_mb = %d: recording will stop "

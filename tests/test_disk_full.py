@@ -233,3 +233,36 @@ def test_the_daemon_keeps_running_when_its_disk_fills(small_disk: Path, tiny_mod
     unrecorded = (n - summary.raw_recorded) + (snap.stacks_out - summary.stacks_written)
     assert rec["unrecorded"] == unrecorded
     assert deepz["run_summary"]["frames_in"] == n  # the daemon's summary made it too
+
+
+def test_a_store_folder_that_cannot_say_its_free_space_stops_the_recording_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk unplugged or a stale network mount: ``disk_usage`` raises. The writer thread
+    stops recording in one line naming why and lives on; the status reads no figure (None)
+    rather than raising, as the daemon's status step and its finish both ask for it (either
+    raising stopped the run, or left the store unfinalised)."""
+    from live.supervisor import Supervisor
+
+    supervisor = Supervisor()
+    rec, seqs = _fill(tmp_path / "run.ome.zarr", 8, min_free_mb=1, supervisor=supervisor)
+    deadline = time.monotonic() + 30
+    while rec.counts()[0] < len(seqs):  # written while the folder still answers
+        assert time.monotonic() < deadline, "the first frames were never written"
+        time.sleep(0.05)
+
+    def stale(path: Any) -> Any:
+        raise OSError(errno.ESTALE, "Stale file handle", str(path))
+
+    monkeypatch.setattr("live.recorder.shutil.disk_usage", stale)
+    assert rec.free_mb() is None
+    for seq in range(len(seqs) + 1, len(seqs) + 40):  # the writer checks about once a second
+        rec.put_frame(_noise_frame(seq))
+        if rec.error is not None:
+            break
+        time.sleep(0.1)
+    assert rec.error is not None and "cannot read the free space" in rec.error
+    assert "Stale file handle" in rec.error
+    summary = rec.close(timeout_s=60)
+    assert summary.raw_frames >= len(seqs) and supervisor.failures == []
+    assert zarr.open_group(tmp_path / "run.ome.zarr", mode="r").attrs["deepz"]["error"] == rec.error

@@ -162,11 +162,12 @@ def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None
     try:
         for garbage in (b"[" * 50_000, b"{}", b'{"event": "ready", "worker": "x"}', b"\xff"):
             push.send(garbage)
+        push.send(encode_event("ready", 5))  # well formed, but this run has one worker
         push.send(b'{"event": "skipped", "worker": 0, "seqs": [7]}')  # no longer an event
         push.send(encode_event("rejected", 0, seqs=[7, 8], message="not a frame of shape [64, 64]"))
         assert _wait(lambda: metrics.snapshot(advance=False).lost == 2)
         snap = metrics.snapshot(advance=False)
-        assert (snap.malformed, snap.skipped, snap.lost) == (5, 0, 2)
+        assert (snap.malformed, snap.skipped, snap.lost) == (6, 0, 2)
         assert ledger.outstanding() == 0 and collector.is_alive()
         assert supervisor.failures == []
     finally:
