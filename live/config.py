@@ -636,6 +636,17 @@ class RecorderConfig(_BaseModel):
     min_free_mb: int = Field(
         500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."
     )
+    max_backlog_mb: int = Field(
+        2048,
+        ge=1,
+        le=10**7,
+        description=(
+            "Memory the recorder's queue may hold for the disk (MB). When the disk is slower "
+            "than the data: past half of it new stacks are not recorded, past all of it new "
+            "raw frames are not either; each is counted as unrecorded and said, and the live "
+            "pipeline and display go on (the daemon's memory stays bounded)."
+        ),
+    )
     seq_window: int = Field(
         10_000,
         ge=1,

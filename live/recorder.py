@@ -13,7 +13,12 @@ array, NaN in the frame metadata and a hole in the presence runs). The time axis
 exactly the highest seq written, so a store cut off by a crash has no trailing rows that were
 never written; the presence runs, frame metadata and display windows are written every
 `_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and written
-by one background thread; the queue is unbounded because the recorder never drops a valid item.
+by one background thread. The queue holds at most ``max_backlog_mb`` (`MAX_BACKLOG_MB`): a
+disk slower than the data fills it, and then new stacks (past half of it) and new raw frames
+(past all of it) are not recorded, each counted and said, rather than the daemon's memory
+growing until it is killed; the live pipeline and the display go on. `close` waits while the
+writer makes progress, and gives up on a disk that stopped answering (`STALL_S`) rather than
+hang the daemon's end.
 
 Files: each array's time axis is cut into zarr v3 shards of about ``shard_s`` seconds of items
 at the run's rate (`live.store.shard_frames`; at most ``shard_mb`` MB each, one chunk of
@@ -139,6 +144,16 @@ SHARD_MB = 128.0
 The writer holds up to about three shards per image in memory (the newest, and older ones a
 late item may still fill), so this bounds its memory: 41 planes of 512² float16 are 21 MB a
 stack, six stacks a shard."""
+MAX_BACKLOG_MB = 2048.0
+"""Default of `Recorder`'s ``max_backlog_mb``: the items the writer thread may have queued.
+
+A disk slower than the data (or one that stalls) makes the queue grow; past half of this
+new stacks are not recorded, past all of it new raw frames are not either (each counted as
+unrecorded and said), so the daemon's memory stays bounded and the live pipeline goes on:
+at 100 Hz it is 2.5 s of 2048² raw frames, 160 s of 256² ones."""
+STALL_S = 60.0
+"""Default of `Recorder.close`'s ``stall_s``: a writer that finishes no write for this long is
+stuck on a disk that stopped answering (an unplugged USB disk, a hung network mount)."""
 RESERVE_NAME = ".deepz-reserve"
 """Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
 SEQ_LIST_KEYS = ("skipped", "lost")
@@ -150,6 +165,8 @@ _RAW_DTYPE = np.dtype(np.uint16)
 """The raw image's dtype (the stacks' is `Recorder`'s ``stack_dtype``)."""
 _LOGGED_REJECTIONS = 10
 """Rejections logged per image and kind; the rest are only counted."""
+_LOGGED_DROPS = 10
+"""Items not recorded for a full backlog logged per image; the rest are only counted."""
 _ATTRS_EVERY_S = 2.0
 """How often the writer thread writes presence runs, frame metadata and display windows."""
 _FRAME_CHUNK = 1024
@@ -334,6 +351,9 @@ class RecorderSummary:
     """Seqs with no stack, as `raw_gaps` (the store's ``stacks_gaps``)."""
     stack_values_clipped: int = 0
     """Values of recorded stacks saturated at the stacks' dtype's range (float16: ±65504)."""
+    backlog_dropped: dict[str, int] = field(default_factory=dict)
+    """Items admitted but not queued for the disk, per image: the writer's backlog was full
+    (``max_backlog_mb``; a disk slower than the data). Counted in `unrecorded` too."""
 
     @property
     def rejected_total(self) -> int:
@@ -351,6 +371,9 @@ class RecorderSummary:
             text += f"; rejected: {format_rejections(self.rejected)}"
         if self.stack_values_clipped:
             text += f"; {self.stack_values_clipped} stack values saturated"
+        if any(self.backlog_dropped.values()):
+            dropped = ", ".join(f"{n} {image}" for image, n in self.backlog_dropped.items() if n)
+            text += f"; NOT RECORDED, the disk too slow (backlog full): {dropped}"
         if self.error:
             text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
         if self.run_error:
@@ -433,6 +456,7 @@ class Recorder:
         shard_s: float = SHARD_S,
         shard_mb: float = SHARD_MB,
         hold_s: float | None = None,
+        max_backlog_mb: float = MAX_BACKLOG_MB,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(
@@ -501,7 +525,13 @@ class Recorder:
             )
             for image in _IMAGES
         }
+        # the queue's bound is in bytes, not items (`_queue_for_disk`): stacks may use half
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._backlog_bytes = 0
+        self._backlog_limit = {"raw": max_backlog_mb * 2**20, "stacks": max_backlog_mb * 2**19}
+        self._backlog_dropped = dict.fromkeys(_IMAGES, 0)
+        self._beat = time.monotonic()  # the writer's last sign of progress (`close`)
+        self._stuck = False  # the writer never came back from a write (`close`)
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
         self._held: dict[str, dict[int, _Shard]] = {image: {} for image in _IMAGES}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
@@ -600,6 +630,11 @@ class Recorder:
         return self._stacks is not None
 
     @property
+    def stuck(self) -> bool:
+        """Whether `close` gave up on a writer stuck on a disk that stopped answering."""
+        return self._stuck
+
+    @property
     def backlog(self) -> int:
         """Items queued for the writer thread (not those it holds for a shard, `held`)."""
         return self._queue.qsize()
@@ -657,28 +692,59 @@ class Recorder:
         self._deepz["run_summary"] = stored
         self._guarded(lambda: self._write_attrs(final=True), "run summary")
 
-    def close(self, timeout_s: float | None = None, *, keep_lock: bool = False) -> RecorderSummary:
+    def close(
+        self,
+        timeout_s: float | None = None,
+        *,
+        keep_lock: bool = False,
+        stall_s: float = STALL_S,
+    ) -> RecorderSummary:
         """Drain the queue, flush partial chunks, write the final metadata; idempotent.
 
-        The store's lock (`live.store_lock`) is then let go, unless `keep_lock`: the daemon
-        keeps it while it adds the run summary and preview, then calls `release`.
+        Waits while the writer makes progress (a long backlog drains at the disk's speed),
+        until `timeout_s` if given; a writer that finishes no write for `stall_s` is stuck on
+        a disk that stopped answering. Then the recorder fails, naming it, and the final
+        metadata is written only if that finishes within `stall_s` too: the summary comes
+        back either way, so the daemon can end (the store keeps what it last wrote, and its
+        lock file, which the next writer takes over). The store's lock (`live.store_lock`)
+        is then let go, unless `keep_lock`: the daemon keeps it while it adds the run summary
+        and preview, then calls `release`.
         """
         if self._summary is not None:
             if not keep_lock:
                 self.release()
             return self._summary
         self._queue.put(_STOP)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            left = self._queue.qsize()
-            self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
-        self._summary = self._finish()
+        started = time.monotonic()
+        while self._thread.is_alive():
+            # joined in slices only to look at the writer's progress in between
+            self._thread.join(min(1.0, stall_s))
+            now, left = time.monotonic(), self._queue.qsize()
+            if self._thread.is_alive() and timeout_s is not None and now - started >= timeout_s:
+                self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
+                break
+            if self._thread.is_alive() and now - self._beat >= stall_s:
+                self._fail(
+                    f"the disk stopped answering: no write finished in {stall_s:.0f} s, "
+                    f"{left} items still queued",
+                    release_reserve=False,
+                )
+                break
+        self._stuck = self._thread.is_alive() and time.monotonic() - self._beat >= stall_s
+        self._summary = self._finish_within(stall_s) if self._stuck else self._finish()
         if not keep_lock:
             self.release()
         return self._summary
 
     def release(self) -> None:
-        """Let the store go (its lock file removed): offline jobs may write it now; idempotent."""
+        """Let the store go (its lock file removed): offline jobs may write it now; idempotent.
+
+        Not when the disk stopped answering (`close`): removing the file would hang too; it
+        is left for the next writer to take over (its holder, this process, will be gone).
+        """
+        if self._stuck:
+            log.warning("recorder: the disk is not answering: the store's lock file is left")
+            return
         self._store_lock.close()
 
     # -- integrity checks, caller's thread ------------------------------------------------
@@ -688,8 +754,37 @@ class Recorder:
         converted, rejection = self._gates[image].admit(message)
         if converted is not None:
             header = message.header
-            self._queue.put((image, header.seq, converted, header.timestamp_s, header.focus_um))
+            if self._queue_for_disk(image, header.seq, converted.nbytes):
+                item = (image, header.seq, converted, header.timestamp_s, header.focus_um)
+                self._queue.put(item)
         return rejection
+
+    def _queue_for_disk(self, image: str, seq: int, nbytes: int) -> bool:
+        """Whether the backlog has room for `nbytes` more of `image` (then they are counted).
+
+        An item refused here was admitted (it is valid, and the live pipeline refocuses and
+        shows it) but is not recorded: counted, the first few logged. Stacks, derived data,
+        are refused from half the limit, so raw frames keep the rest.
+        """
+        with self._lock:
+            if self._backlog_bytes + nbytes <= self._backlog_limit[image]:
+                self._backlog_bytes += nbytes
+                return True
+            self._backlog_dropped[image] += 1
+            count, queued = self._backlog_dropped[image], self._backlog_bytes
+        if count <= _LOGGED_DROPS:
+            more = " (further ones are only counted)" if count == _LOGGED_DROPS else ""
+            log.error(
+                "recorder backlog full (%.0f MB waiting for the disk, limit %.0f MB for %s): "
+                "%s seq %d not recorded; the disk is slower than the data%s",
+                queued / 2**20,
+                self._backlog_limit[image] / 2**20,
+                image,
+                image,
+                seq,
+                more,
+            )
+        return False
 
     # -- writer thread -------------------------------------------------------------------
 
@@ -717,8 +812,12 @@ class Recorder:
                 item = self._queue.get(timeout=_ATTRS_EVERY_S / 2)
             except queue.Empty:
                 item = None
+            self._beat = time.monotonic()
             if item is _STOP:
                 break
+            if item is not None and item[2] is not None:  # its bytes leave the backlog
+                with self._lock:
+                    self._backlog_bytes -= item[2].nbytes
             if self.error is not None:
                 self._record_failure()
                 continue
@@ -837,6 +936,7 @@ class Recorder:
 
     def _mark(self, kind: str, seq: int) -> None:
         """Record that `seq` of `kind` is on disk (a raw frame's metadata is then due)."""
+        self._beat = time.monotonic()
         with self._lock:
             self._present[kind].add(seq)
             if kind == "raw" and seq in self._frame_meta:
@@ -1002,11 +1102,15 @@ class Recorder:
                 f"{self.min_free_mb:.0f}"
             )
 
-    def _fail(self, reason: str) -> None:
-        """Stop writing and log why, once; free the reserve for the truthful final metadata."""
+    def _fail(self, reason: str, *, release_reserve: bool = True) -> None:
+        """Stop writing and log why, once; free the reserve for the truthful final metadata.
+
+        Not the reserve when the disk stopped answering (`close`): deleting it would hang.
+        """
         if self.error is None:
             self.error = reason
-            self._release_reserve()
+            if release_reserve:
+                self._release_reserve()
             log.error(
                 "RECORDER STOPPED: %s. Data written so far is kept in %s; the run continues "
                 "without recording.",
@@ -1046,18 +1150,58 @@ class Recorder:
         for array in self._frames.values():
             _trim(array, min(self._meta_end, array.shape[0]))
 
+    def _finish_within(self, limit_s: float) -> RecorderSummary:
+        """`_finish` on a thread of its own, given up after `limit_s`: the disk may hang it.
+
+        The summary then comes from memory; the store keeps the metadata it last wrote (its
+        presence runs and error, from `_record_failure`, if the disk took them).
+        """
+        done: list[RecorderSummary] = []
+        finisher = threading.Thread(
+            target=lambda: done.append(self._finish()), name="recorder finish", daemon=True
+        )
+        finisher.start()
+        finisher.join(limit_s)
+        if done:
+            return done[0]
+        log.error(
+            "RECORDER: the final metadata of %s could not be written in %.0f s: the disk is "
+            "not answering; the store keeps what it last wrote",
+            self.path,
+            limit_s,
+        )
+        return self._summarise()
+
     def _finish(self) -> RecorderSummary:
         """Trim the arrays to what is on disk and write the final metadata and summary.
 
         Every admitted item of a kept image that is not on disk is counted as unrecorded,
-        whatever stopped it (a write error, the writer thread's death, a close timeout).
+        whatever stopped it (a write error, the writer thread's death, a close timeout, a
+        full backlog).
         """
         self._release_reserve()
         self._guarded(self._trim_all, "array shape")
+        summary = self._summarise()
+        self._deepz["summary"] = {
+            "raw_frames": summary.raw_frames,
+            "stacks": summary.stacks,
+            "raw_gaps": [list(r) for r in summary.raw_gaps],
+            "stacks_gaps": [list(r) for r in summary.stacks_gaps],
+            "unrecorded": summary.unrecorded,
+            "backlog_dropped": summary.backlog_dropped,
+            "rejected": summary.rejected,
+            "stack_values_clipped": summary.stack_values_clipped,
+        }
+        self._guarded(lambda: self._write_attrs(final=True), "final metadata")
+        log.info(summary.line())
+        return summary
+
+    def _summarise(self) -> RecorderSummary:
+        """Return what the recording holds and lacks, from memory (nothing written)."""
         with self._lock:
             present = {role: sorted(self._present[role]) for role in _IMAGES}
         gaps = {role: gap_ranges(seq_ranges(seqs)) for role, seqs in present.items()}
-        summary = RecorderSummary(
+        return RecorderSummary(
             path=str(self.path),
             raw_frames=len(present["raw"]),
             stacks=len(present["stacks"]),
@@ -1070,19 +1214,8 @@ class Recorder:
             raw_gaps=gaps["raw"],
             stacks_gaps=gaps["stacks"],
             stack_values_clipped=self._gates["stacks"].clipped(),
+            backlog_dropped=dict(self._backlog_dropped),
         )
-        self._deepz["summary"] = {
-            "raw_frames": summary.raw_frames,
-            "stacks": summary.stacks,
-            "raw_gaps": [list(r) for r in summary.raw_gaps],
-            "stacks_gaps": [list(r) for r in summary.stacks_gaps],
-            "unrecorded": summary.unrecorded,
-            "rejected": summary.rejected,
-            "stack_values_clipped": summary.stack_values_clipped,
-        }
-        self._guarded(lambda: self._write_attrs(final=True), "final metadata")
-        log.info(summary.line())
-        return summary
 
 
 def _exactly_as(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:

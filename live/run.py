@@ -126,15 +126,16 @@ class FinishReason(StrEnum):
 class Edge:
     """One connection of the daemon's graph: who sends what to whom, its bound and policy.
 
-    `bound` is the most messages the edge holds before its `policy` acts (None: unbounded,
-    watched as a gauge instead); `policy` says what happens then, and who counts it.
+    `bound` is the most messages the edge holds before its `policy` acts, or the bytes, as
+    "N MB" (None: unbounded, watched as a gauge instead); `policy` says what happens then,
+    and who counts it.
     """
 
     source: str
     target: str
     what: str
     transport: str
-    bound: int | None
+    bound: int | str | None
     policy: str
 
 
@@ -164,7 +165,14 @@ def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
             FRAMES_RCVHWM,
             "hook drops and counts",
         ),
-        Edge("router", "recorder", "raw frames", "in-process queue", None, "every frame"),
+        Edge(
+            "router",
+            "recorder",
+            "raw frames",
+            "in-process queue",
+            f"{config.recorder.max_backlog_mb} MB",
+            "past it a frame is not recorded (counted); shown and refocused still",
+        ),
         Edge(
             "router",
             "raw subscribers",
@@ -203,7 +211,14 @@ def compose(config: ScopeConfig, workers: int) -> tuple[Edge, ...]:
             Edge(f"worker[{i}]", "router", "credits", "ipc", None, "wait (the router drains)"),
         ]
     edges += [
-        Edge("collector", "recorder", "stacks", "in-process queue", None, "every stack"),
+        Edge(
+            "collector",
+            "recorder",
+            "stacks",
+            "in-process queue",
+            f"{config.recorder.max_backlog_mb // 2} MB",
+            "past half the backlog a stack is not recorded (counted); shown still",
+        ),
         Edge(
             "collector",
             "display",
@@ -593,8 +608,11 @@ class Daemon:
         self._mark_running()
 
     def _bound(self, source: str, target: str) -> int | None:
-        """Return the bound `compose` gives the edge from `source` to `target`."""
-        return next(e.bound for e in self.edges if (e.source, e.target) == (source, target))
+        """Return the bound in messages `compose` gives the edge from `source` to `target`."""
+        bound = next(e.bound for e in self.edges if (e.source, e.target) == (source, target))
+        if isinstance(bound, str):  # a bound in bytes is the recorder's, from its config
+            raise TypeError(f"the edge {source} -> {target} is bounded in bytes ({bound})")
+        return bound
 
     def _choose_backend(self, plan: VolumePlan) -> None:
         """Say which backend runs and why others were skipped; run the measured pre-flight."""
@@ -679,6 +697,7 @@ class Daemon:
             shard_s=rc.shard_s,
             compression=rc.compression,
             min_free_mb=rc.min_free_mb,
+            max_backlog_mb=rc.max_backlog_mb,
             seq_window=rc.seq_window,
             supervisor=self.supervisor,
         )
@@ -1085,7 +1104,9 @@ class Daemon:
             auth_denied=self._gatekeeper.denied if self._gatekeeper is not None else 0,
             worker_times=self._worker_times(),
         )
-        if self.recorder is not None:
+        if self.recorder is not None and self.recorder.stuck:  # its disk would hang these too
+            log.error("run summary and preview not written: the recorder's disk is not answering")
+        elif self.recorder is not None:
             try:
                 preview = _write_preview_png(self.recorder.path, self.metrics, summary)
                 summary = replace(summary, preview=str(preview) if preview else None)

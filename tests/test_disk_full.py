@@ -15,6 +15,7 @@ import errno
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,3 +267,84 @@ def test_a_store_folder_that_cannot_say_its_free_space_stops_the_recording_not_t
     summary = rec.close(timeout_s=60)
     assert summary.raw_frames >= len(seqs) and supervisor.failures == []
     assert zarr.open_group(tmp_path / "run.ome.zarr", mode="r").attrs["deepz"]["error"] == rec.error
+
+
+# ------------------------------------------------------- a disk slower than the data, or stalled
+
+
+def _blocked_writes(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Make the writer thread's item writes wait for a go (a disk that stopped answering).
+
+    Returns (entered, go): `entered` is set once the writer is inside its first write.
+    """
+    entered, go = threading.Event(), threading.Event()
+    put_item = Recorder._put_item
+
+    def blocked(self: Recorder, role: str, seq: int, item: np.ndarray) -> None:
+        entered.set()
+        go.wait()
+        put_item(self, role, seq, item)
+
+    monkeypatch.setattr(Recorder, "_put_item", blocked)
+    return entered, go
+
+
+def test_a_disk_slower_than_the_data_bounds_the_backlog_stacks_first_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer's queue holds at most ``max_backlog_mb``: past half of it new stacks are not
+    recorded, past all of it new raw frames neither, each counted (unrecorded, and by image)
+    and said; the frames it took are written whole once the disk answers (the queue had no
+    bound: a slow disk grew the daemon's memory until it was killed, every frame lost)."""
+    entered, go = _blocked_writes(monkeypatch)
+    path = tmp_path / "run.ome.zarr"
+    rec, _ = _fill(path, 0, max_backlog_mb=0.2, stack_dtype="float32")  # 64x80: 10 / 60 kB
+    assert rec.put_frame(_noise_frame(0))
+    assert entered.wait(30)  # the writer holds frame 0 and waits: all else queues
+    n = 40
+    for seq in range(1, n + 1):
+        rec.put_frame(_noise_frame(seq))
+        rec.put_stack(_noise_stack(seq))
+    go.set()
+    summary = rec.close(timeout_s=60)
+
+    dropped = summary.backlog_dropped
+    assert dropped["stacks"] > dropped["raw"] > 0  # derived data goes first
+    assert summary.raw_frames + dropped["raw"] == n + 1
+    assert summary.stacks + dropped["stacks"] == n
+    assert summary.error is None and summary.unrecorded == dropped["raw"] + dropped["stacks"]
+    assert "backlog full" in summary.line()
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["summary"]["backlog_dropped"] == dropped
+    raw_seqs = _present(deepz["raw_present"])
+    assert raw_seqs == list(range(summary.raw_frames))  # the first ones, while there was room
+    raw = run_array(path, "raw")
+    for seq in raw_seqs:
+        assert np.array_equal(raw[seq], _noise_frame(seq).array)
+
+
+def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer stuck in a write (a hung network mount): close stops waiting once no write
+    has finished for ``stall_s``, fails the recorder naming it, gives up on final metadata
+    the disk would not take either, and leaves the lock file for the next writer rather than
+    hang on removing it (close waited for ever: the daemon never ended)."""
+    from live.store_lock import lock_path
+
+    entered, go = _blocked_writes(monkeypatch)
+    path = tmp_path / "run.ome.zarr"
+    rec, _ = _fill(path, 0)
+    metadata = threading.Event()
+    monkeypatch.setattr(rec, "_write_attrs", lambda **_: metadata.wait())  # hangs as well
+    assert rec.put_frame(_noise_frame(0)) and rec.put_frame(_noise_frame(1))
+    assert entered.wait(30)
+    try:
+        summary = rec.close(stall_s=1.0)
+        rec.release()
+        assert rec.stuck and summary.error is not None
+        assert "the disk stopped answering" in summary.error and summary.unrecorded == 2
+        assert lock_path(path).exists()
+    finally:
+        metadata.set()
+        go.set()
