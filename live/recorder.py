@@ -31,9 +31,10 @@ at close is written with what it has, one write per run of consecutive seqs; a l
 is merged in by a later write. What is held in memory is not yet "present" (below), so a crash
 loses at most that much and the store never claims it.
 
-A write error (a full disk: ``ENOSPC``, or any other) or a disk below ``min_free_mb`` stops
-writing, is logged once in plain words, and everything already written stays readable; the
-daemon keeps running. The store then says so at once, not only at close: ``error`` names the
+A write error (a full disk: ``ENOSPC``, or any other; an ``OSError`` is tried once more
+first, so a passing fault costs nothing) or a disk below ``min_free_mb`` stops writing, is
+logged once in plain words, and everything already written stays readable; the daemon keeps
+running. The store then says so at once, not only at close: ``error`` names the
 cause, ``complete`` is false, and the arrays and presence runs are cut back to exactly what is
 on disk. Saying so needs disk space too, so the recorder holds a `RESERVE_MB` file
 (``OME/.deepz-reserve``) from the start and deletes it at the first failure and at close: a disk
@@ -64,7 +65,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -871,7 +872,7 @@ class Recorder:
             if kind == "raw":
                 with self._lock:
                     self._frame_meta[seq] = (timestamp_s, focus_um)
-            self._put_item(kind, seq, array)
+            self._retried(lambda: self._put_item(kind, seq, array), f"writing {kind} seq {seq}")
         except Exception as err:  # any storage fault stops recording, not the run
             self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
             return
@@ -907,7 +908,7 @@ class Recorder:
         consecutive seqs, which zarr merges into what the shard file already holds (a late
         item, or one after a partial write). Each run counts as present once it is written.
         """
-        shard = self._held[role].pop(index)
+        shard = self._held[role][index]
         array, n = self._arrays[role], self.shard_t[role]
         self._grow(array, max(shard.filled))
         base = index * n
@@ -915,24 +916,44 @@ class Recorder:
             array[start:stop] = shard.data[start - base : stop - base]
             for seq in range(start, stop):
                 self._mark(role, seq)
+        del self._held[role][index]  # only once written: a write tried again finds it
 
     def _write_held(self, *, held_since: float) -> None:
         """Write every shard held since before `held_since` (monotonic s), oldest first.
 
-        A storage error stops the recorder like any write error; what was held and not
-        written stays off the disk and counts as unrecorded.
+        A storage error (once tried again) stops the recorder like any write error; what was
+        held and not written stays off the disk and counts as unrecorded.
         """
         for role, held in self._held.items():
             for index in sorted(i for i, shard in held.items() if shard.since < held_since):
+                first, last = index * self.shard_t[role], (index + 1) * self.shard_t[role]
                 try:
-                    self._write_shard(role, index)
+                    self._retried(
+                        lambda: self._write_shard(role, index),  # noqa: B023 (called at once)
+                        f"writing {role} seqs {first}-{last - 1}",
+                    )
                 except Exception as err:  # any storage fault stops recording, not the run
-                    first, last = index * self.shard_t[role], (index + 1) * self.shard_t[role]
                     self._fail(
                         f"writing {role} seqs {first}-{last - 1} failed: "
                         f"{type(err).__name__}: {err}"
                     )
                     return
+
+    @staticmethod
+    def _retried(write: Callable[[], None], what: str) -> None:
+        """Run one write; an OSError is tried once more before it stops the recorder.
+
+        A passing fault (EIO on a flaky disk or network mount) then costs nothing, where it
+        stopped all recording for the rest of the run. Writes are idempotent: the same seqs,
+        the same bytes. A full disk fails twice and stops the recorder as before.
+        """
+        try:
+            write()
+        except OSError as err:
+            log.warning(
+                "recorder: %s failed (%s: %s); trying once more", what, type(err).__name__, err
+            )
+            write()
 
     def _mark(self, kind: str, seq: int) -> None:
         """Record that `seq` of `kind` is on disk (a raw frame's metadata is then due)."""

@@ -348,3 +348,28 @@ def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_sum
     finally:
         metadata.set()
         go.set()
+
+
+def test_a_passing_write_fault_is_tried_again_and_recording_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One EIO on a stacks write (a flaky disk or network mount) is tried once more: every
+    frame and stack is recorded and the store is complete (one failed write stopped all
+    recording, raw frames included, for the rest of the run)."""
+    put, failed = zarr_local._put, []
+
+    def flaky(file: Path, value: Any, exclusive: bool = False) -> int:
+        if not failed and "/1/0/c/" in str(file).replace("\\", "/"):  # the first stack chunk
+            failed.append(file)
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return put(file, value, exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", flaky)
+    path = tmp_path / "run.ome.zarr"
+    with caplog.at_level(logging.WARNING, logger="live.recorder"):
+        rec, seqs = _fill(path, 12)
+        summary = rec.close(timeout_s=60)
+    assert failed and "trying once more" in caplog.text
+    assert summary.error is None and summary.unrecorded == 0
+    assert (summary.raw_frames, summary.stacks) == (len(seqs), len(seqs))
+    assert zarr.open_group(path, mode="r").attrs["deepz"]["complete"] is True
