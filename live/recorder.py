@@ -152,9 +152,10 @@ A disk slower than the data (or one that stalls) makes the queue grow; past half
 new stacks are not recorded, past all of it new raw frames are not either (each counted as
 unrecorded and said), so the daemon's memory stays bounded and the live pipeline goes on:
 at 100 Hz it is 2.5 s of 2048² raw frames, 160 s of 256² ones."""
-STALL_S = 60.0
+STALL_S = 120.0
 """Default of `Recorder.close`'s ``stall_s``: a writer that finishes no write for this long is
-stuck on a disk that stopped answering (an unplugged USB disk, a hung network mount)."""
+stuck on a disk that stopped answering (an unplugged USB disk, a hung network mount). Above
+the longest healthy write: a full 128 MB shard (`SHARD_MB`) at 2 MB/s takes 64 s."""
 RESERVE_NAME = ".deepz-reserve"
 """Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
 SEQ_LIST_KEYS = ("skipped", "lost")
@@ -532,7 +533,10 @@ class Recorder:
         self._backlog_limit = {"raw": max_backlog_mb * 2**20, "stacks": max_backlog_mb * 2**19}
         self._backlog_dropped = dict.fromkeys(_IMAGES, 0)
         self._beat = time.monotonic()  # the writer's last sign of progress (`close`)
-        self._stuck = False  # the writer never came back from a write (`close`)
+        self._stuck = False  # close gave up on the writer (`close`)
+        # read on the caller's thread now (it creates the store there too), then only by the
+        # writer: a hung disk then blocks the writer, never the daemon's status or its end
+        self._free_mb: float | None = None
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
         self._held: dict[str, dict[int, _Shard]] = {image: {} for image in _IMAGES}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
@@ -578,6 +582,8 @@ class Recorder:
                 "complete": False,
             }
             self._write_attrs()
+            with contextlib.suppress(OSError):  # unreadable: the writer's check will say why
+                self._free_mb = _disk_free_mb(self.path)
             self._last_attrs = time.monotonic()
             self._supervisor = supervisor or Supervisor()
             self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
@@ -632,7 +638,11 @@ class Recorder:
 
     @property
     def stuck(self) -> bool:
-        """Whether `close` gave up on a writer stuck on a disk that stopped answering."""
+        """Whether `close` left the writer still busy (a disk that stopped answering).
+
+        The store then keeps what the writer last wrote; nothing more is asked of it from the
+        caller's thread, and its lock file is left for the next writer.
+        """
         return self._stuck
 
     @property
@@ -650,14 +660,13 @@ class Recorder:
     def free_mb(self) -> float | None:
         """Return the free disk space where the store is, MB (for warnings and the status).
 
-        None when the file system cannot say: the store's folder is gone (a disk unplugged or
-        unmounted) or unreachable (a stale network mount). The status shows no figure then;
-        the writer thread's own check (`_check_space`) stops recording, naming why.
+        As the writer thread last read it (about every second, `_check_space`), so asking
+        never touches the disk: on a hung network mount even reading free space blocks.
+        None when the file system could not say: the store's folder is gone (a disk
+        unplugged or unmounted) or unreachable (a stale mount); the writer's check then
+        stops recording, naming why.
         """
-        try:
-            return shutil.disk_usage(self.path).free / 2**20
-        except OSError:
-            return None
+        return self._free_mb
 
     def counts(self) -> tuple[int, int]:
         """Return (raw frames, stacks) written so far."""
@@ -704,12 +713,12 @@ class Recorder:
 
         Waits while the writer makes progress (a long backlog drains at the disk's speed),
         until `timeout_s` if given; a writer that finishes no write for `stall_s` is stuck on
-        a disk that stopped answering. Then the recorder fails, naming it, and the final
-        metadata is written only if that finishes within `stall_s` too: the summary comes
-        back either way, so the daemon can end (the store keeps what it last wrote, and its
-        lock file, which the next writer takes over). The store's lock (`live.store_lock`)
-        is then let go, unless `keep_lock`: the daemon keeps it while it adds the run summary
-        and preview, then calls `release`.
+        a disk that stopped answering. Either way, a writer still busy is left to it: the
+        recorder fails, naming why, and the summary comes from memory (`stuck`), with nothing
+        asked of the disk from this thread; should the writer come back, it cuts the store to
+        what it holds and records the failure itself (one thread writes the store, always).
+        The store's lock (`live.store_lock`) is then let go, unless `keep_lock`: the daemon
+        keeps it while it adds the run summary and preview, then calls `release`.
         """
         if self._summary is not None:
             if not keep_lock:
@@ -720,19 +729,28 @@ class Recorder:
         while self._thread.is_alive():
             # joined in slices only to look at the writer's progress in between
             self._thread.join(min(1.0, stall_s))
-            now, left = time.monotonic(), self._queue.qsize()
-            if self._thread.is_alive() and timeout_s is not None and now - started >= timeout_s:
-                self._fail(f"close timed out after {timeout_s} s with {left} items still queued")
+            if not self._thread.is_alive():
                 break
-            if self._thread.is_alive() and now - self._beat >= stall_s:
+            now = time.monotonic()
+            left = f"{max(self._queue.qsize() - 1, 0)} items queued and {self.held} held"
+            if timeout_s is not None and now - started >= timeout_s:
+                self._fail(
+                    f"close timed out after {timeout_s} s with {left}", release_reserve=False
+                )
+                break
+            if now - self._beat >= stall_s:
                 self._fail(
                     f"the disk stopped answering: no write finished in {stall_s:.0f} s, "
-                    f"{left} items still queued",
+                    f"{left} not written",
                     release_reserve=False,
                 )
                 break
-        self._stuck = self._thread.is_alive() and time.monotonic() - self._beat >= stall_s
-        self._summary = self._finish_within(stall_s) if self._stuck else self._finish()
+        self._stuck = self._thread.is_alive()
+        self._summary = self._summarise() if self._stuck else self._finish()
+        if self._stuck:
+            log.error(
+                "RECORDER: %s keeps what the writer last wrote: %s", self.path, self._summary.line()
+            )
         if not keep_lock:
             self.release()
         return self._summary
@@ -823,7 +841,7 @@ class Recorder:
                 self._record_failure()
                 continue
             now = time.monotonic()
-            if self.min_free_mb > 0 and now - last_space_check > 1.0:
+            if now - last_space_check > 1.0:
                 last_space_check = now
                 self._check_space()
                 if self.error is not None:
@@ -1108,16 +1126,17 @@ class Recorder:
         )
 
     def _check_space(self) -> None:
-        """Fail the recorder when the disk has less than ``min_free_mb`` free, or cannot say."""
+        """Read the free space; fail the recorder below ``min_free_mb``, or when it cannot say."""
         try:
-            free_mb = shutil.disk_usage(self.path).free / 2**20
+            free_mb = self._free_mb = _disk_free_mb(self.path)
         except OSError as err:  # the folder gone or unreachable: nothing more will be written
+            self._free_mb = None
             self._fail(
                 f"cannot read the free space of {self.path} ({type(err).__name__}: {err}): "
                 "the store's folder is gone or unreachable"
             )
             return
-        if free_mb < self.min_free_mb:
+        if self.min_free_mb > 0 and free_mb < self.min_free_mb:
             self._fail(
                 f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "
                 f"{self.min_free_mb:.0f}"
@@ -1156,6 +1175,7 @@ class Recorder:
         """
         try:
             step()
+            self._beat = time.monotonic()
         except Exception as err:  # a storage fault must not kill the daemon
             reason = f"writing {what} failed: {type(err).__name__}: {err}"
             if self.error is not None:
@@ -1170,28 +1190,6 @@ class Recorder:
             _trim(image.array, ends[role])
         for array in self._frames.values():
             _trim(array, min(self._meta_end, array.shape[0]))
-
-    def _finish_within(self, limit_s: float) -> RecorderSummary:
-        """`_finish` on a thread of its own, given up after `limit_s`: the disk may hang it.
-
-        The summary then comes from memory; the store keeps the metadata it last wrote (its
-        presence runs and error, from `_record_failure`, if the disk took them).
-        """
-        done: list[RecorderSummary] = []
-        finisher = threading.Thread(
-            target=lambda: done.append(self._finish()), name="recorder finish", daemon=True
-        )
-        finisher.start()
-        finisher.join(limit_s)
-        if done:
-            return done[0]
-        log.error(
-            "RECORDER: the final metadata of %s could not be written in %.0f s: the disk is "
-            "not answering; the store keeps what it last wrote",
-            self.path,
-            limit_s,
-        )
-        return self._summarise()
 
     def _finish(self) -> RecorderSummary:
         """Trim the arrays to what is on disk and write the final metadata and summary.
@@ -1237,6 +1235,11 @@ class Recorder:
             stack_values_clipped=self._gates["stacks"].clipped(),
             backlog_dropped=dict(self._backlog_dropped),
         )
+
+
+def _disk_free_mb(path: Path) -> float:
+    """Free space of the file system holding `path`, MB (raises OSError when it cannot say)."""
+    return shutil.disk_usage(path).free / 2**20
 
 
 def _exactly_as(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray | None:

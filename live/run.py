@@ -1433,6 +1433,13 @@ def run(
         code = EXIT_FAILED
     if code != EXIT_BAD_CONFIG:
         print("\n".join(summary.lines()), flush=True)
+    if daemon.recorder is not None and daemon.recorder.stuck:
+        # The write the disk never answered holds one of zarr's I/O threads, and Python joins
+        # those at exit: the process would never end. Everything worth saying is said.
+        log.error("exiting now: the recorder's disk is not answering (a write never returned)")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 

@@ -256,13 +256,14 @@ def test_a_store_folder_that_cannot_say_its_free_space_stops_the_recording_not_t
         raise OSError(errno.ESTALE, "Stale file handle", str(path))
 
     monkeypatch.setattr("live.recorder.shutil.disk_usage", stale)
-    assert rec.free_mb() is None
+    assert rec.free_mb() is not None  # as the writer last read it: asking never touches the disk
     for seq in range(len(seqs) + 1, len(seqs) + 40):  # the writer checks about once a second
         rec.put_frame(_noise_frame(seq))
         if rec.error is not None:
             break
         time.sleep(0.1)
     assert rec.error is not None and "cannot read the free space" in rec.error
+    assert rec.free_mb() is None  # the writer could not read it: the status shows no figure
     assert "Stale file handle" in rec.error
     summary = rec.close(timeout_s=60)
     assert summary.raw_frames >= len(seqs) and supervisor.failures == []
@@ -326,17 +327,25 @@ def test_a_disk_slower_than_the_data_bounds_the_backlog_stacks_first_and_says_so
 def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer stuck in a write (a hung network mount): close stops waiting once no write
-    has finished for ``stall_s``, fails the recorder naming it, gives up on final metadata
-    the disk would not take either, and leaves the lock file for the next writer rather than
-    hang on removing it (close waited for ever: the daemon never ended)."""
+    """A write the disk never answers (a hung network mount; here zarr's own file write
+    blocks): close stops waiting once no write has finished for ``stall_s``, fails the
+    recorder naming it and returns a summary from memory, asking nothing of the disk (close
+    waited for ever: the daemon never ended), and leaves the lock file for the next writer.
+    When the disk answers again the writer, the store's one writer, cuts it to what it holds:
+    no row claimed that is not on disk."""
     from live.store_lock import lock_path
 
-    entered, go = _blocked_writes(monkeypatch)
+    put, entered, go = zarr_local._put, threading.Event(), threading.Event()
+
+    def hung(file: Path, value: Any, exclusive: bool = False) -> int:
+        if "/0/0/c/" in str(file).replace("\\", "/"):  # a raw chunk: the disk stops here
+            entered.set()
+            go.wait()
+        return put(file, value, exclusive)
+
+    monkeypatch.setattr(zarr_local, "_put", hung)
     path = tmp_path / "run.ome.zarr"
     rec, _ = _fill(path, 0)
-    metadata = threading.Event()
-    monkeypatch.setattr(rec, "_write_attrs", lambda **_: metadata.wait())  # hangs as well
     assert rec.put_frame(_noise_frame(0)) and rec.put_frame(_noise_frame(1))
     assert entered.wait(30)
     try:
@@ -346,8 +355,12 @@ def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_sum
         assert "the disk stopped answering" in summary.error and summary.unrecorded == 2
         assert lock_path(path).exists()
     finally:
-        metadata.set()
         go.set()
+    rec._thread.join(30)  # the disk answers again: the writer finishes what it was doing
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["error"] == summary.error and deepz["complete"] is False
+    present = _present(deepz["raw_present"])
+    assert run_array(path, "raw").shape[0] == (present[-1] + 1 if present else 0)
 
 
 def test_a_passing_write_fault_is_tried_again_and_recording_goes_on(
