@@ -1433,14 +1433,23 @@ def run(
         code = EXIT_FAILED
     if code != EXIT_BAD_CONFIG:
         print("\n".join(summary.lines()), flush=True)
-    if daemon.recorder is not None and daemon.recorder.stuck:
-        # The write the disk never answered holds one of zarr's I/O threads, and Python joins
-        # those at exit: the process would never end. Everything worth saying is said.
-        log.error("exiting now: the recorder's disk is not answering (a write never returned)")
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(code)
+    exit_if_disk_hung(daemon.recorder, code)
     return code
+
+
+def exit_if_disk_hung(recorder: Recorder | None, code: int) -> None:
+    """End the process now, with `code`, when `recorder`'s disk never answered a write.
+
+    That write holds one of zarr's I/O threads, and Python joins those at exit: the process
+    would never end. Everything worth saying has been said (the summary is printed first).
+    """
+    if recorder is None or not recorder.stuck:
+        return
+    log.error("exiting now: the recorder's disk is not answering (a write never returned)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import errno
 import logging
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -386,3 +387,32 @@ def test_a_passing_write_fault_is_tried_again_and_recording_goes_on(
     assert summary.error is None and summary.unrecorded == 0
     assert (summary.raw_frames, summary.stacks) == (len(seqs), len(seqs))
     assert zarr.open_group(path, mode="r").attrs["deepz"]["complete"] is True
+
+
+def test_a_process_whose_recorder_disk_hung_still_ends(tmp_path: Path) -> None:
+    """With a write the disk never answers, zarr's I/O thread stays blocked and Python joins
+    it at exit: the daemon printed its summary and then never ended. `exit_if_disk_hung`
+    ends it with its exit code (a process of its own here, as the daemon is)."""
+    script = f"""
+import threading, zarr.storage._local as zl
+from live.run import exit_if_disk_hung
+from tests.test_disk_full import _fill, _noise_frame
+put, entered = zl._put, threading.Event()
+def hung(file, value, exclusive=False):
+    if "/0/0/c/" in str(file):
+        entered.set()
+        threading.Event().wait()
+    return put(file, value, exclusive)
+zl._put = hung
+rec, _ = _fill({str(tmp_path / "run.ome.zarr")!r}, 0)
+rec.put_frame(_noise_frame(0))
+entered.wait(30)
+rec.close(stall_s=1.0)
+exit_if_disk_hung(rec, 3)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "the disk is not answering" in done.stderr or "not answering" in done.stderr
