@@ -776,6 +776,8 @@ class Recorder:
             if self._queue_for_disk(image, header.seq, converted.nbytes):
                 item = (image, header.seq, converted, header.timestamp_s, header.focus_um)
                 self._queue.put(item)
+            elif image == "raw":  # its pixels are not recorded; its time and focus still are
+                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
         return rejection
 
     def _queue_for_disk(self, image: str, seq: int, nbytes: int) -> bool:

@@ -323,6 +323,9 @@ def test_a_disk_slower_than_the_data_bounds_the_backlog_stacks_first_and_says_so
     raw = run_array(path, "raw")
     for seq in raw_seqs:
         assert np.array_equal(raw[seq], _noise_frame(seq).array)
+    # a frame not recorded keeps its time and focus: its stack may be in the store
+    stamps = zarr.open_group(path, mode="r")["frames/timestamp_s"][:]
+    np.testing.assert_array_equal(stamps[: n + 1], [500.0 + s / 4 for s in range(n + 1)])
 
 
 def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_summary(
