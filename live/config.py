@@ -636,6 +636,17 @@ class RecorderConfig(_BaseModel):
     min_free_mb: int = Field(
         500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."
     )
+    stall_s: float = Field(
+        120.0,
+        ge=1.0,
+        le=3600.0,
+        description=(
+            "At the run's end, a recorder that finishes no write for this long is on a disk "
+            "that stopped answering (an unplugged disk, a hung network mount): the run ends "
+            "without it, its store keeping what was last written. Above the longest healthy "
+            "write (a full shard at the disk's slowest)."
+        ),
+    )
     max_backlog_mb: int = Field(
         2048,
         ge=1,

@@ -1080,7 +1080,7 @@ class Daemon:
                 self._status.publish(snap)
         rec: RecorderSummary | None = None
         if self.recorder is not None:  # the store stays the recorder's until the summary is in
-            rec = self.recorder.close(keep_lock=True)
+            rec = self.recorder.close(keep_lock=True, stall_s=self.config.recorder.stall_s)
         source = _as_dict(self._source_summary)
         summary = RunSummary(
             frames_acquired=_frames_acquired(source, snap.frames_in + snap.malformed),

@@ -419,3 +419,48 @@ exit_if_disk_hung(rec, 3)
     )
     assert done.returncode == 3, done.stderr[-2000:]
     assert "the disk is not answering" in done.stderr or "not answering" in done.stderr
+
+
+def test_the_daemon_ends_with_its_summary_when_its_disk_stops_answering(
+    tmp_path: Path, tiny_model_files: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung mount under a running daemon: raw writes never return. The run goes on, and at
+    its end the daemon stops waiting for the recorder after ``recorder.stall_s``, asks nothing
+    more of that disk (no run summary, no preview, the lock file left) and returns its
+    summary with the recorder's error (it waited for ever)."""
+    from live.store_lock import lock_path
+
+    put, entered, go = zarr_local._put, threading.Event(), threading.Event()
+
+    def hung(file: Path, value: Any, exclusive: bool = False) -> int:
+        if "/0/0/c/" in str(file).replace("\\", "/"):
+            entered.set()
+            go.wait()
+        return put(file, value, exclusive)
+
+    config = live_config(
+        tmp_path, tiny_model_files["onnx"], recorder={"compression": "none", "stall_s": 1.0}
+    )
+    store = tmp_path / "run.ome.zarr"
+    daemon = Daemon(config, output=store, source=None, preflight_check=False)
+    n = 20
+    monkeypatch.setattr(zarr_local, "_put", hung)
+    try:
+        try:
+            daemon.start()
+            push_frames(config.endpoints.frames, list(range(n)), rate_hz=40.0)
+            deadline = time.monotonic() + 120
+            while (snap := daemon.metrics.snapshot(advance=False)).stacks_out + snap.skipped < n:
+                assert time.monotonic() < deadline, snap
+                daemon.supervise(0.2, quiet=True)
+        finally:
+            summary = daemon.stop()
+        assert entered.is_set() and summary.failures == [] and summary.frames_in == n
+        assert daemon.recorder is not None and daemon.recorder.stuck
+        assert "the disk stopped answering" in summary.recorder["error"]
+        assert summary.preview is None and lock_path(store).exists()
+    finally:
+        go.set()
+        if daemon.recorder is not None:
+            daemon.recorder._thread.join(30)
+    assert "run_summary" not in zarr.open_group(store, mode="r").attrs["deepz"]
