@@ -167,6 +167,8 @@ _RAW_DTYPE = np.dtype(np.uint16)
 """The raw image's dtype (the stacks' is `Recorder`'s ``stack_dtype``)."""
 _LOGGED_REJECTIONS = 10
 """Rejections logged per image and kind; the rest are only counted."""
+_META_ITEM_BYTES = 256
+"""What a metadata-only item (a frame's time and focus) counts in the writer's backlog."""
 _LOGGED_DROPS = 10
 """Items not recorded for a full backlog logged per image; the rest are only counted."""
 _ATTRS_EVERY_S = 2.0
@@ -529,14 +531,16 @@ class Recorder:
         }
         # the queue's bound is in bytes, not items (`_queue_for_disk`): stacks may use half
         self._queue: queue.Queue[Any] = queue.Queue()
-        self._backlog_bytes = 0
-        self._backlog_limit = {"raw": max_backlog_mb * 2**20, "stacks": max_backlog_mb * 2**19}
-        self._backlog_dropped = dict.fromkeys(_IMAGES, 0)
+        self._backlog_bytes = {"images": 0, "metadata": 0}
+        limit = max_backlog_mb * 2**20
+        self._backlog_limit = {"raw": limit, "stacks": limit / 2, "metadata": limit / 16}
+        self._backlog_dropped = dict.fromkeys((*_IMAGES, "metadata"), 0)
         self._beat = time.monotonic()  # the writer's last sign of progress (`close`)
         self._stuck = False  # close gave up on the writer (`close`)
         # read on the caller's thread now (it creates the store there too), then only by the
         # writer: a hung disk then blocks the writer, never the daemon's status or its end
         self._free_mb: float | None = None
+        self._space_unread = 0  # free-space reads failed in a row (`_check_space`)
         self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
         self._held: dict[str, dict[int, _Shard]] = {image: {} for image in _IMAGES}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
@@ -616,7 +620,7 @@ class Recorder:
             rejection = self._gates["raw"].admit(message)[1]
             if rejection is None:
                 header = message.header
-                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
+                self._queue_meta(header.seq, header.timestamp_s, header.focus_um)
             return rejection
         return self._put("raw", message)
 
@@ -693,6 +697,9 @@ class Recorder:
         half-open ``[start, stop]`` ranges like the presence runs: a run that skips a million
         frames in a row costs one range, not a million numbers.
         """
+        if self._stuck:  # the writer may still write the store: it stays the only writer
+            log.error("recorder: the run summary is not stored: the disk is not answering")
+            return
         stored = dict(run_summary)
         for key in SEQ_LIST_KEYS:
             seqs = stored.get(key)
@@ -777,22 +784,34 @@ class Recorder:
                 item = (image, header.seq, converted, header.timestamp_s, header.focus_um)
                 self._queue.put(item)
             elif image == "raw":  # its pixels are not recorded; its time and focus still are
-                self._queue.put(("frame", header.seq, None, header.timestamp_s, header.focus_um))
+                self._queue_meta(header.seq, header.timestamp_s, header.focus_um)
         return rejection
+
+    def _queue_meta(self, seq: int, timestamp_s: float, focus_um: float | None) -> None:
+        """Queue a frame's time and focus alone (raw frames not kept, or not recorded).
+
+        Bounded like the frames (`_META_ITEM_BYTES` each): on a disk that stopped answering
+        mid-run even these would otherwise pile up for the rest of the run.
+        """
+        if self._queue_for_disk("metadata", seq, _META_ITEM_BYTES):
+            self._queue.put(("frame", seq, None, timestamp_s, focus_um))
 
     def _queue_for_disk(self, image: str, seq: int, nbytes: int) -> bool:
         """Whether the backlog has room for `nbytes` more of `image` (then they are counted).
 
         An item refused here was admitted (it is valid, and the live pipeline refocuses and
         shows it) but is not recorded: counted, the first few logged. Stacks, derived data,
-        are refused from half the limit, so raw frames keep the rest.
+        are refused from half the limit, so raw frames keep the rest. Metadata-only items
+        have a budget of their own (a sixteenth of the limit), so a frame refused for a full
+        backlog keeps its time and focus.
         """
+        pool = "metadata" if image == "metadata" else "images"
         with self._lock:
-            if self._backlog_bytes + nbytes <= self._backlog_limit[image]:
-                self._backlog_bytes += nbytes
+            if self._backlog_bytes[pool] + nbytes <= self._backlog_limit[image]:
+                self._backlog_bytes[pool] += nbytes
                 return True
             self._backlog_dropped[image] += 1
-            count, queued = self._backlog_dropped[image], self._backlog_bytes
+            count, queued = self._backlog_dropped[image], self._backlog_bytes[pool]
         if count <= _LOGGED_DROPS:
             more = " (further ones are only counted)" if count == _LOGGED_DROPS else ""
             log.error(
@@ -836,19 +855,19 @@ class Recorder:
             self._beat = time.monotonic()
             if item is _STOP:
                 break
-            if item is not None and item[2] is not None:  # its bytes leave the backlog
+            if item is not None:  # its bytes leave the backlog
                 with self._lock:
-                    self._backlog_bytes -= item[2].nbytes
+                    if item[2] is None:
+                        self._backlog_bytes["metadata"] -= _META_ITEM_BYTES
+                    else:
+                        self._backlog_bytes["images"] -= item[2].nbytes
+            now = time.monotonic()
+            if now - last_space_check > 1.0:  # after a failure too: the status shows it
+                last_space_check = now
+                self._check_space()
             if self.error is not None:
                 self._record_failure()
                 continue
-            now = time.monotonic()
-            if now - last_space_check > 1.0:
-                last_space_check = now
-                self._check_space()
-                if self.error is not None:
-                    self._record_failure()
-                    continue
             if item is not None:
                 self._write(*item)
             if self.error is None:
@@ -870,6 +889,7 @@ class Recorder:
         if self.error is None or self._failure_written:
             return
         self._failure_written = True
+        self._release_reserve()  # done by `_fail` unless close gave up on this thread
         self._guarded(self._trim_all, "array shape")
         self._guarded(self._write_attrs, "metadata")
 
@@ -1131,8 +1151,13 @@ class Recorder:
         """Read the free space; fail the recorder below ``min_free_mb``, or when it cannot say."""
         try:
             free_mb = self._free_mb = _disk_free_mb(self.path)
+            self._space_unread = 0
         except OSError as err:  # the folder gone or unreachable: nothing more will be written
             self._free_mb = None
+            self._space_unread += 1
+            if self._space_unread < 2:  # a passing fault is read again a second later
+                log.warning("recorder: cannot read the free space of %s: %s", self.path, err)
+                return
             self._fail(
                 f"cannot read the free space of {self.path} ({type(err).__name__}: {err}): "
                 "the store's folder is gone or unreachable"

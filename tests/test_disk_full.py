@@ -258,13 +258,18 @@ def test_a_store_folder_that_cannot_say_its_free_space_stops_the_recording_not_t
 
     monkeypatch.setattr("live.recorder.shutil.disk_usage", stale)
     assert rec.free_mb() is not None  # as the writer last read it: asking never touches the disk
-    for seq in range(len(seqs) + 1, len(seqs) + 40):  # the writer checks about once a second
+    for seq in range(len(seqs) + 1, len(seqs) + 100):  # read once a second, failed twice
         rec.put_frame(_noise_frame(seq))
         if rec.error is not None:
             break
         time.sleep(0.1)
     assert rec.error is not None and "cannot read the free space" in rec.error
     assert rec.free_mb() is None  # the writer could not read it: the status shows no figure
+    monkeypatch.undo()  # the mount answers again: the status shows the disk again
+    deadline = time.monotonic() + 30
+    while rec.free_mb() is None:
+        assert time.monotonic() < deadline, "the free space was never read again"
+        time.sleep(0.1)
     assert "Stale file handle" in rec.error
     summary = rec.close(timeout_s=60)
     assert summary.raw_frames >= len(seqs) and supervisor.failures == []
@@ -464,3 +469,49 @@ def test_the_daemon_ends_with_its_summary_when_its_disk_stops_answering(
         if daemon.recorder is not None:
             daemon.recorder._thread.join(30)
     assert "run_summary" not in zarr.open_group(store, mode="r").attrs["deepz"]
+
+
+def test_one_unreadable_free_space_is_read_again_and_recording_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A passing fault reading the free space (the writer reads it every second, for the
+    status) is read again a second later; only two in a row stop the recording."""
+    failures: list[str] = []
+    disk_usage = shutil.disk_usage
+
+    def once(path: Any) -> Any:
+        if not failures:
+            failures.append(str(path))
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return disk_usage(path)
+
+    rec, seqs = _fill(tmp_path / "run.ome.zarr", 6)
+    monkeypatch.setattr("live.recorder.shutil.disk_usage", once)
+    deadline = time.monotonic() + 30
+    while len(failures) == 0 or rec.free_mb() is None:  # failed once, then read again
+        assert time.monotonic() < deadline, "the free space was not read again"
+        time.sleep(0.1)
+    summary = rec.close(timeout_s=60)
+    assert summary.error is None and summary.raw_frames == len(seqs)
+
+
+def test_a_hung_disk_bounds_even_the_frames_time_and_focus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames refused for a full backlog keep their time and focus, as items of their own:
+    those are bounded too (a sixteenth of the limit), or a disk that stopped answering
+    mid-run let them pile up for the rest of the run."""
+    entered, go = _blocked_writes(monkeypatch)
+    rec, _ = _fill(tmp_path / "run.ome.zarr", 0, max_backlog_mb=0.05, keep_stacks=False)
+    assert rec.put_frame(_noise_frame(0))
+    assert entered.wait(30)
+    try:
+        for seq in range(1, 500):
+            rec.put_frame(_noise_frame(seq))
+        # 0.05 MB: five 10 kB frames, and 3.2 kB of time and focus at 256 B an item
+        assert rec.backlog <= 5 + 13
+    finally:
+        go.set()
+    summary = rec.close(timeout_s=60)
+    assert summary.raw_frames + summary.backlog_dropped["raw"] == 500
+    assert summary.backlog_dropped["metadata"] > 0
