@@ -16,7 +16,8 @@ never written; the presence runs, frame metadata and display windows are written
 by one background thread. The queue holds at most ``max_backlog_mb`` (`MAX_BACKLOG_MB`): a
 disk slower than the data fills it, and then new stacks (past half of it) and new raw frames
 (past all of it) are not recorded, each counted and said, rather than the daemon's memory
-growing until it is killed; the live pipeline and the display go on. `close` waits while the
+growing until it is killed; the live pipeline and the display go on (a refused frame's time
+and focus are still recorded, within a budget of their own). `close` waits while the
 writer makes progress, and gives up on a disk that stopped answering (`STALL_S`) rather than
 hang the daemon's end.
 
