@@ -93,6 +93,8 @@ log = logging.getLogger(__name__)
 MAX_DROPPED_SEQS = 100_000
 """`FrameSender.dropped_seqs` keeps the first this many dropped seqs; `dropped` counts all."""
 
+_LOGGED_LOST = 10
+"""Lost frames a sender logs one by one (`FrameSender.lose`); the rest are counted."""
 _TIME_AXES = frozenset({"time", "t"})
 """Axis names of time: pycromanager's ``Axes`` tag, useq's ``MDAEvent.index``."""
 _ELAPSED_KEYS = ("ElapsedTime-ms",)
@@ -169,6 +171,7 @@ class FrameSender:
         self._closed = False
         self._on_close: list[Callable[[], None]] = []
         self._warned_drop = False
+        self._lost_logged = 0  # frames logged by `_say_lost`
         self._socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         try:
             self._socket.setsockopt(zmq.SNDHWM, hwm)
@@ -265,7 +268,7 @@ class FrameSender:
                 return False
             except (zmq.ZMQError, ValueError) as err:
                 self._drop(seq)
-                log.error("frame seq %d not sent: %s", seq, err)
+                self._say_lost(seq, f"not sent: {err}")
                 return False
             self.sent += 1
             return True
@@ -281,6 +284,26 @@ class FrameSender:
                 return
             self.refusal = reason
         log.error("%s", reason)
+
+    def lose(self, seq: int | None, why: str) -> None:
+        """Count a frame the source had and could not send; log the first few.
+
+        An unreadable frame of a recording, a frame left in the camera's buffer that fails,
+        or one the protocol refuses: with its seq when it has one (else the next).
+        """
+        with self._lock:
+            if seq is None:
+                seq = self._next_seq
+                self._next_seq += 1
+            self._drop(seq)
+        self._say_lost(seq, why)
+
+    def _say_lost(self, seq: int, why: str) -> None:
+        """Log a lost frame: the first `_LOGGED_LOST`, then only a count at close."""
+        self._lost_logged += 1
+        if self._lost_logged <= _LOGGED_LOST:
+            more = " (further ones are only counted)" if self._lost_logged == _LOGGED_LOST else ""
+            log.error("frame seq %d lost: %s%s", seq, why, more)
 
     def _drop(self, seq: int) -> None:
         """Count a frame that was not sent and remember its seq (up to `MAX_DROPPED_SEQS`)."""
@@ -315,7 +338,7 @@ class FrameSender:
                 self._socket.close(linger=self._linger_ms)
         if self.dropped:
             log.warning(
-                "frame sender to %s: %d sent, %d dropped (not sent without blocking)",
+                "frame sender to %s: %d sent, %d dropped (not sent: see the lines above)",
                 self.endpoint,
                 self.sent,
                 self.dropped,
@@ -335,7 +358,7 @@ def metadata_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float 
     (one NaN elapsed time would fix the hook's clock offset at NaN for the whole run).
     """
     for key in keys:
-        value = metadata.get(key)
+        value = metadata.get(key, None)  # pymmcore-plus's Metadata raises without a default
         if value is None or value == "":
             continue
         try:
@@ -358,7 +381,7 @@ def frame_time_s(metadata: Mapping[str, Any]) -> float | None:
     stamp = metadata_float(metadata, _TIMESTAMP_KEYS)
     if stamp is not None:
         return stamp
-    text = metadata.get(_RECEIVED_KEY)
+    text = metadata.get(_RECEIVED_KEY, None)
     if isinstance(text, str):
         try:
             return datetime.fromisoformat(text.strip()).timestamp()  # naive: local time
@@ -445,8 +468,9 @@ class PycromanagerHook:
     anchored to the wall clock at the first frame, else the arrival time. Focus: the first
     finite of ``ZPosition_um``, ``ZPosition_um_Intended``, ``DeepZ-Focus-um``, else none (the
     scope did not say; never 0). A frame whose ``Axes`` tag leaves the time series
-    (`AxisGuard`) refuses the acquisition: it and every later frame are counted in
-    ``sender.refused`` and not sent.
+    (`AxisGuard`) refuses the acquisition: it and every later frame of it are counted in
+    ``sender.refused`` and not sent; the next acquisition through the same hook starts
+    afresh (`_follow_acquisition`).
     """
 
     def __init__(
@@ -462,12 +486,15 @@ class PycromanagerHook:
         self._clock_offset_s: float | None = None
         self._base = first_seq  # the seq of time point 0 of the acquisition under way
         self._last_t: int | None = None
+        self._first_others: dict[str, Any] | None = None  # non-time axes of its first frame
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, Any]:
         """Send `image` (never blocking, never raising) and return ``(image, metadata)``."""
         try:
-            axes = metadata.get("Axes")
-            refusal = self.guard.check(axes if isinstance(axes, Mapping) else {})
+            tag = metadata.get("Axes")
+            axes: Mapping[str, Any] = tag if isinstance(tag, Mapping) else {}
+            self._follow_acquisition(axes)
+            refusal = self.guard.check(axes)
             if refusal is not None:
                 self.sender.refuse(refusal)
                 return image, metadata
@@ -489,6 +516,25 @@ class PycromanagerHook:
         self._count += 1
         return image, metadata
 
+    def _follow_acquisition(self, axes: Mapping[str, Any]) -> None:
+        """Start the guard afresh when this frame begins the user's next acquisition.
+
+        A hook serves one acquisition after another, and pycromanager says nothing when one
+        begins: a time index not above the last one sent, on a frame with no other axis or
+        with the other axes of the acquisition's first frame, is the next one's first frame
+        (a refused z-stack or multi-channel acquisition then costs only itself). Within an
+        acquisition time never goes back at those axes.
+        """
+        others = {str(k): v for k, v in axes.items() if k not in _TIME_AXES}
+        if self._first_others is None:
+            self._first_others = others
+            return
+        t = _time_index(axes)
+        back = t is not None and self._last_t is not None and t <= self._last_t
+        if back and (not others or others == self._first_others):
+            self.guard = AxisGuard()
+            self._first_others = others
+
     def _seq(self, metadata: Mapping[str, Any]) -> int | None:
         """Return the frame's sequence number (see the class docstring); None if unreadable."""
         if self.seq_key is not None and self.seq_key in metadata:
@@ -498,7 +544,10 @@ class PycromanagerHook:
         if t is None:
             seq = self.first_seq + self._count
         else:
-            if self._last_t is not None and t <= self._last_t:
+            if self._last_t is None and self._count > 0:
+                # frames without a time axis came first, numbered by count: number on after them
+                self._base = self.sender.next_seq - t
+            elif self._last_t is not None and t <= self._last_t:
                 # time went back: the hook serves a new acquisition, numbered on after the last
                 self._base = self.sender.next_seq - t
             self._last_t = t

@@ -139,18 +139,24 @@ def _stream_core(
     log.info("camera ring buffer: %d MB (%.0f s of frames at %g Hz)", mb, RING_BUFFER_S, rate_hz)
     run.restart_clock()
     core.startSequenceAcquisition(frame_count or _ENDLESS, 0.0, True)
+    keys = (META_FRAME_INDEX, META_FOCUS_UM)
     try:
         while not stop.is_set():
             if core.getRemainingImageCount() > 0:
-                _send_popped(run.sender, core, (META_FRAME_INDEX, META_FOCUS_UM))
+                _send_popped(run.sender, core, keys)
             elif not core.isSequenceRunning():
                 break
             else:
                 time.sleep(_EMPTY_POLL_S)
     finally:
         core.stopSequenceAcquisition()
-    while core.getRemainingImageCount() > 0:  # acquired frames are sent even when it failed
-        _send_popped(run.sender, core, (META_FRAME_INDEX, META_FOCUS_UM))
+        # acquired frames are sent even when the loop failed: each one on its own, so a
+        # frame that fails costs that frame (counted), never the ones behind it
+        for _ in range(core.getRemainingImageCount()):
+            try:
+                _send_popped(run.sender, core, keys)
+            except Exception as err:  # the core or a device adapter: many types
+                run.sender.lose(None, f"a frame left in the camera's buffer: {err}")
     summary = run.summary()
     acquired = summary.frames_sent + summary.frames_dropped
     if not stop.is_set() and (frame_count is None or acquired < frame_count):
@@ -177,7 +183,10 @@ def _send_popped(sender: FrameSender, core: Any, keys: tuple[str, str]) -> None:
     """
     from live.hook import frame_number, frame_time_s, metadata_float
 
-    image, meta = core.popNextImageAndMD()
+    image, popped = core.popNextImageAndMD()
+    # pymmcore-plus's Metadata raises KeyError from get(key) for a tag the adapter did not
+    # write (any camera but the simulated one): read it as the plain mapping of text it is
+    meta = dict(popped)
     index_key, focus_key = keys
     # the core's metadata is text a device adapter wrote: a value that is not a number is no
     # value (the sender's own count, the arrival time, no focus), never the end of the stream
@@ -485,8 +494,12 @@ class ReplaySource:
         lap_s = period / (self.recording.rate_hz or self.rate_hz)
         first: int | None = None
         for seq, t in self._schedule():
-            frame = np.ascontiguousarray(self.recording.frames[t])
             first = seq if first is None else first
+            try:
+                frame = np.ascontiguousarray(self.recording.frames[t])
+            except Exception as err:  # zarr and tifffile raise many types for damaged data
+                sender.lose(seq, f"replay frame {t} of {self.name} cannot be read: {err}")
+                continue
             due = run.start + (seq - first) / self.rate_hz
             wait = due - time.perf_counter()
             if wait > 0 and stop.wait(wait):

@@ -262,6 +262,37 @@ def test_a_reused_pycromanager_hook_numbers_its_second_acquisition_on(core, pull
     assert [m.header.seq for m in receive(sock, 5)] == [0, 1, 2, 3, 4]
 
 
+def test_a_hook_that_refused_an_acquisition_sends_the_next_one(core, pull):
+    """One hook, one refused z-stack, then a plain time series: the series is sent, numbered
+    on after the frame sent before the refusal (the refusal held for every later acquisition
+    of that hook, as pycromanager says nothing when one begins)."""
+    from pycromanager import multi_d_acquisition_events
+
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    events = multi_d_acquisition_events(num_time_points=2, z_start=-1.0, z_end=1.0, z_step=1.0)
+    run_pycromanager(core, hook, events)
+    run_pycromanager(core, hook, multi_d_acquisition_events(num_time_points=4))
+    hook.sender.close()
+    assert [m.header.seq for m in receive(sock, 5)] == [0, 1, 2, 3, 4]
+    assert (hook.sender.sent, hook.sender.refused) == (5, 5)
+
+
+def test_a_hook_numbers_frames_with_a_time_axis_on_after_frames_without_one(pull):
+    """Frames without a time axis are numbered by the hook's count; frames with one that come
+    after them are numbered on from there, not from the start again (duplicates the daemon
+    refuses)."""
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    frame = np.zeros((8, 8), np.uint16)
+    for _ in range(3):
+        hook(frame, {})
+    for t in range(3):
+        hook(frame, {"Axes": {"time": t}})
+    hook.sender.close()
+    assert [m.header.seq for m in receive(sock, 6)] == [0, 1, 2, 3, 4, 5]
+
+
 def test_a_sender_refuses_an_address_only_a_daemon_can_bind():
     for endpoint in ("tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://[::]:5555"):
         with pytest.raises(ValueError, match="an address the daemon binds"):

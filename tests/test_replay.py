@@ -282,3 +282,25 @@ def test_the_daemon_refuses_a_recording_it_cannot_replay_before_it_starts(
     (line,) = err.strip().splitlines()
     assert line.startswith("error: source.replay.path: source.frame_shape [64, 64] does not match")
     assert "worker" not in out and not (tmp_path / "out.ome.zarr").exists()
+
+
+def test_an_unreadable_frame_costs_that_frame_not_the_replay(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path
+) -> None:
+    """One damaged chunk in a plain Zarr recording: that frame is counted as dropped with its
+    seq and the replay goes on (it raised, and the rest of the file was neither sent nor
+    counted)."""
+    sock, endpoint = pull
+    path = tmp_path / "movie.zarr"
+    frames = zarr.create_array(str(path), shape=(10, 8, 8), chunks=(1, 8, 8), dtype="uint16")
+    frames[:] = np.arange(10, dtype=np.uint16)[:, None, None]
+    chunk = path / "c" / "3" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a chunk")
+    sender = FrameSender(endpoint)
+    summary = ReplaySource(path, rate_hz=200.0).run(sender, threading.Event())
+    sender.close()
+    assert (summary.frames_sent, summary.frames_dropped, summary.dropped_seqs) == (9, 1, (3,))
+    msgs = _receive(sock, 9)
+    assert [m.header.seq for m in msgs] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert all(int(m.array[0, 0]) == m.header.seq for m in msgs)

@@ -342,10 +342,59 @@ def _config_file_camera_class():
     return _Camera
 
 
-def __getattr__(name: str):  # the config file names tests.test_sources.PatternCamera
+def _plain_camera_class():
+    """A Python camera that tags nothing of its own, as any C++ device adapter (made lazily)."""
+    from pymmcore_plus.experimental.unicore import SimpleCameraDevice
+
+    class _Plain(SimpleCameraDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self._exposure, self.index = 10.0, 0
+
+        def get_exposure(self) -> float:
+            return self._exposure
+
+        def set_exposure(self, value: float) -> None:
+            self._exposure = float(value)
+
+        def sensor_shape(self) -> tuple[int, int]:
+            return SHAPE
+
+        def dtype(self) -> type[np.uint16]:
+            return np.uint16
+
+        def snap(self, buffer: np.ndarray) -> dict[str, str]:
+            buffer[...] = pattern(self.index)
+            self.index += 1
+            return {}
+
+    return _Plain
+
+
+def __getattr__(name: str):  # the config files name tests.test_sources.<Camera>
     if name == "PatternCamera":
         return _config_file_camera_class()
+    if name == "PlainCamera":
+        return _plain_camera_class()
     raise AttributeError(name)
+
+
+def test_the_core_source_takes_a_camera_that_tags_nothing(pull, tmp_path):
+    """Any camera but the simulated one writes no DeepZ tags, and pymmcore-plus's Metadata
+    raises KeyError from get() for a missing tag: the first frame failed the run. Frames
+    are numbered by the core's ImageNumber (or the sender's count) and timed by the core."""
+    pytest.importorskip("pymmcore_plus", reason="the Micro-Manager source needs the mm extra")
+    sock, endpoint = pull
+    cfg = tmp_path / "scope.cfg"
+    cfg.write_text("#py pyDevice,Cam,tests.test_sources,PlainCamera\nProperty,Core,Initialize,1\n")
+    source = MicroManagerSource(endpoint, config_file=cfg, camera="Cam", frame_count=15)
+    summary = run_source(source, endpoint)
+    msgs = receive_all(sock, 15)
+    assert [m.header.seq for m in msgs] == list(range(15))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, pattern(m.header.seq))
+        assert m.header.focus_um is None  # the camera did not say
+    assert (summary.frames_sent, summary.frames_dropped) == (15, 0)
 
 
 def test_micromanager_source_runs_a_config_file(pull, tmp_path):
