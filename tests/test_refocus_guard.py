@@ -313,3 +313,28 @@ def test_another_input_into_a_moved_output_is_still_refused(tmp_path: Path) -> N
     out.rename(tmp_path / "out-moved.ome.zarr")
     again = refocus_recording(store, out=tmp_path / "out-moved.ome.zarr", **kw)
     assert (again.frames_done, again.frames_skipped) == (0, 3)
+
+
+def test_a_model_replaced_at_the_same_path_is_loaded_again(
+    tmp_path: Path, tiny_model_files: dict[str, Any]
+) -> None:
+    """The backend cache is keyed by the model file's content, not only its path: a model
+    re-exported over the same file is loaded again in the same process (it served the old
+    model's planes under the new model's SHA-256)."""
+    from engine.metadata import file_sha256
+    from engine.runtime import DEFAULT_MODEL
+
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(3)))
+    model = tmp_path / "model.onnx"
+    kw: dict[str, Any] = {"planes": PLANES, "scheduler": "sync", "model": model, **ORT}
+    shutil.copyfile(DEFAULT_MODEL, model)
+    refocus_recording(store, out=tmp_path / "a.ome.zarr", **kw)
+    shutil.copyfile(tiny_model_files["onnx"], model)  # another network, the same path
+    refocus_recording(store, out=tmp_path / "b.ome.zarr", **kw)
+    a, b = _read(tmp_path / "a.ome.zarr", "stacks/0"), _read(tmp_path / "b.ome.zarr", "stacks/0")
+    assert not np.allclose(a, b)
+    group = zarr.open_group(str(tmp_path / "b.ome.zarr"), mode="r")[
+        _group(tmp_path / "b.ome.zarr", "stacks")
+    ]
+    assert group.attrs["deepz"]["model"]["sha256"] == file_sha256(model)

@@ -327,9 +327,11 @@ def refocus_recording(
             modality,
             bank_str,
             point_fit_lateral if point_fit else None,
+            model_sha256=cached_sha256(model_path),
+            psf_bank_sha256=cached_sha256(bank) if bank is not None else None,
         )
         driver_backend, _ = cached_backend(spec)
-    except (BackendError, ValueError) as exc:
+    except (BackendError, ValueError, OSError) as exc:
         raise RefocusError(f"model {model_path}: {exc}") from None
     meta = driver_backend.metadata
     allow_extrapolation = allow_extrapolation or chosen.allow_extrapolation
@@ -343,23 +345,14 @@ def refocus_recording(
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
     offsets = lock_offsets(chosen, raw, depth_limits(meta, allow_extrapolation))
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
-    engine = EngineSpec(
-        spec.model,
-        (driver_backend.name,),
-        driver_backend.precision,
-        threads,
-        max_batch,
-        modality,
-        bank_str,
-        point_fit_lateral if point_fit else None,
-    )
+    engine = replace(spec, prefer=(driver_backend.name,), precision=driver_backend.precision)
     alias_backend(engine, spec)
-    model_id = {"name": meta.name, "file": str(model_path), "sha256": cached_sha256(model_path)}
+    model_id = {"name": meta.name, "file": str(model_path), "sha256": spec.model_sha256}
     if meta.volume is not None:  # what the stacks show: wide-field or confocal-like planes
         model_id["render_modality"] = meta.volume.modality
     if bank is not None:  # through a measured PSF: other planes, so another identity to resume
         model_id["psf_bank"] = str(bank)
-        model_id["psf_bank_sha256"] = cached_sha256(bank)
+        model_id["psf_bank_sha256"] = spec.psf_bank_sha256 or cached_sha256(bank)
     if point_fit:  # other planes again: beads refitted (the fit's settings, to resume alike)
         # the linear fit's identity as it was before `lateral` existed: its outputs resume
         fit = repr(PointFit(lateral=point_fit_lateral))

@@ -41,7 +41,12 @@ NOT_DONE = -1
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How each process loads the backend (the cache key, with the model file's path)."""
+    """How each process loads the backend: the cache key of `cached_backend`.
+
+    It holds the model file's path and content (its SHA-256, and the PSF bank's), so a
+    model replaced at the same path is loaded again in a long-lived process rather than
+    served from the cache.
+    """
 
     model: str
     prefer: tuple[str, ...] | None
@@ -52,6 +57,8 @@ class EngineSpec:
     psf_bank: str | None = None
     point_fit: Lateral | None = None
     """The point fit's lateral convention (`PointFit.lateral`), None: no fit."""
+    model_sha256: str = ""
+    psf_bank_sha256: str | None = None
 
 
 _BACKENDS: dict[EngineSpec, tuple[Backend, threading.Lock]] = {}
