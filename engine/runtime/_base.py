@@ -354,8 +354,19 @@ class BaseBackend:
     supported_precisions: ClassVar[tuple[Precision, ...]] = ("fp32",)
 
     def __init__(
-        self, model_path: Path | None, metadata: ModelMetadata, options: BackendOptions
+        self,
+        model_path: Path | None,
+        metadata: ModelMetadata,
+        options: BackendOptions,
+        *,
+        psf_beside: Path | None = None,
     ) -> None:
+        """Check the options and load a volume model's PSF bank.
+
+        The bank is the file the metadata names beside `psf_beside` (default `model_path`):
+        a backend that serves a compiled copy kept elsewhere (TensorRT's engine cache) names
+        the model file the copy was made from.
+        """
         if options.precision == "auto":  # a backend with a faster choice resolved it already
             options = replace(options, precision="fp32")
         if options.precision not in self.supported_precisions:
@@ -390,7 +401,8 @@ class BaseBackend:
                 "volume model's density"
             )
         if metadata.volume is not None:
-            self._psf = _volume_psf(model_path, metadata, options.render_modality, options.psf_bank)
+            beside = model_path if psf_beside is None else psf_beside
+            self._psf = _volume_psf(beside, metadata, options.render_modality, options.psf_bank)
             if options.psf_bank is not None and options.point_fit is not None:
                 _warn_lateral(options.psf_bank, options.point_fit.lateral)
             # what the rendered planes now show (a measured bank is wide-field)

@@ -195,7 +195,8 @@ class TensorRTBackend(BaseBackend):
             plan_path = model_path
         else:
             raise BackendError(f"{model_path}: tensorrt needs an .onnx or a cached .plan")
-        super().__init__(plan_path, metadata, options)
+        # the served plan sits in the engine cache; a volume model's PSF bank beside its ONNX
+        super().__init__(plan_path, metadata, options, psf_beside=model_path)
         # a volume model given as ONNX can also be built whole (network + render) per plan
         self._network_onnx = model_path if model_path.suffix == ".onnx" else None
         # whole-refocus engines per (frame shape, planes), the few most recently used, and
