@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -267,11 +268,17 @@ def test_select_falls_back_and_says_why() -> None:
 
 
 def test_load_backend_falls_back_past_a_backend_that_cannot_load(
-    tiny_model_files: dict[str, object],
+    tiny_model_files: dict[str, object], caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A backend that is installed and fails on this model is said as a warning (the daemon
+    logs warnings only: a model served by another backend was silent); one not installed
+    stays a quiet note."""
     pt = tiny_model_files["pt"]
-    backend = load_backend(pt, prefer=["onnxruntime", "torch"])  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="engine.runtime"):
+        backend = load_backend(pt, prefer=["onnxruntime", "torch"])  # type: ignore[arg-type]
     assert backend.name == "torch"
+    skipped = [r for r in caplog.records if "backend onnxruntime skipped" in r.getMessage()]
+    assert [r.levelname for r in skipped] == ["WARNING"]
     with pytest.raises(BackendError, match=r"onnxruntime: .*needs an \.onnx model"):
         load_backend(pt, prefer=["onnxruntime"])  # type: ignore[arg-type]
 
@@ -286,6 +293,9 @@ def test_unsupported_precision_is_skipped(tiny_model_files: dict[str, object]) -
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match=r"nope\.onnx: model file not found"):
         load_backend(tmp_path / "nope.onnx")
+    (tmp_path / "folder.onnx").mkdir()
+    with pytest.raises(BackendError, match=r"folder\.onnx: is a folder, not a model file"):
+        load_backend(tmp_path / "folder.onnx")
 
 
 ONNX_BACKENDS = [

@@ -249,8 +249,13 @@ def load_backend(
         No backend could load `model`; the message gives each one's reason.
     """
     path = Path(model) if model is not None else DEFAULT_MODEL
-    if not path.is_file():
-        raise BackendError(f"{path}: model file not found")
+    try:
+        if path.is_dir():
+            raise BackendError(f"{path}: is a folder, not a model file")
+        if not path.is_file():
+            raise BackendError(f"{path}: model file not found")
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise BackendError(f"{path}: cannot read the model file: {exc.strerror or exc}") from None
     options = BackendOptions(
         precision=precision,
         intra_op_threads=intra_op_threads,
@@ -264,10 +269,12 @@ def load_backend(
         point_fit=point_fit,
     )
     reasons: dict[str, str] = {}
+    failed: set[str] = set()  # installed, and could not load this model: said as a warning
     for spec in _ordered(prefer):
         if not spec.is_available():
             reasons[spec.name] = spec.install_hint
             continue
+        failed.add(spec.name)
         try:
             backend = spec.load_class()(path, options)
         except BackendError as exc:
@@ -280,7 +287,10 @@ def load_backend(
             reasons[spec.name] = f"{type(exc).__name__}: {exc}"
             continue
         for name, why in reasons.items():
-            log.info("backend %s skipped: %s", name, why)
+            # a backend that is not installed is a choice; one that failed on this model
+            # is news: the model is served by another than the one asked for first
+            level = logging.WARNING if name in failed else logging.INFO
+            log.log(level, "backend %s skipped: %s", name, why)
         log.info("backend %s chosen: %r", spec.name, backend)
         return backend
     details = "; ".join(f"{name}: {why}" for name, why in reasons.items())
