@@ -47,7 +47,7 @@ confocal (the paper's cross-modality target)."""
 class VolumeOutput(BaseModel):
     """How a volume model's output is read: object density on a depth grid (`engine.volume`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     depth_um: tuple[float, ...] = Field(
         description="Depths (µm, relative to the focal plane) of the output channels, even steps."
@@ -87,7 +87,7 @@ def architecture_size_multiple(architecture: dict[str, Any]) -> int | None:
 class ModelMetadata(BaseModel):
     """What a trained Deep-Z model needs at inference time, and how it was made."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     format_version: Literal[1] = Field(1, description="Metadata schema version.")
     name: str = Field(description="Model name, e.g. 'deepz-slim-sim'.")
@@ -103,17 +103,19 @@ class ModelMetadata(BaseModel):
         description="Axial refocusing distances (µm) seen in training, (min, max)."
     )
     dpm_scale_um: float = Field(
-        10.0, gt=0, description="The network's DPM channel is dpm_um / dpm_scale_um."
+        10.0, ge=1e-3, le=1e4, description="The network's DPM channel is dpm_um / dpm_scale_um."
     )
     image_normalization: Literal["mean_std"] = Field(
         "mean_std",
         description="Per-frame (x - mean) / std; outputs are mapped back with the input's stats.",
     )
-    pixel_size_um: float = Field(gt=0, description="Pixel size at the sample (µm).")
+    pixel_size_um: float = Field(gt=0, le=1e3, description="Pixel size at the sample (µm).")
     na: float = Field(gt=0, le=1.7, description="Numerical aperture of the objective.")
-    wavelength_um: float = Field(gt=0, description="Emission wavelength (µm).")
-    immersion_index: float = Field(1.0, ge=1.0, description="Immersion medium refractive index.")
-    sample_index: float = Field(1.33, ge=1.0, description="Sample refractive index.")
+    wavelength_um: float = Field(gt=0, le=100, description="Emission wavelength (µm).")
+    immersion_index: float = Field(
+        1.0, ge=1.0, le=5.0, description="Immersion medium refractive index."
+    )
+    sample_index: float = Field(1.33, ge=1.0, le=5.0, description="Sample refractive index.")
     trained_on: str = Field("", description="What data the model saw.")
     training_command: str = Field("", description="The command that trained it.")
     commit: str = Field("", description="Source commit the model was trained from.")
@@ -191,8 +193,14 @@ class ModelMetadata(BaseModel):
         """Parse JSON metadata, raising `ModelMetadataError` that names `source` on any problem."""
         try:
             return cls.model_validate(json.loads(text))
-        except (json.JSONDecodeError, ValidationError) as exc:
+        except json.JSONDecodeError as exc:
             raise ModelMetadataError(f"{source}: invalid Deep-Z metadata: {exc}") from exc
+        except ValidationError as exc:  # one line: each field and what is wrong with it
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in err['loc']) or 'metadata'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ModelMetadataError(f"{source}: invalid Deep-Z metadata: {problems}") from exc
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelMetadata:

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata
 from engine.runtime import (
     BACKENDS,
+    DEFAULT_MODEL,
     Backend,
     BackendError,
     EngineCache,
@@ -27,6 +28,7 @@ from engine.runtime import (
     default_cache_dir,
     load_backend,
     make_profile,
+    onnx_metadata,
     read_plan_info,
     select,
 )
@@ -362,6 +364,32 @@ def test_model_with_bad_metadata(tmp_path: Path, name: str) -> None:
     onnx.save_model(model, str(path))
     with pytest.raises(BackendError, match=r"badmeta\.onnx: invalid Deep-Z metadata"):
         load_backend(path, prefer=[name])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dpm_scale_um", float("inf")),  # every plane the same: DPM / inf is 0
+        ("dpm_scale_um", 1e-300),  # every plane NaN
+        ("dz_range_um", [float("-inf"), float("inf")]),
+        ("pixel_size_um", float("inf")),
+        ("wavelength_um", 1e300),
+    ],
+)
+def test_metadata_out_of_any_microscopes_range_is_refused_at_load(
+    tmp_path: Path, key: str, value: object
+) -> None:
+    """Infinite or degenerate optics in a model's metadata are refused when it loads, in one
+    line naming the field (they loaded, and served identical or NaN planes)."""
+    shipped = json.loads(onnx_metadata(DEFAULT_MODEL).model_dump_json())
+    model = onnx.load(str(DEFAULT_MODEL))
+    del model.metadata_props[:]
+    model.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps({**shipped, key: value}))
+    path = tmp_path / "odd.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(BackendError, match=rf"odd\.onnx: invalid Deep-Z metadata.*{key}") as err:
+        load_backend(path, prefer=["onnxruntime"])
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", ONNX_BACKENDS)
