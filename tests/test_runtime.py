@@ -338,6 +338,18 @@ def _identity_model(in_channels: int, out_channels: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("name", ONNX_BACKENDS)
+def test_a_graph_the_runtime_cannot_build_is_one_line(tmp_path: Path, name: str) -> None:
+    """An operator the runtime does not know: its own report (OpenVINO's C++ checks run to
+    eight lines) is folded into one BackendError line naming the file."""
+    model = _identity_model(2, 1)
+    model.graph.node[0].op_type = "NoSuchOperator"
+    path = _save(model, tmp_path / "unknown.onnx", onnx_metadata(DEFAULT_MODEL))
+    with pytest.raises(BackendError, match=r"unknown\.onnx") as err:
+        load_backend(path, prefer=[name])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ONNX_BACKENDS)
 def test_model_without_metadata(tmp_path: Path, name: str) -> None:
     path = _save(_identity_model(2, 1), tmp_path / "nometa.onnx", None)
     with pytest.raises(

@@ -26,8 +26,12 @@ backend reports the precision it chose as its `precision`)."""
 class BackendError(RuntimeError):
     """A backend cannot be built here: missing library, no device, or a bad model file.
 
-    The message names the model file (when there is one) and the problem.
+    The message names the model file (when there is one) and the problem, on one line: the
+    runtimes' own messages (OpenVINO's C++ checks run to several lines) are folded into it.
     """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @runtime_checkable
