@@ -14,9 +14,9 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_save_npy", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
 T = TypeVar("T")
 
@@ -70,6 +70,21 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             f.write(data)
+
+    atomic_write(path, write, durable=durable)
+
+
+def atomic_save_npy(path: str | os.PathLike[str], array: Any, *, durable: bool = True) -> None:
+    """Write `array` to `path` as .npy atomically (see `atomic_write`).
+
+    ``np.save`` writes into the file it is handed: given the temporary's name, which does
+    not end in ``.npy``, it would write another file.
+    """
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.save(f, array)
 
     atomic_write(path, write, durable=durable)
 

@@ -74,6 +74,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+from engine.files import atomic_save_npy, atomic_write_text
+
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
     from engine.metadata import ModelMetadata
@@ -779,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, result.bank)
+    atomic_save_npy(args.out, result.bank)
     summary = {
         "model": str(args.model),
         "source": f"simulated {args.slide} slide, {args.fields} fields from seed {args.first_seed}"
@@ -787,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else [str(p) for p in args.stacks],
         **result.summary(meta.pixel_size_um, reference),
     }
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(summary, indent=2) + "\n")
     _figure(result, reference, args.out.with_suffix(".png"))
     left_out = ", ".join(f"{v} {k}" for k, v in result.rejected.items() if v)
     print(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.files import atomic_save_npy
 from engine.metadata import Modality
 
 __all__ = [
@@ -164,7 +165,7 @@ def psf_bank(
 def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:
     """Write a PSF bank as float32 .npy (beside the model it belongs to)."""
     path = Path(path)
-    np.save(path, np.asarray(psf, dtype=np.float32))
+    atomic_save_npy(path, np.asarray(psf, dtype=np.float32))  # never half a bank beside a model
     return path
 
 

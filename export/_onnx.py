@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ import onnxruntime as ort
 import torch
 from torch.export import Dim
 
-from engine.files import atomic_write
+from engine.files import atomic_write, atomic_write_bytes
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
 from engine.runtime import INPUT_NAME, OUTPUT_NAME, session_options
@@ -309,5 +308,6 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
         load_psf_bank(bank[0], len(metadata.volume.depth_um))
     report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
     if bank is not None and bank[0].resolve() != bank[1].resolve():
-        shutil.copyfile(*bank)
+        # whole or not at all: a copy cut short (a full disk) left a bank no loader reads
+        atomic_write_bytes(bank[1], bank[0].read_bytes())
     return report

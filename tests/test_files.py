@@ -128,3 +128,32 @@ def test_the_file_has_the_mode_of_a_plain_open(tmp_path: Path, umask: int) -> No
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_npy_is_written_under_its_own_name_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PSF banks go through `atomic_save_npy`: under exactly the name asked for (np.save
+    appends ``.npy`` to a name without it), and a write that fails half way (a full disk
+    during a bank copy) leaves the bank there was, which loaders still read (review 55: a
+    truncated bank beside a new model, and no model that loaded)."""
+    import numpy as np
+
+    from engine.files import atomic_save_npy
+
+    path = tmp_path / "model.psf.npy"
+    old = np.arange(12, dtype=np.float32).reshape(3, 4)
+    atomic_save_npy(path, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.psf.npy"]
+    np.testing.assert_array_equal(np.load(path), old)
+
+    def full_disk(f: object, array: object) -> None:
+        f.write(b"\x93NUMPY half")  # type: ignore[attr-defined]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_npy(path, np.zeros((3, 4), np.float32))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(path), old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.psf.npy"]
