@@ -181,10 +181,13 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
     `n_depths` None checks all but the grid (an odd number of planes): what a scope config can
     check before the model is loaded.
 
-    Every bank must be non-negative. With `measured` (a microscope's bank,
-    `engine.psf_calibration`, not one a model shipped with) it must also be a wide-field PSF:
-    planes that each sum to 1 (a model's own confocal bank dims off focus). Any file
-    that is not such a bank raises ValueError (FileNotFoundError when missing) with one line.
+    Every bank must be float, non-negative, and a PSF normalised as `psf_bank` makes it: the
+    in-focus (middle) plane sums to 1 and none sums to more (a bank scaled or emptied by
+    mistake renders planes off by that factor, or the bare frame). With `measured` (a
+    microscope's bank, `engine.psf_calibration`, not one a model shipped with) it must also
+    be a wide-field PSF: planes that each sum to 1 (a model's own confocal bank dims off
+    focus). Any file that is not such a bank raises ValueError (FileNotFoundError when
+    missing) with one line.
     """
     path = Path(path)
     if not path.is_file():
@@ -195,8 +198,9 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
         psf = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{path}: not a .npy PSF bank ({exc})") from exc
-    if not isinstance(psf, np.ndarray) or psf.dtype.kind not in "iuf":
-        raise ValueError(f"{path}: a PSF bank must be one real numeric .npy array")
+    if not isinstance(psf, np.ndarray) or psf.dtype.kind != "f":
+        kind = psf.dtype if isinstance(psf, np.ndarray) else type(psf).__name__
+        raise ValueError(f"{path}: a PSF bank must be one floating-point .npy array, not {kind}")
     planes = 2 * n_depths - 1 if n_depths is not None else None
     if (
         psf.ndim != 3
@@ -214,14 +218,21 @@ def load_psf_bank(path: str | Path, n_depths: int | None, *, measured: bool = Fa
     out = np.array(psf, dtype=np.float32, order="C")  # read into memory (a copy of the map)
     if out.min() < 0:  # light: a model's own bank too (a confocal one's planes sum below 1)
         raise ValueError(f"{path}: a PSF bank's planes must be non-negative (min {out.min():.3g})")
+    sums = out.sum(axis=(1, 2), dtype=np.float64)
     if measured:
-        sums = out.sum(axis=(1, 2), dtype=np.float64)
         if not np.allclose(sums, 1.0, atol=1e-3):  # non-negative: checked above
             raise ValueError(
                 f"{path}: a PSF bank's planes must be non-negative and each sum to 1 (sums "
                 f"{sums.min():.4g} … {sums.max():.4g}); write it with python -m "
                 "engine.psf_calibration"
             )
+        return out
+    focus = sums[sums.size // 2]
+    if not (abs(focus - 1.0) <= 1e-3 and sums.max() <= 1.0 + 1e-3):
+        raise ValueError(
+            f"{path}: not a normalised PSF bank: its in-focus plane sums to {focus:.4g} and "
+            f"its planes to at most {sums.max():.4g} (1 and 1 expected)"
+        )
     return out
 
 

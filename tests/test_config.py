@@ -139,7 +139,7 @@ def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path
     with open(tmp_path / "forged.npy", "wb") as f:  # a header asking for 1.5 TiB, no data
         header = {"descr": "<f4", "fortran_order": False, "shape": (100001, 2001, 2001)}
         np.lib.format.write_array_header_1_0(f, header)
-    cases = [("twice.npy", "each sum to 1"), ("bank.npz", "one real numeric")]
+    cases = [("twice.npy", "each sum to 1"), ("bank.npz", "one floating-point .npy array")]
     for name, why in [*cases, ("forged.npy", "not a .npy PSF bank")]:
         bad = f'[engine]\nmodel_path = "{volume.as_posix()}"\npsf_bank = "{name}"\n'
         with pytest.raises(ConfigError, match=rf"engine\.psf_bank.*{why}") as info:

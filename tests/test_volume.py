@@ -114,6 +114,16 @@ def test_psf_bank_round_trip_and_bad_files(tmp_path: Path, psf):
         load_psf_bank(path, 21)
     with pytest.raises(FileNotFoundError, match="PSF bank"):
         load_psf_bank(tmp_path / "missing.npy", 41)
+    # a bank saved as integers or scaled, or one emptied, renders planes off by that factor
+    # or the bare frame: refused at load (review 55), each in one line
+    for name, bank, words in (
+        ("ints.npy", (psf * 1e6).astype(np.int64), "floating-point"),
+        ("scaled.npy", psf * 2, "in-focus plane sums to 2"),
+        ("zeros.npy", np.zeros_like(psf), "in-focus plane sums to 0"),
+    ):
+        np.save(tmp_path / name, bank)
+        with pytest.raises(ValueError, match=words):
+            load_psf_bank(tmp_path / name, 41)
 
 
 def test_torch_renderer_matches_numpy(psf):
