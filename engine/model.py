@@ -508,7 +508,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
 
     Raises `ModelMetadataError` when the JSON beside the weights is missing or invalid, when its
     architecture does not build, when `size_multiple` disagrees with the architecture, when
-    the state_dict does not match the architecture, or when the JSON names other weights
+    the state_dict does not match the architecture or holds NaN or infinite weights (a run
+    that diverged), or when the JSON names other weights
     (`WEIGHTS_SHA256`: a save cut between its two files; a JSON that names none, from before,
     is taken as it is). The metadata returned is the one saved, without that key.
     """
@@ -533,6 +534,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
             f"{path}: weights do not match the architecture in {metadata_path(path)} "
             f"({metadata.architecture}): {exc}"
         ) from exc
+    bad = [
+        name
+        for name, value in state.items()
+        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
+    ]
+    if bad:  # a run that diverged: every frame would come out NaN
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ModelMetadataError(f"{path}: its weights hold NaN or infinite values ({names})")
     recorded = metadata.extra.get(WEIGHTS_SHA256)
     if recorded is not None:  # checked last: a file torch cannot read is said as such first
         actual = file_sha256(path)

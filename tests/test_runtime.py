@@ -566,3 +566,33 @@ def test_profile_of_a_volume_model_takes_the_image_alone() -> None:
     profile = make_profile(metadata, [(256, 256)], max_batch=4)
     assert profile.min_shape[1] == profile.opt_shape[1] == profile.max_shape[1] == 1
     assert profile.max_shape == (4, 1, 256, 256)
+
+
+@pytest.mark.parametrize("name", [*ONNX_BACKENDS, "torch"])
+def test_weights_holding_nan_are_refused_at_load(
+    tmp_path: Path, tiny_model_files: dict[str, object], name: str
+) -> None:
+    """A training run that diverged exports NaN weights: refused when the model loads, in one
+    line naming the file (they loaded, and every frame came out NaN, or finite and wrong)."""
+    from onnx import numpy_helper
+
+    if name == "torch":
+        import torch
+
+        from engine.model import load_model, save_model
+
+        model, metadata = load_model(tiny_model_files["pt"])  # type: ignore[arg-type]
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("nan")
+        path = tmp_path / "nan.pt"
+        save_model(model, metadata, path)
+    else:
+        proto = onnx.load(str(tiny_model_files["onnx"]))
+        first = next(t for t in proto.graph.initializer if t.data_type == TensorProto.FLOAT)
+        values = numpy_helper.to_array(first).copy()
+        values.flat[0] = np.nan
+        first.CopyFrom(numpy_helper.from_array(values, first.name))
+        path = tmp_path / "nan.onnx"
+        onnx.save_model(proto, str(path))
+    with pytest.raises(BackendError, match=r"nan\.(onnx|pt): .*NaN or infinite values"):
+        load_backend(path, prefer=[name])

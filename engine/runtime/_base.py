@@ -214,6 +214,37 @@ def onnx_metadata(path: Path) -> ModelMetadata:
     return metadata_from_props({p.key: p.value for p in proto.metadata_props}, str(path))
 
 
+def check_onnx_weights(path: Path) -> None:
+    """Refuse an ONNX model whose weights (initializers) hold NaN or infinite values.
+
+    A training run that diverged exports such weights; every frame would then come out NaN
+    (or, through another runtime, finite and wrong). Needs the `onnx` package; without it
+    (a runtime-only install) the check is skipped.
+
+    Raises
+    ------
+    BackendError
+        One line naming the file and the first weights that are not finite.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        return
+    try:
+        proto = onnx.load_model(str(path))
+    except Exception as exc:  # DecodeError and friends for a corrupt file
+        raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
+    bad = []
+    for tensor in proto.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad.append(tensor.name)
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise BackendError(f"{path}: its weights hold NaN or infinite values ({names})")
+
+
 def _volume_psf(
     model_path: Path | None,
     metadata: ModelMetadata,

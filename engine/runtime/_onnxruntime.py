@@ -18,6 +18,7 @@ from engine.runtime._base import (
     BackendOptions,
     BaseBackend,
     check_io_shapes,
+    check_onnx_weights,
     default_threads,
     io_channels,
     metadata_from_props,
@@ -81,6 +82,7 @@ class OnnxRuntimeBackend(BaseBackend):
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
             raise BackendError(f"{model_path}: not a loadable ONNX model: {exc}") from exc
+        check_onnx_weights(model_path)
         source = str(model_path)
         metadata = metadata_from_props(session.get_modelmeta().custom_metadata_map, source)
         check_io_shapes(

@@ -19,6 +19,7 @@ from engine.runtime._base import (
     BackendOptions,
     BaseBackend,
     check_io_shapes,
+    check_onnx_weights,
     default_threads,
     onnx_metadata,
     require_onnx,
@@ -77,6 +78,7 @@ class OpenVinoBackend(BaseBackend):
             )
         source = str(model_path)
         metadata = onnx_metadata(model_path)
+        check_onnx_weights(model_path)
         threads = options.intra_op_threads or default_threads()
         core = ov.Core()
         has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
