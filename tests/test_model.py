@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,3 +309,17 @@ def test_metadata_from_before_the_weights_were_named_still_loads(tmp_path) -> No
     del meta["extra"][WEIGHTS_SHA256]
     path.with_suffix(".json").write_text(json.dumps(meta))
     assert load_model(path)[1] == _metadata(model)
+
+
+@pytest.mark.parametrize("name", ["deepz-slim", "deepz-volume"])
+def test_the_shipped_metadata_names_its_weights(name: str) -> None:
+    """Each shipped JSON names the SHA-256 of the weights beside it, so `load_model` refuses
+    other weights put in their place (review 55: an all-zero state_dict loaded silently)."""
+    import json
+
+    from engine.metadata import file_sha256
+    from engine.model import WEIGHTS_SHA256
+
+    weights = Path(__file__).resolve().parents[1] / "engine" / "weights" / f"{name}.pt"
+    recorded = json.loads(weights.with_suffix(".json").read_text())["extra"][WEIGHTS_SHA256]
+    assert recorded == file_sha256(weights)
