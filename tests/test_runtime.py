@@ -596,3 +596,16 @@ def test_weights_holding_nan_are_refused_at_load(
         onnx.save_model(proto, str(path))
     with pytest.raises(BackendError, match=r"nan\.(onnx|pt): .*NaN or infinite values"):
         load_backend(path, prefer=[name])
+
+
+def test_refocus_refuses_a_stack_dtype_it_would_truncate_into() -> None:
+    """Stacks are float16 or float32: an integer dtype truncated the per-plane model's planes
+    and raised numpy's own error for a volume model (review 55); the next call still works."""
+    from engine.dpm import VolumePlan
+
+    backend = load_backend(DEFAULT_MODEL, prefer=["onnxruntime"], intra_op_threads=1)
+    frame = np.full((64, 64), 500, np.uint16)
+    plan = VolumePlan.from_z([0.0, 2.0], (64, 64))
+    with pytest.raises(ValueError, match="stacks are float16 or float32, not int16"):
+        backend.refocus(frame, plan, dtype=np.int16)  # type: ignore[arg-type]
+    assert backend.refocus(frame, plan, dtype=np.float16).dtype == np.float16

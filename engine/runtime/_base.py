@@ -580,6 +580,8 @@ class BaseBackend:
         whole stack; values beyond its range become inf); a per-plane model runs once per
         (frame, DPM) pair, and its float32 result is cast.
         """
+        if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+            raise ValueError(f"stacks are float16 or float32, not {np.dtype(dtype)}")
         frames = _check_array("frames", frames)
         if frames.ndim == 2:
             frames = frames[None]
