@@ -158,6 +158,17 @@ class SimulatedCamera(SimpleCameraDevice):
         self.last_metadata: dict[str, str] = {}
         self._next_due = 0.0
         self._binning = 1  # no allowed-values list: .cfg files give "2", scripts give 2
+        # set by `halt`: the wait for the next frame's due time ends at once (at 0.3 Hz that
+        # wait held the core's stop for its 2 s limit, and its frame came after the drain)
+        self._halted = threading.Event()
+
+    def halt(self) -> None:
+        """End the wait for the next frame now: the sequence is about to be stopped.
+
+        The frame being waited for is delivered at once, before the core stops the camera
+        thread, so the source drains it with the others rather than it landing after.
+        """
+        self._halted.set()
 
     def get_binning(self) -> int:
         """Return the binning factor (1 = none)."""
@@ -190,6 +201,7 @@ class SimulatedCamera(SimpleCameraDevice):
     def start_sequence(self, n: int | None, get_buffer: Any) -> Iterator[Mapping[str, str]]:
         """Start a (paced) sequence: the first frame is due now, then one every 1/rate_hz."""
         self._next_due = time.perf_counter()
+        self._halted.clear()
         yield from super().start_sequence(n, get_buffer)
 
     def snap(self, buffer: np.ndarray) -> Mapping[str, str]:
@@ -219,7 +231,7 @@ class SimulatedCamera(SimpleCameraDevice):
         assert self.rate_hz is not None
         now = time.perf_counter()
         if self._next_due > now:
-            time.sleep(self._next_due - now)
+            self._halted.wait(self._next_due - now)  # `halt` ends it at once
         elif now - self._next_due > MAX_LAG_S:
             self._next_due = now
         self._next_due += 1.0 / self.rate_hz
@@ -265,6 +277,15 @@ def make_simulated_core(
     core.setPixelSizeUm("deepz", pixel_size_um)
     core.setPixelSizeConfig("deepz")
     return core
+
+
+def halt_simulated_camera(core: Any) -> None:
+    """`SimulatedCamera.halt` on `core`'s camera if it is one (any other camera: nothing)."""
+    try:
+        camera = simulated_camera(core)
+    except (AttributeError, KeyError, TypeError):  # a C++ or another Python camera
+        return
+    camera.halt()
 
 
 def simulated_camera(core: UniMMCore) -> SimulatedCamera:

@@ -132,7 +132,7 @@ def _stream_core(
     they arrive. When `stop` is set the camera stops and the frames already in the buffer
     are still sent: acquired frames are never thrown away here.
     """
-    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX
+    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX, halt_simulated_camera
 
     mb = ring_buffer_mb(int(core.getImageBufferSize()), rate_hz)
     core.setCircularBufferMemoryFootprint(mb)
@@ -149,6 +149,7 @@ def _stream_core(
             else:
                 time.sleep(_EMPTY_POLL_S)
     finally:
+        halt_simulated_camera(core)  # its wait for a far due time would outlast the stop
         core.stopSequenceAcquisition()
         # acquired frames are sent even when the loop failed: each one on its own, so a
         # frame that fails costs that frame (counted), never the ones behind it

@@ -66,6 +66,28 @@ def run_source(source: Source, endpoint: str, stop: threading.Event | None = Non
 # ---------------------------------------------------------------------- simulated scope
 
 
+def test_a_slow_simulated_camera_stops_with_every_frame_it_made_sent(pull):
+    """At 0.3 Hz the camera waits 3.3 s for each frame: a stop during that wait ends it, so
+    the frame comes before the core stops the camera and is drained with the rest (the
+    wait held the stop for the core's 2 s limit, and its frame landed in the ring after the
+    drain, never sent or counted; review 54)."""
+    import time
+
+    from live._mmcore import simulated_camera
+
+    _, endpoint = pull
+    scope = SimulatedScope(SHAPE, rate_hz=0.3, frame_fn=pattern)
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)  # after the first frame, inside the next wait
+    timer.start()
+    summary = run_source(scope, endpoint, stop)
+    timer.join()
+    time.sleep(3.5)  # longer than a frame period: a camera thread still waiting would add one
+    camera = simulated_camera(scope.core)
+    assert summary.frames_sent + summary.frames_dropped == camera.frame_index >= 1
+    assert scope.core.getRemainingImageCount() == 0
+
+
 def test_simulated_scope_streams_paced_frames_through_the_core(pull):
     sock, endpoint = pull
     scope = SimulatedScope(SHAPE, rate_hz=400.0, frame_count=40, frame_fn=pattern)
