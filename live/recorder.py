@@ -59,6 +59,7 @@ recorded, so a frame the store would refuse is not refocused or republished eith
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -837,8 +838,7 @@ class Recorder:
             except Exception as err:
                 if self.error is None:  # the supervisor logs it; close() counts what is left
                     self.error = f"the writer thread failed: {type(err).__name__}: {err}"
-                    self._release_reserve()
-                    self._record_failure()
+                    self._record_failure()  # the reserve freed first, as always
                 raise
 
     def _run(self) -> None:
@@ -909,13 +909,14 @@ class Recorder:
                 self._meta_pending[seq] = (timestamp_s, focus_um)
             return
         assert array is not None
+        what = f"writing {kind} seq {seq}"
         try:
             if kind == "raw":
                 with self._lock:
                     self._frame_meta[seq] = (timestamp_s, focus_um)
-            self._retried(lambda: self._put_item(kind, seq, array), f"writing {kind} seq {seq}")
+            self._retried(functools.partial(self._put_item, kind, seq, array), what)
         except Exception as err:  # any storage fault stops recording, not the run
-            self._fail(f"writing {kind} seq {seq} failed: {type(err).__name__}: {err}")
+            self._fail(f"{what} failed: {type(err).__name__}: {err}")
             return
         self._images[kind].sampler.add(array)
 
@@ -967,17 +968,12 @@ class Recorder:
         """
         for role, held in self._held.items():
             for index in sorted(i for i, shard in held.items() if shard.since < held_since):
-                first, last = index * self.shard_t[role], (index + 1) * self.shard_t[role]
+                n = self.shard_t[role]
+                what = f"writing {role} seqs {index * n}-{(index + 1) * n - 1}"
                 try:
-                    self._retried(
-                        lambda: self._write_shard(role, index),  # noqa: B023 (called at once)
-                        f"writing {role} seqs {first}-{last - 1}",
-                    )
+                    self._retried(functools.partial(self._write_shard, role, index), what)
                 except Exception as err:  # any storage fault stops recording, not the run
-                    self._fail(
-                        f"writing {role} seqs {first}-{last - 1} failed: "
-                        f"{type(err).__name__}: {err}"
-                    )
+                    self._fail(f"{what} failed: {type(err).__name__}: {err}")
                     return
 
     @staticmethod

@@ -333,6 +333,23 @@ def test_a_disk_slower_than_the_data_bounds_the_backlog_stacks_first_and_says_so
     np.testing.assert_array_equal(stamps[: n + 1], [500.0 + s / 4 for s in range(n + 1)])
 
 
+def _hung_raw_writes() -> tuple[Any, threading.Event, threading.Event]:
+    """zarr's file write made to block on raw chunks until `go` (a disk that stopped answering).
+
+    Returns (the write to put in place of ``zarr.storage._local._put``, `entered`, set once a
+    raw chunk's write has begun, `go`). The hang is below the recorder, where the kernel's is.
+    """
+    put, entered, go = zarr_local._put, threading.Event(), threading.Event()
+
+    def hung(file: Path, value: Any, exclusive: bool = False) -> int:
+        if "/0/0/c/" in str(file).replace("\\", "/"):  # a raw chunk: the disk stops here
+            entered.set()
+            go.wait()
+        return put(file, value, exclusive)
+
+    return hung, entered, go
+
+
 def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,14 +361,7 @@ def test_close_gives_up_on_a_disk_that_stopped_answering_and_still_returns_a_sum
     no row claimed that is not on disk."""
     from live.store_lock import lock_path
 
-    put, entered, go = zarr_local._put, threading.Event(), threading.Event()
-
-    def hung(file: Path, value: Any, exclusive: bool = False) -> int:
-        if "/0/0/c/" in str(file).replace("\\", "/"):  # a raw chunk: the disk stops here
-            entered.set()
-            go.wait()
-        return put(file, value, exclusive)
-
+    hung, entered, go = _hung_raw_writes()
     monkeypatch.setattr(zarr_local, "_put", hung)
     path = tmp_path / "run.ome.zarr"
     rec, _ = _fill(path, 0)
@@ -402,16 +412,10 @@ def test_a_process_whose_recorder_disk_hung_still_ends(tmp_path: Path) -> None:
     it at exit: the daemon printed its summary and then never ended. `exit_if_disk_hung`
     ends it with its exit code (a process of its own here, as the daemon is)."""
     script = f"""
-import threading, zarr.storage._local as zl
+import zarr.storage._local as zl
 from live.run import exit_if_disk_hung
-from tests.test_disk_full import _fill, _noise_frame
-put, entered = zl._put, threading.Event()
-def hung(file, value, exclusive=False):
-    if "/0/0/c/" in str(file):
-        entered.set()
-        threading.Event().wait()
-    return put(file, value, exclusive)
-zl._put = hung
+from tests.test_disk_full import _fill, _hung_raw_writes, _noise_frame
+zl._put, entered, _ = _hung_raw_writes()  # never let go
 rec, _ = _fill({str(tmp_path / "run.ome.zarr")!r}, 0)
 rec.put_frame(_noise_frame(0))
 entered.wait(30)
@@ -435,14 +439,7 @@ def test_the_daemon_ends_with_its_summary_when_its_disk_stops_answering(
     summary with the recorder's error (it waited for ever)."""
     from live.store_lock import lock_path
 
-    put, entered, go = zarr_local._put, threading.Event(), threading.Event()
-
-    def hung(file: Path, value: Any, exclusive: bool = False) -> int:
-        if "/0/0/c/" in str(file).replace("\\", "/"):
-            entered.set()
-            go.wait()
-        return put(file, value, exclusive)
-
+    hung, entered, go = _hung_raw_writes()
     config = live_config(
         tmp_path, tiny_model_files["onnx"], recorder={"compression": "none", "stall_s": 1.0}
     )
