@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 METADATA_VERSION = 1
 ONNX_METADATA_KEY = "deepz_metadata"
 """Key of the JSON-encoded `ModelMetadata` inside an ONNX model's `metadata_props`."""
+
+
+def nonfinite_weights(source: str, weights: Iterable[tuple[str, Any]]) -> str | None:
+    """Return the refusal of weights holding NaN or infinite values, else None.
+
+    The one rule for a model file (a run that diverged: every frame would come out NaN),
+    whichever form it is read in: a ``.pt`` state_dict's tensors or an ONNX file's
+    initializers, as ``(name, array)`` pairs (anything numpy takes; non-float ones pass).
+    """
+    bad = []
+    for name, values in weights:
+        array = np.asarray(values)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad.append(name)
+    if not bad:
+        return None
+    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"{source}: its weights hold NaN or infinite values ({names})"
 
 
 def file_sha256(path: str | Path) -> str:

@@ -25,6 +25,7 @@ from engine.metadata import (
     ModelMetadataError,
     architecture_size_multiple,
     file_sha256,
+    nonfinite_weights,
 )
 
 __all__ = [
@@ -534,14 +535,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[De
             f"{path}: weights do not match the architecture in {metadata_path(path)} "
             f"({metadata.architecture}): {exc}"
         ) from exc
-    bad = [
-        name
-        for name, value in state.items()
-        if torch.is_tensor(value) and value.is_floating_point() and not value.isfinite().all()
-    ]
-    if bad:  # a run that diverged: every frame would come out NaN
-        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise ModelMetadataError(f"{path}: its weights hold NaN or infinite values ({names})")
+    tensors = (  # as float64 (exact for any float tensor; numpy has no bfloat16)
+        (k, v.detach().double().numpy())
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point()
+    )
+    if (refusal := nonfinite_weights(str(path), tensors)) is not None:
+        raise ModelMetadataError(refusal)
     recorded = metadata.extra.get(WEIGHTS_SHA256)
     if recorded is not None:  # checked last: a file torch cannot read is said as such first
         actual = file_sha256(path)

@@ -27,6 +27,7 @@ from engine.metadata import (
     ModelMetadataError,
     broadcast_count,
     denormalize_images,
+    nonfinite_weights,
     normalize_images,
     pad_to_multiple,
     prepare_inputs,
@@ -235,14 +236,9 @@ def check_onnx_weights(path: Path) -> None:
         proto = onnx.load_model(str(path))
     except Exception as exc:  # DecodeError and friends for a corrupt file
         raise BackendError(f"{path}: not a loadable ONNX model: {exc}") from exc
-    bad = []
-    for tensor in proto.graph.initializer:
-        values = numpy_helper.to_array(tensor)
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad.append(tensor.name)
-    if bad:
-        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise BackendError(f"{path}: its weights hold NaN or infinite values ({names})")
+    arrays = ((t.name, numpy_helper.to_array(t)) for t in proto.graph.initializer)
+    if (refusal := nonfinite_weights(str(path), arrays)) is not None:
+        raise BackendError(refusal)
 
 
 def _volume_psf(
