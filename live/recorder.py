@@ -37,9 +37,11 @@ first, so a passing fault costs nothing) or a disk below ``min_free_mb`` stops w
 logged once in plain words, and everything already written stays readable; the daemon keeps
 running. The store then says so at once, not only at close: ``error`` names the
 cause, ``complete`` is false, and the arrays and presence runs are cut back to exactly what is
-on disk. Saying so needs disk space too, so the recorder holds a `RESERVE_MB` file
-(``OME/.deepz-reserve``) from the start and deletes it at the first failure and at close: a disk
-filled to 0 bytes still gets its truthful final metadata.
+on disk. A stacks write that fails when raw frames are kept stops the stacks alone
+(``stacks_error``): the raw frames are the recording, and ``python -m live.refocus`` makes the
+stacks from them afterwards. Saying so needs disk space too, so the recorder holds a
+`RESERVE_MB` file (``OME/.deepz-reserve``) from the start and deletes it at the first failure
+and at close: a disk filled to 0 bytes still gets its truthful final metadata.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
 `put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape; the
@@ -347,6 +349,8 @@ class RecorderSummary:
     """Items admitted for recording that are not on disk (the recorder stopped first)."""
     error: str | None = None
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)
+    stacks_error: str | None = None
+    """Why stacks stopped being recorded while raw frames went on (`Recorder.stacks_error`)."""
     run_error: str | None = None
     """Why the run failed outside the recorder (`Recorder.mark_incomplete`), if it did."""
     raw_gaps: list[tuple[int, int]] = field(default_factory=list)
@@ -380,8 +384,12 @@ class RecorderSummary:
         if any(self.backlog_dropped.values()):
             dropped = ", ".join(f"{n} {image}" for image, n in self.backlog_dropped.items() if n)
             text += f"; NOT RECORDED, the disk too slow (backlog full): {dropped}"
+        if self.stacks_error:
+            text += f"; STACKS NOT RECORDED after error ({self.stacks_error})"
         if self.error:
             text += f"; NOT RECORDED after error: {self.unrecorded} items ({self.error})"
+        elif self.stacks_error:
+            text += f"; {self.unrecorded} items not recorded"
         if self.run_error:
             text += f"; INCOMPLETE: {self.run_error}"
         return text
@@ -549,6 +557,8 @@ class Recorder:
         self._meta_pending: dict[int, tuple[float, float]] = {}  # on disk, metadata not yet
         self._meta_end = 0  # the frame metadata arrays are written up to here
         self._failure_written = False
+        self.stacks_error: str | None = None
+        """Why stacks are no longer recorded while raw frames are (`_stop_stacks`), if so."""
         self._lock = threading.Lock()
         self._summary: RecorderSummary | None = None
         # the run's store is this recorder's alone while it records: an offline job into it
@@ -782,7 +792,9 @@ class Recorder:
         converted, rejection = self._gates[image].admit(message)
         if converted is not None:
             header = message.header
-            if self._queue_for_disk(image, header.seq, converted.nbytes):
+            if image == "stacks" and self.stacks_error is not None:
+                pass  # admitted, and unrecorded: the stacks image stopped (`_stop_stacks`)
+            elif self._queue_for_disk(image, header.seq, converted.nbytes):
                 item = (image, header.seq, converted, header.timestamp_s, header.focus_um)
                 self._queue.put(item)
             elif image == "raw":  # its pixels are not recorded; its time and focus still are
@@ -869,7 +881,7 @@ class Recorder:
             if self.error is not None:
                 self._record_failure()
                 continue
-            if item is not None:
+            if item is not None and not (item[0] == "stacks" and self.stacks_error is not None):
                 self._write(*item)
             if self.error is None:
                 self._write_held(held_since=now - self.hold_s)
@@ -916,7 +928,7 @@ class Recorder:
                     self._frame_meta[seq] = (timestamp_s, focus_um)
             self._retried(functools.partial(self._put_item, kind, seq, array), what)
         except Exception as err:  # any storage fault stops recording, not the run
-            self._fail(f"{what} failed: {type(err).__name__}: {err}")
+            self._write_failed(kind, f"{what} failed: {type(err).__name__}: {err}")
             return
         self._images[kind].sampler.add(array)
 
@@ -973,8 +985,32 @@ class Recorder:
                 try:
                     self._retried(functools.partial(self._write_shard, role, index), what)
                 except Exception as err:  # any storage fault stops recording, not the run
-                    self._fail(f"{what} failed: {type(err).__name__}: {err}")
-                    return
+                    self._write_failed(role, f"{what} failed: {type(err).__name__}: {err}")
+                    if self.error is not None:
+                        return
+                    break  # the stacks stopped (their held shards dropped); raw goes on
+
+    def _write_failed(self, role: str, reason: str) -> None:
+        """Stop the stacks alone, or the recorder, after a write of `role` failed twice.
+
+        The raw frames are the recording (the stacks can be made again from them offline,
+        ``python -m live.refocus``), so a stacks fault must not cost them; any other fault,
+        or a stacks fault with raw frames not kept, stops recording altogether (`_fail`).
+        """
+        if role != "stacks" or self._raw is None:
+            self._fail(reason)
+            return
+        if self.stacks_error is not None:
+            return
+        self.stacks_error = reason
+        self._held["stacks"].clear()  # not on disk: counted as unrecorded
+        log.error(
+            "RECORDER STOPPED WRITING STACKS: %s. Stacks written so far are kept in %s; raw "
+            "frames are still recorded, and `python -m live.refocus` can make the stacks "
+            "from them afterwards.",
+            reason,
+            self.path,
+        )
 
     @staticmethod
     def _retried(write: Callable[[], None], what: str) -> None:
@@ -1115,8 +1151,11 @@ class Recorder:
             ]
         self._deepz["rejected"] = self.rejections()
         self._deepz["stack_values_clipped"] = self._gates["stacks"].clipped()
-        self._deepz["complete"] = final and self.error is None and self.run_error is None
+        self._deepz["complete"] = (
+            final and self.error is None and self.stacks_error is None and self.run_error is None
+        )
         self._deepz["error"] = self.error
+        self._deepz["stacks_error"] = self.stacks_error
         self._deepz["run_error"] = self.run_error
         self._flush_frame_meta()
         for image in self._images.values():
@@ -1231,6 +1270,7 @@ class Recorder:
             "raw_gaps": [list(r) for r in summary.raw_gaps],
             "stacks_gaps": [list(r) for r in summary.stacks_gaps],
             "unrecorded": summary.unrecorded,
+            "stacks_error": summary.stacks_error,
             "backlog_dropped": summary.backlog_dropped,
             "rejected": summary.rejected,
             "stack_values_clipped": summary.stack_values_clipped,
@@ -1253,6 +1293,7 @@ class Recorder:
             ),
             error=self.error,
             rejected=self.rejections(),
+            stacks_error=self.stacks_error,
             run_error=self.run_error,
             raw_gaps=gaps["raw"],
             stacks_gaps=gaps["stacks"],

@@ -348,6 +348,68 @@ def test_a_failed_shard_write_loses_that_shard_only_and_says_so(
     assert deepz["raw_present"] == [[0, 20]] and deepz["complete"] is False
 
 
+def _stacks_writes_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every write into a stacks array (t, z, y, x) raise OSError, as a bad disk region."""
+    write = zarr.Array.__setitem__
+
+    def failing_write(array: zarr.Array, selection: object, value: object) -> None:
+        if array.ndim == 4:
+            raise OSError("injected stacks fault")
+        write(array, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing_write)
+
+
+@pytest.mark.parametrize("shard_s", [0.0, 1.0])
+def test_a_failed_stacks_write_stops_the_stacks_and_no_raw_frame(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    shard_s: float,
+) -> None:
+    # Stacks can be made again offline from the raw frames, so a stacks fault (tried twice)
+    # stops the stacks alone: every raw frame is still recorded, and the store says why.
+    _stacks_writes_fail(monkeypatch)
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, shard_s=shard_s)
+    with caplog.at_level(logging.WARNING, logger="live.recorder"):
+        for seq in range(30):
+            assert rec.put_frame(_frame(seq))
+            rec.put_stack(_stack(seq))
+        summary = rec.close(timeout_s=30)
+    monkeypatch.undo()
+
+    assert summary.error is None
+    assert summary.stacks_error is not None and "injected stacks fault" in summary.stacks_error
+    assert (summary.raw_frames, summary.stacks, summary.unrecorded) == (30, 0, 30)
+    assert "STACKS NOT RECORDED after error" in summary.line()
+    assert "RECORDER STOPPED WRITING STACKS" in caplog.text
+    assert caplog.text.count("RECORDER STOPPED WRITING STACKS") == 1
+    raw = run_array(path, "raw")
+    assert [int(raw[s, 0, 0]) for s in range(30)] == [1000 + s for s in range(30)]
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["raw_present"] == [[0, 30]] and deepz["stacks_present"] == []
+    assert deepz["complete"] is False and deepz["error"] is None
+    assert deepz["stacks_error"] == summary.stacks_error
+    assert deepz["summary"]["stacks_error"] == summary.stacks_error
+
+
+def test_a_failed_stacks_write_stops_the_recorder_when_raw_frames_are_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no raw frames the stacks are the whole recording: the same fault stops it.
+    _stacks_writes_fail(monkeypatch)
+    path = tmp_path / "run.ome.zarr"
+    rec = _recorder(path, keep_raw=False, shard_s=0)
+    for seq in range(5):
+        rec.put_stack(_stack(seq))
+    summary = rec.close(timeout_s=30)
+    monkeypatch.undo()
+
+    assert summary.error is not None and "injected stacks fault" in summary.error
+    assert summary.stacks_error is None and (summary.stacks, summary.unrecorded) == (0, 5)
+
+
 def test_store_path_and_bad_settings(tmp_path: Path) -> None:
     assert store_path(tmp_path, tmp_path / "x.ome.zarr") == tmp_path / "x.ome.zarr"
     made = store_path(tmp_path)
