@@ -24,7 +24,7 @@ import threading
 import time
 from bisect import bisect_right
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from pathlib import Path
 
     from live.security import ClientKeys, ServerKeys
@@ -218,6 +218,36 @@ class Snapshot:
     def to_json(self) -> bytes:
         """Serialise for the status endpoint."""
         return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_dict(cls, status: dict[str, Any]) -> Snapshot:
+        """Rebuild a snapshot from its JSON object, every field's kind and range checked.
+
+        The object came off a socket: a count must be a non-negative integer (not a bool, a
+        float or a string), a time or rate a finite non-negative number, the state one of
+        `RunState`'s. Fields this version does not know are ignored (a newer daemon).
+
+        Raises
+        ------
+        ValueError
+            One line naming the first field that is missing or of the wrong kind.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in status:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ValueError(f"no {f.name!r}")
+                continue
+            value = status[f.name]
+            if not _SNAPSHOT_CHECKS[f.name](value):
+                raise ValueError(f"{f.name!r} is not {_SNAPSHOT_KINDS[f.name]}: {value!r:.60}")
+            values[f.name] = value
+        if "state" in values:
+            values["state"] = RunState(values["state"])
+        for name in ("skipped_ranges", "lost_ranges"):
+            if name in values:
+                values[name] = [(int(a), int(b)) for a, b in values[name]]
+        return cls(**values)
 
 
 class Metrics:
@@ -594,11 +624,13 @@ class StatusReader:
         """Return the newest snapshot that arrives within `timeout_ms`, or None.
 
         Older waiting snapshots are discarded. The wait is one deadline: messages that are not
-        snapshots (not JSON, not an object) are skipped without restarting it, so a publisher
-        sending junk cannot keep a caller such as ``deepz-live status --timeout`` waiting.
+        snapshots (more than one part, not JSON, not an object) are skipped without restarting
+        it, so a publisher sending junk cannot keep a caller such as ``deepz-live status
+        --timeout`` waiting.
         Past the deadline at most `_LATE_MESSAGES` more waiting messages are read, so even a
         flood ends the call.
         """
+        timeout_ms = min(timeout_ms, _MAX_POLL_MS)
         deadline = time.monotonic() + timeout_ms / 1000
         newest: dict[str, Any] | None = None
         late = 0
@@ -608,8 +640,11 @@ class StatusReader:
                 break
             if left_ms <= 0:
                 late += 1
+            parts = self._sub.recv_multipart()
+            if len(parts) != 1:  # a snapshot is one part: a bad message costs itself only
+                continue
             try:
-                value = json.loads(self._sub.recv())
+                value = json.loads(parts[0])
             except (ValueError, RecursionError):  # not JSON (or nested past the parser's
                 continue  # stack): not from a daemon
             if isinstance(value, dict):
@@ -623,9 +658,76 @@ class StatusReader:
             self._ctx.term()
 
 
+_MAX_POLL_MS = 2**31 - 1
+"""The longest wait ZeroMQ's poll takes (a C int of ms, some 25 days)."""
 _LATE_MESSAGES = 1000
 """Most messages `StatusReader.latest` reads once its deadline has passed: as many as a SUB
 socket queues by default (ZeroMQ's receive high-water mark), so what waited is drained."""
+
+
+_MAX_COUNT = 2**63 - 1
+_MAX_SECONDS = 1e9  # some 30 years: a larger elapsed time is not a daemon's
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_COUNT
+
+
+def _number(value: Any, limit: float = math.inf) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and 0 <= value <= limit
+
+
+def _text(value: Any) -> bool:
+    return value is None or (type(value) is str and len(value) <= 4096)
+
+
+_SNAPSHOT_KINDS: dict[str, str] = {
+    "elapsed_s": "a number of seconds",
+    "frames_per_s": "a rate",
+    "stacks_per_s": "a rate",
+    "latency_p50_ms": "a latency or null",
+    "latency_p99_ms": "a latency or null",
+    "rejected": "counts by kind",
+    "skipped_ranges": "a list of [start, stop] seq ranges",
+    "lost_ranges": "a list of [start, stop] seq ranges",
+    "disk_free_mb": "a number of MB or null",
+    "disk_low": "true or false",
+    "state": f"one of {', '.join(RunState)}",
+    "backend": "a string or null",
+    "output": "a string or null",
+}
+"""What `Snapshot.from_dict` expects of each field that is not a count."""
+
+_SNAPSHOT_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "elapsed_s": lambda v: _number(v, _MAX_SECONDS),
+    "frames_per_s": _number,
+    "stacks_per_s": _number,
+    "latency_p50_ms": lambda v: v is None or _number(v),
+    "latency_p99_ms": lambda v: v is None or _number(v),
+    "rejected": lambda v: (
+        type(v) is dict and len(v) <= 64 and all(_text(k) and _count(n) for k, n in v.items())
+    ),
+    "skipped_ranges": lambda v: _seq_ranges(v),
+    "lost_ranges": lambda v: _seq_ranges(v),
+    "disk_free_mb": lambda v: v is None or _number(v),
+    "disk_low": lambda v: type(v) is bool,
+    "state": lambda v: v in tuple(RunState),
+    "backend": _text,
+    "output": _text,
+}
+
+
+def _seq_ranges(value: Any) -> bool:
+    return (
+        type(value) is list
+        and len(value) <= 4 * MAX_STATUS_RANGES
+        and all(type(r) is list and len(r) == 2 and all(_count(x) for x in r) for r in value)
+    )
+
+
+for _name in (f.name for f in fields(Snapshot)):  # every other field is a count
+    _SNAPSHOT_CHECKS.setdefault(_name, _count)
+    _SNAPSHOT_KINDS.setdefault(_name, "a count (a non-negative integer)")
 
 
 def summary_dict(snapshot: Snapshot, **extra: Any) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from dataclasses import fields
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,22 +61,22 @@ def human_line(status: dict[str, Any]) -> str:
     fields, wrong types) is shown as its JSON rather than dropped.
     """
     try:
-        snapshot = _as_snapshot(status)
-        middle = snapshot.status_line()
-    except Exception:  # any field of the wrong kind (a hostile or other-version snapshot)
-        return f"status not understood: {json.dumps(status, separators=(',', ':'))[:300]}"
+        snapshot = Snapshot.from_dict(status)
+    except ValueError as err:  # a field missing or of the wrong kind (hostile, other version)
+        shown = json.dumps(status, separators=(",", ":"))[:300]  # ASCII: escapes included
+        return f"status not understood ({err}): {shown}"
     state = snapshot.state if "state" in status else "?"  # a daemon older than run states
-    output = snapshot.output or "not recorded"
-    return f"{state} | {snapshot.backend or '?'} | {middle} | {output}"
+    output = _printable(snapshot.output or "not recorded")
+    return f"{state} | {_printable(snapshot.backend or '?')} | {snapshot.status_line()} | {output}"
 
 
-def _as_snapshot(status: dict[str, Any]) -> Snapshot:
-    """Rebuild a `Snapshot` from its JSON dict, ignoring fields this version does not know."""
-    known = {f.name for f in fields(Snapshot)}
-    values = {name: value for name, value in status.items() if name in known}
-    if "state" in values:
-        values["state"] = RunState(values["state"])
-    return Snapshot(**values)
+def _printable(text: str) -> str:
+    r"""Escape what a terminal would act on or cannot print (control codes, lone surrogates).
+
+    The backend and output strings come off a socket: ``\x1b]0;...`` would retitle the
+    terminal, a lone surrogate would stop ``print``.
+    """
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,14 +116,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_MAX_TIMEOUT_S = 1e6
+"""The longest ``--timeout`` (some 11 days; ZeroMQ's poll waits at most 25)."""
+
+
 def _positive_seconds(text: str) -> float:
-    """Parse ``--timeout``: a positive number of seconds."""
+    """Parse ``--timeout``: a positive number of seconds, at most `_MAX_TIMEOUT_S`."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    if not 0 < value <= _MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be > 0 and at most {_MAX_TIMEOUT_S:g} seconds, got {text}"
+        )
     return value
 
 
@@ -150,19 +157,34 @@ def _connection(args: argparse.Namespace) -> tuple[str, ClientKeys | None]:
 
 
 def _watch(reader: StatusReader, args: argparse.Namespace, endpoint: str) -> int:
-    """Print each snapshot as it arrives until --once, ``finished`` or --timeout without one."""
-    timeout_ms = max(1, round(args.timeout * 1000))
+    """Print each snapshot as it arrives until --once, ``finished`` or --timeout without one.
+
+    Only a snapshot this version reads (`Snapshot.from_dict`) restarts the wait and counts for
+    --once: another JSON object is shown as not understood, but a publisher sending such
+    objects cannot keep the client waiting past --timeout.
+    """
+    deadline = time.monotonic() + args.timeout
     while True:
-        status = reader.latest(timeout_ms)
+        left_ms = math.ceil((deadline - time.monotonic()) * 1000)
+        status = reader.latest(left_ms) if left_ms > 0 else None
         if status is None:
             print(
                 f"no status from {endpoint} within {args.timeout:g} s (is the daemon running?)",
                 file=sys.stderr,
             )
             return EXIT_NO_STATUS
-        line = json.dumps(status, separators=(",", ":")) if args.json else human_line(status)
-        print(line, flush=True)
-        if args.once or status.get("state") == RunState.FINISHED:
+        try:
+            snapshot: Snapshot | None = Snapshot.from_dict(status)
+        except ValueError:
+            snapshot = None
+        if args.json and snapshot is not None:
+            print(json.dumps(status, separators=(",", ":")), flush=True)
+        else:
+            print(human_line(status), flush=True, file=sys.stdout if snapshot else sys.stderr)
+        if snapshot is None:
+            continue
+        deadline = time.monotonic() + args.timeout
+        if args.once or snapshot.state == RunState.FINISHED:
             return 0
 
 

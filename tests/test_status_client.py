@@ -134,7 +134,11 @@ def test_a_bad_config_or_endpoint_is_one_line_and_exit_2(
     assert capsys.readouterr().err.startswith("error: cannot connect to 'not-an-address'")
     with pytest.raises(SystemExit) as exc:
         main(["--endpoint", "tcp://127.0.0.1:1", "--timeout", "0"])
-    assert exc.value.code == 2 and "must be > 0 seconds" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must be > 0 and at most" in capsys.readouterr().err
+    for endless in ("inf", "3e6", "nan"):  # zmq's poll takes a C int of ms: refused here
+        with pytest.raises(SystemExit) as exc:
+            main(["--endpoint", "tcp://127.0.0.1:1", "--timeout", endless])
+        assert exc.value.code == 2 and "--timeout" in capsys.readouterr().err
 
 
 def test_help_shows_examples_and_odd_snapshots_are_shown_not_dropped(
@@ -144,17 +148,58 @@ def test_help_shows_examples_and_odd_snapshots_are_shown_not_dropped(
         main(["--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "deepz-live status --scope config.toml --once" in out
-    assert human_line({"frames_in": "many"}).startswith('status not understood: {"frames_in"')
-    # a field of another kind anywhere in a full snapshot: shown, not raised
-    full = asdict(Metrics().snapshot())
-    for field, odd in (("rejected", 5), ("elapsed_s", None)):
-        assert human_line({**full, field: odd}).startswith("status not understood: {")
+    assert human_line({"frames_in": "many"}).startswith("status not understood (no 'elapsed_s')")
+    # a field of another kind anywhere in a full snapshot: shown as not understood, naming it,
+    # never drawn as if it were a count (nor raised)
+    full = json.loads(Metrics().snapshot().to_json())
+    assert human_line(full).startswith("starting | ? | [")  # the snapshot itself reads
+    odd_values = (
+        ("rejected", 5),
+        ("rejected", {"x": -3, "y": 3}),
+        ("elapsed_s", None),
+        ("elapsed_s", 1e300),
+        ("frames_in", "lots"),
+        ("frames_in", True),
+        ("frames_in", 2.0),
+        ("queue_depth", [1, 2]),
+        ("skipped", -5),
+        ("frames_per_s", float("nan")),
+        ("lost_ranges", [[1, "2"]]),
+        ("state", "sleeping"),
+        ("backend", 7),
+    )
+    for field, odd in odd_values:
+        line = human_line({**full, field: odd})
+        assert line.startswith(f"status not understood ('{field}' "), (field, odd, line)
+        assert len(line) < 500
 
 
-def test_junk_on_the_endpoint_does_not_hold_off_the_timeout(
+def test_strings_off_the_socket_cannot_drive_the_terminal(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    full = json.loads(Metrics().snapshot().to_json())
+    hostile = {**full, "backend": "\ud800 lone", "output": "\x1b]0;owned\x07\x1b[2J"}
+    line = human_line(json.loads(json.dumps(hostile)))  # as it comes off the wire
+    assert "\x1b" not in line and "\x07" not in line and "\ud800" not in line
+    assert "\\ud800 lone" in line and "\\x1b]0;owned\\x07" in line
+    print(line)  # a lone surrogate made print raise
+    assert "lone" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "junk_parts",
+    [
+        [b"not json"],
+        [b'{"hello":1}'],  # a JSON object, not a snapshot
+        [b"x", json.dumps({**asdict(Metrics().snapshot()), "state": "finished"}).encode()],
+    ],
+    ids=["not-json", "not-a-snapshot", "snapshot-as-second-part"],
+)
+def test_junk_on_the_endpoint_does_not_hold_off_the_timeout(
+    capsys: pytest.CaptureFixture[str], junk_parts: list[bytes]
+) -> None:
     # A publisher sending what is not a snapshot, without pause: --timeout still ends the wait.
+    # A snapshot is one part: one riding behind another part is not read as one.
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.linger = 0
@@ -165,7 +210,7 @@ def test_junk_on_the_endpoint_does_not_hold_off_the_timeout(
         for _ in range(3000):  # 30 s or more: far past the 0.3 s timeout, however slow
             if stop.wait(0.01):
                 return
-            pub.send(b"not json")
+            pub.send_multipart(junk_parts)
         ran_out.set()
 
     thread = threading.Thread(target=junk, daemon=True)
@@ -178,7 +223,10 @@ def test_junk_on_the_endpoint_does_not_hold_off_the_timeout(
         thread.join(30)
         pub.close()
         ctx.term()
-    assert code == 1 and capsys.readouterr().err.startswith("no status from tcp://127.0.0.1:")
+    out, err = capsys.readouterr()
+    assert code == 1 and out == ""  # nothing on stdout: no snapshot was read
+    assert err.splitlines()[-1].startswith("no status from tcp://127.0.0.1:")
+    assert all(line.startswith("status not understood") for line in err.splitlines()[:-1])
 
 
 def test_a_reader_that_cannot_connect_closes_its_socket(
