@@ -49,8 +49,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_FPS = 20.0
+"""Screen refreshes a second at most, unless ``--max-fps`` says otherwise."""
 RATE_WINDOW_S = 2.0
 """`View.stacks_per_s` is the arrival rate over about the last this-many seconds."""
+IDLE_TITLE_S = 2.0
+"""The window's title says how long no stack has come once it is this many seconds."""
 LATE_MESSAGES = 64
 """Most messages `LatestStack.poll` reads once its timeout has passed (16 times the socket's
 receive high-water mark of 4 stacks)."""
@@ -111,8 +115,16 @@ class LatestStack:
         self.shown = 0
         """Views returned by `poll` (one per poll that received a stack)."""
         self.malformed = 0
+        self.stacks_per_s = 0.0
+        """The arrival rate as the last `poll` saw it (it falls to 0 once stacks stop)."""
+        self._last_stack = time.monotonic()
         # (monotonic time of a poll, stacks it received): the arrival rate's window
         self._polls: deque[tuple[float, int]] = deque()
+
+    @property
+    def idle_s(self) -> float:
+        """Seconds since a stack last arrived (since this client started, before the first)."""
+        return time.monotonic() - self._last_stack
 
     @property
     def not_shown(self) -> int:
@@ -146,9 +158,10 @@ class LatestStack:
             got += 1
             newest = message
         self.received += got
-        rate = self._arrival_rate(got)
+        rate = self.stacks_per_s = self._arrival_rate(got)
         if newest is None:
             return None
+        self._last_stack = time.monotonic()
         self.shown += 1
         # Own the pixels (the message's buffer is ZeroMQ's), as float32 whatever the wire's.
         volume = np.array(newest.array, dtype=np.float32)
@@ -242,6 +255,7 @@ class _Screen:
         self.viewer = viewer
         self.layers: dict[str, Any] = {}
         self._contrast: dict[str, AutoContrast] = {}
+        self._shown: View | None = None
 
     def show(self, view: View) -> None:
         """Put `view` on the screen: new layer data, its contrast, and the counts as title."""
@@ -252,10 +266,31 @@ class _Screen:
                 self.layers[name] = self.viewer.add_image(data, name=name)
                 self._contrast[name] = AutoContrast()
             self._contrast[name].update(self.layers[name], data)
-        self.viewer.title = (
-            f"deepz-live seq {view.seq} | {view.stacks_per_s:.1f} stacks/s received | "
-            f"latency {view.latency_ms or 0:.1f} ms | not shown {view.not_shown}"
-        )
+        self._shown = view
+        self.viewer.title = window_title(view, view.stacks_per_s, view.not_shown, idle_s=0.0)
+
+    def wait(self, client: LatestStack) -> None:
+        """No new stack this refresh: keep the title's rate and idle time current."""
+        if self._shown is not None:
+            self.viewer.title = window_title(
+                self._shown, client.stacks_per_s, client.not_shown, idle_s=client.idle_s
+            )
+
+
+def window_title(view: View, stacks_per_s: float, not_shown: int, *, idle_s: float) -> str:
+    """Return the viewer's title: the stack shown, the arrival rate now, and any silence.
+
+    The rate and the count not shown are the client's now, not the shown stack's: once the
+    stacks stop, the title says so (the rate falls to 0, ``no stack for N s``) rather than
+    keep the last rate.
+    """
+    title = (
+        f"deepz-live seq {view.seq} | {stacks_per_s:.1f} stacks/s received | "
+        f"latency {view.latency_ms or 0:.1f} ms | not shown {not_shown}"
+    )
+    if idle_s >= IDLE_TITLE_S:
+        title += f" | no stack for {idle_s:.0f} s"
+    return title
 
 
 def refresh_interval_ms(max_fps: float) -> int:
@@ -286,17 +321,18 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="largest message part accepted with --endpoint (default: the protocol's 1 GiB)",
     )
-    parser.add_argument("--max-fps", type=float, default=20.0, help="screen refresh limit")
+    parser.add_argument(
+        "--max-fps", type=float, help=f"screen refresh limit (default {DEFAULT_MAX_FPS:g})"
+    )
     args = parser.parse_args(argv)
-    if args.max_message_bytes is not None and args.max_message_bytes < 1:
-        parser.error(f"--max-message-bytes must be >= 1, not {args.max_message_bytes}")
-    if not (math.isfinite(args.max_fps) and 0 < args.max_fps <= 1000):
-        parser.error(
-            f"--max-fps must be a number of frames a second in (0, 1000], not {args.max_fps}"
-        )
+    if args.max_message_bytes is not None and not 1 <= args.max_message_bytes < 2**63:
+        parser.error(f"--max-message-bytes must be >= 1 and < 2**63, not {args.max_message_bytes}")
+    max_fps = DEFAULT_MAX_FPS if args.max_fps is None else args.max_fps
+    if not (math.isfinite(max_fps) and 0 < max_fps <= 1000):
+        parser.error(f"--max-fps must be a number of frames a second in (0, 1000], not {max_fps}")
     if (args.recording is None) == (args.endpoint is None and args.scope is None):
         parser.error("give a recording, or --endpoint / --scope of a running daemon")
-    daemon_only = [
+    keys_and_size = [
         flag
         for flag, value in (
             ("--client-key", args.client_key),
@@ -306,14 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None
     ]
     if args.recording is not None:
+        daemon_only = keys_and_size + (["--max-fps"] if args.max_fps is not None else [])
         if daemon_only:
             parser.error(f"{' / '.join(daemon_only)}: for a running daemon, not a recording")
         from live.recording_view import show
 
         return show(args.recording)
-    if args.scope is not None and daemon_only:
+    if args.scope is not None and keys_and_size:
         parser.error(
-            f"{' / '.join(daemon_only)}: not with --scope, whose config gives the keys and "
+            f"{' / '.join(keys_and_size)}: not with --scope, whose config gives the keys and "
             "the stack size (use --endpoint)"
         )
     try:
@@ -327,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot connect to {endpoint!r}: {err}", file=sys.stderr)
         return 2
     try:
-        return _run_window(client, args.max_fps)
+        return _run_window(client, max_fps)
     finally:
         client.close()
 
@@ -349,6 +386,8 @@ def _run_window(client: LatestStack, max_fps: float) -> int:
         view = client.poll(0)
         if view is not None:
             screen.show(view)
+        else:
+            screen.wait(client)
 
     from qtpy.QtCore import QTimer
 

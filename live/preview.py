@@ -192,8 +192,22 @@ def _counts(store: Path, deepz: dict[str, Any], images: dict[str, _Image | None]
     elif deepz.get("surfaces"):
         lines.append(f"surfaces: {', '.join(map(str, deepz['surfaces']))}")
     if "complete" in deepz:
-        lines.append("complete: " + ("yes" if deepz["complete"] else "NO (see attrs error)"))
+        lines.append("complete: " + _completeness(deepz))
     return lines
+
+
+def _completeness(deepz: dict[str, Any]) -> str:
+    """Say whether the store was finished, and if not, what its attributes name as why."""
+    if deepz["complete"] is True:
+        return "yes"
+    why = [f"{key}: {deepz[key]}" for key in _FAILURES if deepz.get(key)]
+    if why:
+        return f"NO ({'; '.join(why)})"[:300]
+    return "not yet (still being written, or the run ended without finishing it)"
+
+
+_FAILURES = ("error", "stacks_error", "run_error")
+"""The store attributes that name why a recording is not complete (`live.recorder`)."""
 
 
 def _axes(fig: Figure, panel: str) -> Axes:

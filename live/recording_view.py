@@ -167,7 +167,16 @@ def layer_specs(path: str | Path) -> list[LayerSpec]:
     path = Path(path)
     try:
         return _layer_specs(path)
-    except (FileNotFoundError, KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+    except (
+        OSError,  # unreadable, or gone (FileNotFoundError)
+        KeyError,
+        IndexError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ArithmeticError,  # OverflowError: an integer too large for a float
+        RecursionError,  # JSON nested past the parser's stack
+    ) as err:
         # (the store's attributes are input: a value of another kind anywhere in them)
         raise RecordingError(
             f"{path}: not a deepz-live recording ({type(err).__name__}: {err})"

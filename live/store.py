@@ -451,8 +451,8 @@ class WindowSampler:
         start, end = (float(v) for v in np.percentile(values, [self.LOW, self.HIGH]))
         if not np.issubdtype(self.dtype, np.integer):
             lo, hi = float(values.min()), float(values.max())
-        if end <= start:  # a flat image: a window one unit wide still shows it
-            end = start + 1.0
+        if end <= start:  # a flat image: a window one unit wide still shows it (wider where
+            end = start + max(1.0, abs(start) * 1e-6)  # one unit is below float64's step)
             hi = max(hi, end)
         return {"min": lo, "max": hi, "start": start, "end": end}
 

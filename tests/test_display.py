@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from live.display import LatestStack, View
+from live.display import RATE_WINDOW_S, LatestStack, View
 from live.protocol import MAX_FRAME_BYTES, decode, encode_frame, encode_stack, max_part_bytes
 
 
@@ -106,6 +106,7 @@ def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
         (["--max-message-bytes", "-5"], "--max-message-bytes must be >= 1"),
         (["--max-fps", "nan"], "--max-fps must be a number of frames a second"),
         (["--max-fps", "0"], "--max-fps must be a number of frames a second"),
+        (["--max-message-bytes", str(10**20)], "--max-message-bytes must be >= 1 and < 2**63"),
     ],
 )
 def test_the_viewers_limits_are_checked(
@@ -310,6 +311,51 @@ def test_a_flood_of_malformed_messages_cannot_hold_a_refresh() -> None:
         assert client.poll(0) is None
         assert client.malformed - malformed == LATE_MESSAGES  # the rest wait for the next poll
         assert client.poll(0) is None and client.malformed - malformed == 2 * LATE_MESSAGES
+    finally:
+        client.close()
+        pub.close()
+        ctx.term()
+
+
+def test_a_refresh_limit_for_a_recording_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from live.display import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "run.ome.zarr"), "--max-fps", "5"])
+    assert exc.value.code == 2
+    assert "--max-fps: for a running daemon, not a recording" in capsys.readouterr().err
+
+
+def test_the_title_says_when_the_stacks_stopped() -> None:
+    # The rate shown is the client's now: once stacks stop it falls, and the silence is said.
+    from live.display import IDLE_TITLE_S, window_title
+
+    view = _view(0.0, 1.0)
+    assert window_title(view, 10.4, 3, idle_s=0.0).endswith(
+        "10.4 stacks/s received | latency 1.0 ms | not shown 3"
+    )
+    stale = window_title(view, 0.0, 3, idle_s=IDLE_TITLE_S + 3)
+    assert "0.0 stacks/s received" in stale and stale.endswith("| no stack for 5 s")
+
+
+def test_the_clients_rate_falls_to_zero_once_the_stacks_stop() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    pub, client = _stacks_pair(ctx, "rate-falls")
+    try:
+        stack = np.zeros((2, 4, 4), np.float32)
+        for seq in range(1, 6):
+            pub.send_multipart(
+                encode_stack(stack, seq=seq, timestamp_s=0.0, focus_um=0.0, latency_ms=1.0)
+            )
+        view = None
+        while view is None:
+            view = client.poll(1000)
+        assert client.stacks_per_s > 0 and client.idle_s < RATE_WINDOW_S
+        time.sleep(RATE_WINDOW_S * 1.1)  # no stack for longer than the rate's window
+        assert client.poll(0) is None
+        assert client.stacks_per_s == 0.0 and client.idle_s >= RATE_WINDOW_S
     finally:
         client.close()
         pub.close()

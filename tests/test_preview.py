@@ -134,3 +134,25 @@ def test_the_preview_gets_the_mode_of_a_plain_file_not_owner_only(tmp_path: Path
     finally:
         os.umask(previous)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # readable like the store beside it
+
+
+def test_the_preview_says_why_a_store_is_not_complete_or_that_it_is_not_finished(
+    tmp_path: Path,
+) -> None:
+    import zarr
+
+    store = _store(tmp_path / "run.ome.zarr", 3)
+    root = zarr.open_group(store, mode="r+")
+    deepz = dict(root.attrs["deepz"])
+    for changes, expected in (
+        ({}, "complete: yes"),
+        # as a running recorder leaves it (and a killed one): no error named
+        ({"complete": False}, "complete: not yet (still being written, or the run ended"),
+        (
+            {"complete": False, "stacks_error": "writing stacks seq 4 failed: OSError: EIO"},
+            "complete: NO (stacks_error: writing stacks seq 4 failed: OSError: EIO)",
+        ),
+    ):
+        root.attrs["deepz"] = {**deepz, **changes}
+        _, text = _read(write_preview(store))
+        assert expected in text, text

@@ -78,6 +78,33 @@ def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
         layer_specs(store)
 
 
+@pytest.mark.parametrize(
+    ("change", "kind"),
+    [
+        (lambda o: o["omero"]["channels"][0].update(window={"start": 10**400, "end": 1}), "Overf"),
+        (lambda o: _transform(o, "scale", [0.05, 10**400, 0.5, 0.5]), "OverflowError"),
+    ],
+)
+def test_numbers_beyond_a_float_in_the_attributes_are_one_line(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], kind: str
+) -> None:
+    store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)
+    _set_ome(store, "1", change)
+    with pytest.raises(RecordingError, match=f"not a deepz-live recording \\({kind}"):
+        layer_specs(store)
+
+
+def test_a_store_whose_metadata_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    # A folder where the root's zarr.json should be (a damaged copy; unlike a file without
+    # permissions it cannot be read as root either): the store's fault, said in one line.
+    store = _record(tmp_path / "run.ome.zarr", planes_um=PLANES)
+    (store / "zarr.json").unlink()
+    (store / "zarr.json").mkdir()
+    with pytest.raises(RecordingError, match="not a deepz-live recording") as exc:
+        layer_specs(store)
+    assert "\n" not in str(exc.value)
+
+
 def test_view_command_refuses_a_missing_recording_with_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

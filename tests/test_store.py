@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from live.store import FLOAT16_MAX, as_stack_dtype, shard_frames, write_atomic
+from live.store import FLOAT16_MAX, WindowSampler, as_stack_dtype, shard_frames, write_atomic
 
 
 def test_float16_saturates_at_65504_counts_and_counts_every_saturated_value() -> None:
@@ -102,3 +102,13 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(
     with pytest.raises(OSError, match="disk full"):
         write_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("value", [0.0, 7.0, 1e15, 2e16, -3e30])
+def test_a_flat_images_display_window_is_never_empty(value: float) -> None:
+    # napari refuses a window whose ends are equal; one unit is below float64's step past 2**53
+    sampler = WindowSampler(np.dtype(np.float64))
+    sampler.add(np.full((8, 8), value))
+    window = sampler.window()
+    assert window["end"] > window["start"] == value
+    assert window["min"] <= window["start"] and window["max"] >= window["end"]
