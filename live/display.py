@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FPS = 20.0
 """Screen refreshes a second at most, unless ``--max-fps`` says otherwise."""
+_LOGGED_MALFORMED = 10
+"""Malformed stacks logged one by one; later ones are counted (`LatestStack.malformed`)."""
 RATE_WINDOW_S = 2.0
 """`View.stacks_per_s` is the arrival rate over about the last this-many seconds."""
 IDLE_TITLE_S = 2.0
@@ -153,7 +155,11 @@ class LatestStack:
                     raise ProtocolError(f"expected a stack, got a {message.header.kind}")
             except ProtocolError as err:
                 self.malformed += 1
-                log.warning("malformed stack ignored: %s", err)
+                if self.malformed <= _LOGGED_MALFORMED:  # a flood must not flood the log
+                    more = " (further ones are only counted)" * (
+                        self.malformed == _LOGGED_MALFORMED
+                    )
+                    log.warning("malformed stack ignored: %s%s", err, more)
                 continue
             got += 1
             newest = message

@@ -858,8 +858,10 @@ class Daemon:
                     self.finish_reason = FinishReason.SOURCE_FINISHED
                 break
             self.check_workers()
-            if time.monotonic() >= next_status:
-                next_status += 1.0
+            if (now := time.monotonic()) >= next_status:
+                # on the second's grid, but never a burst to catch up after a stall (a slow
+                # check_workers): rates over a few ms would spike in the status
+                next_status = max(next_status + 1.0, now + 0.5)
                 with self.supervisor.watch("status publisher"):
                     snap = self._snapshot()
                     if self._status is not None:

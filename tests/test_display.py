@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -299,7 +300,9 @@ def test_the_contrast_follows_the_stacks_until_the_user_sets_it() -> None:
     assert volume.contrast_limits_range[1] >= 3000.0  # the slider reaches the new data
 
 
-def test_a_flood_of_malformed_messages_cannot_hold_a_refresh() -> None:
+def test_a_flood_of_malformed_messages_cannot_hold_a_refresh_nor_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from live.display import LATE_MESSAGES
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -308,9 +311,13 @@ def test_a_flood_of_malformed_messages_cannot_hold_a_refresh() -> None:
         malformed = client.malformed
         for _ in range(3 * LATE_MESSAGES):  # all already in the inproc pipe (high-water 1004)
             pub.send_multipart([b"{}", b""])
-        assert client.poll(0) is None
-        assert client.malformed - malformed == LATE_MESSAGES  # the rest wait for the next poll
-        assert client.poll(0) is None and client.malformed - malformed == 2 * LATE_MESSAGES
+        with caplog.at_level(logging.WARNING, logger="live.display"):
+            assert client.poll(0) is None
+            assert client.malformed - malformed == LATE_MESSAGES  # the rest wait for the next
+            assert client.poll(0) is None and client.malformed - malformed == 2 * LATE_MESSAGES
+        logged = [r for r in caplog.records if "malformed stack ignored" in r.getMessage()]
+        assert len(logged) == 10 - malformed  # the first ten, all told; then only counted
+        assert "further ones are only counted" in logged[-1].getMessage()
     finally:
         client.close()
         pub.close()
