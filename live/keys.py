@@ -15,6 +15,7 @@ owner only. Existing keys are never overwritten. Add a client later by running i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -109,15 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     for path in made:
         print(f"wrote {path}")
     keydir = args.directory.resolve()
+
+    def toml(path: Path) -> str:  # a TOML basic string: JSON's escapes are TOML's (but DEL)
+        return json.dumps(str(path), ensure_ascii=False).replace("\x7f", "\\u007f")
+
     print(
         "\nAdd to the config (the same [security] table serves the daemon and its clients):\n"
         "[security]\n"
         "# the daemon's side (keep the secret on the daemon's machine)\n"
-        f'server_key = "{keydir / f"{SERVER_NAME}.key_secret"}"\n'
-        f'client_keys = "{keydir / "clients"}"\n'
+        f"server_key = {toml(keydir / f'{SERVER_NAME}.key_secret')}\n"
+        f"client_keys = {toml(keydir / 'clients')}\n"
         "# a client's side: the hook, display and status reader (copy its secret to it only)\n"
-        f'client_key = "{keydir / f"{clients[0]}.key_secret"}"\n'
-        f'server_public_key = "{keydir / f"{SERVER_NAME}.key"}"'
+        f"client_key = {toml(keydir / f'{clients[0]}.key_secret')}\n"
+        f"server_public_key = {toml(keydir / f'{SERVER_NAME}.key')}"
     )
     return 0
 

@@ -176,7 +176,9 @@ class Header:
             fields["surface_id"] = self.surface_id
         if self.latency_ms is not None:
             fields["latency_ms"] = self.latency_ms
-        return json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+        return json.dumps(
+            fields, separators=(",", ":"), allow_nan=False, default=_numpy_scalar
+        ).encode()
 
     @property
     def nbytes(self) -> int:
@@ -452,6 +454,15 @@ def _check_stack_fields(h: Header) -> None:
         raise ProtocolError(f"surface_id must be a string or null, got {_short(h.surface_id)}")
     if h.latency_ms is None or not _is_number(h.latency_ms) or h.latency_ms < 0:
         raise ProtocolError(f"a stack needs latency_ms >= 0, got {_short(h.latency_ms)}")
+
+
+def _numpy_scalar(value: object) -> int | float:
+    """JSON for the numpy integers and floats `_check_header` accepts (as Python's own)."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _is_int(value: object) -> bool:

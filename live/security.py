@@ -93,6 +93,7 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
             f"{what}: {path} does not hold a valid CURVE key pair (40-character Z85 keys, "
             "the public one made from the secret one)"
         ) from None
+    _check_writers(path, what)
     if secret and os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o007:  # as ssh refuses a private key anyone can read
@@ -105,8 +106,34 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
     return public, secret_key
 
 
+def _check_writers(path: Path, what: str) -> None:
+    """Refuse a key file or folder every user can write; say so when its group can.
+
+    Whoever can write the allow-list lets in their own key, and whoever can write the server's
+    public key a client trusts can put theirs in its place (ssh's StrictModes refuses such
+    files too). A group may be meant to manage the keys (root:deepz 0664): said, not refused.
+    """
+    if os.name != "posix":
+        return
+    try:
+        info = path.stat()
+    except OSError:  # missing or unreadable: said where the keys are read
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    sticky = stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX  # /tmp-like: cannot replace
+    if mode & 0o002 and not sticky:
+        raise ConfigError(
+            f"{what}: {path} can be written by every user (mode {mode:04o}), who could put "
+            f"their own key there; make it writable by its owner only: chmod go-w {path}"
+        )
+    if mode & 0o020:
+        log.warning("%s: %s can be written by its group (mode %04o)", what, path, mode)
+
+
 def _public_keys(location: Path | list[Path]) -> frozenset[bytes]:
     """Read the client public keys of a folder (``*.key``) or a list of certificate files."""
+    if isinstance(location, Path):
+        _check_writers(location, "security.client_keys")
     files = sorted(location.glob("*.key")) if isinstance(location, Path) else location
     keys = frozenset(_certificate(path, "security.client_keys", secret=False)[0] for path in files)
     if not keys:

@@ -322,6 +322,37 @@ def test_a_secret_key_others_can_read_is_refused(
     assert keys.secret.decode() not in repr(keys)  # never in a log line or a traceback
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_keys_every_user_can_write_are_refused(
+    keydir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever can write the allow-list lets in their own key; whoever can write the server's
+    public key a client trusts can swap it: refused, naming the file (group: said)."""
+    config = validate_config(
+        {
+            "security": {
+                "curve": "required",
+                "server_key": str(keydir / "server.key_secret"),
+                "client_keys": str(keydir / "clients"),
+            }
+        }
+    )
+    clients = keydir / "clients"
+    for writable, mode in ((clients, 0o777), (clients / "scope2.key", 0o666)):
+        old = stat.S_IMODE(writable.stat().st_mode)
+        writable.chmod(mode)
+        with pytest.raises(ConfigError, match=rf"{writable.name} can be written by every user"):
+            server_keys(config)
+        writable.chmod(old)
+    (clients / "scope2.key").chmod(0o664)
+    with caplog.at_level("WARNING", logger="live.security"):
+        assert server_keys(config) is not None
+    assert any("can be written by its group" in r.getMessage() for r in caplog.records)
+    (keydir / "server.key").chmod(0o646)
+    with pytest.raises(ConfigError, match=r"server\.key can be written by every user"):
+        read_client_keys(keydir / "client.key_secret", keydir / "server.key")
+
+
 def test_make_keys_checks_everything_before_writing(tmp_path: Path) -> None:
     keydir = tmp_path / "k"
     for bad in ("../escaped", "a/b", "server", ""):
@@ -356,3 +387,19 @@ def test_python_m_live_keys_makes_usable_keys_and_never_overwrites(tmp_path: Pat
     assert f'client_keys = "{tmp_path / "k" / "clients"}"' in out.stdout
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already exist" in again.stderr
+
+
+def test_the_printed_config_lines_parse_as_toml_whatever_the_folder_is_called(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomllib
+
+    from live.keys import main as keys_main
+
+    keydir = tmp_path / 'old\\bkeys "lab"\\tµ'  # a backslash, quotes, a TOML escape, UTF-8
+    assert keys_main([str(keydir)]) == 0
+    lines = capsys.readouterr().out.split("Add to the config", 1)[1].split("\n", 1)[1]
+    security = tomllib.loads(lines)["security"]
+    assert security["server_key"] == str(keydir.resolve() / "server.key_secret")
+    assert security["client_keys"] == str(keydir.resolve() / "clients")
+    assert Path(security["client_key"]).is_file() and Path(security["server_public_key"]).is_file()

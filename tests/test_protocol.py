@@ -168,3 +168,25 @@ def test_encode_rejects_bad_input() -> None:
         encode_frame(np.zeros((2, 2), np.uint16), seq=-3, timestamp_s=0.0)
     with pytest.raises(ProtocolError, match="must be a numpy array"):
         encode_frame([[1, 2]], seq=0, timestamp_s=0.0)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_in_a_header_encode_as_json_numbers() -> None:
+    # the checks take numpy integers and floats (a camera's counter is often one): so must JSON
+    frame = np.zeros((4, 4), np.uint16)
+    message = decode(
+        encode_frame(frame, seq=np.int64(3), timestamp_s=np.float32(1.5), focus_um=np.float64(2))
+    )
+    assert (message.header.seq, message.header.timestamp_s, message.header.focus_um) == (3, 1.5, 2)
+    stack = np.zeros((2, 4, 4), np.float32)
+    message = decode(
+        encode_stack(
+            stack,
+            seq=np.uint32(9),
+            timestamp_s=0.0,
+            focus_um=None,
+            latency_ms=np.float32(2.0),
+            planes_um=[np.float32(-1.0), np.float64(1.0)],
+        )
+    )
+    assert message.header.seq == 9 and message.header.latency_ms == 2.0
+    assert message.header.planes_um == (-1.0, 1.0)
