@@ -558,13 +558,9 @@ class StatusPublisher:
         endpoint: str,
         keys: ServerKeys | None = None,
     ) -> None:
-        from live.security import serve_curve
+        from live.security import publisher
 
-        self._socket = ctx.socket(zmq.PUB)
-        self._socket.linger = 0
-        self._socket.sndhwm = 10
-        serve_curve(self._socket, keys)
-        self._socket.bind(endpoint)
+        self._socket = publisher(ctx, endpoint, keys, sndhwm=10)
 
     def publish(self, snapshot: Snapshot) -> None:
         """Publish without blocking; a slow subscriber just misses updates."""

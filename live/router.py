@@ -53,7 +53,7 @@ from live.protocol import (
     parse_credit,
     parse_end_of_stacks,
 )
-from live.security import ServerKeys, serve_curve
+from live.security import ServerKeys, publisher, serve_curve
 from live.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -193,7 +193,9 @@ class Router(threading.Thread):
         self._pull = ctx.socket(zmq.PULL)
         self._pull.linger = 0
         self._pull.maxmsgsize = max_part_bytes
-        self._pull.rcvhwm = FRAMES_RCVHWM  # bounds what a flooding sender can park in memory
+        # bounds the whole messages a flooding sender can park in memory (not the parts of one
+        # that never ends: only CURVE keeps such a peer out, see live.security.publisher)
+        self._pull.rcvhwm = FRAMES_RCVHWM
         serve_curve(self._pull, frames_keys)
         self._pull.bind(frames_endpoint)
         self._source: zmq.Socket[bytes] | None = None
@@ -205,7 +207,7 @@ class Router(threading.Thread):
             self.source_ended.set()  # no own source: nothing to wait for
         self._pushes = [self._bound(zmq.PUSH, ep, worker_hwm) for ep in worker_endpoints]
         self._raw_pub = (
-            self._bound(zmq.PUB, raw_endpoint, raw_hwm, raw_keys) if raw_endpoint else None
+            publisher(ctx, raw_endpoint, raw_keys, sndhwm=raw_hwm) if raw_endpoint else None
         )
         if policy not in POLICIES:
             raise ValueError(f"overload.policy {policy!r} is not one of {POLICIES}")
@@ -224,14 +226,11 @@ class Router(threading.Thread):
         """Frames admitted and waiting for a worker's credit (a gauge: read from any thread)."""
         return len(self._waiting)
 
-    def _bound(
-        self, kind: int, endpoint: str, hwm: int, keys: ServerKeys | None = None
-    ) -> zmq.Socket[bytes]:
+    def _bound(self, kind: int, endpoint: str, hwm: int) -> zmq.Socket[bytes]:
         """Return a socket of `kind` bound to `endpoint`, with a small send high-water mark."""
         socket = self._ctx.socket(kind)
         socket.linger = 0
         socket.sndhwm = hwm
-        serve_curve(socket, keys)
         socket.bind(endpoint)
         return socket
 
@@ -441,12 +440,10 @@ class Collector(threading.Thread):
         self._pull = _bind(ctx, zmq.PULL, stacks_in_endpoint, max_stack_bytes)
         self._events = _bind(ctx, zmq.PULL, events_endpoint, MAX_EVENT_BYTES)
         self._pub = (
-            _bind(ctx, zmq.PUB, stacks_pub_endpoint, keys=stacks_keys)
+            publisher(ctx, stacks_pub_endpoint, stacks_keys, sndhwm=display_hwm)
             if stacks_pub_endpoint
             else None
         )
-        if self._pub is not None:
-            self._pub.sndhwm = display_hwm
 
     def finish(self, workers: set[int], timeout_s: float = 10.0) -> None:
         """End once every worker in `workers` has sent "done" and `END_OF_STACKS`.

@@ -263,6 +263,44 @@ def subscriber(
     return sub
 
 
+SUBSCRIPTION_BYTES = 4096
+"""Largest message a daemon publisher takes from a subscriber: its clients subscribe to
+everything (a 1-byte message); a peer sending a longer one is disconnected by ZeroMQ. Not
+smaller: the limit holds for the CURVE handshake's commands too (INITIATE is some 300 bytes)."""
+
+
+def publisher(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    keys: ServerKeys | None,
+    *,
+    sndhwm: int,
+) -> zmq.Socket[bytes]:
+    """Return the daemon's PUB socket on `endpoint` (stacks, raw frames, status).
+
+    A CURVE server with `keys` (None: none); linger 0; `sndhwm` messages queued per
+    subscriber, so a slow one misses messages rather than holding the daemon's memory.
+
+    What a subscriber sends is bounded per message (`SUBSCRIPTION_BYTES`), but ZeroMQ keeps
+    every distinct subscription a peer sends for as long as it stays connected, some 48
+    bytes of memory per byte sent (a manual XPUB keeps them too: measured). On an endpoint
+    without CURVE every local user is such a peer; with CURVE only the allowed keys are (the
+    handshake ends any other before its first subscription): a shared machine sets
+    ``security.curve = "required"``.
+    """
+    socket = ctx.socket(zmq.PUB)
+    try:
+        socket.linger = 0
+        socket.sndhwm = sndhwm
+        socket.maxmsgsize = SUBSCRIPTION_BYTES
+        serve_curve(socket, keys)
+        socket.bind(endpoint)
+    except BaseException:
+        socket.close(linger=0)
+        raise
+    return socket
+
+
 class Gatekeeper:
     """The daemon's ZAP handler: lets in CURVE clients whose public key is on the allow-list.
 
