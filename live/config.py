@@ -37,6 +37,7 @@ from pydantic import (
 from engine.dpm import DPMError, VolumePlan, from_image, polynomial, tilted, uniform
 from engine.optics import CameraConfig, OpticsConfig
 from engine.runtime import (
+    BACKEND_PRECISIONS,
     DEFAULT_MAX_BATCH,
     DEFAULT_MODEL,
     BackendName,
@@ -374,6 +375,14 @@ class EngineConfig(_BaseModel):
     def _backend_options_agree(self) -> EngineConfig:
         # the runtime's own rule (a measured bank is wide-field), checked at load, not at start
         BackendOptions(render_modality=self.render_modality, psf_bank=self.psf_bank)
+        if self.precision != "auto" and not any(
+            self.precision in BACKEND_PRECISIONS[name] for name in self.backends
+        ):
+            runs = {name: BACKEND_PRECISIONS[name] for name in self.backends}
+            raise ValueError(
+                f"engine.precision = {self.precision!r} is run by none of engine.backends "
+                f"{self.backends} (they run {runs})"
+            )
         return self
 
     @field_validator("backends")
@@ -548,12 +557,50 @@ class PlanesConfig(_BaseModel):
 
 
 def _zmq_address(v: str) -> str:
-    """Require a ZeroMQ endpoint such as ``tcp://127.0.0.1:5555`` or ``ipc:///tmp/x``."""
-    if not v.startswith(("tcp://", "ipc://", "inproc://")) or len(v.split("://", 1)[1]) == 0:
+    """Require an endpoint other processes can reach: ``tcp://host:port`` or ``ipc:///path``.
+
+    A tcp port is a fixed number 1–65535 (clients must know where to connect: not ``*`` or
+    0, ZeroMQ's "any free port"). Not ``inproc://`` (this process only: the hook, viewer and
+    status reader are other processes), and not an IPv6 address (the daemon's sockets do not
+    turn on ZeroMQ's IPv6 option, so it could never bind).
+    """
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise ValueError(f"not a ZeroMQ address (tcp://host:port, ipc:///path): {v!r}")
+    if scheme == "inproc":
         raise ValueError(
-            f"not a ZeroMQ address (tcp://host:port, ipc://path, inproc://name): {v!r}"
+            f"{v!r} reaches only this process; the daemon's clients are other processes: "
+            "use tcp://127.0.0.1:PORT or ipc:///path"
         )
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host:
+            raise ValueError(f"{v!r} names no port: tcp://host:port, e.g. tcp://127.0.0.1:5558")
+        if host.startswith("[") or host.count(":"):
+            raise ValueError(f"{v!r}: IPv6 endpoints are not supported; use an IPv4 address")
+        if not (port.isdecimal() and port.isascii() and 1 <= int(port) <= 65535):
+            raise ValueError(
+                f"{v!r}: the port must be a number 1-65535 (not {port!r}): clients must know "
+                "where to connect"
+            )
     return v
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether binding endpoints `a` and `b` would take the same address.
+
+    ``localhost`` is 127.0.0.1, and a wildcard host (``*``, ``0.0.0.0``) takes its port on
+    every address.
+    """
+    if a == b:
+        return True
+    if not (a.startswith("tcp://") and b.startswith("tcp://")):
+        return False
+    (host_a, _, port_a), (host_b, _, port_b) = (e[6:].rpartition(":") for e in (a, b))
+    if int(port_a) != int(port_b):
+        return False
+    hosts = {"127.0.0.1" if h == "localhost" else h for h in (host_a, host_b)}
+    return len(hosts) == 1 or bool(hosts & {"*", "0.0.0.0"})
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -596,9 +643,14 @@ class EndpointsConfig(_BaseModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> EndpointsConfig:
-        addrs = [self.frames, self.stacks, self.recorder, self.status]
-        if len(set(addrs)) != len(addrs):
-            raise ValueError(f"endpoints must be distinct, got {addrs}")
+        named = self.items()
+        for i, (name_a, a) in enumerate(named):
+            for name_b, b in named[i + 1 :]:
+                if _same_address(a, b):
+                    raise ValueError(
+                        f"endpoints must be distinct: endpoints.{name_a} = {a!r} and "
+                        f"endpoints.{name_b} = {b!r} take the same address"
+                    )
         return self
 
     def items(self) -> list[tuple[str, str]]:

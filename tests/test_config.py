@@ -190,6 +190,40 @@ def test_replay_needs_a_path_and_other_cross_checks(tmp_path):
         load_config(write(tmp_path, '[endpoints]\nstatus = "localhost:1"\n'))
 
 
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        ("tcp://127.0.0.1:1180591620717411303424", "the port must be a number 1-65535"),
+        ("tcp://127.0.0.1:99999", "the port must be a number 1-65535"),
+        ("tcp://127.0.0.1:-1", "the port must be a number 1-65535"),
+        ("tcp://127.0.0.1:*", "clients must know where to connect"),
+        ("tcp://127.0.0.1:0", "the port must be a number 1-65535"),
+        ("tcp://127.0.0.1", "names no port"),
+        ("tcp://[::1]:5558", "IPv6 endpoints are not supported"),
+        ("inproc://status", "reaches only this process"),
+        ("udp://127.0.0.1:5558", "not a ZeroMQ address"),
+    ],
+)
+def test_an_endpoint_no_client_could_reach_is_refused_naming_its_key(tmp_path, status, message):
+    with pytest.raises(ConfigError, match=r"endpoints.status") as err:
+        load_config(write(tmp_path, f'[endpoints]\nstatus = "{status}"\n'))
+    assert message in str(err.value) and "\n" not in str(err.value).strip()
+
+
+@pytest.mark.parametrize(
+    ("frames", "stacks"),
+    [
+        ("tcp://127.0.0.1:5555", "tcp://localhost:5555"),
+        ("tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555"),
+        ("tcp://*:5555", "tcp://192.168.1.7:5555"),
+    ],
+)
+def test_two_spellings_of_one_address_are_not_distinct(tmp_path, frames, stacks):
+    text = f'[endpoints]\nframes = "{frames}"\nstacks = "{stacks}"\n'
+    with pytest.raises(ConfigError, match=r"endpoints.frames = .* and endpoints.stacks = "):
+        load_config(write(tmp_path, text))
+
+
 def test_several_errors_come_in_one_message(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, '[display]\nmax_fps = -1\n[overload]\npolicy = "drop"\n'))
@@ -362,3 +396,13 @@ def test_a_real_scope_runs_the_shipped_volume_model_without_the_simulator():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(9, 64, 64) None"
+
+
+def test_a_precision_no_listed_backend_runs_is_refused_naming_both_keys(tmp_path):
+    text = '[engine]\nbackends = ["onnxruntime"]\nprecision = "bf16"\n'
+    with pytest.raises(ConfigError, match=r"engine.precision = 'bf16' is run by none of engine"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="precision"):  # measured and not offered
+        load_config(write(tmp_path, '[engine]\nprecision = "int8"\n'))
+    text = '[engine]\nbackends = ["onnxruntime", "openvino"]\nprecision = "bf16"\n'
+    assert load_config(write(tmp_path, text)).engine.precision == "bf16"

@@ -299,6 +299,10 @@ def test_the_runtime_renders_through_a_measured_bank_and_refuses_a_bad_one(
     slim = MODEL.parent / "deepz-slim.onnx"  # a per-plane model has no bank to swap
     with pytest.raises(BackendError, match="per-plane model"):
         load_backend(slim, prefer=["onnxruntime"], psf_bank=tmp_path / "wide.npy")
+    with pytest.raises(BackendError, match=r"render_modality 'confocal'.*per-plane model"):
+        load_backend(slim, prefer=["onnxruntime"], render_modality="confocal")  # not ignored
+    plain = load_backend(slim, prefer=["onnxruntime"], render_modality="widefield")  # its own
+    assert plain.metadata.volume is None
     assert served.metadata.volume is not None and served.metadata.volume.modality == "widefield"
 
 

@@ -287,7 +287,9 @@ def test_load_backend_falls_back_past_a_backend_that_cannot_load(
 
 def test_unsupported_precision_is_skipped(tiny_model_files: dict[str, object]) -> None:
     with pytest.raises(BackendError, match="supports precision"):
-        load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], precision="int8")  # type: ignore[arg-type]
+        load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], precision="fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):  # measured, not offered
+        load_backend(tiny_model_files["onnx"], precision="int8")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="precision must be one of"):
         load_backend(tiny_model_files["onnx"], precision="fp8")  # type: ignore[arg-type]
 

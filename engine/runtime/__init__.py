@@ -35,7 +35,7 @@ from engine.runtime._base import (
     depth_limits,
     onnx_metadata,
 )
-from engine.runtime._protocol import Backend, BackendError, Precision
+from engine.runtime._protocol import BACKEND_PRECISIONS, Backend, BackendError, Precision
 from engine.runtime._trt_cache import (
     CacheEntry,
     EngineCache,
@@ -59,6 +59,7 @@ _LAZY = {
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_PRECISIONS",
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MODEL",
     "INPUT_NAME",
@@ -214,8 +215,8 @@ def load_backend(
     prefer
         Backend names to try, in order; None tries all, fastest first.
     precision
-        "fp32"; "bf16" (OpenVINO on CPUs with AVX-512-BF16 / AMX); "fp16" (TensorRT) or
-        "int8"; "auto": each backend's fastest about 1 % from fp32 (bf16 where OpenVINO can,
+        "fp32"; "bf16" (OpenVINO on CPUs with AVX-512-BF16 / AMX); "fp16" (TensorRT, torch on a
+        GPU); "auto": each backend's fastest about 1 % from fp32 (bf16 where OpenVINO can,
         else fp32). A backend that cannot honour the precision is skipped.
     intra_op_threads
         CPU threads for onnxruntime and torch (None: all cores this process may use).

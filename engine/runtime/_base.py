@@ -42,7 +42,7 @@ INPUT_NAME = "input"
 """Name of the network input in exported models: (N, 2, H, W) float32, image and DPM."""
 OUTPUT_NAME = "output"
 """Name of the network output in exported models: (N, 1, H, W) float32, the refocused plane."""
-PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS: tuple[Precision, ...] = ("auto", "fp32", "bf16", "fp16")
 MAX_CACHED_SHAPES = 2
 """Input (and output) buffers a backend keeps: one per recent (planes, height, width); live
 calls repeat one shape, and a 41 × 2048² input alone takes 1.4 GB."""
@@ -421,6 +421,12 @@ class BaseBackend:
             raise BackendError(
                 f"engine.psf_bank {options.psf_bank}: {metadata.name} is a per-plane model; "
                 "a PSF bank is for volume models"
+            )
+        if metadata.volume is None and options.render_modality not in (None, "widefield"):
+            raise BackendError(
+                f"engine.render_modality {options.render_modality!r}: {metadata.name} is a "
+                "per-plane model, whose planes are the wide-field ones it was trained on; "
+                "rendering another modality is for volume models"
             )
         if metadata.volume is None and options.point_fit is not None:
             raise BackendError(

@@ -24,7 +24,7 @@ from engine.runtime._base import (
     metadata_from_props,
     require_onnx,
 )
-from engine.runtime._protocol import BackendError
+from engine.runtime._protocol import BACKEND_PRECISIONS, BackendError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class OnnxRuntimeBackend(BaseBackend):
     """Runs an exported Deep-Z ONNX model with ONNX Runtime; metadata comes from the file."""
 
     name = "onnxruntime"
-    supported_precisions = ("fp32",)
+    supported_precisions = BACKEND_PRECISIONS["onnxruntime"]
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         require_onnx(model_path, self.name)

@@ -24,7 +24,7 @@ from engine.runtime._base import (
     onnx_metadata,
     require_onnx,
 )
-from engine.runtime._protocol import BackendError
+from engine.runtime._protocol import BACKEND_PRECISIONS, BackendError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class OpenVinoBackend(BaseBackend):
     """Runs an exported Deep-Z ONNX model with OpenVINO on the CPU, in float32 or bfloat16."""
 
     name = "openvino"
-    supported_precisions = ("fp32", "bf16")
+    supported_precisions = BACKEND_PRECISIONS["openvino"]
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         require_onnx(model_path, self.name)

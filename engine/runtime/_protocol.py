@@ -15,12 +15,22 @@ if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
     from engine.volume import Renderer
 
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Numeric precision a backend runs the network in: bf16 on CPUs with AVX-512-BF16 or AMX
-(OpenVINO), fp16 / int8 on GPUs (TensorRT). "auto" asks each backend for its fastest precision
+(OpenVINO), fp16 on GPUs (TensorRT, torch; int8 measured and not offered: it moves beads,
+docs/benchmarks.md). "auto" asks each backend for its fastest precision
 that stays about 1 % from float32 (bf16: relative L1 0.8-1.2 %, the largest voxel 0.7-1.7 %,
 the same bead depths): bf16 where OpenVINO has the instructions, else fp32 (a
 backend reports the precision it chose as its `precision`)."""
+
+BACKEND_PRECISIONS: dict[str, tuple[Precision, ...]] = {
+    "tensorrt": ("fp32", "fp16"),
+    "openvino": ("fp32", "bf16"),
+    "onnxruntime": ("fp32",),
+    "torch": ("fp32", "fp16"),
+}
+"""The precisions each backend runs ("auto" is each one's choice among them): its class's
+`supported_precisions`, and what the daemon's config checks ``engine.precision`` against."""
 
 
 class BackendError(RuntimeError):

@@ -34,7 +34,7 @@ from engine.runtime._base import (
     io_channels,
     onnx_metadata,
 )
-from engine.runtime._protocol import BackendError
+from engine.runtime._protocol import BACKEND_PRECISIONS, BackendError
 from engine.runtime._trt_build import (
     build_tensorrt_engine,
     cuda_check,
@@ -150,7 +150,7 @@ class TensorRTBackend(BaseBackend):
     """Runs a TensorRT engine built from the exported ONNX (FP16 or FP32) on one CUDA device."""
 
     name = "tensorrt"
-    supported_precisions = ("fp32", "fp16")
+    supported_precisions = BACKEND_PRECISIONS["tensorrt"]
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         self._rt = cudart()

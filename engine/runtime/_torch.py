@@ -15,7 +15,7 @@ import torch
 from engine.metadata import ModelMetadataError
 from engine.model import load_model
 from engine.runtime._base import BackendOptions, BaseBackend
-from engine.runtime._protocol import BackendError
+from engine.runtime._protocol import BACKEND_PRECISIONS, BackendError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class TorchBackend(BaseBackend):
     """Runs `engine.model.DeepZ` eagerly under `torch.inference_mode` (CPU or CUDA)."""
 
     name = "torch"
-    supported_precisions = ("fp32", "fp16")
+    supported_precisions = BACKEND_PRECISIONS["torch"]
 
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         weights = weights_for(model_path)
