@@ -840,6 +840,23 @@ class ScopeConfig(_BaseModel):
                 f"overload.max_queue_frames = {self.overload.max_queue_frames} frames of {h}x{w} "
                 f"px could hold {queue_gib:.1f} GiB (at most {MAX_QUEUE_GIB:g}): fewer frames"
             )
+        rc = self.recorder
+        if rc.enabled and not (
+            self.source.geometry_from_core and "frame_shape" not in (self.source.model_fields_set)
+        ):  # (a frame shape the camera gives is known only at start)
+            stack_mb = n * h * w * np.dtype(rc.stack_dtype).itemsize / 2**20
+            frame_mb = h * w * 2 / 2**20
+            if rc.keep_stacks and stack_mb > rc.max_backlog_mb / 2:
+                raise ValueError(
+                    f"recorder.max_backlog_mb = {rc.max_backlog_mb} holds no stack: stacks are "
+                    f"queued within half of it and one is {stack_mb:.1f} MB ({n} planes of "
+                    f"{h}x{w} px, {rc.stack_dtype}); raise it"
+                )
+            if rc.keep_raw and frame_mb > rc.max_backlog_mb:
+                raise ValueError(
+                    f"recorder.max_backlog_mb = {rc.max_backlog_mb} holds no raw frame of "
+                    f"{h}x{w} px ({frame_mb:.1f} MB); raise it"
+                )
         return self
 
     def volume_plan(self) -> VolumePlan:
@@ -1151,6 +1168,15 @@ def validate_config(
         )
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
+    recorder = config.recorder
+    if base_dir is not None and "path" not in recorder.model_fields_set:
+        # relative paths are relative to the config's folder: the default ``runs`` too, not
+        # the folder the daemon happens to start in (a default is not validated, so not
+        # resolved by RecorderConfig's own validator)
+        beside = (base_dir / recorder.path).resolve()
+        config = config.model_copy(
+            update={"recorder": recorder.model_copy(update={"path": beside})}
+        )
     if auto and not config.source.geometry_from_core:
         raise ConfigError(
             f'{source}: {auto[0]} = "auto" needs source.kind = "micromanager" with '

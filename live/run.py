@@ -24,6 +24,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -493,17 +494,25 @@ class Daemon:
 
         Raises `ConfigError` with one line: an endpoint that uses CURVE (beyond loopback, or
         ``security.curve = "required"``) without keys or with unreadable ones, an output
-        store that already exists, or a recording to replay that cannot be. Loads the CURVE
+        store that already exists or a folder that cannot take it (`_check_recording_folder`),
+        ``--output`` with recording off, or a recording to replay that cannot be. Loads the CURVE
         keys and opens the replay's recording for `start`.
         """
         if self._checked:
             return
         self._keys = server_keys(self.config)
+        if self.output is not None and not self.config.recorder.enabled:
+            raise ConfigError(
+                f"--output {self.output}: recording is off (recorder.enabled = false); drop "
+                "--output or turn recording on"
+            )
         if self.store is not None and self.store.exists():
             raise ConfigError(
                 f"the output store {self.store} already exists: give another --output or "
                 "move it away (a run never overwrites a recording)"
             )
+        if self.store is not None:
+            self._check_recording_folder(self.store.parent)
         _check_endpoints_free(self.config)
         # the workers' ipc sockets live in a folder of the temp dir: too deep a TMPDIR would
         # fail their bind in start(), where the error would seem to be a configured endpoint's
@@ -525,6 +534,30 @@ class Daemon:
             except (OSError, ValueError) as err:
                 raise ConfigError(f"source.replay.path: {_one_line(err)}") from err
         self._checked = True
+
+    def _check_recording_folder(self, folder: Path) -> None:
+        """Make the store's folder and refuse one that cannot take it, naming its key.
+
+        Before the model loads: a folder that is a file, cannot be made or written, or a disk
+        already below ``recorder.min_free_mb`` (nothing would be recorded) is said in one line.
+        """
+        rc = self.config.recorder
+        what = f"recorder.path {rc.path}" if self.output is None else f"--output {self.output}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free_mb = shutil.disk_usage(folder).free / 2**20
+        except OSError as err:
+            raise ConfigError(
+                f"{what}: cannot make or use the recordings folder {folder}: {err.strerror or err}"
+            ) from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what}: this user cannot write in {folder}")
+        if free_mb < rc.min_free_mb:
+            raise ConfigError(
+                f"only {free_mb:.0f} MB free on {folder}, below recorder.min_free_mb = "
+                f"{rc.min_free_mb}: nothing would be recorded (free space, lower "
+                "recorder.min_free_mb, or run with recorder.enabled = false)"
+            )
 
     def start(self) -> None:
         """Check, pick the backend, pre-flight, then start recorder, threads, workers, source."""

@@ -58,10 +58,13 @@ SOURCE_KINDS = ("simulated", "replay", "micromanager")
 """Accepted values of ``source.kind``."""
 
 BANK_MB = 256.0
+"""Memory the simulated scope may spend on pre-rendered frames."""
 RING_BUFFER_S = 2.0
 """Seconds of frames the camera's circular buffer holds (`ring_buffer_mb`)."""
 RING_MIN_MB = 16
-"""Memory the simulated scope may spend on pre-rendered frames."""
+"""The smallest ring buffer (a slow, small camera still bridges a stall of the sender)."""
+RING_MAX_MB = 1024
+"""The largest ring buffer: Micro-Manager's own default (a shorter bridge at a high rate)."""
 
 _EMPTY_POLL_S = 0.001
 """Sleep between polls of the Micro-Manager core's buffer while it is empty. Each poll is two
@@ -112,15 +115,16 @@ class _Run:
 
 
 def ring_buffer_mb(frame_bytes: int, rate_hz: float) -> int:
-    """Size of the camera's circular buffer: `RING_BUFFER_S` of frames, at least `RING_MIN_MB`.
+    """Size of the camera's circular buffer: `RING_BUFFER_S` of frames, within bounds.
 
-    The source pops frames as they arrive, so the buffer only has to bridge a stall of the
+    At least `RING_MIN_MB`, at most `RING_MAX_MB` (a mistyped rate must not ask for tens of
+    GB). The source pops frames as they arrive, so the buffer only has to bridge a stall of the
     sending thread. Micro-Manager's Python core allocates 1 GiB by default, and its pages are
     touched (resident) as the ring advances: sized here, the daemon's memory is flat after
     the first lap (`benchmarks.soak`).
     """
     needed = RING_BUFFER_S * rate_hz * frame_bytes / 2**20
-    return max(RING_MIN_MB, math.ceil(needed))
+    return min(RING_MAX_MB, max(RING_MIN_MB, math.ceil(needed)))
 
 
 def _stream_core(

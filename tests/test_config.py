@@ -48,8 +48,11 @@ def test_shipped_config_loads_and_is_the_embedded_default():
 
 def test_empty_file_gives_all_defaults(tmp_path):
     cfg = load_config(write(tmp_path, ""))
-    assert cfg == ScopeConfig.model_validate({}, context={"base_dir": tmp_path})
+    defaults = ScopeConfig.model_validate({}, context={"base_dir": tmp_path})
+    assert cfg.model_copy(update={"recorder": defaults.recorder}) == defaults
     assert cfg.overload.policy == "every_frame"
+    # the default recordings folder is beside the config, like any relative path in it
+    assert cfg.recorder.path == (tmp_path / "runs").resolve()
 
 
 def test_missing_file():
@@ -406,3 +409,19 @@ def test_a_precision_no_listed_backend_runs_is_refused_naming_both_keys(tmp_path
         load_config(write(tmp_path, '[engine]\nprecision = "int8"\n'))
     text = '[engine]\nbackends = ["onnxruntime", "openvino"]\nprecision = "bf16"\n'
     assert load_config(write(tmp_path, text)).engine.precision == "bf16"
+
+
+def test_a_recorder_backlog_that_holds_no_stack_is_refused(tmp_path):
+    text = "[source]\nframe_shape = [512, 512]\n[recorder]\nmax_backlog_mb = 1\n"
+    with pytest.raises(ConfigError, match=r"recorder.max_backlog_mb = 1 holds no stack"):
+        load_config(write(tmp_path, text))
+    text += "keep_stacks = false\n"  # raw frames of 0.5 MB fit
+    assert load_config(write(tmp_path, text)).recorder.max_backlog_mb == 1
+
+
+def test_the_camera_ring_buffer_is_bounded_whatever_the_rate() -> None:
+    from live.sources import RING_MAX_MB, RING_MIN_MB, ring_buffer_mb
+
+    assert ring_buffer_mb(256 * 256 * 2, 1.0) == RING_MIN_MB
+    assert ring_buffer_mb(512 * 512 * 2, 100.0) == 100  # 2 s of 0.5 MB frames
+    assert ring_buffer_mb(2048 * 2048 * 2, 1000.0) == RING_MAX_MB  # a mistyped rate: 16 GB

@@ -3,12 +3,12 @@ low-disk warning at start and in the status line."""
 
 from __future__ import annotations
 
-import logging
+import shutil
 from pathlib import Path
 
 import pytest
 
-from live.config import ScopeConfig
+from live.config import ConfigError, ScopeConfig
 from live.run import EXIT_BAD_CONFIG, Daemon, _check_planes, run
 from live.worker import build_plan, open_backend
 from tests.live_helpers import live_config
@@ -103,23 +103,57 @@ def test_a_volume_model_is_held_to_its_depth_grid_even_when_extrapolation_is_all
     assert not store.exists()
 
 
-def test_min_free_mb_beyond_the_disk_warns_at_start_and_shows_in_the_status(
-    tmp_path: Path, tiny_model_files, caplog: pytest.LogCaptureFixture
+def test_min_free_mb_beyond_the_disk_is_refused_before_anything_starts(
+    tmp_path: Path, tiny_model_files
 ) -> None:
     config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"min_free_mb": 10**9})
     daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
     try:
+        with pytest.raises(ConfigError, match=r"below recorder.min_free_mb = 1000000000: nothing"):
+            daemon.check()
+    finally:
+        daemon.stop()
+    assert not (tmp_path / "run.ome.zarr").exists()
+
+
+def test_a_disk_near_min_free_mb_shows_in_the_status(tmp_path: Path, tiny_model_files) -> None:
+    near = int(shutil.disk_usage(tmp_path).free / 2**20 / 1.5)  # free < 2 × min: "low"
+    config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"min_free_mb": near})
+    daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
+    try:
         daemon.check()
-        with caplog.at_level(logging.WARNING, logger="live.run"):
-            daemon._start_recorder(build_plan(config))
+        daemon._start_recorder(build_plan(config))
         snap = daemon._snapshot()
     finally:
         daemon.stop()
-    assert "below recorder.min_free_mb = 1000000000: recording will stop at the first frame" in (
-        caplog.text
-    )
     assert snap.disk_low and snap.disk_free_mb is not None
     assert f"| disk {snap.disk_free_mb:.0f} MB!" in snap.status_line()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_recordings_folder_that_cannot_be_is_one_line_naming_its_key(
+    tmp_path: Path, tiny_model_files, where: str
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    path = blocker if where == "a file" else blocker / "runs"
+    config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"path": str(path)})
+    daemon = Daemon(config, source=None, preflight_check=False)
+    try:
+        with pytest.raises(ConfigError, match=r"^recorder.path .*cannot make or use the"):
+            daemon.check()
+    finally:
+        daemon.stop()
+
+
+def test_output_with_recording_off_is_refused_not_ignored(tmp_path: Path, tiny_model_files):
+    config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"enabled": False})
+    daemon = Daemon(config, output=tmp_path / "x.ome.zarr", source=None, preflight_check=False)
+    try:
+        with pytest.raises(ConfigError, match=r"--output .*recording is off"):
+            daemon.check()
+    finally:
+        daemon.stop()
 
 
 @pytest.mark.parametrize(
