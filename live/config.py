@@ -230,7 +230,16 @@ class SourceConfig(_BaseModel):
         ),
     )
     rate_hz: float = Field(2.0, gt=0, le=10000, description="Camera frame rate (Hz).")
-    exposure_ms: float = Field(10.0, gt=0, le=60000, description="Exposure time per frame (ms).")
+    exposure_ms: float = Field(
+        10.0,
+        gt=0,
+        le=60000,
+        description=(
+            "Exposure time per frame (ms). Given, it is set on the Micro-Manager camera the "
+            "daemon runs (acquisition = 'core'); left out, that camera keeps its own. The "
+            "simulated scope records it only (its brightness comes from its optics)."
+        ),
+    )
     frame_count: int | None = Field(
         None, ge=1, description="Stop after this many frames; None = run until stopped."
     )

@@ -349,6 +349,7 @@ class MicroManagerSource:
         camera: str | None = None,
         frame_count: int | None = None,
         rate_hz: float = 100.0,
+        exposure_ms: float | None = None,
     ) -> None:
         if acquisition not in ("core", "hook"):
             raise ValueError(
@@ -360,6 +361,8 @@ class MicroManagerSource:
         self.camera = camera
         self.frame_count = frame_count
         self.rate_hz = rate_hz
+        self.exposure_ms = exposure_ms
+        """Set on the core's camera before the acquisition; None keeps the camera's own."""
         if self.config_file is not None and not self.config_file.is_file():
             raise FileNotFoundError(
                 f"source.micromanager.config_file {str(self.config_file)!r} does not exist"
@@ -383,9 +386,38 @@ class MicroManagerSource:
 
         core = claim_core(self.config_file, self.camera)
         try:
+            self._set_exposure(core)
             return _stream_core(run, core, stop, self.frame_count, self.rate_hz)
         finally:
             core.unloadAllDevices()  # release the hardware
+
+    def _set_exposure(self, core: Any) -> None:
+        """Give the camera ``source.exposure_ms`` when the config names one; say what it runs.
+
+        A camera that refuses the value runs at its own, said in one error line (the frames
+        still come); an exposure longer than the frame interval is said too: the camera
+        cannot then keep ``source.rate_hz``.
+        """
+        if self.exposure_ms is not None:
+            try:
+                core.setExposure(self.exposure_ms)
+            except Exception as err:  # a device error (pymmcore's CMMError and friends)
+                log.error(
+                    "source.exposure_ms = %g: the camera refused it (%s: %s); it runs at its own",
+                    self.exposure_ms,
+                    type(err).__name__,
+                    " ".join(str(err).split()),
+                )
+        exposure_ms = float(core.getExposure())
+        log.info("camera %s: exposure %.4g ms", core.getCameraDevice(), exposure_ms)
+        if exposure_ms > 1000 / self.rate_hz:
+            log.warning(
+                "the camera's exposure (%.4g ms) is longer than a frame at source.rate_hz = %g "
+                "(%.4g ms): it cannot keep that rate",
+                exposure_ms,
+                self.rate_hz,
+                1000 / self.rate_hz,
+            )
 
 
 # ------------------------------------------------------------------------------ replay
@@ -800,5 +832,6 @@ def make_source(cfg: ScopeConfig) -> Source:
             camera=mm.camera,
             frame_count=src.frame_count,
             rate_hz=src.rate_hz,
+            exposure_ms=src.exposure_ms if "exposure_ms" in src.model_fields_set else None,
         )
     raise ValueError(f"source.kind {src.kind!r} is not known; allowed: {list(SOURCE_KINDS)}")

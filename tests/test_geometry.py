@@ -41,10 +41,12 @@ class GeometryCamera(SimulatedCamera):
     """A no-argument camera that a configuration file can load; counts its instances."""
 
     instances = 0
+    last: GeometryCamera | None = None
 
     def __init__(self) -> None:
         super().__init__(pattern, SENSOR)
         type(self).instances += 1
+        GeometryCamera.last = self
 
 
 class ByteCamera(GeometryCamera):
@@ -278,3 +280,24 @@ def test_hook_and_auto_rules_are_config_errors(tmp_path):
         validate_config({"source": {"frame_shape": "auto"}})
     with pytest.raises(ConfigError, match=r"acquisition = 'camera': .* 'core' or 'hook'"):
         validate_config({"source": {"micromanager": {"acquisition": "camera"}}})
+
+
+@pytest.mark.parametrize("exposure_ms", [None, 42.0, 900.0])
+def test_the_configs_exposure_is_set_on_the_camera_and_a_slow_one_said(
+    tmp_path, pull, caplog, exposure_ms
+):
+    sock, endpoint = pull
+    given = {} if exposure_ms is None else {"exposure_ms": exposure_ms}
+    config = resolve_geometry(mm_config(write_cfg(tmp_path), frame_count=2, rate_hz=2.0, **given))
+    source = make_source(config)
+    with caplog.at_level("INFO", logger="live.sources"), FrameSender(endpoint) as sender:
+        assert source.run(sender, threading.Event()).frames_sent == 2
+    camera = GeometryCamera.last
+    assert camera is not None
+    own = 10.0  # SimulatedCamera's, kept when the config names none
+    assert camera.get_exposure() == (own if exposure_ms is None else exposure_ms)
+    assert f"exposure {camera.get_exposure():.4g} ms" in caplog.text
+    slow = "longer than a frame at source.rate_hz = 2 (500 ms): it cannot keep that rate"
+    assert (slow in caplog.text) == (exposure_ms == 900.0)
+    for _ in range(2):
+        sock.recv_multipart()
