@@ -14,7 +14,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, get_args
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -78,50 +78,147 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scope_engine(path: Path) -> tuple[tuple[int, int], int, str]:
-    """Read (source.frame_shape, engine.max_batch, engine.precision) from a scope config.toml.
+SCOPE_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset(
+        {
+            "version",
+            "source",
+            "engine",
+            "planes",
+            "endpoints",
+            "recorder",
+            "display",
+            "overload",
+            "security",
+        }
+    ),
+    "source": frozenset(
+        {
+            "kind",
+            "frame_shape",
+            "pixel_size_um",
+            "objective_na",
+            "emission_wavelength_um",
+            "rate_hz",
+            "exposure_ms",
+            "frame_count",
+            "simulator",
+            "replay",
+            "micromanager",
+        }
+    ),
+    "engine": frozenset(
+        {
+            "model_path",
+            "backends",
+            "precision",
+            "max_batch",
+            "intra_op_threads",
+            "allow_extrapolation",
+            "render_modality",
+            "psf_bank",
+            "optics_check",
+            "optics_rel_tol",
+        }
+    ),
+}
+"""The keys a scope file may have at its top, in [source] and in [engine].
 
-    Raises `ValueError` (one line) for a file that cannot be read or a frame shape that is
-    not two sizes ("auto" is read from the camera at start: give --frame-shape instead).
+`export` must not import `live` (the packages depend ``live -> engine <- export``), so it
+cannot run the daemon's validator (`live.config.load_config`); it checks the keys it reads
+and the names around them, so that a misspelt ``[engine]`` or ``precison`` is refused
+instead of building an engine the daemon never asks for. tests/test_export.py holds these
+names equal to `live.config.ScopeConfig`'s.
+"""
+
+TENSORRT_PRECISIONS = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}
+"""Scope ``engine.precision`` -> what `TensorRTBackend` builds ("auto" is fp32 there; another
+precision makes it skip TensorRT, so no engine built here would be used)."""
+
+
+def _table(scope: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    """Return section `name` of `scope` ({} when absent); refuse a non-table or unknown key."""
+    section = scope.get(name, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: {name} is {section!r}, not a [{name}] table")
+    _known_keys(section, name, path)
+    return section
+
+
+def _known_keys(table: dict[str, Any], name: str, path: Path) -> None:
+    """Refuse a key of `table` (the section `name`, "" = top) that a scope file cannot have."""
+    unknown = sorted(set(table) - SCOPE_KEYS[name])
+    if unknown:
+        dotted = f"{name}.{unknown[0]}" if name else unknown[0]
+        what = f"section [{dotted}]" if isinstance(table[unknown[0]], dict) else f"key {dotted}"
+        where = f"[{name}]" if name else "the top"
+        allowed = ", ".join(sorted(SCOPE_KEYS[name]))
+        raise ValueError(f"{path}: unknown {what} (at {where} a scope file has {allowed})")
+
+
+def _scope_engine(path: Path) -> tuple[tuple[int, int], int, str]:
+    """Read (source.frame_shape, engine.max_batch, precision to build) from a scope config.toml.
+
+    The precision is what `TensorRTBackend` builds for the file's ``engine.precision``.
+    Raises `ValueError` (one line naming the file and key) for a file that cannot be read,
+    an unknown section or key, a section that is not a table, a frame shape that is not two
+    sizes ("auto" is read from the camera at start: give --frame-shape instead), a max batch
+    that is not a whole number >= 1, or a precision TensorRT does not run.
     """
-    from engine.runtime import DEFAULT_MAX_BATCH
+    from engine.runtime import DEFAULT_MAX_BATCH, Precision
 
     try:
         with path.open("rb") as f:
             scope = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the scope config: {exc}") from None
-    shape = scope.get("source", {}).get("frame_shape", (256, 256))
-    if not (isinstance(shape, list) and len(shape) == 2 and all(type(v) is int for v in shape)):
+    _known_keys(scope, "", path)
+    source, engine = _table(scope, "source", path), _table(scope, "engine", path)
+    shape = source.get("frame_shape", (256, 256))
+    if not (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 2
+        and all(type(v) is int and v >= 1 for v in shape)
+    ):
         raise ValueError(
             f"{path}: source.frame_shape is {shape!r}, not [height, width] (a shape read from "
             "the camera at start: give --frame-shape H W)"
         )
-    engine = scope.get("engine", {})
     max_batch = engine.get("max_batch", DEFAULT_MAX_BATCH)
-    if type(max_batch) is not int:
-        raise ValueError(f"{path}: engine.max_batch is {max_batch!r}, not a whole number")
-    return (shape[0], shape[1]), max_batch, str(engine.get("precision", "fp32"))
+    if type(max_batch) is not int or max_batch < 1:
+        raise ValueError(f"{path}: engine.max_batch is {max_batch!r}, not a whole number >= 1")
+    precision = engine.get("precision", "fp32")
+    if not isinstance(precision, str) or precision not in TENSORRT_PRECISIONS:
+        known = precision in get_args(Precision)
+        why = "TensorRT skips it (it builds" if known else "not a precision (TensorRT builds"
+        raise ValueError(
+            f'{path}: engine.precision is {precision!r}: {why} "fp32", "fp16" or "auto" = fp32)'
+        )
+    return (shape[0], shape[1]), max_batch, TENSORRT_PRECISIONS[precision]
 
 
 def engine_request(
-    args: argparse.Namespace, metadata: ModelMetadata
+    args: argparse.Namespace,
+    metadata: ModelMetadata,
+    scope: tuple[tuple[int, int], int, str] | None = None,
 ) -> tuple[list[tuple[int, int]] | None, int, str]:
     """Return the frame shapes, max batch and precision to build for, as the backend would.
 
     With ``--scope`` these are what the daemon's `TensorRTBackend` asks for with that config
     (`engine.runtime.serving_frame_shapes`, the config's max batch and precision), so the
     engine built here is the cached one the daemon finds; ``--frame-shape`` adds shapes,
-    ``--max-batch`` and ``--fp16`` override.
+    ``--max-batch`` and ``--fp16`` override. `scope` is ``_scope_engine(args.scope)`` when
+    the caller has read it already.
     """
     from engine.runtime import DEFAULT_MAX_BATCH, serving_frame_shapes
 
     shapes: list[tuple[int, int]] = [(h, w) for h, w in args.frame_shape or []]
     max_batch, precision = DEFAULT_MAX_BATCH, "fp32"
-    if args.scope is not None:
-        frame, max_batch, scope_precision = _scope_engine(args.scope)
+    if scope is None and args.scope is not None:
+        scope = _scope_engine(args.scope)
+    if scope is not None:
+        frame, max_batch, precision = scope
         shapes.insert(0, frame)
-        precision = "fp16" if scope_precision == "fp16" else "fp32"  # "auto" is fp32 there
     if args.max_batch is not None:
         max_batch = args.max_batch
     if args.fp16:
@@ -134,10 +231,18 @@ def engine_request(
 
 
 def _tensorrt(args: argparse.Namespace) -> int:
-    """Build or look up the TensorRT engine and print where it is (exit 2: bad input)."""
+    """Build or look up the TensorRT engine and print where it is (exit 2: bad input).
+
+    The scope file is checked first, so a broken one is named even where TensorRT is missing.
+    """
     from engine.metadata import ModelMetadataError
     from engine.runtime import BackendError, onnx_metadata
 
+    try:
+        scope = _scope_engine(args.scope) if args.scope is not None else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         from engine.runtime import build_tensorrt_engine
     except ImportError as exc:
@@ -149,7 +254,7 @@ def _tensorrt(args: argparse.Namespace) -> int:
         return 2
     try:
         metadata = onnx_metadata(args.onnx)
-        frames, max_batch, precision = engine_request(args, metadata)
+        frames, max_batch, precision = engine_request(args, metadata, scope)
         entry, key, built = build_tensorrt_engine(
             args.onnx,
             metadata,

@@ -165,6 +165,65 @@ def test_tensorrt_cli_with_a_scope_asks_for_the_daemons_engine(
         engine_request(args, metadata)  # type: ignore[arg-type]
 
 
+def test_scope_keys_export_checks_are_the_daemons() -> None:
+    """`export` may not import `live` (the layering), so it keeps the names of the scope keys
+    it checks itself: they must stay those `live.config` accepts."""
+    from export.__main__ import SCOPE_KEYS
+    from live.config import EngineConfig, ScopeConfig, SourceConfig
+
+    assert SCOPE_KEYS[""] == set(ScopeConfig.model_fields)
+    assert SCOPE_KEYS["source"] == set(SourceConfig.model_fields)
+    assert SCOPE_KEYS["engine"] == set(EngineConfig.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ('[engine]\nprecision = "fp8"\n', "engine.precision is 'fp8': not a precision"),
+        ('[engine]\nprecision = "bf16"\n', "engine.precision is 'bf16': TensorRT skips it"),
+        ("[engine]\nprecision = 16\n", "engine.precision is 16"),
+        ('[engine]\nprecison = "fp16"\n', "unknown key engine.precison"),
+        ('[engnie]\nprecision = "fp16"\n', "unknown section [engnie]"),
+        ("[source]\nframe_shap = [512, 512]\n", "unknown key source.frame_shap"),
+        ("version = 1\nsource = 5\n", "source is 5, not a [source] table"),
+        ('engine = "fast"\n', "engine is 'fast', not a [engine] table"),
+        ("[source]\nframe_shape = [0, 512]\n", "source.frame_shape is [0, 512]"),
+        ("[engine]\nmax_batch = 0\n", "engine.max_batch is 0"),
+        ("[engine]\nmax_batch = 8.0\n", "engine.max_batch is 8.0"),
+        ("[engine\n", "cannot read the scope config"),
+    ],
+)
+def test_tensorrt_cli_refuses_a_scope_it_would_misread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str
+) -> None:
+    """A scope file export cannot follow is one line naming the key and exit 2, before any
+    model or TensorRT is looked at (review 58: these became an fp32 engine the daemon never
+    asks for, or an AttributeError traceback)."""
+    scope = tmp_path / "scope.toml"
+    scope.write_text(text)
+    code = main(["tensorrt", "--onnx", str(tmp_path / "absent.onnx"), "--scope", str(scope)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {scope}: ") and named in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scope.toml"]
+
+
+def test_tensorrt_cli_builds_fp32_for_a_scope_on_auto(
+    tmp_path: Path, tiny_model_files: dict[str, object]
+) -> None:
+    """``engine.precision = "auto"`` is fp32 on TensorRT (as `TensorRTBackend` runs it)."""
+    import argparse
+
+    from export.__main__ import engine_request
+
+    scope = tmp_path / "scope.toml"
+    scope.write_text('version = 1\n[engine]\nprecision = "auto"\nmax_batch = 8\n')
+    args = argparse.Namespace(frame_shape=None, scope=scope, max_batch=None, fp16=False)
+    frames, max_batch, precision = engine_request(args, tiny_model_files["metadata"])  # type: ignore[arg-type]
+    assert (frames or [])[0] == (256, 256) and max_batch == 8 and precision == "fp32"
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT installed")
 def test_cli_tensorrt_without_tensorrt_gives_the_install_hint(
     tiny_model_files: dict[str, object], capsys: pytest.CaptureFixture[str]

@@ -204,3 +204,53 @@ def test_a_truncated_imagej_hyperstack_is_mapped_and_read_block_by_block(tmp_pat
     assert (summary.frames_done, summary.chunks_done) == (5, 3)
     stacks = _read(tmp_path / "ij.ome.zarr", "stacks/0")
     np.testing.assert_allclose(stacks, _reference(frames), rtol=1e-5, atol=1e-3)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path: contents)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["../escape", "", "a/b", "7", ".hidden", "-x", "n" * 65])
+def test_a_bad_image_name_is_refused_before_any_store_is_touched(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """``--name`` is one plain name in the store: a path, an empty name (which became the
+    default) or a group number is one line and exit 2, and neither the run store nor the
+    ``--out`` store is made or changed (review 58: ``../escape`` was a zarr traceback that
+    left ``zarr.json`` behind)."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1])
+    before = _files(tmp_path)
+    out = tmp_path / "out" / "o.ome.zarr"
+    for where in ([], ["--out", str(out)]):
+        assert main([str(store), *CLI, f"--name={name}", *where, "--no-progress"]) == 2
+        _one_error_line(capsys, f"--name {name!r} is not an image name")
+        assert _files(tmp_path) == before and not (tmp_path / "out").exists()
+    with pytest.raises(RefocusError, match="is not an image name"):
+        refocus_recording(store, planes=PLANES, out=out, name=name, scheduler="sync", **ORT)
+    assert not out.exists() and _files(tmp_path) == before
+
+
+def test_a_name_with_fill_gaps_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--fill-gaps`` completes the run's own stacks image: a ``--name`` it would ignore is
+    refused in one line, the store untouched."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1], stack_seqs=[0])
+    before = _files(tmp_path)
+    argv = [str(store), "--fill-gaps", "--name", "mine", "--backend", "onnxruntime"]
+    assert main([*argv, "--no-progress"]) == 2
+    _one_error_line(capsys, "--name 'mine' with --fill-gaps", "drop --name")
+    assert _files(tmp_path) == before
+
+
+def test_a_plain_image_name_is_written_under_that_name(tmp_path: Path) -> None:
+    """Letters, digits, ``_``, ``.`` and ``-`` after a first letter make a name as given."""
+    store = tmp_path / "run.ome.zarr"
+    frames = _record(store, [0, 1])
+    assert main([str(store), *CLI, "--name", "z-2.5_um", "--no-progress"]) == 0
+    assert _group(store, "z-2.5_um") != "z-2.5_um"  # a numbered group, listed by its name
+    got = _read(store, "z-2.5_um/0")
+    np.testing.assert_allclose(got[:, 0], _reference(frames)[:, 1], rtol=1e-5, atol=1e-3)

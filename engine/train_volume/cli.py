@@ -7,6 +7,7 @@ The command line, ``python -m engine.train_volume`` (`main`); its first line abo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,25 @@ from engine.train import configure
 from engine.train_volume.checkpoints import checkpoint_from_weights, weights_from_checkpoint
 from engine.train_volume.config import VolumeTrainConfig
 from engine.train_volume.loop import check_measured_bank, train
+
+
+def out_dir_problem(out_dir: Path) -> str | None:
+    """Say why a run could not make or write `out_dir` (None: it can), before training starts.
+
+    Its nearest existing folder must be a folder this process may write: a file there (an
+    ``--out`` naming the config, say) was a FileExistsError traceback once the network was
+    built.
+    """
+    for path in (out_dir, *out_dir.absolute().parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "" if path == out_dir else f"{out_dir}: "
+            return f"{where}{path} is a file, not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{out_dir}: cannot write in {path}"
+        return None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_measured_bank(cfg)
     except ValueError as exc:  # TrainConfigError, and a measured bank that does not fit
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    training = args.checkpoint_from_weights is None and args.weights_from_checkpoint is None
+    problem = out_dir_problem(cfg.out_dir) if training else None
+    if problem is not None:
+        where = "--out" if args.out is not None else f"{args.config}: out_dir"
+        print(f"error: {where}: {problem}", file=sys.stderr)
         return 2
     try:
         if args.checkpoint_from_weights is not None:

@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
 from engine.metadata import Modality
 from engine.model import DeepZ, build_model
 from engine.optics import Lateral, WormConfig
 from engine.train import LabStackConfig, SampleKind, _Base, camera_overrides, read_config
-from engine.volume import DEPTH_STEP_UM, depth_grid, matched_filter_kernels
+from engine.volume import DEPTH_STEP_UM, MAX_PSF_SIDE_PX, depth_grid, matched_filter_kernels
 
 TRAIN_SEED_OFFSET = 2_000_000
 """Volume training samples use seeds >= this; evaluation uses seeds below 1,000,000."""
@@ -274,12 +274,14 @@ class VolumeTrainConfig(_Base):
         description="Negative slope of the final ReLU while training (dead depth channels come "
         "back; it also leaves a low floor of density that widens rendered beads).",
     )
-    primer_depths_um: list[float] = Field(
+    primer_depths_um: list[FiniteFloat] = Field(
         [],
         description="Matched-filter primer channels at these object depths (µm; empty: none): "
         "the frame correlated with the PSF at each defocus, fed to the stem beside the frame "
-        "(`engine.model.MatchedFilterPrimer`). Fine-tuning from a model without them starts "
-        "with their stem weights at zero, i.e. from the old model exactly.",
+        "(`engine.model.MatchedFilterPrimer`). Each within the depth grid, "
+        "±depth_half_range_um: the depths the model finds objects at. Fine-tuning from a "
+        "model without them starts with their stem weights at zero, i.e. from the old model "
+        "exactly.",
     )
     detection: bool = Field(
         False,
@@ -324,7 +326,13 @@ class VolumeTrainConfig(_Base):
         "place crowded nuclei. The served density is unchanged.",
     )
     primer_bin: int = Field(4, ge=1, description="The primer bins the frame this much first.")
-    primer_kernel: int = Field(17, ge=3, description="Primer kernel side (binned px, odd).")
+    primer_kernel: int = Field(
+        17,
+        ge=3,
+        le=MAX_PSF_SIDE_PX,
+        description="Primer kernel side (binned px, odd); primer_bin x this is the PSF side it "
+        "is made from, at most `engine.volume.MAX_PSF_SIDE_PX` px as any PSF bank's.",
+    )
     threads: int = Field(2, ge=1)
     device: Literal["cpu", "cuda"] = Field(
         "cpu",
@@ -364,6 +372,31 @@ class VolumeTrainConfig(_Base):
     _camera = field_validator("camera")(camera_overrides)
     data: VolumeDataConfig = Field(default_factory=VolumeDataConfig)  # type: ignore[arg-type]
     loss: VolumeLossConfig = Field(default_factory=VolumeLossConfig)  # type: ignore[arg-type]
+
+    @field_validator("primer_depths_um")
+    @classmethod
+    def _primer_on_the_grid(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        half = info.data.get("depth_half_range_um")  # absent: its own error is said
+        outside = [d for d in v if half is not None and abs(d) > half]
+        if outside:  # a channel for depths the model has none for, or a PSF at 1e300 µm
+            raise ValueError(
+                f"{outside[0]:g} µm is outside the depth grid: the primer's depths lie within "
+                f"±depth_half_range_um = ±{half:g} µm"
+            )
+        return v
+
+    @field_validator("primer_kernel")
+    @classmethod
+    def _primer_kernel_fits(cls, v: int, info: ValidationInfo) -> int:
+        if v % 2 == 0:  # `MatchedFilterPrimer` centres it on the pixel it scores
+            raise ValueError(f"the primer kernel must be odd (centred on a pixel), not {v}")
+        binning = info.data.get("primer_bin")  # absent: its own error is said
+        if binning is not None and binning * v > MAX_PSF_SIDE_PX:
+            raise ValueError(
+                f"primer_bin x primer_kernel = {binning} x {v} = {binning * v} px of PSF, more "
+                f"than the {MAX_PSF_SIDE_PX} px a PSF may have"
+            )
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> VolumeTrainConfig:

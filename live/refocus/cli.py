@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from live.refocus.driver import refocus_recording
 from live.refocus.errors import RefocusError, RefocusTaskError
+from live.refocus.outputs import check_image_name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--planes", type=float, nargs="+", metavar="Z", help="plane offsets (µm)")
     which.add_argument("--scope", help="scope config whose [planes] and [engine] to use")
     p.add_argument("--out", help="write into this new store instead of beside raw")
-    p.add_argument("--name", help="image name in the output store (default stacks_offline)")
+    p.add_argument(
+        "--name",
+        help="image name in the output store: a letter, then letters, digits, _ . - "
+        "(default stacks_offline; not with --fill-gaps)",
+    )
     p.add_argument(
         "--fill-gaps",
         action="store_true",
@@ -88,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--point-fit-lateral is how --point-fit holds beads: give --point-fit too")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_image_name(args.name, fill_gaps=args.fill_gaps)  # before any input is opened
         summary = refocus_recording(
             args.source,
             model=args.model,

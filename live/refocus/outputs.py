@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,41 @@ FILL_IMAGE = "stacks"
 stacks image, wherever `live.store.image_groups` says it is)."""
 OUT_IMAGE = "stacks"
 """Name of the stacks image in a new store (``out``)."""
+
+IMAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+"""What ``--name`` may be: a letter, then up to 63 letters, digits, ``_``, ``.`` or ``-``.
+
+The name is a key of the store's ``deepz.images`` and may be a group of the store itself (an
+offline image from before images were listed), so it must be one plain path segment: no
+``/``, ``..`` or empty name (zarr refuses those only after the store was created), and not
+a number (numbered groups are the store's collection, where another image may already be).
+"""
+
+
+def check_image_name(name: str | None, *, fill_gaps: bool = False) -> None:
+    """Refuse an output image name before any store is created or changed.
+
+    None is the default name. With `fill_gaps` no name may be given: the job completes the
+    run's own stacks image, so a name would be ignored.
+
+    Raises
+    ------
+    RefocusError
+        The name is not an `IMAGE_NAME`, or is given with `fill_gaps`; one line.
+    """
+    if name is None:
+        return
+    if fill_gaps:
+        raise RefocusError(
+            f"--name {name!r} with --fill-gaps: the gaps are filled in the run's own stacks "
+            "image; drop --name"
+        )
+    if not IMAGE_NAME.fullmatch(name):
+        raise RefocusError(
+            f"--name {name!r} is not an image name: a letter, then at most 63 letters, digits, "
+            "'_', '.' or '-' (one name in the store, not a path)"
+        )
+
 
 # ----------------------------------------------------------------------------- output lock
 
@@ -271,12 +307,14 @@ def prepare_output(
     """Create (or reopen and check, to resume) the stacks image and its manifest.
 
     Without a given chunk, a resumed image keeps its own (``identity`` is updated), so an
-    image written with another default still resumes.
+    image written with another default still resumes. `name` is checked first
+    (`check_image_name`).
     """
     import zarr
 
     from live.store import image_groups, register_image, reserved_names
 
+    check_image_name(name, fill_gaps=fill_gaps)  # before the store is opened, let alone made
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     root: Any
     if fill_gaps:
