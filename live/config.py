@@ -1197,10 +1197,12 @@ def validate_config(
 def load_config(path: str | Path) -> ScopeConfig:
     """Read and validate a scope TOML file; any problem is one `ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML, but harmless
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -484,6 +484,7 @@ class Daemon:
         self._started_s = 0.0  # monotonic s when start() started the source
         self._running_since: float | None = None  # monotonic s when acquisition began
         self._display: subprocess.Popen[bytes] | None = None
+        self._display_ended = False  # said once (`_check_display`)
         self._status: StatusPublisher | None = None
         self._summary: RunSummary | None = None
 
@@ -821,6 +822,23 @@ class Daemon:
             command += ["--server-key", str(sec.server_public_key)]
         self._display = subprocess.Popen(command)
 
+    def _check_display(self) -> None:
+        """Say once when the viewer's process has ended on its own (the run goes on without it).
+
+        A viewer that cannot open a window (no display on a headless machine, napari missing)
+        ends at once; its own lines say why, and the daemon's log says that it happened.
+        """
+        if self._display is None or self._display_ended:
+            return
+        code = self._display.poll()
+        if code is not None:
+            self._display_ended = True
+            (log.info if code == 0 else log.error)(
+                "the viewer (live.display) ended with exit code %d; the run goes on without it "
+                "(recording is unaffected)",
+                code,
+            )
+
     def _start_source(self) -> None:
         """Start the configured source on its own thread, sending to the router in-process.
 
@@ -891,6 +909,7 @@ class Daemon:
                     self.finish_reason = FinishReason.SOURCE_FINISHED
                 break
             self.check_workers()
+            self._check_display()
             if (now := time.monotonic()) >= next_status:
                 # on the second's grid, but never a burst to catch up after a stall (a slow
                 # check_workers): rates over a few ms would spike in the status

@@ -425,3 +425,11 @@ def test_the_camera_ring_buffer_is_bounded_whatever_the_rate() -> None:
     assert ring_buffer_mb(256 * 256 * 2, 1.0) == RING_MIN_MB
     assert ring_buffer_mb(512 * 512 * 2, 100.0) == 100  # 2 s of 0.5 MB frames
     assert ring_buffer_mb(2048 * 2048 * 2, 1000.0) == RING_MAX_MB  # a mistyped rate: 16 GB
+
+
+def test_a_folder_or_a_byte_order_mark_is_handled_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"is a folder, not a config file"):
+        load_config(tmp_path)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[source]\nrate_hz = 5.0\n")  # as Notepad saves UTF-8
+    assert load_config(bom).source.rate_hz == 5.0

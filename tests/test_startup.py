@@ -4,6 +4,8 @@ low-disk warning at start and in the status line."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,21 @@ def test_a_dpm_file_of_another_shape_is_one_config_line(
     config = validate_config({**base, "planes": {"surfaces": surfaces}}, source="test config")
     _, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
     assert line.startswith("error: planes: ") and "(32, 48)" in line, line
+
+
+def test_a_viewer_that_ends_on_its_own_is_said_once(
+    tmp_path: Path, tiny_model_files, caplog: pytest.LogCaptureFixture
+) -> None:
+    # as a viewer on a headless machine does: it cannot open a window and exits at once
+    config = live_config(tmp_path, tiny_model_files["onnx"])
+    daemon = Daemon(config, source=None, preflight_check=False)
+    try:
+        daemon._display = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        daemon._display.wait(60)
+        with caplog.at_level("INFO", logger="live.run"):
+            daemon._check_display()
+            daemon._check_display()
+    finally:
+        daemon.stop()
+    said = [r for r in caplog.records if "the viewer (live.display) ended" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "ERROR" and "exit code 3" in said[0].message
