@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_MODEL_PATH",
+    "SIMULATED_EXPOSURE_MS",
     "ConfigError",
     "DisplayConfig",
     "EndpointsConfig",
@@ -113,6 +114,9 @@ def _existing_file(path: Path | None, info: ValidationInfo) -> Path | None:
         raise ValueError(f"file not found: {path}")
     return path
 
+
+SIMULATED_EXPOSURE_MS = 10.0
+"""The simulated scope's exposure when ``source.exposure_ms`` is not given (metadata only)."""
 
 FrameSide = Annotated[int, Field(ge=8, le=16384)]
 
@@ -230,14 +234,15 @@ class SourceConfig(_BaseModel):
         ),
     )
     rate_hz: float = Field(2.0, gt=0, le=10000, description="Camera frame rate (Hz).")
-    exposure_ms: float = Field(
-        10.0,
+    exposure_ms: float | None = Field(
+        None,
         gt=0,
         le=60000,
         description=(
             "Exposure time per frame (ms). Given, it is set on the Micro-Manager camera the "
-            "daemon runs (acquisition = 'core'); left out, that camera keeps its own. The "
-            "simulated scope records it only (its brightness comes from its optics)."
+            "daemon runs (acquisition = 'core'); None: that camera keeps its own. The "
+            f"simulated scope records it only ({SIMULATED_EXPOSURE_MS:g} ms when None; its "
+            "brightness comes from its optics)."
         ),
     )
     frame_count: int | None = Field(
@@ -807,7 +812,11 @@ class OverloadConfig(_BaseModel):
         description="every_frame: refocus all, latency grows; latest: skip to the newest frame.",
     )
     max_queue_frames: int = Field(
-        256, ge=1, le=100000, description="Frames waiting for inference before the policy acts."
+        256,
+        ge=1,
+        le=100000,
+        description="every_frame: frames waiting for inference before the policy acts "
+        "(latest keeps one, the newest).",
     )
 
 

@@ -798,6 +798,8 @@ def make_source(cfg: ScopeConfig) -> Source:
     Raises `live.config.ConfigError` with the install hint when the packages the source needs
     are missing (the simulated scope needs the ``sim`` extra), before anything is started.
     """
+    from live.config import SIMULATED_EXPOSURE_MS
+
     src = cfg.source
     shape = (int(src.frame_shape[0]), int(src.frame_shape[1]))
     if src.kind == "simulated":
@@ -806,7 +808,7 @@ def make_source(cfg: ScopeConfig) -> Source:
             shape,
             rate_hz=float(src.rate_hz),
             frame_count=src.frame_count,
-            exposure_ms=float(src.exposure_ms),
+            exposure_ms=SIMULATED_EXPOSURE_MS if src.exposure_ms is None else src.exposure_ms,
             pixel_size_um=float(src.pixel_size_um),
             simulator=_simulator_kwargs(src.simulator),
         )
@@ -832,6 +834,6 @@ def make_source(cfg: ScopeConfig) -> Source:
             camera=mm.camera,
             frame_count=src.frame_count,
             rate_hz=src.rate_hz,
-            exposure_ms=src.exposure_ms if "exposure_ms" in src.model_fields_set else None,
+            exposure_ms=src.exposure_ms,
         )
     raise ValueError(f"source.kind {src.kind!r} is not known; allowed: {list(SOURCE_KINDS)}")

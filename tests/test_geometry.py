@@ -290,11 +290,13 @@ def test_the_configs_exposure_is_set_on_the_camera_and_a_slow_one_said(
     given = {} if exposure_ms is None else {"exposure_ms": exposure_ms}
     config = resolve_geometry(mm_config(write_cfg(tmp_path), frame_count=2, rate_hz=2.0, **given))
     source = make_source(config)
+    assert GeometryCamera.last is not None  # loaded by resolve_geometry, parked for the source
+    GeometryCamera.last.set_exposure(25.0)  # as its .cfg would leave it
     with caplog.at_level("INFO", logger="live.sources"), FrameSender(endpoint) as sender:
         assert source.run(sender, threading.Event()).frames_sent == 2
     camera = GeometryCamera.last
     assert camera is not None
-    own = 10.0  # SimulatedCamera's, kept when the config names none
+    own = 25.0  # the camera's own, kept when the config names none
     assert camera.get_exposure() == (own if exposure_ms is None else exposure_ms)
     assert f"exposure {camera.get_exposure():.4g} ms" in caplog.text
     slow = "longer than a frame at source.rate_hz = 2 (500 ms): it cannot keep that rate"
