@@ -147,6 +147,12 @@ def server_keys(config: ScopeConfig) -> ServerKeys | None:
     Raises `ConfigError` (one line) when keys are needed but not configured or unreadable.
     """
     if not config.curve_endpoints():
+        if config.security.server_key is not None or config.security.client_keys is not None:
+            log.warning(
+                "security: keys are given but no endpoint uses CURVE (all are loopback and "
+                'security.curve = "auto"): they are not used; set security.curve = "required" '
+                "to use them"
+            )
         return None
     from live.config import check_serving
 

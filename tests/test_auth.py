@@ -403,3 +403,21 @@ def test_the_printed_config_lines_parse_as_toml_whatever_the_folder_is_called(
     assert security["server_key"] == str(keydir.resolve() / "server.key_secret")
     assert security["client_keys"] == str(keydir.resolve() / "clients")
     assert Path(security["client_key"]).is_file() and Path(security["server_public_key"]).is_file()
+
+
+def test_keys_no_endpoint_uses_are_said_not_silently_dropped(
+    keydir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = validate_config(
+        {
+            "security": {
+                "server_key": str(keydir / "server.key_secret"),
+                "client_keys": str(keydir / "clients"),
+            }
+        }
+    )
+    with caplog.at_level("WARNING", logger="live.security"):
+        assert server_keys(config) is None  # every endpoint loopback, curve "auto"
+    assert any(
+        "keys are given but no endpoint uses CURVE" in r.getMessage() for r in caplog.records
+    )
