@@ -1146,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--point-fit",
         action="store_true",
         help="also serve each volume model with its beads refitted to the frame through the "
-        "bank it renders with (engine.point_fit; 0.5-2 s a 256² frame)",
+        "bank it renders with (engine.point_fit; 0.3-1 s a 256² frame on one core)",
     )
     p.add_argument(
         "--subpixel-points",

@@ -87,7 +87,7 @@ class BackendOptions:
     point_fit: PointFit | None = None
     """A volume model's point-like blobs (beads) refitted to the frame through the bank its
     planes are rendered through before they are rendered (`engine.point_fit`): sharper,
-    better-placed beads, at 0.5-2 s per 256² frame; offline use, not live."""
+    better-placed beads, at 0.3-1 s per 256² frame on one core; offline use, not live."""
 
     def __post_init__(self) -> None:
         """Reject values no backend could honour, naming the option and what is allowed."""

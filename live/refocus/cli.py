@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "--point-fit",
         action="store_true",
         help="refit each frame's beads to it through the PSF bank before rendering "
-        "(engine.point_fit; 0.5-2 s a 256² frame)",
+        "(engine.point_fit; 0.3-1 s a 256² frame on one core)",
     )
     p.add_argument(
         "--point-fit-lateral",
