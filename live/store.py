@@ -84,6 +84,7 @@ __all__ = [
     "collection_attrs",
     "frame_metadata",
     "image_axes",
+    "image_group",
     "image_groups",
     "ngff_image",
     "ome_xml",
@@ -520,34 +521,61 @@ def _xml_element(group: str, image: XmlImage) -> ET.Element:
     return node
 
 
-def register_image(root: Any, store: Path | str | None, role: str, image: XmlImage) -> str:
-    """Add image `role` to a store's collection; return its group path.
-
-    For images added after the run (offline refocusing, ``--fill-gaps``): the image gets the
-    next free numbered group and is listed in ``attrs["deepz"]["images"]``, in ``OME/series``
-    and in ``OME/METADATA.ome.xml`` of `store` (a local folder, or an fsspec URL such as
-    ``s3://…``, whose file is one object written whole; None: no XML), in the same order, as the
-    bioformats2raw layout asks ("every multiscales group MUST represent exactly one OME-XML
-    Image in the same order as either the series index or the group numbers"). A role already
-    listed keeps its group (its XML entry is rewritten: `image` may have changed); a group of
-    that name from before images were registered (an older offline image) is listed as it is.
-    `root` is the store's root zarr group, opened for writing; a store that is not yet a
-    collection (a new ``--out`` store) becomes one.
-    """
+def _listed_images(root: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Return a store's ``deepz`` attributes and its images (role -> group) as listed."""
     deepz = dict(root.attrs.get("deepz", {}))
     if isinstance(deepz.get("images"), Mapping):
-        images = image_groups(deepz)
-    else:  # layout 1, or a new store: only the groups that exist
-        images = {r: g for r, g in image_groups(deepz).items() if g in root}
+        return deepz, image_groups(deepz)
+    # layout 1, or a new store: only the groups that exist
+    return deepz, {r: g for r, g in image_groups(deepz).items() if g in root}
+
+
+def image_group(root: Any, role: str) -> str:
+    """Return the group image `role` has in a store's collection, or the one it would get.
+
+    Reads only: a caller creates the group (and its array) first and then lists it with
+    `register_image`, so that a job cut off in between leaves no listed image without its
+    data (the collection would no longer validate). A new image gets the next free numbered
+    group; a group of that name from before images were registered (an older offline image)
+    is its own. A role that is a number is refused (numbered groups are the collection's).
+    """
+    deepz, images = _listed_images(root)
     group = images.get(role)
+    if group is not None:
+        return group
+    if role.isdecimal():
+        raise ValueError(f"image name {role!r} is a number, which names the store's groups")
+    if role in root and role not in reserved_names(deepz) and role not in images.values():
+        return role  # an offline image written before images were registered
+    n = 0
+    while str(n) in root or str(n) in images.values():
+        n += 1
+    return str(n)
+
+
+def register_image(
+    root: Any, store: Path | str | None, role: str, image: XmlImage, group: str | None = None
+) -> str:
+    """Add image `role` to a store's collection; return its group path.
+
+    For images added after the run (offline refocusing, ``--fill-gaps``): the image gets its
+    group (`group`, from `image_group`, once it is written; None: `image_group` now) and is
+    listed in ``attrs["deepz"]["images"]``, in ``OME/series`` and in ``OME/METADATA.ome.xml``
+    of `store` (a local folder, or an fsspec URL such as ``s3://…``, whose file is one object
+    written whole; None: no XML), in the same order, as the bioformats2raw layout asks ("every
+    multiscales group MUST represent exactly one OME-XML Image in the same order as either the
+    series index or the group numbers"). A role already listed keeps its group (its XML entry
+    is rewritten: `image` may have changed). `root` is the store's root zarr group, opened for
+    writing; a store that is not yet a collection (a new ``--out`` store) becomes one.
+    """
+    deepz, images = _listed_images(root)
     if group is None:
-        if role in root and role not in reserved_names(deepz):
-            group = role  # an offline image written before images were registered
-        else:
-            n = 0
-            while str(n) in root or str(n) in images.values():
-                n += 1
-            group = str(n)
+        group = image_group(root, role)
+    listed = {r for r, g in images.items() if g == group}
+    if listed - {role}:
+        other = sorted(listed - {role})[0]
+        raise ValueError(f"group {group!r} is already image {other!r}, not {role!r}")
+    if images.get(role) != group:
         images[role] = group
         deepz["images"] = images
         root.attrs["deepz"] = deepz

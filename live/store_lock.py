@@ -26,11 +26,13 @@ A store behind a URL (object stores have no locks) is not guarded; the caller sa
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import platform
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".writer.lock"
 """Appended to a store's path to name its lock file (``run.ome.zarr.writer.lock``)."""
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""Open flag refusing a symbolic link (0 where the OS has none: Windows)."""
 _TRIES = 5
 """Attempts to take a lock file that another job removes or creates as this one opens it."""
 
@@ -111,12 +115,23 @@ def _acquire(store: str, path: Path, role: str) -> tuple[int, bool]:
         try:  # created here: nobody held it; else opened as it stands
             fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
-            try:
-                fd, created = os.open(path, os.O_RDWR), False
+            try:  # never through a link: the holder's JSON would be written over its target
+                fd, created = os.open(path, os.O_RDWR | _NOFOLLOW), False
             except FileNotFoundError:  # its holder removed it as we looked: look again
                 continue
             except OSError as exc:
+                if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                    raise StoreLocked(
+                        f"{store}: its lock file {path} is a symbolic link: move it away"
+                    ) from None
                 raise StoreLocked(f"{store}: cannot open its lock file {path}: {exc}") from None
+            plain = stat.S_ISREG(os.fstat(fd).st_mode)
+            if not plain:
+                os.close(fd)
+                raise StoreLocked(
+                    f"{store}: its lock file {path} is not a plain file (a folder or device): "
+                    "move it away"
+                ) from None
         except OSError as exc:
             raise StoreLocked(f"{store}: cannot create its lock file {path}: {exc}") from None
         try:
@@ -204,8 +219,9 @@ def _set_aside(path: Path, stale: os.stat_result) -> bool:
 def _said_taken(store: str, holder: _Holder | None) -> None:
     """Say that a lock left by a job that ended is taken over."""
     log.warning(
-        "%s: taking over the lock of a refocusing job that ended without removing it (%s)",
+        "%s: taking over the lock of %s that ended without removing it (%s)",
         store,
+        holder.role if holder is not None else "a job",
         holder or "it had not said who it was",
     )
 
@@ -261,10 +277,17 @@ def _read_holder(fd: int) -> _Holder | None:
         data = json.loads(os.read(fd, 4096) or b"null")
         if not isinstance(data, dict):
             return None
-        role = str(data.get("role", "another job"))[:80]  # hostile: a line, not a page
-        return _Holder(int(data["pid"]), str(data["host"]), str(data["started"]), role)
+        # written by whoever could write the folder: each field one short line, not a page
+        role = _one_line(data.get("role", "another job"))
+        host, started = _one_line(data["host"]), _one_line(data["started"])
+        return _Holder(int(data["pid"]), host, started, role)
     except (OSError, ValueError, TypeError, KeyError):  # empty, cut short or hostile
         return None
+
+
+def _one_line(value: object) -> str:
+    """Return a lock file's field as at most 80 printable characters."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))[:80]
 
 
 def _write_holder(fd: int, role: str) -> None:

@@ -137,6 +137,89 @@ def test_the_driver_holds_the_lock_for_the_job_and_removes_it_however_it_ends(
     assert not lock_path(store).exists()
 
 
+def test_a_failed_job_lets_its_store_go_only_once_its_other_chunks_have_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dask.compute raises at the first failed chunk while the others still run: had the lock
+    gone then, the next job and this one's late chunk would write one image at once (review
+    61: the late chunk landed in an --overwrite job's image, which said it was complete)."""
+    import live.refocus.driver as driver
+
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(4)))
+    refocus = driver.refocus_block
+    late_chunk_ended = threading.Event()
+
+    def one_fails_one_is_slow(job: Any, block: Any) -> Any:
+        if block.index == 0:
+            raise RuntimeError("chunk 0 failed")
+        late_chunk_ended.wait(0.8)  # still running when chunk 0 has failed
+        try:
+            return refocus(job, block)
+        finally:
+            late_chunk_ended.set()
+
+    monkeypatch.setattr(driver, "refocus_block", one_fails_one_is_slow)
+    with pytest.raises(RuntimeError, match="chunk 0 failed"):
+        refocus_recording(store, planes=PLANES, chunk=2, scheduler="threads", workers=2, **ORT)
+    assert late_chunk_ended.is_set(), "the store was let go while a chunk still ran"
+    assert not lock_path(store).exists()
+
+
+def test_a_job_cut_off_while_it_creates_its_image_leaves_a_valid_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image is listed only once its group and array are written: a full disk (or a
+    kill) in between left a listed image without data, which no reader accepts (review 61)."""
+    import live.refocus.outputs as outputs
+
+    yaozarrs = pytest.importorskip("yaozarrs")
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(3)))
+    before = dict(zarr.open_group(store, mode="r").attrs["deepz"]["images"])
+
+    def disk_full(*_: Any, **__: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "_create_manifest", disk_full)
+    with pytest.raises(RefocusError, match=r"cannot write the output image: OSError") as err:
+        refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
+    assert "\n" not in str(err.value)
+    monkeypatch.undo()
+    assert dict(zarr.open_group(store, mode="r").attrs["deepz"]["images"]) == before
+    yaozarrs.validate_zarr_store(str(store))  # the collection still validates
+    done = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)  # and a rerun works
+    assert done.frames_done == 3
+    yaozarrs.validate_zarr_store(str(store))
+
+
+def test_someone_elses_data_at_the_output_name_is_refused_and_left_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """An --out store holding another tool's array under the image's name: refused in one
+    line, the array and the store's attributes untouched (--overwrite once replaced it)."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(2)))
+    analysis = tmp_path / "analysis.zarr"
+    root = zarr.open_group(analysis, mode="w", zarr_format=3)
+    root.attrs["owner"] = "another tool"
+    root.create_array("results", shape=(3,), dtype="i4")[:] = [1, 2, 3]
+    for overwrite in (False, True):
+        with pytest.raises(RefocusError, match=r"results exists and is not an image of this"):
+            refocus_recording(
+                store,
+                out=str(analysis),
+                name="results",
+                overwrite=overwrite,
+                planes=PLANES,
+                scheduler="sync",
+                **ORT,
+            )
+    root = zarr.open_group(analysis, mode="r")
+    assert dict(root.attrs) == {"owner": "another tool"}
+    assert list(root["results"][:]) == [1, 2, 3]
+
+
 def test_the_live_recorder_holds_its_runs_store_until_the_run_is_finalised(
     tmp_path: Path,
 ) -> None:

@@ -112,3 +112,22 @@ def test_a_flat_images_display_window_is_never_empty(value: float) -> None:
     window = sampler.window()
     assert window["end"] > window["start"] == value
     assert window["min"] <= window["start"] and window["max"] >= window["end"]
+
+
+def test_an_image_never_takes_a_group_another_image_has(tmp_path: Path) -> None:
+    # (review 61: a role named like an offline image's numbered group was given that group)
+    import zarr
+
+    from live.store import XmlImage, image_group, register_image
+
+    root = zarr.open_group(tmp_path / "s.ome.zarr", mode="w", zarr_format=3)
+    xml = XmlImage("x", "float32", 1, 1, 4, 4, 0.5, 1.0)
+    first = image_group(root, "first")
+    root.create_group(first)
+    assert register_image(root, None, "first", xml, group=first) == "0"
+    with pytest.raises(ValueError, match="'0' is a number"):
+        image_group(root, "0")
+    with pytest.raises(ValueError, match="group '0' is already image 'first', not 'second'"):
+        register_image(root, None, "second", xml, group="0")
+    assert image_group(root, "second") == "1"  # the next free one
+    assert register_image(root, None, "first", xml) == "0"  # listed: keeps its group

@@ -202,3 +202,36 @@ def test_without_kernel_locks_one_of_two_jobs_takes_over_a_stale_lock(
     assert sum("taking over" in r.getMessage() for r in caplog.records) == 1
     assert not lock_path(store).exists()
     assert list(tmp_path.glob("*.stale")) == []
+
+
+def test_a_lock_path_that_is_a_link_or_a_folder_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    # (review 61: the holder's JSON was written over the link's target)
+    store = tmp_path / "run.ome.zarr"
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious data", encoding="utf-8")
+    lock_path(store).symlink_to(victim)
+    with pytest.raises(StoreLocked, match=r"is a symbolic link: move it away"), write_lock(store):
+        pass
+    assert victim.read_text(encoding="utf-8") == "precious data"
+    lock_path(store).unlink()
+    lock_path(store).mkdir()
+    with pytest.raises(StoreLocked, match=r"lock file .* is not a plain file|cannot open"):
+        with write_lock(store):
+            pass
+
+
+def test_a_hostile_holder_in_a_lock_file_is_told_in_one_short_line(tmp_path: Path) -> None:
+    store = tmp_path / "run.ome.zarr"
+    holder = {
+        "pid": 1,
+        "host": "elsewhere\nTraceback: fake" + "x" * 3000,
+        "started": "\x1b[2J",
+        "role": "r\nr",
+    }
+    lock_path(store).write_text(json.dumps(holder), encoding="utf-8")
+    with pytest.raises(StoreLocked) as refused, write_lock(store):
+        pass
+    text = str(refused.value)
+    assert "\n" not in text and "\x1b" not in text and len(text) < 600

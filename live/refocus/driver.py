@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib
 import logging
@@ -529,6 +530,13 @@ class _Runner:
             # a pool or initializer of the user's dask config, each task gets the whole job)
             options["initializer"] = functools.partial(install_plan, job.plan_token, [job.plan])
             job = job.without_plan()
+        # The threads are this job's own, shut down with a wait before the job lets its store
+        # go: when one chunk fails (or Ctrl-C), dask.compute raises at once while the others
+        # still run on dask's shared pool, and a store let go then could be written by them
+        # and by the next job at once. (dask shuts the process pool it makes down with a wait.)
+        pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if kind == "threads" and not configured:
+            pool = options["pool"] = concurrent.futures.ThreadPoolExecutor(n)
         job_d = dask.delayed(job, name=f"refocus-job-{run_id}", traverse=False)
         tasks = [
             dask.delayed(refocus_block, pure=False)(
@@ -542,8 +550,12 @@ class _Runner:
                 tick(len(result.seqs))
 
         t0 = time.perf_counter()
-        with callbacks.Callback(posttask=posttask):
-            results = list(dask.compute(*tasks, scheduler=kind, num_workers=n, **options))
+        try:
+            with callbacks.Callback(posttask=posttask):
+                results = list(dask.compute(*tasks, scheduler=kind, num_workers=n, **options))
+        finally:
+            if pool is not None:  # the chunks still running finish (or fail) first
+                pool.shutdown(wait=True, cancel_futures=True)
         return results, time.perf_counter() - t0
 
     def _distributed(
@@ -570,10 +582,38 @@ class _Runner:
                 result = future.result()
                 results.append(result)
                 tick(len(result.seqs))
+        except BaseException:
+            self._drain(futures)
+            raise
         finally:
             for future in futures:
                 future.release()
         return results, time.perf_counter() - t0
+
+    def _drain(self, futures: list[Any]) -> None:
+        """After a failure: cancel the chunks no worker has yet, wait for those it has.
+
+        A running task cannot be stopped, and cancelling one only makes the scheduler forget
+        it while its worker writes on: the store is let go only once those have ended.
+        """
+        distributed: Any = importlib.import_module("distributed")
+        assert self._client is not None
+        left = [f for f in futures if not f.done()]
+        if not left:
+            return
+        try:
+            assigned = {key for keys in self._client.processing().values() for key in keys}
+        except Exception as exc:  # the scheduler gone: nothing more can be known or waited for
+            log.warning("cannot ask the scheduler which chunks still run: %s", exc)
+            return
+        running = [f for f in left if f.key in assigned]
+        self._client.cancel([f for f in left if f.key not in assigned])
+        if running:
+            log.warning(
+                "waiting for %d chunk tasks already on workers before the store is let go",
+                len(running),
+            )
+            distributed.wait(running)
 
     def close(self) -> None:
         """Close a client this runner opened (never the cluster)."""

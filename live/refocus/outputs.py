@@ -312,7 +312,7 @@ def prepare_output(
     """
     import zarr
 
-    from live.store import image_groups, register_image, reserved_names
+    from live.store import image_group, image_groups, register_image, reserved_names
 
     check_image_name(name, fill_gaps=fill_gaps)  # before the store is opened, let alone made
     shape = (raw.n_t, len(plan), *raw.frame_shape)
@@ -325,12 +325,6 @@ def prepare_output(
             root = zarr.open_group(store=store, mode="a", zarr_format=3)
         except Exception as exc:
             raise RefocusError(f"{store}: cannot open or create the output store: {exc}") from None
-        if "deepz" not in root.attrs:
-            root.attrs["deepz"] = {
-                "source": raw.spec.path,
-                "source_image": raw.spec.array_path,
-                "time_index": "the source's time index (camera sequence number for runs)",
-            }
         name = name or OUT_IMAGE
     else:
         root = zarr.open_group(store=store, mode="r+")
@@ -345,7 +339,7 @@ def prepare_output(
     # its group: where a rerun finds it (the images listed in the store, or a group of that
     # name from before images were listed); a new image gets its group when it is created
     known = image_groups(dict(root.attrs.get("deepz", {})))
-    image = known.get(name) or (name if name in root and name not in known.values() else None)
+    image = known.get(name) or _earlier_image(root, name, known, store)
     n_blocks = math.ceil(raw.n_t / chunk)
     group: Any
     if image is not None and image in root and not overwrite:
@@ -374,21 +368,55 @@ def prepare_output(
             group.attrs["deepz"] = {**stored, "job": identity}
         register_image(root, _xml_store(store), name, xml)  # an image from before: listed now
         return _Output(store, image, chunk, n_blocks, False, group, name)
-    image = register_image(root, _xml_store(store), name, xml)
-    group = root.create_group(image, overwrite=True)
-    group.attrs["ome"] = ome
-    group.attrs["deepz"] = {**deepz, "job": identity, "present": [], "complete": False}
-    group.create_array(
-        "0",
-        shape=shape,
-        chunks=(chunk, *shape[1:]),
-        dtype=stack_dtype,
-        fill_value=0.0,
-        compressors=_compressors(),
-        dimension_names=dimensions,
-    )
-    _create_manifest(group, n_blocks)
+    # the group and its array first, then listed: a job cut off in between leaves an unlisted
+    # group (skipped by the next one), never a listed image without its data
+    image = image_group(root, name)
+    try:
+        if out is not None and "deepz" not in root.attrs:  # checked: now it is ours
+            root.attrs["deepz"] = {
+                "source": raw.spec.path,
+                "source_image": raw.spec.array_path,
+                "time_index": "the source's time index (camera sequence number for runs)",
+            }
+        group = root.create_group(image, overwrite=True)
+        group.attrs["ome"] = ome
+        group.attrs["deepz"] = {**deepz, "job": identity, "present": [], "complete": False}
+        group.create_array(
+            "0",
+            shape=shape,
+            chunks=(chunk, *shape[1:]),
+            dtype=stack_dtype,
+            fill_value=0.0,
+            compressors=_compressors(),
+            dimension_names=dimensions,
+        )
+        _create_manifest(group, n_blocks)
+        register_image(root, _xml_store(store), name, xml, group=image)
+    except OSError as exc:  # a full or read-only disk, a vanished mount
+        raise RefocusError(
+            f"{store}/{image} ({name}): cannot write the output image: {type(exc).__name__}: {exc}"
+        ) from None
     return _Output(store, image, chunk, n_blocks, False, group, name)
+
+
+def _earlier_image(root: Any, name: str, known: dict[str, str], store: str) -> str | None:
+    """Return the group of an offline image `name` written before images were listed, if any.
+
+    Only a group this project's refocusing wrote (it records its ``job``) is one: anything
+    else of that name in an ``--out`` store is someone else's data, never replaced.
+    """
+    import zarr
+
+    if name not in root or name in known.values():
+        return None
+    node = root[name]
+    deepz = node.attrs.get("deepz") if isinstance(node, zarr.Group) else None
+    if isinstance(deepz, dict) and "job" in deepz:
+        return name
+    raise RefocusError(
+        f"{store}/{name} exists and is not an image of this project's refocusing: choose "
+        "another --name (it is left as it is)"
+    )
 
 
 def _xml_store(store: str) -> Path | str:
@@ -436,14 +464,14 @@ def _prepare_fill(
         if array.shape[0] < raw.n_t:
             array.resize(shape)
     else:  # the live run kept no stacks: create the image as the recorder would have
-        from live.store import register_image
+        from live.store import image_group, register_image
 
         chunk = 1
         identity["chunk_t"] = chunk
         n_blocks = raw.n_t
         resumes = False
         ome, dimensions, xml = _stacks_metadata("stacks", plan, raw, "float32")
-        image = register_image(root, _xml_store(store), "stacks", xml)
+        image = image_group(root, "stacks")
         group = root.create_group(image)
         group.attrs["ome"] = ome
         group.create_array(
@@ -455,6 +483,7 @@ def _prepare_fill(
             compressors=_compressors(),
             dimension_names=dimensions,
         )
+        register_image(root, _xml_store(store), "stacks", xml, group=image)
     if not resumes:
         _create_manifest(group, n_blocks)
     attrs = dict(group.attrs.get("deepz", {}))
