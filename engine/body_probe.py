@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,8 +47,8 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import heldout as ho
-from engine.files import atomic_write
-from engine.metadata import normalize_images
+from engine.files import atomic_write, out_dir_problem
+from engine.metadata import ModelMetadataError, normalize_images
 from engine.model import DeepZ, load_model, metadata_path, read_checkpoint
 
 __all__ = ["BodyHead", "ProbeFrames", "glow_error", "main", "predict_glow", "probe_samples"]
@@ -180,9 +181,14 @@ def train(
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
     state: dict[str, Any] = {"step": 0, "history": []}
     if ckpt_path.is_file():
-        saved = read_checkpoint(ckpt_path)
-        head.load_state_dict(saved["head"])
-        opt.load_state_dict(saved["optimiser"])
+        saved = _head_checkpoint(ckpt_path)
+        try:
+            head.load_state_dict(saved["head"])
+            opt.load_state_dict(saved["optimiser"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelMetadataError(
+                f"{ckpt_path}: does not fit {weights}'s features ({str(exc).splitlines()[0][:200]})"
+            ) from None
         state = {"step": saved["step"], "history": saved["history"]}
         print(f"resuming {ckpt_path} at step {state['step']}")
     x, glow, e_unit, _, _ = probe_samples(config, samples)
@@ -350,18 +356,36 @@ def _load_head(path: Path) -> tuple[DeepZ, BodyHead | None, dict[str, Any]]:
     if metadata_path(path).is_file():
         model, meta = load_model(path)
         if not meta.architecture.get("body"):
-            raise ValueError(f"{path}: a volume model without a body head (body = true)")
+            raise ModelMetadataError(f"{path}: a volume model without a body head (body = true)")
         config = meta.extra.get("train_config", {}).get("name", "")
         return (
             model.eval(),
             None,
             {"weights": str(path), "step": meta.extra.get("steps"), "config_name": config},
         )
-    saved = read_checkpoint(path)
+    saved = _head_checkpoint(path)
     model, _ = load_model(saved["weights"])
     head = BodyHead(int(saved["features"]))
-    head.load_state_dict(saved["head"])
+    try:
+        head.load_state_dict(saved["head"])
+    except RuntimeError as exc:
+        raise ModelMetadataError(
+            f"{path}: its head does not load ({str(exc).splitlines()[0][:200]})"
+        ) from None
     return model.eval(), head.eval(), saved
+
+
+HEAD_KEYS = ("head", "optimiser", "weights", "features", "step", "history")
+"""What a probe head's checkpoint holds (`_save` writes them all)."""
+
+
+def _head_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a probe head's checkpoint (`train`'s head.pt); refuse any other file, naming it."""
+    saved = read_checkpoint(path)
+    missing = [k for k in HEAD_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise ModelMetadataError(f"{path}: not a probe head's checkpoint (no {', '.join(missing)})")
+    return dict(saved)
 
 
 def measure(
@@ -382,6 +406,11 @@ def measure(
 
     model, head, saved = _load_head(head_path)
     backend = load_backend(density_model)
+    config = Path(saved.get("config", "configs/train_volume_v31.toml"))
+    if simulator_samples > 0:  # read at the end, after the frames: checked now
+        from engine.train_volume import load_config
+
+        load_config(config)
     optics = ho.IndependentOptics(psf_model=psf)
     cam = ho.HeldoutCamera()
     glows: dict[str, np.ndarray] = {}
@@ -422,7 +451,6 @@ def measure(
         },
     }
     if simulator_samples > 0:
-        config = Path(saved.get("config", "configs/train_volume_v31.toml"))
         record["simulator"] = {
             "config": str(config),
             "samples": simulator_samples,
@@ -504,22 +532,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also score this many fresh worm samples of the head's training config (0: none)",
     )
     args = parser.parse_args(argv)
+    from engine.runtime import BackendError
+    from engine.train import TrainConfigError
+
     if args.command == "train":
         if args.samples < 2 or args.minutes <= 0 or args.threads < 1 or (args.steps or 1) < 1:
             parser.error("--samples must be >= 2, --minutes > 0, --steps and --threads >= 1")
         if not args.weights.is_file() or not args.config.is_file():
             parser.error(f"{args.weights} or {args.config}: not found")
+        problem = out_dir_problem(args.out, ["head.pt"])
+        if problem is not None:
+            parser.error(f"--out: {problem}")
         torch.set_num_threads(args.threads)
-        path = train(
-            args.weights, args.config, args.samples, args.minutes, args.out, steps=args.steps
-        )
+        try:
+            path = train(
+                args.weights, args.config, args.samples, args.minutes, args.out, steps=args.steps
+            )
+        except (ModelMetadataError, TrainConfigError, OSError) as exc:  # a file given
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {path}")
         return 0
     if not args.head.is_file():
         parser.error(f"--head {args.head}: not found (run `python -m engine.body_probe train`)")
-    record = measure(
-        args.head, args.psf, args.seeds, args.out, args.density_model, args.simulator_samples
-    )
+    stem = f"body_glow_{args.psf}"
+    problem = out_dir_problem(args.out, [f"{stem}.npz", f"{stem}.json", f"{stem}.png"])
+    if problem is not None:
+        parser.error(f"--out: {problem}")
+    try:
+        record = measure(
+            args.head, args.psf, args.seeds, args.out, args.density_model, args.simulator_samples
+        )
+    except (ModelMetadataError, TrainConfigError, BackendError, OSError) as exc:  # a file given
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     med = record["median"]
     print(
         f"{args.psf} ganglion frames, median over {len(args.seeds)}: head RMS "

@@ -49,17 +49,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 from scipy.optimize import nnls
 from scipy.special import ndtr
 
+from engine.files import out_dir_problem
 from engine.heldout import HeldoutCamera, IndependentOptics, sphere_image, sphere_signal_e
-from engine.metadata import ModelMetadata
+from engine.metadata import ModelMetadata, ModelMetadataError
 from engine.optics import SLICE_UM, CameraConfig, OpticsConfig, make_psf
 
 __all__ = [
@@ -403,18 +406,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--nucleus-radius-um applies to --optics independent or pupil")
     if args.nucleus_radius_um is not None and not 0 < args.nucleus_radius_um <= 5:
         parser.error(f"--nucleus-radius-um must be in (0, 5] µm, not {args.nucleus_radius_um}")
+    if not (math.isfinite(args.min_separation_um) and args.min_separation_um > 0):
+        parser.error(
+            f"--min-separation-um must be a finite number > 0, not {args.min_separation_um}"
+        )
     record: dict[str, Any] = {"case": which}
     if which == "model":
         model_json = args.model.with_suffix(".json")
         if not model_json.is_file():
             parser.error(f"{model_json}: no model metadata there")
-        optics = _optics_of(model_json)
+        try:
+            optics = _optics_of(model_json)
+        except (ModelMetadataError, ValidationError) as exc:
+            parser.error(f"{model_json}: not a model's metadata with its optics ({exc})")
         changes: dict[str, Any] = {}  # to the model's optics, from the options
         if args.particle_depth_um is not None:
             changes["particle_depth_um"] = args.particle_depth_um
         if args.depth_dependent_aberration is not None:
             changes["depth_dependent_aberration"] = args.depth_dependent_aberration
-        optics = OpticsConfig(**(optics.model_dump() | changes))
+        try:
+            optics = OpticsConfig(**(optics.model_dump() | changes))
+        except ValidationError as exc:  # only --particle-depth-um can be refused here
+            first = exc.errors()[0]
+            parser.error(f"--particle-depth-um {args.particle_depth_um}: {first['msg']}")
         case = simulator_case(optics, CameraConfig())
         record["model"] = str(model_json)
         own_depth = " + each bead's own depth"
@@ -442,6 +456,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"the independent hold-out's optics ({psf_model} PSF, depth-dependent aberration), "
             f"camera and {what}"
         )
+    stem = "depth_bound" if which == "model" else f"depth_bound_{which}"
+    if args.nucleus_radius_um is not None:
+        stem += f"_nucleus_r{args.nucleus_radius_um:g}"
+    if which == "model":  # named by the optics bounded, whatever the model's own are
+        if optics.particle_depth_um != OpticsConfig().particle_depth_um:
+            stem += f"_pz{optics.particle_depth_um:g}"
+        if optics.depth_dependent_aberration:
+            stem += "_depthdep"
+    problem = out_dir_problem(args.out, [f"{stem}.json", f"{stem}.png"])  # before the bound
+    if problem is not None:
+        parser.error(f"--out: {problem}")
     rows = depth_bound(case, min_separation_um=args.min_separation_um)
     print(f"{'photons':>8} {'defocus':>8} {'CRLB SD':>8} {'mirror':>7} {'KL':>6} {'ideal err':>9}")
     for r in rows:
@@ -464,14 +489,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "confused_share_within_um": shares,
         "rows": rows,
     }
-    stem = "depth_bound" if which == "model" else f"depth_bound_{which}"
-    if args.nucleus_radius_um is not None:
-        stem += f"_nucleus_r{args.nucleus_radius_um:g}"
-    if which == "model":  # named by the optics bounded, whatever the model's own are
-        if optics.particle_depth_um != OpticsConfig().particle_depth_um:
-            stem += f"_pz{optics.particle_depth_um:g}"
-        if optics.depth_dependent_aberration:
-            stem += "_depthdep"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     _plot(rows, args.out / f"{stem}.png", case.name)
     print(f"wrote {args.out / stem}.json and {stem}.png")

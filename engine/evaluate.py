@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.files import out_dir_problem
 from engine.metadata import (
     ModelMetadata,
     ModelMetadataError,
@@ -399,6 +400,16 @@ def _plots(
         plt.close(fig)
 
 
+REPORT_FILES = (
+    "metrics.json",
+    "report.md",
+    "metric_vs_dz.png",
+    "examples.png",
+    "axial_localisation.png",
+)
+"""What `evaluate` writes into its report folder."""
+
+
 def evaluate(
     weights: str | Path = DEFAULT_WEIGHTS,
     out: str | Path | None = None,
@@ -414,7 +425,9 @@ def evaluate(
     torch.set_num_threads(2)
     model, meta = load_model(weights)
     if meta.volume is not None:
-        raise ValueError(f"{weights}: a volume model; evaluate it with python -m engine.fidelity")
+        raise ModelMetadataError(
+            f"{weights}: a volume model; evaluate it with python -m engine.fidelity"
+        )
     stacks = []
     for kind, seeds in s.seeds.items():
         for seed in seeds:
@@ -589,6 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one stack per kind, fewer Δz")
     args = p.parse_args(argv)
     args.out = args.out or Path("runs") / time.strftime("evaluate-%Y%m%d-%H%M%S")
+    problem = out_dir_problem(args.out, REPORT_FILES)
+    if problem is not None:  # before the work: the report was written only at its end
+        print(f"error: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         r = evaluate(args.weights, args.out, EvalSettings.quick() if args.quick else None)
     except (FileNotFoundError, ModelMetadataError) as exc:  # the model given: one line

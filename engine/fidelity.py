@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,8 +45,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from engine import heldout as ho
+from engine.files import out_dir_problem
+from engine.metadata import ModelMetadataError
 from engine.metrics import pearson, ssim
-from engine.runtime import Precision
+from engine.runtime import BackendError, Precision
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -205,7 +208,7 @@ def _model_method(
     backend = load_backend(path, prefer=prefer, precision=precision, point_fit=fit)
     volume = backend.metadata.volume
     if volume is not None and volume.modality != "widefield":
-        raise ValueError(
+        raise ModelMetadataError(
             f"{path}: renders {volume.modality} planes, and the truths here are wide-field; "
             "score its density wide-field: python -m engine.train_volume --config CFG "
             "--weights-from-checkpoint CKPT --render-modality widefield --weights-out W.pt"
@@ -1104,6 +1107,10 @@ def _plot_crowded(r: dict[str, Any], path: Path) -> bool:
     return True
 
 
+REPORT_FILES = ("fidelity.json", "report.md", "fidelity.png", "crowded_nuclei.png")
+"""What `main` writes into its report folder."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(
@@ -1171,22 +1178,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = [
             w for w in (weights / "deepz-volume.pt", weights / "deepz-slim.pt") if w.is_file()
         ]
+    for model in models:  # other precisions are served by the ONNX backends only (`compare`)
+        if "fp32" not in args.precisions and model.suffix != ".onnx":
+            p.error(
+                f"--precisions {' '.join(args.precisions)} serve ONNX models only, and "
+                f"{model} would be served at none: add fp32 (a .pt is served at fp32 only) "
+                "or give its .onnx"
+            )
     out = args.out or Path("runs") / time.strftime("fidelity-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    problem = out_dir_problem(out, REPORT_FILES)  # before the work: the report is its end
+    if problem is not None:
+        p.error(f"--out: {problem}")
     sample_set: SampleSet = (
         "quick" if args.quick else "large" if args.large else "fresh" if args.fresh else "default"
     )
-    r = compare(
-        models,
-        sample_set=sample_set,
-        precisions=args.precisions,
-        pupil=args.pupil,
-        measured_psf=args.measured_psf,
-        point_fit=args.point_fit,
-        point_render="subpixel" if args.subpixel_points else "split",
-        fit_lateral=args.fit_lateral,
-    )
-    r["cross_modality"] = cross_modality(models)
+    try:  # the models are loaded first, before any sample is made
+        r = compare(
+            models,
+            sample_set=sample_set,
+            precisions=args.precisions,
+            pupil=args.pupil,
+            measured_psf=args.measured_psf,
+            point_fit=args.point_fit,
+            point_render="subpixel" if args.subpixel_points else "split",
+            fit_lateral=args.fit_lateral,
+        )
+        r["cross_modality"] = cross_modality(models)
+    except (BackendError, ModelMetadataError, OSError) as exc:  # a model: missing, not one
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)  # the work done: nothing made for a refused run
     (out / "fidelity.json").write_text(json.dumps(r, indent=1, default=float) + "\n")
     text = report(r)
     (out / "report.md").write_text(text)

@@ -6,17 +6,27 @@ rename it over the target in one step (`os.replace`), then flush the directory e
 temporary name is new on every call, so threads and processes writing the same target at once
 never share one and the last rename wins whole; a writer that raises removes its temporary and
 leaves the target as it was. Standard library only: `live` imports this beside its recorder.
+
+Also the one home of the check every command line makes of its output paths before its work
+(`out_dir_problem`): a run that learns only at its end that it cannot write its report, or
+that stops with a traceback, has spent its minutes for nothing.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["atomic_save_npy", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_save_npy",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "out_dir_problem",
+]
 
 T = TypeVar("T")
 
@@ -94,6 +104,35 @@ def atomic_write_text(
 ) -> None:
     """Write `text` to `path` atomically, encoded as is (newlines are not translated)."""
     atomic_write_bytes(path, text.encode(encoding), durable=durable)
+
+
+def out_dir_problem(out_dir: str | os.PathLike[str], files: Iterable[str] = ()) -> str | None:
+    """Say why a command could not make `out_dir` and write `files` in it (None: it can).
+
+    Checked before the work, so that a run refuses at once in one line what would otherwise
+    be a FileExistsError or IsADirectoryError traceback once the work is done. The nearest
+    existing folder on the way must be a folder this process may write: a file there (an
+    ``--out`` naming the config, say) cannot be made into a folder. Each of `files` (names in
+    `out_dir`) must not be a folder, and one that exists must be writable. A single output
+    file is ``out_dir_problem(path.parent, [path.name])``.
+    """
+    out = Path(out_dir)
+    for path in (out, *out.absolute().parents):
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "" if path == out else f"{out}: "
+            return f"{where}{path} is a file, not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{out}: cannot write in {path}"
+        break
+    for name in files:
+        target = out / name
+        if target.is_dir():
+            return f"{target} is a folder, not a file"
+        if target.exists() and not os.access(target, os.W_OK):
+            return f"{target}: cannot write it"
+    return None
 
 
 def _fsync_file(path: Path) -> None:

@@ -55,6 +55,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from engine import heldout as ho
+from engine.files import out_dir_problem
 from engine.optics import OpticsConfig, make_psf
 
 __all__ = [
@@ -684,6 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summarise is not None:
         if not args.summarise.is_dir():
             parser.error(f"--summarise {args.summarise}: not a folder")
+        problem = out_dir_problem(args.summarise, ["summary.png"])
+        if problem is not None:
+            parser.error(f"--summarise: {problem}")
         rows = summarise(args.summarise, compare, args.summarise / "summary.png")
         for r in rows:
             print(
@@ -697,11 +701,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     optics = ho.IndependentOptics(psf_model=psf)
     fit_psf: Literal["vectorial", "pupil", "simulator"] = args.fit_psf or psf
     fit_optics = fit_optics_for(fit_psf)
+    stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
+    stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
+    stem += "" if args.body == "known" else f"_body_{args.body}"
+    if args.body == "model":
+        glow = args.body_glow
+        stem += f"_{glow.parent.name}_{glow.stem}" if glow else f"{args.body_clip:g}"
+    stem += f"_glow_error_{args.glow_error_e:g}e" if args.glow_error_e > 0 else ""
+    path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
+    problem = out_dir_problem(args.out, [path.name])  # before the fits: it was written after
+    if problem is not None:
+        parser.error(f"--out: {problem}")
     backend = None
     if args.body == "model" and glows is None:
-        from engine.runtime import load_backend
+        from engine.runtime import BackendError, load_backend
 
-        backend = load_backend(args.body_model)
+        try:
+            backend = load_backend(args.body_model)
+        except BackendError as exc:
+            parser.error(f"--body-model: {exc}")
+        if backend.metadata.volume is None:
+            parser.error(
+                f"--body-model {args.body_model}: a per-plane model; the body's glow "
+                "is read from a volume model's density"
+            )
     fits: list[OracleFit] = []
     frames: list[dict[str, Any]] = []
     for seed in tqdm(args.seeds, desc=f"oracle fit ({psf})", unit="frame"):
@@ -766,14 +789,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_set = "independent" if psf == "vectorial" else "pupil"
         _print_comparison(compare.get(record_set, {}), record_set, z, est)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"oracle_fit_{psf}{'_noise_free' if args.noise_free else ''}"
-    stem += "" if fit_psf == psf else f"_fit_{fit_psf}"
-    stem += "" if args.body == "known" else f"_body_{args.body}"
-    if args.body == "model":
-        glow = args.body_glow
-        stem += f"_{glow.parent.name}_{glow.stem}" if glow else f"{args.body_clip:g}"
-    stem += f"_glow_error_{args.glow_error_e:g}e" if args.glow_error_e > 0 else ""
-    path = args.out / f"{stem}{'' if args.radius == 'known' else f'_radius_{args.radius}'}.json"
     record = {
         "psf_model": psf,
         "fit_psf_model": fit_psf,

@@ -66,9 +66,11 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine import heldout as ho
+from engine.files import out_dir_problem
+from engine.metadata import ModelMetadataError
 from engine.metrics import gaussian_fwhm_2d
 from engine.psf_calibration import plane_fwhm_um, slide_bank_for
-from engine.runtime import load_backend
+from engine.runtime import BackendError, load_backend
 from engine.volume import Renderer, load_psf_bank
 
 if TYPE_CHECKING:
@@ -629,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "own PSF (camera_ceiling; the vectorial set, --pupil the pupil set)",
     )
     args = parser.parse_args(argv)
+    if args.samples < 1:
+        parser.error(f"--samples must be >= 1, not {args.samples}")
     if args.camera_ceiling and (
         args.weights or args.measured_psf or args.subpixel_points or args.samples != 3
     ):
@@ -636,6 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--camera-ceiling takes the larger set's samples, camera-like, through the set's own "
             "PSF: --pupil and --out only"
         )
+    bank_path = args.out.with_name(f"{args.out.stem}-psf.npy")  # --measured-psf's bank
+    written = [args.out.name, *([bank_path.name] if args.measured_psf else [])]
+    problem = out_dir_problem(args.out.parent, written)  # before the work: it was after
+    if problem is not None:
+        parser.error(f"--out: {problem}")
     if args.camera_ceiling:
         from engine.fidelity import LARGE_INDEPENDENT
 
@@ -654,9 +663,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
         return 0
-    backend = load_backend(args.model)
+    try:
+        backend = load_backend(args.model)
+    except BackendError as exc:
+        parser.error(f"--model: {exc}")
     if backend.metadata.volume is None:
         parser.error(f"{args.model} is a per-plane model; the probes need a volume model")
+    if args.weights is not None:  # read at the end, after minutes of probes: checked now
+        from engine.model import load_model
+
+        try:
+            head_model, _ = load_model(args.weights)
+        except (FileNotFoundError, ModelMetadataError) as exc:
+            parser.error(f"--weights: {exc}")
+        if head_model.detection is None:
+            parser.error(f"--weights {args.weights}: no detection head (trained without one)")
     optics = ho.IndependentOptics(
         psf_model="pupil" if args.pupil else "vectorial",
         point_render="subpixel" if args.subpixel_points else "split",
@@ -667,7 +688,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     depth = np.asarray(volume.depth_um)
     if args.measured_psf:  # the samples' microscope's PSF, measured as a lab would
         psf = slide_bank_for(args.model, backend.metadata, optics).bank
-        bank_path = args.out.with_name(f"{args.out.stem}-psf.npy")
         bank_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(bank_path, psf)
         backend = load_backend(args.model, psf_bank=bank_path)

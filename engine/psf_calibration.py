@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from engine.files import atomic_save_npy, atomic_write_text
+from engine.files import atomic_save_npy, atomic_write_text, out_dir_problem
 
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
@@ -679,6 +679,52 @@ def _figure(measurement: PsfMeasurement, reference: np.ndarray | None, path: Pat
     plt.close(fig)
 
 
+SUMMARY_KEYS = (
+    "model",
+    "source",
+    "beads",
+    "planes",
+    "side_px",
+    "filled_from_reference",
+    "in_focus_fwhm_um",
+)
+"""Keys every summary JSON `main` has written holds (`PsfMeasurement.summary` and its own):
+how an earlier calibration's summary is told from any other JSON at the same name."""
+
+
+def is_calibration_summary(path: Path) -> bool:
+    """Say whether `path` holds a summary JSON this module wrote (`SUMMARY_KEYS`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in SUMMARY_KEYS)
+
+
+def _out_problem(out: Path, model: Path, bank: Path, stacks: Sequence[Path]) -> str | None:
+    """Say why the command may not replace `out` and its .json (None: it may).
+
+    The companions are named after `out`, beside it: with `out` beside the model
+    (``deepz-volume.npy`` by ``deepz-volume.onnx``) the .json is the model's metadata, and
+    overwriting it left a model that no longer loads. So an existing .json is replaced only
+    when it is an earlier calibration's summary; and `out` is neither the model's own bank
+    nor one of the stacks measured.
+    """
+    companion = out.with_suffix(".json")
+    if companion.resolve() == model.with_suffix(".json").resolve():
+        return f"{out} would write its summary over {companion}, the metadata of {model}"
+    if companion.exists() and not is_calibration_summary(companion):
+        return (
+            f"{out} would write its summary over {companion}, which is no earlier "
+            "calibration's summary: name another --out"
+        )
+    if out.resolve() == bank.resolve():
+        return f"{out} is the model's own PSF bank: name another --out"
+    if any(out.resolve() == p.resolve() for p in stacks):
+        return f"{out} is one of the stacks measured: name another --out"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Measure a bank from stacks (or a simulated slide), write it, its JSON and a picture."""
     parser = argparse.ArgumentParser(prog="python -m engine.psf_calibration", description=__doc__)
@@ -728,6 +774,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--first-seed must be >= 0, not {args.first_seed}")
     if args.out.suffix != ".npy":
         parser.error(f"--out must name a .npy file, not {args.out}")
+    out_names = [args.out.name, f"{args.out.stem}.json", f"{args.out.stem}.png"]
+    problem = out_dir_problem(args.out.parent, out_names)  # before the work: it was after
+    if problem is not None:
+        parser.error(f"--out: {problem}")
     from engine.metadata import ModelMetadata
     from engine.volume import load_psf_bank
 
@@ -742,10 +792,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    own_bank = args.model.parent / meta.volume.psf_file
+    problem = _out_problem(args.out, args.model, own_bank, args.stacks)
+    if problem is not None:
+        parser.error(f"--out: {problem}")
     depth = np.asarray(meta.volume.depth_um, dtype=np.float64)
     n, step = depth.size, float(depth[1] - depth[0])
     try:
-        reference = load_psf_bank(args.model.parent / meta.volume.psf_file, n)
+        reference = load_psf_bank(own_bank, n)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

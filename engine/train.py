@@ -38,6 +38,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.files import out_dir_problem
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images
 from engine.model import (
@@ -46,6 +47,7 @@ from engine.model import (
     Discriminator,
     build_model,
     load_model,
+    metadata_path,
     read_checkpoint,
     save_model,
     write_checkpoint,
@@ -80,9 +82,12 @@ VALIDATION_SEED_OFFSET = 900_000
 
 
 class _Base(BaseModel):
-    """Strict pydantic base: unknown keys are errors, assignments are validated."""
+    """Strict pydantic base: unknown keys are errors, assignments are validated, floats finite.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    ``lr = inf`` or ``grad_clip = inf`` passed ``gt=0`` and trained NaN weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 _C = TypeVar("_C", bound=BaseModel)
@@ -107,6 +112,21 @@ def camera_overrides(v: dict[str, Any]) -> dict[str, Any]:
         CameraConfig.model_validate(v)
     except ValidationError as exc:
         raise ValueError(f"camera.{validation_line(exc)}") from None
+    return v
+
+
+def optics_overrides(v: dict[str, Any]) -> dict[str, Any]:
+    """Check a config's ``optics`` table against `engine.optics.OpticsConfig` at load.
+
+    (Not when the first stack is simulated, with the run's folder made: a misspelt key was a
+    pydantic traceback and a config.json left behind.)
+    """
+    from engine.optics import OpticsConfig
+
+    try:
+        OpticsConfig.model_validate(v)
+    except ValidationError as exc:
+        raise ValueError(f"optics.{validation_line(exc)}") from None
     return v
 
 
@@ -215,6 +235,7 @@ class TrainConfig(_Base):
     camera: dict[str, Any] = Field({}, description="engine.optics.CameraConfig overrides.")
 
     _camera = field_validator("camera")(camera_overrides)
+    _optics = field_validator("optics")(optics_overrides)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present.")
     threads: int = Field(2, ge=1, description="torch CPU threads.")
     amp: bool = Field(True, description="bfloat16 autocast on CUDA.")
@@ -684,6 +705,10 @@ def _validation_set(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return sample_batch(rng, stacks, [], cfg, n=cfg.validation_samples)
 
 
+CHECKPOINT_KEYS = ("model", "opt", "step", "history", "wall_s")
+"""What ``--resume`` reads of out_dir/checkpoint.pt (`_checkpoint` writes them all)."""
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> DeepZ:
     """Run (or resume) training as configured; return the trained generator (eval mode)."""
     from tqdm import tqdm
@@ -696,10 +721,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     out = cfg.out_dir  # made once the start is checked: a refused run leaves no empty folder
     model = cfg.model.build()
     if cfg.init_weights is not None and not resume:
-        init, _ = load_model(cfg.init_weights)
-        if init.architecture != model.architecture:
-            raise ValueError(
-                f"init_weights {cfg.init_weights} has architecture {init.architecture}, "
+        init, init_meta = load_model(cfg.init_weights)
+        if init.architecture != model.architecture or init_meta.volume is not None:
+            kind = " (a volume model's)" if init_meta.volume is not None else ""
+            raise TrainConfigError(
+                f"init_weights {cfg.init_weights} has architecture {init.architecture}{kind}, "
                 f"the config builds {model.architecture}"
             )
         model.load_state_dict(init.state_dict())
@@ -715,17 +741,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = read_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        if disc is not None and opt_d is not None and ck.get("disc") is not None:
-            disc.load_state_dict(ck["disc"])
-            opt_d.load_state_dict(ck["opt_d"])
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+        if missing:  # weights alone (a state_dict), or another trainer's file
+            raise ModelMetadataError(
+                f"--resume: {ckpt_path} is not a checkpoint of engine.train "
+                f"(no {', '.join(missing)})"
+            )
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            if disc is not None and opt_d is not None and ck.get("disc") is not None:
+                disc.load_state_dict(ck["disc"])
+                opt_d.load_state_dict(ck["opt_d"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ModelMetadataError(
+                f"--resume: {ckpt_path} does not fit this config's network "
+                f"({str(err).splitlines()[0][:200]})"
+            ) from None
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
+    missing = [str(s.path) for s in cfg.data.lab_stacks if not s.path.exists()]
+    if missing:  # read before the folder is made: a missing or unreadable stack leaves nothing
+        raise TrainConfigError(f"data.lab_stacks: {', '.join(missing)}: not found")
+    try:
+        lab = [load_lab_stack(s, cfg.data.input_half_range_um) for s in cfg.data.lab_stacks]
+    except (OSError, ValueError) as exc:
+        raise TrainConfigError(f"data.lab_stacks: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     counters = _pool_counters(cfg, step)
     pool = [simulated_stack(cfg, train_stack_seed(cfg.seed, c)) for c in counters]
-    lab = [load_lab_stack(s, cfg.data.input_half_range_um) for s in cfg.data.lab_stacks]
     val_x, val_y = _validation_set(cfg)
     val_x, val_y = val_x.to(device), val_y.to(device)
     amp = cfg.amp and device.type == "cuda"
@@ -834,6 +878,26 @@ def _checkpoint(
     _save_plots(cfg.out_dir, history, samples)
 
 
+def _output_problem(cfg: TrainConfig, config: Path, out_given: bool) -> str | None:
+    """Say why a run could not write out_dir's files or weights_out (None: it can).
+
+    Checked before the run starts: out_dir was made after the network was built, and
+    weights_out written only at the run's end.
+    """
+    problem = out_dir_problem(
+        cfg.out_dir, ("config.json", "checkpoint.pt", "loss_curve.png", "samples.png")
+    )
+    if problem is not None:
+        return f"{'--out' if out_given else f'{config}: out_dir'}: {problem}"
+    if cfg.weights_out is not None:
+        weights = Path(cfg.weights_out)
+        names = (weights.name, metadata_path(weights).name)
+        problem = out_dir_problem(weights.parent, names)
+        if problem is not None:
+            return f"{config}: weights_out: {problem}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: parse arguments, load the config and train."""
     p = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.split("\n")[0])
@@ -848,9 +912,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    problem = _output_problem(cfg, args.config, args.out is not None)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         model = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, ModelMetadataError) as exc:  # a checkpoint or stack it names
+    except (FileNotFoundError, ModelMetadataError, TrainConfigError) as exc:  # a file it names
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")

@@ -111,6 +111,10 @@ def _machine(cfg: VolumeTrainConfig, bf16: bool) -> str:
     return f"{where}, bf16 autocast {bf16}"
 
 
+CHECKPOINT_KEYS = ("model", "step", "history", "config")
+"""What `weights_from_checkpoint` reads of a checkpoint (`_training_state` writes them all)."""
+
+
 def weights_from_checkpoint(
     cfg: VolumeTrainConfig,
     checkpoint: Path,
@@ -127,15 +131,32 @@ def weights_from_checkpoint(
     than was trained (a confocal-trained model served wide-field, or the reverse).
     """
     from engine.optics import OpticsConfig
+    from engine.train import TrainConfigError, validation_line
 
     if cfg.weights_out is None:
-        raise ValueError("the config has no weights_out to write")
+        raise TrainConfigError("the config has no weights_out to write: set it or --weights-out")
     ck = read_checkpoint(checkpoint)
-    ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:  # a model's weights, say: a plain state_dict
+        raise ModelMetadataError(
+            f"{checkpoint}: not a volume training checkpoint (no {', '.join(missing)})"
+        )
+    try:
+        ck_cfg = VolumeTrainConfig.model_validate(ck["config"])
+    except ValidationError as exc:
+        raise ModelMetadataError(
+            f"{checkpoint}: its training config does not read ({validation_line(exc)})"
+        ) from None
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
     raw = not average and "ema" in ck
-    model.load_state_dict(ck["model"] if raw else served_state(ck))
+    try:
+        model.load_state_dict(ck["model"] if raw else served_state(ck))
+    except (RuntimeError, KeyError, AttributeError) as exc:
+        raise ModelMetadataError(
+            f"{checkpoint}: its weights do not fit the network its config builds "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
     model.eval()
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
@@ -158,12 +179,19 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     metadata keeps it (its last row); and ``cfg`` as the recipe to resume with.
     """
     from engine.model import load_model
+    from engine.train import TrainConfigError
 
     if cfg.portable_checkpoint is None:
-        raise ValueError("the config has no portable_checkpoint to write")
+        raise TrainConfigError("the config has no portable_checkpoint to write")
     loaded, meta = load_model(weights)
     model = build_volume_model(cfg)
-    model.load_state_dict(loaded.state_dict())
+    try:
+        model.load_state_dict(loaded.state_dict())
+    except RuntimeError as exc:
+        raise ModelMetadataError(
+            f"{weights}: not weights of the network this config builds "
+            f"({str(exc).splitlines()[0][:200]})"
+        ) from None
     opt = build_optimiser(cfg, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():

@@ -7,34 +7,58 @@ The command line, ``python -m engine.train_volume`` (`main`); its first line abo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.files import out_dir_problem
 from engine.metadata import ModelMetadataError
-from engine.train import configure
+from engine.train import TrainConfigError, configure
 from engine.train_volume.checkpoints import checkpoint_from_weights, weights_from_checkpoint
 from engine.train_volume.config import VolumeTrainConfig
 from engine.train_volume.loop import check_measured_bank, train
 
 
-def out_dir_problem(out_dir: Path) -> str | None:
-    """Say why a run could not make or write `out_dir` (None: it can), before training starts.
+def _output_problem(cfg: VolumeTrainConfig, args: argparse.Namespace) -> str | None:
+    """Say why this command could not write what it writes (None: it can), before any work.
 
-    Its nearest existing folder must be a folder this process may write: a file there (an
-    ``--out`` naming the config, say) was a FileExistsError traceback once the network was
-    built.
+    Training writes into out_dir, then weights_out (+ .json, .psf.npy) at its end and the
+    portable checkpoint at each checkpoint; ``--weights-from-checkpoint`` writes weights_out
+    only, ``--checkpoint-from-weights`` the portable checkpoint only. Each is named as the
+    user gave it: the flag, or the config's key.
     """
-    for path in (out_dir, *out_dir.absolute().parents):
-        if not path.exists():
+    config = args.config
+    where = {
+        "out_dir": "--out" if args.out is not None else f"{config}: out_dir",
+        "weights_out": "--weights-out"
+        if args.weights_out is not None
+        else f"{config}: weights_out",
+        "portable_checkpoint": f"{config}: portable_checkpoint",
+    }
+    needed = None  # what the command exists to write: refused where the config has none
+    if args.weights_from_checkpoint is not None:
+        wanted = needed = "weights_out"
+    elif args.checkpoint_from_weights is not None:
+        wanted = needed = "portable_checkpoint"
+    else:
+        wanted = "out_dir weights_out portable_checkpoint"
+    for key in wanted.split():
+        value = getattr(cfg, key)
+        if value is None:
+            if key == needed:
+                flag = " (or give --weights-out)" if key == "weights_out" else ""
+                return f"{config}: no {key} to write: set {key}{flag}"
             continue
-        if not path.is_dir():
-            where = "" if path == out_dir else f"{out_dir}: "
-            return f"{where}{path} is a file, not a folder"
-        if not os.access(path, os.W_OK | os.X_OK):
-            return f"{out_dir}: cannot write in {path}"
-        return None
+        path = Path(value)
+        if key == "out_dir":
+            problem = out_dir_problem(path, ("config.json", "checkpoint.pt", "loss_curve.png"))
+        elif key == "weights_out":
+            names = (path.name, path.with_suffix(".json").name, path.with_suffix(".psf.npy").name)
+            problem = out_dir_problem(path.parent, names)
+        else:
+            problem = out_dir_problem(path.parent, (path.name,))
+        if problem is not None:
+            return f"{where[key]}: {problem}"
     return None
 
 
@@ -92,11 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # TrainConfigError, and a measured bank that does not fit
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    training = args.checkpoint_from_weights is None and args.weights_from_checkpoint is None
-    problem = out_dir_problem(cfg.out_dir) if training else None
+    problem = _output_problem(cfg, args)
     if problem is not None:
-        where = "--out" if args.out is not None else f"{args.config}: out_dir"
-        print(f"error: {where}: {problem}", file=sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         if args.checkpoint_from_weights is not None:
@@ -109,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"weights: {path}")
             return 0
         model = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, ModelMetadataError) as exc:  # a checkpoint or file it names
+    except (FileNotFoundError, ModelMetadataError, TrainConfigError) as exc:  # a file it names
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"trained {model.count_parameters()} parameters; outputs in {cfg.out_dir}")
