@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,17 @@ from typing import Any
 
 import pytest
 import zmq
+
+try:
+    from hypothesis import settings as _hypothesis_settings
+except ImportError:  # the dev extra brings it; the fuzz tests skip without it
+    pass
+else:
+    # On CI (`CI=true bash .ci/run`) the property tests draw the same examples every run, so a
+    # red run is a change's, not the dice's; locally they keep drawing new ones.
+    _hypothesis_settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        _hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

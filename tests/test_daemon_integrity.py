@@ -48,12 +48,14 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     raw_sub = ctx.socket(zmq.SUB)  # what the daemon republishes on endpoints.recorder
     raw_sub.linger = 0
     raw_sub.setsockopt(zmq.SUBSCRIBE, b"")
+    joined = raw_sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     raw_sub.connect(config.endpoints.recorder)
     try:
         daemon.start()
-        # a SUB joins a PUB asynchronously: what is published before it joined is not sent
-        # (the first of the second's frames, at 30 Hz, leave it ample time to join)
-        time.sleep(0.3)
+        # a SUB joins a PUB asynchronously: what is published before it joined is not sent.
+        # Its connection is made once the daemon binds (ZeroMQ reconnects); its subscription
+        # follows at once, well within the first of the 30 frames sent over a second.
+        assert joined.poll(60_000), "the raw subscriber never connected to the daemon"
         push_frames(config.endpoints.frames, list(range(30)), inject=inject, rate_hz=30.0)
         deadline = time.monotonic() + 60
         while (snap := daemon.metrics.snapshot(advance=False)).stacks_out + snap.skipped < 30:
@@ -65,6 +67,8 @@ def test_forged_and_broken_frames_are_rejected_by_kind_and_go_nowhere(
     republished = []
     while raw_sub.poll(200):
         republished.append(decode(raw_sub.recv_multipart(copy=False)))
+    raw_sub.disable_monitor()
+    joined.close()
     raw_sub.close()
     ctx.term()
 

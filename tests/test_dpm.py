@@ -71,7 +71,8 @@ def test_validate_dpm_checks_shape_finiteness_and_range():
     far = dpm.uniform((16, 16), 12.0)
     with pytest.raises(dpm.DPMError, match=r"\[-10, 10\] µm"):
         dpm.validate_dpm(far, (16, 16), (-10.0, 10.0))
-    assert dpm.validate_dpm(far, (16, 16), (-10.0, 10.0), allow_extrapolation=True) is not None
+    kept = dpm.validate_dpm(far, (16, 16), (-10.0, 10.0), allow_extrapolation=True)
+    assert kept.dtype == np.float32 and (kept == 12.0).all()  # allowed: taken as it is
 
 
 def test_volume_plan_from_z_and_validation():

@@ -68,7 +68,7 @@ def _recorder(path: Path, **kwargs: object) -> Recorder:
 
 def _validate(path: Path) -> None:
     """Validate the whole store with yaozarrs (OME-Zarr 0.5), warnings included."""
-    yaozarrs = pytest.importorskip("yaozarrs")
+    yaozarrs = pytest.importorskip("yaozarrs", reason="validates OME-Zarr: the dev extra")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yaozarrs.validate_zarr_store(str(path))
@@ -164,7 +164,7 @@ def test_ecosystem_readers_open_the_collection_from_its_root(tmp_path: Path) -> 
     ((start, end),) = stacks.metadata["contrast_limits"]
     assert 5.0 < start < 8.0 and 12.0 < end < 15.0
 
-    ome_types = pytest.importorskip("ome_types")
+    ome_types = pytest.importorskip("ome_types", reason="validates OME-XML: the dev extra")
     xml = ome_types.from_xml((path / "OME" / "METADATA.ome.xml").read_text())
     assert [image.name for image in xml.images] == ["raw", "stacks"]
     assert [image.pixels.size_t for image in xml.images] == [6, 6]
@@ -494,7 +494,7 @@ def test_float16_stacks_are_stored_as_float16_within_half_an_ulp(tmp_path: Path)
     deepz = zarr.open_group(path, mode="r").attrs["deepz"]
     assert deepz["stack_dtype"] == "float16"
     assert deepz["summary"]["stack_values_clipped"] == 0
-    ome_types = pytest.importorskip("ome_types")
+    ome_types = pytest.importorskip("ome_types", reason="validates OME-XML: the dev extra")
     xml = ome_types.from_xml((path / "OME" / "METADATA.ome.xml").read_text())
     assert [image.pixels.type.value for image in xml.images] == ["uint16", "float"]
     _validate(path)

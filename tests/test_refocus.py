@@ -130,7 +130,9 @@ def _group(store: Path | str, name: str) -> str:
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     """A real dask.distributed LocalCluster: 2 worker processes of 1 thread each."""
-    distributed = pytest.importorskip("distributed")
+    distributed = pytest.importorskip(
+        "distributed", reason="a dask cluster needs the dist extra: pip install '.[dist]'"
+    )
     cluster = distributed.LocalCluster(
         n_workers=2,
         processes=True,

@@ -173,7 +173,7 @@ def test_a_job_cut_off_while_it_creates_its_image_leaves_a_valid_store(
     kill) in between left a listed image without data, which no reader accepts (review 61)."""
     import live.refocus.outputs as outputs
 
-    yaozarrs = pytest.importorskip("yaozarrs")
+    yaozarrs = pytest.importorskip("yaozarrs", reason="validates OME-Zarr: the dev extra")
     store = tmp_path / "run.ome.zarr"
     _record(store, list(range(3)))
     before = dict(zarr.open_group(store, mode="r").attrs["deepz"]["images"])

@@ -75,13 +75,19 @@ def test_a_slow_simulated_camera_stops_with_every_frame_it_made_sent(pull):
 
     from live._mmcore import simulated_camera
 
-    _, endpoint = pull
+    sock, endpoint = pull
     scope = SimulatedScope(SHAPE, rate_hz=0.3, frame_fn=pattern)
     stop = threading.Event()
-    timer = threading.Timer(1.0, stop.set)  # after the first frame, inside the next wait
-    timer.start()
+
+    def stop_after_the_first_frame() -> None:  # so the stop lands inside the next wait
+        if sock.poll(120_000):
+            sock.recv_multipart()
+        stop.set()
+
+    stopper = threading.Thread(target=stop_after_the_first_frame, daemon=True)
+    stopper.start()
     summary = run_source(scope, endpoint, stop)
-    timer.join()
+    stopper.join(120)
     time.sleep(3.5)  # longer than a frame period: a camera thread still waiting would add one
     camera = simulated_camera(scope.core)
     assert summary.frames_sent + summary.frames_dropped == camera.frame_index >= 1

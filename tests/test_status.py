@@ -12,6 +12,7 @@ import zmq
 
 from live.metrics import (
     LATENCY_WINDOW,
+    MAX_STATUS_BYTES,
     MAX_STATUS_RANGES,
     Metrics,
     RunState,
@@ -71,8 +72,11 @@ def test_status_message_carries_capped_ranges_however_many_frames_are_lost() -> 
     assert snap.skipped == 1_000_000 and snap.skipped_ranges == [(0, 1_000_000)]
     assert snap.lost == 10_000 and len(snap.lost_ranges) == MAX_STATUS_RANGES
     assert snap.lost_ranges[-1] == (19_998, 19_999)  # the newest ones
-    assert len(snap.to_json()) < 8000
-    assert len(metrics.lost_seqs()) == 10_000  # the summary still names every one
+    size = len(snap.to_json())
+    assert size < MAX_STATUS_BYTES  # what a status reader takes
+    metrics.lose(list(range(100_001, 140_001, 2)))  # twenty thousand more: the same size
+    assert abs(len(metrics.snapshot().to_json()) - size) < 2 * MAX_STATUS_RANGES * 4
+    assert len(metrics.lost_seqs()) == 30_000  # the summary still names every one
 
 
 def _snapshot(**changes: object) -> Snapshot:
