@@ -39,9 +39,10 @@ running. The store then says so at once, not only at close: ``error`` names the
 cause, ``complete`` is false, and the arrays and presence runs are cut back to exactly what is
 on disk. A stacks write that fails when raw frames are kept stops the stacks alone
 (``stacks_error``): the raw frames are the recording, and ``python -m live.refocus`` makes the
-stacks from them afterwards. Saying so needs disk space too, so the recorder holds a
-`RESERVE_MB` file (``OME/.deepz-reserve``) from the start and deletes it at the first failure
-and at close: a disk filled to 0 bytes still gets its truthful final metadata.
+stacks from them afterwards (a full, over-quota or read-only disk stops both at once). Saying
+so needs disk space too, so the recorder holds a `RESERVE_MB` file (``OME/.deepz-reserve``)
+from the start and deletes it at the first failure and at close: a disk filled to 0 bytes
+still gets its truthful final metadata.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
 `put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape; the
@@ -61,6 +62,7 @@ recorded, so a frame the store would refuse is not refocused or republished eith
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
@@ -928,7 +930,7 @@ class Recorder:
                     self._frame_meta[seq] = (timestamp_s, focus_um)
             self._retried(functools.partial(self._put_item, kind, seq, array), what)
         except Exception as err:  # any storage fault stops recording, not the run
-            self._write_failed(kind, f"{what} failed: {type(err).__name__}: {err}")
+            self._write_failed(kind, f"{what} failed: {type(err).__name__}: {err}", err)
             return
         self._images[kind].sampler.add(array)
 
@@ -985,19 +987,21 @@ class Recorder:
                 try:
                     self._retried(functools.partial(self._write_shard, role, index), what)
                 except Exception as err:  # any storage fault stops recording, not the run
-                    self._write_failed(role, f"{what} failed: {type(err).__name__}: {err}")
+                    self._write_failed(role, f"{what} failed: {type(err).__name__}: {err}", err)
                     if self.error is not None:
                         return
                     break  # the stacks stopped (their held shards dropped); raw goes on
 
-    def _write_failed(self, role: str, reason: str) -> None:
+    def _write_failed(self, role: str, reason: str, err: BaseException) -> None:
         """Stop the stacks alone, or the recorder, after a write of `role` failed twice.
 
         The raw frames are the recording (the stacks can be made again from them offline,
         ``python -m live.refocus``), so a stacks fault must not cost them; any other fault,
-        or a stacks fault with raw frames not kept, stops recording altogether (`_fail`).
+        a stacks fault with raw frames not kept, or one of the whole disk (full, over quota,
+        read-only: raw writes would fail alike) stops recording altogether (`_fail`).
         """
-        if role != "stacks" or self._raw is None:
+        whole_disk = isinstance(err, OSError) and err.errno in _WHOLE_DISK_ERRNOS
+        if role != "stacks" or self._raw is None or whole_disk:
             self._fail(reason)
             return
         if self.stacks_error is not None:
@@ -1300,6 +1304,10 @@ class Recorder:
             stack_values_clipped=self._gates["stacks"].clipped(),
             backlog_dropped=dict(self._backlog_dropped),
         )
+
+
+_WHOLE_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+"""Write errors of the disk, not of one file: every image's writes would fail alike."""
 
 
 def _disk_free_mb(path: Path) -> float:

@@ -5,8 +5,9 @@ each rewrite the store's image list: two offline refocusing jobs, or one beside 
 recorder still writing the run. So each holds ``<store>.writer.lock`` (beside the store, not
 in it: zarr would list a foreign file in the hierarchy) while it writes: the live recorder from
 opening the run's store until it has finalised it, an offline job's driver from before it opens
-its output until it has written its presence (chunk tasks, in whatever process or cluster,
-never touch it). The file names the holder: what it is, its pid, host and start time.
+its output until it has written its presence (its chunk tasks, in whatever process or
+cluster, only read it: `held_by`, before each write). The file names the holder: what it is,
+its pid, host, start time and, for a job, its token.
 
 How a second job is refused, and when a lock left behind is taken over:
 
@@ -45,6 +46,7 @@ __all__ = [
     "RECORDER_ROLE",
     "REFOCUS_ROLE",
     "StoreLocked",
+    "held_by",
     "lock_path",
     "write_lock",
 ]
@@ -90,26 +92,29 @@ RECORDER_ROLE = "the live recorder"
 
 
 @contextlib.contextmanager
-def write_lock(store: str | os.PathLike[str], role: str = REFOCUS_ROLE) -> Iterator[None]:
+def write_lock(
+    store: str | os.PathLike[str], role: str = REFOCUS_ROLE, job: str | None = None
+) -> Iterator[None]:
     """Hold `store`'s lock file for the block, or raise `StoreLocked` naming its holder.
 
-    `role` is what this writer is, as another's refusal will name it. The store need not
-    exist yet; its parent folder is made if missing. Released (the file removed) however the
-    block ends.
+    `role` is what this writer is, as another's refusal will name it; `job`, a token the
+    file records, lets the writer's own tasks check that it still holds the store
+    (`held_by`). The store need not exist yet; its parent folder is made if missing.
+    Released (the file removed) however the block ends.
     """
     path = lock_path(store)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreLocked(f"{store}: cannot make the folder of its lock file: {exc}") from None
-    fd, kernel = _acquire(str(store), path, role)
+    fd, kernel = _acquire(str(store), path, role, job)
     try:
         yield
     finally:
         _release(fd, path, kernel)
 
 
-def _acquire(store: str, path: Path, role: str) -> tuple[int, bool]:
+def _acquire(store: str, path: Path, role: str, job: str | None) -> tuple[int, bool]:
     """Open, lock and claim `path`; return its descriptor and whether the kernel locks it."""
     for _ in range(_TRIES):
         try:  # created here: nobody held it; else opened as it stands
@@ -151,7 +156,7 @@ def _acquire(store: str, path: Path, role: str) -> tuple[int, bool]:
                         _said_taken(store, holder)
                     continue  # and create it anew: one job's exclusive create wins
                 _said_taken(store, holder)
-            _write_holder(fd, role)
+            _write_holder(fd, role, job)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -285,15 +290,30 @@ def _read_holder(fd: int) -> _Holder | None:
         return None
 
 
+def held_by(store: str | os.PathLike[str], job: str) -> bool:
+    """Whether `store`'s lock file still names `job` (a task checks before it writes).
+
+    A job's chunk tasks run on threads, processes or a cluster that its driver cannot stop:
+    one still running when its job has ended (a failed chunk, Ctrl-C) must not write into a
+    store another job now holds. Read only, from any process that sees the store's folder.
+    """
+    try:
+        data = json.loads(lock_path(store).read_bytes()[:4096] or b"null")
+    except (OSError, ValueError):  # gone (released), or cut short
+        return False
+    return isinstance(data, dict) and data.get("job") == job
+
+
 def _one_line(value: object) -> str:
     """Return a lock file's field as at most 80 printable characters."""
     return "".join(c if c.isprintable() else "?" for c in str(value))[:80]
 
 
-def _write_holder(fd: int, role: str) -> None:
+def _write_holder(fd: int, role: str, job: str | None) -> None:
     """Write this process into its lock file, on disk (hosts sharing the store read it)."""
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    text = json.dumps({"pid": os.getpid(), "host": _host(), "started": started, "role": role})
+    holder = {"pid": os.getpid(), "host": _host(), "started": started, "role": role}
+    text = json.dumps(holder if job is None else {**holder, "job": job})
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, text.encode())

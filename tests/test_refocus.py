@@ -370,37 +370,6 @@ def test_the_command_line_runs_on_a_dask_cluster(tmp_path: Path, client: Any) ->
     np.testing.assert_allclose(_read(store, "dist/0"), _reference(frames), rtol=1e-5, atol=1e-3)
 
 
-def _mark_after(path: str, seconds: float) -> None:
-    """A chunk-like task for the cluster: work a while, then write (a marker file)."""
-    time.sleep(seconds)
-    Path(path).write_text("written", encoding="utf-8")
-
-
-def test_after_a_failure_on_the_cluster_the_store_is_let_go_once_no_chunk_writes(
-    tmp_path: Path, client: Any
-) -> None:
-    """Cancelling a running task only makes the scheduler forget it; its worker writes on.
-    `_Runner._drain` cancels what no worker has and waits for what one has, so no chunk
-    writes after it returns (review 61)."""
-    from live.refocus.driver import _Runner
-
-    runner = _Runner(client, None, False)
-    futures = [
-        client.submit(_mark_after, str(tmp_path / f"m{i}"), 1.0, pure=False) for i in range(6)
-    ]
-    deadline = time.monotonic() + 60
-    while not any(keys for keys in client.processing().values()):  # some are on workers
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    runner._drain(futures)
-    written = sorted(p.name for p in tmp_path.glob("m*"))
-    assert written, "the chunks already on workers were not waited for"
-    time.sleep(2.5)  # longer than any chunk: a forgotten one would have written by now
-    assert sorted(p.name for p in tmp_path.glob("m*")) == written
-    for future in futures:
-        future.release()
-
-
 def test_fill_gaps_on_the_cluster_computes_only_the_missing_stacks(
     tmp_path: Path, client: Any
 ) -> None:

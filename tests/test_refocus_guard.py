@@ -166,6 +166,30 @@ def test_a_failed_job_lets_its_store_go_only_once_its_other_chunks_have_ended(
     assert not lock_path(store).exists()
 
 
+def test_a_chunk_whose_job_has_let_the_store_go_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task its driver could not stop (a cluster forgets a cancelled task while its worker
+    runs it on) checks the lock file before it writes: once the store is another job's, the
+    chunk is not written (review 61)."""
+    import live.refocus.driver as driver
+
+    store = tmp_path / "run.ome.zarr"
+    _record(store, list(range(4)))
+    refocus = driver.refocus_block
+
+    def store_taken_meanwhile(job: Any, block: Any) -> Any:
+        if block.index == 1:  # as if this job had ended and another had taken the store
+            holder = json.loads(lock_path(store).read_text(encoding="utf-8"))
+            lock_path(store).write_text(json.dumps({**holder, "job": "another"}))
+        return refocus(job, block)
+
+    monkeypatch.setattr(driver, "refocus_block", store_taken_meanwhile)
+    with pytest.raises(RefocusTaskError, match=r"chunk 1 .*its job has ended .* not written"):
+        refocus_recording(store, planes=PLANES, chunk=2, scheduler="sync", **ORT)
+    assert not _read(store, "stacks_offline/0")[2:].any()  # chunk 1's frames: not written
+
+
 def test_a_job_cut_off_while_it_creates_its_image_leaves_a_valid_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ from engine.dpm import DPMError
 from engine.point_fit import PointFit
 from engine.runtime import BackendError, depth_limits
 from live.refocus.errors import RefocusError
-from live.refocus.inputs import open_input
+from live.refocus.inputs import is_url, open_input
 from live.refocus.outputs import (
     finish_output,
     job_identity,
@@ -384,8 +384,9 @@ def refocus_recording(
     # The scheduler is checked (and a cluster reached) before the output is touched: a
     # refusal here leaves no empty image registered in the store's collection.
     runner = _Runner(scheduler, workers, progress)
+    token = uuid.uuid4().hex  # the job's: its lock file names it, its tasks check it
     try:
-        with output_lock(store):
+        with output_lock(store, token):
             output = prepare_output(
                 raw,
                 plan,
@@ -411,7 +412,8 @@ def refocus_recording(
                 output.array_path,
                 output.manifest_path,
                 output.fill,
-                uuid.uuid4().hex,
+                token,
+                locked=not is_url(output.store),
             )
             results, task_s = runner(job, blocks, len(wanted))
             done = {s for r in results for s in r.seqs}
@@ -594,7 +596,9 @@ class _Runner:
         """After a failure: cancel the chunks no worker has yet, wait for those it has.
 
         A running task cannot be stopped, and cancelling one only makes the scheduler forget
-        it while its worker writes on: the store is let go only once those have ended.
+        it while its worker runs it on. Best effort (a task can reach a worker between the
+        question and the cancel); what makes a late task harmless is its own check of the
+        store's lock before it writes (`live.store_lock.held_by`).
         """
         distributed: Any = importlib.import_module("distributed")
         assert self._client is not None

@@ -75,13 +75,14 @@ def check_image_name(name: str | None, *, fill_gaps: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def output_lock(store: str) -> Iterator[None]:
+def output_lock(store: str, job: str) -> Iterator[None]:
     """Hold the output store's lock (`live.store_lock`) while the job writes it.
 
-    The driver holds it from before the output is opened until its presence is written;
-    tasks, in whatever process or cluster, never touch it. A second job is refused in one
-    line naming the holder. A store behind a URL has no lock files (object stores have no
-    locks): said, and not guarded.
+    The driver holds it from before the output is opened until its presence is written; the
+    file names the `job` token, which each chunk task, in whatever process or cluster, reads
+    before it writes (`live.store_lock.held_by`): one still running after its job has ended
+    writes nothing. A second job is refused in one line naming the holder. A store behind a
+    URL has no lock files (object stores have no locks): said, and not guarded.
     """
     if is_url(store):
         log.warning(
@@ -92,7 +93,7 @@ def output_lock(store: str) -> Iterator[None]:
         return
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(write_lock(store))
+            held.enter_context(write_lock(store, job=job))
         except StoreLocked as exc:
             raise RefocusError(str(exc)) from None
         yield

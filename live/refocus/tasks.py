@@ -149,7 +149,10 @@ class Job:
     rows_only: bool
     """Write only the computed rows (fill-gaps: never touch the live stacks around them)."""
     token: str
-    """Unique per job: the key under which each process keeps this job's opened arrays."""
+    """Unique per job: the key under which each process keeps this job's opened arrays, and
+    what the store's lock file names while the job holds it (`live.store_lock.held_by`)."""
+    locked: bool = True
+    """Whether the store has a lock file to check (a store behind a URL has none)."""
 
     def without_plan(self) -> Job:
         """Return this job without its DPMs: about 1 kB whatever the plan (`Job`, why)."""
@@ -301,6 +304,7 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
     chunk counts as done only once its data is on the store.
     """
     from live.store import as_stack_dtype
+    from live.store_lock import held_by
 
     t_start = time.perf_counter()
     worker = f"{host_name()}:{os.getpid()}"
@@ -348,6 +352,13 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
             block.t0,
             block.t1 - 1,
             out.dtype,
+        )
+    if job.locked and not held_by(job.store, job.token):
+        # its job has ended (a failed chunk, Ctrl-C) and let the store go, perhaps to another
+        # job: a task its driver could not stop writes nothing
+        raise RefocusTaskError(
+            f"chunk {block.index} ({job.store}): its job has ended and let the store go; "
+            "not written"
         )
     if job.rows_only:
         rows = planes[[s - block.t0 for s in block.seqs]]
