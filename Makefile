@@ -40,7 +40,7 @@ bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.optics
 	$(PY) -m benchmarks.engine
 	$(PY) -m benchmarks.host_path
-	$(PY) -m benchmarks.live
+	$(PY) -m benchmarks.live --results benchmarks/results/live_bench.json
 
 clean:
 	rm -rf $(VENV) runs out

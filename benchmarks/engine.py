@@ -335,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup_vs_torch": vs_torch,
         "table": summary,
     }
-    write_results(args.out, result)
+    measured = any(c.ms_per_frame is not None for c in cases)  # every case skipped: nothing
+    if write_results(args.out, result, measured=measured) != args.out:
+        return 1  # written beside the results: the committed plot stays too
     png = args.out.with_suffix(".png")
     plot(cases, png, f"{metadata.name}, {host['cpu']}, {when}")
     print(f"wrote {args.out} and {png}")

@@ -67,19 +67,26 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def write_results(path: Path, record: dict[str, Any], *, measured: bool = True) -> Path:
+def write_results(
+    path: Path,
+    record: dict[str, Any],
+    *,
+    measured: bool = True,
+    code: dict[str, Any] | None = None,
+) -> Path:
     """Write a benchmark's results JSON atomically and say where; return the path written.
 
-    The record gains the code it measured (`code_version`). NaN and infinities become null (a
-    JSON file a strict parser reads). A run that measured nothing or failed (``measured``
-    false) never replaces results already there: it is written beside them as
+    The record gains the code it measured: `code`, as `code_version` said when the run began
+    (a long run: commits may land meanwhile), else `code_version` now. NaN and infinities
+    become null (a JSON file a strict parser reads). A run that measured nothing or failed
+    (``measured`` false) never replaces results already there: it is written beside them as
     ``NAME.failed.json``, so committed figures are not lost to a loaded machine or a typo.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if not measured and path.exists():
         path = path.with_name(f"{path.stem}.failed.json")
         print(f"this run measured nothing or failed: {path.name} written beside the results")
-    full = {**record, "measured": measured, "code": code_version()}
+    full = {**record, "measured": measured, "code": code or code_version()}
     text = json.dumps(_finite(full), indent=1, default=str)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:

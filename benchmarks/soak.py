@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 
 from benchmarks.hostile import rss_mb
-from benchmarks.machine import cpu_model, write_results
+from benchmarks.machine import code_version, cpu_model, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scope", type=Path, default=REPO / "config.toml", help="daemon config")
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON output")
     args = p.parse_args(argv)
+    code, started = code_version(), datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="deepz-soak-") as tmp:
         r = soak(args.scope, args.minutes, Path(tmp))
-    r |= {"minutes": args.minutes, "cpu": cpu_model(), "date": datetime.now().isoformat()}
+    # the code and the time it started with: commits may land during a 30-minute run
+    r |= {"minutes": args.minutes, "cpu": cpu_model(), "date": started, "command": sys.argv}
     rows = [
         ("exit code / finish", f"{r['exit_code']} / {r['finish']}"),
         (
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, value in rows:
         print(f"{name:32s} {value}")
-    write_results(args.results, r, measured=bool(r["passed"]))
+    write_results(args.results, r, measured=bool(r["passed"]), code=code)
     return 0 if r["passed"] else 1
 
 

@@ -155,8 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample_s": round(sample_s, 2),
         "rows": rows,
     }
-    write_results(args.results, result)
-    return 0
+    write_results(args.results, result, measured=bool(rows))  # no precision ran: nothing
+    return 0 if rows else 1
 
 
 if __name__ == "__main__":

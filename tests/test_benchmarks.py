@@ -70,3 +70,7 @@ def test_results_are_written_whole_and_a_failed_run_never_replaces_them(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.failed.json", "x.json"]
     fresh = tmp_path / "new.json"  # nothing to protect yet: written where asked
     assert write_results(fresh, {"rows": []}, measured=False) == fresh
+    # a long run records the code it started with, not what HEAD is when it ends
+    began = {"commit": "0" * 40, "dirty": False}
+    write_results(tmp_path / "long.json", {"rows": [1]}, code=began)
+    assert json.loads((tmp_path / "long.json").read_text())["code"] == began
