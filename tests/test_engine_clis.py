@@ -319,6 +319,30 @@ def test_fidelity_refuses_a_precision_that_serves_a_model_at_none(
     assert not out.exists()
 
 
+def test_a_fresh_report_compares_modalities_on_fresh_seeds_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cross-modality section ran on the development seeds even in a ``--fresh`` report
+    (review 65); its seeds are the fresh ones now, and no other set's."""
+    import engine.fidelity as fidelity
+
+    asked: list[tuple[object, ...]] = []
+
+    def recorded(*args: object) -> dict[str, object]:
+        asked.append(args)
+        raise OSError("stop here: no sample is made in this test")
+
+    monkeypatch.setattr(fidelity, "compare", lambda *a, **k: {})
+    monkeypatch.setattr(fidelity, "cross_modality", recorded)
+    argv = ["--fresh", "--models", str(VOLUME_ONNX), "--out", str(tmp_path / "r")]
+    assert fidelity.main(argv) == 2
+    assert asked and asked[0][1:] == fidelity.FRESH_CROSS_MODALITY
+    fresh = {s for seeds in fidelity.FRESH_CROSS_MODALITY for v in seeds.values() for s in v}
+    for simulator, independent in fidelity.SEED_SETS.values():  # used by no other set
+        for seeds in (*simulator.values(), *independent.values()):
+            assert not set(seeds) & fresh
+
+
 # ----------------------------------------------------------------------------- depth_bound
 
 
