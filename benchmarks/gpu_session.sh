@@ -124,10 +124,15 @@ wall=$((BUDGET_S - SECONDS - MARGIN_S))
 [ "$wall" -gt 480 ] && wall=480
 init=$(grep '^init_from' "$TRAIN_CONFIG")
 [ "$CONTINUE" = 1 ] && init='init_from = "/tmp/continue.pt"'
-sed -e "s/^max_wall_s = .*/max_wall_s = $wall/" -e "s#^init_from = .*#$init#" \
-    "$TRAIN_CONFIG" >/tmp/train_gpu.toml
-step train timeout $((BUDGET_S - SECONDS + MARGIN_S / 2)) python3 -m engine.train_volume \
-    --config /tmp/train_gpu.toml --no-progress
+if [ "$wall" -lt 60 ]; then  # the steps before took the budget: a negative or zero wall (or
+    # timeout 0, which is no timeout at all) must not start a run that cannot save
+    echo "== [train] skipped: ${wall} s left of BUDGET_S after the steps before" | tee -a "$LOG"
+else
+    sed -e "s/^max_wall_s = .*/max_wall_s = $wall/" -e "s#^init_from = .*#$init#" \
+        "$TRAIN_CONFIG" >/tmp/train_gpu.toml
+    step train timeout $((wall + MARGIN_S * 3 / 2)) python3 -m engine.train_volume \
+        --config /tmp/train_gpu.toml --no-progress
+fi
 # the weights with their metadata and PSF bank (export and engine.fidelity need all three): 8 files
 cp runs/volume-gpu/deepz-volume.pt runs/volume-gpu/deepz-volume.json \
     runs/volume-gpu/deepz-volume.psf.npy runs/volume-gpu/loss_curve.png "$OUT"/ 2>>"$LOG"
