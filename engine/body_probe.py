@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from engine import heldout as ho
 from engine.files import atomic_write, out_dir_problem
-from engine.metadata import ModelMetadataError, normalize_images
+from engine.metadata import ModelMetadataError, normalize_images, weights_that_fit
 from engine.model import DeepZ, load_model, metadata_path, read_checkpoint
 
 __all__ = ["BodyHead", "ProbeFrames", "glow_error", "main", "predict_glow", "probe_samples"]
@@ -182,13 +182,9 @@ def train(
     state: dict[str, Any] = {"step": 0, "history": []}
     if ckpt_path.is_file():
         saved = _head_checkpoint(ckpt_path)
-        try:
+        with weights_that_fit(f"{ckpt_path}: does not fit {weights}'s features"):
             head.load_state_dict(saved["head"])
             opt.load_state_dict(saved["optimiser"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ModelMetadataError(
-                f"{ckpt_path}: does not fit {weights}'s features ({str(exc).splitlines()[0][:200]})"
-            ) from None
         state = {"step": saved["step"], "history": saved["history"]}
         print(f"resuming {ckpt_path} at step {state['step']}")
     x, glow, e_unit, _, _ = probe_samples(config, samples)
@@ -366,12 +362,8 @@ def _load_head(path: Path) -> tuple[DeepZ, BodyHead | None, dict[str, Any]]:
     saved = _head_checkpoint(path)
     model, _ = load_model(saved["weights"])
     head = BodyHead(int(saved["features"]))
-    try:
+    with weights_that_fit(f"{path}: its head does not load", (RuntimeError,)):
         head.load_state_dict(saved["head"])
-    except RuntimeError as exc:
-        raise ModelMetadataError(
-            f"{path}: its head does not load ({str(exc).splitlines()[0][:200]})"
-        ) from None
     return model.eval(), head.eval(), saved
 
 

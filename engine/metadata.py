@@ -8,10 +8,11 @@ scaling cannot drift between them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,23 @@ def file_sha256(path: str | Path) -> str:
 
 class ModelMetadataError(ValueError):
     """A model file's metadata is missing or inconsistent."""
+
+
+@contextlib.contextmanager
+def weights_that_fit(
+    what: str, errors: tuple[type[Exception], ...] = (RuntimeError, ValueError, KeyError)
+) -> Iterator[None]:
+    """Turn weights that do not load into a network (``load_state_dict``) into one line.
+
+    Raises `ModelMetadataError` ``"{what} ({the error's first line})"`` for any of `errors`:
+    torch's own message lists every missing and unexpected key, pages long for a network of
+    another shape. The one rule for a checkpoint, weights or a head that do not fit.
+    """
+    try:
+        yield
+    except errors as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelMetadataError(f"{what} ({first})") from None
 
 
 Modality = Literal["widefield", "confocal"]

@@ -40,7 +40,7 @@ from pydantic import (
 
 from engine.files import out_dir_problem
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
-from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images
+from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images, weights_that_fit
 from engine.model import (
     PRESETS,
     DeepZ,
@@ -747,17 +747,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
                 f"--resume: {ckpt_path} is not a checkpoint of engine.train "
                 f"(no {', '.join(missing)})"
             )
-        try:
+        with weights_that_fit(f"--resume: {ckpt_path} does not fit this config's network"):
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
             if disc is not None and opt_d is not None and ck.get("disc") is not None:
                 disc.load_state_dict(ck["disc"])
                 opt_d.load_state_dict(ck["opt_d"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ModelMetadataError(
-                f"--resume: {ckpt_path} does not fit this config's network "
-                f"({str(err).splitlines()[0][:200]})"
-            ) from None
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
     missing = [str(s.path) for s in cfg.data.lab_stacks if not s.path.exists()]
     if missing:  # read before the folder is made: a missing or unreadable stack leaves nothing

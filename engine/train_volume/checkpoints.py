@@ -14,7 +14,14 @@ import torch
 from pydantic import ValidationError
 from torch.optim.swa_utils import AveragedModel
 
-from engine.metadata import Modality, ModelMetadata, ModelMetadataError, VolumeOutput, file_sha256
+from engine.metadata import (
+    Modality,
+    ModelMetadata,
+    ModelMetadataError,
+    VolumeOutput,
+    file_sha256,
+    weights_that_fit,
+)
 from engine.model import DeepZ, read_checkpoint, save_model, write_checkpoint
 from engine.train_volume.config import VolumeTrainConfig, build_volume_model
 from engine.train_volume.optim import build_optimiser, uses_bf16
@@ -150,13 +157,9 @@ def weights_from_checkpoint(
     ck_cfg.weights_out = cfg.weights_out
     model = build_volume_model(ck_cfg)
     raw = not average and "ema" in ck
-    try:
+    what = f"{checkpoint}: its weights do not fit the network its config builds"
+    with weights_that_fit(what, (RuntimeError, KeyError, AttributeError)):
         model.load_state_dict(ck["model"] if raw else served_state(ck))
-    except (RuntimeError, KeyError, AttributeError) as exc:
-        raise ModelMetadataError(
-            f"{checkpoint}: its weights do not fit the network its config builds "
-            f"({str(exc).splitlines()[0][:200]})"
-        ) from None
     model.eval()
     modality = render_modality or ck_cfg.target_modality
     psf = psf_bank(OpticsConfig(**ck_cfg.optics), ck_cfg.depth_um, modality=modality)
@@ -185,13 +188,10 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
         raise TrainConfigError("the config has no portable_checkpoint to write")
     loaded, meta = load_model(weights)
     model = build_volume_model(cfg)
-    try:
+    with weights_that_fit(
+        f"{weights}: not weights of the network this config builds", (RuntimeError,)
+    ):
         model.load_state_dict(loaded.state_dict())
-    except RuntimeError as exc:
-        raise ModelMetadataError(
-            f"{weights}: not weights of the network this config builds "
-            f"({str(exc).splitlines()[0][:200]})"
-        ) from None
     opt = build_optimiser(cfg, model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for p in model.parameters():

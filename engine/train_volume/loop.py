@@ -11,7 +11,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from engine.detection import detection_loss
-from engine.metadata import ModelMetadataError, file_sha256
+from engine.metadata import ModelMetadataError, file_sha256, weights_that_fit
 from engine.model import DeepZ
 from engine.train import _lr_factor
 from engine.train_volume.checkpoints import (
@@ -210,14 +210,9 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
     ckpt = out / "checkpoint.pt"
     if resume:
         src, ck = resume_checkpoint(cfg, ckpt)
-        try:
+        with weights_that_fit(f"--resume: {src} does not fit this config's network"):
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["opt"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ModelMetadataError(
-                f"--resume: {src} does not fit this config's network "
-                f"({str(err).splitlines()[0][:200]})"
-            ) from None
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         ema_state = ck.get("ema")
         if ck.get("psf_bank_sha256", bank_sha256) != bank_sha256:  # older checkpoints: none
