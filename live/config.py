@@ -587,8 +587,8 @@ def _zmq_address(v: str) -> str:
             "use tcp://127.0.0.1:PORT or ipc:///path"
         )
     if scheme == "tcp":
-        host, colon, port = rest.rpartition(":")
-        if not colon or not host:
+        host, port = _host_port(v)
+        if not host:
             raise ValueError(f"{v!r} names no port: tcp://host:port, e.g. tcp://127.0.0.1:5558")
         if host.startswith("[") or host.count(":"):
             raise ValueError(f"{v!r}: IPv6 endpoints are not supported; use an IPv4 address")
@@ -598,6 +598,12 @@ def _zmq_address(v: str) -> str:
                 "where to connect"
             )
     return v
+
+
+def _host_port(endpoint: str) -> tuple[str, str]:
+    """Split a ``tcp://host:port`` endpoint at its last colon (``""`` host: no port given)."""
+    host, _, port = endpoint.partition("://")[2].rpartition(":")
+    return host, port
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -610,7 +616,7 @@ def _same_address(a: str, b: str) -> bool:
         return True
     if not (a.startswith("tcp://") and b.startswith("tcp://")):
         return False
-    (host_a, _, port_a), (host_b, _, port_b) = (e[6:].rpartition(":") for e in (a, b))
+    (host_a, port_a), (host_b, port_b) = _host_port(a), _host_port(b)
     if int(port_a) != int(port_b):
         return False
     hosts = {"127.0.0.1" if h == "localhost" else h for h in (host_a, host_b)}
@@ -625,10 +631,9 @@ def is_loopback(endpoint: str) -> bool:
     ``0.0.0.0``, ``[::]``, an interface name such as ``eth0``, a LAN address or a host name)
     may be reachable from the network.
     """
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
+    if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    host = rest.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    host = _host_port(endpoint)[0].removeprefix("[").removesuffix("]")
     if host == "localhost":
         return True
     try:
