@@ -131,10 +131,6 @@ instead of building an engine the daemon never asks for. tests/test_export.py ho
 names equal to `live.config.ScopeConfig`'s.
 """
 
-TENSORRT_PRECISIONS = {"auto": "fp32", "fp32": "fp32", "fp16": "fp16"}
-"""Scope ``engine.precision`` -> what `TensorRTBackend` builds ("auto" is fp32 there; another
-precision makes it skip TensorRT, so no engine built here would be used)."""
-
 
 def _table(scope: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     """Return section `name` of `scope` ({} when absent); refuse a non-table or unknown key."""
@@ -165,7 +161,7 @@ def _scope_engine(path: Path) -> tuple[tuple[int, int], int, str]:
     sizes ("auto" is read from the camera at start: give --frame-shape instead), a max batch
     that is not a whole number >= 1, or a precision TensorRT does not run.
     """
-    from engine.runtime import DEFAULT_MAX_BATCH, Precision
+    from engine.runtime import BACKEND_PRECISIONS, DEFAULT_MAX_BATCH, Precision
 
     try:
         with path.open("rb") as f:
@@ -188,13 +184,17 @@ def _scope_engine(path: Path) -> tuple[tuple[int, int], int, str]:
     if type(max_batch) is not int or max_batch < 1:
         raise ValueError(f"{path}: engine.max_batch is {max_batch!r}, not a whole number >= 1")
     precision = engine.get("precision", "fp32")
-    if not isinstance(precision, str) or precision not in TENSORRT_PRECISIONS:
+    # what `TensorRTBackend` builds for it: "auto" is fp32 there; another precision makes it
+    # skip TensorRT, so no engine built here would be used
+    builds = {"auto": "fp32", **{p: p for p in BACKEND_PRECISIONS["tensorrt"]}}
+    if not isinstance(precision, str) or precision not in builds:
         known = precision in get_args(Precision)
         why = "TensorRT skips it (it builds" if known else "not a precision (TensorRT builds"
+        runs = ", ".join(f'"{p}"' for p in BACKEND_PRECISIONS["tensorrt"])
         raise ValueError(
-            f'{path}: engine.precision is {precision!r}: {why} "fp32", "fp16" or "auto" = fp32)'
+            f'{path}: engine.precision is {precision!r}: {why} {runs} or "auto" = fp32)'
         )
-    return (shape[0], shape[1]), max_batch, TENSORRT_PRECISIONS[precision]
+    return (shape[0], shape[1]), max_batch, builds[precision]
 
 
 def engine_request(
