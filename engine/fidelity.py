@@ -1209,10 +1209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             point_render="subpixel" if args.subpixel_points else "split",
             fit_lateral=args.fit_lateral,
         )
-        fresh = sample_set == "fresh"
-        r["cross_modality"] = (
-            cross_modality(models, *FRESH_CROSS_MODALITY) if fresh else (cross_modality(models))
-        )
+        fresh = sample_set == "fresh"  # its own seeds then; else the development ones
+        r["cross_modality"] = cross_modality(models, *FRESH_CROSS_MODALITY if fresh else ())
     except (BackendError, ModelMetadataError, OSError) as exc:  # a model: missing, not one
         print(f"error: {exc}", file=sys.stderr)
         return 2
