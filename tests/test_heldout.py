@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import heldout as H
-from engine.heldout.readouts import NUCLEUS_MAX_DIAMETER_UM
+from engine.heldout.readouts import NUCLEUS_MAX_DIAMETER_UM, peak_position
 from engine.optics import OpticsConfig, make_psf
 
 SHAPE = (128, 128)
@@ -538,3 +538,100 @@ def test_the_fresh_seeds_were_never_used_for_development():
             for kind, seeds in fresh.items():
                 assert not set(seeds) & set(old.get(kind, ())), kind
     assert sum(map(len, fresh_ind.values())) == sum(map(len, F.LARGE_INDEPENDENT.values()))
+
+
+def test_a_bead_between_depth_slices_is_imaged_through_its_own_depths_psf():
+    """`IndependentOptics.point_depth` (review 65): "lattice" mixes the PSFs of the two 0.5 µm
+    slices around a bead, as the training simulator does; "own" images it through the PSF at
+    its own defocus, as a microscope does. On a slice both agree; between two slices the mix
+    is measurably off the bead's own PSF (2-7 % L1 at focus, measured)."""
+    lattice = H.IndependentOptics()
+    own = H.IndependentOptics(point_depth="own")
+    between, on_slice = 3.25, 2.0
+    images = H.point_images(own, [between, on_slice], size_px=41)
+    exact = own.psf(np.array([-between]), between, 41)[0]
+    np.testing.assert_allclose(images[0], exact, atol=1e-7)
+    mixed = H.point_images(lattice, [between, on_slice], size_px=41)
+    np.testing.assert_allclose(images[1], mixed[1], atol=1e-7)
+    off = np.abs(mixed[0] - images[0]).sum() / images[0].sum()
+    assert 0.01 < off < 0.15
+    with pytest.raises(ValueError, match="point_depth"):
+        H.IndependentOptics(point_depth="exact")  # type: ignore[arg-type]
+
+
+def test_own_depth_truth_planes_peak_at_the_beads_depth():
+    """A frame of own-depth beads: a bead's 3x3 profile through the truth planes, refined by a
+    parabola, peaks at its depth (measured within 0.02 µm; the slice mix is off by 0.02)."""
+    optics = H.IndependentOptics(point_depth="own")
+    xyz = np.array([[9.0, 9.0, 1.3], [16.5, 16.5, -4.2], [9.0, 16.5, 6.7]])
+    dz = H.truth_dz_um()
+    planes = H.render_objects(xyz, np.zeros(3), np.full(3, 1e4), (80, 80), optics, dz)
+    for x, y, z in xyz:
+        r, c = round(y / optics.pixel_size_um), round(x / optics.pixel_size_um)
+        profile = planes[:, r - 1 : r + 2, c - 1 : c + 2].mean(axis=(1, 2))
+        assert peak_position(profile.astype(np.float64), dz) == pytest.approx(z, abs=0.05)
+
+
+def _with_spots(sample: H.IndependentSample, spots: list[tuple[int, int, int]]) -> H.PlanesFn:
+    """The sample's truth with a bright 3x3 spot added at each (truth plane, row, col)."""
+    truth = H.truth_planes_fn(sample)
+
+    def planes(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        out = truth(frame, dz_um).copy()
+        for k, r, c in spots:
+            for j in np.flatnonzero(np.isclose(np.asarray(dz_um), sample.dz_um[k])):
+                out[j, r - 1 : r + 2, c - 1 : c + 2] += 50 * sample.noise_sigma
+        return out
+
+    return planes
+
+
+def test_invented_spots_counts_what_the_truth_does_not_hold(beads):
+    """The precision read-out (review 65): the truth invents nothing; spots added where no bead
+    is are each counted; a stack with no objects shows no spot; the truth moved 3 µm deeper
+    (every bead drawn at the wrong depth) invents most of what it shows."""
+    truth = H.invented_spots(H.truth_planes_fn(beads), beads)
+    assert truth.count > 0 and truth.invented_count == 0
+    px = beads.pixel_size_um
+    sites = []  # 12 added spots, each more than 3 µm from every bead
+    for r in range(20, 110, 9):
+        for c in range(20, 110, 9):
+            gap = np.hypot(beads.objects.x_um - c * px, beads.objects.y_um - r * px).min()
+            if gap > 3.0 and len(sites) < 12:
+                sites.append((len(sites) * 3, r, c))
+    assert len(sites) == 12
+    added = H.invented_spots(_with_spots(beads, sites), beads)
+    assert added.invented_count == 12
+    assert added.count >= truth.count  # (an added spot may outshine a dim neighbour's peak)
+    blank = H.invented_spots(H.background_planes_fn, beads)
+    assert blank.count == 0
+    plain = H.truth_planes_fn(beads)
+
+    def deeper(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:
+        return plain(frame, np.asarray(dz_um) - 3.0)
+
+    moved = H.invented_spots(deeper, beads)
+    assert moved.invented_count > moved.count / 2
+
+
+def test_the_fidelity_report_tallies_invented_spots_per_frame(beads):
+    """`engine.fidelity` counts every method's spots per frame (bead frames apart from frames
+    with nuclei) and its report prints them; the truth's own stack invents none."""
+    from engine import fidelity as F
+
+    methods = [
+        F.Method("truth", H.truth_planes_fn(beads), H.input_surface_fn),
+        F.Method(
+            "truth and 5 more",
+            _with_spots(
+                beads, [(20, 30, 30), (5, 60, 90), (30, 100, 40), (10, 45, 70), (38, 80, 20)]
+            ),
+            H.input_surface_fn,
+        ),
+    ]
+    res = F._evaluate_set(methods, [beads])
+    ok, more = res["truth"]["spots"]["beads"], res["truth and 5 more"]["spots"]["beads"]
+    assert ok["frames"] == 1 and ok["invented_per_frame"] == 0 and ok["per_frame"] > 0
+    assert 1 <= more["invented_per_frame"] <= 5  # unless a site lies on a bead's own light
+    text = "\n".join(F._spots_table(res))
+    assert "bead frames: spots / invented per frame" in text and "| truth and 5 more |" in text

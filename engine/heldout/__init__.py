@@ -67,7 +67,7 @@ Where each part lives:
 - `engine.heldout.refocusers`: the refocusing functions the read-outs take (`PlanesFn`,
   `SurfaceFn`): the input, its background, a backend, the truth.
 - `engine.heldout.readouts`: object-level read-outs (bead depth and width, the tilted plane,
-  nuclei depth, pixel scores) and their binning by distance from focus and SNR.
+  nuclei depth, invented spots, pixel scores) and their binning by distance from focus and SNR.
 - `engine.heldout.matched_filter`: the classical depth read-out, the bar a network must clear.
 - `engine.heldout.stats`: summaries, Wilson intervals and paired sign tests.
 """
@@ -101,9 +101,12 @@ from engine.heldout.readouts import (
     DISTANCE_BINS_UM,
     FWHM_TOLERANCE,
     IN_FOCUS_TOLERANCE,
+    INVENTED_MIN_SIGMA,
     SNR_BINS,
+    SUPPORT_FRACTION,
     BeadDepths,
     BeadFwhm,
+    InventedSpots,
     TiltedFocus,
     bead_depth_errors,
     bead_depths,
@@ -114,6 +117,7 @@ from engine.heldout.readouts import (
     bead_snr,
     by_distance,
     by_snr,
+    invented_spots,
     nucleus_depths,
     plane_metrics,
     point_density,
@@ -155,11 +159,13 @@ __all__ = [
     "DISTANCE_BINS_UM",
     "FOCUS_HALF_RANGE_UM",
     "FWHM_TOLERANCE",
+    "INVENTED_MIN_SIGMA",
     "IN_FOCUS_TOLERANCE",
     "PSF_SIZE_PX",
     "RANGES_UM",
     "SLICE_UM",
     "SNR_BINS",
+    "SUPPORT_FRACTION",
     "BeadDepths",
     "BeadFwhm",
     "BeadSlide",
@@ -167,6 +173,7 @@ __all__ = [
     "HeldoutObjects",
     "IndependentOptics",
     "IndependentSample",
+    "InventedSpots",
     "PlanesFn",
     "PsfModel",
     "SampleKind",
@@ -188,6 +195,7 @@ __all__ = [
     "independent_sample",
     "input_planes_fn",
     "input_surface_fn",
+    "invented_spots",
     "matched_filter_bead_depths",
     "matched_filter_depth",
     "nucleus_depths",

@@ -146,7 +146,17 @@ def _render_point(
 
 
 def _point_kernel(lattice: _PsfLattice, z: float) -> np.ndarray:
-    """Return the PSF (F, S, S) of a point at depth `z`: linear between its two depth slices."""
+    """Return the PSF (F, S, S) of a point at depth `z` at every focus of `lattice`.
+
+    Linear between its two depth slices; with `IndependentOptics.point_depth` "own", computed
+    at the point's own defocus instead (one PSF computation per point, not cached banks).
+    """
+    optics = lattice.optics
+    if isinstance(optics, IndependentOptics) and optics.point_depth == "own":
+        defocus = np.round(lattice.focus_um - z, 6)
+        psf = optics.psf_subpixel if lattice.subpixel else optics.psf
+        own: np.ndarray = psf(defocus, z, lattice.psf_px)  # read-only: callers never write it
+        return own
     z0 = math.floor(z / SLICE_UM) * SLICE_UM
     w1 = (z - z0) / SLICE_UM
     kernel = lattice.planes(z0, lattice.subpixel) * np.float32(1.0 - w1)

@@ -69,6 +69,14 @@ class IndependentOptics:
     slide are made the same way. A bead at a pixel corner then peaks 0.49 of a centred one's
     in focus, a third of a pixel off 0.73 (session 36; session 35's sets stopped at the
     nearest third, so no bead lay more than 1/3 px from a pixel centre). Wide-field only."""
+    point_depth: Literal["lattice", "own"] = "lattice"
+    """How a point source between the 0.5 µm depth slices is imaged. "lattice": the linear mix of
+    the two slices' PSFs by distance, as the training simulator and the volume models' renderer
+    draw it (2-7 % L1 from the PSF at the point's own depth, session 39's review 65: that shared
+    convention flatters bead depth, FWHM and the tilted plane). "own": the PSF computed at the
+    point's own defocus for every focus position, as a microscope images it (session 40); about
+    0.4-0.8 s per bead on a 2-core CPU, so a set of 700 beads costs some 10 minutes more. Spheres
+    stay 0.5 µm slabs either way (their slabs average over depth)."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
     """"pupil" only: RMS waves of oblique astigmatism, horizontal coma and primary spherical
     aberration (Noll Z5, Z8, Z11) on top of the index mismatch; 0.066 waves in all: a good
@@ -88,6 +96,8 @@ class IndependentOptics:
             raise ValueError(
                 f"point_render must be 'split' or 'subpixel', not {self.point_render!r}"
             )
+        if self.point_depth not in ("lattice", "own"):
+            raise ValueError(f"point_depth must be 'lattice' or 'own', not {self.point_depth!r}")
         if self.point_render == "subpixel" and self.pinhole_au is not None:
             raise ValueError("point_render='subpixel' is wide-field only (pinhole_au=None)")
         if self.pinhole_au is not None and not 0 < self.pinhole_au < 10:
