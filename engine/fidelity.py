@@ -1283,6 +1283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{model} would be served at none: add fp32 (a .pt is served at fp32 only) "
                 "or give its .onnx"
             )
+        others = [q for q in args.precisions if q != "fp32"]
+        if others and model.suffix != ".onnx":  # said, not skipped in silence
+            print(
+                f"note: {model} is served at fp32 only ({' '.join(others)}: ONNX models only)",
+                file=sys.stderr,
+            )
     out = args.out or Path("runs") / time.strftime("fidelity-%Y%m%d-%H%M%S")
     problem = out_dir_problem(out, REPORT_FILES)  # before the work: the report is its end
     if problem is not None:

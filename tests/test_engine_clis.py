@@ -319,6 +319,22 @@ def test_fidelity_refuses_a_precision_that_serves_a_model_at_none(
     assert not out.exists()
 
 
+def test_fidelity_says_a_pt_model_is_served_at_fp32_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--precisions fp32 bf16`` with a .pt served it at fp32 and said nothing of bf16."""
+    import engine.fidelity as fidelity
+
+    def stop(*args: object, **kwargs: object) -> dict[str, object]:
+        raise OSError("stop here: no sample is made in this test")
+
+    monkeypatch.setattr(fidelity, "compare", stop)
+    argv = ["--quick", "--models", str(VOLUME_PT), "--precisions", "fp32", "bf16"]
+    assert fidelity.main([*argv, "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"note: {VOLUME_PT} is served at fp32 only (bf16: ONNX models only)" in err
+
+
 def test_a_fresh_report_compares_modalities_on_fresh_seeds_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
