@@ -707,13 +707,15 @@ def _out_problem(out: Path, model: Path, bank: Path, stacks: Sequence[Path]) -> 
     The companions are named after `out`, beside it: with `out` beside the model
     (``deepz-volume.npy`` by ``deepz-volume.onnx``) the .json is the model's metadata, and
     overwriting it left a model that no longer loads. So an existing .json is replaced only
-    when it is an earlier calibration's summary; and `out` is neither the model's own bank
-    nor one of the stacks measured.
+    when it is an earlier calibration's summary, and an existing bank or .png only beside
+    such a summary (they are that calibration's); `out` is neither the model's own bank nor
+    one of the stacks measured.
     """
     companion = out.with_suffix(".json")
     if companion.resolve() == model.with_suffix(".json").resolve():
         return f"{out} would write its summary over {companion}, the metadata of {model}"
-    if companion.exists() and not is_calibration_summary(companion):
+    earlier = companion.exists() and is_calibration_summary(companion)
+    if companion.exists() and not earlier:
         return (
             f"{out} would write its summary over {companion}, which is no earlier "
             "calibration's summary: name another --out"
@@ -722,6 +724,12 @@ def _out_problem(out: Path, model: Path, bank: Path, stacks: Sequence[Path]) -> 
         return f"{out} is the model's own PSF bank: name another --out"
     if any(out.resolve() == p.resolve() for p in stacks):
         return f"{out} is one of the stacks measured: name another --out"
+    for mine in (out, out.with_suffix(".png")):
+        if mine.exists() and not earlier:
+            return (
+                f"{out} would write over {mine}, which is no earlier calibration's "
+                "(no summary of one beside it): name another --out"
+            )
     return None
 
 

@@ -91,7 +91,8 @@ def test_psf_calibration_never_writes_over_the_models_metadata_or_another_json(
     """``--out deepz-volume.npy`` beside ``deepz-volume.onnx`` wrote its summary over the
     model's metadata (the model then no longer loaded): refused, as is any JSON there that
     is no earlier calibration's summary, the model's own bank, a stack measured, an --out
-    that is a folder or lies under a file. Nothing is written."""
+    that is a folder or lies under a file, and a .npy or .png there beside no earlier
+    calibration's summary (the figure was drawn over). Nothing is written."""
     from engine.psf_calibration import main
 
     stack = tmp_path / "beads.npy"
@@ -100,7 +101,12 @@ def test_psf_calibration_never_writes_over_the_models_metadata_or_another_json(
     other = tmp_path / "other.json"
     other.write_text('{"mine": 1}\n')
     (tmp_path / "folder.npy").mkdir()
+    figure = tmp_path / "figure.png"  # someone's figure, beside no calibration's summary
+    figure.write_bytes(b"png")
+    (tmp_path / "array.npy").write_bytes(b"npy")
     cases = [
+        (tmp_path / "figure.npy", f"would write over {figure}, which is no earlier calibration"),
+        (tmp_path / "array.npy", "array.npy, which is no earlier calibration's"),
         (model_copy.with_suffix(".npy"), f"{model_copy.with_suffix('.json')}, the metadata of"),
         (tmp_path / "other.npy", "which is no earlier calibration's summary"),
         (model_copy.parent / "deepz-volume.psf.npy", "is the model's own PSF bank"),
@@ -114,7 +120,7 @@ def test_psf_calibration_never_writes_over_the_models_metadata_or_another_json(
         line = _refused(main, argv, said, capsys)
         assert "--out" in line, line
     assert model_copy.with_suffix(".json").read_bytes() == metadata
-    assert other.read_text() == '{"mine": 1}\n'
+    assert other.read_text() == '{"mine": 1}\n' and figure.read_bytes() == b"png"
     assert _listing(tmp_path) == before
 
 
