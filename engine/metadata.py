@@ -101,6 +101,13 @@ class VolumeOutput(BaseModel):
         z = np.asarray(self.depth_um)
         if z.size < 2 or not np.allclose(np.diff(z), z[1] - z[0]) or z[1] <= z[0]:
             raise ValueError("volume.depth_um must be >= 2 evenly increasing depths")
+        # the renderer's planes sit at whole steps from the focal plane, which the grid holds
+        # (a grid of -9.75 ... 9.75 loaded, then refused every plane: review 68)
+        steps = z / (z[1] - z[0])
+        if not np.allclose(steps, np.round(steps), atol=1e-6) or not z[0] <= 0 <= z[-1]:
+            raise ValueError(
+                "volume.depth_um must hold the focal plane (0) and lie at whole steps from it"
+            )
         return self
 
 

@@ -275,7 +275,8 @@ class Renderer:
         emb = np.zeros((psf.shape[0], *self.grid), dtype=np.float32)
         emb[:, :size, :size] = psf
         emb = np.roll(emb, (-(size // 2), -(size // 2)), axis=(1, 2))
-        self.otf = scipy.fft.rfft2(emb, workers=2).astype(np.complex64)
+        self.otf = scipy.fft.rfft2(emb, workers=2).astype(np.complex64, copy=False)
+        del emb  # (the embedded bank is as large as the frame's grid x depths: freed now)
         yy = np.fft.fftfreq(self.grid[0])[:, None]
         xx = np.fft.rfftfreq(self.grid[1])[None, :]
         s = RESIDUAL_SIGMA_PX
@@ -413,7 +414,8 @@ class Renderer:
         """
         objects = np.asarray(objects, dtype=np.float32)
         j = defocus_index(np.atleast_1d(np.asarray(dz_um, dtype=np.float64)), self.depth_um)
-        peaks = objects.max(axis=(1, 2))  # (a view's reshape would copy)
+        # |density|: a depth of negative density (a model not held non-negative) still counts
+        peaks = np.abs(objects).max(axis=(1, 2))  # (a view's reshape would copy)
         active = np.flatnonzero(peaks > EMPTY_DEPTH * max(float(peaks.max()), 1e-30))
         if active.size == 0:
             return None
@@ -522,8 +524,20 @@ class Renderer:
         return out
 
     def surface(self, objects: np.ndarray, frame: np.ndarray, dpm_um: np.ndarray) -> np.ndarray:
-        """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel."""
-        dpm = self._onto_range(np.asarray(dpm_um, dtype=np.float64))
+        """Render the (H, W) image on a DPM surface: grid planes, interpolated per pixel.
+
+        Raises
+        ------
+        ValueError
+            A DPM not of the frame's shape or not finite (a backend checks both before; this
+            says so to callers that render directly).
+        """
+        dpm = np.asarray(dpm_um, dtype=np.float64)
+        if dpm.shape != self.shape:
+            raise ValueError(f"DPM shape {dpm.shape} is not the frame's {self.shape}")
+        if not np.isfinite(dpm).all():
+            raise ValueError("DPM holds NaN or infinite depths")
+        dpm = self._onto_range(dpm)
         lo = np.floor(np.round(dpm.min() / self.step_um, 6)) * self.step_um
         hi = np.ceil(np.round(dpm.max() / self.step_um, 6)) * self.step_um
         z = np.round(np.arange(lo, hi + self.step_um / 2, self.step_um), 6)

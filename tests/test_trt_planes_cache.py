@@ -137,6 +137,9 @@ def test_a_daemon_retuning_its_planes_keeps_only_the_latest_few_engines(
             if z_um == (2.0,):
                 events.append(("tried", z_um))
                 raise RuntimeError("out of GPU memory while building")
+            if z_um == (-2.0, 2.0):  # a frame so large its graph passes protobuf's limit
+                events.append(("tried", z_um))
+                raise ValueError("Message onnx.ModelProto exceeds maximum protobuf size of 2GB")
             super().__init__(z_um, events)
             self.z_um = z_um
 
@@ -171,6 +174,9 @@ def test_a_daemon_retuning_its_planes_keeps_only_the_latest_few_engines(
     assert host == [(2.0,), (2.0,)] and events.count(("tried", (2.0,))) == 1
     # the oldest engine was closed before the build (room for it on the GPU), none since
     assert len(backend._planes) == kept - 1 and events[-2] == ("closed", plans[-kept])
+    for _ in range(2):  # so is a graph onnx will not save
+        backend.refocus(frame, VolumePlan.from_z([-2.0, 2.0], SHAPE))
+    assert host[2:] == [(-2.0, 2.0)] * 2 and events.count(("tried", (-2.0, 2.0))) == 1
 
     backend._planes.clear()  # what `close` does with them
     assert sum(what == "closed" for what, _ in events) == len(plans)

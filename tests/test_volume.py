@@ -76,6 +76,34 @@ def test_planes_and_surfaces_a_rounding_past_the_grid_ends_are_served_as_the_end
         r.planes(dens, frame, np.array([10.001]))
 
 
+def test_a_surface_of_another_shape_or_not_finite_is_refused_and_negative_density_counts(psf):
+    """Review 68: `Renderer.surface` rendered a DPM of another shape (a frame of its shape)
+    and failed inside numpy on NaN; a depth of negative density was skipped as empty."""
+    pair = simulate_volume_pair("beads", shape=SHAPE, seed=5)
+    r = Renderer(psf, pair.depth_um, SHAPE)
+    frame, dens = pair.frames[0].astype(np.float32), pair.objects_counts[0]
+    with pytest.raises(ValueError, match="not the frame's"):
+        r.surface(dens, frame, np.zeros((16, 24)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        r.surface(dens, frame, np.full(SHAPE, np.nan))
+    dark = dens.copy()
+    dark[5] = -5.0  # a model not held non-negative
+    assert not np.allclose(
+        r.planes(dark, frame, np.array([0.0])), r.planes(dens, frame, np.array([0.0]))
+    )
+
+
+def test_a_volume_grid_off_the_focal_planes_lattice_is_refused():
+    """Review 68: a grid of -9.75 ... 9.75 or 2 ... 12 µm loaded, then every plane was
+    refused: the renderer's planes lie at whole steps from focus, inside the grid."""
+    from engine.metadata import VolumeOutput
+
+    VolumeOutput(depth_um=[-1.0, -0.5, 0.0, 0.5, 1.0], psf_file="b.npy")
+    for bad in ([-0.75, -0.25, 0.25, 0.75], [2.0, 2.5, 3.0]):
+        with pytest.raises(ValueError, match="focal plane"):
+            VolumeOutput(depth_um=bad, psf_file="b.npy")
+
+
 def test_depth_convolution_and_direct_sums_render_the_same_planes(psf, monkeypatch):
     """The FFT-along-depth path (many planes) equals the direct sum (few), to float32 rounding."""
     import engine.volume as volume

@@ -265,9 +265,11 @@ class TensorRTBackend(BaseBackend):
         )
         try:
             engine = self._planes.get(key, make)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError, MemoryError) as exc:
             # remembered: not a minutes-long build tried again on every frame; the shared
-            # path (network here, render on the host) serves this plan instead
+            # path (network here, render on the host) serves this plan instead. ValueError:
+            # onnx refuses to save a graph over protobuf's 2 GB (the PSF bank's transform is
+            # a constant of it: frames above about 2300² pass that, review 68)
             log.warning("tensorrt whole-refocus engine failed (%s); using the host render", exc)
             self._planes_failed.add(key)
             return super().refocus(frames, plan, offsets_um, dtype)
