@@ -20,15 +20,18 @@ pymmcore-plus is imported only when a Micro-Manager source runs (``pip install
 
 from __future__ import annotations
 
+import bisect
 import importlib.util
+import itertools
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -432,9 +435,11 @@ class Recording:
     frames : array-like (T, H, W)
         Indexable by time point; read lazily where the format allows.
     indices : sequence of int
-        The time points that hold frames (all of them, except gaps in our recordings).
+        The time points that hold frames, ascending and each once (all of them, except gaps
+        in our recordings).
     rate_hz : float or None
-        The original frame rate, when the file says.
+        The original frame rate, when the file says (a finite rate > 0, except a TIFF's
+        ``finterval``, which is kept as written so that a bad one is refused naming the file).
     timestamps_s, focus_um : array (T,) float64 or None
         Each time point's camera timestamp and focus as recorded (this project's run stores
         keep them in ``frames/``; NaN where a frame has none), or None when the file has none.
@@ -483,34 +488,19 @@ class ReplaySource:
         frame_shape: tuple[int, int] | None = None,
     ) -> None:
         self.path = Path(path)
-        self.recording = open_recording(self.path)
-        if frame_shape is not None and tuple(frame_shape) != self.recording.frame_shape:
-            raise ValueError(
-                f"source.frame_shape {list(frame_shape)} does not match the frames of "
-                f"{str(self.path)!r}, which are {list(self.recording.frame_shape)}"
-            )
+        self.recording = open_recording(self.path, frame_shape)
         own = self.recording.rate_hz
-        rate = rate_hz or own or default_rate_hz
-        if rate is None:
-            raise ValueError(
-                f"{str(self.path)!r} does not say its frame rate: set source.replay.rate_hz"
-            )
-        # name where the rate came from: a file's own (ImageJ finterval, NGFF scale) can be bad
-        where = (
-            "source.replay.rate_hz"
-            if rate_hz
-            else f"the frame rate of {str(self.path)!r}"
-            if own
-            else "source.rate_hz"
-        )
-        _check_rate(rate, where)
-        self.rate_hz = float(rate)
+        self.rate_hz = _replay_rate_hz(rate_hz, own, default_rate_hz, self.path)
+        # a looped replay's timestamps advance by the recording's own duration, at its own
+        # rate where that is usable (a chosen rate may stand in for a file's bad one)
+        lap_rate = own if own is not None and _is_rate(own) else self.rate_hz
+        self._lap_s = int(self.recording.frames.shape[0]) / lap_rate
         self.loop = loop
         self.frame_count = frame_count
 
     def _schedule(self) -> Any:
         """Yield (seq, index) in replay order, looping if asked, up to frame_count."""
-        indices = list(self.recording.indices)
+        indices = self.recording.indices  # a range or `_Runs`: not listed (it may be long)
         period = int(self.recording.frames.shape[0])
         sent, lap = 0, 0
         while True:
@@ -528,7 +518,6 @@ class ReplaySource:
         run = _Run(self.name, sender)
         run.restart_clock()
         period = int(self.recording.frames.shape[0])
-        lap_s = period / (self.recording.rate_hz or self.rate_hz)
         first: int | None = None
         for seq, t in self._schedule():
             first = seq if first is None else first
@@ -545,7 +534,7 @@ class ReplaySource:
                 break
             stamp, focus = self.recording.stamp(t)
             if stamp is not None:
-                stamp += (seq // period) * lap_s
+                stamp += (seq // period) * self._lap_s
             sender.send(frame, seq=seq, timestamp_s=stamp, focus_um=focus)
         return run.summary()
 
@@ -553,27 +542,56 @@ class ReplaySource:
 def replay_rate_hz(config: ScopeConfig) -> float:
     """Return the rate (Hz) at which the configured source sends frames, for the pre-flight.
 
-    For ``source.kind = "replay"`` the rate `ReplaySource` will use: ``source.replay.rate_hz``,
-    else the recording's own rate, else ``source.rate_hz``; only the recording's metadata is
-    read. For any other source kind, ``source.rate_hz``.
+    For ``source.kind = "replay"`` the rate `ReplaySource` will use, chosen by the same
+    function (`_replay_rate_hz`): ``source.replay.rate_hz``, else the recording's own rate,
+    else ``source.rate_hz``; only the recording's metadata is read. For any other source kind,
+    ``source.rate_hz``. The pre-flight and the `Recorder` (which divides by it) get this rate.
+
+    Raises
+    ------
+    ValueError
+        The rate that would be used is not a finite number > 0, naming where it came from
+        (`ReplayError` for a recording that cannot be read).
     """
     src = config.source
     if src.kind != "replay" or src.replay.path is None:
         return float(src.rate_hz)
-    if src.replay.rate_hz is not None:
-        return float(src.replay.rate_hz)
-    own = _recording_rate_hz(Path(src.replay.path))
-    return float(own if own is not None else src.rate_hz)
+    path = Path(src.replay.path)
+    own = _recording_rate_hz(path) if src.replay.rate_hz is None else None
+    return _replay_rate_hz(src.replay.rate_hz, own, float(src.rate_hz), path)
+
+
+def _replay_rate_hz(
+    chosen: float | None, own: float | None, default: float | None, path: Path
+) -> float:
+    """Return the rate a replay of `path` sends at: `chosen`, else `own`, else `default`.
+
+    The one place that picks it, for `ReplaySource` and `replay_rate_hz` alike: the source and
+    the daemon's pre-flight and recorder must agree. A value that is given is used (None means
+    not given; 0 is a bad rate, not a missing one) and must be a finite rate > 0; the error
+    names where it came from, since a file's own rate (ImageJ ``finterval``) can be bad.
+    """
+    if chosen is not None:
+        rate, where = chosen, "source.replay.rate_hz"
+    elif own is not None:
+        rate, where = own, f"the frame rate of {str(path)!r}"
+    elif default is not None:
+        rate, where = default, "source.rate_hz"
+    else:
+        raise ValueError(f"{str(path)!r} does not say its frame rate: set source.replay.rate_hz")
+    _check_rate(float(rate), where)
+    return float(rate)
 
 
 def _recording_rate_hz(path: Path) -> float | None:
-    """Return the frame rate a recording's metadata states (TIFF pages not read), or None."""
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    """Return the frame rate a recording's metadata states (no pixel read), or None."""
+    with _reading(path):
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            return _tiff_rate_hz(tif)
-    return open_recording(path).rate_hz  # zarr reads lazily: metadata only
+            with tifffile.TiffFile(path) as tif:
+                return _tiff_rate_hz(tif)
+        return _open_zarr(path, None).rate_hz  # zarr reads lazily: metadata only
 
 
 def _tiff_rate_hz(tif: Any) -> float | None:
@@ -594,14 +612,18 @@ class ReplayError(ValueError):
     """A recording that cannot be replayed; the message names the file and why, in one line."""
 
 
-def open_recording(path: str | Path) -> Recording:
+def open_recording(path: str | Path, frame_shape: Sequence[int] | None = None) -> Recording:
     """Open a TIFF (``.tif``/``.tiff``) or a Zarr / OME-Zarr store for replay.
+
+    `frame_shape`, when given (``source.frame_shape``), is compared with the frames' shape as
+    the file's metadata states it, before any pixel is read: the memory replay takes is set
+    by the config, not by the file. Then the first frame is read to check its values.
 
     Raises
     ------
     ReplayError
         The file is not one of those formats, cannot be read, holds no frames, its image is
-        not (t, y, x) or its values are not camera counts.
+        not (t, y, x), its frames are not `frame_shape` or its values are not camera counts.
     """
     path = Path(path)
     if not path.exists():
@@ -610,57 +632,88 @@ def open_recording(path: str | Path) -> Recording:
         raise ReplayError(
             f"cannot replay {str(path)!r}: expected a .tif/.tiff file or a Zarr/OME-Zarr directory"
         )
-    try:
-        recording = _open_tiff(path) if path.is_file() else _open_zarr(path)
+    shape = None if frame_shape is None else (int(frame_shape[0]), int(frame_shape[1]))
+    with _reading(path):
+        recording = _open_tiff(path, shape) if path.is_file() else _open_zarr(path, shape)
         if not recording.indices:
             raise ReplayError(f"cannot replay {str(path)!r}: it holds no frames")
         first = np.asarray(recording.frames[recording.indices[0]])
-    except ReplayError:  # ours: it names the file and what is wrong
-        raise
-    except Exception as err:  # the file is input: any reader's or attribute's failure
-        raise ReplayError(f"cannot replay {str(path)!r}: {type(err).__name__}: {err}") from err
-    # the daemon records raw frames as uint16 camera counts and refuses any other value
-    # (`live.recorder`): a recording of others would replay with nothing recorded
-    counts = first.dtype.kind in "ui" or (
-        first.dtype.kind == "f" and bool(np.all(np.isfinite(first) & (first == np.round(first))))
-    )
-    if not counts or (first.size and (first.min() < 0 or first.max() > 65535)):
-        raise ReplayError(
-            f"cannot replay {str(path)!r}: its frames are not camera counts (whole numbers "
-            f"0 … 65535; the first frame is {first.dtype}, {first.min():g} … {first.max():g})"
-        )
+    _check_counts(first, path)
     return recording
 
 
-def _open_tiff(path: Path) -> Recording:
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn any failure while reading `path` into one `ReplayError` line naming the file.
+
+    The file is input: tifffile, zarr and the attributes' JSON raise many types for a
+    damaged or forged one. Our own `ReplayError` (it names the file already) passes as is.
+    """
+    try:
+        yield
+    except ReplayError:
+        raise
+    except Exception as err:
+        detail = " ".join(str(err).split())
+        raise ReplayError(f"cannot replay {str(path)!r}: {type(err).__name__}: {detail}") from err
+
+
+def _check_counts(first: np.ndarray, path: Path) -> None:
+    """Raise `ReplayError` unless the first frame holds camera counts (whole numbers 0 … 65535).
+
+    The daemon records raw frames as uint16 camera counts and refuses any other value
+    (`live.recorder`): a recording of others would replay with nothing recorded. Only a
+    numeric frame's range is computed (a string, bool or complex one has none to show).
+    """
+    if first.dtype.kind not in "uif":
+        described = f"{first.dtype} of shape {list(first.shape)}"
+    elif first.dtype.kind == "f" and not bool(
+        np.all(np.isfinite(first) & (first == np.round(first)))
+    ):
+        described = f"{first.dtype}, {first.min():g} … {first.max():g}"
+    elif first.min() < 0 or first.max() > 65535:
+        described = f"{first.dtype}, {first.min():g} … {first.max():g}"
+    else:
+        return
+    raise ReplayError(
+        f"cannot replay {str(path)!r}: its frames are not camera counts (whole numbers 0 … 65535; "
+        f"the first frame is {described})"
+    )
+
+
+def _open_tiff(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
     """Read a TIFF stack (T, H, W) or single frame; the rate from ImageJ's ``finterval``."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         axes, rate = series.axes, _tiff_rate_hz(tif)
+        _time_axis(tuple(series.shape), axes, str(path), frame_shape)  # before pixels are read
         pixels: np.ndarray
         try:  # mapped where the file allows (uncompressed, contiguous): frames read as sent
             pixels = tifffile.memmap(path, mode="r")
         except ValueError:  # compressed or scattered: read whole
             pixels = series.asarray()
-    frames = _squeeze_to_tyx(pixels, axes, str(path))
+    frames = _squeeze_to_tyx(pixels, axes, str(path), frame_shape)
     return Recording(frames, range(frames.shape[0]), rate)
 
 
-def _open_zarr(path: Path) -> Recording:
+def _open_zarr(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
     """Open our recording's raw image, any NGFF image, or a plain (T, H, W) array.
 
     A run store names its raw image's group (`live.store.image_groups`); another OME-Zarr
-    collection (``bioformats2raw.layout``) is replayed from its first image.
+    collection (``bioformats2raw.layout``) is replayed from its first image. Nothing but
+    metadata is read here: the frames stay on disk, and a run store's per-frame timestamps
+    and focus are read for the image's time points only.
     """
     import zarr
 
-    from live.store import frame_metadata, image_groups
+    from live.store import image_groups
 
     node = root = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
-        return Recording(_squeeze_to_tyx(node, None, str(path)), range(node.shape[0]), None)
+        frames = _squeeze_to_tyx(node, None, str(path), frame_shape)
+        return Recording(frames, range(frames.shape[0]), None)
     present: Any = None
     deepz: Any = node.attrs.get("deepz")
     raw_group = image_groups(deepz).get("raw") if isinstance(deepz, dict) else None
@@ -682,16 +735,89 @@ def _open_zarr(path: Path) -> Recording:
     image = multiscales[0]
     array = node[image["datasets"][0]["path"]]
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
-    frames = _squeeze_to_tyx(array, "".join(a[0].upper() for a in axes) or None, str(path))
-    indices: Sequence[int] = range(frames.shape[0])
-    if present is not None:  # half-open runs; clipped to the array (a forged one is no loop)
-        n = int(frames.shape[0])
-        runs = [(int(a), int(b)) for a, b in present]
-        indices = [t for a, b in runs for t in range(max(a, 0), min(b, n))]
+    axis_letters = "".join(a[0].upper() for a in axes) or None
+    frames = _squeeze_to_tyx(array, axis_letters, str(path), frame_shape)
+    n = int(frames.shape[0])
+    indices: Sequence[int] = range(n)
     stamps = focus = None
-    if present is not None:  # a run store: each frame's camera timestamp and focus
-        stamps, focus = frame_metadata(root, "timestamp_s"), frame_metadata(root, "focus_um")
+    if present is not None:  # a run store: the frames it holds, each one's timestamp and focus
+        indices = _Runs(_present_runs(present, n))
+        stamps, focus = (
+            _frame_metadata(root, "timestamp_s", n),
+            _frame_metadata(root, "focus_um", n),
+        )
     return Recording(frames, indices, _ngff_rate_hz(image, axes), stamps, focus)
+
+
+def _present_runs(present: Any, n: int) -> list[tuple[int, int]]:
+    """Return a run store's ``raw_present`` runs [start, stop) clipped to [0, n), sorted and merged.
+
+    The attribute is input: a forged one may hold runs out of order, overlapping, repeated or
+    far past the array. Each time point is then replayed once, in order, and a run past the
+    array is no loop.
+    """
+    runs = sorted((max(int(a), 0), min(int(b), n)) for a, b in present)
+    merged: list[tuple[int, int]] = []
+    for a, b in runs:
+        if a >= b:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+class _Runs(Sequence[int]):
+    """The time points of sorted, disjoint half-open runs, as a sequence that lists none of them.
+
+    A run store's gaps are few and its runs long: listing every index would take memory in
+    proportion to the recording's length (or to a forged attribute's).
+    """
+
+    def __init__(self, runs: Sequence[tuple[int, int]]) -> None:
+        self.runs = list(runs)
+        self._ends = list(itertools.accumulate(b - a for a, b in self.runs))
+        """Number of time points up to the end of each run."""
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    @overload
+    def __getitem__(self, i: int) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[int]: ...
+    def __getitem__(self, i: int | slice) -> int | Sequence[int]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} of {n} time points")
+        run = bisect.bisect_right(self._ends, j)
+        before = self._ends[run - 1] if run else 0
+        return self.runs[run][0] + j - before
+
+    def __iter__(self) -> Iterator[int]:
+        for a, b in self.runs:
+            yield from range(a, b)
+
+
+def _frame_metadata(root: Any, name: str, n: int) -> np.ndarray | None:
+    """Read a run store's per-frame metadata array (``frames/<name>``) for time points [0, n).
+
+    As `live.store.frame_metadata`, but a forged array far longer than the image is not read
+    whole: only its first `n` values. One that is not 1-D per frame is treated as absent.
+    """
+    from live.store import FRAMES_GROUP
+
+    key = f"{FRAMES_GROUP}/{name}"
+    if key not in root:
+        return None
+    values = root[key]
+    if len(values.shape) != 1:
+        return None
+    return np.asarray(values[:n], dtype=np.float64)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -700,7 +826,12 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
-    """Frame rate from the NGFF time axis' unit and first dataset's scale, if both are there."""
+    """Frame rate from the NGFF time axis' unit and first dataset's scale, if both are there.
+
+    None unless the rate is a finite number > 0: a scale of 0, below 0, or so large or small
+    that its rate rounds to 0 or infinity says nothing usable (and a rate of 0 would be
+    divided by downstream).
+    """
     if "t" not in axes:
         return None
     i = axes.index("t")
@@ -708,13 +839,19 @@ def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
     for transform in image["datasets"][0].get("coordinateTransformations", []):
         if transform.get("type") == "scale" and unit in _TIME_UNITS_S:
             step_s = float(transform["scale"][i]) * _TIME_UNITS_S[unit]
-            return 1.0 / step_s if step_s > 0 else None
+            rate = 1.0 / step_s if step_s > 0 else None
+            return rate if rate is not None and _is_rate(rate) else None
     return None
 
 
-def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
-    """Return `array` as (T, H, W): 2-D gains a T of 1, extra axes must have size 1."""
-    shape = tuple(array.shape)
+def _time_axis(
+    shape: tuple[int, ...], axes: str | None, where: str, frame_shape: tuple[int, int] | None
+) -> int | None:
+    """Return which axis of an image of `shape` is time (None: a single frame), from metadata.
+
+    The image must be frames (y, x last; at most one other axis of size > 1), of pixels, and
+    of `frame_shape` when that is given; else `ReplayError` says which and names `where`.
+    """
     if len(shape) < 2:
         raise ReplayError(f"cannot replay {where}: its image has shape {list(shape)}, not frames")
     if axes is not None and len(axes) == len(shape) and axes[-2:].upper() != "YX":
@@ -722,21 +859,40 @@ def _squeeze_to_tyx(array: Any, axes: str | None, where: str) -> Any:
             f"cannot replay {where}: its image has axes {axes} (shape {list(shape)}); "
             "replay needs the last two axes to be y, x (colour images are not supported)"
         )
-    if len(shape) == 2:
-        return np.asarray(array)[np.newaxis]
-    if len(shape) == 3:
-        return array
     extra = [i for i, n in enumerate(shape[:-2]) if n != 1]
-    if len(extra) <= 1:
-        return _Frames(array, extra[0] if extra else None)
-    raise ReplayError(
-        f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
-        "replay needs frames (t, y, x), other axes of size 1"
-    )
+    if len(shape) == 3:
+        extra = [0]
+    if len(extra) > 1:
+        raise ReplayError(
+            f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
+            "replay needs frames (t, y, x), other axes of size 1"
+        )
+    if min(shape[-2:]) < 1:
+        raise ReplayError(
+            f"cannot replay {where}: its image has shape {list(shape)}, frames of no pixels"
+        )
+    if frame_shape is not None and tuple(shape[-2:]) != tuple(frame_shape):
+        raise ReplayError(
+            f"source.frame_shape {list(frame_shape)} does not match the frames of {where!r}, "
+            f"which are {list(shape[-2:])}"
+        )
+    return extra[0] if extra else None
+
+
+def _squeeze_to_tyx(
+    array: Any, axes: str | None, where: str, frame_shape: tuple[int, int] | None = None
+) -> Any:
+    """Return `array` as (T, H, W), lazily: 2-D gains a T of 1, extra axes must have size 1.
+
+    Checked by `_time_axis` from the array's shape alone; no pixel is read here.
+    """
+    shape = tuple(int(n) for n in array.shape)
+    t_axis = _time_axis(shape, axes, where, frame_shape)
+    return array if len(shape) == 3 else _Frames(array, t_axis)
 
 
 class _Frames:
-    """A (T, H, W) view of an array whose other leading axes have size 1.
+    """A (T, H, W) view of an array whose other leading axes have size 1 (or of a 2-D frame).
 
     Read a frame at a time: a reshape would read the whole recording into memory first.
     """
@@ -764,9 +920,14 @@ def _check_shape(shape: Sequence[int], key: str) -> None:
         raise ValueError(f"{key} must be [height, width] > 0, got {list(shape)}")
 
 
+def _is_rate(rate_hz: float) -> bool:
+    """Whether `rate_hz` is a usable frame rate: a finite number > 0 (one can divide by it)."""
+    return math.isfinite(rate_hz) and rate_hz > 0
+
+
 def _check_rate(rate_hz: float, key: str) -> None:
     """Raise ValueError naming `key` unless `rate_hz` is a positive finite number."""
-    if not (math.isfinite(rate_hz) and rate_hz > 0):
+    if not _is_rate(rate_hz):
         raise ValueError(f"{key} must be a positive number of Hz, got {rate_hz!r}")
 
 

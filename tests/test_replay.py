@@ -7,6 +7,7 @@ real `FrameSender` to a real PULL socket, and what arrives is decoded and compar
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from live.config import ScopeConfig, validate_config
 from live.hook import FrameSender
 from live.protocol import Message, decode, encode_frame
 from live.recorder import Recorder
-from live.sources import ReplaySource, open_recording, replay_rate_hz
+from live.sources import ReplayError, ReplaySource, make_source, open_recording, replay_rate_hz
+from live.store import array_path
 
 SHAPE = (16, 24)
 RATE_HZ = 400.0
@@ -304,3 +306,164 @@ def test_an_unreadable_frame_costs_that_frame_not_the_replay(
     msgs = _receive(sock, 9)
     assert [m.header.seq for m in msgs] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert all(int(m.array[0, 0]) == m.header.seq for m in msgs)
+
+
+def _ngff(path: Path, scale_t: float, unit: str) -> Path:
+    """Write an NGFF image of 4 frames whose time axis steps `scale_t` `unit`s."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    frames = root.create_array("0", shape=(4, *SHAPE), dtype="uint16")
+    frames[:] = np.stack([_pixels(i) for i in range(4)])
+    axes = [{"name": "t", "type": "time", "unit": unit}, {"name": "y"}, {"name": "x"}]
+    scale = {"type": "scale", "scale": [scale_t, 1.0, 1.0]}
+    datasets = [{"path": "0", "coordinateTransformations": [scale]}]
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    return path
+
+
+def _replay_config(path: Path) -> ScopeConfig:
+    """A replay of `path` at the recording's own rate, else source.rate_hz = 7 Hz."""
+    return validate_config(
+        {
+            "source": {
+                "kind": "replay",
+                "frame_shape": list(SHAPE),
+                "rate_hz": 7.0,
+                "replay": {"path": str(path)},
+            }
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("scale_t", "unit"),
+    [(1e308, "minute"), (1e-320, "second"), (0.0, "second"), (-0.5, "millisecond")],
+)
+def test_a_time_scale_that_gives_no_rate_gives_the_source_preflight_and_recorder_one(
+    tmp_path: Path, scale_t: float, unit: str
+) -> None:
+    """An NGFF time step so long its rate is 0, so short it is infinite, or not > 0 says no
+    rate: the source, the pre-flight and the recorder (which divides by it) all take
+    source.rate_hz, where the pre-flight and recorder took 0.0 and the recorder raised
+    ZeroDivisionError after it had begun the store."""
+    path = _ngff(tmp_path / "movie.ome.zarr", scale_t, unit)
+    config = _replay_config(path)
+    assert open_recording(path).rate_hz is None
+    source = make_source(config)
+    assert isinstance(source, ReplaySource) and source.rate_hz == 7.0
+    assert replay_rate_hz(config) == 7.0
+    recorder = Recorder(
+        tmp_path / "out.ome.zarr",
+        frame_shape=SHAPE,
+        pixel_size_um=0.3,
+        rate_hz=replay_rate_hz(config),
+        planes_um=[0.0],
+        keep_stacks=False,
+    )
+    assert recorder.close(timeout_s=30).raw_frames == 0
+
+
+def test_a_file_rate_that_is_bad_is_refused_alike_by_the_source_and_the_preflight(
+    tmp_path: Path,
+) -> None:
+    """An ImageJ ``finterval`` of infinity is a rate of 0: one error naming the file, from the
+    source and from the pre-flight's `replay_rate_hz` (one function picks the rate for both);
+    a chosen rate replaces it."""
+    tiff = tmp_path / "forever.tif"
+    frames = np.stack([_pixels(i) for i in range(3)])
+    tifffile.imwrite(tiff, frames, imagej=True, metadata={"axes": "TYX", "finterval": np.inf})
+    bad = r"^the frame rate of .*forever\.tif.* must be a positive number of Hz, got 0\.0$"
+    with pytest.raises(ValueError, match=bad):
+        ReplaySource(tiff, default_rate_hz=7.0)
+    with pytest.raises(ValueError, match=bad):
+        replay_rate_hz(_replay_config(tiff))
+    assert ReplaySource(tiff, rate_hz=25.0).rate_hz == 25.0
+
+
+def test_forged_present_runs_replay_each_time_point_once_in_order(
+    pull: tuple[zmq.Socket[bytes], str], tmp_path: Path
+) -> None:
+    """``raw_present`` runs out of order, overlapping, repeated, past the array or before it
+    are clipped and merged: each frame is sent once, in order, at the replay's pace (they were
+    expanded as given: repeats sent in a burst, 200000 copies a list of 2M indices)."""
+    sock, endpoint = pull
+    store = _record(tmp_path / "run.ome.zarr")
+    root = zarr.open_group(store, mode="r+")
+    deepz = dict(root.attrs["deepz"])
+    runs = [[6, 8], [2, 5], [2, 5], [10, 99], [3, 4], [4, 5], [6, 7], [-9, 0], [8, 6]]
+    root.attrs["deepz"] = {**deepz, "raw_present": runs}
+    indices = open_recording(store).indices
+    assert list(indices) == PRESENT and len(indices) == len(PRESENT)
+    assert (indices[0], indices[3], indices[-1]) == (2, 6, 10)
+    _replay(ReplaySource(store), endpoint)
+    msgs = _receive(sock, len(PRESENT))
+    assert [m.header.seq for m in msgs] == PRESENT
+    assert all(m.header.timestamp_s == _stamp(m.header.seq) for m in msgs)
+
+    root.attrs["deepz"] = {**deepz, "raw_present": [[2, 5]] * 200_000}
+    assert list(open_recording(store).indices) == [2, 3, 4]
+    # a long recording's runs stay runs: its indices take no memory per time point
+    n = 1_000_000
+    zarr.open_group(store, mode="r+")[array_path(deepz, "raw")].resize((n, *SHAPE))
+    root.attrs["deepz"] = {**deepz, "raw_present": [[2, 5], [6, n + 5]]}
+    indices = open_recording(store).indices
+    assert len(indices) == 3 + n - 6 and (indices[3], indices[-1]) == (6, n - 1)
+    assert len(pickle.dumps(indices)) < 10_000
+
+
+def test_per_frame_metadata_is_read_for_the_images_time_points_only(tmp_path: Path) -> None:
+    """A ``frames/timestamp_s`` far longer than the image is read for its time points only
+    (every chunk past them is damaged here: reading it whole fails), and a focus array that
+    is not one value per frame is no focus."""
+    store = _record(tmp_path / "run.ome.zarr")
+    n = PRESENT[-1] + 1
+    frames = zarr.open_group(store, mode="r+")["frames"]
+    del frames["timestamp_s"], frames["focus_um"]
+    stamps = frames.create_array("timestamp_s", shape=(50 * n,), chunks=(n,), dtype="float64")
+    stamps[:] = np.concatenate([[_stamp(t) for t in range(n)], np.ones(49 * n)])
+    chunks = [c for c in (store / "frames" / "timestamp_s" / "c").iterdir() if c.name != "0"]
+    assert len(chunks) == 49
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk")
+    frames.create_array("focus_um", shape=(n, 2), dtype="float64")[:] = 1.0
+    recording = open_recording(store)
+    assert [recording.stamp(t) for t in PRESENT] == [(_stamp(t), None) for t in PRESENT]
+    assert recording.stamp(n) == (None, None)  # past the image, though the array goes on
+
+
+def test_the_frame_shape_is_compared_before_any_pixel_is_read(tmp_path: Path) -> None:
+    """Frames of another shape than source.frame_shape are refused from the array's metadata,
+    before a pixel is read (all chunks are damaged here, so any read fails first): a file that
+    declares frames of 100000 x 100000 asked for 20 GB before it was compared. A 2-D array is
+    one frame, read when it is sent (it was read whole on opening)."""
+    for name, shape in (
+        ("movie.zarr", (3, 64, 64)),
+        ("frame.zarr", (64, 64)),
+        ("extra.zarr", (1, 3, 64, 64)),
+    ):
+        path = tmp_path / name
+        zarr.create_array(str(path), shape=shape, chunks=shape, dtype="uint16")[...] = 1
+        for chunk in (c for c in (path / "c").rglob("*") if c.is_file()):
+            chunk.write_bytes(b"not a chunk")
+        with pytest.raises(ReplayError, match=r"^source\.frame_shape \[16, 24\] does not match"):
+            ReplaySource(path, rate_hz=10.0, frame_shape=SHAPE)
+        with pytest.raises(ReplayError, match=f"cannot replay .*{name}"):  # damaged indeed
+            ReplaySource(path, rate_hz=10.0, frame_shape=(64, 64))
+
+
+def test_a_recording_of_other_values_or_no_pixels_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Strings, booleans, complex numbers, frames of no pixels: one line naming the file and
+    what its frames are (it was numpy's error on ``first.min()``, without the file)."""
+    cases: dict[str, tuple[object, tuple[int, ...], str]] = {
+        "text.zarr": (str, (2, 4, 4), r"not camera counts.* of shape \[4, 4\]"),
+        "flags.zarr": ("bool", (2, 4, 4), r"not camera counts.*bool of shape \[4, 4\]"),
+        "waves.zarr": ("complex64", (2, 4, 4), r"not camera counts.*complex64 of shape"),
+        "flat.zarr": ("uint16", (2, 0, 4), r"shape \[2, 0, 4\], frames of no pixels"),
+        "flat-waves.zarr": ("complex64", (3, 4, 0), r"shape \[3, 4, 0\], frames of no pixels"),
+    }
+    for name, (dtype, shape, message) in cases.items():
+        array = zarr.create_array(str(tmp_path / name), shape=shape, dtype=dtype)
+        if array.size:
+            array[...] = "x" if dtype is str else 1
+        with pytest.raises(ReplayError, match=message) as info:
+            open_recording(tmp_path / name)
+        assert name in str(info.value) and "\n" not in str(info.value)

@@ -255,6 +255,33 @@ def test_replay_our_recording_keeps_seqs_and_gaps(pull, tmp_path):
     assert summary.frames_sent == len(present)
 
 
+def test_replay_plain_zarr_arrays_of_one_frame_or_with_axes_of_size_one(pull, tmp_path):
+    """A plain 2-D array is one frame and a (1, T, H, W) one is T frames: the time points
+    come from the frames, not the array's first axis (a 2-D array sent 1 frame and counted
+    its other rows as lost; a (1, 5, H, W) one sent 1 frame of 5)."""
+    import zarr
+
+    sock, endpoint = pull
+    frame = tmp_path / "frame.zarr"
+    zarr.create_array(str(frame), shape=SHAPE, dtype="uint16")[...] = pattern(3)
+    summary = run_source(ReplaySource(frame, rate_hz=500.0), endpoint)
+    (msg,) = receive_all(sock, 1)
+    assert (summary.frames_sent, summary.frames_dropped, summary.dropped_seqs) == (1, 0, ())
+    assert msg.header.seq == 0
+    np.testing.assert_array_equal(msg.array, pattern(3))
+
+    data = frames_of(5)
+    extra = tmp_path / "extra.zarr"
+    zarr.create_array(str(extra), shape=(1, *data.shape), dtype="uint16")[...] = data[None]
+    assert open_recording(extra).frames.shape == data.shape
+    summary = run_source(ReplaySource(extra, rate_hz=500.0), endpoint)
+    msgs = receive_all(sock, 5)
+    assert (summary.frames_sent, summary.frames_dropped) == (5, 0)
+    assert [m.header.seq for m in msgs] == list(range(5))
+    for m in msgs:
+        np.testing.assert_array_equal(m.array, data[m.header.seq])
+
+
 def test_replay_stops_on_event(pull, tmp_path):
     sock, endpoint = pull
     path = tmp_path / "long.tif"
