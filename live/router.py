@@ -35,7 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -298,20 +298,25 @@ class Router(threading.Thread):
             return
         self._route(parts)
 
-    def end_workers(self, timeout_s: float = 10.0) -> list[int]:
+    def end_workers(self, timeout_s: float = 10.0, skip: Collection[int] = ()) -> list[int]:
         """After the router thread ended: queue `END_OF_FRAMES` behind every worker's frames.
 
         A worker stops receiving when the marker arrives, so nothing still in the pipe is left
-        behind. Returns the workers that could not take the marker within `timeout_s`.
+        behind. Returns the workers that could not take the marker within `timeout_s`, all
+        together (a worker never connected, still loading or dead, waited 10 s each, one after
+        another: review 67), and those in `skip` (not running: no one to take it).
         """
-        failed = []
+        failed = sorted(set(skip))
+        deadline = time.monotonic() + timeout_s
         for i, socket in enumerate(self._pushes):
-            socket.sndtimeo = int(timeout_s * 1000)
+            if i in failed:
+                continue
+            socket.sndtimeo = max(int((deadline - time.monotonic()) * 1000), 0)
             try:
                 socket.send(END_OF_FRAMES)
             except zmq.Again:
                 failed.append(i)
-        return failed
+        return sorted(failed)
 
     def close_worker_sockets(self) -> None:
         """Close the PUSH sockets to the workers, once the router thread and the workers ended.

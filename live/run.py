@@ -477,6 +477,9 @@ class Daemon:
         self._quick_deaths = [0] * workers  # deaths in a row within _STABLE_S of a start
         self._respawn_at: list[float | None] = [None] * workers  # a dead worker's restart time
         self._source_thread: threading.Thread | None = None
+        self.source_hung = False
+        """The source thread outlived `stop`'s join: a read that never returns (a hung mount
+        under a replayed recording) holds a zarr I/O thread Python joins at exit."""
         self._source: Any = None  # a replay's source, opened by `check` (see there)
         self._source_stop = threading.Event()
         self._source_summary: Any = None
@@ -902,7 +905,9 @@ class Daemon:
             if t_end is None and duration_s is not None and running:
                 t_end = time.monotonic() + duration_s
             if t_end is not None and time.monotonic() >= t_end:
-                self.finish_reason, self.finish_detail = FinishReason.DURATION, f"{duration_s:g} s"
+                if self.finish_reason is FinishReason.STOPPED:  # a failure or signal keeps its own
+                    self.finish_reason = FinishReason.DURATION
+                    self.finish_detail = f"{duration_s:g} s"
                 break
             if self._source_thread is not None and not self._source_thread.is_alive():
                 if self.finish_reason is FinishReason.STOPPED:
@@ -1020,6 +1025,7 @@ class Daemon:
             self._source_thread.join(10.0)
             if self._source_thread.is_alive():
                 log.error("the source did not stop within 10 s; ending without its last frames")
+                self.source_hung = True
         mmcore = sys.modules.get("live._mmcore")  # loaded only when a core was
         if mmcore is not None and self.config.source.kind == "micromanager":
             mm = self.config.source.micromanager  # its core, loaded for the geometry, unclaimed
@@ -1037,7 +1043,8 @@ class Daemon:
         # it: such a thread is not joined, and its sockets go with the context (`_finish`)
         router_ran = hasattr(self, "router") and self.router.ident is not None
         if router_done and router_ran:
-            unreachable = self.router.end_workers()
+            gone = [i for i, p in enumerate(self._procs) if p is None or not p.is_alive()]
+            unreachable = self.router.end_workers(skip=gone)
             if unreachable:  # those end once their pipe is empty (see live.worker)
                 log.error("workers %s did not take the end-of-frames marker", unreachable)
                 self._worker_stop.set()
@@ -1049,11 +1056,13 @@ class Daemon:
                 continue
             proc.join(worker_timeout_s)
             if proc.is_alive():
-                log.error("worker %d did not finish in %.0f s: terminating it", i, worker_timeout_s)
-                proc.terminate()
+                log.error("worker %d did not finish in %.0f s: killing it", i, worker_timeout_s)
+                proc.kill()  # (workers ignore SIGTERM: see live.worker.worker_main)
                 proc.join(5.0)
             elif proc.exitcode == 0:
                 clean.add(i)
+            else:  # killed (OOM, SIGKILL) or failed while draining: its frames are lost below
+                log.error("worker %d ended with exit code %s while draining", i, proc.exitcode)
         self._worker_stop.set()
         if router_done and router_ran:  # a running router owns its sockets
             self.router.close_worker_sockets()
@@ -1487,19 +1496,23 @@ def run(
         code = EXIT_FAILED
     if code != EXIT_BAD_CONFIG:
         print("\n".join(summary.lines()), flush=True)
-    exit_if_disk_hung(daemon.recorder, code)
+    exit_if_hung(daemon.recorder, code, source_hung=daemon.source_hung)
     return code
 
 
-def exit_if_disk_hung(recorder: Recorder | None, code: int) -> None:
-    """End the process now, with `code`, when `recorder`'s disk never answered a write.
+def exit_if_hung(recorder: Recorder | None, code: int, *, source_hung: bool = False) -> None:
+    """End the process now, with `code`, when a disk never answered (a write or a read).
 
-    That write holds one of zarr's I/O threads, and Python joins those at exit: the process
+    The recorder's write (`Recorder.stuck`) or the source's read (`Daemon.source_hung`): such a
+    call holds one of zarr's I/O threads, and Python joins those at exit: the process
     would never end. Everything worth saying has been said (the summary is printed first).
     """
-    if recorder is None or not recorder.stuck:
+    if recorder is not None and recorder.stuck:
+        log.error("exiting now: the recorder's disk is not answering (a write never returned)")
+    elif source_hung:
+        log.error("exiting now: the source is stuck in a read that never returned (a hung disk?)")
+    else:
         return
-    log.error("exiting now: the recorder's disk is not answering (a write never returned)")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

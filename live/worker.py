@@ -221,10 +221,14 @@ class FrameQueue:
 
 def worker_main(spec: WorkerSpec, stop: MpEvent) -> None:
     """Run one worker until `stop` is set and its queue is drained (process entry point)."""
-    # Ctrl-C reaches the whole process group: the daemon drives a worker's shutdown (end
-    # marker, then "done"), so the worker must not die of the terminal's SIGINT first.
+    # Ctrl-C reaches the whole process group, and so does `systemctl stop` (SIGTERM to the
+    # service's control group) or `kill -TERM -PGID`: the daemon drives a worker's shutdown
+    # (end marker, then "done"), so the worker must not die of either first, its frames lost
+    # mid-refocus (review 67). The daemon ends a stuck worker with SIGKILL; a worker whose
+    # daemon is gone ends on its own (`_serve` watches the parent).
     if threading.current_thread() is threading.main_thread():  # (tests run it in a thread)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"worker {spec.worker_id}: %(message)s")
     logging.getLogger("engine.runtime").setLevel(logging.WARNING)  # its "ready" event says it
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

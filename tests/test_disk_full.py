@@ -410,18 +410,18 @@ def test_a_passing_write_fault_is_tried_again_and_recording_goes_on(
 
 def test_a_process_whose_recorder_disk_hung_still_ends(tmp_path: Path) -> None:
     """With a write the disk never answers, zarr's I/O thread stays blocked and Python joins
-    it at exit: the daemon printed its summary and then never ended. `exit_if_disk_hung`
+    it at exit: the daemon printed its summary and then never ended. `exit_if_hung`
     ends it with its exit code (a process of its own here, as the daemon is)."""
     script = f"""
 import zarr.storage._local as zl
-from live.run import exit_if_disk_hung
+from live.run import exit_if_hung
 from tests.test_disk_full import _fill, _hung_raw_writes, _noise_frame
 zl._put, entered, _ = _hung_raw_writes()  # never let go
 rec, _ = _fill({str(tmp_path / "run.ome.zarr")!r}, 0)
 rec.put_frame(_noise_frame(0))
 entered.wait(30)
 rec.close(stall_s=1.0)
-exit_if_disk_hung(rec, 3)
+exit_if_hung(rec, 3)
 """
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
@@ -513,3 +513,21 @@ def test_a_hung_disk_bounds_even_the_frames_time_and_focus(
     summary = rec.close(timeout_s=60)
     assert summary.raw_frames + summary.backlog_dropped["raw"] == 500
     assert summary.backlog_dropped["metadata"] > 0
+
+
+def test_a_process_whose_source_read_hung_still_ends() -> None:
+    """A replayed recording on a hung mount: the source's read never returns and holds a
+    thread Python joins at exit (review 67: the summary printed, the process never ended).
+    `exit_if_hung` with `Daemon.source_hung` ends it with its exit code."""
+    script = """
+import threading
+from live.run import exit_if_hung
+threading.Thread(target=threading.Event().wait).start()  # as zarr's I/O thread, stuck
+exit_if_hung(None, 4, source_hung=True)
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert "the source is stuck in a read" in done.stderr

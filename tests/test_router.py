@@ -12,6 +12,7 @@ import zmq
 
 from live.metrics import Metrics
 from live.protocol import (
+    END_OF_FRAMES,
     MAX_EVENT_BYTES,
     MAX_EVENT_SEQS,
     MAX_HEADER_BYTES,
@@ -322,3 +323,35 @@ def test_the_router_alone_applies_the_overload_policy_by_credit(policy: str) -> 
         assert routed.ledger.outstanding() == (1 if policy == "latest" else 3)
     finally:
         routed.close()
+
+
+def test_the_end_marker_goes_to_running_workers_under_one_deadline() -> None:
+    """`Router.end_workers` (review 67): workers not running (`skip`) are not waited for, a
+    worker that is connected takes the marker, and the unconnected ones share one deadline:
+    they waited 10 s each, one after another (64 workers: over ten minutes)."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    endpoints = _endpoints(4)
+    router = Router(
+        ctx,
+        frames_endpoint=_endpoint(),
+        worker_endpoints=endpoints,
+        ledger=Ledger(4),
+        metrics=Metrics(),
+        admit=lambda message: None,
+        max_frame_bytes=SIDE * SIDE * 8,
+        max_part_bytes=max_part_bytes((SIDE, SIDE)),
+        supervisor=Supervisor(),
+    )
+    worker = ctx.socket(zmq.PULL)  # worker 1 is running; 0 is dead, 2 and 3 never connected
+    worker.linger = 0
+    worker.connect(endpoints[1])
+    try:
+        assert router.end_workers(timeout_s=0.0, skip=[3, 1, 0, 2]) == [0, 1, 2, 3]
+        unreachable = router.end_workers(timeout_s=2.0, skip=[0])
+        assert unreachable == [0, 2, 3]
+        assert worker.poll(10_000) and worker.recv() == END_OF_FRAMES
+        # the first unconnected worker spent the deadline: the last was not waited for
+        assert router._pushes[3].sndtimeo == 0
+    finally:
+        worker.close()
+        ctx.destroy(linger=0)  # (the router's own sockets: it never ran to close them)

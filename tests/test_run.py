@@ -439,7 +439,13 @@ def _write_toml(path: Path, data: dict[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_python_m_live_run_subprocess_stopped_by_sigint(tmp_path: Path, tiny_model_files) -> None:
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM to the process group"])
+def test_python_m_live_run_subprocess_stopped_by_a_signal(
+    tmp_path: Path, tiny_model_files: Any, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the daemon), and `systemctl stop` or ``kill -TERM -PGID`` (SIGTERM to
+    every process of the group: the workers too) both stop the run in order, every frame
+    refocused. Workers that died of the group's SIGTERM lost their frames (review 67)."""
     config = live_config(tmp_path, tiny_model_files["onnx"], rate_hz=15.0)
     data = config.model_dump(mode="json")
     data["source"].pop("simulator")  # defaults, keeps the TOML small
@@ -462,6 +468,7 @@ def test_python_m_live_run_subprocess_stopped_by_sigint(tmp_path: Path, tiny_mod
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as a service has
     )
     lines: list[str] = []
     assert proc.stdout is not None
@@ -474,13 +481,17 @@ def test_python_m_live_run_subprocess_stopped_by_sigint(tmp_path: Path, tiny_mod
             and len([x for x in lines if x.startswith("[")]) >= 3
         ):
             break
-    proc.send_signal(signal.SIGINT)
+    if how == "SIGINT":
+        proc.send_signal(signal.SIGINT)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     rest, _ = proc.communicate(timeout=60)
     text = "".join(lines) + rest
     assert proc.returncode == 0, text
     assert "backend: onnxruntime chosen" in text
     assert "pre-flight: onnxruntime" in text and ("FITS" in text or "DOES NOT FIT" in text)
-    assert "summary (SIGINT)" in text
+    assert f"summary ({how.split()[0]})" in text
+    assert "lost              0 " in text and "exit code" not in text
     raw, stacks, attrs = _read_store(str(out_path))
     n = attrs["run_summary"]["frames_in"]
     assert n > 0 and raw.shape[0] == n and attrs["raw_present"] == [[0, n]]
