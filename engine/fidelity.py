@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -426,7 +427,8 @@ def _evaluate_set(
         tilt_beads: list[np.ndarray] = []
         planes: dict[float, list[tuple[float, float]]] = {}
         frame_psnr: list[float] = []  # per sample: its median PSNR over Δz
-        spots: dict[str, list[tuple[int, int]]] = {}  # per frame: (spots, invented)
+        # per frame: (spots, invented, their summed values: all, invented)
+        spots: dict[str, list[tuple[int, int, float, float]]] = {}
         for k, s in enumerate(samples):
             progress.set_postfix_str(f"{m.name[:28]} · {s.kind} {s.seed}")
             if m.measured_psf is not None and optics is None:  # its PSF is the model's own
@@ -465,7 +467,7 @@ def _evaluate_set(
                 if s.kind != "tilted":  # (a tilted frame is refocused onto its surface only)
                     inv = ho.invented_spots(planes_fn, s)
                     spots.setdefault(_spot_group(s.kind), []).append(
-                        (inv.count, inv.invented_count)
+                        (inv.count, inv.invented_count, float(inv.value.sum()), inv.invented_value)
                     )
                 if s.kind == "ganglion":  # nuclei packed in a worm's body: a read-out of their own
                     nuclei_z = ho.nucleus_depths(planes_fn, s, min_gap_um=ho.CROWDED_MIN_GAP_UM)
@@ -521,10 +523,13 @@ def _evaluate_set(
             "spots": {
                 group: {
                     "frames": len(rows),
-                    "per_frame": float(np.mean([c for c, _ in rows])),
-                    "invented_per_frame": float(np.mean([i for _, i in rows])),
+                    "per_frame": float(np.mean([r[0] for r in rows])),
+                    "invented_per_frame": float(np.mean([r[1] for r in rows])),
                     "invented_share": float(
-                        sum(i for _, i in rows) / max(sum(c for c, _ in rows), 1)
+                        sum(r[1] for r in rows) / max(sum(r[0] for r in rows), 1)
+                    ),
+                    "invented_light_share": float(
+                        sum(r[3] for r in rows) / max(sum(r[2] for r in rows), 1e-12)
                     ),
                 }
                 for group, rows in sorted(spots.items())
@@ -1020,17 +1025,21 @@ def _spots_table(res: dict[str, Any]) -> list[str]:
         "3x3 mean's camera noise above its background) is checked against the truth planes: "
         f"invented when the truth holds nothing {ho.SUPPORT_FRACTION:.0%} as bright within "
         "±1 µm in depth and laterally (a bead drawn at the wrong depth, or where none is). "
-        "The truth's own spots (defocused rings included) are never invented.",
+        "The truth's own spots (defocused rings included) are never invented. Light: the "
+        "invented spots' share of the summed spot values (faint ghosts weigh little).",
         "",
         "| method | "
-        + " | ".join(f"{label.get(g, g)}: spots / invented per frame (share)" for g in groups)
+        + " | ".join(
+            f"{label.get(g, g)}: spots / invented per frame (share; of the light)" for g in groups
+        )
         + " |",
         "|---|" + "---|" * len(groups),
     ]
     for m, sp in rows:
         cells = [
             f"{sp[g]['per_frame']:.1f} / {sp[g]['invented_per_frame']:.1f} "
-            f"({sp[g]['invented_share']:.0%}, {sp[g]['frames']} frames)"
+            f"({sp[g]['invented_share']:.0%}; {sp[g].get('invented_light_share', math.nan):.0%}"
+            f" of the light; {sp[g]['frames']} frames)"
             if g in sp
             else "–"
             for g in groups

@@ -601,7 +601,8 @@ def test_invented_spots_counts_what_the_truth_does_not_hold(beads):
                 sites.append((len(sites) * 3, r, c))
     assert len(sites) == 12
     added = H.invented_spots(_with_spots(beads, sites), beads)
-    assert added.invented_count == 12
+    assert added.invented_count == 12 and truth.invented_value == 0.0
+    assert 0 < added.invented_value < added.value.sum()
     assert added.count >= truth.count  # (an added spot may outshine a dim neighbour's peak)
     blank = H.invented_spots(H.background_planes_fn, beads)
     assert blank.count == 0
@@ -632,6 +633,10 @@ def test_the_fidelity_report_tallies_invented_spots_per_frame(beads):
     res = F._evaluate_set(methods, [beads])
     ok, more = res["truth"]["spots"]["beads"], res["truth and 5 more"]["spots"]["beads"]
     assert ok["frames"] == 1 and ok["invented_per_frame"] == 0 and ok["per_frame"] > 0
+    assert ok["invented_light_share"] == 0 and 0 < more["invented_light_share"] < 1
     assert 1 <= more["invented_per_frame"] <= 5  # unless a site lies on a bead's own light
     text = "\n".join(F._spots_table(res))
-    assert "bead frames: spots / invented per frame" in text and "| truth and 5 more |" in text
+    assert (
+        "bead frames: spots / invented per frame (share; of the light)" in text
+        and "| truth and 5 more |" in text
+    )
