@@ -708,7 +708,7 @@ def _open_zarr(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
     """
     import zarr
 
-    from live.store import image_groups
+    from live.store import frame_metadata, image_groups, present_runs
 
     node = root = zarr.open(str(path), mode="r")
     if isinstance(node, zarr.Array):
@@ -741,31 +741,15 @@ def _open_zarr(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
     indices: Sequence[int] = range(n)
     stamps = focus = None
     if present is not None:  # a run store: the frames it holds, each one's timestamp and focus
-        indices = _Runs(_present_runs(present, n))
+        try:
+            indices = _Runs(present_runs(present, n))
+        except ValueError as err:
+            raise ReplayError(f"cannot replay {str(path)!r}: raw_present: {err}") from None
         stamps, focus = (
-            _frame_metadata(root, "timestamp_s", n),
-            _frame_metadata(root, "focus_um", n),
+            frame_metadata(root, "timestamp_s", n),
+            frame_metadata(root, "focus_um", n),
         )
     return Recording(frames, indices, _ngff_rate_hz(image, axes), stamps, focus)
-
-
-def _present_runs(present: Any, n: int) -> list[tuple[int, int]]:
-    """Return a run store's ``raw_present`` runs [start, stop) clipped to [0, n), sorted and merged.
-
-    The attribute is input: a forged one may hold runs out of order, overlapping, repeated or
-    far past the array. Each time point is then replayed once, in order, and a run past the
-    array is no loop.
-    """
-    runs = sorted((max(int(a), 0), min(int(b), n)) for a, b in present)
-    merged: list[tuple[int, int]] = []
-    for a, b in runs:
-        if a >= b:
-            continue
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
 
 
 class _Runs(Sequence[int]):
@@ -801,23 +785,6 @@ class _Runs(Sequence[int]):
     def __iter__(self) -> Iterator[int]:
         for a, b in self.runs:
             yield from range(a, b)
-
-
-def _frame_metadata(root: Any, name: str, n: int) -> np.ndarray | None:
-    """Read a run store's per-frame metadata array (``frames/<name>``) for time points [0, n).
-
-    As `live.store.frame_metadata`, but a forged array far longer than the image is not read
-    whole: only its first `n` values. One that is not 1-D per frame is treated as absent.
-    """
-    from live.store import FRAMES_GROUP
-
-    key = f"{FRAMES_GROUP}/{name}"
-    if key not in root:
-        return None
-    values = root[key]
-    if len(values.shape) != 1:
-        return None
-    return np.asarray(values[:n], dtype=np.float64)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:

@@ -89,6 +89,7 @@ __all__ = [
     "ngff_image",
     "ome_xml",
     "omero",
+    "present_runs",
     "register_image",
     "reserved_names",
     "series_attrs",
@@ -223,15 +224,57 @@ def array_path(deepz: Mapping[str, Any], role: str) -> str | None:
     return None if group is None else f"{group}/0"
 
 
-def frame_metadata(root: Any, name: str) -> np.ndarray | None:
+def frame_metadata(root: Any, name: str, count: int | None = None) -> np.ndarray | None:
     """Read one per-seq frame metadata array of a run store (`FRAME_FIELDS`), None if absent.
 
-    Indexed like the images' t axis (the camera sequence number); NaN where no frame.
+    Indexed like the images' t axis (the camera sequence number); NaN where no frame. With
+    `count` (the image's time points), only its first `count` values are read: a store is
+    input, and a forged array far longer than the image is not read whole (review 67). One
+    that is not 1-D is treated as absent.
     """
     if name not in FRAME_FIELDS:
         raise ValueError(f"{name!r} is not a frame field; known: {sorted(FRAME_FIELDS)}")
     key = f"{FRAMES_GROUP}/{name}"
-    return np.asarray(root[key][:], dtype=np.float64) if key in root else None
+    if key not in root:
+        return None
+    values = root[key]
+    if len(values.shape) != 1:
+        return None
+    return np.asarray(values[: count if count is not None else None], dtype=np.float64)
+
+
+def present_runs(present: object, n: int) -> list[tuple[int, int]]:
+    """Return a run store's presence runs (``raw_present``) clipped to [0, n), sorted, merged.
+
+    The attribute is input: a forged one may hold runs out of order, overlapping, repeated or
+    far past the array (review 67). The runs come back disjoint and in order, so each time
+    point is read once, and a run past the array costs nothing.
+
+    Raises
+    ------
+    ValueError
+        `present` is not a list of ``[start, stop)`` integer pairs.
+    """
+    if not isinstance(present, list | tuple):
+        raise ValueError(
+            f"presence runs must be a list of [start, stop) pairs, not {present!r:.60}"
+        )
+    runs = []
+    for run in present:
+        if not (
+            isinstance(run, list | tuple) and len(run) == 2 and all(type(v) is int for v in run)
+        ):
+            raise ValueError(f"a presence run must be [start, stop) integers, not {run!r:.60}")
+        runs.append((max(run[0], 0), min(run[1], n)))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(runs):
+        if a >= b:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
 
 
 def reserved_names(deepz: Mapping[str, Any]) -> set[str]:

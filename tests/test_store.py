@@ -131,3 +131,19 @@ def test_an_image_never_takes_a_group_another_image_has(tmp_path: Path) -> None:
         register_image(root, None, "second", xml, group="0")
     assert image_group(root, "second") == "1"  # the next free one
     assert register_image(root, None, "first", xml) == "0"  # listed: keeps its group
+
+
+def test_presence_runs_are_clipped_sorted_and_merged_and_a_forged_list_refused() -> None:
+    """`live.store.present_runs` (review 67): a run store's ``raw_present`` is input. Runs out
+    of order, overlapping, repeated or far past the array come back disjoint, in order and
+    inside it (a run to 10^12 is no loop); anything but [start, stop) integer pairs is one
+    error."""
+    from live.store import present_runs
+
+    assert present_runs([[5, 10], [0, 10], [0, 10], [12, 14], [13, 20]], 16) == [(0, 10), (12, 16)]
+    assert present_runs([[0, 10**12]] * 200_000, 8) == [(0, 8)]
+    assert present_runs([[-5, 2], [8, 6], [30, 40]], 10) == [(0, 2)]
+    assert present_runs([], 10) == []
+    for forged in ("0-10", [[0]], [[0, "9"]], [[True, 3]], [[0, 1.5]], {"a": 1}):
+        with pytest.raises(ValueError, match="presence run"):
+            present_runs(forged, 10)

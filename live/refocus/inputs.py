@@ -194,7 +194,7 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
     """
     import zarr
 
-    from live.store import array_path, frame_metadata
+    from live.store import array_path, frame_metadata, present_runs
 
     path = array_path(deepz, "raw")
     if path is None:
@@ -208,9 +208,10 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
     if not isinstance(array, zarr.Array):
         raise RefocusError(f"{text}: {path} is not an array")
     inp = _zarr_input(text, path, array, ["t", "y", "x"])
-    present = tuple(
-        t for start, stop in deepz.get("raw_present", []) for t in range(start, stop) if t < inp.n_t
-    )
+    # (a forged attribute: runs overlapping, repeated or far past the array, review 67)
+    with malformed(text, "run metadata ('deepz' raw_present)"):
+        runs = present_runs(deepz.get("raw_present", []), inp.n_t)
+    present = tuple(t for start, stop in runs for t in range(start, stop))
     _check_stored(text, array, present)
     rate = deepz.get("rate_hz")
     pixel = deepz.get("pixel_size_um")
@@ -222,7 +223,7 @@ def _run_input(text: str, root: Any, deepz: dict[str, Any]) -> RawInput:
         float(rate) if rate else None,
         float(pixel) if pixel else None,
         deepz,
-        frame_metadata(root, "focus_um"),
+        frame_metadata(root, "focus_um", inp.n_t),
     )
 
 
