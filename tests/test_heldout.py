@@ -634,6 +634,7 @@ def test_the_fidelity_report_tallies_invented_spots_per_frame(beads):
     ok, more = res["truth"]["spots"]["beads"], res["truth and 5 more"]["spots"]["beads"]
     assert ok["frames"] == 1 and ok["invented_per_frame"] == 0 and ok["per_frame"] > 0
     assert ok["invented_light_share"] == 0 and 0 < more["invented_light_share"] < 1
+    assert ok["truth_per_frame"] == ok["per_frame"] == more["truth_per_frame"]
     assert 1 <= more["invented_per_frame"] <= 5  # unless a site lies on a bead's own light
     text = "\n".join(F._spots_table(res))
     assert (

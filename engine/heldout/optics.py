@@ -74,7 +74,8 @@ class IndependentOptics:
     the two slices' PSFs by distance, as the training simulator and the volume models' renderer
     draw it (2-7 % L1 from the PSF at the point's own depth, session 39's review 65: that shared
     convention flatters bead depth, FWHM and the tilted plane). "own": the PSF computed at the
-    point's own defocus for every focus position, as a microscope images it (session 40); about
+    point's own defocus for every focus position, as a microscope images it (session 40; its
+    aberration still that of its 1 µm depth bin, `aberration_step_um`, as every source's); about
     0.4-0.8 s per bead on a 2-core CPU, so a set of 700 beads costs some 10 minutes more. Spheres
     stay 0.5 µm slabs either way (their slabs average over depth)."""
     zernike_waves: tuple[float, float, float] = (0.05, 0.03, 0.03)
