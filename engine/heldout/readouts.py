@@ -147,6 +147,36 @@ def peak_position(profile: np.ndarray, grid: np.ndarray) -> float:
     return float(grid[k])
 
 
+def _virtual_stack(
+    planes_fn: PlanesFn, sample: IndependentSample, dz_grid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (depths, stack): `sample`'s frame refocused onto `dz_grid`, both checked.
+
+    `dz_grid` defaults to the truth grid (-10 ... +10 µm in 0.5 µm steps) and must hold at
+    least 3 increasing depths; the stack must be (depths, H, W). The one way the depth
+    read-outs make their virtual stack.
+    """
+    dz = truth_dz_um() if dz_grid is None else np.asarray(dz_grid, dtype=np.float64).ravel()
+    if dz.size < 3 or np.any(np.diff(dz) <= 0):
+        raise ValueError(f"dz_grid must be >= 3 increasing depths, got {dz_grid!r}")
+    stack = np.asarray(planes_fn(sample.frame, dz), dtype=np.float32)
+    if stack.shape != (dz.size, *sample.frame.shape):
+        raise ValueError(
+            f"planes_fn returned {stack.shape}, expected {(dz.size, *sample.frame.shape)}"
+        )
+    return dz, stack
+
+
+def _truth_indices(sample: IndependentSample, dz: np.ndarray, name: str) -> list[int]:
+    """Return the indices of `dz` (µm) among `sample`'s truth planes; ValueError if off them."""
+    idx = [int(np.argmin(np.abs(sample.dz_um - v))) for v in dz]
+    if any(abs(sample.dz_um[i] - v) > 1e-6 for i, v in zip(idx, dz, strict=True)):
+        raise ValueError(
+            f"{name} must lie on the truth grid {sample.dz_um[0]}..{sample.dz_um[-1]} step 0.5"
+        )
+    return idx
+
+
 @dataclass(frozen=True, eq=False)
 class BeadDepths:
     """Bead depths read from one frame.
@@ -184,15 +214,8 @@ def bead_depths(
     whose peak stays below `MIN_PEAK_SIGMA` times the 3x3 mean's camera noise is not found
     (NaN), and counts as a failure in `summarise`.
     """
-    dz = truth_dz_um() if dz_grid is None else np.asarray(dz_grid, dtype=np.float64).ravel()
-    if dz.size < 3 or np.any(np.diff(dz) <= 0):
-        raise ValueError(f"dz_grid must be >= 3 increasing depths, got {dz_grid!r}")
+    dz, stack = _virtual_stack(planes_fn, sample, dz_grid)
     index, rows, cols = scored_beads(sample, DEPTH_BORDER_PX, min_sep_um)
-    stack = np.asarray(planes_fn(sample.frame, dz), dtype=np.float32)
-    if stack.shape != (dz.size, *sample.frame.shape):
-        raise ValueError(
-            f"planes_fn returned {stack.shape}, expected {(dz.size, *sample.frame.shape)}"
-        )
     threshold = MIN_PEAK_SIGMA * sample.noise_sigma / 3.0
     est = np.full(index.size, np.nan)
     for j, (r, c) in enumerate(zip(rows, cols, strict=True)):
@@ -257,16 +280,9 @@ def nucleus_depths(
     light mixes); one whose peak stays below `MIN_PEAK_SIGMA` times the disc mean's noise is not
     found (NaN).
     """
-    dz = truth_dz_um() if dz_grid is None else np.asarray(dz_grid, dtype=np.float64).ravel()
-    if dz.size < 3 or np.any(np.diff(dz) <= 0):
-        raise ValueError(f"dz_grid must be >= 3 increasing depths, got {dz_grid!r}")
+    dz, stack = _virtual_stack(planes_fn, sample, dz_grid)
     obj, px = sample.objects, sample.pixel_size_um
     index = scored_nuclei(sample, max_diameter_um=max_diameter_um, min_gap_um=min_gap_um)
-    stack = np.asarray(planes_fn(sample.frame, dz), dtype=np.float32)
-    if stack.shape != (dz.size, *sample.frame.shape):
-        raise ValueError(
-            f"planes_fn returned {stack.shape}, expected {(dz.size, *sample.frame.shape)}"
-        )
     est = np.full(index.size, np.nan)
     for j, i in enumerate(index):
         r_px = max(1.0, 0.5 * obj.radius_um[i] / px)
@@ -642,16 +658,8 @@ def invented_spots(
     from scipy import ndimage
 
     dz = truth_dz_um() if dz_grid is None else np.asarray(dz_grid, dtype=np.float64).ravel()
-    if dz.size < 3 or np.any(np.diff(dz) <= 0):
-        raise ValueError(f"dz_grid must be >= 3 increasing depths, got {dz_grid!r}")
-    truth_at = [int(np.argmin(np.abs(sample.dz_um - v))) for v in dz]
-    if any(abs(sample.dz_um[i] - v) > 1e-6 for i, v in zip(truth_at, dz, strict=True)):
-        raise ValueError("dz_grid must lie on the sample's truth grid (0.5 µm steps, ±10 µm)")
-    stack = np.asarray(planes_fn(sample.frame, dz), dtype=np.float32)
-    if stack.shape != (dz.size, *sample.frame.shape):
-        raise ValueError(
-            f"planes_fn returned {stack.shape}, expected {(dz.size, *sample.frame.shape)}"
-        )
+    truth_at = _truth_indices(sample, dz, "dz_grid")  # (before the refocus: it takes seconds)
+    _, stack = _virtual_stack(planes_fn, sample, dz)
     step, px = float(dz[1] - dz[0]), sample.pixel_size_um
     spots = spot_map(stack)
     truth = spot_map(sample.planes[truth_at])
@@ -682,11 +690,7 @@ def plane_metrics(
     `dz` must lie on the sample's truth grid (0.5 µm steps within ±10 µm).
     """
     d = np.atleast_1d(np.asarray(dz, dtype=np.float64))
-    idx = [int(np.argmin(np.abs(sample.dz_um - v))) for v in d]
-    if any(abs(sample.dz_um[i] - v) > 1e-6 for i, v in zip(idx, d, strict=True)):
-        raise ValueError(
-            f"dz must lie on the truth grid {sample.dz_um[0]}..{sample.dz_um[-1]} step 0.5"
-        )
+    idx = _truth_indices(sample, d, "dz")
     pred = np.asarray(planes_fn(sample.frame, d), dtype=np.float32)
     rows: list[dict[str, float]] = []
     for k, (i, v) in enumerate(zip(idx, d, strict=True)):
