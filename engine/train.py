@@ -52,6 +52,7 @@ from engine.model import (
     save_model,
     write_checkpoint,
 )
+from engine.optics import SampleKind
 
 __all__ = [
     "CameraRange",
@@ -75,7 +76,6 @@ __all__ = [
     "train_stack_seed",
 ]
 
-SampleKind = Literal["worm", "beads", "mixed"]
 TRAIN_SEED_OFFSET = 1_000_000
 """Simulated training stacks use seeds >= this; `engine.evaluate` uses seeds below it."""
 VALIDATION_SEED_OFFSET = 900_000

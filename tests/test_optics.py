@@ -338,6 +338,38 @@ def test_worm_config_widens_nucleus_sizes_and_moves_the_body_off_the_mid_plane()
         WormConfig(nucleus_diameter_um=(4.0, 1.5))
 
 
+def test_isolated_nuclei_are_1_to_4_um_spread_over_the_range_apart_and_bodiless():
+    """The "nuclei" sample (issue 9: nuclei of 1-4 µm; sparse as well as packed): ellipsoids
+    within ±10 % of diameters drawn in 1-4 µm, centres anywhere in ±10 µm, 10-40 in the
+    frame, never overlapping, no worm body; the frame holds their blur and nothing else."""
+    from engine.optics import simulate_volume_pair
+
+    depth = np.arange(-10, 10.01, 0.5)
+    pairs = [
+        simulate_volume_pair("nuclei", shape=(128, 128), depth_um=depth, seed=s, body_glow=True)
+        for s in range(3)
+    ]
+    o = pairs[0].objects
+    assert set(o.kind) == {"nucleus"}
+    assert np.all((2 * o.semi_axes_um >= 1.0 * 0.9 - 1e-9) & (2 * o.semi_axes_um <= 4.0 * 1.1))
+    assert np.all(np.abs(o.z_um) <= 10.0)
+    r = o.semi_axes_um.max(axis=1)
+    xyz = np.column_stack([o.x_um, o.y_um, o.z_um])
+    dist = np.linalg.norm(xyz[:, None] - xyz[None], axis=2)
+    np.fill_diagonal(dist, np.inf)
+    assert np.all(dist > (r[:, None] + r[None]) / 1.1 + 0.3 - 1e-9)
+    every = np.concatenate([p.objects.z_um for p in pairs])
+    assert every.min() < -5 and every.max() > 5  # spread in depth, not in one body
+    for p in pairs:
+        assert p.body_counts is not None and not p.body_counts.any()
+        # 10-40 a frame, whatever its size (as beads and worm nuclei); fewer where packing fails
+        side_um = 127 * 0.3
+        inside = (p.objects.x_um >= 0) & (p.objects.x_um <= side_um)
+        inside &= (p.objects.y_um >= 0) & (p.objects.y_um <= side_um)
+        assert 5 <= inside.sum() <= 40
+        assert p.objects_counts.sum() > 0
+
+
 def test_the_body_glow_is_imaged_apart_and_leaves_the_pair_unchanged():
     """`simulate_volume_pair(body_glow=True)` (session 28: what a model must tell from the
     nuclei's light): the worm body's diffuse glow alone in each frame, a part of the frame's

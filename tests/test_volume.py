@@ -849,6 +849,45 @@ def test_the_column_term_rewards_finding_an_object_at_any_depth(psf):
     assert parts["misplaced"]["object"] == pytest.approx(2 * parts["missed"]["object"], rel=1e-3)
 
 
+def test_the_excess_term_prices_a_ghost_by_its_light_and_nothing_near_the_truth(psf):
+    """A ghost far from every true object costs its share of the truth's light, a faint one
+    as much per photon as a bright one (the squared density term prices it at its square);
+    density drawn a µm from the truth, or the truth itself, costs nothing here."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    import torch
+
+    from engine.train_volume import TorchRenderer, VolumeTrainConfig, volume_loss
+
+    renderer = TorchRenderer(psf, depth_grid(), 32, 15)
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "loss": {"excess_weight": 1.0}}
+    )
+    target = torch.zeros(1, 41, 32, 32)
+    target[0, 8, 10, 10] = 1.0  # a bead 6 µm above focus
+    target[0, 20, 22, 22] = 1.0  # and one in focus
+
+    def excess(pred: torch.Tensor) -> float:
+        return volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1]["excess"]
+
+    near = target.clone()
+    near[0, 8, 10, 10], near[0, 10, 10, 11] = 0.5, 0.5  # half of it 1 µm deeper, a px over
+    faint, bright = target.clone(), target.clone()
+    faint[0, 32, 10, 10] += 0.1  # mirrored: 6 µm below focus, nothing there
+    bright[0, 32, 10, 10] += 1.0
+    assert excess(target) == pytest.approx(0.0, abs=1e-9)
+    assert excess(near) == pytest.approx(0.0, abs=1e-9)
+    assert excess(faint) == pytest.approx(0.1 / 2, rel=1e-4)  # a tenth of one of 2 beads
+    assert excess(bright) == pytest.approx(10 * excess(faint), rel=1e-4)
+    # the object term (squared) prices the faint ghost at far less than a tenth the bright's
+    object_of = {
+        name: volume_loss(cfg, renderer, pred, target, np.array([0.0]))[1]["object"]
+        for name, pred in (("faint", faint), ("bright", bright))
+    }
+    assert object_of["faint"] < 0.02 * object_of["bright"]
+    plain = VolumeTrainConfig.model_validate({"patch_size": 32, "channels": [4, 4, 8, 8]})
+    assert "excess" not in volume_loss(plain, renderer, faint, target, np.array([0.0]))[1]
+
+
 def test_the_cdf_term_costs_a_guess_by_its_distance_and_less_than_a_miss(psf):
     """The depth-CDF term: a bead placed 1 or 4 slices off costs in proportion, both less than
     missing it; the density term scores every misplacement as worse than the miss."""
@@ -1576,3 +1615,26 @@ def test_an_accumulated_step_averages_its_batches_gradients(tmp_path: Path, psf)
         base, fresh()[0], renderer, pool, 5, dev, False, (), [base.seed, 5], lambda _: None
     )
     assert float(single) == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_validation_reads_the_same_frames_whatever_kinds_a_recipe_trains_on() -> None:
+    """A recipe that adds a kind ("nuclei", recipe 43) or drops one validates on the frames
+    every other recipe does (two of beads, a worm, worm and beads), so figures compare."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train_volume import VolumeTrainConfig
+    from engine.train_volume.validation import Validation
+
+    def frames(kinds: list[str]) -> list[tuple[str, np.ndarray]]:
+        data = {"stack_shape": [64, 64], "kinds": kinds}
+        data |= {"kind_weights": [1.0] * len(kinds), "start_kind_weights": [1.0] * len(kinds)}
+        cfg = VolumeTrainConfig.model_validate(
+            {"patch_size": 32, "channels": [4, 4, 8, 8], "data": data}
+        )
+        return [(s.kind, s.inputs) for s in Validation(cfg).samples]
+
+    usual = frames(["beads", "worm", "mixed"])
+    assert [k for k, _ in usual] == ["beads", "beads", "worm", "mixed"]
+    for other in (["beads", "worm", "mixed", "nuclei"], ["nuclei"]):
+        for (kind, x), (usual_kind, y) in zip(frames(other), usual, strict=True):
+            assert kind == usual_kind
+            np.testing.assert_array_equal(x, y)

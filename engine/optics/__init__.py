@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from engine.optics._config import CameraConfig, OpticsConfig, WormConfig
+from engine.optics._config import CameraConfig, OpticsConfig, SampleKind, WormConfig
 
 if TYPE_CHECKING:
     from engine.optics._imaging import (
@@ -69,6 +69,7 @@ __all__ = [
     "Lateral",
     "ObjectTable",
     "OpticsConfig",
+    "SampleKind",
     "VolumePair",
     "WormConfig",
     "WormTimeSeries",

@@ -10,6 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+SampleKind = Literal["worm", "beads", "mixed", "nuclei"]
+"""What a simulated sample holds: a worm's head ("worm"), beads spread over ±10 µm ("beads"),
+both ("mixed"), or isolated nuclei of 1-4 µm spread over ±10 µm, no body ("nuclei")."""
+
 
 class OpticsConfig(BaseModel):
     """Objective, wavelength and refractive indices of the simulated wide-field microscope.

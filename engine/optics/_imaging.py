@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import scipy.fft
 
-from engine.optics._config import CameraConfig, OpticsConfig, WormConfig
+from engine.optics._config import CameraConfig, OpticsConfig, SampleKind, WormConfig
 from engine.optics._psf import make_psf
 from engine.optics._samples import (
     Extent,
@@ -26,6 +25,7 @@ from engine.optics._samples import (
     body_density,
     body_texture,
     is_point,
+    isolated_nuclei,
     rasterize,
     worm_body,
     worm_nuclei,
@@ -44,8 +44,6 @@ WORKERS = 2
 """Threads for scipy.fft."""
 _OTF_MAX_BYTES = 128 * 2**20
 """Most memory kept for PSF transforms per grid shape (a 384² plane takes 0.6 MB)."""
-
-SampleKind = Literal["worm", "beads", "mixed"]
 
 
 @dataclass(frozen=True)
@@ -314,8 +312,8 @@ def make_sample(
     density holds everything; `body` is the worm body's diffuse part of it alone (None
     without a body), for those who image the body apart (`simulate_volume_pair`).
     """
-    if sample not in ("worm", "beads", "mixed"):
-        raise ValueError(f"sample must be 'worm', 'beads' or 'mixed', not {sample!r}")
+    if sample not in ("worm", "beads", "mixed", "nuclei"):
+        raise ValueError(f"sample must be 'worm', 'beads', 'mixed' or 'nuclei', not {sample!r}")
     px = optics.pixel_size_um
     frame = Extent(0.0, (shape[1] - 1) * px, 0.0, (shape[0] - 1) * px)
     grid = grid_for_frame(shape, px, np.zeros(1))
@@ -328,6 +326,8 @@ def make_sample(
         tables.append(worm_nuclei(rng, body, extent, frame, camera, px, worm))
     if sample in ("beads", "mixed"):
         tables.append(beads(rng, extent, frame, camera))
+    if sample == "nuclei":
+        tables.append(isolated_nuclei(rng, extent, frame, camera, px))
     objects = ObjectTable.concat(*tables)
     top = objects.z_um - objects.semi_axes_um[:, 2]
     bottom = objects.z_um + objects.semi_axes_um[:, 2]

@@ -222,6 +222,71 @@ def beads(
     )
 
 
+ISOLATED_NUCLEI_PER_FRAME = (10, 40)
+"""Range of the isolated nuclei a frame holds, drawn uniformly, whatever its size (as the beads'
+and a worm's counts are): 10-40 in a 256² frame (77 µm square) is sparse."""
+ISOLATED_NUCLEUS_DIAMETER_UM = (1.0, 4.0)
+"""Range of an isolated nucleus's diameter (µm), drawn uniformly (issue 9: nuclei of 1-4 µm)."""
+
+
+def isolated_nuclei(
+    rng: np.random.Generator,
+    extent: Extent,
+    frame_extent: Extent,
+    camera: CameraConfig,
+    pixel_size_um: float,
+) -> ObjectTable:
+    """Nuclei with no worm around them, spread in 3D over ±10 µm like the beads.
+
+    A worm's nuclei are packed inside its body, 100-200 a frame at the body's depths; on its
+    own, a nucleus of 1-4 µm anywhere in ±10 µm is another case, which the training worms
+    never show (session 40: the shipped model invents most of the spots it draws on such
+    frames). Each diameter is drawn from `ISOLATED_NUCLEUS_DIAMETER_UM`, each semi-axis
+    within ±10 % of its half, centres at least the two radii + 0.3 µm apart; brightness as a
+    worm's nuclei (log-normal, times a GCaMP-like activity in 0.3-1), so the dimmest are about
+    a tenth of the brightest.
+    """
+    area = (extent.x1_um - extent.x0_um) * (extent.y1_um - extent.y0_um)
+    frame_area = (frame_extent.x1_um - frame_extent.x0_um) * (
+        frame_extent.y1_um - frame_extent.y0_um
+    )
+    n_total = round(
+        int(rng.integers(*ISOLATED_NUCLEI_PER_FRAME, endpoint=True)) * area / frame_area
+    )
+    centres: list[np.ndarray] = []
+    diameters: list[float] = []
+    tries = 0
+    while len(centres) < n_total and tries < 200 * max(n_total, 1):
+        tries += 1
+        d = float(rng.uniform(*ISOLATED_NUCLEUS_DIAMETER_UM))
+        c = np.array(
+            [
+                rng.uniform(extent.x0_um, extent.x1_um),
+                rng.uniform(extent.y0_um, extent.y1_um),
+                rng.uniform(-10.0, 10.0),
+            ]
+        )
+        if all(
+            float(np.sum((c - p) ** 2)) > ((d + e) / 2 + 0.3) ** 2
+            for p, e in zip(centres, diameters, strict=True)
+        ):
+            centres.append(c)
+            diameters.append(d)
+    xyz = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
+    n = xyz.shape[0]
+    axes = np.asarray(diameters).reshape(-1, 1) / 2 * rng.uniform(0.9, 1.1, (n, 3))
+    brightness = rng.lognormal(0.0, 0.3, n) * rng.uniform(0.3, 1.0, n)
+    return ObjectTable(
+        x_um=xyz[:, 0],
+        y_um=xyz[:, 1],
+        z_um=xyz[:, 2],
+        semi_axes_um=axes,
+        angle_rad=rng.uniform(0, np.pi, n),
+        intensity=nucleus_photons(axes, brightness, camera.peak_photons, pixel_size_um),
+        kind=np.full(n, "nucleus", dtype="<U8"),
+    )
+
+
 @dataclass(frozen=True)
 class Grid:
     """Voxel grid for image formation: pixel (0, 0) at (x0_um, y0_um), z slices `z_um`."""

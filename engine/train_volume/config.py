@@ -11,8 +11,8 @@ from pydantic import Field, FiniteFloat, ValidationInfo, field_validator, model_
 
 from engine.metadata import Modality
 from engine.model import DeepZ, build_model
-from engine.optics import Lateral, WormConfig
-from engine.train import LabStackConfig, SampleKind, _Base, camera_overrides, read_config
+from engine.optics import Lateral, SampleKind, WormConfig
+from engine.train import LabStackConfig, _Base, camera_overrides, read_config
 from engine.volume import DEPTH_STEP_UM, MAX_PSF_SIDE_PX, depth_grid, matched_filter_kernels
 
 TRAIN_SEED_OFFSET = 2_000_000
@@ -215,6 +215,30 @@ class VolumeLossConfig(_Base):
     )
     source_sigma_slices: float = Field(
         1.0, gt=0, description="Per-source window's axial Gaussian sigma (depth steps)."
+    )
+    excess_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the excess term (`_excess_term`): the density's mass where "
+        "the truth holds nothing within about a µm (`excess_support_*`), relative to the "
+        "truth's mass, an L1 price, so a faint ghost costs its share of the light, where "
+        "the squared terms price it at its square. Session 40 counted a quarter of the "
+        "shipped model's bead spots, faint ghosts 7-9 µm from focus, as invented. Recipe 43.",
+    )
+    excess_support_sigma_px: float = Field(
+        2.0, gt=0, description="Excess term: lateral Gaussian sigma of the truth's support (px)."
+    )
+    excess_support_sigma_slices: float = Field(
+        2.0,
+        gt=0,
+        description="Excess term: axial Gaussian sigma of the truth's support (depth steps).",
+    )
+    excess_threshold: float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Excess term: a voxel is in the truth's support where the smoothed truth "
+        "exceeds this fraction of the sample's brightest smoothed-truth voxel.",
     )
     detection_weight: float = Field(
         0.0,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.metadata import normalize_images
-from engine.train import SampleKind
+from engine.optics import SampleKind
 from engine.train_volume.config import VolumeTrainConfig
 
 if TYPE_CHECKING:

@@ -97,9 +97,13 @@ class Validation:
     """Fixed full frames (never trained on): losses and the bead depth error of the model."""
 
     def __init__(self, cfg: VolumeTrainConfig) -> None:
-        # the original worm whatever the recipe's (`data.worm`): every recipe's validation
-        # reads the same frames, so its figures compare across recipes
-        data = cfg.data.model_copy(update={"worm": WormConfig()})
+        # the original worm and the three original kinds whatever the recipe's (`data.worm`,
+        # `data.kinds`): every recipe's validation reads the same frames, so its figures
+        # compare across recipes
+        kinds = {"kinds": ["beads", "worm", "mixed"], "kind_weights": [1.0, 1.0, 1.0]}
+        data = cfg.data.model_copy(
+            update={"worm": WormConfig(), **kinds, "start_kind_weights": kinds["kind_weights"]}
+        )
         cfg = cfg.model_copy(update={"data": data})
         self.samples = [
             Sample(cfg, VALIDATION_SEED_OFFSET + i, w)
