@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 METADATA_VERSION = 1
 ONNX_METADATA_KEY = "deepz_metadata"
@@ -95,6 +102,18 @@ class VolumeOutput(BaseModel):
     modality: Modality = Field(
         "widefield", description="What the rendered planes show (the PSF bank's modality)."
     )
+
+    @field_validator("psf_file")
+    @classmethod
+    def _bare_name(cls, name: str) -> str:
+        # the bank is read from beside the model and written beside an export: a name with a
+        # folder in it ("../b.psf.npy", "/etc/x.npy") from a forged .json would reach outside
+        if "/" in name or "\\" in name or not name.endswith(".npy") or name.startswith("."):
+            raise ValueError(
+                f"volume.psf_file is {name!r}: it must be a bare .npy file name, no folder "
+                "(the bank lies beside the model)"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check_grid(self) -> VolumeOutput:

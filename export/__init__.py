@@ -8,7 +8,7 @@ nothing heavy: the names below load torch and onnx on first access (PEP 562).
 Examples
 --------
 >>> from export import export_weights
->>> report = export_weights("engine/weights/deepz-slim.pt", "engine/weights/deepz-slim.onnx")
+>>> report = export_weights("engine/weights/deepz-slim.pt", "runs/deepz-slim.onnx")
 >>> report.ok
 True
 """

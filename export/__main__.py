@@ -2,7 +2,7 @@
 
 Examples
 --------
-python -m export onnx --weights engine/weights/deepz-slim.pt --out engine/weights/deepz-slim.onnx
+python -m export onnx --weights runs/volume/deepz-volume.pt --out runs/volume/deepz-volume.onnx
 python -m export tensorrt --onnx engine/weights/deepz-volume.onnx --scope config.toml
 """
 
@@ -26,7 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     onnx_p = sub.add_parser("onnx", help="export .pt weights to ONNX and check parity with torch")
     onnx_p.add_argument("--weights", type=Path, required=True, help=".pt with its .json beside")
-    onnx_p.add_argument("--out", type=Path, help="output .onnx (default: beside the weights)")
+    onnx_p.add_argument(
+        "--out",
+        type=Path,
+        help="output .onnx (default: beside the weights, except the shipped weights': their "
+        "ONNX is replaced only when --out names it)",
+    )
     onnx_p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     trt_p = sub.add_parser("tensorrt", help="build (or find cached) a TensorRT engine")
     trt_p.add_argument("--onnx", type=Path, required=True, help="exported .onnx model")
@@ -62,9 +67,18 @@ def _onnx(args: argparse.Namespace) -> int:
     import onnx
 
     from engine.metadata import ModelMetadataError
+    from engine.runtime import DEFAULT_MODEL
     from export._onnx import ParityError, export_weights
 
     out = args.out or args.weights.with_suffix(".onnx")
+    # the shipped models' folder: an export writes there only when --out names it
+    if args.out is None and out.resolve().parent == DEFAULT_MODEL.parent:
+        print(
+            f"error: --out not given, and beside {args.weights} is the shipped {out.name}: "
+            "name it with --out to release new weights, or give another --out",
+            file=sys.stderr,
+        )
+        return 2
     try:
         report = export_weights(args.weights, out, opset=args.opset)
     except (ParityError, onnx.checker.ValidationError) as exc:

@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,15 @@ def to_onnx_proto(model: DeepZ, opset: int = OPSET) -> onnx.ModelProto:
     if program is None:  # pragma: no cover - dynamo export always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
     proto: onnx.ModelProto = program.model_proto
+    # the exporter falls back to the opset it can write, logging it and carrying on (asked
+    # for 30, it wrote 18): a model of another opset than asked is refused, not recorded as
+    # the one asked for
+    written = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise ValueError(
+            f"opset {opset}: the exporter wrote opset {written} (torch {torch.__version__} "
+            f"exports up to what its onnxscript converts; {OPSET} is the default)"
+        )
     _rename_dims(proto)
     return proto
 
@@ -157,7 +166,12 @@ def add_metadata(proto: onnx.ModelProto, metadata: ModelMetadata, info: dict[str
 
 
 def _compare(name: str, ref: np.ndarray, got: np.ndarray) -> ParityCase:
-    """Max absolute and relative error of `got` against `ref`, and whether within tolerance."""
+    """Max absolute and relative error of `got` against `ref`, and whether within tolerance.
+
+    Outputs of different shapes never agree, whatever broadcasting would make of them.
+    """
+    if got.shape != ref.shape:
+        return ParityCase(name, tuple(ref.shape), float("inf"), float("inf"), False)
     err = float(np.max(np.abs(got.astype(np.float64) - ref)))
     scale = float(np.max(np.abs(ref)))
     ok = bool(np.isfinite(got).all()) and err <= PARITY_ATOL + PARITY_RTOL * scale
@@ -245,13 +259,16 @@ def export_onnx(
     *,
     opset: int = OPSET,
     source: str = "",
+    before_replacing: Callable[[], None] | None = None,
 ) -> ParityReport:
     """Export `model` to `out` with `metadata` inside, check it, and verify parity with torch.
 
     Raises `ParityError` when ONNX Runtime disagrees with torch beyond float32 tolerance,
     `onnx.checker.ValidationError` when the graph is invalid, `ValueError` when `out` is not
-    an ``.onnx`` path; in each case `out` is left as it was (the model is written beside it
-    and moved over it only once it passed).
+    an ``.onnx`` path or the exporter wrote another opset than `opset`; in each case `out` is
+    left as it was (the model is written beside it and moved over it only once it passed).
+    ``before_replacing`` runs once the new model passed, before it replaces `out` (the
+    volume model's PSF bank is written there): when it raises, `out` is left as it was too.
     """
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -259,9 +276,14 @@ def export_onnx(
     out.parent.mkdir(parents=True, exist_ok=True)
     # written, checked and parity-tested beside `out`, then moved over it in one step: a failed
     # export leaves the model it was to replace as it was, and a reader never sees half a file
-    report = atomic_write(
-        out, lambda tmp: _export_checked(model, metadata, tmp, opset=opset, source=source)
-    )
+
+    def write(tmp: Path) -> ParityReport:
+        checked = _export_checked(model, metadata, tmp, opset=opset, source=source)
+        if before_replacing is not None:
+            before_replacing()
+        return checked
+
+    report = atomic_write(out, write)
     log.info("exported %s (max abs %.2e, max rel %.2e)", out, report.max_abs, report.max_rel)
     return report
 
@@ -306,8 +328,22 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
         name = metadata.volume.psf_file
         bank = (Path(weights).parent / name, Path(out).parent / name)
         load_psf_bank(bank[0], len(metadata.volume.depth_um))
-    report = export_onnx(model, metadata, out, opset=opset, source=str(weights))
+    copy = None
     if bank is not None and bank[0].resolve() != bank[1].resolve():
-        # whole or not at all: a copy cut short (a full disk) left a bank no loader reads
-        atomic_write_bytes(bank[1], bank[0].read_bytes())
-    return report
+        source_bank, target_bank = bank
+
+        def copy() -> None:
+            # once the new model passed and before it replaces `out`: a bank that cannot be
+            # written leaves the model there as it was too; whole or not at all, a copy cut
+            # short (a full disk) would leave a bank no loader reads
+            try:
+                atomic_write_bytes(target_bank, source_bank.read_bytes())
+            except OSError as exc:
+                raise OSError(
+                    f"{target_bank}: cannot write the PSF bank beside the model "
+                    f"({exc.strerror or exc}); {out} left as it was"
+                ) from None
+
+    return export_onnx(
+        model, metadata, out, opset=opset, source=str(weights), before_replacing=copy
+    )

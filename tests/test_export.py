@@ -248,3 +248,78 @@ def _tiny(files: dict[str, object]) -> tuple[DeepZ, ModelMetadata]:
 def test_tiny_architecture_is_what_the_fixture_uses(tiny_model_files: dict[str, object]) -> None:
     metadata = tiny_model_files["metadata"]
     assert metadata.architecture["channels"] == list(TINY_ARCHITECTURE["channels"])  # type: ignore[attr-defined, index]
+
+
+def test_the_shipped_onnx_is_replaced_only_when_out_names_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --out an export goes beside its weights, except the shipped weights': their
+    ONNX is only replaced on purpose (review 71)."""
+    shipped = REPO / "engine" / "weights" / "deepz-slim.onnx"
+    before = shipped.stat().st_mtime_ns
+    assert main(["onnx", "--weights", str(REPO / "engine" / "weights" / "deepz-slim.pt")]) == 2
+    assert "name it with --out" in capsys.readouterr().err
+    assert shipped.stat().st_mtime_ns == before
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_not_recorded(
+    tmp_path: Path, tiny_model_files: dict[str, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Asked for an opset it cannot convert to, the exporter writes its own and carries on;
+    the export is refused, where it recorded the asked one beside the written one."""
+    out = tmp_path / "m.onnx"
+    assert main(["onnx", "--weights", str(tiny_model_files["pt"]), "--out", str(out)]) == 0
+    before = out.read_bytes()
+    args = ["onnx", "--weights", str(tiny_model_files["pt"]), "--out", str(out)]
+    assert main([*args, "--opset", "30"]) == 2
+    assert "opset 30: the exporter wrote opset" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_outputs_of_another_shape_never_pass_parity() -> None:
+    """(N, 1, H, W) broadcasts against (N, D, H, W): the shapes are compared first."""
+    from export._onnx import _compare
+
+    ref = np.zeros((2, 5, 8, 8), dtype=np.float32)
+    assert not _compare("shape", ref, np.zeros((2, 1, 8, 8), dtype=np.float32)).ok
+    assert _compare("same", ref, ref.copy()).ok
+
+
+def test_a_volume_export_writes_its_bank_with_it_or_leaves_both_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """The bank is written once the new model passed and before it replaces the old: a bank
+    that cannot be written leaves the old model (review 71: the new model stood beside no
+    bank). A bank name with a folder in it is refused at load."""
+    from pydantic import ValidationError
+
+    from engine.metadata import VolumeOutput
+    from engine.optics import OpticsConfig
+    from engine.train_volume import VolumeTrainConfig, build_volume_model
+    from engine.train_volume.checkpoints import save_volume_model
+    from engine.volume import psf_bank
+    from export import export_weights
+
+    cfg = VolumeTrainConfig.model_validate(
+        {"patch_size": 32, "channels": [4, 4, 8, 8], "weights_out": str(tmp_path / "w" / "v.pt")}
+    )
+    psf = psf_bank(OpticsConfig(), cfg.depth_um, size_px=15)
+    save_volume_model(cfg, build_volume_model(cfg), psf, [], 0, False)
+    weights = tmp_path / "w" / "v.pt"
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    bank_name = meta["volume"]["psf_file"]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "v.onnx"
+    out.write_bytes(b"OLD")
+    (out_dir / bank_name).mkdir()  # a bank that cannot be written there
+    with pytest.raises(OSError, match="cannot write the PSF bank beside the model"):
+        export_weights(weights, out)
+    assert out.read_bytes() == b"OLD"
+    (out_dir / bank_name).rmdir()
+    export_weights(weights, out)
+    assert (out_dir / bank_name).read_bytes() == (tmp_path / "w" / bank_name).read_bytes()
+    assert load_backend(out, prefer=["onnxruntime"]).metadata.volume is not None
+    for forged in ("../b.psf.npy", "/tmp/b.npy", "b.txt"):
+        with pytest.raises(ValidationError, match=r"bare \.npy file name"):
+            VolumeOutput(depth_um=(-0.5, 0.0, 0.5), psf_file=forged)
