@@ -420,6 +420,10 @@ def test_resume_refuses_another_recipe_and_falls_back_from_a_broken_checkpoint(t
     with pytest.raises(ModelMetadataError, match=r"another loss than this config's.*init_from"):
         train(cfg, resume=True, progress=False)
     cfg.loss.source_weight = 0.0
+    cfg.seed = 7  # another seed draws another pool and other batches: not this run
+    with pytest.raises(ModelMetadataError, match=r"another seed than this config's"):
+        train(cfg, resume=True, progress=False)
+    cfg.seed = 0
     full = cfg.out_dir / "checkpoint.pt"
     full.write_bytes(full.read_bytes()[:1000])  # cut short (a power loss, before fsync)
     train(cfg, resume=True, progress=False)  # from the portable copy, with a warning
@@ -480,6 +484,15 @@ def test_weights_without_their_checkpoint_get_one_a_fresh_machine_resumes(
     assert moments and all(not t.float().any() for t in moments)
     assert ck["step"] == 3 and ck["history"][-1]["step"] == 3
     assert "val_bead_depth_median_um" in ck["history"][-1]
+    # and back to weights (its row lacked the wall time: a KeyError, review 72)
+    from engine.train_volume import weights_from_checkpoint
+
+    back = weights_from_checkpoint(
+        cfg.model_copy(update={"weights_out": str(tmp_path / "back" / "v.pt")}),
+        cfg.portable_checkpoint,
+    )
+    for k, v in trained.state_dict().items():
+        assert torch.equal(load_model(back)[0].state_dict()[k], v)
     # the committed checkpoint is read (resume_from), never written: the run writes its own
     committed = cfg.portable_checkpoint
     before = committed.read_bytes()
@@ -1494,7 +1507,9 @@ def test_training_through_a_measured_bank_images_renders_and_ships_that_bank(tmp
     assert f"measured ({path}, sha256 " in meta.trained_on
     # the run's checkpoint knows its bank: a resume through a bank measured again is refused
     np.save(path, np.roll(bank, 1, axis=0))
-    with pytest.raises(ValueError, match="trained through another PSF bank"):
+    from engine.train import TrainConfigError  # one line from the command line (review 72)
+
+    with pytest.raises(TrainConfigError, match="trained through another PSF bank"):
         train(cfg, resume=True, progress=False)
     with pytest.raises(ValueError, match=r"does not divide the simulator's 0\.5 µm slices"):
         train(cfg.model_copy(update={"optics": {**cfg.optics, "psf_bank_step_um": 0.3}}))
@@ -1638,3 +1653,43 @@ def test_validation_reads_the_same_frames_whatever_kinds_a_recipe_trains_on() ->
         for (kind, x), (usual_kind, y) in zip(frames(other), usual, strict=True):
             assert kind == usual_kind
             np.testing.assert_array_equal(x, y)
+
+
+def test_the_first_step_takes_the_schedules_rate_fresh_or_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimiser is built at cfg.lr; the schedule's rate is set before the first step, so
+    a fine-tune starts in its warm-up (review 72: its first step took the peak rate) and a run
+    resumed from a checkpoint made from weights goes on at the schedule's, not at cfg.lr."""
+    pytest.importorskip("torch", reason="training extra not installed")
+    from engine.train import _lr_factor
+    from engine.train_volume import checkpoint_from_weights, loop, train
+
+    taken: list[float] = []
+    step_once = loop.training_step
+
+    def recording(cfg, model, opt, *args, **kwargs):  # type: ignore[no-untyped-def]
+        taken.append(opt.param_groups[0]["lr"])
+        return step_once(cfg, model, opt, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "training_step", recording)
+    cfg = _tiny_config(tmp_path).model_copy(update={"warmup_steps": 10, "lr": 1e-3})
+    train(cfg, progress=False)
+    assert taken == pytest.approx([1e-3 * (k + 1) / 10 for k in range(3)])
+    cfg.portable_checkpoint = tmp_path / "from-weights.ckpt.pt"
+    checkpoint_from_weights(cfg, Path(cfg.weights_out))  # type: ignore[arg-type]
+    (cfg.out_dir / "checkpoint.pt").unlink()
+    taken.clear()
+    train(cfg.model_copy(update={"steps": 4}), resume=True, progress=False)
+    assert taken[0] == pytest.approx(1e-3 * _lr_factor(cfg, 3))  # type: ignore[arg-type]
+    assert taken[0] < 1e-3
+
+
+def test_kind_weights_that_draw_nothing_are_refused_at_load() -> None:
+    from pydantic import ValidationError
+
+    from engine.train_volume import VolumeTrainConfig
+
+    for weights in ([0.0, 0.0, 0.0], [1.0, -1.0, 1.0]):
+        with pytest.raises(ValidationError, match="must be >= 0 with a positive sum"):
+            VolumeTrainConfig.model_validate({"data": {"kind_weights": weights}})

@@ -177,9 +177,9 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     GPU run's weights come back without their optimiser state. This writes the checkpoint
     `--resume` needs to continue them on a fresh machine: the weights exactly; Adam's state as
     a fresh optimiser's after one step with zero gradients (both moments zero, so the weights
-    are unchanged and the next step is a fresh Adam's first); the step count and wall time
-    from the weights' metadata (``extra``); the validation history of the run, as the weights'
-    metadata keeps it (its last row); and ``cfg`` as the recipe to resume with.
+    are unchanged; the run sets the schedule's rate before its first step); the step count and
+    wall time from the weights' metadata (``extra``); the validation history of the run, as
+    the weights' metadata keeps it (its last row); and ``cfg`` as the recipe to resume with.
     """
     from engine.model import load_model
     from engine.train import TrainConfigError
@@ -202,7 +202,9 @@ def checkpoint_from_weights(cfg: VolumeTrainConfig, weights: Path) -> Path:
     extra = meta.extra
     step, wall = int(extra.get("steps", 0)), float(extra.get("wall_time_s", 0.0))
     last = {k: float(v) for k, v in dict(extra.get("validation", {})).items()}
-    history = [{"step": float(step), **last}] if last else []
+    # the row `save_volume_model` and the loop read the wall time from (without it a checkpoint
+    # made here could not be turned back into weights: review 72)
+    history = [{"step": float(step), "wall_s": wall, **last}]
     path = Path(cfg.portable_checkpoint)
     write_checkpoint(path, portable_state(_training_state(cfg, model, opt, step, history, wall)))
     return path
@@ -215,8 +217,12 @@ RECIPE_KEYS = (
     "depth_half_range_um",
     "channels",
     "primer_depths_um",
+    "primer_bin",
+    "primer_kernel",
+    "brightness_scale",
     "detection",
     "body",
+    "seed",
 )
 """What a resumed run must share with its checkpoint: its network and what it learns. A run
 that changes them is a new recipe, started from the weights with ``init_from``."""

@@ -79,8 +79,11 @@ class VolumeDataConfig(_Base):
     @model_validator(mode="after")
     def _check(self) -> VolumeDataConfig:
         for name in ("kind_weights", "start_kind_weights"):
-            if len(getattr(self, name)) != len(self.kinds):
+            weights = getattr(self, name)
+            if len(weights) != len(self.kinds):
                 raise ValueError(f"data.{name} needs one weight per entry of data.kinds")
+            if min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(f"data.{name} must be >= 0 with a positive sum, not {weights}")
         if len(set(self.psf_models)) != len(self.psf_models):
             raise ValueError(f"data.psf_models lists a model twice: {self.psf_models}")
         if self.lab_every and not self.lab_stacks:
@@ -220,7 +223,7 @@ class VolumeLossConfig(_Base):
         0.0,
         ge=0,
         description="Weight of the excess term (`_excess_term`): the density's mass where "
-        "the truth holds nothing within about a µm (`excess_support_*`), relative to the "
+        "the truth holds nothing within about 3 µm (`excess_support_*`), relative to the "
         "truth's mass, an L1 price, so a faint ghost costs its share of the light, where "
         "the squared terms price it at its square. Session 40 counted a quarter of the "
         "shipped model's bead spots, faint ghosts 7-9 µm from focus, as invented. Recipe 43.",

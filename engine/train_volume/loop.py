@@ -13,7 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 from engine.detection import detection_loss
 from engine.metadata import ModelMetadataError, file_sha256, weights_that_fit
 from engine.model import DeepZ
-from engine.train import _lr_factor
+from engine.train import TrainConfigError, _lr_factor
 from engine.train_volume.checkpoints import (
     initial_weights,
     resume_checkpoint,
@@ -216,7 +216,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         step, history, wall_before = ck["step"], ck["history"], ck["wall_s"]
         ema_state = ck.get("ema")
         if ck.get("psf_bank_sha256", bank_sha256) != bank_sha256:  # older checkpoints: none
-            raise ValueError(
+            raise TrainConfigError(
                 f"optics.psf_bank: {src} was trained through another PSF bank (sha256 "
                 f"{str(ck['psf_bank_sha256'])[:12]}) than the config's now "
                 f"({str(bank_sha256)[:12]}); a resume would mix two microscopes"
@@ -273,6 +273,13 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         bar = tqdm(
             total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
         )
+        # the rate the schedule gives the next step, set before it is taken: the optimiser was
+        # built at cfg.lr (or restored at a checkpoint's, `checkpoint_from_weights`' at cfg.lr
+        # too), and a fresh Adam's first step moves every weight by about its rate, so a
+        # fine-tune's first step took the peak rate past the warm-up (review 72)
+        lr = cfg.lr * _lr_factor(cfg, step, wall_before)  # type: ignore[arg-type]  # same fields
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_factor", 1.0)
         model.train()
         # where this run's wall time goes, printed at its end: a GPU run's loop reached half its
         # step benchmark's rate (docs/benchmarks.md, sessions 23-24) and this says whether the

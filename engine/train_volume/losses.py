@@ -293,14 +293,14 @@ def _excess_term(
     """Mass of the density outside the truth's support, relative to the truth's mass.
 
     The support is where the truth smoothed by (``sigma_px``, ``sigma_slices``) exceeds
-    ``threshold`` of the sample's brightest smoothed voxel: with the defaults, 3-4 σ from a
-    bead (±3-4 µm in depth, ±6-7 px laterally), all of a nucleus, and a worm's faint body
-    glow (a few ‰ of its nuclei's brightest). Outside it nothing is, and whatever the
-    network draws there is invented: a ghost of a bead at the mirrored depth, rings around
-    a nucleus. The squared density terms price a ghost holding a tenth of a
-    bead's light at a hundredth; this L1 price is its share of the light. Per sample, then
-    averaged, each truth mass floored at 1e-3 of the batch's mean (as `_density_term`), so
-    an empty crop still pays for what is drawn in it, without dominating.
+    ``threshold`` of the sample's brightest smoothed voxel: with the defaults, up to 3 σ from
+    a bead, where the smoothing kernel ends (±3 µm in depth, ±6 px laterally), all of a
+    nucleus, and a worm's faint body glow (a few ‰ of its nuclei's brightest). Outside it
+    nothing is, and whatever the network draws there is invented: a ghost of a bead at the
+    mirrored depth, rings around a nucleus. The squared density terms price a ghost holding
+    a tenth of a bead's light at a hundredth; this L1 price is its share of the light. Per
+    sample, then averaged, each truth mass floored at 1e-3 of the batch's mean (as
+    `_density_term`), so an empty crop still pays for what is drawn in it, without dominating.
     """
     with torch.no_grad():
         st = smooth3d(target, sigma_px, sigma_slices)

@@ -22,9 +22,11 @@ def cpu_has_bf16() -> bool:
 
 
 def training_device(cfg: VolumeTrainConfig) -> torch.device:
-    """Return the torch device of `cfg.device`; raise ValueError naming it when missing."""
+    """Return the torch device of `cfg.device`; raise TrainConfigError naming it when missing."""
+    from engine.train import TrainConfigError
+
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device = 'cuda' but torch sees no CUDA GPU here (use 'cpu')")
+        raise TrainConfigError("device = 'cuda' but torch sees no CUDA GPU here (use 'cpu')")
     return torch.device(cfg.device)
 
 

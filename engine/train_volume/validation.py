@@ -98,8 +98,9 @@ class Validation:
 
     def __init__(self, cfg: VolumeTrainConfig) -> None:
         # the original worm and the three original kinds whatever the recipe's (`data.worm`,
-        # `data.kinds`): every recipe's validation reads the same frames, so its figures
-        # compare across recipes
+        # `data.kinds`): every recipe validates on the same samples, so its figures compare
+        # across recipes; they are imaged with the recipe's own settings (camera ranges, PSF
+        # models, `frame_points`), so a recipe that images frames otherwise reads them so
         kinds = {"kinds": ["beads", "worm", "mixed"], "kind_weights": [1.0, 1.0, 1.0]}
         data = cfg.data.model_copy(
             update={"worm": WormConfig(), **kinds, "start_kind_weights": kinds["kind_weights"]}
@@ -121,7 +122,10 @@ class Validation:
     def run(
         self, cfg: VolumeTrainConfig, model: DeepZ, bf16: bool, device: torch.device
     ) -> dict[str, float]:
-        """Score `model` on the validation frames: mean losses, bead depth error and width."""
+        """Score `model` on the validation frames: bead depth, recall and width, and more.
+
+        Also the depth channels it uses and, for a body model, its glow's error.
+        """
         errs: list[np.ndarray] = []
         depths: list[np.ndarray] = []
         widths: list[np.ndarray] = []
