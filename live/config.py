@@ -642,6 +642,32 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
+def connect_address(endpoint: str) -> str:
+    """Return the address a client on this machine connects to for the bound `endpoint`.
+
+    A wildcard host listens on every address, loopback included, and cannot itself be
+    connected to: ``*`` and ``0.0.0.0`` become ``127.0.0.1``, ``[::]`` becomes ``[::1]``.
+    Any other endpoint is its own address. Raises `ValueError` (one line) for a host that is
+    one of this machine's network interface names (``eth0``): ZeroMQ binds to that
+    interface's address, which the client must be given.
+    """
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, port = _host_port(endpoint)
+    if host in ("*", "0.0.0.0"):
+        return f"tcp://127.0.0.1:{port}"
+    if host == "[::]":
+        return f"tcp://[::1]:{port}"
+    import socket
+
+    if host in {name for _, name in socket.if_nameindex()}:
+        raise ValueError(
+            f"{endpoint} binds to interface {host}'s address: connect to that address "
+            f"(tcp://ADDRESS:{port}, e.g. with --endpoint)"
+        )
+    return endpoint
+
+
 class EndpointsConfig(_BaseModel):
     """ZeroMQ addresses of the pipeline; loopback by default (nothing listens on the network).
 

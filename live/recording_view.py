@@ -12,7 +12,8 @@ are lost on the way today, both kept as strict xfails in ``tests/test_napari.py`
 No valid OME-Zarr 0.5 metadata fixes either (a translation before the scale is invalid, and
 nothing in the spec aligns images of different dimensionality). So ``deepz-live view RUN``
 reads the same store and hands napari what is true: raw frames as (t, z, y, x) with one plane
-at z = 0 µm (the focal plane, which is what a raw frame is; the z axis is the live stacks', or
+at z = 0 µm (the focal plane, which is what a raw frame is; at the plane nearest it where the
+planes skip 0; the z axis is the live stacks', or
 when the run kept none the first other image's, such as the ``stacks_offline`` that
 ``live.refocus RUN`` writes), the stacks at their z offsets from focus, each with the store's
 own scale, units, axis names and display window. A store whose values napari would refuse (a
@@ -200,14 +201,20 @@ def _layer_specs(path: Path) -> list[LayerSpec]:
         insert = None
         z_image = images[z_role] if z_role is not None else None
         if role == "raw" and z_image is not None and len(axes) == 3 and len(z_image.axes) == 4:
-            # A raw frame is the focal plane: z = 0 µm, or the 0 µm entry of a plane list.
+            # A raw frame is the focal plane: z = 0 µm (or the plane nearest it), or the 0 µm
+            # entry of a plane list.
             insert = 1
             z_axis, z_scale, z_translate = z_image.axes[1], z_image.scale[1], z_image.translation[1]
             axes = [axes[0], z_axis, *axes[1:]]
             scale.insert(1, z_scale)
             on_z = z_axis.get("name") == "z"
             planes = z_image.deepz.get("planes_um", deepz.get("planes_um"))
-            translation.insert(1, 0.0 if on_z else z_translate + _focal_index(planes) * z_scale)
+            if on_z:  # the grid's plane nearest 0 µm: napari shows a layer only on its slider
+                # steps, and raw put at 0 between two planes showed on both (review 73)
+                focus = z_translate + round(-z_translate / z_scale) * z_scale
+            else:
+                focus = z_translate + _focal_index(planes) * z_scale
+            translation.insert(1, focus)
         specs.append(
             LayerSpec(
                 role=role,
@@ -232,13 +239,29 @@ def open_recording(viewer: Any, path: str | Path) -> list[Any]:
     return _add_layers(viewer, layer_specs(path))
 
 
+MAX_LAYER_CHUNKS = 100_000
+"""Most dask chunks a layer is read in: a task graph costs about 1 kB a chunk, so a raw array
+stored a frame a chunk (10^6 frames in 3 h at 100 Hz) took 1 GB before the window opened,
+and a forged shape any amount (review 73). Above it, chunks hold several time points."""
+
+
+def _layer_chunks(array: Any) -> tuple[int, ...]:
+    """Return the array's own chunks, with enough time points a chunk for `MAX_LAYER_CHUNKS`."""
+    shape, chunks = tuple(array.shape), tuple(array.chunks)
+    if not shape:
+        return chunks
+    others = math.prod(math.ceil(n / c) for n, c in zip(shape[1:], chunks[1:], strict=True))
+    per_chunk = max(chunks[0], math.ceil(shape[0] * others / MAX_LAYER_CHUNKS))
+    return (per_chunk, *chunks[1:])
+
+
 def _add_layers(viewer: Any, specs: list[LayerSpec]) -> list[Any]:
     """Add one napari image layer per spec (lazy: dask reads the chunks napari shows)."""
     import dask.array as da  # napari depends on dask: present wherever napari is
 
     layers = []
     for spec in specs:
-        data = da.from_zarr(spec.array)  # type: ignore[no-untyped-call]
+        data = da.from_zarr(spec.array, chunks=_layer_chunks(spec.array))  # type: ignore[no-untyped-call]
         if spec.insert_axis is not None:
             data = da.expand_dims(data, spec.insert_axis)
         units = tuple(u if u is not None else "pixel" for u in spec.units)

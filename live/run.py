@@ -43,7 +43,7 @@ import numpy as np
 import zmq
 
 from engine.metadata import file_sha256
-from live.config import ConfigError, check_optics, resolve_geometry
+from live.config import ConfigError, check_optics, connect_address, resolve_geometry
 from live.metrics import (
     WORKER_STAGES,
     Metrics,
@@ -807,13 +807,18 @@ class Daemon:
         if not self.config.display.enabled:
             return
         cfg = self.config
+        try:  # bound to a wildcard, the viewer connects to loopback (review 73: it exited)
+            endpoint = connect_address(cfg.endpoints.stacks)
+        except ValueError as exc:
+            log.error("the viewer (live.display) is not started: %s", exc)
+            return
         shape = (self._n_planes, *cfg.source.frame_shape)
         command = [
             sys.executable,
             "-m",
             "live.display",
             "--endpoint",
-            cfg.endpoints.stacks,
+            endpoint,
             "--max-fps",
             str(cfg.display.max_fps),
             "--max-message-bytes",

@@ -29,7 +29,7 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from live.config import ConfigError
+from live.config import ConfigError, connect_address
 
 if TYPE_CHECKING:
     from live.config import ScopeConfig
@@ -209,7 +209,11 @@ def client_connection(
     when the keys are half given or cannot be read.
     """
     if config is not None:
-        return str(getattr(config.endpoints, name)), client_keys(config, name)
+        try:  # a wildcard is bound to, not connected to: its loopback address
+            address = connect_address(str(getattr(config.endpoints, name)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return address, client_keys(config, name)
     if endpoint is None:
         raise ConfigError("give --scope CONFIG or --endpoint URL")
     if (client_key is None) != (server_key is None):

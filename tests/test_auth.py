@@ -421,3 +421,44 @@ def test_keys_no_endpoint_uses_are_said_not_silently_dropped(
     assert any(
         "keys are given but no endpoint uses CURVE" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_client_connects_to_a_wildcard_bind_on_loopback(keydir: Path) -> None:
+    """A stacks endpoint bound to every address (how stacks are served beyond loopback) is
+    connected to on loopback by the daemon's viewer and `view --scope` (review 73: both
+    were handed the wildcard, which cannot be connected to, and exited)."""
+    import socket
+
+    from live.config import connect_address
+    from live.security import client_connection
+
+    assert connect_address("tcp://*:5556") == "tcp://127.0.0.1:5556"
+    assert connect_address("tcp://0.0.0.0:5556") == "tcp://127.0.0.1:5556"
+    assert connect_address("tcp://[::]:5556") == "tcp://[::1]:5556"
+    for same in ("tcp://127.0.0.1:5556", "tcp://scope-pc:5556", "ipc:///tmp/s"):
+        assert connect_address(same) == same
+    nic = socket.if_nameindex()[0][1]  # "lo" at least
+    with pytest.raises(ValueError, match=f"binds to interface {nic}'s address"):
+        connect_address(f"tcp://{nic}:5556")
+    keys = {
+        "server_key": str(keydir / "server.key_secret"),
+        "client_keys": str(keydir / "clients"),
+        "client_key": str(keydir / "client.key_secret"),
+        "server_public_key": str(keydir / "server.key"),
+    }
+    config = validate_config({"endpoints": {"stacks": "tcp://*:5999"}, "security": keys})
+    address, client = client_connection(
+        "stacks", config=config, endpoint=None, client_key=None, server_key=None
+    )
+    assert client is not None  # served beyond loopback: with CURVE
+    assert address == "tcp://127.0.0.1:5999"
+    # and it reaches a real wildcard bind
+    ctx = zmq.Context()
+    try:
+        server, client = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        port = server.bind_to_random_port("tcp://*")
+        client.connect(connect_address(f"tcp://*:{port}"))
+        client.send(b"stack")
+        assert server.poll(5000) and server.recv() == b"stack"
+    finally:
+        ctx.destroy(linger=0)

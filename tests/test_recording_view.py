@@ -61,6 +61,33 @@ def test_uneven_planes_keep_index_positions_with_raw_at_the_plane_nearest_focus(
     assert raw.translate[1] == index  # the plane nearest 0 µm
 
 
+def test_raw_sits_on_the_plane_nearest_focus_when_the_planes_skip_0(tmp_path: Path) -> None:
+    """Planes -3, -1, 1, 3 µm: raw at 0 µm lay between two slider steps and showed on both
+    (review 73); it sits on one of the stacks' planes, the one nearest focus."""
+    planes = [-3.0, -1.0, 1.0, 3.0]
+    specs = {s.role: s for s in layer_specs(_record(tmp_path / "run.ome.zarr", planes_um=planes))}
+    raw, stacks = specs["raw"], specs["stacks"]
+    assert stacks.axis_labels[1] == "z" and stacks.scale[1] == 2.0
+    assert raw.translate[1] in planes and abs(raw.translate[1]) == 1.0
+
+
+def test_a_long_recording_is_read_in_a_bounded_number_of_chunks() -> None:
+    """A frame a chunk over 10^6 frames is read in at most `MAX_LAYER_CHUNKS` chunks, several
+    frames each (a dask graph of 10^6 chunks took 1 GB before the window opened)."""
+    from live.recording_view import MAX_LAYER_CHUNKS, _layer_chunks
+
+    raw = zarr.create_array({}, shape=(10**6, 512, 512), chunks=(1, 512, 512), dtype="uint16")
+    chunks = _layer_chunks(raw)
+    assert chunks[1:] == (512, 512) and 10**6 / chunks[0] <= MAX_LAYER_CHUNKS
+    tiled = zarr.create_array(
+        {}, shape=(10**6, 41, 512, 512), chunks=(1, 41, 256, 256), dtype="float16"
+    )
+    chunks = _layer_chunks(tiled)
+    assert chunks[1:] == (41, 256, 256) and 4 * 10**6 / chunks[0] <= MAX_LAYER_CHUNKS
+    short = zarr.create_array({}, shape=(30, 64, 80), chunks=(1, 64, 80), dtype="uint16")
+    assert _layer_chunks(short) == (1, 64, 80)  # a short run keeps its own chunks
+
+
 def test_a_path_that_is_not_a_recording_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(RecordingError, match="not a deepz-live recording"):
         layer_specs(tmp_path / "missing.ome.zarr")
