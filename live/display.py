@@ -174,7 +174,8 @@ class LatestStack:
         return View(
             seq=newest.header.seq,
             volume=volume,
-            max_projection=volume.max(axis=0),
+            # fmax: a NaN on one plane does not blank that pixel's projection (review 73)
+            max_projection=np.fmax.reduce(volume, axis=0),
             planes_um=newest.header.planes_um,
             latency_ms=newest.header.latency_ms,
             stacks_per_s=rate,

@@ -81,6 +81,7 @@ def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
     )
     stack = np.full(shape, 140.2, np.float16)
     stack[2, 5, 5] = 65504.0  # a saturated pixel
+    stack[1, 6, 6] = np.nan  # a pixel not a number on one plane: the others project
     try:
         deadline = time.monotonic() + 60  # generous: a loaded CI machine is slow
         view = None
@@ -92,6 +93,7 @@ def test_float16_stacks_are_shown_as_float32_with_their_values() -> None:
             view = client.poll(50)
         assert view.volume.dtype == np.float32 and view.max_projection.dtype == np.float32
         np.testing.assert_array_equal(view.volume, stack.astype(np.float32))
+        assert view.max_projection[6, 6] == 140.25
         # 140.2 as float16 is 140.25 (steps of 1/8 there); 65504 is float16's largest value
         assert view.volume[0, 0, 0] == 140.25 and view.max_projection[5, 5] == 65504.0
         assert client.malformed == 0
