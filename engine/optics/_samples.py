@@ -176,6 +176,22 @@ def worm_nuclei(
     else:  # ellipsoids within ±10 % of each drawn diameter
         half = np.asarray(diameters)[:, None] / 2
         axes = half * rng.uniform(0.9, 1.1, (n, 3))
+    return _nuclei(rng, xyz, axes, camera, pixel_size_um)
+
+
+def _nuclei(
+    rng: np.random.Generator,
+    xyz: np.ndarray,
+    axes: np.ndarray,
+    camera: CameraConfig,
+    pixel_size_um: float,
+) -> ObjectTable:
+    """Nuclei at `xyz` with semi-axes `axes`: brightness and in-plane angle drawn, in that order.
+
+    Log-normal brightness times a GCaMP-like snapshot activity in 0.3-1 (the dimmest about a
+    tenth of the brightest), as `nucleus_photons` turns into photons.
+    """
+    n = int(xyz.shape[0])
     brightness = rng.lognormal(0.0, 0.3, n) * rng.uniform(0.3, 1.0, n)
     return ObjectTable(
         x_um=xyz[:, 0],
@@ -243,8 +259,7 @@ def isolated_nuclei(
     never show (session 40: the shipped model invents most of the spots it draws on such
     frames). Each diameter is drawn from `ISOLATED_NUCLEUS_DIAMETER_UM`, each semi-axis
     within ±10 % of its half, centres at least the two radii + 0.3 µm apart; brightness as a
-    worm's nuclei (log-normal, times a GCaMP-like activity in 0.3-1), so the dimmest are about
-    a tenth of the brightest.
+    worm's nuclei (`_nuclei`).
     """
     area = (extent.x1_um - extent.x0_um) * (extent.y1_um - extent.y0_um)
     frame_area = (frame_extent.x1_um - frame_extent.x0_um) * (
@@ -275,16 +290,7 @@ def isolated_nuclei(
     xyz = np.asarray(centres, dtype=np.float64).reshape(-1, 3)
     n = xyz.shape[0]
     axes = np.asarray(diameters).reshape(-1, 1) / 2 * rng.uniform(0.9, 1.1, (n, 3))
-    brightness = rng.lognormal(0.0, 0.3, n) * rng.uniform(0.3, 1.0, n)
-    return ObjectTable(
-        x_um=xyz[:, 0],
-        y_um=xyz[:, 1],
-        z_um=xyz[:, 2],
-        semi_axes_um=axes,
-        angle_rad=rng.uniform(0, np.pi, n),
-        intensity=nucleus_photons(axes, brightness, camera.peak_photons, pixel_size_um),
-        kind=np.full(n, "nucleus", dtype="<U8"),
-    )
+    return _nuclei(rng, xyz, axes, camera, pixel_size_um)
 
 
 @dataclass(frozen=True)
