@@ -217,15 +217,23 @@ def nucleus_photons(
     return out
 
 
-def beads(
-    rng: np.random.Generator, extent: Extent, frame_extent: Extent, camera: CameraConfig
-) -> ObjectTable:
-    """Sub-resolution fluorescent beads (0.2-0.3 µm diameter) spread in 3D over ±10 µm."""
+def _over_extent(n_frame: int, extent: Extent, frame_extent: Extent) -> int:
+    """Return how many of objects spread evenly, `n_frame` in the frame, the drawn extent holds.
+
+    The extent is the frame plus the blur margin, whose objects blur into the frame too.
+    """
     area = (extent.x1_um - extent.x0_um) * (extent.y1_um - extent.y0_um)
     frame_area = (frame_extent.x1_um - frame_extent.x0_um) * (
         frame_extent.y1_um - frame_extent.y0_um
     )
-    n = round(int(rng.integers(30, 61)) * area / frame_area)
+    return round(n_frame * area / frame_area)
+
+
+def beads(
+    rng: np.random.Generator, extent: Extent, frame_extent: Extent, camera: CameraConfig
+) -> ObjectTable:
+    """Sub-resolution fluorescent beads (0.2-0.3 µm diameter) spread in 3D over ±10 µm."""
+    n = _over_extent(int(rng.integers(30, 61)), extent, frame_extent)
     radius = rng.uniform(0.1, 0.15, n)
     return ObjectTable(
         x_um=rng.uniform(extent.x0_um, extent.x1_um, n),
@@ -261,13 +269,8 @@ def isolated_nuclei(
     within ±10 % of its half, centres at least the two radii + 0.3 µm apart; brightness as a
     worm's nuclei (`_nuclei`).
     """
-    area = (extent.x1_um - extent.x0_um) * (extent.y1_um - extent.y0_um)
-    frame_area = (frame_extent.x1_um - frame_extent.x0_um) * (
-        frame_extent.y1_um - frame_extent.y0_um
-    )
-    n_total = round(
-        int(rng.integers(*ISOLATED_NUCLEI_PER_FRAME, endpoint=True)) * area / frame_area
-    )
+    n_frame = int(rng.integers(*ISOLATED_NUCLEI_PER_FRAME, endpoint=True))
+    n_total = _over_extent(n_frame, extent, frame_extent)
     centres: list[np.ndarray] = []
     diameters: list[float] = []
     tries = 0

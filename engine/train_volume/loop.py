@@ -43,6 +43,19 @@ def _progress(cfg: VolumeTrainConfig, step: int, wall_s: float) -> float:
     return min(t, 1.0)
 
 
+def _set_rate(
+    cfg: VolumeTrainConfig, opt: torch.optim.Optimizer, step: int, wall_s: float
+) -> float:
+    """Set each parameter group to the schedule's rate for the step after `step` steps taken.
+
+    A group's ``lr_factor`` (the detection head's) scales it. Returns the base rate.
+    """
+    lr = cfg.lr * _lr_factor(cfg, step, wall_s)  # type: ignore[arg-type]  # same fields
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_factor", 1.0)
+    return lr
+
+
 def batch_loss(
     cfg: VolumeTrainConfig,
     model: DeepZ,
@@ -273,13 +286,11 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         bar = tqdm(
             total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
         )
-        # the rate the schedule gives the next step, set before it is taken: the optimiser was
-        # built at cfg.lr (or restored at a checkpoint's, `checkpoint_from_weights`' at cfg.lr
-        # too), and a fresh Adam's first step moves every weight by about its rate, so a
-        # fine-tune's first step took the peak rate past the warm-up (review 72)
-        lr = cfg.lr * _lr_factor(cfg, step, wall_before)  # type: ignore[arg-type]  # same fields
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_factor", 1.0)
+        # set before the first step is taken: the optimiser was built at cfg.lr (or restored at
+        # a checkpoint's, `checkpoint_from_weights`' at cfg.lr too), and a fresh Adam's first
+        # step moves every weight by about its rate, so a fine-tune's first step took the peak
+        # rate past the warm-up (review 72)
+        _set_rate(cfg, opt, step, wall_before)
         model.train()
         # where this run's wall time goes, printed at its end: a GPU run's loop reached half its
         # step benchmark's rate (docs/benchmarks.md, sessions 23-24) and this says whether the
@@ -304,9 +315,7 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
             values = training_step(cfg, model, opt, renderer, pool, step, device, bf16, labs, ema)
             step += 1
             wall = wall_before + time.monotonic() - start
-            lr = cfg.lr * _lr_factor(cfg, step, wall)  # type: ignore[arg-type]  # same fields
-            for group in opt.param_groups:
-                group["lr"] = lr * group.get("lr_factor", 1.0)
+            lr = _set_rate(cfg, opt, step, wall)
             unread.append(({"step": step, "lr": lr, "wall_s": wall}, values))
             bar.update(1)
             timeout = cfg.max_wall_s is not None and wall >= cfg.max_wall_s

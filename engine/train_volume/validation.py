@@ -101,9 +101,14 @@ class Validation:
         # `data.kinds`): every recipe validates on the same samples, so its figures compare
         # across recipes; they are imaged with the recipe's own settings (camera ranges, PSF
         # models, `frame_points`), so a recipe that images frames otherwise reads them so
-        kinds = {"kinds": ["beads", "worm", "mixed"], "kind_weights": [1.0, 1.0, 1.0]}
+        even = [1.0, 1.0, 1.0]
         data = cfg.data.model_copy(
-            update={"worm": WormConfig(), **kinds, "start_kind_weights": kinds["kind_weights"]}
+            update={
+                "worm": WormConfig(),
+                "kinds": ["beads", "worm", "mixed"],
+                "kind_weights": even,
+                "start_kind_weights": even,
+            }
         )
         cfg = cfg.model_copy(update={"data": data})
         self.samples = [
