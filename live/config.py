@@ -13,7 +13,6 @@ contradicts), and `check_optics` compares the scope's optics with those a model 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import tomllib
@@ -44,6 +43,7 @@ from engine.runtime import (
     BackendOptions,
     Precision,
 )
+from live.addresses import host_port, is_loopback, same_bind_address
 
 if TYPE_CHECKING:
     from engine.metadata import ModelMetadata
@@ -69,7 +69,6 @@ __all__ = [
     "SurfaceConfig",
     "check_optics",
     "check_serving",
-    "is_loopback",
     "load_config",
     "resolve_geometry",
     "validate_config",
@@ -587,7 +586,7 @@ def _zmq_address(v: str) -> str:
             "use tcp://127.0.0.1:PORT or ipc:///path"
         )
     if scheme == "tcp":
-        host, port = _host_port(v)
+        host, port = host_port(v)
         if not host:
             raise ValueError(f"{v!r} names no port: tcp://host:port, e.g. tcp://127.0.0.1:5558")
         if host.startswith("[") or host.count(":"):
@@ -598,74 +597,6 @@ def _zmq_address(v: str) -> str:
                 "where to connect"
             )
     return v
-
-
-def _host_port(endpoint: str) -> tuple[str, str]:
-    """Split a ``tcp://host:port`` endpoint at its last colon (``""`` host: no port given)."""
-    host, _, port = endpoint.partition("://")[2].rpartition(":")
-    return host, port
-
-
-def _same_address(a: str, b: str) -> bool:
-    """Whether binding endpoints `a` and `b` would take the same address.
-
-    ``localhost`` is 127.0.0.1, and a wildcard host (``*``, ``0.0.0.0``) takes its port on
-    every address.
-    """
-    if a == b:
-        return True
-    if not (a.startswith("tcp://") and b.startswith("tcp://")):
-        return False
-    (host_a, port_a), (host_b, port_b) = _host_port(a), _host_port(b)
-    if int(port_a) != int(port_b):
-        return False
-    hosts = {"127.0.0.1" if h == "localhost" else h for h in (host_a, host_b)}
-    return len(hosts) == 1 or bool(hosts & {"*", "0.0.0.0"})
-
-
-def is_loopback(endpoint: str) -> bool:
-    """Whether binding `endpoint` listens on this machine only (not on any network interface).
-
-    ``ipc://`` and ``inproc://`` are local. A ``tcp://`` endpoint is loopback only when its host
-    is ``localhost`` or a loopback address (``127.x.x.x``, ``[::1]``); everything else (``*``,
-    ``0.0.0.0``, ``[::]``, an interface name such as ``eth0``, a LAN address or a host name)
-    may be reachable from the network.
-    """
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = _host_port(endpoint)[0].removeprefix("[").removesuffix("]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name
-        return False
-
-
-def connect_address(endpoint: str) -> str:
-    """Return the address a client on this machine connects to for the bound `endpoint`.
-
-    A wildcard host listens on every address, loopback included, and cannot itself be
-    connected to: ``*`` and ``0.0.0.0`` become ``127.0.0.1``, ``[::]`` becomes ``[::1]``.
-    Any other endpoint is its own address. Raises `ValueError` (one line) for a host that is
-    one of this machine's network interface names (``eth0``): ZeroMQ binds to that
-    interface's address, which the client must be given.
-    """
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    host, port = _host_port(endpoint)
-    if host in ("*", "0.0.0.0"):
-        return f"tcp://127.0.0.1:{port}"
-    if host == "[::]":
-        return f"tcp://[::1]:{port}"
-    import socket
-
-    if host in {name for _, name in socket.if_nameindex()}:
-        raise ValueError(
-            f"{endpoint} binds to interface {host}'s address: connect to that address "
-            f"(tcp://ADDRESS:{port}, e.g. with --endpoint)"
-        )
-    return endpoint
 
 
 class EndpointsConfig(_BaseModel):
@@ -691,7 +622,7 @@ class EndpointsConfig(_BaseModel):
         named = self.items()
         for i, (name_a, a) in enumerate(named):
             for name_b, b in named[i + 1 :]:
-                if _same_address(a, b):
+                if same_bind_address(a, b):
                     raise ValueError(
                         f"endpoints must be distinct: endpoints.{name_a} = {a!r} and "
                         f"endpoints.{name_b} = {b!r} take the same address"

@@ -64,11 +64,11 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
 
+from live.addresses import is_wildcard
 from live.protocol import END_OF_FRAMES, MAX_SEQ, encode_frame
 
 if TYPE_CHECKING:
@@ -670,11 +670,8 @@ def _mda_focus(event: Any, meta: Mapping[str, Any], camera_meta: Mapping[str, An
 
 
 def _refuse_bind_address(endpoint: str) -> None:
-    """Refuse an address a daemon binds but a sender cannot reach: ``*``, ``0.0.0.0``, ``::``."""
-    if not endpoint.startswith("tcp://"):
-        return
-    host = urlsplit(endpoint).hostname or endpoint[len("tcp://") :].rsplit(":", 1)[0]
-    if host.strip("[]") in ("*", "0.0.0.0", "::"):
+    """Refuse an address a daemon binds but a sender cannot reach: a wildcard host."""
+    if is_wildcard(endpoint):
         raise ValueError(
             f"{endpoint!r} is an address the daemon binds (every interface), not one to send "
             "to: give the daemon's host, e.g. tcp://scope-pc:5555 (FrameSender.for_config's "

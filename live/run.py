@@ -43,7 +43,8 @@ import numpy as np
 import zmq
 
 from engine.metadata import file_sha256
-from live.config import ConfigError, check_optics, connect_address, resolve_geometry
+from live.addresses import connect_address
+from live.config import ConfigError, check_optics, resolve_geometry
 from live.metrics import (
     WORKER_STAGES,
     Metrics,

@@ -29,7 +29,8 @@ import zmq.auth
 import zmq.utils.z85
 from zmq.auth.thread import ThreadAuthenticator
 
-from live.config import ConfigError, connect_address
+from live.addresses import connect_address
+from live.config import ConfigError
 
 if TYPE_CHECKING:
     from live.config import ScopeConfig

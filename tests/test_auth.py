@@ -429,7 +429,7 @@ def test_a_client_connects_to_a_wildcard_bind_on_loopback(keydir: Path) -> None:
     were handed the wildcard, which cannot be connected to, and exited)."""
     import socket
 
-    from live.config import connect_address
+    from live.addresses import connect_address
     from live.security import client_connection
 
     assert connect_address("tcp://*:5556") == "tcp://127.0.0.1:5556"
@@ -462,3 +462,20 @@ def test_a_client_connects_to_a_wildcard_bind_on_loopback(keydir: Path) -> None:
         assert server.poll(5000) and server.recv() == b"stack"
     finally:
         ctx.destroy(linger=0)
+
+
+def test_wildcard_hosts_have_one_meaning_for_binders_and_senders() -> None:
+    """The hook refuses to send to exactly the hosts a client is sent to loopback for, and a
+    wildcard bind collides with every other host on its port (config's distinct-endpoints rule)."""
+    from live.addresses import connect_address, is_wildcard, same_bind_address
+
+    for wild in ("tcp://*:5599", "tcp://0.0.0.0:5599", "tcp://[::]:5599"):
+        assert is_wildcard(wild)
+        assert connect_address(wild) != wild
+        with pytest.raises(ValueError, match="the daemon binds"):
+            FrameSender(wild)
+        assert same_bind_address(wild, "tcp://127.0.0.1:5599")
+        assert not same_bind_address(wild, "tcp://127.0.0.1:5600")
+    for plain in ("tcp://127.0.0.1:5599", "tcp://scope-pc:5599", "ipc:///tmp/x"):
+        assert not is_wildcard(plain)
+        assert connect_address(plain) == plain
