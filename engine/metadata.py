@@ -102,6 +102,13 @@ class VolumeOutput(BaseModel):
     modality: Modality = Field(
         "widefield", description="What the rendered planes show (the PSF bank's modality)."
     )
+    psf_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the PSF bank saved with the model (`engine.volume.model_psf_bank` "
+        "checks it): the bank and the model are two files, and an interrupted save or copy can "
+        "leave one new beside the other old. None in models saved before it was recorded.",
+    )
 
     @field_validator("psf_file")
     @classmethod

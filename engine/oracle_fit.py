@@ -311,13 +311,13 @@ def model_body_glow(
     `clip_counts` are taken as body and rendered at focus through the model's own PSF, then
     smoothed (Gaussian, 3 px) to even out the comb.
     """
-    from engine.volume import Renderer, load_psf_bank
+    from engine.volume import Renderer, model_psf_bank
 
     volume = backend.metadata.volume
     if volume is None:
         raise ValueError(f"{backend.name} is a per-plane model; the body needs a volume model")
     density = backend.volume(frame)[0]
-    psf = load_psf_bank(Path(backend.model_path).parent / volume.psf_file, len(volume.depth_um))
+    psf = model_psf_bank(backend.model_path, volume)
     renderer = Renderer(psf, np.asarray(volume.depth_um), frame.shape, threads=1)
     faint = np.where(density < clip_counts, density, 0.0).astype(np.float32)
     glow: np.ndarray = ndi.gaussian_filter(renderer.render(faint, np.zeros(1))[0], 3.0)

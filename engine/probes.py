@@ -71,7 +71,7 @@ from engine.metadata import ModelMetadataError
 from engine.metrics import gaussian_fwhm_2d
 from engine.psf_calibration import plane_fwhm_um, slide_bank_for
 from engine.runtime import BackendError, load_backend
-from engine.volume import Renderer, load_psf_bank
+from engine.volume import Renderer, model_psf_bank
 
 if TYPE_CHECKING:
     from engine.optics import Lateral
@@ -684,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     samples = [ho.independent_sample("beads", seed, optics=optics) for seed in range(args.samples)]
     volume = backend.metadata.volume
-    psf = load_psf_bank(args.model.parent / volume.psf_file, len(volume.depth_um))
+    psf = model_psf_bank(args.model, volume)
     depth = np.asarray(volume.depth_um)
     if args.measured_psf:  # the samples' microscope's PSF, measured as a lab would
         psf = slide_bank_for(args.model, backend.metadata, optics).bank

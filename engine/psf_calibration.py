@@ -636,12 +636,12 @@ def slide_bank_for(
     What `engine.fidelity --measured-psf` and `engine.probes --measured-psf` serve a model
     through on a held-out set (`optics`), so both measure it alike.
     """
-    from engine.volume import load_psf_bank
+    from engine.volume import model_psf_bank
 
     if metadata.volume is None:
         raise CalibrationError(f"{model}: a per-plane model has no PSF bank to measure")
     depth = np.asarray(metadata.volume.depth_um, dtype=np.float64)
-    own = load_psf_bank(Path(model).parent / metadata.volume.psf_file, depth.size)
+    own = model_psf_bank(model, metadata.volume)
     return slide_bank(
         optics,
         n_depths=depth.size,
@@ -787,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         parser.error(f"--out: {problem}")
     from engine.metadata import ModelMetadata
-    from engine.volume import load_psf_bank
+    from engine.volume import model_psf_bank
 
     try:
         meta = ModelMetadata.from_file(args.model.with_suffix(".json"))
@@ -807,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     depth = np.asarray(meta.volume.depth_um, dtype=np.float64)
     n, step = depth.size, float(depth[1] - depth[0])
     try:
-        reference = load_psf_bank(own_bank, n)
+        reference = model_psf_bank(args.model, meta.volume)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from engine.files import atomic_save_npy
-from engine.metadata import Modality
+from engine.metadata import Modality, VolumeOutput, file_sha256
 
 __all__ = [
     "DEPTH_STEP_UM",
@@ -37,6 +37,7 @@ __all__ = [
     "defocus_index",
     "depth_grid",
     "load_psf_bank",
+    "model_psf_bank",
     "psf_bank",
     "save_psf_bank",
 ]
@@ -167,6 +168,27 @@ def save_psf_bank(psf: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     atomic_save_npy(path, np.asarray(psf, dtype=np.float32))  # never half a bank beside a model
     return path
+
+
+def model_psf_bank(model_path: str | Path, volume: VolumeOutput) -> np.ndarray:
+    """Read the PSF bank a volume model was saved with, from beside its file `model_path`.
+
+    The bank is checked to fit the model's depth grid (`load_psf_bank`) and, where the model
+    recorded it (``volume.psf_sha256``), to be the very bank saved with it: the weights and
+    the bank are two files, and a save or copy interrupted between them would otherwise serve
+    the network through another model's PSF without a word. Raises ValueError (one line) for
+    a bank that is not the model's, FileNotFoundError for a missing one.
+    """
+    path = Path(model_path).parent / volume.psf_file
+    if volume.psf_sha256 is not None and path.is_file():
+        actual = file_sha256(path)
+        if actual != volume.psf_sha256:
+            raise ValueError(
+                f"{path} (sha256 {actual[:12]}…) is not the PSF bank saved with the model "
+                f"(sha256 {volume.psf_sha256[:12]}…): a save or copy was interrupted between "
+                "the two files; copy the model's files together, or export it again"
+            )
+    return load_psf_bank(path, len(volume.depth_um))
 
 
 MAX_PSF_SIDE_PX = 511

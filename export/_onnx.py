@@ -26,7 +26,7 @@ from engine.files import atomic_write, atomic_write_bytes
 from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, normalize_images, prepare_inputs
 from engine.model import DeepZ, load_model
 from engine.runtime import INPUT_NAME, OUTPUT_NAME, session_options
-from engine.volume import load_psf_bank
+from engine.volume import model_psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def export_weights(weights: str | Path, out: str | Path, *, opset: int = OPSET) 
         # the model there as it was, not a new model beside an old (or no) bank
         name = metadata.volume.psf_file
         bank = (Path(weights).parent / name, Path(out).parent / name)
-        load_psf_bank(bank[0], len(metadata.volume.depth_um))
+        model_psf_bank(weights, metadata.volume)
     copy = None
     if bank is not None and bank[0].resolve() != bank[1].resolve():
         source_bank, target_bank = bank

@@ -224,6 +224,37 @@ def test_training_writes_weights_psf_and_resumes(trained: Path):
     assert "val_density_fwhm_um" in val and "val_truth_density_fwhm_um" in val
 
 
+def test_a_bank_that_is_not_the_models_own_is_refused_by_name(trained: Path, tmp_path: Path):
+    """The weights and the PSF bank are two files: an interrupted save or copy can leave a new
+    bank beside the old model. The model records its bank's hash, and serving it through any
+    other bank is refused with one line, by the runtime and by the exporter alike."""
+    import shutil
+
+    from engine.metadata import ModelMetadata
+    from engine.runtime import BackendError, load_backend
+    from engine.volume import model_psf_bank
+    from export import export_weights
+
+    meta = ModelMetadata.from_file(trained.with_suffix(".json"))
+    assert meta.volume is not None and meta.volume.psf_sha256 is not None
+    for f in trained.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    copy = tmp_path / trained.name
+    bank = tmp_path / meta.volume.psf_file
+    assert model_psf_bank(copy, meta.volume).shape[0] == 2 * len(meta.volume.depth_um) - 1
+
+    other = np.load(bank)
+    other[:, 0, 0] += 1e-6  # still a valid bank, just not this model's
+    np.save(bank, other)
+    with pytest.raises(ValueError, match="is not the PSF bank saved with the model"):
+        model_psf_bank(copy, meta.volume)
+    with pytest.raises(BackendError, match="is not the PSF bank saved with the model"):
+        load_backend(copy, prefer=["torch"])
+    with pytest.raises(ValueError, match="is not the PSF bank saved with the model"):
+        export_weights(copy, tmp_path / "out" / "vol.onnx")
+    assert not (tmp_path / "out" / "vol.onnx").exists()
+
+
 def test_validation_reads_a_blurred_density_as_wider_than_the_truth():
     pytest.importorskip("torch", reason="training extra not installed")
     from scipy.ndimage import gaussian_filter

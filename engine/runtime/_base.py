@@ -34,7 +34,7 @@ from engine.metadata import (
 )
 from engine.point_fit import PointFit, fit_points
 from engine.runtime._protocol import BackendError, Precision
-from engine.volume import RANGE_TOLERANCE_UM, Renderer, load_psf_bank, psf_bank
+from engine.volume import RANGE_TOLERANCE_UM, Renderer, load_psf_bank, model_psf_bank, psf_bank
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _volume_psf(
         raise BackendError(f"{metadata.name}: a volume model needs its file to find its PSF bank")
     path = Path(model_path).parent / metadata.volume.psf_file
     try:
-        psf = load_psf_bank(path, len(metadata.volume.depth_um))
+        psf = model_psf_bank(model_path, metadata.volume)
     except (OSError, ValueError) as exc:
         raise BackendError(f"{path}: cannot load the volume model's PSF bank: {exc}") from exc
     if modality is None or modality == metadata.volume.modality:

@@ -82,6 +82,11 @@ def save_volume_model(
 ) -> Path:
     """Write weights, metadata and the PSF bank to cfg.weights_out; return the weights path.
 
+    The bank is written first and its SHA-256 recorded in the metadata, which is written last
+    (`save_model`): once the model there recorded its bank's hash too, a save interrupted
+    anywhere leaves files that `engine.volume.model_psf_bank` or `load_model` refuse, never a
+    model served through another run's bank.
+
     The metadata's ``extra.weights`` says which were written: ``"average"`` (the run's weight
     average), ``"raw"`` (its raw weights though it kept an average) or ``"trained"``.
 
@@ -93,6 +98,7 @@ def save_volume_model(
     psf_path = weights.with_suffix(".psf.npy")
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_psf_bank(psf, psf_path)
+    psf_sha256 = file_sha256(psf_path)
     last_val = next((h for h in reversed(history) if "val_bead_depth_median_um" in h), {})
     extra = {
         "steps": step,
@@ -105,7 +111,7 @@ def save_volume_model(
         "train_config": json.loads(cfg.model_dump_json()),
     }
     model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-    meta = make_volume_metadata(cfg, model, psf_path.name, extra, modality)
+    meta = make_volume_metadata(cfg, model, psf_path.name, extra, modality, psf_sha256)
     save_model(model.cpu(), meta, weights)
     return weights
 
@@ -373,8 +379,12 @@ def make_volume_metadata(
     psf_file: str,
     extra: dict[str, Any],
     modality: Modality | None = None,
+    psf_sha256: str | None = None,
 ) -> ModelMetadata:
-    """Describe a volume model trained with `cfg`, rendering `modality` (default: the trained)."""
+    """Describe a volume model trained with `cfg`, rendering `modality` (default: the trained).
+
+    `psf_sha256` is the hash of the bank file `psf_file` as written beside the weights.
+    """
     from engine.optics import OpticsConfig
     from engine.train import command_line, git_commit
 
@@ -423,6 +433,7 @@ def make_volume_metadata(
             depth_um=tuple(float(z) for z in cfg.depth_um),
             psf_file=psf_file,
             modality=modality or cfg.target_modality,
+            psf_sha256=psf_sha256,
         ),
         extra=extra,
     )
