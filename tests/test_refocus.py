@@ -782,6 +782,35 @@ def test_out_into_another_run_never_takes_its_own_images(tmp_path: Path) -> None
     _assert_collection(other, {"raw": "0", "stacks": "1"})
 
 
+def test_no_image_list_or_group_name_turns_overwrite_onto_data_that_is_not_ours(
+    tmp_path: Path,
+) -> None:
+    """--overwrite replaces only an image this project's refocusing made (review 74): a run's
+    image list forged to put the offline image on the raw frames' group, and a foreign store
+    whose group is called ``stacks`` (the --out image's default name), are both refused, the
+    data left as it was."""
+    source = tmp_path / "a.ome.zarr"
+    frames = _record(source, [0, 1])
+    root = zarr.open_group(str(source), mode="r+")
+    deepz = dict(root.attrs["deepz"])
+    root.attrs["deepz"] = {**deepz, "images": {**deepz["images"], "stacks_offline": "0"}}
+    for overwrite in (False, True):
+        with pytest.raises(RefocusError, match="which holds the run's own data"):
+            refocus_recording(source, planes=PLANES, overwrite=overwrite, **ORT)
+    assert (run_array(source, "raw")[...] == frames[:2]).all()
+
+    foreign = zarr.open_group(str(tmp_path / "theirs.zarr"), mode="w", zarr_format=3)
+    foreign.create_group("stacks").create_array("data", shape=(4,), dtype="int32")[:] = 5
+    root.attrs["deepz"] = deepz  # the source as it was recorded
+    for overwrite in (False, True):
+        with pytest.raises(RefocusError, match="is not an image of this project's refocusing"):
+            refocus_recording(
+                source, planes=PLANES, out=tmp_path / "theirs.zarr", overwrite=overwrite, **ORT
+            )
+    assert list(foreign["stacks"].keys()) == ["data"]
+    assert (foreign["stacks"]["data"][...] == 5).all()
+
+
 def test_a_refused_scheduler_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     """The scheduler is checked before the output is made: --workers 0 or an unknown scheduler
     used to leave an empty image registered in the run's collection."""

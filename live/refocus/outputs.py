@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -313,7 +313,14 @@ def prepare_output(
     """
     import zarr
 
-    from live.store import image_group, image_groups, register_image, reserved_names
+    from live.store import (
+        FRAMES_GROUP,
+        OME_GROUP,
+        image_group,
+        image_groups,
+        register_image,
+        reserved_names,
+    )
 
     check_image_name(name, fill_gaps=fill_gaps)  # before the store is opened, let alone made
     shape = (raw.n_t, len(plan), *raw.frame_shape)
@@ -339,8 +346,21 @@ def prepare_output(
     ome, dimensions, xml = _stacks_metadata(name, plan, raw, stack_dtype)
     # its group: where a rerun finds it (the images listed in the store, or a group of that
     # name from before images were listed); a new image gets its group when it is created
-    known = image_groups(dict(root.attrs.get("deepz", {})))
+    # only a store this project wrote lists images (a run, or an earlier --out job): a foreign
+    # store's groups are never taken for ours, whatever their names (review 74)
+    ours = isinstance(target, dict) and (
+        is_run_attrs(target) or isinstance(target.get("images"), Mapping)
+    )
+    known = image_groups(target) if ours else {}
     image = known.get(name) or _earlier_image(root, name, known, store)
+    protected = {OME_GROUP, FRAMES_GROUP} | (
+        reserved_names(target) if is_run_attrs(target) else set()
+    )
+    if image in protected:  # a forged list mapping the name onto the run's own data
+        raise RefocusError(
+            f"{store}: its image list puts {name!r} in group {image!r}, which holds the run's "
+            "own data: the store's metadata is damaged, nothing was written"
+        )
     n_blocks = math.ceil(raw.n_t / chunk)
     group: Any
     if image is not None and image in root and not overwrite:
