@@ -811,6 +811,26 @@ def test_no_image_list_or_group_name_turns_overwrite_onto_data_that_is_not_ours(
     assert (foreign["stacks"]["data"][...] == 5).all()
 
 
+def test_a_chunk_written_while_frames_were_absent_is_redone_once_they_are_present(
+    tmp_path: Path,
+) -> None:
+    """A chunk's completion mark covers the seqs it refocused (review 74): written while
+    seqs 2-3 were left out of raw_present (as a damaged-shard message advises), it read back
+    with its mark and a rerun with them restored skipped them, leaving zero stacks."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1, 2, 3])
+    root = zarr.open_group(str(store), mode="r+")
+    deepz = dict(root.attrs["deepz"])
+    root.attrs["deepz"] = {**deepz, "raw_present": [[0, 2]]}
+    first = refocus_recording(store, planes=PLANES, **ORT)
+    assert first.frames_done == 2
+    root.attrs["deepz"] = {**deepz, "raw_present": [[0, 4]]}
+    second = refocus_recording(store, planes=PLANES, **ORT)
+    assert second.frames_done == 4 and second.frames_skipped == 0
+    stacks = _read(store, "stacks_offline/0")
+    assert all(np.abs(stacks[t]).max() > 0 for t in range(4))
+
+
 def test_a_refused_scheduler_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     """The scheduler is checked before the output is made: --workers 0 or an unknown scheduler
     used to leave an empty image registered in the run's collection."""

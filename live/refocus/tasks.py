@@ -227,13 +227,16 @@ def install_plan(token: str, box: list[VolumePlan]) -> None:
             _keep_plan(token, plan)
 
 
-def _crc(rows: np.ndarray) -> int:
-    """CRC-32 of a block's values as float32 bytes: the completion mark a rerun verifies.
+def _crc(rows: np.ndarray, seqs: Sequence[int]) -> int:
+    """CRC-32 of a block's values as float32 bytes and of its seqs: the mark a rerun verifies.
 
     `rows` are the values as stored (float16 stacks widen exactly), so a block reads back
-    with the CRC it was written with, whatever the stored dtype.
+    with the CRC it was written with, whatever the stored dtype. The seqs refocused are part
+    of the mark: a block written while some frames were absent (zero rows) is not done once
+    they are present (a raw_present restored, a late shard), though its values read back.
     """
-    return zlib.crc32(np.ascontiguousarray(rows, dtype=np.float32).data)
+    head = zlib.crc32(np.asarray(seqs, dtype=np.int64).tobytes())
+    return zlib.crc32(np.ascontiguousarray(rows, dtype=np.float32).data, head)
 
 
 def _open_out(store: str, path: str, token: str) -> Any:
@@ -289,7 +292,7 @@ def _verified(job: Job, block: Block, out: Any, mark: int) -> bool:
         return False
     if job.rows_only:
         data = data[[s - block.t0 for s in block.seqs]]
-    return bool(np.isfinite(data).all()) and _crc(data) == mark
+    return bool(np.isfinite(data).all()) and _crc(data, block.seqs) == mark
 
 
 def refocus_block(job: Job, block: Block) -> BlockResult:
@@ -364,10 +367,10 @@ def refocus_block(job: Job, block: Block) -> BlockResult:
         rows = planes[[s - block.t0 for s in block.seqs]]
         for start, stop in seq_runs(block.seqs):
             out[start:stop] = planes[start - block.t0 : stop - block.t0]
-        mark = _crc(rows)
+        mark = _crc(rows, block.seqs)
     else:
         out[block.t0 : block.t1] = planes
-        mark = _crc(planes)
+        mark = _crc(planes, block.seqs)
     manifest[block.index] = mark
     # frames left NaN (no focus for the lock, NaN pixels, refused by the backend) are not
     # done: not present in a filled run, and the image not complete
