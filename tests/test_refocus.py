@@ -467,6 +467,28 @@ def test_fill_gaps_never_swaps_the_runs_model_silently(tmp_path: Path) -> None:
     assert chosen.frames_done == 1
 
 
+def test_fill_gaps_through_a_scope_config_never_swaps_the_runs_model_silently(
+    tmp_path: Path,
+) -> None:
+    """A scope config names its model by path: --fill-gaps --scope compares it with the model
+    the live stacks came from by its hash, wherever either lies (review 74: the volume model
+    filled a slim model's run without a word); --model chooses one deliberately."""
+    from engine.metadata import file_sha256
+
+    store = tmp_path / "run.ome.zarr"
+    files = {"model": {"path": str(DEFAULT_MODEL), "sha256": file_sha256(DEFAULT_MODEL)}}
+    config = {"engine": {"model_path": str(DEFAULT_MODEL)}, "planes": {"z_um": PLANES}}
+    _record(store, [0, 1], stack_seqs=[0], config=config, engine_files=files)
+    volume = DEFAULT_MODEL.parent / "deepz-volume.onnx"
+    scope = tmp_path / "scope.toml"
+    scope.write_text(f'[engine]\nmodel_path = "{volume}"\n[planes]\nz_um = {PLANES}\n')
+    kw: dict[str, Any] = {"fill_gaps": True, "scope": scope, "scheduler": "sync", **ORT}
+    with pytest.raises(RefocusError, match=r"not the one the live stacks came from.*--model"):
+        refocus_recording(store, **kw)
+    assert "filled_offline" not in zarr.open_group(str(store), mode="r").attrs["deepz"]
+    assert refocus_recording(store, model=DEFAULT_MODEL, **kw).frames_done == 1
+
+
 def test_fill_gaps_refuses_planes_or_a_focus_lock_other_than_the_live_runs(
     tmp_path: Path,
 ) -> None:

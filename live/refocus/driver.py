@@ -32,6 +32,7 @@ from live.refocus.outputs import (
     utc_now,
 )
 from live.refocus.plans import (
+    check_fill_files,
     check_fill_plan,
     check_recorded,
     engine_choice,
@@ -314,6 +315,13 @@ def refocus_recording(
     if scope_cfg is None:  # the run's own files: are they as recorded?
         own_bank = bank if psf_bank is None else None
         check_recorded(raw, model_path if model is None else None, own_bank, fill_gaps)
+    elif fill_gaps:  # the scope config's files, unless chosen: are they the run's own?
+        unchosen: dict[str, Path | None] = {}
+        if model is None:
+            unchosen["model"] = model_path
+        if psf_bank is None:
+            unchosen["psf_bank"] = bank
+        check_fill_files(raw, unchosen)
     bank_str = str(bank.resolve()) if bank is not None else None
     threads = intra_op_threads
     if threads is None and scope_cfg is not None:

@@ -252,11 +252,12 @@ def engine_choice(
     return path, prefer, int(stored.get("max_batch") or 64), precision, modality, bank
 
 
-def _recorded_sha256(raw: RawInput, role: str, path: Path) -> str | None:
+def _recorded_sha256(raw: RawInput, role: str, path: Path | None) -> str | None:
     """Return the SHA-256 the live run recorded for its `role` file at `path` (or None).
 
     `role` is "model" or "psf_bank"; None when the run recorded none (older runs, other stores)
-    or another path. The attrs come from disk, so every level is checked for its type.
+    or another path (`path` None: wherever it lay). The attrs come from disk, so every level
+    is checked for its type.
     """
     files = (raw.run or {}).get("engine_files")
     entry = files.get(role) if isinstance(files, dict) else None
@@ -264,7 +265,9 @@ def _recorded_sha256(raw: RawInput, role: str, path: Path) -> str | None:
         return None
     if re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]) is None:  # not a hash: nothing to check
         return None
-    if not isinstance(entry.get("path"), str) or Path(entry["path"]) != path:
+    if not isinstance(entry.get("path"), str):
+        return None
+    if path is not None and Path(entry["path"]) != path:
         return None
     return str(entry["sha256"])
 
@@ -297,6 +300,30 @@ def check_recorded(
             )
         if have != want:
             log.warning("%s changed since the run was recorded with it: refocusing with it", model)
+
+
+def check_fill_files(raw: RawInput, files: dict[str, Path | None]) -> None:
+    """Refuse to fill a run's live stacks through another model or bank than made them.
+
+    For ``--fill-gaps --scope``: the scope config names its files by path, and those may not
+    be the ones the run recorded (another model, a bank measured since). Compared by SHA-256
+    wherever the files lie; ``--model`` / ``--psf-bank`` choose others deliberately (review 74:
+    the volume model filled a slim model's run without a word). `files` maps the roles to
+    check, "model" and "psf_bank", to the files chosen (None: no bank).
+    """
+    for role, path in files.items():
+        flag = "--model" if role == "model" else "--psf-bank"
+        want = _recorded_sha256(raw, role, None)
+        if want is None:
+            continue
+        have = cached_sha256(path) if path is not None else None
+        if have != want:
+            what = "no PSF bank" if path is None else f"{path} (sha256 {have[:12] if have else ''})"
+            raise RefocusError(
+                f"--fill-gaps: the scope config's {role.replace('_', ' ')} is {what}, not the "
+                f"one the live stacks came from (sha256 {want[:12]}): the filled stacks would "
+                f"sit beside them made another way; pass {flag} to choose it deliberately"
+            )
 
 
 def lock_offsets(
