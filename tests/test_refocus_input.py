@@ -254,3 +254,56 @@ def test_a_plain_image_name_is_written_under_that_name(tmp_path: Path) -> None:
     assert _group(store, "z-2.5_um") != "z-2.5_um"  # a numbered group, listed by its name
     got = _read(store, "z-2.5_um/0")
     np.testing.assert_allclose(got[:, 0], _reference(frames)[:, 1], rtol=1e-5, atol=1e-3)
+
+
+FILL = ["--fill-gaps", "--scheduler", "sync", "--backend", "onnxruntime", "--threads", "1"]
+"""--fill-gaps of a run's own planes (no --planes: a fill takes the run's)."""
+
+
+@pytest.mark.parametrize(
+    ("forged", "args", "words"),
+    [
+        ({"stacks_present": [[1, 2, 3]]}, FILL, "stacks_present"),
+        ({"stacks_present": "ab"}, FILL, "stacks_present"),
+        ({"planes_um": ["a"], "config": None}, CLI[2:], "planes_um"),
+        ({"config": {"engine": {"max_batch": "abc"}}}, CLI, "[engine] config"),
+        ({"config": {"engine": {"model_path": 5}}}, CLI, "[engine] config"),
+        ({"config": {"engine": {"backends": 5}}}, [*CLI[:4], "--threads", "1"], "[engine]"),
+    ],
+)
+def test_forged_run_metadata_is_one_line_naming_the_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    forged: dict[str, object],
+    args: list[str],
+    words: str,
+) -> None:
+    """A run's attributes are read from disk, as hostile as any input (review 74): each of
+    these was a traceback (the last one: the recorded backends, used without --backend)."""
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1], stack_seqs=[0])
+    root = zarr.open_group(str(store), mode="r+")
+    root.attrs["deepz"] = {**dict(root.attrs["deepz"]), **forged}
+    assert main([str(store), *args, "--no-progress"]) == 2
+    _one_error_line(capsys, "malformed", words)
+
+
+def test_forged_shapes_and_stacks_are_refused_before_anything_is_allocated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Zarr array forged as (1, 10^6, 10^6) asked the first plan for 3.6 TiB, and a live
+    stacks image of int16 made --fill-gaps fail converting NaN (review 74)."""
+    huge = zarr.open_array(
+        str(tmp_path / "huge.zarr"), mode="w", shape=(1, 10**6, 10**6), dtype="uint16"
+    )
+    assert huge.shape[1] == 10**6
+    assert main([str(tmp_path / "huge.zarr"), *CLI, "--no-progress"]) == 2
+    _one_error_line(capsys, "1000000 x 1000000 pixels", "not a camera's frame")
+    store = tmp_path / "run.ome.zarr"
+    _record(store, [0, 1], stack_seqs=[0])
+    root = zarr.open_group(str(store), mode="r+")
+    group = _group(store, "stacks")
+    del root[group]["0"]
+    root[group].create_array("0", shape=(2, len(PLANES), SIDE, SIDE), dtype="int16")
+    assert main([str(store), *FILL, "--no-progress"]) == 2
+    _one_error_line(capsys, "int16 stacks", "not a live stacks image to fill")

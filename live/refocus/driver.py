@@ -22,7 +22,7 @@ from engine.dpm import DPMError
 from engine.point_fit import PointFit
 from engine.runtime import BackendError, depth_limits
 from live.refocus.errors import RefocusError
-from live.refocus.inputs import is_url, open_input
+from live.refocus.inputs import is_url, live_stacks_present, malformed, open_input
 from live.refocus.outputs import (
     finish_output,
     job_identity,
@@ -50,7 +50,6 @@ from live.refocus.tasks import (
     alias_backend,
     cached_backend,
     cached_sha256,
-    expand_runs,
     install_plan,
     refocus_block,
     warm_worker,
@@ -300,11 +299,12 @@ def refocus_recording(
         run = raw.run or {}
         if run.get("summary") is None:
             log.warning("the run was not closed (still recording, or it crashed)")
-        have = expand_runs(run.get("stacks_present", []))
+        have = live_stacks_present(run, raw.n_t, raw.spec.path)
         wanted = [t for t in raw.present if t not in have]
-    model_path, prefer, max_batch, precision, modality, bank = engine_choice(
-        model, backend, scope_cfg, raw, psf_bank, fill_gaps
-    )
+    with malformed(raw.spec.path, "run metadata (its recorded [engine] config)"):
+        model_path, prefer, max_batch, precision, modality, bank = engine_choice(
+            model, backend, scope_cfg, raw, psf_bank, fill_gaps
+        )
     if not model_path.is_file():
         raise RefocusError(f"{model_path}: model file not found")
     if bank is not None and not bank.is_file():

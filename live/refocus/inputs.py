@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeGuard
 
 import numpy as np
 
+from live.protocol import MAX_FRAME_BYTES
 from live.refocus.errors import RefocusError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,16 @@ class RawInput:
     pixel_size_um: float | None = None
     run: dict[str, Any] | None = None
     focus_um: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        # a forged array shape would otherwise be allocated by the first plan (review 74: a
+        # (1, 1e6, 1e6) array asked for 3.6 TiB); no camera's frame is larger than the wire's
+        h, w = self.frame_shape
+        if h < 1 or w < 1 or h * w * 2 > MAX_FRAME_BYTES:
+            raise RefocusError(
+                f"{self.spec.path}: frames of {h} x {w} pixels: not a camera's frame (at most "
+                f"{MAX_FRAME_BYTES >> 20} MiB of 16-bit counts, as the daemon takes them)"
+            )
 
     @property
     def is_run(self) -> bool:
@@ -160,6 +171,19 @@ def malformed(text: str, what: str) -> Iterator[None]:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise RefocusError(f"{text}: malformed {what} ({type(exc).__name__}: {exc})") from None
+
+
+def live_stacks_present(deepz: Any, n_t: int, text: str) -> set[int]:
+    """Return the seqs a run's live stacks hold (``stacks_present``), clipped to its frames.
+
+    Read from the store, so checked as `live.store.present_runs` checks ``raw_present``: a
+    forged list is one `RefocusError` line, and a run far past the frames costs nothing.
+    """
+    from live.store import present_runs
+
+    with malformed(text, "run metadata ('deepz' stacks_present)"):
+        runs = present_runs(deepz.get("stacks_present", []), n_t)
+    return {t for start, stop in runs for t in range(start, stop)}
 
 
 def _ngff_input(text: str, node: Any, multiscales: Any) -> RawInput:
@@ -349,6 +373,8 @@ def _open_tiff_input(path: Path) -> RawInput:
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, ...
         raise RefocusError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
     _check_dtype(dtype, str(path))
+    # any one axis of frames is time, Z included: ImageJ calls a plain stack of frames
+    # "slices" (ZYX) unless its hyperstack properties say frames, and most movies are saved so
     named = ["y" if a == "Y" else "x" if a == "X" else "t" for a in axes.upper()]
     if len(shape) >= 3 and sum(1 for n in shape[:-2] if n > 1) > 1:
         raise RefocusError(
@@ -357,15 +383,24 @@ def _open_tiff_input(path: Path) -> RawInput:
         )
     t_axis = _t_axis(shape, named, str(path))
     n_t = shape[t_axis] if len(shape) > 2 else 1
-    interval = ij.get("finterval")
+    interval = _finite_positive(ij.get("finterval"))  # the file's: a forged one is no rate
     spec = InputSpec(str(path), "tiff", "", t_axis, len(shape))
     return RawInput(
         spec,
         n_t,
         (shape[-2], shape[-1]),
         tuple(range(n_t)),
-        1.0 / float(interval) if interval else None,
+        1.0 / interval if interval else None,
     )
+
+
+def _finite_positive(value: Any) -> float | None:
+    """`value` as a float when it is a finite positive number, else None (metadata is input)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
 
 
 _TIME_UNITS_S = {"second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6, "minute": 60.0}

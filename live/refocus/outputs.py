@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 from engine.dpm import VolumePlan
 from live.refocus.errors import RefocusError
-from live.refocus.inputs import RawInput, frames_sha256, is_run_attrs, is_url, local_path
+from live.refocus.inputs import (
+    RawInput,
+    frames_sha256,
+    is_run_attrs,
+    is_url,
+    live_stacks_present,
+    local_path,
+    malformed,
+)
 from live.refocus.plans import lock_attrs
-from live.refocus.tasks import MANIFEST, NOT_DONE, expand_runs, manifest_entry, seq_runs
+from live.refocus.tasks import MANIFEST, NOT_DONE, manifest_entry, seq_runs
 from live.store_lock import StoreLocked, write_lock
 
 if TYPE_CHECKING:
@@ -460,7 +468,7 @@ def _prepare_fill(
     backend) is recorded beside its manifest (``fill_job``): a fill resumes only the chunks a
     fill of the same identity marked (`_fill_manifest_resumes`).
     """
-    from live.store import image_groups
+    from live.store import STACK_DTYPES, image_groups
 
     shape = (raw.n_t, len(plan), *raw.frame_shape)
     store = raw.spec.path
@@ -468,7 +476,13 @@ def _prepare_fill(
     group: Any
     if image in root:
         group = root[image]
-        array = group["0"]
+        with malformed(store, f"live stacks image ({image!r} holds no array '0')"):
+            array = group["0"]
+        if str(array.dtype) not in STACK_DTYPES:  # the recorder's; another is not its image
+            raise RefocusError(
+                f"{store}/{image}/0 holds {array.dtype} stacks, not the recorder's "
+                f"({' or '.join(STACK_DTYPES)}): not a live stacks image to fill"
+            )
         if tuple(array.shape[1:]) != shape[1:]:
             raise RefocusError(
                 f"{store}/{image}/0 holds stacks of shape {list(array.shape[1:])} (planes, y, x), "
@@ -568,7 +582,7 @@ def finish_output(
     if output.fill:
         root: Any = zarr.open_group(store=output.store, mode="r+")
         deepz = dict(root.attrs["deepz"])
-        present = expand_runs(deepz.get("stacks_present", [])) | done
+        present = live_stacks_present(deepz, raw.n_t, output.store) | done
         deepz["stacks_present"] = seq_runs(present)
         if isinstance(deepz.get("summary"), dict):
             summary = dict(deepz["summary"])

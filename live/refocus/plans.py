@@ -73,7 +73,9 @@ def plan_from_planes(
         except (ValueError, OSError) as exc:
             log.warning("the recording's stored planes cannot be rebuilt (%s)", exc)
     if run.get("planes_um"):
-        return ChosenPlan(VolumePlan.from_z(run["planes_um"], shape), "the recording's planes")
+        with malformed(raw.spec.path, "run metadata ('deepz' planes_um)"):
+            plan = VolumePlan.from_z(run["planes_um"], shape)
+        return ChosenPlan(plan, "the recording's planes")
     raise RefocusError(
         f"{raw.spec.path}: the recording does not say which planes it was refocused onto: "
         "give --planes Z1 Z2 ... (µm) or --scope config.toml"

@@ -394,8 +394,3 @@ def seq_runs(seqs: Iterable[int]) -> list[list[int]]:
     from live.metrics import seq_ranges  # zmq and the status socket stay out of Dask workers
 
     return [list(r) for r in seq_ranges(seqs)]
-
-
-def expand_runs(runs: Iterable[Sequence[int]]) -> set[int]:
-    """All ints of half-open runs."""
-    return {t for start, stop in runs for t in range(int(start), int(stop))}
