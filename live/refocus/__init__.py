@@ -25,10 +25,10 @@ store (``out``).
 
 How it runs: one task per output chunk (``chunk`` time points; by default about 4 MiB of stacks,
 `auto_chunk`), so no two tasks ever write the same chunk object. A task reads its raw
-frames, refocuses each present one with ``Backend.infer(frame, dpms)`` exactly as the live
-worker does (same DPMs, one frame per call, so the same model and backend give the same
-stacks; a run whose planes followed the stage
-focus (``planes.focus_lock_um``) has each frame's DPMs shifted by the same `FocusLock` offset,
+frames, refocuses each present one with ``Backend.refocus(frame, plan, offset, dtype)``
+exactly as the live worker does (same DPMs, one frame per call, so the same model and
+backend give the same stacks; a run whose planes followed the stage focus
+(``planes.focus_lock_um``) has each frame's DPMs shifted by the same `FocusLock` offset,
 computed from the focus recorded with the frame), writes the chunk, and then writes the
 chunk's CRC-32 into a small manifest array (``<image>/refocus_done``, one element per chunk,
 one object each). A rerun verifies each chunk the manifest names (it reads back, is finite and

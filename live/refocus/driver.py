@@ -101,7 +101,9 @@ class RefocusSummary:
     chunks_done, chunks_skipped
         The same, in output chunks (tasks).
     seconds
-        Wall time of the chunk tasks (after the model was loaded where it runs).
+        Wall time of the chunk tasks: after the model was loaded on a cluster's workers
+        (warmed first); with the "processes" scheduler each pool process loads it in its
+        first task, which this includes.
     setup_seconds
         Opening, checking, loading the model in this process and on the workers.
     """
@@ -352,7 +354,10 @@ def refocus_recording(
         )
     except DPMError as exc:
         raise RefocusError(f"{exc} (planes from {plan_from})") from None
-    offsets = lock_offsets(chosen, raw, depth_limits(meta, allow_extrapolation))
+    try:  # the focus lock's own limits (a plan spanning more than the lock can clamp)
+        offsets = lock_offsets(chosen, raw, depth_limits(meta, allow_extrapolation))
+    except DPMError as exc:
+        raise RefocusError(f"{exc} (the focus lock of {plan_from})") from None
     # Workers load exactly the backend (and precision) chosen here: every chunk alike.
     engine = replace(spec, prefer=(driver_backend.name,), precision=driver_backend.precision)
     alias_backend(engine, spec)
@@ -376,6 +381,8 @@ def refocus_recording(
     )
     if stack_dtype != "float32" and not fill_gaps:  # only then: older images still resume
         identity["dtype"] = stack_dtype
+    if driver_backend.precision != "fp32":  # bf16 on one machine, fp32 on another: not mixed
+        identity["precision"] = driver_backend.precision
     deepz = {
         "source": raw.spec.path,
         "source_image": raw.spec.array_path,
