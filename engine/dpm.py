@@ -81,8 +81,9 @@ def tilted(
     and y along rows, so `z0_um` is the value at the centre.
     """
     x, y = _coords_um(shape, pixel_size_um, center)
-    out: np.ndarray = (z0_um + slope_x * x + slope_y * y).astype(np.float32)
-    return out
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, by name
+        out: np.ndarray = (z0_um + slope_x * x + slope_y * y).astype(np.float32)
+    return _finite(out, f"tilted plane (z0 {z0_um}, slopes {slope_x}, {slope_y})")
 
 
 def polynomial(
@@ -105,10 +106,18 @@ def polynomial(
     x, y = _coords_um(shape, pixel_size_um, center)
     r2 = x**2 + y**2
     out = np.zeros(r2.shape)
-    for c in reversed(coeffs):
-        out = out * r2 + c
-    result: np.ndarray = out.astype(np.float32)
-    return result
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below, by name
+        for c in reversed(coeffs):
+            out = out * r2 + c
+        result: np.ndarray = out.astype(np.float32)
+    return _finite(result, f"polynomial surface {coeffs}")
+
+
+def _finite(dpm: np.ndarray, what: str) -> np.ndarray:
+    """Return `dpm`, or raise `DPMError` when a value is NaN or beyond float32 (infinite)."""
+    if not np.isfinite(dpm).all():
+        raise DPMError(f"{what} gives values that are not finite µm over this frame")
+    return dpm
 
 
 def with_drift(dpm_um: np.ndarray, offset_um: float) -> np.ndarray:

@@ -136,3 +136,21 @@ def test_focus_lock_follows_the_stage_and_clamps_to_the_trained_range() -> None:
     wide = VolumePlan.from_z([-8.0, 8.0], (8, 8))
     with pytest.raises(dpm.DPMError, match=r"span -8 … 8 µm, wider than .* \(-5 … 5 µm\)"):
         FocusLock.for_plan(wide, reference_um=50.0, dz_range_um=(-5.0, 5.0))
+
+
+@pytest.mark.parametrize(
+    ("kind", "args"),
+    [
+        ("tilted", (float("nan"), 0.0, 0.0)),
+        ("tilted", (0.0, float("inf"), 0.0)),
+        ("tilted", (0.0, 1e39, 0.0)),  # finite as float64, infinite as float32
+        ("polynomial", ([0.0, 1e39],)),
+    ],
+)
+def test_surfaces_that_are_not_finite_are_refused_where_they_are_built(
+    kind: str, args: tuple[object, ...]
+) -> None:
+    """A NaN or overflowing tilt or polynomial was refused only later, by the backend, not
+    naming the surface (review 75); uniform and image DPMs were checked already."""
+    with pytest.raises(dpm.DPMError, match="not finite"):
+        getattr(dpm, kind)((8, 8), *args, pixel_size_um=0.3)

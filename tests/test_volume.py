@@ -1724,3 +1724,31 @@ def test_kind_weights_that_draw_nothing_are_refused_at_load() -> None:
     for weights in ([0.0, 0.0, 0.0], [1.0, -1.0, 1.0]):
         with pytest.raises(ValidationError, match="must be >= 0 with a positive sum"):
             VolumeTrainConfig.model_validate({"data": {"kind_weights": weights}})
+
+
+def test_planes_beyond_the_depth_grid_are_refused_before_the_network_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`refocus` of uniform planes shifted past the grid by a focus offset ran the network,
+    then blamed "the lattice", listing planes the renderer adds (review 75): now it says what
+    `infer` says of the same DPMs, before any pass."""
+    from engine.dpm import VolumePlan
+    from engine.runtime import DEFAULT_MODEL, load_backend
+
+    backend = load_backend(
+        DEFAULT_MODEL.parent / "deepz-volume.onnx", prefer=["onnxruntime"], intra_op_threads=1
+    )
+    calls: list[int] = []
+    run = backend._run
+    monkeypatch.setattr(backend, "_run", lambda x: calls.append(1) or run(x))
+    frame = np.random.default_rng(0).poisson(100, (64, 64)).astype(np.uint16)
+    plan = VolumePlan.from_z([8.5, 9.5], (64, 64))
+    for call in (
+        lambda: backend.refocus(frame, plan, offsets_um=np.array([1.5])),
+        lambda: backend.infer(frame, plan.dpms_um + np.float32(1.5)),
+    ):
+        with pytest.raises(ValueError, match=r"dpms_um spans 10 … 11 µm; this volume model"):
+            call()
+    assert calls == []
+    assert backend.refocus(frame, plan, offsets_um=np.array([0.5])).shape == (1, 2, 64, 64)
+    assert calls == [1]

@@ -485,17 +485,22 @@ class BaseBackend:
             self._span = (dpms_um, (lo, hi))
         return lo, hi
 
+    def _check_volume_span(self, lo: float, hi: float) -> None:
+        """Refuse planes a volume model cannot render: beyond its depth grid (µm from focus)."""
+        assert self.metadata.volume is not None
+        grid = self.metadata.volume.depth_um
+        if not (grid[0] - RANGE_TOLERANCE_UM <= lo and hi <= grid[-1] + RANGE_TOLERANCE_UM):
+            raise ValueError(
+                f"dpms_um spans {lo:g} … {hi:g} µm; this volume model renders "
+                f"{grid[0]:g} … {grid[-1]:g} µm from the focal plane"
+            )
+
     def infer(self, images: np.ndarray, dpms_um: np.ndarray) -> np.ndarray:
         """Normalise, pad, run in chunks of `max_batch`, crop and map back (see `Backend`)."""
         images, dpms_um = _check_arrays(images, dpms_um)
         lo, hi = self._dpm_span(dpms_um)
         if self.metadata.volume is not None:
-            grid = self.metadata.volume.depth_um
-            if lo < grid[0] - RANGE_TOLERANCE_UM or hi > grid[-1] + RANGE_TOLERANCE_UM:
-                raise ValueError(
-                    f"dpms_um spans {lo:g} … {hi:g} µm; this volume model renders "
-                    f"{grid[0]:g} … {grid[-1]:g} µm from the focal plane"
-                )
+            self._check_volume_span(lo, hi)
             return self._infer_volume(images, dpms_um)
         h, w = images.shape[-2:]
         n = max(a.shape[0] if a.ndim == 3 else 1 for a in (images, dpms_um))  # broadcast
@@ -598,8 +603,10 @@ class BaseBackend:
                 )
             # uniform planes: rendered straight from the density, the DPMs never read (their
             # checks and per-plane uniformity test cost 15-25 ms of a 41 x 256² frame)
-            render = self.renderer(plan.frame_shape)
             z = np.asarray(plan.z_um, dtype=np.float64)
+            # before any network pass, and in the words of `infer` (offsets shift the planes)
+            self._check_volume_span(float(z.min() + off.min()), float(z.max() + off.max()))
+            render = self.renderer(plan.frame_shape)
             stacks = []
             for i in range(n):
                 # the network's own output buffer and the frame's std: the renderer scales
