@@ -557,6 +557,12 @@ def test_profile_covers_padded_frames_and_batches(tiny_model_files: dict[str, ob
     assert make_profile(metadata, [(256, 256)], max_batch=8).opt_shape == (8, 2, 256, 256)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="frame shapes"):
         make_profile(metadata, [(0, 5)])  # type: ignore[arg-type]
+    # a volume model's batch is frames of 41 depths each: capped, not sized for 64 frames
+    from engine.runtime import onnx_metadata
+
+    volume = onnx_metadata(DEFAULT_MODEL.parent / "deepz-volume.onnx")
+    capped = make_profile(volume, [(2048, 2048)], max_batch=64)
+    assert capped.max_shape[0] == 4 and capped.opt_shape[0] == 4
 
 
 def test_profile_of_a_volume_model_takes_the_image_alone() -> None:

@@ -111,6 +111,10 @@ def _backend(trt_mod: ModuleType) -> Any:
     backend._psf = np.zeros((9, 3, 3), np.float32)
     backend._planes = trt_mod._Recent(trt_mod.PLANES_ENGINES_KEPT)
     backend._planes_failed = set()
+    # each engine call makes the backend's GPU current in the calling thread (no GPU here)
+    backend._device_index = 0
+    backend._rt = SimpleNamespace(cudaSetDevice=lambda index: (0,))
+    backend._check = lambda result: None
     return backend
 
 

@@ -281,8 +281,11 @@ def load_backend(
         except BackendError as exc:
             reasons[spec.name] = str(exc)
             continue
-        except (ImportError, OSError) as exc:  # OSError: a shared library missing
+        except ImportError as exc:
             reasons[spec.name] = f"import failed: {exc}"
+            continue
+        except OSError as exc:  # a shared library missing, or a cache folder not writable
+            reasons[spec.name] = f"{type(exc).__name__}: {exc}"
             continue
         except RuntimeError as exc:  # a CUDA / driver fault while building
             reasons[spec.name] = f"{type(exc).__name__}: {exc}"

@@ -31,6 +31,7 @@ from engine.runtime._base import (
     BaseBackend,
     _check_array,
     check_io_shapes,
+    check_onnx_weights,
     io_channels,
     onnx_metadata,
 )
@@ -166,6 +167,7 @@ class TensorRTBackend(BaseBackend):
         rebuild: Callable[[bool], tuple[Path, bool]] | None = None  # for a cached plan
         if model_path.suffix == ".onnx":
             metadata = onnx_metadata(model_path)
+            check_onnx_weights(model_path)  # as every CPU backend: not minutes of build first
             frames = serving_frame_shapes(metadata, options.frame_shape)
 
             def build(rebuild: bool) -> tuple[Path, bool]:
@@ -230,7 +232,12 @@ class TensorRTBackend(BaseBackend):
         (surfaces, drift, a model loaded from a .plan without its ONNX, the point fit) takes
         the shared path: network here, render on the host.
         """
+        if np.dtype(dtype) not in (np.dtype(np.float16), np.dtype(np.float32)):
+            return super().refocus(frames, plan, offsets_um, dtype)  # its checks say why
         off = None if offsets_um is None else np.asarray(offsets_um, dtype=np.float64)
+        n_frames = 1 if np.ndim(frames) == 2 else int(np.shape(frames)[0])
+        if off is not None and off.shape != (n_frames,):
+            return super().refocus(frames, plan, offsets_um, dtype)  # its checks say why
         whole = (
             self.metadata.volume is not None
             and plan.z_um is not None
@@ -433,6 +440,15 @@ class TensorRTBackend(BaseBackend):
         if self._graph is not None:
             self._rt.cudaGraphExecDestroy(self._graph)
             self._graph = None
+
+    def _engine_call(self, run: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+        """`BaseBackend._engine_call`, on this backend's GPU whichever thread calls.
+
+        The CUDA runtime's current device is per thread: offline refocusing shares one backend
+        between dask threads (under a lock), whose current device is 0 unless set (review 75).
+        """
+        self._check(self._rt.cudaSetDevice(self._device_index))
+        return super()._engine_call(run, x)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Upload `x` (from pinned memory), run (or replay the graph) and return the output."""

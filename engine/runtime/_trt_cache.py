@@ -74,6 +74,11 @@ def serving_frame_shapes(
     return [(int(frame_shape[0]), int(frame_shape[1])), (m, m)]
 
 
+VOLUME_MAX_FRAMES = 4
+"""Most frames one call of a volume model's engine takes (the daemon and offline refocusing
+send one; `BaseBackend.volume` splits larger calls into batches of this many)."""
+
+
 def make_profile(
     metadata: ModelMetadata,
     frame_shapes: Sequence[tuple[int, int]] | None = None,
@@ -82,10 +87,15 @@ def make_profile(
     """Build a profile covering 1 … `max_batch` planes and the padded `frame_shapes`.
 
     The first frame shape and `min(OPT_BATCH, max_batch)` planes are the optimum the kernels
-    are timed at; the smallest and largest shapes bound H and W.
+    are timed at; the smallest and largest shapes bound H and W. A volume model's batch is
+    frames, each giving every depth: at most `VOLUME_MAX_FRAMES` (the engine's buffers hold
+    the largest batch, 41 depths each: 64 frames of 2048² would be 41 GiB on the GPU and as
+    much pinned on the host; review 75).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+    if metadata.volume is not None:
+        max_batch = min(max_batch, VOLUME_MAX_FRAMES)
     shapes = list(frame_shapes or DEFAULT_FRAME_SHAPES)
     if any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise ValueError(f"frame shapes must be (height, width) >= 1, got {shapes}")

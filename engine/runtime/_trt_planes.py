@@ -40,14 +40,18 @@ def planes_onnx(
     """Write (once) the whole-refocus graph for `shape` and planes `z_um` into the cache."""
     import onnx
 
+    from engine import render_graph, volume
     from engine.render_graph import planes_model
 
     assert metadata.volume is not None
-    # everything the graph's constants come from: network, PSF bank, depths, padding, planes
+    # everything the graph's constants come from: network, PSF bank, depths, padding, planes,
+    # and the code that builds it (the graph and the host renderer whose constants it takes:
+    # a cached graph from older code would be served beside a host render that changed)
     psf_sha = hashlib.sha256(np.ascontiguousarray(psf, dtype=np.float32).tobytes()).hexdigest()
+    code = "-".join(file_sha256(str(m.__file__))[:16] for m in (render_graph, volume))
     tag = (
         f"{file_sha256(network_onnx)}-{psf_sha}-{list(metadata.volume.depth_um)}-"
-        f"{metadata.size_multiple}-{shape}-{z_um}"
+        f"{metadata.size_multiple}-{shape}-{z_um}-{code}"
     ).encode()
     path = cache.root / f"planes-{hashlib.sha256(tag).hexdigest()[:16]}.onnx"
     if not path.is_file():
