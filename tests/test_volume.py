@@ -1752,3 +1752,18 @@ def test_planes_beyond_the_depth_grid_are_refused_before_the_network_runs(
     assert calls == []
     assert backend.refocus(frame, plan, offsets_um=np.array([0.5])).shape == (1, 2, 64, 64)
     assert calls == [1]
+
+
+def test_the_renderer_in_use_is_kept_when_other_shapes_come_and_go() -> None:
+    """The renderers (their PSF transforms) are kept least-recently-used first out: a live
+    shape used between two one-off shapes was evicted first-in-first-out (review 75)."""
+    from engine.runtime import DEFAULT_MODEL, load_backend
+
+    backend = load_backend(
+        DEFAULT_MODEL.parent / "deepz-volume.onnx", prefer=["onnxruntime"], intra_op_threads=1
+    )
+    live = backend.renderer((64, 64))
+    backend.renderer((32, 32))
+    assert backend.renderer((64, 64)) is live
+    backend.renderer((48, 48))  # a third shape: the least recently used, 32², goes
+    assert backend.renderer((64, 64)) is live

@@ -561,13 +561,13 @@ class BaseBackend:
         """Return the plane renderer of a volume model for one frame shape (kept for reuse)."""
         if self._psf is None or self.metadata.volume is None:
             raise BackendError(f"{self.metadata.name} is a per-plane model, not a volume model")
-        r = self._renderers.get(shape)
+        r = self._renderers.pop(shape, None)
         if r is None:
             if len(self._renderers) >= MAX_CACHED_SHAPES:  # its threads stopped, as in close
                 self._renderers.pop(next(iter(self._renderers))).close()
             threads = self.options.intra_op_threads or default_threads()
             r = Renderer(self._psf, np.asarray(self.metadata.volume.depth_um), shape, threads)
-            self._renderers[shape] = r
+        self._renderers[shape] = r  # (re)inserted last: the least recently used goes first
         return r
 
     def refocus(
@@ -681,17 +681,17 @@ class BaseBackend:
         return y[0, :, :h, :w], float(std[0, 0, 0])
 
     def _input_buffer(self, shape: tuple[int, int, int, int]) -> np.ndarray:
-        """Return the reusable network-input buffer for `shape` (a few kept, oldest dropped).
+        """Return the reusable network-input buffer for `shape` (a few kept, least used dropped).
 
         Live calls repeat one shape; reusing its buffer spares a large allocation and its
         page faults per frame (about 10 ms of 41 × 512² on the development machine).
         """
-        buf = self._inputs.get(shape)
+        buf = self._inputs.pop(shape, None)
         if buf is None:
             if len(self._inputs) >= MAX_CACHED_SHAPES:
                 self._inputs.pop(next(iter(self._inputs)))
             buf = np.empty(shape, dtype=np.float32)
-            self._inputs[shape] = buf
+        self._inputs[shape] = buf  # (re)inserted last: the least recently used goes first
         return buf
 
     def shape_problem(self, frame_shape: tuple[int, int], n_planes: int) -> str | None:

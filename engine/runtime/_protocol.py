@@ -55,7 +55,7 @@ class Backend(Protocol):
     """
 
     name: str
-    """Registry name: "tensorrt", "onnxruntime" or "torch"."""
+    """Registry name: "tensorrt", "openvino", "onnxruntime" or "torch"."""
     metadata: ModelMetadata
     """What the network was trained on and how its inputs are scaled."""
     precision: Precision
