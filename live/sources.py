@@ -139,10 +139,16 @@ def _stream_core(
     they arrive. When `stop` is set the camera stops and the frames already in the buffer
     are still sent: acquired frames are never thrown away here.
     """
-    from live._mmcore import META_FOCUS_UM, META_FRAME_INDEX, halt_simulated_camera
+    from live._mmcore import (
+        META_FOCUS_UM,
+        META_FRAME_INDEX,
+        halt_simulated_camera,
+        set_ring_buffer,
+    )
 
-    mb = ring_buffer_mb(int(core.getImageBufferSize()), rate_hz)
-    core.setCircularBufferMemoryFootprint(mb)
+    frame_bytes = int(core.getImageBufferSize())
+    mb = ring_buffer_mb(frame_bytes, rate_hz)
+    set_ring_buffer(core, mb, frame_bytes)
     log.info("camera ring buffer: %d MB (%.0f s of frames at %g Hz)", mb, RING_BUFFER_S, rate_hz)
     run.restart_clock()
     core.startSequenceAcquisition(frame_count or _ENDLESS, 0.0, True)

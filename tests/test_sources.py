@@ -113,6 +113,19 @@ def test_simulated_scope_streams_paced_frames_through_the_core(pull):
     assert scope.core.getCameraDevice() == "DeepZCamera"  # a real MMCore ran it
 
 
+def test_a_frame_size_that_does_not_divide_the_ring_buffer_streams_past_its_first_lap(pull):
+    """500 x 501 frames at 20 Hz: a 20 MiB ring holds 41.9 of them. pymmcore-plus's Python
+    camera buffer raised instead of wrapping the 42nd frame while one waited unread, and the
+    camera stopped as "overflowed" (review 76; any ROI not dividing the ring)."""
+    sock, endpoint = pull
+    shape = (500, 501)
+    frame = np.full(shape, 7, np.uint16)
+    scope = SimulatedScope(shape, rate_hz=20.0, frame_count=60, frame_fn=lambda i, z: frame)
+    summary = run_source(scope, endpoint)
+    assert (summary.frames_sent, summary.frames_dropped) == (60, 0)
+    assert [m.header.seq for m in receive_all(sock, 60)] == list(range(60))
+
+
 def test_simulated_scope_stops_on_event_and_sends_what_it_acquired(pull):
     sock, endpoint = pull
     stop = threading.Event()
