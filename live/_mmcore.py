@@ -342,6 +342,9 @@ class CoreGeometry:
         The camera ROI ``(x, y, width, height)``.
     bytes_per_pixel, components : int
         Pixel format: 2 and 1 for the 16-bit grey frames the daemon takes.
+    camera_channels : int
+        Cameras behind the core camera (``getNumberOfCameraChannels``): 1, unless it is
+        Micro-Manager's "Multi Camera", whose cameras each number their own frames.
     """
 
     camera: str
@@ -352,6 +355,7 @@ class CoreGeometry:
     roi: tuple[int, int, int, int]
     bytes_per_pixel: int
     components: int
+    camera_channels: int = 1
 
 
 def core_geometry(core: Any) -> CoreGeometry:
@@ -371,6 +375,7 @@ def core_geometry(core: Any) -> CoreGeometry:
         roi=(x, y, w, h),
         bytes_per_pixel=int(core.getBytesPerPixel()),
         components=int(core.getNumberOfComponents()),
+        camera_channels=int(core.getNumberOfCameraChannels()),
     )
 
 

@@ -955,6 +955,12 @@ def _core_values(src: SourceConfig, core: CoreGeometry) -> tuple[tuple[int, int]
     are not 16-bit grey.
     """
     where = f"the Micro-Manager camera {core.camera!r}"
+    if core.camera_channels != 1:  # each camera numbers its own frames: seqs would repeat
+        raise ConfigError(
+            f"{where} delivers {core.camera_channels} cameras' frames (a Multi Camera device); "
+            "the daemon takes one camera's time series: set Core-Camera to one camera in "
+            "source.micromanager.config_file"
+        )
     if (core.bytes_per_pixel, core.components) != (2, 1):
         raise ConfigError(
             f"{where} gives {8 * core.bytes_per_pixel}-bit pixels with {core.components} "

@@ -485,7 +485,9 @@ class PycromanagerHook:
         self._count = 0
         self._clock_offset_s: float | None = None
         self._base = first_seq  # the seq of time point 0 of the acquisition under way
-        self._last_t: int | None = None
+        self._last_t: int | None = None  # the last time index sent
+        self._seen_t: int | None = None  # the last time index seen, sent or refused
+        self._rebase = False  # the next frame with a time index begins a new acquisition
         self._first_others: dict[str, Any] | None = None  # non-time axes of its first frame
 
     def __call__(self, image: np.ndarray, metadata: dict[str, Any]) -> tuple[np.ndarray, Any]:
@@ -517,23 +519,30 @@ class PycromanagerHook:
         return image, metadata
 
     def _follow_acquisition(self, axes: Mapping[str, Any]) -> None:
-        """Start the guard afresh when this frame begins the user's next acquisition.
+        """Start afresh (guard, clock, numbering) when this frame begins the next acquisition.
 
         A hook serves one acquisition after another, and pycromanager says nothing when one
-        begins: a time index not above the last one sent, on a frame with no other axis or
-        with the other axes of the acquisition's first frame, is the next one's first frame
-        (a refused z-stack or multi-channel acquisition then costs only itself). Within an
-        acquisition time never goes back at those axes.
+        begins. A time index below the last one seen is the next acquisition's first frame,
+        whatever its other axes (a time series in another channel, review 76); the same time
+        index again is one too when its other axes are those of the acquisition's first frame
+        (or it has none), and otherwise a second position of a multi-dimensional acquisition,
+        which the guard refuses, with every later frame of it. A refused acquisition then
+        costs only itself. Each acquisition's ``ElapsedTime-ms`` counts from its own start, so
+        the clock is anchored afresh too.
         """
         others = {str(k): v for k, v in axes.items() if k not in _TIME_AXES}
+        t = _time_index(axes)
+        seen, self._seen_t = self._seen_t, (t if t is not None else self._seen_t)
         if self._first_others is None:
             self._first_others = others
             return
-        t = _time_index(axes)
-        back = t is not None and self._last_t is not None and t <= self._last_t
-        if back and (not others or others == self._first_others):
+        if t is None or seen is None:
+            return
+        if t < seen or (t == seen and (not others or others == self._first_others)):
             self.guard = AxisGuard()
             self._first_others = others
+            self._clock_offset_s = None
+            self._rebase = True
 
     def _seq(self, metadata: Mapping[str, Any]) -> int | None:
         """Return the frame's sequence number (see the class docstring); None if unreadable."""
@@ -541,15 +550,14 @@ class PycromanagerHook:
             return frame_number(metadata[self.seq_key])
         axes = metadata.get("Axes")
         t = _time_index(axes) if isinstance(axes, Mapping) else None
-        if t is None:
-            seq = self.first_seq + self._count
+        if t is None:  # numbered on after the last frame sent (refused frames take none)
+            seq = max(self.first_seq, self.sender.next_seq)
         else:
-            if self._last_t is None and self._count > 0:
-                # frames without a time axis came first, numbered by count: number on after them
-                self._base = self.sender.next_seq - t
-            elif self._last_t is not None and t <= self._last_t:
-                # time went back: the hook serves a new acquisition, numbered on after the last
-                self._base = self.sender.next_seq - t
+            if self._rebase or (self._last_t is None and self._count > 0):
+                # a new acquisition, or frames without a time axis came first: numbered on
+                # after the last frame sent, not from the start again (duplicates)
+                self._base = max(self.first_seq, self.sender.next_seq) - t
+                self._rebase = False
             self._last_t = t
             seq = self._base + t
         return seq if 0 <= seq <= MAX_SEQ else None

@@ -204,9 +204,22 @@ def test_without_pixel_calibration_the_typed_pixel_size_is_needed(tmp_path):
     assert (typed.source.frame_shape, typed.source.pixel_size_um) == (SENSOR, 0.2)
 
 
-def test_unusable_cameras_are_refused_in_one_line(tmp_path):
+def test_unusable_cameras_are_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"gives 8-bit pixels .* 16-bit grey frames"):
         resolve_geometry(mm_config(write_cfg(tmp_path, camera="ByteCamera")))
+    # Micro-Manager's "Multi Camera" (C++ only): each of its cameras numbers its own frames,
+    # which would arrive as repeated seqs (review 76); the geometry read says two cameras here
+    import dataclasses
+
+    import live._mmcore
+
+    read = live._mmcore.core_geometry
+    with monkeypatch.context() as patched:
+        two = lambda core: dataclasses.replace(read(core), camera_channels=2)  # noqa: E731
+        patched.setattr(live._mmcore, "core_geometry", two)
+        with pytest.raises(ConfigError, match=r"delivers 2 cameras' frames .* Core-Camera"):
+            resolve_geometry(mm_config(write_cfg(tmp_path)))
+    assert core_geometry(make_simulated_core(pattern, SENSOR)).camera_channels == 1
     cfg_file = write_cfg(tmp_path)
     config = validate_config(
         {

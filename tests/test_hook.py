@@ -410,3 +410,31 @@ def test_pymmcore_plus_mda_frame_ready(core, pull, caplog):
     assert (sender.sent, sender.dropped, sender.refused) == (n + 2, 0, 3)
     assert sender.refusal is not None and "(z: 3)" in sender.refusal
     assert len([r for r in caplog.records if "multi-dimensional" in r.getMessage()]) == 1
+
+
+def test_one_hook_serves_time_series_in_other_channels_each_on_its_own_clock(pull):
+    """A reused hook (review 76): a time series in another channel is the next acquisition,
+    not a second channel of the first (refused); each acquisition's ElapsedTime-ms counts
+    from its own start, so its frames are anchored afresh, not on the first one's clock; and
+    frames without a time axis after a lost time point are numbered on after the last sent,
+    not by the hook's own count (a duplicate seq the daemon refuses)."""
+    sock, endpoint = pull
+    hook = pycromanager_image_process_fn(endpoint)
+    frame = np.zeros((8, 8), np.uint16)
+    for channel in ("GFP", "RFP"):
+        for t in range(3):
+            meta = {"Axes": {"time": t, "channel": channel}, "ElapsedTime-ms": 100.0 * t}
+            hook(frame, meta)
+        time.sleep(0.5)
+    hook(frame, {"Axes": {"time": 0}})
+    hook(frame, {"Axes": {"time": 2}})  # time point 1 lost: a gap
+    hook(frame, {})
+    hook(frame, {})
+    hook.sender.close()
+    msgs = receive(sock, 10)
+    assert [m.header.seq for m in msgs] == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]
+    assert hook.sender.refused == 0
+    stamps = [m.header.timestamp_s for m in msgs[:6]]
+    # the second acquisition's time 0 is anchored when it came, 0.5 s on (it was time 0's)
+    assert stamps[3] - stamps[0] >= 0.45
+    assert np.allclose(np.diff(stamps[3:6]), 0.1) and np.allclose(np.diff(stamps[:3]), 0.1)
