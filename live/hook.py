@@ -370,13 +370,17 @@ def metadata_float(metadata: Mapping[str, Any], keys: tuple[str, ...]) -> float 
     return None
 
 
-def frame_time_s(metadata: Mapping[str, Any]) -> float | None:
+def frame_time_s(metadata: Mapping[str, Any], *, now: float | None = None) -> float | None:
     """Return a frame's wall-clock time (s since the epoch) from its metadata, else None.
 
     The simulated camera's ``DeepZ-Timestamp-s`` (exact), else MMCore's per-frame
     ``TimeReceivedByCore`` (local time; when the frame reached the core's buffer). Not
     ``ElapsedTime-ms`` first: pycromanager's engine writes one value per acquisition event,
     so a hardware-sequenced time series would have one time for all its frames.
+
+    Local time names the hour the clocks go back twice; of its two readings the one nearest
+    `now` (default: the current time) is the frame's, which the hook sees seconds after it
+    was taken (review 76: the second pass read an hour early, time running backwards).
     """
     stamp = metadata_float(metadata, _TIMESTAMP_KEYS)
     if stamp is not None:
@@ -384,7 +388,12 @@ def frame_time_s(metadata: Mapping[str, Any]) -> float | None:
     text = metadata.get(_RECEIVED_KEY, None)
     if isinstance(text, str):
         try:
-            return datetime.fromisoformat(text.strip()).timestamp()  # naive: local time
+            local = datetime.fromisoformat(text.strip())
+            if local.tzinfo is not None:
+                return local.timestamp()
+            reference = time.time() if now is None else now
+            readings = [local.replace(fold=fold).timestamp() for fold in (0, 1)]
+            return min(readings, key=lambda t: abs(t - reference))
         except (ValueError, OverflowError, OSError):
             return None
     return None

@@ -220,6 +220,25 @@ def test_frame_time_is_the_cameras_or_the_cores_per_frame_time():
     assert frame_time_s({"ElapsedTime-ms": "10"}) is None
 
 
+def test_the_hour_the_clocks_go_back_reads_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MMCore's TimeReceivedByCore is local time without a zone: in the hour that repeats
+    when summer time ends, a frame 0.1 s after 02:59:59.9 (its second pass) read an hour
+    early (review 76). The reading nearest the time the hook sees the frame is taken."""
+    from live.hook import frame_time_s
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        before = frame_time_s({"TimeReceivedByCore": "2026-10-25 02:59:59.900000"}, now=0.0)
+        assert before is not None  # the first pass: now=0 picks the earlier reading
+        second = before + 0.1  # 02:00:00.0 again: the clocks went back at 03:00 summer time
+        after = frame_time_s({"TimeReceivedByCore": "2026-10-25 02:00:00.000000"}, now=second)
+        assert after is not None and abs(after - second) < 1e-3
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
 def test_pycromanager_sequenced_frames_keep_their_own_times(core, pull):
     """A real camera writes no DeepZ tag: each frame's time is the core's, not the event's."""
     from pycromanager import multi_d_acquisition_events
