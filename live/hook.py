@@ -469,12 +469,13 @@ class PycromanagerHook:
     """A pycromanager ``image_process_fn`` that sends each frame and hands it back unchanged.
 
     Seq: ``int(metadata[seq_key])`` when `seq_key` is given, else `first_seq` plus the frame's
-    time index (the ``Axes`` tag's ``time``: a time point lost is a gap; a time index not above
-    the last one starts a new acquisition, numbered on after the last frame sent, so one hook
-    serves several acquisitions into one daemon run), else `first_seq` plus this hook's own
-    count of frames. Timestamp: `frame_time_s` (the simulated camera's
-    tag, else the core's ``TimeReceivedByCore``), else the acquisition's ``ElapsedTime-ms``
-    anchored to the wall clock at the first frame, else the arrival time. Focus: the first
+    time index (the ``Axes`` tag's ``time``: a time point lost is a gap; a time index below
+    the last one seen, or the same one at the acquisition's first other axes, starts a new
+    acquisition, numbered on after the last frame sent, so one hook serves several
+    acquisitions into one daemon run, in any channel each), else the seq after the last frame
+    sent. Timestamp: `frame_time_s` (the simulated camera's tag, else the core's
+    ``TimeReceivedByCore``), else the acquisition's ``ElapsedTime-ms`` anchored to the wall
+    clock at its first frame, else the arrival time. Focus: the first
     finite of ``ZPosition_um``, ``ZPosition_um_Intended``, ``DeepZ-Focus-um``, else none (the
     scope did not say; never 0). A frame whose ``Axes`` tag leaves the time series
     (`AxisGuard`) refuses the acquisition: it and every later frame of it are counted in
