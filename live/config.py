@@ -649,7 +649,8 @@ class RecorderConfig(_BaseModel):
         description=(
             "Seconds of frames (at the source rate) per zarr v3 shard file, at most 128 MB "
             "each. A shard is held in memory until full, at most max(2 s, 2 × shard_s): a "
-            "crash loses no more than that. 0: one file per chunk, written at once."
+            "crash loses that, what is queued for the disk (recorder.max_backlog_mb) and up "
+            "to 2 s of presence not yet written. 0: one file per chunk, written at once."
         ),
     )
     stack_dtype: Literal["float16", "float32"] = Field(
@@ -821,6 +822,11 @@ class ScopeConfig(_BaseModel):
                 f"px could hold {queue_gib:.1f} GiB (at most {MAX_QUEUE_GIB:g}): fewer frames"
             )
         rc = self.recorder
+        if rc.enabled and not (rc.keep_raw or rc.keep_stacks):
+            raise ValueError(
+                "recorder.keep_raw and recorder.keep_stacks are both false: a store with no "
+                "image is no OME-Zarr; set recorder.enabled = false to record nothing"
+            )
         if rc.enabled and not (
             self.source.geometry_from_core and "frame_shape" not in (self.source.model_fields_set)
         ):  # (a frame shape the camera gives is known only at start)
@@ -836,6 +842,16 @@ class ScopeConfig(_BaseModel):
                 raise ValueError(
                     f"recorder.max_backlog_mb = {rc.max_backlog_mb} holds no raw frame of "
                     f"{h}x{w} px ({frame_mb:.1f} MB); raise it"
+                )
+            # a shard is assembled whole in memory: one chunk must fit what the recorder holds
+            chunk_mb = rc.frames_per_chunk * max(
+                frame_mb if rc.keep_raw else 0.0, stack_mb if rc.keep_stacks else 0.0
+            )
+            if chunk_mb > rc.max_backlog_mb:
+                raise ValueError(
+                    f"recorder.frames_per_chunk = {rc.frames_per_chunk} makes chunks of "
+                    f"{chunk_mb:.0f} MB ({h}x{w} px), more than recorder.max_backlog_mb = "
+                    f"{rc.max_backlog_mb}: fewer frames per chunk"
                 )
         return self
 

@@ -10,8 +10,9 @@ the final summary.
 
 The time index is the camera sequence number, so a missing frame is a visible gap (zeros in the
 array, NaN in the frame metadata and a hole in the presence runs). The time axis grows to
-exactly the highest seq written, so a store cut off by a crash has no trailing rows that were
-never written; the presence runs, frame metadata and display windows are written every
+the highest seq being written; the presence runs, not the shape, say which rows hold frames (a
+store cut off by a crash mid-write may have trailing rows never written, none of them
+present). The presence runs, frame metadata and display windows are written every
 `_ATTRS_EVERY_S` and at close. Frames and stacks are queued by the daemon's threads and written
 by one background thread. The queue holds at most ``max_backlog_mb`` (`MAX_BACKLOG_MB`): a
 disk slower than the data fills it, and then new stacks (past half of it) and new raw frames
@@ -613,10 +614,12 @@ class Recorder:
     # -- public, any thread --------------------------------------------------------------
 
     def put_frame(self, message: Message) -> bool:
-        """Queue one raw frame for writing (never blocks, never drops a valid one).
+        """Queue one raw frame for writing (never blocks on the disk).
 
-        Returns whether it was queued: False when raw frames are not kept, or when it was
-        rejected (counted by kind; see the module docstring).
+        Returns whether it was admitted: False when raw frames are not kept, or when it was
+        rejected (counted by kind; see the module docstring). An admitted frame the full
+        backlog cannot hold (a disk slower than the data) returns True and is counted in
+        ``backlog_dropped``, never written: the router republishes it all the same.
         """
         if self._raw is None:
             return False
@@ -1108,7 +1111,9 @@ class Recorder:
         group.attrs["deepz"] = {
             "index": "camera sequence number (the t index of the images)",
             "fields": FRAME_FIELDS,
-            "missing": "NaN: no frame recorded with that seq",
+            "missing": "NaN: no frame with that seq reached the recorder (a frame the full "
+            "backlog kept off the disk keeps its time and focus here; raw_present says which "
+            "are on disk)",
         }
         return {
             name: group.create_array(
@@ -1155,8 +1160,14 @@ class Recorder:
             ]
         self._deepz["rejected"] = self.rejections()
         self._deepz["stack_values_clipped"] = self._gates["stacks"].clipped()
+        # complete: everything admitted is on disk; a frame or stack the backlog refused (a
+        # disk slower than the data) is missing from it, said at close in the summary too
         self._deepz["complete"] = (
-            final and self.error is None and self.stacks_error is None and self.run_error is None
+            final
+            and self.error is None
+            and self.stacks_error is None
+            and self.run_error is None
+            and not any(self._backlog_dropped[image] for image in _IMAGES)
         )
         self._deepz["error"] = self.error
         self._deepz["stacks_error"] = self.stacks_error

@@ -419,6 +419,18 @@ def test_a_recorder_backlog_that_holds_no_stack_is_refused(tmp_path):
     assert load_config(write(tmp_path, text)).recorder.max_backlog_mb == 1
 
 
+def test_a_recorder_that_can_write_nothing_or_no_chunk_is_refused(tmp_path):
+    """Review 77: keeping neither image wrote an OME-Zarr collection of no image (invalid), and
+    10000 frames of 2048² a chunk asked 78 GiB for the first shard, stopping the recording."""
+    text = "[recorder]\nkeep_raw = false\nkeep_stacks = false\n"
+    with pytest.raises(ConfigError, match=r"keep_raw and recorder.keep_stacks are both false"):
+        load_config(write(tmp_path, text))
+    text = "[source]\nframe_shape = [2048, 2048]\n[recorder]\nframes_per_chunk = 10000\n"
+    with pytest.raises(ConfigError, match=r"frames_per_chunk = 10000 makes chunks of"):
+        load_config(write(tmp_path, text))
+    assert load_config(write(tmp_path, text.replace("10000", "4"))).recorder.frames_per_chunk == 4
+
+
 def test_the_camera_ring_buffer_is_bounded_whatever_the_rate() -> None:
     from live.sources import RING_MAX_MB, RING_MIN_MB, ring_buffer_mb
 

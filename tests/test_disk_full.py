@@ -324,6 +324,7 @@ def test_a_disk_slower_than_the_data_bounds_the_backlog_stacks_first_and_says_so
     assert "backlog full" in summary.line()
     deepz = zarr.open_group(path, mode="r").attrs["deepz"]
     assert deepz["summary"]["backlog_dropped"] == dropped
+    assert deepz["complete"] is False  # frames admitted and not on disk (review 77: said True)
     raw_seqs = _present(deepz["raw_present"])
     assert raw_seqs == list(range(summary.raw_frames))  # the first ones, while there was room
     raw = run_array(path, "raw")
