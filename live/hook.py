@@ -560,13 +560,14 @@ class PycromanagerHook:
             return frame_number(metadata[self.seq_key])
         axes = metadata.get("Axes")
         t = _time_index(axes) if isinstance(axes, Mapping) else None
-        if t is None:  # numbered on after the last frame sent (refused frames take none)
-            seq = max(self.first_seq, self.sender.next_seq)
+        after_last = max(self.first_seq, self.sender.next_seq)  # refused frames take no seq
+        if t is None:
+            seq = after_last
         else:
             if self._rebase or (self._last_t is None and self._count > 0):
                 # a new acquisition, or frames without a time axis came first: numbered on
                 # after the last frame sent, not from the start again (duplicates)
-                self._base = max(self.first_seq, self.sender.next_seq) - t
+                self._base = after_last - t
                 self._rebase = False
             self._last_t = t
             seq = self._base + t
