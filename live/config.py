@@ -663,7 +663,15 @@ class RecorderConfig(_BaseModel):
     )
     compression: Literal["none", "zstd", "lz4"] = Field("lz4", description="Chunk compression.")
     min_free_mb: int = Field(
-        500, ge=0, le=10**9, description="Stop recording when free disk space falls below this."
+        500,
+        ge=0,
+        le=10**9,
+        description=(
+            "Free disk space, MB, below which a run does not start and a running one stops "
+            "recording stacks (they can be made again from the raw frames offline); the raw "
+            "frames stop at half of it, those held in memory for their shard written first. "
+            "0: record until the disk is full."
+        ),
     )
     stall_s: float = Field(
         120.0,

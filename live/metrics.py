@@ -83,7 +83,8 @@ class SeqSet:
     """A set of sequence numbers kept as sorted, merged half-open ranges (not thread-safe).
 
     Adding is O(log r + r) for r ranges and usually O(log r) (seqs mostly arrive in order),
-    and memory is O(r): a run that skips a million frames in a row holds one range.
+    and memory is O(r): a run that skips a million frames in a row holds one range, and a
+    recording of a million frames without a gap holds one range where a `set` held 63 MiB.
     """
 
     def __init__(self) -> None:
@@ -110,6 +111,25 @@ class SeqSet:
             starts.insert(i, seq)
             stops.insert(i, seq + 1)
         self.count += 1
+
+    def __contains__(self, seq: object) -> bool:
+        if not isinstance(seq, int):
+            return False
+        i = bisect_right(self._starts, seq) - 1  # the range that starts at or before seq
+        return i >= 0 and self._stops[i] > seq
+
+    def __len__(self) -> int:
+        return self.count
+
+    def intersects(self, start: int, stop: int) -> bool:
+        """Whether any seq in ``[start, stop)`` is held."""
+        i = bisect_right(self._starts, stop - 1) - 1  # the last range starting before stop
+        return i >= 0 and self._stops[i] > start
+
+    @property
+    def last(self) -> int:
+        """The highest seq held, -1 when empty."""
+        return self._stops[-1] - 1 if self._stops else -1
 
     def discard(self, seq: int) -> bool:
         """Remove one seq; return whether it was there (a range may split in two)."""

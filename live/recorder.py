@@ -29,21 +29,24 @@ second, not two hundred. zarr rewrites a whole shard for any write into it, so t
 gathers a shard's items in memory and writes the shard once, when it is full. A shard that is
 not full after ``hold_s`` (items stopped coming, or come slower than the rate), that lies more
 than two shards behind the newest item (its missing items will not come), or that is still open
-at close is written with what it has, one write per run of consecutive seqs; a late item for it
-is merged in by a later write. What is held in memory is not yet "present" (below), so a crash
-loses at most that much and the store never claims it.
+at close is written with what it has, in one write (its missing rows zeros, not present); a late
+item for it is merged in by a later write, which never writes over a present row. What is held
+in memory is not yet "present" (below), so a crash loses at most that much and the store never
+claims it.
 
-A write error (a full disk: ``ENOSPC``, or any other; an ``OSError`` is tried once more
-first, so a passing fault costs nothing) or a disk below ``min_free_mb`` stops writing, is
-logged once in plain words, and everything already written stays readable; the daemon keeps
-running. The store then says so at once, not only at close: ``error`` names the
-cause, ``complete`` is false, and the arrays and presence runs are cut back to exactly what is
-on disk. A stacks write that fails when raw frames are kept stops the stacks alone
-(``stacks_error``): the raw frames are the recording, and ``python -m live.refocus`` makes the
-stacks from them afterwards (a full, over-quota or read-only disk stops both at once). Saying
-so needs disk space too, so the recorder holds a `RESERVE_MB` file (``OME/.deepz-reserve``)
-from the start and deletes it at the first failure and at close: a disk filled to 0 bytes
-still gets its truthful final metadata.
+A write error (a full disk: ``ENOSPC``, or any other; an ``OSError`` is tried once more first,
+so a passing fault costs nothing) or a disk below ``min_free_mb`` stops writing (below it the
+stacks alone when raw frames are kept; below half of it the raw frames too, those held for their
+shard written first when they fit), is logged once in plain words, and everything already
+written stays readable; the daemon keeps running. The store then says so at once, not only at
+close: ``error`` names the cause, ``complete`` is false, and the arrays and presence runs are
+cut back to exactly what is on disk. A stacks write that fails when raw frames are kept stops
+the stacks alone (``stacks_error``): the raw frames are the recording, and
+``python -m live.refocus`` makes the stacks from them afterwards (a full, over-quota or
+read-only disk stops both at once). Saying so needs disk space too, so the recorder holds a
+`RESERVE_MB` file (``OME/.deepz-reserve``, grown to three times the root metadata as that grows)
+from the start and deletes it at the first failure and at close: a disk filled to 0 bytes still
+gets its truthful final metadata.
 
 Each seq is written at most once per image, and only items that fit the store are queued.
 `put_frame` / `put_stack` check, on the caller's thread and so in arrival order: the shape; the
@@ -82,7 +85,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, GzipCodec, ZstdCodec
 
-from live.metrics import format_ranges, seq_ranges
+from live.metrics import SeqSet, format_ranges, seq_ranges
 from live.store import (
     DPMS_ARRAY,
     FRAME_FIELDS,
@@ -251,7 +254,7 @@ class SeqGate:
         self.image, self.shape, self.dtype, self.seq_window = image, shape, dtype, seq_window
         self.exact = exact
         self._lock = threading.Lock()
-        self._admitted: set[int] = set()
+        self._admitted = SeqSet()  # ranges: memory follows the gaps, not the frames
         self._highest = -1
         self._rejected = dict.fromkeys(REJECTIONS, 0)
         self._clipped = 0
@@ -554,7 +557,9 @@ class Recorder:
         # writer: a hung disk then blocks the writer, never the daemon's status or its end
         self._free_mb: float | None = None
         self._space_unread = 0  # free-space reads failed in a row (`_check_space`)
-        self._present: dict[str, set[int]] = {image: set() for image in _IMAGES}
+        # on disk, as ranges (`SeqSet`): a per-seq set grew 63 MiB per million frames and its
+        # sort stalled the writer for 0.5 s per metadata write after a million
+        self._present: dict[str, SeqSet] = {image: SeqSet() for image in _IMAGES}
         self._held: dict[str, dict[int, _Shard]] = {image: {} for image in _IMAGES}
         self._frame_meta: dict[int, tuple[float, float]] = {}  # raw frame queued, not on disk
         self._meta_pending: dict[int, tuple[float, float]] = {}  # on disk, metadata not yet
@@ -579,7 +584,8 @@ class Recorder:
                 [image.group.basename for image in self._images.values()]
             )
             self._reserve: Path | None = self.path / OME_GROUP / RESERVE_NAME
-            _hold_space(self._reserve, int(reserve_mb * 2**20))
+            self._reserve_bytes = int(reserve_mb * 2**20)
+            _hold_space(self._reserve, self._reserve_bytes)
             self._frames = self._create_frames()
             self._arrays = {role: image.array for role, image in self._images.items()}
             self._raw = self._arrays.get("raw")
@@ -604,6 +610,7 @@ class Recorder:
             with contextlib.suppress(OSError):  # unreadable: the writer's check will say why
                 self._free_mb = _disk_free_mb(self.path)
             self._last_attrs = time.monotonic()
+            self._attrs_every_s = _ATTRS_EVERY_S
             self._supervisor = supervisor or Supervisor()
             self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
             self._thread.start()
@@ -890,9 +897,12 @@ class Recorder:
                 self._write(*item)
             if self.error is None:
                 self._write_held(held_since=now - self.hold_s)
-            if now - self._last_attrs > _ATTRS_EVERY_S:
+            if now - self._last_attrs > self._attrs_every_s:
                 self._guarded(self._write_attrs, "metadata")
-                self._last_attrs = now
+                self._last_attrs = time.monotonic()
+                # a run with very many gaps has large presence runs: keep their writing to
+                # about 5 % of this thread's time rather than every 2 s whatever they cost
+                self._attrs_every_s = max(_ATTRS_EVERY_S, 20 * (self._last_attrs - now))
             self._record_failure()
         if self.error is None:
             self._write_held(held_since=math.inf)
@@ -963,18 +973,26 @@ class Recorder:
     def _write_shard(self, role: str, index: int) -> None:
         """Write the items held for one shard and forget them (raises on a storage error).
 
-        A full shard is one write of the whole shard; a partial one is one write per run of
-        consecutive seqs, which zarr merges into what the shard file already holds (a late
-        item, or one after a partial write). Each run counts as present once it is written.
+        A shard none of whose rows is on disk yet is one write, from its first held item to
+        its last, rows not held as zeros (presence, not the values, says which rows hold
+        items). A shard file that already holds items (a late item, or one after a stale
+        partial write) gets one write per run of consecutive held seqs, which zarr merges into
+        the file: an item on disk is never written over. Items count as present once written.
         """
         shard = self._held[role][index]
         array, n = self._arrays[role], self.shard_t[role]
-        self._grow(array, max(shard.filled))
+        first, last = min(shard.filled), max(shard.filled)
+        self._grow(array, last)
         base = index * n
-        for start, stop in seq_ranges(list(shard.filled)):
+        with self._lock:
+            fresh = not self._present[role].intersects(base, base + n)
+        # each write of part of a shard reads, merges and rewrites the whole file: writing a
+        # fresh shard run by run rewrote it once per run (n/2 times for every other frame)
+        runs = [(first, last + 1)] if fresh else seq_ranges(shard.filled)
+        for start, stop in runs:
             array[start:stop] = shard.data[start - base : stop - base]
-            for seq in range(start, stop):
-                self._mark(role, seq)
+        for seq in sorted(shard.filled):
+            self._mark(role, seq)
         del self._held[role][index]  # only once written: a write tried again finds it
 
     def _write_held(self, *, held_since: float) -> None:
@@ -1007,6 +1025,10 @@ class Recorder:
         if role != "stacks" or self._raw is None or whole_disk:
             self._fail(reason)
             return
+        self._stop_stacks(reason)
+
+    def _stop_stacks(self, reason: str) -> None:
+        """Stop writing stacks, once, raw frames going on (see `_write_failed`)."""
         if self.stacks_error is not None:
             return
         self.stacks_error = reason
@@ -1134,17 +1156,29 @@ class Recorder:
             array.resize((seq + 1, *array.shape[1:]))
 
     def _flush_frame_meta(self) -> None:
-        """Write the frame metadata that is due, one assignment per run of consecutive seqs."""
+        """Write the frame metadata that is due, one read and one write per chunk and field.
+
+        Rows between the due seqs keep what they hold (NaN, or a frame's metadata written
+        earlier): each chunk's span is read, filled in and written back whole. One write per
+        run of consecutive seqs took 4 s for 140 frames of a run with a gap between each.
+        """
         with self._lock:
             pending, self._meta_pending = self._meta_pending, {}
         if not pending:
             return
         try:
-            for start, stop in seq_ranges(list(pending)):
-                values = np.array([pending[s] for s in range(start, stop)], dtype=np.float64)
+            by_chunk: dict[int, list[int]] = {}
+            for seq in sorted(pending):
+                by_chunk.setdefault(seq // _FRAME_CHUNK, []).append(seq)
+            for seqs in by_chunk.values():
+                start, stop = seqs[0], seqs[-1] + 1
+                due = np.array([pending[s] for s in seqs], dtype=np.float64)
+                rows = np.asarray(seqs) - start
                 for i, array in enumerate(self._frames.values()):
                     self._grow(array, stop - 1)
-                    array[start:stop] = values[:, i]
+                    values = np.asarray(array[start:stop], dtype=np.float64)
+                    values[rows] = due[:, i]
+                    array[start:stop] = values
                 self._meta_end = max(self._meta_end, stop)
         except BaseException:
             with self._lock:  # not written: keep it for the next try
@@ -1154,10 +1188,8 @@ class Recorder:
     def _write_attrs(self, *, final: bool = False) -> None:
         """Write presence runs, rejection counts, frame metadata, display windows, OME-XML."""
         with self._lock:
-            self._deepz["raw_present"] = [list(r) for r in seq_ranges(list(self._present["raw"]))]
-            self._deepz["stacks_present"] = [
-                list(r) for r in seq_ranges(list(self._present["stacks"]))
-            ]
+            self._deepz["raw_present"] = [list(r) for r in self._present["raw"].ranges()]
+            self._deepz["stacks_present"] = [list(r) for r in self._present["stacks"].ranges()]
         self._deepz["rejected"] = self.rejections()
         self._deepz["stack_values_clipped"] = self._gates["stacks"].clipped()
         # complete: everything admitted is on disk; a frame or stack the backlog refused (a
@@ -1182,6 +1214,32 @@ class Recorder:
             for image in self._images.values():
                 image.xml_t = image.array.shape[0]
         self._root.attrs["deepz"] = self._deepz
+        if not final:
+            self._grow_reserve()
+
+    def _grow_reserve(self) -> None:
+        """Hold back three times the root metadata's size if the reserve is smaller.
+
+        The final metadata is about the root attributes again plus the gap lists of the
+        summary (no larger than the presence runs): a run with very many gaps outgrows the
+        `RESERVE_MB` default, and on a disk that then fills the final write would fail.
+        """
+        if self._reserve is None or self._reserve_bytes <= 0:  # none asked for
+            return
+        try:
+            wanted = 3 * (self.path / "zarr.json").stat().st_size
+            if wanted > self._reserve_bytes:
+                _hold_space(self._reserve, wanted - self._reserve_bytes, append=True)
+                self._reserve_bytes = wanted
+        except OSError as err:  # the space check stops the recorder if the disk is full
+            log.warning(
+                "recorder: could not grow the reserve %s to hold the metadata (%s); "
+                "it stays at %d bytes",
+                self._reserve,
+                err,
+                self._reserve_bytes,
+            )
+            self._reserve_bytes = 0  # said once; no further tries
 
     def _xml_image(self, image: _Image) -> XmlImage:
         """Describe one image for METADATA.ome.xml as it is now."""
@@ -1214,11 +1272,23 @@ class Recorder:
                 "the store's folder is gone or unreachable"
             )
             return
-        if self.min_free_mb > 0 and free_mb < self.min_free_mb:
-            self._fail(
-                f"only {free_mb:.0f} MB free on {self.path}, below recorder.min_free_mb = "
-                f"{self.min_free_mb:.0f}"
-            )
+        if self.min_free_mb <= 0 or free_mb >= self.min_free_mb:
+            return
+        low = f"only {free_mb:.0f} MB free on {self.path}"
+        limit = f"recorder.min_free_mb = {self.min_free_mb:.0f}"
+        # the raw frames are the recording and a stack is tens of frames' bytes: the stacks
+        # stop first (made again offline from the raw frames), the raw frames at half of it
+        if self._raw is not None and free_mb >= self.min_free_mb / 2:
+            if self._stacks is not None:
+                self._stop_stacks(
+                    f"{low}, below {limit}; raw frames are recorded down to half of it"
+                )
+            return
+        held_mb = sum(s.data.nbytes for h in self._held.values() for s in h.values()) / 2**20
+        if held_mb < free_mb:  # what is held in memory for its shard fits: written first
+            self._write_held(held_since=math.inf)
+        below = f"half of {limit}" if self._raw is not None else limit
+        self._fail(f"{low}, below {below}")
 
     def _fail(self, reason: str, *, release_reserve: bool = True) -> None:
         """Stop writing and log why, once; free the reserve for the truthful final metadata.
@@ -1263,7 +1333,7 @@ class Recorder:
     def _trim_all(self) -> None:
         """Cut every time axis back to what is on disk: last present seq, last frame metadata."""
         with self._lock:
-            ends = {role: max(self._present[role], default=-1) + 1 for role in _IMAGES}
+            ends = {role: self._present[role].last + 1 for role in _IMAGES}
         for role, image in self._images.items():
             _trim(image.array, ends[role])
         for array in self._frames.values():
@@ -1297,15 +1367,14 @@ class Recorder:
     def _summarise(self) -> RecorderSummary:
         """Return what the recording holds and lacks, from memory (nothing written)."""
         with self._lock:
-            present = {role: sorted(self._present[role]) for role in _IMAGES}
-        gaps = {role: gap_ranges(seq_ranges(seqs)) for role, seqs in present.items()}
+            present = {role: self._present[role].ranges() for role in _IMAGES}
+            counts = {role: len(self._present[role]) for role in _IMAGES}
+        gaps = {role: gap_ranges(runs) for role, runs in present.items()}
         return RecorderSummary(
             path=str(self.path),
-            raw_frames=len(present["raw"]),
-            stacks=len(present["stacks"]),
-            unrecorded=sum(
-                self._gates[role].admitted() - len(present[role]) for role in self._images
-            ),
+            raw_frames=counts["raw"],
+            stacks=counts["stacks"],
+            unrecorded=sum(self._gates[role].admitted() - counts[role] for role in self._images),
             error=self.error,
             rejected=self.rejections(),
             stacks_error=self.stacks_error,
@@ -1359,8 +1428,8 @@ def gap_ranges(present: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
     return gaps
 
 
-def _hold_space(path: Path, nbytes: int) -> None:
-    """Write `nbytes` of incompressible bytes to `path`, so that the space is really taken.
+def _hold_space(path: Path, nbytes: int, *, append: bool = False) -> None:
+    """Write `nbytes` of incompressible bytes to `path` (or its end), so the space is taken.
 
     Random bytes rather than zeros or ``fallocate``: a compressing or deduplicating file
     system (btrfs, ZFS) would hold no space for those.
@@ -1368,7 +1437,9 @@ def _hold_space(path: Path, nbytes: int) -> None:
     if nbytes <= 0:
         return
     block = os.urandom(min(nbytes, 2**20))
-    with path.open("wb") as f:
+    # appending never creates the file: a reserve deleted meanwhile (a failure, close) stays so
+    flags = os.O_WRONLY | (os.O_APPEND if append else os.O_CREAT | os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, 0o644), "wb") as f:
         for start in range(0, nbytes, len(block)):
             f.write(block[: nbytes - start])
 

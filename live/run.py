@@ -560,7 +560,7 @@ class Daemon:
         if free_mb < rc.min_free_mb:
             raise ConfigError(
                 f"only {free_mb:.0f} MB free on {folder}, below recorder.min_free_mb = "
-                f"{rc.min_free_mb}: nothing would be recorded (free space, lower "
+                f"{rc.min_free_mb}: no stack would be recorded (free space, lower "
                 "recorder.min_free_mb, or run with recorder.enabled = false)"
             )
 
@@ -756,8 +756,9 @@ class Daemon:
             return
         if free_mb < rc.min_free_mb:
             log.warning(
-                "only %.0f MB free on %s, below recorder.min_free_mb = %d: recording will stop "
-                "at the first frame (free space, or lower recorder.min_free_mb)",
+                "only %.0f MB free on %s, below recorder.min_free_mb = %d: the stacks stop at "
+                "the first frame, the raw frames at half of it (free space, or lower "
+                "recorder.min_free_mb)",
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,

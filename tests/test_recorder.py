@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -285,12 +287,50 @@ def test_disk_below_min_free_stops_recording_keeps_data_and_says_so(
         for seq in range(5):
             rec.put_frame(_frame(seq))
         summary = rec.close(timeout_s=30)
-    assert summary.error is not None and "below recorder.min_free_mb" in summary.error
+    assert summary.error is not None and "below half of recorder.min_free_mb" in summary.error
     assert summary.unrecorded == 5 and summary.raw_frames == 0
     assert "RECORDER STOPPED" in caplog.text
     root = zarr.open_group(path, mode="r")  # the store is still consistent and readable
     assert root.attrs["deepz"]["complete"] is False
     assert "min_free_mb" in root.attrs["deepz"]["error"]
+
+
+def test_a_filling_disk_stops_the_stacks_first_then_the_raw_frames_writing_held_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The free space read by the writer is set by the test (a real store, a made-up disk).
+    # Below min_free_mb (1000) the stacks stop and the raw frames go on; below half of it the
+    # raw frames stop too, the ones held in memory for their 1 s shard written first.
+    free = {"mb": 10_000.0}
+    monkeypatch.setattr("live.recorder._disk_free_mb", lambda path: free["mb"])
+    path = tmp_path / "filling.ome.zarr"
+    rec = _recorder(path, min_free_mb=1000, shard_s=1.0)
+
+    def put_until(seqs: range, done: Callable[[], bool], what: str) -> None:
+        for seq in seqs:
+            assert rec.put_frame(_frame(seq))
+            rec.put_stack(_stack(seq))
+        deadline = time.monotonic() + 60  # waited on, not timed: space is read once a second
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    put_until(range(0, 20), lambda: rec.counts() == (20, 20), "the first shard never landed")
+    free["mb"] = 700.0
+    put_until(range(20, 30), lambda: rec.stacks_error is not None, "the stacks never stopped")
+    assert rec.error is None and "below recorder.min_free_mb = 1000" in rec.stacks_error
+    for seq in range(30, 35):  # held for their shard (20-39), not yet on disk
+        assert rec.put_frame(_frame(seq))
+    free["mb"] = 400.0
+    put_until(range(35, 35), lambda: rec.error is not None, "the raw frames never stopped")
+    assert "below half of recorder.min_free_mb = 1000" in rec.error
+    summary = rec.close(timeout_s=30)
+    assert summary.raw_frames == 35 and summary.raw_gaps == []  # none held was dropped
+    assert summary.stacks == 20
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["raw_present"] == [[0, 35]] and deepz["complete"] is False
+    raw = run_array(path, "raw")
+    assert [int(raw[seq, 1, 1]) for seq in (0, 20, 34)] == [0, 20, 34]
 
 
 def test_write_error_is_logged_and_later_items_counted(
@@ -459,6 +499,26 @@ def test_every_gap_and_every_skipped_or_lost_seq_is_stored_as_ranges(tmp_path: P
     assert deepz["complete"] is True and not (path / "OME" / ".deepz-reserve").exists()
 
 
+def test_the_reserve_grows_with_the_metadata_it_must_hold_back_room_for(tmp_path: Path) -> None:
+    # A 4 KiB reserve under root metadata of about 20 KiB (three hundred gaps): the writer
+    # grows it to three times the metadata, so a disk that fills later still takes the final
+    # write. Waited on, not timed: the metadata is written every 2 s.
+    path = tmp_path / "gappy.ome.zarr"
+    rec = _recorder(path, keep_stacks=False, reserve_mb=4 / 1024, seq_window=10_000)
+    reserve = path / "OME" / ".deepz-reserve"
+    assert reserve.stat().st_size == 4096
+    for seq in range(0, 3000, 10):
+        assert rec.put_frame(_frame(seq))
+    deadline = time.monotonic() + 60
+    root = path / "zarr.json"
+    while time.monotonic() < deadline and reserve.stat().st_size <= 4096:
+        time.sleep(0.1)
+    metadata = root.stat().st_size
+    assert reserve.stat().st_size >= 3 * metadata > 3 * 4096
+    summary = rec.close(timeout_s=30)
+    assert summary.raw_frames == 300 and summary.error is None and not reserve.exists()
+
+
 def _counts_stack(seq: int, dtype: type = np.float32) -> Message:
     """A stack in camera counts over the whole uint16 range, with sub-count detail."""
     rng = np.random.default_rng(seq)
@@ -575,3 +635,38 @@ def test_shards_hold_many_frames_per_file_and_each_is_written_once(
         assert len(shard_puts) == n // 20  # each shard written once, whole
     _validate(sharded)
     assert list(_images_from_root(sharded)) == ["raw", "stacks"]
+
+
+def test_a_partly_filled_shard_is_one_write_and_a_late_frame_merges_without_overwriting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every other frame (the "latest" policy's stacks look like this): a shard of 20 holds 10.
+    # It used to be written one run at a time, 10 rewrites of the same file. Frame 1 then
+    # comes late, after its shard is on disk: it is merged in, and frame 0 and 2 keep theirs.
+    import zarr.storage._local as zarr_local
+
+    puts: list[str] = []
+    put = zarr_local._put
+
+    def counting_put(file: Path, value: object, exclusive: bool = False) -> int:
+        puts.append(str(file))
+        return put(file, value, exclusive)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zarr_local, "_put", counting_put)
+    path = tmp_path / "every-other.ome.zarr"
+    rec = _recorder(path, shard_s=1.0, keep_stacks=False, compression="none")
+    evens = list(range(0, 100, 2))  # 5 shards; the newest written stale push out the oldest
+    for seq in evens:
+        assert rec.put_frame(_frame(seq))
+    rec.put_frame(_frame(1))  # late: shard 0 was written when shard 3 began
+    summary = rec.close(timeout_s=30)
+    monkeypatch.undo()
+
+    assert (summary.raw_frames, summary.error) == (len(evens) + 1, None)
+    raw = run_array(path, "raw")
+    shard_puts = [p for p in puts if p.startswith(str(path / raw.path / "c"))]
+    assert len(shard_puts) == 5 + 1  # each shard once; shard 0 once more for the late frame
+    for seq in [0, 1, 2, 98]:
+        assert raw[seq, 1, 1] == seq and raw[seq, 0, 0] == 1000 + seq
+    deepz = zarr.open_group(path, mode="r").attrs["deepz"]
+    assert deepz["raw_present"][:3] == [[0, 3], [4, 5], [6, 7]] and len(deepz["raw_present"]) == 49

@@ -36,7 +36,7 @@ def test_seq_set_merges_ranges_in_any_order_and_counts_each_seq_once() -> None:
     assert seqs.ranges(last=1) == [(193, 199)]  # 199 % 7 == 3
 
 
-def test_seq_set_discard_splits_and_trims_ranges_like_a_set() -> None:
+def test_seq_set_add_discard_membership_and_overlap_behave_like_a_set() -> None:
     rng = np.random.default_rng(1)
     seqs, model = SeqSet(), set()
     for _ in range(3000):
@@ -47,7 +47,12 @@ def test_seq_set_discard_splits_and_trims_ranges_like_a_set() -> None:
         else:
             assert seqs.discard(seq) == (seq in model)
             model.discard(seq)
-        assert seqs.count == len(model)
+        assert seqs.count == len(model) == len(seqs)
+        probe = int(rng.integers(-2, 82))
+        assert (probe in seqs) == (probe in model)
+        stop = probe + int(rng.integers(1, 6))
+        assert seqs.intersects(probe, stop) == any(s in model for s in range(probe, stop))
+        assert seqs.last == max(model, default=-1)
     assert seqs.seqs() == sorted(model)
     starts = [a for a, _ in seqs.ranges()]
     stops = [b for _, b in seqs.ranges()]
