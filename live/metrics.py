@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import threading
 import time
 from bisect import bisect_right
@@ -113,7 +114,9 @@ class SeqSet:
         self.count += 1
 
     def __contains__(self, seq: object) -> bool:
-        if not isinstance(seq, int):
+        try:  # any integer, NumPy's included, as a set of ints would (a set said yes to those)
+            seq = operator.index(seq)  # type: ignore[arg-type]
+        except TypeError:
             return False
         i = bisect_right(self._starts, seq) - 1  # the range that starts at or before seq
         return i >= 0 and self._stops[i] > seq

@@ -419,6 +419,15 @@ def format_rejections(rejected: dict[str, dict[str, int]]) -> str:
     return "; ".join(parts) if parts else "none"
 
 
+def low_space_stops(*, keep_raw: bool, keep_stacks: bool) -> str:
+    """Say what a disk below ``recorder.min_free_mb`` stops (the policy of `_check_space`)."""
+    if keep_raw and keep_stacks:
+        return "the stacks stop below it, the raw frames below half of it"
+    if keep_raw:
+        return "the raw frames stop below half of it"
+    return "recording stops below it"
+
+
 def missing_seqs(present: Sequence[tuple[int, int]] | Sequence[Sequence[int]]) -> list[int]:
     """Return the seqs absent between 0 and the last present seq, from presence runs."""
     missing: list[int] = []
@@ -898,11 +907,12 @@ class Recorder:
             if self.error is None:
                 self._write_held(held_since=now - self.hold_s)
             if now - self._last_attrs > self._attrs_every_s:
+                began = time.monotonic()
                 self._guarded(self._write_attrs, "metadata")
                 self._last_attrs = time.monotonic()
                 # a run with very many gaps has large presence runs: keep their writing to
                 # about 5 % of this thread's time rather than every 2 s whatever they cost
-                self._attrs_every_s = max(_ATTRS_EVERY_S, 20 * (self._last_attrs - now))
+                self._attrs_every_s = max(_ATTRS_EVERY_S, 20 * (self._last_attrs - began))
             self._record_failure()
         if self.error is None:
             self._write_held(held_since=math.inf)
@@ -1257,7 +1267,12 @@ class Recorder:
         )
 
     def _check_space(self) -> None:
-        """Read the free space; fail the recorder below ``min_free_mb``, or when it cannot say."""
+        """Read the free space (for the status); stop what ``min_free_mb`` says, or all if unread.
+
+        Below ``min_free_mb`` the stacks stop when raw frames are kept; below half of it (or
+        below it, raw frames not kept) the recorder stops, writing what it holds first when
+        that fits. After a failure only the figure is read: nothing more is written.
+        """
         try:
             free_mb = self._free_mb = _disk_free_mb(self.path)
             self._space_unread = 0
@@ -1272,8 +1287,8 @@ class Recorder:
                 "the store's folder is gone or unreachable"
             )
             return
-        if self.min_free_mb <= 0 or free_mb >= self.min_free_mb:
-            return
+        if self.error is not None or self.min_free_mb <= 0 or free_mb >= self.min_free_mb:
+            return  # after a failure the freed reserve is for the final metadata alone
         low = f"only {free_mb:.0f} MB free on {self.path}"
         limit = f"recorder.min_free_mb = {self.min_free_mb:.0f}"
         # the raw frames are the recording and a stack is tens of frames' bytes: the stacks

@@ -56,7 +56,14 @@ from live.metrics import (
     format_stage_times,
 )
 from live.protocol import WORKER_PREFETCH, Message, max_part_bytes
-from live.recorder import Recorder, RecorderSummary, SeqGate, format_rejections, store_path
+from live.recorder import (
+    Recorder,
+    RecorderSummary,
+    SeqGate,
+    format_rejections,
+    low_space_stops,
+    store_path,
+)
 from live.router import (
     DISPLAY_HWM,
     FRAMES_RCVHWM,
@@ -558,10 +565,11 @@ class Daemon:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"{what}: this user cannot write in {folder}")
         if free_mb < rc.min_free_mb:
+            stops = low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks)
             raise ConfigError(
                 f"only {free_mb:.0f} MB free on {folder}, below recorder.min_free_mb = "
-                f"{rc.min_free_mb}: no stack would be recorded (free space, lower "
-                "recorder.min_free_mb, or run with recorder.enabled = false)"
+                f"{rc.min_free_mb}, where {stops} (free space, lower recorder.min_free_mb, "
+                "or run with recorder.enabled = false)"
             )
 
     def start(self) -> None:
@@ -756,19 +764,20 @@ class Daemon:
             return
         if free_mb < rc.min_free_mb:
             log.warning(
-                "only %.0f MB free on %s, below recorder.min_free_mb = %d: the stacks stop at "
-                "the first frame, the raw frames at half of it (free space, or lower "
-                "recorder.min_free_mb)",
+                "only %.0f MB free on %s, below recorder.min_free_mb = %d: %s (free space, or "
+                "lower recorder.min_free_mb)",
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
+                low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks),
             )
         elif _disk_low(free_mb, rc.min_free_mb):
             log.warning(
-                "only %.0f MB free on %s: recording stops below recorder.min_free_mb = %d",
+                "only %.0f MB free on %s, near recorder.min_free_mb = %d: %s",
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
+                low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks),
             )
 
     def _spawn(self, i: int) -> None:

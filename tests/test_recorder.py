@@ -7,6 +7,7 @@ parses METADATA.ome.xml; a SIGKILLed recorder leaves a store that says only true
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -331,6 +332,42 @@ def test_a_filling_disk_stops_the_stacks_first_then_the_raw_frames_writing_held_
     assert deepz["raw_present"] == [[0, 35]] and deepz["complete"] is False
     raw = run_array(path, "raw")
     assert [int(raw[seq, 1, 1]) for seq in (0, 20, 34)] == [0, 20, 34]
+
+
+def test_after_a_full_disk_the_space_freed_by_the_reserve_takes_no_more_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review 78: a raw write fails with ENOSPC (its shard stays held), the reserve is freed;
+    # the next space check, below half of min_free_mb, must not write the held shard into the
+    # room that was kept for the final metadata.
+    free = {"mb": 10_000.0}
+    monkeypatch.setattr("live.recorder._disk_free_mb", lambda path: free["mb"])
+    full = {"on": True}
+    write = zarr.Array.__setitem__
+
+    def filling_write(array: zarr.Array, selection: object, value: object) -> None:
+        if array.ndim == 3 and full["on"]:  # raw frames (t, y, x)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(array, selection, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", filling_write)
+    path = tmp_path / "full.ome.zarr"
+    rec = _recorder(path, keep_stacks=False, shard_s=1.0, min_free_mb=1000)
+    for seq in range(20):  # one whole shard: written at once, and refused
+        assert rec.put_frame(_frame(seq))
+    deadline = time.monotonic() + 60
+    while rec.error is None:
+        assert time.monotonic() < deadline, "the full disk never stopped the recorder"
+        time.sleep(0.05)
+    full["on"] = False
+    for mb in (3.0, 2.9):  # only the freed reserve is left; two space checks read it
+        free["mb"] = mb
+        while rec.free_mb() != mb:
+            assert time.monotonic() < deadline, "the writer stopped reading the free space"
+            time.sleep(0.05)
+    assert rec.counts() == (0, 0)
+    summary = rec.close(timeout_s=30)
+    assert summary.raw_frames == 0 and summary.unrecorded == 20 and "No space" in summary.error
 
 
 def test_write_error_is_logged_and_later_items_counted(

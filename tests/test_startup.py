@@ -111,7 +111,9 @@ def test_min_free_mb_beyond_the_disk_is_refused_before_anything_starts(
     config = live_config(tmp_path, tiny_model_files["onnx"], recorder={"min_free_mb": 10**9})
     daemon = Daemon(config, output=tmp_path / "run.ome.zarr", source=None, preflight_check=False)
     try:
-        with pytest.raises(ConfigError, match=r"below recorder.min_free_mb = 1000000000: no stack"):
+        with pytest.raises(
+            ConfigError, match=r"below recorder.min_free_mb = 1000000000, where the stacks stop"
+        ):
             daemon.check()
     finally:
         daemon.stop()

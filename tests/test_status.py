@@ -49,7 +49,7 @@ def test_seq_set_add_discard_membership_and_overlap_behave_like_a_set() -> None:
             model.discard(seq)
         assert seqs.count == len(model) == len(seqs)
         probe = int(rng.integers(-2, 82))
-        assert (probe in seqs) == (probe in model)
+        assert (probe in seqs) == (probe in model) == (np.int64(probe) in seqs)
         stop = probe + int(rng.integers(1, 6))
         assert seqs.intersects(probe, stop) == any(s in model for s in range(probe, stop))
         assert seqs.last == max(model, default=-1)
