@@ -631,11 +631,8 @@ def _files(array_dir: Path) -> int:
     return sum(1 for f in (array_dir / "c").rglob("*") if f.is_file())
 
 
-def test_shards_hold_many_frames_per_file_and_each_is_written_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 1 s shards at 20 Hz: 20 frames or stacks a file. In order at rate, each shard file is
-    # written exactly once (no rewrite per frame); the unsharded store has a file per frame.
+def _count_file_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the path of every file zarr's LocalStore writes (until the patch is undone)."""
     import zarr.storage._local as zarr_local
 
     puts: list[str] = []
@@ -646,6 +643,15 @@ def test_shards_hold_many_frames_per_file_and_each_is_written_once(
         return put(file, value, exclusive)  # type: ignore[arg-type]
 
     monkeypatch.setattr(zarr_local, "_put", counting_put)
+    return puts
+
+
+def test_shards_hold_many_frames_per_file_and_each_is_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 s shards at 20 Hz: 20 frames or stacks a file. In order at rate, each shard file is
+    # written exactly once (no rewrite per frame); the unsharded store has a file per frame.
+    puts = _count_file_writes(monkeypatch)
     n = 40
     stores = {}
     for shard_s in (1.0, 0.0):
@@ -680,16 +686,7 @@ def test_a_partly_filled_shard_is_one_write_and_a_late_frame_merges_without_over
     # Every other frame (the "latest" policy's stacks look like this): a shard of 20 holds 10.
     # It used to be written one run at a time, 10 rewrites of the same file. Frame 1 then
     # comes late, after its shard is on disk: it is merged in, and frame 0 and 2 keep theirs.
-    import zarr.storage._local as zarr_local
-
-    puts: list[str] = []
-    put = zarr_local._put
-
-    def counting_put(file: Path, value: object, exclusive: bool = False) -> int:
-        puts.append(str(file))
-        return put(file, value, exclusive)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(zarr_local, "_put", counting_put)
+    puts = _count_file_writes(monkeypatch)
     path = tmp_path / "every-other.ome.zarr"
     rec = _recorder(path, shard_s=1.0, keep_stacks=False, compression="none")
     evens = list(range(0, 100, 2))  # 5 shards; the newest written stale push out the oldest
