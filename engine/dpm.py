@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,8 +318,12 @@ class FocusLock:
 
     def offset_um(self, focus_um: float) -> tuple[float, float]:
         """Return (DPM offset µm, excess µm clamped away) for a frame taken at `focus_um`."""
-        if not np.isfinite(focus_um):
-            raise DPMError(f"focus_um must be finite, got {focus_um}")
+        try:  # any real number; NumPy's isfinite refuses ints beyond 64 bits with TypeError
+            finite = math.isfinite(focus_um)
+        except (TypeError, OverflowError):
+            finite = False
+        if not finite:
+            raise DPMError(f"focus_um must be a finite number, got {focus_um!r:.40}")
         wanted = -self.sign * (float(focus_um) - self.reference_um)
         offset = min(max(wanted, self.min_offset_um), self.max_offset_um)
         if not np.isfinite(offset):  # a focus so far off that even the difference overflows

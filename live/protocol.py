@@ -365,9 +365,15 @@ def _parse_header(view: bytes | memoryview) -> Header:
         latency_ms=fields.get("latency_ms"),
     )
     _check_header(header)
-    if header.planes_um is not None:  # checked finite numbers; JSON ints become floats here
-        header = replace(header, planes_um=tuple(float(p) for p in header.planes_um))
-    return header
+    # checked finite numbers; JSON ints become floats here: a 20-digit int is a finite float,
+    # but NumPy cannot take it as a number (np.isfinite raised TypeError in a worker)
+    return replace(
+        header,
+        timestamp_s=float(header.timestamp_s),
+        focus_um=None if header.focus_um is None else float(header.focus_um),
+        planes_um=None if header.planes_um is None else tuple(float(p) for p in header.planes_um),
+        latency_ms=None if header.latency_ms is None else float(header.latency_ms),
+    )
 
 
 def _nests_deeper(raw: bytes, limit: int) -> bool:

@@ -72,8 +72,11 @@ WORKER_HWM = 4
 RAW_REPUBLISH_HWM = 100
 """Raw frames queued for a slow subscriber of the raw republish socket before it misses some."""
 FRAMES_RCVHWM = 100
-"""Messages the public frames socket queues before ZeroMQ pushes back on the sender (1 s at
-100 Hz; the router takes each in well under a millisecond)."""
+"""Messages the public frames socket queues per connected sender before ZeroMQ pushes back on
+it (1 s at 100 Hz; the router takes each in well under a millisecond). The mark is per
+connection and each part may be as large as a frame's largest size, so it bounds one sender,
+not many: a local user may open many connections to an endpoint without CURVE (README, Known
+gaps; with ``security.curve = "required"`` only allowed keys connect)."""
 DISPLAY_HWM = 10
 """Stacks queued for a slow display before it misses some (a display keeps up or skips)."""
 _LOGGED_MALFORMED = 100

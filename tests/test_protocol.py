@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -151,6 +152,33 @@ def test_a_frame_without_a_focus_says_so() -> None:
     assert decode(encode_frame(frame, seq=1, timestamp_s=1.0, focus_um=0.0)).header.focus_um == 0.0
     raw = b'{"version":1,"kind":"frame","seq":1,"timestamp_s":1,"shape":[4,4],"dtype":"uint16",'
     assert decode([raw + b'"focus_um":null}', bytes(32)]).header.focus_um is None
+
+
+def test_header_numbers_decode_as_floats_that_numpy_and_the_focus_lock_take() -> None:
+    """Review 79: a 20-digit focus_um is a finite JSON number, and it decoded as a Python int
+    that np.isfinite refuses with TypeError: the focus lock raised it in a worker, which died
+    (and every frame it held was lost). Numbers are floats once decoded."""
+    from engine.dpm import FocusLock
+
+    raw = (
+        b'{"version":1,"kind":"frame","seq":1,"timestamp_s":12345678901234567890,'
+        b'"shape":[4,4],"dtype":"uint16","focus_um":99999999999999999999}'
+    )
+    header = decode([raw, bytes(32)]).header
+    assert type(header.focus_um) is float and type(header.timestamp_s) is float
+    assert np.isfinite(header.focus_um) and header.focus_um == 1e20
+    lock = FocusLock(reference_um=0.0, sign=1.0, min_offset_um=-10.0, max_offset_um=10.0)
+    offset, excess = lock.offset_um(header.focus_um)
+    assert math.isfinite(offset) and excess != 0.0  # clamped to the model's range, said
+    planes = np.zeros((2, 4, 4), np.float32)
+    stack = encode_stack(planes, seq=1, timestamp_s=1, focus_um=3, latency_ms=7, planes_um=[0, 1])
+    decoded = decode(stack).header
+    assert [type(v) for v in (decoded.timestamp_s, decoded.focus_um, decoded.latency_ms)] == [
+        float,
+        float,
+        float,
+    ]
+    assert decoded.planes_um == (0.0, 1.0)
 
 
 def test_nan_in_header_is_rejected() -> None:
