@@ -98,8 +98,14 @@ class _BaseModel(BaseModel):
 
 
 def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
-    """Resolve a relative path against the config file's folder (``context["base_dir"]``)."""
-    if path is None or path.is_absolute():
+    """Resolve a path: ``~`` as the user's home, a relative one against the config's folder.
+
+    The folder is ``context["base_dir"]``. ``$VARS`` are not expanded (a TOML file is no shell).
+    """
+    if path is None:
+        return path
+    path = path.expanduser()  # "~/runs" made a folder named "~" beside the config
+    if path.is_absolute():
         return path
     ctx = info.context if isinstance(info.context, dict) else {}
     base = ctx.get("base_dir")
@@ -109,6 +115,8 @@ def _resolve(path: Path | None, info: ValidationInfo) -> Path | None:
 def _existing_file(path: Path | None, info: ValidationInfo) -> Path | None:
     """Resolve `path` and require that it is an existing file."""
     path = _resolve(path, info)
+    if path is not None and path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
     if path is not None and not path.is_file():
         raise ValueError(f"file not found: {path}")
     return path
@@ -132,6 +140,26 @@ class SimulatorConfig(_BaseModel):
         "worm", description="What the simulated scope sees (the live simulator has a worm only)."
     )
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Random seed of the sample and noise.")
+
+    @field_validator("optics")
+    @classmethod
+    def _measured_bank(cls, optics: OpticsConfig, info: ValidationInfo) -> OpticsConfig:
+        """Resolve a measured PSF bank against the config's folder and read it now.
+
+        Read at load, a missing or malformed bank is one line before anything starts, not
+        an error on the source's thread once the workers are up.
+        """
+        if optics.psf_bank is None:
+            return optics
+        from engine.volume import load_psf_bank
+
+        path = _resolve(Path(optics.psf_bank), info)
+        assert path is not None
+        try:
+            load_psf_bank(path, None, measured=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"source.simulator.optics.psf_bank: {err}") from None
+        return optics.model_copy(update={"psf_bank": str(path)})
 
 
 class ReplayConfig(_BaseModel):
@@ -191,11 +219,14 @@ class MicroManagerConfig(_BaseModel):
 
     @model_validator(mode="after")
     def _core_only(self) -> MicroManagerConfig:
-        if self.acquisition == "hook" and self.config_file is not None:
-            raise ValueError(
-                "source.micromanager.config_file is loaded only with acquisition = 'core'; "
-                "with 'hook' the acquisition pushing the frames has its own configuration"
-            )
+        if self.acquisition == "hook":
+            for key, value in (("config_file", self.config_file), ("camera", self.camera)):
+                if value is not None:
+                    raise ValueError(
+                        f"source.micromanager.{key} is used only with acquisition = 'core'; "
+                        "with 'hook' the acquisition pushing the frames has its own "
+                        "configuration"
+                    )
         return self
 
 
@@ -258,14 +289,10 @@ class SourceConfig(_BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> SourceConfig:
         optics = self.simulator.optics
-        if "pixel_size_um" not in optics.model_fields_set:
-            if optics.pixel_size_um != self.pixel_size_um and self.kind != "simulated":
-                # a real scope's pixels may be past what the simulator models: carried along
-                # unchecked, as the simulator is not used
-                self.simulator.optics = optics.model_copy(
-                    update={"pixel_size_um": self.pixel_size_um}
-                )
-            elif optics.pixel_size_um != self.pixel_size_um:
+        if self.kind != "simulated":
+            pass  # the simulator's optics are not used: a real scope's pixels may be past them
+        elif "pixel_size_um" not in optics.model_fields_set:
+            if optics.pixel_size_um != self.pixel_size_um:
                 # validated, not copied: the optics' own bounds hold for the value it inherits
                 fields = optics.model_dump(exclude_unset=True)
                 try:
@@ -286,6 +313,12 @@ class SourceConfig(_BaseModel):
         if self.kind == "replay" and self.replay.path is None:
             raise ValueError("source.kind = 'replay' needs source.replay.path (the recording)")
         if self.kind == "micromanager" and self.micromanager.acquisition == "hook":
+            for key in ("frame_count", "exposure_ms"):  # the daemon does not run that camera
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"source.{key} is not used with source.micromanager.acquisition = "
+                        "'hook': the acquisition pushing the frames sets its own (remove it)"
+                    )
             missing = [f"source.{k}" for k in _GEOMETRY_KEYS if k not in self.model_fields_set]
             if missing:
                 raise ValueError(
@@ -540,7 +573,12 @@ class PlanesConfig(_BaseModel):
         zs = self.plane_z_um()
         if zs is not None and len(set(zs)) != len(zs):
             twice_z = sorted({z for z in zs if zs.count(z) > 1})[:10]
-            raise ValueError(f"each plane once: z_um given more than once: {twice_z}")
+            if given[0] == "z_um":
+                raise ValueError(f"each plane once: z_um given more than once: {twice_z}")
+            raise ValueError(  # planes are rounded to 1e-6 µm, below which steps coincide
+                f"step_um = {self.step_um} gives the same plane twice at the planes' 1e-6 µm "
+                f"rounding ({twice_z}); raise step_um"
+            )
         return self
 
     def plane_z_um(self) -> list[float] | None:
@@ -584,6 +622,11 @@ def _zmq_address(v: str) -> str:
         raise ValueError(
             f"{v!r} reaches only this process; the daemon's clients are other processes: "
             "use tcp://127.0.0.1:PORT or ipc:///path"
+        )
+    if scheme == "ipc" and not rest.startswith(("/", "@")):  # "@": Linux's abstract sockets
+        raise ValueError(
+            f"{v!r}: an ipc path must be absolute (ipc:///path): a relative one is found from "
+            "each process's working folder, so a client started elsewhere misses it"
         )
     if scheme == "tcp":
         host, port = host_port(v)
@@ -813,6 +856,12 @@ class ScopeConfig(_BaseModel):
         default_factory=SecurityConfig, description="CURVE keys for endpoints off loopback."
     )
 
+    @property
+    def records_raw(self) -> bool:
+        """Whether the recorder keeps raw frames: a replay's only with ``record_raw``."""
+        rc, src = self.recorder, self.source
+        return rc.enabled and rc.keep_raw and (src.kind != "replay" or src.replay.record_raw)
+
     @model_validator(mode="after")
     def _fits_in_memory(self) -> ScopeConfig:
         h, w = self.source.frame_shape
@@ -834,6 +883,12 @@ class ScopeConfig(_BaseModel):
             raise ValueError(
                 "recorder.keep_raw and recorder.keep_stacks are both false: a store with no "
                 "image is no OME-Zarr; set recorder.enabled = false to record nothing"
+            )
+        if rc.enabled and not (self.records_raw or rc.keep_stacks):
+            raise ValueError(
+                "recorder.keep_stacks = false with a replay whose raw frames are not recorded "
+                "again (source.replay.record_raw = false): a store with no image is no "
+                "OME-Zarr; keep the stacks, record the raw frames, or set recorder.enabled = false"
             )
         if rc.enabled and not (
             self.source.geometry_from_core and "frame_shape" not in (self.source.model_fields_set)

@@ -565,7 +565,7 @@ class Daemon:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"{what}: this user cannot write in {folder}")
         if free_mb < rc.min_free_mb:
-            stops = low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks)
+            stops = low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks)
             raise ConfigError(
                 f"only {free_mb:.0f} MB free on {folder}, below recorder.min_free_mb = "
                 f"{rc.min_free_mb}, where {stops} (free space, lower recorder.min_free_mb, "
@@ -662,10 +662,13 @@ class Daemon:
 
     def _choose_backend(self, plan: VolumePlan) -> None:
         """Say which backend runs and why others were skipped; run the measured pre-flight."""
-        from engine.runtime import select
+        from engine.runtime import BackendError, select
 
         cfg, engine = self.config, self.config.engine
-        spec, reasons = select(engine.backends)
+        try:
+            spec, reasons = select(engine.backends)
+        except BackendError as err:  # none of those listed runs here: a config matter
+            raise ConfigError(f"engine.backends = {list(engine.backends)}: {err}") from None
         skipped = "; ".join(f"{n} skipped: {why}" for n, why in reasons.items()) or "none skipped"
         print(f"backend: {spec.name} chosen (first available of {engine.backends}); {skipped}")
         if engine.psf_bank is not None:  # planes unlike the model's own: say so where rates are
@@ -736,7 +739,7 @@ class Daemon:
             dpms_um=None if plan.z_um is not None else plan.dpms_um,
             config=self.config.model_dump(mode="json"),
             engine_files=self._engine_files(),
-            keep_raw=rc.keep_raw and (src.kind != "replay" or src.replay.record_raw),
+            keep_raw=self.config.records_raw,
             keep_stacks=rc.keep_stacks,
             frames_per_chunk=rc.frames_per_chunk,
             stack_dtype=rc.stack_dtype,
@@ -769,7 +772,7 @@ class Daemon:
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
-                low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks),
+                low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks),
             )
         elif _disk_low(free_mb, rc.min_free_mb):
             log.warning(
@@ -777,7 +780,7 @@ class Daemon:
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
-                low_space_stops(keep_raw=rc.keep_raw, keep_stacks=rc.keep_stacks),
+                low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks),
             )
 
     def _spawn(self, i: int) -> None:

@@ -255,7 +255,11 @@ def test_a_config_that_cannot_fit_in_memory_or_the_optics_is_one_line(tmp_path):
     # a real scope is not held to the simulator's optics: 13 µm pixels (binned, low power)
     real = '[source]\nkind = "micromanager"\nframe_shape = [512, 512]\npixel_size_um = 13.0\n'
     real += '[source.micromanager]\nacquisition = "hook"\n'
-    assert load_config(write(tmp_path, real)).source.pixel_size_um == 13.0
+    loaded = load_config(write(tmp_path, real))
+    assert loaded.source.pixel_size_um == 13.0
+    # ... and it survives the round trip a worker makes (review 80: the worker died on it)
+    again = type(loaded).model_validate(loaded.model_dump(mode="json"))
+    assert again.source.pixel_size_um == 13.0
 
 
 def test_planes_need_exactly_one_form(tmp_path):
@@ -445,3 +449,41 @@ def test_a_folder_or_a_byte_order_mark_is_handled_in_one_line(tmp_path):
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b"\xef\xbb\xbf[source]\nrate_hz = 5.0\n")  # as Notepad saves UTF-8
     assert load_config(bom).source.rate_hz == 5.0
+
+
+def test_settings_that_would_be_ignored_or_fail_later_are_one_line_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 80: each of these loaded, then was dropped, misread or failed once running."""
+    hook = '[source]\nkind = "micromanager"\nframe_shape = [64, 64]\npixel_size_um = 0.5\n'
+    hook += '{extra}[source.micromanager]\nacquisition = "hook"\n{mm}'
+    for extra, key in (("frame_count = 10\n", "frame_count"), ("exposure_ms = 5\n", "exposure")):
+        with pytest.raises(ConfigError, match=rf"source.{key}\w* is not used with .*'hook'"):
+            load_config(write(tmp_path, hook.format(extra=extra, mm="")))
+    with pytest.raises(ConfigError, match=r"micromanager.camera is used only with .*'core'"):
+        load_config(write(tmp_path, hook.format(extra="", mm='camera = "Camera"\n')))
+    # a replay that records neither its raw frames again nor stacks: a store of no image
+    tif = tmp_path / "frames.tif"
+    tifffile.imwrite(tif, np.zeros((2, 8, 8), np.uint16))
+    replay = f'[source]\nkind = "replay"\n[source.replay]\npath = "{tif}"\n'
+    replay += "[recorder]\nkeep_stacks = false\n"
+    with pytest.raises(ConfigError, match=r"keep_stacks = false with a replay .*record_raw"):
+        load_config(write(tmp_path, replay))
+    # a measured PSF bank for the simulated scope is read at load, from the config's folder
+    bank = '[source.simulator.optics]\npsf_model = "measured"\npsf_bank = "nope/bank.npy"\n'
+    with pytest.raises(ConfigError, match=r"optics.psf_bank: .*nope/bank.npy"):
+        load_config(write(tmp_path, bank))
+    # a relative ipc endpoint is found from each process's own folder
+    with pytest.raises(ConfigError, match=r"an ipc path must be absolute"):
+        load_config(write(tmp_path, '[endpoints]\nstatus = "ipc://status.sock"\n'))
+    # a tiny step: planes coincide at their rounding (there is no z_um to blame)
+    tiny = "[planes]\nz_min_um = 0.0\nz_max_um = 1e-5\nstep_um = 1e-7\n"
+    with pytest.raises(ConfigError, match=r"step_um = 1e-07 gives the same plane twice"):
+        load_config(write(tmp_path, tiny))
+    # a folder as the model, and "~" as the home folder (it made a folder named "~")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ConfigError, match=r"adir is a folder, not a file"):
+        load_config(write(tmp_path, '[engine]\nmodel_path = "adir"\n'))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(write(tmp_path, '[recorder]\npath = "~/runs"\n'))
+    assert cfg.recorder.path == tmp_path / "home" / "runs"

@@ -275,7 +275,7 @@ def test_hook_and_auto_rules_are_config_errors(tmp_path):
         validate_config(
             {"source": {"kind": "micromanager", "micromanager": {"acquisition": "hook"}}}
         )
-    with pytest.raises(ConfigError, match=r"config_file is loaded only with acquisition = 'core'"):
+    with pytest.raises(ConfigError, match=r"config_file is used only with acquisition = 'core'"):
         validate_config(
             {
                 "source": {

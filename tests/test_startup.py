@@ -3,6 +3,7 @@ low-disk warning at start and in the status line."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,17 @@ def test_a_viewer_that_ends_on_its_own_is_said_once(
         daemon.stop()
     said = [r for r in caplog.records if "the viewer (live.display) ended" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "ERROR" and "exit code 3" in said[0].message
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here: it runs"
+)
+def test_backends_none_of_which_runs_here_are_one_line(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # review 80: a BackendError from the selection was a traceback after the config loaded
+    config = live_config(tmp_path, tiny_model_files["onnx"], engine={"backends": ["tensorrt"]})
+    store = tmp_path / "run.ome.zarr"
+    _, line = _refused(capsys, config, store)
+    assert line.startswith("error: engine.backends = ['tensorrt']: no inference backend")
+    assert not store.exists()
