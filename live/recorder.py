@@ -582,8 +582,10 @@ class Recorder:
         # (its gaps, an offline image) is refused until close() has finalised it
         self._store_lock = contextlib.ExitStack()
         self._store_lock.enter_context(write_lock(self.path, RECORDER_ROLE))
+        created = False
         try:
             self._root = zarr.open_group(self.path, mode="w-", zarr_format=3)
+            created = True  # "w-": nothing was there, so all of it is this recorder's
             self._root.attrs["ome"] = collection_attrs()
             kept = [role for role, keep in (("raw", keep_raw), ("stacks", keep_stacks)) if keep]
             self._images = {
@@ -624,6 +626,8 @@ class Recorder:
             self._thread = threading.Thread(target=self._supervised, name="recorder", daemon=True)
             self._thread.start()
         except BaseException:
+            if created:  # a nearly full disk: no half-made store left for the next run to trip on
+                shutil.rmtree(self.path, ignore_errors=True)
             self._store_lock.close()
             raise
 

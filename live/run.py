@@ -761,6 +761,11 @@ class Daemon:
             self.recorder = self._open_recorder(plan, surfaces)
         except StoreLocked as exc:  # an offline job writing a store at the output's path
             raise ConfigError(str(exc)) from None
+        except OSError as exc:  # a disk too full for the store's first files (and its reserve)
+            raise ConfigError(
+                f"cannot create the store {self.store}: {exc.strerror or exc} (nothing was "
+                "left there; free space, or another recorder.path)"
+            ) from None
         print(f"recording to {self.recorder.path}", flush=True)
         free_mb = self.recorder.free_mb()
         if free_mb is None:  # just created and already unreadable: its first write will say why

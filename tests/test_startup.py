@@ -231,3 +231,20 @@ def test_backends_none_of_which_runs_here_are_one_line(
     _, line = _refused(capsys, config, store)
     assert line.startswith("error: engine.backends = ['tensorrt']: no inference backend")
     assert not store.exists()
+
+
+def test_a_disk_too_full_for_the_new_store_is_one_line_and_leaves_no_store(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    # review 77: free space above min_free_mb but not enough for the store's reserve was a
+    # traceback, and the half-made store then refused the next run as "already exists"
+    import errno
+
+    def full(path: Path, nbytes: int, *, append: bool = False) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("live.recorder._hold_space", full)
+    store = tmp_path / "run.ome.zarr"
+    _, line = _refused(capsys, live_config(tmp_path, tiny_model_files["onnx"]), store)
+    assert line.startswith(f"error: cannot create the store {store}: No space left on device")
+    assert not store.exists() and not list(tmp_path.glob("run.ome.zarr*"))
