@@ -278,13 +278,24 @@ def test_closing_a_backend_stops_its_render_threads() -> None:
 def test_a_models_own_bank_holding_negative_light_is_refused_at_load(tmp_path: Path) -> None:
     """A model's own bank need not sum to 1 per plane (a confocal one dims off focus), but it
     must be light: a negated bank loaded and rendered negative planes (review 36)."""
-    import shutil
-
     from engine.runtime import BackendError, load_backend
 
-    model = tmp_path / WEIGHTS.name
-    shutil.copy(WEIGHTS, model)
+    onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
+    from engine.metadata import ONNX_METADATA_KEY, ModelMetadata, file_sha256
+
     bank = np.load(WEIGHTS.with_suffix(".psf.npy"))
     np.save(tmp_path / "deepz-volume.psf.npy", -bank)
+    # the model's metadata names the negated bank's hash (as a model saved with it would), so
+    # the bank's own check is what refuses it, not the hash that ties model and bank together
+    proto = onnx.load_model(str(WEIGHTS))
+    props = {p.key: p for p in proto.metadata_props}
+    meta = ModelMetadata.from_json(props[ONNX_METADATA_KEY].value)
+    assert meta.volume is not None
+    volume = meta.volume.model_copy(
+        update={"psf_sha256": file_sha256(tmp_path / "deepz-volume.psf.npy")}
+    )
+    props[ONNX_METADATA_KEY].value = meta.model_copy(update={"volume": volume}).to_json()
+    model = tmp_path / WEIGHTS.name
+    onnx.save_model(proto, str(model))
     with pytest.raises(BackendError, match="must be non-negative"):
         load_backend(model, prefer=["onnxruntime"])
