@@ -1615,7 +1615,7 @@ def test_every_shipped_volume_config_loads():
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     paths = [*sorted(configs.glob("train_volume*.toml")), configs / "body_probe_textured.toml"]
-    assert configs / "train_volume_v31.toml" in paths  # the shipped model's recipe among them
+    assert configs / "train_volume_v44.toml" in paths  # the shipped model's recipe among them
     body = {p.name for p in paths if load_config(p).body}
     assert body == {"train_volume_v35.toml", "train_volume_gpu_body.toml"}
 
