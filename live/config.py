@@ -879,16 +879,15 @@ class ScopeConfig(_BaseModel):
                 f"px could hold {queue_gib:.1f} GiB (at most {MAX_QUEUE_GIB:g}): fewer frames"
             )
         rc = self.recorder
-        if rc.enabled and not (rc.keep_raw or rc.keep_stacks):
+        if rc.enabled and not (self.records_raw or rc.keep_stacks):  # a collection of none
             raise ValueError(
                 "recorder.keep_raw and recorder.keep_stacks are both false: a store with no "
                 "image is no OME-Zarr; set recorder.enabled = false to record nothing"
-            )
-        if rc.enabled and not (self.records_raw or rc.keep_stacks):
-            raise ValueError(
-                "recorder.keep_stacks = false with a replay whose raw frames are not recorded "
-                "again (source.replay.record_raw = false): a store with no image is no "
-                "OME-Zarr; keep the stacks, record the raw frames, or set recorder.enabled = false"
+                if not rc.keep_raw
+                else "recorder.keep_stacks = false with a replay whose raw frames are not "
+                "recorded again (source.replay.record_raw = false): a store with no image is "
+                "no OME-Zarr; keep the stacks, record the raw frames, or set "
+                "recorder.enabled = false"
             )
         if rc.enabled and not (
             self.source.geometry_from_core and "frame_shape" not in (self.source.model_fields_set)

@@ -770,6 +770,7 @@ class Daemon:
         free_mb = self.recorder.free_mb()
         if free_mb is None:  # just created and already unreadable: its first write will say why
             return
+        stops = low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks)
         if free_mb < rc.min_free_mb:
             log.warning(
                 "only %.0f MB free on %s, below recorder.min_free_mb = %d: %s (free space, or "
@@ -777,7 +778,7 @@ class Daemon:
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
-                low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks),
+                stops,
             )
         elif _disk_low(free_mb, rc.min_free_mb):
             log.warning(
@@ -785,7 +786,7 @@ class Daemon:
                 free_mb,
                 self.recorder.path,
                 rc.min_free_mb,
-                low_space_stops(keep_raw=self.config.records_raw, keep_stacks=rc.keep_stacks),
+                stops,
             )
 
     def _spawn(self, i: int) -> None:
