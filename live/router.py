@@ -441,6 +441,7 @@ class Collector(threading.Thread):
         self.missing: list[int] = []
         """Workers whose end markers had not arrived by the `finish` deadline."""
         self.events: list[dict[str, Any]] = []
+        """Workers' events but "rejected" ones (a handful a worker start: ready, done, error)."""
         self.event_arrived = threading.Condition()
         self._ledger, self._metrics, self._recorder = ledger, metrics, recorder
         self._supervisor = supervisor or Supervisor()
@@ -562,6 +563,8 @@ class Collector(threading.Thread):
             self._done.add(worker)
         elif kind == "error":
             log.error("worker %d failed: %s", worker, event.get("message"))
+        if kind == "rejected":  # counted above; kept, one a frame, they would grow without
+            return  # bound when every frame is refused (review 82)
         with self.event_arrived:
             self.events.append(event)
             self.event_arrived.notify_all()

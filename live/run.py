@@ -102,6 +102,9 @@ log = logging.getLogger("live.run")
 EXIT_BAD_CONFIG = 2
 EXIT_NO_FIT = 3
 EXIT_FAILED = 1
+EXIT_INCOMPLETE = 4
+"""The run ended but its recording lacks admitted frames or stacks: a full or failed disk, a
+backlog the disk could not take (`RunSummary.recording_incomplete` says which)."""
 _READY_TIMEOUT_S = 120.0
 MAX_WORKERS = 64
 """Most worker processes `--workers` may ask for (each loads the model; 2 fill these 2 cores)."""
@@ -328,6 +331,9 @@ class RunSummary:
     """CURVE connection attempts refused for an unknown client key."""
     preview: str | None = None
     """The run's picture (``RUN.preview.png``: last frame and stack, latency, counts)."""
+    stacks_refocused: int = 0
+    """Stacks the workers returned (`Snapshot.stacks_out`), recorded or not: with recording
+    off, ``keep_stacks = false`` or a stopped recorder `stacks_written` is fewer."""
     worker_times: list[dict[str, Any]] = field(default_factory=list)
     """Per worker that finished, from its "done" event (`live.metrics.StageTimes`): refocus
     (network and rendering) and send p50 / p99 ms, its busy share, and its counts
@@ -342,12 +348,28 @@ class RunSummary:
         """Frames refused by the integrity checks, all kinds together."""
         return sum(self.rejected.values())
 
+    @property
+    def recording_incomplete(self) -> str | None:
+        """Why the recording lacks items it was given, or None (kept everything, or off).
+
+        The recorder's own account (`live.recorder.RecorderSummary`): it stopped (a full or
+        failed disk), it stopped the stacks alone, or its backlog refused items.
+        """
+        rec = self.recorder
+        if rec.get("error"):
+            return f"the recorder stopped: {rec['error']}"
+        if rec.get("stacks_error"):
+            return f"the stacks stopped: {rec['stacks_error']}"
+        if rec.get("unrecorded"):
+            return f"{rec['unrecorded']} admitted items not recorded (the disk fell behind)"
+        return None
+
     def lines(self) -> list[str]:
         """Render the human summary printed at shutdown.
 
         The counts add up: frames received = admitted + rejected, and admitted frames are
         raw frames recorded (when raw frames are kept and the recorder did not stop) and
-        stacks written + skipped + lost.
+        stacks refocused + skipped + lost (stacks written when every stack is recorded).
         """
         lat = (
             f"{self.latency_p50_ms:.1f} / {self.latency_p99_ms:.1f} ms"
@@ -365,7 +387,7 @@ class RunSummary:
             + (f" ({rejected})" if self.rejected_total else "")
             + f"; admitted {self.frames_in - self.rejected_total}",
             f"  raw frames recorded {self.raw_recorded}",
-            f"  stacks written    {self.stacks_written}",
+            f"  stacks written    {self.stacks_written} (refocused {self.stacks_refocused})",
             f"  skipped           {len(self.skipped)} "
             f"(seqs: {format_seqs(self.skipped, limit=_PRINTED_RANGES)})",
             f"  lost              {len(self.lost)} "
@@ -393,6 +415,8 @@ class RunSummary:
             lines.append(f"  preview           {self.preview}")
         if self.auth_denied:
             lines.append(f"  refused clients   {self.auth_denied} (unknown CURVE key)")
+        if why_incomplete := self.recording_incomplete:
+            lines.append(f"  INCOMPLETE        {why_incomplete}")
         if self.failures:
             lines.append(f"  FAILED            {'; '.join(self.failures)}")
         return lines
@@ -439,6 +463,8 @@ class Daemon:
 
     `source` is ``"config"`` (``live.sources.make_source(cfg)``) or None, for frames pushed
     from outside to ``endpoints.frames`` (an external Micro-Manager hook, or a test).
+    With `require_fit`, a pre-flight that says the rate does not fit ends the run before the
+    store, the workers or the camera start (`FinishReason.NO_FIT`).
     """
 
     def __init__(
@@ -449,12 +475,14 @@ class Daemon:
         workers: int = 1,
         source: str | None = "config",
         preflight_check: bool = True,
+        require_fit: bool = False,
     ) -> None:
         self.config = config
         self.output = output
         self.n_workers = workers
         self.source_mode = source
         self.preflight_check = preflight_check
+        self.require_fit = require_fit
         self.metrics = Metrics()
         self.ledger = Ledger(workers)
         self.stop_requested = threading.Event()
@@ -536,15 +564,20 @@ class Daemon:
                 "shorter folder"
             )
         self.config = resolve_geometry(self.config)  # own Micro-Manager core: its geometry
-        if self.source_mode is not None and self.config.source.kind == "replay":
+        if self.source_mode is not None:
             from live.sources import make_source
 
-            # the recording is opened now, not once the workers are up: a file that cannot be
-            # replayed (truncated, another frame shape, no frames) is refused before anything
+            # the source is made now, not once the workers are up: a recording that cannot
+            # be replayed (truncated, another frame shape, no frames), or the simulated
+            # scope without the `sim` extra (review 81: refused after the store was made),
+            # is refused before anything starts; the constructors read no frame
             try:
                 self._source = make_source(self.config)
+            except ConfigError:
+                raise
             except (OSError, ValueError) as err:
-                raise ConfigError(f"source.replay.path: {_one_line(err)}") from err
+                where = "source.replay.path" if self.config.source.kind == "replay" else "source"
+                raise ConfigError(f"{where}: {_one_line(err)}") from err
         self._checked = True
 
     def _check_recording_folder(self, folder: Path) -> None:
@@ -573,8 +606,15 @@ class Daemon:
             )
 
     def start(self) -> None:
-        """Check, pick the backend, pre-flight, then start recorder, threads, workers, source."""
+        """Check, pick the backend, pre-flight, then start recorder, threads, workers, source.
+
+        Returns early, having started nothing, when the run was asked to stop meanwhile (a
+        signal while a Micro-Manager core or the pre-flight loaded) or the pre-flight does not
+        fit under `require_fit`.
+        """
         self.check()
+        if self.stop_requested.is_set():
+            return
         remove_stale_ipc_dirs()  # left by daemons that were killed (their pid is gone)
         cfg = self.config
         try:
@@ -584,6 +624,11 @@ class Daemon:
             raise ConfigError(f"planes: {_one_line(err)}") from err
         self._plan_sha256 = plan.digest()  # each worker builds it again and must match
         self._choose_backend(plan)
+        result = self.preflight_result
+        if self.require_fit and result is not None and not result.fits:
+            self.finish(FinishReason.NO_FIT, "--require-fit: nothing was started")
+        if self.stop_requested.is_set():  # no store, no workers, no camera
+            return
         if self._keys is not None:
             # Before any socket binds: a CURVE server with no ZAP handler lets in any key.
             self._gatekeeper = Gatekeeper(self._ctx, self._keys.allowed)
@@ -814,6 +859,13 @@ class Daemon:
         """
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while len(self.ledger.ready_workers()) < self.n_workers:
+            with self.collector.event_arrived:  # a worker that failed says why before it exits
+                failed = [e for e in self.collector.events if e.get("event") == "error"]
+            if failed:
+                raise RuntimeError(
+                    f"worker {failed[0]['worker']} failed while starting: "
+                    f"{failed[0].get('message')}"
+                )
             for i, proc in enumerate(self._procs):
                 if proc is not None and not proc.is_alive():
                     raise RuntimeError(f"worker {i} exited (code {proc.exitcode}) while starting")
@@ -877,7 +929,7 @@ class Daemon:
         if self.source_mode is None:
             return
         from live.hook import FrameSender
-        from live.sources import make_source
+        from live.sources import SourceFailed, make_source
 
         source = self._source if self._source is not None else make_source(self.config)
         hwm = self._bound("source", "router") or 1
@@ -885,7 +937,11 @@ class Daemon:
 
         def run_source() -> None:
             with self.supervisor.watch("source"):
-                self._source_summary = source.run(self._sender, self._source_stop)
+                try:
+                    self._source_summary = source.run(self._sender, self._source_stop)
+                except SourceFailed as err:  # what it sent and dropped up to then still counts
+                    self._source_summary = err.summary
+                    raise
 
         self._source_thread = threading.Thread(target=run_source, name="source", daemon=True)
         self._source_thread.start()
@@ -1044,6 +1100,7 @@ class Daemon:
         """
         if self._summary is not None:
             return self._summary
+        self.stop_requested.set()  # (a duration or a source's end breaks the loop without it)
         self.metrics.set_run_info(state=RunState.STOPPING)
         self._source_stop.set()
         if self._source_thread is not None:
@@ -1076,10 +1133,11 @@ class Daemon:
         else:
             self._worker_stop.set()
         clean = set()
+        deadline = time.monotonic() + worker_timeout_s  # one wait for all: not N in a row
         for i, proc in enumerate(self._procs):
             if proc is None:
                 continue
-            proc.join(worker_timeout_s)
+            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.error("worker %d did not finish in %.0f s: killing it", i, worker_timeout_s)
                 proc.kill()  # (workers ignore SIGTERM: see live.worker.worker_main)
@@ -1190,6 +1248,7 @@ class Daemon:
             rejected=snap.rejected,
             failures=[f.reason() for f in self.supervisor.failures],
             auth_denied=self._gatekeeper.denied if self._gatekeeper is not None else 0,
+            stacks_refocused=snap.stacks_out,
             worker_times=self._worker_times(),
         )
         if self.recorder is not None and self.recorder.stuck:  # its disk would hang these too
@@ -1484,41 +1543,68 @@ def run(
     workers: int,
     require_fit: bool = False,
 ) -> int:
-    """Run one daemon with SIGINT/SIGTERM wired to a clean stop; print the summary."""
-    daemon = Daemon(config, output=output, workers=workers)
-    try:
-        daemon.check()
-    except ConfigError as err:  # refused before anything started: one line, nothing to stop
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        daemon.stop()
-        return EXIT_BAD_CONFIG
+    """Run one daemon with SIGINT/SIGTERM wired to a clean stop; print the summary.
+
+    The first signal stops the run in order: frames already admitted are refocused and
+    recorded. A signal while it stops puts the default handlers back, so one more ends the
+    process at once (what was still draining is lost; the store says it is incomplete).
+    Exit codes: 0 done, `EXIT_FAILED` a part failed, `EXIT_BAD_CONFIG` refused at start,
+    `EXIT_NO_FIT` the pre-flight does not fit under `require_fit`, `EXIT_INCOMPLETE` the
+    run ended but its recording did not keep everything (the summary and the store say why).
+    """
+    daemon = Daemon(config, output=output, workers=workers, require_fit=require_fit)
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        daemon.finish(FinishReason(signal.Signals(signum).name))
+        name = signal.Signals(signum).name
+        if daemon.stop_requested.is_set():  # impatient: the next signal is not handled
+            for s in signals:
+                signal.signal(s, signal.SIG_DFL)
+            log.warning(
+                "%s while stopping: the run still stops in order (it refocuses and records "
+                "what was admitted); signal once more to end at once and lose that",
+                name,
+            )
+            return
+        daemon.finish(FinishReason(name))
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # before check(): loading a Micro-Manager core there can take a while, and a Ctrl-C then
+    # must stop the run, not raise KeyboardInterrupt past stop() (which removes the ipc folder)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     code = 0
     try:
-        daemon.start()
-        if require_fit and daemon.preflight_result and not daemon.preflight_result.fits:
-            daemon.finish(FinishReason.NO_FIT)
-            code = EXIT_NO_FIT
-        else:
-            daemon.supervise(duration_s)
-    except ConfigError as err:  # found while starting (e.g. the model): one line
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        daemon.fail(FinishReason.REFUSED, _one_line(err))
-        code = EXIT_BAD_CONFIG
-    except Exception as err:
-        log.exception("daemon failed")
-        daemon.fail(FinishReason.FAILED, _one_line(err))
-        code = EXIT_FAILED
+        try:
+            daemon.check()
+        except ConfigError as err:  # refused before anything started: one line, nothing to stop
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            daemon.stop()
+            return EXIT_BAD_CONFIG
+        except BaseException:
+            daemon.stop()
+            raise
+        try:
+            daemon.start()
+            if daemon.finish_reason is FinishReason.NO_FIT:
+                code = EXIT_NO_FIT
+            else:
+                daemon.supervise(duration_s)
+        except ConfigError as err:  # found while starting (e.g. the model): one line
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            daemon.fail(FinishReason.REFUSED, _one_line(err))
+            code = EXIT_BAD_CONFIG
+        except Exception as err:
+            log.exception("daemon failed")
+            daemon.fail(FinishReason.FAILED, _one_line(err))
+            code = EXIT_FAILED
+        finally:
+            summary = daemon.stop()
     finally:
-        summary = daemon.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if daemon.failure is not None and code == 0:
+    if (daemon.failure is not None or daemon.source_hung) and code == 0:
         code = EXIT_FAILED
+    if code == 0 and summary.recording_incomplete:
+        code = EXIT_INCOMPLETE
     if code != EXIT_BAD_CONFIG:
         print("\n".join(summary.lines()), flush=True)
     exit_if_hung(daemon.recorder, code, source_hung=daemon.source_hung)

@@ -73,9 +73,10 @@ class ClientKeys:
 
 def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes | None]:
     """Read one pyzmq certificate file; any problem is a one-line `ConfigError`."""
+    _check_writers(path, what)  # first: a FIFO would block the read below for ever
     try:
         public, secret_key = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, IndexError) as err:  # IndexError: a key line without "="
         raise ConfigError(f"{what}: cannot read CURVE certificate {path}: {err}") from None
     if secret and secret_key is None:
         raise ConfigError(
@@ -94,7 +95,6 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
             f"{what}: {path} does not hold a valid CURVE key pair (40-character Z85 keys, "
             "the public one made from the secret one)"
         ) from None
-    _check_writers(path, what)
     if secret and os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o007:  # as ssh refuses a private key anyone can read
@@ -108,11 +108,14 @@ def _certificate(path: Path, what: str, *, secret: bool) -> tuple[bytes, bytes |
 
 
 def _check_writers(path: Path, what: str) -> None:
-    """Refuse a key file or folder every user can write; say so when its group can.
+    """Refuse a key file or folder others can write or own, or a FIFO; warn on group-writable.
 
-    Whoever can write the allow-list lets in their own key, and whoever can write the server's
-    public key a client trusts can put theirs in its place (ssh's StrictModes refuses such
-    files too). A group may be meant to manage the keys (root:deepz 0664): said, not refused.
+    A key "file" must be a regular file (a FIFO would block the read for ever). Whoever can
+    write the allow-list lets in their own key, and whoever can write the server's public key
+    a client trusts can put theirs in its place (ssh's StrictModes refuses such files too).
+    For the allow-list folder a sticky bit does not help: adding a file is enough (review 82).
+    Whoever owns a file or folder can make it writable: it must be this user's or root's. A
+    group may be meant to manage the keys (root:deepz 0664): said, not refused.
     """
     if os.name != "posix":
         return
@@ -120,9 +123,15 @@ def _check_writers(path: Path, what: str) -> None:
         info = path.stat()
     except OSError:  # missing or unreadable: said where the keys are read
         return
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise ConfigError(f"{what}: {path} is not a regular file (a FIFO, socket or device)")
+    if info.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"{what}: {path} is owned by user id {info.st_uid}, not by this user or root, "
+            "who could put their own key there"
+        )
     mode = stat.S_IMODE(info.st_mode)
-    sticky = stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX  # /tmp-like: cannot replace
-    if mode & 0o002 and not sticky:
+    if mode & 0o002:
         raise ConfigError(
             f"{what}: {path} can be written by every user (mode {mode:04o}), who could put "
             f"their own key there; make it writable by its owner only: chmod go-w {path}"

@@ -43,12 +43,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SOURCE_KINDS",
+    "STALL_AFTER_S",
     "MicroManagerSource",
     "Recording",
     "ReplayError",
     "ReplaySource",
     "SimulatedScope",
     "Source",
+    "SourceFailed",
     "SourceSummary",
     "make_source",
     "open_recording",
@@ -77,6 +79,25 @@ _ENDLESS = 2**31 - 1
 _TIME_UNITS_S = {"second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6, "minute": 60.0}
 
 FrameFn = Callable[[int, float], np.ndarray]
+
+
+class SourceFailed(RuntimeError):
+    """A source that stopped by itself, with `summary`: what it did up to then.
+
+    Its sent and dropped frames, named by seq, belong in the run's summary all the same
+    (review 81: they were left out, and the summary said acquired = received).
+    """
+
+    def __init__(self, message: str, summary: SourceSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+STALL_AFTER_S = 2.0
+"""A camera that sends no frame for this long, or for ten frame periods and an exposure if
+that is longer, is said to have stalled (once, and again when frames come back): a lost
+trigger or cable otherwise shows only as 0 Hz in the status line (review 81). The run goes on:
+an externally triggered camera may be waiting for its triggers."""
 
 
 class _Run:
@@ -153,13 +174,28 @@ def _stream_core(
     run.restart_clock()
     core.startSequenceAcquisition(frame_count or _ENDLESS, 0.0, True)
     keys = (META_FRAME_INDEX, META_FOCUS_UM)
+    stall_s = max(STALL_AFTER_S, 10.0 / rate_hz + float(core.getExposure()) / 1000.0)
+    last_frame_s, stalled = time.monotonic(), False
     try:
         while not stop.is_set():
             if core.getRemainingImageCount() > 0:
                 _send_popped(run.sender, core, keys)
+                last_frame_s = time.monotonic()
+                if stalled:
+                    stalled = False
+                    log.warning("the camera %s sends frames again", core.getCameraDevice())
             elif not core.isSequenceRunning():
                 break
             else:
+                if not stalled and time.monotonic() - last_frame_s > stall_s:
+                    stalled = True
+                    log.error(
+                        "the camera %s has sent no frame for %.1f s (%g Hz asked): a lost "
+                        "trigger, a cable? Waiting for it",
+                        core.getCameraDevice(),
+                        stall_s,
+                        rate_hz,
+                    )
                 time.sleep(_EMPTY_POLL_S)
     finally:
         halt_simulated_camera(core)  # its wait for a far due time would outlast the stop
@@ -182,9 +218,10 @@ def _stream_core(
             else "the camera failed (its error is logged above)"
         )
         wanted = "" if frame_count is None else f" of {frame_count}"
-        raise RuntimeError(
+        raise SourceFailed(
             f"the camera's sequence acquisition stopped by itself after {acquired}{wanted} "
-            f"frames: {why}"
+            f"frames: {why}",
+            summary,
         )
     return summary
 
@@ -528,7 +565,7 @@ class ReplaySource:
         for seq, t in self._schedule():
             first = seq if first is None else first
             try:
-                frame = np.ascontiguousarray(self.recording.frames[t])
+                frame = _as_counts(np.ascontiguousarray(self.recording.frames[t]))
             except Exception as err:  # zarr and tifffile raise many types for damaged data
                 sender.lose(seq, f"replay frame {t} of {self.name} cannot be read: {err}")
                 continue
@@ -543,6 +580,20 @@ class ReplaySource:
                 stamp += (seq // period) * self._lap_s
             sender.send(frame, seq=seq, timestamp_s=stamp, focus_um=focus)
         return run.summary()
+
+
+def _as_counts(frame: np.ndarray) -> np.ndarray:
+    """Return an integer frame as uint16 when its values are camera counts, else as it is.
+
+    The wire carries no int64 or uint64 (`live.protocol.ALLOWED_DTYPES`), numpy's default
+    integers: such a recording passed `_check_counts` and then had every frame dropped by the
+    sender (review 81). The cast is exact, so nothing changes for the recorder, which keeps
+    uint16; a frame whose values do not fit goes as it is, to be refused and counted.
+    """
+    if frame.dtype.kind in "iu" and frame.dtype != np.uint16 and frame.size:
+        if int(frame.min()) >= 0 and int(frame.max()) <= 65535:
+            return frame.astype(np.uint16)
+    return frame
 
 
 def replay_rate_hz(config: ScopeConfig) -> float:
@@ -700,7 +751,7 @@ def _open_tiff(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
             pixels = tifffile.memmap(path, mode="r")
         except ValueError:  # compressed or scattered: read whole
             pixels = series.asarray()
-    frames = _squeeze_to_tyx(pixels, axes, str(path), frame_shape)
+    frames = _squeeze_to_tyx(pixels, None, str(path), frame_shape)  # axes checked above
     return Recording(frames, range(frames.shape[0]), rate)
 
 
@@ -742,7 +793,7 @@ def _open_zarr(path: Path, frame_shape: tuple[int, int] | None) -> Recording:
     array = node[image["datasets"][0]["path"]]
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in image.get("axes", [])]
     axis_letters = "".join(a[0].upper() for a in axes) or None
-    frames = _squeeze_to_tyx(array, axis_letters, str(path), frame_shape)
+    frames = _squeeze_to_tyx(array, axis_letters, str(path), frame_shape, explicit_axes=True)
     n = int(frames.shape[0])
     indices: Sequence[int] = range(n)
     stamps = focus = None
@@ -818,12 +869,19 @@ def _ngff_rate_hz(image: dict[str, Any], axes: list[str]) -> float | None:
 
 
 def _time_axis(
-    shape: tuple[int, ...], axes: str | None, where: str, frame_shape: tuple[int, int] | None
+    shape: tuple[int, ...],
+    axes: str | None,
+    where: str,
+    frame_shape: tuple[int, int] | None,
+    *,
+    explicit_axes: bool = False,
 ) -> int | None:
     """Return which axis of an image of `shape` is time (None: a single frame), from metadata.
 
     The image must be frames (y, x last; at most one other axis of size > 1), of pixels, and
     of `frame_shape` when that is given; else `ReplayError` says which and names `where`.
+    Images that vary along a depth or channel axis are refused when `explicit_axes` (NGFF's
+    named axes), else said in a warning and replayed as time points (a TIFF's guessed axes).
     """
     if len(shape) < 2:
         raise ReplayError(f"cannot replay {where}: its image has shape {list(shape)}, not frames")
@@ -840,6 +898,20 @@ def _time_axis(
             f"cannot replay {where}: its image has shape {list(shape)} (axes {axes or '?'}); "
             "replay needs frames (t, y, x), other axes of size 1"
         )
+    if extra and axes is not None and len(axes) == len(shape) and axes[extra[0]].upper() in "ZCS":
+        what = (
+            f"{where}: its images vary along axis {axes[extra[0]]} (axes {axes}, shape "
+            f"{list(shape)}), not time"
+        )
+        if explicit_axes:  # NGFF names its axes: depth or channels would be replayed as
+            # consecutive frames, refocused and recorded so, silently (review 81)
+            raise ReplayError(
+                f"cannot replay {what}; replay takes frames over time (t, y, x), not a "
+                "z-stack or channels"
+            )
+        # a TIFF's axes are often the writer's guess (tifffile calls a plain ImageJ stack CYX,
+        # and many time-lapses are saved as slices): said, and replayed as time points
+        log.warning("replaying %s: each image is taken as a time point", what)
     if min(shape[-2:]) < 1:
         raise ReplayError(
             f"cannot replay {where}: its image has shape {list(shape)}, frames of no pixels"
@@ -853,14 +925,19 @@ def _time_axis(
 
 
 def _squeeze_to_tyx(
-    array: Any, axes: str | None, where: str, frame_shape: tuple[int, int] | None = None
+    array: Any,
+    axes: str | None,
+    where: str,
+    frame_shape: tuple[int, int] | None = None,
+    *,
+    explicit_axes: bool = False,
 ) -> Any:
     """Return `array` as (T, H, W), lazily: 2-D gains a T of 1, extra axes must have size 1.
 
     Checked by `_time_axis` from the array's shape alone; no pixel is read here.
     """
     shape = tuple(int(n) for n in array.shape)
-    t_axis = _time_axis(shape, axes, where, frame_shape)
+    t_axis = _time_axis(shape, axes, where, frame_shape, explicit_axes=explicit_axes)
     return array if len(shape) == 3 else _Frames(array, t_axis)
 
 

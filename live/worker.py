@@ -258,32 +258,38 @@ def _serve(
             "restart the daemon"
         )
     backend = open_backend(config)
-    queue = FrameQueue()
-    stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)
-    credits = _socket(ctx, zmq.PUSH, spec.credits_endpoint)
+    # Everything made from here on is closed in the `finally` below, a failed warm-up too: a
+    # socket left open would make `worker_main`'s ctx.term() wait for ever after its "error"
+    # event, a hung worker the daemon could neither restart nor join (review 81).
+    stacks: zmq.Socket[bytes] | None = None
+    credits: zmq.Socket[bytes] | None = None
     receiving = threading.Event()
     receiving.set()
     thread_stop = threading.Event()
-    frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
-    lock = focus_lock(config, plan, backend)
-    clamped = saturated = 0
-    stages = StageTimes(WORKER_STAGES)  # reported with "done": where the time went
-    # planes come out of the backend in the recorded dtype: no cast of the whole stack here
-    stack_dtype = np.dtype(config.recorder.stack_dtype).type
-    live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's
-    failure: list[BaseException] = []  # the receive thread's exception, if it fails
-    receiver = threading.Thread(
-        target=_receive,
-        args=(ctx, spec.frames_endpoint, frame_shape, queue, stop, thread_stop, receiving),
-        kwargs={"failure": failure},
-        name="receive",
-        daemon=True,
-    )
-    warm_up(backend, frame_shape, plan)
-    receiver.start()
-    _event(events, spec.worker_id, "ready", backend=backend.name, device=backend.device)
-    credits.send(credit(spec.worker_id, WORKER_PREFETCH + 1, reset=True))
+    receiver: threading.Thread | None = None
     try:
+        queue = FrameQueue()
+        stacks = _socket(ctx, zmq.PUSH, spec.stacks_endpoint)
+        credits = _socket(ctx, zmq.PUSH, spec.credits_endpoint)
+        frame_shape = (int(config.source.frame_shape[0]), int(config.source.frame_shape[1]))
+        lock = focus_lock(config, plan, backend)
+        clamped = saturated = 0
+        stages = StageTimes(WORKER_STAGES)  # reported with "done": where the time went
+        # planes come out of the backend in the recorded dtype: no cast of the whole stack here
+        stack_dtype = np.dtype(config.recorder.stack_dtype).type
+        live_clock = config.source.kind != "replay"  # a replay's timestamps are the recording's
+        failure: list[BaseException] = []  # the receive thread's exception, if it fails
+        warm_up(backend, frame_shape, plan)
+        receiver = threading.Thread(
+            target=_receive,
+            args=(ctx, spec.frames_endpoint, frame_shape, queue, stop, thread_stop, receiving),
+            kwargs={"failure": failure},
+            name="receive",
+            daemon=True,
+        )
+        receiver.start()
+        _event(events, spec.worker_id, "ready", backend=backend.name, device=backend.device)
+        credits.send(credit(spec.worker_id, WORKER_PREFETCH + 1, reset=True))
         done = 0
         while receiving.is_set() or len(queue):
             message = queue.get(0.1)
@@ -371,9 +377,12 @@ def _serve(
         stacks.send(end_of_stacks(spec.worker_id))  # behind the last stack, same socket
     finally:
         thread_stop.set()
-        receiver.join(2.0)
-        stacks.close(linger=2000)
-        credits.close()
+        if receiver is not None:
+            receiver.join(2.0)
+        if stacks is not None:
+            stacks.close(linger=2000)
+        if credits is not None:
+            credits.close()
         backend.close()
 
 

@@ -3,6 +3,7 @@ them. Real ZeroMQ sockets on 127.0.0.1 with CURVE forced on (``security.curve = 
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def _secured(
         }
         return validate_config({"endpoints": endpoints, "security": security})
     return live_config(tmp_path, model, security=security, **sections)
+
+
+def _server_config(keydir: Path) -> ScopeConfig:
+    """A config with CURVE required: the daemon's secret key and the allow-list of `keydir`."""
+    return validate_config(
+        {
+            "security": {
+                "curve": "required",
+                "server_key": str(keydir / "server.key_secret"),
+                "client_keys": str(keydir / "clients"),
+            }
+        }
+    )
 
 
 def _wrong_keys(config: ScopeConfig) -> ClientKeys:
@@ -328,15 +342,7 @@ def test_keys_every_user_can_write_are_refused(
 ) -> None:
     """Whoever can write the allow-list lets in their own key; whoever can write the server's
     public key a client trusts can swap it: refused, naming the file (group: said)."""
-    config = validate_config(
-        {
-            "security": {
-                "curve": "required",
-                "server_key": str(keydir / "server.key_secret"),
-                "client_keys": str(keydir / "clients"),
-            }
-        }
-    )
+    config = _server_config(keydir)
     clients = keydir / "clients"
     for writable, mode in ((clients, 0o777), (clients / "scope2.key", 0o666)):
         old = stat.S_IMODE(writable.stat().st_mode)
@@ -351,6 +357,45 @@ def test_keys_every_user_can_write_are_refused(
     (keydir / "server.key").chmod(0o646)
     with pytest.raises(ConfigError, match=r"server\.key can be written by every user"):
         read_client_keys(keydir / "client.key_secret", keydir / "server.key")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_an_allow_list_others_can_add_to_or_own_is_refused_and_a_fifo_never_read(
+    tmp_path: Path, keydir: Path
+) -> None:
+    """Review 82: a sticky world-writable allow-list (mode 1777) let any user add their key;
+    a key line without "=" was an IndexError traceback; a FIFO named ``*.key`` blocked the
+    start for ever. Each is one line now."""
+    config = _server_config(keydir)
+    clients = keydir / "clients"
+    clients.chmod(0o1777)
+    with pytest.raises(ConfigError, match=r"clients can be written by every user \(mode 1777\)"):
+        server_keys(config)
+    clients.chmod(0o755)
+    fifo = clients / "blocking.key"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"blocking\.key is not a regular file"):
+        server_keys(config)  # returns: the FIFO is never opened
+    fifo.unlink()
+    broken = tmp_path / "broken.key"
+    broken.write_text("curve\n    public-key\n")  # no "=": pyzmq's IndexError
+    with pytest.raises(ConfigError, match=r"cannot read CURVE certificate .*broken\.key"):
+        read_client_keys(keydir / "client.key_secret", broken)
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() != 0,
+    reason="only root can give a file to another user",
+)
+def test_a_key_file_another_user_owns_is_refused(keydir: Path) -> None:
+    """Its owner could rewrite it, or make it writable, and let another key in (review 82)."""
+    config = _server_config(keydir)
+    foreign = keydir / "clients" / "scope2.key"
+    os.chown(foreign, 65534, -1)  # nobody's: they could rewrite it, or let another key in
+    with pytest.raises(ConfigError, match=r"scope2\.key is owned by user id 65534"):
+        server_keys(config)
+    os.chown(foreign, 0, -1)
+    assert server_keys(config) is not None
 
 
 def test_make_keys_checks_everything_before_writing(tmp_path: Path) -> None:

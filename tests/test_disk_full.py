@@ -29,7 +29,7 @@ import zarr.storage._local as zarr_local
 
 from live.protocol import Message, decode, encode_frame, encode_stack
 from live.recorder import RESERVE_MB, RESERVE_NAME, Recorder, missing_seqs
-from live.run import Daemon
+from live.run import EXIT_INCOMPLETE, Daemon, run
 from live.store import OME_GROUP
 from tests.live_helpers import SIDE, live_config, push_frames, run_array
 from tests.test_recorder import PLANES, SHAPE, _validate
@@ -222,8 +222,11 @@ def test_the_daemon_keeps_running_when_its_disk_fills(small_disk: Path, tiny_mod
 
     assert summary.failures == [] and summary.frames_in == n  # the run went on to the end
     assert snap.stacks_out + snap.skipped == n and summary.stacks_written < snap.stacks_out
+    assert summary.stacks_refocused == snap.stacks_out  # refocused, if not all recorded
     rec = summary.recorder
     assert rec["error"] is not None and "No space left on device" in rec["error"]
+    assert summary.recording_incomplete == f"the recorder stopped: {rec['error']}"
+    assert f"  INCOMPLETE        the recorder stopped: {rec['error']}" in summary.lines()
     deepz = zarr.open_group(store, mode="r").attrs["deepz"]
     assert deepz["complete"] is False and deepz["error"] == rec["error"]
     raw_seqs = _present(deepz["raw_present"])
@@ -235,6 +238,25 @@ def test_the_daemon_keeps_running_when_its_disk_fills(small_disk: Path, tiny_mod
     unrecorded = (n - summary.raw_recorded) + (snap.stacks_out - summary.stacks_written)
     assert rec["unrecorded"] == unrecorded
     assert deepz["run_summary"]["frames_in"] == n  # the daemon's summary made it too
+
+
+def test_a_run_whose_disk_filled_exits_4(
+    small_disk: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run goes on to its end, but a script must be able to tell that its recording is
+    incomplete: exit code 4 (`EXIT_INCOMPLETE`; review 82: it was 0)."""
+    config = live_config(
+        small_disk.parent,
+        tiny_model_files["onnx"],
+        rate_hz=40.0,
+        frame_count=200,  # about 10 MB of frames and stacks for a 6 MB disk
+        recorder={"compression": "none", "min_free_mb": 0},  # no early stop: fill it
+    )
+    code = run(config, duration_s=120.0, output=small_disk / "run.ome.zarr", workers=1)
+    out = capsys.readouterr().out
+    assert code == EXIT_INCOMPLETE, out
+    assert "summary (source finished)" in out
+    assert "INCOMPLETE        the recorder stopped:" in out and "No space left on device" in out
 
 
 def test_a_store_folder_that_cannot_say_its_free_space_stops_the_recording_not_the_run(

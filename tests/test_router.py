@@ -171,6 +171,8 @@ def test_the_collector_survives_malformed_events_and_applies_good_ones() -> None
         assert (snap.malformed, snap.skipped, snap.lost) == (6, 0, 2)
         assert ledger.outstanding() == 0 and collector.is_alive()
         assert supervisor.failures == []
+        # counted, not kept: one a frame would grow without bound (review 82)
+        assert all(e["event"] != "rejected" for e in collector.events)
     finally:
         collector.stop_event.set()
         collector.join(10)

@@ -24,7 +24,7 @@ from ome_zarr.utils import find_multiscales
 from engine.metadata import file_sha256
 from live.config import validate_config
 from live.recorder import missing_seqs
-from live.run import Daemon
+from live.run import EXIT_NO_FIT, Daemon, run
 from live.worker import build_plan
 from tests.live_helpers import live_config, push_frames
 
@@ -518,3 +518,86 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "source.rate_hz" in err[0] and err[0].startswith("error: bad config")
+
+
+def test_require_fit_starts_nothing_when_the_rate_does_not_fit(
+    tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review 82: the verdict was read after the store, the workers and the camera had
+    started (a real acquisition on a Micro-Manager scope), and the store left behind made a
+    retry with the same --output refused."""
+    config = live_config(
+        tmp_path, tiny_model_files["onnx"], rate_hz=10000.0, side=256, source={"exposure_ms": 0.05}
+    )
+    store = tmp_path / "run.ome.zarr"
+    spawned: list[int] = []
+    original = Daemon._spawn
+
+    def spawn(self: Daemon, i: int) -> None:
+        spawned.append(i)
+        original(self, i)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Daemon, "_spawn", spawn)
+        code = run(config, duration_s=60.0, output=store, workers=1, require_fit=True)
+    out = capsys.readouterr().out
+    assert code == EXIT_NO_FIT, out
+    assert "DOES NOT FIT" in out
+    assert "summary (pre-flight: does not fit: --require-fit: nothing was started)" in out
+    assert spawned == [] and not store.exists()  # the same --output can be used again
+
+
+def test_a_signal_during_the_checks_stops_the_run_before_anything_starts(
+    tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review 82: the handlers were installed after `check` (where a Micro-Manager core can
+    take seconds to load), so a Ctrl-C there raised KeyboardInterrupt past the cleanup."""
+    config = live_config(tmp_path, tiny_model_files["onnx"], frame_count=20)
+    store = tmp_path / "run.ome.zarr"
+    original = Daemon.check
+    sent: list[bool] = []
+
+    def check(self: Daemon) -> None:
+        if not sent:  # once: start() calls check() again
+            sent.append(True)
+            signal.raise_signal(signal.SIGINT)  # handled by the daemon's handler
+        original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Daemon, "check", check)
+        code = run(config, duration_s=60.0, output=store, workers=1)
+    out = capsys.readouterr().out
+    assert code == 0 and "summary (SIGINT)" in out
+    assert "frames acquired   0 (received 0" in out and not store.exists()
+
+
+def test_a_signal_while_stopping_lets_the_next_one_end_the_process(
+    tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first signal stops the run in order; a signal while it stops (draining can take a
+    while under every_frame) puts the default handlers back, so a third ends the process at
+    once (review 82: every further signal was ignored). Handlers are restored after the run."""
+    config = live_config(tmp_path, tiny_model_files["onnx"], frame_count=5)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    during: list[Any] = []
+    original = Daemon._stop_router
+
+    def stop_router(self: Daemon, *args: Any, **kwargs: Any) -> Any:
+        if not during:  # the run is stopping (its source finished): a signal now
+            signal.raise_signal(signal.SIGTERM)  # in this (the main) thread
+            deadline = time.monotonic() + 30.0  # Python runs the handler at its next check
+            while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Daemon, "_stop_router", stop_router)
+        code = run(config, duration_s=60.0, output=tmp_path / "run.ome.zarr", workers=1)
+    out = capsys.readouterr().out
+    assert code == 0 and "summary (source finished)" in out  # the first reason stands
+    assert "stacks written    5 (refocused 5)" in out
+    assert during == [(signal.SIG_DFL, signal.SIG_DFL)]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -24,6 +24,7 @@ from live.sources import (
     ReplaySource,
     SimulatedScope,
     Source,
+    SourceFailed,
     SourceSummary,
     make_source,
     open_recording,
@@ -156,9 +157,53 @@ def test_a_camera_that_fails_mid_run_fails_the_source_after_sending_what_it_acqu
         return pattern(index, focus_um)
 
     scope = SimulatedScope(SHAPE, rate_hz=200.0, frame_fn=failing)  # endless: never stopped
-    with pytest.raises(RuntimeError, match="stopped by itself after 5 frames: the camera failed"):
+    with pytest.raises(
+        SourceFailed, match="stopped by itself after 5 frames: the camera failed"
+    ) as err:
         run_source(scope, endpoint)
     assert [m.header.seq for m in receive_all(sock, 5)] == [0, 1, 2, 3, 4]
+    # what it did up to then goes with the failure into the run's summary (review 81: lost)
+    assert err.value.summary.frames_sent == 5 and err.value.summary.frames_dropped == 0
+
+
+def test_a_camera_that_stops_delivering_is_said_and_so_is_its_return(
+    pull, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 81: a camera whose sequence still runs but sends nothing (a lost trigger, a
+    cable) showed only as 0 Hz. It is said once when it stalls and once when frames come
+    back; the run goes on (an externally triggered camera may be waiting for triggers)."""
+    sock, endpoint = pull
+    wedged = threading.Event()
+
+    def stalling(index: int, focus_um: float = 0.0) -> np.ndarray:
+        if index == 3:
+            wedged.wait(60.0)  # no frame, no error: the camera just stops delivering
+        return pattern(index, focus_um)
+
+    def said(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    stop = threading.Event()
+    scope = SimulatedScope(SHAPE, rate_hz=50.0, frame_fn=stalling)
+    thread = threading.Thread(target=run_source, args=(scope, endpoint, stop))
+    with caplog.at_level("WARNING", logger="live.sources"):
+        thread.start()
+        try:
+            for text in ("has sent no frame for 2.0 s (50 Hz asked)", None, "sends frames again"):
+                if text is None:
+                    wedged.set()
+                    continue
+                for _ in range(600):  # up to a minute on a loaded machine
+                    if said(text):
+                        break
+                    stop.wait(0.1)
+                assert said(text), [r.getMessage() for r in caplog.records]
+        finally:
+            wedged.set()
+            stop.set()
+            thread.join(30)
+    assert not thread.is_alive()
+    assert len(receive_all(sock, 4)) >= 4  # the frames before and after the stall
 
 
 def test_simulated_scope_renders_the_worm(pull):
@@ -268,6 +313,23 @@ def test_replay_our_recording_keeps_seqs_and_gaps(pull, tmp_path):
     assert summary.frames_sent == len(present)
 
 
+def test_replay_of_int64_counts_sends_them_as_uint16(pull, tmp_path):
+    """numpy's default integers are not on the wire: a recording of int64 counts passed the
+    open check and then had every frame dropped (review 81). They go as exact uint16."""
+    import zarr
+
+    sock, endpoint = pull
+    data = frames_of(4)
+    path = tmp_path / "int64.zarr"
+    zarr.create_array(str(path), shape=data.shape, dtype="int64")[...] = data.astype(np.int64)
+    summary = run_source(ReplaySource(path, rate_hz=500.0), endpoint)
+    msgs = receive_all(sock, 4)
+    assert (summary.frames_sent, summary.frames_dropped) == (4, 0)
+    for m in msgs:
+        assert m.array.dtype == np.uint16
+        np.testing.assert_array_equal(m.array, data[m.header.seq])
+
+
 def test_replay_plain_zarr_arrays_of_one_frame_or_with_axes_of_size_one(pull, tmp_path):
     """A plain 2-D array is one frame and a (1, T, H, W) one is T frames: the time points
     come from the frames, not the array's first axis (a 2-D array sent 1 frame and counted
@@ -315,6 +377,14 @@ def test_replay_bad_inputs_say_what_is_wrong(tmp_path):
     tifffile.imwrite(multi, np.zeros((3, 2, 8, 8), np.uint16), imagej=True)
     with pytest.raises(ValueError, match=r"shape \[3, 2, 8, 8\].*needs frames \(t, y, x\)"):
         open_recording(multi)
+    import zarr
+    from ome_zarr import writer as ome_zarr_writer
+
+    channels = tmp_path / "tcyx.ome.zarr"  # review 81: replayed as 3 time points, silently
+    root = zarr.open_group(str(channels), mode="w")
+    ome_zarr_writer.write_image(np.ones((1, 3, 8, 8), np.uint16), root, axes="tcyx")
+    with pytest.raises(ValueError, match=r"vary along axis C \(axes TCYX.*not a z-stack or"):
+        open_recording(channels)
     rgb = tmp_path / "rgb.tif"
     tifffile.imwrite(rgb, np.zeros((8, 8, 3), np.uint8), photometric="rgb")
     with pytest.raises(ValueError, match=r"axes YXS.*last two axes to be y, x"):
@@ -397,6 +467,31 @@ def test_simulated_scope_without_the_sim_extra_names_the_extra():
         "source.kind = 'simulated' needs psfmodels, not installed here: "
         "pip install 'deepz-live[sim]'"
     )
+
+
+def test_the_daemon_refuses_a_missing_sim_extra_before_it_makes_the_store(tmp_path):
+    """Review 81: the simulated scope was made after the pre-flight, the store and the
+    workers, so the refusal left an empty store that made a retry with --output refused."""
+    store = tmp_path / "run.ome.zarr"
+    code = (
+        "import sys; sys.modules['psfmodels'] = None\n"
+        "from pathlib import Path\n"
+        "from live.config import ConfigError\n"
+        "from live.run import Daemon\n"
+        "from tests.live_helpers import live_config\n"
+        f"config = live_config(Path({str(tmp_path)!r}), Path('engine/weights/deepz-slim.onnx'))\n"
+        f"daemon = Daemon(config, output={str(store)!r})\n"
+        "try:\n    daemon.check()\nexcept ConfigError as err:\n    print(err)\n"
+        "finally:\n    daemon.stop()"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().endswith(
+        "needs psfmodels, not installed here: pip install 'deepz-live[sim]'"
+    ), result.stdout
+    assert not store.exists()
 
 
 def _config_file_camera_class():

@@ -295,6 +295,28 @@ def test_a_failing_receive_thread_fails_the_worker_loudly(
         harness.close()
 
 
+def test_a_worker_whose_warm_up_fails_says_so_and_ends(
+    tmp_path: Path, tiny_model_files, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 81: its stacks and credits sockets were made before the try that closes them,
+    so after its "error" event the context's term() waited for them for ever: a hung worker
+    the daemon could neither restart nor join (a GPU out of memory at warm-up, say)."""
+
+    def injected(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected warm-up failure")
+
+    monkeypatch.setattr("live.worker.warm_up", injected)
+    harness = _Harness(live_config(tmp_path, tiny_model_files["onnx"]), in_process=True)
+    try:
+        event = harness.event()
+        assert event["event"] == "error"
+        assert event["message"] == "RuntimeError: injected warm-up failure"
+        harness.proc.join(60)  # ends: without the fix it never does
+        assert not harness.proc.is_alive() and len(harness.errors) == 1  # a non-zero exit
+    finally:
+        harness.close()
+
+
 def test_a_worker_refuses_a_plan_other_than_the_daemons(tmp_path: Path, tiny_model_files) -> None:
     """A worker builds the plan again from the config; planes other than those the daemon
     recorded (a surface's DPM file rewritten since) end it with one line, before serving."""
