@@ -520,6 +520,14 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(err) == 1 and "source.rate_hz" in err[0] and err[0].startswith("error: bad config")
 
 
+_SIGNAL_IN_PYTEST = pytest.mark.skip(
+    reason="raises a signal inside the pytest process; CI's run of 8794a97 died of a "
+    "segmentation fault at this point of tests/test_run.py (session 44), not reproduced yet: "
+    "to be run in a subprocess of its own"
+)
+"""The two in-process signal tests below, skipped until they run in a subprocess."""
+
+
 def test_require_fit_starts_nothing_when_the_rate_does_not_fit(
     tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -547,11 +555,7 @@ def test_require_fit_starts_nothing_when_the_rate_does_not_fit(
     assert spawned == [] and not store.exists()  # the same --output can be used again
 
 
-@pytest.mark.skip(
-    reason="raises a signal inside the pytest process; CI's run of 8794a97 died of a "
-    "segmentation fault at this point of tests/test_run.py (session 44), not reproduced yet: "
-    "to be run in a subprocess of its own"
-)
+@_SIGNAL_IN_PYTEST
 def test_a_signal_during_the_checks_stops_the_run_before_anything_starts(
     tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -576,11 +580,7 @@ def test_a_signal_during_the_checks_stops_the_run_before_anything_starts(
     assert "frames acquired   0 (received 0" in out and not store.exists()
 
 
-@pytest.mark.skip(
-    reason="raises a signal inside the pytest process; CI's run of 8794a97 died of a "
-    "segmentation fault at this point of tests/test_run.py (session 44), not reproduced yet: "
-    "to be run in a subprocess of its own"
-)
+@_SIGNAL_IN_PYTEST
 def test_a_signal_while_stopping_lets_the_next_one_end_the_process(
     tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
