@@ -520,14 +520,6 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(err) == 1 and "source.rate_hz" in err[0] and err[0].startswith("error: bad config")
 
 
-_SIGNAL_IN_PYTEST = pytest.mark.skip(
-    reason="raises a signal inside the pytest process; CI's run of 8794a97 died of a "
-    "segmentation fault at this point of tests/test_run.py (session 44), not reproduced yet: "
-    "to be run in a subprocess of its own"
-)
-"""The two in-process signal tests below, skipped until they run in a subprocess."""
-
-
 def test_require_fit_starts_nothing_when_the_rate_does_not_fit(
     tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -555,59 +547,50 @@ def test_require_fit_starts_nothing_when_the_rate_does_not_fit(
     assert spawned == [] and not store.exists()  # the same --output can be used again
 
 
-@_SIGNAL_IN_PYTEST
+def _signal_scenario(
+    name: str, config: Any, store: Path, tmp_path: Path
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run `tests.signal_scenarios` NAME in a fresh interpreter: a signal raised inside the
+    pytest process reached what the tests before had left there, and CI's run of session 44
+    died of a segmentation fault at this point of this file (faulthandler says where now)."""
+    config_json = tmp_path / "scope.json"
+    config_json.write_text(json.dumps(config.model_dump(mode="json")))
+    args = [str(config_json), str(store)]
+    out = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-m", "tests.signal_scenarios", name, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [x for x in out.stdout.splitlines() if x.startswith("scenario: ")]
+    assert len(lines) == 1, out.stdout + out.stderr
+    return out, json.loads(lines[0].removeprefix("scenario: "))
+
+
 def test_a_signal_during_the_checks_stops_the_run_before_anything_starts(
-    tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_files: Any
 ) -> None:
     """Review 82: the handlers were installed after `check` (where a Micro-Manager core can
     take seconds to load), so a Ctrl-C there raised KeyboardInterrupt past the cleanup."""
     config = live_config(tmp_path, tiny_model_files["onnx"], frame_count=20)
     store = tmp_path / "run.ome.zarr"
-    original = Daemon.check
-    sent: list[bool] = []
-
-    def check(self: Daemon) -> None:
-        if not sent:  # once: start() calls check() again
-            sent.append(True)
-            signal.raise_signal(signal.SIGINT)  # handled by the daemon's handler
-        original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Daemon, "check", check)
-        code = run(config, duration_s=60.0, output=store, workers=1)
-    out = capsys.readouterr().out
-    assert code == 0 and "summary (SIGINT)" in out
-    assert "frames acquired   0 (received 0" in out and not store.exists()
+    out, facts = _signal_scenario("during_the_checks", config, store, tmp_path)
+    assert out.returncode == 0 and "summary (SIGINT)" in out.stdout, out.stdout + out.stderr
+    assert "frames acquired   0 (received 0" in out.stdout
+    assert facts == {"store_exists": False} and not store.exists()
 
 
-@_SIGNAL_IN_PYTEST
 def test_a_signal_while_stopping_lets_the_next_one_end_the_process(
-    tmp_path: Path, tiny_model_files: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_files: Any
 ) -> None:
     """The first signal stops the run in order; a signal while it stops (draining can take a
     while under every_frame) puts the default handlers back, so a third ends the process at
     once (review 82: every further signal was ignored). Handlers are restored after the run."""
     config = live_config(tmp_path, tiny_model_files["onnx"], frame_count=5)
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    during: list[Any] = []
-    original = Daemon._stop_router
-
-    def stop_router(self: Daemon, *args: Any, **kwargs: Any) -> Any:
-        if not during:  # the run is stopping (its source finished): a signal now
-            signal.raise_signal(signal.SIGTERM)  # in this (the main) thread
-            deadline = time.monotonic() + 30.0  # Python runs the handler at its next check
-            while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.01)
-            during.append((signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)))
-        return original(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Daemon, "_stop_router", stop_router)
-        code = run(config, duration_s=60.0, output=tmp_path / "run.ome.zarr", workers=1)
-    out = capsys.readouterr().out
-    assert code == 0 and "summary (source finished)" in out  # the first reason stands
-    assert "stacks written    5 (refocused 5)" in out
-    assert during == [(signal.SIG_DFL, signal.SIG_DFL)]
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    out, facts = _signal_scenario("while_stopping", config, tmp_path / "run.ome.zarr", tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "summary (source finished)" in out.stdout, text  # first stands
+    assert "stacks written    5 (refocused 5)" in out.stdout, text
+    assert "SIGTERM while stopping" in out.stderr, text
+    assert facts == {"default_while_stopping": True, "restored_after": True}, text
