@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from pathlib import Path
 
     from live.security import ClientKeys, ServerKeys
@@ -45,6 +45,7 @@ __all__ = [
     "WORKER_STAGES",
     "Metrics",
     "RunState",
+    "SeqRuns",
     "SeqSet",
     "Snapshot",
     "StageTimes",
@@ -159,9 +160,56 @@ class SeqSet:
         pairs = list(zip(self._starts, self._stops, strict=True))
         return pairs if last is None else pairs[max(0, len(pairs) - last) :]
 
-    def seqs(self) -> list[int]:
-        """Return every seq, sorted (for the end-of-run summary)."""
-        return [seq for start, stop in self.ranges() for seq in range(start, stop)]
+    def frozen(self) -> SeqRuns:
+        """Return what is held now as an immutable `SeqRuns` (for the end-of-run summary)."""
+        return SeqRuns(self.ranges(), self.count)
+
+
+class SeqRuns:
+    """An immutable, sorted set of seqs kept as half-open ``(start, stop)`` runs.
+
+    The end-of-run summary's skipped and lost seqs: a run that skips a million frames in a row
+    holds one run, where the list of its seqs took 1.8 s and 121 MiB to build (session 44's
+    Known gap). Iterating yields the seqs themselves, in order, one at a time.
+    """
+
+    __slots__ = ("_count", "_runs")
+
+    def __init__(self, runs: Iterable[tuple[int, int]] = (), count: int | None = None) -> None:
+        self._runs = tuple((int(a), int(b)) for a, b in runs)
+        self._count = sum(b - a for a, b in self._runs) if count is None else count
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...]:
+        """The half-open ``(start, stop)`` runs, in order (the store's format)."""
+        return self._runs
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def __iter__(self) -> Iterator[int]:
+        for start, stop in self._runs:
+            yield from range(start, stop)
+
+    def __contains__(self, seq: object) -> bool:
+        try:
+            seq = operator.index(seq)  # type: ignore[arg-type]
+        except TypeError:
+            return False
+        i = bisect_right(self._runs, (seq, math.inf)) - 1  # the run that starts at or before
+        return i >= 0 and self._runs[i][1] > seq
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SeqRuns) and self._runs == other._runs
+
+    def __hash__(self) -> int:
+        return hash(self._runs)
+
+    def __repr__(self) -> str:
+        return f"SeqRuns({format_ranges(self._runs, limit=5)}; {self._count} seqs)"
 
 
 @dataclass(frozen=True)
@@ -424,15 +472,15 @@ class Metrics:
             pairs = np.array(self._latency, dtype=np.float64).reshape(-1, 2)
         return pairs[:, 0].copy(), pairs[:, 1].copy()
 
-    def skipped_seqs(self) -> list[int]:
-        """Return every skipped seq, sorted (for the summary; the snapshot carries ranges)."""
+    def skipped_seqs(self) -> SeqRuns:
+        """Return every skipped seq (for the summary; the snapshot carries the newest runs)."""
         with self._lock:
-            return self._skipped.seqs()
+            return self._skipped.frozen()
 
-    def lost_seqs(self) -> list[int]:
-        """Return every lost seq, sorted (for the summary; the snapshot carries ranges)."""
+    def lost_seqs(self) -> SeqRuns:
+        """Return every lost seq (for the summary; the snapshot carries the newest runs)."""
         with self._lock:
-            return self._lost.seqs()
+            return self._lost.frozen()
 
     def snapshot(self, *, advance: bool = True) -> Snapshot:
         """Take a consistent snapshot; with `advance`, the rate window restarts here."""

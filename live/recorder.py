@@ -732,7 +732,8 @@ class Recorder:
 
         Its seq lists (`SEQ_LIST_KEYS`: every skipped and lost seq) are stored whole, as
         half-open ``[start, stop]`` ranges like the presence runs: a run that skips a million
-        frames in a row costs one range, not a million numbers.
+        frames in a row costs one range, not a million numbers. The daemon gives them as
+        ranges already (`live.metrics.SeqRuns`); a list of seqs is collapsed here.
         """
         if self._stuck:  # the writer may still write the store: it stays the only writer
             log.error("recorder: the run summary is not stored: the disk is not answering")

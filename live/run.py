@@ -49,9 +49,11 @@ from live.metrics import (
     WORKER_STAGES,
     Metrics,
     RunState,
+    SeqRuns,
     Snapshot,
     StageTimes,
     StatusPublisher,
+    format_ranges,
     format_seqs,
     format_stage_times,
 )
@@ -310,8 +312,8 @@ class RunSummary:
     frames_in: int
     raw_recorded: int
     stacks_written: int
-    skipped: list[int]
-    lost: list[int]
+    skipped: SeqRuns
+    lost: SeqRuns
     malformed: int
     worker_restarts: int
     latency_p50_ms: float | None
@@ -389,9 +391,9 @@ class RunSummary:
             f"  raw frames recorded {self.raw_recorded}",
             f"  stacks written    {self.stacks_written} (refocused {self.stacks_refocused})",
             f"  skipped           {len(self.skipped)} "
-            f"(seqs: {format_seqs(self.skipped, limit=_PRINTED_RANGES)})",
+            f"(seqs: {format_ranges(self.skipped.runs, limit=_PRINTED_RANGES)})",
             f"  lost              {len(self.lost)} "
-            f"(seqs: {format_seqs(self.lost, limit=_PRINTED_RANGES)}; "
+            f"(seqs: {format_ranges(self.lost.runs, limit=_PRINTED_RANGES)}; "
             f"worker restarts {self.worker_restarts})",
             f"  latency p50/p99   {lat}",
             *(
@@ -1339,8 +1341,12 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 def _jsonable(value: Any) -> Any:
-    """Round-trip through JSON (paths and odd types become strings)."""
-    return json.loads(json.dumps(value, default=str))
+    """Round-trip through JSON (paths and odd types become strings, `SeqRuns` their runs)."""
+
+    def default(v: Any) -> Any:
+        return [list(r) for r in v.runs] if isinstance(v, SeqRuns) else str(v)
+
+    return json.loads(json.dumps(value, default=default))
 
 
 def _frames_acquired(source: dict[str, Any], received: int) -> int | None:

@@ -212,7 +212,7 @@ def test_the_daemon_replays_a_recording_without_recording_its_raw_frames_again(
         daemon.supervise(60.0, quiet=True)  # ends when the recording does
     finally:
         summary = daemon.stop()
-    assert summary.finish_reason == "source finished" and summary.lost == []
+    assert summary.finish_reason == "source finished" and not summary.lost
     assert summary.raw_recorded == 0 and summary.stacks_written == len(seqs)
     deepz = zarr.open_group(out, mode="r").attrs["deepz"]
     present = [s for start, stop in deepz["stacks_present"] for s in range(start, stop)]

@@ -58,7 +58,7 @@ def test_pipeline_in_process_on_the_simulated_scope(tmp_path: Path, tiny_model_f
     assert summary.finish_reason == "source finished"
     assert summary.frames_acquired == 30 and summary.frames_in == 30
     assert (summary.raw_recorded, summary.stacks_written) == (30, 30)
-    assert summary.skipped == [] and summary.lost == [] and summary.malformed == 0
+    assert not summary.skipped and not summary.lost and summary.malformed == 0
     (times,) = summary.worker_times  # one worker, its stage times from its "done" event
     assert times["worker"] == 0 and 0 < times["refocus_p50_ms"] <= times["refocus_p99_ms"]
     assert any(line.startswith("  worker 0 time") for line in summary.lines())
@@ -204,7 +204,7 @@ def test_overload_latest_policy_counts_exactly_and_malformed_are_logged(
     assert summary.malformed == 3
     assert caplog.text.count("malformed message dropped") == 3
     assert "buffer length 10 B does not match shape [64, 64]" in caplog.text
-    assert summary.frames_in == 120 and summary.raw_recorded == 120 and summary.lost == []
+    assert summary.frames_in == 120 and summary.raw_recorded == 120 and not summary.lost
     assert len(summary.skipped) >= 117  # 'latest' keeps one waiting; the stopped worker held one
     assert len(summary.skipped) + summary.stacks_written == 120
     _, _, attrs = _read_store(str(tmp_path / "run.ome.zarr"))
@@ -215,6 +215,7 @@ def test_overload_latest_policy_counts_exactly_and_malformed_are_logged(
     )
     assert sorted(stacked | set(summary.skipped)) == list(range(120))  # each seq exactly once
     assert not stacked & set(summary.skipped)
+    assert attrs["run_summary"]["skipped"] == [list(r) for r in summary.skipped.runs]  # ranges
 
 
 def _wait_until(daemon: Daemon, condition: Callable[[], bool], what: str) -> None:
@@ -311,7 +312,7 @@ def test_a_stop_asked_for_while_the_workers_load_ends_the_start(
     finally:
         summary = daemon.stop()
     assert summary.finish_reason == FinishReason.SIGINT
-    assert summary.frames_in == 0 and summary.lost == []
+    assert summary.frames_in == 0 and not summary.lost
 
 
 def test_a_worker_that_keeps_dying_is_restarted_ever_later(

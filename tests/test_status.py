@@ -16,12 +16,14 @@ from live.metrics import (
     MAX_STATUS_RANGES,
     Metrics,
     RunState,
+    SeqRuns,
     SeqSet,
     Snapshot,
     StageTimes,
     StatusPublisher,
     StatusReader,
 )
+from live.run import RunSummary
 from tests.live_helpers import free_port
 
 
@@ -31,7 +33,7 @@ def test_seq_set_merges_ranges_in_any_order_and_counts_each_seq_once() -> None:
     for seq in [*order[order % 7 != 3].tolist(), 5, 5, 11]:
         seqs.add(int(seq))
     expected = sorted(s for s in range(200) if s % 7 != 3)
-    assert seqs.seqs() == expected and seqs.count == len(expected)
+    assert list(seqs.frozen()) == expected and seqs.count == len(expected)
     assert seqs.ranges()[:2] == [(0, 3), (4, 10)]
     assert seqs.ranges(last=1) == [(193, 199)]  # 199 % 7 == 3
 
@@ -53,7 +55,7 @@ def test_seq_set_add_discard_membership_and_overlap_behave_like_a_set() -> None:
         stop = probe + int(rng.integers(1, 6))
         assert seqs.intersects(probe, stop) == any(s in model for s in range(probe, stop))
         assert seqs.last == max(model, default=-1)
-    assert seqs.seqs() == sorted(model)
+    assert list(seqs.frozen()) == sorted(model)
     starts = [a for a, _ in seqs.ranges()]
     stops = [b for _, b in seqs.ranges()]
     assert all(b < a for a, b in zip(starts[1:], stops[:-1], strict=True))  # merged, apart
@@ -62,11 +64,11 @@ def test_seq_set_add_discard_membership_and_overlap_behave_like_a_set() -> None:
 def test_a_stack_read_after_its_worker_was_counted_dead_is_not_lost() -> None:
     metrics = Metrics()
     metrics.lose([7, 8, 9])  # the daemon took them from a worker that died
-    assert metrics.late_stack(8) and metrics.lost_seqs() == [7, 9]
+    assert metrics.late_stack(8) and list(metrics.lost_seqs()) == [7, 9]
     # the other order: the stack arrives between the ledger's take and the daemon's lose
     assert not metrics.late_stack(10)
     metrics.lose([10, 11])
-    assert metrics.lost_seqs() == [7, 9, 11] and metrics.snapshot().lost == 3
+    assert list(metrics.lost_seqs()) == [7, 9, 11] and metrics.snapshot().lost == 3
 
 
 def test_status_message_carries_capped_ranges_however_many_frames_are_lost() -> None:
@@ -82,6 +84,31 @@ def test_status_message_carries_capped_ranges_however_many_frames_are_lost() -> 
     metrics.lose(list(range(100_001, 140_001, 2)))  # twenty thousand more: the same size
     assert abs(len(metrics.snapshot().to_json()) - size) < 2 * MAX_STATUS_RANGES * 4
     assert len(metrics.lost_seqs()) == 30_000  # the summary still names every one
+
+
+def test_the_summary_holds_a_million_skipped_seqs_as_one_run_and_stores_them_as_ranges() -> None:
+    """Session 44's Known gap: the summary listed every skipped and lost seq (1.8 s and
+    121 MiB for a million); it holds their runs, prints them and stores them as ranges."""
+    metrics = Metrics()
+    metrics.skip(list(range(1_000_000)))
+    metrics.lose([3_000_000, 3_000_002, 3_000_003])
+    skipped, lost = metrics.skipped_seqs(), metrics.lost_seqs()
+    assert skipped.runs == ((0, 1_000_000),) and len(skipped) == 1_000_000 and skipped
+    assert lost.runs == ((3_000_000, 3_000_001), (3_000_002, 3_000_004)) and len(lost) == 3
+    inside = [s in skipped for s in (-1, 0, 999_999, 1_000_000, "0")]
+    assert inside == [False, True, True, False, False]
+    assert [s in lost for s in (3_000_001, 3_000_003, np.int64(3_000_003), 3_000_004)] == [
+        False, True, True, False,
+    ]  # fmt: skip
+    assert list(lost) == [3_000_000, 3_000_002, 3_000_003] and not SeqRuns()
+    summary = RunSummary(
+        frames_acquired=None, frames_in=1_000_003, raw_recorded=0, stacks_written=0,
+        skipped=skipped, lost=lost, malformed=0, worker_restarts=0, latency_p50_ms=None,
+        latency_p99_ms=None, backend="onnxruntime", output=None,
+    )  # fmt: skip
+    text = "\n".join(summary.lines())  # the store's copy: tests/test_run.py (overload)
+    assert "skipped           1000000 (seqs: 0-999999)" in text
+    assert "lost              3 (seqs: 3000000, 3000002-3000003;" in text
 
 
 def _snapshot(**changes: object) -> Snapshot:
