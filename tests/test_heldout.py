@@ -145,6 +145,37 @@ def test_matched_filter_recovers_depths_of_scalar_psf_beads():
     np.testing.assert_allclose(est, z_true, atol=1.0)
 
 
+def test_the_matched_filters_ignore_background_the_smoothing_left(beads, monkeypatch):
+    """Review 83: with the templates' mean left in, a flat residual of background (what
+    `smooth_background` leaves on Poisson frames: a few tenths of a count) pulled depths to the
+    ends of the range, weakening both matched-filter rows. Zero-mean templates ignore it."""
+    from engine.heldout import matched_filter as mf
+
+    optics = OpticsConfig()
+    z_true = np.array([-8.5, 8.5, 6.0])
+    xy = np.array([[48, 48], [112, 48], [80, 112]])
+    frame = np.full((160, 160), 100.0)
+    for (x, y), p in zip(xy, make_psf(optics, -z_true, 63), strict=True):
+        frame[y - 31 : y + 32, x - 31 : x + 32] += 20000.0 * p
+    frame = np.random.default_rng(1).poisson(frame).astype(np.float64)
+    defocus = H.truth_dz_um()
+    bank = np.asarray(make_psf(optics, defocus, 63))
+    true_background = mf.smooth_background
+
+    def read(residual: float) -> tuple[np.ndarray, np.ndarray]:
+        monkeypatch.setattr(mf, "smooth_background", lambda img: true_background(img) - residual)
+        return (
+            H.matched_filter_depth(frame, bank, defocus, xy.astype(float)),
+            H.own_psf_bead_depths(beads, H.IndependentOptics()).z_est_um,
+        )
+
+    (flat, own_flat), (left, own_left) = read(0.0), read(0.5)
+    np.testing.assert_allclose(left, flat, atol=1e-6)
+    # near the frame's edge the own-PSF window reaches past it (zeros there): hardly moved
+    np.testing.assert_allclose(own_left, own_flat, atol=0.1)
+    np.testing.assert_allclose(flat, z_true, atol=1.0)
+
+
 def test_summaries_count_failures():
     s = H.summarise(np.array([0.2, 0.4, np.nan, 3.0]))
     assert s["count"] == 4 and s["failures"] == 1
