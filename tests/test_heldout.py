@@ -394,6 +394,7 @@ def test_the_fidelity_report_compares_models_bead_by_bead():
             "bead_errors_um": e,
             "bead_depth": H.summarise(np.array(e)),
             "tilted_beads_in_focus": tilted[m],
+            "tilted_plane_sizes": [2, 3],  # two planes: the first 2 beads and the last 3
         }
         for m, e in errors.items()
     }
@@ -406,6 +407,8 @@ def test_the_fidelity_report_compares_models_bead_by_bead():
     cells = [c.strip() for c in tilted_row.split("|")[2:-1]]
     assert cells[0].startswith("80% (") and cells[0].endswith("of 5")
     assert cells[1] == "2 / 1" and cells[2] == "1"
+    # plane by plane (review 83: a plane's beads move together): 2 -> 1 and 1 -> 3 in focus
+    assert cells[3] == "1 / 1" and cells[4] == "1"
 
 
 def test_pupil_psf_keeps_psfmodels_focus_and_adds_the_objectives_aberrations():
@@ -569,6 +572,27 @@ def test_the_fresh_seeds_were_never_used_for_development():
             for kind, seeds in fresh.items():
                 assert not set(seeds) & set(old.get(kind, ())), kind
     assert sum(map(len, fresh_ind.values())) == sum(map(len, F.LARGE_INDEPENDENT.values()))
+
+
+def test_the_sealed_seeds_share_none_with_any_other_set():
+    """`engine.fidelity --sealed` (review 83: ship decisions were made on --fresh since session
+    37): seeds of its own, cross-modality included, the larger set's size."""
+    from engine import fidelity as F
+
+    sealed_sim, sealed_ind = F.SEED_SETS["sealed"]
+    others = [F.SEED_SETS[k] for k in ("quick", "default", "large", "fresh")]
+    others += [(F.CROSS_MODALITY_SEEDS, F.CROSS_MODALITY_INDEPENDENT), F.FRESH_CROSS_MODALITY]
+    mine = [(sealed_sim, sealed_ind), F.SEALED_CROSS_MODALITY]
+    for sim, ind in others:
+        for own_sim, own_ind in mine:
+            for own, old in ((own_sim, sim), (own_ind, ind)):
+                for kind, seeds in own.items():
+                    assert not set(seeds) & set(old.get(kind, ())), kind
+    cm_sim, cm_ind = F.SEALED_CROSS_MODALITY
+    for own, cm in ((sealed_sim, cm_sim), (sealed_ind, cm_ind)):  # nor within itself
+        for kind, seeds in cm.items():
+            assert not set(seeds) & set(own.get(kind, ())), kind
+    assert sum(map(len, sealed_ind.values())) == sum(map(len, F.LARGE_INDEPENDENT.values()))
 
 
 def test_a_bead_between_depth_slices_is_imaged_through_its_own_depths_psf():

@@ -19,10 +19,12 @@ How the set differs from the training simulator (`engine.optics`):
   focal plane) sees the index-mismatch aberration of particle depth
   ``pz = base_depth_um + z`` (base 12 µm, so 2-22 µm over ±10 µm, quantised to 1 µm; the
   PSF changes by about 1.8 % per µm of pz, so the quantisation costs < 1 %), and defocus is
-  counted from *its own* best focus. The training simulator uses one depth, 5 µm, for all
-  sources. Defocus follows `engine.optics`: PSF index ``d = z_focus - z_object`` (positive
-  when the focal plane is deeper than the point), 0 = brightest on-axis peak, every plane
-  normalised to unit sum.
+  counted from *its own* best focus. The training simulator gives all sources of a sample one
+  depth, drawn per sample by the volume recipes from 2, 5, 10 or 15 µm
+  (`data.particle_depths_um`), so the set's 12 µm focal depth lies inside the trained range;
+  what differs is the aberration changing with each source's own depth. Defocus follows
+  `engine.optics`: PSF index ``d = z_focus - z_object`` (positive when the focal plane is
+  deeper than the point), 0 = brightest on-axis peak, every plane normalised to unit sum.
 * **Image formation.** Objects are rendered one by one: a point is split between the two
   0.5 µm depth-lattice slices around it and placed with bilinear weights in real space; a
   filled sphere is voxelised exactly (the chord of the sphere through each 0.5 µm slab,
@@ -36,7 +38,12 @@ How the set differs from the training simulator (`engine.optics`):
   40-90 spherical nuclei of 1.5-4 µm clustered in 2-4 ganglia along it (the crowded neurons of
   live C. elegans imaging). The training set has worms with 2-3 µm ellipsoidal nuclei spread
   evenly through a tube 22-28 µm thick along x at z = 0, 30-60 beads with 3x brightness
-  spread, and no tilted layers.
+  spread, and no tilted layers; but since recipe 44 it also has a "nuclei" kind (10-40
+  spheres of 1-4 µm, uniform depth in ±10 µm, 0.3 µm apart) drawn after these "spheres" were
+  looked at, with nearly their statistics (review 83). The isolated-nuclei figures of models
+  trained on it (recipes 44, 47 and later) are therefore in-distribution for the sample
+  statistics: only the PSF, the camera and the image formation differ there. "ganglion"
+  (crowded nuclei in a body) and "tilted" keep statistics no training kind copies.
 * **Camera and background.** Poisson shot noise plus Gaussian read noise (2.0 e⁻) at gain
   0.8 counts/e⁻ and offset 400 counts, a per-pixel offset pattern, and a weak smooth
   non-uniform background (8-16 e⁻ with a gradient and a broad blob), unlike the training
