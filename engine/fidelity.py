@@ -1142,6 +1142,10 @@ def report(r: dict[str, Any]) -> str:
         f'SSIM and PSNR say something about refocusing only above the "{BACKGROUND_ONLY}"',
         "row: most pixels of these frames are background, which it renders well with no",
         "object at all.",
+        "The matched-filter rows are told where every bead is and always give a depth (no",
+        "detection step, no failure), where a network must find each bead: their medians and",
+        "p90 are not like for like with the networks' (review 83); their templates are",
+        "zero-mean since session 45, so leftover background no longer weakens them.",
         "",
     ]
     if r.get("point_render") == "subpixel":
