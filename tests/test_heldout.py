@@ -669,6 +669,14 @@ def test_invented_spots_counts_what_the_truth_does_not_hold(beads):
     moved = H.invented_spots(deeper, beads)
     assert moved.invented_count > moved.count / 2
 
+    def twice(frame: np.ndarray, dz_um: np.ndarray) -> np.ndarray:  # each bead 2 px to each side
+        out = plain(frame, dz_um)
+        return np.roll(out, -2, axis=2) + np.roll(out, 2, axis=2)
+
+    doubled = H.invented_spots(twice, beads)  # review 83: both copies were held by the bead
+    assert doubled.count > 1.5 * truth.count
+    assert doubled.invented_count >= 0.8 * (doubled.count - truth.count)
+
 
 def test_the_fidelity_report_tallies_invented_spots_per_frame(beads):
     """`engine.fidelity` counts every method's spots per frame (bead frames apart from frames

@@ -593,7 +593,7 @@ class InventedSpots:
     zyx : (N, 3) the spots (plane index on the grid, row, col).
     value : (N,) each spot's background-removed 3x3 mean (counts).
     invented : (N,) bool: the truth has no light at least `SUPPORT_FRACTION` as bright within
-        `SPOT_WINDOW_UM` of it.
+        `SPOT_WINDOW_UM` of it, or its brightest light there already holds a brighter spot.
     """
 
     zyx: np.ndarray
@@ -647,7 +647,8 @@ def invented_spots(
     (a flat profile, as the unrefocused input has at every bead) is one spot at its middle. It
     is invented when the truth's `spot_map` within `SPOT_WINDOW_UM` of it stays under
     `SUPPORT_FRACTION` of its value: a spot where nothing is, a bead drawn 2.5 µm or more from
-    its depth, or one twice as bright as anything there. What the truth shows (a defocused
+    its depth, or one twice as bright as anything there; and when the brightest truth within
+    that window already holds a brighter spot: a bead drawn twice. What the truth shows (a defocused
     bead's rings) is never invented: a perfect refocus shows the same. The threshold assumes
     the camera's white noise: an output of stronger or textured noise shows spots of it, and
     they count (the report's truth row gives the count a perfect refocus shows). The
@@ -679,7 +680,25 @@ def invented_spots(
     values = spots[centres[:, 0], centres[:, 1], centres[:, 2]].astype(np.float64)
     support = ndimage.maximum_filter(truth, size=window, mode="nearest")
     held = support[centres[:, 0], centres[:, 1], centres[:, 2]]
-    return InventedSpots(zyx=centres, value=values, invented=held < SUPPORT_FRACTION * values)
+    invented = held < SUPPORT_FRACTION * values
+    # one truth peak holds one spot (review 83): a bead drawn twice, 2 px to either side or
+    # 1 µm above and below, had both copies held by it. Each held spot is tied to the
+    # brightest truth voxel of its window; of the spots tied to one voxel only the brightest
+    # is held. The truth's own spots are its local maxima, each its own voxel: none lost.
+    owner: dict[tuple[int, ...], int] = {}
+    for j in np.argsort(-values, kind="stable"):
+        if invented[j]:
+            continue
+        lo = np.maximum(centres[j] - (wz, wxy, wxy), 0)
+        box = truth[lo[0] : centres[j, 0] + wz + 1, lo[1] : centres[j, 1] + wxy + 1][
+            :, :, lo[2] : centres[j, 2] + wxy + 1
+        ]
+        at = tuple(int(v) for v in lo + np.unravel_index(int(np.argmax(box)), box.shape))
+        if at in owner:
+            invented[j] = True
+        else:
+            owner[at] = int(j)
+    return InventedSpots(zyx=centres, value=values, invented=invented)
 
 
 def plane_metrics(
