@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import zarr
 
+from live.recorder import RESERVE_NAME
 from live.refocus import (
     MANIFEST,
     RefocusError,
@@ -27,7 +28,7 @@ from live.refocus import (
     refocus_recording,
 )
 from live.refocus.driver import _Runner
-from live.store import image_groups
+from live.store import OME_GROUP, image_groups
 from live.store_lock import lock_path
 from tests.live_helpers import HOST, dead_pid, leave_lock
 from tests.test_refocus import ORT, PLANES, _frames, _group, _read, _record, _reference
@@ -77,17 +78,22 @@ def test_a_lock_left_by_a_killed_job_is_taken_over_and_said(
 ) -> None:
     """A job killed on this machine left its lock file: the next job takes it over with a
     warning naming it; one left by a job on another host, which cannot be checked from here,
-    is refused naming the file to delete."""
+    is refused naming the file to delete. A live recorder killed before its close left its
+    disk reserve too: the next job into the store removes it, said."""
     store = tmp_path / "run.ome.zarr"
     _record(store, [0, 1])
     dead = dead_pid()
     leave_lock(store, dead)
+    reserve = store / OME_GROUP / RESERVE_NAME
+    assert reserve.parent.is_dir() and not reserve.exists()  # the recorder's close removed it
+    reserve.write_bytes(bytes(2**20))  # as a killed recorder leaves it
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
         summary = refocus_recording(store, planes=PLANES, scheduler="sync", **ORT)
     assert summary.frames_done == 2
     taken = [r.getMessage() for r in caplog.records if "taking over the lock" in r.getMessage()]
     assert len(taken) == 1 and f"pid {dead} on {HOST}" in taken[0], caplog.text
     assert not lock_path(store).exists()
+    assert not reserve.exists() and "removed the 1.0 MB reserve file left by a live" in caplog.text
 
     leave_lock(store, dead, host="another-host.invalid")
     message = f"{store} is locked by another job that cannot be checked from here (pid {dead}"

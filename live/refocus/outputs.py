@@ -104,7 +104,34 @@ def output_lock(store: str, job: str) -> Iterator[None]:
             held.enter_context(write_lock(store, job=job))
         except StoreLocked as exc:
             raise RefocusError(str(exc)) from None
+        _drop_left_reserve(Path(store))
         yield
+
+
+def _drop_left_reserve(store: Path) -> None:
+    """Delete the disk reserve a killed live recorder left in `store` (its lock is ours now).
+
+    The recorder holds back a few MB (`live.recorder.RESERVE_NAME`) for its final metadata
+    and deletes it at close; a daemon killed with SIGKILL or a power cut cannot. Whoever next
+    holds the store's lock is its only writer, so the file is nobody's: said and removed.
+    """
+    from live.recorder import RESERVE_NAME
+    from live.store import OME_GROUP
+
+    reserve = store / OME_GROUP / RESERVE_NAME
+    try:
+        size = reserve.stat().st_size
+        reserve.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # not ours to fail the job over
+        log.warning("%s: could not remove the reserve file a killed recorder left: %s", store, exc)
+        return
+    log.warning(
+        "%s: removed the %.1f MB reserve file left by a live recorder that was killed",
+        store,
+        size / 2**20,
+    )
 
 
 # ----------------------------------------------------------------------------- outputs
