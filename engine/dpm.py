@@ -122,7 +122,11 @@ def _finite(dpm: np.ndarray, what: str) -> np.ndarray:
 
 
 def with_drift(dpm_um: np.ndarray, offset_um: float) -> np.ndarray:
-    """Return the DPM shifted by a per-frame axial offset (e.g. measured focus drift)."""
+    """Return the DPM shifted by a per-frame axial offset (µm, + deeper).
+
+    To follow a focus that drifted by d µm, the offset is ``-stage_z_sign * d`` (what
+    `FocusLock.offset_um` computes), not d itself: the planes move against the focal plane.
+    """
     if not np.isfinite(offset_um):
         raise DPMError(f"offset_um must be finite, got {offset_um}")
     out: np.ndarray = (np.asarray(dpm_um, dtype=np.float32) + np.float32(offset_um)).astype(

@@ -671,16 +671,19 @@ def _time_index(axes: Mapping[str, Any]) -> int | None:
 
 
 def _mda_focus(event: Any, meta: Mapping[str, Any], camera_meta: Mapping[str, Any]) -> float | None:
-    """Return a pymmcore-plus frame's focus (µm): the plan's z, the stage's, the camera's tag.
+    """Return a pymmcore-plus frame's focus (µm): the stage's, the plan's z, the camera's tag.
 
-    A plain time series has no z in its plan (``event.z_pos`` None) but pymmcore-plus records
-    the stage with each snapped frame (``meta["position"]["z"]``); a hardware-sequenced one
-    has neither, and only a camera that tags its frames (the simulated one) says.
+    The stage position pymmcore-plus records with each snapped frame (``meta["position"]
+    ["z"]``) comes first: it is where the focus was, and it follows what the plan did not
+    command (an autofocus, a hand on the knob), which a focus lock must follow (review 84: the
+    plan's intended z came first; the tag path already preferred the measured position). A
+    hardware-sequenced frame has no position: the plan's ``event.z_pos``, else the camera's
+    tag (the simulated one tags its frames).
     """
     position = meta.get("position")
     for value in (
-        getattr(event, "z_pos", None),
         position.get("z") if isinstance(position, Mapping) else None,
+        getattr(event, "z_pos", None),
     ):
         number = metadata_float({"z": value}, ("z",))
         if number is not None:

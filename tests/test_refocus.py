@@ -193,7 +193,9 @@ def test_offline_stacks_equal_the_live_run(tmp_path: Path) -> None:
     assert scale_t[0]["scale"][:2] == [1 / 20.0, 2.0] and scale_t[1]["translation"][1] == -2.0
 
 
-def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Path) -> None:
+def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Planes that followed the stage focus live follow the recorded focus offline.
 
     Each frame's DPMs were shifted by its focus change (`engine.dpm.FocusLock`); offline
@@ -225,8 +227,11 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(tmp_path: Pat
     # planes ±2 µm in a ±10 µm model: the lock shifts at most 8 µm, so 20 µm is clamped
     assert live.worker_count("focus_clamped") == 1
     assert any(line.startswith("  focus clamped     1 frames") for line in live.lines())
-    summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)
+    with caplog.at_level(logging.WARNING, logger="live.refocus"):
+        summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)
     assert summary.frames_done == 7
+    # said offline as live (review 84: the excess was dropped unsaid): 20 µm, 8 reachable
+    assert "1 frames (time points 6) were taken up to 12.00 µm beyond" in caplog.text
     offline, live_stacks = _read(store, "stacks_offline/0"), run_array(store, "stacks")[...]
     scale = float(np.abs(live_stacks).max())
     np.testing.assert_allclose(offline, live_stacks, rtol=2.0**-11 + 1e-5, atol=1e-5 * scale)
@@ -529,6 +534,11 @@ def test_fill_gaps_refuses_planes_or_a_focus_lock_other_than_the_live_runs(
         rec.close()
         with pytest.raises(RefocusError, match=f"{refused}.*needs the live run's planes"):
             refocus_recording(store, fill_gaps=True, planes=wrong, scheduler="sync", **ORT)
+        # review 84: --extrapolate widened the lock's range, so filled stacks sat elsewhere
+        with pytest.raises(RefocusError, match=r"did not extrapolate .* drop --extrapolate"):
+            refocus_recording(
+                store, fill_gaps=True, allow_extrapolation=True, scheduler="sync", **ORT
+            )
         own = refocus_recording(store, fill_gaps=True, scheduler="sync", **ORT)
         assert (own.frames_done, own.planes) == (2, plan.labels)
 

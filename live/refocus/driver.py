@@ -248,7 +248,8 @@ def refocus_recording(
         CPU threads per backend (default: the backend's; use 1 with one worker per core).
     allow_extrapolation
         Accept planes outside the model's trained range (also when the scope config or the
-        recording's config says ``engine.allow_extrapolation``, as its live run did).
+        recording's config says ``engine.allow_extrapolation``, as its live run did). Refused
+        with `fill_gaps` when the live run did not: its stacks' depths would differ.
     overwrite
         Replace an existing output image made with another model, plan or source (for
         `fill_gaps`: compute again the stacks an interrupted fill with another model, bank,
@@ -298,6 +299,13 @@ def refocus_recording(
     wanted = list(raw.present)
     if fill_gaps:
         check_fill_plan(raw, chosen, stored)
+        if allow_extrapolation and not chosen.allow_extrapolation:
+            # the focus lock's range follows it (`depth_limits`): filled stacks would sit on
+            # other depths than the live ones beside them (review 84: 1 µm apart, unsaid)
+            raise RefocusError(
+                f"{raw.spec.path}: the live run did not extrapolate (engine.allow_extrapolation "
+                "off), so --fill-gaps does not either: drop --extrapolate"
+            )
         run = raw.run or {}
         if run.get("summary") is None:
             log.warning("the run was not closed (still recording, or it crashed)")

@@ -351,14 +351,27 @@ def lock_offsets(
     reference, sign = chosen.focus_lock
     lock = FocusLock.for_plan(chosen.plan, reference, sign, limits_um)
     offsets = np.zeros(raw.n_t, dtype=np.float64)
-    unknown = []
+    unknown, clamped, worst = [], [], 0.0
     for t in raw.present:
         focus = float(raw.focus_um[t]) if t < raw.focus_um.size else math.nan
         if math.isfinite(focus):
-            offsets[t] = lock.offset_um(focus)[0]
+            offsets[t], excess = lock.offset_um(focus)
+            if excess:  # as the live worker: planes held at the trained depths, said
+                clamped.append(t)
+                worst = max(worst, abs(excess))
         else:  # the scope did not say: no planes for it, as live (the worker rejected it)
             offsets[t] = math.nan
             unknown.append(t)
+    if clamped:  # review 84: the offline path dropped the excess unsaid
+        from live.metrics import format_seqs
+
+        log.warning(
+            "%d frames (time points %s) were taken up to %.2f µm beyond the focus lock's range: "
+            "their planes are clamped to the model's trained depths, as the live run's were",
+            len(clamped),
+            format_seqs(clamped),
+            worst,
+        )
     if unknown and len(unknown) == len(raw.present):
         raise RefocusError(
             f"{raw.spec.path}: the planes follow the stage focus (planes.focus_lock_um) but no "
