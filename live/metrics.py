@@ -340,6 +340,7 @@ class Metrics:
         self.disk_low = False
         self._rejected: dict[str, int] = {}
         self._skipped = SeqSet()
+        self._clamped = SeqSet()
         self._lost = SeqSet()
         self._late: set[int] = set()
         self.state = RunState.STARTING
@@ -471,6 +472,17 @@ class Metrics:
         with self._lock:
             pairs = np.array(self._latency, dtype=np.float64).reshape(-1, 2)
         return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+    def clamp(self, seqs: Iterable[int]) -> None:
+        """Record frames a worker refocused with its focus lock clamped (`live.worker`)."""
+        with self._lock:
+            for seq in seqs:
+                self._clamped.add(seq)
+
+    def clamped_seqs(self) -> SeqRuns:
+        """Return every frame refocused with its focus lock clamped (for the summary)."""
+        with self._lock:
+            return self._clamped.frozen()
 
     def skipped_seqs(self) -> SeqRuns:
         """Return every skipped seq (for the summary; the snapshot carries the newest runs)."""

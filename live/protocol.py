@@ -585,10 +585,11 @@ def parse_end_of_stacks(raw: bytes) -> int | None:
     return int(tail)
 
 
-EVENTS = frozenset({"ready", "rejected", "done", "error"})
+EVENTS = frozenset({"ready", "rejected", "clamped", "done", "error"})
 """Kinds of worker event: loaded its backend; seqs it refused (not a frame it can refocus);
-finished (with a stack count); failed (with a message). Workers never skip: the router is the
-one place that does (credit-based routing)."""
+seqs whose focus lock it clamped (refocused at the trained depths' edge, not where the stage
+asked); finished (with a stack count); failed (with a message). Workers never skip: the router
+is the one place that does (credit-based routing)."""
 MAX_EVENT_SEQS = 1000
 """Most seqs one event carries (`encode_event` callers split longer lists)."""
 MAX_EVENT_BYTES = 65536

@@ -168,7 +168,7 @@ stuck on a disk that stopped answering (an unplugged USB disk, a hung network mo
 the longest healthy write: a full 128 MB shard (`SHARD_MB`) at 2 MB/s takes 64 s."""
 RESERVE_NAME = ".deepz-reserve"
 """Name of the reserve file inside the store's ``OME`` group (deleted at close)."""
-SEQ_LIST_KEYS = ("skipped", "lost")
+SEQ_LIST_KEYS = ("skipped", "lost", "focus_clamped")
 """Seq lists of the daemon's run summary that `Recorder.add_run_summary` stores as ranges (the
 recorder's own gaps are ranges already)."""
 

@@ -559,12 +559,14 @@ class Collector(threading.Thread):
                     event.get("message"),
                     more,
                 )
+        elif kind == "clamped":  # refocused at the lock's edge: named in the summary and store
+            self._metrics.clamp([int(s) for s in event.get("seqs", [])])
         elif kind == "done":
             self._done.add(worker)
         elif kind == "error":
             log.error("worker %d failed: %s", worker, event.get("message"))
-        if kind == "rejected":  # counted above; kept, one a frame, they would grow without
-            return  # bound when every frame is refused (review 82)
+        if kind in ("rejected", "clamped"):  # counted above; kept, one a frame, they would
+            return  # grow without bound when every frame is refused or clamped (review 82)
         with self.event_arrived:
             self.events.append(event)
             self.event_arrived.notify_all()

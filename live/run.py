@@ -297,7 +297,7 @@ class Preflight:
         )
 
 
-_WORKER_COUNTS = ("focus_clamped", "stack_values_saturated")
+_WORKER_COUNTS = ("stack_values_saturated",)
 """Counts each worker reports with "done" that the summary adds up and prints when not 0."""
 
 
@@ -339,7 +339,10 @@ class RunSummary:
     worker_times: list[dict[str, Any]] = field(default_factory=list)
     """Per worker that finished, from its "done" event (`live.metrics.StageTimes`): refocus
     (network and rendering) and send p50 / p99 ms, its busy share, and its counts
-    (`_WORKER_COUNTS`: frames whose focus lock was clamped, stack values saturated)."""
+    (`_WORKER_COUNTS`: stack values saturated)."""
+    focus_clamped: SeqRuns = field(default_factory=SeqRuns)
+    """Frames refocused with the focus lock clamped (the stage beyond its range): each worker
+    says each one as it happens, so a worker that died later keeps them (review 84)."""
 
     def worker_count(self, key: str) -> int:
         """Sum one of `_WORKER_COUNTS` over the workers that finished."""
@@ -403,10 +406,11 @@ class RunSummary:
             f"  backend           {self.backend}",
             f"  output            {self.output or 'not recorded'}",
         ]
-        if clamped := self.worker_count("focus_clamped"):
+        if self.focus_clamped:
             lines.append(
-                f"  focus clamped     {clamped} frames (the stage beyond the focus lock's range: "
-                "planes held at the model's trained depths)"
+                f"  focus clamped     {len(self.focus_clamped)} frames (seqs "
+                f"{format_ranges(self.focus_clamped.runs, limit=_PRINTED_RANGES)}: the stage "
+                "beyond the focus lock's range, planes held at the model's trained depths)"
             )
         if saturated := self.worker_count("stack_values_saturated"):
             lines.append(
@@ -1237,6 +1241,7 @@ class Daemon:
             stacks_written=rec.stacks if rec is not None else 0,
             skipped=self.metrics.skipped_seqs(),
             lost=self.metrics.lost_seqs(),
+            focus_clamped=self.metrics.clamped_seqs(),
             malformed=snap.malformed,
             worker_restarts=snap.worker_restarts,
             latency_p50_ms=snap.latency_p50_ms,

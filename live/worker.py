@@ -305,13 +305,20 @@ def _serve(
                                 "its planes"
                             )
                         offset, excess = lock.offset_um(message.header.focus_um)
-                        if excess:
+                        if excess:  # said as it happens: a worker that dies keeps no count
+                            _event(
+                                events,
+                                spec.worker_id,
+                                "clamped",
+                                seqs=[message.header.seq],
+                                excess_um=excess,
+                            )
                             clamped += 1
                             if clamped == 1:
                                 log.warning(
                                     "focus %.2f µm is %.2f µm beyond the focus lock's range: "
-                                    "planes clamped to the model's trained depths (counted in "
-                                    "the summary)",
+                                    "planes clamped to the model's trained depths (each "
+                                    "such frame named in the summary)",
                                     message.header.focus_um,
                                     excess,
                                 )
@@ -370,7 +377,6 @@ def _serve(
             spec.worker_id,
             "done",
             stacks=done,
-            focus_clamped=clamped,
             stack_values_saturated=saturated,
             **stages.fields(),
         )

@@ -225,8 +225,10 @@ def test_a_focus_locked_run_refocuses_offline_onto_its_live_planes(
         live = daemon.stop()
     assert live.stacks_written == 7
     # planes ±2 µm in a ±10 µm model: the lock shifts at most 8 µm, so 20 µm is clamped
-    assert live.worker_count("focus_clamped") == 1
-    assert any(line.startswith("  focus clamped     1 frames") for line in live.lines())
+    assert list(live.focus_clamped) == [6]  # each frame named (review 84), in the store too
+    assert any(line.startswith("  focus clamped     1 frames (seqs 6:") for line in live.lines())
+    stored = zarr.open_group(str(store), mode="r").attrs["deepz"]["run_summary"]
+    assert stored["focus_clamped"] == [[6, 7]]
     with caplog.at_level(logging.WARNING, logger="live.refocus"):
         summary = refocus_recording(store, scheduler="sync", intra_op_threads=1)
     assert summary.frames_done == 7
