@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -53,6 +54,8 @@ from engine.model import (
     write_checkpoint,
 )
 from engine.optics import SampleKind
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CameraRange",
@@ -169,8 +172,18 @@ class LabStackConfig(_Base):
     """A lab's own focus-scanned stack (TIFF or OME-Zarr), used beside simulated stacks."""
 
     path: Path = Field(description="TIFF file or OME-Zarr group / array holding (Z, H, W).")
-    z_step_um: float = Field(gt=0, description="Focus step between planes (µm).")
+    z_step_um: float = Field(
+        description="Focus step between planes (µm): positive when the first plane is the "
+        "shallowest, negative when the scan ran from deep to shallow (read in reverse)."
+    )
     register_planes: bool = Field(True, description="Register planes by phase correlation (drift).")
+
+    @field_validator("z_step_um")
+    @classmethod
+    def _a_step(cls, v: float) -> float:
+        if not math.isfinite(v) or v == 0:
+            raise ValueError("z_step_um must be a finite, non-zero focus step (µm)")
+        return v
 
 
 class DataConfig(_Base):
@@ -408,33 +421,60 @@ def phase_correlation_shift(ref: np.ndarray, moving: np.ndarray) -> tuple[float,
     return out[0], out[1]
 
 
-def register_stack(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+MAX_STEP_SHIFT_PX = 1.5
+"""Largest lateral shift `register_stack` takes between neighbouring planes (px). A stage moves
+a fraction of a pixel sideways per focus step; a larger "shift" is a failed match (a sparse or
+dim sample far from focus), and chained from the middle it threw whole planes tens of pixels
+off on a stack that never moved (review 85: up to 107 px)."""
+
+
+def register_stack(
+    stack: np.ndarray, max_step_px: float = MAX_STEP_SHIFT_PX
+) -> tuple[np.ndarray, np.ndarray]:
     """Register each plane of a (Z, H, W) stack to its neighbour, chained from the middle plane.
 
     Neighbouring planes are alike even when far from focus, so plane-to-plane shifts are
-    accumulated outwards. Returns the registered float32 stack and the (Z, 2) shifts applied.
+    accumulated outwards; a step beyond `max_step_px` is a failed match and adds nothing
+    (said). Returns the registered float32 stack and the (Z, 2) shifts applied.
     """
     from scipy import ndimage
 
     s = np.asarray(stack, dtype=np.float32)
     mid = s.shape[0] // 2
     shifts = np.zeros((s.shape[0], 2))
+    refused = []
     for order in (range(mid + 1, s.shape[0]), range(mid - 1, -1, -1)):
         for i in order:
             j = i - 1 if i > mid else i + 1
-            shifts[i] = shifts[j] + np.asarray(phase_correlation_shift(s[j], s[i]))
+            step = np.asarray(phase_correlation_shift(s[j], s[i]))
+            if np.abs(step).max() > max_step_px:
+                refused.append(i)
+                step = np.zeros(2)
+            shifts[i] = shifts[j] + step
+    if refused:
+        log.warning(
+            "plane registration: %d of %d steps matched beyond %.1f px (planes %s) and were "
+            "taken as no shift; the largest shift applied is %.2f px",
+            len(refused),
+            s.shape[0] - 1,
+            max_step_px,
+            ", ".join(map(str, sorted(refused))),
+            float(np.abs(shifts).max()),
+        )
     out = np.empty_like(s)
     for i in range(s.shape[0]):
         out[i] = ndimage.shift(s[i], shifts[i], order=1, mode="nearest")
     return out, shifts
 
 
-def read_lab_stack(spec: LabStackConfig) -> tuple[np.ndarray, np.ndarray]:
+def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Read a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr: (z_um, planes float32).
 
     The planes are in camera counts minus the stack's 1st percentile (dark level), one offset
     for all planes so the axial intensity profile is kept, and registered by phase correlation
-    when `register_planes`. z = 0 is the middle plane. Both trainers read lab stacks here.
+    when `register_planes`. z = 0 is the middle plane; the first plane is the shallowest.
+    Both trainers read lab stacks here, at load, so a stack they cannot use (not finite,
+    planes smaller than `min_side_px`, the patch size) is refused before training starts.
     """
     path = spec.path
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -452,20 +492,30 @@ def read_lab_stack(spec: LabStackConfig) -> tuple[np.ndarray, np.ndarray]:
     data = np.squeeze(data)
     if data.ndim != 3:
         raise ValueError(f"{path}: lab stack must squeeze to (Z, H, W), got shape {data.shape}")
+    if min(data.shape[1:]) < min_side_px:
+        raise ValueError(
+            f"{path}: planes {data.shape[1]}x{data.shape[2]} are smaller than patch_size "
+            f"{min_side_px}"
+        )
     stack = data.astype(np.float32)
+    if not np.isfinite(stack).all():  # one NaN made every pixel NaN through the dark level
+        bad = int(stack.size - np.isfinite(stack).sum())
+        raise ValueError(f"{path}: {bad} pixels are NaN or infinite; a lab stack must be finite")
     stack -= np.float32(np.percentile(stack, 1))
+    if spec.z_step_um < 0:  # scanned deep to shallow: read shallow first, as z rises
+        stack = np.ascontiguousarray(stack[::-1])
     if spec.register_planes:
         stack, _ = register_stack(stack)
-    z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * spec.z_step_um
+    z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * abs(spec.z_step_um)
     return z, stack
 
 
-def load_lab_stack(spec: LabStackConfig, input_half_range_um: float) -> Stack:
+def load_lab_stack(spec: LabStackConfig, input_half_range_um: float, min_side_px: int = 0) -> Stack:
     """Load a focus-scanned stack (`read_lab_stack`) as a `Stack` of the per-plane trainer.
 
     Targets are the (noisy) planes themselves.
     """
-    z, stack = read_lab_stack(spec)
+    z, stack = read_lab_stack(spec, min_side_px)
     return _stack_from_planes(z, stack, stack, input_half_range_um)
 
 
@@ -758,7 +808,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Deep
     if missing:  # read before the folder is made: a missing or unreadable stack leaves nothing
         raise TrainConfigError(f"data.lab_stacks: {', '.join(missing)}: not found")
     try:
-        lab = [load_lab_stack(s, cfg.data.input_half_range_um) for s in cfg.data.lab_stacks]
+        lab = [
+            load_lab_stack(s, cfg.data.input_half_range_um, cfg.patch_size)
+            for s in cfg.data.lab_stacks
+        ]
     except (OSError, ValueError) as exc:
         raise TrainConfigError(f"data.lab_stacks: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,50 @@ def test_lab_stack_from_tiff_and_zarr(tmp_path: Path) -> None:
         load_lab_stack(LabStackConfig(path=tmp_path / "nope", z_step_um=1), 1.0)
 
 
+def test_a_failed_plane_match_adds_no_shift_and_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 85: plane-to-plane matches chained from the middle threw far planes of a still,
+    sparse stack tens of pixels off; a step beyond `MAX_STEP_SHIFT_PX` is a failed match."""
+    import engine.train as T
+
+    _, stack = _blob_stack(n_z=5, size=48)
+    steps = iter([(0.5, 0.0), (40.0, -60.0), (0.0, 0.25), (0.0, 0.0)])
+    monkeypatch.setattr(T, "phase_correlation_shift", lambda a, b: next(steps))
+    with caplog.at_level("WARNING", logger="engine.train"):
+        _, shifts = register_stack(stack)
+    # outwards from plane 2: planes 3, 4 (0.5 then the failed one), then 1, 0
+    np.testing.assert_allclose(shifts, [[0, 0.25], [0, 0.25], [0, 0], [0.5, 0], [0.5, 0]])
+    assert "1 of 4 steps matched beyond 1.5 px (planes 4)" in caplog.text
+
+
+def test_a_lab_stack_scanned_deep_to_shallow_not_finite_or_too_small_is_said(
+    tmp_path: Path,
+) -> None:
+    """Review 85: a scan from deep to shallow trained mirrored (a negative step now reads it
+    in reverse); one NaN made every pixel NaN and the weights with it; planes smaller than
+    the patch failed at the first lab step: each is one line at load now."""
+    _, stack = _blob_stack(n_z=7)
+    tif = tmp_path / "scan.tif"
+    tifffile.imwrite(tif, stack.astype(np.uint16))
+    up = load_lab_stack(LabStackConfig(path=tif, z_step_um=1.0, register_planes=False), 1.0)
+    rev = tmp_path / "reversed.tif"
+    tifffile.imwrite(rev, stack[::-1].astype(np.uint16))
+    down = load_lab_stack(LabStackConfig(path=rev, z_step_um=-1.0, register_planes=False), 1.0)
+    np.testing.assert_array_equal(down.target, up.target)
+    np.testing.assert_array_equal(down.z_um, up.z_um)
+    with pytest.raises(pydantic.ValidationError, match="non-zero focus step"):
+        LabStackConfig(path=tif, z_step_um=0.0)
+    with pytest.raises(ValueError, match="48x48 are smaller than patch_size 64"):
+        load_lab_stack(LabStackConfig(path=tif, z_step_um=1.0), 1.0, min_side_px=64)
+    bad = stack.copy()
+    bad[3, 5, 5] = np.nan
+    nan = tmp_path / "nan.tif"
+    tifffile.imwrite(nan, bad)
+    with pytest.raises(ValueError, match="1 pixels are NaN or infinite"):
+        load_lab_stack(LabStackConfig(path=nan, z_step_um=1.0), 1.0)
+
+
 def test_few_steps_lower_the_loss_and_write_artefacts(tmp_path: Path) -> None:
     cfg = _tiny_config(tmp_path, weights_out=str(tmp_path / "w" / "tiny.pt"))
     torch.manual_seed(cfg.seed)

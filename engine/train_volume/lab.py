@@ -15,8 +15,8 @@ from engine.volume import DEPTH_STEP_UM, RESIDUAL_SIGMA_PX
 class LabStack:
     """A lab's focus-scanned stack for volume training: planes in counts, z in µm (middle 0)."""
 
-    def __init__(self, spec: LabStackConfig) -> None:
-        self.z_um, self.planes = read_lab_stack(spec)
+    def __init__(self, spec: LabStackConfig, min_side_px: int = 0) -> None:
+        self.z_um, self.planes = read_lab_stack(spec, min_side_px)
         self.path = spec.path
 
 

@@ -260,6 +260,15 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         print("ema_decay = 0: the checkpoint's weight average is dropped; the raw weights go on")
     # the network validation reads and the run writes: the average where one is kept
     served: DeepZ = model if ema is None else ema.module  # type: ignore[assignment]
+    try:  # read before the folder is made and the pool simulated: a stack it cannot use is
+        # one line now, not a traceback after minutes of simulation (review 85)
+        labs = (
+            [LabStack(spec, cfg.patch_size) for spec in cfg.data.lab_stacks]
+            if cfg.data.lab_every
+            else []
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainConfigError(f"data.lab_stacks: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
     psf = psf_bank(OpticsConfig(**cfg.optics), cfg.depth_um, modality=cfg.target_modality)
@@ -281,7 +290,6 @@ def train(cfg: VolumeTrainConfig, resume: bool = False, progress: bool = True) -
         # the next refresh's samples, simulated while the steps before it run (with workers);
         # their kind weights are those of the refresh before, a curriculum one refresh behind
         ahead = [feed.submit(first_seed + counter + i, weights) for i in range(d.refresh_count)]
-        labs = [LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
         start = time.monotonic()
         bar = tqdm(
             total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
