@@ -100,6 +100,14 @@ BRIGHT_FRACTION = 0.1
 NOISE_SD = 8.0
 """A maximum of the projection is a bead when it is a tenth of the brightest or more and
 above the projection's median by 8 robust SDs (so a stack of noise has none)."""
+NEIGHBOUR_FRACTION = 0.02
+"""A maximum this bright (of the brightest) or more, above the same noise floor, is a neighbour
+that spoils a bead's crop: one at 8 % put 5-7 % of each plane's light into a false copy beside
+the bead when only beads at a tenth counted (review 85)."""
+HOT_PIXEL_SHARE = 0.7
+"""A candidate whose brightest pixel holds this share of its 3x3 sum in every frame is a hot
+pixel, not a bead (an in-focus bead's centre holds about a third; review 85: a hot pixel was
+taken for a bead focused at -5.6 µm and raised a plane's centre by half)."""
 SUPPORT_SIGMA_PX = 2.0
 SUPPORT_NOISE_SD = 3.0
 SUPPORT_GROW_PX = 3
@@ -226,9 +234,20 @@ def read_stack(path: Path) -> np.ndarray:
     return out
 
 
-def _saturation(dtype: np.dtype[Any]) -> float:
-    """Return the value a camera frame of `dtype` saturates at (inf for floats)."""
-    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else float("inf")
+def _saturation(stack: np.ndarray) -> float:
+    """Return the value the camera of `stack` saturates at (inf for floats).
+
+    The dtype's maximum, or a lower full scale the stack reaches exactly: a 12-bit camera
+    stored as uint16 clips at 4095 (2**k - 1 for k of 8 to 15), which the dtype's 65535
+    never caught (review 85: 18 clipped beads kept, the in-focus peak at half its value).
+    """
+    if not np.issubdtype(stack.dtype, np.integer):
+        return float("inf")
+    top = int(np.iinfo(stack.dtype).max)
+    reached = max(int(np.asarray(stack[k]).max()) for k in range(stack.shape[0]))
+    if reached >= 255 and (reached + 1) & reached == 0:  # 2**k - 1: a camera's full scale
+        return float(min(reached, top))
+    return float(top)
 
 
 def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], dict[str, int]]:
@@ -246,17 +265,25 @@ def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], 
     level = float(np.median(proj))
     noise = 1.4826 * float(np.median(np.abs(proj - level)))
     floor = max(BRIGHT_FRACTION * float(proj.max()), level + NOISE_SD * noise)
-    peaks = (proj == ndi.maximum_filter(proj, size=5)) & (proj > floor)
+    maxima = proj == ndi.maximum_filter(proj, size=5)
+    peaks = maxima & (proj > floor)
     rows, cols = np.nonzero(peaks)
     half = side_px // 2
-    saturated = _saturation(stack.dtype)
+    saturated = _saturation(stack)
     kept: list[tuple[int, int]] = []
-    rejected = {"near another bead": 0, "crop leaves the frame": 0, "saturated": 0}
+    rejected = {
+        "near another bead": 0,
+        "crop leaves the frame": 0,
+        "saturated": 0,
+        "a hot pixel": 0,
+    }
     if rows.size == 0:
         return kept, rejected
     from scipy.spatial import cKDTree
 
-    tree = cKDTree(np.column_stack([rows, cols]))
+    # neighbours: fainter maxima count too, down to `NEIGHBOUR_FRACTION`, above the noise
+    dim_floor = max(NEIGHBOUR_FRACTION * float(proj.max()), level + NOISE_SD * noise)
+    tree = cKDTree(np.column_stack(np.nonzero(maxima & (proj > dim_floor))))
     neighbours = tree.query_ball_point(np.column_stack([rows, cols]), r=side_px, return_length=True)
     for r, c, near in zip(rows.tolist(), cols.tolist(), neighbours.tolist(), strict=True):
         if near > 1:
@@ -265,9 +292,28 @@ def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], 
             rejected["crop leaves the frame"] += 1
         elif stack[:, r - 2 : r + 3, c - 2 : c + 3].max() >= saturated:
             rejected["saturated"] += 1
+        elif _hot_pixel(stack[:, r - 2 : r + 3, c - 2 : c + 3]):
+            rejected["a hot pixel"] += 1
         else:
             kept.append((r, c))
     return kept, rejected
+
+
+def _hot_pixel(window: np.ndarray) -> bool:
+    """Whether a candidate's (F, 5, 5) window is one bright pixel in every frame, not a spot.
+
+    Each frame less the median of the window's 16 border pixels; the centre's share of the
+    inner 3x3 light: about a quarter for a bead in focus (less out of it), about 1 for a hot
+    pixel, whatever the focus.
+    """
+    w = np.asarray(window, dtype=np.float64)
+    border = np.ones((5, 5), dtype=bool)
+    border[1:4, 1:4] = False
+    inner = np.clip(w[:, 1:4, 1:4] - np.median(w[:, border], axis=1)[:, None, None], 0, None)
+    total = inner.sum(axis=(1, 2))
+    lit = total > 0
+    share = inner[:, 1, 1][lit] / total[lit]
+    return bool(lit.any()) and bool(np.all(share >= HOT_PIXEL_SHARE))
 
 
 def _parabola_peak(values: np.ndarray, k: int) -> float:
@@ -737,7 +783,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Measure a bank from stacks (or a simulated slide), write it, its JSON and a picture."""
     parser = argparse.ArgumentParser(prog="python -m engine.psf_calibration", description=__doc__)
     parser.add_argument("stacks", nargs="*", type=Path, help="focus-scanned bead stacks")
-    parser.add_argument("--step-um", type=float, help="focus step of the stacks (µm)")
+    parser.add_argument(
+        "--step-um",
+        type=float,
+        help="focus step of the stacks (µm): positive when the first frame is the shallowest, "
+        "negative when the scan ran from deep to shallow",
+    )
     parser.add_argument(
         "--start-um",
         type=float,
@@ -774,8 +825,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.stacks) == bool(args.slide):
         parser.error("give stacks or --slide, not both and not neither")
-    if args.stacks and (args.step_um is None or args.step_um <= 0):
-        parser.error("stacks need --step-um, their focus step (µm, > 0)")
+    if args.stacks and (args.step_um is None or args.step_um == 0):
+        parser.error(
+            "stacks need --step-um, their focus step (µm; negative when the first frame is "
+            "the deepest)"
+        )
     if args.fields < 1:
         parser.error(f"--fields must be >= 1, not {args.fields}")
     if args.first_seed < 0:
@@ -827,9 +881,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             stacks = [read_stack(p) for p in args.stacks]
-            f = stacks[0].shape[0]
-            start = -(f - 1) * args.step_um / 2 if args.start_um is None else args.start_um
-            focus = start + args.step_um * np.arange(f)
+            f, step_um = stacks[0].shape[0], float(args.step_um)
+            start = -(f - 1) * step_um / 2 if args.start_um is None else args.start_um
+            if step_um < 0:  # scanned deep to shallow: read shallowest first (review 85: the
+                # bank's lateral drift came out mirrored, unsaid)
+                stacks = [s[::-1] for s in stacks]
+                start, step_um = start + step_um * (f - 1), -step_um
+            focus = start + step_um * np.arange(f)
             result = measure_psf_bank(
                 stacks,
                 focus,

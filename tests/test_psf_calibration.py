@@ -184,6 +184,25 @@ def test_saturated_and_crowded_beads_are_left_out() -> None:
     assert sites == [] and why["saturated"] == 4
 
 
+def test_a_12_bit_camera_a_hot_pixel_and_a_dim_neighbour_are_left_out() -> None:
+    """Review 85: beads clipped at a 12-bit camera's 4095 in a uint16 stack were kept (only
+    65535 counted); a hot pixel passed for a bead; a neighbour under a tenth of the brightest
+    was averaged into a bead's crop."""
+    bank = astigmatic_bank()
+    twelve = np.minimum(stack_of_beads(bank, BEADS, FRAMES, signal=2e5), 4095).astype(np.uint16)
+    sites, why = C.find_beads(twelve, SIDE)
+    assert sites == [] and why["saturated"] == 4
+    stack = stack_of_beads(bank, BEADS, FRAMES)
+    hot = stack.copy()
+    hot[:, 100, 100] += 30000  # a stuck pixel far from every bead, in every frame
+    sites, why = C.find_beads(hot, SIDE)
+    assert len(sites) == 4 and why["a hot pixel"] == 1
+    faint = stack_of_beads(bank, [(52.0, 57.0, 14.0)], FRAMES, signal=0.08 * 5e4)  # 12 px off
+    dim = (stack.astype(np.int64) + faint - 100).clip(0, 65535).astype(np.uint16)
+    sites, why = C.find_beads(dim, SIDE)
+    assert len(sites) == 3 and why["near another bead"] >= 1
+
+
 def test_read_stack_takes_npy_tiff_and_zarr_and_refuses_the_rest(tmp_path: Path) -> None:
     import tifffile
     import zarr
