@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
@@ -1398,17 +1398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = out_dir_problem(out, REPORT_FILES)  # before the work: the report is its end
     if problem is not None:
         p.error(f"--out: {problem}")
-    sample_set: SampleSet = (
-        "quick"
-        if args.quick
-        else "large"
-        if args.large
-        else "fresh"
-        if args.fresh
-        else "sealed"
-        if args.sealed
-        else "default"
-    )
+    chosen = [k for k in ("quick", "large", "fresh", "sealed") if getattr(args, k)]
+    sample_set = cast(SampleSet, chosen[0] if chosen else "default")  # (mutually exclusive)
     try:  # the models are loaded first, before any sample is made
         r = compare(
             models,

@@ -264,7 +264,8 @@ def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], 
     proj = ndi.gaussian_filter(proj, 1.0)
     level = float(np.median(proj))
     noise = 1.4826 * float(np.median(np.abs(proj - level)))
-    floor = max(BRIGHT_FRACTION * float(proj.max()), level + NOISE_SD * noise)
+    noise_floor = level + NOISE_SD * noise
+    floor = max(BRIGHT_FRACTION * float(proj.max()), noise_floor)
     maxima = proj == ndi.maximum_filter(proj, size=5)
     peaks = maxima & (proj > floor)
     rows, cols = np.nonzero(peaks)
@@ -282,7 +283,7 @@ def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], 
     from scipy.spatial import cKDTree
 
     # neighbours: fainter maxima count too, down to `NEIGHBOUR_FRACTION`, above the noise
-    dim_floor = max(NEIGHBOUR_FRACTION * float(proj.max()), level + NOISE_SD * noise)
+    dim_floor = max(NEIGHBOUR_FRACTION * float(proj.max()), noise_floor)
     tree = cKDTree(np.column_stack(np.nonzero(maxima & (proj > dim_floor))))
     neighbours = tree.query_ball_point(np.column_stack([rows, cols]), r=side_px, return_length=True)
     for r, c, near in zip(rows.tolist(), cols.tolist(), neighbours.tolist(), strict=True):
