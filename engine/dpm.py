@@ -189,8 +189,14 @@ def validate_dpm(
 
 
 def _z_label(z: float) -> str:
-    """Label of a uniform plane, e.g. ``z=+2.5um``."""
-    return f"z={z:+g}um"
+    """Label of a uniform plane to 1e-6 µm, e.g. ``z=+2.5um``.
+
+    Fixed-point to the config's plane rounding (`live.config` rounds planes to 1e-6 µm), so
+    two planes a config can tell apart never share a label (``:g``'s 6 significant digits
+    merged 12.345671 with 12.34567).
+    """
+    text = f"{z + 0.0:+.6f}".rstrip("0").rstrip(".")  # + 0.0: no "-0" for a negative zero
+    return f"z={text}um"
 
 
 @dataclass(frozen=True)
@@ -251,10 +257,20 @@ class VolumePlan:
     def from_z(cls, z_values: Sequence[float] | np.ndarray, shape: tuple[int, int]) -> VolumePlan:
         """Build a plan of uniform planes at `z_values` (µm), labelled ``z=+2um`` etc."""
         zs = tuple(float(z) for z in np.asarray(z_values, dtype=np.float64).reshape(-1))
+        labels = tuple(_z_label(z) for z in zs)
+        seen: dict[str, float] = {}
+        for z, label in zip(zs, labels, strict=True):
+            if label in seen:  # a plane asked twice, or two closer than a label tells apart
+                other = seen[label]
+                what = f"z = {z:g} µm is asked twice"
+                if z != other:
+                    what = f"z = {other!r} and {z!r} µm are closer than 1e-6 µm"
+                raise DPMError(f"{what}; each plane needs its own depth (and label)")
+            seen[label] = z
         dpms = (
             np.stack([uniform(shape, z) for z in zs]) if zs else np.zeros((0, *shape), np.float32)
         )
-        return cls(dpms.astype(np.float32, copy=False), tuple(_z_label(z) for z in zs), zs)
+        return cls(dpms.astype(np.float32, copy=False), labels, zs)
 
     @classmethod
     def from_dpms(cls, dpms_um: Sequence[np.ndarray], labels: Sequence[str]) -> VolumePlan:

@@ -88,6 +88,16 @@ def test_volume_plan_from_z_and_validation():
     plan.validate((8, 10), (-2.0, 2.0), allow_extrapolation=True)
 
 
+def test_volume_plan_labels_tell_every_config_plane_apart():
+    # the config rounds planes to 1e-6 µm; 6 significant digits merged 12.345671 and 12.34567
+    plan = dpm.VolumePlan.from_z([12.34567, 12.345671, -0.0, 100000.0], (2, 2))
+    assert plan.labels == ("z=+12.34567um", "z=+12.345671um", "z=+0um", "z=+100000um")
+    with pytest.raises(dpm.DPMError, match=r"z = 2 µm is asked twice"):
+        dpm.VolumePlan.from_z([2.0, 2.0], (2, 2))
+    with pytest.raises(dpm.DPMError, match=r"1.0000001 and 1.0000002 µm are closer than 1e-6"):
+        dpm.VolumePlan.from_z([1.0000001, 1.0000002], (2, 2))
+
+
 def test_volume_plan_from_surfaces_and_bad_plans():
     tilt = dpm.tilted((8, 8), 0.0, 0.05, 0.0, pixel_size_um=0.3)
     plan = dpm.VolumePlan.from_dpms([tilt, dpm.uniform((8, 8), 1.0)], ["tilt", "flat"])
