@@ -75,6 +75,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.files import atomic_save_npy, atomic_write_text, out_dir_problem
+from engine.lab_files import focus_step_problem, full_scale
 
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
@@ -234,22 +235,6 @@ def read_stack(path: Path) -> np.ndarray:
     return out
 
 
-def _saturation(stack: np.ndarray) -> float:
-    """Return the value the camera of `stack` saturates at (inf for floats).
-
-    The dtype's maximum, or a lower full scale the stack reaches exactly: a 12-bit camera
-    stored as uint16 clips at 4095 (2**k - 1 for k of 8 to 15), which the dtype's 65535
-    never caught (review 85: 18 clipped beads kept, the in-focus peak at half its value).
-    """
-    if not np.issubdtype(stack.dtype, np.integer):
-        return float("inf")
-    top = int(np.iinfo(stack.dtype).max)
-    reached = max(int(np.asarray(stack[k]).max()) for k in range(stack.shape[0]))
-    if reached >= 255 and (reached + 1) & reached == 0:  # 2**k - 1: a camera's full scale
-        return float(min(reached, top))
-    return float(top)
-
-
 def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """Return the (row, col) of the beads to average in one stack, and why others were left.
 
@@ -270,7 +255,7 @@ def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], 
     peaks = maxima & (proj > floor)
     rows, cols = np.nonzero(peaks)
     half = side_px // 2
-    saturated = _saturation(stack)
+    saturated = full_scale(stack)
     kept: list[tuple[int, int]] = []
     rejected = {
         "near another bead": 0,
@@ -831,6 +816,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stacks need --step-um, their focus step (µm; negative when the first frame is "
             "the deepest)"
         )
+    for path in args.stacks or ():  # a wrong step measures every depth's PSF at the wrong defocus
+        problem = focus_step_problem(path, args.step_um)
+        if problem is not None:
+            parser.error(f"{path}: --step-um {args.step_um:g} but {problem}")
     if args.fields < 1:
         parser.error(f"--fields must be >= 1, not {args.fields}")
     if args.first_seed < 0:

@@ -24,9 +24,9 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from engine.files import out_dir_problem
+from engine.lab_files import focus_step_problem, full_scale, saturated_mask
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images, weights_that_fit
 from engine.model import (
@@ -59,7 +60,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CameraRange",
+    "CropOrigins",
     "DataConfig",
+    "LabPlanes",
     "LabStackConfig",
     "LossConfig",
     "ModelConfig",
@@ -72,6 +75,7 @@ __all__ = [
     "main",
     "make_metadata",
     "phase_correlation_shift",
+    "read_lab_stack",
     "register_stack",
     "sample_batch",
     "simulated_stack",
@@ -340,6 +344,7 @@ class Stack:
     inputs : (K, H, W) camera frames usable as inputs; `input_index` maps them to planes.
     input_index : (K,) plane index of each input frame.
     mean, std : (K, 1, 1) per-input-frame normalisation from `normalize_images`.
+    origins : where patches may start (a lab stack's avoid its saturated pixels); None: anywhere.
     """
 
     z_um: np.ndarray
@@ -348,6 +353,7 @@ class Stack:
     input_index: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    origins: CropOrigins | None = None
 
 
 def _stack_from_planes(
@@ -467,14 +473,70 @@ def register_stack(
     return out, shifts
 
 
-def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Read a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr: (z_um, planes float32).
+@dataclass(frozen=True)
+class CropOrigins:
+    """Where a patch of a stack may start: anywhere, or only where it touches no clipped pixel.
+
+    A lab stack's saturated pixels (`engine.lab_files.saturated_mask`) are no measurement; a
+    patch holding one would teach the network flat-topped beads. Rather than mask the losses of
+    two trainers, their samplers draw patches that hold none. `flat` lists the allowed origins
+    as flat indices into the (H - P + 1, W - P + 1) grid (None: every origin, drawn exactly as
+    before, so simulated stacks keep their random stream).
+    """
+
+    shape: tuple[int, int]
+    patch_px: int
+    flat: np.ndarray | None = None
+
+    @classmethod
+    def avoiding(cls, mask: np.ndarray, patch_px: int) -> CropOrigins:
+        """Return the origins of `patch_px` crops of an (H, W) plane that hold no True of `mask`."""
+        h, w = mask.shape
+        if not mask.any():
+            return cls((h, w), patch_px)
+        table = np.zeros((h + 1, w + 1), dtype=np.int64)  # summed-area table of the mask
+        table[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0), axis=1)
+        p = patch_px
+        inside = table[p:, p:] - table[:-p, p:] - table[p:, :-p] + table[:-p, :-p]
+        return cls((h, w), patch_px, np.flatnonzero(inside == 0).astype(np.int64))
+
+    @property
+    def share(self) -> float:
+        """Share of all origins allowed (1.0 when none is excluded)."""
+        if self.flat is None:
+            return 1.0
+        h, w = self.shape
+        return self.flat.size / ((h - self.patch_px + 1) * (w - self.patch_px + 1))
+
+    def draw(self, rng: np.random.Generator, size: int) -> tuple[int, int]:
+        """Return a (y0, x0) origin of a `size` crop."""
+        h, w = self.shape
+        if self.flat is None:
+            return int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        if size != self.patch_px:
+            raise ValueError(f"origins were found for {self.patch_px} px crops, not {size}")
+        y0, x0 = divmod(int(self.flat[int(rng.integers(self.flat.size))]), w - size + 1)
+        return y0, x0
+
+
+class LabPlanes(NamedTuple):
+    """A lab stack as `read_lab_stack` gives it: z (µm, middle 0), planes, allowed crops."""
+
+    z_um: np.ndarray
+    planes: np.ndarray
+    origins: CropOrigins
+
+
+def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
+    """Read a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr: z_um, planes float32, crops.
 
     The planes are in camera counts minus the stack's 1st percentile (dark level), one offset
     for all planes so the axial intensity profile is kept, and registered by phase correlation
     when `register_planes`. z = 0 is the middle plane; the first plane is the shallowest.
     Both trainers read lab stacks here, at load, so a stack they cannot use (not finite,
-    planes smaller than `min_side_px`, the patch size) is refused before training starts.
+    planes smaller than `min_side_px`, the patch size, a focus step other than the one the file
+    records, no patch free of saturated pixels) is refused before training starts. Patches
+    of `min_side_px` are drawn only where no plane is at the camera's full scale (`origins`).
     """
     path = spec.path
     if path.suffix.lower() in (".tif", ".tiff"):
@@ -489,6 +551,9 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> tuple[np.ndarr
         data = np.asarray(arr[:])  # type: ignore[index]
     else:
         raise FileNotFoundError(f"{path}: lab stack not found (expected .tif/.tiff or OME-Zarr)")
+    problem = focus_step_problem(path, spec.z_step_um)
+    if problem is not None:
+        raise ValueError(f"{path}: z_step_um = {spec.z_step_um:g} but {problem}")
     data = np.squeeze(data)
     if data.ndim != 3:
         raise ValueError(f"{path}: lab stack must squeeze to (Z, H, W), got shape {data.shape}")
@@ -497,6 +562,7 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> tuple[np.ndarr
             f"{path}: planes {data.shape[1]}x{data.shape[2]} are smaller than patch_size "
             f"{min_side_px}"
         )
+    clipped = saturated_mask(data)  # on the camera's counts, before any offset or shift
     stack = data.astype(np.float32)
     if not np.isfinite(stack).all():  # one NaN made every pixel NaN through the dark level
         bad = int(stack.size - np.isfinite(stack).sum())
@@ -505,9 +571,34 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> tuple[np.ndarr
     if spec.z_step_um < 0:  # scanned deep to shallow: read shallow first, as z rises
         stack = np.ascontiguousarray(stack[::-1])
     if spec.register_planes:
-        stack, _ = register_stack(stack)
+        stack, shifts = register_stack(stack)
+        if clipped.any():  # a clipped pixel moves with its plane: widen the mask by the shift
+            reach = int(np.ceil(np.abs(shifts).max()))
+            if reach:
+                from scipy import ndimage
+
+                clipped = ndimage.binary_dilation(clipped, iterations=reach)
+    origins = (
+        CropOrigins.avoiding(clipped, min_side_px)
+        if min_side_px
+        else CropOrigins((stack.shape[1], stack.shape[2]), 0)
+    )
+    if clipped.any():
+        if min_side_px and origins.share == 0:
+            raise ValueError(
+                f"{path}: every {min_side_px} px patch holds a saturated pixel (at the camera's "
+                f"full scale {full_scale(data):g}); a stack needs unclipped regions to train on"
+            )
+        log.warning(
+            "%s: %d pixels reach the camera's full scale (%g) in some plane; patches holding "
+            "them are not drawn (%.0f %% of patch positions left)",
+            path,
+            int(clipped.sum()),
+            full_scale(data),
+            100 * origins.share,
+        )
     z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * abs(spec.z_step_um)
-    return z, stack
+    return LabPlanes(z, stack, origins)
 
 
 def load_lab_stack(spec: LabStackConfig, input_half_range_um: float, min_side_px: int = 0) -> Stack:
@@ -515,8 +606,8 @@ def load_lab_stack(spec: LabStackConfig, input_half_range_um: float, min_side_px
 
     Targets are the (noisy) planes themselves.
     """
-    z, stack = read_lab_stack(spec, min_side_px)
-    return _stack_from_planes(z, stack, stack, input_half_range_um)
+    z, stack, origins = read_lab_stack(spec, min_side_px)
+    return replace(_stack_from_planes(z, stack, stack, input_half_range_um), origins=origins)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -559,8 +650,8 @@ def _sample_one(
     lo = max(d.dz_range_um[0], float(stack.z_um[0]) - z0)
     hi = min(d.dz_range_um[1], float(stack.z_um[-1]) - z0)
     h, w = stack.target.shape[-2:]
-    y0 = int(rng.integers(h - size + 1))
-    x0 = int(rng.integers(w - size + 1))
+    origins = stack.origins or CropOrigins((h, w), size)
+    y0, x0 = origins.draw(rng, size)
     if rng.random() < d.surface_fraction:
         dpm = np.clip(_surface(rng, size, rng.uniform(lo, hi), d), lo, hi)
         target = _sample_along(stack, z0 + dpm, y0, x0)

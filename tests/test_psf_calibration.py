@@ -343,6 +343,18 @@ def test_the_command_measures_a_slide_and_writes_bank_json_and_picture(
     assert "usable bead" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         C.main([str(tmp_path / "flat.npy")])  # no --step-um
+    import tifffile
+
+    slide = tmp_path / "slide.tif"  # its ImageJ header says 0.25 µm a plane
+    tifffile.imwrite(
+        slide,
+        np.full((30, 200, 200), 100, dtype=np.uint16),
+        imagej=True,
+        metadata={"spacing": 0.25, "unit": "micron"},
+    )
+    with pytest.raises(SystemExit):  # refused before any work: the bank would be 2x off in depth
+        C.main([str(slide), "--step-um", "0.5", "--out", str(out)])
+    assert "records a focus step of 0.25 µm (ImageJ spacing)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # seeds are a stream from 0: a negative one is no field
         C.main(["--slide", "vectorial", "--first-seed", "-1"])
     assert exc.value.code == 2 and "--first-seed must be >= 0" in capsys.readouterr().err

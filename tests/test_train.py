@@ -10,6 +10,7 @@ import pydantic
 import pytest
 import tifffile
 import torch
+import zarr
 
 from engine.metadata import normalize_images
 from engine.model import load_model
@@ -23,6 +24,7 @@ from engine.train import (
     load_config,
     load_lab_stack,
     phase_correlation_shift,
+    read_lab_stack,
     register_stack,
     sample_batch,
     train,
@@ -257,6 +259,75 @@ def test_a_lab_stack_scanned_deep_to_shallow_not_finite_or_too_small_is_said(
     tifffile.imwrite(nan, bad)
     with pytest.raises(ValueError, match="1 pixels are NaN or infinite"):
         load_lab_stack(LabStackConfig(path=nan, z_step_um=1.0), 1.0)
+
+
+def test_lab_stack_step_must_match_the_step_its_file_records(tmp_path: Path) -> None:
+    """A lab stack trained at the wrong focus step learns the wrong defocus for every plane;
+    where the file records its step (ImageJ ``spacing``, OME ``PhysicalSizeZ``, the NGFF z
+    scale, in any of their units) a given step that differs is one line at load."""
+    _, stack = _blob_stack(n_z=5)
+    counts = stack.astype(np.uint16)
+    imagej = tmp_path / "imagej.tif"
+    tifffile.imwrite(imagej, counts, imagej=True, metadata={"spacing": 0.5, "unit": "micron"})
+    ome = tmp_path / "ome.tif"
+    tifffile.imwrite(
+        ome, counts, ome=True, metadata={"PhysicalSizeZ": 500, "PhysicalSizeZUnit": "nm"}
+    )
+    ngff = tmp_path / "stack.ome.zarr"
+    group = zarr.open_group(str(ngff), mode="w")
+    group.create_array("0", data=counts)
+    axes = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    scale = {"type": "scale", "scale": [0.5, 0.1, 0.1]}
+    datasets = [{"path": "0", "coordinateTransformations": [scale]}]
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": datasets}]}
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, counts)
+    for path, where in ((imagej, "ImageJ spacing"), (ome, "OME PhysicalSizeZ"), (ngff, "NGFF")):
+        for step in (0.5, -0.5, 0.502):  # the scan's direction is the config's to say
+            z = read_lab_stack(
+                LabStackConfig(path=path, z_step_um=step, register_planes=False)
+            ).z_um
+            assert z[1] - z[0] == pytest.approx(abs(step))
+        with pytest.raises(ValueError, match=rf"z_step_um = 1 but .* 0.5 µm \({where}"):
+            read_lab_stack(LabStackConfig(path=path, z_step_um=1.0, register_planes=False))
+    z = read_lab_stack(LabStackConfig(path=plain, z_step_um=1.0, register_planes=False)).z_um
+    assert z[1] - z[0] == 1.0  # a file that records nothing is taken at its word
+
+
+def test_patches_of_a_lab_stack_hold_no_saturated_pixel(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review 85 left clipped pixels used as targets: a 12-bit camera's bead at 4095 taught a
+    flat top. Both trainers now draw only patches that hold none, said at load; a stack with
+    no such patch is refused."""
+    _, stack = _blob_stack(n_z=5, size=64)
+    counts = np.minimum(stack, 4000).astype(np.uint16)
+    counts[2, 10:13, 40:43] = 4095  # one bead clipped at a 12-bit camera's full scale
+    tif = tmp_path / "clipped.tif"
+    tifffile.imwrite(tif, counts)
+    spec = LabStackConfig(path=tif, z_step_um=1.0, register_planes=False)
+    with caplog.at_level("WARNING", logger="engine.train"):
+        lab = read_lab_stack(spec, min_side_px=32)
+    assert "9 pixels reach the camera's full scale (4095)" in caplog.text
+    assert 0 < lab.origins.share < 1
+    registered = read_lab_stack(LabStackConfig(path=tif, z_step_um=1.0), min_side_px=32)
+    assert registered.origins.share <= lab.origins.share  # the mask widened by the shifts
+    rng = np.random.default_rng(0)
+    for origins in (lab.origins, registered.origins):
+        for _ in range(300):
+            y0, x0 = origins.draw(rng, 32)
+            assert not (counts[2, y0 : y0 + 32, x0 : x0 + 32] == 4095).any()
+    per_plane = load_lab_stack(spec, input_half_range_um=2.0, min_side_px=32)
+    assert per_plane.origins is not None and per_plane.origins.share == lab.origins.share
+    unclipped = tmp_path / "unclipped.tif"
+    tifffile.imwrite(unclipped, np.minimum(stack, 4000).astype(np.uint16))
+    assert read_lab_stack(LabStackConfig(path=unclipped, z_step_um=1.0), 32).origins.flat is None
+    everywhere = counts.copy()
+    everywhere[0, ::16, ::16] = 4095  # a clipped pixel in every 32 px patch
+    bad = tmp_path / "everywhere.tif"
+    tifffile.imwrite(bad, everywhere)
+    with pytest.raises(ValueError, match="every 32 px patch holds a saturated pixel"):
+        read_lab_stack(LabStackConfig(path=bad, z_step_um=1.0, register_planes=False), 32)
 
 
 def test_few_steps_lower_the_loss_and_write_artefacts(tmp_path: Path) -> None:

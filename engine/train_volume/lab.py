@@ -16,7 +16,7 @@ class LabStack:
     """A lab's focus-scanned stack for volume training: planes in counts, z in µm (middle 0)."""
 
     def __init__(self, spec: LabStackConfig, min_side_px: int = 0) -> None:
-        self.z_um, self.planes = read_lab_stack(spec, min_side_px)
+        self.z_um, self.planes, self.origins = read_lab_stack(spec, min_side_px)
         self.path = spec.path
 
 
@@ -43,7 +43,7 @@ def sample_lab_batch(
     picked = np.sort(rng.choice(reach, k, replace=False))
     xs, frames, ys = [], [], []
     for _ in range(cfg.batch_size):
-        y0, x0 = int(rng.integers(h - size + 1)), int(rng.integers(w - size + 1))
+        y0, x0 = stack.origins.draw(rng, size)
         crop = stack.planes[:, y0 : y0 + size, x0 : x0 + size]
         t = int(rng.integers(8))
         crop = np.rot90(crop, t % 4, axes=(1, 2))
