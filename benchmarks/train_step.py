@@ -74,7 +74,7 @@ def run(
         f"{d.refresh_every} steps, {d.workers or 'no'} worker processes)",
         flush=True,
     )
-    labs = [tv.LabStack(spec) for spec in d.lab_stacks] if d.lab_every else []
+    labs = [tv.LabStack(spec, cfg.patch_size) for spec in d.lab_stacks] if d.lab_every else []
     # the clock at a step's start and at the end of each phase, with the phase's name (with
     # grad_accumulation > 1 a step runs batch .. backward once per batch, then the optimiser)
     marks: list[tuple[str, float]] = []

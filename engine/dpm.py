@@ -195,8 +195,8 @@ def _z_label(z: float) -> str:
     two planes a config can tell apart never share a label (``:g``'s 6 significant digits
     merged 12.345671 with 12.34567).
     """
-    text = f"{z + 0.0:+.6f}".rstrip("0").rstrip(".")  # + 0.0: no "-0" for a negative zero
-    return f"z={text}um"
+    text = f"{z:+.6f}".rstrip("0").rstrip(".")
+    return f"z={'+0' if text == '-0' else text}um"  # a negative zero, or -4e-7, is plane 0
 
 
 @dataclass(frozen=True)
@@ -260,11 +260,13 @@ class VolumePlan:
         labels = tuple(_z_label(z) for z in zs)
         seen: dict[str, float] = {}
         for z, label in zip(zs, labels, strict=True):
+            if not math.isfinite(z):
+                raise DPMError(f"z = {z} µm is not a depth")
             if label in seen:  # a plane asked twice, or two closer than a label tells apart
                 other = seen[label]
                 what = f"z = {z:g} µm is asked twice"
                 if z != other:
-                    what = f"z = {other!r} and {z!r} µm are closer than 1e-6 µm"
+                    what = f"z = {other!r} and {z!r} µm are one plane at 1e-6 µm"
                 raise DPMError(f"{what}; each plane needs its own depth (and label)")
             seen[label] = z
         dpms = (

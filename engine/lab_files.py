@@ -19,16 +19,18 @@ Standard library and NumPy only (TIFF and Zarr readers are imported when a file 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "FULL_SCALE_EVIDENCE_PX",
     "Z_STEP_REL_TOL",
     "focus_step_problem",
     "full_scale",
+    "ngff_image",
+    "ngff_level0_path",
     "recorded_focus_step_um",
     "saturated_mask",
 ]
@@ -38,57 +40,117 @@ Z_STEP_REL_TOL = 0.01
 records: stage steps are written rounded, a wrong step is usually 2x, 10x or a unit off."""
 
 _UM_PER_UNIT = {
-    "micron": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "micrometer": 1.0,
-    "nm": 1e-3, "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3,
+    "micron": 1.0, "microns": 1.0, "um": 1.0, "\u00b5m": 1.0, "\u03bcm": 1.0,
+    "micrometer": 1.0, "micrometre": 1.0, "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
+    "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3,
 }  # fmt: skip
+
+FULL_SCALE_EVIDENCE_PX = 3
+"""Pixels that must sit exactly at an inferred 2**k - 1 full scale before it counts as one: a
+bright unclipped bead's single brightest pixel lands on 8191 about once in 5,000 stacks
+(review 86), a clipped bead's flat top holds several."""
+
+
+def _unit_key(unit: Any) -> str:
+    """Return a unit's lookup key: lower case, ImageJ's ASCII-escaped µ (backslash-u00B5) undone."""
+    text = str(unit).strip()
+    if "\\u" in text:  # ImageJ writes µ as the six characters \u00B5; tifffile keeps them
+        text = text.encode("ascii", "backslashreplace").decode("unicode_escape")
+    return text.lower()
 
 
 def _step_um(value: Any, unit: Any) -> float | None:
     """Return a recorded step in µm; None unless it is a finite positive length, known unit."""
     try:
-        step = abs(float(value)) * _UM_PER_UNIT[str(unit).strip().lower()]
-    except (TypeError, ValueError, KeyError):
+        step = abs(float(value)) * _UM_PER_UNIT[_unit_key(unit)]
+    except (TypeError, ValueError, KeyError, UnicodeError):
         return None
     return step if math.isfinite(step) and step > 0 else None
 
 
+def _ome_z_step_um(xml: str) -> float | None:
+    """Return the first image's ``PhysicalSizeZ`` in µm (OME's default unit when none is given).
+
+    The first ``Image/Pixels`` element only, size and unit from that one element: it is the
+    series ``tifffile.imread`` reads, and another series' calibration says nothing of it.
+    """
+    from xml.etree import ElementTree
+
+    root = ElementTree.fromstring(xml)
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or "PhysicalSizeZ" not in pixels.attrib:
+        return None
+    return _step_um(pixels.attrib["PhysicalSizeZ"], pixels.attrib.get("PhysicalSizeZUnit", "µm"))
+
+
 def _tiff_z_step_um(tif: Any) -> tuple[float, str] | None:
     """Return the focus step a TIFF records (OME ``PhysicalSizeZ``, ImageJ ``spacing``)."""
-    if tif.is_ome and tif.ome_metadata:
-        found = re.search(r'PhysicalSizeZ="([^"]+)"', tif.ome_metadata)
-        unit = re.search(r'PhysicalSizeZUnit="([^"]+)"', tif.ome_metadata)
-        if found and (step := _step_um(found.group(1), unit.group(1) if unit else "µm")):
-            return step, "OME PhysicalSizeZ"
+    if tif.is_ome and tif.ome_metadata and (step := _ome_z_step_um(tif.ome_metadata)):
+        return step, "OME PhysicalSizeZ"
     meta = tif.imagej_metadata or {}
-    if "spacing" in meta and (step := _step_um(meta["spacing"], meta.get("unit", "micron"))):
+    unit = meta.get("zunit", meta.get("unit"))  # ImageJ adds zunit when z's unit differs
+    if "spacing" in meta and unit is not None and (step := _step_um(meta["spacing"], unit)):
         return step, "ImageJ spacing"
     return None
 
 
 def _ngff_z_step_um(attrs: dict[str, Any]) -> tuple[float, str] | None:
-    """Return the focus step an OME-Zarr image records (its "z" axis' first scale)."""
+    """Return the focus step an OME-Zarr image records: its "z" axis' scale, in its unit.
+
+    The first dataset's scale times the multiscale's own (NGFF lets both scale); None without
+    a unit on the z axis (ome-zarr-py writes scale 1 with no unit by default: no calibration).
+    """
+    image = ngff_image(attrs)
+    if image is None:
+        return None
+    try:
+        axes = image["axes"]
+        names = [a["name"] if isinstance(a, dict) else a for a in axes]
+        i = names.index("z")
+        if not isinstance(axes[i], dict) or "unit" not in axes[i]:
+            return None
+        scale = 1.0
+        for transforms in (
+            image["datasets"][0].get("coordinateTransformations", []),
+            image.get("coordinateTransformations", []),
+        ):
+            for transform in transforms:
+                if transform.get("type") == "scale":
+                    scale *= float(transform["scale"][i])
+        step = _step_um(scale, axes[i]["unit"])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None  # no readable z scale: nothing to compare
+    return (step, "NGFF z scale") if step else None
+
+
+def ngff_image(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """Return an OME-Zarr group's first multiscale image (NGFF 0.4 or 0.5), or None."""
     ome = attrs.get("ome", attrs)  # NGFF 0.5 nests the metadata under "ome"
     try:
         image = ome["multiscales"][0]
-        names = [a["name"] if isinstance(a, dict) else a for a in image["axes"]]
-        i = names.index("z")
-        axis = image["axes"][i]
-        unit = axis.get("unit", "micrometer") if isinstance(axis, dict) else "micrometer"
-        for transform in image["datasets"][0]["coordinateTransformations"]:
-            if transform.get("type") == "scale":
-                step = _step_um(transform["scale"][i], unit)
-                return (step, "NGFF z scale") if step else None
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
-        return None  # no readable z scale: nothing to compare
-    return None
+    except (KeyError, IndexError, TypeError):
+        return None
+    return image if isinstance(image, dict) else None
+
+
+def ngff_level0_path(attrs: dict[str, Any]) -> str:
+    """Return the path of an OME-Zarr image's full-resolution level ("0" when none is named).
+
+    ome-zarr-py names its levels "s0", "s1", ...; this project's recorder "0".
+    """
+    image = ngff_image(attrs)
+    try:
+        path = image["datasets"][0]["path"] if image is not None else "0"
+    except (KeyError, IndexError, TypeError):
+        return "0"
+    return str(path)
 
 
 def recorded_focus_step_um(path: Path) -> tuple[float, str] | None:
     """Return the focus step (µm) `path` records and where it says so, or None.
 
     None for a file that records no step, a step in no known length unit (ImageJ's
-    uncalibrated "pixel"), or metadata that cannot be read: this is a cross-check, never a
-    reason a readable stack is refused.
+    uncalibrated "pixel", an NGFF axis without a unit), or metadata that cannot be read.
     """
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -107,30 +169,34 @@ def recorded_focus_step_um(path: Path) -> tuple[float, str] | None:
 
 
 def focus_step_problem(path: Path, step_um: float) -> str | None:
-    """Return why `step_um` disagrees with the step `path` records (one clause), or None."""
+    """Return how `step_um` disagrees with the step `path` records (one clause), or None.
+
+    The caller adds its remedy (its own way to set the step, or to skip this check for a file
+    whose calibration is wrong).
+    """
     recorded = recorded_focus_step_um(path)
     if recorded is None or math.isclose(abs(step_um), recorded[0], rel_tol=Z_STEP_REL_TOL):
         return None
     step, where = recorded
-    return (
-        f"the file records a focus step of {step:g} µm ({where}); give the file's step (its "
-        "sign says the scan's direction), or correct the file"
-    )
+    return f"the file records a focus step of {step:g} µm ({where})"
 
 
 def full_scale(stack: np.ndarray) -> float:
     """Return the value the camera of `stack` saturates at (inf for floats).
 
-    The dtype's maximum, or a lower full scale the stack reaches exactly: a 12-bit camera
-    stored as uint16 clips at 4095 (2**k - 1 for k of 8 to 15), which the dtype's 65535
-    never caught (review 85: 18 clipped beads kept, the in-focus peak at half its value).
+    The dtype's maximum, or a lower full scale the stack reaches exactly in at least
+    `FULL_SCALE_EVIDENCE_PX` pixels: a 12-bit camera stored as uint16 clips at 4095 (2**k - 1
+    for k of 8 to 15), which the dtype's 65535 never caught (review 85: 18 clipped beads kept,
+    the in-focus peak at half its value).
     """
     if not np.issubdtype(stack.dtype, np.integer):
         return float("inf")
     top = int(np.iinfo(stack.dtype).max)
     reached = max(int(np.asarray(stack[k]).max()) for k in range(stack.shape[0]))
-    if reached >= 255 and (reached + 1) & reached == 0:  # 2**k - 1: a camera's full scale
-        return float(min(reached, top))
+    if 255 <= reached < top and (reached + 1) & reached == 0:  # 2**k - 1: a camera's scale?
+        at = sum(int(np.count_nonzero(np.asarray(stack[k]) == reached)) for k in range(len(stack)))
+        if at >= FULL_SCALE_EVIDENCE_PX:
+            return float(reached)
     return float(top)
 
 

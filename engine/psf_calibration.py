@@ -75,7 +75,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.files import atomic_save_npy, atomic_write_text, out_dir_problem
-from engine.lab_files import focus_step_problem, full_scale
+from engine.lab_files import focus_step_problem, full_scale, ngff_level0_path
 
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
@@ -214,7 +214,7 @@ def read_stack(path: Path) -> np.ndarray:
 
             node = zarr.open(str(path), mode="r")
             if isinstance(node, zarr.Group):  # OME-Zarr image: its full-resolution level
-                node = node["0"]
+                node = node[ngff_level0_path(dict(node.attrs))]
             if not isinstance(node, zarr.Array):
                 raise CalibrationError(f"{path}: level 0 of the OME-Zarr image is not an array")
             data = np.asarray(node[...])
@@ -773,7 +773,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--step-um",
         type=float,
         help="focus step of the stacks (µm): positive when the first frame is the shallowest, "
-        "negative when the scan ran from deep to shallow",
+        "negative when the scan ran from deep to shallow; checked against the step a file "
+        "records (ImageJ spacing, OME PhysicalSizeZ, an OME-Zarr z scale)",
+    )
+    parser.add_argument(
+        "--ignore-file-step",
+        action="store_true",
+        help="do not compare --step-um with the step the files record (a wrong calibration)",
     )
     parser.add_argument(
         "--start-um",
@@ -816,10 +822,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stacks need --step-um, their focus step (µm; negative when the first frame is "
             "the deepest)"
         )
-    for path in args.stacks or ():  # a wrong step measures every depth's PSF at the wrong defocus
+    for path in [] if args.ignore_file_step else args.stacks:  # a wrong step: every depth wrong
         problem = focus_step_problem(path, args.step_um)
         if problem is not None:
-            parser.error(f"{path}: --step-um {args.step_um:g} but {problem}")
+            parser.error(
+                f"{path}: --step-um {args.step_um:g} but {problem}; give the file's step, or "
+                "--ignore-file-step if its calibration is wrong"
+            )
     if args.fields < 1:
         parser.error(f"--fields must be >= 1, not {args.fields}")
     if args.first_seed < 0:

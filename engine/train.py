@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from engine.files import out_dir_problem
-from engine.lab_files import focus_step_problem, full_scale, saturated_mask
+from engine.lab_files import focus_step_problem, full_scale, ngff_level0_path, saturated_mask
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images, weights_that_fit
 from engine.model import (
@@ -181,6 +181,12 @@ class LabStackConfig(_Base):
         "shallowest, negative when the scan ran from deep to shallow (read in reverse)."
     )
     register_planes: bool = Field(True, description="Register planes by phase correlation (drift).")
+    check_file_step: bool = Field(
+        True,
+        description="Refuse a z_step_um more than 1 % from the focus step the file records "
+        "(ImageJ spacing, OME PhysicalSizeZ, an OME-Zarr z scale); false for a file whose "
+        "recorded calibration is known to be wrong.",
+    )
 
     @field_validator("z_step_um")
     @classmethod
@@ -547,13 +553,17 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
         import zarr
 
         node = zarr.open(str(path), mode="r")
-        arr = node["0"] if isinstance(node, zarr.Group) else node
+        arr = node[ngff_level0_path(dict(node.attrs))] if isinstance(node, zarr.Group) else node
         data = np.asarray(arr[:])  # type: ignore[index]
     else:
         raise FileNotFoundError(f"{path}: lab stack not found (expected .tif/.tiff or OME-Zarr)")
-    problem = focus_step_problem(path, spec.z_step_um)
+    problem = focus_step_problem(path, spec.z_step_um) if spec.check_file_step else None
     if problem is not None:
-        raise ValueError(f"{path}: z_step_um = {spec.z_step_um:g} but {problem}")
+        raise ValueError(
+            f"{path}: z_step_um = {spec.z_step_um:g} but {problem}; give the file's step (its "
+            "sign says the scan's direction), or check_file_step = false if its calibration "
+            "is wrong"
+        )
     data = np.squeeze(data)
     if data.ndim != 3:
         raise ValueError(f"{path}: lab stack must squeeze to (Z, H, W), got shape {data.shape}")
@@ -563,6 +573,7 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
             f"{min_side_px}"
         )
     clipped = saturated_mask(data)  # on the camera's counts, before any offset or shift
+    n_clipped = int(clipped.sum())
     stack = data.astype(np.float32)
     if not np.isfinite(stack).all():  # one NaN made every pixel NaN through the dark level
         bad = int(stack.size - np.isfinite(stack).sum())
@@ -574,28 +585,31 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
         stack, shifts = register_stack(stack)
         if clipped.any():  # a clipped pixel moves with its plane: widen the mask by the shift
             reach = int(np.ceil(np.abs(shifts).max()))
-            if reach:
+            if reach:  # a square: a diagonal shift moves a pixel along both axes at once
                 from scipy import ndimage
 
-                clipped = ndimage.binary_dilation(clipped, iterations=reach)
+                square = np.ones((3, 3), dtype=bool)
+                clipped = ndimage.binary_dilation(clipped, structure=square, iterations=reach)
     origins = (
         CropOrigins.avoiding(clipped, min_side_px)
         if min_side_px
         else CropOrigins((stack.shape[1], stack.shape[2]), 0)
     )
-    if clipped.any():
-        if min_side_px and origins.share == 0:
-            raise ValueError(
-                f"{path}: every {min_side_px} px patch holds a saturated pixel (at the camera's "
-                f"full scale {full_scale(data):g}); a stack needs unclipped regions to train on"
-            )
+    if n_clipped and min_side_px and origins.share == 0:
+        raise ValueError(
+            f"{path}: every {min_side_px} px patch holds a saturated pixel (at the camera's "
+            f"full scale {full_scale(data):g}); a stack needs unclipped regions to train on"
+        )
+    if n_clipped:
         log.warning(
-            "%s: %d pixels reach the camera's full scale (%g) in some plane; patches holding "
-            "them are not drawn (%.0f %% of patch positions left)",
+            "%s: %d pixels reach the camera's full scale (%g) in some plane; %s",
             path,
-            int(clipped.sum()),
+            n_clipped,
             full_scale(data),
-            100 * origins.share,
+            f"patches holding them are not drawn ({100 * origins.share:.0f} % of "
+            f"{min_side_px} px patch positions left)"
+            if min_side_px
+            else "no patch size given, so patches holding them are not avoided",
         )
     z = (np.arange(stack.shape[0]) - (stack.shape[0] - 1) / 2) * abs(spec.z_step_um)
     return LabPlanes(z, stack, origins)

@@ -94,8 +94,12 @@ def test_volume_plan_labels_tell_every_config_plane_apart():
     assert plan.labels == ("z=+12.34567um", "z=+12.345671um", "z=+0um", "z=+100000um")
     with pytest.raises(dpm.DPMError, match=r"z = 2 µm is asked twice"):
         dpm.VolumePlan.from_z([2.0, 2.0], (2, 2))
-    with pytest.raises(dpm.DPMError, match=r"1.0000001 and 1.0000002 µm are closer than 1e-6"):
+    with pytest.raises(dpm.DPMError, match=r"1.0000001 and 1.0000002 µm are one plane at 1e-6"):
         dpm.VolumePlan.from_z([1.0000001, 1.0000002], (2, 2))
+    with pytest.raises(dpm.DPMError, match=r"-4e-07 and 4e-07 µm are one plane"):
+        dpm.VolumePlan.from_z([-4e-7, 4e-7], (2, 2))
+    with pytest.raises(dpm.DPMError, match=r"z = nan µm is not a depth"):
+        dpm.VolumePlan.from_z([float("nan")], (2, 2))
 
 
 def test_volume_plan_from_surfaces_and_bad_plans():

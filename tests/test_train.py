@@ -12,6 +12,7 @@ import tifffile
 import torch
 import zarr
 
+from engine.lab_files import recorded_focus_step_um
 from engine.metadata import normalize_images
 from engine.model import load_model
 from engine.train import (
@@ -292,6 +293,53 @@ def test_lab_stack_step_must_match_the_step_its_file_records(tmp_path: Path) -> 
             read_lab_stack(LabStackConfig(path=path, z_step_um=1.0, register_planes=False))
     z = read_lab_stack(LabStackConfig(path=plain, z_step_um=1.0, register_planes=False)).z_um
     assert z[1] - z[0] == 1.0  # a file that records nothing is taken at its word
+    unchecked = LabStackConfig(path=imagej, z_step_um=1.0, register_planes=False)
+    z = read_lab_stack(unchecked.model_copy(update={"check_file_step": False})).z_um
+    assert z[1] - z[0] == 1.0  # told the file's calibration is wrong: the given step
+
+
+def test_the_focus_step_is_read_as_imagej_ome_and_ngff_writers_record_it(tmp_path: Path) -> None:
+    """Review 86: ImageJ's zunit, its ASCII-escaped µ, a second OME series' calibration, an
+    NGFF axis without a unit (ome-zarr-py's default scale 1) and a multiscale-level scale were
+    misread, refusing correct steps or missing wrong ones."""
+    counts = np.zeros((5, 16, 16), dtype=np.uint16)
+
+    def imagej(name: str, lines: str) -> Path:
+        path = tmp_path / name  # the description as ImageJ's FileSaver writes it
+        header = f"ImageJ=1.54f\nimages=5\nslices=5\n{lines}loop=false\n"
+        tifffile.imwrite(path, counts, description=header, metadata=None)
+        return path
+
+    zunit = imagej("zunit.tif", "unit=micron\nzunit=nm\nspacing=500\n")
+    escaped = imagej("escaped.tif", "unit=\\u00B5m\nspacing=0.5\n")
+    pixels = imagej("pixels.tif", "unit=pixel\nspacing=1\n")  # uncalibrated
+    series = tmp_path / "series.ome.tif"
+    with tifffile.TiffWriter(series, ome=True) as tw:
+        tw.write(counts, metadata={"axes": "ZYX", "PhysicalSizeZ": 0.5})  # the one read
+        tw.write(counts, metadata={"axes": "ZYX", "PhysicalSizeZ": 500, "PhysicalSizeZUnit": "nm"})
+    assert recorded_focus_step_um(zunit) == (0.5, "ImageJ spacing")
+    assert recorded_focus_step_um(escaped) == (0.5, "ImageJ spacing")
+    assert recorded_focus_step_um(pixels) is None
+    assert recorded_focus_step_um(series) == (0.5, "OME PhysicalSizeZ")
+
+    def ngff(name: str, axes: list[object], scale: list[float], top: list[float] | None) -> Path:
+        group = zarr.open_group(str(tmp_path / name), mode="w")
+        group.create_array("s0", data=counts)  # ome-zarr-py names its levels s0, s1, ...
+        dataset = {"path": "s0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        image: dict[str, object] = {"axes": axes, "datasets": [dataset]}
+        if top is not None:
+            image["coordinateTransformations"] = [{"type": "scale", "scale": top}]
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [image]}
+        return tmp_path / name
+
+    bare = [{"name": n, "type": "space"} for n in "zyx"]
+    unitless = ngff("unitless.ome.zarr", bare, [1.0, 1.0, 1.0], None)
+    assert recorded_focus_step_um(unitless) is None  # no unit: no calibration
+    nested = [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"]
+    both = ngff("both.ome.zarr", nested, [2.0, 0.1, 0.1], [0.25, 1.0, 1.0])
+    assert recorded_focus_step_um(both) == (0.5, "NGFF z scale")
+    lab = read_lab_stack(LabStackConfig(path=both, z_step_um=0.5, register_planes=False))
+    assert lab.planes.shape == (5, 16, 16)  # read from its level "s0"
 
 
 def test_patches_of_a_lab_stack_hold_no_saturated_pixel(
@@ -322,12 +370,44 @@ def test_patches_of_a_lab_stack_hold_no_saturated_pixel(
     unclipped = tmp_path / "unclipped.tif"
     tifffile.imwrite(unclipped, np.minimum(stack, 4000).astype(np.uint16))
     assert read_lab_stack(LabStackConfig(path=unclipped, z_step_um=1.0), 32).origins.flat is None
+    bright = np.minimum(stack, 4000).astype(np.uint16)
+    bright[2, 20, 20] = 8191  # one unclipped pixel landing on 2**13 - 1: no camera's ceiling
+    lone = tmp_path / "lone.tif"
+    tifffile.imwrite(lone, bright)
+    assert read_lab_stack(LabStackConfig(path=lone, z_step_um=1.0), 32).origins.flat is None
     everywhere = counts.copy()
     everywhere[0, ::16, ::16] = 4095  # a clipped pixel in every 32 px patch
     bad = tmp_path / "everywhere.tif"
     tifffile.imwrite(bad, everywhere)
     with pytest.raises(ValueError, match="every 32 px patch holds a saturated pixel"):
         read_lab_stack(LabStackConfig(path=bad, z_step_um=1.0, register_planes=False), 32)
+
+
+def test_clipped_pixels_stay_out_of_patches_when_the_planes_drift_diagonally(
+    tmp_path: Path,
+) -> None:
+    """Review 86: registration moves a clipped pixel with its plane; the mask widened along
+    the axes only (a diamond) let a diagonal drift carry it into allowed patches."""
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    base = ndimage.gaussian_filter(rng.random((96, 96)), 2)
+    base = 500 + 3000 * (base - base.min()) / np.ptp(base)
+    counts = np.stack([np.roll(base, (k, k), axis=(0, 1)) for k in range(9)]).round()
+    counts = counts.astype(np.uint16)
+    counts[0, 39:42, 39:42] = 4095  # a bead's top clipped in the first plane (12-bit camera)
+    path = tmp_path / "drift.tif"
+    tifffile.imwrite(path, counts)
+    lab = read_lab_stack(LabStackConfig(path=path, z_step_um=1.0), min_side_px=16)
+    _, shifts = register_stack(counts.astype(np.float32) - np.float32(np.percentile(counts, 1)))
+    assert np.abs(shifts).max() > 2  # the planes were moved, diagonally
+    carried = np.zeros((96, 96), dtype=np.float32)
+    carried[39:42, 39:42] = 1
+    touched = ndimage.shift(carried, shifts[0], order=1, mode="nearest") > 0
+    assert lab.origins.flat is not None
+    for flat in lab.origins.flat:
+        y0, x0 = divmod(int(flat), 96 - 16 + 1)
+        assert not touched[y0 : y0 + 16, x0 : x0 + 16].any()
 
 
 def test_few_steps_lower_the_loss_and_write_artefacts(tmp_path: Path) -> None:
