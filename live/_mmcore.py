@@ -384,6 +384,23 @@ def _describe_config(config_file: Path | None) -> str:
     return str(config_file) if config_file is not None else f"Micro-Manager's {DEMO_CONFIG}"
 
 
+@contextlib.contextmanager
+def _quiet_pymmcore_plus() -> Iterator[None]:
+    """Hold pymmcore-plus' logger to CRITICAL while a core is made and loaded.
+
+    Its search for a Micro-Manager installation logs an ERROR through its own coloured handler
+    and again through the root's (review 87); `load_core` says every failure in one line
+    itself, naming the config key.
+    """
+    logger = logging.getLogger("pymmcore-plus")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_core(config_file: Path | None = None, camera: str | None = None) -> UniMMCore:
     """Load `config_file` into a new `UniMMCore` and select `camera`; one-line errors.
 
@@ -393,14 +410,15 @@ def load_core(config_file: Path | None = None, camera: str | None = None) -> Uni
     pixels (the daemon takes 16-bit frames). Raises `ValueError` whose message names the config
     key and the problem: no installation, a configuration that fails to load, an unknown camera.
     """
-    core = UniMMCore()
     where = _describe_config(config_file)
     try:
-        if config_file is None:
-            core.loadSystemConfiguration(DEMO_CONFIG)
-            _demo_camera_16bit(core)
-        else:
-            core.loadSystemConfiguration(str(config_file))
+        with _quiet_pymmcore_plus():  # its own ERROR lines (twice, in colour) before ours
+            core = UniMMCore()
+            if config_file is None:
+                core.loadSystemConfiguration(DEMO_CONFIG)
+                _demo_camera_16bit(core)
+            else:
+                core.loadSystemConfiguration(str(config_file))
     except FileNotFoundError:
         if config_file is not None:
             raise ValueError(f"source.micromanager.config_file {where} not found") from None

@@ -1186,6 +1186,9 @@ def _describe(err: Any) -> str:
             return f"{_dotted(loc[:-1])}: too few items (item [{loc[-1]}] is missing)"
         return f"{key}: required key is missing"
     msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = err.get("input")
+    if isinstance(value, float) and not math.isfinite(value) and err["type"] != "finite_number":
+        msg = "must be a finite number"  # pydantic says "less than or equal to 10000" for nan
     if not loc:
         return msg
     model = _section(loc[:-1]) if loc and isinstance(loc[-1], str) else None
@@ -1262,4 +1265,9 @@ def load_config(path: str | Path) -> ScopeConfig:
         raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
+    if not data:  # a failed save or a truncated copy would otherwise start a run on defaults
+        raise ConfigError(
+            f"{path}: the file holds no settings (empty, or comments only); a scope config "
+            "names at least its source (see config.toml)"
+        )
     return validate_config(data, base_dir=path.resolve().parent, source=str(path))

@@ -1373,9 +1373,9 @@ def _open_checked(config: ScopeConfig) -> Any:
         return open_backend(config)
     except Exception as err:  # any loader's error: a corrupt file, a wrong format, ...
         path = config.engine.resolved_model_path()
-        raise ConfigError(
-            f"engine.model_path {path}: the model cannot be loaded: {_one_line(err)[:300]}"
-        ) from err
+        why = _one_line(err)
+        why = why if len(why) <= 600 else why[:599] + "…"  # every backend's reason, joined
+        raise ConfigError(f"engine.model_path {path}: the model cannot be loaded: {why}") from err
 
 
 def _check_planes(config: ScopeConfig, backend: Any, plan: VolumePlan) -> None:
@@ -1412,34 +1412,69 @@ def _check_planes(config: ScopeConfig, backend: Any, plan: VolumePlan) -> None:
 
 
 def _check_endpoints_free(config: ScopeConfig) -> None:
-    """Refuse, before anything is created, a tcp endpoint another process already listens on.
+    """Refuse, before anything is created, an endpoint the daemon could not bind.
 
-    Each port is bound and released once with a plain socket (closed synchronously, unlike a
-    ZeroMQ socket, so the daemon's own bind right after cannot race it); "address in use"
-    (typically a second daemon with the same config) becomes one `ConfigError` naming the
-    key. Hosts that do not resolve (an interface name) are left to ZeroMQ.
+    Each tcp port is bound and released once with a plain socket (closed synchronously, unlike
+    a ZeroMQ socket, so the daemon's own bind right after cannot race it): "address in use"
+    (typically a second daemon with the same config), an address that is not this machine's,
+    or a host that neither resolves nor names a network interface (ZeroMQ binds to interface
+    names too) becomes one `ConfigError` naming the key. An ipc endpoint needs its folder, must
+    not be a folder itself, and fits a Unix socket's 107 bytes. Found here, the store is never
+    created for a run that cannot start (review 87: an empty store and the error twice).
     """
     for name, address in config.endpoints.items():
-        if not address.startswith("tcp://"):
-            continue
-        host, _, port = address[len("tcp://") :].rpartition(":")
-        v6 = host.startswith("[")  # ZeroMQ binds IPv4 unless the host is an IPv6 literal
-        host = "0.0.0.0" if host == "*" else host.strip("[]")
-        family = socket.AF_INET6 if v6 else socket.AF_INET
-        try:
-            where = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
-                probe.bind(where)
-        except OSError as err:
-            if err.errno != errno.EADDRINUSE:
-                continue  # not resolvable or not bindable here: ZeroMQ says why at bind
-            raise ConfigError(
-                f"endpoints.{name} = {address!r} cannot be bound ({err.strerror}): another "
-                "daemon may be running with this config; stop it or choose other endpoints"
-            ) from None
-        except ValueError:  # a port that is not a number (ZeroMQ's "*"): nothing to probe
-            continue
+        problem = _tcp_problem(address) if address.startswith("tcp://") else None
+        if address.startswith("ipc://"):
+            problem = _ipc_problem(Path(address[len("ipc://") :]))
+        if problem is not None:
+            raise ConfigError(f"endpoints.{name} = {address!r} cannot be bound: {problem}")
+
+
+def _tcp_problem(address: str) -> str | None:
+    """Return why a tcp endpoint cannot be bound here, or None (see `_check_endpoints_free`)."""
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    v6 = host.startswith("[")  # ZeroMQ binds IPv4 unless the host is an IPv6 literal
+    host = "0.0.0.0" if host == "*" else host.strip("[]")
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    try:
+        where = socket.getaddrinfo(host, int(port), family, socket.SOCK_STREAM)[0][4]
+    except ValueError:  # a port that is not a number (ZeroMQ's "*"): nothing to probe
+        return None
+    except OSError:
+        if host in {interface for _, interface in socket.if_nameindex()}:
+            return None  # an interface name: ZeroMQ binds to its address
+        return f"the host {host!r} does not resolve and is no network interface of this machine"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ does
+            probe.bind(where)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return (
+                f"{err.strerror}: another daemon may be running with this config; stop it or "
+                "choose other endpoints"
+            )
+        if err.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine"
+        return str(err.strerror or err)
+    return None
+
+
+_IPC_PATH_MAX_BYTES = 107
+"""A Unix socket's path limit (sun_path less its terminating zero) on Linux."""
+
+
+def _ipc_problem(path: Path) -> str | None:
+    """Return why an ipc endpoint's socket file cannot be made at `path`, or None."""
+    if len(os.fsencode(path)) > _IPC_PATH_MAX_BYTES:
+        return f"the path is {len(os.fsencode(path))} bytes, over a Unix socket's 107"
+    if path.is_dir():
+        return "the path is a folder"
+    if not path.parent.is_dir():
+        return f"its folder {str(path.parent)!r} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"its folder {str(path.parent)!r} is not writable"
+    return None
 
 
 def _check_optics(config: ScopeConfig, backend: Any) -> None:

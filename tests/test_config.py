@@ -21,6 +21,10 @@ from live.config import (
 REPO = Path(__file__).resolve().parents[1]
 
 
+MINIMAL = '[source]\nkind = "simulated"\n'
+"""The least a config file holds (an empty one is refused): everything else its defaults."""
+
+
 def write(tmp_path: Path, text: str, name: str = "scope.toml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
@@ -46,8 +50,12 @@ def test_shipped_config_loads_and_is_the_embedded_default():
     assert ScopeConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
-def test_empty_file_gives_all_defaults(tmp_path):
-    cfg = load_config(write(tmp_path, ""))
+def test_a_source_alone_gives_all_defaults_and_an_empty_file_is_refused(tmp_path):
+    """Review 87: an empty file (a failed save, a truncated copy) started a run on defaults."""
+    for empty in ("", "# comments only\n"):
+        with pytest.raises(ConfigError, match=r"the file holds no settings"):
+            load_config(write(tmp_path, empty))
+    cfg = load_config(write(tmp_path, MINIMAL))
     defaults = ScopeConfig.model_validate({}, context={"base_dir": tmp_path})
     assert cfg.model_copy(update={"recorder": defaults.recorder}) == defaults
     assert cfg.overload.policy == "every_frame"
@@ -105,7 +113,7 @@ def test_bad_choice_lists_the_choices(tmp_path):
 def test_render_modality_picks_the_psf_bank_the_planes_go_through(tmp_path):
     from live.worker import open_backend
 
-    assert load_config(write(tmp_path, "")).engine.render_modality is None
+    assert load_config(write(tmp_path, MINIMAL)).engine.render_modality is None
     with pytest.raises(ConfigError, match=r"engine.render_modality = 'sted'.*'confocal'"):
         load_config(write(tmp_path, '[engine]\nrender_modality = "sted"\n'))
     volume = (REPO / "engine" / "weights" / "deepz-volume.onnx").as_posix()
@@ -119,7 +127,7 @@ def test_render_modality_picks_the_psf_bank_the_planes_go_through(tmp_path):
 def test_psf_bank_renders_through_a_measured_psf_and_is_checked_at_load(tmp_path):
     from live.worker import open_backend
 
-    assert load_config(write(tmp_path, "")).engine.psf_bank is None
+    assert load_config(write(tmp_path, MINIMAL)).engine.psf_bank is None
     with pytest.raises(ConfigError, match=r"engine\.psf_bank.*file not found"):
         load_config(write(tmp_path, '[engine]\npsf_bank = "nowhere.npy"\n'))
     volume = REPO / "engine" / "weights" / "deepz-volume.onnx"
@@ -235,6 +243,13 @@ def test_several_errors_come_in_one_message(tmp_path):
     assert "overload.policy = 'drop'" in msg and "'every_frame' or 'latest'" in msg
 
 
+def test_a_value_that_is_not_a_number_is_called_so(tmp_path):
+    """Review 87: rate_hz = nan was refused as "less than or equal to 10000"."""
+    for key, value in (("rate_hz", "nan"), ("rate_hz", "inf"), ("exposure_ms", "-inf")):
+        with pytest.raises(ConfigError, match=rf"source.{key} = {value}: must be a finite number"):
+            load_config(write(tmp_path, f"[source]\n{key} = {value}\n"))
+
+
 def test_polynomial_coefficients_must_be_finite(tmp_path):
     text = '[planes]\nsurfaces = [{name = "p", kind = "polynomial", coefficients = [0.0, nan]}]\n'
     with pytest.raises(ConfigError, match=r"coefficients\[1\] = nan.*finite"):
@@ -340,7 +355,7 @@ def test_assignment_is_validated():
 
 
 def test_recorder_seq_window_is_validated(tmp_path):
-    assert load_config(write(tmp_path, "")).recorder.seq_window == 10_000
+    assert load_config(write(tmp_path, MINIMAL)).recorder.seq_window == 10_000
     assert load_config(REPO / "config.toml").recorder.seq_window == 10_000
     assert load_config(write(tmp_path, "[recorder]\nseq_window = 50\n")).recorder.seq_window == 50
     with pytest.raises(

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,60 @@ def test_an_endpoint_in_use_is_refused_naming_the_key_before_anything(
     assert line.startswith(f"error: endpoints.stacks = {config.endpoints.stacks!r} cannot be bound")
     assert "another daemon" in line and "backend" not in out
     assert not (tmp_path / "run.ome.zarr").exists()  # nothing created
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("ipc://{tmp}/no-such-folder/frames", "its folder '{tmp}/no-such-folder' does not exist"),
+        ("ipc://{tmp}", "the path is a folder"),
+        ("ipc://{tmp}/" + "s" * 120, "bytes, over a Unix socket's 107"),
+        (
+            "tcp://no-such-host.invalid:6655",
+            "does not resolve and is no network interface of this machine",
+        ),
+        ("tcp://192.0.2.1:6655", "192.0.2.1 is not an address of this machine"),
+    ],
+)
+def test_an_endpoint_that_cannot_be_bound_is_refused_before_the_store_exists(
+    tmp_path: Path,
+    tiny_model_files,
+    capsys: pytest.CaptureFixture[str],
+    address: str,
+    why: str,
+) -> None:
+    """Review 87: these failed only at bind, after the store was made (left empty, the error
+    said twice); one line naming the key and why, and nothing created."""
+    from live.keys import make_keys
+
+    bad = address.format(tmp=tmp_path)
+    sections: dict[str, Any] = {"endpoints": {"frames": bad}}
+    if bad.startswith("tcp://"):  # beyond loopback: the config asks for CURVE keys first
+        keys = tmp_path / "keys"
+        make_keys(keys, ["client"])
+        sections["security"] = {
+            "curve": "required",
+            "server_key": str(keys / "server.key_secret"),
+            "client_keys": str(keys / "clients"),
+            "client_key": str(keys / "client.key_secret"),
+            "server_public_key": str(keys / "server.key"),
+        }
+    config = live_config(tmp_path, tiny_model_files["onnx"], **sections)
+    _, line = _refused(capsys, config, tmp_path / "run.ome.zarr")
+    assert line.startswith(f"error: endpoints.frames = {bad!r} cannot be bound: ")
+    assert line.endswith(why.format(tmp=tmp_path))
+    assert not (tmp_path / "run.ome.zarr").exists()
+
+
+def test_an_empty_model_file_is_named_as_empty(
+    tmp_path: Path, tiny_model_files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review 87: an empty .onnx parsed as an empty model and was sent to export metadata."""
+    empty = tmp_path / "deepz-volume.onnx"
+    empty.touch()
+    _, line = _refused(capsys, live_config(tmp_path, empty), tmp_path / "run.ome.zarr")
+    assert line.startswith(f"error: engine.model_path {empty}: the model cannot be loaded: ")
+    assert "the file is empty (0 bytes)" in line and "metadata" not in line
 
 
 def test_a_corrupt_model_is_one_line_and_exit_2(
@@ -178,7 +233,7 @@ def test_bad_command_line_numbers_are_one_line_and_exit_2(
     from live.run import main
 
     scope = tmp_path / "scope.toml"
-    scope.write_text("")  # the defaults: a valid config
+    scope.write_text('[source]\nkind = "simulated"\n')  # the defaults otherwise: valid
     assert main(["--scope", str(scope), *flags]) == EXIT_BAD_CONFIG
     assert capsys.readouterr().err.strip() == f"error: {message}"
 

@@ -122,11 +122,17 @@ def default_threads() -> int:
 
 
 def require_onnx(model_path: Path, backend: str) -> None:
-    """Raise `BackendError` unless `model_path` is an .onnx file (what `backend` runs)."""
+    """Raise `BackendError` unless `model_path` is a non-empty .onnx file (what `backend` runs).
+
+    An empty file parses as an empty ONNX model, whose error would send its user to export
+    metadata (review 87); a failed copy or a full disk is what made it.
+    """
     if model_path.suffix != ".onnx":
         raise BackendError(
             f"{model_path}: {backend} needs an .onnx model; export one with `python -m export onnx`"
         )
+    if model_path.is_file() and model_path.stat().st_size == 0:
+        raise BackendError(f"{model_path}: the file is empty (0 bytes): copy or export it again")
 
 
 def metadata_from_props(props: Mapping[str, str], source: str) -> ModelMetadata:
