@@ -200,9 +200,12 @@ def full_scale(stack: np.ndarray) -> float:
     return float(top)
 
 
-def saturated_mask(stack: np.ndarray) -> np.ndarray:
-    """Return (H, W) bool: where any plane of the (Z, H, W) camera `stack` is at full scale."""
-    top = full_scale(stack)
+def saturated_mask(stack: np.ndarray, top: float | None = None) -> np.ndarray:
+    """Return (H, W) bool: where any plane of the (Z, H, W) camera `stack` is at full scale.
+
+    `top` is `full_scale(stack)` when the caller has it already (it reads the whole stack).
+    """
+    top = full_scale(stack) if top is None else top
     mask = np.zeros(stack.shape[1:], dtype=bool)
     if np.isfinite(top):
         for plane in stack:  # plane by plane: no (Z, H, W) bool copy of a large stack

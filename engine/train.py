@@ -572,7 +572,8 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
             f"{path}: planes {data.shape[1]}x{data.shape[2]} are smaller than patch_size "
             f"{min_side_px}"
         )
-    clipped = saturated_mask(data)  # on the camera's counts, before any offset or shift
+    top = full_scale(data)  # on the camera's counts, before any offset or shift
+    clipped = saturated_mask(data, top)
     n_clipped = int(clipped.sum())
     stack = data.astype(np.float32)
     if not np.isfinite(stack).all():  # one NaN made every pixel NaN through the dark level
@@ -598,14 +599,14 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
     if n_clipped and min_side_px and origins.share == 0:
         raise ValueError(
             f"{path}: every {min_side_px} px patch holds a saturated pixel (at the camera's "
-            f"full scale {full_scale(data):g}); a stack needs unclipped regions to train on"
+            f"full scale {top:g}); a stack needs unclipped regions to train on"
         )
     if n_clipped:
         log.warning(
             "%s: %d pixels reach the camera's full scale (%g) in some plane; %s",
             path,
             n_clipped,
-            full_scale(data),
+            top,
             f"patches holding them are not drawn ({100 * origins.share:.0f} % of "
             f"{min_side_px} px patch positions left)"
             if min_side_px

@@ -1419,8 +1419,9 @@ def _check_endpoints_free(config: ScopeConfig) -> None:
     (typically a second daemon with the same config), an address that is not this machine's,
     or a host that neither resolves nor names a network interface (ZeroMQ binds to interface
     names too) becomes one `ConfigError` naming the key. An ipc endpoint needs its folder, must
-    not be a folder itself, and fits a Unix socket's 107 bytes. Found here, the store is never
-    created for a run that cannot start (review 87: an empty store and the error twice).
+    not be a folder itself, and fits a Unix socket's path (`_IPC_PATH_MAX`). Found here, the
+    store is never created for a run that cannot start (review 87: an empty store and the
+    error twice).
     """
     for name, address in config.endpoints.items():
         problem = _tcp_problem(address) if address.startswith("tcp://") else None
@@ -1460,14 +1461,10 @@ def _tcp_problem(address: str) -> str | None:
     return None
 
 
-_IPC_PATH_MAX_BYTES = 107
-"""A Unix socket's path limit (sun_path less its terminating zero) on Linux."""
-
-
 def _ipc_problem(path: Path) -> str | None:
     """Return why an ipc endpoint's socket file cannot be made at `path`, or None."""
-    if len(os.fsencode(path)) > _IPC_PATH_MAX_BYTES:
-        return f"the path is {len(os.fsencode(path))} bytes, over a Unix socket's 107"
+    if len(os.fsencode(path)) > _IPC_PATH_MAX:  # the OS counts bytes
+        return f"the path is {len(os.fsencode(path))} bytes, over a Unix socket's {_IPC_PATH_MAX}"
     if path.is_dir():
         return "the path is a folder"
     if not path.parent.is_dir():
