@@ -1,7 +1,12 @@
-"""What a lab's stack file records, checked before its planes are used: focus step, full scale.
+"""A lab's stack file: its planes, and what it records, checked before they are used.
 
 Focus-scanned stacks are trained on (`engine.train.read_lab_stack`, both trainers) and
-measured for a PSF bank (`engine.psf_calibration`); both readers check them here, once.
+measured for a PSF bank (`engine.psf_calibration`); both read them here (`read_stack`) and
+check them here, once.
+
+- **The planes.** `read_stack` reads .npy, TIFF (OME or ImageJ) and OME-Zarr / Zarr as one
+  (focus, height, width) array of numbers; anything else, or any reader's failure, is a
+  `LabFileError` naming the file and why, in one line.
 
 - **The focus step.** The stack is read at the step its config or command line gives; a wrong
   step teaches or measures the wrong defocus for every plane, unsaid. Where the file records its
@@ -11,7 +16,8 @@ measured for a PSF bank (`engine.psf_calibration`); both readers check them here
 - **The camera's full scale.** A clipped pixel is no measurement: a bead's peak at the
   camera's ceiling is a flat top, and trained on as a target it teaches that in-focus beads are
   flat. `full_scale` says where a stack clips (the dtype's maximum, or the lower full scale of a
-  12-bit camera stored as uint16), `saturated_mask` where it did.
+  12-bit camera stored as uint16, in the low bits or shifted into the top ones),
+  `saturated_mask` where it did.
 
 Standard library and NumPy only (TIFF and Zarr readers are imported when a file needs them).
 """
@@ -27,10 +33,12 @@ import numpy as np
 __all__ = [
     "FULL_SCALE_EVIDENCE_PX",
     "Z_STEP_REL_TOL",
+    "LabFileError",
     "focus_step_problem",
     "full_scale",
     "ngff_image",
     "ngff_level0_path",
+    "read_stack",
     "recorded_focus_step_um",
     "saturated_mask",
 ]
@@ -49,6 +57,56 @@ FULL_SCALE_EVIDENCE_PX = 3
 """Pixels that must sit exactly at an inferred 2**k - 1 full scale before it counts as one: a
 bright unclipped bead's single brightest pixel lands on 8191 about once in 5,000 stacks
 (review 86), a clipped bead's flat top holds several."""
+
+
+class LabFileError(ValueError):
+    """A stack file that cannot be read as (focus, height, width) numbers; one line says why."""
+
+
+def read_stack(path: Path) -> np.ndarray:
+    """Read a focus-scanned stack (Z, H, W) from .npy, .tif/.tiff or an OME-Zarr / Zarr array.
+
+    An OME-Zarr image gives its full-resolution level (`ngff_level0_path`). Axes of length 1
+    other than the last two (time, channel: Micro-Manager writes Z, C, Y, X) are dropped;
+    anything else that is not 3-D numbers is refused, naming the shape. The array keeps the
+    file's dtype: `full_scale` reads the camera's counts as they were written.
+    """
+    if not path.exists():
+        raise LabFileError(
+            f"{path}: no such stack file (expected .npy, .tif/.tiff or an OME-Zarr image)"
+        )
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            data = tifffile.imread(path)
+        else:
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Group):  # OME-Zarr image: its full-resolution level
+                node = node[ngff_level0_path(dict(node.attrs))]
+            if not isinstance(node, zarr.Array):
+                raise LabFileError(f"{path}: level 0 of the OME-Zarr image is not an array")
+            data = node[...]
+    except LabFileError:
+        raise
+    except Exception as exc:  # any reader's failure (format, codec, I/O) is one line for the user
+        raise LabFileError(f"{path}: cannot read a stack ({type(exc).__name__}: {exc})") from exc
+    data = np.asarray(data)
+    keep = tuple(n for i, n in enumerate(data.shape) if n != 1 or i >= data.ndim - 2)
+    if data.ndim != 3 or keep != data.shape:
+        data = data.reshape(keep)
+    if data.ndim != 3 or data.dtype.kind not in "iuf":
+        raise LabFileError(
+            f"{path}: a stack must be (focus, height, width) numbers, got "
+            f"{'x'.join(map(str, data.shape)) or 'a scalar'} {data.dtype}"
+        )
+    out: np.ndarray = data
+    return out
 
 
 def _unit_key(unit: Any) -> str:
@@ -187,17 +245,29 @@ def full_scale(stack: np.ndarray) -> float:
     The dtype's maximum, or a lower full scale the stack reaches exactly in at least
     `FULL_SCALE_EVIDENCE_PX` pixels: a 12-bit camera stored as uint16 clips at 4095 (2**k - 1
     for k of 8 to 15), which the dtype's 65535 never caught (review 85: 18 clipped beads kept,
-    the in-focus peak at half its value).
+    the in-focus peak at half its value); stored shifted into the top bits (every value a
+    multiple of 2**s, s of 1 to 8) it clips at 65536 - 2**s, 65520 for 12 bits.
     """
     if not np.issubdtype(stack.dtype, np.integer):
         return float("inf")
     top = int(np.iinfo(stack.dtype).max)
     reached = max(int(np.asarray(stack[k]).max()) for k in range(stack.shape[0]))
-    if 255 <= reached < top and (reached + 1) & reached == 0:  # 2**k - 1: a camera's scale?
+    if reached >= top or reached < 255:
+        return float(top)
+    low_bits = (reached + 1) & reached == 0  # 2**k - 1: a camera's scale in the low bits?
+    shift = top + 1 - reached  # 2**s: one shifted into the top bits?
+    high_bits = shift & (shift - 1) == 0 and shift <= 256 and _multiples_of(stack, shift)
+    if low_bits or high_bits:
         at = sum(int(np.count_nonzero(np.asarray(stack[k]) == reached)) for k in range(len(stack)))
         if at >= FULL_SCALE_EVIDENCE_PX:
             return float(reached)
     return float(top)
+
+
+def _multiples_of(stack: np.ndarray, step: int) -> bool:
+    """Return whether every value of the integer `stack` is a multiple of `step` (a power of 2)."""
+    mask = step - 1
+    return all(not np.any(np.asarray(plane) & mask) for plane in stack)
 
 
 def saturated_mask(stack: np.ndarray, top: float | None = None) -> np.ndarray:

@@ -75,7 +75,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from engine.files import atomic_save_npy, atomic_write_text, out_dir_problem
-from engine.lab_files import focus_step_problem, full_scale, ngff_level0_path
+from engine.lab_files import LabFileError, focus_step_problem, full_scale, read_stack
 
 if TYPE_CHECKING:
     from engine.heldout import IndependentOptics
@@ -90,7 +90,6 @@ __all__ = [
     "main",
     "measure_psf_bank",
     "plane_fwhm_um",
-    "read_stack",
     "slide_bank",
     "slide_bank_for",
 ]
@@ -192,47 +191,6 @@ def plane_fwhm_um(bank: np.ndarray, index: int, pixel_size_um: float) -> float:
 def in_focus_fwhm_um(bank: np.ndarray, pixel_size_um: float) -> float:
     """Lateral FWHM (µm) of a bank's in-focus plane (`plane_fwhm_um` at defocus 0)."""
     return plane_fwhm_um(bank, (bank.shape[0] - 1) // 2, pixel_size_um)
-
-
-def read_stack(path: Path) -> np.ndarray:
-    """Read a focus-scanned stack (F, H, W) from .npy, .tif/.tiff or an OME-Zarr / Zarr array.
-
-    Leading axes of length 1 (time, channel) are dropped; anything else that is not 3-D is
-    refused, naming the shape.
-    """
-    if not path.exists():
-        raise CalibrationError(f"{path}: no such stack")
-    try:
-        if path.suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
-        elif path.suffix in (".tif", ".tiff"):
-            import tifffile
-
-            data = tifffile.imread(path)
-        else:
-            import zarr
-
-            node = zarr.open(str(path), mode="r")
-            if isinstance(node, zarr.Group):  # OME-Zarr image: its full-resolution level
-                node = node[ngff_level0_path(dict(node.attrs))]
-            if not isinstance(node, zarr.Array):
-                raise CalibrationError(f"{path}: level 0 of the OME-Zarr image is not an array")
-            data = np.asarray(node[...])
-    except CalibrationError:
-        raise
-    except Exception as exc:  # any reader's failure (format, codec, I/O) is one line for the user
-        raise CalibrationError(
-            f"{path}: cannot read a stack ({type(exc).__name__}: {exc})"
-        ) from exc
-    data = np.asarray(data)
-    while data.ndim > 3 and data.shape[0] == 1:
-        data = data[0]
-    if data.ndim != 3 or data.dtype.kind not in "iuf":
-        raise CalibrationError(
-            f"{path}: a stack must be (focus, height, width) numbers, got {data.shape} {data.dtype}"
-        )
-    out: np.ndarray = data
-    return out
 
 
 def find_beads(stack: np.ndarray, side_px: int) -> tuple[list[tuple[int, int]], dict[str, int]]:
@@ -896,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reference=reference,
                 lateral=args.lateral,
             )
-    except CalibrationError as exc:
+    except (CalibrationError, LabFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

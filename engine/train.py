@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from engine.files import out_dir_problem
-from engine.lab_files import focus_step_problem, full_scale, ngff_level0_path, saturated_mask
+from engine.lab_files import focus_step_problem, full_scale, read_stack, saturated_mask
 from engine.losses import lsgan_d_loss, lsgan_g_loss, ms_ssim, ssim
 from engine.metadata import ModelMetadata, ModelMetadataError, normalize_images, weights_that_fit
 from engine.model import (
@@ -175,7 +175,10 @@ class CameraRange(_Base):
 class LabStackConfig(_Base):
     """A lab's own focus-scanned stack (TIFF or OME-Zarr), used beside simulated stacks."""
 
-    path: Path = Field(description="TIFF file or OME-Zarr group / array holding (Z, H, W).")
+    path: Path = Field(
+        description="TIFF, .npy, or OME-Zarr group / array holding (Z, H, W) (time and channel "
+        "axes of length 1 are dropped)."
+    )
     z_step_um: float = Field(
         description="Focus step between planes (µm): positive when the first plane is the "
         "shallowest, negative when the scan ran from deep to shallow (read in reverse)."
@@ -534,29 +537,19 @@ class LabPlanes(NamedTuple):
 
 
 def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
-    """Read a focus-scanned (Z, H, W) stack from TIFF or OME-Zarr: z_um, planes float32, crops.
+    """Read a focus-scanned (Z, H, W) stack as z_um, planes float32 and the crops allowed.
 
-    The planes are in camera counts minus the stack's 1st percentile (dark level), one offset
-    for all planes so the axial intensity profile is kept, and registered by phase correlation
-    when `register_planes`. z = 0 is the middle plane; the first plane is the shallowest.
+    The file is read by `engine.lab_files.read_stack` (.npy, TIFF or OME-Zarr). The planes
+    are in camera counts minus the stack's 1st percentile (dark level), one offset for all
+    planes so the axial intensity profile is kept, and registered by phase correlation when
+    `register_planes`. z = 0 is the middle plane; the first plane is the shallowest.
     Both trainers read lab stacks here, at load, so a stack they cannot use (not finite,
     planes smaller than `min_side_px`, the patch size, a focus step other than the one the file
     records, no patch free of saturated pixels) is refused before training starts. Patches
     of `min_side_px` are drawn only where no plane is at the camera's full scale (`origins`).
     """
     path = spec.path
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        data = np.asarray(tifffile.imread(path))
-    elif path.exists():
-        import zarr
-
-        node = zarr.open(str(path), mode="r")
-        arr = node[ngff_level0_path(dict(node.attrs))] if isinstance(node, zarr.Group) else node
-        data = np.asarray(arr[:])  # type: ignore[index]
-    else:
-        raise FileNotFoundError(f"{path}: lab stack not found (expected .tif/.tiff or OME-Zarr)")
+    data = read_stack(path)  # LabFileError (a ValueError) names an unreadable file
     problem = focus_step_problem(path, spec.z_step_um) if spec.check_file_step else None
     if problem is not None:
         raise ValueError(
@@ -564,9 +557,6 @@ def read_lab_stack(spec: LabStackConfig, min_side_px: int = 0) -> LabPlanes:
             "sign says the scan's direction), or check_file_step = false if its calibration "
             "is wrong"
         )
-    data = np.squeeze(data)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: lab stack must squeeze to (Z, H, W), got shape {data.shape}")
     if min(data.shape[1:]) < min_side_px:
         raise ValueError(
             f"{path}: planes {data.shape[1]}x{data.shape[2]} are smaller than patch_size "

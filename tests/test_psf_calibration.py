@@ -203,27 +203,6 @@ def test_a_12_bit_camera_a_hot_pixel_and_a_dim_neighbour_are_left_out() -> None:
     assert len(sites) == 3 and why["near another bead"] >= 1
 
 
-def test_read_stack_takes_npy_tiff_and_zarr_and_refuses_the_rest(tmp_path: Path) -> None:
-    import tifffile
-    import zarr
-
-    stack = np.arange(3 * 4 * 5, dtype=np.uint16).reshape(3, 4, 5)
-    np.save(tmp_path / "s.npy", stack[None, None])  # (t, c, z, y, x) with t = c = 1
-    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
-    zarr.create_array(str(tmp_path / "s.zarr"), data=stack)
-    for name in ("s.npy", "s.tif", "s.zarr"):
-        np.testing.assert_array_equal(C.read_stack(tmp_path / name), stack)
-    np.save(tmp_path / "flat.npy", stack[0])
-    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
-    for name, message in (
-        ("flat.npy", r"must be \(focus, height, width\)"),
-        ("junk.tif", "cannot read a stack"),
-        ("missing.npy", "no such stack"),
-    ):
-        with pytest.raises(C.CalibrationError, match=message):
-            C.read_stack(tmp_path / name)
-
-
 def test_beads_imaged_as_a_camera_images_them_give_the_bank_back_in_the_spline_convention() -> None:
     """Beads whose images are the bank moved to them by cubic-spline interpolation (a camera's
     pixels off a bead's centre, `engine.optics.spline_taps`): measured with ``lateral =

@@ -12,7 +12,7 @@ import tifffile
 import torch
 import zarr
 
-from engine.lab_files import recorded_focus_step_um
+from engine.lab_files import LabFileError, recorded_focus_step_um
 from engine.metadata import normalize_images
 from engine.model import load_model
 from engine.train import (
@@ -214,7 +214,7 @@ def test_lab_stack_from_tiff_and_zarr(tmp_path: Path) -> None:
     spec = LabStackConfig(path=tmp_path / "scan.ome.zarr", z_step_um=0.5, register_planes=False)
     s2 = load_lab_stack(spec, input_half_range_um=10.0)
     assert s2.inputs.shape == (7, 48, 48)
-    with pytest.raises(FileNotFoundError, match="lab stack"):
+    with pytest.raises(LabFileError, match="nope: no such stack file"):
         load_lab_stack(LabStackConfig(path=tmp_path / "nope", z_step_um=1), 1.0)
 
 
