@@ -538,7 +538,8 @@ class Daemon:
     def check(self) -> None:
         """Refuse a run the daemon cannot serve safely, before anything starts (idempotent).
 
-        Raises `ConfigError` with one line: an endpoint that uses CURVE (beyond loopback, or
+        Raises `ConfigError` with one line: an endpoint the daemon cannot bind
+        (`_check_endpoints_free`, first), an endpoint that uses CURVE (beyond loopback, or
         ``security.curve = "required"``) without keys or with unreadable ones, an output
         store that already exists or a folder that cannot take it (`_check_recording_folder`),
         ``--output`` with recording off, or a recording to replay that cannot be. Loads the CURVE
@@ -546,6 +547,8 @@ class Daemon:
         """
         if self._checked:
             return
+        # first: a mistyped host is told it does not resolve, not to make keys for it
+        _check_endpoints_free(self.config)
         self._keys = server_keys(self.config)
         if self.output is not None and not self.config.recorder.enabled:
             raise ConfigError(
@@ -559,7 +562,6 @@ class Daemon:
             )
         if self.store is not None:
             self._check_recording_folder(self.store.parent)
-        _check_endpoints_free(self.config)
         # the workers' ipc sockets live in a folder of the temp dir: too deep a TMPDIR would
         # fail their bind in start(), where the error would seem to be a configured endpoint's
         longest = f"{self._tmp.name}/frames-{self.n_workers - 1}"  # the longest ipc path
