@@ -29,6 +29,7 @@ from engine.runtime import (
     load_backend,
     make_profile,
     onnx_metadata,
+    plan_psf_beside,
     read_plan_info,
     select,
 )
@@ -537,6 +538,30 @@ def test_engine_cache_store_lookup_and_plan_info(
             read_plan_info(entry.plan)
 
 
+def test_a_cached_plan_alone_finds_its_volume_bank_beside_the_onnx_it_was_built_from(
+    tmp_path: Path, tiny_model_files: dict[str, object]
+) -> None:
+    """Review 75: a volume model loaded from its cached `.plan` alone looked for its PSF bank
+    beside the plan, in the engine cache, where there is none: the side file records the ONNX
+    and the bank beside it is the one (a bank copied beside the plan is taken first)."""
+    import shutil
+
+    shipped = Path("engine/weights/deepz-volume.onnx")
+    volume = onnx_metadata(shipped)
+    assert volume.volume is not None
+    cache = EngineCache(tmp_path / "engines")
+    entry = cache.store(_key(onnx_sha256=_sha256(shipped)), volume, b"plan bytes", shipped)
+    assert plan_psf_beside(entry.plan, volume) == shipped
+    assert (shipped.parent / volume.volume.psf_file).is_file()
+    per_plane = tiny_model_files["metadata"]
+    assert plan_psf_beside(entry.plan, per_plane) == entry.plan  # type: ignore[arg-type]
+    shutil.copy(shipped.parent / volume.volume.psf_file, entry.plan.parent)
+    assert plan_psf_beside(entry.plan, volume) == entry.plan
+    (entry.plan.parent / volume.volume.psf_file).unlink()
+    entry.plan.with_suffix(".json").write_text("not json")  # read_plan_info says so, not this
+    assert plan_psf_beside(entry.plan, volume) == entry.plan
+
+
 def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DEEPZ_ENGINE_CACHE", str(tmp_path / "x"))
     assert default_cache_dir() == tmp_path / "x"
@@ -617,3 +642,42 @@ def test_refocus_refuses_a_stack_dtype_it_would_truncate_into() -> None:
     with pytest.raises(ValueError, match="stacks are float16 or float32, not int16"):
         backend.refocus(frame, plan, dtype=np.int16)  # type: ignore[arg-type]
     assert backend.refocus(frame, plan, dtype=np.float16).dtype == np.float16
+
+
+def test_onnxruntime_gives_its_cuda_provider_the_device_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ "cuda:N" reaches ONNX Runtime as the provider's device_id (it ran on GPU 0 whatever N
+    said, review 75); a device it cannot name is refused in one line. The provider list is
+    what ONNX Runtime is handed; the session on a real GPU is `test_onnxruntime_runs_on_the_
+    cuda_device_named`."""
+    from engine.runtime import _onnxruntime
+
+    monkeypatch.setattr(
+        _onnxruntime.ort,
+        "get_available_providers",
+        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    cpu = "CPUExecutionProvider"
+    assert _onnxruntime._providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), cpu]
+    assert _onnxruntime._providers("cuda") == [("CUDAExecutionProvider", {"device_id": 0}), cpu]
+    assert _onnxruntime._providers(None) == [("CUDAExecutionProvider", {"device_id": 0}), cpu]
+    assert _onnxruntime._providers("cpu") == [cpu]
+    for bad in ("cuda:x", "gpu", "cuda:"):
+        with pytest.raises(BackendError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+            _onnxruntime._providers(bad)
+    monkeypatch.setattr(_onnxruntime.ort, "get_available_providers", lambda: [cpu])
+    with pytest.raises(BackendError, match="no CUDA provider here"):
+        _onnxruntime._providers("cuda:1")
+    assert _onnxruntime._providers(None) == [cpu]
+
+
+def test_onnxruntime_runs_on_the_cuda_device_named(tiny_model_files: dict[str, object]) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (onnxruntime-gpu not installed)")
+    backend = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], device="cuda:0")  # type: ignore[arg-type]
+    assert backend.device == "cuda:0 (CUDAExecutionProvider)"
+    x = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    assert np.isfinite(backend.infer(x, np.zeros_like(x))).all()

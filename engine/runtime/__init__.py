@@ -43,6 +43,7 @@ from engine.runtime._trt_cache import (
     ShapeProfile,
     default_cache_dir,
     make_profile,
+    plan_psf_beside,
     read_plan_info,
     serving_frame_shapes,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "load_backend",
     "make_profile",
     "onnx_metadata",
+    "plan_psf_beside",
     "read_plan_info",
     "select",
     "serving_frame_shapes",

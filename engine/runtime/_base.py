@@ -121,6 +121,15 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def cuda_index(device: str) -> int | None:
+    """Return the CUDA device index `device` names ("cuda" is 0, "cuda:N" is N), else None."""
+    if device == "cuda":
+        return 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return int(device[5:])
+    return None
+
+
 def require_onnx(model_path: Path, backend: str) -> None:
     """Raise `BackendError` unless `model_path` is a non-empty .onnx file (what `backend` runs).
 

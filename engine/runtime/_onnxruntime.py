@@ -19,6 +19,7 @@ from engine.runtime._base import (
     BaseBackend,
     check_io_shapes,
     check_onnx_weights,
+    cuda_index,
     default_threads,
     io_channels,
     metadata_from_props,
@@ -49,20 +50,25 @@ def session_options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def _providers(device: str | None) -> list[str]:
-    """Choose execution providers for `device` ("cpu", "cuda", "cuda:N"; None: best here)."""
+def _providers(device: str | None) -> list[str | tuple[str, dict[str, int]]]:
+    """Choose execution providers for `device` ("cpu", "cuda", "cuda:N"; None: best here).
+
+    A GPU provider is given the device's index (`device_id`): without it ONNX Runtime runs on
+    GPU 0 whatever "cuda:N" says.
+    """
     available = ort.get_available_providers()
-    if device is None or device.startswith("cuda"):
+    index = cuda_index(device) if device is not None else 0
+    if device is not None and device != "cpu" and index is None:
+        raise BackendError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if device != "cpu":
         gpu = [p for p in _GPU_PROVIDERS if p in available]
         if gpu:
-            return [*gpu, "CPUExecutionProvider"]
+            return [*((p, {"device_id": index or 0}) for p in gpu), "CPUExecutionProvider"]
         if device is not None:
             raise BackendError(
                 f"onnxruntime has no CUDA provider here (available: {available}); "
                 "install onnxruntime-gpu or use device='cpu'"
             )
-    elif device != "cpu":
-        raise BackendError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
     return ["CPUExecutionProvider"]
 
 
@@ -102,7 +108,8 @@ class OnnxRuntimeBackend(BaseBackend):
             )
         used = session.get_providers()[0]
         on_gpu = used in _GPU_PROVIDERS
-        self.device = f"cuda ({used})" if on_gpu else f"cpu ({threads} threads)"
+        self._gpu_index = int(session.get_provider_options()[used]["device_id"]) if on_gpu else 0
+        self.device = f"cuda:{self._gpu_index} ({used})" if on_gpu else f"cpu ({threads} threads)"
         self._on_gpu = on_gpu
         self._binding = session.io_binding()
         self._out_channels = io_channels(metadata)[1]
@@ -125,7 +132,7 @@ class OnnxRuntimeBackend(BaseBackend):
         binding = self._binding
         if self._on_gpu:
             binding.bind_cpu_input(self._input.name, x)
-            binding.bind_output(self._output.name, "cuda")
+            binding.bind_output(self._output.name, "cuda", self._gpu_index)
             self._session.run_with_iobinding(binding)
             out: np.ndarray = binding.copy_outputs_to_cpu()[0]
             return out

@@ -32,6 +32,7 @@ from engine.runtime._base import (
     _check_array,
     check_io_shapes,
     check_onnx_weights,
+    cuda_index,
     io_channels,
     onnx_metadata,
 )
@@ -43,7 +44,7 @@ from engine.runtime._trt_build import (
     gpu_name,
     native_handle,
 )
-from engine.runtime._trt_cache import read_plan_info, serving_frame_shapes
+from engine.runtime._trt_cache import plan_psf_beside, read_plan_info, serving_frame_shapes
 from engine.runtime._trt_planes import PlanesEngine
 from engine.volume import defocus_index
 
@@ -165,6 +166,7 @@ class TensorRTBackend(BaseBackend):
                 f"not {options.precision!r}"
             )
         rebuild: Callable[[bool], tuple[Path, bool]] | None = None  # for a cached plan
+        psf_beside = model_path
         if model_path.suffix == ".onnx":
             metadata = onnx_metadata(model_path)
             check_onnx_weights(model_path)  # as every CPU backend: not minutes of build first
@@ -195,10 +197,11 @@ class TensorRTBackend(BaseBackend):
             except (FileNotFoundError, ValueError, KeyError) as exc:
                 raise BackendError(f"{model_path}: cannot read engine metadata: {exc}") from exc
             plan_path = model_path
+            psf_beside = plan_psf_beside(model_path, metadata)  # beside the ONNX it came from
         else:
             raise BackendError(f"{model_path}: tensorrt needs an .onnx or a cached .plan")
         # the served plan sits in the engine cache; a volume model's PSF bank beside its ONNX
-        super().__init__(plan_path, metadata, options, psf_beside=model_path)
+        super().__init__(plan_path, metadata, options, psf_beside=psf_beside)
         # a volume model given as ONNX can also be built whole (network + render) per plan
         self._network_onnx = model_path if model_path.suffix == ".onnx" else None
         # whole-refocus engines per (frame shape, planes), the few most recently used, and
@@ -290,12 +293,8 @@ class TensorRTBackend(BaseBackend):
 
     def _select_device(self, device: str | None) -> int:
         """Make the CUDA device named by `device` ("cuda", "cuda:N", None) current."""
-        device = device or "cuda"
-        if device == "cuda":
-            index = 0
-        elif device.startswith("cuda:") and device[5:].isdigit():
-            index = int(device[5:])
-        else:
+        index = cuda_index(device or "cuda")
+        if index is None:
             raise BackendError(f"tensorrt runs on CUDA only, not device {device!r}")
         try:
             count = self._check(self._rt.cudaGetDeviceCount())

@@ -204,6 +204,24 @@ def read_plan_info(plan: str | Path) -> tuple[EngineKey, ModelMetadata]:
         ) from exc
 
 
+def plan_psf_beside(plan: str | Path, metadata: ModelMetadata) -> Path:
+    """Return the file beside which a cached plan's volume model keeps its PSF bank.
+
+    A plan in the engine cache has no bank beside it: the bank sits beside the ONNX the plan
+    was built from, which the side file records (`EngineCache.store`). A bank copied beside
+    the plan is taken first; the bank's own checks (`engine.volume.model_psf_bank`: its depth
+    grid, its sha256 where the model recorded it) still decide whether it is the model's.
+    """
+    plan = Path(plan)
+    if metadata.volume is None or (plan.parent / metadata.volume.psf_file).is_file():
+        return plan
+    try:
+        onnx = json.loads(plan.with_suffix(".json").read_text(encoding="utf-8"))["onnx"]
+    except (OSError, KeyError, TypeError, ValueError):  # read_plan_info has said what is wrong
+        return plan
+    return Path(onnx) if isinstance(onnx, str) else plan
+
+
 def _shape4(value: Any) -> tuple[int, int, int, int]:
     """Convert a JSON list of four ints into a shape tuple."""
     a, b, c, d = (int(v) for v in value)
