@@ -1505,7 +1505,8 @@ examples:
   python -m live.status_client --scope config.toml         a running daemon's status, each second
 
 exit codes: 0 done, 1 a part failed (the store says why), 2 refused at start (one line),
-3 --require-fit and the pre-flight says rate x planes does not fit.
+3 --require-fit and the pre-flight says rate x planes does not fit, 4 the run ended but its
+recording is incomplete (a full or failed disk; the summary and the store say why).
 """
 
 
