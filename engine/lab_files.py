@@ -66,16 +66,17 @@ class LabFileError(ValueError):
 def read_stack(path: Path) -> np.ndarray:
     """Read a focus-scanned stack (Z, H, W) from .npy, .tif/.tiff or an OME-Zarr / Zarr array.
 
-    An OME-Zarr image gives its full-resolution level (`ngff_level0_path`). Axes of length 1
-    other than the last two (time, channel: Micro-Manager writes Z, C, Y, X) are dropped;
-    anything else that is not 3-D numbers is refused, naming the shape. The array keeps the
-    file's dtype: `full_scale` reads the camera's counts as they were written.
+    An OME-Zarr image gives its full-resolution level (`ngff_level0_path`). A file of more than
+    three axes has its length-1 ones dropped (time, channel, a trailing sample axis:
+    Micro-Manager writes Z, C, Y, X); anything else that is not 3-D numbers of at least two
+    planes is refused, naming the file's shape. The array keeps the file's dtype: `full_scale`
+    reads the camera's counts as they were written.
     """
     if not path.exists():
-        raise LabFileError(
-            f"{path}: no such stack file (expected .npy, .tif/.tiff or an OME-Zarr image)"
-        )
+        raise LabFileError(f"{path}: no such stack file ({_READABLE})")
     suffix = path.suffix.lower()
+    if suffix not in (".npy", ".tif", ".tiff") and not path.is_dir():
+        raise LabFileError(f"{path}: not a stack file this reads ({_READABLE})")
     try:
         if suffix == ".npy":
             data = np.load(path, allow_pickle=False)
@@ -88,25 +89,42 @@ def read_stack(path: Path) -> np.ndarray:
 
             node = zarr.open(str(path), mode="r")
             if isinstance(node, zarr.Group):  # OME-Zarr image: its full-resolution level
-                node = node[ngff_level0_path(dict(node.attrs))]
+                level = ngff_level0_path(dict(node.attrs))
+                if ngff_image(dict(node.attrs)) is None and level not in node:
+                    raise LabFileError(f"{path}: a Zarr group holding no OME-Zarr image")
+                node = node[level]
             if not isinstance(node, zarr.Array):
                 raise LabFileError(f"{path}: level 0 of the OME-Zarr image is not an array")
             data = node[...]
     except LabFileError:
         raise
     except Exception as exc:  # any reader's failure (format, codec, I/O) is one line for the user
-        raise LabFileError(f"{path}: cannot read a stack ({type(exc).__name__}: {exc})") from exc
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise LabFileError(f"{path}: cannot read a stack ({why})") from exc
     data = np.asarray(data)
-    keep = tuple(n for i, n in enumerate(data.shape) if n != 1 or i >= data.ndim - 2)
-    if data.ndim != 3 or keep != data.shape:
-        data = data.reshape(keep)
+    shape = data.shape
+    if data.ndim > 3:
+        data = data.reshape(tuple(n for n in shape if n != 1))
     if data.ndim != 3 or data.dtype.kind not in "iuf":
         raise LabFileError(
             f"{path}: a stack must be (focus, height, width) numbers, got "
-            f"{'x'.join(map(str, data.shape)) or 'a scalar'} {data.dtype}"
+            f"{_shape_text(shape)} {data.dtype}"
+        )
+    if data.shape[0] < 2 or data.size == 0:
+        raise LabFileError(
+            f"{path}: a focus scan needs at least 2 planes of at least 1 pixel, got "
+            f"{_shape_text(shape)}"
         )
     out: np.ndarray = data
     return out
+
+
+_READABLE = "expected .npy, .tif/.tiff or an OME-Zarr folder"
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """Return a shape as "3x40x40" ("a scalar" for none)."""
+    return "x".join(map(str, shape)) or "a scalar"
 
 
 def _unit_key(unit: Any) -> str:
@@ -246,7 +264,8 @@ def full_scale(stack: np.ndarray) -> float:
     `FULL_SCALE_EVIDENCE_PX` pixels: a 12-bit camera stored as uint16 clips at 4095 (2**k - 1
     for k of 8 to 15), which the dtype's 65535 never caught (review 85: 18 clipped beads kept,
     the in-focus peak at half its value); stored shifted into the top bits (every value a
-    multiple of 2**s, s of 1 to 8) it clips at 65536 - 2**s, 65520 for 12 bits.
+    multiple of 2**s, s of 1 to 8) it clips at the dtype's maximum + 1 - 2**s, 65520 for 12
+    bits in uint16.
     """
     if not np.issubdtype(stack.dtype, np.integer):
         return float("inf")

@@ -19,22 +19,29 @@ def test_read_stack_takes_npy_tiff_and_zarr_and_refuses_the_rest(tmp_path: Path)
     np.save(tmp_path / "s.npy", stack[None, None])  # (t, c, z, y, x) with t = c = 1
     tifffile.imwrite(tmp_path / "s.TIF", stack, photometric="minisblack")  # suffix any case
     tifffile.imwrite(tmp_path / "zc.tif", stack[:, None], photometric="minisblack")  # Z, C, Y, X
+    tifffile.imwrite(tmp_path / "zyxs.tif", stack[..., None], photometric="minisblack")
     zarr.create_array(str(tmp_path / "s.zarr"), data=stack)
-    for name in ("s.npy", "s.TIF", "zc.tif", "s.zarr"):
+    for name in ("s.npy", "s.TIF", "zc.tif", "zyxs.tif", "s.zarr"):
         got = read_stack(tmp_path / name)
         np.testing.assert_array_equal(got, stack)
         assert got.dtype == np.uint16  # the camera's counts as written, for full_scale
     np.save(tmp_path / "flat.npy", stack[0])
     np.save(tmp_path / "one.npy", stack[:1])  # one plane is no focus scan
+    np.save(tmp_path / "empty.npy", stack[:, :0])
     np.save(tmp_path / "text.npy", np.array([["a"] * 5] * 4 * 3).reshape(3, 4, 5))
     (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    (tmp_path / "scan.nd2").write_bytes(b"a format this does not read")
     (tmp_path / "empty.zarr").mkdir()
+    zarr.open_group(str(tmp_path / "group.zarr"), mode="w").attrs["note"] = "no image here"
     for name, message in (
         ("flat.npy", r"must be \(focus, height, width\) numbers, got 4x5 uint16"),
-        ("one.npy", r"got 4x5 uint16"),
+        ("one.npy", r"at least 2 planes of at least 1 pixel, got 1x4x5"),
+        ("empty.npy", r"at least 2 planes of at least 1 pixel, got 3x0x5"),
         ("text.npy", r"got 3x4x5 <U1"),
         ("junk.tif", "cannot read a stack"),
+        ("scan.nd2", r"not a stack file this reads \(expected .npy"),
         ("empty.zarr", "cannot read a stack"),
+        ("group.zarr", "a Zarr group holding no OME-Zarr image"),
         ("missing.npy", "no such stack file"),
     ):
         with pytest.raises(LabFileError, match=message) as caught:

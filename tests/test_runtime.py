@@ -539,7 +539,7 @@ def test_engine_cache_store_lookup_and_plan_info(
 
 
 def test_a_cached_plan_alone_finds_its_volume_bank_beside_the_onnx_it_was_built_from(
-    tmp_path: Path, tiny_model_files: dict[str, object]
+    tmp_path: Path, tiny_model_files: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review 75: a volume model loaded from its cached `.plan` alone looked for its PSF bank
     beside the plan, in the engine cache, where there is none: the side file records the ONNX
@@ -551,7 +551,9 @@ def test_a_cached_plan_alone_finds_its_volume_bank_beside_the_onnx_it_was_built_
     assert volume.volume is not None
     cache = EngineCache(tmp_path / "engines")
     entry = cache.store(_key(onnx_sha256=_sha256(shipped)), volume, b"plan bytes", shipped)
-    assert plan_psf_beside(entry.plan, volume) == shipped
+    monkeypatch.chdir(tmp_path)  # the plan loaded from another folder than it was built in
+    assert plan_psf_beside(entry.plan, volume) == REPO / shipped
+    monkeypatch.chdir(REPO)
     assert (shipped.parent / volume.volume.psf_file).is_file()
     per_plane = tiny_model_files["metadata"]
     assert plan_psf_beside(entry.plan, per_plane) == entry.plan  # type: ignore[arg-type]
@@ -666,10 +668,29 @@ def test_onnxruntime_gives_its_cuda_provider_the_device_named(
     for bad in ("cuda:x", "gpu", "cuda:"):
         with pytest.raises(BackendError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
             _onnxruntime._providers(bad)
+    with pytest.raises(BackendError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+        _onnxruntime._providers("cuda:\u00b2")  # a digit to isdigit, not to int
     monkeypatch.setattr(_onnxruntime.ort, "get_available_providers", lambda: [cpu])
     with pytest.raises(BackendError, match="no CUDA provider here"):
         _onnxruntime._providers("cuda:1")
     assert _onnxruntime._providers(None) == [cpu]
+
+
+def test_onnxruntime_never_runs_a_named_cuda_device_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_files: dict[str, object]
+) -> None:
+    """Review 89: ONNX Runtime's own fallback went on on the CPU (a banner on stdout) when the
+    CUDA provider could not start, e.g. "cuda:1" past the GPUs present. Here the provider is
+    said to exist where it does not (this CPU build of ONNX Runtime skips it): a named device
+    is refused in one line, no device named runs on the CPU."""
+    from engine.runtime import _onnxruntime
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(_onnxruntime.ort, "get_available_providers", lambda: providers)
+    with pytest.raises(BackendError, match=r"'cuda:1' asked, the session runs on CPUExecution"):
+        load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"], device="cuda:1")  # type: ignore[arg-type]
+    backend = load_backend(tiny_model_files["onnx"], prefer=["onnxruntime"])  # type: ignore[arg-type]
+    assert backend.device.startswith("cpu")
 
 
 def test_onnxruntime_runs_on_the_cuda_device_named(tiny_model_files: dict[str, object]) -> None:

@@ -125,8 +125,9 @@ def cuda_index(device: str) -> int | None:
     """Return the CUDA device index `device` names ("cuda" is 0, "cuda:N" is N), else None."""
     if device == "cuda":
         return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
+    index = device[5:]
+    if device.startswith("cuda:") and index.isascii() and index.isdecimal():
+        return int(index)
     return None
 
 

@@ -72,6 +72,35 @@ def _providers(device: str | None) -> list[str | tuple[str, dict[str, int]]]:
     return ["CPUExecutionProvider"]
 
 
+def _session(
+    model_path: Path,
+    threads: int,
+    providers: list[str | tuple[str, dict[str, int]]],
+    device: str | None,
+) -> ort.InferenceSession:
+    """Start a session on `providers`; one `BackendError` line when it cannot start.
+
+    ONNX Runtime's own fallback is off: it prints to stdout and goes on on the CPU, so a
+    "cuda:1" past the GPUs present ran on the CPU unsaid. A named CUDA device that cannot start
+    is refused; with no device named, the CPU is taken instead, said as a warning.
+    """
+    try:  # ORT raises its own Fail/InvalidProtobuf/... types
+        return ort.InferenceSession(
+            str(model_path),
+            sess_options=session_options(threads),
+            providers=providers,
+            enable_fallback=0,
+        )
+    except Exception as exc:
+        why = " ".join(str(exc).split())
+        if len(providers) == 1:  # the CPU alone
+            raise BackendError(f"{model_path}: not a loadable ONNX model: {why}") from exc
+        if device is not None:
+            raise BackendError(f"onnxruntime cannot run on {device!r}: {why}") from exc
+        log.warning("onnxruntime: the CUDA provider did not start (%s); the CPU instead", why)
+        return _session(model_path, threads, ["CPUExecutionProvider"], None)
+
+
 class OnnxRuntimeBackend(BaseBackend):
     """Runs an exported Deep-Z ONNX model with ONNX Runtime; metadata comes from the file."""
 
@@ -81,13 +110,7 @@ class OnnxRuntimeBackend(BaseBackend):
     def __init__(self, model_path: Path, options: BackendOptions) -> None:
         require_onnx(model_path, self.name)
         threads = options.intra_op_threads or default_threads()
-        providers = _providers(options.device)
-        try:
-            session = ort.InferenceSession(
-                str(model_path), sess_options=session_options(threads), providers=providers
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
-            raise BackendError(f"{model_path}: not a loadable ONNX model: {exc}") from exc
+        session = _session(model_path, threads, _providers(options.device), options.device)
         check_onnx_weights(model_path)
         source = str(model_path)
         metadata = metadata_from_props(session.get_modelmeta().custom_metadata_map, source)
@@ -108,6 +131,8 @@ class OnnxRuntimeBackend(BaseBackend):
             )
         used = session.get_providers()[0]
         on_gpu = used in _GPU_PROVIDERS
+        if options.device not in (None, "cpu") and not on_gpu:  # never silently on the CPU
+            raise BackendError(f"onnxruntime: {options.device!r} asked, the session runs on {used}")
         self._gpu_index = int(session.get_provider_options()[used]["device_id"]) if on_gpu else 0
         self.device = f"cuda:{self._gpu_index} ({used})" if on_gpu else f"cpu ({threads} threads)"
         self._on_gpu = on_gpu

@@ -167,7 +167,9 @@ class EngineCache:
         # workers starting together build and store the same key: each write has its own
         # temporary; both are flushed to the disk (minutes of build survive a power loss)
         atomic_write_bytes(entry.plan, plan)
-        info = {"key": asdict(key), "onnx": str(onnx_path), "metadata": metadata.model_dump()}
+        # absolute: a plan loaded alone finds the ONNX's PSF bank from any folder
+        onnx = str(Path(onnx_path).resolve())
+        info = {"key": asdict(key), "onnx": onnx, "metadata": metadata.model_dump()}
         atomic_write_text(entry.info, json.dumps(info, indent=2) + "\n")
         return entry
 
@@ -219,7 +221,9 @@ def plan_psf_beside(plan: str | Path, metadata: ModelMetadata) -> Path:
         onnx = json.loads(plan.with_suffix(".json").read_text(encoding="utf-8"))["onnx"]
     except (OSError, KeyError, TypeError, ValueError):  # read_plan_info has said what is wrong
         return plan
-    return Path(onnx) if isinstance(onnx, str) else plan
+    if not isinstance(onnx, str) or not Path(onnx).is_absolute():  # before session 47: as given
+        return plan
+    return Path(onnx)
 
 
 def _shape4(value: Any) -> tuple[int, int, int, int]:
