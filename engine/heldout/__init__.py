@@ -71,6 +71,8 @@ Where each part lives:
   (`HeldoutCamera`), and how objects are drawn for each kind.
 - `engine.heldout.imaging`: rendering each object through its depth's PSF, and the samples and
   bead slides made so (`independent_sample`, `bead_slide`, `point_images`).
+- `engine.heldout.cache`: samples kept on disk once imaged (`cached_sample`), keyed by
+  everything they are made from, code included.
 - `engine.heldout.refocusers`: the refocusing functions the read-outs take (`PlanesFn`,
   `SurfaceFn`): the input, its background, a backend, the truth.
 - `engine.heldout.readouts`: object-level read-outs (bead depth and width, the tilted plane,
@@ -81,6 +83,7 @@ Where each part lives:
 
 from __future__ import annotations
 
+from engine.heldout.cache import cached_sample
 from engine.heldout.imaging import (
     BeadSlide,
     PsfModel,
@@ -199,6 +202,7 @@ __all__ = [
     "bead_snr",
     "by_distance",
     "by_snr",
+    "cached_sample",
     "independent_sample",
     "input_planes_fn",
     "input_surface_fn",
