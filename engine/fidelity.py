@@ -11,9 +11,11 @@ the independent sets, with the set's own PSF (the maximum-likelihood depth of a 
   mixed), the model's own PSF model: how well it learnt what it was taught;
 - **independent**: `engine.heldout` (vectorial PSF, depth-dependent aberration, spheres, beads
   and tilted bead planes, another camera): what the targets are judged on.
-- **pupil** (``--pupil``): the independent set's objects and camera imaged through a third PSF
+- **pupil** (``--pupil``): the independent set's kinds and camera imaged through a third PSF
   model, `engine.heldout`'s pupil-function PSF with the objective's own Zernike aberrations:
   independent still for a model that trained on psfmodels' vectorial PSF as well as the scalar.
+  Its samples are drawn on seeds of their own (`PUPIL_SEED_OFFSET`), so it is a second sample
+  of objects and noise, not the independent set's read twice.
 
 With ``--measured-psf --point-fit`` the independent sets also get a reference row, the point fit
 started at the true beads (`FIT_CEILING`): what a local fit of each frame reaches once the
@@ -119,6 +121,11 @@ SEED_SETS = {
     "sealed": (SEALED_SIMULATOR, SEALED_INDEPENDENT),
 }
 SampleSet = Literal["quick", "default", "large", "fresh", "sealed"]
+PUPIL_SEED_OFFSET = 1000
+"""The pupil set draws its samples on the independent set's seeds plus this (session 48), so
+its objects and noise are a second draw, not the independent set's imaged again: agreement
+between the two sets is then two samples. Until session 47 both sets imaged the same objects
+(figures from then compare two PSFs on one draw)."""
 BACKGROUND_ONLY = "frame's background only (no objects: the pixel targets' floor)"
 """`heldout.background_planes_fn` as a method: SSIM and PSNR say something about refocusing
 only where a method beats this row."""
@@ -608,7 +615,8 @@ def compare(
     model), "fresh" (the larger size on seeds development had not used until session 36; ship
     decisions since) or "sealed" (the larger size on seeds of its own: a shipped model's
     reported figures, see `SEED_SETS`).
-    `pupil` adds the "pupil" set: the independent seeds imaged through the pupil-function PSF
+    `pupil` adds the "pupil" set: the independent kinds on seeds of their own
+    (`PUPIL_SEED_OFFSET`) imaged through the pupil-function PSF
     (`heldout.IndependentOptics(psf_model="pupil")`). `measured_psf`
     adds each volume model (fp32) served through a PSF bank measured from a simulated bead
     slide of each independent set's optics (`_measured_psf_method`; not on the simulator set).
@@ -688,10 +696,11 @@ def compare(
         independent["pupil"] = ho.IndependentOptics(
             psf_model="pupil", point_render=point_render, point_depth=point_depth
         )
-    for name, optics in independent.items():  # the same samples through each PSF model
+    for name, optics in independent.items():
         set_optics[name] = optics
+        offset = PUPIL_SEED_OFFSET if name == "pupil" else 0  # a second draw, not the same one
         sets[name] = [
-            ho.cached_sample(sample_cache, kind, s, shape, optics=optics)  # type: ignore[arg-type]
+            ho.cached_sample(sample_cache, kind, s + offset, shape, optics=optics)  # type: ignore[arg-type]
             for kind, seeds in tqdm(ind_seeds.items(), desc=f"imaging {name}", unit="kind")
             for s in seeds
         ]
@@ -1340,7 +1349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--pupil",
         action="store_true",
-        help="add a third set: the independent seeds through the pupil-function PSF",
+        help="add a third set: the independent kinds, on seeds of their own, through the "
+        "pupil-function PSF",
     )
     p.add_argument(
         "--measured-psf",

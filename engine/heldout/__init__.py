@@ -11,10 +11,11 @@ How the set differs from the training simulator (`engine.optics`):
 * **PSF model.** psfmodels' *vectorial* model (Aguet et al. 2009) instead of the scalar
   Gibson-Lanni model, with its own best-focus search (a coarse scan of the on-axis intensity
   refined by Brent's method, instead of a fixed 0.1 / 0.01 µm grid search). With
-  ``IndependentOptics(psf_model="pupil")`` the same objects and camera are imaged through a
+  ``IndependentOptics(psf_model="pupil")`` the same kinds and camera are imaged through a
   third model, a scalar pupil-function PSF computed here by FFT with the objective's own
-  astigmatism, coma and spherical aberration (`engine.fidelity --pupil`): still independent
-  for a model trained on psfmodels' vectorial PSF as well as the scalar one.
+  astigmatism, coma and spherical aberration (`engine.fidelity --pupil`, on seeds of its
+  own): still independent for a model trained on psfmodels' vectorial PSF as well as the
+  scalar one.
 * **Depth-dependent aberration.** A source at depth z (µm, + deeper, relative to the frame's
   focal plane) sees the index-mismatch aberration of particle depth
   ``pz = base_depth_um + z`` (base 12 µm, so 2-22 µm over ±10 µm, quantised to 1 µm; the
