@@ -514,7 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "with body = true: its own head)",
     )
     g.add_argument("--psf", choices=("vectorial", "pupil"), default="vectorial")
-    g.add_argument("--seeds", type=int, nargs="+", default=[121, 122, 123, 124])
+    g.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[121, 122, 123, 124],
+        help="ganglion seeds (the fidelity --large report's vectorial set; its pupil set "
+        "draws seeds + 1000 since session 48)",
+    )
     g.add_argument("--density-model", type=Path, default=Path("engine/weights/deepz-volume.onnx"))
     g.add_argument("--out", type=Path, default=Path("runs/body-probe"))
     g.add_argument(

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import textwrap
 import time
 from collections.abc import Sequence
@@ -538,7 +539,12 @@ def summarise(
             nuclei = result.get("crowded_nuclei") or {}
             z = np.asarray(nuclei.get("z_true_um", []), dtype=np.float64)
             if z.shape != truth[psf].shape or not np.allclose(z, truth[psf]):
-                continue  # other nuclei than the fits': no row
+                print(  # other nuclei than the fits' (other seeds): no row, said
+                    f"note: {record_set} {name}: other nuclei than the {psf} fits' "
+                    f"({z.size} against {truth[psf].size}): no row",
+                    file=sys.stderr,
+                )
+                continue
             err = np.abs(np.asarray(nuclei["z_est_um"], dtype=np.float64) - z)
             rows.append(_row(f"{psf} frames: {name}", z, err, model=True))
     rows.sort(key=lambda r: -r["within_1um"])
@@ -602,7 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         nargs="+",
         default=[121, 122, 123, 124],
-        help="ganglion seeds (the fidelity report's: 121-122 by default, 121-124 with --large)",
+        help="ganglion seeds (the fidelity report's vectorial set: 121-122 by default, 121-124 "
+        "with --large; its pupil set draws seeds + 1000 since session 48: give those to pair "
+        "a pupil fit with a new report)",
     )
     parser.add_argument("--iterations", type=int, default=5000)
     parser.add_argument("--noise-free", action="store_true", help="fit the noise-free truth")

@@ -628,7 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="only this: the true beads of the larger independent set's tilted and bead "
         "samples, imaged as a camera does, as points split or spline-held through the set's "
-        "own PSF (camera_ceiling; the vectorial set, --pupil the pupil set)",
+        "own PSF (camera_ceiling; through the vectorial PSF, or with --pupil the pupil PSF, "
+        "on the larger set's seeds either way: not the fidelity report's pupil draw)",
     )
     args = parser.parse_args(argv)
     if args.samples < 1:

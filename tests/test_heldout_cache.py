@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from dataclasses import fields
 from pathlib import Path
 
@@ -91,3 +92,52 @@ def test_no_folder_means_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.chdir(tmp_path)
     _same(ho.independent_sample("beads", 4, SHAPE), ho.cached_sample(None, "beads", 4, SHAPE))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_file_holding_another_sample_is_imaged_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ho.cached_sample(tmp_path, "beads", 5, SHAPE)
+    ho.cached_sample(tmp_path, "beads", 6, SHAPE)
+    five, six = (next(tmp_path.glob(f"beads-{s}-*.npz")) for s in (5, 6))
+    five.write_bytes(six.read_bytes())  # a valid file, of the wrong sample
+    back = ho.cached_sample(tmp_path, "beads", 5, SHAPE)
+    assert "not beads 5" in capsys.readouterr().err
+    _same(ho.independent_sample("beads", 5, SHAPE), back)
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_sample(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    sample = ho.cached_sample(blocked / "cache", "beads", 5, SHAPE)
+    assert "not written" in capsys.readouterr().err
+    _same(ho.independent_sample("beads", 5, SHAPE), sample)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no temporary file left
+
+
+def test_a_bad_shape_is_refused_not_served_from_another_key(tmp_path: Path) -> None:
+    ho.cached_sample(tmp_path, "beads", 5, SHAPE)
+    with pytest.raises(ValueError, match="shape"):
+        ho.cached_sample(tmp_path, "beads", 5, (*SHAPE, 1))  # type: ignore[arg-type]
+
+
+def test_the_hashed_modules_are_all_the_imaging_code() -> None:
+    """The key hashes three files; were one of them to import another project module, an edit
+    there would change samples without changing their key."""
+    here = Path(cache_mod.__file__).parent
+    for name in cache_mod._IMAGING_MODULES:
+        tree = ast.parse((here / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            else:
+                continue
+            for module in modules:
+                if module.split(".")[0] in ("engine", "live", "export"):
+                    hashed = module.rsplit(".", 1)[-1] + ".py"
+                    assert module.startswith("engine.heldout."), f"{name} imports {module}"
+                    assert hashed in cache_mod._IMAGING_MODULES, f"{name} imports {module}"

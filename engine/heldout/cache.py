@@ -1,17 +1,19 @@
 """A disk cache of held-out samples, so a second judgement does not image the same sets again.
 
 Imaging the fresh or sealed sets through the pupil-function PSF with beads at their own depth
-(`engine.fidelity --fresh --pupil --own-depth-points`) takes about 25 of a judgement's 40
-minutes on 2 cores, and every candidate model is judged on exactly the same samples. A sample
-is a pure function of its kind, seed, frame shape, optics and camera, and of the code and
-libraries that image it; the cache key holds all of these, so a change to `engine.heldout`'s
-imaging code, or a new numpy, scipy or psfmodels, misses and images afresh rather than serving
-a stale sample.
+(`engine.fidelity --fresh --pupil --subpixel-points --own-depth-points`) took 33 of a
+judgement's 57 minutes on 2 cores in session 48, and every candidate model is judged on exactly
+the same samples. A sample is a pure function of its kind, seed, frame shape, optics and
+camera, and of the code and libraries that image it; the cache key holds all of these, so a
+change to `engine.heldout`'s imaging code, or a new numpy, scipy or psfmodels, misses and
+images afresh rather than serving a stale sample. (Not the machine: two CPUs may differ in the
+last bits of an FFT, which matters only if a folder is copied between machines.)
 
 Files are plain ``.npz`` (no pickle: `numpy.load(allow_pickle=False)`), written to a temporary
-name and renamed, so an interrupted run leaves no half file under the real name; a file that
-cannot be read back (truncated, from another layout) is imaged again and replaced, said on
-stderr.
+file and renamed, so an interrupted run leaves no half file under the real name; a file that
+cannot be read back, or holds another sample than its name says, is imaged again and
+replaced, said on stderr. A file that cannot be written is said and skipped: the cache never
+costs the judgement that imaged the sample.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import zipfile
 from dataclasses import astuple, fields
-from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
@@ -39,17 +41,18 @@ from engine.heldout.samples import (
     TiltedPlane,
 )
 
-_IMAGING_MODULES = ("imaging.py", "optics.py", "samples.py", "cache.py")
-"""The sources a sample depends on (this package's), hashed into every key."""
+_IMAGING_MODULES = ("imaging.py", "optics.py", "samples.py")
+"""The sources a sample depends on, hashed into every key: they import no other module of the
+project (`tests/test_heldout_cache.py` checks). This file is not among them: what it reads
+back is checked field by field against the dataclasses `samples.py` defines."""
 _LIBRARIES = ("numpy", "scipy", "psfmodels")
 """The libraries whose versions are in every key: their random streams and PSFs make samples."""
 _OPTIONAL = ("tilt", "dpm_um", "in_focus")
 """Fields of `IndependentSample` that only a "tilted" sample holds (None otherwise)."""
 
 
-@cache
-def code_fingerprint() -> str:
-    """Hash of the imaging code and library versions a sample is made with (hex, 16 digits)."""
+def _fingerprint() -> str:
+    """Hash the imaging code's files and the library versions (hex, 16 digits)."""
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in _IMAGING_MODULES:
@@ -58,6 +61,17 @@ def code_fingerprint() -> str:
     for lib in _LIBRARIES:
         h.update(f"{lib}=={metadata.version(lib)}".encode())
     return h.hexdigest()[:16]
+
+
+_FINGERPRINT = _fingerprint()
+"""Taken at import, just after the imaging modules were imported: the code in memory. (Taken
+at the first sample instead, an edit to those files during a long judgement would store the
+samples of the code in memory under the edited code's key, served as current ever after.)"""
+
+
+def code_fingerprint() -> str:
+    """Hash of the imaging code and library versions samples are made with (hex, 16 digits)."""
+    return _FINGERPRINT
 
 
 def sample_key(
@@ -97,7 +111,7 @@ def _pack(sample: IndependentSample) -> dict[str, np.ndarray]:
 
 
 def _unpack(arrays: dict[str, np.ndarray]) -> IndependentSample:
-    """Rebuild a sample from `_pack`'s arrays; KeyError or ValueError if one is missing."""
+    """Rebuild a sample from `_pack`'s arrays (KeyError, TypeError or ValueError if unfit)."""
     columns = {g.name: arrays[f"objects.{g.name}"] for g in fields(HeldoutObjects)}
     objects = HeldoutObjects(**columns)
     tilt = TiltedPlane(*(float(v) for v in arrays["tilt"])) if "tilt" in arrays else None
@@ -133,18 +147,53 @@ def cached_sample(
     """
     optics = optics or IndependentOptics()
     camera = camera or HeldoutCamera()
-    if folder is None:
+    if folder is None or len(shape) != 2:  # (a bad shape: `independent_sample` says so)
         return independent_sample(kind, seed, shape, optics=optics, camera=camera)
     path = folder / f"{kind}-{int(seed)}-{sample_key(kind, seed, shape, optics, camera)}.npz"
     if path.is_file():
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                return _unpack({name: npz[name] for name in npz.files})
+            return _read(path, kind, int(seed), (int(shape[0]), int(shape[1])))
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             print(f"note: held-out cache {path} unreadable ({exc}); imaging again", file=sys.stderr)
     sample = independent_sample(kind, seed, shape, optics=optics, camera=camera)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **cast(dict[str, Any], _pack(sample)))  # (mypy: a name could be a flag)
-    os.replace(tmp, path)  # atomic on one filesystem: a reader sees the whole file or none
+    _write(path, sample)
     return sample
+
+
+def _read(path: Path, kind: str, seed: int, shape: tuple[int, int]) -> IndependentSample:
+    """Read a cached sample back, checked to be the one asked for (ValueError if not)."""
+    with np.load(path, allow_pickle=False) as npz:
+        sample = _unpack({name: npz[name] for name in npz.files})
+    d = sample.dz_um.size
+    if (
+        sample.kind != kind
+        or sample.seed != seed
+        or sample.frame.shape != shape
+        or sample.planes.shape != (d, *shape)
+        or sample.background.shape != shape
+    ):
+        raise ValueError(
+            f"holds {sample.kind} {sample.seed} of {sample.frame.shape}, "
+            f"not {kind} {seed} of {shape}"
+        )
+    return sample
+
+
+def _write(path: Path, sample: IndependentSample) -> None:
+    """Write a sample whole under `path` or not at all; a failure is said, not raised.
+
+    A temporary file of its own in the same folder, renamed over `path` once written: a reader
+    sees the whole file or none, and two writers of one key each rename a whole file. A full
+    disk or a read-only folder costs the cache, not the judgement that imaged the sample.
+    """
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **cast(dict[str, Any], _pack(sample)))  # (mypy: a name could be a flag)
+        os.replace(tmp, path)
+    except OSError as exc:
+        print(f"note: held-out cache {path} not written ({exc}); going on", file=sys.stderr)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
