@@ -72,7 +72,7 @@ def test_the_key_holds_everything_a_sample_is_made_from() -> None:
 def test_the_key_changes_with_the_imaging_code(monkeypatch: pytest.MonkeyPatch) -> None:
     optics, camera = ho.IndependentOptics(), ho.HeldoutCamera()
     key = cache_mod.sample_key("beads", 1, SHAPE, optics, camera)
-    monkeypatch.setattr(cache_mod, "code_fingerprint", lambda: "0" * 16)
+    monkeypatch.setattr(cache_mod, "_FINGERPRINT", "0" * 16)
     assert cache_mod.sample_key("beads", 1, SHAPE, optics, camera) != key
 
 

@@ -69,11 +69,6 @@ at the first sample instead, an edit to those files during a long judgement woul
 samples of the code in memory under the edited code's key, served as current ever after.)"""
 
 
-def code_fingerprint() -> str:
-    """Hash of the imaging code and library versions samples are made with (hex, 16 digits)."""
-    return _FINGERPRINT
-
-
 def sample_key(
     kind: str,
     seed: int,
@@ -88,7 +83,7 @@ def sample_key(
         "shape": [int(shape[0]), int(shape[1])],
         "optics": repr(optics),  # frozen dataclasses: every field, in order
         "camera": repr(camera),
-        "code": code_fingerprint(),
+        "code": _FINGERPRINT,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
 
