@@ -1663,6 +1663,66 @@ def test_an_accumulated_step_averages_its_batches_gradients(tmp_path: Path, psf)
     assert float(single) == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_a_step_can_mix_crops_with_whole_frames_of_the_named_kinds(tmp_path: Path, psf):
+    """data.frame_batches = 1 (session 49): the step's last batch is whole frames of
+    data.frame_kinds only, rendered on their own FFT grid exactly as a renderer made for
+    their size renders them; the other batches stay crops. Bad settings are refused."""
+    torch = pytest.importorskip("torch", reason="training extra not installed")
+    from pydantic import ValidationError
+
+    from engine import train_volume as tv
+
+    base = _tiny_config(tmp_path)
+    data = base.data.model_dump() | {"frame_batches": 1, "frame_kinds": ["worm"]}
+    cfg = tv.VolumeTrainConfig.model_validate(
+        base.model_dump() | {"grad_accumulation": 2, "data": data}
+    )
+    beads = tv.Sample(cfg, 11, [1.0, 0.0, 0.0])
+    worm = tv.Sample(cfg, 12, [0.0, 1.0, 0.0])
+    assert (beads.kind, worm.kind) == ("beads", "worm")
+    rng = np.random.default_rng(0)
+    frames = tv.sample_batch(rng, [beads, worm], cfg, whole=True)
+    assert frames.inputs.shape == (cfg.data.frames_per_batch, 1, 64, 64)
+    for x in frames.inputs:  # a turned copy of the worm's frame, never the beads'
+        np.testing.assert_array_equal(np.sort(x.numpy(), None), np.sort(worm.inputs[0], None))
+    crops = tv.sample_batch(rng, [beads, worm], cfg)
+    assert crops.inputs.shape == (cfg.batch_size, 1, 32, 32)
+    # no sample of the frame kinds in the pool: a whole frame of what there is
+    assert tv.sample_batch(rng, [beads], cfg, whole=True).inputs.shape[-1] == 64
+
+    # one renderer serves both sizes, each as a renderer made for it would
+    dz = np.array([-3.0, 0.0, 4.5])
+    mixed = tv.TorchRenderer(psf, cfg.depth_um, 32, 15)
+    own = tv.TorchRenderer(psf, cfg.depth_um, 64, 15)
+    torch.testing.assert_close(mixed.render(frames.targets, dz), own.render(frames.targets, dz))
+    torch.testing.assert_close(mixed.light(frames.targets, dz), own.light(frames.targets, dz))
+
+    torch.manual_seed(0)
+    model = tv.build_volume_model(cfg)
+    values = tv.training_step(
+        cfg,
+        model,
+        tv.build_optimiser(cfg, model),
+        mixed,
+        [beads, worm],
+        3,
+        torch.device("cpu"),
+        False,
+    )
+    assert np.isfinite(float(values["loss"]))
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    for bad, words in (
+        ({"frame_batches": 3}, "more than the step's grad_accumulation"),
+        ({"frame_batches": 1, "frame_kinds": ["nuclei"]}, "not in data.kinds"),
+        ({"frame_batches": 1, "stack_shape": [64, 96]}, "square frames"),
+    ):
+        with pytest.raises(ValidationError, match=words):
+            tv.VolumeTrainConfig.model_validate(
+                base.model_dump() | {"grad_accumulation": 2, "data": data | bad}
+            )
+
+
 def test_validation_reads_the_same_frames_whatever_kinds_a_recipe_trains_on() -> None:
     """A recipe that adds a kind ("nuclei", recipe 43) or drops one validates on the frames
     every other recipe does (two of beads, a worm, worm and beads), so figures compare."""

@@ -61,6 +61,25 @@ class VolumeDataConfig(_Base):
         description="How the worm samples are drawn: nucleus sizes, the body's depth "
         "(`engine.optics.WormConfig`; default: the original worm).",
     )
+    frame_batches: int = Field(
+        0,
+        ge=0,
+        description="Of each step's grad_accumulation batches, this many (the last) are "
+        "whole simulated frames (data.stack_shape, frames_per_batch of them) of "
+        "data.frame_kinds instead of patch_size crops: the crops keep many beads in every "
+        "step, the whole frames show a worm's body with its edges and the dark beside it, "
+        "as served frames do (recipe 50 trained on whole frames alone and lost the tilted "
+        "plane). 0: crops only.",
+    )
+    frame_kinds: list[SampleKind] = Field(
+        ["worm", "mixed", "nuclei"],
+        min_length=1,
+        description="The kinds whole-frame batches are drawn from (each in data.kinds); a "
+        "pool that holds none of them at the time gives a whole frame of any kind.",
+    )
+    frames_per_batch: int = Field(
+        2, ge=1, description="Whole frames in each of the data.frame_batches batches."
+    )
     pool_size: int = Field(24, ge=1, description="Samples kept in memory.")
     refresh_every: int = Field(100, ge=1, description="Steps between pool refreshes.")
     refresh_count: int = Field(2, ge=0, description="Samples replaced per refresh.")
@@ -84,6 +103,18 @@ class VolumeDataConfig(_Base):
                 raise ValueError(f"data.{name} needs one weight per entry of data.kinds")
             if min(weights) < 0 or sum(weights) <= 0:
                 raise ValueError(f"data.{name} must be >= 0 with a positive sum, not {weights}")
+        if self.frame_batches:
+            missing = sorted(set(self.frame_kinds) - set(self.kinds))
+            if missing:
+                raise ValueError(
+                    f"data.frame_kinds {missing} are not in data.kinds {self.kinds}: no "
+                    "sample of them is ever drawn"
+                )
+            if self.stack_shape[0] != self.stack_shape[1]:
+                raise ValueError(
+                    f"data.frame_batches needs square frames (they are turned like patches), "
+                    f"not data.stack_shape {self.stack_shape}"
+                )
         if len(set(self.psf_models)) != len(self.psf_models):
             raise ValueError(f"data.psf_models lists a model twice: {self.psf_models}")
         if self.lab_every and not self.lab_stacks:
@@ -432,6 +463,16 @@ class VolumeTrainConfig(_Base):
             raise ValueError(
                 f"patch_size {self.patch_size} must be a multiple of {multiple} and fit "
                 f"data.stack_shape {self.data.stack_shape}"
+            )
+        if self.data.frame_batches > self.grad_accumulation:
+            raise ValueError(
+                f"data.frame_batches {self.data.frame_batches} is more than the step's "
+                f"grad_accumulation {self.grad_accumulation} batches"
+            )
+        if self.data.frame_batches and self.data.stack_shape[0] % multiple:
+            raise ValueError(
+                f"data.frame_batches trains on whole {self.data.stack_shape} frames: their "
+                f"side must be a multiple of {multiple}"
             )
         if self.loss.detection_weight > 0 and not self.detection:
             raise ValueError("loss.detection_weight > 0 needs detection = true (the head)")

@@ -232,16 +232,22 @@ def sample_batch(
     pool: Sequence[Sample],
     cfg: VolumeTrainConfig,
     device: torch.device | None = None,
+    whole: bool = False,
 ) -> VolumeBatch:
     """Draw a batch of patches, randomly cropped and turned, with their beads (`VolumeBatch`).
 
     Patches are cut and turned on `device` (default the CPU) from the samples' copies there;
-    the beads' rows stay small host arrays.
+    the beads' rows stay small host arrays. With `whole`, the batch is
+    ``data.frames_per_batch`` whole frames of ``data.frame_kinds`` (`frame_batches`).
     """
     dev = torch.device("cpu") if device is None else device
-    size = cfg.patch_size
+    size, count = cfg.patch_size, cfg.batch_size
+    if whole:
+        size, count = cfg.data.stack_shape[0], cfg.data.frames_per_batch
+        framed = [s for s in pool if s.kind in cfg.data.frame_kinds]
+        pool = framed or pool  # (none of those kinds in the pool now: a frame of any kind)
     xs, ys, points, bodies = [], [], [], []
-    for _ in range(cfg.batch_size):
+    for _ in range(count):
         s = pool[int(rng.integers(len(pool)))]
         inputs, targets = s.tensors(dev)
         glow = s.body_tensor(dev)

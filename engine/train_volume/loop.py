@@ -67,8 +67,12 @@ def batch_loss(
     labs: Sequence[LabStack],
     key: list[int],
     done: Callable[[str], None],
+    whole: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One batch of `training_step`: drawn with the seed `key`, run forward; its loss and parts."""
+    """One batch of `training_step`: drawn with the seed `key`, run forward; its loss and parts.
+
+    With `whole`, the batch is whole frames rather than crops (`data.frame_batches`).
+    """
     rng = np.random.default_rng(key)
     d = cfg.data
     if labs and step % d.lab_every == d.lab_every - 1:  # a lab stack: render loss only
@@ -81,7 +85,7 @@ def batch_loss(
         lab = lab_loss(renderer, pred.float(), frames, targets, dz)
         loss, parts = cfg.loss.render_weight * lab, {"lab": lab.detach()}
     else:
-        batch = sample_batch(rng, pool, cfg, device)
+        batch = sample_batch(rng, pool, cfg, device, whole=whole)
         x = batch.inputs.contiguous(memory_format=torch.channels_last)
         dz = render_depths(rng, cfg, batch.targets)
         done("batch")
@@ -121,7 +125,8 @@ def training_step(
 
     The one home of a training step, which `train` loops over and `benchmarks.train_step`
     times: a batch (from the pool, or every ``lab_every``-th step a lab stack's), the forward
-    pass, the loss, the backward pass — ``grad_accumulation`` times, the gradients averaged —
+    pass, the loss, the backward pass — ``grad_accumulation`` times (the last
+    ``data.frame_batches`` of them on whole frames), the gradients averaged —
     and the optimiser with its weight average. The values (the batches' means) come back on
     the device, unread ("loss" first): reading one waits for the GPU's queue.
     `mark`, where given, is called with each phase's name as it ends (``PHASES``).
@@ -136,7 +141,10 @@ def training_step(
     for part in range(cfg.grad_accumulation):
         # batch 0 keeps the seed a step had before accumulation existed: runs stay reproducible
         key = [cfg.seed, step] if part == 0 else [cfg.seed, step, part]
-        loss, parts = batch_loss(cfg, model, renderer, pool, step, device, bf16, labs, key, done)
+        whole = part >= cfg.grad_accumulation - cfg.data.frame_batches  # the last ones
+        loss, parts = batch_loss(
+            cfg, model, renderer, pool, step, device, bf16, labs, key, done, whole
+        )
         done("loss")
         (loss / cfg.grad_accumulation).backward()  # type: ignore[no-untyped-call]
         done("backward")

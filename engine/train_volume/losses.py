@@ -73,15 +73,29 @@ class TorchRenderer:
         if crop_px is not None and crop_px < psf.shape[-1]:
             c, r = psf.shape[-1] // 2, crop_px // 2
             psf = psf[:, c - r : c + r + 1, c - r : c + r + 1]
-        size = psf.shape[-1]
-        # the same grid rule as `Renderer`: one PSF radius of zeros after the patch
-        self.grid = scipy.fft.next_fast_len(patch + size // 2, real=True)
-        emb = torch.zeros(psf.shape[0], self.grid, self.grid)
-        emb[:, :size, :size] = torch.from_numpy(psf)
-        emb = torch.roll(emb, (-(size // 2), -(size // 2)), dims=(1, 2))
-        self.otf = torch.fft.rfft2(emb).to(device)
+        self._psf = torch.from_numpy(np.ascontiguousarray(psf, dtype=np.float32))
+        self._device = torch.device(device)
         self.depth_um = depth_um
+        # one OTF per FFT grid: a run whose steps mix patches and whole frames
+        # (`data.frame_batches`) renders each on the smallest grid that holds it
+        self._otfs: dict[int, torch.Tensor] = {}
         self._crop_light: dict[tuple[int, int], torch.Tensor] = {}
+        self._otf(self._grid(patch, patch))  # made now: the size every step renders
+
+    def _grid(self, h: int, w: int) -> int:
+        """Return the FFT grid side for an (h, w) patch: the same rule as `Renderer`'s."""
+        return int(scipy.fft.next_fast_len(max(h, w) + self._psf.shape[-1] // 2, real=True))
+
+    def _otf(self, grid: int) -> torch.Tensor:
+        """Return the bank's OTFs on a `grid`² grid (made once per grid, on the device)."""
+        otf = self._otfs.get(grid)
+        if otf is None:
+            size = self._psf.shape[-1]
+            emb = torch.zeros(self._psf.shape[0], grid, grid)
+            emb[:, :size, :size] = self._psf
+            emb = torch.roll(emb, (-(size // 2), -(size // 2)), dims=(1, 2))
+            otf = self._otfs[grid] = torch.fft.rfft2(emb).to(self._device)
+        return otf
 
     def light(self, objects: torch.Tensor, dz_um: np.ndarray) -> torch.Tensor:
         """Mean (N, K) of the planes `render` would return, without rendering them.
@@ -94,12 +108,12 @@ class TorchRenderer:
         h, w = objects.shape[-2:]
         maps = self._crop_light.get((h, w))
         if maps is None:
-            inside = torch.zeros(self.grid, self.grid, device=self.otf.device)
+            g = self._grid(h, w)
+            otf = self._otf(g)
+            inside = torch.zeros(g, g, device=otf.device)
             inside[:h, :w] = 1.0
-            corr = torch.fft.irfft2(
-                torch.fft.rfft2(inside) * self.otf.conj(), s=(self.grid, self.grid)
-            )
-            maps = self._crop_light[(h, w)] = corr[:, :h, :w].reshape(len(self.otf), -1)
+            corr = torch.fft.irfft2(torch.fft.rfft2(inside) * otf.conj(), s=(g, g))
+            maps = self._crop_light[(h, w)] = corr[:, :h, :w].reshape(len(otf), -1)
         j = torch.from_numpy(defocus_index(dz_um, self.depth_um)).to(maps.device)
         flat = objects.float().reshape(*objects.shape[:2], -1)
         total = torch.einsum("ndx,kdx->nk", flat, maps[j])
@@ -108,15 +122,16 @@ class TorchRenderer:
     def render(self, objects: torch.Tensor, dz_um: np.ndarray) -> torch.Tensor:
         """Planes (N, K, P, P) at defocus `dz_um` from (N, D, P, P) densities."""
         h, w = objects.shape[-2:]
-        g = self.grid
+        g = self._grid(h, w)
+        otf = self._otf(g)
         # rfft2 of the zero-padded patch, without padding it: along x with n = g (the
         # zeros are implicit), then along y over the patch's rows padded to g
         dense = objects.float().contiguous()  # FFTs on channels-last rows run ~3x slower
         spec = torch.fft.fft(torch.fft.rfft(dense, n=g, dim=-1), n=g, dim=-2)
-        j = torch.from_numpy(defocus_index(dz_um, self.depth_um)).to(self.otf.device)
+        j = torch.from_numpy(defocus_index(dz_um, self.depth_um)).to(otf.device)
         # plane k = sum over depths d of spec[d] · OTF[j[k, d]], as elementwise products: an
         # einsum here runs as one tiny complex matmul per frequency, 5x slower with its copies
-        out = torch.stack([(spec * self.otf[jk]).sum(dim=1) for jk in j], 1)
+        out = torch.stack([(spec * otf[jk]).sum(dim=1) for jk in j], 1)
         # irfft2, keeping only the patch: back along y, drop the rows beyond it, then along x
         rows = torch.fft.ifft(out, dim=-2)[..., :h, :]
         img: torch.Tensor = torch.fft.irfft(rows, n=g, dim=-1)
