@@ -113,6 +113,8 @@ def run(
                 "batch_size": cfg.batch_size,
                 "grad_accumulation": cfg.grad_accumulation,
                 "patch_size": cfg.patch_size,
+                "frame_batches": cfg.data.frame_batches,
+                "frames_per_batch": cfg.data.frames_per_batch,
                 "threads": threads,
                 "steps": steps,
                 "ms": ms,

@@ -1663,7 +1663,9 @@ def test_an_accumulated_step_averages_its_batches_gradients(tmp_path: Path, psf)
     assert float(single) == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_a_step_can_mix_crops_with_whole_frames_of_the_named_kinds(tmp_path: Path, psf):
+def test_a_step_can_mix_crops_with_whole_frames_of_the_named_kinds(
+    tmp_path: Path, psf, monkeypatch: pytest.MonkeyPatch
+):
     """data.frame_batches = 1 (session 49): the step's last batch is whole frames of
     data.frame_kinds only, rendered on their own FFT grid exactly as a renderer made for
     their size renders them; the other batches stay crops. Bad settings are refused."""
@@ -1697,25 +1699,42 @@ def test_a_step_can_mix_crops_with_whole_frames_of_the_named_kinds(tmp_path: Pat
     torch.testing.assert_close(mixed.render(frames.targets, dz), own.render(frames.targets, dz))
     torch.testing.assert_close(mixed.light(frames.targets, dz), own.light(frames.targets, dz))
 
-    torch.manual_seed(0)
-    model = tv.build_volume_model(cfg)
-    values = tv.training_step(
-        cfg,
-        model,
-        tv.build_optimiser(cfg, model),
-        mixed,
-        [beads, worm],
-        3,
-        torch.device("cpu"),
-        False,
-    )
-    assert np.isfinite(float(values["loss"]))
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    from engine.train_volume import loop
+
+    asked: list[bool] = []
+
+    def noted(*args, whole=False, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(whole)
+        return tv.sample_batch(*args, whole=whole, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_batch", noted)
+    dev = torch.device("cpu")
+    for run, expected in (
+        (cfg, [False, True]),
+        (base.model_copy(update={"grad_accumulation": 2}), [False, False]),
+    ):
+        asked.clear()
+        torch.manual_seed(0)
+        model = tv.build_volume_model(run)
+        opt = tv.build_optimiser(run, model)
+        values = tv.training_step(run, model, opt, mixed, [beads, worm], 3, dev, False)
+        assert asked == expected  # the step's last batch is the whole frames
+        assert np.isfinite(float(values["loss"]))
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
     for bad, words in (
         ({"frame_batches": 3}, "more than the step's grad_accumulation"),
         ({"frame_batches": 1, "frame_kinds": ["nuclei"]}, "not in data.kinds"),
         ({"frame_batches": 1, "stack_shape": [64, 96]}, "square frames"),
+        ({"frame_batches": 1, "stack_shape": [66, 66]}, "multiple of"),
+        (
+            {
+                "frame_batches": 1,
+                "kind_weights": [1.0, 0.0, 1.0],
+                "start_kind_weights": [1.0, 0.0, 1.0],
+            },
+            "no weight",
+        ),
     ):
         with pytest.raises(ValidationError, match=words):
             tv.VolumeTrainConfig.model_validate(

@@ -69,7 +69,7 @@ class VolumeDataConfig(_Base):
         "data.frame_kinds instead of patch_size crops: the crops keep many beads in every "
         "step, the whole frames show a worm's body with its edges and the dark beside it, "
         "as served frames do (recipe 50 trained on whole frames alone and lost the tilted "
-        "plane). 0: crops only.",
+        "plane). 0: crops only. A lab step (data.lab_every) is lab crops throughout.",
     )
     frame_kinds: list[SampleKind] = Field(
         ["worm", "mixed", "nuclei"],
@@ -109,6 +109,15 @@ class VolumeDataConfig(_Base):
                 raise ValueError(
                     f"data.frame_kinds {missing} are not in data.kinds {self.kinds}: no "
                     "sample of them is ever drawn"
+                )
+            drawn = [
+                sum(w for k, w in zip(self.kinds, weights, strict=True) if k in self.frame_kinds)
+                for weights in (self.kind_weights, self.start_kind_weights)
+            ]
+            if max(drawn) <= 0:
+                raise ValueError(
+                    f"data.frame_kinds {self.frame_kinds} have no weight in data.kind_weights "
+                    "or start_kind_weights: no sample of them is ever drawn"
                 )
             if self.stack_shape[0] != self.stack_shape[1]:
                 raise ValueError(

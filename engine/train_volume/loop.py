@@ -126,7 +126,8 @@ def training_step(
     The one home of a training step, which `train` loops over and `benchmarks.train_step`
     times: a batch (from the pool, or every ``lab_every``-th step a lab stack's), the forward
     pass, the loss, the backward pass — ``grad_accumulation`` times (the last
-    ``data.frame_batches`` of them on whole frames), the gradients averaged —
+    ``data.frame_batches`` of them on whole frames; a lab step's are all lab crops), the
+    gradients averaged —
     and the optimiser with its weight average. The values (the batches' means) come back on
     the device, unread ("loss" first): reading one waits for the GPU's queue.
     `mark`, where given, is called with each phase's name as it ends (``PHASES``).

@@ -56,7 +56,10 @@ class TorchRenderer:
     same way. As in `Renderer`, the patch sits at the FFT grid's origin with one PSF radius of
     zeros after it (light spread past an edge wraps into those zeros, never onto the patch), so
     a 128 px patch with a 63 px PSF needs a 160 px grid, not 192 with a margin on both sides.
-    The zero rows are not transformed, nor are rows outside the patch transformed back. The
+    The zero rows are not transformed, nor are rows outside the patch transformed back. Each
+    patch size gets its own grid by that rule, its OTFs made on first use (`patch`, the size
+    every step renders, has them made at once): one renderer serves steps that mix crops with
+    whole frames (`data.frame_batches`). The
     render term was half of a training step (128² patches, batch 8, 2 threads on an AMX Xeon:
     337 of 631 ms); with this layout, elementwise products instead of an einsum, dense input
     and the truth's light from `light`, a step takes 349 ms, same loss values.
@@ -73,7 +76,8 @@ class TorchRenderer:
         if crop_px is not None and crop_px < psf.shape[-1]:
             c, r = psf.shape[-1] // 2, crop_px // 2
             psf = psf[:, c - r : c + r + 1, c - r : c + r + 1]
-        self._psf = torch.from_numpy(np.ascontiguousarray(psf, dtype=np.float32))
+        # a copy: OTFs made later must not see a caller's later change to its bank
+        self._psf = torch.from_numpy(np.array(psf, dtype=np.float32, copy=True))
         self._device = torch.device(device)
         self.depth_um = depth_um
         # one OTF per FFT grid: a run whose steps mix patches and whole frames
@@ -83,8 +87,13 @@ class TorchRenderer:
         self._otf(self._grid(patch, patch))  # made now: the size every step renders
 
     def _grid(self, h: int, w: int) -> int:
-        """Return the FFT grid side for an (h, w) patch: the same rule as `Renderer`'s."""
-        return int(scipy.fft.next_fast_len(max(h, w) + self._psf.shape[-1] // 2, real=True))
+        """Return the FFT grid side for an (h, w) patch: the same rule as `Renderer`'s.
+
+        One PSF radius of zeros after the patch, and at least the PSF's size (which a patch
+        smaller than a PSF radius needs).
+        """
+        size = self._psf.shape[-1]
+        return int(scipy.fft.next_fast_len(max(max(h, w) + size // 2, size), real=True))
 
     def _otf(self, grid: int) -> torch.Tensor:
         """Return the bank's OTFs on a `grid`² grid (made once per grid, on the device)."""
