@@ -1735,6 +1735,12 @@ def test_a_step_can_mix_crops_with_whole_frames_of_the_named_kinds(
             },
             "no weight",
         ),
+        # whole frames described but none asked for: refused, not trained without them
+        ({"frame_batches": 0}, r"data\.frame_kinds set but data\.frame_batches is 0"),
+        (
+            {"frame_batches": 0, "frame_kinds": ["worm", "mixed", "nuclei"], "frames_per_batch": 4},
+            r"data\.frames_per_batch set but",
+        ),
     ):
         with pytest.raises(ValidationError, match=words):
             tv.VolumeTrainConfig.model_validate(

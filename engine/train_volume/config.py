@@ -124,6 +124,19 @@ class VolumeDataConfig(_Base):
                     f"data.frame_batches needs square frames (they are turned like patches), "
                     f"not data.stack_shape {self.stack_shape}"
                 )
+        elif unused := [
+            name
+            for name in ("frame_kinds", "frames_per_batch")
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]:
+            # Changed, unused, like lab_stacks without lab_every below: a recipe that changes
+            # them means whole frames, so saying nothing would train another recipe. Compared
+            # with the defaults, not model_fields_set, so a dumped config validates again.
+            raise ValueError(
+                f"data.{' and data.'.join(unused)} set but data.frame_batches is 0, so no "
+                "whole frame would be trained on: set data.frame_batches (how many of the "
+                "step's batches are whole frames) or remove them"
+            )
         if len(set(self.psf_models)) != len(self.psf_models):
             raise ValueError(f"data.psf_models lists a model twice: {self.psf_models}")
         if self.lab_every and not self.lab_stacks:
