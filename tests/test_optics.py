@@ -370,6 +370,36 @@ def test_isolated_nuclei_are_1_to_4_um_spread_over_the_range_apart_and_bodiless(
         assert p.objects_counts.sum() > 0
 
 
+def test_surface_beads_lie_on_one_tilted_curved_layer_within_the_range():
+    """The "surface" sample (the tilted and curved DPMs' case: a layer the stage holds tilted,
+    a field curved by the optics): every bead on one paraboloid, z = a + b·x + c·y + d·r²,
+    clipped to ±10 µm; 40-120 beads in the frame; frames of different seeds tilt differently."""
+    from engine.optics import simulate_volume_pair
+
+    depth = np.arange(-10, 10.01, 0.5)
+    pairs = [
+        simulate_volume_pair("surface", shape=(128, 128), depth_um=depth, seed=s) for s in range(4)
+    ]
+    tilts = []
+    for p in pairs:
+        o = p.objects
+        assert set(o.kind) == {"bead"}
+        assert np.all(np.abs(o.z_um) <= 10.0)
+        free = np.abs(o.z_um) < 10.0  # the clipped ones sit at ±10 µm, off the paraboloid
+        xc = yc = 127 * 0.3 / 2
+        x, y = o.x_um[free] - xc, o.y_um[free] - yc
+        design = np.column_stack([np.ones_like(x), x, y, x**2 + y**2])
+        coef, *_ = np.linalg.lstsq(design, o.z_um[free], rcond=None)
+        assert np.abs(design @ coef - o.z_um[free]).max() < 1e-6
+        tilts.append(coef[1:3])
+        side_um = 127 * 0.3
+        inside = (o.x_um >= 0) & (o.x_um <= side_um) & (o.y_um >= 0) & (o.y_um <= side_um)
+        assert 20 <= inside.sum() <= 150  # 40-120 expected, drawn uniformly over the extent
+        assert p.objects_counts.sum() > 0
+    spans = [float(np.hypot(*t)) * 127 * 0.3 for t in tilts]
+    assert max(spans) > 2.0 and len({round(s, 3) for s in spans}) == len(spans)
+
+
 def test_the_body_glow_is_imaged_apart_and_leaves_the_pair_unchanged():
     """`simulate_volume_pair(body_glow=True)` (session 28: what a model must tell from the
     nuclei's light): the worm body's diffuse glow alone in each frame, a part of the frame's

@@ -43,8 +43,11 @@ How the set differs from the training simulator (`engine.optics`):
   spheres of 1-4 µm, uniform depth in ±10 µm, 0.3 µm apart) drawn after these "spheres" were
   looked at, with nearly their statistics (review 83). The isolated-nuclei figures of models
   trained on it (recipes 44, 47 and later) are therefore in-distribution for the sample
-  statistics: only the PSF, the camera and the image formation differ there. "ganglion"
-  (crowded nuclei in a body) and "tilted" keep statistics no training kind copies.
+  statistics: only the PSF, the camera and the image formation differ there. Likewise a
+  model trained with the "surface" kind (recipe 55 on: beads on one tilted, curved layer, 40-120
+  a frame, 2-16 µm of tilt and ±3 µm of sag) has met beads on one layer, so its "tilted"
+  figures share that statistic (a flat plane here, brightness over 5x, other PSFs and camera).
+  "ganglion" (crowded nuclei in a body) keeps statistics no training kind copies.
 * **Camera and background.** Poisson shot noise plus Gaussian read noise (2.0 e⁻) at gain
   0.8 counts/e⁻ and offset 400 counts, a per-pixel offset pattern, and a weak smooth
   non-uniform background (8-16 e⁻ with a gradient and a broad blob), unlike the training

@@ -10,9 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SampleKind = Literal["worm", "beads", "mixed", "nuclei"]
+SampleKind = Literal["worm", "beads", "mixed", "nuclei", "surface"]
 """What a simulated sample holds: a worm's head ("worm"), beads spread over ±10 µm ("beads"),
-both ("mixed"), or isolated nuclei of 1-4 µm spread over ±10 µm, no body ("nuclei")."""
+both ("mixed"), isolated nuclei of 1-4 µm spread over ±10 µm, no body ("nuclei"), or beads on
+one tilted, curved surface, as on a coverslip the stage does not hold level ("surface")."""
 
 
 class OpticsConfig(BaseModel):

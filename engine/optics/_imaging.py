@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 import scipy.fft
@@ -27,6 +28,7 @@ from engine.optics._samples import (
     is_point,
     isolated_nuclei,
     rasterize,
+    surface_beads,
     worm_body,
     worm_nuclei,
 )
@@ -312,8 +314,9 @@ def make_sample(
     density holds everything; `body` is the worm body's diffuse part of it alone (None
     without a body), for those who image the body apart (`simulate_volume_pair`).
     """
-    if sample not in ("worm", "beads", "mixed", "nuclei"):
-        raise ValueError(f"sample must be 'worm', 'beads', 'mixed' or 'nuclei', not {sample!r}")
+    if sample not in get_args(SampleKind):
+        kinds = ", ".join(repr(k) for k in get_args(SampleKind))
+        raise ValueError(f"sample must be one of {kinds}, not {sample!r}")
     px = optics.pixel_size_um
     frame = Extent(0.0, (shape[1] - 1) * px, 0.0, (shape[0] - 1) * px)
     grid = grid_for_frame(shape, px, np.zeros(1))
@@ -328,6 +331,8 @@ def make_sample(
         tables.append(beads(rng, extent, frame, camera))
     if sample == "nuclei":
         tables.append(isolated_nuclei(rng, extent, frame, camera, px))
+    if sample == "surface":
+        tables.append(surface_beads(rng, extent, frame, camera))
     objects = ObjectTable.concat(*tables)
     top = objects.z_um - objects.semi_axes_um[:, 2]
     bottom = objects.z_um + objects.semi_axes_um[:, 2]

@@ -246,6 +246,55 @@ def beads(
     )
 
 
+SURFACE_BEADS_PER_FRAME = (40, 120)
+"""Range of the beads a "surface" sample holds, drawn uniformly: denser than "beads", since all
+of them share one layer."""
+SURFACE_EXCURSION_UM = (2.0, 16.0)
+"""Range of the depth a surface's tilt spans across the frame (µm), drawn uniformly."""
+SURFACE_SAG_UM = 3.0
+"""Largest sag of a surface's curvature at the frame's corners (µm; drawn in ±this)."""
+
+
+def surface_beads(
+    rng: np.random.Generator, extent: Extent, frame_extent: Extent, camera: CameraConfig
+) -> ObjectTable:
+    """Beads on one smooth surface: tilted, curved, clipped to ±10 µm.
+
+    What Deep-Z's tilted and curved DPMs are for (Wu et al. 2019: a sample the stage holds
+    tilted, a field curved by the optics): every bead of the frame on one layer whose depth
+    changes across the field. The tilt spans `SURFACE_EXCURSION_UM` over the frame in a random
+    direction; a paraboloid adds up to ±`SURFACE_SAG_UM` at the corners; the depth at the
+    frame's centre is within ±4 µm. Beads as `beads` draws them (size, brightness), from
+    `SURFACE_BEADS_PER_FRAME`, those of the blur margin on the same surface.
+    """
+    n = _over_extent(
+        int(rng.integers(*SURFACE_BEADS_PER_FRAME, endpoint=True)), extent, frame_extent
+    )
+    width = frame_extent.x1_um - frame_extent.x0_um
+    height = frame_extent.y1_um - frame_extent.y0_um
+    xc = (frame_extent.x0_um + frame_extent.x1_um) / 2
+    yc = (frame_extent.y0_um + frame_extent.y1_um) / 2
+    theta = rng.uniform(0.0, 2 * np.pi)
+    ux, uy = np.cos(theta), np.sin(theta)
+    slope = rng.uniform(*SURFACE_EXCURSION_UM) / (abs(ux) * width + abs(uy) * height)
+    sag = rng.uniform(-SURFACE_SAG_UM, SURFACE_SAG_UM) / ((width / 2) ** 2 + (height / 2) ** 2)
+    z0 = rng.uniform(-4.0, 4.0)
+    x = rng.uniform(extent.x0_um, extent.x1_um, n)
+    y = rng.uniform(extent.y0_um, extent.y1_um, n)
+    dx, dy = x - xc, y - yc
+    z = np.clip(z0 + slope * (ux * dx + uy * dy) + sag * (dx**2 + dy**2), -10.0, 10.0)
+    radius = rng.uniform(0.1, 0.15, n)
+    return ObjectTable(
+        x_um=x,
+        y_um=y,
+        z_um=z,
+        semi_axes_um=np.repeat(radius[:, None], 3, axis=1),
+        angle_rad=np.zeros(n),
+        intensity=camera.peak_photons * 3.0 * rng.uniform(0.5, 1.5, n),
+        kind=np.full(n, "bead", dtype="<U8"),
+    )
+
+
 ISOLATED_NUCLEI_PER_FRAME = (10, 40)
 """Range of the isolated nuclei a frame holds, drawn uniformly, whatever its size (as the beads'
 and a worm's counts are): 10-40 in a 256² frame (77 µm square) is sparse."""
