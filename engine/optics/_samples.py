@@ -234,15 +234,35 @@ def beads(
 ) -> ObjectTable:
     """Sub-resolution fluorescent beads (0.2-0.3 µm diameter) spread in 3D over ±10 µm."""
     n = _over_extent(int(rng.integers(30, 61)), extent, frame_extent)
-    radius = rng.uniform(0.1, 0.15, n)
+    radius = rng.uniform(*BEAD_RADIUS_UM, n)
+    x = rng.uniform(extent.x0_um, extent.x1_um, n)
+    y = rng.uniform(extent.y0_um, extent.y1_um, n)
+    z = rng.uniform(-10.0, 10.0, n)
+    return _bead_table(x, y, z, radius, _bead_photons(rng, n, camera))
+
+
+BEAD_RADIUS_UM = (0.1, 0.15)
+"""Range of a bead's radius (µm), drawn uniformly: 0.2-0.3 µm beads, below the resolution."""
+
+
+def _bead_photons(rng: np.random.Generator, n: int, camera: CameraConfig) -> np.ndarray:
+    """Draw `n` beads' brightness: 1.5-4.5 times the camera's `peak_photons`, uniformly."""
+    out: np.ndarray = camera.peak_photons * 3.0 * rng.uniform(0.5, 1.5, n)
+    return out
+
+
+def _bead_table(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, radius: np.ndarray, photons: np.ndarray
+) -> ObjectTable:
+    """Return the object table of beads (spheres of `radius`) at (x, y, z) µm."""
     return ObjectTable(
-        x_um=rng.uniform(extent.x0_um, extent.x1_um, n),
-        y_um=rng.uniform(extent.y0_um, extent.y1_um, n),
-        z_um=rng.uniform(-10.0, 10.0, n),
+        x_um=x,
+        y_um=y,
+        z_um=z,
         semi_axes_um=np.repeat(radius[:, None], 3, axis=1),
-        angle_rad=np.zeros(n),
-        intensity=camera.peak_photons * 3.0 * rng.uniform(0.5, 1.5, n),
-        kind=np.full(n, "bead", dtype="<U8"),
+        angle_rad=np.zeros(x.size),
+        intensity=photons,
+        kind=np.full(x.size, "bead", dtype="<U8"),
     )
 
 
@@ -283,16 +303,8 @@ def surface_beads(
     y = rng.uniform(extent.y0_um, extent.y1_um, n)
     dx, dy = x - xc, y - yc
     z = np.clip(z0 + slope * (ux * dx + uy * dy) + sag * (dx**2 + dy**2), -10.0, 10.0)
-    radius = rng.uniform(0.1, 0.15, n)
-    return ObjectTable(
-        x_um=x,
-        y_um=y,
-        z_um=z,
-        semi_axes_um=np.repeat(radius[:, None], 3, axis=1),
-        angle_rad=np.zeros(n),
-        intensity=camera.peak_photons * 3.0 * rng.uniform(0.5, 1.5, n),
-        kind=np.full(n, "bead", dtype="<U8"),
-    )
+    radius = rng.uniform(*BEAD_RADIUS_UM, n)
+    return _bead_table(x, y, z, radius, _bead_photons(rng, n, camera))
 
 
 ISOLATED_NUCLEI_PER_FRAME = (10, 40)
